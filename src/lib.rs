@@ -20,7 +20,6 @@
 //! ```
 //! Crash behaviour of every persist step is tabled in `docs/crash-safety.md`.
 
-
 pub mod error;
 
 pub mod segment;

@@ -9,9 +9,9 @@
 //!
 //! Formats are documented byte by byte in `docs/format/segment.md`.
 
-
-
-
+pub mod active;
+pub mod format;
+pub mod sealed;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,467 @@
+//! The active segment: a preallocated file written through a shared mmap.
+//!
+//! Ordering and durability:
+//! - `create` allocates the whole file with `posix_fallocate` (a full disk
+//!   fails here with ENOSPC instead of SIGBUS on a later page fault), writes
+//!   the header with `pwrite`, `fsync`s the file and then its directory, and
+//!   only then maps it.
+//! - `append` writes the 40-byte item into the mapping, then links it into
+//!   the slot table. Nothing is durable yet.
+//! - `flush` msyncs the pages holding items appended since the last flush.
+//!   That is the durability point. The slot table is *not* synced: it is
+//!   derived state, rebuilt from the items on every open.
+//! - A failed msync poisons the segment: the kernel may have dropped the
+//!   dirty pages, so no later append or flush is accepted.
+//!
+//! Recovery (`open`) walks items from index 0 while their checksums (which
+//! bind segment id and index) and chain links verify, zeroes everything after
+//! the first bad item (so a stale item can never be resurrected later), and
+//! rebuilds the slot table.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use crate::error::{Error, Result};
+use crate::segment::format::{
+    self, ACTIVE_ITEM_LEN, ACTIVE_MAGIC, ActiveItem, ActiveLayout, HEADER_LEN, Header, slot_of,
+};
+use crate::segment::sealed::fsync_dir;
+use crate::segment::{Entry, SegmentId, TimeRange};
+
+/// File name of an active segment.
+pub fn active_file_name(id: SegmentId) -> String {
+    format!("{id}.active")
+}
+
+/// What recovery found in an active segment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ActiveRecovery {
+    /// Items that verified and were kept.
+    pub valid_items: u32,
+    /// Bytes after the last valid item that were not zero and were zeroed
+    /// (a torn or unflushed tail).
+    pub torn_bytes_zeroed: u64,
+    /// The file was shorter than its header implies and was re-extended.
+    pub extended_from: Option<u64>,
+}
+
+/// Result of a bounded lookup.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lookup {
+    /// Matching entries in append order.
+    pub entries: Vec<Entry>,
+    /// The chain walk stopped at its bound before the chain's end.
+    pub truncated: bool,
+}
+
+/// An mmap-backed segment being written.
+pub struct ActiveSegment {
+    path: PathBuf,
+    file: File,
+    map: MmapMut,
+    layout: ActiveLayout,
+    id: SegmentId,
+    created_ms: u64,
+    len: u32,
+    flushed: u32,
+    poisoned: Option<String>,
+}
+
+fn allocate(file: &File, path: &Path, len: u64) -> Result<()> {
+    let len_i64 =
+        i64::try_from(len).map_err(|_| Error::InvalidInput("segment too large".into()))?;
+    // SAFETY: plain syscall on a valid, owned file descriptor.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_i64) };
+    if rc != 0 {
+        return Err(Error::io(
+            path,
+            "preallocate segment (posix_fallocate)",
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    Ok(())
+}
+
+impl ActiveSegment {
+    /// Create and durably initialise a new active segment in `dir`.
+    pub fn create(
+        dir: &Path,
+        id: SegmentId,
+        slot_count: u32,
+        item_capacity: u32,
+        created_ms: u64,
+    ) -> Result<ActiveSegment> {
+        let layout = ActiveLayout::new(slot_count, item_capacity)?;
+        let path = dir.join(active_file_name(id));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, "create active segment", e))?;
+        allocate(&file, &path, layout.file_len)?;
+        let header = Header {
+            magic: ACTIVE_MAGIC,
+            version: format::FORMAT_VERSION,
+            item_len: ACTIVE_ITEM_LEN as u32,
+            segment_id: id,
+            created_ms,
+            slot_count,
+            items: item_capacity,
+        };
+        file.write_all_at(&header.encode(), 0)
+            .map_err(|e| Error::io(&path, "write active header", e))?;
+        file.sync_all()
+            .map_err(|e| Error::Poisoned(format!("fsync of new {} failed: {e}", path.display())))?;
+        // IMPORTANT: make the new file's directory entry durable too.
+        fsync_dir(dir)?;
+        // SAFETY: this process holds the data-directory lock, and the file was
+        // fully allocated above, so the mapping never covers a hole past EOF.
+        let map = unsafe { MmapMut::map_mut(&file) }
+            .map_err(|e| Error::io(&path, "mmap active segment", e))?;
+        Ok(ActiveSegment {
+            path,
+            file,
+            map,
+            layout,
+            id,
+            created_ms,
+            len: 0,
+            flushed: 0,
+            poisoned: None,
+        })
+    }
+
+    /// Open an existing active segment after a restart or crash: check the
+    /// header, keep the longest valid prefix of items, zero the rest, rebuild
+    /// the slot table. A bad header is `Error::Corrupt` (quarantine the file).
+    pub fn open(path: &Path) -> Result<(ActiveSegment, ActiveRecovery)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "open active segment", e))?;
+        let mut hb = [0u8; HEADER_LEN];
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat active segment", e))?
+            .len();
+        if file_len < HEADER_LEN as u64 {
+            return Err(Error::corrupt(
+                path.display().to_string(),
+                format!("{file_len} bytes, shorter than a header"),
+            ));
+        }
+        file.read_exact_at(&mut hb, 0)
+            .map_err(|e| Error::io(path, "read active header", e))?;
+        let header = Header::decode(&hb, ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
+            .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
+        let layout = ActiveLayout::new(header.slot_count, header.items)?;
+        let mut rec = ActiveRecovery::default();
+        if file_len < layout.file_len {
+            // Someone cut the file. The mapping must not reach past EOF
+            // (SIGBUS), so give it back its zeroed tail before mapping.
+            allocate(&file, path, layout.file_len)?;
+            rec.extended_from = Some(file_len);
+        } else if file_len > layout.file_len {
+            return Err(Error::corrupt(
+                path.display().to_string(),
+                format!("{file_len} bytes, header implies {}", layout.file_len),
+            ));
+        }
+        // SAFETY: as in `create`; the file now has its full allocated length.
+        let map = unsafe { MmapMut::map_mut(&file) }
+            .map_err(|e| Error::io(path, "mmap active segment", e))?;
+        let mut seg = ActiveSegment {
+            path: path.to_path_buf(),
+            file,
+            map,
+            layout,
+            id: header.segment_id,
+            created_ms: header.created_ms,
+            len: 0,
+            flushed: 0,
+            poisoned: None,
+        };
+        seg.recover(&mut rec)?;
+        Ok((seg, rec))
+    }
+
+    fn recover(&mut self, rec: &mut ActiveRecovery) -> Result<()> {
+        let l = self.layout;
+        let slots = l.slots_offset as usize..l.items_offset as usize;
+        self.map[slots].fill(0);
+        let mut valid = 0u32;
+        while valid < l.item_capacity {
+            let at = l.item_offset(valid);
+            let Some(item) =
+                format::decode_active_item(&self.map[at..at + ACTIVE_ITEM_LEN], self.id, valid)
+            else {
+                break;
+            };
+            let slot = slot_of(item.entry.key_hash, l.slot_count);
+            if item.prev != self.slot_head(slot) {
+                break; // a valid checksum but a broken chain: not ours to trust
+            }
+            self.set_slot_head(slot, valid + 1);
+            valid += 1;
+        }
+        // Zero every non-zero byte after the valid prefix, so that an item
+        // written before the crash but never flushed cannot reappear once
+        // the gap before it is filled again.
+        let tail_start = l.item_offset(valid);
+        let tail = &mut self.map[tail_start..l.file_len as usize];
+        if let Some(last) = tail.iter().rposition(|&b| b != 0) {
+            tail[..=last].fill(0);
+            rec.torn_bytes_zeroed = last as u64 + 1;
+            self.map.flush_range(tail_start, last + 1).map_err(|e| {
+                Error::Poisoned(format!("msync of {} failed: {e}", self.path.display()))
+            })?;
+        }
+        rec.valid_items = valid;
+        self.len = valid;
+        self.flushed = valid;
+        Ok(())
+    }
+
+    #[inline]
+    fn slot_head(&self, slot: u32) -> u32 {
+        let at = self.layout.slots_offset as usize + slot as usize * 4;
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&self.map[at..at + 4]);
+        u32::from_le_bytes(a)
+    }
+
+    #[inline]
+    fn set_slot_head(&mut self, slot: u32, v: u32) {
+        let at = self.layout.slots_offset as usize + slot as usize * 4;
+        self.map[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Append an entry for `key`. Not durable until [`flush`](Self::flush).
+    pub fn append(&mut self, key: &[u8], offset: u64, size: u32, timestamp_ms: u64) -> Result<()> {
+        self.append_entry(Entry {
+            key_hash: crate::key_hash(key),
+            offset,
+            size,
+            timestamp_ms,
+        })
+    }
+
+    /// Append an entry whose key is already hashed.
+    #[inline]
+    pub fn append_entry(&mut self, entry: Entry) -> Result<()> {
+        self.check_poison()?;
+        let idx = self.len;
+        if idx >= self.layout.item_capacity {
+            return Err(Error::SegmentFull(self.id.0));
+        }
+        let slot = slot_of(entry.key_hash, self.layout.slot_count);
+        let item = ActiveItem {
+            entry,
+            prev: self.slot_head(slot),
+        };
+        let at = self.layout.item_offset(idx);
+        format::encode_active_item(&mut self.map[at..at + ACTIVE_ITEM_LEN], self.id, idx, &item);
+        self.set_slot_head(slot, idx + 1);
+        self.len = idx + 1;
+        Ok(())
+    }
+
+    /// Make every item appended so far durable (msync of their pages).
+    /// Returns only when they are on stable storage. A failure poisons.
+    pub fn flush(&mut self) -> Result<()> {
+        self.check_poison()?;
+        if self.flushed == self.len {
+            return Ok(());
+        }
+        let start = self.layout.item_offset(self.flushed);
+        let end = self.layout.item_offset(self.len);
+        if let Err(e) = self.map.flush_range(start, end - start) {
+            let why = format!("msync of {} failed: {e}", self.path.display());
+            self.poisoned = Some(why.clone());
+            return Err(Error::Poisoned(why));
+        }
+        self.flushed = self.len;
+        Ok(())
+    }
+
+    /// Entries for `key_hash` within `range`, newest-first walk of the slot
+    /// chain bounded by `max_steps` items; returned in append order.
+    pub fn lookup(&self, key_hash: u64, range: TimeRange, max_steps: u32) -> Lookup {
+        let mut out = Lookup::default();
+        let mut next = self.slot_head(slot_of(key_hash, self.layout.slot_count));
+        let mut steps = 0u32;
+        while next != 0 {
+            if steps >= max_steps {
+                out.truncated = true;
+                break;
+            }
+            steps += 1;
+            let idx = next - 1;
+            if idx >= self.len {
+                break; // cannot happen for a table we built; never trust it
+            }
+            let at = self.layout.item_offset(idx);
+            let Some(item) =
+                format::decode_active_item(&self.map[at..at + ACTIVE_ITEM_LEN], self.id, idx)
+            else {
+                break;
+            };
+            if item.entry.key_hash == key_hash && range.contains(item.entry.timestamp_ms) {
+                out.entries.push(item.entry);
+            }
+            if item.prev >= next {
+                break; // links always point backwards
+            }
+            next = item.prev;
+        }
+        out.entries.reverse();
+        out
+    }
+
+    /// All entries in append order (used by sealing).
+    pub fn entries(&self) -> Vec<Entry> {
+        (0..self.len)
+            .filter_map(|i| {
+                let at = self.layout.item_offset(i);
+                format::decode_active_item(&self.map[at..at + ACTIVE_ITEM_LEN], self.id, i)
+            })
+            .map(|it| it.entry)
+            .collect()
+    }
+
+    pub fn id(&self) -> SegmentId {
+        self.id
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn created_ms(&self) -> u64 {
+        self.created_ms
+    }
+    pub fn slot_count(&self) -> u32 {
+        self.layout.slot_count
+    }
+    pub fn capacity(&self) -> u32 {
+        self.layout.item_capacity
+    }
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn flushed_len(&self) -> u32 {
+        self.flushed
+    }
+    pub fn is_full(&self) -> bool {
+        self.len >= self.layout.item_capacity
+    }
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+    pub fn file_len(&self) -> u64 {
+        self.layout.file_len
+    }
+
+    /// Poison from outside (e.g. a failed fsync elsewhere in the writer).
+    pub fn poison(&mut self, why: String) {
+        self.poisoned.get_or_insert(why);
+    }
+
+    /// Keep the file handle alive as long as the mapping (documented intent).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(k: u64, i: u64) -> Entry {
+        Entry {
+            key_hash: k,
+            offset: i,
+            size: 1,
+            timestamp_ms: i,
+        }
+    }
+
+    #[test]
+    fn append_lookup_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 4, 100, 5).unwrap();
+        for i in 0..50 {
+            s.append_entry(e(i % 7, i)).unwrap();
+        }
+        s.flush().unwrap();
+        let l = s.lookup(3, TimeRange::ALL, 1000);
+        assert_eq!(
+            l.entries.iter().map(|x| x.offset).collect::<Vec<_>>(),
+            vec![3, 10, 17, 24, 31, 38, 45]
+        );
+        assert!(!l.truncated);
+        let l2 = s.lookup(3, TimeRange::ALL, 5);
+        assert!(l2.truncated);
+        let path = s.path().to_path_buf();
+        drop(s);
+        let (s, rec) = ActiveSegment::open(&path).unwrap();
+        assert_eq!(rec.valid_items, 50);
+        assert_eq!(rec.torn_bytes_zeroed, 0);
+        assert_eq!(s.lookup(3, TimeRange::ALL, 1000), l);
+        assert_eq!(s.created_ms(), 5);
+    }
+
+    #[test]
+    fn full_segment_refuses() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 4, 3, 0).unwrap();
+        for i in 0..3 {
+            s.append_entry(e(i, i)).unwrap();
+        }
+        assert!(matches!(
+            s.append_entry(e(9, 9)),
+            Err(Error::SegmentFull(1))
+        ));
+    }
+
+    #[test]
+    fn torn_item_truncates_and_stale_items_do_not_return() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(2), 4, 1000, 0).unwrap();
+        for i in 0..300 {
+            s.append_entry(e(i, i)).unwrap();
+        }
+        s.flush().unwrap();
+        let l = s.layout;
+        // tear item 200: items 201.. still carry valid checksums.
+        let at = l.item_offset(200) + 3;
+        s.map[at] ^= 0xff;
+        s.map.flush().unwrap();
+        let path = s.path().to_path_buf();
+        drop(s);
+        let (mut s, rec) = ActiveSegment::open(&path).unwrap();
+        assert_eq!(rec.valid_items, 200);
+        assert!(rec.torn_bytes_zeroed >= 100 * ACTIVE_ITEM_LEN as u64);
+        // refill index 200; 201 must not come back.
+        s.append_entry(e(1000, 1000)).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let (s, rec) = ActiveSegment::open(&path).unwrap();
+        assert_eq!(rec.valid_items, 201);
+        assert!(s.lookup(250, TimeRange::ALL, 100).entries.is_empty());
+    }
+}
