@@ -20,8 +20,9 @@
 //! ```
 //! Crash behaviour of every persist step is tabled in `docs/crash-safety.md`.
 
+pub mod datadir;
 pub mod error;
-
+pub mod index;
 pub mod segment;
 
 pub use error::{Error, Result};

@@ -86,6 +86,56 @@ fn allocate(file: &File, path: &Path, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Length of the valid item prefix of an active file mapped as `map`:
+/// items whose checksum verifies and whose chain link equals the slot head
+/// rebuilt so far. Fills `heads` (index + 1 of each slot's newest item).
+fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u32]) -> u32 {
+    let mut valid = 0u32;
+    while valid < l.item_capacity {
+        let at = l.item_offset(valid);
+        let Some(item) = map
+            .get(at..at + ACTIVE_ITEM_LEN)
+            .and_then(|b| format::decode_active_item(b, id, valid))
+        else {
+            break;
+        };
+        let slot = slot_of(item.entry.key_hash, l.slot_count) as usize;
+        if heads.get(slot) != Some(&item.prev) {
+            break; // a valid checksum but a broken chain: not ours to trust
+        }
+        heads[slot] = valid + 1;
+        valid += 1;
+    }
+    valid
+}
+
+/// Read-only check of an active file (for `fsck` without `--repair`): what
+/// [`ActiveSegment::open`] would keep and zero, without changing anything.
+pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
+    let header = Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
+        .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
+    let l = ActiveLayout::new(header.slot_count, header.items)?;
+    let len = bytes.len() as u64;
+    if len > l.file_len {
+        return Err(Error::corrupt(
+            path.display().to_string(),
+            format!("{len} bytes, header implies {}", l.file_len),
+        ));
+    }
+    let mut rec = ActiveRecovery {
+        extended_from: (len < l.file_len).then_some(len),
+        ..Default::default()
+    };
+    let mut heads = vec![0u32; l.slot_count as usize];
+    rec.valid_items = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
+    let tail_start = l.item_offset(rec.valid_items).min(bytes.len());
+    if let Some(last) = bytes[tail_start..].iter().rposition(|&b| b != 0) {
+        rec.torn_bytes_zeroed = last as u64 + 1;
+    }
+    Ok((header.segment_id, rec))
+}
+
 impl ActiveSegment {
     /// Create and durably initialise a new active segment in `dir`.
     pub fn create(
@@ -193,22 +243,12 @@ impl ActiveSegment {
 
     fn recover(&mut self, rec: &mut ActiveRecovery) -> Result<()> {
         let l = self.layout;
-        let slots = l.slots_offset as usize..l.items_offset as usize;
-        self.map[slots].fill(0);
-        let mut valid = 0u32;
-        while valid < l.item_capacity {
-            let at = l.item_offset(valid);
-            let Some(item) =
-                format::decode_active_item(&self.map[at..at + ACTIVE_ITEM_LEN], self.id, valid)
-            else {
-                break;
-            };
-            let slot = slot_of(item.entry.key_hash, l.slot_count);
-            if item.prev != self.slot_head(slot) {
-                break; // a valid checksum but a broken chain: not ours to trust
-            }
-            self.set_slot_head(slot, valid + 1);
-            valid += 1;
+        let mut heads = vec![0u32; l.slot_count as usize];
+        let valid = scan_valid_prefix(&self.map, &l, self.id, &mut heads);
+        let slots = &mut self.map[l.slots_offset as usize..l.items_offset as usize];
+        slots.fill(0);
+        for (c, h) in slots.chunks_exact_mut(4).zip(&heads) {
+            c.copy_from_slice(&h.to_le_bytes());
         }
         // Zero every non-zero byte after the valid prefix, so that an item
         // written before the crash but never flushed cannot reappear once
