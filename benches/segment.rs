@@ -19,7 +19,10 @@ use tierindex::segment::sealed::{build_sealed, write_sealed_file};
 use tierindex::segment::{Entry, SegmentId};
 
 fn env_u32(name: &str, default: u32) -> u32 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn items() -> u32 {
@@ -66,8 +69,9 @@ fn entries(n: u32) -> Vec<Entry> {
 fn bench(c: &mut Criterion) {
     let n = items();
     let slots = slots();
-    let dir = tempfile::tempdir_in(std::env::var("TIERINDEX_BENCH_DIR").unwrap_or_else(|_| ".".into()))
-        .expect("bench temp dir");
+    let dir =
+        tempfile::tempdir_in(std::env::var("TIERINDEX_BENCH_DIR").unwrap_or_else(|_| ".".into()))
+            .expect("bench temp dir");
     let es = entries(n);
     let mut next_id = 1u64;
     let mut fresh = |dir: &std::path::Path| {
@@ -110,7 +114,8 @@ fn bench(c: &mut Criterion) {
                 let t = Instant::now();
                 for (i, e) in es.iter().enumerate() {
                     key[..8].copy_from_slice(&(i as u64).to_le_bytes());
-                    seg.append(&key, e.offset, e.size, e.timestamp_ms).expect("append");
+                    seg.append(&key, e.offset, e.size, e.timestamp_ms)
+                        .expect("append");
                 }
                 total += t.elapsed();
                 let p = seg.path().to_path_buf();
@@ -180,25 +185,28 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(sealed_len));
     let seal_dir = dir.path().join("sealed");
     std::fs::create_dir_all(&seal_dir).expect("mkdir");
-    g.bench_function("seal full segment (build + write + fsync + rename + dir fsync)", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let t = Instant::now();
-                let entries = full.entries();
-                let (bytes, meta) =
-                    build_sealed(full.id(), full.created_ms(), 1, full.slot_count(), &entries)
-                        .expect("build");
-                let p = write_sealed_file(&seal_dir, full.id(), &bytes).expect("write");
-                let d = t.elapsed();
-                record("seal", d);
-                total += d;
-                assert_eq!(meta.file_len, sealed_len);
-                std::fs::remove_file(p).ok();
-            }
-            total
-        })
-    });
+    g.bench_function(
+        "seal full segment (build + write + fsync + rename + dir fsync)",
+        |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let entries = full.entries();
+                    let (bytes, meta) =
+                        build_sealed(full.id(), full.created_ms(), 1, full.slot_count(), &entries)
+                            .expect("build");
+                    let p = write_sealed_file(&seal_dir, full.id(), &bytes).expect("write");
+                    let d = t.elapsed();
+                    record("seal", d);
+                    total += d;
+                    assert_eq!(meta.file_len, sealed_len);
+                    std::fs::remove_file(p).ok();
+                }
+                total
+            })
+        },
+    );
     let raw = vec![1u8; sealed_len as usize];
     g.bench_function("raw write + fsync of the same size", |b| {
         b.iter_custom(|iters| {
@@ -206,7 +214,12 @@ fn bench(c: &mut Criterion) {
             for _ in 0..iters {
                 let p = seal_dir.join("raw.bin");
                 let t = Instant::now();
-                let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&p).expect("open");
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&p)
+                    .expect("open");
                 f.write_all(&raw).expect("write");
                 f.sync_all().expect("fsync");
                 let d = t.elapsed();
@@ -223,9 +236,12 @@ fn bench(c: &mut Criterion) {
     drop(full);
     std::fs::remove_file(p).ok();
 
-    let (Some(app), Some(mc), Some(seal), Some(raw)) =
-        (median("append"), median("memcpy"), median("seal"), median("raw_write_fsync"))
-    else {
+    let (Some(app), Some(mc), Some(seal), Some(raw)) = (
+        median("append"),
+        median("memcpy"),
+        median("seal"),
+        median("raw_write_fsync"),
+    ) else {
         return;
     };
     let rate = f64::from(n) / app.as_secs_f64();

@@ -172,6 +172,8 @@ pub struct ActiveNote {
     pub valid_items: u32,
     pub torn_bytes_zeroed: u64,
     pub extended_from: Option<u64>,
+    /// Where a damaged span holding checksum-valid items was copied.
+    pub tail_saved_to: Option<String>,
 }
 
 /// Everything start-up found and did. Serializable for `--json`.
@@ -192,6 +194,7 @@ impl RecoveryReport {
     pub fn is_clean(&self) -> bool {
         self.quarantined.is_empty()
             && self.removed.is_empty()
+            && self.to_reseal.is_empty()
             && self
                 .actives
                 .iter()
@@ -274,14 +277,9 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
         Ok(())
     };
 
-    // Active ids present, so .seg.tmp and .seg decisions can consult them.
-    let active_ids: Vec<SegmentId> = files
-        .iter()
-        .filter_map(|(k, _)| match k {
-            Kind::Active(id) => Some(*id),
-            _ => None,
-        })
-        .collect();
+    // Active segments that passed their check (files are sorted so every
+    // `.active` is seen before any `.seg.tmp`).
+    let mut accepted_actives: Vec<SegmentId> = Vec::new();
     // Item counts of valid sealed files, to compare with a same-id active.
     let mut sealed_counts: BTreeMap<SegmentId, (u64, PathBuf)> = BTreeMap::new();
     // Active files whose seal had finished (removed as leftovers).
@@ -309,7 +307,7 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
             }
             Kind::SealTmp(id) => {
                 bump(*id, &mut out);
-                if active_ids.contains(id) {
+                if accepted_actives.contains(id) {
                     if mode == Mode::Repair {
                         fs::remove_file(path)
                             .map_err(|e| Error::io(path, "remove interrupted seal", e))?;
@@ -319,6 +317,9 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
                         "{} (interrupted seal; its active segment is intact and is sealed again)",
                         path.display()
                     ));
+                    if !out.report.to_reseal.contains(&id.0) {
+                        out.report.to_reseal.push(id.0);
+                    }
                 } else {
                     quarantine(
                         path,
@@ -330,7 +331,8 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
             Kind::Active(id) => {
                 bump(*id, &mut out);
                 let checked = match mode {
-                    Mode::Repair => ActiveSegment::open(path).map(|(s, r)| (Some(s), r)),
+                    Mode::Repair => ActiveSegment::open(path, Some(&dir.quarantine_dir()))
+                        .map(|(s, r)| (Some(s), r)),
                     Mode::CheckOnly => active::check_active(path).and_then(|(hid, r)| {
                         if hid == *id {
                             Ok((None, r))
@@ -362,6 +364,7 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
                     valid_items: rec.valid_items,
                     torn_bytes_zeroed: rec.torn_bytes_zeroed,
                     extended_from: rec.extended_from,
+                    tail_saved_to: rec.tail_saved_to.as_ref().map(|p| p.display().to_string()),
                 });
                 match sealed_counts.get(id) {
                     Some((count, _)) if *count == u64::from(rec.valid_items) => {
@@ -377,7 +380,22 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
                             .push(format!("{} (already sealed)", path.display()));
                         superseded.push(id.0);
                     }
+                    Some((count, _)) if *count > u64::from(rec.valid_items) => {
+                        // A seal copies every item of its source, so the
+                        // source lost items after the seal: the checked
+                        // sealed file is the better copy. Keep the active
+                        // one aside for inspection.
+                        drop(seg);
+                        let reason = format!(
+                            "sealed copy already holds {count} items; this source recovered only {}",
+                            rec.valid_items
+                        );
+                        quarantine(path, reason, &mut out)?;
+                        superseded.push(id.0);
+                    }
                     Some((count, sealed_path)) => {
+                        // The source holds more than its sealed copy: seal it
+                        // again and keep the short copy aside.
                         let reason = format!(
                             "sealed copy has {count} items but its active source has {}",
                             rec.valid_items
@@ -387,11 +405,13 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
                         out.report.sealed_ok.retain(|x| *x != id.0);
                         quarantine(&sealed_path, reason, &mut out)?;
                         out.report.to_reseal.push(id.0);
+                        accepted_actives.push(*id);
                         if let Some(s) = seg {
                             out.actives.insert(*id, s);
                         }
                     }
                     None => {
+                        accepted_actives.push(*id);
                         if let Some(s) = seg {
                             out.actives.insert(*id, s);
                         }

@@ -34,6 +34,11 @@ pub enum Error {
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
 
+    /// A file was written by a newer tierindex (a format version this build
+    /// does not read). Nothing is quarantined: upgrade, or move the file.
+    #[error("unsupported format: {0}; upgrade tierindex to read it")]
+    Unsupported(String),
+
     /// The data directory is locked by another live process.
     #[error("data directory {path} is locked by another process ({holder}); stop it first")]
     Locked { path: PathBuf, holder: String },

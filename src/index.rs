@@ -117,6 +117,9 @@ pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
 
 /// The writer a broker appends to.
 pub struct IndexWriter {
+    // Held so the directory lock lives as long as the writer, and as long
+    // as the sealer thread (which holds a clone) may still write files.
+    dd: Arc<DataDir>,
     seg_dir: PathBuf,
     cfg: IndexConfig,
     active: Option<ActiveSegment>,
@@ -140,7 +143,7 @@ impl IndexWriter {
     /// are sealed here, synchronously; their metadata is returned by the
     /// first [`poll_sealed`](Self::poll_sealed).
     pub fn open(
-        dd: &DataDir,
+        dd: DataDir,
         cfg: IndexConfig,
         min_next_id: Option<SegmentId>,
         notify: Option<SealNotify>,
@@ -151,12 +154,13 @@ impl IndexWriter {
             ));
         }
         let seg_dir = dd.segments_dir();
-        let mut rec = datadir::recover(dd, Mode::Repair)?;
+        let dd = Arc::new(dd);
+        let mut rec = datadir::recover(&dd, Mode::Repair)?;
         let mut ready = Vec::new();
         let newest = rec.actives.keys().next_back().copied();
         let mut active = None;
         for (id, seg) in std::mem::take(&mut rec.actives) {
-            if Some(id) == newest && !seg.is_full() {
+            if Some(id) == newest && !seg.is_full() && !rec.report.to_reseal.contains(&id.0) {
                 active = Some(seg);
                 continue;
             }
@@ -180,6 +184,7 @@ impl IndexWriter {
         let sealer = {
             let thread_dir = seg_dir.clone();
             let poison = poison.clone();
+            let lock = dd.clone();
             std::thread::Builder::new()
                 .name("tierindex-sealer".into())
                 .spawn(move || {
@@ -208,10 +213,12 @@ impl IndexWriter {
                             n();
                         }
                     }
+                    drop(lock);
                 })
                 .map_err(|e| Error::io(&seg_dir, "spawn sealer thread", e))?
         };
         let mut w = IndexWriter {
+            dd,
             seg_dir,
             cfg,
             active,
@@ -358,7 +365,12 @@ impl IndexWriter {
         let meta = done.result?;
         let path = self.seg_dir.join(sealed_file_name(done.id));
         // Pair check: read back what the sealer wrote before trusting it.
-        let sealed = SealedSegment::open(&path)?;
+        let sealed = SealedSegment::open(&path).inspect_err(|e| {
+            self.poison.set(format!(
+                "sealed segment {} does not read back: {e}",
+                done.id
+            ))
+        })?;
         if sealed.meta() != meta {
             let why = format!(
                 "sealed segment {} reads back different from what was written",
@@ -378,10 +390,12 @@ impl IndexWriter {
     /// metadata of segments sealed since the last poll.
     pub fn close(&mut self, deadline: Instant) -> Result<Vec<SealedMeta>> {
         if !self.closed {
-            self.poison.check()?;
             self.closed = true;
-            self.freeze_active()?;
-            self.sealer_tx = None; // the sealer exits once its queue is empty
+            let frozen = self.poison.check().and_then(|_| self.freeze_active());
+            // Whatever happened, the sealer must see its queue end, or a
+            // later close would wait on it forever.
+            self.sealer_tx = None;
+            frozen?;
         }
         while !self.frozen.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -393,11 +407,20 @@ impl IndexWriter {
                         self.frozen.len()
                     )));
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let why = format!(
+                        "sealer thread ended with {} segment(s) unsealed; they are sealed at the next start",
+                        self.frozen.len()
+                    );
+                    self.poison.set(why.clone());
+                    return Err(Error::Poisoned(why));
+                }
             }
         }
-        if let Some(h) = self.sealer.take() {
-            let _ = h.join();
+        if let Some(h) = self.sealer.take()
+            && h.join().is_err()
+        {
+            self.poison.set("sealer thread panicked".into());
         }
         self.poison.check()?;
         Ok(std::mem::take(&mut self.ready))
@@ -458,6 +481,9 @@ impl IndexWriter {
     pub fn segments_dir(&self) -> &Path {
         &self.seg_dir
     }
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dd
+    }
     pub fn is_closed(&self) -> bool {
         self.closed
     }
@@ -468,12 +494,9 @@ impl IndexWriter {
 
 impl Drop for IndexWriter {
     fn drop(&mut self) {
-        // Let the sealer finish what it has; never abandon a half-written seal
-        // silently (a crash there is handled at the next start anyway).
+        // Close the sealer's queue but do not wait for it: a hung disk must
+        // not hang the drop. A seal cut short is redone at the next start.
         self.sealer_tx = None;
-        if let Some(h) = self.sealer.take() {
-            let _ = h.join();
-        }
     }
 }
 
@@ -502,7 +525,7 @@ mod tests {
     fn rolls_seals_and_finds_across_segments() {
         let d = tempfile::tempdir().unwrap();
         let dd = DataDir::open(d.path()).unwrap();
-        let (mut w, _) = IndexWriter::open(&dd, cfg(100), None, None).unwrap();
+        let (mut w, _) = IndexWriter::open(dd, cfg(100), None, None).unwrap();
         for i in 0..1050u64 {
             w.append(&(i % 10).to_le_bytes(), i, 1, i).unwrap();
         }
@@ -519,10 +542,9 @@ mod tests {
         );
         assert!(matches!(w.append(b"k", 1, 1, 1), Err(Error::ShutDown)));
         drop(w);
-        drop(dd);
         // Reopen: everything sealed, nothing active left behind, ids continue.
         let dd = DataDir::open(d.path()).unwrap();
-        let (w, rep) = IndexWriter::open(&dd, cfg(100), None, None).unwrap();
+        let (w, rep) = IndexWriter::open(dd, cfg(100), None, None).unwrap();
         assert_eq!(rep.sealed_ok.len(), 11);
         assert!(rep.is_clean());
         assert_eq!(w.active_id(), Some(SegmentId(12)));
@@ -546,7 +568,7 @@ mod tests {
         a.flush().unwrap();
         b.flush().unwrap();
         drop((a, b));
-        let (mut w, rep) = IndexWriter::open(&dd, cfg(10), None, None).unwrap();
+        let (mut w, rep) = IndexWriter::open(dd, cfg(10), None, None).unwrap();
         assert_eq!(rep.to_reseal, vec![1]);
         let sealed = w.poll_sealed().unwrap();
         assert_eq!(sealed.len(), 1);

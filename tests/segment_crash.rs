@@ -16,7 +16,10 @@ const KEYS: u64 = 13;
 const CAPACITY: u32 = 2000;
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
 }
 
 #[derive(Clone, Debug)]
@@ -42,7 +45,10 @@ fn damage() -> impl Strategy<Value = Damage> {
 
 /// (key index, flush after this append?)
 fn ops() -> impl Strategy<Value = Vec<(u64, bool)>> {
-    prop::collection::vec((0..KEYS, prop::bool::weighted(0.05)), 1..(CAPACITY as usize))
+    prop::collection::vec(
+        (0..KEYS, prop::bool::weighted(0.05)),
+        1..(CAPACITY as usize),
+    )
 }
 
 fn noise(seed: u8, len: usize) -> Vec<u8> {
@@ -118,7 +124,7 @@ proptest! {
         f.sync_all().unwrap();
         drop(f);
 
-        let (seg, rec) = ActiveSegment::open(&path).unwrap();
+        let (seg, rec) = ActiveSegment::open(&path, None).unwrap();
         let n = rec.valid_items as usize;
         prop_assert!(n >= flushed, "lost flushed entries: kept {n}, flushed {flushed}");
         prop_assert!(n <= appended.len(), "invented entries: kept {n}, appended {}", appended.len());
@@ -138,7 +144,7 @@ proptest! {
             seg.append_entry(e).unwrap();
             seg.flush().unwrap();
             drop(seg);
-            let (seg, rec) = ActiveSegment::open(&path).unwrap();
+            let (seg, rec) = ActiveSegment::open(&path, None).unwrap();
             prop_assert_eq!(rec.valid_items as usize, n + 1);
             prop_assert_eq!(rec.torn_bytes_zeroed, 0);
             prop_assert_eq!(seg.entries().last().copied(), Some(e));
@@ -155,7 +161,7 @@ proptest! {
         prop_assert!(SealedSegment::open(&p).is_err());
         let p = dir.path().join("00000000000000000001.active");
         std::fs::write(&p, &bytes).unwrap();
-        prop_assert!(ActiveSegment::open(&p).is_err());
+        prop_assert!(ActiveSegment::open(&p, None).is_err());
         prop_assert!(tierindex::segment::format::check_sealed(&bytes).is_err());
         if bytes.len() >= 128 {
             let _ = tierindex::segment::format::Footer::decode(&bytes[bytes.len() - 128..]);
@@ -200,11 +206,15 @@ fn torn_item_in_the_middle_of_the_unflushed_tail() {
     f.write_all_at(&[0u8; ACTIVE_ITEM_LEN], layout.item_offset(150) as u64)
         .unwrap();
     drop(f);
-    let (seg, rec) = ActiveSegment::open(&path).unwrap();
+    let (seg, rec) = ActiveSegment::open(&path, None).unwrap();
     assert_eq!(rec.valid_items, 150);
     assert!(
-        seg.lookup(tierindex::key_hash(&170u64.to_le_bytes()), TimeRange::ALL, 100)
-            .entries
-            .is_empty()
+        seg.lookup(
+            tierindex::key_hash(&170u64.to_le_bytes()),
+            TimeRange::ALL,
+            100
+        )
+        .entries
+        .is_empty()
     );
 }

@@ -42,9 +42,13 @@ pub fn active_file_name(id: SegmentId) -> String {
 pub struct ActiveRecovery {
     /// Items that verified and were kept.
     pub valid_items: u32,
-    /// Bytes after the last valid item that were not zero and were zeroed
-    /// (a torn or unflushed tail).
+    /// Length of the span after the last valid item, up to its last non-zero
+    /// byte, that was zeroed (a torn or unflushed tail).
     pub torn_bytes_zeroed: u64,
+    /// Items after the first bad one whose own checksum still verified: the
+    /// damage was in the middle, not a torn end. The zeroed span was first
+    /// copied here (never deleted outright).
+    pub tail_saved_to: Option<PathBuf>,
     /// The file was shorter than its header implies and was re-extended.
     pub extended_from: Option<u64>,
 }
@@ -115,7 +119,8 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
     let header = Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
         .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
-    let l = ActiveLayout::new(header.slot_count, header.items)?;
+    let l = ActiveLayout::new(header.slot_count, header.items)
+        .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
     let len = bytes.len() as u64;
     if len > l.file_len {
         return Err(Error::corrupt(
@@ -153,7 +158,13 @@ impl ActiveSegment {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(&path, "create active segment", e))?;
-        allocate(&file, &path, layout.file_len)?;
+        // Until this segment is durable it holds nothing: on any failure
+        // remove it so the id is not left half-created.
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_file(&path);
+            e
+        };
+        allocate(&file, &path, layout.file_len).map_err(cleanup)?;
         let header = Header {
             magic: ACTIVE_MAGIC,
             version: format::FORMAT_VERSION,
@@ -164,11 +175,13 @@ impl ActiveSegment {
             items: item_capacity,
         };
         file.write_all_at(&header.encode(), 0)
-            .map_err(|e| Error::io(&path, "write active header", e))?;
+            .map_err(|e| Error::io(&path, "write active header", e))
+            .map_err(cleanup)?;
         file.sync_all()
-            .map_err(|e| Error::Poisoned(format!("fsync of new {} failed: {e}", path.display())))?;
+            .map_err(|e| Error::Poisoned(format!("fsync of new {} failed: {e}", path.display())))
+            .map_err(cleanup)?;
         // IMPORTANT: make the new file's directory entry durable too.
-        fsync_dir(dir)?;
+        fsync_dir(dir).map_err(cleanup)?;
         // SAFETY: this process holds the data-directory lock, and the file was
         // fully allocated above, so the mapping never covers a hole past EOF.
         let map = unsafe { MmapMut::map_mut(&file) }
@@ -189,7 +202,10 @@ impl ActiveSegment {
     /// Open an existing active segment after a restart or crash: check the
     /// header, keep the longest valid prefix of items, zero the rest, rebuild
     /// the slot table. A bad header is `Error::Corrupt` (quarantine the file).
-    pub fn open(path: &Path) -> Result<(ActiveSegment, ActiveRecovery)> {
+    ///
+    /// `save_dir` is where a damaged span that still holds checksum-valid
+    /// items is copied before it is zeroed (the quarantine directory).
+    pub fn open(path: &Path, save_dir: Option<&Path>) -> Result<(ActiveSegment, ActiveRecovery)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -210,7 +226,8 @@ impl ActiveSegment {
             .map_err(|e| Error::io(path, "read active header", e))?;
         let header = Header::decode(&hb, ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
             .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
-        let layout = ActiveLayout::new(header.slot_count, header.items)?;
+        let layout = ActiveLayout::new(header.slot_count, header.items)
+            .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
         let mut rec = ActiveRecovery::default();
         if file_len < layout.file_len {
             // Someone cut the file. The mapping must not reach past EOF
@@ -237,11 +254,11 @@ impl ActiveSegment {
             flushed: 0,
             poisoned: None,
         };
-        seg.recover(&mut rec)?;
+        seg.recover(&mut rec, save_dir)?;
         Ok((seg, rec))
     }
 
-    fn recover(&mut self, rec: &mut ActiveRecovery) -> Result<()> {
+    fn recover(&mut self, rec: &mut ActiveRecovery, save_dir: Option<&Path>) -> Result<()> {
         let l = self.layout;
         let mut heads = vec![0u32; l.slot_count as usize];
         let valid = scan_valid_prefix(&self.map, &l, self.id, &mut heads);
@@ -254,18 +271,59 @@ impl ActiveSegment {
         // written before the crash but never flushed cannot reappear once
         // the gap before it is filled again.
         let tail_start = l.item_offset(valid);
-        let tail = &mut self.map[tail_start..l.file_len as usize];
-        if let Some(last) = tail.iter().rposition(|&b| b != 0) {
-            tail[..=last].fill(0);
-            rec.torn_bytes_zeroed = last as u64 + 1;
-            self.map.flush_range(tail_start, last + 1).map_err(|e| {
-                Error::Poisoned(format!("msync of {} failed: {e}", self.path.display()))
-            })?;
+        if let Some(last) = self.map[tail_start..l.file_len as usize]
+            .iter()
+            .rposition(|&b| b != 0)
+        {
+            let tail_end = tail_start + last + 1;
+            let later_valid = (valid + 1..l.item_capacity)
+                .take_while(|i| l.item_offset(*i) + ACTIVE_ITEM_LEN <= tail_end)
+                .any(|i| {
+                    let at = l.item_offset(i);
+                    format::decode_active_item(&self.map[at..at + ACTIVE_ITEM_LEN], self.id, i)
+                        .is_some()
+                });
+            if later_valid && let Some(dir) = save_dir {
+                rec.tail_saved_to = Some(self.save_tail(dir, tail_start, tail_end)?);
+            }
+            self.map[tail_start..tail_end].fill(0);
+            rec.torn_bytes_zeroed = (tail_end - tail_start) as u64;
         }
+        // Make the recovered state durable before anything new is appended:
+        // after a kill -9 the kept items may still be dirty in the page cache
+        // only, and the next flush syncs from `valid` onward. fsync covers
+        // every dirty page of the file, including the zeroed tail.
+        self.file.sync_all().map_err(|e| {
+            Error::Poisoned(format!(
+                "fsync of recovered {} failed: {e}",
+                self.path.display()
+            ))
+        })?;
         rec.valid_items = valid;
         self.len = valid;
         self.flushed = valid;
         Ok(())
+    }
+
+    /// Copy `[from, to)` of the file to `dir` durably; returns the copy's path.
+    fn save_tail(&self, dir: &Path, from: usize, to: usize) -> Result<PathBuf> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dst = dir.join(format!(
+            "{name}.tail-at-{from}.{}",
+            crate::segment::now_ms()
+        ));
+        std::fs::write(&dst, &self.map[from..to])
+            .map_err(|e| Error::io(&dst, "save damaged tail", e))?;
+        File::open(&dst)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", dst.display())))?;
+        fsync_dir(dir)?;
+        tracing::warn!(segment = %self.id, saved = %dst.display(), "damage inside the item log; tail copied before zeroing");
+        Ok(dst)
     }
 
     #[inline]
@@ -458,7 +516,7 @@ mod tests {
         assert!(l2.truncated);
         let path = s.path().to_path_buf();
         drop(s);
-        let (s, rec) = ActiveSegment::open(&path).unwrap();
+        let (s, rec) = ActiveSegment::open(&path, None).unwrap();
         assert_eq!(rec.valid_items, 50);
         assert_eq!(rec.torn_bytes_zeroed, 0);
         assert_eq!(s.lookup(3, TimeRange::ALL, 1000), l);
@@ -493,14 +551,14 @@ mod tests {
         s.map.flush().unwrap();
         let path = s.path().to_path_buf();
         drop(s);
-        let (mut s, rec) = ActiveSegment::open(&path).unwrap();
+        let (mut s, rec) = ActiveSegment::open(&path, None).unwrap();
         assert_eq!(rec.valid_items, 200);
         assert!(rec.torn_bytes_zeroed >= 100 * ACTIVE_ITEM_LEN as u64);
         // refill index 200; 201 must not come back.
         s.append_entry(e(1000, 1000)).unwrap();
         s.flush().unwrap();
         drop(s);
-        let (s, rec) = ActiveSegment::open(&path).unwrap();
+        let (s, rec) = ActiveSegment::open(&path, None).unwrap();
         assert_eq!(rec.valid_items, 201);
         assert!(s.lookup(250, TimeRange::ALL, 100).entries.is_empty());
     }

@@ -14,11 +14,11 @@ use crate::segment::{Entry, SealedMeta, SegmentId};
 pub const FORMAT_VERSION: u16 = 1;
 
 /// Magic at byte 0 of an active segment.
-pub const ACTIVE_MAGIC: [u8; 8] = *b"TIXACTV1";
+pub const ACTIVE_MAGIC: [u8; 8] = *b"TIXACTIV";
 /// Magic at byte 0 of a sealed segment.
-pub const SEALED_MAGIC: [u8; 8] = *b"TIXSEAL1";
+pub const SEALED_MAGIC: [u8; 8] = *b"TIXSEALD";
 /// Magic at byte 0 of a sealed segment's footer.
-pub const FOOTER_MAGIC: [u8; 8] = *b"TIXFOOT1";
+pub const FOOTER_MAGIC: [u8; 8] = *b"TIXFOOTR";
 
 /// Header length used by both kinds (bytes actually checksummed).
 pub const HEADER_LEN: usize = 64;
@@ -130,12 +130,13 @@ impl Header {
         if crc != get_u32(b, 60) {
             return Err(Error::corrupt(what, "header checksum mismatch"));
         }
+        // The checksum held, so the version is what the writer meant: a
+        // newer file is refused, never quarantined as corrupt.
         let version = get_u16(b, 8);
         if version != FORMAT_VERSION {
-            return Err(Error::corrupt(
-                what,
-                format!("unsupported format version {version} (this build reads {FORMAT_VERSION})"),
-            ));
+            return Err(Error::Unsupported(format!(
+                "{what} has format version {version}; this build reads {FORMAT_VERSION}"
+            )));
         }
         if usize::from(get_u16(b, 10)) != HEADER_LEN || get_u32(b, 12) as usize != item_len {
             return Err(Error::corrupt(what, "unexpected header or item length"));
@@ -420,10 +421,9 @@ impl Footer {
         }
         let version = get_u16(b, 8);
         if version != FORMAT_VERSION {
-            return Err(Error::corrupt(
-                WHAT,
-                format!("unsupported format version {version}"),
-            ));
+            return Err(Error::Unsupported(format!(
+                "{WHAT} has format version {version}; this build reads {FORMAT_VERSION}"
+            )));
         }
         if usize::from(get_u16(b, 10)) != FOOTER_LEN || b[112..124].iter().any(|&x| x != 0) {
             return Err(Error::corrupt(
@@ -570,6 +570,7 @@ pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, u32)> {
     }
     let header = Header::decode(bytes, SEALED_MAGIC, SEALED_ITEM_LEN)?;
     if header.segment_id != footer.segment_id
+        || header.created_ms != footer.created_ms
         || header.slot_count != footer.slot_count
         || u64::from(header.items) != footer.item_count
     {
