@@ -22,6 +22,7 @@
 
 
 pub mod error;
+pub mod journal;
 
 pub mod segment;
 

@@ -1,0 +1,76 @@
+//! The upload journal: an append-only, checksummed, fsynced log of where each
+//! sealed segment is in its upload life, so that a crash at any point resumes
+//! exactly where it stopped.
+//!
+//! ## Layout
+//! - [`record`]: the records, the per-segment state they fold into, and the
+//!   transition rules (shared by `append` and replay).
+//! - `replay`: the bytes of `journal.log` (header, frames) and the pure
+//!   replay function from bytes to state ([`decode_file`], [`replay_bytes`]).
+//! - `writer`: [`Journal`]: open (create, clean up, replay, truncate the torn
+//!   tail), group-committed `append`, poisoning.
+//! - `compact`: rewriting the live state into a fresh file.
+//!
+//! Files, under the data directory: `journal/journal.log` and, only while a
+//! compaction runs (or after one was interrupted), `journal/journal.log.tmp`.
+//! The byte format is in `docs/format/journal.md`.
+//!
+//! ## Consistency
+//! `append` validates the whole batch against the current state before it
+//! writes anything; an invalid record rejects the batch with
+//! [`Error::InvalidInput`](crate::Error::InvalidInput) and leaves no trace. The
+//! in-memory state changes only after the batch is durable, so what `get` and
+//! `segments` show is always a prefix of what replay will rebuild.
+//!
+//! ## Durability and poisoning
+//! One batch is one frame, written with one `pwrite` and made durable with one
+//! `fdatasync` before `append` returns (group commit). A batch is replayed
+//! whole or not at all: its single CRC covers every record in it. If a write or
+//! an fsync fails, the kernel may already have dropped the dirty pages, so
+//! retrying could report success for data that is gone; the journal is
+//! poisoned instead and every later call returns
+//! [`Error::Poisoned`](crate::Error::Poisoned). Restart, and replay keeps what
+//! was durable.
+//!
+//! ## Crash consistency
+//! Replay stops at the first frame that is short, has a bad length or CRC, does
+//! not decode, or is an illegal transition, and `open` truncates the file
+//! there. Compaction writes the live state to `journal.log.tmp`, fsyncs it,
+//! renames it over `journal.log` and fsyncs the directory; a `.tmp` seen at open
+//! is an interrupted compaction and is removed (the old `journal.log` was never
+//! modified). Every step and what a crash right after it leaves is tabled in
+//! `docs/format/journal.md`.
+
+use serde::{Deserialize, Serialize};
+
+pub mod record;
+mod replay;
+
+pub use record::{Frame, JournalState, Record, SegmentRecord, SegmentState};
+pub use replay::{
+    DecodedFile, DecodedFrame, FORMAT_VERSION, FRAME_HEADER_LEN, FRAME_LEN_MAX, HEADER_LEN, Header,
+    MAGIC, Replayed, TailError, TailKind, decode_file, decode_header, encode_frame, encode_header,
+    replay_bytes,
+};
+
+/// What opening a journal found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// Records applied from batch frames (snapshot frames not counted).
+    pub records_replayed: u64,
+    /// Bytes after the last good frame: removed by a read-write open, only
+    /// counted by a read-only one.
+    pub truncated_bytes: u64,
+    /// Offset of the first rejected byte, when there was a tail to cut.
+    pub torn_tail_at: Option<u64>,
+    /// Segments in the rebuilt table.
+    pub segments: usize,
+    /// Segments loaded from compaction snapshot frames.
+    pub snapshot_segments: u64,
+    /// Generation from the file header.
+    pub generation: u64,
+    /// Why replay stopped early, if it did.
+    pub tail: Option<TailError>,
+    /// A `journal.log.tmp` from an interrupted compaction was removed.
+    pub removed_tmp: bool,
+}
