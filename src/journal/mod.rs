@@ -18,7 +18,7 @@
 //! ## Consistency
 //! `append` validates the whole batch against the current state before it
 //! writes anything; an invalid record rejects the batch with
-//! [`Error::InvalidInput`](crate::Error::InvalidInput) and leaves no trace. The
+//! [`Error::InvalidInput`] and leaves no trace. The
 //! in-memory state changes only after the batch is durable, so what `get` and
 //! `segments` show is always a prefix of what replay will rebuild.
 //!
@@ -29,7 +29,7 @@
 //! an fsync fails, the kernel may already have dropped the dirty pages, so
 //! retrying could report success for data that is gone; the journal is
 //! poisoned instead and every later call returns
-//! [`Error::Poisoned`](crate::Error::Poisoned). Restart, and replay keeps what
+//! [`Error::Poisoned`]. Restart, and replay keeps what
 //! was durable.
 //!
 //! ## Crash consistency
