@@ -23,6 +23,7 @@
 pub mod datadir;
 pub mod error;
 pub mod index;
+pub mod journal;
 pub mod segment;
 
 pub use error::{Error, Result};

@@ -1,0 +1,182 @@
+//! The upload journal: an append-only, checksummed, fsynced log of where each
+//! sealed segment is in its upload life, so that a crash at any point resumes
+//! exactly where it stopped.
+//!
+//! ## Layout
+//! - [`record`]: the records, the per-segment state they fold into, and the
+//!   transition rules (shared by `append` and replay).
+//! - `replay`: the bytes of `journal.log` (header, frames) and the pure
+//!   replay function from bytes to state ([`decode_file`], [`replay_bytes`]).
+//! - `writer`: [`Journal`]: open (create, clean up, replay, truncate the torn
+//!   tail), group-committed `append`, poisoning.
+//! - `compact`: rewriting the live state into a fresh file.
+//!
+//! Files, under the data directory: `journal/journal.log` and, only while a
+//! compaction runs (or after one was interrupted), `journal/journal.log.tmp`.
+//! The byte format is in `docs/format/journal.md`.
+//!
+//! ## Consistency
+//! `append` validates the whole batch against the current state before it
+//! writes anything; an invalid record rejects the batch with
+//! [`Error::InvalidInput`] and leaves no trace. The
+//! in-memory state changes only after the batch is durable, so what `get` and
+//! `segments` show is always a prefix of what replay will rebuild.
+//!
+//! ## Durability and poisoning
+//! One batch is one frame, written with one `pwrite` and made durable with one
+//! `fdatasync` before `append` returns (group commit). A batch is replayed
+//! whole or not at all: its single CRC covers every record in it. If a write or
+//! an fsync fails, the kernel may already have dropped the dirty pages, so
+//! retrying could report success for data that is gone; the journal is
+//! poisoned instead and every later call returns
+//! [`Error::Poisoned`]. Restart, and replay keeps what
+//! was durable.
+//!
+//! ## Crash consistency
+//! Replay stops at the first frame that is short, has a bad length or CRC, does
+//! not decode, or is an illegal transition, and `open` truncates the file
+//! there. Compaction writes the live state to `journal.log.tmp`, fsyncs it,
+//! renames it over `journal.log` and fsyncs the directory; a `.tmp` seen at open
+//! is an interrupted compaction and is removed (the old `journal.log` was never
+//! modified). Every step and what a crash right after it leaves is tabled in
+//! `docs/format/journal.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::segment::SegmentId;
+
+mod compact;
+pub mod record;
+mod replay;
+mod writer;
+
+pub use record::{Frame, JournalState, Record, SegmentRecord, SegmentState};
+pub use replay::{
+    DecodedFile, DecodedFrame, FORMAT_VERSION, FRAME_HEADER_LEN, FRAME_LEN_MAX, HEADER_LEN, Header,
+    MAGIC, Replayed, TailError, TailKind, decode_file, decode_header, encode_frame, encode_header,
+    replay_bytes,
+};
+pub use writer::Journal;
+
+/// Name of the journal's directory inside the data directory.
+pub const JOURNAL_DIR: &str = "journal";
+/// The journal file inside [`JOURNAL_DIR`].
+pub const LOG_FILE: &str = "journal.log";
+/// Where compaction builds the next journal file before renaming it.
+pub const TMP_FILE: &str = "journal.log.tmp";
+/// Upper bound for [`JournalOptions::max_record_bytes`].
+pub const MAX_RECORD_BYTES_LIMIT: u32 = 1 << 20;
+
+/// `DATA_DIR/journal`.
+pub fn journal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(JOURNAL_DIR)
+}
+
+/// `DATA_DIR/journal/journal.log`.
+pub fn log_path(data_dir: &Path) -> PathBuf {
+    journal_dir(data_dir).join(LOG_FILE)
+}
+
+/// Tuning for a read-write [`Journal`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalOptions {
+    /// `maybe_compact` rewrites the file once it is larger than this (and at
+    /// least twice as large as right after the previous compaction, so a live
+    /// state bigger than the threshold does not compact on every call).
+    pub compact_after_bytes: u64,
+    /// Largest JSON encoding of one record `append` accepts. At most
+    /// [`MAX_RECORD_BYTES_LIMIT`]. Replay does not use it (it uses the format's
+    /// own [`FRAME_LEN_MAX`]), so lowering it never hides written records.
+    pub max_record_bytes: u32,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            compact_after_bytes: 4 << 20,
+            max_record_bytes: 64 << 10,
+        }
+    }
+}
+
+impl JournalOptions {
+    fn validate(&self) -> Result<()> {
+        if self.max_record_bytes == 0 || self.max_record_bytes > MAX_RECORD_BYTES_LIMIT {
+            return Err(Error::InvalidInput(format!(
+                "journal max_record_bytes is {}; use 1..={MAX_RECORD_BYTES_LIMIT}",
+                self.max_record_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What opening a journal found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// Records applied from batch frames (snapshot frames not counted).
+    pub records_replayed: u64,
+    /// Bytes after the last good frame: removed by a read-write open, only
+    /// counted by a read-only one.
+    pub truncated_bytes: u64,
+    /// Offset of the first rejected byte, when there was a tail to cut.
+    pub torn_tail_at: Option<u64>,
+    /// Segments in the rebuilt table.
+    pub segments: usize,
+    /// Segments loaded from compaction snapshot frames.
+    pub snapshot_segments: u64,
+    /// Generation from the file header.
+    pub generation: u64,
+    /// Why replay stopped early, if it did.
+    pub tail: Option<TailError>,
+    /// A `journal.log.tmp` from an interrupted compaction was removed.
+    pub removed_tmp: bool,
+}
+
+/// A replayed journal that cannot be written: what `tierindex status` and
+/// `inspect` use. Also the read side of a [`Journal`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct JournalView {
+    pub(crate) state: JournalState,
+    pub(crate) generation: u64,
+    /// Length of the valid prefix of the file (all of it for a writer).
+    pub(crate) file_len: u64,
+}
+
+impl JournalView {
+    pub fn get(&self, id: SegmentId) -> Option<&SegmentRecord> {
+        self.state.get(id)
+    }
+
+    pub fn segments(&self) -> &BTreeMap<SegmentId, SegmentRecord> {
+        self.state.segments()
+    }
+
+    /// Segments not yet Verified-or-later and not Quarantined, oldest id first.
+    pub fn pending(&self) -> Vec<&SegmentRecord> {
+        self.state.pending()
+    }
+
+    /// Highest id ever journaled, including segments compaction dropped.
+    pub fn max_segment_id(&self) -> Option<SegmentId> {
+        self.state.max_segment_id()
+    }
+
+    /// Bytes of the journal file that hold valid data.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Header generation: 1 for a new journal, +1 per compaction.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn state(&self) -> &JournalState {
+        &self.state
+    }
+}

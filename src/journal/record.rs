@@ -1,0 +1,624 @@
+//! Journal records, the per-segment state they build, and the transition
+//! rules that decide which record may follow which.
+//!
+//! The same [`JournalState::stage`]/[`JournalState::apply`] code validates a
+//! batch before `append` writes it and re-applies records during replay, so a
+//! file can only ever contain sequences the writer accepted. A record that is
+//! intact by CRC but breaks these rules on replay is therefore corruption, not
+//! a torn write, and replay stops there.
+//!
+//! ```text
+//!                 +--------------------- Uploading (new attempt) ---+
+//!                 v                                                  |
+//! Sealed --> Uploading --> Uploaded --> Verified --> Committed --> Released
+//!              |   ^  \_______________/ (re-upload: Uploaded -> Uploading)
+//!              +---+  MultipartAborted (Uploading stays Uploading, multipart id cleared)
+//!
+//! any state except Released (and Quarantined itself) --> Quarantined
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::segment::{SealedMeta, SegmentId};
+
+/// Where one sealed segment is in its upload life.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SegmentState {
+    /// Sealed locally; no upload started.
+    Sealed,
+    /// An upload attempt is (or was, before a crash) in flight.
+    Uploading,
+    /// The store acknowledged the object; not yet read back and checked.
+    Uploaded,
+    /// The remote object was checked (size, checksum) against the local file.
+    Verified,
+    /// The remote manifest lists the segment.
+    Committed,
+    /// The local copy may be deleted. Terminal; dropped by compaction.
+    Released,
+    /// Set aside for an operator. Terminal; kept by compaction.
+    Quarantined,
+}
+
+impl SegmentState {
+    /// True for the states in which the upload pipeline still has work to do.
+    pub fn is_pending(self) -> bool {
+        matches!(
+            self,
+            SegmentState::Sealed | SegmentState::Uploading | SegmentState::Uploaded
+        )
+    }
+}
+
+/// One step of a segment's upload state machine, as appended to the journal.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Record {
+    /// A new segment was sealed. Its id must be above every id seen before.
+    Sealed {
+        meta: SealedMeta,
+    },
+    /// Upload attempt `attempt` (strictly growing per segment) to `key`
+    /// started; `multipart_id` is set once a multipart upload was created.
+    Uploading {
+        id: SegmentId,
+        attempt: u32,
+        key: String,
+        multipart_id: Option<String>,
+    },
+    /// The multipart upload `multipart_id` of the current attempt was aborted.
+    MultipartAborted {
+        id: SegmentId,
+        multipart_id: String,
+    },
+    /// The store acknowledged the object.
+    Uploaded {
+        id: SegmentId,
+        etag: Option<String>,
+        version: Option<String>,
+    },
+    Verified {
+        id: SegmentId,
+    },
+    Committed {
+        id: SegmentId,
+    },
+    Released {
+        id: SegmentId,
+    },
+    Quarantined {
+        id: SegmentId,
+        reason: String,
+    },
+}
+
+impl Record {
+    /// The segment this record is about.
+    pub fn id(&self) -> SegmentId {
+        match self {
+            Record::Sealed { meta } => meta.id,
+            Record::Uploading { id, .. }
+            | Record::MultipartAborted { id, .. }
+            | Record::Uploaded { id, .. }
+            | Record::Verified { id }
+            | Record::Committed { id }
+            | Record::Released { id }
+            | Record::Quarantined { id, .. } => *id,
+        }
+    }
+
+    /// Short name for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Record::Sealed { .. } => "Sealed",
+            Record::Uploading { .. } => "Uploading",
+            Record::MultipartAborted { .. } => "MultipartAborted",
+            Record::Uploaded { .. } => "Uploaded",
+            Record::Verified { .. } => "Verified",
+            Record::Committed { .. } => "Committed",
+            Record::Released { .. } => "Released",
+            Record::Quarantined { .. } => "Quarantined",
+        }
+    }
+}
+
+/// Everything the journal knows about one segment: the fold of its records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    pub meta: SealedMeta,
+    pub state: SegmentState,
+    /// Last upload attempt number (0 = never attempted).
+    pub attempt: u32,
+    /// Object key of the current/last attempt.
+    pub key: Option<String>,
+    /// In-flight multipart upload that may need aborting. Cleared by
+    /// `MultipartAborted`, by `Uploaded` (the upload completed) and replaced by
+    /// a new `Uploading` attempt.
+    pub multipart_id: Option<String>,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    /// Why the segment was quarantined.
+    pub reason: Option<String>,
+}
+
+impl SegmentRecord {
+    fn sealed(meta: SealedMeta) -> Self {
+        SegmentRecord {
+            meta,
+            state: SegmentState::Sealed,
+            attempt: 0,
+            key: None,
+            multipart_id: None,
+            etag: None,
+            version: None,
+            reason: None,
+        }
+    }
+}
+
+/// What one frame of `journal.log` carries. Normal appends write `Batch`
+/// frames; compaction writes one `MaxId` then one `Snapshot` per live segment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Frame {
+    /// The records of one `append` call: applied all together or not at all.
+    Batch(Vec<Record>),
+    /// The folded state of one segment at compaction time.
+    Snapshot(SegmentRecord),
+    /// The highest segment id ever journaled when the file was written; only
+    /// valid as the first frame.
+    MaxId(Option<SegmentId>),
+}
+
+/// The in-memory table the records fold into.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JournalState {
+    segments: BTreeMap<SegmentId, SegmentRecord>,
+    max_segment_id: Option<SegmentId>,
+}
+
+/// The result of validating a batch: the new versions of the touched
+/// segments. Nothing in the state changes until [`JournalState::commit`].
+#[derive(Debug)]
+pub struct Staged {
+    touched: BTreeMap<SegmentId, SegmentRecord>,
+    max_segment_id: Option<SegmentId>,
+}
+
+impl JournalState {
+    pub fn segments(&self) -> &BTreeMap<SegmentId, SegmentRecord> {
+        &self.segments
+    }
+
+    pub fn get(&self, id: SegmentId) -> Option<&SegmentRecord> {
+        self.segments.get(&id)
+    }
+
+    pub fn max_segment_id(&self) -> Option<SegmentId> {
+        self.max_segment_id
+    }
+
+    /// Segments not yet Verified-or-later and not Quarantined, oldest first.
+    pub fn pending(&self) -> Vec<&SegmentRecord> {
+        self.segments
+            .values()
+            .filter(|r| r.state.is_pending())
+            .collect()
+    }
+
+    /// Validates `records` in order (later records see earlier ones) without
+    /// changing `self`.
+    pub fn stage(&self, records: &[Record]) -> Result<Staged> {
+        let mut staged = Staged {
+            touched: BTreeMap::new(),
+            max_segment_id: self.max_segment_id,
+        };
+        for (i, rec) in records.iter().enumerate() {
+            let id = rec.id();
+            let current = staged.touched.get(&id).or_else(|| self.segments.get(&id));
+            let next = transition(current, staged.max_segment_id, rec).map_err(|why| {
+                Error::InvalidInput(format!("journal record {i} ({}): {why}", rec.kind()))
+            })?;
+            staged.max_segment_id = staged.max_segment_id.max(Some(id));
+            staged.touched.insert(id, next);
+        }
+        Ok(staged)
+    }
+
+    /// Installs a batch validated by [`JournalState::stage`] on this state.
+    pub fn commit(&mut self, staged: Staged) {
+        debug_assert!(staged.max_segment_id >= self.max_segment_id);
+        self.max_segment_id = staged.max_segment_id;
+        self.segments.extend(staged.touched);
+    }
+
+    /// `stage` + `commit`.
+    pub fn apply(&mut self, records: &[Record]) -> Result<()> {
+        let staged = self.stage(records)?;
+        self.commit(staged);
+        Ok(())
+    }
+
+    /// Loads a compaction snapshot of one segment. Only used by replay.
+    pub(crate) fn load_snapshot(&mut self, rec: SegmentRecord) -> std::result::Result<(), String> {
+        let id = rec.meta.id;
+        if rec.state == SegmentState::Released {
+            return Err(format!(
+                "snapshot of segment {id} is Released; compaction drops those"
+            ));
+        }
+        if self.segments.contains_key(&id) {
+            return Err(format!("second snapshot of segment {id}"));
+        }
+        if self.max_segment_id.is_some_and(|max| id > max) {
+            return Err(format!(
+                "snapshot of segment {id} is above the recorded max id"
+            ));
+        }
+        self.max_segment_id = self.max_segment_id.max(Some(id));
+        self.segments.insert(id, rec);
+        Ok(())
+    }
+
+    /// Sets the max id from a `MaxId` frame (the first frame of a file).
+    pub(crate) fn load_max_id(&mut self, max: Option<SegmentId>) {
+        debug_assert!(self.segments.is_empty() && self.max_segment_id.is_none());
+        self.max_segment_id = max;
+    }
+
+    /// The state a compaction keeps: everything but Released segments.
+    pub fn without_released(&self) -> JournalState {
+        JournalState {
+            segments: self
+                .segments
+                .iter()
+                .filter(|(_, r)| r.state != SegmentState::Released)
+                .map(|(id, r)| (*id, r.clone()))
+                .collect(),
+            max_segment_id: self.max_segment_id,
+        }
+    }
+}
+
+/// The new record for `rec`'s segment, or why `rec` may not follow `current`.
+fn transition(
+    current: Option<&SegmentRecord>,
+    max_segment_id: Option<SegmentId>,
+    rec: &Record,
+) -> std::result::Result<SegmentRecord, String> {
+    use SegmentState as S;
+    let id = rec.id();
+    let cur = match (rec, current) {
+        (Record::Sealed { meta }, None) => {
+            // Ids are never reused, even once compaction forgot a Released one.
+            if let Some(max) = max_segment_id.filter(|max| meta.id <= *max) {
+                return Err(format!(
+                    "segment {id} is not above the highest id ever journaled ({max})"
+                ));
+            }
+            return Ok(SegmentRecord::sealed(meta.clone()));
+        }
+        (Record::Sealed { .. }, Some(_)) => {
+            return Err(format!("segment {id} is already journaled"));
+        }
+        (_, None) => return Err(format!("unknown segment {id}")),
+        (_, Some(cur)) => cur,
+    };
+    let illegal = || {
+        format!(
+            "segment {id} is {:?}; {} may not follow",
+            cur.state,
+            rec.kind()
+        )
+    };
+    let mut next = cur.clone();
+    match rec {
+        Record::Sealed { .. } => return Err(illegal()),
+        Record::Uploading {
+            attempt,
+            key,
+            multipart_id,
+            ..
+        } => {
+            if !matches!(cur.state, S::Sealed | S::Uploading | S::Uploaded) {
+                return Err(illegal());
+            }
+            if *attempt <= cur.attempt {
+                return Err(format!(
+                    "segment {id}: attempt {attempt} does not grow past {}",
+                    cur.attempt
+                ));
+            }
+            if key.is_empty() {
+                return Err(format!("segment {id}: empty object key"));
+            }
+            next.state = S::Uploading;
+            next.attempt = *attempt;
+            next.key = Some(key.clone());
+            next.multipart_id = multipart_id.clone();
+            next.etag = None;
+            next.version = None;
+        }
+        Record::MultipartAborted { multipart_id, .. } => {
+            if cur.state != S::Uploading {
+                return Err(illegal());
+            }
+            if cur.multipart_id.as_deref() != Some(multipart_id.as_str()) {
+                return Err(format!(
+                    "segment {id}: multipart upload {multipart_id:?} is not the current one ({:?})",
+                    cur.multipart_id
+                ));
+            }
+            next.multipart_id = None;
+        }
+        Record::Uploaded { etag, version, .. } => {
+            if cur.state != S::Uploading {
+                return Err(illegal());
+            }
+            next.state = S::Uploaded;
+            next.multipart_id = None;
+            next.etag = etag.clone();
+            next.version = version.clone();
+        }
+        Record::Verified { .. } => {
+            if cur.state != S::Uploaded {
+                return Err(illegal());
+            }
+            next.state = S::Verified;
+        }
+        Record::Committed { .. } => {
+            if cur.state != S::Verified {
+                return Err(illegal());
+            }
+            next.state = S::Committed;
+        }
+        Record::Released { .. } => {
+            if cur.state != S::Committed {
+                return Err(illegal());
+            }
+            next.state = S::Released;
+        }
+        Record::Quarantined { reason, .. } => {
+            if matches!(cur.state, S::Released | S::Quarantined) {
+                return Err(illegal());
+            }
+            next.state = S::Quarantined;
+            next.reason = Some(reason.clone());
+        }
+    }
+    Ok(next)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn meta(id: u64) -> SealedMeta {
+        SealedMeta {
+            id: SegmentId(id),
+            file_len: 4096 + id,
+            file_crc: 0xdead_beef ^ id as u32,
+            item_count: 10 * id,
+            min_ts: 1_000,
+            max_ts: 2_000 + id,
+            min_offset: 100 * id,
+            max_offset: 100 * id + 99,
+            created_ms: 1,
+            sealed_ms: 2,
+        }
+    }
+
+    pub(crate) fn uploading(id: u64, attempt: u32, mp: Option<&str>) -> Record {
+        Record::Uploading {
+            id: SegmentId(id),
+            attempt,
+            key: format!("stream/{id:020}.seg"),
+            multipart_id: mp.map(str::to_owned),
+        }
+    }
+
+    pub(crate) fn uploaded(id: u64) -> Record {
+        Record::Uploaded {
+            id: SegmentId(id),
+            etag: Some(format!("\"etag-{id}\"")),
+            version: None,
+        }
+    }
+
+    pub(crate) fn snapshot(id: u64) -> SegmentRecord {
+        SegmentRecord::sealed(meta(id))
+    }
+
+    /// The full happy path for one segment.
+    pub(crate) fn happy_path(id: u64) -> Vec<Record> {
+        let sid = SegmentId(id);
+        vec![
+            Record::Sealed { meta: meta(id) },
+            uploading(id, 1, None),
+            uploaded(id),
+            Record::Verified { id: sid },
+            Record::Committed { id: sid },
+            Record::Released { id: sid },
+        ]
+    }
+
+    fn rejected(state: &JournalState, recs: &[Record]) -> bool {
+        matches!(state.stage(recs), Err(Error::InvalidInput(_)))
+    }
+
+    /// A state holding segment 1 in `target`, reached along the happy path.
+    fn at(target: SegmentState) -> JournalState {
+        let mut st = JournalState::default();
+        if target == SegmentState::Quarantined {
+            let q = Record::Quarantined {
+                id: SegmentId(1),
+                reason: "x".into(),
+            };
+            st.apply(&[Record::Sealed { meta: meta(1) }, q]).unwrap();
+            return st;
+        }
+        for rec in happy_path(1) {
+            st.apply(&[rec]).unwrap();
+            if st.get(SegmentId(1)).unwrap().state == target {
+                return st;
+            }
+        }
+        panic!("{target:?} is not on the happy path");
+    }
+
+    #[test]
+    fn happy_path_folds_fields() {
+        let mut st = JournalState::default();
+        st.apply(&happy_path(1)[..3]).unwrap();
+        let r = st.get(SegmentId(1)).unwrap();
+        assert_eq!(r.state, SegmentState::Uploaded);
+        assert_eq!(r.attempt, 1);
+        assert_eq!(r.key.as_deref(), Some("stream/00000000000000000001.seg"));
+        assert_eq!(r.etag.as_deref(), Some("\"etag-1\""));
+        assert_eq!(st.pending().len(), 1);
+        st.apply(&happy_path(1)[3..]).unwrap();
+        assert_eq!(st.get(SegmentId(1)).unwrap().state, SegmentState::Released);
+        assert!(st.pending().is_empty());
+        assert_eq!(st.max_segment_id(), Some(SegmentId(1)));
+    }
+
+    #[test]
+    fn every_skip_and_backward_step_is_rejected() {
+        use SegmentState as S;
+        let id = SegmentId(1);
+        let cases: Vec<(S, Record, bool)> = vec![
+            (S::Sealed, uploaded(1), false),
+            (S::Sealed, Record::Verified { id }, false),
+            (S::Sealed, Record::Committed { id }, false),
+            (S::Sealed, Record::Released { id }, false),
+            (S::Sealed, uploading(1, 1, None), true),
+            (S::Sealed, uploading(1, 0, None), false),
+            (S::Uploading, uploading(1, 2, None), true),
+            (S::Uploading, uploading(1, 1, None), false),
+            (S::Uploading, Record::Verified { id }, false),
+            (S::Uploading, uploaded(1), true),
+            (S::Uploaded, uploading(1, 2, None), true),
+            (S::Uploaded, uploading(1, 1, None), false),
+            (S::Uploaded, Record::Committed { id }, false),
+            (S::Uploaded, Record::Verified { id }, true),
+            (S::Verified, uploading(1, 2, None), false),
+            (S::Verified, uploaded(1), false),
+            (S::Verified, Record::Released { id }, false),
+            (S::Verified, Record::Committed { id }, true),
+            (S::Committed, Record::Verified { id }, false),
+            (S::Committed, Record::Released { id }, true),
+            (S::Released, Record::Committed { id }, false),
+            (S::Released, uploading(1, 9, None), false),
+            (S::Quarantined, uploading(1, 9, None), false),
+            (S::Quarantined, Record::Released { id }, false),
+        ];
+        for (state, rec, ok) in cases {
+            let st = at(state);
+            assert_eq!(
+                st.stage(std::slice::from_ref(&rec)).is_ok(),
+                ok,
+                "{state:?} then {rec:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn quarantine_from_any_state_before_released() {
+        use SegmentState as S;
+        let q = Record::Quarantined {
+            id: SegmentId(1),
+            reason: "bad crc".into(),
+        };
+        for s in [
+            S::Sealed,
+            S::Uploading,
+            S::Uploaded,
+            S::Verified,
+            S::Committed,
+        ] {
+            let mut st = at(s);
+            st.apply(std::slice::from_ref(&q)).unwrap();
+            let r = st.get(SegmentId(1)).unwrap();
+            assert_eq!(r.state, S::Quarantined);
+            assert_eq!(r.reason.as_deref(), Some("bad crc"));
+            assert!(st.pending().is_empty());
+        }
+        assert!(rejected(&at(S::Released), std::slice::from_ref(&q)));
+        assert!(rejected(&at(S::Quarantined), &[q]));
+    }
+
+    #[test]
+    fn multipart_abort_clears_only_the_current_id() {
+        let mut st = at(SegmentState::Sealed);
+        st.apply(&[uploading(1, 1, Some("mp-1"))]).unwrap();
+        let abort = |mp: &str| Record::MultipartAborted {
+            id: SegmentId(1),
+            multipart_id: mp.into(),
+        };
+        assert!(rejected(&st, &[abort("mp-2")]));
+        st.apply(&[abort("mp-1")]).unwrap();
+        let r = st.get(SegmentId(1)).unwrap();
+        assert_eq!(r.state, SegmentState::Uploading);
+        assert_eq!(r.multipart_id, None);
+        assert!(rejected(&st, &[abort("mp-1")]), "already cleared");
+        assert!(rejected(&at(SegmentState::Uploaded), &[abort("mp-1")]));
+    }
+
+    #[test]
+    fn unknown_ids_duplicates_and_reused_ids_are_rejected() {
+        let mut st = JournalState::default();
+        assert!(rejected(&st, &[Record::Verified { id: SegmentId(7) }]));
+        st.apply(&[Record::Sealed { meta: meta(5) }]).unwrap();
+        assert!(rejected(&st, &[Record::Sealed { meta: meta(5) }]));
+        assert!(
+            rejected(&st, &[Record::Sealed { meta: meta(3) }]),
+            "below max"
+        );
+        // Forgotten by compaction, still never reused.
+        st.apply(&happy_path(5)[1..]).unwrap();
+        let st = st.without_released();
+        assert!(st.segments().is_empty());
+        assert_eq!(st.max_segment_id(), Some(SegmentId(5)));
+        assert!(rejected(&st, &[Record::Sealed { meta: meta(5) }]));
+        assert!(st.stage(&[Record::Sealed { meta: meta(6) }]).is_ok());
+    }
+
+    #[test]
+    fn a_batch_is_validated_in_order_and_all_or_nothing() {
+        let mut st = JournalState::default();
+        // Later records see the earlier ones of the same batch.
+        st.apply(&happy_path(1)).unwrap();
+        let before = st.clone();
+        let bad = vec![
+            Record::Sealed { meta: meta(2) },
+            uploading(2, 1, None),
+            Record::Committed { id: SegmentId(2) },
+        ];
+        assert!(rejected(&st, &bad));
+        assert_eq!(st, before, "a rejected batch leaves no trace");
+    }
+
+    #[test]
+    fn new_attempt_clears_the_previous_result() {
+        let mut st = at(SegmentState::Uploaded);
+        st.apply(&[uploading(1, 2, Some("mp-2"))]).unwrap();
+        let r = st.get(SegmentId(1)).unwrap();
+        assert_eq!((r.attempt, r.etag.as_deref()), (2, None));
+        assert_eq!(r.multipart_id.as_deref(), Some("mp-2"));
+        st.apply(&[uploaded(1)]).unwrap();
+        assert_eq!(st.get(SegmentId(1)).unwrap().multipart_id, None);
+    }
+
+    #[test]
+    fn empty_key_is_rejected() {
+        let st = at(SegmentState::Sealed);
+        let rec = Record::Uploading {
+            id: SegmentId(1),
+            attempt: 1,
+            key: String::new(),
+            multipart_id: None,
+        };
+        assert!(rejected(&st, &[rec]));
+    }
+}

@@ -1,0 +1,460 @@
+//! The bytes of `journal.log` (header and frames, both directions) and replay:
+//! the pure function from file bytes to the state table.
+//!
+//! Everything here treats the input as untrusted: every slice is taken with
+//! `get`, every length is bounded before use, and nothing panics on any input.
+//! The layout is drawn byte by byte in `docs/format/journal.md`.
+//!
+//! Replay stops at the first frame that is short, has an impossible length, a
+//! bad CRC, an undecodable payload, or is intact but inconsistent with what
+//! came before it (an illegal transition, a misplaced snapshot). Everything
+//! from that frame on is the "torn tail"; `Journal::open` truncates it.
+
+use serde::{Deserialize, Serialize};
+
+use super::ReplayReport;
+use super::record::{Frame, JournalState};
+use crate::error::{Error, Result};
+
+/// First 8 bytes of every journal file.
+pub const MAGIC: [u8; 8] = *b"TIXJRNL1";
+/// The only format version this build reads and writes.
+pub const FORMAT_VERSION: u16 = 1;
+/// Header: magic(8) version(2) reserved(2) generation(8) crc(4).
+pub const HEADER_LEN: usize = 24;
+/// Frame header: len(4) crc(4).
+pub const FRAME_HEADER_LEN: usize = 8;
+/// Hard cap on one frame's payload, independent of configuration so that a
+/// smaller `max_record_bytes` after a restart never turns good frames into a
+/// "torn tail". Writers stay below it; readers treat more as corruption.
+pub const FRAME_LEN_MAX: u32 = 16 << 20;
+
+/// The decoded file header.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u16,
+    /// Bumped by every compaction; the file created by `open` is generation 1.
+    pub generation: u64,
+}
+
+/// Why replay stopped before the end of the file.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TailKind {
+    /// Fewer bytes left than the frame header or the payload needs.
+    Short,
+    /// Length zero or above [`FRAME_LEN_MAX`].
+    BadLength,
+    /// CRC over length and payload does not match.
+    BadChecksum,
+    /// Intact by CRC but not a JSON `Frame` this build knows.
+    Undecodable,
+    /// Intact and decodable but not allowed here: an illegal transition, a
+    /// snapshot after a batch, a second `MaxId`. This is not a torn write;
+    /// it means a bug or tampering, so it is also logged as an error.
+    Inconsistent,
+}
+
+/// Where and why replay stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TailError {
+    /// File offset of the first byte not accepted.
+    pub offset: u64,
+    pub kind: TailKind,
+    pub detail: String,
+}
+
+/// One intact frame and where it starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodedFrame {
+    pub offset: u64,
+    /// Total bytes including the 8-byte frame header.
+    pub len: u64,
+    pub frame: Frame,
+}
+
+/// Everything [`decode_file`] could read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodedFile {
+    pub header: Header,
+    /// Intact frames in file order, up to the first bad one.
+    pub frames: Vec<DecodedFrame>,
+    /// Offset just past the last intact frame.
+    pub valid_len: u64,
+    /// Why decoding stopped before the end of the input, if it did.
+    pub tail: Option<TailError>,
+}
+
+/// The outcome of replaying a whole file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Replayed {
+    pub state: JournalState,
+    pub report: ReplayReport,
+    /// Offset just past the last frame that was applied.
+    pub valid_len: u64,
+}
+
+/// The 24 header bytes for `generation`.
+pub fn encode_header(generation: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    // 10..12 reserved, zero.
+    h[12..20].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..20]);
+    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn le_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Parses and checks the header at the start of `bytes`.
+///
+/// The header is only ever written whole (to a temporary file that is fsynced
+/// before it is renamed into place), so a bad header is never a torn write:
+/// it is an error, and the caller decides whether to quarantine the file.
+pub fn decode_header(bytes: &[u8]) -> Result<Header> {
+    let what = "journal header";
+    let (Some(head), Some(stored_crc)) = (bytes.get(0..20), le_u32(bytes, 20)) else {
+        return Err(Error::corrupt(
+            what,
+            format!(
+                "file is {} bytes, shorter than the {HEADER_LEN}-byte header",
+                bytes.len()
+            ),
+        ));
+    };
+    if head.get(0..8) != Some(&MAGIC[..]) {
+        return Err(Error::corrupt(what, "bad magic: not a tierindex journal"));
+    }
+    let crc = crc32fast::hash(head);
+    if crc != stored_crc {
+        return Err(Error::corrupt(
+            what,
+            format!("header crc {stored_crc:#010x} != computed {crc:#010x}"),
+        ));
+    }
+    let version = le_u16(head, 8).unwrap_or(0);
+    if version != FORMAT_VERSION {
+        return Err(Error::corrupt(
+            what,
+            format!(
+                "format version {version} is not supported (this build reads {FORMAT_VERSION}); \
+                 use a tierindex that does"
+            ),
+        ));
+    }
+    let reserved = le_u16(head, 10).unwrap_or(u16::MAX);
+    if reserved != 0 {
+        return Err(Error::corrupt(
+            what,
+            format!("reserved bytes are {reserved:#06x}, not 0"),
+        ));
+    }
+    let generation = le_u64(head, 12).unwrap_or(0);
+    Ok(Header {
+        version,
+        generation,
+    })
+}
+
+/// Appends the encoded `frame` to `out`; returns the payload length.
+pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<u32> {
+    let payload = serde_json::to_vec(frame)
+        .map_err(|e| Error::InvalidInput(format!("journal frame does not serialize: {e}")))?;
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|len| *len > 0 && *len <= FRAME_LEN_MAX)
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "journal frame of {} bytes exceeds the {FRAME_LEN_MAX}-byte format limit; \
+                 append fewer records at once",
+                payload.len()
+            ))
+        })?;
+    let len_bytes = len.to_le_bytes();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&len_bytes);
+    crc.update(&payload);
+    let start = out.len();
+    out.extend_from_slice(&len_bytes);
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&payload);
+    // Pair assertion: what we are about to persist must read back as itself.
+    debug_assert!(
+        matches!(decode_frame(out, start), Ok((f, n)) if f == *frame && n == out.len() - start)
+    );
+    Ok(len)
+}
+
+/// Decodes the frame at `pos`; returns it and its total length.
+fn decode_frame(bytes: &[u8], pos: usize) -> std::result::Result<(Frame, usize), TailError> {
+    let fail = |kind, detail: String| TailError {
+        offset: pos as u64,
+        kind,
+        detail,
+    };
+    let rest = bytes.get(pos..).unwrap_or_default();
+    let (Some(len), Some(stored_crc)) = (le_u32(rest, 0), le_u32(rest, 4)) else {
+        return Err(fail(
+            TailKind::Short,
+            format!("{} bytes left, frame header needs 8", rest.len()),
+        ));
+    };
+    if len == 0 || len > FRAME_LEN_MAX {
+        return Err(fail(TailKind::BadLength, format!("frame length {len}")));
+    }
+    let end = FRAME_HEADER_LEN + len as usize;
+    let Some(payload) = rest.get(FRAME_HEADER_LEN..end) else {
+        return Err(fail(
+            TailKind::Short,
+            format!(
+                "frame length {len} but only {} payload bytes left",
+                rest.len().saturating_sub(8)
+            ),
+        ));
+    };
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&len.to_le_bytes());
+    crc.update(payload);
+    let crc = crc.finalize();
+    if crc != stored_crc {
+        return Err(fail(
+            TailKind::BadChecksum,
+            format!("frame crc {stored_crc:#010x} != computed {crc:#010x}"),
+        ));
+    }
+    match serde_json::from_slice::<Frame>(payload) {
+        Ok(frame) => Ok((frame, end)),
+        Err(e) => Err(fail(TailKind::Undecodable, e.to_string())),
+    }
+}
+
+/// Parses a whole journal file: the header (an error if bad) and every intact
+/// frame up to the first bad one. Pure; used by replay, `tierindex inspect`
+/// and fuzzing. Never panics.
+pub fn decode_file(bytes: &[u8]) -> Result<DecodedFile> {
+    let header = decode_header(bytes)?;
+    let mut frames = Vec::new();
+    let mut pos = HEADER_LEN;
+    let mut tail = None;
+    while pos < bytes.len() {
+        match decode_frame(bytes, pos) {
+            Ok((frame, len)) => {
+                frames.push(DecodedFrame {
+                    offset: pos as u64,
+                    len: len as u64,
+                    frame,
+                });
+                pos += len;
+            }
+            Err(e) => {
+                tail = Some(e);
+                break;
+            }
+        }
+    }
+    Ok(DecodedFile {
+        header,
+        frames,
+        valid_len: pos as u64,
+        tail,
+    })
+}
+
+/// Replays a whole journal file into a state table. Errors only when the
+/// header is bad; a bad frame ends replay and is reported, never raised.
+pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
+    let decoded = decode_file(bytes)?;
+    let mut state = JournalState::default();
+    let mut report = ReplayReport {
+        generation: decoded.header.generation,
+        ..ReplayReport::default()
+    };
+    let mut valid_len = decoded.valid_len;
+    let mut tail = decoded.tail;
+    let mut seen_batch = false;
+    for (i, df) in decoded.frames.into_iter().enumerate() {
+        let applied = match df.frame {
+            Frame::MaxId(max) if i == 0 => {
+                state.load_max_id(max);
+                Ok(())
+            }
+            Frame::MaxId(_) => Err("MaxId frame that is not the first frame".to_string()),
+            Frame::Snapshot(_) if seen_batch => {
+                Err("snapshot frame after a batch frame".to_string())
+            }
+            Frame::Snapshot(rec) => state.load_snapshot(rec).map(|()| {
+                report.snapshot_segments += 1;
+            }),
+            Frame::Batch(records) => {
+                seen_batch = true;
+                match state.apply(&records) {
+                    Ok(()) => {
+                        report.records_replayed += records.len() as u64;
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        if let Err(detail) = applied {
+            valid_len = df.offset;
+            tail = Some(TailError {
+                offset: df.offset,
+                kind: TailKind::Inconsistent,
+                detail,
+            });
+            break;
+        }
+    }
+    report.truncated_bytes = (bytes.len() as u64).saturating_sub(valid_len);
+    report.torn_tail_at = (report.truncated_bytes > 0).then_some(valid_len);
+    report.tail = tail;
+    report.segments = state.segments().len();
+    Ok(Replayed {
+        state,
+        report,
+        valid_len,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::record::Record;
+    use crate::journal::record::tests::{happy_path, meta};
+    use crate::segment::SegmentId;
+
+    fn file_with(frames: &[Frame]) -> Vec<u8> {
+        let mut bytes = encode_header(1).to_vec();
+        for f in frames {
+            encode_frame(f, &mut bytes).unwrap();
+        }
+        bytes
+    }
+
+    #[test]
+    fn header_round_trips_and_rejects_damage() {
+        let h = encode_header(42);
+        assert_eq!(
+            decode_header(&h).unwrap(),
+            Header {
+                version: 1,
+                generation: 42
+            }
+        );
+        for i in 0..HEADER_LEN {
+            let mut bad = h;
+            bad[i] ^= 0x40;
+            assert!(
+                matches!(decode_header(&bad), Err(Error::Corrupt { .. })),
+                "byte {i}"
+            );
+        }
+        assert!(decode_header(&h[..23]).is_err());
+        assert!(decode_header(&[]).is_err());
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = vec![
+            Frame::MaxId(Some(SegmentId(3))),
+            Frame::Batch(happy_path(4)),
+            Frame::Batch(vec![Record::Sealed { meta: meta(5) }]),
+        ];
+        let bytes = file_with(&frames);
+        let d = decode_file(&bytes).unwrap();
+        assert_eq!(d.tail, None);
+        assert_eq!(d.valid_len, bytes.len() as u64);
+        let got: Vec<Frame> = d.frames.into_iter().map(|f| f.frame).collect();
+        assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn every_truncation_stops_at_the_last_whole_frame() {
+        let bytes = file_with(&[Frame::Batch(happy_path(1)), Frame::Batch(happy_path(2))]);
+        let d = decode_file(&bytes).unwrap();
+        let ends: Vec<u64> = d.frames.iter().map(|f| f.offset + f.len).collect();
+        for cut in HEADER_LEN..=bytes.len() {
+            let r = replay_bytes(&bytes[..cut]).unwrap();
+            let want = ends.iter().filter(|e| **e <= cut as u64).count();
+            assert_eq!(r.report.records_replayed, 6 * want as u64, "cut {cut}");
+            assert_eq!(r.valid_len, ends[..want].last().copied().unwrap_or(24));
+            assert_eq!(r.report.torn_tail_at.is_some(), r.valid_len != cut as u64);
+        }
+    }
+
+    #[test]
+    fn each_damaged_byte_is_caught() {
+        let bytes = file_with(&[Frame::Batch(happy_path(1))]);
+        for i in HEADER_LEN..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            let r = replay_bytes(&bad).unwrap();
+            assert_eq!(r.report.records_replayed, 0, "byte {i}");
+            assert_eq!(r.report.torn_tail_at, Some(HEADER_LEN as u64));
+            assert!(r.report.tail.is_some());
+        }
+    }
+
+    #[test]
+    fn zero_filled_tail_is_torn() {
+        let mut bytes = file_with(&[Frame::Batch(happy_path(1))]);
+        let good = bytes.len() as u64;
+        bytes.extend_from_slice(&[0u8; 4096]);
+        let r = replay_bytes(&bytes).unwrap();
+        assert_eq!(r.valid_len, good);
+        assert_eq!(r.report.truncated_bytes, 4096);
+        assert_eq!(r.report.tail.map(|t| t.kind), Some(TailKind::BadLength));
+    }
+
+    #[test]
+    fn intact_but_illegal_frames_stop_replay() {
+        let cases = vec![
+            // Illegal transition: Verified for an unknown id.
+            vec![
+                Frame::Batch(happy_path(1)),
+                Frame::Batch(vec![Record::Verified { id: SegmentId(9) }]),
+            ],
+            // Snapshot after a batch.
+            vec![
+                Frame::Batch(vec![Record::Sealed { meta: meta(1) }]),
+                Frame::Snapshot(crate::journal::record::tests::snapshot(2)),
+            ],
+            // MaxId that is not first.
+            vec![Frame::Batch(happy_path(1)), Frame::MaxId(None)],
+            // Snapshot above the recorded max id.
+            vec![
+                Frame::MaxId(Some(SegmentId(1))),
+                Frame::Snapshot(crate::journal::record::tests::snapshot(2)),
+            ],
+        ];
+        for frames in cases {
+            let bytes = file_with(&frames);
+            let r = replay_bytes(&bytes).unwrap();
+            let tail = r.report.tail.clone().unwrap();
+            assert_eq!(tail.kind, TailKind::Inconsistent, "{frames:?}");
+            assert_eq!(Some(tail.offset), r.report.torn_tail_at);
+            assert!(r.report.truncated_bytes > 0);
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_without_allocating() {
+        let mut bytes = encode_header(1).to_vec();
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 12]);
+        let r = replay_bytes(&bytes).unwrap();
+        assert_eq!(r.report.tail.map(|t| t.kind), Some(TailKind::BadLength));
+    }
+}

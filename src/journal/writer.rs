@@ -1,0 +1,500 @@
+//! [`Journal`]: opening (create, clean up, replay, cut the torn tail) and the
+//! group-committed `append`.
+//!
+//! Order inside `append`, and why:
+//! 1. refuse if poisoned (an earlier write/fsync failed: nothing is trusted);
+//! 2. validate every record (size, transition) against the durable state, so
+//!    a rejected batch writes nothing;
+//! 3. encode the batch as ONE frame and `pwrite` it at the end of the valid
+//!    data (one CRC makes the batch atomic on replay);
+//! 4. `fdatasync` (covers the new file size too);
+//! 5. only now update the in-memory state and length.
+//!
+//! A failure in 3 or 4 poisons the journal; the bytes may or may not be on
+//! disk, and replay after a restart decides (a whole frame is kept, a partial
+//! one is cut).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::record::{Frame, Record, SegmentRecord};
+use super::replay::{TailKind, encode_frame, replay_bytes};
+use super::{JournalOptions, JournalView, LOG_FILE, ReplayReport, TMP_FILE, compact, journal_dir};
+use crate::error::{Error, Result};
+use crate::segment::SegmentId;
+use std::collections::BTreeMap;
+
+/// The read-write journal. One per data directory: `open` takes an exclusive
+/// `flock` on the journal directory for the life of the value.
+#[derive(Debug)]
+pub struct Journal {
+    /// `DATA_DIR/journal`.
+    pub(super) dir: PathBuf,
+    /// `journal.log`, open read-write; replaced by compaction.
+    pub(super) file: File,
+    /// Acknowledged (durable) state, generation and valid length.
+    pub(super) view: JournalView,
+    pub(super) opts: JournalOptions,
+    /// Why the journal refuses all further work, once a write/fsync failed.
+    pub(super) poisoned: Option<String>,
+    /// File length right after the last compaction (0 until one runs).
+    pub(super) compacted_len: u64,
+    /// Holds the directory lock; released on drop.
+    _lock: File,
+}
+
+/// fsyncs a directory so that entries created, renamed or removed in it are
+/// durable. IMPORTANT on Linux: a file's own fsync does not persist its name.
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "fsync directory", e))
+}
+
+/// Takes an exclusive, non-blocking `flock` on `dir`.
+fn lock_dir(dir: &Path) -> Result<File> {
+    let f = File::open(dir).map_err(|e| Error::io(dir, "open journal directory", e))?;
+    // SAFETY: flock only reads the descriptor, which `f` keeps open.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Locked {
+                path: dir.to_path_buf(),
+                holder: "another open Journal".into(),
+            });
+        }
+        return Err(Error::io(dir, "flock journal directory", e));
+    }
+    Ok(f)
+}
+
+/// Removes `journal.log.tmp` if present; true if it was there.
+pub(super) fn remove_tmp(dir: &Path) -> Result<bool> {
+    let tmp = dir.join(TMP_FILE);
+    match fs::remove_file(&tmp) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(&tmp, "remove interrupted compaction file", e)),
+    }
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal under `data_dir/journal`,
+    /// replays it and cuts any torn tail. `data_dir` must exist.
+    ///
+    /// A bad header is returned as [`Error::Corrupt`] and the file is left
+    /// alone: it cannot come from a crash (headers are only installed by
+    /// rename), so the operator or the caller's quarantine decides.
+    pub fn open(data_dir: &Path, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
+        opts.validate()?;
+        let dir = journal_dir(data_dir);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(&dir, "create journal directory", e)),
+        }
+        // Always, not only after create_dir: a previous process may have
+        // created the directory and died before making its name durable.
+        sync_dir(data_dir)?;
+        let lock = lock_dir(&dir)?;
+
+        // Safe to delete: journal.log is only replaced by renaming a fully
+        // written and fsynced tmp over it, so a tmp that still exists was never
+        // installed and journal.log (if any) is the complete previous journal.
+        let removed_tmp = remove_tmp(&dir)?;
+        let log = dir.join(LOG_FILE);
+        if !log
+            .try_exists()
+            .map_err(|e| Error::io(&log, "stat journal", e))?
+        {
+            let (_file, _len) = compact::write_snapshot_file(&dir, 1, &Default::default())?;
+            fs::rename(dir.join(TMP_FILE), &log)
+                .map_err(|e| Error::io(&log, "install new journal", e))?;
+        }
+        // Makes the removal of a tmp and the creation of journal.log durable.
+        sync_dir(&dir)?;
+
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&log)
+            .map_err(|e| Error::io(&log, "open journal", e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| Error::io(&log, "read journal", e))?;
+        let replayed = replay_bytes(&bytes)?;
+        let mut report = replayed.report;
+        report.removed_tmp = removed_tmp;
+        log_tail(&log, &report);
+        if report.truncated_bytes > 0 {
+            // Later appends go right after the last good frame; the cut bytes
+            // must not survive behind them.
+            file.set_len(replayed.valid_len)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| Error::io(&log, "truncate torn journal tail", e))?;
+        }
+        let journal = Journal {
+            dir,
+            file,
+            view: JournalView {
+                state: replayed.state,
+                generation: report.generation,
+                file_len: replayed.valid_len,
+            },
+            opts,
+            poisoned: None,
+            compacted_len: 0,
+            _lock: lock,
+        };
+        Ok((journal, report))
+    }
+
+    /// Replays `data_dir/journal/journal.log` without creating, locking,
+    /// truncating or deleting anything; for `tierindex status` and `inspect`,
+    /// also while a broker runs. A torn tail is reported, not cut. A missing
+    /// journal is an error (NotFound), not an empty view.
+    pub fn open_read_only(data_dir: &Path) -> Result<(JournalView, ReplayReport)> {
+        let log = journal_dir(data_dir).join(LOG_FILE);
+        let bytes = fs::read(&log).map_err(|e| Error::io(&log, "read journal", e))?;
+        let replayed = replay_bytes(&bytes)?;
+        let view = JournalView {
+            state: replayed.state,
+            generation: replayed.report.generation,
+            file_len: replayed.valid_len,
+        };
+        Ok((view, replayed.report))
+    }
+
+    /// Validates all `records`, then writes them as one frame with one write
+    /// and one `fdatasync`, then applies them in memory. All or nothing: a
+    /// rejected batch writes nothing; a failed write or fsync poisons.
+    pub fn append(&mut self, records: &[Record]) -> Result<()> {
+        self.check_poisoned()?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        for (i, rec) in records.iter().enumerate() {
+            let n = serde_json::to_vec(rec)
+                .map_err(|e| Error::InvalidInput(format!("journal record {i}: {e}")))?
+                .len();
+            if n > self.opts.max_record_bytes as usize {
+                return Err(Error::InvalidInput(format!(
+                    "journal record {i} ({}) is {n} bytes, above max_record_bytes {}",
+                    rec.kind(),
+                    self.opts.max_record_bytes
+                )));
+            }
+        }
+        let staged = self.view.state.stage(records)?;
+        let mut buf = Vec::new();
+        encode_frame(&Frame::Batch(records.to_vec()), &mut buf)?;
+
+        let at = self.view.file_len;
+        if let Err(e) = self.file.write_all_at(&buf, at) {
+            return Err(self.poison(format!(
+                "journal write of {} bytes at {at} failed: {e}",
+                buf.len()
+            )));
+        }
+        if let Err(e) = self.file.sync_data() {
+            return Err(self.poison(format!("journal fdatasync failed: {e}")));
+        }
+        self.view.file_len = at + buf.len() as u64;
+        self.view.state.commit(staged);
+        Ok(())
+    }
+
+    pub fn get(&self, id: SegmentId) -> Option<&SegmentRecord> {
+        self.view.get(id)
+    }
+
+    pub fn segments(&self) -> &BTreeMap<SegmentId, SegmentRecord> {
+        self.view.segments()
+    }
+
+    /// Segments not yet Verified-or-later and not Quarantined, oldest id first.
+    pub fn pending(&self) -> Vec<&SegmentRecord> {
+        self.view.pending()
+    }
+
+    /// Highest id ever journaled, including segments compaction dropped.
+    pub fn max_segment_id(&self) -> Option<SegmentId> {
+        self.view.max_segment_id()
+    }
+
+    /// Bytes of `journal.log` holding acknowledged data.
+    pub fn file_len(&self) -> u64 {
+        self.view.file_len()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.view.generation()
+    }
+
+    /// The acknowledged state.
+    pub fn view(&self) -> &JournalView {
+        &self.view
+    }
+
+    /// `DATA_DIR/journal`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    pub(super) fn check_poisoned(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the journal unusable and returns the error for this call.
+    pub(super) fn poison(&mut self, why: String) -> Error {
+        tracing::error!(dir = %self.dir.display(), "journal poisoned: {why}");
+        self.poisoned = Some(why.clone());
+        Error::Poisoned(why)
+    }
+}
+
+fn log_tail(log: &Path, report: &ReplayReport) {
+    let Some(tail) = &report.tail else { return };
+    if tail.kind == TailKind::Inconsistent {
+        tracing::error!(
+            file = %log.display(),
+            offset = tail.offset,
+            "journal holds an intact but inconsistent frame; replay stops there and the \
+             rest ({} bytes) is cut: {}",
+            report.truncated_bytes,
+            tail.detail
+        );
+    } else {
+        tracing::warn!(
+            file = %log.display(),
+            offset = tail.offset,
+            "cutting torn journal tail of {} bytes ({:?}: {})",
+            report.truncated_bytes,
+            tail.kind,
+            tail.detail
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::SegmentState;
+    use crate::journal::record::tests::{happy_path, meta, uploading};
+    use crate::journal::{HEADER_LEN, log_path};
+
+    fn open(dir: &Path) -> (Journal, ReplayReport) {
+        Journal::open(dir, JournalOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn creates_directory_and_empty_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (j, report) = open(tmp.path());
+        assert!(log_path(tmp.path()).is_file());
+        assert_eq!(report.segments, 0);
+        assert_eq!(report.generation, 1);
+        assert_eq!(j.max_segment_id(), None);
+        assert_eq!(
+            j.file_len(),
+            std::fs::metadata(log_path(tmp.path())).unwrap().len()
+        );
+        assert!(j.file_len() > HEADER_LEN as u64, "holds a MaxId frame");
+    }
+
+    #[test]
+    fn missing_data_dir_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = Journal::open(&tmp.path().join("nope"), JournalOptions::default());
+        assert!(matches!(r, Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn second_writer_is_locked_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_j, _) = open(tmp.path());
+        let r = Journal::open(tmp.path(), JournalOptions::default());
+        assert!(matches!(r, Err(Error::Locked { .. })), "{r:?}");
+        // Readers are fine.
+        Journal::open_read_only(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn group_commit_is_one_frame_and_replays_equal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        let before = j.file_len();
+        let mut batch = happy_path(1);
+        batch.extend(happy_path(2)[..3].iter().cloned());
+        j.append(&batch).unwrap();
+        let bytes = std::fs::read(log_path(tmp.path())).unwrap();
+        assert_eq!(bytes.len() as u64, j.file_len());
+        let d = crate::journal::decode_file(&bytes).unwrap();
+        let last = d.frames.last().unwrap();
+        assert_eq!(last.offset, before, "the whole batch is the one new frame");
+        assert_eq!(last.frame, Frame::Batch(batch.clone()));
+
+        let in_memory = j.view().clone();
+        drop(j);
+        let (j, report) = open(tmp.path());
+        assert_eq!(report.records_replayed, batch.len() as u64);
+        assert_eq!(report.torn_tail_at, None);
+        assert_eq!(j.view(), &in_memory);
+        let (ro, _) = Journal::open_read_only(tmp.path()).unwrap();
+        assert_eq!(&ro, &in_memory);
+    }
+
+    #[test]
+    fn rejected_batch_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
+        let len = j.file_len();
+        let state = j.view().clone();
+        let bad = [
+            uploading(1, 1, None),
+            Record::Committed { id: SegmentId(1) },
+        ];
+        assert!(matches!(j.append(&bad), Err(Error::InvalidInput(_))));
+        assert!(matches!(
+            j.append(&[Record::Sealed { meta: meta(1) }]),
+            Err(Error::InvalidInput(_))
+        ));
+        assert_eq!(j.file_len(), len);
+        assert_eq!(std::fs::metadata(log_path(tmp.path())).unwrap().len(), len);
+        assert_eq!(j.view(), &state);
+        assert!(
+            !j.is_poisoned(),
+            "a rejected batch is the caller's bug, not an I/O failure"
+        );
+        j.append(&[uploading(1, 1, None)]).unwrap();
+        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Uploading);
+    }
+
+    #[test]
+    fn oversized_record_is_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = JournalOptions {
+            max_record_bytes: 300,
+            ..Default::default()
+        };
+        let (mut j, _) = Journal::open(tmp.path(), opts).unwrap();
+        j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
+        let big = Record::Quarantined {
+            id: SegmentId(1),
+            reason: "x".repeat(400),
+        };
+        let len = j.file_len();
+        assert!(matches!(j.append(&[big]), Err(Error::InvalidInput(_))));
+        assert_eq!(j.file_len(), len);
+        for max in [0, crate::journal::MAX_RECORD_BYTES_LIMIT + 1] {
+            let opts = JournalOptions {
+                max_record_bytes: max,
+                ..Default::default()
+            };
+            assert!(matches!(
+                Journal::open(tmp.path(), opts),
+                Err(Error::InvalidInput(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn failed_write_poisons_forever() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
+        let state = j.view().clone();
+        // A read-only descriptor makes the next pwrite fail with EBADF.
+        j.file = File::open(log_path(tmp.path())).unwrap();
+        let r = j.append(&[uploading(1, 1, None)]);
+        assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
+        assert_eq!(j.view(), &state, "nothing unacknowledged becomes visible");
+        // Even with a good descriptor back, nothing is retried or accepted.
+        j.file = OpenOptions::new()
+            .write(true)
+            .open(log_path(tmp.path()))
+            .unwrap();
+        assert!(matches!(
+            j.append(&[uploading(1, 1, None)]),
+            Err(Error::Poisoned(_))
+        ));
+        assert!(matches!(j.append(&[]), Err(Error::Poisoned(_))));
+        assert!(matches!(j.compact(), Err(Error::Poisoned(_))));
+        assert!(matches!(j.maybe_compact(), Err(Error::Poisoned(_))));
+        drop(j);
+        let (j, _) = open(tmp.path());
+        assert_eq!(j.view(), &state);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_appends_continue() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
+        let good = j.file_len();
+        j.append(&[uploading(1, 1, None)]).unwrap();
+        drop(j);
+        let path = log_path(tmp.path());
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(good + 5).unwrap();
+        let (mut j, report) = open(tmp.path());
+        assert_eq!(report.torn_tail_at, Some(good));
+        assert_eq!(report.truncated_bytes, 5);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Sealed);
+        j.append(&[uploading(1, 1, None)]).unwrap();
+        drop(j);
+        let (j, report) = open(tmp.path());
+        assert_eq!(report.torn_tail_at, None);
+        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Uploading);
+    }
+
+    #[test]
+    fn read_only_open_never_modifies() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(
+            Journal::open_read_only(tmp.path()).is_err(),
+            "no journal yet"
+        );
+        assert!(!journal_dir(tmp.path()).exists(), "and nothing was created");
+        let (mut j, _) = open(tmp.path());
+        j.append(&happy_path(1)[..2]).unwrap();
+        drop(j);
+        let path = log_path(tmp.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"torn");
+        std::fs::write(&path, &bytes).unwrap();
+        std::fs::write(journal_dir(tmp.path()).join(TMP_FILE), b"half").unwrap();
+        let (view, report) = Journal::open_read_only(tmp.path()).unwrap();
+        assert_eq!(report.truncated_bytes, 4);
+        assert_eq!(view.file_len(), bytes.len() as u64 - 4);
+        assert_eq!(view.pending().len(), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert!(journal_dir(tmp.path()).join(TMP_FILE).exists());
+    }
+
+    #[test]
+    fn bad_header_is_an_error_and_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(open(tmp.path()));
+        let path = log_path(tmp.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[3] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let r = Journal::open(tmp.path(), JournalOptions::default());
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+}
