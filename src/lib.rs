@@ -22,6 +22,7 @@
 
 pub mod error;
 
+pub mod remote;
 pub mod segment;
 
 pub use error::{Error, Result};
