@@ -24,6 +24,7 @@ pub mod error;
 
 pub mod remote;
 pub mod segment;
+pub mod testing;
 pub mod upload;
 
 pub use error::{Error, Result};
