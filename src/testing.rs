@@ -86,6 +86,9 @@ pub enum Fault {
     /// The request is performed on the inner store, then the answer is lost
     /// (connection reset). The "committed but the client never heard" case.
     CommitThenLoseAnswer,
+    /// 403 Forbidden (bad credentials, bucket policy); nothing done. Must
+    /// not be retried.
+    Forbidden,
     /// Wait this long, then behave normally.
     Latency(Duration),
     /// GET only: the body arrives cut short (random length).
@@ -352,6 +355,7 @@ impl FaultyStore {
             Some(Fault::TooManyRequests) => {
                 Err(status_error("429 Too Many Requests", "TooManyRequests"))
             }
+            Some(Fault::Forbidden) => Err(status_error("403 Forbidden", "AccessDenied")),
             Some(Fault::Timeout(d)) => {
                 tokio::time::sleep(*d).await;
                 Err(transport_error(

@@ -118,7 +118,8 @@ pub const MAX_PARTS: u64 = 10_000;
 pub const MAX_PART_BYTES: u64 = 5 * 1024 * 1024 * 1024;
 
 impl UploadConfig {
-    /// Rejects settings the store cannot honour.
+    /// Rejects settings the store cannot honour (the part size only matters
+    /// where the store has a multipart API).
     pub fn validate(&self, store: &RemoteStore) -> Result<()> {
         if self.max_attempts == 0 {
             return Err(Error::InvalidInput(
@@ -126,7 +127,8 @@ impl UploadConfig {
             ));
         }
         let min = store.min_part_bytes();
-        if self.part_size_bytes < min || self.part_size_bytes > MAX_PART_BYTES {
+        let parts_used = store.multipart().is_some();
+        if parts_used && (self.part_size_bytes < min || self.part_size_bytes > MAX_PART_BYTES) {
             return Err(Error::InvalidInput(format!(
                 "part_size_bytes {} must be in {min}..={MAX_PART_BYTES} for {}",
                 self.part_size_bytes,
