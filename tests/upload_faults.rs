@@ -920,3 +920,83 @@ fn credentials_never_leak() {
         assert!(!text.contains("secret%2BKEY"), "secret leaked:\n{text}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// A real S3-compatible server, when one is configured
+// ---------------------------------------------------------------------------
+
+/// Runs only when `TIERINDEX_TEST_S3_URL` (e.g. `s3://tierindex-test/ci`)
+/// names an existing bucket; credentials and endpoint come from the usual
+/// `AWS_*` variables. For example, with moto:
+///
+/// ```text
+/// moto_server -H 127.0.0.1 -p 5077 &
+/// curl -X PUT http://127.0.0.1:5077/tierindex-test
+/// AWS_ENDPOINT_URL=http://127.0.0.1:5077 AWS_ACCESS_KEY_ID=k AWS_SECRET_ACCESS_KEY=s \
+///   TIERINDEX_TEST_S3_URL=s3://tierindex-test/ci cargo test --test upload_faults real_s3
+/// ```
+#[tokio::test]
+async fn real_s3_round_trip_when_configured() {
+    let Ok(url) = std::env::var("TIERINDEX_TEST_S3_URL") else {
+        eprintln!("skipped: set TIERINDEX_TEST_S3_URL to run against a real server");
+        return;
+    };
+    let base = RemoteStore::from_url(&url, &StoreOptions::default()).unwrap();
+    let caps = probe(&base).await.unwrap();
+    eprintln!(
+        "{} capabilities: {}",
+        base,
+        serde_json::to_string(&caps).unwrap()
+    );
+    assert!(
+        caps.range_get && caps.metadata && caps.multipart,
+        "{caps:?}"
+    );
+    // A fresh sub-prefix per run keeps runs independent.
+    let run = format!("{url}/run-{:016x}", fastrand::u64(..));
+    let store = RemoteStore::from_url(&run, &StoreOptions::default()).unwrap();
+    let c = UploadConfig {
+        multipart_threshold_bytes: 5 * 1024 * 1024,
+        part_size_bytes: 5 * 1024 * 1024,
+        trust_conditional_create: caps.conditional_create,
+        ..UploadConfig::default()
+    };
+    let d = tempfile::tempdir().unwrap();
+    // ~50 KiB single PUT, ~6.4 MiB multipart (two parts).
+    for seg in [segment(d.path(), 1, 1_500), segment(d.path(), 2, 200_000)] {
+        let key = store.segment_key(STREAM, &seg.meta);
+        let out = put(&store, &seg, &c).await.unwrap();
+        assert!(matches!(out, PutOutcome::Created { .. }), "{out:?}");
+        assert_eq!(
+            put(&store, &seg, &c).await.unwrap(),
+            PutOutcome::AlreadyPresent
+        );
+        for level in [VerifyLevel::Full, VerifyLevel::Footer, VerifyLevel::Head] {
+            verify_segment(&store, &key, &seg.meta, level)
+                .await
+                .unwrap();
+        }
+        // The metadata really went over the wire as x-amz-meta-* and comes
+        // back on a HEAD.
+        let head = store
+            .object_store()
+            .get_opts(&key, GetOptions::new().with_head(true))
+            .await
+            .unwrap();
+        assert_eq!(
+            head.attributes
+                .get(&Attribute::Metadata(META_CRC.into()))
+                .map(|v| v.to_string()),
+            Some(format!("{:08x}", seg.meta.file_crc))
+        );
+    }
+    let seg = segment(d.path(), 3, 100);
+    let key = store.segment_key(STREAM, &seg.meta);
+    store
+        .object_store()
+        .put(&key, PutPayload::from_static(b"foreign"))
+        .await
+        .unwrap();
+    let err = put(&store, &seg, &c).await.unwrap_err();
+    assert!(matches!(err, Error::RemoteConflict(_)), "{err}");
+}
