@@ -196,6 +196,22 @@ async fn local_file_that_does_not_match_meta_is_never_sent() {
     let err = put(&store, &seg, &cfg()).await.unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     assert_eq!(f.stats().requests(Op::Put), 0);
+
+    // A key of our layout that names another segment is refused too.
+    let other = segment(d.path(), 4, 50);
+    let wrong_key = store.segment_key(STREAM, &other.meta);
+    let err = put_segment(
+        &store,
+        &wrong_key,
+        &other.path,
+        &seg.meta,
+        &cfg(),
+        &mut NoHooks,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    assert_eq!(f.stats().requests(Op::Put), 0);
 }
 
 // ---------------------------------------------------------------------------

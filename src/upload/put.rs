@@ -45,6 +45,16 @@ pub async fn put_segment(
     hooks: &mut dyn UploadHooks,
 ) -> Result<PutOutcome> {
     cfg.validate(store)?;
+    // A key of our layout must name this very file: uploading segment A's
+    // bytes under segment B's key would poison every later comparison.
+    if let Some((id, crc)) = store.parse_segment_key(key)
+        && (id != meta.id || crc != meta.file_crc)
+    {
+        return Err(Error::InvalidInput(format!(
+            "key {key} names segment {id} crc {crc:08x}, but the file is segment {} crc {:08x}",
+            meta.id, meta.file_crc
+        )));
+    }
     let bytes = read_checked(local, meta).await?;
     let policy = cfg.retry_policy();
     let mut rng = fastrand::Rng::new();
