@@ -24,7 +24,11 @@ pub mod datadir;
 pub mod error;
 pub mod index;
 pub mod journal;
+
+pub mod remote;
 pub mod segment;
+pub mod testing;
+pub mod upload;
 
 pub use error::{Error, Result};
 pub use segment::{Entry, SealedMeta, SegmentId, TimeRange, key_hash};

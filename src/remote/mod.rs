@@ -1,0 +1,670 @@
+//! The remote object store: construction from a URL, the key layout, the
+//! capability probe, and the one place where `object_store` errors become
+//! crate errors.
+//!
+//! ## Secrets
+//! Credentials come only from the standard `AWS_*` environment variables (or
+//! the instance/role provider). A URL that carries `user:password@` is
+//! rejected without echoing it. [`RemoteStore`]'s `Debug`/`Display` print the
+//! display URL (scheme, bucket, prefix) and never the inner store, so no
+//! secret can reach a log line or an error through this type.
+//!
+//! ## Error classification
+//! [`classify`] is the single mapping from `object_store::Error` to
+//! [`Error`]. `NotFound`, `AlreadyExists` and `Precondition` mean something
+//! specific to each caller, so callers match those *before* calling it; what
+//! reaches `classify` becomes either [`Error::RemoteRetryable`] (5xx, 429,
+//! 408, timeouts, connection errors) or [`Error::Remote`] (auth, other 4xx,
+//! unsupported operations, bad configuration). The rules are tabled in
+//! `docs/format/remote-layout.md`.
+
+pub mod keys;
+pub mod probe;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use object_store::ObjectStore;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::client::HttpError;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
+use object_store::path::Path;
+use object_store::{BackoffConfig, ClientConfigKey, RetryConfig};
+
+use crate::error::{Error, Result};
+use crate::segment::{SealedMeta, SegmentId};
+
+/// How to reach an S3-compatible store. Ignored by `file://` and `memory://`.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Endpoint URL; when `None`, `AWS_ENDPOINT_URL` / `AWS_ENDPOINT` apply.
+    pub endpoint: Option<String>,
+    /// Allow plain HTTP. `None`: allowed only when the endpoint is `http://`
+    /// on a loopback address (a local test server), else `AWS_ALLOW_HTTP`.
+    pub allow_http: Option<bool>,
+    /// Region; when `None`, `AWS_REGION` / `AWS_DEFAULT_REGION` or us-east-1.
+    pub region: Option<String>,
+    /// Timeout of one HTTP request inside `object_store` (default 30 s).
+    pub request_timeout: Duration,
+    /// Timeout of the connect phase (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            endpoint: None,
+            allow_http: None,
+            region: None,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which backend rules apply (part-size minimum, metadata support).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum StoreKind {
+    S3,
+    Local,
+    Memory,
+    /// Anything built with [`RemoteStore::from_parts`] under another scheme:
+    /// the strictest (S3) rules apply.
+    Other,
+}
+
+impl StoreKind {
+    fn from_display(display: &str) -> StoreKind {
+        match display.split_once("://").map(|(s, _)| s) {
+            Some("s3") | Some("s3a") => StoreKind::S3,
+            Some("file") => StoreKind::Local,
+            Some("memory") => StoreKind::Memory,
+            _ => StoreKind::Other,
+        }
+    }
+}
+
+/// A configured object store plus the key prefix all our objects live under.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct RemoteStore {
+    store: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
+    prefix: Path,
+    display: String,
+    kind: StoreKind,
+    /// Cleared the first time the store answers "attributes not implemented"
+    /// (LocalFileSystem does); shared by clones.
+    metadata_ok: Arc<AtomicBool>,
+}
+
+impl fmt::Debug for RemoteStore {
+    // Hand-written on purpose: the inner store's Debug may include builder
+    // configuration; only the redacted display URL is printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("url", &self.display)
+            .field("kind", &self.kind)
+            .field("multipart", &self.multipart.is_some())
+            .finish()
+    }
+}
+
+impl fmt::Display for RemoteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+impl RemoteStore {
+    /// Builds a store from a URL:
+    /// - `file:///abs/path`: a directory (created if missing), fsync on;
+    /// - `s3://bucket/prefix`: S3 or compatible, configured from the standard
+    ///   `AWS_*` variables plus `opts`;
+    /// - `memory://[prefix]`: a fresh in-memory store (tests, dry runs).
+    pub fn from_url(url: &str, opts: &StoreOptions) -> Result<RemoteStore> {
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .collect();
+        Self::from_url_with_env(url, opts, &env)
+    }
+
+    /// [`RemoteStore::from_url`] with an explicit environment (tests pass a
+    /// fake one instead of mutating the process environment).
+    #[doc(hidden)]
+    pub fn from_url_with_env(
+        url: &str,
+        opts: &StoreOptions,
+        env: &[(String, String)],
+    ) -> Result<RemoteStore> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::InvalidInput(format!("store URL does not parse: {e}")))?;
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // Never echo the URL: it holds a secret.
+            return Err(Error::InvalidInput(
+                "store URL must not carry credentials; use AWS_ACCESS_KEY_ID / \
+                 AWS_SECRET_ACCESS_KEY"
+                    .into(),
+            ));
+        }
+        let path_prefix = || -> Result<Path> {
+            Path::from_url_path(parsed.path().trim_matches('/'))
+                .map_err(|e| Error::InvalidInput(format!("store URL prefix: {e}")))
+        };
+        match parsed.scheme() {
+            "file" => {
+                let dir = parsed.to_file_path().map_err(|()| {
+                    Error::InvalidInput(format!(
+                        "file URL must be an absolute local path, got {}",
+                        redact(&parsed)
+                    ))
+                })?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::io(&dir, "create store directory", e))?;
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| Error::Remote(format!("open {}: {e}", dir.display())))?
+                    // IMPORTANT: without fsync a "created" object may vanish
+                    // on power loss while the journal says it was uploaded.
+                    .with_fsync(true);
+                let display = format!("file://{}", dir.display());
+                Ok(Self::from_parts(Arc::new(fs), None, "", &display))
+            }
+            "memory" => {
+                let mem = Arc::new(InMemory::new());
+                let mut prefix = parsed.host_str().unwrap_or("").to_string();
+                let p = parsed.path().trim_matches('/');
+                if !p.is_empty() {
+                    prefix = if prefix.is_empty() {
+                        p.to_string()
+                    } else {
+                        format!("{prefix}/{p}")
+                    };
+                }
+                let display = format!("memory://{prefix}");
+                Ok(Self::from_parts(
+                    mem.clone(),
+                    Some(mem as Arc<dyn MultipartStore>),
+                    &prefix,
+                    &display,
+                ))
+            }
+            "s3" | "s3a" => {
+                let bucket = parsed
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| {
+                        Error::InvalidInput("s3 URL needs a bucket: s3://bucket/prefix".into())
+                    })?
+                    .to_string();
+                let prefix = path_prefix()?;
+                let s3 = Arc::new(build_s3(&bucket, opts, env)?);
+                let display = if prefix.is_root() {
+                    format!("s3://{bucket}")
+                } else {
+                    format!("s3://{bucket}/{prefix}")
+                };
+                let mut rs = Self::from_parts(
+                    s3.clone(),
+                    Some(s3 as Arc<dyn MultipartStore>),
+                    "",
+                    &display,
+                );
+                rs.prefix = prefix;
+                Ok(rs)
+            }
+            other => Err(Error::InvalidInput(format!(
+                "unsupported store URL scheme {other:?} in {}: use file:///abs/dir, \
+                 s3://bucket/prefix or memory://",
+                redact(&parsed)
+            ))),
+        }
+    }
+
+    /// Wraps an existing store (tests wrap stores in faults). `display` must
+    /// not contain credentials; its scheme (`s3://`, `file://`, `memory://`)
+    /// selects the backend rules, e.g. `memory://` allows parts below 5 MiB.
+    pub fn from_parts(
+        store: Arc<dyn ObjectStore>,
+        multipart: Option<Arc<dyn MultipartStore>>,
+        prefix: &str,
+        display: &str,
+    ) -> RemoteStore {
+        let kind = StoreKind::from_display(display);
+        RemoteStore {
+            store,
+            multipart,
+            prefix: Path::from(prefix.trim_matches('/')),
+            display: display.to_string(),
+            kind,
+            // LocalFileSystem refuses object metadata (NotImplemented).
+            metadata_ok: Arc::new(AtomicBool::new(kind != StoreKind::Local)),
+        }
+    }
+
+    /// The store's URL without credentials, for logs and status output.
+    pub fn display_url(&self) -> &str {
+        &self.display
+    }
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+    pub fn multipart(&self) -> Option<&Arc<dyn MultipartStore>> {
+        self.multipart.as_ref()
+    }
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+    pub fn kind(&self) -> StoreKind {
+        self.kind
+    }
+
+    /// False once the store has refused object metadata (file://). Uploads
+    /// then go without it and verification relies on size + body CRC.
+    pub fn metadata_supported(&self) -> bool {
+        self.metadata_ok.load(Ordering::Relaxed)
+    }
+    pub(crate) fn mark_metadata_unsupported(&self) {
+        if self.metadata_ok.swap(false, Ordering::Relaxed) {
+            tracing::info!(store = %self.display, "store keeps no object metadata; verifying by size and body CRC only");
+        }
+    }
+
+    /// The smallest part a multipart upload may use (the last part aside).
+    pub fn min_part_bytes(&self) -> u64 {
+        match self.kind {
+            StoreKind::Memory => 1,
+            _ => 5 * 1024 * 1024,
+        }
+    }
+
+    /// `{prefix}/{stream}/segments/{id:020}-{file_crc:08x}.seg`. Panics never;
+    /// an invalid stream name is `Error::InvalidInput`.
+    pub fn try_segment_key(&self, stream: &str, meta: &SealedMeta) -> Result<Path> {
+        keys::segment_key(&self.prefix, stream, meta)
+    }
+
+    /// Like [`RemoteStore::try_segment_key`] for a stream name the caller has
+    /// validated (config load does). An invalid name is a programming error.
+    pub fn segment_key(&self, stream: &str, meta: &SealedMeta) -> Path {
+        debug_assert!(
+            keys::validate_stream(stream).is_ok(),
+            "invalid stream {stream:?}"
+        );
+        self.prefix
+            .clone()
+            .join(stream)
+            .join(keys::SEGMENTS_DIR)
+            .join(keys::segment_object_name(meta.id, meta.file_crc))
+    }
+
+    /// Inverse of [`RemoteStore::segment_key`]: `(id, file_crc)` of a key
+    /// under this store's prefix, or `None` for any other shape.
+    pub fn parse_segment_key(&self, key: &Path) -> Option<(SegmentId, u32)> {
+        keys::parse_segment_key(&self.prefix, key).map(|(_, id, crc)| (id, crc))
+    }
+
+    /// `{prefix}/{stream}/segments`, the folder a reconciler lists.
+    pub fn segments_prefix(&self, stream: &str) -> Result<Path> {
+        keys::segments_prefix(&self.prefix, stream)
+    }
+}
+
+/// `scheme://host/path` of a URL, without user info, query or fragment.
+fn redact(u: &url::Url) -> String {
+    format!(
+        "{}://{}{}",
+        u.scheme(),
+        u.host_str().unwrap_or(""),
+        u.path()
+    )
+}
+
+fn is_loopback_http(endpoint: &str) -> bool {
+    let Ok(u) = url::Url::parse(endpoint) else {
+        return false;
+    };
+    if u.scheme() != "http" {
+        return false;
+    }
+    match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn build_s3(
+    bucket: &str,
+    opts: &StoreOptions,
+    env: &[(String, String)],
+) -> Result<object_store::aws::AmazonS3> {
+    // Same as AmazonS3Builder::from_env(), over the given variables.
+    let mut b = AmazonS3Builder::new();
+    for (k, v) in env {
+        if let Ok(key) = k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            b = b.with_config(key, v.clone());
+        }
+    }
+    b = b.with_bucket_name(bucket);
+    let env_endpoint = || {
+        ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+            .iter()
+            .find_map(|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    };
+    let endpoint = opts.endpoint.clone().or_else(env_endpoint);
+    if let Some(ep) = &opts.endpoint {
+        b = b.with_endpoint(ep.clone());
+    }
+    match opts.allow_http {
+        Some(allow) => b = b.with_allow_http(allow),
+        None if endpoint.as_deref().is_some_and(is_loopback_http) => b = b.with_allow_http(true),
+        None => {}
+    }
+    if let Some(r) = &opts.region {
+        b = b.with_region(r.clone());
+    }
+    let dur = |d: Duration| humantime::format_duration(d).to_string();
+    b = b
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+            dur(opts.request_timeout),
+        )
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+            dur(opts.connect_timeout),
+        );
+    // Modest inner retries: our own loop (upload::retry) retries on top with
+    // its own deadline, so the two must not multiply into minutes.
+    let retry = RetryConfig {
+        max_retries: 3,
+        retry_timeout: opts.request_timeout.saturating_mul(2),
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+    };
+    b = b.with_retry(retry);
+    // The builder's error text names keys and the bucket, never values of
+    // secret keys.
+    b.build()
+        .map_err(|e| Error::Remote(format!("configure s3://{bucket}: {e}")))
+}
+
+// ---------------------------------------------------------------------------
+// Error classification
+// ---------------------------------------------------------------------------
+
+/// Source error our retry loop puts inside `object_store::Error::Generic`
+/// when one request exceeds its deadline; [`classify`] treats it as
+/// retryable.
+#[derive(Debug)]
+pub(crate) struct RequestTimedOut {
+    pub what: String,
+    pub after: Duration,
+}
+
+impl fmt::Display for RequestTimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} timed out after {:?}", self.what, self.after)
+    }
+}
+
+impl std::error::Error for RequestTimedOut {}
+
+/// Finds an HTTP status in an error chain. `object_store` does not export
+/// its request error type, so the status is read from its stable message
+/// ("... status code: 503 Service Unavailable ...").
+fn http_status(err: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if let Some(i) = s.find("status code: ") {
+            let digits = s.get(i + 13..i + 16)?;
+            if let Ok(code) = digits.parse::<u16>() {
+                return Some(code);
+            }
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// `Some(true)` retryable, `Some(false)` permanent, `None` unknown.
+fn transient(err: &object_store::Error) -> Option<bool> {
+    let root: &(dyn std::error::Error + 'static) = err;
+    if let Some(code) = http_status(root) {
+        return Some(matches!(code, 408 | 429 | 500..=599));
+    }
+    let mut cur = Some(root);
+    while let Some(e) = cur {
+        if e.downcast_ref::<RequestTimedOut>().is_some() {
+            return Some(true);
+        }
+        if let Some(h) = e.downcast_ref::<HttpError>() {
+            // Every transport failure kind (connect, request, timeout,
+            // interrupted, decode) may succeed on a fresh connection.
+            tracing::trace!(kind = ?h.kind(), "transport error");
+            return Some(true);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                K::ConnectionReset
+                | K::ConnectionAborted
+                | K::ConnectionRefused
+                | K::BrokenPipe
+                | K::TimedOut
+                | K::Interrupted
+                | K::UnexpectedEof
+                | K::WouldBlock
+                | K::NotConnected => return Some(true),
+                K::PermissionDenied | K::ReadOnlyFilesystem | K::InvalidInput => {
+                    return Some(false);
+                }
+                _ => {}
+            }
+        }
+        cur = e.source();
+    }
+    let text = err.to_string();
+    if text.contains("SlowDown") || text.contains("RequestTimeout") {
+        return Some(true);
+    }
+    None
+}
+
+/// True when `object_store` error `err` may succeed if tried again.
+pub fn is_transient(err: &object_store::Error) -> bool {
+    matches!(classify_ref(err), Class::Retryable)
+}
+
+enum Class {
+    Retryable,
+    Permanent(&'static str),
+}
+
+fn classify_ref(err: &object_store::Error) -> Class {
+    use object_store::Error as E;
+    match err {
+        E::NotFound { .. } => Class::Permanent("object not found"),
+        E::AlreadyExists { .. } => Class::Permanent("object already exists"),
+        E::Precondition { .. } | E::NotModified { .. } => Class::Permanent("precondition failed"),
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
+            Class::Permanent("access denied: check the credentials and the bucket policy")
+        }
+        E::NotSupported { .. } | E::NotImplemented { .. } => {
+            Class::Permanent("operation not supported by this store")
+        }
+        E::UnknownConfigurationKey { .. } | E::InvalidPath { .. } => {
+            Class::Permanent("invalid configuration or path")
+        }
+        E::JoinError { .. } => Class::Retryable,
+        // Generic and anything added later: look at the cause. Unknown causes
+        // are retried: the loop is bounded, and giving up on a transient
+        // fault loses more than retrying a permanent one a few times.
+        _ => match transient(err) {
+            Some(false) => Class::Permanent("request rejected"),
+            Some(true) | None => Class::Retryable,
+        },
+    }
+}
+
+/// The one mapping from `object_store` errors to crate errors. Callers that
+/// give `NotFound`, `AlreadyExists` or `Precondition` a meaning match them
+/// before calling this; here they become [`Error::Remote`].
+pub fn classify(err: object_store::Error) -> Error {
+    match classify_ref(&err) {
+        Class::Retryable => Error::RemoteRetryable(err.to_string()),
+        Class::Permanent(why) => Error::Remote(format!("{why}: {err}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::client::HttpErrorKind;
+
+    fn generic(msg: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: msg.to_string().into(),
+        }
+    }
+
+    #[test]
+    fn classification() {
+        let retry = |e: object_store::Error| matches!(classify(e), Error::RemoteRetryable(_));
+        assert!(retry(generic(
+            "Server returned non-2xx status code: 503 Service Unavailable: SlowDown"
+        )));
+        assert!(retry(generic(
+            "Server returned non-2xx status code: 429 Too Many Requests"
+        )));
+        assert!(retry(generic(
+            "Server returned non-2xx status code: 500 Internal"
+        )));
+        assert!(!retry(generic(
+            "Server returned non-2xx status code: 400 Bad Request"
+        )));
+        assert!(!retry(generic(
+            "Server returned non-2xx status code: 403 Forbidden"
+        )));
+        assert!(retry(object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(
+                HttpErrorKind::Connect,
+                std::io::Error::from(std::io::ErrorKind::ConnectionReset)
+            )),
+        }));
+        assert!(retry(object_store::Error::Generic {
+            store: "x",
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        }));
+        assert!(!retry(object_store::Error::Generic {
+            store: "x",
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
+        }));
+        assert!(retry(object_store::Error::Generic {
+            store: "tierindex",
+            source: Box::new(RequestTimedOut {
+                what: "PUT".into(),
+                after: Duration::from_secs(1)
+            }),
+        }));
+        assert!(!retry(object_store::Error::PermissionDenied {
+            path: "p".into(),
+            source: "no".into()
+        }));
+        assert!(!retry(object_store::Error::NotFound {
+            path: "p".into(),
+            source: "no".into()
+        }));
+        // Unknown generic causes are retried (bounded by the caller's loop).
+        assert!(retry(generic("something odd")));
+    }
+
+    #[test]
+    fn loopback_detection() {
+        assert!(is_loopback_http("http://127.0.0.1:9000"));
+        assert!(is_loopback_http("http://localhost:9000/"));
+        assert!(is_loopback_http("http://[::1]:9000"));
+        assert!(!is_loopback_http("https://127.0.0.1:9000"));
+        assert!(!is_loopback_http("http://10.0.0.1:9000"));
+        assert!(!is_loopback_http("http://example.com"));
+    }
+
+    #[test]
+    fn url_schemes() {
+        let o = StoreOptions::default();
+        let m = RemoteStore::from_url("memory://", &o).unwrap();
+        assert_eq!(m.kind(), StoreKind::Memory);
+        assert!(m.multipart().is_some());
+        assert!(m.prefix().is_root());
+        let m = RemoteStore::from_url("memory://a/b", &o).unwrap();
+        assert_eq!(m.prefix().as_ref(), "a/b");
+
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("nested/store");
+        let url = url::Url::from_file_path(&dir).unwrap();
+        let f = RemoteStore::from_url(url.as_str(), &o).unwrap();
+        assert!(dir.is_dir());
+        assert_eq!(f.kind(), StoreKind::Local);
+        assert!(f.multipart().is_none());
+
+        let s = RemoteStore::from_url_with_env("s3://bkt/some/prefix/", &o, &[]).unwrap();
+        assert_eq!(s.display_url(), "s3://bkt/some/prefix");
+        assert_eq!(s.prefix().as_ref(), "some/prefix");
+        assert_eq!(s.kind(), StoreKind::S3);
+
+        for bad in [
+            "gs://b/p",
+            "http://x/y",
+            "not a url",
+            "file://relative",
+            "s3:///p",
+        ] {
+            assert!(
+                matches!(
+                    RemoteStore::from_url_with_env(bad, &o, &[]),
+                    Err(Error::InvalidInput(_))
+                ),
+                "{bad} accepted"
+            );
+        }
+        let err = RemoteStore::from_url_with_env("s3://AKIA:hunter2secret@bkt/p", &o, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2secret"), "{err}");
+    }
+
+    #[test]
+    fn debug_and_display_hide_secrets() {
+        let secret = "wJalrXUtnFEMI-K7MDENG-SECRETSECRET";
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID".to_string(), "AKIDEXAMPLE".to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), secret.to_string()),
+            ("AWS_SESSION_TOKEN".to_string(), format!("{secret}-token")),
+            (
+                "AWS_ENDPOINT_URL".to_string(),
+                "http://127.0.0.1:9".to_string(),
+            ),
+        ];
+        let s =
+            RemoteStore::from_url_with_env("s3://bkt/p", &StoreOptions::default(), &env).unwrap();
+        for text in [
+            format!("{s:?}"),
+            format!("{s}"),
+            s.display_url().to_string(),
+        ] {
+            assert!(!text.contains(secret), "{text}");
+            assert!(!text.contains("AKIDEXAMPLE"), "{text}");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Capability probe: ask the store what it really does instead of assuming.
+//!
+//! S3-compatible servers differ in exactly the features our safety rests on.
+//! Garage, for one, accepts `If-None-Match: *` and `If-Match` and ignores them
+//! (a second create overwrites). The probe writes a few small objects under
+//! `{prefix}/_probe/{random}/`, records what the store answered, and deletes
+//! them again. Every answer that is not the documented one is recorded as
+//! "not supported" with a note: the probe never assumes a feature.
+//!
+//! Callers feed `conditional_create` into `UploadConfig::trust_conditional_create`
+//! and must refuse (or loudly warn about) fencing when `conditional_update`
+//! is false.
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{
+    Attribute, Attributes, GetOptions, GetRange, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    UpdateVersion,
+};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::remote::{RemoteStore, classify};
+
+/// What a store answered to the probe.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// A second `PutMode::Create` on the same key failed with AlreadyExists.
+    pub conditional_create: bool,
+    /// `PutMode::Update` with a stale e-tag failed with Precondition.
+    pub conditional_update: bool,
+    /// A `MultipartStore` exists and create/put_part/complete produced the
+    /// exact bytes.
+    pub multipart: bool,
+    /// A bounded range GET returned exactly the requested bytes.
+    pub range_get: bool,
+    /// User metadata put with an object comes back from a HEAD.
+    pub metadata: bool,
+    /// What was surprising, in words, for `status` output and logs.
+    pub notes: Vec<String>,
+}
+
+const PROBE_DIR: &str = "_probe";
+
+/// Runs the probe. Errors only when the store cannot be used at all (the
+/// first plain write fails, e.g. bad credentials); a feature that misbehaves
+/// is reported as `false` with a note instead.
+pub async fn probe(store: &RemoteStore) -> Result<Capabilities> {
+    let dir = store
+        .prefix()
+        .clone()
+        .join(PROBE_DIR)
+        .join(format!("{:016x}", fastrand::u64(..)));
+    let mut caps = Capabilities::default();
+    let result = run(store, &dir, &mut caps).await;
+    cleanup(store, &dir, &mut caps).await;
+    result.map(|()| caps)
+}
+
+async fn run(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) -> Result<()> {
+    let os = store.object_store();
+    let create = |mode: PutMode| PutOptions {
+        mode,
+        ..Default::default()
+    };
+
+    // 1. Conditional create: the first must succeed (else the store is
+    //    unusable and we say so), the second must be AlreadyExists.
+    let key = dir.clone().join("create");
+    os.put_opts(
+        &key,
+        PutPayload::from_static(b"first"),
+        create(PutMode::Create),
+    )
+    .await
+    .map_err(classify)?;
+    match os
+        .put_opts(
+            &key,
+            PutPayload::from_static(b"second"),
+            create(PutMode::Create),
+        )
+        .await
+    {
+        Err(object_store::Error::AlreadyExists { .. }) => caps.conditional_create = true,
+        Ok(_) => caps.notes.push(
+            "a second create on an existing key succeeded: If-None-Match is ignored, \
+             creates may silently overwrite"
+                .into(),
+        ),
+        Err(e) => caps.notes.push(format!(
+            "second create answered neither AlreadyExists nor OK: {e}"
+        )),
+    }
+
+    // 2. Conditional update with an e-tag that is certainly stale.
+    let stale = PutMode::Update(UpdateVersion {
+        e_tag: Some("\"tierindex-stale-etag\"".into()),
+        version: None,
+    });
+    match os
+        .put_opts(&key, PutPayload::from_static(b"third"), create(stale))
+        .await
+    {
+        Err(object_store::Error::Precondition { .. }) => caps.conditional_update = true,
+        Ok(_) => caps.notes.push(
+            "an update with a stale e-tag succeeded: If-Match is ignored, no \
+             compare-and-swap (fencing impossible on this store)"
+                .into(),
+        ),
+        Err(e) => caps
+            .notes
+            .push(format!("conditional update not available: {e}")),
+    }
+
+    // 3. Range GET of a known body.
+    let body: Vec<u8> = (0u8..=255).collect();
+    let rkey = dir.clone().join("range");
+    os.put_opts(
+        &rkey,
+        PutPayload::from(Bytes::from(body.clone())),
+        PutOptions::default(),
+    )
+    .await
+    .map_err(classify)?;
+    let opts = GetOptions::new().with_range(Some(GetRange::Bounded(100..164)));
+    match async { os.get_opts(&rkey, opts).await?.bytes().await }.await {
+        Ok(got) if got[..] == body[100..164] => caps.range_get = true,
+        Ok(got) => caps.notes.push(format!(
+            "range GET of 64 bytes returned {} bytes that differ",
+            got.len()
+        )),
+        Err(e) => caps.notes.push(format!("range GET failed: {e}")),
+    }
+
+    // 4. User metadata round trip through HEAD.
+    let mkey = dir.clone().join("meta");
+    let mut attrs = Attributes::new();
+    attrs.insert(Attribute::Metadata("tierindex-probe".into()), "1".into());
+    let put = PutOptions {
+        attributes: attrs,
+        ..Default::default()
+    };
+    match os.put_opts(&mkey, PutPayload::from_static(b"m"), put).await {
+        Ok(_) => {
+            let head = os.get_opts(&mkey, GetOptions::new().with_head(true)).await;
+            match head {
+                Ok(r) => {
+                    let v = r
+                        .attributes
+                        .get(&Attribute::Metadata("tierindex-probe".into()))
+                        .map(|v| v.to_string());
+                    if v.as_deref() == Some("1") {
+                        caps.metadata = true;
+                    } else {
+                        caps.notes
+                            .push("object metadata is accepted but not returned by HEAD".into());
+                    }
+                }
+                Err(e) => caps.notes.push(format!("HEAD failed: {e}")),
+            }
+        }
+        Err(e) => caps
+            .notes
+            .push(format!("object metadata not supported: {e}")),
+    }
+
+    // 5. Multipart, one small part (the last part may be below 5 MiB).
+    match store.multipart() {
+        None => caps
+            .notes
+            .push("no multipart API: large segments are sent as one PUT".into()),
+        Some(mp) => {
+            let mkey = dir.clone().join("multipart");
+            let data = Bytes::from_static(b"tierindex multipart probe");
+            let attempt = async {
+                let id = mp.create_multipart(&mkey).await?;
+                let done = async {
+                    let part = mp
+                        .put_part(&mkey, &id, 0, PutPayload::from(data.clone()))
+                        .await?;
+                    mp.complete_multipart(&mkey, &id, vec![part]).await
+                }
+                .await;
+                if done.is_err() {
+                    let _ = mp.abort_multipart(&mkey, &id).await;
+                }
+                done?;
+                os.get(&mkey).await?.bytes().await
+            };
+            match attempt.await {
+                Ok(got) if got == data => caps.multipart = true,
+                Ok(_) => caps
+                    .notes
+                    .push("multipart upload completed with different bytes".into()),
+                Err(e) => caps.notes.push(format!("multipart upload failed: {e}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cleanup(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) {
+    use futures::TryStreamExt;
+    let os = store.object_store();
+    let listed: Vec<_> = match os.list(Some(dir)).try_collect().await {
+        Ok(v) => v,
+        Err(e) => {
+            caps.notes
+                .push(format!("could not list probe objects for cleanup: {e}"));
+            return;
+        }
+    };
+    for m in listed {
+        if let Err(e) = os.delete(&m.location).await {
+            caps.notes
+                .push(format!("could not delete probe object {}: {e}", m.location));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::StoreOptions;
+    use futures::TryStreamExt;
+
+    #[tokio::test]
+    async fn memory_store_answers() {
+        let s = RemoteStore::from_url("memory://p", &StoreOptions::default()).unwrap();
+        let c = probe(&s).await.unwrap();
+        assert!(c.conditional_create, "{c:?}");
+        assert!(c.conditional_update, "{c:?}");
+        assert!(c.multipart, "{c:?}");
+        assert!(c.range_get, "{c:?}");
+        assert!(c.metadata, "{c:?}");
+        let left: Vec<_> = s.object_store().list(None).try_collect().await.unwrap();
+        assert!(left.is_empty(), "probe left {left:?}");
+    }
+
+    #[tokio::test]
+    async fn local_store_answers() {
+        let d = tempfile::tempdir().unwrap();
+        let url = url::Url::from_directory_path(d.path()).unwrap();
+        let s = RemoteStore::from_url(url.as_str(), &StoreOptions::default()).unwrap();
+        let c = probe(&s).await.unwrap();
+        // LocalFileSystem: create is atomic (hard link), no If-Match, no
+        // metadata, no MultipartStore, ranges work.
+        assert!(c.conditional_create, "{c:?}");
+        assert!(!c.conditional_update, "{c:?}");
+        assert!(!c.multipart, "{c:?}");
+        assert!(c.range_get, "{c:?}");
+        assert!(!c.metadata, "{c:?}");
+        assert!(c.notes.len() >= 3, "{c:?}");
+        let left: Vec<_> = s.object_store().list(None).try_collect().await.unwrap();
+        assert!(left.is_empty(), "probe left {left:?}");
+    }
+}

@@ -1,0 +1,790 @@
+//! Test support: a fault-injecting [`ObjectStore`] wrapper.
+//!
+//! [`FaultyStore`] sits in front of a real store (usually `InMemory` or
+//! `LocalFileSystem`) and, per request, may inject one [`Fault`]: a
+//! 503/429 answer, a hang past the caller's deadline, a connection reset, a
+//! request that is performed and then "loses" its answer, extra latency, or a
+//! damaged GET body. Faults come from a script (`fail_next`) and/or a random
+//! plan (`set_random`) drawn from a seeded RNG, so a failing run replays
+//! exactly from its seed (as long as requests are issued in the same order).
+//!
+//! It also counts what matters for safety: creates that hit an existing key
+//! and writes that *replaced* an existing object, so tests can assert "never
+//! overwritten". [`FaultyStore::ignore_conditionals`] makes it behave like
+//! Garage (If-None-Match / If-Match silently ignored).
+//!
+//! `object_store`'s traits are `#[async_trait]`; the impls below spell out
+//! the boxed-future signatures that macro generates (no extra dependency).
+
+#![doc(hidden)]
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::client::{HttpError, HttpErrorKind};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId, MultipartUpload,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult, Result,
+};
+
+use crate::remote::RemoteStore;
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The kinds of request a fault can target.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Put,
+    Get,
+    Head,
+    CreateMultipart,
+    PutPart,
+    CompleteMultipart,
+    AbortMultipart,
+}
+
+impl Op {
+    pub const ALL: [Op; 7] = [
+        Op::Put,
+        Op::Get,
+        Op::Head,
+        Op::CreateMultipart,
+        Op::PutPart,
+        Op::CompleteMultipart,
+        Op::AbortMultipart,
+    ];
+}
+
+/// One injected misbehaviour.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// 503 Service Unavailable; nothing done.
+    Unavailable,
+    /// 503 with S3's `SlowDown` code (throttling); nothing done.
+    SlowDown,
+    /// 429 Too Many Requests; nothing done.
+    TooManyRequests,
+    /// Hang this long (past the caller's deadline), then fail with a
+    /// timeout; nothing done.
+    Timeout(Duration),
+    /// Connection reset before the request reached the store; nothing done.
+    ConnectionReset,
+    /// The request is performed on the inner store, then the answer is lost
+    /// (connection reset). The "committed but the client never heard" case.
+    CommitThenLoseAnswer,
+    /// 403 Forbidden (bad credentials, bucket policy); nothing done. Must
+    /// not be retried.
+    Forbidden,
+    /// Wait this long, then behave normally.
+    Latency(Duration),
+    /// GET only: the body arrives cut short (random length).
+    TruncateBody,
+    /// GET only: one random bit of the body is flipped.
+    FlipBit,
+}
+
+impl Fault {
+    fn applies_to(&self, op: Op) -> bool {
+        match self {
+            Fault::TruncateBody | Fault::FlipBit => op == Op::Get,
+            _ => true,
+        }
+    }
+}
+
+/// Counters since construction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Requests seen per op (faulted or not).
+    pub requests: HashMap<Op, u64>,
+    /// Faults injected.
+    pub injected: u64,
+    /// `PutMode::Create` requests that found the key taken (AlreadyExists).
+    pub create_conflicts: u64,
+    /// Writes that replaced an existing object (a PUT that was not refused
+    /// on an existing key, or a multipart completion over one).
+    pub overwrites: u64,
+    /// Objects deleted through this wrapper.
+    pub deletes: u64,
+    /// Parts accepted by the inner store.
+    pub parts_put: u64,
+}
+
+impl FaultStats {
+    pub fn requests(&self, op: Op) -> u64 {
+        self.requests.get(&op).copied().unwrap_or(0)
+    }
+}
+
+struct RandomPlan {
+    probability: f64,
+    faults: Vec<Fault>,
+    ops: Vec<Op>,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: Mutex<HashMap<Op, u64>>,
+    injected: AtomicU64,
+    create_conflicts: AtomicU64,
+    overwrites: AtomicU64,
+    deletes: AtomicU64,
+    parts_put: AtomicU64,
+}
+
+/// A fault-injecting wrapper around an object store (and its multipart API).
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    inner_mp: Option<Arc<dyn MultipartStore>>,
+    display: String,
+    rng: Mutex<fastrand::Rng>,
+    script: Mutex<HashMap<Op, VecDeque<Fault>>>,
+    random: Mutex<Option<RandomPlan>>,
+    ignore_conditionals: AtomicBool,
+    counters: Arc<Counters>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test thread must not hide the counters from the others.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug)]
+struct Injected(String);
+
+impl fmt::Display for Injected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Injected {}
+
+fn status_error(status: &str, code: &str) -> object_store::Error {
+    // Same wording as object_store's own HTTP status errors, so the crate's
+    // classifier sees what it would see from a real S3 server.
+    object_store::Error::Generic {
+        store: "FaultyStore",
+        source: Box::new(Injected(format!(
+            "Server returned non-2xx status code: {status}: <Error><Code>{code}</Code>\
+             <Message>injected fault</Message></Error>"
+        ))),
+    }
+}
+
+fn transport_error(kind: HttpErrorKind, io: std::io::ErrorKind) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "FaultyStore",
+        source: Box::new(HttpError::new(
+            kind,
+            std::io::Error::new(io, "injected fault"),
+        )),
+    }
+}
+
+impl FaultyStore {
+    /// Wraps `inner` (and its multipart API, when it has one). `display` is
+    /// the URL [`FaultyStore::remote`] gives the [`RemoteStore`]; its scheme
+    /// selects the backend rules (`memory://` allows small parts).
+    pub fn new(
+        inner: Arc<dyn ObjectStore>,
+        inner_mp: Option<Arc<dyn MultipartStore>>,
+        display: &str,
+        seed: u64,
+    ) -> Arc<FaultyStore> {
+        Arc::new(FaultyStore {
+            inner,
+            inner_mp,
+            display: display.to_string(),
+            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+            script: Mutex::new(HashMap::new()),
+            random: Mutex::new(None),
+            ignore_conditionals: AtomicBool::new(false),
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    /// A fresh `InMemory` store, with multipart.
+    pub fn memory(seed: u64) -> Arc<FaultyStore> {
+        let mem = Arc::new(InMemory::new());
+        Self::new(
+            mem.clone(),
+            Some(mem as Arc<dyn MultipartStore>),
+            "memory://faulty",
+            seed,
+        )
+    }
+
+    /// A `LocalFileSystem` store rooted at `dir` (no multipart API).
+    pub fn local(dir: &std::path::Path, seed: u64) -> Arc<FaultyStore> {
+        let fs = LocalFileSystem::new_with_prefix(dir)
+            .unwrap_or_else(|e| panic!("local store at {}: {e}", dir.display()));
+        Self::new(
+            Arc::new(fs),
+            None,
+            &format!("file://{}", dir.display()),
+            seed,
+        )
+    }
+
+    /// A [`RemoteStore`] that sends everything through this wrapper.
+    pub fn remote(self: &Arc<Self>, prefix: &str) -> RemoteStore {
+        let mp = self
+            .inner_mp
+            .as_ref()
+            .map(|_| self.clone() as Arc<dyn MultipartStore>);
+        RemoteStore::from_parts(self.clone(), mp, prefix, &self.display)
+    }
+
+    /// The wrapped store, for tests that inspect or damage objects directly.
+    pub fn inner(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
+    /// Inject `fault` into the next `n` requests of kind `op` (after any
+    /// already scripted ones).
+    pub fn fail_next(&self, op: Op, n: usize, fault: Fault) {
+        let mut s = lock(&self.script);
+        let q = s.entry(op).or_default();
+        for _ in 0..n {
+            q.push_back(fault.clone());
+        }
+    }
+
+    /// With `probability`, inject one of `faults` (chosen by the seeded RNG)
+    /// into any request of the kinds in `ops` that has no scripted fault.
+    pub fn set_random(&self, probability: f64, faults: Vec<Fault>, ops: &[Op]) {
+        *lock(&self.random) = Some(RandomPlan {
+            probability,
+            faults,
+            ops: ops.to_vec(),
+        });
+    }
+
+    /// Stop injecting (scripted and random).
+    pub fn heal(&self) {
+        lock(&self.script).clear();
+        *lock(&self.random) = None;
+    }
+
+    /// Behave like a store that ignores If-None-Match / If-Match (Garage):
+    /// `Create` and `Update` puts overwrite.
+    pub fn ignore_conditionals(&self, on: bool) {
+        self.ignore_conditionals.store(on, Ordering::SeqCst);
+    }
+
+    pub fn stats(&self) -> FaultStats {
+        let c = &self.counters;
+        FaultStats {
+            requests: lock(&c.requests).clone(),
+            injected: c.injected.load(Ordering::SeqCst),
+            create_conflicts: c.create_conflicts.load(Ordering::SeqCst),
+            overwrites: c.overwrites.load(Ordering::SeqCst),
+            deletes: c.deletes.load(Ordering::SeqCst),
+            parts_put: c.parts_put.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Rewrites an object in the inner store through `f` (keeping its
+    /// metadata), bypassing faults and counters: simulated bit rot,
+    /// truncation, or a foreign writer.
+    pub async fn tamper(&self, location: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+        let got = self
+            .inner
+            .get(location)
+            .await
+            .expect("tamper: object exists");
+        let attributes = got.attributes.clone();
+        let mut body = got.bytes().await.expect("tamper: read body").to_vec();
+        f(&mut body);
+        let opts = PutOptions {
+            attributes,
+            ..Default::default()
+        };
+        self.inner
+            .put_opts(location, PutPayload::from(body), opts)
+            .await
+            .expect("tamper: write back");
+    }
+
+    fn next_fault(&self, op: Op) -> Option<Fault> {
+        *lock(&self.counters.requests).entry(op).or_default() += 1;
+        let scripted = lock(&self.script).get_mut(&op).and_then(|q| q.pop_front());
+        let fault = scripted.or_else(|| {
+            let plan = lock(&self.random);
+            let plan = plan.as_ref()?;
+            if plan.faults.is_empty() || !plan.ops.contains(&op) {
+                return None;
+            }
+            let mut rng = lock(&self.rng);
+            if rng.f64() >= plan.probability {
+                return None;
+            }
+            Some(plan.faults[rng.usize(..plan.faults.len())].clone())
+        })?;
+        if !fault.applies_to(op) {
+            return None;
+        }
+        self.counters.injected.fetch_add(1, Ordering::SeqCst);
+        Some(fault)
+    }
+
+    /// Applies the "before the request" part of a fault: an error to return
+    /// instead of doing anything, or a delay.
+    async fn before(&self, fault: &Option<Fault>) -> Result<()> {
+        match fault {
+            Some(Fault::Unavailable) => Err(status_error(
+                "503 Service Unavailable",
+                "ServiceUnavailable",
+            )),
+            Some(Fault::SlowDown) => Err(status_error("503 Service Unavailable", "SlowDown")),
+            Some(Fault::TooManyRequests) => {
+                Err(status_error("429 Too Many Requests", "TooManyRequests"))
+            }
+            Some(Fault::Forbidden) => Err(status_error("403 Forbidden", "AccessDenied")),
+            Some(Fault::Timeout(d)) => {
+                tokio::time::sleep(*d).await;
+                Err(transport_error(
+                    HttpErrorKind::Timeout,
+                    std::io::ErrorKind::TimedOut,
+                ))
+            }
+            Some(Fault::ConnectionReset) => Err(transport_error(
+                HttpErrorKind::Request,
+                std::io::ErrorKind::ConnectionReset,
+            )),
+            Some(Fault::Latency(d)) => {
+                tokio::time::sleep(*d).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies the "after the request" part: a lost answer.
+    fn after<T>(&self, fault: &Option<Fault>, res: Result<T>) -> Result<T> {
+        match fault {
+            Some(Fault::CommitThenLoseAnswer) => {
+                drop(res);
+                Err(transport_error(
+                    HttpErrorKind::Request,
+                    std::io::ErrorKind::ConnectionReset,
+                ))
+            }
+            _ => res,
+        }
+    }
+
+    async fn exists(&self, location: &Path) -> bool {
+        self.inner.head(location).await.is_ok()
+    }
+
+    fn mangle(&self, fault: &Option<Fault>, body: Bytes) -> Bytes {
+        let mut rng = lock(&self.rng);
+        match fault {
+            Some(Fault::TruncateBody) if !body.is_empty() => body.slice(..rng.usize(..body.len())),
+            Some(Fault::FlipBit) if !body.is_empty() => {
+                let mut v = body.to_vec();
+                let i = rng.usize(..v.len());
+                v[i] ^= 1 << rng.u8(..8);
+                Bytes::from(v)
+            }
+            _ => body,
+        }
+    }
+
+    fn mp(&self) -> Result<&Arc<dyn MultipartStore>> {
+        self.inner_mp
+            .as_ref()
+            .ok_or_else(|| object_store::Error::NotImplemented {
+                operation: "multipart".into(),
+                implementer: self.to_string(),
+            })
+    }
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
+    }
+}
+
+impl fmt::Debug for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyStore")
+            .field("inner", &self.inner.to_string())
+            .field("multipart", &self.inner_mp.is_some())
+            .finish()
+    }
+}
+
+impl ObjectStore for FaultyStore {
+    fn put_opts<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        location: &'life1 Path,
+        payload: PutPayload,
+        mut opts: PutOptions,
+    ) -> BoxFut<'async_trait, Result<PutResult>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let fault = self.next_fault(Op::Put);
+            self.before(&fault).await?;
+            if self.ignore_conditionals.load(Ordering::SeqCst) {
+                opts.mode = PutMode::Overwrite;
+            }
+            let existed = self.exists(location).await;
+            let res = self.inner.put_opts(location, payload, opts).await;
+            match &res {
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    self.counters
+                        .create_conflicts
+                        .fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(_) if existed => {
+                    self.counters.overwrites.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+            self.after(&fault, res)
+        })
+    }
+
+    fn put_multipart_opts<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        location: &'life1 Path,
+        opts: PutMultipartOptions,
+    ) -> BoxFut<'async_trait, Result<Box<dyn MultipartUpload>>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        // Not used by tierindex (it drives MultipartStore directly); passed
+        // through without faults.
+        Box::pin(async move { self.inner.put_multipart_opts(location, opts).await })
+    }
+
+    fn get_opts<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        location: &'life1 Path,
+        options: GetOptions,
+    ) -> BoxFut<'async_trait, Result<GetResult>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let op = if options.head { Op::Head } else { Op::Get };
+            let fault = self.next_fault(op);
+            self.before(&fault).await?;
+            let res = self.after(&fault, self.inner.get_opts(location, options).await)?;
+            if !matches!(fault, Some(Fault::TruncateBody | Fault::FlipBit)) {
+                return Ok(res);
+            }
+            let GetResult {
+                meta,
+                range,
+                attributes,
+                extensions,
+                payload,
+            } = res;
+            let body = GetResult {
+                payload,
+                meta: meta.clone(),
+                range: range.clone(),
+                attributes: attributes.clone(),
+                extensions: extensions.clone(),
+            }
+            .bytes()
+            .await?;
+            let body = self.mangle(&fault, body);
+            Ok(GetResult {
+                payload: GetResultPayload::Stream(
+                    futures::stream::once(async { Ok(body) }).boxed(),
+                ),
+                meta,
+                range,
+                attributes,
+                extensions,
+            })
+        })
+    }
+
+    fn get_ranges<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        location: &'life1 Path,
+        ranges: &'life2 [Range<u64>],
+    ) -> BoxFut<'async_trait, Result<Vec<Bytes>>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let fault = self.next_fault(Op::Get);
+            self.before(&fault).await?;
+            let res = self.inner.get_ranges(location, ranges).await;
+            self.after(&fault, res)
+        })
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        let counters = self.counters.clone();
+        self.inner
+            .delete_stream(locations)
+            .inspect(move |r| {
+                if r.is_ok() {
+                    counters.deletes.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    fn list_with_delimiter<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        prefix: Option<&'life1 Path>,
+    ) -> BoxFut<'async_trait, Result<ListResult>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move { self.inner.list_with_delimiter(prefix).await })
+    }
+
+    fn copy_opts<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        from: &'life1 Path,
+        to: &'life2 Path,
+        options: CopyOptions,
+    ) -> BoxFut<'async_trait, Result<()>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move { self.inner.copy_opts(from, to, options).await })
+    }
+}
+
+impl MultipartStore for FaultyStore {
+    fn create_multipart<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+    ) -> BoxFut<'async_trait, Result<MultipartId>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.create_multipart_opts(path, PutMultipartOptions::default())
+    }
+
+    fn create_multipart_opts<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+        opts: PutMultipartOptions,
+    ) -> BoxFut<'async_trait, Result<MultipartId>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let mp = self.mp()?;
+            let fault = self.next_fault(Op::CreateMultipart);
+            self.before(&fault).await?;
+            let res = mp.create_multipart_opts(path, opts).await;
+            self.after(&fault, res)
+        })
+    }
+
+    fn put_part<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+        id: &'life2 MultipartId,
+        part_idx: usize,
+        data: PutPayload,
+    ) -> BoxFut<'async_trait, Result<PartId>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let mp = self.mp()?;
+            let fault = self.next_fault(Op::PutPart);
+            self.before(&fault).await?;
+            let res = mp.put_part(path, id, part_idx, data).await;
+            if res.is_ok() {
+                self.counters.parts_put.fetch_add(1, Ordering::SeqCst);
+            }
+            self.after(&fault, res)
+        })
+    }
+
+    fn complete_multipart<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+        id: &'life2 MultipartId,
+        parts: Vec<PartId>,
+    ) -> BoxFut<'async_trait, Result<PutResult>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let mp = self.mp()?;
+            let fault = self.next_fault(Op::CompleteMultipart);
+            self.before(&fault).await?;
+            let existed = self.exists(path).await;
+            let res = mp.complete_multipart(path, id, parts).await;
+            if res.is_ok() && existed {
+                self.counters.overwrites.fetch_add(1, Ordering::SeqCst);
+            }
+            self.after(&fault, res)
+        })
+    }
+
+    fn abort_multipart<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+        id: &'life2 MultipartId,
+    ) -> BoxFut<'async_trait, Result<()>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let mp = self.mp()?;
+            let fault = self.next_fault(Op::AbortMultipart);
+            self.before(&fault).await?;
+            let res = mp.abort_multipart(path, id).await;
+            self.after(&fault, res)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn scripted_faults_then_healthy() {
+        let f = FaultyStore::memory(1);
+        let p = Path::from("a");
+        f.fail_next(Op::Put, 2, Fault::Unavailable);
+        assert!(f.put(&p, PutPayload::from_static(b"x")).await.is_err());
+        assert!(f.put(&p, PutPayload::from_static(b"x")).await.is_err());
+        assert!(f.put(&p, PutPayload::from_static(b"x")).await.is_ok());
+        let s = f.stats();
+        assert_eq!(s.injected, 2);
+        assert_eq!(s.requests(Op::Put), 3);
+        assert_eq!(s.overwrites, 0);
+        // Second plain PUT on the same key is an overwrite.
+        f.put(&p, PutPayload::from_static(b"y")).await.unwrap();
+        assert_eq!(f.stats().overwrites, 1);
+    }
+
+    #[tokio::test]
+    async fn commit_then_lose_answer_commits() {
+        let f = FaultyStore::memory(1);
+        let p = Path::from("a");
+        f.fail_next(Op::Put, 1, Fault::CommitThenLoseAnswer);
+        assert!(f.put(&p, PutPayload::from_static(b"x")).await.is_err());
+        let body = f.inner().get(&p).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&body[..], b"x");
+        let create = PutOptions::from(PutMode::Create);
+        let r = f.put_opts(&p, PutPayload::from_static(b"x"), create).await;
+        assert!(matches!(r, Err(object_store::Error::AlreadyExists { .. })));
+        assert_eq!(f.stats().create_conflicts, 1);
+    }
+
+    #[tokio::test]
+    async fn get_body_damage_is_deterministic_per_seed() {
+        let body: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+        let run = |seed| {
+            let body = body.clone();
+            async move {
+                let f = FaultyStore::memory(seed);
+                let p = Path::from("a");
+                f.put(&p, PutPayload::from(body)).await.unwrap();
+                f.fail_next(Op::Get, 1, Fault::FlipBit);
+                f.fail_next(Op::Get, 1, Fault::TruncateBody);
+                let a = f.get(&p).await.unwrap().bytes().await.unwrap();
+                let b = f.get(&p).await.unwrap().bytes().await.unwrap();
+                let c = f.get(&p).await.unwrap().bytes().await.unwrap();
+                (a, b, c)
+            }
+        };
+        let (a, b, c) = run(9).await;
+        assert_eq!(a.len(), body.len());
+        assert_eq!(
+            a.iter()
+                .zip(&body)
+                .map(|(x, y)| (x ^ y).count_ones())
+                .sum::<u32>(),
+            1
+        );
+        assert!(b.len() < body.len());
+        assert_eq!(c, body);
+        assert_eq!(run(9).await, (a, b, c));
+    }
+
+    #[tokio::test]
+    async fn ignore_conditionals_overwrites_like_garage() {
+        let f = FaultyStore::memory(1);
+        f.ignore_conditionals(true);
+        let p = Path::from("a");
+        let create = || PutOptions::from(PutMode::Create);
+        f.put_opts(&p, PutPayload::from_static(b"1"), create())
+            .await
+            .unwrap();
+        f.put_opts(&p, PutPayload::from_static(b"2"), create())
+            .await
+            .unwrap();
+        assert_eq!(f.stats().overwrites, 1);
+        assert_eq!(f.stats().create_conflicts, 0);
+    }
+}

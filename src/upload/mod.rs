@@ -1,0 +1,195 @@
+//! Uploading sealed segments: one object per sealed file, created once,
+//! never overwritten, never deleted by this module, verified after writing.
+//!
+//! ## Order of one upload ([`put_segment`])
+//! 1. Read the local file and check it against the journal's [`SealedMeta`]
+//!    (length, whole-file CRC, footer): never send bytes that are not the
+//!    sealed file the journal describes (pair assertion).
+//! 2. Below `multipart_threshold_bytes` (or when the store has no multipart
+//!    API): one `PUT` with `PutMode::Create` (`If-None-Match: *`) carrying
+//!    the CRC and length as object metadata.
+//!    Above it: HEAD the key (multipart has no conditional mode), create the
+//!    upload, call [`UploadHooks::multipart_started`] so the caller journals
+//!    the upload id *before* any part is sent, send the parts, complete.
+//! 3. Verify (see [`VerifyLevel`]); after multipart or on a store whose
+//!    conditional create is not trusted, always at [`VerifyLevel::Full`].
+//!
+//! ## Consistency
+//! The key holds the file's CRC (`remote::keys`), so an object already under
+//! our key is our bytes unless something went wrong. `AlreadyExists` is
+//! therefore resolved by comparing content ([`remote_matches`]): equal →
+//! [`PutOutcome::AlreadyPresent`], different → [`Error::RemoteConflict`],
+//! object left untouched for an operator.
+//!
+//! ## Retries
+//! [`retry`] wraps every request in a deadline and a capped full-jitter
+//! backoff. A create retried after a lost answer comes back `AlreadyExists`
+//! and is settled by the same content comparison. A verification read that
+//! disagrees with the local CRC is re-read: only two consecutive reads that
+//! see the *same* wrong content make it `Corrupt` (a flipped bit on the wire
+//! is not a corrupt object).
+//!
+//! ## Cancellation
+//! Dropping the future of [`put_segment`] is safe: at worst it leaves a
+//! complete object (found by the next attempt as AlreadyPresent) or an
+//! incomplete multipart upload whose id the caller journaled through the hook
+//! (abort it with [`abort_multipart`]). An upload whose `create_multipart`
+//! answer was lost cannot be named by us: a bucket lifecycle rule
+//! (AbortIncompleteMultipartUpload) must clean those up.
+//!
+//! ## Crash consistency
+//! Nothing here is durable locally; the caller journals "uploading", the
+//! multipart id (through the hook) and "uploaded" around these calls. A crash
+//! anywhere leaves either nothing, a complete object equal to the file, or
+//! an incomplete multipart upload: resuming calls `put_segment` again.
+
+pub mod put;
+pub mod retry;
+pub mod verify;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::remote::RemoteStore;
+
+pub use put::{abort_multipart, put_segment};
+pub use verify::{remote_matches, verify_segment};
+
+/// How much of an uploaded object is read back to check it.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VerifyLevel {
+    /// GET the whole object: size, CRC metadata (when the store keeps it),
+    /// CRC32 of the body == `file_crc`, and the footer decodes and matches
+    /// the metadata. Catches any corruption. Costs one full download.
+    #[default]
+    Full,
+    /// HEAD (size, CRC metadata) plus a ranged GET of the last 128 bytes:
+    /// the footer decodes and matches. Does NOT catch corruption in the
+    /// middle of the object (same size, footer intact).
+    Footer,
+    /// HEAD only: size and CRC metadata. Misses any same-size corruption;
+    /// on a store without object metadata (file://) it checks only the size.
+    Head,
+}
+
+/// Tuning of [`put_segment`].
+#[derive(Clone, Debug)]
+pub struct UploadConfig {
+    /// Files at least this large go through multipart upload (default 16 MiB).
+    pub multipart_threshold_bytes: u64,
+    /// Size of every part but the last (default 8 MiB; at least 5 MiB except
+    /// on `memory://`). Raised automatically to stay within 10 000 parts.
+    pub part_size_bytes: u64,
+    /// Attempts per request, the first included (default 5).
+    pub max_attempts: u32,
+    /// First backoff step (default 100 ms); doubles per retry.
+    pub backoff_base: Duration,
+    /// Backoff cap (default 5 s).
+    pub backoff_max: Duration,
+    /// Deadline of one request (default 60 s).
+    pub request_timeout: Duration,
+    /// Verification after a successful create (default [`VerifyLevel::Full`]).
+    pub verify: VerifyLevel,
+    /// From the probe: does `PutMode::Create` really refuse to overwrite?
+    /// When false (Garage), the key is checked before the PUT and the object
+    /// is read back in full afterwards to prove the bytes are ours.
+    pub trust_conditional_create: bool,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            multipart_threshold_bytes: 16 * 1024 * 1024,
+            part_size_bytes: 8 * 1024 * 1024,
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+            verify: VerifyLevel::Full,
+            trust_conditional_create: false,
+        }
+    }
+}
+
+/// S3's hard limits on multipart uploads.
+pub const MAX_PARTS: u64 = 10_000;
+pub const MAX_PART_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+
+impl UploadConfig {
+    /// Rejects settings the store cannot honour (the part size only matters
+    /// where the store has a multipart API).
+    pub fn validate(&self, store: &RemoteStore) -> Result<()> {
+        if self.max_attempts == 0 {
+            return Err(Error::InvalidInput(
+                "max_attempts must be at least 1".into(),
+            ));
+        }
+        let min = store.min_part_bytes();
+        let parts_used = store.multipart().is_some();
+        if parts_used && (self.part_size_bytes < min || self.part_size_bytes > MAX_PART_BYTES) {
+            return Err(Error::InvalidInput(format!(
+                "part_size_bytes {} must be in {min}..={MAX_PART_BYTES} for {}",
+                self.part_size_bytes,
+                store.display_url()
+            )));
+        }
+        if self.request_timeout.is_zero() || self.backoff_base > self.backoff_max {
+            return Err(Error::InvalidInput(
+                "request_timeout must be > 0 and backoff_base <= backoff_max".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn retry_policy(&self) -> retry::RetryPolicy {
+        retry::RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+            request_timeout: self.request_timeout,
+        }
+    }
+}
+
+/// Callbacks into the caller's journal.
+pub trait UploadHooks: Send {
+    /// A multipart upload was created under `upload_id`; called before the
+    /// first part is sent. The caller makes the id durable before returning
+    /// so a crash can abort the upload later. An error aborts the upload
+    /// (best effort) and is returned from [`put_segment`].
+    fn multipart_started(&mut self, upload_id: &str) -> Result<()>;
+}
+
+/// Hooks that record nothing (tests, one-off CLI uploads).
+#[derive(Debug, Default)]
+pub struct NoHooks;
+
+impl UploadHooks for NoHooks {
+    fn multipart_started(&mut self, _upload_id: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How [`put_segment`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// We wrote the object (and verified it).
+    Created {
+        etag: Option<String>,
+        version: Option<String>,
+    },
+    /// The key already held an object and its bytes equal ours (an earlier
+    /// attempt whose answer was lost, or another uploader of the same file).
+    AlreadyPresent,
+}
+
+/// The remote object compared to a local [`crate::SealedMeta`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteMatch {
+    Missing,
+    Matches,
+    /// Present with other content; the string says what differs.
+    Differs(String),
+}

@@ -1,0 +1,333 @@
+//! Reading an uploaded segment back and deciding whether it is ours.
+//!
+//! Remote bytes are untrusted input: sizes are checked before a body is
+//! collected, and every decode is bounds-checked (`Footer::decode`).
+//!
+//! A read that disagrees with the expected content is not believed at once:
+//! a flipped bit or a short body on the wire looks exactly like a corrupt
+//! object. [`look_stable`] re-reads until two consecutive reads report the
+//! *same* mismatch (then the object really holds those bytes) or the
+//! attempts run out (then the reads are unreliable: retryable error).
+//!
+//! Object metadata: `tierindex-crc32` (8 lower-case hex digits of
+//! `file_crc`) and `tierindex-len` (decimal `file_len`). S3 sends them as
+//! `x-amz-meta-*` and returns them on HEAD and GET (object_store puts them in
+//! `GetResult::attributes`; `ObjectStoreExt::head` drops them, so a HEAD
+//! here is `get_opts` with `head: true`). LocalFileSystem refuses metadata,
+//! so on `file://` only size and body are checked.
+
+use object_store::path::Path;
+use object_store::{Attribute, Attributes, GetOptions, GetRange, ObjectMeta};
+
+use crate::error::{Error, Result};
+use crate::remote::{RemoteStore, classify};
+use crate::segment::SealedMeta;
+use crate::segment::format::{FOOTER_LEN, Footer};
+use crate::upload::retry::{RetryPolicy, backoff, with_retries};
+use crate::upload::{RemoteMatch, UploadConfig, VerifyLevel};
+
+/// Metadata key holding the whole-file CRC32 as 8 lower-case hex digits.
+pub const META_CRC: &str = "tierindex-crc32";
+/// Metadata key holding the file length in decimal.
+pub const META_LEN: &str = "tierindex-len";
+
+/// The metadata recorded with a segment object.
+pub fn segment_attributes(meta: &SealedMeta) -> Attributes {
+    let mut a = Attributes::with_capacity(2);
+    a.insert(
+        Attribute::Metadata(META_CRC.into()),
+        format!("{:08x}", meta.file_crc).into(),
+    );
+    a.insert(
+        Attribute::Metadata(META_LEN.into()),
+        meta.file_len.to_string().into(),
+    );
+    a
+}
+
+/// What one read showed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Seen {
+    Missing,
+    Good,
+    Bad(String),
+}
+
+/// Size and metadata check shared by all levels. `require_metadata`: absent
+/// metadata is a mismatch (Head level on a store that keeps metadata, where
+/// metadata is the only evidence besides the size).
+fn check_head(
+    meta: &SealedMeta,
+    obj: &ObjectMeta,
+    attrs: &Attributes,
+    require_metadata: bool,
+) -> Option<String> {
+    if obj.size != meta.file_len {
+        return Some(format!(
+            "size {} bytes, expected {}",
+            obj.size, meta.file_len
+        ));
+    }
+    let crc = attrs.get(&Attribute::Metadata(META_CRC.into()));
+    let len = attrs.get(&Attribute::Metadata(META_LEN.into()));
+    let want_crc = format!("{:08x}", meta.file_crc);
+    let want_len = meta.file_len.to_string();
+    match (crc, len) {
+        (None, None) if require_metadata => {
+            Some("object has no tierindex metadata to check".into())
+        }
+        (None, None) => None,
+        (c, l) => {
+            if c.map(|v| v.as_ref()) != Some(want_crc.as_str()) {
+                return Some(format!(
+                    "metadata {META_CRC} is {:?}, expected {want_crc}",
+                    c.map(|v| v.to_string())
+                ));
+            }
+            if l.map(|v| v.as_ref()) != Some(want_len.as_str()) {
+                return Some(format!(
+                    "metadata {META_LEN} is {:?}, expected {want_len}",
+                    l.map(|v| v.to_string())
+                ));
+            }
+            None
+        }
+    }
+}
+
+/// The footer at the end of `tail` decodes and describes `meta`.
+fn check_footer(meta: &SealedMeta, tail: &[u8]) -> Option<String> {
+    match Footer::decode(tail) {
+        Err(e) => Some(format!("footer: {e}")),
+        Ok(f) if f.meta(meta.file_crc) != *meta => Some(format!(
+            "footer describes segment {} ({} items, {} bytes), expected segment {} ({} items, {} bytes)",
+            f.segment_id, f.item_count, f.file_len, meta.id, meta.item_count, meta.file_len
+        )),
+        Ok(_) => None,
+    }
+}
+
+fn not_found(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. })
+}
+
+/// One read of `key` at `level`. `NotFound` becomes [`Seen::Missing`];
+/// other errors are returned for the retry loop to judge.
+pub(crate) async fn look(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+    level: VerifyLevel,
+) -> Result<Seen, object_store::Error> {
+    let os = store.object_store();
+    let need_meta = store.metadata_supported();
+    match level {
+        VerifyLevel::Head | VerifyLevel::Footer => {
+            let head = match os.get_opts(key, GetOptions::new().with_head(true)).await {
+                Ok(h) => h,
+                Err(e) if not_found(&e) => return Ok(Seen::Missing),
+                Err(e) => return Err(e),
+            };
+            let require = need_meta && level == VerifyLevel::Head;
+            if let Some(d) = check_head(meta, &head.meta, &head.attributes, require) {
+                return Ok(Seen::Bad(d));
+            }
+            if level == VerifyLevel::Head {
+                return Ok(Seen::Good);
+            }
+            // Size checked above, so the range is inside the object.
+            let start = meta.file_len.saturating_sub(FOOTER_LEN as u64);
+            let opts = GetOptions::new().with_range(Some(GetRange::Bounded(start..meta.file_len)));
+            let tail = match os.get_opts(key, opts).await {
+                Ok(r) => r.bytes().await?,
+                Err(e) if not_found(&e) => return Ok(Seen::Missing),
+                Err(e) => return Err(e),
+            };
+            Ok(check_footer(meta, &tail).map_or(Seen::Good, Seen::Bad))
+        }
+        VerifyLevel::Full => {
+            // One GET: its response carries the same size and metadata a
+            // HEAD would, checked before the body is collected so a wrong
+            // size never makes us buffer an arbitrary amount.
+            let got = match os.get_opts(key, GetOptions::new()).await {
+                Ok(r) => r,
+                Err(e) if not_found(&e) => return Ok(Seen::Missing),
+                Err(e) => return Err(e),
+            };
+            if let Some(d) = check_head(meta, &got.meta, &got.attributes, false) {
+                return Ok(Seen::Bad(d));
+            }
+            let body = got.bytes().await?;
+            if body.len() as u64 != meta.file_len {
+                return Ok(Seen::Bad(format!(
+                    "body is {} bytes, expected {}",
+                    body.len(),
+                    meta.file_len
+                )));
+            }
+            let crc = crc32fast::hash(&body);
+            if crc != meta.file_crc {
+                return Ok(Seen::Bad(format!(
+                    "body CRC32 {crc:08x}, expected {:08x}",
+                    meta.file_crc
+                )));
+            }
+            let tail = &body[body.len().saturating_sub(FOOTER_LEN)..];
+            Ok(check_footer(meta, tail).map_or(Seen::Good, Seen::Bad))
+        }
+    }
+}
+
+/// Reads until the answer is trustworthy: `Good` or `Missing` at once, `Bad`
+/// only once two consecutive reads saw the same mismatch.
+pub(crate) async fn look_stable(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+    level: VerifyLevel,
+    policy: &RetryPolicy,
+    rng: &mut fastrand::Rng,
+) -> Result<Seen> {
+    let reads = policy.max_attempts.max(2);
+    let mut last_bad: Option<String> = None;
+    for read in 1..=reads {
+        let seen = with_retries(policy, rng, "verify read", |_| {
+            look(store, key, meta, level)
+        })
+        .await
+        .map_err(classify)?;
+        match seen {
+            Seen::Bad(d) if last_bad.as_deref() == Some(d.as_str()) => return Ok(Seen::Bad(d)),
+            Seen::Bad(d) => {
+                tracing::debug!(%key, read, detail = %d, "remote object differs; reading again");
+                last_bad = Some(d);
+                tokio::time::sleep(backoff(policy, rng, read)).await;
+            }
+            other => return Ok(other),
+        }
+    }
+    Err(Error::RemoteRetryable(format!(
+        "{reads} reads of {key} disagreed with each other (last: {}); the transfer is unreliable",
+        last_bad.unwrap_or_default()
+    )))
+}
+
+/// Checks the object under `key` against `meta` at `level`.
+///
+/// `Ok(())` when it matches. A missing object is `Err(Corrupt)` with detail
+/// "missing" (the caller believed it uploaded it: that is a lost object, not
+/// a transient condition); a mismatch is `Err(Corrupt)` with what differs;
+/// transport trouble is `RemoteRetryable`. Uses the default retry policy.
+pub async fn verify_segment(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+    level: VerifyLevel,
+) -> Result<()> {
+    let mut rng = fastrand::Rng::new();
+    verify_with(
+        store,
+        key,
+        meta,
+        level,
+        &UploadConfig::default().retry_policy(),
+        &mut rng,
+    )
+    .await
+}
+
+pub(crate) async fn verify_with(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+    level: VerifyLevel,
+    policy: &RetryPolicy,
+    rng: &mut fastrand::Rng,
+) -> Result<()> {
+    match look_stable(store, key, meta, level, policy, rng).await? {
+        Seen::Good => Ok(()),
+        Seen::Missing => Err(Error::corrupt(
+            key.to_string(),
+            "missing: no object under the key",
+        )),
+        Seen::Bad(d) => Err(Error::corrupt(key.to_string(), d)),
+    }
+}
+
+/// Compares the object under `key` with `meta`: size, metadata (when
+/// present) and the CRC32 of the whole body. Used to settle `AlreadyExists`.
+pub async fn remote_matches(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+) -> Result<RemoteMatch> {
+    let mut rng = fastrand::Rng::new();
+    remote_matches_with(
+        store,
+        key,
+        meta,
+        &UploadConfig::default().retry_policy(),
+        &mut rng,
+    )
+    .await
+}
+
+pub(crate) async fn remote_matches_with(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+    policy: &RetryPolicy,
+    rng: &mut fastrand::Rng,
+) -> Result<RemoteMatch> {
+    Ok(
+        match look_stable(store, key, meta, VerifyLevel::Full, policy, rng).await? {
+            Seen::Missing => RemoteMatch::Missing,
+            Seen::Good => RemoteMatch::Matches,
+            Seen::Bad(d) => RemoteMatch::Differs(d),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::sealed::build_sealed;
+    use crate::segment::{Entry, SegmentId};
+
+    fn sample() -> (Vec<u8>, SealedMeta) {
+        let es: Vec<Entry> = (0..50)
+            .map(|i| Entry {
+                key_hash: i * 7919,
+                offset: i,
+                size: 1,
+                timestamp_ms: 1000 + i,
+            })
+            .collect();
+        build_sealed(SegmentId(5), 1, 2, 8, &es).unwrap()
+    }
+
+    #[test]
+    fn footer_check_catches_wrong_segment() {
+        let (bytes, meta) = sample();
+        let tail = &bytes[bytes.len() - FOOTER_LEN..];
+        assert_eq!(check_footer(&meta, tail), None);
+        let mut other = meta.clone();
+        other.item_count += 1;
+        assert!(check_footer(&other, tail).is_some());
+        let mut flipped = tail.to_vec();
+        flipped[20] ^= 1;
+        assert!(check_footer(&meta, &flipped).is_some());
+        assert!(check_footer(&meta, &tail[1..]).is_some());
+    }
+
+    #[test]
+    fn attributes_format() {
+        let (_, meta) = sample();
+        let a = segment_attributes(&meta);
+        let crc = a.get(&Attribute::Metadata(META_CRC.into())).unwrap();
+        assert_eq!(crc.len(), 8);
+        assert_eq!(u32::from_str_radix(crc, 16).unwrap(), meta.file_crc);
+        let len = a.get(&Attribute::Metadata(META_LEN.into())).unwrap();
+        assert_eq!(len.parse::<u64>().unwrap(), meta.file_len);
+    }
+}
