@@ -132,6 +132,7 @@ pub struct IndexWriter {
     done_rx: mpsc::Receiver<SealDone>,
     sealer: Option<JoinHandle<()>>,
     poison: Arc<Poison>,
+    notify: Arc<Mutex<Option<SealNotify>>>,
     closed: bool,
 }
 
@@ -181,7 +182,9 @@ impl IndexWriter {
         let (sealer_tx, sealer_rx) = mpsc::channel::<Arc<ActiveSegment>>();
         let (done_tx, done_rx) = mpsc::channel::<SealDone>();
         let poison = Arc::new(Poison::default());
+        let notify = Arc::new(Mutex::new(notify));
         let sealer = {
+            let notify = notify.clone();
             let thread_dir = seg_dir.clone();
             let poison = poison.clone();
             let lock = dd.clone();
@@ -209,7 +212,8 @@ impl IndexWriter {
                             id: seg.id(),
                             result,
                         });
-                        if let Some(n) = &notify {
+                        let n = notify.lock().ok().and_then(|n| n.clone());
+                        if let Some(n) = n {
                             n();
                         }
                     }
@@ -234,12 +238,20 @@ impl IndexWriter {
             done_rx,
             sealer: Some(sealer),
             poison,
+            notify,
             closed: false,
         };
         if w.active.is_none() {
             w.active = Some(w.create_active()?);
         }
         Ok((w, rec.report))
+    }
+
+    /// Set (or replace) the callback run after each seal.
+    pub fn set_seal_notify(&mut self, n: SealNotify) {
+        if let Ok(mut g) = self.notify.lock() {
+            *g = Some(n);
+        }
     }
 
     fn create_active(&mut self) -> Result<ActiveSegment> {

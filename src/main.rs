@@ -1,1 +1,5 @@
-fn main() {}
+//! The `tierindex` binary; everything lives in the library's `cli` module.
+
+fn main() {
+    std::process::exit(tierindex::cli::main());
+}

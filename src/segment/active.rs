@@ -113,6 +113,28 @@ fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u
     valid
 }
 
+/// Read-only: the valid entries of an active file, in append order (for
+/// `tierindex lookup` on a directory whose broker is down).
+pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
+    let header = Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
+        .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
+    let l = ActiveLayout::new(header.slot_count, header.items)
+        .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
+    let mut heads = vec![0u32; l.slot_count as usize];
+    let valid = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
+    let entries = (0..valid)
+        .filter_map(|i| {
+            let at = l.item_offset(i);
+            bytes
+                .get(at..at + ACTIVE_ITEM_LEN)
+                .and_then(|b| format::decode_active_item(b, header.segment_id, i))
+        })
+        .map(|it| it.entry)
+        .collect();
+    Ok((header.segment_id, entries))
+}
+
 /// Read-only check of an active file (for `fsck` without `--repair`): what
 /// [`ActiveSegment::open`] would keep and zero, without changing anything.
 pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {

@@ -1,0 +1,319 @@
+//! Commands that only read (or, with `--repair`, fix) the local data
+//! directory: `status`, `inspect`, `fsck`, `lookup`.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::cli::{Cli, emit};
+use crate::datadir::{self, DataDir, Mode};
+use crate::error::{Error, Result};
+use crate::journal::{self, Journal, JournalOptions, SegmentRecord};
+use crate::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR, EXIT_PENDING};
+use crate::segment::format::{self, ACTIVE_MAGIC, SEALED_MAGIC};
+use crate::segment::sealed::SealedSegment;
+use crate::segment::{Entry, TimeRange, active};
+use crate::tier::{Status, status_from};
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    totals: Status,
+    segments: Vec<&'a SegmentRecord>,
+}
+
+pub fn status(cli: &Cli) -> Result<i32> {
+    let cfg = cli.config()?;
+    let (view, _rep) = Journal::open_read_only(&cfg.data_dir)?;
+    let totals = status_from(view.segments(), cfg.release_after_commit);
+    let pending = totals.pending_segments;
+    let quarantined = totals.by_state.get("Quarantined").copied().unwrap_or(0);
+    let out = StatusOut {
+        totals,
+        segments: view.segments().values().collect(),
+    };
+    emit(cli.json, &out, |o| {
+        let mut s =
+            String::from("segment               state        items      bytes  crc32     key\n");
+        for r in &o.segments {
+            s.push_str(&format!(
+                "{:020}  {:<11} {:>6} {:>10}  {:08x}  {}{}\n",
+                r.meta.id.0,
+                format!("{:?}", r.state),
+                r.meta.item_count,
+                r.meta.file_len,
+                r.meta.file_crc,
+                r.key.as_deref().unwrap_or("-"),
+                r.reason
+                    .as_deref()
+                    .map(|x| format!("  ({x})"))
+                    .unwrap_or_default()
+            ));
+        }
+        s.push_str(&format!(
+            "totals: {:?}; pending {} segments / {} bytes; oldest pending {}",
+            o.totals.by_state,
+            o.totals.pending_segments,
+            o.totals.pending_bytes,
+            o.totals
+                .oldest_pending_age_ms
+                .map(|a| format!("{} ms", a))
+                .unwrap_or_else(|| "-".into())
+        ));
+        s
+    });
+    Ok(if quarantined > 0 {
+        EXIT_NEEDS_OPERATOR
+    } else if pending > 0 {
+        EXIT_PENDING
+    } else {
+        EXIT_DRAINED
+    })
+}
+
+#[derive(Serialize)]
+#[serde(tag = "kind")]
+enum Inspected {
+    Active {
+        segment: u64,
+        valid_items: u32,
+        torn_bytes_after_valid: u64,
+        file_shorter_than_header_says: Option<u64>,
+        first_entries: Vec<Entry>,
+    },
+    Sealed {
+        meta: crate::segment::SealedMeta,
+        slot_count: u32,
+        first_entries: Vec<Entry>,
+    },
+    Journal {
+        generation: u64,
+        frames: usize,
+        valid_len: u64,
+        torn_tail: Option<String>,
+        frames_json: Vec<serde_json::Value>,
+    },
+}
+
+pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
+    let bytes = std::fs::read(file).map_err(|e| Error::io(file, "read file to inspect", e))?;
+    let magic = bytes.get(..8).unwrap_or(&[]);
+    let out = if magic == ACTIVE_MAGIC {
+        let (id, rec) = active::check_active(file)?;
+        let (_, entries) = active::read_entries(file)?;
+        Inspected::Active {
+            segment: id.0,
+            valid_items: rec.valid_items,
+            torn_bytes_after_valid: rec.torn_bytes_zeroed,
+            file_shorter_than_header_says: rec.extended_from,
+            first_entries: entries.into_iter().take(20).collect(),
+        }
+    } else if magic == SEALED_MAGIC {
+        let (footer, crc) = format::check_sealed(&bytes)?;
+        let seg = SealedSegment::open(file)?;
+        Inspected::Sealed {
+            meta: footer.meta(crc),
+            slot_count: footer.slot_count,
+            first_entries: seg.entries().into_iter().take(20).collect(),
+        }
+    } else if magic == journal::MAGIC {
+        let d = journal::decode_file(&bytes)?;
+        Inspected::Journal {
+            generation: d.header.generation,
+            frames: d.frames.len(),
+            valid_len: d.valid_len,
+            torn_tail: d.tail.as_ref().map(|t| format!("{t:?}")),
+            frames_json: d
+                .frames
+                .iter()
+                .filter_map(|f| serde_json::to_value(&f.frame).ok())
+                .collect(),
+        }
+    } else {
+        return Err(Error::corrupt(
+            file.display().to_string(),
+            "not a tierindex segment or journal (unknown magic)",
+        ));
+    };
+    emit(cli.json, &out, |o| {
+        serde_json::to_string_pretty(o).unwrap_or_default()
+    });
+    Ok(EXIT_DRAINED)
+}
+
+#[derive(Serialize)]
+struct FsckOut {
+    repaired: bool,
+    segments: datadir::RecoveryReport,
+    journal_records: u64,
+    journal_torn_tail_at: Option<u64>,
+    journal_truncated_bytes: u64,
+}
+
+pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
+    let cfg = cli.config()?;
+    let dd = DataDir::open(&cfg.data_dir)?;
+    let mode = if repair {
+        Mode::Repair
+    } else {
+        Mode::CheckOnly
+    };
+    let rec = datadir::recover(&dd, mode)?;
+    let jrep = if repair {
+        Journal::open(&cfg.data_dir, JournalOptions::default())?.1
+    } else {
+        match Journal::open_read_only(&cfg.data_dir) {
+            Ok((_, r)) => r,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Default::default()
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // Segments are synced by recover(); nothing else to flush here.
+    let clean = rec.report.is_clean() && jrep.torn_tail_at.is_none();
+    let out = FsckOut {
+        repaired: repair,
+        segments: rec.report,
+        journal_records: jrep.records_replayed,
+        journal_torn_tail_at: jrep.torn_tail_at,
+        journal_truncated_bytes: jrep.truncated_bytes,
+    };
+    emit(cli.json, &out, |o| {
+        let mut s = format!(
+            "sealed ok: {}; active: {}; quarantined: {}; removed: {}; to reseal: {:?}; journal records: {}{}",
+            o.segments.sealed_ok.len(),
+            o.segments.actives.len(),
+            o.segments.quarantined.len(),
+            o.segments.removed.len(),
+            o.segments.to_reseal,
+            o.journal_records,
+            o.journal_torn_tail_at
+                .map(|t| format!("; journal torn tail at byte {t}"))
+                .unwrap_or_default()
+        );
+        for q in &o.segments.quarantined {
+            s.push_str(&format!(
+                "\n  {} {}: {}",
+                if o.repaired {
+                    "quarantined"
+                } else {
+                    "would quarantine"
+                },
+                q.file,
+                q.reason
+            ));
+        }
+        for a in &o.segments.actives {
+            if a.torn_bytes_zeroed > 0 {
+                s.push_str(&format!(
+                    "\n  active {:020}: {} valid items, {} torn bytes {}",
+                    a.id,
+                    a.valid_items,
+                    a.torn_bytes_zeroed,
+                    if o.repaired { "zeroed" } else { "to zero" }
+                ));
+            }
+        }
+        for r in &o.segments.removed {
+            s.push_str(&format!(
+                "\n  {} {r}",
+                if o.repaired {
+                    "removed"
+                } else {
+                    "would remove"
+                }
+            ));
+        }
+        s
+    });
+    Ok(if clean {
+        EXIT_DRAINED
+    } else {
+        EXIT_NEEDS_OPERATOR
+    })
+}
+
+pub fn lookup(cli: &Cli, key: &str, from: u64, to: u64) -> Result<i32> {
+    let cfg = cli.config()?;
+    let seg_dir = cfg.data_dir.join(datadir::SEGMENTS_DIR);
+    let range = TimeRange {
+        from_ms: from,
+        to_ms: to,
+    };
+    let h = crate::key_hash(key.as_bytes());
+    let mut names: Vec<_> = std::fs::read_dir(&seg_dir)
+        .map_err(|e| Error::io(&seg_dir, "list segments", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    names.sort();
+    let mut found: Vec<(u64, Entry)> = Vec::new();
+    let mut skipped = Vec::new();
+    for p in names {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".seg") {
+            match SealedSegment::open(&p) {
+                Ok(s) => found.extend(s.lookup(h, range).into_iter().map(|e| (s.id().0, e))),
+                Err(e) => skipped.push(format!("{name}: {e}")),
+            }
+        } else if name.ends_with(".active") {
+            match active::read_entries(&p) {
+                Ok((id, es)) => found.extend(
+                    es.into_iter()
+                        .filter(|e| e.key_hash == h && range.contains(e.timestamp_ms))
+                        .map(|e| (id.0, e)),
+                ),
+                Err(e) => skipped.push(format!("{name}: {e}")),
+            }
+        }
+    }
+    #[derive(Serialize)]
+    struct Hit {
+        segment: u64,
+        offset: u64,
+        size: u32,
+        timestamp_ms: u64,
+    }
+    #[derive(Serialize)]
+    struct Out {
+        key: String,
+        key_hash: String,
+        hits: Vec<Hit>,
+        skipped: Vec<String>,
+    }
+    let out = Out {
+        key: key.into(),
+        key_hash: format!("{h:016x}"),
+        hits: found
+            .into_iter()
+            .map(|(segment, e)| Hit {
+                segment,
+                offset: e.offset,
+                size: e.size,
+                timestamp_ms: e.timestamp_ms,
+            })
+            .collect(),
+        skipped,
+    };
+    emit(cli.json, &out, |o| {
+        let mut s = format!(
+            "{} hit(s) for {:?} (hash {})",
+            o.hits.len(),
+            o.key,
+            o.key_hash
+        );
+        for h in &o.hits {
+            s.push_str(&format!(
+                "\n  segment {:020} offset {} size {} ts {}",
+                h.segment, h.offset, h.size, h.timestamp_ms
+            ));
+        }
+        for k in &o.skipped {
+            s.push_str(&format!("\n  skipped {k}"));
+        }
+        s
+    });
+    Ok(EXIT_DRAINED)
+}

@@ -1,0 +1,190 @@
+//! The `tierindex` command line: the recovery tool and the demo broker.
+//!
+//! Every command that touches a data directory or a store takes
+//! `--data-dir` / `--store` (or `TIERINDEX_DATA_DIR` / `TIERINDEX_STORE`, or
+//! a `--config` TOML file). Exit codes are in [`crate::lifecycle`].
+
+mod demo;
+mod drain;
+mod local;
+mod remote;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::lifecycle::{EXIT_ERROR, EXIT_USAGE};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tierindex",
+    version,
+    about = "Tiered-storage index uploader and recovery tool"
+)]
+pub struct Cli {
+    /// Data directory (segments, journal, quarantine).
+    #[arg(long, global = true, env = "TIERINDEX_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Store URL: file:///abs/path, s3://bucket/prefix, memory://.
+    #[arg(long, global = true, env = "TIERINDEX_STORE")]
+    pub store: Option<String>,
+    /// S3 endpoint (MinIO, Garage, ...); else AWS_ENDPOINT_URL.
+    #[arg(long, global = true, env = "TIERINDEX_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// TOML configuration file (flags and variables override it).
+    #[arg(long, global = true, env = "TIERINDEX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Stream name (part of every remote key).
+    #[arg(long, global = true, env = "TIERINDEX_STREAM")]
+    pub stream: Option<String>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Simulated broker on the embedded default store: append, seal, upload;
+    /// Ctrl-C / SIGTERM drains and prints the report.
+    Demo(demo::DemoArgs),
+    /// Upload and verify everything pending in a data directory whose broker
+    /// is down, then exit (0 drained, 3 pending, 4 needs an operator).
+    Drain(drain::DrainArgs),
+    /// Per-segment state from the journal, totals, oldest pending.
+    Status,
+    /// Re-check every verified/committed segment against the store.
+    Verify,
+    /// Decode a segment or journal file.
+    Inspect { file: PathBuf },
+    /// Start-up checks without uploading; --repair truncates/quarantines.
+    Fsck {
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Find entries for KEY in local segments.
+    Lookup {
+        key: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long, default_value_t = u64::MAX)]
+        to: u64,
+    },
+    /// Probe a store: conditional writes, multipart, range GET, metadata.
+    StoreCheck { url: Option<String> },
+}
+
+impl Cli {
+    /// Build the effective config: file, then flags/variables.
+    pub fn config(&self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(s) = &self.store {
+            c.store = Some(s.clone());
+        }
+        if let Some(e) = &self.endpoint {
+            c.endpoint = Some(e.clone());
+        }
+        if let Some(s) = &self.stream {
+            c.stream = s.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn require_data_dir(&self) -> Result<()> {
+        if self.data_dir.is_none() && self.config.is_none() {
+            return Err(Error::InvalidInput(
+                "--data-dir (or TIERINDEX_DATA_DIR, or a --config file) is required".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Print `v` as JSON or with `human`.
+pub(crate) fn emit<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T) -> String) {
+    if json {
+        match serde_json::to_string_pretty(v) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("tierindex: cannot encode output: {e}"),
+        }
+    } else {
+        println!("{}", human(v));
+    }
+}
+
+/// Entry point of the binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { 0 };
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TIERINDEX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tierindex: cannot start the async runtime: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let res = rt.block_on(run(&cli));
+    // Do not wait for stray blocking tasks (a hung disk) at exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tierindex: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> Result<i32> {
+    match &cli.cmd {
+        Command::Demo(a) => demo::run(cli, a).await,
+        Command::Drain(a) => {
+            cli.require_data_dir()?;
+            drain::run(cli, a).await
+        }
+        Command::Status => {
+            cli.require_data_dir()?;
+            local::status(cli)
+        }
+        Command::Verify => {
+            cli.require_data_dir()?;
+            remote::verify(cli).await
+        }
+        Command::Inspect { file } => local::inspect(cli, file),
+        Command::Fsck { repair } => {
+            cli.require_data_dir()?;
+            local::fsck(cli, *repair)
+        }
+        Command::Lookup { key, from, to } => {
+            cli.require_data_dir()?;
+            local::lookup(cli, key, *from, *to)
+        }
+        Command::StoreCheck { url } => remote::store_check(cli, url.as_deref()).await,
+    }
+}

@@ -1,0 +1,237 @@
+//! Drive one segment forward through its journal states.
+//!
+//! The same loop serves a fresh upload and a resume after a crash: it reads
+//! the segment's journal record and does what that state calls for, making
+//! each step durable in the journal *before* acting on it:
+//!
+//! | state       | action                                                              |
+//! |-------------|---------------------------------------------------------------------|
+//! | Sealed      | journal `Uploading{attempt+1}`, PUT (create-only) → `Uploaded`       |
+//! | Uploading   | abort a journaled multipart id; HEAD/compare the key: ours → `Uploaded`, missing → PUT again, other bytes → `Quarantined` |
+//! | Uploaded    | verify (read back) → `Verified`; mismatch → delete our bad object, `Uploading` again (bounded) |
+//! | Verified    | → `Committed` (the manifest step of a later version goes here)      |
+//! | Committed   | release the local copy if the policy says so → `Released`          |
+//!
+//! A local file that vanished is not fatal while the remote object can still
+//! be proven ours; otherwise the segment is quarantined with the reason.
+//! The local copy is deleted only from `Committed`, i.e. after `Verified`.
+
+use std::path::PathBuf;
+
+use object_store::ObjectStoreExt as _;
+use object_store::path::Path as ObjPath;
+
+use crate::error::{Error, Result};
+use crate::journal::{Record, SegmentRecord, SegmentState};
+use crate::pipeline::Shared;
+use crate::segment::SegmentId;
+use crate::segment::sealed::sealed_file_name;
+use crate::upload::{self, PutOutcome, RemoteMatch, UploadHooks};
+
+/// Verification mismatches tolerated (each followed by a re-upload) before
+/// the segment is quarantined: a store that keeps corrupting our bytes needs
+/// an operator, not an endless loop.
+const MAX_VERIFY_FAILURES: u32 = 3;
+
+/// Journals the multipart upload id before the first part is sent.
+struct JournalHooks<'a> {
+    sh: &'a Shared,
+    id: SegmentId,
+    attempt: u32,
+    key: String,
+}
+
+impl UploadHooks for JournalHooks<'_> {
+    fn multipart_started(&mut self, upload_id: &str) -> Result<()> {
+        self.attempt += 1;
+        self.sh.journal.append_blocking(vec![Record::Uploading {
+            id: self.id,
+            attempt: self.attempt,
+            key: self.key.clone(),
+            multipart_id: Some(upload_id.to_string()),
+        }])
+    }
+}
+
+fn record(sh: &Shared, id: SegmentId) -> Result<SegmentRecord> {
+    sh.journal
+        .read()
+        .get(id)
+        .cloned()
+        .ok_or_else(|| Error::InvalidInput(format!("segment {id} is not in the journal")))
+}
+
+fn local_path(sh: &Shared, id: SegmentId) -> PathBuf {
+    sh.seg_dir.join(sealed_file_name(id))
+}
+
+async fn quarantine(sh: &Shared, id: SegmentId, reason: String) -> Result<SegmentState> {
+    tracing::error!(segment = id.0, %reason, "segment quarantined in the journal");
+    sh.metrics.quarantined.inc();
+    sh.journal
+        .append(vec![Record::Quarantined { id, reason }])
+        .await?;
+    Ok(SegmentState::Quarantined)
+}
+
+/// Run segment `id` to a resting state: `Committed`/`Released` (done),
+/// `Quarantined` (operator), or an error (retry later; the journal says
+/// where it stopped).
+pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
+    let span = tracing::info_span!("upload", segment = id.0);
+    let _enter = span.enter();
+    let mut verify_failures = 0u32;
+    loop {
+        let rec = record(sh, id)?;
+        let key = ObjPath::from(
+            rec.key
+                .clone()
+                .unwrap_or_else(|| sh.store.segment_key(&sh.stream, &rec.meta).to_string()),
+        );
+        match rec.state {
+            SegmentState::Sealed | SegmentState::Uploading => {
+                if rec.state == SegmentState::Uploading {
+                    if let Some(mp) = rec.multipart_id.clone() {
+                        upload::abort_multipart(&sh.store, &key, &mp).await?;
+                        sh.journal
+                            .append(vec![Record::MultipartAborted {
+                                id,
+                                multipart_id: mp,
+                            }])
+                            .await?;
+                    }
+                    match upload::remote_matches(&sh.store, &key, &rec.meta).await? {
+                        RemoteMatch::Matches => {
+                            sh.journal
+                                .append(vec![Record::Uploaded {
+                                    id,
+                                    etag: None,
+                                    version: None,
+                                }])
+                                .await?;
+                            continue;
+                        }
+                        RemoteMatch::Differs(why) => {
+                            return quarantine(
+                                sh,
+                                id,
+                                format!("object under {key} is not ours: {why}"),
+                            )
+                            .await;
+                        }
+                        RemoteMatch::Missing => {}
+                    }
+                }
+                let local = local_path(sh, id);
+                if !local.exists() {
+                    return quarantine(
+                        sh,
+                        id,
+                        format!(
+                            "local file {} is missing and the store has no copy",
+                            local.display()
+                        ),
+                    )
+                    .await;
+                }
+                let attempt = rec.attempt + 1;
+                sh.journal
+                    .append(vec![Record::Uploading {
+                        id,
+                        attempt,
+                        key: key.to_string(),
+                        multipart_id: None,
+                    }])
+                    .await?;
+                let mut hooks = JournalHooks {
+                    sh,
+                    id,
+                    attempt,
+                    key: key.to_string(),
+                };
+                let started = std::time::Instant::now();
+                match upload::put_segment(
+                    &sh.store, &key, &local, &rec.meta, &sh.upload, &mut hooks,
+                )
+                .await
+                {
+                    Ok(out) => {
+                        let (etag, version) = match out {
+                            PutOutcome::Created { etag, version } => (etag, version),
+                            PutOutcome::AlreadyPresent => (None, None),
+                        };
+                        sh.metrics.upload_bytes.add(rec.meta.file_len);
+                        sh.metrics
+                            .upload_latency_ms
+                            .observe(started.elapsed().as_millis() as u64);
+                        sh.journal
+                            .append(vec![Record::Uploaded { id, etag, version }])
+                            .await?;
+                    }
+                    Err(Error::RemoteConflict(why)) => return quarantine(sh, id, why).await,
+                    Err(e @ Error::Corrupt { .. }) => {
+                        // Either the local file no longer matches its journal
+                        // record, or the store returned wrong bytes on the
+                        // read-back. Retry a bounded number of times.
+                        verify_failures += 1;
+                        sh.metrics.verify_failures.inc();
+                        if verify_failures >= MAX_VERIFY_FAILURES {
+                            return quarantine(sh, id, e.to_string()).await;
+                        }
+                        return Err(Error::RemoteRetryable(e.to_string()));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            SegmentState::Uploaded => {
+                match upload::verify_segment(&sh.store, &key, &rec.meta, sh.upload.verify).await {
+                    Ok(()) => sh.journal.append(vec![Record::Verified { id }]).await?,
+                    Err(e @ Error::Corrupt { .. }) => {
+                        verify_failures += 1;
+                        sh.metrics.verify_failures.inc();
+                        tracing::warn!(error = %e, "verification failed");
+                        if verify_failures >= MAX_VERIFY_FAILURES || !local_path(sh, id).exists() {
+                            return quarantine(sh, id, format!("verification failed: {e}")).await;
+                        }
+                        // The object under our key is not what we sent. It is
+                        // ours by key layout and was never marked verified, so
+                        // remove it and upload again.
+                        match sh.store.object_store().delete(&key).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(crate::remote::classify(e)),
+                        }
+                        sh.journal
+                            .append(vec![Record::Uploading {
+                                id,
+                                attempt: rec.attempt + 1,
+                                key: key.to_string(),
+                                multipart_id: None,
+                            }])
+                            .await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            SegmentState::Verified => {
+                sh.journal.append(vec![Record::Committed { id }]).await?;
+                sh.metrics.segments_committed.inc();
+            }
+            SegmentState::Committed => {
+                if !sh.release_after_commit {
+                    return Ok(SegmentState::Committed);
+                }
+                // Delete first, then journal: a crash in between leaves a
+                // Committed segment without its file, which releases again.
+                let writer = sh.writer.clone();
+                tokio::task::spawn_blocking(move || {
+                    writer.lock().unwrap_or_else(|p| p.into_inner()).release(id)
+                })
+                .await
+                .map_err(|e| Error::Poisoned(format!("release task failed: {e}")))??;
+                sh.journal.append(vec![Record::Released { id }]).await?;
+                return Ok(SegmentState::Released);
+            }
+            s @ (SegmentState::Released | SegmentState::Quarantined) => return Ok(s),
+        }
+    }
+}

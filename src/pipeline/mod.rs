@@ -1,0 +1,355 @@
+//! The upload pipeline: from sealed segment to verified remote object.
+//!
+//! Pieces:
+//! - [`committer`]: the journal with group commit (one fsync per batch).
+//! - [`drive`]: one segment's journaled state machine (fresh or resumed).
+//! - this module: what they share, start-up reconciliation of segment files
+//!   with the journal, and [`Scheduler`], which runs drives with bounded
+//!   concurrency, oldest segment first, backs off on retryable errors, and
+//!   stops at a deadline (work left is already durable in the journal).
+//!
+//! Consistency: a segment's state only moves forward, and each move is
+//! durable in the journal before the next action. Cancellation: a drive can
+//! be dropped at any await; the journal then says exactly where it stopped
+//! and the next drive resumes from there (see `drive` for each state).
+
+pub mod committer;
+pub mod drive;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::error::{Error, Result};
+use crate::index::IndexWriter;
+use crate::journal::{Record, SegmentState};
+use crate::metrics::Metrics;
+use crate::remote::RemoteStore;
+use crate::segment::{SealedMeta, SegmentId};
+use crate::upload::UploadConfig;
+
+pub use committer::JournalHandle;
+
+/// Everything a drive needs.
+pub struct Shared {
+    pub writer: Arc<Mutex<IndexWriter>>,
+    pub journal: JournalHandle,
+    pub store: RemoteStore,
+    pub stream: String,
+    pub upload: UploadConfig,
+    pub seg_dir: PathBuf,
+    pub release_after_commit: bool,
+    pub max_in_flight: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// True when `state` still needs a drive under the release policy.
+    pub fn needs_work(&self, state: SegmentState) -> bool {
+        match state {
+            SegmentState::Sealed
+            | SegmentState::Uploading
+            | SegmentState::Uploaded
+            | SegmentState::Verified => true,
+            SegmentState::Committed => self.release_after_commit,
+            SegmentState::Released | SegmentState::Quarantined => false,
+        }
+    }
+
+    /// Segments that still need work, oldest first.
+    pub fn pending_ids(&self) -> Vec<SegmentId> {
+        self.journal
+            .read()
+            .segments()
+            .iter()
+            .filter(|(_, r)| self.needs_work(r.state))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Journal newly sealed segments (in id order, one group commit).
+    pub async fn record_sealed(&self, metas: Vec<SealedMeta>) -> Result<usize> {
+        let known: BTreeSet<SegmentId> = {
+            let j = self.journal.read();
+            metas
+                .iter()
+                .filter(|m| j.get(m.id).is_some())
+                .map(|m| m.id)
+                .collect()
+        };
+        let mut recs: Vec<Record> = metas
+            .into_iter()
+            .filter(|m| !known.contains(&m.id))
+            .map(|meta| Record::Sealed { meta })
+            .collect();
+        recs.sort_by_key(|r| r.id());
+        let n = recs.len();
+        self.journal.append(recs).await?;
+        self.metrics.segments_sealed.add(n as u64);
+        Ok(n)
+    }
+
+    /// Collect finished seals from the writer and journal them.
+    pub async fn ingest_sealed(&self, tick: bool) -> Result<usize> {
+        let writer = self.writer.clone();
+        let metas = tokio::task::spawn_blocking(move || {
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            if tick { w.tick() } else { w.poll_sealed() }
+        })
+        .await
+        .map_err(|e| Error::Poisoned(format!("seal collection task failed: {e}")))??;
+        self.record_sealed(metas).await
+    }
+
+    /// Start-up: journal every local sealed file the journal does not know
+    /// (a crash between seal and journal append). Returns notes for files
+    /// that cannot be recorded.
+    pub async fn reconcile_local(&self) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        let (local, max_id) = {
+            let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let j = self.journal.read();
+            let ids: Vec<(SegmentId, SealedMeta)> = w
+                .sealed_ids()
+                .into_iter()
+                .filter(|id| j.get(*id).is_none())
+                .filter_map(|id| w.sealed(id).map(|s| (id, s.meta())))
+                .collect();
+            (ids, j.max_segment_id())
+        };
+        let mut metas = Vec::new();
+        for (id, meta) in local {
+            if max_id.is_some_and(|m| id <= m) {
+                notes.push(format!(
+                    "segment {id} has a sealed file but no journal record, and the journal already moved past it; left in place for an operator"
+                ));
+            } else {
+                metas.push(meta);
+            }
+        }
+        self.record_sealed(metas).await?;
+        // Journal records whose local file is gone are handled by `drive`
+        // (proved from the store, or quarantined with the reason); say so.
+        for (id, r) in self.journal.read().segments() {
+            if r.state.is_pending()
+                && !self
+                    .seg_dir
+                    .join(crate::segment::sealed::sealed_file_name(*id))
+                    .exists()
+            {
+                notes.push(format!(
+                    "segment {id} is {:?} in the journal but its local file is missing",
+                    r.state
+                ));
+            }
+        }
+        Ok(notes)
+    }
+}
+
+/// One segment's outcome in a drain.
+#[derive(Clone, Debug, Serialize)]
+pub struct PendingNote {
+    pub id: u64,
+    pub state: String,
+    pub last_error: Option<String>,
+}
+
+/// What a drain did and what it left.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DrainReport {
+    pub segments_done: u64,
+    pub bytes_done: u64,
+    pub pending: Vec<PendingNote>,
+    pub quarantined: Vec<PendingNote>,
+    pub deadline_hit: bool,
+    pub elapsed_ms: u64,
+}
+
+/// Runs drives with bounded concurrency, oldest first, with backoff.
+pub struct Scheduler {
+    sh: Arc<Shared>,
+    tasks: JoinSet<(SegmentId, Result<SegmentState>)>,
+    in_flight: BTreeSet<SegmentId>,
+    retry_at: BTreeMap<SegmentId, (Instant, u32)>,
+    last_error: BTreeMap<SegmentId, String>,
+    done: u64,
+    bytes: u64,
+}
+
+impl Scheduler {
+    pub fn new(sh: Arc<Shared>) -> Scheduler {
+        Scheduler {
+            sh,
+            tasks: JoinSet::new(),
+            in_flight: BTreeSet::new(),
+            retry_at: BTreeMap::new(),
+            last_error: BTreeMap::new(),
+            done: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Start drives for pending segments up to the in-flight bound.
+    pub fn fill(&mut self) {
+        let now = Instant::now();
+        for id in self.sh.pending_ids() {
+            if self.in_flight.len() >= self.sh.max_in_flight.max(1) {
+                break;
+            }
+            if self.in_flight.contains(&id) || self.retry_at.get(&id).is_some_and(|(t, _)| *t > now)
+            {
+                continue;
+            }
+            self.in_flight.insert(id);
+            let sh = self.sh.clone();
+            self.tasks
+                .spawn(async move { (id, drive::drive(&sh, id).await) });
+        }
+        self.sh
+            .metrics
+            .uploads_in_flight
+            .set(self.in_flight.len() as u64);
+    }
+
+    /// Earliest time a backed-off segment may run again.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.retry_at
+            .iter()
+            .filter(|(id, _)| !self.in_flight.contains(id))
+            .map(|(_, (t, _))| *t)
+            .min()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Wait for one drive to finish and account for it. `None` when idle.
+    pub async fn join_one(&mut self) -> Option<()> {
+        let joined = self.tasks.join_next().await?;
+        match joined {
+            Ok((id, res)) => self.account(id, res),
+            Err(e) => tracing::error!(error = %e, "upload task panicked or was cancelled"),
+        }
+        Some(())
+    }
+
+    fn account(&mut self, id: SegmentId, res: Result<SegmentState>) {
+        self.in_flight.remove(&id);
+        self.sh
+            .metrics
+            .uploads_in_flight
+            .set(self.in_flight.len() as u64);
+        match res {
+            Ok(SegmentState::Quarantined) => {
+                self.retry_at.remove(&id);
+            }
+            Ok(_) => {
+                self.retry_at.remove(&id);
+                self.last_error.remove(&id);
+                self.done += 1;
+                if let Some(r) = self.sh.journal.read().get(id) {
+                    self.bytes += r.meta.file_len;
+                }
+            }
+            Err(e) => {
+                let n = self.retry_at.get(&id).map_or(0, |(_, n)| *n) + 1;
+                let backoff = Duration::from_millis((100u64 << n.min(8)).min(10_000));
+                let jitter =
+                    Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+                if matches!(e, Error::Poisoned(_)) {
+                    tracing::error!(segment = id.0, error = %e, "journal poisoned; uploads stop");
+                } else {
+                    tracing::warn!(segment = id.0, error = %e, retry_in_ms = (backoff + jitter).as_millis() as u64, "upload step failed; will retry");
+                }
+                self.sh.metrics.retries.inc();
+                self.retry_at
+                    .insert(id, (Instant::now() + backoff + jitter, n));
+                self.last_error.insert(id, e.to_string());
+            }
+        }
+    }
+
+    /// Run until nothing is pending or `deadline` passes; in-flight drives
+    /// are cancelled at the deadline (their journal state is the resume
+    /// point). Never waits past the deadline.
+    pub async fn drain(&mut self, deadline: Instant) -> DrainReport {
+        let started = Instant::now();
+        let (done0, bytes0) = (self.done, self.bytes);
+        let mut deadline_hit = false;
+        loop {
+            if self.sh.journal.read().is_poisoned() {
+                break;
+            }
+            self.fill();
+            if self.is_idle() {
+                match self.next_retry() {
+                    None => break,
+                    Some(t) if t >= deadline => {
+                        deadline_hit = true;
+                        break;
+                    }
+                    Some(t) => {
+                        tokio::time::sleep_until(t.into()).await;
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.join_one() => {}
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    deadline_hit = true;
+                    break;
+                }
+            }
+        }
+        if !self.tasks.is_empty() {
+            self.tasks.abort_all();
+            while let Some(j) = self.tasks.join_next().await {
+                if let Ok((id, res)) = j {
+                    self.account(id, res);
+                }
+            }
+            self.in_flight.clear();
+        }
+        self.report(started, done0, bytes0, deadline_hit)
+    }
+
+    fn report(&self, started: Instant, done0: u64, bytes0: u64, deadline_hit: bool) -> DrainReport {
+        let j = self.sh.journal.read();
+        let note = |id: &SegmentId, state: SegmentState| PendingNote {
+            id: id.0,
+            state: format!("{state:?}"),
+            last_error: self.last_error.get(id).cloned(),
+        };
+        let pending = j
+            .segments()
+            .iter()
+            .filter(|(_, r)| self.sh.needs_work(r.state))
+            .map(|(id, r)| note(id, r.state))
+            .collect();
+        let quarantined = j
+            .segments()
+            .iter()
+            .filter(|(_, r)| r.state == SegmentState::Quarantined)
+            .map(|(id, r)| PendingNote {
+                id: id.0,
+                state: "Quarantined".into(),
+                last_error: r.reason.clone(),
+            })
+            .collect();
+        DrainReport {
+            segments_done: self.done - done0,
+            bytes_done: self.bytes - bytes0,
+            pending,
+            quarantined,
+            deadline_hit,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+}

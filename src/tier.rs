@@ -1,0 +1,405 @@
+//! [`TierIndex`]: what a broker embeds.
+//!
+//! Open order (each step is a prerequisite of the next):
+//! 1. lock the data directory; note and remove the clean-shutdown marker,
+//! 2. replay the journal (torn tail cut),
+//! 3. recover segments (torn tails, quarantine, leftover seals) with ids
+//!    continuing above the journal's highest,
+//! 4. journal sealed files the journal does not know yet,
+//! 5. build the store and start the background worker, which journals new
+//!    seals, rolls aged segments, and drives uploads.
+//!
+//! Shutdown order: stop the worker; refuse appends; seal the active segment
+//! even if not full; drain uploads oldest first until done or the deadline;
+//! write the clean-shutdown marker only if nothing is pending; report.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use crate::config::Config;
+use crate::datadir::{DataDir, RecoveryReport};
+use crate::error::{Error, Result};
+use crate::index::IndexWriter;
+use crate::journal::{Journal, JournalOptions, ReplayReport, SegmentState};
+use crate::metrics::Metrics;
+use crate::pipeline::{DrainReport, JournalHandle, Scheduler, Shared};
+use crate::remote::RemoteStore;
+use crate::segment::active::Lookup;
+use crate::segment::sealed::fsync_dir;
+use crate::segment::{Entry, TimeRange, now_ms};
+
+/// Present in the data directory only after a shutdown that left nothing
+/// pending. Removed (durably) at open.
+pub const CLEAN_SHUTDOWN_MARKER: &str = "CLEAN_SHUTDOWN";
+
+/// What opening found.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpenReport {
+    pub previous_shutdown_clean: bool,
+    pub segments: RecoveryReport,
+    pub journal_records_replayed: u64,
+    pub journal_truncated_bytes: u64,
+    pub notes: Vec<String>,
+    pub store: String,
+}
+
+/// What shutdown did and left. `pending` empty and `quarantined` empty means
+/// fully drained.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShutdownReport {
+    pub sealed_at_shutdown: usize,
+    pub drain: DrainReport,
+    pub clean_marker_written: bool,
+    pub error: Option<String>,
+    pub elapsed_ms: u64,
+}
+
+impl ShutdownReport {
+    pub fn fully_drained(&self) -> bool {
+        self.error.is_none() && self.drain.pending.is_empty() && self.drain.quarantined.is_empty()
+    }
+}
+
+/// Per-state counts and totals, for `status` and metrics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub active_segment: Option<u64>,
+    pub active_items: u32,
+    pub by_state: std::collections::BTreeMap<String, u64>,
+    pub pending_segments: u64,
+    pub pending_bytes: u64,
+    pub oldest_pending_age_ms: Option<u64>,
+    pub poisoned: Option<String>,
+}
+
+/// The embedded index + uploader.
+pub struct TierIndex {
+    sh: Arc<Shared>,
+    data_dir: PathBuf,
+    cfg: Config,
+    stop: watch::Sender<bool>,
+    worker: Option<tokio::task::JoinHandle<Scheduler>>,
+    notify: Arc<Notify>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Open the store named by the config.
+pub fn open_store(cfg: &Config) -> Result<RemoteStore> {
+    RemoteStore::from_url(&cfg.store_url()?, &cfg.store_options())
+}
+
+impl TierIndex {
+    /// Open (recovering whatever a crash left) and start the background
+    /// worker on the current tokio runtime.
+    pub async fn open(cfg: Config) -> Result<(TierIndex, OpenReport)> {
+        let store = open_store(&cfg)?;
+        Self::open_with_store(cfg, store).await
+    }
+
+    /// As [`open`](Self::open) with a store built by the caller (tests wrap
+    /// stores in fault injectors).
+    pub async fn open_with_store(
+        cfg: Config,
+        store: RemoteStore,
+    ) -> Result<(TierIndex, OpenReport)> {
+        cfg.validate()?;
+        let (sh, report) = open_shared(&cfg, store).await?;
+        let notify = Arc::new(Notify::new());
+        // The writer's seal notifications wake the worker.
+        {
+            let n = notify.clone();
+            let mut w = sh.writer.lock().unwrap_or_else(|p| p.into_inner());
+            w.set_seal_notify(Arc::new(move || n.notify_one()));
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let worker = tokio::spawn(worker(
+            sh.clone(),
+            notify.clone(),
+            stop_rx,
+            Duration::from_millis(cfg.tick_ms.max(10)),
+        ));
+        let metrics_task = match &cfg.metrics_addr {
+            Some(addr) => {
+                let (bound, task) = crate::metrics::serve(addr, sh.metrics.clone())
+                    .await
+                    .map_err(|e| Error::InvalidInput(format!("metrics address {addr}: {e}")))?;
+                tracing::info!(%bound, "serving metrics");
+                Some(task)
+            }
+            None => None,
+        };
+        Ok((
+            TierIndex {
+                sh,
+                data_dir: cfg.data_dir.clone(),
+                cfg,
+                stop,
+                worker: Some(worker),
+                notify,
+                metrics_task,
+            },
+            report,
+        ))
+    }
+
+    fn writer(&self) -> MutexGuard<'_, IndexWriter> {
+        self.sh.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Append an entry. Durable after the next [`flush`](Self::flush).
+    pub fn append(&self, key: &[u8], offset: u64, size: u32, timestamp_ms: u64) -> Result<()> {
+        self.writer().append(key, offset, size, timestamp_ms)
+    }
+
+    pub fn append_entry(&self, e: Entry) -> Result<()> {
+        self.writer().append_entry(e)
+    }
+
+    /// The durability point: returns once every appended entry survives
+    /// kill -9 and power loss.
+    pub fn flush(&self) -> Result<()> {
+        self.writer().flush()
+    }
+
+    /// Seal the active segment now (if it holds anything).
+    pub fn roll(&self) -> Result<()> {
+        self.writer().roll().map(|_| ())
+    }
+
+    /// Local lookup (active, sealing and sealed segments held locally).
+    pub fn lookup(&self, key: &[u8], range: TimeRange) -> Lookup {
+        self.writer().lookup(key, range)
+    }
+
+    pub fn status(&self) -> Status {
+        let mut st = status_of(&self.sh);
+        let w = self.writer();
+        st.active_segment = w.active_id().map(|i| i.0);
+        st.active_items = w.active_len();
+        st.poisoned = w.poisoned();
+        st
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.sh.metrics.clone()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Seal, drain within `deadline`, write the clean marker if nothing is
+    /// left. Never waits past the deadline (plus the time to cancel).
+    pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let until = started + deadline;
+        let _ = self.stop.send(true);
+        self.notify.notify_one();
+        let mut sched = match self.worker.take() {
+            Some(w) => match tokio::time::timeout_at(until.into(), w).await {
+                Ok(Ok(s)) => s,
+                _ => Scheduler::new(self.sh.clone()),
+            },
+            None => Scheduler::new(self.sh.clone()),
+        };
+        if let Some(t) = self.metrics_task.take() {
+            t.abort();
+        }
+        let mut error = None;
+        // Seal the active segment (the last file is the one most often lost).
+        let writer = self.sh.writer.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .close(until)
+        });
+        let sealed = match tokio::time::timeout_at(until.into(), sealed).await {
+            Ok(Ok(Ok(metas))) => metas,
+            Ok(Ok(Err(e))) => {
+                error = Some(e.to_string());
+                Vec::new()
+            }
+            Ok(Err(e)) => {
+                error = Some(format!("seal task failed: {e}"));
+                Vec::new()
+            }
+            Err(_) => {
+                error = Some("sealing did not finish before the deadline; the active file stays and is sealed at the next start".into());
+                Vec::new()
+            }
+        };
+        let sealed_at_shutdown = sealed.len();
+        if let Err(e) = self.sh.record_sealed(sealed).await {
+            error.get_or_insert(e.to_string());
+        }
+        let drain = sched.drain(until).await;
+        self.sh.metrics.last_drain_ms.set(drain.elapsed_ms);
+        let mut report = ShutdownReport {
+            sealed_at_shutdown,
+            drain,
+            clean_marker_written: false,
+            error,
+            elapsed_ms: 0,
+        };
+        if report.fully_drained() {
+            match write_clean_marker(&self.data_dir) {
+                Ok(()) => report.clean_marker_written = true,
+                Err(e) => report.error = Some(e.to_string()),
+            }
+        }
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            drained = report.fully_drained(),
+            pending = report.drain.pending.len(),
+            ms = report.elapsed_ms,
+            "shutdown finished"
+        );
+        report
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+}
+
+/// Open data directory, journal, writer; reconcile; no background tasks.
+/// Shared by [`TierIndex`] and the standalone `drain`.
+pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared>, OpenReport)> {
+    let dd = DataDir::open(&cfg.data_dir)?;
+    let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
+    let previous_shutdown_clean = marker.exists();
+    if previous_shutdown_clean {
+        std::fs::remove_file(&marker)
+            .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
+        fsync_dir(&cfg.data_dir)?;
+    }
+    let (journal, jrep): (Journal, ReplayReport) =
+        Journal::open(&cfg.data_dir, JournalOptions::default())?;
+    let min_next = journal
+        .max_segment_id()
+        .map(|m| crate::segment::SegmentId(m.0 + 1));
+    let (writer, seg_report) = IndexWriter::open(dd, cfg.index_config(), min_next, None)?;
+    let metrics = Arc::new(Metrics::default());
+    let sh = Arc::new(Shared {
+        seg_dir: writer.segments_dir().to_path_buf(),
+        writer: Arc::new(Mutex::new(writer)),
+        journal: JournalHandle::start(journal)?,
+        store,
+        stream: cfg.stream.clone(),
+        upload: cfg.upload_config(),
+        release_after_commit: cfg.release_after_commit,
+        max_in_flight: cfg.max_uploads_in_flight,
+        metrics,
+    });
+    // Seals finished during recovery, then any sealed file the journal lacks.
+    sh.ingest_sealed(false).await?;
+    let notes = sh.reconcile_local().await?;
+    for n in &notes {
+        tracing::warn!("{n}");
+    }
+    let report = OpenReport {
+        previous_shutdown_clean,
+        segments: seg_report,
+        journal_records_replayed: jrep.records_replayed,
+        journal_truncated_bytes: jrep.truncated_bytes,
+        notes,
+        store: sh.store.display_url().to_string(),
+    };
+    update_gauges(&sh);
+    Ok((sh, report))
+}
+
+fn write_clean_marker(dir: &Path) -> Result<()> {
+    let p = dir.join(CLEAN_SHUTDOWN_MARKER);
+    std::fs::write(&p, format!("clean shutdown at {}\n", now_ms()))
+        .map_err(|e| Error::io(&p, "write clean-shutdown marker", e))?;
+    std::fs::File::open(&p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", p.display())))?;
+    fsync_dir(dir)
+}
+
+/// Status from the journal (no writer needed: works for the CLI too).
+pub fn status_of(sh: &Shared) -> Status {
+    status_from(sh.journal.read().segments(), sh.release_after_commit)
+}
+
+/// Status from a journal's segment table.
+pub fn status_from(
+    segments: &std::collections::BTreeMap<crate::segment::SegmentId, crate::journal::SegmentRecord>,
+    release_after_commit: bool,
+) -> Status {
+    let mut st = Status::default();
+    let now = now_ms();
+    for r in segments.values() {
+        *st.by_state.entry(format!("{:?}", r.state)).or_default() += 1;
+        let pending = r.state.is_pending()
+            || r.state == SegmentState::Verified
+            || (release_after_commit && r.state == SegmentState::Committed);
+        if pending {
+            st.pending_segments += 1;
+            st.pending_bytes += r.meta.file_len;
+            let age = now.saturating_sub(r.meta.sealed_ms);
+            st.oldest_pending_age_ms = Some(st.oldest_pending_age_ms.map_or(age, |a| a.max(age)));
+        }
+    }
+    st
+}
+
+fn update_gauges(sh: &Shared) {
+    let st = status_of(sh);
+    sh.metrics.pending_segments.set(st.pending_segments);
+    sh.metrics.pending_bytes.set(st.pending_bytes);
+    sh.metrics
+        .oldest_pending_age_ms
+        .set(st.oldest_pending_age_ms.unwrap_or(0));
+}
+
+/// Background worker: journal new seals, roll aged segments, drive uploads.
+/// Returns its scheduler (with in-flight drives) when told to stop, so the
+/// shutdown drain continues them instead of starting over.
+async fn worker(
+    sh: Arc<Shared>,
+    notify: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+    tick: Duration,
+) -> Scheduler {
+    let mut sched = Scheduler::new(sh.clone());
+    loop {
+        if *stop.borrow() {
+            return sched;
+        }
+        if let Err(e) = sh.ingest_sealed(true).await {
+            tracing::error!(error = %e, "collecting sealed segments failed");
+        }
+        sched.fill();
+        update_gauges(&sh);
+        let retry = sched
+            .next_retry()
+            .unwrap_or_else(|| Instant::now() + tick)
+            .min(Instant::now() + tick);
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = stop.changed() => {}
+            Some(()) = sched.join_one(), if !sched.is_idle() => {}
+            _ = tokio::time::sleep_until(retry.into()) => {}
+        }
+    }
+}
+
+impl Drop for TierIndex {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(w) = self.worker.take() {
+            w.abort();
+        }
+        if let Some(t) = self.metrics_task.take() {
+            t.abort();
+        }
+    }
+}
