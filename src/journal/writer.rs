@@ -131,6 +131,23 @@ impl Journal {
         report.removed_tmp = removed_tmp;
         log_tail(&log, &report);
         if report.truncated_bytes > 0 {
+            // A torn tail after a crash is the common case, but the same cut
+            // also removes damage in the middle (and everything after it).
+            // Never delete to get past it: keep a durable copy of the cut
+            // bytes next to the journal first.
+            let cut = bytes.get(replayed.valid_len as usize..).unwrap_or(&[]);
+            if !cut.iter().all(|b| *b == 0) {
+                let saved = dir.join(format!(
+                    "journal.log.cut-at-{}.{}",
+                    replayed.valid_len,
+                    crate::segment::now_ms()
+                ));
+                fs::write(&saved, cut)
+                    .and_then(|()| fs::File::open(&saved)?.sync_all())
+                    .map_err(|e| Error::io(&saved, "save cut journal tail", e))?;
+                sync_dir(&dir)?;
+                tracing::warn!(saved = %saved.display(), bytes = cut.len(), "journal tail cut; copy kept");
+            }
             // Later appends go right after the last good frame; the cut bytes
             // must not survive behind them.
             file.set_len(replayed.valid_len)
