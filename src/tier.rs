@@ -78,7 +78,8 @@ pub struct Status {
 
 /// The embedded index + uploader.
 pub struct TierIndex {
-    sh: Arc<Shared>,
+    // Always Some until `shutdown` consumes the TierIndex.
+    sh: Option<Arc<Shared>>,
     data_dir: PathBuf,
     cfg: Config,
     stop: watch::Sender<bool>,
@@ -134,7 +135,7 @@ impl TierIndex {
         };
         Ok((
             TierIndex {
-                sh,
+                sh: Some(sh),
                 data_dir: cfg.data_dir.clone(),
                 cfg,
                 stop,
@@ -146,8 +147,13 @@ impl TierIndex {
         ))
     }
 
+    fn sh(&self) -> &Arc<Shared> {
+        // Invariant: `sh` is only taken by `shutdown`, which consumes self.
+        self.sh.as_ref().expect("TierIndex used after shutdown")
+    }
+
     fn writer(&self) -> MutexGuard<'_, IndexWriter> {
-        self.sh.writer.lock().unwrap_or_else(|p| p.into_inner())
+        self.sh().writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Append an entry. Durable after the next [`flush`](Self::flush).
@@ -176,7 +182,7 @@ impl TierIndex {
     }
 
     pub fn status(&self) -> Status {
-        let mut st = status_of(&self.sh);
+        let mut st = status_of(self.sh());
         let w = self.writer();
         st.active_segment = w.active_id().map(|i| i.0);
         st.active_items = w.active_len();
@@ -185,7 +191,7 @@ impl TierIndex {
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        self.sh.metrics.clone()
+        self.sh().metrics.clone()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -197,21 +203,22 @@ impl TierIndex {
     pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
         let started = Instant::now();
         let until = started + deadline;
+        let sh = self.sh().clone();
         let _ = self.stop.send(true);
         self.notify.notify_one();
         let mut sched = match self.worker.take() {
             Some(w) => match tokio::time::timeout_at(until.into(), w).await {
                 Ok(Ok(s)) => s,
-                _ => Scheduler::new(self.sh.clone()),
+                _ => Scheduler::new(sh.clone()),
             },
-            None => Scheduler::new(self.sh.clone()),
+            None => Scheduler::new(sh.clone()),
         };
         if let Some(t) = self.metrics_task.take() {
             t.abort();
         }
         let mut error = None;
         // Seal the active segment (the last file is the one most often lost).
-        let writer = self.sh.writer.clone();
+        let writer = sh.writer.clone();
         let sealed = tokio::task::spawn_blocking(move || {
             writer
                 .lock()
@@ -234,11 +241,12 @@ impl TierIndex {
             }
         };
         let sealed_at_shutdown = sealed.len();
-        if let Err(e) = self.sh.record_sealed(sealed).await {
+        if let Err(e) = sh.record_sealed(sealed).await {
             error.get_or_insert(e.to_string());
         }
         let drain = sched.drain(until).await;
-        self.sh.metrics.last_drain_ms.set(drain.elapsed_ms);
+        sh.metrics.last_drain_ms.set(drain.elapsed_ms);
+        drop(sched);
         let mut report = ShutdownReport {
             sealed_at_shutdown,
             drain,
@@ -251,6 +259,17 @@ impl TierIndex {
                 Ok(()) => report.clean_marker_written = true,
                 Err(e) => report.error = Some(e.to_string()),
             }
+        }
+        // Release the journal and the data-directory lock before returning,
+        // so the same process (or a test) can open the directory again.
+        self.sh = None;
+        match Arc::try_unwrap(sh) {
+            Ok(shared) => {
+                let Shared { journal, writer, .. } = shared;
+                drop(writer);
+                journal.close();
+            }
+            Err(_) => tracing::warn!("background tasks still hold the index; its lock is released when they end"),
         }
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(

@@ -43,6 +43,7 @@ struct Req {
 pub struct JournalHandle {
     journal: Arc<Mutex<Journal>>,
     tx: mpsc::Sender<Req>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl JournalHandle {
@@ -51,11 +52,29 @@ impl JournalHandle {
         let journal = Arc::new(Mutex::new(journal));
         let (tx, rx) = mpsc::channel::<Req>();
         let j = journal.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("tierindex-journal".into())
             .spawn(move || committer(j, rx))
             .map_err(|e| Error::io("journal", "spawn journal thread", e))?;
-        Ok(JournalHandle { journal, tx })
+        Ok(JournalHandle {
+            journal,
+            tx,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Stop the committer thread and wait for it, so the journal (and its
+    /// directory lock) is released when the last handle drops. Only the
+    /// last handle may call this; with other clones alive the thread keeps
+    /// running and this returns without waiting.
+    pub fn close(self) {
+        let JournalHandle { journal, tx, thread } = self;
+        drop(tx);
+        let last = Arc::strong_count(&thread) == 1;
+        if last && let Some(t) = thread.lock().ok().and_then(|mut g| g.take()) {
+            let _ = t.join();
+        }
+        drop(journal);
     }
 
     /// Append `records` durably (from async code).

@@ -1,0 +1,377 @@
+//! The pipeline against a real S3-compatible server.
+//!
+//! The server is named by the environment that `scripts/s3-server.sh env
+//! KIND` prints (`TIERINDEX_S3_KIND`, `_ENDPOINT`, `_BUCKET`, `_REGION`,
+//! `_ACCESS_KEY`, `_SECRET_KEY`); `scripts/test.sh` starts each kind and runs
+//! this file once per kind. Without that environment every test prints a
+//! loud SKIPPED line (plain `cargo test` on a laptop); with it, nothing is
+//! skipped.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStoreExt as _, PutPayload};
+use tierindex::journal::{Journal, JournalOptions, Record, SegmentState};
+use tierindex::remote::{RemoteStore, StoreOptions, probe};
+use tierindex::segment::sealed::build_sealed;
+use tierindex::segment::{Entry, SegmentId};
+use tierindex::upload::{NoHooks, PutOutcome, UploadConfig, VerifyLevel, put_segment, verify_segment};
+use tierindex::{Config, TierIndex};
+
+struct S3 {
+    kind: String,
+    endpoint: String,
+    bucket: String,
+    region: String,
+    access: String,
+    secret: String,
+}
+
+fn s3() -> Option<S3> {
+    let get = |k: &str| std::env::var(format!("TIERINDEX_S3_{k}")).ok();
+    match (get("KIND"), get("ENDPOINT"), get("BUCKET")) {
+        (Some(kind), Some(endpoint), Some(bucket)) => Some(S3 {
+            kind,
+            endpoint,
+            bucket,
+            region: get("REGION").unwrap_or_else(|| "us-east-1".into()),
+            access: get("ACCESS_KEY").unwrap_or_default(),
+            secret: get("SECRET_KEY").unwrap_or_default(),
+        }),
+        _ => {
+            eprintln!(
+                "SKIPPED: no S3 server configured (TIERINDEX_S3_* unset); run `bash scripts/test.sh` or eval \"$(scripts/s3-server.sh start s3s)\""
+            );
+            None
+        }
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{}-{}", std::process::id(), fastrand::u32(..))
+}
+
+impl S3 {
+    fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+    fn opts(&self) -> StoreOptions {
+        StoreOptions {
+            endpoint: Some(self.endpoint.clone()),
+            allow_http: Some(true),
+            region: Some(self.region.clone()),
+            ..StoreOptions::default()
+        }
+    }
+    fn store(&self, prefix: &str) -> RemoteStore {
+        // SAFETY-free: credentials come from the AWS_* variables the test
+        // script exported; make sure they are the test server's.
+        RemoteStore::from_url(&self.url(prefix), &self.opts()).expect("store from url")
+    }
+    fn honours_conditionals(&self) -> bool {
+        !self.kind.starts_with("garage")
+    }
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("AWS_ACCESS_KEY_ID", &self.access)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("AWS_REGION", &self.region)
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env_remove("AWS_CA_BUNDLE")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE");
+    }
+}
+
+fn entries(n: u64, seed: u64) -> Vec<Entry> {
+    (0..n)
+        .map(|i| Entry {
+            key_hash: tierindex::key_hash(&(i % 97 + seed).to_le_bytes()),
+            offset: seed * 1_000_000 + i,
+            size: 10,
+            timestamp_ms: 1_000 + i,
+        })
+        .collect()
+}
+
+fn sealed_file(dir: &Path, id: u64, n: u64, seed: u64) -> (std::path::PathBuf, tierindex::SealedMeta) {
+    let (bytes, meta) = build_sealed(SegmentId(id), 1, 2, 64, &entries(n, seed)).unwrap();
+    let p = dir.join(format!("{id}.seg"));
+    std::fs::write(&p, bytes).unwrap();
+    (p, meta)
+}
+
+fn upload_cfg(s: &S3) -> UploadConfig {
+    UploadConfig {
+        trust_conditional_create: s.honours_conditionals(),
+        multipart_threshold_bytes: 6 * 1024 * 1024,
+        part_size_bytes: 5 * 1024 * 1024,
+        ..UploadConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn probe_reports_what_the_server_does() {
+    let Some(s) = s3() else { return };
+    let caps = probe::probe(&s.store(&unique("probe"))).await.unwrap();
+    eprintln!("{}: {caps:?}", s.kind);
+    assert!(caps.range_get, "{caps:?}");
+    assert!(caps.multipart, "{caps:?}");
+    if s.honours_conditionals() {
+        assert!(caps.conditional_create && caps.conditional_update, "{}: {caps:?}", s.kind);
+    } else {
+        assert!(
+            !caps.conditional_create,
+            "{} ignores If-None-Match; the probe must say so: {caps:?}",
+            s.kind
+        );
+    }
+}
+
+#[tokio::test]
+async fn upload_verify_and_create_only_semantics() {
+    let Some(s) = s3() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let store = s.store(&unique("put"));
+    let cfg = upload_cfg(&s);
+    let (p, meta) = sealed_file(d.path(), 1, 2000, 1);
+    let key = store.segment_key("s", &meta);
+    let out = put_segment(&store, &key, &p, &meta, &cfg, &mut NoHooks).await.unwrap();
+    assert!(matches!(out, PutOutcome::Created { .. }), "{out:?}");
+    verify_segment(&store, &key, &meta, VerifyLevel::Full).await.unwrap();
+    // Same content again (a retry whose first answer was lost): success, no overwrite.
+    let again = put_segment(&store, &key, &p, &meta, &cfg, &mut NoHooks).await.unwrap();
+    assert_eq!(again, PutOutcome::AlreadyPresent);
+    // Other bytes under our key: an alarm, never an overwrite.
+    let (p2, meta2) = sealed_file(d.path(), 2, 2000, 2);
+    let key2 = store.segment_key("s", &meta2);
+    store
+        .object_store()
+        .put(&key2, PutPayload::from(b"someone else's bytes".to_vec()))
+        .await
+        .unwrap();
+    let err = put_segment(&store, &key2, &p2, &meta2, &cfg, &mut NoHooks).await.unwrap_err();
+    assert!(matches!(err, tierindex::Error::RemoteConflict(_)), "{err}");
+    let still = store.object_store().get(&key2).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&still[..], b"someone else's bytes", "the foreign object must be untouched");
+}
+
+#[tokio::test]
+async fn multipart_upload_above_threshold() {
+    let Some(s) = s3() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let store = s.store(&unique("mp"));
+    // 250k items * 32 bytes = 8 MB: two parts of 5 MiB.
+    let (p, meta) = sealed_file(d.path(), 7, 250_000, 7);
+    assert!(meta.file_len > 6 * 1024 * 1024);
+    let key = store.segment_key("s", &meta);
+    struct Count(u32);
+    impl tierindex::upload::UploadHooks for Count {
+        fn multipart_started(&mut self, _id: &str) -> tierindex::Result<()> {
+            self.0 += 1;
+            Ok(())
+        }
+    }
+    let mut hooks = Count(0);
+    put_segment(&store, &key, &p, &meta, &upload_cfg(&s), &mut hooks).await.unwrap();
+    assert_eq!(hooks.0, 1, "multipart path must be taken and journaled before the first part");
+    verify_segment(&store, &key, &meta, VerifyLevel::Full).await.unwrap();
+}
+
+fn config(s: &S3, data: &Path, prefix: &str) -> Config {
+    Config {
+        data_dir: data.to_path_buf(),
+        store: Some(s.url(prefix)),
+        endpoint: Some(s.endpoint.clone()),
+        allow_http: Some(true),
+        region: Some(s.region.clone()),
+        segment_items: 300,
+        slot_count: 64,
+        tick_ms: 20,
+        ..Config::default()
+    }
+}
+
+#[tokio::test]
+async fn abandoned_multipart_attempt_is_aborted_and_the_segment_uploaded_on_restart() {
+    let Some(s) = s3() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let prefix = unique("resume");
+    let mut cfg = config(&s, d.path(), &prefix);
+    // Seal one segment locally, with an unreachable store so nothing uploads.
+    {
+        let mut dead = cfg.clone();
+        dead.endpoint = Some("http://127.0.0.1:1".into());
+        dead.max_attempts = 1;
+        dead.request_timeout_ms = 500;
+        let (ti, _) = TierIndex::open(dead).await.unwrap();
+        for i in 0..100u64 {
+            ti.append(&i.to_le_bytes(), i, 1, i).unwrap();
+        }
+        ti.flush().unwrap();
+        let r = ti.shutdown(Duration::from_secs(2)).await;
+        assert!(!r.fully_drained());
+    }
+    // A crash mid-multipart: the id was journaled, one part sent, never completed.
+    let store = s.store(&prefix);
+    let (view, _) = Journal::open_read_only(d.path()).unwrap();
+    let rec = view.get(SegmentId(1)).unwrap().clone();
+    let key = store.segment_key(&cfg.stream, &rec.meta);
+    let mp = store.multipart().expect("s3 has multipart").clone();
+    let upload_id = mp.create_multipart(&key).await.unwrap();
+    mp.put_part(&key, &upload_id, 0, PutPayload::from(vec![0u8; 5 * 1024 * 1024]))
+        .await
+        .unwrap();
+    {
+        let (mut j, _) = Journal::open(d.path(), JournalOptions::default()).unwrap();
+        let attempt = j.get(SegmentId(1)).unwrap().attempt + 1;
+        j.append(&[Record::Uploading {
+            id: SegmentId(1),
+            attempt,
+            key: key.to_string(),
+            multipart_id: Some(upload_id.clone()),
+        }])
+        .unwrap();
+    }
+    cfg.max_attempts = 5;
+    let (ti, _) = TierIndex::open(cfg).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    let bytes = std::fs::read(d.path().join("journal/journal.log")).unwrap();
+    let decoded = tierindex::journal::decode_file(&bytes).unwrap();
+    let text = format!("{:?}", decoded.frames);
+    assert!(text.contains("MultipartAborted"), "the journaled multipart upload must be aborted");
+    let (view, _) = Journal::open_read_only(d.path()).unwrap();
+    assert_eq!(view.get(SegmentId(1)).unwrap().state, SegmentState::Committed);
+    verify_segment(&store, &key, &rec.meta, VerifyLevel::Full).await.unwrap();
+}
+
+struct Kid(Child);
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tierindex"))
+}
+
+fn wait_exit(k: &mut Kid, limit: Duration) -> i32 {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(st) = k.0.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(Instant::now() < until, "child did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cli(s: &S3, data: &Path, prefix: &str) -> Command {
+    let mut c = bin();
+    s.env(&mut c);
+    c.arg("--data-dir").arg(data).arg("--store").arg(s.url(prefix)).arg("--endpoint").arg(&s.endpoint);
+    c
+}
+
+fn status_json(s: &S3, data: &Path, prefix: &str) -> serde_json::Value {
+    let out = cli(s, data, prefix).args(["--json", "status"]).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status json: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn demo(s: &S3, data: &Path, prefix: &str) -> Kid {
+    Kid(cli(s, data, prefix)
+        .args(["demo", "--segment-items", "2000", "--rate", "20000", "--flush-every", "200", "--deadline", "60s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap())
+}
+
+#[test]
+fn sigterm_drains_the_real_binary_and_sigkill_then_drain_recovers() {
+    let Some(s) = s3() else { return };
+    // SIGTERM: exit 0, everything committed, including the last partial segment.
+    let d = tempfile::tempdir().unwrap();
+    let prefix = unique("sigterm");
+    let mut k = demo(&s, d.path(), &prefix);
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc::kill(k.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_exit(&mut k, Duration::from_secs(90)), 0);
+    let st = status_json(&s, d.path(), &prefix);
+    let segs = st["segments"].as_array().unwrap();
+    assert!(!segs.is_empty());
+    assert!(segs.iter().all(|r| r["state"] == "Committed"), "{st}");
+    let verify = cli(&s, d.path(), &prefix).arg("verify").output().unwrap();
+    assert_eq!(verify.status.code(), Some(0), "{}", String::from_utf8_lossy(&verify.stdout));
+
+    // SIGKILL, then the standalone recovery tool.
+    let d = tempfile::tempdir().unwrap();
+    let prefix = unique("sigkill");
+    let mut k = demo(&s, d.path(), &prefix);
+    std::thread::sleep(Duration::from_millis(1500));
+    k.0.kill().unwrap();
+    let _ = k.0.wait();
+    let out = cli(&s, d.path(), &prefix).args(["drain", "--deadline", "60s"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let st = status_json(&s, d.path(), &prefix);
+    assert_eq!(st["totals"]["pending_segments"], 0, "{st}");
+}
+
+#[test]
+fn verify_and_an_external_client_see_the_same_objects() {
+    let Some(s) = s3() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let prefix = unique("external");
+    let out = cli(&s, d.path(), &prefix)
+        .args(["demo", "--segment-items", "1000", "--rate", "50000", "--entries", "5500", "--deadline", "60s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = status_json(&s, d.path(), &prefix);
+    let segs = st["segments"].as_array().unwrap().clone();
+    assert_eq!(segs.len(), 6, "{st}");
+
+    // boto3 (not object_store) lists the prefix and reads sizes and the CRC metadata.
+    let script = r#"
+import boto3, json, os, sys
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ["AWS_REGION"])
+b, p = sys.argv[1], sys.argv[2]
+out = []
+for o in s3.list_objects_v2(Bucket=b, Prefix=p).get("Contents", []):
+    h = s3.head_object(Bucket=b, Key=o["Key"])
+    out.append({"key": o["Key"], "size": o["Size"], "crc": h.get("Metadata", {}).get("tierindex-crc32")})
+print(json.dumps(out))
+"#;
+    let mut py = Command::new("python3");
+    s.env(&mut py);
+    let listed = py.arg("-c").arg(script).arg(&s.bucket).arg(&prefix).output().unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let objs: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(objs.len(), segs.len(), "{objs:?}");
+    for r in &segs {
+        let key = r["key"].as_str().unwrap();
+        let o = objs.iter().find(|o| o["key"] == key).unwrap_or_else(|| panic!("{key} not listed"));
+        assert_eq!(o["size"], r["meta"]["file_len"]);
+        let crc = format!("{:08x}", r["meta"]["file_crc"].as_u64().unwrap());
+        assert_eq!(o["crc"].as_str(), Some(crc.as_str()), "CRC metadata of {key}");
+    }
+
+    // Tamper behind tierindex's back: delete one object, overwrite another.
+    let store = s.store(&prefix);
+    let k0 = ObjPath::from(segs[0]["key"].as_str().unwrap());
+    let k1 = ObjPath::from(segs[1]["key"].as_str().unwrap());
+    let os = store.object_store().clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        os.delete(&k0).await.unwrap();
+        os.put(&k1, PutPayload::from(vec![7u8; 100])).await.unwrap();
+    });
+    let v = cli(&s, d.path(), &prefix).args(["--json", "verify"]).output().unwrap();
+    assert_eq!(v.status.code(), Some(4), "{}", String::from_utf8_lossy(&v.stdout));
+    let vj: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(vj["bad"].as_array().unwrap().len(), 2, "{vj}");
+}
