@@ -13,9 +13,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tierindex::index::seal_to_file;
 use tierindex::segment::active::ActiveSegment;
 use tierindex::segment::format::ACTIVE_ITEM_LEN;
-use tierindex::segment::sealed::{build_sealed, write_sealed_file};
+use tierindex::segment::sealed::sealed_file_name;
 use tierindex::segment::{Entry, SegmentId};
 
 fn env_u32(name: &str, default: u32) -> u32 {
@@ -186,18 +187,15 @@ fn bench(c: &mut Criterion) {
     let seal_dir = dir.path().join("sealed");
     std::fs::create_dir_all(&seal_dir).expect("mkdir");
     g.bench_function(
-        "seal full segment (build + write + fsync + rename + dir fsync)",
+        "seal full segment (bucket, checksum, write, fsync, rename, dir fsync)",
         |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let t = Instant::now();
-                    let entries = full.entries();
-                    let (bytes, meta) =
-                        build_sealed(full.id(), full.created_ms(), 1, full.slot_count(), &entries)
-                            .expect("build");
-                    let p = write_sealed_file(&seal_dir, full.id(), &bytes).expect("write");
+                    let meta = seal_to_file(&seal_dir, &full).expect("seal");
                     let d = t.elapsed();
+                    let p = seal_dir.join(sealed_file_name(full.id()));
                     record("seal", d);
                     total += d;
                     assert_eq!(meta.file_len, sealed_len);

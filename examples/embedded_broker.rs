@@ -18,7 +18,9 @@ use tierindex::{Config, TierIndex, TimeRange};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter("info").init();
-    let data_dir = std::env::args().nth(1).unwrap_or_else(|| "broker-data".into());
+    let data_dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "broker-data".into());
     let cfg = Config {
         data_dir: data_dir.into(),
         store: std::env::var("TIERINDEX_STORE").ok(),

@@ -12,12 +12,16 @@
 //! Start-up rules (also tabled in `docs/crash-safety.md`):
 //! - `NNN.seg` must pass the full sealed check, else it is quarantined.
 //! - `NNN.active` with a bad header is quarantined; otherwise its torn tail
-//!   is zeroed and its slot table rebuilt. If a valid `NNN.seg` with the same
-//!   item count exists, the active file is a leftover of a finished seal and
-//!   is removed; with a different count the `.seg` is quarantined and the
-//!   active one is sealed again.
+//!   is zeroed (a damaged span that still holds valid items is first copied
+//!   to quarantine) and its slot table rebuilt. If a valid `NNN.seg` with
+//!   the same item count exists, the active file is a leftover of a finished
+//!   seal and is removed; if the `.seg` holds more items, the active file is
+//!   quarantined; if fewer, the `.seg` is quarantined and the active one is
+//!   sealed again.
 //! - `NNN.seg.tmp` is an interrupted seal: removed when its `.active` source
-//!   still exists (the seal is redone), quarantined otherwise.
+//!   passed its check (the seal is redone), quarantined otherwise.
+//! - A file of a newer format version stops start-up (`Unsupported`): it is
+//!   not damaged, so it is not moved aside.
 //! - Any other file is quarantined. Nothing is ever deleted to get past an
 //!   error, and one bad file never stops the rest from opening.
 
@@ -302,7 +306,10 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
                         format!("file name says segment {id}, footer says {}", s.id()),
                         &mut out,
                     )?,
-                    Err(e) => quarantine(path, e.to_string(), &mut out)?,
+                    Err(e @ Error::Corrupt { .. }) => quarantine(path, e.to_string(), &mut out)?,
+                    // An unsupported version or an I/O error is not damage:
+                    // refuse to start rather than move a good file aside.
+                    Err(e) => return Err(e),
                 }
             }
             Kind::SealTmp(id) => {

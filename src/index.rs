@@ -1,8 +1,8 @@
 //! The index writer: owns the active segment, rolls it, seals in background.
 //!
 //! Rolling (capacity reached, age exceeded, or asked): the old active segment
-//! is flushed, then a new one is created (fallocate + fsync + dir fsync), and
-//! the old one is handed to the sealer thread. Appends wait only for those
+//! is flushed and handed to the sealer thread, then a new one is created
+//! (fallocate + fsync + dir fsync). Appends wait only for those
 //! two steps, never for the seal itself. Until its sealed file is durable a
 //! frozen segment stays readable through its mapping.
 //!
@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use crate::datadir::{self, DataDir, Mode, RecoveryReport};
 use crate::error::{Error, Result};
 use crate::segment::active::{ActiveSegment, Lookup};
-use crate::segment::sealed::{
-    SealedSegment, build_sealed, fsync_dir, sealed_file_name, write_sealed_file,
-};
+use crate::segment::format::ACTIVE_ITEM_LEN;
+use crate::segment::sealed::{SealedSegment, fsync_dir, sealed_file_name, write_sealed_streaming};
 use crate::segment::{Entry, SealedMeta, SegmentId, TimeRange, now_ms};
 
 /// How segments are shaped and when they roll.
@@ -89,27 +88,25 @@ impl Poison {
     }
 }
 
-/// Seal one frozen active segment durably and remove its source.
-pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
-    let entries = seg.entries();
-    if entries.len() != seg.len() as usize {
-        return Err(Error::corrupt(
-            seg.path().display().to_string(),
-            format!(
-                "{} items appended but {} verify in memory",
-                seg.len(),
-                entries.len()
-            ),
-        ));
-    }
-    let (bytes, meta) = build_sealed(
+/// Write the sealed file of a frozen active segment durably (tmp, fsync,
+/// rename, dir fsync), reading its items straight from the mapping.
+pub fn seal_to_file(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
+    let (_path, meta) = write_sealed_streaming(
+        seg_dir,
         seg.id(),
         seg.created_ms(),
         now_ms(),
         seg.slot_count(),
-        &entries,
+        seg.item_bytes(),
+        ACTIVE_ITEM_LEN,
     )?;
-    write_sealed_file(seg_dir, seg.id(), &bytes)?;
+    debug_assert_eq!(meta.item_count, u64::from(seg.len()));
+    Ok(meta)
+}
+
+/// Seal one frozen active segment durably and remove its source.
+pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
+    let meta = seal_to_file(seg_dir, seg)?;
     fs::remove_file(seg.path()).map_err(|e| Error::io(seg.path(), "remove sealed source", e))?;
     fsync_dir(seg_dir)?;
     Ok(meta)

@@ -265,11 +265,15 @@ impl TierIndex {
         self.sh = None;
         match Arc::try_unwrap(sh) {
             Ok(shared) => {
-                let Shared { journal, writer, .. } = shared;
+                let Shared {
+                    journal, writer, ..
+                } = shared;
                 drop(writer);
                 journal.close();
             }
-            Err(_) => tracing::warn!("background tasks still hold the index; its lock is released when they end"),
+            Err(_) => tracing::warn!(
+                "background tasks still hold the index; its lock is released when they end"
+            ),
         }
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
@@ -290,6 +294,27 @@ impl TierIndex {
 /// Shared by [`TierIndex`] and the standalone `drain`.
 pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared>, OpenReport)> {
     let dd = DataDir::open(&cfg.data_dir)?;
+    // Does a create really refuse to overwrite on this store? Garage ignores
+    // If-None-Match; there every upload is read back to prove it is ours.
+    // Unreachable store: assume the worst (false) and say so.
+    let mut upload = cfg.upload_config();
+    let caps_note = match tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::remote::probe::probe(&store),
+    )
+    .await
+    {
+        Ok(Ok(c)) => {
+            upload.trust_conditional_create = c.conditional_create;
+            (!c.conditional_create).then(|| {
+                "store ignores conditional creates (If-None-Match): every upload is read back to prove it is ours".to_string()
+            })
+        }
+        Ok(Err(e)) => Some(format!(
+            "store capability probe failed ({e}); assuming no conditional writes"
+        )),
+        Err(_) => Some("store capability probe timed out; assuming no conditional writes".into()),
+    };
     let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let previous_shutdown_clean = marker.exists();
     if previous_shutdown_clean {
@@ -310,14 +335,20 @@ pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared
         journal: JournalHandle::start(journal)?,
         store,
         stream: cfg.stream.clone(),
-        upload: cfg.upload_config(),
+        upload,
         release_after_commit: cfg.release_after_commit,
         max_in_flight: cfg.max_uploads_in_flight,
         metrics,
     });
-    // Seals finished during recovery, then any sealed file the journal lacks.
-    sh.ingest_sealed(false).await?;
-    let notes = sh.reconcile_local().await?;
+    // Seals finished during recovery are already among the writer's sealed
+    // segments; journal every sealed file the journal lacks in one id-ordered
+    // batch (the journal only accepts new ids in increasing order).
+    sh.writer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .poll_sealed()?;
+    let mut notes = sh.reconcile_local().await?;
+    notes.extend(caps_note);
     for n in &notes {
         tracing::warn!("{n}");
     }

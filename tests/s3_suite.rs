@@ -17,7 +17,9 @@ use tierindex::journal::{Journal, JournalOptions, Record, SegmentState};
 use tierindex::remote::{RemoteStore, StoreOptions, probe};
 use tierindex::segment::sealed::build_sealed;
 use tierindex::segment::{Entry, SegmentId};
-use tierindex::upload::{NoHooks, PutOutcome, UploadConfig, VerifyLevel, put_segment, verify_segment};
+use tierindex::upload::{
+    NoHooks, PutOutcome, UploadConfig, VerifyLevel, put_segment, verify_segment,
+};
 use tierindex::{Config, TierIndex};
 
 struct S3 {
@@ -95,7 +97,12 @@ fn entries(n: u64, seed: u64) -> Vec<Entry> {
         .collect()
 }
 
-fn sealed_file(dir: &Path, id: u64, n: u64, seed: u64) -> (std::path::PathBuf, tierindex::SealedMeta) {
+fn sealed_file(
+    dir: &Path,
+    id: u64,
+    n: u64,
+    seed: u64,
+) -> (std::path::PathBuf, tierindex::SealedMeta) {
     let (bytes, meta) = build_sealed(SegmentId(id), 1, 2, 64, &entries(n, seed)).unwrap();
     let p = dir.join(format!("{id}.seg"));
     std::fs::write(&p, bytes).unwrap();
@@ -119,7 +126,11 @@ async fn probe_reports_what_the_server_does() {
     assert!(caps.range_get, "{caps:?}");
     assert!(caps.multipart, "{caps:?}");
     if s.honours_conditionals() {
-        assert!(caps.conditional_create && caps.conditional_update, "{}: {caps:?}", s.kind);
+        assert!(
+            caps.conditional_create && caps.conditional_update,
+            "{}: {caps:?}",
+            s.kind
+        );
     } else {
         assert!(
             !caps.conditional_create,
@@ -137,11 +148,17 @@ async fn upload_verify_and_create_only_semantics() {
     let cfg = upload_cfg(&s);
     let (p, meta) = sealed_file(d.path(), 1, 2000, 1);
     let key = store.segment_key("s", &meta);
-    let out = put_segment(&store, &key, &p, &meta, &cfg, &mut NoHooks).await.unwrap();
+    let out = put_segment(&store, &key, &p, &meta, &cfg, &mut NoHooks)
+        .await
+        .unwrap();
     assert!(matches!(out, PutOutcome::Created { .. }), "{out:?}");
-    verify_segment(&store, &key, &meta, VerifyLevel::Full).await.unwrap();
+    verify_segment(&store, &key, &meta, VerifyLevel::Full)
+        .await
+        .unwrap();
     // Same content again (a retry whose first answer was lost): success, no overwrite.
-    let again = put_segment(&store, &key, &p, &meta, &cfg, &mut NoHooks).await.unwrap();
+    let again = put_segment(&store, &key, &p, &meta, &cfg, &mut NoHooks)
+        .await
+        .unwrap();
     assert_eq!(again, PutOutcome::AlreadyPresent);
     // Other bytes under our key: an alarm, never an overwrite.
     let (p2, meta2) = sealed_file(d.path(), 2, 2000, 2);
@@ -151,10 +168,23 @@ async fn upload_verify_and_create_only_semantics() {
         .put(&key2, PutPayload::from(b"someone else's bytes".to_vec()))
         .await
         .unwrap();
-    let err = put_segment(&store, &key2, &p2, &meta2, &cfg, &mut NoHooks).await.unwrap_err();
+    let err = put_segment(&store, &key2, &p2, &meta2, &cfg, &mut NoHooks)
+        .await
+        .unwrap_err();
     assert!(matches!(err, tierindex::Error::RemoteConflict(_)), "{err}");
-    let still = store.object_store().get(&key2).await.unwrap().bytes().await.unwrap();
-    assert_eq!(&still[..], b"someone else's bytes", "the foreign object must be untouched");
+    let still = store
+        .object_store()
+        .get(&key2)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        &still[..],
+        b"someone else's bytes",
+        "the foreign object must be untouched"
+    );
 }
 
 #[tokio::test]
@@ -174,9 +204,16 @@ async fn multipart_upload_above_threshold() {
         }
     }
     let mut hooks = Count(0);
-    put_segment(&store, &key, &p, &meta, &upload_cfg(&s), &mut hooks).await.unwrap();
-    assert_eq!(hooks.0, 1, "multipart path must be taken and journaled before the first part");
-    verify_segment(&store, &key, &meta, VerifyLevel::Full).await.unwrap();
+    put_segment(&store, &key, &p, &meta, &upload_cfg(&s), &mut hooks)
+        .await
+        .unwrap();
+    assert_eq!(
+        hooks.0, 1,
+        "multipart path must be taken and journaled before the first part"
+    );
+    verify_segment(&store, &key, &meta, VerifyLevel::Full)
+        .await
+        .unwrap();
 }
 
 fn config(s: &S3, data: &Path, prefix: &str) -> Config {
@@ -220,9 +257,14 @@ async fn abandoned_multipart_attempt_is_aborted_and_the_segment_uploaded_on_rest
     let key = store.segment_key(&cfg.stream, &rec.meta);
     let mp = store.multipart().expect("s3 has multipart").clone();
     let upload_id = mp.create_multipart(&key).await.unwrap();
-    mp.put_part(&key, &upload_id, 0, PutPayload::from(vec![0u8; 5 * 1024 * 1024]))
-        .await
-        .unwrap();
+    mp.put_part(
+        &key,
+        &upload_id,
+        0,
+        PutPayload::from(vec![0u8; 5 * 1024 * 1024]),
+    )
+    .await
+    .unwrap();
     {
         let (mut j, _) = Journal::open(d.path(), JournalOptions::default()).unwrap();
         let attempt = j.get(SegmentId(1)).unwrap().attempt + 1;
@@ -241,10 +283,18 @@ async fn abandoned_multipart_attempt_is_aborted_and_the_segment_uploaded_on_rest
     let bytes = std::fs::read(d.path().join("journal/journal.log")).unwrap();
     let decoded = tierindex::journal::decode_file(&bytes).unwrap();
     let text = format!("{:?}", decoded.frames);
-    assert!(text.contains("MultipartAborted"), "the journaled multipart upload must be aborted");
+    assert!(
+        text.contains("MultipartAborted"),
+        "the journaled multipart upload must be aborted"
+    );
     let (view, _) = Journal::open_read_only(d.path()).unwrap();
-    assert_eq!(view.get(SegmentId(1)).unwrap().state, SegmentState::Committed);
-    verify_segment(&store, &key, &rec.meta, VerifyLevel::Full).await.unwrap();
+    assert_eq!(
+        view.get(SegmentId(1)).unwrap().state,
+        SegmentState::Committed
+    );
+    verify_segment(&store, &key, &rec.meta, VerifyLevel::Full)
+        .await
+        .unwrap();
 }
 
 struct Kid(Child);
@@ -265,7 +315,10 @@ fn wait_exit(k: &mut Kid, limit: Duration) -> i32 {
         if let Some(st) = k.0.try_wait().unwrap() {
             return st.code().unwrap_or(-1);
         }
-        assert!(Instant::now() < until, "child did not exit within {limit:?}");
+        assert!(
+            Instant::now() < until,
+            "child did not exit within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -273,18 +326,37 @@ fn wait_exit(k: &mut Kid, limit: Duration) -> i32 {
 fn cli(s: &S3, data: &Path, prefix: &str) -> Command {
     let mut c = bin();
     s.env(&mut c);
-    c.arg("--data-dir").arg(data).arg("--store").arg(s.url(prefix)).arg("--endpoint").arg(&s.endpoint);
+    c.arg("--data-dir")
+        .arg(data)
+        .arg("--store")
+        .arg(s.url(prefix))
+        .arg("--endpoint")
+        .arg(&s.endpoint);
     c
 }
 
 fn status_json(s: &S3, data: &Path, prefix: &str) -> serde_json::Value {
-    let out = cli(s, data, prefix).args(["--json", "status"]).output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status json: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let out = cli(s, data, prefix)
+        .args(["--json", "status"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status json: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn demo(s: &S3, data: &Path, prefix: &str) -> Kid {
     Kid(cli(s, data, prefix)
-        .args(["demo", "--segment-items", "2000", "--rate", "20000", "--flush-every", "200", "--deadline", "60s"])
+        .args([
+            "demo",
+            "--segment-items",
+            "2000",
+            "--rate",
+            "20000",
+            "--flush-every",
+            "200",
+            "--deadline",
+            "60s",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -306,7 +378,12 @@ fn sigterm_drains_the_real_binary_and_sigkill_then_drain_recovers() {
     assert!(!segs.is_empty());
     assert!(segs.iter().all(|r| r["state"] == "Committed"), "{st}");
     let verify = cli(&s, d.path(), &prefix).arg("verify").output().unwrap();
-    assert_eq!(verify.status.code(), Some(0), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 
     // SIGKILL, then the standalone recovery tool.
     let d = tempfile::tempdir().unwrap();
@@ -315,8 +392,17 @@ fn sigterm_drains_the_real_binary_and_sigkill_then_drain_recovers() {
     std::thread::sleep(Duration::from_millis(1500));
     k.0.kill().unwrap();
     let _ = k.0.wait();
-    let out = cli(&s, d.path(), &prefix).args(["drain", "--deadline", "60s"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cli(&s, d.path(), &prefix)
+        .args(["drain", "--deadline", "60s"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st = status_json(&s, d.path(), &prefix);
     assert_eq!(st["totals"]["pending_segments"], 0, "{st}");
 }
@@ -327,10 +413,25 @@ fn verify_and_an_external_client_see_the_same_objects() {
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("external");
     let out = cli(&s, d.path(), &prefix)
-        .args(["demo", "--segment-items", "1000", "--rate", "50000", "--entries", "5500", "--deadline", "60s"])
+        .args([
+            "demo",
+            "--segment-items",
+            "1000",
+            "--rate",
+            "50000",
+            "--entries",
+            "5500",
+            "--deadline",
+            "60s",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st = status_json(&s, d.path(), &prefix);
     let segs = st["segments"].as_array().unwrap().clone();
     assert_eq!(segs.len(), 6, "{st}");
@@ -348,16 +449,33 @@ print(json.dumps(out))
 "#;
     let mut py = Command::new("python3");
     s.env(&mut py);
-    let listed = py.arg("-c").arg(script).arg(&s.bucket).arg(&prefix).output().unwrap();
-    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed = py
+        .arg("-c")
+        .arg(script)
+        .arg(&s.bucket)
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
     let objs: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(objs.len(), segs.len(), "{objs:?}");
     for r in &segs {
         let key = r["key"].as_str().unwrap();
-        let o = objs.iter().find(|o| o["key"] == key).unwrap_or_else(|| panic!("{key} not listed"));
+        let o = objs
+            .iter()
+            .find(|o| o["key"] == key)
+            .unwrap_or_else(|| panic!("{key} not listed"));
         assert_eq!(o["size"], r["meta"]["file_len"]);
         let crc = format!("{:08x}", r["meta"]["file_crc"].as_u64().unwrap());
-        assert_eq!(o["crc"].as_str(), Some(crc.as_str()), "CRC metadata of {key}");
+        assert_eq!(
+            o["crc"].as_str(),
+            Some(crc.as_str()),
+            "CRC metadata of {key}"
+        );
     }
 
     // Tamper behind tierindex's back: delete one object, overwrite another.
@@ -370,8 +488,16 @@ print(json.dumps(out))
         os.delete(&k0).await.unwrap();
         os.put(&k1, PutPayload::from(vec![7u8; 100])).await.unwrap();
     });
-    let v = cli(&s, d.path(), &prefix).args(["--json", "verify"]).output().unwrap();
-    assert_eq!(v.status.code(), Some(4), "{}", String::from_utf8_lossy(&v.stdout));
+    let v = cli(&s, d.path(), &prefix)
+        .args(["--json", "verify"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        v.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
     let vj: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     assert_eq!(vj["bad"].as_array().unwrap().len(), 2, "{vj}");
 }

@@ -39,9 +39,9 @@ pub struct DemoArgs {
     /// Print `flushed N` after each flush (N = entries durable so far).
     #[arg(long)]
     pub print_flushed: bool,
-    /// Drain deadline at shutdown.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    pub deadline: Duration,
+    /// Drain deadline at shutdown (default: the config's shutdown_deadline_ms, 20 s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub deadline: Option<Duration>,
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     pub metrics_addr: Option<String>,
@@ -60,7 +60,10 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     }
     let mut signals = ShutdownSignals::install()?;
     let (ti, open) = TierIndex::open(cfg).await?;
-    // Resume the offset sequence after what a previous run left.
+    let deadline = a
+        .deadline
+        .unwrap_or(Duration::from_millis(ti.config().shutdown_deadline_ms));
+    // Offsets continue after the entries of a recovered active segment.
     let mut offset = ti.status().active_items as u64;
     if !cli.json {
         eprintln!(
@@ -118,6 +121,6 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     if a.print_flushed {
         println!("flushed {appended}");
     }
-    let report = ti.shutdown(a.deadline).await;
+    let report = ti.shutdown(deadline).await;
     Ok(print_report(cli.json, &report))
 }

@@ -63,19 +63,26 @@ pub enum Command {
     Inspect { file: PathBuf },
     /// Start-up checks without uploading; --repair truncates/quarantines.
     Fsck {
+        /// Truncate torn tails, quarantine bad files, remove finished leftovers.
         #[arg(long)]
         repair: bool,
     },
     /// Find entries for KEY in local segments.
     Lookup {
+        /// The message key (bytes of the string).
         key: String,
+        /// Earliest timestamp, ms since the epoch (inclusive).
         #[arg(long, default_value_t = 0)]
         from: u64,
+        /// Latest timestamp, ms since the epoch (inclusive).
         #[arg(long, default_value_t = u64::MAX)]
         to: u64,
     },
     /// Probe a store: conditional writes, multipart, range GET, metadata.
-    StoreCheck { url: Option<String> },
+    StoreCheck {
+        /// Store URL (default: --store / the config's store).
+        url: Option<String>,
+    },
 }
 
 impl Cli {

@@ -100,7 +100,7 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
             c.metadata
         );
         if !o.fenced_multi_writer_safe {
-            s.push_str("\n  WARNING: this store does not honour conditional writes: uploads read every object back to prove it is ours, and fenced multi-writer operation is refused");
+            s.push_str("\n  WARNING: this store does not honour conditional writes: uploads read every object back to prove it is ours; it cannot fence a second writer (multi-writer fencing, when it lands, will refuse this store)");
         }
         for n in &c.notes {
             s.push_str(&format!("\n  note: {n}"));

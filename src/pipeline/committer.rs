@@ -68,7 +68,11 @@ impl JournalHandle {
     /// last handle may call this; with other clones alive the thread keeps
     /// running and this returns without waiting.
     pub fn close(self) {
-        let JournalHandle { journal, tx, thread } = self;
+        let JournalHandle {
+            journal,
+            tx,
+            thread,
+        } = self;
         drop(tx);
         let last = Arc::strong_count(&thread) == 1;
         if last && let Some(t) = thread.lock().ok().and_then(|mut g| g.take()) {

@@ -61,6 +61,13 @@ fn record(sh: &Shared, id: SegmentId) -> Result<SegmentRecord> {
         .ok_or_else(|| Error::InvalidInput(format!("segment {id} is not in the journal")))
 }
 
+/// Does the local sealed file still have the length and CRC the journal
+/// recorded when it was sealed?
+fn local_matches(path: &std::path::Path, meta: &crate::SealedMeta) -> bool {
+    std::fs::read(path)
+        .is_ok_and(|b| b.len() as u64 == meta.file_len && crc32fast::hash(&b) == meta.file_crc)
+}
+
 fn local_path(sh: &Shared, id: SegmentId) -> PathBuf {
     sh.seg_dir.join(sealed_file_name(id))
 }
@@ -169,10 +176,21 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             .await?;
                     }
                     Err(Error::RemoteConflict(why)) => return quarantine(sh, id, why).await,
+                    Err(e @ Error::Corrupt { .. }) if !local_matches(&local, &rec.meta) => {
+                        // The sealed file changed after sealing: no retry can
+                        // fix that. Keep it (quarantined in the journal) for
+                        // an operator; never upload bytes the journal does
+                        // not describe.
+                        return quarantine(
+                            sh,
+                            id,
+                            format!("local sealed file no longer matches its journal record: {e}"),
+                        )
+                        .await;
+                    }
                     Err(e @ Error::Corrupt { .. }) => {
-                        // Either the local file no longer matches its journal
-                        // record, or the store returned wrong bytes on the
-                        // read-back. Retry a bounded number of times.
+                        // The store returned other bytes on the read-back.
+                        // Retry a bounded number of times in this drive.
                         verify_failures += 1;
                         sh.metrics.verify_failures.inc();
                         if verify_failures >= MAX_VERIFY_FAILURES {

@@ -90,6 +90,16 @@ fn allocate(file: &File, path: &Path, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Name the file in a corruption error; other errors (an unsupported
+/// version, I/O) pass through unchanged so they are never quarantined.
+fn at_path(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Corrupt { detail, .. } => Error::corrupt(path.display().to_string(), detail),
+        Error::InvalidInput(detail) => Error::corrupt(path.display().to_string(), detail),
+        other => other,
+    }
+}
+
 /// Length of the valid item prefix of an active file mapped as `map`:
 /// items whose checksum verifies and whose chain link equals the slot head
 /// rebuilt so far. Fills `heads` (index + 1 of each slot's newest item).
@@ -117,10 +127,9 @@ fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u
 /// `tierindex lookup` on a directory whose broker is down).
 pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
-    let header = Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
-        .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
-    let l = ActiveLayout::new(header.slot_count, header.items)
-        .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
+    let header =
+        Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
+    let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
     let mut heads = vec![0u32; l.slot_count as usize];
     let valid = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
     let entries = (0..valid)
@@ -139,10 +148,9 @@ pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
 /// [`ActiveSegment::open`] would keep and zero, without changing anything.
 pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
-    let header = Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
-        .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
-    let l = ActiveLayout::new(header.slot_count, header.items)
-        .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
+    let header =
+        Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
+    let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
     let len = bytes.len() as u64;
     if len > l.file_len {
         return Err(Error::corrupt(
@@ -207,7 +215,8 @@ impl ActiveSegment {
         // SAFETY: this process holds the data-directory lock, and the file was
         // fully allocated above, so the mapping never covers a hole past EOF.
         let map = unsafe { MmapMut::map_mut(&file) }
-            .map_err(|e| Error::io(&path, "mmap active segment", e))?;
+            .map_err(|e| Error::io(&path, "mmap active segment", e))
+            .map_err(cleanup)?;
         Ok(ActiveSegment {
             path,
             file,
@@ -246,10 +255,10 @@ impl ActiveSegment {
         }
         file.read_exact_at(&mut hb, 0)
             .map_err(|e| Error::io(path, "read active header", e))?;
-        let header = Header::decode(&hb, ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
-            .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
-        let layout = ActiveLayout::new(header.slot_count, header.items)
-            .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))?;
+        let header =
+            Header::decode(&hb, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
+        let layout =
+            ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
         let mut rec = ActiveRecovery::default();
         if file_len < layout.file_len {
             // Someone cut the file. The mapping must not reach past EOF
@@ -451,7 +460,13 @@ impl ActiveSegment {
         out
     }
 
-    /// All entries in append order (used by sealing).
+    /// The bytes of the items appended so far, `ACTIVE_ITEM_LEN` apart; each
+    /// starts with the packed entry the sealer copies.
+    pub fn item_bytes(&self) -> &[u8] {
+        &self.map[self.layout.item_offset(0)..self.layout.item_offset(self.len)]
+    }
+
+    /// All entries in append order.
     pub fn entries(&self) -> Vec<Entry> {
         (0..self.len)
             .filter_map(|i| {
