@@ -29,7 +29,12 @@ BUCKET=tierindex-test
 # Bounded waits (seconds): a server that does not answer by then is an error.
 START_TIMEOUT=${TIERINDEX_S3_START_TIMEOUT:-90}
 STOP_TIMEOUT=${TIERINDEX_S3_STOP_TIMEOUT:-15}
-PY=${TIERINDEX_PYTHON:-python3}
+# Python with boto3 (and moto for KIND=moto). A venv in the cache is used once
+# pip refused the system interpreter (PEP 668 "externally managed" Pythons).
+PY=${TIERINDEX_PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x "$CACHE/pyvenv/bin/python" ]; then PY=$CACHE/pyvenv/bin/python; else PY=python3; fi
+fi
 
 S3S_VERSION=0.14.1 # 0.15+ needs a newer rustc than the machine's
 GARAGE_VERSION=2.5.0
@@ -89,8 +94,22 @@ need_python() {
   fi
   if ! "$PY" -c 'import boto3' 2>/dev/null; then
     log "installing boto3 with pip"
-    "$PY" -m pip install -q boto3 >&2
+    pip_install boto3 || die "pip install boto3 failed"
   fi
+}
+
+pip_install() { # packages...
+  "$PY" -m pip install -q "$@" >&2 && return 0
+  [ -z "${TIERINDEX_PYTHON:-}" ] && [ "$PY" = python3 ] || return 1
+  log "pip refused $PY; installing into a virtualenv at $CACHE/pyvenv instead"
+  mkdir -p "$CACHE"
+  if ! python3 -m venv "$CACHE/pyvenv" >&2; then
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2 || return 1
+    python3 -m venv "$CACHE/pyvenv" >&2 || return 1
+  fi
+  PY=$CACHE/pyvenv/bin/python
+  "$PY" -m pip install -q boto3 "$@" >&2
 }
 
 need_cargo() {
@@ -146,7 +165,7 @@ install_moto() {
   local t0
   t0=$(now)
   log "installing moto[server] with pip"
-  "$PY" -m pip install -q 'moto[server]' >&2 || die "pip install 'moto[server]' failed"
+  pip_install 'moto[server]' || die "pip install 'moto[server]' failed"
   log "installed moto[server] in $(($(now) - t0))s"
 }
 
