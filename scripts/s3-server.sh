@@ -450,15 +450,33 @@ start_garage_common() { # kind nodes rf
     id=$("$GARAGE_BIN" -c "$dir/node$n/garage.toml" node id -q 2>>"$LOGF") ||
       die "garage node id failed on node $n (see $LOGF)"
     ids+=("${id%%@*}")
+    echo "NODE${n}_PEER=$id" >>"$dir/state"
     if ((n > 1)); then
       retry_until "$START_TIMEOUT" "connect node 1 to node $n" garage node connect "$id"
     fi
   done
+  if ((nodes > 1)); then
+    # A restarted node only reconnects on the peers' slow retry timer (~1 min
+    # seen here) unless it knows them: give each config the others as
+    # bootstrap_peers (read at the next start-node).
+    local peers
+    for ((n = 1; n <= nodes; n++)); do
+      peers=$(grep -o 'NODE[0-9]*_PEER=.*' "$dir/state" | grep -v "^NODE${n}_PEER=" |
+        sed 's/^NODE[0-9]*_PEER=\(.*\)$/"\1"/' | paste -sd, -)
+      sed -i "s|^bootstrap_peers = \[\]$|bootstrap_peers = [$peers]|" "$dir/node$n/garage.toml"
+    done
+  fi
   for ((n = 1; n <= nodes; n++)); do
     garage layout assign -z "dc$n" -c 1G "${ids[n - 1]}" >>"$LOGF" 2>&1 ||
       die "garage layout assign failed (see $LOGF)"
   done
   garage layout apply --version 1 >>"$LOGF" 2>&1 || die "garage layout apply failed (see $LOGF)"
+  # Every node must see every other one, or stopping one node later can leave
+  # the other two without a quorum between them.
+  for ((n = nodes; n >= 1; n--)); do
+    GCFG="$dir/node$n/garage.toml"
+    retry_until "$START_TIMEOUT" "node $n to see $nodes healthy nodes" garage_healthy_at_least "$nodes"
+  done
   retry_until "$START_TIMEOUT" "garage bucket create" garage bucket create "$BUCKET"
   # Garage key ids are GK + 24 hex digits, secrets 64 hex digits. Import our own
   # so the key output (which shows the secret) never has to be parsed or logged.
@@ -530,7 +548,46 @@ do_start_node() { # kind n
   probe wait-http "http://127.0.0.1:$port/" "$START_TIMEOUT"
   GCFG="$RUN/$1/node$2/garage.toml"
   retry_until "$START_TIMEOUT" "garage status on node $2" garage status
-  log "$1: node $2 started again"
+  # Connect to every running peer now and wait until this node sees them all
+  # healthy: before that, requests through any node can fail with "Could not
+  # reach quorum" although only one node was ever down.
+  # Each node keeps its own view, and a peer's view of the restarted node only
+  # recovers on that peer's retry timer: connect in both directions and check
+  # every running node's view.
+  local m peer self_var="NODE$2_PEER" running=("$2")
+  for ((m = 1; m <= CLUSTER_NODES; m++)); do
+    ((m == $2)) && continue
+    node_running "$1" "$m" || continue
+    running+=("$m")
+    var="NODE${m}_PEER"
+    peer=${!var}
+    retry_until "$START_TIMEOUT" "connect node $2 to node $m" garage node connect "$peer"
+    GCFG="$RUN/$1/node$m/garage.toml"
+    retry_until "$START_TIMEOUT" "connect node $m to node $2" garage node connect "${!self_var}"
+    GCFG="$RUN/$1/node$2/garage.toml"
+  done
+  for m in "${running[@]}"; do
+    GCFG="$RUN/$1/node$m/garage.toml"
+    retry_until "$START_TIMEOUT" "node $m to see ${#running[@]} healthy nodes" \
+      garage_healthy_at_least "${#running[@]}"
+  done
+  log "$1: node $2 started again; ${#running[@]} nodes see each other"
+}
+
+node_running() { # kind n
+  local role pid marker
+  while read -r role pid marker; do
+    if [ "$role" = "node$2" ] && pid_alive "$pid" "$marker"; then return 0; fi
+  done <"$(pidfile "$1")"
+  return 1
+}
+
+# Succeeds when `garage status` (via $GCFG) lists at least N healthy nodes.
+garage_healthy_at_least() {
+  local healthy
+  healthy=$(garage status 2>/dev/null | sed -n '/HEALTHY NODES/,/^$/p' | grep -cE '^[0-9a-f]{16} ' || true)
+  echo "healthy nodes: $healthy"
+  ((healthy >= $1))
 }
 
 # ---------------------------------------------------------------- commands
