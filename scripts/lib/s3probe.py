@@ -160,9 +160,13 @@ def cond():
     b = bucket()
     key = f"_cond/{uuid.uuid4().hex}"
 
+    # A fresh client (so a fresh connection) per conditional PUT: s3s-fs 0.14.1
+    # sometimes closes a keep-alive connection after a 412 without reading the
+    # body, and the next request on it fails. That is a transport quirk, not the
+    # conditional semantics measured here (see docs/testing.md).
     def status_of(fn):
         try:
-            fn()
+            fn(client())
             return "200"
         except c.exceptions.ClientError as e:
             status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
@@ -171,12 +175,12 @@ def cond():
                 print(f"cond: HTTP {status} {err.get('Code')}: {err.get('Message')}", file=sys.stderr)
             return status
 
-    first = status_of(lambda: c.put_object(Bucket=b, Key=key, Body=b"one", IfNoneMatch="*"))
-    second = status_of(lambda: c.put_object(Bucket=b, Key=key, Body=b"two", IfNoneMatch="*"))
+    first = status_of(lambda k: k.put_object(Bucket=b, Key=key, Body=b"one", IfNoneMatch="*"))
+    second = status_of(lambda k: k.put_object(Bucket=b, Key=key, Body=b"two", IfNoneMatch="*"))
     etag_now = c.head_object(Bucket=b, Key=key)["ETag"]
     stale = '"00000000000000000000000000000000"'
-    third = status_of(lambda: c.put_object(Bucket=b, Key=key, Body=b"three", IfMatch=stale))
-    fourth = status_of(lambda: c.put_object(Bucket=b, Key=key, Body=b"four", IfMatch=etag_now))
+    third = status_of(lambda k: k.put_object(Bucket=b, Key=key, Body=b"three", IfMatch=stale))
+    fourth = status_of(lambda k: k.put_object(Bucket=b, Key=key, Body=b"four", IfMatch=etag_now))
     final = c.get_object(Bucket=b, Key=key)["Body"].read().decode()
     c.delete_object(Bucket=b, Key=key)
     create_ok = first == "200" and second in ("412", "409")
