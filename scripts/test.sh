@@ -30,9 +30,10 @@ say() { printf '\n==== %s\n' "$*"; }
 SUMMARY=()
 FAILED=0
 STARTED=() # the kind this run started and has not stopped yet (one at a time)
+SUITE_PID= # the running S3 suite, so a signal can stop it before the server
 
 record() { # name status seconds [note]
-  local line="SUMMARY $1: $2 ($3s${4:+, $4})"
+  local line="SUMMARY $1: $2 [$3s${4:+; $4}]"
   SUMMARY+=("$line")
   echo "$line"
   if [ "$2" != ok ]; then
@@ -50,6 +51,11 @@ print_summary() {
 cleanup() {
   local rc=$? k
   trap - EXIT INT TERM
+  if [ -n "$SUITE_PID" ] && kill -0 "$SUITE_PID" 2>/dev/null; then
+    # timeout(1) passes the signal on to the whole cargo/test-binary group.
+    kill -TERM "$SUITE_PID" 2>/dev/null || true
+    wait "$SUITE_PID" 2>/dev/null || true
+  fi
   for k in "${STARTED[@]}"; do
     bash "$S3" stop "$k" || true
   done
@@ -118,11 +124,22 @@ s3_kinds() {
   echo "$kinds"
 }
 
-run_suite() { # kind
+# run_suite [ENV-LINES]: the S3 suite with the given export lines applied. It runs
+# in the background with `wait`, because bash defers a trap until a foreground
+# child exits: SIGTERM/Ctrl-C must stop the suite and the server promptly.
+run_suite() {
   if [ ! -f tests/s3_suite.rs ]; then
     return 0
   fi
-  timeout --kill-after=30 "$SUITE_TIMEOUT" cargo test --test s3_suite -- --test-threads=2
+  local rc=0
+  (
+    eval "${1:-}"
+    exec timeout --kill-after=30 "$SUITE_TIMEOUT" cargo test --test s3_suite -- --test-threads=2
+  ) &
+  SUITE_PID=$!
+  wait "$SUITE_PID" || rc=$?
+  SUITE_PID=
+  return "$rc"
 }
 
 # One kind: start, export its env in a subshell, run the suite, stop.
@@ -135,7 +152,7 @@ s3_kind() {
       record "s3 external" "FAILED (TIERINDEX_S3_ENDPOINT not set)" 0
       return
     fi
-    run_suite external || rc=$?
+    run_suite || rc=$?
   else
     STARTED+=("$kind")
     if ! envs=$(bash "$S3" start "$kind"); then
@@ -145,10 +162,7 @@ s3_kind() {
       return
     fi
     cw=$(sed -n 's/^export TIERINDEX_S3_CONDITIONAL_WRITES=//p' <<<"$envs")
-    (
-      eval "$envs"
-      run_suite "$kind"
-    ) || rc=$?
+    run_suite "$envs" || rc=$?
     bash "$S3" stop "$kind" || true
     STARTED=()
   fi
