@@ -269,8 +269,12 @@ do_stop() {
   fi
   while read -r role pid marker; do
     [ -n "$role" ] || continue
-    stop_pid "$pid" "$marker" TERM
-    log "$kind: stopped $role (pid $pid)"
+    if pid_alive "$pid" "$marker"; then
+      stop_pid "$pid" "$marker" TERM
+      log "$kind: stopped $role (pid $pid)"
+    else
+      log "$kind: $role (pid $pid) was not running; nothing signalled"
+    fi
   done <"$f"
   rm -f "$f" "$RUN/$kind/env"
 }
