@@ -124,9 +124,24 @@ cargo_install() { # name version root features...
   log "building $name $version into $root (one-time; later runs reuse it)"
   # Own target dir: never touch the project's target/ nor a CARGO_TARGET_DIR the
   # caller exported for the project; removed after a successful install.
-  local build="$CACHE/build-$name"
+  local build="$CACHE/build-$name" ilog="$CACHE/install-$name.log" pid rc=0
   CARGO_TARGET_DIR="$build" cargo install "$name@$version" --locked "$@" --root "$root" \
-    >>"$CACHE/install-$name.log" 2>&1 || die "cargo install $name failed; see $CACHE/install-$name.log"
+    >>"$ilog" 2>&1 &
+  pid=$!
+  # A background job ignores Ctrl-C in a script: stop the build if we exit.
+  trap 'kill "$pid" 2>/dev/null || true' EXIT
+  trap 'exit 130' INT TERM
+  # A heartbeat, so a build of several minutes does not look like a hang.
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in $(seq 60); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 1
+    done
+    kill -0 "$pid" 2>/dev/null && log "still building $name ($(($(now) - t0))s): $(tail -n 1 "$ilog" | cut -c1-80)"
+  done
+  wait "$pid" || rc=$?
+  trap - EXIT INT TERM
+  [ "$rc" = 0 ] || die "cargo install $name failed (exit $rc); see $ilog"
   rm -rf "$build"
   local took=$(($(now) - t0))
   echo "$took" >"$root/INSTALL_SECONDS"
