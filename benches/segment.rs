@@ -26,11 +26,17 @@ fn env_u32(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// `cargo test --all-targets` runs this file once as a smoke test (no
+/// `--bench` argument): keep that run small; `cargo bench` gets full size.
+fn full_size() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
 fn items() -> u32 {
-    env_u32("TIERINDEX_BENCH_ITEMS", 10_000_000)
+    env_u32("TIERINDEX_BENCH_ITEMS", if full_size() { 10_000_000 } else { 20_000 })
 }
 fn slots() -> u32 {
-    env_u32("TIERINDEX_BENCH_SLOTS", 1 << 20)
+    env_u32("TIERINDEX_BENCH_SLOTS", if full_size() { 1 << 20 } else { 1 << 10 })
 }
 
 static RESULTS: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
