@@ -31,6 +31,10 @@ struct S3 {
     secret: String,
 }
 
+/// Node-loss tests stop servers; they run alone (write lock), every other
+/// test holds a read lock for its whole body.
+static SERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn s3() -> Option<S3> {
     let get = |k: &str| std::env::var(format!("TIERINDEX_S3_{k}")).ok();
     match (get("KIND"), get("ENDPOINT"), get("BUCKET")) {
@@ -121,6 +125,7 @@ fn upload_cfg(s: &S3) -> UploadConfig {
 #[tokio::test]
 async fn probe_reports_what_the_server_does() {
     let Some(s) = s3() else { return };
+    let _g = SERVER.read().await;
     let caps = probe::probe(&s.store(&unique("probe"))).await.unwrap();
     eprintln!("{}: {caps:?}", s.kind);
     assert!(caps.range_get, "{caps:?}");
@@ -143,6 +148,7 @@ async fn probe_reports_what_the_server_does() {
 #[tokio::test]
 async fn upload_verify_and_create_only_semantics() {
     let Some(s) = s3() else { return };
+    let _g = SERVER.read().await;
     let d = tempfile::tempdir().unwrap();
     let store = s.store(&unique("put"));
     let cfg = upload_cfg(&s);
@@ -190,6 +196,7 @@ async fn upload_verify_and_create_only_semantics() {
 #[tokio::test]
 async fn multipart_upload_above_threshold() {
     let Some(s) = s3() else { return };
+    let _g = SERVER.read().await;
     let d = tempfile::tempdir().unwrap();
     let store = s.store(&unique("mp"));
     // 250k items * 32 bytes = 8 MB: two parts of 5 MiB.
@@ -233,6 +240,7 @@ fn config(s: &S3, data: &Path, prefix: &str) -> Config {
 #[tokio::test]
 async fn abandoned_multipart_attempt_is_aborted_and_the_segment_uploaded_on_restart() {
     let Some(s) = s3() else { return };
+    let _g = SERVER.read().await;
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("resume");
     let mut cfg = config(&s, d.path(), &prefix);
@@ -366,6 +374,7 @@ fn demo(s: &S3, data: &Path, prefix: &str) -> Kid {
 #[test]
 fn sigterm_drains_the_real_binary_and_sigkill_then_drain_recovers() {
     let Some(s) = s3() else { return };
+    let _g = SERVER.blocking_read();
     // SIGTERM: exit 0, everything committed, including the last partial segment.
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("sigterm");
@@ -410,6 +419,7 @@ fn sigterm_drains_the_real_binary_and_sigkill_then_drain_recovers() {
 #[test]
 fn verify_and_an_external_client_see_the_same_objects() {
     let Some(s) = s3() else { return };
+    let _g = SERVER.blocking_read();
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("external");
     let out = cli(&s, d.path(), &prefix)
@@ -500,4 +510,135 @@ print(json.dumps(out))
     );
     let vj: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     assert_eq!(vj["bad"].as_array().unwrap().len(), 2, "{vj}");
+}
+
+/// garage-cluster only: the node helper of scripts/s3-server.sh.
+fn node(op: &str, n: u32) {
+    let script = std::env::var("TIERINDEX_S3_SERVER_SCRIPT").expect("TIERINDEX_S3_SERVER_SCRIPT");
+    let st = Command::new("bash")
+        .arg(script)
+        .arg(op)
+        .arg("garage-cluster")
+        .arg(n.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "{op} {n} failed");
+}
+
+/// Restarts the nodes it stopped, whatever happens to the test.
+struct Down(Vec<u32>);
+impl Drop for Down {
+    fn drop(&mut self) {
+        for n in self.0.drain(..) {
+            node("start-node", n);
+        }
+    }
+}
+
+#[test]
+fn node_loss_one_node_down_mid_drain_loses_nothing() {
+    let Some(s) = s3() else { return };
+    if s.kind != "garage-cluster" {
+        eprintln!(
+            "not applicable: node loss needs garage-cluster (this is {})",
+            s.kind
+        );
+        return;
+    }
+    let _x = SERVER.blocking_write();
+    let d = tempfile::tempdir().unwrap();
+    let prefix = unique("nodeloss1");
+    let mut k = Kid(cli(&s, d.path(), &prefix)
+        .args([
+            "demo",
+            "--segment-items",
+            "2000",
+            "--rate",
+            "40000",
+            "--entries",
+            "40000",
+            "--deadline",
+            "120s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    std::thread::sleep(Duration::from_millis(700));
+    node("stop-node", 3);
+    let down = Down(vec![3]);
+    assert_eq!(
+        wait_exit(&mut k, Duration::from_secs(180)),
+        0,
+        "drain must complete with one of three nodes down"
+    );
+    drop(down);
+    let st = status_json(&s, d.path(), &prefix);
+    let segs = st["segments"].as_array().unwrap();
+    assert_eq!(segs.len(), 20, "{st}");
+    assert!(segs.iter().all(|r| r["state"] == "Committed"), "{st}");
+    let v = cli(&s, d.path(), &prefix).arg("verify").output().unwrap();
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+}
+
+#[test]
+fn node_loss_two_nodes_down_honours_the_deadline_and_a_later_drain_finishes() {
+    let Some(s) = s3() else { return };
+    if s.kind != "garage-cluster" {
+        eprintln!(
+            "not applicable: node loss needs garage-cluster (this is {})",
+            s.kind
+        );
+        return;
+    }
+    let _x = SERVER.blocking_write();
+    let d = tempfile::tempdir().unwrap();
+    let prefix = unique("nodeloss2");
+    node("stop-node", 2);
+    node("stop-node", 3);
+    let down = Down(vec![2, 3]);
+    let started = Instant::now();
+    let mut k = Kid(cli(&s, d.path(), &prefix)
+        .args([
+            "demo",
+            "--segment-items",
+            "2000",
+            "--rate",
+            "40000",
+            "--entries",
+            "8000",
+            "--deadline",
+            "5s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let code = wait_exit(&mut k, Duration::from_secs(90));
+    assert_eq!(code, 3, "work must be reported pending (exit 3)");
+    eprintln!(
+        "two nodes down: exited {code} after {:?}",
+        started.elapsed()
+    );
+    let st = status_json(&s, d.path(), &prefix);
+    assert_eq!(st["totals"]["pending_segments"], 4, "{st}");
+    drop(down); // nodes back
+    let out = cli(&s, d.path(), &prefix)
+        .args(["drain", "--deadline", "120s"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = status_json(&s, d.path(), &prefix);
+    assert_eq!(st["totals"]["pending_segments"], 0, "{st}");
 }
