@@ -45,6 +45,10 @@ pub struct Config {
     pub tick_ms: u64,
     /// Serve Prometheus metrics here (e.g. `127.0.0.1:9464`).
     pub metrics_addr: Option<String>,
+    /// Probe the store at open (a few small requests under `_probe/`) to
+    /// learn whether it honours conditional creates. Off: assume it does not
+    /// (every upload is read back in full; always safe, slower).
+    pub probe_store: bool,
 }
 
 impl Default for Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             shutdown_deadline_ms: 20_000,
             tick_ms: 200,
             metrics_addr: None,
+            probe_store: true,
         }
     }
 }

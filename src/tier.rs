@@ -298,22 +298,28 @@ pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared
     // If-None-Match; there every upload is read back to prove it is ours.
     // Unreachable store: assume the worst (false) and say so.
     let mut upload = cfg.upload_config();
-    let caps_note = match tokio::time::timeout(
-        Duration::from_secs(10),
-        crate::remote::probe::probe(&store),
-    )
-    .await
-    {
-        Ok(Ok(c)) => {
+    let probed = if cfg.probe_store {
+        Some(
+            tokio::time::timeout(Duration::from_secs(10), crate::remote::probe::probe(&store))
+                .await,
+        )
+    } else {
+        None
+    };
+    let caps_note = match probed {
+        None => None,
+        Some(Ok(Ok(c))) => {
             upload.trust_conditional_create = c.conditional_create;
             (!c.conditional_create).then(|| {
                 "store ignores conditional creates (If-None-Match): every upload is read back to prove it is ours".to_string()
             })
         }
-        Ok(Err(e)) => Some(format!(
+        Some(Ok(Err(e))) => Some(format!(
             "store capability probe failed ({e}); assuming no conditional writes"
         )),
-        Err(_) => Some("store capability probe timed out; assuming no conditional writes".into()),
+        Some(Err(_)) => {
+            Some("store capability probe timed out; assuming no conditional writes".into())
+        }
     };
     let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let previous_shutdown_clean = marker.exists();
