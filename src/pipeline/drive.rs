@@ -130,6 +130,22 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     }
                 }
                 let local = local_path(sh, id);
+                if !local.exists() && rec.state == SegmentState::Sealed {
+                    // The journal may have fallen back to Sealed (a cut
+                    // journal) after the object was uploaded and the local
+                    // copy released: prove it from the store before giving up.
+                    if upload::remote_matches(&sh.store, &key, &rec.meta).await? == RemoteMatch::Matches {
+                        sh.journal
+                            .append(vec![Record::Uploading {
+                                id,
+                                attempt: rec.attempt + 1,
+                                key: key.to_string(),
+                                multipart_id: None,
+                            }])
+                            .await?;
+                        continue;
+                    }
+                }
                 if !local.exists() {
                     return quarantine(
                         sh,
