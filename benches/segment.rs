@@ -33,10 +33,16 @@ fn full_size() -> bool {
 }
 
 fn items() -> u32 {
-    env_u32("TIERINDEX_BENCH_ITEMS", if full_size() { 10_000_000 } else { 20_000 })
+    env_u32(
+        "TIERINDEX_BENCH_ITEMS",
+        if full_size() { 10_000_000 } else { 20_000 },
+    )
 }
 fn slots() -> u32 {
-    env_u32("TIERINDEX_BENCH_SLOTS", if full_size() { 1 << 20 } else { 1 << 10 })
+    env_u32(
+        "TIERINDEX_BENCH_SLOTS",
+        if full_size() { 1 << 20 } else { 1 << 10 },
+    )
 }
 
 static RESULTS: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
