@@ -833,13 +833,13 @@ async fn completed_but_unjournaled_upload_is_adopted_not_rewritten() {
 /// `request_timeout_ms` (250 ms here) and retried, like every other request.
 ///
 /// Today the pipeline's own verification of an `Uploaded` segment
-/// (`src/pipeline/drive.rs:187`, `upload::verify_segment`) runs under
+/// (`src/pipeline/drive.rs:221`, `upload::verify_segment`) runs under
 /// `UploadConfig::default().retry_policy()` (`src/upload/verify.rs:233`):
 /// 60 s per attempt, 5 attempts, whatever the configuration says. The same
-/// holds for the resume path's `remote_matches` (`drive.rs:103`,
-/// `verify.rs:269`) and `abort_multipart` (`drive.rs:95`, `put.rs:404`).
+/// holds for the resume path's `remote_matches` (`drive.rs:110` and `:137`,
+/// `verify.rs:269`) and `abort_multipart` (`drive.rs:102`, `put.rs:404`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: drive.rs:187 verifies with the default 60 s retry policy, not Config::request_timeout_ms (also drive.rs:95, :103)"]
+#[ignore = "BUG: src/pipeline/drive.rs:221 verifies with the default 60 s retry policy, not Config::request_timeout_ms (also :102, :110, :137)"]
 async fn hung_verification_read_is_cut_at_the_configured_timeout() {
     let mut rig = Rig::new(Kind::Memory, 61, "verify-timeout");
     rig.cfg.multipart_threshold_bytes = 1 << 30; // one PUT
