@@ -481,6 +481,22 @@ impl IndexWriter {
         }
     }
 
+    /// Highest offset held in any local segment (scans the active ones).
+    pub fn max_offset(&self) -> Option<u64> {
+        let sealed = self
+            .sealed
+            .values()
+            .filter(|s| s.footer().item_count > 0)
+            .map(|s| s.footer().max_offset);
+        let open = self
+            .frozen
+            .values()
+            .map(|f| f.as_ref())
+            .chain(self.active.as_ref())
+            .flat_map(|a| a.entries().into_iter().map(|e| e.offset));
+        sealed.chain(open).max()
+    }
+
     pub fn active_id(&self) -> Option<SegmentId> {
         self.active.as_ref().map(|a| a.id())
     }

@@ -116,6 +116,16 @@ impl TierIndex {
             let mut w = sh.writer.lock().unwrap_or_else(|p| p.into_inner());
             w.set_seal_notify(Arc::new(move || n.notify_one()));
         }
+        // Learn whether creates are conditional in the background: start-up
+        // must not wait on the store (uploads assume the worst until then).
+        if cfg.probe_store {
+            let sh = sh.clone();
+            tokio::spawn(async move {
+                if let Some(note) = sh.probe_store().await {
+                    tracing::warn!("{note}");
+                }
+            });
+        }
         let (stop, stop_rx) = watch::channel(false);
         let worker = tokio::spawn(worker(
             sh.clone(),
@@ -190,6 +200,22 @@ impl TierIndex {
         st
     }
 
+    /// Highest offset ever indexed here: local segments and every segment
+    /// the journal knows (including released ones). A simulated broker
+    /// continues after it.
+    pub fn max_offset(&self) -> Option<u64> {
+        let journaled = self
+            .sh()
+            .journal
+            .read()
+            .segments()
+            .values()
+            .filter(|r| r.meta.item_count > 0)
+            .map(|r| r.meta.max_offset)
+            .max();
+        journaled.max(self.writer().max_offset())
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         self.sh().metrics.clone()
     }
@@ -207,9 +233,15 @@ impl TierIndex {
         let _ = self.stop.send(true);
         self.notify.notify_one();
         let mut sched = match self.worker.take() {
-            Some(w) => match tokio::time::timeout_at(until.into(), w).await {
+            Some(mut w) => match tokio::time::timeout_at(until.into(), &mut w).await {
                 Ok(Ok(s)) => s,
-                _ => Scheduler::new(sh.clone()),
+                _ => {
+                    // Never leave a detached worker uploading next to the
+                    // drain's own scheduler.
+                    w.abort();
+                    let _ = w.await;
+                    Scheduler::new(sh.clone())
+                }
             },
             None => Scheduler::new(sh.clone()),
         };
@@ -294,33 +326,6 @@ impl TierIndex {
 /// Shared by [`TierIndex`] and the standalone `drain`.
 pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared>, OpenReport)> {
     let dd = DataDir::open(&cfg.data_dir)?;
-    // Does a create really refuse to overwrite on this store? Garage ignores
-    // If-None-Match; there every upload is read back to prove it is ours.
-    // Unreachable store: assume the worst (false) and say so.
-    let mut upload = cfg.upload_config();
-    let probed = if cfg.probe_store {
-        Some(
-            tokio::time::timeout(Duration::from_secs(10), crate::remote::probe::probe(&store))
-                .await,
-        )
-    } else {
-        None
-    };
-    let caps_note = match probed {
-        None => None,
-        Some(Ok(Ok(c))) => {
-            upload.trust_conditional_create = c.conditional_create;
-            (!c.conditional_create).then(|| {
-                "store ignores conditional creates (If-None-Match): every upload is read back to prove it is ours".to_string()
-            })
-        }
-        Some(Ok(Err(e))) => Some(format!(
-            "store capability probe failed ({e}); assuming no conditional writes"
-        )),
-        Some(Err(_)) => {
-            Some("store capability probe timed out; assuming no conditional writes".into())
-        }
-    };
     let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let previous_shutdown_clean = marker.exists();
     if previous_shutdown_clean {
@@ -341,7 +346,8 @@ pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared
         journal: JournalHandle::start(journal)?,
         store,
         stream: cfg.stream.clone(),
-        upload,
+        upload: cfg.upload_config(),
+        trust_create: std::sync::atomic::AtomicBool::new(false),
         release_after_commit: cfg.release_after_commit,
         max_in_flight: cfg.max_uploads_in_flight,
         metrics,
@@ -353,8 +359,7 @@ pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .poll_sealed()?;
-    let mut notes = sh.reconcile_local().await?;
-    notes.extend(caps_note);
+    let notes = sh.reconcile_local().await?;
     for n in &notes {
         tracing::warn!("{n}");
     }

@@ -563,12 +563,10 @@ fn first_sigterm_with_dead_store_exits_pending_within_deadline() {
 /// sequence ("Resume the offset sequence after what a previous run left",
 /// `src/cli/demo.rs`), so offsets stay unique across restarts.
 ///
-/// Today it starts at `ti.status().active_items` (`src/cli/demo.rs:67`): the
-/// item count of the reopened active segment, which is 0 after a clean
-/// shutdown (the active segment was sealed) and only that segment's count
-/// after a kill. The second run appends offsets 0.. again.
+/// (It once restarted at the active segment's item count, 0 after a clean
+/// shutdown, and appended offsets 0.. again.)
 #[test]
-#[ignore = "BUG: src/cli/demo.rs:67 resumes offsets at the active segment's item count, not after the highest offset"]
+
 fn demo_restart_continues_the_offset_sequence() {
     let d = Dirs::new();
     let store = d.store_url();

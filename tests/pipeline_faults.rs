@@ -832,14 +832,10 @@ async fn completed_but_unjournaled_upload_is_adopted_not_rewritten() {
 /// A read-back that hangs must be cut off after the configured
 /// `request_timeout_ms` (250 ms here) and retried, like every other request.
 ///
-/// Today the pipeline's own verification of an `Uploaded` segment
-/// (`src/pipeline/drive.rs:221`, `upload::verify_segment`) runs under
-/// `UploadConfig::default().retry_policy()` (`src/upload/verify.rs:233`):
-/// 60 s per attempt, 5 attempts, whatever the configuration says. The same
-/// holds for the resume path's `remote_matches` (`drive.rs:110` and `:137`,
-/// `verify.rs:269`) and `abort_multipart` (`drive.rs:102`, `put.rs:404`).
+/// (The pipeline's own verification, resume check and multipart abort once
+/// ran under the default 60 s policy whatever the configuration said.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: src/pipeline/drive.rs:221 verifies with the default 60 s retry policy, not Config::request_timeout_ms (also :102, :110, :137)"]
+
 async fn hung_verification_read_is_cut_at_the_configured_timeout() {
     let mut rig = Rig::new(Kind::Memory, 61, "verify-timeout");
     rig.cfg.multipart_threshold_bytes = 1 << 30; // one PUT

@@ -63,8 +63,8 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     let deadline = a
         .deadline
         .unwrap_or(Duration::from_millis(ti.config().shutdown_deadline_ms));
-    // Offsets continue after the entries of a recovered active segment.
-    let mut offset = ti.status().active_items as u64;
+    // Offsets continue after everything a previous run indexed.
+    let mut offset = ti.max_offset().map_or(0, |m| m + 1);
     if !cli.json {
         eprintln!(
             "tierindex demo: data {} -> store {} ({} entries/s; Ctrl-C to stop and drain)",

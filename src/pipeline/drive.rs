@@ -99,7 +99,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
             SegmentState::Sealed | SegmentState::Uploading => {
                 if rec.state == SegmentState::Uploading {
                     if let Some(mp) = rec.multipart_id.clone() {
-                        upload::abort_multipart(&sh.store, &key, &mp).await?;
+                        upload::abort_multipart_cfg(&sh.store, &key, &mp, &sh.upload).await?;
                         sh.journal
                             .append(vec![Record::MultipartAborted {
                                 id,
@@ -107,7 +107,8 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             }])
                             .await?;
                     }
-                    match upload::remote_matches(&sh.store, &key, &rec.meta).await? {
+                    match upload::remote_matches_cfg(&sh.store, &key, &rec.meta, &sh.upload).await?
+                    {
                         RemoteMatch::Matches => {
                             sh.journal
                                 .append(vec![Record::Uploaded {
@@ -134,7 +135,9 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     // The journal may have fallen back to Sealed (a cut
                     // journal) after the object was uploaded and the local
                     // copy released: prove it from the store before giving up.
-                    if upload::remote_matches(&sh.store, &key, &rec.meta).await? == RemoteMatch::Matches {
+                    if upload::remote_matches_cfg(&sh.store, &key, &rec.meta, &sh.upload).await?
+                        == RemoteMatch::Matches
+                    {
                         sh.journal
                             .append(vec![Record::Uploading {
                                 id,
@@ -173,10 +176,9 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     key: key.to_string(),
                 };
                 let started = std::time::Instant::now();
-                match upload::put_segment(
-                    &sh.store, &key, &local, &rec.meta, &sh.upload, &mut hooks,
-                )
-                .await
+                let cfg = sh.upload_config();
+                match upload::put_segment(&sh.store, &key, &local, &rec.meta, &cfg, &mut hooks)
+                    .await
                 {
                     Ok(out) => {
                         let (etag, version) = match out {
@@ -218,7 +220,15 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 }
             }
             SegmentState::Uploaded => {
-                match upload::verify_segment(&sh.store, &key, &rec.meta, sh.upload.verify).await {
+                match upload::verify_segment_cfg(
+                    &sh.store,
+                    &key,
+                    &rec.meta,
+                    sh.upload.verify,
+                    &sh.upload,
+                )
+                .await
+                {
                     Ok(()) => sh.journal.append(vec![Record::Verified { id }]).await?,
                     Err(e @ Error::Corrupt { .. }) => {
                         verify_failures += 1;

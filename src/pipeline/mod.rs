@@ -41,6 +41,10 @@ pub struct Shared {
     pub store: RemoteStore,
     pub stream: String,
     pub upload: UploadConfig,
+    /// Set once the capability probe proved that creates are conditional
+    /// on this store; until then (and on stores like Garage) every upload is
+    /// checked before and read back after, which is always safe.
+    pub trust_create: std::sync::atomic::AtomicBool,
     pub seg_dir: PathBuf,
     pub release_after_commit: bool,
     pub max_in_flight: usize,
@@ -48,6 +52,39 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The upload settings in force now (the probe may have answered).
+    pub fn upload_config(&self) -> UploadConfig {
+        UploadConfig {
+            trust_conditional_create: self.trust_create.load(std::sync::atomic::Ordering::Acquire),
+            ..self.upload.clone()
+        }
+    }
+
+    /// Probe the store and record whether creates are conditional; returns
+    /// a note for the operator when they are not (or the probe failed).
+    pub async fn probe_store(&self) -> Option<String> {
+        let limit = self
+            .upload
+            .request_timeout
+            .max(std::time::Duration::from_secs(1))
+            * 2;
+        match tokio::time::timeout(limit, crate::remote::probe::probe(&self.store)).await {
+            Ok(Ok(c)) => {
+                self.trust_create
+                    .store(c.conditional_create, std::sync::atomic::Ordering::Release);
+                (!c.conditional_create).then(|| {
+                    "store ignores conditional creates (If-None-Match): every upload is read back to prove it is ours".to_string()
+                })
+            }
+            Ok(Err(e)) => Some(format!(
+                "store capability probe failed ({e}); assuming no conditional writes"
+            )),
+            Err(_) => {
+                Some("store capability probe timed out; assuming no conditional writes".into())
+            }
+        }
+    }
+
     /// True when `state` still needs a drive under the release policy.
     pub fn needs_work(&self, state: SegmentState) -> bool {
         match state {
@@ -175,6 +212,9 @@ pub struct Scheduler {
     sh: Arc<Shared>,
     tasks: JoinSet<(SegmentId, Result<SegmentState>)>,
     in_flight: BTreeSet<SegmentId>,
+    /// Which segment each task drives, so a panicked or cancelled task
+    /// still frees its segment for a retry.
+    task_ids: BTreeMap<tokio::task::Id, SegmentId>,
     retry_at: BTreeMap<SegmentId, (Instant, u32)>,
     last_error: BTreeMap<SegmentId, String>,
     done: u64,
@@ -187,6 +227,7 @@ impl Scheduler {
             sh,
             tasks: JoinSet::new(),
             in_flight: BTreeSet::new(),
+            task_ids: BTreeMap::new(),
             retry_at: BTreeMap::new(),
             last_error: BTreeMap::new(),
             done: 0,
@@ -231,10 +272,21 @@ impl Scheduler {
 
     /// Wait for one drive to finish and account for it. `None` when idle.
     pub async fn join_one(&mut self) -> Option<()> {
-        let joined = self.tasks.join_next().await?;
+        let joined = self.tasks.join_next_with_id().await?;
         match joined {
-            Ok((id, res)) => self.account(id, res),
-            Err(e) => tracing::error!(error = %e, "upload task panicked or was cancelled"),
+            Ok((tid, (id, res))) => {
+                self.task_ids.remove(&tid);
+                self.account(id, res);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "upload task panicked or was cancelled");
+                if let Some(id) = self.task_ids.remove(&e.id()) {
+                    self.account(
+                        id,
+                        Err(Error::RemoteRetryable(format!("upload task ended: {e}"))),
+                    );
+                }
+            }
         }
         Some(())
     }
@@ -310,9 +362,15 @@ impl Scheduler {
         }
         if !self.tasks.is_empty() {
             self.tasks.abort_all();
-            while let Some(j) = self.tasks.join_next().await {
-                if let Ok((id, res)) = j {
-                    self.account(id, res);
+            while let Some(j) = self.tasks.join_next_with_id().await {
+                match j {
+                    Ok((tid, (id, res))) => {
+                        self.task_ids.remove(&tid);
+                        self.account(id, res);
+                    }
+                    Err(e) => {
+                        self.task_ids.remove(&e.id());
+                    }
                 }
             }
             self.in_flight.clear();

@@ -54,8 +54,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
 
-pub use put::{abort_multipart, put_segment};
-pub use verify::{remote_matches, verify_segment};
+pub use put::{abort_multipart, abort_multipart_cfg, put_segment};
+pub use verify::{remote_matches, remote_matches_cfg, verify_segment, verify_segment_cfg};
 
 /// How much of an uploaded object is read back to check it.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

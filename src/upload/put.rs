@@ -401,9 +401,18 @@ async fn abort_quietly(
 /// aborted, expired) is success; so is a store without a multipart API
 /// (no upload can exist there).
 pub async fn abort_multipart(store: &RemoteStore, key: &Path, upload_id: &str) -> Result<()> {
-    let policy = UploadConfig::default().retry_policy();
+    abort_multipart_cfg(store, key, upload_id, &UploadConfig::default()).await
+}
+
+/// [`abort_multipart`] under the caller's retry and timeout settings.
+pub async fn abort_multipart_cfg(
+    store: &RemoteStore,
+    key: &Path,
+    upload_id: &str,
+    cfg: &UploadConfig,
+) -> Result<()> {
     let mut rng = fastrand::Rng::new();
-    abort_with(store, key, upload_id, &policy, &mut rng).await
+    abort_with(store, key, upload_id, &cfg.retry_policy(), &mut rng).await
 }
 
 async fn abort_with(

@@ -236,6 +236,29 @@ pub async fn verify_segment(
     .await
 }
 
+/// [`verify_segment`] under the caller's retry and timeout settings.
+pub async fn verify_segment_cfg(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+    level: VerifyLevel,
+    cfg: &UploadConfig,
+) -> Result<()> {
+    let mut rng = fastrand::Rng::new();
+    verify_with(store, key, meta, level, &cfg.retry_policy(), &mut rng).await
+}
+
+/// [`remote_matches`] under the caller's retry and timeout settings.
+pub async fn remote_matches_cfg(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+    cfg: &UploadConfig,
+) -> Result<RemoteMatch> {
+    let mut rng = fastrand::Rng::new();
+    remote_matches_with(store, key, meta, &cfg.retry_policy(), &mut rng).await
+}
+
 pub(crate) async fn verify_with(
     store: &RemoteStore,
     key: &Path,
