@@ -248,6 +248,13 @@ fn classify(name: &str) -> Kind {
 /// In `CheckOnly` mode the returned `Recovered` has no open segments; only
 /// the report is filled.
 pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
+    recover_with(dir, mode, true)
+}
+
+/// [`recover`], choosing whether sealed files get the full check (every
+/// byte's CRC: `fsck`) or the structural one (footer, header, directory:
+/// start-up, whose cost must not grow with the segments kept locally).
+pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Result<Recovered> {
     let started = std::time::Instant::now();
     let seg_dir = dir.segments_dir();
     let mut files: Vec<(Kind, PathBuf)> = Vec::new();
@@ -293,7 +300,12 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
         match kind {
             Kind::Sealed(id) => {
                 bump(*id, &mut out);
-                match SealedSegment::open(path) {
+                let opened = if full_sealed_check {
+                    SealedSegment::open(path)
+                } else {
+                    SealedSegment::open_light(path)
+                };
+                match opened {
                     Ok(s) if s.id() == *id => {
                         sealed_counts.insert(*id, (s.footer().item_count, path.clone()));
                         out.report.sealed_ok.push(id.0);

@@ -153,7 +153,7 @@ impl IndexWriter {
         }
         let seg_dir = dd.segments_dir();
         let dd = Arc::new(dd);
-        let mut rec = datadir::recover(&dd, Mode::Repair)?;
+        let mut rec = datadir::recover_with(&dd, Mode::Repair, false)?;
         let mut ready = Vec::new();
         let newest = rec.actives.keys().next_back().copied();
         let mut active = None;

@@ -118,17 +118,18 @@ impl TierIndex {
         }
         // Learn whether creates are conditional in the background: start-up
         // must not wait on the store (uploads assume the worst until then).
-        if cfg.probe_store {
+        let probe = cfg.probe_store.then(|| {
             let sh = sh.clone();
             tokio::spawn(async move {
                 if let Some(note) = sh.probe_store().await {
                     tracing::warn!("{note}");
                 }
-            });
-        }
+            })
+        });
         let (stop, stop_rx) = watch::channel(false);
         let worker = tokio::spawn(worker(
             sh.clone(),
+            probe,
             notify.clone(),
             stop_rx,
             Duration::from_millis(cfg.tick_ms.max(10)),
@@ -426,11 +427,18 @@ fn update_gauges(sh: &Shared) {
 /// shutdown drain continues them instead of starting over.
 async fn worker(
     sh: Arc<Shared>,
+    probe: Option<tokio::task::JoinHandle<()>>,
     notify: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
     tick: Duration,
 ) -> Scheduler {
     let mut sched = Scheduler::new(sh.clone());
+    // Uploads wait a moment for the capability probe, so a store that
+    // honours conditional creates is not read back needlessly. Seals are
+    // journaled meanwhile, and appends never wait; a slow probe just keeps
+    // the safe path.
+    let uploads_from = Instant::now() + Duration::from_secs(2);
+    let mut probe = probe;
     loop {
         if *stop.borrow() {
             return sched;
@@ -438,17 +446,26 @@ async fn worker(
         if let Err(e) = sh.ingest_sealed(true).await {
             tracing::error!(error = %e, "collecting sealed segments failed");
         }
-        sched.fill();
+        if probe.as_ref().is_some_and(|p| p.is_finished()) {
+            probe = None;
+        }
+        let may_upload = probe.is_none() || Instant::now() >= uploads_from;
+        if may_upload {
+            sched.fill();
+        }
         update_gauges(&sh);
-        let retry = sched
+        let mut wake = sched
             .next_retry()
             .unwrap_or_else(|| Instant::now() + tick)
             .min(Instant::now() + tick);
+        if !may_upload {
+            wake = wake.min(Instant::now() + Duration::from_millis(20));
+        }
         tokio::select! {
             _ = notify.notified() => {}
             _ = stop.changed() => {}
             Some(()) = sched.join_one(), if !sched.is_idle() => {}
-            _ = tokio::time::sleep_until(retry.into()) => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
         }
     }
 }

@@ -346,7 +346,13 @@ async fn scenario(
 /// `faults` (one class) with probability `p` on every request kind, on both
 /// stores at once.
 async fn fault_class(name: &str, faults: Vec<Fault>, p: f64, seed: u64) {
-    let plan = |r: &mut Rig| r.fs.set_random(p, faults.clone(), &Op::ALL);
+    let plan = |r: &mut Rig| {
+        r.fs.set_random(p, faults.clone(), &Op::ALL);
+        // At least one fault of the class, whatever the random draws and the
+        // scheduling do: the first PUT and the first part fail with it.
+        r.fs.fail_next(Op::Put, 1, faults[0].clone());
+        r.fs.fail_next(Op::PutPart, 1, faults[0].clone());
+    };
     let (m, l) = tokio::join!(
         scenario(Kind::Memory, seed, name, plan, Duration::from_secs(6), 6),
         scenario(Kind::Local, seed, name, plan, Duration::from_secs(6), 6),

@@ -189,8 +189,18 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         sh.metrics
                             .upload_latency_ms
                             .observe(started.elapsed().as_millis() as u64);
+                        // put_segment already read the object back (at the
+                        // configured level, Full where the write could have
+                        // replaced other bytes; AlreadyPresent is a full
+                        // comparison), so Uploaded and Verified go into the
+                        // journal together: one fsync, no second read-back.
+                        // The Uploaded arm below runs only after a crash
+                        // between the PUT and this append.
                         sh.journal
-                            .append(vec![Record::Uploaded { id, etag, version }])
+                            .append(vec![
+                                Record::Uploaded { id, etag, version },
+                                Record::Verified { id },
+                            ])
                             .await?;
                     }
                     Err(Error::RemoteConflict(why)) => return quarantine(sh, id, why).await,

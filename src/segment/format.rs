@@ -547,10 +547,9 @@ pub fn decode_slot_dir(
     Ok(out)
 }
 
-/// Check that a full sealed file is valid: footer, header, whole-body CRC,
-/// directory, and that every item sits in the slot its hash names. Returns
-/// the footer and the whole-file CRC.
-pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, u32)> {
+/// The structural part of [`check_sealed`]: length, footer, header, and the
+/// slot directory with its own CRC. No pass over the items.
+pub fn check_sealed_structure(bytes: &[u8]) -> Result<Footer> {
     let len = bytes.len();
     if len < HEADER_LEN + FOOTER_LEN {
         return Err(Error::corrupt(
@@ -565,11 +564,6 @@ pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, u32)> {
             format!("file is {len} bytes, footer says {}", footer.file_len),
         ));
     }
-    let body = &bytes[..len - FOOTER_LEN];
-    let data_crc = crc32fast::hash(body);
-    if data_crc != footer.data_crc {
-        return Err(Error::corrupt("sealed segment", "data checksum mismatch"));
-    }
     let header = Header::decode(bytes, SEALED_MAGIC, SEALED_ITEM_LEN)?;
     if header.segment_id != footer.segment_id
         || header.created_ms != footer.created_ms
@@ -580,6 +574,27 @@ pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, u32)> {
             "sealed segment",
             "header and footer disagree",
         ));
+    }
+    let layout = footer.layout();
+    let dir_bytes = &bytes[layout.dir_offset as usize..layout.items_offset as usize];
+    decode_slot_dir(
+        dir_bytes,
+        footer.slot_count,
+        footer.item_count,
+        footer.dir_crc,
+    )?;
+    Ok(footer)
+}
+
+/// Check that a full sealed file is valid: footer, header, whole-body CRC,
+/// directory, and that every item sits in the slot its hash names. Returns
+/// the footer and the whole-file CRC.
+pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, u32)> {
+    let footer = check_sealed_structure(bytes)?;
+    let body = &bytes[..bytes.len() - FOOTER_LEN];
+    let data_crc = crc32fast::hash(body);
+    if data_crc != footer.data_crc {
+        return Err(Error::corrupt("sealed segment", "data checksum mismatch"));
     }
     let layout = footer.layout();
     let dir_bytes = &bytes[layout.dir_offset as usize..layout.items_offset as usize];
@@ -603,7 +618,7 @@ pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, u32)> {
         }
     }
     let mut h = crc32fast::Hasher::new_with_initial_len(data_crc, body.len() as u64);
-    h.update(&bytes[len - FOOTER_LEN..]);
+    h.update(&bytes[bytes.len() - FOOTER_LEN..]);
     Ok((footer, h.finalize()))
 }
 

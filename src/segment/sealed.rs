@@ -405,13 +405,27 @@ pub struct SealedSegment {
     path: PathBuf,
     map: Mmap,
     footer: Footer,
-    file_crc: u32,
+    /// CRC of the whole file; computed at a full open, else on first use.
+    file_crc: std::sync::OnceLock<u32>,
 }
 
 impl SealedSegment {
     /// Open and fully check a sealed file (footer, header, data CRC,
     /// directory, item checksums). Any failure is `Error::Corrupt`.
     pub fn open(path: &Path) -> Result<SealedSegment> {
+        Self::open_checked(path, true)
+    }
+
+    /// Open with the structural checks only: length, footer (its own CRC),
+    /// header, and the slot directory (its CRC). Reads a few KiB, not the
+    /// whole file, so start-up cost does not grow with the segments kept
+    /// locally. Item checksums are still checked by every lookup, and the
+    /// whole-file CRC before any upload (against the journal).
+    pub fn open_light(path: &Path) -> Result<SealedSegment> {
+        Self::open_checked(path, false)
+    }
+
+    fn open_checked(path: &Path, full: bool) -> Result<SealedSegment> {
         let file = File::open(path).map_err(|e| Error::io(path, "open sealed segment", e))?;
         let len = file
             .metadata()
@@ -428,10 +442,18 @@ impl SealedSegment {
         // under the mapping.
         let map =
             unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "mmap sealed segment", e))?;
-        let (footer, file_crc) = format::check_sealed(&map).map_err(|e| match e {
+        let at_path = |e: Error| match e {
             Error::Corrupt { detail, .. } => Error::corrupt(path.display().to_string(), detail),
             other => other,
-        })?;
+        };
+        let file_crc = std::sync::OnceLock::new();
+        let footer = if full {
+            let (footer, crc) = format::check_sealed(&map).map_err(at_path)?;
+            let _ = file_crc.set(crc);
+            footer
+        } else {
+            format::check_sealed_structure(&map).map_err(at_path)?
+        };
         Ok(SealedSegment {
             path: path.to_path_buf(),
             map,
@@ -450,7 +472,8 @@ impl SealedSegment {
         &self.footer
     }
     pub fn meta(&self) -> SealedMeta {
-        self.footer.meta(self.file_crc)
+        let crc = *self.file_crc.get_or_init(|| crc32fast::hash(&self.map));
+        self.footer.meta(crc)
     }
 
     fn dir_entry(&self, slot: u32) -> u32 {
