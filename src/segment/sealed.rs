@@ -79,10 +79,9 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Build a sealed segment from items laid out every `stride` bytes in
-/// `items`, each starting with the 28-byte packed entry (see
-/// [`PACKED_ENTRY_LEN`]). The active segment's item region is such a layout
-/// (stride 40), so sealing reads the mapping directly, with no decoding.
+/// Build a sealed segment in memory from items laid out every `stride`
+/// bytes in `items`, each starting with the 28-byte packed entry (see
+/// [`PACKED_ENTRY_LEN`]). Same bytes as [`write_sealed_streaming`].
 pub fn build_sealed_packed(
     id: SegmentId,
     created_ms: u64,
@@ -91,110 +90,29 @@ pub fn build_sealed_packed(
     items: &[u8],
     stride: usize,
 ) -> Result<(Vec<u8>, SealedMeta)> {
-    if stride < PACKED_ENTRY_LEN || !items.len().is_multiple_of(stride) {
-        return Err(Error::InvalidInput(format!(
-            "packed items: stride {stride}, {} bytes",
-            items.len()
-        )));
-    }
-    let n = items.len() / stride;
-    let item_count = u32::try_from(n)
-        .ok()
-        .filter(|n| *n <= format::MAX_ITEMS)
-        .ok_or_else(|| Error::InvalidInput(format!("{n} items is too many")))?;
-    if slot_count == 0 || slot_count > format::MAX_SLOTS {
-        return Err(Error::InvalidInput(format!("slot count {slot_count}")));
-    }
-    let layout = SealedLayout::new(slot_count, item_count);
-    let mut buf = vec![0u8; layout.file_len as usize];
-
-    // Pass 1: slot of every item (kept, so pass 2 does not recompute it),
-    // per-slot counts, and the ranges for the footer.
-    let mut slots = Vec::with_capacity(n);
-    let mut dir = vec![0u32; slot_count as usize + 1];
-    let (mut min_ts, mut max_ts, mut min_off, mut max_off) = (u64::MAX, 0, u64::MAX, 0);
-    for it in items.chunks_exact(stride) {
-        let s = slot_of(le_u64(&it[0..8]), slot_count);
-        slots.push(s);
-        dir[s as usize + 1] += 1;
-        let (off, ts) = (le_u64(&it[8..16]), le_u64(&it[16..24]));
-        min_ts = min_ts.min(ts);
-        max_ts = max_ts.max(ts);
-        min_off = min_off.min(off);
-        max_off = max_off.max(off);
-    }
-    if n == 0 {
-        (min_ts, max_ts, min_off, max_off) = (0, 0, 0, 0);
-    }
-    for s in 0..slot_count as usize {
-        dir[s + 1] += dir[s];
-    }
-    debug_assert_eq!(dir[slot_count as usize], item_count);
-
-    // Pass 2: counting-sort placement; append order is kept within a slot.
-    let mut next = dir.clone();
-    let items_at = layout.items_offset as usize;
-    let salt = id.0.to_le_bytes();
-    for (it, s) in items.chunks_exact(stride).zip(&slots) {
-        let at = items_at + next[*s as usize] as usize * SEALED_ITEM_LEN;
-        next[*s as usize] += 1;
-        let out = &mut buf[at..at + SEALED_ITEM_LEN];
-        out[..PACKED_ENTRY_LEN].copy_from_slice(&it[..PACKED_ENTRY_LEN]);
-        let mut h = crc32fast::Hasher::new();
-        h.update(&salt);
-        h.update(&out[..PACKED_ENTRY_LEN]);
-        out[PACKED_ENTRY_LEN..].copy_from_slice(&h.finalize().to_le_bytes());
-    }
-    let header = Header {
-        magic: SEALED_MAGIC,
-        version: format::FORMAT_VERSION,
-        item_len: SEALED_ITEM_LEN as u32,
-        segment_id: id,
-        created_ms,
-        slot_count,
-        items: item_count,
-    };
-    buf[..HEADER_LEN].copy_from_slice(&header.encode());
-    let dir_at = layout.dir_offset as usize;
-    for (c, v) in buf[dir_at..items_at].chunks_exact_mut(4).zip(&dir) {
-        c.copy_from_slice(&v.to_le_bytes());
-    }
-    let dir_crc = crc32fast::hash(&buf[dir_at..items_at]);
-    let footer_at = layout.footer_offset as usize;
-    let data_crc = crc32fast::hash(&buf[..footer_at]);
-    let footer = Footer {
-        segment_id: id,
-        slot_count,
-        item_count: u64::from(item_count),
-        min_ts,
-        max_ts,
-        min_offset: min_off,
-        max_offset: max_off,
+    let mut out = Vec::new();
+    let meta = seal_into(
+        &mut out,
+        id,
         created_ms,
         sealed_ms,
-        file_len: layout.file_len,
-        dir_offset: layout.dir_offset,
-        items_offset: layout.items_offset,
-        dir_crc,
-        data_crc,
-    };
-    buf[footer_at..].copy_from_slice(&footer.encode());
-    let mut h = crc32fast::Hasher::new_with_initial_len(data_crc, footer_at as u64);
-    h.update(&buf[footer_at..]);
-    let file_crc = h.finalize();
-    Ok((buf, footer.meta(file_crc)))
+        slot_count,
+        items,
+        stride,
+        |_| {},
+    )
+    .map_err(|e| match e {
+        SealError::Input(e) => e,
+        SealError::Write(e) => Error::io("memory", "build sealed segment", e),
+    })?;
+    Ok((out, meta))
 }
 
 /// Seal straight to disk, in slot order, without building the file in
 /// memory: the same bytes as [`build_sealed_packed`], written as
-/// `NNN.seg.tmp`, fsync'd, renamed, directory fsync'd.
-///
-/// A plain counting sort scatters items over the whole output, one cache
-/// and TLB miss per item. Here items are first bucketed by slot range (one
-/// sequential stream per bucket, indexes only), then each bucket, whose
-/// output is a contiguous ~1 MiB range, is placed in cache, checksummed and
-/// written while the kernel already writes back the earlier buckets
-/// (`sync_file_range`), so the final fsync has little left to wait for.
+/// `NNN.seg.tmp`, fsync'd, renamed, directory fsync'd. The active
+/// segment's item region is a packed layout with stride 40, so sealing
+/// reads the mapping directly, with no decoding.
 pub fn write_sealed_streaming(
     dir: &Path,
     id: SegmentId,
@@ -204,8 +122,72 @@ pub fn write_sealed_streaming(
     items: &[u8],
     stride: usize,
 ) -> Result<(PathBuf, SealedMeta)> {
+    let tmp = dir.join(sealed_tmp_name(id));
+    let dst = dir.join(sealed_file_name(id));
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
+    // Writes are whole buckets (~1 MiB), so no buffering is needed.
+    let mut w = &f;
+    let mut kicked = 0u64;
+    let meta = seal_into(
+        &mut w,
+        id,
+        created_ms,
+        sealed_ms,
+        slot_count,
+        items,
+        stride,
+        |written| {
+            if written - kicked >= 32 << 20 {
+                start_writeback(&f, kicked, written - kicked);
+                kicked = written;
+            }
+        },
+    )
+    .map_err(|e| match e {
+        SealError::Input(e) => e,
+        SealError::Write(e) => Error::io(&tmp, "write sealed tmp", e),
+    })?;
+    f.sync_all()
+        .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", tmp.display())))?;
+    drop(f);
+    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
+    // IMPORTANT: the rename is only durable once the directory is synced.
+    fsync_dir(dir)?;
+    Ok((dst, meta))
+}
+
+enum SealError {
+    Input(Error),
+    Write(std::io::Error),
+}
+
+/// Write a sealed segment to `out`, in file order.
+///
+/// A plain counting sort scatters items over the whole output, one cache and
+/// TLB miss per item. Here items are first copied into per-bucket regions
+/// (buckets are slot ranges with ~1 MiB of output each: one sequential read,
+/// one sequential write stream per bucket), then each bucket is placed in
+/// cache, checksummed and written. `progress(bytes_written)` runs after each
+/// bucket, so a file writer can start writeback early.
+#[allow(clippy::too_many_arguments)]
+fn seal_into<W: Write>(
+    out: &mut W,
+    id: SegmentId,
+    created_ms: u64,
+    sealed_ms: u64,
+    slot_count: u32,
+    items: &[u8],
+    stride: usize,
+    mut progress: impl FnMut(u64),
+) -> std::result::Result<SealedMeta, SealError> {
+    let bad = |m: String| SealError::Input(Error::InvalidInput(m));
     if stride < PACKED_ENTRY_LEN || !items.len().is_multiple_of(stride) {
-        return Err(Error::InvalidInput(format!(
+        return Err(bad(format!(
             "packed items: stride {stride}, {} bytes",
             items.len()
         )));
@@ -214,9 +196,9 @@ pub fn write_sealed_streaming(
     let item_count = u32::try_from(n)
         .ok()
         .filter(|n| *n <= format::MAX_ITEMS)
-        .ok_or_else(|| Error::InvalidInput(format!("{n} items is too many")))?;
+        .ok_or_else(|| bad(format!("{n} items is too many")))?;
     if slot_count == 0 || slot_count > format::MAX_SLOTS {
-        return Err(Error::InvalidInput(format!("slot count {slot_count}")));
+        return Err(bad(format!("slot count {slot_count}")));
     }
     let layout = SealedLayout::new(slot_count, item_count);
 
@@ -240,6 +222,7 @@ pub fn write_sealed_streaming(
     for s in 0..slot_count as usize {
         dir_v[s + 1] += dir_v[s];
     }
+    debug_assert_eq!(dir_v[slot_count as usize], item_count);
 
     // Buckets of whole slots, each ~1 MiB of output.
     let target_items_per_bucket = (1usize << 20) / SEALED_ITEM_LEN;
@@ -247,17 +230,17 @@ pub fn write_sealed_streaming(
         .clamp(1, 4096)
         .min(slot_count as usize);
     let slots_per_bucket = (slot_count as usize).div_ceil(buckets);
-    let bucket_of = |s: u32| s as usize / slots_per_bucket;
     let nb = (slot_count as usize).div_ceil(slots_per_bucket);
     let bucket_start = |b: usize| dir_v[(b * slots_per_bucket).min(slot_count as usize)] as usize;
 
     // Pass 2: copy every item (packed entry + its slot) into its bucket's
     // region: one sequential read, one sequential write stream per bucket.
+    // Stable: append order is kept within a slot.
     const REC: usize = PACKED_ENTRY_LEN + 4;
     let mut grouped = vec![0u8; n * REC];
     let mut bnext: Vec<usize> = (0..nb).map(bucket_start).collect();
     for (it, s) in items.chunks_exact(stride).zip(&slots) {
-        let b = bucket_of(*s);
+        let b = *s as usize / slots_per_bucket;
         let at = bnext[b] * REC;
         bnext[b] += 1;
         let rec = &mut grouped[at..at + REC];
@@ -266,14 +249,6 @@ pub fn write_sealed_streaming(
     }
     drop(slots);
 
-    let tmp = dir.join(sealed_tmp_name(id));
-    let dst = dir.join(sealed_file_name(id));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
     let header = Header {
         magic: SEALED_MAGIC,
         version: format::FORMAT_VERSION,
@@ -291,10 +266,8 @@ pub fn write_sealed_streaming(
     let dir_crc = crc32fast::hash(&head[HEADER_LEN..]);
     let mut data = crc32fast::Hasher::new();
     data.update(&head);
-    f.write_all(&head)
-        .map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
+    out.write_all(&head).map_err(SealError::Write)?;
     let mut written = head.len() as u64;
-    let mut kicked = 0u64;
 
     // Pass 3: per bucket, place in cache, checksum, write.
     let salt = id.0.to_le_bytes();
@@ -311,21 +284,17 @@ pub fn write_sealed_streaming(
             let at = (next[s] as usize - lo) * SEALED_ITEM_LEN;
             next[s] += 1;
             let src = &rec[..PACKED_ENTRY_LEN];
-            let out = &mut chunk[at..at + SEALED_ITEM_LEN];
-            out[..PACKED_ENTRY_LEN].copy_from_slice(src);
+            let dst = &mut chunk[at..at + SEALED_ITEM_LEN];
+            dst[..PACKED_ENTRY_LEN].copy_from_slice(src);
             let mut h = crc32fast::Hasher::new();
             h.update(&salt);
             h.update(src);
-            out[PACKED_ENTRY_LEN..].copy_from_slice(&h.finalize().to_le_bytes());
+            dst[PACKED_ENTRY_LEN..].copy_from_slice(&h.finalize().to_le_bytes());
         }
         data.update(&chunk);
-        f.write_all(&chunk)
-            .map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
+        out.write_all(&chunk).map_err(SealError::Write)?;
         written += chunk.len() as u64;
-        if written - kicked >= 32 << 20 {
-            start_writeback(&f, kicked, written - kicked);
-            kicked = written;
-        }
+        progress(written);
     }
     debug_assert_eq!(written, layout.footer_offset);
     let data_crc = data.clone().finalize();
@@ -347,16 +316,8 @@ pub fn write_sealed_streaming(
     };
     let fb = footer.encode();
     data.update(&fb);
-    let file_crc = data.finalize();
-    f.write_all(&fb)
-        .map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
-    f.sync_all()
-        .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", tmp.display())))?;
-    drop(f);
-    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
-    // IMPORTANT: the rename is only durable once the directory is synced.
-    fsync_dir(dir)?;
-    Ok((dst, footer.meta(file_crc)))
+    out.write_all(&fb).map_err(SealError::Write)?;
+    Ok(footer.meta(data.finalize()))
 }
 
 /// Ask the kernel to start writing back `[from, from+len)` now, so the final
@@ -559,7 +520,7 @@ mod tests {
     }
 
     #[test]
-    fn streaming_seal_writes_the_same_bytes_as_the_in_memory_build() {
+    fn sealed_file_holds_a_stable_sort_by_slot_on_disk_and_in_memory() {
         let d = tempfile::tempdir().unwrap();
         for (n, slots) in [
             (0u64, 1u32),
@@ -589,6 +550,17 @@ mod tests {
             .unwrap();
             assert_eq!(m2, meta, "n={n} slots={slots}");
             assert_eq!(fs::read(&p).unwrap(), bytes, "n={n} slots={slots}");
+            // Against a naive model: a stable sort of the appended entries by
+            // slot is exactly the item order in the file.
+            let mut model = entries(n);
+            model.sort_by_key(|e| slot_of(e.key_hash, slots));
+            let (footer, _) = format::check_sealed(&bytes).unwrap();
+            let items = &bytes[footer.items_offset as usize..bytes.len() - FOOTER_LEN];
+            let got: Vec<Entry> = items
+                .chunks_exact(SEALED_ITEM_LEN)
+                .map(|c| format::decode_sealed_item(c, SegmentId(n + 1)).unwrap())
+                .collect();
+            assert_eq!(got, model, "n={n} slots={slots}");
         }
     }
 
