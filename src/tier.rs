@@ -441,6 +441,11 @@ async fn worker(
     let mut probe = probe;
     loop {
         if *stop.borrow() {
+            // Let a running probe finish its clean-up of `_probe/` (bounded),
+            // rather than leave its objects behind at exit.
+            if let Some(p) = probe {
+                let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+            }
             return sched;
         }
         if let Err(e) = sh.ingest_sealed(true).await {

@@ -459,11 +459,13 @@ print(json.dumps(out))
 "#;
     let mut py = Command::new("python3");
     s.env(&mut py);
+    // Only the segment objects: the capability probe works under `_probe/`.
+    let seg_prefix = format!("{prefix}/stream-0/segments/");
     let listed = py
         .arg("-c")
         .arg(script)
         .arg(&s.bucket)
-        .arg(&prefix)
+        .arg(&seg_prefix)
         .output()
         .unwrap();
     assert!(
