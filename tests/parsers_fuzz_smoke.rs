@@ -1,0 +1,600 @@
+//! Seeded-random fallback for the `cargo fuzz` targets in `fuzz/`, for CI and
+//! for machines without the fuzzing setup (see `docs/fuzzing.md`).
+//!
+//! It runs the very same target bodies (`fuzz/src/lib.rs`, included below) on
+//! random bytes and on mutations of valid files made by the real writers
+//! (`build_sealed`, `ActiveSegment`, `Journal`, `Config`), and also calls
+//! every parser directly. Nothing may panic; the bodies assert the structural
+//! properties listed there. A few seconds in the test profile.
+//!
+//! `TIERINDEX_FUZZ_SMOKE_SEED=N` picks another seed (the default is fixed so
+//! CI is reproducible); `TIERINDEX_FUZZ_SMOKE_SCALE=K` runs K times as many
+//! cases. A failing case prints its seed and the input in hex.
+//!
+//! `cargo test --test parsers_fuzz_smoke -- --ignored write_fuzz_seeds` writes
+//! seed corpora for the fuzz targets into `fuzz/corpus/<target>/`.
+
+#[allow(dead_code)]
+#[path = "../fuzz/src/lib.rs"]
+mod fuzz_bodies;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+use tierindex::Config;
+use tierindex::journal::{Journal, JournalOptions, Record, decode_file, log_path, replay_bytes};
+use tierindex::segment::active::{self, ActiveSegment};
+use tierindex::segment::format::{self, ACTIVE_ITEM_LEN, ACTIVE_MAGIC, Footer, Header};
+use tierindex::segment::format::{FOOTER_LEN, SEALED_ITEM_LEN, SEALED_MAGIC};
+use tierindex::segment::sealed::build_sealed;
+use tierindex::{Entry, SealedMeta, SegmentId};
+
+fn seed() -> u64 {
+    std::env::var("TIERINDEX_FUZZ_SMOKE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x7135_F022_5EED)
+}
+
+fn scale(n: usize) -> usize {
+    let k = std::env::var("TIERINDEX_FUZZ_SMOKE_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize);
+    n * k.max(1)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs `f(input)`; on a panic, names the target, seed and input, then fails.
+fn run(target: &str, input: &[u8], f: impl FnOnce(&[u8])) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(input))) {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        panic!(
+            "{target} panicked (seed {}): {msg}\ninput ({} bytes): {}",
+            seed(),
+            input.len(),
+            hex(input)
+        );
+    }
+}
+
+/// Mutates `b` a few times: bit flips, byte sets, interesting values,
+/// truncation, extension, splices.
+fn mutate(rng: &mut fastrand::Rng, b: &mut Vec<u8>) {
+    for _ in 0..rng.usize(1..=4) {
+        match rng.u8(0..7) {
+            0 if !b.is_empty() => {
+                let i = rng.usize(..b.len());
+                b[i] ^= 1 << rng.u8(0..8);
+            }
+            1 if !b.is_empty() => {
+                let i = rng.usize(..b.len());
+                b[i] = rng.u8(..);
+            }
+            2 if b.len() >= 4 => {
+                let i = rng.usize(..=b.len() - 4);
+                let v: u32 = *rng
+                    .choice(&[0, 1, u32::MAX, u32::MAX / 2 + 1, 1 << 26, 1 << 28, 4096])
+                    .expect("non-empty");
+                b[i..i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            3 => {
+                let n = rng.usize(..=b.len());
+                b.truncate(n);
+            }
+            4 => {
+                let n = rng.usize(1..64);
+                let fill = if rng.bool() { 0 } else { rng.u8(..) };
+                b.resize(b.len() + n, fill);
+            }
+            5 if !b.is_empty() => {
+                let (a, c) = (rng.usize(..b.len()), rng.usize(..b.len()));
+                let (lo, hi) = (a.min(c), a.max(c));
+                let chunk = b[lo..hi].to_vec();
+                let at = rng.usize(..=b.len());
+                b.splice(at..at, chunk);
+            }
+            _ => {
+                let n = rng.usize(..32);
+                let at = rng.usize(..=b.len());
+                let junk: Vec<u8> = (0..n).map(|_| rng.u8(..)).collect();
+                b.splice(at..at, junk);
+            }
+        }
+    }
+}
+
+fn random_bytes(rng: &mut fastrand::Rng, max: usize) -> Vec<u8> {
+    let n = rng.usize(..=max);
+    (0..n).map(|_| rng.u8(..)).collect()
+}
+
+fn random_entries(rng: &mut fastrand::Rng, n: usize) -> Vec<Entry> {
+    (0..n)
+        .map(|_| Entry {
+            key_hash: if rng.bool() {
+                rng.u64(..8)
+            } else {
+                rng.u64(..)
+            },
+            offset: rng.u64(..1 << 40),
+            size: rng.u32(..),
+            timestamp_ms: rng.u64(..1 << 42),
+        })
+        .collect()
+}
+
+fn valid_sealed(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let n = rng.usize(..=80);
+    let entries = random_entries(rng, n);
+    let slots = rng.u32(1..=64);
+    build_sealed(
+        SegmentId(rng.u64(..100)),
+        rng.u64(..),
+        rng.u64(..),
+        slots,
+        &entries,
+    )
+    .expect("build_sealed")
+    .0
+}
+
+fn valid_active(rng: &mut fastrand::Rng, dir: &Path) -> Vec<u8> {
+    let id = SegmentId(rng.u64(..1_000_000));
+    let cap = rng.u32(1..=200);
+    let mut seg = ActiveSegment::create(dir, id, rng.u32(1..=32), cap, rng.u64(..)).unwrap();
+    let n = rng.usize(..=cap as usize);
+    for e in random_entries(rng, n) {
+        seg.append_entry(e).unwrap();
+    }
+    seg.flush().unwrap();
+    let path = seg.path().to_path_buf();
+    drop(seg);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    bytes
+}
+
+fn meta(id: u64) -> SealedMeta {
+    SealedMeta {
+        id: SegmentId(id),
+        file_len: 4096 + id,
+        file_crc: id as u32 ^ 0xdead_beef,
+        item_count: id * 3,
+        min_ts: 10,
+        max_ts: 20 + id,
+        min_offset: id,
+        max_offset: id * 100,
+        created_ms: 1,
+        sealed_ms: 2,
+    }
+}
+
+/// A journal written by the real `Journal`: a few segments through their
+/// states, one compaction in the middle, and a tail of batches after it.
+fn valid_journal(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+    let steps = |id: SegmentId, n: u32| -> Vec<Record> {
+        let all = vec![
+            Record::Uploading {
+                id,
+                attempt: 1,
+                key: format!("s/{id}"),
+                multipart_id: Some("mp-1".into()),
+            },
+            Record::MultipartAborted {
+                id,
+                multipart_id: "mp-1".into(),
+            },
+            Record::Uploading {
+                id,
+                attempt: 2,
+                key: format!("s/{id}\"é"),
+                multipart_id: None,
+            },
+            Record::Uploaded {
+                id,
+                etag: Some("\"e\"".into()),
+                version: None,
+            },
+            Record::Verified { id },
+            Record::Committed { id },
+            Record::Released { id },
+        ];
+        all.into_iter().take(n as usize).collect()
+    };
+    let segs = rng.u64(1..6);
+    for id in 1..=segs {
+        j.append(&[Record::Sealed { meta: meta(id) }]).unwrap();
+        let n = rng.u32(0..=7);
+        for r in steps(SegmentId(id), n) {
+            j.append(&[r]).unwrap();
+        }
+        if rng.u8(..4) == 0 {
+            j.append(&[Record::Quarantined {
+                id: SegmentId(id),
+                reason: "bad\nbytes\u{0}".into(),
+            }])
+            .ok();
+        }
+        if id == segs / 2 && rng.bool() {
+            j.compact().unwrap();
+        }
+    }
+    j.append(&[
+        Record::Sealed {
+            meta: meta(segs + 1),
+        },
+        Record::Quarantined {
+            id: SegmentId(segs + 1),
+            reason: "x".into(),
+        },
+    ])
+    .unwrap();
+    drop(j);
+    std::fs::read(log_path(dir.path())).unwrap()
+}
+
+fn valid_config(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let mut c = Config {
+        data_dir: "/var/lib/tierindex".into(),
+        ..Config::default()
+    };
+    if rng.bool() {
+        c.store = Some("s3://bucket/prefix".into());
+        c.endpoint = Some("http://127.0.0.1:9000".into());
+        c.allow_http = Some(true);
+        c.region = Some("us-east-1".into());
+    }
+    c.segment_max_age_ms = rng.bool().then(|| rng.u64(..1 << 40));
+    c.slot_count = rng.u32(1..);
+    c.metrics_addr = rng.bool().then(|| "127.0.0.1:9464".into());
+    toml::to_string(&c).unwrap().into_bytes()
+}
+
+/// `[mode][flags][payload]`, with the mode's low bit chosen by `fixup`.
+fn framed(rng: &mut fastrand::Rng, fixup: bool, payload: &[u8]) -> Vec<u8> {
+    let mode = (rng.u8(..) & !1) | u8::from(fixup);
+    let flags = if rng.u8(..4) == 0 { 255 } else { rng.u8(..) };
+    let mut v = vec![mode, flags];
+    v.extend_from_slice(payload);
+    v
+}
+
+#[test]
+fn sealed_segments_never_panic() {
+    let mut rng = fastrand::Rng::with_seed(seed());
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..scale(3000) {
+        let mut file = valid_sealed(&mut rng);
+        if i % 8 == 0 {
+            // The unmutated writer output must pass, and all its pieces.
+            assert!(
+                fuzz_bodies::check_sealed_bytes(&file),
+                "build_sealed output"
+            );
+        }
+        if i % 4 == 0 {
+            file = random_bytes(&mut rng, 600);
+        } else {
+            mutate(&mut rng, &mut file);
+        }
+        run("check_sealed", &file, |b| {
+            let _ = format::check_sealed(b);
+            if b.len() >= FOOTER_LEN {
+                let _ = Footer::decode(&b[b.len() - FOOTER_LEN..]);
+            }
+            let _ = Header::decode(b, SEALED_MAGIC, SEALED_ITEM_LEN);
+        });
+        let input = framed(&mut rng, i % 2 == 1, &file);
+        run("segment_sealed", &input, |b| {
+            fuzz_bodies::sealed(b, dir.path())
+        });
+    }
+}
+
+#[test]
+fn active_segments_never_panic() {
+    let mut rng = fastrand::Rng::with_seed(seed() ^ 1);
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    for i in 0..scale(600) {
+        let mut file = if i % 5 == 0 {
+            let mut h = random_bytes(&mut rng, 64);
+            h.resize(64, 0);
+            h.extend(random_bytes(&mut rng, 400));
+            h
+        } else {
+            valid_active(&mut rng, files.path())
+        };
+        if i % 10 != 1 {
+            mutate(&mut rng, &mut file);
+        }
+        run("check_active", &file, |b| {
+            let _ = Header::decode(b, ACTIVE_MAGIC, ACTIVE_ITEM_LEN);
+            for (k, c) in b.chunks(ACTIVE_ITEM_LEN).enumerate().take(300) {
+                let _ = format::decode_active_item(c, SegmentId(k as u64), k as u32);
+            }
+            let p = dir.path().join("direct.active");
+            std::fs::write(&p, b).unwrap();
+            let _ = active::check_active(&p);
+            let _ = active::read_entries(&p);
+        });
+        // Raw mode on the whole file; fixup mode on header + items (the
+        // compact input the fuzz target reads in that mode).
+        let raw: Vec<u8> = [0u8].into_iter().chain(file.iter().copied()).collect();
+        run("segment_active", &raw, |b| {
+            fuzz_bodies::active(b, dir.path())
+        });
+        let mut compact = file.get(..64).unwrap_or(&file).to_vec();
+        if let Some(items) = file.get(8192..) {
+            compact.extend(items.iter().take(400));
+        }
+        let fixed = framed(&mut rng, true, &compact);
+        run("segment_active", &fixed, |b| {
+            fuzz_bodies::active(b, dir.path())
+        });
+    }
+}
+
+#[test]
+fn footers_headers_items_and_directories_never_panic() {
+    let mut rng = fastrand::Rng::with_seed(seed() ^ 2);
+    for i in 0..scale(30000) {
+        let mode = rng.u8(..);
+        let mut body = match i % 3 {
+            0 => random_bytes(&mut rng, 200),
+            _ => {
+                let f = valid_sealed(&mut rng);
+                let at = if rng.bool() { f.len() - FOOTER_LEN } else { 0 };
+                f[at..].iter().copied().take(FOOTER_LEN + 1).collect()
+            }
+        };
+        if i % 3 == 2 {
+            mutate(&mut rng, &mut body);
+        }
+        let mut input = vec![mode];
+        if mode % 4 == 1 || mode % 4 == 2 {
+            input.push(if rng.bool() { 255 } else { rng.u8(..) });
+        }
+        input.extend(body);
+        run("footer", &input, fuzz_bodies::footer);
+    }
+}
+
+#[test]
+fn journals_never_panic() {
+    let mut rng = fastrand::Rng::with_seed(seed() ^ 3);
+    let journals: Vec<Vec<u8>> = (0..6).map(|_| valid_journal(&mut rng)).collect();
+    for j in &journals {
+        let r = replay_bytes(j).unwrap();
+        assert_eq!(r.report.tail, None, "a written journal replays cleanly");
+        assert!(fuzz_bodies::check_journal_bytes(j).is_some());
+    }
+    for i in 0..scale(4000) {
+        let mut bytes = rng.choice(&journals).unwrap().clone();
+        if i % 5 == 0 {
+            bytes = random_bytes(&mut rng, 300);
+            if rng.bool() {
+                bytes.splice(0..0, tierindex::journal::encode_header(rng.u64(..)));
+            }
+        } else {
+            mutate(&mut rng, &mut bytes);
+        }
+        run("replay_bytes", &bytes, |b| {
+            let _ = decode_file(b);
+            let _ = replay_bytes(b);
+        });
+        let mut input = vec![0u8];
+        input.extend_from_slice(&bytes);
+        run("journal_replay", &input, fuzz_bodies::journal);
+        // Frame payloads as text (JSON lines, some mutated) and the
+        // model-based writer steered by random bytes.
+        let j = rng.choice(&journals).unwrap();
+        let d = decode_file(j).unwrap();
+        let mut lines = vec![1u8];
+        for f in &d.frames {
+            let mut p = j[(f.offset + 8) as usize..(f.offset + f.len) as usize].to_vec();
+            if rng.u8(..4) == 0 {
+                mutate(&mut rng, &mut p);
+            }
+            if rng.u8(..16) == 0 {
+                p.insert(0, b'#');
+            }
+            lines.extend(p);
+            lines.push(b'\n');
+        }
+        lines.pop();
+        run("journal_replay", &lines, fuzz_bodies::journal);
+        let mut model = vec![2u8];
+        model.extend(random_bytes(&mut rng, 400));
+        run("journal_replay", &model, fuzz_bodies::journal);
+    }
+}
+
+#[test]
+fn configs_never_panic() {
+    let mut rng = fastrand::Rng::with_seed(seed() ^ 4);
+    let snippets: &[&[u8]] = &[
+        b"slot_count = 0\n",
+        b"verify = \"Footer\"\n",
+        b"verify = \"Nope\"\n",
+        b"stream = \"..\"\n",
+        b"segment_max_age_ms = -1\n",
+        b"max_uploads_in_flight = 18446744073709551615\n",
+        b"[x]\n",
+        b"data_dir = \"\\u0000\"\n",
+        b"tick_ms = 1e3\n",
+        b"store = '''\n",
+    ];
+    for i in 0..scale(8000) {
+        let mut text = valid_config(&mut rng);
+        match i % 4 {
+            0 => text.extend_from_slice(rng.choice(snippets).unwrap()),
+            1 => text = random_bytes(&mut rng, 120),
+            _ => mutate(&mut rng, &mut text),
+        }
+        run("config_toml", &text, fuzz_bodies::config);
+    }
+    // The written defaults parse and round-trip.
+    fuzz_bodies::config(toml::to_string(&Config::default()).unwrap().as_bytes());
+}
+
+/// Not a test: writes seed corpora for `cargo fuzz` into
+/// `$TIERINDEX_FUZZ_SEED_DIR` (default `fuzz/corpus`), one directory per
+/// target, in the input layout each target reads. See `docs/fuzzing.md`.
+#[test]
+#[ignore = "writes seed corpora for cargo fuzz; run by hand"]
+fn write_fuzz_seeds() {
+    let root = std::env::var("TIERINDEX_FUZZ_SEED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus"));
+    let mut rng = fastrand::Rng::with_seed(1);
+    let put = |target: &str, name: String, bytes: &[u8]| {
+        let d = root.join(target);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(name), bytes).unwrap();
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..8 {
+        let s = valid_sealed(&mut rng);
+        put(
+            "segment_sealed",
+            format!("valid-{i}"),
+            &[&[0u8][..], &s].concat(),
+        );
+        put(
+            "segment_sealed",
+            format!("fixup-{i}"),
+            &[&[3u8, 255][..], &s].concat(),
+        );
+        let fo = s.len() - FOOTER_LEN;
+        put(
+            "footer",
+            format!("footer-{i}"),
+            &[&[0u8][..], &s[fo..]].concat(),
+        );
+        put(
+            "footer",
+            format!("header-{i}"),
+            &[&[0u8][..], &s[..64]].concat(),
+        );
+        let a = valid_active(&mut rng, tmp.path());
+        put(
+            "segment_active",
+            format!("valid-{i}"),
+            &[&[0u8][..], &a].concat(),
+        );
+        let mut compact = vec![1u8, 127];
+        compact.extend_from_slice(&a[..64]);
+        compact.extend(a[8192..].iter().take(40 * 8));
+        put("segment_active", format!("fixup-{i}"), &compact);
+        let j = valid_journal(&mut rng);
+        put(
+            "journal_replay",
+            format!("valid-{i}"),
+            &[&[0u8][..], &j].concat(),
+        );
+        let d = decode_file(&j).unwrap();
+        let mut lines = vec![1u8];
+        for f in &d.frames {
+            lines.extend_from_slice(&j[(f.offset + 8) as usize..(f.offset + f.len) as usize]);
+            lines.push(b'\n');
+        }
+        lines.pop();
+        put("journal_replay", format!("lines-{i}"), &lines);
+        let model: Vec<u8> = [2u8]
+            .into_iter()
+            .chain(random_bytes(&mut rng, 200))
+            .collect();
+        put("journal_replay", format!("model-{i}"), &model);
+        put("config_toml", format!("valid-{i}"), &valid_config(&mut rng));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Regressions: inputs that failed a property. `#[ignore = "BUG: ..."]` until
+// src/ is fixed; then drop the ignore.
+// ---------------------------------------------------------------------------
+
+/// `check_active` (fsck without `--repair`) must report what
+/// `ActiveSegment::open` will keep. Here the file was cut one byte into its
+/// last item, and that byte (the top byte of the item's CRC) was zero: open
+/// re-extends the file with zeros first, so the item verifies and is kept;
+/// `check_active` scans the short bytes as they are, so it stops before the
+/// item and reports its 39 bytes as a torn tail to zero.
+#[test]
+#[ignore = "BUG: check_active (src/segment/active.rs) scans the file unextended; open zero-extends first and keeps one item more"]
+fn check_active_predicts_open_for_a_file_cut_inside_an_item() {
+    use tierindex::segment::format::ActiveLayout;
+    let dir = tempfile::tempdir().unwrap();
+    let mut seg = ActiveSegment::create(dir.path(), SegmentId(7), 4, 1000, 0).unwrap();
+    let mut last = None;
+    for i in 0..1000u32 {
+        let e = Entry {
+            key_hash: u64::from(i),
+            offset: u64::from(i),
+            size: 1,
+            timestamp_ms: u64::from(i),
+        };
+        seg.append_entry(e).unwrap();
+        if seg.item_bytes().last() == Some(&0) {
+            last = Some(i);
+            break;
+        }
+    }
+    let k = last.expect("about one item in 256 has a CRC ending in a zero byte");
+    seg.flush().unwrap();
+    let path = seg.path().to_path_buf();
+    drop(seg);
+    let cut = ActiveLayout::new(4, 1000).unwrap().item_offset(k) + ACTIVE_ITEM_LEN - 1;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(cut as u64)
+        .unwrap();
+    let (_, checked) = active::check_active(&path).unwrap();
+    let (_, read) = active::read_entries(&path).unwrap();
+    let (seg, opened) = ActiveSegment::open(&path, None).unwrap();
+    // Today: check_active 96 items + 39 bytes to zero; open keeps 97.
+    assert_eq!(checked.valid_items, opened.valid_items, "items kept");
+    assert_eq!(
+        checked.torn_bytes_zeroed, opened.torn_bytes_zeroed,
+        "bytes zeroed"
+    );
+    assert_eq!(read, seg.entries());
+}
+
+/// The same bug as the `segment_active` fuzz target sees it, as a 106-byte
+/// input: fixup mode, flags 0xdf (all repairs but EXACT_LEN, plus CUT), a
+/// header whose first byte makes the cut 1 byte, 4 slots, 10 items, and one
+/// item (key_hash 189) whose CRC is 0x0060a3ec. Fails at
+/// fuzz/src/lib.rs `assert_eq!(orec.valid_items, rec.valid_items, "kept items")`
+/// (left 1, right 0).
+#[test]
+#[ignore = "BUG: check_active (src/segment/active.rs) scans the file unextended; open zero-extends first and keeps one item more"]
+fn fuzz_segment_active_cut_inside_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut input = vec![0x01, 0xdf, 0x01];
+    input.resize(2 + 16, 0);
+    input.extend_from_slice(&7u64.to_le_bytes()); // segment id
+    input.resize(2 + 32, 0);
+    input.extend_from_slice(&3u32.to_le_bytes()); // 1 + 3 % 64 = 4 slots
+    input.extend_from_slice(&9u32.to_le_bytes()); // 1 + 9 % 512 = 10 items
+    input.resize(2 + 64, 0);
+    input.extend_from_slice(&189u64.to_le_bytes()); // key_hash; the rest zero
+    input.resize(2 + 64 + ACTIVE_ITEM_LEN, 0);
+    assert_eq!(input.len(), 106);
+    run("segment_active", &input, |b| {
+        fuzz_bodies::active(b, dir.path())
+    });
+}
