@@ -126,10 +126,14 @@ fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u
 /// Read-only: the valid entries of an active file, in append order (for
 /// `tierindex lookup` on a directory whose broker is down).
 pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
+    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
     let header =
         Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
+    // Scan what `open` would scan: a short file zero-extended to its layout.
+    if (bytes.len() as u64) < l.file_len {
+        bytes.resize(l.file_len as usize, 0);
+    }
     let mut heads = vec![0u32; l.slot_count as usize];
     let valid = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
     let entries = (0..valid)
@@ -147,7 +151,7 @@ pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
 /// Read-only check of an active file (for `fsck` without `--repair`): what
 /// [`ActiveSegment::open`] would keep and zero, without changing anything.
 pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
+    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
     let header =
         Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
@@ -162,6 +166,8 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
         extended_from: (len < l.file_len).then_some(len),
         ..Default::default()
     };
+    // Predict `open` exactly: it zero-extends a short file before scanning.
+    bytes.resize(l.file_len as usize, 0);
     let mut heads = vec![0u32; l.slot_count as usize];
     rec.valid_items = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
     let tail_start = l.item_offset(rec.valid_items).min(bytes.len());
