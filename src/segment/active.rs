@@ -100,17 +100,26 @@ fn at_path(path: &Path, e: Error) -> Error {
     }
 }
 
+/// The item at byte `at`, with whatever lies past the end of `bytes` read as
+/// zeros: exactly what `open` sees after it zero-extends a short file, with
+/// no allocation sized by an (untrusted) header.
+fn item_padded(bytes: &[u8], at: usize) -> [u8; ACTIVE_ITEM_LEN] {
+    let mut b = [0u8; ACTIVE_ITEM_LEN];
+    if let Some(have) = bytes.get(at..) {
+        let n = have.len().min(ACTIVE_ITEM_LEN);
+        b[..n].copy_from_slice(&have[..n]);
+    }
+    b
+}
+
 /// Length of the valid item prefix of an active file mapped as `map`:
 /// items whose checksum verifies and whose chain link equals the slot head
 /// rebuilt so far. Fills `heads` (index + 1 of each slot's newest item).
 fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u32]) -> u32 {
     let mut valid = 0u32;
     while valid < l.item_capacity {
-        let at = l.item_offset(valid);
-        let Some(item) = map
-            .get(at..at + ACTIVE_ITEM_LEN)
-            .and_then(|b| format::decode_active_item(b, id, valid))
-        else {
+        let b = item_padded(map, l.item_offset(valid));
+        let Some(item) = format::decode_active_item(&b, id, valid) else {
             break;
         };
         let slot = slot_of(item.entry.key_hash, l.slot_count) as usize;
@@ -126,22 +135,17 @@ fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u
 /// Read-only: the valid entries of an active file, in append order (for
 /// `tierindex lookup` on a directory whose broker is down).
 pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
-    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
     let header =
         Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
-    // Scan what `open` would scan: a short file zero-extended to its layout.
-    if (bytes.len() as u64) < l.file_len {
-        bytes.resize(l.file_len as usize, 0);
-    }
+    // A short file is scanned as `open` scans it (zero-extended), item by
+    // item, never by allocating what the header claims.
     let mut heads = vec![0u32; l.slot_count as usize];
     let valid = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
     let entries = (0..valid)
         .filter_map(|i| {
-            let at = l.item_offset(i);
-            bytes
-                .get(at..at + ACTIVE_ITEM_LEN)
-                .and_then(|b| format::decode_active_item(b, header.segment_id, i))
+            format::decode_active_item(&item_padded(&bytes, l.item_offset(i)), header.segment_id, i)
         })
         .map(|it| it.entry)
         .collect();
@@ -151,7 +155,7 @@ pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
 /// Read-only check of an active file (for `fsck` without `--repair`): what
 /// [`ActiveSegment::open`] would keep and zero, without changing anything.
 pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
-    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
     let header =
         Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
@@ -166,8 +170,8 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
         extended_from: (len < l.file_len).then_some(len),
         ..Default::default()
     };
-    // Predict `open` exactly: it zero-extends a short file before scanning.
-    bytes.resize(l.file_len as usize, 0);
+    // Predict `open` exactly (it zero-extends a short file before scanning);
+    // `scan_valid_prefix` reads past-the-end bytes as zeros.
     let mut heads = vec![0u32; l.slot_count as usize];
     rec.valid_items = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
     let tail_start = l.item_offset(rec.valid_items).min(bytes.len());
