@@ -19,6 +19,7 @@
 //! `docs/format/remote-layout.md`.
 
 pub mod keys;
+pub mod local_multipart;
 pub mod probe;
 
 use std::fmt;
@@ -172,7 +173,8 @@ impl RemoteStore {
                     // on power loss while the journal says it was uploaded.
                     .with_fsync(true);
                 let display = format!("file://{}", dir.display());
-                Ok(Self::from_parts(Arc::new(fs), None, "", &display))
+                let mp = Arc::new(local_multipart::LocalMultipart::new(dir));
+                Ok(Self::from_parts(Arc::new(fs), Some(mp), "", &display))
             }
             "memory" => {
                 let mem = Arc::new(InMemory::new());
@@ -277,7 +279,7 @@ impl RemoteStore {
     /// The smallest part a multipart upload may use (the last part aside).
     pub fn min_part_bytes(&self) -> u64 {
         match self.kind {
-            StoreKind::Memory => 1,
+            StoreKind::Memory | StoreKind::Local => 1,
             _ => 5 * 1024 * 1024,
         }
     }
@@ -616,7 +618,8 @@ mod tests {
         let f = RemoteStore::from_url(url.as_str(), &o).unwrap();
         assert!(dir.is_dir());
         assert_eq!(f.kind(), StoreKind::Local);
-        assert!(f.multipart().is_none());
+        // File-backed multipart (local_multipart.rs), like S3's.
+        assert!(f.multipart().is_some());
 
         let s = RemoteStore::from_url_with_env("s3://bkt/some/prefix/", &o, &[]).unwrap();
         assert_eq!(s.display_url(), "s3://bkt/some/prefix");
