@@ -108,6 +108,9 @@ impl TierIndex {
         store: RemoteStore,
     ) -> Result<(TierIndex, OpenReport)> {
         cfg.validate()?;
+        // A bad part size for this store is a configuration error: refuse
+        // to start rather than retry every upload until the deadline.
+        cfg.upload_config().validate(&store)?;
         let (sh, report) = open_shared(&cfg, store).await?;
         let notify = Arc::new(Notify::new());
         // The writer's seal notifications wake the worker.
@@ -205,15 +208,9 @@ impl TierIndex {
     /// the journal knows (including released ones). A simulated broker
     /// continues after it.
     pub fn max_offset(&self) -> Option<u64> {
-        let journaled = self
-            .sh()
-            .journal
-            .read()
-            .segments()
-            .values()
-            .filter(|r| r.meta.item_count > 0)
-            .map(|r| r.meta.max_offset)
-            .max();
+        // The journal's high-water mark covers segments released and
+        // compacted away; the writer covers what is not sealed yet.
+        let journaled = self.sh().journal.read().max_offset();
         journaled.max(self.writer().max_offset())
     }
 
@@ -334,8 +331,13 @@ pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared
             .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
         fsync_dir(&cfg.data_dir)?;
     }
-    let (journal, jrep): (Journal, ReplayReport) =
-        Journal::open(&cfg.data_dir, JournalOptions::default())?;
+    let (journal, jrep): (Journal, ReplayReport) = Journal::open(
+        &cfg.data_dir,
+        JournalOptions {
+            compact_after_bytes: cfg.journal_compact_after_bytes,
+            ..JournalOptions::default()
+        },
+    )?;
     let min_next = journal
         .max_segment_id()
         .map(|m| crate::segment::SegmentId(m.0 + 1));

@@ -58,6 +58,9 @@ pub(super) fn write_snapshot_file(
     put(&encode_header(generation), &mut out)?;
     encode_frame(&Frame::MaxId(state.max_segment_id()), &mut frame)?;
     put(&frame, &mut out)?;
+    frame.clear();
+    encode_frame(&Frame::MaxOffset(state.max_offset()), &mut frame)?;
+    put(&frame, &mut out)?;
     for rec in state.segments().values() {
         debug_assert_ne!(
             rec.state,
@@ -71,7 +74,8 @@ pub(super) fn write_snapshot_file(
     out.flush()
         .map_err(|e| Error::io(&tmp, "write compaction file", e))?;
     drop(out);
-    file.sync_all()
+    crate::failpoint::hit("journal.compact.fsync")
+        .and_then(|()| file.sync_all())
         .map_err(|e| Error::io(&tmp, "fsync compaction file", e))?;
 
     // Pair assertion: the file must replay to exactly `state`, to the byte.
@@ -112,7 +116,9 @@ impl Journal {
             }
         };
         let (tmp, log) = (self.dir.join(TMP_FILE), self.dir.join(LOG_FILE));
-        if let Err(e) = std::fs::rename(&tmp, &log) {
+        let renamed = crate::failpoint::hit("journal.compact.rename")
+            .and_then(|()| std::fs::rename(&tmp, &log));
+        if let Err(e) = renamed {
             return Err(self.poison(format!("compaction rename {tmp:?} -> {log:?} failed: {e}")));
         }
         // From here the name points at the new file: switch to it.
@@ -131,7 +137,10 @@ impl Journal {
         self.compacted_len = len;
         // IMPORTANT: fsync the directory, or the rename may not survive a crash
         // while appends already go to the new file.
-        if let Err(e) = sync_dir(&self.dir) {
+        let synced = crate::failpoint::hit("journal.compact.dirsync")
+            .map_err(|e| Error::io(&self.dir, "fsync directory", e))
+            .and_then(|()| sync_dir(&self.dir));
+        if let Err(e) = synced {
             return Err(self.poison(format!("fsync of journal directory after compaction: {e}")));
         }
         Ok(())

@@ -166,6 +166,11 @@ impl JournalView {
         self.state.max_segment_id()
     }
 
+    /// Highest entry offset ever journaled (kept through compaction).
+    pub fn max_offset(&self) -> Option<u64> {
+        self.state.max_offset()
+    }
+
     /// Bytes of the journal file that hold valid data.
     pub fn file_len(&self) -> u64 {
         self.file_len

@@ -169,6 +169,11 @@ pub enum Frame {
     /// The highest segment id ever journaled when the file was written; only
     /// valid as the first frame.
     MaxId(Option<SegmentId>),
+    /// The highest entry offset of any segment ever journaled (compaction
+    /// drops Released segments, not this high-water mark: a restart must
+    /// never hand out an offset a released segment holds). Only valid
+    /// right after `MaxId`.
+    MaxOffset(Option<u64>),
 }
 
 /// The in-memory table the records fold into.
@@ -176,6 +181,7 @@ pub enum Frame {
 pub struct JournalState {
     segments: BTreeMap<SegmentId, SegmentRecord>,
     max_segment_id: Option<SegmentId>,
+    max_offset: Option<u64>,
 }
 
 /// The result of validating a batch: the new versions of the touched
@@ -184,6 +190,7 @@ pub struct JournalState {
 pub struct Staged {
     touched: BTreeMap<SegmentId, SegmentRecord>,
     max_segment_id: Option<SegmentId>,
+    max_offset: Option<u64>,
 }
 
 impl JournalState {
@@ -197,6 +204,12 @@ impl JournalState {
 
     pub fn max_segment_id(&self) -> Option<SegmentId> {
         self.max_segment_id
+    }
+
+    /// Highest entry offset of any segment ever journaled (kept through
+    /// compaction).
+    pub fn max_offset(&self) -> Option<u64> {
+        self.max_offset
     }
 
     /// Segments not yet Verified-or-later and not Quarantined, oldest first.
@@ -213,6 +226,7 @@ impl JournalState {
         let mut staged = Staged {
             touched: BTreeMap::new(),
             max_segment_id: self.max_segment_id,
+            max_offset: self.max_offset,
         };
         for (i, rec) in records.iter().enumerate() {
             let id = rec.id();
@@ -221,6 +235,9 @@ impl JournalState {
                 Error::InvalidInput(format!("journal record {i} ({}): {why}", rec.kind()))
             })?;
             staged.max_segment_id = staged.max_segment_id.max(Some(id));
+            if next.meta.item_count > 0 {
+                staged.max_offset = staged.max_offset.max(Some(next.meta.max_offset));
+            }
             staged.touched.insert(id, next);
         }
         Ok(staged)
@@ -230,6 +247,7 @@ impl JournalState {
     pub fn commit(&mut self, staged: Staged) {
         debug_assert!(staged.max_segment_id >= self.max_segment_id);
         self.max_segment_id = staged.max_segment_id;
+        self.max_offset = staged.max_offset;
         self.segments.extend(staged.touched);
     }
 
@@ -257,6 +275,9 @@ impl JournalState {
             ));
         }
         self.max_segment_id = self.max_segment_id.max(Some(id));
+        if rec.meta.item_count > 0 {
+            self.max_offset = self.max_offset.max(Some(rec.meta.max_offset));
+        }
         self.segments.insert(id, rec);
         Ok(())
     }
@@ -265,6 +286,11 @@ impl JournalState {
     pub(crate) fn load_max_id(&mut self, max: Option<SegmentId>) {
         debug_assert!(self.segments.is_empty() && self.max_segment_id.is_none());
         self.max_segment_id = max;
+    }
+
+    pub(crate) fn load_max_offset(&mut self, max: Option<u64>) {
+        debug_assert!(self.segments.is_empty());
+        self.max_offset = max;
     }
 
     /// The state a compaction keeps: everything but Released segments.
@@ -277,6 +303,7 @@ impl JournalState {
                 .map(|(id, r)| (*id, r.clone()))
                 .collect(),
             max_segment_id: self.max_segment_id,
+            max_offset: self.max_offset,
         }
     }
 }

@@ -283,6 +283,10 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
     let mut valid_len = decoded.valid_len;
     let mut tail = decoded.tail;
     let mut seen_batch = false;
+    let max_id_first = matches!(
+        decoded.frames.first().map(|f| &f.frame),
+        Some(Frame::MaxId(_))
+    );
     for (i, df) in decoded.frames.into_iter().enumerate() {
         let applied = match df.frame {
             Frame::MaxId(max) if i == 0 => {
@@ -290,6 +294,13 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
                 Ok(())
             }
             Frame::MaxId(_) => Err("MaxId frame that is not the first frame".to_string()),
+            Frame::MaxOffset(max) if i == 1 && max_id_first => {
+                state.load_max_offset(max);
+                Ok(())
+            }
+            Frame::MaxOffset(_) => {
+                Err("MaxOffset frame that does not follow the MaxId frame".to_string())
+            }
             Frame::Snapshot(_) if seen_batch => {
                 Err("snapshot frame after a batch frame".to_string())
             }

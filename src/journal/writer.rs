@@ -211,13 +211,16 @@ impl Journal {
         encode_frame(&Frame::Batch(records.to_vec()), &mut buf)?;
 
         let at = self.view.file_len;
-        if let Err(e) = self.file.write_all_at(&buf, at) {
+        let written =
+            crate::failpoint::hit("journal.append").and_then(|()| self.file.write_all_at(&buf, at));
+        if let Err(e) = written {
             return Err(self.poison(format!(
                 "journal write of {} bytes at {at} failed: {e}",
                 buf.len()
             )));
         }
-        if let Err(e) = self.file.sync_data() {
+        let synced = crate::failpoint::hit("journal.fsync").and_then(|()| self.file.sync_data());
+        if let Err(e) = synced {
             return Err(self.poison(format!("journal fdatasync failed: {e}")));
         }
         self.view.file_len = at + buf.len() as u64;
@@ -241,6 +244,11 @@ impl Journal {
     /// Highest id ever journaled, including segments compaction dropped.
     pub fn max_segment_id(&self) -> Option<SegmentId> {
         self.view.max_segment_id()
+    }
+
+    /// Highest entry offset ever journaled (kept through compaction).
+    pub fn max_offset(&self) -> Option<u64> {
+        self.view.max_offset()
     }
 
     /// Bytes of `journal.log` holding acknowledged data.
