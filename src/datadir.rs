@@ -349,6 +349,23 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
             }
             Kind::Active(id) => {
                 bump(*id, &mut out);
+                // A crash between creating the file and the fsync of its
+                // header leaves zeros only (or nothing). Such a file never
+                // held an entry (the header is durable before any append
+                // is acknowledged, and no valid item is all zeros), so it
+                // is removed, not quarantined.
+                if all_zero(path)? {
+                    if mode == Mode::Repair {
+                        fs::remove_file(path)
+                            .map_err(|e| Error::io(path, "remove unborn active segment", e))?;
+                        fsync_dir(&seg_dir)?;
+                    }
+                    out.report.removed.push(format!(
+                        "{} (creation interrupted: no header, all zero)",
+                        path.display()
+                    ));
+                    continue;
+                }
                 let checked = match mode {
                     Mode::Repair => ActiveSegment::open(path, Some(&dir.quarantine_dir()))
                         .map(|(s, r)| (Some(s), r)),
@@ -466,6 +483,24 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
     out.report.to_reseal.sort_unstable();
     out.report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(out)
+}
+
+/// True when `path` is empty or holds only zero bytes.
+fn all_zero(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| Error::io(path, "open active segment", e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io(path, "read active segment", e))?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+    }
 }
 
 #[cfg(test)]
