@@ -39,6 +39,9 @@ pub struct Config {
     pub verify: VerifyLevel,
     /// Delete the local copy once a segment is committed remotely.
     pub release_after_commit: bool,
+    /// Rewrite the upload journal as a snapshot of live state once it grows
+    /// past this many bytes.
+    pub journal_compact_after_bytes: u64,
     /// Shutdown drain deadline (well under Kubernetes' 30 s grace period).
     pub shutdown_deadline_ms: u64,
     /// How often the background worker checks segment age and retries.
@@ -73,6 +76,8 @@ impl Default for Config {
             request_timeout_ms: up.request_timeout.as_millis() as u64,
             verify: up.verify,
             release_after_commit: false,
+            journal_compact_after_bytes: crate::journal::JournalOptions::default()
+                .compact_after_bytes,
             shutdown_deadline_ms: 20_000,
             tick_ms: 200,
             metrics_addr: None,
@@ -106,6 +111,11 @@ impl Config {
         if self.max_uploads_in_flight == 0 || self.max_attempts == 0 {
             return Err(Error::InvalidInput(
                 "max_uploads_in_flight and max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.journal_compact_after_bytes < 1024 {
+            return Err(Error::InvalidInput(
+                "journal_compact_after_bytes must be at least 1024".into(),
             ));
         }
         crate::remote::keys::validate_stream(&self.stream)

@@ -107,7 +107,15 @@ pub fn seal_to_file(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
 /// Seal one frozen active segment durably and remove its source.
 pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
     let meta = seal_to_file(seg_dir, seg)?;
-    fs::remove_file(seg.path()).map_err(|e| Error::io(seg.path(), "remove sealed source", e))?;
+    crate::failpoint::hit("seal.remove_active")
+        .and_then(|()| fs::remove_file(seg.path()))
+        .map_err(|e| Error::io(seg.path(), "remove sealed source", e))?;
+    crate::failpoint::hit("seal.remove_active.dirsync").map_err(|e| {
+        Error::Poisoned(format!(
+            "fsync of directory {} failed: {e}",
+            seg_dir.display()
+        ))
+    })?;
     fsync_dir(seg_dir)?;
     Ok(meta)
 }

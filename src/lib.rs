@@ -38,6 +38,7 @@ pub mod cli;
 pub mod config;
 pub mod datadir;
 pub mod error;
+pub mod failpoint;
 pub mod index;
 pub mod journal;
 pub mod lifecycle;

@@ -1,5 +1,7 @@
 //! The `tierindex` binary; everything lives in the library's `cli` module.
 
 fn main() {
-    std::process::exit(tierindex::cli::main());
+    let code = tierindex::cli::main();
+    tierindex::failpoint::report_counts();
+    std::process::exit(code);
 }

@@ -1,8 +1,9 @@
 //! `tierindex demo`: a simulated broker on the embedded default store.
 //!
 //! Appends entries at a fixed rate, flushes every `--flush-every` entries
-//! (printing `flushed <next-offset>` when `--print-flushed`, so a test can
-//! check that everything acknowledged survives a kill), and on Ctrl-C or
+//! (printing `start <first-offset>` once and `flushed <count>` after each
+//! flush when `--print-flushed`, so a test can check that everything
+//! acknowledged survives a kill), and on Ctrl-C or
 //! SIGTERM shuts down: seal, drain within the deadline, report.
 
 use std::path::PathBuf;
@@ -72,6 +73,10 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             open.store,
             a.rate
         );
+    }
+    if a.print_flushed {
+        // Entries of this run are offsets `start .. start + flushed`.
+        println!("start {offset}");
     }
     let started = Instant::now();
     let batch = (a.rate / 100).max(1);

@@ -181,6 +181,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     .await
                 {
                     Ok(out) => {
+                        crate::failpoint::crash("verify.after");
                         let (etag, version) = match out {
                             PutOutcome::Created { etag, version } => (etag, version),
                             PutOutcome::AlreadyPresent => (None, None),
@@ -239,7 +240,10 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 )
                 .await
                 {
-                    Ok(()) => sh.journal.append(vec![Record::Verified { id }]).await?,
+                    Ok(()) => {
+                        crate::failpoint::crash("verify.after");
+                        sh.journal.append(vec![Record::Verified { id }]).await?
+                    }
                     Err(e @ Error::Corrupt { .. }) => {
                         verify_failures += 1;
                         sh.metrics.verify_failures.inc();
@@ -267,6 +271,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 }
             }
             SegmentState::Verified => {
+                crate::failpoint::crash("commit");
                 sh.journal.append(vec![Record::Committed { id }]).await?;
                 sh.metrics.segments_committed.inc();
             }
@@ -276,12 +281,14 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 }
                 // Delete first, then journal: a crash in between leaves a
                 // Committed segment without its file, which releases again.
+                crate::failpoint::crash("release");
                 let writer = sh.writer.clone();
                 tokio::task::spawn_blocking(move || {
                     writer.lock().unwrap_or_else(|p| p.into_inner()).release(id)
                 })
                 .await
                 .map_err(|e| Error::Poisoned(format!("release task failed: {e}")))??;
+                crate::failpoint::crash("release.after");
                 sh.journal.append(vec![Record::Released { id }]).await?;
                 return Ok(SegmentState::Released);
             }

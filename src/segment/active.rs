@@ -78,6 +78,8 @@ pub struct ActiveSegment {
 fn allocate(file: &File, path: &Path, len: u64) -> Result<()> {
     let len_i64 =
         i64::try_from(len).map_err(|_| Error::InvalidInput("segment too large".into()))?;
+    crate::failpoint::hit("active.create.fallocate")
+        .map_err(|e| Error::io(path, "preallocate segment (posix_fallocate)", e))?;
     // SAFETY: plain syscall on a valid, owned file descriptor.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_i64) };
     if rc != 0 {
@@ -217,10 +219,16 @@ impl ActiveSegment {
         file.write_all_at(&header.encode(), 0)
             .map_err(|e| Error::io(&path, "write active header", e))
             .map_err(cleanup)?;
-        file.sync_all()
+        crate::failpoint::hit("active.create.fsync")
+            .and_then(|()| file.sync_all())
             .map_err(|e| Error::Poisoned(format!("fsync of new {} failed: {e}", path.display())))
             .map_err(cleanup)?;
         // IMPORTANT: make the new file's directory entry durable too.
+        crate::failpoint::hit("active.create.dirsync")
+            .map_err(|e| {
+                Error::Poisoned(format!("fsync of directory {} failed: {e}", dir.display()))
+            })
+            .map_err(cleanup)?;
         fsync_dir(dir).map_err(cleanup)?;
         // SAFETY: this process holds the data-directory lock, and the file was
         // fully allocated above, so the mapping never covers a hole past EOF.
@@ -415,6 +423,7 @@ impl ActiveSegment {
         format::encode_active_item(&mut self.map[at..at + ACTIVE_ITEM_LEN], self.id, idx, &item);
         self.set_slot_head(slot, idx + 1);
         self.len = idx + 1;
+        crate::failpoint::crash("active.append");
         Ok(())
     }
 
@@ -427,11 +436,14 @@ impl ActiveSegment {
         }
         let start = self.layout.item_offset(self.flushed);
         let end = self.layout.item_offset(self.len);
-        if let Err(e) = self.map.flush_range(start, end - start) {
+        let synced = crate::failpoint::hit("active.msync")
+            .and_then(|()| self.map.flush_range(start, end - start));
+        if let Err(e) = synced {
             let why = format!("msync of {} failed: {e}", self.path.display());
             self.poisoned = Some(why.clone());
             return Err(Error::Poisoned(why));
         }
+        crate::failpoint::crash("active.msync.after");
         self.flushed = self.len;
         Ok(())
     }

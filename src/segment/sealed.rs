@@ -130,6 +130,7 @@ pub fn write_sealed_streaming(
         .truncate(true)
         .open(&tmp)
         .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
+    crate::failpoint::hit("seal.write").map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
     // Writes are whole buckets (~1 MiB), so no buffering is needed.
     let mut w = &f;
     let mut kicked = 0u64;
@@ -152,11 +153,17 @@ pub fn write_sealed_streaming(
         SealError::Input(e) => e,
         SealError::Write(e) => Error::io(&tmp, "write sealed tmp", e),
     })?;
-    f.sync_all()
+    crate::failpoint::hit("seal.fsync")
+        .and_then(|()| f.sync_all())
         .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", tmp.display())))?;
     drop(f);
-    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
+    crate::failpoint::hit("seal.rename")
+        .and_then(|()| fs::rename(&tmp, &dst))
+        .map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
     // IMPORTANT: the rename is only durable once the directory is synced.
+    crate::failpoint::hit("seal.dirsync").map_err(|e| {
+        Error::Poisoned(format!("fsync of directory {} failed: {e}", dir.display()))
+    })?;
     fsync_dir(dir)?;
     Ok((dst, meta))
 }

@@ -74,12 +74,14 @@ pub async fn put_segment(
     let PutOutcome::Created { .. } = &written else {
         return Ok(written); // AlreadyPresent was proven by a full comparison.
     };
+    crate::failpoint::crash("upload.put.after");
 
     let level = if check_first {
         VerifyLevel::Full
     } else {
         cfg.verify
     };
+    crate::failpoint::crash("verify");
     match look_stable(store, key, meta, level, &policy, &mut rng).await? {
         Seen::Good => Ok(written),
         Seen::Missing => Err(Error::corrupt(
@@ -212,6 +214,7 @@ async fn put_single(
                         }
                     }
                 }
+                crate::failpoint::crash("upload.put");
                 os.put_opts(key, payload, opts).await
             }
         })
@@ -300,7 +303,10 @@ async fn put_multipart(
                 ..Default::default()
             };
             let mp = mp.clone();
-            async move { mp.create_multipart_opts(key, opts).await }
+            async move {
+                crate::failpoint::crash("upload.multipart.create");
+                mp.create_multipart_opts(key, opts).await
+            }
         })
         .await;
         match res {
@@ -331,7 +337,10 @@ async fn put_multipart(
             let mp = mp.clone();
             let payload = PutPayload::from(chunk.clone());
             let id = &id;
-            async move { mp.put_part(key, id, idx, payload).await }
+            async move {
+                crate::failpoint::crash("upload.multipart.part");
+                mp.put_part(key, id, idx, payload).await
+            }
         })
         .await;
         match res {
@@ -349,6 +358,7 @@ async fn put_multipart(
         let parts = parts.clone();
         let id = &id;
         async move {
+            crate::failpoint::crash("upload.multipart.complete");
             mp.complete_multipart(key, id, parts)
                 .await
                 .map_err(|e| gone_as_not_found(key, e))

@@ -267,6 +267,7 @@ pub(crate) async fn verify_with(
     policy: &RetryPolicy,
     rng: &mut fastrand::Rng,
 ) -> Result<()> {
+    crate::failpoint::crash("verify");
     match look_stable(store, key, meta, level, policy, rng).await? {
         Seen::Good => Ok(()),
         Seen::Missing => Err(Error::corrupt(

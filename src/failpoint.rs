@@ -1,0 +1,207 @@
+//! Named crash and I/O-error points at every persist step (feature `failpoints`).
+//!
+//! Each persist step in the writer, the sealer, the journal and the upload
+//! pipeline calls [`hit`] with a name from [`POINTS`]. Without the
+//! `failpoints` feature `hit` is an empty inline function: release builds
+//! carry no test hooks. With the feature, the environment variable
+//! `TIERINDEX_FAILPOINTS` arms points for the process:
+//!
+//! ```text
+//! TIERINDEX_FAILPOINTS="seal.rename=crash@3;journal.fsync=eio@1"
+//! ```
+//!
+//! * `crash@N`: on the N-th hit of the point (1-based), end the process at
+//!   once with `_exit(CRASH_EXIT_CODE)`: no destructors, no buffered output,
+//!   nothing flushed, exactly like `kill -9` at that instruction.
+//! * `eio@N`, `enospc@N`: the N-th hit returns that OS error to the caller
+//!   instead of doing the step (the error path a failing disk takes). Later
+//!   hits pass, so a test sees what one failure leaves behind.
+//!
+//! The crash harness (`tests/crash_points.rs`) runs the real binary once per
+//! point and N; `docs/crash-safety.md` lists every point beside what a crash
+//! there leaves and how recovery handles it.
+
+/// Exit code of a process ended by an armed `crash@N` point.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// Every named point, in the order data moves through them. A point
+/// is hit immediately *before* the step its name describes unless the name
+/// ends in `.after`.
+pub const POINTS: &[&str] = &[
+    // Active segment (src/segment/active.rs)
+    "active.create.fallocate",
+    "active.create.fsync",
+    "active.create.dirsync",
+    "active.append",
+    "active.msync",
+    "active.msync.after",
+    // Sealing (src/segment/sealed.rs, src/index.rs)
+    "seal.write",
+    "seal.fsync",
+    "seal.rename",
+    "seal.dirsync",
+    "seal.remove_active",
+    "seal.remove_active.dirsync",
+    // Journal (src/journal/)
+    "journal.append",
+    "journal.fsync",
+    "journal.compact.fsync",
+    "journal.compact.rename",
+    "journal.compact.dirsync",
+    // Upload pipeline (src/upload/, src/pipeline/)
+    "upload.put",
+    "upload.multipart.create",
+    "upload.multipart.part",
+    "upload.multipart.complete",
+    "upload.put.after",
+    "verify",
+    "verify.after",
+    "commit",
+    "release",
+    "release.after",
+];
+
+/// A point that can only crash (no I/O happens there to fail).
+#[inline(always)]
+pub fn crash(name: &'static str) {
+    let _ = hit(name);
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &'static str) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(feature = "failpoints")]
+pub use armed::{hit, hit_counts};
+
+/// Hits of every point so far (all zero without the feature).
+#[cfg(not(feature = "failpoints"))]
+pub fn hit_counts() -> Vec<(&'static str, u64)> {
+    POINTS.iter().map(|p| (*p, 0)).collect()
+}
+
+/// With `TIERINDEX_FAILPOINTS_COUNTS` set, print `failpoint-hits NAME N` for
+/// every point on stderr (the crash harness calibrates N from this).
+pub fn report_counts() {
+    if std::env::var_os("TIERINDEX_FAILPOINTS_COUNTS").is_some() {
+        for (name, n) in hit_counts() {
+            eprintln!("failpoint-hits {name} {n}");
+        }
+    }
+}
+
+#[cfg(feature = "failpoints")]
+mod armed {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::{CRASH_EXIT_CODE, POINTS};
+
+    #[derive(Clone, Copy, Debug)]
+    enum Action {
+        Crash,
+        Errno(i32),
+    }
+
+    static COUNTS: [AtomicU64; POINTS.len()] = [const { AtomicU64::new(0) }; POINTS.len()];
+
+    pub fn hit_counts() -> Vec<(&'static str, u64)> {
+        POINTS
+            .iter()
+            .zip(COUNTS.iter())
+            .map(|(p, c)| (*p, c.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    struct Armed {
+        action: Action,
+        at: u64,
+        hits: AtomicU64,
+    }
+
+    fn table() -> &'static HashMap<&'static str, Armed> {
+        static TABLE: OnceLock<HashMap<&'static str, Armed>> = OnceLock::new();
+        TABLE.get_or_init(|| {
+            let spec = std::env::var("TIERINDEX_FAILPOINTS").unwrap_or_default();
+            let mut t = HashMap::new();
+            for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+                match parse(part) {
+                    Ok((name, action, at)) => {
+                        t.insert(
+                            name,
+                            Armed {
+                                action,
+                                at,
+                                hits: AtomicU64::new(0),
+                            },
+                        );
+                    }
+                    // A typo must not silently run an unarmed campaign.
+                    Err(why) => {
+                        eprintln!("TIERINDEX_FAILPOINTS: {why}");
+                        std::process::exit(2);
+                    }
+                }
+            }
+            t
+        })
+    }
+
+    fn parse(part: &str) -> Result<(&'static str, Action, u64), String> {
+        let (name, rest) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected NAME=ACTION@N"))?;
+        let name = POINTS
+            .iter()
+            .copied()
+            .find(|p| *p == name.trim())
+            .ok_or_else(|| format!("unknown failpoint {name:?}"))?;
+        let (action, at) = rest
+            .split_once('@')
+            .ok_or_else(|| format!("{part:?}: expected ACTION@N"))?;
+        let at: u64 = at
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| format!("{part:?}: N must be an integer >= 1"))?;
+        let action = match action.trim() {
+            "crash" => Action::Crash,
+            "eio" => Action::Errno(libc::EIO),
+            "enospc" => Action::Errno(libc::ENOSPC),
+            other => return Err(format!("{part:?}: unknown action {other:?}")),
+        };
+        Ok((name, action, at))
+    }
+
+    /// Count a hit of `name`; crash or fail if it is armed for this hit.
+    pub fn hit(name: &'static str) -> std::io::Result<()> {
+        match POINTS.iter().position(|p| *p == name) {
+            Some(i) => {
+                COUNTS[i].fetch_add(1, Ordering::Relaxed);
+            }
+            None => debug_assert!(false, "unlisted failpoint {name}"),
+        }
+        let Some(a) = table().get(name) else {
+            return Ok(());
+        };
+        let n = a.hits.fetch_add(1, Ordering::SeqCst) + 1;
+        if n != a.at {
+            return Ok(());
+        }
+        match a.action {
+            Action::Crash => {
+                // Say where, on stderr (unbuffered), then die like kill -9.
+                let msg = format!("failpoint {name}: crash at hit {n}\n");
+                unsafe {
+                    libc::write(2, msg.as_ptr().cast(), msg.len());
+                    libc::_exit(CRASH_EXIT_CODE);
+                }
+            }
+            Action::Errno(e) => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
