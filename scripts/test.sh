@@ -185,6 +185,13 @@ if [ "${TIERINDEX_ONLY_S3:-0}" != 1 ]; then
   step clippy cargo clippy --all-targets -- -D warnings
   # The local step must not pick up a server someone exported by hand.
   step tests env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND cargo test --all-targets
+  # Crash campaign (issue 5): named crash points and the random kill loop,
+  # built with the failpoints feature; sizes from TIERINDEX_CRASH_ITERS and
+  # TIERINDEX_KILLS (docs/reliability.md has the 10x commands).
+  step clippy-failpoints cargo clippy --all-targets --features failpoints -- -D warnings
+  step crash env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND \
+    TIERINDEX_CRASH_ITERS="${TIERINDEX_CRASH_ITERS:-20}" TIERINDEX_KILLS="${TIERINDEX_KILLS:-200}" \
+    cargo test --features failpoints --test crash_points --test kill_loop --test io_errors -- --nocapture --test-threads=1
 fi
 
 KINDS=$(s3_kinds)

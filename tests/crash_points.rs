@@ -148,6 +148,7 @@ fn every_crash_point_recovers_without_losing_acknowledged_entries() {
         v.len(),
         started.elapsed().as_secs_f64()
     );
+    crash_model::remove_bin_copy();
     if !v.is_empty() {
         let kept = keep.keep();
         panic!(

@@ -22,7 +22,21 @@ use tierindex::SegmentId;
 use tierindex::journal::{Journal, SegmentState};
 use tierindex::segment::sealed::SealedSegment;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_tierindex");
+/// The binary under test, copied once per test process: a campaign runs
+/// for minutes and must not pick up a binary that another build writes to
+/// `target/` meanwhile (the copy is removed by [`remove_bin_copy`]).
+pub fn bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let dst = std::env::temp_dir().join(format!("tierindex-under-test-{}", std::process::id()));
+        std::fs::copy(env!("CARGO_BIN_EXE_tierindex"), &dst).expect("copy the tierindex binary");
+        dst
+    })
+}
+
+pub fn remove_bin_copy() {
+    let _ = std::fs::remove_file(bin());
+}
 pub const KEYS: u64 = 16;
 pub const STREAM: &str = "stream-0";
 
@@ -87,7 +101,7 @@ impl Rig {
     }
 
     fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(bin());
         c.arg("--config").arg(&self.cfg).args(args);
         c.env_remove("TIERINDEX_FAILPOINTS")
             .env_remove("TIERINDEX_FAILPOINTS_COUNTS")
