@@ -3,22 +3,27 @@
 //! [`FaultyStore`] sits in front of a real store (usually `InMemory` or
 //! `LocalFileSystem`) and, per request, may inject one [`Fault`]: a
 //! 503/429 answer, a hang past the caller's deadline, a connection reset, a
-//! request that is performed and then "loses" its answer, extra latency, or a
-//! damaged GET body. Faults come from a script (`fail_next`) and/or a random
-//! plan (`set_random`) drawn from a seeded RNG, so a failing run replays
-//! exactly from its seed (as long as requests are issued in the same order).
+//! request that is performed and then "loses" its answer, extra latency, a
+//! body that trickles in slowly, a damaged GET body, or a multipart part
+//! that is acknowledged but not stored as sent. Faults come from a script
+//! (`fail_next`) and/or a random plan (`set_random`) drawn from a seeded RNG,
+//! so a failing run replays exactly from its seed (as long as requests are
+//! issued in the same order).
 //!
-//! It also counts what matters for safety: creates that hit an existing key
-//! and writes that *replaced* an existing object, so tests can assert "never
-//! overwritten". [`FaultyStore::ignore_conditionals`] makes it behave like
-//! Garage (If-None-Match / If-Match silently ignored).
+//! It also records what matters for safety: creates that hit an existing
+//! key, and per key every write the inner store accepted (with the CRC of
+//! what it wrote and of what it replaced) and every delete, so tests can
+//! assert "never overwritten" ([`FaultyStore::overwrites`]) and "a
+//! conditional create never replaced an object" (`FaultStats::create_replaced`).
+//! [`FaultyStore::ignore_conditionals`] makes it behave like Garage
+//! (If-None-Match / If-Match silently ignored).
 //!
 //! `object_store`'s traits are `#[async_trait]`; the impls below spell out
 //! the boxed-future signatures that macro generates (no extra dependency).
 
 #![doc(hidden)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
@@ -95,15 +100,116 @@ pub enum Fault {
     TruncateBody,
     /// GET only: one random bit of the body is flipped.
     FlipBit,
+    /// The body moves slowly: a GET body arrives in `chunk_bytes` pieces,
+    /// each after `chunk_delay`; a PUT or part payload takes `chunk_delay`
+    /// per `chunk_bytes` to "send" before the store sees it (dropping the
+    /// request meanwhile writes nothing). Exercises per-request deadlines
+    /// on bodies that do make progress. PUT, part and GET only.
+    SlowBody {
+        chunk_bytes: usize,
+        chunk_delay: Duration,
+    },
+    /// `PutPart` only: the part is acknowledged as usual, but the store
+    /// keeps none of its bytes (a zero-length part), so a completion
+    /// succeeds with a shorter, wrong object. Only a read-back catches it.
+    LosePart,
+    /// `PutPart` only: acknowledged as usual, but the store keeps other
+    /// bytes of the same length (every byte XOR 0x5A): the completed object
+    /// has the right size and the wrong content.
+    ReplacePart,
 }
 
 impl Fault {
     fn applies_to(&self, op: Op) -> bool {
         match self {
             Fault::TruncateBody | Fault::FlipBit => op == Op::Get,
+            Fault::SlowBody { .. } => matches!(op, Op::Put | Op::PutPart | Op::Get),
+            Fault::LosePart | Fault::ReplacePart => op == Op::PutPart,
             _ => true,
         }
     }
+
+    /// How long "sending" `len` bytes takes under [`Fault::SlowBody`].
+    fn slow_body_time(&self, len: usize) -> Duration {
+        match self {
+            Fault::SlowBody {
+                chunk_bytes,
+                chunk_delay,
+            } => {
+                let chunks = len.div_ceil((*chunk_bytes).max(1)).max(1);
+                chunk_delay.saturating_mul(u32::try_from(chunks).unwrap_or(u32::MAX))
+            }
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// What an object held: the CRC32 and length of its bytes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Content {
+    pub crc: u32,
+    pub len: u64,
+}
+
+impl Content {
+    pub fn of(bytes: &[u8]) -> Content {
+        Content {
+            crc: crc32fast::hash(bytes),
+            len: bytes.len() as u64,
+        }
+    }
+
+    fn of_payload(p: &PutPayload) -> Content {
+        let mut h = crc32fast::Hasher::new();
+        for b in p {
+            h.update(b);
+        }
+        Content {
+            crc: h.finalize(),
+            len: p.content_length() as u64,
+        }
+    }
+}
+
+/// How a write reached the store (the mode the *caller* asked for, even
+/// when [`FaultyStore::ignore_conditionals`] downgraded it).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum WriteVia {
+    /// `PutMode::Create` (If-None-Match: *).
+    Create,
+    /// `PutMode::Overwrite` (a plain PUT).
+    Overwrite,
+    /// `PutMode::Update` (If-Match).
+    Update,
+    /// A completed multipart upload (no conditional mode exists).
+    Multipart,
+}
+
+/// One entry of a key's history, in the order the inner store saw them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyEvent {
+    /// The inner store accepted a write (whether or not its answer reached
+    /// the caller). `replaced`: what the key held just before, if anything.
+    Written {
+        seq: u64,
+        via: WriteVia,
+        content: Content,
+        replaced: Option<Content>,
+    },
+    /// A delete through this wrapper succeeded.
+    Deleted { seq: u64 },
+}
+
+/// A key written again with other content than its previous write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overwrite {
+    pub key: Path,
+    pub via: WriteVia,
+    pub before: Content,
+    pub after: Content,
+    /// The earlier object was still there and was replaced by this write.
+    /// False: it had been deleted first (a re-creation with new content).
+    pub in_place: bool,
 }
 
 /// Counters since construction.
@@ -113,11 +219,17 @@ pub struct FaultStats {
     pub requests: HashMap<Op, u64>,
     /// Faults injected.
     pub injected: u64,
+    /// Faults injected per op.
+    pub injected_on: HashMap<Op, u64>,
     /// `PutMode::Create` requests that found the key taken (AlreadyExists).
     pub create_conflicts: u64,
     /// Writes that replaced an existing object (a PUT that was not refused
-    /// on an existing key, or a multipart completion over one).
+    /// on an existing key, or a multipart completion over one), whatever
+    /// the content. [`FaultyStore::overwrites`] tells same from different.
     pub overwrites: u64,
+    /// `PutMode::Create` requests that replaced an existing object. Never
+    /// allowed on a store that honours conditional creates.
+    pub create_replaced: u64,
     /// Objects deleted through this wrapper.
     pub deletes: u64,
     /// Parts accepted by the inner store.
@@ -127,6 +239,10 @@ pub struct FaultStats {
 impl FaultStats {
     pub fn requests(&self, op: Op) -> u64 {
         self.requests.get(&op).copied().unwrap_or(0)
+    }
+
+    pub fn injected_on(&self, op: Op) -> u64 {
+        self.injected_on.get(&op).copied().unwrap_or(0)
     }
 }
 
@@ -139,11 +255,46 @@ struct RandomPlan {
 #[derive(Default)]
 struct Counters {
     requests: Mutex<HashMap<Op, u64>>,
+    injected_on: Mutex<HashMap<Op, u64>>,
     injected: AtomicU64,
     create_conflicts: AtomicU64,
     overwrites: AtomicU64,
+    create_replaced: AtomicU64,
     deletes: AtomicU64,
     parts_put: AtomicU64,
+    /// Per key, every accepted write and delete, in order.
+    history: Mutex<BTreeMap<Path, Vec<KeyEvent>>>,
+    seq: AtomicU64,
+}
+
+impl Counters {
+    fn written(&self, key: &Path, via: WriteVia, content: Content, replaced: Option<Content>) {
+        if replaced.is_some() {
+            self.overwrites.fetch_add(1, Ordering::SeqCst);
+            if via == WriteVia::Create {
+                self.create_replaced.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        lock(&self.history)
+            .entry(key.clone())
+            .or_default()
+            .push(KeyEvent::Written {
+                seq,
+                via,
+                content,
+                replaced,
+            });
+    }
+
+    fn deleted(&self, key: &Path) {
+        self.deletes.fetch_add(1, Ordering::SeqCst);
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        lock(&self.history)
+            .entry(key.clone())
+            .or_default()
+            .push(KeyEvent::Deleted { seq });
+    }
 }
 
 /// A fault-injecting wrapper around an object store (and its multipart API).
@@ -292,11 +443,80 @@ impl FaultyStore {
         FaultStats {
             requests: lock(&c.requests).clone(),
             injected: c.injected.load(Ordering::SeqCst),
+            injected_on: lock(&c.injected_on).clone(),
             create_conflicts: c.create_conflicts.load(Ordering::SeqCst),
             overwrites: c.overwrites.load(Ordering::SeqCst),
+            create_replaced: c.create_replaced.load(Ordering::SeqCst),
             deletes: c.deletes.load(Ordering::SeqCst),
             parts_put: c.parts_put.load(Ordering::SeqCst),
         }
+    }
+
+    /// Every key's history of accepted writes and deletes.
+    pub fn history(&self) -> BTreeMap<Path, Vec<KeyEvent>> {
+        lock(&self.counters.history).clone()
+    }
+
+    /// The final content of every key whose last event is a write.
+    pub fn last_written(&self) -> BTreeMap<Path, Content> {
+        lock(&self.counters.history)
+            .iter()
+            .filter_map(|(k, evs)| match evs.last()? {
+                KeyEvent::Written { content, .. } => Some((k.clone(), *content)),
+                KeyEvent::Deleted { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Every write to a key that already had been written with *other*
+    /// content: in place (the old object was still there) or after a delete.
+    pub fn overwrites(&self) -> Vec<Overwrite> {
+        self.rewrites().0
+    }
+
+    /// Writes that put the same content a key already held (in place or
+    /// after a delete): harmless, but counted apart from overwrites.
+    pub fn same_content_rewrites(&self) -> Vec<(Path, Content, WriteVia)> {
+        self.rewrites().1
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn rewrites(&self) -> (Vec<Overwrite>, Vec<(Path, Content, WriteVia)>) {
+        let mut differ = Vec::new();
+        let mut same = Vec::new();
+        for (key, evs) in lock(&self.counters.history).iter() {
+            let mut last: Option<Content> = None;
+            for e in evs {
+                let KeyEvent::Written {
+                    via,
+                    content,
+                    replaced,
+                    ..
+                } = e
+                else {
+                    continue;
+                };
+                // What the key held before: observed at write time when the
+                // object was still there, else our own previous write.
+                let (before, in_place) = match (replaced, last) {
+                    (Some(r), _) => (Some(*r), true),
+                    (None, l) => (l, false),
+                };
+                match before {
+                    Some(b) if b != *content => differ.push(Overwrite {
+                        key: key.clone(),
+                        via: *via,
+                        before: b,
+                        after: *content,
+                        in_place,
+                    }),
+                    Some(_) => same.push((key.clone(), *content, *via)),
+                    None => {}
+                }
+                last = Some(*content);
+            }
+        }
+        (differ, same)
     }
 
     /// Rewrites an object in the inner store through `f` (keeping its
@@ -340,6 +560,7 @@ impl FaultyStore {
             return None;
         }
         self.counters.injected.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.counters.injected_on).entry(op).or_default() += 1;
         Some(fault)
     }
 
@@ -389,8 +610,11 @@ impl FaultyStore {
         }
     }
 
-    async fn exists(&self, location: &Path) -> bool {
-        self.inner.head(location).await.is_ok()
+    /// What `location` holds in the inner store now (bypassing faults).
+    async fn current(&self, location: &Path) -> Option<Content> {
+        let got = self.inner.get(location).await.ok()?;
+        let body = got.bytes().await.ok()?;
+        Some(Content::of(&body))
     }
 
     fn mangle(&self, fault: &Option<Fault>, body: Bytes) -> Bytes {
@@ -407,6 +631,13 @@ impl FaultyStore {
         }
     }
 
+    /// The time a [`Fault::SlowBody`] request spends moving `len` bytes.
+    async fn slow_send(&self, fault: &Option<Fault>, len: usize) {
+        if let Some(f @ Fault::SlowBody { .. }) = fault {
+            tokio::time::sleep(f.slow_body_time(len)).await;
+        }
+    }
+
     fn mp(&self) -> Result<&Arc<dyn MultipartStore>> {
         self.inner_mp
             .as_ref()
@@ -415,6 +646,24 @@ impl FaultyStore {
                 implementer: self.to_string(),
             })
     }
+}
+
+/// `body` in `chunk_bytes` pieces, each yielded after `delay`.
+fn slow_stream(
+    body: Bytes,
+    chunk_bytes: usize,
+    delay: Duration,
+) -> BoxStream<'static, Result<Bytes>> {
+    let step = chunk_bytes.max(1);
+    futures::stream::unfold(body, move |mut rest| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        tokio::time::sleep(delay).await;
+        let chunk = rest.split_to(step.min(rest.len()));
+        Some((Ok(chunk), rest))
+    })
+    .boxed()
 }
 
 impl fmt::Display for FaultyStore {
@@ -447,10 +696,17 @@ impl ObjectStore for FaultyStore {
         Box::pin(async move {
             let fault = self.next_fault(Op::Put);
             self.before(&fault).await?;
+            self.slow_send(&fault, payload.content_length()).await;
+            let via = match opts.mode {
+                PutMode::Create => WriteVia::Create,
+                PutMode::Overwrite => WriteVia::Overwrite,
+                PutMode::Update(_) => WriteVia::Update,
+            };
             if self.ignore_conditionals.load(Ordering::SeqCst) {
                 opts.mode = PutMode::Overwrite;
             }
-            let existed = self.exists(location).await;
+            let content = Content::of_payload(&payload);
+            let replaced = self.current(location).await;
             let res = self.inner.put_opts(location, payload, opts).await;
             match &res {
                 Err(object_store::Error::AlreadyExists { .. }) => {
@@ -458,9 +714,7 @@ impl ObjectStore for FaultyStore {
                         .create_conflicts
                         .fetch_add(1, Ordering::SeqCst);
                 }
-                Ok(_) if existed => {
-                    self.counters.overwrites.fetch_add(1, Ordering::SeqCst);
-                }
+                Ok(_) => self.counters.written(location, via, content, replaced),
                 _ => {}
             }
             self.after(&fault, res)
@@ -497,7 +751,10 @@ impl ObjectStore for FaultyStore {
             let fault = self.next_fault(op);
             self.before(&fault).await?;
             let res = self.after(&fault, self.inner.get_opts(location, options).await)?;
-            if !matches!(fault, Some(Fault::TruncateBody | Fault::FlipBit)) {
+            if !matches!(
+                fault,
+                Some(Fault::TruncateBody | Fault::FlipBit | Fault::SlowBody { .. })
+            ) {
                 return Ok(res);
             }
             let GetResult {
@@ -517,10 +774,15 @@ impl ObjectStore for FaultyStore {
             .bytes()
             .await?;
             let body = self.mangle(&fault, body);
+            let stream = match fault {
+                Some(Fault::SlowBody {
+                    chunk_bytes,
+                    chunk_delay,
+                }) => slow_stream(body, chunk_bytes, chunk_delay),
+                _ => futures::stream::once(async { Ok(body) }).boxed(),
+            };
             Ok(GetResult {
-                payload: GetResultPayload::Stream(
-                    futures::stream::once(async { Ok(body) }).boxed(),
-                ),
+                payload: GetResultPayload::Stream(stream),
                 meta,
                 range,
                 attributes,
@@ -543,8 +805,10 @@ impl ObjectStore for FaultyStore {
         Box::pin(async move {
             let fault = self.next_fault(Op::Get);
             self.before(&fault).await?;
-            let res = self.inner.get_ranges(location, ranges).await;
-            self.after(&fault, res)
+            let res = self.after(&fault, self.inner.get_ranges(location, ranges).await)?;
+            let len = res.iter().map(Bytes::len).sum();
+            self.slow_send(&fault, len).await;
+            Ok(res)
         })
     }
 
@@ -556,8 +820,8 @@ impl ObjectStore for FaultyStore {
         self.inner
             .delete_stream(locations)
             .inspect(move |r| {
-                if r.is_ok() {
-                    counters.deletes.fetch_add(1, Ordering::SeqCst);
+                if let Ok(p) = r {
+                    counters.deleted(p);
                 }
             })
             .boxed()
@@ -652,6 +916,20 @@ impl MultipartStore for FaultyStore {
             let mp = self.mp()?;
             let fault = self.next_fault(Op::PutPart);
             self.before(&fault).await?;
+            self.slow_send(&fault, data.content_length()).await;
+            let data = match fault {
+                // Acknowledged below like any part; the store keeps other
+                // bytes than were sent.
+                Some(Fault::LosePart) => PutPayload::new(),
+                Some(Fault::ReplacePart) => {
+                    let mut v = Vec::with_capacity(data.content_length());
+                    for b in &data {
+                        v.extend(b.iter().map(|x| x ^ 0x5A));
+                    }
+                    PutPayload::from(v)
+                }
+                _ => data,
+            };
             let res = mp.put_part(path, id, part_idx, data).await;
             if res.is_ok() {
                 self.counters.parts_put.fetch_add(1, Ordering::SeqCst);
@@ -676,10 +954,16 @@ impl MultipartStore for FaultyStore {
             let mp = self.mp()?;
             let fault = self.next_fault(Op::CompleteMultipart);
             self.before(&fault).await?;
-            let existed = self.exists(path).await;
+            let replaced = self.current(path).await;
             let res = mp.complete_multipart(path, id, parts).await;
-            if res.is_ok() && existed {
-                self.counters.overwrites.fetch_add(1, Ordering::SeqCst);
+            if res.is_ok() {
+                // What the completion produced (the parts as stored).
+                let content = self
+                    .current(path)
+                    .await
+                    .unwrap_or(Content { crc: 0, len: 0 });
+                self.counters
+                    .written(path, WriteVia::Multipart, content, replaced);
             }
             self.after(&fault, res)
         })
@@ -773,6 +1057,133 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn slow_body_trickles_and_can_be_cut_by_a_deadline() {
+        let f = FaultyStore::memory(1);
+        let p = Path::from("a");
+        let body: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        f.put(&p, PutPayload::from(body.clone())).await.unwrap();
+        let slow = Fault::SlowBody {
+            chunk_bytes: 100,
+            chunk_delay: Duration::from_millis(20),
+        };
+        // Answer at once, body in ten pieces over ~200 ms.
+        f.fail_next(Op::Get, 1, slow.clone());
+        let t = std::time::Instant::now();
+        let got = f.get(&p).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(100));
+        let mut chunks = 0;
+        let mut all = Vec::new();
+        let mut s = got.into_stream();
+        while let Some(c) = s.next().await {
+            chunks += 1;
+            all.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!((chunks, all), (10, body.clone()));
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        // A deadline shorter than the body time cuts the read.
+        f.fail_next(Op::Get, 1, slow.clone());
+        let cut = tokio::time::timeout(Duration::from_millis(50), async {
+            f.get(&p).await.unwrap().bytes().await
+        })
+        .await;
+        assert!(cut.is_err());
+        // A slow PUT dropped before it is "sent" writes nothing.
+        let q = Path::from("b");
+        f.fail_next(Op::Put, 1, slow);
+        let put = f.put(&q, PutPayload::from(body));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), put)
+                .await
+                .is_err()
+        );
+        assert!(f.inner().head(&q).await.is_err());
+        assert_eq!(f.stats().injected_on(Op::Get), 2);
+        assert_eq!(f.stats().injected_on(Op::Put), 1);
+        // Not a HEAD fault (no body).
+        f.fail_next(
+            Op::Head,
+            1,
+            Fault::SlowBody {
+                chunk_bytes: 1,
+                chunk_delay: Duration::from_secs(60),
+            },
+        );
+        f.head(&p).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lost_and_replaced_parts_complete_into_a_wrong_object() {
+        let f = FaultyStore::memory(1);
+        let mp = f.clone() as Arc<dyn MultipartStore>;
+        let part = |i: u8| PutPayload::from(vec![i; 100]);
+        for (fault, want_len) in [(Fault::LosePart, 200u64), (Fault::ReplacePart, 300)] {
+            let p = Path::from(format!("{fault:?}"));
+            let id = mp.create_multipart(&p).await.unwrap();
+            let mut parts = Vec::new();
+            f.fail_next(Op::PutPart, 1, fault.clone());
+            for i in 0..3u8 {
+                parts.push(mp.put_part(&p, &id, i as usize, part(i)).await.unwrap());
+            }
+            mp.complete_multipart(&p, &id, parts).await.unwrap();
+            let got = f.inner().get(&p).await.unwrap().bytes().await.unwrap();
+            assert_eq!(got.len() as u64, want_len, "{fault:?}");
+            assert_ne!(&got[..100], &[0u8; 100][..], "{fault:?}: part 0 damaged");
+            assert_eq!(&got[got.len() - 100..], &[2u8; 100][..]);
+            // The write log records what the completion really produced.
+            assert_eq!(f.last_written()[&p], Content::of(&got));
+        }
+    }
+
+    #[tokio::test]
+    async fn write_log_tells_overwrites_from_rewrites() {
+        let f = FaultyStore::memory(1);
+        let (a, b) = (Path::from("a"), Path::from("b"));
+        let create = || PutOptions::from(PutMode::Create);
+        f.put_opts(&a, PutPayload::from_static(b"1"), create())
+            .await
+            .unwrap();
+        assert!(
+            f.put_opts(&a, PutPayload::from_static(b"2"), create())
+                .await
+                .is_err()
+        );
+        assert!(f.overwrites().is_empty());
+        // Same bytes in place, then other bytes in place.
+        f.put(&a, PutPayload::from_static(b"1")).await.unwrap();
+        f.put(&a, PutPayload::from_static(b"3")).await.unwrap();
+        // Delete, then re-create with other bytes.
+        f.put(&b, PutPayload::from_static(b"x")).await.unwrap();
+        f.delete(&b).await.unwrap();
+        f.put_opts(&b, PutPayload::from_static(b"y"), create())
+            .await
+            .unwrap();
+        let ow = f.overwrites();
+        assert_eq!(ow.len(), 2, "{ow:?}");
+        assert_eq!(
+            (ow[0].key.as_ref(), ow[0].in_place, ow[0].via),
+            ("a", true, WriteVia::Overwrite)
+        );
+        assert_eq!(ow[0].before, Content::of(b"1"));
+        assert_eq!(ow[0].after, Content::of(b"3"));
+        assert_eq!(
+            (ow[1].key.as_ref(), ow[1].in_place, ow[1].via),
+            ("b", false, WriteVia::Create)
+        );
+        let same = f.same_content_rewrites();
+        assert_eq!(same.len(), 1, "{same:?}");
+        let st = f.stats();
+        assert_eq!((st.overwrites, st.create_replaced, st.deletes), (2, 0, 1));
+        assert!(matches!(
+            f.history()[&b][..],
+            [
+                KeyEvent::Written { .. },
+                KeyEvent::Deleted { .. },
+                KeyEvent::Written { .. }
+            ]
+        ));
+    }
+
+    #[tokio::test]
     async fn ignore_conditionals_overwrites_like_garage() {
         let f = FaultyStore::memory(1);
         f.ignore_conditionals(true);
@@ -786,5 +1197,8 @@ mod tests {
             .unwrap();
         assert_eq!(f.stats().overwrites, 1);
         assert_eq!(f.stats().create_conflicts, 0);
+        // The caller asked for a create: it replaced an object.
+        assert_eq!(f.stats().create_replaced, 1);
+        assert_eq!(f.overwrites()[0].via, WriteVia::Create);
     }
 }
