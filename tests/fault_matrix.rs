@@ -985,18 +985,13 @@ async fn fault_mix() {
     assert_clean("fault-mix", &t, rounds);
 }
 
-/// The lost/replaced multipart part cells and a mix that includes them.
+/// The lost/replaced multipart part cells and a mix that includes them
+/// (found quarantining before drive.rs deleted its own unverified object).
 /// What a correct pipeline must do: the read-back after completion sees
 /// the wrong object; it is ours (our key, never verified), so it is
 /// deleted and the segment uploaded again, ending verified exactly once
 /// with the right bytes. Nothing may be quarantined for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a multipart part acknowledged but stored wrong (lost or replaced) leaves a \
-            wrong object under the create-only key; put_segment reports Corrupt, drive \
-            returns retryable with the journal at Uploading, and the next drive's \
-            remote_matches sees other bytes under the key and quarantines the segment \
-            (drive.rs Uploading arm) instead of deleting its own unverified object and \
-            re-uploading; the segment is never verified"]
 async fn fault_matrix_lost_parts() {
     let started = Instant::now();
     let cells: Vec<Cell> = cells().into_iter().filter(|c| c.bug.is_some()).collect();

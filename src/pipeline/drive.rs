@@ -218,13 +218,37 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         .await;
                     }
                     Err(e @ Error::Corrupt { .. }) => {
-                        // The store returned other bytes on the read-back.
-                        // Retry a bounded number of times in this drive.
-                        verify_failures += 1;
+                        // The read-back right after our own create or
+                        // multipart completion found other bytes (a part
+                        // the store acknowledged but lost or mangled), or
+                        // no object. That object is ours: our key, written
+                        // by this attempt, never verified. Delete it and
+                        // upload again; left in place, the next drive would
+                        // find "other bytes under our key" and quarantine.
+                        // Not quarantined however often it happens: the
+                        // local copy is kept, the scheduler backs off, the
+                        // deadline bounds a drain, and the segment completes
+                        // once the store stops corrupting parts (counted in
+                        // the verify-failure metric, logged as a warning).
+                        // A crash before the new Uploading record below
+                        // resumes at the comparison, which quarantines:
+                        // safe, an operator decides.
                         sh.metrics.verify_failures.inc();
-                        if verify_failures >= MAX_VERIFY_FAILURES {
-                            return quarantine(sh, id, e.to_string()).await;
+                        // The multipart hook journaled its own attempt number.
+                        let attempt = record(sh, id)?.attempt;
+                        tracing::warn!(error = %e, attempt, "read-back after upload failed");
+                        match sh.store.object_store().delete(&key).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(de) => return Err(crate::remote::classify(de)),
                         }
+                        sh.journal
+                            .append(vec![Record::Uploading {
+                                id,
+                                attempt: attempt + 1,
+                                key: key.to_string(),
+                                multipart_id: None,
+                            }])
+                            .await?;
                         return Err(Error::RemoteRetryable(e.to_string()));
                     }
                     Err(e) => return Err(e),
