@@ -11,6 +11,8 @@
 //!
 //! Start-up rules (also tabled in `docs/crash-safety.md`):
 //! - `NNN.seg` must pass the full sealed check, else it is quarantined.
+//! - `NNN.active` that is empty or all zeros (its creation never became
+//!   durable) is removed: it never held an entry.
 //! - `NNN.active` with a bad header is quarantined; otherwise its torn tail
 //!   is zeroed (a damaged span that still holds valid items is first copied
 //!   to quarantine) and its slot table rebuilt. If a valid `NNN.seg` with

@@ -956,7 +956,10 @@ fn journal_model(data: &[u8]) {
                 // constructor: replay those few bytes.
                 ends.push((file.len(), Some(replay_bytes(&file).expect("MaxId").state)));
                 encode_frame(&Frame::MaxOffset(model.max_offset()), &mut file).expect("encode");
-                ends.push((file.len(), Some(replay_bytes(&file).expect("MaxOffset").state)));
+                ends.push((
+                    file.len(),
+                    Some(replay_bytes(&file).expect("MaxOffset").state),
+                ));
                 let live: Vec<SegmentRecord> = model.segments().values().cloned().collect();
                 for rec in &live {
                     encode_frame(&Frame::Snapshot(rec.clone()), &mut file).expect("encode");
