@@ -34,11 +34,13 @@
 //! fixes the fault draws per request *order*; with concurrent uploads the
 //! order, hence the exact faults, can still vary from run to run.
 //!
-//! Known pipeline bug: a multipart part acknowledged but not stored as sent
+//! Lost parts: a multipart part acknowledged but not stored as sent
 //! (`LosePart`, `ReplacePart`) completes into a wrong object under the
-//! create-only key; the pipeline then quarantines the segment instead of
-//! removing its own never-verified object and uploading again. Those cells
-//! run in the ignored test `fault_matrix_lost_parts` (see its `ignore`).
+//! create-only key. These cells run in their own test,
+//! `fault_matrix_lost_parts`: they found two pipeline bugs (the read-back
+//! left the bad object in place; a drive cut between completion and
+//! read-back quarantined at the next comparison instead of deleting its
+//! own never-verified object and uploading again).
 
 mod common;
 
@@ -131,9 +133,8 @@ const REQUEST_OPS: [Op; 6] = [
 const BODY_OPS: [Op; 3] = [Op::Put, Op::PutPart, Op::Get];
 
 const LOST_PART_BUG: &str = "a part acknowledged but not stored as sent completes into a \
-    wrong object under the create-only key; put_segment's read-back reports Corrupt and leaves \
-    the object, and the next drive (state Uploading) finds other bytes under the key and \
-    quarantines the segment instead of deleting its own never-verified object and uploading again";
+    wrong object under the create-only key; the pipeline must delete its own never-verified \
+    object and upload again, both at the read-back and at the comparison after a cut drive";
 
 #[derive(Clone, Debug)]
 struct Cell {

@@ -831,6 +831,64 @@ async fn completed_but_unjournaled_upload_is_adopted_not_rewritten() {
     check_lookups(&rig, n).await;
 }
 
+/// The crash came after a multipart completion that assembled other bytes
+/// (a part the store acknowledged but mangled) and before the read-back
+/// could delete it: the journal says `Uploading`, the key holds the wrong
+/// object. Resume must delete that never-verified object of ours and upload
+/// again (never quarantine while the local copy is intact), ending with our
+/// bytes under the key.
+/// (Found by `fault_matrix_lost_parts`: resume quarantined the segment.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_object_left_by_an_interrupted_upload_is_replaced_on_resume() {
+    let n = 150; // one segment, sealed at shutdown
+    let rig = sealed_but_not_uploaded(54, "wrong-object-resume", n).await;
+    let mem = rig.mem.clone().unwrap();
+    let (id, key) = {
+        let mut j = rig.open_journal().await;
+        assert_eq!(j.segments().len(), 1);
+        let rec = j.segments().values().next().unwrap().clone();
+        let key = rig.remote().segment_key(&rig.cfg.stream, &rec.meta);
+        let local = std::fs::read(common::sealed_path(&rig.data, rec.meta.id)).unwrap();
+        let mp = mem.create_multipart(&key).await.unwrap();
+        let half = local.len() / 2;
+        let mut mangled = local[half..].to_vec();
+        mangled[7] ^= 0x40;
+        let p0 = mem
+            .put_part(&key, &mp, 0, PutPayload::from(local[..half].to_vec()))
+            .await
+            .unwrap();
+        let p1 = mem
+            .put_part(&key, &mp, 1, PutPayload::from(mangled))
+            .await
+            .unwrap();
+        j.append(&[Record::Uploading {
+            id: rec.meta.id,
+            attempt: rec.attempt + 1,
+            key: key.to_string(),
+            multipart_id: Some(mp.clone()),
+        }])
+        .unwrap();
+        mem.complete_multipart(&key, &mp, vec![p0, p1])
+            .await
+            .unwrap();
+        (rec.meta.id, key)
+    };
+    assert_ne!(
+        remote_bytes(&rig, &key).await,
+        std::fs::read(common::sealed_path(&rig.data, id)).unwrap()
+    );
+    drain_rounds(&rig, None, Duration::from_secs(10), 3).await;
+    let quarantined = common::journal_records(&rig.data)
+        .into_iter()
+        .any(|r| matches!(r, Record::Quarantined { .. }));
+    assert!(
+        !quarantined,
+        "segment {id} quarantined for our own bad object"
+    );
+    verify_end_state(&rig, n, false).await;
+    check_lookups(&rig, n).await;
+}
+
 // ---------------------------------------------------------------------------
 // Configured request timeout
 // ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 //! | state       | action                                                              |
 //! |-------------|---------------------------------------------------------------------|
 //! | Sealed      | journal `Uploading{attempt+1}`, PUT (create-only) → `Uploaded`       |
-//! | Uploading   | abort a journaled multipart id; HEAD/compare the key: ours → `Uploaded`, missing → PUT again, other bytes → `Quarantined` |
+//! | Uploading   | abort a journaled multipart id; compare the key: ours → `Uploaded`, missing → PUT again, other bytes → delete them and PUT again (local copy intact) or `Quarantined` (no intact local copy) |
 //! | Uploaded    | verify (read back) → `Verified`; mismatch → delete our bad object, `Uploading` again (bounded) |
 //! | Verified    | → `Committed` (the manifest step of a later version goes here)      |
 //! | Committed   | release the local copy if the policy says so → `Released`          |
@@ -72,6 +72,15 @@ fn local_path(sh: &Shared, id: SegmentId) -> PathBuf {
     sh.seg_dir.join(sealed_file_name(id))
 }
 
+/// Delete the object under our own key that was never verified and does
+/// not hold our bytes (already gone is fine).
+async fn delete_own_unverified(sh: &Shared, key: &ObjPath) -> Result<()> {
+    match sh.store.object_store().delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(crate::remote::classify(e)),
+    }
+}
+
 async fn quarantine(sh: &Shared, id: SegmentId, reason: String) -> Result<SegmentState> {
     tracing::error!(segment = id.0, %reason, "segment quarantined in the journal");
     sh.metrics.quarantined.inc();
@@ -119,7 +128,37 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                                 .await?;
                             continue;
                         }
+                        RemoteMatch::Differs(why)
+                            if local_matches(&local_path(sh, id), &rec.meta) =>
+                        {
+                            // Other bytes under our key while the journal
+                            // says *we* were uploading to it: our own write
+                            // went wrong (a part the store acknowledged but
+                            // lost or mangled, and the drive was cut before
+                            // its read-back could delete it). The key names
+                            // the CRC of the only bytes that belong there, so
+                            // these bytes are nobody's good object; it was
+                            // never verified. Delete it and upload again from
+                            // the local copy, which still matches its record.
+                            sh.metrics.verify_failures.inc();
+                            tracing::warn!(%why, attempt = rec.attempt, "other bytes under our key after an interrupted upload; replacing them");
+                            delete_own_unverified(sh, &key).await?;
+                            sh.journal
+                                .append(vec![Record::Uploading {
+                                    id,
+                                    attempt: rec.attempt + 1,
+                                    key: key.to_string(),
+                                    multipart_id: None,
+                                }])
+                                .await?;
+                            return Err(Error::RemoteRetryable(format!(
+                                "object under {key} had other bytes ({why}); deleted, upload again"
+                            )));
+                        }
                         RemoteMatch::Differs(why) => {
+                            // Without a local copy that still matches, there
+                            // is nothing to replace the object with: keep
+                            // both for an operator.
                             return quarantine(
                                 sh,
                                 id,
@@ -231,16 +270,13 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         // once the store stops corrupting parts (counted in
                         // the verify-failure metric, logged as a warning).
                         // A crash before the new Uploading record below
-                        // resumes at the comparison, which quarantines:
-                        // safe, an operator decides.
+                        // resumes at the comparison in the Uploading arm,
+                        // which deletes the bad object and uploads again.
                         sh.metrics.verify_failures.inc();
                         // The multipart hook journaled its own attempt number.
                         let attempt = record(sh, id)?.attempt;
                         tracing::warn!(error = %e, attempt, "read-back after upload failed");
-                        match sh.store.object_store().delete(&key).await {
-                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                            Err(de) => return Err(crate::remote::classify(de)),
-                        }
+                        delete_own_unverified(sh, &key).await?;
                         sh.journal
                             .append(vec![Record::Uploading {
                                 id,
@@ -278,10 +314,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         // The object under our key is not what we sent. It is
                         // ours by key layout and was never marked verified, so
                         // remove it and upload again.
-                        match sh.store.object_store().delete(&key).await {
-                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                            Err(e) => return Err(crate::remote::classify(e)),
-                        }
+                        delete_own_unverified(sh, &key).await?;
                         sh.journal
                             .append(vec![Record::Uploading {
                                 id,
