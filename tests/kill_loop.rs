@@ -102,6 +102,14 @@ fn random_sigkills_lose_nothing_acknowledged() {
             violation = Some(format!("kill {k} after {delay:?}: {e}\n{}", run.tail()));
             break;
         }
+        if (k + 1) % 250 == 0 {
+            eprintln!(
+                "kill-loop: progress kills={} objects={} elapsed={:.1}s",
+                k + 1,
+                model.objects.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     if violation.is_none() {
         let run = rig.drain(&[]);

@@ -210,6 +210,55 @@ impl Rig {
         Ok(out)
     }
 
+    /// `file name -> (crc32, length)` of every object, like [`Rig::objects`]
+    /// but reading only files not seen before or whose identity changed:
+    /// a CRC is reused only while the file keeps its inode, length and
+    /// modification time (an object replaced or rewritten in place gets a
+    /// new inode (LocalFileSystem renames a staged file) or a new mtime, so
+    /// it is read again). Reading every object after every kill made a
+    /// long kill loop quadratic.
+    pub fn object_crcs(
+        &self,
+        cache: &mut BTreeMap<String, (FileStamp, u32)>,
+    ) -> Result<BTreeMap<String, (u32, u64)>, String> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = BTreeMap::new();
+        let Ok(rd) = std::fs::read_dir(self.objects_dir()) else {
+            cache.clear();
+            return Ok(out);
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains('#') {
+                continue;
+            }
+            let md = std::fs::metadata(e.path()).map_err(|x| format!("stat object {name}: {x}"))?;
+            let stamp = FileStamp {
+                ino: md.ino(),
+                len: md.len(),
+                mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
+            };
+            let (crc, len) = match cache.get(&name) {
+                Some((s, crc)) if *s == stamp => (*crc, s.len),
+                _ => {
+                    let bytes =
+                        std::fs::read(e.path()).map_err(|x| format!("read object {name}: {x}"))?;
+                    // Length from the bytes read, not the stat before it.
+                    let stamp = FileStamp {
+                        len: bytes.len() as u64,
+                        ..stamp
+                    };
+                    let crc = crc32fast::hash(&bytes);
+                    cache.insert(name.clone(), (stamp, crc));
+                    (crc, stamp.len)
+                }
+            };
+            out.insert(name, (crc, len));
+        }
+        cache.retain(|n, _| out.contains_key(n));
+        Ok(out)
+    }
+
     /// Invariants that hold after any process ends, however it ended.
     pub fn check(&self, model: &mut Model) -> Result<(), String> {
         // Start-up must be possible: the journal replays (read-only here).
@@ -222,18 +271,20 @@ impl Rig {
         } else {
             None
         };
-        let objects = self.objects()?;
+        let mut cache = std::mem::take(&mut model.crc_cache);
+        let objects = self.object_crcs(&mut cache);
+        model.crc_cache = cache;
+        let objects = objects?;
 
         // Objects: the CRC in the name is the CRC of the bytes (so no key
         // ever holds other content: nothing overwritten), and an object,
         // once seen, never changes or disappears.
-        for (name, (crc, bytes)) in &objects {
+        for (name, (crc, len)) in &objects {
             let (id, named) = tierindex::remote::keys::parse_segment_object_name(name)
                 .ok_or_else(|| format!("unexpected object {name}"))?;
             if *crc != named {
                 return Err(format!(
-                    "object {name} ({} bytes) has crc {crc:08x}, its key says {named:08x}",
-                    bytes.len()
+                    "object {name} ({len} bytes) has crc {crc:08x}, its key says {named:08x}"
                 ));
             }
             let _ = id;
@@ -270,17 +321,12 @@ impl Rig {
                     .ok_or_else(|| format!("segment {id} {:?} without a key", rec.state))?;
                 let name = key.rsplit('/').next().unwrap_or(key);
                 match objects.get(name) {
-                    Some((crc, bytes))
-                        if *crc == rec.meta.file_crc && bytes.len() as u64 == rec.meta.file_len => {
-                    }
-                    Some((crc, bytes)) => {
+                    Some((crc, len)) if *crc == rec.meta.file_crc && *len == rec.meta.file_len => {}
+                    Some((crc, len)) => {
                         return Err(format!(
-                            "segment {id} is {:?} but object {name} is {} bytes crc {crc:08x}, \
+                            "segment {id} is {:?} but object {name} is {len} bytes crc {crc:08x}, \
                              journal says {} bytes crc {:08x}",
-                            rec.state,
-                            bytes.len(),
-                            rec.meta.file_len,
-                            rec.meta.file_crc
+                            rec.state, rec.meta.file_len, rec.meta.file_crc
                         ));
                     }
                     None => {
@@ -477,6 +523,16 @@ pub struct Model {
     pub states: BTreeMap<SegmentId, (u8, u32)>,
     /// Objects seen: name -> crc.
     pub objects: BTreeMap<String, u32>,
+    /// CRCs already computed, by file identity (see [`Rig::object_crcs`]).
+    pub crc_cache: BTreeMap<String, (FileStamp, u32)>,
+}
+
+/// What identifies one version of an object file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    pub ino: u64,
+    pub len: u64,
+    pub mtime_ns: i128,
 }
 
 impl Model {
