@@ -32,7 +32,7 @@ use tierindex::journal::{Journal, JournalOptions, Record, SegmentState};
 use tierindex::remote::RemoteStore;
 use tierindex::testing::{Fault, FaultyStore, Op};
 use tierindex::tier::{CLEAN_SHUTDOWN_MARKER, OpenReport};
-use tierindex::{Config, Error, ShutdownReport, TierIndex, TimeRange};
+use tierindex::{Config, Error, SegmentId, ShutdownReport, TierIndex, TimeRange};
 
 const PREFIX: &str = "tier";
 /// Distinct keys: entry `i` has key `k{i % KEYS}`.
@@ -775,6 +775,47 @@ async fn journaled_incomplete_multipart_is_aborted_on_resume() {
     check_lookups(&rig, N).await;
 }
 
+/// What a crash right after a multipart completion leaves: the journal
+/// says `Uploading` with the multipart id, the store holds the completed
+/// object (with one byte of the second part flipped when `mangle`: a part
+/// the store acknowledged but mangled). The rig holds one sealed segment.
+async fn complete_behind_the_journal(
+    rig: &Rig,
+    mem: &Arc<InMemory>,
+    mangle: bool,
+) -> (SegmentId, ObjPath) {
+    let mut j = rig.open_journal().await;
+    assert_eq!(j.segments().len(), 1);
+    let rec = j.segments().values().next().unwrap().clone();
+    let key = rig.remote().segment_key(&rig.cfg.stream, &rec.meta);
+    let local = std::fs::read(common::sealed_path(&rig.data, rec.meta.id)).unwrap();
+    let mp = mem.create_multipart(&key).await.unwrap();
+    let half = local.len() / 2;
+    let mut second = local[half..].to_vec();
+    if mangle {
+        second[7] ^= 0x40;
+    }
+    let p0 = mem
+        .put_part(&key, &mp, 0, PutPayload::from(local[..half].to_vec()))
+        .await
+        .unwrap();
+    let p1 = mem
+        .put_part(&key, &mp, 1, PutPayload::from(second))
+        .await
+        .unwrap();
+    j.append(&[Record::Uploading {
+        id: rec.meta.id,
+        attempt: rec.attempt + 1,
+        key: key.to_string(),
+        multipart_id: Some(mp.clone()),
+    }])
+    .unwrap();
+    mem.complete_multipart(&key, &mp, vec![p0, p1])
+        .await
+        .unwrap();
+    (rec.meta.id, key)
+}
+
 /// The crash came after the multipart completion but before `Uploaded` was
 /// journaled: resume proves the object is ours and commits it without
 /// writing anything again.
@@ -784,33 +825,7 @@ async fn completed_but_unjournaled_upload_is_adopted_not_rewritten() {
     let mut rig = sealed_but_not_uploaded(53, "completed-unjournaled", n).await;
     rig.cfg.probe_store = false; // only the pipeline's own requests are counted
     let mem = rig.mem.clone().unwrap();
-    {
-        let mut j = rig.open_journal().await;
-        assert_eq!(j.segments().len(), 1);
-        let rec = j.segments().values().next().unwrap().clone();
-        let key = rig.remote().segment_key(&rig.cfg.stream, &rec.meta);
-        let local = std::fs::read(common::sealed_path(&rig.data, rec.meta.id)).unwrap();
-        let mp = mem.create_multipart(&key).await.unwrap();
-        let half = local.len() / 2;
-        let p0 = mem
-            .put_part(&key, &mp, 0, PutPayload::from(local[..half].to_vec()))
-            .await
-            .unwrap();
-        let p1 = mem
-            .put_part(&key, &mp, 1, PutPayload::from(local[half..].to_vec()))
-            .await
-            .unwrap();
-        j.append(&[Record::Uploading {
-            id: rec.meta.id,
-            attempt: rec.attempt + 1,
-            key: key.to_string(),
-            multipart_id: Some(mp.clone()),
-        }])
-        .unwrap();
-        mem.complete_multipart(&key, &mp, vec![p0, p1])
-            .await
-            .unwrap();
-    }
+    complete_behind_the_journal(&rig, &mem, false).await;
     let before = rig.fs.stats();
     drain_rounds(&rig, None, Duration::from_secs(10), 2).await;
     let after = rig.fs.stats();
@@ -843,36 +858,7 @@ async fn wrong_object_left_by_an_interrupted_upload_is_replaced_on_resume() {
     let n = 150; // one segment, sealed at shutdown
     let rig = sealed_but_not_uploaded(54, "wrong-object-resume", n).await;
     let mem = rig.mem.clone().unwrap();
-    let (id, key) = {
-        let mut j = rig.open_journal().await;
-        assert_eq!(j.segments().len(), 1);
-        let rec = j.segments().values().next().unwrap().clone();
-        let key = rig.remote().segment_key(&rig.cfg.stream, &rec.meta);
-        let local = std::fs::read(common::sealed_path(&rig.data, rec.meta.id)).unwrap();
-        let mp = mem.create_multipart(&key).await.unwrap();
-        let half = local.len() / 2;
-        let mut mangled = local[half..].to_vec();
-        mangled[7] ^= 0x40;
-        let p0 = mem
-            .put_part(&key, &mp, 0, PutPayload::from(local[..half].to_vec()))
-            .await
-            .unwrap();
-        let p1 = mem
-            .put_part(&key, &mp, 1, PutPayload::from(mangled))
-            .await
-            .unwrap();
-        j.append(&[Record::Uploading {
-            id: rec.meta.id,
-            attempt: rec.attempt + 1,
-            key: key.to_string(),
-            multipart_id: Some(mp.clone()),
-        }])
-        .unwrap();
-        mem.complete_multipart(&key, &mp, vec![p0, p1])
-            .await
-            .unwrap();
-        (rec.meta.id, key)
-    };
+    let (id, key) = complete_behind_the_journal(&rig, &mem, true).await;
     assert_ne!(
         remote_bytes(&rig, &key).await,
         std::fs::read(common::sealed_path(&rig.data, id)).unwrap()

@@ -72,6 +72,19 @@ fn local_path(sh: &Shared, id: SegmentId) -> PathBuf {
     sh.seg_dir.join(sealed_file_name(id))
 }
 
+/// Journal the start of upload attempt `attempt` to `key` (single PUT; a
+/// multipart upload journals its id through [`JournalHooks`]).
+async fn journal_uploading(sh: &Shared, id: SegmentId, attempt: u32, key: &ObjPath) -> Result<()> {
+    sh.journal
+        .append(vec![Record::Uploading {
+            id,
+            attempt,
+            key: key.to_string(),
+            multipart_id: None,
+        }])
+        .await
+}
+
 /// Delete the object under our own key that was never verified and does
 /// not hold our bytes (already gone is fine).
 async fn delete_own_unverified(sh: &Shared, key: &ObjPath) -> Result<()> {
@@ -143,14 +156,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             sh.metrics.verify_failures.inc();
                             tracing::warn!(%why, attempt = rec.attempt, "other bytes under our key after an interrupted upload; replacing them");
                             delete_own_unverified(sh, &key).await?;
-                            sh.journal
-                                .append(vec![Record::Uploading {
-                                    id,
-                                    attempt: rec.attempt + 1,
-                                    key: key.to_string(),
-                                    multipart_id: None,
-                                }])
-                                .await?;
+                            journal_uploading(sh, id, rec.attempt + 1, &key).await?;
                             return Err(Error::RemoteRetryable(format!(
                                 "object under {key} had other bytes ({why}); deleted, upload again"
                             )));
@@ -177,14 +183,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     if upload::remote_matches_cfg(&sh.store, &key, &rec.meta, &sh.upload).await?
                         == RemoteMatch::Matches
                     {
-                        sh.journal
-                            .append(vec![Record::Uploading {
-                                id,
-                                attempt: rec.attempt + 1,
-                                key: key.to_string(),
-                                multipart_id: None,
-                            }])
-                            .await?;
+                        journal_uploading(sh, id, rec.attempt + 1, &key).await?;
                         continue;
                     }
                 }
@@ -200,14 +199,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     .await;
                 }
                 let attempt = rec.attempt + 1;
-                sh.journal
-                    .append(vec![Record::Uploading {
-                        id,
-                        attempt,
-                        key: key.to_string(),
-                        multipart_id: None,
-                    }])
-                    .await?;
+                journal_uploading(sh, id, attempt, &key).await?;
                 let mut hooks = JournalHooks {
                     sh,
                     id,
@@ -277,14 +269,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         let attempt = record(sh, id)?.attempt;
                         tracing::warn!(error = %e, attempt, "read-back after upload failed");
                         delete_own_unverified(sh, &key).await?;
-                        sh.journal
-                            .append(vec![Record::Uploading {
-                                id,
-                                attempt: attempt + 1,
-                                key: key.to_string(),
-                                multipart_id: None,
-                            }])
-                            .await?;
+                        journal_uploading(sh, id, attempt + 1, &key).await?;
                         return Err(Error::RemoteRetryable(e.to_string()));
                     }
                     Err(e) => return Err(e),
@@ -315,14 +300,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         // ours by key layout and was never marked verified, so
                         // remove it and upload again.
                         delete_own_unverified(sh, &key).await?;
-                        sh.journal
-                            .append(vec![Record::Uploading {
-                                id,
-                                attempt: rec.attempt + 1,
-                                key: key.to_string(),
-                                multipart_id: None,
-                            }])
-                            .await?;
+                        journal_uploading(sh, id, rec.attempt + 1, &key).await?;
                     }
                     Err(e) => return Err(e),
                 }
