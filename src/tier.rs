@@ -9,7 +9,7 @@
 //! 5. build the store and start the background worker, which journals new
 //!    seals, rolls aged segments, and drives uploads.
 //!
-//! Shutdown order: stop the worker; refuse appends; seal the active segment
+//! Shutdown order: stop the worker (it returns at once); refuse appends; seal the active segment
 //! even if not full; drain uploads oldest first until done or the deadline;
 //! write the clean-shutdown marker only if nothing is pending; report.
 
@@ -83,7 +83,7 @@ pub struct TierIndex {
     data_dir: PathBuf,
     cfg: Config,
     stop: watch::Sender<bool>,
-    worker: Option<tokio::task::JoinHandle<Scheduler>>,
+    worker: Option<tokio::task::JoinHandle<(Scheduler, Option<ProbeTask>)>>,
     notify: Arc<Notify>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -230,7 +230,7 @@ impl TierIndex {
         let sh = self.sh().clone();
         let _ = self.stop.send(true);
         self.notify.notify_one();
-        let mut sched = match self.worker.take() {
+        let (mut sched, probe) = match self.worker.take() {
             Some(mut w) => match tokio::time::timeout_at(until.into(), &mut w).await {
                 Ok(Ok(s)) => s,
                 _ => {
@@ -238,10 +238,10 @@ impl TierIndex {
                     // drain's own scheduler.
                     w.abort();
                     let _ = w.await;
-                    Scheduler::new(sh.clone())
+                    (Scheduler::new(sh.clone()), None)
                 }
             },
-            None => Scheduler::new(sh.clone()),
+            None => (Scheduler::new(sh.clone()), None),
         };
         if let Some(t) = self.metrics_task.take() {
             t.abort();
@@ -277,6 +277,15 @@ impl TierIndex {
         let drain = sched.drain(until).await;
         sh.metrics.last_drain_ms.set(drain.elapsed_ms);
         drop(sched);
+        if let Some(mut p) = probe {
+            // Let a running probe finish its clean-up of `_probe/` with what
+            // is left of the deadline (at most 2 s), rather than leave its
+            // objects behind; then stop it.
+            let limit = until.min(Instant::now() + Duration::from_secs(2));
+            if tokio::time::timeout_at(limit.into(), &mut p).await.is_err() {
+                p.abort();
+            }
+        }
         let mut report = ShutdownReport {
             sealed_at_shutdown,
             drain,
@@ -424,16 +433,23 @@ fn update_gauges(sh: &Shared) {
         .set(st.oldest_pending_age_ms.unwrap_or(0));
 }
 
+/// The background capability probe, if still running.
+type ProbeTask = tokio::task::JoinHandle<()>;
+
 /// Background worker: journal new seals, roll aged segments, drive uploads.
-/// Returns its scheduler (with in-flight drives) when told to stop, so the
-/// shutdown drain continues them instead of starting over.
+/// Returns at once when told to stop, with its scheduler (in-flight drives
+/// continue in the shutdown drain instead of starting over) and the probe
+/// if it still runs: shutdown lets it finish its clean-up only after
+/// sealing and draining, within what is left of the deadline. (Waiting for
+/// it here once ate a 2 s deadline on a hanging store before the active
+/// segment was sealed.)
 async fn worker(
     sh: Arc<Shared>,
-    probe: Option<tokio::task::JoinHandle<()>>,
+    probe: Option<ProbeTask>,
     notify: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
     tick: Duration,
-) -> Scheduler {
+) -> (Scheduler, Option<ProbeTask>) {
     let mut sched = Scheduler::new(sh.clone());
     // Uploads wait a moment for the capability probe, so a store that
     // honours conditional creates is not read back needlessly. Seals are
@@ -443,12 +459,7 @@ async fn worker(
     let mut probe = probe;
     loop {
         if *stop.borrow() {
-            // Let a running probe finish its clean-up of `_probe/` (bounded),
-            // rather than leave its objects behind at exit.
-            if let Some(p) = probe {
-                let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
-            }
-            return sched;
+            return (sched, probe);
         }
         if let Err(e) = sh.ingest_sealed(true).await {
             tracing::error!(error = %e, "collecting sealed segments failed");
