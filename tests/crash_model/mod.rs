@@ -352,6 +352,12 @@ impl Rig {
             states.insert(*id, (r, rec.meta.file_crc));
         }
         // The journal only moves forward; compaction drops Released only.
+        // (id, crc) of every object, once: scanning the objects per
+        // segment made each check O(segments x objects).
+        let in_store: std::collections::BTreeSet<(SegmentId, u32)> = objects
+            .keys()
+            .filter_map(|n| tierindex::remote::keys::parse_segment_object_name(n))
+            .collect();
         for (id, (before, crc)) in &model.states {
             match states.get(id).map(|(r, _)| r) {
                 Some(now) if now >= before => {}
@@ -365,12 +371,11 @@ impl Rig {
                 // Released (then dropped by compaction) in a process we
                 // did not observe between: then its object is in the store
                 // with the journaled CRC and the local copy is gone.
-                None if objects.keys().any(|n| {
-                    tierindex::remote::keys::parse_segment_object_name(n) == Some((*id, *crc))
-                }) && !self
-                    .local_segments_dir()
-                    .join(tierindex::segment::sealed::sealed_file_name(*id))
-                    .exists() => {}
+                None if in_store.contains(&(*id, *crc))
+                    && !self
+                        .local_segments_dir()
+                        .join(tierindex::segment::sealed::sealed_file_name(*id))
+                        .exists() => {}
                 None => {
                     return Err(format!(
                         "segment {id} ({}) vanished from the journal (not released: object \
