@@ -18,6 +18,7 @@
 //! unsupported operations, bad configuration). The rules are tabled in
 //! `docs/format/remote-layout.md`.
 
+pub mod fetch;
 pub mod keys;
 pub mod local_multipart;
 pub mod probe;
