@@ -19,7 +19,9 @@
 //! `docs/format/remote-layout.md`.
 
 pub mod keys;
+pub mod lease;
 pub mod local_multipart;
+pub mod manifest;
 pub mod probe;
 
 use std::fmt;
