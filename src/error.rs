@@ -73,6 +73,12 @@ pub enum Error {
     #[error("fenced: {0}")]
     Fenced(String),
 
+    /// A stream is owned by another writer whose lease is still live; it may
+    /// be taken only once the lease expires or is released. The message
+    /// names the holder, its epoch and the expiry.
+    #[error("ownership refused: {0}")]
+    Claimed(String),
+
     /// An operation did not finish before its deadline.
     #[error("deadline exceeded: {0}")]
     Deadline(String),

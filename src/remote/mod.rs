@@ -20,7 +20,9 @@
 
 pub mod fetch;
 pub mod keys;
+pub mod lease;
 pub mod local_multipart;
+pub mod manifest;
 pub mod probe;
 
 use std::fmt;

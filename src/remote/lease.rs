@@ -1,0 +1,174 @@
+//! The ownership lease of a stream, and the clock it is measured with.
+//!
+//! A lease is a record inside the stream's manifest (see
+//! [`crate::remote::manifest`]): owner id, the owner's epoch, and a
+//! wall-clock expiry in milliseconds since the Unix epoch. It decides only
+//! *when another owner may take over*; safety (no stale writes) comes from
+//! the epoch carried by every manifest write and the create-only version
+//! objects, never from clocks. See `docs/format/remote-layout.md`, section
+//! "Manifest, epochs and leases".
+//!
+//! Time is read through [`Clock`] so tests can model a paused owner (a GC
+//! pause, a stopped VM) by moving a [`ManualClock`] instead of sleeping.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Longest owner id accepted.
+pub const OWNER_ID_MAX: usize = 256;
+
+/// Wall-clock time source, milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync + fmt::Debug {
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        crate::segment::now_ms()
+    }
+}
+
+/// A clock that moves only when told to (tests). Clones share the time.
+#[derive(Clone, Debug, Default)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn new(start_ms: u64) -> ManualClock {
+        ManualClock(Arc::new(AtomicU64::new(start_ms)))
+    }
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+    pub fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_add(ms))
+            });
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Who may publish to a stream, and until when others must wait.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    /// The owner's id ([`validate_owner`]).
+    pub owner: String,
+    /// The epoch the owner took; always equal to the manifest's epoch.
+    pub epoch: u64,
+    /// When the owner took the stream (ms since the Unix epoch, its clock).
+    pub acquired_ms: u64,
+    /// Until when (exclusive) the lease is live, by the writer's clock.
+    pub expires_ms: u64,
+}
+
+impl Lease {
+    /// Live at `now_ms`: nobody else may take the stream.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_ms
+    }
+}
+
+/// Checks an owner id: 1..=256 printable ASCII characters (no spaces, no
+/// control characters), so it prints safely in errors and logs.
+pub fn validate_owner(owner: &str) -> Result<()> {
+    if owner.is_empty()
+        || owner.len() > OWNER_ID_MAX
+        || !owner.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Error::InvalidInput(format!(
+            "owner id must be 1..={OWNER_ID_MAX} printable ASCII characters without spaces, \
+             got {} bytes",
+            owner.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `now + ttl` in ms; a TTL of zero or one that overflows is refused.
+pub fn expiry(now_ms: u64, ttl: Duration) -> Result<u64> {
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    if ttl_ms == 0 {
+        return Err(Error::InvalidInput(
+            "lease TTL must be at least 1 ms".into(),
+        ));
+    }
+    now_ms
+        .checked_add(ttl_ms)
+        .ok_or_else(|| Error::InvalidInput(format!("lease TTL {ttl:?} overflows the clock")))
+}
+
+/// A wall-clock time for messages: `1970-01-01T00:00:10Z (in 4.2s)`.
+pub fn describe_time(ms: u64, now_ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    let stamp = humantime::format_rfc3339_millis(at);
+    if ms >= now_ms {
+        let left = Duration::from_millis(ms - now_ms);
+        format!("{stamp} (in {})", humantime::format_duration(left))
+    } else {
+        let ago = Duration::from_millis(now_ms - ms);
+        format!("{stamp} ({} ago)", humantime::format_duration(ago))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let c = ManualClock::new(1_000);
+        let c2 = c.clone();
+        assert_eq!(c.now_ms(), 1_000);
+        c.advance(Duration::from_secs(2));
+        assert_eq!(c2.now_ms(), 3_000);
+        c.set(u64::MAX - 1);
+        c.advance(Duration::from_secs(1));
+        assert_eq!(c.now_ms(), u64::MAX);
+    }
+
+    #[test]
+    fn lease_liveness_is_exclusive_at_expiry() {
+        let l = Lease {
+            owner: "a".into(),
+            epoch: 1,
+            acquired_ms: 0,
+            expires_ms: 10,
+        };
+        assert!(l.is_live(9));
+        assert!(!l.is_live(10));
+    }
+
+    #[test]
+    fn owner_ids_and_ttls_are_checked() {
+        for bad in ["", "a b", "ä", "a\nb", &"x".repeat(OWNER_ID_MAX + 1)] {
+            assert!(validate_owner(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_owner("host-1:pid=42").is_ok());
+        assert!(expiry(5, Duration::ZERO).is_err());
+        assert!(expiry(u64::MAX, Duration::from_millis(1)).is_err());
+        assert_eq!(expiry(5, Duration::from_millis(7)).unwrap(), 12);
+        assert!(
+            describe_time(10_000, 5_000).contains("in 5s"),
+            "{}",
+            describe_time(10_000, 5_000)
+        );
+    }
+}

@@ -1,0 +1,729 @@
+//! The remote manifest: ownership epochs, leases, fencing, lost answers,
+//! corruption and chunk spill, on `InMemory` and on `LocalFileSystem`.
+//!
+//! Time is a `ManualClock`: a "paused" owner is one whose clock reading is
+//! left behind while another owner's clock moves past its lease. Every test
+//! checks what the store holds afterwards (decoded versions, entries), not
+//! just that calls returned `Ok`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tierindex::remote::lease::ManualClock;
+use tierindex::remote::manifest::{
+    CommitOutcome, Manifest, ManifestOptions, ManifestStore, ManifestWriter, SegmentEntry,
+    decode_manifest, parse_version_name,
+};
+use tierindex::remote::probe::probe;
+use tierindex::remote::{RemoteStore, StoreOptions};
+use tierindex::testing::{Fault, FaultyStore, Op};
+use tierindex::upload::retry::RetryPolicy;
+use tierindex::{Error, SealedMeta, SegmentId};
+
+const STREAM: &str = "orders";
+const TTL: Duration = Duration::from_secs(30);
+const T0: u64 = 1_700_000_000_000;
+
+#[derive(Copy, Clone, Debug)]
+enum Backend {
+    /// `InMemory` behind `FaultyStore` (supports every fault).
+    Memory,
+    /// `LocalFileSystem` in a tempdir behind `FaultyStore`.
+    Local,
+    /// `file://` through `RemoteStore::from_url` (fsync on), no wrapper.
+    FileUrl,
+}
+
+const BACKENDS: [Backend; 3] = [Backend::Memory, Backend::Local, Backend::FileUrl];
+
+struct Env {
+    faulty: Option<Arc<FaultyStore>>,
+    remote: RemoteStore,
+    clock: ManualClock,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Env {
+    fn new(b: Backend) -> Env {
+        let clock = ManualClock::new(T0);
+        match b {
+            Backend::Memory => {
+                let f = FaultyStore::memory(7);
+                let remote = f.remote("tier");
+                Env {
+                    faulty: Some(f),
+                    remote,
+                    clock,
+                    _dir: None,
+                }
+            }
+            Backend::Local => {
+                let d = tempfile::tempdir().unwrap();
+                let f = FaultyStore::local(d.path(), 7);
+                let remote = f.remote("tier");
+                Env {
+                    faulty: Some(f),
+                    remote,
+                    clock,
+                    _dir: Some(d),
+                }
+            }
+            Backend::FileUrl => {
+                let d = tempfile::tempdir().unwrap();
+                let url = url::Url::from_directory_path(d.path()).unwrap();
+                let remote = RemoteStore::from_url(url.as_str(), &StoreOptions::default()).unwrap();
+                Env {
+                    faulty: None,
+                    remote,
+                    clock,
+                    _dir: Some(d),
+                }
+            }
+        }
+    }
+
+    fn faulty(&self) -> &Arc<FaultyStore> {
+        self.faulty.as_ref().expect("a FaultyStore backend")
+    }
+
+    async fn open(&self, opts: ManifestOptions) -> ManifestStore {
+        let caps = probe(&self.remote).await.unwrap();
+        ManifestStore::with_capabilities(
+            &self.remote,
+            STREAM,
+            opts,
+            &caps,
+            Arc::new(self.clock.clone()),
+        )
+        .unwrap()
+    }
+
+    /// Opens with a clock of its own (a second process).
+    async fn open_with(&self, opts: ManifestOptions, clock: &ManualClock) -> ManifestStore {
+        let caps = probe(&self.remote).await.unwrap();
+        ManifestStore::with_capabilities(&self.remote, STREAM, opts, &caps, Arc::new(clock.clone()))
+            .unwrap()
+    }
+
+    fn entry(&self, id: u64) -> SegmentEntry {
+        SegmentEntry::new(&self.remote, STREAM, &meta(id)).unwrap()
+    }
+
+    /// Every version object that exists now, decoded (must all decode).
+    async fn versions(&self, ms: &ManifestStore) -> Vec<Manifest> {
+        let listed: Vec<_> = self
+            .remote
+            .object_store()
+            .list(Some(&ms.versions_dir()))
+            .try_collect()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for m in listed {
+            let Some(v) = m.location.filename().and_then(parse_version_name) else {
+                continue;
+            };
+            let bytes = self
+                .remote
+                .object_store()
+                .get(&m.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            out.push(decode_manifest(&bytes, STREAM, v, 64 << 20).unwrap());
+        }
+        out.sort_by_key(|m| m.version);
+        out
+    }
+}
+
+fn meta(id: u64) -> SealedMeta {
+    SealedMeta {
+        id: SegmentId(id),
+        file_len: 1_000 + id,
+        file_crc: crc32fast::hash(&id.to_le_bytes()),
+        item_count: 10,
+        min_ts: T0 + id * 10,
+        max_ts: T0 + id * 10 + 9,
+        min_offset: id * 100,
+        max_offset: id * 100 + 9,
+        created_ms: T0,
+        sealed_ms: T0,
+    }
+}
+
+fn opts() -> ManifestOptions {
+    ManifestOptions {
+        retry: RetryPolicy {
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(5),
+            request_timeout: Duration::from_secs(20),
+        },
+        ..ManifestOptions::default()
+    }
+}
+
+async fn ids(ms: &ManifestStore) -> Vec<u64> {
+    let m = ms.load().await.unwrap().expect("a manifest");
+    ms.all_segments(&m)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id.0)
+        .collect()
+}
+
+fn assert_fenced<T: std::fmt::Debug>(r: Result<T, Error>, needles: &[&str]) {
+    match r {
+        Err(Error::Fenced(msg)) => {
+            for n in needles {
+                assert!(msg.contains(n), "{n:?} not in {msg:?}");
+            }
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+}
+
+fn assert_claimed<T: std::fmt::Debug>(r: Result<T, Error>, needles: &[&str]) {
+    match r {
+        Err(Error::Claimed(msg)) => {
+            for n in needles {
+                assert!(msg.contains(n), "{n:?} not in {msg:?}");
+            }
+        }
+        other => panic!("expected Claimed, got {other:?}"),
+    }
+}
+
+/// No version object was ever written twice (FaultyStore backends).
+fn assert_no_overwrites(env: &Env) {
+    if let Some(f) = &env.faulty {
+        assert!(f.overwrites().is_empty(), "{:?}", f.overwrites());
+        assert_eq!(f.stats().create_replaced, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_owners_exactly_one_wins_per_epoch() {
+    for b in BACKENDS {
+        let env = Env::new(b);
+        let ms = env.open(opts()).await;
+        for round in 1..=4u64 {
+            // Hold every create back a little so that all takers read the
+            // same version before any of them writes: a real race, not
+            // eight takes in a row.
+            let conflicts_before = env.faulty.as_ref().map(|f| f.stats().create_conflicts);
+            if let Some(f) = &env.faulty {
+                f.fail_next(Op::Put, 8, Fault::Latency(Duration::from_millis(100)));
+            }
+            let mut tasks = Vec::new();
+            for i in 0..8 {
+                let ms = ms.clone();
+                tasks.push(tokio::spawn(async move {
+                    let owner = format!("r{round}-o{i}");
+                    (owner.clone(), ms.take_ownership(&owner, TTL).await)
+                }));
+            }
+            let mut winners = Vec::new();
+            let mut refused = Vec::new();
+            for t in tasks {
+                match t.await.unwrap() {
+                    (owner, Ok(w)) => winners.push((owner, w)),
+                    (_, Err(Error::Claimed(msg))) => refused.push(msg),
+                    (owner, Err(e)) => panic!("{b:?} round {round}: {owner}: {e}"),
+                }
+            }
+            assert_eq!(winners.len(), 1, "{b:?} round {round}: {refused:?}");
+            assert_eq!(refused.len(), 7, "{b:?} round {round}");
+            if let (Some(f), Some(before)) = (&env.faulty, conflicts_before) {
+                // All seven losers lost the create of the same version.
+                assert_eq!(
+                    f.stats().create_conflicts - before,
+                    7,
+                    "{b:?} round {round}"
+                );
+            }
+            let (owner, w) = winners.pop().unwrap();
+            assert_eq!(w.epoch(), round, "{b:?}");
+            for msg in &refused {
+                assert!(msg.contains(&format!("{owner:?}")), "{msg}");
+            }
+            let m = ms.load().await.unwrap().unwrap();
+            assert_eq!(m.epoch, round);
+            assert_eq!(m.lease.as_ref().unwrap().owner, owner);
+            // Let the lease lapse so the next round races again.
+            env.clock.advance(TTL);
+        }
+        // One version per take; no version object written twice.
+        let vs = env.versions(&ms).await;
+        assert_eq!(vs.last().unwrap().version, 4, "{b:?}");
+        let epochs: Vec<u64> = vs.iter().map(|m| m.epoch).collect();
+        assert_eq!(epochs, vec![1, 2, 3, 4], "{b:?}");
+        assert_no_overwrites(&env);
+    }
+}
+
+#[tokio::test]
+async fn paused_owner_is_fenced_after_takeover_and_nothing_it_writes_appears() {
+    for b in BACKENDS {
+        let env = Env::new(b);
+        let ms = env.open(opts()).await;
+        let mut a = ms
+            .take_ownership("a", Duration::from_secs(10))
+            .await
+            .unwrap();
+        a.commit(&[env.entry(1)]).await.unwrap();
+
+        // A "pauses"; its lease runs out and B takes over.
+        env.clock.advance(Duration::from_secs(11));
+        let mut bw = ms.take_ownership("b", TTL).await.unwrap();
+        assert_eq!(bw.epoch(), 2);
+
+        // A wakes up and carries on as if nothing happened.
+        assert_fenced(a.commit(&[env.entry(2)]).await, &["epoch 2", "\"b\""]);
+        assert_fenced(a.commit(&[env.entry(3)]).await, &[]);
+        assert_fenced(a.renew(TTL).await, &[]);
+
+        bw.commit(&[env.entry(4)]).await.unwrap();
+        assert_eq!(ids(&ms).await, vec![1, 4], "{b:?}");
+        // No version object anywhere lists A's late entries.
+        for v in env.versions(&ms).await {
+            assert!(
+                v.segments.iter().all(|e| e.id.0 != 2 && e.id.0 != 3),
+                "{b:?}: {v:?}"
+            );
+        }
+        assert_no_overwrites(&env);
+    }
+}
+
+#[tokio::test]
+async fn paused_owner_is_fenced_even_when_its_next_slot_was_cleaned_up() {
+    for b in BACKENDS {
+        let env = Env::new(b);
+        let o = ManifestOptions {
+            keep_versions: 3,
+            ..opts()
+        };
+        let ms = env.open(o).await;
+        let mut a = ms
+            .take_ownership("a", Duration::from_secs(10))
+            .await
+            .unwrap(); // version 1
+        env.clock.advance(Duration::from_secs(11));
+        let mut bw = ms.take_ownership("b", TTL).await.unwrap(); // version 2
+        for id in 10..18 {
+            bw.commit(&[env.entry(id)]).await.unwrap(); // versions 3..=10
+        }
+        let before: Vec<u64> = env.versions(&ms).await.iter().map(|m| m.version).collect();
+        assert_eq!(before, vec![8, 9, 10], "{b:?}: old versions trimmed");
+
+        // A's next slot (version 2) is free again: its create succeeds, and
+        // must still be withdrawn.
+        assert_fenced(a.commit(&[env.entry(1)]).await, &["epoch 2"]);
+        let after: Vec<u64> = env.versions(&ms).await.iter().map(|m| m.version).collect();
+        assert_eq!(after, before, "{b:?}: the void version is gone");
+        assert_eq!(ids(&ms).await, (10..18).collect::<Vec<_>>());
+        assert_eq!(ms.load().await.unwrap().unwrap().epoch, 2);
+    }
+}
+
+#[tokio::test]
+async fn lease_expiry_allows_takeover_and_a_live_lease_does_not() {
+    for b in BACKENDS {
+        let env = Env::new(b);
+        let ms = env.open(opts()).await;
+        let mut a = ms.take_ownership("a", TTL).await.unwrap();
+        assert_eq!(a.lease_expires_ms(), T0 + 30_000);
+
+        env.clock.set(T0 + 29_999);
+        assert_claimed(
+            ms.take_ownership("b", TTL).await,
+            &["\"a\"", "epoch 1", "2023-11-14T22:13:50.000Z", "in 1ms"],
+        );
+
+        // Renewal moves the expiry.
+        env.clock.set(T0 + 20_000);
+        a.renew(TTL).await.unwrap();
+        assert_eq!(a.lease_expires_ms(), T0 + 50_000);
+        env.clock.set(T0 + 49_000);
+        assert_claimed(ms.take_ownership("b", TTL).await, &["\"a\""]);
+        assert_eq!(ms.load().await.unwrap().unwrap().epoch, 1);
+
+        // Expired: taken, with the next epoch; A is fenced.
+        env.clock.set(T0 + 50_000);
+        let bw = ms.take_ownership("b", TTL).await.unwrap();
+        assert_eq!(bw.epoch(), 2);
+        assert_fenced(a.commit(&[env.entry(1)]).await, &["epoch 2"]);
+
+        // Release: the next owner need not wait.
+        bw.release().await.unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        assert_eq!((m.epoch, m.lease.is_none()), (2, true));
+        let mut c = ms.take_ownership("c", TTL).await.unwrap();
+        assert_eq!(c.epoch(), 3);
+        c.commit(&[env.entry(5)]).await.unwrap();
+
+        // The same owner id re-taking a live lease (a restart) bumps the
+        // epoch and fences the previous incarnation.
+        let mut c2 = ms.take_ownership("c", TTL).await.unwrap();
+        assert_eq!(c2.epoch(), 4);
+        assert_fenced(c.commit(&[env.entry(6)]).await, &["epoch 4"]);
+        c2.commit(&[env.entry(7)]).await.unwrap();
+        assert_eq!(ids(&ms).await, vec![5, 7]);
+        assert_no_overwrites(&env);
+    }
+}
+
+#[tokio::test]
+async fn a_renewed_lease_survives_a_pause_shorter_than_its_ttl() {
+    // Two processes with their own clocks: B's clock has moved on, A's lease
+    // (renewed) is still live by B's clock, so B is refused.
+    let env = Env::new(Backend::Memory);
+    let clock_b = ManualClock::new(T0);
+    let ms_a = env.open(opts()).await;
+    let ms_b = env.open_with(opts(), &clock_b).await;
+    let mut a = ms_a.take_ownership("a", TTL).await.unwrap();
+    env.clock.advance(Duration::from_secs(25));
+    a.renew(TTL).await.unwrap();
+    clock_b.set(T0 + 40_000);
+    assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\""]);
+    clock_b.set(T0 + 55_000);
+    let mut b = ms_b.take_ownership("b", TTL).await.unwrap();
+    b.commit(&[env.entry(1)]).await.unwrap();
+    assert_fenced(a.commit(&[env.entry(2)]).await, &["\"b\""]);
+    assert_eq!(ids(&ms_a).await, vec![1]);
+}
+
+#[tokio::test]
+async fn lost_answers_settle_without_duplicate_or_lost_entries() {
+    for b in [Backend::Memory, Backend::Local] {
+        let env = Env::new(b);
+        let f = env.faulty().clone();
+        let ms = env.open(opts()).await;
+
+        // Lost answer on the take: still epoch 1, one version.
+        f.fail_next(Op::Put, 1, Fault::CommitThenLoseAnswer);
+        let mut w = ms.take_ownership("a", TTL).await.unwrap();
+        assert_eq!((w.epoch(), w.manifest().version), (1, 1), "{b:?}");
+
+        // Lost answer on a commit, settled inside the call by the retry.
+        f.fail_next(Op::Put, 1, Fault::CommitThenLoseAnswer);
+        let r = w.commit(&[env.entry(1), env.entry(2)]).await.unwrap();
+        assert_eq!(
+            r,
+            CommitOutcome::Committed {
+                version: 2,
+                added: 2
+            }
+        );
+
+        // Lost answer, then the retries fail: the call errs although the
+        // version is in. The caller's retry (clock moved: other bytes) must
+        // find its entries instead of adding them again.
+        f.fail_next(Op::Put, 1, Fault::CommitThenLoseAnswer);
+        f.fail_next(Op::Put, 4, Fault::Unavailable);
+        let r = w.commit(&[env.entry(3)]).await;
+        assert!(matches!(r, Err(Error::RemoteRetryable(_))), "{b:?}: {r:?}");
+        env.clock.advance(Duration::from_secs(1));
+        let r = w.commit(&[env.entry(3)]).await.unwrap();
+        assert_eq!(r, CommitOutcome::AlreadyCommitted { version: 3 });
+
+        // Same with a commit of something else after the unseen success.
+        f.fail_next(Op::Put, 1, Fault::CommitThenLoseAnswer);
+        f.fail_next(Op::Put, 4, Fault::Unavailable);
+        assert!(w.commit(&[env.entry(4)]).await.is_err());
+        env.clock.advance(Duration::from_secs(1));
+        let r = w.commit(&[env.entry(4), env.entry(5)]).await.unwrap();
+        assert_eq!(
+            r,
+            CommitOutcome::Committed {
+                version: 5,
+                added: 1
+            }
+        );
+
+        assert_eq!(ids(&ms).await, vec![1, 2, 3, 4, 5], "{b:?}");
+        let vs = env.versions(&ms).await;
+        assert_eq!(
+            vs.iter().map(|m| m.version).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        assert!(vs.iter().all(|m| m.epoch == 1));
+        assert_no_overwrites(&env);
+        assert!(f.stats().injected_on(Op::Put) >= 11);
+    }
+}
+
+#[tokio::test]
+async fn commits_are_idempotent_and_conflicting_entries_refused() {
+    let env = Env::new(Backend::Memory);
+    let ms = env.open(opts()).await;
+    let mut w = ms.take_ownership("a", TTL).await.unwrap();
+    w.commit(&[env.entry(1), env.entry(2)]).await.unwrap();
+    assert_eq!(
+        w.commit(&[env.entry(2), env.entry(1), env.entry(2)])
+            .await
+            .unwrap(),
+        CommitOutcome::AlreadyCommitted { version: 2 }
+    );
+    let mut other = env.entry(2);
+    other.file_len += 1;
+    assert!(matches!(
+        w.commit(&[other.clone()]).await,
+        Err(Error::RemoteConflict(_))
+    ));
+    assert!(matches!(
+        w.commit(&[env.entry(3), {
+            let mut e = env.entry(3);
+            e.item_count = 0;
+            e
+        }])
+        .await,
+        Err(Error::InvalidInput(_))
+    ));
+    let mut foreign = env.entry(9);
+    foreign.key = "elsewhere/segments/x.seg".into();
+    assert!(matches!(
+        w.commit(&[foreign]).await,
+        Err(Error::InvalidInput(_))
+    ));
+    assert_eq!(ids(&ms).await, vec![1, 2]);
+}
+
+/// Rewrites `key` in the store behind the manifest's back.
+async fn overwrite(env: &Env, key: &Path, bytes: Vec<u8>) {
+    env.remote
+        .object_store()
+        .put(key, PutPayload::from(bytes))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn corrupted_manifest_bytes_give_a_clear_error() {
+    for b in BACKENDS {
+        let env = Env::new(b);
+        let o = ManifestOptions {
+            max_inline: 4,
+            chunk_entries: 2,
+            max_object_bytes: 64 * 1024,
+            ..opts()
+        };
+        let ms = env.open(o).await;
+        let mut w = ms.take_ownership("a", TTL).await.unwrap();
+        w.commit(&(1..=6).map(|i| env.entry(i)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        assert_eq!(m.chunks.len(), 1);
+        let key = ms.version_key(m.version);
+        let good = env
+            .remote
+            .object_store()
+            .get(&key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 0x10;
+        let mut huge_len = good.clone();
+        huge_len[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("bit flip", flipped, "CRC"),
+            ("truncated", good[..good.len() - 7].to_vec(), "truncated"),
+            ("header only", good[..10].to_vec(), "truncated"),
+            ("empty", Vec::new(), "truncated"),
+            (
+                "garbage",
+                b"this is not a manifest at all".to_vec(),
+                "magic",
+            ),
+            ("huge length", huge_len, "limit"),
+            ("oversized object", vec![b'x'; 70 * 1024], "limit"),
+        ];
+        for (name, bytes, needle) in cases {
+            overwrite(&env, &key, bytes).await;
+            for r in [
+                ms.load().await.map(|_| ()),
+                ms.take_ownership("b", TTL).await.map(|_| ()),
+            ] {
+                match r {
+                    Err(e @ Error::Corrupt { .. }) => {
+                        let msg = e.to_string();
+                        assert!(
+                            msg.contains("manifest orders version"),
+                            "{b:?} {name}: {msg}"
+                        );
+                        assert!(msg.contains(needle), "{b:?} {name}: {msg}");
+                    }
+                    other => panic!("{b:?} {name}: expected Corrupt, got {other:?}"),
+                }
+            }
+        }
+        overwrite(&env, &key, good).await;
+        assert_eq!(ids(&ms).await, (1..=6).collect::<Vec<_>>());
+
+        // A damaged chunk: the head is fine, reading all entries is not.
+        let chunk = Path::parse(&m.chunks[0].key).unwrap();
+        let cb = env
+            .remote
+            .object_store()
+            .get(&chunk)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let mut bad = cb.clone();
+        bad[20] ^= 1;
+        overwrite(&env, &chunk, bad).await;
+        let r = ms.all_segments(&m).await;
+        assert!(
+            matches!(&r, Err(Error::Corrupt { what, .. }) if what.contains("chunk")),
+            "{r:?}"
+        );
+        env.remote.object_store().delete(&chunk).await.unwrap();
+        let r = ms.all_segments(&m).await;
+        assert!(
+            matches!(&r, Err(Error::Corrupt { detail, .. }) if detail == "missing"),
+            "{r:?}"
+        );
+    }
+}
+
+async fn spill_round_trip(b: Backend, total: u64, batch: usize, o: ManifestOptions) {
+    let env = Env::new(b);
+    let (max_inline, per_chunk) = (o.max_inline, o.chunk_entries);
+    let ms = env.open(o.clone()).await;
+    let mut w = ms.take_ownership("a", TTL).await.unwrap();
+    // Ids arrive out of order within each batch, and batches out of order
+    // pairwise, as a bounded-in-flight pipeline would finish them.
+    let mut order: Vec<u64> = (1..=total).collect();
+    let mut rng = fastrand::Rng::with_seed(3);
+    for c in order.chunks_mut(batch * 2) {
+        rng.shuffle(c);
+    }
+    // Version 1 is the take; commits publish 2, 3, ...
+    for (expect_version, c) in (2..).zip(order.chunks(batch)) {
+        let entries: Vec<_> = c.iter().map(|i| env.entry(*i)).collect();
+        let r = w.commit(&entries).await.unwrap();
+        assert_eq!(
+            r,
+            CommitOutcome::Committed {
+                version: expect_version,
+                added: c.len()
+            }
+        );
+    }
+    let m = w.manifest().clone();
+    assert!(m.segments.len() <= max_inline, "{}", m.segments.len());
+    assert!(!m.chunks.is_empty());
+    assert!(m.chunks.iter().all(|c| c.count == per_chunk as u64));
+    assert_eq!(m.segment_count, total);
+
+    // A fresh reader sees exactly what was committed, byte-for-byte fields.
+    let fresh = env.open(o).await;
+    let loaded = fresh.load().await.unwrap().unwrap();
+    assert_eq!(loaded, m);
+    let all = fresh.all_segments(&loaded).await.unwrap();
+    let want: Vec<_> = (1..=total).map(|i| env.entry(i)).collect();
+    assert_eq!(all, want);
+
+    // Re-committing spilled entries is a no-op; a changed one is refused.
+    assert_eq!(
+        w.commit(&[env.entry(1), env.entry(total / 2)])
+            .await
+            .unwrap(),
+        CommitOutcome::AlreadyCommitted { version: m.version }
+    );
+    let mut changed = env.entry(2);
+    changed.max_ts += 1;
+    assert!(matches!(
+        w.commit(&[changed]).await,
+        Err(Error::RemoteConflict(_))
+    ));
+    // A late low id (below spilled chunks) is accepted and reads back.
+    w.commit(&[env.entry(0)]).await.unwrap();
+    let again = fresh.load().await.unwrap().unwrap();
+    let all = fresh.all_segments(&again).await.unwrap();
+    assert_eq!(all.len() as u64, total + 1);
+    assert_eq!(all.first().map(|e| e.id.0), Some(0));
+    // Old versions are trimmed to the kept window.
+    assert!(env.versions(&fresh).await.len() as u64 <= fresh.options().keep_versions);
+    assert_no_overwrites(&env);
+}
+
+#[tokio::test]
+async fn spill_round_trip_small_chunks_memory() {
+    let o = ManifestOptions {
+        max_inline: 64,
+        chunk_entries: 32,
+        keep_versions: 4,
+        ..opts()
+    };
+    spill_round_trip(Backend::Memory, 1_200, 10, o).await;
+}
+
+#[tokio::test]
+async fn spill_round_trip_small_chunks_local() {
+    let o = ManifestOptions {
+        max_inline: 64,
+        chunk_entries: 32,
+        keep_versions: 4,
+        ..opts()
+    };
+    spill_round_trip(Backend::Local, 1_100, 25, o).await;
+}
+
+#[tokio::test]
+async fn spill_round_trip_default_options() {
+    spill_round_trip(Backend::FileUrl, 1_600, 400, opts()).await;
+}
+
+#[tokio::test]
+async fn refused_on_a_store_that_ignores_conditional_writes() {
+    let f = FaultyStore::memory(1);
+    f.ignore_conditionals(true);
+    let remote = f.remote("tier");
+    let r = ManifestStore::open(&remote, STREAM, opts()).await;
+    match r {
+        Err(Error::Remote(msg)) => {
+            assert!(msg.contains("does not honour conditional creates"), "{msg}");
+            assert!(msg.contains("allow_unconditional_store"), "{msg}");
+            assert!(msg.contains("memory://faulty"), "{msg}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nothing of the manifest was written.
+    let left: Vec<_> = f
+        .inner()
+        .list(Some(&Path::from("tier/orders")))
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The explicit override works (single writer only).
+    let o = ManifestOptions {
+        allow_unconditional_store: true,
+        ..opts()
+    };
+    let ms = ManifestStore::open(&remote, STREAM, o).await.unwrap();
+    let mut w: ManifestWriter = ms.take_ownership("a", TTL).await.unwrap();
+    let e = SegmentEntry::new(&remote, STREAM, &meta(1)).unwrap();
+    w.commit(std::slice::from_ref(&e)).await.unwrap();
+    let m = ms.load().await.unwrap().unwrap();
+    assert_eq!(m.segments, vec![e]);
+}
