@@ -42,6 +42,7 @@ use object_store::path::Path;
 use object_store::{GetOptions, GetRange};
 
 use crate::error::{Error, Result};
+use crate::remote::manifest::SegmentEntry;
 use crate::remote::{RemoteStore, classify};
 use crate::segment::format::{
     self, FOOTER_LEN, Footer, HEADER_LEN, Header, SEALED_ITEM_LEN, SEALED_MAGIC,
@@ -54,6 +55,30 @@ use crate::upload::retry::{RetryPolicy, with_retries};
 pub struct RemoteSegment {
     pub key: Path,
     pub meta: SealedMeta,
+}
+
+impl RemoteSegment {
+    /// The segment a manifest entry lists (creation and seal times are not
+    /// in the manifest; the fetcher does not compare them).
+    pub fn from_entry(e: &SegmentEntry) -> Result<RemoteSegment> {
+        let key = Path::parse(&e.key)
+            .map_err(|err| Error::corrupt("manifest entry", format!("key {:?}: {err}", e.key)))?;
+        Ok(RemoteSegment {
+            key,
+            meta: SealedMeta {
+                id: e.id,
+                file_len: e.file_len,
+                file_crc: e.file_crc,
+                item_count: e.item_count,
+                min_ts: e.min_ts,
+                max_ts: e.max_ts,
+                min_offset: e.min_offset,
+                max_offset: e.max_offset,
+                created_ms: 0,
+                sealed_ms: 0,
+            },
+        })
+    }
 }
 
 /// The checked, cached part of a remote segment needed for lookups.
@@ -187,14 +212,21 @@ impl Fetcher {
         let slot = format::slot_of(key_hash, f.slot_count) as usize;
         let (start, end) = match (index.dir.get(slot), index.dir.get(slot + 1)) {
             (Some(&s), Some(&e)) => (u64::from(s), u64::from(e)),
-            _ => return Err(corrupt(&seg.key, format!("slot {slot} outside the directory"))),
+            _ => {
+                return Err(corrupt(
+                    &seg.key,
+                    format!("slot {slot} outside the directory"),
+                ));
+            }
         };
         if start == end {
             return Ok(Vec::new());
         }
         let item = SEALED_ITEM_LEN as u64;
         let from = f.items_offset + start * item;
-        let bytes = self.get_range(&seg.key, from..f.items_offset + end * item).await?;
+        let bytes = self
+            .get_range(&seg.key, from..f.items_offset + end * item)
+            .await?;
         let mut out = Vec::new();
         for (i, b) in bytes.chunks_exact(SEALED_ITEM_LEN).enumerate() {
             let e = format::decode_sealed_item(b, f.segment_id)
@@ -340,7 +372,10 @@ impl Fetcher {
             self.requests.fetch_add(1, Ordering::Relaxed);
             async move {
                 let res = os
-                    .get_opts(key, GetOptions::new().with_range(Some(GetRange::Bounded(r))))
+                    .get_opts(
+                        key,
+                        GetOptions::new().with_range(Some(GetRange::Bounded(r))),
+                    )
                     .await?;
                 let size = res.meta.size;
                 let body = res.bytes().await?;
@@ -414,8 +449,7 @@ mod tests {
         let mut segs = Vec::new();
         let mut bodies = Vec::new();
         for id in 1..=n_segs {
-            let (bytes, meta) =
-                build_sealed(SegmentId(id), 1, 2, 4, &entries(id, 50)).unwrap();
+            let (bytes, meta) = build_sealed(SegmentId(id), 1, 2, 4, &entries(id, 50)).unwrap();
             let key = store.segment_key("s", &meta);
             store
                 .object_store()
@@ -437,7 +471,10 @@ mod tests {
                 .into_iter()
                 .filter(|e| e.key_hash == id * 1000 + 3)
                 .collect();
-            let got = f.lookup_in(seg, id * 1000 + 3, TimeRange::ALL).await.unwrap();
+            let got = f
+                .lookup_in(seg, id * 1000 + 3, TimeRange::ALL)
+                .await
+                .unwrap();
             assert_eq!(got, want);
         }
         let cold = f.stats();
@@ -496,9 +533,12 @@ mod tests {
             assert!(any, "flip at byte {at} not detected");
         }
         // Truncated: a partial upload under the key.
-        os.put(&seg.key, PutPayload::from(bodies[0][..bodies[0].len() - 1].to_vec()))
-            .await
-            .unwrap();
+        os.put(
+            &seg.key,
+            PutPayload::from(bodies[0][..bodies[0].len() - 1].to_vec()),
+        )
+        .await
+        .unwrap();
         f.invalidate(&seg.key);
         assert!(matches!(
             f.lookup_in(seg, 1003, TimeRange::ALL).await,
