@@ -225,7 +225,7 @@ impl Fetcher {
         let item = SEALED_ITEM_LEN as u64;
         let from = f.items_offset + start * item;
         let bytes = self
-            .get_range(&seg.key, from..f.items_offset + end * item)
+            .get_range(&seg.key, m.file_len, from..f.items_offset + end * item)
             .await?;
         let mut out = Vec::new();
         for (i, b) in bytes.chunks_exact(SEALED_ITEM_LEN).enumerate() {
@@ -308,7 +308,11 @@ impl Fetcher {
             )));
         }
         let tail = self
-            .get_range(&seg.key, m.file_len - FOOTER_LEN as u64..m.file_len)
+            .get_range(
+                &seg.key,
+                m.file_len,
+                m.file_len - FOOTER_LEN as u64..m.file_len,
+            )
             .await?;
         let footer = Footer::decode(&tail).map_err(|e| corrupt(&seg.key, e.to_string()))?;
         let recorded = (
@@ -337,7 +341,9 @@ impl Fetcher {
                 ),
             ));
         }
-        let head = self.get_range(&seg.key, 0..footer.items_offset).await?;
+        let head = self
+            .get_range(&seg.key, m.file_len, 0..footer.items_offset)
+            .await?;
         let header = Header::decode(&head, SEALED_MAGIC, SEALED_ITEM_LEN)
             .map_err(|e| corrupt(&seg.key, e.to_string()))?;
         if header.segment_id != footer.segment_id
@@ -361,8 +367,8 @@ impl Fetcher {
     }
 
     /// One ranged GET (with retries) that must return exactly `r` of an
-    /// object whose size is exactly the recorded length.
-    async fn get_range(&self, key: &Path, r: Range<u64>) -> Result<Vec<u8>> {
+    /// object whose size is exactly `object_len`, the recorded length.
+    async fn get_range(&self, key: &Path, object_len: u64, r: Range<u64>) -> Result<Vec<u8>> {
         let want = r.end - r.start;
         let os = self.store.object_store().clone();
         let mut rng = fastrand::Rng::new();
@@ -391,6 +397,14 @@ impl Fetcher {
             Err(e) => return Err(classify(e)),
         };
         self.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+        if size != object_len {
+            return Err(corrupt(
+                key,
+                format!(
+                    "object is {size} bytes, recorded {object_len} (partial or foreign upload)"
+                ),
+            ));
+        }
         if body.len() as u64 != want {
             return Err(corrupt(
                 key,
@@ -539,6 +553,15 @@ mod tests {
         )
         .await
         .unwrap();
+        f.invalidate(&seg.key);
+        assert!(matches!(
+            f.lookup_in(seg, 1003, TimeRange::ALL).await,
+            Err(Error::Corrupt { .. })
+        ));
+        // Longer than recorded (bytes appended after a valid segment).
+        let mut longer = bodies[0].clone();
+        longer.extend_from_slice(&bodies[0][bodies[0].len() - FOOTER_LEN..]);
+        os.put(&seg.key, PutPayload::from(longer)).await.unwrap();
         f.invalidate(&seg.key);
         assert!(matches!(
             f.lookup_in(seg, 1003, TimeRange::ALL).await,
