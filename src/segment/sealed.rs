@@ -1,8 +1,9 @@
 //! Sealed segments: writing one from a frozen active segment, and reading one.
 //!
 //! Write order (each step's crash outcome is in `docs/crash-safety.md`):
-//! 1. build the whole file in memory (counting sort of items by slot),
-//! 2. write it to `NNN.seg.tmp` and `sync_all` it,
+//! 1. write the file to `NNN.seg.tmp` (`write_sealed_streaming`: items
+//!    first, bucket by bucket, then the header and slot directory, then the
+//!    footer), starting writeback as it goes, and `sync_all` it,
 //! 3. rename to `NNN.seg`, then fsync the directory so the rename is durable.
 //!
 //! Only after step 3 may the caller remove the `.active` file it came from.
@@ -90,29 +91,23 @@ pub fn build_sealed_packed(
     items: &[u8],
     stride: usize,
 ) -> Result<(Vec<u8>, SealedMeta)> {
-    let mut out = Vec::new();
+    let out = MemOut(std::sync::Mutex::new(Vec::new()));
     let meta = seal_into(
-        &mut out,
-        id,
-        created_ms,
-        sealed_ms,
-        slot_count,
-        items,
-        stride,
-        |_| {},
+        &out, 0, id, created_ms, sealed_ms, slot_count, items, stride,
     )
     .map_err(|e| match e {
         SealError::Input(e) => e,
-        SealError::Write(e) => Error::io("memory", "build sealed segment", e),
+        SealError::Write(e) | SealError::Sync(e) => Error::io("memory", "build sealed segment", e),
     })?;
-    Ok((out, meta))
+    let bytes = out.0.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((bytes, meta))
 }
 
-/// Seal straight to disk, in slot order, without building the file in
-/// memory: the same bytes as [`build_sealed_packed`], written as
-/// `NNN.seg.tmp`, fsync'd, renamed, directory fsync'd. The active
-/// segment's item region is a packed layout with stride 40, so sealing
-/// reads the mapping directly, with no decoding.
+/// Seal straight to disk, without building the file in memory: the same
+/// bytes as [`build_sealed_packed`], written as `NNN.seg.tmp`, fsync'd,
+/// renamed, directory fsync'd. The active segment's item region is a packed
+/// layout with stride 40, so sealing reads the mapping directly, with no
+/// decoding.
 pub fn write_sealed_streaming(
     dir: &Path,
     id: SegmentId,
@@ -131,27 +126,23 @@ pub fn write_sealed_streaming(
         .open(&tmp)
         .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
     crate::failpoint::hit("seal.write").map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
-    // Writes are whole buckets (~1 MiB), so no buffering is needed.
-    let mut w = &f;
-    let mut kicked = 0u64;
     let meta = seal_into(
-        &mut w,
+        &FileOut(&f),
+        0,
         id,
         created_ms,
         sealed_ms,
         slot_count,
         items,
         stride,
-        |written| {
-            if written - kicked >= 32 << 20 {
-                start_writeback(&f, kicked, written - kicked);
-                kicked = written;
-            }
-        },
     )
     .map_err(|e| match e {
         SealError::Input(e) => e,
         SealError::Write(e) => Error::io(&tmp, "write sealed tmp", e),
+        // A failed writeback is a failed fsync: never retried.
+        SealError::Sync(e) => {
+            Error::Poisoned(format!("writeback of {} failed: {e}", tmp.display()))
+        }
     })?;
     crate::failpoint::hit("seal.fsync")
         .and_then(|()| f.sync_all())
@@ -171,26 +162,327 @@ pub fn write_sealed_streaming(
 enum SealError {
     Input(Error),
     Write(std::io::Error),
+    /// Starting writeback failed: reported like a failed fsync.
+    Sync(std::io::Error),
 }
 
-/// Write a sealed segment to `out`, in file order.
+/// Where [`seal_into`] puts bytes: positioned writes, from two threads at
+/// once, each range written exactly once.
+trait SealOut: Sync {
+    fn put(&self, at: u64, bytes: &[u8]) -> std::result::Result<(), SealError>;
+}
+
+/// A file: `pwrite`, then start writing the range back at once, so the final
+/// fsync overlaps with building the rest.
+struct FileOut<'a>(&'a File);
+
+impl SealOut for FileOut<'_> {
+    fn put(&self, at: u64, bytes: &[u8]) -> std::result::Result<(), SealError> {
+        use std::os::unix::fs::FileExt;
+        self.0.write_all_at(bytes, at).map_err(SealError::Write)?;
+        start_writeback(self.0, at, bytes.len() as u64).map_err(SealError::Sync)
+    }
+}
+
+/// Memory, for [`build_sealed_packed`]; grows to the highest byte written.
+struct MemOut(std::sync::Mutex<Vec<u8>>);
+
+impl SealOut for MemOut {
+    fn put(&self, at: u64, bytes: &[u8]) -> std::result::Result<(), SealError> {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let at = usize::try_from(at)
+            .map_err(|_| SealError::Write(std::io::ErrorKind::InvalidInput.into()))?;
+        let end = at + bytes.len();
+        if v.len() < end {
+            v.resize(end, 0);
+        }
+        v[at..end].copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Position tables for the CRC32 of a sealed item's 28 entry bytes:
+/// `ITEM_CRC[i][b]` is the CRC register (zero start, no final xor) after
+/// byte `b` at position `i` followed by `27 - i` zero bytes. CRC32 is linear,
+/// so `crc(salt ‖ d) = crc(salt ‖ 0^28) ^ XOR_i ITEM_CRC[i][d[i]]`: 28
+/// independent lookups instead of a byte-serial chain (crc32fast's SIMD path
+/// only pays off on longer inputs).
+static ITEM_CRC: [[u32; 256]; PACKED_ENTRY_LEN] = item_crc_tables();
+
+const fn item_crc_tables() -> [[u32; 256]; PACKED_ENTRY_LEN] {
+    const LAST: usize = PACKED_ENTRY_LEN - 1;
+    let mut t = [[0u32; 256]; PACKED_ENTRY_LEN];
+    let mut b = 0;
+    while b < 256 {
+        let mut c = b as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[LAST][b] = c;
+        b += 1;
+    }
+    let mut i = LAST;
+    while i > 0 {
+        i -= 1;
+        let mut b = 0;
+        while b < 256 {
+            let x = t[i + 1][b];
+            t[i][b] = t[LAST][(x & 0xff) as usize] ^ (x >> 8);
+            b += 1;
+        }
+    }
+    t
+}
+
+/// `crc(salt ‖ entry)` for a sealed item, given `base = crc(salt ‖ 0^28)`
+/// and the entry as little-endian words (bytes 0..8, 8..16, 16..24, 24..28).
+#[inline(always)]
+fn item_crc(base: u32, w: [u64; 3], last: u32) -> u32 {
+    let t = &ITEM_CRC;
+    let mut c = base;
+    for (k, &x) in w.iter().enumerate() {
+        for j in 0..8 {
+            c ^= t[k * 8 + j][((x >> (8 * j)) & 0xff) as usize];
+        }
+    }
+    for j in 0..4 {
+        c ^= t[24 + j][((last >> (8 * j)) & 0xff) as usize];
+    }
+    c
+}
+
+/// Records per scatter block (8 KiB of 32-byte items).
+const BLOCK_RECS: usize = 256;
+const BLOCK_BYTES: usize = BLOCK_RECS * SEALED_ITEM_LEN;
+/// Inputs below this are sealed on one thread.
+const PARALLEL_MIN_ITEMS: usize = 1 << 16;
+/// At most this many buckets (scatter streams).
+const MAX_BUCKETS: usize = 1024;
+
+/// One input part scattered by bucket: finished sealed items (entry + CRC)
+/// in blocks of a private pool, in append order within each bucket.
+struct Scattered<'a> {
+    pool: &'a [u8],
+    /// Per bucket: its blocks, in order.
+    blocks: Vec<Vec<u32>>,
+    /// Per bucket: items in its last block.
+    last_fill: Vec<usize>,
+    /// (min_ts, max_ts, min_off, max_off) of this part.
+    ranges: (u64, u64, u64, u64),
+}
+
+impl Scattered<'_> {
+    fn bucket_len(&self, b: usize) -> usize {
+        match self.blocks[b].len() {
+            0 => 0,
+            k => (k - 1) * BLOCK_RECS + self.last_fill[b],
+        }
+    }
+
+    /// The items of bucket `b`, block by block.
+    fn bucket_items(&self, b: usize) -> impl Iterator<Item = &[u8]> + '_ {
+        let last = self.blocks[b].len().saturating_sub(1);
+        self.blocks[b].iter().enumerate().map(move |(k, &blk)| {
+            let len = if k == last {
+                self.last_fill[b]
+            } else {
+                BLOCK_RECS
+            };
+            let at = blk as usize * BLOCK_BYTES;
+            &self.pool[at..at + len * SEALED_ITEM_LEN]
+        })
+    }
+}
+
+/// Pass 1 over one input part: compute each item's slot and CRC, append the
+/// finished 32-byte item to its bucket's current block, track ranges.
+fn scatter<'a>(
+    pool: &'a mut [u8],
+    items: &[u8],
+    stride: usize,
+    slot_count: u32,
+    shift: u32,
+    nb: usize,
+    crc_base: u32,
+) -> Scattered<'a> {
+    let mut blocks: Vec<Vec<u32>> = vec![Vec::new(); nb];
+    // Per bucket: (next byte, end of its current block) in `pool`.
+    let mut cur = vec![(0usize, 0usize); nb];
+    let mut next_block = 0usize;
+    let (mut min_ts, mut max_ts, mut min_off, mut max_off) = (u64::MAX, 0, u64::MAX, 0);
+    for it in items.chunks_exact(stride) {
+        let e = &it[..PACKED_ENTRY_LEN];
+        let (key, off, ts) = (le_u64(&e[0..8]), le_u64(&e[8..16]), le_u64(&e[16..24]));
+        let mut size = [0u8; 4];
+        size.copy_from_slice(&e[24..28]);
+        let size = u32::from_le_bytes(size);
+        min_ts = min_ts.min(ts);
+        max_ts = max_ts.max(ts);
+        min_off = min_off.min(off);
+        max_off = max_off.max(off);
+        let b = (slot_of(key, slot_count) >> shift) as usize;
+        let c = &mut cur[b];
+        if c.0 == c.1 {
+            blocks[b].push(next_block as u32);
+            c.0 = next_block * BLOCK_BYTES;
+            c.1 = c.0 + BLOCK_BYTES;
+            next_block += 1;
+        }
+        let crc = item_crc(crc_base, [key, off, ts], size);
+        let dst = &mut pool[c.0..c.0 + SEALED_ITEM_LEN];
+        dst[..PACKED_ENTRY_LEN].copy_from_slice(e);
+        dst[PACKED_ENTRY_LEN..].copy_from_slice(&crc.to_le_bytes());
+        c.0 += SEALED_ITEM_LEN;
+    }
+    let last_fill = cur
+        .iter()
+        .map(|&(pos, end)| BLOCK_RECS - (end - pos) / SEALED_ITEM_LEN)
+        .collect();
+    Scattered {
+        pool,
+        blocks,
+        last_fill,
+        ranges: (min_ts, max_ts, min_off, max_off),
+    }
+}
+
+/// The scatter pool of the last seal, kept for the next one: a fresh one
+/// (32 bytes per item, 320 MB for 10 M items) would be faulted in and zeroed
+/// by the kernel at every seal, a sizeable share of the seal's CPU time.
+/// Seals run one at a time (the sealer thread); one that finds the pool
+/// taken allocates its own.
+static SCATTER_POOL: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// A pool of at least `len` bytes (contents unspecified).
+fn take_pool(len: usize) -> Vec<u8> {
+    let kept = match SCATTER_POOL.try_lock() {
+        Ok(mut g) => std::mem::take(&mut *g),
+        Err(std::sync::TryLockError::Poisoned(p)) => std::mem::take(&mut *p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => Vec::new(),
+    };
+    if kept.len() >= len {
+        kept
+    } else {
+        drop(kept);
+        vec![0u8; len]
+    }
+}
+
+/// Keep `pool` for the next seal, if it is the largest seen.
+fn keep_pool(pool: Vec<u8>) {
+    let mut g = SCATTER_POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if pool.len() > g.len() {
+        *g = pool;
+    }
+}
+
+/// What pass 2 produced for one bucket: its place and CRC.
+struct BucketDone {
+    bucket: usize,
+    crc: u32,
+    len: u64,
+}
+
+/// Pass 2 for the buckets this thread claims from `next`: count the bucket's
+/// slots (in cache), fill its part of the directory, place its items in slot
+/// order, checksum and write them at their final offset.
+#[allow(clippy::too_many_arguments)]
+fn place_buckets(
+    out: &dyn SealOut,
+    base: u64,
+    parts: &[Scattered<'_>],
+    starts: &[usize],
+    dir_pieces: &[std::sync::Mutex<&mut [u32]>],
+    slot_count: u32,
+    shift: u32,
+    next: &std::sync::atomic::AtomicUsize,
+) -> std::result::Result<Vec<BucketDone>, SealError> {
+    use std::sync::atomic::Ordering;
+    let mut done = Vec::new();
+    let mut chunk = Vec::new();
+    let mut at_slot: Vec<u32> = Vec::new();
+    loop {
+        let b = next.fetch_add(1, Ordering::Relaxed);
+        if b >= dir_pieces.len() {
+            return Ok(done);
+        }
+        let (lo, hi) = (starts[b], starts[b + 1]);
+        let s_lo = (b as u32) << shift;
+        let mut dir = dir_pieces[b].lock().unwrap_or_else(|p| p.into_inner());
+        at_slot.clear();
+        at_slot.resize(dir.len(), 0);
+        let local = |it: &[u8]| (slot_of(le_u64(it), slot_count) - s_lo) as usize;
+        for blk in parts.iter().flat_map(|p| p.bucket_items(b)) {
+            for it in blk.chunks_exact(SEALED_ITEM_LEN) {
+                at_slot[local(it)] += 1;
+            }
+        }
+        let mut acc = 0u32;
+        for (d, c) in dir.iter_mut().zip(at_slot.iter_mut()) {
+            *d = lo as u32 + acc;
+            let k = *c;
+            *c = acc;
+            acc += k;
+        }
+        drop(dir);
+        // Every byte of `chunk[..need]` is written below: no clearing.
+        let need = (hi - lo) * SEALED_ITEM_LEN;
+        if chunk.len() < need {
+            chunk.resize(need, 0);
+        }
+        let chunk = &mut chunk[..need];
+        for blk in parts.iter().flat_map(|p| p.bucket_items(b)) {
+            for it in blk.chunks_exact(SEALED_ITEM_LEN) {
+                let c = &mut at_slot[local(it)];
+                let at = *c as usize * SEALED_ITEM_LEN;
+                *c += 1;
+                chunk[at..at + SEALED_ITEM_LEN].copy_from_slice(it);
+            }
+        }
+        if !chunk.is_empty()
+            && let Err(e) = out.put(base + (lo * SEALED_ITEM_LEN) as u64, chunk)
+        {
+            // Stop the other thread too: the seal has failed.
+            next.store(dir_pieces.len(), Ordering::Relaxed);
+            return Err(e);
+        }
+        done.push(BucketDone {
+            bucket: b,
+            crc: crc32fast::hash(chunk),
+            len: chunk.len() as u64,
+        });
+    }
+}
+
+/// Write a sealed segment to `out` (whose byte 0 is at `base`).
 ///
 /// A plain counting sort scatters items over the whole output, one cache and
-/// TLB miss per item. Here items are first copied into per-bucket regions
-/// (buckets are slot ranges with ~1 MiB of output each: one sequential read,
-/// one sequential write stream per bucket), then each bucket is placed in
-/// cache, checksummed and written. `progress(bytes_written)` runs after each
-/// bucket, so a file writer can start writeback early.
+/// TLB miss per item. Here buckets are ranges of `2^shift` slots with
+/// ~0.5-1 MiB of output each. Pass 1 reads the input once and appends each
+/// finished item (entry + CRC) to its bucket's blocks: one sequential read,
+/// one sequential write stream per bucket. Pass 2 takes one bucket at a
+/// time: counts its slots in cache, places its items, checksums them and
+/// writes them at their final offset. Both passes run on two threads for
+/// large inputs (pass 1 on the two halves of the input, pass 2 on buckets
+/// claimed in order). The header and slot directory, known only once every
+/// bucket is counted, are written last, then the footer; the file CRC is
+/// the CRC of the header and directory combined with the buckets' CRCs.
 #[allow(clippy::too_many_arguments)]
-fn seal_into<W: Write>(
-    out: &mut W,
+fn seal_into(
+    out: &dyn SealOut,
+    base: u64,
     id: SegmentId,
     created_ms: u64,
     sealed_ms: u64,
     slot_count: u32,
     items: &[u8],
     stride: usize,
-    mut progress: impl FnMut(u64),
 ) -> std::result::Result<SealedMeta, SealError> {
     let bad = |m: String| SealError::Input(Error::InvalidInput(m));
     if stride < PACKED_ENTRY_LEN || !items.len().is_multiple_of(stride) {
@@ -209,53 +501,127 @@ fn seal_into<W: Write>(
     }
     let layout = SealedLayout::new(slot_count, item_count);
 
-    // Pass 1: slots, per-slot counts, ranges.
-    let mut slots = Vec::with_capacity(n);
-    let mut dir_v = vec![0u32; slot_count as usize + 1];
+    // Buckets: 2^shift slots each, about 16-32 Ki items (0.5-1 MiB), at
+    // most MAX_BUCKETS of them.
+    let slots = u64::from(slot_count);
+    let want = ((32u64 << 10) * slots / (n as u64).max(1)).max(1);
+    let mut shift = 63 - want.leading_zeros();
+    while (slots >> shift) as usize >= MAX_BUCKETS {
+        shift += 1;
+    }
+    let shift = shift.min(32 - slot_count.leading_zeros());
+    let nb = slots.div_ceil(1u64 << shift) as usize;
+
+    let threads = if n >= PARALLEL_MIN_ITEMS
+        && std::thread::available_parallelism().is_ok_and(|p| p.get() > 1)
+    {
+        2
+    } else {
+        1
+    };
+
+    // Pass 1: scatter each part of the input into its own pool.
+    let salt = id.0.to_le_bytes();
+    let crc_base = {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&salt);
+        h.update(&[0u8; PACKED_ENTRY_LEN]);
+        h.finalize()
+    };
+    let per_part = n.div_ceil(threads);
+    let pool_len = |k: usize| (k.div_ceil(BLOCK_RECS) + nb) * BLOCK_BYTES;
+    let total: usize = (0..threads)
+        .map(|t| pool_len(n.saturating_sub(t * per_part).min(per_part)))
+        .sum();
+    let mut pool = take_pool(total);
+    let parts: Vec<Scattered<'_>> = {
+        let mut rest: &mut [u8] = &mut pool[..total];
+        let mut jobs = Vec::new();
+        for t in 0..threads {
+            let lo = (t * per_part).min(n);
+            let hi = ((t + 1) * per_part).min(n);
+            let (mine, tail) = rest.split_at_mut(pool_len(hi - lo));
+            rest = tail;
+            jobs.push((mine, &items[lo * stride..hi * stride]));
+        }
+        let mut jobs = jobs.into_iter();
+        let first = jobs.next();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = jobs
+                .map(|(p, its)| {
+                    s.spawn(move || scatter(p, its, stride, slot_count, shift, nb, crc_base))
+                })
+                .collect();
+            let mut parts = Vec::with_capacity(threads);
+            if let Some((p, its)) = first {
+                parts.push(scatter(p, its, stride, slot_count, shift, nb, crc_base));
+            }
+            for h in handles {
+                match h.join() {
+                    Ok(p) => parts.push(p),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            parts
+        })
+    };
     let (mut min_ts, mut max_ts, mut min_off, mut max_off) = (u64::MAX, 0, u64::MAX, 0);
-    for it in items.chunks_exact(stride) {
-        let s = slot_of(le_u64(&it[0..8]), slot_count);
-        slots.push(s);
-        dir_v[s as usize + 1] += 1;
-        let (off, ts) = (le_u64(&it[8..16]), le_u64(&it[16..24]));
-        min_ts = min_ts.min(ts);
-        max_ts = max_ts.max(ts);
-        min_off = min_off.min(off);
-        max_off = max_off.max(off);
+    for p in &parts {
+        let (a, b, c, d) = p.ranges;
+        (min_ts, max_ts, min_off, max_off) =
+            (min_ts.min(a), max_ts.max(b), min_off.min(c), max_off.max(d));
     }
     if n == 0 {
         (min_ts, max_ts, min_off, max_off) = (0, 0, 0, 0);
     }
-    for s in 0..slot_count as usize {
-        dir_v[s + 1] += dir_v[s];
+
+    // Pass 2: per bucket, on both threads.
+    let mut starts = Vec::with_capacity(nb + 1);
+    starts.push(0usize);
+    for b in 0..nb {
+        let len: usize = parts.iter().map(|p| p.bucket_len(b)).sum();
+        starts.push(starts[b] + len);
     }
-    debug_assert_eq!(dir_v[slot_count as usize], item_count);
+    debug_assert_eq!(starts[nb], n);
+    let mut dir_v = vec![0u32; slot_count as usize + 1];
+    dir_v[slot_count as usize] = item_count;
+    let items_base = base + layout.items_offset;
+    let mut done = {
+        let dir_pieces: Vec<std::sync::Mutex<&mut [u32]>> = dir_v[..slot_count as usize]
+            .chunks_mut(1 << shift)
+            .map(std::sync::Mutex::new)
+            .collect();
+        debug_assert_eq!(dir_pieces.len(), nb);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || {
+            place_buckets(
+                out,
+                items_base,
+                &parts,
+                &starts,
+                &dir_pieces,
+                slot_count,
+                shift,
+                &next,
+            )
+        };
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+            let mut done = work()?;
+            for h in helpers {
+                match h.join() {
+                    Ok(d) => done.extend(d?),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            Ok::<_, SealError>(done)
+        })?
+    };
+    drop(parts);
+    keep_pool(pool);
+    done.sort_unstable_by_key(|d| d.bucket);
 
-    // Buckets of whole slots, each ~1 MiB of output.
-    let target_items_per_bucket = (1usize << 20) / SEALED_ITEM_LEN;
-    let buckets = (n / target_items_per_bucket)
-        .clamp(1, 4096)
-        .min(slot_count as usize);
-    let slots_per_bucket = (slot_count as usize).div_ceil(buckets);
-    let nb = (slot_count as usize).div_ceil(slots_per_bucket);
-    let bucket_start = |b: usize| dir_v[(b * slots_per_bucket).min(slot_count as usize)] as usize;
-
-    // Pass 2: copy every item (packed entry + its slot) into its bucket's
-    // region: one sequential read, one sequential write stream per bucket.
-    // Stable: append order is kept within a slot.
-    const REC: usize = PACKED_ENTRY_LEN + 4;
-    let mut grouped = vec![0u8; n * REC];
-    let mut bnext: Vec<usize> = (0..nb).map(bucket_start).collect();
-    for (it, s) in items.chunks_exact(stride).zip(&slots) {
-        let b = *s as usize / slots_per_bucket;
-        let at = bnext[b] * REC;
-        bnext[b] += 1;
-        let rec = &mut grouped[at..at + REC];
-        rec[..PACKED_ENTRY_LEN].copy_from_slice(&it[..PACKED_ENTRY_LEN]);
-        rec[PACKED_ENTRY_LEN..].copy_from_slice(&s.to_le_bytes());
-    }
-    drop(slots);
-
+    // Header and directory, then the footer.
     let header = Header {
         magic: SEALED_MAGIC,
         version: format::FORMAT_VERSION,
@@ -271,39 +637,12 @@ fn seal_into<W: Write>(
         head.extend_from_slice(&v.to_le_bytes());
     }
     let dir_crc = crc32fast::hash(&head[HEADER_LEN..]);
+    out.put(base, &head)?;
     let mut data = crc32fast::Hasher::new();
     data.update(&head);
-    out.write_all(&head).map_err(SealError::Write)?;
-    let mut written = head.len() as u64;
-
-    // Pass 3: per bucket, place in cache, checksum, write.
-    let salt = id.0.to_le_bytes();
-    let mut next = dir_v.clone();
-    let mut chunk = Vec::new();
-    for b in 0..nb {
-        let (lo, hi) = (bucket_start(b), bucket_start(b + 1));
-        chunk.clear();
-        chunk.resize((hi - lo) * SEALED_ITEM_LEN, 0);
-        for rec in grouped[lo * REC..hi * REC].chunks_exact(REC) {
-            let mut sb = [0u8; 4];
-            sb.copy_from_slice(&rec[PACKED_ENTRY_LEN..]);
-            let s = u32::from_le_bytes(sb) as usize;
-            let at = (next[s] as usize - lo) * SEALED_ITEM_LEN;
-            next[s] += 1;
-            let src = &rec[..PACKED_ENTRY_LEN];
-            let dst = &mut chunk[at..at + SEALED_ITEM_LEN];
-            dst[..PACKED_ENTRY_LEN].copy_from_slice(src);
-            let mut h = crc32fast::Hasher::new();
-            h.update(&salt);
-            h.update(src);
-            dst[PACKED_ENTRY_LEN..].copy_from_slice(&h.finalize().to_le_bytes());
-        }
-        data.update(&chunk);
-        out.write_all(&chunk).map_err(SealError::Write)?;
-        written += chunk.len() as u64;
-        progress(written);
+    for d in &done {
+        data.combine(&crc32fast::Hasher::new_with_initial_len(d.crc, d.len));
     }
-    debug_assert_eq!(written, layout.footer_offset);
     let data_crc = data.clone().finalize();
     let footer = Footer {
         segment_id: id,
@@ -323,23 +662,24 @@ fn seal_into<W: Write>(
     };
     let fb = footer.encode();
     data.update(&fb);
-    out.write_all(&fb).map_err(SealError::Write)?;
+    out.put(base + layout.footer_offset, &fb)?;
     Ok(footer.meta(data.finalize()))
 }
 
 /// Ask the kernel to start writing back `[from, from+len)` now, so the final
-/// fsync overlaps with building the rest. Advisory: errors are ignored here
-/// because the fsync that follows reports any write error.
-fn start_writeback(f: &File, from: u64, len: u64) {
+/// fsync overlaps with building the rest. An error here is a write error the
+/// fsync would report too; it is returned, never ignored.
+fn start_writeback(f: &File, from: u64, len: u64) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
-    // SAFETY: plain syscall on a valid, owned descriptor.
-    unsafe {
-        libc::sync_file_range(
-            f.as_raw_fd(),
-            from as i64,
-            len as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
+    let (Ok(from), Ok(len)) = (i64::try_from(from), i64::try_from(len)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: plain syscall on a valid, owned descriptor; no memory passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -568,6 +908,190 @@ mod tests {
                 .map(|c| format::decode_sealed_item(c, SegmentId(n + 1)).unwrap())
                 .collect();
             assert_eq!(got, model, "n={n} slots={slots}");
+        }
+    }
+
+    /// The sealed file built the plain way, independently of `seal_into`:
+    /// a stable sort by slot, `encode_sealed_item`, one CRC over the bytes.
+    fn reference_sealed(
+        id: SegmentId,
+        created_ms: u64,
+        sealed_ms: u64,
+        slot_count: u32,
+        es: &[Entry],
+    ) -> Vec<u8> {
+        let layout = SealedLayout::new(slot_count, es.len() as u32);
+        let mut sorted = es.to_vec();
+        sorted.sort_by_key(|e| slot_of(e.key_hash, slot_count));
+        let mut dir = vec![0u32; slot_count as usize + 1];
+        for e in es {
+            dir[slot_of(e.key_hash, slot_count) as usize + 1] += 1;
+        }
+        for s in 0..slot_count as usize {
+            dir[s + 1] += dir[s];
+        }
+        let header = Header {
+            magic: SEALED_MAGIC,
+            version: format::FORMAT_VERSION,
+            item_len: SEALED_ITEM_LEN as u32,
+            segment_id: id,
+            created_ms,
+            slot_count,
+            items: es.len() as u32,
+        };
+        let mut out = header.encode().to_vec();
+        let dir_bytes: Vec<u8> = dir.iter().flat_map(|v| v.to_le_bytes()).collect();
+        out.extend_from_slice(&dir_bytes);
+        for e in &sorted {
+            let mut b = [0u8; SEALED_ITEM_LEN];
+            format::encode_sealed_item(&mut b, id, e);
+            out.extend_from_slice(&b);
+        }
+        let (min_ts, max_ts, min_offset, max_offset) = if es.is_empty() {
+            (0, 0, 0, 0)
+        } else {
+            (
+                es.iter().map(|e| e.timestamp_ms).min().unwrap(),
+                es.iter().map(|e| e.timestamp_ms).max().unwrap(),
+                es.iter().map(|e| e.offset).min().unwrap(),
+                es.iter().map(|e| e.offset).max().unwrap(),
+            )
+        };
+        let footer = Footer {
+            segment_id: id,
+            slot_count,
+            item_count: es.len() as u64,
+            min_ts,
+            max_ts,
+            min_offset,
+            max_offset,
+            created_ms,
+            sealed_ms,
+            file_len: layout.file_len,
+            dir_offset: layout.dir_offset,
+            items_offset: layout.items_offset,
+            dir_crc: crc32fast::hash(&dir_bytes),
+            data_crc: crc32fast::hash(&out),
+        };
+        out.extend_from_slice(&footer.encode());
+        out
+    }
+
+    fn packed(es: &[Entry], stride: usize) -> Vec<u8> {
+        let mut v = vec![0xa5u8; es.len() * stride];
+        for (e, out) in es.iter().zip(v.chunks_exact_mut(stride)) {
+            out[0..8].copy_from_slice(&e.key_hash.to_le_bytes());
+            out[8..16].copy_from_slice(&e.offset.to_le_bytes());
+            out[16..24].copy_from_slice(&e.timestamp_ms.to_le_bytes());
+            out[24..28].copy_from_slice(&e.size.to_le_bytes());
+        }
+        v
+    }
+
+    /// Random-ish entries (uniform hashes), plus a share of repeated keys so
+    /// slots hold several items whose order must be kept.
+    fn random_entries(n: u64, seed: u64) -> Vec<Entry> {
+        let mut r = fastrand::Rng::with_seed(seed);
+        (0..n)
+            .map(|i| Entry {
+                key_hash: if r.u8(..) < 64 {
+                    crate::key_hash(&r.u64(..8).to_le_bytes())
+                } else {
+                    r.u64(..)
+                },
+                offset: i,
+                size: r.u32(..),
+                timestamp_ms: r.u64(..),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn item_crc_tables_match_crc32fast() {
+        let mut r = fastrand::Rng::with_seed(7);
+        for _ in 0..10_000 {
+            let salt = r.u64(..).to_le_bytes();
+            let mut e = [0u8; PACKED_ENTRY_LEN];
+            r.fill(&mut e);
+            let base = {
+                let mut h = crc32fast::Hasher::new();
+                h.update(&salt);
+                h.update(&[0u8; PACKED_ENTRY_LEN]);
+                h.finalize()
+            };
+            let mut h = crc32fast::Hasher::new();
+            h.update(&salt);
+            h.update(&e);
+            let w = |k: usize| le_u64(&e[8 * k..]);
+            let last = u32::from_le_bytes([e[24], e[25], e[26], e[27]]);
+            assert_eq!(item_crc(base, [w(0), w(1), w(2)], last), h.finalize());
+        }
+    }
+
+    /// Both writers, on one and two threads, on bucket shapes from one slot
+    /// to more slots than items, against the plain reference.
+    #[test]
+    fn seal_matches_the_plain_reference() {
+        let d = tempfile::tempdir().unwrap();
+        let cases: &[(u64, u32)] = &[
+            (0, 1),
+            (0, 1000),
+            (1, 1),
+            (3, 8),
+            (100, 1),
+            (1000, 1 << 20),
+            (5000, 3),
+            // Just under and over the two-thread threshold.
+            (PARALLEL_MIN_ITEMS as u64 - 1, 4096),
+            (PARALLEL_MIN_ITEMS as u64, 4096),
+            // Many buckets, a partial last bucket (slot count not a power
+            // of two), blocks filling exactly (BLOCK_RECS items per bucket).
+            (100_000, 10_007),
+            (300_000, 1 << 16),
+            (BLOCK_RECS as u64 * 64, 64),
+        ];
+        for (k, &(n, slots)) in cases.iter().enumerate() {
+            let id = SegmentId(k as u64 * 7919 + 3);
+            let es = random_entries(n, k as u64);
+            let want = reference_sealed(id, 11, 22, slots, &es);
+            for stride in [PACKED_ENTRY_LEN, 40] {
+                let items = packed(&es, stride);
+                let (got, meta) = build_sealed_packed(id, 11, 22, slots, &items, stride).unwrap();
+                assert!(got == want, "memory n={n} slots={slots} stride={stride}");
+                assert_eq!(meta.file_crc, crc32fast::hash(&want));
+                let (p, m2) =
+                    write_sealed_streaming(d.path(), id, 11, 22, slots, &items, stride).unwrap();
+                assert_eq!(m2, meta);
+                assert!(fs::read(&p).unwrap() == want, "file n={n} slots={slots}");
+            }
+        }
+    }
+
+    /// Every item in one slot (one bucket takes the whole input).
+    #[test]
+    fn seal_with_every_item_in_one_slot() {
+        let es: Vec<Entry> = (0..100_000u64)
+            .map(|i| Entry {
+                key_hash: 42,
+                offset: i,
+                size: 1,
+                timestamp_ms: i,
+            })
+            .collect();
+        let want = reference_sealed(SegmentId(9), 1, 2, 1 << 16, &es);
+        let (got, _) =
+            build_sealed_packed(SegmentId(9), 1, 2, 1 << 16, &packed(&es, 40), 40).unwrap();
+        assert!(got == want);
+    }
+
+    #[test]
+    fn bad_packed_input_is_an_error() {
+        for (len, stride, slots) in [(41, 40, 8), (40, 27, 8), (40, 40, 0), (40, 40, u32::MAX)] {
+            let r = build_sealed_packed(SegmentId(1), 1, 2, slots, &vec![0; len], stride);
+            assert!(
+                matches!(r, Err(Error::InvalidInput(_))),
+                "{len} {stride} {slots}"
+            );
         }
     }
 
