@@ -50,6 +50,9 @@ use crate::segment::format::{
 use crate::segment::{Entry, SealedMeta, TimeRange};
 use crate::upload::retry::{RetryPolicy, with_retries};
 
+/// Segments read at once by [`Fetcher::lookup`].
+pub const LOOKUP_PARALLELISM: usize = 8;
+
 /// A segment the caller trusts as committed: where it is and what it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteSegment {
@@ -181,16 +184,21 @@ impl Fetcher {
 
     /// Entries for `key_hash` within `range` in each segment, in the order
     /// given (oldest first by convention), append order within a segment.
-    /// Stops at the first segment that fails; the error names its key.
+    /// Up to [`LOOKUP_PARALLELISM`] segments are read at once; the first
+    /// failure is returned, naming its key.
     pub async fn lookup(
         &self,
         segments: &[RemoteSegment],
         key_hash: u64,
         range: TimeRange,
     ) -> Result<Vec<Entry>> {
+        use futures::StreamExt as _;
+        let mut results = futures::stream::iter(segments)
+            .map(|seg| self.lookup_in(seg, key_hash, range))
+            .buffered(LOOKUP_PARALLELISM);
         let mut out = Vec::new();
-        for seg in segments {
-            out.extend(self.lookup_in(seg, key_hash, range).await?);
+        while let Some(r) = results.next().await {
+            out.extend(r?);
         }
         Ok(out)
     }
