@@ -11,7 +11,9 @@ use clap::Args;
 
 use crate::cli::{Cli, emit};
 use crate::error::Result;
-use crate::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals};
+use crate::lifecycle::{
+    EXIT_DRAINED, EXIT_FENCED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals,
+};
 use crate::tier::{ShutdownReport, TierIndex};
 
 #[derive(Args, Debug)]
@@ -105,7 +107,13 @@ pub fn print_report(json: bool, r: &ShutdownReport) -> i32 {
         }
         s
     });
-    if !r.drain.quarantined.is_empty() {
+    if let Some(why) = &r.fenced {
+        eprintln!(
+            "tierindex: FENCED: another owner took the stream's manifest ({why}); \
+             uploads stopped, uncommitted segments stay Verified with their local files"
+        );
+        EXIT_FENCED
+    } else if !r.drain.quarantined.is_empty() {
         EXIT_NEEDS_OPERATOR
     } else if r.fully_drained() {
         EXIT_DRAINED
