@@ -121,3 +121,29 @@ pub fn print_report(json: bool, r: &ShutdownReport) -> i32 {
         EXIT_PENDING
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::DrainReport;
+
+    fn report(fenced: Option<&str>) -> ShutdownReport {
+        ShutdownReport {
+            sealed_at_shutdown: 0,
+            drain: DrainReport::default(),
+            clean_marker_written: fenced.is_none(),
+            error: fenced.map(|f| format!("fenced: {f}")),
+            fenced: fenced.map(str::to_string),
+            elapsed_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_fence_exits_with_its_own_code() {
+        assert_eq!(print_report(true, &report(None)), EXIT_DRAINED);
+        assert_eq!(
+            print_report(true, &report(Some("epoch 2 (owner \"b\")"))),
+            EXIT_FENCED
+        );
+    }
+}
