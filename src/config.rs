@@ -52,7 +52,24 @@ pub struct Config {
     /// learn whether it honours conditional creates. Off: assume it does not
     /// (every upload is read back in full; always safe, slower).
     pub probe_store: bool,
+    /// Publish every committed segment in the stream's remote manifest
+    /// (owner epoch + lease; see `remote::manifest`). Off: the journal alone
+    /// records what is committed, as before.
+    pub manifest: bool,
+    /// Who owns the stream's manifest. Default: `{hostname}-{hash of the
+    /// absolute data directory}`, stable across restarts of the same data
+    /// directory (so a restart after a crash re-takes its own stream at once).
+    pub owner_id: Option<String>,
+    /// Lease length; renewed every third of it while running.
+    pub lease_ttl_ms: u64,
+    /// Manage the manifest on a store whose probe found conditional creates
+    /// NOT honoured (no fencing then: only with one writer guaranteed).
+    pub allow_unconditional_store: bool,
 }
+
+/// Shortest and longest accepted `lease_ttl_ms`.
+pub const LEASE_TTL_MS_MIN: u64 = 100;
+pub const LEASE_TTL_MS_MAX: u64 = 86_400_000;
 
 impl Default for Config {
     fn default() -> Self {
@@ -82,6 +99,10 @@ impl Default for Config {
             tick_ms: 200,
             metrics_addr: None,
             probe_store: true,
+            manifest: false,
+            owner_id: None,
+            lease_ttl_ms: 30_000,
+            allow_unconditional_store: false,
         }
     }
 }
@@ -118,7 +139,61 @@ impl Config {
                 "journal_compact_after_bytes must be at least 1024".into(),
             ));
         }
+        if let Some(o) = &self.owner_id {
+            crate::remote::lease::validate_owner(o)
+                .map_err(|e| Error::InvalidInput(format!("owner_id {o:?}: {e}")))?;
+        }
+        if !(LEASE_TTL_MS_MIN..=LEASE_TTL_MS_MAX).contains(&self.lease_ttl_ms) {
+            return Err(Error::InvalidInput(format!(
+                "lease_ttl_ms must be {LEASE_TTL_MS_MIN}..={LEASE_TTL_MS_MAX}, got {}",
+                self.lease_ttl_ms
+            )));
+        }
         crate::remote::keys::validate_stream(&self.stream)
+    }
+
+    /// The manifest owner id: `owner_id`, or `{hostname}-{hash}` where the
+    /// hash is of the absolute data directory. Stable across restarts of one
+    /// data directory (which only one process can hold at a time), so a
+    /// restart after a crash re-takes the stream without waiting for the
+    /// lease and fences the previous incarnation.
+    pub fn effective_owner_id(&self) -> Result<String> {
+        if let Some(o) = &self.owner_id {
+            crate::remote::lease::validate_owner(o)?;
+            return Ok(o.clone());
+        }
+        let abs = std::path::absolute(&self.data_dir)
+            .map_err(|e| Error::io(&self.data_dir, "resolve data dir", e))?;
+        let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(200)
+            .collect();
+        let host = if host.is_empty() { "host".into() } else { host };
+        let hash = crc32fast::hash(abs.as_os_str().as_encoded_bytes());
+        let id = format!("{host}-{hash:08x}");
+        crate::remote::lease::validate_owner(&id)?;
+        Ok(id)
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    /// Manifest options from the config (retries follow the upload's).
+    pub fn manifest_options(&self) -> crate::remote::manifest::ManifestOptions {
+        let d = crate::remote::manifest::ManifestOptions::default();
+        crate::remote::manifest::ManifestOptions {
+            allow_unconditional_store: self.allow_unconditional_store,
+            retry: crate::upload::retry::RetryPolicy {
+                max_attempts: self.max_attempts,
+                request_timeout: Duration::from_millis(self.request_timeout_ms),
+                ..d.retry.clone()
+            },
+            ..d
+        }
     }
 
     /// The store URL, defaulting to a directory next to the data directory.
@@ -179,5 +254,33 @@ mod tests {
         assert!(Config::from_toml("stream = \"../etc\"").is_err());
         let text = toml::to_string(&Config::default()).unwrap();
         assert!(Config::from_toml(&text).is_ok());
+    }
+
+    #[test]
+    fn manifest_keys_default_off_and_validated() {
+        let c = Config::from_toml("").unwrap();
+        assert!(!c.manifest);
+        assert_eq!(c.lease_ttl_ms, 30_000);
+        assert!(!c.allow_unconditional_store);
+        assert!(c.owner_id.is_none());
+        let c =
+            Config::from_toml("manifest = true\nowner_id = \"broker-7\"\nlease_ttl_ms = 5000\n")
+                .unwrap();
+        assert!(c.manifest);
+        assert_eq!(c.effective_owner_id().unwrap(), "broker-7");
+        assert!(Config::from_toml("owner_id = \"has space\"").is_err());
+        assert!(Config::from_toml("owner_id = \"\"").is_err());
+        assert!(Config::from_toml("lease_ttl_ms = 10").is_err());
+        let a = Config {
+            data_dir: "/tmp/a".into(),
+            ..Config::default()
+        };
+        let b = Config {
+            data_dir: "/tmp/b".into(),
+            ..Config::default()
+        };
+        let ida = a.effective_owner_id().unwrap();
+        assert_eq!(ida, a.effective_owner_id().unwrap());
+        assert_ne!(ida, b.effective_owner_id().unwrap());
     }
 }

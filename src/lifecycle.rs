@@ -27,6 +27,10 @@ pub const EXIT_NEEDS_OPERATOR: i32 = 4;
 /// A second signal arrived during the drain: exited at once; pending work
 /// resumes at the next start.
 pub const EXIT_FORCED: i32 = 5;
+/// Another owner took the stream's manifest (a newer epoch): this process
+/// stopped writing to the store. Segments it had not committed stay
+/// `Verified` in its journal with their local files; an operator decides.
+pub const EXIT_FENCED: i32 = 6;
 
 /// Opt-in SIGTERM/SIGINT handling (see the module docs).
 pub struct ShutdownSignals {

@@ -6,12 +6,19 @@
 //! 3. recover segments (torn tails, quarantine, leftover seals) with ids
 //!    continuing above the journal's highest,
 //! 4. journal sealed files the journal does not know yet,
-//! 5. build the store and start the background worker, which journals new
-//!    seals, rolls aged segments, and drives uploads.
+//! 5. with `manifest = true`: probe the store (conditional creates decide
+//!    whether the manifest may be managed at all) and take ownership of the
+//!    stream's manifest (refused while another owner's lease is live),
+//! 6. build the store and start the background worker, which journals new
+//!    seals, rolls aged segments, and drives uploads; with a manifest, a
+//!    second task renews the lease every third of its TTL.
 //!
 //! Shutdown order: stop the worker (it returns at once); refuse appends; seal the active segment
 //! even if not full; drain uploads oldest first until done or the deadline;
+//! with a manifest and nothing pending, release the lease (best effort);
 //! write the clean-shutdown marker only if nothing is pending; report.
+//! A fence (another owner took the stream) stops all store writes at once
+//! and is reported in [`ShutdownReport::fenced`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,8 +33,10 @@ use crate::error::{Error, Result};
 use crate::index::IndexWriter;
 use crate::journal::{Journal, JournalOptions, ReplayReport, SegmentState};
 use crate::metrics::Metrics;
-use crate::pipeline::{DrainReport, JournalHandle, Scheduler, Shared};
+use crate::pipeline::{DrainReport, JournalHandle, ManifestHandle, Scheduler, Shared};
 use crate::remote::RemoteStore;
+use crate::remote::lease::{Clock, SystemClock};
+use crate::remote::manifest::ManifestStore;
 use crate::segment::active::Lookup;
 use crate::segment::sealed::fsync_dir;
 use crate::segment::{Entry, TimeRange, now_ms};
@@ -55,12 +64,19 @@ pub struct ShutdownReport {
     pub drain: DrainReport,
     pub clean_marker_written: bool,
     pub error: Option<String>,
+    /// Set when another owner took the stream's manifest (a newer epoch):
+    /// this process stopped writing to the store; segments not in the
+    /// manifest stay `Verified` locally, with their files.
+    pub fenced: Option<String>,
     pub elapsed_ms: u64,
 }
 
 impl ShutdownReport {
     pub fn fully_drained(&self) -> bool {
-        self.error.is_none() && self.drain.pending.is_empty() && self.drain.quarantined.is_empty()
+        self.error.is_none()
+            && self.fenced.is_none()
+            && self.drain.pending.is_empty()
+            && self.drain.quarantined.is_empty()
     }
 }
 
@@ -74,6 +90,8 @@ pub struct Status {
     pub pending_bytes: u64,
     pub oldest_pending_age_ms: Option<u64>,
     pub poisoned: Option<String>,
+    /// Another owner took the stream's manifest; uploads stopped.
+    pub fenced: Option<String>,
 }
 
 /// The embedded index + uploader.
@@ -86,6 +104,7 @@ pub struct TierIndex {
     worker: Option<tokio::task::JoinHandle<(Scheduler, Option<ProbeTask>)>>,
     notify: Arc<Notify>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    lease_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Open the store named by the config.
@@ -107,11 +126,22 @@ impl TierIndex {
         cfg: Config,
         store: RemoteStore,
     ) -> Result<(TierIndex, OpenReport)> {
+        Self::open_with_store_and_clock(cfg, store, Arc::new(SystemClock)).await
+    }
+
+    /// As [`open_with_store`](Self::open_with_store) with the clock the
+    /// manifest lease is measured with (tests model a paused owner or clock
+    /// skew with a [`crate::remote::lease::ManualClock`]).
+    pub async fn open_with_store_and_clock(
+        cfg: Config,
+        store: RemoteStore,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(TierIndex, OpenReport)> {
         cfg.validate()?;
         // A bad part size for this store is a configuration error: refuse
         // to start rather than retry every upload until the deadline.
         cfg.upload_config().validate(&store)?;
-        let (sh, report) = open_shared(&cfg, store).await?;
+        let (sh, report) = open_shared_with_clock(&cfg, store, clock).await?;
         let notify = Arc::new(Notify::new());
         // The writer's seal notifications wake the worker.
         {
@@ -121,7 +151,8 @@ impl TierIndex {
         }
         // Learn whether creates are conditional in the background: start-up
         // must not wait on the store (uploads assume the worst until then).
-        let probe = cfg.probe_store.then(|| {
+        // With a manifest the probe already ran at open (it had to).
+        let probe = (cfg.probe_store && sh.manifest.is_none()).then(|| {
             let sh = sh.clone();
             tokio::spawn(async move {
                 if let Some(note) = sh.probe_store().await {
@@ -130,6 +161,10 @@ impl TierIndex {
             })
         });
         let (stop, stop_rx) = watch::channel(false);
+        let lease_task = sh
+            .manifest
+            .as_ref()
+            .map(|m| tokio::spawn(lease_renewer(sh.clone(), m.ttl / 3, stop_rx.clone())));
         let worker = tokio::spawn(worker(
             sh.clone(),
             probe,
@@ -156,6 +191,7 @@ impl TierIndex {
                 worker: Some(worker),
                 notify,
                 metrics_task,
+                lease_task,
             },
             report,
         ))
@@ -201,6 +237,8 @@ impl TierIndex {
         st.active_segment = w.active_id().map(|i| i.0);
         st.active_items = w.active_len();
         st.poisoned = w.poisoned();
+        drop(w);
+        st.fenced = self.sh().fenced.get().cloned();
         st
     }
 
@@ -277,6 +315,14 @@ impl TierIndex {
         let drain = sched.drain(until).await;
         sh.metrics.last_drain_ms.set(drain.elapsed_ms);
         drop(sched);
+        // The renewal task stops at the stop signal (a renewal in progress
+        // finishes, within what is left of the deadline).
+        if let Some(mut t) = self.lease_task.take()
+            && tokio::time::timeout_at(until.into(), &mut t).await.is_err()
+        {
+            t.abort();
+            let _ = t.await;
+        }
         if let Some(mut p) = probe {
             // Let a running probe finish its clean-up of `_probe/` with what
             // is left of the deadline (at most 2 s), rather than leave its
@@ -286,13 +332,32 @@ impl TierIndex {
                 p.abort();
             }
         }
+        let fenced = sh.fenced.get().cloned();
+        if let Some(why) = &fenced {
+            error.get_or_insert_with(|| {
+                format!("fenced: {why}; this process stopped writing to the store")
+            });
+        }
         let mut report = ShutdownReport {
             sealed_at_shutdown,
             drain,
             clean_marker_written: false,
             error,
+            fenced,
             elapsed_ms: 0,
         };
+        if sh.manifest.is_some() && report.fully_drained() {
+            // Hand the stream over without making the next owner wait for
+            // the lease. Best effort: a lease left behind just expires.
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left.max(Duration::from_millis(100)), sh.release_lease())
+                .await
+            {
+                Ok(Ok(())) => tracing::info!("manifest lease released"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "releasing the manifest lease failed"),
+                Err(_) => tracing::warn!("releasing the manifest lease timed out"),
+            }
+        }
         if report.fully_drained() {
             match write_clean_marker(&self.data_dir) {
                 Ok(()) => report.clean_marker_written = true,
@@ -332,6 +397,59 @@ impl TierIndex {
 /// Open data directory, journal, writer; reconcile; no background tasks.
 /// Shared by [`TierIndex`] and the standalone `drain`.
 pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared>, OpenReport)> {
+    open_shared_with_clock(cfg, store, Arc::new(SystemClock)).await
+}
+
+/// Probe the store and take the stream's manifest for this owner.
+/// Returns the writer and whether creates are conditional.
+async fn take_manifest(
+    cfg: &Config,
+    store: &RemoteStore,
+    clock: Arc<dyn Clock>,
+) -> Result<(ManifestHandle, bool)> {
+    let owner = cfg.effective_owner_id()?;
+    let caps = if cfg.probe_store {
+        let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 2;
+        match tokio::time::timeout(limit, crate::remote::probe::probe(store)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(Error::RemoteRetryable(format!(
+                    "manifest = true needs the store capability probe, which failed: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(Error::RemoteRetryable(
+                    "manifest = true needs the store capability probe, which timed out".into(),
+                ));
+            }
+        }
+    } else {
+        // Not probed: assume the worst (creates not conditional), which
+        // the manifest refuses unless allow_unconditional_store.
+        tracing::warn!("probe_store = false: assuming the store ignores conditional creates");
+        crate::remote::probe::Capabilities::default()
+    };
+    let ms =
+        ManifestStore::with_capabilities(store, &cfg.stream, cfg.manifest_options(), &caps, clock)?;
+    let writer = ms.take_ownership(&owner, cfg.lease_ttl()).await?;
+    tracing::info!(
+        owner,
+        epoch = writer.epoch(),
+        stream = cfg.stream,
+        "took ownership of the stream's manifest"
+    );
+    Ok((
+        ManifestHandle::new(writer, cfg.lease_ttl()),
+        caps.conditional_create,
+    ))
+}
+
+/// As [`open_shared`] with the clock of the manifest lease.
+pub async fn open_shared_with_clock(
+    cfg: &Config,
+    store: RemoteStore,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<Shared>, OpenReport)> {
     let dd = DataDir::open(&cfg.data_dir)?;
     let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let previous_shutdown_clean = marker.exists();
@@ -351,6 +469,15 @@ pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared
         .max_segment_id()
         .map(|m| crate::segment::SegmentId(m.0 + 1));
     let (writer, seg_report) = IndexWriter::open(dd, cfg.index_config(), min_next, None)?;
+    // Only after the data directory is locked: taking the stream bumps the
+    // epoch, which fences whoever holds it (with the default owner id, the
+    // previous incarnation of this data directory).
+    let (manifest, trust_create) = if cfg.manifest {
+        let (m, trust) = take_manifest(cfg, &store, clock).await?;
+        (Some(m), trust)
+    } else {
+        (None, false)
+    };
     let metrics = Arc::new(Metrics::default());
     let sh = Arc::new(Shared {
         seg_dir: writer.segments_dir().to_path_buf(),
@@ -359,10 +486,12 @@ pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared
         store,
         stream: cfg.stream.clone(),
         upload: cfg.upload_config(),
-        trust_create: std::sync::atomic::AtomicBool::new(false),
+        trust_create: std::sync::atomic::AtomicBool::new(trust_create),
         release_after_commit: cfg.release_after_commit,
         max_in_flight: cfg.max_uploads_in_flight,
         metrics,
+        manifest,
+        fenced: std::sync::OnceLock::new(),
     });
     // Seals finished during recovery are already among the writer's sealed
     // segments; journal every sealed file the journal lacks in one id-ordered
@@ -433,6 +562,27 @@ fn update_gauges(sh: &Shared) {
         .set(st.oldest_pending_age_ms.unwrap_or(0));
 }
 
+/// Renews the manifest lease every `every` until told to stop or fenced.
+/// A failed renewal is retried at the next interval (the lease lasts three);
+/// a fence is recorded in `Shared` by `renew_lease` and ends the task.
+async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let every = every.max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        match sh.renew_lease().await {
+            Ok(()) => {}
+            Err(Error::Fenced(_)) => return,
+            Err(e) => tracing::warn!(error = %e, "renewing the manifest lease failed; retrying"),
+        }
+    }
+}
+
 /// The background capability probe, if still running.
 type ProbeTask = tokio::task::JoinHandle<()>;
 
@@ -495,6 +645,9 @@ impl Drop for TierIndex {
             w.abort();
         }
         if let Some(t) = self.metrics_task.take() {
+            t.abort();
+        }
+        if let Some(t) = self.lease_task.take() {
             t.abort();
         }
     }

@@ -11,7 +11,9 @@ use clap::Args;
 
 use crate::cli::{Cli, emit};
 use crate::error::Result;
-use crate::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals};
+use crate::lifecycle::{
+    EXIT_DRAINED, EXIT_FENCED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals,
+};
 use crate::tier::{ShutdownReport, TierIndex};
 
 #[derive(Args, Debug)]
@@ -105,11 +107,43 @@ pub fn print_report(json: bool, r: &ShutdownReport) -> i32 {
         }
         s
     });
-    if !r.drain.quarantined.is_empty() {
+    if let Some(why) = &r.fenced {
+        eprintln!(
+            "tierindex: FENCED: another owner took the stream's manifest ({why}); \
+             uploads stopped, uncommitted segments stay Verified with their local files"
+        );
+        EXIT_FENCED
+    } else if !r.drain.quarantined.is_empty() {
         EXIT_NEEDS_OPERATOR
     } else if r.fully_drained() {
         EXIT_DRAINED
     } else {
         EXIT_PENDING
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::DrainReport;
+
+    fn report(fenced: Option<&str>) -> ShutdownReport {
+        ShutdownReport {
+            sealed_at_shutdown: 0,
+            drain: DrainReport::default(),
+            clean_marker_written: fenced.is_none(),
+            error: fenced.map(|f| format!("fenced: {f}")),
+            fenced: fenced.map(str::to_string),
+            elapsed_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_fence_exits_with_its_own_code() {
+        assert_eq!(print_report(true, &report(None)), EXIT_DRAINED);
+        assert_eq!(
+            print_report(true, &report(Some("epoch 2 (owner \"b\")"))),
+            EXIT_FENCED
+        );
     }
 }

@@ -9,7 +9,7 @@
 //! | Sealed      | journal `Uploading{attempt+1}`, PUT (create-only) → `Uploaded`       |
 //! | Uploading   | abort a journaled multipart id; compare the key: ours → `Uploaded`, missing → PUT again, other bytes → delete them and PUT again (local copy intact) or `Quarantined` (no intact local copy) |
 //! | Uploaded    | verify (read back) → `Verified`; mismatch → delete our bad object, `Uploading` again (bounded) |
-//! | Verified    | → `Committed` (the manifest step of a later version goes here)      |
+//! | Verified    | with `manifest = true`: add the segment's entry to the stream's manifest (already listed is fine); then → `Committed`. Fenced: stop (stays `Verified`) |
 //! | Committed   | release the local copy if the policy says so → `Released`          |
 //!
 //! A local file that vanished is not fatal while the remote object can still
@@ -24,6 +24,7 @@ use object_store::path::Path as ObjPath;
 use crate::error::{Error, Result};
 use crate::journal::{Record, SegmentRecord, SegmentState};
 use crate::pipeline::Shared;
+use crate::remote::manifest::SegmentEntry;
 use crate::segment::SegmentId;
 use crate::segment::sealed::sealed_file_name;
 use crate::upload::{self, PutOutcome, RemoteMatch, UploadHooks};
@@ -111,6 +112,8 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
     let _enter = span.enter();
     let mut verify_failures = 0u32;
     loop {
+        // Fenced: another owner took the stream; write nothing more.
+        sh.check_fenced()?;
         let rec = record(sh, id)?;
         let key = ObjPath::from(
             rec.key
@@ -306,6 +309,17 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 }
             }
             SegmentState::Verified => {
+                // With a manifest, the segment is committed once the
+                // manifest lists it; the journal's Committed follows. A
+                // crash in between resumes here: the manifest answers
+                // AlreadyCommitted and the journal catches up. Fenced: the
+                // error goes up, the segment stays Verified, its local copy
+                // stays.
+                if sh.manifest.is_some() {
+                    let mut entry = SegmentEntry::new(&sh.store, &sh.stream, &rec.meta)?;
+                    entry.key = key.to_string();
+                    sh.commit_to_manifest(entry).await?;
+                }
                 crate::failpoint::crash("commit");
                 sh.journal.append(vec![Record::Committed { id }]).await?;
                 sh.metrics.segments_committed.inc();

@@ -18,7 +18,7 @@ pub mod drive;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -29,6 +29,7 @@ use crate::index::IndexWriter;
 use crate::journal::{Record, SegmentState};
 use crate::metrics::Metrics;
 use crate::remote::RemoteStore;
+use crate::remote::manifest::{ManifestWriter, SegmentEntry};
 use crate::segment::{SealedMeta, SegmentId};
 use crate::upload::UploadConfig;
 
@@ -49,9 +50,103 @@ pub struct Shared {
     pub release_after_commit: bool,
     pub max_in_flight: usize,
     pub metrics: Arc<Metrics>,
+    /// The stream's manifest writer when `manifest = true` (see
+    /// [`ManifestHandle`]); `None`: the journal alone records commits.
+    pub manifest: Option<ManifestHandle>,
+    /// Set once the manifest said another owner took the stream: from then
+    /// on this process writes nothing more to the store (no uploads, no
+    /// manifest versions) and releases no local copies.
+    pub fenced: OnceLock<String>,
+}
+
+/// The manifest writer shared by the drives and the lease renewal.
+pub struct ManifestHandle {
+    /// `None` once released at shutdown.
+    pub writer: tokio::sync::Mutex<Option<ManifestWriter>>,
+    pub ttl: Duration,
+    pub owner: String,
+}
+
+impl ManifestHandle {
+    pub fn new(writer: ManifestWriter, ttl: Duration) -> ManifestHandle {
+        ManifestHandle {
+            owner: writer.owner().to_string(),
+            writer: tokio::sync::Mutex::new(Some(writer)),
+            ttl,
+        }
+    }
 }
 
 impl Shared {
+    /// `Error::Fenced` once this process lost the stream.
+    pub fn check_fenced(&self) -> Result<()> {
+        match self.fenced.get() {
+            Some(why) => Err(Error::Fenced(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Record a fence (the first reason wins) and return the error to pass on.
+    pub fn note_fenced(&self, why: String) -> Error {
+        if self.fenced.set(why.clone()).is_ok() {
+            tracing::error!(reason = %why, "fenced: another owner took the stream; uploads stop");
+        }
+        Error::Fenced(self.fenced.get().cloned().unwrap_or(why))
+    }
+
+    /// Publish `entry` in the manifest (no-op without one). Already listed
+    /// is success: a resume after a crash between this and the journal's
+    /// `Committed` commits again and moves on.
+    pub async fn commit_to_manifest(&self, entry: SegmentEntry) -> Result<()> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        self.check_fenced()?;
+        let mut guard = m.writer.lock().await;
+        let Some(w) = guard.as_mut() else {
+            return Err(Error::ShutDown);
+        };
+        match w.commit(std::slice::from_ref(&entry)).await {
+            Ok(out) => {
+                tracing::debug!(segment = entry.id.0, ?out, "manifest commit");
+                Ok(())
+            }
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Extend the lease (no-op without a manifest or once fenced).
+    pub async fn renew_lease(&self) -> Result<()> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        self.check_fenced()?;
+        let mut guard = m.writer.lock().await;
+        let Some(w) = guard.as_mut() else {
+            return Ok(());
+        };
+        match w.renew(m.ttl).await {
+            Ok(()) => Ok(()),
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Give the stream up (shutdown with nothing pending). Best effort: a
+    /// lease left behind only delays another owner until it expires.
+    pub async fn release_lease(&self) -> Result<()> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        self.check_fenced()?;
+        let w = m.writer.lock().await.take();
+        match w {
+            Some(w) => w.release().await,
+            None => Ok(()),
+        }
+    }
+
     /// The upload settings in force now (the probe may have answered).
     pub fn upload_config(&self) -> UploadConfig {
         UploadConfig {
@@ -237,6 +332,9 @@ impl Scheduler {
 
     /// Start drives for pending segments up to the in-flight bound.
     pub fn fill(&mut self) {
+        if self.sh.fenced.get().is_some() {
+            return;
+        }
         let now = Instant::now();
         for id in self.sh.pending_ids() {
             if self.in_flight.len() >= self.sh.max_in_flight.max(1) {
@@ -316,6 +414,8 @@ impl Scheduler {
                     Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
                 if matches!(e, Error::Poisoned(_)) {
                     tracing::error!(segment = id.0, error = %e, "journal poisoned; uploads stop");
+                } else if matches!(e, Error::Fenced(_)) {
+                    tracing::error!(segment = id.0, error = %e, "fenced; uploads stop");
                 } else {
                     tracing::warn!(segment = id.0, error = %e, retry_in_ms = (backoff + jitter).as_millis() as u64, "upload step failed; will retry");
                 }
@@ -335,7 +435,7 @@ impl Scheduler {
         let (done0, bytes0) = (self.done, self.bytes);
         let mut deadline_hit = false;
         loop {
-            if self.sh.journal.read().is_poisoned() {
+            if self.sh.journal.read().is_poisoned() || self.sh.fenced.get().is_some() {
                 break;
             }
             self.fill();

@@ -1,0 +1,485 @@
+//! The remote manifest in the upload pipeline (`manifest = true`), on
+//! `memory://` behind the fault-injecting wrapper.
+//!
+//! Checks are made from outside the code under test: the journal is read
+//! from its file, the manifest through a separate `ManifestStore`, the
+//! objects from the wrapped store.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::{ObjectStoreExt, PutPayload};
+use tempfile::TempDir;
+
+use tierindex::journal::{Journal, JournalOptions, Record, SegmentRecord, SegmentState};
+use tierindex::remote::RemoteStore;
+use tierindex::remote::lease::{ManualClock, SystemClock};
+use tierindex::remote::manifest::{Manifest, ManifestOptions, ManifestStore, SegmentEntry};
+use tierindex::remote::probe::Capabilities;
+use tierindex::testing::{Fault, FaultyStore, Op};
+use tierindex::{Config, Error, SegmentId, TierIndex};
+
+const PREFIX: &str = "tier";
+const STREAM: &str = "orders";
+const TS0: u64 = 1_700_000_000_000;
+const ITEMS: u32 = 50;
+
+fn config(data: PathBuf, owner: &str) -> Config {
+    Config {
+        data_dir: data,
+        stream: STREAM.into(),
+        segment_items: ITEMS,
+        slot_count: 64,
+        segment_max_age_ms: None,
+        tick_ms: 20,
+        max_attempts: 4,
+        request_timeout_ms: 2000,
+        manifest: true,
+        owner_id: Some(owner.into()),
+        // Long: no renewal happens during a test unless it wants one.
+        lease_ttl_ms: 60_000,
+        ..Config::default()
+    }
+}
+
+struct Rig {
+    tmp: TempDir,
+    fs: Arc<FaultyStore>,
+}
+
+impl Rig {
+    fn new(seed: u64) -> Rig {
+        Rig {
+            tmp: tempfile::tempdir().unwrap(),
+            fs: FaultyStore::memory(seed),
+        }
+    }
+    fn data(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+    fn remote(&self) -> RemoteStore {
+        self.fs.remote(PREFIX)
+    }
+    /// A reader of the manifest that shares nothing with the code under test.
+    fn manifest_store(&self) -> ManifestStore {
+        let caps = Capabilities {
+            conditional_create: true,
+            ..Capabilities::default()
+        };
+        ManifestStore::with_capabilities(
+            &self.remote(),
+            STREAM,
+            ManifestOptions::default(),
+            &caps,
+            Arc::new(SystemClock),
+        )
+        .unwrap()
+    }
+    async fn manifest(&self) -> (Manifest, BTreeMap<SegmentId, SegmentEntry>) {
+        let ms = self.manifest_store();
+        let m = ms.load().await.unwrap().expect("a manifest exists");
+        let all = ms.all_segments(&m).await.unwrap();
+        let n = all.len();
+        let map: BTreeMap<_, _> = all.into_iter().map(|e| (e.id, e)).collect();
+        assert_eq!(map.len(), n, "an id listed twice");
+        assert_eq!(m.segment_count, n as u64, "segment_count vs entries");
+        (m, map)
+    }
+}
+
+/// Opens, waiting (bounded) for a dropped predecessor's locks.
+async fn open(
+    cfg: &Config,
+    store: RemoteStore,
+    clock: Option<ManualClock>,
+) -> tierindex::Result<TierIndex> {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = match &clock {
+            Some(c) => {
+                TierIndex::open_with_store_and_clock(
+                    cfg.clone(),
+                    store.clone(),
+                    Arc::new(c.clone()),
+                )
+                .await
+            }
+            None => TierIndex::open_with_store(cfg.clone(), store.clone()).await,
+        };
+        match r {
+            Err(Error::Locked { .. }) if Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r.map(|(ti, _)| ti),
+        }
+    }
+}
+
+fn write(ti: &TierIndex, offsets: std::ops::Range<u64>) {
+    for o in offsets {
+        ti.append(format!("k{}", o % 7).as_bytes(), o, 100, TS0 + o)
+            .unwrap();
+    }
+    ti.flush().unwrap();
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn journal(data: &std::path::Path) -> BTreeMap<SegmentId, SegmentRecord> {
+    common::journal_view(data).segments().clone()
+}
+
+fn ids_in(j: &BTreeMap<SegmentId, SegmentRecord>, state: SegmentState) -> Vec<SegmentId> {
+    j.iter()
+        .filter(|(_, r)| r.state == state)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// Every journaled `Committed` segment is in the manifest with its key, length
+/// and CRC (which are those of the local file and of the stored object), and
+/// the manifest lists nothing else.
+async fn check_committed_match_manifest(rig: &Rig, data: &std::path::Path) -> Manifest {
+    let j = journal(data);
+    let committed: BTreeMap<SegmentId, &SegmentRecord> = j
+        .iter()
+        .filter(|(_, r)| r.state == SegmentState::Committed)
+        .map(|(id, r)| (*id, r))
+        .collect();
+    let (m, listed) = rig.manifest().await;
+    assert_eq!(
+        committed.keys().collect::<Vec<_>>(),
+        listed.keys().collect::<Vec<_>>(),
+        "journaled Committed vs manifest"
+    );
+    let remote = rig.remote();
+    for (id, r) in &committed {
+        let e = &listed[id];
+        let key = remote.segment_key(STREAM, &r.meta);
+        assert_eq!(e.key, key.to_string(), "segment {id} key");
+        assert_eq!(
+            r.key.as_deref(),
+            Some(e.key.as_str()),
+            "segment {id} journal key"
+        );
+        assert_eq!(e.file_len, r.meta.file_len, "segment {id} len");
+        assert_eq!(e.file_crc, r.meta.file_crc, "segment {id} crc");
+        assert_eq!(e.item_count, r.meta.item_count, "segment {id} items");
+        assert_eq!(
+            (e.min_offset, e.max_offset),
+            (r.meta.min_offset, r.meta.max_offset),
+            "segment {id} offsets"
+        );
+        let local = std::fs::read(common::sealed_path(data, *id)).unwrap();
+        assert_eq!(local.len() as u64, e.file_len);
+        assert_eq!(crc32fast::hash(&local), e.file_crc);
+        let stored = rig
+            .fs
+            .inner()
+            .get(&key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(
+            stored.as_ref(),
+            local.as_slice(),
+            "segment {id} object bytes"
+        );
+    }
+    m
+}
+
+/// (a) A full drain with the manifest on: journal and manifest agree
+/// exactly, each segment is committed once, and the lease is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_drain_lists_every_committed_segment_in_the_manifest() {
+    let rig = Rig::new(1);
+    let data = rig.data("a");
+    let ti = open(&config(data.clone(), "owner-a"), rig.remote(), None)
+        .await
+        .unwrap();
+    write(&ti, 0..(ITEMS as u64 * 6 + 20));
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    assert!(r.fenced.is_none());
+
+    let j = journal(&data);
+    assert_eq!(
+        j.len(),
+        7,
+        "six full segments and the one sealed at shutdown"
+    );
+    assert_eq!(ids_in(&j, SegmentState::Committed).len(), 7);
+    let counts = common::record_counts(&data, "Committed");
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    let m = check_committed_match_manifest(&rig, &data).await;
+    assert_eq!(m.epoch, 1);
+    assert!(m.lease.is_none(), "lease not released: {:?}", m.lease);
+}
+
+/// (b) A second owner is refused while the first one's lease is live; once
+/// it is expired (by the second owner's clock) the second takes over, and
+/// the first owner's next commit is fenced: that segment stays `Verified`
+/// with its local file, is not in the manifest, and nothing is uploaded
+/// afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_refused_while_leased_then_fences_the_first_owner() {
+    let rig = Rig::new(2);
+    let (data_a, data_b) = (rig.data("a"), rig.data("b"));
+    let t0 = tierindex::segment::now_ms();
+    let clock_a = ManualClock::new(t0);
+    let cfg_a = config(data_a.clone(), "owner-a");
+    let cfg_b = config(data_b.clone(), "owner-b");
+    let a = open(&cfg_a, rig.remote(), Some(clock_a.clone()))
+        .await
+        .unwrap();
+
+    // Two segments committed while A owns the stream.
+    write(&a, 0..(ITEMS as u64 * 2 - 10));
+    a.roll().unwrap();
+    wait_until(
+        "A's first segments committed",
+        Duration::from_secs(20),
+        || ids_in(&journal(&data_a), SegmentState::Committed).len() == 2,
+    )
+    .await;
+
+    // B is refused while A's lease is live (B's clock 1 s later).
+    let clock_b = ManualClock::new(t0 + 1_000);
+    match open(&cfg_b, rig.remote(), Some(clock_b.clone())).await {
+        Err(Error::Claimed(msg)) => assert!(msg.contains("owner-a"), "{msg}"),
+        Err(e) => panic!("expected Claimed, got {e}"),
+        Ok(_) => panic!("B opened while A's lease is live"),
+    }
+    // A paused owner: by B's clock A's lease has expired. B takes over.
+    clock_b.set(t0 + 61_000);
+    let b = open(&cfg_b, rig.remote(), Some(clock_b.clone()))
+        .await
+        .unwrap();
+    let (m, _) = rig.manifest().await;
+    assert_eq!(m.epoch, 2);
+    assert_eq!(m.lease.as_ref().map(|l| l.owner.as_str()), Some("owner-b"));
+
+    // A's next segment: uploaded and verified, but the commit is fenced.
+    write(&a, (ITEMS as u64 * 2 - 10)..(ITEMS as u64 * 2 + 20));
+    a.roll().unwrap();
+    wait_until("A fenced", Duration::from_secs(20), || {
+        a.status().fenced.is_some()
+    })
+    .await;
+    let j = journal(&data_a);
+    let verified = ids_in(&j, SegmentState::Verified);
+    assert_eq!(verified.len(), 1, "{j:?}");
+    let fenced_id = verified[0];
+    let fenced_key = rig.remote().segment_key(STREAM, &j[&fenced_id].meta);
+
+    // After the fence, nothing more goes to the store: a new segment stays
+    // Sealed and is not uploaded.
+    write(&a, (ITEMS as u64 * 2 + 20)..(ITEMS as u64 * 2 + 40));
+    a.roll().unwrap();
+    wait_until(
+        "the post-fence segment journaled",
+        Duration::from_secs(10),
+        || journal(&data_a).len() == 4,
+    )
+    .await;
+    let r = a.shutdown(Duration::from_secs(5)).await;
+    assert!(!r.fully_drained());
+    assert!(!r.clean_marker_written);
+    let why = r.fenced.clone().expect("shutdown reports the fence");
+    assert!(why.contains("owner-b"), "{why}");
+    assert!(
+        r.error.as_deref().is_some_and(|e| e.contains("fenced")),
+        "{r:?}"
+    );
+
+    let j = journal(&data_a);
+    assert_eq!(ids_in(&j, SegmentState::Committed).len(), 2, "{j:?}");
+    assert_eq!(ids_in(&j, SegmentState::Verified), vec![fenced_id]);
+    let after: Vec<SegmentId> = j.keys().copied().filter(|id| *id > fenced_id).collect();
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        j[&after[0]].state,
+        SegmentState::Sealed,
+        "uploaded after the fence"
+    );
+    assert_eq!(
+        common::record_counts(&data_a, "Committed").get(&fenced_id),
+        None
+    );
+    for id in j.keys() {
+        assert!(
+            common::sealed_path(&data_a, *id).exists(),
+            "local copy of {id} removed"
+        );
+    }
+    let post_key = rig.remote().segment_key(STREAM, &j[&after[0]].meta);
+    assert!(
+        rig.fs.inner().head(&post_key).await.is_err(),
+        "segment written after the fence"
+    );
+    assert!(rig.fs.inner().head(&fenced_key).await.is_ok());
+
+    // The manifest: A's two committed segments, not the fenced one; B
+    // still owns it (A released nothing).
+    let m = check_committed_match_manifest(&rig, &data_a).await;
+    assert_eq!(m.epoch, 2);
+    assert_eq!(m.lease.as_ref().map(|l| l.owner.as_str()), Some("owner-b"));
+
+    let rb = b.shutdown(Duration::from_secs(10)).await;
+    assert!(rb.fully_drained(), "{rb:?}");
+    let (m, _) = rig.manifest().await;
+    assert!(m.lease.is_none(), "B released its lease");
+}
+
+/// (c) A crash after the manifest commit but before the journal's
+/// `Committed`: the journal says `Verified`, the manifest already lists the
+/// segment. The resume commits again (already listed), journals
+/// `Committed`, and no entry is duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_manifest_commit_and_journal_resumes_without_duplicates() {
+    let rig = Rig::new(3);
+    let data = rig.data("a");
+    let cfg = config(data.clone(), "owner-a");
+    // Three sealed segments, none uploaded (the store refuses everything).
+    {
+        rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+        let sealing = Config {
+            manifest: false,
+            probe_store: false,
+            ..cfg.clone()
+        };
+        let ti = open(&sealing, rig.remote(), None).await.unwrap();
+        write(&ti, 0..(ITEMS as u64 * 2 + 20));
+        let r = ti.shutdown(Duration::from_millis(500)).await;
+        assert!(!r.fully_drained());
+        rig.fs.heal();
+    }
+    // Play the crashed process for the first two: upload, journal up to
+    // Verified, commit to the manifest as the same owner, crash.
+    let crashed: Vec<SegmentId> = {
+        let until = Instant::now() + Duration::from_secs(15);
+        let mut j = loop {
+            match Journal::open(&data, JournalOptions::default()) {
+                Ok((j, _)) => break j,
+                Err(Error::Locked { .. }) if Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("journal: {e}"),
+            }
+        };
+        let recs: Vec<SegmentRecord> = j.segments().values().cloned().collect();
+        assert_eq!(recs.len(), 3);
+        assert!(
+            recs.iter()
+                .all(|r| matches!(r.state, SegmentState::Sealed | SegmentState::Uploading)),
+            "{recs:?}"
+        );
+        let ms = rig.manifest_store();
+        let mut w = ms
+            .take_ownership("owner-a", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut entries = Vec::new();
+        for r in &recs[..2] {
+            let key = rig.remote().segment_key(STREAM, &r.meta);
+            let bytes = std::fs::read(common::sealed_path(&data, r.meta.id)).unwrap();
+            rig.fs
+                .inner()
+                .put(&key, PutPayload::from(bytes))
+                .await
+                .unwrap();
+            j.append(&[
+                Record::Uploading {
+                    id: r.meta.id,
+                    attempt: r.attempt + 1,
+                    key: key.to_string(),
+                    multipart_id: None,
+                },
+                Record::Uploaded {
+                    id: r.meta.id,
+                    etag: None,
+                    version: None,
+                },
+                Record::Verified { id: r.meta.id },
+            ])
+            .unwrap();
+            entries.push(SegmentEntry::new(&rig.remote(), STREAM, &r.meta).unwrap());
+        }
+        w.commit(&entries).await.unwrap();
+        // Crash: neither the journal's Committed nor a lease release.
+        drop(w);
+        drop(j);
+        recs[..2].iter().map(|r| r.meta.id).collect()
+    };
+    let before = rig.manifest().await.0;
+    assert_eq!(before.segment_count, 2);
+    let uploading_before = common::record_counts(&data, "Uploading");
+
+    // Restart with the manifest on: the same owner re-takes at once.
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+
+    let j = journal(&data);
+    assert_eq!(ids_in(&j, SegmentState::Committed).len(), 3, "{j:?}");
+    let counts = common::record_counts(&data, "Committed");
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    for id in &crashed {
+        assert_eq!(
+            common::record_counts(&data, "Uploading").get(id),
+            uploading_before.get(id),
+            "segment {id} uploaded again"
+        );
+    }
+    let m = check_committed_match_manifest(&rig, &data).await;
+    assert_eq!(m.segment_count, 3);
+    assert_eq!(m.epoch, 2, "the restart took a new epoch");
+    assert!(m.lease.is_none());
+}
+
+/// A store that ignores conditional creates is refused (with the reason)
+/// unless `allow_unconditional_store`; nothing changes with the manifest off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconditional_store_refused_unless_allowed() {
+    let rig = Rig::new(4);
+    rig.fs.ignore_conditionals(true);
+    let cfg = config(rig.data("a"), "owner-a");
+    match open(&cfg, rig.remote(), None).await {
+        Err(e) => assert!(e.to_string().contains("conditional creates"), "{e}"),
+        Ok(_) => panic!("opened on a store without conditional creates"),
+    }
+    assert!(rig.manifest_store().load().await.unwrap().is_none());
+    let allowed = Config {
+        allow_unconditional_store: true,
+        ..cfg.clone()
+    };
+    let ti = open(&allowed, rig.remote(), None).await.unwrap();
+    write(&ti, 0..30);
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    assert_eq!(rig.manifest().await.1.len(), 1);
+
+    // Manifest off: no manifest objects at all.
+    let rig = Rig::new(5);
+    let off = Config {
+        manifest: false,
+        ..config(rig.data("a"), "owner-a")
+    };
+    let ti = open(&off, rig.remote(), None).await.unwrap();
+    write(&ti, 0..30);
+    assert!(ti.shutdown(Duration::from_secs(20)).await.fully_drained());
+    assert!(rig.manifest_store().load().await.unwrap().is_none());
+}
