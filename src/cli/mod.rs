@@ -78,10 +78,40 @@ pub enum Command {
         #[arg(long, default_value_t = u64::MAX)]
         to: u64,
     },
+    /// The stream's remote manifest owner: epoch, lease, committed count;
+    /// take (fences the current owner once its lease has expired) or
+    /// release ownership.
+    Owner {
+        #[command(subcommand)]
+        action: Option<OwnerAction>,
+    },
     /// Probe a store: conditional writes, multipart, range GET, metadata.
     StoreCheck {
         /// Store URL (default: --store / the config's store).
         url: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum OwnerAction {
+    /// Show the manifest's epoch, version, lease and committed segments
+    /// (the default).
+    Show,
+    /// Take ownership: epoch + 1, a lease for --ttl-ms. Refused while
+    /// another owner's lease is live. Fences the previous owner.
+    Take {
+        /// Owner id (default: the config's `owner_id`, else host + data dir).
+        #[arg(long)]
+        owner_id: Option<String>,
+        /// Lease length in ms (default: the config's `lease_ttl_ms`).
+        #[arg(long)]
+        ttl_ms: Option<u64>,
+    },
+    /// Release ownership held by --owner-id (refused if someone else holds
+    /// a live lease).
+    Release {
+        #[arg(long)]
+        owner_id: Option<String>,
     },
 }
 
@@ -191,6 +221,9 @@ async fn run(cli: &Cli) -> Result<i32> {
         Command::Lookup { key, from, to } => {
             cli.require_data_dir()?;
             local::lookup(cli, key, *from, *to)
+        }
+        Command::Owner { action } => {
+            remote::owner(cli, action.clone().unwrap_or(OwnerAction::Show)).await
         }
         Command::StoreCheck { url } => remote::store_check(cli, url.as_deref()).await,
     }

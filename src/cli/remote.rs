@@ -1,8 +1,8 @@
-//! Commands that talk to the store: `verify`, `store-check`.
+//! Commands that talk to the store: `verify`, `owner`, `store-check`.
 
 use serde::Serialize;
 
-use crate::cli::{Cli, emit};
+use crate::cli::{Cli, OwnerAction, emit};
 use crate::error::{Error, Result};
 use crate::journal::{Journal, SegmentState};
 use crate::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR};
@@ -100,7 +100,7 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
             c.metadata
         );
         if !o.fenced_multi_writer_safe {
-            s.push_str("\n  WARNING: this store does not honour conditional writes: uploads read every object back to prove it is ours; it cannot fence a second writer (multi-writer fencing, when it lands, will refuse this store)");
+            s.push_str("\n  WARNING: this store does not honour conditional writes: uploads read every object back to prove it is ours; it cannot fence a second writer (the manifest refuses this store unless allow_unconditional_store is set)");
         }
         for n in &c.notes {
             s.push_str(&format!("\n  note: {n}"));
@@ -112,5 +112,89 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
             "store does not serve range GETs correctly".into(),
         ));
     }
+    Ok(EXIT_DRAINED)
+}
+
+#[derive(Serialize)]
+struct OwnerOut {
+    store: String,
+    stream: String,
+    action: &'static str,
+    /// No manifest yet for this stream.
+    manifest: bool,
+    version: u64,
+    epoch: u64,
+    owner: Option<String>,
+    lease_expires_ms: Option<u64>,
+    lease_live: bool,
+    committed_segments: u64,
+}
+
+/// `tierindex owner [show|take|release]`: the stream's manifest ownership.
+pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
+    use crate::remote::manifest::{ManifestOptions, ManifestStore};
+    let cfg = cli.config()?;
+    let store = open_store(&cfg)?;
+    let opts = ManifestOptions {
+        allow_unconditional_store: cfg.allow_unconditional_store,
+        ..ManifestOptions::default()
+    };
+    let ms = ManifestStore::open(&store, &cfg.stream, opts).await?;
+    let owner_id = |o: &Option<String>| match o {
+        Some(o) => Ok(o.clone()),
+        None => cfg.effective_owner_id(),
+    };
+    let name = match &action {
+        OwnerAction::Show => "show",
+        OwnerAction::Take {
+            owner_id: o,
+            ttl_ms,
+        } => {
+            let ttl = std::time::Duration::from_millis(ttl_ms.unwrap_or(cfg.lease_ttl_ms));
+            ms.take_ownership(&owner_id(o)?, ttl).await?;
+            "take"
+        }
+        OwnerAction::Release { owner_id: o } => {
+            // Re-take as the holder (always allowed for the same id), then
+            // give the lease up.
+            let w = ms
+                .take_ownership(&owner_id(o)?, std::time::Duration::from_secs(60))
+                .await?;
+            w.release().await?;
+            "release"
+        }
+    };
+    let m = ms.load().await?;
+    let now = ms.now_ms();
+    let lease = m.as_ref().and_then(|m| m.lease.clone());
+    let out = OwnerOut {
+        store: store.display_url().to_string(),
+        stream: cfg.stream.clone(),
+        action: name,
+        manifest: m.is_some(),
+        version: m.as_ref().map_or(0, |m| m.version),
+        epoch: m.as_ref().map_or(0, |m| m.epoch),
+        owner: lease.as_ref().map(|l| l.owner.clone()),
+        lease_expires_ms: lease.as_ref().map(|l| l.expires_ms),
+        lease_live: lease.as_ref().is_some_and(|l| l.is_live(now)),
+        committed_segments: m.as_ref().map_or(0, |m| m.segment_count),
+    };
+    emit(cli.json, &out, |o| {
+        if !o.manifest {
+            return format!("{} stream {}: no manifest yet", o.store, o.stream);
+        }
+        let lease = match (&o.owner, o.lease_expires_ms) {
+            (Some(w), Some(exp)) => format!(
+                "owner {w:?}, lease {} ({})",
+                if o.lease_live { "live" } else { "expired" },
+                crate::remote::lease::describe_time(exp, now)
+            ),
+            _ => "no owner (released)".to_string(),
+        };
+        format!(
+            "{} stream {}: manifest version {}, epoch {}, {lease}, {} committed segment(s)",
+            o.store, o.stream, o.version, o.epoch, o.committed_segments
+        )
+    });
     Ok(EXIT_DRAINED)
 }

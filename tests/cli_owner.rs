@@ -1,0 +1,74 @@
+//! `tierindex owner show|take|release` against the embedded `file://` store.
+
+use std::process::{Command, Output};
+
+fn run(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .env("TIERINDEX_DATA_DIR", dir.join("data"))
+        .env(
+            "TIERINDEX_STORE",
+            format!("file://{}", dir.join("store").display()),
+        )
+        .env_remove("TIERINDEX_CONFIG")
+        .env_remove("TIERINDEX_STREAM")
+        .args(args)
+        .output()
+        .expect("run tierindex")
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("json output")
+}
+
+#[test]
+fn owner_take_is_exclusive_until_released() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("data")).unwrap();
+    std::fs::create_dir_all(d.path().join("store")).unwrap();
+
+    let v = json(&run(d.path(), &["--json", "owner"]));
+    assert_eq!(v["manifest"], false);
+
+    let v = json(&run(
+        d.path(),
+        &[
+            "--json",
+            "owner",
+            "take",
+            "--owner-id",
+            "a",
+            "--ttl-ms",
+            "600000",
+        ],
+    ));
+    assert_eq!(
+        (v["epoch"].as_u64(), v["owner"].as_str()),
+        (Some(1), Some("a"))
+    );
+    assert_eq!(v["lease_live"], true);
+
+    // b is refused while a's lease is live, and told who holds it.
+    let o = run(d.path(), &["owner", "take", "--owner-id", "b"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("\"a\""), "{err}");
+    let v = json(&run(d.path(), &["--json", "owner", "show"]));
+    assert_eq!(
+        (v["epoch"].as_u64(), v["owner"].as_str()),
+        (Some(1), Some("a"))
+    );
+
+    // a releases; b takes with a new epoch.
+    let v = json(&run(
+        d.path(),
+        &["--json", "owner", "release", "--owner-id", "a"],
+    ));
+    assert_eq!(v["owner"], serde_json::Value::Null);
+    let v = json(&run(
+        d.path(),
+        &["--json", "owner", "take", "--owner-id", "b"],
+    ));
+    assert_eq!(v["owner"], "b");
+    assert!(v["epoch"].as_u64().unwrap() > 1, "{v}");
+}
