@@ -35,6 +35,7 @@ use crate::journal::{Journal, JournalOptions, ReplayReport, SegmentState};
 use crate::metrics::Metrics;
 use crate::pipeline::{DrainReport, JournalHandle, ManifestHandle, Scheduler, Shared};
 use crate::remote::RemoteStore;
+use crate::remote::fetch::{Fetcher, RemoteSegment};
 use crate::remote::lease::{Clock, SystemClock};
 use crate::remote::manifest::ManifestStore;
 use crate::segment::active::Lookup;
@@ -105,6 +106,29 @@ pub struct TierIndex {
     notify: Arc<Notify>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     lease_task: Option<tokio::task::JoinHandle<()>>,
+    /// Remote reads for [`TierIndex::lookup_remote`], made on first use.
+    fetcher: std::sync::OnceLock<Fetcher>,
+}
+
+/// Index bytes (footers and slot directories) a `TierIndex` caches for
+/// remote lookups.
+pub const REMOTE_INDEX_CACHE_BYTES: usize = 64 << 20;
+
+/// What [`TierIndex::lookup_remote`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RemoteLookup {
+    /// Entries from remote segments whose local copy was released (oldest
+    /// segment first; released segments are older than the local ones),
+    /// then the local entries (as [`TierIndex::lookup`]).
+    pub entries: Vec<Entry>,
+    /// The local chain walk stopped at its bound.
+    pub truncated: bool,
+    /// Remote segments that were candidates (committed, not held locally).
+    pub remote_segments: usize,
+    /// Remote segments that could not be read, with why (a corrupt or
+    /// missing object under a committed key is reported here, loudly, and
+    /// never hides the other segments' entries).
+    pub unreadable: Vec<(u64, String)>,
 }
 
 /// Open the store named by the config.
@@ -192,6 +216,7 @@ impl TierIndex {
                 notify,
                 metrics_task,
                 lease_task,
+                fetcher: std::sync::OnceLock::new(),
             },
             report,
         ))
@@ -229,6 +254,83 @@ impl TierIndex {
     /// Local lookup (active, sealing and sealed segments held locally).
     pub fn lookup(&self, key: &[u8], range: TimeRange) -> Lookup {
         self.writer().lookup(key, range)
+    }
+
+    /// Entries for `key` within `range` in local segments and in the
+    /// committed remote segments whose local copy was released.
+    ///
+    /// The remote candidates are the manifest's list when `manifest = true`
+    /// (only committed objects are read: a partial upload is never seen),
+    /// else the journal's `Released` records (compaction drops those, so
+    /// without the manifest older released segments are not found). Each
+    /// candidate whose time range can match costs one range GET once its
+    /// index is cached ([`crate::remote::fetch`]).
+    pub async fn lookup_remote(&self, key: &[u8], range: TimeRange) -> Result<RemoteLookup> {
+        let h = crate::key_hash(key);
+        let (local, held) = {
+            let w = self.writer();
+            (w.lookup_hash(h, range), w.sealed_ids())
+        };
+        let held: std::collections::BTreeSet<_> = held.into_iter().collect();
+        let sh = self.sh().clone();
+        let committed: Vec<RemoteSegment> = match &sh.manifest {
+            Some(m) => {
+                let (ms, manifest) = {
+                    let g = m.writer.lock().await;
+                    match g.as_ref() {
+                        Some(w) => (w.store().clone(), w.manifest().clone()),
+                        None => return Err(Error::ShutDown),
+                    }
+                };
+                let mut v = Vec::new();
+                for e in ms.all_segments(&manifest).await? {
+                    v.push(RemoteSegment::from_entry(&e)?);
+                }
+                v
+            }
+            None => {
+                let j = sh.journal.read();
+                j.segments()
+                    .values()
+                    .filter(|r| r.state == SegmentState::Released)
+                    .map(|r| RemoteSegment {
+                        key: match &r.key {
+                            Some(k) => object_store::path::Path::from(k.as_str()),
+                            None => sh.store.segment_key(&sh.stream, &r.meta),
+                        },
+                        meta: r.meta.clone(),
+                    })
+                    .collect()
+            }
+        };
+        let remote: Vec<RemoteSegment> = committed
+            .into_iter()
+            .filter(|s| !held.contains(&s.meta.id))
+            .collect();
+        let fetcher = self.fetcher.get_or_init(|| {
+            Fetcher::new(
+                sh.store.clone(),
+                sh.upload.retry_policy(),
+                REMOTE_INDEX_CACHE_BYTES,
+            )
+        });
+        let mut out = RemoteLookup {
+            entries: Vec::new(),
+            truncated: local.truncated,
+            remote_segments: remote.len(),
+            unreadable: Vec::new(),
+        };
+        for seg in &remote {
+            match fetcher.lookup_in(seg, h, range).await {
+                Ok(es) => out.entries.extend(es),
+                Err(e) => {
+                    tracing::error!(segment = seg.meta.id.0, key = %seg.key, error = %e, "remote segment unreadable");
+                    out.unreadable.push((seg.meta.id.0, e.to_string()));
+                }
+            }
+        }
+        out.entries.extend(local.entries);
+        Ok(out)
     }
 
     pub fn status(&self) -> Status {
