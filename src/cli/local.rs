@@ -233,7 +233,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     })
 }
 
-pub fn lookup(cli: &Cli, key: &str, from: u64, to: u64) -> Result<i32> {
+pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> Result<i32> {
     let cfg = cli.config()?;
     let seg_dir = cfg.data_dir.join(datadir::SEGMENTS_DIR);
     let range = TimeRange {
@@ -269,6 +269,17 @@ pub fn lookup(cli: &Cli, key: &str, from: u64, to: u64) -> Result<i32> {
             }
         }
     }
+    let mut remote_segments = 0usize;
+    let mut remote_unreadable = 0usize;
+    if remote {
+        let held: std::collections::BTreeSet<u64> = names_held(&seg_dir);
+        let (segs, hits, bad) = crate::cli::remote::remote_hits(&cfg, h, range, &held).await?;
+        remote_segments = segs;
+        remote_unreadable = bad.len();
+        found.extend(hits);
+        skipped.extend(bad);
+        found.sort_by_key(|(seg, e)| (*seg, e.offset));
+    }
     #[derive(Serialize)]
     struct Hit {
         segment: u64,
@@ -282,6 +293,8 @@ pub fn lookup(cli: &Cli, key: &str, from: u64, to: u64) -> Result<i32> {
         key_hash: String,
         hits: Vec<Hit>,
         skipped: Vec<String>,
+        /// Remote segments searched (`--remote`).
+        remote_segments: usize,
     }
     let out = Out {
         key: key.into(),
@@ -296,6 +309,7 @@ pub fn lookup(cli: &Cli, key: &str, from: u64, to: u64) -> Result<i32> {
             })
             .collect(),
         skipped,
+        remote_segments,
     };
     emit(cli.json, &out, |o| {
         let mut s = format!(
@@ -304,6 +318,12 @@ pub fn lookup(cli: &Cli, key: &str, from: u64, to: u64) -> Result<i32> {
             o.key,
             o.key_hash
         );
+        if remote {
+            s.push_str(&format!(
+                ", {} remote segment(s) searched",
+                o.remote_segments
+            ));
+        }
         for h in &o.hits {
             s.push_str(&format!(
                 "\n  segment {:020} offset {} size {} ts {}",
@@ -315,5 +335,26 @@ pub fn lookup(cli: &Cli, key: &str, from: u64, to: u64) -> Result<i32> {
         }
         s
     });
-    Ok(EXIT_DRAINED)
+    Ok(if remote_unreadable > 0 {
+        crate::lifecycle::EXIT_NEEDS_OPERATOR
+    } else {
+        EXIT_DRAINED
+    })
+}
+
+/// Ids of the segment files (sealed or active) in `seg_dir`.
+fn names_held(seg_dir: &Path) -> std::collections::BTreeSet<u64> {
+    std::fs::read_dir(seg_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let stem = n
+                        .strip_suffix(".seg")
+                        .or_else(|| n.strip_suffix(".active"))?;
+                    stem.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }

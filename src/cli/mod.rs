@@ -67,7 +67,7 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Find entries for KEY in local segments.
+    /// Find entries for KEY in local segments (and remote ones with --remote).
     Lookup {
         /// The message key (bytes of the string).
         key: String,
@@ -77,6 +77,11 @@ pub enum Command {
         /// Latest timestamp, ms since the epoch (inclusive).
         #[arg(long, default_value_t = u64::MAX)]
         to: u64,
+        /// Also search committed remote segments not held locally (the
+        /// manifest's list with `manifest = true`, else the journal's
+        /// released segments), by range GETs.
+        #[arg(long)]
+        remote: bool,
     },
     /// The stream's remote manifest owner: epoch, lease, committed count;
     /// take (fences the current owner once its lease has expired) or
@@ -218,9 +223,14 @@ async fn run(cli: &Cli) -> Result<i32> {
             cli.require_data_dir()?;
             local::fsck(cli, *repair)
         }
-        Command::Lookup { key, from, to } => {
+        Command::Lookup {
+            key,
+            from,
+            to,
+            remote,
+        } => {
             cli.require_data_dir()?;
-            local::lookup(cli, key, *from, *to)
+            local::lookup(cli, key, *from, *to, *remote).await
         }
         Command::Owner { action } => {
             remote::owner(cli, action.clone().unwrap_or(OwnerAction::Show)).await

@@ -198,3 +198,71 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
     });
     Ok(EXIT_DRAINED)
 }
+
+/// `lookup --remote`: entries for `key_hash` in the committed remote
+/// segments not held in `held` (ids of local files). Candidates: the
+/// manifest's list with `manifest = true` (read only: no ownership taken),
+/// else the journal's `Released` records. Returns (candidates, hits as
+/// (segment, entry), unreadable segments with why).
+pub(crate) async fn remote_hits(
+    cfg: &crate::config::Config,
+    key_hash: u64,
+    range: crate::segment::TimeRange,
+    held: &std::collections::BTreeSet<u64>,
+) -> Result<(usize, Vec<(u64, crate::segment::Entry)>, Vec<String>)> {
+    use crate::remote::fetch::{Fetcher, RemoteSegment};
+    let store = open_store(cfg)?;
+    let segs: Vec<RemoteSegment> = if cfg.manifest {
+        let opts = crate::remote::manifest::ManifestOptions {
+            allow_unconditional_store: cfg.allow_unconditional_store,
+            ..Default::default()
+        };
+        let ms = crate::remote::manifest::ManifestStore::open(&store, &cfg.stream, opts).await?;
+        match ms.load().await? {
+            Some(m) => ms
+                .all_segments(&m)
+                .await?
+                .iter()
+                .map(RemoteSegment::from_entry)
+                .collect::<Result<_>>()?,
+            None => Vec::new(),
+        }
+    } else {
+        let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+        view.segments()
+            .values()
+            .filter(|r| r.state == SegmentState::Released)
+            .map(|r| {
+                Ok(RemoteSegment {
+                    key: match &r.key {
+                        Some(k) => object_store::path::Path::from(k.as_str()),
+                        None => store.try_segment_key(&cfg.stream, &r.meta)?,
+                    },
+                    meta: r.meta.clone(),
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let segs: Vec<RemoteSegment> = segs
+        .into_iter()
+        .filter(|s| !held.contains(&s.meta.id.0))
+        .collect();
+    let policy = crate::upload::retry::RetryPolicy {
+        max_attempts: cfg.max_attempts.max(1),
+        backoff_base: std::time::Duration::from_millis(100),
+        backoff_max: std::time::Duration::from_secs(5),
+        request_timeout: std::time::Duration::from_millis(cfg.request_timeout_ms.max(1)),
+    };
+    let f = Fetcher::new(store, policy, 64 << 20);
+    let (mut hits, mut bad) = (Vec::new(), Vec::new());
+    for s in &segs {
+        match f.lookup_in(s, key_hash, range).await {
+            Ok(es) => hits.extend(es.into_iter().map(|e| (s.meta.id.0, e))),
+            Err(e) => bad.push(format!(
+                "remote segment {:020} ({}): {e}",
+                s.meta.id.0, s.key
+            )),
+        }
+    }
+    Ok((segs.len(), hits, bad))
+}
