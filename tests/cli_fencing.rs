@@ -1,0 +1,112 @@
+//! The recovery tool against a stream another owner now holds: a broker
+//! (owner "a") ran and stopped; a new owner ("b") took the stream. Running
+//! `tierindex drain` or `demo` on a's data directory must be refused while
+//! b's lease is live, naming b, and publish nothing: both never publish.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(cfg: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("TIERINDEX_DATA_DIR")
+        .env_remove("TIERINDEX_STORE")
+        .env_remove("TIERINDEX_STREAM")
+        .output()
+        .expect("run tierindex")
+}
+
+fn owner(cfg: &Path) -> serde_json::Value {
+    let o = run(cfg, &["--json", "owner"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn recovery_tool_is_refused_while_a_new_owner_holds_the_stream() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let cfg = d.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nstore = \"file://{}\"\nmanifest = true\nowner_id = \"a\"\n\
+             lease_ttl_ms = 60000\n",
+            d.path().join("data-a").display().to_string(),
+            store.display()
+        ),
+    )
+    .unwrap();
+    let demo = [
+        "demo",
+        "--segment-items",
+        "300",
+        "--slots",
+        "64",
+        "--entries",
+        "1000",
+        "--rate",
+        "100000",
+        "--keys",
+        "16",
+    ];
+    let o = run(&cfg, &demo);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let before = owner(&cfg);
+    assert_eq!(
+        before["owner"],
+        serde_json::Value::Null,
+        "a released its lease: {before}"
+    );
+    let committed = before["committed_segments"].as_u64().unwrap();
+    assert!(committed >= 3, "{before}");
+
+    // b takes the stream (a's lease was released at a's clean shutdown).
+    let o = run(
+        &cfg,
+        &[
+            "--json",
+            "owner",
+            "take",
+            "--owner-id",
+            "b",
+            "--ttl-ms",
+            "600000",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let held = owner(&cfg);
+    assert_eq!(held["owner"], "b");
+
+    // a's recovery tool and a's broker are refused, naming b.
+    for args in [&["drain", "--deadline", "5s"][..], &demo[..]] {
+        let o = run(&cfg, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{args:?} ran: {err}");
+        assert!(err.contains("\"b\""), "{args:?}: {err}");
+    }
+    // Nothing was published by a: same version, epoch, owner, entries.
+    let after = owner(&cfg);
+    assert_eq!(
+        (
+            &after["version"],
+            &after["epoch"],
+            &after["owner"],
+            &after["committed_segments"]
+        ),
+        (
+            &held["version"],
+            &held["epoch"],
+            &held["owner"],
+            &held["committed_segments"]
+        )
+    );
+}
