@@ -567,19 +567,31 @@ pub async fn open_shared_with_clock(
             ..JournalOptions::default()
         },
     )?;
-    let min_next = journal
-        .max_segment_id()
-        .map(|m| crate::segment::SegmentId(m.0 + 1));
-    let (writer, seg_report) = IndexWriter::open(dd, cfg.index_config(), min_next, None)?;
-    // Only after the data directory is locked: taking the stream bumps the
-    // epoch, which fences whoever holds it (with the default owner id, the
-    // previous incarnation of this data directory).
+    // Only after the data directory is locked (`dd`): taking the stream
+    // bumps the epoch, which fences whoever holds it (with the default owner
+    // id, the previous incarnation of this data directory). Before the
+    // writer opens: new segment ids continue above every id the manifest
+    // lists, so a new owner on another data directory never reuses one.
     let (manifest, trust_create) = if cfg.manifest {
         let (m, trust) = take_manifest(cfg, &store, clock).await?;
         (Some(m), trust)
     } else {
         (None, false)
     };
+    let manifest_max = match &manifest {
+        Some(m) => m
+            .writer
+            .lock()
+            .await
+            .as_ref()
+            .and_then(|w| w.manifest().max_segment_id()),
+        None => None,
+    };
+    let min_next = journal
+        .max_segment_id()
+        .max(manifest_max)
+        .map(|m| crate::segment::SegmentId(m.0 + 1));
+    let (writer, seg_report) = IndexWriter::open(dd, cfg.index_config(), min_next, None)?;
     let metrics = Arc::new(Metrics::default());
     let sh = Arc::new(Shared {
         seg_dir: writer.segments_dir().to_path_buf(),

@@ -110,3 +110,63 @@ fn recovery_tool_is_refused_while_a_new_owner_holds_the_stream() {
         )
     );
 }
+
+/// A new owner on a fresh data directory continues segment ids above every
+/// id the manifest lists: its segments commit next to the old owner's
+/// instead of colliding with them (which retried forever).
+#[test]
+fn a_new_owner_on_a_fresh_data_directory_continues_the_ids() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let cfg = |who: &str| {
+        let p = d.path().join(format!("{who}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "data_dir = {:?}\nstore = \"file://{}\"\nmanifest = true\nowner_id = {who:?}\n\
+                 shutdown_deadline_ms = 20000\n",
+                d.path().join(format!("data-{who}")).display().to_string(),
+                store.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (a, b) = (cfg("a"), cfg("b"));
+    let demo = [
+        "demo",
+        "--segment-items",
+        "300",
+        "--slots",
+        "64",
+        "--entries",
+        "1000",
+        "--rate",
+        "100000",
+        "--keys",
+        "16",
+    ];
+    let o = run(&a, &demo);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let after_a = owner(&a)["committed_segments"].as_u64().unwrap();
+    let o = run(&b, &demo);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "b's demo did not drain: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let after_b = owner(&b)["committed_segments"].as_u64().unwrap();
+    assert!(after_a >= 3, "{after_a}");
+    assert_eq!(
+        after_b,
+        2 * after_a,
+        "a's {after_a} and b's segments, all listed"
+    );
+}

@@ -180,6 +180,13 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The highest segment id listed (inline or in a chunk).
+    pub fn max_segment_id(&self) -> Option<SegmentId> {
+        let inline = self.segments.last().map(|e| e.id);
+        let chunked = self.chunks.iter().map(|c| c.last_id).max();
+        inline.max(chunked)
+    }
+
     /// The inline entry with `id`, if any (chunks are not searched).
     pub fn inline(&self, id: SegmentId) -> Option<&SegmentEntry> {
         self.segments
