@@ -93,7 +93,7 @@ impl Default for ReconcileOptions {
 }
 
 /// What kind of disagreement a finding is.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FindingKind {
     /// A journal segment at Verified or later has no object under its key.
@@ -816,5 +816,176 @@ async fn delete(store: &RemoteStore, cfg: &Config, key: &Path) -> Result<()> {
     {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(classify(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{JournalOptions, Record};
+    use crate::remote::StoreOptions;
+    use crate::segment::Entry;
+    use crate::segment::sealed::{build_sealed, write_sealed_file};
+    use object_store::PutPayload;
+
+    const STREAM: &str = "s";
+
+    fn sealed(id: u64) -> (Vec<u8>, SealedMeta) {
+        let entries: Vec<Entry> = (0..20)
+            .map(|i| Entry {
+                key_hash: i % 5,
+                offset: id * 100 + i,
+                size: 10,
+                timestamp_ms: 1_000 + id * 100 + i,
+            })
+            .collect();
+        build_sealed(SegmentId(id), 1, 2, 8, &entries).unwrap()
+    }
+
+    async fn put(store: &RemoteStore, key: &Path, bytes: &[u8]) {
+        store
+            .object_store()
+            .put(key, PutPayload::from(bytes.to_vec()))
+            .await
+            .unwrap();
+    }
+
+    /// Journal: 2 and 3 Committed, 4 only Uploading (all with objects).
+    /// Store: also segment 1 (unknown to the journal, below its highest
+    /// id), a second object of 3 under another CRC, and garbage under id 9.
+    async fn rig(manifest: bool) -> (tempfile::TempDir, Config, RemoteStore) {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let seg_dir = data.join(datadir::SEGMENTS_DIR);
+        std::fs::create_dir_all(&seg_dir).unwrap();
+        let store = RemoteStore::from_url("memory://p", &StoreOptions::default()).unwrap();
+        let (mut j, _) = Journal::open(&data, JournalOptions::default()).unwrap();
+        for id in 2..=4u64 {
+            let (bytes, meta) = sealed(id);
+            write_sealed_file(&seg_dir, SegmentId(id), &bytes).unwrap();
+            let key = store.segment_key(STREAM, &meta);
+            put(&store, &key, &bytes).await;
+            let sid = SegmentId(id);
+            let mut recs = vec![
+                Record::Sealed { meta },
+                Record::Uploading {
+                    id: sid,
+                    attempt: 1,
+                    key: key.to_string(),
+                    multipart_id: None,
+                },
+            ];
+            if id < 4 {
+                recs.extend([
+                    Record::Uploaded {
+                        id: sid,
+                        etag: None,
+                        version: None,
+                    },
+                    Record::Verified { id: sid },
+                    Record::Committed { id: sid },
+                ]);
+            }
+            j.append(&recs).unwrap();
+        }
+        drop(j);
+        let (bytes, meta) = sealed(1);
+        put(&store, &store.segment_key(STREAM, &meta), &bytes).await;
+        let stale = Path::from(format!("p/{STREAM}/segments/{:020}-00000001.seg", 3));
+        put(&store, &stale, b"an older seal of 3").await;
+        let junk = Path::from(format!("p/{STREAM}/segments/{:020}-00000009.seg", 9));
+        put(&store, &junk, &[7u8; 300]).await;
+        let cfg = Config {
+            data_dir: data,
+            stream: STREAM.into(),
+            manifest,
+            owner_id: Some("rec".into()),
+            ..Config::default()
+        };
+        (tmp, cfg, store)
+    }
+
+    fn opts(repair: bool, grace: Duration) -> ReconcileOptions {
+        ReconcileOptions {
+            repair,
+            grace,
+            deep: false,
+        }
+    }
+
+    fn by_segment(r: &ReconcileReport) -> BTreeMap<(u64, FindingKind), &Finding> {
+        r.findings
+            .iter()
+            .map(|f| ((f.segment.unwrap_or(0), f.kind), f))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn without_a_manifest_possibly_compacted_ids_are_kept() {
+        let (_tmp, cfg, store) = rig(false).await;
+        let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
+            .await
+            .unwrap();
+        let f = by_segment(&r);
+        assert_eq!(r.findings.len(), 3, "{:#?}", r.findings);
+        // 1: at or below the journal's highest id, absent from it: kept.
+        let one = f[&(1, FindingKind::Orphan)];
+        assert!(one.informational && !one.repaired, "{one:?}");
+        assert!(one.action.contains("compacted"), "{one:?}");
+        // The other seal of 3 and the id the journal never reached: deleted.
+        assert!(f[&(3, FindingKind::Orphan)].repaired);
+        assert!(f[&(9, FindingKind::Orphan)].repaired);
+        assert!(!r.needs_operator());
+        let left: Vec<String> = store
+            .object_store()
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 4, "{left:?}"); // 1, 2, 3, 4
+        assert!(!left.iter().any(|k| k.ends_with("00000001.seg")));
+    }
+
+    #[tokio::test]
+    async fn rebuild_leaves_out_pending_superseded_and_unusable_objects() {
+        let (_tmp, cfg, store) = rig(true).await;
+        let r = reconcile(&cfg, &store, &opts(true, Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let f = by_segment(&r);
+        assert!(
+            f[&(0, FindingKind::ManifestLost)].repaired,
+            "{:#?}",
+            r.findings
+        );
+        let bad = f[&(9, FindingKind::UnusableObject)];
+        assert!(bad.unresolved() && bad.detail.contains("footer"), "{bad:?}");
+        // Young: kept even with repair.
+        assert!(f[&(9, FindingKind::Orphan)].informational);
+        assert!(f[&(3, FindingKind::Orphan)].informational);
+        assert!(r.needs_operator());
+        let ms = ManifestStore::with_capabilities(
+            &store,
+            STREAM,
+            cfg.manifest_options(),
+            &Capabilities {
+                conditional_create: true,
+                ..Capabilities::default()
+            },
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        let ids: Vec<u64> = ms
+            .all_segments(&m)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id.0)
+            .collect();
+        // 1 (unknown to the journal, footer fine) and the committed 2 and 3;
+        // not 4 (only Uploading), not the other seal of 3, not the garbage.
+        assert_eq!(ids, vec![1, 2, 3]);
     }
 }
