@@ -19,6 +19,7 @@
 //! - [`tier`]: [`TierIndex`], the embedding API (open, append, flush,
 //!   lookup, status, shutdown).
 //! - [`lifecycle`]: exit codes and the opt-in signal helper.
+//! - [`recovery`]: the reconciler (journal vs manifest vs bucket listing).
 //! - [`config`], [`metrics`], [`error`].
 //!
 //! ## Data flow
@@ -44,6 +45,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod metrics;
 pub mod pipeline;
+pub mod recovery;
 pub mod remote;
 pub mod segment;
 #[doc(hidden)]

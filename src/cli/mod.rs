@@ -90,6 +90,21 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<OwnerAction>,
     },
+    /// Compare the journal, the remote manifest and a LIST of the stream's
+    /// segment objects; report every disagreement (exit 4 when something is
+    /// lost or left unrepaired). --repair re-uploads from local copies,
+    /// restores the manifest and deletes old orphans.
+    Reconcile {
+        /// Repair what can be repaired (the broker must be down).
+        #[arg(long)]
+        repair: bool,
+        /// Orphans younger than this many ms are kept (default 1 h).
+        #[arg(long, default_value_t = 3_600_000)]
+        grace_ms: u64,
+        /// Also read every journaled object back in full (CRC check).
+        #[arg(long)]
+        deep: bool,
+    },
     /// Probe a store: conditional writes, multipart, range GET, metadata.
     StoreCheck {
         /// Store URL (default: --store / the config's store).
@@ -234,6 +249,14 @@ async fn run(cli: &Cli) -> Result<i32> {
         }
         Command::Owner { action } => {
             remote::owner(cli, action.clone().unwrap_or(OwnerAction::Show)).await
+        }
+        Command::Reconcile {
+            repair,
+            grace_ms,
+            deep,
+        } => {
+            cli.require_data_dir()?;
+            remote::reconcile(cli, *repair, *grace_ms, *deep).await
         }
         Command::StoreCheck { url } => remote::store_check(cli, url.as_deref()).await,
     }

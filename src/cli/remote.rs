@@ -1,4 +1,5 @@
-//! Commands that talk to the store: `verify`, `owner`, `store-check`.
+//! Commands that talk to the store: `verify`, `owner`, `reconcile`,
+//! `store-check`.
 
 use serde::Serialize;
 
@@ -265,4 +266,68 @@ pub(crate) async fn remote_hits(
         }
     }
     Ok((segs.len(), hits, bad))
+}
+
+/// `tierindex reconcile [--repair] [--grace-ms MS] [--deep]`: journal vs
+/// manifest vs the bucket listing (`recovery::reconcile`).
+pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Result<i32> {
+    use crate::recovery::reconcile::{ReconcileOptions, reconcile};
+    let cfg = cli.config()?;
+    let store = open_store(&cfg)?;
+    let opts = ReconcileOptions {
+        repair,
+        grace: std::time::Duration::from_millis(grace_ms),
+        deep,
+    };
+    let report = reconcile(&cfg, &store, &opts).await?;
+    emit(cli.json, &report, |r| {
+        let mut s = String::new();
+        for f in &r.findings {
+            let seg = f
+                .segment
+                .map(|id| format!(" segment {id:020}"))
+                .unwrap_or_default();
+            let tag = if f.lost {
+                "LOST "
+            } else if f.informational {
+                "note "
+            } else if f.repaired {
+                "fixed "
+            } else {
+                ""
+            };
+            s.push_str(&format!(
+                "{tag}{}:{seg} {}: {} -> {}\n",
+                f.kind.describe(),
+                f.key,
+                f.detail,
+                f.action
+            ));
+        }
+        s.push_str(&format!("multipart uploads: {}\n", r.multipart_uploads));
+        s.push_str(&format!(
+            "{} stream {}: {} journal segment(s), {} object(s) listed, manifest {}; \
+             {} finding(s), {} repaired, {} unresolved, {} lost{}",
+            r.store,
+            r.stream,
+            r.journal_segments,
+            r.listed_objects,
+            if r.manifest_present {
+                format!("with {} entr(ies)", r.manifest_segments)
+            } else {
+                "absent".to_string()
+            },
+            r.findings_total,
+            r.repaired,
+            r.unresolved,
+            r.lost,
+            if r.repair { "" } else { " (report only)" }
+        ));
+        s
+    });
+    Ok(if report.needs_operator() {
+        EXIT_NEEDS_OPERATOR
+    } else {
+        EXIT_DRAINED
+    })
 }

@@ -1,0 +1,991 @@
+//! The reconciler: three views of one stream compared, every disagreement
+//! reported, and (with `repair`) the safe ones repaired.
+//!
+//! The views:
+//! - the local journal, read-only ([`Journal::open_read_only`]);
+//! - the remote manifest, when one exists (read without a probe; a repair
+//!   write goes through [`ManifestStore::open`], which probes and refuses a
+//!   store without conditional creates unless the config allows it);
+//! - a LIST of `{prefix}/{stream}/segments/`.
+//!
+//! ## Rules (also in `docs/format/remote-layout.md`)
+//! 1. A journal segment at `Verified`/`Committed`/`Released` whose object is
+//!    missing, has another size than the recorded `file_len`, or (`deep`)
+//!    fails a full read-back CRC check: re-uploaded from the local sealed
+//!    file when that file still has the recorded length and CRC (a wrong
+//!    object under the key is deleted first: the key names the CRC of the
+//!    only bytes that belong there). Without such a local copy it is LOST;
+//!    nothing is deleted to get past it.
+//! 2. With a manifest: a journal `Committed`/`Released` segment the manifest
+//!    lacks is committed (when `cfg.manifest`, and only when its object is
+//!    in place); a manifest entry whose object is not listed is repaired as
+//!    in 1 when the journal holds its local copy, else LOST.
+//! 3. No manifest, segment objects listed and `cfg.manifest`: the manifest
+//!    is rebuilt from the listing, each object's footer (ranged GET of the
+//!    last [`FOOTER_LEN`] bytes) checked against its key and size. Objects
+//!    the journal knows as not committed (pending, quarantined, or another
+//!    CRC for the id) are left out.
+//!
+//!    Manifest writes (2 and 3) take ownership as the config's owner; a
+//!    live lease of another owner stops the repair (`Claimed`): the
+//!    reconciler never fences a live broker. A repair run also holds the
+//!    data directory's lock, so this data directory's own broker is down.
+//! 4. Objects that parse as this stream's segment keys but are in neither
+//!    the journal nor the manifest are orphans, deleted only when older than
+//!    the grace period. Without a manifest, an unreferenced id at or below
+//!    the journal's highest id may be a `Released` segment whose record
+//!    compaction dropped: kept. Anything under the prefix that does not
+//!    parse is foreign and never deleted.
+//! 5. Stale multipart uploads cannot be listed through `object_store`:
+//!    reported as not checked ([`MULTIPART_NOT_CHECKED`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStoreExt};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::datadir::{self, DataDir};
+use crate::error::{Error, Result};
+use crate::journal::{self, Journal, SegmentRecord, SegmentState};
+use crate::remote::lease::SystemClock;
+use crate::remote::manifest::{CommitOutcome, ManifestStore, SegmentEntry};
+use crate::remote::probe::Capabilities;
+use crate::remote::{RemoteStore, classify, keys};
+use crate::segment::format::{FOOTER_LEN, Footer};
+use crate::segment::sealed::sealed_file_name;
+use crate::segment::{SealedMeta, SegmentId};
+use crate::upload::retry::with_retries;
+use crate::upload::{self, NoHooks, VerifyLevel};
+
+/// What the report says about stale multipart uploads.
+pub const MULTIPART_NOT_CHECKED: &str = "not checked (the store API cannot list multipart \
+     uploads; journaled ids are aborted on resume)";
+
+/// Default age an orphan must reach before `repair` deletes it.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+
+/// What to do besides reporting.
+#[derive(Clone, Debug)]
+pub struct ReconcileOptions {
+    /// Repair what can be repaired (re-upload, commit, rebuild, delete old
+    /// orphans). Off: report only, nothing is written.
+    pub repair: bool,
+    /// Orphans younger than this are kept (an upload may be in flight).
+    pub grace: Duration,
+    /// Also read every journal-listed object back in full (CRC check).
+    pub deep: bool,
+}
+
+impl Default for ReconcileOptions {
+    fn default() -> Self {
+        ReconcileOptions {
+            repair: false,
+            grace: DEFAULT_GRACE,
+            deep: false,
+        }
+    }
+}
+
+/// What kind of disagreement a finding is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// A journal segment at Verified or later has no object under its key.
+    ObjectMissing,
+    /// Its object's size differs from the recorded `file_len`.
+    SizeMismatch,
+    /// (`deep`) Its object's bytes fail the full read-back check.
+    ContentMismatch,
+    /// The manifest lacks a journal Committed/Released segment.
+    ManifestLostEntries,
+    /// The manifest lists an object the listing lacks.
+    ManifestListsMissingObject,
+    /// No manifest, though segment objects exist and `manifest = true`.
+    ManifestLost,
+    /// A listed object left out of a rebuilt manifest (footer unreadable or
+    /// disagreeing with its key, its size or the journal).
+    UnusableObject,
+    /// One of our segment keys, in neither the journal nor the manifest.
+    Orphan,
+    /// An object under the segments prefix that is not one of our keys.
+    Foreign,
+}
+
+impl FindingKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            FindingKind::ObjectMissing => "object missing",
+            FindingKind::SizeMismatch => "object size differs",
+            FindingKind::ContentMismatch => "object content differs",
+            FindingKind::ManifestLostEntries => "manifest lost entries",
+            FindingKind::ManifestListsMissingObject => "manifest lists a missing object",
+            FindingKind::ManifestLost => "manifest lost",
+            FindingKind::UnusableObject => "unusable object",
+            FindingKind::Orphan => "orphan",
+            FindingKind::Foreign => "foreign",
+        }
+    }
+}
+
+/// One disagreement and what was done about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    /// Segment id, when the finding is about one segment.
+    pub segment: Option<u64>,
+    /// Object key (or the manifest folder for [`FindingKind::ManifestLost`]).
+    pub key: String,
+    pub detail: String,
+    /// The action taken, or "none ..." with the reason.
+    pub action: String,
+    /// The action fixed it.
+    pub repaired: bool,
+    /// No copy is left anywhere to repair from.
+    pub lost: bool,
+    /// Nothing is wrong that an operator must act on (foreign objects,
+    /// young orphans, unreferenced ids kept for safety).
+    pub informational: bool,
+}
+
+impl Finding {
+    fn new(kind: FindingKind, segment: Option<SegmentId>, key: &str, detail: String) -> Finding {
+        Finding {
+            kind,
+            segment: segment.map(|s| s.0),
+            key: key.to_string(),
+            detail,
+            action: "none".into(),
+            repaired: false,
+            lost: false,
+            informational: false,
+        }
+    }
+
+    /// Left for an operator: not repaired and not merely informational.
+    pub fn unresolved(&self) -> bool {
+        !self.repaired && !self.informational
+    }
+}
+
+/// Everything a reconcile run found and did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReconcileReport {
+    pub store: String,
+    pub stream: String,
+    pub repair: bool,
+    pub deep: bool,
+    pub grace_ms: u64,
+    /// Segments in the journal (any state).
+    pub journal_segments: usize,
+    /// Objects listed under the segments prefix.
+    pub listed_objects: usize,
+    /// A manifest existed when the run started.
+    pub manifest_present: bool,
+    /// Entries in that manifest.
+    pub manifest_segments: usize,
+    /// `findings.len()`.
+    pub findings_total: usize,
+    pub repaired: usize,
+    /// Findings left for an operator (lost ones included).
+    pub unresolved: usize,
+    pub lost: usize,
+    /// Stale multipart uploads: [`MULTIPART_NOT_CHECKED`].
+    pub multipart_uploads: String,
+    pub findings: Vec<Finding>,
+}
+
+impl ReconcileReport {
+    /// Something is lost or left unrepaired.
+    pub fn needs_operator(&self) -> bool {
+        self.unresolved > 0
+    }
+}
+
+/// One listed object that parses as this stream's segment key.
+#[derive(Clone, Debug)]
+struct Listed {
+    key: Path,
+    id: SegmentId,
+    crc: u32,
+    size: u64,
+    modified_ms: u64,
+}
+
+/// Runs the reconciler for `cfg.stream` of `cfg.data_dir` against `store`.
+/// Errors only when a view cannot be read at all (no journal, the LIST or
+/// the manifest read fails); everything else is a finding.
+pub async fn reconcile(
+    cfg: &Config,
+    store: &RemoteStore,
+    opts: &ReconcileOptions,
+) -> Result<ReconcileReport> {
+    cfg.validate()?;
+    let stream = cfg.stream.as_str();
+    let log = journal::log_path(&cfg.data_dir);
+    if !log.exists() {
+        return Err(Error::InvalidInput(format!(
+            "no journal at {}: not a data directory",
+            log.display()
+        )));
+    }
+    // A repair re-uploads local files and writes the manifest as this data
+    // directory's owner: its broker must be down (Error::Locked otherwise).
+    let _lock = if opts.repair {
+        Some(DataDir::open(&cfg.data_dir)?)
+    } else {
+        None
+    };
+    let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+    let seg_dir = cfg.data_dir.join(datadir::SEGMENTS_DIR);
+
+    // The listing.
+    let prefix = store.segments_prefix(stream)?;
+    let listed = list(store, cfg, &prefix).await?;
+    let listed_objects = listed.len();
+    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut ours: BTreeMap<String, Listed> = BTreeMap::new();
+    let mut foreign: Vec<ObjectMeta> = Vec::new();
+    for m in listed {
+        sizes.insert(m.location.to_string(), m.size);
+        match keys::parse_segment_key(store.prefix(), &m.location) {
+            Some((s, id, crc)) if s == stream => {
+                let modified_ms = u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(0);
+                ours.insert(
+                    m.location.to_string(),
+                    Listed {
+                        key: m.location.clone(),
+                        id,
+                        crc,
+                        size: m.size,
+                        modified_ms,
+                    },
+                );
+            }
+            _ => foreign.push(m),
+        }
+    }
+
+    // The manifest, read only (no probe: reads do not depend on it).
+    let read_caps = Capabilities {
+        conditional_create: true,
+        ..Capabilities::default()
+    };
+    let ms_read = ManifestStore::with_capabilities(
+        store,
+        stream,
+        cfg.manifest_options(),
+        &read_caps,
+        Arc::new(SystemClock),
+    )?;
+    let manifest = ms_read.load().await?;
+    let mut m_entries: BTreeMap<SegmentId, SegmentEntry> = BTreeMap::new();
+    if let Some(m) = &manifest {
+        for e in ms_read.all_segments(m).await? {
+            m_entries.insert(e.id, e);
+        }
+    }
+    let manifest_present = manifest.is_some();
+    let manifest_segments = m_entries.len();
+
+    let mut findings: Vec<Finding> = Vec::new();
+    // Keys already checked (rule 1), and keys whose object is known wrong
+    // and was not repaired.
+    let mut checked: BTreeSet<String> = BTreeSet::new();
+    let mut bad: BTreeSet<String> = BTreeSet::new();
+
+    // 1. Journal segments at Verified or later.
+    for r in view.segments().values() {
+        if !matches!(
+            r.state,
+            SegmentState::Verified | SegmentState::Committed | SegmentState::Released
+        ) {
+            continue;
+        }
+        let key = record_key(store, stream, r)?;
+        let k = key.to_string();
+        checked.insert(k.clone());
+        let Some((kind, detail)) = check_object(store, &key, &r.meta, &sizes, opts.deep).await?
+        else {
+            continue;
+        };
+        let present = sizes.contains_key(&k);
+        let f = repair_object(
+            store, cfg, opts, &seg_dir, kind, &key, &r.meta, present, detail,
+        )
+        .await;
+        if f.repaired {
+            sizes.insert(k, r.meta.file_len);
+        } else {
+            bad.insert(k);
+        }
+        findings.push(f);
+    }
+
+    // 2 and 3. The manifest. Entries to commit, with the indexes of the
+    // findings the commit resolves.
+    let mut to_commit: Vec<SegmentEntry> = Vec::new();
+    let mut commit_findings: Vec<usize> = Vec::new();
+    let object_ok = |sizes: &BTreeMap<String, u64>, bad: &BTreeSet<String>, k: &str, len: u64| {
+        sizes.get(k) == Some(&len) && !bad.contains(k)
+    };
+    if manifest_present {
+        let version = manifest.as_ref().map_or(0, |m| m.version);
+        for r in view.segments().values() {
+            if !matches!(r.state, SegmentState::Committed | SegmentState::Released)
+                || m_entries.contains_key(&r.meta.id)
+            {
+                continue;
+            }
+            let key = record_key(store, stream, r)?;
+            let k = key.to_string();
+            let mut f = Finding::new(
+                FindingKind::ManifestLostEntries,
+                Some(r.meta.id),
+                &k,
+                format!(
+                    "the journal says {:?}, manifest version {version} does not list it",
+                    r.state
+                ),
+            );
+            if !object_ok(&sizes, &bad, &k, r.meta.file_len) {
+                f.action = "none: its object is not in place (see above); not committed".into();
+            } else if !cfg.manifest {
+                f.action = "none: manifest = false in the config".into();
+            } else if !opts.repair {
+                f.action = "none (--repair commits it)".into();
+            } else {
+                to_commit.push(SegmentEntry::new(store, stream, &r.meta)?);
+                commit_findings.push(findings.len());
+            }
+            findings.push(f);
+        }
+        for e in m_entries.values() {
+            if checked.contains(&e.key) {
+                continue;
+            }
+            let listed = sizes.get(&e.key).copied();
+            if listed == Some(e.file_len) {
+                continue;
+            }
+            let (kind, detail) = match listed {
+                None => (
+                    FindingKind::ManifestListsMissingObject,
+                    "the manifest lists it; no object under the key".to_string(),
+                ),
+                Some(size) => (
+                    FindingKind::SizeMismatch,
+                    format!(
+                        "object is {size} bytes, the manifest records {}",
+                        e.file_len
+                    ),
+                ),
+            };
+            let key = Path::parse(&e.key)
+                .map_err(|err| Error::corrupt("manifest entry", format!("{:?}: {err}", e.key)))?;
+            // The local copy is the journal's, if it records these bytes.
+            let local = view
+                .get(e.id)
+                .filter(|r| r.meta.file_crc == e.file_crc && r.meta.file_len == e.file_len);
+            let f = match local {
+                Some(r) => {
+                    repair_object(
+                        store,
+                        cfg,
+                        opts,
+                        &seg_dir,
+                        kind,
+                        &key,
+                        &r.meta,
+                        listed.is_some(),
+                        detail,
+                    )
+                    .await
+                }
+                None => {
+                    let mut f = Finding::new(kind, Some(e.id), &e.key, detail);
+                    f.lost = true;
+                    f.action = "LOST: the journal holds no local copy of these bytes; \
+                                nothing deleted"
+                        .into();
+                    f
+                }
+            };
+            if f.repaired {
+                sizes.insert(e.key.clone(), e.file_len);
+            }
+            findings.push(f);
+        }
+    } else if cfg.manifest && !ours.is_empty() {
+        let dir = ms_read.versions_dir().to_string();
+        let mut f = Finding::new(
+            FindingKind::ManifestLost,
+            None,
+            &dir,
+            format!(
+                "no manifest, but {} segment object(s) are listed and manifest = true",
+                ours.len()
+            ),
+        );
+        if opts.repair {
+            let mut rejected = Vec::new();
+            for o in ours.values() {
+                let k = o.key.to_string();
+                if bad.contains(&k) || excluded_by_journal(view.get(o.id), o.crc) {
+                    continue;
+                }
+                match read_entry(store, stream, o, view.get(o.id), opts.deep).await? {
+                    Ok(e) => to_commit.push(e),
+                    Err(why) => {
+                        let mut u = Finding::new(FindingKind::UnusableObject, Some(o.id), &k, why);
+                        u.action = "none: left out of the rebuilt manifest".into();
+                        rejected.push(u);
+                    }
+                }
+            }
+            if to_commit.is_empty() {
+                f.action = "none: no usable object to rebuild from".into();
+            } else {
+                commit_findings.push(findings.len());
+            }
+            findings.push(f);
+            findings.extend(rejected);
+        } else {
+            f.action = "none (--repair rebuilds it from the listing)".into();
+            findings.push(f);
+        }
+    }
+    let mut manifest_now = manifest_present;
+    if !to_commit.is_empty() {
+        let (action, ok) = match commit_entries(store, cfg, &to_commit).await {
+            Ok(a) => (a, true),
+            Err(why) => (why, false),
+        };
+        for i in &commit_findings {
+            if let Some(f) = findings.get_mut(*i) {
+                f.action = action.clone();
+                f.repaired = ok;
+            }
+        }
+        if ok {
+            manifest_now = true;
+            for e in to_commit {
+                m_entries.insert(e.id, e);
+            }
+        }
+    }
+
+    // 4. Orphans and foreign objects.
+    let jref: BTreeSet<(SegmentId, u32)> = view
+        .segments()
+        .values()
+        .map(|r| (r.meta.id, r.meta.file_crc))
+        .collect();
+    let mref: BTreeSet<(SegmentId, u32)> = m_entries.values().map(|e| (e.id, e.file_crc)).collect();
+    let now = crate::segment::now_ms();
+    let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
+    for o in ours.values() {
+        if jref.contains(&(o.id, o.crc)) || mref.contains(&(o.id, o.crc)) {
+            continue;
+        }
+        let k = o.key.to_string();
+        let age = now.saturating_sub(o.modified_ms);
+        let mut f = Finding::new(
+            FindingKind::Orphan,
+            Some(o.id),
+            &k,
+            format!(
+                "in neither the journal nor the manifest; {} bytes, last modified {age} ms ago",
+                o.size
+            ),
+        );
+        let maybe_compacted = !manifest_now
+            && view.get(o.id).is_none()
+            && view.max_segment_id().is_some_and(|max| o.id <= max);
+        if maybe_compacted {
+            f.informational = true;
+            f.action = "kept: no manifest, and the journal may have compacted this \
+                        segment's Released record away"
+                .into();
+        } else if age < grace_ms {
+            f.informational = true;
+            f.action = format!("kept: younger than the grace period ({grace_ms} ms)");
+        } else if !opts.repair {
+            f.action = "none (--repair deletes it)".into();
+        } else {
+            match delete(store, cfg, &o.key).await {
+                Ok(()) => {
+                    f.repaired = true;
+                    f.action = "deleted".into();
+                }
+                Err(e) => f.action = format!("delete failed: {e}"),
+            }
+        }
+        findings.push(f);
+    }
+    for m in &foreign {
+        let mut f = Finding::new(
+            FindingKind::Foreign,
+            None,
+            m.location.as_ref(),
+            format!("{} bytes; not a segment key of stream {stream:?}", m.size),
+        );
+        f.informational = true;
+        f.action = "kept: foreign objects are never deleted".into();
+        findings.push(f);
+    }
+
+    let repaired = findings.iter().filter(|f| f.repaired).count();
+    let unresolved = findings.iter().filter(|f| f.unresolved()).count();
+    let lost = findings.iter().filter(|f| f.lost).count();
+    Ok(ReconcileReport {
+        store: store.display_url().to_string(),
+        stream: stream.to_string(),
+        repair: opts.repair,
+        deep: opts.deep,
+        grace_ms,
+        journal_segments: view.segments().len(),
+        listed_objects,
+        manifest_present,
+        manifest_segments,
+        findings_total: findings.len(),
+        repaired,
+        unresolved,
+        lost,
+        multipart_uploads: MULTIPART_NOT_CHECKED.to_string(),
+        findings,
+    })
+}
+
+/// The key a journal record's object lives under.
+fn record_key(store: &RemoteStore, stream: &str, r: &SegmentRecord) -> Result<Path> {
+    match &r.key {
+        Some(k) => Path::parse(k).map_err(|e| {
+            Error::corrupt(
+                format!("journal record of segment {}", r.meta.id),
+                format!("key {k:?}: {e}"),
+            )
+        }),
+        None => store.try_segment_key(stream, &r.meta),
+    }
+}
+
+/// What is wrong with the object of `meta` under `key`, if anything.
+async fn check_object(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+    sizes: &BTreeMap<String, u64>,
+    deep: bool,
+) -> Result<Option<(FindingKind, String)>> {
+    Ok(match sizes.get(key.as_ref()) {
+        None => Some((
+            FindingKind::ObjectMissing,
+            format!(
+                "the journal records it at {} bytes; no object under the key",
+                meta.file_len
+            ),
+        )),
+        Some(&size) if size != meta.file_len => Some((
+            FindingKind::SizeMismatch,
+            format!(
+                "object is {size} bytes, the journal records {}",
+                meta.file_len
+            ),
+        )),
+        Some(_) if deep => {
+            match upload::verify_segment(store, key, meta, VerifyLevel::Full).await {
+                Ok(()) => None,
+                Err(Error::Corrupt { detail, .. }) => Some((FindingKind::ContentMismatch, detail)),
+                Err(e) => return Err(e),
+            }
+        }
+        Some(_) => None,
+    })
+}
+
+/// Does the local sealed file have the recorded length and CRC?
+fn local_matches(path: &FsPath, meta: &SealedMeta) -> bool {
+    std::fs::read(path)
+        .is_ok_and(|b| b.len() as u64 == meta.file_len && crc32fast::hash(&b) == meta.file_crc)
+}
+
+/// Rule 1: re-upload from the local copy, or report LOST.
+#[allow(clippy::too_many_arguments)]
+async fn repair_object(
+    store: &RemoteStore,
+    cfg: &Config,
+    opts: &ReconcileOptions,
+    seg_dir: &FsPath,
+    kind: FindingKind,
+    key: &Path,
+    meta: &SealedMeta,
+    present: bool,
+    detail: String,
+) -> Finding {
+    let mut f = Finding::new(kind, Some(meta.id), key.as_ref(), detail);
+    let local = seg_dir.join(sealed_file_name(meta.id));
+    if !local_matches(&local, meta) {
+        f.lost = true;
+        f.action = format!(
+            "LOST: no local copy with the recorded length and CRC at {}; nothing deleted",
+            local.display()
+        );
+        return f;
+    }
+    if !opts.repair {
+        f.action = "none (the local copy matches: --repair re-uploads it)".into();
+        return f;
+    }
+    if present {
+        // The key names the CRC of the only bytes that belong there: what
+        // is under it now is wrong, and a create-only upload cannot replace it.
+        if let Err(e) = delete(store, cfg, key).await {
+            f.action = format!("repair failed: could not delete the wrong object: {e}");
+            return f;
+        }
+    }
+    match upload::put_segment(store, key, &local, meta, &cfg.upload_config(), &mut NoHooks).await {
+        Ok(_) => {
+            f.repaired = true;
+            f.action = if present {
+                "deleted the wrong object, re-uploaded from the local copy (verified)".into()
+            } else {
+                "re-uploaded from the local copy (verified)".into()
+            };
+        }
+        Err(e) => f.action = format!("repair failed: {e}"),
+    }
+    f
+}
+
+/// Is a listed object one the journal knows is NOT committed (so it must
+/// stay out of a rebuilt manifest)?
+fn excluded_by_journal(r: Option<&SegmentRecord>, crc: u32) -> bool {
+    match r {
+        None => false,
+        Some(r) if r.meta.file_crc != crc => true,
+        Some(r) => !matches!(
+            r.state,
+            SegmentState::Verified | SegmentState::Committed | SegmentState::Released
+        ),
+    }
+}
+
+/// Rule 3: the manifest entry of a listed object, from its footer. The
+/// inner `Err` says why the object cannot be used.
+async fn read_entry(
+    store: &RemoteStore,
+    stream: &str,
+    o: &Listed,
+    journaled: Option<&SegmentRecord>,
+    deep: bool,
+) -> Result<std::result::Result<SegmentEntry, String>> {
+    let flen = FOOTER_LEN as u64;
+    if o.size < flen {
+        return Ok(Err(format!(
+            "{} bytes, shorter than a footer ({flen})",
+            o.size
+        )));
+    }
+    let bytes = match store
+        .object_store()
+        .get_range(&o.key, o.size - flen..o.size)
+        .await
+    {
+        Ok(b) => b,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Ok(Err("vanished since the LIST".into()));
+        }
+        Err(e) => return Err(classify(e)),
+    };
+    let f = match Footer::decode(&bytes) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(format!("footer: {e}"))),
+    };
+    if f.segment_id != o.id {
+        return Ok(Err(format!(
+            "footer says segment {}, the key says {}",
+            f.segment_id, o.id
+        )));
+    }
+    if f.file_len != o.size {
+        return Ok(Err(format!(
+            "footer says {} bytes, the object is {}",
+            f.file_len, o.size
+        )));
+    }
+    let meta = SealedMeta {
+        id: o.id,
+        file_len: o.size,
+        file_crc: o.crc,
+        item_count: f.item_count,
+        min_ts: f.min_ts,
+        max_ts: f.max_ts,
+        min_offset: f.min_offset,
+        max_offset: f.max_offset,
+        created_ms: f.created_ms,
+        sealed_ms: f.sealed_ms,
+    };
+    if let Some(r) = journaled {
+        let j = &r.meta;
+        if (j.item_count, j.min_ts, j.max_ts, j.min_offset, j.max_offset)
+            != (f.item_count, f.min_ts, f.max_ts, f.min_offset, f.max_offset)
+        {
+            return Ok(Err("footer disagrees with the journal's record".into()));
+        }
+    }
+    if deep {
+        match upload::verify_segment(store, &o.key, &meta, VerifyLevel::Full).await {
+            Ok(()) => {}
+            Err(Error::Corrupt { detail, .. }) => return Ok(Err(detail)),
+            Err(e) => return Err(e),
+        }
+    }
+    let e = SegmentEntry::new(store, stream, &meta)?;
+    if e.key != o.key.as_ref() {
+        return Ok(Err(format!("key does not round-trip: {}", e.key)));
+    }
+    Ok(Ok(e))
+}
+
+/// Commits `entries` as the config's owner, then releases the lease. The
+/// `Err` is the action text when nothing was committed.
+async fn commit_entries(
+    store: &RemoteStore,
+    cfg: &Config,
+    entries: &[SegmentEntry],
+) -> std::result::Result<String, String> {
+    let fail = |e: Error| format!("not repaired: {e}");
+    let owner = cfg.effective_owner_id().map_err(fail)?;
+    let ms = ManifestStore::open(store, &cfg.stream, cfg.manifest_options())
+        .await
+        .map_err(fail)?;
+    let mut w = match ms.take_ownership(&owner, cfg.lease_ttl()).await {
+        Ok(w) => w,
+        Err(Error::Claimed(m)) => {
+            return Err(format!(
+                "not repaired (Claimed): {m}; the reconciler never fences a live owner"
+            ));
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    let out = w.commit(entries).await.map_err(fail)?;
+    let what = match out {
+        CommitOutcome::Committed { version, added } => {
+            format!("committed {added} entr(ies) in manifest version {version} as owner {owner:?}")
+        }
+        CommitOutcome::AlreadyCommitted { version } => {
+            format!("already listed in manifest version {version}")
+        }
+    };
+    if let Err(e) = w.release().await {
+        return Ok(format!("{what} (releasing the lease failed: {e})"));
+    }
+    Ok(what)
+}
+
+/// LIST of the segments prefix, with the config's retries.
+async fn list(store: &RemoteStore, cfg: &Config, prefix: &Path) -> Result<Vec<ObjectMeta>> {
+    let os = store.object_store().clone();
+    let mut rng = fastrand::Rng::new();
+    let policy = cfg.upload_config().retry_policy();
+    with_retries(&policy, &mut rng, "segments LIST", |_| {
+        let (os, prefix) = (os.clone(), prefix.clone());
+        async move { os.list(Some(&prefix)).try_collect::<Vec<_>>().await }
+    })
+    .await
+    .map_err(classify)
+}
+
+/// DELETE with the config's retries; already gone is fine.
+async fn delete(store: &RemoteStore, cfg: &Config, key: &Path) -> Result<()> {
+    let os = store.object_store().clone();
+    let mut rng = fastrand::Rng::new();
+    let policy = cfg.upload_config().retry_policy();
+    match with_retries(&policy, &mut rng, "segment DELETE", |_| {
+        let (os, key) = (os.clone(), key.clone());
+        async move { os.delete(&key).await }
+    })
+    .await
+    {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{JournalOptions, Record};
+    use crate::remote::StoreOptions;
+    use crate::segment::Entry;
+    use crate::segment::sealed::{build_sealed, write_sealed_file};
+    use object_store::PutPayload;
+
+    const STREAM: &str = "s";
+
+    fn sealed(id: u64) -> (Vec<u8>, SealedMeta) {
+        let entries: Vec<Entry> = (0..20)
+            .map(|i| Entry {
+                key_hash: i % 5,
+                offset: id * 100 + i,
+                size: 10,
+                timestamp_ms: 1_000 + id * 100 + i,
+            })
+            .collect();
+        build_sealed(SegmentId(id), 1, 2, 8, &entries).unwrap()
+    }
+
+    async fn put(store: &RemoteStore, key: &Path, bytes: &[u8]) {
+        store
+            .object_store()
+            .put(key, PutPayload::from(bytes.to_vec()))
+            .await
+            .unwrap();
+    }
+
+    /// Journal: 2 and 3 Committed, 4 only Uploading (all with objects).
+    /// Store: also segment 1 (unknown to the journal, below its highest
+    /// id), a second object of 3 under another CRC, and garbage under id 9.
+    async fn rig(manifest: bool) -> (tempfile::TempDir, Config, RemoteStore) {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let seg_dir = data.join(datadir::SEGMENTS_DIR);
+        std::fs::create_dir_all(&seg_dir).unwrap();
+        let store = RemoteStore::from_url("memory://p", &StoreOptions::default()).unwrap();
+        let (mut j, _) = Journal::open(&data, JournalOptions::default()).unwrap();
+        for id in 2..=4u64 {
+            let (bytes, meta) = sealed(id);
+            write_sealed_file(&seg_dir, SegmentId(id), &bytes).unwrap();
+            let key = store.segment_key(STREAM, &meta);
+            put(&store, &key, &bytes).await;
+            let sid = SegmentId(id);
+            let mut recs = vec![
+                Record::Sealed { meta },
+                Record::Uploading {
+                    id: sid,
+                    attempt: 1,
+                    key: key.to_string(),
+                    multipart_id: None,
+                },
+            ];
+            if id < 4 {
+                recs.extend([
+                    Record::Uploaded {
+                        id: sid,
+                        etag: None,
+                        version: None,
+                    },
+                    Record::Verified { id: sid },
+                    Record::Committed { id: sid },
+                ]);
+            }
+            j.append(&recs).unwrap();
+        }
+        drop(j);
+        let (bytes, meta) = sealed(1);
+        put(&store, &store.segment_key(STREAM, &meta), &bytes).await;
+        let stale = Path::from(format!("p/{STREAM}/segments/{:020}-00000001.seg", 3));
+        put(&store, &stale, b"an older seal of 3").await;
+        let junk = Path::from(format!("p/{STREAM}/segments/{:020}-00000009.seg", 9));
+        put(&store, &junk, &[7u8; 300]).await;
+        let cfg = Config {
+            data_dir: data,
+            stream: STREAM.into(),
+            manifest,
+            owner_id: Some("rec".into()),
+            ..Config::default()
+        };
+        (tmp, cfg, store)
+    }
+
+    fn opts(repair: bool, grace: Duration) -> ReconcileOptions {
+        ReconcileOptions {
+            repair,
+            grace,
+            deep: false,
+        }
+    }
+
+    fn by_segment(r: &ReconcileReport) -> BTreeMap<(u64, FindingKind), &Finding> {
+        r.findings
+            .iter()
+            .map(|f| ((f.segment.unwrap_or(0), f.kind), f))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn without_a_manifest_possibly_compacted_ids_are_kept() {
+        let (_tmp, cfg, store) = rig(false).await;
+        let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
+            .await
+            .unwrap();
+        let f = by_segment(&r);
+        assert_eq!(r.findings.len(), 3, "{:#?}", r.findings);
+        // 1: at or below the journal's highest id, absent from it: kept.
+        let one = f[&(1, FindingKind::Orphan)];
+        assert!(one.informational && !one.repaired, "{one:?}");
+        assert!(one.action.contains("compacted"), "{one:?}");
+        // The other seal of 3 and the id the journal never reached: deleted.
+        assert!(f[&(3, FindingKind::Orphan)].repaired);
+        assert!(f[&(9, FindingKind::Orphan)].repaired);
+        assert!(!r.needs_operator());
+        let left: Vec<String> = store
+            .object_store()
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 4, "{left:?}"); // 1, 2, 3, 4
+        assert!(!left.iter().any(|k| k.ends_with("00000001.seg")));
+    }
+
+    #[tokio::test]
+    async fn rebuild_leaves_out_pending_superseded_and_unusable_objects() {
+        let (_tmp, cfg, store) = rig(true).await;
+        let r = reconcile(&cfg, &store, &opts(true, Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let f = by_segment(&r);
+        assert!(
+            f[&(0, FindingKind::ManifestLost)].repaired,
+            "{:#?}",
+            r.findings
+        );
+        let bad = f[&(9, FindingKind::UnusableObject)];
+        assert!(bad.unresolved() && bad.detail.contains("footer"), "{bad:?}");
+        // Young: kept even with repair.
+        assert!(f[&(9, FindingKind::Orphan)].informational);
+        assert!(f[&(3, FindingKind::Orphan)].informational);
+        assert!(r.needs_operator());
+        let ms = ManifestStore::with_capabilities(
+            &store,
+            STREAM,
+            cfg.manifest_options(),
+            &Capabilities {
+                conditional_create: true,
+                ..Capabilities::default()
+            },
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        let ids: Vec<u64> = ms
+            .all_segments(&m)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id.0)
+            .collect();
+        // 1 (unknown to the journal, footer fine) and the committed 2 and 3;
+        // not 4 (only Uploading), not the other seal of 3, not the garbage.
+        assert_eq!(ids, vec![1, 2, 3]);
+    }
+}
