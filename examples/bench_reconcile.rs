@@ -26,7 +26,10 @@ use tierindex::segment::sealed::build_sealed;
 use tierindex::segment::{Entry, SegmentId};
 
 fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +72,10 @@ async fn main() {
         owner_id: Some("bench".into()),
         ..Config::default()
     };
-    eprintln!("bench-reconcile: {n} segments, store {}", store.display_url());
+    eprintln!(
+        "bench-reconcile: {n} segments, store {}",
+        store.display_url()
+    );
 
     // Set-up (not timed in the result): objects, journal, manifest.
     let t = Instant::now();
@@ -136,7 +142,10 @@ async fn main() {
     }
     w.release().await.expect("release");
     drop(journal);
-    eprintln!("bench-reconcile: set-up took {:.1}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "bench-reconcile: set-up took {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
 
     for run in 0..3 {
         let t = Instant::now();
