@@ -448,6 +448,24 @@ pub async fn reconcile(
                     }
                 }
             }
+            // Objects rule 1 re-uploaded in this run were not in the
+            // listing taken before it: list them from their journal record
+            // (the bytes just written are exactly the journal's).
+            let listed_keys: BTreeSet<String> = ours.values().map(|o| o.key.to_string()).collect();
+            for r in view.segments().values() {
+                if !matches!(r.state, SegmentState::Committed | SegmentState::Released) {
+                    continue;
+                }
+                let key = record_key(store, stream, r)?;
+                let k = key.to_string();
+                if listed_keys.contains(&k) || !object_ok(&sizes, &bad, &k, r.meta.file_len) {
+                    continue;
+                }
+                let mut e = SegmentEntry::new(store, stream, &r.meta)?;
+                e.key = k;
+                to_commit.push(e);
+            }
+            to_commit.sort_by_key(|e| e.id);
             if to_commit.is_empty() {
                 f.action = "none: no usable object to rebuild from".into();
             } else {
