@@ -682,16 +682,42 @@ async fn manifest_owners_race_and_a_paused_owner_is_fenced() {
     )
     .unwrap();
     let ttl = Duration::from_secs(30);
-    let mut tasks = Vec::new();
-    for i in 0..4 {
-        let ms = ms.clone();
-        tasks.push(tokio::spawn(async move {
-            ms.take_ownership(&format!("owner-{i}"), ttl).await
-        }));
+    // s3s-fs 0.14.1 checks If-None-Match with `object_path.exists()` and
+    // then writes (put_object in its s3.rs): two *concurrent* creates of
+    // one key can both succeed, so no client can make a race on it safe
+    // (its sequential creates are honoured, which is all the probe sees).
+    // The concurrent race runs on every other server that honours
+    // conditional writes (moto here, MinIO in the GitHub workflow); on
+    // s3s-fs the takers go one after another, which still checks that a
+    // live lease refuses every later taker.
+    let atomic_creates = s.kind != "s3s";
+    if !atomic_creates {
+        eprintln!(
+            "NOTE {}: conditional creates are not atomic under concurrency on this server; \
+             ownership takers run one after another here, the concurrent race runs on moto/MinIO",
+            s.kind
+        );
+    }
+    let mut results = Vec::new();
+    if atomic_creates {
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let ms = ms.clone();
+            tasks.push(tokio::spawn(async move {
+                ms.take_ownership(&format!("owner-{i}"), ttl).await
+            }));
+        }
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+    } else {
+        for i in 0..4 {
+            results.push(ms.take_ownership(&format!("owner-{i}"), ttl).await);
+        }
     }
     let mut winners = Vec::new();
-    for t in tasks {
-        match t.await.unwrap() {
+    for r in results {
+        match r {
             Ok(w) => winners.push(w),
             Err(tierindex::Error::Claimed(_)) => {}
             Err(e) => panic!("{}: {e}", s.kind),
