@@ -4,18 +4,12 @@
 //! b's lease is live, naming b, and publish nothing: both never publish.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
 
 fn run(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tierindex"))
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .env_remove("TIERINDEX_DATA_DIR")
-        .env_remove("TIERINDEX_STORE")
-        .env_remove("TIERINDEX_STREAM")
-        .output()
-        .expect("run tierindex")
+    common::run_with_config(cfg, args)
 }
 
 fn owner(cfg: &Path) -> serde_json::Value {
@@ -40,19 +34,7 @@ fn recovery_tool_is_refused_while_a_new_owner_holds_the_stream() {
         ),
     )
     .unwrap();
-    let demo = [
-        "demo",
-        "--segment-items",
-        "300",
-        "--slots",
-        "64",
-        "--entries",
-        "1000",
-        "--rate",
-        "100000",
-        "--keys",
-        "16",
-    ];
+    let demo = common::small_demo("1000");
     let o = run(&cfg, &demo);
     assert_eq!(
         o.status.code(),
@@ -134,19 +116,7 @@ fn a_new_owner_on_a_fresh_data_directory_continues_the_ids() {
         p
     };
     let (a, b) = (cfg("a"), cfg("b"));
-    let demo = [
-        "demo",
-        "--segment-items",
-        "300",
-        "--slots",
-        "64",
-        "--entries",
-        "1000",
-        "--rate",
-        "100000",
-        "--keys",
-        "16",
-    ];
+    let demo = common::small_demo("1000");
     let o = run(&a, &demo);
     assert_eq!(
         o.status.code(),

@@ -2,18 +2,12 @@
 //! released, on the embedded `file://` store, with and without the manifest.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
 
 fn run(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tierindex"))
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .env_remove("TIERINDEX_DATA_DIR")
-        .env_remove("TIERINDEX_STORE")
-        .env_remove("TIERINDEX_STREAM")
-        .output()
-        .expect("run tierindex")
+    common::run_with_config(cfg, args)
 }
 
 fn lookup(cfg: &Path, key: &str, remote: bool) -> serde_json::Value {
@@ -57,22 +51,7 @@ fn case(manifest: bool) {
     )
     .unwrap();
     std::fs::create_dir_all(d.path().join("store")).unwrap();
-    let o = run(
-        &cfg,
-        &[
-            "demo",
-            "--segment-items",
-            "300",
-            "--slots",
-            "64",
-            "--entries",
-            "2000",
-            "--rate",
-            "100000",
-            "--keys",
-            "16",
-        ],
-    );
+    let o = run(&cfg, &common::small_demo("2000"));
     assert_eq!(
         o.status.code(),
         Some(0),

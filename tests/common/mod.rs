@@ -244,3 +244,35 @@ pub fn last_flushed(lines: &[String]) -> Option<u64> {
         .rev()
         .find_map(|l| l.strip_prefix("flushed ")?.trim().parse().ok())
 }
+
+/// Runs the `tierindex` binary with `--config cfg` and `args`, with none of
+/// the caller's `TIERINDEX_DATA_DIR` / `_STORE` / `_STREAM` leaking in.
+pub fn run_with_config(cfg: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("TIERINDEX_DATA_DIR")
+        .env_remove("TIERINDEX_STORE")
+        .env_remove("TIERINDEX_STREAM")
+        .output()
+        .expect("run tierindex")
+}
+
+/// A short `demo` run: `entries` entries over 16 keys (`key-{offset % 16}`)
+/// in 300-item segments, as fast as it goes, then its shutdown drain.
+pub fn small_demo(entries: &str) -> Vec<&str> {
+    vec![
+        "demo",
+        "--segment-items",
+        "300",
+        "--slots",
+        "64",
+        "--entries",
+        entries,
+        "--rate",
+        "100000",
+        "--keys",
+        "16",
+    ]
+}
