@@ -60,6 +60,9 @@ pub struct Metrics {
     pub retries: Counter,
     pub verify_failures: Counter,
     pub quarantined: Counter,
+    /// Remote segments a lookup could not read (corrupt or missing object
+    /// under a committed key).
+    pub remote_unreadable: Counter,
     pub uploads_in_flight: Gauge,
     pub pending_segments: Gauge,
     pub pending_bytes: Gauge,
@@ -112,6 +115,12 @@ impl Metrics {
             "counter",
             "Segments quarantined in the journal.",
             self.quarantined.get(),
+        );
+        one(
+            "remote_unreadable_total",
+            "counter",
+            "Remote segment reads that failed their checks or found no object under a committed key.",
+            self.remote_unreadable.get(),
         );
         one(
             "uploads_in_flight",

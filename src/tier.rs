@@ -325,6 +325,7 @@ impl TierIndex {
                 Ok(es) => out.entries.extend(es),
                 Err(e) => {
                     tracing::error!(segment = seg.meta.id.0, key = %seg.key, error = %e, "remote segment unreadable");
+                    sh.metrics.remote_unreadable.inc();
                     out.unreadable.push((seg.meta.id.0, e.to_string()));
                 }
             }

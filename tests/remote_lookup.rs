@@ -147,6 +147,8 @@ async fn lookups_across_released_segments_match_the_model() {
         .unwrap();
     let got = ti.lookup_remote(b"k1", TimeRange::ALL).await.unwrap();
     assert_eq!(got.unreadable.len(), 1, "{:?}", got.unreadable);
+    assert_eq!(ti.metrics().remote_unreadable.get(), 1);
+    assert!(ti.metrics().render().contains("remote_unreadable_total 1"));
     assert_eq!(got.unreadable[0].0, victim.id.0);
     let want: Vec<u64> = (0..n)
         .filter(|o| o % KEYS == 1 && !(victim.min_offset..=victim.max_offset).contains(o))
