@@ -65,6 +65,10 @@ pub struct Config {
     /// Manage the manifest on a store whose probe found conditional creates
     /// NOT honoured (no fencing then: only with one writer guaranteed).
     pub allow_unconditional_store: bool,
+    /// Run a report-only reconcile (journal vs manifest vs bucket listing)
+    /// every this many ms in the background; 0 = off. Findings are logged
+    /// and exported as metrics; repairs are `tierindex reconcile --repair`.
+    pub reconcile_interval_ms: u64,
 }
 
 /// Shortest and longest accepted `lease_ttl_ms`.
@@ -103,6 +107,7 @@ impl Default for Config {
             owner_id: None,
             lease_ttl_ms: 30_000,
             allow_unconditional_store: false,
+            reconcile_interval_ms: 0,
         }
     }
 }
@@ -142,6 +147,12 @@ impl Config {
         if let Some(o) = &self.owner_id {
             crate::remote::lease::validate_owner(o)
                 .map_err(|e| Error::InvalidInput(format!("owner_id {o:?}: {e}")))?;
+        }
+        if self.reconcile_interval_ms != 0 && self.reconcile_interval_ms < 100 {
+            return Err(Error::InvalidInput(format!(
+                "reconcile_interval_ms must be 0 (off) or at least 100, got {}",
+                self.reconcile_interval_ms
+            )));
         }
         if !(LEASE_TTL_MS_MIN..=LEASE_TTL_MS_MAX).contains(&self.lease_ttl_ms) {
             return Err(Error::InvalidInput(format!(
@@ -271,6 +282,14 @@ mod tests {
         assert!(Config::from_toml("owner_id = \"has space\"").is_err());
         assert!(Config::from_toml("owner_id = \"\"").is_err());
         assert!(Config::from_toml("lease_ttl_ms = 10").is_err());
+        assert_eq!(Config::from_toml("").unwrap().reconcile_interval_ms, 0);
+        assert_eq!(
+            Config::from_toml("reconcile_interval_ms = 60000")
+                .unwrap()
+                .reconcile_interval_ms,
+            60_000
+        );
+        assert!(Config::from_toml("reconcile_interval_ms = 5").is_err());
         let a = Config {
             data_dir: "/tmp/a".into(),
             ..Config::default()

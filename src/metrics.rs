@@ -63,6 +63,10 @@ pub struct Metrics {
     /// Remote segments a lookup could not read (corrupt or missing object
     /// under a committed key).
     pub remote_unreadable: Counter,
+    /// Background reconcile runs finished (`reconcile_interval_ms`).
+    pub reconcile_runs: Counter,
+    /// Findings of the last background reconcile that need an operator.
+    pub reconcile_unresolved: Gauge,
     pub uploads_in_flight: Gauge,
     pub pending_segments: Gauge,
     pub pending_bytes: Gauge,
@@ -121,6 +125,18 @@ impl Metrics {
             "counter",
             "Remote segment reads that failed their checks or found no object under a committed key.",
             self.remote_unreadable.get(),
+        );
+        one(
+            "reconcile_runs_total",
+            "counter",
+            "Background reconcile runs finished.",
+            self.reconcile_runs.get(),
+        );
+        one(
+            "reconcile_unresolved",
+            "gauge",
+            "Findings of the last background reconcile that need an operator.",
+            self.reconcile_unresolved.get(),
         );
         one(
             "uploads_in_flight",

@@ -106,6 +106,8 @@ pub struct TierIndex {
     notify: Arc<Notify>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     lease_task: Option<tokio::task::JoinHandle<()>>,
+    /// Background report-only reconcile (`reconcile_interval_ms`).
+    reconcile_task: Option<tokio::task::JoinHandle<()>>,
     /// Remote reads for [`TierIndex::lookup_remote`], made on first use.
     fetcher: std::sync::OnceLock<Fetcher>,
 }
@@ -189,6 +191,14 @@ impl TierIndex {
             .manifest
             .as_ref()
             .map(|m| tokio::spawn(lease_renewer(sh.clone(), m.ttl / 3, stop_rx.clone())));
+        let reconcile_task = (cfg.reconcile_interval_ms > 0).then(|| {
+            tokio::spawn(reconciler(
+                sh.clone(),
+                cfg.clone(),
+                Duration::from_millis(cfg.reconcile_interval_ms),
+                stop_rx.clone(),
+            ))
+        });
         let worker = tokio::spawn(worker(
             sh.clone(),
             probe,
@@ -216,6 +226,7 @@ impl TierIndex {
                 notify,
                 metrics_task,
                 lease_task,
+                reconcile_task,
                 fetcher: std::sync::OnceLock::new(),
             },
             report,
@@ -385,6 +396,10 @@ impl TierIndex {
             None => (Scheduler::new(sh.clone()), None),
         };
         if let Some(t) = self.metrics_task.take() {
+            t.abort();
+        }
+        // Report-only: nothing to finish.
+        if let Some(t) = self.reconcile_task.take() {
             t.abort();
         }
         let mut error = None;
@@ -698,6 +713,45 @@ async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiv
     }
 }
 
+/// Report-only reconcile every `every` (`reconcile_interval_ms`): journal
+/// (read only) vs manifest vs the bucket listing. Findings that need an
+/// operator are logged as errors and counted in the `reconcile_unresolved`
+/// gauge; nothing is written (repairs: `tierindex reconcile --repair`, which
+/// needs the data directory, i.e. the broker down).
+async fn reconciler(
+    sh: Arc<Shared>,
+    cfg: Config,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let opts = crate::recovery::reconcile::ReconcileOptions {
+        repair: false,
+        deep: false,
+        ..Default::default()
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        match crate::recovery::reconcile::reconcile(&cfg, &sh.store, &opts).await {
+            Ok(r) => {
+                for f in r.findings.iter().filter(|f| !f.informational) {
+                    tracing::error!(kind = ?f.kind, segment = ?f.segment, key = %f.key, detail = %f.detail, "reconcile finding");
+                }
+                sh.metrics.reconcile_unresolved.set(r.unresolved as u64);
+                sh.metrics.reconcile_runs.inc();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "background reconcile failed; retrying at the next interval")
+            }
+        }
+    }
+}
+
 /// The background capability probe, if still running.
 type ProbeTask = tokio::task::JoinHandle<()>;
 
@@ -763,6 +817,9 @@ impl Drop for TierIndex {
             t.abort();
         }
         if let Some(t) = self.lease_task.take() {
+            t.abort();
+        }
+        if let Some(t) = self.reconcile_task.take() {
             t.abort();
         }
     }

@@ -159,3 +159,69 @@ async fn lookups_across_released_segments_match_the_model() {
     );
     let _ = ti.shutdown(Duration::from_secs(10)).await;
 }
+
+/// `reconcile_interval_ms`: a background, report-only reconcile sees an
+/// object deleted behind the process's back and says so in its metrics,
+/// writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_reconcile_reports_a_deleted_object() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs: Arc<FaultyStore> = FaultyStore::memory(78);
+    let cfg = Config {
+        manifest: false,
+        release_after_commit: false,
+        ..config(tmp.path().join("data"))
+    };
+    {
+        let (ti, _) = TierIndex::open_with_store(cfg.clone(), fs.remote(PREFIX))
+            .await
+            .unwrap();
+        for o in 0..500u64 {
+            ti.append(key(o).as_bytes(), o, 100, TS0 + o).unwrap();
+        }
+        ti.flush().unwrap();
+        let r = ti.shutdown(Duration::from_secs(60)).await;
+        assert!(r.fully_drained(), "{r:#?}");
+    }
+    let cfg = Config {
+        reconcile_interval_ms: 100,
+        ..cfg
+    };
+    let (ti, _) = TierIndex::open_with_store(cfg, fs.remote(PREFIX))
+        .await
+        .unwrap();
+    let m = ti.metrics();
+    let wait_runs = |n: u64| {
+        let m = m.clone();
+        async move {
+            let until = std::time::Instant::now() + Duration::from_secs(20);
+            while m.reconcile_runs.get() < n {
+                assert!(std::time::Instant::now() < until, "no reconcile run {n}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_runs(1).await;
+    assert_eq!(m.reconcile_unresolved.get(), 0, "clean state");
+    let remote = fs.remote(PREFIX);
+    let prefix = remote.segments_prefix(STREAM).unwrap();
+    let victim = {
+        use futures::TryStreamExt;
+        let mut v: Vec<_> = fs
+            .inner()
+            .list(Some(&prefix))
+            .map_ok(|o| o.location)
+            .try_collect()
+            .await
+            .unwrap();
+        v.sort();
+        v.remove(0)
+    };
+    fs.inner().delete(&victim).await.unwrap();
+    let runs = m.reconcile_runs.get();
+    wait_runs(runs + 2).await;
+    assert_eq!(m.reconcile_unresolved.get(), 1, "the deleted object");
+    // Report only: nothing was re-uploaded.
+    assert!(fs.inner().head(&victim).await.is_err());
+    let _ = ti.shutdown(Duration::from_secs(10)).await;
+}
