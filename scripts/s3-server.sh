@@ -465,9 +465,15 @@ start_garage_common() { # kind nodes rf
   retry_until "$START_TIMEOUT" "garage status on node 1" garage status
   local ids=()
   for ((n = 1; n <= nodes; n++)); do
-    local id
-    id=$("$GARAGE_BIN" -c "$dir/node$n/garage.toml" node id -q 2>>"$LOGF") ||
-      die "garage node id failed on node $n (see $LOGF)"
+    # A node writes its key when its server starts; only node 1 was waited
+    # for above, so node n may not have one yet (seen in CI: "Unable to read
+    # node key" on node 3). Retry until it answers.
+    local id t0
+    t0=$(now)
+    until id=$("$GARAGE_BIN" -c "$dir/node$n/garage.toml" node id -q 2>>"$LOGF"); do
+      (($(now) - t0 < START_TIMEOUT)) || die "garage node id failed on node $n (see $LOGF)"
+      sleep 0.2
+    done
     ids+=("${id%%@*}")
     echo "NODE${n}_PEER=$id" >>"$dir/state"
     if ((n > 1)); then
