@@ -225,3 +225,90 @@ async fn background_reconcile_reports_a_deleted_object() {
     assert!(fs.inner().head(&victim).await.is_err());
     let _ = ti.shutdown(Duration::from_secs(10)).await;
 }
+
+/// A committed segment whose object vanished (e.g. deleted by someone's
+/// reconciler as an orphan) is never released: the local copy is the last
+/// one. Once the object is back, the release goes ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_keeps_the_local_copy_when_the_object_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs: Arc<FaultyStore> = FaultyStore::memory(79);
+    let keep = Config {
+        manifest: false,
+        release_after_commit: false,
+        ..config(tmp.path().join("data"))
+    };
+    {
+        let (ti, _) = TierIndex::open_with_store(keep.clone(), fs.remote(PREFIX))
+            .await
+            .unwrap();
+        for o in 0..120u64 {
+            ti.append(key(o).as_bytes(), o, 100, TS0 + o).unwrap();
+        }
+        ti.flush().unwrap();
+        let r = ti.shutdown(Duration::from_secs(60)).await;
+        assert!(r.fully_drained(), "{r:#?}");
+    }
+    let seg_dir = tmp.path().join("data").join("segments");
+    let local_segs = || {
+        let mut v: Vec<String> = std::fs::read_dir(&seg_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".seg"))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = local_segs();
+    assert!(before.len() >= 2, "{before:?}");
+    // Remove the first segment's object behind the pipeline's back.
+    let remote = fs.remote(PREFIX);
+    let prefix = remote.segments_prefix(STREAM).unwrap();
+    let (victim, body) = {
+        use futures::TryStreamExt;
+        let mut v: Vec<_> = fs
+            .inner()
+            .list(Some(&prefix))
+            .map_ok(|o| o.location)
+            .try_collect()
+            .await
+            .unwrap();
+        v.sort();
+        let k = v.remove(0);
+        let b = fs.inner().get(&k).await.unwrap().bytes().await.unwrap();
+        (k, b)
+    };
+    fs.inner().delete(&victim).await.unwrap();
+    let release = Config {
+        release_after_commit: true,
+        ..keep
+    };
+    {
+        let (ti, _) = TierIndex::open_with_store(release.clone(), fs.remote(PREFIX))
+            .await
+            .unwrap();
+        let r = ti.shutdown(Duration::from_secs(2)).await;
+        assert!(
+            !r.fully_drained(),
+            "released although the object is gone: {r:#?}"
+        );
+    }
+    let after = local_segs();
+    assert_eq!(
+        after,
+        before[..1].to_vec(),
+        "only the segment without its object is kept"
+    );
+    // The object comes back (as `reconcile --repair` would put it): released.
+    fs.inner()
+        .put(&victim, PutPayload::from(body))
+        .await
+        .unwrap();
+    let (ti, _) = TierIndex::open_with_store(release, fs.remote(PREFIX))
+        .await
+        .unwrap();
+    let r = ti.shutdown(Duration::from_secs(30)).await;
+    assert!(r.fully_drained(), "{r:#?}");
+    assert!(local_segs().is_empty());
+}

@@ -10,7 +10,7 @@
 //! | Uploading   | abort a journaled multipart id; compare the key: ours → `Uploaded`, missing → PUT again, other bytes → delete them and PUT again (local copy intact) or `Quarantined` (no intact local copy) |
 //! | Uploaded    | verify (read back) → `Verified`; mismatch → delete our bad object, `Uploading` again (bounded) |
 //! | Verified    | with `manifest = true`: add the segment's entry to the stream's manifest (already listed is fine); then → `Committed`. Fenced: stop (stays `Verified`) |
-//! | Committed   | release the local copy if the policy says so → `Released`          |
+//! | Committed   | release the local copy if the policy says so, once a HEAD shows the object still there → `Released` |
 //!
 //! A local file that vanished is not fatal while the remote object can still
 //! be proven ours; otherwise the segment is quarantined with the reason.
@@ -327,6 +327,30 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
             SegmentState::Committed => {
                 if !sh.release_after_commit {
                     return Ok(SegmentState::Committed);
+                }
+                // Never drop the last copy: the object must still be there,
+                // whole (someone may have deleted it since it was verified,
+                // e.g. another data directory's reconciler taking it for an
+                // orphan). Missing or wrong size: keep the local copy and
+                // report; `tierindex reconcile --repair` re-uploads it, and
+                // the next drive releases.
+                if local_path(sh, id).exists() {
+                    match sh.store.object_store().head(&key).await {
+                        Ok(m) if m.size == rec.meta.file_len => {}
+                        Ok(m) => {
+                            return Err(Error::RemoteRetryable(format!(
+                                "object {key} is {} bytes, the journal says {}: local copy kept, not released",
+                                m.size, rec.meta.file_len
+                            )));
+                        }
+                        Err(object_store::Error::NotFound { .. }) => {
+                            tracing::error!(%key, "committed object is missing: local copy kept, not released");
+                            return Err(Error::RemoteRetryable(format!(
+                                "committed object {key} is missing: local copy kept, not released"
+                            )));
+                        }
+                        Err(e) => return Err(crate::remote::classify(e)),
+                    }
                 }
                 // Delete first, then journal: a crash in between leaves a
                 // Committed segment without its file, which releases again.
