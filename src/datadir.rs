@@ -245,6 +245,15 @@ fn classify(name: &str) -> Kind {
     Kind::Unknown
 }
 
+/// The segment id of a sealed (`NNN.seg`) or active (`NNN.active`) file
+/// name; `None` for anything else (a `.seg.tmp` included).
+pub fn segment_file_id(name: &str) -> Option<SegmentId> {
+    match classify(name) {
+        Kind::Sealed(id) | Kind::Active(id) => Some(id),
+        Kind::SealTmp(_) | Kind::Unknown => None,
+    }
+}
+
 /// Check (and in `Repair` mode, repair) the segments directory.
 ///
 /// In `CheckOnly` mode the returned `Recovered` has no open segments; only

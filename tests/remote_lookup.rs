@@ -43,23 +43,42 @@ fn key(o: u64) -> String {
     format!("k{}", o % KEYS)
 }
 
+/// Appends offsets `0..n` (key `key(o)`, timestamp `TS0 + o`), flushes and
+/// shuts down with everything drained.
+async fn fill_and_drain(cfg: &Config, fs: &Arc<FaultyStore>, n: u64) {
+    let (ti, _) = TierIndex::open_with_store(cfg.clone(), fs.remote(PREFIX))
+        .await
+        .unwrap();
+    for o in 0..n {
+        ti.append(key(o).as_bytes(), o, 100, TS0 + o).unwrap();
+    }
+    ti.flush().unwrap();
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(r.fully_drained(), "{r:#?}");
+}
+
+/// The key of the lowest-named segment object of the stream.
+async fn first_segment_object(fs: &Arc<FaultyStore>) -> object_store::path::Path {
+    use futures::TryStreamExt;
+    let prefix = fs.remote(PREFIX).segments_prefix(STREAM).unwrap();
+    let mut v: Vec<_> = fs
+        .inner()
+        .list(Some(&prefix))
+        .map_ok(|o| o.location)
+        .try_collect()
+        .await
+        .unwrap();
+    v.sort();
+    v.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_across_released_segments_match_the_model() {
     let tmp = tempfile::tempdir().unwrap();
     let fs: Arc<FaultyStore> = FaultyStore::memory(77);
     let cfg = config(tmp.path().join("data"));
     let n = SEGMENTS * u64::from(ITEMS);
-    {
-        let (ti, _) = TierIndex::open_with_store(cfg.clone(), fs.remote(PREFIX))
-            .await
-            .unwrap();
-        for o in 0..n {
-            ti.append(key(o).as_bytes(), o, 100, TS0 + o).unwrap();
-        }
-        ti.flush().unwrap();
-        let r = ti.shutdown(Duration::from_secs(60)).await;
-        assert!(r.fully_drained(), "{r:#?}");
-    }
+    fill_and_drain(&cfg, &fs, n).await;
     let (ti, _) = TierIndex::open_with_store(cfg.clone(), fs.remote(PREFIX))
         .await
         .unwrap();
@@ -172,17 +191,7 @@ async fn background_reconcile_reports_a_deleted_object() {
         release_after_commit: false,
         ..config(tmp.path().join("data"))
     };
-    {
-        let (ti, _) = TierIndex::open_with_store(cfg.clone(), fs.remote(PREFIX))
-            .await
-            .unwrap();
-        for o in 0..500u64 {
-            ti.append(key(o).as_bytes(), o, 100, TS0 + o).unwrap();
-        }
-        ti.flush().unwrap();
-        let r = ti.shutdown(Duration::from_secs(60)).await;
-        assert!(r.fully_drained(), "{r:#?}");
-    }
+    fill_and_drain(&cfg, &fs, 500).await;
     let cfg = Config {
         reconcile_interval_ms: 100,
         ..cfg
@@ -203,20 +212,7 @@ async fn background_reconcile_reports_a_deleted_object() {
     };
     wait_runs(1).await;
     assert_eq!(m.reconcile_unresolved.get(), 0, "clean state");
-    let remote = fs.remote(PREFIX);
-    let prefix = remote.segments_prefix(STREAM).unwrap();
-    let victim = {
-        use futures::TryStreamExt;
-        let mut v: Vec<_> = fs
-            .inner()
-            .list(Some(&prefix))
-            .map_ok(|o| o.location)
-            .try_collect()
-            .await
-            .unwrap();
-        v.sort();
-        v.remove(0)
-    };
+    let victim = first_segment_object(&fs).await;
     fs.inner().delete(&victim).await.unwrap();
     let runs = m.reconcile_runs.get();
     wait_runs(runs + 2).await;
@@ -238,17 +234,7 @@ async fn release_keeps_the_local_copy_when_the_object_is_gone() {
         release_after_commit: false,
         ..config(tmp.path().join("data"))
     };
-    {
-        let (ti, _) = TierIndex::open_with_store(keep.clone(), fs.remote(PREFIX))
-            .await
-            .unwrap();
-        for o in 0..120u64 {
-            ti.append(key(o).as_bytes(), o, 100, TS0 + o).unwrap();
-        }
-        ti.flush().unwrap();
-        let r = ti.shutdown(Duration::from_secs(60)).await;
-        assert!(r.fully_drained(), "{r:#?}");
-    }
+    fill_and_drain(&keep, &fs, 120).await;
     let seg_dir = tmp.path().join("data").join("segments");
     let local_segs = || {
         let mut v: Vec<String> = std::fs::read_dir(&seg_dir)
@@ -263,19 +249,8 @@ async fn release_keeps_the_local_copy_when_the_object_is_gone() {
     let before = local_segs();
     assert!(before.len() >= 2, "{before:?}");
     // Remove the first segment's object behind the pipeline's back.
-    let remote = fs.remote(PREFIX);
-    let prefix = remote.segments_prefix(STREAM).unwrap();
     let (victim, body) = {
-        use futures::TryStreamExt;
-        let mut v: Vec<_> = fs
-            .inner()
-            .list(Some(&prefix))
-            .map_ok(|o| o.location)
-            .try_collect()
-            .await
-            .unwrap();
-        v.sort();
-        let k = v.remove(0);
+        let k = first_segment_object(&fs).await;
         let b = fs.inner().get(&k).await.unwrap().bytes().await.unwrap();
         (k, b)
     };

@@ -347,13 +347,8 @@ fn names_held(seg_dir: &Path) -> std::collections::BTreeSet<u64> {
     std::fs::read_dir(seg_dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    let stem = n
-                        .strip_suffix(".seg")
-                        .or_else(|| n.strip_suffix(".active"))?;
-                    stem.parse().ok()
-                })
+                .filter_map(|e| datadir::segment_file_id(&e.file_name().to_string_lossy()))
+                .map(|id| id.0)
                 .collect()
         })
         .unwrap_or_default()

@@ -248,13 +248,11 @@ pub(crate) async fn remote_hits(
         .into_iter()
         .filter(|s| !held.contains(&s.meta.id.0))
         .collect();
-    let policy = crate::upload::retry::RetryPolicy {
-        max_attempts: cfg.max_attempts.max(1),
-        backoff_base: std::time::Duration::from_millis(100),
-        backoff_max: std::time::Duration::from_secs(5),
-        request_timeout: std::time::Duration::from_millis(cfg.request_timeout_ms.max(1)),
-    };
-    let f = Fetcher::new(store, policy, 64 << 20);
+    let f = Fetcher::new(
+        store,
+        cfg.upload_config().retry_policy(),
+        crate::tier::REMOTE_INDEX_CACHE_BYTES,
+    );
     let (mut hits, mut bad) = (Vec::new(), Vec::new());
     for s in &segs {
         match f.lookup_in(s, key_hash, range).await {
