@@ -37,10 +37,12 @@
 //! Lost parts: a multipart part acknowledged but not stored as sent
 //! (`LosePart`, `ReplacePart`) completes into a wrong object under the
 //! create-only key. These cells run in their own test,
-//! `fault_matrix_lost_parts`: they found two pipeline bugs (the read-back
+//! `fault_matrix_lost_parts`: they found three pipeline bugs (the read-back
 //! left the bad object in place; a drive cut between completion and
 //! read-back quarantined at the next comparison instead of deleting its
-//! own never-verified object and uploading again).
+//! own never-verified object and uploading again; a completion that
+//! committed a lost part's wrong object and lost its answer was called a
+//! conflict and quarantined).
 
 mod common;
 

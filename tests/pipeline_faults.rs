@@ -904,3 +904,30 @@ async fn hung_verification_read_is_cut_at_the_configured_timeout() {
     );
     verify_end_state(&rig, 150, false).await;
 }
+
+/// A part the store acknowledged but lost, then a completion that committed
+/// and lost its answer: the retry finds the upload gone and a wrong object
+/// under our key. That object is our own, never verified: it must be
+/// deleted and the segment uploaded again, not quarantined.
+///
+/// (Seen in CI's fault matrix, `fault_matrix_lost_parts` mix 0: the
+/// completion-failed path answered "already holds other bytes" and the
+/// drive quarantined a segment whose local copy was intact.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_part_then_lost_completion_answer_uploads_again() {
+    let mut rig = Rig::new(Kind::Memory, 62, "lost-part-lost-answer");
+    rig.cfg.probe_store = false;
+    rig.fs.fail_next(Op::PutPart, 1, Fault::LosePart);
+    rig.fs
+        .fail_next(Op::CompleteMultipart, 1, Fault::CommitThenLoseAnswer);
+    let (ti, _) = rig.open().await;
+    write_entries(&ti, 0..150);
+    drain_rounds(&rig, Some(ti), Duration::from_secs(10), 3).await;
+    let st = rig.fs.stats();
+    assert!(
+        st.injected_on(Op::PutPart) >= 1 && st.injected_on(Op::CompleteMultipart) >= 1,
+        "the faults never fired: {st:?}"
+    );
+    verify_end_state(&rig, 150, false).await;
+    check_lookups(&rig, 150).await;
+}

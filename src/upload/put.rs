@@ -378,7 +378,17 @@ async fn put_multipart(
                     etag: None,
                     version: None,
                 }),
-                RemoteMatch::Differs(d) => Err(conflict(key, &d)),
+                // The key was empty when this upload began (checked above),
+                // so the object is what *our* completion assembled from a
+                // part the store acknowledged but lost or mangled: ours,
+                // never verified. Corrupt (not a conflict) so the caller
+                // deletes it and uploads again while the local copy holds.
+                RemoteMatch::Differs(d) => Err(Error::corrupt(
+                    key.to_string(),
+                    format!(
+                        "our multipart completion committed other bytes ({d}) and lost its answer"
+                    ),
+                )),
                 RemoteMatch::Missing => {
                     abort_quietly(store, key, &id, policy, rng).await;
                     Err(match e {
