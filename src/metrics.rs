@@ -63,6 +63,9 @@ pub struct Metrics {
     /// Remote segments a lookup could not read (corrupt or missing object
     /// under a committed key).
     pub remote_unreadable: Counter,
+    /// Damage a lookup confirmed with a full read and recorded in the
+    /// manifest (the segment is skipped by readers until repaired).
+    pub remote_damage_marked: Counter,
     /// Background reconcile runs finished (`reconcile_interval_ms`).
     pub reconcile_runs: Counter,
     /// Findings of the last background reconcile that need an operator.
@@ -125,6 +128,12 @@ impl Metrics {
             "counter",
             "Remote segment reads that failed their checks or found no object under a committed key.",
             self.remote_unreadable.get(),
+        );
+        one(
+            "remote_damage_marked_total",
+            "counter",
+            "Damaged remote segments confirmed by a full read and marked in the manifest.",
+            self.remote_damage_marked.get(),
         );
         one(
             "reconcile_runs_total",

@@ -37,7 +37,7 @@ use crate::pipeline::{DrainReport, JournalHandle, ManifestHandle, Scheduler, Sha
 use crate::remote::RemoteStore;
 use crate::remote::fetch::{Fetcher, RemoteSegment};
 use crate::remote::lease::{Clock, SystemClock};
-use crate::remote::manifest::ManifestStore;
+use crate::remote::manifest::{DamageNote, ManifestStore, SegmentEntry};
 use crate::segment::active::Lookup;
 use crate::segment::sealed::fsync_dir;
 use crate::segment::{Entry, TimeRange, now_ms};
@@ -131,6 +131,19 @@ pub struct RemoteLookup {
     /// missing object under a committed key is reported here, loudly, and
     /// never hides the other segments' entries).
     pub unreadable: Vec<(u64, String)>,
+}
+
+/// How a lookup reports a segment the manifest marks as damaged.
+pub(crate) fn damage_text(d: &DamageNote) -> String {
+    format!(
+        "marked damaged in the manifest{}: {}",
+        if d.lost {
+            " (LOST: no intact copy was held)"
+        } else {
+            " (awaiting repair from a local copy)"
+        },
+        d.reason
+    )
 }
 
 /// Open the store named by the config.
@@ -284,6 +297,10 @@ impl TierIndex {
         };
         let held: std::collections::BTreeSet<_> = held.into_iter().collect();
         let sh = self.sh().clone();
+        // Candidates, plus (manifest) each one's entry and the segments the
+        // manifest marks as damaged: those are reported, never read.
+        let mut entries = std::collections::HashMap::new();
+        let mut marked: Vec<(u64, String)> = Vec::new();
         let committed: Vec<RemoteSegment> = match &sh.manifest {
             Some(m) => {
                 let (ms, manifest) = {
@@ -295,7 +312,15 @@ impl TierIndex {
                 };
                 let mut v = Vec::new();
                 for e in ms.all_segments(&manifest).await? {
+                    if held.contains(&e.id) {
+                        continue;
+                    }
+                    if let Some(d) = manifest.damage(e.id) {
+                        marked.push((e.id.0, damage_text(d)));
+                        continue;
+                    }
                     v.push(RemoteSegment::from_entry(&e)?);
+                    entries.insert(e.id, e);
                 }
                 v
             }
@@ -328,11 +353,36 @@ impl TierIndex {
         let mut out = RemoteLookup {
             entries: Vec::new(),
             truncated: local.truncated,
-            remote_segments: remote.len(),
+            remote_segments: remote.len() + marked.len(),
             unreadable: Vec::new(),
         };
+        for (id, why) in marked {
+            sh.metrics.remote_unreadable.inc();
+            out.unreadable.push((id, why));
+        }
         for seg in &remote {
-            match fetcher.lookup_in(seg, h, range).await {
+            let mut res = fetcher.lookup_in(seg, h, range).await;
+            if let Err(e @ Error::Corrupt { .. }) = &res {
+                // Bad bytes in a ranged read: the object's, or the read's?
+                // A full read (CRC of the whole object) decides.
+                match fetcher.confirm_damage(seg).await {
+                    Ok(None) => {
+                        tracing::warn!(segment = seg.meta.id.0, key = %seg.key, error = %e, "ranged read was bad but the object is whole; reading again");
+                        res = fetcher.lookup_in(seg, h, range).await;
+                    }
+                    Ok(Some(why)) => {
+                        let entry = entries.get(&seg.meta.id);
+                        if let (Some(m), Some(entry)) = (&sh.manifest, entry) {
+                            self.mark_damaged(m, entry, &why).await;
+                        }
+                        res = Err(Error::corrupt(seg.key.to_string(), why));
+                    }
+                    Err(c) => {
+                        tracing::warn!(segment = seg.meta.id.0, error = %c, "could not confirm damage with a full read");
+                    }
+                }
+            }
+            match res {
                 Ok(es) => out.entries.extend(es),
                 Err(e) => {
                     tracing::error!(segment = seg.meta.id.0, key = %seg.key, error = %e, "remote segment unreadable");
@@ -343,6 +393,45 @@ impl TierIndex {
         }
         out.entries.extend(local.entries);
         Ok(out)
+    }
+
+    /// Records confirmed damage of a committed segment in the manifest, so
+    /// every reader skips it (and says why) until a repair re-uploads it.
+    /// Lost unless an intact local copy is still on disk here. Failures
+    /// (fenced, store down) are logged: the lookup still reports the
+    /// segment as unreadable.
+    async fn mark_damaged(
+        &self,
+        m: &crate::pipeline::ManifestHandle,
+        entry: &SegmentEntry,
+        why: &str,
+    ) {
+        let sh = self.sh();
+        let local = sh
+            .seg_dir
+            .join(crate::segment::sealed::sealed_file_name(entry.id));
+        let lost = !std::fs::read(&local).is_ok_and(|b| {
+            b.len() as u64 == entry.file_len && crc32fast::hash(&b) == entry.file_crc
+        });
+        let mut g = m.writer.lock().await;
+        let Some(w) = g.as_mut() else {
+            return;
+        };
+        let note = DamageNote::new(entry, why, lost, w.store().now_ms());
+        if lost {
+            tracing::error!(segment = entry.id.0, key = %entry.key, reason = why, "committed segment is damaged and no local copy is held: its entries are LOST unless a copy is found; marked in the manifest");
+        } else {
+            tracing::error!(segment = entry.id.0, key = %entry.key, reason = why, "committed segment is damaged; a local copy is held (tierindex reconcile --repair re-uploads it); marked in the manifest");
+        }
+        match w.mark_damaged(note).await {
+            Ok(_) => sh.metrics.remote_damage_marked.inc(),
+            Err(Error::Fenced(why)) => {
+                let _ = sh.note_fenced(why);
+            }
+            Err(e) => {
+                tracing::warn!(segment = entry.id.0, error = %e, "could not mark the damage in the manifest");
+            }
+        }
     }
 
     pub fn status(&self) -> Status {

@@ -14,8 +14,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tierindex::remote::lease::ManualClock;
 use tierindex::remote::manifest::{
-    CommitOutcome, Manifest, ManifestOptions, ManifestStore, ManifestWriter, SegmentEntry,
-    decode_manifest, parse_version_name,
+    CommitOutcome, DAMAGE_REASON_MAX, DamageNote, Manifest, ManifestOptions, ManifestStore,
+    ManifestWriter, SegmentEntry, decode_manifest, parse_version_name,
 };
 use tierindex::remote::probe::probe;
 use tierindex::remote::{RemoteStore, StoreOptions};
@@ -726,4 +726,96 @@ async fn refused_on_a_store_that_ignores_conditional_writes() {
     w.commit(std::slice::from_ref(&e)).await.unwrap();
     let m = ms.load().await.unwrap().unwrap();
     assert_eq!(m.segments, vec![e]);
+}
+
+/// Damage notes: marked by the owner, persisted in the next version (and
+/// every later one, across chunk spills), idempotent, `lost` only
+/// escalates, cleared by a repair; a fenced owner cannot mark; a note for a
+/// segment the manifest does not list is refused.
+#[tokio::test]
+async fn damage_notes_are_published_kept_and_cleared() {
+    for b in BACKENDS {
+        let env = Env::new(b);
+        let o = ManifestOptions {
+            max_inline: 4,
+            chunk_entries: 2,
+            ..opts()
+        };
+        let ms = env.open(o.clone()).await;
+        let mut w = ms.take_ownership("a", TTL).await.unwrap();
+        w.commit(&(1..=3).map(|i| env.entry(i)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let e2 = env.entry(2);
+        let long = "x".repeat(DAMAGE_REASON_MAX * 2);
+        let v = w
+            .mark_damaged(DamageNote::new(&e2, &long, false, 11))
+            .await
+            .unwrap();
+        assert!(v.is_some(), "{b:?}: first mark publishes");
+        // Same note again: nothing written.
+        let again = w
+            .mark_damaged(DamageNote::new(&e2, "other words", false, 12))
+            .await
+            .unwrap();
+        assert_eq!(again, None, "{b:?}");
+        // Escalation to lost publishes; back to not-lost does not.
+        assert!(
+            w.mark_damaged(DamageNote::new(&e2, "gone", true, 13))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            w.mark_damaged(DamageNote::new(&e2, "found", false, 14))
+                .await
+                .unwrap(),
+            None
+        );
+        // Not listed: refused.
+        let stranger = env.entry(9);
+        assert!(matches!(
+            w.mark_damaged(DamageNote::new(&stranger, "?", true, 15))
+                .await,
+            Err(Error::InvalidInput(_))
+        ));
+        // Kept across later commits that spill entries into chunks.
+        w.commit(&(4..=8).map(|i| env.entry(i)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        assert!(!m.chunks.is_empty(), "{b:?}: spilled");
+        let d = m.damage(SegmentId(2)).expect("note kept");
+        assert!(d.lost);
+        assert_eq!(d.reason, "gone");
+        assert_eq!(m.damaged.len(), 1);
+        // The note survives a decode of every version written since.
+        for v in env.versions(&ms).await {
+            if v.version >= m.version {
+                assert!(v.damage(SegmentId(2)).is_some());
+            }
+        }
+        // Cleared by a repair; clearing twice writes nothing.
+        assert!(w.clear_damage(SegmentId(2)).await.unwrap().is_some());
+        assert_eq!(w.clear_damage(SegmentId(2)).await.unwrap(), None);
+        assert!(ms.load().await.unwrap().unwrap().damaged.is_empty());
+        // A cut reason is cut at DAMAGE_REASON_MAX bytes.
+        assert_eq!(
+            DamageNote::new(&e2, &long, false, 0).reason.len(),
+            DAMAGE_REASON_MAX
+        );
+
+        // Fenced: a newer owner took over; the old one can mark nothing.
+        env.clock.advance(TTL * 2);
+        let mut w2 = ms.take_ownership("b", TTL).await.unwrap();
+        let r = w.mark_damaged(DamageNote::new(&e2, "late", true, 20)).await;
+        assert!(matches!(r, Err(Error::Fenced(_))), "{b:?}: {r:?}");
+        assert!(ms.load().await.unwrap().unwrap().damaged.is_empty());
+        assert!(
+            w2.mark_damaged(DamageNote::new(&e2, "b saw it", true, 21))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
 }

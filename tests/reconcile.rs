@@ -230,7 +230,8 @@ async fn deleted_object_is_reuploaded_or_reported_lost() {
     assert!(!out.contains("AWS_"), "{out}");
     let after = snapshot(&rig.store_dir);
     // Nothing under segments/ or manifest/ changed (the manifest's probe
-    // objects aside: the repair run probes the store only to write it).
+    // objects aside): the CLI ran without `manifest = true`, so it may not
+    // write the manifest.
     let strip = |m: &BTreeMap<PathBuf, Vec<u8>>| -> BTreeMap<PathBuf, Vec<u8>> {
         m.iter()
             .filter(|(p, _)| p.starts_with(STREAM))
@@ -238,10 +239,110 @@ async fn deleted_object_is_reuploaded_or_reported_lost() {
             .collect()
     };
     assert_eq!(strip(&before), strip(&after));
+    // With `manifest = true`, a repair run marks the segment LOST in the
+    // manifest (every reader then says so instead of failing a read), and
+    // changes nothing under segments/.
+    let r = rig.run(true, false, Duration::from_secs(3600)).await;
+    assert_eq!(r.lost, 1, "{:#?}", r.findings);
+    assert!(
+        r.findings[0].action.contains("1 marked lost"),
+        "{:?}",
+        r.findings[0]
+    );
+    let seg_only = |m: &BTreeMap<PathBuf, Vec<u8>>| -> BTreeMap<PathBuf, Vec<u8>> {
+        m.iter()
+            .filter(|(p, _)| p.starts_with(Path::new(STREAM).join("segments")))
+            .map(|(p, b)| (p.clone(), b.clone()))
+            .collect()
+    };
+    assert_eq!(seg_only(&before), seg_only(&snapshot(&rig.store_dir)));
+    let ms = rig.manifest_store();
+    let m = ms.load().await.unwrap().unwrap();
+    let note = m.damage(*id).expect("lost segment marked in the manifest");
+    assert!(note.lost, "{note:?}");
+    assert_eq!(m.damaged.len(), 1);
+    assert_eq!(m.lease, None, "the reconciler released the lease it took");
     let r = rig.run(false, false, Duration::from_secs(3600)).await;
-    assert_eq!(kinds(&r), vec![(FindingKind::ObjectMissing, Some(id.0))]);
+    assert_eq!(
+        kinds(&r),
+        vec![
+            (FindingKind::ObjectMissing, Some(id.0)),
+            (FindingKind::ManifestDamaged, Some(id.0))
+        ]
+    );
     assert!(r.findings[0].lost && r.findings[0].action.starts_with("LOST"));
-    assert_eq!(r.lost, 1);
+    assert!(r.findings[1].lost && r.findings[1].action.starts_with("LOST"));
+    assert_eq!(r.lost, 2);
+    // A second repair run marks nothing new.
+    let r = rig.run(true, false, Duration::from_secs(3600)).await;
+    assert_eq!(r.lost, 2);
+    assert_eq!(ms.load().await.unwrap().unwrap().version, m.version);
+}
+
+/// A damage note a reader left in the manifest (an object whose bytes went
+/// bad), with the local copy still held: report-only says so; `--repair`
+/// deletes the wrong object, re-uploads the local copy and clears the note.
+/// A note whose object verifies whole again is cleared without an upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_note_is_repaired_from_the_local_copy_and_cleared() {
+    use tierindex::remote::manifest::DamageNote;
+    let rig = Rig::drained().await;
+    let committed = rig.committed();
+    let mut it = committed.iter();
+    let (id, rec) = it.next().unwrap();
+    let (id2, _) = it.next().unwrap();
+    let obj = rig.object_path(rec);
+    let original = std::fs::read(&obj).unwrap();
+    let mut flipped = original.clone();
+    flipped[original.len() / 3] ^= 0x01;
+    std::fs::write(&obj, &flipped).unwrap();
+    // A reader's note on the flipped one; a stale note on a whole one.
+    let ms = rig.manifest_store();
+    let mut w = ms
+        .take_ownership("a-reader", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let entries = ms.all_segments(w.manifest()).await.unwrap();
+    let e = entries.iter().find(|e| e.id == *id).unwrap();
+    let e2 = entries.iter().find(|e| e.id == *id2).unwrap();
+    w.mark_damaged(DamageNote::new(e, "object CRC32 differs", false, 1))
+        .await
+        .unwrap();
+    w.mark_damaged(DamageNote::new(e2, "a read went bad", false, 2))
+        .await
+        .unwrap();
+    w.release().await.unwrap();
+
+    let r = rig.run(false, false, Duration::from_secs(3600)).await;
+    assert_eq!(
+        kinds(&r),
+        vec![
+            (FindingKind::ManifestDamaged, Some(id.0)),
+            (FindingKind::ManifestDamaged, Some(id2.0))
+        ],
+        "{:#?}",
+        r.findings
+    );
+    assert!(r.findings.iter().all(|f| !f.repaired && !f.lost));
+    assert!(r.needs_operator());
+    assert_eq!(std::fs::read(&obj).unwrap(), flipped, "report-only wrote");
+
+    let r = rig.run(true, false, Duration::from_secs(3600)).await;
+    assert!(r.findings.iter().all(|f| f.repaired), "{:#?}", r.findings);
+    assert!(
+        r.findings[0].action.contains("re-uploaded"),
+        "{:?}",
+        r.findings[0]
+    );
+    assert!(
+        r.findings[1].action.contains("verifies whole"),
+        "{:?}",
+        r.findings[1]
+    );
+    assert!(!r.needs_operator());
+    assert_eq!(std::fs::read(&obj).unwrap(), original);
+    assert!(ms.load().await.unwrap().unwrap().damaged.is_empty());
+    assert_clean(&rig.run(false, true, Duration::from_secs(3600)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -213,6 +213,7 @@ pub(crate) async fn remote_hits(
 ) -> Result<(usize, Vec<(u64, crate::segment::Entry)>, Vec<String>)> {
     use crate::remote::fetch::{Fetcher, RemoteSegment};
     let store = open_store(cfg)?;
+    let mut bad = Vec::new();
     let segs: Vec<RemoteSegment> = if cfg.manifest {
         let opts = crate::remote::manifest::ManifestOptions {
             allow_unconditional_store: cfg.allow_unconditional_store,
@@ -220,12 +221,22 @@ pub(crate) async fn remote_hits(
         };
         let ms = crate::remote::manifest::ManifestStore::open(&store, &cfg.stream, opts).await?;
         match ms.load().await? {
-            Some(m) => ms
-                .all_segments(&m)
-                .await?
-                .iter()
-                .map(RemoteSegment::from_entry)
-                .collect::<Result<_>>()?,
+            Some(m) => {
+                let mut v = Vec::new();
+                for e in ms.all_segments(&m).await? {
+                    match m.damage(e.id) {
+                        // Marked damaged: reported, never read.
+                        Some(d) if !held.contains(&e.id.0) => bad.push(format!(
+                            "remote segment {:020} ({}): {}",
+                            e.id.0,
+                            e.key,
+                            crate::tier::damage_text(d)
+                        )),
+                        _ => v.push(RemoteSegment::from_entry(&e)?),
+                    }
+                }
+                v
+            }
             None => Vec::new(),
         }
     } else {
@@ -253,7 +264,8 @@ pub(crate) async fn remote_hits(
         cfg.upload_config().retry_policy(),
         crate::tier::REMOTE_INDEX_CACHE_BYTES,
     );
-    let (mut hits, mut bad) = (Vec::new(), Vec::new());
+    let candidates = segs.len() + bad.len();
+    let mut hits = Vec::new();
     for s in &segs {
         match f.lookup_in(s, key_hash, range).await {
             Ok(es) => hits.extend(es.into_iter().map(|e| (s.meta.id.0, e))),
@@ -263,7 +275,7 @@ pub(crate) async fn remote_hits(
             )),
         }
     }
-    Ok((segs.len(), hits, bad))
+    Ok((candidates, hits, bad))
 }
 
 /// `tierindex reconcile [--repair] [--grace-ms MS] [--deep]`: journal vs

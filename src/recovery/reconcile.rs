@@ -53,8 +53,9 @@ use crate::config::Config;
 use crate::datadir::{self, DataDir};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, SegmentRecord, SegmentState};
+use crate::remote::fetch::{Fetcher, RemoteSegment};
 use crate::remote::lease::SystemClock;
-use crate::remote::manifest::{CommitOutcome, ManifestStore, SegmentEntry};
+use crate::remote::manifest::{CommitOutcome, DamageNote, ManifestStore, SegmentEntry};
 use crate::remote::probe::Capabilities;
 use crate::remote::{RemoteStore, classify, keys};
 use crate::segment::format::{FOOTER_LEN, Footer};
@@ -115,6 +116,9 @@ pub enum FindingKind {
     Orphan,
     /// An object under the segments prefix that is not one of our keys.
     Foreign,
+    /// The manifest carries a damage note for the segment (a reader found
+    /// its object damaged); or a lost segment the manifest did not mark.
+    ManifestDamaged,
 }
 
 impl FindingKind {
@@ -129,6 +133,7 @@ impl FindingKind {
             FindingKind::UnusableObject => "unusable object",
             FindingKind::Orphan => "orphan",
             FindingKind::Foreign => "foreign",
+            FindingKind::ManifestDamaged => "manifest damage note",
         }
     }
 }
@@ -478,7 +483,155 @@ pub async fn reconcile(
             findings.push(f);
         }
     }
+    // 5. Damage notes in the manifest (written by readers that confirmed a
+    // damaged object), and lost segments the manifest does not mark yet.
+    let mut clears: Vec<SegmentId> = Vec::new();
+    let mut marks: Vec<DamageNote> = Vec::new();
+    let mut note_findings: Vec<usize> = Vec::new();
+    if let Some(m) = &manifest {
+        let fetcher = Fetcher::new(
+            store.clone(),
+            cfg.upload_config().retry_policy(),
+            crate::tier::REMOTE_INDEX_CACHE_BYTES,
+        );
+        for note in &m.damaged {
+            let Some(e) = m_entries.get(&note.id) else {
+                let mut f = Finding::new(
+                    FindingKind::ManifestDamaged,
+                    Some(note.id),
+                    &note.key,
+                    format!(
+                        "note for a segment the manifest does not list: {}",
+                        note.reason
+                    ),
+                );
+                f.action = "none: an operator must inspect the manifest".into();
+                findings.push(f);
+                continue;
+            };
+            let key = Path::parse(&e.key)
+                .map_err(|err| Error::corrupt("manifest entry", format!("{:?}: {err}", e.key)))?;
+            let detail = format!(
+                "marked {}damaged: {}",
+                if note.lost { "LOST and " } else { "" },
+                note.reason
+            );
+            // Whole now (repaired above, or restored by someone)?
+            let whole = object_ok(&sizes, &bad, &e.key, e.file_len)
+                && matches!(
+                    fetcher.confirm_damage(&RemoteSegment::from_entry(e)?).await,
+                    Ok(None)
+                );
+            let mut f = if whole {
+                let mut f = Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
+                f.action = "the object verifies whole now".into();
+                f
+            } else {
+                // The local copy is the journal's, if it records these bytes.
+                let local = view
+                    .get(e.id)
+                    .filter(|r| r.meta.file_crc == e.file_crc && r.meta.file_len == e.file_len);
+                let present = sizes.contains_key(&e.key);
+                match local {
+                    Some(r) => {
+                        repair_object(
+                            store,
+                            cfg,
+                            opts,
+                            &seg_dir,
+                            FindingKind::ManifestDamaged,
+                            &key,
+                            &r.meta,
+                            present,
+                            detail,
+                        )
+                        .await
+                    }
+                    None => {
+                        let mut f =
+                            Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
+                        f.lost = true;
+                        f.action = "LOST: the journal holds no local copy of these bytes;                                     nothing deleted"
+                            .into();
+                        f
+                    }
+                }
+            };
+            if f.lost {
+                if !note.lost {
+                    if opts.repair && cfg.manifest {
+                        marks.push(DamageNote::new(
+                            e,
+                            &note.reason,
+                            true,
+                            crate::segment::now_ms(),
+                        ));
+                        note_findings.push(findings.len());
+                    } else {
+                        f.action
+                            .push_str(" (--repair marks it lost in the manifest)");
+                    }
+                }
+            } else if whole || f.repaired {
+                sizes.insert(e.key.clone(), e.file_len);
+                bad.remove(&e.key);
+                if opts.repair && cfg.manifest {
+                    clears.push(e.id);
+                    f.repaired = false; // until the note is cleared
+                    note_findings.push(findings.len());
+                } else {
+                    f.repaired = false;
+                    f.action.push_str(if cfg.manifest {
+                        "; none (--repair clears the note)"
+                    } else {
+                        "; none: manifest = false in the config (the note stays)"
+                    });
+                }
+            }
+            findings.push(f);
+        }
+        // Lost segments (rules 1 and 2) the manifest lists without a note:
+        // mark them, so every reader says LOST instead of failing a read.
+        if opts.repair && cfg.manifest {
+            for i in 0..findings.len() {
+                let Some(f) = findings.get(i) else { continue };
+                let Some(e) = f.segment.and_then(|id| m_entries.get(&SegmentId(id))) else {
+                    continue;
+                };
+                if !f.lost
+                    || f.kind == FindingKind::ManifestDamaged
+                    || f.key != e.key
+                    || m.damage(e.id).is_some()
+                    || marks.iter().any(|n| n.id == e.id)
+                {
+                    continue;
+                }
+                marks.push(DamageNote::new(
+                    e,
+                    &f.detail,
+                    true,
+                    crate::segment::now_ms(),
+                ));
+                note_findings.push(i);
+            }
+        }
+    }
+
     let mut manifest_now = manifest_present;
+    if !clears.is_empty() || !marks.is_empty() {
+        let (action, ok) = match write_notes(store, cfg, &clears, &marks).await {
+            Ok(a) => (a, true),
+            Err(why) => (why, false),
+        };
+        for i in &note_findings {
+            if let Some(f) = findings.get_mut(*i) {
+                f.action = format!("{}; {action}", f.action);
+                if !f.lost {
+                    f.repaired = ok;
+                }
+            }
+        }
+    }
     if !to_commit.is_empty() {
         let (action, ok) = match commit_entries(store, cfg, &to_commit).await {
             Ok(a) => (a, true),
@@ -802,6 +955,47 @@ async fn commit_entries(
             format!("already listed in manifest version {version}")
         }
     };
+    if let Err(e) = w.release().await {
+        return Ok(format!("{what} (releasing the lease failed: {e})"));
+    }
+    Ok(what)
+}
+
+/// Clears and adds manifest damage notes as the config's owner, then
+/// releases the lease. The `Err` is the action text when nothing was
+/// written.
+async fn write_notes(
+    store: &RemoteStore,
+    cfg: &Config,
+    clears: &[SegmentId],
+    marks: &[DamageNote],
+) -> std::result::Result<String, String> {
+    let fail = |e: Error| format!("manifest not updated: {e}");
+    let owner = cfg.effective_owner_id().map_err(fail)?;
+    let ms = ManifestStore::open(store, &cfg.stream, cfg.manifest_options())
+        .await
+        .map_err(fail)?;
+    let mut w = match ms.take_ownership(&owner, cfg.lease_ttl()).await {
+        Ok(w) => w,
+        Err(Error::Claimed(m)) => {
+            return Err(format!(
+                "manifest not updated (Claimed): {m}; the reconciler never fences a live owner"
+            ));
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    for id in clears {
+        w.clear_damage(*id).await.map_err(fail)?;
+    }
+    for n in marks {
+        w.mark_damaged(n.clone()).await.map_err(fail)?;
+    }
+    let what = format!(
+        "manifest notes: {} cleared, {} marked lost (version {}, owner {owner:?})",
+        clears.len(),
+        marks.len(),
+        w.manifest().version
+    );
     if let Err(e) = w.release().await {
         return Ok(format!("{what} (releasing the lease failed: {e})"));
     }

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange};
+use object_store::{GetOptions, GetRange, ObjectStoreExt};
 
 use crate::error::{Error, Result};
 use crate::remote::manifest::SegmentEntry;
@@ -430,6 +430,74 @@ impl Fetcher {
     /// The store this fetcher reads.
     pub fn store(&self) -> &RemoteStore {
         &self.store
+    }
+
+    /// Confirms damage a ranged read reported, by reading the whole object
+    /// (a HEAD first: a missing or wrongly sized object is not downloaded).
+    /// `Ok(None)`: the object has the recorded length and CRC, so the bad
+    /// bytes were a read's, not the object's; the cached index is dropped
+    /// and the caller may read again. `Ok(Some(why))`: the object itself is
+    /// missing or wrong. `Err`: the store could not answer (transient).
+    pub async fn confirm_damage(&self, seg: &RemoteSegment) -> Result<Option<String>> {
+        self.invalidate(&seg.key);
+        let os = self.store.object_store().clone();
+        let mut rng = fastrand::Rng::new();
+        let key = &seg.key;
+        let head = with_retries(&self.policy, &mut rng, "HEAD segment", |_| {
+            let os = os.clone();
+            async move { os.head(key).await }
+        })
+        .await;
+        let size = match head {
+            Ok(m) => m.size,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Ok(Some("missing: no object under a committed key".into()));
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        if size != seg.meta.file_len {
+            return Ok(Some(format!(
+                "object is {size} bytes, {} recorded",
+                seg.meta.file_len
+            )));
+        }
+        // Streamed and hashed as it arrives: a segment may be large.
+        let got = with_retries(&self.policy, &mut rng, "GET segment", |_| {
+            let os = os.clone();
+            async move {
+                use futures::TryStreamExt as _;
+                let mut stream = os.get(key).await?.into_stream();
+                let (mut h, mut n) = (crc32fast::Hasher::new(), 0u64);
+                while let Some(chunk) = stream.try_next().await? {
+                    h.update(&chunk);
+                    n += chunk.len() as u64;
+                }
+                Ok((n, h.finalize()))
+            }
+        })
+        .await;
+        let (len, crc) = match got {
+            Ok(x) => x,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Ok(Some("missing: no object under a committed key".into()));
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        self.requests.fetch_add(2, Ordering::Relaxed);
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        if len != seg.meta.file_len {
+            return Ok(Some(format!(
+                "object read back as {len} bytes, {} recorded",
+                seg.meta.file_len
+            )));
+        }
+        if crc != seg.meta.file_crc {
+            return Ok(Some(format!(
+                "object CRC32 {crc:08x}, {:08x} recorded",
+                seg.meta.file_crc
+            )));
+        }
+        Ok(None)
     }
 }
 

@@ -156,6 +156,50 @@ impl ChunkRef {
     }
 }
 
+/// Longest `reason` a [`DamageNote`] keeps (longer ones are cut).
+pub const DAMAGE_REASON_MAX: usize = 512;
+/// Most damage notes one manifest version may carry.
+pub const DAMAGE_NOTES_MAX: usize = 4096;
+
+/// A committed segment whose object was found damaged (missing, wrong size
+/// or wrong bytes) by a reader that confirmed it with a full read. Readers
+/// skip it (reporting why) until a repair re-uploads the object from an
+/// intact local copy and clears the note. The entry itself stays listed:
+/// the offsets it covers are known, only their bytes are unreadable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DamageNote {
+    pub id: SegmentId,
+    /// The entry's object key.
+    pub key: String,
+    /// What the reader found (at most [`DAMAGE_REASON_MAX`] bytes).
+    pub reason: String,
+    /// No intact local copy was known when marked: the segment's entries
+    /// are lost unless a copy turns up (`tierindex reconcile --repair` run
+    /// where one is held re-uploads it and clears the note).
+    pub lost: bool,
+    /// When it was marked (writer's clock, ms since Unix epoch).
+    pub marked_ms: u64,
+}
+
+impl DamageNote {
+    /// A note with `reason` cut to [`DAMAGE_REASON_MAX`] bytes (at a char
+    /// boundary).
+    pub fn new(e: &SegmentEntry, reason: &str, lost: bool, marked_ms: u64) -> DamageNote {
+        let mut end = reason.len().min(DAMAGE_REASON_MAX);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        DamageNote {
+            id: e.id,
+            key: e.key.clone(),
+            reason: reason.get(..end).unwrap_or_default().to_string(),
+            lost,
+            marked_ms,
+        }
+    }
+}
+
 /// One version of a stream's manifest (the head object).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,6 +221,10 @@ pub struct Manifest {
     pub chunks: Vec<ChunkRef>,
     /// Entries not spilled yet, strictly ascending by id.
     pub segments: Vec<SegmentEntry>,
+    /// Committed segments whose objects were found damaged, strictly
+    /// ascending by id (absent from the JSON when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged: Vec<DamageNote>,
 }
 
 impl Manifest {
@@ -185,6 +233,14 @@ impl Manifest {
         let inline = self.segments.last().map(|e| e.id);
         let chunked = self.chunks.iter().map(|c| c.last_id).max();
         inline.max(chunked)
+    }
+
+    /// The damage note of segment `id`, if it has one.
+    pub fn damage(&self, id: SegmentId) -> Option<&DamageNote> {
+        self.damaged
+            .binary_search_by_key(&id, |d| d.id)
+            .ok()
+            .and_then(|i| self.damaged.get(i))
     }
 
     /// The inline entry with `id`, if any (chunks are not searched).
@@ -221,6 +277,7 @@ impl Manifest {
             lease::validate_owner(&l.owner).map_err(|e| e.to_string())?;
         }
         check_sorted(&self.segments)?;
+        check_damage_notes(&self.damaged)?;
         let mut total = self.segments.len() as u64;
         for c in &self.chunks {
             check_chunk_ref(c)?;
@@ -263,6 +320,45 @@ fn check_sorted(entries: &[SegmentEntry]) -> std::result::Result<(), String> {
         {
             return Err(format!(
                 "entries not strictly ascending: {} then {}",
+                a.id, b.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_damage_notes(notes: &[DamageNote]) -> std::result::Result<(), String> {
+    if notes.len() > DAMAGE_NOTES_MAX {
+        return Err(format!(
+            "{} damage notes, at most {DAMAGE_NOTES_MAX}",
+            notes.len()
+        ));
+    }
+    for d in notes {
+        if d.reason.len() > DAMAGE_REASON_MAX {
+            return Err(format!(
+                "damage note of segment {} has a {}-byte reason",
+                d.id,
+                d.reason.len()
+            ));
+        }
+        let name = Path::parse(&d.key)
+            .ok()
+            .and_then(|p| p.filename().map(str::to_string))
+            .unwrap_or_default();
+        if !matches!(keys::parse_segment_object_name(&name), Some((id, _)) if id == d.id) {
+            return Err(format!(
+                "damage note of segment {} names key {:?}",
+                d.id, d.key
+            ));
+        }
+    }
+    for w in notes.windows(2) {
+        if let [a, b] = w
+            && a.id >= b.id
+        {
+            return Err(format!(
+                "damage notes not strictly ascending: {} then {}",
                 a.id, b.id
             ));
         }
@@ -723,6 +819,7 @@ impl ManifestStore {
                     segment_count: 0,
                     chunks: Vec::new(),
                     segments: Vec::new(),
+                    damaged: Vec::new(),
                 },
                 Some((m, _)) => {
                     if let Some(l) = &m.lease
@@ -1193,6 +1290,82 @@ impl ManifestWriter {
         Ok(())
     }
 
+    /// Records that segment `note.id`'s object is damaged (readers skip it
+    /// until [`clear_damage`](Self::clear_damage)). The segment must be
+    /// listed under `note.key`. An identical note (same key and `lost`)
+    /// writes nothing; `lost` only ever goes from false to true here.
+    pub async fn mark_damaged(&mut self, note: DamageNote) -> Result<Option<u64>> {
+        self.check_alive()?;
+        match self.find(note.id).await? {
+            Some(e) if e.key == note.key => {}
+            Some(e) => {
+                return Err(Error::InvalidInput(format!(
+                    "segment {} is listed under {:?}, not {:?}",
+                    note.id, e.key, note.key
+                )));
+            }
+            None => {
+                return Err(Error::InvalidInput(format!(
+                    "segment {} is not in the manifest of {:?}",
+                    note.id,
+                    self.ms.stream()
+                )));
+            }
+        }
+        self.publish_next("mark damaged", |base, now| {
+            let mut damaged = base.damaged.clone();
+            match damaged.binary_search_by_key(&note.id, |d| d.id) {
+                Ok(i) => {
+                    let Some(old) = damaged.get_mut(i) else {
+                        return Ok(None);
+                    };
+                    if old.lost || old.lost == note.lost {
+                        return Ok(None);
+                    }
+                    *old = note.clone();
+                }
+                Err(i) => {
+                    if damaged.len() >= DAMAGE_NOTES_MAX {
+                        return Err(Error::RemoteRetryable(format!(
+                            "manifest of {:?} already carries {DAMAGE_NOTES_MAX} damage notes;                              repair some first",
+                            base.stream
+                        )));
+                    }
+                    damaged.insert(i, note.clone());
+                }
+            }
+            Ok(Some(Manifest {
+                version: Self::next_version(base)?,
+                written_ms: now,
+                damaged,
+                ..base.clone()
+            }))
+        })
+        .await
+    }
+
+    /// Removes segment `id`'s damage note (its object was re-uploaded and
+    /// verified). Nothing to remove writes nothing.
+    pub async fn clear_damage(&mut self, id: SegmentId) -> Result<Option<u64>> {
+        self.publish_next("clear damage", |base, now| {
+            if base.damage(id).is_none() {
+                return Ok(None);
+            }
+            Ok(Some(Manifest {
+                version: Self::next_version(base)?,
+                written_ms: now,
+                damaged: base
+                    .damaged
+                    .iter()
+                    .filter(|d| d.id != id)
+                    .cloned()
+                    .collect(),
+                ..base.clone()
+            }))
+        })
+        .await
+    }
+
     /// Adds `entries` to the manifest in one new version. Entries already
     /// listed with identical content are skipped (a retry is harmless); one
     /// listed with other content is [`Error::RemoteConflict`]. Fails with
@@ -1375,6 +1548,7 @@ mod tests {
             segment_count: n,
             chunks: Vec::new(),
             segments: (1..=n).map(entry).collect(),
+            damaged: Vec::new(),
         }
     }
 
