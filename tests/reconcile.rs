@@ -504,3 +504,43 @@ async fn live_lease_of_another_owner_blocks_manifest_repair() {
     let after = ms.load().await.unwrap().unwrap();
     assert_eq!(after, before);
 }
+
+/// `tierindex status --remote`: the journal's table with the manifest and
+/// the listing next to it; exit 4 once a committed object is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_remote_shows_the_manifest_and_the_objects() {
+    let rig = Rig::drained().await;
+    let committed = rig.committed();
+    let n = committed.len();
+    let (code, out) = rig.cli(&["status", "--remote"]);
+    assert_eq!(code, EXIT_DRAINED, "{out}");
+    assert_eq!(out.matches("| listed | present").count(), n, "{out}");
+    assert!(
+        out.contains(&format!("{n} committed segment(s), 0 damage note(s)")),
+        "{out}"
+    );
+    assert!(out.contains("epoch 1, no owner (released)"), "{out}");
+    assert!(
+        out.contains("0 verified-or-later segment(s) without their object"),
+        "{out}"
+    );
+
+    let (id, rec) = committed.iter().next().unwrap();
+    std::fs::remove_file(rig.object_path(rec)).unwrap();
+    let (code, out) = rig.cli(&["--json", "status", "--remote"]);
+    assert_eq!(code, EXIT_NEEDS_OPERATOR, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["remote"]["objects_missing"], 1, "{v}");
+    assert_eq!(v["remote"]["manifest_present"], true, "{v}");
+    assert_eq!(v["remote"]["committed_segments"], n as u64, "{v}");
+    assert_eq!(v["remote"]["listed_objects"], (n - 1) as u64, "{v}");
+    let seg = v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["meta"]["id"] == id.0)
+        .unwrap();
+    assert_eq!(seg["object"], "absent", "{seg}");
+    assert_eq!(seg["manifest"], "listed", "{seg}");
+    assert!(!out.contains("AWS_"), "{out}");
+}

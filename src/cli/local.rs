@@ -21,6 +21,37 @@ struct StatusOut<'a> {
     segments: Vec<&'a SegmentRecord>,
 }
 
+/// One line per journal segment (shared with `status --remote`, which
+/// appends a column).
+pub(crate) fn segment_line(r: &SegmentRecord) -> String {
+    format!(
+        "{:020}  {:<11} {:>6} {:>10}  {:08x}  {}{}",
+        r.meta.id.0,
+        format!("{:?}", r.state),
+        r.meta.item_count,
+        r.meta.file_len,
+        r.meta.file_crc,
+        r.key.as_deref().unwrap_or("-"),
+        r.reason
+            .as_deref()
+            .map(|x| format!("  ({x})"))
+            .unwrap_or_default()
+    )
+}
+
+/// The totals line of `status`.
+pub(crate) fn totals_line(t: &Status) -> String {
+    format!(
+        "totals: {:?}; pending {} segments / {} bytes; oldest pending {}",
+        t.by_state,
+        t.pending_segments,
+        t.pending_bytes,
+        t.oldest_pending_age_ms
+            .map(|a| format!("{} ms", a))
+            .unwrap_or_else(|| "-".into())
+    )
+}
+
 pub fn status(cli: &Cli) -> Result<i32> {
     let cfg = cli.config()?;
     let (view, _rep) = Journal::open_read_only(&cfg.data_dir)?;
@@ -35,30 +66,10 @@ pub fn status(cli: &Cli) -> Result<i32> {
         let mut s =
             String::from("segment               state        items      bytes  crc32     key\n");
         for r in &o.segments {
-            s.push_str(&format!(
-                "{:020}  {:<11} {:>6} {:>10}  {:08x}  {}{}\n",
-                r.meta.id.0,
-                format!("{:?}", r.state),
-                r.meta.item_count,
-                r.meta.file_len,
-                r.meta.file_crc,
-                r.key.as_deref().unwrap_or("-"),
-                r.reason
-                    .as_deref()
-                    .map(|x| format!("  ({x})"))
-                    .unwrap_or_default()
-            ));
+            s.push_str(&segment_line(r));
+            s.push('\n');
         }
-        s.push_str(&format!(
-            "totals: {:?}; pending {} segments / {} bytes; oldest pending {}",
-            o.totals.by_state,
-            o.totals.pending_segments,
-            o.totals.pending_bytes,
-            o.totals
-                .oldest_pending_age_ms
-                .map(|a| format!("{} ms", a))
-                .unwrap_or_else(|| "-".into())
-        ));
+        s.push_str(&totals_line(&o.totals));
         s
     });
     Ok(if quarantined > 0 {

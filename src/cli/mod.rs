@@ -56,7 +56,14 @@ pub enum Command {
     /// is down, then exit (0 drained, 3 pending, 4 needs an operator).
     Drain(drain::DrainArgs),
     /// Per-segment state from the journal, totals, oldest pending.
-    Status,
+    Status {
+        /// Also show the remote state: the stream's manifest (version,
+        /// epoch, owner and lease, committed count, damage notes) and, per
+        /// journal segment, whether the manifest lists it and its object is
+        /// in the bucket listing (one manifest read and one LIST; read only).
+        #[arg(long)]
+        remote: bool,
+    },
     /// Re-check every verified/committed segment against the store.
     Verify,
     /// Decode a segment or journal file.
@@ -225,9 +232,13 @@ async fn run(cli: &Cli) -> Result<i32> {
             cli.require_data_dir()?;
             drain::run(cli, a).await
         }
-        Command::Status => {
+        Command::Status { remote } => {
             cli.require_data_dir()?;
-            local::status(cli)
+            if *remote {
+                remote::status_remote(cli).await
+            } else {
+                local::status(cli)
+            }
         }
         Command::Verify => {
             cli.require_data_dir()?;

@@ -341,3 +341,211 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
         EXIT_DRAINED
     })
 }
+
+/// The remote half of `status --remote`.
+#[derive(Serialize)]
+struct RemoteState {
+    store: String,
+    stream: String,
+    manifest_present: bool,
+    version: u64,
+    epoch: u64,
+    owner: Option<String>,
+    lease_expires_ms: Option<u64>,
+    lease_live: bool,
+    committed_segments: u64,
+    damaged: Vec<crate::remote::manifest::DamageNote>,
+    /// Objects listed under the stream's segments prefix.
+    listed_objects: usize,
+    /// Journal segments at Verified or later whose object is not listed at
+    /// its recorded size.
+    objects_missing: usize,
+    /// Journal Committed/Released segments a present manifest does not list.
+    not_in_manifest: usize,
+}
+
+#[derive(Serialize)]
+struct SegmentRemote<'a> {
+    #[serde(flatten)]
+    record: &'a crate::journal::SegmentRecord,
+    /// `listed`, `damaged`, `LOST`, `not listed`, or `no manifest`.
+    manifest: &'static str,
+    /// `present`, `absent`, or `size N (recorded M)`.
+    object: String,
+}
+
+#[derive(Serialize)]
+struct StatusRemoteOut<'a> {
+    totals: crate::tier::Status,
+    remote: RemoteState,
+    segments: Vec<SegmentRemote<'a>>,
+}
+
+/// `tierindex status --remote`: the journal's view with the store's next to
+/// it (manifest read without a probe, one LIST; nothing written). Exit 4
+/// when something needs an operator (a quarantined segment, an object
+/// missing under a Verified-or-later segment, a LOST damage note), 3 while
+/// work is pending, else 0.
+pub async fn status_remote(cli: &Cli) -> Result<i32> {
+    use crate::remote::manifest::ManifestStore;
+    use futures::TryStreamExt as _;
+    let cfg = cli.config()?;
+    let store = open_store(&cfg)?;
+    let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+    let totals = crate::tier::status_from(view.segments(), cfg.release_after_commit);
+
+    let read_caps = probe::Capabilities {
+        conditional_create: true,
+        ..probe::Capabilities::default()
+    };
+    let ms = ManifestStore::with_capabilities(
+        &store,
+        &cfg.stream,
+        cfg.manifest_options(),
+        &read_caps,
+        std::sync::Arc::new(crate::remote::lease::SystemClock),
+    )?;
+    let manifest = ms.load().await?;
+    let mut listed_in_manifest = std::collections::BTreeMap::new();
+    if let Some(m) = &manifest {
+        for e in ms.all_segments(m).await? {
+            listed_in_manifest.insert(e.id, e);
+        }
+    }
+    let prefix = store.segments_prefix(&cfg.stream)?;
+    let policy = cfg.upload_config().retry_policy();
+    let mut rng = fastrand::Rng::new();
+    let os = store.object_store().clone();
+    let listed: Vec<object_store::ObjectMeta> =
+        crate::upload::retry::with_retries(&policy, &mut rng, "segments LIST", |_| {
+            let (os, prefix) = (os.clone(), prefix.clone());
+            async move { os.list(Some(&prefix)).try_collect::<Vec<_>>().await }
+        })
+        .await
+        .map_err(crate::remote::classify)?;
+    let sizes: std::collections::BTreeMap<String, u64> = listed
+        .iter()
+        .map(|m| (m.location.to_string(), m.size))
+        .collect();
+
+    let now = ms.now_ms();
+    let lease = manifest.as_ref().and_then(|m| m.lease.clone());
+    let mut remote = RemoteState {
+        store: store.display_url().to_string(),
+        stream: cfg.stream.clone(),
+        manifest_present: manifest.is_some(),
+        version: manifest.as_ref().map_or(0, |m| m.version),
+        epoch: manifest.as_ref().map_or(0, |m| m.epoch),
+        owner: lease.as_ref().map(|l| l.owner.clone()),
+        lease_expires_ms: lease.as_ref().map(|l| l.expires_ms),
+        lease_live: lease.as_ref().is_some_and(|l| l.is_live(now)),
+        committed_segments: manifest.as_ref().map_or(0, |m| m.segment_count),
+        damaged: manifest.as_ref().map_or(Vec::new(), |m| m.damaged.clone()),
+        listed_objects: listed.len(),
+        objects_missing: 0,
+        not_in_manifest: 0,
+    };
+    let mut segments = Vec::new();
+    for r in view.segments().values() {
+        let key = match &r.key {
+            Some(k) => k.clone(),
+            None => store.try_segment_key(&cfg.stream, &r.meta)?.to_string(),
+        };
+        let expected = matches!(
+            r.state,
+            SegmentState::Verified | SegmentState::Committed | SegmentState::Released
+        );
+        let object = match sizes.get(&key) {
+            Some(&n) if n == r.meta.file_len => "present".to_string(),
+            Some(&n) => format!("size {n} (recorded {})", r.meta.file_len),
+            None => "absent".to_string(),
+        };
+        if expected && object != "present" {
+            remote.objects_missing += 1;
+        }
+        let manifest_col = match &manifest {
+            None => "no manifest",
+            Some(m) => match (listed_in_manifest.get(&r.meta.id), m.damage(r.meta.id)) {
+                (Some(e), _) if e.file_crc != r.meta.file_crc => "other bytes listed",
+                (Some(_), Some(d)) if d.lost => "LOST",
+                (Some(_), Some(_)) => "damaged",
+                (Some(_), None) => "listed",
+                (None, _) => {
+                    if matches!(r.state, SegmentState::Committed | SegmentState::Released) {
+                        remote.not_in_manifest += 1;
+                    }
+                    "not listed"
+                }
+            },
+        };
+        segments.push(SegmentRemote {
+            record: r,
+            manifest: manifest_col,
+            object,
+        });
+    }
+    let lost_notes = remote.damaged.iter().filter(|d| d.lost).count();
+    let quarantined = totals.by_state.get("Quarantined").copied().unwrap_or(0);
+    let pending = totals.pending_segments;
+    let needs_operator = quarantined > 0 || remote.objects_missing > 0 || lost_notes > 0;
+    let out = StatusRemoteOut {
+        totals,
+        remote,
+        segments,
+    };
+    emit(cli.json, &out, |o| {
+        let mut s = String::from(
+            "segment               state        items      bytes  crc32     key  | manifest | object\n",
+        );
+        for x in &o.segments {
+            s.push_str(&format!(
+                "{}  | {} | {}\n",
+                crate::cli::local::segment_line(x.record),
+                x.manifest,
+                x.object
+            ));
+        }
+        s.push_str(&crate::cli::local::totals_line(&o.totals));
+        s.push('\n');
+        let r = &o.remote;
+        let owner = match (&r.owner, r.lease_expires_ms) {
+            (Some(w), Some(exp)) => format!(
+                "owner {w:?}, lease {} ({})",
+                if r.lease_live { "live" } else { "expired" },
+                crate::remote::lease::describe_time(exp, now)
+            ),
+            _ => "no owner (released)".to_string(),
+        };
+        if r.manifest_present {
+            s.push_str(&format!(
+                "remote: {} stream {}: manifest version {}, epoch {}, {owner}, {} committed segment(s), {} damage note(s)\n",
+                r.store, r.stream, r.version, r.epoch, r.committed_segments, r.damaged.len()
+            ));
+        } else {
+            s.push_str(&format!(
+                "remote: {} stream {}: no manifest\n",
+                r.store, r.stream
+            ));
+        }
+        for d in &r.damaged {
+            s.push_str(&format!(
+                "  damaged {:020}{}: {}\n",
+                d.id.0,
+                if d.lost { " LOST" } else { "" },
+                d.reason
+            ));
+        }
+        s.push_str(&format!(
+            "remote: {} object(s) listed; {} verified-or-later segment(s) without their object; {} committed segment(s) the manifest does not list",
+            r.listed_objects, r.objects_missing, r.not_in_manifest
+        ));
+        s
+    });
+    Ok(if needs_operator {
+        EXIT_NEEDS_OPERATOR
+    } else if pending > 0 {
+        crate::lifecycle::EXIT_PENDING
+    } else {
+        EXIT_DRAINED
+    })
+}
