@@ -516,7 +516,7 @@ async fn corrupted_manifest_bytes_give_a_clear_error() {
             max_object_bytes: 64 * 1024,
             ..opts()
         };
-        let ms = env.open(o).await;
+        let ms = env.open(o.clone()).await;
         let mut w = ms.take_ownership("a", TTL).await.unwrap();
         w.commit(&(1..=6).map(|i| env.entry(i)).collect::<Vec<_>>())
             .await
@@ -589,13 +589,18 @@ async fn corrupted_manifest_bytes_give_a_clear_error() {
         let mut bad = cb.clone();
         bad[20] ^= 1;
         overwrite(&env, &chunk, bad).await;
-        let r = ms.all_segments(&m).await;
+        // A reader that decoded the chunk before keeps its checked copy
+        // (chunks are immutable, named by their CRC); a new reader reads
+        // the damaged bytes and refuses them.
+        assert_eq!(ids(&ms).await, (1..=6).collect::<Vec<_>>());
+        let fresh = env.open(o.clone()).await;
+        let r = fresh.all_segments(&m).await;
         assert!(
             matches!(&r, Err(Error::Corrupt { what, .. }) if what.contains("chunk")),
             "{r:?}"
         );
         env.remote.object_store().delete(&chunk).await.unwrap();
-        let r = ms.all_segments(&m).await;
+        let r = env.open(o.clone()).await.all_segments(&m).await;
         assert!(
             matches!(&r, Err(Error::Corrupt { detail, .. }) if detail == "missing"),
             "{r:?}"
@@ -818,4 +823,32 @@ async fn damage_notes_are_published_kept_and_cleared() {
                 .is_some()
         );
     }
+}
+
+/// Decoded chunks are cached per `ManifestStore` (they are immutable): a
+/// second `all_segments` of the same version sends no chunk GET.
+#[tokio::test]
+async fn chunks_are_read_once_per_store() {
+    let env = Env::new(Backend::Memory);
+    let o = ManifestOptions {
+        max_inline: 4,
+        chunk_entries: 2,
+        ..opts()
+    };
+    let ms = env.open(o.clone()).await;
+    let mut w = ms.take_ownership("a", TTL).await.unwrap();
+    w.commit(&(1..=9).map(|i| env.entry(i)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let m = ms.load().await.unwrap().unwrap();
+    assert!(m.chunks.len() >= 2, "{:?}", m.chunks);
+    let reader = env.open(o).await;
+    let gets = || env.faulty().stats().requests(Op::Get);
+    let g0 = gets();
+    let first = reader.all_segments(&m).await.unwrap();
+    assert_eq!(gets() - g0, m.chunks.len() as u64, "one GET per chunk");
+    let g1 = gets();
+    assert_eq!(reader.all_segments(&m).await.unwrap(), first);
+    assert_eq!(gets(), g1, "cached: no GET the second time");
+    assert_eq!(first.len(), 9);
 }

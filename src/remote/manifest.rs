@@ -134,7 +134,7 @@ impl SegmentEntry {
 }
 
 /// Where a chunk of spilled entries lives and what it must hold.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkRef {
     /// Full object key of the chunk.
@@ -682,6 +682,20 @@ struct Inner {
     dir: Path,
     opts: ManifestOptions,
     clock: Arc<dyn Clock>,
+    /// Decoded chunks by their full reference. Chunks are create-only and
+    /// named by their CRC, so a decoded one never goes stale; bounded by
+    /// [`CHUNK_CACHE_ENTRIES`] entries in all (cleared when over).
+    chunks: std::sync::Mutex<ChunkCache>,
+}
+
+/// Most chunk entries a [`ManifestStore`] keeps decoded (about 200 bytes
+/// each: 131,072 entries is some 26 MB).
+pub const CHUNK_CACHE_ENTRIES: usize = 1 << 17;
+
+#[derive(Debug, Default)]
+struct ChunkCache {
+    map: HashMap<ChunkRef, Arc<Vec<SegmentEntry>>>,
+    entries: usize,
 }
 
 impl ManifestStore {
@@ -744,6 +758,7 @@ impl ManifestStore {
                 dir,
                 opts,
                 clock,
+                chunks: std::sync::Mutex::new(ChunkCache::default()),
             }),
         })
     }
@@ -1090,13 +1105,27 @@ impl ManifestStore {
     }
 
     async fn read_chunk(&self, r: &ChunkRef) -> Result<Vec<SegmentEntry>> {
+        let cache = || self.inner.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache().map.get(r) {
+            return Ok(hit.as_ref().clone());
+        }
         let what = format!("manifest chunk {}", r.key);
         let key = Path::parse(&r.key).map_err(|e| Error::corrupt(&what, e.to_string()))?;
         let bytes = self
             .get_bytes(&key, &what)
             .await?
             .ok_or_else(|| Error::corrupt(&what, "missing"))?;
-        decode_chunk(&bytes, self.stream(), r, self.inner.opts.max_object_bytes)
+        let entries = decode_chunk(&bytes, self.stream(), r, self.inner.opts.max_object_bytes)?;
+        let mut c = cache();
+        if c.entries + entries.len() > CHUNK_CACHE_ENTRIES {
+            c.map.clear();
+            c.entries = 0;
+        }
+        if entries.len() <= CHUNK_CACHE_ENTRIES {
+            c.entries += entries.len();
+            c.map.insert(r.clone(), Arc::new(entries.clone()));
+        }
+        Ok(entries)
     }
 
     /// Creates a chunk; an existing object must hold exactly these bytes.
