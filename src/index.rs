@@ -505,6 +505,25 @@ impl IndexWriter {
         sealed.chain(open).max()
     }
 
+    /// Segments created from now on get ids of at least `min` (ids taken
+    /// by another owner, learnt after open). An empty active segment below
+    /// `min` is replaced by one at `min`; one holding entries keeps its id
+    /// (its entries are durable; renaming a flushed file is not worth it).
+    pub fn raise_next_id(&mut self, min: SegmentId) -> Result<()> {
+        self.check_open()?;
+        self.next_id = self.next_id.max(min.0);
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.is_empty() && a.id() < min)
+            && let Some(old) = self.active.take()
+        {
+            remove_empty(&self.seg_dir, old)?;
+            self.active = Some(self.create_active()?);
+        }
+        Ok(())
+    }
+
     pub fn active_id(&self) -> Option<SegmentId> {
         self.active.as_ref().map(|a| a.id())
     }

@@ -33,11 +33,11 @@ use crate::error::{Error, Result};
 use crate::index::IndexWriter;
 use crate::journal::{Journal, JournalOptions, ReplayReport, SegmentState};
 use crate::metrics::Metrics;
-use crate::pipeline::{DrainReport, JournalHandle, ManifestHandle, Scheduler, Shared};
+use crate::pipeline::{DrainReport, JournalHandle, ManifestHandle, PendingTake, Scheduler, Shared};
 use crate::remote::RemoteStore;
 use crate::remote::fetch::{Fetcher, RemoteSegment};
 use crate::remote::lease::{Clock, SystemClock};
-use crate::remote::manifest::{DamageNote, ManifestStore, SegmentEntry};
+use crate::remote::manifest::{DamageNote, ManifestStore, ManifestWriter, SegmentEntry};
 use crate::segment::active::Lookup;
 use crate::segment::sealed::fsync_dir;
 use crate::segment::{Entry, TimeRange, now_ms};
@@ -93,6 +93,9 @@ pub struct Status {
     pub poisoned: Option<String>,
     /// Another owner took the stream's manifest; uploads stopped.
     pub fenced: Option<String>,
+    /// Ownership of the stream's manifest is not taken yet (the store was
+    /// unreachable at open): why. Segments wait at `Verified` until it is.
+    pub manifest_pending: Option<String>,
 }
 
 /// The embedded index + uploader.
@@ -110,6 +113,8 @@ pub struct TierIndex {
     reconcile_task: Option<tokio::task::JoinHandle<()>>,
     /// Remote reads for [`TierIndex::lookup_remote`], made on first use.
     fetcher: std::sync::OnceLock<Fetcher>,
+    /// Read-only manifest view for lookups while ownership is pending.
+    manifest_reader: std::sync::OnceLock<ManifestStore>,
 }
 
 /// Index bytes (footers and slot directories) a `TierIndex` caches for
@@ -241,6 +246,7 @@ impl TierIndex {
                 lease_task,
                 reconcile_task,
                 fetcher: std::sync::OnceLock::new(),
+                manifest_reader: std::sync::OnceLock::new(),
             },
             report,
         ))
@@ -303,12 +309,23 @@ impl TierIndex {
         let mut marked: Vec<(u64, String)> = Vec::new();
         let committed: Vec<RemoteSegment> = match &sh.manifest {
             Some(m) => {
-                let (ms, manifest) = {
+                let owned = {
                     let g = m.writer.lock().await;
-                    match g.as_ref() {
-                        Some(w) => (w.store().clone(), w.manifest().clone()),
-                        None => return Err(Error::ShutDown),
+                    g.as_ref()
+                        .map(|w| (w.store().clone(), w.manifest().clone()))
+                };
+                let (ms, manifest) = match owned {
+                    Some(x) => x,
+                    // Ownership still pending: read the manifest as any
+                    // reader would (no probe needed to read).
+                    None if m.pending_reason().is_some() => {
+                        let ms = self.manifest_reader(&sh)?;
+                        match ms.load().await? {
+                            Some(man) => (ms, man),
+                            None => (ms, crate::remote::manifest::Manifest::empty(&sh.stream)),
+                        }
                     }
+                    None => return Err(Error::ShutDown),
                 };
                 let mut v = Vec::new();
                 for e in ms.all_segments(&manifest).await? {
@@ -395,6 +412,26 @@ impl TierIndex {
         Ok(out)
     }
 
+    /// A read-only view of the stream's manifest (cached, so its decoded
+    /// chunks are reused across lookups).
+    fn manifest_reader(&self, sh: &Shared) -> Result<ManifestStore> {
+        if let Some(ms) = self.manifest_reader.get() {
+            return Ok(ms.clone());
+        }
+        let caps = crate::remote::probe::Capabilities {
+            conditional_create: true,
+            ..Default::default()
+        };
+        let ms = ManifestStore::with_capabilities(
+            &sh.store,
+            &sh.stream,
+            self.cfg.manifest_options(),
+            &caps,
+            Arc::new(SystemClock),
+        )?;
+        Ok(self.manifest_reader.get_or_init(|| ms).clone())
+    }
+
     /// Records confirmed damage of a committed segment in the manifest, so
     /// every reader skips it (and says why) until a repair re-uploads it.
     /// Lost unless an intact local copy is still on disk here. Failures
@@ -415,6 +452,11 @@ impl TierIndex {
         });
         let mut g = m.writer.lock().await;
         let Some(w) = g.as_mut() else {
+            tracing::error!(
+                segment = entry.id.0,
+                reason = why,
+                "committed segment is damaged; not marked in the manifest (ownership not taken)"
+            );
             return;
         };
         let note = DamageNote::new(entry, why, lost, w.store().now_ms());
@@ -442,6 +484,7 @@ impl TierIndex {
         st.poisoned = w.poisoned();
         drop(w);
         st.fenced = self.sh().fenced.get().cloned();
+        st.manifest_pending = self.sh().manifest.as_ref().and_then(|m| m.pending_reason());
         st
     }
 
@@ -613,7 +656,7 @@ async fn take_manifest(
     cfg: &Config,
     store: &RemoteStore,
     clock: Arc<dyn Clock>,
-) -> Result<(ManifestHandle, bool)> {
+) -> Result<(ManifestWriter, bool)> {
     let owner = cfg.effective_owner_id()?;
     let caps = if cfg.probe_store {
         let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 2;
@@ -645,10 +688,14 @@ async fn take_manifest(
         stream = cfg.stream,
         "took ownership of the stream's manifest"
     );
-    Ok((
-        ManifestHandle::new(writer, cfg.lease_ttl()),
-        caps.conditional_create,
-    ))
+    Ok((writer, caps.conditional_create))
+}
+
+/// Errors at open that mean "the store cannot be reached now" rather than
+/// "this configuration or ownership is wrong": with these the index opens
+/// without ownership and takes it later.
+fn store_unreachable(e: &Error) -> bool {
+    matches!(e, Error::RemoteRetryable(_) | Error::Deadline(_))
 }
 
 /// As [`open_shared`] with the clock of the manifest lease.
@@ -677,9 +724,46 @@ pub async fn open_shared_with_clock(
     // id, the previous incarnation of this data directory). Before the
     // writer opens: new segment ids continue above every id the manifest
     // lists, so a new owner on another data directory never reuses one.
+    //
+    // The store unreachable (down, timing out): open anyway, without
+    // ownership. Appends, seals and uploads go on; the commit step (and the
+    // lease task) take ownership once the store answers, and segments wait
+    // at Verified, local files kept, until then. A live lease of another
+    // owner (Claimed) or a store that cannot fence (no conditional creates)
+    // still refuses the open: those need an operator, not patience.
     let (manifest, trust_create) = if cfg.manifest {
-        let (m, trust) = take_manifest(cfg, &store, clock).await?;
-        (Some(m), trust)
+        // Bounded: a store that hangs must not hold the broker's start.
+        let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 3;
+        let taken =
+            match tokio::time::timeout(limit, take_manifest(cfg, &store, clock.clone())).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Deadline(format!(
+                    "taking ownership of the stream's manifest took longer than {} ms",
+                    limit.as_millis()
+                ))),
+            };
+        match taken {
+            Ok((w, trust)) => (Some(ManifestHandle::new(w, cfg.lease_ttl())), trust),
+            Err(e) if store_unreachable(&e) => {
+                tracing::warn!(error = %e, "store unreachable at open: starting without manifest ownership; commits wait until it is taken");
+                let (c, st, ck) = (cfg.clone(), store.clone(), clock.clone());
+                let take = PendingTake {
+                    take: Box::new(move || {
+                        let (c, st, ck) = (c.clone(), st.clone(), ck.clone());
+                        Box::pin(async move { take_manifest(&c, &st, ck).await })
+                    }),
+                    retry_at: std::time::Instant::now(),
+                    failures: 0,
+                    last_error: e.to_string(),
+                };
+                let owner = cfg.effective_owner_id()?;
+                (
+                    Some(ManifestHandle::pending(owner, cfg.lease_ttl(), take)),
+                    false,
+                )
+            }
+            Err(e) => return Err(e),
+        }
     } else {
         (None, false)
     };

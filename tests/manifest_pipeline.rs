@@ -483,3 +483,120 @@ async fn unconditional_store_refused_unless_allowed() {
     assert!(ti.shutdown(Duration::from_secs(20)).await.fully_drained());
     assert!(rig.manifest_store().load().await.unwrap().is_none());
 }
+
+/// The store is down when the index opens: the open still succeeds (a
+/// broker must start without its store), appends go on, and nothing is
+/// committed while ownership is pending (segments wait, local files kept).
+/// Once the store answers, ownership is taken by the commit step, every
+/// segment is committed, and new ids continue above the manifest's highest
+/// id, which another owner's earlier segments occupy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_down_at_open_takes_ownership_once_it_answers() {
+    let rig = Rig::new(11);
+    // Another owner's earlier segments: ids 1..=3 in the manifest, lease
+    // released (a clean hand-over).
+    {
+        let data_b = rig.data("b");
+        let b = open(&config(data_b, "owner-b"), rig.remote(), None)
+            .await
+            .unwrap();
+        write(&b, 0..(ITEMS as u64 * 6 - 5));
+        let r = b.shutdown(Duration::from_secs(20)).await;
+        assert!(r.fully_drained(), "{r:?}");
+    }
+    let (m0, listed0) = rig.manifest().await;
+    let max0 = *listed0.keys().last().unwrap();
+    assert_eq!(max0, SegmentId(6));
+
+    // Every request fails fast now.
+    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+    let data = rig.data("a");
+    let mut cfg = config(data.clone(), "owner-a");
+    cfg.request_timeout_ms = 300;
+    cfg.max_attempts = 2;
+    let started = Instant::now();
+    let a = open(&cfg, rig.remote(), None)
+        .await
+        .expect("opens with the store down");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "open waited {:?} for a dead store",
+        started.elapsed()
+    );
+    write(&a, 1_000..(1_000 + ITEMS as u64 * 2 + 10));
+    a.roll().unwrap();
+    wait_until("three segments journaled", Duration::from_secs(10), || {
+        journal(&data).len() == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        ids_in(&journal(&data), SegmentState::Committed).is_empty(),
+        "committed without ownership"
+    );
+    // Ids were given without the manifest: the local ones start at 1.
+    let local_ids: Vec<SegmentId> = journal(&data).keys().copied().collect();
+    assert_eq!(local_ids, vec![SegmentId(1), SegmentId(2), SegmentId(3)]);
+
+    assert!(a.status().manifest_pending.is_some());
+    // The store comes back: ownership is taken (by the commit step of the
+    // waiting segments), then new ids continue above the manifest's.
+    rig.fs.heal();
+    wait_until("ownership taken", Duration::from_secs(30), || {
+        a.status().manifest_pending.is_none()
+    })
+    .await;
+    write(&a, 2_000..(2_000 + ITEMS as u64 + 5));
+    a.roll().unwrap();
+    wait_until("a segment with a new id", Duration::from_secs(30), || {
+        journal(&data).keys().any(|id| *id > max0)
+    })
+    .await;
+    wait_until(
+        "the new segments committed",
+        Duration::from_secs(30),
+        || {
+            let j = journal(&data);
+            let new: Vec<_> = j.iter().filter(|(id, _)| **id > max0).collect();
+            !new.is_empty() && new.iter().all(|(_, r)| r.state == SegmentState::Committed)
+        },
+    )
+    .await;
+    let r = a.shutdown(Duration::from_secs(3)).await;
+    let pending: Vec<u64> = r.drain.pending.iter().map(|p| p.id).collect();
+    assert_eq!(pending, vec![1, 2, 3], "{r:#?}");
+    assert!(
+        r.drain.pending.iter().all(|p| p
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("already in the manifest"))),
+        "{r:#?}"
+    );
+    // The three segments sealed while the store was down share ids 1..=3
+    // with owner-b's committed ones: the manifest refuses them (other
+    // content under those ids); they stay pending with their local files,
+    // nothing of owner-b's is replaced.
+    let j = journal(&data);
+    let (m, listed) = rig.manifest().await;
+    assert!(m.epoch > m0.epoch, "owner-a took the stream");
+    for (id, e) in &listed0 {
+        assert_eq!(&listed[id], e, "owner-b's entry {id} unchanged");
+    }
+    let new_ids: Vec<SegmentId> = j.keys().copied().filter(|id| *id > max0).collect();
+    assert!(!new_ids.is_empty());
+    for id in &new_ids {
+        assert_eq!(j[id].state, SegmentState::Committed, "{id}: {:?}", j[id]);
+        assert!(listed.contains_key(id), "{id} not in the manifest");
+    }
+    for id in [SegmentId(1), SegmentId(2), SegmentId(3)] {
+        assert!(
+            common::sealed_path(&data, id).exists(),
+            "local copy of colliding segment {id} kept"
+        );
+        assert_ne!(j[&id].state, SegmentState::Committed);
+    }
+    assert!(
+        !r.fully_drained(),
+        "the colliding segments are reported: {r:?}"
+    );
+}

@@ -61,10 +61,27 @@ pub struct Shared {
 
 /// The manifest writer shared by the drives and the lease renewal.
 pub struct ManifestHandle {
-    /// `None` once released at shutdown.
+    /// `None` while ownership is not taken yet (see `pending`) and once
+    /// released at shutdown.
     pub writer: tokio::sync::Mutex<Option<ManifestWriter>>,
     pub ttl: Duration,
     pub owner: String,
+    /// Set while ownership could not be taken yet: the store was unreachable
+    /// when the index opened. The commit step and the lease task retry it;
+    /// until then segments wait at `Verified` with their local files.
+    pending: std::sync::Mutex<Option<PendingTake>>,
+}
+
+/// How to take ownership later, and when to try next.
+pub struct PendingTake {
+    pub take: Box<
+        dyn Fn() -> futures::future::BoxFuture<'static, Result<(ManifestWriter, bool)>>
+            + Send
+            + Sync,
+    >,
+    pub retry_at: std::time::Instant,
+    pub failures: u32,
+    pub last_error: String,
 }
 
 impl ManifestHandle {
@@ -73,7 +90,27 @@ impl ManifestHandle {
             owner: writer.owner().to_string(),
             writer: tokio::sync::Mutex::new(Some(writer)),
             ttl,
+            pending: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Ownership not taken yet; `take` is tried again on demand.
+    pub fn pending(owner: String, ttl: Duration, take: PendingTake) -> ManifestHandle {
+        ManifestHandle {
+            owner,
+            writer: tokio::sync::Mutex::new(None),
+            ttl,
+            pending: std::sync::Mutex::new(Some(take)),
+        }
+    }
+
+    /// Why ownership is not taken yet, if it is not.
+    pub fn pending_reason(&self) -> Option<String> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|p| p.last_error.clone())
     }
 }
 
@@ -103,6 +140,7 @@ impl Shared {
         };
         self.check_fenced()?;
         let mut guard = m.writer.lock().await;
+        self.ensure_owner(m, &mut guard).await?;
         let Some(w) = guard.as_mut() else {
             return Err(Error::ShutDown);
         };
@@ -123,6 +161,11 @@ impl Shared {
         };
         self.check_fenced()?;
         let mut guard = m.writer.lock().await;
+        if guard.is_none() {
+            // Not taken yet: try now (the lease task's tick), or nothing to
+            // renew (released at shutdown).
+            return self.ensure_owner(m, &mut guard).await;
+        }
         let Some(w) = guard.as_mut() else {
             return Ok(());
         };
@@ -144,6 +187,79 @@ impl Shared {
         match w {
             Some(w) => w.release().await,
             None => Ok(()),
+        }
+    }
+
+    /// Takes ownership now if it is still pending and its retry time has
+    /// come. `Ok` with `guard` still `None` means released at shutdown.
+    async fn ensure_owner(
+        &self,
+        m: &ManifestHandle,
+        guard: &mut Option<ManifestWriter>,
+    ) -> Result<()> {
+        if guard.is_some() {
+            return Ok(());
+        }
+        let attempt = {
+            let p = m.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match p.as_ref() {
+                None => return Ok(()),
+                Some(p) if std::time::Instant::now() < p.retry_at => {
+                    return Err(Error::RemoteRetryable(format!(
+                        "manifest ownership not taken yet (next try in {} ms): {}",
+                        p.retry_at
+                            .saturating_duration_since(std::time::Instant::now())
+                            .as_millis(),
+                        p.last_error
+                    )));
+                }
+                Some(p) => (p.take)(),
+            }
+        };
+        match attempt.await {
+            Ok((w, trust)) => {
+                tracing::info!(
+                    owner = m.owner,
+                    epoch = w.epoch(),
+                    "took ownership of the stream's manifest (it was pending since open)"
+                );
+                if let Some(max) = w.manifest().max_segment_id() {
+                    let next = crate::segment::SegmentId(max.0.saturating_add(1));
+                    let writer = self.writer.clone();
+                    let raised = tokio::task::spawn_blocking(move || {
+                        writer
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .raise_next_id(next)
+                    })
+                    .await
+                    .map_err(|e| Error::Poisoned(format!("raise_next_id task failed: {e}")));
+                    if let Err(e) = raised.and_then(|r| r) {
+                        tracing::warn!(error = %e, "could not move segment ids above the manifest's");
+                    }
+                }
+                if trust {
+                    self.trust_create
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
+                *guard = Some(w);
+                *m.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(())
+            }
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            Err(e) => {
+                let mut p = m.pending.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(p) = p.as_mut() {
+                    p.failures = p.failures.saturating_add(1);
+                    let backoff = Duration::from_millis((250u64 << p.failures.min(7)).min(30_000));
+                    p.retry_at = std::time::Instant::now() + backoff;
+                    p.last_error = e.to_string();
+                }
+                tracing::warn!(error = %e, "taking ownership of the stream's manifest failed; segments wait at Verified");
+                Err(Error::RemoteRetryable(format!(
+                    "manifest ownership not taken yet: {e}"
+                )))
+            }
         }
     }
 

@@ -228,6 +228,23 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Version 0 of `stream`: nothing committed, no owner (what a reader
+    /// sees before the first manifest is written; never published).
+    pub fn empty(stream: &str) -> Manifest {
+        Manifest {
+            format: FORMAT_VERSION,
+            stream: stream.to_string(),
+            version: 0,
+            epoch: 0,
+            lease: None,
+            written_ms: 0,
+            segment_count: 0,
+            chunks: Vec::new(),
+            segments: Vec::new(),
+            damaged: Vec::new(),
+        }
+    }
+
     /// The highest segment id listed (inline or in a chunk).
     pub fn max_segment_id(&self) -> Option<SegmentId> {
         let inline = self.segments.last().map(|e| e.id);
