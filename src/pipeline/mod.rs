@@ -72,13 +72,15 @@ pub struct ManifestHandle {
     pending: std::sync::Mutex<Option<PendingTake>>,
 }
 
+/// A deferred `take_ownership`: the writer and whether creates are
+/// conditional.
+pub type TakeOwnership = Box<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<(ManifestWriter, bool)>> + Send + Sync,
+>;
+
 /// How to take ownership later, and when to try next.
 pub struct PendingTake {
-    pub take: Box<
-        dyn Fn() -> futures::future::BoxFuture<'static, Result<(ManifestWriter, bool)>>
-            + Send
-            + Sync,
-    >,
+    pub take: TakeOwnership,
     pub retry_at: std::time::Instant,
     pub failures: u32,
     pub last_error: String,
