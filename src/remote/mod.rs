@@ -481,6 +481,8 @@ fn build_s3(
         allow_invalid_certificates: flag(AmazonS3ConfigKey::Client(
             ClientConfigKey::AllowInvalidCertificates,
         )),
+        proxy_url: get(AmazonS3ConfigKey::Client(ClientConfigKey::ProxyUrl)),
+        proxy_excludes: get(AmazonS3ConfigKey::Client(ClientConfigKey::ProxyExcludes)),
         request_timeout: opts.request_timeout,
         connect_timeout: opts.connect_timeout,
         credentials,

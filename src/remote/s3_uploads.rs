@@ -63,6 +63,10 @@ pub(crate) struct S3UploadsConfig {
     pub request_payer: bool,
     pub allow_http: bool,
     pub allow_invalid_certificates: bool,
+    /// object_store's `proxy_url` / `proxy_excludes` (the proxy URL may
+    /// hold credentials: never printed).
+    pub proxy_url: Option<String>,
+    pub proxy_excludes: Option<String>,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     /// The built `AmazonS3`'s provider, so both sign with the same keys.
@@ -115,12 +119,23 @@ impl S3Uploads {
 
     fn client(&self) -> Result<&reqwest::Client> {
         let c = self.client.get_or_init(|| {
-            reqwest::Client::builder()
+            let mut b = reqwest::Client::builder()
                 .timeout(self.cfg.request_timeout)
                 .connect_timeout(self.cfg.connect_timeout)
                 .https_only(!self.cfg.allow_http)
                 .danger_accept_invalid_certs(self.cfg.allow_invalid_certificates)
-                .build()
+                // A redirect would carry the session token to another host;
+                // S3's own redirects (wrong region) become clear errors.
+                .redirect(reqwest::redirect::Policy::none());
+            if let Some(p) = &self.cfg.proxy_url {
+                let mut proxy = reqwest::Proxy::all(p.as_str())
+                    .map_err(|_| "the configured proxy_url does not parse".to_string())?;
+                if let Some(ex) = &self.cfg.proxy_excludes {
+                    proxy = proxy.no_proxy(reqwest::NoProxy::from_string(ex));
+                }
+                b = b.proxy(proxy);
+            }
+            b.build()
                 .map_err(|e| format!("HTTP client: {}", e.without_url()))
         });
         c.as_ref().map_err(|e| Error::Remote(e.clone()))
@@ -236,10 +251,10 @@ impl S3Uploads {
                     payload_sha256: EMPTY_SHA256,
                 },
             );
-            req = req.header("authorization", auth);
+            req = req.header("authorization", sensitive(&auth)?);
         }
         for (k, v) in &headers {
-            req = req.header(*k, v.as_str());
+            req = req.header(*k, sensitive(v)?);
         }
         let what = format!("ListMultipartUploads on s3://{}", self.cfg.bucket);
         let resp = req.send().await.map_err(|e| transport(&what, e))?;
@@ -310,6 +325,18 @@ fn bucket_url(cfg: &S3UploadsConfig) -> std::result::Result<url::Url, String> {
     u.set_fragment(None);
     u.set_query(None);
     Ok(u)
+}
+
+/// A header value marked sensitive: HTTP/2 never indexes it and its
+/// `Debug` does not print it. A value that is not a valid header (only
+/// possible from a credential or a server-given marker) is refused without
+/// being echoed.
+fn sensitive(v: &str) -> Result<reqwest::header::HeaderValue> {
+    let mut h = reqwest::header::HeaderValue::from_str(v).map_err(|_| {
+        Error::InvalidInput("a ListMultipartUploads header value is not valid in HTTP".into())
+    })?;
+    h.set_sensitive(true);
+    Ok(h)
 }
 
 /// `host[:port]` exactly as the request's Host header carries it.
@@ -1095,6 +1122,56 @@ mod tests {
         );
         for secret in [KEY_ID, SECRET, TOKEN] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+    }
+
+    /// Everything logged while listing (retries included, at TRACE), the
+    /// error and the store's `Debug` are free of the key id, secret and
+    /// token, even when the server echoes them.
+    #[tokio::test]
+    async fn nothing_logged_carries_credentials() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        let _g = tracing::subscriber::set_default(sub);
+        let echo = format!(
+            "<Error><Code>SlowDown</Code><Message>{KEY_ID} {SECRET} {TOKEN}</Message></Error>"
+        );
+        let m = mock(vec![(503, "", echo.clone()); 4]).await;
+        let s = store(&m, true);
+        let e = s
+            .list_multipart_uploads(&Path::from("pre/s/segments"))
+            .await
+            .unwrap_err();
+        tracing::error!(error = %e, debug = ?e, store = ?s, "final");
+        let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("retrying") && logged.contains("final"),
+            "{logged}"
+        );
+        assert_eq!(m.seen.lock().unwrap().len(), 4, "{logged}");
+        // The echo did reach the log, blanked.
+        assert!(
+            logged.contains("<redacted> <redacted> <redacted>"),
+            "{logged}"
+        );
+        for secret in [KEY_ID, SECRET, TOKEN] {
+            assert!(!logged.contains(secret), "{secret} leaked: {logged}");
         }
     }
 
