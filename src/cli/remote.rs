@@ -86,7 +86,9 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
     }
     let out = Out {
         store: store.display_url().to_string(),
-        fenced_multi_writer_safe: caps.conditional_create && caps.conditional_update,
+        // The manifest fences with create-only versions: If-None-Match is
+        // all it needs (If-Match is not used).
+        fenced_multi_writer_safe: caps.conditional_create,
         capabilities: caps,
     };
     emit(cli.json, &out, |o| {
@@ -101,7 +103,7 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
             c.metadata
         );
         if !o.fenced_multi_writer_safe {
-            s.push_str("\n  WARNING: this store does not honour conditional writes: uploads read every object back to prove it is ours; it cannot fence a second writer (the manifest refuses this store unless allow_unconditional_store is set)");
+            s.push_str("\n  WARNING: this store does not honour conditional creates: uploads read every object back to prove it is ours; it cannot fence a second writer (the manifest refuses this store unless allow_unconditional_store is set)");
         }
         for n in &c.notes {
             s.push_str(&format!("\n  note: {n}"));

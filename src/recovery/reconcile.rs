@@ -36,8 +36,15 @@
 //!    the journal's highest id may be a `Released` segment whose record
 //!    compaction dropped: kept. Anything under the prefix that does not
 //!    parse is foreign and never deleted.
-//! 5. Stale multipart uploads cannot be listed through `object_store`:
-//!    reported as not checked ([`MULTIPART_NOT_CHECKED`]).
+//! 5. Incomplete multipart uploads under the segments prefix
+//!    ([`RemoteStore::list_multipart_uploads`]: S3 ListMultipartUploads, the
+//!    `file://` staging directory) initiated longer ago than the grace
+//!    period are stale, even when the journal names one as its segment's
+//!    current attempt (the grace period is what protects an upload in
+//!    flight). Ours by key layout are aborted; a foreign key's upload is
+//!    reported, never aborted. A backend that cannot list (`memory://`)
+//!    is reported as not checked ([`MULTIPART_NOT_CHECKED`]), a server that
+//!    answers NotImplemented as "not supported by this server".
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path as FsPath;
@@ -52,19 +59,20 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::datadir::{self, DataDir};
 use crate::error::{Error, Result};
-use crate::journal::{self, Journal, SegmentRecord, SegmentState};
+use crate::journal::{self, Journal, JournalView, SegmentRecord, SegmentState};
 use crate::remote::fetch::{Fetcher, RemoteSegment};
 use crate::remote::lease::SystemClock;
 use crate::remote::manifest::{CommitOutcome, DamageNote, ManifestStore, SegmentEntry};
 use crate::remote::probe::Capabilities;
-use crate::remote::{RemoteStore, classify, keys};
+use crate::remote::{MultipartListing, PendingUpload, RemoteStore, classify, keys};
 use crate::segment::format::{FOOTER_LEN, Footer};
 use crate::segment::sealed::sealed_file_name;
 use crate::segment::{SealedMeta, SegmentId};
 use crate::upload::retry::with_retries;
 use crate::upload::{self, NoHooks, VerifyLevel};
 
-/// What the report says about stale multipart uploads.
+/// What the report says about stale multipart uploads when the backend
+/// cannot list them.
 pub const MULTIPART_NOT_CHECKED: &str = "not checked (the store API cannot list multipart \
      uploads; journaled ids are aborted on resume)";
 
@@ -119,6 +127,9 @@ pub enum FindingKind {
     /// The manifest carries a damage note for the segment (a reader found
     /// its object damaged); or a lost segment the manifest did not mark.
     ManifestDamaged,
+    /// An incomplete multipart upload under the segments prefix, initiated
+    /// longer ago than the grace period.
+    StaleMultipart,
 }
 
 impl FindingKind {
@@ -134,6 +145,7 @@ impl FindingKind {
             FindingKind::Orphan => "orphan",
             FindingKind::Foreign => "foreign",
             FindingKind::ManifestDamaged => "manifest damage note",
+            FindingKind::StaleMultipart => "stale multipart upload",
         }
     }
 }
@@ -200,7 +212,9 @@ pub struct ReconcileReport {
     /// Findings left for an operator (lost ones included).
     pub unresolved: usize,
     pub lost: usize,
-    /// Stale multipart uploads: [`MULTIPART_NOT_CHECKED`].
+    /// Incomplete multipart uploads: "checked: N in progress, M stale, K
+    /// aborted", or "not checked (why)" ([`MULTIPART_NOT_CHECKED`] for a
+    /// backend that cannot list).
     pub multipart_uploads: String,
     pub findings: Vec<Finding>,
 }
@@ -711,6 +725,18 @@ pub async fn reconcile(
         findings.push(f);
     }
 
+    // 5. Incomplete multipart uploads.
+    let multipart_uploads = match store.list_multipart_uploads(&prefix).await {
+        Ok(MultipartListing::Listed(ups)) => {
+            stale_uploads(store, cfg, opts, &view, &ups, now, &mut findings).await
+        }
+        Ok(MultipartListing::BackendCannotList) => MULTIPART_NOT_CHECKED.to_string(),
+        Ok(MultipartListing::NotSupportedByServer(why)) => {
+            format!("not checked (not supported by this server: {why})")
+        }
+        Err(e) => format!("not checked (listing failed: {e})"),
+    };
+
     let repaired = findings.iter().filter(|f| f.repaired).count();
     let unresolved = findings.iter().filter(|f| f.unresolved()).count();
     let lost = findings.iter().filter(|f| f.lost).count();
@@ -728,9 +754,88 @@ pub async fn reconcile(
         repaired,
         unresolved,
         lost,
-        multipart_uploads: MULTIPART_NOT_CHECKED.to_string(),
+        multipart_uploads,
         findings,
     })
+}
+
+/// Rule 5: a finding per upload initiated longer ago than the grace period,
+/// aborted with `repair` when its key is one of ours. Returns the report's
+/// `multipart_uploads` line.
+async fn stale_uploads(
+    store: &RemoteStore,
+    cfg: &Config,
+    opts: &ReconcileOptions,
+    view: &JournalView,
+    uploads: &[PendingUpload],
+    now: u64,
+    findings: &mut Vec<Finding>,
+) -> String {
+    let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
+    let (mut stale, mut aborted) = (0usize, 0usize);
+    for u in uploads {
+        // Unknown initiation time: it may be in flight, like a young one.
+        let Some(age) = u.initiated_ms.map(|t| now.saturating_sub(t)) else {
+            continue;
+        };
+        if age < grace_ms {
+            continue;
+        }
+        stale += 1;
+        let key = Path::parse(&u.key).ok();
+        let ours = key
+            .as_ref()
+            .and_then(|k| keys::parse_segment_key(store.prefix(), k))
+            .filter(|(s, _, _)| *s == cfg.stream);
+        let current = ours
+            .as_ref()
+            .and_then(|(_, id, _)| view.get(*id))
+            .filter(|r| {
+                r.state == SegmentState::Uploading
+                    && r.multipart_id.as_deref() == Some(u.upload_id.as_str())
+                    && r.key.as_deref() == Some(u.key.as_str())
+            });
+        let mut f = Finding::new(
+            FindingKind::StaleMultipart,
+            ours.as_ref().map(|(_, id, _)| *id),
+            &u.key,
+            format!(
+                "upload {:?} initiated {age} ms ago{}",
+                u.upload_id,
+                if current.is_some() {
+                    "; the journal's current attempt of this segment (Uploading)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        match (key, ours.is_some()) {
+            (Some(key), true) if opts.repair => {
+                match upload::abort_multipart_cfg(store, &key, &u.upload_id, &cfg.upload_config())
+                    .await
+                {
+                    Ok(()) => {
+                        aborted += 1;
+                        f.repaired = true;
+                        f.action = "aborted".into();
+                    }
+                    Err(e) => f.action = format!("abort failed: {e}"),
+                }
+            }
+            (_, true) => f.action = "none (--repair aborts it)".into(),
+            (_, false) => {
+                f.informational = true;
+                f.action = "kept: not a segment key of this stream; foreign uploads are \
+                            never aborted"
+                    .into();
+            }
+        }
+        findings.push(f);
+    }
+    format!(
+        "checked: {} in progress, {stale} stale, {aborted} aborted",
+        uploads.len()
+    )
 }
 
 /// The key a journal record's object lives under.
@@ -1066,11 +1171,24 @@ mod tests {
     /// Store: also segment 1 (unknown to the journal, below its highest
     /// id), a second object of 3 under another CRC, and garbage under id 9.
     async fn rig(manifest: bool) -> (tempfile::TempDir, Config, RemoteStore) {
+        rig_on(manifest, false).await
+    }
+
+    /// [`rig`] on a `file://` store (its root is the key prefix) when
+    /// `file_store`, else on `memory://p`.
+    async fn rig_on(manifest: bool, file_store: bool) -> (tempfile::TempDir, Config, RemoteStore) {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         let seg_dir = data.join(datadir::SEGMENTS_DIR);
         std::fs::create_dir_all(&seg_dir).unwrap();
-        let store = RemoteStore::from_url("memory://p", &StoreOptions::default()).unwrap();
+        let url = if file_store {
+            url::Url::from_directory_path(tmp.path().join("store"))
+                .unwrap()
+                .to_string()
+        } else {
+            "memory://p".to_string()
+        };
+        let store = RemoteStore::from_url(&url, &StoreOptions::default()).unwrap();
         let (mut j, _) = Journal::open(&data, JournalOptions::default()).unwrap();
         for id in 2..=4u64 {
             let (bytes, meta) = sealed(id);
@@ -1103,9 +1221,10 @@ mod tests {
         drop(j);
         let (bytes, meta) = sealed(1);
         put(&store, &store.segment_key(STREAM, &meta), &bytes).await;
-        let stale = Path::from(format!("p/{STREAM}/segments/{:020}-00000001.seg", 3));
+        let segs = store.segments_prefix(STREAM).unwrap();
+        let stale = segs.clone().join(format!("{:020}-00000001.seg", 3));
         put(&store, &stale, b"an older seal of 3").await;
-        let junk = Path::from(format!("p/{STREAM}/segments/{:020}-00000009.seg", 9));
+        let junk = segs.clone().join(format!("{:020}-00000009.seg", 9));
         put(&store, &junk, &[7u8; 300]).await;
         let cfg = Config {
             data_dir: data,
@@ -1199,5 +1318,158 @@ mod tests {
         // 1 (unknown to the journal, footer fine) and the committed 2 and 3;
         // not 4 (only Uploading), not the other seal of 3, not the garbage.
         assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    /// Starts a multipart upload under `key` with one part, on the store's
+    /// own multipart API (as a crashed or cancelled upload leaves it).
+    async fn start_upload(store: &RemoteStore, key: &Path) -> String {
+        let mp = store.multipart().unwrap();
+        let id = mp.create_multipart(key).await.unwrap();
+        mp.put_part(key, &id, 0, PutPayload::from_static(b"part"))
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn pending(store: &RemoteStore) -> Vec<PendingUpload> {
+        match store
+            .list_multipart_uploads(&store.segments_prefix(STREAM).unwrap())
+            .await
+            .unwrap()
+        {
+            MultipartListing::Listed(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn stale_findings(r: &ReconcileReport) -> Vec<&Finding> {
+        r.findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::StaleMultipart)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn stale_multipart_upload_is_reported_then_aborted_with_repair() {
+        let (_tmp, cfg, store) = rig_on(false, true).await;
+        let (_, meta) = sealed(7);
+        let key = store.segment_key(STREAM, &meta);
+        let id = start_upload(&store, &key).await;
+
+        let r = reconcile(&cfg, &store, &opts(false, Duration::ZERO))
+            .await
+            .unwrap();
+        let st = stale_findings(&r);
+        assert_eq!(st.len(), 1, "{:#?}", r.findings);
+        assert_eq!(st[0].key, key.as_ref());
+        assert_eq!(st[0].segment, Some(7));
+        assert!(st[0].detail.contains(&id), "{:?}", st[0]);
+        assert!(
+            st[0].unresolved() && st[0].action.contains("--repair"),
+            "{:?}",
+            st[0]
+        );
+        assert_eq!(
+            r.multipart_uploads,
+            "checked: 1 in progress, 1 stale, 0 aborted"
+        );
+        assert_eq!(
+            pending(&store).await.len(),
+            1,
+            "report only: nothing aborted"
+        );
+
+        let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
+            .await
+            .unwrap();
+        let st = stale_findings(&r);
+        assert_eq!(st.len(), 1, "{:#?}", r.findings);
+        assert!(st[0].repaired && st[0].action == "aborted", "{:?}", st[0]);
+        assert_eq!(
+            r.multipart_uploads,
+            "checked: 1 in progress, 1 stale, 1 aborted"
+        );
+        assert_eq!(pending(&store).await, vec![]);
+
+        let r = reconcile(&cfg, &store, &opts(false, Duration::ZERO))
+            .await
+            .unwrap();
+        assert!(stale_findings(&r).is_empty(), "{:#?}", r.findings);
+        assert_eq!(
+            r.multipart_uploads,
+            "checked: 0 in progress, 0 stale, 0 aborted"
+        );
+    }
+
+    #[tokio::test]
+    async fn young_uploads_are_kept_even_the_journals_own() {
+        let (_tmp, cfg, store) = rig_on(false, true).await;
+        // Segment 4 is Uploading in the rig: journal a multipart attempt.
+        let (_, meta) = sealed(4);
+        let key = store.segment_key(STREAM, &meta);
+        let id = start_upload(&store, &key).await;
+        let (mut j, _) = Journal::open(&cfg.data_dir, JournalOptions::default()).unwrap();
+        j.append(&[Record::Uploading {
+            id: SegmentId(4),
+            attempt: 2,
+            key: key.to_string(),
+            multipart_id: Some(id.clone()),
+        }])
+        .unwrap();
+        drop(j);
+
+        let r = reconcile(&cfg, &store, &opts(true, Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        assert!(stale_findings(&r).is_empty(), "{:#?}", r.findings);
+        assert_eq!(
+            r.multipart_uploads,
+            "checked: 1 in progress, 0 stale, 0 aborted"
+        );
+        assert_eq!(pending(&store).await.len(), 1);
+
+        // Past the grace period the journal's own attempt is stale too.
+        let r = reconcile(&cfg, &store, &opts(false, Duration::ZERO))
+            .await
+            .unwrap();
+        let st = stale_findings(&r);
+        assert_eq!(st.len(), 1, "{:#?}", r.findings);
+        assert!(st[0].detail.contains("current attempt"), "{:?}", st[0]);
+    }
+
+    #[tokio::test]
+    async fn a_foreign_keys_upload_is_reported_not_aborted() {
+        let (_tmp, cfg, store) = rig_on(false, true).await;
+        let segs = store.segments_prefix(STREAM).unwrap();
+        let foreign = segs.clone().join("notes.txt");
+        let id = start_upload(&store, &foreign).await;
+        // Outside the segments prefix: not listed at all.
+        start_upload(&store, &Path::from("elsewhere/x.seg")).await;
+
+        let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
+            .await
+            .unwrap();
+        let st = stale_findings(&r);
+        assert_eq!(st.len(), 1, "{:#?}", r.findings);
+        assert_eq!(st[0].key, foreign.as_ref());
+        assert_eq!(st[0].segment, None);
+        assert!(st[0].informational && !st[0].repaired, "{:?}", st[0]);
+        assert_eq!(
+            r.multipart_uploads,
+            "checked: 1 in progress, 1 stale, 0 aborted"
+        );
+        let left = pending(&store).await;
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].upload_id, id);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_list_says_so() {
+        let (_tmp, cfg, store) = rig(false).await;
+        let r = reconcile(&cfg, &store, &opts(false, Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(r.multipart_uploads, MULTIPART_NOT_CHECKED);
+        assert!(stale_findings(&r).is_empty());
     }
 }

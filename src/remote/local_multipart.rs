@@ -14,6 +14,11 @@
 //!   the directory (unconditional, as S3's CompleteMultipartUpload), then
 //!   removes the upload directory. An unknown upload is `NotFound`.
 //! * `abort_multipart` removes the upload directory (`NotFound` if absent).
+//! * [`LocalMultipart::list_uploads`] lists the upload directories, like
+//!   S3's ListMultipartUploads: key, id, and the time the upload was
+//!   initiated (the mtime of its `key` file, written once by
+//!   `create_multipart`). A directory without a readable `key` (a crash
+//!   inside `create_multipart`) names no key and is not listed.
 
 use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
@@ -22,6 +27,8 @@ use async_trait::async_trait;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{MultipartId, PutMultipartOptions, PutPayload, PutResult};
+
+use super::PendingUpload;
 
 /// Directory under the store root holding uploads in progress.
 pub const UPLOADS_DIR: &str = ".tierindex-multipart";
@@ -55,6 +62,62 @@ impl LocalMultipart {
             p.push(part.as_ref());
         }
         p
+    }
+}
+
+/// Longest `key` file read back (S3 keys are at most 1024 bytes).
+const MAX_KEY_FILE: u64 = 4096;
+
+impl LocalMultipart {
+    /// Every upload in progress (any key), in id order.
+    pub async fn list_uploads(&self) -> object_store::Result<Vec<PendingUpload>> {
+        let dir = self.root.join(UPLOADS_DIR);
+        blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(io_err(&dir, e)),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| io_err(&dir, e))?;
+                let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    continue;
+                }
+                let key_file = entry.path().join("key");
+                let meta = match std::fs::metadata(&key_file) {
+                    Ok(m) if m.is_file() && m.len() <= MAX_KEY_FILE => m,
+                    Ok(_) => continue,
+                    // Gone since read_dir (completed, aborted) or never written.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(&key_file, e)),
+                };
+                let key = match std::fs::read(&key_file) {
+                    Ok(b) => match String::from_utf8(b) {
+                        Ok(k) => k,
+                        Err(_) => continue,
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(&key_file, e)),
+                };
+                let initiated_ms = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .and_then(|d| u64::try_from(d.as_millis()).ok());
+                out.push(PendingUpload {
+                    key,
+                    upload_id: id,
+                    initiated_ms,
+                });
+            }
+            out.sort_by(|a, b| a.upload_id.cmp(&b.upload_id));
+            Ok(out)
+        })
+        .await
     }
 }
 
@@ -264,5 +327,56 @@ mod tests {
                 .await,
             Err(object_store::Error::NotFound { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn lists_uploads_in_progress_until_completed_or_aborted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mp = LocalMultipart::new(tmp.path().to_path_buf());
+        assert_eq!(mp.list_uploads().await.unwrap(), vec![]);
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let (a, b) = (Path::from("s/segments/a.seg"), Path::from("other/b"));
+        let ida = mp.create_multipart(&a).await.unwrap();
+        let idb = mp.create_multipart(&b).await.unwrap();
+        mp.put_part(&a, &ida, 0, PutPayload::from("x"))
+            .await
+            .unwrap();
+        // Not uploads: a stray file, a non-hex directory, a directory whose
+        // key was never written.
+        let up = tmp.path().join(UPLOADS_DIR);
+        std::fs::write(up.join("README"), b"x").unwrap();
+        std::fs::create_dir(up.join("not-an-id")).unwrap();
+        std::fs::create_dir(up.join("abcdef")).unwrap();
+        let mut got = mp.list_uploads().await.unwrap();
+        got.sort_by(|x, y| x.key.cmp(&y.key));
+        let keys: Vec<(&str, &str)> = got
+            .iter()
+            .map(|u| (u.key.as_str(), u.upload_id.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("other/b", idb.as_str()),
+                ("s/segments/a.seg", ida.as_str())
+            ]
+        );
+        for u in &got {
+            let t = u.initiated_ms.expect("initiated time");
+            assert!(t + 5_000 >= before, "{u:?} vs {before}");
+        }
+        mp.complete_multipart(
+            &a,
+            &ida,
+            vec![PartId {
+                content_id: "0".into(),
+            }],
+        )
+        .await
+        .unwrap();
+        mp.abort_multipart(&b, &idb).await.unwrap();
+        assert_eq!(mp.list_uploads().await.unwrap(), vec![]);
     }
 }

@@ -24,6 +24,7 @@ pub mod lease;
 pub mod local_multipart;
 pub mod manifest;
 pub mod probe;
+pub(crate) mod s3_uploads;
 
 use std::fmt;
 use std::sync::Arc;
@@ -92,12 +93,46 @@ impl StoreKind {
     }
 }
 
+/// An incomplete multipart upload, as [`RemoteStore::list_multipart_uploads`]
+/// finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// The key the upload would complete into, as the store names it (not
+    /// necessarily a valid [`Path`]).
+    pub key: String,
+    pub upload_id: String,
+    /// When it was initiated (ms since the epoch), when the store says.
+    pub initiated_ms: Option<u64>,
+}
+
+/// What [`RemoteStore::list_multipart_uploads`] could find out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MultipartListing {
+    /// Every incomplete upload under the prefix.
+    Listed(Vec<PendingUpload>),
+    /// This backend has no way to list them (`memory://`, stores built with
+    /// [`RemoteStore::from_parts`]).
+    BackendCannotList,
+    /// The server answered that it does not implement ListMultipartUploads
+    /// (why, e.g. "ListMultipartUploads answered 501 NotImplemented").
+    NotSupportedByServer(String),
+}
+
+/// Who lists incomplete multipart uploads for a [`RemoteStore`].
+#[derive(Clone, Debug)]
+enum UploadLister {
+    None,
+    Local(Arc<local_multipart::LocalMultipart>),
+    S3(Arc<s3_uploads::S3Uploads>),
+}
+
 /// A configured object store plus the key prefix all our objects live under.
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct RemoteStore {
     store: Arc<dyn ObjectStore>,
     multipart: Option<Arc<dyn MultipartStore>>,
+    uploads: UploadLister,
     prefix: Path,
     display: String,
     kind: StoreKind,
@@ -177,7 +212,9 @@ impl RemoteStore {
                     .with_fsync(true);
                 let display = format!("file://{}", dir.display());
                 let mp = Arc::new(local_multipart::LocalMultipart::new(dir));
-                Ok(Self::from_parts(Arc::new(fs), Some(mp), "", &display))
+                let mut rs = Self::from_parts(Arc::new(fs), Some(mp.clone()), "", &display);
+                rs.uploads = UploadLister::Local(mp);
+                Ok(rs)
             }
             "memory" => {
                 let mem = Arc::new(InMemory::new());
@@ -207,7 +244,8 @@ impl RemoteStore {
                     })?
                     .to_string();
                 let prefix = path_prefix()?;
-                let s3 = Arc::new(build_s3(&bucket, opts, env)?);
+                let (s3, lister) = build_s3(&bucket, opts, env)?;
+                let s3 = Arc::new(s3);
                 let display = if prefix.is_root() {
                     format!("s3://{bucket}")
                 } else {
@@ -220,6 +258,7 @@ impl RemoteStore {
                     &display,
                 );
                 rs.prefix = prefix;
+                rs.uploads = UploadLister::S3(Arc::new(lister));
                 Ok(rs)
             }
             other => Err(Error::InvalidInput(format!(
@@ -243,6 +282,7 @@ impl RemoteStore {
         RemoteStore {
             store,
             multipart,
+            uploads: UploadLister::None,
             prefix: Path::from(prefix.trim_matches('/')),
             display: display.to_string(),
             kind,
@@ -317,6 +357,33 @@ impl RemoteStore {
     pub fn segments_prefix(&self, stream: &str) -> Result<Path> {
         keys::segments_prefix(&self.prefix, stream)
     }
+
+    /// The incomplete multipart uploads whose key lies under `prefix` (a
+    /// folder: `a/b` matches `a/b/c`, not `a/bc`). `s3://` sends
+    /// ListMultipartUploads ([`s3_uploads`], paged and retried); `file://`
+    /// reads its staging directory; other backends cannot list
+    /// ([`MultipartListing::BackendCannotList`]).
+    pub async fn list_multipart_uploads(&self, prefix: &Path) -> Result<MultipartListing> {
+        let folder = if prefix.is_root() {
+            String::new()
+        } else {
+            format!("{prefix}{}", object_store::path::DELIMITER)
+        };
+        let all = match &self.uploads {
+            UploadLister::None => return Ok(MultipartListing::BackendCannotList),
+            UploadLister::Local(l) => l.list_uploads().await.map_err(classify)?,
+            UploadLister::S3(s) => match s.list(&folder).await? {
+                MultipartListing::Listed(v) => v,
+                other => return Ok(other),
+            },
+        };
+        // The server's answer is untrusted: keep what is really under it.
+        Ok(MultipartListing::Listed(
+            all.into_iter()
+                .filter(|u| u.key.starts_with(&folder))
+                .collect(),
+        ))
+    }
 }
 
 /// `scheme://host/path` of a URL, without user info, query or fragment.
@@ -344,11 +411,12 @@ fn is_loopback_http(endpoint: &str) -> bool {
     }
 }
 
+/// The S3 store, and the upload lister configured from the same builder.
 fn build_s3(
     bucket: &str,
     opts: &StoreOptions,
     env: &[(String, String)],
-) -> Result<object_store::aws::AmazonS3> {
+) -> Result<(object_store::aws::AmazonS3, s3_uploads::S3Uploads)> {
     // Same as AmazonS3Builder::from_env(), over the given variables.
     let mut b = AmazonS3Builder::new();
     for (k, v) in env {
@@ -396,10 +464,46 @@ fn build_s3(
         },
     };
     b = b.with_retry(retry);
+    // What the lister needs, read back from the builder so it addresses
+    // the bucket exactly as object_store will.
+    let get = |k: AmazonS3ConfigKey| b.get_config_value(&k);
+    let flag = |k: AmazonS3ConfigKey| get(k).is_some_and(|v| parse_flag(&v));
+    let lister = |credentials| s3_uploads::S3UploadsConfig {
+        bucket: bucket.to_string(),
+        endpoint: get(AmazonS3ConfigKey::S3Endpoint).or_else(|| get(AmazonS3ConfigKey::Endpoint)),
+        region: get(AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into()),
+        virtual_hosted: flag(AmazonS3ConfigKey::VirtualHostedStyleRequest),
+        s3_express: flag(AmazonS3ConfigKey::S3Express),
+        skip_signature: flag(AmazonS3ConfigKey::SkipSignature),
+        request_payer: get(AmazonS3ConfigKey::RequestPayer)
+            .is_some_and(|v| v.eq_ignore_ascii_case("requester") || parse_flag(&v)),
+        allow_http: flag(AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)),
+        allow_invalid_certificates: flag(AmazonS3ConfigKey::Client(
+            ClientConfigKey::AllowInvalidCertificates,
+        )),
+        proxy_url: get(AmazonS3ConfigKey::Client(ClientConfigKey::ProxyUrl)),
+        proxy_excludes: get(AmazonS3ConfigKey::Client(ClientConfigKey::ProxyExcludes)),
+        request_timeout: opts.request_timeout,
+        connect_timeout: opts.connect_timeout,
+        credentials,
+    };
     // The builder's error text names keys and the bucket, never values of
     // secret keys.
-    b.build()
-        .map_err(|e| Error::Remote(format!("configure s3://{bucket}: {e}")))
+    let s3 = b
+        .clone()
+        .build()
+        .map_err(|e| Error::Remote(format!("configure s3://{bucket}: {e}")))?;
+    // The same credential provider: both sign with the same keys.
+    let cfg = lister(s3.credentials().clone());
+    Ok((s3, s3_uploads::S3Uploads::new(cfg)))
+}
+
+/// object_store's boolean spelling (`true`, `1`, `yes`, `on`, `y`).
+fn parse_flag(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "on" | "yes" | "y"
+    )
 }
 
 // ---------------------------------------------------------------------------

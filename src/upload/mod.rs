@@ -34,8 +34,10 @@
 //! complete object (found by the next attempt as AlreadyPresent) or an
 //! incomplete multipart upload whose id the caller journaled through the hook
 //! (abort it with [`abort_multipart`]). An upload whose `create_multipart`
-//! answer was lost cannot be named by us: a bucket lifecycle rule
-//! (AbortIncompleteMultipartUpload) must clean those up.
+//! answer was lost is not in the journal: the reconciler lists incomplete
+//! uploads and aborts ours past the grace period (`tierindex reconcile
+//! --repair`), or a bucket lifecycle rule (AbortIncompleteMultipartUpload)
+//! cleans them up where the server cannot list them.
 //!
 //! ## Crash consistency
 //! Nothing here is durable locally; the caller journals "uploading", the

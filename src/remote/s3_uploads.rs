@@ -1,0 +1,1215 @@
+//! S3 `ListMultipartUploads`, which `object_store` 0.14 has no call for.
+//!
+//! The reconciler needs the incomplete uploads under a stream's segments
+//! folder (rule 5 in `recovery::reconcile`). This module sends
+//! `GET /{bucket}?uploads&prefix=..` (path-style) or `GET /?uploads&..` on
+//! the bucket's host (virtual-hosted), pages through `key-marker` /
+//! `upload-id-marker`, and signs each request with AWS Signature Version 4
+//! by hand. Endpoint, region, addressing style and credentials are the ones
+//! [`super::build_s3`] gives `object_store`: the same builder values, and
+//! the very credential provider of the built `AmazonS3` (static keys with
+//! an optional session token, web identity, container or instance roles).
+//!
+//! ## Untrusted answers
+//! Every response byte is untrusted: bodies are read up to a bound, the
+//! XML must be a `ListMultipartUploadsResult` (anything else, like a server
+//! that ignores `?uploads` and answers a `ListBucketResult`, is "not
+//! supported by this server", never an empty listing), pagination must
+//! advance, and the number of pages and uploads is bounded. Nothing here
+//! panics on input.
+//!
+//! ## Secrets
+//! Credentials only ever enter the signing functions. No type here prints
+//! them (`Debug` is hand-written), errors carry the HTTP status and the
+//! server's error code and message only (scrubbed of the key id, secret and
+//! token should a server echo them), and transport errors are printed
+//! without their URL.
+
+use std::fmt;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::{digest, hmac};
+use object_store::aws::{AwsCredential, AwsCredentialProvider};
+use serde::Deserialize;
+
+use super::{MultipartListing, PendingUpload, classify};
+use crate::error::{Error, Result};
+use crate::upload::retry::{RetryPolicy, with_retries};
+
+/// SHA-256 of the empty payload (every request here has no body).
+pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+/// Largest response body read for one page (S3 pages hold at most 1000
+/// uploads, well under 1 MiB).
+const MAX_BODY: usize = 8 * 1024 * 1024;
+/// Largest error body read (only its code and message are used).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// At most this many pages (of up to 1000 uploads) per listing.
+const MAX_PAGES: usize = 1000;
+/// Longest server error message carried into an error text.
+const MAX_MESSAGE: usize = 200;
+
+/// How to reach the bucket, from `build_s3`'s builder.
+pub(crate) struct S3UploadsConfig {
+    pub bucket: String,
+    /// `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` / the store options.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// `endpoint` already names the bucket (virtual-hosted style).
+    pub virtual_hosted: bool,
+    /// S3 Express One Zone: needs session auth, not implemented here.
+    pub s3_express: bool,
+    pub skip_signature: bool,
+    pub request_payer: bool,
+    pub allow_http: bool,
+    pub allow_invalid_certificates: bool,
+    /// object_store's `proxy_url` / `proxy_excludes` (the proxy URL may
+    /// hold credentials: never printed).
+    pub proxy_url: Option<String>,
+    pub proxy_excludes: Option<String>,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// The built `AmazonS3`'s provider, so both sign with the same keys.
+    pub credentials: AwsCredentialProvider,
+}
+
+/// Lists the incomplete multipart uploads of one S3 bucket.
+pub(crate) struct S3Uploads {
+    cfg: S3UploadsConfig,
+    /// The bucket's URL (`endpoint/bucket` or the virtual host), or why not.
+    base: std::result::Result<url::Url, String>,
+    client: OnceLock<std::result::Result<reqwest::Client, String>>,
+}
+
+impl fmt::Debug for S3Uploads {
+    // Hand-written: the config holds the credential provider.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Uploads")
+            .field("bucket", &self.cfg.bucket)
+            .field("endpoint", &self.base.as_ref().map(redact_url).ok())
+            .field("region", &self.cfg.region)
+            .finish()
+    }
+}
+
+fn redact_url(u: &url::Url) -> String {
+    format!(
+        "{}://{}{}",
+        u.scheme(),
+        authority(u).unwrap_or_default(),
+        u.path()
+    )
+}
+
+/// One page's outcome.
+enum Page {
+    Listed(ListResult),
+    NotSupported(String),
+}
+
+impl S3Uploads {
+    pub(crate) fn new(cfg: S3UploadsConfig) -> S3Uploads {
+        let base = bucket_url(&cfg);
+        S3Uploads {
+            cfg,
+            base,
+            client: OnceLock::new(),
+        }
+    }
+
+    fn client(&self) -> Result<&reqwest::Client> {
+        let c = self.client.get_or_init(|| {
+            let mut b = reqwest::Client::builder()
+                .timeout(self.cfg.request_timeout)
+                .connect_timeout(self.cfg.connect_timeout)
+                .https_only(!self.cfg.allow_http)
+                .danger_accept_invalid_certs(self.cfg.allow_invalid_certificates)
+                // A redirect would carry the session token to another host;
+                // S3's own redirects (wrong region) become clear errors.
+                .redirect(reqwest::redirect::Policy::none());
+            if let Some(p) = &self.cfg.proxy_url {
+                let mut proxy = reqwest::Proxy::all(p.as_str())
+                    .map_err(|_| "the configured proxy_url does not parse".to_string())?;
+                if let Some(ex) = &self.cfg.proxy_excludes {
+                    proxy = proxy.no_proxy(reqwest::NoProxy::from_string(ex));
+                }
+                b = b.proxy(proxy);
+            }
+            b.build()
+                .map_err(|e| format!("HTTP client: {}", e.without_url()))
+        });
+        c.as_ref().map_err(|e| Error::Remote(e.clone()))
+    }
+
+    /// Every incomplete upload whose key starts with `prefix` (a plain
+    /// string prefix, as S3 applies it).
+    pub(crate) async fn list(&self, prefix: &str) -> Result<MultipartListing> {
+        if self.cfg.s3_express {
+            return Ok(MultipartListing::NotSupportedByServer(
+                "S3 Express One Zone buckets need session authentication, which the \
+                 upload lister does not implement"
+                    .into(),
+            ));
+        }
+        let policy = RetryPolicy {
+            max_attempts: 4,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            request_timeout: self.cfg.request_timeout.saturating_mul(2),
+        };
+        let mut rng = fastrand::Rng::new();
+        let mut out: Vec<PendingUpload> = Vec::new();
+        let mut marker: Option<(String, String)> = None;
+        for _ in 0..MAX_PAGES {
+            let page = with_retries(&policy, &mut rng, "ListMultipartUploads", |_| {
+                self.page(prefix, marker.as_ref())
+            })
+            .await?;
+            let page = match page {
+                Page::Listed(p) => p,
+                Page::NotSupported(why) => return Ok(MultipartListing::NotSupportedByServer(why)),
+            };
+            for u in page.uploads {
+                out.push(PendingUpload {
+                    initiated_ms: u.initiated.as_deref().and_then(parse_time_ms),
+                    key: u.key,
+                    upload_id: u.upload_id,
+                });
+            }
+            if !page.is_truncated.as_deref().is_some_and(is_true) {
+                return Ok(MultipartListing::Listed(out));
+            }
+            let next = (
+                page.next_key_marker.unwrap_or_default(),
+                page.next_upload_id_marker.unwrap_or_default(),
+            );
+            if next.0.is_empty() || marker.as_ref() == Some(&next) {
+                return Err(Error::Remote(format!(
+                    "ListMultipartUploads on s3://{}: the server says the listing is \
+                     truncated but its next markers do not advance",
+                    self.cfg.bucket
+                )));
+            }
+            marker = Some(next);
+        }
+        Err(Error::Remote(format!(
+            "ListMultipartUploads on s3://{}: more than {MAX_PAGES} pages under {prefix:?}",
+            self.cfg.bucket
+        )))
+    }
+
+    /// One signed `GET ?uploads` request.
+    async fn page(&self, prefix: &str, marker: Option<&(String, String)>) -> Result<Page> {
+        let mut url = self.base.clone().map_err(Error::InvalidInput)?;
+        let mut query: Vec<(&str, &str)> = vec![("uploads", ""), ("prefix", prefix)];
+        if let Some((key, id)) = marker {
+            query.push(("key-marker", key));
+            if !id.is_empty() {
+                query.push(("upload-id-marker", id));
+            }
+        }
+        url.set_query(Some(&wire_query(&query)));
+        let host = authority(&url).ok_or_else(|| {
+            Error::InvalidInput(format!("S3 endpoint {} has no host", redact_url(&url)))
+        })?;
+        let amz_date = amz_date(SystemTime::now());
+        let mut headers: Vec<(&str, String)> = vec![
+            ("host", host),
+            ("x-amz-content-sha256", EMPTY_SHA256.to_string()),
+            ("x-amz-date", amz_date.clone()),
+        ];
+        if self.cfg.request_payer {
+            headers.push(("x-amz-request-payer", "requester".into()));
+        }
+        let cred = if self.cfg.skip_signature {
+            None
+        } else {
+            Some(
+                self.cfg
+                    .credentials
+                    .get_credential()
+                    .await
+                    .map_err(classify)?,
+            )
+        };
+        if let Some(token) = cred.as_ref().and_then(|c| c.token.clone()) {
+            headers.push(("x-amz-security-token", token));
+        }
+        let mut req = self.client()?.get(url.clone());
+        if let Some(c) = &cred {
+            let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let auth = authorization(
+                c,
+                &self.cfg.region,
+                "s3",
+                &amz_date,
+                &SigningRequest {
+                    method: "GET",
+                    canonical_uri: url.path(),
+                    query: &query,
+                    headers: &hdrs,
+                    payload_sha256: EMPTY_SHA256,
+                },
+            );
+            req = req.header("authorization", sensitive(&auth)?);
+        }
+        for (k, v) in &headers {
+            req = req.header(*k, sensitive(v)?);
+        }
+        let what = format!("ListMultipartUploads on s3://{}", self.cfg.bucket);
+        let resp = req.send().await.map_err(|e| transport(&what, e))?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            let body = read_bounded(resp, MAX_BODY, &what).await?;
+            return parse_list(&body).map_err(|e| Error::Remote(format!("{what}: {e}")));
+        }
+        let body = read_bounded(resp, MAX_ERROR_BODY, &what)
+            .await
+            .unwrap_or_default();
+        let err = parse_error(&body);
+        let code = err
+            .code
+            .as_deref()
+            .map(|c| clean(c, 64))
+            .unwrap_or_default();
+        if status == 501 || code == "NotImplemented" {
+            return Ok(Page::NotSupported(format!(
+                "ListMultipartUploads answered {status}{}",
+                if code.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {code}")
+                }
+            )));
+        }
+        let message = err
+            .message
+            .as_deref()
+            .map(|m| scrub(&clean(m, MAX_MESSAGE), cred.as_deref()))
+            .unwrap_or_default();
+        let text = format!("{what}: HTTP {status} {code}: {message}");
+        if matches!(status, 408 | 429 | 500..=599)
+            || matches!(
+                code.as_str(),
+                "SlowDown" | "RequestTimeout" | "InternalError"
+            )
+        {
+            Err(Error::RemoteRetryable(text))
+        } else {
+            Err(Error::Remote(text))
+        }
+    }
+}
+
+/// `endpoint/bucket` (path-style), the endpoint itself (virtual-hosted:
+/// it names the bucket), or AWS's default host, as object_store builds it.
+fn bucket_url(cfg: &S3UploadsConfig) -> std::result::Result<url::Url, String> {
+    let (bucket, region) = (&cfg.bucket, &cfg.region);
+    let s = match (&cfg.endpoint, cfg.virtual_hosted) {
+        (Some(ep), true) => ep.clone(),
+        (Some(ep), false) => format!("{}/{bucket}", ep.trim_end_matches('/')),
+        (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+        (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+    };
+    let mut u = url::Url::parse(&s).map_err(|e| format!("S3 endpoint does not parse: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(format!("S3 endpoint {} is not http(s)", redact_url(&u)));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("S3 endpoint must not carry credentials".into());
+    }
+    // The path on the wire is the canonical one: each segment decoded and
+    // encoded again by the SigV4 rules, so what is signed is what is sent.
+    let path = canonical_path(u.path());
+    u.set_path(&path);
+    u.set_fragment(None);
+    u.set_query(None);
+    Ok(u)
+}
+
+/// A header value marked sensitive: HTTP/2 never indexes it and its
+/// `Debug` does not print it. A value that is not a valid header (only
+/// possible from a credential or a server-given marker) is refused without
+/// being echoed.
+fn sensitive(v: &str) -> Result<reqwest::header::HeaderValue> {
+    let mut h = reqwest::header::HeaderValue::from_str(v).map_err(|_| {
+        Error::InvalidInput("a ListMultipartUploads header value is not valid in HTTP".into())
+    })?;
+    h.set_sensitive(true);
+    Ok(h)
+}
+
+/// `host[:port]` exactly as the request's Host header carries it.
+fn authority(u: &url::Url) -> Option<String> {
+    u.host_str()?;
+    Some(u[url::Position::BeforeHost..url::Position::AfterPort].to_string())
+}
+
+fn is_true(s: &str) -> bool {
+    s.trim().eq_ignore_ascii_case("true")
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time (`Initiated`).
+fn parse_time_ms(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let t = humantime::parse_rfc3339(s)
+        .or_else(|_| humantime::parse_rfc3339_weak(s))
+        .ok()?;
+    u64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
+/// `YYYYMMDDTHHMMSSZ`.
+pub(crate) fn amz_date(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect()
+}
+
+fn transport(what: &str, e: reqwest::Error) -> Error {
+    // Without the URL: it is ours and harmless, but nothing from the
+    // request beyond the status belongs in an error.
+    let retry = e.is_timeout() || e.is_connect() || e.is_request() || e.is_body();
+    let text = format!("{what}: {}", e.without_url());
+    if retry {
+        Error::RemoteRetryable(text)
+    } else {
+        Error::Remote(text)
+    }
+}
+
+async fn read_bounded(mut resp: reqwest::Response, limit: usize, what: &str) -> Result<Vec<u8>> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(Error::Remote(format!(
+            "{what}: response body larger than {limit} bytes"
+        )));
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport(what, e))? {
+        if buf.len().saturating_add(chunk.len()) > limit {
+            return Err(Error::Remote(format!(
+                "{what}: response body larger than {limit} bytes"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// At most `max` characters, control characters replaced.
+fn clean(s: &str, max: usize) -> String {
+    s.trim()
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// `text` with the credential's parts blanked, should a server echo them.
+fn scrub(text: &str, cred: Option<&AwsCredential>) -> String {
+    let mut out = text.to_string();
+    if let Some(c) = cred {
+        let parts = [Some(&c.key_id), Some(&c.secret_key), c.token.as_ref()];
+        for p in parts.into_iter().flatten() {
+            if p.len() >= 4 {
+                out = out.replace(p.as_str(), "<redacted>");
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// XML
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListResult {
+    #[serde(default)]
+    is_truncated: Option<String>,
+    #[serde(default)]
+    next_key_marker: Option<String>,
+    #[serde(default)]
+    next_upload_id_marker: Option<String>,
+    #[serde(default, rename = "Upload")]
+    uploads: Vec<UploadXml>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UploadXml {
+    key: String,
+    upload_id: String,
+    #[serde(default)]
+    initiated: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ErrorXml {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// The name of the document's root element.
+fn root_name(xml: &str) -> Option<String> {
+    use quick_xml::events::Event;
+    let mut r = quick_xml::Reader::from_str(xml);
+    loop {
+        match r.read_event() {
+            Ok(Event::Start(e)) | Ok(Event::Empty(e)) => {
+                let n = e.local_name();
+                return Some(String::from_utf8_lossy(n.as_ref()).into_owned());
+            }
+            Ok(Event::Eof) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn parse_list(body: &[u8]) -> std::result::Result<Page, String> {
+    let xml = std::str::from_utf8(body).map_err(|_| "response is not UTF-8".to_string())?;
+    match root_name(xml).as_deref() {
+        Some("ListMultipartUploadsResult") => {}
+        Some(other) => {
+            return Ok(Page::NotSupported(format!(
+                "ListMultipartUploads answered with <{}>, not a ListMultipartUploadsResult",
+                clean(other, 64)
+            )));
+        }
+        None => return Err("response is not an XML document".into()),
+    }
+    let r: ListResult = quick_xml::de::from_str(xml).map_err(|e| {
+        format!(
+            "malformed ListMultipartUploadsResult: {}",
+            clean(&e.to_string(), MAX_MESSAGE)
+        )
+    })?;
+    Ok(Page::Listed(r))
+}
+
+fn parse_error(body: &[u8]) -> ErrorXml {
+    std::str::from_utf8(body)
+        .ok()
+        .filter(|x| root_name(x).as_deref() == Some("Error"))
+        .and_then(|x| quick_xml::de::from_str(x).ok())
+        .unwrap_or_default()
+}
+
+/// The query as sent: sorted like the canonical one, a value-less
+/// parameter bare (`uploads`, as the SDKs send it).
+fn wire_query(query: &[(&str, &str)]) -> String {
+    let mut pairs: Vec<(String, String)> = query
+        .iter()
+        .map(|(k, v)| (uri_encode(k, true), uri_encode(v, true)))
+        .collect();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            if v.is_empty() {
+                k.clone()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+// ---------------------------------------------------------------------------
+// Signature Version 4
+// ---------------------------------------------------------------------------
+
+/// What is signed of a request.
+pub(crate) struct SigningRequest<'a> {
+    pub method: &'a str,
+    /// The path as sent, already encoded by [`canonical_path`].
+    pub canonical_uri: &'a str,
+    /// Query parameters, not encoded (a value-less one has `""`).
+    pub query: &'a [(&'a str, &'a str)],
+    /// Every header to sign, `host` and `x-amz-date` included.
+    pub headers: &'a [(&'a str, &'a str)],
+    pub payload_sha256: &'a str,
+}
+
+/// SigV4 `UriEncode`: every byte but `A-Za-z0-9-_.~` as `%XX` (upper-case
+/// hex); `/` too unless `encode_slash` is false.
+pub(crate) fn uri_encode(s: &str, encode_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~')
+            || (b == b'/' && !encode_slash)
+        {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes `%XX` sequences (invalid ones are kept as they are).
+fn percent_decode(s: &str) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&c, tail)) = rest.split_first() {
+        if let (b'%', [h, l, after @ ..]) = (c, tail)
+            && let (Some(h), Some(l)) = (hex(*h), hex(*l))
+        {
+            out.push((h * 16 + l) as u8);
+            rest = after;
+            continue;
+        }
+        out.push(c);
+        rest = tail;
+    }
+    out
+}
+
+/// A URL path, each segment decoded and encoded again by [`uri_encode`]
+/// (S3 encodes the path once).
+pub(crate) fn canonical_path(path: &str) -> String {
+    if path.is_empty() {
+        return "/".into();
+    }
+    path.split('/')
+        .map(|seg| uri_encode(&String::from_utf8_lossy(&percent_decode(seg)), true))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// `k=v&..`, each part encoded, sorted by key then value.
+pub(crate) fn canonical_query(query: &[(&str, &str)]) -> String {
+    let mut pairs: Vec<(String, String)> = query
+        .iter()
+        .map(|(k, v)| (uri_encode(k, true), uri_encode(v, true)))
+        .collect();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The canonical request and its signed-headers list.
+pub(crate) fn canonical_request(req: &SigningRequest<'_>) -> (String, String) {
+    let mut hdrs: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            let v = v.split_whitespace().collect::<Vec<_>>().join(" ");
+            (k.trim().to_ascii_lowercase(), v)
+        })
+        .collect();
+    hdrs.sort();
+    let canonical_headers: String = hdrs.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
+    let signed: String = hdrs
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
+    let creq = format!(
+        "{}\n{}\n{}\n{}\n{}\n{}",
+        req.method,
+        req.canonical_uri,
+        canonical_query(req.query),
+        canonical_headers,
+        signed,
+        req.payload_sha256
+    );
+    (creq, signed)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    hex(digest::digest(&digest::SHA256, data).as_ref())
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data)
+        .as_ref()
+        .to_vec()
+}
+
+/// `kSigning = HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), service), "aws4_request")`.
+pub(crate) fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> Vec<u8> {
+    let k_date = hmac_sha256(format!("AWS4{secret}").as_bytes(), date.as_bytes());
+    let k_region = hmac_sha256(&k_date, region.as_bytes());
+    let k_service = hmac_sha256(&k_region, service.as_bytes());
+    hmac_sha256(&k_service, b"aws4_request")
+}
+
+/// The `Authorization` header value of `req` at `amz_date`
+/// (`YYYYMMDDTHHMMSSZ`).
+pub(crate) fn authorization(
+    cred: &AwsCredential,
+    region: &str,
+    service: &str,
+    amz_date: &str,
+    req: &SigningRequest<'_>,
+) -> String {
+    let date = amz_date.get(..8).unwrap_or(amz_date);
+    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let (creq, signed) = canonical_request(req);
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        sha256_hex(creq.as_bytes())
+    );
+    let key = signing_key(&cred.secret_key, date, region, service);
+    let sig = hex(&hmac_sha256(&key, to_sign.as_bytes()));
+    format!(
+        "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed}, Signature={sig}",
+        cred.key_id
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::{RemoteStore, StoreOptions};
+    use object_store::path::Path;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // The example credentials of the AWS Signature Version 4 documentation
+    // ("Signature calculations for the Authorization header", S3 API).
+    const AK: &str = "AKIAIOSFODNN7EXAMPLE";
+    const SK: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+    const HOST: &str = "examplebucket.s3.amazonaws.com";
+    const DATE: &str = "20130524T000000Z";
+
+    fn doc_cred() -> AwsCredential {
+        AwsCredential {
+            key_id: AK.into(),
+            secret_key: SK.into(),
+            token: None,
+        }
+    }
+
+    fn signature_of(auth: &str) -> &str {
+        auth.rsplit_once("Signature=").map_or("", |(_, s)| s)
+    }
+
+    /// AWS's "GET Object" example: a Range header, no query.
+    #[test]
+    fn signs_the_aws_get_object_example() {
+        let headers = [
+            ("Host", HOST),
+            ("Range", "bytes=0-9"),
+            ("x-amz-content-sha256", EMPTY_SHA256),
+            ("x-amz-date", DATE),
+        ];
+        let req = SigningRequest {
+            method: "GET",
+            canonical_uri: &canonical_path("/test.txt"),
+            query: &[],
+            headers: &headers,
+            payload_sha256: EMPTY_SHA256,
+        };
+        let (creq, signed) = canonical_request(&req);
+        assert_eq!(signed, "host;range;x-amz-content-sha256;x-amz-date");
+        assert_eq!(
+            sha256_hex(creq.as_bytes()),
+            "7344ae5b7ee6c3e7e6b0fe0640412a37625d1fbfff95c48bbb2dc43964946972"
+        );
+        assert_eq!(
+            hex(&signing_key(SK, "20130524", "us-east-1", "s3")),
+            "dbb893acc010964918f1fd433add87c70e8b0db6be30c1fbeafefa5ec6ba8378"
+        );
+        assert_eq!(
+            authorization(&doc_cred(), "us-east-1", "s3", DATE, &req),
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, \
+             SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, \
+             Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
+    }
+
+    /// AWS's "GET Bucket Lifecycle" (a value-less sub-resource, like
+    /// `?uploads`) and "Get Bucket (List Objects)" (a sorted query).
+    #[test]
+    fn signs_the_aws_query_examples() {
+        let headers = [
+            ("host", HOST),
+            ("x-amz-content-sha256", EMPTY_SHA256),
+            ("x-amz-date", DATE),
+        ];
+        for (query, creq_hash, sig) in [
+            (
+                &[("lifecycle", "")][..],
+                "9766c798316ff2757b517bc739a67f6213b4ab36dd5da2f94eaebf79c77395ca",
+                "fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543",
+            ),
+            (
+                &[("prefix", "J"), ("max-keys", "2")][..],
+                "df57d21db20da04d7fa30298dd4488ba3a2b47ca3a489c74750e0f1e7df1b9b7",
+                "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7",
+            ),
+        ] {
+            let req = SigningRequest {
+                method: "GET",
+                canonical_uri: "/",
+                query,
+                headers: &headers,
+                payload_sha256: EMPTY_SHA256,
+            };
+            let (creq, _) = canonical_request(&req);
+            assert_eq!(sha256_hex(creq.as_bytes()), creq_hash, "{query:?}");
+            let auth = authorization(&doc_cred(), "us-east-1", "s3", DATE, &req);
+            assert_eq!(signature_of(&auth), sig, "{query:?}");
+        }
+    }
+
+    /// AWS's "PUT Object": a path byte that must be encoded (`$`), a
+    /// payload hash, extra signed headers.
+    #[test]
+    fn signs_the_aws_put_object_example() {
+        let payload = sha256_hex(b"Welcome to Amazon S3.");
+        assert_eq!(
+            payload,
+            "44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072"
+        );
+        let headers = [
+            ("date", "Fri, 24 May 2013 00:00:00 GMT"),
+            ("host", HOST),
+            ("x-amz-content-sha256", payload.as_str()),
+            ("x-amz-date", DATE),
+            ("x-amz-storage-class", "REDUCED_REDUNDANCY"),
+        ];
+        let path = canonical_path("/test$file.text");
+        assert_eq!(path, "/test%24file.text");
+        let req = SigningRequest {
+            method: "PUT",
+            canonical_uri: &path,
+            query: &[],
+            headers: &headers,
+            payload_sha256: &payload,
+        };
+        assert_eq!(
+            signature_of(&authorization(&doc_cred(), "us-east-1", "s3", DATE, &req)),
+            "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd"
+        );
+    }
+
+    #[test]
+    fn encoding_and_dates() {
+        assert_eq!(uri_encode("a-b_c.d~e", true), "a-b_c.d~e");
+        assert_eq!(uri_encode("a b/c+d=é*", true), "a%20b%2Fc%2Bd%3D%C3%A9%2A");
+        assert_eq!(uri_encode("a/b c", false), "a/b%20c");
+        assert_eq!(canonical_path("/my%20bucket/a+b"), "/my%20bucket/a%2Bb");
+        assert_eq!(canonical_path(""), "/");
+        assert_eq!(canonical_path("/bad%zz"), "/bad%25zz");
+        assert_eq!(
+            canonical_query(&[("uploads", ""), ("prefix", "p/s/segments/")]),
+            "prefix=p%2Fs%2Fsegments%2F&uploads="
+        );
+        assert_eq!(
+            wire_query(&[("uploads", ""), ("prefix", "a b")]),
+            "prefix=a%20b&uploads"
+        );
+        assert_eq!(
+            amz_date(UNIX_EPOCH + Duration::from_secs(1_369_353_600)),
+            DATE
+        );
+        assert_eq!(
+            parse_time_ms("2010-11-10T20:48:33.000Z"),
+            Some(1_289_422_113_000)
+        );
+        assert_eq!(
+            parse_time_ms("2010-11-10T20:48:33Z"),
+            Some(1_289_422_113_000)
+        );
+        assert_eq!(parse_time_ms("yesterday"), None);
+    }
+
+    #[test]
+    fn parses_listings_and_refuses_other_documents() {
+        let xml = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Bucket>b</Bucket><KeyMarker></KeyMarker><UploadIdMarker/>
+  <NextKeyMarker>k&amp;2</NextKeyMarker><NextUploadIdMarker>u2</NextUploadIdMarker>
+  <Prefix>p/</Prefix><MaxUploads>2</MaxUploads><IsTruncated>true</IsTruncated>
+  <Upload><Key>p/a</Key><UploadId>u1</UploadId>
+    <Initiator><ID>x</ID><DisplayName>y</DisplayName></Initiator>
+    <Owner><ID>x</ID></Owner><StorageClass>STANDARD</StorageClass>
+    <Initiated>2010-11-10T20:48:33.000Z</Initiated></Upload>
+  <Upload><Key>k&amp;2</Key><UploadId>u2</UploadId></Upload>
+</ListMultipartUploadsResult>"#;
+        let Ok(Page::Listed(r)) = parse_list(xml) else {
+            panic!("not listed")
+        };
+        assert_eq!(r.is_truncated.as_deref(), Some("true"));
+        assert_eq!(r.next_key_marker.as_deref(), Some("k&2"));
+        assert_eq!(r.uploads.len(), 2);
+        assert_eq!(r.uploads[1].key, "k&2");
+        assert_eq!(r.uploads[1].initiated, None);
+
+        let empty = br#"<ListMultipartUploadsResult><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>"#;
+        assert!(matches!(parse_list(empty), Ok(Page::Listed(r)) if r.uploads.is_empty()));
+        let objects = br#"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"#;
+        assert!(
+            matches!(parse_list(objects), Ok(Page::NotSupported(w)) if w.contains("ListBucketResult"))
+        );
+        for bad in [
+            &b"not xml"[..],
+            b"",
+            b"\xff\xfe",
+            b"<ListMultipartUploadsResult><Upload><Key>k</Key></Upload></ListMultipartUploadsResult>",
+            b"<ListMultipartUploadsResult><Upload>",
+        ] {
+            assert!(parse_list(bad).is_err(), "{bad:?}");
+        }
+        let e = parse_error(b"<Error><Code>NotImplemented</Code><Message>no</Message></Error>");
+        assert_eq!(e.code.as_deref(), Some("NotImplemented"));
+        assert_eq!(parse_error(b"garbage").code, None);
+    }
+
+    // ---- a local HTTP server answering canned responses ----
+
+    #[derive(Clone, Debug)]
+    struct Seen {
+        target: String,
+        headers: Vec<(String, String)>,
+    }
+
+    struct Mock {
+        endpoint: String,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    /// Answers the n-th request with `answers[n]` (status, extra header
+    /// lines, body); 500 once they run out.
+    async fn mock(answers: Vec<(u16, &'static str, String)>) -> Mock {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let mut lines = head.split("\r\n");
+                let target = lines
+                    .next()
+                    .and_then(|l| l.split(' ').nth(1))
+                    .unwrap_or("")
+                    .to_string();
+                let headers = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    .collect();
+                log.lock().unwrap().push(Seen { target, headers });
+                let (status, extra, body) =
+                    answers.get(n).cloned().unwrap_or((500, "", String::new()));
+                n += 1;
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        Mock { endpoint, seen }
+    }
+
+    const KEY_ID: &str = "AKIDMOCKKEYID0001";
+    const SECRET: &str = "mock-secret-DO-NOT-PRINT-0123456789";
+    const TOKEN: &str = "mock-session-token-DO-NOT-PRINT";
+
+    fn store(m: &Mock, token: bool) -> RemoteStore {
+        let mut env = vec![
+            ("AWS_ACCESS_KEY_ID".to_string(), KEY_ID.to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), SECRET.to_string()),
+            ("AWS_ENDPOINT_URL".to_string(), m.endpoint.clone()),
+            ("AWS_REGION".to_string(), "eu-mock-1".to_string()),
+        ];
+        if token {
+            env.push(("AWS_SESSION_TOKEN".to_string(), TOKEN.to_string()));
+        }
+        let opts = StoreOptions {
+            request_timeout: Duration::from_secs(5),
+            ..StoreOptions::default()
+        };
+        RemoteStore::from_url_with_env("s3://bkt/pre", &opts, &env).unwrap()
+    }
+
+    fn page(uploads: &[(&str, &str)], next: Option<(&str, &str)>) -> String {
+        let mut s = String::from("<ListMultipartUploadsResult>");
+        if let Some((k, u)) = next {
+            s.push_str(&format!(
+                "<IsTruncated>true</IsTruncated><NextKeyMarker>{k}</NextKeyMarker>\
+                 <NextUploadIdMarker>{u}</NextUploadIdMarker>"
+            ));
+        } else {
+            s.push_str("<IsTruncated>false</IsTruncated>");
+        }
+        for (k, u) in uploads {
+            s.push_str(&format!(
+                "<Upload><Key>{k}</Key><UploadId>{u}</UploadId>\
+                 <Initiated>2020-01-02T03:04:05.000Z</Initiated></Upload>"
+            ));
+        }
+        s + "</ListMultipartUploadsResult>"
+    }
+
+    /// Recomputes the request's signature from what arrived on the wire.
+    fn verify_signature(s: &Seen) {
+        let h = |name: &str| {
+            s.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("no {name} header in {s:?}"))
+        };
+        let auth = h("authorization");
+        let signed = auth
+            .split("SignedHeaders=")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .unwrap();
+        let headers: Vec<(String, String)> =
+            signed.split(';').map(|n| (n.to_string(), h(n))).collect();
+        let hdrs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (path, query) = s.target.split_once('?').unwrap_or((&s.target, ""));
+        let pairs: Vec<(String, String)> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                let d = |x: &str| String::from_utf8(percent_decode(x)).unwrap();
+                (d(k), d(v))
+            })
+            .collect();
+        let q: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let cred = AwsCredential {
+            key_id: KEY_ID.into(),
+            secret_key: SECRET.into(),
+            token: None,
+        };
+        let want = authorization(
+            &cred,
+            "eu-mock-1",
+            "s3",
+            &h("x-amz-date"),
+            &SigningRequest {
+                method: "GET",
+                canonical_uri: path,
+                query: &q,
+                headers: &hdrs,
+                payload_sha256: &h("x-amz-content-sha256"),
+            },
+        );
+        assert_eq!(auth, want, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn pages_through_markers_with_signed_path_style_requests() {
+        let m = mock(vec![
+            (
+                200,
+                "",
+                page(
+                    &[("pre/s/segments/a", "u1"), ("pre/s/segmentsX/b", "u9")],
+                    Some(("pre/s/segments/a", "u1")),
+                ),
+            ),
+            (503, "", "<Error><Code>SlowDown</Code></Error>".into()),
+            (200, "", page(&[("pre/s/segments/c d", "u2")], None)),
+        ])
+        .await;
+        let s = store(&m, true);
+        let got = s
+            .list_multipart_uploads(&Path::from("pre/s/segments"))
+            .await
+            .unwrap();
+        let MultipartListing::Listed(v) = got else {
+            panic!("{got:?}")
+        };
+        // The server's key outside the folder is dropped.
+        let keys: Vec<&str> = v.iter().map(|u| u.key.as_str()).collect();
+        assert_eq!(keys, vec!["pre/s/segments/a", "pre/s/segments/c d"]);
+        assert_eq!(v[0].initiated_ms, Some(1_577_934_245_000));
+        let seen = m.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[0].target, "/bkt?prefix=pre%2Fs%2Fsegments%2F&uploads");
+        assert_eq!(
+            seen[2].target,
+            "/bkt?key-marker=pre%2Fs%2Fsegments%2Fa&prefix=pre%2Fs%2Fsegments%2F&upload-id-marker=u1&uploads"
+        );
+        for r in &seen {
+            verify_signature(r);
+            assert!(
+                r.headers
+                    .iter()
+                    .any(|(k, v)| k == "x-amz-security-token" && v == TOKEN)
+            );
+            let auth = &r
+                .headers
+                .iter()
+                .find(|(k, _)| k == "authorization")
+                .unwrap()
+                .1;
+            assert!(
+                auth.contains("x-amz-security-token"),
+                "token is signed: {auth}"
+            );
+            assert!(!auth.contains(SECRET));
+        }
+    }
+
+    #[tokio::test]
+    async fn not_implemented_is_reported_as_such() {
+        for (status, body) in [
+            (501, "<Error><Code>NotImplemented</Code><Message>A header you provided implies functionality that is not implemented</Message></Error>".to_string()),
+            (400, "<Error><Code>NotImplemented</Code></Error>".to_string()),
+            (501, String::new()),
+            (200, "<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>".to_string()),
+        ] {
+            let m = mock(vec![(status, "", body)]).await;
+            let got = store(&m, false)
+                .list_multipart_uploads(&Path::from("pre/s/segments"))
+                .await
+                .unwrap();
+            assert!(
+                matches!(&got, MultipartListing::NotSupportedByServer(w) if w.starts_with("ListMultipartUploads answered")),
+                "{status}: {got:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_name_status_and_code_but_never_credentials() {
+        let echo = format!(
+            "<Error><Code>InvalidAccessKeyId</Code><Message>key {KEY_ID} secret {SECRET} token {TOKEN}</Message>\
+             <AWSAccessKeyId>{KEY_ID}</AWSAccessKeyId></Error>"
+        );
+        let m = mock(vec![(403, "", echo)]).await;
+        let s = store(&m, true);
+        let e = s
+            .list_multipart_uploads(&Path::from("pre/s/segments"))
+            .await
+            .unwrap_err();
+        let text = format!("{e} {e:?} {s:?}");
+        assert!(matches!(e, Error::Remote(_)), "{e:?}");
+        assert!(
+            text.contains("403") && text.contains("InvalidAccessKeyId"),
+            "{text}"
+        );
+        for secret in [KEY_ID, SECRET, TOKEN] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+    }
+
+    /// Everything logged while listing (retries included, at TRACE), the
+    /// error and the store's `Debug` are free of the key id, secret and
+    /// token, even when the server echoes them.
+    #[tokio::test]
+    async fn nothing_logged_carries_credentials() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        let _g = tracing::subscriber::set_default(sub);
+        let echo = format!(
+            "<Error><Code>SlowDown</Code><Message>{KEY_ID} {SECRET} {TOKEN}</Message></Error>"
+        );
+        let m = mock(vec![(503, "", echo.clone()); 4]).await;
+        let s = store(&m, true);
+        let e = s
+            .list_multipart_uploads(&Path::from("pre/s/segments"))
+            .await
+            .unwrap_err();
+        tracing::error!(error = %e, debug = ?e, store = ?s, "final");
+        let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("retrying") && logged.contains("final"),
+            "{logged}"
+        );
+        assert_eq!(m.seen.lock().unwrap().len(), 4, "{logged}");
+        // The echo did reach the log, blanked.
+        assert!(
+            logged.contains("<redacted> <redacted> <redacted>"),
+            "{logged}"
+        );
+        for secret in [KEY_ID, SECRET, TOKEN] {
+            assert!(!logged.contains(secret), "{secret} leaked: {logged}");
+        }
+    }
+
+    #[tokio::test]
+    async fn hostile_answers_fail_cleanly() {
+        // Truncated, but the markers do not move.
+        let stuck = page(
+            &[("pre/s/segments/a", "u1")],
+            Some(("pre/s/segments/a", "u1")),
+        );
+        let m = mock(vec![(200, "", stuck.clone()), (200, "", stuck)]).await;
+        let e = store(&m, false)
+            .list_multipart_uploads(&Path::from("pre/s/segments"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("do not advance"), "{e}");
+        // Truncated without markers.
+        let m = mock(vec![(200, "", "<ListMultipartUploadsResult><IsTruncated>true</IsTruncated></ListMultipartUploadsResult>".into())]).await;
+        assert!(
+            store(&m, false)
+                .list_multipart_uploads(&Path::from("pre/s/segments"))
+                .await
+                .is_err()
+        );
+        // Not XML at all.
+        let m = mock(vec![(200, "", "x".repeat(10))]).await;
+        let e = store(&m, false)
+            .list_multipart_uploads(&Path::from("pre/s/segments"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not an XML document"), "{e}");
+        // A body larger than the bound is not read.
+        let big = "<ListMultipartUploadsResult>".to_string() + &" ".repeat(MAX_BODY + 1);
+        let m = mock(vec![(200, "", big)]).await;
+        let e = store(&m, false)
+            .list_multipart_uploads(&Path::from("pre/s/segments"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
+}
