@@ -65,10 +65,18 @@ pub struct Config {
     /// Manage the manifest on a store whose probe found conditional creates
     /// NOT honoured (no fencing then: only with one writer guaranteed).
     pub allow_unconditional_store: bool,
-    /// Run a report-only reconcile (journal vs manifest vs bucket listing)
-    /// every this many ms in the background; 0 = off. Findings are logged
-    /// and exported as metrics; repairs are `tierindex reconcile --repair`.
+    /// Run the reconciler (journal vs manifest vs bucket listing) every this
+    /// many ms in the background; 0 = off. Findings are logged and exported
+    /// as metrics.
     pub reconcile_interval_ms: u64,
+    /// The background reconciler also repairs what it can from this process
+    /// (re-uploads from local copies, manifest entries and damage notes as
+    /// the current owner, old orphans and stale multipart uploads of ours);
+    /// off: it only reports.
+    pub reconcile_repair: bool,
+    /// Age an orphan object or a multipart upload must reach before the
+    /// background reconciler's repair removes it.
+    pub reconcile_grace_ms: u64,
 }
 
 /// Shortest and longest accepted `lease_ttl_ms`.
@@ -108,6 +116,8 @@ impl Default for Config {
             lease_ttl_ms: 30_000,
             allow_unconditional_store: false,
             reconcile_interval_ms: 0,
+            reconcile_repair: true,
+            reconcile_grace_ms: 3_600_000,
         }
     }
 }

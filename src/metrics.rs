@@ -68,6 +68,8 @@ pub struct Metrics {
     pub remote_damage_marked: Counter,
     /// Background reconcile runs finished (`reconcile_interval_ms`).
     pub reconcile_runs: Counter,
+    /// Findings the background reconciler repaired (`reconcile_repair`).
+    pub reconcile_repaired: Counter,
     /// Findings of the last background reconcile that need an operator.
     pub reconcile_unresolved: Gauge,
     pub uploads_in_flight: Gauge,
@@ -134,6 +136,12 @@ impl Metrics {
             "counter",
             "Damaged remote segments confirmed by a full read and marked in the manifest.",
             self.remote_damage_marked.get(),
+        );
+        one(
+            "reconcile_repaired_total",
+            "counter",
+            "Findings the background reconciler repaired.",
+            self.reconcile_repaired.get(),
         );
         one(
             "reconcile_runs_total",

@@ -886,11 +886,13 @@ async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiv
     }
 }
 
-/// Report-only reconcile every `every` (`reconcile_interval_ms`): journal
-/// (read only) vs manifest vs the bucket listing. Findings that need an
-/// operator are logged as errors and counted in the `reconcile_unresolved`
-/// gauge; nothing is written (repairs: `tierindex reconcile --repair`, which
-/// needs the data directory, i.e. the broker down).
+/// The reconciler every `every` (`reconcile_interval_ms`): journal (read
+/// only) vs manifest vs the bucket listing. With `reconcile_repair` it also
+/// repairs from this process (`reconcile_in_process`: re-uploads from local
+/// copies, manifest writes as the current owner, orphans and multipart
+/// uploads older than `reconcile_grace_ms`). Findings left for an operator
+/// are logged as errors and counted in the `reconcile_unresolved` gauge;
+/// repairs in `reconcile_repaired_total`.
 async fn reconciler(
     sh: Arc<Shared>,
     cfg: Config,
@@ -898,10 +900,11 @@ async fn reconciler(
     mut stop: watch::Receiver<bool>,
 ) {
     let opts = crate::recovery::reconcile::ReconcileOptions {
-        repair: false,
+        repair: cfg.reconcile_repair,
         deep: false,
-        ..Default::default()
+        grace: Duration::from_millis(cfg.reconcile_grace_ms),
     };
+    let access = crate::pipeline::InProcessManifest(sh.clone());
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -910,11 +913,20 @@ async fn reconciler(
         if *stop.borrow() {
             return;
         }
-        match crate::recovery::reconcile::reconcile(&cfg, &sh.store, &opts).await {
+        if sh.fenced.get().is_some() {
+            return;
+        }
+        let run = crate::recovery::reconcile::reconcile_in_process(&cfg, &sh.store, &opts, &access);
+        match run.await {
             Ok(r) => {
                 for f in r.findings.iter().filter(|f| !f.informational) {
-                    tracing::error!(kind = ?f.kind, segment = ?f.segment, key = %f.key, detail = %f.detail, "reconcile finding");
+                    if f.repaired {
+                        tracing::warn!(kind = ?f.kind, segment = ?f.segment, key = %f.key, detail = %f.detail, action = %f.action, "reconcile repaired");
+                    } else {
+                        tracing::error!(kind = ?f.kind, segment = ?f.segment, key = %f.key, detail = %f.detail, action = %f.action, "reconcile finding");
+                    }
                 }
+                sh.metrics.reconcile_repaired.add(r.repaired as u64);
                 sh.metrics.reconcile_unresolved.set(r.unresolved as u64);
                 sh.metrics.reconcile_runs.inc();
             }

@@ -268,6 +268,7 @@ async fn background_reconcile_reports_a_deleted_object() {
     fill_and_drain(&cfg, &fs, 500).await;
     let cfg = Config {
         reconcile_interval_ms: 100,
+        reconcile_repair: false,
         ..cfg
     };
     let (ti, _) = TierIndex::open_with_store(cfg, fs.remote(PREFIX))
@@ -293,6 +294,91 @@ async fn background_reconcile_reports_a_deleted_object() {
     assert_eq!(m.reconcile_unresolved.get(), 1, "the deleted object");
     // Report only: nothing was re-uploaded.
     assert!(fs.inner().head(&victim).await.is_err());
+    let _ = ti.shutdown(Duration::from_secs(10)).await;
+}
+
+/// `reconcile_repair` (the default): the background reconciler of a running
+/// process re-uploads a committed object deleted behind its back from the
+/// local copy and deletes an old orphan of ours, writing as the owner it
+/// already is (no new epoch: it does not fence itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_reconcile_repairs_from_the_running_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs: Arc<FaultyStore> = FaultyStore::memory(80);
+    let cfg = Config {
+        release_after_commit: false,
+        ..config(tmp.path().join("data"))
+    };
+    fill_and_drain(&cfg, &fs, 500).await;
+    let cfg = Config {
+        reconcile_interval_ms: 100,
+        reconcile_grace_ms: 0,
+        ..cfg
+    };
+    let (ti, _) = TierIndex::open_with_store(cfg, fs.remote(PREFIX))
+        .await
+        .unwrap();
+    let ms = tierindex::remote::manifest::ManifestStore::with_capabilities(
+        &fs.remote(PREFIX),
+        STREAM,
+        Default::default(),
+        &tierindex::remote::probe::Capabilities {
+            conditional_create: true,
+            ..Default::default()
+        },
+        Arc::new(tierindex::remote::lease::SystemClock),
+    )
+    .unwrap();
+    let epoch = ms.load().await.unwrap().unwrap().epoch;
+    let m = ti.metrics();
+    let victim = first_segment_object(&fs).await;
+    let original = fs
+        .inner()
+        .get(&victim)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    fs.inner().delete(&victim).await.unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while fs.inner().head(&victim).await.is_err() {
+        assert!(std::time::Instant::now() < until, "never re-uploaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = fs
+        .inner()
+        .get(&victim)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(back, original, "re-uploaded byte for byte");
+    assert!(m.reconcile_repaired.get() >= 1);
+
+    // An orphan of ours (a segment key nobody references): deleted, the
+    // grace period being 0 here.
+    let one = [Entry {
+        key_hash: 1,
+        offset: 9_999_999,
+        size: 1,
+        timestamp_ms: TS0,
+    }];
+    let (bytes, meta) = build_sealed(SegmentId(9_999), 1, 2, 16, &one).unwrap();
+    let orphan = fs.remote(PREFIX).segment_key(STREAM, &meta);
+    fs.inner()
+        .put(&orphan, PutPayload::from(bytes))
+        .await
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while fs.inner().head(&orphan).await.is_ok() {
+        assert!(std::time::Instant::now() < until, "orphan never deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = ms.load().await.unwrap().unwrap();
+    assert_eq!(now.epoch, epoch, "repairs wrote as the owner: no new epoch");
+    assert!(ti.status().fenced.is_none());
     let _ = ti.shutdown(Duration::from_secs(10)).await;
 }
 

@@ -265,6 +265,58 @@ impl Shared {
         }
     }
 
+    /// Clears and adds damage notes as the current owner (the background
+    /// reconciler's repairs). Fenced or not owned: nothing written.
+    pub async fn write_damage_notes(
+        &self,
+        clears: &[SegmentId],
+        marks: &[crate::remote::manifest::DamageNote],
+    ) -> Result<u64> {
+        let Some(m) = &self.manifest else {
+            return Err(Error::InvalidInput("manifest = false".into()));
+        };
+        self.check_fenced()?;
+        let mut guard = m.writer.lock().await;
+        self.ensure_owner(m, &mut guard).await?;
+        let Some(w) = guard.as_mut() else {
+            return Err(Error::ShutDown);
+        };
+        let r: Result<()> = async {
+            for id in clears {
+                w.clear_damage(*id).await?;
+            }
+            for n in marks {
+                w.mark_damaged(n.clone()).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => Ok(w.manifest().version),
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commits several entries in one manifest version as the current
+    /// owner (the background reconciler's repairs).
+    pub async fn commit_entries_to_manifest(&self, entries: &[SegmentEntry]) -> Result<u64> {
+        let Some(m) = &self.manifest else {
+            return Err(Error::InvalidInput("manifest = false".into()));
+        };
+        self.check_fenced()?;
+        let mut guard = m.writer.lock().await;
+        self.ensure_owner(m, &mut guard).await?;
+        let Some(w) = guard.as_mut() else {
+            return Err(Error::ShutDown);
+        };
+        match w.commit(entries).await {
+            Ok(_) => Ok(w.manifest().version),
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The upload settings in force now (the probe may have answered).
     pub fn upload_config(&self) -> UploadConfig {
         UploadConfig {
@@ -627,5 +679,43 @@ impl Scheduler {
             deadline_hit,
             elapsed_ms: started.elapsed().as_millis() as u64,
         }
+    }
+}
+
+/// The running process's manifest access for the background reconciler:
+/// writes as the owner it already is (never takes ownership anew, which
+/// would fence itself).
+pub struct InProcessManifest(pub Arc<Shared>);
+
+#[async_trait::async_trait]
+impl crate::recovery::reconcile::ManifestAccess for InProcessManifest {
+    async fn commit(&self, entries: &[SegmentEntry]) -> std::result::Result<String, String> {
+        self.0
+            .commit_entries_to_manifest(entries)
+            .await
+            .map(|v| {
+                format!(
+                    "committed {} entr(ies) as the running owner (manifest version {v})",
+                    entries.len()
+                )
+            })
+            .map_err(|e| format!("not repaired: {e}"))
+    }
+    async fn notes(
+        &self,
+        clears: &[SegmentId],
+        marks: &[crate::remote::manifest::DamageNote],
+    ) -> std::result::Result<String, String> {
+        self.0
+            .write_damage_notes(clears, marks)
+            .await
+            .map(|v| {
+                format!(
+                    "manifest notes: {} cleared, {} marked lost as the running owner (version {v})",
+                    clears.len(),
+                    marks.len()
+                )
+            })
+            .map_err(|e| format!("manifest not updated: {e}"))
     }
 }

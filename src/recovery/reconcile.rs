@@ -236,16 +236,7 @@ struct Listed {
     modified_ms: u64,
 }
 
-/// Runs the reconciler for `cfg.stream` of `cfg.data_dir` against `store`.
-/// Errors only when a view cannot be read at all (no journal, the LIST or
-/// the manifest read fails); everything else is a finding.
-pub async fn reconcile(
-    cfg: &Config,
-    store: &RemoteStore,
-    opts: &ReconcileOptions,
-) -> Result<ReconcileReport> {
-    cfg.validate()?;
-    let stream = cfg.stream.as_str();
+fn require_journal(cfg: &Config) -> Result<()> {
     let log = journal::log_path(&cfg.data_dir);
     if !log.exists() {
         return Err(Error::InvalidInput(format!(
@@ -253,13 +244,92 @@ pub async fn reconcile(
             log.display()
         )));
     }
+    Ok(())
+}
+
+/// How a repair writes the manifest. The returned text is the finding's
+/// action; `Err` when nothing was written.
+#[async_trait::async_trait]
+pub trait ManifestAccess: Send + Sync {
+    /// Commit `entries` (already listed ones are fine).
+    async fn commit(&self, entries: &[SegmentEntry]) -> std::result::Result<String, String>;
+    /// Clear the damage notes of `clears`, then add `marks`.
+    async fn notes(
+        &self,
+        clears: &[SegmentId],
+        marks: &[DamageNote],
+    ) -> std::result::Result<String, String>;
+}
+
+/// The standalone tool's access: take ownership as the config's owner for
+/// each write (refused while another owner's lease is live: the reconciler
+/// never fences a live broker), then release.
+struct TakeAndRelease<'a> {
+    store: &'a RemoteStore,
+    cfg: &'a Config,
+}
+
+#[async_trait::async_trait]
+impl ManifestAccess for TakeAndRelease<'_> {
+    async fn commit(&self, entries: &[SegmentEntry]) -> std::result::Result<String, String> {
+        commit_entries(self.store, self.cfg, entries).await
+    }
+    async fn notes(
+        &self,
+        clears: &[SegmentId],
+        marks: &[DamageNote],
+    ) -> std::result::Result<String, String> {
+        write_notes(self.store, self.cfg, clears, marks).await
+    }
+}
+
+/// Runs the reconciler for `cfg.stream` of `cfg.data_dir` against `store`.
+/// Errors only when a view cannot be read at all (no journal, the LIST or
+/// the manifest read fails); everything else is a finding. A repair run
+/// takes the data directory's lock (its broker must be down) and writes the
+/// manifest by taking ownership for each write.
+pub async fn reconcile(
+    cfg: &Config,
+    store: &RemoteStore,
+    opts: &ReconcileOptions,
+) -> Result<ReconcileReport> {
     // A repair re-uploads local files and writes the manifest as this data
     // directory's owner: its broker must be down (Error::Locked otherwise).
+    cfg.validate()?;
+    require_journal(cfg)?;
     let _lock = if opts.repair {
         Some(DataDir::open(&cfg.data_dir)?)
     } else {
         None
     };
+    let access = TakeAndRelease { store, cfg };
+    reconcile_with(cfg, store, opts, &access).await
+}
+
+/// The reconciler inside a running `TierIndex`: the caller holds the data
+/// directory and writes the manifest as the owner it already is (`access`).
+/// Safe next to the running pipeline: only segments at `Verified` or later
+/// are re-uploaded (their objects are no drive's business any more), a
+/// local file released meanwhile only fails that repair, and orphans and
+/// multipart uploads younger than the grace period are left alone.
+pub async fn reconcile_in_process(
+    cfg: &Config,
+    store: &RemoteStore,
+    opts: &ReconcileOptions,
+    access: &dyn ManifestAccess,
+) -> Result<ReconcileReport> {
+    reconcile_with(cfg, store, opts, access).await
+}
+
+async fn reconcile_with(
+    cfg: &Config,
+    store: &RemoteStore,
+    opts: &ReconcileOptions,
+    access: &dyn ManifestAccess,
+) -> Result<ReconcileReport> {
+    cfg.validate()?;
+    require_journal(cfg)?;
+    let stream = cfg.stream.as_str();
     let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
     let seg_dir = cfg.data_dir.join(datadir::SEGMENTS_DIR);
 
@@ -633,7 +703,7 @@ pub async fn reconcile(
 
     let mut manifest_now = manifest_present;
     if !clears.is_empty() || !marks.is_empty() {
-        let (action, ok) = match write_notes(store, cfg, &clears, &marks).await {
+        let (action, ok) = match access.notes(&clears, &marks).await {
             Ok(a) => (a, true),
             Err(why) => (why, false),
         };
@@ -647,7 +717,7 @@ pub async fn reconcile(
         }
     }
     if !to_commit.is_empty() {
-        let (action, ok) = match commit_entries(store, cfg, &to_commit).await {
+        let (action, ok) = match access.commit(&to_commit).await {
             Ok(a) => (a, true),
             Err(why) => (why, false),
         };
