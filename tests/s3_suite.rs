@@ -890,7 +890,7 @@ async fn manifest_pipeline_commits_releases_and_reads_back() {
     ti.flush().unwrap();
     let r = ti.shutdown(Duration::from_secs(60)).await;
     assert!(r.fully_drained(), "{}: {r:#?}", s.kind);
-    let (ti, _) = TierIndex::open(cfg).await.unwrap();
+    let (ti, _) = TierIndex::open(cfg.clone()).await.unwrap();
     for k in [0u64, 4, 10] {
         let got = ti
             .lookup_remote(format!("k{k}").as_bytes(), tierindex::TimeRange::ALL)
@@ -907,8 +907,76 @@ async fn manifest_pipeline_commits_releases_and_reads_back() {
         let want: Vec<u64> = (0..n).filter(|o| o % 11 == k).collect();
         assert_eq!(offs, want, "{}: key k{k}", s.kind);
     }
+    // One released segment's object damaged behind our back (same length,
+    // a byte of its slot directory flipped): the lookup confirms it with a
+    // full read and records a LOST damage note in the manifest; the next
+    // lookup skips it with the note's text, the other segments answer.
+    let store = s.store(&prefix);
+    let ms = tierindex::remote::manifest::ManifestStore::with_capabilities(
+        &store,
+        "stream-0",
+        Default::default(),
+        &tierindex::remote::probe::Capabilities {
+            conditional_create: true,
+            ..Default::default()
+        },
+        std::sync::Arc::new(tierindex::remote::lease::SystemClock),
+    )
+    .unwrap();
+    let m = ms.load().await.unwrap().unwrap();
+    let victim = ms.all_segments(&m).await.unwrap()[1].clone();
+    let vkey = ObjPath::from(victim.key.as_str());
+    let mut body = store
+        .object_store()
+        .get(&vkey)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    body[70] ^= 0x04;
+    store
+        .object_store()
+        .put(&vkey, PutPayload::from(body))
+        .await
+        .unwrap();
+    // A fresh process: nothing of the victim's index is cached.
     let r = ti.shutdown(Duration::from_secs(30)).await;
     assert!(r.fully_drained(), "{}: {r:#?}", s.kind);
+    let (ti, _) = TierIndex::open(cfg).await.unwrap();
+    let got = ti
+        .lookup_remote(b"k3", tierindex::TimeRange::ALL)
+        .await
+        .unwrap();
+    assert_eq!(got.unreadable.len(), 1, "{}: {:?}", s.kind, got.unreadable);
+    let note = ms.load().await.unwrap().unwrap();
+    let note = note
+        .damage(victim.id)
+        .expect("damage note on the real server");
+    assert!(
+        note.lost && note.reason.contains("CRC32"),
+        "{}: {note:?}",
+        s.kind
+    );
+    let again = ti
+        .lookup_remote(b"k3", tierindex::TimeRange::ALL)
+        .await
+        .unwrap();
+    assert!(
+        again.unreadable[0]
+            .1
+            .contains("marked damaged in the manifest"),
+        "{}: {:?}",
+        s.kind,
+        again.unreadable
+    );
+    let want: Vec<u64> = (0..n)
+        .filter(|o| o % 11 == 3 && !(victim.min_offset..=victim.max_offset).contains(o))
+        .collect();
+    let offs: Vec<u64> = again.entries.iter().map(|e| e.offset).collect();
+    assert_eq!(offs, want, "{}", s.kind);
+    let _ = ti.shutdown(Duration::from_secs(30)).await;
 }
 
 /// The reconciler on the real server: after a drain with the manifest, an
