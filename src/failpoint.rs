@@ -59,6 +59,18 @@ pub const POINTS: &[&str] = &[
     "commit",
     "release",
     "release.after",
+    // Manifest (src/remote/manifest.rs; reached only with `manifest = true`,
+    // see MANIFEST_POINTS)
+    "manifest.publish",
+    "manifest.publish.after",
+    "manifest.trim",
+];
+
+/// The points only a `manifest = true` run reaches.
+pub const MANIFEST_POINTS: &[&str] = &[
+    "manifest.publish",
+    "manifest.publish.after",
+    "manifest.trim",
 ];
 
 /// A point that can only crash (no I/O happens there to fail).

@@ -10,6 +10,8 @@
 //! crash_points`); without it this file is empty.
 //!
 //! * `TIERINDEX_CRASH_ITERS=K`: crashes per point (default 20).
+//! * `TIERINDEX_CRASH_MANIFEST_ITERS=K`: the same for the `manifest = true`
+//!   campaign (default 20).
 //! * `TIERINDEX_CRASH_POINTS=a,b`: only these points.
 //! * `TIERINDEX_CRASH_SEED=S`: the seed (default: random, printed).
 //!
@@ -27,15 +29,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crash_model::{Rig, Run};
-use tierindex::failpoint::{CRASH_EXIT_CODE, POINTS};
+use tierindex::failpoint::{CRASH_EXIT_CODE, MANIFEST_POINTS, POINTS};
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// Hits of every point in one unarmed demo run of the harness workload.
-fn calibrate(root: &Path) -> BTreeMap<String, u64> {
-    let rig = Rig::new(root, "calibrate");
+fn calibrate(root: &Path, manifest: bool) -> BTreeMap<String, u64> {
+    let rig = Rig::with_manifest(root, "calibrate", manifest);
     let run = rig.demo(&[("TIERINDEX_FAILPOINTS_COUNTS", "1")]);
     assert_eq!(run.code, Some(0), "unarmed demo failed:\n{}", run.stderr);
     let mut hits = BTreeMap::new();
@@ -60,7 +62,41 @@ struct Tally {
 
 #[test]
 fn every_crash_point_recovers_without_losing_acknowledged_entries() {
+    let points: Vec<&'static str> = POINTS
+        .iter()
+        .copied()
+        .filter(|p| !MANIFEST_POINTS.contains(p))
+        .collect();
     let iters = env_u64("TIERINDEX_CRASH_ITERS").unwrap_or(20);
+    campaign(false, points, iters);
+}
+
+/// The same with `manifest = true`: the manifest's own persist steps
+/// (publishing a version, trimming old ones) and the steps around the
+/// commit, crashed; after every process the manifest must decode, list
+/// every segment the journal calls `Committed` or `Released`, and list only
+/// objects that are in the store with their recorded CRC.
+#[test]
+fn every_crash_point_with_the_manifest_keeps_journal_and_manifest_consistent() {
+    let mut points: Vec<&'static str> = vec![
+        "upload.put.after",
+        "verify.after",
+        "commit",
+        "release",
+        "release.after",
+        "journal.fsync",
+    ];
+    points.extend(MANIFEST_POINTS.iter().copied());
+    let iters = env_u64("TIERINDEX_CRASH_MANIFEST_ITERS").unwrap_or(20);
+    campaign(true, points, iters);
+}
+
+/// Campaigns running in this test process: the last one to end removes
+/// the copied binary (the two tests may run at once).
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+fn campaign(manifest: bool, points: Vec<&'static str>, iters: u64) {
+    ACTIVE.fetch_add(1, Ordering::SeqCst);
     let seed = env_u64("TIERINDEX_CRASH_SEED").unwrap_or_else(|| fastrand::u64(..));
     let only: Option<Vec<String>> = std::env::var("TIERINDEX_CRASH_POINTS")
         .ok()
@@ -71,10 +107,9 @@ fn every_crash_point_recovers_without_losing_acknowledged_entries() {
         .unwrap();
     let root = keep.path().to_path_buf();
     let started = Instant::now();
-    let hits = calibrate(&root);
-    let points: Vec<&'static str> = POINTS
-        .iter()
-        .copied()
+    let hits = calibrate(&root, manifest);
+    let points: Vec<&'static str> = points
+        .into_iter()
         .filter(|p| only.as_ref().is_none_or(|o| o.iter().any(|x| x == p)))
         .collect();
     for p in &points {
@@ -85,7 +120,7 @@ fn every_crash_point_recovers_without_losing_acknowledged_entries() {
         );
     }
     eprintln!(
-        "crash-points: seed={seed} iters={iters} points={}",
+        "crash-points: manifest={manifest} seed={seed} iters={iters} points={}",
         points.len()
     );
 
@@ -112,7 +147,7 @@ fn every_crash_point_recovers_without_losing_acknowledged_entries() {
                         break;
                     }
                     let h = hits[point];
-                    let res = one_case(root, point, it, iters, h, &mut rng);
+                    let res = one_case(root, point, it, iters, h, &mut rng, manifest);
                     let mut t = tallies.lock().unwrap();
                     let e = t.entry(point).or_default();
                     match res {
@@ -142,13 +177,15 @@ fn every_crash_point_recovers_without_losing_acknowledged_entries() {
         );
     }
     eprintln!(
-        "crash-points: points={} crashes={crashes} recovery-crashes={rec} processes={runs} \
-         not-reached-retries={missed} violations={} seed={seed} elapsed={:.1}s",
+        "crash-points: manifest={manifest} points={} crashes={crashes} recovery-crashes={rec} \
+         processes={runs} not-reached-retries={missed} violations={} seed={seed} elapsed={:.1}s",
         t.len(),
         v.len(),
         started.elapsed().as_secs_f64()
     );
-    crash_model::remove_bin_copy();
+    if ACTIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
+        crash_model::remove_bin_copy();
+    }
     if !v.is_empty() {
         let kept = keep.keep();
         panic!(
@@ -179,8 +216,14 @@ fn one_case(
     iters: u64,
     h: u64,
     rng: &mut fastrand::Rng,
+    manifest: bool,
 ) -> Result<CaseCounts, String> {
-    let rig = Rig::new(root, &format!("{}-{it}", point.replace('.', "_")));
+    let name = format!(
+        "{}{}-{it}",
+        if manifest { "m-" } else { "" },
+        point.replace('.', "_")
+    );
+    let rig = Rig::with_manifest(root, &name, manifest);
     let ctx = |what: &str, run: &Run| {
         format!(
             "[{point} #{it} in {}] {what}; exit {:?}; stderr:\n{}",

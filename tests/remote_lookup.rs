@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use object_store::{ObjectStoreExt, PutPayload};
 
+use tierindex::remote::manifest::ManifestStore;
 use tierindex::segment::sealed::build_sealed;
 use tierindex::segment::{Entry, SegmentId};
 use tierindex::testing::FaultyStore;
@@ -55,6 +56,22 @@ async fn fill_and_drain(cfg: &Config, fs: &Arc<FaultyStore>, n: u64) {
     ti.flush().unwrap();
     let r = ti.shutdown(Duration::from_secs(60)).await;
     assert!(r.fully_drained(), "{r:#?}");
+}
+
+/// A reader of the stream's manifest that shares nothing with the code
+/// under test.
+fn manifest_reader(remote: &tierindex::remote::RemoteStore) -> ManifestStore {
+    ManifestStore::with_capabilities(
+        remote,
+        STREAM,
+        Default::default(),
+        &tierindex::remote::probe::Capabilities {
+            conditional_create: true,
+            ..Default::default()
+        },
+        Arc::new(tierindex::remote::lease::SystemClock),
+    )
+    .unwrap()
 }
 
 /// The key of the lowest-named segment object of the stream.
@@ -133,17 +150,7 @@ async fn lookups_across_released_segments_match_the_model() {
 
     // Damage one committed object (same length, a flipped byte in its slot
     // directory): reported as unreadable, the others still answer.
-    let m = tierindex::remote::manifest::ManifestStore::with_capabilities(
-        &remote,
-        STREAM,
-        Default::default(),
-        &tierindex::remote::probe::Capabilities {
-            conditional_create: true,
-            ..Default::default()
-        },
-        Arc::new(tierindex::remote::lease::SystemClock),
-    )
-    .unwrap();
+    let m = manifest_reader(&remote);
     let manifest = m.load().await.unwrap().unwrap();
     let all = m.all_segments(&manifest).await.unwrap();
     let victim = &all[5];
@@ -239,17 +246,7 @@ async fn a_flip_in_transit_is_not_marked_as_damage() {
     );
     assert_eq!(ti.metrics().remote_damage_marked.get(), 0);
     let _ = ti.shutdown(Duration::from_secs(10)).await;
-    let m = tierindex::remote::manifest::ManifestStore::with_capabilities(
-        &fs.remote(PREFIX),
-        STREAM,
-        Default::default(),
-        &tierindex::remote::probe::Capabilities {
-            conditional_create: true,
-            ..Default::default()
-        },
-        Arc::new(tierindex::remote::lease::SystemClock),
-    )
-    .unwrap();
+    let m = manifest_reader(&fs.remote(PREFIX));
     assert!(m.load().await.unwrap().unwrap().damaged.is_empty());
 }
 
@@ -318,17 +315,7 @@ async fn background_reconcile_repairs_from_the_running_process() {
     let (ti, _) = TierIndex::open_with_store(cfg, fs.remote(PREFIX))
         .await
         .unwrap();
-    let ms = tierindex::remote::manifest::ManifestStore::with_capabilities(
-        &fs.remote(PREFIX),
-        STREAM,
-        Default::default(),
-        &tierindex::remote::probe::Capabilities {
-            conditional_create: true,
-            ..Default::default()
-        },
-        Arc::new(tierindex::remote::lease::SystemClock),
-    )
-    .unwrap();
+    let ms = manifest_reader(&fs.remote(PREFIX));
     let epoch = ms.load().await.unwrap().unwrap().epoch;
     let m = ti.metrics();
     let victim = first_segment_object(&fs).await;

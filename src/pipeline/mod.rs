@@ -265,12 +265,12 @@ impl Shared {
         }
     }
 
-    /// Clears and adds damage notes as the current owner (the background
-    /// reconciler's repairs). Fenced or not owned: nothing written.
-    pub async fn write_damage_notes(
+    /// Runs `f` with the manifest writer as the current owner (taking a
+    /// pending ownership first); a fence it meets is recorded. Returns the
+    /// manifest version after `f`.
+    async fn as_owner(
         &self,
-        clears: &[SegmentId],
-        marks: &[crate::remote::manifest::DamageNote],
+        f: impl AsyncFnOnce(&mut ManifestWriter) -> Result<()>,
     ) -> Result<u64> {
         let Some(m) = &self.manifest else {
             return Err(Error::InvalidInput("manifest = false".into()));
@@ -281,40 +281,31 @@ impl Shared {
         let Some(w) = guard.as_mut() else {
             return Err(Error::ShutDown);
         };
-        let r: Result<()> = async {
-            for id in clears {
-                w.clear_damage(*id).await?;
-            }
-            for n in marks {
-                w.mark_damaged(n.clone()).await?;
-            }
-            Ok(())
-        }
-        .await;
-        match r {
+        match f(w).await {
             Ok(()) => Ok(w.manifest().version),
             Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
             Err(e) => Err(e),
         }
     }
 
+    /// Clears and adds damage notes as the current owner (the background
+    /// reconciler's repairs). Fenced or not owned: nothing written.
+    pub async fn write_damage_notes(
+        &self,
+        clears: &[SegmentId],
+        marks: &[crate::remote::manifest::DamageNote],
+    ) -> Result<u64> {
+        self.as_owner(async |w: &mut ManifestWriter| {
+            crate::recovery::reconcile::apply_notes(w, clears, marks).await
+        })
+        .await
+    }
+
     /// Commits several entries in one manifest version as the current
     /// owner (the background reconciler's repairs).
     pub async fn commit_entries_to_manifest(&self, entries: &[SegmentEntry]) -> Result<u64> {
-        let Some(m) = &self.manifest else {
-            return Err(Error::InvalidInput("manifest = false".into()));
-        };
-        self.check_fenced()?;
-        let mut guard = m.writer.lock().await;
-        self.ensure_owner(m, &mut guard).await?;
-        let Some(w) = guard.as_mut() else {
-            return Err(Error::ShutDown);
-        };
-        match w.commit(entries).await {
-            Ok(_) => Ok(w.manifest().version),
-            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
-            Err(e) => Err(e),
-        }
+        self.as_owner(async |w: &mut ManifestWriter| w.commit(entries).await.map(|_| ()))
+            .await
     }
 
     /// The upload settings in force now (the probe may have answered).

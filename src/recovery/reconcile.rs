@@ -62,7 +62,9 @@ use crate::error::{Error, Result};
 use crate::journal::{self, Journal, JournalView, SegmentRecord, SegmentState};
 use crate::remote::fetch::{Fetcher, RemoteSegment};
 use crate::remote::lease::SystemClock;
-use crate::remote::manifest::{CommitOutcome, DamageNote, ManifestStore, SegmentEntry};
+use crate::remote::manifest::{
+    CommitOutcome, DamageNote, ManifestStore, ManifestWriter, SegmentEntry,
+};
 use crate::remote::probe::Capabilities;
 use crate::remote::{MultipartListing, PendingUpload, RemoteStore, classify, keys};
 use crate::segment::format::{FOOTER_LEN, Footer};
@@ -1100,6 +1102,36 @@ async fn read_entry(
     Ok(Ok(e))
 }
 
+/// Takes ownership as the config's owner for one repair write. The `Err`
+/// is the finding's action text ("`what` ..."): a live lease of another
+/// owner is never fenced.
+async fn take_for_repair(
+    store: &RemoteStore,
+    cfg: &Config,
+    what: &str,
+) -> std::result::Result<(ManifestWriter, String), String> {
+    let fail = |e: Error| format!("{what}: {e}");
+    let owner = cfg.effective_owner_id().map_err(fail)?;
+    let ms = ManifestStore::open(store, &cfg.stream, cfg.manifest_options())
+        .await
+        .map_err(fail)?;
+    match ms.take_ownership(&owner, cfg.lease_ttl()).await {
+        Ok(w) => Ok((w, owner)),
+        Err(Error::Claimed(m)) => Err(format!(
+            "{what} (Claimed): {m}; the reconciler never fences a live owner"
+        )),
+        Err(e) => Err(fail(e)),
+    }
+}
+
+/// Gives the lease taken by [`take_for_repair`] back; `done` is the action.
+async fn release_after_repair(w: ManifestWriter, done: String) -> String {
+    match w.release().await {
+        Ok(()) => done,
+        Err(e) => format!("{done} (releasing the lease failed: {e})"),
+    }
+}
+
 /// Commits `entries` as the config's owner, then releases the lease. The
 /// `Err` is the action text when nothing was committed.
 async fn commit_entries(
@@ -1107,22 +1139,15 @@ async fn commit_entries(
     cfg: &Config,
     entries: &[SegmentEntry],
 ) -> std::result::Result<String, String> {
-    let fail = |e: Error| format!("not repaired: {e}");
-    let owner = cfg.effective_owner_id().map_err(fail)?;
-    let ms = ManifestStore::open(store, &cfg.stream, cfg.manifest_options())
-        .await
-        .map_err(fail)?;
-    let mut w = match ms.take_ownership(&owner, cfg.lease_ttl()).await {
-        Ok(w) => w,
-        Err(Error::Claimed(m)) => {
-            return Err(format!(
-                "not repaired (Claimed): {m}; the reconciler never fences a live owner"
-            ));
+    let (mut w, owner) = take_for_repair(store, cfg, "not repaired").await?;
+    let out = match w.commit(entries).await {
+        Ok(out) => out,
+        Err(e) => {
+            let _ = w.release().await;
+            return Err(format!("not repaired: {e}"));
         }
-        Err(e) => return Err(fail(e)),
     };
-    let out = w.commit(entries).await.map_err(fail)?;
-    let what = match out {
+    let done = match out {
         CommitOutcome::Committed { version, added } => {
             format!("committed {added} entr(ies) in manifest version {version} as owner {owner:?}")
         }
@@ -1130,10 +1155,7 @@ async fn commit_entries(
             format!("already listed in manifest version {version}")
         }
     };
-    if let Err(e) = w.release().await {
-        return Ok(format!("{what} (releasing the lease failed: {e})"));
-    }
-    Ok(what)
+    Ok(release_after_repair(w, done).await)
 }
 
 /// Clears and adds manifest damage notes as the config's owner, then
@@ -1145,36 +1167,34 @@ async fn write_notes(
     clears: &[SegmentId],
     marks: &[DamageNote],
 ) -> std::result::Result<String, String> {
-    let fail = |e: Error| format!("manifest not updated: {e}");
-    let owner = cfg.effective_owner_id().map_err(fail)?;
-    let ms = ManifestStore::open(store, &cfg.stream, cfg.manifest_options())
-        .await
-        .map_err(fail)?;
-    let mut w = match ms.take_ownership(&owner, cfg.lease_ttl()).await {
-        Ok(w) => w,
-        Err(Error::Claimed(m)) => {
-            return Err(format!(
-                "manifest not updated (Claimed): {m}; the reconciler never fences a live owner"
-            ));
-        }
-        Err(e) => return Err(fail(e)),
-    };
-    for id in clears {
-        w.clear_damage(*id).await.map_err(fail)?;
+    let what = "manifest not updated";
+    let (mut w, owner) = take_for_repair(store, cfg, what).await?;
+    if let Err(e) = apply_notes(&mut w, clears, marks).await {
+        let _ = w.release().await;
+        return Err(format!("{what}: {e}"));
     }
-    for n in marks {
-        w.mark_damaged(n.clone()).await.map_err(fail)?;
-    }
-    let what = format!(
+    let done = format!(
         "manifest notes: {} cleared, {} marked lost (version {}, owner {owner:?})",
         clears.len(),
         marks.len(),
         w.manifest().version
     );
-    if let Err(e) = w.release().await {
-        return Ok(format!("{what} (releasing the lease failed: {e})"));
+    Ok(release_after_repair(w, done).await)
+}
+
+/// Clears the damage notes of `clears`, then adds `marks`.
+pub(crate) async fn apply_notes(
+    w: &mut ManifestWriter,
+    clears: &[SegmentId],
+    marks: &[DamageNote],
+) -> Result<()> {
+    for id in clears {
+        w.clear_damage(*id).await?;
     }
-    Ok(what)
+    for n in marks {
+        w.mark_damaged(n.clone()).await?;
+    }
+    Ok(())
 }
 
 /// LIST of the segments prefix, with the config's retries.

@@ -1056,7 +1056,10 @@ impl ManifestStore {
             )));
         }
         let key = self.version_key(m.version);
-        let ours = match self.create(&key, bytes.clone()).await? {
+        crate::failpoint::crash("manifest.publish");
+        let created = self.create(&key, bytes.clone()).await?;
+        crate::failpoint::crash("manifest.publish.after");
+        let ours = match created {
             Created::New => true,
             // A lost answer of our own create reads back as exactly our bytes
             // (the retry sent the same ones); anything else is another writer.
@@ -1093,6 +1096,7 @@ impl ManifestStore {
     /// kept window. Best effort.
     async fn trim(&self, version: u64) {
         let keep = self.inner.opts.keep_versions;
+        crate::failpoint::crash("manifest.trim");
         if let Some(old) = version.checked_sub(keep).filter(|v| *v >= 1)
             && let Err(e) = self.delete(&self.version_key(old)).await
         {

@@ -60,6 +60,8 @@ pub struct Rig {
     pub data: PathBuf,
     pub store: PathBuf,
     pub cfg: PathBuf,
+    /// `manifest = true` in the config.
+    pub manifest: bool,
 }
 
 impl Rig {
@@ -69,6 +71,14 @@ impl Rig {
     /// journal compaction every 2 KiB, local copies released after commit:
     /// every persist step is reached in a run of a few thousand entries.
     pub fn new(root: &Path, name: &str) -> Rig {
+        Rig::with_manifest(root, name, false)
+    }
+
+    /// As [`Rig::new`]; with `manifest`, commits go through the stream's
+    /// manifest (`allow_unconditional_store`: the probe is off here, and
+    /// `file://` creates are conditional anyway), and [`Rig::check`] also
+    /// checks the manifest against the journal and the store.
+    pub fn with_manifest(root: &Path, name: &str, manifest: bool) -> Rig {
         let dir = root.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -82,9 +92,15 @@ impl Rig {
                  release_after_commit = true\njournal_compact_after_bytes = 2048\n\
                  multipart_threshold_bytes = 8192\npart_size_bytes = 4096\n\
                  probe_store = false\nshutdown_deadline_ms = 20000\ntick_ms = 20\n\
-                 request_timeout_ms = 10000\n",
+                 request_timeout_ms = 10000\n{}",
                 data.display().to_string(),
-                store.display()
+                store.display(),
+                if manifest {
+                    "manifest = true\nallow_unconditional_store = true\n\
+                     owner_id = \"crash-owner\"\n"
+                } else {
+                    ""
+                }
             ),
         )
         .unwrap();
@@ -93,6 +109,7 @@ impl Rig {
             data,
             store,
             cfg,
+            manifest,
         }
     }
 
@@ -388,6 +405,97 @@ impl Rig {
         for (id, v) in &states {
             model.states.insert(*id, *v);
         }
+        if self.manifest {
+            self.check_manifest(model, &objects, &states)?;
+        }
+        Ok(())
+    }
+
+    /// Every entry of the stream's manifest (decoded with every check),
+    /// `None` before the first version.
+    pub fn manifest_entries(
+        &self,
+    ) -> Result<Option<Vec<tierindex::remote::manifest::SegmentEntry>>, String> {
+        use tierindex::remote::manifest::ManifestStore;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let url = format!("file://{}", self.store.display());
+            let store = tierindex::remote::RemoteStore::from_url(
+                &url,
+                &tierindex::remote::StoreOptions::default(),
+            )
+            .map_err(|e| format!("store: {e}"))?;
+            let caps = tierindex::remote::probe::Capabilities {
+                conditional_create: true,
+                ..Default::default()
+            };
+            let ms = ManifestStore::with_capabilities(
+                &store,
+                STREAM,
+                Default::default(),
+                &caps,
+                std::sync::Arc::new(tierindex::remote::lease::SystemClock),
+            )
+            .map_err(|e| format!("manifest store: {e}"))?;
+            let Some(m) = ms
+                .load()
+                .await
+                .map_err(|e| format!("manifest does not load: {e}"))?
+            else {
+                return Ok(None);
+            };
+            ms.all_segments(&m)
+                .await
+                .map(Some)
+                .map_err(|e| format!("manifest entries do not load: {e}"))
+        })
+    }
+
+    /// The manifest against the journal and the store: every entry's
+    /// object is there with its CRC and length; every journal segment at
+    /// `Committed` or later is listed with its CRC; nothing once listed is
+    /// ever unlisted.
+    fn check_manifest(
+        &self,
+        model: &mut Model,
+        objects: &BTreeMap<String, (u32, u64)>,
+        states: &BTreeMap<SegmentId, (u8, u32)>,
+    ) -> Result<(), String> {
+        let entries = self.manifest_entries()?.unwrap_or_default();
+        let listed: BTreeMap<SegmentId, u32> = entries.iter().map(|e| (e.id, e.file_crc)).collect();
+        for e in &entries {
+            let name = e.key.rsplit('/').next().unwrap_or(&e.key);
+            match objects.get(name) {
+                Some((crc, len)) if *crc == e.file_crc && *len == e.file_len => {}
+                other => {
+                    return Err(format!(
+                        "manifest lists segment {} ({name}) but the store has {other:?}",
+                        e.id
+                    ));
+                }
+            }
+        }
+        for (id, (rank_now, crc)) in states {
+            if *rank_now >= rank(SegmentState::Committed) && listed.get(id) != Some(crc) {
+                return Err(format!(
+                    "segment {id} is {} in the journal but the manifest lists {:?}",
+                    name_of(*rank_now),
+                    listed.get(id)
+                ));
+            }
+        }
+        for (id, crc) in &model.manifest_listed {
+            if listed.get(id) != Some(crc) {
+                return Err(format!(
+                    "segment {id} (crc {crc:08x}) was in the manifest and is not any more: {:?}",
+                    listed.get(id)
+                ));
+            }
+        }
+        model.manifest_listed = listed;
         Ok(())
     }
 
@@ -468,6 +576,30 @@ impl Rig {
                 ));
             }
         }
+        // The manifest lists exactly the segments the journal committed.
+        if self.manifest {
+            let entries = self.manifest_entries()?.unwrap_or_default();
+            let listed: BTreeMap<SegmentId, u32> =
+                entries.iter().map(|e| (e.id, e.file_crc)).collect();
+            let committed: BTreeMap<SegmentId, u32> = view
+                .segments()
+                .iter()
+                .filter(|(_, r)| rank(r.state) >= rank(SegmentState::Committed))
+                .map(|(id, r)| (*id, r.meta.file_crc))
+                .collect();
+            for (id, crc) in &committed {
+                if listed.get(id) != Some(crc) {
+                    return Err(format!("committed segment {id} not in the manifest"));
+                }
+            }
+            if listed.len() < committed.len() {
+                return Err(format!(
+                    "manifest lists {} segments, the journal committed {}",
+                    listed.len(),
+                    committed.len()
+                ));
+            }
+        }
         // Nothing local left unsealed.
         if let Ok(rd) = std::fs::read_dir(self.local_segments_dir()) {
             for e in rd.filter_map(|e| e.ok()) {
@@ -530,6 +662,8 @@ pub struct Model {
     pub objects: BTreeMap<String, u32>,
     /// CRCs already computed, by file identity (see [`Rig::object_crcs`]).
     pub crc_cache: BTreeMap<String, (FileStamp, u32)>,
+    /// Segments the manifest listed (id -> file CRC): never unlisted.
+    pub manifest_listed: BTreeMap<SegmentId, u32>,
 }
 
 /// What identifies one version of an object file without reading it.
