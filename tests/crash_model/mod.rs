@@ -27,11 +27,19 @@ use tierindex::segment::sealed::SealedSegment;
 /// `target/` meanwhile (the copy is removed by [`remove_bin_copy`]).
 pub fn bin() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let dst = std::env::temp_dir().join(format!("tierindex-under-test-{}", std::process::id()));
-        std::fs::copy(env!("CARGO_BIN_EXE_tierindex"), &dst).expect("copy the tierindex binary");
-        dst
-    })
+    static COPY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dst = BIN.get_or_init(|| {
+        std::env::temp_dir().join(format!("tierindex-under-test-{}", std::process::id()))
+    });
+    // Copied again after `remove_bin_copy` (a later test in the same
+    // process, e.g. the second crash-point campaign with --test-threads=1).
+    let _g = COPY.lock().unwrap_or_else(|p| p.into_inner());
+    if !dst.exists() {
+        let tmp = dst.with_extension("tmp");
+        std::fs::copy(env!("CARGO_BIN_EXE_tierindex"), &tmp).expect("copy the tierindex binary");
+        std::fs::rename(&tmp, dst).expect("move the tierindex binary copy in place");
+    }
+    dst
 }
 
 pub fn remove_bin_copy() {
