@@ -79,6 +79,9 @@ pub struct Config {
     pub reconcile_grace_ms: u64,
 }
 
+/// Shortest accepted `reconcile_grace_ms`.
+pub const RECONCILE_GRACE_MS_MIN: u64 = 1_000;
+
 /// Shortest and longest accepted `lease_ttl_ms`.
 pub const LEASE_TTL_MS_MIN: u64 = 100;
 pub const LEASE_TTL_MS_MAX: u64 = 86_400_000;
@@ -157,6 +160,13 @@ impl Config {
         if let Some(o) = &self.owner_id {
             crate::remote::lease::validate_owner(o)
                 .map_err(|e| Error::InvalidInput(format!("owner_id {o:?}: {e}")))?;
+        }
+        if self.reconcile_grace_ms < RECONCILE_GRACE_MS_MIN {
+            return Err(Error::InvalidInput(format!(
+                "reconcile_grace_ms must be at least {RECONCILE_GRACE_MS_MIN} (an upload in \
+                 flight must not look like an orphan), got {}",
+                self.reconcile_grace_ms
+            )));
         }
         if self.reconcile_interval_ms != 0 && self.reconcile_interval_ms < 100 {
             return Err(Error::InvalidInput(format!(
@@ -300,6 +310,11 @@ mod tests {
             60_000
         );
         assert!(Config::from_toml("reconcile_interval_ms = 5").is_err());
+        let c = Config::from_toml("").unwrap();
+        assert!(c.reconcile_repair);
+        assert_eq!(c.reconcile_grace_ms, 3_600_000);
+        assert!(Config::from_toml("reconcile_grace_ms = 999").is_err());
+        assert!(Config::from_toml("reconcile_grace_ms = 1000").is_ok());
         let a = Config {
             data_dir: "/tmp/a".into(),
             ..Config::default()

@@ -530,7 +530,10 @@ impl TierIndex {
         if let Some(t) = self.metrics_task.take() {
             t.abort();
         }
-        // Report-only: nothing to finish.
+        // Cut mid-repair at worst: a wrong object deleted and its re-upload
+        // not finished. The local copy was read before the delete and is
+        // still on disk (a release first checks that the object is there),
+        // so the next run, or the next start's drive, repairs it.
         if let Some(t) = self.reconcile_task.take() {
             t.abort();
         }

@@ -218,7 +218,17 @@ impl Shared {
                 Some(p) => (p.take)(),
             }
         };
-        match attempt.await {
+        // Bounded like the attempt at open: the manifest lock is held
+        // meanwhile, and lookups and the lease task wait on it.
+        let limit = self.upload.request_timeout.max(Duration::from_secs(1)) * 3;
+        let attempt = match tokio::time::timeout(limit, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Deadline(format!(
+                "taking ownership of the stream's manifest took longer than {} ms",
+                limit.as_millis()
+            ))),
+        };
+        match attempt {
             Ok((w, trust)) => {
                 tracing::info!(
                     owner = m.owner,
@@ -249,6 +259,15 @@ impl Shared {
                 Ok(())
             }
             Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            // Waiting cannot fix these (the store cannot fence writers, the
+            // owner id or options are invalid): stop like a fenced owner,
+            // loudly; nothing more goes to the store, local copies stay.
+            Err(e @ (Error::Remote(_) | Error::InvalidInput(_) | Error::Unsupported(_))) => {
+                *m.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Err(self.note_fenced(format!(
+                    "the stream's manifest cannot be taken by this process: {e}"
+                )))
+            }
             Err(e) => {
                 let mut p = m.pending.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(p) = p.as_mut() {

@@ -602,15 +602,48 @@ async fn reconcile_with(
                 if note.lost { "LOST and " } else { "" },
                 note.reason
             );
-            // Whole now (repaired above, or restored by someone)?
-            let whole = object_ok(&sizes, &bad, &e.key, e.file_len)
-                && matches!(
-                    fetcher.confirm_damage(&RemoteSegment::from_entry(e)?).await,
-                    Ok(None)
-                );
+            // Rule 1 or 2b already judged this key in this run: do not
+            // read, repair or count it twice; the note follows that finding.
+            let prior = findings
+                .iter()
+                .position(|f| f.key == e.key && f.kind != FindingKind::ManifestDamaged);
+            // Whole now (restored by someone, or repaired above)? A LOST note
+            // whose object has not changed since it was marked is not
+            // downloaded again. A store that cannot answer decides nothing.
+            let unchanged_lost = note.lost
+                && ours
+                    .get(&e.key)
+                    .is_none_or(|o| o.modified_ms <= note.marked_ms);
+            let whole = match prior.and_then(|i| findings.get(i)) {
+                Some(p) => Ok(p.repaired),
+                None if unchanged_lost || !object_ok(&sizes, &bad, &e.key, e.file_len) => Ok(false),
+                None => fetcher
+                    .confirm_damage(&RemoteSegment::from_entry(e)?)
+                    .await
+                    .map(|d| d.is_none()),
+            };
+            let whole = match whole {
+                Ok(w) => w,
+                Err(err) => {
+                    let mut f =
+                        Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
+                    f.action = format!("not checked: the store did not answer ({err})");
+                    findings.push(f);
+                    continue;
+                }
+            };
             let mut f = if whole {
                 let mut f = Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
-                f.action = "the object verifies whole now".into();
+                f.action = if prior.is_some() {
+                    "the object was repaired above".into()
+                } else {
+                    "the object verifies whole now".into()
+                };
+                f
+            } else if let Some(p) = prior.and_then(|i| findings.get(i)) {
+                let mut f = Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
+                f.informational = true;
+                f.action = format!("see the {} finding above", p.kind.describe());
                 f
             } else {
                 // The local copy is the journal's, if it records these bytes.
@@ -637,13 +670,15 @@ async fn reconcile_with(
                         let mut f =
                             Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
                         f.lost = true;
-                        f.action = "LOST: the journal holds no local copy of these bytes;                                     nothing deleted"
+                        f.action = "LOST: the journal holds no local copy of these bytes; \
+                                    nothing deleted"
                             .into();
                         f
                     }
                 }
             };
-            if f.lost {
+            let seg_lost = f.lost || prior.and_then(|i| findings.get(i)).is_some_and(|p| p.lost);
+            if seg_lost {
                 if !note.lost {
                     if opts.repair && cfg.manifest {
                         marks.push(DamageNote::new(
@@ -737,10 +772,16 @@ async fn reconcile_with(
         }
     }
 
-    // 4. Orphans and foreign objects.
+    // 4. Orphans and foreign objects. The journal is read again now, after
+    // the LIST: an object uploaded between the first read and the LIST has
+    // its `Uploading` record (journaled before any PUT) in this one, so a
+    // live pipeline's fresh upload is never taken for an orphan. Both reads
+    // count (compaction may have dropped a Released record in between).
+    let (view_after, _) = Journal::open_read_only(&cfg.data_dir)?;
     let jref: BTreeSet<(SegmentId, u32)> = view
         .segments()
         .values()
+        .chain(view_after.segments().values())
         .map(|r| (r.meta.id, r.meta.file_crc))
         .collect();
     let mref: BTreeSet<(SegmentId, u32)> = m_entries.values().map(|e| (e.id, e.file_crc)).collect();
@@ -957,12 +998,6 @@ async fn check_object(
     })
 }
 
-/// Does the local sealed file have the recorded length and CRC?
-fn local_matches(path: &FsPath, meta: &SealedMeta) -> bool {
-    std::fs::read(path)
-        .is_ok_and(|b| b.len() as u64 == meta.file_len && crc32fast::hash(&b) == meta.file_crc)
-}
-
 /// Rule 1: re-upload from the local copy, or report LOST.
 #[allow(clippy::too_many_arguments)]
 async fn repair_object(
@@ -978,14 +1013,20 @@ async fn repair_object(
 ) -> Finding {
     let mut f = Finding::new(kind, Some(meta.id), key.as_ref(), detail);
     let local = seg_dir.join(sealed_file_name(meta.id));
-    if !local_matches(&local, meta) {
-        f.lost = true;
-        f.action = format!(
-            "LOST: no local copy with the recorded length and CRC at {}; nothing deleted",
-            local.display()
-        );
-        return f;
-    }
+    // Read (and check) the local copy before anything is deleted: in a
+    // running process the pipeline may release the file at any moment, and
+    // these bytes must be in hand before the wrong object goes.
+    let bytes = match upload::put::read_checked(&local, meta).await {
+        Ok(b) => b,
+        Err(_) => {
+            f.lost = true;
+            f.action = format!(
+                "LOST: no local copy with the recorded length and CRC at {}; nothing deleted",
+                local.display()
+            );
+            return f;
+        }
+    };
     if !opts.repair {
         f.action = "none (the local copy matches: --repair re-uploads it)".into();
         return f;
@@ -998,7 +1039,16 @@ async fn repair_object(
             return f;
         }
     }
-    match upload::put_segment(store, key, &local, meta, &cfg.upload_config(), &mut NoHooks).await {
+    match upload::put::put_segment_bytes(
+        store,
+        key,
+        bytes,
+        meta,
+        &cfg.upload_config(),
+        &mut NoHooks,
+    )
+    .await
+    {
         Ok(_) => {
             f.repaired = true;
             f.action = if present {

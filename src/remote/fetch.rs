@@ -437,9 +437,12 @@ impl Fetcher {
     /// `Ok(None)`: the object has the recorded length and CRC, so the bad
     /// bytes were a read's, not the object's; the cached index is dropped
     /// and the caller may read again. `Ok(Some(why))`: the object itself is
-    /// missing or wrong. `Err`: the store could not answer (transient).
+    /// missing, has another size (HEAD), or two full reads returned the
+    /// same wrong bytes. `Err`: the store could not answer, or two reads
+    /// disagreed (transient: nothing is judged).
     pub async fn confirm_damage(&self, seg: &RemoteSegment) -> Result<Option<String>> {
         self.invalidate(&seg.key);
+        self.requests.fetch_add(1, Ordering::Relaxed); // the HEAD
         let os = self.store.object_store().clone();
         let mut rng = fastrand::Rng::new();
         let key = &seg.key;
@@ -461,41 +464,59 @@ impl Fetcher {
                 seg.meta.file_len
             )));
         }
-        // Streamed and hashed as it arrives: a segment may be large.
-        let got = with_retries(&self.policy, &mut rng, "GET segment", |_| {
-            let os = os.clone();
-            async move {
-                use futures::TryStreamExt as _;
-                let mut stream = os.get(key).await?.into_stream();
-                let (mut h, mut n) = (crc32fast::Hasher::new(), 0u64);
-                while let Some(chunk) = stream.try_next().await? {
-                    h.update(&chunk);
-                    n += chunk.len() as u64;
+        // Streamed and hashed as it arrives: a segment may be large. Wrong
+        // bytes count only when a second full read returns the very same
+        // wrong bytes (a flip or a short body on the wire does not repeat);
+        // two reads that disagree decide nothing (a transient error).
+        let mut first: Option<(u64, u32)> = None;
+        for _ in 0..2 {
+            let got = with_retries(&self.policy, &mut rng, "GET segment", |_| {
+                let os = os.clone();
+                async move {
+                    use futures::TryStreamExt as _;
+                    let mut stream = os.get(key).await?.into_stream();
+                    let (mut h, mut n) = (crc32fast::Hasher::new(), 0u64);
+                    while let Some(chunk) = stream.try_next().await? {
+                        h.update(&chunk);
+                        n += chunk.len() as u64;
+                    }
+                    Ok((n, h.finalize()))
                 }
-                Ok((n, h.finalize()))
+            })
+            .await;
+            let (len, crc) = match got {
+                Ok(x) => x,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Ok(Some("missing: no object under a committed key".into()));
+                }
+                Err(e) => return Err(classify(e)),
+            };
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            if (len, crc) == (seg.meta.file_len, seg.meta.file_crc) {
+                return Ok(None);
             }
-        })
-        .await;
-        let (len, crc) = match got {
-            Ok(x) => x,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Ok(Some("missing: no object under a committed key".into()));
+            match first {
+                None => first = Some((len, crc)),
+                Some(f) if f == (len, crc) => {
+                    return Ok(Some(if len != seg.meta.file_len {
+                        format!(
+                            "object read back as {len} bytes twice, {} recorded",
+                            seg.meta.file_len
+                        )
+                    } else {
+                        format!(
+                            "object CRC32 {crc:08x} in two reads, {:08x} recorded",
+                            seg.meta.file_crc
+                        )
+                    }));
+                }
+                Some(_) => {
+                    return Err(Error::RemoteRetryable(format!(
+                        "{key}: two full reads returned different wrong bytes; not judged"
+                    )));
+                }
             }
-            Err(e) => return Err(classify(e)),
-        };
-        self.requests.fetch_add(2, Ordering::Relaxed);
-        self.bytes.fetch_add(len, Ordering::Relaxed);
-        if len != seg.meta.file_len {
-            return Ok(Some(format!(
-                "object read back as {len} bytes, {} recorded",
-                seg.meta.file_len
-            )));
-        }
-        if crc != seg.meta.file_crc {
-            return Ok(Some(format!(
-                "object CRC32 {crc:08x}, {:08x} recorded",
-                seg.meta.file_crc
-            )));
         }
         Ok(None)
     }

@@ -1377,7 +1377,8 @@ impl ManifestWriter {
                 Err(i) => {
                     if damaged.len() >= DAMAGE_NOTES_MAX {
                         return Err(Error::RemoteRetryable(format!(
-                            "manifest of {:?} already carries {DAMAGE_NOTES_MAX} damage notes;                              repair some first",
+                            "manifest of {:?} already carries {DAMAGE_NOTES_MAX} damage notes; \
+                             repair some first",
                             base.stream
                         )));
                     }

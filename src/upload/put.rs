@@ -45,8 +45,14 @@ pub async fn put_segment(
     hooks: &mut dyn UploadHooks,
 ) -> Result<PutOutcome> {
     cfg.validate(store)?;
-    // A key of our layout must name this very file: uploading segment A's
-    // bytes under segment B's key would poison every later comparison.
+    check_key(store, key, meta)?;
+    let bytes = read_checked(local, meta).await?;
+    put_checked(store, key, bytes, meta, cfg, hooks).await
+}
+
+/// A key of our layout must name this very file: uploading segment A's
+/// bytes under segment B's key would poison every later comparison.
+fn check_key(store: &RemoteStore, key: &Path, meta: &SealedMeta) -> Result<()> {
     if let Some((id, crc)) = store.parse_segment_key(key)
         && (id != meta.id || crc != meta.file_crc)
     {
@@ -55,7 +61,35 @@ pub async fn put_segment(
             meta.id, meta.file_crc
         )));
     }
-    let bytes = read_checked(local, meta).await?;
+    Ok(())
+}
+
+/// [`put_segment`] from bytes already read (and checked against `meta`
+/// again here): a repair reads the local copy *before* it deletes a wrong
+/// object, so a local file released meanwhile cannot leave neither copy.
+pub async fn put_segment_bytes(
+    store: &RemoteStore,
+    key: &Path,
+    bytes: Bytes,
+    meta: &SealedMeta,
+    cfg: &UploadConfig,
+    hooks: &mut dyn UploadHooks,
+) -> Result<PutOutcome> {
+    cfg.validate(store)?;
+    check_key(store, key, meta)?;
+    check_bytes(&bytes, meta, key.as_ref())?;
+    put_checked(store, key, bytes, meta, cfg, hooks).await
+}
+
+/// The upload itself, from bytes proven to be the file `meta` describes.
+async fn put_checked(
+    store: &RemoteStore,
+    key: &Path,
+    bytes: Bytes,
+    meta: &SealedMeta,
+    cfg: &UploadConfig,
+    hooks: &mut dyn UploadHooks,
+) -> Result<PutOutcome> {
     let policy = cfg.retry_policy();
     let mut rng = fastrand::Rng::new();
     let multipart = meta.file_len >= cfg.multipart_threshold_bytes && store.multipart().is_some();
@@ -96,11 +130,17 @@ pub async fn put_segment(
 }
 
 /// Reads the local sealed file and proves it is the file `meta` describes.
-async fn read_checked(local: &FsPath, meta: &SealedMeta) -> Result<Bytes> {
+pub async fn read_checked(local: &FsPath, meta: &SealedMeta) -> Result<Bytes> {
     let bytes = tokio::fs::read(local)
         .await
         .map_err(|e| Error::io(local, "read sealed segment for upload", e))?;
-    let what = || local.display().to_string();
+    check_bytes(&bytes, meta, &local.display().to_string())?;
+    Ok(Bytes::from(bytes))
+}
+
+/// Proves `bytes` are the sealed file `meta` describes (length, CRC, footer).
+fn check_bytes(bytes: &[u8], meta: &SealedMeta, what: &str) -> Result<()> {
+    let what = || what.to_string();
     if bytes.len() as u64 != meta.file_len {
         return Err(Error::corrupt(
             what(),
@@ -111,7 +151,7 @@ async fn read_checked(local: &FsPath, meta: &SealedMeta) -> Result<Bytes> {
             ),
         ));
     }
-    let crc = crc32fast::hash(&bytes);
+    let crc = crc32fast::hash(bytes);
     if crc != meta.file_crc {
         return Err(Error::corrupt(
             what(),
@@ -131,7 +171,7 @@ async fn read_checked(local: &FsPath, meta: &SealedMeta) -> Result<Bytes> {
             "footer does not match the journal's metadata; refusing to upload",
         ));
     }
-    Ok(Bytes::from(bytes))
+    Ok(())
 }
 
 /// If an object exists under `key`, decides the outcome from its content.

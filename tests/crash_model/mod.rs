@@ -584,7 +584,9 @@ impl Rig {
                 ));
             }
         }
-        // The manifest lists exactly the segments the journal committed.
+        // The manifest lists every segment the journal committed. It may
+        // list more: Released segments whose records compaction dropped
+        // (each listed entry's object was checked by `check_manifest`).
         if self.manifest {
             let entries = self.manifest_entries()?.unwrap_or_default();
             let listed: BTreeMap<SegmentId, u32> =
