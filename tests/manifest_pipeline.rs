@@ -595,3 +595,52 @@ async fn store_down_at_open_takes_ownership_once_it_answers() {
         "the colliding segments are reported: {r:?}"
     );
 }
+
+/// Ownership pending since open (the store was down), then the store comes
+/// back unable to fence (it ignores conditional creates): waiting cannot
+/// fix that, so the process stops its uploads like a fenced owner, says
+/// why, commits nothing and keeps every local copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_ownership_on_a_store_that_cannot_fence_stops_loudly() {
+    let rig = Rig::new(12);
+    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+    let data = rig.data("a");
+    let mut cfg = config(data.clone(), "owner-a");
+    cfg.request_timeout_ms = 300;
+    cfg.max_attempts = 2;
+    let a = open(&cfg, rig.remote(), None)
+        .await
+        .expect("opens with the store down");
+    write(&a, 0..(ITEMS as u64 + 10));
+    a.roll().unwrap();
+    assert!(a.status().manifest_pending.is_some());
+    rig.fs.heal();
+    rig.fs.ignore_conditionals(true);
+    wait_until(
+        "stopped like a fenced owner",
+        Duration::from_secs(30),
+        || a.status().fenced.is_some(),
+    )
+    .await;
+    let why = a.status().fenced.unwrap();
+    eprintln!("fenced: {why}");
+    assert!(
+        why.contains("cannot be taken") && why.contains("conditional"),
+        "{why}"
+    );
+    let r = a.shutdown(Duration::from_secs(3)).await;
+    assert!(!r.fully_drained());
+    let j = journal(&data);
+    assert_eq!(j.len(), 2, "both segments journaled: {j:?}");
+    assert!(ids_in(&j, SegmentState::Committed).is_empty(), "{j:?}");
+    for id in j.keys() {
+        assert!(
+            common::sealed_path(&data, *id).exists(),
+            "local copy of {id} kept"
+        );
+    }
+    assert!(
+        rig.manifest_store().load().await.unwrap().is_none(),
+        "no manifest written"
+    );
+}
