@@ -164,14 +164,7 @@ async fn main() {
     // A reader's view of the same manifest (what `lookup_remote` needs per
     // lookup): the first read GETs every chunk, later ones reuse the
     // decoded chunks (create-only, named by their CRC).
-    let reader = ManifestStore::with_capabilities(
-        &store,
-        stream,
-        ManifestOptions::default(),
-        &caps,
-        Arc::new(SystemClock),
-    )
-    .expect("reader");
+    let reader = ManifestStore::reader(&store, stream, ManifestOptions::default()).expect("reader");
     let m = reader.load().await.expect("load").expect("a manifest");
     for run in 0..3 {
         let t = Instant::now();

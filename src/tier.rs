@@ -418,17 +418,7 @@ impl TierIndex {
         if let Some(ms) = self.manifest_reader.get() {
             return Ok(ms.clone());
         }
-        let caps = crate::remote::probe::Capabilities {
-            conditional_create: true,
-            ..Default::default()
-        };
-        let ms = ManifestStore::with_capabilities(
-            &sh.store,
-            &sh.stream,
-            self.cfg.manifest_options(),
-            &caps,
-            Arc::new(SystemClock),
-        )?;
+        let ms = ManifestStore::reader(&sh.store, &sh.stream, self.cfg.manifest_options())?;
         Ok(self.manifest_reader.get_or_init(|| ms).clone())
     }
 

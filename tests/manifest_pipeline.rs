@@ -17,9 +17,8 @@ use tempfile::TempDir;
 
 use tierindex::journal::{Journal, JournalOptions, Record, SegmentRecord, SegmentState};
 use tierindex::remote::RemoteStore;
-use tierindex::remote::lease::{ManualClock, SystemClock};
+use tierindex::remote::lease::ManualClock;
 use tierindex::remote::manifest::{Manifest, ManifestOptions, ManifestStore, SegmentEntry};
-use tierindex::remote::probe::Capabilities;
 use tierindex::testing::{Fault, FaultyStore, Op};
 use tierindex::{Config, Error, SegmentId, TierIndex};
 
@@ -66,18 +65,7 @@ impl Rig {
     }
     /// A reader of the manifest that shares nothing with the code under test.
     fn manifest_store(&self) -> ManifestStore {
-        let caps = Capabilities {
-            conditional_create: true,
-            ..Capabilities::default()
-        };
-        ManifestStore::with_capabilities(
-            &self.remote(),
-            STREAM,
-            ManifestOptions::default(),
-            &caps,
-            Arc::new(SystemClock),
-        )
-        .unwrap()
+        ManifestStore::reader(&self.remote(), STREAM, ManifestOptions::default()).unwrap()
     }
     async fn manifest(&self) -> (Manifest, BTreeMap<SegmentId, SegmentEntry>) {
         let ms = self.manifest_store();

@@ -8,7 +8,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tempfile::TempDir;
@@ -17,9 +16,7 @@ use tierindex::journal::{SegmentRecord, SegmentState};
 use tierindex::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR};
 use tierindex::recovery::reconcile::{FindingKind, ReconcileOptions, ReconcileReport, reconcile};
 use tierindex::remote::RemoteStore;
-use tierindex::remote::lease::SystemClock;
 use tierindex::remote::manifest::{ManifestOptions, ManifestStore, SegmentEntry};
-use tierindex::remote::probe::Capabilities;
 use tierindex::{Config, SegmentId, TierIndex};
 
 const STREAM: &str = "orders";
@@ -109,18 +106,7 @@ impl Rig {
     }
 
     fn manifest_store(&self) -> ManifestStore {
-        let caps = Capabilities {
-            conditional_create: true,
-            ..Capabilities::default()
-        };
-        ManifestStore::with_capabilities(
-            &self.store(),
-            STREAM,
-            ManifestOptions::default(),
-            &caps,
-            Arc::new(SystemClock),
-        )
-        .unwrap()
+        ManifestStore::reader(&self.store(), STREAM, ManifestOptions::default()).unwrap()
     }
 
     fn cli(&self, args: &[&str]) -> (i32, String) {

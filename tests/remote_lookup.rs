@@ -61,17 +61,7 @@ async fn fill_and_drain(cfg: &Config, fs: &Arc<FaultyStore>, n: u64) {
 /// A reader of the stream's manifest that shares nothing with the code
 /// under test.
 fn manifest_reader(remote: &tierindex::remote::RemoteStore) -> ManifestStore {
-    ManifestStore::with_capabilities(
-        remote,
-        STREAM,
-        Default::default(),
-        &tierindex::remote::probe::Capabilities {
-            conditional_create: true,
-            ..Default::default()
-        },
-        Arc::new(tierindex::remote::lease::SystemClock),
-    )
-    .unwrap()
+    ManifestStore::reader(remote, STREAM, Default::default()).unwrap()
 }
 
 /// The key of the lowest-named segment object of the stream.

@@ -912,17 +912,9 @@ async fn manifest_pipeline_commits_releases_and_reads_back() {
     // full read and records a LOST damage note in the manifest; the next
     // lookup skips it with the note's text, the other segments answer.
     let store = s.store(&prefix);
-    let ms = tierindex::remote::manifest::ManifestStore::with_capabilities(
-        &store,
-        "stream-0",
-        Default::default(),
-        &tierindex::remote::probe::Capabilities {
-            conditional_create: true,
-            ..Default::default()
-        },
-        std::sync::Arc::new(tierindex::remote::lease::SystemClock),
-    )
-    .unwrap();
+    let ms =
+        tierindex::remote::manifest::ManifestStore::reader(&store, "stream-0", Default::default())
+            .unwrap();
     let m = ms.load().await.unwrap().unwrap();
     let victim = ms.all_segments(&m).await.unwrap()[1].clone();
     let vkey = ObjPath::from(victim.key.as_str());

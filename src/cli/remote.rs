@@ -118,6 +118,37 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
     Ok(EXIT_DRAINED)
 }
 
+/// The lease part of a manifest, as `owner` and `status --remote` show it
+/// (flattened into their JSON: `owner`, `lease_expires_ms`, `lease_live`).
+#[derive(Serialize)]
+struct LeaseView {
+    owner: Option<String>,
+    lease_expires_ms: Option<u64>,
+    lease_live: bool,
+}
+
+impl LeaseView {
+    fn of(m: Option<&crate::remote::manifest::Manifest>, now: u64) -> LeaseView {
+        let lease = m.and_then(|m| m.lease.as_ref());
+        LeaseView {
+            owner: lease.map(|l| l.owner.clone()),
+            lease_expires_ms: lease.map(|l| l.expires_ms),
+            lease_live: lease.is_some_and(|l| l.is_live(now)),
+        }
+    }
+
+    fn describe(&self, now: u64) -> String {
+        match (&self.owner, self.lease_expires_ms) {
+            (Some(w), Some(exp)) => format!(
+                "owner {w:?}, lease {} ({})",
+                if self.lease_live { "live" } else { "expired" },
+                crate::remote::lease::describe_time(exp, now)
+            ),
+            _ => "no owner (released)".to_string(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct OwnerOut {
     store: String,
@@ -127,9 +158,8 @@ struct OwnerOut {
     manifest: bool,
     version: u64,
     epoch: u64,
-    owner: Option<String>,
-    lease_expires_ms: Option<u64>,
-    lease_live: bool,
+    #[serde(flatten)]
+    lease: LeaseView,
     committed_segments: u64,
 }
 
@@ -169,7 +199,6 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
     };
     let m = ms.load().await?;
     let now = ms.now_ms();
-    let lease = m.as_ref().and_then(|m| m.lease.clone());
     let out = OwnerOut {
         store: store.display_url().to_string(),
         stream: cfg.stream.clone(),
@@ -177,23 +206,14 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
         manifest: m.is_some(),
         version: m.as_ref().map_or(0, |m| m.version),
         epoch: m.as_ref().map_or(0, |m| m.epoch),
-        owner: lease.as_ref().map(|l| l.owner.clone()),
-        lease_expires_ms: lease.as_ref().map(|l| l.expires_ms),
-        lease_live: lease.as_ref().is_some_and(|l| l.is_live(now)),
+        lease: LeaseView::of(m.as_ref(), now),
         committed_segments: m.as_ref().map_or(0, |m| m.segment_count),
     };
     emit(cli.json, &out, |o| {
         if !o.manifest {
             return format!("{} stream {}: no manifest yet", o.store, o.stream);
         }
-        let lease = match (&o.owner, o.lease_expires_ms) {
-            (Some(w), Some(exp)) => format!(
-                "owner {w:?}, lease {} ({})",
-                if o.lease_live { "live" } else { "expired" },
-                crate::remote::lease::describe_time(exp, now)
-            ),
-            _ => "no owner (released)".to_string(),
-        };
+        let lease = o.lease.describe(now);
         format!(
             "{} stream {}: manifest version {}, epoch {}, {lease}, {} committed segment(s)",
             o.store, o.stream, o.version, o.epoch, o.committed_segments
@@ -352,9 +372,8 @@ struct RemoteState {
     manifest_present: bool,
     version: u64,
     epoch: u64,
-    owner: Option<String>,
-    lease_expires_ms: Option<u64>,
-    lease_live: bool,
+    #[serde(flatten)]
+    lease: LeaseView,
     committed_segments: u64,
     damaged: Vec<crate::remote::manifest::DamageNote>,
     /// Objects listed under the stream's segments prefix.
@@ -396,17 +415,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
     let totals = crate::tier::status_from(view.segments(), cfg.release_after_commit);
 
-    let read_caps = probe::Capabilities {
-        conditional_create: true,
-        ..probe::Capabilities::default()
-    };
-    let ms = ManifestStore::with_capabilities(
-        &store,
-        &cfg.stream,
-        cfg.manifest_options(),
-        &read_caps,
-        std::sync::Arc::new(crate::remote::lease::SystemClock),
-    )?;
+    let ms = ManifestStore::reader(&store, &cfg.stream, cfg.manifest_options())?;
     let manifest = ms.load().await?;
     let mut listed_in_manifest = std::collections::BTreeMap::new();
     if let Some(m) = &manifest {
@@ -431,16 +440,13 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         .collect();
 
     let now = ms.now_ms();
-    let lease = manifest.as_ref().and_then(|m| m.lease.clone());
     let mut remote = RemoteState {
         store: store.display_url().to_string(),
         stream: cfg.stream.clone(),
         manifest_present: manifest.is_some(),
         version: manifest.as_ref().map_or(0, |m| m.version),
         epoch: manifest.as_ref().map_or(0, |m| m.epoch),
-        owner: lease.as_ref().map(|l| l.owner.clone()),
-        lease_expires_ms: lease.as_ref().map(|l| l.expires_ms),
-        lease_live: lease.as_ref().is_some_and(|l| l.is_live(now)),
+        lease: LeaseView::of(manifest.as_ref(), now),
         committed_segments: manifest.as_ref().map_or(0, |m| m.segment_count),
         damaged: manifest.as_ref().map_or(Vec::new(), |m| m.damaged.clone()),
         listed_objects: listed.len(),
@@ -510,14 +516,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         s.push_str(&crate::cli::local::totals_line(&o.totals));
         s.push('\n');
         let r = &o.remote;
-        let owner = match (&r.owner, r.lease_expires_ms) {
-            (Some(w), Some(exp)) => format!(
-                "owner {w:?}, lease {} ({})",
-                if r.lease_live { "live" } else { "expired" },
-                crate::remote::lease::describe_time(exp, now)
-            ),
-            _ => "no owner (released)".to_string(),
-        };
+        let owner = r.lease.describe(now);
         if r.manifest_present {
             s.push_str(&format!(
                 "remote: {} stream {}: manifest version {}, epoch {}, {owner}, {} committed segment(s), {} damage note(s)\n",

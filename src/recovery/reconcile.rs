@@ -48,7 +48,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path as FsPath;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -61,11 +60,9 @@ use crate::datadir::{self, DataDir};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, JournalView, SegmentRecord, SegmentState};
 use crate::remote::fetch::{Fetcher, RemoteSegment};
-use crate::remote::lease::SystemClock;
 use crate::remote::manifest::{
     CommitOutcome, DamageNote, ManifestStore, ManifestWriter, SegmentEntry,
 };
-use crate::remote::probe::Capabilities;
 use crate::remote::{MultipartListing, PendingUpload, RemoteStore, classify, keys};
 use crate::segment::format::{FOOTER_LEN, Footer};
 use crate::segment::sealed::sealed_file_name;
@@ -363,17 +360,7 @@ async fn reconcile_with(
     }
 
     // The manifest, read only (no probe: reads do not depend on it).
-    let read_caps = Capabilities {
-        conditional_create: true,
-        ..Capabilities::default()
-    };
-    let ms_read = ManifestStore::with_capabilities(
-        store,
-        stream,
-        cfg.manifest_options(),
-        &read_caps,
-        Arc::new(SystemClock),
-    )?;
+    let ms_read = ManifestStore::reader(store, stream, cfg.manifest_options())?;
     let manifest = ms_read.load().await?;
     let mut m_entries: BTreeMap<SegmentId, SegmentEntry> = BTreeMap::new();
     if let Some(m) = &manifest {
@@ -479,10 +466,7 @@ async fn reconcile_with(
             };
             let key = Path::parse(&e.key)
                 .map_err(|err| Error::corrupt("manifest entry", format!("{:?}: {err}", e.key)))?;
-            // The local copy is the journal's, if it records these bytes.
-            let local = view
-                .get(e.id)
-                .filter(|r| r.meta.file_crc == e.file_crc && r.meta.file_len == e.file_len);
+            let local = journal_copy(&view, e);
             let f = match local {
                 Some(r) => {
                     repair_object(
@@ -646,10 +630,7 @@ async fn reconcile_with(
                 f.action = format!("see the {} finding above", p.kind.describe());
                 f
             } else {
-                // The local copy is the journal's, if it records these bytes.
-                let local = view
-                    .get(e.id)
-                    .filter(|r| r.meta.file_crc == e.file_crc && r.meta.file_len == e.file_len);
+                let local = journal_copy(&view, e);
                 let present = sizes.contains_key(&e.key);
                 match local {
                     Some(r) => {
@@ -949,6 +930,13 @@ async fn stale_uploads(
         "checked: {} in progress, {stale} stale, {aborted} aborted",
         uploads.len()
     )
+}
+
+/// The journal's record of a manifest entry's segment, if it records these
+/// very bytes (same CRC and length): its local file may repair the object.
+fn journal_copy<'a>(view: &'a JournalView, e: &SegmentEntry) -> Option<&'a SegmentRecord> {
+    view.get(e.id)
+        .filter(|r| r.meta.file_crc == e.file_crc && r.meta.file_len == e.file_len)
 }
 
 /// The key a journal record's object lives under.
@@ -1436,17 +1424,7 @@ mod tests {
         assert!(f[&(9, FindingKind::Orphan)].informational);
         assert!(f[&(3, FindingKind::Orphan)].informational);
         assert!(r.needs_operator());
-        let ms = ManifestStore::with_capabilities(
-            &store,
-            STREAM,
-            cfg.manifest_options(),
-            &Capabilities {
-                conditional_create: true,
-                ..Capabilities::default()
-            },
-            Arc::new(SystemClock),
-        )
-        .unwrap();
+        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
         let m = ms.load().await.unwrap().unwrap();
         let ids: Vec<u64> = ms
             .all_segments(&m)

@@ -728,6 +728,22 @@ impl ManifestStore {
         Self::with_capabilities(store, stream, opts, &caps, Arc::new(SystemClock))
     }
 
+    /// A read-only view of `stream`'s manifest: reads need no probe (the
+    /// store's conditional creates matter only to writers), so none runs.
+    /// Anything written through it still goes through the usual CAS, but
+    /// writers should come from [`ManifestStore::open`].
+    pub fn reader(
+        store: &RemoteStore,
+        stream: &str,
+        opts: ManifestOptions,
+    ) -> Result<ManifestStore> {
+        let caps = Capabilities {
+            conditional_create: true,
+            ..Capabilities::default()
+        };
+        Self::with_capabilities(store, stream, opts, &caps, Arc::new(SystemClock))
+    }
+
     /// Opens with capabilities measured earlier and an explicit clock.
     pub fn with_capabilities(
         store: &RemoteStore,

@@ -436,18 +436,8 @@ impl Rig {
                 &tierindex::remote::StoreOptions::default(),
             )
             .map_err(|e| format!("store: {e}"))?;
-            let caps = tierindex::remote::probe::Capabilities {
-                conditional_create: true,
-                ..Default::default()
-            };
-            let ms = ManifestStore::with_capabilities(
-                &store,
-                STREAM,
-                Default::default(),
-                &caps,
-                std::sync::Arc::new(tierindex::remote::lease::SystemClock),
-            )
-            .map_err(|e| format!("manifest store: {e}"))?;
+            let ms = ManifestStore::reader(&store, STREAM, Default::default())
+                .map_err(|e| format!("manifest store: {e}"))?;
             let Some(m) = ms
                 .load()
                 .await
