@@ -437,9 +437,7 @@ impl TierIndex {
         let local = sh
             .seg_dir
             .join(crate::segment::sealed::sealed_file_name(entry.id));
-        let lost = !std::fs::read(&local).is_ok_and(|b| {
-            b.len() as u64 == entry.file_len && crc32fast::hash(&b) == entry.file_crc
-        });
+        let lost = !std::fs::read(&local).is_ok_and(|b| entry.matches_bytes(&b));
         let mut g = m.writer.lock().await;
         let Some(w) = g.as_mut() else {
             tracing::error!(
@@ -649,7 +647,7 @@ async fn take_manifest(
     cfg: &Config,
     store: &RemoteStore,
     clock: Arc<dyn Clock>,
-) -> Result<(ManifestWriter, bool)> {
+) -> Result<(ManifestWriter, crate::pipeline::StoreTrust)> {
     let owner = cfg.effective_owner_id()?;
     let caps = if cfg.probe_store {
         let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 2;
@@ -681,7 +679,7 @@ async fn take_manifest(
         stream = cfg.stream,
         "took ownership of the stream's manifest"
     );
-    Ok((writer, caps.conditional_create))
+    Ok((writer, crate::pipeline::StoreTrust::of(&caps)))
 }
 
 /// Errors at open that mean "the store cannot be reached now" rather than
@@ -752,13 +750,13 @@ pub async fn open_shared_with_clock(
                 let owner = cfg.effective_owner_id()?;
                 (
                     Some(ManifestHandle::pending(owner, cfg.lease_ttl(), take)),
-                    false,
+                    crate::pipeline::StoreTrust::default(),
                 )
             }
             Err(e) => return Err(e),
         }
     } else {
-        (None, false)
+        (None, crate::pipeline::StoreTrust::default())
     };
     let manifest_max = match &manifest {
         Some(m) => m
@@ -782,7 +780,8 @@ pub async fn open_shared_with_clock(
         store,
         stream: cfg.stream.clone(),
         upload: cfg.upload_config(),
-        trust_create: std::sync::atomic::AtomicBool::new(trust_create),
+        trust_create: std::sync::atomic::AtomicBool::new(trust_create.conditional_create),
+        trust_checksum: std::sync::atomic::AtomicBool::new(trust_create.checksums),
         release_after_commit: cfg.release_after_commit,
         max_in_flight: cfg.max_uploads_in_flight,
         metrics,

@@ -17,6 +17,7 @@ use tempfile::TempDir;
 
 use common::{ChildGuard, Lines};
 use tierindex::lifecycle::{EXIT_DRAINED, EXIT_FORCED, EXIT_PENDING};
+use tierindex::segment::KeySum;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tierindex");
 const SEGMENT_ITEMS: u64 = 500;
@@ -205,6 +206,7 @@ struct Seg {
     max_offset: u64,
     file_len: u64,
     file_crc: u32,
+    crc64: Option<u64>,
     key: Option<String>,
 }
 
@@ -224,6 +226,7 @@ fn segments(status: &Value) -> Vec<Seg> {
                 max_offset: n(&m["max_offset"]),
                 file_len: n(&m["file_len"]),
                 file_crc: n(&m["file_crc"]) as u32,
+                crc64: m.get("crc64").and_then(Value::as_u64),
                 key: s["key"].as_str().map(str::to_string),
             }
         })
@@ -247,8 +250,8 @@ fn assert_contiguous(segs: &[Seg], flushed: u64) -> u64 {
 }
 
 /// Every segment's object is in the `file://` store at `store` under its
-/// journaled key; the CRC in the object's name is the crc32 of its bytes
-/// and the journal's `file_crc`. Returns the keys.
+/// journaled key; the checksum in the object's name is the CRC64 of its
+/// bytes and the journal's `crc64`. Returns the keys.
 fn assert_objects(store: &Path, segs: &[Seg]) -> BTreeSet<PathBuf> {
     let mut keys = BTreeSet::new();
     for s in segs {
@@ -257,11 +260,23 @@ fn assert_objects(store: &Path, segs: &[Seg]) -> BTreeSet<PathBuf> {
         let bytes = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("segment {}: object {}: {e}", s.id, path.display()));
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let (id, crc) = tierindex::remote::keys::parse_segment_object_name(&name)
+        let (id, sum) = tierindex::remote::keys::parse_segment_object_name(&name)
             .unwrap_or_else(|| panic!("object name {name} is not a segment name"));
         assert_eq!(id.0, s.id, "{name}");
-        assert_eq!(crc, s.file_crc, "{name}: name vs journal");
-        assert_eq!(crc32fast::hash(&bytes), crc, "{name}: bytes vs name");
+        let c64 = s
+            .crc64
+            .expect("this build seals format 2: a CRC64 in the journal");
+        assert_eq!(sum, KeySum::Crc64(c64), "{name}: name vs journal");
+        assert_eq!(
+            crc32fast::hash(&bytes),
+            s.file_crc,
+            "{name}: bytes vs journal CRC32"
+        );
+        assert_eq!(
+            tierindex::segment::format::crc64(&bytes),
+            c64,
+            "{name}: bytes vs name"
+        );
         assert_eq!(bytes.len() as u64, s.file_len, "{name}");
         keys.insert(PathBuf::from(key));
     }

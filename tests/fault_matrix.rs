@@ -660,7 +660,7 @@ async fn check_model(
             ));
         }
         match remote.parse_segment_key(&key) {
-            Some((kid, kcrc)) if kid == *id && kcrc == meta.file_crc => {}
+            Some((kid, kcrc)) if kid == *id && kcrc == meta.key_sum() => {}
             other => v.push(format!("segment {id}: key {key} parses as {other:?}")),
         }
         let body = match rig.fs.inner().get(&key).await {

@@ -40,6 +40,7 @@ fn meta(id: SegmentId) -> SealedMeta {
         id,
         file_len: (1 << 20) | id.0,
         file_crc: (id.0 as u32).wrapping_mul(0x9E37_79B9),
+        crc64: None,
         item_count: id.0 * 3,
         min_ts: 1_700_000_000_000 + id.0,
         max_ts: 1_700_000_000_500 + id.0,

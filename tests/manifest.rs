@@ -147,6 +147,7 @@ fn meta(id: u64) -> SealedMeta {
         id: SegmentId(id),
         file_len: 1_000 + id,
         file_crc: crc32fast::hash(&id.to_le_bytes()),
+        crc64: None,
         item_count: 10,
         min_ts: T0 + id * 10,
         max_ts: T0 + id * 10 + 9,

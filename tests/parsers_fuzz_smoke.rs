@@ -167,6 +167,7 @@ fn meta(id: u64) -> SealedMeta {
         id: SegmentId(id),
         file_len: 4096 + id,
         file_crc: id as u32 ^ 0xdead_beef,
+        crc64: None,
         item_count: id * 3,
         min_ts: 10,
         max_ts: 20 + id,

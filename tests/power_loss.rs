@@ -1442,6 +1442,7 @@ fn jmeta(id: SegmentId) -> SealedMeta {
         id,
         file_len: 4096 + id.0 * 32,
         file_crc: (id.0 as u32).wrapping_mul(0x9E37_79B9),
+        crc64: None,
         item_count: id.0,
         min_ts: 1_700_000_000_000,
         max_ts: 1_700_000_000_000 + id.0,

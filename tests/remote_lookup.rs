@@ -182,7 +182,7 @@ async fn lookups_across_released_segments_match_the_model() {
         .expect("damage note in the manifest");
     assert!(note.lost, "{note:?}");
     assert_eq!(note.key, victim.key);
-    assert!(note.reason.contains("CRC32"), "{note:?}");
+    assert!(note.reason.contains("CRC64"), "{note:?}");
     assert_eq!(manifest.damaged.len(), 1);
     // The next lookup skips it without reading it, and says why.
     let gets = fs.stats().requests(tierindex::testing::Op::Get);

@@ -128,13 +128,13 @@ async fn upload_then_verify_at_every_level() {
         assert_eq!(
             key.as_ref(),
             format!(
-                "tier/orders/segments/00000000000000000007-{:08x}.seg",
-                seg.meta.file_crc
+                "tier/orders/segments/00000000000000000007-{:016x}.seg",
+                seg.meta.crc64.expect("format 2")
             )
         );
         assert_eq!(
             store.parse_segment_key(&key),
-            Some((SegmentId(7), seg.meta.file_crc))
+            Some((SegmentId(7), seg.meta.key_sum()))
         );
         let out = put(&store, &seg, &cfg()).await.unwrap();
         assert!(matches!(out, PutOutcome::Created { .. }), "{out:?}");

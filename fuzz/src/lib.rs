@@ -27,8 +27,8 @@ use tierindex::journal::{
 use tierindex::segment::active::{self, ActiveSegment};
 use tierindex::segment::format::{
     self, ACTIVE_ITEM_LEN, ACTIVE_MAGIC, ActiveItem, ActiveLayout, FOOTER_LEN, FOOTER_MAGIC,
-    FORMAT_VERSION, Footer, HEADER_LEN, Header, MAX_ITEMS, MAX_SLOTS, SEALED_ITEM_LEN,
-    SEALED_MAGIC, SealedLayout, slot_of,
+    FORMAT_VERSION, Footer, HEADER_LEN, Header, MAX_ITEMS, MAX_SLOTS, SEALED_FORMAT_VERSION,
+    SEALED_ITEM_LEN, SEALED_MAGIC, SealedLayout, slot_of,
 };
 use tierindex::segment::sealed::{SealedSegment, build_sealed};
 use tierindex::segment::{Entry, SealedMeta, SegmentId, TimeRange};
@@ -238,7 +238,7 @@ pub fn fix_sealed(flags: u8, input: &[u8]) -> Vec<u8> {
     if flags & HEADER != 0 {
         let h = Header {
             magic: SEALED_MAGIC,
-            version: FORMAT_VERSION,
+            version: SEALED_FORMAT_VERSION,
             item_len: SEALED_ITEM_LEN as u32,
             segment_id: SegmentId(id),
             created_ms: rd64(&footer, 64),
@@ -248,13 +248,13 @@ pub fn fix_sealed(flags: u8, input: &[u8]) -> Vec<u8> {
         body[..HEADER_LEN].copy_from_slice(&h.encode());
     }
     if flags & DATA_CRC != 0 {
-        wr32(&mut footer, 108, crc32fast::hash(&body));
+        wr64(&mut footer, 108, format::crc64(&body));
     }
     if flags & FOOTER != 0 {
         footer[0..8].copy_from_slice(&FOOTER_MAGIC);
-        wr16(&mut footer, 8, FORMAT_VERSION);
+        wr16(&mut footer, 8, SEALED_FORMAT_VERSION);
         wr16(&mut footer, 10, FOOTER_LEN as u16);
-        footer[112..124].fill(0);
+        footer[116..124].fill(0);
         let crc = crc32fast::hash(&footer[..124]);
         wr32(&mut footer, 124, crc);
     }
@@ -265,12 +265,16 @@ pub fn fix_sealed(flags: u8, input: &[u8]) -> Vec<u8> {
 /// `check_sealed` on `file`; when it accepts, check what it promises.
 /// Returns whether it accepted.
 pub fn check_sealed_bytes(file: &[u8]) -> bool {
-    let Ok((footer, file_crc)) = format::check_sealed(file) else {
+    let Ok((footer, sums)) = format::check_sealed(file) else {
         return false;
     };
     let len = file.len();
     assert_eq!(footer.file_len, len as u64, "accepted: footer file_len");
-    assert_eq!(file_crc, crc32fast::hash(file), "accepted: whole-file crc");
+    assert_eq!(
+        sums,
+        format::FileSums::of(file),
+        "accepted: whole-file sums"
+    );
     // Every piece also decodes on its own, as a remote reader takes them.
     let fo = len - FOOTER_LEN;
     assert_eq!(Footer::decode(&file[fo..]).ok(), Some(footer));
@@ -320,13 +324,34 @@ pub fn check_sealed_bytes(file: &[u8]) -> bool {
         &entries,
     )
     .expect("accepted entries seal again");
+    let v1 = footer.version == FORMAT_VERSION;
+    if v1 {
+        // The same items in format 1: header and footer version, and the
+        // CRC32 body checksum.
+        let mut h = Header::decode(&again, SEALED_MAGIC, SEALED_ITEM_LEN).expect("own header");
+        h.version = FORMAT_VERSION;
+        again[..HEADER_LEN].copy_from_slice(&h.encode());
+        let mut f = Footer::decode(&again[fo..]).expect("own footer");
+        f.version = FORMAT_VERSION;
+        f.data_crc = u64::from(crc32fast::hash(&again[..fo]));
+        again[fo..].copy_from_slice(&f.encode());
+    }
     let ranges_match = again[fo + 32..fo + 64] == file[fo + 32..fo + 64];
     again[fo + 32..fo + 64].copy_from_slice(&file[fo + 32..fo + 64]);
     let crc = crc32fast::hash(&again[fo..fo + 124]);
     wr32(&mut again, fo + 124, crc);
     assert!(again == file, "accepted sealed file is not canonical");
     if ranges_match {
-        assert_eq!(meta, footer.meta(file_crc));
+        let want = if v1 {
+            SealedMeta {
+                file_crc: crc32fast::hash(file),
+                crc64: None,
+                ..meta
+            }
+        } else {
+            meta
+        };
+        assert_eq!(want, footer.meta(sums));
     }
     true
 }
@@ -593,7 +618,7 @@ fn footer_bytes(b: &[u8]) {
         if f.item_count > 0 {
             assert!(f.min_ts <= f.max_ts && f.min_offset <= f.max_offset);
         }
-        let _ = f.meta(0);
+        let _ = f.meta(format::FileSums { crc32: 0, crc64: 0 });
     }
 }
 
@@ -862,6 +887,7 @@ fn gen_record(c: &mut Cursor, model: &JournalState) -> Record {
                     id,
                     file_len: c.u64(),
                     file_crc: c.u32(),
+                    crc64: None,
                     item_count: c.u64(),
                     min_ts: a.min(b),
                     max_ts: a.max(b),

@@ -25,12 +25,12 @@ struct StatusOut<'a> {
 /// appends a column).
 pub(crate) fn segment_line(r: &SegmentRecord) -> String {
     format!(
-        "{:020}  {:<11} {:>6} {:>10}  {:08x}  {}{}",
+        "{:020}  {:<11} {:>6} {:>10}  {:>16}  {}{}",
         r.meta.id.0,
         format!("{:?}", r.state),
         r.meta.item_count,
         r.meta.file_len,
-        r.meta.file_crc,
+        r.meta.key_sum().to_string(),
         r.key.as_deref().unwrap_or("-"),
         r.reason
             .as_deref()
@@ -119,10 +119,10 @@ pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
             first_entries: entries.into_iter().take(20).collect(),
         }
     } else if magic == SEALED_MAGIC {
-        let (footer, crc) = format::check_sealed(&bytes)?;
+        let (footer, sums) = format::check_sealed(&bytes)?;
         let seg = SealedSegment::open(file)?;
         Inspected::Sealed {
-            meta: footer.meta(crc),
+            meta: footer.meta(sums),
             slot_count: footer.slot_count,
             first_entries: seg.entries().into_iter().take(20).collect(),
         }

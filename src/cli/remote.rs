@@ -102,6 +102,21 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
             c.range_get,
             c.metadata
         );
+        let k = &c.checksum;
+        s.push_str(&format!(
+            "\n  checksums (x-amz-checksum-crc64nvme): validated: {}\n    wrong PUT rejected: {} (left nothing: {})\n    wrong UploadPart rejected: {}\n    HEAD returns the whole-object value: single PUT {}, multipart {}\n  verification of uploads: {}",
+            c.checksum_validated,
+            k.put_rejects_wrong,
+            k.put_rejected_leaves_nothing,
+            k.upload_part_rejects_wrong,
+            k.head_single,
+            k.head_multipart,
+            if c.checksum_validated {
+                "Checksum (HEAD, the server's stored CRC64; no read-back)"
+            } else {
+                "Full (every object read back; this server's checksums are not proven)"
+            }
+        ));
         if !o.fenced_multi_writer_safe {
             s.push_str("\n  WARNING: this store does not honour conditional creates: uploads read every object back to prove it is ours; it cannot fence a second writer (the manifest refuses this store unless allow_unconditional_store is set)");
         }
@@ -474,7 +489,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         let manifest_col = match &manifest {
             None => "no manifest",
             Some(m) => match (listed_in_manifest.get(&r.meta.id), m.damage(r.meta.id)) {
-                (Some(e), _) if e.file_crc != r.meta.file_crc => "other bytes listed",
+                (Some(e), _) if e.key_sum() != r.meta.key_sum() => "other bytes listed",
                 (Some(_), Some(d)) if d.lost => "LOST",
                 (Some(_), Some(_)) => "damaged",
                 (Some(_), None) => "listed",

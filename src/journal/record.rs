@@ -426,6 +426,7 @@ pub(crate) mod tests {
             id: SegmentId(id),
             file_len: 4096 + id,
             file_crc: 0xdead_beef ^ id as u32,
+            crc64: None,
             item_count: 10 * id,
             min_ts: 1_000,
             max_ts: 2_000 + id,

@@ -62,11 +62,10 @@ fn record(sh: &Shared, id: SegmentId) -> Result<SegmentRecord> {
         .ok_or_else(|| Error::InvalidInput(format!("segment {id} is not in the journal")))
 }
 
-/// Does the local sealed file still have the length and CRC the journal
-/// recorded when it was sealed?
+/// Does the local sealed file still have the length and checksum the
+/// journal recorded when it was sealed?
 fn local_matches(path: &std::path::Path, meta: &crate::SealedMeta) -> bool {
-    std::fs::read(path)
-        .is_ok_and(|b| b.len() as u64 == meta.file_len && crc32fast::hash(&b) == meta.file_crc)
+    std::fs::read(path).is_ok_and(|b| meta.matches_bytes(&b))
 }
 
 fn local_path(sh: &Shared, id: SegmentId) -> PathBuf {
@@ -284,7 +283,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     &key,
                     &rec.meta,
                     sh.upload.verify,
-                    &sh.upload,
+                    &sh.upload_config(),
                 )
                 .await
                 {

@@ -35,6 +35,24 @@ use crate::upload::UploadConfig;
 
 pub use committer::JournalHandle;
 
+/// What the capability probe let the pipeline trust about its store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreTrust {
+    /// `PutMode::Create` really refuses to overwrite.
+    pub conditional_create: bool,
+    /// The server validates and returns CRC-64/NVME checksums.
+    pub checksums: bool,
+}
+
+impl StoreTrust {
+    pub fn of(c: &crate::remote::probe::Capabilities) -> StoreTrust {
+        StoreTrust {
+            conditional_create: c.conditional_create,
+            checksums: c.checksum_validated,
+        }
+    }
+}
+
 /// Everything a drive needs.
 pub struct Shared {
     pub writer: Arc<Mutex<IndexWriter>>,
@@ -46,6 +64,9 @@ pub struct Shared {
     /// on this store; until then (and on stores like Garage) every upload is
     /// checked before and read back after, which is always safe.
     pub trust_create: std::sync::atomic::AtomicBool,
+    /// Set once the probe proved the server validates and returns
+    /// CRC-64/NVME checksums: only then is `VerifyLevel::Checksum` used.
+    pub trust_checksum: std::sync::atomic::AtomicBool,
     pub seg_dir: PathBuf,
     pub release_after_commit: bool,
     pub max_in_flight: usize,
@@ -75,7 +96,9 @@ pub struct ManifestHandle {
 /// A deferred `take_ownership`: the writer and whether creates are
 /// conditional.
 pub type TakeOwnership = Box<
-    dyn Fn() -> futures::future::BoxFuture<'static, Result<(ManifestWriter, bool)>> + Send + Sync,
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<(ManifestWriter, StoreTrust)>>
+        + Send
+        + Sync,
 >;
 
 /// How to take ownership later, and when to try next.
@@ -250,10 +273,7 @@ impl Shared {
                         tracing::warn!(error = %e, "could not move segment ids above the manifest's");
                     }
                 }
-                if trust {
-                    self.trust_create
-                        .store(true, std::sync::atomic::Ordering::Release);
-                }
+                self.trust(trust);
                 *guard = Some(w);
                 *m.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Ok(())
@@ -329,9 +349,22 @@ impl Shared {
 
     /// The upload settings in force now (the probe may have answered).
     pub fn upload_config(&self) -> UploadConfig {
+        use std::sync::atomic::Ordering::Acquire;
         UploadConfig {
-            trust_conditional_create: self.trust_create.load(std::sync::atomic::Ordering::Acquire),
+            trust_conditional_create: self.trust_create.load(Acquire),
+            checksum_proven: self.trust_checksum.load(Acquire),
             ..self.upload.clone()
+        }
+    }
+
+    /// Records what the probe proved (only ever raises trust).
+    pub fn trust(&self, t: StoreTrust) {
+        use std::sync::atomic::Ordering::Release;
+        if t.conditional_create {
+            self.trust_create.store(true, Release);
+        }
+        if t.checksums {
+            self.trust_checksum.store(true, Release);
         }
     }
 
@@ -345,10 +378,19 @@ impl Shared {
             * 2;
         match tokio::time::timeout(limit, crate::remote::probe::probe(&self.store)).await {
             Ok(Ok(c)) => {
-                self.trust_create
-                    .store(c.conditional_create, std::sync::atomic::Ordering::Release);
+                self.trust(StoreTrust::of(&c));
+                tracing::info!(
+                    conditional_create = c.conditional_create,
+                    checksums = c.checksum_validated,
+                    "store capability probe: uploads are verified by {}",
+                    if c.checksum_validated {
+                        "the server's CRC-64/NVME (HEAD, checksum mode)"
+                    } else {
+                        "reading them back in full"
+                    }
+                );
                 (!c.conditional_create).then(|| {
-                    "store ignores conditional creates (If-None-Match): every upload is read back to prove it is ours".to_string()
+                    "store ignores conditional creates (If-None-Match): every upload's body is proven before it counts".to_string()
                 })
             }
             Ok(Err(e)) => Some(format!(

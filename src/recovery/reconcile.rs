@@ -64,9 +64,9 @@ use crate::remote::manifest::{
     CommitOutcome, DamageNote, ManifestStore, ManifestWriter, SegmentEntry,
 };
 use crate::remote::{MultipartListing, PendingUpload, RemoteStore, classify, keys};
-use crate::segment::format::{FOOTER_LEN, Footer};
+use crate::segment::format::{self, FOOTER_LEN, Footer};
 use crate::segment::sealed::sealed_file_name;
-use crate::segment::{SealedMeta, SegmentId};
+use crate::segment::{KeySum, SealedMeta, SegmentId};
 use crate::upload::retry::with_retries;
 use crate::upload::{self, NoHooks, VerifyLevel};
 
@@ -230,7 +230,8 @@ impl ReconcileReport {
 struct Listed {
     key: Path,
     id: SegmentId,
-    crc: u32,
+    /// The whole-file checksum the key names.
+    sum: KeySum,
     size: u64,
     modified_ms: u64,
 }
@@ -342,14 +343,14 @@ async fn reconcile_with(
     for m in listed {
         sizes.insert(m.location.to_string(), m.size);
         match keys::parse_segment_key(store.prefix(), &m.location) {
-            Some((s, id, crc)) if s == stream => {
+            Some((s, id, sum)) if s == stream => {
                 let modified_ms = u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(0);
                 ours.insert(
                     m.location.to_string(),
                     Listed {
                         key: m.location.clone(),
                         id,
-                        crc,
+                        sum,
                         size: m.size,
                         modified_ms,
                     },
@@ -511,7 +512,7 @@ async fn reconcile_with(
             let mut rejected = Vec::new();
             for o in ours.values() {
                 let k = o.key.to_string();
-                if bad.contains(&k) || excluded_by_journal(view.get(o.id), o.crc) {
+                if bad.contains(&k) || excluded_by_journal(view.get(o.id), o.sum) {
                     continue;
                 }
                 match read_entry(store, stream, o, view.get(o.id), opts.deep).await? {
@@ -759,17 +760,18 @@ async fn reconcile_with(
     // live pipeline's fresh upload is never taken for an orphan. Both reads
     // count (compaction may have dropped a Released record in between).
     let (view_after, _) = Journal::open_read_only(&cfg.data_dir)?;
-    let jref: BTreeSet<(SegmentId, u32)> = view
+    let jref: BTreeSet<(SegmentId, KeySum)> = view
         .segments()
         .values()
         .chain(view_after.segments().values())
-        .map(|r| (r.meta.id, r.meta.file_crc))
+        .map(|r| (r.meta.id, r.meta.key_sum()))
         .collect();
-    let mref: BTreeSet<(SegmentId, u32)> = m_entries.values().map(|e| (e.id, e.file_crc)).collect();
+    let mref: BTreeSet<(SegmentId, KeySum)> =
+        m_entries.values().map(|e| (e.id, e.key_sum())).collect();
     let now = crate::segment::now_ms();
     let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
     for o in ours.values() {
-        if jref.contains(&(o.id, o.crc)) || mref.contains(&(o.id, o.crc)) {
+        if jref.contains(&(o.id, o.sum)) || mref.contains(&(o.id, o.sum)) {
             continue;
         }
         let k = o.key.to_string();
@@ -936,7 +938,7 @@ async fn stale_uploads(
 /// very bytes (same CRC and length): its local file may repair the object.
 fn journal_copy<'a>(view: &'a JournalView, e: &SegmentEntry) -> Option<&'a SegmentRecord> {
     view.get(e.id)
-        .filter(|r| r.meta.file_crc == e.file_crc && r.meta.file_len == e.file_len)
+        .filter(|r| r.meta.key_sum() == e.key_sum() && r.meta.file_len == e.file_len)
 }
 
 /// The key a journal record's object lives under.
@@ -1052,10 +1054,10 @@ async fn repair_object(
 
 /// Is a listed object one the journal knows is NOT committed (so it must
 /// stay out of a rebuilt manifest)?
-fn excluded_by_journal(r: Option<&SegmentRecord>, crc: u32) -> bool {
+fn excluded_by_journal(r: Option<&SegmentRecord>, sum: KeySum) -> bool {
     match r {
         None => false,
-        Some(r) if r.meta.file_crc != crc => true,
+        Some(r) if r.meta.key_sum() != sum => true,
         Some(r) => !matches!(
             r.state,
             SegmentState::Verified | SegmentState::Committed | SegmentState::Released
@@ -1106,10 +1108,35 @@ async fn read_entry(
             f.file_len, o.size
         )));
     }
+    if matches!(o.sum, KeySum::Crc64(_)) != (f.version >= format::SEALED_FORMAT_VERSION) {
+        return Ok(Err(format!(
+            "the key names checksum {} but the footer is format {}",
+            o.sum, f.version
+        )));
+    }
+    // A format-2 key names the CRC64; the entry also keeps the CRC32, taken
+    // from our journal's record of these very bytes, else from one streamed
+    // read that must reproduce the CRC64 the key names.
+    let (file_crc, crc64) = match o.sum {
+        KeySum::Crc32(c) => (c, None),
+        KeySum::Crc64(c) => match journaled.filter(|r| r.meta.key_sum() == o.sum) {
+            Some(r) => (r.meta.file_crc, Some(c)),
+            None => match upload::verify::object_sums(store, &o.key, o.size).await? {
+                None => return Ok(Err("vanished since the LIST".into())),
+                Some((len, s)) if len == o.size && s.crc64 == c => (s.crc32, Some(c)),
+                Some(_) => {
+                    return Ok(Err(format!(
+                        "its bytes do not have the CRC64 {c:016x} its key names"
+                    )));
+                }
+            },
+        },
+    };
     let meta = SealedMeta {
         id: o.id,
         file_len: o.size,
-        file_crc: o.crc,
+        file_crc,
+        crc64,
         item_count: f.item_count,
         min_ts: f.min_ts,
         max_ts: f.max_ts,

@@ -45,7 +45,8 @@ use crate::error::{Error, Result};
 use crate::remote::manifest::SegmentEntry;
 use crate::remote::{RemoteStore, classify};
 use crate::segment::format::{
-    self, FOOTER_LEN, Footer, HEADER_LEN, Header, SEALED_ITEM_LEN, SEALED_MAGIC,
+    self, FOOTER_LEN, FileSums, Footer, HEADER_LEN, Header, SEALED_ITEM_LEN, SEALED_MAGIC,
+    SumsHasher,
 };
 use crate::segment::{Entry, SealedMeta, TimeRange};
 use crate::upload::retry::{RetryPolicy, with_retries};
@@ -72,6 +73,7 @@ impl RemoteSegment {
                 id: e.id,
                 file_len: e.file_len,
                 file_crc: e.file_crc,
+                crc64: e.crc64,
                 item_count: e.item_count,
                 min_ts: e.min_ts,
                 max_ts: e.max_ts,
@@ -468,23 +470,22 @@ impl Fetcher {
         // bytes count only when a second full read returns the very same
         // wrong bytes (a flip or a short body on the wire does not repeat);
         // two reads that disagree decide nothing (a transient error).
-        let mut first: Option<(u64, u32)> = None;
+        let mut first: Option<(u64, FileSums)> = None;
         for _ in 0..2 {
             let got = with_retries(&self.policy, &mut rng, "GET segment", |_| {
                 let os = os.clone();
                 async move {
                     use futures::TryStreamExt as _;
                     let mut stream = os.get(key).await?.into_stream();
-                    let (mut h, mut n) = (crc32fast::Hasher::new(), 0u64);
+                    let mut h = SumsHasher::default();
                     while let Some(chunk) = stream.try_next().await? {
                         h.update(&chunk);
-                        n += chunk.len() as u64;
                     }
-                    Ok((n, h.finalize()))
+                    Ok(h.finish())
                 }
             })
             .await;
-            let (len, crc) = match got {
+            let (len, sums) = match got {
                 Ok(x) => x,
                 Err(object_store::Error::NotFound { .. }) => {
                     return Ok(Some("missing: no object under a committed key".into()));
@@ -493,12 +494,12 @@ impl Fetcher {
             };
             self.requests.fetch_add(1, Ordering::Relaxed);
             self.bytes.fetch_add(len, Ordering::Relaxed);
-            if (len, crc) == (seg.meta.file_len, seg.meta.file_crc) {
+            if seg.meta.matches_sums(len, &sums) {
                 return Ok(None);
             }
             match first {
-                None => first = Some((len, crc)),
-                Some(f) if f == (len, crc) => {
+                None => first = Some((len, sums)),
+                Some(f) if f == (len, sums) => {
                     return Ok(Some(if len != seg.meta.file_len {
                         format!(
                             "object read back as {len} bytes twice, {} recorded",
@@ -506,8 +507,9 @@ impl Fetcher {
                         )
                     } else {
                         format!(
-                            "object CRC32 {crc:08x} in two reads, {:08x} recorded",
-                            seg.meta.file_crc
+                            "object {} in two reads, {} recorded",
+                            seg.meta.describe_sums(&sums),
+                            seg.meta.key_sum()
                         )
                     }));
                 }

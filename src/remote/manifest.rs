@@ -57,7 +57,7 @@ use crate::remote::keys;
 use crate::remote::lease::{self, Clock, Lease, SystemClock};
 use crate::remote::probe::{self, Capabilities};
 use crate::remote::{RemoteStore, classify};
-use crate::segment::{SealedMeta, SegmentId};
+use crate::segment::{KeySum, SealedMeta, SegmentId};
 use crate::upload::retry::{RetryPolicy, with_retries};
 
 /// Folder under a stream that holds the manifest objects.
@@ -90,10 +90,13 @@ const LOAD_ATTEMPTS: usize = 8;
 #[serde(deny_unknown_fields)]
 pub struct SegmentEntry {
     pub id: SegmentId,
-    /// Full object key (`{prefix}/{stream}/segments/{id:020}-{crc:08x}.seg`).
+    /// Full object key (`{prefix}/{stream}/segments/{id:020}-{checksum}.seg`).
     pub key: String,
     pub file_len: u64,
     pub file_crc: u32,
+    /// CRC-64/NVME of the whole object (format-2 segments; the key names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc64: Option<u64>,
     pub item_count: u64,
     pub min_offset: u64,
     pub max_offset: u64,
@@ -110,6 +113,7 @@ impl SegmentEntry {
             key: key.to_string(),
             file_len: meta.file_len,
             file_crc: meta.file_crc,
+            crc64: meta.crc64,
             item_count: meta.item_count,
             min_offset: meta.min_offset,
             max_offset: meta.max_offset,
@@ -118,16 +122,37 @@ impl SegmentEntry {
         })
     }
 
-    /// The key's object name must be `{id:020}-{file_crc:08x}.seg` of this
+    /// True when `bytes` hold exactly the object this entry lists (length,
+    /// and its CRC64 when it has one, else its CRC32).
+    pub fn matches_bytes(&self, bytes: &[u8]) -> bool {
+        bytes.len() as u64 == self.file_len
+            && match self.crc64 {
+                Some(c) => crate::segment::format::crc64(bytes) == c,
+                None => crc32fast::hash(bytes) == self.file_crc,
+            }
+    }
+
+    /// The checksum the entry's key names (see [`SealedMeta::key_sum`]).
+    pub fn key_sum(&self) -> KeySum {
+        match self.crc64 {
+            Some(c) => KeySum::Crc64(c),
+            None => KeySum::Crc32(self.file_crc),
+        }
+    }
+
+    /// The key's object name must be `{id:020}-{checksum}.seg` of this
     /// entry (the rest of the key may name another prefix).
     fn check(&self) -> std::result::Result<(), String> {
         let path = Path::parse(&self.key).map_err(|e| format!("segment key: {e}"))?;
         let name = path.filename().unwrap_or("");
         match keys::parse_segment_object_name(name) {
-            Some((id, crc)) if id == self.id && crc == self.file_crc => Ok(()),
+            Some((id, sum)) if id == self.id && sum == self.key_sum() => Ok(()),
             _ => Err(format!(
-                "segment {} key {:?} does not name id {} and crc {:08x}",
-                self.id, self.key, self.id, self.file_crc
+                "segment {} key {:?} does not name id {} and checksum {}",
+                self.id,
+                self.key,
+                self.id,
+                self.key_sum()
             )),
         }
     }
@@ -1510,14 +1535,14 @@ impl ManifestWriter {
                 Some(found) => {
                     return Err(Error::RemoteConflict(format!(
                         "segment {} is already in the manifest of {:?} as {:?} \
-                         (crc {:08x}, {} bytes); refusing {:?} (crc {:08x}, {} bytes)",
+                         (checksum {}, {} bytes); refusing {:?} (checksum {}, {} bytes)",
                         e.id,
                         self.ms.stream(),
                         found.key,
-                        found.file_crc,
+                        found.key_sum(),
                         found.file_len,
                         e.key,
-                        e.file_crc,
+                        e.key_sum(),
                         e.file_len
                     )));
                 }
@@ -1587,10 +1612,11 @@ mod tests {
             id: SegmentId(id),
             key: format!(
                 "p/s/segments/{}",
-                keys::segment_object_name(SegmentId(id), id as u32)
+                keys::segment_object_name(SegmentId(id), KeySum::Crc32(id as u32))
             ),
             file_len: 100 + id,
             file_crc: id as u32,
+            crc64: None,
             item_count: 3,
             min_offset: id * 10,
             max_offset: id * 10 + 2,

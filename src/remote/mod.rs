@@ -24,6 +24,7 @@ pub mod lease;
 pub mod local_multipart;
 pub mod manifest;
 pub mod probe;
+pub mod s3_checksum;
 pub(crate) mod s3_uploads;
 
 use std::fmt;
@@ -31,8 +32,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use object_store::ObjectStore;
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, Checksum};
 use object_store::client::HttpError;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -41,7 +43,7 @@ use object_store::path::Path;
 use object_store::{BackoffConfig, ClientConfigKey, RetryConfig};
 
 use crate::error::{Error, Result};
-use crate::segment::{SealedMeta, SegmentId};
+use crate::segment::{KeySum, SealedMeta, SegmentId};
 
 /// How to reach an S3-compatible store. Ignored by `file://` and `memory://`.
 #[derive(Clone, Debug)]
@@ -327,7 +329,8 @@ impl RemoteStore {
         }
     }
 
-    /// `{prefix}/{stream}/segments/{id:020}-{file_crc:08x}.seg`. Panics never;
+    /// `{prefix}/{stream}/segments/{id:020}-{checksum}.seg` (see
+    /// [`keys`]). Panics never;
     /// an invalid stream name is `Error::InvalidInput`.
     pub fn try_segment_key(&self, stream: &str, meta: &SealedMeta) -> Result<Path> {
         keys::segment_key(&self.prefix, stream, meta)
@@ -344,13 +347,56 @@ impl RemoteStore {
             .clone()
             .join(stream)
             .join(keys::SEGMENTS_DIR)
-            .join(keys::segment_object_name(meta.id, meta.file_crc))
+            .join(keys::segment_object_name(meta.id, meta.key_sum()))
     }
 
-    /// Inverse of [`RemoteStore::segment_key`]: `(id, file_crc)` of a key
+    /// Inverse of [`RemoteStore::segment_key`]: `(id, checksum)` of a key
     /// under this store's prefix, or `None` for any other shape.
-    pub fn parse_segment_key(&self, key: &Path) -> Option<(SegmentId, u32)> {
+    pub fn parse_segment_key(&self, key: &Path) -> Option<(SegmentId, KeySum)> {
         keys::parse_segment_key(&self.prefix, key).map(|(_, id, crc)| (id, crc))
+    }
+
+    /// True for S3 stores, where uploads carry `x-amz-checksum-crc64nvme`
+    /// and [`RemoteStore::head_checksum`] can ask for the stored value.
+    pub fn has_s3_checksums(&self) -> bool {
+        matches!(self.uploads, UploadLister::S3(_))
+    }
+
+    fn s3_extras(&self) -> Result<&s3_uploads::S3Uploads> {
+        match &self.uploads {
+            UploadLister::S3(s) => Ok(s),
+            _ => Err(Error::Unsupported(format!(
+                "{self}: server-side checksums need an S3 store"
+            ))),
+        }
+    }
+
+    /// HEAD with `x-amz-checksum-mode: ENABLED` ([`s3_checksum`]): the
+    /// stored size and whole-object CRC-64/NVME; `Ok(None)` when there is no
+    /// object. `Unsupported` on stores that are not S3.
+    pub async fn head_checksum(&self, key: &Path) -> Result<Option<s3_checksum::StoredChecksum>> {
+        self.s3_extras()?.head_checksum(key.as_ref()).await
+    }
+
+    /// The probe's PUT with a chosen (wrong) checksum; returns the status.
+    pub(crate) async fn put_with_crc64(&self, key: &Path, body: Bytes, crc64: u64) -> Result<u16> {
+        self.s3_extras()?
+            .put_with_crc64(key.as_ref(), body, crc64)
+            .await
+    }
+
+    /// The probe's UploadPart with a chosen (wrong) checksum.
+    pub(crate) async fn upload_part_with_crc64(
+        &self,
+        key: &Path,
+        upload_id: &str,
+        part: u32,
+        body: Bytes,
+        crc64: u64,
+    ) -> Result<u16> {
+        self.s3_extras()?
+            .upload_part_with_crc64(key.as_ref(), upload_id, part, body, crc64)
+            .await
     }
 
     /// `{prefix}/{stream}/segments`, the folder a reconciler lists.
@@ -464,6 +510,12 @@ fn build_s3(
         },
     };
     b = b.with_retry(retry);
+    // Every PutObject and UploadPart carries x-amz-checksum-crc64nvme (and
+    // Complete lists the parts' values): a server that validates rejects a
+    // body changed on the way. Whether it does is the probe's question
+    // (s3_checksum); the value equals the sealed file's CRC64, since the
+    // bytes sent are checked against it first.
+    b = b.with_checksum_algorithm(Checksum::CRC64NVME);
     // What the lister needs, read back from the builder so it addresses
     // the bucket exactly as object_store will.
     let get = |k: AmazonS3ConfigKey| b.get_config_value(&k);
@@ -548,6 +600,16 @@ fn http_status(err: &(dyn std::error::Error + 'static)) -> Option<u16> {
 /// `Some(true)` retryable, `Some(false)` permanent, `None` unknown.
 fn transient(err: &object_store::Error) -> Option<bool> {
     let root: &(dyn std::error::Error + 'static) = err;
+    // A server that validates x-amz-checksum-* (or Content-MD5) refuses a
+    // body that changed on the way with a 400: the bytes we hold are right,
+    // so sending them again is the fix, not giving up.
+    let text = err.to_string();
+    if ["BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"]
+        .iter()
+        .any(|c| text.contains(c))
+    {
+        return Some(true);
+    }
     if let Some(code) = http_status(root) {
         return Some(matches!(code, 408 | 429 | 500..=599));
     }
@@ -582,7 +644,6 @@ fn transient(err: &object_store::Error) -> Option<bool> {
         }
         cur = e.source();
     }
-    let text = err.to_string();
     if text.contains("SlowDown") || text.contains("RequestTimeout") {
         return Some(true);
     }

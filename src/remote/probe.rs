@@ -36,8 +36,45 @@ pub struct Capabilities {
     pub range_get: bool,
     /// User metadata put with an object comes back from a HEAD.
     pub metadata: bool,
+    /// The server validates `x-amz-checksum-crc64nvme` end to end: a PUT
+    /// and an UploadPart with a deliberately wrong value are rejected (and
+    /// the rejected PUT leaves nothing under its key), and a HEAD with
+    /// checksum mode returns the right whole-object CRC-64/NVME after a
+    /// single PUT and after a multipart upload. Only then is the `Checksum`
+    /// verification level used; otherwise uploads are read back (`Full`).
+    pub checksum_validated: bool,
+    /// The parts of `checksum_validated`, for `store-check`.
+    pub checksum: ChecksumProbe,
     /// What was surprising, in words, for `status` output and logs.
     pub notes: Vec<String>,
+}
+
+/// What the store did with S3 CRC-64/NVME checksums (all `false` on stores
+/// that are not S3).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ChecksumProbe {
+    /// A PUT with a wrong `x-amz-checksum-crc64nvme` was rejected (4xx).
+    pub put_rejects_wrong: bool,
+    /// ... and left no object under its key.
+    pub put_rejected_leaves_nothing: bool,
+    /// An UploadPart with a wrong value was rejected (4xx).
+    pub upload_part_rejects_wrong: bool,
+    /// HEAD (checksum mode) of a single PUT returned the right value.
+    pub head_single: bool,
+    /// HEAD (checksum mode) of a multipart upload returned the right
+    /// whole-object value (not a composite `-N` one).
+    pub head_multipart: bool,
+}
+
+impl ChecksumProbe {
+    /// Every part proven.
+    pub fn all(&self) -> bool {
+        self.put_rejects_wrong
+            && self.put_rejected_leaves_nothing
+            && self.upload_part_rejects_wrong
+            && self.head_single
+            && self.head_multipart
+    }
 }
 
 const PROBE_DIR: &str = "_probe";
@@ -197,7 +234,119 @@ async fn run(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) -> Result
             }
         }
     }
+
+    // 6. S3 checksums: validated on PUT and UploadPart, returned by HEAD.
+    probe_checksums(store, dir, caps).await;
+    caps.checksum_validated = caps.checksum.all();
     Ok(())
+}
+
+/// Step 6 of the probe. Every answer that is not the documented one is a
+/// `false` with a note; transport errors too (never assumed to work).
+async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) {
+    if !store.has_s3_checksums() {
+        caps.notes.push(
+            "not an S3 store: no server-side checksums; uploads are verified by reading              them back"
+                .into(),
+        );
+        return;
+    }
+    let os = store.object_store();
+    let body = Bytes::from_static(b"tierindex checksum probe body");
+    let right = crate::segment::format::crc64(&body);
+    let wrong = right ^ 0x0100_0000_0000_0001;
+    let c = &mut caps.checksum;
+    let mut notes = Vec::new();
+
+    // a. A PUT with a wrong checksum must be rejected and leave nothing.
+    let wkey = dir.clone().join("checksum-wrong");
+    match store.put_with_crc64(&wkey, body.clone(), wrong).await {
+        Ok(s) if (400..500).contains(&s) => {
+            c.put_rejects_wrong = true;
+            match os.head(&wkey).await {
+                Err(object_store::Error::NotFound { .. }) => c.put_rejected_leaves_nothing = true,
+                Ok(_) => notes.push(
+                    "a PUT rejected for its checksum still left its body under the key                      (such a body is never taken for ours: uploads are read back)"
+                        .to_string(),
+                ),
+                Err(e) => notes.push(format!("HEAD after a rejected PUT failed: {e}")),
+            }
+        }
+        Ok(s) => notes.push(format!(
+            "a PUT with a wrong x-amz-checksum-crc64nvme was accepted (HTTP {s}): the              server does not validate checksums"
+        )),
+        Err(e) => notes.push(format!("checksum PUT probe failed: {e}")),
+    }
+
+    // b. HEAD with checksum mode after a right single PUT.
+    let skey = dir.clone().join("checksum-single");
+    match os.put(&skey, PutPayload::from(body.clone())).await {
+        Ok(_) => match store.head_checksum(&skey).await {
+            Ok(Some(h)) if h.crc64 == Some(right) && h.size == Some(body.len() as u64) => {
+                c.head_single = true
+            }
+            Ok(Some(h)) => notes.push(format!(
+                "HEAD with checksum mode after a PUT returned {:?} (size {:?}), not the                  whole-object CRC64",
+                h.raw, h.size
+            )),
+            Ok(None) => notes.push("HEAD with checksum mode found no object".into()),
+            Err(e) => notes.push(format!("HEAD with checksum mode failed: {e}")),
+        },
+        Err(e) => notes.push(format!("checksum single PUT failed: {e}")),
+    }
+
+    // c. A wrong UploadPart is rejected; a right multipart upload has a
+    //    whole-object value on HEAD.
+    if let Some(mp) = store.multipart() {
+        let wkey = dir.clone().join("checksum-part-wrong");
+        match mp.create_multipart(&wkey).await {
+            Ok(id) => {
+                match store
+                    .upload_part_with_crc64(&wkey, &id, 1, body.clone(), wrong)
+                    .await
+                {
+                    Ok(s) if (400..500).contains(&s) => c.upload_part_rejects_wrong = true,
+                    Ok(s) => notes.push(format!(
+                        "an UploadPart with a wrong checksum was accepted (HTTP {s})"
+                    )),
+                    Err(e) => notes.push(format!("checksum UploadPart probe failed: {e}")),
+                }
+                let _ = mp.abort_multipart(&wkey, &id).await;
+            }
+            Err(e) => notes.push(format!("checksum multipart probe failed: {e}")),
+        }
+        let mkey = dir.clone().join("checksum-multipart");
+        let done = async {
+            let id = mp.create_multipart(&mkey).await?;
+            let r = async {
+                let part = mp
+                    .put_part(&mkey, &id, 0, PutPayload::from(body.clone()))
+                    .await?;
+                mp.complete_multipart(&mkey, &id, vec![part]).await
+            }
+            .await;
+            if r.is_err() {
+                let _ = mp.abort_multipart(&mkey, &id).await;
+            }
+            r
+        }
+        .await;
+        match done {
+            Ok(_) => match store.head_checksum(&mkey).await {
+                Ok(Some(h)) if h.crc64 == Some(right) && h.size == Some(body.len() as u64) => {
+                    c.head_multipart = true
+                }
+                Ok(Some(h)) => notes.push(format!(
+                    "HEAD with checksum mode after a multipart upload returned {:?}, not                      the whole-object CRC64",
+                    h.raw
+                )),
+                Ok(None) => notes.push("HEAD after a multipart upload found no object".into()),
+                Err(e) => notes.push(format!("HEAD with checksum mode failed: {e}")),
+            },
+            Err(e) => notes.push(format!("checksum multipart upload failed: {e}")),
+        }
+    }
+    caps.notes.extend(notes);
 }
 
 async fn cleanup(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) {

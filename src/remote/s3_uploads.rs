@@ -301,6 +301,131 @@ impl S3Uploads {
     }
 }
 
+/// The answer to a [`S3Uploads::send_signed`] request: status, headers and
+/// a body read up to a bound.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// A header's value as text, when present and printable.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl S3Uploads {
+    /// One signed request to `key` in the bucket, with `extra` headers
+    /// (signed too) and an optional body. Transport errors are errors; any
+    /// HTTP status is an [`Answer`] for the caller to judge (its body read
+    /// up to 64 KiB). The server's words are untrusted and scrubbed of our
+    /// credentials before they reach a message.
+    pub(crate) async fn send_signed(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        query: &[(&str, &str)],
+        extra: &[(&str, String)],
+        body: Option<bytes::Bytes>,
+        what: &str,
+    ) -> Result<Answer> {
+        let mut url = self.base.clone().map_err(Error::InvalidInput)?;
+        {
+            let mut segs = url
+                .path_segments_mut()
+                .map_err(|()| Error::InvalidInput("S3 endpoint cannot hold a path".to_string()))?;
+            segs.pop_if_empty();
+            for part in key.split('/') {
+                segs.push(part);
+            }
+        }
+        // Sent exactly as signed: each segment in SigV4's encoding.
+        let path = canonical_path(url.path());
+        url.set_path(&path);
+        if !query.is_empty() {
+            url.set_query(Some(&wire_query(query)));
+        }
+        let host = authority(&url).ok_or_else(|| {
+            Error::InvalidInput(format!("S3 endpoint {} has no host", redact_url(&url)))
+        })?;
+        let amz_date = amz_date(SystemTime::now());
+        let payload_sha = match &body {
+            Some(b) => sha256_hex(b),
+            None => EMPTY_SHA256.to_string(),
+        };
+        let mut headers: Vec<(&str, String)> = vec![
+            ("host", host),
+            ("x-amz-content-sha256", payload_sha.clone()),
+            ("x-amz-date", amz_date.clone()),
+        ];
+        headers.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+        if self.cfg.request_payer {
+            headers.push(("x-amz-request-payer", "requester".into()));
+        }
+        let cred = if self.cfg.skip_signature {
+            None
+        } else {
+            Some(
+                self.cfg
+                    .credentials
+                    .get_credential()
+                    .await
+                    .map_err(classify)?,
+            )
+        };
+        if let Some(token) = cred.as_ref().and_then(|c| c.token.clone()) {
+            headers.push(("x-amz-security-token", token));
+        }
+        let mut req = self.client()?.request(method.clone(), url.clone());
+        if let Some(c) = &cred {
+            let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let auth = authorization(
+                c,
+                &self.cfg.region,
+                "s3",
+                &amz_date,
+                &SigningRequest {
+                    method: method.as_str(),
+                    canonical_uri: &path,
+                    query,
+                    headers: &hdrs,
+                    payload_sha256: &payload_sha,
+                },
+            );
+            req = req.header("authorization", sensitive(&auth)?);
+        }
+        for (k, v) in &headers {
+            req = req.header(*k, sensitive(v)?);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await.map_err(|e| transport(what, e))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = if method == reqwest::Method::HEAD {
+            Vec::new()
+        } else {
+            read_bounded(resp, MAX_ERROR_BODY, what)
+                .await
+                .unwrap_or_default()
+        };
+        let mut a = Answer {
+            status,
+            headers,
+            body,
+        };
+        if let Some(c) = cred.as_deref() {
+            // A server that echoes the key id or token in its error text.
+            let scrubbed = scrub(&String::from_utf8_lossy(&a.body), Some(c));
+            a.body = scrubbed.into_bytes();
+        }
+        Ok(a)
+    }
+}
+
 /// `endpoint/bucket` (path-style), the endpoint itself (virtual-hosted:
 /// it names the bucket), or AWS's default host, as object_store builds it.
 fn bucket_url(cfg: &S3UploadsConfig) -> std::result::Result<url::Url, String> {

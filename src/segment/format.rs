@@ -1,17 +1,49 @@
-//! Byte-level layout of active and sealed segments (format version 1).
+//! Byte-level layout of active segments (format version 1) and sealed
+//! segments (format version 2 written, versions 1 and 2 read).
 //!
 //! Every function here is a pure encode/decode on byte slices: no I/O, no
 //! panics on any input. Decoders bounds-check everything and return
 //! [`Error::Corrupt`] with what was expected and what was found. The same
 //! layout is drawn in `docs/format/segment.md`; keep the two in step.
 //!
-//! All integers are little-endian. All checksums are CRC32 (IEEE, crc32fast).
+//! All integers are little-endian. Header, item, directory and footer
+//! checksums are CRC32 (IEEE, crc32fast). The sealed v2 body checksum and the
+//! whole-file checksum are CRC64/NVME ([`crc64`]): every item ends with its
+//! own CRC32, and by the CRC residue property a CRC32 over "bytes followed by
+//! their own CRC32" does not depend on those bytes, so a whole-file CRC32 is
+//! blind to the items' content and order. CRC64/NVME has another polynomial
+//! and sees every byte and its position; it is also the checksum S3 stores
+//! and validates (`x-amz-checksum-crc64nvme`), so one value goes from the
+//! seal to the object key, the upload header and the read-back.
 
 use crate::error::{Error, Result};
 use crate::segment::{Entry, SealedMeta, SegmentId};
 
-/// Current (and only) format version.
+/// Format version of active segments (the only one), and of the first
+/// sealed format.
 pub const FORMAT_VERSION: u16 = 1;
+/// Format version of the sealed files this build writes: like version 1, but
+/// the footer's body checksum is a CRC64/NVME (`data_crc64`) and the file's
+/// identity is the CRC64/NVME of all its bytes (`SealedMeta::crc64`).
+pub const SEALED_FORMAT_VERSION: u16 = 2;
+
+/// CRC-64/NVME (the `crc64nvme` of S3 checksums): poly 0xad93d23594c93659,
+/// reflected, init and xorout all ones.
+#[inline]
+pub fn crc64(bytes: &[u8]) -> u64 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
+}
+
+/// A streaming CRC-64/NVME.
+pub fn crc64_digest() -> crc_fast::Digest {
+    crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme)
+}
+
+/// `crc64(a ‖ b)` from `crc64(a)`, `crc64(b)` and `b.len()`.
+#[inline]
+pub fn crc64_combine(crc_a: u64, crc_b: u64, len_b: u64) -> u64 {
+    crc_fast::checksum_combine(crc_fast::CrcAlgorithm::Crc64Nvme, crc_a, crc_b, len_b)
+}
 
 /// Magic at byte 0 of an active segment.
 pub const ACTIVE_MAGIC: [u8; 8] = *b"TIXACTIV";
@@ -135,9 +167,19 @@ impl Header {
         // The checksum held, so the version is what the writer meant: a
         // newer file is refused, never quarantined as corrupt.
         let version = get_u16(b, 8);
-        if version != FORMAT_VERSION {
+        let known = if magic == SEALED_MAGIC {
+            version == FORMAT_VERSION || version == SEALED_FORMAT_VERSION
+        } else {
+            version == FORMAT_VERSION
+        };
+        if !known {
             return Err(Error::Unsupported(format!(
-                "{what} has format version {version}; this build reads {FORMAT_VERSION}"
+                "{what} has format version {version}; this build reads {}",
+                if magic == SEALED_MAGIC {
+                    "1 and 2"
+                } else {
+                    "1"
+                }
             )));
         }
         if usize::from(get_u16(b, 10)) != HEADER_LEN || get_u32(b, 12) as usize != item_len {
@@ -353,6 +395,72 @@ pub fn decode_sealed_item(b: &[u8], segment_id: SegmentId) -> Result<Entry> {
     })
 }
 
+/// The whole-file checksums of a sealed file (footer included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileSums {
+    /// CRC32 of every byte (weak: see the module docs).
+    pub crc32: u32,
+    /// CRC-64/NVME of every byte: the file's identity from format 2 on.
+    pub crc64: u64,
+}
+
+impl FileSums {
+    /// Both checksums of `bytes`.
+    pub fn of(bytes: &[u8]) -> FileSums {
+        FileSums {
+            crc32: crc32fast::hash(bytes),
+            crc64: crc64(bytes),
+        }
+    }
+}
+
+/// [`FileSums`] of bytes that arrive in pieces (a streamed GET).
+#[derive(Clone)]
+pub struct SumsHasher {
+    crc32: crc32fast::Hasher,
+    crc64: crc_fast::Digest,
+    len: u64,
+}
+
+impl Default for SumsHasher {
+    fn default() -> Self {
+        SumsHasher {
+            crc32: crc32fast::Hasher::new(),
+            crc64: crc64_digest(),
+            len: 0,
+        }
+    }
+}
+
+impl SumsHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.crc32.update(bytes);
+        self.crc64.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    /// Bytes seen so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True before the first byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes seen and their checksums.
+    pub fn finish(&self) -> (u64, FileSums) {
+        (
+            self.len,
+            FileSums {
+                crc32: self.crc32.clone().finalize(),
+                crc64: self.crc64.finalize(),
+            },
+        )
+    }
+}
+
 /// The self-describing footer at the end of every sealed segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Footer {
@@ -371,15 +479,21 @@ pub struct Footer {
     /// CRC32 of the slot directory bytes alone (lets a remote reader check
     /// the directory after one range read).
     pub dir_crc: u32,
-    /// CRC32 of every byte before the footer.
-    pub data_crc: u32,
+    /// Checksum of every byte before the footer: in version 1 a CRC32 (held
+    /// in the low 32 bits; blind to the items' content, see the module
+    /// docs), in version 2 a CRC64/NVME.
+    pub data_crc: u64,
+    /// Format version of the file ([`FORMAT_VERSION`] or
+    /// [`SEALED_FORMAT_VERSION`]); the header carries the same value.
+    pub version: u16,
 }
 
 impl Footer {
     pub fn encode(&self) -> [u8; FOOTER_LEN] {
         let mut b = [0u8; FOOTER_LEN];
         b[0..8].copy_from_slice(&FOOTER_MAGIC);
-        put_u16(&mut b, 8, FORMAT_VERSION);
+        debug_assert!(self.version == FORMAT_VERSION || self.version == SEALED_FORMAT_VERSION);
+        put_u16(&mut b, 8, self.version);
         put_u16(&mut b, 10, FOOTER_LEN as u16);
         put_u32(&mut b, 12, self.slot_count);
         put_u64(&mut b, 16, self.segment_id.0);
@@ -394,8 +508,13 @@ impl Footer {
         put_u64(&mut b, 88, self.dir_offset);
         put_u64(&mut b, 96, self.items_offset);
         put_u32(&mut b, 104, self.dir_crc);
-        put_u32(&mut b, 108, self.data_crc);
-        // 112..124 reserved, zero.
+        if self.version == FORMAT_VERSION {
+            // 112..124 reserved, zero.
+            put_u32(&mut b, 108, self.data_crc as u32);
+        } else {
+            // 116..124 reserved, zero.
+            put_u64(&mut b, 108, self.data_crc);
+        }
         let crc = crc32fast::hash(&b[..124]);
         put_u32(&mut b, 124, crc);
         b
@@ -422,12 +541,18 @@ impl Footer {
             return Err(Error::corrupt(WHAT, "footer checksum mismatch"));
         }
         let version = get_u16(b, 8);
-        if version != FORMAT_VERSION {
-            return Err(Error::Unsupported(format!(
-                "{WHAT} has format version {version}; this build reads {FORMAT_VERSION}"
-            )));
-        }
-        if usize::from(get_u16(b, 10)) != FOOTER_LEN || b[112..124].iter().any(|&x| x != 0) {
+        let reserved_from = match version {
+            FORMAT_VERSION => 112,
+            SEALED_FORMAT_VERSION => 116,
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "{WHAT} has format version {version}; this build reads 1 and 2"
+                )));
+            }
+        };
+        if usize::from(get_u16(b, 10)) != FOOTER_LEN
+            || b[reserved_from..124].iter().any(|&x| x != 0)
+        {
             return Err(Error::corrupt(
                 WHAT,
                 "unexpected footer length or reserved bytes",
@@ -447,7 +572,12 @@ impl Footer {
             dir_offset: get_u64(b, 88),
             items_offset: get_u64(b, 96),
             dir_crc: get_u32(b, 104),
-            data_crc: get_u32(b, 108),
+            data_crc: if version == FORMAT_VERSION {
+                u64::from(get_u32(b, 108))
+            } else {
+                get_u64(b, 108)
+            },
+            version,
         };
         if f.slot_count == 0 || f.slot_count > MAX_SLOTS || f.item_count > u64::from(MAX_ITEMS) {
             return Err(Error::corrupt(WHAT, "slot or item count out of range"));
@@ -489,12 +619,15 @@ impl Footer {
         )
     }
 
-    /// The journal/manifest view of this footer plus the whole-file CRC.
-    pub fn meta(&self, file_crc: u32) -> SealedMeta {
+    /// The journal/manifest view of this footer plus the whole-file
+    /// checksums. A version-1 file has no `crc64` in its meta: its key and
+    /// records stay the ones it was uploaded and journaled under.
+    pub fn meta(&self, sums: FileSums) -> SealedMeta {
         SealedMeta {
             id: self.segment_id,
             file_len: self.file_len,
-            file_crc,
+            file_crc: sums.crc32,
+            crc64: (self.version >= SEALED_FORMAT_VERSION).then_some(sums.crc64),
             item_count: self.item_count,
             min_ts: self.min_ts,
             max_ts: self.max_ts,
@@ -566,6 +699,7 @@ pub fn check_sealed_structure(bytes: &[u8]) -> Result<Footer> {
     }
     let header = Header::decode(bytes, SEALED_MAGIC, SEALED_ITEM_LEN)?;
     if header.segment_id != footer.segment_id
+        || header.version != footer.version
         || header.created_ms != footer.created_ms
         || header.slot_count != footer.slot_count
         || u64::from(header.items) != footer.item_count
@@ -586,14 +720,21 @@ pub fn check_sealed_structure(bytes: &[u8]) -> Result<Footer> {
     Ok(footer)
 }
 
-/// Check that a full sealed file is valid: footer, header, whole-body CRC,
-/// directory, and that every item sits in the slot its hash names. Returns
-/// the footer and the whole-file CRC.
-pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, u32)> {
+/// Check that a full sealed file is valid: footer, header, whole-body
+/// checksum, directory, and that every item sits in the slot its hash
+/// names. Returns the footer and the whole-file checksums.
+pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, FileSums)> {
     let footer = check_sealed_structure(bytes)?;
     let body = &bytes[..bytes.len() - FOOTER_LEN];
-    let data_crc = crc32fast::hash(body);
-    if data_crc != footer.data_crc {
+    let tail = &bytes[bytes.len() - FOOTER_LEN..];
+    let data_crc32 = crc32fast::hash(body);
+    let data_crc64 = crc64(body);
+    let data_ok = if footer.version == FORMAT_VERSION {
+        u64::from(data_crc32) == footer.data_crc
+    } else {
+        data_crc64 == footer.data_crc
+    };
+    if !data_ok {
         return Err(Error::corrupt("sealed segment", "data checksum mismatch"));
     }
     let layout = footer.layout();
@@ -617,9 +758,13 @@ pub fn check_sealed(bytes: &[u8]) -> Result<(Footer, u32)> {
             }
         }
     }
-    let mut h = crc32fast::Hasher::new_with_initial_len(data_crc, body.len() as u64);
-    h.update(&bytes[bytes.len() - FOOTER_LEN..]);
-    Ok((footer, h.finalize()))
+    let mut h = crc32fast::Hasher::new_with_initial_len(data_crc32, body.len() as u64);
+    h.update(tail);
+    let sums = FileSums {
+        crc32: h.finalize(),
+        crc64: crc64_combine(data_crc64, crc64(tail), FOOTER_LEN as u64),
+    };
+    Ok((footer, sums))
 }
 
 #[cfg(test)]
@@ -693,13 +838,23 @@ mod tests {
             items_offset: l.items_offset,
             dir_crc: 7,
             data_crc: 8,
+            version: FORMAT_VERSION,
         };
-        let b = f.encode();
-        assert_eq!(Footer::decode(&b).unwrap(), f);
-        for i in 0..FOOTER_LEN {
-            let mut c = b;
-            c[i] ^= 1;
-            assert!(Footer::decode(&c).is_err(), "flip at {i}");
+        for f in [
+            f,
+            Footer {
+                data_crc: 0x0123_4567_89ab_cdef,
+                version: SEALED_FORMAT_VERSION,
+                ..f
+            },
+        ] {
+            let b = f.encode();
+            assert_eq!(Footer::decode(&b).unwrap(), f);
+            for i in 0..FOOTER_LEN {
+                let mut c = b;
+                c[i] ^= 1;
+                assert!(Footer::decode(&c).is_err(), "flip at {i}");
+            }
         }
     }
 }

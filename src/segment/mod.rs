@@ -13,6 +13,8 @@ pub mod active;
 pub mod format;
 pub mod sealed;
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 /// Identifies a segment within one data directory (and one stream). Ids grow
@@ -77,8 +79,15 @@ pub struct SealedMeta {
     /// Total length of the sealed file in bytes (footer included).
     pub file_len: u64,
     /// CRC32 (crc32fast, IEEE) of the whole sealed file, footer included.
-    /// This is the checksum recorded with the remote object.
+    /// Weak: blind to the items' content and order (every item ends with
+    /// its own CRC32). It names format-1 files only; format 2 is named by
+    /// `crc64`.
     pub file_crc: u32,
+    /// CRC-64/NVME of the whole sealed file, footer included: the file's
+    /// identity from format 2 on (object key, `x-amz-checksum-crc64nvme`,
+    /// read-back). `None` for a format-1 file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc64: Option<u64>,
     pub item_count: u64,
     pub min_ts: u64,
     pub max_ts: u64,
@@ -86,6 +95,63 @@ pub struct SealedMeta {
     pub max_offset: u64,
     pub created_ms: u64,
     pub sealed_ms: u64,
+}
+
+impl SealedMeta {
+    /// The checksum that names this file in its object key: the CRC64 of a
+    /// format-2 file, the CRC32 of a format-1 file.
+    pub fn key_sum(&self) -> KeySum {
+        match self.crc64 {
+            Some(c) => KeySum::Crc64(c),
+            None => KeySum::Crc32(self.file_crc),
+        }
+    }
+
+    /// True when `bytes` hold exactly this file: length, and the strongest
+    /// whole-file checksum it has (CRC64 from format 2 on).
+    pub fn matches_bytes(&self, bytes: &[u8]) -> bool {
+        bytes.len() as u64 == self.file_len
+            && match self.crc64 {
+                Some(c) => format::crc64(bytes) == c,
+                None => crc32fast::hash(bytes) == self.file_crc,
+            }
+    }
+
+    /// [`SealedMeta::matches_bytes`] for bytes already hashed.
+    pub fn matches_sums(&self, len: u64, sums: &format::FileSums) -> bool {
+        len == self.file_len
+            && match self.crc64 {
+                Some(c) => sums.crc64 == c,
+                None => sums.crc32 == self.file_crc,
+            }
+    }
+
+    /// "CRC64 0123456789abcdef" or "CRC32 01234567": the checksum that
+    /// identifies this file, as `sums` show it, for messages.
+    pub fn describe_sums(&self, sums: &format::FileSums) -> String {
+        match self.crc64 {
+            Some(_) => format!("CRC64 {:016x}", sums.crc64),
+            None => format!("CRC32 {:08x}", sums.crc32),
+        }
+    }
+}
+
+/// The whole-file checksum an object key names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeySum {
+    /// Format 1: 8 lower-case hex digits of the CRC32.
+    Crc32(u32),
+    /// Format 2: 16 lower-case hex digits of the CRC-64/NVME.
+    Crc64(u64),
+}
+
+impl fmt::Display for KeySum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySum::Crc32(c) => write!(f, "{c:08x}"),
+            KeySum::Crc64(c) => write!(f, "{c:016x}"),
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.

@@ -382,10 +382,11 @@ fn keep_pool(pool: Vec<u8>) {
     }
 }
 
-/// What pass 2 produced for one bucket: its place and CRC.
+/// What pass 2 produced for one bucket: its place and checksums.
 struct BucketDone {
     bucket: usize,
     crc: u32,
+    crc64: u64,
     len: u64,
 }
 
@@ -455,6 +456,7 @@ fn place_buckets(
         done.push(BucketDone {
             bucket: b,
             crc: crc32fast::hash(chunk),
+            crc64: format::crc64(chunk),
             len: chunk.len() as u64,
         });
     }
@@ -624,7 +626,7 @@ fn seal_into(
     // Header and directory, then the footer.
     let header = Header {
         magic: SEALED_MAGIC,
-        version: format::FORMAT_VERSION,
+        version: format::SEALED_FORMAT_VERSION,
         item_len: SEALED_ITEM_LEN as u32,
         segment_id: id,
         created_ms,
@@ -640,10 +642,11 @@ fn seal_into(
     out.put(base, &head)?;
     let mut data = crc32fast::Hasher::new();
     data.update(&head);
+    let mut data64 = format::crc64(&head);
     for d in &done {
         data.combine(&crc32fast::Hasher::new_with_initial_len(d.crc, d.len));
+        data64 = format::crc64_combine(data64, d.crc64, d.len);
     }
-    let data_crc = data.clone().finalize();
     let footer = Footer {
         segment_id: id,
         slot_count,
@@ -658,12 +661,16 @@ fn seal_into(
         dir_offset: layout.dir_offset,
         items_offset: layout.items_offset,
         dir_crc,
-        data_crc,
+        data_crc: data64,
+        version: format::SEALED_FORMAT_VERSION,
     };
     let fb = footer.encode();
     data.update(&fb);
     out.put(base + layout.footer_offset, &fb)?;
-    Ok(footer.meta(data.finalize()))
+    Ok(footer.meta(format::FileSums {
+        crc32: data.finalize(),
+        crc64: format::crc64_combine(data64, format::crc64(&fb), FOOTER_LEN as u64),
+    }))
 }
 
 /// Ask the kernel to start writing back `[from, from+len)` now, so the final
@@ -713,8 +720,9 @@ pub struct SealedSegment {
     path: PathBuf,
     map: Mmap,
     footer: Footer,
-    /// CRC of the whole file; computed at a full open, else on first use.
-    file_crc: std::sync::OnceLock<u32>,
+    /// Checksums of the whole file; computed at a full open, else on first
+    /// use.
+    sums: std::sync::OnceLock<format::FileSums>,
 }
 
 impl SealedSegment {
@@ -754,10 +762,10 @@ impl SealedSegment {
             Error::Corrupt { detail, .. } => Error::corrupt(path.display().to_string(), detail),
             other => other,
         };
-        let file_crc = std::sync::OnceLock::new();
+        let sums = std::sync::OnceLock::new();
         let footer = if full {
-            let (footer, crc) = format::check_sealed(&map).map_err(at_path)?;
-            let _ = file_crc.set(crc);
+            let (footer, s) = format::check_sealed(&map).map_err(at_path)?;
+            let _ = sums.set(s);
             footer
         } else {
             format::check_sealed_structure(&map).map_err(at_path)?
@@ -766,7 +774,7 @@ impl SealedSegment {
             path: path.to_path_buf(),
             map,
             footer,
-            file_crc,
+            sums,
         })
     }
 
@@ -780,8 +788,8 @@ impl SealedSegment {
         &self.footer
     }
     pub fn meta(&self) -> SealedMeta {
-        let crc = *self.file_crc.get_or_init(|| crc32fast::hash(&self.map));
-        self.footer.meta(crc)
+        let sums = *self.sums.get_or_init(|| format::FileSums::of(&self.map));
+        self.footer.meta(sums)
     }
 
     fn dir_entry(&self, slot: u32) -> u32 {
@@ -846,6 +854,8 @@ mod tests {
         let es = entries(200);
         let (bytes, meta) = build_sealed(SegmentId(3), 1, 2, 8, &es).unwrap();
         assert_eq!(meta.file_crc, crc32fast::hash(&bytes));
+        assert_eq!(meta.crc64, Some(format::crc64(&bytes)));
+        assert!(meta.matches_bytes(&bytes));
         assert_eq!(meta.item_count, 200);
         assert_eq!((meta.min_offset, meta.max_offset), (100, 299));
         let p = write_sealed_file(d.path(), SegmentId(3), &bytes).unwrap();
@@ -932,7 +942,7 @@ mod tests {
         }
         let header = Header {
             magic: SEALED_MAGIC,
-            version: format::FORMAT_VERSION,
+            version: format::SEALED_FORMAT_VERSION,
             item_len: SEALED_ITEM_LEN as u32,
             segment_id: id,
             created_ms,
@@ -971,7 +981,8 @@ mod tests {
             dir_offset: layout.dir_offset,
             items_offset: layout.items_offset,
             dir_crc: crc32fast::hash(&dir_bytes),
-            data_crc: crc32fast::hash(&out),
+            data_crc: format::crc64(&out),
+            version: format::SEALED_FORMAT_VERSION,
         };
         out.extend_from_slice(&footer.encode());
         out
@@ -1093,6 +1104,148 @@ mod tests {
                 "{len} {stride} {slots}"
             );
         }
+    }
+
+    /// Rewrites a format-2 file as the format-1 file of the same items
+    /// (header and footer version, CRC32 body checksum).
+    fn as_v1(v2: &[u8]) -> Vec<u8> {
+        let mut b = v2.to_vec();
+        let n = b.len();
+        let mut h = Header::decode(&b, SEALED_MAGIC, SEALED_ITEM_LEN).unwrap();
+        h.version = format::FORMAT_VERSION;
+        b[..HEADER_LEN].copy_from_slice(&h.encode());
+        let mut f = Footer::decode(&b[n - FOOTER_LEN..]).unwrap();
+        f.version = format::FORMAT_VERSION;
+        f.data_crc = u64::from(crc32fast::hash(&b[..n - FOOTER_LEN]));
+        b[n - FOOTER_LEN..].copy_from_slice(&f.encode());
+        b
+    }
+
+    /// Swaps items `i` and `j` (indexes into the item area) in place.
+    fn swap_items(b: &mut [u8], items_offset: usize, i: usize, j: usize) {
+        let (i, j) = (i.min(j), i.max(j));
+        let (lo, hi) = b.split_at_mut(items_offset + j * SEALED_ITEM_LEN);
+        lo[items_offset + i * SEALED_ITEM_LEN..][..SEALED_ITEM_LEN]
+            .swap_with_slice(&mut hi[..SEALED_ITEM_LEN]);
+    }
+
+    #[test]
+    fn crc64_is_the_s3_crc64nvme() {
+        // The CRC-64/NVME check value, and the base64 S3 shows for "".
+        assert_eq!(format::crc64(b"123456789"), 0xae8b_1486_0a79_9888);
+        assert_eq!(format::crc64(b""), 0);
+        let (a, b) = (b"hello ".as_slice(), b"world".as_slice());
+        assert_eq!(
+            format::crc64_combine(format::crc64(a), format::crc64(b), b.len() as u64),
+            format::crc64(b"hello world")
+        );
+    }
+
+    /// Issue 10: the whole-file CRC32 of format 1 is blind to the items'
+    /// bytes and order (each item ends with its own CRC32); the format-2
+    /// CRC64 sees every byte and its position.
+    #[test]
+    fn file_checksum_sees_every_byte_and_every_swap() {
+        let es = random_entries(24, 7);
+        let (bytes, meta) = build_sealed(SegmentId(5), 1, 2, 4, &es).unwrap();
+        let f = Footer::decode(&bytes[bytes.len() - FOOTER_LEN..]).unwrap();
+        let items_offset = f.items_offset as usize;
+        let c64 = meta.crc64.unwrap();
+        // Every single-byte change, with several values per byte.
+        for i in 0..bytes.len() {
+            for x in [0x01u8, 0x80, 0xff, 0x5a] {
+                let mut b = bytes.clone();
+                b[i] ^= x;
+                assert_ne!(format::crc64(&b), c64, "change at {i} by {x:#x} unseen");
+            }
+        }
+        // Every swap of two different items.
+        let mut crc32_blind = 0;
+        for i in 0..es.len() {
+            for j in i + 1..es.len() {
+                let mut b = bytes.clone();
+                swap_items(&mut b, items_offset, i, j);
+                if b == bytes {
+                    continue; // two identical items
+                }
+                assert_ne!(format::crc64(&b), c64, "swap {i}<->{j} unseen");
+                assert!(format::check_sealed(&b).is_err(), "swap {i}<->{j} passes");
+                if crc32fast::hash(&b) == meta.file_crc {
+                    crc32_blind += 1;
+                }
+            }
+        }
+        // The weakness the new checksum exists for (kept as a fact, so the
+        // docs' claim about format 1 stays checked).
+        assert!(
+            crc32_blind > 0,
+            "format-1 CRC32 unexpectedly saw every swap"
+        );
+        // An item rewritten with a valid item CRC: same CRC32, other CRC64.
+        let mut b = bytes.clone();
+        let mut e = es[0];
+        e.offset ^= 0xdead;
+        let at = items_offset
+            + (0..es.len())
+                .find(|&k| {
+                    format::decode_sealed_item(
+                        &bytes[items_offset + k * SEALED_ITEM_LEN..][..SEALED_ITEM_LEN],
+                        SegmentId(5),
+                    )
+                    .unwrap()
+                        == es[0]
+                })
+                .unwrap()
+                * SEALED_ITEM_LEN;
+        format::encode_sealed_item(&mut b[at..at + SEALED_ITEM_LEN], SegmentId(5), &e);
+        assert_eq!(crc32fast::hash(&b), meta.file_crc);
+        assert_ne!(format::crc64(&b), c64);
+        assert!(format::check_sealed(&b).is_err());
+    }
+
+    /// Different contents under one segment id never share a key.
+    #[test]
+    fn keys_of_different_contents_differ() {
+        let mut seen = std::collections::HashMap::new();
+        for seed in 0..300u64 {
+            let es = random_entries(1 + seed % 40, seed);
+            let (bytes, meta) = build_sealed(SegmentId(1), 1, 2, 8, &es).unwrap();
+            if let Some(prev) = seen.insert(meta.key_sum(), bytes.clone()) {
+                assert_eq!(prev, bytes, "two contents share key {}", meta.key_sum());
+            }
+        }
+        assert!(seen.len() > 250);
+    }
+
+    /// Format-1 files stay readable: checked with their CRC32 body checksum,
+    /// and their meta keeps no CRC64 (so their key stays the CRC32 one).
+    #[test]
+    fn format_1_files_stay_readable() {
+        let d = tempfile::tempdir().unwrap();
+        let es = entries(50);
+        let (v2, m2) = build_sealed(SegmentId(8), 1, 2, 8, &es).unwrap();
+        let v1 = as_v1(&v2);
+        let (f, sums) = format::check_sealed(&v1).unwrap();
+        assert_eq!(f.version, format::FORMAT_VERSION);
+        let m1 = f.meta(sums);
+        assert_eq!(m1.crc64, None);
+        assert_eq!(m1.file_crc, crc32fast::hash(&v1));
+        assert_eq!(m1.key_sum(), crate::segment::KeySum::Crc32(m1.file_crc));
+        assert!(matches!(m2.key_sum(), crate::segment::KeySum::Crc64(_)));
+        let p = write_sealed_file(d.path(), SegmentId(8), &v1).unwrap();
+        let s = SealedSegment::open(&p).unwrap();
+        assert_eq!(s.meta(), m1);
+        let k = crate::key_hash(&3u64.to_le_bytes());
+        assert_eq!(
+            s.lookup(k, TimeRange::ALL),
+            SealedSegment::open(&write_sealed_file(d.path(), SegmentId(8), &v2).unwrap())
+                .unwrap()
+                .lookup(k, TimeRange::ALL)
+        );
+        // A header of one version with a footer of the other is refused.
+        let mut mixed = v2.clone();
+        mixed[..HEADER_LEN].copy_from_slice(&v1[..HEADER_LEN]);
+        assert!(format::check_sealed_structure(&mixed).is_err());
     }
 
     #[test]

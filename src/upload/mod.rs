@@ -12,7 +12,9 @@
 //!    upload, call [`UploadHooks::multipart_started`] so the caller journals
 //!    the upload id *before* any part is sent, send the parts, complete.
 //! 3. Verify (see [`VerifyLevel`]); after multipart or on a store whose
-//!    conditional create is not trusted, always at [`VerifyLevel::Full`].
+//!    conditional create is not trusted, at [`VerifyLevel::Checksum`] where
+//!    the probe proved the server validates checksums, else
+//!    [`VerifyLevel::Full`]: either way the body itself is proven.
 //!
 //! ## Consistency
 //! The key holds the file's CRC (`remote::keys`), so an object already under
@@ -55,25 +57,55 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
+use crate::segment::SealedMeta;
 
 pub use put::{abort_multipart, abort_multipart_cfg, put_segment};
 pub use verify::{remote_matches, remote_matches_cfg, verify_segment, verify_segment_cfg};
 
-/// How much of an uploaded object is read back to check it.
+/// How an uploaded object is checked before it counts as `Verified`.
+///
+/// What each level proves:
+/// - `Checksum` and `Full` prove the stored body is byte for byte the
+///   sealed file (a format-2 file: its CRC-64/NVME, which sees every byte
+///   and its position).
+/// - `Footer` and `Head` prove only what we sent about the object (its
+///   size, our own metadata, its last 128 bytes): weaker, explicit choices.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VerifyLevel {
-    /// GET the whole object: size, CRC metadata (when the store keeps it),
-    /// CRC32 of the body == `file_crc`, and the footer decodes and matches
-    /// the metadata. Catches any corruption. Costs one full download.
+    /// The default. A HEAD with `x-amz-checksum-mode: ENABLED`: the size
+    /// and the server's stored whole-object CRC-64/NVME must equal the
+    /// sealed file's. Proves the body without downloading it, and is used
+    /// only where the capability probe proved the server validates the
+    /// checksum on PutObject and UploadPart and returns whole-object values
+    /// (`Capabilities::checksum_validated`). Everywhere else (stores that
+    /// are not S3, servers that do not validate, format-1 files) it is
+    /// [`VerifyLevel::Full`].
     #[default]
+    Checksum,
+    /// GET the whole object, streamed: size, metadata (when the store keeps
+    /// it), the CRC-64/NVME of the body (CRC32 for a format-1 file, which
+    /// must then also pass every reader check), and the footer. Catches any
+    /// corruption. Costs one full download.
     Full,
-    /// HEAD (size, CRC metadata) plus a ranged GET of the last 128 bytes:
-    /// the footer decodes and matches. Does NOT catch corruption in the
-    /// middle of the object (same size, footer intact).
+    /// HEAD (size, metadata) plus a ranged GET of the last 128 bytes: the
+    /// footer decodes and matches. Does NOT prove the body: corruption in
+    /// the middle of the object (same size, footer intact) passes.
     Footer,
-    /// HEAD only: size and CRC metadata. Misses any same-size corruption;
-    /// on a store without object metadata (file://) it checks only the size.
+    /// HEAD only: size and metadata. Does NOT prove the body; on a store
+    /// without object metadata (file://) it checks only the size.
     Head,
+}
+
+impl VerifyLevel {
+    /// The level actually used for `meta` on a store where the checksum
+    /// probe answered `checksum_proven`: `Checksum` falls back to `Full`
+    /// unless both the server and the file (format 2) support it.
+    pub fn effective(self, meta: &SealedMeta, checksum_proven: bool) -> VerifyLevel {
+        match self {
+            VerifyLevel::Checksum if !checksum_proven || meta.crc64.is_none() => VerifyLevel::Full,
+            l => l,
+        }
+    }
 }
 
 /// Tuning of [`put_segment`].
@@ -92,12 +124,18 @@ pub struct UploadConfig {
     pub backoff_max: Duration,
     /// Deadline of one request (default 60 s).
     pub request_timeout: Duration,
-    /// Verification after a successful create (default [`VerifyLevel::Full`]).
+    /// Verification after a successful create (default
+    /// [`VerifyLevel::Checksum`], which is `Full` unless the probe proved
+    /// server-side checksums).
     pub verify: VerifyLevel,
     /// From the probe: does `PutMode::Create` really refuse to overwrite?
-    /// When false (Garage), the key is checked before the PUT and the object
-    /// is read back in full afterwards to prove the bytes are ours.
+    /// When false (Garage), the key is checked before the PUT and the body
+    /// is proven afterwards (`Checksum` or `Full`) to be ours.
     pub trust_conditional_create: bool,
+    /// From the probe: does the server validate and return CRC-64/NVME
+    /// checksums (`Capabilities::checksum_validated`)? Only then is
+    /// [`VerifyLevel::Checksum`] used.
+    pub checksum_proven: bool,
 }
 
 impl Default for UploadConfig {
@@ -109,8 +147,9 @@ impl Default for UploadConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
-            verify: VerifyLevel::Full,
+            verify: VerifyLevel::Checksum,
             trust_conditional_create: false,
+            checksum_proven: false,
         }
     }
 }

@@ -26,7 +26,7 @@ use object_store::{Attributes, GetOptions, PutMode, PutMultipartOptions, PutOpti
 use crate::error::{Error, Result};
 use crate::remote::{RemoteStore, classify};
 use crate::segment::SealedMeta;
-use crate::segment::format::{FOOTER_LEN, Footer};
+use crate::segment::format::{FOOTER_LEN, FileSums, Footer};
 use crate::upload::retry::{RetryPolicy, with_retries};
 use crate::upload::verify::{Seen, look_stable, remote_matches_with, segment_attributes};
 use crate::upload::{MAX_PARTS, PutOutcome, RemoteMatch, UploadConfig, UploadHooks, VerifyLevel};
@@ -53,12 +53,13 @@ pub async fn put_segment(
 /// A key of our layout must name this very file: uploading segment A's
 /// bytes under segment B's key would poison every later comparison.
 fn check_key(store: &RemoteStore, key: &Path, meta: &SealedMeta) -> Result<()> {
-    if let Some((id, crc)) = store.parse_segment_key(key)
-        && (id != meta.id || crc != meta.file_crc)
+    if let Some((id, sum)) = store.parse_segment_key(key)
+        && (id != meta.id || sum != meta.key_sum())
     {
         return Err(Error::InvalidInput(format!(
-            "key {key} names segment {id} crc {crc:08x}, but the file is segment {} crc {:08x}",
-            meta.id, meta.file_crc
+            "key {key} names segment {id} checksum {sum}, but the file is segment {} checksum {}",
+            meta.id,
+            meta.key_sum()
         )));
     }
     Ok(())
@@ -110,11 +111,15 @@ async fn put_checked(
     };
     crate::failpoint::crash("upload.put.after");
 
+    // Where the write could have replaced someone else's bytes the body
+    // must be proven (Checksum where proven, else Full); else the level
+    // asked for (Checksum falls back to Full the same way).
     let level = if check_first {
-        VerifyLevel::Full
+        VerifyLevel::Checksum
     } else {
         cfg.verify
-    };
+    }
+    .effective(meta, cfg.checksum_proven);
     crate::failpoint::crash("verify");
     match look_stable(store, key, meta, level, &policy, &mut rng).await? {
         Seen::Good => Ok(written),
@@ -138,7 +143,8 @@ pub async fn read_checked(local: &FsPath, meta: &SealedMeta) -> Result<Bytes> {
     Ok(Bytes::from(bytes))
 }
 
-/// Proves `bytes` are the sealed file `meta` describes (length, CRC, footer).
+/// Proves `bytes` are the sealed file `meta` describes (length, whole-file
+/// checksums, footer).
 fn check_bytes(bytes: &[u8], meta: &SealedMeta, what: &str) -> Result<()> {
     let what = || what.to_string();
     if bytes.len() as u64 != meta.file_len {
@@ -151,13 +157,17 @@ fn check_bytes(bytes: &[u8], meta: &SealedMeta, what: &str) -> Result<()> {
             ),
         ));
     }
-    let crc = crc32fast::hash(bytes);
-    if crc != meta.file_crc {
+    let sums = FileSums::of(bytes);
+    if sums.crc32 != meta.file_crc || meta.crc64.is_some_and(|c| c != sums.crc64) {
         return Err(Error::corrupt(
             what(),
             format!(
-                "file CRC32 {crc:08x}, journal says {:08x}; refusing to upload",
-                meta.file_crc
+                "file checksum {}, journal says {}; refusing to upload",
+                match meta.crc64 {
+                    Some(_) => format!("CRC64 {:016x}", sums.crc64),
+                    None => format!("CRC32 {:08x}", sums.crc32),
+                },
+                meta.key_sum()
             ),
         ));
     }
@@ -165,7 +175,7 @@ fn check_bytes(bytes: &[u8], meta: &SealedMeta, what: &str) -> Result<()> {
         .get(bytes.len().saturating_sub(FOOTER_LEN)..)
         .unwrap_or_default();
     let footer = Footer::decode(tail).map_err(|e| Error::corrupt(what(), e.to_string()))?;
-    if footer.meta(crc) != *meta {
+    if footer.meta(sums) != *meta {
         return Err(Error::corrupt(
             what(),
             "footer does not match the journal's metadata; refusing to upload",

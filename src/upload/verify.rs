@@ -22,22 +22,31 @@ use object_store::{Attribute, Attributes, GetOptions, GetRange, ObjectMeta};
 use crate::error::{Error, Result};
 use crate::remote::{RemoteStore, classify};
 use crate::segment::SealedMeta;
-use crate::segment::format::{FOOTER_LEN, Footer};
+use crate::segment::format::{FOOTER_LEN, FileSums, Footer, SumsHasher};
 use crate::upload::retry::{RetryPolicy, backoff, with_retries};
 use crate::upload::{RemoteMatch, UploadConfig, VerifyLevel};
 
 /// Metadata key holding the whole-file CRC32 as 8 lower-case hex digits.
 pub const META_CRC: &str = "tierindex-crc32";
+/// Metadata key holding the whole-file CRC-64/NVME as 16 lower-case hex
+/// digits (format-2 files only).
+pub const META_CRC64: &str = "tierindex-crc64";
 /// Metadata key holding the file length in decimal.
 pub const META_LEN: &str = "tierindex-len";
 
 /// The metadata recorded with a segment object.
 pub fn segment_attributes(meta: &SealedMeta) -> Attributes {
-    let mut a = Attributes::with_capacity(2);
+    let mut a = Attributes::with_capacity(3);
     a.insert(
         Attribute::Metadata(META_CRC.into()),
         format!("{:08x}", meta.file_crc).into(),
     );
+    if let Some(c) = meta.crc64 {
+        a.insert(
+            Attribute::Metadata(META_CRC64.into()),
+            format!("{c:016x}").into(),
+        );
+    }
     a.insert(
         Attribute::Metadata(META_LEN.into()),
         meta.file_len.to_string().into(),
@@ -90,8 +99,26 @@ fn check_head(
                     l.map(|v| v.to_string())
                 ));
             }
+            let c64 = attrs.get(&Attribute::Metadata(META_CRC64.into()));
+            let want_c64 = meta.crc64.map(|c| format!("{c:016x}"));
+            if c64.map(|v| v.as_ref()) != want_c64.as_deref() {
+                return Some(format!(
+                    "metadata {META_CRC64} is {:?}, expected {want_c64:?}",
+                    c64.map(|v| v.to_string())
+                ));
+            }
             None
         }
+    }
+}
+
+/// The checksums `meta` claims, in the form [`Footer::meta`] takes (a
+/// format-1 meta has no CRC64; the footer's version decides whether one is
+/// expected, so a format-2 footer never matches a format-1 meta).
+fn claimed_sums(meta: &SealedMeta) -> FileSums {
+    FileSums {
+        crc32: meta.file_crc,
+        crc64: meta.crc64.unwrap_or(0),
     }
 }
 
@@ -99,7 +126,7 @@ fn check_head(
 fn check_footer(meta: &SealedMeta, tail: &[u8]) -> Option<String> {
     match Footer::decode(tail) {
         Err(e) => Some(format!("footer: {e}")),
-        Ok(f) if f.meta(meta.file_crc) != *meta => Some(format!(
+        Ok(f) if f.meta(claimed_sums(meta)) != *meta => Some(format!(
             "footer describes segment {} ({} items, {} bytes), expected segment {} ({} items, {} bytes)",
             f.segment_id, f.item_count, f.file_len, meta.id, meta.item_count, meta.file_len
         )),
@@ -122,6 +149,41 @@ pub(crate) async fn look(
     let os = store.object_store();
     let need_meta = store.metadata_supported();
     match level {
+        VerifyLevel::Checksum => {
+            let Some(want) = meta.crc64 else {
+                // A caller's error: `VerifyLevel::effective` never asks
+                // for Checksum on a format-1 file.
+                return Ok(Seen::Bad(
+                    "a format-1 file has no CRC64 to check on the server".into(),
+                ));
+            };
+            let got = match store.head_checksum(key).await {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(Seen::Missing),
+                Err(e) => {
+                    return Err(object_store::Error::Generic {
+                        store: "S3",
+                        source: Box::new(e),
+                    });
+                }
+            };
+            if got.size != Some(meta.file_len) {
+                return Ok(Seen::Bad(format!(
+                    "size {:?} bytes, expected {}",
+                    got.size, meta.file_len
+                )));
+            }
+            Ok(match got.crc64 {
+                Some(c) if c == want => Seen::Good,
+                Some(c) => Seen::Bad(format!(
+                    "stored CRC64 {c:016x} (x-amz-checksum-crc64nvme), expected {want:016x}"
+                )),
+                None => Seen::Bad(format!(
+                    "the server returned no whole-object CRC64 ({:?})",
+                    got.raw
+                )),
+            })
+        }
         VerifyLevel::Head | VerifyLevel::Footer => {
             let head = match os.get_opts(key, GetOptions::new().with_head(true)).await {
                 Ok(h) => h,
@@ -157,25 +219,93 @@ pub(crate) async fn look(
             if let Some(d) = check_head(meta, &got.meta, &got.attributes, false) {
                 return Ok(Seen::Bad(d));
             }
-            let body = got.bytes().await?;
-            if body.len() as u64 != meta.file_len {
+            if meta.crc64.is_none() {
+                // Format 1: the CRC32 does not see the items' content or
+                // order, so the object must also pass every check a reader
+                // makes (layout, item CRCs, slot placement). Bounded: the
+                // size was checked above.
+                let body = got.bytes().await?;
+                if !meta.matches_bytes(&body) {
+                    return Ok(Seen::Bad(format!(
+                        "body {}, expected {}",
+                        meta.describe_sums(&FileSums::of(&body)),
+                        meta.key_sum()
+                    )));
+                }
+                if let Err(e) = crate::segment::format::check_sealed(&body) {
+                    return Ok(Seen::Bad(format!("a reader would reject it: {e}")));
+                }
+                let tail = &body[body.len().saturating_sub(FOOTER_LEN)..];
+                return Ok(check_footer(meta, tail).map_or(Seen::Good, Seen::Bad));
+            }
+            // Format 2: the CRC64 of the whole object equal to the one of
+            // the file we sealed (and fully checked) proves the same bytes.
+            // Streamed: hashed as it arrives, never held whole in memory;
+            // only the last FOOTER_LEN bytes are kept for the footer check.
+            let (len, sums, tail) = hash_stream(got.into_stream(), meta.file_len).await?;
+            if len != meta.file_len {
                 return Ok(Seen::Bad(format!(
-                    "body is {} bytes, expected {}",
-                    body.len(),
+                    "body is {len} bytes, expected {}",
                     meta.file_len
                 )));
             }
-            let crc = crc32fast::hash(&body);
-            if crc != meta.file_crc {
+            if !meta.matches_sums(len, &sums) {
                 return Ok(Seen::Bad(format!(
-                    "body CRC32 {crc:08x}, expected {:08x}",
-                    meta.file_crc
+                    "body {}, expected {}",
+                    meta.describe_sums(&sums),
+                    meta.key_sum()
                 )));
             }
-            let tail = &body[body.len().saturating_sub(FOOTER_LEN)..];
-            Ok(check_footer(meta, tail).map_or(Seen::Good, Seen::Bad))
+            Ok(check_footer(meta, &tail).map_or(Seen::Good, Seen::Bad))
         }
     }
+}
+
+/// Hashes a streamed body: its length, its checksums and its last
+/// [`FOOTER_LEN`] bytes. Stops reading past `limit + 1` bytes (a body longer
+/// than expected is reported by its length, never buffered).
+pub(crate) async fn hash_stream(
+    mut stream: futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+    limit: u64,
+) -> Result<(u64, FileSums, Vec<u8>), object_store::Error> {
+    use futures::TryStreamExt as _;
+    let mut h = SumsHasher::default();
+    let mut tail: Vec<u8> = Vec::with_capacity(FOOTER_LEN * 2);
+    while let Some(chunk) = stream.try_next().await? {
+        h.update(&chunk);
+        if chunk.len() >= FOOTER_LEN {
+            tail.clear();
+            tail.extend_from_slice(&chunk[chunk.len() - FOOTER_LEN..]);
+        } else {
+            tail.extend_from_slice(&chunk);
+            let cut = tail.len().saturating_sub(FOOTER_LEN);
+            tail.drain(..cut);
+        }
+        if h.len() > limit {
+            break;
+        }
+    }
+    let (len, sums) = h.finish();
+    Ok((len, sums, tail))
+}
+
+/// The length and checksums of the object under `key` (one streamed GET,
+/// nothing held in memory), or `None` when there is none. At most
+/// `limit + 1` bytes are read.
+pub async fn object_sums(
+    store: &RemoteStore,
+    key: &Path,
+    limit: u64,
+) -> Result<Option<(u64, FileSums)>> {
+    let got = match store.object_store().get_opts(key, GetOptions::new()).await {
+        Ok(r) => r,
+        Err(e) if not_found(&e) => return Ok(None),
+        Err(e) => return Err(classify(e)),
+    };
+    let (len, sums, _) = hash_stream(got.into_stream(), limit)
+        .await
+        .map_err(classify)?;
+    Ok(Some((len, sums)))
 }
 
 /// Reads until the answer is trustworthy: `Good` or `Missing` at once, `Bad`
@@ -212,7 +342,9 @@ pub(crate) async fn look_stable(
     )))
 }
 
-/// Checks the object under `key` against `meta` at `level`.
+/// Checks the object under `key` against `meta` at `level`
+/// (`Checksum` is read as `Full`: no probe result is at hand here; use
+/// [`verify_segment_cfg`] with the probe's answer in the config).
 ///
 /// `Ok(())` when it matches. A missing object is `Err(Corrupt)` with detail
 /// "missing" (the caller believed it uploaded it: that is a lost object, not
@@ -229,14 +361,15 @@ pub async fn verify_segment(
         store,
         key,
         meta,
-        level,
+        level.effective(meta, false),
         &UploadConfig::default().retry_policy(),
         &mut rng,
     )
     .await
 }
 
-/// [`verify_segment`] under the caller's retry and timeout settings.
+/// [`verify_segment`] under the caller's retry and timeout settings, and
+/// its probe answer (`Checksum` only where `cfg.checksum_proven`).
 pub async fn verify_segment_cfg(
     store: &RemoteStore,
     key: &Path,
@@ -245,6 +378,7 @@ pub async fn verify_segment_cfg(
     cfg: &UploadConfig,
 ) -> Result<()> {
     let mut rng = fastrand::Rng::new();
+    let level = level.effective(meta, cfg.checksum_proven);
     verify_with(store, key, meta, level, &cfg.retry_policy(), &mut rng).await
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tierindex::SegmentId;
 use tierindex::journal::{Journal, SegmentState};
+use tierindex::segment::KeySum;
 use tierindex::segment::sealed::SealedSegment;
 
 /// The binary under test, copied once per test process: a campaign runs
@@ -216,10 +217,10 @@ impl Rig {
         self.store.join(STREAM).join("segments")
     }
 
-    /// `(file name, crc32 of bytes, bytes)` of every object under the
+    /// `(file name, checksum of bytes, bytes)` of every object under the
     /// stream's segment prefix. LocalFileSystem's staging files (`#N`) are
     /// not objects.
-    pub fn objects(&self) -> Result<BTreeMap<String, (u32, Vec<u8>)>, String> {
+    pub fn objects(&self) -> Result<BTreeMap<String, (KeySum, Vec<u8>)>, String> {
         let mut out = BTreeMap::new();
         let Ok(rd) = std::fs::read_dir(self.objects_dir()) else {
             return Ok(out);
@@ -230,12 +231,12 @@ impl Rig {
                 continue;
             }
             let bytes = std::fs::read(e.path()).map_err(|x| format!("read object {name}: {x}"))?;
-            out.insert(name, (crc32fast::hash(&bytes), bytes));
+            out.insert(name.clone(), (sum_of(&name, &bytes), bytes));
         }
         Ok(out)
     }
 
-    /// `file name -> (crc32, length)` of every object, like [`Rig::objects`]
+    /// `file name -> (checksum, length)` of every object, like [`Rig::objects`]
     /// but reading only files not seen before or whose identity changed:
     /// a CRC is reused only while the file keeps its inode, length and
     /// modification time (an object replaced or rewritten in place gets a
@@ -244,8 +245,8 @@ impl Rig {
     /// long kill loop quadratic.
     pub fn object_crcs(
         &self,
-        cache: &mut BTreeMap<String, (FileStamp, u32)>,
-    ) -> Result<BTreeMap<String, (u32, u64)>, String> {
+        cache: &mut BTreeMap<String, (FileStamp, KeySum)>,
+    ) -> Result<BTreeMap<String, (KeySum, u64)>, String> {
         use std::os::unix::fs::MetadataExt;
         let mut out = BTreeMap::new();
         let Ok(rd) = std::fs::read_dir(self.objects_dir()) else {
@@ -273,7 +274,7 @@ impl Rig {
                         len: bytes.len() as u64,
                         ..stamp
                     };
-                    let crc = crc32fast::hash(&bytes);
+                    let crc = sum_of(&name, &bytes);
                     cache.insert(name.clone(), (stamp, crc));
                     (crc, stamp.len)
                 }
@@ -309,7 +310,7 @@ impl Rig {
                 .ok_or_else(|| format!("unexpected object {name}"))?;
             if *crc != named {
                 return Err(format!(
-                    "object {name} ({len} bytes) has crc {crc:08x}, its key says {named:08x}"
+                    "object {name} ({len} bytes) has checksum {crc}, its key says {named}"
                 ));
             }
             let _ = id;
@@ -317,7 +318,7 @@ impl Rig {
         for (name, crc) in &model.objects {
             match objects.get(name) {
                 Some((c, _)) if c == crc => {}
-                Some((c, _)) => return Err(format!("object {name} changed: {crc:08x} -> {c:08x}")),
+                Some((c, _)) => return Err(format!("object {name} changed: {crc} -> {c}")),
                 None => return Err(format!("object {name} disappeared")),
             }
         }
@@ -346,12 +347,15 @@ impl Rig {
                     .ok_or_else(|| format!("segment {id} {:?} without a key", rec.state))?;
                 let name = key.rsplit('/').next().unwrap_or(key);
                 match objects.get(name) {
-                    Some((crc, len)) if *crc == rec.meta.file_crc && *len == rec.meta.file_len => {}
+                    Some((crc, len)) if *crc == rec.meta.key_sum() && *len == rec.meta.file_len => {
+                    }
                     Some((crc, len)) => {
                         return Err(format!(
-                            "segment {id} is {:?} but object {name} is {len} bytes crc {crc:08x}, \
-                             journal says {} bytes crc {:08x}",
-                            rec.state, rec.meta.file_len, rec.meta.file_crc
+                            "segment {id} is {:?} but object {name} is {len} bytes checksum {crc}, \
+                             journal says {} bytes checksum {}",
+                            rec.state,
+                            rec.meta.file_len,
+                            rec.meta.key_sum()
                         ));
                     }
                     None => {
@@ -374,12 +378,12 @@ impl Rig {
                     ));
                 }
             }
-            states.insert(*id, (r, rec.meta.file_crc));
+            states.insert(*id, (r, rec.meta.key_sum()));
         }
         // The journal only moves forward; compaction drops Released only.
         // (id, crc) of every object, once: scanning the objects per
         // segment made each check O(segments x objects).
-        let in_store: std::collections::BTreeSet<(SegmentId, u32)> = objects
+        let in_store: std::collections::BTreeSet<(SegmentId, KeySum)> = objects
             .keys()
             .filter_map(|n| tierindex::remote::keys::parse_segment_object_name(n))
             .collect();
@@ -459,15 +463,16 @@ impl Rig {
     fn check_manifest(
         &self,
         model: &mut Model,
-        objects: &BTreeMap<String, (u32, u64)>,
-        states: &BTreeMap<SegmentId, (u8, u32)>,
+        objects: &BTreeMap<String, (KeySum, u64)>,
+        states: &BTreeMap<SegmentId, (u8, KeySum)>,
     ) -> Result<(), String> {
         let entries = self.manifest_entries()?.unwrap_or_default();
-        let listed: BTreeMap<SegmentId, u32> = entries.iter().map(|e| (e.id, e.file_crc)).collect();
+        let listed: BTreeMap<SegmentId, KeySum> =
+            entries.iter().map(|e| (e.id, e.key_sum())).collect();
         for e in &entries {
             let name = e.key.rsplit('/').next().unwrap_or(&e.key);
             match objects.get(name) {
-                Some((crc, len)) if *crc == e.file_crc && *len == e.file_len => {}
+                Some((crc, len)) if *crc == e.key_sum() && *len == e.file_len => {}
                 other => {
                     return Err(format!(
                         "manifest lists segment {} ({name}) but the store has {other:?}",
@@ -488,7 +493,7 @@ impl Rig {
         for (id, crc) in &model.manifest_listed {
             if listed.get(id) != Some(crc) {
                 return Err(format!(
-                    "segment {id} (crc {crc:08x}) was in the manifest and is not any more: {:?}",
+                    "segment {id} (checksum {crc}) was in the manifest and is not any more: {:?}",
                     listed.get(id)
                 ));
             }
@@ -579,13 +584,13 @@ impl Rig {
         // (each listed entry's object was checked by `check_manifest`).
         if self.manifest {
             let entries = self.manifest_entries()?.unwrap_or_default();
-            let listed: BTreeMap<SegmentId, u32> =
-                entries.iter().map(|e| (e.id, e.file_crc)).collect();
-            let committed: BTreeMap<SegmentId, u32> = view
+            let listed: BTreeMap<SegmentId, KeySum> =
+                entries.iter().map(|e| (e.id, e.key_sum())).collect();
+            let committed: BTreeMap<SegmentId, KeySum> = view
                 .segments()
                 .iter()
                 .filter(|(_, r)| rank(r.state) >= rank(SegmentState::Committed))
-                .map(|(id, r)| (*id, r.meta.file_crc))
+                .map(|(id, r)| (*id, r.meta.key_sum()))
                 .collect();
             for (id, crc) in &committed {
                 if listed.get(id) != Some(crc) {
@@ -657,13 +662,13 @@ pub struct Model {
     /// Offset ranges `start..end` some child acknowledged (flush returned).
     pub acked: Vec<(u64, u64)>,
     /// Last seen state rank and sealed CRC per segment.
-    pub states: BTreeMap<SegmentId, (u8, u32)>,
-    /// Objects seen: name -> crc.
-    pub objects: BTreeMap<String, u32>,
+    pub states: BTreeMap<SegmentId, (u8, KeySum)>,
+    /// Objects seen: name -> checksum.
+    pub objects: BTreeMap<String, KeySum>,
     /// CRCs already computed, by file identity (see [`Rig::object_crcs`]).
-    pub crc_cache: BTreeMap<String, (FileStamp, u32)>,
+    pub crc_cache: BTreeMap<String, (FileStamp, KeySum)>,
     /// Segments the manifest listed (id -> file CRC): never unlisted.
-    pub manifest_listed: BTreeMap<SegmentId, u32>,
+    pub manifest_listed: BTreeMap<SegmentId, KeySum>,
 }
 
 /// What identifies one version of an object file without reading it.
@@ -694,5 +699,14 @@ impl Model {
             None => return Err("flushed lines without a start line".into()),
         }
         Ok(())
+    }
+}
+
+/// The checksum an object's bytes have, of the kind its name uses: format-2
+/// names carry a CRC-64/NVME, format-1 names a CRC32.
+pub fn sum_of(name: &str, bytes: &[u8]) -> KeySum {
+    match tierindex::remote::keys::parse_segment_object_name(name) {
+        Some((_, KeySum::Crc32(_))) => KeySum::Crc32(crc32fast::hash(bytes)),
+        _ => KeySum::Crc64(tierindex::segment::format::crc64(bytes)),
     }
 }
