@@ -596,13 +596,15 @@ fn node_loss_one_node_down_mid_drain_loses_nothing() {
     let _x = SERVER.blocking_write();
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("nodeloss1");
+    // 4 s of appends while segments upload, then the shutdown drain: the
+    // node goes down in the middle of it (checked below).
     let mut k = Kid(cli(&s, d.path(), &prefix)
         .args([
             "demo",
             "--segment-items",
             "2000",
             "--rate",
-            "40000",
+            "10000",
             "--entries",
             "40000",
             "--deadline",
@@ -615,6 +617,11 @@ fn node_loss_one_node_down_mid_drain_loses_nothing() {
     std::thread::sleep(Duration::from_millis(700));
     node(&s.kind, "stop-node", 3);
     let down = Down(s.kind.clone(), vec![3]);
+    assert!(
+        k.0.try_wait().unwrap().is_none(),
+        "{}: the demo had already exited when the node was down; this run proved nothing",
+        s.kind
+    );
     assert_eq!(
         wait_exit(&mut k, Duration::from_secs(180)),
         0,
