@@ -10,7 +10,8 @@
 #   scripts/s3-server.sh start-node garage-cluster|ceph N            restart that node
 #
 # KIND: s3s | moto | garage | garage-cluster | ceph | minio
-# (ceph: one mon, one mgr, three OSDs on sparse files, one RGW; "node N" is OSD N-1)
+# (ceph: one mon, one mgr, three OSDs on sparse files, one RGW; "node N" is OSD
+# N-1, and "node rgw" is the gateway, restarted on the same port)
 #
 # Typical use:   eval "$(scripts/s3-server.sh start garage)"
 #
@@ -564,6 +565,10 @@ node_arg() { # kind n
   esac
   local max=$CLUSTER_NODES
   [ "$1" = ceph ] && max=$CEPH_OSDS
+  if [ "$1" = ceph ] && [ "$2" = rgw ]; then
+    [ -f "$(pidfile "$1")" ] || die "$1 is not running"
+    return 0
+  fi
   if ! [[ $2 =~ ^[1-9]$ ]] || (($2 > max)); then
     die "node must be 1..$max" 2
   fi
@@ -641,7 +646,7 @@ only_nodes_down() { # kind
   local role pid marker
   while read -r role pid marker; do
     [ -n "$role" ] || continue
-    case $role in node[0-9]*) continue ;; esac
+    case $role in node[0-9]* | rgw) continue ;; esac
     pid_alive "$pid" "$marker" || return 1
   done <"$(pidfile "$1")"
 }
@@ -893,6 +898,21 @@ start_ceph() {
   cephc osd pool ls detail >>"$LOGF" 2>&1 || true
 }
 
+ceph_start_rgw() {
+  local role pid marker RGW_PORT
+  while read -r role pid marker; do
+    if [ "$role" = rgw ] && pid_alive "$pid" "$marker"; then
+      log "ceph: rgw already running (pid $pid)"
+      return 0
+    fi
+  done <"$(pidfile ceph)"
+  # shellcheck disable=SC1091 # written by start_ceph: RGW_PORT=port
+  . "$CEPH_DIR/state"
+  spawn ceph rgw "$CEPH_CONF" "$CEPH_DIR/log/rgw.a.out" radosgw -c "$CEPH_CONF" -n client.rgw.a -f
+  probe wait-http "http://127.0.0.1:$RGW_PORT/" "$START_TIMEOUT"
+  log "ceph: rgw started again on port $RGW_PORT"
+}
+
 # Stop a Ceph cluster: everything but the monitor at once (an OSD that is
 # told to stop reports itself down to the monitor), then the monitor.
 ceph_stop_all() {
@@ -924,26 +944,37 @@ ceph_stop_all() {
   done <"$f"
 }
 
-ceph_stop_node() { # n sig
-  local n=$1 sig=$2 id=$(($1 - 1)) role pid marker
+ceph_stop_node() { # n|rgw sig
+  local n=$1 sig=$2 id role pid marker want="node$1"
   ceph_paths
   LOGF="$CEPH_DIR/setup.log"
+  [ "$n" = rgw ] && want=rgw
   while read -r role pid marker; do
-    if [ "$role" = "node$n" ]; then
+    if [ "$role" = "$want" ]; then
       stop_pid "$pid" "$marker" "$sig"
       set_pid ceph "$role" - "$marker"
     fi
   done < <(cat "$(pidfile ceph)")
+  if [ "$n" = rgw ]; then
+    log "ceph: rgw stopped (SIG$sig)"
+    return 0
+  fi
+  id=$((n - 1))
   # Return once the monitor knows: after SIGKILL that takes the heartbeat
   # grace (10 s here) plus the report.
   retry_until "$START_TIMEOUT" "osd.$id marked down" ceph_osd_state_is "$id" down
   log "ceph: node $n (osd.$id) stopped (SIG$sig) and marked down"
 }
 
-ceph_start_node() { # n
-  local n=$1 id=$(($1 - 1))
+ceph_start_node() { # n|rgw
+  local n=$1 id
   ceph_paths
   LOGF="$CEPH_DIR/setup.log"
+  if [ "$n" = rgw ]; then
+    ceph_start_rgw
+    return
+  fi
+  id=$((n - 1))
   if node_running ceph "$n"; then
     log "ceph: node $n (osd.$id) already running"
     return 0
@@ -978,6 +1009,7 @@ do_start() {
     [ -f "$RUN/$kind/env" ] && only_nodes_down "$kind"; then
     local n
     for ((n = 1; n <= CLUSTER_NODES; n++)); do do_start_node "$kind" "$n"; done
+    if [ "$kind" = ceph ]; then do_start_node ceph rgw; fi
     cat "$RUN/$kind/env"
     return 0
   fi
