@@ -20,8 +20,8 @@
 # in ${TIERINDEX_RUN:-/tmp/tierindex-s3}/KIND. Servers bind 127.0.0.1 only.
 #
 # Exit codes: 0 ok, 1 failure, 2 usage, 3 server not available on this machine
-# (minio without a `minio` binary on PATH; ceph without its packages and no
-# root/apt-get to install them).
+# (minio without a `minio` binary on PATH; ceph without its packages and
+# neither root nor `sudo -n` to apt-get them).
 set -euo pipefail
 
 SCRIPT_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
@@ -960,8 +960,8 @@ ceph_stop_node() { # n|rgw sig
     return 0
   fi
   id=$((n - 1))
-  # Return once the monitor knows: after SIGKILL that takes the heartbeat
-  # grace (10 s here) plus the report.
+  # Return once the monitor knows. After SIGKILL the peers report the refused
+  # connection at once (1.9 s here); the heartbeat grace (10 s) is the fallback.
   retry_until "$START_TIMEOUT" "osd.$id marked down" ceph_osd_state_is "$id" down
   log "ceph: node $n (osd.$id) stopped (SIG$sig) and marked down"
 }
