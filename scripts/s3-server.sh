@@ -50,7 +50,7 @@ die() {
 }
 
 usage() {
-  sed -n '2,23p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,24p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
