@@ -12,9 +12,11 @@
 # and prints one SUMMARY line per step and per kind. Exits non-zero on any failure.
 #
 # Knobs:
-#   TIERINDEX_S3_KINDS="s3s moto"   which servers (none = skip the S3 part;
-#                                   external = use the TIERINDEX_S3_* already exported)
-#   TIERINDEX_ALLOW_NO_S3_SUITE=1   tests/s3_suite.rs missing is not a failure
+#   TIERINDEX_S3_KINDS="s3s moto"   which servers (none = skip the S3 part, a
+#                                   failure under CI=true; external = use the
+#                                   TIERINDEX_S3_* already exported)
+#   TIERINDEX_ALLOW_NO_S3_SUITE=1   tests/s3_suite.rs missing (or KINDS=none under
+#                                   CI) is not a failure
 #   TIERINDEX_FAIL_FAST=1           stop at the first failing step
 #   TIERINDEX_ONLY_S3=1             skip fmt/clippy/local tests (CI job split)
 #   TIERINDEX_S3_SUITE_TIMEOUT=900  seconds allowed per kind for the S3 suite
@@ -199,6 +201,10 @@ if [ "${TIERINDEX_ONLY_S3:-0}" != 1 ]; then
 fi
 
 KINDS=$(s3_kinds)
+# CI must never go green without the S3 suite having run against a server.
+if [ -z "$KINDS" ] && [ "${CI:-}" = true ] && [ "${TIERINDEX_ALLOW_NO_S3_SUITE:-0}" != 1 ]; then
+  record "s3 suite" "FAILED (TIERINDEX_S3_KINDS=none under CI=true; set TIERINDEX_ALLOW_NO_S3_SUITE=1 to allow)" 0
+fi
 if [ -n "$KINDS" ] && [ ! -f tests/s3_suite.rs ]; then
   cat <<'EOF'
 
