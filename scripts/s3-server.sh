@@ -6,10 +6,12 @@
 #   scripts/s3-server.sh env    KIND     print `export` lines for a running server
 #   scripts/s3-server.sh status KIND     exit 0 when running, 1 when not
 #   scripts/s3-server.sh install KIND    install only (cached; never rebuilds)
-#   scripts/s3-server.sh stop-node  garage-cluster N [--kill]   stop one node (1..3)
-#   scripts/s3-server.sh start-node garage-cluster N            restart that node
+#   scripts/s3-server.sh stop-node  garage-cluster|ceph N [--kill]   stop one node (1..3)
+#   scripts/s3-server.sh start-node garage-cluster|ceph N            restart that node
 #
-# KIND: s3s | moto | garage | garage-cluster | minio
+# KIND: s3s | moto | garage | garage-cluster | ceph | minio
+# (ceph: one mon, one mgr, three OSDs on sparse files, one RGW; "node N" is OSD
+# N-1, and "node rgw" is the gateway, restarted on the same port)
 #
 # Typical use:   eval "$(scripts/s3-server.sh start garage)"
 #
@@ -18,7 +20,8 @@
 # in ${TIERINDEX_RUN:-/tmp/tierindex-s3}/KIND. Servers bind 127.0.0.1 only.
 #
 # Exit codes: 0 ok, 1 failure, 2 usage, 3 server not available on this machine
-# (minio without a `minio` binary on PATH).
+# (minio without a `minio` binary on PATH; ceph without its packages and
+# neither root nor `sudo -n` to apt-get them).
 set -euo pipefail
 
 SCRIPT_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
@@ -47,7 +50,7 @@ die() {
 }
 
 usage() {
-  sed -n '2,21p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,24p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -190,8 +193,9 @@ install_kind() {
   s3s) install_s3s ;;
   moto) install_moto ;;
   garage | garage-cluster) install_garage ;;
+  ceph) install_ceph ;;
   minio) command -v minio >/dev/null 2>&1 || die "minio: no 'minio' binary on PATH; it cannot be installed here (no registry ships it). Install MinIO yourself or use another KIND." 3 ;;
-  *) die "unknown KIND '$1' (s3s, moto, garage, garage-cluster, minio)" 2 ;;
+  *) die "unknown KIND '$1' (s3s, moto, garage, garage-cluster, ceph, minio)" 2 ;;
   esac
 }
 
@@ -253,6 +257,12 @@ stop_pid() { # pid marker signal
   done
 }
 
+rss_mb() { # pid -> resident set size in MB (0 when unknown)
+  local kb
+  kb=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status" 2>/dev/null || true)
+  echo $((${kb:-0} / 1024))
+}
+
 # Prints: "all", "some" or "none" (which recorded processes are alive).
 alive_state() {
   local f n=0 up=0 role pid marker
@@ -280,6 +290,11 @@ do_stop() {
   f=$(pidfile "$kind")
   if [ ! -f "$f" ]; then
     log "$kind: not running (no pid file)"
+    return 0
+  fi
+  if [ "$kind" = ceph ]; then
+    ceph_stop_all "$f"
+    rm -f "$f" "$RUN/$kind/env"
     return 0
   fi
   while read -r role pid marker; do
@@ -337,7 +352,16 @@ record_conditional() {
   out=$(probe cond) || die "$kind: conditional-write probe failed"
   verdict=${out%% *}
   log "$kind: conditional writes $out"
-  echo "export TIERINDEX_S3_CONDITIONAL_WRITES=$verdict" >>"$RUN/$kind/env"
+  # Each half on its own: Ceph RGW honours creates but not a quoted If-Match,
+  # and tierindex's manifest needs only creates.
+  local create update
+  create=$(sed -n 's/.* create=\([a-z-]*\) .*/\1/p' <<<"$out")
+  update=$(sed -n 's/.* update=\([a-z-]*\) .*/\1/p' <<<"$out")
+  {
+    echo "export TIERINDEX_S3_CONDITIONAL_WRITES=$verdict"
+    echo "export TIERINDEX_S3_CONDITIONAL_CREATE=${create:?}"
+    echo "export TIERINDEX_S3_CONDITIONAL_UPDATE=${update:?}"
+  } >>"$RUN/$kind/env"
 }
 
 verify() { # kind
@@ -535,9 +559,18 @@ start_garage() { start_garage_common garage 1 1; }
 start_garage_cluster() { start_garage_common garage-cluster "$CLUSTER_NODES" 3; }
 
 node_arg() { # kind n
-  [ "$1" = garage-cluster ] || die "stop-node/start-node only apply to garage-cluster" 2
-  if ! [[ $2 =~ ^[1-9]$ ]] || (($2 > CLUSTER_NODES)); then
-    die "node must be 1..$CLUSTER_NODES" 2
+  case $1 in
+  garage-cluster | ceph) ;;
+  *) die "stop-node/start-node only apply to garage-cluster and ceph" 2 ;;
+  esac
+  local max=$CLUSTER_NODES
+  [ "$1" = ceph ] && max=$CEPH_OSDS
+  if [ "$1" = ceph ] && [ "$2" = rgw ]; then
+    [ -f "$(pidfile "$1")" ] || die "$1 is not running"
+    return 0
+  fi
+  if ! [[ $2 =~ ^[1-9]$ ]] || (($2 > max)); then
+    die "node must be 1..$max" 2
   fi
   [ -f "$(pidfile "$1")" ] || die "$1 is not running"
 }
@@ -546,6 +579,10 @@ do_stop_node() { # kind n [--kill]
   node_arg "$1" "$2"
   local sig=TERM role pid marker
   [ "${3:-}" = --kill ] && sig=KILL
+  if [ "$1" = ceph ]; then
+    ceph_stop_node "$2" "$sig"
+    return
+  fi
   while read -r role pid marker; do
     if [ "$role" = "node$2" ]; then
       stop_pid "$pid" "$marker" "$sig"
@@ -558,6 +595,10 @@ do_stop_node() { # kind n [--kill]
 do_start_node() { # kind n
   node_arg "$1" "$2"
   local role pid marker port var
+  if [ "$1" = ceph ]; then
+    ceph_start_node "$2"
+    return
+  fi
   while read -r role pid marker; do
     if [ "$role" = "node$2" ] && pid_alive "$pid" "$marker"; then
       log "$1: node $2 already running (pid $pid)"
@@ -599,6 +640,17 @@ do_start_node() { # kind n
   log "$1: node $2 started again; ${#running[@]} nodes see each other"
 }
 
+# Succeeds when every recorded process that is down is a node (nodeN), so
+# `start` can bring the nodes back instead of starting from scratch.
+only_nodes_down() { # kind
+  local role pid marker
+  while read -r role pid marker; do
+    [ -n "$role" ] || continue
+    case $role in node[0-9]* | rgw) continue ;; esac
+    pid_alive "$pid" "$marker" || return 1
+  done <"$(pidfile "$1")"
+}
+
 node_running() { # kind n
   local role pid marker
   while read -r role pid marker; do
@@ -613,6 +665,323 @@ garage_healthy_at_least() {
   healthy=$(garage status 2>/dev/null | sed -n '/HEALTHY NODES/,/^$/p' | grep -cE '^[0-9a-f]{16} ' || true)
   echo "healthy nodes: $healthy"
   ((healthy >= $1))
+}
+
+# --- ceph
+#
+# A whole Ceph cluster on this host, from nothing, under $RUN/ceph only (no
+# /etc/ceph, no systemd): one mon, one mgr, three bluestore OSDs on sparse
+# files, one RGW (beast) on 127.0.0.1. Every command gets `-c $CEPH_CONF`.
+# Facts this rests on (measured on Debian's 16.2.15; see docs/testing.md):
+# - a single host needs osd_crush_chooseleaf_type = 0 before `ceph-mon --mkfs`
+#   (the default CRUSH rule is made then), or a size-3 pool never gets clean;
+# - `ceph-osd --mkfs --key S` does not write the OSD's keyring: we write it;
+# - OSD failure reports are counted per host by default, so with one host an
+#   OSD killed with SIGKILL would never be marked down: count per OSD.
+
+CEPH_OSDS=3
+CEPH_PKGS=(radosgw ceph-mon ceph-mgr ceph-osd ceph-common)
+CEPH_BINS=(ceph ceph-authtool monmaptool ceph-mon ceph-mgr ceph-osd radosgw radosgw-admin)
+# The manager is not needed for S3 (it keeps PG statistics and health checks)
+# and costs about 300 MB; TIERINDEX_CEPH_MGR=0 leaves it out.
+CEPH_MGR=${TIERINDEX_CEPH_MGR:-1}
+# Apparent size of each OSD's sparse block file; only written bytes use disk.
+CEPH_OSD_BYTES=${TIERINDEX_CEPH_OSD_BYTES:-$((4 * 1024 * 1024 * 1024))}
+
+ceph_installed() {
+  local b
+  for b in "${CEPH_BINS[@]}"; do command -v "$b" >/dev/null 2>&1 || return 1; done
+}
+
+# Root runs apt-get itself; elsewhere (a GitHub runner) passwordless sudo.
+AS_ROOT=()
+install_ceph() {
+  ceph_installed && return 0
+  if [ "$(id -u)" != 0 ] && sudo -n true 2>/dev/null; then AS_ROOT=(sudo -n); fi
+  if { [ "$(id -u)" != 0 ] && [ ${#AS_ROOT[@]} = 0 ]; } || ! command -v apt-get >/dev/null 2>&1; then
+    die "ceph: packages missing, and no apt-get as root or with sudo -n; install them: apt-get install -y ${CEPH_PKGS[*]}" 3
+  fi
+  with_lock "$CACHE/.lock-apt" _install_ceph
+}
+_install_ceph() {
+  ceph_installed && return 0
+  local t0 ilog="$CACHE/install-ceph.log"
+  t0=$(now)
+  log "installing ${CEPH_PKGS[*]} with apt-get (one-time; about 30 s and 80 MB)"
+  "${AS_ROOT[@]}" apt-get -o DPkg::Lock::Timeout=300 update -qq >>"$ilog" 2>&1 ||
+    die "apt-get update failed; see $ilog"
+  "${AS_ROOT[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+    "${CEPH_PKGS[@]}" >>"$ilog" 2>&1 || die "apt-get install ${CEPH_PKGS[*]} failed; see $ilog"
+  ceph_installed || die "ceph: packages installed but a binary is missing (${CEPH_BINS[*]})"
+  log "installed Ceph $(ceph --version 2>/dev/null | awk '{print $3}') in $(($(now) - t0))s"
+}
+
+CEPH_DIR=
+CEPH_CONF=
+ceph_paths() {
+  CEPH_DIR="$RUN/ceph"
+  CEPH_CONF="$CEPH_DIR/ceph.conf"
+}
+
+# The ceph CLI waits for a monitor for minutes by default: bound every call.
+cephc() { timeout 30 ceph -c "$CEPH_CONF" --connect-timeout 20 "$@"; }
+
+ceph_config() { # fsid mon_v2 mon_v1 rgw_port
+  local fsid=$1 v2=$2 v1=$3 rgw=$4 d=$CEPH_DIR
+  # \$cluster, \$name and \$id are Ceph's own metavariables, kept for Ceph.
+  cat >"$CEPH_CONF" <<CONF
+[global]
+fsid = $fsid
+mon_host = [v2:127.0.0.1:$v2,v1:127.0.0.1:$v1]
+mon_initial_members = a
+public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
+ms_bind_ipv4 = true
+ms_bind_ipv6 = false
+auth_cluster_required = cephx
+auth_service_required = cephx
+auth_client_required = cephx
+keyring = $d/keyring
+run_dir = $d/run
+admin_socket = $d/run/\$cluster-\$name.asok
+pid_file = $d/run/\$cluster-\$name.pid
+log_file = $d/log/\$cluster-\$name.log
+mon_cluster_log_file = $d/log/\$cluster.log
+log_to_stderr = false
+err_to_stderr = true
+crash_dir = $d/crash
+
+# one host, three OSDs, small pools
+osd_crush_chooseleaf_type = 0
+osd_pool_default_size = 3
+osd_pool_default_min_size = 2
+osd_pool_default_pg_num = 8
+osd_pool_default_pgp_num = 8
+osd_pool_default_pg_autoscale_mode = off
+mon_max_pg_per_osd = 1000
+mon_allow_pool_delete = true
+mon_data_avail_warn = 2
+mon_data_avail_crit = 1
+mon_warn_on_insecure_global_id_reclaim_allowed = false
+mon_warn_on_pool_no_redundancy = false
+
+# failure detection on one host: count reports per OSD, not per host
+mon_osd_min_down_reporters = 1
+mon_osd_reporter_subtree_level = osd
+osd_heartbeat_interval = 2
+osd_heartbeat_grace = 10
+
+[mon]
+mon_data = $d/mon/\$cluster-\$id
+
+[mgr]
+mgr_data = $d/mgr/\$cluster-\$id
+
+[osd]
+osd_data = $d/osd/\$cluster-\$id
+keyring = $d/osd/\$cluster-\$id/keyring
+osd_objectstore = bluestore
+bluestore_block_create = true
+bluestore_block_size = $CEPH_OSD_BYTES
+bluestore_fsck_on_mkfs = false
+bluestore_fsck_on_mount = false
+osd_memory_target = 536870912
+
+[client.rgw.a]
+rgw_data = $d/rgw/\$cluster-\$id
+rgw_frontends = beast endpoint=127.0.0.1:$rgw
+rgw_thread_pool_size = 64
+CONF
+}
+
+# Succeeds when the monitor sees at least N OSDs up.
+ceph_osds_up_at_least() {
+  local up
+  up=$(cephc osd stat 2>/dev/null | sed -n 's/.* osds: \([0-9]*\) up.*/\1/p')
+  echo "osds up: ${up:-?}"
+  [ -n "$up" ] && ((up >= $1))
+}
+
+ceph_osd_state_is() { # id up|down
+  cephc osd dump 2>/dev/null | grep -Eq "^osd\.$1 $2 "
+}
+
+ceph_spawn_osd() { # n (node number 1..3; OSD id n-1)
+  local n=$1 id=$(($1 - 1))
+  spawn ceph "node$n" "$CEPH_CONF" "$CEPH_DIR/log/osd.$id.out" \
+    ceph-osd -c "$CEPH_CONF" -i "$id" -f
+}
+
+ceph_mgr_available() { cephc mgr stat 2>/dev/null | grep -q '"available": true'; }
+
+start_ceph() {
+  local dir fsid ports v2 v1 rgw n id uuid secret key secret_key t0
+  dir=$(fresh_dir ceph)
+  ceph_paths
+  LOGF="$dir/setup.log"
+  t0=$(now)
+  mkdir -p "$dir"/{run,log,crash,mon/ceph-a,mgr/ceph-a,rgw/ceph-rgw.a}
+  read -r v2 v1 rgw < <(probe ports 3)
+  fsid=$(cat /proc/sys/kernel/random/uuid)
+  ceph_config "$fsid" "$v2" "$v1" "$rgw"
+  echo "RGW_PORT=$rgw" >"$dir/state"
+
+  # Keys: the monitor imports every entity of this keyring at mkfs.
+  local kr="$dir/keyring"
+  (
+    umask 077
+    ceph-authtool --create-keyring "$kr" --gen-key -n mon. --cap mon 'allow *'
+    ceph-authtool "$kr" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' \
+      --cap mgr 'allow *' --cap mds 'allow *'
+    ceph-authtool "$kr" --gen-key -n mgr.a --cap mon 'allow profile mgr' --cap osd 'allow *' \
+      --cap mds 'allow *'
+    ceph-authtool "$kr" --gen-key -n client.rgw.a --cap mon 'allow rw' --cap osd 'allow rwx' \
+      --cap mgr 'allow rw'
+  ) >>"$LOGF" 2>&1 || die "ceph-authtool failed (see $LOGF)"
+  monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$v2,v1:127.0.0.1:$v1]" \
+    "$dir/monmap" >>"$LOGF" 2>&1 || die "monmaptool failed (see $LOGF)"
+  ceph-mon -c "$CEPH_CONF" --mkfs -i a --monmap "$dir/monmap" --keyring "$kr" >>"$LOGF" 2>&1 ||
+    die "ceph-mon --mkfs failed (see $LOGF)"
+  spawn ceph mon "$CEPH_CONF" "$dir/log/mon.a.out" ceph-mon -c "$CEPH_CONF" -i a -f
+  retry_until "$START_TIMEOUT" "ceph mon to answer" cephc mon stat
+  log "ceph: mon up after $(($(now) - t0))s"
+  if [ "$CEPH_MGR" = 1 ]; then
+    spawn ceph mgr "$CEPH_CONF" "$dir/log/mgr.a.out" ceph-mgr -c "$CEPH_CONF" -i a -f
+  fi
+
+  # OSDs: register (the monitor picks ids 0, 1, 2 in a fresh cluster), make
+  # the bluestore file devices in parallel, write each keyring, start.
+  local pids=() ids=()
+  for ((n = 1; n <= CEPH_OSDS; n++)); do
+    uuid=$(cat /proc/sys/kernel/random/uuid)
+    secret=$(ceph-authtool --gen-print-key)
+    printf '{"cephx_secret": "%s"}\n' "$secret" >"$dir/osd-new-$n.json"
+    id=$(cephc osd new "$uuid" -i "$dir/osd-new-$n.json" 2>>"$LOGF") ||
+      die "ceph osd new failed for node $n (see $LOGF)"
+    rm -f "$dir/osd-new-$n.json"
+    [ "$id" = $((n - 1)) ] || die "ceph osd new gave id '$id' for node $n, expected $((n - 1))"
+    ids+=("$id")
+    mkdir -p "$dir/osd/ceph-$id"
+    (
+      umask 077
+      printf '[osd.%s]\n\tkey = %s\n' "$id" "$secret" >"$dir/osd/ceph-$id/keyring"
+    )
+    ceph-osd -c "$CEPH_CONF" -i "$id" --mkfs --osd-uuid "$uuid" --key "$secret" \
+      >>"$dir/log/osd.$id.mkfs" 2>&1 &
+    pids+=($!)
+  done
+  for ((n = 1; n <= CEPH_OSDS; n++)); do
+    wait "${pids[n - 1]}" || die "ceph-osd --mkfs failed for osd.${ids[n - 1]} (see $dir/log/osd.${ids[n - 1]}.mkfs)"
+    ceph_spawn_osd "$n"
+  done
+  retry_until "$START_TIMEOUT" "$CEPH_OSDS OSDs up" ceph_osds_up_at_least "$CEPH_OSDS"
+  log "ceph: $CEPH_OSDS OSDs up after $(($(now) - t0))s"
+
+  # RGW creates its pools on first start (size 3, min_size 2 by default above).
+  spawn ceph rgw "$CEPH_CONF" "$dir/log/rgw.a.out" radosgw -c "$CEPH_CONF" -n client.rgw.a -f
+  probe wait-http "http://127.0.0.1:$rgw/" "$START_TIMEOUT"
+  log "ceph: rgw answers after $(($(now) - t0))s"
+  key=$(hex 10 | tr 'a-f' 'A-F') # 20 characters, like an AWS access key id
+  secret_key=$(hex 20)
+  retry_until "$START_TIMEOUT" "radosgw-admin user create" timeout 30 \
+    radosgw-admin -c "$CEPH_CONF" -n client.admin user create --uid tierindex \
+    --display-name tierindex --access-key "$key" --secret "$secret_key"
+  # radosgw-admin prints the user, secret included, into the log: scrub it.
+  sed -i "s/$secret_key/<secret>/g" "$LOGF"
+  if [ "$CEPH_MGR" = 1 ]; then
+    retry_until "$START_TIMEOUT" "ceph mgr available" ceph_mgr_available
+  fi
+  write_env ceph "http://127.0.0.1:$rgw" us-east-1 "$key" "$secret_key" \
+    "TIERINDEX_S3_NODES=$CEPH_OSDS"
+  load_env ceph
+  probe ensure-bucket "$START_TIMEOUT" >>"$LOGF"
+  cephc osd pool ls detail >>"$LOGF" 2>&1 || true
+}
+
+ceph_start_rgw() {
+  local role pid marker RGW_PORT
+  while read -r role pid marker; do
+    if [ "$role" = rgw ] && pid_alive "$pid" "$marker"; then
+      log "ceph: rgw already running (pid $pid)"
+      return 0
+    fi
+  done <"$(pidfile ceph)"
+  # shellcheck disable=SC1091 # written by start_ceph: RGW_PORT=port
+  . "$CEPH_DIR/state"
+  spawn ceph rgw "$CEPH_CONF" "$CEPH_DIR/log/rgw.a.out" radosgw -c "$CEPH_CONF" -n client.rgw.a -f
+  probe wait-http "http://127.0.0.1:$RGW_PORT/" "$START_TIMEOUT"
+  log "ceph: rgw started again on port $RGW_PORT"
+}
+
+# Stop a Ceph cluster: everything but the monitor at once (an OSD that is
+# told to stop reports itself down to the monitor), then the monitor.
+ceph_stop_all() {
+  local f=$1 role pid marker
+  local -a pids=() markers=() roles=()
+  while read -r role pid marker; do
+    [ -n "$role" ] || continue
+    [ "$role" = mon ] && continue
+    if pid_alive "$pid" "$marker"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+      markers+=("$marker")
+      roles+=("$role")
+    else
+      log "ceph: $role (pid $pid) was not running; nothing signalled"
+    fi
+  done <"$f"
+  local i
+  for i in "${!pids[@]}"; do
+    stop_pid "${pids[i]}" "${markers[i]}" TERM # already signalled: waits, then SIGKILL
+    log "ceph: stopped ${roles[i]} (pid ${pids[i]})"
+  done
+  while read -r role pid marker; do
+    [ "$role" = mon ] || continue
+    if pid_alive "$pid" "$marker"; then
+      stop_pid "$pid" "$marker" TERM
+      log "ceph: stopped mon (pid $pid)"
+    fi
+  done <"$f"
+}
+
+ceph_stop_node() { # n|rgw sig
+  local n=$1 sig=$2 id role pid marker want="node$1"
+  ceph_paths
+  LOGF="$CEPH_DIR/setup.log"
+  [ "$n" = rgw ] && want=rgw
+  while read -r role pid marker; do
+    if [ "$role" = "$want" ]; then
+      stop_pid "$pid" "$marker" "$sig"
+      set_pid ceph "$role" - "$marker"
+    fi
+  done < <(cat "$(pidfile ceph)")
+  if [ "$n" = rgw ]; then
+    log "ceph: rgw stopped (SIG$sig)"
+    return 0
+  fi
+  id=$((n - 1))
+  # Return once the monitor knows. After SIGKILL the peers report the refused
+  # connection at once (1.9 s here); the heartbeat grace (10 s) is the fallback.
+  retry_until "$START_TIMEOUT" "osd.$id marked down" ceph_osd_state_is "$id" down
+  log "ceph: node $n (osd.$id) stopped (SIG$sig) and marked down"
+}
+
+ceph_start_node() { # n|rgw
+  local n=$1 id
+  ceph_paths
+  LOGF="$CEPH_DIR/setup.log"
+  if [ "$n" = rgw ]; then
+    ceph_start_rgw
+    return
+  fi
+  id=$((n - 1))
+  if node_running ceph "$n"; then
+    log "ceph: node $n (osd.$id) already running"
+    return 0
+  fi
+  ceph_spawn_osd "$n"
+  retry_until "$START_TIMEOUT" "osd.$id up" ceph_osd_state_is "$id" up
+  log "ceph: node $n (osd.$id) started again and up"
 }
 
 # ---------------------------------------------------------------- commands
@@ -636,9 +1005,11 @@ do_start() {
     return 0
   fi
   install_kind "$kind"
-  if [ "$state" = some ] && [ "$kind" = garage-cluster ] && [ -f "$RUN/$kind/env" ]; then
+  if [ "$state" = some ] && { [ "$kind" = garage-cluster ] || [ "$kind" = ceph ]; } &&
+    [ -f "$RUN/$kind/env" ] && only_nodes_down "$kind"; then
     local n
     for ((n = 1; n <= CLUSTER_NODES; n++)); do do_start_node "$kind" "$n"; done
+    if [ "$kind" = ceph ]; then do_start_node ceph rgw; fi
     cat "$RUN/$kind/env"
     return 0
   fi
@@ -654,6 +1025,7 @@ do_start() {
   moto) start_moto ;;
   garage) start_garage ;;
   garage-cluster) start_garage_cluster ;;
+  ceph) start_ceph ;;
   minio) start_minio ;;
   esac
   verify "$kind"
@@ -680,9 +1052,17 @@ do_status() {
   none) echo "$kind: not running" ;;
   esac
   if [ -f "$f" ]; then
+    local rss total=0
     while read -r role pid marker; do
-      if pid_alive "$pid" "$marker"; then echo "  $role pid $pid up"; else echo "  $role down"; fi
+      if pid_alive "$pid" "$marker"; then
+        rss=$(rss_mb "$pid")
+        total=$((total + rss))
+        echo "  $role pid $pid up, RSS $rss MB"
+      else
+        echo "  $role down"
+      fi
     done <"$f"
+    echo "  total RSS $total MB"
   fi
   [ -f "$RUN/$kind/env" ] && grep -E 'TIERINDEX_S3_(ENDPOINT|CONDITIONAL)' "$RUN/$kind/env" | sed 's/^export /  /'
   [ "$state" != none ]
@@ -692,8 +1072,8 @@ main() {
   [ $# -ge 2 ] || usage
   local cmd=$1 kind=$2
   case $kind in
-  s3s | moto | garage | garage-cluster | minio) ;;
-  *) die "unknown KIND '$kind' (s3s, moto, garage, garage-cluster, minio)" 2 ;;
+  s3s | moto | garage | garage-cluster | ceph | minio) ;;
+  *) die "unknown KIND '$kind' (s3s, moto, garage, garage-cluster, ceph, minio)" 2 ;;
   esac
   LOGF=/dev/null
   case $cmd in

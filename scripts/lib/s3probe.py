@@ -7,7 +7,12 @@ Subcommands:
   wait-http URL SECONDS   wait until URL answers any HTTP status (bounded)
   ensure-bucket SECONDS   create $TIERINDEX_S3_BUCKET unless it exists (retried)
   smoke SECONDS           PUT/GET/LIST/HEAD/DELETE one object; retried until it works
-  cond                    probe conditional writes; prints honoured, ignored or partial
+  cond                    probe conditional writes; prints the verdict (honoured,
+                          ignored or partial), then create=honoured|ignored and
+                          update=honoured|ignored|unquoted-only|refused, then details
+  caps                    one line per S3 feature tierindex relies on, with the
+                          raw HTTP answers (for docs/testing.md); never fails on
+                          a feature the server lacks, only on a broken server
 
 Connection settings come from TIERINDEX_S3_ENDPOINT, _BUCKET, _REGION,
 _ACCESS_KEY and _SECRET_KEY. Credentials are never printed.
@@ -155,7 +160,10 @@ def smoke(seconds):
 def cond():
     """Create the same key twice with If-None-Match: *, then overwrite with a
     stale If-Match. A server that honours conditional writes answers 412 (or
-    409) to both; Garage accepts both and overwrites."""
+    409) to both; Garage accepts both and overwrites. Ceph RGW 16.2 honours
+    the create but matches If-Match only against an unquoted ETag: a current
+    ETag sent quoted (as S3 clients send it) gets 412 too; that is checked
+    with a fifth PUT carrying the unquoted ETag."""
     c = client()
     b = bucket()
     key = f"_cond/{uuid.uuid4().hex}"
@@ -181,6 +189,12 @@ def cond():
     stale = '"00000000000000000000000000000000"'
     third = status_of(lambda k: k.put_object(Bucket=b, Key=key, Body=b"three", IfMatch=stale))
     fourth = status_of(lambda k: k.put_object(Bucket=b, Key=key, Body=b"four", IfMatch=etag_now))
+    fifth = "-"
+    if fourth != "200":
+        etag_now = c.head_object(Bucket=b, Key=key)["ETag"]
+        fifth = status_of(
+            lambda k: k.put_object(Bucket=b, Key=key, Body=b"five", IfMatch=etag_now.strip('"'))
+        )
     final = c.get_object(Bucket=b, Key=key)["Body"].read().decode()
     c.delete_object(Bucket=b, Key=key)
     create_ok = first == "200" and second in ("412", "409")
@@ -191,10 +205,129 @@ def cond():
         verdict = "ignored"
     else:
         verdict = "partial"
+    if match_ok:
+        update = "honoured"
+    elif third == "200":
+        update = "ignored"
+    elif fifth == "200":
+        update = "unquoted-only"
+    else:
+        update = "refused"
     print(
-        f"{verdict} create1={first} create2={second} stale_if_match={third} "
-        f"current_if_match={fourth} final_body={final}"
+        f"{verdict} create={'honoured' if create_ok else 'ignored'} update={update} "
+        f"create1={first} create2={second} stale_if_match={third} "
+        f"current_if_match={fourth} current_unquoted_if_match={fifth} final_body={final}"
     )
+
+
+def caps():
+    """What the server answers to each feature tierindex relies on, as raw
+    HTTP statuses: conditional create and update (quoted and unquoted
+    ETag), If-None-Match on CompleteMultipartUpload, checksum validation on
+    PutObject and UploadPart (a deliberately wrong value), Content-MD5,
+    multipart, range GET, ListMultipartUploads. Prints `name: verdict
+    (details)` lines."""
+    import base64
+    import hashlib
+
+    c = client()
+    b = bucket()
+    base = f"_caps/{uuid.uuid4().hex}"
+    out = []
+
+    def status(fn):
+        try:
+            r = fn(client())
+            return "200", r
+        except c.exceptions.ClientError as e:
+            meta = e.response.get("ResponseMetadata", {})
+            err = e.response.get("Error", {})
+            return f"{meta.get('HTTPStatusCode', '?')} {err.get('Code', '')}".strip(), None
+
+    def body_of(key):
+        return c.get_object(Bucket=b, Key=key)["Body"].read()
+
+    # Conditional create.
+    k = f"{base}/create"
+    s1, _ = status(lambda x: x.put_object(Bucket=b, Key=k, Body=b"one", IfNoneMatch="*"))
+    s2, _ = status(lambda x: x.put_object(Bucket=b, Key=k, Body=b"two", IfNoneMatch="*"))
+    ok = s1 == "200" and s2.split()[0] in ("412", "409") and body_of(k) == b"one"
+    out.append(f"conditional create (If-None-Match: *): {'honoured' if ok else 'IGNORED'} (first {s1}, second {s2}, body {body_of(k)!r})")
+
+    # Conditional update: S3 clients send the ETag quoted, as HEAD returns it.
+    etag = c.head_object(Bucket=b, Key=k)["ETag"]
+    stale, _ = status(lambda x: x.put_object(Bucket=b, Key=k, Body=b"stale", IfMatch='"0123456789abcdef0123456789abcdef"'))
+    quoted, _ = status(lambda x: x.put_object(Bucket=b, Key=k, Body=b"quoted", IfMatch=etag))
+    etag = c.head_object(Bucket=b, Key=k)["ETag"]
+    unquoted, _ = status(lambda x: x.put_object(Bucket=b, Key=k, Body=b"unquoted", IfMatch=etag.strip('"')))
+    final = body_of(k)
+    if stale.startswith("412") and quoted == "200":
+        v = "honoured"
+    elif stale.startswith("412") and unquoted == "200":
+        v = "ONLY AN UNQUOTED ETAG MATCHES"
+    elif stale == "200":
+        v = "IGNORED"
+    else:
+        v = "NOT USABLE"
+    out.append(f"conditional update (If-Match): {v} (stale {stale}, current quoted {quoted}, current unquoted {unquoted}, body {final!r})")
+
+    # Checksums on PutObject: a wrong CRC32 and a wrong Content-MD5.
+    k = f"{base}/crc"
+    wrong_crc = base64.b64encode(b"\0\0\0\0").decode()
+    sc, _ = status(lambda x: x.put_object(Bucket=b, Key=k, Body=b"checksummed", ChecksumCRC32=wrong_crc))
+    stored = "absent"
+    if sc == "200":
+        stored = f"stored {body_of(k)!r}"
+    out.append(f"checksum on PutObject (wrong x-amz-checksum-crc32): {'validated' if not sc.startswith('200') else 'NOT VALIDATED'} ({sc}, {stored})")
+    k = f"{base}/md5"
+    wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    sm, _ = status(lambda x: x.put_object(Bucket=b, Key=k, Body=b"md5", ContentMD5=wrong_md5))
+    out.append(f"Content-MD5 on PutObject (wrong): {'validated' if sm.startswith('400') else 'NOT VALIDATED'} ({sm})")
+
+    # Multipart: a wrong part checksum, a good part, complete, conditional complete.
+    k = f"{base}/mp"
+    part = os.urandom(5 * 1024 * 1024)
+    up = c.create_multipart_upload(Bucket=b, Key=k, ChecksumAlgorithm="CRC32")
+    uid = up["UploadId"]
+    sp, _ = status(lambda x: x.upload_part(Bucket=b, Key=k, UploadId=uid, PartNumber=1, Body=part, ChecksumCRC32=wrong_crc))
+    out.append(f"checksum on UploadPart (wrong x-amz-checksum-crc32): {'validated' if not sp.startswith('200') else 'NOT VALIDATED'} ({sp})")
+    c.abort_multipart_upload(Bucket=b, Key=k, UploadId=uid)
+    uid = c.create_multipart_upload(Bucket=b, Key=k)["UploadId"]
+    p1 = c.upload_part(Bucket=b, Key=k, UploadId=uid, PartNumber=1, Body=part)["ETag"]
+    p2 = c.upload_part(Bucket=b, Key=k, UploadId=uid, PartNumber=2, Body=b"tail")["ETag"]
+    listed = c.list_multipart_uploads(Bucket=b, Prefix=f"{base}/")
+    ups = [(u["Key"], u["UploadId"], str(u.get("Initiated"))) for u in listed.get("Uploads", [])]
+    seen = any(u[1] == uid for u in ups)
+    out.append(f"ListMultipartUploads: {'works' if seen else 'DOES NOT LIST'} ({len(ups)} listed, initiated {ups[0][2] if ups else '-'})")
+    parts = {"Parts": [{"PartNumber": 1, "ETag": p1}, {"PartNumber": 2, "ETag": p2}]}
+    done = c.complete_multipart_upload(Bucket=b, Key=k, UploadId=uid, MultipartUpload=parts)
+    got = body_of(k)
+    out.append(f"multipart: {'works' if got == part + b'tail' else 'WRONG BYTES'} (2 parts, complete ETag {done.get('ETag')!r})")
+    uid = c.create_multipart_upload(Bucket=b, Key=k)["UploadId"]
+    p1 = c.upload_part(Bucket=b, Key=k, UploadId=uid, PartNumber=1, Body=b"again")["ETag"]
+    scm, _ = status(lambda x: x.complete_multipart_upload(Bucket=b, Key=k, UploadId=uid, IfNoneMatch="*", MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": p1}]}))
+    after = body_of(k)
+    if scm != "200":
+        try:
+            c.abort_multipart_upload(Bucket=b, Key=k, UploadId=uid)
+        except Exception:
+            pass
+    out.append(f"conditional CompleteMultipartUpload (If-None-Match: * on an existing key): {'honoured' if scm.split()[0] in ('412', '409') and after != b'again' else 'IGNORED'} ({scm}, body now {len(after)} bytes)")
+
+    # Range GET inside and past the end.
+    k = f"{base}/range"
+    data = bytes(range(256))
+    c.put_object(Bucket=b, Key=k, Body=data)
+    r = c.get_object(Bucket=b, Key=k, Range="bytes=100-163")["Body"].read()
+    past, _ = status(lambda x: x.get_object(Bucket=b, Key=k, Range="bytes=300-400"))
+    out.append(f"range GET: {'works' if r == data[100:164] else 'WRONG BYTES'} (64 bytes inside; past the end {past})")
+
+    # Clean up everything under base.
+    for o in c.list_objects_v2(Bucket=b, Prefix=base + "/").get("Contents", []):
+        c.delete_object(Bucket=b, Key=o["Key"])
+    for u in c.list_multipart_uploads(Bucket=b, Prefix=base + "/").get("Uploads", []):
+        c.abort_multipart_upload(Bucket=b, Key=u["Key"], UploadId=u["UploadId"])
+    print("\n".join(out))
 
 
 def main(argv):
@@ -211,6 +344,8 @@ def main(argv):
         smoke(float(args[0]) if args else 30)
     elif cmd == "cond":
         cond()
+    elif cmd == "caps":
+        caps()
     else:
         die(f"unknown subcommand {cmd!r}", 2)
 
