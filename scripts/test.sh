@@ -2,12 +2,13 @@
 # THE test command for tierindex. Works on a bare machine: installs what it needs,
 # then runs, in order:
 #   1. cargo fmt --check
-#   2. cargo clippy --all-targets --test s3_suite -- -D warnings
+#   2. cargo clippy --all-targets --test s3_suite --test s3_integrity -- -D warnings
 #   3. cargo test --all-targets              (unit + local tests; no server needed;
 #                                             the S3 suite is `test = false`)
 #   4. for each KIND in ${TIERINDEX_S3_KINDS:-s3s moto garage garage-cluster ceph}
 #      (plus minio when a `minio` binary is on PATH): start the server with
-#      scripts/s3-server.sh, run `cargo test --test s3_suite -- --test-threads=2`
+#      scripts/s3-server.sh, run `cargo test --test s3_suite --test s3_integrity
+#      -- --test-threads=2`
 #      with its env, stop it.
 # and prints one SUMMARY line per step and per kind. Exits non-zero on any failure.
 #
@@ -137,7 +138,7 @@ run_suite() {
   local rc=0
   (
     eval "${1:-}"
-    exec timeout --kill-after=30 "$SUITE_TIMEOUT" cargo test --test s3_suite -- --test-threads=2
+    exec timeout --kill-after=30 "$SUITE_TIMEOUT" cargo test --test s3_suite --test s3_integrity -- --test-threads=2
   ) &
   SUITE_PID=$!
   wait "$SUITE_PID" || rc=$?
@@ -187,13 +188,13 @@ if [ "${TIERINDEX_ONLY_S3:-0}" != 1 ]; then
   step fmt cargo fmt --all --check
   # --all-targets leaves out the S3 suite (`test = false` in Cargo.toml, so
   # that no server-less run can pass it by skipping): lint it by name.
-  step clippy cargo clippy --all-targets --test s3_suite -- -D warnings
+  step clippy cargo clippy --all-targets --test s3_suite --test s3_integrity -- -D warnings
   # The local step must not pick up a server someone exported by hand.
   step tests env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND cargo test --all-targets
   # Crash campaign (issue 5): named crash points and the random kill loop,
   # built with the failpoints feature; sizes from TIERINDEX_CRASH_ITERS and
   # TIERINDEX_KILLS (docs/reliability.md has the 10x commands).
-  step clippy-failpoints cargo clippy --all-targets --test s3_suite --features failpoints -- -D warnings
+  step clippy-failpoints cargo clippy --all-targets --test s3_suite --test s3_integrity --features failpoints -- -D warnings
   step crash env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND \
     TIERINDEX_CRASH_ITERS="${TIERINDEX_CRASH_ITERS:-20}" TIERINDEX_KILLS="${TIERINDEX_KILLS:-200}" \
     cargo test --features failpoints --test crash_points --test kill_loop --test io_errors \

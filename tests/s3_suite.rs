@@ -1140,7 +1140,7 @@ async fn manifest_pipeline_commits_releases_and_reads_back() {
         .damage(victim.id)
         .expect("damage note on the real server");
     assert!(
-        note.lost && note.reason.contains("CRC32"),
+        note.lost && note.reason.contains("CRC64"),
         "{}: {note:?}",
         s.kind
     );

@@ -63,8 +63,9 @@ pub fn status(cli: &Cli) -> Result<i32> {
         segments: view.segments().values().collect(),
     };
     emit(cli.json, &out, |o| {
-        let mut s =
-            String::from("segment               state        items      bytes  crc32     key\n");
+        let mut s = String::from(
+            "segment               state        items      bytes          checksum  key\n",
+        );
         for r in &o.segments {
             s.push_str(&segment_line(r));
             s.push('\n');

@@ -246,7 +246,7 @@ async fn run(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) -> Result
 async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) {
     if !store.has_s3_checksums() {
         caps.notes.push(
-            "not an S3 store: no server-side checksums; uploads are verified by reading              them back"
+            "not an S3 store: no server-side checksums; uploads are verified by reading them back"
                 .into(),
         );
         return;
@@ -266,14 +266,14 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
             match os.head(&wkey).await {
                 Err(object_store::Error::NotFound { .. }) => c.put_rejected_leaves_nothing = true,
                 Ok(_) => notes.push(
-                    "a PUT rejected for its checksum still left its body under the key                      (such a body is never taken for ours: uploads are read back)"
+                    "a PUT rejected for its checksum still left its body under the key (such a body is never taken for ours: uploads are read back)"
                         .to_string(),
                 ),
                 Err(e) => notes.push(format!("HEAD after a rejected PUT failed: {e}")),
             }
         }
         Ok(s) => notes.push(format!(
-            "a PUT with a wrong x-amz-checksum-crc64nvme was accepted (HTTP {s}): the              server does not validate checksums"
+            "a PUT with a wrong x-amz-checksum-crc64nvme was accepted (HTTP {s}): the server does not validate checksums"
         )),
         Err(e) => notes.push(format!("checksum PUT probe failed: {e}")),
     }
@@ -286,7 +286,7 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
                 c.head_single = true
             }
             Ok(Some(h)) => notes.push(format!(
-                "HEAD with checksum mode after a PUT returned {:?} (size {:?}), not the                  whole-object CRC64",
+                "HEAD with checksum mode after a PUT returned {:?} (size {:?}), not the whole-object CRC64",
                 h.raw, h.size
             )),
             Ok(None) => notes.push("HEAD with checksum mode found no object".into()),
@@ -337,7 +337,7 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
                     c.head_multipart = true
                 }
                 Ok(Some(h)) => notes.push(format!(
-                    "HEAD with checksum mode after a multipart upload returned {:?}, not                      the whole-object CRC64",
+                    "HEAD with checksum mode after a multipart upload returned {:?}, not the whole-object CRC64",
                     h.raw
                 )),
                 Ok(None) => notes.push("HEAD after a multipart upload found no object".into()),
