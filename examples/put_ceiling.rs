@@ -18,6 +18,8 @@
 //! - `--reads=N`: after each PUT, GET the whole object back N times and
 //!   CRC32 each body (a model of an upload that reads every object back N
 //!   times; default 0).
+//! - `--no-checksum`: no `x-amz-checksum-crc64nvme` header (tierindex sends
+//!   one with every PUT; this is the ceiling without it).
 //!
 //! Prints `put_ceiling concurrency=C reads=R files=N bytes=B ms=T mb_per_s=X`
 //! (MB = 10^6 bytes; B counts uploaded bytes only, not bytes read back).
@@ -35,10 +37,17 @@ use tierindex::remote::{RemoteStore, StoreOptions};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
-        eprintln!("usage: put_ceiling STORE_URL DIR CONCURRENCY PREFIX [--reads=N]");
+        eprintln!(
+            "usage: put_ceiling STORE_URL DIR CONCURRENCY PREFIX [--reads=N] [--no-checksum]"
+        );
         std::process::exit(2);
     }
-    let store = RemoteStore::from_url(&args[0], &StoreOptions::default())?;
+    let checksums = !args.iter().skip(4).any(|a| a == "--no-checksum");
+    let opts = StoreOptions {
+        s3_checksums: checksums,
+        ..StoreOptions::default()
+    };
+    let store = RemoteStore::from_url(&args[0], &opts)?;
     let dir = PathBuf::from(&args[1]);
     let concurrency: usize = args[2].parse()?;
     let prefix = store.prefix().clone().join(args[3].as_str());
@@ -85,7 +94,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "put_ceiling concurrency={concurrency} reads={reads} files={} bytes={bytes} ms={:.0} mb_per_s={:.1}",
+        "put_ceiling concurrency={concurrency} reads={reads} checksum={checksums} files={} bytes={bytes} ms={:.0} mb_per_s={:.1}",
         files.len(),
         secs * 1000.0,
         bytes as f64 / secs / 1e6,

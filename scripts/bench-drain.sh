@@ -11,8 +11,11 @@
 #  3. makes a backlog with examples/make_backlog.rs: a data directory whose
 #     broker went down with SEGMENTS sealed, journaled, never uploaded segments;
 #  4. BENCH_REPEAT times, interleaved: `tierindex drain --deadline 10m` on a copy
-#     of the backlog with verify = "Full", "Footer" and "Head" (config file); examples/put_ceiling.rs (raw object_store PUTs of the same .seg
-#     files) with 4 and 8 in flight, and with 4 in flight plus 1 and 2 full
+#     of the backlog with verify = "Checksum" (the default: Full where the
+#     probe did not prove server-side checksums), "Full", "Footer" and "Head"
+#     (config file); examples/put_ceiling.rs (raw object_store PUTs of the
+#     same .seg files) with 4 and 8 in flight, with 4 in flight and no
+#     x-amz-checksum header, and with 4 in flight plus 1 and 2 full
 #     read-backs per object (a model of tierindex's verification);
 #     `rclone copy` (4 and 8 transfers) and `aws s3 cp --recursive` when
 #     available;
@@ -266,10 +269,10 @@ EOF
   purge "$label-$rep"
 }
 
-raw_once() { # LABEL CONCURRENCY READS REP
+raw_once() { # LABEL CONCURRENCY READS REP [EXTRA]
   local label=$1 c=$2 reads=$3 rep=$4
   run_timed "$WORK/$label.out" "$WORK/$label.err" \
-    "$EX/put_ceiling" "$(store_url raw)" "$SEGDIR" "$c" "$label-$rep" "--reads=$reads"
+    "$EX/put_ceiling" "$(store_url raw)" "$SEGDIR" "$c" "$label-$rep" "--reads=$reads" ${5:+"$5"}
   [ "$T_RC" = 0 ] || {
     cat "$WORK/$label.err" >&2
     die "$label failed"
@@ -316,11 +319,13 @@ aws_once() { # REP
 
 for rep in $(seq "$REPEAT"); do
   log "round $rep/$REPEAT (load $(loadavg))"
+  drain_once drain_checksum Checksum "$rep"
   drain_once drain_full Full "$rep"
   drain_once drain_footer Footer "$rep"
   drain_once drain_head Head "$rep"
   raw_once raw_put_c4 4 0 "$rep"
   raw_once raw_put_c8 8 0 "$rep"
+  raw_once raw_put_nock_c4 4 0 "$rep" --no-checksum
   raw_once raw_put_read1_c4 4 1 "$rep"
   raw_once raw_put_read2_c4 4 2 "$rep"
   if [ -n "$RCLONE" ]; then
@@ -429,7 +434,7 @@ for name, rs in runs.items():
     print(f"NOTE {name}: runs MB/s {[r[1] for r in rs]}; median wall {st.median(r[0] for r in rs):.0f} ms; "
           f"median client CPU {st.median(r[2] for r in rs):.2f} s; median server CPU {st.median(r[3] for r in rs):.2f} s"
           + (f"; {rs[0][4]}" if rs[0][4] and name.startswith("drain") else ""))
-for name in ("drain_full", "drain_footer", "drain_head"):
+for name in ("drain_checksum", "drain_full", "drain_footer", "drain_head"):
     loops = []
     for r in runs.get(name, []):
         kv = dict(x.split("=") for x in r[4].split() if "=" in x)
@@ -447,7 +452,8 @@ def ratio(a, b, label):
 
 raw_best = max((k for k in ("raw_put_c4", "raw_put_c8") if k in med), key=lambda k: med[k], default=None)
 rcl_best = max((k for k in ("rclone_t4", "rclone_t8") if k in med), key=lambda k: med[k], default=None)
-for d in ("drain_full", "drain_footer", "drain_head"):
+for d in ("drain_checksum", "drain_full", "drain_footer", "drain_head"):
+    ratio(d, "raw_put_nock_c4", f"{d}_over_raw_put_nock_c4")
     ratio(d, "raw_put_c4", f"{d}_over_raw_put_c4")
     ratio(d, "raw_put_c8", f"{d}_over_raw_put_c8")
     if rcl_best:
@@ -455,10 +461,18 @@ for d in ("drain_full", "drain_footer", "drain_head"):
         ratio(d, "rclone_t8", f"{d}_over_rclone_t8")
     if "aws_cp" in med:
         ratio(d, "aws_cp", f"{d}_over_aws_cp")
+ratio("drain_full", "raw_put_read1_c4", "drain_full_over_raw_put_read1_c4")
 ratio("drain_full", "raw_put_read2_c4", "drain_full_over_raw_put_read2_c4")
+if "drain_full" in med and "raw_put_read1_c4" in med:
+    v = med["drain_full"] / med["raw_put_read1_c4"]
+    print(f"TARGET drain_full >= 0.9 x PUT + one read-back (raw_put_read1_c4): {v:.2f} x -> {'MET' if v >= 0.9 else 'MISSED'}")
+if "drain_checksum" in med and "raw_put_nock_c4" in med:
+    v = med["drain_checksum"] / med["raw_put_nock_c4"]
+    print(f"TARGET drain_checksum (default level) >= 0.9 x raw PUT without checksum header (raw_put_nock_c4): "
+          f"{v:.2f} x -> {'MET' if v >= 0.9 else 'MISSED'}")
 ratio("drain_footer", "raw_put_read1_c4", "drain_footer_over_raw_put_read1_c4")
 
-for d in ("drain_full", "drain_footer"):
+for d in ("drain_checksum", "drain_full", "drain_footer"):
     if d not in med:
         continue
     if raw_best:

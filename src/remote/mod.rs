@@ -59,6 +59,12 @@ pub struct StoreOptions {
     pub request_timeout: Duration,
     /// Timeout of the connect phase (default 5 s).
     pub connect_timeout: Duration,
+    /// Send `x-amz-checksum-crc64nvme` with every PutObject and UploadPart
+    /// (default true). Off only to measure the raw PUT ceiling without it
+    /// (`examples/put_ceiling.rs --no-checksum`); with it off a validating
+    /// server cannot reject a changed body, so the probe's checksum answer
+    /// does not hold for the store and must not be fed to the pipeline.
+    pub s3_checksums: bool,
 }
 
 impl Default for StoreOptions {
@@ -69,6 +75,7 @@ impl Default for StoreOptions {
             region: None,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            s3_checksums: true,
         }
     }
 }
@@ -515,7 +522,9 @@ fn build_s3(
     // body changed on the way. Whether it does is the probe's question
     // (s3_checksum); the value equals the sealed file's CRC64, since the
     // bytes sent are checked against it first.
-    b = b.with_checksum_algorithm(Checksum::CRC64NVME);
+    if opts.s3_checksums {
+        b = b.with_checksum_algorithm(Checksum::CRC64NVME);
+    }
     // What the lister needs, read back from the builder so it addresses
     // the bucket exactly as object_store will.
     let get = |k: AmazonS3ConfigKey| b.get_config_value(&k);
