@@ -725,6 +725,15 @@ pub fn recover_checking(
             }
         }
     }
+    // An active segment below a sealed one (a newer active was salvaged
+    // into a sealed file) must not take appends: its seal would come after
+    // the newer id's in the journal, which accepts new ids only in order.
+    let max_sealed = sealed_counts.keys().next_back().map(|s| s.0);
+    for id in &live {
+        if max_sealed.is_some_and(|m| *id < m) && !out.report.to_reseal.contains(id) {
+            out.report.to_reseal.push(*id);
+        }
+    }
     out.report.to_reseal.sort_unstable();
     out.report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(out)
@@ -1158,9 +1167,26 @@ mod tests {
         );
 
         let r = recover(&dd, Mode::Repair).unwrap();
+        // "Segment 2" holds segment 1's bytes (cut): none of its items
+        // validates against the id in its name, so nothing is salvaged.
         assert_eq!(r.report.sealed_ok, vec![1]);
+        assert!(r.report.salvaged.iter().any(|n| n.segment == 2
+            && n.salvaged_items == 0
+            && n.unknown_loss.is_some()));
         assert_eq!(r.report.quarantined.len(), 3);
-        assert_eq!(fs::read_dir(dd.quarantine_dir()).unwrap().count(), 3);
+        let moved = fs::read_dir(dd.quarantine_dir())
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(RECORD_SUFFIX)
+            })
+            .count();
+        assert_eq!(moved, 3);
+        // Each move has its record: why, and what was lost.
+        assert_eq!(quarantine_records(d.path()).len(), 3);
         assert_eq!(r.max_id_seen, Some(SegmentId(3)));
         assert!(r.sealed.contains_key(&SegmentId(1)));
     }

@@ -812,14 +812,14 @@ pub async fn open_shared_with_clock(
         .max_segment_id()
         .max(manifest_max)
         .map(|m| crate::segment::SegmentId(m.0 + 1));
-    // Sealed files still to be uploaded (unknown to the journal, or
-    // Sealed) get the full item check at start-up: damage is salvaged
+    // Sealed files still to be uploaded (unknown to the journal, Sealed or
+    // Uploading) get the full item check at start-up: damage is salvaged
     // before their bytes are journaled or uploaded.
     let (mut writer, mut seg_report) = {
         let to_upload = |id: crate::segment::SegmentId| {
             journal
                 .get(id)
-                .is_none_or(|r| r.state == SegmentState::Sealed)
+                .is_none_or(|r| matches!(r.state, SegmentState::Sealed | SegmentState::Uploading))
         };
         IndexWriter::open_checking(dd, cfg.index_config(), min_next, None, &to_upload)?
     };
