@@ -1170,9 +1170,12 @@ mod tests {
         // "Segment 2" holds segment 1's bytes (cut): none of its items
         // validates against the id in its name, so nothing is salvaged.
         assert_eq!(r.report.sealed_ok, vec![1]);
-        assert!(r.report.salvaged.iter().any(|n| n.segment == 2
-            && n.salvaged_items == 0
-            && n.unknown_loss.is_some()));
+        assert!(
+            r.report
+                .salvaged
+                .iter()
+                .any(|n| n.segment == 2 && n.salvaged_items == 0 && n.unknown_loss.is_some())
+        );
         assert_eq!(r.report.quarantined.len(), 3);
         let moved = fs::read_dir(dd.quarantine_dir())
             .unwrap()
