@@ -143,9 +143,12 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     }
     let report = ti.shutdown(deadline).await;
     let code = print_report(cli.json, &report);
+    // A run cut short by an error exits 1 (the error), unless the report
+    // itself needs an operator (loss, quarantine) or the stream was fenced.
+    use crate::lifecycle::{EXIT_ERROR, EXIT_FENCED, EXIT_NEEDS_OPERATOR};
     Ok(
-        if failed.is_some() && code == crate::lifecycle::EXIT_DRAINED {
-            crate::lifecycle::EXIT_ERROR
+        if failed.is_some() && code != EXIT_NEEDS_OPERATOR && code != EXIT_FENCED {
+            EXIT_ERROR
         } else {
             code
         },
