@@ -70,11 +70,22 @@ fn record(sh: &Shared, id: SegmentId) -> Result<SegmentRecord> {
 /// passed it fail only the upload's check, which the drive then took for a
 /// bad read-back and retried until the deadline.
 fn local_mismatch(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<String> {
+    match std::fs::read(path) {
+        Ok(b) => bytes_mismatch(path, &b, meta),
+        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// [`local_mismatch`] off the async worker threads (the file is read whole).
+async fn local_mismatch_async(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<String> {
+    match tokio::fs::read(path).await {
+        Ok(b) => bytes_mismatch(path, &b, meta),
+        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn bytes_mismatch(path: &std::path::Path, b: &[u8], meta: &crate::SealedMeta) -> Option<String> {
     use crate::segment::format::{FOOTER_LEN, Footer};
-    let b = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) => return Some(format!("cannot read {}: {e}", path.display())),
-    };
     if b.len() as u64 != meta.file_len {
         return Some(format!(
             "{} is {} bytes, the journal recorded {}",
@@ -83,7 +94,7 @@ fn local_mismatch(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<St
             meta.file_len
         ));
     }
-    let crc = crc32fast::hash(&b);
+    let crc = crc32fast::hash(b);
     if crc != meta.file_crc {
         return Some(format!(
             "{} has CRC32 {crc:08x}, the journal recorded {:08x}",
@@ -276,7 +287,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 }
                 // A local fault is not a store error: check the file before
                 // anything is written to the journal or the store.
-                if let Some(why) = local_mismatch(&local, &rec.meta) {
+                if let Some(why) = local_mismatch_async(&local, &rec.meta).await {
                     return quarantine_local(sh, id, why).await;
                 }
                 let attempt = rec.attempt + 1;
