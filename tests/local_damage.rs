@@ -575,3 +575,42 @@ fn the_check_catches_a_silently_missing_entry() {
     };
     check(10, &o, "planted");
 }
+
+/// Bit rot in a sealed file after it was opened: a local lookup says so
+/// (`Lookup::corrupt_items`), it does not silently return less.
+#[test]
+fn a_local_lookup_reports_items_whose_crc_fails() {
+    let w = World::new();
+    let (mut iw, _) =
+        IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
+    for o in 0..200 {
+        iw.append_entry(entry(o)).unwrap();
+    }
+    iw.flush().unwrap();
+    let id = iw.roll().unwrap().unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while iw.sealed(id).is_none() && Instant::now() < until {
+        iw.poll_sealed().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let clean = iw.lookup(&key(0), TimeRange::ALL);
+    assert_eq!(clean.entries.len(), 19);
+    assert_eq!(clean.corrupt_items, 0);
+    let l = SealedLayout::new(SLOTS, 200);
+    xor(
+        &w.seg(&sealed_file_name(id)),
+        l.items_offset,
+        32 * 200,
+        0x01,
+    );
+    let rotten = iw.lookup(&key(0), TimeRange::ALL);
+    assert!(rotten.entries.is_empty(), "{rotten:?}");
+    // Every item of the key's slot failed its CRC (other keys share it).
+    let slot = tierindex::segment::format::slot_of(entry(0).key_hash, SLOTS);
+    let in_slot = (0..200)
+        .filter(|o| tierindex::segment::format::slot_of(entry(*o).key_hash, SLOTS) == slot)
+        .count() as u64;
+    assert!(in_slot >= 19);
+    assert_eq!(rotten.corrupt_items, in_slot);
+    assert_eq!(rotten.corrupt_segments, vec![id.0]);
+}
