@@ -36,7 +36,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::segment::active::{self, ActiveRecovery, ActiveSegment};
-use crate::segment::sealed::{SealedSegment, fsync_dir};
+use crate::segment::salvage::{self, Geometry, LostSpan};
+use crate::segment::sealed::{PACKED_ENTRY_LEN, SealedSegment, fsync_dir, write_sealed_streaming};
 use crate::segment::{SegmentId, now_ms};
 
 pub const SEGMENTS_DIR: &str = "segments";
@@ -146,6 +147,57 @@ impl DataDir {
         tracing::warn!(from = %path.display(), to = %dst.display(), "quarantined");
         Ok(dst)
     }
+
+    /// [`quarantine`](Self::quarantine), plus a record next to the moved
+    /// file (`<moved name>.why.json`: where it came from, why, what was
+    /// lost) that `tierindex quarantine list|show|retry` reads.
+    pub fn quarantine_because(
+        &self,
+        path: &Path,
+        reason: &str,
+        loss: Option<&LossNote>,
+    ) -> Result<PathBuf> {
+        let dst = self.quarantine(path)?;
+        let rec = QuarantineRecord {
+            original: path.display().to_string(),
+            moved_to: dst.display().to_string(),
+            reason: reason.to_string(),
+            at_ms: now_ms(),
+            loss: loss.cloned(),
+        };
+        write_record(&dst, &rec)?;
+        Ok(dst)
+    }
+}
+
+/// What `quarantine/<name>.why.json` holds.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct QuarantineRecord {
+    pub original: String,
+    pub moved_to: String,
+    pub reason: String,
+    pub at_ms: u64,
+    pub loss: Option<LossNote>,
+}
+
+/// Suffix of the record written next to a quarantined file.
+pub const RECORD_SUFFIX: &str = ".why.json";
+
+/// Write (durably) the record of the quarantined file `moved`.
+pub fn write_record(moved: &Path, rec: &QuarantineRecord) -> Result<()> {
+    let mut name = moved.as_os_str().to_owned();
+    name.push(RECORD_SUFFIX);
+    let p = PathBuf::from(name);
+    let body = serde_json::to_vec_pretty(rec)
+        .map_err(|e| Error::InvalidInput(format!("encode quarantine record: {e}")))?;
+    fs::write(&p, body).map_err(|e| Error::io(&p, "write quarantine record", e))?;
+    File::open(&p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", p.display())))?;
+    if let Some(dir) = p.parent() {
+        fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 fn hostname() -> String {
@@ -182,12 +234,69 @@ pub struct ActiveNote {
     pub tail_saved_to: Option<String>,
 }
 
+/// One damaged segment file whose intact items were salvaged (or that
+/// held none that could be), with exactly what could not be kept.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LossNote {
+    pub segment: u64,
+    /// The damaged file, where it was found.
+    pub file: String,
+    /// "active" or "sealed".
+    pub kind: String,
+    /// Items whose own CRC verified and that were kept.
+    pub salvaged_items: u64,
+    /// Items that did not verify, between verified ones (or anywhere in a
+    /// sealed file): entries that may have been acknowledged and are gone.
+    pub lost_items: u64,
+    /// The runs of lost items: first index, count, byte offset, bytes.
+    pub lost: Vec<LostSpan>,
+    /// Loss that cannot be counted (a truncated file, a file with no
+    /// readable layout), in words.
+    pub unknown_loss: Option<String>,
+    /// The active header did not decode and was rebuilt.
+    pub header_rebuilt: bool,
+    /// The new sealed file holding the salvaged items.
+    pub sealed_as: Option<String>,
+    /// Where the damaged original went (None in check-only mode).
+    pub original_moved_to: Option<String>,
+}
+
+impl LossNote {
+    /// True when acknowledged entries may be gone: an operator must look.
+    pub fn is_loss(&self) -> bool {
+        self.lost_items > 0 || self.unknown_loss.is_some()
+    }
+
+    /// One line for reports.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "segment {:020} ({} file {}): {} items salvaged, {} LOST",
+            self.segment, self.kind, self.file, self.salvaged_items, self.lost_items
+        );
+        if !self.lost.is_empty() {
+            s.push_str(&format!(": {}", salvage::describe(&self.lost)));
+        }
+        if let Some(u) = &self.unknown_loss {
+            s.push_str(&format!("; {u}"));
+        }
+        if self.header_rebuilt {
+            s.push_str("; header rebuilt from the configured geometry");
+        }
+        s
+    }
+}
+
 /// Everything start-up found and did. Serializable for `--json`.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct RecoveryReport {
     pub sealed_ok: Vec<u64>,
     pub actives: Vec<ActiveNote>,
     pub quarantined: Vec<QuarantineNote>,
+    /// Damaged files whose intact items were salvaged; what was lost.
+    pub salvaged: Vec<LossNote>,
+    /// Sealed files whose every item CRC was checked (the others got the
+    /// structural check: footer, header, directory).
+    pub sealed_item_checked: Vec<u64>,
     /// Files removed because a durable copy of their content exists.
     pub removed: Vec<String>,
     /// Active segments that must be (or were) sealed again.
@@ -196,9 +305,20 @@ pub struct RecoveryReport {
 }
 
 impl RecoveryReport {
+    /// Items that may have been acknowledged and could not be salvaged.
+    pub fn lost_items(&self) -> u64 {
+        self.salvaged.iter().map(|n| n.lost_items).sum()
+    }
+
+    /// The salvage notes that report a loss.
+    pub fn losses(&self) -> Vec<&LossNote> {
+        self.salvaged.iter().filter(|n| n.is_loss()).collect()
+    }
+
     /// True when nothing needed repair.
     pub fn is_clean(&self) -> bool {
         self.quarantined.is_empty()
+            && self.salvaged.is_empty()
             && self.removed.is_empty()
             && self.to_reseal.is_empty()
             && self
@@ -266,6 +386,31 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
 /// byte's CRC: `fsck`) or the structural one (footer, header, directory:
 /// start-up, whose cost must not grow with the segments kept locally).
 pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Result<Recovered> {
+    recover_with_geometry(dir, mode, full_sealed_check, None)
+}
+
+/// [`recover_with`], with the geometry the writer creates active segments
+/// with: it bounds what a header may claim, and lets an active file whose
+/// header is damaged be rebuilt (see `segment::salvage`).
+pub fn recover_with_geometry(
+    dir: &DataDir,
+    mode: Mode,
+    full_sealed_check: bool,
+    geometry: Option<Geometry>,
+) -> Result<Recovered> {
+    recover_checking(dir, mode, &|_| full_sealed_check, geometry)
+}
+
+/// [`recover_with_geometry`], choosing per sealed file whether it gets the
+/// full check (`full_check(id)`: every item's CRC) or the structural one.
+/// The writer full-checks the files still to be uploaded, so damage is
+/// found (and salvaged) before their bytes are journaled or uploaded.
+pub fn recover_checking(
+    dir: &DataDir,
+    mode: Mode,
+    full_check: &dyn Fn(SegmentId) -> bool,
+    geometry: Option<Geometry>,
+) -> Result<Recovered> {
     let started = std::time::Instant::now();
     let seg_dir = dir.segments_dir();
     let mut files: Vec<(Kind, PathBuf)> = Vec::new();
@@ -288,7 +433,11 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
     };
     let quarantine = |path: &Path, reason: String, out: &mut Recovered| -> Result<()> {
         let moved_to = match mode {
-            Mode::Repair => Some(dir.quarantine(path)?.display().to_string()),
+            Mode::Repair => Some(
+                dir.quarantine_because(path, &reason, None)?
+                    .display()
+                    .to_string(),
+            ),
             Mode::CheckOnly => None,
         };
         out.report.quarantined.push(QuarantineNote {
@@ -311,7 +460,11 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
         match kind {
             Kind::Sealed(id) => {
                 bump(*id, &mut out);
-                let opened = if full_sealed_check {
+                let full = full_check(*id);
+                if full {
+                    out.report.sealed_item_checked.push(id.0);
+                }
+                let opened = if full {
                     SealedSegment::open(path)
                 } else {
                     SealedSegment::open_light(path)
@@ -329,7 +482,23 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
                         format!("file name says segment {id}, footer says {}", s.id()),
                         &mut out,
                     )?,
-                    Err(e @ Error::Corrupt { .. }) => quarantine(path, e.to_string(), &mut out)?,
+                    Err(e @ Error::Corrupt { .. }) => {
+                        let note = salvage_sealed_file(dir, mode, path, *id, &e.to_string())?;
+                        if let Some(p) = &note.sealed_as {
+                            let s = SealedSegment::open(Path::new(p))?;
+                            sealed_counts.insert(*id, (s.footer().item_count, path.clone()));
+                            out.report.sealed_ok.push(id.0);
+                            out.sealed.insert(*id, s);
+                        } else if mode == Mode::CheckOnly && note.unknown_loss.is_none() {
+                            sealed_counts.insert(*id, (note.salvaged_items, path.clone()));
+                        }
+                        out.report.quarantined.push(QuarantineNote {
+                            file: path.display().to_string(),
+                            reason: format!("{e}; {}", note.line()),
+                            moved_to: note.original_moved_to.clone(),
+                        });
+                        out.report.salvaged.push(note);
+                    }
                     // An unsupported version or an I/O error is not damage:
                     // refuse to start rather than move a good file aside.
                     Err(e) => return Err(e),
@@ -337,6 +506,11 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
             }
             Kind::SealTmp(id) => {
                 bump(*id, &mut out);
+                if !path.exists() {
+                    // A salvage above sealed this id (through this very
+                    // tmp name) after the listing was taken.
+                    continue;
+                }
                 if accepted_actives.contains(id) {
                     if mode == Mode::Repair {
                         fs::remove_file(path)
@@ -377,6 +551,53 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
                     ));
                     continue;
                 }
+                // Scan every item first: only a clean prefix (plus a torn
+                // tail) is recovered in place; anything else is salvaged by
+                // item into a sealed file and never appended to again.
+                let bytes = match read_bounded_active(path, geometry) {
+                    Ok(b) => b,
+                    Err(e @ Error::Corrupt { .. }) => {
+                        let note = whole_file_loss(path, *id, "active", &e.to_string());
+                        quarantine_noted(dir, mode, path, &e.to_string(), note, &mut out)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let scan = match salvage::scan_active(&bytes, *id, geometry) {
+                    Ok(s) => s,
+                    Err(e @ Error::Corrupt { .. }) => {
+                        let note = whole_file_loss(path, *id, "active", &e.to_string());
+                        quarantine_noted(dir, mode, path, &e.to_string(), note, &mut out)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                drop(bytes);
+                let torn_note = (!scan.torn.is_empty()).then(|| LossNote {
+                    segment: id.0,
+                    file: path.display().to_string(),
+                    kind: "active".into(),
+                    salvaged_items: scan.items.len() as u64,
+                    lost_items: scan.torn_items(),
+                    lost: scan.torn.clone(),
+                    unknown_loss: None,
+                    header_rebuilt: false,
+                    sealed_as: None,
+                    original_moved_to: None,
+                });
+                if !scan.in_place() {
+                    salvage_active_file(
+                        dir,
+                        mode,
+                        path,
+                        &scan,
+                        geometry,
+                        &mut sealed_counts,
+                        &mut out,
+                    )?;
+                    superseded.push(id.0);
+                    continue;
+                }
                 let checked = match mode {
                     Mode::Repair => ActiveSegment::open(path, Some(&dir.quarantine_dir()))
                         .map(|(s, r)| (Some(s), r)),
@@ -413,6 +634,19 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
                     extended_from: rec.extended_from,
                     tail_saved_to: rec.tail_saved_to.as_ref().map(|p| p.display().to_string()),
                 });
+                if let Some(mut n) = torn_note {
+                    // A torn tail: written items after the last valid one.
+                    // Unflushed (a power cut) or damaged after their flush:
+                    // the file cannot tell, so they are reported.
+                    n.original_moved_to =
+                        rec.tail_saved_to.as_ref().map(|p| p.display().to_string());
+                    tracing::error!(
+                        segment = id.0,
+                        "torn tail, possibly acknowledged: {}",
+                        n.line()
+                    );
+                    out.report.salvaged.push(n);
+                }
                 match sealed_counts.get(id) {
                     Some((count, _)) if *count == u64::from(rec.valid_items) => {
                         // The seal finished; only the removal of the source did not.
@@ -491,9 +725,384 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
             }
         }
     }
+    // An active segment below a sealed one (a newer active was salvaged
+    // into a sealed file) must not take appends: its seal would come after
+    // the newer id's in the journal, which accepts new ids only in order.
+    let max_sealed = sealed_counts.keys().next_back().map(|s| s.0);
+    for id in &live {
+        if max_sealed.is_some_and(|m| *id < m) && !out.report.to_reseal.contains(id) {
+            out.report.to_reseal.push(*id);
+        }
+    }
     out.report.to_reseal.sort_unstable();
     out.report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(out)
+}
+
+/// Read an active file whole, refusing one longer than its header (or,
+/// the header unreadable, the configured geometry) implies: nothing is
+/// read or allocated by a size the bytes themselves claim.
+fn read_bounded_active(path: &Path, geometry: Option<Geometry>) -> Result<Vec<u8>> {
+    use crate::segment::format::{ACTIVE_ITEM_LEN, ACTIVE_MAGIC, ActiveLayout, HEADER_LEN, Header};
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(|e| Error::io(path, "open active segment", e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(path, "stat active segment", e))?
+        .len();
+    let mut hb = [0u8; HEADER_LEN];
+    let got = f
+        .read_at(&mut hb, 0)
+        .map_err(|e| Error::io(path, "read active header", e))?;
+    let claimed = Header::decode(&hb[..got], ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
+        .ok()
+        .and_then(|h| ActiveLayout::new(h.slot_count, h.items).ok())
+        .or_else(|| geometry.and_then(|g| ActiveLayout::new(g.slot_count, g.item_capacity).ok()))
+        .map(|l| l.file_len);
+    match claimed {
+        Some(max) if len > max => Err(Error::corrupt(
+            path.display().to_string(),
+            format!("{len} bytes, longer than the {max} its layout implies"),
+        )),
+        None => Err(Error::corrupt(
+            path.display().to_string(),
+            "header does not decode and no geometry is configured to rebuild it",
+        )),
+        Some(_) => fs::read(path).map_err(|e| Error::io(path, "read active segment", e)),
+    }
+}
+
+/// A loss note for a file whose items could not be located at all.
+fn whole_file_loss(path: &Path, id: SegmentId, kind: &str, why: &str) -> LossNote {
+    LossNote {
+        segment: id.0,
+        file: path.display().to_string(),
+        kind: kind.into(),
+        salvaged_items: 0,
+        lost_items: 0,
+        lost: Vec::new(),
+        unknown_loss: Some(format!(
+            "no item could be located ({why}): every entry of this file is unaccounted for"
+        )),
+        header_rebuilt: false,
+        sealed_as: None,
+        original_moved_to: None,
+    }
+}
+
+/// Quarantine `path` with its loss note (and its record), and report both.
+fn quarantine_noted(
+    dir: &DataDir,
+    mode: Mode,
+    path: &Path,
+    reason: &str,
+    mut note: LossNote,
+    out: &mut Recovered,
+) -> Result<()> {
+    let moved_to = match mode {
+        Mode::Repair => Some(
+            dir.quarantine_because(path, reason, Some(&note))?
+                .display()
+                .to_string(),
+        ),
+        Mode::CheckOnly => None,
+    };
+    note.original_moved_to = moved_to.clone();
+    out.report.quarantined.push(QuarantineNote {
+        file: path.display().to_string(),
+        reason: format!("{reason}; {}", note.line()),
+        moved_to,
+    });
+    out.report.salvaged.push(note);
+    Ok(())
+}
+
+/// Modification time of `path` in ms (the created time of an active file
+/// whose header had to be rebuilt).
+fn mtime_ms(path: &Path) -> u64 {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(now_ms, |d| d.as_millis() as u64)
+}
+
+/// Seal the verified items of a damaged active file under its own id and
+/// move the original to quarantine, recording exactly which items were
+/// lost. An existing sealed file of the id that holds at least as many
+/// items wins (an earlier salvage cut short, or a seal finished before the
+/// damage); one with fewer is quarantined and replaced.
+#[allow(clippy::too_many_arguments)]
+fn salvage_active_file(
+    dir: &DataDir,
+    mode: Mode,
+    path: &Path,
+    scan: &salvage::ActiveScan,
+    geometry: Option<Geometry>,
+    sealed_counts: &mut BTreeMap<SegmentId, (u64, PathBuf)>,
+    out: &mut Recovered,
+) -> Result<()> {
+    let id = scan.id;
+    let n = scan.items.len() as u64;
+    let mut note = LossNote {
+        segment: id.0,
+        file: path.display().to_string(),
+        kind: "active".into(),
+        salvaged_items: n,
+        lost_items: scan.lost_items() + scan.torn_items(),
+        lost: scan.lost.iter().chain(&scan.torn).cloned().collect(),
+        unknown_loss: scan.truncated_to.map(|t| {
+            format!(
+                "file cut to {t} of {} bytes: items past byte {t} are unaccounted for",
+                scan.layout.file_len
+            )
+        }),
+        header_rebuilt: scan.header_rebuilt,
+        sealed_as: None,
+        original_moved_to: None,
+    };
+    let mut why = format!("damaged active segment salvaged by item: {}", note.line());
+    match sealed_counts.get(&id).cloned() {
+        Some((count, sealed_path)) if count >= n => {
+            if count > n {
+                // Sealed before the damage: the sealed copy holds them all.
+                note.lost_items = 0;
+                note.lost.clear();
+                note.unknown_loss = None;
+                why = format!(
+                    "sealed copy already holds {count} items; this damaged source only {n}"
+                );
+            }
+            note.sealed_as = Some(sealed_path.display().to_string());
+        }
+        existing => {
+            if let Some((count, sealed_path)) = existing {
+                let reason = format!(
+                    "sealed copy has {count} items; salvage of its damaged source keeps {n}"
+                );
+                if mode == Mode::Repair {
+                    let moved = dir.quarantine_because(&sealed_path, &reason, None)?;
+                    out.report.quarantined.push(QuarantineNote {
+                        file: sealed_path.display().to_string(),
+                        reason,
+                        moved_to: Some(moved.display().to_string()),
+                    });
+                    out.sealed.remove(&id);
+                } else {
+                    out.report.quarantined.push(QuarantineNote {
+                        file: sealed_path.display().to_string(),
+                        reason,
+                        moved_to: None,
+                    });
+                }
+                out.report.sealed_ok.retain(|x| *x != id.0);
+            }
+            if n > 0 && mode == Mode::Repair {
+                // The directory of a sealed file is rebuilt from the hashes,
+                // so its slot count is free: the configured one, never a
+                // size only an untrusted header claims.
+                let slots = geometry.map_or_else(
+                    || {
+                        if scan.truncated_to.is_none() {
+                            scan.layout.slot_count
+                        } else {
+                            scan.layout.slot_count.min(1 << 16)
+                        }
+                    },
+                    |g| g.slot_count,
+                );
+                let created = scan.created_ms.unwrap_or_else(|| mtime_ms(path));
+                let packed = salvage::pack(scan.items.iter().map(|(_, e)| *e));
+                let (p, _meta) = write_sealed_streaming(
+                    &dir.segments_dir(),
+                    id,
+                    created,
+                    now_ms(),
+                    slots,
+                    &packed,
+                    PACKED_ENTRY_LEN,
+                )?;
+                let s = SealedSegment::open(&p)?;
+                sealed_counts.insert(id, (s.footer().item_count, p.clone()));
+                out.report.sealed_ok.push(id.0);
+                out.sealed.insert(id, s);
+                note.sealed_as = Some(p.display().to_string());
+            } else if n > 0 {
+                sealed_counts.insert(id, (n, path.to_path_buf()));
+            }
+        }
+    }
+    if note.is_loss() {
+        tracing::error!(segment = id.0, "{}", note.line());
+    } else {
+        tracing::warn!(segment = id.0, "{}", note.line());
+    }
+    quarantine_noted(dir, mode, path, &why, note, out)
+}
+
+/// Salvage a sealed file that failed its check: copy the original to
+/// quarantine first (durably), then replace it with a sealed file of the
+/// same id holding every item whose CRC verified. A file whose items
+/// cannot be located is quarantined whole. Returns the note.
+fn salvage_sealed_file(
+    dir: &DataDir,
+    mode: Mode,
+    path: &Path,
+    id: SegmentId,
+    why: &str,
+) -> Result<LossNote> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, "read sealed segment", e))?;
+    let mut note = match salvage::salvage_sealed(&bytes, id) {
+        Ok(s) => LossNote {
+            segment: id.0,
+            file: path.display().to_string(),
+            kind: "sealed".into(),
+            salvaged_items: s.entries.len() as u64,
+            lost_items: s.lost_items(),
+            lost: s.lost.clone(),
+            unknown_loss: None,
+            header_rebuilt: false,
+            sealed_as: None,
+            original_moved_to: None,
+        },
+        Err(e) => {
+            let note = whole_file_loss(path, id, "sealed", &format!("{why}; {e}"));
+            let mut n2 = note.clone();
+            if mode == Mode::Repair {
+                n2.original_moved_to = Some(
+                    dir.quarantine_because(path, why, Some(&note))?
+                        .display()
+                        .to_string(),
+                );
+            }
+            return Ok(n2);
+        }
+    };
+    if mode == Mode::CheckOnly {
+        return Ok(note);
+    }
+    let s = salvage::salvage_sealed(&bytes, id)?;
+    // Copy first: until the rename below, the original stays in place, so
+    // a crash in between redoes the salvage at the next start.
+    let copy = copy_to_quarantine(dir, path)?;
+    note.original_moved_to = Some(copy.display().to_string());
+    write_record(
+        &copy,
+        &QuarantineRecord {
+            original: path.display().to_string(),
+            moved_to: copy.display().to_string(),
+            reason: format!("{why}; salvaged by item"),
+            at_ms: now_ms(),
+            loss: Some(note.clone()),
+        },
+    )?;
+    if !s.entries.is_empty() {
+        let packed = salvage::pack(s.entries.iter().copied());
+        let (p, _) = write_sealed_streaming(
+            &dir.segments_dir(),
+            id,
+            s.created_ms,
+            now_ms(),
+            s.slot_count.min(1 << 20),
+            &packed,
+            PACKED_ENTRY_LEN,
+        )?;
+        note.sealed_as = Some(p.display().to_string());
+    } else {
+        fs::remove_file(path).map_err(|e| Error::io(path, "remove salvaged original", e))?;
+        fsync_dir(&dir.segments_dir())?;
+    }
+    if note.is_loss() {
+        tracing::error!(segment = id.0, "{}", note.line());
+    }
+    Ok(note)
+}
+
+/// Durable copy of `path` into `quarantine/` under a unique name.
+fn copy_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "unnamed".into());
+    let qdir = dir.quarantine_dir();
+    let mut dst = qdir.join(format!("{name}.{}", now_ms()));
+    let mut n = 0;
+    while dst.exists() {
+        n += 1;
+        dst = qdir.join(format!("{name}.{}.{n}", now_ms()));
+    }
+    fs::copy(path, &dst).map_err(|e| Error::io(&dst, "copy damaged file to quarantine", e))?;
+    File::open(&dst)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", dst.display())))?;
+    fsync_dir(&qdir)?;
+    Ok(dst)
+}
+
+/// What the segment files hold that the journal does not account for yet
+/// (read-only: for `tierindex status` on a directory whose broker may run).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LocalPending {
+    /// Verified items in `.active` files (read as a scan does, in place).
+    pub unsealed_items: u64,
+    /// Active files holding at least one verified item.
+    pub active_segments: Vec<u64>,
+    /// Sealed files the journal does not know: (id, bytes).
+    pub unjournaled_sealed: Vec<(u64, u64)>,
+}
+
+/// Scan `root/segments` for unsealed entries and sealed files the journal
+/// does not know (`known` says which ids it knows). Files that cannot be
+/// read are skipped (fsck reports them).
+pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPending {
+    let mut out = LocalPending::default();
+    let Ok(rd) = fs::read_dir(root.join(SEGMENTS_DIR)) else {
+        return out;
+    };
+    let mut files: Vec<(Kind, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| (classify(&e.file_name().to_string_lossy()), e.path()))
+        .collect();
+    files.sort();
+    for (kind, path) in files {
+        match kind {
+            Kind::Active(id) => {
+                let n = fs::read(&path)
+                    .ok()
+                    .and_then(|b| salvage::scan_active(&b, id, None).ok())
+                    .map_or(0, |s| s.items.len() as u64);
+                if n > 0 {
+                    out.unsealed_items += n;
+                    out.active_segments.push(id.0);
+                }
+            }
+            Kind::Sealed(id) if !known(id) => {
+                let len = fs::metadata(&path).map_or(0, |m| m.len());
+                out.unjournaled_sealed.push((id.0, len));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Every quarantine record (`quarantine/*.why.json`), oldest name first.
+pub fn quarantine_records(root: &Path) -> Vec<(PathBuf, QuarantineRecord)> {
+    let Ok(rd) = fs::read_dir(root.join(QUARANTINE_DIR)) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(PathBuf, QuarantineRecord)> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(RECORD_SUFFIX))
+        .filter_map(|p| {
+            let b = fs::read(&p).ok()?;
+            let r: QuarantineRecord = serde_json::from_slice(&b).ok()?;
+            Some((p, r))
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
 
 /// True when `path` is empty or holds only zero bytes.
@@ -558,9 +1167,29 @@ mod tests {
         );
 
         let r = recover(&dd, Mode::Repair).unwrap();
+        // "Segment 2" holds segment 1's bytes (cut): none of its items
+        // validates against the id in its name, so nothing is salvaged.
         assert_eq!(r.report.sealed_ok, vec![1]);
+        assert!(
+            r.report
+                .salvaged
+                .iter()
+                .any(|n| n.segment == 2 && n.salvaged_items == 0 && n.unknown_loss.is_some())
+        );
         assert_eq!(r.report.quarantined.len(), 3);
-        assert_eq!(fs::read_dir(dd.quarantine_dir()).unwrap().count(), 3);
+        let moved = fs::read_dir(dd.quarantine_dir())
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(RECORD_SUFFIX)
+            })
+            .count();
+        assert_eq!(moved, 3);
+        // Each move has its record: why, and what was lost.
+        assert_eq!(quarantine_records(d.path()).len(), 3);
         assert_eq!(r.max_id_seen, Some(SegmentId(3)));
         assert!(r.sealed.contains_key(&SegmentId(1)));
     }

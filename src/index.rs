@@ -154,6 +154,21 @@ impl IndexWriter {
         min_next_id: Option<SegmentId>,
         notify: Option<SealNotify>,
     ) -> Result<(IndexWriter, RecoveryReport)> {
+        Self::open_checking(dd, cfg, min_next_id, notify, &|_| false)
+    }
+
+    /// [`open`](Self::open), giving the sealed files for which
+    /// `full_check(id)` holds the full item check at start-up (the ones
+    /// still to be uploaded: a damaged one is salvaged by item before its
+    /// bytes are journaled or uploaded). The others get the structural
+    /// check, so start-up cost grows with the work left, not the history.
+    pub fn open_checking(
+        dd: DataDir,
+        cfg: IndexConfig,
+        min_next_id: Option<SegmentId>,
+        notify: Option<SealNotify>,
+        full_check: &dyn Fn(SegmentId) -> bool,
+    ) -> Result<(IndexWriter, RecoveryReport)> {
         if cfg.slot_count == 0 || cfg.segment_items == 0 || cfg.max_chain_steps == 0 {
             return Err(Error::InvalidInput(
                 "slot count, segment items and chain steps must be > 0".into(),
@@ -161,7 +176,11 @@ impl IndexWriter {
         }
         let seg_dir = dd.segments_dir();
         let dd = Arc::new(dd);
-        let mut rec = datadir::recover_with(&dd, Mode::Repair, false)?;
+        let geometry = crate::segment::salvage::Geometry {
+            slot_count: cfg.slot_count,
+            item_capacity: cfg.segment_items,
+        };
+        let mut rec = datadir::recover_checking(&dd, Mode::Repair, full_check, Some(geometry))?;
         let mut ready = Vec::new();
         let newest = rec.actives.keys().next_back().copied();
         let mut active = None;
@@ -337,7 +356,7 @@ impl IndexWriter {
             return Ok(None);
         };
         if old.is_empty() {
-            remove_empty(&self.seg_dir, old)?;
+            remove_empty(&self.seg_dir, old).inspect_err(|e| self.poison_on_sync(e))?;
             return Ok(None);
         }
         if let Err(e) = old.flush() {
@@ -449,20 +468,37 @@ impl IndexWriter {
         self.lookup_hash(crate::key_hash(key), range)
     }
 
+    /// As [`lookup`](Self::lookup). An item whose CRC fails on the way is
+    /// not silently skipped: it is counted in [`Lookup::corrupt_items`]
+    /// (with the segments in [`Lookup::corrupt_segments`]) and logged.
     pub fn lookup_hash(&self, key_hash: u64, range: TimeRange) -> Lookup {
         let mut out = Lookup::default();
-        for s in self.sealed.values() {
-            out.entries.extend(s.lookup(key_hash, range));
+        for (id, s) in &self.sealed {
+            let (es, bad) = s.lookup_counting(key_hash, range);
+            out.entries.extend(es);
+            if bad > 0 {
+                tracing::error!(segment = id.0, items = bad, path = %s.path().display(), "local sealed segment has items whose CRC fails: they are missing from this lookup (run tierindex fsck --repair to salvage the rest)");
+                out.corrupt_items += u64::from(bad);
+                out.corrupt_segments.push(id.0);
+            }
         }
-        for f in self.frozen.values() {
-            let l = f.lookup(key_hash, range, self.cfg.max_chain_steps);
-            out.truncated |= l.truncated;
-            out.entries.extend(l.entries);
-        }
-        if let Some(a) = &self.active {
+        let open = self
+            .frozen
+            .values()
+            .map(|f| f.as_ref())
+            .chain(self.active.as_ref());
+        for a in open {
             let l = a.lookup(key_hash, range, self.cfg.max_chain_steps);
             out.truncated |= l.truncated;
             out.entries.extend(l.entries);
+            if l.corrupt_items > 0 {
+                tracing::error!(
+                    segment = a.id().0,
+                    "active segment item fails its CRC in the mapping: the chain walk stopped there"
+                );
+                out.corrupt_items += l.corrupt_items;
+                out.corrupt_segments.extend(l.corrupt_segments);
+            }
         }
         out
     }
@@ -479,13 +515,43 @@ impl IndexWriter {
 
     /// Delete the local copy of a sealed segment (after it is verified
     /// remotely: the caller's responsibility, checked by the pipeline).
+    ///
+    /// A failed directory fsync poisons the writer like every other failed
+    /// sync: a retry would find the file gone and succeed without ever
+    /// making the unlink durable. An already missing file still gets the
+    /// directory fsync (an earlier unlink may not be durable yet).
     pub fn release(&mut self, id: SegmentId) -> Result<()> {
+        self.poison.check()?;
         self.sealed.remove(&id);
         let path = self.seg_dir.join(sealed_file_name(id));
         match fs::remove_file(&path) {
-            Ok(()) => fsync_dir(&self.seg_dir),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(&path, "release local segment", e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, "release local segment", e)),
+        }
+        fsync_dir(&self.seg_dir).inspect_err(|e| self.poison_on_sync(e))
+    }
+
+    /// Move a local sealed file that must not be uploaded (it does not
+    /// match its journal record) to quarantine, with a record saying why,
+    /// and stop serving lookups from it. Returns where it went; `None`
+    /// when there was no file.
+    pub fn quarantine_sealed(&mut self, id: SegmentId, reason: &str) -> Result<Option<PathBuf>> {
+        self.sealed.remove(&id);
+        let path = self.seg_dir.join(sealed_file_name(id));
+        if !path.exists() {
+            return Ok(None);
+        }
+        self.dd
+            .quarantine_because(&path, reason, None)
+            .map(Some)
+            .inspect_err(|e| self.poison_on_sync(e))
+    }
+
+    /// A failed sync anywhere poisons the writer.
+    fn poison_on_sync(&self, e: &Error) {
+        if matches!(e, Error::Poisoned(_)) {
+            self.poison.set(e.to_string());
         }
     }
 
@@ -518,7 +584,7 @@ impl IndexWriter {
             .is_some_and(|a| a.is_empty() && a.id() < min)
             && let Some(old) = self.active.take()
         {
-            remove_empty(&self.seg_dir, old)?;
+            remove_empty(&self.seg_dir, old).inspect_err(|e| self.poison_on_sync(e))?;
             self.active = Some(self.create_active()?);
         }
         Ok(())
@@ -526,6 +592,16 @@ impl IndexWriter {
 
     pub fn active_id(&self) -> Option<SegmentId> {
         self.active.as_ref().map(|a| a.id())
+    }
+    /// Entries in active and frozen (sealing) segments: not in any sealed
+    /// file yet.
+    pub fn unsealed_items(&self) -> u64 {
+        self.frozen
+            .values()
+            .map(|f| f.as_ref())
+            .chain(self.active.as_ref())
+            .map(|a| u64::from(a.len()))
+            .sum()
     }
     pub fn active_len(&self) -> u32 {
         self.active.as_ref().map_or(0, |a| a.len())

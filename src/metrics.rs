@@ -72,6 +72,11 @@ pub struct Metrics {
     pub reconcile_repaired: Counter,
     /// Findings of the last background reconcile that need an operator.
     pub reconcile_unresolved: Gauge,
+    /// Entries found damaged at start-up that could not be salvaged
+    /// (possibly acknowledged; see the recovery report's `salvaged`).
+    pub local_entries_lost: Counter,
+    /// Items whose CRC failed in a local lookup (missing from its result).
+    pub local_corrupt_items: Counter,
     pub uploads_in_flight: Gauge,
     pub pending_segments: Gauge,
     pub pending_bytes: Gauge,
@@ -136,6 +141,18 @@ impl Metrics {
             "counter",
             "Damaged remote segments confirmed by a full read and marked in the manifest.",
             self.remote_damage_marked.get(),
+        );
+        one(
+            "local_entries_lost_total",
+            "counter",
+            "Entries of damaged local segment files that could not be salvaged at start-up.",
+            self.local_entries_lost.get(),
+        );
+        one(
+            "local_corrupt_items_total",
+            "counter",
+            "Items whose CRC failed during a local lookup (missing from its result).",
+            self.local_corrupt_items.get(),
         );
         one(
             "reconcile_repaired_total",

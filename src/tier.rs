@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
-use crate::datadir::{DataDir, RecoveryReport};
+use crate::datadir::{DataDir, LossNote, RecoveryReport};
 use crate::error::{Error, Result};
 use crate::index::IndexWriter;
 use crate::journal::{Journal, JournalOptions, ReplayReport, SegmentState};
@@ -70,9 +70,19 @@ pub struct ShutdownReport {
     /// manifest stay `Verified` locally, with their files.
     pub fenced: Option<String>,
     pub elapsed_ms: u64,
+    /// Damaged local files found at open whose entries could not all be
+    /// salvaged: segment, indices and byte offsets of what is gone. Not
+    /// empty means an operator must look (exit code 4), even when
+    /// everything salvaged was drained.
+    pub lost: Vec<LossNote>,
 }
 
 impl ShutdownReport {
+    /// Entries counted as lost (see [`ShutdownReport::lost`]).
+    pub fn lost_items(&self) -> u64 {
+        self.lost.iter().map(|n| n.lost_items).sum()
+    }
+
     pub fn fully_drained(&self) -> bool {
         self.error.is_none()
             && self.fenced.is_none()
@@ -96,6 +106,23 @@ pub struct Status {
     /// Ownership of the stream's manifest is not taken yet (the store was
     /// unreachable at open): why. Segments wait at `Verified` until it is.
     pub manifest_pending: Option<String>,
+    /// Entries in active (unsealed) segments: acknowledged or about to be,
+    /// and not in any sealed file yet. Counted as pending work.
+    pub unsealed_items: u64,
+    /// Sealed files on disk that the journal does not know (a crash
+    /// between seal and journal): pending, counted in `pending_segments`.
+    pub unjournaled_sealed: Vec<u64>,
+    /// Entries of damaged local files that could not be salvaged.
+    pub lost_items: u64,
+    /// One line per damaged file with loss (segment, indices, offsets).
+    pub losses: Vec<String>,
+}
+
+impl Status {
+    /// Anything an operator must look at: quarantined segments or loss.
+    pub fn needs_operator(&self) -> bool {
+        self.by_state.get("Quarantined").copied().unwrap_or(0) > 0 || !self.losses.is_empty()
+    }
 }
 
 /// The embedded index + uploader.
@@ -115,6 +142,9 @@ pub struct TierIndex {
     fetcher: std::sync::OnceLock<Fetcher>,
     /// Read-only manifest view for lookups while ownership is pending.
     manifest_reader: std::sync::OnceLock<ManifestStore>,
+    /// What open found lost (damaged files, not all salvaged): repeated in
+    /// `status` and in the shutdown report.
+    losses: Vec<LossNote>,
 }
 
 /// Index bytes (footers and slot directories) a `TierIndex` caches for
@@ -247,6 +277,7 @@ impl TierIndex {
                 reconcile_task,
                 fetcher: std::sync::OnceLock::new(),
                 manifest_reader: std::sync::OnceLock::new(),
+                losses: report.segments.losses().into_iter().cloned().collect(),
             },
             report,
         ))
@@ -282,8 +313,12 @@ impl TierIndex {
     }
 
     /// Local lookup (active, sealing and sealed segments held locally).
+    /// Items whose CRC fails are reported in [`Lookup::corrupt_items`] (and
+    /// the `local_corrupt_items_total` metric), never silently skipped.
     pub fn lookup(&self, key: &[u8], range: TimeRange) -> Lookup {
-        self.writer().lookup(key, range)
+        let l = self.writer().lookup(key, range);
+        self.sh().metrics.local_corrupt_items.add(l.corrupt_items);
+        l
     }
 
     /// Entries for `key` within `range` in local segments and in the
@@ -469,8 +504,11 @@ impl TierIndex {
         let w = self.writer();
         st.active_segment = w.active_id().map(|i| i.0);
         st.active_items = w.active_len();
+        st.unsealed_items = w.unsealed_items();
         st.poisoned = w.poisoned();
         drop(w);
+        st.lost_items = self.losses.iter().map(|n| n.lost_items).sum();
+        st.losses = self.losses.iter().map(|n| n.line()).collect();
         st.fenced = self.sh().fenced.get().cloned();
         st.manifest_pending = self.sh().manifest.as_ref().and_then(|m| m.pending_reason());
         st
@@ -586,6 +624,7 @@ impl TierIndex {
             error,
             fenced,
             elapsed_ms: 0,
+            lost: std::mem::take(&mut self.losses),
         };
         if sh.manifest.is_some() && report.fully_drained() {
             // Hand the stream over without making the next owner wait for
@@ -771,7 +810,19 @@ pub async fn open_shared_with_clock(
         .max_segment_id()
         .max(manifest_max)
         .map(|m| crate::segment::SegmentId(m.0 + 1));
-    let (writer, seg_report) = IndexWriter::open(dd, cfg.index_config(), min_next, None)?;
+    // Sealed files still to be uploaded (unknown to the journal, Sealed or
+    // Uploading) get the full item check at start-up: damage is salvaged
+    // before their bytes are journaled or uploaded.
+    let (mut writer, mut seg_report) = {
+        let to_upload = |id: crate::segment::SegmentId| {
+            journal
+                .get(id)
+                .is_none_or(|r| matches!(r.state, SegmentState::Sealed | SegmentState::Uploading))
+        };
+        IndexWriter::open_checking(dd, cfg.index_config(), min_next, None, &to_upload)?
+    };
+    let mut journal = journal;
+    readopt_salvaged(&mut writer, &mut journal, &mut seg_report)?;
     let metrics = Arc::new(Metrics::default());
     let sh = Arc::new(Shared {
         seg_dir: writer.segments_dir().to_path_buf(),
@@ -799,6 +850,10 @@ pub async fn open_shared_with_clock(
     for n in &notes {
         tracing::warn!("{n}");
     }
+    sh.metrics.local_entries_lost.add(seg_report.lost_items());
+    for n in seg_report.losses() {
+        tracing::error!("entries lost to local damage: {}", n.line());
+    }
     let report = OpenReport {
         previous_shutdown_clean,
         segments: seg_report,
@@ -809,6 +864,59 @@ pub async fn open_shared_with_clock(
     };
     update_gauges(&sh);
     Ok((sh, report))
+}
+
+/// A sealed file salvaged at start-up whose segment the journal already
+/// recorded (with the damaged file's length and CRC) cannot be uploaded
+/// under that record, and the journal has no record that replaces a seal.
+/// So its intact entries are appended again, to the active segment (they
+/// are index entries: offset, size, time, key hash; which segment holds
+/// them does not matter to a lookup), flushed, and only then is the old
+/// segment journaled `Quarantined` and its salvaged file moved to
+/// quarantine. A crash in between leaves the salvaged file in place and
+/// the journal at `Sealed`: the drive then finds the mismatch and
+/// quarantines it, and the entries are held twice, never zero times.
+fn readopt_salvaged(
+    writer: &mut IndexWriter,
+    journal: &mut Journal,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    for note in &mut report.salvaged {
+        let id = crate::segment::SegmentId(note.segment);
+        if note.kind != "sealed" || note.sealed_as.is_none() || journal.get(id).is_none() {
+            continue;
+        }
+        let Some(seg) = writer.sealed(id) else {
+            continue;
+        };
+        let entries = seg.entries();
+        drop(seg);
+        for e in &entries {
+            writer.append_entry(*e)?;
+        }
+        writer.flush()?;
+        let reason = format!(
+            "local sealed file damaged after it was journaled; {} intact entries appended again to the active segment; {}",
+            entries.len(),
+            note.line()
+        );
+        journal.append(&[crate::journal::Record::Quarantined {
+            id,
+            reason: reason.clone(),
+        }])?;
+        let moved = writer.quarantine_sealed(id, &reason)?;
+        note.sealed_as = Some(format!(
+            "entries appended again to active segment {} (salvaged file moved to {})",
+            writer.active_id().map_or(0, |a| a.0),
+            moved.map_or_else(|| "-".into(), |p| p.display().to_string())
+        ));
+        tracing::warn!(
+            segment = id.0,
+            entries = entries.len(),
+            "salvaged entries of a journaled segment appended again"
+        );
+    }
+    Ok(())
 }
 
 fn write_clean_marker(dir: &Path) -> Result<()> {

@@ -93,15 +93,16 @@ fn damaged_directory_reports_and_opens_the_rest() {
     // Check-only changes nothing.
     let dd = DataDir::open(d.path()).unwrap();
     let check = datadir::recover(&dd, Mode::CheckOnly).unwrap();
-    assert_eq!(check.report.quarantined.len(), 3, "{:#?}", check.report);
+    assert_eq!(check.report.quarantined.len(), 4, "{:#?}", check.report);
     assert_eq!(bytes_under(d.path()), before);
     assert!(segs.join("README.txt").exists());
 
     let (w, report) = IndexWriter::open(dd, cfg(), None, None).unwrap();
     let q: Vec<&str> = report.quarantined.iter().map(|q| q.file.as_str()).collect();
-    assert_eq!(report.quarantined.len(), 3, "{q:?}");
+    assert_eq!(report.quarantined.len(), 4, "{q:?}");
     assert!(q.iter().any(|f| f.ends_with("00000000000000000002.seg")));
     assert!(q.iter().any(|f| f.ends_with("00000000000000000009.seg")));
+    assert!(q.iter().any(|f| f.ends_with("00000000000000000003.active")));
     assert!(q.iter().any(|f| f.ends_with("README.txt")));
     assert!(
         report
@@ -109,21 +110,33 @@ fn damaged_directory_reports_and_opens_the_rest() {
             .iter()
             .all(|q| !q.reason.is_empty() && q.moved_to.is_some())
     );
-    assert_eq!(report.sealed_ok, vec![1]);
-    let a = &report.actives[0];
-    assert_eq!((a.id, a.valid_items), (3, 30));
-    assert!(
-        a.tail_saved_to.is_some(),
-        "the damaged span held valid items: it must be copied"
-    );
-    // Nothing deleted: quarantine holds the moved files and the saved tail.
-    let qn = fs::read_dir(d.path().join("quarantine")).unwrap().count();
-    assert_eq!(qn, 4);
-    // The rest opens: segment 1 and the 30 recovered items of segment 3.
+    // Salvage by item: the cut sealed file keeps its 100 items (only its
+    // footer was cut), and the torn active segment keeps the 49 items on
+    // both sides of item 30, sealed under its own id.
+    assert_eq!(report.sealed_ok, vec![1, 2, 3]);
+    assert!(report.actives.is_empty(), "{:#?}", report.actives);
+    let s2 = report.salvaged.iter().find(|n| n.segment == 2).unwrap();
+    assert_eq!((s2.salvaged_items, s2.lost_items), (100, 0));
+    let s3 = report.salvaged.iter().find(|n| n.segment == 3).unwrap();
+    assert_eq!((s3.salvaged_items, s3.lost_items), (49, 1), "{s3:#?}");
+    assert_eq!(s3.lost[0].first_index, 30);
+    assert_eq!(s3.lost[0].byte_offset, layout.item_offset(30) as u64);
+    let s9 = report.salvaged.iter().find(|n| n.segment == 9).unwrap();
+    assert!(s9.unknown_loss.is_some());
+    // Nothing deleted: quarantine holds the four originals (moved or, for
+    // the salvaged sealed file, copied), each with its record.
+    let names: Vec<String> = fs::read_dir(d.path().join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 8, "{names:?}");
+    assert_eq!(names.iter().filter(|n| n.ends_with(".why.json")).count(), 4);
+    // The rest opens: key 0 is every fifth offset: 20 in segment 1, 20 in
+    // the salvaged segment 2, 9 of 10 in segment 3 (offset 230 was item 30).
     let found = w.lookup(&0u64.to_le_bytes(), TimeRange::ALL).entries.len();
-    assert_eq!(found, 20 + 6);
-    // Ids never reuse a quarantined id.
-    assert_eq!(w.active_id(), Some(SegmentId(3)));
+    assert_eq!(found, 20 + 20 + 9);
+    // Ids never reuse a quarantined id; the salvaged active is sealed.
+    assert_eq!(w.active_id(), Some(SegmentId(10)));
 }
 
 #[test]

@@ -83,6 +83,9 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     let mut next = Instant::now();
     let mut appended = 0u64;
     let mut last_note = Instant::now();
+    // An append or flush failure (ENOSPC, a failed msync) ends the run, but
+    // never skips the shutdown report: what was acknowledged still drains.
+    let mut failed: Option<crate::error::Error> = None;
     'run: loop {
         if signals.received() || a.entries.is_some_and(|n| appended >= n) {
             break;
@@ -92,16 +95,22 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
                 break;
             }
             let key = format!("key-{}", offset % a.keys.max(1));
-            ti.append(
+            if let Err(e) = ti.append(
                 key.as_bytes(),
                 offset,
                 100 + (offset % 900) as u32,
                 now_ms(),
-            )?;
+            ) {
+                failed = Some(e);
+                break 'run;
+            }
             offset += 1;
             appended += 1;
             if appended.is_multiple_of(a.flush_every.max(1)) {
-                ti.flush()?;
+                if let Err(e) = ti.flush() {
+                    failed = Some(e);
+                    break 'run;
+                }
                 if a.print_flushed {
                     println!("flushed {appended}");
                 }
@@ -122,10 +131,26 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             _ = signals.first() => break 'run,
         }
     }
-    ti.flush()?;
-    if a.print_flushed {
-        println!("flushed {appended}");
+    if failed.is_none() {
+        match ti.flush() {
+            Ok(()) if a.print_flushed => println!("flushed {appended}"),
+            Ok(()) => {}
+            Err(e) => failed = Some(e),
+        }
+    }
+    if let Some(e) = &failed {
+        eprintln!("tierindex demo: stopped: {e}; shutting down and draining what was acknowledged");
     }
     let report = ti.shutdown(deadline).await;
-    Ok(print_report(cli.json, &report))
+    let code = print_report(cli.json, &report);
+    // A run cut short by an error exits 1 (the error), unless the report
+    // itself needs an operator (loss, quarantine) or the stream was fenced.
+    use crate::lifecycle::{EXIT_ERROR, EXIT_FENCED, EXIT_NEEDS_OPERATOR};
+    Ok(
+        if failed.is_some() && code != EXIT_NEEDS_OPERATOR && code != EXIT_FENCED {
+            EXIT_ERROR
+        } else {
+            code
+        },
+    )
 }

@@ -102,6 +102,15 @@ pub fn print_report(json: bool, r: &ShutdownReport) -> i32 {
                 p.last_error.as_deref().unwrap_or("")
             ));
         }
+        if !r.lost.is_empty() {
+            s.push_str(&format!(
+                "\nLOST to local damage: {} entries",
+                r.lost_items()
+            ));
+            for n in &r.lost {
+                s.push_str(&format!("\n  lost {}", n.line()));
+            }
+        }
         if let Some(e) = &r.error {
             s.push_str(&format!("\nerror: {e}"));
         }
@@ -113,7 +122,7 @@ pub fn print_report(json: bool, r: &ShutdownReport) -> i32 {
              uploads stopped, uncommitted segments stay Verified with their local files"
         );
         EXIT_FENCED
-    } else if !r.drain.quarantined.is_empty() {
+    } else if !r.drain.quarantined.is_empty() || !r.lost.is_empty() {
         EXIT_NEEDS_OPERATOR
     } else if r.fully_drained() {
         EXIT_DRAINED
@@ -135,6 +144,7 @@ mod tests {
             error: fenced.map(|f| format!("fenced: {f}")),
             fenced: fenced.map(str::to_string),
             elapsed_ms: 0,
+            lost: Vec::new(),
         }
     }
 

@@ -55,9 +55,25 @@ pub(crate) fn totals_line(t: &Status) -> String {
 pub fn status(cli: &Cli) -> Result<i32> {
     let cfg = cli.config()?;
     let (view, _rep) = Journal::open_read_only(&cfg.data_dir)?;
-    let totals = status_from(view.segments(), cfg.release_after_commit);
+    let mut totals = status_from(view.segments(), cfg.release_after_commit);
+    // Entries not in the journal yet are pending too: unsealed ones in
+    // `.active` files, and sealed files the journal does not know.
+    let local = datadir::local_pending(&cfg.data_dir, &|id| view.get(id).is_some());
+    totals.unsealed_items = local.unsealed_items;
+    totals.pending_segments += local.active_segments.len() as u64;
+    for (id, bytes) in &local.unjournaled_sealed {
+        totals.unjournaled_sealed.push(*id);
+        totals.pending_segments += 1;
+        totals.pending_bytes += bytes;
+    }
+    for (_, r) in datadir::quarantine_records(&cfg.data_dir) {
+        if let Some(n) = r.loss.filter(|n| n.is_loss()) {
+            totals.lost_items += n.lost_items;
+            totals.losses.push(n.line());
+        }
+    }
     let pending = totals.pending_segments;
-    let quarantined = totals.by_state.get("Quarantined").copied().unwrap_or(0);
+    let quarantined = u64::from(totals.needs_operator());
     let out = StatusOut {
         totals,
         segments: view.segments().values().collect(),
@@ -71,6 +87,15 @@ pub fn status(cli: &Cli) -> Result<i32> {
             s.push('\n');
         }
         s.push_str(&totals_line(&o.totals));
+        if o.totals.unsealed_items > 0 || !o.totals.unjournaled_sealed.is_empty() {
+            s.push_str(&format!(
+                "\nnot journaled yet: {} entries in active segments; sealed files unknown to the journal: {:?}",
+                o.totals.unsealed_items, o.totals.unjournaled_sealed
+            ));
+        }
+        for l in &o.totals.losses {
+            s.push_str(&format!("\nLOST {l}"));
+        }
         s
     });
     Ok(if quarantined > 0 {
@@ -159,6 +184,8 @@ struct FsckOut {
     journal_records: u64,
     journal_torn_tail_at: Option<u64>,
     journal_truncated_bytes: u64,
+    /// Pending segments whose local file is missing.
+    missing: Vec<String>,
 }
 
 pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
@@ -169,26 +196,53 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     } else {
         Mode::CheckOnly
     };
-    let rec = datadir::recover(&dd, mode)?;
-    let jrep = if repair {
-        Journal::open(&cfg.data_dir, JournalOptions::default())?.1
+    let geometry = crate::segment::salvage::Geometry {
+        slot_count: cfg.slot_count,
+        item_capacity: cfg.segment_items,
+    };
+    let rec = datadir::recover_with_geometry(&dd, mode, true, Some(geometry))?;
+    let (jrep, segments) = if repair {
+        let (j, r) = Journal::open(&cfg.data_dir, JournalOptions::default())?;
+        (r, j.segments().clone())
     } else {
         match Journal::open_read_only(&cfg.data_dir) {
-            Ok((_, r)) => r,
+            Ok((v, r)) => (r, v.segments().clone()),
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 Default::default()
             }
             Err(e) => return Err(e),
         }
     };
+    // A segment the journal still has to upload needs its local file.
+    let missing: Vec<String> = segments
+        .values()
+        .filter(|r| {
+            matches!(
+                r.state,
+                journal::SegmentState::Sealed | journal::SegmentState::Uploading
+            )
+        })
+        .filter(|r| {
+            !dd.segments_dir()
+                .join(crate::segment::sealed::sealed_file_name(r.meta.id))
+                .exists()
+        })
+        .map(|r| {
+            format!(
+                "segment {} is {:?} in the journal but its local file is missing (its entries are lost unless the store already holds the object)",
+                r.meta.id, r.state
+            )
+        })
+        .collect();
     // Segments are synced by recover(); nothing else to flush here.
-    let clean = rec.report.is_clean() && jrep.torn_tail_at.is_none();
+    let clean = rec.report.is_clean() && jrep.torn_tail_at.is_none() && missing.is_empty();
     let out = FsckOut {
         repaired: repair,
         segments: rec.report,
         journal_records: jrep.records_replayed,
         journal_torn_tail_at: jrep.torn_tail_at,
         journal_truncated_bytes: jrep.truncated_bytes,
+        missing,
     };
     emit(cli.json, &out, |o| {
         let mut s = format!(
@@ -225,6 +279,20 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
                     if o.repaired { "zeroed" } else { "to zero" }
                 ));
             }
+        }
+        for n in &o.segments.salvaged {
+            s.push_str(&format!(
+                "\n  {} {}",
+                if o.repaired {
+                    "salvaged"
+                } else {
+                    "would salvage"
+                },
+                n.line()
+            ));
+        }
+        for m in &o.missing {
+            s.push_str(&format!("\n  MISSING {m}"));
         }
         for r in &o.segments.removed {
             s.push_str(&format!(

@@ -7,6 +7,7 @@
 mod demo;
 mod drain;
 mod local;
+mod quarantine;
 mod remote;
 
 use std::path::PathBuf;
@@ -111,6 +112,12 @@ pub enum Command {
         /// Also read every journaled object back in full (CRC check).
         #[arg(long)]
         deep: bool,
+    },
+    /// What is quarantined and why; retry a quarantined file once its
+    /// cause is gone.
+    Quarantine {
+        #[command(subcommand)]
+        action: quarantine::QuarantineAction,
     },
     /// Probe a store: conditional writes, multipart, range GET, metadata.
     StoreCheck {
@@ -268,6 +275,10 @@ async fn run(cli: &Cli) -> Result<i32> {
         } => {
             cli.require_data_dir()?;
             remote::reconcile(cli, *repair, *grace_ms, *deep).await
+        }
+        Command::Quarantine { action } => {
+            cli.require_data_dir()?;
+            quarantine::run(cli, action)
         }
         Command::StoreCheck { url } => remote::store_check(cli, url.as_deref()).await,
     }

@@ -62,10 +62,96 @@ fn record(sh: &Shared, id: SegmentId) -> Result<SegmentRecord> {
         .ok_or_else(|| Error::InvalidInput(format!("segment {id} is not in the journal")))
 }
 
-/// Does the local sealed file still have the length and checksum the
-/// journal recorded when it was sealed?
+/// Is the local sealed file the one the journal recorded when it was
+/// sealed? `Ok(())`, or why not. As strict as the upload's own check of the
+/// bytes (`upload::put::read_checked`): length, whole-file CRC, and a
+/// footer that decodes to exactly the recorded metadata (same id, counts,
+/// ranges, times). A weaker check here once let a foreign sealed file that
+/// passed it fail only the upload's check, which the drive then took for a
+/// bad read-back and retried until the deadline.
+fn local_mismatch(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<String> {
+    match std::fs::read(path) {
+        Ok(b) => bytes_mismatch(path, &b, meta),
+        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// [`local_mismatch`] off the async worker threads (the file is read whole).
+async fn local_mismatch_async(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<String> {
+    match tokio::fs::read(path).await {
+        Ok(b) => bytes_mismatch(path, &b, meta),
+        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn bytes_mismatch(path: &std::path::Path, b: &[u8], meta: &crate::SealedMeta) -> Option<String> {
+    use crate::segment::format::{FOOTER_LEN, Footer};
+    if b.len() as u64 != meta.file_len {
+        return Some(format!(
+            "{} is {} bytes, the journal recorded {}",
+            path.display(),
+            b.len(),
+            meta.file_len
+        ));
+    }
+    let sums = crate::segment::format::FileSums::of(b);
+    if !meta.matches_sums(b.len() as u64, &sums) || sums.crc32 != meta.file_crc {
+        return Some(format!(
+            "{} has {}, the journal recorded {}",
+            path.display(),
+            meta.describe_sums(&sums),
+            meta.key_sum()
+        ));
+    }
+    let tail = b
+        .get(b.len().saturating_sub(FOOTER_LEN)..)
+        .unwrap_or_default();
+    match Footer::decode(tail) {
+        Ok(f) if f.meta(sums) == *meta => None,
+        Ok(f) => Some(format!(
+            "{}: its footer describes another file (segment {}, {} items, sealed at {} ms) than the journal's record (segment {}, {} items, sealed at {} ms)",
+            path.display(),
+            f.segment_id,
+            f.item_count,
+            f.sealed_ms,
+            meta.id,
+            meta.item_count,
+            meta.sealed_ms
+        )),
+        Err(e) => Some(format!("{}: {e}", path.display())),
+    }
+}
+
 fn local_matches(path: &std::path::Path, meta: &crate::SealedMeta) -> bool {
-    std::fs::read(path).is_ok_and(|b| meta.matches_bytes(&b))
+    local_mismatch(path, meta).is_none()
+}
+
+/// A local sealed file that is not the one the journal describes: a local
+/// fault no retry can fix (damage, or a file swapped in). Journal the
+/// segment as quarantined and move the file to `quarantine/` with a record,
+/// at once: it must be neither uploaded nor served by lookups.
+async fn quarantine_local(sh: &Shared, id: SegmentId, why: String) -> Result<SegmentState> {
+    let reason = format!("local sealed file does not match its journal record: {why}");
+    let state = quarantine(sh, id, reason.clone()).await?;
+    let writer = sh.writer.clone();
+    let moved = tokio::task::spawn_blocking(move || {
+        writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .quarantine_sealed(id, &reason)
+    })
+    .await
+    .map_err(|e| Error::Remote(format!("quarantine task failed: {e}")))?;
+    match moved {
+        Ok(Some(to)) => {
+            tracing::error!(segment = id.0, to = %to.display(), "local sealed file moved to quarantine")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(segment = id.0, error = %e, "could not move the local sealed file to quarantine; it stays in place, quarantined in the journal")
+        }
+    }
+    Ok(state)
 }
 
 fn local_path(sh: &Shared, id: SegmentId) -> PathBuf {
@@ -200,6 +286,11 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     )
                     .await;
                 }
+                // A local fault is not a store error: check the file before
+                // anything is written to the journal or the store.
+                if let Some(why) = local_mismatch_async(&local, &rec.meta).await {
+                    return quarantine_local(sh, id, why).await;
+                }
                 let attempt = rec.attempt + 1;
                 journal_uploading(sh, id, attempt, &key).await?;
                 let mut hooks = JournalHooks {
@@ -238,17 +329,13 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             .await?;
                     }
                     Err(Error::RemoteConflict(why)) => return quarantine(sh, id, why).await,
-                    Err(e @ Error::Corrupt { .. }) if !local_matches(&local, &rec.meta) => {
-                        // The sealed file changed after sealing: no retry can
-                        // fix that. Keep it (quarantined in the journal) for
-                        // an operator; never upload bytes the journal does
-                        // not describe.
-                        return quarantine(
-                            sh,
-                            id,
-                            format!("local sealed file no longer matches its journal record: {e}"),
-                        )
-                        .await;
+                    Err(Error::Corrupt { .. }) if !local_matches(&local, &rec.meta) => {
+                        // The sealed file changed while it was read for the
+                        // upload: no retry can fix that. Never upload bytes
+                        // the journal does not describe.
+                        let why = local_mismatch(&local, &rec.meta)
+                            .unwrap_or_else(|| "it changed while it was read".into());
+                        return quarantine_local(sh, id, why).await;
                     }
                     Err(e @ Error::Corrupt { .. }) => {
                         // The read-back right after our own create or
@@ -359,7 +446,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     writer.lock().unwrap_or_else(|p| p.into_inner()).release(id)
                 })
                 .await
-                .map_err(|e| Error::Poisoned(format!("release task failed: {e}")))??;
+                .map_err(|e| Error::Remote(format!("release task failed: {e}")))??;
                 crate::failpoint::crash("release.after");
                 sh.journal.append(vec![Record::Released { id }]).await?;
                 return Ok(SegmentState::Released);

@@ -16,7 +16,11 @@
 //! Recovery (`open`) walks items from index 0 while their checksums (which
 //! bind segment id and index) and chain links verify, zeroes everything after
 //! the first bad item (so a stale item can never be resurrected later), and
-//! rebuilds the slot table.
+//! rebuilds the slot table. Start-up calls `open` only for a file whose
+//! valid items are exactly such a prefix (`segment::salvage::scan_active`);
+//! a file with valid items after a damaged span, a damaged header or a cut
+//! length is salvaged by item into a sealed file instead and never
+//! appended to again.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -32,6 +36,9 @@ use crate::segment::format::{
 use crate::segment::sealed::fsync_dir;
 use crate::segment::{Entry, SegmentId, TimeRange};
 
+/// `open` re-extends a cut file by at most this many bytes (1 GiB).
+pub const MAX_REEXTEND_BYTES: u64 = 1 << 30;
+
 /// File name of an active segment.
 pub fn active_file_name(id: SegmentId) -> String {
     format!("{id}.active")
@@ -45,9 +52,8 @@ pub struct ActiveRecovery {
     /// Length of the span after the last valid item, up to its last non-zero
     /// byte, that was zeroed (a torn or unflushed tail).
     pub torn_bytes_zeroed: u64,
-    /// Items after the first bad one whose own checksum still verified: the
-    /// damage was in the middle, not a torn end. The zeroed span was first
-    /// copied here (never deleted outright).
+    /// Where the zeroed span was copied first (when `open` was given a
+    /// directory to save it to): it is never deleted outright.
     pub tail_saved_to: Option<PathBuf>,
     /// The file was shorter than its header implies and was re-extended.
     pub extended_from: Option<u64>,
@@ -60,6 +66,11 @@ pub struct Lookup {
     pub entries: Vec<Entry>,
     /// The chain walk stopped at its bound before the chain's end.
     pub truncated: bool,
+    /// Items on the way whose CRC failed (local bit rot): their entries are
+    /// missing from `entries`. Logged as errors by the index writer.
+    pub corrupt_items: u64,
+    /// The segments those items are in.
+    pub corrupt_segments: Vec<u64>,
 }
 
 /// An mmap-backed segment being written.
@@ -280,7 +291,19 @@ impl ActiveSegment {
         let mut rec = ActiveRecovery::default();
         if file_len < layout.file_len {
             // Someone cut the file. The mapping must not reach past EOF
-            // (SIGBUS), so give it back its zeroed tail before mapping.
+            // (SIGBUS), so give it back its zeroed tail before mapping, but
+            // never by more than MAX_REEXTEND_BYTES: the header is CRC-valid
+            // but still untrusted input (it can claim ~11 GB). Start-up
+            // never gets here: it salvages a cut file (`segment::salvage`).
+            if layout.file_len - file_len > MAX_REEXTEND_BYTES {
+                return Err(Error::corrupt(
+                    path.display().to_string(),
+                    format!(
+                        "{file_len} bytes; its header implies {}, more than {MAX_REEXTEND_BYTES} bytes to re-extend",
+                        layout.file_len
+                    ),
+                ));
+            }
             allocate(&file, path, layout.file_len)?;
             rec.extended_from = Some(file_len);
         } else if file_len > layout.file_len {
@@ -325,14 +348,9 @@ impl ActiveSegment {
             .rposition(|&b| b != 0)
         {
             let tail_end = tail_start + last + 1;
-            let later_valid = (valid + 1..l.item_capacity)
-                .take_while(|i| l.item_offset(*i) + ACTIVE_ITEM_LEN <= tail_end)
-                .any(|i| {
-                    let at = l.item_offset(i);
-                    format::decode_active_item(&self.map[at..at + ACTIVE_ITEM_LEN], self.id, i)
-                        .is_some()
-                });
-            if later_valid && let Some(dir) = save_dir {
+            // Whatever is zeroed is copied first (never deleted outright):
+            // a torn tail may hold acknowledged items damaged since.
+            if let Some(dir) = save_dir {
                 rec.tail_saved_to = Some(self.save_tail(dir, tail_start, tail_end)?);
             }
             self.map[tail_start..tail_end].fill(0);
@@ -468,6 +486,9 @@ impl ActiveSegment {
             let Some(item) =
                 format::decode_active_item(&self.map[at..at + ACTIVE_ITEM_LEN], self.id, idx)
             else {
+                // Verified at open or written by us: damage since.
+                out.corrupt_items += 1;
+                out.corrupt_segments.push(self.id.0);
                 break;
             };
             if item.entry.key_hash == key_hash && range.contains(item.entry.timestamp_ms) {

@@ -822,6 +822,33 @@ impl SealedSegment {
         out
     }
 
+    /// As [`lookup`](Self::lookup), also counting the items of the key's
+    /// slot whose CRC fails (bit rot since the file was checked): those
+    /// are missing from the result, and the caller reports them.
+    pub fn lookup_counting(&self, key_hash: u64, range: TimeRange) -> (Vec<Entry>, u32) {
+        let f = &self.footer;
+        if f.item_count == 0 || !range.overlaps(f.min_ts, f.max_ts) {
+            return (Vec::new(), 0);
+        }
+        let slot = slot_of(key_hash, f.slot_count);
+        let (start, end) = (self.dir_entry(slot), self.dir_entry(slot + 1));
+        let mut out = Vec::new();
+        let mut bad = 0u32;
+        for idx in start..end.min(u32::try_from(f.item_count).unwrap_or(u32::MAX)) {
+            let at = f.items_offset as usize + idx as usize * SEALED_ITEM_LEN;
+            let Some(b) = self.map.get(at..at + SEALED_ITEM_LEN) else {
+                bad += 1;
+                continue;
+            };
+            match format::decode_sealed_item(b, f.segment_id) {
+                Ok(e) if e.key_hash == key_hash && range.contains(e.timestamp_ms) => out.push(e),
+                Ok(_) => {}
+                Err(_) => bad += 1,
+            }
+        }
+        (out, bad)
+    }
+
     /// All entries, grouped by slot.
     pub fn entries(&self) -> Vec<Entry> {
         let f = &self.footer;

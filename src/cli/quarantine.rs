@@ -1,0 +1,275 @@
+//! `tierindex quarantine list | show ID | retry ID`: what is quarantined,
+//! why, and a way back once the cause is gone.
+//!
+//! Two kinds of quarantine exist:
+//! - *files* moved to `quarantine/` (start-up checks, salvage, a local
+//!   sealed file that did not match its journal record), each with a
+//!   `<name>.why.json` record (older ones have none). ID is the file name.
+//! - *segments* marked `Quarantined` in the journal. ID is the segment id.
+//!
+//! `retry` re-checks a quarantined file and moves it back into `segments/`
+//! only when it passes the full check, names the segment its file name
+//! says, no file of that segment is there, and the journal either does not
+//! know the segment or records exactly this file in a state that still
+//! uploads. The next start (`drain`, or the broker) takes it from there.
+//! A segment the journal marks `Quarantined` cannot re-enter the pipeline
+//! from here: the journal has no transition out of `Quarantined` (its
+//! record stays the resume point); `retry` says so and exits 4.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use serde::Serialize;
+
+use crate::cli::{Cli, emit};
+use crate::datadir::{self, DataDir, QuarantineRecord, RECORD_SUFFIX};
+use crate::error::{Error, Result};
+use crate::journal::{Journal, SegmentState};
+use crate::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR};
+use crate::segment::format;
+use crate::segment::sealed::fsync_dir;
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum QuarantineAction {
+    /// Every quarantined file and journal segment, with why.
+    List,
+    /// One entry in full (a file name from `list`, or a segment id).
+    Show { id: String },
+    /// Re-check a quarantined file; move it back only if the cause is gone.
+    Retry { id: String },
+}
+
+#[derive(Serialize)]
+struct Entry {
+    id: String,
+    kind: &'static str,
+    reason: String,
+    record: Option<QuarantineRecord>,
+}
+
+fn entries(root: &Path) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    let records: std::collections::BTreeMap<PathBuf, QuarantineRecord> =
+        datadir::quarantine_records(root).into_iter().collect();
+    let qdir = root.join(datadir::QUARANTINE_DIR);
+    if let Ok(rd) = fs::read_dir(&qdir) {
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(RECORD_SUFFIX))
+            .collect();
+        names.sort();
+        for n in names {
+            let rec = records
+                .get(&qdir.join(format!("{n}{RECORD_SUFFIX}")))
+                .cloned();
+            out.push(Entry {
+                id: n,
+                kind: "file",
+                reason: rec.as_ref().map_or_else(
+                    || "(no record: quarantined by an older version)".into(),
+                    |r| r.reason.clone(),
+                ),
+                record: rec,
+            });
+        }
+    }
+    match Journal::open_read_only(root) {
+        Ok((view, _)) => {
+            for (id, r) in view.segments() {
+                if r.state == SegmentState::Quarantined {
+                    out.push(Entry {
+                        id: id.0.to_string(),
+                        kind: "journal segment",
+                        reason: r.reason.clone().unwrap_or_default(),
+                        record: None,
+                    });
+                }
+            }
+        }
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(out)
+}
+
+pub fn run(cli: &Cli, action: &QuarantineAction) -> Result<i32> {
+    let cfg = cli.config()?;
+    let root = cfg.data_dir.clone();
+    match action {
+        QuarantineAction::List => {
+            let es = entries(&root)?;
+            emit(cli.json, &es, |es| {
+                let mut s = format!("{} quarantined", es.len());
+                for e in es {
+                    s.push_str(&format!("\n  {:<16} {}  {}", e.kind, e.id, e.reason));
+                    if let Some(n) = e.record.as_ref().and_then(|r| r.loss.as_ref()) {
+                        s.push_str(&format!("\n      {}", n.line()));
+                    }
+                }
+                s
+            });
+            Ok(if es.is_empty() {
+                EXIT_DRAINED
+            } else {
+                EXIT_NEEDS_OPERATOR
+            })
+        }
+        QuarantineAction::Show { id } => {
+            let es = entries(&root)?;
+            let Some(e) = es.into_iter().find(|e| &e.id == id) else {
+                return Err(Error::InvalidInput(format!(
+                    "nothing quarantined under {id:?} (see `tierindex quarantine list`)"
+                )));
+            };
+            emit(cli.json, &e, |e| {
+                serde_json::to_string_pretty(e).unwrap_or_default()
+            });
+            Ok(EXIT_NEEDS_OPERATOR)
+        }
+        QuarantineAction::Retry { id } => retry(cli, &root, id),
+    }
+}
+
+fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
+    // The lock: the broker must be down while files move.
+    let dd = DataDir::open(root)?;
+    let src = dd.quarantine_dir().join(id);
+    if id.contains('/') || !src.is_file() {
+        if let Ok((view, _)) = Journal::open_read_only(root)
+            && let Ok(n) = id.parse::<u64>()
+            && view
+                .get(crate::segment::SegmentId(n))
+                .is_some_and(|r| r.state == SegmentState::Quarantined)
+        {
+            return refuse(
+                cli,
+                id,
+                "the journal marks this segment Quarantined and has no transition out of it; \
+                 its entries stay where the reason says (local file or store) for an operator",
+            );
+        }
+        return Err(Error::InvalidInput(format!(
+            "no quarantined file {id:?} (see `tierindex quarantine list`)"
+        )));
+    }
+    // The original name: the file name up to `.seg` / `.active`.
+    let Some((seg_id, name)) = original_name(id) else {
+        return refuse(
+            cli,
+            id,
+            "not a segment file (only sealed segment files are retried)",
+        );
+    };
+    if !name.ends_with(".seg") {
+        return refuse(
+            cli,
+            id,
+            "an active file is never put back: its salvaged items were sealed at quarantine time (see its record)",
+        );
+    }
+    let bytes = fs::read(&src).map_err(|e| Error::io(&src, "read quarantined file", e))?;
+    let (footer, sums) = match format::check_sealed(&bytes) {
+        Ok(v) => v,
+        Err(e) => return refuse(cli, id, &format!("still fails the full check: {e}")),
+    };
+    if footer.segment_id.0 != seg_id {
+        return refuse(
+            cli,
+            id,
+            &format!(
+                "its footer says segment {}, its name {seg_id}",
+                footer.segment_id
+            ),
+        );
+    }
+    let dst = dd.segments_dir().join(&name);
+    if dst.exists() {
+        return refuse(
+            cli,
+            id,
+            &format!(
+                "{} exists: a file of this segment is in place",
+                dst.display()
+            ),
+        );
+    }
+    match Journal::open_read_only(root) {
+        Ok((view, _)) => {
+            if let Some(r) = view.get(footer.segment_id) {
+                if footer.meta(sums) != r.meta {
+                    return refuse(
+                        cli,
+                        id,
+                        "the journal records other content for this segment (not the file it sealed)",
+                    );
+                }
+                if r.state == SegmentState::Quarantined {
+                    return refuse(
+                        cli,
+                        id,
+                        "the journal marks this segment Quarantined and has no transition out of it",
+                    );
+                }
+            }
+        }
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    fs::rename(&src, &dst).map_err(|e| Error::io(&src, "move file back from quarantine", e))?;
+    // IMPORTANT: both directories, so the move is durable either way.
+    fsync_dir(&dd.segments_dir())?;
+    let mut rec = src.as_os_str().to_owned();
+    rec.push(RECORD_SUFFIX);
+    let _ = fs::remove_file(PathBuf::from(rec));
+    fsync_dir(&dd.quarantine_dir())?;
+    emit(cli.json, &dst.display().to_string(), |d| {
+        format!("restored {d}; the next start (drain or the broker) journals and uploads it")
+    });
+    Ok(EXIT_DRAINED)
+}
+
+fn refuse(cli: &Cli, id: &str, why: &str) -> Result<i32> {
+    emit(cli.json, &(id, why), |(id, why)| {
+        format!("not retried {id}: {why}")
+    });
+    Ok(EXIT_NEEDS_OPERATOR)
+}
+
+/// `00000000000000000007.seg.1764...` → (7, "00000000000000000007.seg").
+fn original_name(moved: &str) -> Option<(u64, String)> {
+    for suffix in [".seg", ".active"] {
+        if let Some(at) = moved.find(suffix) {
+            let stem = &moved[..at];
+            let rest = &moved[at + suffix.len()..];
+            if stem.len() == 20
+                && stem.bytes().all(|b| b.is_ascii_digit())
+                && (rest.is_empty() || rest.starts_with('.'))
+                && !rest.starts_with(".tmp")
+            {
+                return Some((stem.parse().ok()?, format!("{stem}{suffix}")));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::original_name;
+
+    #[test]
+    fn original_names() {
+        assert_eq!(
+            original_name("00000000000000000007.seg.1764641234567"),
+            Some((7, "00000000000000000007.seg".into()))
+        );
+        assert_eq!(
+            original_name("00000000000000000007.active.1.2"),
+            Some((7, "00000000000000000007.active".into()))
+        );
+        assert_eq!(original_name("00000000000000000007.seg.tmp.1"), None);
+        assert_eq!(original_name("README.txt.1"), None);
+    }
+}
