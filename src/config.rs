@@ -187,8 +187,17 @@ impl Config {
     }
 
     pub fn from_toml(text: &str) -> Result<Config> {
-        let c: Config =
-            toml::from_str(text).map_err(|e| Error::InvalidInput(format!("config: {e}")))?;
+        let c: Config = toml::from_str(text).map_err(|e| {
+            // Not `{e}`: toml's Display quotes the offending source line,
+            // which may hold a credential (`endpoint = "http://k:s@h"`).
+            let at = e.span().map_or(String::new(), |sp| {
+                let before = text.get(..sp.start).unwrap_or("");
+                let line = before.matches('\n').count() + 1;
+                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" at line {line}, column {col}")
+            });
+            Error::InvalidInput(format!("config{at}: {}", e.message().trim_end()))
+        })?;
         c.validate()?;
         Ok(c)
     }
@@ -451,6 +460,13 @@ mod tests {
             ("store = \"s3://b/../x\"", "store"),
             ("endpoint = \"127.0.0.1:5077\"", "endpoint"),
             ("endpoint = \"http://k:hunter2@h\"", "endpoint"),
+            // Parse errors must not quote the line (it may hold a secret).
+            ("endpoit = \"http://k:hunter2@h\"", "endpoit"),
+            ("endpoint = \"http://k:hunter2@h", "line 1"),
+            (
+                "store = \"s3://b\"\nendpoint = [\"http://k:hunter2@h\"]",
+                "line 2",
+            ),
         ] {
             let e = Config::from_toml(text).expect_err(text).to_string();
             assert!(e.contains(key), "{text}: {e}");

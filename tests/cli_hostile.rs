@@ -493,6 +493,30 @@ const REFUSED: &[Case] = &[
         &["must not carry credentials", "AWS_SECRET_ACCESS_KEY"]
     ),
     case!(
+        "store with credentials holding a slash",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://AKIDEXAMPLE:SECRETxyzzy0123/x+y=@bkt/p",
+            "verify"
+        ],
+        2,
+        &["must not carry credentials"]
+    ),
+    case!(
+        "endpoint with credentials holding a slash",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://KEYID:a/SECRETxyzzy0123@127.0.0.1:5077",
+            "owner"
+        ],
+        2,
+        &["must not carry credentials"]
+    ),
+    case!(
         "store without scheme",
         &[D, DD, "--store", "127.0.0.1:5077", "verify"],
         2,
@@ -726,6 +750,20 @@ const REFUSED: &[Case] = &[
         config "data_dir = \"{data}\"\npart_size_bytes = 0\n",
         1,
         &["part_size_bytes"]
+    ),
+    case!(
+        "config typo next to a secret (the line is not quoted)",
+        &["drain"],
+        config "data_dir = \"{data}\"\nendpoit = \"http://K:SECRETxyzzy0123@127.0.0.1:1\"\n",
+        1,
+        &["endpoit", "line 2"]
+    ),
+    case!(
+        "config unterminated string holding a secret",
+        &["drain"],
+        config "data_dir = \"{data}\"\nendpoint = \"http://K:SECRETxyzzy0123@127.0.0.1:1\n",
+        1,
+        &["line 2"]
     ),
     case!(
         "config unknown key",

@@ -65,18 +65,13 @@ struct Raw<'a> {
 }
 
 /// What an error may show of `raw`: `scheme://host/path`, or nothing when
-/// `raw` holds user info. Query and fragment are cut off (a token may live
-/// there).
+/// `raw` holds an `@` anywhere (user info, perhaps with a `/` in the
+/// password). Query and fragment are cut off (a token may live there).
 pub fn redact(raw: &str) -> String {
-    let cut = raw.find(['?', '#']).map_or(raw, |i| &raw[..i]);
-    let (scheme, rest) = match cut.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, cut),
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    if rest[..authority_end].contains('@') || (scheme.is_none() && cut.contains('@')) {
+    if raw.contains('@') {
         return "<URL with credentials, not shown>".to_string();
     }
+    let cut = raw.find(['?', '#']).map_or(raw, |i| &raw[..i]);
     let shown: String = cut.chars().filter(|c| !c.is_control()).take(200).collect();
     format!("{shown:?}")
 }
@@ -100,12 +95,13 @@ fn split<'a>(field: &str, raw: &'a str, forms: &str) -> Result<Raw<'a>> {
             forms,
         ));
     }
+    // Any `@` counts as user info, wherever it is: a password holding `/`
+    // ends the authority early, so the `@` lands in what looks like the
+    // path (`s3://KEY:a/b@bucket`), and the text must still not be echoed.
+    if raw.contains('@') {
+        return Err(credentials(field));
+    }
     let Some((scheme, rest)) = raw.split_once("://") else {
-        // No `scheme://`. Look for user info anyway, so the advice below is
-        // the right one and nothing is echoed.
-        if raw.contains('@') {
-            return Err(credentials(field));
-        }
         let why = if raw.starts_with("file:") {
             "a file URL needs an absolute path after file:// (file:///absolute/dir)".to_string()
         } else {
@@ -121,16 +117,10 @@ fn split<'a>(field: &str, raw: &'a str, forms: &str) -> Result<Raw<'a>> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
     if !valid_scheme {
-        if raw.contains('@') {
-            return Err(credentials(field));
-        }
         return Err(invalid(field, raw, "missing or malformed scheme", forms));
     }
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
-    if authority.contains('@') {
-        return Err(credentials(field));
-    }
     if rest.contains('?') || rest.contains('#') {
         return Err(invalid(
             field,
@@ -461,6 +451,9 @@ mod tests {
             "memory://u:hunter2secret@p",
             "s3://bkt/p?X-Amz-Signature=hunter2secret",
             "s3://bkt/p#hunter2secret",
+            "s3://AKID:hunter2secret/x+y=z@bucket/p",
+            "s3://AKID:a/hunter2secret@bucket",
+            "file:///tmp/u:hunter2secret@x",
         ] {
             let m = store_err(raw);
             assert!(!m.contains("hunter2secret"), "{raw:?}: {m}");
@@ -471,6 +464,8 @@ mod tests {
             "KEY:hunter2secret@127.0.0.1:9000",
             "http://host/?token=hunter2secret",
             "http://host/#hunter2secret",
+            "http://KEY:a/hunter2secret@127.0.0.1:9000",
+            "http://KEY:hunter2secret/@host",
         ] {
             let m = endpoint_err(raw);
             assert!(!m.contains("hunter2secret"), "{raw:?}: {m}");
