@@ -131,6 +131,9 @@ pub(crate) fn check_listen_addr(key: &str, a: &str) -> Result<()> {
     }
 }
 
+/// Largest config file read.
+pub const CONFIG_BYTES_MAX: u64 = 1 << 20;
+
 /// Shortest accepted `reconcile_grace_ms`.
 pub const RECONCILE_GRACE_MS_MIN: u64 = 1_000;
 
@@ -181,8 +184,19 @@ impl Config {
     /// Read a TOML file. Unknown keys are an error (a typo must not be
     /// silently ignored).
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| Error::io(path, "read config file", e))?;
+        use std::io::Read as _;
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, "open config file", e))?;
+        // Bounded: `--config /dev/zero` must not eat the memory.
+        let mut text = String::new();
+        f.take(CONFIG_BYTES_MAX + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::io(path, "read config file", e))?;
+        if text.len() as u64 > CONFIG_BYTES_MAX {
+            return Err(Error::InvalidInput(format!(
+                "{}: a config file is at most {CONFIG_BYTES_MAX} bytes",
+                path.display()
+            )));
+        }
         Self::from_toml(&text).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
     }
 

@@ -813,6 +813,30 @@ const REFUSED: &[Case] = &[
     // --- missing things
     case!("no data dir", &["status"], 1, &["--data-dir"]),
     case!(
+        "config is /dev/zero",
+        &["--config", "/dev/zero", "drain"],
+        1,
+        &["at most 1048576 bytes"]
+    ),
+    case!(
+        "config is a directory",
+        &["--config", "{root}", "drain"],
+        1,
+        &["config file"]
+    ),
+    case!(
+        "inspect /dev/zero",
+        &["inspect", "/dev/zero"],
+        1,
+        &["not a regular file"]
+    ),
+    case!(
+        "inspect a directory",
+        &["inspect", "{root}"],
+        1,
+        &["not a regular file"]
+    ),
+    case!(
         "inspect a missing file",
         &["inspect", "{root}/nope.seg"],
         1,
