@@ -773,3 +773,77 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         EXIT_DRAINED
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3() -> (RemoteStore, Config) {
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID".to_string(), "AKID".to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), "s".to_string()),
+        ];
+        let store = RemoteStore::from_url_with_env(
+            "s3://bkt/p",
+            &crate::remote::StoreOptions::default(),
+            &env,
+        )
+        .unwrap();
+        (store, Config::default())
+    }
+
+    fn generic(msg: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: msg.to_string().into(),
+        }
+    }
+
+    #[test]
+    fn first_request_failures_say_what_to_do() {
+        let (store, cfg) = s3();
+        let says = |e: object_store::Error| store_problem(&store, &cfg, &e).to_string();
+        assert!(
+            says(object_store::Error::NotFound {
+                path: "p".into(),
+                source: "404".into()
+            })
+            .contains("the bucket does not exist")
+        );
+        assert!(
+            says(generic(
+                "Error performing GET: Server returned non-2xx status code: 404 Not Found: <Code>NoSuchBucket</Code>"
+            ))
+            .contains("the bucket does not exist")
+        );
+        assert!(
+            says(generic(
+                "Error getting credentials from instance metadata: 403 Forbidden"
+            ))
+            .contains("no credentials found")
+        );
+        assert!(
+            says(object_store::Error::PermissionDenied {
+                path: "p".into(),
+                source: "403".into()
+            })
+            .contains("access denied")
+        );
+        assert!(
+            says(generic(
+                "Server returned non-2xx status code: 403 Forbidden: SignatureDoesNotMatch"
+            ))
+            .contains("access denied")
+        );
+        let refused = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(object_store::client::HttpError::new(
+                object_store::client::HttpErrorKind::Connect,
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            )),
+        };
+        assert!(says(refused).contains("cannot reach the store"));
+        // Anything else keeps the general classification.
+        assert!(says(generic("something odd")).contains("something odd"));
+    }
+}
