@@ -74,8 +74,15 @@ fn store_problem(store: &RemoteStore, cfg: &Config, e: &object_store::Error) -> 
              correct the bucket in --store"
         ));
     }
-    if all.contains("instance metadata") || all.contains("169.254.169.254") || all.contains("IMDS")
-    {
+    // object_store's instance-credential errors are the failed request's
+    // own text: "Error performing PUT http://169.254.169.254/latest/api/token ..."
+    let imds = [
+        "169.254.169.254",
+        "latest/api/token",
+        "latest/meta-data",
+        "instance metadata",
+    ];
+    if imds.iter().any(|p| all.contains(p)) {
         return Error::Remote(format!(
             "{url}{at}: no credentials found (the instance metadata service was tried and \
              refused): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
@@ -818,7 +825,8 @@ mod tests {
         );
         assert!(
             says(generic(
-                "Error getting credentials from instance metadata: 403 Forbidden"
+                "Error performing PUT http://169.254.169.254/latest/api/token in 1.2s - \
+                 Server returned non-2xx status code: 403 Forbidden"
             ))
             .contains("no credentials found")
         );
