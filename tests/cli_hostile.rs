@@ -898,6 +898,32 @@ fn refused_inputs_change_nothing() {
     assert!(!Path::new("/relative").exists());
 }
 
+/// `--help` must not print the value of a variable that may hold a secret.
+#[test]
+fn help_does_not_print_variable_values() {
+    let sb = Sandbox::new();
+    for args in [
+        vec!["--help"],
+        vec!["verify", "--help"],
+        vec!["demo", "--help"],
+    ] {
+        let o = sb.run(
+            &args,
+            &[
+                ("TIERINDEX_ENDPOINT", "http://K:SECRETxyzzy0123@127.0.0.1:1"),
+                ("TIERINDEX_STORE", "s3://K:SECRETxyzzy0123@bkt/p"),
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert_sane(&o, "help");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("TIERINDEX_ENDPOINT"),
+            "{}",
+            text(&o)
+        );
+    }
+}
+
 /// A fake S3 endpoint: answers every request with `status` and `body`.
 /// Returns its `http://` URL; the thread ends with the test process.
 fn fake_s3(status: &'static str, body: &'static str) -> String {

@@ -34,10 +34,17 @@ pub struct Cli {
     #[arg(long, global = true, env = "TIERINDEX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Store URL: file:///abs/path, s3://bucket/prefix, memory://.
-    #[arg(long, global = true, env = "TIERINDEX_STORE")]
+    // hide_env_values: `--help` would otherwise print the variable's value,
+    // and a URL is where a credential ends up when one is misplaced.
+    #[arg(long, global = true, env = "TIERINDEX_STORE", hide_env_values = true)]
     pub store: Option<String>,
-    /// S3 endpoint (MinIO, Garage, ...); else AWS_ENDPOINT_URL.
-    #[arg(long, global = true, env = "TIERINDEX_ENDPOINT")]
+    /// S3 endpoint, http://host:port (MinIO, Garage, ...); else AWS_ENDPOINT_URL.
+    #[arg(
+        long,
+        global = true,
+        env = "TIERINDEX_ENDPOINT",
+        hide_env_values = true
+    )]
     pub endpoint: Option<String>,
     /// TOML configuration file (flags and variables override it).
     #[arg(long, global = true, env = "TIERINDEX_CONFIG")]
