@@ -898,6 +898,35 @@ fn refused_inputs_change_nothing() {
     assert!(!Path::new("/relative").exists());
 }
 
+/// A mistyped --data-dir or --store given to a command that only reads is
+/// an error, and the mistyped directory is not created.
+#[test]
+fn read_only_commands_do_not_create_what_is_missing() {
+    let sb = Sandbox::populated();
+    let typo_store = "file://{root}/stroe";
+    for args in [
+        vec![D, "{root}/dta", "fsck"],
+        vec![D, "{root}/dta", "fsck", "--repair"],
+        vec![D, DD, "--store", typo_store, "verify"],
+        vec![D, DD, "--store", typo_store, "status", "--remote"],
+        vec![D, DD, "--store", typo_store, "reconcile"],
+        vec![D, DD, "--store", typo_store, "lookup", "key-1", "--remote"],
+        vec!["--store", typo_store, "owner"],
+    ] {
+        let before = sb.snapshot();
+        let o = sb.run(&args, &[]);
+        assert_sane(&o, "typo");
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("no data directory at") || err.contains("no store directory at"),
+            "{args:?}: {}",
+            text(&o)
+        );
+        assert_eq!(sb.snapshot(), before, "{args:?} wrote: {}", text(&o));
+    }
+}
+
 /// `--help` must not print the value of a variable that may hold a secret.
 #[test]
 fn help_does_not_print_variable_values() {

@@ -369,6 +369,15 @@ async fn run(cli: &Cli) -> Result<i32> {
         Command::Inspect { file } => local::inspect(cli, file),
         Command::Fsck { repair } => {
             cli.require_data_dir()?;
+            // fsck checks a data directory; it must not create one for a
+            // mistyped --data-dir and then report it clean.
+            let dir = cli.config()?.data_dir;
+            if !dir.is_dir() {
+                return Err(Error::InvalidInput(format!(
+                    "no data directory at {}: check --data-dir",
+                    dir.display()
+                )));
+            }
             local::fsck(cli, *repair)
         }
         Command::Lookup {

@@ -14,6 +14,24 @@ use crate::remote::{RemoteStore, StoreKind, probe};
 use crate::tier::open_store;
 use crate::upload::{VerifyLevel, verify_segment_cfg};
 
+/// The configured store for a command that only reads it: a `file://`
+/// directory that does not exist is refused (most likely a typo in
+/// `--store`), not created as `RemoteStore::from_url` would.
+pub(crate) fn open_store_read_only(cfg: &Config) -> Result<RemoteStore> {
+    let url = cfg.store_url()?;
+    if let crate::remote::url::StoreUrl::File { dir } =
+        crate::remote::url::parse_store("store", &url)?
+        && !dir.is_dir()
+    {
+        return Err(Error::InvalidInput(format!(
+            "no store directory at {}: check --store (a command that only reads the store \
+             does not create it)",
+            dir.display()
+        )));
+    }
+    open_store(cfg)
+}
+
 /// One LIST under the stream's prefix before a command reads the store, so
 /// the usual set-up mistakes get a message that says what to do, instead of
 /// one confusing error per object ("object not found" for a missing
@@ -173,8 +191,8 @@ struct VerifyOut {
 pub async fn verify(cli: &Cli) -> Result<i32> {
     let started = Instant::now();
     let cfg = cli.config()?;
-    let store = open_store(&cfg)?;
     let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+    let store = open_store_read_only(&cfg)?;
     preflight(&store, &cfg).await?;
     let upload = cfg.upload_config();
     let mut out = VerifyOut {
@@ -365,7 +383,10 @@ struct OwnerOut {
 pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
     use crate::remote::manifest::{ManifestOptions, ManifestStore};
     let cfg = cli.config()?;
-    let store = open_store(&cfg)?;
+    let store = match action {
+        OwnerAction::Show => open_store_read_only(&cfg)?,
+        _ => open_store(&cfg)?,
+    };
     preflight(&store, &cfg).await?;
     let opts = ManifestOptions {
         allow_unconditional_store: cfg.allow_unconditional_store,
@@ -433,7 +454,7 @@ pub(crate) async fn remote_hits(
     held: &std::collections::BTreeSet<u64>,
 ) -> Result<(usize, Vec<(u64, crate::segment::Entry)>, Vec<String>)> {
     use crate::remote::fetch::{Fetcher, RemoteSegment};
-    let store = open_store(cfg)?;
+    let store = open_store_read_only(cfg)?;
     preflight(&store, cfg).await?;
     let mut bad = Vec::new();
     let segs: Vec<RemoteSegment> = if cfg.manifest {
@@ -506,7 +527,11 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
     use crate::recovery::reconcile::{ReconcileOptions, reconcile};
     let started = Instant::now();
     let cfg = cli.config()?;
-    let store = open_store(&cfg)?;
+    let store = if repair {
+        open_store(&cfg)?
+    } else {
+        open_store_read_only(&cfg)?
+    };
     preflight(&store, &cfg).await?;
     let opts = ReconcileOptions {
         repair,
@@ -640,8 +665,8 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     use crate::remote::manifest::ManifestStore;
     use futures::TryStreamExt as _;
     let cfg = cli.config()?;
-    let store = open_store(&cfg)?;
     let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+    let store = open_store_read_only(&cfg)?;
     preflight(&store, &cfg).await?;
     let totals = crate::tier::status_from(view.segments(), cfg.release_after_commit);
 
