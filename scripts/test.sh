@@ -111,6 +111,8 @@ ensure_tools() {
   command -v cc >/dev/null || pkgs+=(build-essential)
   command -v python3 >/dev/null || pkgs+=(python3 python3-pip)
   if ! command -v flock >/dev/null || ! command -v setsid >/dev/null; then pkgs+=(util-linux); fi
+  # promtool checks the metrics scrape (tests/cli_metrics.rs; fails under CI=true without it).
+  command -v promtool >/dev/null || pkgs+=(prometheus)
   if [ ${#pkgs[@]} -gt 0 ]; then apt_install "${pkgs[@]}"; fi
   # boto3 and moto are installed by scripts/s3-server.sh when a server needs them.
   cargo --version
@@ -198,7 +200,7 @@ if [ "${TIERINDEX_ONLY_S3:-0}" != 1 ]; then
   step crash env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND \
     TIERINDEX_CRASH_ITERS="${TIERINDEX_CRASH_ITERS:-20}" TIERINDEX_KILLS="${TIERINDEX_KILLS:-200}" \
     cargo test --features failpoints --test crash_points --test kill_loop --test io_errors \
-      --test power_loss --test fault_matrix -- --nocapture --test-threads=1
+      --test power_loss --test fault_matrix --test cli_hostile -- --nocapture --test-threads=1
 fi
 
 KINDS=$(s3_kinds)

@@ -79,6 +79,61 @@ pub struct Config {
     pub reconcile_grace_ms: u64,
 }
 
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// Largest accepted `slot_count` and `segment_items`: what the segment
+/// format can hold.
+pub const SLOT_COUNT_MAX: u32 = crate::segment::format::MAX_SLOTS;
+pub const SEGMENT_ITEMS_MAX: u32 = crate::segment::format::MAX_ITEMS;
+/// Largest accepted `max_uploads_in_flight`.
+pub const MAX_UPLOADS_IN_FLIGHT: u64 = 1024;
+/// Largest accepted `max_attempts`.
+pub const MAX_ATTEMPTS: u64 = 1000;
+/// Largest accepted `part_size_bytes` (S3's part limit, 5 GiB).
+pub const PART_SIZE_BYTES_MAX: u64 = 5 << 30;
+/// Shortest accepted `tick_ms`.
+pub const TICK_MS_MIN: u64 = 10;
+
+/// `key` must be in `min..=max`.
+fn range(key: &str, v: u64, min: u64, max: u64) -> Result<()> {
+    if (min..=max).contains(&v) {
+        Ok(())
+    } else if max == u64::MAX {
+        Err(Error::InvalidInput(format!(
+            "{key} must be at least {min}, got {v}"
+        )))
+    } else {
+        Err(Error::InvalidInput(format!(
+            "{key} must be {min}..={max}, got {v}"
+        )))
+    }
+}
+
+/// `host:port` or `ip:port` (what `TcpListener::bind` takes).
+pub(crate) fn check_listen_addr(key: &str, a: &str) -> Result<()> {
+    if a.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let ok = a.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty()
+            && p.parse::<u16>().is_ok()
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+    });
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = a.chars().filter(|c| !c.is_control()).take(100).collect();
+        Err(Error::InvalidInput(format!(
+            "{key} {shown:?}: expected host:port, e.g. 127.0.0.1:9464"
+        )))
+    }
+}
+
+/// Largest config file read.
+pub const CONFIG_BYTES_MAX: u64 = 1 << 20;
+
 /// Shortest accepted `reconcile_grace_ms`.
 pub const RECONCILE_GRACE_MS_MIN: u64 = 1_000;
 
@@ -129,34 +184,115 @@ impl Config {
     /// Read a TOML file. Unknown keys are an error (a typo must not be
     /// silently ignored).
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| Error::io(path, "read config file", e))?;
+        use std::io::Read as _;
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, "open config file", e))?;
+        // Bounded: `--config /dev/zero` must not eat the memory.
+        let mut text = String::new();
+        f.take(CONFIG_BYTES_MAX + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::io(path, "read config file", e))?;
+        if text.len() as u64 > CONFIG_BYTES_MAX {
+            return Err(Error::InvalidInput(format!(
+                "{}: a config file is at most {CONFIG_BYTES_MAX} bytes",
+                path.display()
+            )));
+        }
         Self::from_toml(&text).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
     }
 
     pub fn from_toml(text: &str) -> Result<Config> {
-        let c: Config =
-            toml::from_str(text).map_err(|e| Error::InvalidInput(format!("config: {e}")))?;
+        let c: Config = toml::from_str(text).map_err(|e| {
+            // Not `{e}`: toml's Display quotes the offending source line,
+            // which may hold a credential (`endpoint = "http://k:s@h"`).
+            let at = e.span().map_or(String::new(), |sp| {
+                let before = text.get(..sp.start).unwrap_or("");
+                let line = before.matches('\n').count() + 1;
+                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" at line {line}, column {col}")
+            });
+            Error::InvalidInput(format!("config{at}: {}", e.message().trim_end()))
+        })?;
         c.validate()?;
         Ok(c)
     }
 
+    /// Checks every value; the CLI and [`Config::from_toml`] both call it,
+    /// and so does `TierIndex::open`. Each error names the key, the accepted
+    /// range and the value found (never the value of a URL: see
+    /// [`crate::remote::url`]).
     pub fn validate(&self) -> Result<()> {
-        if self.slot_count == 0 || self.segment_items == 0 || self.max_chain_steps == 0 {
+        if self.data_dir.as_os_str().is_empty() {
             return Err(Error::InvalidInput(
-                "slot_count, segment_items and max_chain_steps must be at least 1".into(),
+                "data_dir is empty: name the data directory".into(),
             ));
         }
-        if self.max_uploads_in_flight == 0 || self.max_attempts == 0 {
-            return Err(Error::InvalidInput(
-                "max_uploads_in_flight and max_attempts must be at least 1".into(),
-            ));
+        if let Some(s) = &self.store {
+            crate::remote::url::parse_store("store", s)?;
         }
-        if self.journal_compact_after_bytes < 1024 {
-            return Err(Error::InvalidInput(
-                "journal_compact_after_bytes must be at least 1024".into(),
-            ));
+        if let Some(e) = &self.endpoint {
+            crate::remote::url::parse_endpoint("endpoint", e)?;
         }
+        if let Some(r) = &self.region
+            && (r.is_empty()
+                || r.len() > 64
+                || !r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            return Err(Error::InvalidInput(format!(
+                "region {r:?}: expected a region name such as us-east-1"
+            )));
+        }
+        if let Some(a) = &self.metrics_addr {
+            check_listen_addr("metrics_addr", a)?;
+        }
+        range(
+            "slot_count",
+            self.slot_count.into(),
+            1,
+            SLOT_COUNT_MAX.into(),
+        )?;
+        range(
+            "segment_items",
+            self.segment_items.into(),
+            1,
+            SEGMENT_ITEMS_MAX.into(),
+        )?;
+        if let Some(age) = self.segment_max_age_ms {
+            range("segment_max_age_ms", age, 1, DAY_MS * 30)?;
+        }
+        range(
+            "max_chain_steps",
+            self.max_chain_steps.into(),
+            1,
+            u32::MAX.into(),
+        )?;
+        range(
+            "max_uploads_in_flight",
+            self.max_uploads_in_flight as u64,
+            1,
+            MAX_UPLOADS_IN_FLIGHT,
+        )?;
+        range(
+            "multipart_threshold_bytes",
+            self.multipart_threshold_bytes,
+            1,
+            u64::MAX,
+        )?;
+        range(
+            "part_size_bytes",
+            self.part_size_bytes,
+            1,
+            PART_SIZE_BYTES_MAX,
+        )?;
+        range("max_attempts", self.max_attempts.into(), 1, MAX_ATTEMPTS)?;
+        range("request_timeout_ms", self.request_timeout_ms, 1, HOUR_MS)?;
+        range(
+            "journal_compact_after_bytes",
+            self.journal_compact_after_bytes,
+            1024,
+            1 << 40,
+        )?;
+        range("shutdown_deadline_ms", self.shutdown_deadline_ms, 1, DAY_MS)?;
+        range("tick_ms", self.tick_ms, TICK_MS_MIN, 60_000)?;
         if let Some(o) = &self.owner_id {
             crate::remote::lease::validate_owner(o)
                 .map_err(|e| Error::InvalidInput(format!("owner_id {o:?}: {e}")))?;
@@ -168,12 +304,24 @@ impl Config {
                 self.reconcile_grace_ms
             )));
         }
+        range(
+            "reconcile_grace_ms",
+            self.reconcile_grace_ms,
+            RECONCILE_GRACE_MS_MIN,
+            DAY_MS * 365,
+        )?;
         if self.reconcile_interval_ms != 0 && self.reconcile_interval_ms < 100 {
             return Err(Error::InvalidInput(format!(
                 "reconcile_interval_ms must be 0 (off) or at least 100, got {}",
                 self.reconcile_interval_ms
             )));
         }
+        range(
+            "reconcile_interval_ms",
+            self.reconcile_interval_ms,
+            0,
+            DAY_MS * 30,
+        )?;
         if !(LEASE_TTL_MS_MIN..=LEASE_TTL_MS_MAX).contains(&self.lease_ttl_ms) {
             return Err(Error::InvalidInput(format!(
                 "lease_ttl_ms must be {LEASE_TTL_MS_MIN}..={LEASE_TTL_MS_MAX}, got {}",
@@ -235,10 +383,16 @@ impl Config {
         let abs = std::path::absolute(&self.data_dir)
             .map_err(|e| Error::io(&self.data_dir, "resolve data dir", e))?;
         let parent = abs.parent().unwrap_or(Path::new("/"));
-        Ok(format!(
-            "file://{}",
-            parent.join("tierindex-store").display()
-        ))
+        let dir = parent.join("tierindex-store");
+        // Percent-encoded, so a space or `%` in the path stays a path.
+        ::url::Url::from_file_path(&dir)
+            .map(|u| u.to_string())
+            .map_err(|()| {
+                Error::InvalidInput(format!(
+                    "data_dir {}: no store URL can be formed next to it; set store",
+                    self.data_dir.display()
+                ))
+            })
     }
 
     pub fn index_config(&self) -> IndexConfig {
@@ -285,6 +439,78 @@ mod tests {
         assert!(Config::from_toml("stream = \"../etc\"").is_err());
         let text = toml::to_string(&Config::default()).unwrap();
         assert!(Config::from_toml(&text).is_ok());
+    }
+
+    #[test]
+    fn zero_and_absurd_values_are_refused_by_name() {
+        for (text, key) in [
+            ("slot_count = 0", "slot_count"),
+            ("slot_count = 4294967295", "slot_count"),
+            ("segment_items = 4294967295", "segment_items"),
+            ("segment_max_age_ms = 0", "segment_max_age_ms"),
+            ("max_uploads_in_flight = 0", "max_uploads_in_flight"),
+            ("max_uploads_in_flight = 1000000", "max_uploads_in_flight"),
+            ("max_attempts = 0", "max_attempts"),
+            ("part_size_bytes = 0", "part_size_bytes"),
+            ("part_size_bytes = 10000000000", "part_size_bytes"),
+            ("multipart_threshold_bytes = 0", "multipart_threshold_bytes"),
+            ("request_timeout_ms = 0", "request_timeout_ms"),
+            ("shutdown_deadline_ms = 0", "shutdown_deadline_ms"),
+            (
+                "shutdown_deadline_ms = 18446744073709551615",
+                "shutdown_deadline_ms",
+            ),
+            ("tick_ms = 0", "tick_ms"),
+            ("tick_ms = 9", "tick_ms"),
+            ("lease_ttl_ms = 0", "lease_ttl_ms"),
+            (
+                "reconcile_interval_ms = 18446744073709551615",
+                "reconcile_interval_ms",
+            ),
+            ("data_dir = \"\"", "data_dir"),
+            ("metrics_addr = \"nope\"", "metrics_addr"),
+            ("region = \"us east\"", "region"),
+            ("store = \"file:\"", "store"),
+            ("store = \"s3://b/../x\"", "store"),
+            ("endpoint = \"127.0.0.1:5077\"", "endpoint"),
+            ("endpoint = \"http://k:hunter2@h\"", "endpoint"),
+            // Parse errors must not quote the line (it may hold a secret).
+            ("endpoit = \"http://k:hunter2@h\"", "endpoit"),
+            ("endpoint = \"http://k:hunter2@h", "line 1"),
+            (
+                "store = \"s3://b\"\nendpoint = [\"http://k:hunter2@h\"]",
+                "line 2",
+            ),
+        ] {
+            let e = Config::from_toml(text).expect_err(text).to_string();
+            assert!(e.contains(key), "{text}: {e}");
+            assert!(!e.contains("hunter2"), "{text}: {e}");
+        }
+        for ok in [
+            "slot_count = 67108864",
+            "tick_ms = 10",
+            "metrics_addr = \"localhost:9464\"",
+            "metrics_addr = \"[::1]:0\"",
+            "store = \"file:///tmp/a%20b\"",
+            "endpoint = \"http://127.0.0.1:9000\"",
+        ] {
+            assert!(Config::from_toml(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn default_store_url_survives_odd_paths() {
+        let c = Config {
+            data_dir: "/tmp/a dir%/data".into(),
+            ..Config::default()
+        };
+        let u = c.store_url().unwrap();
+        assert_eq!(
+            crate::remote::url::parse_store("s", &u).unwrap(),
+            crate::remote::url::StoreUrl::File {
+                dir: "/tmp/a dir%/tierindex-store".into()
+            }
+        );
     }
 
     #[test]

@@ -55,7 +55,12 @@ impl ShutdownSignals {
                         tracing::warn!(signal = sig, "shutdown requested; draining (send again to exit at once)");
                         let _ = tx.send(true);
                     } else {
-                        eprintln!("tierindex: second signal; exiting now, pending work resumes at the next start");
+                        // Not eprintln!: a closed stderr must not panic here.
+                        use std::io::Write as _;
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "tierindex: second signal; exiting now, pending work resumes at the next start"
+                        );
                         std::process::exit(EXIT_FORCED);
                     }
                 }

@@ -1,12 +1,31 @@
-//! Counters and gauges, rendered in the Prometheus text format and served
-//! on an optional HTTP address (`GET /metrics`).
+//! Counters, gauges and one histogram, rendered in the Prometheus text
+//! format (0.0.4) and served on an optional HTTP address.
 //!
-//! Hand-rolled on atomics: a dozen values do not need a registry, and the
-//! append path never touches them.
+//! Hand-rolled on atomics: a couple of dozen values do not need a registry,
+//! and the append path only touches two relaxed atomics.
+//!
+//! ## Conventions
+//! Prometheus' naming rules, checked by `promtool check metrics` in
+//! `tests/cli_metrics.rs`: base units in the name (`_seconds`, `_bytes`),
+//! counters end in `_total`, one `# HELP` and `# TYPE` per family, and a
+//! histogram exposes only `_bucket{le=...}` (cumulative, ending in `+Inf`),
+//! `_sum` and `_count`. Durations are kept in milliseconds internally (the
+//! field names say so) and rendered in seconds.
+//!
+//! ## Serving
+//! [`serve`] answers `GET`/`HEAD` of `/metrics` (and `/`) on a plain tokio
+//! listener. No HTTP crate: the one in the dependency tree (hyper, via
+//! reqwest and object_store) is built without its `server` feature, and
+//! enabling it rebuilds the whole HTTP client stack for four lines of
+//! protocol. What a hand-written loop must get right is done here and
+//! commented: it backs off on accept errors instead of spinning (EMFILE
+//! persists until a descriptor is closed), bounds the request head, the
+//! time per connection and the number of connections.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,6 +37,11 @@ impl Counter {
     }
     pub fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Raises the counter to `v` if it is below (never lowers it: a counter
+    /// only goes up).
+    pub fn raise_to(&self, v: u64) {
+        self.0.fetch_max(v, Ordering::Relaxed);
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -35,28 +59,87 @@ impl Gauge {
     }
 }
 
-/// Sum, count and max of observed values (a summary without quantiles).
+/// Upper bounds (ms) of the duration histogram's buckets; `+Inf` follows.
+const DURATION_BUCKETS_MS: [u64; 12] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 60_000,
+];
+
+/// A histogram of durations observed in milliseconds, rendered in seconds.
 #[derive(Default, Debug)]
-pub struct Summary {
-    sum: AtomicU64,
+pub struct DurationHistogram {
+    /// Per bucket (not cumulative), then one for `+Inf`.
+    buckets: [AtomicU64; DURATION_BUCKETS_MS.len() + 1],
+    sum_ms: AtomicU64,
     count: AtomicU64,
-    max: AtomicU64,
 }
-impl Summary {
-    pub fn observe(&self, v: u64) {
-        self.sum.fetch_add(v, Ordering::Relaxed);
+
+impl DurationHistogram {
+    /// Records one duration of `ms` milliseconds.
+    pub fn observe(&self, ms: u64) {
+        let i = DURATION_BUCKETS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(DURATION_BUCKETS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.max.fetch_max(v, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, s: &mut String, name: &str, help: &str) {
+        let _ = writeln!(
+            s,
+            "# HELP tierindex_{name} {help}\n# TYPE tierindex_{name} histogram"
+        );
+        // Read the buckets first and derive the count from them, so a
+        // scrape racing an observation still shows `+Inf == _count`.
+        let mut cumulative = 0u64;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = match DURATION_BUCKETS_MS.get(i) {
+                Some(ms) => seconds(*ms),
+                None => "+Inf".to_string(),
+            };
+            let _ = writeln!(s, "tierindex_{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            s,
+            "tierindex_{name}_sum {}\ntierindex_{name}_count {cumulative}",
+            seconds(self.sum_ms.load(Ordering::Relaxed))
+        );
+    }
+}
+
+/// `ms` as a decimal number of seconds, exact (`1500` is `1.5`).
+fn seconds(ms: u64) -> String {
+    let (s, frac) = (ms / 1000, ms % 1000);
+    if frac == 0 {
+        format!("{s}")
+    } else {
+        let f = format!("{frac:03}");
+        format!("{s}.{}", f.trim_end_matches('0'))
     }
 }
 
 /// Every metric tierindex exports.
 #[derive(Default, Debug)]
 pub struct Metrics {
+    /// Entries appended through `TierIndex::append` in this process.
+    pub entries_appended: Counter,
+    /// Entries made durable by `TierIndex::flush` (acknowledged).
+    pub entries_flushed: Counter,
+    /// Entries in segments whose upload (PUT and read-back) succeeded.
+    pub entries_uploaded: Counter,
     pub segments_sealed: Counter,
+    /// Segments whose upload (PUT and read-back) succeeded.
+    pub segments_uploaded: Counter,
     pub segments_committed: Counter,
     pub upload_bytes: Counter,
-    pub upload_latency_ms: Summary,
+    /// PUT plus read-back time of each upload, observed in ms.
+    pub upload_latency_ms: DurationHistogram,
     pub retries: Counter,
     pub verify_failures: Counter,
     pub quarantined: Counter,
@@ -88,134 +171,150 @@ impl Metrics {
     /// Prometheus text exposition format, version 0.0.4.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+        let mut one = |name: &str, kind: &str, help: &str, v: &str| {
             let _ = writeln!(
                 s,
                 "# HELP tierindex_{name} {help}\n# TYPE tierindex_{name} {kind}\ntierindex_{name} {v}"
             );
         };
-        one(
-            "segments_sealed_total",
-            "counter",
-            "Segments sealed and journaled.",
-            self.segments_sealed.get(),
-        );
-        one(
-            "segments_committed_total",
-            "counter",
-            "Segments verified and committed.",
-            self.segments_committed.get(),
-        );
-        one(
-            "upload_bytes_total",
-            "counter",
-            "Bytes uploaded.",
-            self.upload_bytes.get(),
-        );
-        one(
-            "upload_retries_total",
-            "counter",
-            "Upload steps that failed and were retried.",
-            self.retries.get(),
-        );
-        one(
-            "verify_failures_total",
-            "counter",
-            "Read-back verifications that did not match.",
-            self.verify_failures.get(),
-        );
-        one(
-            "quarantined_total",
-            "counter",
-            "Segments quarantined in the journal.",
-            self.quarantined.get(),
-        );
-        one(
-            "remote_unreadable_total",
-            "counter",
-            "Remote segment reads that failed their checks or found no object under a committed key.",
-            self.remote_unreadable.get(),
-        );
-        one(
-            "remote_damage_marked_total",
-            "counter",
-            "Damaged remote segments confirmed by a full read and marked in the manifest.",
-            self.remote_damage_marked.get(),
-        );
-        one(
-            "local_entries_lost_total",
-            "counter",
-            "Entries of damaged local segment files that could not be salvaged at start-up.",
-            self.local_entries_lost.get(),
-        );
-        one(
-            "local_corrupt_items_total",
-            "counter",
-            "Items whose CRC failed during a local lookup (missing from its result).",
-            self.local_corrupt_items.get(),
-        );
-        one(
-            "reconcile_repaired_total",
-            "counter",
-            "Findings the background reconciler repaired.",
-            self.reconcile_repaired.get(),
-        );
-        one(
-            "reconcile_runs_total",
-            "counter",
-            "Background reconcile runs finished.",
-            self.reconcile_runs.get(),
-        );
-        one(
-            "reconcile_unresolved",
-            "gauge",
-            "Findings of the last background reconcile that need an operator.",
-            self.reconcile_unresolved.get(),
-        );
-        one(
-            "uploads_in_flight",
-            "gauge",
-            "Uploads running now.",
-            self.uploads_in_flight.get(),
-        );
-        one(
-            "pending_segments",
-            "gauge",
-            "Sealed segments not yet committed.",
-            self.pending_segments.get(),
-        );
-        one(
-            "pending_bytes",
-            "gauge",
-            "Bytes of sealed segments not yet committed.",
-            self.pending_bytes.get(),
-        );
-        one(
-            "oldest_pending_age_ms",
-            "gauge",
-            "Age of the oldest pending segment.",
-            self.oldest_pending_age_ms.get(),
-        );
-        one(
-            "last_drain_duration_ms",
-            "gauge",
-            "Duration of the last drain.",
-            self.last_drain_ms.get(),
-        );
-        let l = &self.upload_latency_ms;
-        let _ = writeln!(
-            s,
-            "# HELP tierindex_upload_latency_ms Upload (PUT + read-back) latency.\n# TYPE tierindex_upload_latency_ms summary\ntierindex_upload_latency_ms_sum {}\ntierindex_upload_latency_ms_count {}\ntierindex_upload_latency_ms_max {}",
-            l.sum.load(Ordering::Relaxed),
-            l.count.load(Ordering::Relaxed),
-            l.max.load(Ordering::Relaxed)
+        let counters: [(&str, &str, &Counter); 16] = [
+            (
+                "entries_appended_total",
+                "Entries appended.",
+                &self.entries_appended,
+            ),
+            (
+                "entries_flushed_total",
+                "Entries made durable by a flush (acknowledged).",
+                &self.entries_flushed,
+            ),
+            (
+                "entries_uploaded_total",
+                "Entries in segments uploaded and read back.",
+                &self.entries_uploaded,
+            ),
+            (
+                "segments_sealed_total",
+                "Segments sealed and journaled.",
+                &self.segments_sealed,
+            ),
+            (
+                "segments_uploaded_total",
+                "Segments uploaded and read back.",
+                &self.segments_uploaded,
+            ),
+            (
+                "segments_committed_total",
+                "Segments verified and committed.",
+                &self.segments_committed,
+            ),
+            (
+                "upload_bytes_total",
+                "Bytes of segments uploaded.",
+                &self.upload_bytes,
+            ),
+            (
+                "upload_retries_total",
+                "Upload steps that failed and were retried.",
+                &self.retries,
+            ),
+            (
+                "verify_failures_total",
+                "Read-back verifications that did not match.",
+                &self.verify_failures,
+            ),
+            (
+                "quarantined_total",
+                "Segments quarantined in the journal.",
+                &self.quarantined,
+            ),
+            (
+                "remote_unreadable_total",
+                "Remote segment reads that failed their checks or found no object under a committed key.",
+                &self.remote_unreadable,
+            ),
+            (
+                "remote_damage_marked_total",
+                "Damaged remote segments confirmed by a full read and marked in the manifest.",
+                &self.remote_damage_marked,
+            ),
+            (
+                "local_entries_lost_total",
+                "Entries of damaged local segment files that could not be salvaged at start-up.",
+                &self.local_entries_lost,
+            ),
+            (
+                "local_corrupt_items_total",
+                "Items whose CRC failed during a local lookup (missing from its result).",
+                &self.local_corrupt_items,
+            ),
+            (
+                "reconcile_repaired_total",
+                "Findings the background reconciler repaired.",
+                &self.reconcile_repaired,
+            ),
+            (
+                "reconcile_runs_total",
+                "Background reconcile runs finished.",
+                &self.reconcile_runs,
+            ),
+        ];
+        for (name, help, c) in &counters {
+            one(name, "counter", help, &c.get().to_string());
+        }
+        let gauges: [(&str, &str, String); 6] = [
+            (
+                "reconcile_unresolved",
+                "Findings of the last background reconcile that need an operator.",
+                self.reconcile_unresolved.get().to_string(),
+            ),
+            (
+                "uploads_in_flight",
+                "Uploads running now.",
+                self.uploads_in_flight.get().to_string(),
+            ),
+            (
+                "pending_segments",
+                "Sealed segments not yet committed.",
+                self.pending_segments.get().to_string(),
+            ),
+            (
+                "pending_bytes",
+                "Bytes of sealed segments not yet committed.",
+                self.pending_bytes.get().to_string(),
+            ),
+            (
+                "oldest_pending_age_seconds",
+                "Age of the oldest pending segment since it was sealed.",
+                seconds(self.oldest_pending_age_ms.get()),
+            ),
+            (
+                "last_drain_duration_seconds",
+                "Duration of the last shutdown drain.",
+                seconds(self.last_drain_ms.get()),
+            ),
+        ];
+        for (name, help, v) in &gauges {
+            one(name, "gauge", help, v);
+        }
+        self.upload_latency_ms.render(
+            &mut s,
+            "upload_duration_seconds",
+            "Upload (PUT plus read-back) duration.",
         );
         s
     }
 }
 
-/// Serve `GET /metrics` on `addr` until the task is dropped. Returns the
-/// bound address (useful with port 0).
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 64;
+/// Longest request head read.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Time one connection may take, reading and writing.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serve the metrics on `addr` (`GET /metrics`) until the task is dropped
+/// or aborted. Returns the bound address (useful with port 0).
 pub async fn serve(
     addr: &str,
     metrics: Arc<Metrics>,
@@ -223,27 +322,93 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut backoff = Duration::from_millis(10);
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
+            let sock = match listener.accept().await {
+                Ok((sock, _)) => {
+                    backoff = Duration::from_millis(10);
+                    sock
+                }
+                Err(e) => {
+                    // Accept errors such as EMFILE/ENFILE last until some
+                    // descriptor is closed: retrying at once would spin a
+                    // core. Wait, doubling up to 1 s, and say why.
+                    tracing::warn!(error = %e, retry_in = ?backoff, "metrics: accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            // Over the limit: close at once rather than queue without bound.
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                drop(sock);
                 continue;
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                // Read (and ignore) the request head; bounded.
-                let mut buf = [0u8; 2048];
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf))
-                        .await;
-                let body = metrics.render();
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
+                let _permit = permit;
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, respond(sock, &metrics)).await;
             });
         }
     });
     Ok((local, task))
+}
+
+/// Reads one request head and answers it; the connection is then closed.
+async fn respond(mut sock: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_HEAD_BYTES {
+            return reply(&mut sock, "431 Request Header Fields Too Large", "", false).await;
+        }
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = head
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(&[]);
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let head_only = method == "HEAD";
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics" | "/") => {
+            reply(&mut sock, "200 OK", &metrics.render(), head_only).await
+        }
+        ("GET" | "HEAD", _) => {
+            reply(
+                &mut sock,
+                "404 Not Found",
+                "not found: the metrics are at /metrics\n",
+                head_only,
+            )
+            .await
+        }
+        _ => reply(&mut sock, "405 Method Not Allowed", "", false).await,
+    }
+}
+
+async fn reply(
+    sock: &mut tokio::net::TcpStream,
+    status: &str,
+    body: &str,
+    head_only: bool,
+) -> std::io::Result<()> {
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         content-length: {}\r\nallow: GET, HEAD\r\nconnection: close\r\n\r\n{}",
+        body.len(),
+        if head_only { "" } else { body }
+    );
+    sock.write_all(resp.as_bytes()).await?;
+    sock.shutdown().await
 }
 
 #[cfg(test)]
@@ -255,9 +420,44 @@ mod tests {
         let m = Metrics::default();
         m.upload_bytes.add(42);
         m.upload_latency_ms.observe(7);
+        m.upload_latency_ms.observe(70_000);
+        m.oldest_pending_age_ms.set(1500);
         let t = m.render();
-        assert!(t.contains("tierindex_upload_bytes_total 42\n"));
-        assert!(t.contains("tierindex_upload_latency_ms_count 1\n"));
-        assert!(t.contains("# TYPE tierindex_pending_segments gauge"));
+        assert!(t.contains("tierindex_upload_bytes_total 42\n"), "{t}");
+        assert!(
+            t.contains("tierindex_upload_duration_seconds_bucket{le=\"0.01\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tierindex_upload_duration_seconds_bucket{le=\"+Inf\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tierindex_upload_duration_seconds_count 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tierindex_upload_duration_seconds_sum 70.007\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tierindex_oldest_pending_age_seconds 1.5\n"),
+            "{t}"
+        );
+        assert!(t.contains("# TYPE tierindex_pending_segments gauge"), "{t}");
+        assert!(!t.contains("_ms"), "milliseconds leaked into a name: {t}");
+        assert!(!t.contains("_max"), "{t}");
+        // Every counter family ends in _total.
+        for l in t.lines().filter(|l| l.ends_with(" counter")) {
+            assert!(l.ends_with("_total counter"), "{l}");
+        }
+    }
+
+    #[test]
+    fn raise_to_never_lowers() {
+        let c = Counter::default();
+        c.raise_to(5);
+        c.raise_to(3);
+        assert_eq!(c.get(), 5);
     }
 }

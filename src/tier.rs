@@ -294,17 +294,30 @@ impl TierIndex {
 
     /// Append an entry. Durable after the next [`flush`](Self::flush).
     pub fn append(&self, key: &[u8], offset: u64, size: u32, timestamp_ms: u64) -> Result<()> {
-        self.writer().append(key, offset, size, timestamp_ms)
+        let mut w = self.writer();
+        w.append(key, offset, size, timestamp_ms)?;
+        // Counted under the writer lock, so a flush never sees more entries
+        // flushed than appended.
+        self.sh().metrics.entries_appended.inc();
+        Ok(())
     }
 
     pub fn append_entry(&self, e: Entry) -> Result<()> {
-        self.writer().append_entry(e)
+        let mut w = self.writer();
+        w.append_entry(e)?;
+        self.sh().metrics.entries_appended.inc();
+        Ok(())
     }
 
     /// The durability point: returns once every appended entry survives
     /// kill -9 and power loss.
     pub fn flush(&self) -> Result<()> {
-        self.writer().flush()
+        let mut w = self.writer();
+        // Every entry appended so far (under this lock) is in this flush.
+        let appended = self.sh().metrics.entries_appended.get();
+        w.flush()?;
+        self.sh().metrics.entries_flushed.raise_to(appended);
+        Ok(())
     }
 
     /// Seal the active segment now (if it holds anything).

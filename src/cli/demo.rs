@@ -11,44 +11,53 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::cli::{Cli, drain::print_report};
+use crate::cli::drain::{RunTotals, parse_deadline, print_report};
+use crate::cli::{Cli, note, out_line};
+use crate::config::{SEGMENT_ITEMS_MAX, SLOT_COUNT_MAX};
 use crate::error::Result;
-use crate::lifecycle::ShutdownSignals;
+use crate::lifecycle::{EXIT_ERROR, ShutdownSignals};
 use crate::segment::now_ms;
 use crate::tier::TierIndex;
+
+/// Highest `--rate` accepted (entries per second).
+const RATE_MAX: u64 = 100_000_000;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Items per segment (small values roll and upload many segments).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(SEGMENT_ITEMS_MAX)))]
     pub segment_items: u32,
     /// Hash slots per segment.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(SLOT_COUNT_MAX)))]
     pub slots: u32,
-    /// Entries appended per second.
-    #[arg(long, default_value_t = 100_000)]
+    /// Entries appended per second (1 to 100000000).
+    #[arg(long, default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..=RATE_MAX))]
     pub rate: u64,
     /// Stop by itself after this many entries (default: run until a signal).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub entries: Option<u64>,
     /// Distinct message keys.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub keys: u64,
     /// Flush (msync) after this many appends.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub flush_every: u64,
     /// Print `flushed N` after each flush (N = entries durable so far).
     #[arg(long)]
     pub print_flushed: bool,
     /// Drain deadline at shutdown (default: the config's shutdown_deadline_ms, 20 s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_deadline)]
     pub deadline: Option<Duration>,
-    /// Serve Prometheus metrics on this address.
+    /// Serve Prometheus metrics on this address (host:port; GET /metrics).
     #[arg(long)]
     pub metrics_addr: Option<String>,
 }
 
 pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
+    let started = Instant::now();
     let mut cfg = cli.config()?;
     if cli.data_dir.is_none() && cli.config.is_none() {
         cfg.data_dir = PathBuf::from("tierindex-demo/data");
@@ -60,69 +69,89 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
         cfg.metrics_addr = a.metrics_addr.clone();
     }
     let mut signals = ShutdownSignals::install()?;
-    let (ti, open) = TierIndex::open(cfg).await?;
+    let (ti, open) = match TierIndex::open(cfg).await {
+        Ok(x) => x,
+        Err(e) => {
+            // Nothing was appended, so nothing of this run is at risk; what
+            // an earlier run left is still in the data directory.
+            note(&format!(
+                "tierindex demo: cannot open the data directory or the store: {e}\n\
+                 nothing was appended by this run, so nothing needs draining from it; \
+                 fix the cause, then run `tierindex drain` for what earlier runs left"
+            ));
+            return Ok(EXIT_ERROR);
+        }
+    };
+    let metrics = ti.metrics();
     let deadline = a
         .deadline
         .unwrap_or(Duration::from_millis(ti.config().shutdown_deadline_ms));
     // Offsets continue after everything a previous run indexed.
     let mut offset = ti.max_offset().map_or(0, |m| m + 1);
     if !cli.json {
-        eprintln!(
+        note(&format!(
             "tierindex demo: data {} -> store {} ({} entries/s; Ctrl-C to stop and drain)",
             ti.data_dir().display(),
             open.store,
             a.rate
-        );
+        ));
     }
+    // Stops the run early, like a signal: stdout closed under
+    // --print-flushed (nobody can learn what was acknowledged any more).
+    let mut stdout_gone = false;
     if a.print_flushed {
         // Entries of this run are offsets `start .. start + flushed`.
-        println!("start {offset}");
+        stdout_gone |= !out_line(&format!("start {offset}"));
     }
-    let started = Instant::now();
-    let batch = (a.rate / 100).max(1);
-    let mut next = Instant::now();
+    let run_started = Instant::now();
     let mut appended = 0u64;
+    let mut flushed = 0u64;
+    let mut fatal: Option<String> = None;
     let mut last_note = Instant::now();
-    // An append or flush failure (ENOSPC, a failed msync) ends the run, but
-    // never skips the shutdown report: what was acknowledged still drains.
-    let mut failed: Option<crate::error::Error> = None;
+    let mut next = Instant::now();
     'run: loop {
-        if signals.received() || a.entries.is_some_and(|n| appended >= n) {
+        if stdout_gone || signals.received() || a.entries.is_some_and(|n| appended >= n) {
             break;
         }
-        for _ in 0..batch {
-            if a.entries.is_some_and(|n| appended >= n) {
-                break;
-            }
-            let key = format!("key-{}", offset % a.keys.max(1));
+        // Paced by elapsed time, so any rate from 1/s up is honoured (not
+        // rounded up to one entry per 10 ms tick).
+        let due = (run_started.elapsed().as_secs_f64() * a.rate as f64) as u64;
+        let due = a.entries.map_or(due, |n| due.min(n));
+        // At most 100 ms worth (and 100 000) per tick, so a run that falls
+        // behind still looks at signals between batches.
+        let due = due.min(appended + (a.rate / 10).clamp(1, 100_000));
+        while appended < due {
+            let key = format!("key-{}", offset % a.keys);
             if let Err(e) = ti.append(
                 key.as_bytes(),
                 offset,
                 100 + (offset % 900) as u32,
                 now_ms(),
             ) {
-                failed = Some(e);
+                fatal = Some(e.to_string());
                 break 'run;
             }
             offset += 1;
             appended += 1;
-            if appended.is_multiple_of(a.flush_every.max(1)) {
+            if appended.is_multiple_of(a.flush_every) {
                 if let Err(e) = ti.flush() {
-                    failed = Some(e);
+                    fatal = Some(e.to_string());
                     break 'run;
                 }
-                if a.print_flushed {
-                    println!("flushed {appended}");
+                flushed = appended;
+                if a.print_flushed && !out_line(&format!("flushed {flushed}")) {
+                    stdout_gone = true;
+                    break;
                 }
             }
         }
         if last_note.elapsed() > Duration::from_secs(5) && !cli.json {
             let st = ti.status();
-            eprintln!(
+            note(&format!(
                 "  {appended} entries in {:.0}s; pending uploads: {} segments",
-                started.elapsed().as_secs_f64(),
+                run_started.elapsed().as_secs_f64(),
                 st.pending_segments
-            );
+            ));
             last_note = Instant::now();
         }
         next += Duration::from_millis(10);
@@ -131,26 +160,30 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             _ = signals.first() => break 'run,
         }
     }
-    if failed.is_none() {
+    let appending = run_started.elapsed();
+    if fatal.is_none() && flushed < appended {
         match ti.flush() {
-            Ok(()) if a.print_flushed => println!("flushed {appended}"),
-            Ok(()) => {}
-            Err(e) => failed = Some(e),
+            Ok(()) => {
+                flushed = appended;
+                if a.print_flushed {
+                    out_line(&format!("flushed {flushed}"));
+                }
+            }
+            Err(e) => fatal = Some(e.to_string()),
         }
     }
-    if let Some(e) = &failed {
-        eprintln!("tierindex demo: stopped: {e}; shutting down and draining what was acknowledged");
+    if let Some(e) = &fatal {
+        // On stderr at once (the report follows on stdout after the drain):
+        // what failed, and that the drain still runs.
+        note(&format!(
+            "tierindex: {e}\ntierindex demo: stopped appending ({flushed} of {appended} \
+             entries acknowledged); sealing and draining what is durable within {}",
+            humantime::format_duration(deadline)
+        ));
+    } else if stdout_gone {
+        note("tierindex demo: stdout closed; stopping and draining");
     }
     let report = ti.shutdown(deadline).await;
-    let code = print_report(cli.json, &report);
-    // A run cut short by an error exits 1 (the error), unless the report
-    // itself needs an operator (loss, quarantine) or the stream was fenced.
-    use crate::lifecycle::{EXIT_ERROR, EXIT_FENCED, EXIT_NEEDS_OPERATOR};
-    Ok(
-        if failed.is_some() && code != EXIT_NEEDS_OPERATOR && code != EXIT_FENCED {
-            EXIT_ERROR
-        } else {
-            code
-        },
-    )
+    let run = RunTotals::from_metrics(&metrics, appended, flushed, appending, started);
+    Ok(print_report(cli.json, &report, &run, fatal.as_deref()))
 }

@@ -5,31 +5,52 @@
 //! verifies everything pending within the deadline, and exits with a code
 //! that says what is left.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
+use serde::Serialize;
 
-use crate::cli::{Cli, emit};
+use crate::cli::{Cli, emit, note};
 use crate::error::Result;
 use crate::lifecycle::{
-    EXIT_DRAINED, EXIT_FENCED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals,
+    EXIT_DRAINED, EXIT_ERROR, EXIT_FENCED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals,
 };
+use crate::metrics::Metrics;
 use crate::tier::{ShutdownReport, TierIndex};
+
+/// Longest `--deadline` accepted.
+const DEADLINE_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// `--deadline`: a `humantime` duration above zero and at most 24 h.
+pub(crate) fn parse_deadline(s: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m)"))?;
+    if d.is_zero() {
+        return Err(
+            "must be above zero: nothing could be drained (examples: 500ms, 30s, 5m)".into(),
+        );
+    }
+    if d > DEADLINE_MAX {
+        return Err("must be at most 24h".into());
+    }
+    Ok(d)
+}
 
 #[derive(Args, Debug)]
 pub struct DrainArgs {
-    /// Give up (recording what is left) after this long, e.g. 30s, 5m.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    /// Give up (recording what is left) after this long, e.g. 30s, 5m
+    /// (above zero, at most 24h).
+    #[arg(long, default_value = "5m", value_parser = parse_deadline)]
     pub deadline: Duration,
 }
 
 pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
+    let started = Instant::now();
     let cfg = cli.config()?;
     // A second signal exits at once; the journal makes that safe.
     let _signals = ShutdownSignals::install()?;
     let (ti, open) = TierIndex::open(cfg).await?;
     if !cli.json {
-        eprintln!(
+        note(&format!(
             "tierindex drain: {} (previous shutdown {}; {} quarantined at open)",
             open.store,
             if open.previous_shutdown_clean {
@@ -38,9 +59,9 @@ pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
                 "NOT clean"
             },
             open.segments.quarantined.len()
-        );
+        ));
         for n in &open.notes {
-            eprintln!("  note: {n}");
+            note(&format!("  note: {n}"));
         }
     }
     let pending = ti.status().pending_segments;
@@ -48,6 +69,7 @@ pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
     let m = ti.metrics();
     let ticker = {
         let bar = bar.clone();
+        let m = m.clone();
         tokio::spawn(async move {
             loop {
                 bar.set_position(m.segments_committed.get());
@@ -58,7 +80,8 @@ pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
     let report = ti.shutdown(a.deadline).await;
     ticker.abort();
     bar.finish_and_clear();
-    Ok(print_report(cli.json, &report))
+    let run = RunTotals::from_metrics(&m, 0, 0, Duration::ZERO, started);
+    Ok(print_report(cli.json, &report, &run, None))
 }
 
 fn progress(len: u64, quiet: bool) -> indicatif::ProgressBar {
@@ -74,11 +97,98 @@ fn progress(len: u64, quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
-/// Print a shutdown/drain report and return the exit code it implies.
-pub fn print_report(json: bool, r: &ShutdownReport) -> i32 {
-    emit(json, r, |r| {
+/// Totals of a whole `demo` or `drain` run (this process), from its
+/// metrics: what was appended and acknowledged, and what reached the store.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct RunTotals {
+    /// Entries appended by this run (`demo` only).
+    pub entries_appended: u64,
+    /// Entries a flush made durable: what this run acknowledged.
+    pub entries_flushed: u64,
+    /// Entries in segments uploaded and read back by this run.
+    pub entries_uploaded: u64,
+    pub segments_sealed: u64,
+    /// Segments uploaded and read back.
+    pub segments_uploaded: u64,
+    /// Segments verified and committed (journal `Committed`).
+    pub segments_committed: u64,
+    pub bytes_uploaded: u64,
+    pub elapsed_ms: u64,
+    /// Time spent appending (`demo`: from the first append to the stop).
+    pub append_ms: u64,
+    /// Entries appended per second of appending.
+    pub append_rate_per_s: f64,
+    /// Bytes uploaded per second of the run.
+    pub upload_bytes_per_s: f64,
+}
+
+impl RunTotals {
+    /// `appending`: how long the run appended (zero for `drain`).
+    pub(crate) fn from_metrics(
+        m: &Metrics,
+        appended: u64,
+        flushed: u64,
+        appending: Duration,
+        started: Instant,
+    ) -> RunTotals {
+        let elapsed = started.elapsed();
+        let rate = |n: u64, d: Duration| {
+            let secs = d.as_secs_f64();
+            if secs > 0.0 {
+                (n as f64 / secs).round()
+            } else {
+                0.0
+            }
+        };
+        RunTotals {
+            entries_appended: appended,
+            entries_flushed: flushed,
+            entries_uploaded: m.entries_uploaded.get(),
+            segments_sealed: m.segments_sealed.get(),
+            segments_uploaded: m.segments_uploaded.get(),
+            segments_committed: m.segments_committed.get(),
+            bytes_uploaded: m.upload_bytes.get(),
+            elapsed_ms: elapsed.as_millis() as u64,
+            append_ms: appending.as_millis() as u64,
+            append_rate_per_s: rate(appended, appending),
+            upload_bytes_per_s: rate(m.upload_bytes.get(), elapsed),
+        }
+    }
+}
+
+/// A shutdown report with the run's totals (JSON: the report's fields,
+/// then `run`, then `fatal`).
+#[derive(Serialize)]
+struct ReportOut<'a> {
+    #[serde(flatten)]
+    shutdown: &'a ShutdownReport,
+    run: &'a RunTotals,
+    /// The error that ended the run early (demo), if any.
+    fatal: Option<&'a str>,
+}
+
+fn mib_per_s(bytes_per_s: f64) -> String {
+    format!("{:.1} MiB/s", bytes_per_s / (1024.0 * 1024.0))
+}
+
+/// Print a shutdown/drain report with the run's totals and return the exit
+/// code it implies. `fatal`: the error that stopped a demo early (exit 1
+/// unless fenced).
+pub(crate) fn print_report(
+    json: bool,
+    r: &ShutdownReport,
+    run: &RunTotals,
+    fatal: Option<&str>,
+) -> i32 {
+    let out = ReportOut {
+        shutdown: r,
+        run,
+        fatal,
+    };
+    emit(json, &out, |o| {
+        let (r, t) = (o.shutdown, o.run);
         let mut s = format!(
-            "sealed at shutdown: {}\nuploaded+verified: {} segments, {} bytes in {} ms\npending: {}\nquarantined: {}\nclean marker: {}",
+            "sealed at shutdown: {}\nuploaded+verified: {} segments, {} bytes in {} ms (the shutdown drain)\npending: {}\nquarantined: {}\nclean marker: {}",
             r.sealed_at_shutdown,
             r.drain.segments_done,
             r.drain.bytes_done,
@@ -114,16 +224,48 @@ pub fn print_report(json: bool, r: &ShutdownReport) -> i32 {
         if let Some(e) = &r.error {
             s.push_str(&format!("\nerror: {e}"));
         }
+        s.push_str(&format!(
+            "\nrun totals ({:.1} s):",
+            t.elapsed_ms as f64 / 1000.0
+        ));
+        if t.entries_appended > 0 || o.fatal.is_some() {
+            s.push_str(&format!(
+                "\n  entries: {} appended, {} flushed (acknowledged), {:.0} entries/s over {} ms of appending",
+                t.entries_appended, t.entries_flushed, t.append_rate_per_s, t.append_ms
+            ));
+        }
+        s.push_str(&format!(
+            "\n  segments: {} sealed, {} uploaded, {} verified and committed\n  uploaded: {} bytes, {} entries, {}",
+            t.segments_sealed,
+            t.segments_uploaded,
+            t.segments_committed,
+            t.bytes_uploaded,
+            t.entries_uploaded,
+            mib_per_s(t.upload_bytes_per_s)
+        ));
+        if r.fully_drained() && o.fatal.is_none() {
+            s.push_str("\n  everything sealed is uploaded and verified; nothing pending");
+        } else if !r.drain.pending.is_empty() {
+            s.push_str(&format!(
+                "\n  {} segment(s) still pending: they stay in the journal with their local files and upload at the next start or `tierindex drain`",
+                r.drain.pending.len()
+            ));
+        }
+        if let Some(f) = o.fatal {
+            s.push_str(&format!("\nFATAL: the run stopped early: {f}"));
+        }
         s
     });
     if let Some(why) = &r.fenced {
-        eprintln!(
+        note(&format!(
             "tierindex: FENCED: another owner took the stream's manifest ({why}); \
              uploads stopped, uncommitted segments stay Verified with their local files"
-        );
+        ));
         EXIT_FENCED
     } else if !r.drain.quarantined.is_empty() || !r.lost.is_empty() {
         EXIT_NEEDS_OPERATOR
+    } else if fatal.is_some() {
+        EXIT_ERROR
     } else if r.fully_drained() {
         EXIT_DRAINED
     } else {
@@ -150,10 +292,24 @@ mod tests {
 
     #[test]
     fn a_fence_exits_with_its_own_code() {
-        assert_eq!(print_report(true, &report(None)), EXIT_DRAINED);
+        let run = RunTotals::default();
+        assert_eq!(print_report(true, &report(None), &run, None), EXIT_DRAINED);
         assert_eq!(
-            print_report(true, &report(Some("epoch 2 (owner \"b\")"))),
+            print_report(true, &report(Some("epoch 2 (owner \"b\")")), &run, None),
             EXIT_FENCED
         );
+        assert_eq!(
+            print_report(true, &report(None), &run, Some("No space left on device")),
+            EXIT_ERROR
+        );
+    }
+
+    #[test]
+    fn deadlines_are_bounded() {
+        assert!(parse_deadline("0s").is_err());
+        assert!(parse_deadline("0").is_err());
+        assert!(parse_deadline("25h").is_err());
+        assert!(parse_deadline("soon").is_err());
+        assert_eq!(parse_deadline("500ms"), Ok(Duration::from_millis(500)));
     }
 }

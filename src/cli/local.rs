@@ -132,6 +132,14 @@ enum Inspected {
 }
 
 pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
+    // Only regular files: `inspect /dev/zero` would read forever.
+    let md = std::fs::metadata(file).map_err(|e| Error::io(file, "stat file to inspect", e))?;
+    if !md.is_file() {
+        return Err(Error::InvalidInput(format!(
+            "{}: not a regular file; inspect takes a segment or journal file",
+            file.display()
+        )));
+    }
     let bytes = std::fs::read(file).map_err(|e| Error::io(file, "read file to inspect", e))?;
     let magic = bytes.get(..8).unwrap_or(&[]);
     let out = if magic == ACTIVE_MAGIC {

@@ -8,16 +8,21 @@ mod demo;
 mod drain;
 mod local;
 mod quarantine;
+mod output;
 mod remote;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::lifecycle::{EXIT_ERROR, EXIT_USAGE};
+
+pub use output::stdout_closed;
+pub(crate) use output::{note, out_line};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,10 +35,17 @@ pub struct Cli {
     #[arg(long, global = true, env = "TIERINDEX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Store URL: file:///abs/path, s3://bucket/prefix, memory://.
-    #[arg(long, global = true, env = "TIERINDEX_STORE")]
+    // hide_env_values: `--help` would otherwise print the variable's value,
+    // and a URL is where a credential ends up when one is misplaced.
+    #[arg(long, global = true, env = "TIERINDEX_STORE", hide_env_values = true)]
     pub store: Option<String>,
-    /// S3 endpoint (MinIO, Garage, ...); else AWS_ENDPOINT_URL.
-    #[arg(long, global = true, env = "TIERINDEX_ENDPOINT")]
+    /// S3 endpoint, http://host:port (MinIO, Garage, ...); else AWS_ENDPOINT_URL.
+    #[arg(
+        long,
+        global = true,
+        env = "TIERINDEX_ENDPOINT",
+        hide_env_values = true
+    )]
     pub endpoint: Option<String>,
     /// TOML configuration file (flags and variables override it).
     #[arg(long, global = true, env = "TIERINDEX_CONFIG")]
@@ -106,8 +118,10 @@ pub enum Command {
         /// Repair what can be repaired (the broker must be down).
         #[arg(long)]
         repair: bool,
-        /// Orphans younger than this many ms are kept (default 1 h).
-        #[arg(long, default_value_t = 3_600_000)]
+        /// Orphans younger than this many ms are kept (default 1 h; at most
+        /// 365 days).
+        #[arg(long, default_value_t = 3_600_000,
+              value_parser = clap::value_parser!(u64).range(0..=365 * 86_400_000))]
         grace_ms: u64,
         /// Also read every journaled object back in full (CRC check).
         #[arg(long)]
@@ -137,8 +151,10 @@ pub enum OwnerAction {
         /// Owner id (default: the config's `owner_id`, else host + data dir).
         #[arg(long)]
         owner_id: Option<String>,
-        /// Lease length in ms (default: the config's `lease_ttl_ms`).
-        #[arg(long)]
+        /// Lease length in ms (default: the config's `lease_ttl_ms`;
+        /// 100 ms to 24 h).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(
+            crate::config::LEASE_TTL_MS_MIN..=crate::config::LEASE_TTL_MS_MAX))]
         ttl_ms: Option<u64>,
     },
     /// Release ownership held by --owner-id (refused if someone else holds
@@ -182,41 +198,147 @@ impl Cli {
     }
 }
 
-/// Print `v` as JSON or with `human`.
+/// Print `v` as JSON or with `human` on stdout. A closed stdout is noted
+/// (see [`stdout_closed`]), never a panic.
 pub(crate) fn emit<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T) -> String) {
     if json {
         match serde_json::to_string_pretty(v) {
-            Ok(s) => println!("{s}"),
-            Err(e) => eprintln!("tierindex: cannot encode output: {e}"),
+            Ok(s) => {
+                out_line(&s);
+            }
+            Err(e) => note(&format!("tierindex: cannot encode output: {e}")),
         }
     } else {
-        println!("{}", human(v));
+        out_line(&human(v));
     }
 }
 
-/// Entry point of the binary; returns the process exit code.
+/// Where a flag's value came from, for error messages: the flag or its
+/// environment variable.
+fn field_name(
+    m: &clap::ArgMatches,
+    id: &str,
+    flag: &'static str,
+    var: &'static str,
+) -> &'static str {
+    match m.value_source(id) {
+        Some(ValueSource::EnvVariable) => var,
+        _ => flag,
+    }
+}
+
+impl Cli {
+    /// Validates the values of flags and `TIERINDEX_*` variables that clap
+    /// takes as plain strings (URLs, the stream, the data directory), so a
+    /// bad one is a usage error (exit 2) naming the flag or variable, before
+    /// anything is opened. Values from a `--config` file are checked by
+    /// [`Config::validate`] (exit 1, naming the key).
+    fn check_flags(&self, m: &clap::ArgMatches) -> Result<()> {
+        use crate::remote::url::{parse_endpoint, parse_store};
+        if let Some(s) = &self.store {
+            parse_store(field_name(m, "store", "--store", "TIERINDEX_STORE"), s)?;
+        }
+        if let Some(e) = &self.endpoint {
+            parse_endpoint(
+                field_name(m, "endpoint", "--endpoint", "TIERINDEX_ENDPOINT"),
+                e,
+            )?;
+        }
+        if let Some(d) = &self.data_dir
+            && d.as_os_str().is_empty()
+        {
+            return Err(Error::InvalidInput(format!(
+                "{} is empty: name the data directory",
+                field_name(m, "data_dir", "--data-dir", "TIERINDEX_DATA_DIR")
+            )));
+        }
+        if let Some(st) = &self.stream {
+            crate::remote::keys::validate_stream(st).map_err(|e| {
+                let why = match e {
+                    Error::InvalidInput(m) => m,
+                    other => other.to_string(),
+                };
+                Error::InvalidInput(format!(
+                    "{}: {why}",
+                    field_name(m, "stream", "--stream", "TIERINDEX_STREAM")
+                ))
+            })?;
+        }
+        match &self.cmd {
+            Command::StoreCheck { url: Some(u) } => {
+                parse_store("store-check URL", u)?;
+            }
+            Command::Demo(a) => {
+                if let Some(addr) = &a.metrics_addr {
+                    crate::config::check_listen_addr("--metrics-addr", addr)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Logs go to stderr. The filter comes from `TIERINDEX_LOG`, else
+/// `RUST_LOG`, else `warn`; colour only when stderr is a terminal and
+/// `NO_COLOR` is unset or empty (no escape codes in a redirected log).
+fn init_logging() {
+    use std::io::IsTerminal as _;
+    let from = ["TIERINDEX_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|var| match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Some((var, v)),
+            _ => None,
+        });
+    let filter = match from {
+        Some((var, spec)) => match tracing_subscriber::EnvFilter::try_new(&spec) {
+            Ok(f) => f,
+            Err(e) => {
+                note(&format!(
+                    "tierindex: {var} is not a valid log filter ({e}); logging at warn"
+                ));
+                tracing_subscriber::EnvFilter::new("warn")
+            }
+        },
+        None => tracing_subscriber::EnvFilter::new("warn"),
+    };
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        // A closed stderr must not turn into a panic inside the logger.
+        .log_internal_errors(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the binary; returns the process exit code. When stdout
+/// was closed by its reader, [`stdout_closed`] is true afterwards and the
+/// binary ends itself by SIGPIPE, as Unix tools do.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() { EXIT_USAGE } else { 0 };
         }
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TIERINDEX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    if let Err(e) = cli.check_flags(&matches) {
+        note(&format!("tierindex: {e}"));
+        return EXIT_USAGE;
+    }
+    init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tierindex: cannot start the async runtime: {e}");
+            note(&format!("tierindex: cannot start the async runtime: {e}"));
             return EXIT_ERROR;
         }
     };
@@ -226,7 +348,7 @@ pub fn main() -> i32 {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tierindex: {e}");
+            note(&format!("tierindex: {e}"));
             EXIT_ERROR
         }
     }
@@ -254,6 +376,15 @@ async fn run(cli: &Cli) -> Result<i32> {
         Command::Inspect { file } => local::inspect(cli, file),
         Command::Fsck { repair } => {
             cli.require_data_dir()?;
+            // fsck checks a data directory; it must not create one for a
+            // mistyped --data-dir and then report it clean.
+            let dir = cli.config()?.data_dir;
+            if !dir.is_dir() {
+                return Err(Error::InvalidInput(format!(
+                    "no data directory at {}: check --data-dir",
+                    dir.display()
+                )));
+            }
             local::fsck(cli, *repair)
         }
         Command::Lookup {

@@ -1,35 +1,211 @@
 //! Commands that talk to the store: `verify`, `owner`, `reconcile`,
 //! `store-check`.
 
+use std::time::{Duration, Instant};
+
 use serde::Serialize;
 
 use crate::cli::{Cli, OwnerAction, emit};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::journal::{Journal, SegmentState};
 use crate::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR};
-use crate::remote::{RemoteStore, probe};
+use crate::remote::{RemoteStore, StoreKind, probe};
 use crate::tier::open_store;
-use crate::upload::{VerifyLevel, verify_segment};
+use crate::upload::{VerifyLevel, verify_segment_cfg};
+
+/// The configured store for a command that only reads it: a `file://`
+/// directory that does not exist is refused (most likely a typo in
+/// `--store`), not created as `RemoteStore::from_url` would.
+pub(crate) fn open_store_read_only(cfg: &Config) -> Result<RemoteStore> {
+    let url = cfg.store_url()?;
+    if let crate::remote::url::StoreUrl::File { dir } =
+        crate::remote::url::parse_store("store", &url)?
+        && !dir.is_dir()
+    {
+        return Err(Error::InvalidInput(format!(
+            "no store directory at {}: check --store (a command that only reads the store \
+             does not create it)",
+            dir.display()
+        )));
+    }
+    open_store(cfg)
+}
+
+/// One LIST under the stream's prefix before a command reads the store, so
+/// the usual set-up mistakes get a message that says what to do, instead of
+/// one confusing error per object ("object not found" for a missing
+/// bucket, an instance-metadata error for missing credentials, a failed
+/// "verify read" for a server that is not running).
+pub(crate) async fn preflight(store: &RemoteStore, cfg: &Config) -> Result<()> {
+    let prefix = store.segments_prefix(&cfg.stream)?;
+    let os = store.object_store().clone();
+    // object_store's own retries (a few, short backoff) run inside; this
+    // bounds the whole check.
+    let limit = Duration::from_millis(cfg.request_timeout_ms.saturating_mul(3));
+    match tokio::time::timeout(limit, os.list_with_delimiter(Some(&prefix))).await {
+        Ok(Ok(_)) => Ok(()),
+        // A local directory that does not exist yet is an empty store.
+        Ok(Err(object_store::Error::NotFound { .. })) if store.kind() != StoreKind::S3 => Ok(()),
+        Ok(Err(e)) => Err(store_problem(store, cfg, &e)),
+        Err(_) => Err(Error::Remote(format!(
+            "{}{}: no answer within {}: check the endpoint and that the server is running; \
+             nothing was read or changed",
+            store.display_url(),
+            endpoint_note(cfg),
+            humantime::format_duration(limit)
+        ))),
+    }
+}
+
+/// ` at <endpoint>` when one is configured (redacted).
+fn endpoint_note(cfg: &Config) -> String {
+    cfg.endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT").ok())
+        .map(|e| format!(" at {}", crate::remote::url::redact(&e)))
+        .unwrap_or_default()
+}
+
+/// What a failed first request says about the set-up, and what to do.
+fn store_problem(store: &RemoteStore, cfg: &Config, e: &object_store::Error) -> Error {
+    use object_store::Error as E;
+    let text = e.to_string();
+    let at = endpoint_note(cfg);
+    let url = store.display_url();
+    let chain = || {
+        let mut v = Vec::new();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(x) = cur {
+            v.push(x.to_string());
+            cur = x.source();
+        }
+        v.join(": ")
+    };
+    let all = chain();
+    if text.contains("NoSuchBucket")
+        || (matches!(e, E::NotFound { .. }) && store.kind() == StoreKind::S3)
+    {
+        return Error::Remote(format!(
+            "{url}{at}: the bucket does not exist: create it (e.g. `aws s3 mb`, `mc mb`) or \
+             correct the bucket in --store"
+        ));
+    }
+    // object_store's instance-credential errors are the failed request's
+    // own text: "Error performing PUT http://169.254.169.254/latest/api/token ..."
+    let imds = [
+        "169.254.169.254",
+        "latest/api/token",
+        "latest/meta-data",
+        "instance metadata",
+    ];
+    if imds.iter().any(|p| all.contains(p)) {
+        return Error::Remote(format!(
+            "{url}{at}: no credentials found (the instance metadata service was tried and \
+             refused): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
+        ));
+    }
+    let denied = matches!(e, E::PermissionDenied { .. } | E::Unauthenticated { .. })
+        || [
+            "status code: 401",
+            "status code: 403",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+        ]
+        .iter()
+        .any(|p| all.contains(p));
+    if denied {
+        return Error::Remote(format!(
+            "{url}{at}: access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and \
+             AWS_SESSION_TOKEN), the region, and the bucket policy"
+        ));
+    }
+    if let Some(kind) = transport_failure(e) {
+        return Error::Remote(format!(
+            "{url}{at}: cannot reach the store ({kind}): check --endpoint and that the \
+             server is running; nothing was read or changed"
+        ));
+    }
+    crate::remote::classify(clone_error(e))
+}
+
+/// `Some(what)` when `e` is a transport failure (connect, timeout, reset).
+fn transport_failure(e: &object_store::Error) -> Option<&'static str> {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if let Some(h) = x.downcast_ref::<HttpError>() {
+            return Some(match h.kind() {
+                HttpErrorKind::Connect => "connection failed",
+                HttpErrorKind::Timeout => "timed out",
+                _ => "the request failed",
+            });
+        }
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                K::ConnectionRefused => return Some("connection refused"),
+                K::ConnectionReset | K::ConnectionAborted => return Some("connection reset"),
+                K::TimedOut => return Some("timed out"),
+                _ => {}
+            }
+        }
+        cur = x.source();
+    }
+    None
+}
+
+/// `object_store::Error` is not `Clone`; keep its text for [`classify`].
+///
+/// [`classify`]: crate::remote::classify
+fn clone_error(e: &object_store::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "store",
+        source: e.to_string().into(),
+    }
+}
 
 #[derive(Serialize)]
 struct VerifyOut {
     store: String,
     checked: u64,
     ok: u64,
+    /// Every segment that did not check out, with why.
     bad: Vec<(u64, String)>,
+    /// Of `bad`: objects that are missing or hold other bytes. `reconcile
+    /// --deep --repair` re-uploads them from their local copies.
+    damaged: Vec<u64>,
+    /// Of `bad`: not checked because the store failed to answer.
+    unchecked: Vec<u64>,
+    bytes_checked: u64,
+    elapsed_ms: u64,
+    bytes_per_s: f64,
+    /// What to run next, when something is wrong.
+    advice: Vec<String>,
 }
 
 /// Re-check every segment the journal says is verified or later: the
 /// object exists, has the size, and the CRC of its bytes matches.
 pub async fn verify(cli: &Cli) -> Result<i32> {
+    let started = Instant::now();
     let cfg = cli.config()?;
-    let store = open_store(&cfg)?;
     let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+    let store = open_store_read_only(&cfg)?;
+    preflight(&store, &cfg).await?;
+    let upload = cfg.upload_config();
     let mut out = VerifyOut {
         store: store.display_url().to_string(),
         checked: 0,
         ok: 0,
         bad: Vec::new(),
+        damaged: Vec::new(),
+        unchecked: Vec::new(),
+        bytes_checked: 0,
+        elapsed_ms: 0,
+        bytes_per_s: 0.0,
+        advice: Vec::new(),
     };
     for (id, r) in view.segments() {
         if !matches!(
@@ -43,21 +219,60 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
             Some(k) => object_store::path::Path::from(k.as_str()),
             None => store.try_segment_key(&cfg.stream, &r.meta)?,
         };
-        match verify_segment(&store, &key, &r.meta, VerifyLevel::Full).await {
-            Ok(()) => out.ok += 1,
-            Err(e) => out.bad.push((id.0, e.to_string())),
+        match verify_segment_cfg(&store, &key, &r.meta, VerifyLevel::Full, &upload).await {
+            Ok(()) => {
+                out.ok += 1;
+                out.bytes_checked += r.meta.file_len;
+            }
+            Err(e) => {
+                if matches!(e, Error::Corrupt { .. }) {
+                    out.damaged.push(id.0);
+                } else {
+                    out.unchecked.push(id.0);
+                }
+                out.bad.push((id.0, e.to_string()));
+            }
         }
+    }
+    let elapsed = started.elapsed();
+    out.elapsed_ms = elapsed.as_millis() as u64;
+    out.bytes_per_s = if elapsed.as_secs_f64() > 0.0 {
+        (out.bytes_checked as f64 / elapsed.as_secs_f64()).round()
+    } else {
+        0.0
+    };
+    if !out.damaged.is_empty() {
+        out.advice.push(format!(
+            "{} segment(s) missing or damaged in the store: stop the broker, then run \
+             `tierindex reconcile --deep --repair` (same --data-dir/--store) to re-upload them \
+             from their local copies (`--deep` is what reads the bodies, as verify does; a \
+             segment whose local copy was released is reported LOST)",
+            out.damaged.len()
+        ));
+    }
+    if !out.unchecked.is_empty() {
+        out.advice.push(format!(
+            "{} segment(s) not checked because the store failed to answer: check the \
+             endpoint and credentials, then run `tierindex verify` again",
+            out.unchecked.len()
+        ));
     }
     emit(cli.json, &out, |o| {
         let mut s = format!(
-            "{}: {} checked, {} ok, {} bad",
+            "{}: {} checked, {} ok, {} bad; {} bytes read back in {} ms ({:.1} MiB/s)",
             o.store,
             o.checked,
             o.ok,
-            o.bad.len()
+            o.bad.len(),
+            o.bytes_checked,
+            o.elapsed_ms,
+            o.bytes_per_s / (1024.0 * 1024.0)
         );
         for (id, why) in &o.bad {
             s.push_str(&format!("\n  segment {id:020}: {why}"));
+        }
+        for a in &o.advice {
+            s.push_str(&format!("\n  next: {a}"));
         }
         s
     });
@@ -77,6 +292,7 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
         None => cfg.store_url()?,
     };
     let store = RemoteStore::from_url(&url, &cfg.store_options())?;
+    preflight(&store, &cfg).await?;
     let caps = probe::probe(&store).await?;
     #[derive(Serialize)]
     struct Out {
@@ -182,7 +398,11 @@ struct OwnerOut {
 pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
     use crate::remote::manifest::{ManifestOptions, ManifestStore};
     let cfg = cli.config()?;
-    let store = open_store(&cfg)?;
+    let store = match action {
+        OwnerAction::Show => open_store_read_only(&cfg)?,
+        _ => open_store(&cfg)?,
+    };
+    preflight(&store, &cfg).await?;
     let opts = ManifestOptions {
         allow_unconditional_store: cfg.allow_unconditional_store,
         ..ManifestOptions::default()
@@ -249,7 +469,8 @@ pub(crate) async fn remote_hits(
     held: &std::collections::BTreeSet<u64>,
 ) -> Result<(usize, Vec<(u64, crate::segment::Entry)>, Vec<String>)> {
     use crate::remote::fetch::{Fetcher, RemoteSegment};
-    let store = open_store(cfg)?;
+    let store = open_store_read_only(cfg)?;
+    preflight(&store, cfg).await?;
     let mut bad = Vec::new();
     let segs: Vec<RemoteSegment> = if cfg.manifest {
         let opts = crate::remote::manifest::ManifestOptions {
@@ -319,15 +540,39 @@ pub(crate) async fn remote_hits(
 /// manifest vs the bucket listing (`recovery::reconcile`).
 pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Result<i32> {
     use crate::recovery::reconcile::{ReconcileOptions, reconcile};
+    let started = Instant::now();
     let cfg = cli.config()?;
-    let store = open_store(&cfg)?;
+    let store = if repair {
+        open_store(&cfg)?
+    } else {
+        open_store_read_only(&cfg)?
+    };
+    preflight(&store, &cfg).await?;
     let opts = ReconcileOptions {
         repair,
         grace: std::time::Duration::from_millis(grace_ms),
         deep,
     };
     let report = reconcile(&cfg, &store, &opts).await?;
-    emit(cli.json, &report, |r| {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        #[serde(flatten)]
+        report: &'a crate::recovery::reconcile::ReconcileReport,
+        elapsed_ms: u64,
+        /// How objects were checked: `listing and size` or `full read (CRC)`.
+        checked_by: &'static str,
+    }
+    let out = Out {
+        report: &report,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        checked_by: if deep {
+            "full read (CRC)"
+        } else {
+            "listing and size"
+        },
+    };
+    emit(cli.json, &out, |o| {
+        let r = o.report;
         let mut s = String::new();
         for f in &r.findings {
             let seg = f
@@ -354,7 +599,7 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
         s.push_str(&format!("multipart uploads: {}\n", r.multipart_uploads));
         s.push_str(&format!(
             "{} stream {}: {} journal segment(s), {} object(s) listed, manifest {}; \
-             {} finding(s), {} repaired, {} unresolved, {} lost{}",
+             {} finding(s), {} repaired, {} unresolved, {} lost{} in {} ms",
             r.store,
             r.stream,
             r.journal_segments,
@@ -368,8 +613,17 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
             r.repaired,
             r.unresolved,
             r.lost,
-            if r.repair { "" } else { " (report only)" }
+            if r.repair { "" } else { " (report only)" },
+            o.elapsed_ms
         ));
+        if !r.deep {
+            // `verify` reads bodies; without --deep this run did not, so
+            // "0 findings" here does not clear what verify found.
+            s.push_str(
+                "\nobjects were checked by listing and size only: a damaged body of the right \
+                 size is found with --deep (add --repair to re-upload it)",
+            );
+        }
         s
     });
     Ok(if report.needs_operator() {
@@ -426,8 +680,9 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     use crate::remote::manifest::ManifestStore;
     use futures::TryStreamExt as _;
     let cfg = cli.config()?;
-    let store = open_store(&cfg)?;
     let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+    let store = open_store_read_only(&cfg)?;
+    preflight(&store, &cfg).await?;
     let totals = crate::tier::status_from(view.segments(), cfg.release_after_commit);
 
     let ms = ManifestStore::reader(&store, &cfg.stream, cfg.manifest_options())?;
@@ -564,4 +819,79 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     } else {
         EXIT_DRAINED
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3() -> (RemoteStore, Config) {
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID".to_string(), "AKID".to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), "s".to_string()),
+        ];
+        let store = RemoteStore::from_url_with_env(
+            "s3://bkt/p",
+            &crate::remote::StoreOptions::default(),
+            &env,
+        )
+        .unwrap();
+        (store, Config::default())
+    }
+
+    fn generic(msg: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: msg.to_string().into(),
+        }
+    }
+
+    #[test]
+    fn first_request_failures_say_what_to_do() {
+        let (store, cfg) = s3();
+        let says = |e: object_store::Error| store_problem(&store, &cfg, &e).to_string();
+        assert!(
+            says(object_store::Error::NotFound {
+                path: "p".into(),
+                source: "404".into()
+            })
+            .contains("the bucket does not exist")
+        );
+        assert!(
+            says(generic(
+                "Error performing GET: Server returned non-2xx status code: 404 Not Found: <Code>NoSuchBucket</Code>"
+            ))
+            .contains("the bucket does not exist")
+        );
+        assert!(
+            says(generic(
+                "Error performing PUT http://169.254.169.254/latest/api/token in 1.2s - \
+                 Server returned non-2xx status code: 403 Forbidden"
+            ))
+            .contains("no credentials found")
+        );
+        assert!(
+            says(object_store::Error::PermissionDenied {
+                path: "p".into(),
+                source: "403".into()
+            })
+            .contains("access denied")
+        );
+        assert!(
+            says(generic(
+                "Server returned non-2xx status code: 403 Forbidden: SignatureDoesNotMatch"
+            ))
+            .contains("access denied")
+        );
+        let refused = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(object_store::client::HttpError::new(
+                object_store::client::HttpErrorKind::Connect,
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            )),
+        };
+        assert!(says(refused).contains("cannot reach the store"));
+        // Anything else keeps the general classification.
+        assert!(says(generic("something odd")).contains("something odd"));
+    }
 }

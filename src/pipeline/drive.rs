@@ -311,6 +311,8 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             PutOutcome::AlreadyPresent => (None, None),
                         };
                         sh.metrics.upload_bytes.add(rec.meta.file_len);
+                        sh.metrics.segments_uploaded.inc();
+                        sh.metrics.entries_uploaded.add(rec.meta.item_count);
                         sh.metrics
                             .upload_latency_ms
                             .observe(started.elapsed().as_millis() as u64);

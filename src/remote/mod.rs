@@ -26,6 +26,7 @@ pub mod manifest;
 pub mod probe;
 pub mod s3_checksum;
 pub(crate) mod s3_uploads;
+pub mod url;
 
 use std::fmt;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientConfigKey, RetryConfig};
 
+use self::url::StoreUrl;
 use crate::error::{Error, Result};
 use crate::segment::{KeySum, SealedMeta, SegmentId};
 
@@ -190,28 +192,9 @@ impl RemoteStore {
         opts: &StoreOptions,
         env: &[(String, String)],
     ) -> Result<RemoteStore> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| Error::InvalidInput(format!("store URL does not parse: {e}")))?;
-        if !parsed.username().is_empty() || parsed.password().is_some() {
-            // Never echo the URL: it holds a secret.
-            return Err(Error::InvalidInput(
-                "store URL must not carry credentials; use AWS_ACCESS_KEY_ID / \
-                 AWS_SECRET_ACCESS_KEY"
-                    .into(),
-            ));
-        }
-        let path_prefix = || -> Result<Path> {
-            Path::from_url_path(parsed.path().trim_matches('/'))
-                .map_err(|e| Error::InvalidInput(format!("store URL prefix: {e}")))
-        };
-        match parsed.scheme() {
-            "file" => {
-                let dir = parsed.to_file_path().map_err(|()| {
-                    Error::InvalidInput(format!(
-                        "file URL must be an absolute local path, got {}",
-                        redact(&parsed)
-                    ))
-                })?;
+        let parsed = self::url::parse_store("store URL", url)?;
+        match parsed {
+            StoreUrl::File { dir } => {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| Error::io(&dir, "create store directory", e))?;
                 let fs = LocalFileSystem::new_with_prefix(&dir)
@@ -225,17 +208,8 @@ impl RemoteStore {
                 rs.uploads = UploadLister::Local(mp);
                 Ok(rs)
             }
-            "memory" => {
+            StoreUrl::Memory { prefix } => {
                 let mem = Arc::new(InMemory::new());
-                let mut prefix = parsed.host_str().unwrap_or("").to_string();
-                let p = parsed.path().trim_matches('/');
-                if !p.is_empty() {
-                    prefix = if prefix.is_empty() {
-                        p.to_string()
-                    } else {
-                        format!("{prefix}/{p}")
-                    };
-                }
                 let display = format!("memory://{prefix}");
                 Ok(Self::from_parts(
                     mem.clone(),
@@ -244,15 +218,9 @@ impl RemoteStore {
                     &display,
                 ))
             }
-            "s3" | "s3a" => {
-                let bucket = parsed
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| {
-                        Error::InvalidInput("s3 URL needs a bucket: s3://bucket/prefix".into())
-                    })?
-                    .to_string();
-                let prefix = path_prefix()?;
+            StoreUrl::S3 { bucket, prefix } => {
+                let prefix = Path::from_url_path(&prefix)
+                    .map_err(|e| Error::InvalidInput(format!("store URL prefix: {e}")))?;
                 let (s3, lister) = build_s3(&bucket, opts, env)?;
                 let s3 = Arc::new(s3);
                 let display = if prefix.is_root() {
@@ -270,11 +238,6 @@ impl RemoteStore {
                 rs.uploads = UploadLister::S3(Arc::new(lister));
                 Ok(rs)
             }
-            other => Err(Error::InvalidInput(format!(
-                "unsupported store URL scheme {other:?} in {}: use file:///abs/dir, \
-                 s3://bucket/prefix or memory://",
-                redact(&parsed)
-            ))),
         }
     }
 
@@ -439,31 +402,6 @@ impl RemoteStore {
     }
 }
 
-/// `scheme://host/path` of a URL, without user info, query or fragment.
-fn redact(u: &url::Url) -> String {
-    format!(
-        "{}://{}{}",
-        u.scheme(),
-        u.host_str().unwrap_or(""),
-        u.path()
-    )
-}
-
-fn is_loopback_http(endpoint: &str) -> bool {
-    let Ok(u) = url::Url::parse(endpoint) else {
-        return false;
-    };
-    if u.scheme() != "http" {
-        return false;
-    }
-    match u.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
-}
-
 /// The S3 store, and the upload lister configured from the same builder.
 fn build_s3(
     bucket: &str,
@@ -478,19 +416,28 @@ fn build_s3(
         }
     }
     b = b.with_bucket_name(bucket);
-    let env_endpoint = || {
-        ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
-            .iter()
-            .find_map(|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-    };
-    let endpoint = opts.endpoint.clone().or_else(env_endpoint);
+    // Every endpoint is validated before the HTTP stack sees it: a bad one
+    // panics inside object_store, and one with user info would be logged
+    // by the HTTP client at TRACE.
+    let mut endpoint = None;
+    for name in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
+        if let Some((_, v)) = env.iter().find(|(k, _)| k == name) {
+            let ep = self::url::parse_endpoint(name, v)?;
+            endpoint.get_or_insert(ep);
+        }
+    }
     if let Some(ep) = &opts.endpoint {
-        b = b.with_endpoint(ep.clone());
+        let ep = self::url::parse_endpoint("endpoint", ep)?;
+        b = b.with_endpoint(ep.url.clone());
+        endpoint = Some(ep);
     }
     match opts.allow_http {
         Some(allow) => b = b.with_allow_http(allow),
-        None if endpoint.as_deref().is_some_and(is_loopback_http) => b = b.with_allow_http(true),
+        None if endpoint.as_ref().is_some_and(|e| e.loopback_http) => b = b.with_allow_http(true),
         None => {}
+    }
+    if let Some(ep) = &endpoint {
+        no_metadata_credentials(env, ep)?;
     }
     if let Some(r) = &opts.region {
         b = b.with_region(r.clone());
@@ -557,6 +504,35 @@ fn build_s3(
     // The same credential provider: both sign with the same keys.
     let cfg = lister(s3.credentials().clone());
     Ok((s3, s3_uploads::S3Uploads::new(cfg)))
+}
+
+/// Variables through which object_store finds credentials other than the
+/// instance metadata service (IMDS).
+const CREDENTIAL_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+];
+
+/// With a custom endpoint (MinIO, Garage, Ceph, ...) and no credentials in
+/// the environment, object_store would fall back to the EC2 instance
+/// metadata service and fail with an IMDS error that says nothing useful.
+/// Refuse up front instead, saying which variables to set.
+fn no_metadata_credentials(env: &[(String, String)], ep: &self::url::Endpoint) -> Result<()> {
+    let set = |name: &str| env.iter().any(|(k, v)| k == name && !v.is_empty());
+    let anonymous = env
+        .iter()
+        .any(|(k, v)| k == "AWS_SKIP_SIGNATURE" && parse_flag(v));
+    if anonymous || CREDENTIAL_VARS.iter().any(|n| set(n)) {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "no credentials for the S3 endpoint {}: set AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY in the environment (or AWS_SKIP_SIGNATURE=true for \
+         a store that takes anonymous requests)",
+        self::url::redact(&ep.url)
+    )))
 }
 
 /// object_store's boolean spelling (`true`, `1`, `yes`, `on`, `y`).
@@ -770,16 +746,6 @@ mod tests {
     }
 
     #[test]
-    fn loopback_detection() {
-        assert!(is_loopback_http("http://127.0.0.1:9000"));
-        assert!(is_loopback_http("http://localhost:9000/"));
-        assert!(is_loopback_http("http://[::1]:9000"));
-        assert!(!is_loopback_http("https://127.0.0.1:9000"));
-        assert!(!is_loopback_http("http://10.0.0.1:9000"));
-        assert!(!is_loopback_http("http://example.com"));
-    }
-
-    #[test]
     fn url_schemes() {
         let o = StoreOptions::default();
         let m = RemoteStore::from_url("memory://", &o).unwrap();
@@ -791,7 +757,7 @@ mod tests {
 
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("nested/store");
-        let url = url::Url::from_file_path(&dir).unwrap();
+        let url = ::url::Url::from_file_path(&dir).unwrap();
         let f = RemoteStore::from_url(url.as_str(), &o).unwrap();
         assert!(dir.is_dir());
         assert_eq!(f.kind(), StoreKind::Local);

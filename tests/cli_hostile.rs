@@ -1,0 +1,1363 @@
+//! Hostile command lines (issue 13): every input an operator can get wrong,
+//! table-driven, against the real binary.
+//!
+//! Each case runs in a fresh sandbox (`root/cwd` is the working directory,
+//! `root/data` the data directory, `root/store` the `file://` store) with
+//! TRACE logging on, and asserts:
+//! - the exit code (2 for a bad flag or variable, 1 for a bad configuration
+//!   file or an unusable store; never 101, never a panic message);
+//! - the text that tells the operator what is wrong;
+//! - that no planted secret appears on stdout or stderr;
+//! - that nothing was written outside the data directory and the store: the
+//!   whole sandbox is unchanged for a refused input, `cwd` stays empty, and
+//!   no new entry appears in `/` (`file:` once wrote there).
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// Planted in URLs, variables and config files; must never be printed.
+const SECRET: &str = "SECRETxyzzy0123";
+
+struct Sandbox {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir(root.join("cwd")).unwrap();
+        Sandbox { _dir: dir, root }
+    }
+    fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    fn store_dir(&self) -> PathBuf {
+        self.root.join("store")
+    }
+    fn store_url(&self) -> String {
+        format!("file://{}", self.store_dir().display())
+    }
+    /// `{data}`, `{store}`, `{root}` in an argument, replaced.
+    fn expand(&self, a: &str) -> String {
+        a.replace("{data}", &self.data().display().to_string())
+            .replace("{store}", &self.store_url())
+            .replace("{root}", &self.root.display().to_string())
+    }
+    fn cmd(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tierindex"));
+        c.current_dir(self.root.join("cwd"))
+            .env_clear()
+            .env("RUST_LOG", "trace")
+            .env("RUST_BACKTRACE", "1")
+            .args(args.iter().map(|a| self.expand(a)));
+        for (k, v) in env {
+            c.env(k, self.expand(v));
+        }
+        c
+    }
+    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.cmd(args, env)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tierindex")
+    }
+    /// Every path under the sandbox (files and directories) with its size.
+    fn snapshot(&self) -> BTreeSet<(PathBuf, u64)> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<(PathBuf, u64)>) {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.filter_map(|e| e.ok()) {
+                let p = e.path();
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                let rel = p.strip_prefix(root).unwrap().to_path_buf();
+                if p.is_dir() {
+                    out.insert((rel, 0));
+                    walk(root, &p, out);
+                } else {
+                    out.insert((rel, len));
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(&self.root, &self.root, &mut out);
+        out
+    }
+    /// A data directory and store with a few uploaded segments.
+    fn populated() -> Sandbox {
+        let sb = Sandbox::new();
+        let o = sb.run(
+            &[
+                "--data-dir",
+                "{data}",
+                "--store",
+                "{store}",
+                "demo",
+                "--segment-items",
+                "300",
+                "--slots",
+                "64",
+                "--entries",
+                "1000",
+                "--rate",
+                "1000000",
+                "--keys",
+                "16",
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        sb
+    }
+}
+
+fn root_entries() -> BTreeSet<String> {
+    std::fs::read_dir("/")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?} (signal {:?})\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        o.status.signal(),
+        String::from_utf8_lossy(&o.stdout),
+        tail(&String::from_utf8_lossy(&o.stderr), 3000)
+    )
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut i = s.len().saturating_sub(n);
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// Asserts what every run must satisfy, whatever the input.
+fn assert_sane(o: &Output, what: &str) {
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_ne!(o.status.code(), Some(101), "{what}: panicked\n{}", text(o));
+    assert!(!all.contains("panicked"), "{what}: panicked\n{}", text(o));
+    assert!(!all.contains(SECRET), "{what}: secret printed\n{}", text(o));
+}
+
+/// One hostile input.
+struct Case {
+    name: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+    /// A config file's text (`--config {root}/c.toml` is added).
+    config: Option<&'static str>,
+    code: i32,
+    /// Substrings of stderr, all required.
+    stderr: &'static [&'static str],
+}
+
+const D: &str = "--data-dir";
+const DD: &str = "{data}";
+
+macro_rules! case {
+    ($name:expr, $args:expr, $code:expr, $stderr:expr) => {
+        Case {
+            name: $name,
+            args: $args,
+            env: &[],
+            config: None,
+            code: $code,
+            stderr: $stderr,
+        }
+    };
+    ($name:expr, $args:expr, env $env:expr, $code:expr, $stderr:expr) => {
+        Case {
+            name: $name,
+            args: $args,
+            env: $env,
+            config: None,
+            code: $code,
+            stderr: $stderr,
+        }
+    };
+    ($name:expr, $args:expr, config $cfg:expr, $code:expr, $stderr:expr) => {
+        Case {
+            name: $name,
+            args: $args,
+            env: &[],
+            config: Some($cfg),
+            code: $code,
+            stderr: $stderr,
+        }
+    };
+}
+
+/// Inputs refused before anything is opened: nothing may change anywhere.
+const REFUSED: &[Case] = &[
+    // --- endpoints, in every command that takes one
+    case!(
+        "endpoint without scheme (verify)",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "127.0.0.1:5077",
+            "verify"
+        ],
+        2,
+        &[
+            "--endpoint",
+            "missing scheme",
+            "http://127.0.0.1:5077",
+            "https://host[:port]"
+        ]
+    ),
+    case!(
+        "endpoint without scheme (reconcile)",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "127.0.0.1:5077",
+            "reconcile"
+        ],
+        2,
+        &["--endpoint", "missing scheme"]
+    ),
+    case!(
+        "endpoint without scheme (owner)",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "127.0.0.1:5077",
+            "owner"
+        ],
+        2,
+        &["--endpoint", "missing scheme"]
+    ),
+    case!(
+        "endpoint without scheme (store-check)",
+        &["--endpoint", "127.0.0.1:5077", "store-check", "s3://bkt/p"],
+        2,
+        &["--endpoint", "missing scheme"]
+    ),
+    case!(
+        "endpoint without scheme (status --remote)",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "127.0.0.1:5077",
+            "status",
+            "--remote"
+        ],
+        2,
+        &["--endpoint", "missing scheme"]
+    ),
+    case!(
+        "endpoint without scheme (drain)",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "localhost:9000",
+            "drain"
+        ],
+        2,
+        &["--endpoint", "missing scheme", "http://localhost:9000"]
+    ),
+    case!(
+        "endpoint without scheme (demo)",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "127.0.0.1:5077",
+            "demo"
+        ],
+        2,
+        &["--endpoint", "missing scheme"]
+    ),
+    case!(
+        "endpoint from the environment",
+        &["--store", "s3://bkt/p", "owner"],
+        env & [("TIERINDEX_ENDPOINT", "127.0.0.1:5077")],
+        2,
+        &["TIERINDEX_ENDPOINT", "missing scheme"]
+    ),
+    case!(
+        "endpoint with credentials",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://KEYID:SECRETxyzzy0123@127.0.0.1:5077",
+            "owner"
+        ],
+        2,
+        &[
+            "--endpoint",
+            "must not carry credentials",
+            "AWS_ACCESS_KEY_ID"
+        ]
+    ),
+    case!(
+        "endpoint with a user only",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "https://SECRETxyzzy0123@host",
+            "owner"
+        ],
+        2,
+        &["must not carry credentials"]
+    ),
+    case!(
+        "endpoint with credentials and no scheme",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "KEYID:SECRETxyzzy0123@127.0.0.1:5077",
+            "owner"
+        ],
+        2,
+        &["must not carry credentials"]
+    ),
+    case!(
+        "endpoint with a query",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://127.0.0.1:5077/?token=SECRETxyzzy0123",
+            "owner"
+        ],
+        2,
+        &["--endpoint", "query"]
+    ),
+    case!(
+        "endpoint with a fragment",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://127.0.0.1:5077/#SECRETxyzzy0123",
+            "owner"
+        ],
+        2,
+        &["fragment"]
+    ),
+    case!(
+        "endpoint with another scheme",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "ftp://127.0.0.1:5077",
+            "owner"
+        ],
+        2,
+        &["unsupported scheme"]
+    ),
+    case!(
+        "endpoint empty",
+        &["--store", "s3://bkt/p", "--endpoint", "", "owner"],
+        2,
+        &["--endpoint is empty"]
+    ),
+    case!(
+        "endpoint with dot segments",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://h/a/../b",
+            "owner"
+        ],
+        2,
+        &["`..`"]
+    ),
+    case!(
+        "endpoint with a bad port",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://h:99999",
+            "owner"
+        ],
+        2,
+        &["--endpoint"]
+    ),
+    case!(
+        "endpoint with a newline",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://h:9000\n",
+            "owner"
+        ],
+        2,
+        &["control character"]
+    ),
+    // --- store URLs
+    case!(
+        "store file: (once wrote into /)",
+        &[D, DD, "--store", "file:", "drain"],
+        2,
+        &["--store", "file:///absolute/dir"]
+    ),
+    case!(
+        "store file:relative/x (once wrote into /relative/x)",
+        &[D, DD, "--store", "file:relative/x", "drain"],
+        2,
+        &["--store", "absolute"]
+    ),
+    case!(
+        "store file://relative",
+        &[D, DD, "--store", "file://relative", "drain"],
+        2,
+        &["three slashes"]
+    ),
+    case!(
+        "store file:///",
+        &[D, DD, "--store", "file:///", "drain"],
+        2,
+        &["filesystem root"]
+    ),
+    case!(
+        "store file:/one/slash",
+        &[D, DD, "--store", "file:/tmp/x", "drain"],
+        2,
+        &["file:///absolute/dir"]
+    ),
+    case!(
+        "store with ..",
+        &[D, DD, "--store", "s3://bkt/../x", "verify"],
+        2,
+        &["--store", "`..`"]
+    ),
+    case!(
+        "store with encoded ..",
+        &[D, DD, "--store", "s3://bkt/a/%2e%2e/x", "verify"],
+        2,
+        &["`..`"]
+    ),
+    case!(
+        "store with a query",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://bkt/p?versionId=SECRETxyzzy0123",
+            "verify"
+        ],
+        2,
+        &["query"]
+    ),
+    case!(
+        "store with credentials",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://AKIDEXAMPLE:SECRETxyzzy0123@bkt/p",
+            "verify"
+        ],
+        2,
+        &["must not carry credentials", "AWS_SECRET_ACCESS_KEY"]
+    ),
+    case!(
+        "store with credentials holding a slash",
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://AKIDEXAMPLE:SECRETxyzzy0123/x+y=@bkt/p",
+            "verify"
+        ],
+        2,
+        &["must not carry credentials"]
+    ),
+    case!(
+        "endpoint with credentials holding a slash",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://KEYID:a/SECRETxyzzy0123@127.0.0.1:5077",
+            "owner"
+        ],
+        2,
+        &["must not carry credentials"]
+    ),
+    case!(
+        "store without scheme",
+        &[D, DD, "--store", "127.0.0.1:5077", "verify"],
+        2,
+        &["missing scheme", "s3://bucket[/prefix]"]
+    ),
+    case!(
+        "store bucket/prefix without scheme",
+        &[D, DD, "--store", "bkt/prefix", "verify"],
+        2,
+        &["missing scheme"]
+    ),
+    case!(
+        "store with another scheme",
+        &[D, DD, "--store", "gs://bkt/p", "verify"],
+        2,
+        &["unsupported scheme"]
+    ),
+    case!(
+        "store with a port on the bucket",
+        &[D, DD, "--store", "s3://bkt:9000/p", "verify"],
+        2,
+        &["--endpoint"]
+    ),
+    case!(
+        "store without bucket",
+        &[D, DD, "--store", "s3:///p", "verify"],
+        2,
+        &["needs a bucket"]
+    ),
+    case!(
+        "store with an empty segment",
+        &[D, DD, "--store", "s3://bkt/a//b", "verify"],
+        2,
+        &["empty path segment"]
+    ),
+    case!(
+        "store from the environment",
+        &[D, DD, "drain"],
+        env & [("TIERINDEX_STORE", "file:")],
+        2,
+        &["TIERINDEX_STORE"]
+    ),
+    case!(
+        "store-check URL",
+        &["store-check", "file:relative"],
+        2,
+        &["store-check URL"]
+    ),
+    case!(
+        "store-check URL with credentials",
+        &["store-check", "s3://K:SECRETxyzzy0123@bkt"],
+        2,
+        &["must not carry credentials"]
+    ),
+    // --- other strings
+    case!("empty data dir", &[D, "", "status"], 2, &["--data-dir"]),
+    case!(
+        "stream with ..",
+        &[D, DD, "--stream", "..", "status"],
+        2,
+        &["--stream"]
+    ),
+    case!(
+        "metrics address",
+        &[D, DD, "demo", "--metrics-addr", "nowhere"],
+        2,
+        &["--metrics-addr", "host:port"]
+    ),
+    // --- numbers, refused by the parser
+    case!("rate 0", &[D, DD, "demo", "--rate", "0"], 2, &["--rate"]),
+    case!(
+        "rate too large",
+        &[D, DD, "demo", "--rate", "18446744073709551616"],
+        2,
+        &["--rate"]
+    ),
+    case!(
+        "rate negative",
+        &[D, DD, "demo", "--rate=-5"],
+        2,
+        &["--rate"]
+    ),
+    case!(
+        "flush-every 0",
+        &[D, DD, "demo", "--flush-every", "0"],
+        2,
+        &["--flush-every"]
+    ),
+    case!(
+        "segment-items 0",
+        &[D, DD, "demo", "--segment-items", "0"],
+        2,
+        &["--segment-items"]
+    ),
+    case!(
+        "segment-items huge",
+        &[D, DD, "demo", "--segment-items", "4294967295"],
+        2,
+        &["--segment-items"]
+    ),
+    case!("slots 0", &[D, DD, "demo", "--slots", "0"], 2, &["--slots"]),
+    case!(
+        "slots huge",
+        &[D, DD, "demo", "--slots", "4294967295"],
+        2,
+        &["--slots"]
+    ),
+    case!("keys 0", &[D, DD, "demo", "--keys", "0"], 2, &["--keys"]),
+    case!(
+        "entries 0",
+        &[D, DD, "demo", "--entries", "0"],
+        2,
+        &["--entries"]
+    ),
+    case!(
+        "demo deadline 0",
+        &[D, DD, "demo", "--deadline", "0s"],
+        2,
+        &["--deadline", "above zero"]
+    ),
+    case!(
+        "demo deadline absurd",
+        &[D, DD, "demo", "--deadline", "100years"],
+        2,
+        &["--deadline"]
+    ),
+    case!(
+        "drain deadline 0",
+        &[D, DD, "drain", "--deadline", "0ms"],
+        2,
+        &["--deadline"]
+    ),
+    case!(
+        "drain deadline garbage",
+        &[D, DD, "drain", "--deadline", "soon"],
+        2,
+        &["--deadline"]
+    ),
+    case!(
+        "owner ttl 0",
+        &["--store", "{store}", "owner", "take", "--ttl-ms", "0"],
+        2,
+        &["--ttl-ms"]
+    ),
+    case!(
+        "grace negative",
+        &[D, DD, "reconcile", "--grace-ms=-1"],
+        2,
+        &["--grace-ms"]
+    ),
+    case!(
+        "unknown flag",
+        &[D, DD, "status", "--bogus"],
+        2,
+        &["--bogus"]
+    ),
+    // --- configuration files: the key is named, exit 1
+    case!(
+        "config store file:",
+        &["drain"],
+        config "data_dir = \"{data}\"\nstore = \"file:\"\n",
+        1,
+        &["store", "file:///absolute/dir"]
+    ),
+    case!(
+        "config endpoint with credentials",
+        &["drain"],
+        config "data_dir = \"{data}\"\nstore = \"s3://b/p\"\nendpoint = \"http://K:SECRETxyzzy0123@127.0.0.1:1\"\n",
+        1,
+        &["endpoint", "must not carry credentials"]
+    ),
+    case!(
+        "config endpoint without scheme",
+        &["drain"],
+        config "data_dir = \"{data}\"\nstore = \"s3://b/p\"\nendpoint = \"127.0.0.1:5077\"\n",
+        1,
+        &["endpoint", "missing scheme"]
+    ),
+    case!(
+        "config slot_count 0",
+        &["drain"],
+        config "data_dir = \"{data}\"\nslot_count = 0\n",
+        1,
+        &["slot_count"]
+    ),
+    case!(
+        "config segment_items huge",
+        &["drain"],
+        config "data_dir = \"{data}\"\nsegment_items = 4000000000\n",
+        1,
+        &["segment_items"]
+    ),
+    case!(
+        "config shutdown_deadline_ms 0",
+        &["demo"],
+        config "data_dir = \"{data}\"\nshutdown_deadline_ms = 0\n",
+        1,
+        &["shutdown_deadline_ms"]
+    ),
+    case!(
+        "config tick_ms 0",
+        &["drain"],
+        config "data_dir = \"{data}\"\ntick_ms = 0\n",
+        1,
+        &["tick_ms"]
+    ),
+    case!(
+        "config request_timeout_ms 0",
+        &["drain"],
+        config "data_dir = \"{data}\"\nrequest_timeout_ms = 0\n",
+        1,
+        &["request_timeout_ms"]
+    ),
+    case!(
+        "config lease_ttl_ms absurd",
+        &["drain"],
+        config "data_dir = \"{data}\"\nlease_ttl_ms = 18446744073709551615\n",
+        1,
+        &["lease_ttl_ms"]
+    ),
+    case!(
+        "config max_uploads_in_flight 0",
+        &["drain"],
+        config "data_dir = \"{data}\"\nmax_uploads_in_flight = 0\n",
+        1,
+        &["max_uploads_in_flight"]
+    ),
+    case!(
+        "config part_size_bytes 0",
+        &["drain"],
+        config "data_dir = \"{data}\"\npart_size_bytes = 0\n",
+        1,
+        &["part_size_bytes"]
+    ),
+    case!(
+        "config typo next to a secret (the line is not quoted)",
+        &["drain"],
+        config "data_dir = \"{data}\"\nendpoit = \"http://K:SECRETxyzzy0123@127.0.0.1:1\"\n",
+        1,
+        &["endpoit", "line 2"]
+    ),
+    case!(
+        "config unterminated string holding a secret",
+        &["drain"],
+        config "data_dir = \"{data}\"\nendpoint = \"http://K:SECRETxyzzy0123@127.0.0.1:1\n",
+        1,
+        &["line 2"]
+    ),
+    case!(
+        "config unknown key",
+        &["drain"],
+        config "data_dir = \"{data}\"\nslot_countt = 5\n",
+        1,
+        &["slot_countt"]
+    ),
+    // --- the environment of an s3:// store
+    case!(
+        "AWS_ENDPOINT_URL without scheme",
+        &[D, DD, "--store", "s3://bkt/p", "reconcile"],
+        env & [
+            ("AWS_ENDPOINT_URL", "127.0.0.1:5077"),
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", SECRET)
+        ],
+        1,
+        &["AWS_ENDPOINT_URL", "missing scheme"]
+    ),
+    case!(
+        "AWS_ENDPOINT_URL with credentials",
+        &[D, DD, "--store", "s3://bkt/p", "reconcile"],
+        env & [
+            (
+                "AWS_ENDPOINT_URL",
+                "http://AKID:SECRETxyzzy0123@127.0.0.1:5077"
+            ),
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", SECRET)
+        ],
+        1,
+        &["AWS_ENDPOINT_URL", "must not carry credentials"]
+    ),
+    case!(
+        "no credentials for a custom endpoint (no IMDS)",
+        &[
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "owner"
+        ],
+        1,
+        &["no credentials", "AWS_ACCESS_KEY_ID"]
+    ),
+    // --- missing things
+    case!("no data dir", &["status"], 1, &["--data-dir"]),
+    case!(
+        "config is /dev/zero",
+        &["--config", "/dev/zero", "drain"],
+        1,
+        &["at most 1048576 bytes"]
+    ),
+    case!(
+        "config is a directory",
+        &["--config", "{root}", "drain"],
+        1,
+        &["config file"]
+    ),
+    case!(
+        "inspect /dev/zero",
+        &["inspect", "/dev/zero"],
+        1,
+        &["not a regular file"]
+    ),
+    case!(
+        "inspect a directory",
+        &["inspect", "{root}"],
+        1,
+        &["not a regular file"]
+    ),
+    case!(
+        "inspect a missing file",
+        &["inspect", "{root}/nope.seg"],
+        1,
+        &["nope.seg"]
+    ),
+];
+
+#[test]
+fn refused_inputs_change_nothing() {
+    let mut failures = Vec::new();
+    for c in REFUSED {
+        let sb = Sandbox::new();
+        let mut args: Vec<String> = Vec::new();
+        if let Some(cfg) = c.config {
+            let p = sb.root.join("c.toml");
+            std::fs::write(&p, sb.expand(cfg)).unwrap();
+            args.push("--config".into());
+            args.push(p.display().to_string());
+        }
+        args.extend(c.args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let before = sb.snapshot();
+        let slash = root_entries();
+        let o = sb.run(&args, c.env);
+        assert_sane(&o, c.name);
+        let err = String::from_utf8_lossy(&o.stderr);
+        let mut why = Vec::new();
+        if o.status.code() != Some(c.code) {
+            why.push(format!("exit {:?}, want {}", o.status.code(), c.code));
+        }
+        for want in c.stderr {
+            if !err.contains(want) {
+                why.push(format!("stderr lacks {want:?}"));
+            }
+        }
+        if sb.snapshot() != before {
+            why.push(format!(
+                "the sandbox changed: {:?}",
+                sb.snapshot()
+                    .symmetric_difference(&before)
+                    .collect::<Vec<_>>()
+            ));
+        }
+        let new_in_root: Vec<_> = root_entries().difference(&slash).cloned().collect();
+        if !new_in_root.is_empty() {
+            why.push(format!("new entries in /: {new_in_root:?}"));
+        }
+        if !why.is_empty() {
+            failures.push(format!("{}: {}\n{}", c.name, why.join("; "), text(&o)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n\n{}",
+        failures.len(),
+        REFUSED.len(),
+        failures.join("\n\n")
+    );
+    assert!(!Path::new("/relative").exists());
+}
+
+/// A mistyped --data-dir or --store given to a command that only reads is
+/// an error, and the mistyped directory is not created.
+#[test]
+fn read_only_commands_do_not_create_what_is_missing() {
+    let sb = Sandbox::populated();
+    let typo_store = "file://{root}/stroe";
+    for args in [
+        vec![D, "{root}/dta", "fsck"],
+        vec![D, "{root}/dta", "fsck", "--repair"],
+        vec![D, DD, "--store", typo_store, "verify"],
+        vec![D, DD, "--store", typo_store, "status", "--remote"],
+        vec![D, DD, "--store", typo_store, "reconcile"],
+        vec![D, DD, "--store", typo_store, "lookup", "key-1", "--remote"],
+        vec!["--store", typo_store, "owner"],
+    ] {
+        let before = sb.snapshot();
+        let o = sb.run(&args, &[]);
+        assert_sane(&o, "typo");
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("no data directory at") || err.contains("no store directory at"),
+            "{args:?}: {}",
+            text(&o)
+        );
+        assert_eq!(sb.snapshot(), before, "{args:?} wrote: {}", text(&o));
+    }
+}
+
+/// `--help` must not print the value of a variable that may hold a secret.
+#[test]
+fn help_does_not_print_variable_values() {
+    let sb = Sandbox::new();
+    for args in [
+        vec!["--help"],
+        vec!["verify", "--help"],
+        vec!["demo", "--help"],
+    ] {
+        let o = sb.run(
+            &args,
+            &[
+                ("TIERINDEX_ENDPOINT", "http://K:SECRETxyzzy0123@127.0.0.1:1"),
+                ("TIERINDEX_STORE", "s3://K:SECRETxyzzy0123@bkt/p"),
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert_sane(&o, "help");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("TIERINDEX_ENDPOINT"),
+            "{}",
+            text(&o)
+        );
+    }
+}
+
+/// A fake S3 endpoint: answers every request with `status` and `body`.
+/// Returns its `http://` URL; the thread ends with the test process.
+fn fake_s3(status: &'static str, body: &'static str) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 8192];
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+/// A port nobody listens on.
+fn closed_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}
+
+#[test]
+fn store_problems_say_what_to_do() {
+    let no_bucket = fake_s3(
+        "404 Not Found",
+        "<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message><BucketName>bkt</BucketName></Error>",
+    );
+    let denied = fake_s3(
+        "403 Forbidden",
+        "<?xml version=\"1.0\"?><Error><Code>InvalidAccessKeyId</Code><Message>The key does not exist</Message></Error>",
+    );
+    let closed = closed_port();
+    let creds: &[(&str, &str)] = &[
+        ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_SESSION_TOKEN", SECRET),
+    ];
+    let cases: [(&str, &str, &[&str], &[&str]); 6] = [
+        (
+            "missing bucket",
+            &no_bucket,
+            &["owner"],
+            &["bucket does not exist", "create it"],
+        ),
+        (
+            "missing bucket (reconcile)",
+            &no_bucket,
+            &[D, DD, "reconcile"],
+            &["bucket does not exist"],
+        ),
+        (
+            "wrong credentials",
+            &denied,
+            &["owner"],
+            &["access denied", "AWS_ACCESS_KEY_ID"],
+        ),
+        (
+            "unreachable (owner)",
+            &closed,
+            &["owner"],
+            &["cannot reach the store", "--endpoint"],
+        ),
+        (
+            "unreachable (reconcile)",
+            &closed,
+            &[D, DD, "reconcile"],
+            &["cannot reach the store"],
+        ),
+        (
+            "unreachable (store-check)",
+            &closed,
+            &["store-check"],
+            &["cannot reach the store"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, endpoint, args, want) in cases {
+        let sb = Sandbox::new();
+        let mut full = vec!["--store", "s3://bkt/p", "--endpoint", endpoint];
+        full.extend_from_slice(args);
+        let o = sb.run(&full, creds);
+        assert_sane(&o, name);
+        let err = String::from_utf8_lossy(&o.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("tierindex:"))
+            .unwrap_or("");
+        let mut why = Vec::new();
+        if o.status.code() != Some(1) {
+            why.push(format!("exit {:?}, want 1", o.status.code()));
+        }
+        for w in want {
+            if !last.contains(w) {
+                why.push(format!("error line lacks {w:?}"));
+            }
+        }
+        if last.contains("object not found") || last.contains("metadata") {
+            why.push("misleading error".to_string());
+        }
+        if std::fs::read_dir(sb.root.join("cwd"))
+            .unwrap()
+            .next()
+            .is_some()
+        {
+            why.push("wrote into the working directory".to_string());
+        }
+        if !why.is_empty() {
+            failures.push(format!("{name}: {}\n{}", why.join("; "), text(&o)));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// `tierindex X | head -1` where head has exited: no panic, no message,
+/// the process ends by SIGPIPE.
+#[test]
+fn closed_stdout_ends_quietly_by_sigpipe() {
+    let sb = Sandbox::populated();
+    let seg = std::fs::read_dir(sb.data().join("segments"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .expect("a sealed segment");
+    let seg = seg.display().to_string();
+    for args in [
+        vec![D, DD, "status"],
+        vec![D, DD, "--json", "status"],
+        vec![D, DD, "lookup", "key-1"],
+        vec!["inspect", seg.as_str()],
+        vec![D, DD, "--store", "{store}", "verify"],
+        vec!["--help"],
+    ] {
+        let mut child = sb
+            .cmd(&args, &[])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before the command writes anything.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {}", text(&o));
+        assert!(!err.contains("Broken pipe"), "{args:?}: {}", text(&o));
+        if args != ["--help"] {
+            assert_eq!(
+                o.status.signal(),
+                Some(libc::SIGPIPE),
+                "{args:?}: {}",
+                text(&o)
+            );
+        }
+    }
+}
+
+#[test]
+fn logs_follow_rust_log_and_carry_no_colour_when_redirected() {
+    let sb = Sandbox::new();
+    let demo = [
+        D,
+        DD,
+        "--store",
+        "{store}",
+        "demo",
+        "--segment-items",
+        "100",
+        "--slots",
+        "16",
+        "--entries",
+        "250",
+        "--rate",
+        "1000000",
+    ];
+    let o = sb.run(&demo, &[("RUST_LOG", "info")]);
+    assert_sane(&o, "RUST_LOG=info");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("shutdown finished"), "{}", text(&o));
+    assert!(
+        !err.contains('\u{1b}'),
+        "ANSI escape in a redirected log: {err}"
+    );
+    // TIERINDEX_LOG wins over RUST_LOG.
+    let o = sb.run(&demo, &[("RUST_LOG", "info"), ("TIERINDEX_LOG", "error")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("shutdown finished"), "{}", text(&o));
+    // A bad filter is reported, not ignored.
+    let o = sb.run(&[D, DD, "status"], &[("RUST_LOG", "tierindex=[")]);
+    assert_sane(&o, "bad RUST_LOG");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("RUST_LOG is not a valid log filter"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// `verify` finds a damaged object and names the repair; the plain
+/// `reconcile --repair` says it did not read bodies; the named repair
+/// finds and fixes it; `verify` is then clean.
+#[test]
+fn verify_names_a_repair_that_finds_the_damage() {
+    let sb = Sandbox::populated();
+    let base = [D, DD, "--store", "{store}"];
+    let with = |extra: &[&'static str]| {
+        let mut v: Vec<&str> = base.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let o = sb.run(&with(&["verify"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    // Flip one byte in the middle of one uploaded object (same size).
+    let objs = sb.store_dir().join("stream-0").join("segments");
+    let obj = std::fs::read_dir(&objs)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .expect("an uploaded object");
+    let mut bytes = std::fs::read(&obj).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&obj, &bytes).unwrap();
+
+    let o = sb.run(&with(&["verify"]), &[]);
+    assert_sane(&o, "verify");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("tierindex reconcile --deep --repair"),
+        "{}",
+        text(&o)
+    );
+    let o = sb.run(&with(&["--json", "verify"]), &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["damaged"].as_array().map(Vec::len), Some(1), "{v}");
+
+    // Without --deep, reconcile cannot see a same-size body change, and
+    // says so rather than implying all is well.
+    let o = sb.run(&with(&["reconcile", "--repair"]), &[]);
+    assert_sane(&o, "reconcile --repair");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("checked by listing and size only"),
+        "{}",
+        text(&o)
+    );
+
+    let o = sb.run(&with(&["reconcile", "--deep", "--repair"]), &[]);
+    assert_sane(&o, "reconcile --deep --repair");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("fixed "), "{}", text(&o));
+    assert!(out.contains("1 repaired"), "{}", text(&o));
+
+    let o = sb.run(&with(&["verify"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// The demo's report accounts for the whole run, not the last drain.
+#[test]
+fn demo_report_totals_cover_the_whole_run() {
+    let sb = Sandbox::new();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "--json",
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "3000",
+            "--rate",
+            "20000",
+            "--flush-every",
+            "100",
+        ],
+        &[],
+    );
+    assert_sane(&o, "demo");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let run = &v["run"];
+    assert_eq!(run["entries_appended"], 3000, "{v}");
+    assert_eq!(run["entries_flushed"], 3000, "{v}");
+    // 3000 entries in 300-item segments: 10 segments, all of this run.
+    assert_eq!(run["segments_sealed"], 10, "{v}");
+    assert_eq!(run["segments_uploaded"], 10, "{v}");
+    assert_eq!(run["segments_committed"], 10, "{v}");
+    assert_eq!(run["entries_uploaded"], 3000, "{v}");
+    assert!(run["bytes_uploaded"].as_u64().unwrap() > 0, "{v}");
+    assert!(run["elapsed_ms"].as_u64().unwrap() > 0, "{v}");
+    // The old fields stay where scripts read them.
+    assert!(v["drain"]["segments_done"].is_u64(), "{v}");
+    assert!(v["fatal"].is_null(), "{v}");
+
+    // The text form says the same.
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "600",
+            "--rate",
+            "20000",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("entries: 600 appended, 600 flushed"), "{out}");
+    assert!(
+        out.contains("segments: 2 sealed, 2 uploaded, 2 verified and committed"),
+        "{out}"
+    );
+    assert!(out.contains("nothing pending"), "{out}");
+}
+
+/// `--rate` below 100/s is honoured (it once ran at 100/s whatever it said).
+#[test]
+fn a_low_rate_is_honoured() {
+    let sb = Sandbox::new();
+    let t0 = std::time::Instant::now();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "--json",
+            "demo",
+            "--entries",
+            "5",
+            "--rate",
+            "10",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // 5 entries at 10/s take about 0.5 s; at 100/s they took 50 ms.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+/// ENOSPC mid-run: the demo stops appending, still drains what is durable
+/// and prints its report, then exits 1.
+#[cfg(feature = "failpoints")]
+#[test]
+fn enospc_still_ends_with_a_report() {
+    let sb = Sandbox::new();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "3000",
+            "--rate",
+            "100000",
+            "--flush-every",
+            "100",
+        ],
+        &[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2")],
+    );
+    assert_sane(&o, "enospc");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("No space left on device"), "{}", text(&o));
+    assert!(out.contains("run totals"), "{}", text(&o));
+    assert!(out.contains("FATAL"), "{}", text(&o));
+    assert!(out.contains("1 verified and committed"), "{}", text(&o));
+}
