@@ -158,6 +158,9 @@ struct FsckOut {
     journal_records: u64,
     journal_torn_tail_at: Option<u64>,
     journal_truncated_bytes: u64,
+    /// `--repair` rebuilt a damaged or missing journal (`journal::rebuild`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    journal_rebuilt: Option<journal::RebuildReport>,
 }
 
 pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
@@ -169,7 +172,9 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         Mode::CheckOnly
     };
     let rec = datadir::recover(&dd, mode)?;
+    let mut journal_rebuilt = None;
     let jrep = if repair {
+        journal_rebuilt = rebuild_journal_if_damaged(&cfg.data_dir)?;
         Journal::open(&cfg.data_dir, JournalOptions::default())?.1
     } else {
         match Journal::open_read_only(&cfg.data_dir) {
@@ -188,6 +193,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         journal_records: jrep.records_replayed,
         journal_torn_tail_at: jrep.torn_tail_at,
         journal_truncated_bytes: jrep.truncated_bytes,
+        journal_rebuilt,
     };
     emit(cli.json, &out, |o| {
         let mut s = format!(
@@ -202,6 +208,25 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
                 .map(|t| format!("; journal torn tail at byte {t}"))
                 .unwrap_or_default()
         );
+        if let Some(rb) = &o.journal_rebuilt {
+            s.push_str(&format!(
+                "\njournal rebuilt: {} segment(s) ({} registered from their sealed files: {:?}), \
+                 {} intact frame(s) kept, {} damaged byte(s) skipped, {} record(s) dropped; \
+                 the old journal is kept at {}",
+                rb.segments,
+                rb.registered_from_files.len(),
+                rb.registered_from_files,
+                rb.frames_salvaged,
+                rb.bytes_skipped,
+                rb.records_dropped,
+                rb.damaged_copy
+                    .as_ref()
+                    .map_or("(none)".into(), |p| p.display().to_string())
+            ));
+            for c in &rb.conflicts {
+                s.push_str(&format!("\n  {c}"));
+            }
+        }
         for q in &o.segments.quarantined {
             s.push_str(&format!(
                 "\n  {} {}: {}",
@@ -242,6 +267,22 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     } else {
         EXIT_NEEDS_OPERATOR
     })
+}
+
+/// `fsck --repair`: a journal that is missing, or damaged in a way that is
+/// not a torn tail (`Journal::open` refuses it), is rebuilt from its intact
+/// frames and the sealed files. A newer build's journal is never rebuilt.
+fn rebuild_journal_if_damaged(data_dir: &Path) -> Result<Option<journal::RebuildReport>> {
+    let missing = !journal::log_path(data_dir).exists();
+    let damaged = match Journal::open_read_only(data_dir) {
+        Ok(_) => false,
+        Err(Error::Corrupt { .. }) => true,
+        Err(_) => false,
+    };
+    if missing || damaged {
+        return journal::rebuild(data_dir).map(Some);
+    }
+    Ok(None)
 }
 
 pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> Result<i32> {
