@@ -697,7 +697,12 @@ pub async fn open_shared_with_clock(
     store: RemoteStore,
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Shared>, OpenReport)> {
-    let dd = DataDir::open(&cfg.data_dir)?;
+    let (dd, _identity) = DataDir::open_as(
+        &cfg.data_dir,
+        &cfg.stream,
+        store.display_url(),
+        cfg.endpoint.as_deref(),
+    )?;
     let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let previous_shutdown_clean = marker.exists();
     if previous_shutdown_clean {
