@@ -525,7 +525,10 @@ mod tests {
         // previous format is read.
         let newer = encode_header_version(FORMAT_VERSION + 1, 1);
         assert!(matches!(decode_header(&newer), Err(Error::Unsupported(_))));
-        assert_eq!(decode_header(&encode_header_version(1, 1)).unwrap().version, 1);
+        assert_eq!(
+            decode_header(&encode_header_version(1, 1)).unwrap().version,
+            1
+        );
         assert!(decode_header(&encode_header_version(0, 1)).is_err());
         for i in 0..HEADER_LEN {
             let mut bad = h;
@@ -596,7 +599,11 @@ mod tests {
             let mut bad = bytes.clone();
             bad[i] ^= 0x08;
             let r = replay_bytes(&bad).unwrap();
-            let dmg = r.report.damage.clone().unwrap_or_else(|| panic!("byte {i}"));
+            let dmg = r
+                .report
+                .damage
+                .clone()
+                .unwrap_or_else(|| panic!("byte {i}"));
             assert!(dmg.resync_at.is_some(), "byte {i}: {dmg:?}");
             assert!(dmg.resync_at.unwrap() >= second, "byte {i}: {dmg:?}");
         }
@@ -612,6 +619,30 @@ mod tests {
         let mut torn = bytes.clone();
         torn.extend_from_slice(&bytes[second as usize..third as usize - 3]);
         assert_eq!(replay_bytes(&torn).unwrap().report.damage, None);
+    }
+
+    /// The example in `docs/format/journal.md`, byte for byte.
+    #[test]
+    fn the_documented_example_is_what_the_encoder_writes() {
+        let mut bytes = encode_header(1).to_vec();
+        encode_frame(&Frame::MaxId(None), &mut bytes).unwrap();
+        encode_frame(
+            &Frame::Batch(vec![Record::Verified { id: SegmentId(7) }]),
+            &mut bytes,
+        )
+        .unwrap();
+        let doc = "54 49 58 4a 52 4e 4c 31 02 00 00 00 01 00 00 00 \
+                   00 00 00 00 b3 70 1b 12 14 00 00 00 af 2c 6a be \
+                   7b 22 76 22 3a 31 2c 22 4d 61 78 49 64 22 3a 6e \
+                   75 6c 6c 7d 27 00 00 00 ad c1 91 4e 7b 22 76 22 \
+                   3a 31 2c 22 42 61 74 63 68 22 3a 5b 7b 22 56 65 \
+                   72 69 66 69 65 64 22 3a 7b 22 69 64 22 3a 37 7d \
+                   7d 5d 7d";
+        let want: Vec<u8> = doc
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        assert_eq!(bytes, want);
     }
 
     #[test]
