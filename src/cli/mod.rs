@@ -103,8 +103,9 @@ pub enum Command {
     },
     /// Compare the journal, the remote manifest and a LIST of the stream's
     /// segment objects; report every disagreement (exit 4 when something is
-    /// lost or left unrepaired). --repair re-uploads from local copies,
-    /// restores the manifest and deletes old orphans.
+    /// lost or left unrepaired). --repair re-uploads from local copies and
+    /// restores the manifest; objects of unknown origin are reported, never
+    /// deleted (deletions need proof: docs/format/remote-layout.md).
     Reconcile {
         /// Repair what can be repaired (the broker must be down).
         #[arg(long)]

@@ -380,22 +380,23 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
     }
     fold.dropped += fold.orphaned.values().map(|v| v.len() as u64).sum::<u64>();
     for (id, path) in &files {
-        if let (Some(r), Ok(seg)) = (fold.segments.get(id), SealedSegment::open_light(path)) {
-            {
-                let m = seg.meta();
-                if m.file_crc != r.meta.file_crc || m.file_len != r.meta.file_len {
-                    report.conflicts.push(format!(
-                        "{}: CRC {:08x} / {} bytes, the journal records {:08x} / {}: the \
-                         journal's record is kept (the pipeline quarantines a copy that does \
-                         not match)",
-                        path.display(),
-                        m.file_crc,
-                        m.file_len,
-                        r.meta.file_crc,
-                        r.meta.file_len
-                    ));
-                }
-            }
+        let Some(r) = fold.segments.get(id) else {
+            continue;
+        };
+        let Ok(seg) = SealedSegment::open_light(path) else {
+            continue;
+        };
+        let m = seg.meta();
+        if m.file_crc != r.meta.file_crc || m.file_len != r.meta.file_len {
+            report.conflicts.push(format!(
+                "{}: CRC {:08x} / {} bytes, the journal records {:08x} / {}: the journal's \
+                 record is kept (the pipeline quarantines a copy that does not match)",
+                path.display(),
+                m.file_crc,
+                m.file_len,
+                r.meta.file_crc,
+                r.meta.file_len
+            ));
         }
     }
 

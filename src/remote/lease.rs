@@ -131,6 +131,35 @@ pub fn expiry(now_ms: u64, ttl: Duration) -> Result<u64> {
         .ok_or_else(|| Error::InvalidInput(format!("lease TTL {ttl:?} overflows the clock")))
 }
 
+/// The longest one manifest request can take with its retries:
+/// `request_timeout x max_attempts` plus the largest backoffs between them.
+pub fn worst_request_time(policy: &crate::upload::retry::RetryPolicy) -> Duration {
+    let attempts = policy.max_attempts.max(1);
+    policy
+        .request_timeout
+        .saturating_mul(attempts)
+        .saturating_add(policy.backoff_max.saturating_mul(attempts - 1))
+}
+
+/// Whether a lease of `ttl` can be renewed in time: a renewal (every
+/// TTL / 3) that takes the worst request time must still land before the
+/// lease expires. `Err` says what to change.
+pub fn check_ttl(ttl: Duration, policy: &crate::upload::retry::RetryPolicy) -> Result<()> {
+    let worst = worst_request_time(policy);
+    if ttl / 3 + worst >= ttl {
+        return Err(Error::InvalidInput(format!(
+            "lease TTL {} ms is too short for the request settings: one manifest request may \
+             take up to {} ms (request_timeout x max_attempts plus backoff), so a renewal sent \
+             at a third of the TTL can land after the lease expired and another owner may take \
+             over; raise lease_ttl_ms above {} ms or lower request_timeout_ms / max_attempts",
+            ttl.as_millis(),
+            worst.as_millis(),
+            (worst.as_millis() * 3).div_ceil(2)
+        )));
+    }
+    Ok(())
+}
+
 /// A wall-clock time for messages: `1970-01-01T00:00:10Z (in 4.2s)`.
 pub fn describe_time(ms: u64, now_ms: u64) -> String {
     let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
@@ -178,6 +207,22 @@ mod tests {
         };
         assert!(!jumped.is_live(1_000));
         assert!(jumped.is_live(2_000));
+    }
+
+    #[test]
+    fn ttl_must_outlast_a_renewal_with_its_retries() {
+        let policy = crate::upload::retry::RetryPolicy {
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+        };
+        assert_eq!(worst_request_time(&policy), Duration::from_secs(320));
+        // The old defaults: TTL 30 s against 5 x 60 s requests.
+        let e = check_ttl(Duration::from_secs(30), &policy).unwrap_err();
+        assert!(e.to_string().contains("480000 ms"), "{e}");
+        assert!(check_ttl(Duration::from_secs(481), &policy).is_ok());
+        assert!(check_ttl(Duration::from_secs(480), &policy).is_err());
     }
 
     #[test]
