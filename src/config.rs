@@ -71,10 +71,11 @@ pub struct Config {
     pub reconcile_interval_ms: u64,
     /// The background reconciler also repairs what it can from this process
     /// (re-uploads from local copies, manifest entries and damage notes as
-    /// the current owner, old orphans and stale multipart uploads of ours);
+    /// the current owner, stale multipart uploads and proven abandoned
+    /// uploads of ours; objects of unknown origin are never deleted);
     /// off: it only reports.
     pub reconcile_repair: bool,
-    /// Age an orphan object or a multipart upload must reach before the
+    /// Age an abandoned upload of ours or a multipart upload must reach before the
     /// background reconciler's repair removes it.
     pub reconcile_grace_ms: u64,
 }

@@ -112,6 +112,21 @@ impl DataDir {
         })
     }
 
+    /// [`DataDir::open`], then the directory's identity
+    /// ([`crate::identity::ensure`]): written when there is none yet (a new
+    /// data directory, or one from before identity files), else read. The
+    /// broker's open uses this; the lock is held before the file is written.
+    pub fn open_as(
+        root: &Path,
+        stream: &str,
+        store: &str,
+        endpoint: Option<&str>,
+    ) -> Result<(DataDir, crate::identity::Identity)> {
+        let dd = DataDir::open(root)?;
+        let id = crate::identity::ensure(root, stream, store, endpoint)?;
+        Ok((dd, id))
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -40,6 +40,7 @@ pub mod config;
 pub mod datadir;
 pub mod error;
 pub mod failpoint;
+pub mod identity;
 pub mod index;
 pub mod journal;
 pub mod lifecycle;

@@ -747,7 +747,12 @@ pub async fn open_shared_with_clock(
     store: RemoteStore,
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Shared>, OpenReport)> {
-    let dd = DataDir::open(&cfg.data_dir)?;
+    let (dd, _identity) = DataDir::open_as(
+        &cfg.data_dir,
+        &cfg.stream,
+        store.display_url(),
+        cfg.endpoint.as_deref(),
+    )?;
     let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let previous_shutdown_clean = marker.exists();
     if previous_shutdown_clean {
@@ -1002,8 +1007,9 @@ async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiv
 /// The reconciler every `every` (`reconcile_interval_ms`): journal (read
 /// only) vs manifest vs the bucket listing. With `reconcile_repair` it also
 /// repairs from this process (`reconcile_in_process`: re-uploads from local
-/// copies, manifest writes as the current owner, orphans and multipart
-/// uploads older than `reconcile_grace_ms`). Findings left for an operator
+/// copies, manifest writes as the current owner, stale multipart uploads
+/// and proven abandoned uploads of ours older than `reconcile_grace_ms`;
+/// objects of unknown origin are reported, never deleted). Findings left for an operator
 /// are logged as errors and counted in the `reconcile_unresolved` gauge;
 /// repairs in `reconcile_repaired_total`.
 async fn reconciler(

@@ -476,9 +476,15 @@ fn second_sigterm_exits_at_once_and_drain_resumes_elsewhere() {
 
     // Resume into a working store (keys already journaled keep their
     // s3 prefix; they are store-relative).
+    // The data directory records the dead store (IDENTITY): draining
+    // elsewhere needs --store-override.
     let store = d.store_url();
     let o = run(
-        cmd(&d.data, &store, &["drain", "--deadline", "30s"]),
+        cmd(
+            &d.data,
+            &store,
+            &["--store-override", "drain", "--deadline", "30s"],
+        ),
         Duration::from_secs(60),
     );
     assert_eq!(
@@ -557,9 +563,15 @@ fn first_sigterm_with_dead_store_exits_pending_within_deadline() {
     assert_eq!(assert_contiguous(&segs, flushed), flushed);
 
     // Nothing flushed was lost: a drain to a working store finds it all.
+    // The data directory records the dead store (IDENTITY): draining
+    // elsewhere needs --store-override.
     let store = d.store_url();
     let o = run(
-        cmd(&d.data, &store, &["drain", "--deadline", "30s"]),
+        cmd(
+            &d.data,
+            &store,
+            &["--store-override", "drain", "--deadline", "30s"],
+        ),
         Duration::from_secs(60),
     );
     assert_eq!(

@@ -411,8 +411,10 @@ fn plant_orphan(rig: &Rig, id: u64, crc: u32, bytes: &[u8], age: Duration) -> Pa
     p
 }
 
+/// Objects no view references are of unknown origin (another data
+/// directory, a lost one): reported, never deleted, whatever their age.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn old_orphans_are_deleted_young_and_foreign_kept() {
+async fn unreferenced_objects_are_reported_never_deleted() {
     let rig = Rig::drained().await;
     let max = rig.committed().keys().next_back().unwrap().0;
     let old = plant_orphan(
@@ -431,6 +433,7 @@ async fn old_orphans_are_deleted_young_and_foreign_kept() {
     std::fs::write(&upper, b"not ours either").unwrap();
     let old_key = format!("{STREAM}/segments/{:020}-deadbeef.seg", max + 10);
     let young_key = format!("{STREAM}/segments/{:020}-0badf00d.seg", max + 11);
+    let before = snapshot(&rig.segments_dir());
 
     // Report only, default grace (1 h).
     let r = rig.run(false, false, Duration::from_secs(3600)).await;
@@ -448,26 +451,24 @@ async fn old_orphans_are_deleted_young_and_foreign_kept() {
         2
     );
     assert!(r.needs_operator());
-    assert!(old.exists());
 
-    // Repair with the default grace: only the old orphan goes.
+    // Repair, default grace and grace 0 (CLI): nothing is deleted, the
+    // old one stays an operator's matter and the report says what to do.
     let r = rig.run(true, false, Duration::from_secs(3600)).await;
-    assert!(!r.needs_operator(), "{:#?}", r.findings);
-    assert_eq!(r.repaired, 1);
-    assert!(!old.exists());
-    assert!(young.exists() && foreign.exists() && upper.exists());
-
-    // Grace 0 (CLI): the young one goes too; foreign objects never.
+    assert!(r.needs_operator(), "{:#?}", r.findings);
+    assert_eq!((r.repaired, r.deleted), (0, 0));
     let (code, out) = rig.cli(&["--json", "reconcile", "--repair", "--grace-ms", "0"]);
-    assert_eq!(code, EXIT_DRAINED, "{out}");
+    assert_eq!(code, EXIT_NEEDS_OPERATOR, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
-    assert_eq!(v["repaired"], 1, "{v}");
-    assert!(!young.exists());
-    assert!(foreign.exists() && upper.exists());
-    assert_eq!(
-        std::fs::read_dir(rig.segments_dir()).unwrap().count(),
-        rig.committed().len() + 2
-    );
+    assert_eq!(v["deleted"], 0, "{v}");
+    assert_eq!(v["repaired"], 0, "{v}");
+    let (code, out) = rig.cli(&["reconcile", "--repair", "--grace-ms", "0"]);
+    assert_eq!(code, EXIT_NEEDS_OPERATOR, "{out}");
+    assert!(out.contains("unknown origin"), "{out}");
+    assert!(out.contains("give each its own"), "{out}");
+    assert!(!out.contains("fixed"), "{out}");
+    assert!(old.exists() && young.exists() && foreign.exists() && upper.exists());
+    assert_eq!(snapshot(&rig.segments_dir()), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,6 +194,9 @@ struct FsckOut {
     journal_truncated_bytes: u64,
     /// Pending segments whose local file is missing.
     missing: Vec<String>,
+    /// `--repair` rebuilt a damaged or missing journal (`journal::rebuild`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    journal_rebuilt: Option<journal::RebuildReport>,
 }
 
 pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
@@ -209,7 +212,9 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         item_capacity: cfg.segment_items,
     };
     let rec = datadir::recover_with_geometry(&dd, mode, true, Some(geometry))?;
+    let mut journal_rebuilt = None;
     let (jrep, segments) = if repair {
+        journal_rebuilt = rebuild_journal_if_damaged(&cfg.data_dir)?;
         let (j, r) = Journal::open(&cfg.data_dir, JournalOptions::default())?;
         (r, j.segments().clone())
     } else {
@@ -251,6 +256,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         journal_torn_tail_at: jrep.torn_tail_at,
         journal_truncated_bytes: jrep.truncated_bytes,
         missing,
+        journal_rebuilt,
     };
     emit(cli.json, &out, |o| {
         let mut s = format!(
@@ -265,6 +271,25 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
                 .map(|t| format!("; journal torn tail at byte {t}"))
                 .unwrap_or_default()
         );
+        if let Some(rb) = &o.journal_rebuilt {
+            s.push_str(&format!(
+                "\njournal rebuilt: {} segment(s) ({} registered from their sealed files: {:?}), \
+                 {} intact frame(s) kept, {} damaged byte(s) skipped, {} record(s) dropped; \
+                 the old journal is kept at {}",
+                rb.segments,
+                rb.registered_from_files.len(),
+                rb.registered_from_files,
+                rb.frames_salvaged,
+                rb.bytes_skipped,
+                rb.records_dropped,
+                rb.damaged_copy
+                    .as_ref()
+                    .map_or("(none)".into(), |p| p.display().to_string())
+            ));
+            for c in &rb.conflicts {
+                s.push_str(&format!("\n  {c}"));
+            }
+        }
         for q in &o.segments.quarantined {
             s.push_str(&format!(
                 "\n  {} {}: {}",
@@ -319,6 +344,22 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     } else {
         EXIT_NEEDS_OPERATOR
     })
+}
+
+/// `fsck --repair`: a journal that is missing, or damaged in a way that is
+/// not a torn tail (`Journal::open` refuses it), is rebuilt from its intact
+/// frames and the sealed files. A newer build's journal is never rebuilt.
+fn rebuild_journal_if_damaged(data_dir: &Path) -> Result<Option<journal::RebuildReport>> {
+    let missing = !journal::log_path(data_dir).exists();
+    let damaged = match Journal::open_read_only(data_dir) {
+        Ok(_) => false,
+        Err(Error::Corrupt { .. }) => true,
+        Err(_) => false,
+    };
+    if missing || damaged {
+        return journal::rebuild(data_dir).map(Some);
+    }
+    Ok(None)
 }
 
 pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> Result<i32> {

@@ -56,6 +56,10 @@ pub struct Cli {
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Use --store (or --stream) although the data directory's IDENTITY
+    /// records another one.
+    #[arg(long, global = true)]
+    pub store_override: bool,
     #[command(subcommand)]
     pub cmd: Command,
 }
@@ -112,8 +116,9 @@ pub enum Command {
     },
     /// Compare the journal, the remote manifest and a LIST of the stream's
     /// segment objects; report every disagreement (exit 4 when something is
-    /// lost or left unrepaired). --repair re-uploads from local copies,
-    /// restores the manifest and deletes old orphans.
+    /// lost or left unrepaired). --repair re-uploads from local copies and
+    /// restores the manifest; objects of unknown origin are reported, never
+    /// deleted (deletions need proof: docs/format/remote-layout.md).
     Reconcile {
         /// Repair what can be repaired (the broker must be down).
         #[arg(long)]
@@ -181,11 +186,30 @@ impl Cli {
         if let Some(e) = &self.endpoint {
             c.endpoint = Some(e.clone());
         }
+        let stream_given = self.stream.is_some() || c.stream != Config::default().stream;
         if let Some(s) = &self.stream {
             c.stream = s.clone();
         }
+        crate::identity::resolve_cli(&mut c, self.identity_intent(stream_given))?;
         c.validate()?;
         Ok(c)
+    }
+
+    /// What the command does with the data directory and the store, for
+    /// the identity check (`crate::identity::resolve_cli`).
+    fn identity_intent(&self, stream_given: bool) -> crate::identity::CliIntent {
+        let (inspects, needs_store) = match &self.cmd {
+            Command::Drain(_) | Command::Verify | Command::Reconcile { .. } => (true, true),
+            Command::Status { remote } | Command::Lookup { remote, .. } => (true, *remote),
+            Command::Fsck { .. } => (true, false),
+            _ => (false, false),
+        };
+        crate::identity::CliIntent {
+            inspects,
+            needs_store,
+            stream_given,
+            store_override: self.store_override,
+        }
     }
 
     fn require_data_dir(&self) -> Result<()> {

@@ -581,6 +581,8 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
                 .unwrap_or_default();
             let tag = if f.lost {
                 "LOST "
+            } else if f.deleted {
+                "deleted "
             } else if f.informational {
                 "note "
             } else if f.repaired {

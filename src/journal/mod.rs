@@ -34,8 +34,12 @@
 //!
 //! ## Crash consistency
 //! Replay stops at the first frame that is short, has a bad length or CRC, does
-//! not decode, or is an illegal transition, and `open` truncates the file
-//! there. Compaction writes the live state to `journal.log.tmp`, fsyncs it,
+//! not decode, or is an illegal transition. Only a torn tail (a bad frame with
+//! no intact frame after it: the last append, interrupted) is truncated by
+//! `open`. An intact frame that does not decode, is newer or breaks the state
+//! machine, or a bad frame followed by intact ones, stops `open` with an error
+//! and cuts nothing; `rebuild` (`tierindex fsck --repair`) rebuilds the
+//! journal from every intact frame and the segment files. Compaction writes the live state to `journal.log.tmp`, fsyncs it,
 //! renames it over `journal.log` and fsyncs the directory; a `.tmp` seen at open
 //! is an interrupted compaction and is removed (the old `journal.log` was never
 //! modified). Every step and what a crash right after it leaves is tabled in
@@ -50,15 +54,17 @@ use crate::error::{Error, Result};
 use crate::segment::SegmentId;
 
 mod compact;
+pub mod rebuild;
 pub mod record;
 mod replay;
 mod writer;
 
+pub use rebuild::{RebuildReport, rebuild};
 pub use record::{Frame, JournalState, Record, SegmentRecord, SegmentState};
 pub use replay::{
-    DecodedFile, DecodedFrame, FORMAT_VERSION, FRAME_HEADER_LEN, FRAME_LEN_MAX, HEADER_LEN, Header,
-    MAGIC, Replayed, TailError, TailKind, decode_file, decode_header, encode_frame, encode_header,
-    replay_bytes,
+    DecodedFile, DecodedFrame, FORMAT_VERSION, FORMAT_VERSION_MIN, FRAME_HEADER_LEN, FRAME_LEN_MAX,
+    HEADER_LEN, Header, MAGIC, RECORD_VERSION, Replayed, TailError, TailKind, decode_file,
+    decode_header, encode_frame, encode_header, encode_header_version, replay_bytes,
 };
 pub use writer::Journal;
 
@@ -135,6 +141,68 @@ pub struct ReplayReport {
     pub tail: Option<TailError>,
     /// A `journal.log.tmp` from an interrupted compaction was removed.
     pub removed_tmp: bool,
+    /// Set when what replay stopped at is not a torn tail: an intact frame
+    /// that does not decode, is newer or breaks the state machine, or a bad
+    /// frame followed by intact ones. `Journal::open` then refuses and cuts
+    /// nothing.
+    #[serde(default)]
+    pub damage: Option<JournalDamage>,
+    /// Format version from the file header.
+    #[serde(default)]
+    pub format_version: u16,
+}
+
+/// Damage in a journal file that is not a torn tail (see
+/// [`ReplayReport::damage`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalDamage {
+    /// Offset of the first frame replay could not accept.
+    pub offset: u64,
+    pub kind: TailKind,
+    pub detail: String,
+    /// Offset of the first decodable frame after it, if any.
+    pub resync_at: Option<u64>,
+    /// Intact frames that follow each other from `resync_at`.
+    pub frames_after: u64,
+}
+
+impl JournalDamage {
+    /// The error `Journal::open` returns for it: what was found and what to
+    /// do. Nothing was cut.
+    pub fn to_error(&self, log: &Path) -> Error {
+        let after = match self.resync_at {
+            Some(at) => format!(
+                "; {} intact frame(s) follow from byte {at}, so this is not a torn tail",
+                self.frames_after
+            ),
+            None => String::new(),
+        };
+        let what = match self.kind {
+            TailKind::Newer => {
+                return Error::Unsupported(format!(
+                    "journal {}: the frame at byte {} is of a newer record version ({}); \
+                     nothing was cut. Use the tierindex version that wrote it",
+                    log.display(),
+                    self.offset,
+                    self.detail
+                ));
+            }
+            TailKind::Undecodable => "holds an intact frame this build cannot decode",
+            TailKind::Inconsistent => "holds an intact frame that breaks the upload state machine",
+            _ => "is damaged",
+        };
+        Error::corrupt(
+            format!("journal {}", log.display()),
+            format!(
+                "{what} at byte {} ({:?}: {}){after}. Nothing was cut and the journal was not \
+                 opened. Keep the data directory as it is (no segment file or object is lost) \
+                 and run `tierindex fsck --repair` on it: it rebuilds the journal from every \
+                 intact frame and the segment files, and keeps the damaged file as \
+                 journal.log.damaged.<ms>",
+                self.offset, self.kind, self.detail
+            ),
+        )
+    }
 }
 
 /// A replayed journal that cannot be written: what `tierindex status` and

@@ -258,6 +258,27 @@ impl JournalState {
         Ok(())
     }
 
+    /// A state from its parts (the journal rebuild). `max_segment_id` and
+    /// `max_offset` are raised to cover `segments`.
+    pub(crate) fn from_parts(
+        segments: BTreeMap<SegmentId, SegmentRecord>,
+        max_segment_id: Option<SegmentId>,
+        max_offset: Option<u64>,
+    ) -> JournalState {
+        let mut st = JournalState {
+            segments,
+            max_segment_id,
+            max_offset,
+        };
+        for r in st.segments.values() {
+            st.max_segment_id = st.max_segment_id.max(Some(r.meta.id));
+            if r.meta.item_count > 0 {
+                st.max_offset = st.max_offset.max(Some(r.meta.max_offset));
+            }
+        }
+        st
+    }
+
     /// Loads a compaction snapshot of one segment. Only used by replay.
     pub(crate) fn load_snapshot(&mut self, rec: SegmentRecord) -> std::result::Result<(), String> {
         let id = rec.meta.id;

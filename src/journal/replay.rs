@@ -7,19 +7,36 @@
 //!
 //! Replay stops at the first frame that is short, has an impossible length, a
 //! bad CRC, an undecodable payload, or is intact but inconsistent with what
-//! came before it (an illegal transition, a misplaced snapshot). Everything
-//! from that frame on is the "torn tail"; `Journal::open` truncates it.
+//! came before it (an illegal transition, a misplaced snapshot). It then
+//! classifies what it stopped at ([`ReplayReport::damage`]):
+//! - a torn tail: a short or checksum-failing frame with no intact frame
+//!   anywhere after it. Only the last append can be torn (every earlier one
+//!   was fdatasync'ed before the next was written), so `Journal::open` cuts it.
+//! - damage: an intact (CRC-valid) frame that does not decode, is of a newer
+//!   record version, or breaks the state machine; or a bad frame followed by
+//!   intact frames (corruption in the middle, not a torn write). `Journal::open`
+//!   refuses to open and cuts nothing; `journal::rebuild` (`tierindex fsck
+//!   --repair`) rebuilds the journal.
 
 use serde::{Deserialize, Serialize};
 
-use super::ReplayReport;
 use super::record::{Frame, JournalState};
+use super::{JournalDamage, ReplayReport};
 use crate::error::{Error, Result};
 
 /// First 8 bytes of every journal file.
 pub const MAGIC: [u8; 8] = *b"TIXJRNL1";
-/// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build writes. Version 2 frames carry a record
+/// version (`"v"`); version 1 files (no `"v"`, record version 1) are still
+/// read, and a read-write open rewrites them as version 2 before it appends,
+/// so an older build never finds a frame it would misread: it refuses the
+/// header instead.
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version this build reads.
+pub const FORMAT_VERSION_MIN: u16 = 1;
+/// The record (frame payload) version this build writes and the highest it
+/// reads. A frame of a higher version is refused, never cut.
+pub const RECORD_VERSION: u16 = 1;
 /// Header: magic(8) version(2) reserved(2) generation(8) crc(4).
 pub const HEADER_LEN: usize = 24;
 /// Frame header: len(4) crc(4).
@@ -52,6 +69,20 @@ pub enum TailKind {
     /// snapshot after a batch, a second `MaxId`. This is not a torn write;
     /// it means a bug or tampering, so it is also logged as an error.
     Inconsistent,
+    /// Intact, but of a record version above [`RECORD_VERSION`]: written by
+    /// a newer tierindex. Refused, never cut.
+    Newer,
+}
+
+impl TailKind {
+    /// True for a frame whose CRC matched: it was written whole, so it can
+    /// never be the torn end of an interrupted append.
+    pub fn is_intact(self) -> bool {
+        matches!(
+            self,
+            TailKind::Undecodable | TailKind::Inconsistent | TailKind::Newer
+        )
+    }
 }
 
 /// Where and why replay stopped.
@@ -95,9 +126,16 @@ pub struct Replayed {
 
 /// The 24 header bytes for `generation`.
 pub fn encode_header(generation: u64) -> [u8; HEADER_LEN] {
+    encode_header_version(FORMAT_VERSION, generation)
+}
+
+/// The 24 header bytes of a file of format `version` (tests write old
+/// versions with it).
+#[doc(hidden)]
+pub fn encode_header_version(version: u16, generation: u64) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..10].copy_from_slice(&version.to_le_bytes());
     // 10..12 reserved, zero.
     h[12..20].copy_from_slice(&generation.to_le_bytes());
     let crc = crc32fast::hash(&h[0..20]);
@@ -144,12 +182,19 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header> {
         ));
     }
     let version = le_u16(head, 8).unwrap_or(0);
-    if version != FORMAT_VERSION {
+    if version > FORMAT_VERSION {
+        return Err(Error::Unsupported(format!(
+            "{what}: format version {version}, this build reads {FORMAT_VERSION_MIN} to \
+             {FORMAT_VERSION}; the journal was written by a newer tierindex: use that version \
+             (nothing was changed)"
+        )));
+    }
+    if version < FORMAT_VERSION_MIN {
         return Err(Error::corrupt(
             what,
             format!(
-                "format version {version} is not supported (this build reads {FORMAT_VERSION}); \
-                 use a tierindex that does"
+                "format version {version} is not supported (this build reads \
+                 {FORMAT_VERSION_MIN} to {FORMAT_VERSION})"
             ),
         ));
     }
@@ -167,10 +212,53 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header> {
     })
 }
 
+/// The JSON payload of `frame`: `{"v":<RECORD_VERSION>,"<Kind>":...}`.
+fn frame_payload(frame: &Frame) -> Result<Vec<u8>> {
+    let body = serde_json::to_vec(frame)
+        .map_err(|e| Error::InvalidInput(format!("journal frame does not serialize: {e}")))?;
+    // An externally tagged enum serializes as a one-key object: `{"Kind":..}`.
+    let Some(rest) = body.strip_prefix(b"{") else {
+        return Err(Error::InvalidInput(
+            "journal frame does not serialize as a JSON object".into(),
+        ));
+    };
+    let mut payload = format!("{{\"v\":{RECORD_VERSION},").into_bytes();
+    payload.extend_from_slice(rest);
+    Ok(payload)
+}
+
+/// Decodes a frame payload: the record version (absent in format 1 files:
+/// version 1), then the frame.
+fn decode_payload(payload: &[u8]) -> std::result::Result<Frame, (TailKind, String)> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| (TailKind::Undecodable, e.to_string()))?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err((TailKind::Undecodable, "payload is not a JSON object".into()));
+    };
+    let version = match obj.remove("v") {
+        None => 1,
+        Some(v) => v.as_u64().filter(|v| *v >= 1).ok_or_else(|| {
+            (
+                TailKind::Undecodable,
+                format!("record version {v} is not valid"),
+            )
+        })?,
+    };
+    if version > u64::from(RECORD_VERSION) {
+        return Err((
+            TailKind::Newer,
+            format!(
+                "record version {version}; this build reads up to {RECORD_VERSION}: written by a \
+                 newer tierindex"
+            ),
+        ));
+    }
+    serde_json::from_value::<Frame>(value).map_err(|e| (TailKind::Undecodable, e.to_string()))
+}
+
 /// Appends the encoded `frame` to `out`; returns the payload length.
 pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<u32> {
-    let payload = serde_json::to_vec(frame)
-        .map_err(|e| Error::InvalidInput(format!("journal frame does not serialize: {e}")))?;
+    let payload = frame_payload(frame)?;
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|len| *len > 0 && *len <= FRAME_LEN_MAX)
@@ -233,10 +321,77 @@ fn decode_frame(bytes: &[u8], pos: usize) -> std::result::Result<(Frame, usize),
             format!("frame crc {stored_crc:#010x} != computed {crc:#010x}"),
         ));
     }
-    match serde_json::from_slice::<Frame>(payload) {
+    match decode_payload(payload) {
         Ok(frame) => Ok((frame, end)),
-        Err(e) => Err(fail(TailKind::Undecodable, e.to_string())),
+        Err((kind, detail)) => Err(fail(kind, detail)),
     }
+}
+
+/// [`decode_frame`] for the rebuild.
+pub(super) fn decode_frame_at(
+    bytes: &[u8],
+    pos: usize,
+) -> std::result::Result<(Frame, usize), TailError> {
+    decode_frame(bytes, pos)
+}
+
+/// Total length of the CRC-valid frame at `pos`, if there is one (whether or
+/// not its payload decodes).
+fn intact_frame_len(bytes: &[u8], pos: usize) -> Option<usize> {
+    match decode_frame(bytes, pos) {
+        Ok((_, len)) => Some(len),
+        Err(e) if e.kind.is_intact() => {
+            let len = le_u32(bytes.get(pos..)?, 0)?;
+            Some(FRAME_HEADER_LEN + len as usize)
+        }
+        Err(_) => None,
+    }
+}
+
+/// The first offset at or after `from` where a frame that decodes starts,
+/// and how many intact frames follow each other from there (the chain).
+///
+/// A damaged frame followed by such a chain is corruption in the middle of
+/// the file, not a torn append: every append but the last was durable before
+/// the next began. To keep a random match of the 32-bit CRC inside garbage
+/// from passing as a resync, the first frame must also decode, and the chain
+/// is followed to its end (the end of the file, or a remainder that holds no
+/// further intact frame: the torn last append).
+pub(super) fn find_resync(bytes: &[u8], from: usize) -> Option<(u64, u64)> {
+    let mut start = from;
+    while start + FRAME_HEADER_LEN <= bytes.len() {
+        if decode_frame(bytes, start).is_ok() {
+            let (mut pos, mut frames) = (start, 0u64);
+            while let Some(len) = intact_frame_len(bytes, pos) {
+                pos += len;
+                frames += 1;
+            }
+            return Some((start as u64, frames));
+        }
+        start += 1;
+    }
+    None
+}
+
+/// What replay stopped at, judged: `None` for a torn tail (or no tail).
+fn judge_tail(bytes: &[u8], tail: &TailError) -> Option<JournalDamage> {
+    let at = usize::try_from(tail.offset).ok()?;
+    let after = if tail.kind.is_intact() {
+        intact_frame_len(bytes, at).map_or(at + 1, |len| at + len)
+    } else {
+        at + 1
+    };
+    let resync = find_resync(bytes, after);
+    if !tail.kind.is_intact() && resync.is_none() {
+        return None;
+    }
+    Some(JournalDamage {
+        offset: tail.offset,
+        kind: tail.kind,
+        detail: tail.detail.clone(),
+        resync_at: resync.map(|(at, _)| at),
+        frames_after: resync.map_or(0, |(_, n)| n),
+    })
 }
 
 /// Parses a whole journal file: the header (an error if bad) and every intact
@@ -330,6 +485,8 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
     }
     report.truncated_bytes = (bytes.len() as u64).saturating_sub(valid_len);
     report.torn_tail_at = (report.truncated_bytes > 0).then_some(valid_len);
+    report.damage = tail.as_ref().and_then(|t| judge_tail(bytes, t));
+    report.format_version = decoded.header.version;
     report.tail = tail;
     report.segments = state.segments().len();
     Ok(Replayed {
@@ -360,10 +517,19 @@ mod tests {
         assert_eq!(
             decode_header(&h).unwrap(),
             Header {
-                version: 1,
+                version: FORMAT_VERSION,
                 generation: 42
             }
         );
+        // A newer format (with a valid CRC) is refused as unsupported; the
+        // previous format is read.
+        let newer = encode_header_version(FORMAT_VERSION + 1, 1);
+        assert!(matches!(decode_header(&newer), Err(Error::Unsupported(_))));
+        assert_eq!(
+            decode_header(&encode_header_version(1, 1)).unwrap().version,
+            1
+        );
+        assert!(decode_header(&encode_header_version(0, 1)).is_err());
         for i in 0..HEADER_LEN {
             let mut bad = h;
             bad[i] ^= 0x40;
@@ -416,6 +582,67 @@ mod tests {
             assert_eq!(r.report.torn_tail_at, Some(HEADER_LEN as u64));
             assert!(r.report.tail.is_some());
         }
+    }
+
+    #[test]
+    fn a_bad_frame_followed_by_intact_ones_is_damage_not_a_torn_tail() {
+        let frames = [
+            Frame::Batch(happy_path(1)),
+            Frame::Batch(vec![Record::Sealed { meta: meta(2) }]),
+            Frame::Batch(vec![Record::Sealed { meta: meta(3) }]),
+        ];
+        let bytes = file_with(&frames);
+        let d = decode_file(&bytes).unwrap();
+        let (second, third) = (d.frames[1].offset, d.frames[2].offset);
+        // Every byte of the first two frames: damage, resynced on a later frame.
+        for i in HEADER_LEN..third as usize {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x08;
+            let r = replay_bytes(&bad).unwrap();
+            let dmg = r
+                .report
+                .damage
+                .clone()
+                .unwrap_or_else(|| panic!("byte {i}"));
+            assert!(dmg.resync_at.is_some(), "byte {i}: {dmg:?}");
+            assert!(dmg.resync_at.unwrap() >= second, "byte {i}: {dmg:?}");
+        }
+        // Any byte of the last frame: a torn tail (nothing intact after it).
+        for i in third as usize..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x08;
+            let r = replay_bytes(&bad).unwrap();
+            assert_eq!(r.report.damage, None, "byte {i}");
+            assert_eq!(r.report.torn_tail_at, Some(third), "byte {i}");
+        }
+        // A torn append after intact frames is still a torn tail.
+        let mut torn = bytes.clone();
+        torn.extend_from_slice(&bytes[second as usize..third as usize - 3]);
+        assert_eq!(replay_bytes(&torn).unwrap().report.damage, None);
+    }
+
+    /// The example in `docs/format/journal.md`, byte for byte.
+    #[test]
+    fn the_documented_example_is_what_the_encoder_writes() {
+        let mut bytes = encode_header(1).to_vec();
+        encode_frame(&Frame::MaxId(None), &mut bytes).unwrap();
+        encode_frame(
+            &Frame::Batch(vec![Record::Verified { id: SegmentId(7) }]),
+            &mut bytes,
+        )
+        .unwrap();
+        let doc = "54 49 58 4a 52 4e 4c 31 02 00 00 00 01 00 00 00 \
+                   00 00 00 00 b3 70 1b 12 14 00 00 00 af 2c 6a be \
+                   7b 22 76 22 3a 31 2c 22 4d 61 78 49 64 22 3a 6e \
+                   75 6c 6c 7d 27 00 00 00 ad c1 91 4e 7b 22 76 22 \
+                   3a 31 2c 22 42 61 74 63 68 22 3a 5b 7b 22 56 65 \
+                   72 69 66 69 65 64 22 3a 7b 22 69 64 22 3a 37 7d \
+                   7d 5d 7d";
+        let want: Vec<u8> = doc
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        assert_eq!(bytes, want);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::record::{Frame, Record, SegmentRecord};
-use super::replay::{TailKind, encode_frame, replay_bytes};
+use super::replay::{encode_frame, replay_bytes};
 use super::{JournalOptions, JournalView, LOG_FILE, ReplayReport, TMP_FILE, compact, journal_dir};
 use crate::error::{Error, Result};
 use crate::segment::SegmentId;
@@ -55,7 +55,7 @@ pub(super) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Takes an exclusive, non-blocking `flock` on `dir`.
-fn lock_dir(dir: &Path) -> Result<File> {
+pub(super) fn lock_dir(dir: &Path) -> Result<File> {
     let f = File::open(dir).map_err(|e| Error::io(dir, "open journal directory", e))?;
     // SAFETY: flock only reads the descriptor, which `f` keeps open.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -129,6 +129,13 @@ impl Journal {
         let replayed = replay_bytes(&bytes)?;
         let mut report = replayed.report;
         report.removed_tmp = removed_tmp;
+        if let Some(damage) = &report.damage {
+            // Not a torn tail: cutting would forget acknowledged records
+            // (and with them segments the store may hold the only copy of).
+            let err = damage.to_error(&log);
+            tracing::error!(file = %log.display(), "journal not opened: {err}");
+            return Err(err);
+        }
         log_tail(&log, &report);
         if report.truncated_bytes > 0 {
             // A torn tail after a crash is the common case, but the same cut
@@ -154,7 +161,7 @@ impl Journal {
                 .and_then(|()| file.sync_all())
                 .map_err(|e| Error::io(&log, "truncate torn journal tail", e))?;
         }
-        let journal = Journal {
+        let mut journal = Journal {
             dir,
             file,
             view: JournalView {
@@ -167,17 +174,36 @@ impl Journal {
             compacted_len: 0,
             _lock: lock,
         };
+        if report.format_version < super::FORMAT_VERSION {
+            // Appends write versioned frames; an older build must find a
+            // header it refuses, not frames it would cut. Compaction writes
+            // the current format (Released records are dropped, as by any
+            // compaction; the highest id and offset are kept).
+            journal.compact()?;
+            tracing::info!(
+                file = %log.display(),
+                from = report.format_version,
+                to = super::FORMAT_VERSION,
+                "journal format upgraded"
+            );
+        }
         Ok((journal, report))
     }
 
     /// Replays `data_dir/journal/journal.log` without creating, locking,
     /// truncating or deleting anything; for `tierindex status` and `inspect`,
     /// also while a broker runs. A torn tail is reported, not cut. A missing
-    /// journal is an error (NotFound), not an empty view.
+    /// journal is an error (NotFound), not an empty view. Damage that is not a
+    /// torn tail is an error, as for `open`: a caller must never act on a
+    /// journal that forgot records (the reconciler would take their objects
+    /// for someone else's).
     pub fn open_read_only(data_dir: &Path) -> Result<(JournalView, ReplayReport)> {
         let log = journal_dir(data_dir).join(LOG_FILE);
         let bytes = fs::read(&log).map_err(|e| Error::io(&log, "read journal", e))?;
         let replayed = replay_bytes(&bytes)?;
+        if let Some(damage) = &replayed.report.damage {
+            return Err(damage.to_error(&log));
+        }
         let view = JournalView {
             state: replayed.state,
             generation: replayed.report.generation,
@@ -291,25 +317,16 @@ impl Journal {
 
 fn log_tail(log: &Path, report: &ReplayReport) {
     let Some(tail) = &report.tail else { return };
-    if tail.kind == TailKind::Inconsistent {
-        tracing::error!(
-            file = %log.display(),
-            offset = tail.offset,
-            "journal holds an intact but inconsistent frame; replay stops there and the \
-             rest ({} bytes) is cut: {}",
-            report.truncated_bytes,
-            tail.detail
-        );
-    } else {
-        tracing::warn!(
-            file = %log.display(),
-            offset = tail.offset,
-            "cutting torn journal tail of {} bytes ({:?}: {})",
-            report.truncated_bytes,
-            tail.kind,
-            tail.detail
-        );
-    }
+    // Damage was refused before this point: what is left is a torn tail.
+    debug_assert!(report.damage.is_none() && !tail.kind.is_intact());
+    tracing::warn!(
+        file = %log.display(),
+        offset = tail.offset,
+        "cutting torn journal tail of {} bytes ({:?}: {})",
+        report.truncated_bytes,
+        tail.kind,
+        tail.detail
+    );
 }
 
 #[cfg(test)]
@@ -521,5 +538,122 @@ mod tests {
         let r = Journal::open(tmp.path(), JournalOptions::default());
         assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
+    /// Three appended frames; their offsets.
+    fn three_frames(dir: &Path) -> Vec<u64> {
+        let (mut j, _) = open(dir);
+        let mut at = Vec::new();
+        for rec in &happy_path(1)[..3] {
+            at.push(j.file_len());
+            j.append(std::slice::from_ref(rec)).unwrap();
+        }
+        at
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_refused_not_cut() {
+        let tmp = tempfile::tempdir().unwrap();
+        let at = three_frames(tmp.path());
+        let path = log_path(tmp.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at[1] as usize + 10] ^= 0x20; // the Uploading frame's payload
+        std::fs::write(&path, &bytes).unwrap();
+        for r in [
+            Journal::open(tmp.path(), JournalOptions::default()).map(|_| ()),
+            Journal::open_read_only(tmp.path()).map(|_| ()),
+        ] {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.contains("not a torn tail"), "{msg}");
+            assert!(msg.contains("fsck --repair"), "{msg}");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing cut");
+        let cuts = std::fs::read_dir(journal_dir(tmp.path()))
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                n.to_string_lossy().contains("cut-at")
+            })
+            .count();
+        assert_eq!(cuts, 0);
+    }
+
+    #[test]
+    fn damage_in_the_last_frame_is_a_torn_tail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let at = three_frames(tmp.path());
+        let path = log_path(tmp.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at[2] as usize + 10] ^= 0x20;
+        std::fs::write(&path, &bytes).unwrap();
+        let (j, report) = open(tmp.path());
+        assert_eq!(report.torn_tail_at, Some(at[2]));
+        assert_eq!(report.damage, None);
+        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Uploading);
+    }
+
+    /// A frame with a good CRC around `payload`.
+    fn raw_frame(payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_le_bytes();
+        let mut h = crc32fast::Hasher::new();
+        h.update(&len);
+        h.update(payload);
+        let mut out = len.to_vec();
+        out.extend_from_slice(&h.finalize().to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn intact_frames_that_do_not_decode_or_are_newer_are_refused() {
+        type IsWanted = fn(&Error) -> bool;
+        let cases: [(&[u8], IsWanted); 3] = [
+            (br#"{"v":1,"Bogus":[]}"#, |e| {
+                matches!(e, Error::Corrupt { .. })
+            }),
+            (br#"{"v":9,"Batch":[{"Future":{"id":1}}]}"#, |e| {
+                matches!(e, Error::Unsupported(_))
+            }),
+            // Intact and decodable, but a Verified for an unknown segment.
+            (br#"{"v":1,"Batch":[{"Verified":{"id":77}}]}"#, |e| {
+                matches!(e, Error::Corrupt { .. })
+            }),
+        ];
+        for (payload, want) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            three_frames(tmp.path());
+            let path = log_path(tmp.path());
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes.extend_from_slice(&raw_frame(payload));
+            std::fs::write(&path, &bytes).unwrap();
+            let e = Journal::open(tmp.path(), JournalOptions::default()).unwrap_err();
+            assert!(want(&e), "{}: {e:?}", String::from_utf8_lossy(payload));
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing cut");
+        }
+    }
+
+    #[test]
+    fn a_format_1_journal_is_read_and_upgraded() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(journal_dir(tmp.path())).unwrap();
+        // Format 1: no record version in the payload.
+        let mut bytes = crate::journal::encode_header_version(1, 3).to_vec();
+        bytes.extend(raw_frame(br#"{"MaxId":null}"#));
+        let sealed = serde_json::to_string(&Frame::Batch(happy_path(1)[..2].to_vec())).unwrap();
+        bytes.extend(raw_frame(sealed.as_bytes()));
+        std::fs::write(log_path(tmp.path()), &bytes).unwrap();
+        let (j, report) = open(tmp.path());
+        assert_eq!(report.format_version, 1);
+        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Uploading);
+        drop(j);
+        let now = std::fs::read(log_path(tmp.path())).unwrap();
+        let d = crate::journal::decode_file(&now).unwrap();
+        assert_eq!(d.header.version, crate::journal::FORMAT_VERSION);
+        assert_eq!(d.header.generation, 4, "rewritten by a compaction");
+        let (j, report) = open(tmp.path());
+        assert_eq!(report.format_version, crate::journal::FORMAT_VERSION);
+        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Uploading);
     }
 }

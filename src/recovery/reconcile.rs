@@ -119,8 +119,15 @@ pub enum FindingKind {
     /// A listed object left out of a rebuilt manifest (footer unreadable or
     /// disagreeing with its key, its size or the journal).
     UnusableObject,
-    /// One of our segment keys, in neither the journal nor the manifest.
+    /// An object under this stream's segment key layout that neither the
+    /// journal (same id and CRC) nor the manifest references: of unknown
+    /// origin (another data directory on the stream, a lost or re-created
+    /// data directory, a journal that lost records). Never deleted.
     Orphan,
+    /// The object of one of our own `Quarantined` segments, under exactly
+    /// the key the journal records for its upload attempt, never committed.
+    /// The only kind of object the reconciler deletes as such (with proof).
+    AbandonedUpload,
     /// An object under the segments prefix that is not one of our keys.
     Foreign,
     /// The manifest carries a damage note for the segment (a reader found
@@ -141,7 +148,8 @@ impl FindingKind {
             FindingKind::ManifestListsMissingObject => "manifest lists a missing object",
             FindingKind::ManifestLost => "manifest lost",
             FindingKind::UnusableObject => "unusable object",
-            FindingKind::Orphan => "orphan",
+            FindingKind::Orphan => "unreferenced object",
+            FindingKind::AbandonedUpload => "abandoned upload of ours",
             FindingKind::Foreign => "foreign",
             FindingKind::ManifestDamaged => "manifest damage note",
             FindingKind::StaleMultipart => "stale multipart upload",
@@ -167,6 +175,12 @@ pub struct Finding {
     /// Nothing is wrong that an operator must act on (foreign objects,
     /// young orphans, unreferenced ids kept for safety).
     pub informational: bool,
+    /// An object was deleted. The action names the proof it relied on (the
+    /// journal record and its state, the manifest version, the age). A
+    /// deletion is never counted as `repaired` on its own: when it is part of
+    /// a repair (a wrong object replaced by the verified local copy) both are
+    /// set.
+    pub deleted: bool,
 }
 
 impl Finding {
@@ -180,12 +194,14 @@ impl Finding {
             repaired: false,
             lost: false,
             informational: false,
+            deleted: false,
         }
     }
 
-    /// Left for an operator: not repaired and not merely informational.
+    /// Left for an operator: not repaired, not deleted with proof and not
+    /// merely informational.
     pub fn unresolved(&self) -> bool {
-        !self.repaired && !self.informational
+        !self.repaired && !self.deleted && !self.informational
     }
 }
 
@@ -208,6 +224,8 @@ pub struct ReconcileReport {
     /// `findings.len()`.
     pub findings_total: usize,
     pub repaired: usize,
+    /// Objects deleted (each with its proof in the finding's action).
+    pub deleted: usize,
     /// Findings left for an operator (lost ones included).
     pub unresolved: usize,
     pub lost: usize,
@@ -754,60 +772,35 @@ async fn reconcile_with(
         }
     }
 
-    // 4. Orphans and foreign objects. The journal is read again now, after
-    // the LIST: an object uploaded between the first read and the LIST has
-    // its `Uploading` record (journaled before any PUT) in this one, so a
-    // live pipeline's fresh upload is never taken for an orphan. Both reads
-    // count (compaction may have dropped a Released record in between).
+    // 4. Objects no view references, and our own abandoned uploads. The
+    // journal is read again now, after the LIST: an object uploaded between
+    // the first read and the LIST has its `Uploading` record (journaled
+    // before any PUT) in this one, so a live pipeline's fresh upload is
+    // never taken for an orphan. Both reads count (compaction may have
+    // dropped a Released record in between).
     let (view_after, _) = Journal::open_read_only(&cfg.data_dir)?;
-    let jref: BTreeSet<(SegmentId, KeySum)> = view
-        .segments()
-        .values()
-        .chain(view_after.segments().values())
-        .map(|r| (r.meta.id, r.meta.key_sum()))
-        .collect();
-    let mref: BTreeSet<(SegmentId, KeySum)> =
-        m_entries.values().map(|e| (e.id, e.key_sum())).collect();
     let now = crate::segment::now_ms();
     let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
+    let manifest_version = if manifest_now {
+        ms_read.load().await.ok().flatten().map(|m| m.version)
+    } else {
+        None
+    };
+    let ctx = OrphanCtx {
+        store,
+        cfg,
+        opts,
+        seg_dir: &seg_dir,
+        views: [&view, &view_after],
+        m_entries: &m_entries,
+        manifest_version,
+        now,
+        grace_ms,
+    };
     for o in ours.values() {
-        if jref.contains(&(o.id, o.sum)) || mref.contains(&(o.id, o.sum)) {
-            continue;
+        if let Some(f) = judge_unreferenced(&ctx, o).await {
+            findings.push(f);
         }
-        let k = o.key.to_string();
-        let age = now.saturating_sub(o.modified_ms);
-        let mut f = Finding::new(
-            FindingKind::Orphan,
-            Some(o.id),
-            &k,
-            format!(
-                "in neither the journal nor the manifest; {} bytes, last modified {age} ms ago",
-                o.size
-            ),
-        );
-        let maybe_compacted = !manifest_now
-            && view.get(o.id).is_none()
-            && view.max_segment_id().is_some_and(|max| o.id <= max);
-        if maybe_compacted {
-            f.informational = true;
-            f.action = "kept: no manifest, and the journal may have compacted this \
-                        segment's Released record away"
-                .into();
-        } else if age < grace_ms {
-            f.informational = true;
-            f.action = format!("kept: younger than the grace period ({grace_ms} ms)");
-        } else if !opts.repair {
-            f.action = "none (--repair deletes it)".into();
-        } else {
-            match delete(store, cfg, &o.key).await {
-                Ok(()) => {
-                    f.repaired = true;
-                    f.action = "deleted".into();
-                }
-                Err(e) => f.action = format!("delete failed: {e}"),
-            }
-        }
-        findings.push(f);
     }
     for m in &foreign {
         let mut f = Finding::new(
@@ -834,6 +827,7 @@ async fn reconcile_with(
     };
 
     let repaired = findings.iter().filter(|f| f.repaired).count();
+    let deleted = findings.iter().filter(|f| f.deleted).count();
     let unresolved = findings.iter().filter(|f| f.unresolved()).count();
     let lost = findings.iter().filter(|f| f.lost).count();
     Ok(ReconcileReport {
@@ -848,11 +842,236 @@ async fn reconcile_with(
         manifest_segments,
         findings_total: findings.len(),
         repaired,
+        deleted,
         unresolved,
         lost,
         multipart_uploads,
         findings,
     })
+}
+
+/// What rule 4 needs to judge one listed object.
+struct OrphanCtx<'a> {
+    store: &'a RemoteStore,
+    cfg: &'a Config,
+    opts: &'a ReconcileOptions,
+    seg_dir: &'a FsPath,
+    /// The journal read before and after the LIST.
+    views: [&'a JournalView; 2],
+    m_entries: &'a BTreeMap<SegmentId, SegmentEntry>,
+    /// The manifest's version when one exists now.
+    manifest_version: Option<u64>,
+    now: u64,
+    grace_ms: u64,
+}
+
+/// What to tell an operator about an object no view references.
+const UNKNOWN_ORIGIN_ADVICE: &str = "never deleted: no journal record of this data directory \
+     names this key, so it is of unknown origin and may hold the only copy of acknowledged \
+     entries. If another data directory writes this stream to this store, give each its own \
+     stream (and turn on manifest = true, which refuses a second live writer); if this data \
+     directory was lost or re-created, keep the object: `tierindex lookup --remote` and \
+     `inspect` can still read it";
+
+/// Rule 4 for one listed object of this stream's key layout. `None` when a
+/// view references it (nothing to say).
+///
+/// The deletion rule: an object is deleted only when every one of these
+/// holds, each of which is named in the finding's action:
+/// - the manifest is on (`cfg.manifest`) and exists: single-writer mode
+///   never deletes an object;
+/// - the journal of this data directory records the segment as
+///   `Quarantined` (never committed, never driven again) with exactly this
+///   key as its upload attempt and the same CRC: we wrote (or tried to
+///   write) it;
+/// - the manifest does not list the segment id at all;
+/// - it is older than the grace period;
+/// - an intact local copy (recorded length and CRC) exists and the object's
+///   bytes equal it (full read): the object is not the only copy of anything.
+///
+/// Everything else is reported and kept: objects of unknown origin, of
+/// another seal of an id (another data directory), and every segment the
+/// journal or the manifest references (pending ones are the pipeline's).
+async fn judge_unreferenced(ctx: &OrphanCtx<'_>, o: &Listed) -> Option<Finding> {
+    let k = o.key.to_string();
+    let [before, after] = ctx.views;
+    let rec = after.get(o.id).or_else(|| before.get(o.id));
+    let same_bytes = |r: &SegmentRecord| r.meta.key_sum() == o.sum;
+    let in_manifest = ctx.m_entries.get(&o.id);
+    if in_manifest.is_some_and(|e| e.key_sum() == o.sum) {
+        return None;
+    }
+    if let Some(r) = rec.filter(|r| same_bytes(r)) {
+        let quarantined_attempt =
+            r.state == SegmentState::Quarantined && r.key.as_deref() == Some(k.as_str());
+        if !quarantined_attempt {
+            // Sealed .. Released: the journal references it (a pending one
+            // is the pipeline's, which compares before it uploads).
+            return None;
+        }
+        return Some(judge_abandoned(ctx, o, r, in_manifest.is_some()).await);
+    }
+    // Also referenced when the other journal read knows these bytes.
+    if [before, after]
+        .iter()
+        .any(|v| v.get(o.id).is_some_and(&same_bytes))
+    {
+        return None;
+    }
+    let age = ctx.now.saturating_sub(o.modified_ms);
+    let mut f = Finding::new(
+        FindingKind::Orphan,
+        Some(o.id),
+        &k,
+        format!(
+            "in neither the journal nor the manifest; {} bytes, last modified {age} ms ago",
+            o.size
+        ),
+    );
+    let max = after.max_segment_id().max(before.max_segment_id());
+    if let Some(r) = rec {
+        f.detail = format!(
+            "{}; this data directory's journal records segment {} with checksum {} ({:?}): \
+             this object is another seal of the id, not ours",
+            f.detail,
+            o.id,
+            r.meta.key_sum(),
+            r.state
+        );
+    } else if ctx.manifest_version.is_none() && max.is_some_and(|m| o.id <= m) {
+        f.informational = true;
+        f.action = "kept: no manifest, and the id is at or below the journal's highest id: \
+                    probably one of ours whose Released record compaction dropped (an object of \
+                    another data directory on this stream looks the same); never deleted"
+            .into();
+        return Some(f);
+    } else {
+        f.detail = format!(
+            "{}; this data directory's journal never recorded segment {}",
+            f.detail, o.id
+        );
+    }
+    if age < ctx.grace_ms {
+        f.informational = true;
+        f.action = format!(
+            "kept: younger than the grace period ({} ms), may be in flight; {UNKNOWN_ORIGIN_ADVICE}",
+            ctx.grace_ms
+        );
+    } else {
+        f.action = format!("kept: {UNKNOWN_ORIGIN_ADVICE}");
+    }
+    Some(f)
+}
+
+/// Rule 4 for the object of one of our own Quarantined segments: deleted
+/// only with the full proof (see [`judge_unreferenced`]).
+async fn judge_abandoned(
+    ctx: &OrphanCtx<'_>,
+    o: &Listed,
+    r: &SegmentRecord,
+    id_in_manifest: bool,
+) -> Finding {
+    let k = o.key.to_string();
+    let age = ctx.now.saturating_sub(o.modified_ms);
+    let reason = r.reason.as_deref().unwrap_or("no reason recorded");
+    let mut f = Finding::new(
+        FindingKind::AbandonedUpload,
+        Some(o.id),
+        &k,
+        format!(
+            "journal: segment {} Quarantined ({reason}), upload attempt {} under exactly this \
+             key; {} bytes, last modified {age} ms ago",
+            o.id, r.attempt, o.size
+        ),
+    );
+    f.informational = true;
+    let keep = |f: &mut Finding, why: String| f.action = format!("kept: {why}");
+    if !ctx.cfg.manifest {
+        keep(
+            &mut f,
+            "single-writer mode (manifest = false) never deletes objects".into(),
+        );
+        return f;
+    }
+    let Some(version) = ctx.manifest_version else {
+        keep(
+            &mut f,
+            "no manifest to prove the segment was never committed".into(),
+        );
+        return f;
+    };
+    if id_in_manifest {
+        keep(
+            &mut f,
+            format!(
+                "manifest version {version} lists segment {} (another CRC)",
+                o.id
+            ),
+        );
+        return f;
+    }
+    if age < ctx.grace_ms {
+        keep(
+            &mut f,
+            format!("younger than the grace period ({} ms)", ctx.grace_ms),
+        );
+        return f;
+    }
+    if !ctx.opts.repair {
+        f.informational = false;
+        f.action = "none (--repair deletes it once its bytes are proved equal to the intact \
+                    local copy)"
+            .into();
+        return f;
+    }
+    let local = ctx.seg_dir.join(sealed_file_name(o.id));
+    if upload::put::read_checked(&local, &r.meta).await.is_err() {
+        f.informational = false;
+        keep(
+            &mut f,
+            format!(
+                "no intact local copy at {}: the object may hold the only copy of its entries; \
+                 an operator decides",
+                local.display()
+            ),
+        );
+        return f;
+    }
+    match upload::verify_segment(ctx.store, &o.key, &r.meta, VerifyLevel::Full).await {
+        Ok(()) => {}
+        Err(e) => {
+            f.informational = false;
+            keep(
+                &mut f,
+                format!("its bytes could not be proved equal to the local copy ({e})"),
+            );
+            return f;
+        }
+    }
+    // The pipeline never drives a Quarantined segment again, so this holds
+    // in process too.
+    match delete(ctx.store, ctx.cfg, &o.key).await {
+        Ok(()) => {
+            f.informational = false;
+            f.deleted = true;
+            f.action = format!(
+                "deleted. Proof: the journal of this data directory records segment {} as \
+                 Quarantined with upload attempt {} under exactly this key and checksum {}; \
+                 manifest version {version} does not list the segment; older than the grace \
+                 period ({} ms); its bytes equal the intact local copy {}, which is kept",
+                o.id,
+                r.attempt,
+                o.sum,
+                ctx.grace_ms,
+                local.display()
+            );
+        }
+        Err(e) => {
+            f.informational = false;
+            f.action = format!("delete failed: {e}");
+        }
+    }
+    f
 }
 
 /// Rule 5: a finding per upload initiated longer ago than the grace period,
@@ -1021,6 +1240,15 @@ async fn repair_object(
         f.action = "none (the local copy matches: --repair re-uploads it)".into();
         return f;
     }
+    if present && !cfg.manifest {
+        f.action = format!(
+            "none: single-writer mode (manifest = false) never deletes objects. The local copy \
+             matches; the object under the key is not the bytes the key names ({}): move it \
+             aside by hand, then run reconcile --repair again to re-upload",
+            f.detail
+        );
+        return f;
+    }
     if present {
         // The key names the CRC of the only bytes that belong there: what
         // is under it now is wrong, and a create-only upload cannot replace it.
@@ -1028,6 +1256,7 @@ async fn repair_object(
             f.action = format!("repair failed: could not delete the wrong object: {e}");
             return f;
         }
+        f.deleted = true;
     }
     match upload::put::put_segment_bytes(
         store,
@@ -1042,10 +1271,25 @@ async fn repair_object(
         Ok(_) => {
             f.repaired = true;
             f.action = if present {
-                "deleted the wrong object, re-uploaded from the local copy (verified)".into()
+                format!(
+                    "deleted the wrong object, re-uploaded from the local copy (verified). \
+                     Proof: the journal records segment {} with checksum {} and {} bytes under \
+                     this key ({}), the local copy matches it",
+                    meta.id,
+                    meta.key_sum(),
+                    meta.file_len,
+                    f.detail
+                )
             } else {
                 "re-uploaded from the local copy (verified)".into()
             };
+        }
+        Err(e) if f.deleted => {
+            f.action = format!(
+                "deleted the wrong object (the journal records other bytes under this key; the \
+                 local copy matches them and is kept), but the re-upload failed: {e}; run \
+                 reconcile --repair again"
+            )
         }
         Err(e) => f.action = format!("repair failed: {e}"),
     }
@@ -1406,9 +1650,20 @@ mod tests {
             .collect()
     }
 
+    async fn keys_left(store: &RemoteStore) -> Vec<String> {
+        store
+            .object_store()
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
-    async fn without_a_manifest_possibly_compacted_ids_are_kept() {
+    async fn single_writer_mode_deletes_nothing_and_says_whose_it_is_not() {
         let (_tmp, cfg, store) = rig(false).await;
+        let before = keys_left(&store).await;
         let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
             .await
             .unwrap();
@@ -1417,20 +1672,111 @@ mod tests {
         // 1: at or below the journal's highest id, absent from it: kept.
         let one = f[&(1, FindingKind::Orphan)];
         assert!(one.informational && !one.repaired, "{one:?}");
-        assert!(one.action.contains("compacted"), "{one:?}");
-        // The other seal of 3 and the id the journal never reached: deleted.
-        assert!(f[&(3, FindingKind::Orphan)].repaired);
-        assert!(f[&(9, FindingKind::Orphan)].repaired);
-        assert!(!r.needs_operator());
-        let left: Vec<String> = store
-            .object_store()
-            .list(None)
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
+        assert!(one.action.contains("compaction"), "{one:?}");
+        // The other seal of 3 (another writer's) and the id the journal
+        // never reached: kept, and an operator is told why.
+        let three = f[&(3, FindingKind::Orphan)];
+        assert!(three.unresolved() && !three.deleted, "{three:?}");
+        assert!(three.detail.contains("another seal"), "{three:?}");
+        assert!(three.action.contains("never deleted"), "{three:?}");
+        let nine = f[&(9, FindingKind::Orphan)];
+        assert!(nine.unresolved() && !nine.deleted, "{nine:?}");
+        assert!(nine.detail.contains("never recorded"), "{nine:?}");
+        assert!(r.needs_operator());
+        assert_eq!((r.deleted, r.repaired), (0, 0));
+        assert_eq!(keys_left(&store).await, before);
+    }
+
+    /// Segment 4 (Uploading in the rig, its object in place) quarantined;
+    /// a manifest listing 2 and 3.
+    async fn with_quarantined_4(cfg: &Config, store: &RemoteStore) {
+        let (mut j, _) = Journal::open(&cfg.data_dir, JournalOptions::default()).unwrap();
+        j.append(&[Record::Quarantined {
+            id: SegmentId(4),
+            reason: "test".into(),
+        }])
+        .unwrap();
+        drop(j);
+        let entries: Vec<SegmentEntry> = [2u64, 3]
+            .iter()
+            .map(|id| SegmentEntry::new(store, STREAM, &sealed(*id).1).unwrap())
+            .collect();
+        commit_entries(store, cfg, &entries).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn our_quarantined_upload_is_deleted_only_with_proof() {
+        let (_tmp, cfg, store) = rig(true).await;
+        with_quarantined_4(&cfg, &store).await;
+        let key4 = store.segment_key(STREAM, &sealed(4).1).to_string();
+
+        // Young: kept.
+        let r = reconcile(&cfg, &store, &opts(true, Duration::from_secs(3600)))
             .await
             .unwrap();
-        assert_eq!(left.len(), 4, "{left:?}"); // 1, 2, 3, 4
-        assert!(!left.iter().any(|k| k.ends_with("00000001.seg")));
+        let f4 = by_segment(&r)[&(4, FindingKind::AbandonedUpload)].clone();
+        assert!(f4.informational && !f4.deleted, "{f4:?}");
+        assert!(keys_left(&store).await.contains(&key4));
+
+        // No intact local copy: the object may be the only one: kept.
+        let local = cfg
+            .data_dir
+            .join("segments")
+            .join(sealed_file_name(SegmentId(4)));
+        let saved = std::fs::read(&local).unwrap();
+        std::fs::remove_file(&local).unwrap();
+        let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
+            .await
+            .unwrap();
+        let f4 = by_segment(&r)[&(4, FindingKind::AbandonedUpload)].clone();
+        assert!(f4.unresolved() && !f4.deleted, "{f4:?}");
+        assert!(f4.action.contains("only copy"), "{f4:?}");
+        assert!(keys_left(&store).await.contains(&key4));
+        std::fs::write(&local, &saved).unwrap();
+
+        // Everything proved: deleted, reported as a deletion with the proof.
+        let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
+            .await
+            .unwrap();
+        let f = by_segment(&r);
+        let f4 = f[&(4, FindingKind::AbandonedUpload)];
+        assert!(f4.deleted && !f4.repaired, "{f4:?}");
+        assert!(f4.action.starts_with("deleted. Proof:"), "{f4:?}");
+        assert!(f4.action.contains("Quarantined"), "{f4:?}");
+        assert_eq!(r.deleted, 1);
+        assert!(!keys_left(&store).await.contains(&key4));
+        assert!(local.exists(), "the local copy stays");
+        // Nothing else was deleted: 1 (unknown), the other seal of 3, 9.
+        for id in [1u64, 3, 9] {
+            let o = f[&(id, FindingKind::Orphan)];
+            assert!(!o.deleted && o.unresolved(), "{o:?}");
+        }
+        assert_eq!(
+            keys_left(&store)
+                .await
+                .iter()
+                .filter(|k| k.ends_with(".seg"))
+                .count(),
+            5
+        );
+    }
+
+    #[tokio::test]
+    async fn our_quarantined_upload_is_kept_in_single_writer_mode() {
+        let (_tmp, cfg, store) = rig(true).await;
+        with_quarantined_4(&cfg, &store).await;
+        let cfg = Config {
+            manifest: false,
+            ..cfg
+        };
+        let before = keys_left(&store).await;
+        let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
+            .await
+            .unwrap();
+        let f4 = by_segment(&r)[&(4, FindingKind::AbandonedUpload)].clone();
+        assert!(!f4.deleted && f4.action.contains("single-writer"), "{f4:?}");
+        assert_eq!(r.deleted, 0);
+        assert_eq!(keys_left(&store).await, before);
     }
 
     #[tokio::test]

@@ -22,6 +22,12 @@ use crate::error::{Error, Result};
 
 /// Longest owner id accepted.
 pub const OWNER_ID_MAX: usize = 256;
+/// Shortest lease TTL accepted (`lease_ttl_ms`, `owner take --ttl-ms`).
+pub const LEASE_TTL_MIN: Duration = Duration::from_millis(crate::config::LEASE_TTL_MS_MIN);
+/// Longest lease TTL accepted. Also the most a lease can make others wait:
+/// a lease that claims more remaining time than this (its writer's clock
+/// was far ahead when it was written) is not live.
+pub const LEASE_TTL_MAX: Duration = Duration::from_millis(crate::config::LEASE_TTL_MS_MAX);
 
 /// Wall-clock time source, milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -80,9 +86,15 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Live at `now_ms`: nobody else may take the stream.
+    /// Live at `now_ms`: nobody else may take the stream. A lease whose
+    /// expiry lies more than [`LEASE_TTL_MAX`] ahead of `now_ms` cannot have
+    /// been written by a writer whose clock agreed with ours (no TTL is that
+    /// long): it is not live, so a writer's clock jump cannot keep others out
+    /// for longer than the longest TTL. Safety never rests on this: a taker
+    /// moves the epoch, which fences the previous writer.
     pub fn is_live(&self, now_ms: u64) -> bool {
-        now_ms < self.expires_ms
+        let max_ms = u64::try_from(LEASE_TTL_MAX.as_millis()).unwrap_or(u64::MAX);
+        now_ms < self.expires_ms && self.expires_ms - now_ms <= max_ms
     }
 }
 
@@ -102,17 +114,50 @@ pub fn validate_owner(owner: &str) -> Result<()> {
     Ok(())
 }
 
-/// `now + ttl` in ms; a TTL of zero or one that overflows is refused.
+/// `now + ttl` in ms; a TTL outside [`LEASE_TTL_MIN`]..=[`LEASE_TTL_MAX`]
+/// (which also covers `owner take --ttl-ms`) or one that overflows is
+/// refused.
 pub fn expiry(now_ms: u64, ttl: Duration) -> Result<u64> {
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-    if ttl_ms == 0 {
-        return Err(Error::InvalidInput(
-            "lease TTL must be at least 1 ms".into(),
-        ));
+    if ttl < LEASE_TTL_MIN || ttl > LEASE_TTL_MAX {
+        return Err(Error::InvalidInput(format!(
+            "lease TTL {ttl_ms} ms is outside {}..={} ms",
+            LEASE_TTL_MIN.as_millis(),
+            LEASE_TTL_MAX.as_millis()
+        )));
     }
     now_ms
         .checked_add(ttl_ms)
         .ok_or_else(|| Error::InvalidInput(format!("lease TTL {ttl:?} overflows the clock")))
+}
+
+/// The longest one manifest request can take with its retries:
+/// `request_timeout x max_attempts` plus the largest backoffs between them.
+pub fn worst_request_time(policy: &crate::upload::retry::RetryPolicy) -> Duration {
+    let attempts = policy.max_attempts.max(1);
+    policy
+        .request_timeout
+        .saturating_mul(attempts)
+        .saturating_add(policy.backoff_max.saturating_mul(attempts - 1))
+}
+
+/// Whether a lease of `ttl` can be renewed in time: a renewal (every
+/// TTL / 3) that takes the worst request time must still land before the
+/// lease expires. `Err` says what to change.
+pub fn check_ttl(ttl: Duration, policy: &crate::upload::retry::RetryPolicy) -> Result<()> {
+    let worst = worst_request_time(policy);
+    if ttl / 3 + worst >= ttl {
+        return Err(Error::InvalidInput(format!(
+            "lease TTL {} ms is too short for the request settings: one manifest request may \
+             take up to {} ms (request_timeout x max_attempts plus backoff), so a renewal sent \
+             at a third of the TTL can land after the lease expired and another owner may take \
+             over; raise lease_ttl_ms above {} ms or lower request_timeout_ms / max_attempts",
+            ttl.as_millis(),
+            worst.as_millis(),
+            (worst.as_millis() * 3).div_ceil(2)
+        )));
+    }
+    Ok(())
 }
 
 /// A wall-clock time for messages: `1970-01-01T00:00:10Z (in 4.2s)`.
@@ -154,6 +199,30 @@ mod tests {
         };
         assert!(l.is_live(9));
         assert!(!l.is_live(10));
+        // Written by a clock far ahead: not live, however long it claims.
+        let max = u64::try_from(LEASE_TTL_MAX.as_millis()).unwrap();
+        let jumped = Lease {
+            expires_ms: 1_000 + max + 1,
+            ..l.clone()
+        };
+        assert!(!jumped.is_live(1_000));
+        assert!(jumped.is_live(2_000));
+    }
+
+    #[test]
+    fn ttl_must_outlast_a_renewal_with_its_retries() {
+        let policy = crate::upload::retry::RetryPolicy {
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+        };
+        assert_eq!(worst_request_time(&policy), Duration::from_secs(320));
+        // The old defaults: TTL 30 s against 5 x 60 s requests.
+        let e = check_ttl(Duration::from_secs(30), &policy).unwrap_err();
+        assert!(e.to_string().contains("480000 ms"), "{e}");
+        assert!(check_ttl(Duration::from_secs(481), &policy).is_ok());
+        assert!(check_ttl(Duration::from_secs(480), &policy).is_err());
     }
 
     #[test]
@@ -163,8 +232,10 @@ mod tests {
         }
         assert!(validate_owner("host-1:pid=42").is_ok());
         assert!(expiry(5, Duration::ZERO).is_err());
-        assert!(expiry(u64::MAX, Duration::from_millis(1)).is_err());
-        assert_eq!(expiry(5, Duration::from_millis(7)).unwrap(), 12);
+        assert!(expiry(5, LEASE_TTL_MIN - Duration::from_millis(1)).is_err());
+        assert!(expiry(5, LEASE_TTL_MAX + Duration::from_millis(1)).is_err());
+        assert!(expiry(u64::MAX, LEASE_TTL_MIN).is_err());
+        assert_eq!(expiry(5, Duration::from_millis(700)).unwrap(), 705);
         assert!(
             describe_time(10_000, 5_000).contains("in 5s"),
             "{}",

@@ -877,6 +877,12 @@ impl ManifestStore {
     /// previous incarnation is fenced.
     pub async fn take_ownership(&self, owner_id: &str, ttl: Duration) -> Result<ManifestWriter> {
         lease::validate_owner(owner_id)?;
+        if let Err(e) = lease::check_ttl(ttl, &self.inner.opts.retry) {
+            // Logged, not refused (yet): the shipped defaults (30 s against
+            // 5 x 60 s requests) fail this check; a refusal needs new
+            // defaults in config.rs first.
+            tracing::warn!(stream = self.stream(), "{e}");
+        }
         for _ in 0..self.inner.opts.max_conflicts {
             let latest = self.load_latest().await?;
             let now = self.now_ms();

@@ -1,0 +1,453 @@
+//! Who a data directory is: `DATA_DIR/IDENTITY`, written once when the
+//! directory is first opened by the library, never rewritten.
+//!
+//! It records a random incarnation id (a data directory that is lost and
+//! created again at the same path gets a new one), the stream, the store URL
+//! without credentials (and the S3 endpoint, if any), the journal format
+//! version and the creation time. The CLI's inspect and drain commands use
+//! the recorded store unless told otherwise, refuse a different one without
+//! `--store-override`, and refuse a path that is not a data directory
+//! instead of creating one ([`resolve_cli`]).
+//!
+//! ## Bytes
+//! ```text
+//! tierindex-identity 1 len=<N> crc32=<8 hex>\n
+//! <N bytes of JSON: {"incarnation","stream","store","endpoint","format_version","created_ms"}>
+//! ```
+//! The CRC32 (IEEE) covers the JSON bytes. The first line is ASCII so that
+//! `cat IDENTITY` is readable. A file that fails any check is
+//! `Error::Corrupt`, never rewritten: an operator decides.
+//!
+//! ## Durability
+//! Written as `IDENTITY.tmp`, fsynced, renamed to `IDENTITY`, then the data
+//! directory is fsynced. A crash leaves either no `IDENTITY` (written again
+//! at the next open, with a new incarnation; object keys do not carry the
+//! incarnation yet, so nothing depends on the lost one) or the whole file. A
+//! leftover `IDENTITY.tmp` is overwritten.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// The file name inside the data directory.
+pub const IDENTITY_FILE: &str = "IDENTITY";
+const TMP_FILE: &str = "IDENTITY.tmp";
+const MAGIC_LINE: &str = "tierindex-identity 1";
+/// Largest identity file accepted (it is a few hundred bytes).
+const MAX_BYTES: usize = 64 << 10;
+
+/// What a data directory records about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// 32 lower-case hex digits, random, chosen at creation.
+    pub incarnation: String,
+    /// The stream the data directory writes.
+    pub stream: String,
+    /// The store URL without credentials (`RemoteStore::display_url`).
+    pub store: String,
+    /// The S3 endpoint, when one was configured.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The journal format version of the build that created it.
+    pub format_version: u16,
+    pub created_ms: u64,
+}
+
+/// A new random incarnation id: 16 bytes from the kernel's random source,
+/// else (no `/dev/urandom`) from a seeded generator mixed with the time and
+/// the pid.
+fn new_incarnation() -> String {
+    let mut b = [0u8; 16];
+    let from_kernel = fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if !from_kernel {
+        let mut rng = fastrand::Rng::with_seed(
+            crate::segment::now_ms() ^ (u64::from(std::process::id()) << 32),
+        );
+        rng.fill(&mut b);
+        let extra = fastrand::u64(..).to_le_bytes();
+        for (x, y) in b.iter_mut().zip(extra.iter().cycle()) {
+            *x ^= y;
+        }
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Identity {
+    /// A new identity for a data directory of `stream` on `store`.
+    pub fn new(stream: &str, store: &str, endpoint: Option<&str>) -> Identity {
+        Identity {
+            incarnation: new_incarnation(),
+            stream: stream.to_string(),
+            store: store.to_string(),
+            endpoint: endpoint.map(str::to_string),
+            format_version: crate::journal::FORMAT_VERSION,
+            created_ms: crate::segment::now_ms(),
+        }
+    }
+
+    /// The file's bytes.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let body = serde_json::to_vec(self)
+            .map_err(|e| Error::InvalidInput(format!("identity does not serialize: {e}")))?;
+        let mut out = format!(
+            "{MAGIC_LINE} len={} crc32={:08x}\n",
+            body.len(),
+            crc32fast::hash(&body)
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        debug_assert!(matches!(Identity::decode(&out), Ok(ref back) if back == self));
+        Ok(out)
+    }
+
+    /// Parses and checks the file's bytes (untrusted).
+    pub fn decode(bytes: &[u8]) -> Result<Identity> {
+        let bad = |why: String| Error::corrupt(IDENTITY_FILE, why);
+        if bytes.len() > MAX_BYTES {
+            return Err(bad(format!("{} bytes, more than {MAX_BYTES}", bytes.len())));
+        }
+        let nl = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| bad("no header line".into()))?;
+        let (line, body) = (&bytes[..nl], &bytes[nl + 1..]);
+        let line = std::str::from_utf8(line).map_err(|_| bad("header is not UTF-8".into()))?;
+        let rest = line
+            .strip_prefix(MAGIC_LINE)
+            .ok_or_else(|| bad(format!("header {line:?} is not {MAGIC_LINE:?} ...")))?;
+        let mut len = None;
+        let mut crc = None;
+        for part in rest.split_whitespace() {
+            if let Some(v) = part.strip_prefix("len=") {
+                len = v.parse::<usize>().ok();
+            } else if let Some(v) = part.strip_prefix("crc32=") {
+                crc = (v.len() == 8)
+                    .then(|| u32::from_str_radix(v, 16).ok())
+                    .flatten();
+            } else {
+                return Err(bad(format!("unknown header field {part:?}")));
+            }
+        }
+        let (Some(len), Some(crc)) = (len, crc) else {
+            return Err(bad(format!("header {line:?} lacks len= or crc32=")));
+        };
+        if body.len() != len {
+            return Err(bad(format!(
+                "body is {} bytes, the header says {len}",
+                body.len()
+            )));
+        }
+        let got = crc32fast::hash(body);
+        if got != crc {
+            return Err(bad(format!("body CRC {got:08x} != recorded {crc:08x}")));
+        }
+        let id: Identity = serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
+        if id.incarnation.len() != 32 || !id.incarnation.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(format!(
+                "incarnation {:?} is not 32 hex digits",
+                id.incarnation
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Reads `data_dir/IDENTITY`; `None` when there is none.
+    pub fn load(data_dir: &Path) -> Result<Option<Identity>> {
+        let path = data_dir.join(IDENTITY_FILE);
+        match fs::read(&path) {
+            Ok(b) => Identity::decode(&b).map(Some).map_err(|e| match e {
+                Error::Corrupt { detail, .. } => Error::corrupt(path.display().to_string(), detail),
+                other => other,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, "read identity", e)),
+        }
+    }
+
+    /// Writes `data_dir/IDENTITY`: tmp, fsync, rename, fsync the directory.
+    pub fn store_in(&self, data_dir: &Path) -> Result<()> {
+        let tmp = data_dir.join(TMP_FILE);
+        let path = data_dir.join(IDENTITY_FILE);
+        let bytes = self.encode()?;
+        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create identity", e))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(&tmp, "write identity", e))?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "install identity", e))?;
+        // IMPORTANT: the rename is durable only once the directory is synced.
+        crate::segment::sealed::fsync_dir(data_dir)
+    }
+}
+
+/// The library's part (`DataDir::open_as`, called by the broker's open with
+/// the data directory locked): write the identity if there is none yet (a
+/// new data directory, or one from before identity files); else return the
+/// recorded one. A recorded stream or store that differs from the config is
+/// logged, not refused: the embedder's config decides, and the file keeps
+/// what the directory was created for.
+pub fn ensure(
+    data_dir: &Path,
+    stream: &str,
+    store: &str,
+    endpoint: Option<&str>,
+) -> Result<Identity> {
+    if let Some(id) = Identity::load(data_dir)? {
+        if id.stream != stream || id.store != store {
+            tracing::warn!(
+                data_dir = %data_dir.display(),
+                recorded_stream = %id.stream,
+                recorded_store = %id.store,
+                stream,
+                store,
+                "data directory was created for another stream or store than this config names"
+            );
+        }
+        return Ok(id);
+    }
+    let id = Identity::new(stream, store, endpoint);
+    id.store_in(data_dir)?;
+    tracing::info!(data_dir = %data_dir.display(), incarnation = %id.incarnation, "data directory identity written");
+    Ok(id)
+}
+
+/// The credential-free form of a store URL, as `RemoteStore::display_url`
+/// shows it (`file:///abs`, `s3://bucket[/prefix]`, `memory://prefix`);
+/// `None` for what does not parse.
+fn display_of(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    let path = u.path().trim_matches('/');
+    match u.scheme() {
+        "file" => {
+            let p = u.to_file_path().ok()?.display().to_string();
+            let p = p.trim_end_matches('/');
+            Some(format!("file://{}", if p.is_empty() { "/" } else { p }))
+        }
+        "s3" | "s3a" => {
+            let bucket = u.host_str().filter(|b| !b.is_empty())?;
+            let prefix = object_store::path::Path::from_url_path(path).ok()?;
+            Some(if prefix.is_root() {
+                format!("s3://{bucket}")
+            } else {
+                format!("s3://{bucket}/{prefix}")
+            })
+        }
+        "memory" => {
+            let host = u.host_str().unwrap_or("");
+            Some(match (host.is_empty(), path.is_empty()) {
+                (_, true) => format!("memory://{host}"),
+                (true, false) => format!("memory://{path}"),
+                (false, false) => format!("memory://{host}/{path}"),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// True when `path` looks like a data directory: it has an identity, a
+/// journal directory or a segments directory.
+pub fn is_data_dir(path: &Path) -> bool {
+    [
+        IDENTITY_FILE,
+        crate::datadir::JOURNAL_DIR,
+        crate::datadir::SEGMENTS_DIR,
+    ]
+    .iter()
+    .any(|n| path.join(n).exists())
+}
+
+/// What the CLI was told, for [`resolve_cli`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CliIntent {
+    /// The command inspects or drains an existing data directory (it must
+    /// not create one).
+    pub inspects: bool,
+    /// The command talks to the store.
+    pub needs_store: bool,
+    /// `--stream` (or the config file) named the stream.
+    pub stream_given: bool,
+    /// `--store-override`: use the given store although the data directory
+    /// records another.
+    pub store_override: bool,
+}
+
+/// The CLI's resolution of `--data-dir`, `--store` and `--stream` against
+/// the data directory's identity, for the commands that inspect or drain:
+/// - a path that is not a data directory is refused (nothing is created);
+/// - no `--store`: the recorded store (and endpoint) is used; a data
+///   directory without an identity (older than this file) is refused with
+///   what to pass;
+/// - a `--store` other than the recorded one is refused unless
+///   `store_override`; the same for `--stream`, and no `--stream` means the
+///   recorded stream.
+pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
+    if !intent.inspects {
+        return Ok(());
+    }
+    let dir = &cfg.data_dir;
+    if !is_data_dir(dir) {
+        return Err(Error::InvalidInput(format!(
+            "{} is not a tierindex data directory (no {IDENTITY_FILE}, journal/ or segments/); \
+             this command does not create one: check --data-dir",
+            dir.display()
+        )));
+    }
+    let id = Identity::load(dir)?;
+    let Some(id) = id else {
+        if intent.needs_store && cfg.store.is_none() {
+            return Err(Error::InvalidInput(format!(
+                "{} does not record its store (it was created before identity files; the \
+                 broker writes one at its next start): pass --store with the store its broker \
+                 uses (and --endpoint for S3 servers other than AWS); tierindex does not guess",
+                dir.display()
+            )));
+        }
+        return Ok(());
+    };
+    let mismatch = |what: &str, recorded: &str, given: &str| {
+        Error::InvalidInput(format!(
+            "{} was created for {what} {recorded:?} ({IDENTITY_FILE}, incarnation {}), but \
+             {given:?} was given: omit it to use the recorded one, or pass --store-override \
+             to use the given one anyway",
+            dir.display(),
+            id.incarnation
+        ))
+    };
+    if !intent.stream_given {
+        cfg.stream = id.stream.clone();
+    } else if cfg.stream != id.stream && !intent.store_override {
+        return Err(mismatch("stream", &id.stream, &cfg.stream));
+    }
+    if !intent.needs_store {
+        return Ok(());
+    }
+    match cfg.store.clone() {
+        None => {
+            cfg.store = Some(id.store.clone());
+            if cfg.endpoint.is_none() {
+                cfg.endpoint = id.endpoint.clone();
+            }
+        }
+        Some(given) => {
+            // Compared without building a store (that would create a
+            // file:// directory as a side effect).
+            let shown = display_of(&given).unwrap_or_else(|| given.clone());
+            let recorded = display_of(&id.store).unwrap_or_else(|| id.store.clone());
+            if shown != recorded && !intent.store_override {
+                return Err(mismatch("store", &id.store, &given));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_every_flipped_byte_is_caught() {
+        let id = Identity::new("orders", "s3://bkt/tier", Some("http://127.0.0.1:9000"));
+        assert_eq!(id.incarnation.len(), 32);
+        assert_ne!(id.incarnation, Identity::new("o", "s", None).incarnation);
+        let bytes = id.encode().unwrap();
+        assert_eq!(Identity::decode(&bytes).unwrap(), id);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            // A flip may still parse only if it leaves the same identity
+            // (e.g. hex case in the CRC is refused by the CRC itself).
+            if let Ok(back) = Identity::decode(&bad) {
+                assert_eq!(back, id, "byte {i}");
+            }
+        }
+        for cut in 0..bytes.len() {
+            assert!(Identity::decode(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn ensure_writes_once_and_keeps_the_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(Identity::load(tmp.path()).unwrap(), None);
+        let a = ensure(tmp.path(), "s", "file:///x", None).unwrap();
+        let b = ensure(tmp.path(), "other", "file:///y", None).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(Identity::load(tmp.path()).unwrap(), Some(a));
+        assert!(!tmp.path().join(TMP_FILE).exists());
+    }
+
+    #[test]
+    fn the_cli_refuses_what_it_would_have_to_guess() {
+        let tmp = tempfile::tempdir().unwrap();
+        let intent = CliIntent {
+            inspects: true,
+            needs_store: true,
+            ..Default::default()
+        };
+        // Not a data directory: refused, nothing created.
+        let missing = tmp.path().join("nope");
+        let mut cfg = Config {
+            data_dir: missing.clone(),
+            ..Config::default()
+        };
+        let e = resolve_cli(&mut cfg, intent).unwrap_err();
+        assert!(
+            e.to_string().contains("not a tierindex data directory"),
+            "{e}"
+        );
+        assert!(!missing.exists());
+
+        // A data directory from before identity files, no --store: refused.
+        let dd = tmp.path().join("old");
+        fs::create_dir_all(dd.join("journal")).unwrap();
+        let mut cfg = Config {
+            data_dir: dd.clone(),
+            ..Config::default()
+        };
+        let e = resolve_cli(&mut cfg, intent).unwrap_err();
+        assert!(e.to_string().contains("pass --store"), "{e}");
+        assert_eq!(cfg.store, None);
+
+        // With an identity: the recorded store and stream are used ...
+        let store = format!("file://{}", tmp.path().join("store").display());
+        ensure(&dd, "orders", &store, None).unwrap();
+        let mut cfg = Config {
+            data_dir: dd.clone(),
+            ..Config::default()
+        };
+        resolve_cli(&mut cfg, intent).unwrap();
+        assert_eq!(cfg.store.as_deref(), Some(store.as_str()));
+        assert_eq!(cfg.stream, "orders");
+        // ... another one is refused without --store-override.
+        let other = format!("file://{}", tmp.path().join("elsewhere").display());
+        let mut cfg = Config {
+            data_dir: dd.clone(),
+            store: Some(other.clone()),
+            ..Config::default()
+        };
+        let e = resolve_cli(&mut cfg, intent).unwrap_err();
+        assert!(e.to_string().contains("--store-override"), "{e}");
+        let mut cfg = Config {
+            data_dir: dd,
+            store: Some(other.clone()),
+            ..Config::default()
+        };
+        resolve_cli(
+            &mut cfg,
+            CliIntent {
+                store_override: true,
+                ..intent
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.store, Some(other));
+    }
+}

@@ -1,0 +1,155 @@
+//! Issue 11, "a data directory knows who it is": the CLI's inspect and
+//! drain commands use the store recorded in `DATA_DIR/IDENTITY`, refuse
+//! another one without `--store-override`, refuse a path that is not a data
+//! directory instead of creating one, and refuse to guess the store of a
+//! data directory from before identity files.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tierindex::identity::{IDENTITY_FILE, Identity};
+use tierindex::lifecycle::{EXIT_DRAINED, EXIT_ERROR};
+use tierindex::{Config, TierIndex};
+
+fn tierindex(args: &[&str]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TIERINDEX_LOG", "warn")
+        .args(args)
+        .output()
+        .expect("run tierindex");
+    (
+        o.status.code().expect("exit code"),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A broker on `store` (not the default store) left sealed segments
+/// pending: its store is unreachable at the end (a dead loopback port is not
+/// needed: we simply never drain).
+async fn broker_with_pending(data: &Path, store: &Path) {
+    let cfg = Config {
+        data_dir: data.to_path_buf(),
+        store: Some(format!("file://{}", store.display())),
+        stream: "orders".into(),
+        segment_items: 20,
+        slot_count: 16,
+        segment_max_age_ms: None,
+        ..Config::default()
+    };
+    let (ti, _) = TierIndex::open(cfg).await.unwrap();
+    for o in 0..50u64 {
+        ti.append(b"k", o, 1, 1_700_000_000_000 + o).unwrap();
+    }
+    ti.flush().unwrap();
+    // Drop without shutdown: a crash; the segments stay pending.
+    drop(ti);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_without_store_uses_the_recorded_store_and_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, store) = (tmp.path().join("data"), tmp.path().join("bucket"));
+    broker_with_pending(&data, &store).await;
+    let id = Identity::load(&data).unwrap().expect("written at open");
+    assert_eq!(id.stream, "orders");
+    assert_eq!(id.store, format!("file://{}", store.display()));
+
+    let (code, out) = tierindex(&["--data-dir", s(&data), "drain", "--deadline", "30s"]);
+    assert_eq!(code, EXIT_DRAINED, "{out}");
+    // Uploaded to the recorded store under the recorded stream, not into a
+    // default `tierindex-store` next to the data directory.
+    assert!(!tmp.path().join("tierindex-store").exists(), "{out}");
+    let n = std::fs::read_dir(store.join("orders").join("segments"))
+        .unwrap()
+        .count();
+    assert!(n >= 2, "{n}");
+
+    // Another store is refused without --store-override, and nothing is
+    // created for it.
+    let other = tmp.path().join("other");
+    let url = format!("file://{}", other.display());
+    let (code, out) = tierindex(&["--data-dir", s(&data), "--store", &url, "verify"]);
+    assert_eq!(code, EXIT_ERROR, "{out}");
+    assert!(out.contains("--store-override"), "{out}");
+    assert!(!other.exists());
+    let (code, out) = tierindex(&[
+        "--data-dir",
+        s(&data),
+        "--store",
+        &url,
+        "--store-override",
+        "status",
+    ]);
+    assert_eq!(code, EXIT_DRAINED, "{out}");
+}
+
+#[test]
+fn a_path_that_is_not_a_data_directory_is_refused_not_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nope = tmp.path().join("typo");
+    for cmd in [
+        &["verify"][..],
+        &["status"],
+        &["drain"],
+        &["fsck"],
+        &["reconcile"],
+    ] {
+        let mut args = vec!["--data-dir", s(&nope)];
+        args.extend_from_slice(cmd);
+        let (code, out) = tierindex(&args);
+        assert_eq!(code, EXIT_ERROR, "{cmd:?}: {out}");
+        assert!(
+            out.contains("not a tierindex data directory"),
+            "{cmd:?}: {out}"
+        );
+        assert!(!nope.exists(), "{cmd:?} created it");
+        assert!(!tmp.path().join("tierindex-store").exists(), "{cmd:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_without_identity_needs_an_explicit_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, store) = (tmp.path().join("data"), tmp.path().join("bucket"));
+    broker_with_pending(&data, &store).await;
+    // As written by a build from before identity files.
+    std::fs::remove_file(data.join(IDENTITY_FILE)).unwrap();
+    let (code, out) = tierindex(&["--data-dir", s(&data), "drain"]);
+    assert_eq!(code, EXIT_ERROR, "{out}");
+    assert!(out.contains("pass --store"), "{out}");
+    assert!(!tmp.path().join("tierindex-store").exists());
+    // fsck does not need a store.
+    let (code, out) = tierindex(&["--data-dir", s(&data), "fsck"]);
+    assert_ne!(code, EXIT_ERROR, "{out}");
+    // With --store the drain runs, and the broker path writes the identity.
+    let url = format!("file://{}", store.display());
+    let (code, out) = tierindex(&[
+        "--data-dir",
+        s(&data),
+        "--store",
+        &url,
+        "--stream",
+        "orders",
+        "drain",
+    ]);
+    assert_eq!(code, EXIT_DRAINED, "{out}");
+    let id = Identity::load(&data)
+        .unwrap()
+        .expect("written by the drain's open");
+    assert_eq!(
+        (id.stream.as_str(), id.store.as_str()),
+        ("orders", url.as_str())
+    );
+}
