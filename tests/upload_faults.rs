@@ -847,7 +847,7 @@ async fn from_url_memory_and_file_round_trip() {
     assert!(
         d.path()
             .join("objs/orders/segments")
-            .join(format!("{:020}-{:08x}.seg", 1, seg.meta.file_crc))
+            .join(format!("{:020}-{}.seg", 1, seg.meta.key_sum()))
             .is_file()
     );
 }
