@@ -7,8 +7,8 @@
 mod demo;
 mod drain;
 mod local;
-mod quarantine;
 mod output;
+mod quarantine;
 mod remote;
 
 use std::path::PathBuf;
