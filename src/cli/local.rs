@@ -21,6 +21,10 @@ struct StatusOut<'a> {
     segments: Vec<&'a SegmentRecord>,
 }
 
+/// Column names of [`segment_line`].
+pub(crate) const SEGMENT_HEADER: &str =
+    "segment               state        items      bytes          checksum  key";
+
 /// One line per journal segment (shared with `status --remote`, which
 /// appends a column).
 pub(crate) fn segment_line(r: &SegmentRecord) -> String {
@@ -79,9 +83,7 @@ pub fn status(cli: &Cli) -> Result<i32> {
         segments: view.segments().values().collect(),
     };
     emit(cli.json, &out, |o| {
-        let mut s = String::from(
-            "segment               state        items      bytes          checksum  key\n",
-        );
+        let mut s = format!("{SEGMENT_HEADER}\n");
         for r in &o.segments {
             s.push_str(&segment_line(r));
             s.push('\n');

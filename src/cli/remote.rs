@@ -774,8 +774,9 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         segments,
     };
     emit(cli.json, &out, |o| {
-        let mut s = String::from(
-            "segment               state        items      bytes  crc32     key  | manifest | object\n",
+        let mut s = format!(
+            "{}  | manifest | object\n",
+            crate::cli::local::SEGMENT_HEADER
         );
         for x in &o.segments {
             s.push_str(&format!(

@@ -1240,16 +1240,28 @@ async fn repair_object(
         f.action = "none (the local copy matches: --repair re-uploads it)".into();
         return f;
     }
+    let mut moved_to = None;
     if present && !cfg.manifest {
-        f.action = format!(
-            "none: single-writer mode (manifest = false) never deletes objects. The local copy \
-             matches; the object under the key is not the bytes the key names ({}): move it \
-             aside by hand, then run reconcile --repair again to re-upload",
-            f.detail
-        );
-        return f;
-    }
-    if present {
+        // Single-writer mode never deletes an object: the wrong bytes are
+        // copied aside first (and the copy checked), so nothing is lost even
+        // if this judgement were wrong.
+        match move_aside(store, cfg, key).await {
+            Ok(to) => {
+                f.deleted = false;
+                moved_to = Some(to);
+            }
+            Err(e) => {
+                f.action = format!(
+                    "none: could not move the wrong object aside ({e}); single-writer mode \
+                     (manifest = false) never deletes objects. The local copy matches; the \
+                     object under the key is not the bytes the key names ({}): move it aside \
+                     by hand, then run reconcile --repair again to re-upload",
+                    f.detail
+                );
+                return f;
+            }
+        }
+    } else if present {
         // The key names the CRC of the only bytes that belong there: what
         // is under it now is wrong, and a create-only upload cannot replace it.
         if let Err(e) = delete(store, cfg, key).await {
@@ -1270,7 +1282,17 @@ async fn repair_object(
     {
         Ok(_) => {
             f.repaired = true;
-            f.action = if present {
+            f.action = if let Some(to) = &moved_to {
+                format!(
+                    "moved the wrong object aside to {to} (kept, not deleted) and re-uploaded \
+                     from the local copy (verified). Proof: the journal records segment {} with \
+                     checksum {} and {} bytes under this key ({}), the local copy matches it",
+                    meta.id,
+                    meta.key_sum(),
+                    meta.file_len,
+                    f.detail
+                )
+            } else if present {
                 format!(
                     "deleted the wrong object, re-uploaded from the local copy (verified). \
                      Proof: the journal records segment {} with checksum {} and {} bytes under \
@@ -1284,6 +1306,13 @@ async fn repair_object(
                 "re-uploaded from the local copy (verified)".into()
             };
         }
+        Err(e) if moved_to.is_some() => {
+            f.action = format!(
+                "moved the wrong object aside to {} (kept), but the re-upload failed: {e}; run \
+                 reconcile --repair again",
+                moved_to.as_deref().unwrap_or_default()
+            )
+        }
         Err(e) if f.deleted => {
             f.action = format!(
                 "deleted the wrong object (the journal records other bytes under this key; the \
@@ -1294,6 +1323,39 @@ async fn repair_object(
         Err(e) => f.action = format!("repair failed: {e}"),
     }
     f
+}
+
+/// Folder under a stream where single-writer repairs keep the wrong objects
+/// they replace (`{prefix}/{stream}/damaged/{name}.{ms}.{rand}`): outside
+/// `segments/`, so no rule of the reconciler ever lists or touches them.
+pub const DAMAGED_DIR: &str = "damaged";
+
+/// Copies the object under `key` to `{prefix}/{stream}/damaged/...`, checks
+/// the copy's size, then deletes the original. Returns the copy's key.
+async fn move_aside(store: &RemoteStore, cfg: &Config, key: &Path) -> Result<String> {
+    let os = store.object_store();
+    let src = os.head(key).await.map_err(classify)?;
+    let name = key.filename().unwrap_or("object");
+    let to = store
+        .prefix()
+        .clone()
+        .join(cfg.stream.as_str())
+        .join(DAMAGED_DIR)
+        .join(format!(
+            "{name}.{}.{:08x}",
+            crate::segment::now_ms(),
+            fastrand::u32(..)
+        ));
+    os.copy(key, &to).await.map_err(classify)?;
+    let copy = os.head(&to).await.map_err(classify)?;
+    if copy.size != src.size {
+        return Err(Error::Remote(format!(
+            "the copy {to} is {} bytes, the object {} bytes; original left in place",
+            copy.size, src.size
+        )));
+    }
+    delete(store, cfg, key).await?;
+    Ok(to.to_string())
 }
 
 /// Is a listed object one the journal knows is NOT committed (so it must

@@ -258,10 +258,34 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
     let c = &mut caps.checksum;
     let mut notes = Vec::new();
 
-    // a. A PUT with a wrong checksum must be rejected and leave nothing.
+    // Control: the same hand-signed PUT with the right value must be
+    // accepted, so a refusal of the wrong one below is about the checksum
+    // (not a bucket policy, a signing fault or throttling).
+    let ckey = dir.clone().join("checksum-right");
+    match store.put_with_crc64(&ckey, body.clone(), right).await {
+        Ok(s) if (200..300).contains(&s) => {}
+        Ok(s) => {
+            notes.push(format!(
+                "a hand-signed PUT with the right x-amz-checksum-crc64nvme answered HTTP {s}: \
+                 the checksum answers cannot be proven; uploads are read back"
+            ));
+            caps.notes.extend(notes);
+            return;
+        }
+        Err(e) => {
+            notes.push(format!(
+                "checksum control PUT failed ({e}); uploads are read back"
+            ));
+            caps.notes.extend(notes);
+            return;
+        }
+    }
+
+    // a. A PUT with a wrong checksum must be rejected (400, the answer to a
+    //    bad digest; not 403/404/408/429/5xx) and leave nothing.
     let wkey = dir.clone().join("checksum-wrong");
     match store.put_with_crc64(&wkey, body.clone(), wrong).await {
-        Ok(s) if (400..500).contains(&s) => {
+        Ok(400) => {
             c.put_rejects_wrong = true;
             match os.head(&wkey).await {
                 Err(object_store::Error::NotFound { .. }) => c.put_rejected_leaves_nothing = true,
@@ -272,8 +296,12 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
                 Err(e) => notes.push(format!("HEAD after a rejected PUT failed: {e}")),
             }
         }
-        Ok(s) => notes.push(format!(
+        Ok(s) if (200..300).contains(&s) => notes.push(format!(
             "a PUT with a wrong x-amz-checksum-crc64nvme was accepted (HTTP {s}): the server does not validate checksums"
+        )),
+        Ok(s) => notes.push(format!(
+            "a PUT with a wrong x-amz-checksum-crc64nvme answered HTTP {s}, not the 400 of a \
+             rejected checksum: validation not proven"
         )),
         Err(e) => notes.push(format!("checksum PUT probe failed: {e}")),
     }
@@ -301,15 +329,27 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
         let wkey = dir.clone().join("checksum-part-wrong");
         match mp.create_multipart(&wkey).await {
             Ok(id) => {
-                match store
-                    .upload_part_with_crc64(&wkey, &id, 1, body.clone(), wrong)
-                    .await
-                {
-                    Ok(s) if (400..500).contains(&s) => c.upload_part_rejects_wrong = true,
+                // The same upload takes part 2 with the right value (the
+                // control) and part 1 with a wrong one (must be a 400).
+                let control = store
+                    .upload_part_with_crc64(&wkey, &id, 2, body.clone(), right)
+                    .await;
+                match control {
+                    Ok(s) if (200..300).contains(&s) => match store
+                        .upload_part_with_crc64(&wkey, &id, 1, body.clone(), wrong)
+                        .await
+                    {
+                        Ok(400) => c.upload_part_rejects_wrong = true,
+                        Ok(s) => notes.push(format!(
+                            "an UploadPart with a wrong checksum answered HTTP {s}, not 400"
+                        )),
+                        Err(e) => notes.push(format!("checksum UploadPart probe failed: {e}")),
+                    },
                     Ok(s) => notes.push(format!(
-                        "an UploadPart with a wrong checksum was accepted (HTTP {s})"
+                        "a hand-signed UploadPart with the right checksum answered HTTP {s}: \
+                         UploadPart validation cannot be proven"
                     )),
-                    Err(e) => notes.push(format!("checksum UploadPart probe failed: {e}")),
+                    Err(e) => notes.push(format!("checksum UploadPart control failed: {e}")),
                 }
                 let _ = mp.abort_multipart(&wkey, &id).await;
             }

@@ -65,9 +65,14 @@ pub use verify::{remote_matches, remote_matches_cfg, verify_segment, verify_segm
 /// How an uploaded object is checked before it counts as `Verified`.
 ///
 /// What each level proves:
-/// - `Checksum` and `Full` prove the stored body is byte for byte the
+/// - `Full` reads the stored body back and proves it is byte for byte the
 ///   sealed file (a format-2 file: its CRC-64/NVME, which sees every byte
 ///   and its position).
+/// - `Checksum` proves the server received and recorded exactly the sealed
+///   file's bytes (the stored value is computed from the body it received,
+///   and the probe proved it refuses a mismatch). It cannot see damage at
+///   rest after that, nor a multipart assembly gone wrong after the parts
+///   were validated; a periodic `tierindex verify` (a `Full` read) does.
 /// - `Footer` and `Head` prove only what we sent about the object (its
 ///   size, our own metadata, its last 128 bytes): weaker, explicit choices.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

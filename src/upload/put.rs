@@ -112,9 +112,10 @@ async fn put_checked(
     crate::failpoint::crash("upload.put.after");
 
     // Where the write could have replaced someone else's bytes the body
-    // must be proven (Checksum where proven, else Full); else the level
-    // asked for (Checksum falls back to Full the same way).
-    let level = if check_first {
+    // must be proven: an explicit Full stays Full, anything weaker becomes
+    // Checksum (itself Full where checksums are not proven). Elsewhere the
+    // level asked for, Checksum falling back to Full the same way.
+    let level = if check_first && cfg.verify != VerifyLevel::Full {
         VerifyLevel::Checksum
     } else {
         cfg.verify

@@ -148,42 +148,17 @@ pub(crate) async fn look(
 ) -> Result<Seen, object_store::Error> {
     let os = store.object_store();
     let need_meta = store.metadata_supported();
+    // Checksum: the server's stored value when it gives one; when it gives
+    // none (no whole-object value, a format-1 file, not an S3 store) the
+    // body is proven by reading it instead, never judged from nothing.
+    let level = match level {
+        VerifyLevel::Checksum => match look_checksum(store, key, meta).await? {
+            Some(seen) => return Ok(seen),
+            None => VerifyLevel::Full,
+        },
+        l => l,
+    };
     match level {
-        VerifyLevel::Checksum => {
-            let Some(want) = meta.crc64 else {
-                // A caller's error: `VerifyLevel::effective` never asks
-                // for Checksum on a format-1 file.
-                return Ok(Seen::Bad(
-                    "a format-1 file has no CRC64 to check on the server".into(),
-                ));
-            };
-            let got = match store.head_checksum(key).await {
-                Ok(Some(h)) => h,
-                Ok(None) => return Ok(Seen::Missing),
-                Err(e) => {
-                    return Err(object_store::Error::Generic {
-                        store: "S3",
-                        source: Box::new(e),
-                    });
-                }
-            };
-            if got.size != Some(meta.file_len) {
-                return Ok(Seen::Bad(format!(
-                    "size {:?} bytes, expected {}",
-                    got.size, meta.file_len
-                )));
-            }
-            Ok(match got.crc64 {
-                Some(c) if c == want => Seen::Good,
-                Some(c) => Seen::Bad(format!(
-                    "stored CRC64 {c:016x} (x-amz-checksum-crc64nvme), expected {want:016x}"
-                )),
-                None => Seen::Bad(format!(
-                    "the server returned no whole-object CRC64 ({:?})",
-                    got.raw
-                )),
-            })
-        }
         VerifyLevel::Head | VerifyLevel::Footer => {
             let head = match os.get_opts(key, GetOptions::new().with_head(true)).await {
                 Ok(h) => h,
@@ -207,7 +182,8 @@ pub(crate) async fn look(
             };
             Ok(check_footer(meta, &tail).map_or(Seen::Good, Seen::Bad))
         }
-        VerifyLevel::Full => {
+        // (Checksum reaches here only as the Full read it fell back to.)
+        VerifyLevel::Full | VerifyLevel::Checksum => {
             // One GET: its response carries the same size and metadata a
             // HEAD would, checked before the body is collected so a wrong
             // size never makes us buffer an arbitrary amount.
@@ -306,6 +282,53 @@ pub async fn object_sums(
         .await
         .map_err(classify)?;
     Ok(Some((len, sums)))
+}
+
+/// The `Checksum` level: a HEAD with checksum mode. `Some(seen)` when the
+/// server answered with a size and a whole-object CRC-64/NVME (equal:
+/// `Good`; other: `Bad`), or has no object; `None` when it gave no value to
+/// judge by (the caller then reads the body).
+async fn look_checksum(
+    store: &RemoteStore,
+    key: &Path,
+    meta: &SealedMeta,
+) -> Result<Option<Seen>, object_store::Error> {
+    let Some(want) = meta.crc64 else {
+        return Ok(None);
+    };
+    if !store.has_s3_checksums() {
+        return Ok(None);
+    }
+    let got = match store.head_checksum(key).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(Some(Seen::Missing)),
+        Err(e) => {
+            return Err(object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            });
+        }
+    };
+    if got.size != Some(meta.file_len) {
+        return Ok(Some(Seen::Bad(format!(
+            "size {:?} bytes, expected {}",
+            got.size, meta.file_len
+        ))));
+    }
+    Ok(match got.crc64 {
+        Some(c) if c == want => Some(Seen::Good),
+        Some(c) => Some(Seen::Bad(format!(
+            "stored CRC64 {c:016x} (x-amz-checksum-crc64nvme), expected {want:016x}"
+        ))),
+        None => {
+            tracing::warn!(
+                %key,
+                answered = ?got.raw,
+                "the server returned no whole-object CRC64; reading the object back instead"
+            );
+            None
+        }
+    })
 }
 
 /// Reads until the answer is trustworthy: `Good` or `Missing` at once, `Bad`
