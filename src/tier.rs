@@ -566,8 +566,12 @@ impl TierIndex {
             },
             None => (Scheduler::new(sh.clone()), None),
         };
+        // Aborted tasks are awaited: an aborted task is dropped only when
+        // the runtime gets to it, and until then it may hold the shared
+        // state, and with it the data-directory lock past `shutdown()`.
         if let Some(t) = self.metrics_task.take() {
             t.abort();
+            let _ = t.await;
         }
         // Cut mid-repair at worst: a wrong object deleted and its re-upload
         // not finished. The local copy was read before the delete and is
@@ -575,6 +579,7 @@ impl TierIndex {
         // so the next run, or the next start's drive, repairs it.
         if let Some(t) = self.reconcile_task.take() {
             t.abort();
+            let _ = t.await;
         }
         let mut error = None;
         // Seal the active segment (the last file is the one most often lost).
@@ -622,6 +627,7 @@ impl TierIndex {
             let limit = until.min(Instant::now() + Duration::from_secs(2));
             if tokio::time::timeout_at(limit.into(), &mut p).await.is_err() {
                 p.abort();
+                let _ = p.await;
             }
         }
         let fenced = sh.fenced.get().cloned();

@@ -208,12 +208,27 @@ impl Outcome {
     }
 }
 
+/// `TierIndex::open`, waiting (at most 10 s) while the previous instance's
+/// sealer thread still holds the data-directory lock after its shutdown.
+async fn open_ti(w: &World) -> (TierIndex, tierindex::tier::OpenReport) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TierIndex::open(w.config()).await {
+            Ok(x) => return x,
+            Err(tierindex::Error::Locked { .. }) if Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+}
+
 /// Open (recovery), drain to the file store, open again and look every
 /// key up.
 async fn recover(w: &World) -> Outcome {
-    let (ti, open) = TierIndex::open(w.config()).await.unwrap();
+    let (ti, open) = open_ti(w).await;
     let report = ti.shutdown(Duration::from_secs(30)).await;
-    let (ti, _) = TierIndex::open(w.config()).await.unwrap();
+    let (ti, _) = open_ti(w).await;
     let mut found = BTreeSet::new();
     for k in 0..KEYS {
         for e in ti.lookup(&key(k), TimeRange::ALL).entries {
