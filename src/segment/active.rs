@@ -348,9 +348,15 @@ impl ActiveSegment {
             .rposition(|&b| b != 0)
         {
             let tail_end = tail_start + last + 1;
-            // Whatever is zeroed is copied first (never deleted outright):
-            // a torn tail may hold acknowledged items damaged since.
-            if let Some(dir) = save_dir {
+            // A kill -9 mid-append leaves at most the one item being written
+            // torn (appends are sequential and the page cache survives): a
+            // tail within that item is the normal end of a crash, zeroed
+            // without a copy. Non-zero bytes past it are something else
+            // (damage at rest, a torn power-loss writeback): copied first,
+            // never deleted outright, since they may hold acknowledged items.
+            if let Some(dir) = save_dir
+                && tail_end > tail_start + ACTIVE_ITEM_LEN
+            {
                 rec.tail_saved_to = Some(self.save_tail(dir, tail_start, tail_end)?);
             }
             self.map[tail_start..tail_end].fill(0);
