@@ -309,8 +309,10 @@ pub struct RecoveryReport {
     pub quarantined: Vec<QuarantineNote>,
     /// Damaged files whose intact items were salvaged; what was lost.
     pub salvaged: Vec<LossNote>,
-    /// Sealed files whose every item CRC was checked (the others got the
-    /// structural check: footer, header, directory).
+    /// Sealed files whose every byte was checked: the whole-body CRC-64
+    /// for format 2 (items themselves only when it fails, to salvage),
+    /// every item's CRC for format 1. The others got the structural check
+    /// (footer, header, directory).
     pub sealed_item_checked: Vec<u64>,
     /// Files removed because a durable copy of their content exists.
     pub removed: Vec<String>,
@@ -416,6 +418,50 @@ pub fn recover_with_geometry(
     recover_checking(dir, mode, &|_| full_sealed_check, geometry)
 }
 
+/// [`SealedSegment::open_summed`] of every `(id, path)`, on up to
+/// `available_parallelism` (at most 4) threads.
+fn open_summed_parallel(
+    todo: Vec<(SegmentId, PathBuf)>,
+) -> BTreeMap<SegmentId, Result<SealedSegment>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(todo.len().max(1));
+    if threads <= 1 {
+        return todo
+            .into_iter()
+            .map(|(id, p)| (id, SealedSegment::open_summed(&p)))
+            .collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let todo = &todo;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((id, p)) = todo.get(i) else { break };
+                        done.push((*id, SealedSegment::open_summed(p)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut all = BTreeMap::new();
+        for w in workers {
+            match w.join() {
+                Ok(done) => all.extend(done),
+                // A panic in a check is a bug; re-raise it on this thread
+                // rather than treat the files as checked.
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        all
+    })
+}
+
 /// [`recover_with_geometry`], choosing per sealed file whether it gets the
 /// full check (`full_check(id)`: every item's CRC) or the structural one.
 /// The writer full-checks the files still to be uploaded, so damage is
@@ -471,18 +517,32 @@ pub fn recover_checking(
     // Active files whose seal had finished (removed as leftovers).
     let mut superseded: Vec<u64> = Vec::new();
 
+    // The whole-file checks read every byte of the files still to be
+    // uploaded: run them on all cores at once (nothing else runs yet at
+    // start-up); the decisions below stay sequential, in file order.
+    let mut prechecked = open_summed_parallel(
+        files
+            .iter()
+            .filter_map(|(kind, path)| match kind {
+                Kind::Sealed(id) if full_check(*id) => Some((*id, path.clone())),
+                _ => None,
+            })
+            .collect(),
+    );
+
     for (kind, path) in &files {
         match kind {
             Kind::Sealed(id) => {
                 bump(*id, &mut out);
-                let full = full_check(*id);
+                let full = prechecked.contains_key(id);
                 if full {
                     out.report.sealed_item_checked.push(id.0);
                 }
-                let opened = if full {
-                    SealedSegment::open(path)
-                } else {
-                    SealedSegment::open_light(path)
+                let opened = match prechecked.remove(id) {
+                    // Whole-body CRC-64 (every item for format 1); a
+                    // failure is salvaged by item below.
+                    Some(opened) => opened,
+                    None => SealedSegment::open_light(path),
                 };
                 match opened {
                     Ok(s) if s.id() == *id => {

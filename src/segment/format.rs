@@ -720,6 +720,32 @@ pub fn check_sealed_structure(bytes: &[u8]) -> Result<Footer> {
     Ok(footer)
 }
 
+/// The start-up check of a local sealed file: [`check_sealed_structure`]
+/// plus the whole-body checksum, returning the whole-file checksums. For
+/// format 2 the body's CRC-64/NVME sees every byte and its position, so a
+/// match proves the items are the bytes the sealer wrote and the pass over
+/// the items is skipped (item CRCs are still checked by every lookup, and
+/// in full by [`check_sealed`] when this one fails, to salvage by item).
+/// Format 1's body CRC is blind to item contents (every item ends with its
+/// own CRC32), so a format-1 file gets the full [`check_sealed`].
+pub fn check_sealed_sums(bytes: &[u8]) -> Result<(Footer, FileSums)> {
+    let footer = check_sealed_structure(bytes)?;
+    if footer.version == FORMAT_VERSION {
+        return check_sealed(bytes);
+    }
+    let body = &bytes[..bytes.len() - FOOTER_LEN];
+    let tail = &bytes[bytes.len() - FOOTER_LEN..];
+    let data_crc64 = crc64(body);
+    if data_crc64 != footer.data_crc {
+        return Err(Error::corrupt("sealed segment", "data checksum mismatch"));
+    }
+    let sums = FileSums {
+        crc32: crc32fast::hash(bytes),
+        crc64: crc64_combine(data_crc64, crc64(tail), FOOTER_LEN as u64),
+    };
+    Ok((footer, sums))
+}
+
 /// Check that a full sealed file is valid: footer, header, whole-body
 /// checksum, directory, and that every item sits in the slot its hash
 /// names. Returns the footer and the whole-file checksums.

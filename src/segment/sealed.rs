@@ -715,6 +715,17 @@ pub fn write_sealed_file(dir: &Path, id: SegmentId, bytes: &[u8]) -> Result<Path
     Ok(dst)
 }
 
+/// How much of a sealed file an open checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Footer, header, slot directory (a few KiB).
+    Structure,
+    /// Structure and the whole-body checksum (every item too for format 1).
+    Sums,
+    /// Everything, every item's CRC and slot included.
+    Full,
+}
+
 /// A sealed segment opened for reading (mmap, validated on open).
 pub struct SealedSegment {
     path: PathBuf,
@@ -741,7 +752,18 @@ impl SealedSegment {
         Self::open_checked(path, false)
     }
 
+    /// Open with the start-up check ([`format::check_sealed_sums`]):
+    /// structure and the whole-body checksum, which for format 2 sees every
+    /// byte; format 1 gets the full item check ([`Self::open`]).
+    pub fn open_summed(path: &Path) -> Result<SealedSegment> {
+        Self::open_mode(path, Check::Sums)
+    }
+
     fn open_checked(path: &Path, full: bool) -> Result<SealedSegment> {
+        Self::open_mode(path, if full { Check::Full } else { Check::Structure })
+    }
+
+    fn open_mode(path: &Path, check: Check) -> Result<SealedSegment> {
         let file = File::open(path).map_err(|e| Error::io(path, "open sealed segment", e))?;
         let len = file
             .metadata()
@@ -763,12 +785,18 @@ impl SealedSegment {
             other => other,
         };
         let sums = std::sync::OnceLock::new();
-        let footer = if full {
-            let (footer, s) = format::check_sealed(&map).map_err(at_path)?;
-            let _ = sums.set(s);
-            footer
-        } else {
-            format::check_sealed_structure(&map).map_err(at_path)?
+        let footer = match check {
+            Check::Full | Check::Sums => {
+                let checked = if check == Check::Full {
+                    format::check_sealed(&map)
+                } else {
+                    format::check_sealed_sums(&map)
+                };
+                let (footer, s) = checked.map_err(at_path)?;
+                let _ = sums.set(s);
+                footer
+            }
+            Check::Structure => format::check_sealed_structure(&map).map_err(at_path)?,
         };
         Ok(SealedSegment {
             path: path.to_path_buf(),
@@ -1228,6 +1256,54 @@ mod tests {
         assert_eq!(crc32fast::hash(&b), meta.file_crc);
         assert_ne!(format::crc64(&b), c64);
         assert!(format::check_sealed(&b).is_err());
+    }
+
+    /// The start-up check (`check_sealed_sums`) skips the pass over the
+    /// items for format 2 only because the body's CRC-64 sees every byte:
+    /// any single-byte change and any swap of items fails it, and it
+    /// returns the same sums as the full check. A format-1 file, whose
+    /// body CRC is blind to swaps, still gets the full item check.
+    #[test]
+    fn startup_check_sees_what_the_full_check_sees() {
+        let es = random_entries(24, 11);
+        let (bytes, _) = build_sealed(SegmentId(6), 1, 2, 4, &es).unwrap();
+        assert_eq!(
+            format::check_sealed_sums(&bytes).unwrap(),
+            format::check_sealed(&bytes).unwrap()
+        );
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(format::check_sealed_sums(&b).is_err(), "change at {i} passes");
+        }
+        let f = Footer::decode(&bytes[bytes.len() - FOOTER_LEN..]).unwrap();
+        let mut swapped = 0;
+        for (i, j) in [(0, 1), (2, 9), (5, 23)] {
+            let mut b = bytes.clone();
+            swap_items(&mut b, f.items_offset as usize, i, j);
+            if b != bytes {
+                swapped += 1;
+                assert!(format::check_sealed_sums(&b).is_err(), "swap {i}<->{j} passes");
+            }
+        }
+        assert!(swapped > 0);
+        // Format 1: the swaps its CRC32 cannot see are caught by the items.
+        let v1 = as_v1(&bytes);
+        assert!(format::check_sealed_sums(&v1).is_ok());
+        let f1 = Footer::decode(&v1[v1.len() - FOOTER_LEN..]).unwrap();
+        for i in 0..es.len() {
+            for j in i + 1..es.len() {
+                let mut b = v1.clone();
+                swap_items(&mut b, f1.items_offset as usize, i, j);
+                if b != v1 {
+                    assert_eq!(
+                        format::check_sealed_sums(&b).is_err(),
+                        format::check_sealed(&b).is_err(),
+                        "swap {i}<->{j}"
+                    );
+                }
+            }
+        }
     }
 
     /// Different contents under one segment id never share a key.
