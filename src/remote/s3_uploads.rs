@@ -209,53 +209,10 @@ impl S3Uploads {
             }
         }
         url.set_query(Some(&wire_query(&query)));
-        let host = authority(&url).ok_or_else(|| {
-            Error::InvalidInput(format!("S3 endpoint {} has no host", redact_url(&url)))
-        })?;
-        let amz_date = amz_date(SystemTime::now());
-        let mut headers: Vec<(&str, String)> = vec![
-            ("host", host),
-            ("x-amz-content-sha256", EMPTY_SHA256.to_string()),
-            ("x-amz-date", amz_date.clone()),
-        ];
-        if self.cfg.request_payer {
-            headers.push(("x-amz-request-payer", "requester".into()));
-        }
-        let cred = if self.cfg.skip_signature {
-            None
-        } else {
-            Some(
-                self.cfg
-                    .credentials
-                    .get_credential()
-                    .await
-                    .map_err(classify)?,
-            )
-        };
-        if let Some(token) = cred.as_ref().and_then(|c| c.token.clone()) {
-            headers.push(("x-amz-security-token", token));
-        }
-        let mut req = self.client()?.get(url.clone());
-        if let Some(c) = &cred {
-            let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let auth = authorization(
-                c,
-                &self.cfg.region,
-                "s3",
-                &amz_date,
-                &SigningRequest {
-                    method: "GET",
-                    canonical_uri: url.path(),
-                    query: &query,
-                    headers: &hdrs,
-                    payload_sha256: EMPTY_SHA256,
-                },
-            );
-            req = req.header("authorization", sensitive(&auth)?);
-        }
-        for (k, v) in &headers {
-            req = req.header(*k, sensitive(v)?);
-        }
+        let path = url.path().to_string();
+        let (req, cred) = self
+            .signed(&reqwest::Method::GET, url, &path, &query, &[], EMPTY_SHA256)
+            .await?;
         let what = format!("ListMultipartUploads on s3://{}", self.cfg.bucket);
         let resp = req.send().await.map_err(|e| transport(&what, e))?;
         let status = resp.status().as_u16();
@@ -317,6 +274,74 @@ impl Answer {
 }
 
 impl S3Uploads {
+    /// The one SigV4 signer of both hand-made requests (listing multipart
+    /// uploads, checksum-mode HEAD, the probe's): `url` already carries the
+    /// path `canonical_uri` (in SigV4's encoding) and `query`; `extra`
+    /// headers are signed too. Returns the request, ready but for its body,
+    /// and the credential (to scrub the server's words of it).
+    async fn signed(
+        &self,
+        method: &reqwest::Method,
+        url: url::Url,
+        canonical_uri: &str,
+        query: &[(&str, &str)],
+        extra: &[(&str, String)],
+        payload_sha256: &str,
+    ) -> Result<(
+        reqwest::RequestBuilder,
+        Option<std::sync::Arc<AwsCredential>>,
+    )> {
+        let host = authority(&url).ok_or_else(|| {
+            Error::InvalidInput(format!("S3 endpoint {} has no host", redact_url(&url)))
+        })?;
+        let amz_date = amz_date(SystemTime::now());
+        let mut headers: Vec<(&str, String)> = vec![
+            ("host", host),
+            ("x-amz-content-sha256", payload_sha256.to_string()),
+            ("x-amz-date", amz_date.clone()),
+        ];
+        headers.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+        if self.cfg.request_payer {
+            headers.push(("x-amz-request-payer", "requester".into()));
+        }
+        let cred = if self.cfg.skip_signature {
+            None
+        } else {
+            Some(
+                self.cfg
+                    .credentials
+                    .get_credential()
+                    .await
+                    .map_err(classify)?,
+            )
+        };
+        if let Some(token) = cred.as_ref().and_then(|c| c.token.clone()) {
+            headers.push(("x-amz-security-token", token));
+        }
+        let mut req = self.client()?.request(method.clone(), url);
+        if let Some(c) = &cred {
+            let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let auth = authorization(
+                c,
+                &self.cfg.region,
+                "s3",
+                &amz_date,
+                &SigningRequest {
+                    method: method.as_str(),
+                    canonical_uri,
+                    query,
+                    headers: &hdrs,
+                    payload_sha256,
+                },
+            );
+            req = req.header("authorization", sensitive(&auth)?);
+        }
+        for (k, v) in &headers {
+            req = req.header(*k, sensitive(v)?);
+        }
+        Ok((req, cred))
+    }
+
     /// One signed request to `key` in the bucket, with `extra` headers
     /// (signed too) and an optional body. Transport errors are errors; any
     /// HTTP status is an [`Answer`] for the caller to judge (its body read
@@ -347,58 +372,13 @@ impl S3Uploads {
         if !query.is_empty() {
             url.set_query(Some(&wire_query(query)));
         }
-        let host = authority(&url).ok_or_else(|| {
-            Error::InvalidInput(format!("S3 endpoint {} has no host", redact_url(&url)))
-        })?;
-        let amz_date = amz_date(SystemTime::now());
         let payload_sha = match &body {
             Some(b) => sha256_hex(b),
             None => EMPTY_SHA256.to_string(),
         };
-        let mut headers: Vec<(&str, String)> = vec![
-            ("host", host),
-            ("x-amz-content-sha256", payload_sha.clone()),
-            ("x-amz-date", amz_date.clone()),
-        ];
-        headers.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
-        if self.cfg.request_payer {
-            headers.push(("x-amz-request-payer", "requester".into()));
-        }
-        let cred = if self.cfg.skip_signature {
-            None
-        } else {
-            Some(
-                self.cfg
-                    .credentials
-                    .get_credential()
-                    .await
-                    .map_err(classify)?,
-            )
-        };
-        if let Some(token) = cred.as_ref().and_then(|c| c.token.clone()) {
-            headers.push(("x-amz-security-token", token));
-        }
-        let mut req = self.client()?.request(method.clone(), url.clone());
-        if let Some(c) = &cred {
-            let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let auth = authorization(
-                c,
-                &self.cfg.region,
-                "s3",
-                &amz_date,
-                &SigningRequest {
-                    method: method.as_str(),
-                    canonical_uri: &path,
-                    query,
-                    headers: &hdrs,
-                    payload_sha256: &payload_sha,
-                },
-            );
-            req = req.header("authorization", sensitive(&auth)?);
-        }
-        for (k, v) in &headers {
-            req = req.header(*k, sensitive(v)?);
-        }
+        let (mut req, cred) = self
+            .signed(&method, url, &path, query, extra, &payload_sha)
+            .await?;
         if let Some(b) = body {
             req = req.body(b);
         }
