@@ -63,67 +63,14 @@ fn record(sh: &Shared, id: SegmentId) -> Result<SegmentRecord> {
 }
 
 /// Is the local sealed file the one the journal recorded when it was
-/// sealed? `Ok(())`, or why not. As strict as the upload's own check of the
-/// bytes (`upload::put::read_checked`): length, whole-file CRC, and a
-/// footer that decodes to exactly the recorded metadata (same id, counts,
-/// ranges, times). A weaker check here once let a foreign sealed file that
-/// passed it fail only the upload's check, which the drive then took for a
-/// bad read-back and retried until the deadline.
-fn local_mismatch(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<String> {
-    match std::fs::read(path) {
-        Ok(b) => bytes_mismatch(path, &b, meta),
-        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
-/// [`local_mismatch`] off the async worker threads (the file is read whole).
-async fn local_mismatch_async(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<String> {
-    match tokio::fs::read(path).await {
-        Ok(b) => bytes_mismatch(path, &b, meta),
-        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
-fn bytes_mismatch(path: &std::path::Path, b: &[u8], meta: &crate::SealedMeta) -> Option<String> {
-    use crate::segment::format::{FOOTER_LEN, Footer};
-    if b.len() as u64 != meta.file_len {
-        return Some(format!(
-            "{} is {} bytes, the journal recorded {}",
-            path.display(),
-            b.len(),
-            meta.file_len
-        ));
-    }
-    let sums = crate::segment::format::FileSums::of(b);
-    if !meta.matches_sums(b.len() as u64, &sums) || sums.crc32 != meta.file_crc {
-        return Some(format!(
-            "{} has {}, the journal recorded {}",
-            path.display(),
-            meta.describe_sums(&sums),
-            meta.key_sum()
-        ));
-    }
-    let tail = b
-        .get(b.len().saturating_sub(FOOTER_LEN)..)
-        .unwrap_or_default();
-    match Footer::decode(tail) {
-        Ok(f) if f.meta(sums) == *meta => None,
-        Ok(f) => Some(format!(
-            "{}: its footer describes another file (segment {}, {} items, sealed at {} ms) than the journal's record (segment {}, {} items, sealed at {} ms)",
-            path.display(),
-            f.segment_id,
-            f.item_count,
-            f.sealed_ms,
-            meta.id,
-            meta.item_count,
-            meta.sealed_ms
-        )),
-        Err(e) => Some(format!("{}: {e}", path.display())),
-    }
-}
-
-fn local_matches(path: &std::path::Path, meta: &crate::SealedMeta) -> bool {
-    local_mismatch(path, meta).is_none()
+/// sealed? `None`, or why not: the upload's own check of the bytes
+/// ([`upload::CheckedBytes::read`]: length, whole-file checksums, a footer
+/// that decodes to exactly the recorded metadata), read on a blocking
+/// thread. A weaker check here once let a foreign sealed file that passed
+/// it fail only the upload's check, which the drive then took for a bad
+/// read-back and retried until the deadline.
+async fn local_mismatch(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<String> {
+    upload::CheckedBytes::read(path, meta).await.err()
 }
 
 /// A local sealed file that is not the one the journal describes: a local
@@ -193,8 +140,15 @@ async fn quarantine(sh: &Shared, id: SegmentId, reason: String) -> Result<Segmen
 /// `Quarantined` (operator), or an error (retry later; the journal says
 /// where it stopped).
 pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
+    use tracing::Instrument as _;
+    // The span is attached to the future (`instrument`), never entered
+    // across an `.await`: an entered guard would leak into whatever else
+    // the worker thread runs while this future is parked.
     let span = tracing::info_span!("upload", segment = id.0);
-    let _enter = span.enter();
+    drive_inner(sh, id).instrument(span).await
+}
+
+async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
     let mut verify_failures = 0u32;
     loop {
         // Fenced: another owner took the stream; write nothing more.
@@ -217,8 +171,13 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             }])
                             .await?;
                     }
-                    match upload::remote_matches_cfg(&sh.store, &key, &rec.meta, &sh.upload).await?
-                    {
+                    let found =
+                        upload::remote_matches_cfg(&sh.store, &key, &rec.meta, &sh.upload).await?;
+                    let local_ok = matches!(found, RemoteMatch::Differs(_))
+                        && local_mismatch(&local_path(sh, id), &rec.meta)
+                            .await
+                            .is_none();
+                    match found {
                         RemoteMatch::Matches => {
                             sh.journal
                                 .append(vec![Record::Uploaded {
@@ -229,9 +188,7 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                                 .await?;
                             continue;
                         }
-                        RemoteMatch::Differs(why)
-                            if local_matches(&local_path(sh, id), &rec.meta) =>
-                        {
+                        RemoteMatch::Differs(why) if local_ok => {
                             // Other bytes under our key while the journal
                             // says *we* were uploading to it: our own write
                             // went wrong (a part the store acknowledged but
@@ -287,10 +244,13 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     .await;
                 }
                 // A local fault is not a store error: check the file before
-                // anything is written to the journal or the store.
-                if let Some(why) = local_mismatch_async(&local, &rec.meta).await {
-                    return quarantine_local(sh, id, why).await;
-                }
+                // anything is written to the journal or the store. One read
+                // and one checksum pass, on a blocking thread; the upload
+                // sends exactly these checked bytes.
+                let bytes = match upload::CheckedBytes::read(&local, &rec.meta).await {
+                    Ok(b) => b,
+                    Err(why) => return quarantine_local(sh, id, why).await,
+                };
                 let attempt = rec.attempt + 1;
                 journal_uploading(sh, id, attempt, &key).await?;
                 let mut hooks = JournalHooks {
@@ -301,9 +261,17 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 };
                 let started = std::time::Instant::now();
                 let cfg = sh.upload_config();
-                match upload::put_segment(&sh.store, &key, &local, &rec.meta, &cfg, &mut hooks)
-                    .await
-                {
+                let put = upload::put_segment_checked(
+                    &sh.store, &key, bytes, &rec.meta, &cfg, &mut hooks,
+                )
+                .await;
+                // A failed read-back may mean the local file changed under
+                // us: look again (only on that path) before blaming the store.
+                let changed = match &put {
+                    Err(Error::Corrupt { .. }) => local_mismatch(&local, &rec.meta).await,
+                    _ => None,
+                };
+                match put {
                     Ok(out) => {
                         crate::failpoint::crash("verify.after");
                         let (etag, version) = match out {
@@ -322,21 +290,30 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         // comparison), so Uploaded and Verified go into the
                         // journal together: one fsync, no second read-back.
                         // The Uploaded arm below runs only after a crash
-                        // between the PUT and this append.
-                        sh.journal
-                            .append(vec![
-                                Record::Uploaded { id, etag, version },
-                                Record::Verified { id },
-                            ])
-                            .await?;
+                        // between the PUT and this append. Without a
+                        // manifest nothing happens between Verified and
+                        // Committed, so Committed joins the same frame
+                        // (one fsync per segment instead of two); with one,
+                        // the Verified arm commits to the manifest first.
+                        let mut records = vec![
+                            Record::Uploaded { id, etag, version },
+                            Record::Verified { id },
+                        ];
+                        if sh.manifest.is_none() {
+                            crate::failpoint::crash("commit");
+                            records.push(Record::Committed { id });
+                        }
+                        sh.journal.append(records).await?;
+                        if sh.manifest.is_none() {
+                            sh.metrics.segments_committed.inc();
+                        }
                     }
                     Err(Error::RemoteConflict(why)) => return quarantine(sh, id, why).await,
-                    Err(Error::Corrupt { .. }) if !local_matches(&local, &rec.meta) => {
-                        // The sealed file changed while it was read for the
-                        // upload: no retry can fix that. Never upload bytes
+                    Err(Error::Corrupt { .. }) if changed.is_some() => {
+                        let why = changed.unwrap_or_default();
+                        // The sealed file changed after it was checked and
+                        // sent: no retry can fix that. Never upload bytes
                         // the journal does not describe.
-                        let why = local_mismatch(&local, &rec.meta)
-                            .unwrap_or_else(|| "it changed while it was read".into());
                         return quarantine_local(sh, id, why).await;
                     }
                     Err(e @ Error::Corrupt { .. }) => {
@@ -367,15 +344,13 @@ pub async fn drive(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 }
             }
             SegmentState::Uploaded => {
-                match upload::verify_segment_cfg(
-                    &sh.store,
-                    &key,
-                    &rec.meta,
-                    sh.upload.verify,
-                    &sh.upload_config(),
-                )
-                .await
-                {
+                // After a crash between the PUT and its journal record: the
+                // same level the upload itself would have verified at (the
+                // body proven wherever the write could have replaced
+                // someone else's bytes), not merely the configured one.
+                let cfg = sh.upload_config();
+                let level = cfg.level_after_write(&sh.store, &rec.meta);
+                match upload::verify_segment_cfg(&sh.store, &key, &rec.meta, level, &cfg).await {
                     Ok(()) => {
                         crate::failpoint::crash("verify.after");
                         sh.journal.append(vec![Record::Verified { id }]).await?

@@ -568,8 +568,12 @@ impl Scheduler {
             }
             self.in_flight.insert(id);
             let sh = self.sh.clone();
-            self.tasks
+            // Remembered so a drive that panics is still accounted for
+            // (retried later), not left "in flight" forever.
+            let task = self
+                .tasks
                 .spawn(async move { (id, drive::drive(&sh, id).await) });
+            self.task_ids.insert(task.id(), id);
         }
         self.sh
             .metrics

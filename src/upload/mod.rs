@@ -59,7 +59,9 @@ use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
 use crate::segment::SealedMeta;
 
-pub use put::{abort_multipart, abort_multipart_cfg, put_segment};
+pub use put::{
+    CheckedBytes, abort_multipart, abort_multipart_cfg, put_segment, put_segment_checked,
+};
 pub use verify::{remote_matches, remote_matches_cfg, verify_segment, verify_segment_cfg};
 
 /// How an uploaded object is checked before it counts as `Verified`.
@@ -164,6 +166,30 @@ pub const MAX_PARTS: u64 = 10_000;
 pub const MAX_PART_BYTES: u64 = 5 * 1024 * 1024 * 1024;
 
 impl UploadConfig {
+    /// True when a write of `meta` to `store` could have replaced someone
+    /// else's bytes: a multipart upload (no conditional mode exists) or a
+    /// create on a store whose `If-None-Match` is not trusted.
+    pub fn write_may_replace(&self, store: &RemoteStore, meta: &SealedMeta) -> bool {
+        let multipart =
+            meta.file_len >= self.multipart_threshold_bytes && store.multipart().is_some();
+        multipart || !self.trust_conditional_create
+    }
+
+    /// The level an object just written (or found `Uploaded` after a
+    /// crash) is verified at. Where the write could have replaced someone
+    /// else's bytes the body must be proven: an explicit `Full` stays
+    /// `Full`, anything weaker becomes `Checksum`. `Checksum` is `Full`
+    /// where the store's checksums are not proven (see
+    /// [`VerifyLevel::effective`]).
+    pub fn level_after_write(&self, store: &RemoteStore, meta: &SealedMeta) -> VerifyLevel {
+        if self.write_may_replace(store, meta) && self.verify != VerifyLevel::Full {
+            VerifyLevel::Checksum
+        } else {
+            self.verify
+        }
+        .effective(meta, self.checksum_proven)
+    }
+
     /// Rejects settings the store cannot honour (the part size only matters
     /// where the store has a multipart API).
     pub fn validate(&self, store: &RemoteStore) -> Result<()> {

@@ -29,7 +29,7 @@ use crate::segment::SealedMeta;
 use crate::segment::format::{FOOTER_LEN, FileSums, Footer};
 use crate::upload::retry::{RetryPolicy, with_retries};
 use crate::upload::verify::{Seen, look_stable, remote_matches_with, segment_attributes};
-use crate::upload::{MAX_PARTS, PutOutcome, RemoteMatch, UploadConfig, UploadHooks, VerifyLevel};
+use crate::upload::{MAX_PARTS, PutOutcome, RemoteMatch, UploadConfig, UploadHooks};
 
 /// Uploads the sealed file at `local`, described by `meta`, to `key`.
 /// See the module docs for the order of steps and what each error means:
@@ -48,6 +48,65 @@ pub async fn put_segment(
     check_key(store, key, meta)?;
     let bytes = read_checked(local, meta).await?;
     put_checked(store, key, bytes, meta, cfg, hooks).await
+}
+
+/// The sealed file's bytes, proven (length, whole-file checksums, footer)
+/// to be the file a [`SealedMeta`] describes. Only [`CheckedBytes::read`]
+/// makes one, so an upload from it needs no second pass over the bytes.
+#[derive(Debug, Clone)]
+pub struct CheckedBytes {
+    bytes: Bytes,
+    meta: SealedMeta,
+}
+
+impl CheckedBytes {
+    /// Reads `local` whole on a blocking thread (never on a tokio worker)
+    /// and checks it against `meta` there: one read and one checksum pass
+    /// per upload. `Err` is the local mismatch (or read failure) in words,
+    /// a local fault no store retry can fix.
+    pub async fn read(local: &FsPath, meta: &SealedMeta) -> std::result::Result<Self, String> {
+        let path = local.to_path_buf();
+        let m = meta.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let b =
+                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            check_bytes(&b, &m, &path.display().to_string()).map_err(|e| e.to_string())?;
+            Ok(Bytes::from(b))
+        })
+        .await;
+        match joined {
+            Ok(Ok(bytes)) => Ok(CheckedBytes {
+                bytes,
+                meta: meta.clone(),
+            }),
+            Ok(Err(why)) => Err(why),
+            Err(e) => Err(format!("reading {} failed: {e}", local.display())),
+        }
+    }
+}
+
+/// [`put_segment`] from bytes already read and checked by
+/// [`CheckedBytes::read`] against this very `meta`.
+pub async fn put_segment_checked(
+    store: &RemoteStore,
+    key: &Path,
+    bytes: CheckedBytes,
+    meta: &SealedMeta,
+    cfg: &UploadConfig,
+    hooks: &mut dyn UploadHooks,
+) -> Result<PutOutcome> {
+    cfg.validate(store)?;
+    check_key(store, key, meta)?;
+    if bytes.meta != *meta {
+        return Err(Error::InvalidInput(format!(
+            "bytes checked against segment {} ({}) offered for segment {} ({})",
+            bytes.meta.id,
+            bytes.meta.key_sum(),
+            meta.id,
+            meta.key_sum()
+        )));
+    }
+    put_checked(store, key, bytes.bytes, meta, cfg, hooks).await
 }
 
 /// A key of our layout must name this very file: uploading segment A's
@@ -95,7 +154,7 @@ async fn put_checked(
     let mut rng = fastrand::Rng::new();
     let multipart = meta.file_len >= cfg.multipart_threshold_bytes && store.multipart().is_some();
 
-    let check_first = multipart || !cfg.trust_conditional_create;
+    let check_first = cfg.write_may_replace(store, meta);
     if check_first && let Some(done) = settle_existing(store, key, meta, &policy, &mut rng).await? {
         return Ok(done);
     }
@@ -111,16 +170,7 @@ async fn put_checked(
     };
     crate::failpoint::crash("upload.put.after");
 
-    // Where the write could have replaced someone else's bytes the body
-    // must be proven: an explicit Full stays Full, anything weaker becomes
-    // Checksum (itself Full where checksums are not proven). Elsewhere the
-    // level asked for, Checksum falling back to Full the same way.
-    let level = if check_first && cfg.verify != VerifyLevel::Full {
-        VerifyLevel::Checksum
-    } else {
-        cfg.verify
-    }
-    .effective(meta, cfg.checksum_proven);
+    let level = cfg.level_after_write(store, meta);
     crate::failpoint::crash("verify");
     match look_stable(store, key, meta, level, &policy, &mut rng).await? {
         Seen::Good => Ok(written),
@@ -145,44 +195,37 @@ pub async fn read_checked(local: &FsPath, meta: &SealedMeta) -> Result<Bytes> {
 }
 
 /// Proves `bytes` are the sealed file `meta` describes (length, whole-file
-/// checksums, footer).
-fn check_bytes(bytes: &[u8], meta: &SealedMeta, what: &str) -> Result<()> {
-    let what = || what.to_string();
+/// checksums, footer): the one check of local bytes before an upload, and
+/// of a local copy the drive doubts. `what` names the bytes in the error.
+pub(crate) fn check_bytes(bytes: &[u8], meta: &SealedMeta, what: &str) -> Result<()> {
+    let fail = |detail: String| Err(Error::corrupt(what.to_string(), detail));
     if bytes.len() as u64 != meta.file_len {
-        return Err(Error::corrupt(
-            what(),
-            format!(
-                "file is {} bytes, journal says {}; refusing to upload",
-                bytes.len(),
-                meta.file_len
-            ),
+        return fail(format!(
+            "file is {} bytes, the journal recorded {}; refusing to upload",
+            bytes.len(),
+            meta.file_len
         ));
     }
     let sums = FileSums::of(bytes);
-    if sums.crc32 != meta.file_crc || meta.crc64.is_some_and(|c| c != sums.crc64) {
-        return Err(Error::corrupt(
-            what(),
-            format!(
-                "file checksum {}, journal says {}; refusing to upload",
-                match meta.crc64 {
-                    Some(_) => format!("CRC64 {:016x}", sums.crc64),
-                    None => format!("CRC32 {:08x}", sums.crc32),
-                },
-                meta.key_sum()
-            ),
+    if !meta.matches_sums(bytes.len() as u64, &sums) || sums.crc32 != meta.file_crc {
+        return fail(format!(
+            "file has {}, the journal recorded {}; refusing to upload",
+            meta.describe_sums(&sums),
+            meta.key_sum()
         ));
     }
     let tail = bytes
         .get(bytes.len().saturating_sub(FOOTER_LEN)..)
         .unwrap_or_default();
-    let footer = Footer::decode(tail).map_err(|e| Error::corrupt(what(), e.to_string()))?;
-    if footer.meta(sums) != *meta {
-        return Err(Error::corrupt(
-            what(),
-            "footer does not match the journal's metadata; refusing to upload",
-        ));
+    match Footer::decode(tail) {
+        Ok(f) if f.meta(sums) == *meta => Ok(()),
+        Ok(f) => fail(format!(
+            "its footer describes another file (segment {}, {} items, sealed at {} ms) than \
+             the journal's record (segment {}, {} items, sealed at {} ms); refusing to upload",
+            f.segment_id, f.item_count, f.sealed_ms, meta.id, meta.item_count, meta.sealed_ms
+        )),
+        Err(e) => fail(e.to_string()),
     }
-    Ok(())
 }
 
 /// If an object exists under `key`, decides the outcome from its content.
