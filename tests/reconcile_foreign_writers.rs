@@ -9,8 +9,10 @@
 //!   nothing of the other directory is deleted, and the report says what it
 //!   found and what to do.
 //!
-//! Default settings otherwise (`manifest = false`: single-writer mode, which
-//! never deletes an object).
+//! Single-writer mode (`manifest = false`, chosen explicitly: the default,
+//! the remote manifest, refuses a second live writer and lets a re-created
+//! directory continue above the stream's ids; see `tests/safe_defaults.rs`).
+//! Single-writer mode never deletes an object.
 
 mod common;
 
@@ -36,6 +38,7 @@ fn config(data: &Path, store: &Path) -> Config {
         max_attempts: 3,
         request_timeout_ms: 5000,
         release_after_commit: true,
+        manifest: false,
         ..Config::default()
     }
 }
@@ -186,8 +189,9 @@ async fn lost_and_recreated_data_directory_deletes_nothing_of_the_old_one() {
     // With release_after_commit, the objects are the only copy.
     assert!(common::local_sealed_ids(&data).is_empty());
 
-    // The disk is lost; a new data directory on the same stream starts
-    // from segment 1 again.
+    // The disk is lost; a new data directory on the same stream (its ids
+    // continue above the listed objects', but its journal knows none of
+    // them).
     std::fs::remove_dir_all(&data).unwrap();
     fill(&cfg, 10_000, ITEMS as u64 * 3).await;
     let all = objects(&store_dir);
@@ -206,8 +210,7 @@ async fn two_data_directories_on_one_stream_delete_nothing_of_each_other() {
     assert_eq!(a.stream, "stream-0");
     fill(&a, 0, ITEMS as u64 * 3).await;
     let of_a = objects(&store_dir);
-    // B writes more segments than A, so its journal's ids cover A's: A's
-    // objects are other seals of ids B knows.
+    // B's journal knows none of A's objects (its ids continue above them).
     fill(&b, 50_000, ITEMS as u64 * 6).await;
     let of_b: BTreeMap<_, _> = objects(&store_dir)
         .into_iter()
