@@ -884,13 +884,16 @@ pub async fn open_shared_with_clock(
     // committed them. New ids continue above those too, so no id (and no
     // key) is ever reused. Skipped while the take is pending (the store did
     // not answer; the take lists when it succeeds, see
-    // `Shared::ensure_manifest`); in single-writer mode a store that does
-    // not answer only costs a warning (its uploads wait anyway).
+    // `Shared::ensure_owner`). Not in single-writer mode: there the
+    // reconciler tells another data directory's objects from ours by their
+    // ids (another seal of an id the journal knows, or an id it never
+    // recorded), and jumping above them would make them look like ours
+    // whose records compaction dropped.
     let take_pending = match &manifest {
         Some(m) => m.writer.lock().await.is_none(),
         None => false,
     };
-    let listed_max = if take_pending {
+    let listed_max = if take_pending || !cfg.manifest {
         known
     } else {
         listed_max_segment_id(cfg, &store, known).await

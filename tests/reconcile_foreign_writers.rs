@@ -11,7 +11,8 @@
 //!
 //! Single-writer mode (`manifest = false`, chosen explicitly: the default,
 //! the remote manifest, refuses a second live writer and lets a re-created
-//! directory continue above the stream's ids; see `tests/safe_defaults.rs`).
+//! directory continue above the stream's ids; see `tests/safe_defaults.rs`),
+//! where a new directory numbers its segments from 1 again.
 //! Single-writer mode never deletes an object.
 
 mod common;
@@ -95,6 +96,9 @@ fn cli_reconcile(data: &Path, store: &Path) -> (i32, String) {
         .arg(data)
         .arg("--store")
         .arg(format!("file://{}", store.display()))
+        // The mode these data directories ran in (the CLI's default is the
+        // manifest, which would rebuild one from the listed objects).
+        .args(["--manifest", "false"])
         .args(["reconcile", "--repair", "--grace-ms", "0"])
         .output()
         .expect("run tierindex");
@@ -189,9 +193,9 @@ async fn lost_and_recreated_data_directory_deletes_nothing_of_the_old_one() {
     // With release_after_commit, the objects are the only copy.
     assert!(common::local_sealed_ids(&data).is_empty());
 
-    // The disk is lost; a new data directory on the same stream (its ids
-    // continue above the listed objects', but its journal knows none of
-    // them).
+    // The disk is lost; a new data directory on the same stream starts
+    // from segment 1 again (single-writer mode does not move ids above the
+    // listed objects).
     std::fs::remove_dir_all(&data).unwrap();
     fill(&cfg, 10_000, ITEMS as u64 * 3).await;
     let all = objects(&store_dir);
@@ -210,7 +214,8 @@ async fn two_data_directories_on_one_stream_delete_nothing_of_each_other() {
     assert_eq!(a.stream, "stream-0");
     fill(&a, 0, ITEMS as u64 * 3).await;
     let of_a = objects(&store_dir);
-    // B's journal knows none of A's objects (its ids continue above them).
+    // B writes more segments than A, so its journal's ids cover A's: A's
+    // objects are other seals of ids B knows.
     fill(&b, 50_000, ITEMS as u64 * 6).await;
     let of_b: BTreeMap<_, _> = objects(&store_dir)
         .into_iter()

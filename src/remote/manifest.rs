@@ -801,7 +801,9 @@ impl ManifestStore {
                      s3s-fs), or choose single-writer mode explicitly with `manifest = false` \
                      in the config file or `--manifest false` on the command line (weaker: nothing detects or fences a second writer of \
                      the stream; only where exactly one writer is guaranteed by other means; \
-                     see docs/crash-safety.md \"Single-writer mode\")",
+                     see docs/crash-safety.md \"Single-writer mode\"). \
+                     allow_unconditional_store = true keeps the manifest on such a store \
+                     without fencing, under the same condition",
                     store.display_url()
                 )));
             }
