@@ -246,6 +246,10 @@ drain_once() { # LABEL VERIFY REP
 data_dir = "$d"
 store = "$(store_url "$label-$rep")"
 verify = "$verify"
+# Single-writer mode, explicitly: the remote manifest (the default) refuses
+# Garage, which ignores conditional creates, and this benchmark measures the
+# upload pipeline, one writer per prefix.
+manifest = false
 EOF
   run_timed "$d.json" "$d.log" env TIERINDEX_LOG=info "$BIN" --json --config "$d.toml" drain --deadline 10m
   local facts
@@ -358,7 +362,7 @@ demo_term() {
   local label=$1 d=$2 wait_s=$3 pending="-" i t0 t1 rc=0 wd
   shift 3
   TIERINDEX_LOG=info "$BIN" --data-dir "$d" --store "$(store_url "$(basename "$d")")" \
-    demo --rate 1000 "$@" >"$d.out" 2>"$d.err" &
+    --manifest false demo --rate 1000 "$@" >"$d.out" 2>"$d.err" &
   DEMO_PID=$!
   for i in $(seq 1200); do
     grep -q '^tierindex demo:' "$d.err" 2>/dev/null && break

@@ -53,8 +53,18 @@ pub struct Config {
     /// (every upload is read back in full; always safe, slower).
     pub probe_store: bool,
     /// Publish every committed segment in the stream's remote manifest
-    /// (owner epoch + lease; see `remote::manifest`). Off: the journal alone
-    /// records what is committed, as before.
+    /// (owner epoch + lease; see `remote::manifest`). On by default: the
+    /// store is the source of truth for what is committed, a second writer
+    /// of the stream is refused at open (naming the holder and its lease)
+    /// and a stale one is fenced. Opening refuses a store whose probe finds
+    /// conditional creates not honoured (Garage).
+    ///
+    /// `false` is **single-writer mode**, an explicit, weaker choice: the
+    /// journal alone records what is committed, nothing fences a second
+    /// writer of the stream (two data directories on one stream overwrite
+    /// each other's view of it; the reconciler then only reports, never
+    /// deletes). Choose it only where exactly one writer per stream is
+    /// guaranteed by other means, or on a store without conditional creates.
     pub manifest: bool,
     /// Who owns the stream's manifest. Default: `{hostname}-{hash of the
     /// absolute data directory}`, stable across restarts of the same data
@@ -142,6 +152,38 @@ pub const RECONCILE_GRACE_MS_MIN: u64 = 1_000;
 pub const LEASE_TTL_MS_MIN: u64 = 100;
 pub const LEASE_TTL_MS_MAX: u64 = 86_400_000;
 
+/// Shortest per-request timeout [`manifest_retry`] uses; below it the
+/// lease check at open warns instead (the TTL is then too short to fit).
+pub const MANIFEST_REQUEST_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+
+/// The retry policy of manifest requests: `max_attempts` attempts, each at
+/// most `request_timeout`, shortened so that all attempts and the backoffs
+/// between them take less than two thirds of the lease TTL (a renewal is
+/// sent every third of the TTL and must land before it ends; see
+/// `remote::lease::check_ttl`). With the defaults (TTL 30 s, 5 attempts):
+/// 3 s per request and at most 1 s between attempts, 19 s in all. Never
+/// below [`MANIFEST_REQUEST_TIMEOUT_MIN`] per request.
+pub fn manifest_retry(
+    ttl: Duration,
+    max_attempts: u32,
+    request_timeout: Duration,
+    base: &crate::upload::retry::RetryPolicy,
+) -> crate::upload::retry::RetryPolicy {
+    let attempts = max_attempts.max(1);
+    let budget = (ttl * 2 / 3).saturating_sub(Duration::from_millis(1));
+    let share = budget / attempts;
+    let backoff_max = base.backoff_max.min(share / 4);
+    let request_timeout = request_timeout
+        .min(share.saturating_sub(backoff_max))
+        .max(MANIFEST_REQUEST_TIMEOUT_MIN);
+    crate::upload::retry::RetryPolicy {
+        max_attempts: attempts,
+        request_timeout,
+        backoff_max,
+        backoff_base: base.backoff_base.min(backoff_max),
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         let up = UploadConfig::default();
@@ -170,7 +212,7 @@ impl Default for Config {
             tick_ms: 200,
             metrics_addr: None,
             probe_store: true,
-            manifest: false,
+            manifest: true,
             owner_id: None,
             lease_ttl_ms: 30_000,
             allow_unconditional_store: false,
@@ -362,16 +404,21 @@ impl Config {
         Duration::from_millis(self.lease_ttl_ms)
     }
 
-    /// Manifest options from the config (retries follow the upload's).
+    /// Manifest options from the config. Retries follow the upload's
+    /// `max_attempts`, but one manifest request with its retries is bounded
+    /// to fit the lease (see [`manifest_retry`]): manifest objects are small,
+    /// and a renewal sent at a third of the TTL must land before the lease
+    /// expires. Uploads keep `request_timeout_ms` (a segment is megabytes).
     pub fn manifest_options(&self) -> crate::remote::manifest::ManifestOptions {
         let d = crate::remote::manifest::ManifestOptions::default();
         crate::remote::manifest::ManifestOptions {
             allow_unconditional_store: self.allow_unconditional_store,
-            retry: crate::upload::retry::RetryPolicy {
-                max_attempts: self.max_attempts,
-                request_timeout: Duration::from_millis(self.request_timeout_ms),
-                ..d.retry.clone()
-            },
+            retry: manifest_retry(
+                self.lease_ttl(),
+                self.max_attempts,
+                Duration::from_millis(self.request_timeout_ms),
+                &d.retry,
+            ),
             ..d
         }
     }
@@ -515,9 +562,44 @@ mod tests {
     }
 
     #[test]
-    fn manifest_keys_default_off_and_validated() {
+    fn manifest_requests_fit_the_lease_by_default() {
+        let c = Config::default();
+        let r = c.manifest_options().retry;
+        assert!(
+            crate::remote::lease::check_ttl(c.lease_ttl(), &r).is_ok(),
+            "{r:?}"
+        );
+        assert_eq!(r.max_attempts, 5);
+        assert!(
+            r.request_timeout > Duration::from_millis(2_900)
+                && r.request_timeout < Duration::from_secs(3),
+            "{r:?}"
+        );
+        // A long lease keeps the configured timeout.
+        let c = Config {
+            lease_ttl_ms: 3_600_000,
+            request_timeout_ms: 10_000,
+            ..Config::default()
+        };
+        assert_eq!(
+            c.manifest_options().retry.request_timeout,
+            Duration::from_secs(10)
+        );
+        // Too short to fit: the floor, and the check at open says so.
+        let c = Config {
+            lease_ttl_ms: 300,
+            ..Config::default()
+        };
+        let r = c.manifest_options().retry;
+        assert_eq!(r.request_timeout, MANIFEST_REQUEST_TIMEOUT_MIN);
+        assert!(crate::remote::lease::check_ttl(c.lease_ttl(), &r).is_err());
+    }
+
+    #[test]
+    fn manifest_keys_default_on_and_validated() {
         let c = Config::from_toml("").unwrap();
-        assert!(!c.manifest);
+        assert!(c.manifest, "the safe mode is the default");
+        assert!(!Config::from_toml("manifest = false").unwrap().manifest);
         assert_eq!(c.lease_ttl_ms, 30_000);
         assert!(!c.allow_unconditional_store);
         assert!(c.owner_id.is_none());

@@ -740,6 +740,46 @@ async fn take_manifest(
     Ok((writer, crate::pipeline::StoreTrust::of(&caps)))
 }
 
+/// [`RemoteStore::max_listed_segment_id`] above `known`, bounded like a
+/// manifest request; a failure is logged and `known` kept.
+pub(crate) async fn listed_max_segment_id(
+    cfg: &Config,
+    store: &RemoteStore,
+    known: Option<crate::segment::SegmentId>,
+) -> Option<crate::segment::SegmentId> {
+    let limit = cfg
+        .manifest_options()
+        .retry
+        .request_timeout
+        .max(Duration::from_secs(1))
+        * 3;
+    match tokio::time::timeout(limit, store.max_listed_segment_id(&cfg.stream, known)).await {
+        Ok(Ok(m)) => {
+            if m > known {
+                tracing::info!(
+                    stream = cfg.stream,
+                    listed = m.map_or(0, |m| m.0),
+                    known = known.map_or(0, |m| m.0),
+                    "the store holds segment objects above every id this data directory \
+                     and the manifest know: new segment ids continue above them"
+                );
+            }
+            m
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, stream = cfg.stream, "could not list the stream's segment objects at open: new segment ids continue above the journal's and the manifest's only");
+            known
+        }
+        Err(_) => {
+            tracing::warn!(
+                stream = cfg.stream,
+                "listing the stream's segment objects at open timed out: new segment ids continue above the journal's and the manifest's only"
+            );
+            known
+        }
+    }
+}
+
 /// Errors at open that mean "the store cannot be reached now" rather than
 /// "this configuration or ownership is wrong": with these the index opens
 /// without ownership and takes it later.
@@ -786,8 +826,15 @@ pub async fn open_shared_with_clock(
     // owner (Claimed) or a store that cannot fence (no conditional creates)
     // still refuses the open: those need an operator, not patience.
     let (manifest, trust_create) = if cfg.manifest {
-        // Bounded: a store that hangs must not hold the broker's start.
-        let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 3;
+        // Bounded: a store that hangs must not hold the broker's start
+        // (with the defaults about 9 s: three manifest requests, each
+        // bounded to fit the lease; then the take goes on in the background).
+        let limit = cfg
+            .manifest_options()
+            .retry
+            .request_timeout
+            .max(Duration::from_secs(1))
+            * 3;
         let taken =
             match tokio::time::timeout(limit, take_manifest(cfg, &store, clock.clone())).await {
                 Ok(r) => r,
@@ -830,10 +877,30 @@ pub async fn open_shared_with_clock(
             .and_then(|w| w.manifest().max_segment_id()),
         None => None,
     };
-    let min_next = journal
-        .max_segment_id()
-        .max(manifest_max)
-        .map(|m| crate::segment::SegmentId(m.0 + 1));
+    let known = journal.max_segment_id().max(manifest_max);
+    // Objects above every id the journal and the manifest know: another
+    // incarnation of the stream (a lost and re-created data directory, a
+    // restored backup, an earlier owner) uploaded them and may not have
+    // committed them. New ids continue above those too, so no id (and no
+    // key) is ever reused. Skipped while the take is pending (the store did
+    // not answer; the take lists when it succeeds, see
+    // `Shared::ensure_owner`). Not in single-writer mode: there the
+    // reconciler tells another data directory's objects from ours by their
+    // ids (another seal of an id the journal knows, or an id it never
+    // recorded), and jumping above them would make them look like ours
+    // whose records compaction dropped.
+    let take_pending = match &manifest {
+        Some(m) => m.writer.lock().await.is_none(),
+        None => false,
+    };
+    let listed_max = if take_pending || !cfg.manifest {
+        known
+    } else {
+        listed_max_segment_id(cfg, &store, known).await
+    };
+    let min_next = known
+        .max(listed_max)
+        .map(|m| crate::segment::SegmentId(m.0.saturating_add(1)));
     // Sealed files still to be uploaded (unknown to the journal, Sealed or
     // Uploading) get the full item check at start-up: damage is salvaged
     // before their bytes are journaled or uploaded.

@@ -374,7 +374,12 @@ fn sigterm_drains_everything_including_the_last_partial_segment() {
     );
 
     let keys = assert_objects(&d.store, &segs);
-    let listed: BTreeSet<PathBuf> = common::files_under(&d.store).into_iter().collect();
+    // The segment objects; the stream's manifest (on by default) lies
+    // beside them under manifest/.
+    let listed: BTreeSet<PathBuf> = common::files_under(&d.store)
+        .into_iter()
+        .filter(|p| !p.starts_with("stream-0/manifest"))
+        .collect();
     assert_eq!(
         listed, keys,
         "the store holds exactly the committed segments"
@@ -477,13 +482,23 @@ fn second_sigterm_exits_at_once_and_drain_resumes_elsewhere() {
     // Resume into a working store (keys already journaled keep their
     // s3 prefix; they are store-relative).
     // The data directory records the dead store (IDENTITY): draining
-    // elsewhere needs --store-override.
+    // elsewhere needs --store-override. Single-writer mode, explicitly: the
+    // keys journaled for the dead store lie under its prefix, outside the
+    // stream this store's manifest describes (the default would keep those
+    // segments Verified, pending; see docs/ARCHITECTURE.md, Planned).
     let store = d.store_url();
     let o = run(
         cmd(
             &d.data,
             &store,
-            &["--store-override", "drain", "--deadline", "30s"],
+            &[
+                "--store-override",
+                "--manifest",
+                "false",
+                "drain",
+                "--deadline",
+                "30s",
+            ],
         ),
         Duration::from_secs(60),
     );
@@ -564,13 +579,23 @@ fn first_sigterm_with_dead_store_exits_pending_within_deadline() {
 
     // Nothing flushed was lost: a drain to a working store finds it all.
     // The data directory records the dead store (IDENTITY): draining
-    // elsewhere needs --store-override.
+    // elsewhere needs --store-override. Single-writer mode, explicitly: the
+    // keys journaled for the dead store lie under its prefix, outside the
+    // stream this store's manifest describes (the default would keep those
+    // segments Verified, pending; see docs/ARCHITECTURE.md, Planned).
     let store = d.store_url();
     let o = run(
         cmd(
             &d.data,
             &store,
-            &["--store-override", "drain", "--deadline", "30s"],
+            &[
+                "--store-override",
+                "--manifest",
+                "false",
+                "drain",
+                "--deadline",
+                "30s",
+            ],
         ),
         Duration::from_secs(60),
     );

@@ -268,6 +268,10 @@ fn config(data: PathBuf) -> Config {
         part_size_bytes: 1024,
         max_attempts: 4,
         request_timeout_ms: 250,
+        // Single-writer mode, explicitly: these scripts count and fault
+        // the pipeline's own requests; the manifest's are tested in
+        // tests/manifest*.rs.
+        manifest: false,
         ..Config::default()
     }
 }

@@ -210,7 +210,15 @@ async fn deleted_object_is_reuploaded_or_reported_lost() {
     std::fs::remove_file(&obj).unwrap();
     std::fs::remove_file(common::sealed_path(&rig.data, *id)).unwrap();
     let before = snapshot(&rig.store_dir);
-    let (code, out) = rig.cli(&["reconcile", "--repair", "--grace-ms", "0"]);
+    // Single-writer mode, explicitly (the CLI's default is the manifest).
+    let (code, out) = rig.cli(&[
+        "--manifest",
+        "false",
+        "reconcile",
+        "--repair",
+        "--grace-ms",
+        "0",
+    ]);
     assert_eq!(code, EXIT_NEEDS_OPERATOR, "{out}");
     assert!(out.contains("LOST object missing"), "{out}");
     assert!(out.contains(&format!("{:020}", id.0)), "{out}");
@@ -218,7 +226,7 @@ async fn deleted_object_is_reuploaded_or_reported_lost() {
     assert!(!out.contains("AWS_"), "{out}");
     let after = snapshot(&rig.store_dir);
     // Nothing under segments/ or manifest/ changed (the manifest's probe
-    // objects aside): the CLI ran without `manifest = true`, so it may not
+    // objects aside): the CLI ran with `--manifest false`, so it may not
     // write the manifest.
     let strip = |m: &BTreeMap<PathBuf, Vec<u8>>| -> BTreeMap<PathBuf, Vec<u8>> {
         m.iter()

@@ -9,8 +9,11 @@
 //!   nothing of the other directory is deleted, and the report says what it
 //!   found and what to do.
 //!
-//! Default settings otherwise (`manifest = false`: single-writer mode, which
-//! never deletes an object).
+//! Single-writer mode (`manifest = false`, chosen explicitly: the default,
+//! the remote manifest, refuses a second live writer and lets a re-created
+//! directory continue above the stream's ids; see `tests/safe_defaults.rs`),
+//! where a new directory numbers its segments from 1 again.
+//! Single-writer mode never deletes an object.
 
 mod common;
 
@@ -36,6 +39,7 @@ fn config(data: &Path, store: &Path) -> Config {
         max_attempts: 3,
         request_timeout_ms: 5000,
         release_after_commit: true,
+        manifest: false,
         ..Config::default()
     }
 }
@@ -92,6 +96,9 @@ fn cli_reconcile(data: &Path, store: &Path) -> (i32, String) {
         .arg(data)
         .arg("--store")
         .arg(format!("file://{}", store.display()))
+        // The mode these data directories ran in (the CLI's default is the
+        // manifest, which would rebuild one from the listed objects).
+        .args(["--manifest", "false"])
         .args(["reconcile", "--repair", "--grace-ms", "0"])
         .output()
         .expect("run tierindex");
@@ -187,7 +194,8 @@ async fn lost_and_recreated_data_directory_deletes_nothing_of_the_old_one() {
     assert!(common::local_sealed_ids(&data).is_empty());
 
     // The disk is lost; a new data directory on the same stream starts
-    // from segment 1 again.
+    // from segment 1 again (single-writer mode does not move ids above the
+    // listed objects).
     std::fs::remove_dir_all(&data).unwrap();
     fill(&cfg, 10_000, ITEMS as u64 * 3).await;
     let all = objects(&store_dir);

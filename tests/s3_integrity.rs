@@ -233,6 +233,10 @@ async fn a_body_corrupted_in_flight_never_reaches_verified() {
         segment_items: 2000,
         slot_count: 64,
         tick_ms: 20,
+        // Single-writer mode, explicitly: this checks what the upload and
+        // its verification prove, on every server, Garage included (which
+        // refuses the default, the remote manifest).
+        manifest: false,
         ..Config::default()
     };
     let (ti, _) = TierIndex::open(cfg).await.unwrap();

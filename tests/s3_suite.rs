@@ -273,8 +273,149 @@ fn config(s: &S3, data: &Path, prefix: &str) -> Config {
         segment_items: 300,
         slot_count: 64,
         tick_ms: 20,
+        // The default (the remote manifest) where the server can fence;
+        // single-writer mode, explicitly, where it cannot (Garage refuses
+        // the default: `the_default_refuses_a_store_without_conditional_creates`).
+        manifest: s.honours_conditionals(),
         ..Config::default()
     }
+}
+
+/// Issue 11, the defaults are the safe mode: with `Config::default()` (the
+/// remote manifest on) a server that ignores conditional creates (Garage)
+/// is refused at open, by the library and by the binary, with a message
+/// that says why and how to choose single-writer mode; that mode, chosen
+/// explicitly, opens and drains. On a server that honours them, a second
+/// data directory on the same stream with default settings is refused at
+/// open, naming the holder and its lease, and the first one drains.
+#[tokio::test]
+async fn the_default_refuses_a_store_without_conditional_creates_or_a_second_writer() {
+    let s = s3();
+    let _g = SERVER.read().await;
+    let d = tempfile::tempdir().unwrap();
+    let prefix = unique("default");
+    let base = |dir: &Path| Config {
+        data_dir: dir.to_path_buf(),
+        store: Some(s.url(&prefix)),
+        endpoint: Some(s.endpoint.clone()),
+        allow_http: Some(true),
+        region: Some(s.region.clone()),
+        segment_items: 300,
+        slot_count: 64,
+        tick_ms: 20,
+        ..Config::default()
+    };
+    assert!(Config::default().manifest, "the manifest is the default");
+    let a = base(&d.path().join("a"));
+    let opened = TierIndex::open(a.clone()).await;
+    if !s.honours_conditionals() {
+        let msg = match opened {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!(
+                "{}: the default opened on a store that cannot fence",
+                s.kind
+            ),
+        };
+        for want in ["conditional creates", "manifest = false", "single-writer"] {
+            assert!(
+                msg.contains(want),
+                "{}: {want:?} missing from: {msg}",
+                s.kind
+            );
+        }
+        // The binary, with no config at all, says the same and fails.
+        let mut c = bin();
+        s.env(&mut c);
+        let out = c
+            .arg("--data-dir")
+            .arg(d.path().join("cli"))
+            .arg("--store")
+            .arg(s.url(&prefix))
+            .arg("--endpoint")
+            .arg(&s.endpoint)
+            .args(["demo", "--entries", "100"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", s.kind);
+        assert!(err.contains("--manifest false"), "{}: {err}", s.kind);
+        // Single-writer mode, chosen explicitly, opens and drains.
+        let (ti, _) = TierIndex::open(Config {
+            manifest: false,
+            ..a
+        })
+        .await
+        .unwrap();
+        for o in 0..700u64 {
+            ti.append(&(o % 13).to_le_bytes(), o, 10, 1_000 + o)
+                .unwrap();
+        }
+        ti.flush().unwrap();
+        let r = ti.shutdown(Duration::from_secs(60)).await;
+        assert!(r.fully_drained(), "{}: {r:?}", s.kind);
+        return;
+    }
+    let (ti, _) = opened.unwrap();
+    for o in 0..700u64 {
+        ti.append(&(o % 13).to_le_bytes(), o, 10, 1_000 + o)
+            .unwrap();
+    }
+    ti.flush().unwrap();
+    // Another data directory, same store and stream, default settings.
+    let b = base(&d.path().join("b"));
+    let msg = match TierIndex::open(b).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("{}: a second writer of a live stream was accepted", s.kind),
+    };
+    let holder = a.effective_owner_id().unwrap();
+    assert!(
+        msg.contains(&holder) && msg.contains("until"),
+        "{}: the refusal must name the holder {holder:?} and its lease: {msg}",
+        s.kind
+    );
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(r.fully_drained(), "{}: {r:?}", s.kind);
+}
+
+#[path = "scenarios/mod.rs"]
+mod scenarios;
+
+/// Issue 11's operator scenarios (`tests/scenarios`) on the real server
+/// with default settings: lost data directory, restored backup, two data
+/// directories on one stream; every acknowledged entry readable through
+/// `lookup --remote` with `--data-dir` only. Garage refuses the default
+/// (`the_default_refuses_a_store_without_conditional_creates_or_a_second_writer`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_scenarios_with_default_settings_lose_nothing() {
+    let s = s3();
+    if !s.honours_conditionals() {
+        eprintln!(
+            "not applicable: {} refuses the default (the remote manifest); asserted by \
+             the_default_refuses_a_store_without_conditional_creates_or_a_second_writer",
+            s.kind
+        );
+        return;
+    }
+    let _g = SERVER.read().await;
+    let target = |prefix: &str| scenarios::Target {
+        store_url: s.url(&unique(prefix)),
+        endpoint: Some(s.endpoint.clone()),
+        region: Some(s.region.clone()),
+        env: vec![
+            ("AWS_ACCESS_KEY_ID".into(), s.access.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), s.secret.clone()),
+            ("AWS_REGION".into(), s.region.clone()),
+        ],
+    };
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| {
+        let p = d.path().join(n);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    };
+    scenarios::lost_data_directory(&target("lost"), &p("lost")).await;
+    scenarios::restored_backup(&target("backup"), &p("backup")).await;
+    scenarios::two_directories(&target("two"), &p("two")).await;
 }
 
 #[tokio::test]
@@ -380,6 +521,10 @@ fn cli(s: &S3, data: &Path, prefix: &str) -> Command {
         .arg(s.url(prefix))
         .arg("--endpoint")
         .arg(&s.endpoint);
+    if !s.honours_conditionals() {
+        // Single-writer mode, explicitly (see `config`).
+        c.args(["--manifest", "false"]);
+    }
     c
 }
 

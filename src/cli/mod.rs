@@ -53,6 +53,13 @@ pub struct Cli {
     /// Stream name (part of every remote key).
     #[arg(long, global = true, env = "TIERINDEX_STREAM")]
     pub stream: Option<String>,
+    /// The remote manifest (ownership, lease, fencing of a second writer):
+    /// on by default. `--manifest false` is single-writer mode, an explicit
+    /// weaker choice (nothing fences a second writer of the stream; needed
+    /// on a store without conditional creates, e.g. Garage). Overrides the
+    /// config file's `manifest`.
+    #[arg(long, global = true, env = "TIERINDEX_MANIFEST", value_name = "BOOL")]
+    pub manifest: Option<bool>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -185,6 +192,9 @@ impl Cli {
         }
         if let Some(e) = &self.endpoint {
             c.endpoint = Some(e.clone());
+        }
+        if let Some(m) = self.manifest {
+            c.manifest = m;
         }
         let stream_given = self.stream.is_some() || c.stream != Config::default().stream;
         if let Some(s) = &self.stream {

@@ -334,7 +334,7 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
             }
         ));
         if !o.fenced_multi_writer_safe {
-            s.push_str("\n  WARNING: this store does not honour conditional creates: uploads read every object back to prove it is ours; it cannot fence a second writer (the manifest refuses this store unless allow_unconditional_store is set)");
+            s.push_str("\n  WARNING: this store does not honour conditional creates: uploads read every object back to prove it is ours; it cannot fence a second writer (the manifest, on by default, refuses this store: choose single-writer mode explicitly with manifest = false, which nothing fences)");
         }
         for n in &c.notes {
             s.push_str(&format!("\n  note: {n}"));

@@ -258,7 +258,30 @@ impl Shared {
                     epoch = w.epoch(),
                     "took ownership of the stream's manifest (it was pending since open)"
                 );
-                if let Some(max) = w.manifest().max_segment_id() {
+                // Above the manifest's ids and any object listed above
+                // them (another incarnation's uncommitted upload), as at
+                // open (`tier::listed_max_segment_id`). A failed listing
+                // keeps the manifest's (logged).
+                let known = w.manifest().max_segment_id();
+                let listed = match tokio::time::timeout(
+                    limit,
+                    self.store.max_listed_segment_id(&self.stream, known),
+                )
+                .await
+                {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not list the stream's segment objects: new ids continue above the manifest's only");
+                        known
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "listing the stream's segment objects timed out: new ids continue above the manifest's only"
+                        );
+                        known
+                    }
+                };
+                if let Some(max) = known.max(listed) {
                     let next = crate::segment::SegmentId(max.0.saturating_add(1));
                     let writer = self.writer.clone();
                     let raised = tokio::task::spawn_blocking(move || {

@@ -794,11 +794,16 @@ impl ManifestStore {
         if !caps.conditional_create {
             if !opts.allow_unconditional_store {
                 return Err(Error::Remote(format!(
-                    "store {} does not honour conditional creates (If-None-Match: *): a second \
-                     create overwrites, so two writers of stream {stream:?} could both publish \
-                     and fencing stale owners is impossible; refusing to manage the manifest. \
-                     Use a store that honours them (S3, MinIO, s3s-fs), or set \
-                     allow_unconditional_store if exactly one writer is guaranteed by other means",
+                    "store {} does not honour conditional creates (If-None-Match: *; its probe \
+                     saw a second create overwrite the first), so the remote manifest (on by \
+                     default) cannot fence a second writer of stream {stream:?}; refusing to \
+                     open. Either use a store that honours them (AWS S3, MinIO, Ceph RGW, \
+                     s3s-fs), or choose single-writer mode explicitly with `manifest = false` \
+                     in the config file or `--manifest false` on the command line (weaker: nothing detects or fences a second writer of \
+                     the stream; only where exactly one writer is guaranteed by other means; \
+                     see docs/crash-safety.md \"Single-writer mode\"). \
+                     allow_unconditional_store = true keeps the manifest on such a store \
+                     without fencing, under the same condition",
                     store.display_url()
                 )));
             }
@@ -878,9 +883,9 @@ impl ManifestStore {
     pub async fn take_ownership(&self, owner_id: &str, ttl: Duration) -> Result<ManifestWriter> {
         lease::validate_owner(owner_id)?;
         if let Err(e) = lease::check_ttl(ttl, &self.inner.opts.retry) {
-            // Logged, not refused (yet): the shipped defaults (30 s against
-            // 5 x 60 s requests) fail this check; a refusal needs new
-            // defaults in config.rs first.
+            // Logged, not refused: `Config::manifest_options` shortens
+            // manifest requests to fit the lease, so only a TTL too short
+            // for even 1 s requests (or hand-built options) gets here.
             tracing::warn!(stream = self.stream(), "{e}");
         }
         for _ in 0..self.inner.opts.max_conflicts {

@@ -374,6 +374,38 @@ impl RemoteStore {
         keys::segments_prefix(&self.prefix, stream)
     }
 
+    /// The highest of `from` and the segment ids of the objects listed under
+    /// `stream`'s segments folder (keys of another shape are skipped);
+    /// `None` when both are empty. The listing starts at `from`'s key: keys sort by their
+    /// zero-padded id, so only objects at or above `from` are listed (with
+    /// `from` the highest id already known, usually none). A new or
+    /// re-created data directory continues its ids above this, so it never
+    /// reuses an id another incarnation of the stream uploaded but did not
+    /// commit (issue 11). One LIST (paged), no retries: the caller bounds it.
+    pub async fn max_listed_segment_id(
+        &self,
+        stream: &str,
+        from: Option<SegmentId>,
+    ) -> Result<Option<SegmentId>> {
+        use futures::StreamExt as _;
+        let prefix = self.segments_prefix(stream)?;
+        let mut list = match from {
+            Some(id) => {
+                let offset = prefix.clone().join(format!("{:020}", id.0));
+                self.store.list_with_offset(Some(&prefix), &offset)
+            }
+            None => self.store.list(Some(&prefix)),
+        };
+        let mut max = from;
+        while let Some(item) = list.next().await {
+            let meta = item.map_err(classify)?;
+            if let Some((id, _)) = self.parse_segment_key(&meta.location) {
+                max = max.max(Some(id));
+            }
+        }
+        Ok(max)
+    }
+
     /// The incomplete multipart uploads whose key lies under `prefix` (a
     /// folder: `a/b` matches `a/b/c`, not `a/bc`). `s3://` sends
     /// ListMultipartUploads ([`s3_uploads`], paged and retried); `file://`

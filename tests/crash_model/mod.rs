@@ -69,7 +69,7 @@ pub struct Rig {
     pub data: PathBuf,
     pub store: PathBuf,
     pub cfg: PathBuf,
-    /// `manifest = true` in the config.
+    /// `manifest = true` in the config (else `manifest = false`, explicitly).
     pub manifest: bool,
 }
 
@@ -108,7 +108,10 @@ impl Rig {
                     "manifest = true\nallow_unconditional_store = true\n\
                      owner_id = \"crash-owner\"\n"
                 } else {
-                    ""
+                    // Single-writer mode, explicitly: the journal-only
+                    // campaign (the default, the manifest, is the other
+                    // variant).
+                    "manifest = false\n"
                 }
             ),
         )
