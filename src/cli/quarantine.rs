@@ -24,11 +24,11 @@ use serde::Serialize;
 
 use crate::cli::{Cli, emit};
 use crate::datadir::{self, DataDir, QuarantineRecord, RECORD_SUFFIX};
+use crate::durable::fsync_dir;
 use crate::error::{Error, Result};
 use crate::journal::{Journal, SegmentState};
 use crate::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR};
 use crate::segment::format;
-use crate::segment::sealed::fsync_dir;
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum QuarantineAction {
