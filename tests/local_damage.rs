@@ -499,6 +499,27 @@ fn the_cli_tells_the_truth_about_pending_and_lost_entries() {
     assert!(text.contains("still fails the full check"), "{text}");
 }
 
+/// The offline `lookup` (no broker running) reads an active file as
+/// `drain` would salvage it: an item after a damaged span is found, and the
+/// damage is named.
+#[test]
+fn an_offline_lookup_finds_items_after_a_damaged_span() {
+    let w = World::new();
+    build(&w, 0, 250, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+    // Items 100..=101 (maybe 102) damaged: none of them has key residue 7.
+    xor(&active, l.item_offset(100) as u64 + 7, 64, 0x5a);
+    let (code, text) = cli(&w, &["lookup", "k7"]);
+    assert_eq!(code, 0, "{text}");
+    let want = (0..250u64).filter(|o| o % KEYS == 7).count();
+    assert_eq!(want, 23);
+    assert!(text.contains(&format!("{want} hit(s)")), "{text}");
+    assert!(text.contains("offset 249 "), "{text}");
+    assert!(text.contains("salvaged by item"), "{text}");
+}
+
 /// Random damage at random offsets of the active and sealed files, across
 /// seeds, against the model of acknowledged entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
