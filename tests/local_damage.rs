@@ -448,6 +448,70 @@ async fn a_foreign_sealed_file_is_quarantined_at_once_not_retried() {
     let _ = ti.shutdown(Duration::from_secs(10)).await;
 }
 
+/// `quarantine retry` takes a journal-Quarantined segment out once the
+/// cause is gone: the foreign file that got it quarantined is refused, the
+/// segment id is refused while its file is missing, and once the right file
+/// is back the retry journals `Requeued` and the next drain uploads it.
+#[test]
+fn quarantine_retry_requeues_a_segment_once_its_file_is_right_again() {
+    let w = World::new();
+    build(&w, 600, 0, true);
+    let (_, sealed) = files(&w);
+    let victim = sealed[0].clone();
+    let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let id: u64 = name.trim_end_matches(".seg").parse().unwrap();
+    let original = std::fs::read(&victim).unwrap();
+    let other: Vec<Entry> = (0..300).map(|o| entry(10_000 + o)).collect();
+    let (bytes, _) = build_sealed(SegmentId(id), 1, 2, SLOTS, &other).unwrap();
+    std::fs::write(&victim, &bytes).unwrap();
+    let (code, text) = cli(&w, &["drain", "--deadline", "30s"]);
+    assert_eq!(code, 4, "{text}");
+    let journal_state = || {
+        let (view, _) = Journal::open_read_only(&w.data).unwrap();
+        view.get(SegmentId(id)).unwrap().state
+    };
+    assert_eq!(
+        journal_state(),
+        tierindex::journal::SegmentState::Quarantined
+    );
+    // The foreign file is not the segment's: refused.
+    let foreign = w
+        .quarantine_files()
+        .into_iter()
+        .find(|f| f.starts_with(&name) && !f.ends_with(".why.json"))
+        .expect("the foreign file is in quarantine");
+    let (code, text) = cli(&w, &["quarantine", "retry", &foreign]);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("other content"), "{text}");
+    // By segment id, with no file in place: refused.
+    let (code, text) = cli(&w, &["quarantine", "retry", &id.to_string()]);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("is not there"), "{text}");
+    assert_eq!(
+        journal_state(),
+        tierindex::journal::SegmentState::Quarantined
+    );
+    // The operator puts the right file back: requeued, then uploaded.
+    std::fs::write(&victim, &original).unwrap();
+    let (code, text) = cli(&w, &["quarantine", "retry", &id.to_string()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("requeued"), "{text}");
+    assert_eq!(journal_state(), tierindex::journal::SegmentState::Sealed);
+    let (code, text) = cli(&w, &["drain", "--deadline", "30s"]);
+    assert_eq!(code, 0, "{text}");
+    let st = journal_state();
+    assert!(
+        matches!(
+            st,
+            tierindex::journal::SegmentState::Committed
+                | tierindex::journal::SegmentState::Released
+        ),
+        "{st:?}"
+    );
+    let (code, text) = cli(&w, &["status"]);
+    assert_eq!(code, 0, "{text}");
+}
+
 fn cli(w: &World, args: &[&str]) -> (i32, String) {
     let out = Command::new(BIN)
         .env_clear()

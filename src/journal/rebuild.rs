@@ -183,6 +183,8 @@ fn apply_forward(cur: &mut SegmentRecord, rec: &Record) -> Applied {
         Record::Committed { .. } => S::Committed,
         Record::Released { .. } => S::Released,
         Record::Quarantined { .. } => S::Quarantined,
+        // Only ever legal from Quarantined (handled above).
+        Record::Requeued { .. } => return Applied::Dropped,
     };
     if rank(target) < rank(cur.state) {
         return Applied::Dropped;
