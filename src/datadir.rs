@@ -34,10 +34,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::durable::{fsync_dir, fsync_path};
 use crate::error::{Error, Result};
 use crate::segment::active::{self, ActiveRecovery, ActiveSegment};
 use crate::segment::salvage::{self, Geometry, LostSpan};
-use crate::segment::sealed::{PACKED_ENTRY_LEN, SealedSegment, fsync_dir, write_sealed_streaming};
+use crate::segment::sealed::{PACKED_ENTRY_LEN, SealedSegment, write_sealed_streaming};
 use crate::segment::{SegmentId, now_ms};
 
 pub const SEGMENTS_DIR: &str = "segments";
@@ -206,9 +207,7 @@ pub fn write_record(moved: &Path, rec: &QuarantineRecord) -> Result<()> {
     let body = serde_json::to_vec_pretty(rec)
         .map_err(|e| Error::InvalidInput(format!("encode quarantine record: {e}")))?;
     fs::write(&p, body).map_err(|e| Error::io(&p, "write quarantine record", e))?;
-    File::open(&p)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", p.display())))?;
+    fsync_path(&p)?;
     if let Some(dir) = p.parent() {
         fsync_dir(dir)?;
     }
@@ -674,8 +673,10 @@ pub fn recover_checking(
                     continue;
                 }
                 let checked = match mode {
-                    Mode::Repair => ActiveSegment::open(path, Some(&dir.quarantine_dir()))
-                        .map(|(s, r)| (Some(s), r)),
+                    Mode::Repair => {
+                        ActiveSegment::open_within(path, Some(&dir.quarantine_dir()), geometry)
+                            .map(|(s, r)| (Some(s), r))
+                    }
                     Mode::CheckOnly => active::check_active(path).and_then(|(hid, r)| {
                         if hid == *id {
                             Ok((None, r))
@@ -817,7 +818,7 @@ pub fn recover_checking(
 /// Read an active file whole, refusing one longer than its header (or,
 /// the header unreadable, the configured geometry) implies: nothing is
 /// read or allocated by a size the bytes themselves claim.
-fn read_bounded_active(path: &Path, geometry: Option<Geometry>) -> Result<Vec<u8>> {
+pub(crate) fn read_bounded_active(path: &Path, geometry: Option<Geometry>) -> Result<Vec<u8>> {
     use crate::segment::format::{ACTIVE_ITEM_LEN, ACTIVE_MAGIC, ActiveLayout, HEADER_LEN, Header};
     use std::os::unix::fs::FileExt;
     let f = File::open(path).map_err(|e| Error::io(path, "open active segment", e))?;
@@ -1107,9 +1108,7 @@ fn copy_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
         dst = qdir.join(format!("{name}.{}.{n}", now_ms()));
     }
     fs::copy(path, &dst).map_err(|e| Error::io(&dst, "copy damaged file to quarantine", e))?;
-    File::open(&dst)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", dst.display())))?;
+    fsync_path(&dst)?;
     fsync_dir(&qdir)?;
     Ok(dst)
 }

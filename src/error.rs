@@ -82,6 +82,14 @@ pub enum Error {
     /// An operation did not finish before its deadline.
     #[error("deadline exceeded: {0}")]
     Deadline(String),
+
+    /// A background thread or task this process relies on is gone (it
+    /// panicked or was cancelled: a bug, not a disk failure). Nothing more
+    /// is acknowledged through it; restart to recover what was durable.
+    /// Distinct from [`Error::Poisoned`], which means a durability step
+    /// failed.
+    #[error("internal failure: {0}; restart to recover what was durable")]
+    Internal(String),
 }
 
 impl Error {

@@ -35,6 +35,8 @@ pub const POINTS: &[&str] = &[
     "active.append",
     "active.msync",
     "active.msync.after",
+    "active.remove_empty",
+    "active.remove_empty.dirsync",
     // Sealing (src/segment/sealed.rs, src/index.rs)
     "seal.write",
     "seal.fsync",
@@ -58,6 +60,8 @@ pub const POINTS: &[&str] = &[
     "verify.after",
     "commit",
     "release",
+    "release.unlink",
+    "release.dirsync",
     "release.after",
     // Manifest (src/remote/manifest.rs; reached only with `manifest = true`,
     // see MANIFEST_POINTS)
@@ -71,6 +75,19 @@ pub const MANIFEST_POINTS: &[&str] = &[
     "manifest.publish",
     "manifest.publish.after",
     "manifest.trim",
+];
+
+/// Points the crash harness's demo workload does not reliably reach (an
+/// empty active segment is removed only when ids are raised or at close; a
+/// release may happen only in the shutdown drain). A crash there is the
+/// crash at the neighbouring point (`release`, `release.after`,
+/// `seal.remove_active*`); their error paths are exercised by
+/// `tests/poison_paths.rs`.
+pub const ERROR_ONLY_POINTS: &[&str] = &[
+    "active.remove_empty",
+    "active.remove_empty.dirsync",
+    "release.unlink",
+    "release.dirsync",
 ];
 
 /// A point that can only crash (no I/O happens there to fail).

@@ -183,7 +183,7 @@ impl Identity {
             .map_err(|e| Error::io(&tmp, "write identity", e))?;
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "install identity", e))?;
         // IMPORTANT: the rename is durable only once the directory is synced.
-        crate::segment::sealed::fsync_dir(data_dir)
+        crate::durable::fsync_dir(data_dir)
     }
 }
 

@@ -22,10 +22,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::datadir::{self, DataDir, Mode, RecoveryReport};
+use crate::durable::fsync_dir_at;
 use crate::error::{Error, Result};
 use crate::segment::active::{ActiveSegment, Lookup};
 use crate::segment::format::ACTIVE_ITEM_LEN;
-use crate::segment::sealed::{SealedSegment, fsync_dir, sealed_file_name, write_sealed_streaming};
+use crate::segment::sealed::{SealedSegment, sealed_file_name, write_sealed_streaming};
 use crate::segment::{Entry, SealedMeta, SegmentId, TimeRange, now_ms};
 
 /// How segments are shaped and when they roll.
@@ -110,13 +111,7 @@ pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
     crate::failpoint::hit("seal.remove_active")
         .and_then(|()| fs::remove_file(seg.path()))
         .map_err(|e| Error::io(seg.path(), "remove sealed source", e))?;
-    crate::failpoint::hit("seal.remove_active.dirsync").map_err(|e| {
-        Error::Poisoned(format!(
-            "fsync of directory {} failed: {e}",
-            seg_dir.display()
-        ))
-    })?;
-    fsync_dir(seg_dir)?;
+    fsync_dir_at("seal.remove_active.dirsync", seg_dir)?;
     Ok(meta)
 }
 
@@ -516,20 +511,25 @@ impl IndexWriter {
     /// Delete the local copy of a sealed segment (after it is verified
     /// remotely: the caller's responsibility, checked by the pipeline).
     ///
-    /// A failed directory fsync poisons the writer like every other failed
-    /// sync: a retry would find the file gone and succeed without ever
-    /// making the unlink durable. An already missing file still gets the
-    /// directory fsync (an earlier unlink may not be durable yet).
+    /// A failed unlink or directory fsync poisons the writer like every
+    /// other failed persist step: a retry would find the file gone and
+    /// succeed without ever making the unlink durable, and the writer no
+    /// longer knows what the directory holds. An already missing file still
+    /// gets the directory fsync (an earlier unlink may not be durable yet).
     pub fn release(&mut self, id: SegmentId) -> Result<()> {
         self.poison.check()?;
         self.sealed.remove(&id);
         let path = self.seg_dir.join(sealed_file_name(id));
-        match fs::remove_file(&path) {
+        match crate::failpoint::hit("release.unlink").and_then(|()| fs::remove_file(&path)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&path, "release local segment", e)),
+            Err(e) => {
+                let why = format!("release of local segment {} failed: {e}", path.display());
+                self.poison.set(why.clone());
+                return Err(Error::Poisoned(why));
+            }
         }
-        fsync_dir(&self.seg_dir).inspect_err(|e| self.poison_on_sync(e))
+        fsync_dir_at("release.dirsync", &self.seg_dir).inspect_err(|e| self.poison_on_sync(e))
     }
 
     /// Move a local sealed file that must not be uploaded (it does not
@@ -628,12 +628,23 @@ impl Drop for IndexWriter {
     }
 }
 
+/// Remove an empty active segment durably. Any failure is
+/// [`Error::Poisoned`] (the callers poison the writer): after a failed
+/// unlink the writer no longer knows what the directory holds, and a failed
+/// directory fsync is never retried.
 fn remove_empty(seg_dir: &Path, seg: ActiveSegment) -> Result<()> {
     debug_assert!(seg.is_empty());
     let path = seg.path().to_path_buf();
     drop(seg);
-    fs::remove_file(&path).map_err(|e| Error::io(&path, "remove empty active segment", e))?;
-    fsync_dir(seg_dir)
+    crate::failpoint::hit("active.remove_empty")
+        .and_then(|()| fs::remove_file(&path))
+        .map_err(|e| {
+            Error::Poisoned(format!(
+                "removing empty active segment {} failed: {e}",
+                path.display()
+            ))
+        })?;
+    fsync_dir_at("active.remove_empty.dirsync", seg_dir)
 }
 
 #[cfg(test)]

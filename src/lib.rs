@@ -38,6 +38,7 @@
 pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod durable;
 pub mod error;
 pub mod failpoint;
 pub mod identity;

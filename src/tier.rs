@@ -29,6 +29,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 use crate::datadir::{DataDir, LossNote, RecoveryReport};
+use crate::durable::{fsync_dir, fsync_path};
 use crate::error::{Error, Result};
 use crate::index::IndexWriter;
 use crate::journal::{Journal, JournalOptions, ReplayReport, SegmentState};
@@ -39,7 +40,6 @@ use crate::remote::fetch::{Fetcher, RemoteSegment};
 use crate::remote::lease::{Clock, SystemClock};
 use crate::remote::manifest::{DamageNote, ManifestStore, ManifestWriter, SegmentEntry};
 use crate::segment::active::Lookup;
-use crate::segment::sealed::fsync_dir;
 use crate::segment::{Entry, TimeRange, now_ms};
 
 /// Present in the data directory only after a shutdown that left nothing
@@ -1014,9 +1014,7 @@ fn write_clean_marker(dir: &Path) -> Result<()> {
     let p = dir.join(CLEAN_SHUTDOWN_MARKER);
     std::fs::write(&p, format!("clean shutdown at {}\n", now_ms()))
         .map_err(|e| Error::io(&p, "write clean-shutdown marker", e))?;
-    std::fs::File::open(&p)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", p.display())))?;
+    fsync_path(&p)?;
     fsync_dir(dir)
 }
 

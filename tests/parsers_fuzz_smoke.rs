@@ -671,3 +671,217 @@ fn active_header_claiming_huge_sizes_is_not_allocated() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Many seeds of headers and footers claiming hostile sizes (up to and past
+/// `MAX_SLOTS` / `MAX_ITEMS`, `u32::MAX`, offsets and lengths that disagree
+/// with the file), CRC-valid so they reach the size checks, on files of
+/// random short lengths. Every opener (`ActiveSegment::open_within` with a
+/// configured geometry, `ActiveSegment::open` where the claim is small,
+/// `check_active`, `read_entries`, `salvage::scan_active`,
+/// `SealedSegment::open` / `open_light`, `salvage::salvage_sealed`) must
+/// return a clear error or a bounded result, never panic, abort or run out
+/// of memory: the cases run in a child process (this test binary again)
+/// whose address space is capped at 256 MiB, so an allocation or mapping
+/// sized by a claim (a slot table of `MAX_SLOTS` is 256 MiB) kills the child
+/// and fails this test.
+///
+/// `TIERINDEX_FUZZ_SMOKE_SEED` / `_SCALE` as for the other targets (the
+/// default is 3,000 cases).
+#[test]
+fn hostile_header_sizes_are_refused_under_an_address_space_limit() {
+    const CHILD: &str = "TIERINDEX_FUZZ_SMOKE_HOSTILE_DIR";
+    if let Ok(dir) = std::env::var(CHILD) {
+        let cap = 256u64 << 20;
+        let lim = libc::rlimit {
+            rlim_cur: cap,
+            rlim_max: cap,
+        };
+        // SAFETY: plain syscall with a valid pointer to an owned struct.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
+        let (opened, refused) = hostile_cases(Path::new(&dir), scale(3_000));
+        println!("hostile-sizes: opened={opened} refused={refused}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "hostile_header_sizes_are_refused_under_an_address_space_limit",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "hostile sizes under a 256 MiB address-space limit: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // libtest may print its "test NAME ... " on the same line.
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("hostile-sizes:").map(|i| &l[i..]))
+        .expect("the child reports its counts");
+    eprintln!("{line}");
+    // Both outcomes must really occur, or the generator tests nothing.
+    let n = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(n("opened=") > 0 && n("refused=") > 0, "{line}");
+}
+
+/// A clear refusal: a corrupt, unsupported or invalid structure (an I/O
+/// error only where the disk itself answered one).
+fn refusal(what: &str, e: &tierindex::Error) {
+    use tierindex::Error as E;
+    assert!(
+        matches!(
+            e,
+            E::Corrupt { .. } | E::Unsupported(_) | E::InvalidInput(_) | E::Io { .. }
+        ),
+        "{what}: unexpected error kind {e:?}"
+    );
+    assert!(!e.to_string().is_empty());
+}
+
+fn hostile_u32(rng: &mut fastrand::Rng, max: u32) -> u32 {
+    match rng.u8(..8) {
+        0 => 0,
+        1 => 1,
+        2 => rng.u32(1..=300),
+        3 => max,
+        4 => max.saturating_add(1),
+        5 => u32::MAX,
+        _ => rng.u32(..=max),
+    }
+}
+
+/// Runs `n` hostile cases in `dir`; returns (opened, refused).
+fn hostile_cases(dir: &Path, n: usize) -> (u64, u64) {
+    use tierindex::segment::salvage::{self, Geometry};
+    use tierindex::segment::sealed::SealedSegment;
+    let geometry = Geometry {
+        slot_count: 64,
+        item_capacity: 300,
+    };
+    let geo_len = format::ActiveLayout::new(64, 300).unwrap().file_len;
+    let quarantine = dir.join("quarantine");
+    std::fs::create_dir_all(&quarantine).unwrap();
+    let mut rng = fastrand::Rng::with_seed(seed() ^ 0x405_7113);
+    let (mut opened, mut refused) = (0u64, 0u64);
+    let mut tally = |r: Result<(), tierindex::Error>, what: &str| match r {
+        Ok(()) => opened += 1,
+        Err(e) => {
+            refusal(what, &e);
+            refused += 1;
+        }
+    };
+    for case in 0..n {
+        let what = format!("case {case} (seed {})", seed());
+        // --- active: a CRC-valid header with hostile counts ---------------
+        let id = SegmentId(rng.u64(..1_000));
+        let h = Header {
+            magic: ACTIVE_MAGIC,
+            version: format::FORMAT_VERSION,
+            item_len: ACTIVE_ITEM_LEN as u32,
+            segment_id: id,
+            created_ms: rng.u64(..),
+            slot_count: hostile_u32(&mut rng, format::MAX_SLOTS),
+            items: hostile_u32(&mut rng, format::MAX_ITEMS),
+        };
+        let mut file = h.encode().to_vec();
+        let len = match rng.u8(..4) {
+            0 => 64,
+            1 => rng.usize(64..=3 * format::PAGE),
+            2 => geo_len as usize,
+            _ => rng.usize(64..=64 * 1024),
+        };
+        file.resize(len, 0);
+        if rng.bool() {
+            let from = rng.usize(64..=len);
+            rng.fill(&mut file[from..]);
+        }
+        let path = dir.join(format!("{id}.active"));
+        std::fs::write(&path, &file).unwrap();
+        tally(active::check_active(&path).map(|_| ()), &what);
+        tally(active::read_entries(&path).map(|_| ()), &what);
+        tally(
+            salvage::scan_active(&file, id, Some(geometry)).map(|_| ()),
+            &what,
+        );
+        let claimed = format::ActiveLayout::new(h.slot_count, h.items)
+            .map(|l| l.file_len)
+            .unwrap_or(0);
+        let r = ActiveSegment::open_within(&path, Some(&quarantine), Some(geometry)).map(|_| ());
+        let after = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            after <= (len as u64).max(geo_len),
+            "{what}: open_within grew the file to {after} bytes (claimed {claimed})"
+        );
+        tally(r, &what);
+        // Without a geometry `open` may re-extend by up to 1 GiB of disk:
+        // only small claims here (the bound itself is checked above).
+        if claimed <= len as u64 + (8 << 20) {
+            std::fs::write(&path, &file).unwrap();
+            tally(
+                ActiveSegment::open(&path, Some(&quarantine)).map(|_| ()),
+                &what,
+            );
+        }
+        std::fs::remove_file(&path).unwrap();
+        for q in std::fs::read_dir(&quarantine).unwrap() {
+            let _ = std::fs::remove_file(q.unwrap().path());
+        }
+
+        // --- sealed: a valid file whose footer/header claim other sizes ---
+        let k = rng.usize(..=40);
+        let entries = random_entries(&mut rng, k);
+        let (mut bytes, _) =
+            build_sealed(id, rng.u64(..), rng.u64(..), rng.u32(1..=64), &entries).unwrap();
+        let flen = bytes.len();
+        let mut f = Footer::decode(&bytes[flen - FOOTER_LEN..]).unwrap();
+        match rng.u8(..6) {
+            0 => f.slot_count = hostile_u32(&mut rng, format::MAX_SLOTS),
+            1 => f.item_count = u64::from(hostile_u32(&mut rng, format::MAX_ITEMS)),
+            2 => f.file_len = rng.u64(..),
+            3 => f.dir_offset = rng.u64(..),
+            4 => f.items_offset = rng.u64(..),
+            _ => {
+                // Counts and offsets consistent with each other, all huge.
+                f.slot_count = hostile_u32(&mut rng, format::MAX_SLOTS).max(1);
+                f.item_count = u64::from(hostile_u32(&mut rng, format::MAX_ITEMS));
+                let l = format::SealedLayout::new(
+                    f.slot_count,
+                    u32::try_from(f.item_count).unwrap_or(u32::MAX),
+                );
+                f.file_len = l.file_len;
+                f.dir_offset = l.dir_offset;
+                f.items_offset = l.items_offset;
+            }
+        }
+        bytes[flen - FOOTER_LEN..].copy_from_slice(&f.encode());
+        if rng.u8(..3) == 0 {
+            let mut hh = Header::decode(&bytes, SEALED_MAGIC, SEALED_ITEM_LEN)
+                .expect("build_sealed writes a valid header");
+            hh.slot_count = hostile_u32(&mut rng, format::MAX_SLOTS);
+            hh.items = hostile_u32(&mut rng, format::MAX_ITEMS);
+            bytes[..format::HEADER_LEN].copy_from_slice(&hh.encode());
+        }
+        if rng.u8(..4) == 0 {
+            bytes.truncate(rng.usize(..=flen));
+        }
+        let p = dir.join(format!("{id}.seg"));
+        std::fs::write(&p, &bytes).unwrap();
+        tally(SealedSegment::open(&p).map(|_| ()), &what);
+        tally(SealedSegment::open_light(&p).map(|_| ()), &what);
+        tally(salvage::salvage_sealed(&bytes, id).map(|_| ()), &what);
+        std::fs::remove_file(&p).unwrap();
+    }
+    (opened, refused)
+}

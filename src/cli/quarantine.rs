@@ -12,9 +12,12 @@
 //! says, no file of that segment is there, and the journal either does not
 //! know the segment or records exactly this file in a state that still
 //! uploads. The next start (`drain`, or the broker) takes it from there.
-//! A segment the journal marks `Quarantined` cannot re-enter the pipeline
-//! from here: the journal has no transition out of `Quarantined` (its
-//! record stays the resume point); `retry` says so and exits 4.
+//! A segment the journal marks `Quarantined` (`retry SEGMENT_ID`, or
+//! `retry FILE` of its moved file) re-enters the pipeline when its local
+//! sealed file, in `segments/` or moved back from `quarantine/`, passes the
+//! full check and matches its journal `Sealed` record exactly: `retry`
+//! journals `Requeued` (Quarantined -> Sealed), and the next drain uploads
+//! it with a new attempt. Otherwise it says why and exits 4.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,11 +27,11 @@ use serde::Serialize;
 
 use crate::cli::{Cli, emit};
 use crate::datadir::{self, DataDir, QuarantineRecord, RECORD_SUFFIX};
+use crate::durable::fsync_dir;
 use crate::error::{Error, Result};
 use crate::journal::{Journal, SegmentState};
 use crate::lifecycle::{EXIT_DRAINED, EXIT_NEEDS_OPERATOR};
 use crate::segment::format;
-use crate::segment::sealed::fsync_dir;
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum QuarantineAction {
@@ -139,16 +142,44 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
     if id.contains('/') || !src.is_file() {
         if let Ok((view, _)) = Journal::open_read_only(root)
             && let Ok(n) = id.parse::<u64>()
-            && view
+            && let Some(r) = view
                 .get(crate::segment::SegmentId(n))
-                .is_some_and(|r| r.state == SegmentState::Quarantined)
+                .filter(|r| r.state == SegmentState::Quarantined)
         {
-            return refuse(
-                cli,
-                id,
-                "the journal marks this segment Quarantined and has no transition out of it; \
-                 its entries stay where the reason says (local file or store) for an operator",
-            );
+            let local = dd
+                .segments_dir()
+                .join(crate::segment::sealed::sealed_file_name(r.meta.id));
+            let bytes = match fs::read(&local) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return refuse(
+                        cli,
+                        id,
+                        &format!(
+                            "the journal marks this segment Quarantined and {} is not there; \
+                             retry its file from `quarantine list` if it was moved",
+                            local.display()
+                        ),
+                    );
+                }
+                Err(e) => return Err(Error::io(&local, "read sealed segment", e)),
+            };
+            let (footer, sums) = match format::check_sealed(&bytes) {
+                Ok(v) => v,
+                Err(e) => return refuse(cli, id, &format!("still fails the full check: {e}")),
+            };
+            if footer.meta(sums) != r.meta {
+                return refuse(
+                    cli,
+                    id,
+                    "the journal records other content for this segment (not the file it sealed)",
+                );
+            }
+            requeue(root, r.meta.id)?;
+            emit(cli.json, &local.display().to_string(), |d| {
+                format!("requeued {d} (journal: Quarantined -> Sealed); the next drain uploads it")
+            });
+            return Ok(EXIT_DRAINED);
         }
         return Err(Error::InvalidInput(format!(
             "no quarantined file {id:?} (see `tierindex quarantine list`)"
@@ -195,6 +226,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
             ),
         );
     }
+    let mut requeue_it = false;
     match Journal::open_read_only(root) {
         Ok((view, _)) => {
             if let Some(r) = view.get(footer.segment_id) {
@@ -205,13 +237,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
                         "the journal records other content for this segment (not the file it sealed)",
                     );
                 }
-                if r.state == SegmentState::Quarantined {
-                    return refuse(
-                        cli,
-                        id,
-                        "the journal marks this segment Quarantined and has no transition out of it",
-                    );
-                }
+                requeue_it = r.state == SegmentState::Quarantined;
             }
         }
         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
@@ -224,10 +250,33 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
     rec.push(RECORD_SUFFIX);
     let _ = fs::remove_file(PathBuf::from(rec));
     fsync_dir(&dd.quarantine_dir())?;
+    if requeue_it {
+        // After the move: a crash in between leaves the file in place and
+        // the segment Quarantined, which `retry SEGMENT_ID` requeues.
+        requeue(root, footer.segment_id)?;
+        emit(cli.json, &dst.display().to_string(), |d| {
+            format!(
+                "restored {d} and requeued it (journal: Quarantined -> Sealed); the next drain uploads it"
+            )
+        });
+        return Ok(EXIT_DRAINED);
+    }
     emit(cli.json, &dst.display().to_string(), |d| {
         format!("restored {d}; the next start (drain or the broker) journals and uploads it")
     });
     Ok(EXIT_DRAINED)
+}
+
+/// Journal `Requeued` for a Quarantined segment whose local file was found
+/// intact and matching (durable before this returns).
+fn requeue(root: &Path, id: crate::segment::SegmentId) -> Result<()> {
+    let (mut j, _) = Journal::open(root, crate::journal::JournalOptions::default())?;
+    j.append(&[crate::journal::Record::Requeued {
+        id,
+        reason: "quarantine retry: the local file passes the full check and matches its \
+                 journal record"
+            .into(),
+    }])
 }
 
 fn refuse(cli: &Cli, id: &str, why: &str) -> Result<i32> {

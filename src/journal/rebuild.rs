@@ -183,6 +183,8 @@ fn apply_forward(cur: &mut SegmentRecord, rec: &Record) -> Applied {
         Record::Committed { .. } => S::Committed,
         Record::Released { .. } => S::Released,
         Record::Quarantined { .. } => S::Quarantined,
+        // Only ever legal from Quarantined (handled above).
+        Record::Requeued { .. } => return Applied::Dropped,
     };
     if rank(target) < rank(cur.state) {
         return Applied::Dropped;
@@ -416,9 +418,8 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
     // Keep the old file before anything replaces it.
     if let Some(bytes) = &old {
         let copy = dir.join(format!("journal.log.damaged.{}", crate::segment::now_ms()));
-        fs::write(&copy, bytes)
-            .and_then(|()| fs::File::open(&copy)?.sync_all())
-            .map_err(|e| Error::io(&copy, "keep the damaged journal", e))?;
+        fs::write(&copy, bytes).map_err(|e| Error::io(&copy, "keep the damaged journal", e))?;
+        crate::durable::fsync_path(&copy)?;
         sync_dir(&dir)?;
         report.damaged_copy = Some(copy);
     }

@@ -15,6 +15,8 @@
 //!              +---+  MultipartAborted (Uploading stays Uploading, multipart id cleared)
 //!
 //! any state except Released (and Quarantined itself) --> Quarantined
+//! Quarantined --> Sealed  (Requeued: an operator's `quarantine retry`
+//!                          found the cause gone; record version 2)
 //! ```
 
 use std::collections::BTreeMap;
@@ -39,7 +41,8 @@ pub enum SegmentState {
     Committed,
     /// The local copy may be deleted. Terminal; dropped by compaction.
     Released,
-    /// Set aside for an operator. Terminal; kept by compaction.
+    /// Set aside for an operator; kept by compaction. Left only by
+    /// [`Record::Requeued`] (`tierindex quarantine retry`).
     Quarantined,
 }
 
@@ -92,6 +95,15 @@ pub enum Record {
         id: SegmentId,
         reason: String,
     },
+    /// An operator's `quarantine retry` re-checked a Quarantined segment
+    /// (its local file passes the full check and matches its `Sealed`
+    /// record): back to Sealed, uploaded again by the next drain with an
+    /// attempt above every earlier one. Written in record version 2 frames
+    /// only (an older build refuses such a frame as newer, as for any).
+    Requeued {
+        id: SegmentId,
+        reason: String,
+    },
 }
 
 impl Record {
@@ -105,7 +117,8 @@ impl Record {
             | Record::Verified { id }
             | Record::Committed { id }
             | Record::Released { id }
-            | Record::Quarantined { id, .. } => *id,
+            | Record::Quarantined { id, .. }
+            | Record::Requeued { id, .. } => *id,
         }
     }
 
@@ -120,6 +133,7 @@ impl Record {
             Record::Committed { .. } => "Committed",
             Record::Released { .. } => "Released",
             Record::Quarantined { .. } => "Quarantined",
+            Record::Requeued { .. } => "Requeued",
         }
     }
 }
@@ -434,6 +448,18 @@ fn transition(
             next.state = S::Quarantined;
             next.reason = Some(reason.clone());
         }
+        Record::Requeued { .. } => {
+            if cur.state != S::Quarantined {
+                return Err(illegal());
+            }
+            // The attempt counter is kept: the next upload's attempt grows
+            // past every earlier one.
+            next.state = S::Sealed;
+            next.reason = None;
+            next.multipart_id = None;
+            next.etag = None;
+            next.version = None;
+        }
     }
     Ok(next)
 }
@@ -595,6 +621,45 @@ pub(crate) mod tests {
         }
         assert!(rejected(&at(S::Released), std::slice::from_ref(&q)));
         assert!(rejected(&at(S::Quarantined), &[q]));
+    }
+
+    #[test]
+    fn requeued_leaves_quarantined_only_and_keeps_the_attempt() {
+        use SegmentState as S;
+        let rq = Record::Requeued {
+            id: SegmentId(1),
+            reason: "retry".into(),
+        };
+        for s in [
+            S::Sealed,
+            S::Uploading,
+            S::Uploaded,
+            S::Verified,
+            S::Committed,
+            S::Released,
+        ] {
+            assert!(rejected(&at(s), std::slice::from_ref(&rq)), "{s:?}");
+        }
+        let mut st = JournalState::default();
+        st.apply(&[
+            Record::Sealed { meta: meta(1) },
+            uploading(1, 3, Some("mp")),
+            Record::Quarantined {
+                id: SegmentId(1),
+                reason: "remote conflict".into(),
+            },
+        ])
+        .unwrap();
+        st.apply(std::slice::from_ref(&rq)).unwrap();
+        let r = st.get(SegmentId(1)).unwrap();
+        assert_eq!(r.state, S::Sealed);
+        assert_eq!(r.reason, None);
+        assert_eq!(r.multipart_id, None);
+        assert_eq!(r.attempt, 3);
+        assert_eq!(st.pending().len(), 1);
+        // The next upload must use a new attempt.
+        assert!(rejected(&st, &[uploading(1, 3, None)]));
+        st.apply(&[uploading(1, 4, None)]).unwrap();
     }
 
     #[test]

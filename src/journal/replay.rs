@@ -20,7 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{Frame, JournalState};
+use super::record::{Frame, JournalState, Record};
 use super::{JournalDamage, ReplayReport};
 use crate::error::{Error, Result};
 
@@ -34,9 +34,20 @@ pub const MAGIC: [u8; 8] = *b"TIXJRNL1";
 pub const FORMAT_VERSION: u16 = 2;
 /// The oldest format version this build reads.
 pub const FORMAT_VERSION_MIN: u16 = 1;
-/// The record (frame payload) version this build writes and the highest it
-/// reads. A frame of a higher version is refused, never cut.
-pub const RECORD_VERSION: u16 = 1;
+/// The highest record (frame payload) version this build reads and writes
+/// (see [`frame_version`] for which frames get it). A frame of a higher
+/// version is refused, never cut.
+pub const RECORD_VERSION: u16 = 2;
+
+/// The record version a frame is written with: 1 unless it holds a record
+/// only version 2 has ([`Record::Requeued`]), so a journal that never held
+/// one stays readable by a build that reads version 1 only.
+fn frame_version(frame: &Frame) -> u16 {
+    match frame {
+        Frame::Batch(recs) if recs.iter().any(|r| matches!(r, Record::Requeued { .. })) => 2,
+        _ => 1,
+    }
+}
 /// Header: magic(8) version(2) reserved(2) generation(8) crc(4).
 pub const HEADER_LEN: usize = 24;
 /// Frame header: len(4) crc(4).
@@ -212,7 +223,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header> {
     })
 }
 
-/// The JSON payload of `frame`: `{"v":<RECORD_VERSION>,"<Kind>":...}`.
+/// The JSON payload of `frame`: `{"v":<frame_version>,"<Kind>":...}`.
 fn frame_payload(frame: &Frame) -> Result<Vec<u8>> {
     let body = serde_json::to_vec(frame)
         .map_err(|e| Error::InvalidInput(format!("journal frame does not serialize: {e}")))?;
@@ -222,7 +233,7 @@ fn frame_payload(frame: &Frame) -> Result<Vec<u8>> {
             "journal frame does not serialize as a JSON object".into(),
         ));
     };
-    let mut payload = format!("{{\"v\":{RECORD_VERSION},").into_bytes();
+    let mut payload = format!("{{\"v\":{},", frame_version(frame)).into_bytes();
     payload.extend_from_slice(rest);
     Ok(payload)
 }
@@ -498,6 +509,34 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_a_frame_with_requeued_is_written_as_record_version_2() {
+        use crate::segment::SegmentId;
+        let mut out = Vec::new();
+        encode_frame(
+            &Frame::Batch(vec![Record::Verified { id: SegmentId(3) }]),
+            &mut out,
+        )
+        .unwrap();
+        assert!(
+            out[8..].starts_with(br#"{"v":1,"#),
+            "{:?}",
+            String::from_utf8_lossy(&out[8..])
+        );
+        let rq = Frame::Batch(vec![Record::Requeued {
+            id: SegmentId(3),
+            reason: "retry".into(),
+        }]);
+        let mut out = Vec::new();
+        encode_frame(&rq, &mut out).unwrap();
+        assert!(
+            out[8..].starts_with(br#"{"v":2,"#),
+            "{:?}",
+            String::from_utf8_lossy(&out[8..])
+        );
+        assert_eq!(decode_frame(&out, 0).unwrap().0, rq);
+    }
     use super::*;
     use crate::journal::record::Record;
     use crate::journal::record::tests::{happy_path, meta};

@@ -48,10 +48,9 @@ pub struct Journal {
 
 /// fsyncs a directory so that entries created, renamed or removed in it are
 /// durable. IMPORTANT on Linux: a file's own fsync does not persist its name.
+/// (One helper for the whole crate: [`crate::durable::fsync_dir`].)
 pub(super) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, "fsync directory", e))
+    crate::durable::fsync_dir(dir)
 }
 
 /// Takes an exclusive, non-blocking `flock` on `dir`.
@@ -150,8 +149,8 @@ impl Journal {
                     crate::segment::now_ms()
                 ));
                 fs::write(&saved, cut)
-                    .and_then(|()| fs::File::open(&saved)?.sync_all())
                     .map_err(|e| Error::io(&saved, "save cut journal tail", e))?;
+                crate::durable::fsync_path(&saved)?;
                 sync_dir(&dir)?;
                 tracing::warn!(saved = %saved.display(), bytes = cut.len(), "journal tail cut; copy kept");
             }

@@ -92,9 +92,9 @@ impl JournalHandle {
                 records,
                 reply: Reply::Async(tx),
             })
-            .map_err(|_| Error::Poisoned("journal thread is gone".into()))?;
+            .map_err(|_| Error::Internal("journal thread is gone".into()))?;
         rx.await
-            .map_err(|_| Error::Poisoned("journal thread is gone".into()))?
+            .map_err(|_| Error::Internal("journal thread is gone".into()))?
     }
 
     /// Append `records` durably from synchronous code (upload hooks).
@@ -108,9 +108,9 @@ impl JournalHandle {
                 records,
                 reply: Reply::Sync(tx),
             })
-            .map_err(|_| Error::Poisoned("journal thread is gone".into()))?;
+            .map_err(|_| Error::Internal("journal thread is gone".into()))?;
         rx.recv()
-            .map_err(|_| Error::Poisoned("journal thread is gone".into()))?
+            .map_err(|_| Error::Internal("journal thread is gone".into()))?
     }
 
     /// Read the in-memory state (held briefly; never across an await).

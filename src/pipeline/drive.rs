@@ -88,7 +88,7 @@ async fn quarantine_local(sh: &Shared, id: SegmentId, why: String) -> Result<Seg
             .quarantine_sealed(id, &reason)
     })
     .await
-    .map_err(|e| Error::Remote(format!("quarantine task failed: {e}")))?;
+    .map_err(|e| Error::Internal(format!("quarantine task failed: {e}")))?;
     match moved {
         Ok(Some(to)) => {
             tracing::error!(segment = id.0, to = %to.display(), "local sealed file moved to quarantine")
@@ -423,7 +423,7 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     writer.lock().unwrap_or_else(|p| p.into_inner()).release(id)
                 })
                 .await
-                .map_err(|e| Error::Remote(format!("release task failed: {e}")))??;
+                .map_err(|e| Error::Internal(format!("release task failed: {e}")))??;
                 crate::failpoint::crash("release.after");
                 sh.journal.append(vec![Record::Released { id }]).await?;
                 return Ok(SegmentState::Released);

@@ -291,7 +291,7 @@ impl Shared {
                             .raise_next_id(next)
                     })
                     .await
-                    .map_err(|e| Error::Poisoned(format!("raise_next_id task failed: {e}")));
+                    .map_err(|e| Error::Internal(format!("raise_next_id task failed: {e}")));
                     if let Err(e) = raised.and_then(|r| r) {
                         tracing::warn!(error = %e, "could not move segment ids above the manifest's");
                     }
@@ -478,7 +478,7 @@ impl Shared {
             if tick { w.tick() } else { w.poll_sealed() }
         })
         .await
-        .map_err(|e| Error::Poisoned(format!("seal collection task failed: {e}")))??;
+        .map_err(|e| Error::Internal(format!("seal collection task failed: {e}")))??;
         self.record_sealed(metas).await
     }
 

@@ -136,9 +136,10 @@ fn io_err(path: &FsPath, e: std::io::Error) -> object_store::Error {
 }
 
 fn sync_dir(dir: &FsPath) -> object_store::Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))
+    crate::durable::fsync_dir(dir).map_err(|e| object_store::Error::Generic {
+        store: "LocalMultipart",
+        source: e.to_string().into(),
+    })
 }
 
 /// Write `chunks` to `dst` durably: `tmp` (same file system), fsync,

@@ -29,15 +29,84 @@ use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
 
+use crate::durable::{fsync_dir, fsync_dir_at, fsync_path};
 use crate::error::{Error, Result};
 use crate::segment::format::{
     self, ACTIVE_ITEM_LEN, ACTIVE_MAGIC, ActiveItem, ActiveLayout, HEADER_LEN, Header, slot_of,
 };
-use crate::segment::sealed::fsync_dir;
+use crate::segment::salvage::Geometry;
 use crate::segment::{Entry, SegmentId, TimeRange};
 
-/// `open` re-extends a cut file by at most this many bytes (1 GiB).
+/// `open` without a configured geometry re-extends a cut file by at most
+/// this many bytes (1 GiB). With a geometry ([`ActiveSegment::open_within`])
+/// the bound is the geometry's file length.
 pub const MAX_REEXTEND_BYTES: u64 = 1 << 30;
+
+/// The header of a file `file_len` bytes long claims `layout`: refuse the
+/// claim before anything is allocated, mapped or fallocated when it asks
+/// for more than the file holds plus what a cut file may be given back:
+/// with a configured `geometry`, no more than that geometry's file length;
+/// without one, no more than [`MAX_REEXTEND_BYTES`] past the end.
+fn check_claim(
+    path: &Path,
+    file_len: u64,
+    layout: &ActiveLayout,
+    geometry: Option<Geometry>,
+) -> Result<()> {
+    if layout.file_len <= file_len {
+        return Ok(());
+    }
+    let (limit, by) = match geometry {
+        Some(g) => (
+            ActiveLayout::new(g.slot_count, g.item_capacity)
+                .map(|l| l.file_len)
+                .unwrap_or(0)
+                .max(file_len),
+            "the configured geometry allows",
+        ),
+        None => (
+            file_len.saturating_add(MAX_REEXTEND_BYTES),
+            "a cut file may be re-extended to",
+        ),
+    };
+    if layout.file_len > limit {
+        return Err(Error::corrupt(
+            path.display().to_string(),
+            format!(
+                "{file_len} bytes; its header implies {}, more than the {limit} {by}",
+                layout.file_len
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// [`scan_valid_prefix`] of a file's `bytes` (zero-extended as `open`
+/// extends it), allocating no more than the file's own length: a file that
+/// ends before its first item gets its slot heads in a map (only items that
+/// decode add to it), not in a table of the `slot_count` its header claims.
+fn scan_bytes(bytes: &[u8], l: &ActiveLayout, id: SegmentId) -> u32 {
+    if bytes.len() as u64 > l.items_offset {
+        // The slot table lies before the items: bounded by the file length.
+        let mut heads = vec![0u32; l.slot_count as usize];
+        return scan_valid_prefix(bytes, l, id, &mut heads);
+    }
+    let mut heads = std::collections::HashMap::<usize, u32>::new();
+    let mut valid = 0u32;
+    while valid < l.item_capacity {
+        let b = item_padded(bytes, l.item_offset(valid));
+        let Some(item) = format::decode_active_item(&b, id, valid) else {
+            break;
+        };
+        let slot = slot_of(item.entry.key_hash, l.slot_count) as usize;
+        if heads.get(&slot).copied().unwrap_or(0) != item.prev {
+            break;
+        }
+        heads.insert(slot, valid + 1);
+        valid += 1;
+    }
+    valid
+}
 
 /// File name of an active segment.
 pub fn active_file_name(id: SegmentId) -> String {
@@ -152,10 +221,10 @@ pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
     let header =
         Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
+    check_claim(path, bytes.len() as u64, &l, None)?;
     // A short file is scanned as `open` scans it (zero-extended), item by
     // item, never by allocating what the header claims.
-    let mut heads = vec![0u32; l.slot_count as usize];
-    let valid = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
+    let valid = scan_bytes(&bytes, &l, header.segment_id);
     let entries = (0..valid)
         .filter_map(|i| {
             format::decode_active_item(&item_padded(&bytes, l.item_offset(i)), header.segment_id, i)
@@ -179,14 +248,14 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
             format!("{len} bytes, header implies {}", l.file_len),
         ));
     }
+    check_claim(path, len, &l, None)?;
     let mut rec = ActiveRecovery {
         extended_from: (len < l.file_len).then_some(len),
         ..Default::default()
     };
     // Predict `open` exactly (it zero-extends a short file before scanning);
     // `scan_valid_prefix` reads past-the-end bytes as zeros.
-    let mut heads = vec![0u32; l.slot_count as usize];
-    rec.valid_items = scan_valid_prefix(&bytes, &l, header.segment_id, &mut heads);
+    rec.valid_items = scan_bytes(&bytes, &l, header.segment_id);
     let tail_start = l.item_offset(rec.valid_items).min(bytes.len());
     if let Some(last) = bytes[tail_start..].iter().rposition(|&b| b != 0) {
         rec.torn_bytes_zeroed = last as u64 + 1;
@@ -235,12 +304,7 @@ impl ActiveSegment {
             .map_err(|e| Error::Poisoned(format!("fsync of new {} failed: {e}", path.display())))
             .map_err(cleanup)?;
         // IMPORTANT: make the new file's directory entry durable too.
-        crate::failpoint::hit("active.create.dirsync")
-            .map_err(|e| {
-                Error::Poisoned(format!("fsync of directory {} failed: {e}", dir.display()))
-            })
-            .map_err(cleanup)?;
-        fsync_dir(dir).map_err(cleanup)?;
+        fsync_dir_at("active.create.dirsync", dir).map_err(cleanup)?;
         // SAFETY: this process holds the data-directory lock, and the file was
         // fully allocated above, so the mapping never covers a hole past EOF.
         let map = unsafe { MmapMut::map_mut(&file) }
@@ -265,7 +329,21 @@ impl ActiveSegment {
     ///
     /// `save_dir` is where a damaged span that still holds checksum-valid
     /// items is copied before it is zeroed (the quarantine directory).
+    ///
+    /// A cut file is re-extended by at most [`MAX_REEXTEND_BYTES`]; see
+    /// [`open_within`](Self::open_within) to bound it by the geometry.
     pub fn open(path: &Path, save_dir: Option<&Path>) -> Result<(ActiveSegment, ActiveRecovery)> {
+        Self::open_within(path, save_dir, None)
+    }
+
+    /// [`open`](Self::open), refusing (as `Error::Corrupt`, before anything
+    /// is fallocated or mapped) a header whose sizes reach past the file
+    /// and past what `geometry`, the configured one, would create.
+    pub fn open_within(
+        path: &Path,
+        save_dir: Option<&Path>,
+        geometry: Option<Geometry>,
+    ) -> Result<(ActiveSegment, ActiveRecovery)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -292,18 +370,10 @@ impl ActiveSegment {
         if file_len < layout.file_len {
             // Someone cut the file. The mapping must not reach past EOF
             // (SIGBUS), so give it back its zeroed tail before mapping, but
-            // never by more than MAX_REEXTEND_BYTES: the header is CRC-valid
+            // only as far as `check_claim` allows: the header is CRC-valid
             // but still untrusted input (it can claim ~11 GB). Start-up
             // never gets here: it salvages a cut file (`segment::salvage`).
-            if layout.file_len - file_len > MAX_REEXTEND_BYTES {
-                return Err(Error::corrupt(
-                    path.display().to_string(),
-                    format!(
-                        "{file_len} bytes; its header implies {}, more than {MAX_REEXTEND_BYTES} bytes to re-extend",
-                        layout.file_len
-                    ),
-                ));
-            }
+            check_claim(path, file_len, &layout, geometry)?;
             allocate(&file, path, layout.file_len)?;
             rec.extended_from = Some(file_len);
         } else if file_len > layout.file_len {
@@ -391,9 +461,7 @@ impl ActiveSegment {
         ));
         std::fs::write(&dst, &self.map[from..to])
             .map_err(|e| Error::io(&dst, "save damaged tail", e))?;
-        File::open(&dst)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", dst.display())))?;
+        fsync_path(&dst)?;
         fsync_dir(dir)?;
         tracing::warn!(segment = %self.id, saved = %dst.display(), "damage inside the item log; tail copied before zeroing");
         Ok(dst)

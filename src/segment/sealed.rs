@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::durable::{fsync_dir, fsync_dir_at, fsync_file};
 use crate::error::{Error, Result};
 use crate::segment::format::{
     self, FOOTER_LEN, Footer, HEADER_LEN, Header, SEALED_ITEM_LEN, SEALED_MAGIC, SealedLayout,
@@ -30,13 +31,6 @@ pub fn sealed_file_name(id: SegmentId) -> String {
 /// File name of a sealed segment being written.
 pub fn sealed_tmp_name(id: SegmentId) -> String {
     format!("{id}.seg.tmp")
-}
-
-/// fsync a directory so creates, renames and unlinks in it are durable.
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    let f = File::open(dir).map_err(|e| Error::io(dir, "open directory for fsync", e))?;
-    f.sync_all()
-        .map_err(|e| Error::Poisoned(format!("fsync of directory {} failed: {e}", dir.display())))
 }
 
 /// Bytes per entry in the packed form [`build_sealed_packed`] reads:
@@ -152,10 +146,7 @@ pub fn write_sealed_streaming(
         .and_then(|()| fs::rename(&tmp, &dst))
         .map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
     // IMPORTANT: the rename is only durable once the directory is synced.
-    crate::failpoint::hit("seal.dirsync").map_err(|e| {
-        Error::Poisoned(format!("fsync of directory {} failed: {e}", dir.display()))
-    })?;
-    fsync_dir(dir)?;
+    fsync_dir_at("seal.dirsync", dir)?;
     Ok((dst, meta))
 }
 
@@ -706,8 +697,7 @@ pub fn write_sealed_file(dir: &Path, id: SegmentId, bytes: &[u8]) -> Result<Path
             .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
         f.write_all(bytes)
             .map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
-        f.sync_all()
-            .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", tmp.display())))?;
+        fsync_file(&f, &tmp)?;
     }
     fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
     // IMPORTANT: the rename is only durable once the directory is synced.
