@@ -34,8 +34,9 @@
 //! keys through `tierindex::remote::keys`, never by parsing keys here.
 //!
 //! Knobs (`scripts/ownership-campaign.sh` sets them):
-//! * `TIERINDEX_OWNERSHIP_STEPS=N` (default 12, a smoke size for a plain
-//!   `cargo test`; the script's CI size is 120);
+//! * `TIERINDEX_OWNERSHIP_STEPS=N` (default 12; the script's CI size is
+//!   120). Cargo.toml marks this target `test = false`: it runs only by
+//!   name (`cargo test --test ownership_campaign`), as the script does;
 //! * `TIERINDEX_OWNERSHIP_SEED=S` (default random, printed);
 //! * `TIERINDEX_OWNERSHIP_STORE=file|s3` (default `file`); `s3` needs the
 //!   server variables of `scripts/s3-server.sh env KIND` and FAILS without
@@ -44,7 +45,11 @@
 //!   time out after 250 ms with 2 attempts, so a renewal lands within the
 //!   lease (the open warns otherwise).
 //!
-//! On a violation the directory is kept and its path printed.
+//! On a violation the directory is kept and its path printed. A data
+//! directory whose final drain cannot finish (a pending segment's id taken
+//! in the manifest by another directory's segment, so its acknowledged
+//! entries can never be published) fails the run too, after the summary
+//! line (`unpublishable-data-dirs=N`).
 
 mod crash_model;
 
