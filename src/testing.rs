@@ -306,6 +306,7 @@ pub struct FaultyStore {
     script: Mutex<HashMap<Op, VecDeque<Fault>>>,
     random: Mutex<Option<RandomPlan>>,
     ignore_conditionals: AtomicBool,
+    refuse_if_match: AtomicBool,
     counters: Arc<Counters>,
 }
 
@@ -365,6 +366,7 @@ impl FaultyStore {
             script: Mutex::new(HashMap::new()),
             random: Mutex::new(None),
             ignore_conditionals: AtomicBool::new(false),
+            refuse_if_match: AtomicBool::new(false),
             counters: Arc::new(Counters::default()),
         })
     }
@@ -436,6 +438,13 @@ impl FaultyStore {
     /// `Create` and `Update` puts overwrite.
     pub fn ignore_conditionals(&self, on: bool) {
         self.ignore_conditionals.store(on, Ordering::SeqCst);
+    }
+
+    /// Behave like Ceph RGW 16.2 with a quoted e-tag: every `Update` put
+    /// answers 412 Precondition Failed, the current e-tag too; nothing is
+    /// written.
+    pub fn refuse_if_match(&self, on: bool) {
+        self.refuse_if_match.store(on, Ordering::SeqCst);
     }
 
     pub fn stats(&self) -> FaultStats {
@@ -704,6 +713,15 @@ impl ObjectStore for FaultyStore {
             };
             if self.ignore_conditionals.load(Ordering::SeqCst) {
                 opts.mode = PutMode::Overwrite;
+            }
+            if matches!(opts.mode, PutMode::Update(_))
+                && self.refuse_if_match.load(Ordering::SeqCst)
+            {
+                let res = Err(object_store::Error::Precondition {
+                    path: location.to_string(),
+                    source: Box::new(Injected("412 Precondition Failed (If-Match)".into())),
+                });
+                return self.after(&fault, res);
             }
             let content = Content::of_payload(&payload);
             let replaced = self.current(location).await;

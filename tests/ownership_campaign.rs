@@ -326,7 +326,7 @@ fn poll_versions(store: RemoteStore, history: Arc<Mutex<History>>, stop: Arc<Ato
             h.errors.push(e);
         }
         drop(h);
-        std::thread::sleep(Duration::from_millis(15));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -898,7 +898,7 @@ impl Campaign {
             let mut tries = 0;
             loop {
                 tries += 1;
-                let code = self.run_tool(l, &["drain", "--deadline", "15s"])?;
+                let code = self.run_tool(l, &["drain", "--deadline", "10s"])?;
                 self.counts.drains += 1;
                 if code == Some(0) {
                     break;
