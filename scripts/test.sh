@@ -2,7 +2,7 @@
 # THE test command for tierindex. Works on a bare machine: installs what it needs,
 # then runs, in order:
 #   1. cargo fmt --check
-#   2. cargo clippy --all-targets --test s3_suite --test s3_integrity -- -D warnings
+#   2. cargo clippy --all-targets --test s3_suite --test s3_integrity --test ownership_campaign -- -D warnings
 #   3. cargo test --all-targets              (unit + local tests; no server needed;
 #                                             the S3 suite is `test = false`)
 #   4. for each KIND in ${TIERINDEX_S3_KINDS:-s3s moto garage garage-cluster ceph}
@@ -10,6 +10,9 @@
 #      scripts/s3-server.sh, run `cargo test --test s3_suite --test s3_integrity
 #      -- --test-threads=2`
 #      with its env, stop it.
+#      For each kind in ${TIERINDEX_OWNERSHIP_KINDS:-s3s}, also the CI-size
+#      ownership campaign (scripts/ownership-campaign.sh, issue 15) against
+#      that server while it runs; a kind listed there but not started fails.
 # and prints one SUMMARY line per step and per kind. Exits non-zero on any failure.
 #
 # Knobs:
@@ -21,6 +24,8 @@
 #   TIERINDEX_FAIL_FAST=1           stop at the first failing step
 #   TIERINDEX_ONLY_S3=1             skip fmt/clippy/local tests (CI job split)
 #   TIERINDEX_S3_SUITE_TIMEOUT=900  seconds allowed per kind for the S3 suite
+#   TIERINDEX_OWNERSHIP_KINDS="s3s" the kinds the ownership campaign runs on
+#                                   (sizes: TIERINDEX_OWNERSHIP_STEPS, default 120)
 #   TIERINDEX_CACHE, TIERINDEX_RUN  see scripts/s3-server.sh
 set -euo pipefail
 
@@ -148,6 +153,24 @@ run_suite() {
   return "$rc"
 }
 
+# run_campaign ENV-LINES: the CI-size ownership campaign against the server
+# the env names (in the background, like run_suite, for prompt signals).
+run_campaign() {
+  local rc=0
+  (
+    eval "$1"
+    export TIERINDEX_OWNERSHIP_KIND=external
+    exec timeout --kill-after=30 "${TIERINDEX_OWNERSHIP_TIMEOUT:-600}" \
+      bash scripts/ownership-campaign.sh "${TIERINDEX_OWNERSHIP_STEPS:-120}"
+  ) &
+  SUITE_PID=$!
+  wait "$SUITE_PID" || rc=$?
+  SUITE_PID=
+  return "$rc"
+}
+
+campaign_wanted() { [[ " ${TIERINDEX_OWNERSHIP_KINDS:-s3s} " == *" $1 "* ]]; }
+
 # One kind: start, export its env in a subshell, run the suite, stop.
 s3_kind() {
   local kind=$1 t0 envs rc=0 cw
@@ -165,10 +188,22 @@ s3_kind() {
       bash "$S3" stop "$kind" || true
       STARTED=()
       record "s3 $kind" "FAILED (server did not start)" $(($(date +%s) - t0))
+      if campaign_wanted "$kind"; then record "ownership $kind" "FAILED (server did not start)" 0; fi
       return
     fi
     cw=$(sed -n 's/^export TIERINDEX_S3_CONDITIONAL_WRITES=//p' <<<"$envs")
     run_suite "$envs" || rc=$?
+    if campaign_wanted "$kind"; then
+      local t1 crc=0
+      t1=$(date +%s)
+      say "ownership campaign on $kind"
+      run_campaign "$envs" || crc=$?
+      if [ "$crc" = 0 ]; then
+        record "ownership $kind" ok $(($(date +%s) - t1))
+      else
+        record "ownership $kind" "FAILED (exit $crc)" $(($(date +%s) - t1))
+      fi
+    fi
     bash "$S3" stop "$kind" || true
     STARTED=()
   fi
@@ -190,13 +225,13 @@ if [ "${TIERINDEX_ONLY_S3:-0}" != 1 ]; then
   step fmt cargo fmt --all --check
   # --all-targets leaves out the S3 suite (`test = false` in Cargo.toml, so
   # that no server-less run can pass it by skipping): lint it by name.
-  step clippy cargo clippy --all-targets --test s3_suite --test s3_integrity -- -D warnings
+  step clippy cargo clippy --all-targets --test s3_suite --test s3_integrity --test ownership_campaign -- -D warnings
   # The local step must not pick up a server someone exported by hand.
   step tests env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND cargo test --all-targets
   # Crash campaign (issue 5): named crash points and the random kill loop,
   # built with the failpoints feature; sizes from TIERINDEX_CRASH_ITERS and
   # TIERINDEX_KILLS (docs/reliability.md has the 10x commands).
-  step clippy-failpoints cargo clippy --all-targets --test s3_suite --test s3_integrity --features failpoints -- -D warnings
+  step clippy-failpoints cargo clippy --all-targets --test s3_suite --test s3_integrity --test ownership_campaign --features failpoints -- -D warnings
   step crash env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND \
     TIERINDEX_CRASH_ITERS="${TIERINDEX_CRASH_ITERS:-20}" TIERINDEX_KILLS="${TIERINDEX_KILLS:-200}" \
     cargo test --features failpoints --test crash_points --test kill_loop --test io_errors \
@@ -226,4 +261,10 @@ EOF
 fi
 for kind in $KINDS; do
   s3_kind "$kind"
+done
+# The ownership campaign must not vanish because its server kind was left out.
+for kind in ${TIERINDEX_OWNERSHIP_KINDS:-s3s}; do
+  if [[ " $KINDS " != *" $kind "* ]] && [ "${CI:-}" = true ]; then
+    record "ownership $kind" "FAILED ($kind not in TIERINDEX_S3_KINDS under CI=true)" 0
+  fi
 done

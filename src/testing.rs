@@ -269,7 +269,7 @@ struct Counters {
 
 impl Counters {
     fn written(&self, key: &Path, via: WriteVia, content: Content, replaced: Option<Content>) {
-        if replaced.is_some() {
+        if replaced.is_some() && !probe_scratch(key) {
             self.overwrites.fetch_add(1, Ordering::SeqCst);
             if via == WriteVia::Create {
                 self.create_replaced.fetch_add(1, Ordering::SeqCst);
@@ -297,6 +297,14 @@ impl Counters {
     }
 }
 
+/// The capability probe's scratch objects (`{prefix}/_probe/...`): its
+/// conditional-update step replaces one on purpose (If-Match with the
+/// current e-tag), which is not an overwrite of anybody's data, so neither
+/// the `overwrites` counter nor [`FaultyStore::overwrites`] counts them.
+fn probe_scratch(key: &Path) -> bool {
+    key.parts().any(|p| p.as_ref() == "_probe")
+}
+
 /// A fault-injecting wrapper around an object store (and its multipart API).
 pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
@@ -306,6 +314,7 @@ pub struct FaultyStore {
     script: Mutex<HashMap<Op, VecDeque<Fault>>>,
     random: Mutex<Option<RandomPlan>>,
     ignore_conditionals: AtomicBool,
+    refuse_if_match: AtomicBool,
     counters: Arc<Counters>,
 }
 
@@ -365,6 +374,7 @@ impl FaultyStore {
             script: Mutex::new(HashMap::new()),
             random: Mutex::new(None),
             ignore_conditionals: AtomicBool::new(false),
+            refuse_if_match: AtomicBool::new(false),
             counters: Arc::new(Counters::default()),
         })
     }
@@ -438,6 +448,13 @@ impl FaultyStore {
         self.ignore_conditionals.store(on, Ordering::SeqCst);
     }
 
+    /// Behave like Ceph RGW 16.2 with a quoted e-tag: every `Update` put
+    /// answers 412 Precondition Failed, the current e-tag too; nothing is
+    /// written.
+    pub fn refuse_if_match(&self, on: bool) {
+        self.refuse_if_match.store(on, Ordering::SeqCst);
+    }
+
     pub fn stats(&self) -> FaultStats {
         let c = &self.counters;
         FaultStats {
@@ -485,6 +502,9 @@ impl FaultyStore {
         let mut differ = Vec::new();
         let mut same = Vec::new();
         for (key, evs) in lock(&self.counters.history).iter() {
+            if probe_scratch(key) {
+                continue;
+            }
             let mut last: Option<Content> = None;
             for e in evs {
                 let KeyEvent::Written {
@@ -704,6 +724,15 @@ impl ObjectStore for FaultyStore {
             };
             if self.ignore_conditionals.load(Ordering::SeqCst) {
                 opts.mode = PutMode::Overwrite;
+            }
+            if matches!(opts.mode, PutMode::Update(_))
+                && self.refuse_if_match.load(Ordering::SeqCst)
+            {
+                let res = Err(object_store::Error::Precondition {
+                    path: location.to_string(),
+                    source: Box::new(Injected("412 Precondition Failed (If-Match)".into())),
+                });
+                return self.after(&fault, res);
             }
             let content = Content::of_payload(&payload);
             let replaced = self.current(location).await;

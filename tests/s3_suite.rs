@@ -170,14 +170,15 @@ async fn probe_reports_what_the_server_does() {
             "{} ignores If-Match; the probe must say so: {caps:?}",
             s.kind
         ),
-        // Ceph RGW 16.2 refuses every quoted If-Match, current or stale. The
-        // library's probe only sends a stale one, so it cannot tell this
-        // apart from "honoured"; nothing in tierindex sends If-Match.
-        Some(other) => eprintln!(
-            "NOTE {}: If-Match measured as {other}; the library's probe reports \
-             conditional_update = {} (it only tries a stale e-tag)",
-            s.kind, caps.conditional_update
+        // Ceph RGW 16.2 refuses every quoted If-Match, current or stale:
+        // the probe also sends the current e-tag, so it must say "no".
+        Some("unquoted-only" | "refused") => assert!(
+            !caps.conditional_update,
+            "{} refuses a current quoted If-Match; the probe must not report \
+             conditional updates: {caps:?}",
+            s.kind
         ),
+        Some(other) => panic!("TIERINDEX_S3_CONDITIONAL_UPDATE={other:?}: unknown answer"),
         None if s.honours_conditionals() => {
             assert!(caps.conditional_update, "{}: {caps:?}", s.kind)
         }

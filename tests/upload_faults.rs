@@ -403,6 +403,20 @@ async fn probe_reports_ignored_conditionals() {
         caps.conditional_create && caps.conditional_update,
         "{caps:?}"
     );
+
+    // Ceph RGW 16.2: creates honoured, every quoted If-Match refused (the
+    // current e-tag too). Refusing the stale e-tag alone is not enough.
+    let f = FaultyStore::memory(8);
+    f.refuse_if_match(true);
+    let caps = probe(&f.remote("p")).await.unwrap();
+    assert!(caps.conditional_create, "{caps:?}");
+    assert!(!caps.conditional_update, "{caps:?}");
+    assert!(
+        caps.notes
+            .iter()
+            .any(|n| n.contains("CURRENT e-tag was refused")),
+        "{caps:?}"
+    );
 }
 
 #[tokio::test]

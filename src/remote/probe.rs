@@ -27,7 +27,10 @@ use crate::remote::{RemoteStore, classify};
 pub struct Capabilities {
     /// A second `PutMode::Create` on the same key failed with AlreadyExists.
     pub conditional_create: bool,
-    /// `PutMode::Update` with a stale e-tag failed with Precondition.
+    /// `PutMode::Update` honours If-Match both ways: a stale e-tag fails
+    /// with Precondition and leaves the object as it was, the current
+    /// e-tag succeeds and writes the new bytes, and that e-tag, stale
+    /// after the update, fails again.
     pub conditional_update: bool,
     /// A `MultipartStore` exists and create/put_part/complete produced the
     /// exact bytes.
@@ -94,6 +97,107 @@ pub async fn probe(store: &RemoteStore) -> Result<Capabilities> {
     result.map(|()| caps)
 }
 
+/// Step 2 of the probe on `key` (an existing object): `Ok` only when the
+/// store honours If-Match both ways; else the note that says why not.
+async fn conditional_update(
+    os: &std::sync::Arc<dyn object_store::ObjectStore>,
+    key: &Path,
+) -> std::result::Result<(), String> {
+    let update = |e_tag: Option<String>| PutOptions {
+        mode: PutMode::Update(UpdateVersion {
+            e_tag,
+            version: None,
+        }),
+        ..Default::default()
+    };
+    let body = |what: &'static str| async move {
+        match os.get(key).await {
+            Ok(g) => g
+                .bytes()
+                .await
+                .map_err(|e| format!("conditional update not checked: GET after {what}: {e}")),
+            Err(e) => Err(format!(
+                "conditional update not checked: GET after {what}: {e}"
+            )),
+        }
+    };
+    let before = body("the creates").await?;
+    match os
+        .put_opts(
+            key,
+            PutPayload::from_static(b"stale"),
+            update(Some("\"tierindex-stale-etag\"".into())),
+        )
+        .await
+    {
+        Err(object_store::Error::Precondition { .. }) => {}
+        Ok(_) => {
+            return Err(
+                "an update with a stale e-tag succeeded: If-Match is ignored, no \
+                        compare-and-swap (fencing impossible on this store)"
+                    .into(),
+            );
+        }
+        Err(e) => return Err(format!("conditional update not available: {e}")),
+    }
+    if body("a refused update").await? != before {
+        return Err(
+            "an update with a stale e-tag was refused but changed the object: If-Match is \
+             not honoured"
+                .into(),
+        );
+    }
+    let current = match os.head(key).await {
+        Ok(m) => m.e_tag,
+        Err(e) => {
+            return Err(format!(
+                "conditional update not checked: HEAD for the e-tag: {e}"
+            ));
+        }
+    };
+    let Some(current) = current else {
+        return Err("the store returns no e-tag: conditional update impossible".into());
+    };
+    match os
+        .put_opts(
+            key,
+            PutPayload::from_static(b"updated"),
+            update(Some(current.clone())),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(object_store::Error::Precondition { .. }) => {
+            return Err(
+                "an update with the CURRENT e-tag was refused (412), like a stale one: \
+                 If-Match is not honoured as S3 defines it (Ceph RGW 16.2 matches only an \
+                 unquoted e-tag), so no compare-and-swap"
+                    .into(),
+            );
+        }
+        Err(e) => return Err(format!("conditional update not available: {e}")),
+    }
+    if &body("the update").await?[..] != b"updated" {
+        return Err(
+            "an update with the current e-tag succeeded but the object does not hold its \
+             bytes: If-Match is not honoured"
+                .into(),
+        );
+    }
+    match os
+        .put_opts(key, PutPayload::from_static(b"late"), update(Some(current)))
+        .await
+    {
+        Err(object_store::Error::Precondition { .. }) => Ok(()),
+        Ok(_) => Err(
+            "a second update with the same e-tag succeeded after the first changed the \
+             object: If-Match is ignored, no compare-and-swap"
+                .into(),
+        ),
+        Err(e) => Err(format!("conditional update not available: {e}")),
+    }
+}
+
 async fn run(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) -> Result<()> {
     let os = store.object_store();
     let create = |mode: PutMode| PutOptions {
@@ -130,24 +234,15 @@ async fn run(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) -> Result
         )),
     }
 
-    // 2. Conditional update with an e-tag that is certainly stale.
-    let stale = PutMode::Update(UpdateVersion {
-        e_tag: Some("\"tierindex-stale-etag\"".into()),
-        version: None,
-    });
-    match os
-        .put_opts(&key, PutPayload::from_static(b"third"), create(stale))
-        .await
-    {
-        Err(object_store::Error::Precondition { .. }) => caps.conditional_update = true,
-        Ok(_) => caps.notes.push(
-            "an update with a stale e-tag succeeded: If-Match is ignored, no \
-             compare-and-swap (fencing impossible on this store)"
-                .into(),
-        ),
-        Err(e) => caps
-            .notes
-            .push(format!("conditional update not available: {e}")),
+    // 2. Conditional update (If-Match). Refusing a stale e-tag proves
+    //    nothing alone: Ceph RGW 16.2 refuses every quoted If-Match, the
+    //    current one too. So all of: a made-up stale e-tag is refused and
+    //    the body is unchanged; an update with the CURRENT e-tag (from a
+    //    HEAD) succeeds and the body is the new one; that e-tag, now stale,
+    //    is refused again.
+    match conditional_update(os, &key).await {
+        Ok(()) => caps.conditional_update = true,
+        Err(note) => caps.notes.push(note),
     }
 
     // 3. Range GET of a known body.
