@@ -898,9 +898,14 @@ pub async fn open_shared_with_clock(
     } else {
         listed_max_segment_id(cfg, &store, known).await
     };
+    let epoch = match &manifest {
+        Some(m) => m.writer.lock().await.as_ref().map(|w| w.epoch()),
+        None => None,
+    };
     let min_next = known
         .max(listed_max)
-        .map(|m| crate::segment::SegmentId(m.0.saturating_add(1)));
+        .map(|m| crate::segment::SegmentId(m.0.saturating_add(1)))
+        .max(epoch.map(crate::remote::manifest::epoch_id_floor));
     // Sealed files still to be uploaded (unknown to the journal, Sealed or
     // Uploading) get the full item check at start-up: damage is salvaged
     // before their bytes are journaled or uploaded.

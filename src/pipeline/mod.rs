@@ -281,8 +281,11 @@ impl Shared {
                         known
                     }
                 };
-                if let Some(max) = known.max(listed) {
-                    let next = crate::segment::SegmentId(max.0.saturating_add(1));
+                let next = known
+                    .max(listed)
+                    .map(|max| crate::segment::SegmentId(max.0.saturating_add(1)))
+                    .max(Some(crate::remote::manifest::epoch_id_floor(w.epoch())));
+                if let Some(next) = next {
                     let writer = self.writer.clone();
                     let raised = tokio::task::spawn_blocking(move || {
                         writer

@@ -60,6 +60,18 @@ use crate::remote::{RemoteStore, classify};
 use crate::segment::{KeySum, SealedMeta, SegmentId};
 use crate::upload::retry::{RetryPolicy, with_retries};
 
+/// The lowest segment id an owner of `epoch` may give a new segment:
+/// `(epoch - 1) << 32` (0 for the first epoch). Each epoch numbers its
+/// segments in its own range, so an owner that was fenced with sealed,
+/// uncommitted segments never finds their ids taken by the owner that
+/// fenced it (the next owner starts above the manifest *and* above every
+/// id an earlier epoch could have handed out locally); when it takes the
+/// stream again it commits them under their own ids. 2^32 ids per epoch
+/// is more than any owner seals.
+pub fn epoch_id_floor(epoch: u64) -> SegmentId {
+    SegmentId(epoch.saturating_sub(1).min(u64::from(u32::MAX)) << 32)
+}
+
 /// Folder under a stream that holds the manifest objects.
 pub const MANIFEST_DIR: &str = "manifest";
 /// Folder under `manifest/` with one object per manifest version.

@@ -1254,6 +1254,9 @@ mod tests {
             .with_writer(move || w.clone())
             .finish();
         let _g = tracing::subscriber::set_default(sub);
+        // Other tests' subscribers (threads run in parallel) may have cached
+        // "disabled" for the debug call sites this test needs to see.
+        tracing::callsite::rebuild_interest_cache();
         let echo = format!(
             "<Error><Code>SlowDown</Code><Message>{KEY_ID} {SECRET} {TOKEN}</Message></Error>"
         );

@@ -1264,7 +1264,10 @@ mod tests {
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x10;
-            assert!(format::check_sealed_sums(&b).is_err(), "change at {i} passes");
+            assert!(
+                format::check_sealed_sums(&b).is_err(),
+                "change at {i} passes"
+            );
         }
         let f = Footer::decode(&bytes[bytes.len() - FOOTER_LEN..]).unwrap();
         let mut swapped = 0;
@@ -1273,7 +1276,10 @@ mod tests {
             swap_items(&mut b, f.items_offset as usize, i, j);
             if b != bytes {
                 swapped += 1;
-                assert!(format::check_sealed_sums(&b).is_err(), "swap {i}<->{j} passes");
+                assert!(
+                    format::check_sealed_sums(&b).is_err(),
+                    "swap {i}<->{j} passes"
+                );
             }
         }
         assert!(swapped > 0);
