@@ -20,6 +20,10 @@
 //!   times; default 0).
 //! - `--no-checksum`: no `x-amz-checksum-crc64nvme` header (tierindex sends
 //!   one with every PUT; this is the ceiling without it).
+//! - `--unsigned-payload`: the body's SHA-256 left out of the signature
+//!   (`UNSIGNED-PAYLOAD`, the checksum header kept), through the client
+//!   tierindex uses for segment bodies where the probe proved the server
+//!   validates that header (HTTPS or loopback endpoints only).
 //!
 //! Prints `put_ceiling concurrency=C reads=R files=N bytes=B ms=T mb_per_s=X`
 //! (MB = 10^6 bytes; B counts uploaded bytes only, not bytes read back).
@@ -38,7 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
         eprintln!(
-            "usage: put_ceiling STORE_URL DIR CONCURRENCY PREFIX [--reads=N] [--no-checksum]"
+            "usage: put_ceiling STORE_URL DIR CONCURRENCY PREFIX [--reads=N] [--no-checksum] [--unsigned-payload]"
         );
         std::process::exit(2);
     }
@@ -48,6 +52,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..StoreOptions::default()
     };
     let store = RemoteStore::from_url(&args[0], &opts)?;
+    let unsigned = args.iter().skip(4).any(|a| a == "--unsigned-payload");
+    if unsigned && !store.has_unsigned_body_client() {
+        return Err("--unsigned-payload: this store has no unsigned-payload client (S3 over HTTPS or a loopback endpoint only)".into());
+    }
     let dir = PathBuf::from(&args[1]);
     let concurrency: usize = args[2].parse()?;
     let prefix = store.prefix().clone().join(args[3].as_str());
@@ -64,7 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if files.is_empty() {
         return Err(format!("no .seg files in {}", dir.display()).into());
     }
-    let os = store.object_store().clone();
+    let os = store.body_store(unsigned).clone();
     let started = Instant::now();
     let bytes: u64 = futures::stream::iter(files.iter().cloned())
         .map(|path| {
@@ -94,7 +102,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "put_ceiling concurrency={concurrency} reads={reads} checksum={checksums} files={} bytes={bytes} ms={:.0} mb_per_s={:.1}",
+        "put_ceiling concurrency={concurrency} reads={reads} checksum={checksums} unsigned={unsigned} files={} bytes={bytes} ms={:.0} mb_per_s={:.1}",
         files.len(),
         secs * 1000.0,
         bytes as f64 / secs / 1e6,

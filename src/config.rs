@@ -24,6 +24,11 @@ pub struct Config {
     pub endpoint: Option<String>,
     /// Allow plain HTTP to the endpoint (default: only for loopback).
     pub allow_http: Option<bool>,
+    /// Sign every segment body's SHA-256 even over HTTPS or to a loopback
+    /// endpoint (default false: there, bodies go as `UNSIGNED-PAYLOAD`
+    /// once the probe proved the server validates their signed
+    /// `x-amz-checksum-crc64nvme` header; see `StoreOptions::sign_payload`).
+    pub sign_payload: bool,
     pub region: Option<String>,
     /// The stream whose index this is; part of every remote key.
     pub stream: String,
@@ -193,6 +198,7 @@ impl Default for Config {
             store: None,
             endpoint: None,
             allow_http: None,
+            sign_payload: false,
             region: None,
             stream: "stream-0".into(),
             slot_count: ix.slot_count,
@@ -468,6 +474,7 @@ impl Config {
             endpoint: self.endpoint.clone(),
             allow_http: self.allow_http,
             region: self.region.clone(),
+            sign_payload: self.sign_payload,
             ..StoreOptions::default()
         }
     }

@@ -116,6 +116,11 @@ pub struct Status {
     pub lost_items: u64,
     /// One line per damaged file with loss (segment, indices, offsets).
     pub losses: Vec<String>,
+    /// The store's capability probe has answered (at open with the
+    /// manifest, else in the background): until then every upload assumes
+    /// the worst (no trusted conditional create, `Full` verification,
+    /// signed bodies).
+    pub store_probed: bool,
 }
 
 impl Status {
@@ -524,6 +529,7 @@ impl TierIndex {
         st.losses = self.losses.iter().map(|n| n.line()).collect();
         st.fenced = self.sh().fenced.get().cloned();
         st.manifest_pending = self.sh().manifest.as_ref().and_then(|m| m.pending_reason());
+        st.store_probed = self.sh().probed.load(std::sync::atomic::Ordering::Acquire);
         st
     }
 
@@ -825,7 +831,7 @@ pub async fn open_shared_with_clock(
     // at Verified, local files kept, until then. A live lease of another
     // owner (Claimed) or a store that cannot fence (no conditional creates)
     // still refuses the open: those need an operator, not patience.
-    let (manifest, trust_create) = if cfg.manifest {
+    let (manifest, trust_create, probed) = if cfg.manifest {
         // Bounded: a store that hangs must not hold the broker's start
         // (with the defaults about 9 s: three manifest requests, each
         // bounded to fit the lease; then the take goes on in the background).
@@ -844,7 +850,7 @@ pub async fn open_shared_with_clock(
                 ))),
             };
         match taken {
-            Ok((w, trust)) => (Some(ManifestHandle::new(w, cfg.lease_ttl())), trust),
+            Ok((w, trust)) => (Some(ManifestHandle::new(w, cfg.lease_ttl())), trust, true),
             Err(e) if store_unreachable(&e) => {
                 tracing::warn!(error = %e, "store unreachable at open: starting without manifest ownership; commits wait until it is taken");
                 let (c, st, ck) = (cfg.clone(), store.clone(), clock.clone());
@@ -861,12 +867,13 @@ pub async fn open_shared_with_clock(
                 (
                     Some(ManifestHandle::pending(owner, cfg.lease_ttl(), take)),
                     crate::pipeline::StoreTrust::default(),
+                    false,
                 )
             }
             Err(e) => return Err(e),
         }
     } else {
-        (None, crate::pipeline::StoreTrust::default())
+        (None, crate::pipeline::StoreTrust::default(), false)
     };
     let manifest_max = match &manifest {
         Some(m) => m
@@ -929,6 +936,8 @@ pub async fn open_shared_with_clock(
         upload: cfg.upload_config(),
         trust_create: std::sync::atomic::AtomicBool::new(trust_create.conditional_create),
         trust_checksum: std::sync::atomic::AtomicBool::new(trust_create.checksums),
+        trust_unsigned: std::sync::atomic::AtomicBool::new(trust_create.unsigned_payload),
+        probed: std::sync::atomic::AtomicBool::new(probed),
         release_after_commit: cfg.release_after_commit,
         max_in_flight: cfg.max_uploads_in_flight,
         metrics,

@@ -91,6 +91,20 @@ async fn probe_answers_about_checksums() {
             s.kind
         );
     }
+    // Segment bodies skip payload signing only where a wrong checksum in
+    // an unsigned-payload request is rejected too (the test endpoints are
+    // loopback, so the store has the unsigned client).
+    assert!(s.store("x").has_unsigned_body_client());
+    if !caps.checksum_validated {
+        assert!(!caps.checksum.unsigned_payload_validated, "{caps:?}");
+    }
+    if s.kind.starts_with("garage") {
+        assert!(
+            caps.checksum.unsigned_payload_validated,
+            "{}: Garage validated unsigned-payload checksums when measured: {caps:?}",
+            s.kind
+        );
+    }
     if caps.checksum.put_rejects_wrong {
         // Whatever the server did with the rejected body, it was cleaned up
         // with the rest of the probe's objects.
@@ -119,12 +133,22 @@ async fn probe_answers_about_checksums() {
 struct FlipProxy {
     addr: String,
     flipped: Arc<AtomicU64>,
+    /// Segment PUTs seen whose body was not signed (`UNSIGNED-PAYLOAD`).
+    unsigned: Arc<AtomicU64>,
 }
 
 async fn flip_proxy(upstream: String, n: u64) -> FlipProxy {
+    flip_proxy_with(upstream, n, false).await
+}
+
+/// [`flip_proxy`]; with `only_unsigned`, only requests whose body is not
+/// signed are flipped.
+async fn flip_proxy_with(upstream: String, n: u64, only_unsigned: bool) -> FlipProxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let flipped = Arc::new(AtomicU64::new(0));
+    let unsigned = Arc::new(AtomicU64::new(0));
+    let u = unsigned.clone();
     let up = upstream
         .trim_start_matches("http://")
         .trim_end_matches('/')
@@ -132,7 +156,7 @@ async fn flip_proxy(upstream: String, n: u64) -> FlipProxy {
     let f = flipped.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let (up, f) = (up.clone(), f.clone());
+            let (up, f, u) = (up.clone(), f.clone(), u.clone());
             tokio::spawn(async move {
                 let Ok(server) = TcpStream::connect(&up).await else {
                     return;
@@ -143,13 +167,17 @@ async fn flip_proxy(upstream: String, n: u64) -> FlipProxy {
                     let _ = tokio::io::copy(&mut sr, &mut cw).await;
                     let _ = cw.shutdown().await;
                 });
-                let _ = forward_flipping(&mut cr, &mut sw, &f, n).await;
+                let _ = forward_flipping(&mut cr, &mut sw, &f, &u, n, only_unsigned).await;
                 let _ = sw.shutdown().await;
                 let _ = back.await;
             });
         }
     });
-    FlipProxy { addr, flipped }
+    FlipProxy {
+        addr,
+        flipped,
+        unsigned,
+    }
 }
 
 /// Client-to-server half of [`flip_proxy`].
@@ -157,7 +185,9 @@ async fn forward_flipping(
     from: &mut (impl AsyncReadExt + Unpin),
     to: &mut (impl AsyncWriteExt + Unpin),
     flipped: &AtomicU64,
+    unsigned: &AtomicU64,
     n: u64,
+    only_unsigned: bool,
 ) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -186,10 +216,20 @@ async fn forward_flipping(
             })
             .unwrap_or(0);
         let target = first.starts_with("PUT ") && first.contains(".seg") && len > 200;
+        let body_unsigned = head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("x-amz-content-sha256")
+                    && v.trim() == "UNSIGNED-PAYLOAD"
+            })
+        });
+        if target && body_unsigned {
+            unsigned.fetch_add(1, Ordering::SeqCst);
+        }
         to.write_all(&buf[..head_end]).await?;
         buf.drain(..head_end);
         // The body, flipping one bit 100 bytes in when this is a target.
-        let flip = target && flipped.load(Ordering::SeqCst) < n;
+        let flip =
+            target && (body_unsigned || !only_unsigned) && flipped.load(Ordering::SeqCst) < n;
         if flip {
             flipped.fetch_add(1, Ordering::SeqCst);
         }
@@ -215,7 +255,9 @@ async fn forward_flipping(
 
 /// Issue 10: a body changed on the way to the server never reaches
 /// `Verified`. A validating server rejects the PUT (and the retry sends the
-/// right bytes); elsewhere the verification (`Full`: the CRC64 of the body
+/// right bytes); on Garage the bodies go as `UNSIGNED-PAYLOAD` (the proxy
+/// is on loopback), so only the server's check of the signed checksum
+/// header stands between the flipped body and the bucket; elsewhere the verification (`Full`: the CRC64 of the body
 /// read back) catches it and the object is sent again. Either way every
 /// verified object holds exactly the sealed file.
 #[tokio::test]
@@ -282,5 +324,93 @@ async fn a_body_corrupted_in_flight_never_reaches_verified() {
         "{}: {} bodies changed in flight, {checked} segments verified intact",
         s.kind,
         proxy.flipped.load(Ordering::SeqCst)
+    );
+}
+
+/// Segment bodies go as `UNSIGNED-PAYLOAD` only where the probe proved the
+/// server rejects a wrong checksum in such a request; there, a body flipped
+/// on the way (only unsigned ones are flipped) is refused by the server
+/// and sent again, and every verified object holds exactly the sealed
+/// file. Everywhere else no segment body goes unsigned.
+#[tokio::test]
+async fn unsigned_bodies_only_where_proven_and_a_flipped_one_is_refused() {
+    let s = s3();
+    let caps = probe::probe(&s.store(&unique("ckprobe-u"))).await.unwrap();
+    let proven = caps.checksum_validated && caps.checksum.unsigned_payload_validated;
+    let proxy = flip_proxy_with(s.endpoint.clone(), 2, true).await;
+    let d = tempfile::tempdir().unwrap();
+    let prefix = unique("flip-unsigned");
+    let cfg = Config {
+        data_dir: d.path().to_path_buf(),
+        store: Some(format!("s3://{}/{prefix}", s.bucket)),
+        endpoint: Some(proxy.addr.clone()),
+        allow_http: Some(true),
+        region: Some(s.region.clone()),
+        segment_items: 2000,
+        slot_count: 64,
+        tick_ms: 20,
+        manifest: false,
+        ..Config::default()
+    };
+    let (ti, _) = TierIndex::open(cfg).await.unwrap();
+    // Let the background probe answer before the segments roll, so the
+    // uploads run with what it proved.
+    for _ in 0..200 {
+        if ti.status().store_probed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..9000u64 {
+        ti.append(&(i % 313).to_le_bytes(), i, 10, 1_000 + i)
+            .unwrap();
+    }
+    ti.flush().unwrap();
+    let r = ti.shutdown(Duration::from_secs(120)).await;
+    assert!(r.fully_drained(), "{}: {r:?}", s.kind);
+    let (unsigned, flipped) = (
+        proxy.unsigned.load(Ordering::SeqCst),
+        proxy.flipped.load(Ordering::SeqCst),
+    );
+    if !proven {
+        assert_eq!(
+            unsigned, 0,
+            "{}: segment bodies went unsigned although the probe did not prove it: {caps:?}",
+            s.kind
+        );
+        return;
+    }
+    assert!(
+        flipped >= 1 && unsigned >= 2,
+        "{}: no unsigned body was flipped ({unsigned} unsigned, {flipped} flipped): the test proved nothing",
+        s.kind
+    );
+    let store = s.store(&prefix);
+    let (view, _) = Journal::open_read_only(d.path()).unwrap();
+    let mut checked = 0;
+    for (id, rec) in view.segments() {
+        assert!(
+            rec.state >= SegmentState::Verified && rec.state != SegmentState::Quarantined,
+            "{}: segment {id} is {:?}",
+            s.kind,
+            rec.state
+        );
+        let key = object_store::path::Path::parse(rec.key.as_deref().unwrap()).unwrap();
+        let body = store
+            .object_store()
+            .get(&key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let local = std::fs::read(d.path().join("segments").join(format!("{id}.seg"))).unwrap();
+        assert!(body == local, "{}: object of segment {id} differs", s.kind);
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} segments");
+    eprintln!(
+        "{}: {unsigned} unsigned segment bodies, {flipped} flipped and refused, {checked} segments verified intact",
+        s.kind
     );
 }

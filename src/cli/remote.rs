@@ -320,13 +320,19 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
         );
         let k = &c.checksum;
         s.push_str(&format!(
-            "\n  checksums (x-amz-checksum-crc64nvme): validated: {}\n    wrong PUT rejected: {} (left nothing: {})\n    wrong UploadPart rejected: {}\n    HEAD returns the whole-object value: single PUT {}, multipart {}\n  verification of uploads: {}",
+            "\n  checksums (x-amz-checksum-crc64nvme): validated: {}\n    wrong PUT rejected: {} (left nothing: {})\n    wrong UploadPart rejected: {}\n    HEAD returns the whole-object value: single PUT {}, multipart {}\n    validated with an unsigned payload too: {}\n  segment bodies: {}\n  verification of uploads: {}",
             c.checksum_validated,
             k.put_rejects_wrong,
             k.put_rejected_leaves_nothing,
             k.upload_part_rejects_wrong,
             k.head_single,
             k.head_multipart,
+            k.unsigned_payload_validated,
+            if c.checksum_validated && k.unsigned_payload_validated {
+                "UNSIGNED-PAYLOAD, protected by the signed checksum header and the transport (HTTPS or loopback)"
+            } else {
+                "payload signed (SHA-256 of every body)"
+            },
             if c.checksum_validated {
                 "Checksum (HEAD, the server's stored CRC64; no read-back)"
             } else {

@@ -42,6 +42,10 @@ pub struct StoreTrust {
     pub conditional_create: bool,
     /// The server validates and returns CRC-64/NVME checksums.
     pub checksums: bool,
+    /// ... also when the body is left out of the signature, so segment
+    /// bodies may go as `UNSIGNED-PAYLOAD` (see
+    /// [`crate::remote::StoreOptions::sign_payload`]).
+    pub unsigned_payload: bool,
 }
 
 impl StoreTrust {
@@ -49,6 +53,7 @@ impl StoreTrust {
         StoreTrust {
             conditional_create: c.conditional_create,
             checksums: c.checksum_validated,
+            unsigned_payload: c.checksum_validated && c.checksum.unsigned_payload_validated,
         }
     }
 }
@@ -67,6 +72,10 @@ pub struct Shared {
     /// Set once the probe proved the server validates and returns
     /// CRC-64/NVME checksums: only then is `VerifyLevel::Checksum` used.
     pub trust_checksum: std::sync::atomic::AtomicBool,
+    /// Set once the probe proved the same with unsigned-payload bodies.
+    pub trust_unsigned: std::sync::atomic::AtomicBool,
+    /// Set once the probe answered (whatever it proved).
+    pub probed: std::sync::atomic::AtomicBool,
     pub seg_dir: PathBuf,
     pub release_after_commit: bool,
     pub max_in_flight: usize,
@@ -379,6 +388,7 @@ impl Shared {
         UploadConfig {
             trust_conditional_create: self.trust_create.load(Acquire),
             checksum_proven: self.trust_checksum.load(Acquire),
+            unsigned_payload: self.trust_unsigned.load(Acquire),
             ..self.upload.clone()
         }
     }
@@ -392,6 +402,10 @@ impl Shared {
         if t.checksums {
             self.trust_checksum.store(true, Release);
         }
+        if t.unsigned_payload {
+            self.trust_unsigned.store(true, Release);
+        }
+        self.probed.store(true, Release);
     }
 
     /// Probe the store and record whether creates are conditional; returns
@@ -408,6 +422,7 @@ impl Shared {
                 tracing::info!(
                     conditional_create = c.conditional_create,
                     checksums = c.checksum_validated,
+                    unsigned_payload = c.checksum.unsigned_payload_validated,
                     "store capability probe: uploads are verified by {}",
                     if c.checksum_validated {
                         "the server's CRC-64/NVME (HEAD, checksum mode)"

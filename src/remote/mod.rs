@@ -67,6 +67,17 @@ pub struct StoreOptions {
     /// server cannot reject a changed body, so the probe's checksum answer
     /// does not hold for the store and must not be fed to the pipeline.
     pub s3_checksums: bool,
+    /// Sign every segment body's SHA-256 (SigV4 payload signing) even where
+    /// it adds nothing (default false). By default, on S3 over HTTPS or to
+    /// a loopback endpoint, a second client sends segment bodies as
+    /// `UNSIGNED-PAYLOAD`, as the AWS SDKs do over HTTPS: the body is then
+    /// protected by the signed `x-amz-checksum-crc64nvme` header, and the
+    /// uploads use that client only where the probe proved the server
+    /// rejects a wrong value in such a request
+    /// (`ChecksumProbe::unsigned_payload_validated`). Plain HTTP to another
+    /// host always signs the body: a CRC is no defence against someone
+    /// who can rewrite the request on the way.
+    pub sign_payload: bool,
 }
 
 impl Default for StoreOptions {
@@ -78,6 +89,7 @@ impl Default for StoreOptions {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             s3_checksums: true,
+            sign_payload: false,
         }
     }
 }
@@ -147,6 +159,10 @@ pub struct RemoteStore {
     prefix: Path,
     display: String,
     kind: StoreKind,
+    /// S3 only: the same store through a client that leaves segment bodies
+    /// out of the signature ([`StoreOptions::sign_payload`]); `None` where
+    /// the transport does not protect the body or signing was asked for.
+    unsigned_body: Option<BodyClient>,
     /// Cleared the first time the store answers "attributes not implemented"
     /// (LocalFileSystem does); shared by clones.
     metadata_ok: Arc<AtomicBool>,
@@ -221,7 +237,7 @@ impl RemoteStore {
             StoreUrl::S3 { bucket, prefix } => {
                 let prefix = Path::from_url_path(&prefix)
                     .map_err(|e| Error::InvalidInput(format!("store URL prefix: {e}")))?;
-                let (s3, lister) = build_s3(&bucket, opts, env)?;
+                let (s3, lister, body) = build_s3(&bucket, opts, env)?;
                 let s3 = Arc::new(s3);
                 let display = if prefix.is_root() {
                     format!("s3://{bucket}")
@@ -236,6 +252,7 @@ impl RemoteStore {
                 );
                 rs.prefix = prefix;
                 rs.uploads = UploadLister::S3(Arc::new(lister));
+                rs.unsigned_body = body;
                 Ok(rs)
             }
         }
@@ -258,6 +275,7 @@ impl RemoteStore {
             prefix: Path::from(prefix.trim_matches('/')),
             display: display.to_string(),
             kind,
+            unsigned_body: None,
             // LocalFileSystem refuses object metadata (NotImplemented).
             metadata_ok: Arc::new(AtomicBool::new(kind != StoreKind::Local)),
         }
@@ -272,6 +290,30 @@ impl RemoteStore {
     }
     pub fn multipart(&self) -> Option<&Arc<dyn MultipartStore>> {
         self.multipart.as_ref()
+    }
+
+    /// True when segment bodies can go as `UNSIGNED-PAYLOAD`
+    /// ([`StoreOptions::sign_payload`]); the uploads still use that only
+    /// where the probe proved the server validates their checksum header.
+    pub fn has_unsigned_body_client(&self) -> bool {
+        self.unsigned_body.is_some()
+    }
+
+    /// The client a segment body goes through: the unsigned-payload one
+    /// when `unsigned` and there is one, else the ordinary one.
+    pub fn body_store(&self, unsigned: bool) -> &Arc<dyn ObjectStore> {
+        match &self.unsigned_body {
+            Some(b) if unsigned => &b.store,
+            _ => &self.store,
+        }
+    }
+
+    /// As [`body_store`](Self::body_store), for multipart uploads.
+    pub(crate) fn body_multipart(&self, unsigned: bool) -> Option<&Arc<dyn MultipartStore>> {
+        match &self.unsigned_body {
+            Some(b) if unsigned && self.multipart.is_some() => Some(&b.multipart),
+            _ => self.multipart.as_ref(),
+        }
     }
     pub fn prefix(&self) -> &Path {
         &self.prefix
@@ -349,9 +391,15 @@ impl RemoteStore {
     }
 
     /// The probe's PUT with a chosen (wrong) checksum; returns the status.
-    pub(crate) async fn put_with_crc64(&self, key: &Path, body: Bytes, crc64: u64) -> Result<u16> {
+    pub(crate) async fn put_with_crc64(
+        &self,
+        key: &Path,
+        body: Bytes,
+        crc64: u64,
+        payload: s3_uploads::PayloadSigning,
+    ) -> Result<u16> {
         self.s3_extras()?
-            .put_with_crc64(key.as_ref(), body, crc64)
+            .put_with_crc64(key.as_ref(), body, crc64, payload)
             .await
     }
 
@@ -363,9 +411,10 @@ impl RemoteStore {
         part: u32,
         body: Bytes,
         crc64: u64,
+        payload: s3_uploads::PayloadSigning,
     ) -> Result<u16> {
         self.s3_extras()?
-            .upload_part_with_crc64(key.as_ref(), upload_id, part, body, crc64)
+            .upload_part_with_crc64(key.as_ref(), upload_id, part, body, crc64, payload)
             .await
     }
 
@@ -434,12 +483,24 @@ impl RemoteStore {
     }
 }
 
-/// The S3 store, and the upload lister configured from the same builder.
+/// A second client of the same bucket for segment bodies.
+#[derive(Clone)]
+struct BodyClient {
+    store: Arc<dyn ObjectStore>,
+    multipart: Arc<dyn MultipartStore>,
+}
+
+/// The S3 store, the upload lister configured from the same builder, and
+/// the unsigned-payload body client where the transport protects bodies.
 fn build_s3(
     bucket: &str,
     opts: &StoreOptions,
     env: &[(String, String)],
-) -> Result<(object_store::aws::AmazonS3, s3_uploads::S3Uploads)> {
+) -> Result<(
+    object_store::aws::AmazonS3,
+    s3_uploads::S3Uploads,
+    Option<BodyClient>,
+)> {
     // Same as AmazonS3Builder::from_env(), over the given variables.
     let mut b = AmazonS3Builder::new();
     for (k, v) in env {
@@ -535,7 +596,30 @@ fn build_s3(
         .map_err(|e| Error::Remote(format!("configure s3://{bucket}: {e}")))?;
     // The same credential provider: both sign with the same keys.
     let cfg = lister(s3.credentials().clone());
-    Ok((s3, s3_uploads::S3Uploads::new(cfg)))
+    // Bodies may go unsigned only where nobody on the way can rewrite the
+    // request (TLS, or a loopback endpoint) and the signed checksum header
+    // goes with them; the uploads use this client only once the probe
+    // proved the server checks that header in such a request.
+    let protected = match get(AmazonS3ConfigKey::Endpoint) {
+        None => true, // AWS's own endpoints: HTTPS
+        Some(u) if u.to_ascii_lowercase().starts_with("https://") => true,
+        Some(_) => endpoint.as_ref().is_some_and(|e| e.loopback_http),
+    };
+    let body = if opts.s3_checksums && !opts.sign_payload && protected {
+        let u = b
+            .clone()
+            .with_unsigned_payload(true)
+            .build()
+            .map_err(|e| Error::Remote(format!("configure s3://{bucket}: {e}")))?;
+        let u = Arc::new(u);
+        Some(BodyClient {
+            store: u.clone(),
+            multipart: u,
+        })
+    } else {
+        None
+    };
+    Ok((s3, s3_uploads::S3Uploads::new(cfg), body))
 }
 
 /// Variables through which object_store finds credentials other than the
@@ -820,6 +904,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2secret"), "{err}");
+    }
+
+    /// Segment bodies may go unsigned only where the transport protects
+    /// them (HTTPS, loopback) and nobody asked for signing; never on
+    /// plain HTTP to another host, never on file:// or memory://.
+    #[test]
+    fn unsigned_body_client_only_over_protected_transports() {
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID".to_string(), "AKIDEXAMPLE".to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), "s".to_string()),
+        ];
+        let with = |endpoint: Option<&str>, allow_http: Option<bool>, sign: bool| {
+            let o = StoreOptions {
+                endpoint: endpoint.map(str::to_string),
+                allow_http,
+                sign_payload: sign,
+                ..StoreOptions::default()
+            };
+            RemoteStore::from_url_with_env("s3://bkt/p", &o, &env)
+                .unwrap()
+                .has_unsigned_body_client()
+        };
+        assert!(with(None, None, false), "AWS (HTTPS)");
+        assert!(with(Some("https://s3.example.net"), None, false));
+        assert!(with(Some("http://127.0.0.1:9000"), None, false));
+        assert!(with(Some("http://[::1]:9000"), None, false));
+        assert!(!with(Some("http://10.1.2.3:9000"), Some(true), false));
+        assert!(!with(Some("http://s3.internal:9000"), Some(true), false));
+        assert!(!with(None, None, true), "sign_payload asked for");
+        assert!(!with(Some("http://127.0.0.1:9000"), None, true));
+        let env_ep = vec![
+            ("AWS_ACCESS_KEY_ID".to_string(), "AKIDEXAMPLE".to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), "s".to_string()),
+            (
+                "AWS_ENDPOINT_URL".to_string(),
+                "http://10.0.0.7:80".to_string(),
+            ),
+            ("AWS_ALLOW_HTTP".to_string(), "true".to_string()),
+        ];
+        let s = RemoteStore::from_url_with_env("s3://bkt/p", &StoreOptions::default(), &env_ep)
+            .unwrap();
+        assert!(
+            !s.has_unsigned_body_client(),
+            "plain HTTP from the environment"
+        );
+        let o = StoreOptions::default();
+        assert!(
+            !RemoteStore::from_url("memory://", &o)
+                .unwrap()
+                .has_unsigned_body_client()
+        );
+        let d = tempfile::tempdir().unwrap();
+        let url = ::url::Url::from_file_path(d.path()).unwrap();
+        assert!(
+            !RemoteStore::from_url(url.as_str(), &o)
+                .unwrap()
+                .has_unsigned_body_client()
+        );
     }
 
     #[test]

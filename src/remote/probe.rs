@@ -20,6 +20,7 @@ use object_store::{
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::remote::s3_uploads::PayloadSigning;
 use crate::remote::{RemoteStore, classify};
 
 /// What a store answered to the probe.
@@ -67,6 +68,15 @@ pub struct ChecksumProbe {
     /// HEAD (checksum mode) of a multipart upload returned the right
     /// whole-object value (not a composite `-N` one).
     pub head_multipart: bool,
+    /// With the body left out of the signature (`UNSIGNED-PAYLOAD`), a
+    /// PUT and an UploadPart with the right value were accepted and with a
+    /// wrong one rejected (400, nothing left under the key). Asked only
+    /// where the store has an unsigned-payload client (HTTPS or loopback,
+    /// `StoreOptions::sign_payload` off) and the signed answers all held;
+    /// only then do segment bodies skip payload signing. Not part of
+    /// [`all`](Self::all): a server that refuses unsigned bodies still
+    /// validates signed ones.
+    pub unsigned_payload_validated: bool,
 }
 
 impl ChecksumProbe {
@@ -333,7 +343,94 @@ async fn run(store: &RemoteStore, dir: &Path, caps: &mut Capabilities) -> Result
     // 6. S3 checksums: validated on PUT and UploadPart, returned by HEAD.
     probe_checksums(store, dir, caps).await;
     caps.checksum_validated = caps.checksum.all();
+    // 7. The same validation with the body left out of the signature.
+    if caps.checksum_validated && store.has_unsigned_body_client() {
+        let mut notes = Vec::new();
+        caps.checksum.unsigned_payload_validated =
+            probe_unsigned_payload(store, dir, &mut notes).await;
+        caps.notes.extend(notes);
+    }
     Ok(())
+}
+
+/// Step 7: does the server still reject a wrong `x-amz-checksum-crc64nvme`
+/// when the signature does not cover the body? Each wrong request has a
+/// right control first, so a refusal is about the checksum (a server that
+/// refuses `UNSIGNED-PAYLOAD` altogether answers false here, and segment
+/// bodies stay signed).
+async fn probe_unsigned_payload(store: &RemoteStore, dir: &Path, notes: &mut Vec<String>) -> bool {
+    use crate::remote::s3_uploads::PayloadSigning::Unsigned;
+    let body = Bytes::from_static(b"tierindex unsigned-payload checksum probe body");
+    let right = crate::segment::format::crc64(&body);
+    let wrong = right ^ 0x0001_0000_0000_0100;
+    let ok = |s: &Result<u16>| matches!(s, Ok(s) if (200..300).contains(s));
+    let ckey = dir.clone().join("unsigned-right");
+    let control = store
+        .put_with_crc64(&ckey, body.clone(), right, Unsigned)
+        .await;
+    if !ok(&control) {
+        notes.push(format!(
+            "a PUT with an unsigned payload and the right checksum answered {control:?}: segment bodies stay signed"
+        ));
+        return false;
+    }
+    let wkey = dir.clone().join("unsigned-wrong");
+    match store
+        .put_with_crc64(&wkey, body.clone(), wrong, Unsigned)
+        .await
+    {
+        Ok(400) => {}
+        other => {
+            notes.push(format!(
+                "a PUT with an unsigned payload and a wrong checksum answered {other:?}, not 400: segment bodies stay signed"
+            ));
+            return false;
+        }
+    }
+    match store.object_store().head(&wkey).await {
+        Err(object_store::Error::NotFound { .. }) => {}
+        other => {
+            notes.push(format!(
+                "a rejected unsigned-payload PUT left {other:?} under its key: segment bodies stay signed"
+            ));
+            return false;
+        }
+    }
+    let Some(mp) = store.multipart() else {
+        return false;
+    };
+    let pkey = dir.clone().join("unsigned-part");
+    let id = match mp.create_multipart(&pkey).await {
+        Ok(id) => id,
+        Err(e) => {
+            notes.push(format!("unsigned-payload multipart probe failed: {e}"));
+            return false;
+        }
+    };
+    let control = store
+        .upload_part_with_crc64(&pkey, &id, 2, body.clone(), right, Unsigned)
+        .await;
+    let proven = if ok(&control) {
+        match store
+            .upload_part_with_crc64(&pkey, &id, 1, body.clone(), wrong, Unsigned)
+            .await
+        {
+            Ok(400) => true,
+            other => {
+                notes.push(format!(
+                    "an UploadPart with an unsigned payload and a wrong checksum answered {other:?}, not 400: segment bodies stay signed"
+                ));
+                false
+            }
+        }
+    } else {
+        notes.push(format!(
+            "an UploadPart with an unsigned payload and the right checksum answered {control:?}: segment bodies stay signed"
+        ));
+        false
+    };
+    let _ = mp.abort_multipart(&pkey, &id).await;
+    proven
 }
 
 /// Step 6 of the probe. Every answer that is not the documented one is a
@@ -357,7 +454,10 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
     // accepted, so a refusal of the wrong one below is about the checksum
     // (not a bucket policy, a signing fault or throttling).
     let ckey = dir.clone().join("checksum-right");
-    match store.put_with_crc64(&ckey, body.clone(), right).await {
+    match store
+        .put_with_crc64(&ckey, body.clone(), right, PayloadSigning::Signed)
+        .await
+    {
         Ok(s) if (200..300).contains(&s) => {}
         Ok(s) => {
             notes.push(format!(
@@ -379,7 +479,9 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
     // a. A PUT with a wrong checksum must be rejected (400, the answer to a
     //    bad digest; not 403/404/408/429/5xx) and leave nothing.
     let wkey = dir.clone().join("checksum-wrong");
-    match store.put_with_crc64(&wkey, body.clone(), wrong).await {
+    match store
+        .put_with_crc64(&wkey, body.clone(), wrong, PayloadSigning::Signed)
+        .await {
         Ok(400) => {
             c.put_rejects_wrong = true;
             match os.head(&wkey).await {
@@ -427,11 +529,25 @@ async fn probe_checksums(store: &RemoteStore, dir: &Path, caps: &mut Capabilitie
                 // The same upload takes part 2 with the right value (the
                 // control) and part 1 with a wrong one (must be a 400).
                 let control = store
-                    .upload_part_with_crc64(&wkey, &id, 2, body.clone(), right)
+                    .upload_part_with_crc64(
+                        &wkey,
+                        &id,
+                        2,
+                        body.clone(),
+                        right,
+                        PayloadSigning::Signed,
+                    )
                     .await;
                 match control {
                     Ok(s) if (200..300).contains(&s) => match store
-                        .upload_part_with_crc64(&wkey, &id, 1, body.clone(), wrong)
+                        .upload_part_with_crc64(
+                            &wkey,
+                            &id,
+                            1,
+                            body.clone(),
+                            wrong,
+                            PayloadSigning::Signed,
+                        )
                         .await
                     {
                         Ok(400) => c.upload_part_rejects_wrong = true,

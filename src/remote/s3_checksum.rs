@@ -18,7 +18,7 @@
 use bytes::Bytes;
 use reqwest::Method;
 
-use super::s3_uploads::S3Uploads;
+use super::s3_uploads::{PayloadSigning, S3Uploads};
 use crate::error::{Error, Result};
 
 /// The checksum header of S3's CRC-64/NVME.
@@ -105,15 +105,22 @@ impl S3Uploads {
 
     /// PUT `body` under `key` with `x-amz-checksum-crc64nvme: crc64` (the
     /// probe sends a wrong one on purpose). Returns the HTTP status.
-    pub(crate) async fn put_with_crc64(&self, key: &str, body: Bytes, crc64: u64) -> Result<u16> {
+    pub(crate) async fn put_with_crc64(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc64: u64,
+        payload: PayloadSigning,
+    ) -> Result<u16> {
         let a = self
-            .send_signed(
+            .send_signed_as(
                 Method::PUT,
                 key,
                 &[],
                 &[(CRC64NVME_HEADER, encode_crc64(crc64))],
                 Some(body),
                 &format!("PUT {key} (checksum probe)"),
+                payload,
             )
             .await?;
         Ok(a.status)
@@ -128,16 +135,18 @@ impl S3Uploads {
         part: u32,
         body: Bytes,
         crc64: u64,
+        payload: PayloadSigning,
     ) -> Result<u16> {
         let part = part.to_string();
         let a = self
-            .send_signed(
+            .send_signed_as(
                 Method::PUT,
                 key,
                 &[("partNumber", part.as_str()), ("uploadId", upload_id)],
                 &[(CRC64NVME_HEADER, encode_crc64(crc64))],
                 Some(body),
                 &format!("UploadPart {key} (checksum probe)"),
+                payload,
             )
             .await?;
         Ok(a.status)

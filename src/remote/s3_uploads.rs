@@ -39,6 +39,16 @@ use crate::upload::retry::{RetryPolicy, with_retries};
 
 /// SHA-256 of the empty payload (every request here has no body).
 pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// SigV4's marker for a body left out of the signature.
+const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
+
+/// Whether a hand-signed request's signature covers its body's SHA-256.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PayloadSigning {
+    Signed,
+    Unsigned,
+}
 /// Largest response body read for one page (S3 pages hold at most 1000
 /// uploads, well under 1 MiB).
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -356,6 +366,34 @@ impl S3Uploads {
         body: Option<bytes::Bytes>,
         what: &str,
     ) -> Result<Answer> {
+        self.send_signed_as(
+            method,
+            key,
+            query,
+            extra,
+            body,
+            what,
+            PayloadSigning::Signed,
+        )
+        .await
+    }
+
+    /// [`send_signed`](Self::send_signed) with the body's SHA-256 left out
+    /// of the signature (`UNSIGNED-PAYLOAD`) when `payload` says so: the
+    /// probe asks whether the server still validates a body's checksum
+    /// header then, as segment uploads through the unsigned-payload client
+    /// rely on.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_signed_as(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        query: &[(&str, &str)],
+        extra: &[(&str, String)],
+        body: Option<bytes::Bytes>,
+        what: &str,
+        payload: PayloadSigning,
+    ) -> Result<Answer> {
         let mut url = self.base.clone().map_err(Error::InvalidInput)?;
         {
             let mut segs = url
@@ -372,9 +410,10 @@ impl S3Uploads {
         if !query.is_empty() {
             url.set_query(Some(&wire_query(query)));
         }
-        let payload_sha = match &body {
-            Some(b) => sha256_hex(b),
-            None => EMPTY_SHA256.to_string(),
+        let payload_sha = match (&body, payload) {
+            (_, PayloadSigning::Unsigned) => UNSIGNED_PAYLOAD.to_string(),
+            (Some(b), PayloadSigning::Signed) => sha256_hex(b),
+            (None, PayloadSigning::Signed) => EMPTY_SHA256.to_string(),
         };
         let (mut req, cred) = self
             .signed(&method, url, &path, query, extra, &payload_sha)

@@ -143,6 +143,13 @@ pub struct UploadConfig {
     /// checksums (`Capabilities::checksum_validated`)? Only then is
     /// [`VerifyLevel::Checksum`] used.
     pub checksum_proven: bool,
+    /// From the probe: the server also validates the checksum header of a
+    /// request whose body is left out of the signature
+    /// (`ChecksumProbe::unsigned_payload_validated`). Then segment bodies
+    /// go through the store's unsigned-payload client, where it has one
+    /// ([`RemoteStore::has_unsigned_body_client`]), saving a SHA-256 pass
+    /// over every byte.
+    pub unsigned_payload: bool,
 }
 
 impl Default for UploadConfig {
@@ -157,6 +164,7 @@ impl Default for UploadConfig {
             verify: VerifyLevel::Checksum,
             trust_conditional_create: false,
             checksum_proven: false,
+            unsigned_payload: false,
         }
     }
 }
@@ -188,6 +196,12 @@ impl UploadConfig {
             self.verify
         }
         .effective(meta, self.checksum_proven)
+    }
+
+    /// True when segment bodies may skip payload signing: the probe proved
+    /// the server validates their checksum header both signed and unsigned.
+    pub fn unsigned_body(&self) -> bool {
+        self.unsigned_payload && self.checksum_proven
     }
 
     /// Rejects settings the store cannot honour (the part size only matters

@@ -162,8 +162,7 @@ async fn put_checked(
     let written = if multipart {
         put_multipart(store, key, meta, &bytes, cfg, &policy, &mut rng, hooks).await?
     } else {
-        let trust = cfg.trust_conditional_create;
-        put_single(store, key, meta, bytes, trust, &policy, &mut rng).await?
+        put_single(store, key, meta, bytes, cfg, &policy, &mut rng).await?
     };
     let PutOutcome::Created { .. } = &written else {
         return Ok(written); // AlreadyPresent was proven by a full comparison.
@@ -271,11 +270,12 @@ async fn put_single(
     key: &Path,
     meta: &SealedMeta,
     bytes: Bytes,
-    trust_create: bool,
+    cfg: &UploadConfig,
     policy: &RetryPolicy,
     rng: &mut fastrand::Rng,
 ) -> Result<PutOutcome> {
-    let os = store.object_store();
+    let trust_create = cfg.trust_conditional_create;
+    let os = store.body_store(cfg.unsigned_body());
     // Bounded: once for a metadata refusal, once for an object that vanished
     // between AlreadyExists and the comparison.
     for _round in 0..3 {
@@ -380,7 +380,7 @@ async fn put_multipart(
     hooks: &mut dyn UploadHooks,
 ) -> Result<PutOutcome> {
     let mp = store
-        .multipart()
+        .body_multipart(cfg.unsigned_body())
         .ok_or_else(|| Error::InvalidInput("store has no multipart API".into()))?
         .clone();
     let part_size = cfg
