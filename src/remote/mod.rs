@@ -505,6 +505,15 @@ fn build_s3(
     let mut b = AmazonS3Builder::new();
     for (k, v) in env {
         if let Ok(key) = k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            // Payload signing is tierindex's decision (`sign_payload` and
+            // the probe), never a variable's: AWS_UNSIGNED_PAYLOAD would
+            // unsign every body on any transport, unproven.
+            if key == AmazonS3ConfigKey::UnsignedPayload {
+                tracing::warn!(
+                    "AWS_UNSIGNED_PAYLOAD is ignored: tierindex signs payloads unless the transport and the server's checksum check make it unnecessary (see sign_payload)"
+                );
+                continue;
+            }
             b = b.with_config(key, v.clone());
         }
     }
@@ -512,16 +521,35 @@ fn build_s3(
     // Every endpoint is validated before the HTTP stack sees it: a bad one
     // panics inside object_store, and one with user info would be logged
     // by the HTTP client at TRACE.
-    let mut endpoint = None;
-    for name in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
+    // object_store uses AWS_ENDPOINT_URL_S3 over the generic one, and of
+    // AWS_ENDPOINT_URL and AWS_ENDPOINT whichever it saw last: two that
+    // disagree are refused rather than guessed between.
+    let mut endpoint: Option<self::url::Endpoint> = None;
+    let mut generic: Option<(&str, self::url::Endpoint)> = None;
+    for name in ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
         if let Some((_, v)) = env.iter().find(|(k, _)| k == name) {
             let ep = self::url::parse_endpoint(name, v)?;
+            if name != "AWS_ENDPOINT_URL_S3" {
+                if let Some((first, other)) = &generic
+                    && other.url != ep.url
+                {
+                    return Err(Error::InvalidInput(format!(
+                        "{first} ({}) and {name} ({}) name different endpoints: set one of them (or --endpoint)",
+                        other.url, ep.url
+                    )));
+                }
+                generic.get_or_insert((name, ep.clone()));
+            }
             endpoint.get_or_insert(ep);
         }
     }
     if let Some(ep) = &opts.endpoint {
         let ep = self::url::parse_endpoint("endpoint", ep)?;
-        b = b.with_endpoint(ep.url.clone());
+        // Both keys: an AWS_ENDPOINT_URL_S3 in the environment must not
+        // win over the endpoint given here.
+        b = b
+            .with_endpoint(ep.url.clone())
+            .with_config(AmazonS3ConfigKey::S3Endpoint, ep.url.clone());
         endpoint = Some(ep);
     }
     match opts.allow_http {
@@ -600,11 +628,13 @@ fn build_s3(
     // request (TLS, or a loopback endpoint) and the signed checksum header
     // goes with them; the uploads use this client only once the probe
     // proved the server checks that header in such a request.
-    let protected = match get(AmazonS3ConfigKey::Endpoint) {
-        None => true, // AWS's own endpoints: HTTPS
-        Some(u) if u.to_ascii_lowercase().starts_with("https://") => true,
-        Some(_) => endpoint.as_ref().is_some_and(|e| e.loopback_http),
-    };
+    let protected = transport_protects_bodies(
+        get(AmazonS3ConfigKey::S3Endpoint).or_else(|| get(AmazonS3ConfigKey::Endpoint)),
+        flag(AmazonS3ConfigKey::Client(
+            ClientConfigKey::AllowInvalidCertificates,
+        )),
+        get(AmazonS3ConfigKey::Client(ClientConfigKey::ProxyUrl)).is_some() || env_proxy(env),
+    );
     let body = if opts.s3_checksums && !opts.sign_payload && protected {
         let u = b
             .clone()
@@ -620,6 +650,41 @@ fn build_s3(
         None
     };
     Ok((s3, s3_uploads::S3Uploads::new(cfg), body))
+}
+
+/// Can nobody on the way rewrite a request to `endpoint` (the one
+/// object_store will really use: the S3-specific endpoint first)? True for
+/// AWS's own endpoints and any `https://` one with certificates checked
+/// (a proxy tunnels TLS), and for an `http://` loopback endpoint reached
+/// without a proxy. Anything else, including an endpoint that does not
+/// parse, is false: segment bodies then stay signed.
+fn transport_protects_bodies(endpoint: Option<String>, invalid_certs: bool, proxied: bool) -> bool {
+    if invalid_certs {
+        return false;
+    }
+    match endpoint {
+        None => true, // AWS's own endpoints: HTTPS
+        Some(u) => match self::url::parse_endpoint("endpoint", &u) {
+            Ok(ep) if ep.url.starts_with("https://") => true,
+            Ok(ep) => ep.loopback_http && !proxied,
+            Err(_) => false,
+        },
+    }
+}
+
+/// A proxy the HTTP client may send plain-HTTP requests through: the
+/// standard variables, in the given environment or the process's (reqwest
+/// reads the process's). `NO_PROXY` is not consulted: a proxy variable
+/// alone keeps bodies signed on plain HTTP.
+fn env_proxy(env: &[(String, String)]) -> bool {
+    const NAMES: [&str; 3] = ["http_proxy", "all_proxy", "https_proxy"];
+    let set = |name: &str| {
+        env.iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case(name) && !v.is_empty())
+            || std::env::var_os(name).is_some_and(|v| !v.is_empty())
+            || std::env::var_os(name.to_ascii_uppercase()).is_some_and(|v| !v.is_empty())
+    };
+    NAMES.iter().any(|n| set(n))
 }
 
 /// Variables through which object_store finds credentials other than the
@@ -949,6 +1014,61 @@ mod tests {
             !s.has_unsigned_body_client(),
             "plain HTTP from the environment"
         );
+        // The S3-specific endpoint is the one used: plain HTTP to another
+        // host there keeps bodies signed, whatever the generic one says.
+        let ev = |extra: &[(&str, &str)]| {
+            let mut e = env.clone();
+            e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            e
+        };
+        let s = RemoteStore::from_url_with_env(
+            "s3://bkt/p",
+            &StoreOptions::default(),
+            &ev(&[
+                ("AWS_ENDPOINT_URL_S3", "http://10.0.0.9:9000"),
+                ("AWS_ALLOW_HTTP", "true"),
+            ]),
+        )
+        .unwrap();
+        assert!(
+            !s.has_unsigned_body_client(),
+            "AWS_ENDPOINT_URL_S3 over plain HTTP"
+        );
+        // Two generic endpoint variables that disagree: refused.
+        let e = RemoteStore::from_url_with_env(
+            "s3://bkt/p",
+            &StoreOptions::default(),
+            &ev(&[
+                ("AWS_ENDPOINT_URL", "http://127.0.0.1:9000"),
+                ("AWS_ENDPOINT", "http://10.0.0.9"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("different endpoints"), "{e}");
+        // A proxy on the way, or certificates not checked: signed.
+        let loopback = StoreOptions {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            ..StoreOptions::default()
+        };
+        for extra in [
+            ("AWS_PROXY_URL", "http://proxy.example:3128"),
+            ("HTTP_PROXY", "http://proxy.example:3128"),
+        ] {
+            let s = RemoteStore::from_url_with_env("s3://bkt/p", &loopback, &ev(&[extra])).unwrap();
+            assert!(!s.has_unsigned_body_client(), "{extra:?}");
+        }
+        let https = StoreOptions {
+            endpoint: Some("https://s3.example.net".into()),
+            ..StoreOptions::default()
+        };
+        let s = RemoteStore::from_url_with_env(
+            "s3://bkt/p",
+            &https,
+            &ev(&[("AWS_ALLOW_INVALID_CERTIFICATES", "true")]),
+        )
+        .unwrap();
+        assert!(!s.has_unsigned_body_client(), "certificates not checked");
         let o = StoreOptions::default();
         assert!(
             !RemoteStore::from_url("memory://", &o)

@@ -364,13 +364,18 @@ async fn probe_unsigned_payload(store: &RemoteStore, dir: &Path, notes: &mut Vec
     let right = crate::segment::format::crc64(&body);
     let wrong = right ^ 0x0001_0000_0000_0100;
     let ok = |s: &Result<u16>| matches!(s, Ok(s) if (200..300).contains(s));
+    let said = |s: &Result<u16>| match s {
+        Ok(code) => format!("HTTP {code}"),
+        Err(e) => e.to_string(),
+    };
     let ckey = dir.clone().join("unsigned-right");
     let control = store
         .put_with_crc64(&ckey, body.clone(), right, Unsigned)
         .await;
     if !ok(&control) {
         notes.push(format!(
-            "a PUT with an unsigned payload and the right checksum answered {control:?}: segment bodies stay signed"
+            "a PUT with an unsigned payload and the right checksum answered {}: segment bodies stay signed",
+            said(&control)
         ));
         return false;
     }
@@ -382,16 +387,25 @@ async fn probe_unsigned_payload(store: &RemoteStore, dir: &Path, notes: &mut Vec
         Ok(400) => {}
         other => {
             notes.push(format!(
-                "a PUT with an unsigned payload and a wrong checksum answered {other:?}, not 400: segment bodies stay signed"
+                "a PUT with an unsigned payload and a wrong checksum answered {}, not 400: segment bodies stay signed",
+                said(&other)
             ));
             return false;
         }
     }
     match store.object_store().head(&wkey).await {
         Err(object_store::Error::NotFound { .. }) => {}
-        other => {
+        Ok(m) => {
             notes.push(format!(
-                "a rejected unsigned-payload PUT left {other:?} under its key: segment bodies stay signed"
+                "a rejected unsigned-payload PUT left {} bytes under its key: segment bodies stay signed",
+                m.size
+            ));
+            return false;
+        }
+        Err(e) => {
+            notes.push(format!(
+                "HEAD after a rejected unsigned-payload PUT failed ({}): segment bodies stay signed",
+                classify(e)
             ));
             return false;
         }
@@ -403,7 +417,10 @@ async fn probe_unsigned_payload(store: &RemoteStore, dir: &Path, notes: &mut Vec
     let id = match mp.create_multipart(&pkey).await {
         Ok(id) => id,
         Err(e) => {
-            notes.push(format!("unsigned-payload multipart probe failed: {e}"));
+            notes.push(format!(
+                "unsigned-payload multipart probe failed: {}",
+                classify(e)
+            ));
             return false;
         }
     };
@@ -418,14 +435,16 @@ async fn probe_unsigned_payload(store: &RemoteStore, dir: &Path, notes: &mut Vec
             Ok(400) => true,
             other => {
                 notes.push(format!(
-                    "an UploadPart with an unsigned payload and a wrong checksum answered {other:?}, not 400: segment bodies stay signed"
+                    "an UploadPart with an unsigned payload and a wrong checksum answered {}, not 400: segment bodies stay signed",
+                said(&other)
                 ));
                 false
             }
         }
     } else {
         notes.push(format!(
-            "an UploadPart with an unsigned payload and the right checksum answered {control:?}: segment bodies stay signed"
+            "an UploadPart with an unsigned payload and the right checksum answered {}: segment bodies stay signed",
+            said(&control)
         ));
         false
     };
