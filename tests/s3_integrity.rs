@@ -54,6 +54,66 @@ impl S3 {
             ..StoreOptions::default()
         }
     }
+    /// A data directory at `data` uploading under `prefix` through `proxy`,
+    /// small segments. Single-writer mode, explicitly: these tests check
+    /// what the upload and its verification prove, on every server, Garage
+    /// included (which refuses the default, the remote manifest).
+    fn through_proxy(&self, data: &std::path::Path, proxy: &FlipProxy, prefix: &str) -> Config {
+        Config {
+            data_dir: data.to_path_buf(),
+            store: Some(format!("s3://{}/{prefix}", self.bucket)),
+            endpoint: Some(proxy.addr.clone()),
+            allow_http: Some(true),
+            region: Some(self.region.clone()),
+            segment_items: 2000,
+            slot_count: 64,
+            tick_ms: 20,
+            manifest: false,
+            ..Config::default()
+        }
+    }
+
+    /// Every segment of `data`'s journal is verified (or further, never
+    /// quarantined) and its object, read straight from the server (not
+    /// through the proxy), is byte for byte its sealed file. Returns how
+    /// many were checked (at least 3).
+    async fn every_verified_object_is_its_file(
+        &self,
+        data: &std::path::Path,
+        prefix: &str,
+    ) -> usize {
+        let store = self.store(prefix);
+        let (view, _) = Journal::open_read_only(data).unwrap();
+        let mut checked = 0;
+        for (id, rec) in view.segments() {
+            assert!(
+                rec.state >= SegmentState::Verified && rec.state != SegmentState::Quarantined,
+                "{}: segment {id} is {:?}",
+                self.kind,
+                rec.state
+            );
+            let key = object_store::path::Path::parse(rec.key.as_deref().unwrap()).unwrap();
+            let body = store
+                .object_store()
+                .get(&key)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let local = std::fs::read(data.join("segments").join(format!("{id}.seg"))).unwrap();
+            assert!(
+                body == local,
+                "{}: object of segment {id} differs",
+                self.kind
+            );
+            assert!(rec.meta.matches_bytes(&body));
+            checked += 1;
+        }
+        assert!(checked >= 3, "{}: only {checked} segments", self.kind);
+        checked
+    }
+
     fn store(&self, prefix: &str) -> RemoteStore {
         RemoteStore::from_url(
             &format!("s3://{}/{prefix}", self.bucket),
@@ -256,8 +316,9 @@ async fn forward_flipping(
 /// Issue 10: a body changed on the way to the server never reaches
 /// `Verified`. A validating server rejects the PUT (and the retry sends the
 /// right bytes; bodies may be signed or, once the probe proved it, sent as
-/// `UNSIGNED-PAYLOAD`: see the next test); elsewhere the verification (`Full`: the CRC64 of the body
-/// read back) catches it and the object is sent again. Either way every
+/// `UNSIGNED-PAYLOAD`: see the next test); elsewhere the verification
+/// (`Full`: the CRC64 of the body read back) catches it and the object is
+/// sent again. Either way every
 /// verified object holds exactly the sealed file.
 #[tokio::test]
 async fn a_body_corrupted_in_flight_never_reaches_verified() {
@@ -265,21 +326,7 @@ async fn a_body_corrupted_in_flight_never_reaches_verified() {
     let proxy = flip_proxy(s.endpoint.clone(), 2).await;
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("flip");
-    let cfg = Config {
-        data_dir: d.path().to_path_buf(),
-        store: Some(format!("s3://{}/{prefix}", s.bucket)),
-        endpoint: Some(proxy.addr.clone()),
-        allow_http: Some(true),
-        region: Some(s.region.clone()),
-        segment_items: 2000,
-        slot_count: 64,
-        tick_ms: 20,
-        // Single-writer mode, explicitly: this checks what the upload and
-        // its verification prove, on every server, Garage included (which
-        // refuses the default, the remote manifest).
-        manifest: false,
-        ..Config::default()
-    };
+    let cfg = s.through_proxy(d.path(), &proxy, &prefix);
     let (ti, _) = TierIndex::open(cfg).await.unwrap();
     for i in 0..7000u64 {
         ti.append(&(i % 313).to_le_bytes(), i, 10, 1_000 + i)
@@ -292,33 +339,7 @@ async fn a_body_corrupted_in_flight_never_reaches_verified() {
         proxy.flipped.load(Ordering::SeqCst) >= 1,
         "the proxy changed no body: the test proved nothing"
     );
-    // Every segment verified (or further) holds exactly its sealed file,
-    // read straight from the server, not through the proxy.
-    let store = s.store(&prefix);
-    let (view, _) = Journal::open_read_only(d.path()).unwrap();
-    let mut checked = 0;
-    for (id, rec) in view.segments() {
-        assert!(
-            rec.state >= SegmentState::Verified && rec.state != SegmentState::Quarantined,
-            "{}: segment {id} is {:?}",
-            s.kind,
-            rec.state
-        );
-        let key = object_store::path::Path::parse(rec.key.as_deref().unwrap()).unwrap();
-        let body = store
-            .object_store()
-            .get(&key)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let local = std::fs::read(d.path().join("segments").join(format!("{id}.seg"))).unwrap();
-        assert!(body == local, "{}: object of segment {id} differs", s.kind);
-        assert!(rec.meta.matches_bytes(&body));
-        checked += 1;
-    }
-    assert!(checked >= 3, "only {checked} segments");
+    let checked = s.every_verified_object_is_its_file(d.path(), &prefix).await;
     eprintln!(
         "{}: {} bodies changed in flight, {checked} segments verified intact",
         s.kind,
@@ -342,18 +363,7 @@ async fn unsigned_bodies_only_where_proven_and_a_flipped_one_is_refused() {
     let proxy = flip_proxy_with(s.endpoint.clone(), 2, true).await;
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("flip-unsigned");
-    let cfg = Config {
-        data_dir: d.path().to_path_buf(),
-        store: Some(format!("s3://{}/{prefix}", s.bucket)),
-        endpoint: Some(proxy.addr.clone()),
-        allow_http: Some(true),
-        region: Some(s.region.clone()),
-        segment_items: 2000,
-        slot_count: 64,
-        tick_ms: 20,
-        manifest: false,
-        ..Config::default()
-    };
+    let cfg = s.through_proxy(d.path(), &proxy, &prefix);
     let (ti, _) = TierIndex::open(cfg).await.unwrap();
     // Let the background probe answer before the segments roll, so the
     // uploads run with what it proved.
@@ -394,30 +404,7 @@ async fn unsigned_bodies_only_where_proven_and_a_flipped_one_is_refused() {
         "{}: no unsigned body was flipped ({unsigned} unsigned, {flipped} flipped): the test proved nothing",
         s.kind
     );
-    let store = s.store(&prefix);
-    let (view, _) = Journal::open_read_only(d.path()).unwrap();
-    let mut checked = 0;
-    for (id, rec) in view.segments() {
-        assert!(
-            rec.state >= SegmentState::Verified && rec.state != SegmentState::Quarantined,
-            "{}: segment {id} is {:?}",
-            s.kind,
-            rec.state
-        );
-        let key = object_store::path::Path::parse(rec.key.as_deref().unwrap()).unwrap();
-        let body = store
-            .object_store()
-            .get(&key)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let local = std::fs::read(d.path().join("segments").join(format!("{id}.seg"))).unwrap();
-        assert!(body == local, "{}: object of segment {id} differs", s.kind);
-        checked += 1;
-    }
-    assert!(checked >= 3, "only {checked} segments");
+    let checked = s.every_verified_object_is_its_file(d.path(), &prefix).await;
     eprintln!(
         "{}: {unsigned} unsigned segment bodies, {flipped} flipped, {checked} segments verified intact",
         s.kind

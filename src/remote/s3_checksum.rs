@@ -69,6 +69,7 @@ impl S3Uploads {
                 &[("x-amz-checksum-mode", "ENABLED".to_string())],
                 None,
                 &what,
+                PayloadSigning::Signed,
             )
             .await?;
         // "status code: N" is the form `remote::classify` reads a status
@@ -113,7 +114,7 @@ impl S3Uploads {
         payload: PayloadSigning,
     ) -> Result<u16> {
         let a = self
-            .send_signed_as(
+            .send_signed(
                 Method::PUT,
                 key,
                 &[],
@@ -139,7 +140,7 @@ impl S3Uploads {
     ) -> Result<u16> {
         let part = part.to_string();
         let a = self
-            .send_signed_as(
+            .send_signed(
                 Method::PUT,
                 key,
                 &[("partNumber", part.as_str()), ("uploadId", upload_id)],

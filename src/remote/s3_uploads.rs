@@ -356,35 +356,13 @@ impl S3Uploads {
     /// (signed too) and an optional body. Transport errors are errors; any
     /// HTTP status is an [`Answer`] for the caller to judge (its body read
     /// up to 64 KiB). The server's words are untrusted and scrubbed of our
-    /// credentials before they reach a message.
-    pub(crate) async fn send_signed(
-        &self,
-        method: reqwest::Method,
-        key: &str,
-        query: &[(&str, &str)],
-        extra: &[(&str, String)],
-        body: Option<bytes::Bytes>,
-        what: &str,
-    ) -> Result<Answer> {
-        self.send_signed_as(
-            method,
-            key,
-            query,
-            extra,
-            body,
-            what,
-            PayloadSigning::Signed,
-        )
-        .await
-    }
-
-    /// [`send_signed`](Self::send_signed) with the body's SHA-256 left out
-    /// of the signature (`UNSIGNED-PAYLOAD`) when `payload` says so: the
-    /// probe asks whether the server still validates a body's checksum
-    /// header then, as segment uploads through the unsigned-payload client
-    /// rely on.
+    /// credentials before they reach a message. `payload` says whether the
+    /// signature covers the body's SHA-256 (`UNSIGNED-PAYLOAD` otherwise:
+    /// the probe asks whether the server still validates a checksum header
+    /// then, as segment uploads through the unsigned-payload client rely
+    /// on).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn send_signed_as(
+    pub(crate) async fn send_signed(
         &self,
         method: reqwest::Method,
         key: &str,
