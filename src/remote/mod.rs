@@ -529,9 +529,12 @@ fn build_s3(
     for name in ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
         if let Some((_, v)) = env.iter().find(|(k, _)| k == name) {
             let ep = self::url::parse_endpoint(name, v)?;
+            // An endpoint given here (--endpoint, the config file) wins over
+            // both, so their disagreement does not matter then.
             if name != "AWS_ENDPOINT_URL_S3" {
                 if let Some((first, other)) = &generic
                     && other.url != ep.url
+                    && opts.endpoint.is_none()
                 {
                     return Err(Error::InvalidInput(format!(
                         "{first} ({}) and {name} ({}) name different endpoints: set one of them (or --endpoint)",
@@ -1046,6 +1049,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("different endpoints"), "{e}");
+        // ... unless an endpoint is given, which wins over both (and over
+        // AWS_ENDPOINT_URL_S3).
+        let given = StoreOptions {
+            endpoint: Some("https://s3.example.net".into()),
+            ..StoreOptions::default()
+        };
+        let s = RemoteStore::from_url_with_env(
+            "s3://bkt/p",
+            &given,
+            &ev(&[
+                ("AWS_ENDPOINT_URL", "http://127.0.0.1:9000"),
+                ("AWS_ENDPOINT", "http://10.0.0.9"),
+                ("AWS_ENDPOINT_URL_S3", "http://10.0.0.8"),
+                ("AWS_ALLOW_HTTP", "true"),
+            ]),
+        )
+        .unwrap();
+        assert!(
+            s.has_unsigned_body_client(),
+            "the given https endpoint is used"
+        );
         // A proxy on the way, or certificates not checked: signed.
         let loopback = StoreOptions {
             endpoint: Some("http://127.0.0.1:9000".into()),
