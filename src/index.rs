@@ -590,6 +590,71 @@ impl IndexWriter {
         Ok(())
     }
 
+    /// Copy `entries` (those of a segment being resealed, see
+    /// `pipeline::reseal`) into the active segment and, when it fills, the
+    /// ones after it; then flush. Entries already held by a local segment
+    /// at or above `since` are skipped: the copy a crash cut short is
+    /// finished, never doubled. `before_copy(into)` runs first, with the id
+    /// of the segment the copy starts in (the caller journals it, so that
+    /// it is durable before any copied entry is). The active segment is
+    /// rolled first when it is below `min_id` (the current epoch's id
+    /// floor), and new ids continue at `min_id` or above.
+    ///
+    /// The caller holds the writer for the whole call, so no segment the
+    /// copy goes into can roll, seal or be journaled before it returns.
+    /// Returns `(into, copied)`.
+    pub fn copy_in(
+        &mut self,
+        entries: &[Entry],
+        since: Option<SegmentId>,
+        min_id: SegmentId,
+        before_copy: impl FnOnce(SegmentId) -> Result<()>,
+    ) -> Result<(SegmentId, u64)> {
+        self.check_open()?;
+        self.next_id = self.next_id.max(min_id.0);
+        let below = self.active.as_ref().is_none_or(|a| a.id() < min_id);
+        if below {
+            self.roll()?;
+            if self.active.as_ref().is_some_and(|a| a.id() < min_id) {
+                // It was empty (roll kept it): replace it.
+                self.raise_next_id(min_id)?;
+            }
+        }
+        let into = self.active_id().ok_or(Error::ShutDown)?;
+        let held: std::collections::HashSet<(u64, u64, u32, u64)> = match since {
+            None => Default::default(),
+            Some(since) => {
+                let sealed = self
+                    .sealed
+                    .range(since..)
+                    .flat_map(|(_, s)| s.entries().into_iter());
+                let open = self
+                    .frozen
+                    .range(since..)
+                    .map(|(_, f)| f.as_ref())
+                    .chain(self.active.as_ref())
+                    .filter(|a| a.id() >= since)
+                    .flat_map(|a| a.entries().into_iter());
+                sealed
+                    .chain(open)
+                    .map(|e| (e.key_hash, e.offset, e.size, e.timestamp_ms))
+                    .collect()
+            }
+        };
+        before_copy(into)?;
+        let mut copied = 0u64;
+        for e in entries {
+            if held.contains(&(e.key_hash, e.offset, e.size, e.timestamp_ms)) {
+                continue;
+            }
+            self.append_entry(*e)?;
+            copied += 1;
+        }
+        // Rolled-over segments were flushed when they froze.
+        self.flush()?;
+        Ok((into, copied))
+    }
+
     pub fn active_id(&self) -> Option<SegmentId> {
         self.active.as_ref().map(|a| a.id())
     }

@@ -143,6 +143,9 @@ pub struct Metrics {
     pub retries: Counter,
     pub verify_failures: Counter,
     pub quarantined: Counter,
+    /// Segments whose id the manifest held with another segment's content:
+    /// their entries were copied into a new segment (`pipeline::reseal`).
+    pub segments_resealed: Counter,
     /// Remote segments a lookup could not read (corrupt or missing object
     /// under a committed key).
     pub remote_unreadable: Counter,
@@ -177,7 +180,7 @@ impl Metrics {
                 "# HELP tierindex_{name} {help}\n# TYPE tierindex_{name} {kind}\ntierindex_{name} {v}"
             );
         };
-        let counters: [(&str, &str, &Counter); 16] = [
+        let counters: [(&str, &str, &Counter); 17] = [
             (
                 "entries_appended_total",
                 "Entries appended.",
@@ -227,6 +230,11 @@ impl Metrics {
                 "quarantined_total",
                 "Segments quarantined in the journal.",
                 &self.quarantined,
+            ),
+            (
+                "segments_resealed_total",
+                "Segments whose id the manifest held with other content, copied into a new segment.",
+                &self.segments_resealed,
             ),
             (
                 "remote_unreadable_total",

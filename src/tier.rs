@@ -926,6 +926,9 @@ pub async fn open_shared_with_clock(
     };
     let mut journal = journal;
     readopt_salvaged(&mut writer, &mut journal, &mut seg_report)?;
+    // Before anything is journaled or driven: every segment a cut reseal
+    // copied into is still local here.
+    let reseal_notes = crate::pipeline::reseal::finish_at_open(&mut writer, &mut journal)?;
     let metrics = Arc::new(Metrics::default());
     let sh = Arc::new(Shared {
         seg_dir: writer.segments_dir().to_path_buf(),
@@ -951,7 +954,8 @@ pub async fn open_shared_with_clock(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .poll_sealed()?;
-    let notes = sh.reconcile_local().await?;
+    let mut notes = reseal_notes;
+    notes.extend(sh.reconcile_local().await?);
     for n in &notes {
         tracing::warn!("{n}");
     }
@@ -1047,7 +1051,7 @@ pub fn status_from(
     for r in segments.values() {
         *st.by_state.entry(format!("{:?}", r.state)).or_default() += 1;
         let pending = r.state.is_pending()
-            || r.state == SegmentState::Verified
+            || matches!(r.state, SegmentState::Verified | SegmentState::Resealing)
             || (release_after_commit && r.state == SegmentState::Committed);
         if pending {
             st.pending_segments += 1;

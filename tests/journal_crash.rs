@@ -119,7 +119,7 @@ fn next_record(m: &mut Model, op: &Op) -> Record {
     let live: Vec<SegmentId> = m
         .segs
         .values()
-        .filter(|r| !matches!(r.state, S::Released | S::Quarantined))
+        .filter(|r| !matches!(r.state, S::Released | S::Quarantined | S::Resealed))
         .map(|r| r.meta.id)
         .collect();
     if live.is_empty() || op.action.is_multiple_of(4) {
@@ -135,6 +135,7 @@ fn next_record(m: &mut Model, op: &Op) -> Record {
                 etag: None,
                 version: None,
                 reason: None,
+                resealed_into: None,
             },
         );
         m.max = Some(id);
@@ -191,15 +192,30 @@ fn next_record(m: &mut Model, op: &Op) -> Record {
             r.state = S::Verified;
             Record::Verified { id }
         }
+        S::Verified if choice % 5 == 4 => {
+            let into = SegmentId(id.0 + 1);
+            r.state = S::Resealing;
+            r.resealed_into = Some(into);
+            r.reason = Some(op.text.clone());
+            Record::Resealing {
+                id,
+                into,
+                reason: op.text.clone(),
+            }
+        }
         S::Verified => {
             r.state = S::Committed;
             Record::Committed { id }
+        }
+        S::Resealing => {
+            r.state = S::Resealed;
+            Record::Resealed { id }
         }
         S::Committed => {
             r.state = S::Released;
             Record::Released { id }
         }
-        S::Released | S::Quarantined => unreachable!("filtered out above"),
+        S::Released | S::Quarantined | S::Resealed => unreachable!("filtered out above"),
     }
 }
 

@@ -552,35 +552,84 @@ async fn store_down_at_open_takes_ownership_once_it_answers() {
         },
     )
     .await;
-    let r = a.shutdown(Duration::from_secs(3)).await;
-    let pending: Vec<u64> = r.drain.pending.iter().map(|p| p.id).collect();
-    assert_eq!(pending, vec![1, 2, 3], "{r:#?}");
     // The three segments sealed while the store was down share ids 1..=3
     // with owner-b's committed ones: the manifest refuses them (other
-    // content under those ids); they stay pending with their local files,
-    // nothing of owner-b's is replaced.
+    // content under those ids), so each is resealed: its entries are copied
+    // into a new segment above the epoch's id floor, which is committed in
+    // its place. Nothing of owner-b's is replaced, nothing is left pending.
+    wait_until(
+        "the colliding segments resealed",
+        Duration::from_secs(30),
+        || {
+            let j = journal(&data);
+            [1, 2, 3]
+                .iter()
+                .all(|i| j[&SegmentId(*i)].state == SegmentState::Resealed)
+        },
+    )
+    .await;
+    let r = a.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:#?}");
     let j = journal(&data);
     let (m, listed) = rig.manifest().await;
     assert!(m.epoch > m0.epoch, "owner-a took the stream");
     for (id, e) in &listed0 {
         assert_eq!(&listed[id], e, "owner-b's entry {id} unchanged");
     }
-    let new_ids: Vec<SegmentId> = j.keys().copied().filter(|id| *id > max0).collect();
-    assert!(!new_ids.is_empty());
-    for id in &new_ids {
-        assert_eq!(j[id].state, SegmentState::Committed, "{id}: {:?}", j[id]);
+    let floor = tierindex::remote::manifest::epoch_id_floor(m.epoch);
+    for id in [SegmentId(1), SegmentId(2), SegmentId(3)] {
+        let rec = &j[&id];
+        assert_eq!(rec.state, SegmentState::Resealed, "{id}: {rec:?}");
+        assert!(rec.resealed_into.is_some_and(|i| i >= floor), "{rec:?}");
+        assert!(
+            !common::sealed_path(&data, id).exists(),
+            "local file of resealed segment {id} deleted"
+        );
+    }
+    for (id, r) in j.iter().filter(|(id, _)| **id > max0) {
+        assert!(*id >= floor, "{id} below the epoch's id floor {floor}");
+        assert_eq!(r.state, SegmentState::Committed, "{id}: {r:?}");
         assert!(listed.contains_key(id), "{id} not in the manifest");
     }
-    for id in [SegmentId(1), SegmentId(2), SegmentId(3)] {
-        assert!(
-            common::sealed_path(&data, id).exists(),
-            "local copy of colliding segment {id} kept"
-        );
-        assert_ne!(j[&id].state, SegmentState::Committed);
+    // Every offset owner-a acknowledged is committed exactly once, and
+    // owner-b's exactly once too.
+    let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
+    let tmp = tempfile::tempdir().unwrap();
+    for e in listed.values() {
+        let key = object_store::path::Path::from(e.key.as_str());
+        let bytes = rig
+            .fs
+            .inner()
+            .get(&key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let path = tmp.path().join(format!("{}.seg", e.id.0));
+        std::fs::write(&path, &bytes).unwrap();
+        let seg = tierindex::segment::sealed::SealedSegment::open(&path).unwrap();
+        for en in seg.entries() {
+            *counts.entry(en.offset).or_default() += 1;
+        }
     }
+    let expected: Vec<u64> = (0..(ITEMS as u64 * 6 - 5))
+        .chain(1_000..(1_000 + ITEMS as u64 * 2 + 10))
+        .chain(2_000..(2_000 + ITEMS as u64 + 5))
+        .collect();
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        expected,
+        "committed offsets"
+    );
     assert!(
-        !r.fully_drained(),
-        "the colliding segments are reported: {r:?}"
+        counts.values().all(|c| *c == 1),
+        "an offset committed twice"
+    );
+    let resealed = common::record_counts(&data, "Resealed");
+    assert_eq!(
+        resealed.keys().map(|i| i.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
     );
 }
 

@@ -1439,6 +1439,7 @@ impl JModel {
                 etag: None,
                 version: None,
                 reason: None,
+                resealed_into: None,
             },
         );
         self.max = self.max.max(Some(id));
@@ -1479,7 +1480,7 @@ fn next_record(rng: &mut Rng, m: &mut JModel) -> Record {
     let live: Vec<SegmentId> = m
         .segs
         .values()
-        .filter(|r| !matches!(r.state, S::Released | S::Quarantined))
+        .filter(|r| !matches!(r.state, S::Released | S::Quarantined | S::Resealed))
         .map(|r| r.meta.id)
         .collect();
     if live.is_empty() || rng.u8(0..4) == 0 {
@@ -1534,15 +1535,28 @@ fn next_record(rng: &mut Rng, m: &mut JModel) -> Record {
             r.state = S::Verified;
             Record::Verified { id }
         }
+        S::Verified if rng.u8(0..6) == 0 => {
+            // Its id taken in the manifest: resealed into a later segment.
+            let into = SegmentId(id.0 + rng.u64(1..5));
+            let reason = text(rng);
+            r.state = S::Resealing;
+            r.resealed_into = Some(into);
+            r.reason = Some(reason.clone());
+            Record::Resealing { id, into, reason }
+        }
         S::Verified => {
             r.state = S::Committed;
             Record::Committed { id }
+        }
+        S::Resealing => {
+            r.state = S::Resealed;
+            Record::Resealed { id }
         }
         S::Committed => {
             r.state = S::Released;
             Record::Released { id }
         }
-        S::Released | S::Quarantined => unreachable!("not live"),
+        S::Released | S::Quarantined | S::Resealed => unreachable!("not live"),
     }
 }
 

@@ -988,7 +988,7 @@ fn journal_model(data: &[u8]) {
                 ));
                 let live: Vec<SegmentRecord> = model.segments().values().cloned().collect();
                 for rec in &live {
-                    encode_frame(&Frame::Snapshot(rec.clone()), &mut file).expect("encode");
+                    encode_frame(&Frame::Snapshot(Box::new(rec.clone())), &mut file).expect("encode");
                     ends.push((file.len(), None));
                 }
                 ends.last_mut().expect("MaxId end").1 = Some(model.clone());
@@ -1000,7 +1000,7 @@ fn journal_model(data: &[u8]) {
                 let has_batch = records > 0;
                 let frame = if has_batch && c.u8() & 1 == 0 {
                     match model.segments().values().next() {
-                        Some(r) => Frame::Snapshot(r.clone()),
+                        Some(r) => Frame::Snapshot(Box::new(r.clone())),
                         None => Frame::MaxId(None),
                     }
                 } else {

@@ -68,7 +68,7 @@ pub(super) fn write_snapshot_file(
             "compaction drops Released"
         );
         frame.clear();
-        encode_frame(&Frame::Snapshot(rec.clone()), &mut frame)?;
+        encode_frame(&Frame::Snapshot(Box::new(rec.clone())), &mut frame)?;
         put(&frame, &mut out)?;
     }
     out.flush()

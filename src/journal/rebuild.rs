@@ -86,6 +86,10 @@ fn rank(s: SegmentState) -> u8 {
         SegmentState::Committed => 4,
         SegmentState::Released => 5,
         SegmentState::Quarantined => 6,
+        // A branch off Verified that never reaches Committed: ranked with
+        // Verified, so a salvaged record never moves a committed segment
+        // onto it.
+        SegmentState::Resealing | SegmentState::Resealed => 3,
     }
 }
 
@@ -133,6 +137,7 @@ impl Fold {
                     etag: None,
                     version: None,
                     reason: None,
+                    resealed_into: None,
                 });
             return;
         }
@@ -172,7 +177,7 @@ fn apply_forward(cur: &mut SegmentRecord, rec: &Record) -> Applied {
         }
         return Applied::Exact;
     }
-    if matches!(cur.state, S::Released | S::Quarantined) {
+    if matches!(cur.state, S::Released | S::Quarantined | S::Resealed) {
         return Applied::Dropped;
     }
     let target = match rec {
@@ -185,6 +190,8 @@ fn apply_forward(cur: &mut SegmentRecord, rec: &Record) -> Applied {
         Record::Quarantined { .. } => S::Quarantined,
         // Only ever legal from Quarantined (handled above).
         Record::Requeued { .. } => return Applied::Dropped,
+        Record::Resealing { .. } => S::Resealing,
+        Record::Resealed { .. } => S::Resealed,
     };
     if rank(target) < rank(cur.state) {
         return Applied::Dropped;
@@ -211,6 +218,10 @@ fn apply_forward(cur: &mut SegmentRecord, rec: &Record) -> Applied {
             cur.version = version.clone();
         }
         Record::Quarantined { reason, .. } => cur.reason = Some(reason.clone()),
+        Record::Resealing { into, reason, .. } => {
+            cur.reason = Some(reason.clone());
+            cur.resealed_into = Some(*into);
+        }
         _ => {}
     }
     cur.state = target;
@@ -260,7 +271,7 @@ fn salvage(bytes: &[u8], fold: &mut Fold) -> Result<(u64, u64)> {
                 }
             }
             Frame::MaxOffset(m) => fold.max_offset = fold.max_offset.max(m),
-            Frame::Snapshot(rec) => fold.snapshot(rec),
+            Frame::Snapshot(rec) => fold.snapshot(*rec),
             Frame::Batch(records) => {
                 for r in &records {
                     fold.record(r);
@@ -355,6 +366,7 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
             etag: None,
             version: None,
             reason: None,
+            resealed_into: None,
         };
         // Records whose Sealed record was lost: replay them on the file's
         // metadata when they name its bytes (the key holds the checksum).

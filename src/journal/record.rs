@@ -17,6 +17,9 @@
 //! any state except Released (and Quarantined itself) --> Quarantined
 //! Quarantined --> Sealed  (Requeued: an operator's `quarantine retry`
 //!                          found the cause gone; record version 2)
+//! Verified --> Resealing --> Resealed  (the segment's id is taken in the
+//!                          manifest by another segment: its entries are
+//!                          copied into a new segment; record version 3)
 //! ```
 
 use std::collections::BTreeMap;
@@ -44,6 +47,18 @@ pub enum SegmentState {
     /// Set aside for an operator; kept by compaction. Left only by
     /// [`Record::Requeued`] (`tierindex quarantine retry`).
     Quarantined,
+    /// Its id is taken in the manifest by another segment (sealed by
+    /// another data directory while this one numbered its segments without
+    /// an epoch), so it can never be committed; its entries are being
+    /// copied into [`SegmentRecord::resealed_into`] and the segments after
+    /// it. Never committed from here. Finished at the next open when a
+    /// crash cut the copy (see `pipeline::reseal`).
+    Resealing,
+    /// Its entries are durable in the segments from
+    /// [`SegmentRecord::resealed_into`] on; the local file is gone. Terminal;
+    /// kept by compaction (the object this segment may have uploaded is
+    /// ours and unreferenced).
+    Resealed,
 }
 
 impl SegmentState {
@@ -104,6 +119,20 @@ pub enum Record {
         id: SegmentId,
         reason: String,
     },
+    /// A Verified segment whose id the manifest lists with other content
+    /// (`reason`): its entries go into segment `into` (the active one, at or
+    /// above the current epoch's id floor) and the segments after it. From
+    /// here the segment is never committed. Record version 3.
+    Resealing {
+        id: SegmentId,
+        into: SegmentId,
+        reason: String,
+    },
+    /// Every entry of a Resealing segment is durable in the segments from
+    /// its `into` on. Record version 3.
+    Resealed {
+        id: SegmentId,
+    },
 }
 
 impl Record {
@@ -118,7 +147,9 @@ impl Record {
             | Record::Committed { id }
             | Record::Released { id }
             | Record::Quarantined { id, .. }
-            | Record::Requeued { id, .. } => *id,
+            | Record::Requeued { id, .. }
+            | Record::Resealing { id, .. }
+            | Record::Resealed { id } => *id,
         }
     }
 
@@ -134,6 +165,8 @@ impl Record {
             Record::Released { .. } => "Released",
             Record::Quarantined { .. } => "Quarantined",
             Record::Requeued { .. } => "Requeued",
+            Record::Resealing { .. } => "Resealing",
+            Record::Resealed { .. } => "Resealed",
         }
     }
 }
@@ -153,8 +186,11 @@ pub struct SegmentRecord {
     pub multipart_id: Option<String>,
     pub etag: Option<String>,
     pub version: Option<String>,
-    /// Why the segment was quarantined.
+    /// Why the segment was quarantined or resealed.
     pub reason: Option<String>,
+    /// Resealing/Resealed: the first segment its entries were copied into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resealed_into: Option<SegmentId>,
 }
 
 impl SegmentRecord {
@@ -168,6 +204,7 @@ impl SegmentRecord {
             etag: None,
             version: None,
             reason: None,
+            resealed_into: None,
         }
     }
 }
@@ -179,7 +216,8 @@ pub enum Frame {
     /// The records of one `append` call: applied all together or not at all.
     Batch(Vec<Record>),
     /// The folded state of one segment at compaction time.
-    Snapshot(SegmentRecord),
+    /// Boxed: far larger than the other variants (JSON is the same).
+    Snapshot(Box<SegmentRecord>),
     /// The highest segment id ever journaled when the file was written; only
     /// valid as the first frame.
     MaxId(Option<SegmentId>),
@@ -442,7 +480,7 @@ fn transition(
             next.state = S::Released;
         }
         Record::Quarantined { reason, .. } => {
-            if matches!(cur.state, S::Released | S::Quarantined) {
+            if matches!(cur.state, S::Released | S::Quarantined | S::Resealed) {
                 return Err(illegal());
             }
             next.state = S::Quarantined;
@@ -459,6 +497,25 @@ fn transition(
             next.multipart_id = None;
             next.etag = None;
             next.version = None;
+        }
+        Record::Resealing { into, reason, .. } => {
+            if cur.state != S::Verified {
+                return Err(illegal());
+            }
+            if *into <= id {
+                return Err(format!(
+                    "segment {id}: resealed into segment {into}, which is not above it"
+                ));
+            }
+            next.state = S::Resealing;
+            next.resealed_into = Some(*into);
+            next.reason = Some(reason.clone());
+        }
+        Record::Resealed { .. } => {
+            if cur.state != S::Resealing {
+                return Err(illegal());
+            }
+            next.state = S::Resealed;
         }
     }
     Ok(next)
@@ -660,6 +717,65 @@ pub(crate) mod tests {
         // The next upload must use a new attempt.
         assert!(rejected(&st, &[uploading(1, 3, None)]));
         st.apply(&[uploading(1, 4, None)]).unwrap();
+    }
+
+    #[test]
+    fn reseal_leaves_verified_only_and_ends_terminal() {
+        use SegmentState as S;
+        let id = SegmentId(1);
+        let start = Record::Resealing {
+            id,
+            into: SegmentId(9),
+            reason: "id taken".into(),
+        };
+        for s in [
+            S::Sealed,
+            S::Uploading,
+            S::Uploaded,
+            S::Committed,
+            S::Released,
+            S::Quarantined,
+        ] {
+            assert!(rejected(&at(s), std::slice::from_ref(&start)), "{s:?}");
+            assert!(rejected(&at(s), &[Record::Resealed { id }]), "{s:?}");
+        }
+        let mut st = at(S::Verified);
+        assert!(
+            rejected(
+                &st,
+                &[Record::Resealing {
+                    id,
+                    into: id,
+                    reason: "x".into()
+                }]
+            ),
+            "into must be above the segment"
+        );
+        st.apply(std::slice::from_ref(&start)).unwrap();
+        let r = st.get(id).unwrap();
+        assert_eq!(
+            (r.state, r.resealed_into),
+            (S::Resealing, Some(SegmentId(9)))
+        );
+        assert!(st.pending().is_empty());
+        // Never committed from here; a crash-cut copy may still quarantine.
+        assert!(rejected(&st, &[Record::Committed { id }]));
+        assert!(rejected(&st, std::slice::from_ref(&start)));
+        st.apply(&[Record::Resealed { id }]).unwrap();
+        assert_eq!(st.get(id).unwrap().state, S::Resealed);
+        for rec in [
+            Record::Committed { id },
+            Record::Resealed { id },
+            Record::Quarantined {
+                id,
+                reason: "x".into(),
+            },
+            uploading(1, 5, None),
+        ] {
+            assert!(rejected(&st, std::slice::from_ref(&rec)), "{rec:?}");
+        }
+        // Kept by compaction.
+        assert_eq!(st.without_released().get(id).unwrap().state, S::Resealed);
     }
 
     #[test]

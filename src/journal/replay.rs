@@ -37,14 +37,23 @@ pub const FORMAT_VERSION_MIN: u16 = 1;
 /// The highest record (frame payload) version this build reads and writes
 /// (see [`frame_version`] for which frames get it). A frame of a higher
 /// version is refused, never cut.
-pub const RECORD_VERSION: u16 = 2;
+pub const RECORD_VERSION: u16 = 3;
 
-/// The record version a frame is written with: 1 unless it holds a record
-/// only version 2 has ([`Record::Requeued`]), so a journal that never held
-/// one stays readable by a build that reads version 1 only.
+/// The record version a frame is written with: the lowest that holds it, so
+/// a journal that never held a newer record stays readable by an older
+/// build. Version 2 added [`Record::Requeued`]; version 3 added
+/// [`Record::Resealing`] and [`Record::Resealed`] (and snapshots of segments
+/// in those states, which an older build would take for quarantined).
 fn frame_version(frame: &Frame) -> u16 {
+    use super::record::SegmentState as S;
+    let record = |r: &Record| match r {
+        Record::Resealing { .. } | Record::Resealed { .. } => 3,
+        Record::Requeued { .. } => 2,
+        _ => 1,
+    };
     match frame {
-        Frame::Batch(recs) if recs.iter().any(|r| matches!(r, Record::Requeued { .. })) => 2,
+        Frame::Batch(recs) => recs.iter().map(record).max().unwrap_or(1),
+        Frame::Snapshot(r) if matches!(r.state, S::Resealing | S::Resealed) => 3,
         _ => 1,
     }
 }
@@ -470,7 +479,7 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
             Frame::Snapshot(_) if seen_batch => {
                 Err("snapshot frame after a batch frame".to_string())
             }
-            Frame::Snapshot(rec) => state.load_snapshot(rec).map(|()| {
+            Frame::Snapshot(rec) => state.load_snapshot(*rec).map(|()| {
                 report.snapshot_segments += 1;
             }),
             Frame::Batch(records) => {
@@ -706,14 +715,14 @@ mod tests {
             // Snapshot after a batch.
             vec![
                 Frame::Batch(vec![Record::Sealed { meta: meta(1) }]),
-                Frame::Snapshot(crate::journal::record::tests::snapshot(2)),
+                Frame::Snapshot(Box::new(crate::journal::record::tests::snapshot(2))),
             ],
             // MaxId that is not first.
             vec![Frame::Batch(happy_path(1)), Frame::MaxId(None)],
             // Snapshot above the recorded max id.
             vec![
                 Frame::MaxId(Some(SegmentId(1))),
-                Frame::Snapshot(crate::journal::record::tests::snapshot(2)),
+                Frame::Snapshot(Box::new(crate::journal::record::tests::snapshot(2))),
             ],
         ];
         for frames in cases {

@@ -10,6 +10,7 @@
 //! | Uploading   | abort a journaled multipart id; compare the key: ours → `Uploaded`, missing → PUT again, other bytes → delete them and PUT again (local copy intact) or `Quarantined` (no intact local copy) |
 //! | Uploaded    | verify (read back) → `Verified`; mismatch → delete our bad object, `Uploading` again (bounded) |
 //! | Verified    | with `manifest = true`: add the segment's entry to the stream's manifest (already listed is fine); then → `Committed`. Fenced: stop (stays `Verified`) |
+//! | Verified, id taken | the manifest lists the id with other content (sealed while ownership was pending): reseal, see [`crate::pipeline::reseal`] → `Resealed` |
 //! | Committed   | release the local copy if the policy says so, once a HEAD shows the object still there → `Released` |
 //!
 //! A local file that vanished is not fatal while the remote object can still
@@ -381,7 +382,33 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 if sh.manifest.is_some() {
                     let mut entry = SegmentEntry::new(&sh.store, &sh.stream, &rec.meta)?;
                     entry.key = key.to_string();
-                    sh.commit_to_manifest(entry).await?;
+                    match sh.commit_to_manifest(entry.clone()).await {
+                        Ok(()) => {}
+                        Err(Error::RemoteConflict(why)) => {
+                            // Its id is taken by another segment (sealed
+                            // while ownership was pending): it can never be
+                            // committed under that id. Its entries go into
+                            // a new segment above the epoch's id floor.
+                            let Some((other, floor)) = sh.id_taken(&entry).await? else {
+                                return Err(Error::RemoteConflict(why));
+                            };
+                            if let Some(bad) = local_mismatch(&local_path(sh, id), &rec.meta).await
+                            {
+                                return quarantine_local(sh, id, bad).await;
+                            }
+                            let reason = format!(
+                                "segment id {id} is already in the manifest as {} (checksum {}, {} bytes)",
+                                other.key,
+                                other.key_sum(),
+                                other.file_len
+                            );
+                            return crate::pipeline::reseal::reseal(
+                                sh, id, &rec.meta, floor, reason,
+                            )
+                            .await;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 crate::failpoint::crash("commit");
                 sh.journal.append(vec![Record::Committed { id }]).await?;
@@ -428,7 +455,10 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 sh.journal.append(vec![Record::Released { id }]).await?;
                 return Ok(SegmentState::Released);
             }
-            s @ (SegmentState::Released | SegmentState::Quarantined) => return Ok(s),
+            s @ (SegmentState::Released
+            | SegmentState::Quarantined
+            | SegmentState::Resealing
+            | SegmentState::Resealed) => return Ok(s),
         }
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod committer;
 pub mod drive;
+pub mod reseal;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -375,6 +376,27 @@ impl Shared {
         .await
     }
 
+    /// When the manifest lists `entry`'s id with other content: that entry
+    /// and the current epoch's id floor (where the segment's entries go
+    /// instead, see [`reseal`]). `None` when the id is free or holds
+    /// exactly `entry`.
+    pub async fn id_taken(
+        &self,
+        entry: &SegmentEntry,
+    ) -> Result<Option<(SegmentEntry, SegmentId)>> {
+        let mut out = None;
+        self.as_owner(async |w: &mut ManifestWriter| {
+            if let Some(other) = w.listed(entry.id).await?
+                && other != *entry
+            {
+                out = Some((other, crate::remote::manifest::epoch_id_floor(w.epoch())));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
     /// Commits several entries in one manifest version as the current
     /// owner (the background reconciler's repairs).
     pub async fn commit_entries_to_manifest(&self, entries: &[SegmentEntry]) -> Result<u64> {
@@ -451,7 +473,12 @@ impl Shared {
             | SegmentState::Uploaded
             | SegmentState::Verified => true,
             SegmentState::Committed => self.release_after_commit,
-            SegmentState::Released | SegmentState::Quarantined => false,
+            // Resealing is finished at open, before any drive runs (its
+            // copies must be checked while every later segment is local).
+            SegmentState::Released
+            | SegmentState::Quarantined
+            | SegmentState::Resealing
+            | SegmentState::Resealed => false,
         }
     }
 
@@ -752,10 +779,12 @@ impl Scheduler {
             state: format!("{state:?}"),
             last_error: self.last_error.get(id).cloned(),
         };
+        // A reseal left unfinished (a failure after its start; the next
+        // open finishes it) is pending too.
         let pending = j
             .segments()
             .iter()
-            .filter(|(_, r)| self.sh.needs_work(r.state))
+            .filter(|(_, r)| self.sh.needs_work(r.state) || r.state == SegmentState::Resealing)
             .map(|(id, r)| note(id, r.state))
             .collect();
         let quarantined = j

@@ -1575,6 +1575,12 @@ impl ManifestWriter {
         Ok(out)
     }
 
+    /// The entry the manifest (as this writer last saw it) lists under
+    /// `id`, inline or in a chunk.
+    pub async fn listed(&mut self, id: SegmentId) -> Result<Option<SegmentEntry>> {
+        self.find(id).await
+    }
+
     async fn find(&mut self, id: SegmentId) -> Result<Option<SegmentEntry>> {
         if let Some(e) = self.base.inline(id) {
             return Ok(Some(e.clone()));

@@ -1,0 +1,300 @@
+//! Resealing: a Verified segment whose id the manifest already lists with
+//! another segment's content can never be committed under that id. Its
+//! entries are copied into the active segment (at or above the current
+//! epoch's id floor) and the journal marks it superseded.
+//!
+//! How an id gets taken: a data directory that opened while the store was
+//! unreachable numbered its segments without an epoch (from its own
+//! journal, from 1 when it is new), and another data directory committed
+//! the same ids meanwhile. The epoch's id floor keeps every id given after
+//! the take apart; the segments sealed before it are resealed here.
+//!
+//! Every entry ends in exactly one committed segment, across crashes:
+//! 1. `Resealing { id, into }` is journaled before any entry is copied (the
+//!    segment is never committed from then on);
+//! 2. the entries go into segment `into` (and the ones after it when it
+//!    fills), flushed. The writer is held from before 1 to after 3, so none
+//!    of those segments rolls, seals or is journaled meanwhile;
+//! 3. `Resealed { id }` is journaled; then the local file is deleted.
+//!
+//! A crash between 1 and 3 leaves `Resealing`: the next open (before any
+//! drive runs, so every segment from `into` on is still local) copies the
+//! entries that none of those segments holds yet and journals `Resealed`
+//! ([`finish_at_open`]). A crash between 3 and the delete leaves a
+//! `Resealed` segment's file: the next open deletes it.
+
+use crate::error::{Error, Result};
+use crate::index::IndexWriter;
+use crate::journal::{Journal, Record, SegmentState};
+use crate::pipeline::Shared;
+use crate::segment::{SealedMeta, SegmentId};
+
+/// The entries of local sealed segment `id`, all of them: a file whose
+/// items do not all decode is not copied from (the caller quarantines).
+fn entries_of(w: &IndexWriter, id: SegmentId, meta: &SealedMeta) -> Result<Vec<crate::Entry>> {
+    let seg = w.sealed(id).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "segment {id} has no local sealed file to reseal from"
+        ))
+    })?;
+    let entries = seg.entries();
+    if entries.len() as u64 != meta.item_count {
+        return Err(Error::corrupt(
+            seg.path().display().to_string(),
+            format!(
+                "{} of its {} entries decode; not resealed",
+                entries.len(),
+                meta.item_count
+            ),
+        ));
+    }
+    Ok(entries)
+}
+
+/// Reseal Verified segment `id` (see the module doc). `floor`: the current
+/// epoch's id floor; `reason`: why its id cannot be committed. Returns the
+/// segment's new state (`Resealed`).
+pub async fn reseal(
+    sh: &Shared,
+    id: SegmentId,
+    meta: &SealedMeta,
+    floor: SegmentId,
+    reason: String,
+) -> Result<SegmentState> {
+    let writer = sh.writer.clone();
+    let journal = sh.journal.clone();
+    let meta = meta.clone();
+    let why = reason.clone();
+    let (into, copied) = tokio::task::spawn_blocking(move || -> Result<(SegmentId, u64)> {
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = entries_of(&w, id, &meta)?;
+        let (into, copied) = w.copy_in(&entries, None, floor, |into| {
+            journal.append_blocking(vec![Record::Resealing {
+                id,
+                into,
+                reason: why,
+            }])
+        })?;
+        journal.append_blocking(vec![Record::Resealed { id }])?;
+        w.release(id)?;
+        Ok((into, copied))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("reseal task failed: {e}")))??;
+    sh.metrics.segments_resealed.inc();
+    tracing::warn!(
+        segment = id.0,
+        into = into.0,
+        entries = copied,
+        %reason,
+        "segment resealed: its entries were copied into a new segment, which is uploaded and committed in its place; its local file was deleted"
+    );
+    Ok(SegmentState::Resealed)
+}
+
+/// At open, before any drive: finish every reseal a crash cut short, and
+/// delete the local files of `Resealed` segments a crash left behind.
+/// Returns one note per segment touched.
+pub fn finish_at_open(w: &mut IndexWriter, journal: &mut Journal) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let todo: Vec<_> = journal
+        .view()
+        .segments()
+        .values()
+        .filter(|r| matches!(r.state, SegmentState::Resealing | SegmentState::Resealed))
+        .map(|r| (r.meta.clone(), r.state, r.resealed_into))
+        .collect();
+    for (meta, state, into) in todo {
+        let id = meta.id;
+        if state == SegmentState::Resealing {
+            let entries = match entries_of(w, id, &meta) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Nothing to copy from: the copies made before the crash
+                    // stay where they are; an operator must look.
+                    let reason = format!("resealing could not finish: {e}");
+                    journal.append(&[Record::Quarantined {
+                        id,
+                        reason: reason.clone(),
+                    }])?;
+                    w.quarantine_sealed(id, &reason)?;
+                    notes.push(format!("segment {id}: {reason}"));
+                    continue;
+                }
+            };
+            let (_, copied) = w.copy_in(&entries, into, SegmentId(0), |_| Ok(()))?;
+            journal.append(&[Record::Resealed { id }])?;
+            notes.push(format!(
+                "segment {id}: finished resealing cut by a crash ({copied} of {} entries copied now)",
+                entries.len()
+            ));
+        }
+        if w.sealed(id).is_some() {
+            w.release(id)?;
+            notes.push(format!(
+                "segment {id}: local file of a resealed segment deleted (its entries are in segment {} and later)",
+                into.map_or_else(|| "?".to_string(), |i| i.0.to_string())
+            ));
+        }
+    }
+    Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::datadir::DataDir;
+    use crate::index::IndexConfig;
+    use crate::journal::JournalOptions;
+
+    fn open(dir: &Path) -> (IndexWriter, Journal) {
+        let (j, _) = Journal::open(dir, JournalOptions::default()).unwrap();
+        let min = j.max_segment_id().map(|m| SegmentId(m.0 + 1));
+        let cfg = IndexConfig {
+            slot_count: 64,
+            segment_items: 100,
+            segment_max_age: None,
+            max_chain_steps: 1 << 20,
+        };
+        // A dropped writer's sealer thread may still hold the directory.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let dd = loop {
+            match DataDir::open(dir) {
+                Err(Error::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r.unwrap(),
+            }
+        };
+        let (w, _) = IndexWriter::open(dd, cfg, min, None).unwrap();
+        (w, j)
+    }
+
+    /// Journal every finished seal, the way the pipeline does.
+    fn journal_seals(w: &mut IndexWriter, j: &mut Journal) {
+        let metas = w.poll_sealed().unwrap();
+        let recs: Vec<Record> = metas
+            .into_iter()
+            .map(|meta| Record::Sealed { meta })
+            .collect();
+        j.append(&recs).unwrap();
+    }
+
+    /// Offset -> how many local sealed segments hold it, after sealing all.
+    fn offsets_held(mut w: IndexWriter) -> BTreeMap<u64, u32> {
+        w.close(Instant::now() + Duration::from_secs(30)).unwrap();
+        let mut out = BTreeMap::new();
+        for id in w.sealed_ids() {
+            for e in w.sealed(id).unwrap().entries() {
+                *out.entry(e.offset).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// A reseal cut by a crash after `cut` of segment 1's 100 entries were
+    /// copied (and, with `journaled`, after `Resealed` but before the local
+    /// file was deleted) is finished at the next open: every entry held
+    /// exactly once, segment 1 Resealed, its file gone.
+    fn cut_reseal(cut: usize, journaled: bool) {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut w, mut j) = open(d.path());
+            for o in 0..100u64 {
+                w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
+            }
+            w.roll().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while w.sealed(SegmentId(1)).is_none() {
+                assert!(Instant::now() < deadline, "segment 1 never sealed");
+                std::thread::sleep(Duration::from_millis(5));
+                journal_seals(&mut w, &mut j);
+            }
+            let id = SegmentId(1);
+            j.append(&[
+                Record::Uploading {
+                    id,
+                    attempt: 1,
+                    key: "k".into(),
+                    multipart_id: None,
+                },
+                Record::Uploaded {
+                    id,
+                    etag: None,
+                    version: None,
+                },
+                Record::Verified { id },
+            ])
+            .unwrap();
+            // The broker's own entries, in the active segment.
+            for o in 500..520u64 {
+                w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
+            }
+            w.flush().unwrap();
+            let entries = w.sealed(id).unwrap().entries();
+            let (into, copied) = w
+                .copy_in(&entries[..cut], None, SegmentId(0), |into| {
+                    j.append(&[Record::Resealing {
+                        id,
+                        into,
+                        reason: "test".into(),
+                    }])
+                })
+                .unwrap();
+            assert_eq!((into, copied), (SegmentId(2), cut as u64));
+            if journaled {
+                j.append(&[Record::Resealed { id }]).unwrap();
+            }
+            // Crash: nothing more runs.
+        }
+        let (mut w, mut j) = open(d.path());
+        let notes = finish_at_open(&mut w, &mut j).unwrap();
+        assert!(!notes.is_empty());
+        let r = j.get(SegmentId(1)).unwrap();
+        assert_eq!(r.state, SegmentState::Resealed, "{notes:?}");
+        assert_eq!(r.resealed_into, Some(SegmentId(2)));
+        assert!(w.sealed(SegmentId(1)).is_none());
+        assert!(
+            !d.path()
+                .join(crate::datadir::SEGMENTS_DIR)
+                .join(crate::segment::sealed::sealed_file_name(SegmentId(1)))
+                .exists()
+        );
+        // A second open finds nothing left to do.
+        drop(j);
+        let held = offsets_held(w);
+        let expected: Vec<u64> = (0..100).chain(500..520).collect();
+        assert_eq!(
+            held.keys().copied().collect::<Vec<_>>(),
+            expected,
+            "cut {cut}"
+        );
+        assert!(held.values().all(|n| *n == 1), "cut {cut}: {held:?}");
+        let (mut w, mut j) = open(d.path());
+        assert!(finish_at_open(&mut w, &mut j).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_reseal_cut_before_any_copy_is_finished_at_open() {
+        cut_reseal(0, false);
+    }
+
+    #[test]
+    fn a_reseal_cut_halfway_is_finished_without_doubles() {
+        cut_reseal(37, false);
+    }
+
+    #[test]
+    fn a_reseal_cut_after_the_copy_copies_nothing_again() {
+        cut_reseal(100, false);
+    }
+
+    #[test]
+    fn a_resealed_segment_left_on_disk_is_deleted_at_open() {
+        cut_reseal(100, true);
+    }
+}
