@@ -247,6 +247,10 @@ struct Campaign {
     history: Arc<Mutex<History>>,
     /// Segments the manifest ever listed: id -> (checksum, key).
     ever_listed: BTreeMap<SegmentId, (KeySum, String)>,
+    /// Offset runs of committed segments whose offsets are not one
+    /// contiguous range (a resealed segment's entries copied in beside
+    /// newer ones), read from their objects once.
+    run_cache: BTreeMap<(SegmentId, KeySum), Vec<(u64, u64)>>,
 }
 
 fn keep_versions() -> u64 {
@@ -739,6 +743,41 @@ impl Campaign {
         Ok(())
     }
 
+    /// The offsets a committed segment's object holds, as sorted
+    /// contiguous runs (each offset once per run; a repeat starts a run).
+    fn offset_runs(&mut self, e: &manifest::SegmentEntry) -> Result<Vec<(u64, u64)>, String> {
+        let k = (e.id, e.key_sum());
+        if let Some(r) = self.run_cache.get(&k) {
+            return Ok(r.clone());
+        }
+        let key = ObjPath::from(e.key.as_str());
+        let bytes = self.rt.block_on(async {
+            let got = self
+                .store
+                .object_store()
+                .get(&key)
+                .await
+                .map_err(|x| format!("read {key}: {x}"))?;
+            got.bytes().await.map_err(|x| format!("read {key}: {x}"))
+        })?;
+        let path = self.root.join(format!("runs-{}.seg", e.id.0));
+        std::fs::write(&path, &bytes).map_err(|x| format!("write {}: {x}", path.display()))?;
+        let seg = SealedSegment::open(&path).map_err(|x| format!("object {key}: {x}"))?;
+        let mut offsets: Vec<u64> = seg.entries().iter().map(|en| en.offset).collect();
+        drop(seg);
+        let _ = std::fs::remove_file(&path);
+        offsets.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for o in offsets {
+            match runs.last_mut() {
+                Some((_, b)) if *b + 1 == o => *b = o,
+                _ => runs.push((o, o)),
+            }
+        }
+        self.run_cache.insert(k, runs.clone());
+        Ok(runs)
+    }
+
     fn check_lineage(
         &mut self,
         l: usize,
@@ -769,8 +808,11 @@ impl Campaign {
                 if m.item_count > 0 {
                     max_sealed = max_sealed.max(Some(m.max_offset));
                 }
-                if crash_model::rank(rec.state) >= crash_model::rank(SegmentState::Committed) {
+                if matches!(rec.state, SegmentState::Committed | SegmentState::Released) {
                     journal_committed.push((*id, m.key_sum()));
+                } else if rec.state == SegmentState::Resealed {
+                    // Its entries are in the segments it was resealed
+                    // into (committed or pending there), not here.
                 } else if m.item_count > 0 {
                     pending.push((m.min_offset, m.max_offset));
                     if fin {
@@ -801,12 +843,23 @@ impl Campaign {
             }
         }
         // Committed entries of this directory, each offset at most once.
-        let segs = &self.lineages[l].segs;
-        let mut committed: Vec<(u64, u64, SegmentId)> = entries
-            .iter()
-            .filter(|e| segs.contains_key(&(e.id, e.key_sum())))
-            .map(|e| (e.min_offset, e.max_offset, e.id))
-            .collect();
+        // A segment holds one contiguous offset range, unless entries of a
+        // resealed segment were copied into it: then its exact runs.
+        let mut committed: Vec<(u64, u64, SegmentId)> = Vec::new();
+        for e in entries {
+            if !self.lineages[l].segs.contains_key(&(e.id, e.key_sum())) {
+                continue;
+            }
+            if e.item_count == 0
+                || e.max_offset.saturating_sub(e.min_offset) + 1 == e.item_count
+            {
+                committed.push((e.min_offset, e.max_offset, e.id));
+            } else {
+                for (a, b) in self.offset_runs(e)? {
+                    committed.push((a, b, e.id));
+                }
+            }
+        }
         committed.sort();
         for w in committed.windows(2) {
             if let [a, b] = w
@@ -982,6 +1035,7 @@ fn brokers_and_recovery_tool_competing_for_one_stream() {
             })
             .collect(),
         target,
+        run_cache: BTreeMap::new(),
         counts: Counts::default(),
         runs: 0,
         store,

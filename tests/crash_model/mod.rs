@@ -485,7 +485,7 @@ impl Rig {
             }
         }
         for (id, (rank_now, crc)) in states {
-            if *rank_now >= rank(SegmentState::Committed) && listed.get(id) != Some(crc) {
+            if is_committed(*rank_now) && listed.get(id) != Some(crc) {
                 return Err(format!(
                     "segment {id} is {} in the journal but the manifest lists {:?}",
                     name_of(*rank_now),
@@ -512,7 +512,7 @@ impl Rig {
             .map_err(|e| format!("journal does not replay: {e}"))?
             .0;
         for (id, rec) in view.segments() {
-            if rank(rec.state) < rank(SegmentState::Committed) {
+            if !is_committed(rank(rec.state)) && rec.state != SegmentState::Resealed {
                 return Err(format!(
                     "segment {id} still {:?} after a clean drain",
                     rec.state
@@ -592,7 +592,7 @@ impl Rig {
             let committed: BTreeMap<SegmentId, KeySum> = view
                 .segments()
                 .iter()
-                .filter(|(_, r)| rank(r.state) >= rank(SegmentState::Committed))
+                .filter(|(_, r)| is_committed(rank(r.state)))
                 .map(|(id, r)| (*id, r.meta.key_sum()))
                 .collect();
             for (id, crc) in &committed {
@@ -641,7 +641,15 @@ pub fn rank(s: SegmentState) -> u8 {
         SegmentState::Committed => 4,
         SegmentState::Released => 5,
         SegmentState::Quarantined => 6,
+        // A branch off Verified: never Committed (see `is_committed`).
+        SegmentState::Resealing => 7,
+        SegmentState::Resealed => 8,
     }
+}
+
+/// Committed or Released: the manifest lists the segment.
+pub fn is_committed(rank_now: u8) -> bool {
+    rank_now == rank(SegmentState::Committed) || rank_now == rank(SegmentState::Released)
 }
 
 fn name_of(r: u8) -> &'static str {
@@ -653,6 +661,8 @@ fn name_of(r: u8) -> &'static str {
         "Committed",
         "Released",
         "Quarantined",
+        "Resealing",
+        "Resealed",
     ]
     .get(r as usize)
     .copied()
