@@ -10,7 +10,7 @@
 #      scripts/s3-server.sh, run `cargo test --test s3_suite --test s3_integrity
 #      -- --test-threads=2`
 #      with its env, stop it.
-#      For each kind in ${TIERINDEX_OWNERSHIP_KINDS:-s3s}, also the CI-size
+#      For each kind in ${TIERINDEX_OWNERSHIP_KINDS:-s3s ceph}, also the CI-size
 #      ownership campaign (scripts/ownership-campaign.sh, issue 15) against
 #      that server while it runs; a kind listed there but not started fails.
 # and prints one SUMMARY line per step and per kind. Exits non-zero on any failure.
@@ -24,7 +24,7 @@
 #   TIERINDEX_FAIL_FAST=1           stop at the first failing step
 #   TIERINDEX_ONLY_S3=1             skip fmt/clippy/local tests (CI job split)
 #   TIERINDEX_S3_SUITE_TIMEOUT=900  seconds allowed per kind for the S3 suite
-#   TIERINDEX_OWNERSHIP_KINDS="s3s" the kinds the ownership campaign runs on
+#   TIERINDEX_OWNERSHIP_KINDS="s3s ceph" the kinds the ownership campaign runs on
 #                                   (sizes: TIERINDEX_OWNERSHIP_STEPS, default 120)
 #   TIERINDEX_CACHE, TIERINDEX_RUN  see scripts/s3-server.sh
 set -euo pipefail
@@ -169,7 +169,7 @@ run_campaign() {
   return "$rc"
 }
 
-campaign_wanted() { [[ " ${TIERINDEX_OWNERSHIP_KINDS:-s3s} " == *" $1 "* ]]; }
+campaign_wanted() { [[ " ${TIERINDEX_OWNERSHIP_KINDS:-s3s ceph} " == *" $1 "* ]]; }
 
 # One kind: start, export its env in a subshell, run the suite, stop.
 s3_kind() {
@@ -263,7 +263,7 @@ for kind in $KINDS; do
   s3_kind "$kind"
 done
 # The ownership campaign must not vanish because its server kind was left out.
-for kind in ${TIERINDEX_OWNERSHIP_KINDS:-s3s}; do
+for kind in ${TIERINDEX_OWNERSHIP_KINDS:-s3s ceph}; do
   if [[ " $KINDS " != *" $kind "* ]] && [ "${CI:-}" = true ]; then
     record "ownership $kind" "FAILED ($kind not in TIERINDEX_S3_KINDS under CI=true)" 0
   fi

@@ -9,6 +9,8 @@
 //! The sealer thread writes `NNN.seg` (tmp, fsync, rename, dir fsync), then
 //! removes `NNN.active` and fsyncs the directory. A failure there poisons the
 //! writer: the active file is still on disk and the next start seals it.
+//! The sealer thread then reads the sealed file back with every check (the
+//! pair check), so the writer's lock is never held for a whole-file read.
 //! Sealed results are collected by [`IndexWriter::poll_sealed`], which hands
 //! their metadata to the caller (the upload pipeline journals them).
 
@@ -59,7 +61,32 @@ pub type SealNotify = Arc<dyn Fn() + Send + Sync>;
 
 struct SealDone {
     id: SegmentId,
-    result: Result<SealedMeta>,
+    /// The sealed file's metadata and the file opened with every check.
+    result: Result<(SealedMeta, SealedSegment)>,
+}
+
+/// Pair check, on the sealer thread (never under the writer's lock: it
+/// reads and checksums the whole file): open what was just written with
+/// every check and compare it with what was meant to be written.
+fn read_back(
+    seg_dir: &Path,
+    id: SegmentId,
+    meta: SealedMeta,
+) -> Result<(SealedMeta, SealedSegment)> {
+    let path = seg_dir.join(sealed_file_name(id));
+    let sealed = SealedSegment::open(&path).map_err(|e| {
+        Error::corrupt(
+            path.display().to_string(),
+            format!("sealed segment {id} does not read back: {e}"),
+        )
+    })?;
+    if sealed.meta() != meta {
+        return Err(Error::corrupt(
+            path.display().to_string(),
+            format!("sealed segment {id} reads back different from what was written"),
+        ));
+    }
+    Ok((meta, sealed))
 }
 
 #[derive(Default)]
@@ -214,9 +241,10 @@ impl IndexWriter {
                         let span = tracing::info_span!("seal", segment = seg.id().0);
                         let _g = span.enter();
                         let started = Instant::now();
-                        let result = seal_segment(&thread_dir, &seg);
+                        let result = seal_segment(&thread_dir, &seg)
+                            .and_then(|meta| read_back(&thread_dir, seg.id(), meta));
                         match &result {
-                            Ok(m) => tracing::info!(
+                            Ok((m, _)) => tracing::info!(
                                 items = m.item_count,
                                 bytes = m.file_len,
                                 ms = started.elapsed().as_millis() as u64,
@@ -392,24 +420,13 @@ impl IndexWriter {
         Ok(std::mem::take(&mut self.ready))
     }
 
+    /// Take a finished seal: the sealer thread already read the file back
+    /// and checked it (a failure there poisoned the writer), so this only
+    /// installs it.
     fn finish_seal(&mut self, done: SealDone) -> Result<()> {
-        let meta = done.result?;
-        let path = self.seg_dir.join(sealed_file_name(done.id));
-        // Pair check: read back what the sealer wrote before trusting it.
-        let sealed = SealedSegment::open(&path).inspect_err(|e| {
-            self.poison.set(format!(
-                "sealed segment {} does not read back: {e}",
-                done.id
-            ))
-        })?;
-        if sealed.meta() != meta {
-            let why = format!(
-                "sealed segment {} reads back different from what was written",
-                done.id
-            );
-            self.poison.set(why.clone());
-            return Err(Error::corrupt(path.display().to_string(), why));
-        }
+        let (meta, sealed) = done
+            .result
+            .inspect_err(|e| self.poison.set(e.to_string()))?;
         self.sealed.insert(done.id, Arc::new(sealed));
         self.frozen.remove(&done.id);
         self.ready.push(meta);

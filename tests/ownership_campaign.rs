@@ -850,9 +850,7 @@ impl Campaign {
             if !self.lineages[l].segs.contains_key(&(e.id, e.key_sum())) {
                 continue;
             }
-            if e.item_count == 0
-                || e.max_offset.saturating_sub(e.min_offset) + 1 == e.item_count
-            {
+            if e.item_count == 0 || e.max_offset.saturating_sub(e.min_offset) + 1 == e.item_count {
                 committed.push((e.min_offset, e.max_offset, e.id));
             } else {
                 for (a, b) in self.offset_runs(e)? {
@@ -1113,12 +1111,26 @@ fn brokers_and_recovery_tool_competing_for_one_stream() {
         .iter()
         .flat_map(|l| l.acked.iter().map(|(s, e)| e - s))
         .sum();
+    // Segments whose id another directory had committed (sealed while
+    // ownership was pending), copied into a new segment.
+    let resealed: usize = c
+        .lineages
+        .iter()
+        .filter(|l| tierindex::journal::log_path(&l.path).exists())
+        .filter_map(|l| Journal::open_read_only(&l.path).ok())
+        .map(|(v, _)| {
+            v.segments()
+                .values()
+                .filter(|r| r.state == SegmentState::Resealed)
+                .count()
+        })
+        .sum();
     let n = &c.counts;
     eprintln!(
         "ownership-campaign: steps={} starts={} pauses={} resumes={} kills={} sigterms={} \
          moves={} recovery-drains={} owner-takes={} epochs={} takeovers={takeovers} \
          fenced-attempts={} refused-opens={} store-timeouts={} stale-slot-writes={} versions-seen={seen_versions} \
-         versions-missed={missed} committed-segments={} acknowledged-entries={acked} \
+         versions-missed={missed} committed-segments={} resealed-segments={resealed} acknowledged-entries={acked} \
          violations={} unpublishable-data-dirs={} seed={seed} store={} elapsed={:.1}s",
         n.steps,
         n.starts,

@@ -988,7 +988,8 @@ fn journal_model(data: &[u8]) {
                 ));
                 let live: Vec<SegmentRecord> = model.segments().values().cloned().collect();
                 for rec in &live {
-                    encode_frame(&Frame::Snapshot(Box::new(rec.clone())), &mut file).expect("encode");
+                    encode_frame(&Frame::Snapshot(Box::new(rec.clone())), &mut file)
+                        .expect("encode");
                     ends.push((file.len(), None));
                 }
                 ends.last_mut().expect("MaxId end").1 = Some(model.clone());
