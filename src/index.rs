@@ -1,10 +1,16 @@
 //! The index writer: owns the active segment, rolls it, seals in background.
 //!
 //! Rolling (capacity reached, age exceeded, or asked): the old active segment
-//! is flushed and handed to the sealer thread, then a new one is created
-//! (fallocate + fsync + dir fsync). Appends wait only for those
-//! two steps, never for the seal itself. Until its sealed file is durable a
-//! frozen segment stays readable through its mapping.
+//! is flushed and handed to the sealer thread, and the next one, prepared
+//! ahead by the sealer thread (fallocate + fsync + dir fsync + its pages
+//! brought into the page cache, at the front of its queue right after the
+//! previous roll), is swapped in. The roll waits for that spare only while
+//! it is still being prepared (at most behind the one seal in progress),
+//! creates one itself only when the preparation failed, and never waits for
+//! a seal. Until its sealed file is durable a frozen segment stays readable
+//! through its mapping. A spare is an empty `NNN.active` with the next id:
+//! after a crash the next start takes it up as the active segment, or
+//! removes it (an empty active file that is not the newest).
 //!
 //! The sealer thread writes `NNN.seg` (tmp, fsync, rename, dir fsync), then
 //! removes `NNN.active` and fsyncs the directory. A failure there poisons the
@@ -58,6 +64,59 @@ impl Default for IndexConfig {
 /// Called from the sealer thread after each seal finished (or failed); the
 /// pipeline uses it to wake up and call [`IndexWriter::poll_sealed`].
 pub type SealNotify = Arc<dyn Fn() + Send + Sync>;
+
+/// Work for the sealer thread.
+enum Job {
+    /// Seal a frozen segment.
+    Seal(Arc<ActiveSegment>),
+    /// Create (allocate, fsync, map, prefault) the next active segment
+    /// ahead of the roll that needs it, so that the append which rolls
+    /// only swaps it in.
+    Prepare(SegmentId),
+}
+
+/// The sealer thread's queue: a spare's preparation goes to the front (the
+/// next roll waits for it), seals to the back. Closing lets the thread
+/// finish what is queued and end.
+#[derive(Default)]
+struct Jobs {
+    state: Mutex<(std::collections::VecDeque<Job>, bool)>,
+    ready: std::sync::Condvar,
+}
+
+impl Jobs {
+    fn push(&self, job: Job) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match job {
+            Job::Prepare(_) => g.0.push_front(job),
+            Job::Seal(_) => g.0.push_back(job),
+        }
+        self.ready.notify_one();
+    }
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.ready.notify_one();
+    }
+    /// The next job; `None` once closed and empty.
+    fn pop(&self) -> Option<Job> {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(j) = g.0.pop_front() {
+                return Some(j);
+            }
+            if g.1 {
+                return None;
+            }
+            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// What the sealer thread sends back.
+enum Done {
+    Sealed(SealDone),
+    Prepared(SegmentId, Result<ActiveSegment>),
+}
 
 struct SealDone {
     id: SegmentId,
@@ -155,8 +214,18 @@ pub struct IndexWriter {
     sealed: BTreeMap<SegmentId, Arc<SealedSegment>>,
     /// Sealed and not yet taken by `poll_sealed`.
     ready: Vec<SealedMeta>,
-    sealer_tx: Option<mpsc::Sender<Arc<ActiveSegment>>>,
-    done_rx: mpsc::Receiver<SealDone>,
+    /// The sealer thread's queue; `None` once closed.
+    sealer_tx: Option<Arc<Jobs>>,
+    done_rx: mpsc::Receiver<Done>,
+    /// The next active segment, created ahead by the sealer thread (its id
+    /// reserved: below `next_id`).
+    spare: Option<ActiveSegment>,
+    /// The id of a spare asked for and not arrived yet; one that arrives
+    /// under another id (or none) is stale and removed.
+    spare_asked: Option<SegmentId>,
+    /// When the active segment became active (the age rule counts from
+    /// here, not from when a spare's file was created).
+    active_since_ms: u64,
     sealer: Option<JoinHandle<()>>,
     poison: Arc<Poison>,
     notify: Arc<Mutex<Option<SealNotify>>>,
@@ -225,8 +294,9 @@ impl IndexWriter {
         if let Some(m) = min_next_id {
             next_id = next_id.max(m.0);
         }
-        let (sealer_tx, sealer_rx) = mpsc::channel::<Arc<ActiveSegment>>();
-        let (done_tx, done_rx) = mpsc::channel::<SealDone>();
+        let sealer_tx = Arc::new(Jobs::default());
+        let sealer_rx = sealer_tx.clone();
+        let (done_tx, done_rx) = mpsc::channel::<Done>();
         let poison = Arc::new(Poison::default());
         let notify = Arc::new(Mutex::new(notify));
         let sealer = {
@@ -234,10 +304,23 @@ impl IndexWriter {
             let thread_dir = seg_dir.clone();
             let poison = poison.clone();
             let lock = dd.clone();
+            let (slots, items) = (cfg.slot_count, cfg.segment_items);
             std::thread::Builder::new()
                 .name("tierindex-sealer".into())
                 .spawn(move || {
-                    while let Ok(seg) = sealer_rx.recv() {
+                    while let Some(job) = sealer_rx.pop() {
+                        let seg = match job {
+                            Job::Seal(seg) => seg,
+                            Job::Prepare(id) => {
+                                let r =
+                                    ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
+                                if let Ok(seg) = &r {
+                                    seg.prefault();
+                                }
+                                let _ = done_tx.send(Done::Prepared(id, r));
+                                continue;
+                            }
+                        };
                         let span = tracing::info_span!("seal", segment = seg.id().0);
                         let _g = span.enter();
                         let started = Instant::now();
@@ -255,10 +338,10 @@ impl IndexWriter {
                                 poison.set(format!("sealing segment {} failed: {e}", seg.id()));
                             }
                         }
-                        let _ = done_tx.send(SealDone {
+                        let _ = done_tx.send(Done::Sealed(SealDone {
                             id: seg.id(),
                             result,
-                        });
+                        }));
                         let n = notify.lock().ok().and_then(|n| n.clone());
                         if let Some(n) = n {
                             n();
@@ -287,10 +370,15 @@ impl IndexWriter {
             poison,
             notify,
             closed: false,
+            spare: None,
+            spare_asked: None,
+            active_since_ms: now_ms(),
         };
-        if w.active.is_none() {
-            w.active = Some(w.create_active()?);
+        match &w.active {
+            Some(a) => w.active_since_ms = a.created_ms(),
+            None => w.active = Some(w.create_active()?),
         }
+        w.ask_spare();
         Ok((w, rec.report))
     }
 
@@ -316,6 +404,81 @@ impl IndexWriter {
             }
         })?;
         self.next_id += 1;
+        Ok(seg)
+    }
+
+    /// Ask the sealer thread for the next active segment, unless one is
+    /// there or on its way. Its id is reserved now.
+    fn ask_spare(&mut self) {
+        if self.closed || self.spare.is_some() || self.spare_asked.is_some() {
+            return;
+        }
+        let id = SegmentId(self.next_id);
+        if let Some(tx) = &self.sealer_tx
+            && self.sealer.as_ref().is_some_and(|h| !h.is_finished())
+        {
+            tx.push(Job::Prepare(id));
+            self.next_id += 1;
+            self.spare_asked = Some(id);
+        }
+    }
+
+    /// Take what the sealer thread sent back.
+    fn take_done(&mut self, done: Done) -> Result<()> {
+        match done {
+            Done::Sealed(d) => self.finish_seal(d),
+            Done::Prepared(id, r) => {
+                let wanted = self.spare_asked == Some(id) && !self.closed;
+                if self.spare_asked == Some(id) {
+                    self.spare_asked = None;
+                }
+                match r {
+                    Ok(seg) if wanted => {
+                        self.spare = Some(seg);
+                        Ok(())
+                    }
+                    // Stale (a segment was created inline meanwhile, ids
+                    // moved above it, or closing): remove the empty file.
+                    Ok(seg) => {
+                        remove_empty(&self.seg_dir, seg).inspect_err(|e| self.poison_on_sync(e))
+                    }
+                    Err(e) => {
+                        // The roll creates its segment itself, and reports
+                        // a failure there; a failed fsync poisons now.
+                        self.poison_on_sync(&e);
+                        tracing::warn!(segment = id.0, error = %e, "preparing the next active segment failed");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next active segment: the prepared spare. One still on its way
+    /// is waited for (it is at the front of the sealer's queue: at most the
+    /// seal in progress is ahead of it), so ids stay consecutive; created
+    /// here only when none was asked for or its preparation failed.
+    fn next_active(&mut self) -> Result<ActiveSegment> {
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.take_done(done)?;
+        }
+        while self.spare.is_none() && self.spare_asked.is_some() {
+            match self.done_rx.recv() {
+                Ok(done) => self.take_done(done)?,
+                Err(_) => {
+                    // The sealer thread is gone.
+                    self.spare_asked = None;
+                }
+            }
+        }
+        let seg = match self.spare.take() {
+            Some(s) => s,
+            None => {
+                self.spare_asked = None;
+                self.create_active()?
+            }
+        };
+        self.active_since_ms = now_ms();
         Ok(seg)
     }
 
@@ -370,7 +533,8 @@ impl IndexWriter {
             return Ok(None);
         }
         let frozen = self.freeze_active()?;
-        self.active = Some(self.create_active()?);
+        self.active = Some(self.next_active()?);
+        self.ask_spare();
         Ok(frozen)
     }
 
@@ -390,8 +554,15 @@ impl IndexWriter {
         let id = old.id();
         let old = Arc::new(old);
         self.frozen.insert(id, old.clone());
-        let sent = self.sealer_tx.as_ref().map(|tx| tx.send(old));
-        if !matches!(sent, Some(Ok(()))) {
+        let alive = self.sealer.as_ref().is_some_and(|h| !h.is_finished());
+        let sent = match &self.sealer_tx {
+            Some(tx) if alive => {
+                tx.push(Job::Seal(old));
+                true
+            }
+            _ => false,
+        };
+        if !sent {
             let why = "sealer thread is gone".to_string();
             self.poison.set(why.clone());
             return Err(Error::Poisoned(why));
@@ -405,7 +576,7 @@ impl IndexWriter {
         if !self.closed
             && let (Some(a), Some(age)) = (&self.active, self.cfg.segment_max_age)
             && !a.is_empty()
-            && now_ms().saturating_sub(a.created_ms()) >= age.as_millis() as u64
+            && now_ms().saturating_sub(self.active_since_ms) >= age.as_millis() as u64
         {
             self.roll()?;
         }
@@ -415,7 +586,7 @@ impl IndexWriter {
     /// Collect seals that finished since the last call.
     pub fn poll_sealed(&mut self) -> Result<Vec<SealedMeta>> {
         while let Ok(done) = self.done_rx.try_recv() {
-            self.finish_seal(done)?;
+            self.take_done(done)?;
         }
         Ok(std::mem::take(&mut self.ready))
     }
@@ -442,13 +613,15 @@ impl IndexWriter {
             let frozen = self.poison.check().and_then(|_| self.freeze_active());
             // Whatever happened, the sealer must see its queue end, or a
             // later close would wait on it forever.
-            self.sealer_tx = None;
+            if let Some(tx) = self.sealer_tx.take() {
+                tx.close();
+            }
             frozen?;
         }
         while !self.frozen.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.done_rx.recv_timeout(left) {
-                Ok(done) => self.finish_seal(done)?,
+                Ok(done) => self.take_done(done)?,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     return Err(Error::Deadline(format!(
                         "{} segment(s) still sealing; their active files stay on disk and are sealed at the next start",
@@ -469,6 +642,13 @@ impl IndexWriter {
             && h.join().is_err()
         {
             self.poison.set("sealer thread panicked".into());
+        }
+        // A spare prepared or on its way is not needed any more.
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.take_done(done)?;
+        }
+        if let Some(s) = self.spare.take() {
+            remove_empty(&self.seg_dir, s).inspect_err(|e| self.poison_on_sync(e))?;
         }
         self.poison.check()?;
         Ok(std::mem::take(&mut self.ready))
@@ -595,6 +775,15 @@ impl IndexWriter {
     pub fn raise_next_id(&mut self, min: SegmentId) -> Result<()> {
         self.check_open()?;
         self.next_id = self.next_id.max(min.0);
+        // A spare below `min` (ready or on its way) is stale.
+        if self.spare.as_ref().is_some_and(|s| s.id() < min)
+            && let Some(s) = self.spare.take()
+        {
+            remove_empty(&self.seg_dir, s).inspect_err(|e| self.poison_on_sync(e))?;
+        }
+        if self.spare_asked.is_some_and(|id| id < min) {
+            self.spare_asked = None;
+        }
         if self
             .active
             .as_ref()
@@ -602,8 +791,9 @@ impl IndexWriter {
             && let Some(old) = self.active.take()
         {
             remove_empty(&self.seg_dir, old).inspect_err(|e| self.poison_on_sync(e))?;
-            self.active = Some(self.create_active()?);
+            self.active = Some(self.next_active()?);
         }
+        self.ask_spare();
         Ok(())
     }
 
@@ -627,8 +817,7 @@ impl IndexWriter {
         min_id: SegmentId,
         before_copy: impl FnOnce(SegmentId) -> Result<()>,
     ) -> Result<(SegmentId, u64)> {
-        self.check_open()?;
-        self.next_id = self.next_id.max(min_id.0);
+        self.raise_next_id(min_id)?;
         let below = self.active.as_ref().is_none_or(|a| a.id() < min_id);
         if below {
             self.roll()?;
@@ -705,8 +894,12 @@ impl IndexWriter {
 impl Drop for IndexWriter {
     fn drop(&mut self) {
         // Close the sealer's queue but do not wait for it: a hung disk must
-        // not hang the drop. A seal cut short is redone at the next start.
-        self.sealer_tx = None;
+        // not hang the drop. A seal cut short is redone at the next start;
+        // a spare left on disk is an empty active file, taken up (or
+        // removed) by the next start.
+        if let Some(tx) = self.sealer_tx.take() {
+            tx.close();
+        }
     }
 }
 

@@ -594,6 +594,17 @@ impl ActiveSegment {
             .collect()
     }
 
+    /// Best effort: bring every page of the mapping into the page cache
+    /// now (on the thread that prepares the segment), so that no append
+    /// later waits for the kernel to zero-fill or read ahead a page of the
+    /// preallocated file; the append's first write to a page is then a
+    /// minor fault. Read, not write: the pages are not dirtied, so nothing
+    /// is written back before items land there. Kernels without
+    /// `MADV_POPULATE_READ` (before 5.14) skip it.
+    pub fn prefault(&self) {
+        let _ = self.map.advise(memmap2::Advice::PopulateRead);
+    }
+
     pub fn id(&self) -> SegmentId {
         self.id
     }
