@@ -799,26 +799,32 @@ pub async fn open_shared_with_clock(
     store: RemoteStore,
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Shared>, OpenReport)> {
-    let (dd, _identity) = DataDir::open_as(
-        &cfg.data_dir,
-        &cfg.stream,
-        store.display_url(),
-        cfg.endpoint.as_deref(),
-    )?;
-    let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
-    let previous_shutdown_clean = marker.exists();
-    if previous_shutdown_clean {
-        std::fs::remove_file(&marker)
-            .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
-        fsync_dir(&cfg.data_dir)?;
-    }
-    let (journal, jrep): (Journal, ReplayReport) = Journal::open(
-        &cfg.data_dir,
-        JournalOptions {
-            compact_after_bytes: cfg.journal_compact_after_bytes,
-            ..JournalOptions::default()
-        },
-    )?;
+    // Local recovery reads and checks files: on a blocking thread, never on
+    // the caller's runtime thread (issue 16).
+    let (dd, previous_shutdown_clean, journal, jrep) = {
+        let (cfg, url) = (cfg.clone(), store.display_url().to_string());
+        tokio::task::spawn_blocking(move || -> Result<(DataDir, bool, Journal, ReplayReport)> {
+            let (dd, _identity) =
+                DataDir::open_as(&cfg.data_dir, &cfg.stream, &url, cfg.endpoint.as_deref())?;
+            let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
+            let previous_shutdown_clean = marker.exists();
+            if previous_shutdown_clean {
+                std::fs::remove_file(&marker)
+                    .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
+                fsync_dir(&cfg.data_dir)?;
+            }
+            let (journal, jrep) = Journal::open(
+                &cfg.data_dir,
+                JournalOptions {
+                    compact_after_bytes: cfg.journal_compact_after_bytes,
+                    ..JournalOptions::default()
+                },
+            )?;
+            Ok((dd, previous_shutdown_clean, journal, jrep))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("open task failed: {e}")))??
+    };
     // Only after the data directory is locked (`dd`): taking the stream
     // bumps the epoch, which fences whoever holds it (with the default owner
     // id, the previous incarnation of this data directory). Before the
@@ -916,19 +922,25 @@ pub async fn open_shared_with_clock(
     // Sealed files still to be uploaded (unknown to the journal, Sealed or
     // Uploading) get the full item check at start-up: damage is salvaged
     // before their bytes are journaled or uploaded.
-    let (mut writer, mut seg_report) = {
-        let to_upload = |id: crate::segment::SegmentId| {
-            journal
-                .get(id)
-                .is_none_or(|r| matches!(r.state, SegmentState::Sealed | SegmentState::Uploading))
+    let index_cfg = cfg.index_config();
+    let (writer, seg_report, journal, reseal_notes) = tokio::task::spawn_blocking(move || {
+        let (mut writer, mut seg_report) = {
+            let to_upload = |id: crate::segment::SegmentId| {
+                journal.get(id).is_none_or(|r| {
+                    matches!(r.state, SegmentState::Sealed | SegmentState::Uploading)
+                })
+            };
+            IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload)?
         };
-        IndexWriter::open_checking(dd, cfg.index_config(), min_next, None, &to_upload)?
-    };
-    let mut journal = journal;
-    readopt_salvaged(&mut writer, &mut journal, &mut seg_report)?;
-    // Before anything is journaled or driven: every segment a cut reseal
-    // copied into is still local here.
-    let reseal_notes = crate::pipeline::reseal::finish_at_open(&mut writer, &mut journal)?;
+        let mut journal = journal;
+        readopt_salvaged(&mut writer, &mut journal, &mut seg_report)?;
+        // Before anything is journaled or driven: every segment a cut
+        // reseal copied into is still local here.
+        let notes = crate::pipeline::reseal::finish_at_open(&mut writer, &mut journal)?;
+        Ok::<_, Error>((writer, seg_report, journal, notes))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("open task failed: {e}")))??;
     let metrics = Arc::new(Metrics::default());
     let sh = Arc::new(Shared {
         seg_dir: writer.segments_dir().to_path_buf(),
