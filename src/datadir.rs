@@ -4,7 +4,8 @@
 //! ```text
 //! DATA_DIR/
 //!   LOCK                 flock'd by the owning process; holds pid/host/start
-//!   segments/            NNN.active (at most one in steady state), NNN.seg
+//!   segments/            NNN.active (in steady state one, plus an empty spare
+//!                        with the next id once it is half full), NNN.seg
 //!   journal/             upload journal (see journal module)
 //!   quarantine/          files that failed their checks, moved aside, never deleted
 //! ```
@@ -13,6 +14,10 @@
 //! - `NNN.seg` must pass the full sealed check, else it is quarantined.
 //! - `NNN.active` that is empty or all zeros (its creation never became
 //!   durable) is removed: it never held an entry.
+//! - Every `.active` but the newest holding entries is sealed; an empty one
+//!   (with a valid header) above it is a spare prepared ahead of a roll:
+//!   not a leftover, the writer removes it (or takes it up when no segment
+//!   holds entries).
 //! - `NNN.active` with a bad header is quarantined; otherwise its torn tail
 //!   is zeroed (a damaged span that still holds valid items is first copied
 //!   to quarantine) and its slot table rebuilt. If a valid `NNN.seg` with
@@ -786,11 +791,21 @@ pub fn recover_checking(
         }
     }
     // Every active segment but the newest is the leftover of a roll whose
-    // seal did not finish.
+    // seal did not finish. Empty ones above the newest holding entries are
+    // spares the writer prepared ahead of a roll (not leftovers: the writer
+    // removes them and keeps appending to the one holding entries).
+    let holding = out
+        .report
+        .actives
+        .iter()
+        .filter(|a| a.valid_items > 0 && !superseded.contains(&a.id))
+        .map(|a| a.id)
+        .max();
     let live: Vec<u64> = out
         .report
         .actives
         .iter()
+        .filter(|a| a.valid_items > 0 || holding.is_none_or(|h| a.id < h))
         .map(|a| a.id)
         .filter(|id| !superseded.contains(id))
         .collect();

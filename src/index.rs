@@ -3,11 +3,12 @@
 //! Rolling (capacity reached, age exceeded, or asked): the old active segment
 //! is flushed and handed to the sealer thread, and the next one, prepared
 //! ahead by the sealer thread (fallocate + fsync + dir fsync + its pages
-//! brought into the page cache, at the front of its queue right after the
-//! previous roll), is swapped in. The roll waits for that spare only while
-//! it is still being prepared (at most behind the one seal in progress),
-//! creates one itself only when the preparation failed, and never waits for
-//! a seal. Until its sealed file is durable a frozen segment stays readable
+//! brought into the page cache; asked for, at the front of its queue, once
+//! the active segment is half full), is swapped in. The roll waits for that
+//! spare only while it is still being prepared (at most behind the one seal
+//! in progress), creates one itself when none was asked for (an age roll
+//! before half full) or its preparation failed, and never waits for a
+//! seal. Until its sealed file is durable a frozen segment stays readable
 //! through its mapping. A spare is an empty `NNN.active` with the next id:
 //! after a crash the next start takes it up as the active segment, or
 //! removes it (an empty active file that is not the newest).
@@ -273,10 +274,36 @@ impl IndexWriter {
         };
         let mut rec = datadir::recover_checking(&dd, Mode::Repair, full_check, Some(geometry))?;
         let mut ready = Vec::new();
-        let newest = rec.actives.keys().next_back().copied();
+        // Which active segment takes appends: the newest one holding
+        // entries, unless it is full or must be sealed; else an empty one
+        // (a spare prepared ahead of a roll, or a fresh segment) above it,
+        // only while its id is still the highest seen and not below
+        // `min_next_id`. Every other empty one is removed (a spare above a
+        // kept segment is just not needed), every other one sealed.
+        let holding = rec
+            .actives
+            .iter()
+            .rev()
+            .find(|(_, s)| !s.is_empty())
+            .map(|(id, s)| (*id, s.is_full()));
+        let keep = match holding {
+            Some((id, false)) if !rec.report.to_reseal.contains(&id.0) => Some(id),
+            _ => rec
+                .actives
+                .iter()
+                .next_back()
+                .filter(|(id, s)| {
+                    s.is_empty()
+                        && holding.is_none_or(|(h, _)| **id > h)
+                        && Some(**id) == rec.max_id_seen
+                        && min_next_id.is_none_or(|m| **id >= m)
+                        && !rec.report.to_reseal.contains(&id.0)
+                })
+                .map(|(id, _)| *id),
+        };
         let mut active = None;
         for (id, seg) in std::mem::take(&mut rec.actives) {
-            if Some(id) == newest && !seg.is_full() && !rec.report.to_reseal.contains(&id.0) {
+            if Some(id) == keep {
                 active = Some(seg);
                 continue;
             }
@@ -378,7 +405,6 @@ impl IndexWriter {
             Some(a) => w.active_since_ms = a.created_ms(),
             None => w.active = Some(w.create_active()?),
         }
-        w.ask_spare();
         Ok((w, rec.report))
     }
 
@@ -509,10 +535,19 @@ impl IndexWriter {
         if needs_roll {
             self.roll()?;
         }
-        match self.active.as_mut() {
-            Some(a) => a.append_entry(entry),
-            None => Err(Error::ShutDown),
+        let half = match self.active.as_mut() {
+            Some(a) => {
+                a.append_entry(entry)?;
+                a.len() >= a.capacity() / 2
+            }
+            None => return Err(Error::ShutDown),
+        };
+        // Half full: have the next segment prepared by the time this one
+        // rolls (not earlier: an idle stream keeps one preallocated file).
+        if half {
+            self.ask_spare();
         }
+        Ok(())
     }
 
     /// Make every appended entry durable. Frozen segments are flushed when
@@ -534,7 +569,6 @@ impl IndexWriter {
         }
         let frozen = self.freeze_active()?;
         self.active = Some(self.next_active()?);
-        self.ask_spare();
         Ok(frozen)
     }
 
@@ -793,7 +827,6 @@ impl IndexWriter {
             remove_empty(&self.seg_dir, old).inspect_err(|e| self.poison_on_sync(e))?;
             self.active = Some(self.next_active()?);
         }
-        self.ask_spare();
         Ok(())
     }
 

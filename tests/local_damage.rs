@@ -158,20 +158,24 @@ fn build(w: &World, sealed: u64, active: u64, journal: bool) -> u64 {
 }
 
 /// The single active file and the sealed files, by name.
+/// The active file holding entries (the lowest-numbered one: a spare the
+/// writer prepared ahead of its next roll is empty and numbered above it)
+/// and the sealed files.
 fn files(w: &World) -> (Option<PathBuf>, Vec<PathBuf>) {
-    let mut active = None;
+    let mut actives = Vec::new();
     let mut sealed = Vec::new();
     for e in std::fs::read_dir(w.data.join("segments")).unwrap() {
         let p = e.unwrap().path();
         let n = p.file_name().unwrap().to_string_lossy().into_owned();
         if n.ends_with(".active") {
-            active = Some(p);
+            actives.push(p);
         } else if n.ends_with(".seg") {
             sealed.push(p);
         }
     }
+    actives.sort();
     sealed.sort();
-    (active, sealed)
+    (actives.into_iter().next(), sealed)
 }
 
 fn xor(path: &Path, at: u64, len: usize, x: u8) {

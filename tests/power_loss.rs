@@ -825,8 +825,12 @@ fn lookup_all(w: &IndexWriter) -> Result<BTreeMap<u64, Entry>, String> {
     Ok(out)
 }
 
-/// Read `segments/` after start-up, without the writer.
+/// Read `segments/` after start-up, without the writer. A dropped writer's
+/// sealer thread may still be finishing a seal or the spare it was
+/// preparing: it holds the directory lock until then, so wait for the lock
+/// (as the next start-up would) before reading.
 fn read_segments(root: &Path) -> Result<OnDisk, String> {
+    drop(open_dd(root)?);
     let dir = root.join(SEGMENTS_DIR);
     let mut out = OnDisk::new();
     let rd = fs::read_dir(&dir).map_err(|e| format!("list segments/: {e}"))?;
