@@ -16,6 +16,8 @@
 //! * `eio@N`, `enospc@N`: the N-th hit returns that OS error to the caller
 //!   instead of doing the step (the error path a failing disk takes). Later
 //!   hits pass, so a test sees what one failure leaves behind.
+//! * `eio@N+`, `enospc@N+`: the N-th hit and every later one fail (a disk
+//!   that stays full or broken).
 //!
 //! The crash harness (`tests/crash_points.rs`) runs the real binary once per
 //! point and N; `docs/crash-safety.md` lists every point beside what a crash
@@ -148,6 +150,8 @@ mod armed {
     struct Armed {
         action: Action,
         at: u64,
+        /// `@N+`: every hit from the N-th on.
+        from_on: bool,
         hits: AtomicU64,
     }
 
@@ -158,12 +162,13 @@ mod armed {
             let mut t = HashMap::new();
             for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
                 match parse(part) {
-                    Ok((name, action, at)) => {
+                    Ok((name, action, at, from_on)) => {
                         t.insert(
                             name,
                             Armed {
                                 action,
                                 at,
+                                from_on,
                                 hits: AtomicU64::new(0),
                             },
                         );
@@ -179,7 +184,7 @@ mod armed {
         })
     }
 
-    fn parse(part: &str) -> Result<(&'static str, Action, u64), String> {
+    fn parse(part: &str) -> Result<(&'static str, Action, u64, bool), String> {
         let (name, rest) = part
             .split_once('=')
             .ok_or_else(|| format!("{part:?}: expected NAME=ACTION@N"))?;
@@ -191,8 +196,11 @@ mod armed {
         let (action, at) = rest
             .split_once('@')
             .ok_or_else(|| format!("{part:?}: expected ACTION@N"))?;
+        let (at, from_on) = match at.trim().strip_suffix('+') {
+            Some(n) => (n, true),
+            None => (at.trim(), false),
+        };
         let at: u64 = at
-            .trim()
             .parse()
             .ok()
             .filter(|n| *n >= 1)
@@ -203,7 +211,7 @@ mod armed {
             "enospc" => Action::Errno(libc::ENOSPC),
             other => return Err(format!("{part:?}: unknown action {other:?}")),
         };
-        Ok((name, action, at))
+        Ok((name, action, at, from_on))
     }
 
     /// Count a hit of `name`; crash or fail if it is armed for this hit.
@@ -218,7 +226,7 @@ mod armed {
             return Ok(());
         };
         let n = a.hits.fetch_add(1, Ordering::SeqCst) + 1;
-        if n != a.at {
+        if n < a.at || (n > a.at && !a.from_on) {
             return Ok(());
         }
         match a.action {

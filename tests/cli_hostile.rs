@@ -1371,7 +1371,9 @@ fn enospc_still_ends_with_a_report() {
             "--flush-every",
             "100",
         ],
-        &[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2")],
+        // From the second creation on (the spare prepared ahead of the
+        // first roll, then the roll's own attempt): the disk stays full.
+        &[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2+")],
     );
     assert_sane(&o, "enospc");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -1381,4 +1383,44 @@ fn enospc_still_ends_with_a_report() {
     assert!(out.contains("run totals"), "{}", text(&o));
     assert!(out.contains("FATAL"), "{}", text(&o));
     assert!(out.contains("1 verified and committed"), "{}", text(&o));
+}
+
+/// One ENOSPC while the next active segment is prepared ahead of a roll
+/// (the disk was full for a moment): logged, and the roll creates the
+/// segment itself; nothing is lost and the run ends clean.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_passing_enospc_while_preparing_the_next_segment_is_survived() {
+    let sb = Sandbox::new();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "3000",
+            "--rate",
+            "100000",
+            "--flush-every",
+            "100",
+        ],
+        &[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2")],
+    );
+    assert_sane(&o, "enospc once");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("preparing the next active segment failed"),
+        "{}",
+        text(&o)
+    );
+    assert!(out.contains("3000 flushed (acknowledged)"), "{}", text(&o));
+    assert!(out.contains("10 verified and committed"), "{}", text(&o));
 }

@@ -17,7 +17,7 @@ const CASES: &[(&str, &[i32], &str, Option<usize>)] = &[
     // The third flush fails: two were acknowledged, none after.
     ("active.msync=eio@3", &[1], "msync", Some(2)),
     (
-        "active.create.fallocate=enospc@2",
+        "active.create.fallocate=enospc@2+",
         &[1],
         "No space left on device",
         None,
