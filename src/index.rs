@@ -74,6 +74,11 @@ enum Job {
     /// ahead of the roll that needs it, so that the append which rolls
     /// only swaps it in.
     Prepare(SegmentId),
+    /// Drop a sealed segment's frozen mapping here, not under the writer
+    /// lock: its file is already unlinked, so the last reference frees the
+    /// whole preallocated file (measured at 10-15 ms for 8 MB on ext4,
+    /// which every append waited for).
+    Retire(Arc<ActiveSegment>),
 }
 
 /// The sealer thread's queue: a spare's preparation goes to the front (the
@@ -90,7 +95,7 @@ impl Jobs {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match job {
             Job::Prepare(_) => g.0.push_front(job),
-            Job::Seal(_) => g.0.push_back(job),
+            Job::Seal(_) | Job::Retire(_) => g.0.push_back(job),
         }
         self.ready.notify_one();
     }
@@ -338,6 +343,10 @@ impl IndexWriter {
                     while let Some(job) = sealer_rx.pop() {
                         let seg = match job {
                             Job::Seal(seg) => seg,
+                            Job::Retire(seg) => {
+                                drop(seg);
+                                continue;
+                            }
                             Job::Prepare(id) => {
                                 let r =
                                     ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
@@ -403,7 +412,11 @@ impl IndexWriter {
         };
         match &w.active {
             Some(a) => w.active_since_ms = a.created_ms(),
-            None => w.active = Some(w.create_active()?),
+            None => {
+                let a = w.create_active()?;
+                a.prefault();
+                w.active = Some(a);
+            }
         }
         Ok((w, rec.report))
     }
@@ -633,7 +646,14 @@ impl IndexWriter {
             .result
             .inspect_err(|e| self.poison.set(e.to_string()))?;
         self.sealed.insert(done.id, Arc::new(sealed));
-        self.frozen.remove(&done.id);
+        if let Some(old) = self.frozen.remove(&done.id) {
+            // Freed on the sealer thread (after a close, here: nothing
+            // waits on this writer any more).
+            match &self.sealer_tx {
+                Some(tx) => tx.push(Job::Retire(old)),
+                None => drop(old),
+            }
+        }
         self.ready.push(meta);
         Ok(())
     }

@@ -146,6 +146,14 @@ pub struct Metrics {
     /// Segments whose id the manifest held with another segment's content:
     /// their entries were copied into a new segment (`pipeline::reseal`).
     pub segments_resealed: Counter,
+    /// `append`/`flush` calls that found the writer lock held (by another
+    /// caller or by background work: a roll, a seal's collection, a
+    /// lookup, a release) and had to wait.
+    pub writer_lock_waits: Counter,
+    /// Of those, the waits longer than 100 us.
+    pub writer_lock_waits_slow: Counter,
+    /// The longest such wait so far, in microseconds.
+    pub writer_lock_wait_max_us: Counter,
     /// Remote segments a lookup could not read (corrupt or missing object
     /// under a committed key).
     pub remote_unreadable: Counter,
@@ -180,7 +188,7 @@ impl Metrics {
                 "# HELP tierindex_{name} {help}\n# TYPE tierindex_{name} {kind}\ntierindex_{name} {v}"
             );
         };
-        let counters: [(&str, &str, &Counter); 17] = [
+        let counters: [(&str, &str, &Counter); 19] = [
             (
                 "entries_appended_total",
                 "Entries appended.",
@@ -232,6 +240,16 @@ impl Metrics {
                 &self.quarantined,
             ),
             (
+                "writer_lock_waits_total",
+                "Appends and flushes that waited for the writer lock.",
+                &self.writer_lock_waits,
+            ),
+            (
+                "writer_lock_waits_over_100us_total",
+                "Appends and flushes that waited more than 100 us for the writer lock.",
+                &self.writer_lock_waits_slow,
+            ),
+            (
                 "segments_resealed_total",
                 "Segments whose id the manifest held with other content, copied into a new segment.",
                 &self.segments_resealed,
@@ -270,7 +288,12 @@ impl Metrics {
         for (name, help, c) in &counters {
             one(name, "counter", help, &c.get().to_string());
         }
-        let gauges: [(&str, &str, String); 6] = [
+        let gauges: [(&str, &str, String); 7] = [
+            (
+                "writer_lock_wait_longest_seconds",
+                "The longest wait of an append or flush for the writer lock so far.",
+                format!("{:.6}", self.writer_lock_wait_max_us.get() as f64 / 1e6),
+            ),
             (
                 "reconcile_unresolved",
                 "Findings of the last background reconcile that need an operator.",

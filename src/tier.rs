@@ -293,8 +293,26 @@ impl TierIndex {
         self.sh.as_ref().expect("TierIndex used after shutdown")
     }
 
+    /// The writer, for the broker's calls (`append`, `flush`). A wait for
+    /// the lock is counted and timed (`writer_lock_waits*` metrics); the
+    /// uncontended path costs one `try_lock`.
     fn writer(&self) -> MutexGuard<'_, IndexWriter> {
-        self.sh().writer.lock().unwrap_or_else(|p| p.into_inner())
+        let sh = self.sh();
+        match sh.writer.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let t = std::time::Instant::now();
+                let g = sh.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let us = t.elapsed().as_micros() as u64;
+                sh.metrics.writer_lock_waits.inc();
+                if us > 100 {
+                    sh.metrics.writer_lock_waits_slow.inc();
+                }
+                sh.metrics.writer_lock_wait_max_us.raise_to(us);
+                g
+            }
+        }
     }
 
     /// Append an entry. Durable after the next [`flush`](Self::flush).
