@@ -880,7 +880,9 @@ impl IndexWriter {
             }
         }
         let into = self.active_id().ok_or(Error::ShutDown)?;
-        let held: std::collections::HashSet<(u64, u64, u32, u64)> = match since {
+        // How many copies of each entry the segments from `since` on hold
+        // (a count, not a set: a segment may hold one entry twice).
+        let mut held: std::collections::HashMap<(u64, u64, u32, u64), u32> = match since {
             None => Default::default(),
             Some(since) => {
                 let sealed = self
@@ -894,23 +896,41 @@ impl IndexWriter {
                     .chain(self.active.as_ref())
                     .filter(|a| a.id() >= since)
                     .flat_map(|a| a.entries().into_iter());
-                sealed
-                    .chain(open)
-                    .map(|e| (e.key_hash, e.offset, e.size, e.timestamp_ms))
-                    .collect()
+                let mut m = std::collections::HashMap::new();
+                for e in sealed.chain(open) {
+                    *m.entry((e.key_hash, e.offset, e.size, e.timestamp_ms))
+                        .or_insert(0u32) += 1;
+                }
+                m
             }
         };
         before_copy(into)?;
         let mut copied = 0u64;
-        for e in entries {
-            if held.contains(&(e.key_hash, e.offset, e.size, e.timestamp_ms)) {
-                continue;
+        let mut copy = || -> Result<()> {
+            for e in entries {
+                if let Some(n) = held
+                    .get_mut(&(e.key_hash, e.offset, e.size, e.timestamp_ms))
+                    .filter(|n| **n > 0)
+                {
+                    *n -= 1;
+                    continue;
+                }
+                self.append_entry(*e)?;
+                copied += 1;
             }
-            self.append_entry(*e)?;
-            copied += 1;
+            // Rolled-over segments were flushed when they froze.
+            self.flush()
+        };
+        // Cut short after the caller journaled the start: the rest is
+        // finished at the next open, which must find every segment from
+        // `into` on as this process leaves it. So nothing more is appended
+        // here (the pipeline also keeps those segments' local copies, see
+        // `pipeline::reseal::blocks_release`).
+        if let Err(e) = copy() {
+            self.poison
+                .set(format!("copying a resealed segment's entries failed: {e}"));
+            return Err(e);
         }
-        // Rolled-over segments were flushed when they froze.
-        self.flush()?;
         Ok((into, copied))
     }
 
@@ -986,6 +1006,28 @@ mod tests {
             segment_max_age: None,
             max_chain_steps: 1 << 20,
         }
+    }
+
+    /// `copy_in` skips what the segments from `since` on already hold by
+    /// count: an entry held once and given twice is copied once more.
+    #[test]
+    fn copy_in_counts_entries_already_held() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let (mut w, _) = IndexWriter::open(dd, cfg(100), None, None).unwrap();
+        let e = Entry {
+            key_hash: 7,
+            offset: 42,
+            size: 1,
+            timestamp_ms: 1,
+        };
+        w.append_entry(e).unwrap();
+        let since = w.active_id();
+        let (_, copied) = w.copy_in(&[e, e], since, SegmentId(0), |_| Ok(())).unwrap();
+        assert_eq!(copied, 1);
+        assert_eq!(w.lookup_hash(7, TimeRange::ALL).entries.len(), 2);
+        let (_, copied) = w.copy_in(&[e, e], since, SegmentId(0), |_| Ok(())).unwrap();
+        assert_eq!(copied, 0);
     }
 
     #[test]

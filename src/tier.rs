@@ -945,7 +945,10 @@ pub async fn open_shared_with_clock(
         let (mut writer, mut seg_report) = {
             let to_upload = |id: crate::segment::SegmentId| {
                 journal.get(id).is_none_or(|r| {
-                    matches!(r.state, SegmentState::Sealed | SegmentState::Uploading)
+                    matches!(
+                        r.state,
+                        SegmentState::Sealed | SegmentState::Uploading | SegmentState::Resealing
+                    )
                 })
             };
             IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload)?
@@ -1022,7 +1025,16 @@ fn readopt_salvaged(
 ) -> Result<()> {
     for note in &mut report.salvaged {
         let id = crate::segment::SegmentId(note.segment);
-        if note.kind != "sealed" || note.sealed_as.is_none() || journal.get(id).is_none() {
+        // A Resealing/Resealed segment's entries are copied (or were) by
+        // `reseal::finish_at_open`, which skips the ones already held.
+        let resealing = journal
+            .get(id)
+            .is_some_and(|r| matches!(r.state, SegmentState::Resealing | SegmentState::Resealed));
+        if note.kind != "sealed"
+            || note.sealed_as.is_none()
+            || journal.get(id).is_none()
+            || resealing
+        {
             continue;
         }
         let Some(seg) = writer.sealed(id) else {

@@ -418,6 +418,12 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 if !sh.release_after_commit {
                     return Ok(SegmentState::Committed);
                 }
+                if let Some((from, into)) = crate::pipeline::reseal::blocks_release(sh, id) {
+                    return Err(Error::RemoteRetryable(format!(
+                        "local copy kept: segment {from} is being resealed into segment {into} \
+                         and later ones, which the next start finishes from the local copies"
+                    )));
+                }
                 // Never drop the last copy: the object must still be there,
                 // whole (someone may have deleted it since it was verified,
                 // e.g. another data directory's reconciler taking it for an

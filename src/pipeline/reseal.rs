@@ -18,9 +18,12 @@
 //! 3. `Resealed { id }` is journaled; then the local file is deleted.
 //!
 //! A crash between 1 and 3 leaves `Resealing`: the next open (before any
-//! drive runs, so every segment from `into` on is still local) copies the
-//! entries that none of those segments holds yet and journals `Resealed`
-//! ([`finish_at_open`]). A crash between 3 and the delete leaves a
+//! drive runs) copies the entries that none of the segments from `into` on
+//! holds yet, into `into` or above, and journals `Resealed`
+//! ([`finish_at_open`]). A failure between 1 and 3 without a crash poisons
+//! the writer (nothing more is appended), and no segment from `into` on
+//! releases its local copy while a reseal into it is unfinished
+//! ([`blocks_release`]), so that the next open sees every copy made. A crash between 3 and the delete leaves a
 //! `Resealed` segment's file: the next open deletes it.
 
 use crate::error::{Error, Result};
@@ -29,16 +32,41 @@ use crate::journal::{Journal, Record, SegmentState};
 use crate::pipeline::Shared;
 use crate::segment::{SealedMeta, SegmentId};
 
-/// The entries of local sealed segment `id`, all of them: a file whose
-/// items do not all decode is not copied from (the caller quarantines).
-fn entries_of(w: &IndexWriter, id: SegmentId, meta: &SealedMeta) -> Result<Vec<crate::Entry>> {
+/// A segment from which a reseal in progress (`Resealing`) copies into `id`
+/// or a segment before it: the local copy of `id` must stay until that
+/// reseal is finished (at the next open, which tells the entries already
+/// copied by what the local segments from `into` on hold).
+pub fn blocks_release(sh: &Shared, id: SegmentId) -> Option<(SegmentId, SegmentId)> {
+    sh.journal
+        .read()
+        .segments()
+        .values()
+        .filter(|r| r.state == SegmentState::Resealing)
+        .find_map(|r| {
+            r.resealed_into
+                .filter(|into| *into <= id)
+                .map(|into| (r.meta.id, into))
+        })
+}
+
+/// The entries of local sealed segment `id`. `strict`: all of them, or an
+/// error (a file whose items do not all decode is not copied from at run
+/// time; the caller quarantines). Not strict (finishing at open, after the
+/// start-up check salvaged a damaged file and reported what it lost): what
+/// the file holds.
+fn entries_of(
+    w: &IndexWriter,
+    id: SegmentId,
+    meta: &SealedMeta,
+    strict: bool,
+) -> Result<Vec<crate::Entry>> {
     let seg = w.sealed(id).ok_or_else(|| {
         Error::InvalidInput(format!(
             "segment {id} has no local sealed file to reseal from"
         ))
     })?;
     let entries = seg.entries();
-    if entries.len() as u64 != meta.item_count {
+    if strict && entries.len() as u64 != meta.item_count {
         return Err(Error::corrupt(
             seg.path().display().to_string(),
             format!(
@@ -67,7 +95,7 @@ pub async fn reseal(
     let why = reason.clone();
     let (into, copied) = tokio::task::spawn_blocking(move || -> Result<(SegmentId, u64)> {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        let entries = entries_of(&w, id, &meta)?;
+        let entries = entries_of(&w, id, &meta, true)?;
         let (into, copied) = w.copy_in(&entries, None, floor, |into| {
             journal.append_blocking(vec![Record::Resealing {
                 id,
@@ -107,7 +135,7 @@ pub fn finish_at_open(w: &mut IndexWriter, journal: &mut Journal) -> Result<Vec<
     for (meta, state, into) in todo {
         let id = meta.id;
         if state == SegmentState::Resealing {
-            let entries = match entries_of(w, id, &meta) {
+            let entries = match entries_of(w, id, &meta, false) {
                 Ok(e) => e,
                 Err(e) => {
                     // Nothing to copy from: the copies made before the crash
@@ -122,11 +150,24 @@ pub fn finish_at_open(w: &mut IndexWriter, journal: &mut Journal) -> Result<Vec<
                     continue;
                 }
             };
-            let (_, copied) = w.copy_in(&entries, into, SegmentId(0), |_| Ok(()))?;
+            // Into `into` or above: the active segment kept at open may be
+            // one below it (sealing when the crash came), and a copy there
+            // would not be seen by the next finish.
+            let (_, copied) =
+                w.copy_in(&entries, into, into.unwrap_or(SegmentId(0)), |_| Ok(()))?;
             journal.append(&[Record::Resealed { id }])?;
             notes.push(format!(
-                "segment {id}: finished resealing cut by a crash ({copied} of {} entries copied now)",
-                entries.len()
+                "segment {id}: finished resealing cut by a crash ({copied} of {} entries copied now{})",
+                entries.len(),
+                if (entries.len() as u64) < meta.item_count {
+                    format!(
+                        "; {} of its {} entries did not read and are reported by the start-up check",
+                        meta.item_count - entries.len() as u64,
+                        meta.item_count
+                    )
+                } else {
+                    String::new()
+                }
             ));
         }
         if w.sealed(id).is_some() {
@@ -276,6 +317,70 @@ mod tests {
         assert!(held.values().all(|n| *n == 1), "cut {cut}: {held:?}");
         let (mut w, mut j) = open(d.path());
         assert!(finish_at_open(&mut w, &mut j).unwrap().is_empty());
+    }
+
+    /// The active segment was below the floor, so the reseal rolled it (its
+    /// seal still running) and started segment `into` above; the crash came
+    /// before any copy. The next start may keep the rolled segment as its
+    /// active one (it holds entries, `into` is empty): the copy must still
+    /// go to `into` or above, where the next finish looks.
+    #[test]
+    fn a_reseal_cut_while_the_segment_below_into_was_sealing_copies_above_into() {
+        let d = tempfile::tempdir().unwrap();
+        let floor = SegmentId(10);
+        {
+            let (mut w, mut j) = open(d.path());
+            for o in 0..100u64 {
+                w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
+            }
+            w.roll().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while w.sealed(SegmentId(1)).is_none() {
+                assert!(Instant::now() < deadline, "segment 1 never sealed");
+                std::thread::sleep(Duration::from_millis(5));
+                journal_seals(&mut w, &mut j);
+            }
+            let id = SegmentId(1);
+            j.append(&[
+                Record::Uploading {
+                    id,
+                    attempt: 1,
+                    key: "k".into(),
+                    multipart_id: None,
+                },
+                Record::Uploaded {
+                    id,
+                    etag: None,
+                    version: None,
+                },
+                Record::Verified { id },
+            ])
+            .unwrap();
+            for o in 500..520u64 {
+                w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
+            }
+            w.flush().unwrap();
+            let entries = w.sealed(id).unwrap().entries();
+            let crashed = w.copy_in(&entries, None, floor, |into| {
+                assert!(into >= floor);
+                j.append(&[Record::Resealing {
+                    id,
+                    into,
+                    reason: "test".into(),
+                }])?;
+                Err(Error::Internal("crash before the copy".into()))
+            });
+            assert!(crashed.is_err());
+        }
+        let (mut w, mut j) = open(d.path());
+        finish_at_open(&mut w, &mut j).unwrap();
+        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Resealed);
+        assert!(w.active_id().is_some_and(|a| a >= floor));
+        drop(j);
+        let held = offsets_held(w);
+        let expected: Vec<u64> = (0..100).chain(500..520).collect();
+        assert_eq!(held.keys().copied().collect::<Vec<_>>(), expected);
+        assert!(held.values().all(|n| *n == 1), "{held:?}");
     }
 
     #[test]
