@@ -538,6 +538,31 @@ fn status_json(s: &S3, data: &Path, prefix: &str) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("status json: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// Waits (bounded) until a running demo has appended entries: its open
+/// (probe, ownership take) can take seconds on a loaded server, and a
+/// signal before that tests nothing.
+fn wait_for_entries(s: &S3, data: &Path, prefix: &str) {
+    let within = Duration::from_secs(60);
+    let until = Instant::now() + within;
+    loop {
+        let out = cli(s, data, prefix)
+            .args(["--json", "status"])
+            .output()
+            .unwrap();
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            && (v["totals"]["unsealed_items"].as_u64().unwrap_or(0) > 0
+                || v["segments"].as_array().is_some_and(|a| !a.is_empty()))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "the demo appended nothing within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn demo(s: &S3, data: &Path, prefix: &str) -> Kid {
     Kid(cli(s, data, prefix)
         .args([
@@ -565,7 +590,8 @@ fn sigterm_drains_the_real_binary_and_sigkill_then_drain_recovers() {
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("sigterm");
     let mut k = demo(&s, d.path(), &prefix);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_entries(&s, d.path(), &prefix);
+    std::thread::sleep(Duration::from_millis(1000));
     unsafe { libc::kill(k.0.id() as i32, libc::SIGTERM) };
     assert_eq!(wait_exit(&mut k, Duration::from_secs(90)), 0);
     let st = status_json(&s, d.path(), &prefix);
@@ -584,7 +610,8 @@ fn sigterm_drains_the_real_binary_and_sigkill_then_drain_recovers() {
     let d = tempfile::tempdir().unwrap();
     let prefix = unique("sigkill");
     let mut k = demo(&s, d.path(), &prefix);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_entries(&s, d.path(), &prefix);
+    std::thread::sleep(Duration::from_millis(1000));
     k.0.kill().unwrap();
     let _ = k.0.wait();
     let out = cli(&s, d.path(), &prefix)
