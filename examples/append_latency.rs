@@ -57,6 +57,20 @@ fn line(kind: &str, v: &mut [u32]) -> String {
     )
 }
 
+/// Spin until append `i` is due (`started + i * step`); record how far
+/// behind the pace a late one is.
+fn pace(started: Instant, step: Duration, i: u64, behind: &mut Duration) {
+    let due = started + step * (i as u32);
+    let now = Instant::now();
+    if now < due {
+        while Instant::now() < due {
+            std::hint::spin_loop();
+        }
+    } else {
+        *behind = (*behind).max(now - due);
+    }
+}
+
 async fn run(
     name: &'static str,
     rate: u64,
@@ -85,16 +99,7 @@ async fn run(
     let step = Duration::from_nanos(1_000_000_000 / rate.max(1));
     let mut behind = Duration::ZERO;
     for i in 0..total {
-        // Pace: append i is due at started + i * step.
-        let due = started + step * (i as u32);
-        let now = Instant::now();
-        if now < due {
-            while Instant::now() < due {
-                std::hint::spin_loop();
-            }
-        } else {
-            behind = behind.max(now - due);
-        }
+        pace(started, step, i, &mut behind);
         let key = &keys[(i % keys.len() as u64) as usize];
         let t = Instant::now();
         index.append(key.as_bytes(), i, 256, 1_700_000_000_000 + i / 1000)?;
@@ -160,15 +165,7 @@ fn run_raw(
     let mut behind = Duration::ZERO;
     let started = Instant::now();
     for i in 0..total {
-        let due = started + step * (i as u32);
-        let now = Instant::now();
-        if now < due {
-            while Instant::now() < due {
-                std::hint::spin_loop();
-            }
-        } else {
-            behind = behind.max(now - due);
-        }
+        pace(started, step, i, &mut behind);
         let seg = &mut segs[(i / u64::from(segment_items)) as usize];
         let e = Entry {
             key_hash: keys[(i % keys.len() as u64) as usize],

@@ -1349,11 +1349,11 @@ fn a_low_rate_is_honoured() {
 
 /// ENOSPC mid-run: the demo stops appending, still drains what is durable
 /// and prints its report, then exits 1.
+/// A 3000-entry demo in 300-entry segments with `spec` armed.
 #[cfg(feature = "failpoints")]
-#[test]
-fn enospc_still_ends_with_a_report() {
+fn demo_with_failpoint(spec: &str) -> std::process::Output {
     let sb = Sandbox::new();
-    let o = sb.run(
+    sb.run(
         &[
             D,
             DD,
@@ -1371,10 +1371,16 @@ fn enospc_still_ends_with_a_report() {
             "--flush-every",
             "100",
         ],
-        // From the second creation on (the spare prepared ahead of the
-        // first roll, then the roll's own attempt): the disk stays full.
-        &[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2+")],
-    );
+        &[("TIERINDEX_FAILPOINTS", spec)],
+    )
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn enospc_still_ends_with_a_report() {
+    // From the second creation on (the spare prepared ahead of the first
+    // roll, then the roll's own attempt): the disk stays full.
+    let o = demo_with_failpoint("active.create.fallocate=enospc@2+");
     assert_sane(&o, "enospc");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
@@ -1391,27 +1397,7 @@ fn enospc_still_ends_with_a_report() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn a_passing_enospc_while_preparing_the_next_segment_is_survived() {
-    let sb = Sandbox::new();
-    let o = sb.run(
-        &[
-            D,
-            DD,
-            "--store",
-            "{store}",
-            "demo",
-            "--segment-items",
-            "300",
-            "--slots",
-            "64",
-            "--entries",
-            "3000",
-            "--rate",
-            "100000",
-            "--flush-every",
-            "100",
-        ],
-        &[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2")],
-    );
+    let o = demo_with_failpoint("active.create.fallocate=enospc@2");
     assert_sane(&o, "enospc once");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);

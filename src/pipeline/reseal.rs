@@ -237,6 +237,39 @@ mod tests {
         out
     }
 
+    /// A writer whose segment 1 (offsets 0..100) is sealed and journaled
+    /// Verified; the active segment is empty.
+    fn verified_segment_1(dir: &Path) -> (IndexWriter, Journal) {
+        let (mut w, mut j) = open(dir);
+        for o in 0..100u64 {
+            w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
+        }
+        w.roll().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while w.sealed(SegmentId(1)).is_none() {
+            assert!(Instant::now() < deadline, "segment 1 never sealed");
+            std::thread::sleep(Duration::from_millis(5));
+            journal_seals(&mut w, &mut j);
+        }
+        let id = SegmentId(1);
+        j.append(&[
+            Record::Uploading {
+                id,
+                attempt: 1,
+                key: "k".into(),
+                multipart_id: None,
+            },
+            Record::Uploaded {
+                id,
+                etag: None,
+                version: None,
+            },
+            Record::Verified { id },
+        ])
+        .unwrap();
+        (w, j)
+    }
+
     /// A reseal cut by a crash after `cut` of segment 1's 100 entries were
     /// copied (and, with `journaled`, after `Resealed` but before the local
     /// file was deleted) is finished at the next open: every entry held
@@ -244,33 +277,8 @@ mod tests {
     fn cut_reseal(cut: usize, journaled: bool) {
         let d = tempfile::tempdir().unwrap();
         {
-            let (mut w, mut j) = open(d.path());
-            for o in 0..100u64 {
-                w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
-            }
-            w.roll().unwrap();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while w.sealed(SegmentId(1)).is_none() {
-                assert!(Instant::now() < deadline, "segment 1 never sealed");
-                std::thread::sleep(Duration::from_millis(5));
-                journal_seals(&mut w, &mut j);
-            }
+            let (mut w, mut j) = verified_segment_1(d.path());
             let id = SegmentId(1);
-            j.append(&[
-                Record::Uploading {
-                    id,
-                    attempt: 1,
-                    key: "k".into(),
-                    multipart_id: None,
-                },
-                Record::Uploaded {
-                    id,
-                    etag: None,
-                    version: None,
-                },
-                Record::Verified { id },
-            ])
-            .unwrap();
             // The broker's own entries, in the active segment.
             for o in 500..520u64 {
                 w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
@@ -329,33 +337,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let floor = SegmentId(10);
         {
-            let (mut w, mut j) = open(d.path());
-            for o in 0..100u64 {
-                w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
-            }
-            w.roll().unwrap();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while w.sealed(SegmentId(1)).is_none() {
-                assert!(Instant::now() < deadline, "segment 1 never sealed");
-                std::thread::sleep(Duration::from_millis(5));
-                journal_seals(&mut w, &mut j);
-            }
+            let (mut w, mut j) = verified_segment_1(d.path());
             let id = SegmentId(1);
-            j.append(&[
-                Record::Uploading {
-                    id,
-                    attempt: 1,
-                    key: "k".into(),
-                    multipart_id: None,
-                },
-                Record::Uploaded {
-                    id,
-                    etag: None,
-                    version: None,
-                },
-                Record::Verified { id },
-            ])
-            .unwrap();
             for o in 500..520u64 {
                 w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
             }
