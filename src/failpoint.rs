@@ -70,6 +70,7 @@ pub const POINTS: &[&str] = &[
     "manifest.publish",
     "manifest.publish.after",
     "manifest.trim",
+    "lease.renew",
 ];
 
 /// The points only a `manifest = true` run reaches.
@@ -77,6 +78,7 @@ pub const MANIFEST_POINTS: &[&str] = &[
     "manifest.publish",
     "manifest.publish.after",
     "manifest.trim",
+    "lease.renew",
 ];
 
 /// Points the crash harness's demo workload does not reliably reach (an

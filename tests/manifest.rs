@@ -853,3 +853,198 @@ async fn chunks_are_read_once_per_store() {
     assert_eq!(gets(), g1, "cached: no GET the second time");
     assert_eq!(first.len(), 9);
 }
+
+/// Renewal objects under `leases/`, as (epoch, seq).
+async fn renewals(env: &Env, ms: &ManifestStore) -> Vec<(u64, u64)> {
+    let listed: Vec<_> = env
+        .remote
+        .object_store()
+        .list(Some(&ms.leases_dir()))
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out: Vec<(u64, u64)> = listed
+        .iter()
+        .map(|m| {
+            let parts: Vec<String> = m
+                .location
+                .prefix_match(&ms.leases_dir())
+                .unwrap()
+                .map(|p| p.as_ref().to_string())
+                .collect();
+            let seq = parts[1].strip_suffix(".lease").unwrap();
+            (parts[0].parse().unwrap(), seq.parse().unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn renewals_extend_the_lease_without_rewriting_the_manifest() {
+    for b in BACKENDS {
+        let env = Env::new(b);
+        let ms = env.open(opts()).await;
+        let mut a = ms.take_ownership("a", TTL).await.unwrap();
+        a.commit(&[env.entry(1)]).await.unwrap();
+        let version = ms.load().await.unwrap().unwrap().version;
+        for i in 1..=10u64 {
+            env.clock.advance(Duration::from_secs(10));
+            a.renew(TTL).await.unwrap();
+            assert_eq!(a.lease_expires_ms(), T0 + i * 10_000 + 30_000, "{b:?}");
+        }
+        let m = ms.load().await.unwrap().unwrap();
+        assert_eq!(m.version, version, "{b:?}: no manifest version per renewal");
+        // Readers see the renewed expiry; the head keeps the first one.
+        assert_eq!(m.lease.as_ref().unwrap().expires_ms, T0 + 30_000);
+        let cur = ms.current_lease(&m).await.unwrap().unwrap();
+        assert_eq!(cur.lease.expires_ms, T0 + 130_000, "{b:?}");
+        assert_eq!((cur.lease.owner.as_str(), cur.ttl_ms), ("a", 30_000));
+        // Old renewals are cleaned up: the newest few of epoch 1 remain.
+        let r = renewals(&env, &ms).await;
+        assert!(
+            r.len() <= 4 && r.iter().all(|(e, _)| *e == 1),
+            "{b:?}: {r:?}"
+        );
+        assert_eq!(r.last(), Some(&(1, 10)), "{b:?}");
+
+        // B, with a clock of its own, must wait for the renewed expiry.
+        let clock_b = ManualClock::new(T0 + 129_000);
+        let ms_b = env.open_with(opts(), &clock_b).await;
+        assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\"", "epoch 1"]);
+        clock_b.set(T0 + 130_000);
+        let mut bw = ms_b.take_ownership("b", TTL).await.unwrap();
+        assert_eq!(bw.epoch(), 2);
+        // B's take wrote renewal 0 of epoch 2 and swept epoch 1's.
+        assert_eq!(renewals(&env, &ms).await, vec![(2, 0)], "{b:?}");
+        // A's renewal alone (no commit) finds out it was taken over, and
+        // its late renewal extends nothing.
+        assert_fenced(a.renew(TTL).await, &["epoch 2"]);
+        assert_fenced(a.commit(&[env.entry(2)]).await, &["epoch 2"]);
+        let m = ms.load().await.unwrap().unwrap();
+        let cur = ms.current_lease(&m).await.unwrap().unwrap();
+        assert_eq!((cur.lease.owner.as_str(), cur.lease.epoch), ("b", 2));
+        bw.commit(&[env.entry(3)]).await.unwrap();
+        assert_eq!(ids(&ms).await, vec![1, 3]);
+        assert_no_overwrites(&env);
+    }
+}
+
+#[tokio::test]
+async fn a_renewal_does_not_wait_for_a_slow_commit() {
+    let env = Env::new(Backend::Memory);
+    let ms = env.open(opts()).await;
+    let mut a = ms.take_ownership("a", TTL).await.unwrap();
+    let keeper = a.lease_keeper();
+    // The commit's manifest PUT hangs for 3 s (a slow store); the renewal,
+    // sent meanwhile through the keeper, lands at once.
+    env.faulty()
+        .fail_next(Op::Put, 1, Fault::Latency(Duration::from_secs(3)));
+    let e = env.entry(1);
+    let commit = tokio::spawn(async move {
+        a.commit(&[e]).await.unwrap();
+        a
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    env.clock.advance(Duration::from_secs(10));
+    let t = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), keeper.renew(TTL))
+        .await
+        .expect("the renewal waited for the commit")
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(!commit.is_finished(), "the commit was still in flight");
+    assert_eq!(keeper.expires_ms(), T0 + 40_000);
+    let a = commit.await.unwrap();
+    assert_eq!(a.lease_expires_ms(), T0 + 40_000);
+    assert_eq!(ids(&ms).await, vec![1]);
+}
+
+#[tokio::test]
+async fn a_lease_that_stops_moving_expires_by_the_monotonic_clock() {
+    // A's wall clock is an hour ahead (within the longest TTL, so the wall
+    // clock check alone would keep B out for an hour). B keeps asking; once
+    // A's lease has not moved for a whole TTL by B's monotonic clock, B
+    // takes over, and A is fenced.
+    let env = Env::new(Backend::Memory);
+    let clock_a = ManualClock::new(T0 + 3_600_000);
+    let ms_a = env.open_with(opts(), &clock_a).await;
+    let clock_b = ManualClock::new(T0);
+    let ms_b = env.open_with(opts(), &clock_b).await;
+    let mut a = ms_a.take_ownership("a", TTL).await.unwrap();
+    a.renew(TTL).await.unwrap();
+    assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\""]);
+    clock_b.advance(Duration::from_secs(29));
+    assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\""]);
+    // A renews: the lease moved, B starts counting again.
+    clock_a.advance(Duration::from_secs(29));
+    a.renew(TTL).await.unwrap();
+    clock_b.advance(Duration::from_secs(2));
+    assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\""]);
+    clock_b.advance(Duration::from_secs(29));
+    assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\""]);
+    // A stops renewing (paused): a whole TTL later by B's monotonic clock.
+    clock_b.advance(Duration::from_secs(1));
+    let mut bw = ms_b.take_ownership("b", TTL).await.unwrap();
+    assert_eq!(bw.epoch(), 2);
+    bw.commit(&[env.entry(5)]).await.unwrap();
+    assert_fenced(a.renew(TTL).await, &["epoch 2"]);
+    assert_eq!(ids(&ms_b).await, vec![5]);
+
+    // A wall-clock jump alone (no time passing) never ages a lease: C,
+    // whose clock jumps, still waits for B's lease.
+    let clock_c = ManualClock::new(T0 + 31_000);
+    let ms_c = env.open_with(opts(), &clock_c).await;
+    assert_claimed(ms_c.take_ownership("c", TTL).await, &["\"b\""]);
+    clock_c.set(T0 + 40_000);
+    assert_claimed(ms_c.take_ownership("c", TTL).await, &["\"b\""]);
+}
+
+#[tokio::test]
+async fn an_unreadable_renewal_only_shortens_the_lease() {
+    for b in [Backend::Memory, Backend::Local] {
+        let env = Env::new(b);
+        let ms = env.open(opts()).await;
+        let mut a = ms.take_ownership("a", TTL).await.unwrap();
+        env.clock.advance(Duration::from_secs(10));
+        a.renew(TTL).await.unwrap(); // seq 1: until T0 + 40 s
+        env.clock.advance(Duration::from_secs(10));
+        a.renew(TTL).await.unwrap(); // seq 2: until T0 + 50 s
+        env.faulty()
+            .tamper(&ms.renewal_key(1, 2), |b| {
+                let n = b.len() - 3;
+                b[n] ^= 0x10;
+            })
+            .await;
+        let m = ms.load().await.unwrap().unwrap();
+        let cur = ms.current_lease(&m).await.unwrap().unwrap();
+        assert_eq!(cur.lease.expires_ms, T0 + 40_000, "{b:?}: seq 1's expiry");
+        // A renewal naming another owner in the epoch's folder counts for
+        // nothing: garbage cannot extend or hijack the lease.
+        let forged =
+            tierindex::remote::manifest::encode_renewal(&tierindex::remote::manifest::Renewal {
+                format: 1,
+                stream: STREAM.into(),
+                owner: "mallory".into(),
+                epoch: 1,
+                seq: 9,
+                written_ms: T0 + 20_000,
+                expires_ms: T0 + 20_000 + 86_400_000,
+            })
+            .unwrap();
+        env.remote
+            .object_store()
+            .put(&ms.renewal_key(1, 9), PutPayload::from(forged))
+            .await
+            .unwrap();
+        let cur = ms.current_lease(&m).await.unwrap().unwrap();
+        assert_eq!(
+            (cur.lease.owner.as_str(), cur.lease.expires_ms),
+            ("a", T0 + 40_000),
+            "{b:?}"
+        );
+        env.clock.set(T0 + 40_000);
+        let w = ms.take_ownership("b", TTL).await.unwrap();
+        assert_eq!(w.epoch(), 2, "{b:?}");
+    }
+}

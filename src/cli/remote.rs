@@ -365,8 +365,9 @@ struct LeaseView {
 }
 
 impl LeaseView {
-    fn of(m: Option<&crate::remote::manifest::Manifest>, now: u64) -> LeaseView {
-        let lease = m.and_then(|m| m.lease.as_ref());
+    /// `lease`: the one in force (the manifest head's, with the latest
+    /// renewal's expiry: `ManifestStore::current_lease`).
+    fn of(lease: Option<&crate::remote::lease::Lease>, now: u64) -> LeaseView {
         LeaseView {
             owner: lease.map(|l| l.owner.clone()),
             lease_expires_ms: lease.map(|l| l.expires_ms),
@@ -439,6 +440,10 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
         }
     };
     let m = ms.load().await?;
+    let cur = match &m {
+        Some(m) => ms.current_lease(m).await?,
+        None => None,
+    };
     let now = ms.now_ms();
     let out = OwnerOut {
         store: store.display_url().to_string(),
@@ -447,7 +452,7 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
         manifest: m.is_some(),
         version: m.as_ref().map_or(0, |m| m.version),
         epoch: m.as_ref().map_or(0, |m| m.epoch),
-        lease: LeaseView::of(m.as_ref(), now),
+        lease: LeaseView::of(cur.as_ref().map(|c| &c.lease), now),
         committed_segments: m.as_ref().map_or(0, |m| m.segment_count),
     };
     emit(cli.json, &out, |o| {
@@ -695,6 +700,10 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
 
     let ms = ManifestStore::reader(&store, &cfg.stream, cfg.manifest_options())?;
     let manifest = ms.load().await?;
+    let current_lease = match &manifest {
+        Some(m) => ms.current_lease(m).await?,
+        None => None,
+    };
     let mut listed_in_manifest = std::collections::BTreeMap::new();
     if let Some(m) = &manifest {
         for e in ms.all_segments(m).await? {
@@ -724,7 +733,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         manifest_present: manifest.is_some(),
         version: manifest.as_ref().map_or(0, |m| m.version),
         epoch: manifest.as_ref().map_or(0, |m| m.epoch),
-        lease: LeaseView::of(manifest.as_ref(), now),
+        lease: LeaseView::of(current_lease.as_ref().map(|c| &c.lease), now),
         committed_segments: manifest.as_ref().map_or(0, |m| m.segment_count),
         damaged: manifest.as_ref().map_or(Vec::new(), |m| m.damaged.clone()),
         listed_objects: listed.len(),

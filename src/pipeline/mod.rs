@@ -95,6 +95,9 @@ pub struct ManifestHandle {
     /// `None` while ownership is not taken yet (see `pending`) and once
     /// released at shutdown.
     pub writer: tokio::sync::Mutex<Option<ManifestWriter>>,
+    /// Renews the writer's lease without its lock (renewals never wait
+    /// behind a commit); set with the writer, cleared at release.
+    keeper: std::sync::Mutex<Option<crate::remote::manifest::LeaseKeeper>>,
     pub ttl: Duration,
     pub owner: String,
     /// Set while ownership could not be taken yet: the store was unreachable
@@ -123,6 +126,7 @@ impl ManifestHandle {
     pub fn new(writer: ManifestWriter, ttl: Duration) -> ManifestHandle {
         ManifestHandle {
             owner: writer.owner().to_string(),
+            keeper: std::sync::Mutex::new(Some(writer.lease_keeper())),
             writer: tokio::sync::Mutex::new(Some(writer)),
             ttl,
             pending: std::sync::Mutex::new(None),
@@ -134,9 +138,21 @@ impl ManifestHandle {
         ManifestHandle {
             owner,
             writer: tokio::sync::Mutex::new(None),
+            keeper: std::sync::Mutex::new(None),
             ttl,
             pending: std::sync::Mutex::new(Some(take)),
         }
+    }
+
+    fn keeper(&self) -> Option<crate::remote::manifest::LeaseKeeper> {
+        self.keeper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_keeper(&self, k: Option<crate::remote::manifest::LeaseKeeper>) {
+        *self.keeper.lock().unwrap_or_else(|p| p.into_inner()) = k;
     }
 
     /// Why ownership is not taken yet, if it is not.
@@ -189,23 +205,26 @@ impl Shared {
         }
     }
 
-    /// Extend the lease (no-op without a manifest or once fenced).
+    /// Extend the lease (no-op without a manifest or once fenced). Once
+    /// ownership is taken this never takes the manifest writer's lock: a
+    /// renewal is its own small object (`LeaseKeeper`), so a slow commit
+    /// cannot make the lease run out.
     pub async fn renew_lease(&self) -> Result<()> {
         let Some(m) = &self.manifest else {
             return Ok(());
         };
         self.check_fenced()?;
-        let mut guard = m.writer.lock().await;
-        if guard.is_none() {
-            // Not taken yet: try now (the lease task's tick), or nothing to
-            // renew (released at shutdown).
-            return self.ensure_owner(m, &mut guard).await;
-        }
-        let Some(w) = guard.as_mut() else {
-            return Ok(());
+        let keeper = match m.keeper() {
+            Some(k) => k,
+            None => {
+                // Not taken yet: try now (the lease task's tick), or nothing
+                // to renew (released at shutdown).
+                let mut guard = m.writer.lock().await;
+                return self.ensure_owner(m, &mut guard).await;
+            }
         };
-        match w.renew(m.ttl).await {
-            Ok(()) => Ok(()),
+        match keeper.renew(m.ttl).await {
+            Ok(()) | Err(Error::ShutDown) => Ok(()),
             Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
             Err(e) => Err(e),
         }
@@ -218,6 +237,7 @@ impl Shared {
             return Ok(());
         };
         self.check_fenced()?;
+        m.set_keeper(None);
         let w = m.writer.lock().await.take();
         match w {
             Some(w) => w.release().await,
@@ -310,6 +330,7 @@ impl Shared {
                     }
                 }
                 self.trust(trust);
+                m.set_keeper(Some(w.lease_keeper()));
                 *guard = Some(w);
                 *m.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Ok(())

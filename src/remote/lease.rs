@@ -2,7 +2,9 @@
 //!
 //! A lease is a record inside the stream's manifest (see
 //! [`crate::remote::manifest`]): owner id, the owner's epoch, and a
-//! wall-clock expiry in milliseconds since the Unix epoch. It decides only
+//! wall-clock expiry in milliseconds since the Unix epoch, moved on by
+//! small renewal objects (`manifest::LeaseKeeper`) rather than by new
+//! manifest versions. It decides only
 //! *when another owner may take over*; safety (no stale writes) comes from
 //! the epoch carried by every manifest write and the create-only version
 //! objects, never from clocks. See `docs/format/remote-layout.md`, section
@@ -10,6 +12,8 @@
 //!
 //! Time is read through [`Clock`] so tests can model a paused owner (a GC
 //! pause, a stopped VM) by moving a [`ManualClock`] instead of sleeping.
+//! Its monotonic reading lets a would-be taker age a lease by what it
+//! observed, so a writer's wall-clock jump cannot keep it out for long.
 
 use std::fmt;
 use std::sync::Arc;
@@ -29,9 +33,13 @@ pub const LEASE_TTL_MIN: Duration = Duration::from_millis(crate::config::LEASE_T
 /// was far ahead when it was written) is not live.
 pub const LEASE_TTL_MAX: Duration = Duration::from_millis(crate::config::LEASE_TTL_MS_MAX);
 
-/// Wall-clock time source, milliseconds since the Unix epoch.
+/// Time source: wall-clock milliseconds since the Unix epoch, and a
+/// monotonic millisecond count (any origin) that no clock jump moves.
 pub trait Clock: Send + Sync + fmt::Debug {
     fn now_ms(&self) -> u64;
+    /// Milliseconds since an arbitrary, fixed origin; never goes back and
+    /// is not moved by wall-clock jumps. Only differences mean anything.
+    fn mono_ms(&self) -> u64;
 }
 
 /// The system clock.
@@ -42,32 +50,49 @@ impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
         crate::segment::now_ms()
     }
+    fn mono_ms(&self) -> u64 {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+        u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// A clock that moves only when told to (tests). Clones share the time.
+/// [`advance`](Self::advance) moves both the wall clock and the monotonic
+/// one (time passing); [`set`](Self::set) moves only the wall clock (a
+/// jump, or a test that only cares about wall time).
 #[derive(Clone, Debug, Default)]
-pub struct ManualClock(Arc<AtomicU64>);
+pub struct ManualClock {
+    wall: Arc<AtomicU64>,
+    mono: Arc<AtomicU64>,
+}
 
 impl ManualClock {
     pub fn new(start_ms: u64) -> ManualClock {
-        ManualClock(Arc::new(AtomicU64::new(start_ms)))
+        ManualClock {
+            wall: Arc::new(AtomicU64::new(start_ms)),
+            mono: Arc::new(AtomicU64::new(0)),
+        }
     }
     pub fn set(&self, ms: u64) {
-        self.0.store(ms, Ordering::SeqCst);
+        self.wall.store(ms, Ordering::SeqCst);
     }
     pub fn advance(&self, by: Duration) {
         let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
-        let _ = self
-            .0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+        for a in [&self.wall, &self.mono] {
+            let _ = a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
                 Some(t.saturating_add(ms))
             });
+        }
     }
 }
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.wall.load(Ordering::SeqCst)
+    }
+    fn mono_ms(&self) -> u64 {
+        self.mono.load(Ordering::SeqCst)
     }
 }
 

@@ -5,6 +5,7 @@
 //! ```text
 //! {prefix}/{stream}/manifest/versions/{version:020}.manifest            one per version, create-only
 //! {prefix}/{stream}/manifest/chunks/{first:020}-{last:020}-{crc:08x}.chunk   spilled entries, create-only
+//! {prefix}/{stream}/manifest/leases/{epoch:020}/{seq:020}.lease         lease renewals, create-only
 //! ```
 //!
 //! ## Compare-and-swap: one create-only object per version
@@ -59,6 +60,12 @@ use crate::remote::probe::{self, Capabilities};
 use crate::remote::{RemoteStore, classify};
 use crate::segment::{KeySum, SealedMeta, SegmentId};
 use crate::upload::retry::{RetryPolicy, with_retries};
+
+mod renewal;
+pub use renewal::{
+    CurrentLease, KEEP_RENEWALS, LEASE_SUFFIX, LEASES_DIR, LeaseKeeper, Renewal, decode_renewal,
+    encode_renewal,
+};
 
 /// The lowest segment id an owner of `epoch` may give a new segment:
 /// `(epoch - 1) << 32` (0 for the first epoch). Each epoch numbers its
@@ -740,6 +747,9 @@ struct Inner {
     /// named by their CRC, so a decoded one never goes stale; bounded by
     /// [`CHUNK_CACHE_ENTRIES`] entries in all (cleared when over).
     chunks: std::sync::Mutex<ChunkCache>,
+    /// Another owner's lease as last seen by `take_ownership`, on the
+    /// monotonic clock (see `renewal::Seen`).
+    seen: std::sync::Mutex<Option<renewal::Seen>>,
 }
 
 /// Most chunk entries a [`ManifestStore`] keeps decoded (about 200 bytes
@@ -834,6 +844,7 @@ impl ManifestStore {
                 opts,
                 clock,
                 chunks: std::sync::Mutex::new(ChunkCache::default()),
+                seen: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -918,10 +929,10 @@ impl ManifestStore {
                     damaged: Vec::new(),
                 },
                 Some((m, _)) => {
-                    if let Some(l) = &m.lease
-                        && l.owner != owner_id
-                        && l.is_live(now)
+                    if let Some(cur) = self.current_lease(&m).await?
+                        && self.keeps_out(&cur, owner_id, now)
                     {
+                        let l = &cur.lease;
                         return Err(Error::Claimed(format!(
                             "stream {:?} is held by owner {:?} (epoch {}) until {}; \
                              it can be taken after that or once released",
@@ -958,7 +969,15 @@ impl ManifestStore {
             };
             match self.publish(&next).await? {
                 Publish::Done => {
+                    let keeper = LeaseKeeper::new(self.clone(), owner_id, next.epoch, expires_ms);
+                    // Renewal 0 of the new epoch: an earlier owner's next
+                    // renewal finds it and stops. Failing to write it only
+                    // delays that to the earlier owner's next commit.
+                    if let Err(e) = keeper.renew(ttl).await {
+                        tracing::warn!(stream = self.stream(), error = %e, "could not write the first lease renewal");
+                    }
                     self.sweep(next.version).await;
+                    self.sweep_renewals(next.epoch).await;
                     tracing::info!(
                         stream = self.stream(),
                         owner = owner_id,
@@ -973,6 +992,7 @@ impl ManifestStore {
                         base: next,
                         dead: None,
                         chunk_cache: HashMap::new(),
+                        keeper,
                     });
                 }
                 Publish::Conflict => continue,
@@ -1255,6 +1275,8 @@ pub struct ManifestWriter {
     base: Manifest,
     dead: Option<Error>,
     chunk_cache: HashMap<String, Arc<Vec<SegmentEntry>>>,
+    /// Renews the lease; shares its state (expiry, fence) with this writer.
+    keeper: LeaseKeeper,
 }
 
 const CHUNK_CACHE_MAX: usize = 16;
@@ -1270,15 +1292,26 @@ impl ManifestWriter {
     pub fn manifest(&self) -> &Manifest {
         &self.base
     }
-    /// When the lease ends by this writer's last write (0 after release).
+    /// When the lease ends by this owner's last renewal (0 after release).
     pub fn lease_expires_ms(&self) -> u64 {
-        self.base.lease.as_ref().map_or(0, |l| l.expires_ms)
+        self.base
+            .lease
+            .as_ref()
+            .map_or(0, |l| l.expires_ms.max(self.keeper.expires_ms()))
+    }
+    /// Renews this writer's lease without borrowing the writer (so renewals
+    /// never wait behind commits). Shares the fence with the writer.
+    pub fn lease_keeper(&self) -> LeaseKeeper {
+        self.keeper.clone()
     }
     pub fn store(&self) -> &ManifestStore {
         &self.ms
     }
 
     fn check_alive(&self) -> Result<()> {
+        if let Some(why) = self.keeper.fenced() {
+            return Err(Error::Fenced(why.to_string()));
+        }
         match &self.dead {
             None => Ok(()),
             Some(Error::Fenced(m)) => Err(Error::Fenced(m.clone())),
@@ -1334,6 +1367,7 @@ impl ManifestWriter {
         };
         if let Some(why) = fenced {
             tracing::warn!(stream, epoch = self.epoch, "fenced: {why}");
+            self.keeper.fence(&why);
             self.dead = Some(Error::Fenced(why.clone()));
             return Err(Error::Fenced(why));
         }
@@ -1372,26 +1406,25 @@ impl ManifestWriter {
         })
     }
 
-    /// Extends the lease to now + `ttl`. Allowed after expiry as long as
-    /// nobody took over (the epoch is still ours).
+    /// Extends the lease to now + `ttl` with a renewal object (the manifest
+    /// head is not rewritten; see [`LeaseKeeper::renew`]). Allowed after
+    /// expiry as long as nobody took over (the epoch is still ours).
     pub async fn renew(&mut self, ttl: Duration) -> Result<()> {
-        self.publish_next("renew", |base, now| {
-            let expires_ms = lease::expiry(now, ttl)?;
-            let lease = base.lease.clone().map(|l| Lease { expires_ms, ..l });
-            Ok(Some(Manifest {
-                version: Self::next_version(base)?,
-                written_ms: now,
-                lease,
-                ..base.clone()
-            }))
-        })
-        .await?;
-        Ok(())
+        self.check_alive()?;
+        match self.keeper.renew(ttl).await {
+            Err(Error::Fenced(why)) => {
+                self.dead = Some(Error::Fenced(why.clone()));
+                Err(Error::Fenced(why))
+            }
+            r => r,
+        }
     }
 
     /// Gives the stream up: publishes a version without a lease (the epoch
-    /// stays; the next owner takes epoch + 1 without waiting).
+    /// stays; the next owner takes epoch + 1 without waiting). Renewals
+    /// stop first.
     pub async fn release(mut self) -> Result<()> {
+        self.keeper.mark_released();
         self.publish_next("release", |base, now| {
             Ok(Some(Manifest {
                 version: Self::next_version(base)?,

@@ -1,0 +1,523 @@
+//! Lease renewals: small create-only objects next to the manifest, so that
+//! keeping a lease neither rewrites the manifest head (up to `max_inline`
+//! entries) nor waits behind commits for the manifest writer.
+//!
+//! ```text
+//! {prefix}/{stream}/manifest/leases/{epoch:020}/{seq:020}.lease
+//! ```
+//!
+//! The manifest head still records the lease as taken (owner, epoch,
+//! acquired, first expiry). Each renewal is the next `seq` of the owner's
+//! epoch: a 16-byte envelope (kind 3) around `{format, stream, owner, epoch,
+//! seq, written_ms, expires_ms}`. The lease in force is the head's, with
+//! its expiry moved to the latest renewal of the same epoch and owner
+//! ([`ManifestStore::current_lease`]). Renewals of any other epoch, of
+//! another owner, or of a released head (`lease: null`) count for nothing.
+//!
+//! A taker writes `seq` 0 of its new epoch right after publishing it; an
+//! owner's renewal lists `leases/` above its own epoch afterwards, so a
+//! takeover is noticed at the next renewal as well as at the next commit
+//! (a taker that died between publishing and writing `seq` 0 is noticed at
+//! the next commit only). Safety never rests on this: every manifest write
+//! carries the epoch.
+//!
+//! Old renewals are deleted (best effort): the owner keeps the newest
+//! [`KEEP_RENEWALS`] of its epoch, and a taker deletes every older epoch's.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::ObjectMeta;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Created, FORMAT_VERSION, Manifest, ManifestStore, check_format, decode_envelope,
+    encode_envelope,
+};
+use crate::error::{Error, Result};
+use crate::remote::classify;
+use crate::remote::lease::{self, LEASE_TTL_MAX, Lease};
+use crate::upload::retry::with_retries;
+
+/// Folder under `manifest/` with the renewal objects, one folder per epoch.
+pub const LEASES_DIR: &str = "leases";
+pub const LEASE_SUFFIX: &str = ".lease";
+const KIND_RENEWAL: u8 = 3;
+/// Renewals of its epoch an owner keeps; older ones are deleted.
+pub const KEEP_RENEWALS: u64 = 3;
+/// Largest renewal object read (they are about 200 bytes).
+const MAX_RENEWAL_BYTES: usize = 4096;
+
+/// One renewal of a lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Renewal {
+    pub format: u32,
+    pub stream: String,
+    pub owner: String,
+    pub epoch: u64,
+    pub seq: u64,
+    /// The writer's wall clock when it renewed.
+    pub written_ms: u64,
+    /// Until when (exclusive) the lease is live, by the writer's clock.
+    pub expires_ms: u64,
+}
+
+fn epoch_name(epoch: u64) -> String {
+    format!("{epoch:020}")
+}
+
+fn renewal_name(seq: u64) -> String {
+    format!("{seq:020}{LEASE_SUFFIX}")
+}
+
+fn parse_digits(s: &str) -> Option<u64> {
+    if s.len() != 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Encodes a renewal (envelope + JSON).
+pub fn encode_renewal(r: &Renewal) -> Result<Vec<u8>> {
+    let body = serde_json::to_vec(r)
+        .map_err(|e| Error::InvalidInput(format!("lease renewal does not encode: {e}")))?;
+    encode_envelope(KIND_RENEWAL, &body)
+}
+
+/// Decodes a renewal read from the key of (`epoch`, `seq`) of `stream`, and
+/// checks it against the key. Never panics, whatever the bytes.
+pub fn decode_renewal(bytes: &[u8], stream: &str, epoch: u64, seq: u64) -> Result<Renewal> {
+    let what = format!("lease renewal {stream} epoch {epoch} seq {seq}");
+    let body = decode_envelope(bytes, KIND_RENEWAL, MAX_RENEWAL_BYTES, &what)?;
+    check_format(body, &what)?;
+    let r: Renewal = serde_json::from_slice(body)
+        .map_err(|e| Error::corrupt(&what, format!("body does not decode: {e}")))?;
+    let max_ttl = u64::try_from(LEASE_TTL_MAX.as_millis()).unwrap_or(u64::MAX);
+    let bad = if r.stream != stream {
+        Some(format!("names stream {:?}", r.stream))
+    } else if r.epoch != epoch || r.seq != seq {
+        Some(format!(
+            "names epoch {} seq {}, its key epoch {epoch} seq {seq}",
+            r.epoch, r.seq
+        ))
+    } else if lease::validate_owner(&r.owner).is_err() {
+        Some("invalid owner id".to_string())
+    } else if r.expires_ms <= r.written_ms || r.expires_ms - r.written_ms > max_ttl {
+        Some(format!(
+            "expiry {} is not within the longest TTL after its write time {}",
+            r.expires_ms, r.written_ms
+        ))
+    } else {
+        None
+    };
+    match bad {
+        Some(d) => Err(Error::corrupt(&what, d)),
+        None => Ok(r),
+    }
+}
+
+/// A lease as a reader sees it: the head's, with the latest renewal's
+/// expiry, and how long the writer asked for (for the monotonic check).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CurrentLease {
+    pub lease: Lease,
+    /// TTL of the write that set `lease.expires_ms` (head or renewal).
+    pub ttl_ms: u64,
+}
+
+/// What this process last saw of another owner's lease, on its monotonic
+/// clock: a lease that has not moved for its whole TTL here is expired,
+/// whatever expiry its writer's (possibly jumped) wall clock wrote.
+#[derive(Clone, Debug)]
+pub(super) struct Seen {
+    owner: String,
+    epoch: u64,
+    expires_ms: u64,
+    since_mono_ms: u64,
+}
+
+impl ManifestStore {
+    /// `{prefix}/{stream}/manifest/leases`.
+    pub fn leases_dir(&self) -> Path {
+        self.inner.dir.clone().join(LEASES_DIR)
+    }
+    fn epoch_dir(&self, epoch: u64) -> Path {
+        self.leases_dir().join(epoch_name(epoch))
+    }
+    /// The key of renewal `seq` of `epoch`.
+    pub fn renewal_key(&self, epoch: u64, seq: u64) -> Path {
+        self.epoch_dir(epoch).join(renewal_name(seq))
+    }
+
+    /// Every renewal object under `leases/` as (epoch, seq), or only those
+    /// of epochs above `above`.
+    async fn list_renewals(&self, dir: Path, above: Option<u64>) -> Result<Vec<(u64, u64)>> {
+        let leases = self.leases_dir();
+        let offset = above.map(|e| self.renewal_key(e, u64::MAX));
+        let os = self.os();
+        let mut rng = fastrand::Rng::new();
+        let listed: Vec<ObjectMeta> =
+            with_retries(&self.inner.opts.retry, &mut rng, "lease LIST", |_| {
+                let (os, dir, offset) = (os.clone(), dir.clone(), offset.clone());
+                async move {
+                    match &offset {
+                        None => os.list(Some(&dir)).try_collect().await,
+                        Some(o) => os.list_with_offset(Some(&dir), o).try_collect().await,
+                    }
+                }
+            })
+            .await
+            .map_err(classify)?;
+        Ok(listed
+            .iter()
+            .filter_map(|m| {
+                let mut parts = m.location.prefix_match(&leases)?;
+                let epoch = parse_digits(parts.next()?.as_ref())?;
+                let seq = parse_digits(parts.next()?.as_ref().strip_suffix(LEASE_SUFFIX)?)?;
+                if parts.next().is_some() {
+                    return None;
+                }
+                Some((epoch, seq))
+            })
+            .filter(|(e, _)| above.is_none_or(|a| *e > a))
+            .collect())
+    }
+
+    /// The newest readable renewal of `epoch` written by `owner`. A renewal
+    /// that vanished (deleted meanwhile) or does not decode is skipped for
+    /// the next older one (logged): renewals only ever extend a lease, so
+    /// skipping one can only end it sooner.
+    async fn latest_renewal(&self, epoch: u64, owner: &str) -> Result<Option<Renewal>> {
+        let mut seqs: Vec<u64> = self
+            .list_renewals(self.epoch_dir(epoch), None)
+            .await?
+            .into_iter()
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, s)| s)
+            .collect();
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        for seq in seqs {
+            let what = format!("lease renewal {} epoch {epoch} seq {seq}", self.stream());
+            let Some(bytes) = self.get_bytes(&self.renewal_key(epoch, seq), &what).await? else {
+                continue;
+            };
+            match decode_renewal(&bytes, self.stream(), epoch, seq) {
+                Ok(r) if r.owner == owner => return Ok(Some(r)),
+                Ok(r) => tracing::warn!(
+                    stream = self.stream(),
+                    epoch,
+                    seq,
+                    owner = %r.owner,
+                    holder = owner,
+                    "lease renewal written by another owner than the epoch's; ignored"
+                ),
+                Err(e) => tracing::warn!(
+                    stream = self.stream(),
+                    error = %e,
+                    "unreadable lease renewal ignored"
+                ),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The lease in force by manifest `m`: its head lease, its expiry
+    /// moved to the latest renewal of the same epoch and owner. `None` when
+    /// the head has no lease (released).
+    pub async fn current_lease(&self, m: &Manifest) -> Result<Option<CurrentLease>> {
+        let Some(head) = &m.lease else {
+            return Ok(None);
+        };
+        let mut cur = CurrentLease {
+            lease: head.clone(),
+            ttl_ms: head.expires_ms.saturating_sub(head.acquired_ms),
+        };
+        if let Some(r) = self.latest_renewal(head.epoch, &head.owner).await?
+            && r.expires_ms > cur.lease.expires_ms
+        {
+            cur.lease.expires_ms = r.expires_ms;
+            cur.ttl_ms = r.expires_ms - r.written_ms;
+        }
+        Ok(Some(cur))
+    }
+
+    /// Whether another owner's lease keeps `owner_id` out now: live by the
+    /// wall clock ([`Lease::is_live`]) and not stale by this process's
+    /// monotonic clock (seen unchanged here for a whole TTL: its writer
+    /// stopped renewing, whatever expiry its clock wrote).
+    pub(super) fn keeps_out(&self, cur: &CurrentLease, owner_id: &str, now: u64) -> bool {
+        let l = &cur.lease;
+        if l.owner == owner_id || !l.is_live(now) {
+            return false;
+        }
+        let mono = self.inner.clock.mono_ms();
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.as_ref() {
+            Some(s) if s.owner == l.owner && s.epoch == l.epoch && s.expires_ms == l.expires_ms => {
+                let unchanged = mono.saturating_sub(s.since_mono_ms);
+                if unchanged >= cur.ttl_ms {
+                    tracing::warn!(
+                        stream = self.stream(),
+                        holder = %l.owner,
+                        epoch = l.epoch,
+                        unchanged_ms = unchanged,
+                        ttl_ms = cur.ttl_ms,
+                        "the holder's lease claims to be live by its clock but has not been \
+                         renewed for its whole TTL by this process's monotonic clock (its \
+                         writer's clock is probably ahead); taking over"
+                    );
+                    return false;
+                }
+            }
+            _ => {
+                *seen = Some(Seen {
+                    owner: l.owner.clone(),
+                    epoch: l.epoch,
+                    expires_ms: l.expires_ms,
+                    since_mono_ms: mono,
+                })
+            }
+        }
+        true
+    }
+
+    /// Creates renewal `r` under its key. `Ok(false)`: the key holds other
+    /// bytes.
+    async fn put_renewal(&self, r: &Renewal) -> Result<bool> {
+        let bytes = Bytes::from(encode_renewal(r)?);
+        let key = self.renewal_key(r.epoch, r.seq);
+        match self.create(&key, bytes.clone()).await? {
+            Created::New => Ok(true),
+            Created::Exists => {
+                let what = format!("lease renewal {key}");
+                // Our own earlier attempt whose answer was lost, or not ours.
+                Ok(self
+                    .get_bytes(&key, &what)
+                    .await?
+                    .is_some_and(|b| b == bytes))
+            }
+        }
+    }
+
+    /// The highest epoch with a renewal folder above `epoch`, if any: an
+    /// owner that took the stream after us.
+    async fn epoch_above(&self, epoch: u64) -> Result<Option<u64>> {
+        Ok(self
+            .list_renewals(self.leases_dir(), Some(epoch))
+            .await?
+            .into_iter()
+            .map(|(e, _)| e)
+            .max())
+    }
+
+    /// Deletes the renewals of epochs below `epoch` (a taker's clean-up).
+    /// Best effort.
+    pub(super) async fn sweep_renewals(&self, epoch: u64) {
+        match self.list_renewals(self.leases_dir(), None).await {
+            Ok(all) => {
+                for (e, s) in all.into_iter().filter(|(e, _)| *e < epoch) {
+                    if let Err(err) = self.delete(&self.renewal_key(e, s)).await {
+                        tracing::warn!(stream = self.stream(), epoch = e, seq = s, error = %err, "could not delete an old lease renewal");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(stream = self.stream(), error = %e, "could not list lease renewals for clean-up")
+            }
+        }
+    }
+}
+
+/// Renews one owner's lease without the manifest writer: cheap to clone,
+/// usable while a commit holds the writer. Shares its state with the
+/// [`super::ManifestWriter`] it came from.
+#[derive(Clone, Debug)]
+pub struct LeaseKeeper {
+    inner: Arc<KeeperInner>,
+}
+
+#[derive(Debug)]
+struct KeeperInner {
+    ms: ManifestStore,
+    owner: String,
+    epoch: u64,
+    /// The next renewal's seq; the lock also serialises renewals.
+    next_seq: tokio::sync::Mutex<u64>,
+    /// The expiry of the latest renewal that landed (or of the take).
+    expires_ms: AtomicU64,
+    released: AtomicBool,
+    fenced: OnceLock<String>,
+}
+
+impl LeaseKeeper {
+    pub(super) fn new(ms: ManifestStore, owner: &str, epoch: u64, expires_ms: u64) -> LeaseKeeper {
+        LeaseKeeper {
+            inner: Arc::new(KeeperInner {
+                ms,
+                owner: owner.to_string(),
+                epoch,
+                next_seq: tokio::sync::Mutex::new(0),
+                expires_ms: AtomicU64::new(expires_ms),
+                released: AtomicBool::new(false),
+                fenced: OnceLock::new(),
+            }),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+    /// The expiry of the latest renewal that landed.
+    pub fn expires_ms(&self) -> u64 {
+        self.inner.expires_ms.load(Ordering::SeqCst)
+    }
+    /// Why this owner is fenced, once a renewal or commit found out.
+    pub fn fenced(&self) -> Option<&str> {
+        self.inner.fenced.get().map(String::as_str)
+    }
+    pub(super) fn fence(&self, why: &str) {
+        let _ = self.inner.fenced.set(why.to_string());
+    }
+    pub(super) fn mark_released(&self) {
+        self.inner.released.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes the next renewal: the lease lasts until now + `ttl`. Allowed
+    /// after expiry as long as nobody took over. Then checks for a newer
+    /// epoch: [`Error::Fenced`] once another owner took the stream.
+    pub async fn renew(&self, ttl: Duration) -> Result<()> {
+        let k = &self.inner;
+        if let Some(why) = k.fenced.get() {
+            return Err(Error::Fenced(why.clone()));
+        }
+        if k.released.load(Ordering::SeqCst) {
+            return Err(Error::ShutDown);
+        }
+        let mut next = k.next_seq.lock().await;
+        let mut landed = false;
+        for _ in 0..3 {
+            let now = k.ms.now_ms();
+            let r = Renewal {
+                format: FORMAT_VERSION,
+                stream: k.ms.stream().to_string(),
+                owner: k.owner.clone(),
+                epoch: k.epoch,
+                seq: *next,
+                written_ms: now,
+                expires_ms: lease::expiry(now, ttl)?,
+            };
+            crate::failpoint::crash("lease.renew");
+            if k.ms.put_renewal(&r).await? {
+                *next = r.seq.saturating_add(1);
+                k.expires_ms.fetch_max(r.expires_ms, Ordering::SeqCst);
+                if let Some(old) = r.seq.checked_sub(KEEP_RENEWALS)
+                    && let Err(e) = k.ms.delete(&k.ms.renewal_key(k.epoch, old)).await
+                {
+                    tracing::debug!(stream = k.ms.stream(), error = %e, "could not delete an old lease renewal");
+                }
+                landed = true;
+                break;
+            }
+            // The slot holds other bytes (an older incarnation of this
+            // process with the same epoch cannot exist, so this is a seq
+            // we lost track of): continue above everything listed.
+            let top =
+                k.ms.list_renewals(k.ms.epoch_dir(k.epoch), None)
+                    .await?
+                    .into_iter()
+                    .filter(|(e, _)| *e == k.epoch)
+                    .map(|(_, s)| s)
+                    .max()
+                    .unwrap_or(0);
+            *next = top.saturating_add(1).max(next.saturating_add(1));
+        }
+        drop(next);
+        if let Some(e) = k.ms.epoch_above(k.epoch).await? {
+            let why = format!(
+                "stream {:?}: epoch {e} took the stream from our epoch {} (owner {:?}); stop \
+                 publishing",
+                k.ms.stream(),
+                k.epoch,
+                k.owner
+            );
+            tracing::warn!(stream = k.ms.stream(), epoch = k.epoch, "fenced: {why}");
+            self.fence(&why);
+            return Err(Error::Fenced(self.fenced().unwrap_or(&why).to_string()));
+        }
+        if !landed {
+            return Err(Error::RemoteRetryable(format!(
+                "lease renewal of stream {:?} epoch {}: three renewal slots were taken by \
+                 other bytes",
+                k.ms.stream(),
+                k.epoch
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Renewal {
+        Renewal {
+            format: FORMAT_VERSION,
+            stream: "s".into(),
+            owner: "a".into(),
+            epoch: 3,
+            seq: 7,
+            written_ms: 1_000,
+            expires_ms: 31_000,
+        }
+    }
+
+    #[test]
+    fn renewal_round_trips_and_is_checked_against_its_key() {
+        let bytes = encode_renewal(&sample()).unwrap();
+        assert_eq!(decode_renewal(&bytes, "s", 3, 7).unwrap(), sample());
+        for (stream, epoch, seq) in [("t", 3, 7), ("s", 4, 7), ("s", 3, 8)] {
+            let r = decode_renewal(&bytes, stream, epoch, seq);
+            assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+        }
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 1;
+        assert!(decode_renewal(&flipped, "s", 3, 7).is_err());
+        for n in 0..bytes.len() {
+            assert!(decode_renewal(&bytes[..n], "s", 3, 7).is_err());
+        }
+    }
+
+    #[test]
+    fn a_renewal_claiming_more_than_the_longest_ttl_is_corrupt() {
+        let max = u64::try_from(LEASE_TTL_MAX.as_millis()).unwrap();
+        for expires_ms in [1_000, 999, 1_000 + max + 1] {
+            let r = Renewal {
+                expires_ms,
+                ..sample()
+            };
+            let bytes = encode_renewal(&r).unwrap();
+            assert!(decode_renewal(&bytes, "s", 3, 7).is_err(), "{expires_ms}");
+        }
+    }
+
+    #[test]
+    fn names_parse_strictly() {
+        assert_eq!(parse_digits(&epoch_name(42)), Some(42));
+        assert_eq!(parse_digits("42"), None);
+        assert_eq!(parse_digits("0000000000000000004x"), None);
+        assert_eq!(
+            parse_digits(renewal_name(u64::MAX).strip_suffix(LEASE_SUFFIX).unwrap()),
+            Some(u64::MAX)
+        );
+    }
+}
