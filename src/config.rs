@@ -80,6 +80,13 @@ pub struct Config {
     /// Manage the manifest on a store whose probe found conditional creates
     /// NOT honoured (no fencing then: only with one writer guaranteed).
     pub allow_unconditional_store: bool,
+    /// Open a data directory whose `IDENTITY` records the other mode
+    /// (`manifest` on or off) than this config's, and record this one.
+    /// Without it such an open is refused: segments committed in one mode
+    /// are invisible to the other (the manifest does not list what the
+    /// journal alone committed). See `docs/crash-safety.md`, "Switching
+    /// modes".
+    pub switch_mode: bool,
     /// Run the reconciler (journal vs manifest vs bucket listing) every this
     /// many ms in the background; 0 = off. Findings are logged and exported
     /// as metrics.
@@ -222,6 +229,7 @@ impl Default for Config {
             owner_id: None,
             lease_ttl_ms: 30_000,
             allow_unconditional_store: false,
+            switch_mode: false,
             reconcile_interval_ms: 0,
             reconcile_repair: true,
             reconcile_grace_ms: 3_600_000,

@@ -136,6 +136,17 @@ impl DataDir {
     pub fn root(&self) -> &Path {
         &self.root
     }
+    /// Whether `segments/` holds any file (active, spare or sealed; whatever
+    /// it holds counts). Used to tell a data directory that holds nothing
+    /// yet.
+    pub fn holds_segment_files(&self) -> Result<bool> {
+        let dir = self.segments_dir();
+        match fs::read_dir(&dir) {
+            Ok(mut rd) => Ok(rd.next().is_some()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(&dir, "list segments", e)),
+        }
+    }
     pub fn segments_dir(&self) -> PathBuf {
         self.root.join(SEGMENTS_DIR)
     }

@@ -12,7 +12,7 @@
 //! ## Bytes
 //! ```text
 //! tierindex-identity 1 len=<N> crc32=<8 hex>\n
-//! <N bytes of JSON: {"incarnation","stream","store","endpoint","format_version","created_ms"}>
+//! <N bytes of JSON: {"incarnation","stream","store","endpoint","format_version","created_ms","mode"}>
 //! ```
 //! The CRC32 (IEEE) covers the JSON bytes. The first line is ASCII so that
 //! `cat IDENTITY` is readable. A file that fails any check is
@@ -22,8 +22,14 @@
 //! Written as `IDENTITY.tmp`, fsynced, renamed to `IDENTITY`, then the data
 //! directory is fsynced. A crash leaves either no `IDENTITY` (written again
 //! at the next open, with a new incarnation; object keys do not carry the
-//! incarnation yet, so nothing depends on the lost one) or the whole file. A
+//! incarnation, so nothing depends on the lost one) or the whole file. A
 //! leftover `IDENTITY.tmp` is overwritten.
+//!
+//! ## Mode
+//! `mode` (`"manifest"` or `"single-writer"`, absent in files from older
+//! builds) is the one field ever rewritten: recorded at the first open, then
+//! changed only by an open with `switch_mode`, or while the directory holds
+//! nothing ([`settle_mode`]). The same tmp, fsync, rename, fsync steps.
 
 use std::fs;
 use std::io::Write;
@@ -57,6 +63,49 @@ pub struct Identity {
     /// The journal format version of the build that created it.
     pub format_version: u16,
     pub created_ms: u64,
+    /// The mode the data directory runs in (`None`: written by a build
+    /// before modes were recorded; the next open records it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+}
+
+/// Whether the data directory's commits go through the remote manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `manifest = true`: the store's manifest is the source of truth for
+    /// what is committed; epochs and leases fence a second writer.
+    Manifest,
+    /// `manifest = false`: the journal alone records what is committed.
+    SingleWriter,
+}
+
+impl Mode {
+    pub fn of(manifest: bool) -> Mode {
+        if manifest {
+            Mode::Manifest
+        } else {
+            Mode::SingleWriter
+        }
+    }
+    pub fn is_manifest(self) -> bool {
+        self == Mode::Manifest
+    }
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::Manifest => "--manifest true",
+            Mode::SingleWriter => "--manifest false",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Manifest => "manifest mode (manifest = true)",
+            Mode::SingleWriter => "single-writer mode (manifest = false)",
+        })
+    }
 }
 
 /// A new random incarnation id: 16 bytes from the kernel's random source,
@@ -90,6 +139,7 @@ impl Identity {
             endpoint: endpoint.map(str::to_string),
             format_version: crate::journal::FORMAT_VERSION,
             created_ms: crate::segment::now_ms(),
+            mode: None,
         }
     }
 
@@ -218,6 +268,75 @@ pub fn ensure(
     Ok(id)
 }
 
+/// The library's mode check (`TierIndex::open`, after the journal is
+/// replayed, with the data directory locked). The identity records the
+/// mode; an open in the other mode is refused unless `switch` (the config's
+/// `switch_mode`) or the directory holds nothing yet (`holds_data` false: a
+/// first open that was refused, e.g. by a store without conditional
+/// creates, then retried in single-writer mode). A missing mode (an
+/// identity from an older build) is filled in. Any change rewrites the file
+/// (same incarnation), durably.
+pub fn settle_mode(
+    data_dir: &Path,
+    id: Identity,
+    manifest: bool,
+    switch: bool,
+    holds_data: bool,
+) -> Result<Identity> {
+    let want = Mode::of(manifest);
+    match id.mode {
+        Some(m) if m == want => return Ok(id),
+        Some(m) if holds_data && !switch => {
+            return Err(Error::InvalidInput(mode_mismatch(data_dir, &id, m, want)));
+        }
+        Some(m) if holds_data => tracing::warn!(
+            data_dir = %data_dir.display(),
+            from = %m,
+            to = %want,
+            "switching the data directory's mode (switch_mode set)"
+        ),
+        Some(m) => tracing::info!(
+            data_dir = %data_dir.display(),
+            from = %m,
+            to = %want,
+            "data directory holds nothing yet: its recorded mode is changed"
+        ),
+        None => {
+            tracing::info!(data_dir = %data_dir.display(), mode = %want, "recording the data directory's mode")
+        }
+    }
+    let id = Identity {
+        mode: Some(want),
+        ..id
+    };
+    id.store_in(data_dir)?;
+    Ok(id)
+}
+
+fn mode_mismatch(data_dir: &Path, id: &Identity, recorded: Mode, want: Mode) -> String {
+    let why = match recorded {
+        Mode::Manifest => {
+            "its committed segments are listed in the stream's remote manifest, and in \
+             single-writer mode new commits would not be: readers of the manifest would not \
+             see them, and nothing would fence a second writer of the stream"
+        }
+        Mode::SingleWriter => {
+            "segments it committed are recorded only in its journal, not in the stream's \
+             manifest, so readers of the manifest would not see them until `tierindex \
+             reconcile --repair --manifest true` adds them"
+        }
+    };
+    format!(
+        "{} was created in {recorded} ({IDENTITY_FILE}, incarnation {}), but this open asks \
+         for {want}: {why}. Use {} (or leave the flag out on the command line, which then \
+         uses the recorded mode), or switch on purpose with switch_mode = true \
+         (--switch-mode), which records the new mode",
+        data_dir.display(),
+        id.incarnation,
+        recorded.flag()
+    )
+}
+
 /// The credential-free form of a store URL, as `RemoteStore::display_url`
 /// shows it (`file:///abs`, `s3://bucket[/prefix]`, `memory://prefix`);
 /// `None` for what does not parse.
@@ -276,6 +395,8 @@ pub struct CliIntent {
     /// `--store-override`: use the given store although the data directory
     /// records another.
     pub store_override: bool,
+    /// `--manifest` (or the config file) chose the mode.
+    pub mode_given: bool,
 }
 
 /// The CLI's resolution of `--data-dir`, `--store` and `--stream` against
@@ -287,8 +408,15 @@ pub struct CliIntent {
 /// - a `--store` other than the recorded one is refused unless
 ///   `store_override`; the same for `--stream`, and no `--stream` means the
 ///   recorded stream.
+/// - no `--manifest` (nor `manifest = false` in the config file): the
+///   recorded mode, for every command on an existing data directory.
 pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
     if !intent.inspects {
+        if !intent.mode_given
+            && let Ok(Some(Identity { mode: Some(m), .. })) = Identity::load(&cfg.data_dir)
+        {
+            cfg.manifest = m.is_manifest();
+        }
         return Ok(());
     }
     let dir = &cfg.data_dir;
@@ -324,6 +452,14 @@ pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
         cfg.stream = id.stream.clone();
     } else if cfg.stream != id.stream && !intent.store_override {
         return Err(mismatch("stream", &id.stream, &cfg.stream));
+    }
+    // The mode: the recorded one unless one was chosen; a chosen one that
+    // differs is refused by the open itself (`settle_mode`) unless
+    // --switch-mode.
+    if let Some(m) = id.mode
+        && !intent.mode_given
+    {
+        cfg.manifest = m.is_manifest();
     }
     if !intent.needs_store {
         return Ok(());
@@ -371,6 +507,35 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(Identity::decode(&bytes[..cut]).is_err(), "cut {cut}");
         }
+    }
+
+    #[test]
+    fn an_identity_without_a_mode_gets_the_mode_of_its_next_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Written by a build before modes: no "mode" field at all.
+        let old = ensure(tmp.path(), "s", "file:///x", None).unwrap();
+        assert_eq!(old.mode, None);
+        let text = String::from_utf8(old.encode().unwrap()).unwrap();
+        assert!(!text.contains("mode"), "{text}");
+        let id = settle_mode(tmp.path(), old.clone(), false, false, true).unwrap();
+        assert_eq!(id.mode, Some(Mode::SingleWriter));
+        let back = Identity::load(tmp.path()).unwrap().unwrap();
+        assert_eq!(back, id);
+        assert_eq!(back.incarnation, old.incarnation);
+        // Now recorded: the other mode is refused while data is held, and
+        // nothing is rewritten.
+        let e = settle_mode(tmp.path(), back.clone(), true, false, true).unwrap_err();
+        assert!(e.to_string().contains("--manifest false"), "{e}");
+        assert_eq!(Identity::load(tmp.path()).unwrap().unwrap(), back);
+        // Holding nothing, or switched on purpose: changed.
+        let id = settle_mode(tmp.path(), back, true, false, false).unwrap();
+        assert_eq!(id.mode, Some(Mode::Manifest));
+        let id = settle_mode(tmp.path(), id, false, true, true).unwrap();
+        assert_eq!(
+            Identity::load(tmp.path()).unwrap().unwrap().mode,
+            Some(Mode::SingleWriter)
+        );
+        assert_eq!(id.mode, Some(Mode::SingleWriter));
     }
 
     #[test]

@@ -822,7 +822,7 @@ pub async fn open_shared_with_clock(
     let (dd, previous_shutdown_clean, journal, jrep) = {
         let (cfg, url) = (cfg.clone(), store.display_url().to_string());
         tokio::task::spawn_blocking(move || -> Result<(DataDir, bool, Journal, ReplayReport)> {
-            let (dd, _identity) =
+            let (dd, identity) =
                 DataDir::open_as(&cfg.data_dir, &cfg.stream, &url, cfg.endpoint.as_deref())?;
             let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
             let previous_shutdown_clean = marker.exists();
@@ -837,6 +837,17 @@ pub async fn open_shared_with_clock(
                     compact_after_bytes: cfg.journal_compact_after_bytes,
                     ..JournalOptions::default()
                 },
+            )?;
+            // The recorded mode must match (or is recorded now): a data
+            // directory that holds segments is not silently moved between
+            // manifest and single-writer mode.
+            let holds_data = !journal.segments().is_empty() || dd.holds_segment_files()?;
+            crate::identity::settle_mode(
+                &cfg.data_dir,
+                identity,
+                cfg.manifest,
+                cfg.switch_mode,
+                holds_data,
             )?;
             Ok((dd, previous_shutdown_clean, journal, jrep))
         })

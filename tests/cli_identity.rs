@@ -153,3 +153,73 @@ async fn a_data_directory_without_identity_needs_an_explicit_store() {
         ("orders", url.as_str())
     );
 }
+
+/// The mode is recorded too: a single-writer data directory is drained in
+/// single-writer mode without `--manifest`, `--manifest true` is refused
+/// with what to do, and `--switch-mode` switches on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_uses_the_recorded_mode_and_refuses_the_other_one() {
+    use tierindex::identity::Mode;
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, store) = (tmp.path().join("data"), tmp.path().join("bucket"));
+    let cfg = Config {
+        data_dir: data.clone(),
+        store: Some(format!("file://{}", store.display())),
+        stream: "orders".into(),
+        segment_items: 20,
+        slot_count: 16,
+        segment_max_age_ms: None,
+        manifest: false,
+        ..Config::default()
+    };
+    let (ti, _) = TierIndex::open(cfg).await.unwrap();
+    for o in 0..50u64 {
+        ti.append(b"k", o, 1, 1_700_000_000_000 + o).unwrap();
+    }
+    ti.flush().unwrap();
+    drop(ti);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        Identity::load(&data).unwrap().unwrap().mode,
+        Some(Mode::SingleWriter)
+    );
+
+    // The other mode, asked for: refused, nothing uploaded.
+    let (code, out) = tierindex(&[
+        "--data-dir",
+        s(&data),
+        "--manifest",
+        "true",
+        "drain",
+        "--deadline",
+        "30s",
+    ]);
+    assert_eq!(code, EXIT_ERROR, "{out}");
+    assert!(
+        out.contains("single-writer mode") && out.contains("--switch-mode"),
+        "{out}"
+    );
+    assert!(!store.join("orders").join("manifest").exists(), "{out}");
+
+    // No flag: the recorded mode; the drain commits without a manifest.
+    let (code, out) = tierindex(&["--data-dir", s(&data), "drain", "--deadline", "30s"]);
+    assert_eq!(code, EXIT_DRAINED, "{out}");
+    assert!(!store.join("orders").join("manifest").exists(), "{out}");
+
+    // Switched on purpose: recorded.
+    let (code, out) = tierindex(&[
+        "--data-dir",
+        s(&data),
+        "--manifest",
+        "true",
+        "--switch-mode",
+        "drain",
+        "--deadline",
+        "30s",
+    ]);
+    assert_eq!(code, EXIT_DRAINED, "{out}");
+    assert_eq!(
+        Identity::load(&data).unwrap().unwrap().mode,
+        Some(Mode::Manifest)
+    );
+}

@@ -175,6 +175,11 @@ async fn a_bit_flip_in_the_middle_of_the_journal_loses_and_deletes_nothing() {
     assert_eq!(r.deleted, 0, "{:#?}", r.findings);
     let now = files(&store);
     for (k, b) in &stored {
+        // Lease renewals are not data: a takeover deletes the older
+        // epochs' (docs/format/remote-layout.md).
+        if k.to_string_lossy().contains("/manifest/leases/") {
+            continue;
+        }
         assert_eq!(now.get(k), Some(b), "{} changed or went", k.display());
     }
     // Every acknowledged entry is still in a checked segment.

@@ -681,3 +681,77 @@ async fn pending_ownership_on_a_store_that_cannot_fence_stops_loudly() {
         "no manifest written"
     );
 }
+
+/// The data directory records its mode: a first open refused by a store
+/// without conditional creates may be retried in single-writer mode (the
+/// directory holds nothing yet); from then on an open in the other mode is
+/// refused with what to do, unless `switch_mode`, which records the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recorded_mode_is_kept_unless_switched_on_purpose() {
+    use tierindex::identity::{Identity, Mode};
+    let rig = Rig::new(11);
+    let data = rig.data("a");
+    let safe = config(data.clone(), "owner-a");
+    let single = Config {
+        manifest: false,
+        ..safe.clone()
+    };
+    rig.fs.ignore_conditionals(true);
+    let e = open(&safe, rig.remote(), None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("conditional creates"), "{e}");
+    assert_eq!(
+        Identity::load(&data).unwrap().unwrap().mode,
+        Some(Mode::Manifest)
+    );
+
+    // Nothing held yet: single-writer mode may be chosen now.
+    let ti = open(&single, rig.remote(), None).await.unwrap();
+    write(&ti, 0..(ITEMS as u64 + 5));
+    assert!(ti.shutdown(Duration::from_secs(20)).await.fully_drained());
+    assert_eq!(
+        Identity::load(&data).unwrap().unwrap().mode,
+        Some(Mode::SingleWriter)
+    );
+
+    // Its committed segments are in the journal only: the safe mode is
+    // refused without the switch, and says why and what to do.
+    rig.fs.ignore_conditionals(false);
+    let e = open(&safe, rig.remote(), None)
+        .await
+        .err()
+        .expect("refused");
+    let msg = e.to_string();
+    for needle in ["single-writer mode", "--manifest false", "--switch-mode"] {
+        assert!(msg.contains(needle), "{needle:?} not in {msg}");
+    }
+    assert!(matches!(e, tierindex::Error::InvalidInput(_)), "{e:?}");
+
+    // Switched on purpose: opens, records the new mode.
+    let switched = Config {
+        switch_mode: true,
+        ..safe.clone()
+    };
+    let incarnation = Identity::load(&data).unwrap().unwrap().incarnation;
+    let ti = open(&switched, rig.remote(), None).await.unwrap();
+    write(&ti, 100..110);
+    assert!(ti.shutdown(Duration::from_secs(20)).await.fully_drained());
+    let id = Identity::load(&data).unwrap().unwrap();
+    assert_eq!(
+        (id.mode, id.incarnation),
+        (Some(Mode::Manifest), incarnation)
+    );
+
+    // And back: refused the same way, naming the manifest mode.
+    let e = open(&single, rig.remote(), None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("manifest mode"), "{e}");
+    assert_eq!(
+        Identity::load(&data).unwrap().unwrap().mode,
+        Some(Mode::Manifest)
+    );
+}

@@ -67,6 +67,12 @@ pub struct Cli {
     /// records another one.
     #[arg(long, global = true)]
     pub store_override: bool,
+    /// Open the data directory in the mode --manifest names although its
+    /// IDENTITY records the other one, and record the new mode (segments
+    /// committed in one mode are not in the other's record: see
+    /// docs/crash-safety.md "Switching modes").
+    #[arg(long, global = true)]
+    pub switch_mode: bool,
     #[command(subcommand)]
     pub cmd: Command,
 }
@@ -193,14 +199,22 @@ impl Cli {
         if let Some(e) = &self.endpoint {
             c.endpoint = Some(e.clone());
         }
+        let mode_given = self.manifest.is_some() || c.manifest != Config::default().manifest;
         if let Some(m) = self.manifest {
             c.manifest = m;
+        }
+        if self.switch_mode {
+            c.switch_mode = true;
         }
         let stream_given = self.stream.is_some() || c.stream != Config::default().stream;
         if let Some(s) = &self.stream {
             c.stream = s.clone();
         }
-        crate::identity::resolve_cli(&mut c, self.identity_intent(stream_given))?;
+        let intent = crate::identity::CliIntent {
+            mode_given,
+            ..self.identity_intent(stream_given)
+        };
+        crate::identity::resolve_cli(&mut c, intent)?;
         c.validate()?;
         Ok(c)
     }
@@ -219,6 +233,7 @@ impl Cli {
             needs_store,
             stream_given,
             store_override: self.store_override,
+            mode_given: false,
         }
     }
 
