@@ -316,9 +316,9 @@ pub fn settle_mode(
 fn mode_mismatch(data_dir: &Path, id: &Identity, recorded: Mode, want: Mode) -> String {
     let why = match recorded {
         Mode::Manifest => {
-            "its committed segments are listed in the stream's remote manifest, and in \
-             single-writer mode new commits would not be: readers of the manifest would not \
-             see them, and nothing would fence a second writer of the stream"
+            "in manifest mode its commits are listed in the stream's remote manifest; in \
+             single-writer mode new commits would not be, so readers of the manifest would \
+             not see them, and nothing would fence a second writer of the stream"
         }
         Mode::SingleWriter => {
             "segments it committed are recorded only in its journal, not in the stream's \

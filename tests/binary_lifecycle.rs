@@ -482,7 +482,8 @@ fn second_sigterm_exits_at_once_and_drain_resumes_elsewhere() {
     // Resume into a working store (keys already journaled keep their
     // s3 prefix; they are store-relative).
     // The data directory records the dead store (IDENTITY): draining
-    // elsewhere needs --store-override. Single-writer mode, explicitly: the
+    // elsewhere needs --store-override. Single-writer mode, explicitly (a
+    // switch from the recorded manifest mode, so --switch-mode): the
     // keys journaled for the dead store lie under its prefix, outside the
     // stream this store's manifest describes (the default would keep those
     // segments Verified, pending; see docs/ARCHITECTURE.md, Planned).
@@ -495,6 +496,7 @@ fn second_sigterm_exits_at_once_and_drain_resumes_elsewhere() {
                 "--store-override",
                 "--manifest",
                 "false",
+                "--switch-mode",
                 "drain",
                 "--deadline",
                 "30s",
@@ -579,7 +581,8 @@ fn first_sigterm_with_dead_store_exits_pending_within_deadline() {
 
     // Nothing flushed was lost: a drain to a working store finds it all.
     // The data directory records the dead store (IDENTITY): draining
-    // elsewhere needs --store-override. Single-writer mode, explicitly: the
+    // elsewhere needs --store-override. Single-writer mode, explicitly (a
+    // switch from the recorded manifest mode, so --switch-mode): the
     // keys journaled for the dead store lie under its prefix, outside the
     // stream this store's manifest describes (the default would keep those
     // segments Verified, pending; see docs/ARCHITECTURE.md, Planned).
@@ -592,6 +595,7 @@ fn first_sigterm_with_dead_store_exits_pending_within_deadline() {
                 "--store-override",
                 "--manifest",
                 "false",
+                "--switch-mode",
                 "drain",
                 "--deadline",
                 "30s",

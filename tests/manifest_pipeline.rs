@@ -416,7 +416,13 @@ async fn crash_between_manifest_commit_and_journal_resumes_without_duplicates() 
     assert_eq!(before.segment_count, 2);
     let uploading_before = common::record_counts(&data, "Uploading");
 
-    // Restart with the manifest on: the same owner re-takes at once.
+    // Restart with the manifest on: the same owner re-takes at once. (The
+    // sealing run above was single-writer, which IDENTITY recorded: the
+    // switch is on purpose.)
+    let cfg = Config {
+        switch_mode: true,
+        ..cfg
+    };
     let ti = open(&cfg, rig.remote(), None).await.unwrap();
     let r = ti.shutdown(Duration::from_secs(20)).await;
     assert!(r.fully_drained(), "{r:?}");
