@@ -241,6 +241,13 @@ impl Config {
     /// Read a TOML file. Unknown keys are an error (a typo must not be
     /// silently ignored).
     pub fn from_file(path: &Path) -> Result<Config> {
+        Self::from_file_keys(path).map(|(c, _)| c)
+    }
+
+    /// [`from_file`](Self::from_file), and the top-level keys the file sets
+    /// (so a caller can tell `manifest = true` written out from the
+    /// default).
+    pub fn from_file_keys(path: &Path) -> Result<(Config, Vec<String>)> {
         use std::io::Read as _;
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, "open config file", e))?;
         // Bounded: `--config /dev/zero` must not eat the memory.
@@ -254,7 +261,13 @@ impl Config {
                 path.display()
             )));
         }
-        Self::from_toml(&text).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
+        let c = Self::from_toml(&text)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
+        // It parsed as a Config, so it parses as a table.
+        let keys = toml::from_str::<toml::Table>(&text)
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        Ok((c, keys))
     }
 
     pub fn from_toml(text: &str) -> Result<Config> {

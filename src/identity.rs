@@ -408,7 +408,7 @@ pub struct CliIntent {
 /// - a `--store` other than the recorded one is refused unless
 ///   `store_override`; the same for `--stream`, and no `--stream` means the
 ///   recorded stream.
-/// - no `--manifest` (nor `manifest = false` in the config file): the
+/// - no `--manifest` (nor a `manifest` key in the config file): the
 ///   recorded mode, for every command on an existing data directory.
 pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
     if !intent.inspects {

@@ -841,7 +841,12 @@ pub async fn open_shared_with_clock(
             // The recorded mode must match (or is recorded now): a data
             // directory that holds segments is not silently moved between
             // manifest and single-writer mode.
-            let holds_data = !journal.segments().is_empty() || dd.holds_segment_files()?;
+            // Whatever it ever held counts: compaction drops Released
+            // records but keeps the highest id and offset.
+            let holds_data = !journal.segments().is_empty()
+                || journal.max_segment_id().is_some()
+                || journal.max_offset().is_some()
+                || dd.holds_segment_files()?;
             crate::identity::settle_mode(
                 &cfg.data_dir,
                 identity,

@@ -1043,8 +1043,75 @@ async fn an_unreadable_renewal_only_shortens_the_lease() {
             ("a", T0 + 40_000),
             "{b:?}"
         );
+        // An oversized object in the folder is skipped the same way.
+        env.remote
+            .object_store()
+            .put(&ms.renewal_key(1, 10), PutPayload::from(vec![0u8; 100_000]))
+            .await
+            .unwrap();
+        let cur = ms.current_lease(&m).await.unwrap().unwrap();
+        assert_eq!(cur.lease.expires_ms, T0 + 40_000, "{b:?}");
         env.clock.set(T0 + 40_000);
         let w = ms.take_ownership("b", TTL).await.unwrap();
         assert_eq!(w.epoch(), 2, "{b:?}");
     }
+}
+
+#[tokio::test]
+async fn renewal_folders_left_from_a_lost_manifest_history_fence_nobody() {
+    for b in [Backend::Memory, Backend::Local] {
+        let env = Env::new(b);
+        let ms = env.open(opts()).await;
+        ms.take_ownership("a", TTL).await.unwrap();
+        env.clock.advance(Duration::from_secs(31));
+        ms.take_ownership("b", TTL).await.unwrap(); // epoch 2, leases/2/0
+        // The manifest's versions are lost (an operator, a bucket rule);
+        // the renewal folders stay.
+        for v in env.versions(&ms).await {
+            env.remote
+                .object_store()
+                .delete(&ms.version_key(v.version))
+                .await
+                .unwrap();
+        }
+        assert!(ms.load().await.unwrap().is_none());
+        // A new owner starts the manifest again at epoch 1: the folder of
+        // epoch 2 is not a takeover of it.
+        let mut c = ms.take_ownership("c", TTL).await.unwrap();
+        assert_eq!(c.epoch(), 1, "{b:?}");
+        env.clock.advance(Duration::from_secs(10));
+        c.renew(TTL).await.unwrap();
+        c.commit(&[env.entry(1)]).await.unwrap();
+        assert_eq!(ids(&ms).await, vec![1]);
+        // The take's sweep removed the stale folder.
+        let r = renewals(&env, &ms).await;
+        assert!(r.iter().all(|(e, _)| *e == 1), "{b:?}: {r:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_holder_that_keeps_renewing_is_not_aged_out_whatever_its_expiries() {
+    // A took the stream while its clock was an hour ahead; NTP then stepped
+    // it back. Its renewals now carry expiries below the head's, so the
+    // lease in force shows the head's expiry, unchanged. A taker that keeps
+    // asking must still see the renewals land (new seqs) and stay out.
+    let env = Env::new(Backend::Memory);
+    let clock_a = ManualClock::new(T0 + 3_600_000);
+    let ms_a = env.open_with(opts(), &clock_a).await;
+    let clock_b = ManualClock::new(T0);
+    let ms_b = env.open_with(opts(), &clock_b).await;
+    let mut a = ms_a.take_ownership("a", TTL).await.unwrap();
+    clock_a.set(T0);
+    for _ in 0..6 {
+        clock_a.advance(Duration::from_secs(10));
+        a.renew(TTL).await.unwrap();
+        clock_b.advance(Duration::from_secs(10));
+        assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\""]);
+    }
+    // A stops: one TTL later by B's monotonic clock, B takes over.
+    clock_b.advance(Duration::from_secs(29));
+    assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\""]);
+    clock_b.advance(Duration::from_secs(1));
+    assert_eq!(ms_b.take_ownership("b", TTL).await.unwrap().epoch(), 2);
+    assert_fenced(a.renew(TTL).await, &["epoch 2"]);
 }

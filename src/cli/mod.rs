@@ -186,9 +186,9 @@ pub enum OwnerAction {
 impl Cli {
     /// Build the effective config: file, then flags/variables.
     pub fn config(&self) -> Result<Config> {
-        let mut c = match &self.config {
-            Some(p) => Config::from_file(p)?,
-            None => Config::default(),
+        let (mut c, file_keys) = match &self.config {
+            Some(p) => Config::from_file_keys(p)?,
+            None => (Config::default(), Vec::new()),
         };
         if let Some(d) = &self.data_dir {
             c.data_dir = d.clone();
@@ -199,7 +199,7 @@ impl Cli {
         if let Some(e) = &self.endpoint {
             c.endpoint = Some(e.clone());
         }
-        let mode_given = self.manifest.is_some() || c.manifest != Config::default().manifest;
+        let mode_given = self.manifest.is_some() || file_keys.iter().any(|k| k == "manifest");
         if let Some(m) = self.manifest {
             c.manifest = m;
         }

@@ -40,6 +40,12 @@ pub trait Clock: Send + Sync + fmt::Debug {
     /// Milliseconds since an arbitrary, fixed origin; never goes back and
     /// is not moved by wall-clock jumps. Only differences mean anything.
     fn mono_ms(&self) -> u64;
+    /// Whether every instance reads the same monotonic clock (the system
+    /// clock): then what one `ManifestStore` observed of a lease holds for
+    /// the whole process, across reopens.
+    fn process_wide(&self) -> bool {
+        false
+    }
 }
 
 /// The system clock.
@@ -49,6 +55,9 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
         crate::segment::now_ms()
+    }
+    fn process_wide(&self) -> bool {
+        true
     }
     fn mono_ms(&self) -> u64 {
         static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

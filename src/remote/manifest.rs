@@ -1062,7 +1062,12 @@ impl ManifestStore {
     /// The bytes of `key`, `None` when it does not exist. The size is checked
     /// against the limit before the body is read.
     async fn get_bytes(&self, key: &Path, what: &str) -> Result<Option<Bytes>> {
-        let max = self.inner.opts.max_object_bytes;
+        self.get_bytes_max(key, what, self.inner.opts.max_object_bytes)
+            .await
+    }
+
+    /// [`get_bytes`](Self::get_bytes) with its own size limit.
+    async fn get_bytes_max(&self, key: &Path, what: &str, max: usize) -> Result<Option<Bytes>> {
         let os = self.os();
         let mut rng = fastrand::Rng::new();
         let res = with_retries(&self.inner.opts.retry, &mut rng, "manifest GET", |_| {

@@ -121,25 +121,38 @@ pub fn decode_renewal(bytes: &[u8], stream: &str, epoch: u64, seq: u64) -> Resul
     }
 }
 
-/// A lease as a reader sees it: the head's, with the latest renewal's
-/// expiry, and how long the writer asked for (for the monotonic check).
+/// A lease as a reader sees it: the head's, with the latest expiry any
+/// readable renewal of the same epoch and owner gives it, and how long the
+/// writer asked for (for the monotonic check).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CurrentLease {
     pub lease: Lease,
     /// TTL of the write that set `lease.expires_ms` (head or renewal).
     pub ttl_ms: u64,
+    /// The newest renewal seen (`None`: none yet). A new one means the
+    /// holder is still renewing, whatever the expiries say.
+    pub seq: Option<u64>,
 }
 
 /// What this process last saw of another owner's lease, on its monotonic
-/// clock: a lease that has not moved for its whole TTL here is expired,
-/// whatever expiry its writer's (possibly jumped) wall clock wrote.
+/// clock: a lease whose holder wrote no new renewal for its whole TTL here
+/// is expired, whatever expiry its writer's (possibly jumped) wall clock
+/// wrote.
 #[derive(Clone, Debug)]
 pub(super) struct Seen {
     owner: String,
     epoch: u64,
-    expires_ms: u64,
+    seq: Option<u64>,
     since_mono_ms: u64,
 }
+
+/// Sightings shared by every `ManifestStore` on the system clock (one per
+/// store URL and stream), so a broker that reopens, or a pending take that
+/// builds a new store per attempt, keeps counting. Bounded: cleared when
+/// over [`SEEN_MAX`] streams.
+static SEEN: std::sync::Mutex<Option<std::collections::HashMap<String, Seen>>> =
+    std::sync::Mutex::new(None);
+const SEEN_MAX: usize = 4096;
 
 impl ManifestStore {
     /// `{prefix}/{stream}/manifest/leases`.
@@ -188,26 +201,47 @@ impl ManifestStore {
             .collect())
     }
 
-    /// The newest readable renewal of `epoch` written by `owner`. A renewal
-    /// that vanished (deleted meanwhile) or does not decode is skipped for
-    /// the next older one (logged): renewals only ever extend a lease, so
-    /// skipping one can only end it sooner.
-    async fn latest_renewal(&self, epoch: u64, owner: &str) -> Result<Option<Renewal>> {
-        let mut seqs: Vec<u64> = self
+    /// The readable renewals of `epoch` written by `owner`: the one with
+    /// the latest expiry, and the newest seq. A renewal that vanished
+    /// (deleted meanwhile), is too large or does not decode is skipped
+    /// (logged): a renewal only ever extends a lease, so skipping one can
+    /// only end it sooner. A failed request is an error (a taker must not
+    /// take over because a read failed).
+    async fn renewals_of(&self, epoch: u64, owner: &str) -> Result<Option<(Renewal, u64)>> {
+        let seqs: Vec<u64> = self
             .list_renewals(self.epoch_dir(epoch), None)
             .await?
             .into_iter()
             .filter(|(e, _)| *e == epoch)
             .map(|(_, s)| s)
             .collect();
-        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        let mut best: Option<(Renewal, u64)> = None;
         for seq in seqs {
             let what = format!("lease renewal {} epoch {epoch} seq {seq}", self.stream());
-            let Some(bytes) = self.get_bytes(&self.renewal_key(epoch, seq), &what).await? else {
-                continue;
+            let key = self.renewal_key(epoch, seq);
+            let bytes = match self.get_bytes_max(&key, &what, MAX_RENEWAL_BYTES).await {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e @ Error::Corrupt { .. }) => {
+                    tracing::warn!(stream = self.stream(), error = %e, "unreadable lease renewal ignored");
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             match decode_renewal(&bytes, self.stream(), epoch, seq) {
-                Ok(r) if r.owner == owner => return Ok(Some(r)),
+                Ok(r) if r.owner == owner => {
+                    best = Some(match best {
+                        None => (r, seq),
+                        Some((b, top)) => {
+                            let top = top.max(seq);
+                            if r.expires_ms > b.expires_ms {
+                                (r, top)
+                            } else {
+                                (b, top)
+                            }
+                        }
+                    });
+                }
                 Ok(r) => tracing::warn!(
                     stream = self.stream(),
                     epoch,
@@ -223,7 +257,7 @@ impl ManifestStore {
                 ),
             }
         }
-        Ok(None)
+        Ok(best)
     }
 
     /// The lease in force by manifest `m`: its head lease, its expiry
@@ -236,12 +270,14 @@ impl ManifestStore {
         let mut cur = CurrentLease {
             lease: head.clone(),
             ttl_ms: head.expires_ms.saturating_sub(head.acquired_ms),
+            seq: None,
         };
-        if let Some(r) = self.latest_renewal(head.epoch, &head.owner).await?
-            && r.expires_ms > cur.lease.expires_ms
-        {
-            cur.lease.expires_ms = r.expires_ms;
-            cur.ttl_ms = r.expires_ms - r.written_ms;
+        if let Some((r, top)) = self.renewals_of(head.epoch, &head.owner).await? {
+            cur.seq = Some(top);
+            if r.expires_ms > cur.lease.expires_ms {
+                cur.lease.expires_ms = r.expires_ms;
+                cur.ttl_ms = r.expires_ms - r.written_ms;
+            }
         }
         Ok(Some(cur))
     }
@@ -256,9 +292,8 @@ impl ManifestStore {
             return false;
         }
         let mono = self.inner.clock.mono_ms();
-        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
-        match seen.as_ref() {
-            Some(s) if s.owner == l.owner && s.epoch == l.epoch && s.expires_ms == l.expires_ms => {
+        self.with_seen(|seen| match seen.as_ref() {
+            Some(s) if s.owner == l.owner && s.epoch == l.epoch && s.seq == cur.seq => {
                 let unchanged = mono.saturating_sub(s.since_mono_ms);
                 if unchanged >= cur.ttl_ms {
                     tracing::warn!(
@@ -273,17 +308,39 @@ impl ManifestStore {
                     );
                     return false;
                 }
+                true
             }
             _ => {
                 *seen = Some(Seen {
                     owner: l.owner.clone(),
                     epoch: l.epoch,
-                    expires_ms: l.expires_ms,
+                    seq: cur.seq,
                     since_mono_ms: mono,
-                })
+                });
+                true
             }
+        })
+    }
+
+    /// Runs `f` on this stream's sighting: the process-wide one on the
+    /// system clock, else this store's own (a test clock).
+    fn with_seen<R>(&self, f: impl FnOnce(&mut Option<Seen>) -> R) -> R {
+        if !self.inner.clock.process_wide() {
+            let mut g = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+            return f(&mut g);
         }
-        true
+        let key = format!("{}\u{0}{}", self.inner.store.display_url(), self.inner.dir);
+        let mut g = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        let map = g.get_or_insert_with(std::collections::HashMap::new);
+        if map.len() >= SEEN_MAX && !map.contains_key(&key) {
+            map.clear();
+        }
+        let mut slot = map.remove(&key);
+        let r = f(&mut slot);
+        if let Some(s) = slot {
+            map.insert(key, s);
+        }
+        r
     }
 
     /// Creates renewal `r` under its key. `Ok(false)`: the key holds other
@@ -315,12 +372,44 @@ impl ManifestStore {
             .max())
     }
 
-    /// Deletes the renewals of epochs below `epoch` (a taker's clean-up).
-    /// Best effort.
+    /// A renewal folder of epoch `seen` lies above ours: whether the
+    /// manifest confirms a newer epoch. A folder the manifest does not back
+    /// (left over from a manifest history that was lost and rebuilt at a
+    /// lower epoch) is not a takeover: logged, and deleted by the next
+    /// take's sweep.
+    async fn head_epoch_above(&self, ours: u64, seen: u64) -> Result<bool> {
+        let head = self.load().await?.map(|m| m.epoch);
+        if head.is_some_and(|h| h > ours) {
+            return Ok(true);
+        }
+        tracing::warn!(
+            stream = self.stream(),
+            epoch = ours,
+            folder = seen,
+            manifest_epoch = ?head,
+            "a lease renewal folder of a higher epoch than the manifest's; ignored (left over \
+             from an earlier manifest history)"
+        );
+        Ok(false)
+    }
+
+    /// Deletes the renewals of every epoch but `epoch` (a taker's clean-up:
+    /// older epochs', and any higher one left over from a manifest history
+    /// that was lost). Best effort.
     pub(super) async fn sweep_renewals(&self, epoch: u64) {
         match self.list_renewals(self.leases_dir(), None).await {
             Ok(all) => {
-                for (e, s) in all.into_iter().filter(|(e, _)| *e < epoch) {
+                // Higher folders only while the manifest is still at our
+                // epoch (a taker racing us after our publish keeps its own).
+                let higher_stale = if all.iter().any(|(e, _)| *e > epoch) {
+                    matches!(self.load().await, Ok(Some(m)) if m.epoch == epoch)
+                } else {
+                    false
+                };
+                for (e, s) in all
+                    .into_iter()
+                    .filter(|(e, _)| *e < epoch || (higher_stale && *e > epoch))
+                {
                     if let Err(err) = self.delete(&self.renewal_key(e, s)).await {
                         tracing::warn!(stream = self.stream(), epoch = e, seq = s, error = %err, "could not delete an old lease renewal");
                     }
@@ -440,7 +529,9 @@ impl LeaseKeeper {
             *next = top.saturating_add(1).max(next.saturating_add(1));
         }
         drop(next);
-        if let Some(e) = k.ms.epoch_above(k.epoch).await? {
+        if let Some(e) = k.ms.epoch_above(k.epoch).await?
+            && k.ms.head_epoch_above(k.epoch, e).await?
+        {
             let why = format!(
                 "stream {:?}: epoch {e} took the stream from our epoch {} (owner {:?}); stop \
                  publishing",
