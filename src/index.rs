@@ -229,6 +229,9 @@ pub struct IndexWriter {
     /// The id of a spare asked for and not arrived yet; one that arrives
     /// under another id (or none) is stale and removed.
     spare_asked: Option<SegmentId>,
+    /// Preparing this roll's spare failed (a full disk): not asked again
+    /// until the roll, which creates its segment itself and reports.
+    spare_failed: bool,
     /// When the active segment became active (the age rule counts from
     /// here, not from when a spare's file was created).
     active_since_ms: u64,
@@ -408,6 +411,7 @@ impl IndexWriter {
             closed: false,
             spare: None,
             spare_asked: None,
+            spare_failed: false,
             active_since_ms: now_ms(),
         };
         match &w.active {
@@ -449,7 +453,7 @@ impl IndexWriter {
     /// Ask the sealer thread for the next active segment, unless one is
     /// there or on its way. Its id is reserved now.
     fn ask_spare(&mut self) {
-        if self.closed || self.spare.is_some() || self.spare_asked.is_some() {
+        if self.closed || self.spare.is_some() || self.spare_asked.is_some() || self.spare_failed {
             return;
         }
         let id = SegmentId(self.next_id);
@@ -485,7 +489,10 @@ impl IndexWriter {
                         // The roll creates its segment itself, and reports
                         // a failure there; a failed fsync poisons now.
                         self.poison_on_sync(&e);
-                        tracing::warn!(segment = id.0, error = %e, "preparing the next active segment failed");
+                        if wanted {
+                            self.spare_failed = true;
+                        }
+                        tracing::warn!(segment = id.0, error = %e, "preparing the next active segment failed; the roll will create it");
                         Ok(())
                     }
                 }
@@ -510,6 +517,8 @@ impl IndexWriter {
                 }
             }
         }
+        // The next roll may ask for a spare again, whatever happens here.
+        self.spare_failed = false;
         let seg = match self.spare.take() {
             Some(s) => s,
             None => {

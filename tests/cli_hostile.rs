@@ -1391,6 +1391,47 @@ fn enospc_still_ends_with_a_report() {
     assert!(out.contains("1 verified and committed"), "{}", text(&o));
 }
 
+/// A disk that stays full while the active segment fills slowly: the
+/// failed preparation of the next segment is not retried (a warning and a
+/// segment id each time) at every tick until the roll; once, then the roll
+/// creates the segment itself and reports the failure.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_failed_preparation_is_not_retried_until_the_roll() {
+    let sb = Sandbox::new();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "demo",
+            "--segment-items",
+            "2000",
+            "--slots",
+            "64",
+            "--entries",
+            "3000",
+            "--rate",
+            "2000",
+            "--flush-every",
+            "100",
+        ],
+        &[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2+")],
+    );
+    assert_sane(&o, "enospc slow");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.matches("preparing the next active segment failed")
+            .count(),
+        1,
+        "{}",
+        text(&o)
+    );
+    assert!(err.contains("No space left on device"), "{}", text(&o));
+}
+
 /// One ENOSPC while the next active segment is prepared ahead of a roll
 /// (the disk was full for a moment): logged, and the roll creates the
 /// segment itself; nothing is lost and the run ends clean.
