@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Issue 16's scale benchmarks. Today one part: the CPU a drain of a
+# backlog of N small sealed segments uses, for several N, to see whether the
+# cost per segment stays flat (linear in the backlog) or grows.
+#
+#   scripts/bench-scale.sh [drain-cpu]
+#
+# For each N in BENCH_SCALE_SEGMENTS (default "2500 5000 10000"):
+#  1. examples/make_backlog.rs writes a data directory with N sealed,
+#     journaled, never-uploaded segments of BENCH_SCALE_ITEMS (100) entries
+#     and BENCH_SCALE_SLOTS (64) slots (3.65 KB files);
+#  2. `tierindex drain` uploads it to a file:// store, once in the default
+#     manifest mode and once with --manifest false (single-writer), timed by
+#     /usr/bin/time (user + sys CPU seconds, wall, max RSS).
+# Prints `RESULT drain-cpu mode=M segments=N cpu_s=C per_segment_ms=P
+# user_s=U sys_s=S wall_s=W maxrss_kib=R` lines on stdout.
+#
+# Knobs: BENCH_SCALE_SEGMENTS, BENCH_SCALE_ITEMS, BENCH_SCALE_SLOTS,
+# BENCH_WORK (scratch, default /tmp/tierindex-scale.PID, removed unless
+# BENCH_KEEP=1), BENCH_NO_BUILD=1 (use the release binaries already built).
+# Exit: 0 when every run drained fully, 1 otherwise, 2 usage.
+set -euo pipefail
+export LC_ALL=C NO_COLOR=1
+
+PART=${1:-drain-cpu}
+case $PART in
+drain-cpu) ;;
+-h | --help)
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+  ;;
+*)
+  echo "usage: $0 [drain-cpu]" >&2
+  exit 2
+  ;;
+esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$CARGO_TARGET_DIR/release
+SEGMENTS=${BENCH_SCALE_SEGMENTS:-2500 5000 10000}
+ITEMS=${BENCH_SCALE_ITEMS:-100}
+SLOTS=${BENCH_SCALE_SLOTS:-64}
+WORK=${BENCH_WORK:-/tmp/tierindex-scale.$$}
+
+if [ ! -x /usr/bin/time ]; then
+  echo "bench-scale: /usr/bin/time is needed (Debian package 'time')" >&2
+  exit 1
+fi
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+  (cd "$ROOT" && cargo build --release --bin tierindex --example make_backlog) >&2
+fi
+mkdir -p "$WORK"
+cleanup() { [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$WORK"; }
+trap cleanup EXIT
+
+status=0
+for n in $SEGMENTS; do
+  "$BIN/examples/make_backlog" "$WORK/backlog-$n" "$n" "$ITEMS" "$SLOTS" >&2
+  for mode in manifest single-writer; do
+    flag=true
+    [ "$mode" = single-writer ] && flag=false
+    data=$WORK/data-$n-$mode
+    store=$WORK/store-$n-$mode
+    rm -rf "$data" "$store"
+    cp -r "$WORK/backlog-$n" "$data"
+    if ! /usr/bin/time -o "$WORK/time" -f "%U %S %e %M" \
+      "$BIN/tierindex" --data-dir "$data" --store "file://$store" --manifest "$flag" \
+      drain --deadline 30m >"$WORK/out" 2>"$WORK/err"; then
+      echo "bench-scale: drain of $n ($mode) failed:" >&2
+      tail -5 "$WORK/err" >&2
+      status=1
+      continue
+    fi
+    read -r user sys wall rss <"$WORK/time"
+    awk -v m="$mode" -v n="$n" -v u="$user" -v s="$sys" -v w="$wall" -v r="$rss" 'BEGIN {
+      c = u + s
+      printf "RESULT drain-cpu mode=%s segments=%d cpu_s=%.2f per_segment_ms=%.3f user_s=%.2f sys_s=%.2f wall_s=%.2f maxrss_kib=%d\n", m, n, c, c * 1000 / n, u, s, w, r
+    }'
+    rm -rf "$data" "$store"
+  done
+  rm -rf "$WORK/backlog-$n"
+done
+exit $status
