@@ -1352,6 +1352,12 @@ fn a_low_rate_is_honoured() {
 /// A 3000-entry demo in 300-entry segments with `spec` armed.
 #[cfg(feature = "failpoints")]
 fn demo_with_failpoint(spec: &str) -> std::process::Output {
+    demo_paced_with_failpoint(spec, "300", "100000")
+}
+
+/// 3,000 entries in segments of `items`, at `rate` per second.
+#[cfg(feature = "failpoints")]
+fn demo_paced_with_failpoint(spec: &str, items: &str, rate: &str) -> std::process::Output {
     let sb = Sandbox::new();
     sb.run(
         &[
@@ -1361,13 +1367,13 @@ fn demo_with_failpoint(spec: &str) -> std::process::Output {
             "{store}",
             "demo",
             "--segment-items",
-            "300",
+            items,
             "--slots",
             "64",
             "--entries",
             "3000",
             "--rate",
-            "100000",
+            rate,
             "--flush-every",
             "100",
         ],
@@ -1398,27 +1404,7 @@ fn enospc_still_ends_with_a_report() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn a_failed_preparation_is_not_retried_until_the_roll() {
-    let sb = Sandbox::new();
-    let o = sb.run(
-        &[
-            D,
-            DD,
-            "--store",
-            "{store}",
-            "demo",
-            "--segment-items",
-            "2000",
-            "--slots",
-            "64",
-            "--entries",
-            "3000",
-            "--rate",
-            "2000",
-            "--flush-every",
-            "100",
-        ],
-        &[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2+")],
-    );
+    let o = demo_paced_with_failpoint("active.create.fallocate=enospc@2+", "2000", "2000");
     assert_sane(&o, "enospc slow");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -38,6 +38,11 @@ fn s(p: &Path) -> &str {
 /// pending: its store is unreachable at the end (a dead loopback port is not
 /// needed: we simply never drain).
 async fn broker_with_pending(data: &Path, store: &Path) {
+    broker_with_pending_in(data, store, true).await
+}
+
+/// [`broker_with_pending`] in manifest mode or not.
+async fn broker_with_pending_in(data: &Path, store: &Path, manifest: bool) {
     let cfg = Config {
         data_dir: data.to_path_buf(),
         store: Some(format!("file://{}", store.display())),
@@ -45,6 +50,7 @@ async fn broker_with_pending(data: &Path, store: &Path) {
         segment_items: 20,
         slot_count: 16,
         segment_max_age_ms: None,
+        manifest,
         ..Config::default()
     };
     let (ti, _) = TierIndex::open(cfg).await.unwrap();
@@ -162,23 +168,7 @@ async fn the_cli_uses_the_recorded_mode_and_refuses_the_other_one() {
     use tierindex::identity::Mode;
     let tmp = tempfile::tempdir().unwrap();
     let (data, store) = (tmp.path().join("data"), tmp.path().join("bucket"));
-    let cfg = Config {
-        data_dir: data.clone(),
-        store: Some(format!("file://{}", store.display())),
-        stream: "orders".into(),
-        segment_items: 20,
-        slot_count: 16,
-        segment_max_age_ms: None,
-        manifest: false,
-        ..Config::default()
-    };
-    let (ti, _) = TierIndex::open(cfg).await.unwrap();
-    for o in 0..50u64 {
-        ti.append(b"k", o, 1, 1_700_000_000_000 + o).unwrap();
-    }
-    ti.flush().unwrap();
-    drop(ti);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    broker_with_pending_in(&data, &store, false).await;
     assert_eq!(
         Identity::load(&data).unwrap().unwrap().mode,
         Some(Mode::SingleWriter)

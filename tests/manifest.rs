@@ -960,18 +960,25 @@ async fn a_renewal_does_not_wait_for_a_slow_commit() {
     assert_eq!(ids(&ms).await, vec![1]);
 }
 
+/// A took the stream with its wall clock an hour ahead of B's; B keeps
+/// asking through one store.
+async fn holder_an_hour_ahead() -> (Env, ManualClock, ManualClock, ManifestStore, ManifestWriter) {
+    let env = Env::new(Backend::Memory);
+    let clock_a = ManualClock::new(T0 + 3_600_000);
+    let ms_a = env.open_with(opts(), &clock_a).await;
+    let clock_b = ManualClock::new(T0);
+    let ms_b = env.open_with(opts(), &clock_b).await;
+    let a = ms_a.take_ownership("a", TTL).await.unwrap();
+    (env, clock_a, clock_b, ms_b, a)
+}
+
 #[tokio::test]
 async fn a_lease_that_stops_moving_expires_by_the_monotonic_clock() {
     // A's wall clock is an hour ahead (within the longest TTL, so the wall
     // clock check alone would keep B out for an hour). B keeps asking; once
     // A's lease has not moved for a whole TTL by B's monotonic clock, B
     // takes over, and A is fenced.
-    let env = Env::new(Backend::Memory);
-    let clock_a = ManualClock::new(T0 + 3_600_000);
-    let ms_a = env.open_with(opts(), &clock_a).await;
-    let clock_b = ManualClock::new(T0);
-    let ms_b = env.open_with(opts(), &clock_b).await;
-    let mut a = ms_a.take_ownership("a", TTL).await.unwrap();
+    let (env, clock_a, clock_b, ms_b, mut a) = holder_an_hour_ahead().await;
     a.renew(TTL).await.unwrap();
     assert_claimed(ms_b.take_ownership("b", TTL).await, &["\"a\""]);
     clock_b.advance(Duration::from_secs(29));
@@ -1095,12 +1102,7 @@ async fn a_holder_that_keeps_renewing_is_not_aged_out_whatever_its_expiries() {
     // it back. Its renewals now carry expiries below the head's, so the
     // lease in force shows the head's expiry, unchanged. A taker that keeps
     // asking must still see the renewals land (new seqs) and stay out.
-    let env = Env::new(Backend::Memory);
-    let clock_a = ManualClock::new(T0 + 3_600_000);
-    let ms_a = env.open_with(opts(), &clock_a).await;
-    let clock_b = ManualClock::new(T0);
-    let ms_b = env.open_with(opts(), &clock_b).await;
-    let mut a = ms_a.take_ownership("a", TTL).await.unwrap();
+    let (_env, clock_a, clock_b, ms_b, mut a) = holder_an_hour_ahead().await;
     clock_a.set(T0);
     for _ in 0..6 {
         clock_a.advance(Duration::from_secs(10));

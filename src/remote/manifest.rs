@@ -1030,24 +1030,33 @@ impl ManifestStore {
         )))
     }
 
+    /// Everything listed under `dir` (after `offset`), with retries.
+    async fn list_under(
+        &self,
+        dir: &Path,
+        offset: Option<Path>,
+        what: &'static str,
+    ) -> Result<Vec<ObjectMeta>> {
+        let os = self.os();
+        let mut rng = fastrand::Rng::new();
+        with_retries(&self.inner.opts.retry, &mut rng, what, |_| {
+            let (os, dir, offset) = (os.clone(), dir.clone(), offset.clone());
+            async move {
+                match &offset {
+                    None => os.list(Some(&dir)).try_collect().await,
+                    Some(o) => os.list_with_offset(Some(&dir), o).try_collect().await,
+                }
+            }
+        })
+        .await
+        .map_err(classify)
+    }
+
     /// Versions listed under `versions/`, all or only those after `after`.
     async fn list_versions(&self, after: Option<u64>) -> Result<Vec<u64>> {
         let dir = self.versions_dir();
         let offset = after.map(|v| self.version_key(v));
-        let os = self.os();
-        let mut rng = fastrand::Rng::new();
-        let listed: Vec<ObjectMeta> =
-            with_retries(&self.inner.opts.retry, &mut rng, "manifest LIST", |_| {
-                let (os, dir, offset) = (os.clone(), dir.clone(), offset.clone());
-                async move {
-                    match &offset {
-                        None => os.list(Some(&dir)).try_collect().await,
-                        Some(o) => os.list_with_offset(Some(&dir), o).try_collect().await,
-                    }
-                }
-            })
-            .await
-            .map_err(classify)?;
+        let listed = self.list_under(&dir, offset, "manifest LIST").await?;
         Ok(listed
             .iter()
             .filter_map(|m| {

@@ -29,8 +29,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
-use object_store::ObjectMeta;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
@@ -39,9 +37,7 @@ use super::{
     encode_envelope,
 };
 use crate::error::{Error, Result};
-use crate::remote::classify;
 use crate::remote::lease::{self, LEASE_TTL_MAX, Lease};
-use crate::upload::retry::with_retries;
 
 /// Folder under `manifest/` with the renewal objects, one folder per epoch.
 pub const LEASES_DIR: &str = "leases";
@@ -172,20 +168,7 @@ impl ManifestStore {
     async fn list_renewals(&self, dir: Path, above: Option<u64>) -> Result<Vec<(u64, u64)>> {
         let leases = self.leases_dir();
         let offset = above.map(|e| self.renewal_key(e, u64::MAX));
-        let os = self.os();
-        let mut rng = fastrand::Rng::new();
-        let listed: Vec<ObjectMeta> =
-            with_retries(&self.inner.opts.retry, &mut rng, "lease LIST", |_| {
-                let (os, dir, offset) = (os.clone(), dir.clone(), offset.clone());
-                async move {
-                    match &offset {
-                        None => os.list(Some(&dir)).try_collect().await,
-                        Some(o) => os.list_with_offset(Some(&dir), o).try_collect().await,
-                    }
-                }
-            })
-            .await
-            .map_err(classify)?;
+        let listed = self.list_under(&dir, offset, "lease LIST").await?;
         Ok(listed
             .iter()
             .filter_map(|m| {
