@@ -71,14 +71,18 @@ fn pace(started: Instant, step: Duration, i: u64, behind: &mut Duration) {
     }
 }
 
+/// A scratch directory under `TIERINDEX_BENCH_DIR` (default: here).
+fn bench_dir() -> std::io::Result<tempfile::TempDir> {
+    tempfile::tempdir_in(std::env::var("TIERINDEX_BENCH_DIR").unwrap_or_else(|_| ".".into()))
+}
+
 async fn run(
     name: &'static str,
     rate: u64,
     seconds: u64,
     segment_items: u32,
 ) -> Result<Stats, Box<dyn std::error::Error>> {
-    let tmp =
-        tempfile::tempdir_in(std::env::var("TIERINDEX_BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
+    let tmp = bench_dir()?;
     let store = tmp.path().join("store");
     std::fs::create_dir_all(&store)?;
     let cfg = Config {
@@ -144,8 +148,7 @@ fn run_raw(
     seconds: u64,
     segment_items: u32,
 ) -> Result<Stats, Box<dyn std::error::Error>> {
-    let tmp =
-        tempfile::tempdir_in(std::env::var("TIERINDEX_BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
+    let tmp = bench_dir()?;
     let total = rate * seconds;
     let slots = (segment_items / 4).next_power_of_two().max(1024);
     let count = total.div_ceil(u64::from(segment_items));

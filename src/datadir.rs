@@ -127,9 +127,10 @@ impl DataDir {
         stream: &str,
         store: &str,
         endpoint: Option<&str>,
+        mode: Option<crate::identity::Mode>,
     ) -> Result<(DataDir, crate::identity::Identity)> {
         let dd = DataDir::open(root)?;
-        let id = crate::identity::ensure(root, stream, store, endpoint)?;
+        let id = crate::identity::ensure(root, stream, store, endpoint, mode)?;
         Ok((dd, id))
     }
 

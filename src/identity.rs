@@ -242,12 +242,14 @@ impl Identity {
 /// new data directory, or one from before identity files); else return the
 /// recorded one. A recorded stream or store that differs from the config is
 /// logged, not refused: the embedder's config decides, and the file keeps
-/// what the directory was created for.
+/// what the directory was created for. A new identity records `mode` (the
+/// mode is checked later, by [`settle_mode`]).
 pub fn ensure(
     data_dir: &Path,
     stream: &str,
     store: &str,
     endpoint: Option<&str>,
+    mode: Option<Mode>,
 ) -> Result<Identity> {
     if let Some(id) = Identity::load(data_dir)? {
         if id.stream != stream || id.store != store {
@@ -262,7 +264,10 @@ pub fn ensure(
         }
         return Ok(id);
     }
-    let id = Identity::new(stream, store, endpoint);
+    let id = Identity {
+        mode,
+        ..Identity::new(stream, store, endpoint)
+    };
     id.store_in(data_dir)?;
     tracing::info!(data_dir = %data_dir.display(), incarnation = %id.incarnation, "data directory identity written");
     Ok(id)
@@ -513,7 +518,7 @@ mod tests {
     fn an_identity_without_a_mode_gets_the_mode_of_its_next_open() {
         let tmp = tempfile::tempdir().unwrap();
         // Written by a build before modes: no "mode" field at all.
-        let old = ensure(tmp.path(), "s", "file:///x", None).unwrap();
+        let old = ensure(tmp.path(), "s", "file:///x", None, None).unwrap();
         assert_eq!(old.mode, None);
         let text = String::from_utf8(old.encode().unwrap()).unwrap();
         assert!(!text.contains("mode"), "{text}");
@@ -542,8 +547,8 @@ mod tests {
     fn ensure_writes_once_and_keeps_the_first() {
         let tmp = tempfile::tempdir().unwrap();
         assert_eq!(Identity::load(tmp.path()).unwrap(), None);
-        let a = ensure(tmp.path(), "s", "file:///x", None).unwrap();
-        let b = ensure(tmp.path(), "other", "file:///y", None).unwrap();
+        let a = ensure(tmp.path(), "s", "file:///x", None, None).unwrap();
+        let b = ensure(tmp.path(), "other", "file:///y", None, None).unwrap();
         assert_eq!(a, b);
         assert_eq!(Identity::load(tmp.path()).unwrap(), Some(a));
         assert!(!tmp.path().join(TMP_FILE).exists());
@@ -583,7 +588,7 @@ mod tests {
 
         // With an identity: the recorded store and stream are used ...
         let store = format!("file://{}", tmp.path().join("store").display());
-        ensure(&dd, "orders", &store, None).unwrap();
+        ensure(&dd, "orders", &store, None, None).unwrap();
         let mut cfg = Config {
             data_dir: dd.clone(),
             ..Config::default()

@@ -822,8 +822,13 @@ pub async fn open_shared_with_clock(
     let (dd, previous_shutdown_clean, journal, jrep) = {
         let (cfg, url) = (cfg.clone(), store.display_url().to_string());
         tokio::task::spawn_blocking(move || -> Result<(DataDir, bool, Journal, ReplayReport)> {
-            let (dd, identity) =
-                DataDir::open_as(&cfg.data_dir, &cfg.stream, &url, cfg.endpoint.as_deref())?;
+            let (dd, identity) = DataDir::open_as(
+                &cfg.data_dir,
+                &cfg.stream,
+                &url,
+                cfg.endpoint.as_deref(),
+                Some(crate::identity::Mode::of(cfg.manifest)),
+            )?;
             let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
             let previous_shutdown_clean = marker.exists();
             if previous_shutdown_clean {

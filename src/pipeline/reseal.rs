@@ -239,6 +239,21 @@ mod tests {
 
     /// A writer whose segment 1 (offsets 0..100) is sealed and journaled
     /// Verified; the active segment is empty.
+    /// [`verified_segment_1`], then 20 of the broker's own entries
+    /// (offsets 500..520) flushed into the active segment; also returns
+    /// segment 1's entries.
+    fn verified_segment_1_beside_own_entries(
+        dir: &Path,
+    ) -> (IndexWriter, Journal, Vec<crate::Entry>) {
+        let (mut w, j) = verified_segment_1(dir);
+        for o in 500..520u64 {
+            w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
+        }
+        w.flush().unwrap();
+        let entries = w.sealed(SegmentId(1)).unwrap().entries();
+        (w, j, entries)
+    }
+
     fn verified_segment_1(dir: &Path) -> (IndexWriter, Journal) {
         let (mut w, mut j) = open(dir);
         for o in 0..100u64 {
@@ -277,14 +292,8 @@ mod tests {
     fn cut_reseal(cut: usize, journaled: bool) {
         let d = tempfile::tempdir().unwrap();
         {
-            let (mut w, mut j) = verified_segment_1(d.path());
+            let (mut w, mut j, entries) = verified_segment_1_beside_own_entries(d.path());
             let id = SegmentId(1);
-            // The broker's own entries, in the active segment.
-            for o in 500..520u64 {
-                w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
-            }
-            w.flush().unwrap();
-            let entries = w.sealed(id).unwrap().entries();
             let (into, copied) = w
                 .copy_in(&entries[..cut], None, SegmentId(0), |into| {
                     j.append(&[Record::Resealing {
@@ -337,13 +346,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let floor = SegmentId(10);
         {
-            let (mut w, mut j) = verified_segment_1(d.path());
+            let (mut w, mut j, entries) = verified_segment_1_beside_own_entries(d.path());
             let id = SegmentId(1);
-            for o in 500..520u64 {
-                w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
-            }
-            w.flush().unwrap();
-            let entries = w.sealed(id).unwrap().entries();
             let crashed = w.copy_in(&entries, None, floor, |into| {
                 assert!(into >= floor);
                 j.append(&[Record::Resealing {
