@@ -22,7 +22,7 @@
 //!                          copied into a new segment; record version 3)
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -234,6 +234,12 @@ pub struct JournalState {
     segments: BTreeMap<SegmentId, SegmentRecord>,
     max_segment_id: Option<SegmentId>,
     max_offset: Option<u64>,
+    /// Ids in Sealed, Uploading, Uploaded or Verified: the upload
+    /// pipeline's work, kept as records apply so the scheduler finds its
+    /// next segments without walking every segment ever journaled.
+    unfinished: BTreeSet<SegmentId>,
+    /// Ids in Committed (work only when local copies are released).
+    committed: BTreeSet<SegmentId>,
 }
 
 /// The result of validating a batch: the new versions of the touched
@@ -262,6 +268,54 @@ impl JournalState {
     /// compaction).
     pub fn max_offset(&self) -> Option<u64> {
         self.max_offset
+    }
+
+    /// Ids the upload pipeline still drives, oldest first: Sealed to
+    /// Verified, and Committed too when `with_committed` (local copies are
+    /// released after commit). Kept as records apply: taking the first few
+    /// costs what they are, not the number of segments journaled.
+    pub fn unfinished_ids(&self, with_committed: bool) -> impl Iterator<Item = SegmentId> + '_ {
+        let mut a = self.unfinished.iter().copied().peekable();
+        // Not a filter: that would walk every Committed id to say "none".
+        let mut b = with_committed
+            .then(|| self.committed.iter().copied())
+            .into_iter()
+            .flatten()
+            .peekable();
+        std::iter::from_fn(move || match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if y < x => b.next(),
+            (Some(_), _) => a.next(),
+            (None, _) => b.next(),
+        })
+    }
+
+    /// Moves `id` between the work indexes from `old` to `new` state.
+    fn index(&mut self, id: SegmentId, old: Option<SegmentState>, new: SegmentState) {
+        if let Some(set) = old.and_then(|st| self.work_set(st)) {
+            set.remove(&id);
+        }
+        if let Some(set) = self.work_set(new) {
+            set.insert(id);
+        }
+    }
+
+    fn work_set(&mut self, st: SegmentState) -> Option<&mut BTreeSet<SegmentId>> {
+        use SegmentState as S;
+        match st {
+            S::Sealed | S::Uploading | S::Uploaded | S::Verified => Some(&mut self.unfinished),
+            S::Committed => Some(&mut self.committed),
+            S::Released | S::Quarantined | S::Resealing | S::Resealed => None,
+        }
+    }
+
+    /// Rebuilds the work indexes from `segments`.
+    fn reindex(&mut self) {
+        self.unfinished.clear();
+        self.committed.clear();
+        let states: Vec<_> = self.segments.iter().map(|(id, r)| (*id, r.state)).collect();
+        for (id, st) in states {
+            self.index(id, None, st);
+        }
     }
 
     /// Segments not yet Verified-or-later and not Quarantined, oldest first.
@@ -300,7 +354,11 @@ impl JournalState {
         debug_assert!(staged.max_segment_id >= self.max_segment_id);
         self.max_segment_id = staged.max_segment_id;
         self.max_offset = staged.max_offset;
-        self.segments.extend(staged.touched);
+        for (id, rec) in staged.touched {
+            let new = rec.state;
+            let old = self.segments.insert(id, rec).map(|r| r.state);
+            self.index(id, old, new);
+        }
     }
 
     /// `stage` + `commit`.
@@ -321,7 +379,9 @@ impl JournalState {
             segments,
             max_segment_id,
             max_offset,
+            ..JournalState::default()
         };
+        st.reindex();
         for r in st.segments.values() {
             st.max_segment_id = st.max_segment_id.max(Some(r.meta.id));
             if r.meta.item_count > 0 {
@@ -351,7 +411,9 @@ impl JournalState {
         if rec.meta.item_count > 0 {
             self.max_offset = self.max_offset.max(Some(rec.meta.max_offset));
         }
+        let state = rec.state;
         self.segments.insert(id, rec);
+        self.index(id, None, state);
         Ok(())
     }
 
@@ -377,6 +439,9 @@ impl JournalState {
                 .collect(),
             max_segment_id: self.max_segment_id,
             max_offset: self.max_offset,
+            // Released segments are in neither index.
+            unfinished: self.unfinished.clone(),
+            committed: self.committed.clone(),
         }
     }
 }
@@ -613,6 +678,73 @@ pub(crate) mod tests {
         assert_eq!(st.get(SegmentId(1)).unwrap().state, SegmentState::Released);
         assert!(st.pending().is_empty());
         assert_eq!(st.max_segment_id(), Some(SegmentId(1)));
+    }
+
+    /// The work index, read through `unfinished_ids`, against a scan of
+    /// every segment, after each batch and after every way a state is built.
+    #[test]
+    fn the_work_index_matches_a_scan_of_the_segments() {
+        use SegmentState as S;
+        fn scan(st: &JournalState, with_committed: bool) -> Vec<SegmentId> {
+            st.segments()
+                .iter()
+                .filter(|(_, r)| {
+                    matches!(
+                        r.state,
+                        S::Sealed | S::Uploading | S::Uploaded | S::Verified
+                    ) || (with_committed && r.state == S::Committed)
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        }
+        fn check(st: &JournalState) {
+            for w in [false, true] {
+                assert_eq!(st.unfinished_ids(w).collect::<Vec<_>>(), scan(st, w), "{w}");
+            }
+        }
+        let mut st = JournalState::default();
+        // Segment i walks i % 7 steps of the happy path (0 = only sealed);
+        // every fifth is quarantined; batches mix segments.
+        let ids: Vec<u64> = (1..=60).collect();
+        for id in &ids {
+            st.apply(&[Record::Sealed { meta: meta(*id) }]).unwrap();
+        }
+        check(&st);
+        for step in 1..6 {
+            let batch: Vec<Record> = ids
+                .iter()
+                .filter(|id| *id % 5 != 0 && (*id % 7) as usize >= step)
+                .map(|id| happy_path(*id)[step].clone())
+                .collect();
+            st.apply(&batch).unwrap();
+            check(&st);
+        }
+        let q: Vec<Record> = ids
+            .iter()
+            .filter(|id| *id % 5 == 0)
+            .map(|id| Record::Quarantined {
+                id: SegmentId(*id),
+                reason: "x".into(),
+            })
+            .collect();
+        st.apply(&q).unwrap();
+        check(&st);
+        assert!(st.unfinished_ids(true).count() > st.unfinished_ids(false).count());
+        let kept = st.without_released();
+        check(&kept);
+        let rebuilt = JournalState::from_parts(st.segments().clone(), None, None);
+        check(&rebuilt);
+        assert_eq!(rebuilt, st);
+        let mut loaded = JournalState::default();
+        loaded.load_max_id(st.max_segment_id());
+        for r in kept.segments().values() {
+            loaded.load_snapshot(r.clone()).unwrap();
+        }
+        check(&loaded);
+        assert_eq!(
+            loaded.unfinished_ids(true).count(),
+            kept.unfinished_ids(true).count()
+        );
     }
 
     #[test]

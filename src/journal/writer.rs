@@ -266,6 +266,11 @@ impl Journal {
         self.view.pending()
     }
 
+    /// See `JournalState::unfinished_ids`.
+    pub fn unfinished_ids(&self, with_committed: bool) -> impl Iterator<Item = SegmentId> + '_ {
+        self.view.state.unfinished_ids(with_committed)
+    }
+
     /// Highest id ever journaled, including segments compaction dropped.
     pub fn max_segment_id(&self) -> Option<SegmentId> {
         self.view.max_segment_id()

@@ -503,14 +503,18 @@ impl Shared {
         }
     }
 
-    /// Segments that still need work, oldest first.
-    pub fn pending_ids(&self) -> Vec<SegmentId> {
+    /// Up to `max` segments that still need work and are not `skip`ped,
+    /// oldest first. Walks the journal's index of unfinished segments, so
+    /// the cost is the segments looked at, not the segments journaled.
+    pub fn next_work(&self, max: usize, skip: impl Fn(SegmentId) -> bool) -> Vec<SegmentId> {
+        if max == 0 {
+            return Vec::new();
+        }
         self.journal
             .read()
-            .segments()
-            .iter()
-            .filter(|(_, r)| self.needs_work(r.state))
-            .map(|(id, _)| *id)
+            .unfinished_ids(self.release_after_commit)
+            .filter(|id| !skip(*id))
+            .take(max)
             .collect()
     }
 
@@ -647,14 +651,15 @@ impl Scheduler {
             return;
         }
         let now = Instant::now();
-        for id in self.sh.pending_ids() {
-            if self.in_flight.len() >= self.sh.max_in_flight.max(1) {
-                break;
-            }
-            if self.in_flight.contains(&id) || self.retry_at.get(&id).is_some_and(|(t, _)| *t > now)
-            {
-                continue;
-            }
+        let free = self
+            .sh
+            .max_in_flight
+            .max(1)
+            .saturating_sub(self.in_flight.len());
+        let next = self.sh.next_work(free, |id| {
+            self.in_flight.contains(&id) || self.retry_at.get(&id).is_some_and(|(t, _)| *t > now)
+        });
+        for id in next {
             self.in_flight.insert(id);
             let sh = self.sh.clone();
             // Remembered so a drive that panics is still accounted for
