@@ -15,6 +15,7 @@
 
 pub mod committer;
 pub mod drive;
+mod group_commit;
 pub mod reseal;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -104,6 +105,9 @@ pub struct ManifestHandle {
     /// when the index opened. The commit step and the lease task retry it;
     /// until then segments wait at `Verified` with their local files.
     pending: std::sync::Mutex<Option<PendingTake>>,
+    /// Entries waiting for the writer's lock: whoever gets it commits every
+    /// entry queued by then in one manifest version.
+    group: group_commit::GroupCommit<SegmentEntry>,
 }
 
 /// A deferred `take_ownership`: the writer and whether creates are
@@ -130,6 +134,7 @@ impl ManifestHandle {
             writer: tokio::sync::Mutex::new(Some(writer)),
             ttl,
             pending: std::sync::Mutex::new(None),
+            group: group_commit::GroupCommit::default(),
         }
     }
 
@@ -141,6 +146,7 @@ impl ManifestHandle {
             keeper: std::sync::Mutex::new(None),
             ttl,
             pending: std::sync::Mutex::new(Some(take)),
+            group: group_commit::GroupCommit::default(),
         }
     }
 
@@ -165,6 +171,22 @@ impl ManifestHandle {
     }
 }
 
+/// A manifest commit under the writer's lock, for [`group_commit`].
+struct ManifestCommit<'s> {
+    sh: &'s Shared,
+    m: &'s ManifestHandle,
+}
+
+impl group_commit::Committer<Option<ManifestWriter>, SegmentEntry> for ManifestCommit<'_> {
+    fn commit<'a>(
+        &'a self,
+        writer: &'a mut Option<ManifestWriter>,
+        batch: &'a [SegmentEntry],
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        self.sh.commit_locked(self.m, writer, batch)
+    }
+}
+
 impl Shared {
     /// `Error::Fenced` once this process lost the stream.
     pub fn check_fenced(&self) -> Result<()> {
@@ -184,20 +206,39 @@ impl Shared {
 
     /// Publish `entry` in the manifest (no-op without one). Already listed
     /// is success: a resume after a crash between this and the journal's
-    /// `Committed` commits again and moves on.
+    /// `Committed` commits again and moves on. Entries of drives that reach
+    /// this step while a commit is in progress go into the next version
+    /// together (`group_commit`).
     pub async fn commit_to_manifest(&self, entry: SegmentEntry) -> Result<()> {
         let Some(m) = &self.manifest else {
             return Ok(());
         };
         self.check_fenced()?;
-        let mut guard = m.writer.lock().await;
-        self.ensure_owner(m, &mut guard).await?;
+        m.group
+            .commit(&m.writer, entry, &ManifestCommit { sh: self, m })
+            .await
+    }
+
+    /// One manifest commit of `entries` under the writer's lock.
+    async fn commit_locked(
+        &self,
+        m: &ManifestHandle,
+        guard: &mut Option<ManifestWriter>,
+        entries: &[SegmentEntry],
+    ) -> Result<()> {
+        self.check_fenced()?;
+        self.ensure_owner(m, guard).await?;
         let Some(w) = guard.as_mut() else {
             return Err(Error::ShutDown);
         };
-        match w.commit(std::slice::from_ref(&entry)).await {
+        match w.commit(entries).await {
             Ok(out) => {
-                tracing::debug!(segment = entry.id.0, ?out, "manifest commit");
+                tracing::debug!(
+                    first = entries.first().map(|e| e.id.0),
+                    n = entries.len(),
+                    ?out,
+                    "manifest commit"
+                );
                 Ok(())
             }
             Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
