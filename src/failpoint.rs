@@ -94,9 +94,37 @@ pub const ERROR_ONLY_POINTS: &[&str] = &[
     "release.dirsync",
 ];
 
-/// A point that can only crash (no I/O happens there to fail).
+/// Points reached only through [`crash`]: nothing there returns an I/O
+/// error to fail, so `eio@N` / `enospc@N` on them would arm nothing. The
+/// parser refuses those actions on these points (a campaign that thinks it
+/// injected errors must not pass silently).
+pub const CRASH_ONLY_POINTS: &[&str] = &[
+    "active.append",
+    "active.msync.after",
+    "upload.put",
+    "upload.multipart.create",
+    "upload.multipart.part",
+    "upload.multipart.complete",
+    "upload.put.after",
+    "verify",
+    "verify.after",
+    "commit",
+    "release",
+    "release.after",
+    "manifest.publish",
+    "manifest.publish.after",
+    "manifest.trim",
+    "lease.renew",
+];
+
+/// A point that can only crash (no I/O happens there to fail). Its name
+/// must be in [`CRASH_ONLY_POINTS`].
 #[inline(always)]
 pub fn crash(name: &'static str) {
+    debug_assert!(
+        CRASH_ONLY_POINTS.contains(&name),
+        "{name} is not in CRASH_ONLY_POINTS"
+    );
     let _ = hit(name);
 }
 
@@ -131,7 +159,7 @@ mod armed {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use super::{CRASH_EXIT_CODE, POINTS};
+    use super::{CRASH_EXIT_CODE, CRASH_ONLY_POINTS, POINTS};
 
     #[derive(Clone, Copy, Debug)]
     enum Action {
@@ -213,6 +241,12 @@ mod armed {
             "enospc" => Action::Errno(libc::ENOSPC),
             other => return Err(format!("{part:?}: unknown action {other:?}")),
         };
+        if matches!(action, Action::Errno(_)) && CRASH_ONLY_POINTS.contains(&name) {
+            return Err(format!(
+                "{part:?}: {name} can only crash (no I/O there returns an error); \
+                 use crash@N, or an I/O point"
+            ));
+        }
         Ok((name, action, at, from_on))
     }
 
@@ -241,6 +275,64 @@ mod armed {
                 }
             }
             Action::Errno(e) => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CRASH_ONLY_POINTS, POINTS};
+    use std::collections::BTreeSet;
+
+    /// Point names passed to `call(` anywhere under `src/`.
+    fn call_sites(call: &str) -> BTreeSet<String> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push(std::fs::read_to_string(&p).unwrap());
+                }
+            }
+        }
+        let mut texts = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut texts,
+        );
+        let pat = format!("{call}(\"");
+        let mut names = BTreeSet::new();
+        for t in &texts {
+            for (i, _) in t.match_indices(&pat) {
+                let rest = &t[i + pat.len()..];
+                if let Some(end) = rest.find('"') {
+                    names.insert(rest[..end].to_string());
+                }
+            }
+        }
+        names
+    }
+
+    /// The crash-only list is exactly the points reached through `crash`,
+    /// and no point is reached both ways (the parser's refusal of `eio` on
+    /// them would otherwise be wrong, or miss one).
+    #[test]
+    fn crash_only_points_are_the_crash_call_sites() {
+        let crash = call_sites("failpoint::crash");
+        let listed: BTreeSet<String> = CRASH_ONLY_POINTS.iter().map(|p| p.to_string()).collect();
+        assert_eq!(crash, listed);
+        let mut io = call_sites("failpoint::hit");
+        io.extend(call_sites("fsync_dir_at"));
+        io.retain(|p| p != "{point}" && POINTS.contains(&p.as_str()));
+        assert!(!io.is_empty());
+        assert!(
+            io.is_disjoint(&listed),
+            "{:?}",
+            io.intersection(&listed).collect::<Vec<_>>()
+        );
+        for p in CRASH_ONLY_POINTS {
+            assert!(POINTS.contains(p), "{p}");
         }
     }
 }

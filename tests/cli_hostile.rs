@@ -1397,6 +1397,28 @@ fn enospc_still_ends_with_a_report() {
     assert!(out.contains("1 verified and committed"), "{}", text(&o));
 }
 
+/// An armed spec the build cannot honour stops the run before it starts
+/// (exit 2, the reason on stderr), so a campaign never passes thinking it
+/// injected errors it did not: `eio`/`enospc` on a point that can only
+/// crash, and a point name that does not exist.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_failpoint_spec_that_would_do_nothing_is_refused() {
+    for (spec, why) in [
+        ("upload.put=eio@1", "can only crash"),
+        ("commit=enospc@2+", "can only crash"),
+        ("journal.fsync=eio@1;verify.after=eio@1", "can only crash"),
+        ("upload.pu=crash@1", "unknown failpoint"),
+    ] {
+        let o = demo_with_failpoint(spec);
+        assert_sane(&o, spec);
+        assert_eq!(o.status.code(), Some(2), "{spec}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("TIERINDEX_FAILPOINTS"), "{spec}: {}", text(&o));
+        assert!(err.contains(why), "{spec}: {}", text(&o));
+    }
+}
+
 /// A disk that stays full while the active segment fills slowly: the
 /// failed preparation of the next segment is not retried (a warning and a
 /// segment id each time) at every tick until the roll; once, then the roll
