@@ -30,12 +30,16 @@
 //!    live lease of another owner stops the repair (`Claimed`): the
 //!    reconciler never fences a live broker. A repair run also holds the
 //!    data directory's lock, so this data directory's own broker is down.
-//! 4. Objects that parse as this stream's segment keys but are in neither
-//!    the journal nor the manifest are orphans, deleted only when older than
-//!    the grace period. Without a manifest, an unreferenced id at or below
-//!    the journal's highest id may be a `Released` segment whose record
-//!    compaction dropped: kept. Anything under the prefix that does not
-//!    parse is foreign and never deleted.
+//! 4. Objects that parse as this stream's segment keys but that neither the
+//!    journal nor the manifest references are reported and kept. The one
+//!    deletion is an object this data directory provably wrote for a
+//!    segment it set aside: every proof in [`judge_unreferenced`] holds
+//!    (manifest on and silent about the id, journal `Quarantined` under
+//!    exactly that key and checksum, older than the grace period, bytes
+//!    equal to the intact local copy). Without a manifest, an unreferenced
+//!    id at or below the journal's highest id may be a `Released` segment
+//!    whose record compaction dropped: kept. Anything under the prefix that
+//!    does not parse is foreign and never deleted.
 //! 5. Incomplete multipart uploads under the segments prefix
 //!    ([`RemoteStore::list_multipart_uploads`]: S3 ListMultipartUploads, the
 //!    `file://` staging directory) initiated longer ago than the grace
