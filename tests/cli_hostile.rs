@@ -1397,8 +1397,9 @@ fn enospc_still_ends_with_a_report() {
     assert!(out.contains("1 verified and committed"), "{}", text(&o));
 }
 
-/// An armed spec the build cannot honour stops the run before it starts
-/// (exit 2, the reason on stderr), so a campaign never passes thinking it
+/// An armed spec the build cannot honour stops the run at its first
+/// failpoint hit, before any step is done there (exit 2, the reason on
+/// stderr; the spec is read then), so a campaign never passes thinking it
 /// injected errors it did not: `eio`/`enospc` on a point that can only
 /// crash, and a point name that does not exist.
 #[cfg(feature = "failpoints")]

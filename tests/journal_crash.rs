@@ -15,22 +15,21 @@ use std::fs;
 use std::path::Path;
 
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, FileFailurePersistence};
 use tierindex::journal::{
     Frame, HEADER_LEN, Journal, JournalOptions, Record, SegmentRecord, SegmentState, decode_file,
     encode_frame, encode_header, log_path, replay_bytes,
 };
 use tierindex::{Error, SealedMeta, SegmentId};
 
-fn config(default_cases: u32) -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default_cases);
+/// proptest's own default: 256 cases, or `PROPTEST_CASES`. A failing case
+/// is persisted in `tests/proptest-regressions/journal_crash.txt` and tried
+/// first on every later run: commit that file with the fix.
+fn config() -> Config {
     Config {
-        cases,
-        // Do not write proptest-regressions/ files into the source tree.
-        failure_persistence: None,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
         ..Config::default()
     }
 }
@@ -341,7 +340,7 @@ fn assert_reopens_to(dir: &Path, run: &Run, bytes: &[u8], offset: u64) {
 }
 
 proptest! {
-    #![proptest_config(config(32))]
+    #![proptest_config(config())]
 
     #[test]
     fn crash_recovers_exactly_the_acknowledged_prefix(
@@ -476,7 +475,7 @@ fn record() -> impl Strategy<Value = Record> {
 }
 
 proptest! {
-    #![proptest_config(config(64))]
+    #![proptest_config(config())]
 
     #[test]
     fn random_bytes_never_panic(
@@ -528,7 +527,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(16))]
+    #![proptest_config(config())]
 
     /// The real open path on garbage: an error (bad header) or an empty or
     /// partial journal, never a panic, and after an Ok the file is clean.

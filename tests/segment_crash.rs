@@ -15,11 +15,16 @@ use tierindex::segment::{Entry, SegmentId, TimeRange};
 const KEYS: u64 = 13;
 const CAPACITY: u32 = 2000;
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
+/// proptest's own default: 256 cases, or `PROPTEST_CASES`. A failing case
+/// is persisted in `tests/proptest-regressions/segment_crash.txt` and tried
+/// first on every later run: commit that file with the fix.
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -64,8 +69,8 @@ fn noise(seed: u8, len: usize) -> Vec<u8> {
 }
 
 proptest! {
-    // PROPTEST_CASES=5000 for a long run; CI uses the default below.
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    // PROPTEST_CASES=5000 for a long run; CI uses proptest's default.
+    #![proptest_config(config())]
 
     #[test]
     fn flushed_entries_survive_any_damage_after_the_flush(

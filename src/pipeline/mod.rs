@@ -235,6 +235,7 @@ impl Shared {
             Ok(out) => {
                 tracing::debug!(
                     first = entries.first().map(|e| e.id.0),
+                    last = entries.last().map(|e| e.id.0),
                     n = entries.len(),
                     ?out,
                     "manifest commit"
