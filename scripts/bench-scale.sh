@@ -13,7 +13,10 @@
 #     manifest mode and once with --manifest false (single-writer), timed by
 #     /usr/bin/time (user + sys CPU seconds, wall, max RSS).
 # Prints `RESULT drain-cpu mode=M segments=N cpu_s=C per_segment_ms=P
-# user_s=U sys_s=S wall_s=W maxrss_kib=R` lines on stdout.
+# user_s=U sys_s=S wall_s=W maxrss_kib=R manifest_versions=V` lines on
+# stdout (V: the newest manifest version, 0 in single-writer mode).
+# BENCH_WORK=/dev/shm/... runs on tmpfs: the filesystem's own costs (ext4
+# inode allocation after many unlinks, fsync) out of the CPU figures.
 #
 # Knobs: BENCH_SCALE_SEGMENTS, BENCH_SCALE_ITEMS, BENCH_SCALE_SLOTS,
 # BENCH_WORK (scratch, default /tmp/tierindex-scale.PID, removed unless
@@ -73,9 +76,13 @@ for n in $SEGMENTS; do
       continue
     fi
     read -r user sys wall rss <"$WORK/time"
-    awk -v m="$mode" -v n="$n" -v u="$user" -v s="$sys" -v w="$wall" -v r="$rss" 'BEGIN {
+    # The newest manifest version's number: how many versions the drain
+    # published (group commit puts several segments in one).
+    versions=$(find "$store" -path '*/manifest/versions/*.manifest' -printf '%f\n' 2>/dev/null |
+      sort | tail -1 | sed 's/\.manifest$//; s/^0*//')
+    awk -v m="$mode" -v n="$n" -v u="$user" -v s="$sys" -v w="$wall" -v r="$rss" -v v="${versions:-0}" 'BEGIN {
       c = u + s
-      printf "RESULT drain-cpu mode=%s segments=%d cpu_s=%.2f per_segment_ms=%.3f user_s=%.2f sys_s=%.2f wall_s=%.2f maxrss_kib=%d\n", m, n, c, c * 1000 / n, u, s, w, r
+      printf "RESULT drain-cpu mode=%s segments=%d cpu_s=%.2f per_segment_ms=%.3f user_s=%.2f sys_s=%.2f wall_s=%.2f maxrss_kib=%d manifest_versions=%d\n", m, n, c, c * 1000 / n, u, s, w, r, v
     }'
     rm -rf "$data" "$store"
   done
