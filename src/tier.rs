@@ -1101,28 +1101,22 @@ fn write_clean_marker(dir: &Path) -> Result<()> {
 
 /// Status from the journal (no writer needed: works for the CLI too).
 pub fn status_of(sh: &Shared) -> Status {
-    status_from(sh.journal.read().segments(), sh.release_after_commit)
+    status_from(sh.journal.read().state(), sh.release_after_commit)
 }
 
-/// Status from a journal's segment table.
-pub fn status_from(
-    segments: &std::collections::BTreeMap<crate::segment::SegmentId, crate::journal::SegmentRecord>,
-    release_after_commit: bool,
-) -> Status {
+/// Status from a journal's state: its per-state counts and pending
+/// summary, kept as records apply (the cost does not grow with the number
+/// of segments ever journaled; the worker refreshes the gauges from this at
+/// every wake).
+pub fn status_from(state: &crate::journal::JournalState, release_after_commit: bool) -> Status {
     let mut st = Status::default();
-    let now = now_ms();
-    for r in segments.values() {
-        *st.by_state.entry(format!("{:?}", r.state)).or_default() += 1;
-        let pending = r.state.is_pending()
-            || matches!(r.state, SegmentState::Verified | SegmentState::Resealing)
-            || (release_after_commit && r.state == SegmentState::Committed);
-        if pending {
-            st.pending_segments += 1;
-            st.pending_bytes += r.meta.file_len;
-            let age = now.saturating_sub(r.meta.sealed_ms);
-            st.oldest_pending_age_ms = Some(st.oldest_pending_age_ms.map_or(age, |a| a.max(age)));
-        }
+    for (s, n) in state.state_counts() {
+        st.by_state.insert(format!("{s:?}"), *n);
     }
+    let p = state.pending_summary(release_after_commit);
+    st.pending_segments = p.segments;
+    st.pending_bytes = p.bytes;
+    st.oldest_pending_age_ms = p.oldest_sealed_ms.map(|ms| now_ms().saturating_sub(ms));
     st
 }
 

@@ -60,7 +60,7 @@ pub(crate) fn totals_line(t: &Status) -> String {
 pub fn status(cli: &Cli) -> Result<i32> {
     let cfg = cli.config()?;
     let (view, _rep) = Journal::open_read_only(&cfg.data_dir)?;
-    let mut totals = status_from(view.segments(), cfg.release_after_commit);
+    let mut totals = status_from(view.state(), cfg.release_after_commit);
     // Entries not in the journal yet are pending too: unsealed ones in
     // `.active` files, and sealed files the journal does not know.
     let local = datadir::local_pending(&cfg.data_dir, &|id| view.get(id).is_some());

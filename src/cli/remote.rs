@@ -696,7 +696,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
     let store = open_store_read_only(&cfg)?;
     preflight(&store, &cfg).await?;
-    let totals = crate::tier::status_from(view.segments(), cfg.release_after_commit);
+    let totals = crate::tier::status_from(view.state(), cfg.release_after_commit);
 
     let ms = ManifestStore::reader(&store, &cfg.stream, cfg.manifest_options())?;
     let manifest = ms.load().await?;

@@ -60,7 +60,7 @@ mod replay;
 mod writer;
 
 pub use rebuild::{RebuildReport, rebuild};
-pub use record::{Frame, JournalState, Record, SegmentRecord, SegmentState};
+pub use record::{Frame, JournalState, PendingSummary, Record, SegmentRecord, SegmentState};
 pub use replay::{
     DecodedFile, DecodedFrame, FORMAT_VERSION, FORMAT_VERSION_MIN, FRAME_HEADER_LEN, FRAME_LEN_MAX,
     HEADER_LEN, Header, MAGIC, RECORD_VERSION, Replayed, TailError, TailKind, decode_file,

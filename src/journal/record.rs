@@ -234,12 +234,77 @@ pub struct JournalState {
     segments: BTreeMap<SegmentId, SegmentRecord>,
     max_segment_id: Option<SegmentId>,
     max_offset: Option<u64>,
+    ix: Indexes,
+}
+
+/// Indexes kept beside the segment table as records apply, so that the
+/// scheduler, `status` and the gauges cost what they look at, not the
+/// number of segments ever journaled.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Indexes {
     /// Ids in Sealed, Uploading, Uploaded or Verified: the upload
-    /// pipeline's work, kept as records apply so the scheduler finds its
-    /// next segments without walking every segment ever journaled.
+    /// pipeline's work.
     unfinished: BTreeSet<SegmentId>,
     /// Ids in Committed (work only when local copies are released).
     committed: BTreeSet<SegmentId>,
+    /// Segments per state (no zero entries).
+    by_state: BTreeMap<SegmentState, u64>,
+    /// (sealed_ms, id) and bytes of the segments `status` counts as
+    /// pending, per [`Indexes::group`]: unfinished, committed, resealing.
+    age: [BTreeSet<(u64, SegmentId)>; 3],
+    bytes: [u64; 3],
+}
+
+impl Indexes {
+    fn group(st: SegmentState) -> Option<usize> {
+        use SegmentState as S;
+        match st {
+            S::Sealed | S::Uploading | S::Uploaded | S::Verified => Some(0),
+            S::Committed => Some(1),
+            S::Resealing => Some(2),
+            S::Released | S::Quarantined | S::Resealed => None,
+        }
+    }
+
+    fn add(&mut self, r: &SegmentRecord) {
+        let id = r.meta.id;
+        *self.by_state.entry(r.state).or_default() += 1;
+        if let Some(g) = Self::group(r.state) {
+            match g {
+                0 => self.unfinished.insert(id),
+                1 => self.committed.insert(id),
+                _ => false,
+            };
+            self.age[g].insert((r.meta.sealed_ms, id));
+            self.bytes[g] = self.bytes[g].saturating_add(r.meta.file_len);
+        }
+    }
+
+    fn remove(&mut self, r: &SegmentRecord) {
+        let id = r.meta.id;
+        if let Some(n) = self.by_state.get_mut(&r.state) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_state.remove(&r.state);
+            }
+        }
+        if let Some(g) = Self::group(r.state) {
+            self.unfinished.remove(&id);
+            self.committed.remove(&id);
+            self.age[g].remove(&(r.meta.sealed_ms, id));
+            self.bytes[g] = self.bytes[g].saturating_sub(r.meta.file_len);
+        }
+    }
+}
+
+/// What `status` reports as pending: segments in Sealed to Verified or
+/// Resealing, and Committed ones when local copies are released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSummary {
+    pub segments: u64,
+    pub bytes: u64,
+    /// `sealed_ms` of the oldest of them.
+    pub oldest_sealed_ms: Option<u64>,
 }
 
 /// The result of validating a batch: the new versions of the touched
@@ -275,10 +340,10 @@ impl JournalState {
     /// released after commit). Kept as records apply: taking the first few
     /// costs what they are, not the number of segments journaled.
     pub fn unfinished_ids(&self, with_committed: bool) -> impl Iterator<Item = SegmentId> + '_ {
-        let mut a = self.unfinished.iter().copied().peekable();
+        let mut a = self.ix.unfinished.iter().copied().peekable();
         // Not a filter: that would walk every Committed id to say "none".
         let mut b = with_committed
-            .then(|| self.committed.iter().copied())
+            .then(|| self.ix.committed.iter().copied())
             .into_iter()
             .flatten()
             .peekable();
@@ -289,33 +354,32 @@ impl JournalState {
         })
     }
 
-    /// Moves `id` between the work indexes from `old` to `new` state.
-    fn index(&mut self, id: SegmentId, old: Option<SegmentState>, new: SegmentState) {
-        if let Some(set) = old.and_then(|st| self.work_set(st)) {
-            set.remove(&id);
-        }
-        if let Some(set) = self.work_set(new) {
-            set.insert(id);
-        }
+    /// Segments per state (states with none are absent).
+    pub fn state_counts(&self) -> &BTreeMap<SegmentState, u64> {
+        &self.ix.by_state
     }
 
-    fn work_set(&mut self, st: SegmentState) -> Option<&mut BTreeSet<SegmentId>> {
-        use SegmentState as S;
-        match st {
-            S::Sealed | S::Uploading | S::Uploaded | S::Verified => Some(&mut self.unfinished),
-            S::Committed => Some(&mut self.committed),
-            S::Released | S::Quarantined | S::Resealing | S::Resealed => None,
+    /// The pending segments `status` reports, from the indexes.
+    pub fn pending_summary(&self, with_committed: bool) -> PendingSummary {
+        let groups: &[usize] = if with_committed { &[0, 1, 2] } else { &[0, 2] };
+        let mut out = PendingSummary::default();
+        for &g in groups {
+            out.segments += self.ix.age[g].len() as u64;
+            out.bytes = out.bytes.saturating_add(self.ix.bytes[g]);
+            if let Some((ms, _)) = self.ix.age[g].first() {
+                out.oldest_sealed_ms = Some(out.oldest_sealed_ms.map_or(*ms, |o| o.min(*ms)));
+            }
         }
+        out
     }
 
-    /// Rebuilds the work indexes from `segments`.
+    /// Rebuilds the indexes from `segments`.
     fn reindex(&mut self) {
-        self.unfinished.clear();
-        self.committed.clear();
-        let states: Vec<_> = self.segments.iter().map(|(id, r)| (*id, r.state)).collect();
-        for (id, st) in states {
-            self.index(id, None, st);
+        let mut ix = Indexes::default();
+        for r in self.segments.values() {
+            ix.add(r);
         }
+        self.ix = ix;
     }
 
     /// Segments not yet Verified-or-later and not Quarantined, oldest first.
@@ -355,9 +419,11 @@ impl JournalState {
         self.max_segment_id = staged.max_segment_id;
         self.max_offset = staged.max_offset;
         for (id, rec) in staged.touched {
-            let new = rec.state;
-            let old = self.segments.insert(id, rec).map(|r| r.state);
-            self.index(id, old, new);
+            if let Some(old) = self.segments.get(&id) {
+                self.ix.remove(old);
+            }
+            self.ix.add(&rec);
+            self.segments.insert(id, rec);
         }
     }
 
@@ -379,7 +445,7 @@ impl JournalState {
             segments,
             max_segment_id,
             max_offset,
-            ..JournalState::default()
+            ix: Indexes::default(),
         };
         st.reindex();
         for r in st.segments.values() {
@@ -411,9 +477,8 @@ impl JournalState {
         if rec.meta.item_count > 0 {
             self.max_offset = self.max_offset.max(Some(rec.meta.max_offset));
         }
-        let state = rec.state;
+        self.ix.add(&rec);
         self.segments.insert(id, rec);
-        self.index(id, None, state);
         Ok(())
     }
 
@@ -430,7 +495,7 @@ impl JournalState {
 
     /// The state a compaction keeps: everything but Released segments.
     pub fn without_released(&self) -> JournalState {
-        JournalState {
+        let mut st = JournalState {
             segments: self
                 .segments
                 .iter()
@@ -439,10 +504,10 @@ impl JournalState {
                 .collect(),
             max_segment_id: self.max_segment_id,
             max_offset: self.max_offset,
-            // Released segments are in neither index.
-            unfinished: self.unfinished.clone(),
-            committed: self.committed.clone(),
-        }
+            ix: Indexes::default(),
+        };
+        st.reindex();
+        st
     }
 }
 
@@ -697,17 +762,41 @@ pub(crate) mod tests {
                 .map(|(id, _)| *id)
                 .collect()
         }
+        fn summary_scan(st: &JournalState, with_committed: bool) -> PendingSummary {
+            let mut out = PendingSummary::default();
+            for r in st.segments().values() {
+                let pending = matches!(
+                    r.state,
+                    S::Sealed | S::Uploading | S::Uploaded | S::Verified | S::Resealing
+                ) || (with_committed && r.state == S::Committed);
+                if pending {
+                    out.segments += 1;
+                    out.bytes += r.meta.file_len;
+                    let ms = r.meta.sealed_ms;
+                    out.oldest_sealed_ms = Some(out.oldest_sealed_ms.map_or(ms, |o| o.min(ms)));
+                }
+            }
+            out
+        }
         fn check(st: &JournalState) {
             for w in [false, true] {
                 assert_eq!(st.unfinished_ids(w).collect::<Vec<_>>(), scan(st, w), "{w}");
+                assert_eq!(st.pending_summary(w), summary_scan(st, w), "{w}");
             }
+            let mut counts = BTreeMap::new();
+            for r in st.segments().values() {
+                *counts.entry(r.state).or_insert(0u64) += 1;
+            }
+            assert_eq!(st.state_counts(), &counts);
         }
         let mut st = JournalState::default();
         // Segment i walks i % 7 steps of the happy path (0 = only sealed);
         // every fifth is quarantined; batches mix segments.
         let ids: Vec<u64> = (1..=60).collect();
         for id in &ids {
-            st.apply(&[Record::Sealed { meta: meta(*id) }]).unwrap();
+            let mut m = meta(*id);
+            m.sealed_ms = (*id * 37) % 101;
+            st.apply(&[Record::Sealed { meta: m }]).unwrap();
         }
         check(&st);
         for step in 1..6 {
@@ -729,6 +818,20 @@ pub(crate) mod tests {
             .collect();
         st.apply(&q).unwrap();
         check(&st);
+        // Three Verified segments go to Resealing, one on to Resealed.
+        let reseal: Vec<Record> = [3u64, 17, 31]
+            .iter()
+            .map(|id| Record::Resealing {
+                id: SegmentId(*id),
+                into: SegmentId(1_000),
+                reason: "x".into(),
+            })
+            .collect();
+        st.apply(&reseal).unwrap();
+        check(&st);
+        st.apply(&[Record::Resealed { id: SegmentId(3) }]).unwrap();
+        check(&st);
+        assert_eq!(st.state_counts().get(&S::Resealing), Some(&2));
         assert!(st.unfinished_ids(true).count() > st.unfinished_ids(false).count());
         let kept = st.without_released();
         check(&kept);

@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::record::{Frame, Record, SegmentRecord};
+use super::record::{Frame, JournalState, Record, SegmentRecord};
 use super::replay::{encode_frame, replay_bytes};
 use super::{JournalOptions, JournalView, LOG_FILE, ReplayReport, TMP_FILE, compact, journal_dir};
 use crate::error::{Error, Result};
@@ -264,6 +264,11 @@ impl Journal {
     /// Segments not yet Verified-or-later and not Quarantined, oldest id first.
     pub fn pending(&self) -> Vec<&SegmentRecord> {
         self.view.pending()
+    }
+
+    /// The replayed state, with its indexes.
+    pub fn state(&self) -> &JournalState {
+        &self.view.state
     }
 
     /// See `JournalState::unfinished_ids`.
