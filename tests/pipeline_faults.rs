@@ -935,3 +935,37 @@ async fn lost_part_then_lost_completion_answer_uploads_again() {
     verify_end_state(&rig, 150, false).await;
     check_lookups(&rig, 150).await;
 }
+
+/// `shutdown` returns with the data directory free: drives hanging on the
+/// store at the deadline are cancelled and awaited (so are the lease task
+/// and the probe), so the same process opens the directory again at once,
+/// without retrying on `Locked`, in both modes. Then the reopened index
+/// drains what was left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_frees_the_data_directory_before_it_returns() {
+    for manifest in [false, true] {
+        let mut rig = Rig::new(Kind::Local, 7, "lock-release");
+        rig.cfg.manifest = manifest;
+        let (ti, _) = rig.open().await;
+        // From here every store request hangs far past the deadline.
+        rig.fs
+            .set_random(1.0, vec![Fault::Latency(Duration::from_secs(60))], &Op::ALL);
+        write_entries(&ti, 0..N);
+        ti.roll().unwrap();
+        let started = Instant::now();
+        let r = ti.shutdown(Duration::from_millis(800)).await;
+        assert!(
+            started.elapsed() <= Duration::from_millis(800) + SLACK,
+            "manifest={manifest}: {:?}",
+            started.elapsed()
+        );
+        assert!(!r.fully_drained(), "manifest={manifest}: {r:#?}");
+        rig.fs.heal();
+        let (ti, _) = match TierIndex::open_with_store(rig.cfg.clone(), rig.remote()).await {
+            Ok(x) => x,
+            Err(e) => panic!("manifest={manifest}: open right after shutdown: {e}"),
+        };
+        let r = ti.shutdown(Duration::from_secs(20)).await;
+        assert!(r.fully_drained(), "manifest={manifest}: {r:#?}");
+    }
+}
