@@ -12,13 +12,16 @@
 #  2. `tierindex drain` uploads it to a file:// store, once in the default
 #     manifest mode and once with --manifest false (single-writer), timed by
 #     /usr/bin/time (user + sys CPU seconds, wall, max RSS).
-# Prints `RESULT drain-cpu mode=M segments=N cpu_s=C per_segment_ms=P
-# user_s=U sys_s=S wall_s=W maxrss_kib=R manifest_versions=V` lines on
-# stdout (V: the newest manifest version, 0 in single-writer mode).
+# Prints `RESULT drain-cpu binary=B mode=M segments=N cpu_s=C
+# per_segment_ms=P user_s=U sys_s=S wall_s=W maxrss_kib=R
+# manifest_versions=V` lines on stdout (V: the newest manifest version, 0
+# in single-writer mode). B is `new` (this tree's build), or `baseline`:
+# BENCH_BASELINE=/path/to/an/older/tierindex drains the same backlogs with
+# that binary too, in the same run, for a before/after comparison.
 # BENCH_WORK=/dev/shm/... runs on tmpfs: the filesystem's own costs (ext4
 # inode allocation after many unlinks, fsync) out of the CPU figures.
 #
-# Knobs: BENCH_SCALE_SEGMENTS, BENCH_SCALE_ITEMS, BENCH_SCALE_SLOTS,
+# Knobs: BENCH_SCALE_SEGMENTS, BENCH_SCALE_ITEMS, BENCH_SCALE_SLOTS, BENCH_BASELINE,
 # BENCH_WORK (scratch, default /tmp/tierindex-scale.PID, removed unless
 # BENCH_KEEP=1), BENCH_NO_BUILD=1 (use the release binaries already built).
 # Exit: 0 when every run drained fully, 1 otherwise, 2 usage.
@@ -29,7 +32,7 @@ PART=${1:-drain-cpu}
 case $PART in
 drain-cpu) ;;
 -h | --help)
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
   ;;
 *)
@@ -45,6 +48,11 @@ SEGMENTS=${BENCH_SCALE_SEGMENTS:-2500 5000 10000}
 ITEMS=${BENCH_SCALE_ITEMS:-100}
 SLOTS=${BENCH_SCALE_SLOTS:-64}
 WORK=${BENCH_WORK:-/tmp/tierindex-scale.$$}
+BASELINE=${BENCH_BASELINE:-}
+if [ -n "$BASELINE" ] && [ ! -x "$BASELINE" ]; then
+  echo "bench-scale: BENCH_BASELINE=$BASELINE is not an executable" >&2
+  exit 2
+fi
 
 if [ ! -x /usr/bin/time ]; then
   echo "bench-scale: /usr/bin/time is needed (Debian package 'time')" >&2
@@ -60,31 +68,35 @@ trap cleanup EXIT
 status=0
 for n in $SEGMENTS; do
   "$BIN/examples/make_backlog" "$WORK/backlog-$n" "$n" "$ITEMS" "$SLOTS" >&2
-  for mode in manifest single-writer; do
-    flag=true
-    [ "$mode" = single-writer ] && flag=false
-    data=$WORK/data-$n-$mode
-    store=$WORK/store-$n-$mode
-    rm -rf "$data" "$store"
-    cp -r "$WORK/backlog-$n" "$data"
-    if ! /usr/bin/time -o "$WORK/time" -f "%U %S %e %M" \
-      "$BIN/tierindex" --data-dir "$data" --store "file://$store" --manifest "$flag" \
-      drain --deadline 30m >"$WORK/out" 2>"$WORK/err"; then
-      echo "bench-scale: drain of $n ($mode) failed:" >&2
-      tail -5 "$WORK/err" >&2
-      status=1
-      continue
-    fi
-    read -r user sys wall rss <"$WORK/time"
-    # The newest manifest version's number: how many versions the drain
-    # published (group commit puts several segments in one).
-    versions=$(find "$store" -path '*/manifest/versions/*.manifest' -printf '%f\n' 2>/dev/null |
-      sort | tail -1 | sed 's/\.manifest$//; s/^0*//')
-    awk -v m="$mode" -v n="$n" -v u="$user" -v s="$sys" -v w="$wall" -v r="$rss" -v v="${versions:-0}" 'BEGIN {
-      c = u + s
-      printf "RESULT drain-cpu mode=%s segments=%d cpu_s=%.2f per_segment_ms=%.3f user_s=%.2f sys_s=%.2f wall_s=%.2f maxrss_kib=%d manifest_versions=%d\n", m, n, c, c * 1000 / n, u, s, w, r, v
-    }'
-    rm -rf "$data" "$store"
+  for binary in new ${BASELINE:+baseline}; do
+    exe=$BIN/tierindex
+    [ "$binary" = baseline ] && exe=$BASELINE
+    for mode in manifest single-writer; do
+      flag=true
+      [ "$mode" = single-writer ] && flag=false
+      data=$WORK/data-$n-$mode
+      store=$WORK/store-$n-$mode
+      rm -rf "$data" "$store"
+      cp -r "$WORK/backlog-$n" "$data"
+      if ! /usr/bin/time -o "$WORK/time" -f "%U %S %e %M" \
+        "$exe" --data-dir "$data" --store "file://$store" --manifest "$flag" \
+        drain --deadline 30m >"$WORK/out" 2>"$WORK/err"; then
+        echo "bench-scale: drain of $n ($binary, $mode) failed:" >&2
+        tail -5 "$WORK/err" >&2
+        status=1
+        continue
+      fi
+      read -r user sys wall rss <"$WORK/time"
+      # The newest manifest version's number: how many versions the drain
+      # published (group commit puts several segments in one).
+      versions=$(find "$store" -path '*/manifest/versions/*.manifest' -printf '%f\n' 2>/dev/null |
+        sort | tail -1 | sed 's/\.manifest$//; s/^0*//')
+      awk -v b="$binary" -v m="$mode" -v n="$n" -v u="$user" -v s="$sys" -v w="$wall" -v r="$rss" -v v="${versions:-0}" 'BEGIN {
+        c = u + s
+        printf "RESULT drain-cpu binary=%s mode=%s segments=%d cpu_s=%.2f per_segment_ms=%.3f user_s=%.2f sys_s=%.2f wall_s=%.2f maxrss_kib=%d manifest_versions=%d\n", b, m, n, c, c * 1000 / n, u, s, w, r, v
+      }'
+      rm -rf "$data" "$store"
+    done
   done
   rm -rf "$WORK/backlog-$n"
 done
