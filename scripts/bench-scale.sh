@@ -17,7 +17,9 @@
 # manifest_versions=V` lines on stdout (V: the newest manifest version, 0
 # in single-writer mode). B is `new` (this tree's build), or `baseline`:
 # BENCH_BASELINE=/path/to/an/older/tierindex drains the same backlogs with
-# that binary too, in the same run, for a before/after comparison.
+# that binary too, in the same run, for a before/after comparison (this
+# tree's binary runs first for each N; the backlog is written by this
+# tree's make_backlog, so the baseline must read its format).
 # BENCH_WORK=/dev/shm/... runs on tmpfs: the filesystem's own costs (ext4
 # inode allocation after many unlinks, fsync) out of the CPU figures.
 #
@@ -32,7 +34,7 @@ PART=${1:-drain-cpu}
 case $PART in
 drain-cpu) ;;
 -h | --help)
-  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
   ;;
 *)
@@ -48,10 +50,14 @@ SEGMENTS=${BENCH_SCALE_SEGMENTS:-2500 5000 10000}
 ITEMS=${BENCH_SCALE_ITEMS:-100}
 SLOTS=${BENCH_SCALE_SLOTS:-64}
 WORK=${BENCH_WORK:-/tmp/tierindex-scale.$$}
-BASELINE=${BENCH_BASELINE:-}
-if [ -n "$BASELINE" ] && [ ! -x "$BASELINE" ]; then
-  echo "bench-scale: BENCH_BASELINE=$BASELINE is not an executable" >&2
-  exit 2
+BASELINE=
+if [ -n "${BENCH_BASELINE:-}" ]; then
+  # An absolute path: a bare name would be looked up on PATH when run.
+  BASELINE=$(realpath -e -- "$BENCH_BASELINE" 2>/dev/null) || BASELINE=
+  if [ -z "$BASELINE" ] || [ ! -f "$BASELINE" ] || [ ! -x "$BASELINE" ]; then
+    echo "bench-scale: BENCH_BASELINE=$BENCH_BASELINE is not an executable file" >&2
+    exit 2
+  fi
 fi
 
 if [ ! -x /usr/bin/time ]; then
@@ -89,7 +95,7 @@ for n in $SEGMENTS; do
       read -r user sys wall rss <"$WORK/time"
       # The newest manifest version's number: how many versions the drain
       # published (group commit puts several segments in one).
-      versions=$(find "$store" -path '*/manifest/versions/*.manifest' -printf '%f\n' 2>/dev/null |
+      versions=$({ find "$store" -path '*/manifest/versions/*.manifest' -printf '%f\n' 2>/dev/null || true; } |
         sort | tail -1 | sed 's/\.manifest$//; s/^0*//')
       awk -v b="$binary" -v m="$mode" -v n="$n" -v u="$user" -v s="$sys" -v w="$wall" -v r="$rss" -v v="${versions:-0}" 'BEGIN {
         c = u + s

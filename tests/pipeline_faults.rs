@@ -941,11 +941,20 @@ async fn lost_part_then_lost_completion_answer_uploads_again() {
 /// and the probe), so the same process opens the directory again at once,
 /// without retrying on `Locked`, in both modes. Then the reopened index
 /// drains what was left.
+///
+/// What this catches: drives (or other tasks) left running past
+/// `shutdown`. What it cannot catch reliably: tasks aborted but not
+/// awaited, since the runtime usually drops an aborted task within
+/// microseconds, before the reopen gets to the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_frees_the_data_directory_before_it_returns() {
     for manifest in [false, true] {
         let mut rig = Rig::new(Kind::Local, 7, "lock-release");
         rig.cfg.manifest = manifest;
+        // Requests hang until cancelled (not cut off by a per-request
+        // timeout and parked in backoff), so drives are in flight at the
+        // deadline.
+        rig.cfg.request_timeout_ms = 120_000;
         let (ti, _) = rig.open().await;
         // From here every store request hangs far past the deadline.
         rig.fs
@@ -960,6 +969,10 @@ async fn shutdown_frees_the_data_directory_before_it_returns() {
             started.elapsed()
         );
         assert!(!r.fully_drained(), "manifest={manifest}: {r:#?}");
+        assert!(
+            r.drain.deadline_hit,
+            "manifest={manifest}: drives were not in flight at the deadline: {r:#?}"
+        );
         rig.fs.heal();
         let (ti, _) = match TierIndex::open_with_store(rig.cfg.clone(), rig.remote()).await {
             Ok(x) => x,

@@ -282,11 +282,14 @@ impl Indexes {
 
     fn remove(&mut self, r: &SegmentRecord) {
         let id = r.meta.id;
-        if let Some(n) = self.by_state.get_mut(&r.state) {
-            *n -= 1;
-            if *n == 0 {
-                self.by_state.remove(&r.state);
+        match self.by_state.get_mut(&r.state) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.by_state.remove(&r.state);
+                }
             }
+            None => debug_assert!(false, "segment {id} was not counted in {:?}", r.state),
         }
         if let Some(g) = Self::group(r.state) {
             self.unfinished.remove(&id);
