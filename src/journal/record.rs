@@ -357,6 +357,16 @@ impl JournalState {
         })
     }
 
+    /// Ids `status` and the drain report count as pending, in id order:
+    /// those of [`Self::unfinished_ids`] and any left in Resealing (a
+    /// reseal that failed after its start; the next open finishes it).
+    pub fn pending_ids(&self, with_committed: bool) -> Vec<SegmentId> {
+        let mut ids: Vec<SegmentId> = self.unfinished_ids(with_committed).collect();
+        ids.extend(self.ix.age[2].iter().map(|(_, id)| *id));
+        ids.sort_unstable();
+        ids
+    }
+
     /// Segments per state (states with none are absent).
     pub fn state_counts(&self) -> &BTreeMap<SegmentState, u64> {
         &self.ix.by_state
@@ -785,6 +795,15 @@ pub(crate) mod tests {
             for w in [false, true] {
                 assert_eq!(st.unfinished_ids(w).collect::<Vec<_>>(), scan(st, w), "{w}");
                 assert_eq!(st.pending_summary(w), summary_scan(st, w), "{w}");
+                let pending: Vec<SegmentId> = st
+                    .segments()
+                    .iter()
+                    .filter(|(_, r)| {
+                        scan(st, w).contains(&r.meta.id) || r.state == S::Resealing
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                assert_eq!(st.pending_ids(w), pending, "{w}");
             }
             let mut counts = BTreeMap::new();
             for r in st.segments().values() {

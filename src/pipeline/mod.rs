@@ -528,23 +528,6 @@ impl Shared {
         }
     }
 
-    /// True when `state` still needs a drive under the release policy.
-    pub fn needs_work(&self, state: SegmentState) -> bool {
-        match state {
-            SegmentState::Sealed
-            | SegmentState::Uploading
-            | SegmentState::Uploaded
-            | SegmentState::Verified => true,
-            SegmentState::Committed => self.release_after_commit,
-            // Resealing is finished at open, before any drive runs (its
-            // copies must be checked while every later segment is local).
-            SegmentState::Released
-            | SegmentState::Quarantined
-            | SegmentState::Resealing
-            | SegmentState::Resealed => false,
-        }
-    }
-
     /// Up to `max` segments that still need work and are not `skip`ped,
     /// oldest first. Walks the journal's index of unfinished segments, so
     /// the cost is the segments looked at, not the segments journaled.
@@ -841,30 +824,33 @@ impl Scheduler {
     }
 
     fn report(&self, started: Instant, done0: u64, bytes0: u64, deadline_hit: bool) -> DrainReport {
-        let j = self.sh.journal.read();
+        let guard = self.sh.journal.read();
+        let j = guard.state();
         let note = |id: &SegmentId, state: SegmentState| PendingNote {
             id: id.0,
             state: format!("{state:?}"),
             last_error: self.last_error.get(id).cloned(),
         };
-        // A reseal left unfinished (a failure after its start; the next
-        // open finishes it) is pending too.
+        // From the journal's indexes: the report costs what is pending,
+        // not the number of segments ever journaled.
         let pending = j
-            .segments()
-            .iter()
-            .filter(|(_, r)| self.sh.needs_work(r.state) || r.state == SegmentState::Resealing)
-            .map(|(id, r)| note(id, r.state))
+            .pending_ids(self.sh.release_after_commit)
+            .into_iter()
+            .filter_map(|id| j.get(id).map(|r| note(&id, r.state)))
             .collect();
-        let quarantined = j
-            .segments()
-            .iter()
-            .filter(|(_, r)| r.state == SegmentState::Quarantined)
-            .map(|(id, r)| PendingNote {
-                id: id.0,
-                state: "Quarantined".into(),
-                last_error: r.reason.clone(),
-            })
-            .collect();
+        let quarantined = if j.state_counts().contains_key(&SegmentState::Quarantined) {
+            j.segments()
+                .iter()
+                .filter(|(_, r)| r.state == SegmentState::Quarantined)
+                .map(|(id, r)| PendingNote {
+                    id: id.0,
+                    state: "Quarantined".into(),
+                    last_error: r.reason.clone(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         DrainReport {
             segments_done: self.done - done0,
             bytes_done: self.bytes - bytes0,
