@@ -1260,8 +1260,9 @@ async fn worker(
 /// Dropping without [`TierIndex::shutdown`] is the crash path, not a
 /// shutdown: the background tasks are aborted and not awaited (a `Drop`
 /// cannot await), nothing is sealed or drained, and the data directory's
-/// lock is held until the aborted tasks have let go of the writer, which
-/// the runtime does at its next poll of them. What `flush` acknowledged is
+/// lock is held until the aborted tasks have let go of the writer (the
+/// runtime drops an aborted task when it next gets to it; a blocking step
+/// already running, such as a seal, finishes first). What `flush` acknowledged is
 /// on disk either way; the next `open` recovers the rest. Call `shutdown`
 /// to drain and to know the lock is free when it returns.
 impl Drop for TierIndex {
