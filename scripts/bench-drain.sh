@@ -107,11 +107,11 @@ trap 'exit 130' INT TERM
 # ------------------------------------------------------------------ build
 
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-  log "cargo build --release --bin tierindex --examples"
-  (cd "$ROOT" && cargo build --release --bin tierindex --examples) >&2
+  log "cargo build --release --features cli --bin tierindex --examples"
+  (cd "$ROOT" && cargo build --release --features cli --bin tierindex --examples) >&2
 fi
 for b in "$BIN" "$EX/make_backlog" "$EX/put_ceiling"; do
-  [ -x "$b" ] || die "$b missing: run cargo build --release --bin tierindex --examples"
+  [ -x "$b" ] || die "$b missing: run cargo build --release --features cli --bin tierindex --examples"
 done
 
 # ------------------------------------------------------------------ store

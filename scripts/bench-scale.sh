@@ -65,7 +65,7 @@ if [ ! -x /usr/bin/time ]; then
   exit 1
 fi
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-  (cd "$ROOT" && cargo build --release --bin tierindex --example make_backlog) >&2
+  (cd "$ROOT" && cargo build --release --features cli --bin tierindex --example make_backlog) >&2
 fi
 mkdir -p "$WORK"
 cleanup() { [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$WORK"; }

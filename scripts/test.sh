@@ -3,6 +3,9 @@
 # then runs, in order:
 #   1. cargo fmt --check
 #   2. cargo clippy --all-targets --test s3_suite --test s3_integrity --test ownership_campaign -- -D warnings
+#   2b. scripts/check-embedder.sh          (the library without the `cli` and
+#                                             `testing` features: clippy, and no
+#                                             CLI or test crate in its tree)
 #   3. cargo test --all-targets              (unit + local tests; no server needed;
 #                                             the S3 suite is `test = false`)
 #   4. for each KIND in ${TIERINDEX_S3_KINDS:-s3s moto garage garage-cluster ceph}
@@ -226,6 +229,9 @@ if [ "${TIERINDEX_ONLY_S3:-0}" != 1 ]; then
   # --all-targets leaves out the S3 suite (`test = false` in Cargo.toml, so
   # that no server-less run can pass it by skipping): lint it by name.
   step clippy cargo clippy --all-targets --test s3_suite --test s3_integrity --test ownership_campaign -- -D warnings
+  # The library as an embedder builds it (no `cli`, no `testing`): lint
+  # clean, and no CLI or test crate in its dependency tree.
+  step embedder bash scripts/check-embedder.sh
   # The local step must not pick up a server someone exported by hand.
   step tests env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND cargo test --all-targets
   # Crash campaign (issue 5): named crash points and the random kill loop,

@@ -35,6 +35,7 @@
 //! Every persist step and its crash outcome is tabled in
 //! `docs/crash-safety.md`; byte formats are in `docs/format/`.
 
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod datadir;
@@ -50,6 +51,7 @@ pub mod pipeline;
 pub mod recovery;
 pub mod remote;
 pub mod segment;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 pub mod tier;

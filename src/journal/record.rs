@@ -798,9 +798,7 @@ pub(crate) mod tests {
                 let pending: Vec<SegmentId> = st
                     .segments()
                     .iter()
-                    .filter(|(_, r)| {
-                        scan(st, w).contains(&r.meta.id) || r.state == S::Resealing
-                    })
+                    .filter(|(_, r)| scan(st, w).contains(&r.meta.id) || r.state == S::Resealing)
                     .map(|(id, _)| *id)
                     .collect();
                 assert_eq!(st.pending_ids(w), pending, "{w}");

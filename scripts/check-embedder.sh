@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# What an embedding broker gets from `tierindex = "..."` with default
+# features (issue 14): the library alone builds and lints clean, and its
+# dependency tree holds none of the command-line tool's crates nor any
+# test-only crate. Run by scripts/test.sh (step `embedder`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# The library without `cli` or `testing`: `cargo clippy --all-targets`
+# cannot see this build, because the crate's dev-dependency on itself
+# turns both features on for test builds.
+cargo clippy --lib -- -D warnings
+
+tree=$(cargo tree -e normal --prefix none | sed 's/ .*//' | sort -u)
+n=$(printf '%s\n' "$tree" | wc -l)
+bad=$(printf '%s\n' "$tree" | grep -xE 'clap|clap_builder|clap_derive|indicatif|tracing-subscriber|criterion|proptest|tempfile' || true)
+if [ -n "$bad" ]; then
+  echo "embedder: the library's default dependency tree holds CLI or test crates:" >&2
+  printf '  %s\n' $bad >&2
+  exit 1
+fi
+echo "embedder: $n packages in the library's default tree (normal edges), no CLI or test crates"
