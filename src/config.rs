@@ -29,18 +29,29 @@ pub struct Config {
     /// once the probe proved the server validates their signed
     /// `x-amz-checksum-crc64nvme` header; see `StoreOptions::sign_payload`).
     pub sign_payload: bool,
+    /// S3 region (`AWS_REGION` otherwise; S3-compatible servers mostly ignore it).
     pub region: Option<String>,
     /// The stream whose index this is; part of every remote key.
     pub stream: String,
+    /// Hash slots per segment (1 to 2^26).
     pub slot_count: u32,
+    /// Items per segment (1 to 2^28); a full segment rolls at the next append.
     pub segment_items: u32,
+    /// A non-empty segment older than this rolls at the next worker tick.
     pub segment_max_age_ms: Option<u64>,
+    /// Bound on chain steps per active-segment lookup.
     pub max_chain_steps: u32,
+    /// Segments uploading at once.
     pub max_uploads_in_flight: usize,
+    /// Sealed files at least this large use multipart (where the store has it).
     pub multipart_threshold_bytes: u64,
+    /// Multipart part size (raised to stay within 10,000 parts).
     pub part_size_bytes: u64,
+    /// Attempts per remote request, the first included.
     pub max_attempts: u32,
+    /// Deadline of one remote request attempt.
     pub request_timeout_ms: u64,
+    /// What must be proven of an upload before it counts as verified.
     pub verify: VerifyLevel,
     /// Delete the local copy once a segment is committed remotely.
     pub release_after_commit: bool,
@@ -270,6 +281,7 @@ impl Config {
         Ok((c, keys))
     }
 
+    /// Parses a TOML configuration (unknown keys are refused) and validates it.
     pub fn from_toml(text: &str) -> Result<Config> {
         let c: Config = toml::from_str(text).map_err(|e| {
             // Not `{e}`: toml's Display quotes the offending source line,
@@ -289,7 +301,7 @@ impl Config {
     /// Checks every value; the CLI and [`Config::from_toml`] both call it,
     /// and so does `TierIndex::open`. Each error names the key, the accepted
     /// range and the value found (never the value of a URL: see
-    /// [`crate::remote::url`]).
+    /// `remote::url`).
     pub fn validate(&self) -> Result<()> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(Error::InvalidInput(
@@ -427,15 +439,17 @@ impl Config {
         Ok(id)
     }
 
+    /// How long an ownership claim on the stream lasts without renewal.
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
     }
 
     /// Manifest options from the config. Retries follow the upload's
     /// `max_attempts`, but one manifest request with its retries is bounded
-    /// to fit the lease (see [`manifest_retry`]): manifest objects are small,
+    /// to fit the lease (see `manifest_retry`): manifest objects are small,
     /// and a renewal sent at a third of the TTL must land before the lease
     /// expires. Uploads keep `request_timeout_ms` (a segment is megabytes).
+    #[doc(hidden)]
     pub fn manifest_options(&self) -> crate::remote::manifest::ManifestOptions {
         let d = crate::remote::manifest::ManifestOptions::default();
         crate::remote::manifest::ManifestOptions {
@@ -470,6 +484,7 @@ impl Config {
             })
     }
 
+    #[doc(hidden)]
     pub fn index_config(&self) -> IndexConfig {
         IndexConfig {
             slot_count: self.slot_count,
@@ -479,6 +494,7 @@ impl Config {
         }
     }
 
+    #[doc(hidden)]
     pub fn upload_config(&self) -> UploadConfig {
         UploadConfig {
             multipart_threshold_bytes: self.multipart_threshold_bytes,
@@ -490,6 +506,7 @@ impl Config {
         }
     }
 
+    #[doc(hidden)]
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
             endpoint: self.endpoint.clone(),

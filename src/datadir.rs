@@ -134,6 +134,7 @@ impl DataDir {
         Ok((dd, id))
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -151,6 +152,7 @@ impl DataDir {
     pub fn segments_dir(&self) -> PathBuf {
         self.root.join(SEGMENTS_DIR)
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn journal_dir(&self) -> PathBuf {
         self.root.join(JOURNAL_DIR)
     }
@@ -249,17 +251,24 @@ pub enum Mode {
 /// One file moved (or, in check-only mode, to be moved) to quarantine.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct QuarantineNote {
+    /// The file, as found.
     pub file: String,
+    /// Why it was moved aside.
     pub reason: String,
+    /// Where it went (under `quarantine/`).
     pub moved_to: Option<String>,
 }
 
 /// The check of one active segment.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct ActiveNote {
+    /// The segment.
     pub id: u64,
+    /// Items that passed their checks.
     pub valid_items: u32,
+    /// Bytes of a torn tail zeroed (never acknowledged).
     pub torn_bytes_zeroed: u64,
+    /// The file's length before it was extended back to its full size.
     pub extended_from: Option<u64>,
     /// Where a damaged span holding checksum-valid items was copied.
     pub tail_saved_to: Option<String>,
@@ -269,6 +278,7 @@ pub struct ActiveNote {
 /// held none that could be), with exactly what could not be kept.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct LossNote {
+    /// The segment.
     pub segment: u64,
     /// The damaged file, where it was found.
     pub file: String,
@@ -320,8 +330,11 @@ impl LossNote {
 /// Everything start-up found and did. Serializable for `--json`.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct RecoveryReport {
+    /// Sealed segments that passed their check.
     pub sealed_ok: Vec<u64>,
+    /// Active segments checked (and their torn tails).
     pub actives: Vec<ActiveNote>,
+    /// Files moved to `quarantine/`.
     pub quarantined: Vec<QuarantineNote>,
     /// Damaged files whose intact items were salvaged; what was lost.
     pub salvaged: Vec<LossNote>,
@@ -334,6 +347,7 @@ pub struct RecoveryReport {
     pub removed: Vec<String>,
     /// Active segments that must be (or were) sealed again.
     pub to_reseal: Vec<u64>,
+    /// Time the checks took.
     pub elapsed_ms: u64,
 }
 
@@ -411,6 +425,7 @@ pub fn segment_file_id(name: &str) -> Option<SegmentId> {
 ///
 /// In `CheckOnly` mode the returned `Recovered` has no open segments; only
 /// the report is filled.
+#[cfg(any(test, feature = "testing"))]
 pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
     recover_with(dir, mode, true)
 }
@@ -418,6 +433,7 @@ pub fn recover(dir: &DataDir, mode: Mode) -> Result<Recovered> {
 /// [`recover`], choosing whether sealed files get the full check (every
 /// byte's CRC: `fsck`) or the structural one (footer, header, directory:
 /// start-up, whose cost must not grow with the segments kept locally).
+#[cfg(any(test, feature = "testing"))]
 pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Result<Recovered> {
     recover_with_geometry(dir, mode, full_sealed_check, None)
 }

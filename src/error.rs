@@ -10,15 +10,21 @@ use std::path::{Path, PathBuf};
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in tierindex.
+/// Everything that can go wrong in tierindex. Match on [`Error::kind`]
+/// to decide what to do; the message carries the detail. New variants may
+/// be added.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An I/O operation on a local file failed. Retrying may help for
     /// transient conditions (EINTR is already handled); ENOSPC needs space.
     #[error("I/O error on {path}: {source} ({context})")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What was being done.
         context: &'static str,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
@@ -32,7 +38,12 @@ pub enum Error {
     /// Bytes read from disk or from the store do not form a valid structure.
     /// The file is quarantined where that applies; never retried blindly.
     #[error("corrupt {what}: {detail}")]
-    Corrupt { what: String, detail: String },
+    Corrupt {
+        /// The file or structure.
+        what: String,
+        /// What was expected and what was found.
+        detail: String,
+    },
 
     /// A file was written by a newer tierindex (a format version this build
     /// does not read). Nothing is quarantined: upgrade, or move the file.
@@ -41,7 +52,12 @@ pub enum Error {
 
     /// The data directory is locked by another live process.
     #[error("data directory {path} is locked by another process ({holder}); stop it first")]
-    Locked { path: PathBuf, holder: String },
+    Locked {
+        /// The data directory.
+        path: PathBuf,
+        /// Who holds the lock, as its lock file says.
+        holder: String,
+    },
 
     /// The segment cannot take more items; roll to a new one (the index
     /// writer does this itself).
@@ -92,7 +108,66 @@ pub enum Error {
     Internal(String),
 }
 
+/// What kind of failure an [`Error`] is, one per variant, for a caller
+/// that acts on it (retry, restart, page an operator, fix configuration).
+/// New kinds may be added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Local I/O failed ([`Error::Io`]); ENOSPC needs space.
+    Io,
+    /// A durability step failed ([`Error::Poisoned`]): restart.
+    Poisoned,
+    /// Bytes on disk or in the store are invalid ([`Error::Corrupt`]).
+    Corrupt,
+    /// Written by a newer tierindex ([`Error::Unsupported`]): upgrade.
+    Unsupported,
+    /// The data directory is in use ([`Error::Locked`]).
+    Locked,
+    /// The segment is full ([`Error::SegmentFull`]).
+    SegmentFull,
+    /// Bad argument or configuration ([`Error::InvalidInput`]).
+    InvalidInput,
+    /// Shut down; no more appends ([`Error::ShutDown`]).
+    ShutDown,
+    /// The store failed in a way that may pass ([`Error::RemoteRetryable`]).
+    RemoteRetryable,
+    /// The store failed for good ([`Error::Remote`]).
+    Remote,
+    /// Another object sits under our key ([`Error::RemoteConflict`]).
+    RemoteConflict,
+    /// A newer owner fenced this one ([`Error::Fenced`]).
+    Fenced,
+    /// Another owner's lease is live ([`Error::Claimed`]).
+    Claimed,
+    /// A deadline passed ([`Error::Deadline`]).
+    Deadline,
+    /// A background task is gone ([`Error::Internal`]): restart.
+    Internal,
+}
+
 impl Error {
+    /// The kind of failure, to act on without parsing the message.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Poisoned(_) => ErrorKind::Poisoned,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Locked { .. } => ErrorKind::Locked,
+            Error::SegmentFull(_) => ErrorKind::SegmentFull,
+            Error::InvalidInput(_) => ErrorKind::InvalidInput,
+            Error::ShutDown => ErrorKind::ShutDown,
+            Error::RemoteRetryable(_) => ErrorKind::RemoteRetryable,
+            Error::Remote(_) => ErrorKind::Remote,
+            Error::RemoteConflict(_) => ErrorKind::RemoteConflict,
+            Error::Fenced(_) => ErrorKind::Fenced,
+            Error::Claimed(_) => ErrorKind::Claimed,
+            Error::Deadline(_) => ErrorKind::Deadline,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
     /// An I/O error with the path and what we were doing.
     pub fn io(path: impl AsRef<Path>, context: &'static str, source: io::Error) -> Self {
         Error::Io {

@@ -24,6 +24,7 @@
 //! there leaves and how recovery handles it.
 
 /// Exit code of a process ended by an armed `crash@N` point.
+#[cfg(any(test, feature = "testing", feature = "failpoints"))]
 pub const CRASH_EXIT_CODE: i32 = 86;
 
 /// Every named point, in the order data moves through them. A point
@@ -74,6 +75,7 @@ pub const POINTS: &[&str] = &[
 ];
 
 /// The points only a `manifest = true` run reaches.
+#[cfg(any(test, feature = "testing"))]
 pub const MANIFEST_POINTS: &[&str] = &[
     "manifest.publish",
     "manifest.publish.after",
@@ -87,6 +89,7 @@ pub const MANIFEST_POINTS: &[&str] = &[
 /// crash at the neighbouring point (`release`, `release.after`,
 /// `seal.remove_active*`); their error paths are exercised by
 /// `tests/poison_paths.rs`.
+#[cfg(any(test, feature = "testing"))]
 pub const ERROR_ONLY_POINTS: &[&str] = &[
     "active.remove_empty",
     "active.remove_empty.dirsync",
@@ -98,6 +101,7 @@ pub const ERROR_ONLY_POINTS: &[&str] = &[
 /// error to fail, so `eio@N` / `enospc@N` on them would arm nothing. The
 /// parser refuses those actions on these points (a campaign that thinks it
 /// injected errors must not pass silently).
+#[cfg(any(test, feature = "testing", feature = "failpoints"))]
 pub const CRASH_ONLY_POINTS: &[&str] = &[
     "active.append",
     "active.msync.after",

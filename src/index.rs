@@ -248,6 +248,7 @@ impl IndexWriter {
     /// keep ids from ever being reused. Older active segments left by a crash
     /// are sealed here, synchronously; their metadata is returned by the
     /// first [`poll_sealed`](Self::poll_sealed).
+    #[cfg(any(test, feature = "testing"))]
     pub fn open(
         dd: DataDir,
         cfg: IndexConfig,
@@ -962,9 +963,11 @@ impl IndexWriter {
     pub fn segments_dir(&self) -> &Path {
         &self.seg_dir
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn data_dir(&self) -> &DataDir {
         &self.dd
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_closed(&self) -> bool {
         self.closed
     }

@@ -6,58 +6,112 @@
 //! them to S3-compatible storage and verifies them before anything is marked
 //! done or deleted.
 //!
-//! ## Layout
-//! - [`segment`]: formats; the mmap active segment (`append`, `flush`,
-//!   `lookup` while writing); the sealed file (write, check, read).
-//! - [`datadir`]: the data directory: lock, start-up checks, torn-tail
-//!   truncation, quarantine.
-//! - [`index`]: the writer that rolls segments and seals in the background.
-//! - [`journal`]: the durable, CRC-framed upload state machine per segment.
-//! - [`remote`]: stores from URLs, key layout, capability probe.
-//! - [`upload`]: create-only PUT / multipart, retries, read-back verification.
-//! - [`pipeline`]: group-committed journal, per-segment drive, scheduler.
-//! - [`tier`]: [`TierIndex`], the embedding API (open, append, flush,
-//!   lookup, status, shutdown).
-//! - [`lifecycle`]: exit codes and the opt-in signal helper.
-//! - [`recovery`]: the reconciler (journal vs manifest vs bucket listing).
-//! - [`config`], [`metrics`], [`error`].
+//! ## Using it
+//!
+//! [`TierIndex::open`] recovers whatever a crash left and starts the
+//! background work on the caller's tokio runtime. [`TierIndex::append`]
+//! indexes one message (key, offset, size, timestamp);
+//! [`TierIndex::flush`] is the durability point: what it returned for
+//! survives kill -9 and power loss. [`TierIndex::lookup`] reads local
+//! segments while they are written, [`TierIndex::lookup_remote`] the
+//! uploaded ones too. [`TierIndex::shutdown`] seals the last segment and
+//! drains within a deadline; its [`ShutdownReport`] says what is left.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! use std::time::Duration;
+//! use tierindex::{Config, TierIndex, TimeRange};
+//!
+//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! rt.block_on(async {
+//!     // The store defaults to a `file://` directory beside the data
+//!     // directory; `store: Some("s3://bucket/prefix".into())` uploads to S3.
+//!     let cfg = Config { data_dir: dir.path().join("data"), ..Config::default() };
+//!     let (index, _opened) = TierIndex::open(cfg).await?;
+//!     index.append(b"order-42", 1_000, 512, 1_700_000_000_000)?;
+//!     index.flush()?; // acknowledged: survives a crash from here on
+//!     let found = index.lookup(b"order-42", TimeRange::ALL);
+//!     assert_eq!(found.entries[0].offset, 1_000);
+//!     let report = index.shutdown(Duration::from_secs(20)).await;
+//!     assert!(report.fully_drained(), "{report:?}");
+//!     Ok::<_, tierindex::Error>(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Errors carry an [`ErrorKind`] to act on ([`Error::kind`]). The library
+//! installs no signal handler unless the host calls
+//! [`lifecycle::ShutdownSignals::install`]; [`lifecycle`] also has the exit
+//! codes the `tierindex` tool uses.
+//!
+//! ## Features
+//! - `cli`: the `tierindex` command-line tool (demo broker and recovery);
+//!   off by default, so an embedding broker compiles none of it.
+//! - `failpoints`: named crash and I/O-error points at every persist step,
+//!   for the crash tests only; never in a release.
+//! - `testing`: this crate's own test support; not a supported API.
 //!
 //! ## Data flow
 //! ```text
-//! broker --append--> ActiveSegment (mmap) --flush(msync)--> durable
+//! broker --append--> active segment (mmap) --flush(msync)--> durable
 //!                         | full / old / shutdown
 //!                         v
-//!                  sealer thread --> NNN.seg (tmp, fsync, rename, fsync dir)
+//!                  sealer --> NNN.seg (tmp, fsync, rename, fsync dir)
 //!                         |
 //!                         v  journal: Sealed -> Uploading -> Uploaded -> Verified -> Committed -> Released
-//!                  scheduler (bounded in-flight) --PUT create-only--> store --read back--> verified
+//!                  scheduler (bounded in-flight) --PUT create-only--> store --verify--> Verified
 //! ```
 //! Every persist step and its crash outcome is tabled in
-//! `docs/crash-safety.md`; byte formats are in `docs/format/`.
+//! `docs/crash-safety.md`; byte formats are in `docs/format/`; the module
+//! map is in `docs/ARCHITECTURE.md`.
+
+#![cfg_attr(not(feature = "testing"), warn(missing_docs))]
+// Without `cli` (the embedder's build) the items only the command-line tool
+// uses are unused by design; `scripts/check-embedder.sh` lints the build
+// with `cli` and without `testing`, where nothing may be dead.
+#![cfg_attr(
+    not(any(feature = "cli", feature = "testing")),
+    allow(dead_code, unused_imports)
+)]
+
+/// Declares the internal modules: private to the crate, except with the
+/// `testing` feature (this crate's own tests and examples), where they are
+/// public and hidden from the docs. An embedder sees only the re-exports
+/// below and [`lifecycle`].
+macro_rules! internal_modules {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "testing")]
+            #[doc(hidden)]
+            pub mod $name;
+            #[cfg(not(feature = "testing"))]
+            mod $name;
+        )*
+    };
+}
+
+internal_modules!(
+    config, datadir, durable, error, failpoint, identity, index, journal, metrics, pipeline,
+    recovery, remote, segment, tier, upload,
+);
 
 #[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod cli;
-pub mod config;
-pub mod datadir;
-pub mod durable;
-pub mod error;
-pub mod failpoint;
-pub mod identity;
-pub mod index;
-pub mod journal;
 pub mod lifecycle;
-pub mod metrics;
-pub mod pipeline;
-pub mod recovery;
-pub mod remote;
-pub mod segment;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
-pub mod tier;
-pub mod upload;
 
 pub use config::Config;
-pub use error::{Error, Result};
-pub use segment::{Entry, SealedMeta, SegmentId, TimeRange, key_hash};
-pub use tier::{ShutdownReport, TierIndex};
+pub use datadir::{ActiveNote, LossNote, QuarantineNote, RecoveryReport};
+pub use error::{Error, ErrorKind, Result};
+pub use metrics::{Counter, DurationHistogram, Gauge, Metrics};
+pub use pipeline::{DrainReport, PendingNote};
+pub use segment::active::Lookup;
+pub use segment::salvage::LostSpan;
+pub use segment::{Entry, SegmentId, TimeRange, key_hash};
+pub use tier::{OpenReport, RemoteLookup, ShutdownReport, Status, TierIndex};
+pub use upload::VerifyLevel;

@@ -2,7 +2,7 @@
 
 fn main() {
     let code = tierindex::cli::main();
-    tierindex::failpoint::report_counts();
+    tierindex::cli::report_failpoint_counts();
     if tierindex::cli::stdout_closed() {
         // Whoever read our stdout went away (`tierindex status | head -1`).
         // End the way Unix tools do, by SIGPIPE (a shell shows 141), with

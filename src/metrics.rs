@@ -30,11 +30,14 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Default, Debug)]
+/// A monotonic counter.
 pub struct Counter(AtomicU64);
 impl Counter {
+    /// Adds one.
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    /// Adds `n`.
     pub fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
@@ -43,17 +46,21 @@ impl Counter {
     pub fn raise_to(&self, v: u64) {
         self.0.fetch_max(v, Ordering::Relaxed);
     }
+    /// The current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
 
 #[derive(Default, Debug)]
+/// A value that goes up and down.
 pub struct Gauge(AtomicU64);
 impl Gauge {
+    /// Sets the value.
     pub fn set(&self, v: u64) {
         self.0.store(v, Ordering::Relaxed);
     }
+    /// The current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -85,6 +92,7 @@ impl DurationHistogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Durations observed so far.
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
@@ -133,15 +141,21 @@ pub struct Metrics {
     pub entries_flushed: Counter,
     /// Entries in segments whose upload (PUT and read-back) succeeded.
     pub entries_uploaded: Counter,
+    /// Segments sealed into immutable files.
     pub segments_sealed: Counter,
     /// Segments whose upload (PUT and read-back) succeeded.
     pub segments_uploaded: Counter,
+    /// Segments committed (recorded in the manifest, or final without one).
     pub segments_committed: Counter,
+    /// Bytes of segments uploaded.
     pub upload_bytes: Counter,
     /// PUT plus read-back time of each upload, observed in ms.
     pub upload_latency_ms: DurationHistogram,
+    /// Remote requests retried.
     pub retries: Counter,
+    /// Read-back checks that failed.
     pub verify_failures: Counter,
+    /// Segments quarantined (an operator must look).
     pub quarantined: Counter,
     /// Segments whose id the manifest held with another segment's content:
     /// their entries were copied into a new segment (`pipeline::reseal`).
@@ -171,10 +185,15 @@ pub struct Metrics {
     pub local_entries_lost: Counter,
     /// Items whose CRC failed in a local lookup (missing from its result).
     pub local_corrupt_items: Counter,
+    /// Segments uploading now.
     pub uploads_in_flight: Gauge,
+    /// Segments not yet done (as `Status::pending_segments`).
     pub pending_segments: Gauge,
+    /// Their bytes.
     pub pending_bytes: Gauge,
+    /// Age of the oldest of them.
     pub oldest_pending_age_ms: Gauge,
+    /// Duration of the last shutdown drain.
     pub last_drain_ms: Gauge,
 }
 

@@ -49,11 +49,17 @@ pub const CLEAN_SHUTDOWN_MARKER: &str = "CLEAN_SHUTDOWN";
 /// What opening found.
 #[derive(Clone, Debug, Serialize)]
 pub struct OpenReport {
+    /// The last run ended with a clean shutdown (nothing pending).
     pub previous_shutdown_clean: bool,
+    /// What the local checks found and did.
     pub segments: RecoveryReport,
+    /// Upload-journal records replayed.
     pub journal_records_replayed: u64,
+    /// Bytes of a torn journal tail cut off (never acknowledged).
     pub journal_truncated_bytes: u64,
+    /// Anything else worth a line in the log.
     pub notes: Vec<String>,
+    /// The store, without credentials.
     pub store: String,
 }
 
@@ -61,14 +67,19 @@ pub struct OpenReport {
 /// fully drained.
 #[derive(Clone, Debug, Serialize)]
 pub struct ShutdownReport {
+    /// Segments sealed by the shutdown itself.
     pub sealed_at_shutdown: usize,
+    /// What the drain did and left.
     pub drain: DrainReport,
+    /// Nothing was left: the next open finds a clean shutdown.
     pub clean_marker_written: bool,
+    /// A failure that ended the shutdown early.
     pub error: Option<String>,
     /// Set when another owner took the stream's manifest (a newer epoch):
     /// this process stopped writing to the store; segments not in the
     /// manifest stay `Verified` locally, with their files.
     pub fenced: Option<String>,
+    /// Time the shutdown took.
     pub elapsed_ms: u64,
     /// Damaged local files found at open whose entries could not all be
     /// salvaged: segment, indices and byte offsets of what is gone. Not
@@ -83,6 +94,7 @@ impl ShutdownReport {
         self.lost.iter().map(|n| n.lost_items).sum()
     }
 
+    /// Nothing pending, quarantined, fenced or failed.
     pub fn fully_drained(&self) -> bool {
         self.error.is_none()
             && self.fenced.is_none()
@@ -94,12 +106,19 @@ impl ShutdownReport {
 /// Per-state counts and totals, for `status` and metrics.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
+    /// The segment being written.
     pub active_segment: Option<u64>,
+    /// Its items.
     pub active_items: u32,
+    /// Journaled segments per upload state.
     pub by_state: std::collections::BTreeMap<String, u64>,
+    /// Segments not yet done.
     pub pending_segments: u64,
+    /// Their bytes.
     pub pending_bytes: u64,
+    /// Age of the oldest of them.
     pub oldest_pending_age_ms: Option<u64>,
+    /// Why the writer is poisoned (a durability step failed): restart.
     pub poisoned: Option<String>,
     /// Another owner took the stream's manifest; uploads stopped.
     pub fenced: Option<String>,
@@ -201,6 +220,7 @@ impl TierIndex {
 
     /// As [`open`](Self::open) with a store built by the caller (tests wrap
     /// stores in fault injectors).
+    #[doc(hidden)]
     pub async fn open_with_store(
         cfg: Config,
         store: RemoteStore,
@@ -210,7 +230,8 @@ impl TierIndex {
 
     /// As [`open_with_store`](Self::open_with_store) with the clock the
     /// manifest lease is measured with (tests model a paused owner or clock
-    /// skew with a [`crate::remote::lease::ManualClock`]).
+    /// skew with a `remote::lease::ManualClock`).
+    #[doc(hidden)]
     pub async fn open_with_store_and_clock(
         cfg: Config,
         store: RemoteStore,
@@ -325,6 +346,7 @@ impl TierIndex {
         Ok(())
     }
 
+    /// As [`append`](Self::append), with an entry whose key is already hashed.
     pub fn append_entry(&self, e: Entry) -> Result<()> {
         let mut w = self.writer();
         w.append_entry(e)?;
@@ -365,7 +387,7 @@ impl TierIndex {
     /// else the journal's `Released` records (compaction drops those, so
     /// without the manifest older released segments are not found). Each
     /// candidate whose time range can match costs one range GET once its
-    /// index is cached ([`crate::remote::fetch`]).
+    /// index is cached (`remote::fetch`).
     pub async fn lookup_remote(&self, key: &[u8], range: TimeRange) -> Result<RemoteLookup> {
         let h = crate::key_hash(key);
         let (local, held) = {
@@ -535,6 +557,7 @@ impl TierIndex {
         }
     }
 
+    /// Per-state counts, pending work, and anything that needs an operator.
     pub fn status(&self) -> Status {
         let mut st = status_of(self.sh());
         let w = self.writer();
@@ -561,10 +584,12 @@ impl TierIndex {
         journaled.max(self.writer().max_offset())
     }
 
+    /// The metrics (also served at `metrics_addr` when set).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.sh().metrics.clone()
     }
 
+    /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
@@ -712,6 +737,7 @@ impl TierIndex {
         report
     }
 
+    /// The configuration it was opened with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -719,6 +745,7 @@ impl TierIndex {
 
 /// Open data directory, journal, writer; reconcile; no background tasks.
 /// Shared by [`TierIndex`] and the standalone `drain`.
+#[cfg(any(test, feature = "testing"))]
 pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared>, OpenReport)> {
     open_shared_with_clock(cfg, store, Arc::new(SystemClock)).await
 }

@@ -20,7 +20,8 @@ use tierindex::journal::{
     Frame, HEADER_LEN, Journal, JournalOptions, Record, SegmentRecord, SegmentState, decode_file,
     encode_frame, encode_header, log_path, replay_bytes,
 };
-use tierindex::{Error, SealedMeta, SegmentId};
+use tierindex::segment::SealedMeta;
+use tierindex::{Error, SegmentId};
 
 /// proptest's own default: 256 cases, or `PROPTEST_CASES`. A failing case
 /// is persisted in `tests/proptest-regressions/journal_crash.txt` and tried

@@ -19,9 +19,10 @@ use tierindex::remote::manifest::{
 };
 use tierindex::remote::probe::probe;
 use tierindex::remote::{RemoteStore, StoreOptions};
+use tierindex::segment::SealedMeta;
 use tierindex::testing::{Fault, FaultyStore, Op};
 use tierindex::upload::retry::RetryPolicy;
-use tierindex::{Error, SealedMeta, SegmentId};
+use tierindex::{Error, SegmentId};
 
 const STREAM: &str = "orders";
 const TTL: Duration = Duration::from_secs(30);

@@ -23,11 +23,12 @@ use std::path::Path;
 
 use tierindex::Config;
 use tierindex::journal::{Journal, JournalOptions, Record, decode_file, log_path, replay_bytes};
+use tierindex::segment::SealedMeta;
 use tierindex::segment::active::{self, ActiveSegment};
 use tierindex::segment::format::{self, ACTIVE_ITEM_LEN, ACTIVE_MAGIC, Footer, Header};
 use tierindex::segment::format::{FOOTER_LEN, SEALED_ITEM_LEN, SEALED_MAGIC};
 use tierindex::segment::sealed::build_sealed;
-use tierindex::{Entry, SealedMeta, SegmentId};
+use tierindex::{Entry, SegmentId};
 
 fn seed() -> u64 {
     std::env::var("TIERINDEX_FUZZ_SMOKE_SEED")

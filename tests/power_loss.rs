@@ -74,10 +74,11 @@ use tierindex::index::{IndexConfig, IndexWriter, seal_segment};
 use tierindex::journal::{
     Journal, JournalOptions, LOG_FILE, Record, SegmentRecord, SegmentState, TMP_FILE,
 };
+use tierindex::segment::SealedMeta;
 use tierindex::segment::active::{self, ActiveSegment, active_file_name};
 use tierindex::segment::format::ActiveLayout;
 use tierindex::segment::sealed::{SealedSegment, sealed_file_name, sealed_tmp_name};
-use tierindex::{Entry, Error, SealedMeta, SegmentId, TimeRange};
+use tierindex::{Entry, Error, SegmentId, TimeRange};
 
 // ---------------------------------------------------------------------------
 // Configuration

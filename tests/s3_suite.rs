@@ -133,7 +133,7 @@ fn sealed_file(
     id: u64,
     n: u64,
     seed: u64,
-) -> (std::path::PathBuf, tierindex::SealedMeta) {
+) -> (std::path::PathBuf, tierindex::segment::SealedMeta) {
     let (bytes, meta) = build_sealed(SegmentId(id), 1, 2, 64, &entries(n, seed)).unwrap();
     let p = dir.join(format!("{id}.seg"));
     std::fs::write(&p, bytes).unwrap();

@@ -15,6 +15,7 @@ use object_store::{
 };
 use tierindex::remote::probe::probe;
 use tierindex::remote::{RemoteStore, StoreOptions};
+use tierindex::segment::SealedMeta;
 use tierindex::segment::sealed::build_sealed;
 use tierindex::testing::{Fault, FaultyStore, Op};
 use tierindex::upload::verify::{META_CRC, META_LEN};
@@ -22,7 +23,7 @@ use tierindex::upload::{
     NoHooks, PutOutcome, RemoteMatch, UploadConfig, UploadHooks, VerifyLevel, abort_multipart,
     put_segment, remote_matches, verify_segment,
 };
-use tierindex::{Entry, Error, SealedMeta, SegmentId};
+use tierindex::{Entry, Error, SegmentId};
 
 const STREAM: &str = "orders";
 

@@ -463,3 +463,9 @@ async fn run(cli: &Cli) -> Result<i32> {
         Command::StoreCheck { url } => remote::store_check(cli, url.as_deref()).await,
     }
 }
+
+/// Prints how often each armed failpoint was hit (feature `failpoints`;
+/// nothing otherwise), for the binary's exit path.
+pub fn report_failpoint_counts() {
+    crate::failpoint::report_counts();
+}

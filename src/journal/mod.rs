@@ -60,7 +60,11 @@ mod replay;
 mod writer;
 
 pub use rebuild::{RebuildReport, rebuild};
+// Re-exported for the tests (feature `testing`); the crate uses a part.
+#[cfg_attr(not(any(test, feature = "testing")), allow(unused_imports))]
 pub use record::{Frame, JournalState, PendingSummary, Record, SegmentRecord, SegmentState};
+// Re-exported for the tests (feature `testing`); the crate uses a part.
+#[cfg_attr(not(any(test, feature = "testing")), allow(unused_imports))]
 pub use replay::{
     DecodedFile, DecodedFrame, FORMAT_VERSION, FORMAT_VERSION_MIN, FRAME_HEADER_LEN, FRAME_LEN_MAX,
     HEADER_LEN, Header, MAGIC, RECORD_VERSION, Replayed, TailError, TailKind, decode_file,
@@ -225,6 +229,7 @@ impl JournalView {
     }
 
     /// Segments not yet Verified-or-later and not Quarantined, oldest id first.
+    #[cfg(any(test, feature = "testing"))]
     pub fn pending(&self) -> Vec<&SegmentRecord> {
         self.state.pending()
     }
@@ -240,11 +245,13 @@ impl JournalView {
     }
 
     /// Bytes of the journal file that hold valid data.
+    #[cfg(any(test, feature = "testing"))]
     pub fn file_len(&self) -> u64 {
         self.file_len
     }
 
     /// Header generation: 1 for a new journal, +1 per compaction.
+    #[cfg(any(test, feature = "testing"))]
     pub fn generation(&self) -> u64 {
         self.generation
     }

@@ -396,6 +396,7 @@ impl JournalState {
     }
 
     /// Segments not yet Verified-or-later and not Quarantined, oldest first.
+    #[cfg(any(test, feature = "testing"))]
     pub fn pending(&self) -> Vec<&SegmentRecord> {
         self.segments
             .values()

@@ -262,6 +262,7 @@ impl Journal {
     }
 
     /// Segments not yet Verified-or-later and not Quarantined, oldest id first.
+    #[cfg(any(test, feature = "testing"))]
     pub fn pending(&self) -> Vec<&SegmentRecord> {
         self.view.pending()
     }
@@ -287,10 +288,12 @@ impl Journal {
     }
 
     /// Bytes of `journal.log` holding acknowledged data.
+    #[cfg(any(test, feature = "testing"))]
     pub fn file_len(&self) -> u64 {
         self.view.file_len()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn generation(&self) -> u64 {
         self.view.generation()
     }
@@ -301,6 +304,7 @@ impl Journal {
     }
 
     /// `DATA_DIR/journal`.
+    #[cfg(any(test, feature = "testing"))]
     pub fn dir(&self) -> &Path {
         &self.dir
     }

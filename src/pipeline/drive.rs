@@ -70,7 +70,7 @@ fn record(sh: &Shared, id: SegmentId) -> Result<SegmentRecord> {
 /// thread. A weaker check here once let a foreign sealed file that passed
 /// it fail only the upload's check, which the drive then took for a bad
 /// read-back and retried until the deadline.
-async fn local_mismatch(path: &std::path::Path, meta: &crate::SealedMeta) -> Option<String> {
+async fn local_mismatch(path: &std::path::Path, meta: &crate::segment::SealedMeta) -> Option<String> {
     upload::CheckedBytes::read(path, meta).await.err()
 }
 

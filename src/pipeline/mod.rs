@@ -626,19 +626,28 @@ impl Shared {
 /// One segment's outcome in a drain.
 #[derive(Clone, Debug, Serialize)]
 pub struct PendingNote {
+    /// The segment.
     pub id: u64,
+    /// Its journal state.
     pub state: String,
+    /// The last failure seen for it.
     pub last_error: Option<String>,
 }
 
 /// What a drain did and what it left.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DrainReport {
+    /// Segments finished by this drain.
     pub segments_done: u64,
+    /// Their bytes.
     pub bytes_done: u64,
+    /// Segments left to do (they resume at the next start).
     pub pending: Vec<PendingNote>,
+    /// Segments quarantined (an operator must look).
     pub quarantined: Vec<PendingNote>,
+    /// The deadline ended the drain.
     pub deadline_hit: bool,
+    /// Time the drain took.
     pub elapsed_ms: u64,
 }
 

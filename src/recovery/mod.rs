@@ -6,6 +6,8 @@
 
 pub mod reconcile;
 
+// Re-exported for the tests (feature `testing`); the crate uses a part.
+#[cfg_attr(not(any(test, feature = "testing")), allow(unused_imports))]
 pub use reconcile::{
     Finding, FindingKind, MULTIPART_NOT_CHECKED, ReconcileOptions, ReconcileReport,
     reconcile as run_reconcile,

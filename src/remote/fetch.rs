@@ -52,6 +52,7 @@ use crate::segment::{Entry, SealedMeta, TimeRange};
 use crate::upload::retry::{RetryPolicy, with_retries};
 
 /// Segments read at once by [`Fetcher::lookup`].
+#[cfg(any(test, feature = "testing"))]
 pub const LOOKUP_PARALLELISM: usize = 8;
 
 /// A segment the caller trusts as committed: where it is and what it holds.
@@ -114,6 +115,7 @@ struct Cache {
 
 /// Request counters of a [`Fetcher`] (cumulative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg(any(test, feature = "testing"))]
 pub struct FetchStats {
     /// Ranged GETs sent (each retry counts).
     pub requests: u64,
@@ -157,6 +159,7 @@ impl Fetcher {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn stats(&self) -> FetchStats {
         FetchStats {
             requests: self.requests.load(Ordering::Relaxed),
@@ -168,6 +171,7 @@ impl Fetcher {
     }
 
     /// Index bytes held in the cache now.
+    #[cfg(any(test, feature = "testing"))]
     pub fn cached_bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -188,6 +192,7 @@ impl Fetcher {
     /// given (oldest first by convention), append order within a segment.
     /// Up to [`LOOKUP_PARALLELISM`] segments are read at once; the first
     /// failure is returned, naming its key.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn lookup(
         &self,
         segments: &[RemoteSegment],
@@ -430,6 +435,7 @@ impl Fetcher {
     }
 
     /// The store this fetcher reads.
+    #[cfg(any(test, feature = "testing"))]
     pub fn store(&self) -> &RemoteStore {
         &self.store
     }

@@ -16,7 +16,9 @@
 //! observed, so a writer's wall-clock jump cannot keep it out for long.
 
 use std::fmt;
+#[cfg(any(test, feature = "testing"))]
 use std::sync::Arc;
+#[cfg(any(test, feature = "testing"))]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -71,21 +73,26 @@ impl Clock for SystemClock {
 /// one (time passing); [`set`](Self::set) moves only the wall clock (a
 /// jump, or a test that only cares about wall time).
 #[derive(Clone, Debug, Default)]
+#[cfg(any(test, feature = "testing"))]
 pub struct ManualClock {
     wall: Arc<AtomicU64>,
     mono: Arc<AtomicU64>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl ManualClock {
+    #[cfg(any(test, feature = "testing"))]
     pub fn new(start_ms: u64) -> ManualClock {
         ManualClock {
             wall: Arc::new(AtomicU64::new(start_ms)),
             mono: Arc::new(AtomicU64::new(0)),
         }
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn set(&self, ms: u64) {
         self.wall.store(ms, Ordering::SeqCst);
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn advance(&self, by: Duration) {
         let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
         for a in [&self.wall, &self.mono] {
@@ -96,6 +103,7 @@ impl ManualClock {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.wall.load(Ordering::SeqCst)

@@ -62,6 +62,8 @@ use crate::segment::{KeySum, SealedMeta, SegmentId};
 use crate::upload::retry::{RetryPolicy, with_retries};
 
 mod renewal;
+// Re-exported for the tests (feature `testing`); the crate uses a part.
+#[cfg_attr(not(any(test, feature = "testing")), allow(unused_imports))]
 pub use renewal::{
     CurrentLease, KEEP_RENEWALS, LEASE_SUFFIX, LEASES_DIR, LeaseKeeper, Renewal, decode_renewal,
     encode_renewal,
@@ -852,6 +854,7 @@ impl ManifestStore {
     pub fn stream(&self) -> &str {
         &self.inner.stream
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn options(&self) -> &ManifestOptions {
         &self.inner.opts
     }
@@ -1307,6 +1310,7 @@ impl ManifestWriter {
         &self.base
     }
     /// When the lease ends by this owner's last renewal (0 after release).
+    #[cfg(any(test, feature = "testing"))]
     pub fn lease_expires_ms(&self) -> u64 {
         self.base
             .lease
@@ -1423,6 +1427,7 @@ impl ManifestWriter {
     /// Extends the lease to now + `ttl` with a renewal object (the manifest
     /// head is not rewritten; see [`LeaseKeeper::renew`]). Allowed after
     /// expiry as long as nobody took over (the epoch is still ours).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn renew(&mut self, ttl: Duration) -> Result<()> {
         self.check_alive()?;
         match self.keeper.renew(ttl).await {

@@ -332,6 +332,7 @@ impl ActiveSegment {
     ///
     /// A cut file is re-extended by at most [`MAX_REEXTEND_BYTES`]; see
     /// [`open_within`](Self::open_within) to bound it by the geometry.
+    #[cfg(any(test, feature = "testing"))]
     pub fn open(path: &Path, save_dir: Option<&Path>) -> Result<(ActiveSegment, ActiveRecovery)> {
         Self::open_within(path, save_dir, None)
     }
@@ -489,6 +490,7 @@ impl ActiveSegment {
     }
 
     /// Append an entry for `key`. Not durable until [`flush`](Self::flush).
+    #[cfg(any(test, feature = "testing"))]
     pub fn append(&mut self, key: &[u8], offset: u64, size: u32, timestamp_ms: u64) -> Result<()> {
         self.append_entry(Entry {
             key_hash: crate::key_hash(key),
@@ -626,25 +628,30 @@ impl ActiveSegment {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn flushed_len(&self) -> u32 {
         self.flushed
     }
     pub fn is_full(&self) -> bool {
         self.len >= self.layout.item_capacity
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.is_some()
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn file_len(&self) -> u64 {
         self.layout.file_len
     }
 
     /// Poison from outside (e.g. a failed fsync elsewhere in the writer).
+    #[cfg(any(test, feature = "testing"))]
     pub fn poison(&mut self, why: String) {
         self.poisoned.get_or_insert(why);
     }
 
     /// Keep the file handle alive as long as the mapping (documented intent).
+    #[cfg(any(test, feature = "testing"))]
     pub fn file(&self) -> &File {
         &self.file
     }

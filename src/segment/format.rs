@@ -349,6 +349,7 @@ impl SealedLayout {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn dir_len(&self) -> u64 {
         (u64::from(self.slot_count) + 1) * 4
     }
@@ -365,6 +366,7 @@ fn sealed_item_crc(segment_id: SegmentId, body: &[u8]) -> u32 {
 }
 
 #[inline]
+#[cfg(any(test, feature = "testing"))]
 pub fn encode_sealed_item(out: &mut [u8], segment_id: SegmentId, e: &Entry) {
     debug_assert_eq!(out.len(), SEALED_ITEM_LEN);
     let mut b = [0u8; SEALED_ITEM_LEN];
@@ -445,6 +447,7 @@ impl SumsHasher {
     }
 
     /// True before the first byte.
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -52,16 +52,20 @@ pub fn key_hash(key: &[u8]) -> u64 {
 /// Inclusive timestamp range for lookups. `TimeRange::ALL` matches everything.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct TimeRange {
+    /// First timestamp included.
     pub from_ms: u64,
+    /// Last timestamp included.
     pub to_ms: u64,
 }
 
 impl TimeRange {
+    /// Every timestamp.
     pub const ALL: TimeRange = TimeRange {
         from_ms: 0,
         to_ms: u64::MAX,
     };
 
+    /// True when `ts` is in the range.
     pub fn contains(&self, ts: u64) -> bool {
         self.from_ms <= ts && ts <= self.to_ms
     }

@@ -272,6 +272,8 @@ pub fn scan_active(
 /// What salvage of a sealed file found.
 #[derive(Clone, Debug)]
 pub struct SealedSalvage {
+    /// Read by the tests only.
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
     pub id: SegmentId,
     pub created_ms: u64,
     pub slot_count: u32,
@@ -279,7 +281,8 @@ pub struct SealedSalvage {
     pub entries: Vec<Entry>,
     /// Runs of items that did not verify.
     pub lost: Vec<LostSpan>,
-    /// How the layout was found: "footer" or "header".
+    /// How the layout was found: "footer" or "header" (read by the tests).
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
     pub layout_from: &'static str,
 }
 

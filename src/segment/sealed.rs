@@ -10,12 +10,15 @@
 //! A sealed file is never written again.
 
 use std::fs::{self, File, OpenOptions};
+#[cfg(any(test, feature = "testing"))]
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::durable::{fsync_dir, fsync_dir_at, fsync_file};
+use crate::durable::fsync_dir_at;
+#[cfg(any(test, feature = "testing"))]
+use crate::durable::{fsync_dir, fsync_file};
 use crate::error::{Error, Result};
 use crate::segment::format::{
     self, FOOTER_LEN, Footer, HEADER_LEN, Header, SEALED_ITEM_LEN, SEALED_MAGIC, SealedLayout,
@@ -40,6 +43,7 @@ pub const PACKED_ENTRY_LEN: usize = 28;
 
 /// Build the bytes of a sealed segment from `entries` given in append order.
 /// Entries keep their append order within a slot.
+#[cfg(any(test, feature = "testing"))]
 pub fn build_sealed(
     id: SegmentId,
     created_ms: u64,
@@ -77,6 +81,7 @@ fn le_u64(b: &[u8]) -> u64 {
 /// Build a sealed segment in memory from items laid out every `stride`
 /// bytes in `items`, each starting with the 28-byte packed entry (see
 /// [`PACKED_ENTRY_LEN`]). Same bytes as [`write_sealed_streaming`].
+#[cfg(any(test, feature = "testing"))]
 pub fn build_sealed_packed(
     id: SegmentId,
     created_ms: u64,
@@ -176,8 +181,10 @@ impl SealOut for FileOut<'_> {
 }
 
 /// Memory, for [`build_sealed_packed`]; grows to the highest byte written.
+#[cfg(any(test, feature = "testing"))]
 struct MemOut(std::sync::Mutex<Vec<u8>>);
 
+#[cfg(any(test, feature = "testing"))]
 impl SealOut for MemOut {
     fn put(&self, at: u64, bytes: &[u8]) -> std::result::Result<(), SealError> {
         let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -685,6 +692,7 @@ fn start_writeback(f: &File, from: u64, len: u64) -> std::io::Result<()> {
 ///
 /// Any failure of a sync step is returned as [`Error::Poisoned`]: the caller
 /// must not retry the same file descriptors, and must not acknowledge the seal.
+#[cfg(any(test, feature = "testing"))]
 pub fn write_sealed_file(dir: &Path, id: SegmentId, bytes: &[u8]) -> Result<PathBuf> {
     let tmp = dir.join(sealed_tmp_name(id));
     let dst = dir.join(sealed_file_name(id));

@@ -59,10 +59,12 @@ use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
 use crate::segment::SealedMeta;
 
-pub use put::{
-    CheckedBytes, abort_multipart, abort_multipart_cfg, put_segment, put_segment_checked,
-};
-pub use verify::{remote_matches, remote_matches_cfg, verify_segment, verify_segment_cfg};
+pub use put::{CheckedBytes, abort_multipart_cfg, put_segment_checked};
+#[cfg(any(test, feature = "testing"))]
+pub use put::{abort_multipart, put_segment};
+#[cfg(any(test, feature = "testing"))]
+pub use verify::remote_matches;
+pub use verify::{remote_matches_cfg, verify_segment, verify_segment_cfg};
 
 /// How an uploaded object is checked before it counts as `Verified`.
 ///

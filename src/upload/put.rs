@@ -36,6 +36,7 @@ use crate::upload::{MAX_PARTS, PutOutcome, RemoteMatch, UploadConfig, UploadHook
 /// `Corrupt` (local file does not match `meta`, or the object read back is
 /// wrong), `RemoteConflict` (another object under the key), `RemoteRetryable`
 /// (try again later), `Remote` (configuration/auth), `InvalidInput`.
+#[cfg(any(test, feature = "testing"))]
 pub async fn put_segment(
     store: &RemoteStore,
     key: &Path,
@@ -514,6 +515,7 @@ async fn abort_quietly(
 /// Aborts a multipart upload. An upload that is already gone (completed,
 /// aborted, expired) is success; so is a store without a multipart API
 /// (no upload can exist there).
+#[cfg(any(test, feature = "testing"))]
 pub async fn abort_multipart(store: &RemoteStore, key: &Path, upload_id: &str) -> Result<()> {
     abort_multipart_cfg(store, key, upload_id, &UploadConfig::default()).await
 }

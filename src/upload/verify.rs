@@ -437,6 +437,7 @@ pub(crate) async fn verify_with(
 
 /// Compares the object under `key` with `meta`: size, metadata (when
 /// present) and the CRC32 of the whole body. Used to settle `AlreadyExists`.
+#[cfg(any(test, feature = "testing"))]
 pub async fn remote_matches(
     store: &RemoteStore,
     key: &Path,

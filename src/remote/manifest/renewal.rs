@@ -441,13 +441,16 @@ impl LeaseKeeper {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn owner(&self) -> &str {
         &self.inner.owner
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn epoch(&self) -> u64 {
         self.inner.epoch
     }
     /// The expiry of the latest renewal that landed.
+    #[cfg(any(test, feature = "testing"))]
     pub fn expires_ms(&self) -> u64 {
         self.inner.expires_ms.load(Ordering::SeqCst)
     }
