@@ -171,9 +171,7 @@ pub const CONFIG_BYTES_MAX: u64 = 1 << 20;
 /// Shortest accepted `reconcile_grace_ms`.
 pub const RECONCILE_GRACE_MS_MIN: u64 = 1_000;
 
-/// Shortest and longest accepted `lease_ttl_ms`.
-pub const LEASE_TTL_MS_MIN: u64 = 100;
-pub const LEASE_TTL_MS_MAX: u64 = 86_400_000;
+pub use crate::remote::lease::{LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN};
 
 /// Shortest per-request timeout [`manifest_retry`] uses; below it the
 /// lease check at open warns instead (the TTL is then too short to fit).

@@ -51,6 +51,18 @@ pub const JOURNAL_DIR: &str = "journal";
 pub const QUARANTINE_DIR: &str = "quarantine";
 pub const LOCK_FILE: &str = "LOCK";
 
+/// True when `path` looks like a data directory: it has an identity, a
+/// journal directory or a segments directory.
+pub fn is_data_dir(path: &Path) -> bool {
+    [
+        crate::identity::IDENTITY_FILE,
+        JOURNAL_DIR,
+        SEGMENTS_DIR,
+    ]
+    .iter()
+    .any(|n| path.join(n).exists())
+}
+
 /// An open, locked data directory.
 pub struct DataDir {
     root: PathBuf,
@@ -82,24 +94,18 @@ impl DataDir {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| Error::io(&lock_path, "open lock file", e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = lock.read_to_string(&mut holder);
-                let holder = holder.trim();
-                return Err(Error::Locked {
-                    path: root.to_path_buf(),
-                    holder: if holder.is_empty() {
-                        "unknown holder".into()
-                    } else {
-                        holder.into()
-                    },
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(Error::io(&lock_path, "lock data directory", e));
-            }
+        if !crate::durable::try_lock(&lock, &lock_path)? {
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(Error::Locked {
+                path: root.to_path_buf(),
+                holder: if holder.is_empty() {
+                    "unknown holder".into()
+                } else {
+                    holder.into()
+                },
+            });
         }
         let me = format!(
             "pid={} host={} since_ms={}",

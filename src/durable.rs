@@ -43,6 +43,18 @@ pub fn fsync_file(f: &File, path: &Path) -> Result<()> {
         .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", path.display())))
 }
 
+/// Takes an exclusive, non-blocking lock on `f` (`flock` on Linux), held
+/// until `f` is closed: the one file lock of the crate (the data
+/// directory's `LOCK`, the journal directory). `Ok(false)` when another
+/// open file holds it, in this process or another.
+pub fn try_lock(f: &File, path: &Path) -> Result<bool> {
+    match f.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, "lock", e)),
+    }
+}
+
 /// Open `path` and fsync it (for a file just written with `fs::write`).
 pub fn fsync_path(path: &Path) -> Result<()> {
     let f = File::open(path).map_err(|e| Error::io(path, "open file for fsync", e))?;

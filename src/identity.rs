@@ -37,7 +37,6 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// The file name inside the data directory.
@@ -345,7 +344,7 @@ fn mode_mismatch(data_dir: &Path, id: &Identity, recorded: Mode, want: Mode) -> 
 /// The credential-free form of a store URL, as `RemoteStore::display_url`
 /// shows it (`file:///abs`, `s3://bucket[/prefix]`, `memory://prefix`);
 /// `None` for what does not parse.
-fn display_of(url: &str) -> Option<String> {
+pub(crate) fn display_of(url: &str) -> Option<String> {
     let u = url::Url::parse(url).ok()?;
     let path = u.path().trim_matches('/');
     match u.scheme() {
@@ -373,120 +372,6 @@ fn display_of(url: &str) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// True when `path` looks like a data directory: it has an identity, a
-/// journal directory or a segments directory.
-pub fn is_data_dir(path: &Path) -> bool {
-    [
-        IDENTITY_FILE,
-        crate::datadir::JOURNAL_DIR,
-        crate::datadir::SEGMENTS_DIR,
-    ]
-    .iter()
-    .any(|n| path.join(n).exists())
-}
-
-/// What the CLI was told, for [`resolve_cli`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CliIntent {
-    /// The command inspects or drains an existing data directory (it must
-    /// not create one).
-    pub inspects: bool,
-    /// The command talks to the store.
-    pub needs_store: bool,
-    /// `--stream` (or the config file) named the stream.
-    pub stream_given: bool,
-    /// `--store-override`: use the given store although the data directory
-    /// records another.
-    pub store_override: bool,
-    /// `--manifest` (or the config file) chose the mode.
-    pub mode_given: bool,
-}
-
-/// The CLI's resolution of `--data-dir`, `--store` and `--stream` against
-/// the data directory's identity, for the commands that inspect or drain:
-/// - a path that is not a data directory is refused (nothing is created);
-/// - no `--store`: the recorded store (and endpoint) is used; a data
-///   directory without an identity (older than this file) is refused with
-///   what to pass;
-/// - a `--store` other than the recorded one is refused unless
-///   `store_override`; the same for `--stream`, and no `--stream` means the
-///   recorded stream.
-/// - no `--manifest` (nor a `manifest` key in the config file): the
-///   recorded mode, for every command on an existing data directory.
-pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
-    if !intent.inspects {
-        if !intent.mode_given
-            && let Ok(Some(Identity { mode: Some(m), .. })) = Identity::load(&cfg.data_dir)
-        {
-            cfg.manifest = m.is_manifest();
-        }
-        return Ok(());
-    }
-    let dir = &cfg.data_dir;
-    if !is_data_dir(dir) {
-        return Err(Error::InvalidInput(format!(
-            "{} is not a tierindex data directory (no {IDENTITY_FILE}, journal/ or segments/); \
-             this command does not create one: check --data-dir",
-            dir.display()
-        )));
-    }
-    let id = Identity::load(dir)?;
-    let Some(id) = id else {
-        if intent.needs_store && cfg.store.is_none() {
-            return Err(Error::InvalidInput(format!(
-                "{} does not record its store (it was created before identity files; the \
-                 broker writes one at its next start): pass --store with the store its broker \
-                 uses (and --endpoint for S3 servers other than AWS); tierindex does not guess",
-                dir.display()
-            )));
-        }
-        return Ok(());
-    };
-    let mismatch = |what: &str, recorded: &str, given: &str| {
-        Error::InvalidInput(format!(
-            "{} was created for {what} {recorded:?} ({IDENTITY_FILE}, incarnation {}), but \
-             {given:?} was given: omit it to use the recorded one, or pass --store-override \
-             to use the given one anyway",
-            dir.display(),
-            id.incarnation
-        ))
-    };
-    if !intent.stream_given {
-        cfg.stream = id.stream.clone();
-    } else if cfg.stream != id.stream && !intent.store_override {
-        return Err(mismatch("stream", &id.stream, &cfg.stream));
-    }
-    // The mode: the recorded one unless one was chosen; a chosen one that
-    // differs is refused by the open itself (`settle_mode`) unless
-    // --switch-mode.
-    if let Some(m) = id.mode
-        && !intent.mode_given
-    {
-        cfg.manifest = m.is_manifest();
-    }
-    if !intent.needs_store {
-        return Ok(());
-    }
-    match cfg.store.clone() {
-        None => {
-            cfg.store = Some(id.store.clone());
-            if cfg.endpoint.is_none() {
-                cfg.endpoint = id.endpoint.clone();
-            }
-        }
-        Some(given) => {
-            // Compared without building a store (that would create a
-            // file:// directory as a side effect).
-            let shown = display_of(&given).unwrap_or_else(|| given.clone());
-            let recorded = display_of(&id.store).unwrap_or_else(|| id.store.clone());
-            if shown != recorded && !intent.store_override {
-                return Err(mismatch("store", &id.store, &given));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -552,72 +437,5 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(Identity::load(tmp.path()).unwrap(), Some(a));
         assert!(!tmp.path().join(TMP_FILE).exists());
-    }
-
-    #[test]
-    fn the_cli_refuses_what_it_would_have_to_guess() {
-        let tmp = tempfile::tempdir().unwrap();
-        let intent = CliIntent {
-            inspects: true,
-            needs_store: true,
-            ..Default::default()
-        };
-        // Not a data directory: refused, nothing created.
-        let missing = tmp.path().join("nope");
-        let mut cfg = Config {
-            data_dir: missing.clone(),
-            ..Config::default()
-        };
-        let e = resolve_cli(&mut cfg, intent).unwrap_err();
-        assert!(
-            e.to_string().contains("not a tierindex data directory"),
-            "{e}"
-        );
-        assert!(!missing.exists());
-
-        // A data directory from before identity files, no --store: refused.
-        let dd = tmp.path().join("old");
-        fs::create_dir_all(dd.join("journal")).unwrap();
-        let mut cfg = Config {
-            data_dir: dd.clone(),
-            ..Config::default()
-        };
-        let e = resolve_cli(&mut cfg, intent).unwrap_err();
-        assert!(e.to_string().contains("pass --store"), "{e}");
-        assert_eq!(cfg.store, None);
-
-        // With an identity: the recorded store and stream are used ...
-        let store = format!("file://{}", tmp.path().join("store").display());
-        ensure(&dd, "orders", &store, None, None).unwrap();
-        let mut cfg = Config {
-            data_dir: dd.clone(),
-            ..Config::default()
-        };
-        resolve_cli(&mut cfg, intent).unwrap();
-        assert_eq!(cfg.store.as_deref(), Some(store.as_str()));
-        assert_eq!(cfg.stream, "orders");
-        // ... another one is refused without --store-override.
-        let other = format!("file://{}", tmp.path().join("elsewhere").display());
-        let mut cfg = Config {
-            data_dir: dd.clone(),
-            store: Some(other.clone()),
-            ..Config::default()
-        };
-        let e = resolve_cli(&mut cfg, intent).unwrap_err();
-        assert!(e.to_string().contains("--store-override"), "{e}");
-        let mut cfg = Config {
-            data_dir: dd,
-            store: Some(other.clone()),
-            ..Config::default()
-        };
-        resolve_cli(
-            &mut cfg,
-            CliIntent {
-                store_override: true,
-                ..intent
-            },
-        )
-        .unwrap();
-        assert_eq!(cfg.store, Some(other));
     }
 }

@@ -171,10 +171,6 @@ pub struct TierIndex {
     losses: Vec<LossNote>,
 }
 
-/// Index bytes (footers and slot directories) a `TierIndex` caches for
-/// remote lookups.
-pub const REMOTE_INDEX_CACHE_BYTES: usize = 64 << 20;
-
 /// What [`TierIndex::lookup_remote`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RemoteLookup {
@@ -457,7 +453,7 @@ impl TierIndex {
             Fetcher::new(
                 sh.store.clone(),
                 sh.upload.retry_policy(),
-                REMOTE_INDEX_CACHE_BYTES,
+                crate::remote::fetch::REMOTE_INDEX_CACHE_BYTES,
             )
         });
         let mut out = RemoteLookup {

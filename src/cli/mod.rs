@@ -6,10 +6,12 @@
 
 mod demo;
 mod drain;
+mod identity;
 mod local;
 mod output;
 mod quarantine;
 mod remote;
+mod table;
 
 use std::path::PathBuf;
 
@@ -210,25 +212,25 @@ impl Cli {
         if let Some(s) = &self.stream {
             c.stream = s.clone();
         }
-        let intent = crate::identity::CliIntent {
+        let intent = identity::CliIntent {
             mode_given,
             ..self.identity_intent(stream_given)
         };
-        crate::identity::resolve_cli(&mut c, intent)?;
+        identity::resolve_cli(&mut c, intent)?;
         c.validate()?;
         Ok(c)
     }
 
     /// What the command does with the data directory and the store, for
-    /// the identity check (`crate::identity::resolve_cli`).
-    fn identity_intent(&self, stream_given: bool) -> crate::identity::CliIntent {
+    /// the identity check (`identity::resolve_cli`).
+    fn identity_intent(&self, stream_given: bool) -> identity::CliIntent {
         let (inspects, needs_store) = match &self.cmd {
             Command::Drain(_) | Command::Verify | Command::Reconcile { .. } => (true, true),
             Command::Status { remote } | Command::Lookup { remote, .. } => (true, *remote),
             Command::Fsck { .. } => (true, false),
             _ => (false, false),
         };
-        crate::identity::CliIntent {
+        identity::CliIntent {
             inspects,
             needs_store,
             stream_given,

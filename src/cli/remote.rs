@@ -531,7 +531,7 @@ pub(crate) async fn remote_hits(
     let f = Fetcher::new(
         store,
         cfg.upload_config().retry_policy(),
-        crate::tier::REMOTE_INDEX_CACHE_BYTES,
+        crate::remote::fetch::REMOTE_INDEX_CACHE_BYTES,
     );
     let candidates = segs.len() + bad.len();
     let mut hits = Vec::new();
@@ -791,17 +791,17 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     emit(cli.json, &out, |o| {
         let mut s = format!(
             "{}  | manifest | object\n",
-            crate::cli::local::SEGMENT_HEADER
+            crate::cli::table::SEGMENT_HEADER
         );
         for x in &o.segments {
             s.push_str(&format!(
                 "{}  | {} | {}\n",
-                crate::cli::local::segment_line(x.record),
+                crate::cli::table::segment_line(x.record),
                 x.manifest,
                 x.object
             ));
         }
-        s.push_str(&crate::cli::local::totals_line(&o.totals));
+        s.push_str(&crate::cli::table::totals_line(&o.totals));
         s.push('\n');
         let r = &o.remote;
         let owner = r.lease.describe(now);

@@ -20,16 +20,26 @@
 //! so it is returned as an error without poisoning. A failure in 3 or 4 leaves
 //! us unsure which file the name points to (durably), so it poisons.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
+use std::io;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::record::{Frame, JournalState, SegmentState};
 use super::replay::{encode_frame, encode_header, replay_bytes};
-use super::writer::{Journal, remove_tmp, sync_dir};
-use super::{LOG_FILE, TMP_FILE};
+use super::TMP_FILE;
 use crate::error::{Error, Result};
+
+/// Removes `journal.log.tmp` if present; true if it was there.
+pub(super) fn remove_tmp(dir: &Path) -> Result<bool> {
+    let tmp = dir.join(TMP_FILE);
+    match fs::remove_file(&tmp) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(&tmp, "remove interrupted compaction file", e)),
+    }
+}
 
 /// Writes `state` as a complete, fsynced journal file at `dir/journal.log.tmp`,
 /// checks it by replaying it, and returns it open read-write with its length.
@@ -97,71 +107,10 @@ pub(super) fn write_snapshot_file(
     Ok((file, len))
 }
 
-impl Journal {
-    /// Rewrites the journal as a snapshot of the live state: every segment
-    /// except Released ones, plus the max id ever seen. The state visible
-    /// through `get`/`segments` loses only the Released segments.
-    pub fn compact(&mut self) -> Result<()> {
-        self.check_poisoned()?;
-        let kept = self.view.state.without_released();
-        let generation = self.view.generation + 1;
-        let (file, len) = match write_snapshot_file(&self.dir, generation, &kept) {
-            Ok(done) => done,
-            Err(e) => {
-                // journal.log was not touched; our descriptor is still on it.
-                if let Err(rm) = remove_tmp(&self.dir) {
-                    tracing::warn!("could not remove failed compaction file: {rm}");
-                }
-                return Err(e);
-            }
-        };
-        let (tmp, log) = (self.dir.join(TMP_FILE), self.dir.join(LOG_FILE));
-        let renamed = crate::failpoint::hit("journal.compact.rename")
-            .and_then(|()| std::fs::rename(&tmp, &log));
-        if let Err(e) = renamed {
-            return Err(self.poison(format!("compaction rename {tmp:?} -> {log:?} failed: {e}")));
-        }
-        // From here the name points at the new file: switch to it.
-        tracing::info!(
-            dir = %self.dir.display(),
-            generation,
-            bytes_before = self.view.file_len,
-            bytes_after = len,
-            segments = kept.segments().len(),
-            "journal compacted"
-        );
-        self.file = file;
-        self.view.state = kept;
-        self.view.generation = generation;
-        self.view.file_len = len;
-        self.compacted_len = len;
-        // IMPORTANT: fsync the directory, or the rename may not survive a crash
-        // while appends already go to the new file.
-        let synced = crate::failpoint::hit("journal.compact.dirsync")
-            .map_err(|e| Error::io(&self.dir, "fsync directory", e))
-            .and_then(|()| sync_dir(&self.dir));
-        if let Err(e) = synced {
-            return Err(self.poison(format!("fsync of journal directory after compaction: {e}")));
-        }
-        Ok(())
-    }
-
-    /// Compacts when the file is above `compact_after_bytes` and at least twice
-    /// its size right after the previous compaction. Returns whether it did.
-    pub fn maybe_compact(&mut self) -> Result<bool> {
-        self.check_poisoned()?;
-        let len = self.view.file_len;
-        if len <= self.opts.compact_after_bytes || len < self.compacted_len.saturating_mul(2) {
-            return Ok(false);
-        }
-        self.compact()?;
-        Ok(true)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::Journal;
     use crate::journal::record::Record;
     use crate::journal::record::tests::{happy_path, meta, uploading};
     use crate::journal::{JournalOptions, journal_dir, log_path};

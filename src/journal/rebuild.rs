@@ -45,7 +45,9 @@ use serde::Serialize;
 
 use super::record::{Frame, JournalState, Record, SegmentRecord, SegmentState};
 use super::replay::{FRAME_HEADER_LEN, HEADER_LEN, decode_header, find_resync};
-use super::writer::{lock_dir, remove_tmp, sync_dir};
+use super::compact::remove_tmp;
+use super::writer::lock_dir;
+use crate::durable::fsync_dir;
 use super::{LOG_FILE, TMP_FILE, TailKind, compact, journal_dir};
 use crate::error::{Error, Result};
 use crate::segment::sealed::SealedSegment;
@@ -289,7 +291,7 @@ fn salvage(bytes: &[u8], fold: &mut Fold) -> Result<(u64, u64)> {
 pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
     let dir = journal_dir(data_dir);
     match fs::create_dir(&dir) {
-        Ok(()) => sync_dir(data_dir)?,
+        Ok(()) => fsync_dir(data_dir)?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(&dir, "create journal directory", e)),
     }
@@ -432,14 +434,14 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
         let copy = dir.join(format!("journal.log.damaged.{}", crate::segment::now_ms()));
         fs::write(&copy, bytes).map_err(|e| Error::io(&copy, "keep the damaged journal", e))?;
         crate::durable::fsync_path(&copy)?;
-        sync_dir(&dir)?;
+        fsync_dir(&dir)?;
         report.damaged_copy = Some(copy);
     }
     let (_file, _len) = compact::write_snapshot_file(&dir, generation, &state)?;
     fs::rename(dir.join(TMP_FILE), &log)
         .map_err(|e| Error::io(&log, "install rebuilt journal", e))?;
     // IMPORTANT: makes the rename durable before anyone appends.
-    sync_dir(&dir)?;
+    fsync_dir(&dir)?;
     tracing::warn!(
         file = %log.display(),
         segments = report.segments,

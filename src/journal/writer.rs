@@ -17,7 +17,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::record::{Frame, JournalState, Record, SegmentRecord};
@@ -46,39 +45,17 @@ pub struct Journal {
     _lock: File,
 }
 
-/// fsyncs a directory so that entries created, renamed or removed in it are
-/// durable. IMPORTANT on Linux: a file's own fsync does not persist its name.
-/// (One helper for the whole crate: [`crate::durable::fsync_dir`].)
-pub(super) fn sync_dir(dir: &Path) -> Result<()> {
-    crate::durable::fsync_dir(dir)
-}
 
-/// Takes an exclusive, non-blocking `flock` on `dir`.
+/// Takes the journal directory's lock (see [`crate::durable::try_lock`]).
 pub(super) fn lock_dir(dir: &Path) -> Result<File> {
     let f = File::open(dir).map_err(|e| Error::io(dir, "open journal directory", e))?;
-    // SAFETY: flock only reads the descriptor, which `f` keeps open.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::Locked {
-                path: dir.to_path_buf(),
-                holder: "another open Journal".into(),
-            });
-        }
-        return Err(Error::io(dir, "flock journal directory", e));
+    if !crate::durable::try_lock(&f, dir)? {
+        return Err(Error::Locked {
+            path: dir.to_path_buf(),
+            holder: "another open Journal".into(),
+        });
     }
     Ok(f)
-}
-
-/// Removes `journal.log.tmp` if present; true if it was there.
-pub(super) fn remove_tmp(dir: &Path) -> Result<bool> {
-    let tmp = dir.join(TMP_FILE);
-    match fs::remove_file(&tmp) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::io(&tmp, "remove interrupted compaction file", e)),
-    }
 }
 
 impl Journal {
@@ -98,13 +75,13 @@ impl Journal {
         }
         // Always, not only after create_dir: a previous process may have
         // created the directory and died before making its name durable.
-        sync_dir(data_dir)?;
+        crate::durable::fsync_dir(data_dir)?;
         let lock = lock_dir(&dir)?;
 
         // Safe to delete: journal.log is only replaced by renaming a fully
         // written and fsynced tmp over it, so a tmp that still exists was never
         // installed and journal.log (if any) is the complete previous journal.
-        let removed_tmp = remove_tmp(&dir)?;
+        let removed_tmp = compact::remove_tmp(&dir)?;
         let log = dir.join(LOG_FILE);
         if !log
             .try_exists()
@@ -115,7 +92,7 @@ impl Journal {
                 .map_err(|e| Error::io(&log, "install new journal", e))?;
         }
         // Makes the removal of a tmp and the creation of journal.log durable.
-        sync_dir(&dir)?;
+        crate::durable::fsync_dir(&dir)?;
 
         let mut file = OpenOptions::new()
             .read(true)
@@ -151,7 +128,7 @@ impl Journal {
                 fs::write(&saved, cut)
                     .map_err(|e| Error::io(&saved, "save cut journal tail", e))?;
                 crate::durable::fsync_path(&saved)?;
-                sync_dir(&dir)?;
+                crate::durable::fsync_dir(&dir)?;
                 tracing::warn!(saved = %saved.display(), bytes = cut.len(), "journal tail cut; copy kept");
             }
             // Later appends go right after the last good frame; the cut bytes
@@ -340,6 +317,69 @@ fn log_tail(log: &Path, report: &ReplayReport) {
         tail.kind,
         tail.detail
     );
+}
+
+// Compaction (the file it writes is compact.rs's).
+impl Journal {
+    /// Rewrites the journal as a snapshot of the live state: every segment
+    /// except Released ones, plus the max id ever seen. The state visible
+    /// through `get`/`segments` loses only the Released segments.
+    pub fn compact(&mut self) -> Result<()> {
+        self.check_poisoned()?;
+        let kept = self.view.state.without_released();
+        let generation = self.view.generation + 1;
+        let (file, len) = match compact::write_snapshot_file(&self.dir, generation, &kept) {
+            Ok(done) => done,
+            Err(e) => {
+                // journal.log was not touched; our descriptor is still on it.
+                if let Err(rm) = compact::remove_tmp(&self.dir) {
+                    tracing::warn!("could not remove failed compaction file: {rm}");
+                }
+                return Err(e);
+            }
+        };
+        let (tmp, log) = (self.dir.join(TMP_FILE), self.dir.join(LOG_FILE));
+        let renamed = crate::failpoint::hit("journal.compact.rename")
+            .and_then(|()| std::fs::rename(&tmp, &log));
+        if let Err(e) = renamed {
+            return Err(self.poison(format!("compaction rename {tmp:?} -> {log:?} failed: {e}")));
+        }
+        // From here the name points at the new file: switch to it.
+        tracing::info!(
+            dir = %self.dir.display(),
+            generation,
+            bytes_before = self.view.file_len,
+            bytes_after = len,
+            segments = kept.segments().len(),
+            "journal compacted"
+        );
+        self.file = file;
+        self.view.state = kept;
+        self.view.generation = generation;
+        self.view.file_len = len;
+        self.compacted_len = len;
+        // IMPORTANT: fsync the directory, or the rename may not survive a crash
+        // while appends already go to the new file.
+        let synced = crate::failpoint::hit("journal.compact.dirsync")
+            .map_err(|e| Error::io(&self.dir, "fsync directory", e))
+            .and_then(|()| crate::durable::fsync_dir(&self.dir));
+        if let Err(e) = synced {
+            return Err(self.poison(format!("fsync of journal directory after compaction: {e}")));
+        }
+        Ok(())
+    }
+
+    /// Compacts when the file is above `compact_after_bytes` and at least twice
+    /// its size right after the previous compaction. Returns whether it did.
+    pub fn maybe_compact(&mut self) -> Result<bool> {
+        self.check_poisoned()?;
+        let len = self.view.file_len;
+        if len <= self.opts.compact_after_bytes || len < self.compacted_len.saturating_mul(2) {
+            return Ok(false);
+        }
+        self.compact()?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]

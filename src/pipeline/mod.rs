@@ -391,7 +391,11 @@ impl Shared {
                 let mut p = m.pending.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(p) = p.as_mut() {
                     p.failures = p.failures.saturating_add(1);
-                    let backoff = Duration::from_millis((250u64 << p.failures.min(7)).min(30_000));
+                    let backoff = crate::upload::retry::exponential(
+                        Duration::from_millis(250),
+                        p.failures,
+                        Duration::from_secs(30),
+                    );
                     p.retry_at = std::time::Instant::now() + backoff;
                     p.last_error = e.to_string();
                 }
@@ -763,7 +767,11 @@ impl Scheduler {
             }
             Err(e) => {
                 let n = self.retry_at.get(&id).map_or(0, |(_, n)| *n) + 1;
-                let backoff = Duration::from_millis((100u64 << n.min(8)).min(10_000));
+                let backoff = crate::upload::retry::exponential(
+                    Duration::from_millis(100),
+                    n,
+                    Duration::from_secs(10),
+                );
                 let jitter =
                     Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
                 if matches!(e, Error::Poisoned(_)) {

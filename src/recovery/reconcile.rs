@@ -585,7 +585,7 @@ async fn reconcile_with(
         let fetcher = Fetcher::new(
             store.clone(),
             cfg.upload_config().retry_policy(),
-            crate::tier::REMOTE_INDEX_CACHE_BYTES,
+            crate::remote::fetch::REMOTE_INDEX_CACHE_BYTES,
         );
         for note in &m.damaged {
             let Some(e) = m_entries.get(&note.id) else {

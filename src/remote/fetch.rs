@@ -51,6 +51,10 @@ use crate::segment::format::{
 use crate::segment::{Entry, SealedMeta, TimeRange};
 use crate::upload::retry::{RetryPolicy, with_retries};
 
+/// Index bytes (footers and slot directories) a `TierIndex`, `tierindex
+/// lookup --remote` and the reconciler cache for remote reads.
+pub const REMOTE_INDEX_CACHE_BYTES: usize = 64 << 20;
+
 /// Segments read at once by [`Fetcher::lookup`].
 #[cfg(any(test, feature = "testing"))]
 pub const LOOKUP_PARALLELISM: usize = 8;

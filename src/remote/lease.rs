@@ -26,14 +26,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Shortest and longest accepted `lease_ttl_ms`.
+pub const LEASE_TTL_MS_MIN: u64 = 100;
+/// See [`LEASE_TTL_MS_MIN`].
+pub const LEASE_TTL_MS_MAX: u64 = 86_400_000;
+
 /// Longest owner id accepted.
 pub const OWNER_ID_MAX: usize = 256;
 /// Shortest lease TTL accepted (`lease_ttl_ms`, `owner take --ttl-ms`).
-pub const LEASE_TTL_MIN: Duration = Duration::from_millis(crate::config::LEASE_TTL_MS_MIN);
+pub const LEASE_TTL_MIN: Duration = Duration::from_millis(LEASE_TTL_MS_MIN);
 /// Longest lease TTL accepted. Also the most a lease can make others wait:
 /// a lease that claims more remaining time than this (its writer's clock
 /// was far ahead when it was written) is not live.
-pub const LEASE_TTL_MAX: Duration = Duration::from_millis(crate::config::LEASE_TTL_MS_MAX);
+pub const LEASE_TTL_MAX: Duration = Duration::from_millis(LEASE_TTL_MS_MAX);
 
 /// Time source: wall-clock milliseconds since the Unix epoch, and a
 /// monotonic millisecond count (any origin) that no clock jump moves.

@@ -819,6 +819,21 @@ fn transient(err: &object_store::Error) -> Option<bool> {
     None
 }
 
+impl crate::upload::retry::Retryable for object_store::Error {
+    fn is_transient(&self) -> bool {
+        is_transient(self)
+    }
+    fn timed_out(what: &str, after: Duration) -> Self {
+        object_store::Error::Generic {
+            store: "tierindex",
+            source: Box::new(RequestTimedOut {
+                what: what.to_string(),
+                after,
+            }),
+        }
+    }
+}
+
 /// True when `object_store` error `err` may succeed if tried again.
 pub fn is_transient(err: &object_store::Error) -> bool {
     matches!(classify_ref(err), Class::Retryable)

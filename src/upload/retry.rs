@@ -5,7 +5,8 @@
 //! timed out, it cannot put a hard deadline on one attempt, and it knows
 //! nothing about what a retried create *means*. Here every attempt runs under
 //! `tokio::time::timeout(request_timeout)`, failures are classified by
-//! [`crate::remote::classify`]'s rules, and retryable ones wait a capped,
+//! `remote::classify`'s rules (its `Retryable` impl for `object_store::Error`
+//! is in `remote`, beside the classification), and retryable ones wait a capped,
 //! full-jitter exponential backoff: `sleep = rand(0 ..= min(max, base * 2^n))`.
 //!
 //! What is *not* retried here: AlreadyExists / NotFound / Precondition (they
@@ -18,7 +19,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::remote::{self, RequestTimedOut};
 
 /// Attempts, backoff and the per-attempt deadline.
 #[derive(Clone, Debug)]
@@ -32,13 +32,21 @@ pub struct RetryPolicy {
     pub request_timeout: Duration,
 }
 
+/// `min(max, base * 2^shift)`, saturating: the crate's one exponential
+/// backoff schedule. Callers add their own jitter (request retries here,
+/// a segment's drive and an ownership take in the pipeline).
+pub fn exponential(base: Duration, shift: u32, max: Duration) -> Duration {
+    base.saturating_mul(1u32.checked_shl(shift).unwrap_or(u32::MAX))
+        .min(max)
+}
+
 /// Full-jitter exponential backoff before retry number `retry` (1-based).
 pub fn backoff(policy: &RetryPolicy, rng: &mut fastrand::Rng, retry: u32) -> Duration {
-    let exp = policy.backoff_base.saturating_mul(
-        1u32.checked_shl(retry.saturating_sub(1))
-            .unwrap_or(u32::MAX),
+    let cap = exponential(
+        policy.backoff_base,
+        retry.saturating_sub(1),
+        policy.backoff_max,
     );
-    let cap = exp.min(policy.backoff_max);
     let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX);
     Duration::from_micros(rng.u64(0..=cap_us))
 }
@@ -47,21 +55,6 @@ pub fn backoff(policy: &RetryPolicy, rng: &mut fastrand::Rng, retry: u32) -> Dur
 pub trait Retryable: Sized + Display {
     fn is_transient(&self) -> bool;
     fn timed_out(what: &str, after: Duration) -> Self;
-}
-
-impl Retryable for object_store::Error {
-    fn is_transient(&self) -> bool {
-        remote::is_transient(self)
-    }
-    fn timed_out(what: &str, after: Duration) -> Self {
-        object_store::Error::Generic {
-            store: "tierindex",
-            source: Box::new(RequestTimedOut {
-                what: what.to_string(),
-                after,
-            }),
-        }
-    }
 }
 
 impl Retryable for Error {
