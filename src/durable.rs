@@ -15,17 +15,179 @@
 //!
 //! IMPORTANT (Linux): a file's own fsync does not make its name durable;
 //! every create, rename and unlink needs the directory fsynced after it.
+//!
+//! ## The persist seam
+//!
+//! The persist calls of the active segment, the seal and the upload journal
+//! (create, positioned write, length change, msync of a range, fsync,
+//! fdatasync, rename, unlink, directory fsync) go through the functions
+//! here ([`rename`], [`unlink`], [`write_all_at`], [`msync_range`],
+//! [`sync_all`], [`sync_data`], [`fsync_dir`], and [`created`] /
+//! [`resized`] after an open that created a file or a preallocation). Each
+//! reports the step it completed to [`seam`]'s observer, which only tests
+//! install: the power-loss simulation (`tests/power_loss.rs`) builds its
+//! model of what is durable from these reports, so it follows the code's
+//! real persist calls. A sync the code does not make is a sync the model
+//! never sees. A failed step reports nothing.
 
 use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// The observer of persist steps (tests only; without the `testing`
+/// feature [`seam::note`] compiles to nothing).
+pub mod seam {
+    use std::path::{Path, PathBuf};
+
+    /// One completed persist step.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Step {
+        /// A file was created (its directory entry is not durable yet).
+        Create(PathBuf),
+        /// A file's length changed (preallocation, truncation).
+        SetLen(PathBuf),
+        /// Bytes were written with `pwrite` (not durable yet).
+        Write(PathBuf),
+        /// `msync` of `[from, to)` of a mapped file.
+        SyncRange {
+            /// The file.
+            path: PathBuf,
+            /// First byte.
+            from: u64,
+            /// One past the last byte.
+            to: u64,
+        },
+        /// `fsync` of a file: its data, length and metadata.
+        Fsync(PathBuf),
+        /// `fdatasync` of a file: its data and length.
+        Fdatasync(PathBuf),
+        /// A rename within a directory (not durable yet).
+        Rename {
+            /// The old name.
+            from: PathBuf,
+            /// The new name.
+            to: PathBuf,
+        },
+        /// An unlink (not durable yet).
+        Unlink(PathBuf),
+        /// `fsync` of a directory: its creates, renames and unlinks.
+        FsyncDir(PathBuf),
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    type Observer = Box<dyn FnMut(&Step)>;
+
+    #[cfg(any(test, feature = "testing"))]
+    thread_local! {
+        static OBSERVER: std::cell::RefCell<Option<Observer>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Installs `f` as this thread's observer (`None` removes it); returns
+    /// the previous one. Steps taken on other threads are not seen.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn observe(f: Option<Observer>) -> Option<Observer> {
+        OBSERVER.with(|o| std::mem::replace(&mut *o.borrow_mut(), f))
+    }
+
+    /// Reports a completed step to this thread's observer, if any.
+    #[inline(always)]
+    pub(crate) fn note(step: impl FnOnce() -> Step) {
+        #[cfg(any(test, feature = "testing"))]
+        OBSERVER.with(|o| {
+            if let Some(f) = o.borrow_mut().as_mut() {
+                f(&step());
+            }
+        });
+        #[cfg(not(any(test, feature = "testing")))]
+        let _ = step;
+    }
+
+    pub(crate) fn path(p: &Path) -> PathBuf {
+        p.to_path_buf()
+    }
+}
+
+use seam::{Step, note};
+
+/// A file was just created at `path` (an open with `create`/`create_new`
+/// that succeeded).
+pub fn created(path: &Path) {
+    note(|| Step::Create(seam::path(path)));
+}
+
+/// `path`'s length was just changed (preallocation or truncation).
+pub fn resized(path: &Path) {
+    note(|| Step::SetLen(seam::path(path)));
+}
+
+/// Bytes were just written to `path` by a buffered writer or `fs::write`
+/// (flushed to the kernel, not durable).
+pub fn written(path: &Path) {
+    note(|| Step::Write(seam::path(path)));
+}
+
+/// `pwrite` all of `buf` at `at`.
+pub fn write_all_at(f: &File, buf: &[u8], at: u64, path: &Path) -> io::Result<()> {
+    f.write_all_at(buf, at)?;
+    note(|| Step::Write(seam::path(path)));
+    Ok(())
+}
+
+/// `msync` of `[off, off + len)` of `map` (a mapping of `path`).
+pub fn msync_range(map: &memmap2::MmapMut, off: usize, len: usize, path: &Path) -> io::Result<()> {
+    map.flush_range(off, len)?;
+    note(|| Step::SyncRange {
+        path: seam::path(path),
+        from: off as u64,
+        to: (off + len) as u64,
+    });
+    Ok(())
+}
+
+/// `fsync` of `f` (the file at `path`), as an I/O result (callers decide
+/// how a failure poisons).
+pub fn sync_all(f: &File, path: &Path) -> io::Result<()> {
+    f.sync_all()?;
+    note(|| Step::Fsync(seam::path(path)));
+    Ok(())
+}
+
+/// `fdatasync` of `f` (the file at `path`).
+pub fn sync_data(f: &File, path: &Path) -> io::Result<()> {
+    f.sync_data()?;
+    note(|| Step::Fdatasync(seam::path(path)));
+    Ok(())
+}
+
+/// Rename `from` to `to` (durable after a directory fsync).
+pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::rename(from, to)?;
+    note(|| Step::Rename {
+        from: seam::path(from),
+        to: seam::path(to),
+    });
+    Ok(())
+}
+
+/// Unlink `path` (durable after a directory fsync).
+pub fn unlink(path: &Path) -> io::Result<()> {
+    std::fs::remove_file(path)?;
+    note(|| Step::Unlink(seam::path(path)));
+    Ok(())
+}
+
 /// fsync a directory so creates, renames and unlinks in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let f = File::open(dir).map_err(|e| Error::io(dir, "open directory for fsync", e))?;
-    f.sync_all()
-        .map_err(|e| Error::Poisoned(format!("fsync of directory {} failed: {e}", dir.display())))
+    f.sync_all().map_err(|e| {
+        Error::Poisoned(format!("fsync of directory {} failed: {e}", dir.display()))
+    })?;
+    note(|| Step::FsyncDir(seam::path(dir)));
+    Ok(())
 }
 
 /// [`fsync_dir`] behind the failpoint `point` (an injected error is a failed
@@ -39,7 +201,7 @@ pub fn fsync_dir_at(point: &'static str, dir: &Path) -> Result<()> {
 
 /// fsync an open file (data and metadata).
 pub fn fsync_file(f: &File, path: &Path) -> Result<()> {
-    f.sync_all()
+    sync_all(f, path)
         .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", path.display())))
 }
 

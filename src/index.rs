@@ -22,7 +22,6 @@
 //! their metadata to the caller (the upload pipeline journals them).
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -201,7 +200,7 @@ pub fn seal_to_file(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
 pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
     let meta = seal_to_file(seg_dir, seg)?;
     crate::failpoint::hit("seal.remove_active")
-        .and_then(|()| fs::remove_file(seg.path()))
+        .and_then(|()| crate::durable::unlink(seg.path()))
         .map_err(|e| Error::io(seg.path(), "remove sealed source", e))?;
     fsync_dir_at("seal.remove_active.dirsync", seg_dir)?;
     Ok(meta)
@@ -781,7 +780,7 @@ impl IndexWriter {
         self.poison.check()?;
         self.sealed.remove(&id);
         let path = self.seg_dir.join(sealed_file_name(id));
-        match crate::failpoint::hit("release.unlink").and_then(|()| fs::remove_file(&path)) {
+        match crate::failpoint::hit("release.unlink").and_then(|()| crate::durable::unlink(&path)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -997,7 +996,7 @@ fn remove_empty(seg_dir: &Path, seg: ActiveSegment) -> Result<()> {
     let path = seg.path().to_path_buf();
     drop(seg);
     crate::failpoint::hit("active.remove_empty")
-        .and_then(|()| fs::remove_file(&path))
+        .and_then(|()| crate::durable::unlink(&path))
         .map_err(|e| {
             Error::Poisoned(format!(
                 "removing empty active segment {} failed: {e}",

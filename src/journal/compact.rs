@@ -20,7 +20,7 @@
 //! so it is returned as an error without poisoning. A failure in 3 or 4 leaves
 //! us unsure which file the name points to (durably), so it poisons.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 /// Removes `journal.log.tmp` if present; true if it was there.
 pub(super) fn remove_tmp(dir: &Path) -> Result<bool> {
     let tmp = dir.join(TMP_FILE);
-    match fs::remove_file(&tmp) {
+    match crate::durable::unlink(&tmp) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::io(&tmp, "remove interrupted compaction file", e)),
@@ -56,6 +56,7 @@ pub(super) fn write_snapshot_file(
         .truncate(true)
         .open(&tmp)
         .map_err(|e| Error::io(&tmp, "create compaction file", e))?;
+    crate::durable::created(&tmp);
     let mut out = BufWriter::new(&file);
     let mut len = 0u64;
     let mut frame = Vec::new();
@@ -84,8 +85,9 @@ pub(super) fn write_snapshot_file(
     out.flush()
         .map_err(|e| Error::io(&tmp, "write compaction file", e))?;
     drop(out);
+    crate::durable::written(&tmp);
     crate::failpoint::hit("journal.compact.fsync")
-        .and_then(|()| file.sync_all())
+        .and_then(|()| crate::durable::sync_all(&file, &tmp))
         .map_err(|e| Error::io(&tmp, "fsync compaction file", e))?;
 
     // Pair assertion: the file must replay to exactly `state`, to the byte.

@@ -16,7 +16,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::record::{Frame, JournalState, Record, SegmentRecord};
@@ -34,6 +33,8 @@ pub struct Journal {
     pub(super) dir: PathBuf,
     /// `journal.log`, open read-write; replaced by compaction.
     pub(super) file: File,
+    /// Its path (`dir/journal.log`).
+    pub(super) log: PathBuf,
     /// Acknowledged (durable) state, generation and valid length.
     pub(super) view: JournalView,
     pub(super) opts: JournalOptions,
@@ -88,7 +89,7 @@ impl Journal {
             .map_err(|e| Error::io(&log, "stat journal", e))?
         {
             let (_file, _len) = compact::write_snapshot_file(&dir, 1, &Default::default())?;
-            fs::rename(dir.join(TMP_FILE), &log)
+            crate::durable::rename(&dir.join(TMP_FILE), &log)
                 .map_err(|e| Error::io(&log, "install new journal", e))?;
         }
         // Makes the removal of a tmp and the creation of journal.log durable.
@@ -127,6 +128,8 @@ impl Journal {
                 ));
                 fs::write(&saved, cut)
                     .map_err(|e| Error::io(&saved, "save cut journal tail", e))?;
+                crate::durable::created(&saved);
+                crate::durable::written(&saved);
                 crate::durable::fsync_path(&saved)?;
                 crate::durable::fsync_dir(&dir)?;
                 tracing::warn!(saved = %saved.display(), bytes = cut.len(), "journal tail cut; copy kept");
@@ -134,12 +137,14 @@ impl Journal {
             // Later appends go right after the last good frame; the cut bytes
             // must not survive behind them.
             file.set_len(replayed.valid_len)
-                .and_then(|()| file.sync_all())
+                .inspect(|()| crate::durable::resized(&log))
+                .and_then(|()| crate::durable::sync_all(&file, &log))
                 .map_err(|e| Error::io(&log, "truncate torn journal tail", e))?;
         }
         let mut journal = Journal {
             dir,
             file,
+            log: log.clone(),
             view: JournalView {
                 state: replayed.state,
                 generation: report.generation,
@@ -214,14 +219,16 @@ impl Journal {
 
         let at = self.view.file_len;
         let written =
-            crate::failpoint::hit("journal.append").and_then(|()| self.file.write_all_at(&buf, at));
+            crate::failpoint::hit("journal.append")
+            .and_then(|()| crate::durable::write_all_at(&self.file, &buf, at, &self.log));
         if let Err(e) = written {
             return Err(self.poison(format!(
                 "journal write of {} bytes at {at} failed: {e}",
                 buf.len()
             )));
         }
-        let synced = crate::failpoint::hit("journal.fsync").and_then(|()| self.file.sync_data());
+        let synced = crate::failpoint::hit("journal.fsync")
+            .and_then(|()| crate::durable::sync_data(&self.file, &self.log));
         if let Err(e) = synced {
             return Err(self.poison(format!("journal fdatasync failed: {e}")));
         }
@@ -340,7 +347,7 @@ impl Journal {
         };
         let (tmp, log) = (self.dir.join(TMP_FILE), self.dir.join(LOG_FILE));
         let renamed = crate::failpoint::hit("journal.compact.rename")
-            .and_then(|()| std::fs::rename(&tmp, &log));
+            .and_then(|()| crate::durable::rename(&tmp, &log));
         if let Err(e) = renamed {
             return Err(self.poison(format!("compaction rename {tmp:?} -> {log:?} failed: {e}")));
         }

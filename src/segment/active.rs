@@ -169,6 +169,7 @@ fn allocate(file: &File, path: &Path, len: u64) -> Result<()> {
             std::io::Error::from_raw_os_error(rc),
         ));
     }
+    crate::durable::resized(path);
     Ok(())
 }
 
@@ -280,10 +281,11 @@ impl ActiveSegment {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(&path, "create active segment", e))?;
+        crate::durable::created(&path);
         // Until this segment is durable it holds nothing: on any failure
         // remove it so the id is not left half-created.
         let cleanup = |e: Error| {
-            let _ = std::fs::remove_file(&path);
+            let _ = crate::durable::unlink(&path);
             e
         };
         allocate(&file, &path, layout.file_len).map_err(cleanup)?;
@@ -296,11 +298,11 @@ impl ActiveSegment {
             slot_count,
             items: item_capacity,
         };
-        file.write_all_at(&header.encode(), 0)
+        crate::durable::write_all_at(&file, &header.encode(), 0, &path)
             .map_err(|e| Error::io(&path, "write active header", e))
             .map_err(cleanup)?;
         crate::failpoint::hit("active.create.fsync")
-            .and_then(|()| file.sync_all())
+            .and_then(|()| crate::durable::sync_all(&file, &path))
             .map_err(|e| Error::Poisoned(format!("fsync of new {} failed: {e}", path.display())))
             .map_err(cleanup)?;
         // IMPORTANT: make the new file's directory entry durable too.
@@ -437,7 +439,7 @@ impl ActiveSegment {
         // after a kill -9 the kept items may still be dirty in the page cache
         // only, and the next flush syncs from `valid` onward. fsync covers
         // every dirty page of the file, including the zeroed tail.
-        self.file.sync_all().map_err(|e| {
+        crate::durable::sync_all(&self.file, &self.path).map_err(|e| {
             Error::Poisoned(format!(
                 "fsync of recovered {} failed: {e}",
                 self.path.display()
@@ -462,6 +464,8 @@ impl ActiveSegment {
         ));
         std::fs::write(&dst, &self.map[from..to])
             .map_err(|e| Error::io(&dst, "save damaged tail", e))?;
+        crate::durable::created(&dst);
+        crate::durable::written(&dst);
         fsync_path(&dst)?;
         fsync_dir(dir)?;
         tracing::warn!(segment = %self.id, saved = %dst.display(), "damage inside the item log; tail copied before zeroing");
@@ -531,7 +535,7 @@ impl ActiveSegment {
         let start = self.layout.item_offset(self.flushed);
         let end = self.layout.item_offset(self.len);
         let synced = crate::failpoint::hit("active.msync")
-            .and_then(|()| self.map.flush_range(start, end - start));
+            .and_then(|()| crate::durable::msync_range(&self.map, start, end - start, &self.path));
         if let Err(e) = synced {
             let why = format!("msync of {} failed: {e}", self.path.display());
             self.poisoned = Some(why.clone());

@@ -9,7 +9,7 @@
 //! Only after step 3 may the caller remove the `.active` file it came from.
 //! A sealed file is never written again.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 #[cfg(any(test, feature = "testing"))]
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -124,9 +124,10 @@ pub fn write_sealed_streaming(
         .truncate(true)
         .open(&tmp)
         .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
+    crate::durable::created(&tmp);
     crate::failpoint::hit("seal.write").map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
     let meta = seal_into(
-        &FileOut(&f),
+        &FileOut(&f, &tmp),
         0,
         id,
         created_ms,
@@ -144,11 +145,11 @@ pub fn write_sealed_streaming(
         }
     })?;
     crate::failpoint::hit("seal.fsync")
-        .and_then(|()| f.sync_all())
+        .and_then(|()| crate::durable::sync_all(&f, &tmp))
         .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", tmp.display())))?;
     drop(f);
     crate::failpoint::hit("seal.rename")
-        .and_then(|()| fs::rename(&tmp, &dst))
+        .and_then(|()| crate::durable::rename(&tmp, &dst))
         .map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
     // IMPORTANT: the rename is only durable once the directory is synced.
     fsync_dir_at("seal.dirsync", dir)?;
@@ -170,12 +171,11 @@ trait SealOut: Sync {
 
 /// A file: `pwrite`, then start writing the range back at once, so the final
 /// fsync overlaps with building the rest.
-struct FileOut<'a>(&'a File);
+struct FileOut<'a>(&'a File, &'a Path);
 
 impl SealOut for FileOut<'_> {
     fn put(&self, at: u64, bytes: &[u8]) -> std::result::Result<(), SealError> {
-        use std::os::unix::fs::FileExt;
-        self.0.write_all_at(bytes, at).map_err(SealError::Write)?;
+        crate::durable::write_all_at(self.0, bytes, at, self.1).map_err(SealError::Write)?;
         start_writeback(self.0, at, bytes.len() as u64).map_err(SealError::Sync)
     }
 }
@@ -703,11 +703,13 @@ pub fn write_sealed_file(dir: &Path, id: SegmentId, bytes: &[u8]) -> Result<Path
             .truncate(true)
             .open(&tmp)
             .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
+        crate::durable::created(&tmp);
         f.write_all(bytes)
             .map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
+        crate::durable::written(&tmp);
         fsync_file(&f, &tmp)?;
     }
-    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
+    crate::durable::rename(&tmp, &dst).map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
     // IMPORTANT: the rename is only durable once the directory is synced.
     fsync_dir(dir)?;
     Ok(dst)
@@ -889,6 +891,7 @@ impl SealedSegment {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn entries(n: u64) -> Vec<Entry> {
         (0..n)
