@@ -1,0 +1,160 @@
+//! The background tasks of a [`TierIndex`]: the worker (journal new seals,
+//! roll aged segments, drive uploads), the lease renewer and the periodic
+//! reconciler; and the status they publish.
+
+use super::*;
+
+/// Status from the journal (no writer needed: works for the CLI too).
+pub fn status_of(sh: &Shared) -> Status {
+    status_from(sh.journal.read().state(), sh.release_after_commit)
+}
+
+/// Status from a journal's state: its per-state counts and pending
+/// summary, kept as records apply (the cost does not grow with the number
+/// of segments ever journaled; the worker refreshes the gauges from this at
+/// every wake).
+pub fn status_from(state: &crate::journal::JournalState, release_after_commit: bool) -> Status {
+    let mut st = Status::default();
+    for (s, n) in state.state_counts() {
+        st.by_state.insert(format!("{s:?}"), *n);
+    }
+    let p = state.pending_summary(release_after_commit);
+    st.pending_segments = p.segments;
+    st.pending_bytes = p.bytes;
+    st.oldest_pending_age_ms = p.oldest_sealed_ms.map(|ms| now_ms().saturating_sub(ms));
+    st
+}
+
+pub(super) fn update_gauges(sh: &Shared) {
+    let st = status_of(sh);
+    sh.metrics.pending_segments.set(st.pending_segments);
+    sh.metrics.pending_bytes.set(st.pending_bytes);
+    sh.metrics
+        .oldest_pending_age_ms
+        .set(st.oldest_pending_age_ms.unwrap_or(0));
+}
+
+/// Renews the manifest lease every `every` until told to stop or fenced.
+/// A failed renewal is retried at the next interval (the lease lasts three);
+/// a fence is recorded in `Shared` by `renew_lease` and ends the task.
+pub(super) async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let every = every.max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        match sh.renew_lease().await {
+            Ok(()) => {}
+            Err(Error::Fenced(_)) => return,
+            Err(e) => tracing::warn!(error = %e, "renewing the manifest lease failed; retrying"),
+        }
+    }
+}
+
+/// The reconciler every `every` (`reconcile_interval_ms`): journal (read
+/// only) vs manifest vs the bucket listing. With `reconcile_repair` it also
+/// repairs from this process (`reconcile_in_process`: re-uploads from local
+/// copies, manifest writes as the current owner, stale multipart uploads
+/// and proven abandoned uploads of ours older than `reconcile_grace_ms`;
+/// objects of unknown origin are reported, never deleted). Findings left for an operator
+/// are logged as errors and counted in the `reconcile_unresolved` gauge;
+/// repairs in `reconcile_repaired_total`.
+pub(super) async fn reconciler(
+    sh: Arc<Shared>,
+    cfg: Config,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let opts = crate::recovery::reconcile::ReconcileOptions {
+        repair: cfg.reconcile_repair,
+        deep: false,
+        grace: Duration::from_millis(cfg.reconcile_grace_ms),
+    };
+    let access = crate::pipeline::InProcessManifest(sh.clone());
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        if sh.fenced.get().is_some() {
+            return;
+        }
+        let run = crate::recovery::reconcile::reconcile_in_process(&cfg, &sh.store, &opts, &access);
+        match run.await {
+            Ok(r) => {
+                for f in r.findings.iter().filter(|f| !f.informational) {
+                    if f.repaired {
+                        tracing::warn!(kind = ?f.kind, segment = ?f.segment, key = %f.key, detail = %f.detail, action = %f.action, "reconcile repaired");
+                    } else {
+                        tracing::error!(kind = ?f.kind, segment = ?f.segment, key = %f.key, detail = %f.detail, action = %f.action, "reconcile finding");
+                    }
+                }
+                sh.metrics.reconcile_repaired.add(r.repaired as u64);
+                sh.metrics.reconcile_unresolved.set(r.unresolved as u64);
+                sh.metrics.reconcile_runs.inc();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "background reconcile failed; retrying at the next interval")
+            }
+        }
+    }
+}
+
+/// Background worker: journal new seals, roll aged segments, drive uploads.
+/// Returns at once when told to stop, with its scheduler (in-flight drives
+/// continue in the shutdown drain instead of starting over) and the probe
+/// if it still runs: shutdown lets it finish its clean-up only after
+/// sealing and draining, within what is left of the deadline. (Waiting for
+/// it here once ate a 2 s deadline on a hanging store before the active
+/// segment was sealed.)
+pub(super) async fn worker(
+    sh: Arc<Shared>,
+    probe: Option<ProbeTask>,
+    notify: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+    tick: Duration,
+) -> (Scheduler, Option<ProbeTask>) {
+    let mut sched = Scheduler::new(sh.clone());
+    // Uploads wait a moment for the capability probe, so a store that
+    // honours conditional creates is not read back needlessly. Seals are
+    // journaled meanwhile, and appends never wait; a slow probe just keeps
+    // the safe path.
+    let uploads_from = Instant::now() + Duration::from_secs(2);
+    let mut probe = probe;
+    loop {
+        if *stop.borrow() {
+            return (sched, probe);
+        }
+        if let Err(e) = sh.ingest_sealed(true).await {
+            tracing::error!(error = %e, "collecting sealed segments failed");
+        }
+        if probe.as_ref().is_some_and(|p| p.is_finished()) {
+            probe = None;
+        }
+        let may_upload = probe.is_none() || Instant::now() >= uploads_from;
+        if may_upload {
+            sched.fill();
+        }
+        update_gauges(&sh);
+        let mut wake = sched
+            .next_retry()
+            .unwrap_or_else(|| Instant::now() + tick)
+            .min(Instant::now() + tick);
+        if !may_upload {
+            wake = wake.min(Instant::now() + Duration::from_millis(20));
+        }
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = stop.changed() => {}
+            Some(()) = sched.join_one(), if !sched.is_idle() => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Opening a data directory for the pipeline: lock, journal, segments,
+//! ownership of the stream's manifest (shared by [`TierIndex`] and the
+//! standalone `drain`), and the clean-shutdown marker.
+
+use super::*;
+
+/// Open the store named by the config.
+pub fn open_store(cfg: &Config) -> Result<RemoteStore> {
+    RemoteStore::from_url(&cfg.store_url()?, &cfg.store_options())
+}
+
+/// Open data directory, journal, writer; reconcile; no background tasks.
+/// Shared by [`TierIndex`] and the standalone `drain`.
+#[cfg(any(test, feature = "testing"))]
+pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared>, OpenReport)> {
+    open_shared_with_clock(cfg, store, Arc::new(SystemClock)).await
+}
+
+/// Probe the store and take the stream's manifest for this owner.
+/// Returns the writer and whether creates are conditional.
+pub(super) async fn take_manifest(
+    cfg: &Config,
+    store: &RemoteStore,
+    clock: Arc<dyn Clock>,
+) -> Result<(ManifestWriter, crate::pipeline::StoreTrust)> {
+    let owner = cfg.effective_owner_id()?;
+    let caps = if cfg.probe_store {
+        let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 2;
+        match tokio::time::timeout(limit, crate::remote::probe::probe(store)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(Error::RemoteRetryable(format!(
+                    "manifest = true needs the store capability probe, which failed: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(Error::RemoteRetryable(
+                    "manifest = true needs the store capability probe, which timed out".into(),
+                ));
+            }
+        }
+    } else {
+        // Not probed: assume the worst (creates not conditional), which
+        // the manifest refuses unless allow_unconditional_store.
+        tracing::warn!("probe_store = false: assuming the store ignores conditional creates");
+        crate::remote::probe::Capabilities::default()
+    };
+    let ms =
+        ManifestStore::with_capabilities(store, &cfg.stream, cfg.manifest_options(), &caps, clock)?;
+    let writer = ms.take_ownership(&owner, cfg.lease_ttl()).await?;
+    tracing::info!(
+        owner,
+        epoch = writer.epoch(),
+        stream = cfg.stream,
+        "took ownership of the stream's manifest"
+    );
+    Ok((writer, crate::pipeline::StoreTrust::of(&caps)))
+}
+
+/// Errors at open that mean "the store cannot be reached now" rather than
+/// "this configuration or ownership is wrong": with these the index opens
+/// without ownership and takes it later.
+pub(super) fn store_unreachable(e: &Error) -> bool {
+    matches!(e, Error::RemoteRetryable(_) | Error::Deadline(_))
+}
+
+/// As [`open_shared`] with the clock of the manifest lease.
+pub async fn open_shared_with_clock(
+    cfg: &Config,
+    store: RemoteStore,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<Shared>, OpenReport)> {
+    // Local recovery reads and checks files: on a blocking thread, never on
+    // the caller's runtime thread (issue 16).
+    let (dd, previous_shutdown_clean, journal, jrep) = {
+        let (cfg, url) = (cfg.clone(), store.display_url().to_string());
+        tokio::task::spawn_blocking(move || -> Result<(DataDir, bool, Journal, ReplayReport)> {
+            let (dd, identity) = DataDir::open_as(
+                &cfg.data_dir,
+                &cfg.stream,
+                &url,
+                cfg.endpoint.as_deref(),
+                Some(crate::identity::Mode::of(cfg.manifest)),
+            )?;
+            let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
+            let previous_shutdown_clean = marker.exists();
+            if previous_shutdown_clean {
+                std::fs::remove_file(&marker)
+                    .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
+                fsync_dir(&cfg.data_dir)?;
+            }
+            let (journal, jrep) = Journal::open(
+                &cfg.data_dir,
+                JournalOptions {
+                    compact_after_bytes: cfg.journal_compact_after_bytes,
+                    ..JournalOptions::default()
+                },
+            )?;
+            // The recorded mode must match (or is recorded now): a data
+            // directory that holds segments is not silently moved between
+            // manifest and single-writer mode.
+            // Whatever it ever held counts: compaction drops Released
+            // records but keeps the highest id and offset.
+            let holds_data = !journal.segments().is_empty()
+                || journal.max_segment_id().is_some()
+                || journal.max_offset().is_some()
+                || dd.holds_segment_files()?;
+            crate::identity::settle_mode(
+                &cfg.data_dir,
+                identity,
+                cfg.manifest,
+                cfg.switch_mode,
+                holds_data,
+            )?;
+            Ok((dd, previous_shutdown_clean, journal, jrep))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("open task failed: {e}")))??
+    };
+    // Only after the data directory is locked (`dd`): taking the stream
+    // bumps the epoch, which fences whoever holds it (with the default owner
+    // id, the previous incarnation of this data directory). Before the
+    // writer opens: new segment ids continue above every id the manifest
+    // lists, so a new owner on another data directory never reuses one.
+    //
+    // The store unreachable (down, timing out): open anyway, without
+    // ownership. Appends, seals and uploads go on; the commit step (and the
+    // lease task) take ownership once the store answers, and segments wait
+    // at Verified, local files kept, until then. A live lease of another
+    // owner (Claimed) or a store that cannot fence (no conditional creates)
+    // still refuses the open: those need an operator, not patience.
+    let (manifest, trust_create, probed) = if cfg.manifest {
+        // Bounded: a store that hangs must not hold the broker's start
+        // (with the defaults about 9 s: three manifest requests, each
+        // bounded to fit the lease; then the take goes on in the background).
+        let limit = cfg
+            .manifest_options()
+            .retry
+            .request_timeout
+            .max(Duration::from_secs(1))
+            * 3;
+        let taken =
+            match tokio::time::timeout(limit, take_manifest(cfg, &store, clock.clone())).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Deadline(format!(
+                    "taking ownership of the stream's manifest took longer than {} ms",
+                    limit.as_millis()
+                ))),
+            };
+        match taken {
+            Ok((w, trust)) => (Some(ManifestHandle::new(w, cfg.lease_ttl())), trust, true),
+            Err(e) if store_unreachable(&e) => {
+                tracing::warn!(error = %e, "store unreachable at open: starting without manifest ownership; commits wait until it is taken");
+                let (c, st, ck) = (cfg.clone(), store.clone(), clock.clone());
+                let take = PendingTake {
+                    take: Box::new(move || {
+                        let (c, st, ck) = (c.clone(), st.clone(), ck.clone());
+                        Box::pin(async move { take_manifest(&c, &st, ck).await })
+                    }),
+                    retry_at: std::time::Instant::now(),
+                    failures: 0,
+                    last_error: e.to_string(),
+                };
+                let owner = cfg.effective_owner_id()?;
+                (
+                    Some(ManifestHandle::pending(owner, cfg.lease_ttl(), take)),
+                    crate::pipeline::StoreTrust::default(),
+                    false,
+                )
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        (None, crate::pipeline::StoreTrust::default(), false)
+    };
+    let manifest_max = match &manifest {
+        Some(m) => m
+            .writer
+            .lock()
+            .await
+            .as_ref()
+            .and_then(|w| w.manifest().max_segment_id()),
+        None => None,
+    };
+    let known = journal.max_segment_id().max(manifest_max);
+    // Objects above every id the journal and the manifest know: another
+    // incarnation of the stream (a lost and re-created data directory, a
+    // restored backup, an earlier owner) uploaded them and may not have
+    // committed them. New ids continue above those too, so no id (and no
+    // key) is ever reused. Skipped while the take is pending (the store did
+    // not answer; the take lists when it succeeds, see
+    // `Shared::ensure_owner`). Not in single-writer mode: there the
+    // reconciler tells another data directory's objects from ours by their
+    // ids (another seal of an id the journal knows, or an id it never
+    // recorded), and jumping above them would make them look like ours
+    // whose records compaction dropped.
+    let take_pending = match &manifest {
+        Some(m) => m.writer.lock().await.is_none(),
+        None => false,
+    };
+    let listed_max = if take_pending || !cfg.manifest {
+        known
+    } else {
+        listed_max_segment_id(cfg, &store, known).await
+    };
+    let epoch = match &manifest {
+        Some(m) => m.writer.lock().await.as_ref().map(|w| w.epoch()),
+        None => None,
+    };
+    let min_next = known
+        .max(listed_max)
+        .map(|m| crate::segment::SegmentId(m.0.saturating_add(1)))
+        .max(epoch.map(crate::remote::manifest::epoch_id_floor));
+    // Sealed files still to be uploaded (unknown to the journal, Sealed or
+    // Uploading) get the full item check at start-up: damage is salvaged
+    // before their bytes are journaled or uploaded.
+    let index_cfg = cfg.index_config();
+    let (writer, seg_report, journal, reseal_notes) = tokio::task::spawn_blocking(move || {
+        let (mut writer, mut seg_report) = {
+            let to_upload = |id: crate::segment::SegmentId| {
+                journal.get(id).is_none_or(|r| {
+                    matches!(
+                        r.state,
+                        SegmentState::Sealed | SegmentState::Uploading | SegmentState::Resealing
+                    )
+                })
+            };
+            IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload)?
+        };
+        let mut journal = journal;
+        readopt_salvaged(&mut writer, &mut journal, &mut seg_report)?;
+        // Before anything is journaled or driven: every segment a cut
+        // reseal copied into is still local here.
+        let notes = crate::pipeline::reseal::finish_at_open(&mut writer, &mut journal)?;
+        Ok::<_, Error>((writer, seg_report, journal, notes))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("open task failed: {e}")))??;
+    let metrics = Arc::new(Metrics::default());
+    let sh = Arc::new(Shared {
+        seg_dir: writer.segments_dir().to_path_buf(),
+        writer: Arc::new(Mutex::new(writer)),
+        journal: JournalHandle::start(journal)?,
+        store,
+        stream: cfg.stream.clone(),
+        upload: cfg.upload_config(),
+        trust_create: std::sync::atomic::AtomicBool::new(trust_create.conditional_create),
+        trust_checksum: std::sync::atomic::AtomicBool::new(trust_create.checksums),
+        trust_unsigned: std::sync::atomic::AtomicBool::new(trust_create.unsigned_payload),
+        probed: std::sync::atomic::AtomicBool::new(probed),
+        release_after_commit: cfg.release_after_commit,
+        max_in_flight: cfg.max_uploads_in_flight,
+        metrics,
+        manifest,
+        fenced: std::sync::OnceLock::new(),
+    });
+    // Seals finished during recovery are already among the writer's sealed
+    // segments; journal every sealed file the journal lacks in one id-ordered
+    // batch (the journal only accepts new ids in increasing order).
+    sh.writer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .poll_sealed()?;
+    let mut notes = reseal_notes;
+    notes.extend(sh.reconcile_local().await?);
+    for n in &notes {
+        tracing::warn!("{n}");
+    }
+    sh.metrics.local_entries_lost.add(seg_report.lost_items());
+    for n in seg_report.losses() {
+        tracing::error!("entries lost to local damage: {}", n.line());
+    }
+    let report = OpenReport {
+        previous_shutdown_clean,
+        segments: seg_report,
+        journal_records_replayed: jrep.records_replayed,
+        journal_truncated_bytes: jrep.truncated_bytes,
+        notes,
+        store: sh.store.display_url().to_string(),
+    };
+    update_gauges(&sh);
+    Ok((sh, report))
+}
+
+/// A sealed file salvaged at start-up whose segment the journal already
+/// recorded (with the damaged file's length and CRC) cannot be uploaded
+/// under that record, and the journal has no record that replaces a seal.
+/// So its intact entries are appended again, to the active segment (they
+/// are index entries: offset, size, time, key hash; which segment holds
+/// them does not matter to a lookup), flushed, and only then is the old
+/// segment journaled `Quarantined` and its salvaged file moved to
+/// quarantine. A crash in between leaves the salvaged file in place and
+/// the journal at `Sealed`: the drive then finds the mismatch and
+/// quarantines it, and the entries are held twice, never zero times.
+pub(super) fn readopt_salvaged(
+    writer: &mut IndexWriter,
+    journal: &mut Journal,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    for note in &mut report.salvaged {
+        let id = crate::segment::SegmentId(note.segment);
+        // A Resealing/Resealed segment's entries are copied (or were) by
+        // `reseal::finish_at_open`, which skips the ones already held.
+        let resealing = journal
+            .get(id)
+            .is_some_and(|r| matches!(r.state, SegmentState::Resealing | SegmentState::Resealed));
+        if note.kind != "sealed"
+            || note.sealed_as.is_none()
+            || journal.get(id).is_none()
+            || resealing
+        {
+            continue;
+        }
+        let Some(seg) = writer.sealed(id) else {
+            continue;
+        };
+        let entries = seg.entries();
+        drop(seg);
+        for e in &entries {
+            writer.append_entry(*e)?;
+        }
+        writer.flush()?;
+        let reason = format!(
+            "local sealed file damaged after it was journaled; {} intact entries appended again to the active segment; {}",
+            entries.len(),
+            note.line()
+        );
+        journal.append(&[crate::journal::Record::Quarantined {
+            id,
+            reason: reason.clone(),
+        }])?;
+        let moved = writer.quarantine_sealed(id, &reason)?;
+        note.sealed_as = Some(format!(
+            "entries appended again to active segment {} (salvaged file moved to {})",
+            writer.active_id().map_or(0, |a| a.0),
+            moved.map_or_else(|| "-".into(), |p| p.display().to_string())
+        ));
+        tracing::warn!(
+            segment = id.0,
+            entries = entries.len(),
+            "salvaged entries of a journaled segment appended again"
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn write_clean_marker(dir: &Path) -> Result<()> {
+    let p = dir.join(CLEAN_SHUTDOWN_MARKER);
+    std::fs::write(&p, format!("clean shutdown at {}\n", now_ms()))
+        .map_err(|e| Error::io(&p, "write clean-shutdown marker", e))?;
+    fsync_path(&p)?;
+    fsync_dir(dir)
+}

@@ -1,0 +1,183 @@
+//! [`TierIndex::lookup_remote`]: lookups across local and uploaded segments.
+
+use super::*;
+
+impl TierIndex {
+    /// Entries for `key` within `range` in local segments and in the
+    /// committed remote segments whose local copy was released.
+    ///
+    /// The remote candidates are the manifest's list when `manifest = true`
+    /// (only committed objects are read: a partial upload is never seen),
+    /// else the journal's `Released` records (compaction drops those, so
+    /// without the manifest older released segments are not found). Each
+    /// candidate whose time range can match costs one range GET once its
+    /// index is cached (`remote::fetch`).
+    pub async fn lookup_remote(&self, key: &[u8], range: TimeRange) -> Result<RemoteLookup> {
+        let h = crate::key_hash(key);
+        let (local, held) = {
+            let w = self.writer();
+            (w.lookup_hash(h, range), w.sealed_ids())
+        };
+        let held: std::collections::BTreeSet<_> = held.into_iter().collect();
+        let sh = self.sh().clone();
+        // Candidates, plus (manifest) each one's entry and the segments the
+        // manifest marks as damaged: those are reported, never read.
+        let mut entries = std::collections::HashMap::new();
+        let mut marked: Vec<(u64, String)> = Vec::new();
+        let committed: Vec<RemoteSegment> = match &sh.manifest {
+            Some(m) => {
+                let owned = {
+                    let g = m.writer.lock().await;
+                    g.as_ref()
+                        .map(|w| (w.store().clone(), w.manifest().clone()))
+                };
+                let (ms, manifest) = match owned {
+                    Some(x) => x,
+                    // Ownership still pending: read the manifest as any
+                    // reader would (no probe needed to read).
+                    None if m.pending_reason().is_some() => {
+                        let ms = self.manifest_reader(&sh)?;
+                        match ms.load().await? {
+                            Some(man) => (ms, man),
+                            None => (ms, crate::remote::manifest::Manifest::empty(&sh.stream)),
+                        }
+                    }
+                    None => return Err(Error::ShutDown),
+                };
+                let mut v = Vec::new();
+                for e in ms.all_segments(&manifest).await? {
+                    if held.contains(&e.id) {
+                        continue;
+                    }
+                    if let Some(d) = manifest.damage(e.id) {
+                        marked.push((e.id.0, damage_text(d)));
+                        continue;
+                    }
+                    v.push(RemoteSegment::from_entry(&e)?);
+                    entries.insert(e.id, e);
+                }
+                v
+            }
+            None => {
+                let j = sh.journal.read();
+                j.segments()
+                    .values()
+                    .filter(|r| r.state == SegmentState::Released)
+                    .map(|r| RemoteSegment {
+                        key: match &r.key {
+                            Some(k) => object_store::path::Path::from(k.as_str()),
+                            None => sh.store.segment_key(&sh.stream, &r.meta),
+                        },
+                        meta: r.meta.clone(),
+                    })
+                    .collect()
+            }
+        };
+        let remote: Vec<RemoteSegment> = committed
+            .into_iter()
+            .filter(|s| !held.contains(&s.meta.id))
+            .collect();
+        let fetcher = self.fetcher.get_or_init(|| {
+            Fetcher::new(
+                sh.store.clone(),
+                sh.upload.retry_policy(),
+                crate::remote::fetch::REMOTE_INDEX_CACHE_BYTES,
+            )
+        });
+        let mut out = RemoteLookup {
+            entries: Vec::new(),
+            truncated: local.truncated,
+            remote_segments: remote.len() + marked.len(),
+            unreadable: Vec::new(),
+        };
+        for (id, why) in marked {
+            sh.metrics.remote_unreadable.inc();
+            out.unreadable.push((id, why));
+        }
+        for seg in &remote {
+            let mut res = fetcher.lookup_in(seg, h, range).await;
+            if let Err(e @ Error::Corrupt { .. }) = &res {
+                // Bad bytes in a ranged read: the object's, or the read's?
+                // A full read (CRC of the whole object) decides.
+                match fetcher.confirm_damage(seg).await {
+                    Ok(None) => {
+                        tracing::warn!(segment = seg.meta.id.0, key = %seg.key, error = %e, "ranged read was bad but the object is whole; reading again");
+                        res = fetcher.lookup_in(seg, h, range).await;
+                    }
+                    Ok(Some(why)) => {
+                        let entry = entries.get(&seg.meta.id);
+                        if let (Some(m), Some(entry)) = (&sh.manifest, entry) {
+                            self.mark_damaged(m, entry, &why).await;
+                        }
+                        res = Err(Error::corrupt(seg.key.to_string(), why));
+                    }
+                    Err(c) => {
+                        tracing::warn!(segment = seg.meta.id.0, error = %c, "could not confirm damage with a full read");
+                    }
+                }
+            }
+            match res {
+                Ok(es) => out.entries.extend(es),
+                Err(e) => {
+                    tracing::error!(segment = seg.meta.id.0, key = %seg.key, error = %e, "remote segment unreadable");
+                    sh.metrics.remote_unreadable.inc();
+                    out.unreadable.push((seg.meta.id.0, e.to_string()));
+                }
+            }
+        }
+        out.entries.extend(local.entries);
+        Ok(out)
+    }
+
+    /// A read-only view of the stream's manifest (cached, so its decoded
+    /// chunks are reused across lookups).
+    fn manifest_reader(&self, sh: &Shared) -> Result<ManifestStore> {
+        if let Some(ms) = self.manifest_reader.get() {
+            return Ok(ms.clone());
+        }
+        let ms = ManifestStore::reader(&sh.store, &sh.stream, self.cfg.manifest_options())?;
+        Ok(self.manifest_reader.get_or_init(|| ms).clone())
+    }
+
+    /// Records confirmed damage of a committed segment in the manifest, so
+    /// every reader skips it (and says why) until a repair re-uploads it.
+    /// Lost unless an intact local copy is still on disk here. Failures
+    /// (fenced, store down) are logged: the lookup still reports the
+    /// segment as unreadable.
+    async fn mark_damaged(
+        &self,
+        m: &crate::pipeline::ManifestHandle,
+        entry: &SegmentEntry,
+        why: &str,
+    ) {
+        let sh = self.sh();
+        let local = sh
+            .seg_dir
+            .join(crate::segment::sealed::sealed_file_name(entry.id));
+        let lost = !std::fs::read(&local).is_ok_and(|b| entry.matches_bytes(&b));
+        let mut g = m.writer.lock().await;
+        let Some(w) = g.as_mut() else {
+            tracing::error!(
+                segment = entry.id.0,
+                reason = why,
+                "committed segment is damaged; not marked in the manifest (ownership not taken)"
+            );
+            return;
+        };
+        let note = DamageNote::new(entry, why, lost, w.store().now_ms());
+        if lost {
+            tracing::error!(segment = entry.id.0, key = %entry.key, reason = why, "committed segment is damaged and no local copy is held: its entries are LOST unless a copy is found; marked in the manifest");
+        } else {
+            tracing::error!(segment = entry.id.0, key = %entry.key, reason = why, "committed segment is damaged; a local copy is held (tierindex reconcile --repair re-uploads it); marked in the manifest");
+        }
+        match w.mark_damaged(note).await {
+            Ok(_) => sh.metrics.remote_damage_marked.inc(),
+            Err(Error::Fenced(why)) => {
+                let _ = sh.note_fenced(why);
+            }
+            Err(e) => {
+                tracing::warn!(segment = entry.id.0, error = %e, "could not mark the damage in the manifest");
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! What opening, shutting down, `status` and a remote lookup report.
+
+use super::*;
+
+/// What opening found.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpenReport {
+    /// The last run ended with a clean shutdown (nothing pending).
+    pub previous_shutdown_clean: bool,
+    /// What the local checks found and did.
+    pub segments: RecoveryReport,
+    /// Upload-journal records replayed.
+    pub journal_records_replayed: u64,
+    /// Bytes of a torn journal tail cut off (never acknowledged).
+    pub journal_truncated_bytes: u64,
+    /// Anything else worth a line in the log.
+    pub notes: Vec<String>,
+    /// The store, without credentials.
+    pub store: String,
+}
+
+/// What shutdown did and left. `pending` empty and `quarantined` empty means
+/// fully drained.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShutdownReport {
+    /// Segments sealed by the shutdown itself.
+    pub sealed_at_shutdown: usize,
+    /// What the drain did and left.
+    pub drain: DrainReport,
+    /// Nothing was left: the next open finds a clean shutdown.
+    pub clean_marker_written: bool,
+    /// A failure that ended the shutdown early.
+    pub error: Option<String>,
+    /// Set when another owner took the stream's manifest (a newer epoch):
+    /// this process stopped writing to the store; segments not in the
+    /// manifest stay `Verified` locally, with their files.
+    pub fenced: Option<String>,
+    /// Time the shutdown took.
+    pub elapsed_ms: u64,
+    /// Damaged local files found at open whose entries could not all be
+    /// salvaged: segment, indices and byte offsets of what is gone. Not
+    /// empty means an operator must look (exit code 4), even when
+    /// everything salvaged was drained.
+    pub lost: Vec<LossNote>,
+}
+
+impl ShutdownReport {
+    /// Entries counted as lost (see [`ShutdownReport::lost`]).
+    pub fn lost_items(&self) -> u64 {
+        self.lost.iter().map(|n| n.lost_items).sum()
+    }
+
+    /// Nothing pending, quarantined, fenced or failed.
+    pub fn fully_drained(&self) -> bool {
+        self.error.is_none()
+            && self.fenced.is_none()
+            && self.drain.pending.is_empty()
+            && self.drain.quarantined.is_empty()
+    }
+}
+
+/// Per-state counts and totals, for `status` and metrics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    /// The segment being written.
+    pub active_segment: Option<u64>,
+    /// Its items.
+    pub active_items: u32,
+    /// Journaled segments per upload state.
+    pub by_state: std::collections::BTreeMap<String, u64>,
+    /// Segments not yet done.
+    pub pending_segments: u64,
+    /// Their bytes.
+    pub pending_bytes: u64,
+    /// Age of the oldest of them.
+    pub oldest_pending_age_ms: Option<u64>,
+    /// Why the writer is poisoned (a durability step failed): restart.
+    pub poisoned: Option<String>,
+    /// Another owner took the stream's manifest; uploads stopped.
+    pub fenced: Option<String>,
+    /// Ownership of the stream's manifest is not taken yet (the store was
+    /// unreachable at open): why. Segments wait at `Verified` until it is.
+    pub manifest_pending: Option<String>,
+    /// Entries in active (unsealed) segments: acknowledged or about to be,
+    /// and not in any sealed file yet. Counted as pending work.
+    pub unsealed_items: u64,
+    /// Sealed files on disk that the journal does not know (a crash
+    /// between seal and journal): pending, counted in `pending_segments`.
+    pub unjournaled_sealed: Vec<u64>,
+    /// Entries of damaged local files that could not be salvaged.
+    pub lost_items: u64,
+    /// One line per damaged file with loss (segment, indices, offsets).
+    pub losses: Vec<String>,
+    /// The store's capability probe has answered (at open with the
+    /// manifest, else in the background): until then every upload assumes
+    /// the worst (no trusted conditional create, `Full` verification,
+    /// signed bodies).
+    pub store_probed: bool,
+}
+
+impl Status {
+    /// Anything an operator must look at: quarantined segments or loss.
+    pub fn needs_operator(&self) -> bool {
+        self.by_state.get("Quarantined").copied().unwrap_or(0) > 0 || !self.losses.is_empty()
+    }
+}
+
+/// What [`TierIndex::lookup_remote`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RemoteLookup {
+    /// Entries from remote segments whose local copy was released (oldest
+    /// segment first; released segments are older than the local ones),
+    /// then the local entries (as [`TierIndex::lookup`]).
+    pub entries: Vec<Entry>,
+    /// The local chain walk stopped at its bound.
+    pub truncated: bool,
+    /// Remote segments that were candidates (committed, not held locally).
+    pub remote_segments: usize,
+    /// Remote segments that could not be read, with why (a corrupt or
+    /// missing object under a committed key is reported here, loudly, and
+    /// never hides the other segments' entries).
+    pub unreadable: Vec<(u64, String)>,
+}
+
+/// How a lookup reports a segment the manifest marks as damaged.
+pub(crate) fn damage_text(d: &DamageNote) -> String {
+    format!(
+        "marked damaged in the manifest{}: {}",
+        if d.lost {
+            " (LOST: no intact copy was held)"
+        } else {
+            " (awaiting repair from a local copy)"
+        },
+        d.reason
+    )
+}

@@ -1,0 +1,148 @@
+//! [`TierIndex::shutdown`]: seal, drain within a deadline, release, report.
+
+use super::*;
+
+impl TierIndex {
+    /// Seal, drain within `deadline`, write the clean marker if nothing is
+    /// left. Never waits past the deadline (plus the time to cancel).
+    pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let until = started + deadline;
+        let sh = self.sh().clone();
+        let _ = self.stop.send(true);
+        self.notify.notify_one();
+        let (mut sched, probe) = match self.worker.take() {
+            Some(mut w) => match tokio::time::timeout_at(until.into(), &mut w).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    // Never leave a detached worker uploading next to the
+                    // drain's own scheduler.
+                    w.abort();
+                    let _ = w.await;
+                    (Scheduler::new(sh.clone()), None)
+                }
+            },
+            None => (Scheduler::new(sh.clone()), None),
+        };
+        // Aborted tasks are awaited: an aborted task is dropped only when
+        // the runtime gets to it, and until then it may hold the shared
+        // state, and with it the data-directory lock past `shutdown()`.
+        if let Some(t) = self.metrics_task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        // Cut mid-repair at worst: a wrong object deleted and its re-upload
+        // not finished. The local copy was read before the delete and is
+        // still on disk (a release first checks that the object is there),
+        // so the next run, or the next start's drive, repairs it.
+        if let Some(t) = self.reconcile_task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        let mut error = None;
+        // Seal the active segment (the last file is the one most often lost).
+        let writer = sh.writer.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .close(until)
+        });
+        let sealed = match tokio::time::timeout_at(until.into(), sealed).await {
+            Ok(Ok(Ok(metas))) => metas,
+            Ok(Ok(Err(e))) => {
+                error = Some(e.to_string());
+                Vec::new()
+            }
+            Ok(Err(e)) => {
+                error = Some(format!("seal task failed: {e}"));
+                Vec::new()
+            }
+            Err(_) => {
+                error = Some("sealing did not finish before the deadline; the active file stays and is sealed at the next start".into());
+                Vec::new()
+            }
+        };
+        let sealed_at_shutdown = sealed.len();
+        if let Err(e) = sh.record_sealed(sealed).await {
+            error.get_or_insert(e.to_string());
+        }
+        let drain = sched.drain(until).await;
+        sh.metrics.last_drain_ms.set(drain.elapsed_ms);
+        drop(sched);
+        // The renewal task stops at the stop signal (a renewal in progress
+        // finishes, within what is left of the deadline).
+        if let Some(mut t) = self.lease_task.take()
+            && tokio::time::timeout_at(until.into(), &mut t).await.is_err()
+        {
+            t.abort();
+            let _ = t.await;
+        }
+        if let Some(mut p) = probe {
+            // Let a running probe finish its clean-up of `_probe/` with what
+            // is left of the deadline (at most 2 s), rather than leave its
+            // objects behind; then stop it.
+            let limit = until.min(Instant::now() + Duration::from_secs(2));
+            if tokio::time::timeout_at(limit.into(), &mut p).await.is_err() {
+                p.abort();
+                let _ = p.await;
+            }
+        }
+        let fenced = sh.fenced.get().cloned();
+        if let Some(why) = &fenced {
+            error.get_or_insert_with(|| {
+                format!("fenced: {why}; this process stopped writing to the store")
+            });
+        }
+        let mut report = ShutdownReport {
+            sealed_at_shutdown,
+            drain,
+            clean_marker_written: false,
+            error,
+            fenced,
+            elapsed_ms: 0,
+            lost: std::mem::take(&mut self.losses),
+        };
+        if sh.manifest.is_some() && report.fully_drained() {
+            // Hand the stream over without making the next owner wait for
+            // the lease. Best effort: a lease left behind just expires.
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left.max(Duration::from_millis(100)), sh.release_lease())
+                .await
+            {
+                Ok(Ok(())) => tracing::info!("manifest lease released"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "releasing the manifest lease failed"),
+                Err(_) => tracing::warn!("releasing the manifest lease timed out"),
+            }
+        }
+        if report.fully_drained() {
+            match write_clean_marker(&self.data_dir) {
+                Ok(()) => report.clean_marker_written = true,
+                Err(e) => report.error = Some(e.to_string()),
+            }
+        }
+        // Release the journal and the data-directory lock before returning,
+        // so the same process (or a test) can open the directory again.
+        self.sh = None;
+        match Arc::try_unwrap(sh) {
+            Ok(shared) => {
+                let Shared {
+                    journal, writer, ..
+                } = shared;
+                drop(writer);
+                journal.close();
+            }
+            Err(_) => tracing::warn!(
+                "background tasks still hold the index; its lock is released when they end"
+            ),
+        }
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            drained = report.fully_drained(),
+            pending = report.drain.pending.len(),
+            ms = report.elapsed_ms,
+            "shutdown finished"
+        );
+        report
+    }
+}
