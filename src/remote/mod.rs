@@ -26,6 +26,8 @@ pub mod manifest;
 pub mod probe;
 pub mod s3_checksum;
 pub(crate) mod s3_uploads;
+mod s3_xml;
+pub(crate) mod sigv4;
 pub mod url;
 
 use std::fmt;
