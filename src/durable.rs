@@ -163,6 +163,62 @@ pub fn sync_data(f: &File, path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The seam's steps behind the named failpoint `point`
+/// ([`crate::failpoint`]): an armed point fails (or crashes) the step
+/// before it runs, and an injected error is returned as the step's own
+/// error would be. `durable::at("seal.fsync").sync_all(&f, &tmp)`.
+pub fn at(point: &'static str) -> At {
+    At(point)
+}
+
+/// See [`at`].
+#[derive(Clone, Copy, Debug)]
+pub struct At(&'static str);
+
+impl At {
+    /// [`write_all_at`] behind the point.
+    pub fn write_all_at(self, f: &File, buf: &[u8], off: u64, path: &Path) -> io::Result<()> {
+        crate::failpoint::hit(self.0)?;
+        write_all_at(f, buf, off, path)
+    }
+
+    /// [`msync_range`] behind the point.
+    pub fn msync_range(
+        self,
+        map: &memmap2::MmapMut,
+        off: usize,
+        len: usize,
+        path: &Path,
+    ) -> io::Result<()> {
+        crate::failpoint::hit(self.0)?;
+        msync_range(map, off, len, path)
+    }
+
+    /// [`sync_all`] behind the point.
+    pub fn sync_all(self, f: &File, path: &Path) -> io::Result<()> {
+        crate::failpoint::hit(self.0)?;
+        sync_all(f, path)
+    }
+
+    /// [`sync_data`] behind the point.
+    pub fn sync_data(self, f: &File, path: &Path) -> io::Result<()> {
+        crate::failpoint::hit(self.0)?;
+        sync_data(f, path)
+    }
+
+    /// [`rename`] behind the point.
+    pub fn rename(self, from: &Path, to: &Path) -> io::Result<()> {
+        crate::failpoint::hit(self.0)?;
+        rename(from, to)
+    }
+
+    /// [`unlink`] behind the point.
+    pub fn unlink(self, path: &Path) -> io::Result<()> {
+        crate::failpoint::hit(self.0)?;
+        unlink(path)
+    }
+}
+
 /// Rename `from` to `to` (durable after a directory fsync).
 pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
     std::fs::rename(from, to)?;

@@ -342,6 +342,7 @@ mod tests {
         assert_eq!(crash, listed);
         let mut io = call_sites("failpoint::hit");
         io.extend(call_sites("fsync_dir_at"));
+        io.extend(call_sites("durable::at"));
         // Names passed on as variables (`fsync_dir_at`'s own call) are not
         // literals; the debug assertions in `hit` and `crash` cover them.
         assert!(io.len() >= 15, "{io:?}");

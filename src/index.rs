@@ -199,8 +199,8 @@ pub fn seal_to_file(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
 /// Seal one frozen active segment durably and remove its source.
 pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
     let meta = seal_to_file(seg_dir, seg)?;
-    crate::failpoint::hit("seal.remove_active")
-        .and_then(|()| crate::durable::unlink(seg.path()))
+    crate::durable::at("seal.remove_active")
+        .unlink(seg.path())
         .map_err(|e| Error::io(seg.path(), "remove sealed source", e))?;
     fsync_dir_at("seal.remove_active.dirsync", seg_dir)?;
     Ok(meta)
@@ -780,7 +780,7 @@ impl IndexWriter {
         self.poison.check()?;
         self.sealed.remove(&id);
         let path = self.seg_dir.join(sealed_file_name(id));
-        match crate::failpoint::hit("release.unlink").and_then(|()| crate::durable::unlink(&path)) {
+        match crate::durable::at("release.unlink").unlink(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -995,8 +995,8 @@ fn remove_empty(seg_dir: &Path, seg: ActiveSegment) -> Result<()> {
     debug_assert!(seg.is_empty());
     let path = seg.path().to_path_buf();
     drop(seg);
-    crate::failpoint::hit("active.remove_empty")
-        .and_then(|()| crate::durable::unlink(&path))
+    crate::durable::at("active.remove_empty")
+        .unlink(&path)
         .map_err(|e| {
             Error::Poisoned(format!(
                 "removing empty active segment {} failed: {e}",

@@ -86,8 +86,8 @@ pub(super) fn write_snapshot_file(
         .map_err(|e| Error::io(&tmp, "write compaction file", e))?;
     drop(out);
     crate::durable::written(&tmp);
-    crate::failpoint::hit("journal.compact.fsync")
-        .and_then(|()| crate::durable::sync_all(&file, &tmp))
+    crate::durable::at("journal.compact.fsync")
+        .sync_all(&file, &tmp)
         .map_err(|e| Error::io(&tmp, "fsync compaction file", e))?;
 
     // Pair assertion: the file must replay to exactly `state`, to the byte.

@@ -219,16 +219,14 @@ impl Journal {
 
         let at = self.view.file_len;
         let written =
-            crate::failpoint::hit("journal.append")
-            .and_then(|()| crate::durable::write_all_at(&self.file, &buf, at, &self.log));
+            crate::durable::at("journal.append").write_all_at(&self.file, &buf, at, &self.log);
         if let Err(e) = written {
             return Err(self.poison(format!(
                 "journal write of {} bytes at {at} failed: {e}",
                 buf.len()
             )));
         }
-        let synced = crate::failpoint::hit("journal.fsync")
-            .and_then(|()| crate::durable::sync_data(&self.file, &self.log));
+        let synced = crate::durable::at("journal.fsync").sync_data(&self.file, &self.log);
         if let Err(e) = synced {
             return Err(self.poison(format!("journal fdatasync failed: {e}")));
         }
@@ -346,8 +344,7 @@ impl Journal {
             }
         };
         let (tmp, log) = (self.dir.join(TMP_FILE), self.dir.join(LOG_FILE));
-        let renamed = crate::failpoint::hit("journal.compact.rename")
-            .and_then(|()| crate::durable::rename(&tmp, &log));
+        let renamed = crate::durable::at("journal.compact.rename").rename(&tmp, &log);
         if let Err(e) = renamed {
             return Err(self.poison(format!("compaction rename {tmp:?} -> {log:?} failed: {e}")));
         }

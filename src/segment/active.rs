@@ -301,8 +301,8 @@ impl ActiveSegment {
         crate::durable::write_all_at(&file, &header.encode(), 0, &path)
             .map_err(|e| Error::io(&path, "write active header", e))
             .map_err(cleanup)?;
-        crate::failpoint::hit("active.create.fsync")
-            .and_then(|()| crate::durable::sync_all(&file, &path))
+        crate::durable::at("active.create.fsync")
+            .sync_all(&file, &path)
             .map_err(|e| Error::Poisoned(format!("fsync of new {} failed: {e}", path.display())))
             .map_err(cleanup)?;
         // IMPORTANT: make the new file's directory entry durable too.
@@ -534,8 +534,12 @@ impl ActiveSegment {
         }
         let start = self.layout.item_offset(self.flushed);
         let end = self.layout.item_offset(self.len);
-        let synced = crate::failpoint::hit("active.msync")
-            .and_then(|()| crate::durable::msync_range(&self.map, start, end - start, &self.path));
+        let synced = crate::durable::at("active.msync").msync_range(
+            &self.map,
+            start,
+            end - start,
+            &self.path,
+        );
         if let Err(e) = synced {
             let why = format!("msync of {} failed: {e}", self.path.display());
             self.poisoned = Some(why.clone());

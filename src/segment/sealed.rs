@@ -144,12 +144,12 @@ pub fn write_sealed_streaming(
             Error::Poisoned(format!("writeback of {} failed: {e}", tmp.display()))
         }
     })?;
-    crate::failpoint::hit("seal.fsync")
-        .and_then(|()| crate::durable::sync_all(&f, &tmp))
+    crate::durable::at("seal.fsync")
+        .sync_all(&f, &tmp)
         .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", tmp.display())))?;
     drop(f);
-    crate::failpoint::hit("seal.rename")
-        .and_then(|()| crate::durable::rename(&tmp, &dst))
+    crate::durable::at("seal.rename")
+        .rename(&tmp, &dst)
         .map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
     // IMPORTANT: the rename is only durable once the directory is synced.
     fsync_dir_at("seal.dirsync", dir)?;
