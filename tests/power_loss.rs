@@ -675,6 +675,42 @@ impl SimDisk {
     }
 }
 
+/// Applies the steps the library reported during `phase` to `disk` (those
+/// of a kind the campaign's lie skips are dropped), and after each hands
+/// `crash` a crash state to take with probability `p`. A file's first
+/// write (a seal's or a compaction's tmp) may also be cut anywhere; later
+/// writes tear within pages (`crash_image`).
+fn drive_steps(
+    camp: &mut Campaign,
+    disk: &mut SimDisk,
+    root: &Path,
+    phase: &str,
+    steps: &[Seen],
+    p: f64,
+    crash: &mut dyn FnMut(&mut Campaign, &'static str, &SimDisk),
+) {
+    for seen in steps {
+        let kind = step_kind(&seen.step);
+        if camp.lie == Lie::SkipStep(kind) {
+            continue;
+        }
+        if let (Step::Write(path), Some(bytes)) = (&seen.step, &seen.bytes)
+            && let ino = disk.ino_of(root, path)
+            && disk.files[ino].latest_len() == 0
+        {
+            for _ in 0..camp.fire(p) {
+                let mut partial = disk.clone();
+                partial.write(ino, &bytes[..camp.rng.usize(0..=bytes.len())]);
+                crash(camp, label(phase, "partial-write"), &partial);
+            }
+        }
+        disk.apply(root, seen);
+        for _ in 0..camp.fire(p) {
+            crash(camp, label(phase, kind), disk);
+        }
+    }
+}
+
 fn describe(listing: &Listing) -> String {
     let mut parts = Vec::new();
     for (d, files) in listing {
@@ -1322,29 +1358,23 @@ impl SegWorld {
         }
     }
 
-    /// Applies the steps the library reported during `phase`, with a crash
-    /// point (probability `p`) after each; a write may also be cut part way.
+    /// Applies the steps the library reported during `phase`, with crash
+    /// states after each (see [`drive_steps`]).
     fn apply_steps(&mut self, camp: &mut Campaign, phase: &str, steps: &[Seen], p: f64) {
-        for seen in steps {
-            let kind = step_kind(&seen.step);
-            if camp.lie == Lie::SkipStep(kind) {
-                continue;
-            }
-            // A file's first write (a seal's or a compaction's tmp) may be
-            // cut anywhere; later writes tear within pages (`crash_image`).
-            if let (Step::Write(path), Some(bytes)) = (&seen.step, &seen.bytes)
-                && let ino = self.disk.ino_of(&self.root, path)
-                && self.disk.files[ino].latest_len() == 0
-            {
-                for _ in 0..camp.fire(p) {
-                    let mut partial = self.disk.clone();
-                    partial.write(ino, &bytes[..camp.rng.usize(0..=bytes.len())]);
-                    self.crash_state(camp, label(phase, "partial-write"), &partial, None);
-                }
-            }
-            self.disk.apply(&self.root, seen);
-            self.point(camp, label(phase, kind), p);
-        }
+        let mut disk = std::mem::take(&mut self.disk);
+        let root = self.root.clone();
+        drive_steps(
+            camp,
+            &mut disk,
+            &root,
+            phase,
+            steps,
+            p,
+            &mut |camp, label, d| {
+                self.crash_state(camp, label, d, None);
+            },
+        );
+        self.disk = disk;
     }
 
     /// `ActiveSegment::create`: open(O_CREAT|O_EXCL), fallocate, header,
@@ -1824,9 +1854,9 @@ impl JWorld {
         w
     }
 
-    /// Applies the steps the library reported during `phase`, with a crash
-    /// point after each (`lo..=hi`: the sync points a crash may show); a
-    /// write may also be cut part way.
+    /// Applies the steps the library reported during `phase`, with crash
+    /// states after each (see [`drive_steps`]); `lo..=hi` are the sync
+    /// points a crash may show.
     fn apply_steps(
         &mut self,
         camp: &mut Campaign,
@@ -1835,32 +1865,20 @@ impl JWorld {
         p: f64,
         (lo, hi): (usize, usize),
     ) {
-        for seen in steps {
-            let kind = step_kind(&seen.step);
-            if camp.lie == Lie::SkipStep(kind) {
-                continue;
-            }
-            // A file's first write (a seal's or a compaction's tmp) may be
-            // cut anywhere; later writes tear within pages (`crash_image`).
-            if let (Step::Write(path), Some(bytes)) = (&seen.step, &seen.bytes)
-                && let ino = self.disk.ino_of(&self.root, path)
-                && self.disk.files[ino].latest_len() == 0
-            {
-                for _ in 0..camp.fire(p) {
-                    let mut partial = self.disk.clone();
-                    partial.write(ino, &bytes[..camp.rng.usize(0..=bytes.len())]);
-                    self.crash_state(
-                        camp,
-                        label(phase, "partial-write"),
-                        &partial,
-                        (lo, hi),
-                        None,
-                    );
-                }
-            }
-            self.disk.apply(&self.root, seen);
-            self.point(camp, label(phase, kind), p, lo, hi);
-        }
+        let mut disk = std::mem::take(&mut self.disk);
+        let root = self.root.clone();
+        drive_steps(
+            camp,
+            &mut disk,
+            &root,
+            phase,
+            steps,
+            p,
+            &mut |camp, label, d| {
+                self.crash_state(camp, label, d, (lo, hi), None);
+            },
+        );
+        self.disk = disk;
     }
 
     fn crash_state(
