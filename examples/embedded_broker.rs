@@ -49,9 +49,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ = ticker.tick() => {}
         }
         // A batch of "messages": index key -> (offset, size, timestamp).
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
         for _ in 0..1_000 {
             let key = format!("order-{}", offset % 5_000);
-            index.append(key.as_bytes(), offset, 256, tierindex::segment::now_ms())?;
+            index.append(key.as_bytes(), offset, 256, now_ms)?;
             offset += 1;
         }
         // The broker's commit point: everything appended so far is durable.

@@ -94,7 +94,7 @@ impl DataDir {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| Error::io(&lock_path, "open lock file", e))?;
-        if !crate::durable::try_lock(&lock, &lock_path)? {
+        if !crate::durable::try_lock(&lock, &lock_path, "lock data directory")? {
             let mut holder = String::new();
             let _ = lock.read_to_string(&mut holder);
             let holder = holder.trim();

@@ -265,11 +265,11 @@ pub fn fsync_file(f: &File, path: &Path) -> Result<()> {
 /// until `f` is closed: the one file lock of the crate (the data
 /// directory's `LOCK`, the journal directory). `Ok(false)` when another
 /// open file holds it, in this process or another.
-pub fn try_lock(f: &File, path: &Path) -> Result<bool> {
+pub fn try_lock(f: &File, path: &Path, what: &'static str) -> Result<bool> {
     match f.try_lock() {
         Ok(()) => Ok(true),
         Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, "lock", e)),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, what, e)),
     }
 }
 

@@ -341,38 +341,6 @@ fn mode_mismatch(data_dir: &Path, id: &Identity, recorded: Mode, want: Mode) -> 
     )
 }
 
-/// The credential-free form of a store URL, as `RemoteStore::display_url`
-/// shows it (`file:///abs`, `s3://bucket[/prefix]`, `memory://prefix`);
-/// `None` for what does not parse.
-pub(crate) fn display_of(url: &str) -> Option<String> {
-    let u = url::Url::parse(url).ok()?;
-    let path = u.path().trim_matches('/');
-    match u.scheme() {
-        "file" => {
-            let p = u.to_file_path().ok()?.display().to_string();
-            let p = p.trim_end_matches('/');
-            Some(format!("file://{}", if p.is_empty() { "/" } else { p }))
-        }
-        "s3" | "s3a" => {
-            let bucket = u.host_str().filter(|b| !b.is_empty())?;
-            let prefix = object_store::path::Path::from_url_path(path).ok()?;
-            Some(if prefix.is_root() {
-                format!("s3://{bucket}")
-            } else {
-                format!("s3://{bucket}/{prefix}")
-            })
-        }
-        "memory" => {
-            let host = u.host_str().unwrap_or("");
-            Some(match (host.is_empty(), path.is_empty()) {
-                (_, true) => format!("memory://{host}"),
-                (true, false) => format!("memory://{path}"),
-                (false, false) => format!("memory://{host}/{path}"),
-            })
-        }
-        _ => None,
-    }
-}
 
 #[cfg(test)]
 mod tests {

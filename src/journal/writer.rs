@@ -50,7 +50,7 @@ pub struct Journal {
 /// Takes the journal directory's lock (see [`crate::durable::try_lock`]).
 pub(super) fn lock_dir(dir: &Path) -> Result<File> {
     let f = File::open(dir).map_err(|e| Error::io(dir, "open journal directory", e))?;
-    if !crate::durable::try_lock(&f, dir)? {
+    if !crate::durable::try_lock(&f, dir, "lock journal directory")? {
         return Err(Error::Locked {
             path: dir.to_path_buf(),
             holder: "another open Journal".into(),
