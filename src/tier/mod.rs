@@ -61,6 +61,51 @@ pub use report::{OpenReport, RemoteLookup, ShutdownReport, Status};
 /// pending. Removed (durably) at open.
 pub const CLEAN_SHUTDOWN_MARKER: &str = "CLEAN_SHUTDOWN";
 
+/// An object store for [`TierIndex::open_with`], built by the embedder
+/// (credentials from its own secret source, its own client options, a
+/// wrapper) or from a [`Config`] as [`TierIndex::open`] builds it.
+#[derive(Clone)]
+pub struct Store(RemoteStore);
+
+impl Store {
+    /// `store` holds the stream's objects under `prefix`. `url` names it
+    /// without credentials: it is recorded in the data directory's
+    /// identity (a later open with another store is refused) and shown in
+    /// logs. Its scheme selects the backend's rules: `s3://` (5 MiB part
+    /// minimum, object metadata), `file://`, `memory://`; any other scheme
+    /// gets the strictest (S3) rules. `multipart` is the store's multipart
+    /// API; without it every segment is uploaded with one PUT. The S3
+    /// extras `open` sets up for an `s3://` URL (listing incomplete
+    /// multipart uploads for the reconciler, unsigned bodies where the
+    /// server validates checksums) are not available on a store built here.
+    pub fn new(
+        store: Arc<dyn object_store::ObjectStore>,
+        multipart: Option<Arc<dyn object_store::multipart::MultipartStore>>,
+        prefix: &str,
+        url: &str,
+    ) -> Store {
+        Store(RemoteStore::from_parts(store, multipart, prefix, url))
+    }
+
+    /// The store `cfg` names (`store`, `endpoint`, `region`, and the
+    /// `AWS_*` environment variables `object_store` reads), as
+    /// [`TierIndex::open`] builds it.
+    pub fn from_config(cfg: &Config) -> Result<Store> {
+        open_store(cfg).map(Store)
+    }
+
+    /// The store's URL without credentials.
+    pub fn url(&self) -> &str {
+        self.0.display_url()
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Store").field(&self.0.display_url()).finish()
+    }
+}
+
 /// The embedded index + uploader.
 pub struct TierIndex {
     // Always Some until `shutdown` consumes the TierIndex.
@@ -89,6 +134,12 @@ impl TierIndex {
     pub async fn open(cfg: Config) -> Result<(TierIndex, OpenReport)> {
         let store = open_store(&cfg)?;
         Self::open_with_store(cfg, store).await
+    }
+
+    /// As [`open`](Self::open), with a store the caller built ([`Store`]:
+    /// its own credentials, client options or wrapper).
+    pub async fn open_with(cfg: Config, store: Store) -> Result<(TierIndex, OpenReport)> {
+        Self::open_with_store(cfg, store.0).await
     }
 
     /// As [`open`](Self::open) with a store built by the caller (tests wrap
