@@ -180,7 +180,7 @@ impl DataDir {
             n += 1;
             dst = qdir.join(format!("{name}.{}.{n}", now_ms()));
         }
-        fs::rename(path, &dst).map_err(|e| Error::io(path, "move file to quarantine", e))?;
+        crate::durable::rename(path, &dst).map_err(|e| Error::io(path, "move file to quarantine", e))?;
         fsync_dir(&qdir)?;
         if let Some(parent) = path.parent() {
             fsync_dir(parent)?;
@@ -231,7 +231,7 @@ pub fn write_record(moved: &Path, rec: &QuarantineRecord) -> Result<()> {
     let p = PathBuf::from(name);
     let body = serde_json::to_vec_pretty(rec)
         .map_err(|e| Error::InvalidInput(format!("encode quarantine record: {e}")))?;
-    fs::write(&p, body).map_err(|e| Error::io(&p, "write quarantine record", e))?;
+    crate::durable::write_file(&p, body.as_ref()).map_err(|e| Error::io(&p, "write quarantine record", e))?;
     fsync_path(&p)?;
     if let Some(dir) = p.parent() {
         fsync_dir(dir)?;
@@ -626,7 +626,7 @@ pub fn recover_checking(
                 }
                 if accepted_actives.contains(id) {
                     if mode == Mode::Repair {
-                        fs::remove_file(path)
+                        crate::durable::unlink(path)
                             .map_err(|e| Error::io(path, "remove interrupted seal", e))?;
                         fsync_dir(&seg_dir)?;
                     }
@@ -654,7 +654,7 @@ pub fn recover_checking(
                 // is removed, not quarantined.
                 if all_zero(path)? {
                     if mode == Mode::Repair {
-                        fs::remove_file(path)
+                        crate::durable::unlink(path)
                             .map_err(|e| Error::io(path, "remove unborn active segment", e))?;
                         fsync_dir(&seg_dir)?;
                     }
@@ -767,7 +767,7 @@ pub fn recover_checking(
                         // The seal finished; only the removal of the source did not.
                         drop(seg);
                         if mode == Mode::Repair {
-                            fs::remove_file(path)
+                            crate::durable::unlink(path)
                                 .map_err(|e| Error::io(path, "remove sealed source", e))?;
                             fsync_dir(&seg_dir)?;
                         }
@@ -1134,7 +1134,7 @@ fn salvage_sealed_file(
         )?;
         note.sealed_as = Some(p.display().to_string());
     } else {
-        fs::remove_file(path).map_err(|e| Error::io(path, "remove salvaged original", e))?;
+        crate::durable::unlink(path).map_err(|e| Error::io(path, "remove salvaged original", e))?;
         fsync_dir(&dir.segments_dir())?;
     }
     if note.is_loss() {
@@ -1157,6 +1157,8 @@ fn copy_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
         dst = qdir.join(format!("{name}.{}.{n}", now_ms()));
     }
     fs::copy(path, &dst).map_err(|e| Error::io(&dst, "copy damaged file to quarantine", e))?;
+    crate::durable::created(&dst);
+    crate::durable::written(&dst);
     fsync_path(&dst)?;
     fsync_dir(&qdir)?;
     Ok(dst)

@@ -130,6 +130,18 @@ pub fn written(path: &Path) {
     note(|| Step::Write(seam::path(path)));
 }
 
+/// `fs::write`: creates or replaces `path` with `bytes` (not durable:
+/// fsync the file and its directory).
+pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let existed = path.exists();
+    std::fs::write(path, bytes)?;
+    if !existed {
+        created(path);
+    }
+    written(path);
+    Ok(())
+}
+
 /// `pwrite` all of `buf` at `at`.
 pub fn write_all_at(f: &File, buf: &[u8], at: u64, path: &Path) -> io::Result<()> {
     f.write_all_at(buf, at)?;

@@ -226,11 +226,16 @@ impl Identity {
         let tmp = data_dir.join(TMP_FILE);
         let path = data_dir.join(IDENTITY_FILE);
         let bytes = self.encode()?;
+        let existed = tmp.exists();
         let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create identity", e))?;
+        if !existed {
+            crate::durable::created(&tmp);
+        }
         f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
+            .inspect(|()| crate::durable::written(&tmp))
+            .and_then(|()| crate::durable::sync_all(&f, &tmp))
             .map_err(|e| Error::io(&tmp, "write identity", e))?;
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "install identity", e))?;
+        crate::durable::rename(&tmp, &path).map_err(|e| Error::io(&path, "install identity", e))?;
         // IMPORTANT: the rename is durable only once the directory is synced.
         crate::durable::fsync_dir(data_dir)
     }

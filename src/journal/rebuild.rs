@@ -432,13 +432,14 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
     // Keep the old file before anything replaces it.
     if let Some(bytes) = &old {
         let copy = dir.join(format!("journal.log.damaged.{}", crate::segment::now_ms()));
-        fs::write(&copy, bytes).map_err(|e| Error::io(&copy, "keep the damaged journal", e))?;
+        crate::durable::write_file(&copy, bytes)
+            .map_err(|e| Error::io(&copy, "keep the damaged journal", e))?;
         crate::durable::fsync_path(&copy)?;
         fsync_dir(&dir)?;
         report.damaged_copy = Some(copy);
     }
     let (_file, _len) = compact::write_snapshot_file(&dir, generation, &state)?;
-    fs::rename(dir.join(TMP_FILE), &log)
+    crate::durable::rename(&dir.join(TMP_FILE), &log)
         .map_err(|e| Error::io(&log, "install rebuilt journal", e))?;
     // IMPORTANT: makes the rename durable before anyone appends.
     fsync_dir(&dir)?;

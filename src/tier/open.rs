@@ -85,7 +85,7 @@ pub async fn open_shared_with_clock(
             let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
             let previous_shutdown_clean = marker.exists();
             if previous_shutdown_clean {
-                std::fs::remove_file(&marker)
+                crate::durable::unlink(&marker)
                     .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
                 fsync_dir(&cfg.data_dir)?;
             }
@@ -346,7 +346,7 @@ pub(super) fn readopt_salvaged(
 
 pub(super) fn write_clean_marker(dir: &Path) -> Result<()> {
     let p = dir.join(CLEAN_SHUTDOWN_MARKER);
-    std::fs::write(&p, format!("clean shutdown at {}\n", now_ms()))
+    crate::durable::write_file(&p, format!("clean shutdown at {}\n", now_ms()).as_bytes())
         .map_err(|e| Error::io(&p, "write clean-shutdown marker", e))?;
     fsync_path(&p)?;
     fsync_dir(dir)
