@@ -69,15 +69,20 @@ pub struct Store(RemoteStore);
 
 impl Store {
     /// `store` holds the stream's objects under `prefix`. `url` names it
-    /// without credentials: it is recorded in the data directory's
-    /// identity (a later open with another store is refused) and shown in
-    /// logs. Its scheme selects the backend's rules: `s3://` (5 MiB part
-    /// minimum, object metadata), `file://`, `memory://`; any other scheme
-    /// gets the strictest (S3) rules. `multipart` is the store's multipart
-    /// API; without it every segment is uploaded with one PUT. The S3
-    /// extras `open` sets up for an `s3://` URL (listing incomplete
-    /// multipart uploads for the reconciler, unsigned bodies where the
-    /// server validates checksums) are not available on a store built here.
+    /// without credentials: the first open records it in the data
+    /// directory's identity (a later open with another URL is logged as a
+    /// warning), and logs show it. Give the URL that names this very store,
+    /// prefix included (`s3://bucket/prefix`): the CLI's inspecting and
+    /// draining commands open the recorded URL when no `--store` is given.
+    /// Its scheme selects the backend's rules: `s3://` and `s3a://` (5 MiB
+    /// part minimum), `file://` (no object metadata), `memory://`; any
+    /// other scheme gets the strictest (S3) rules. `multipart` is the
+    /// store's multipart API; without it every segment is uploaded with one
+    /// PUT. The S3 extras `open` sets up for an `s3://` URL are not
+    /// available on a store built here: no server-side CRC-64 checksums (the
+    /// `Checksum` verify level reads every object back instead), no listing
+    /// of incomplete multipart uploads for the reconciler, no unsigned
+    /// bodies.
     pub fn new(
         store: Arc<dyn object_store::ObjectStore>,
         multipart: Option<Arc<dyn object_store::multipart::MultipartStore>>,
