@@ -7,7 +7,8 @@
 //! version and the creation time. The CLI's inspect and drain commands use
 //! the recorded store unless told otherwise, refuse a different one without
 //! `--store-override`, and refuse a path that is not a data directory
-//! instead of creating one ([`resolve_cli`]).
+//! instead of creating one (`resolve_cli` in `cli/identity.rs`). The
+//! library's own open only logs a warning for another store or stream.
 //!
 //! ## Bytes
 //! ```text

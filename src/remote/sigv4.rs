@@ -25,15 +25,21 @@ pub(crate) fn amz_date(t: SystemTime) -> String {
         .collect()
 }
 
-/// The query as sent: sorted like the canonical one, a value-less
-/// parameter bare (`uploads`, as the SDKs send it).
-pub(crate) fn wire_query(query: &[(&str, &str)]) -> String {
+/// Each key and value encoded, sorted by key then value: the order both
+/// the canonical query and the query as sent use.
+fn encoded_pairs(query: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut pairs: Vec<(String, String)> = query
         .iter()
         .map(|(k, v)| (uri_encode(k, true), uri_encode(v, true)))
         .collect();
     pairs.sort();
     pairs
+}
+
+/// The query as sent: sorted like the canonical one, a value-less
+/// parameter bare (`uploads`, as the SDKs send it).
+pub(crate) fn wire_query(query: &[(&str, &str)]) -> String {
+    encoded_pairs(query)
         .iter()
         .map(|(k, v)| {
             if v.is_empty() {
@@ -112,12 +118,7 @@ pub(crate) fn canonical_path(path: &str) -> String {
 
 /// `k=v&..`, each part encoded, sorted by key then value.
 pub(crate) fn canonical_query(query: &[(&str, &str)]) -> String {
-    let mut pairs: Vec<(String, String)> = query
-        .iter()
-        .map(|(k, v)| (uri_encode(k, true), uri_encode(v, true)))
-        .collect();
-    pairs.sort();
-    pairs
+    encoded_pairs(query)
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()

@@ -34,19 +34,21 @@ pub(super) fn update_gauges(sh: &Shared) {
         .set(st.oldest_pending_age_ms.unwrap_or(0));
 }
 
+/// Sleeps `every`; false once told to stop (at once, not after the sleep).
+async fn wait_or_stop(every: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = stop.changed() => return false,
+        _ = tokio::time::sleep(every) => {}
+    }
+    !*stop.borrow()
+}
+
 /// Renews the manifest lease every `every` until told to stop or fenced.
 /// A failed renewal is retried at the next interval (the lease lasts three);
 /// a fence is recorded in `Shared` by `renew_lease` and ends the task.
 pub(super) async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
     let every = every.max(Duration::from_millis(10));
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        if *stop.borrow() {
-            return;
-        }
+    while wait_or_stop(every, &mut stop).await {
         match sh.renew_lease().await {
             Ok(()) => {}
             Err(Error::Fenced(_)) => return,
@@ -75,14 +77,7 @@ pub(super) async fn reconciler(
         grace: Duration::from_millis(cfg.reconcile_grace_ms),
     };
     let access = crate::pipeline::InProcessManifest(sh.clone());
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        if *stop.borrow() {
-            return;
-        }
+    while wait_or_stop(every, &mut stop).await {
         if sh.fenced.get().is_some() {
             return;
         }
