@@ -98,6 +98,15 @@ pub struct Config {
     /// journal alone committed). See `docs/crash-safety.md`, "Switching
     /// modes".
     pub switch_mode: bool,
+    /// Open a data directory whose `IDENTITY` records another store or
+    /// stream than this config's (logged as a warning; the file keeps the
+    /// recorded ones). Without it such an open is refused: a typo in a URL,
+    /// a data directory copied elsewhere (the default store is next to the
+    /// data directory, so it moves with the copy) or two brokers swapped
+    /// would otherwise upload under another stream's keys or commit into a
+    /// store that never held the rest. Named risk: with it set, the
+    /// journal's committed segments may not be in the store now named.
+    pub store_override: bool,
     /// Run the reconciler (journal vs manifest vs bucket listing) every this
     /// many ms in the background; 0 = off. Findings are logged and exported
     /// as metrics.
@@ -239,6 +248,7 @@ impl Default for Config {
             lease_ttl_ms: 30_000,
             allow_unconditional_store: false,
             switch_mode: false,
+            store_override: false,
             reconcile_interval_ms: 0,
             reconcile_repair: true,
             reconcile_grace_ms: 3_600_000,

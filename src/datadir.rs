@@ -134,9 +134,10 @@ impl DataDir {
         store: &str,
         endpoint: Option<&str>,
         mode: Option<crate::identity::Mode>,
+        overrides: crate::identity::Overrides,
     ) -> Result<(DataDir, crate::identity::Identity)> {
         let dd = DataDir::open(root)?;
-        let id = crate::identity::ensure(root, stream, store, endpoint, mode)?;
+        let id = crate::identity::ensure(root, stream, store, endpoint, mode, overrides)?;
         Ok((dd, id))
     }
 

@@ -8,7 +8,8 @@
 //! the recorded store unless told otherwise, refuse a different one without
 //! `--store-override`, and refuse a path that is not a data directory
 //! instead of creating one (`resolve_cli` in `cli/identity.rs`). The
-//! library's own open only logs a warning for another store or stream.
+//! library's own open refuses another store or stream too, unless
+//! `Config::store_override` ([`ensure`]).
 //!
 //! ## Bytes
 //! ```text
@@ -242,31 +243,41 @@ impl Identity {
     }
 }
 
+/// What an open of an existing data directory may differ in from its
+/// `IDENTITY`, for [`ensure`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Overrides {
+    /// Open although the config names another store or stream than the
+    /// data directory records (`Config::store_override`).
+    pub store: bool,
+}
+
 /// The library's part (`DataDir::open_as`, called by the broker's open with
 /// the data directory locked): write the identity if there is none yet (a
-/// new data directory, or one from before identity files); else return the
-/// recorded one. A recorded stream or store that differs from the config is
-/// logged, not refused: the embedder's config decides, and the file keeps
-/// what the directory was created for. A new identity records `mode` (the
-/// mode is checked later, by [`settle_mode`]).
+/// new data directory, or one from before identity files); else check the
+/// config against the recorded one and return it.
+///
+/// A recorded stream or store other than the config's is refused
+/// (`Error::InvalidInput`, saying which and what to do) unless
+/// `overrides.store`: a typo in a URL, a data directory copied elsewhere
+/// (whose default store moved with it), or two brokers pointed at each
+/// other's directories would otherwise upload one stream's segments under
+/// another's keys, or commit segments into a store that never held the
+/// rest. With the override the open goes on, logged as a warning, and the
+/// file keeps what the directory was created for. Another S3 endpoint is
+/// logged, not refused (servers move; the store URL names the data).
+/// A new identity records `mode` (the mode is checked later, by
+/// [`settle_mode`]).
 pub fn ensure(
     data_dir: &Path,
     stream: &str,
     store: &str,
     endpoint: Option<&str>,
     mode: Option<Mode>,
+    overrides: Overrides,
 ) -> Result<Identity> {
     if let Some(id) = Identity::load(data_dir)? {
-        if id.stream != stream || id.store != store {
-            tracing::warn!(
-                data_dir = %data_dir.display(),
-                recorded_stream = %id.stream,
-                recorded_store = %id.store,
-                stream,
-                store,
-                "data directory was created for another stream or store than this config names"
-            );
-        }
+        check_recorded(data_dir, &id, stream, store, endpoint, overrides, true)?;
         return Ok(id);
     }
     let id = Identity {
@@ -276,6 +287,75 @@ pub fn ensure(
     id.store_in(data_dir)?;
     tracing::info!(data_dir = %data_dir.display(), incarnation = %id.incarnation, "data directory identity written");
     Ok(id)
+}
+
+/// [`ensure`]'s check of an existing identity against what an open names.
+fn check_recorded(
+    data_dir: &Path,
+    id: &Identity,
+    stream: &str,
+    store: &str,
+    endpoint: Option<&str>,
+    overrides: Overrides,
+    log: bool,
+) -> Result<()> {
+    let stream_differs = id.stream != stream;
+    let store_differs = !same_store(&id.store, store);
+    if (stream_differs || store_differs) && !overrides.store {
+        let (what, recorded, given) = if stream_differs {
+            ("stream", id.stream.as_str(), stream)
+        } else {
+            ("store", id.store.as_str(), store)
+        };
+        return Err(Error::InvalidInput(format!(
+            "{} was created for {what} {recorded:?} ({IDENTITY_FILE}, incarnation {}), but \
+             this open names {given:?}: configure the recorded {what} (a data directory \
+             moved or copied elsewhere keeps its store only if the store is set \
+             explicitly), or set store_override = true (--store-override) to use the \
+             given one anyway; nothing was changed",
+            data_dir.display(),
+            id.incarnation
+        )));
+    }
+    if !log {
+        return Ok(());
+    }
+    if stream_differs || store_differs {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            recorded_stream = %id.stream,
+            recorded_store = %id.store,
+            stream,
+            store,
+            "data directory was created for another stream or store than this config names; \
+             opening anyway (store_override set)"
+        );
+    } else if id.endpoint.as_deref() != endpoint {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            recorded_endpoint = ?id.endpoint,
+            endpoint = ?endpoint,
+            "data directory was created with another S3 endpoint than this config names"
+        );
+    }
+    Ok(())
+}
+
+/// The check [`ensure`] makes, run by `TierIndex::open` before it builds the
+/// store the config names (a `file://` store creates its directory), so a
+/// refused open leaves nothing behind. Reads `IDENTITY` without the lock:
+/// advisory; `ensure`, under the lock, decides.
+pub fn precheck(
+    data_dir: &Path,
+    stream: &str,
+    store: &str,
+    endpoint: Option<&str>,
+    overrides: Overrides,
+) -> Result<()> {
+    match Identity::load(data_dir)? {
+        Some(id) => check_recorded(data_dir, &id, stream, store, endpoint, overrides, false),
+        None => Ok(()),
+    }
 }
 
 /// The library's mode check (`TierIndex::open`, after the journal is
@@ -347,6 +427,48 @@ fn mode_mismatch(data_dir: &Path, id: &Identity, recorded: Mode, want: Mode) -> 
     )
 }
 
+/// The credential-free form of a store URL, as `RemoteStore::display_url`
+/// shows it (`file:///abs`, `s3://bucket[/prefix]`, `memory://prefix`);
+/// `None` for what does not parse.
+pub(crate) fn canonical_store(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    let path = u.path().trim_matches('/');
+    match u.scheme() {
+        "file" => {
+            let p = u.to_file_path().ok()?.display().to_string();
+            let p = p.trim_end_matches('/');
+            Some(format!("file://{}", if p.is_empty() { "/" } else { p }))
+        }
+        "s3" | "s3a" => {
+            let bucket = u.host_str().filter(|b| !b.is_empty())?;
+            let prefix = object_store::path::Path::from_url_path(path).ok()?;
+            Some(if prefix.is_root() {
+                format!("s3://{bucket}")
+            } else {
+                format!("s3://{bucket}/{prefix}")
+            })
+        }
+        "memory" => {
+            let host = u.host_str().unwrap_or("");
+            Some(match (host.is_empty(), path.is_empty()) {
+                (_, true) => format!("memory://{host}"),
+                (true, false) => format!("memory://{path}"),
+                (false, false) => format!("memory://{host}/{path}"),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether two store URLs name the same store, compared in their
+/// [`canonical_store`] forms (a URL that does not parse is compared as
+/// written). Without building a store, which would create a `file://`
+/// directory as a side effect.
+pub(crate) fn same_store(a: &str, b: &str) -> bool {
+    let a2 = canonical_store(a).unwrap_or_else(|| a.to_string());
+    let b2 = canonical_store(b).unwrap_or_else(|| b.to_string());
+    a2 == b2
+}
 
 #[cfg(test)]
 mod tests {
@@ -377,7 +499,7 @@ mod tests {
     fn an_identity_without_a_mode_gets_the_mode_of_its_next_open() {
         let tmp = tempfile::tempdir().unwrap();
         // Written by a build before modes: no "mode" field at all.
-        let old = ensure(tmp.path(), "s", "file:///x", None, None).unwrap();
+        let old = ensure(tmp.path(), "s", "file:///x", None, None, Overrides::default()).unwrap();
         assert_eq!(old.mode, None);
         let text = String::from_utf8(old.encode().unwrap()).unwrap();
         assert!(!text.contains("mode"), "{text}");
@@ -406,8 +528,19 @@ mod tests {
     fn ensure_writes_once_and_keeps_the_first() {
         let tmp = tempfile::tempdir().unwrap();
         assert_eq!(Identity::load(tmp.path()).unwrap(), None);
-        let a = ensure(tmp.path(), "s", "file:///x", None, None).unwrap();
-        let b = ensure(tmp.path(), "other", "file:///y", None, None).unwrap();
+        let a = ensure(tmp.path(), "s", "file:///x", None, None, Overrides::default()).unwrap();
+        // Another stream or store: refused, saying which and how to go on.
+        for (stream, store, what) in [("other", "file:///x", "stream"), ("s", "file:///y", "store")] {
+            let e = ensure(tmp.path(), stream, store, None, None, Overrides::default()).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidInput, "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("created for {what}")), "{msg}");
+            assert!(msg.contains("store_override"), "{msg}");
+        }
+        // The same store written another way is the same store.
+        assert_eq!(ensure(tmp.path(), "s", "file:///x/", None, None, Overrides::default()).unwrap(), a);
+        // Overridden: opens, and the file keeps the first.
+        let b = ensure(tmp.path(), "other", "file:///y", None, None, Overrides { store: true }).unwrap();
         assert_eq!(a, b);
         assert_eq!(Identity::load(tmp.path()).unwrap(), Some(a));
         assert!(!tmp.path().join(TMP_FILE).exists());

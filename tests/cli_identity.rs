@@ -101,6 +101,105 @@ async fn drain_without_store_uses_the_recorded_store_and_stream() {
     assert_eq!(code, EXIT_DRAINED, "{out}");
 }
 
+/// The library's own open (what a broker calls), not only the CLI's
+/// inspecting commands: a data directory copied elsewhere (its default
+/// store would move with it), or opened with another stream or store, is
+/// refused before anything is written or created, unless overridden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_refuses_another_store_or_stream_unless_overridden() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, store) = (tmp.path().join("data"), tmp.path().join("bucket"));
+    // Single-writer mode: in manifest mode the copy is another owner, and
+    // the crashed original's lease would hold it off for its TTL.
+    broker_with_pending_in(&data, &store, false).await;
+    let recorded = std::fs::read(data.join(IDENTITY_FILE)).unwrap();
+    let copy = tmp.path().join("elsewhere").join("data");
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    let o = Command::new("cp")
+        .args(["-a", s(&data), s(&copy)])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let cfg = |dir: &Path, store: Option<String>, stream: &str| Config {
+        data_dir: dir.to_path_buf(),
+        store,
+        stream: stream.into(),
+        segment_items: 20,
+        slot_count: 16,
+        segment_max_age_ms: None,
+        manifest: false,
+        ..Config::default()
+    };
+    let url = format!("file://{}", store.display());
+    let cases = [
+        // The copy with the default store (next to the copy).
+        (cfg(&copy, None, "orders"), "store"),
+        // A typo in the store, and another stream.
+        (
+            cfg(
+                &data,
+                Some(format!("file://{}", tmp.path().join("bucke").display())),
+                "orders",
+            ),
+            "store",
+        ),
+        (cfg(&data, Some(url.clone()), "order"), "stream"),
+    ];
+    for (c, what) in cases {
+        let e = match TierIndex::open(c.clone()).await {
+            Ok(_) => panic!("{what}: opened {c:?}"),
+            Err(e) => e,
+        };
+        assert_eq!(e.kind(), tierindex::ErrorKind::InvalidInput, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("created for {what}")), "{msg}");
+        assert!(msg.contains("store_override"), "{msg}");
+        assert!(!msg.contains("secret"), "{msg}");
+    }
+    // Nothing was created for the refused stores, nothing rewritten.
+    assert!(
+        !tmp.path()
+            .join("elsewhere")
+            .join("tierindex-store")
+            .exists()
+    );
+    assert!(!tmp.path().join("bucke").exists());
+    assert_eq!(std::fs::read(data.join(IDENTITY_FILE)).unwrap(), recorded);
+    assert_eq!(std::fs::read(copy.join(IDENTITY_FILE)).unwrap(), recorded);
+
+    // The copy naming the recorded store opens (and may drain there).
+    let (ti, _) = TierIndex::open(cfg(&copy, Some(url.clone()), "orders"))
+        .await
+        .unwrap();
+    drop(ti);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Overridden on purpose: opens, and IDENTITY keeps what it recorded.
+    let other = tmp.path().join("other");
+    let (ti, _) = TierIndex::open(Config {
+        store_override: true,
+        ..cfg(&data, Some(format!("file://{}", other.display())), "orders")
+    })
+    .await
+    .unwrap();
+    drop(ti);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(std::fs::read(data.join(IDENTITY_FILE)).unwrap(), recorded);
+
+    // The CLI's own running commands get the same refusal, and
+    // --store-override lets them through.
+    let (code, out) = tierindex(&[
+        "--data-dir",
+        s(&copy),
+        "--stream",
+        "orders",
+        "demo",
+        "--entries",
+        "10",
+    ]);
+    assert_eq!(code, EXIT_ERROR, "{out}");
+    assert!(out.contains("--store-override"), "{out}");
+}
+
 #[test]
 fn a_path_that_is_not_a_data_directory_is_refused_not_created() {
     let tmp = tempfile::tempdir().unwrap();

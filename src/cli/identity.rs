@@ -100,47 +100,12 @@ pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
         Some(given) => {
             // Compared without building a store (that would create a
             // file:// directory as a side effect).
-            let shown = display_of(&given).unwrap_or_else(|| given.clone());
-            let recorded = display_of(&id.store).unwrap_or_else(|| id.store.clone());
-            if shown != recorded && !intent.store_override {
+            if !crate::identity::same_store(&given, &id.store) && !intent.store_override {
                 return Err(mismatch("store", &id.store, &given));
             }
         }
     }
     Ok(())
-}
-
-/// The credential-free form of a store URL, as `RemoteStore::display_url`
-/// shows it (`file:///abs`, `s3://bucket[/prefix]`, `memory://prefix`);
-/// `None` for what does not parse.
-fn display_of(url: &str) -> Option<String> {
-    let u = url::Url::parse(url).ok()?;
-    let path = u.path().trim_matches('/');
-    match u.scheme() {
-        "file" => {
-            let p = u.to_file_path().ok()?.display().to_string();
-            let p = p.trim_end_matches('/');
-            Some(format!("file://{}", if p.is_empty() { "/" } else { p }))
-        }
-        "s3" | "s3a" => {
-            let bucket = u.host_str().filter(|b| !b.is_empty())?;
-            let prefix = object_store::path::Path::from_url_path(path).ok()?;
-            Some(if prefix.is_root() {
-                format!("s3://{bucket}")
-            } else {
-                format!("s3://{bucket}/{prefix}")
-            })
-        }
-        "memory" => {
-            let host = u.host_str().unwrap_or("");
-            Some(match (host.is_empty(), path.is_empty()) {
-                (_, true) => format!("memory://{host}"),
-                (true, false) => format!("memory://{path}"),
-                (false, false) => format!("memory://{host}/{path}"),
-            })
-        }
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -183,7 +148,7 @@ mod tests {
 
         // With an identity: the recorded store and stream are used ...
         let store = format!("file://{}", tmp.path().join("store").display());
-        ensure(&dd, "orders", &store, None, None).unwrap();
+        ensure(&dd, "orders", &store, None, None, Default::default()).unwrap();
         let mut cfg = Config {
             data_dir: dd.clone(),
             ..Config::default()

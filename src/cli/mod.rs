@@ -208,6 +208,9 @@ impl Cli {
         if self.switch_mode {
             c.switch_mode = true;
         }
+        if self.store_override {
+            c.store_override = true;
+        }
         let stream_given = self.stream.is_some() || c.stream != Config::default().stream;
         if let Some(s) = &self.stream {
             c.stream = s.clone();

@@ -70,8 +70,8 @@ pub struct Store(RemoteStore);
 impl Store {
     /// `store` holds the stream's objects under `prefix`. `url` names it
     /// without credentials: the first open records it in the data
-    /// directory's identity (a later open with another URL is logged as a
-    /// warning), and logs show it. Give the URL that names this very store,
+    /// directory's identity (a later open with another URL is refused
+    /// unless [`Config::store_override`]), and logs show it. Give the URL that names this very store,
     /// prefix included (`s3://bucket/prefix`): the CLI's inspecting and
     /// draining commands open the recorded URL when no `--store` is given.
     /// Its scheme selects the backend's rules: `s3://` and `s3a://` (5 MiB
@@ -136,7 +136,22 @@ pub struct TierIndex {
 impl TierIndex {
     /// Open (recovering whatever a crash left) and start the background
     /// worker on the current tokio runtime.
+    ///
+    /// A data directory whose `IDENTITY` records another store or stream
+    /// than `cfg` names is refused ([`ErrorKind::InvalidInput`], saying
+    /// which) unless [`Config::store_override`]: a copied or moved data
+    /// directory, whose default store is next to it, must name its store.
     pub async fn open(cfg: Config) -> Result<(TierIndex, OpenReport)> {
+        // Before the store is built: a refused open leaves nothing behind.
+        crate::identity::precheck(
+            &cfg.data_dir,
+            &cfg.stream,
+            &cfg.store_url()?,
+            cfg.endpoint.as_deref(),
+            crate::identity::Overrides {
+                store: cfg.store_override,
+            },
+        )?;
         let store = open_store(&cfg)?;
         Self::open_with_store(cfg, store).await
     }

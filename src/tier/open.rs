@@ -81,6 +81,9 @@ pub async fn open_shared_with_clock(
                 &url,
                 cfg.endpoint.as_deref(),
                 Some(crate::identity::Mode::of(cfg.manifest)),
+                crate::identity::Overrides {
+                    store: cfg.store_override,
+                },
             )?;
             let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
             let previous_shutdown_clean = marker.exists();
