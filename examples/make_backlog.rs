@@ -73,7 +73,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into_iter()
         .map(|meta| Record::Sealed { meta })
         .collect();
-    j.append(&recs)?;
+    // In batches: one frame holds at most 16 MiB.
+    for batch in recs.chunks(10_000) {
+        j.append(batch)?;
+    }
     drop(j);
     println!(
         "backlog {} segments={n} bytes={bytes} seal_ms={}",

@@ -41,6 +41,13 @@ pub struct Config {
     pub segment_max_age_ms: Option<u64>,
     /// Bound on chain steps per active-segment lookup.
     pub max_chain_steps: u32,
+    /// Local sealed segments kept memory-mapped at once (1 to 2^20,
+    /// default 16,384); the least recently used map is dropped first and
+    /// the others are mapped again on demand (a few KiB read and checked
+    /// each time). Every map counts against the kernel's
+    /// `vm.max_map_count` (65,530 by default) for the whole process: keep
+    /// open indexes x this below it.
+    pub sealed_mapped: usize,
     /// Segments uploading at once.
     pub max_uploads_in_flight: usize,
     /// Sealed files at least this large use multipart (where the store has it).
@@ -230,6 +237,7 @@ impl Default for Config {
             segment_items: ix.segment_items,
             segment_max_age_ms: ix.segment_max_age.map(|d| d.as_millis() as u64),
             max_chain_steps: ix.max_chain_steps,
+            sealed_mapped: ix.sealed_mapped,
             max_uploads_in_flight: 4,
             multipart_threshold_bytes: up.multipart_threshold_bytes,
             part_size_bytes: up.part_size_bytes,
@@ -354,6 +362,12 @@ impl Config {
             self.max_chain_steps.into(),
             1,
             u32::MAX.into(),
+        )?;
+        range(
+            "sealed_mapped",
+            self.sealed_mapped as u64,
+            1,
+            crate::segment::local::MAX_MAPPED as u64,
         )?;
         range(
             "max_uploads_in_flight",
@@ -499,6 +513,7 @@ impl Config {
             segment_items: self.segment_items,
             segment_max_age: self.segment_max_age_ms.map(Duration::from_millis),
             max_chain_steps: self.max_chain_steps,
+            sealed_mapped: self.sealed_mapped,
         }
     }
 

@@ -43,6 +43,7 @@ use crate::durable::{fsync_dir, fsync_path};
 use crate::error::{Error, Result};
 use crate::segment::active::{self, ActiveRecovery, ActiveSegment};
 use crate::segment::salvage::{self, Geometry, LostSpan};
+use crate::segment::local::SealedInfo;
 use crate::segment::sealed::{PACKED_ENTRY_LEN, SealedSegment, write_sealed_streaming};
 use crate::segment::{SegmentId, now_ms};
 
@@ -384,7 +385,9 @@ impl RecoveryReport {
 
 /// What a repairing start-up hands to the index writer.
 pub struct Recovered {
-    pub sealed: BTreeMap<SegmentId, SealedSegment>,
+    /// Checked sealed files, known by their footers (not mapped: a data
+    /// directory may hold more than a process can map).
+    pub sealed: BTreeMap<SegmentId, SealedInfo>,
     /// Active segments by id, oldest first. All but the newest must be sealed.
     pub actives: BTreeMap<SegmentId, ActiveSegment>,
     pub report: RecoveryReport,
@@ -458,10 +461,11 @@ pub fn recover_with_geometry(
 }
 
 /// [`SealedSegment::open_summed`] of every `(id, path)`, on up to
-/// `available_parallelism` (at most 4) threads.
+/// `available_parallelism` (at most 4) threads; each map is dropped once
+/// checked (only its footer and sums are kept).
 fn open_summed_parallel(
     todo: Vec<(SegmentId, PathBuf)>,
-) -> BTreeMap<SegmentId, Result<SealedSegment>> {
+) -> BTreeMap<SegmentId, Result<SealedInfo>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4)
@@ -469,7 +473,7 @@ fn open_summed_parallel(
     if threads <= 1 {
         return todo
             .into_iter()
-            .map(|(id, p)| (id, SealedSegment::open_summed(&p)))
+            .map(|(id, p)| (id, SealedSegment::open_summed(&p).map(|s| SealedInfo::of(&s))))
             .collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -482,7 +486,7 @@ fn open_summed_parallel(
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some((id, p)) = todo.get(i) else { break };
-                        done.push((*id, SealedSegment::open_summed(p)));
+                        done.push((*id, SealedSegment::open_summed(p).map(|s| SealedInfo::of(&s))));
                     }
                     done
                 })
@@ -581,7 +585,7 @@ pub fn recover_checking(
                     // Whole-body CRC-64 (every item for format 1); a
                     // failure is salvaged by item below.
                     Some(opened) => opened,
-                    None => SealedSegment::open_light(path),
+                    None => SealedSegment::open_light(path).map(|s| SealedInfo::of(&s)),
                 };
                 match opened {
                     Ok(s) if s.id() == *id => {
@@ -599,7 +603,7 @@ pub fn recover_checking(
                     Err(e @ Error::Corrupt { .. }) => {
                         let note = salvage_sealed_file(dir, mode, path, *id, &e.to_string())?;
                         if let Some(p) = &note.sealed_as {
-                            let s = SealedSegment::open(Path::new(p))?;
+                            let s = SealedInfo::of(&SealedSegment::open(Path::new(p))?);
                             sealed_counts.insert(*id, (s.footer().item_count, path.clone()));
                             out.report.sealed_ok.push(id.0);
                             out.sealed.insert(*id, s);
@@ -1048,7 +1052,7 @@ fn salvage_active_file(
                     &packed,
                     PACKED_ENTRY_LEN,
                 )?;
-                let s = SealedSegment::open(&p)?;
+                let s = SealedInfo::of(&SealedSegment::open(&p)?);
                 sealed_counts.insert(id, (s.footer().item_count, p.clone()));
                 out.report.sealed_ok.push(id.0);
                 out.sealed.insert(id, s);

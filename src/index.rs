@@ -34,6 +34,7 @@ use crate::durable::fsync_dir_at;
 use crate::error::{Error, Result};
 use crate::segment::active::{ActiveSegment, Lookup};
 use crate::segment::format::ACTIVE_ITEM_LEN;
+use crate::segment::local::{LocalSealed, SealedInfo};
 use crate::segment::sealed::{SealedSegment, sealed_file_name, write_sealed_streaming};
 use crate::segment::{Entry, SealedMeta, SegmentId, TimeRange, now_ms};
 
@@ -48,6 +49,10 @@ pub struct IndexConfig {
     pub segment_max_age: Option<Duration>,
     /// Bound on chain steps per active-segment lookup.
     pub max_chain_steps: u32,
+    /// Local sealed segments kept mapped at once (least recently used
+    /// first out); the others are known by their footers and mapped on
+    /// demand ([`crate::segment::local`]).
+    pub sealed_mapped: usize,
 }
 
 impl Default for IndexConfig {
@@ -57,9 +62,14 @@ impl Default for IndexConfig {
             segment_items: 1 << 20,
             segment_max_age: Some(Duration::from_secs(600)),
             max_chain_steps: 1 << 16,
+            sealed_mapped: crate::segment::local::DEFAULT_MAPPED,
         }
     }
 }
+
+/// Frozen segments waiting for the sealer beyond which a roll waits for
+/// its seals (see `next_active`).
+const MAX_FROZEN: usize = 16;
 
 /// Called from the sealer thread after each seal finished (or failed); the
 /// pipeline uses it to wake up and call [`IndexWriter::poll_sealed`].
@@ -216,7 +226,8 @@ pub struct IndexWriter {
     active: Option<ActiveSegment>,
     next_id: u64,
     frozen: BTreeMap<SegmentId, Arc<ActiveSegment>>,
-    sealed: BTreeMap<SegmentId, Arc<SealedSegment>>,
+    /// Local sealed segments, a bounded number of them mapped.
+    sealed: LocalSealed,
     /// Sealed and not yet taken by `poll_sealed`.
     ready: Vec<SealedMeta>,
     /// The sealer thread's queue; `None` once closed.
@@ -322,7 +333,8 @@ impl IndexWriter {
             let meta = seal_segment(&seg_dir, &seg)?;
             let path = seg_dir.join(sealed_file_name(id));
             drop(seg);
-            rec.sealed.insert(id, SealedSegment::open(&path)?);
+            rec.sealed
+                .insert(id, SealedInfo::of(&SealedSegment::open(&path)?));
             ready.push(meta);
         }
         let mut next_id = rec.max_id_seen.map_or(1, |m| m.0 + 1);
@@ -390,6 +402,10 @@ impl IndexWriter {
                 })
                 .map_err(|e| Error::io(&seg_dir, "spawn sealer thread", e))?
         };
+        let mut sealed = LocalSealed::new(&seg_dir, cfg.sealed_mapped);
+        for info in std::mem::take(&mut rec.sealed).into_values() {
+            sealed.insert_info(info);
+        }
         let mut w = IndexWriter {
             dd,
             seg_dir,
@@ -397,11 +413,7 @@ impl IndexWriter {
             active,
             next_id,
             frozen: BTreeMap::new(),
-            sealed: rec
-                .sealed
-                .into_iter()
-                .map(|(k, v)| (k, Arc::new(v)))
-                .collect(),
+            sealed,
             ready,
             sealer_tx: Some(sealer_tx),
             done_rx,
@@ -507,6 +519,20 @@ impl IndexWriter {
     fn next_active(&mut self) -> Result<ActiveSegment> {
         while let Ok(done) = self.done_rx.try_recv() {
             self.take_done(done)?;
+        }
+        // Backpressure: appends that outrun the sealer wait here for its
+        // seals rather than pile up frozen segments, each holding a file
+        // descriptor, a map and a preallocated file (with small segments an
+        // unbounded pile ran the process out of descriptors).
+        while self.frozen.len() > MAX_FROZEN {
+            match self.done_rx.recv() {
+                Ok(done) => self.take_done(done)?,
+                Err(_) => {
+                    let why = "sealer thread is gone".to_string();
+                    self.poison.set(why.clone());
+                    return Err(Error::Poisoned(why));
+                }
+            }
         }
         while self.spare.is_none() && self.spare_asked.is_some() {
             match self.done_rx.recv() {
@@ -654,7 +680,8 @@ impl IndexWriter {
         let (meta, sealed) = done
             .result
             .inspect_err(|e| self.poison.set(e.to_string()))?;
-        self.sealed.insert(done.id, Arc::new(sealed));
+        debug_assert_eq!(sealed.id(), done.id);
+        self.sealed.insert(sealed);
         if let Some(old) = self.frozen.remove(&done.id) {
             // Freed on the sealer thread (after a close, here: nothing
             // waits on this writer any more).
@@ -728,14 +755,16 @@ impl IndexWriter {
     /// (with the segments in [`Lookup::corrupt_segments`]) and logged.
     pub fn lookup_hash(&self, key_hash: u64, range: TimeRange) -> Lookup {
         let mut out = Lookup::default();
-        for (id, s) in &self.sealed {
-            let (es, bad) = s.lookup_counting(key_hash, range);
-            out.entries.extend(es);
-            if bad > 0 {
-                tracing::error!(segment = id.0, items = bad, path = %s.path().display(), "local sealed segment has items whose CRC fails: they are missing from this lookup (run tierindex fsck --repair to salvage the rest)");
-                out.corrupt_items += u64::from(bad);
-                out.corrupt_segments.push(id.0);
-            }
+        let sealed = self.sealed.lookup_hash(key_hash, range);
+        out.entries = sealed.entries;
+        for (id, bad) in sealed.corrupt {
+            tracing::error!(segment = id.0, items = bad, path = %self.seg_dir.join(sealed_file_name(id)).display(), "local sealed segment has items whose CRC fails: they are missing from this lookup (run tierindex fsck --repair to salvage the rest)");
+            out.corrupt_items += u64::from(bad);
+            out.corrupt_segments.push(id.0);
+        }
+        for (id, why) in sealed.unreadable {
+            tracing::error!(segment = id.0, error = %why, "local sealed segment cannot be read: whatever it holds for this key is missing from this lookup (run tierindex fsck)");
+            out.unreadable_segments.push(id.0);
         }
         let open = self
             .frozen
@@ -758,14 +787,33 @@ impl IndexWriter {
         out
     }
 
-    /// A sealed segment held locally.
-    pub fn sealed(&self, id: SegmentId) -> Option<Arc<SealedSegment>> {
-        self.sealed.get(&id).cloned()
+    /// A sealed segment held locally, mapped (on demand: see
+    /// [`crate::segment::local`]). `Ok(None)`: not held locally; an error:
+    /// held, but its file is gone, unreadable or not the one checked.
+    pub fn sealed(&self, id: SegmentId) -> Result<Option<Arc<SealedSegment>>> {
+        self.sealed.get(id)
+    }
+
+    /// Whether a sealed segment is held locally (without mapping it).
+    pub fn holds_sealed(&self, id: SegmentId) -> bool {
+        self.sealed.contains(id)
+    }
+
+    /// A local sealed segment's metadata (from its recorded footer and
+    /// sums; the file is read only if its sums were never computed).
+    pub fn sealed_meta(&self, id: SegmentId) -> Result<Option<SealedMeta>> {
+        self.sealed.meta(id)
     }
 
     /// Ids of every sealed segment held locally.
     pub fn sealed_ids(&self) -> Vec<SegmentId> {
-        self.sealed.keys().copied().collect()
+        self.sealed.ids()
+    }
+
+    /// Local sealed segments mapped now, and mapped on demand so far.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn sealed_maps(&self) -> (usize, u64) {
+        (self.sealed.mapped(), self.sealed.opened())
     }
 
     /// Delete the local copy of a sealed segment (after it is verified
@@ -778,7 +826,7 @@ impl IndexWriter {
     /// gets the directory fsync (an earlier unlink may not be durable yet).
     pub fn release(&mut self, id: SegmentId) -> Result<()> {
         self.poison.check()?;
-        self.sealed.remove(&id);
+        self.sealed.remove(id);
         let path = self.seg_dir.join(sealed_file_name(id));
         match crate::durable::at("release.unlink").unlink(&path) {
             Ok(()) => {}
@@ -797,7 +845,7 @@ impl IndexWriter {
     /// and stop serving lookups from it. Returns where it went; `None`
     /// when there was no file.
     pub fn quarantine_sealed(&mut self, id: SegmentId, reason: &str) -> Result<Option<PathBuf>> {
-        self.sealed.remove(&id);
+        self.sealed.remove(id);
         let path = self.seg_dir.join(sealed_file_name(id));
         if !path.exists() {
             return Ok(None);
@@ -819,9 +867,9 @@ impl IndexWriter {
     pub fn max_offset(&self) -> Option<u64> {
         let sealed = self
             .sealed
-            .values()
-            .filter(|s| s.footer().item_count > 0)
-            .map(|s| s.footer().max_offset);
+            .footers()
+            .filter(|f| f.item_count > 0)
+            .map(|f| f.max_offset);
         let open = self
             .frozen
             .values()
@@ -894,10 +942,13 @@ impl IndexWriter {
         let mut held: std::collections::HashMap<(u64, u64, u32, u64), u32> = match since {
             None => Default::default(),
             Some(since) => {
-                let sealed = self
-                    .sealed
-                    .range(since..)
-                    .flat_map(|(_, s)| s.entries().into_iter());
+                let mut sealed = Vec::new();
+                for id in self.sealed.ids_from(since) {
+                    let seg = self.sealed.get(id)?.ok_or_else(|| {
+                        Error::Internal(format!("local sealed segment {id} vanished"))
+                    })?;
+                    sealed.extend(seg.entries());
+                }
                 let open = self
                     .frozen
                     .range(since..)
@@ -906,7 +957,7 @@ impl IndexWriter {
                     .filter(|a| a.id() >= since)
                     .flat_map(|a| a.entries().into_iter());
                 let mut m = std::collections::HashMap::new();
-                for e in sealed.chain(open) {
+                for e in sealed.into_iter().chain(open) {
                     *m.entry((e.key_hash, e.offset, e.size, e.timestamp_ms))
                         .or_insert(0u32) += 1;
                 }
@@ -1016,6 +1067,7 @@ mod tests {
             segment_items: items,
             segment_max_age: None,
             max_chain_steps: 1 << 20,
+            ..IndexConfig::default()
         }
     }
 

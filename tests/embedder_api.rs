@@ -60,3 +60,51 @@ async fn an_embedder_hands_in_its_own_store() {
     assert_eq!(offsets, want);
     index.shutdown(Duration::from_secs(30)).await;
 }
+
+/// More local sealed segments than `sealed_mapped` (issue 16: they are no
+/// longer mapped one each): every entry is still found locally, before and
+/// after a reopen, and nothing is reported unreadable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_local_segments_than_maps_are_all_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(InMemory::new());
+    let store = Store::new(mem.clone(), Some(mem.clone()), "tier", "memory://tier");
+    let cfg = Config {
+        sealed_mapped: 2,
+        segment_items: 20,
+        ..config(dir.path())
+    };
+    let check = |index: &TierIndex| {
+        for k in 0..7u64 {
+            let l = index.lookup(format!("k{k}").as_bytes(), TimeRange::ALL);
+            assert!(
+                l.unreadable_segments.is_empty() && l.corrupt_items == 0,
+                "{l:?}"
+            );
+            let offsets: Vec<u64> = l.entries.iter().map(|e| e.offset).collect();
+            let want: Vec<u64> = (0..400).filter(|i| i % 7 == k).collect();
+            assert_eq!(offsets, want, "k{k}");
+        }
+    };
+    let (index, _) = TierIndex::open_with(cfg.clone(), store.clone())
+        .await
+        .unwrap();
+    for i in 0..400u64 {
+        index
+            .append(format!("k{}", i % 7).as_bytes(), i, 10, 1_000 + i)
+            .unwrap();
+    }
+    index.flush().unwrap();
+    index.roll().unwrap();
+    // Wait until every entry is in a sealed file (local copies are kept:
+    // release_after_commit is off by default).
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while index.status().unsealed_items > 0 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check(&index);
+    index.shutdown(Duration::from_secs(30)).await;
+    let (index, _) = TierIndex::open_with(cfg, store).await.unwrap();
+    check(&index);
+    index.shutdown(Duration::from_secs(30)).await;
+}

@@ -738,7 +738,7 @@ fn a_local_lookup_reports_items_whose_crc_fails() {
     iw.flush().unwrap();
     let id = iw.roll().unwrap().unwrap();
     let until = Instant::now() + Duration::from_secs(20);
-    while iw.sealed(id).is_none() && Instant::now() < until {
+    while !iw.holds_sealed(id) && Instant::now() < until {
         iw.poll_sealed().unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -26,6 +26,7 @@ fn cfg() -> IndexConfig {
         segment_items: 100,
         segment_max_age: None,
         max_chain_steps: 1 << 20,
+        ..IndexConfig::default()
     }
 }
 

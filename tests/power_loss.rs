@@ -931,6 +931,7 @@ fn index_cfg(g: Geometry) -> IndexConfig {
         segment_items: g.capacity,
         segment_max_age: None,
         max_chain_steps: 1 << 20,
+        ..IndexConfig::default()
     }
 }
 

@@ -35,6 +35,10 @@ use crate::remote::manifest::{ManifestWriter, SegmentEntry};
 use crate::segment::{SealedMeta, SegmentId};
 use crate::upload::UploadConfig;
 
+/// `Sealed` records per journal append (each is a few hundred bytes; the
+/// journal refuses a frame above 16 MiB).
+const SEALED_RECORDS_PER_BATCH: usize = 10_000;
+
 pub use committer::JournalHandle;
 
 /// What the capability probe let the pipeline trust about its store.
@@ -547,7 +551,9 @@ impl Shared {
             .collect()
     }
 
-    /// Journal newly sealed segments (in id order, one group commit).
+    /// Journal newly sealed segments (those the journal does not hold
+    /// yet), in id order, in group commits of at most
+    /// [`SEALED_RECORDS_PER_BATCH`]; returns how many were new.
     pub async fn record_sealed(&self, metas: Vec<SealedMeta>) -> Result<usize> {
         let known: BTreeSet<SegmentId> = {
             let j = self.journal.read();
@@ -564,8 +570,16 @@ impl Shared {
             .collect();
         recs.sort_by_key(|r| r.id());
         let n = recs.len();
-        self.journal.append(recs).await?;
-        self.metrics.segments_sealed.add(n as u64);
+        // Each `Sealed` record stands alone, so a large set (a restart that
+        // finds tens of thousands of unjournaled files) goes in batches that
+        // stay well inside the journal's frame limit.
+        while !recs.is_empty() {
+            let rest = recs.split_off(recs.len().min(SEALED_RECORDS_PER_BATCH));
+            let batch = std::mem::replace(&mut recs, rest);
+            let k = batch.len();
+            self.journal.append(batch).await?;
+            self.metrics.segments_sealed.add(k as u64);
+        }
         Ok(n)
     }
 
@@ -589,12 +603,14 @@ impl Shared {
         let (local, max_id) = {
             let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let j = self.journal.read();
-            let ids: Vec<(SegmentId, SealedMeta)> = w
-                .sealed_ids()
-                .into_iter()
-                .filter(|id| j.get(*id).is_none())
-                .filter_map(|id| w.sealed(id).map(|s| (id, s.meta())))
-                .collect();
+            let mut ids: Vec<(SegmentId, SealedMeta)> = Vec::new();
+            for id in w.sealed_ids() {
+                if j.get(id).is_none()
+                    && let Some(meta) = w.sealed_meta(id)?
+                {
+                    ids.push((id, meta));
+                }
+            }
             (ids, j.max_segment_id())
         };
         let mut metas = Vec::new();

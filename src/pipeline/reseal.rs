@@ -60,7 +60,7 @@ fn entries_of(
     meta: &SealedMeta,
     strict: bool,
 ) -> Result<Vec<crate::Entry>> {
-    let seg = w.sealed(id).ok_or_else(|| {
+    let seg = w.sealed(id)?.ok_or_else(|| {
         Error::InvalidInput(format!(
             "segment {id} has no local sealed file to reseal from"
         ))
@@ -170,7 +170,7 @@ pub fn finish_at_open(w: &mut IndexWriter, journal: &mut Journal) -> Result<Vec<
                 }
             ));
         }
-        if w.sealed(id).is_some() {
+        if w.holds_sealed(id) {
             w.release(id)?;
             notes.push(format!(
                 "segment {id}: local file of a resealed segment deleted (its entries are in segment {} and later)",
@@ -200,6 +200,7 @@ mod tests {
             segment_items: 100,
             segment_max_age: None,
             max_chain_steps: 1 << 20,
+            ..IndexConfig::default()
         };
         // A dropped writer's sealer thread may still hold the directory.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -230,7 +231,7 @@ mod tests {
         w.close(Instant::now() + Duration::from_secs(30)).unwrap();
         let mut out = BTreeMap::new();
         for id in w.sealed_ids() {
-            for e in w.sealed(id).unwrap().entries() {
+            for e in w.sealed(id).unwrap().unwrap().entries() {
                 *out.entry(e.offset).or_default() += 1;
             }
         }
@@ -250,7 +251,7 @@ mod tests {
             w.append(&(o % 7).to_le_bytes(), o, 10, 1_000 + o).unwrap();
         }
         w.flush().unwrap();
-        let entries = w.sealed(SegmentId(1)).unwrap().entries();
+        let entries = w.sealed(SegmentId(1)).unwrap().unwrap().entries();
         (w, j, entries)
     }
 
@@ -261,7 +262,7 @@ mod tests {
         }
         w.roll().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while w.sealed(SegmentId(1)).is_none() {
+        while !w.holds_sealed(SegmentId(1)) {
             assert!(Instant::now() < deadline, "segment 1 never sealed");
             std::thread::sleep(Duration::from_millis(5));
             journal_seals(&mut w, &mut j);
@@ -315,7 +316,7 @@ mod tests {
         let r = j.get(SegmentId(1)).unwrap();
         assert_eq!(r.state, SegmentState::Resealed, "{notes:?}");
         assert_eq!(r.resealed_into, Some(SegmentId(2)));
-        assert!(w.sealed(SegmentId(1)).is_none());
+        assert!(!w.holds_sealed(SegmentId(1)));
         assert!(
             !d.path()
                 .join(crate::datadir::SEGMENTS_DIR)

@@ -140,6 +140,10 @@ pub struct Lookup {
     pub corrupt_items: u64,
     /// The segments those items are in.
     pub corrupt_segments: Vec<u64>,
+    /// Local sealed segments that could not be read at all (the file gone,
+    /// unreadable, or changed since it was checked): whatever they hold for
+    /// the key is missing from `entries`. Logged as errors.
+    pub unreadable_segments: Vec<u64>,
 }
 
 /// An mmap-backed segment being written.

@@ -11,6 +11,7 @@
 
 pub mod active;
 pub mod format;
+pub mod local;
 pub mod salvage;
 pub mod sealed;
 

@@ -819,6 +819,27 @@ impl SealedSegment {
         let sums = *self.sums.get_or_init(|| format::FileSums::of(&self.map));
         self.footer.meta(sums)
     }
+    /// The whole file's checksums if a check or [`meta`](Self::meta)
+    /// already computed them.
+    pub fn sums_if_known(&self) -> Option<format::FileSums> {
+        self.sums.get().copied()
+    }
+    /// Give the checksums an earlier check of this same file computed (the
+    /// caller compared the footer), so `meta` does not read it again.
+    pub(crate) fn set_sums(&self, sums: format::FileSums) {
+        let _ = self.sums.set(sums);
+    }
+
+    /// The slots that hold at least one item, in order (from the slot
+    /// directory, checked at open).
+    pub fn occupied_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        let n = if self.footer.item_count == 0 {
+            0
+        } else {
+            self.footer.slot_count
+        };
+        (0..n).filter(move |s| self.dir_entry(*s) < self.dir_entry(*s + 1))
+    }
 
     fn dir_entry(&self, slot: u32) -> u32 {
         let at = self.footer.dir_offset as usize + slot as usize * 4;

@@ -138,7 +138,7 @@ impl TierIndex {
     /// worker on the current tokio runtime.
     ///
     /// A data directory whose `IDENTITY` records another store or stream
-    /// than `cfg` names is refused ([`ErrorKind::InvalidInput`], saying
+    /// than `cfg` names is refused ([`crate::ErrorKind::InvalidInput`], saying
     /// which) unless [`Config::store_override`]: a copied or moved data
     /// directory, whose default store is next to it, must name its store.
     pub async fn open(cfg: Config) -> Result<(TierIndex, OpenReport)> {

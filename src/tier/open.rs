@@ -314,7 +314,7 @@ pub(super) fn readopt_salvaged(
         {
             continue;
         }
-        let Some(seg) = writer.sealed(id) else {
+        let Some(seg) = writer.sealed(id)? else {
             continue;
         };
         let entries = seg.entries();
