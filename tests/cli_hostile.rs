@@ -1318,6 +1318,89 @@ fn demo_report_totals_cover_the_whole_run() {
     assert!(out.contains("nothing pending"), "{out}");
 }
 
+/// `demo --streams N`: N streams in one process, each in its own data
+/// directory on one store, drained within one deadline, each reported and
+/// then the totals; the combinations it cannot honour are refused.
+#[test]
+fn demo_streams_runs_and_reports_each_stream() {
+    let sb = Sandbox::new();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "demo",
+            "--streams",
+            "3",
+            "--segment-items",
+            "100",
+            "--slots",
+            "64",
+            "--entries",
+            "3000",
+            "--rate",
+            "20000",
+            "--flush-every",
+            "100",
+        ],
+        &[],
+    );
+    assert_sane(&o, "demo --streams");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for i in 0..3 {
+        let dir = sb.root.join(format!("data-{i}"));
+        assert!(
+            out.contains(&format!("== stream stream-0-{i} (data {})", dir.display())),
+            "{out}"
+        );
+        assert!(dir.join("IDENTITY").exists(), "{}", dir.display());
+        // 1000 entries each in 100-item segments: 10 segments, in the store
+        // under the stream's own prefix.
+        let n = std::fs::read_dir(
+            sb.store_dir()
+                .join(format!("stream-0-{i}"))
+                .join("segments"),
+        )
+        .unwrap()
+        .count();
+        assert_eq!(n, 10, "stream {i}");
+    }
+    assert_eq!(
+        out.matches("entries: 1000 appended, 1000 flushed").count(),
+        3,
+        "{out}"
+    );
+    assert!(
+        out.contains("== all 3 streams: 3000 entries appended, 3000 flushed (acknowledged); 0 segment(s) pending; 3 of 3 streams fully drained; exit 0"),
+        "{out}"
+    );
+    assert!(
+        !sb.data().exists(),
+        "the unnumbered data directory is not used"
+    );
+
+    for (args, want) in [
+        (
+            &["--json", "demo", "--streams", "2", "--entries", "10"][..],
+            "--json",
+        ),
+        (
+            &["demo", "--streams", "2", "--print-flushed"][..],
+            "--print-flushed",
+        ),
+        (&["demo", "--streams", "0"][..], "--streams"),
+        (&["demo", "--streams", "1025"][..], "--streams"),
+    ] {
+        let mut all = vec![D, DD, "--store", "{store}"];
+        all.extend_from_slice(args);
+        let o = sb.run(&all, &[]);
+        assert_ne!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
+    }
+}
+
 /// `--rate` below 100/s is honoured (it once ran at 100/s whatever it said).
 #[test]
 fn a_low_rate_is_honoured() {

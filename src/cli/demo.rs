@@ -6,16 +6,18 @@
 //! acknowledged survives a kill), and on Ctrl-C or
 //! SIGTERM shuts down: seal, drain within the deadline, report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
 use crate::cli::drain::{RunTotals, parse_deadline, print_report};
 use crate::cli::{Cli, note, out_line};
-use crate::config::{SEGMENT_ITEMS_MAX, SLOT_COUNT_MAX};
-use crate::error::Result;
-use crate::lifecycle::{EXIT_ERROR, ShutdownSignals};
+use crate::config::{Config, SEGMENT_ITEMS_MAX, SLOT_COUNT_MAX};
+use crate::error::{Error, Result};
+use crate::lifecycle::{
+    EXIT_DRAINED, EXIT_ERROR, EXIT_FENCED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals,
+};
 use crate::segment::now_ms;
 use crate::tier::TierIndex;
 
@@ -54,6 +56,64 @@ pub struct DemoArgs {
     /// Serve Prometheus metrics on this address (host:port; GET /metrics).
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Run this many streams in one process (1 to 1024), entries spread
+    /// over them in turn; stream `i` is `<stream>-<i>` in `<data-dir>-<i>`,
+    /// all on one store, drained together within one deadline, each
+    /// reported, then the totals.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024),
+          conflicts_with_all = ["print_flushed", "metrics_addr"])]
+    pub streams: u32,
+}
+
+/// One stream of the run.
+struct Stream {
+    ti: TierIndex,
+    /// The next offset to append.
+    offset: u64,
+    appended: u64,
+    flushed: u64,
+}
+
+/// The data directory of stream `i` of a `--streams N` run: a sibling of
+/// the configured one, `<data_dir>-<i>`.
+fn stream_dir(base: &Path, i: u32) -> Result<PathBuf> {
+    let name = base.file_name().ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "--streams: data directory {} has no last component to number",
+            base.display()
+        ))
+    })?;
+    let mut n = name.to_os_string();
+    n.push(format!("-{i}"));
+    Ok(base.with_file_name(n))
+}
+
+/// Threads, open descriptors and resident memory of this process (Linux
+/// `/proc`; `?` where unavailable), for the multi-stream report.
+fn process_figures() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map_or_else(|| "?".to_string(), |v| v.trim().to_string())
+    };
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map_or_else(|_| "?".to_string(), |d| d.count().to_string());
+    format!(
+        "{} threads, {fds} open descriptors, {} resident",
+        field("Threads:"),
+        field("VmRSS:")
+    )
+}
+
+/// The worst of the streams' exit codes (a fence first, then damage, then
+/// an error, then pending work).
+fn worst(codes: &[i32]) -> i32 {
+    [EXIT_FENCED, EXIT_NEEDS_OPERATOR, EXIT_ERROR, EXIT_PENDING]
+        .into_iter()
+        .find(|c| codes.contains(c))
+        .unwrap_or(EXIT_DRAINED)
 }
 
 pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
@@ -68,31 +128,84 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     if a.metrics_addr.is_some() {
         cfg.metrics_addr = a.metrics_addr.clone();
     }
-    let mut signals = ShutdownSignals::install()?;
-    let (ti, open) = match TierIndex::open(cfg).await {
-        Ok(x) => x,
-        Err(e) => {
-            // Nothing was appended, so nothing of this run is at risk; what
-            // an earlier run left is still in the data directory.
-            note(&format!(
-                "tierindex demo: cannot open the data directory or the store: {e}\n\
-                 nothing was appended by this run, so nothing needs draining from it; \
-                 fix the cause, then run `tierindex drain` for what earlier runs left"
-            ));
-            return Ok(EXIT_ERROR);
-        }
-    };
-    let metrics = ti.metrics();
+    let n = a.streams;
     let deadline = a
         .deadline
-        .unwrap_or(Duration::from_millis(ti.config().shutdown_deadline_ms));
-    // Offsets continue after everything a previous run indexed.
-    let mut offset = ti.max_offset().map_or(0, |m| m + 1);
+        .unwrap_or(Duration::from_millis(cfg.shutdown_deadline_ms));
+    if n > 1 && cli.json {
+        return Err(Error::InvalidInput(
+            "--json prints one stream's report: not with --streams above 1 (yet)".into(),
+        ));
+    }
+    let cfgs: Vec<Config> = if n == 1 {
+        vec![cfg]
+    } else {
+        if cfg.metrics_addr.is_some() {
+            return Err(Error::InvalidInput(
+                "--metrics-addr (or metrics_addr) serves one stream's metrics: not with --streams above 1"
+                    .into(),
+            ));
+        }
+        // One store for every stream (the default store is the one next to
+        // the configured data directory, which the numbered ones share).
+        let store = cfg.store_url()?;
+        (0..n)
+            .map(|i| {
+                Ok(Config {
+                    data_dir: stream_dir(&cfg.data_dir, i)?,
+                    stream: format!("{}-{i}", cfg.stream),
+                    store: Some(store.clone()),
+                    ..cfg.clone()
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut signals = ShutdownSignals::install()?;
+    let mut streams: Vec<Stream> = Vec::with_capacity(cfgs.len());
+    let mut opened_store = String::new();
+    for c in cfgs {
+        let dir = c.data_dir.clone();
+        match TierIndex::open(c).await {
+            Ok((ti, open)) => {
+                opened_store = open.store;
+                // Offsets continue after everything a previous run indexed.
+                let offset = ti.max_offset().map_or(0, |m| m + 1);
+                streams.push(Stream {
+                    ti,
+                    offset,
+                    appended: 0,
+                    flushed: 0,
+                });
+            }
+            Err(e) => {
+                // Nothing was appended, so nothing of this run is at risk; what
+                // an earlier run left is still in the data directory.
+                note(&format!(
+                    "tierindex demo: cannot open the data directory {} or the store: {e}\n\
+                     nothing was appended by this run, so nothing needs draining from it; \
+                     fix the cause, then run `tierindex drain` for what earlier runs left",
+                    dir.display()
+                ));
+                for s in streams {
+                    s.ti.shutdown(deadline).await;
+                }
+                return Ok(EXIT_ERROR);
+            }
+        }
+    }
+    let metrics: Vec<_> = streams.iter().map(|s| s.ti.metrics()).collect();
     if !cli.json {
+        let data = if n == 1 {
+            streams[0].ti.data_dir().display().to_string()
+        } else {
+            format!(
+                "{} .. {} ({n} streams)",
+                streams[0].ti.data_dir().display(),
+                streams[streams.len() - 1].ti.data_dir().display()
+            )
+        };
         note(&format!(
-            "tierindex demo: data {} -> store {} ({} entries/s; Ctrl-C to stop and drain)",
-            ti.data_dir().display(),
-            open.store,
+            "tierindex demo: data {data} -> store {opened_store} ({} entries/s; Ctrl-C to stop and drain)",
             a.rate
         ));
     }
@@ -101,7 +214,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     let mut stdout_gone = false;
     if a.print_flushed {
         // Entries of this run are offsets `start .. start + flushed`.
-        stdout_gone |= !out_line(&format!("start {offset}"));
+        stdout_gone |= !out_line(&format!("start {}", streams[0].offset));
     }
     let run_started = Instant::now();
     let mut appended = 0u64;
@@ -121,22 +234,28 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
         // behind still looks at signals between batches.
         let due = due.min(appended + (a.rate / 10).clamp(1, 100_000));
         while appended < due {
-            let key = format!("key-{}", offset % a.keys);
-            if let Err(e) = ti.append(
+            // Entries spread over the streams in turn.
+            let s = &mut streams[(appended % u64::from(n)) as usize];
+            let key = format!("key-{}", s.offset % a.keys);
+            if let Err(e) = s.ti.append(
                 key.as_bytes(),
-                offset,
-                100 + (offset % 900) as u32,
+                s.offset,
+                100 + (s.offset % 900) as u32,
                 now_ms(),
             ) {
                 fatal = Some(e.to_string());
                 break 'run;
             }
-            offset += 1;
+            s.offset += 1;
+            s.appended += 1;
             appended += 1;
             if appended.is_multiple_of(a.flush_every) {
-                if let Err(e) = ti.flush() {
-                    fatal = Some(e.to_string());
-                    break 'run;
+                for s in &mut streams {
+                    if let Err(e) = s.ti.flush() {
+                        fatal = Some(e.to_string());
+                        break 'run;
+                    }
+                    s.flushed = s.appended;
                 }
                 flushed = appended;
                 if a.print_flushed && !out_line(&format!("flushed {flushed}")) {
@@ -146,11 +265,10 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             }
         }
         if last_note.elapsed() > Duration::from_secs(5) && !cli.json {
-            let st = ti.status();
+            let pending: u64 = streams.iter().map(|s| s.ti.status().pending_segments).sum();
             note(&format!(
-                "  {appended} entries in {:.0}s; pending uploads: {} segments",
+                "  {appended} entries in {:.0}s; pending uploads: {pending} segments",
                 run_started.elapsed().as_secs_f64(),
-                st.pending_segments
             ));
             last_note = Instant::now();
         }
@@ -162,28 +280,68 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     }
     let appending = run_started.elapsed();
     if fatal.is_none() && flushed < appended {
-        match ti.flush() {
-            Ok(()) => {
-                flushed = appended;
-                if a.print_flushed {
-                    out_line(&format!("flushed {flushed}"));
+        for s in &mut streams {
+            match s.ti.flush() {
+                Ok(()) => s.flushed = s.appended,
+                Err(e) => {
+                    fatal = Some(e.to_string());
+                    break;
                 }
             }
-            Err(e) => fatal = Some(e.to_string()),
+        }
+        if fatal.is_none() {
+            flushed = appended;
+            if a.print_flushed {
+                out_line(&format!("flushed {flushed}"));
+            }
         }
     }
+    let flushed_now: u64 = streams.iter().map(|s| s.flushed).sum();
     if let Some(e) = &fatal {
         // On stderr at once (the report follows on stdout after the drain):
         // what failed, and that the drain still runs.
         note(&format!(
-            "tierindex: {e}\ntierindex demo: stopped appending ({flushed} of {appended} \
+            "tierindex: {e}\ntierindex demo: stopped appending ({flushed_now} of {appended} \
              entries acknowledged); sealing and draining what is durable within {}",
             humantime::format_duration(deadline)
         ));
     } else if stdout_gone {
         note("tierindex demo: stdout closed; stopping and draining");
     }
-    let report = ti.shutdown(deadline).await;
-    let run = RunTotals::from_metrics(&metrics, appended, flushed, appending, started);
-    Ok(print_report(cli.json, &report, &run, fatal.as_deref()))
+    let process = process_figures();
+    // Every stream drains at once, within the one deadline.
+    let names: Vec<(String, PathBuf, u64, u64)> = streams
+        .iter()
+        .map(|s| {
+            (
+                s.ti.config().stream.clone(),
+                s.ti.data_dir().to_path_buf(),
+                s.appended,
+                s.flushed,
+            )
+        })
+        .collect();
+    let reports =
+        futures::future::join_all(streams.into_iter().map(|s| s.ti.shutdown(deadline))).await;
+    if n == 1 {
+        let (_, _, app, fl) = names[0];
+        let run = RunTotals::from_metrics(&metrics[0], app, fl, appending, started);
+        return Ok(print_report(cli.json, &reports[0], &run, fatal.as_deref()));
+    }
+    let mut codes = Vec::new();
+    let mut pending = 0usize;
+    for (((name, dir, app, fl), report), m) in names.iter().zip(&reports).zip(&metrics) {
+        out_line(&format!("== stream {name} (data {})", dir.display()));
+        let run = RunTotals::from_metrics(m, *app, *fl, appending, started);
+        codes.push(print_report(false, report, &run, fatal.as_deref()));
+        pending += report.drain.pending.len();
+    }
+    let code = worst(&codes);
+    out_line(&format!(
+        "== all {n} streams: {appended} entries appended, {flushed_now} flushed (acknowledged); \
+         {pending} segment(s) pending; {} of {n} streams fully drained; exit {code}\n\
+         == the process before the drain: {process}",
+        codes.iter().filter(|c| **c == EXIT_DRAINED).count()
+    ));
+    Ok(code)
 }
