@@ -43,8 +43,8 @@ pub struct Config {
     pub max_chain_steps: u32,
     /// Local sealed segments kept memory-mapped at once (1 to 2^20,
     /// default 16,384); the least recently used map is dropped first and
-    /// the others are mapped again on demand (a few KiB read and checked
-    /// each time). Every map counts against the kernel's
+    /// the others are mapped again on demand (footer, header and slot
+    /// directory read and checked each time: 4 bytes a slot). Every map counts against the kernel's
     /// `vm.max_map_count` (65,530 by default) for the whole process: keep
     /// open indexes x this below it.
     pub sealed_mapped: usize,

@@ -70,6 +70,9 @@ impl Default for IndexConfig {
 /// Frozen segments waiting for the sealer beyond which a roll waits for
 /// its seals (see `next_active`).
 const MAX_FROZEN: usize = 16;
+/// How long a roll waits for the sealer at [`MAX_FROZEN`] before the
+/// append returns [`Error::Deadline`].
+const SEALER_WAIT: Duration = Duration::from_secs(30);
 
 /// Called from the sealer thread after each seal finished (or failed); the
 /// pipeline uses it to wake up and call [`IndexWriter::poll_sealed`].
@@ -524,10 +527,20 @@ impl IndexWriter {
         // seals rather than pile up frozen segments, each holding a file
         // descriptor, a map and a preallocated file (with small segments an
         // unbounded pile ran the process out of descriptors).
-        while self.frozen.len() > MAX_FROZEN {
-            match self.done_rx.recv() {
+        while self.frozen.len() >= MAX_FROZEN {
+            match self.done_rx.recv_timeout(SEALER_WAIT) {
                 Ok(done) => self.take_done(done)?,
-                Err(_) => {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Not poisoned: nothing was lost. The active segment is
+                    // frozen; the next append retries the roll.
+                    return Err(Error::Deadline(format!(
+                        "{} segments wait for the sealer, which finished none in {} s (a \
+                         stalled disk?); this append was not made: retry it",
+                        self.frozen.len(),
+                        SEALER_WAIT.as_secs()
+                    )));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let why = "sealer thread is gone".to_string();
                     self.poison.set(why.clone());
                     return Err(Error::Poisoned(why));

@@ -185,6 +185,39 @@ async fn the_library_refuses_another_store_or_stream_unless_overridden() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(std::fs::read(data.join(IDENTITY_FILE)).unwrap(), recorded);
 
+    // Credentials in the named store are never echoed (the URL is refused
+    // as it is parsed, before any comparison).
+    let e = match TierIndex::open(cfg(
+        &data,
+        Some("s3://AKIAX:SECRETxyz@bkt/p".into()),
+        "orders",
+    ))
+    .await
+    {
+        Ok(_) => panic!("opened with credentials in the URL"),
+        Err(e) => e,
+    };
+    assert!(!e.to_string().contains("SECRETxyz"), "{e}");
+
+    // A path holding `#`, `%` or `?` (recorded as a plain path) is the
+    // same store at every open: the default store beside such a directory.
+    let odd = tmp.path().join("a#b%41?c").join("data");
+    let c = cfg(&odd, None, "orders");
+    for _ in 0..2 {
+        let (ti, _) = TierIndex::open(c.clone())
+            .await
+            .expect("reopen of an odd path");
+        drop(ti);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and a store at a prefix of that path is another store.
+    let prefix = format!("file://{}", tmp.path().join("a").display());
+    let e = match TierIndex::open(cfg(&odd, Some(prefix), "orders")).await {
+        Ok(_) => panic!("a different store was taken for the recorded one"),
+        Err(e) => e,
+    };
+    assert!(e.to_string().contains("created for store"), "{e}");
+
     // The CLI's own running commands get the same refusal, and
     // --store-override lets them through.
     let (code, out) = tierindex(&[

@@ -102,6 +102,7 @@ async fn more_local_segments_than_maps_are_all_found() {
     while index.status().unsealed_items > 0 && std::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(index.status().unsealed_items, 0, "seals did not finish");
     check(&index);
     index.shutdown(Duration::from_secs(30)).await;
     let (index, _) = TierIndex::open_with(cfg, store).await.unwrap();

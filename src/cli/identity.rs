@@ -100,8 +100,12 @@ pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
         Some(given) => {
             // Compared without building a store (that would create a
             // file:// directory as a side effect).
-            if !crate::identity::same_store(&given, &id.store) && !intent.store_override {
-                return Err(mismatch("store", &id.store, &given));
+            // Compared in display form, without building a store (that
+            // would create a file:// directory as a side effect); the
+            // form carries no credentials, so the message may show it.
+            let shown = crate::remote::url::display_form("--store", &given)?;
+            if shown != id.store && !intent.store_override {
+                return Err(mismatch("store", &id.store, &shown));
             }
         }
     }

@@ -237,15 +237,10 @@ impl RemoteStore {
                 ))
             }
             StoreUrl::S3 { bucket, prefix } => {
-                let prefix = Path::from_url_path(&prefix)
-                    .map_err(|e| Error::InvalidInput(format!("store URL prefix: {e}")))?;
+                let prefix = self::url::s3_prefix(&prefix)?;
                 let (s3, lister, body) = build_s3(&bucket, opts, env)?;
                 let s3 = Arc::new(s3);
-                let display = if prefix.is_root() {
-                    format!("s3://{bucket}")
-                } else {
-                    format!("s3://{bucket}/{prefix}")
-                };
+                let display = self::url::s3_display(&bucket, &prefix);
                 let mut rs = Self::from_parts(
                     s3.clone(),
                     Some(s3 as Arc<dyn MultipartStore>),

@@ -197,6 +197,34 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The credential-free form a store URL is shown and recorded in
+/// (`RemoteStore::display_url`, `IDENTITY`): `file://<dir as a plain
+/// path>`, `s3://bucket[/prefix]`, `memory://prefix`. Two URLs name the same
+/// store exactly when their forms are equal. Errors are
+/// [`parse_store`]'s (which never echo credentials).
+pub fn display_form(field: &str, raw: &str) -> Result<String> {
+    Ok(match parse_store(field, raw)? {
+        StoreUrl::File { dir } => format!("file://{}", dir.display()),
+        StoreUrl::Memory { prefix } => format!("memory://{prefix}"),
+        StoreUrl::S3 { bucket, prefix } => s3_display(&bucket, &s3_prefix(&prefix)?),
+    })
+}
+
+/// The object-store path of an `s3://` prefix.
+pub(crate) fn s3_prefix(prefix: &str) -> Result<object_store::path::Path> {
+    object_store::path::Path::from_url_path(prefix)
+        .map_err(|e| Error::InvalidInput(format!("store URL prefix: {e}")))
+}
+
+/// `s3://bucket[/prefix]`.
+pub(crate) fn s3_display(bucket: &str, prefix: &object_store::path::Path) -> String {
+    if prefix.is_root() {
+        format!("s3://{bucket}")
+    } else {
+        format!("s3://{bucket}/{prefix}")
+    }
+}
+
 /// Parses and validates a store URL. `field` names where it came from
 /// (`--store`, `TIERINDEX_STORE`, `config key store`, ...).
 pub fn parse_store(field: &str, raw: &str) -> Result<StoreUrl> {

@@ -3,20 +3,19 @@
 //! the life of the process ran into `vm.max_map_count`, about 65,000 maps,
 //! and then neither a roll nor a restart could map another file).
 //!
-//! Each segment is known by the footer its start-up or seal check read, and
-//! its file checksums once computed: about 150 bytes of heap, no file
-//! descriptor, no map. A lookup or a reader that needs the bytes maps the
+//! Each segment is known by the footer its start-up or seal check read, its
+//! file checksums once computed and 512 slot bits: about 200 bytes of heap,
+//! no file descriptor, no map. A lookup or a reader that needs the bytes maps the
 //! file on demand ([`SealedSegment::open_light`]: the length, footer,
-//! header and slot directory are checked again, and the footer must be the
+//! header and slot directory (4 bytes a slot: 256 KiB at 65,536 slots) are
+//! read and checked again, and the footer must be the
 //! one recorded, else the file changed under the writer and is reported as
 //! corrupt, never served). At most `capacity` maps are kept, least recently
 //! used first out; a map handed out stays valid as long as its holder keeps
 //! it.
 //!
-//! The cache is a clock-stamped map with a scan on eviction (O(capacity)
-//! per miss beyond capacity, a few microseconds at the default): a crate
-//! would add a dependency for 30 lines, and the remote index cache
-//! (`remote::fetch`) is built the same way.
+//! The cache is a map with a use-ordered index (a hit or an eviction is
+//! O(log capacity)): a crate would add a dependency for 40 lines.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -121,9 +120,29 @@ struct Mapped {
 #[derive(Default)]
 struct Maps {
     map: HashMap<SegmentId, Mapped>,
+    /// `last_use` -> id, oldest first: eviction in O(log n).
+    order: BTreeMap<u64, SegmentId>,
     clock: u64,
-    /// Files mapped on demand (cache misses), for tests and metrics.
+    /// Files mapped on demand (cache misses), for tests.
     opened: u64,
+}
+
+impl Maps {
+    fn forget(&mut self, id: SegmentId) {
+        if let Some(x) = self.map.remove(&id) {
+            self.order.remove(&x.last_use);
+        }
+    }
+    /// The cached map of `id`, now the most recently used.
+    fn touch(&mut self, id: SegmentId) -> Option<Arc<SealedSegment>> {
+        self.clock += 1;
+        let now = self.clock;
+        let x = self.map.get_mut(&id)?;
+        self.order.remove(&x.last_use);
+        x.last_use = now;
+        self.order.insert(now, id);
+        Some(x.seg.clone())
+    }
 }
 
 /// The local sealed segments of one writer.
@@ -153,7 +172,7 @@ impl LocalSealed {
     /// Record a checked segment known only by its info.
     pub fn insert_info(&mut self, info: SealedInfo) {
         let id = info.id();
-        self.maps().map.remove(&id);
+        self.maps().forget(id);
         self.known.insert(id, info);
     }
 
@@ -163,14 +182,14 @@ impl LocalSealed {
         let id = seg.id();
         self.known.insert(id, SealedInfo::of(&seg));
         let mut m = self.maps();
-        m.map.remove(&id);
+        m.forget(id);
         self.keep(&mut m, Arc::new(seg));
     }
 
     /// Forget a segment (released, quarantined); its map goes once no
     /// holder keeps it.
     pub fn remove(&mut self, id: SegmentId) -> bool {
-        self.maps().map.remove(&id);
+        self.maps().forget(id);
         self.known.remove(&id).is_some()
     }
 
@@ -208,16 +227,11 @@ impl LocalSealed {
         let Some(info) = self.known.get(&id) else {
             return Ok(None);
         };
-        {
-            let mut m = self.maps();
-            m.clock += 1;
-            let now = m.clock;
-            if let Some(x) = m.map.get_mut(&id) {
-                x.last_use = now;
-                return Ok(Some(x.seg.clone()));
-            }
+        if let Some(seg) = self.maps().touch(id) {
+            return Ok(Some(seg));
         }
-        // Mapped outside the cache's lock: a miss reads a few KiB.
+        // Mapped outside the cache's lock: a miss reads the footer, header
+        // and slot directory.
         let path = self.dir.join(sealed_file_name(id));
         let seg = SealedSegment::open_light(&path)?;
         if seg.footer() != &info.footer {
@@ -241,24 +255,19 @@ impl LocalSealed {
     /// Put `seg` in the cache (a racing open of the same id keeps the one
     /// already there), evicting the least recently used beyond capacity.
     fn keep(&self, m: &mut Maps, seg: Arc<SealedSegment>) -> Arc<SealedSegment> {
-        m.clock += 1;
-        let now = m.clock;
         let id = seg.id();
-        if let Some(x) = m.map.get_mut(&id) {
-            x.last_use = now;
-            return x.seg.clone();
+        if let Some(cached) = m.touch(id) {
+            return cached;
         }
         while m.map.len() >= self.capacity {
-            let Some(old) = m
-                .map
-                .iter()
-                .min_by_key(|(_, x)| x.last_use)
-                .map(|(id, _)| *id)
-            else {
+            let Some((_, old)) = m.order.pop_first() else {
                 break;
             };
             m.map.remove(&old);
         }
+        m.clock += 1;
+        let now = m.clock;
+        m.order.insert(now, id);
         m.map.insert(
             id,
             Mapped {

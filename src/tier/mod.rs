@@ -146,7 +146,7 @@ impl TierIndex {
         crate::identity::precheck(
             &cfg.data_dir,
             &cfg.stream,
-            &cfg.store_url()?,
+            &crate::remote::url::display_form("store URL", &cfg.store_url()?)?,
             cfg.endpoint.as_deref(),
             crate::identity::Overrides {
                 store: cfg.store_override,

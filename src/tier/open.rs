@@ -258,8 +258,9 @@ pub async fn open_shared_with_clock(
         fenced: std::sync::OnceLock::new(),
     });
     // Seals finished during recovery are already among the writer's sealed
-    // segments; journal every sealed file the journal lacks in one id-ordered
-    // batch (the journal only accepts new ids in increasing order).
+    // segments; journal every sealed file the journal lacks in id order, in
+    // batches of increasing ids (the journal only accepts new ids in
+    // increasing order).
     sh.writer
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -18,7 +18,12 @@ impl TierIndex {
             let w = self.writer();
             (w.lookup_hash(h, range), w.sealed_ids())
         };
-        let held: std::collections::BTreeSet<_> = held.into_iter().collect();
+        // A local file that cannot be read (gone, or changed since its
+        // check) does not count as held: its committed remote copy is read.
+        let held: std::collections::BTreeSet<_> = held
+            .into_iter()
+            .filter(|id| !local.unreadable_segments.contains(&id.0))
+            .collect();
         let sh = self.sh().clone();
         // Candidates, plus (manifest) each one's entry and the segments the
         // manifest marks as damaged: those are reported, never read.
