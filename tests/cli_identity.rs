@@ -60,7 +60,24 @@ async fn broker_with_pending_in(data: &Path, store: &Path, manifest: bool) {
     ti.flush().unwrap();
     // Drop without shutdown: a crash; the segments stay pending.
     drop(ti);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_unlocked(data).await;
+}
+
+/// A dropped index's sealer thread holds the data directory's lock until
+/// it has finished what was queued: wait for it (a fixed sleep is not
+/// enough on a loaded machine).
+async fn wait_unlocked(data: &Path) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tierindex::datadir::DataDir::open(data) {
+            Ok(dd) => return drop(dd),
+            Err(e) if std::time::Instant::now() < until => {
+                assert_eq!(e.kind(), tierindex::ErrorKind::Locked, "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("still locked after 30 s: {e}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +189,7 @@ async fn the_library_refuses_another_store_or_stream_unless_overridden() {
         .await
         .unwrap();
     drop(ti);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_unlocked(&copy).await;
     // Overridden on purpose: opens, and IDENTITY keeps what it recorded.
     let other = tmp.path().join("other");
     let (ti, _) = TierIndex::open(Config {
@@ -182,7 +199,7 @@ async fn the_library_refuses_another_store_or_stream_unless_overridden() {
     .await
     .unwrap();
     drop(ti);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_unlocked(&data).await;
     assert_eq!(std::fs::read(data.join(IDENTITY_FILE)).unwrap(), recorded);
 
     // Credentials in the named store are never echoed (the URL is refused
@@ -208,7 +225,7 @@ async fn the_library_refuses_another_store_or_stream_unless_overridden() {
             .await
             .expect("reopen of an odd path");
         drop(ti);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_unlocked(&odd).await;
     }
     // ... and a store at a prefix of that path is another store.
     let prefix = format!("file://{}", tmp.path().join("a").display());
