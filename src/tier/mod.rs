@@ -316,7 +316,10 @@ impl TierIndex {
 
     /// Local lookup (active, sealing and sealed segments held locally).
     /// Items whose CRC fails are reported in [`Lookup::corrupt_items`] (and
-    /// the `local_corrupt_items_total` metric), never silently skipped.
+    /// the `local_corrupt_items_total` metric), and local segments whose
+    /// file cannot be read at all in [`Lookup::unreadable_segments`] (logged
+    /// as errors; [`lookup_remote`](Self::lookup_remote) reads their remote
+    /// copies): never silently skipped.
     pub fn lookup(&self, key: &[u8], range: TimeRange) -> Lookup {
         let l = self.writer().lookup(key, range);
         self.sh().metrics.local_corrupt_items.add(l.corrupt_items);
