@@ -185,6 +185,9 @@ pub struct Metrics {
     pub local_entries_lost: Counter,
     /// Items whose CRC failed in a local lookup (missing from its result).
     pub local_corrupt_items: Counter,
+    /// Local sealed segments a lookup could not read at all (missing from
+    /// its result).
+    pub local_unreadable_segments: Counter,
     /// Segments uploading now.
     pub uploads_in_flight: Gauge,
     /// Segments not yet done (as `Status::pending_segments`).
@@ -207,7 +210,7 @@ impl Metrics {
                 "# HELP tierindex_{name} {help}\n# TYPE tierindex_{name} {kind}\ntierindex_{name} {v}"
             );
         };
-        let counters: [(&str, &str, &Counter); 19] = [
+        let counters: [(&str, &str, &Counter); 20] = [
             (
                 "entries_appended_total",
                 "Entries appended.",
@@ -292,6 +295,11 @@ impl Metrics {
                 "local_corrupt_items_total",
                 "Items whose CRC failed during a local lookup (missing from its result).",
                 &self.local_corrupt_items,
+            ),
+            (
+                "local_unreadable_segments_total",
+                "Local sealed segments a lookup could not read at all (gone, or changed since checked; missing from its result).",
+                &self.local_unreadable_segments,
             ),
             (
                 "reconcile_repaired_total",

@@ -105,7 +105,29 @@ async fn more_local_segments_than_maps_are_all_found() {
     assert_eq!(index.status().unsealed_items, 0, "seals did not finish");
     check(&index);
     index.shutdown(Duration::from_secs(30)).await;
-    let (index, _) = TierIndex::open_with(cfg, store).await.unwrap();
+    let (index, _) = TierIndex::open_with(cfg.clone(), store.clone())
+        .await
+        .unwrap();
     check(&index);
+
+    // A local file removed behind the index's back (not mapped: the bound
+    // is 2) is reported and counted, not skipped quietly; the remote
+    // lookup reads its committed copy, so nothing is missing there.
+    let seg_dir = dir.path().join("data").join("segments");
+    let mut segs: Vec<_> = std::fs::read_dir(&seg_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    std::fs::remove_file(&segs[0]).unwrap();
+    let l = index.lookup(b"k0", TimeRange::ALL);
+    assert_eq!(l.unreadable_segments.len(), 1, "{l:?}");
+    assert!(l.entries.len() < 58, "{l:?}");
+    assert_eq!(index.metrics().local_unreadable_segments.get(), 1);
+    let r = index.lookup_remote(b"k0", TimeRange::ALL).await.unwrap();
+    let offsets: std::collections::BTreeSet<u64> = r.entries.iter().map(|e| e.offset).collect();
+    let want: std::collections::BTreeSet<u64> = (0..400).filter(|i| i % 7 == 0).collect();
+    assert_eq!(offsets, want, "{r:?}");
     index.shutdown(Duration::from_secs(30)).await;
 }

@@ -318,11 +318,14 @@ impl TierIndex {
     /// Items whose CRC fails are reported in [`Lookup::corrupt_items`] (and
     /// the `local_corrupt_items_total` metric), and local segments whose
     /// file cannot be read at all in [`Lookup::unreadable_segments`] (logged
-    /// as errors; [`lookup_remote`](Self::lookup_remote) reads their remote
+    /// as errors, counted in `local_unreadable_segments_total`; [`lookup_remote`](Self::lookup_remote) reads their remote
     /// copies): never silently skipped.
     pub fn lookup(&self, key: &[u8], range: TimeRange) -> Lookup {
         let l = self.writer().lookup(key, range);
-        self.sh().metrics.local_corrupt_items.add(l.corrupt_items);
+        let m = &self.sh().metrics;
+        m.local_corrupt_items.add(l.corrupt_items);
+        m.local_unreadable_segments
+            .add(l.unreadable_segments.len() as u64);
         l
     }
 
