@@ -1480,6 +1480,43 @@ fn enospc_still_ends_with_a_report() {
     assert!(out.contains("1 verified and committed"), "{}", text(&o));
 }
 
+/// A failure on one stream of `demo --streams` is that stream's FATAL, not
+/// every stream's: the others say only that they stopped with it.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_failure_on_one_stream_is_reported_on_that_stream() {
+    let sb = Sandbox::new();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "demo",
+            "--streams",
+            "3",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "3000",
+            "--flush-every",
+            "100",
+        ],
+        &[("TIERINDEX_FAILPOINTS", "active.msync=eio@5")],
+    );
+    assert_sane(&o, "streams eio");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.matches("FATAL").count(), 1, "{out}");
+    assert!(
+        out.contains("== the run stopped early: stream stream-0-"),
+        "{out}"
+    );
+    assert_eq!(out.matches("== stream stream-0-").count(), 3, "{out}");
+}
+
 /// An armed spec the build cannot honour stops the run at its first
 /// failpoint hit, before any step is done there (exit 2, the reason on
 /// stderr; the spec is read then), so a campaign never passes thinking it

@@ -219,7 +219,9 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     let run_started = Instant::now();
     let mut appended = 0u64;
     let mut flushed = 0u64;
-    let mut fatal: Option<String> = None;
+    // What stopped the run early, and which stream it happened on: only
+    // that stream's report says FATAL (the others just stopped with it).
+    let mut fatal: Option<(usize, String)> = None;
     let mut last_note = Instant::now();
     let mut next = Instant::now();
     'run: loop {
@@ -235,7 +237,8 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
         let due = due.min(appended + (a.rate / 10).clamp(1, 100_000));
         while appended < due {
             // Entries spread over the streams in turn.
-            let s = &mut streams[(appended % u64::from(n)) as usize];
+            let at = (appended % u64::from(n)) as usize;
+            let s = &mut streams[at];
             let key = format!("key-{}", s.offset % a.keys);
             if let Err(e) = s.ti.append(
                 key.as_bytes(),
@@ -243,16 +246,16 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
                 100 + (s.offset % 900) as u32,
                 now_ms(),
             ) {
-                fatal = Some(e.to_string());
+                fatal = Some((at, e.to_string()));
                 break 'run;
             }
             s.offset += 1;
             s.appended += 1;
             appended += 1;
             if appended.is_multiple_of(a.flush_every) {
-                for s in &mut streams {
+                for (i, s) in streams.iter_mut().enumerate() {
                     if let Err(e) = s.ti.flush() {
-                        fatal = Some(e.to_string());
+                        fatal = Some((i, e.to_string()));
                         break 'run;
                     }
                     s.flushed = s.appended;
@@ -280,11 +283,11 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     }
     let appending = run_started.elapsed();
     if fatal.is_none() && flushed < appended {
-        for s in &mut streams {
+        for (i, s) in streams.iter_mut().enumerate() {
             match s.ti.flush() {
                 Ok(()) => s.flushed = s.appended,
                 Err(e) => {
-                    fatal = Some(e.to_string());
+                    fatal = Some((i, e.to_string()));
                     break;
                 }
             }
@@ -297,11 +300,16 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
         }
     }
     let flushed_now: u64 = streams.iter().map(|s| s.flushed).sum();
-    if let Some(e) = &fatal {
+    if let Some((at, e)) = &fatal {
         // On stderr at once (the report follows on stdout after the drain):
         // what failed, and that the drain still runs.
+        let on = if n == 1 {
+            String::new()
+        } else {
+            format!(" (stream {})", streams[*at].ti.config().stream)
+        };
         note(&format!(
-            "tierindex: {e}\ntierindex demo: stopped appending ({flushed_now} of {appended} \
+            "tierindex{on}: {e}\ntierindex demo: stopped appending ({flushed_now} of {appended} \
              entries acknowledged); sealing and draining what is durable within {}",
             humantime::format_duration(deadline)
         ));
@@ -326,17 +334,30 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     if n == 1 {
         let (_, _, app, fl) = names[0];
         let run = RunTotals::from_metrics(&metrics[0], app, fl, appending, started);
-        return Ok(print_report(cli.json, &reports[0], &run, fatal.as_deref()));
+        let fatal = fatal.as_ref().map(|(_, e)| e.as_str());
+        return Ok(print_report(cli.json, &reports[0], &run, fatal));
     }
     let mut codes = Vec::new();
     let mut pending = 0usize;
-    for (((name, dir, app, fl), report), m) in names.iter().zip(&reports).zip(&metrics) {
+    for (i, (((name, dir, app, fl), report), m)) in
+        names.iter().zip(&reports).zip(&metrics).enumerate()
+    {
         out_line(&format!("== stream {name} (data {})", dir.display()));
         let run = RunTotals::from_metrics(m, *app, *fl, appending, started);
-        codes.push(print_report(false, report, &run, fatal.as_deref()));
+        let own = fatal
+            .as_ref()
+            .filter(|(at, _)| *at == i)
+            .map(|(_, e)| e.as_str());
+        codes.push(print_report(false, report, &run, own));
         pending += report.drain.pending.len();
     }
     let code = worst(&codes);
+    if let Some((at, e)) = &fatal {
+        out_line(&format!(
+            "== the run stopped early: stream {} failed: {e}",
+            names[*at].0
+        ));
+    }
     out_line(&format!(
         "== all {n} streams: {appended} entries appended, {flushed_now} flushed (acknowledged); \
          {pending} segment(s) pending; {} of {n} streams fully drained; exit {code}\n\
