@@ -3,7 +3,7 @@
 //! background work (issue 16, item 8).
 //!
 //! ```text
-//! cargo run --release --example append_latency -- [RATE] [SECONDS] [SEGMENT_ITEMS]
+//! cargo run --release --example append_latency -- [RATE] [SECONDS] [SEGMENT_ITEMS] [LOOKUPS_PER_SEC]
 //! ```
 //! Defaults: 500000 appends/s for 10 s, segments of 200000 entries (so a
 //! segment rolls, seals and uploads every 0.4 s), a flush every 1000
@@ -21,6 +21,11 @@
 //! Every append and flush is timed with `Instant`; the background run also
 //! reports the writer-lock waits (`writer_lock_waits*` metrics). Set
 //! `APPEND_LATENCY_TRACE=1` to print every append over 5 ms.
+//!
+//! With `LOOKUPS_PER_SEC` > 0, a second thread runs that many lookups a
+//! second during the background run (a key of the run's 4,096 over every
+//! timestamp, so each walks every local segment that may hold it), as a
+//! broker serving reads would; their latency is reported too.
 
 use std::time::{Duration, Instant};
 
@@ -81,6 +86,7 @@ async fn run(
     rate: u64,
     seconds: u64,
     segment_items: u32,
+    lookups_per_sec: u64,
 ) -> Result<Stats, Box<dyn std::error::Error>> {
     let tmp = bench_dir()?;
     let store = tmp.path().join("store");
@@ -94,6 +100,31 @@ async fn run(
         ..Config::default()
     };
     let (index, _) = TierIndex::open(cfg).await?;
+    let index = std::sync::Arc::new(index);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = (lookups_per_sec > 0).then(|| {
+        let (index, stop) = (index.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut took = Vec::new();
+            let mut found = 0usize;
+            let step = Duration::from_nanos(1_000_000_000 / lookups_per_sec);
+            let started = Instant::now();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let due = started + step * (i as u32);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let key = format!("key-{:08}", (i * 2_654_435_761) % 4096);
+                let t = Instant::now();
+                let l = index.lookup(key.as_bytes(), tierindex::TimeRange::ALL);
+                took.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
+                found += l.entries.len();
+                i += 1;
+            }
+            (took, found)
+        })
+    });
     let total = rate * seconds;
     let per_flush = 1_000u64;
     let mut appends = Vec::with_capacity(total as usize);
@@ -133,6 +164,15 @@ async fn run(
         m.writer_lock_waits_slow.get(),
         m.writer_lock_wait_max_us.get()
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(r) = reader {
+        let (mut took, found) = r.join().map_err(|_| "lookup thread panicked")?;
+        println!(
+            "[{name}] {} (entries found: {found})",
+            line("lookup", &mut took)
+        );
+    }
+    let index = std::sync::Arc::into_inner(index).ok_or("index still shared")?;
     let _ = index.shutdown(Duration::from_secs(60)).await;
     Ok(Stats {
         name,
@@ -208,12 +248,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rate = arg(1, 500_000).max(1);
     let seconds = arg(2, 10).max(1);
     let segment_items = arg(3, 200_000).clamp(1_000, u64::from(u32::MAX)) as u32;
+    let lookups = arg(4, 0).min(1_000_000);
     let mut all = vec![
-        run("background", rate, seconds, segment_items).await?,
+        run("background", rate, seconds, segment_items, lookups).await?,
         run_raw(rate, seconds, segment_items)?,
     ];
     println!(
-        "append_latency: rate={rate}/s seconds={seconds} segment_items={segment_items} flush every 1000 appends"
+        "append_latency: rate={rate}/s seconds={seconds} segment_items={segment_items} lookups={lookups}/s flush every 1000 appends"
     );
     for s in &mut all {
         println!("[{}] most behind the pace: {} ms", s.name, s.behind_ms);

@@ -219,6 +219,137 @@ pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
     Ok(meta)
 }
 
+/// A lookup whose open-segment part is done (under the writer's lock, by
+/// [`IndexWriter::lookup_open`]) and whose sealed part is not.
+pub struct OpenLookup {
+    open: Lookup,
+    /// The open segments read, oldest first.
+    open_ids: Vec<SegmentId>,
+    sealed: Arc<LocalSealed>,
+    /// [`LocalSealed::reseals`] when the open part was read.
+    reseals: u64,
+    /// [`LocalSealed::removals`] when the open part was read.
+    removals: u64,
+}
+
+impl OpenLookup {
+    /// Read the local sealed segments (no writer lock needed) and merge:
+    /// sealed entries first (they are older), then the open segments'.
+    /// Also returns what the result covers, for a remote lookup (see
+    /// [`Covered`]).
+    ///
+    /// `raced` (the third value) is true when a reseal copied entries
+    /// between segments while the sealed part was read (`copy_in`): the
+    /// open part may predate the copies and the sealed part may have lost
+    /// their source, so the caller must redo the lookup holding the
+    /// writer's lock (which a reseal holds throughout).
+    pub fn finish(self, key_hash: u64, range: TimeRange) -> (Lookup, Covered, bool) {
+        // The sealed part leaves out the segments the open part read (one
+        // that sealed since is read once, as open) and any newer than them
+        // (created since: they hold only entries appended after this
+        // lookup began). Neither assumes segments seal in id order.
+        let newer = self
+            .open_ids
+            .last()
+            .map_or(SegmentId(u64::MAX), |l| SegmentId(l.0.saturating_add(1)));
+        let sealed = self
+            .sealed
+            .lookup_below(key_hash, range, newer, &self.open_ids);
+        let mut out = Lookup {
+            entries: sealed.entries,
+            ..Lookup::default()
+        };
+        for (id, bad) in sealed.corrupt {
+            tracing::error!(segment = id.0, items = bad, path = %self.sealed.path_of(id).display(), "local sealed segment has items whose CRC fails: they are missing from this lookup (run tierindex fsck --repair to salvage the rest)");
+            out.corrupt_items += u64::from(bad);
+            out.corrupt_segments.push(id.0);
+        }
+        let mut not_read: std::collections::BTreeSet<SegmentId> =
+            sealed.vanished.into_iter().collect();
+        for (id, why) in sealed.unreadable {
+            tracing::error!(segment = id.0, error = %why, "local sealed segment cannot be read: whatever it holds for this key is missing from this lookup (run tierindex fsck)");
+            out.unreadable_segments.push(id.0);
+            not_read.insert(id);
+        }
+        let open = self.open;
+        out.truncated = open.truncated;
+        out.entries.extend(open.entries);
+        out.corrupt_items += open.corrupt_items;
+        out.corrupt_segments.extend(open.corrupt_segments);
+        let raced = self.sealed.reseals() != self.reseals;
+        let covered = Covered {
+            open: self.open_ids,
+            read: sealed.read.into_iter().map(|i| (i.id(), i)).collect(),
+            not_read,
+            sealed: self.sealed,
+            removals: self.removals,
+        };
+        (out, covered, raced)
+    }
+}
+
+/// What a local lookup covered, asked per committed remote segment by a
+/// remote lookup (which reads the ones not covered from the store).
+pub struct Covered {
+    /// The open segments read, oldest first.
+    open: Vec<SegmentId>,
+    /// Sealed segments read, as they were when picked.
+    read: BTreeMap<SegmentId, Arc<crate::segment::local::SealedInfo>>,
+    /// Sealed segments picked but not read: unreadable, or gone (released
+    /// or quarantined) while the lookup ran.
+    not_read: std::collections::BTreeSet<SegmentId>,
+    sealed: Arc<LocalSealed>,
+    /// [`LocalSealed::removals`] when the open part was read.
+    removals: u64,
+}
+
+impl Covered {
+    /// Whether the local lookup covered the committed segment `meta`
+    /// describes, which is then not read from the store. Always the same
+    /// segment, not merely the same id (another data directory may have
+    /// committed that id, see `pipeline::reseal`; its segment is read):
+    /// - an open segment the lookup read (it may have sealed, been
+    ///   committed and even released since: the set's log of removed
+    ///   segments names it then, or, once the log no longer reaches back,
+    ///   `ours(id)`, the journal's record of this data directory's segment
+    ///   `id`);
+    /// - a sealed segment it read;
+    /// - not one it could not read, nor one that went while it ran;
+    /// - a segment created after the lookup began (newer than every open
+    ///   one it read) and this data directory's: its entries were appended
+    ///   since, and are left out rather than read from the store (which
+    ///   would leave a gap: the open segment's later entries are not read
+    ///   either);
+    /// - a sealed segment held now that the lookup ruled out by time range
+    ///   or slot bits.
+    pub fn covers(&self, meta: &SealedMeta, ours: impl Fn(SegmentId) -> Option<SealedMeta>) -> bool {
+        let ours_now = || {
+            self.sealed.same_segment(meta)
+                || match self.sealed.removed_since(self.removals, meta) {
+                    Some(removed) => removed,
+                    None => ours(meta.id).is_some_and(|m| {
+                        m.key_sum() == meta.key_sum()
+                            && m.file_len == meta.file_len
+                            && m.item_count == meta.item_count
+                    }),
+                }
+        };
+        if self.open.contains(&meta.id) {
+            return ours_now();
+        }
+        if let Some(info) = self.read.get(&meta.id) {
+            return info.matches(meta);
+        }
+        if self.not_read.contains(&meta.id) {
+            return false;
+        }
+        if self.open.last().is_some_and(|last| meta.id > *last) {
+            return ours_now();
+        }
+        self.sealed.same_segment(meta)
+    }
+}
+
 /// The writer a broker appends to.
 pub struct IndexWriter {
     // Held so the directory lock lives as long as the writer, and as long
@@ -229,8 +360,9 @@ pub struct IndexWriter {
     active: Option<ActiveSegment>,
     next_id: u64,
     frozen: BTreeMap<SegmentId, Arc<ActiveSegment>>,
-    /// Local sealed segments, a bounded number of them mapped.
-    sealed: LocalSealed,
+    /// Local sealed segments, a bounded number of them mapped; shared with
+    /// lookups, which read them off this writer's lock.
+    sealed: Arc<LocalSealed>,
     /// Sealed and not yet taken by `poll_sealed`.
     ready: Vec<SealedMeta>,
     /// The sealer thread's queue; `None` once closed.
@@ -405,7 +537,7 @@ impl IndexWriter {
                 })
                 .map_err(|e| Error::io(&seg_dir, "spawn sealer thread", e))?
         };
-        let mut sealed = LocalSealed::new(&seg_dir, cfg.sealed_mapped);
+        let sealed = Arc::new(LocalSealed::new(&seg_dir, cfg.sealed_mapped));
         for info in std::mem::take(&mut rec.sealed).into_values() {
             sealed.insert_info(info);
         }
@@ -767,24 +899,25 @@ impl IndexWriter {
     /// not silently skipped: it is counted in [`Lookup::corrupt_items`]
     /// (with the segments in [`Lookup::corrupt_segments`]) and logged.
     pub fn lookup_hash(&self, key_hash: u64, range: TimeRange) -> Lookup {
+        // `&self` held throughout: no reseal can run between the parts.
+        self.lookup_open(key_hash, range).finish(key_hash, range).0
+    }
+
+    /// The part of a lookup that needs this writer: the segments not yet
+    /// sealed (frozen and active), read now. The sealed part is read by
+    /// [`OpenLookup::finish`], which needs no lock on the writer: a lookup
+    /// over many local segments no longer holds the writer while it maps
+    /// and reads them (a seal's insert into the shared set can still wait
+    /// for a lookup's walk of the footers in memory).
+    pub fn lookup_open(&self, key_hash: u64, range: TimeRange) -> OpenLookup {
         let mut out = Lookup::default();
-        let sealed = self.sealed.lookup_hash(key_hash, range);
-        out.entries = sealed.entries;
-        for (id, bad) in sealed.corrupt {
-            tracing::error!(segment = id.0, items = bad, path = %self.seg_dir.join(sealed_file_name(id)).display(), "local sealed segment has items whose CRC fails: they are missing from this lookup (run tierindex fsck --repair to salvage the rest)");
-            out.corrupt_items += u64::from(bad);
-            out.corrupt_segments.push(id.0);
-        }
-        for (id, why) in sealed.unreadable {
-            tracing::error!(segment = id.0, error = %why, "local sealed segment cannot be read: whatever it holds for this key is missing from this lookup (run tierindex fsck)");
-            out.unreadable_segments.push(id.0);
-        }
-        let open = self
+        let open: Vec<&ActiveSegment> = self
             .frozen
             .values()
             .map(|f| f.as_ref())
-            .chain(self.active.as_ref());
-        for a in open {
+            .chain(self.active.as_ref())
+            .collect();
+        for a in &open {
             let l = a.lookup(key_hash, range, self.cfg.max_chain_steps);
             out.truncated |= l.truncated;
             out.entries.extend(l.entries);
@@ -797,9 +930,14 @@ impl IndexWriter {
                 out.corrupt_segments.extend(l.corrupt_segments);
             }
         }
-        out
+        OpenLookup {
+            open: out,
+            open_ids: open.iter().map(|a| a.id()).collect(),
+            sealed: self.sealed.clone(),
+            reseals: self.sealed.reseals(),
+            removals: self.sealed.removals(),
+        }
     }
-
     /// A sealed segment held locally, mapped (on demand: see
     /// [`crate::segment::local`]). `Ok(None)`: not held locally; an error:
     /// held, but its file is gone, unreadable or not the one checked.
@@ -821,6 +959,17 @@ impl IndexWriter {
     /// Ids of every sealed segment held locally.
     pub fn sealed_ids(&self) -> Vec<SegmentId> {
         self.sealed.ids()
+    }
+
+    /// The local sealed segments, shared (lookups read them off this
+    /// writer's lock).
+    pub fn sealed_set(&self) -> Arc<LocalSealed> {
+        self.sealed.clone()
+    }
+
+    /// Local sealed segments held, and of those mapped now.
+    pub fn sealed_counts(&self) -> (usize, usize) {
+        self.sealed.counts()
     }
 
     /// Local sealed segments mapped now, and mapped on demand so far.
@@ -878,18 +1027,14 @@ impl IndexWriter {
 
     /// Highest offset held in any local segment (scans the active ones).
     pub fn max_offset(&self) -> Option<u64> {
-        let sealed = self
-            .sealed
-            .footers()
-            .filter(|f| f.item_count > 0)
-            .map(|f| f.max_offset);
+        let sealed = self.sealed.max_offset();
         let open = self
             .frozen
             .values()
             .map(|f| f.as_ref())
             .chain(self.active.as_ref())
             .flat_map(|a| a.entries().into_iter().map(|e| e.offset));
-        sealed.chain(open).max()
+        sealed.into_iter().chain(open).max()
     }
 
     /// Segments created from now on get ids of at least `min` (ids taken
@@ -940,6 +1085,9 @@ impl IndexWriter {
         min_id: SegmentId,
         before_copy: impl FnOnce(SegmentId) -> Result<()>,
     ) -> Result<(SegmentId, u64)> {
+        // Lookups reading the sealed segments off this writer's lock learn
+        // that entries moved, and redo their lookup under the lock.
+        self.sealed.note_reseal();
         self.raise_next_id(min_id)?;
         let below = self.active.as_ref().is_none_or(|a| a.id() < min_id);
         if below {
@@ -1082,6 +1230,138 @@ mod tests {
             max_chain_steps: 1 << 20,
             ..IndexConfig::default()
         }
+    }
+
+    /// A remote lookup reads every committed segment the local part did
+    /// not cover, telling this data directory's segments from another's
+    /// under the same id (issue 16 review: skipping by id alone hid another
+    /// owner's segments).
+    #[test]
+    fn covered_is_the_same_segment_not_the_same_id() {
+        use crate::segment::sealed::{build_sealed, write_sealed_file};
+        let tmp = tempfile::tempdir().unwrap();
+        let seg = |id: u64, base: u64| -> (SealedMeta, SealedInfo) {
+            let es: Vec<Entry> = (0..4)
+                .map(|i| Entry {
+                    key_hash: i,
+                    offset: base + i,
+                    size: 1,
+                    timestamp_ms: 10,
+                })
+                .collect();
+            let (bytes, meta) = build_sealed(SegmentId(id), 1, 2, 8, &es).unwrap();
+            let path = write_sealed_file(tmp.path(), SegmentId(id), &bytes).unwrap();
+            (meta, SealedInfo::of(&SealedSegment::open(&path).unwrap()))
+        };
+        let set = Arc::new(LocalSealed::new(tmp.path(), 4));
+        let (m1, i1) = seg(1, 0);
+        let (m2, i2) = seg(2, 100);
+        let i1 = Arc::new(i1);
+        set.insert_info(SealedInfo::of(
+            &SealedSegment::open(&tmp.path().join(sealed_file_name(SegmentId(1)))).unwrap(),
+        ));
+        set.insert_info(i2);
+        // Another data directory's segments: 1 and 7 (same ids as ours,
+        // other entries), and 9 (above every open segment).
+        let other = tempfile::tempdir().unwrap();
+        let foreign = |id: u64| {
+            let es = [Entry {
+                key_hash: 5,
+                offset: 5000 + id,
+                size: 1,
+                timestamp_ms: 10,
+            }];
+            let (bytes, meta) = build_sealed(SegmentId(id), 3, 4, 8, &es).unwrap();
+            write_sealed_file(other.path(), SegmentId(id), &bytes).unwrap();
+            meta
+        };
+        let mut m7 = foreign(7);
+        let c = Covered {
+            open: vec![SegmentId(7), SegmentId(8)],
+            read: [(SegmentId(1), i1)].into_iter().collect(),
+            not_read: Default::default(),
+            sealed: set.clone(),
+            removals: set.removals(),
+        };
+        let none = |_| None;
+        assert!(c.covers(&m1, none), "ours, read");
+        assert!(c.covers(&m2, none), "ours, held (pruned)");
+        assert!(!c.covers(&foreign(1), none), "another's, same id as one read");
+        assert!(!c.covers(&foreign(2), none), "another's, same id as one held");
+        assert!(!c.covers(&m7, none), "another's, same id as an open one");
+        assert!(!c.covers(&foreign(9), none), "another's, newer than every open one");
+        // Ours: open 7 since sealed, committed and released (the set's log
+        // of removed segments knows it), and 9 created after the lookup
+        // began and still held.
+        let (o7, i7) = seg(7, 700);
+        set.insert_info(i7);
+        assert!(c.covers(&o7, none));
+        assert!(set.remove(SegmentId(7)));
+        assert!(c.covers(&o7, none), "read as open, released since");
+        let (o9, i9) = seg(9, 900);
+        set.insert_info(i9);
+        assert!(c.covers(&o9, none));
+        // Once the log no longer reaches back, the journal's record decides.
+        for _ in 0..5000 {
+            set.insert_info(SealedInfo::of(
+                &SealedSegment::open(&tmp.path().join(sealed_file_name(SegmentId(9)))).unwrap(),
+            ));
+            set.remove(SegmentId(9));
+        }
+        assert!(!c.covers(&o7, none));
+        let ours7 = o7.clone();
+        assert!(c.covers(&o7, |id| (id == SegmentId(7)).then(|| ours7.clone())));
+        m7.id = SegmentId(7);
+        assert!(!c.covers(&m7, |id| (id == SegmentId(7)).then(|| ours7.clone())));
+        // A segment read that went since is still covered; one the lookup
+        // could not read is not.
+        assert!(set.remove(SegmentId(1)));
+        assert!(c.covers(&m1, none));
+        let c = Covered {
+            not_read: [SegmentId(2)].into_iter().collect(),
+            ..c
+        };
+        assert!(!c.covers(&m2, none));
+    }
+
+    /// A reseal (`copy_in`, then the source's release) between a lookup's
+    /// two parts is seen (`raced`), and the lookup done again under the
+    /// writer finds every entry once.
+    #[test]
+    fn a_reseal_between_the_lookup_parts_is_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let (mut w, _) = IndexWriter::open(dd, cfg(10), None, None).unwrap();
+        for i in 0..10u64 {
+            w.append_entry(Entry {
+                key_hash: 7,
+                offset: i,
+                size: 1,
+                timestamp_ms: 1,
+            })
+            .unwrap();
+        }
+        w.roll().unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        while w.sealed_ids().is_empty() && Instant::now() < until {
+            w.tick().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let src = w.sealed_ids()[0];
+        let entries = w.sealed(src).unwrap().unwrap().entries();
+        let open = w.lookup_open(7, TimeRange::ALL);
+        let floor = SegmentId(100);
+        w.copy_in(&entries, None, floor, |_| Ok(())).unwrap();
+        w.release(src).unwrap();
+        let (l, _, raced) = open.finish(7, TimeRange::ALL);
+        assert!(raced);
+        assert!(l.entries.len() < 10, "the stale lookup lost the moved entries: {l:?}");
+        let again = w.lookup_hash(7, TimeRange::ALL);
+        let offsets: Vec<u64> = again.entries.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, (0..10).collect::<Vec<_>>());
+        // Without a reseal, nothing is raced.
+        let (_, _, raced) = w.lookup_open(7, TimeRange::ALL).finish(7, TimeRange::ALL);
+        assert!(!raced);
     }
 
     /// `copy_in` skips what the segments from `since` on already hold by

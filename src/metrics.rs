@@ -188,6 +188,11 @@ pub struct Metrics {
     /// Local sealed segments a lookup could not read at all (missing from
     /// its result).
     pub local_unreadable_segments: Counter,
+    /// Local sealed segments held (known by footer; mapped on demand).
+    pub local_sealed_segments: Gauge,
+    /// Of those, mapped now (at most `sealed_mapped`; a map a lookup still
+    /// holds after its eviction is not counted).
+    pub local_sealed_mapped: Gauge,
     /// Segments uploading now.
     pub uploads_in_flight: Gauge,
     /// Segments not yet done (as `Status::pending_segments`).
@@ -315,7 +320,17 @@ impl Metrics {
         for (name, help, c) in &counters {
             one(name, "counter", help, &c.get().to_string());
         }
-        let gauges: [(&str, &str, String); 7] = [
+        let gauges: [(&str, &str, String); 9] = [
+            (
+                "local_sealed_segments",
+                "Local sealed segments held (updated on each background wake).",
+                self.local_sealed_segments.get().to_string(),
+            ),
+            (
+                "local_sealed_mapped",
+                "Local sealed segments mapped now, at most sealed_mapped (updated on each background wake).",
+                self.local_sealed_mapped.get().to_string(),
+            ),
             (
                 "writer_lock_wait_longest_seconds",
                 "The longest wait of an append or flush for the writer lock so far.",

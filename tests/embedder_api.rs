@@ -108,19 +108,31 @@ async fn more_local_segments_than_maps_are_all_found() {
     let (index, _) = TierIndex::open_with(cfg.clone(), store.clone())
         .await
         .unwrap();
+    let seg_dir = dir.path().join("data").join("segments");
+    let seg_files = || {
+        let mut segs: Vec<_> = std::fs::read_dir(&seg_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        segs.sort();
+        segs
+    };
+    // The gauges (set by the open): every local segment held, at most the
+    // bound mapped.
+    let m = index.metrics();
+    assert_eq!(m.local_sealed_segments.get(), seg_files().len() as u64);
+    assert!(seg_files().len() >= 20);
     check(&index);
+    assert!(m.local_sealed_mapped.get() <= 2);
+    let text = m.render();
+    assert!(text.contains("tierindex_local_sealed_segments "), "{text}");
+    assert!(text.contains("tierindex_local_sealed_mapped "), "{text}");
 
     // A local file removed behind the index's back (not mapped: the bound
     // is 2) is reported and counted, not skipped quietly; the remote
     // lookup reads its committed copy, so nothing is missing there.
-    let seg_dir = dir.path().join("data").join("segments");
-    let mut segs: Vec<_> = std::fs::read_dir(&seg_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .collect();
-    segs.sort();
-    std::fs::remove_file(&segs[0]).unwrap();
+    std::fs::remove_file(&seg_files()[0]).unwrap();
     let l = index.lookup(b"k0", TimeRange::ALL);
     assert_eq!(l.unreadable_segments.len(), 1, "{l:?}");
     assert!(l.entries.len() < 58, "{l:?}");
@@ -130,4 +142,131 @@ async fn more_local_segments_than_maps_are_all_found() {
     let want: std::collections::BTreeSet<u64> = (0..400).filter(|i| i % 7 == 0).collect();
     assert_eq!(offsets, want, "{r:?}");
     index.shutdown(Duration::from_secs(30)).await;
+}
+
+/// Lookups run off the writer's lock (issue 16) while appends roll, seal,
+/// upload and (second round) release local copies underneath them. Every
+/// lookup returns what the index held at one point: each entry once, no
+/// gaps, at least every entry appended before it began, and no segment
+/// reported unreadable because it was sealed or released meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_beside_rolls_seals_and_releases_miss_nothing_and_double_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const ENTRIES: u64 = 6_000;
+    // Entry i is the hot key's when i % 3 == 0: the j-th hot entry has
+    // offset 3j, so a result is whole when its sorted offsets are 0, 3, 6...
+    fn check_prefix(what: &str, mut offsets: Vec<u64>, sorted: bool, at_least: u64) -> usize {
+        if !sorted {
+            offsets.sort_unstable();
+        }
+        for (j, o) in offsets.iter().enumerate() {
+            assert_eq!(
+                *o,
+                3 * j as u64,
+                "{what}: not each entry once, in order, without gaps: {offsets:?}"
+            );
+        }
+        assert!(
+            offsets.len() as u64 >= at_least,
+            "{what}: {} entries, {at_least} were appended before it began",
+            offsets.len()
+        );
+        offsets.len()
+    }
+    // Local copies kept, released, and released without the manifest
+    // (lookup_remote then lists the journal's committed segments).
+    for (release, manifest) in [(false, true), (true, true), (true, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(InMemory::new());
+        let store = Store::new(mem.clone(), Some(mem.clone()), "tier", "memory://tier");
+        let cfg = Config {
+            sealed_mapped: 2,
+            segment_items: 20,
+            release_after_commit: release,
+            manifest,
+            tick_ms: 10,
+            ..config(dir.path())
+        };
+        let (index, _) = TierIndex::open_with(cfg, store).await.unwrap();
+        let index = Arc::new(index);
+        let hot = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let appender = {
+            let (index, hot, done) = (index.clone(), hot.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..ENTRIES {
+                    let key = if i % 3 == 0 {
+                        "hot".to_string()
+                    } else {
+                        format!("k{}", i % 5)
+                    };
+                    index.append(key.as_bytes(), i, 10, 1_000 + i).unwrap();
+                    if i % 3 == 0 {
+                        hot.store(i / 3 + 1, Ordering::Release);
+                    }
+                    if i % 50 == 49 {
+                        index.flush().unwrap();
+                        // Paced, so seals, uploads and releases happen
+                        // while the lookups run.
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                index.flush().unwrap();
+                done.store(true, Ordering::Release);
+            })
+        };
+        let local = {
+            let (index, hot, done) = (index.clone(), hot.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !done.load(Ordering::Acquire) {
+                    let before = hot.load(Ordering::Acquire);
+                    let l = index.lookup(b"hot", TimeRange::ALL);
+                    assert!(
+                        l.unreadable_segments.is_empty() && l.corrupt_items == 0,
+                        "{l:?}"
+                    );
+                    let offsets: Vec<u64> = l.entries.iter().map(|e| e.offset).collect();
+                    if release {
+                        // Released local copies are not in a local lookup:
+                        // still each entry once and in order.
+                        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+                    } else {
+                        check_prefix("lookup", offsets, true, before);
+                    }
+                    n += 1;
+                }
+                n
+            })
+        };
+        let mut remote_lookups = 0;
+        while !done.load(Ordering::Acquire) {
+            let before = hot.load(Ordering::Acquire);
+            let r = index.lookup_remote(b"hot", TimeRange::ALL).await.unwrap();
+            assert!(r.unreadable.is_empty(), "{r:?}");
+            check_prefix(
+                "lookup_remote",
+                r.entries.iter().map(|e| e.offset).collect(),
+                false,
+                before,
+            );
+            remote_lookups += 1;
+        }
+        appender.join().unwrap();
+        let local_lookups = local.join().unwrap();
+        assert!(
+            local_lookups > 10 && remote_lookups > 10,
+            "{local_lookups} local and {remote_lookups} remote lookups ran"
+        );
+        let r = index.lookup_remote(b"hot", TimeRange::ALL).await.unwrap();
+        check_prefix(
+            "final",
+            r.entries.iter().map(|e| e.offset).collect(),
+            false,
+            ENTRIES.div_ceil(3),
+        );
+        let index = Arc::into_inner(index).unwrap();
+        let report = index.shutdown(Duration::from_secs(30)).await;
+        assert!(report.fully_drained(), "{report:?}");
+    }
 }

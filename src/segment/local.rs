@@ -19,7 +19,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::error::{Error, Result};
 use crate::segment::format::{FileSums, Footer, slot_of};
@@ -32,6 +33,9 @@ use crate::segment::{Entry, SealedMeta, SegmentId, TimeRange};
 /// match: with more local segments than this, such lookups map files
 /// again (tens of microseconds each); narrower ranges prune by footer.
 pub const DEFAULT_MAPPED: usize = 16_384;
+/// Removed segments remembered for remote lookups running meanwhile (see
+/// [`LocalSealed::removed_since`]): about 200 bytes each.
+const REMOVED_KEPT: usize = 4096;
 /// The largest map bound accepted (an operator who raised
 /// `vm.max_map_count`).
 pub const MAX_MAPPED: usize = 1 << 20;
@@ -95,6 +99,27 @@ impl SealedInfo {
     pub fn id(&self) -> SegmentId {
         self.footer.segment_id
     }
+    /// Whether this is the segment `meta` describes (a committed
+    /// segment's, from the manifest or the journal): the same id, length,
+    /// item count, time and offset ranges, and, when this file's sums are
+    /// known (always for a segment sealed by this process), the same
+    /// whole-file checksum. Not merely the same id: another data directory
+    /// may have committed that id (see `pipeline::reseal`).
+    pub fn matches(&self, meta: &SealedMeta) -> bool {
+        let f = &self.footer;
+        let sums_agree = self.sums.get().is_none_or(|s| match meta.crc64 {
+            Some(c) => s.crc64 == c,
+            None => s.crc32 == meta.file_crc,
+        });
+        f.segment_id == meta.id
+            && f.file_len == meta.file_len
+            && f.item_count == meta.item_count
+            && f.min_ts == meta.min_ts
+            && f.max_ts == meta.max_ts
+            && f.min_offset == meta.min_offset
+            && f.max_offset == meta.max_offset
+            && sums_agree
+    }
     pub fn footer(&self) -> &Footer {
         &self.footer
     }
@@ -110,6 +135,11 @@ pub struct SealedLookup {
     /// Segments that could not be read at all (missing, changed, I/O
     /// error), with why: their entries are missing from the result.
     pub unreadable: Vec<(SegmentId, String)>,
+    /// Candidates that went (released or quarantined) while the lookup
+    /// ran: not read, and not reported as unreadable.
+    pub vanished: Vec<SegmentId>,
+    /// Candidates read, with what was known of each when it was picked.
+    pub read: Vec<Arc<SealedInfo>>,
 }
 
 struct Mapped {
@@ -146,11 +176,32 @@ impl Maps {
 }
 
 /// The local sealed segments of one writer.
+///
+/// Shared between the writer and lookups, which run off the writer's lock
+/// (issue 16: a lookup over many segments held the lock appends take for
+/// tens of milliseconds). The set of segments is behind a read-write lock
+/// held only to change it or to pick a lookup's candidates (a walk of the
+/// footers in memory: no file is opened or read under it, though caching a
+/// new map may unmap an evicted one); maps are behind their own lock, held
+/// only to look up, insert or evict one.
 pub struct LocalSealed {
     dir: PathBuf,
-    known: BTreeMap<SegmentId, SealedInfo>,
+    known: RwLock<BTreeMap<SegmentId, Arc<SealedInfo>>>,
     maps: Mutex<Maps>,
     capacity: usize,
+    /// Segments removed so far (released, quarantined): a remote lookup
+    /// that sees this change while it runs reads the store's list again.
+    /// Changed under the set's write lock, with the removal, so a lookup
+    /// that finds a segment gone also finds the count moved.
+    removals: AtomicU64,
+    /// The last [`REMOVED_KEPT`] segments removed, by the removal count
+    /// after each: a remote lookup still knows a segment it read as open
+    /// that has since sealed, committed and been released.
+    removed: Mutex<std::collections::VecDeque<(u64, Arc<SealedInfo>)>>,
+    /// Reseals begun so far (`IndexWriter::copy_in`): a lookup that sees
+    /// this change while it runs redoes its local part under the writer's
+    /// lock.
+    reseals: AtomicU64,
 }
 
 impl LocalSealed {
@@ -159,53 +210,128 @@ impl LocalSealed {
     pub fn new(dir: &Path, capacity: usize) -> LocalSealed {
         LocalSealed {
             dir: dir.to_path_buf(),
-            known: BTreeMap::new(),
+            known: RwLock::new(BTreeMap::new()),
             maps: Mutex::new(Maps::default()),
             capacity: capacity.max(1),
+            removals: AtomicU64::new(0),
+            removed: Mutex::new(std::collections::VecDeque::new()),
+            reseals: AtomicU64::new(0),
         }
+    }
+
+    /// Segments removed so far (see the field).
+    pub fn removals(&self) -> u64 {
+        self.removals.load(Ordering::SeqCst)
+    }
+    /// Reseals begun so far (see the field).
+    pub fn reseals(&self) -> u64 {
+        self.reseals.load(Ordering::SeqCst)
+    }
+    /// A reseal begins: called under the writer's lock before any entry is
+    /// copied.
+    pub fn note_reseal(&self) {
+        self.reseals.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether the set holds now the segment `meta` describes (see
+    /// [`SealedInfo::matches`]).
+    pub fn same_segment(&self, meta: &SealedMeta) -> bool {
+        self.known().get(&meta.id).is_some_and(|i| i.matches(meta))
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(|p| p.into_inner())
     }
+    fn known(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<SegmentId, Arc<SealedInfo>>> {
+        self.known.read().unwrap_or_else(|p| p.into_inner())
+    }
+    fn known_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<SegmentId, Arc<SealedInfo>>> {
+        self.known.write().unwrap_or_else(|p| p.into_inner())
+    }
 
     /// Record a checked segment known only by its info.
-    pub fn insert_info(&mut self, info: SealedInfo) {
+    pub fn insert_info(&self, info: SealedInfo) {
         let id = info.id();
+        // The set first, then the cache: a racing `get` that mapped the
+        // file under the old info either cached it before this (dropped
+        // here) or finds its info replaced and does not cache it.
+        self.known_mut().insert(id, Arc::new(info));
         self.maps().forget(id);
-        self.known.insert(id, info);
     }
 
     /// Record a checked, mapped segment (a seal's read-back): its map is
     /// kept as the most recently used.
-    pub fn insert(&mut self, seg: SealedSegment) {
+    pub fn insert(&self, seg: SealedSegment) {
         let id = seg.id();
-        self.known.insert(id, SealedInfo::of(&seg));
+        // The set's lock is kept while the map goes in (the same order as
+        // `get_known`: set, then cache).
+        let mut known = self.known_mut();
+        known.insert(id, Arc::new(SealedInfo::of(&seg)));
         let mut m = self.maps();
         m.forget(id);
         self.keep(&mut m, Arc::new(seg));
+        drop(known);
     }
 
     /// Forget a segment (released, quarantined); its map goes once no
-    /// holder keeps it.
-    pub fn remove(&mut self, id: SegmentId) -> bool {
+    /// holder keeps it. Done before the file is unlinked or moved, so a
+    /// lookup that then fails to open it knows it is gone, not damaged.
+    pub fn remove(&self, id: SegmentId) -> bool {
+        let mut known = self.known_mut();
+        let was = known.remove(&id);
+        if let Some(info) = &was {
+            let n = self.removals.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut log = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+            if log.len() >= REMOVED_KEPT {
+                log.pop_front();
+            }
+            log.push_back((n, info.clone()));
+        }
+        drop(known);
         self.maps().forget(id);
-        self.known.remove(&id).is_some()
+        was.is_some()
     }
 
+    /// Whether the segment `meta` describes was removed after the removal
+    /// count was `since`. `None`: the log no longer reaches back that far.
+    pub fn removed_since(&self, since: u64, meta: &SealedMeta) -> Option<bool> {
+        let log = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = log.front().map_or(self.removals(), |(n, _)| n - 1);
+        if oldest > since {
+            return None;
+        }
+        Some(
+            log.iter()
+                .any(|(n, info)| *n > since && info.matches(meta)),
+        )
+    }
+
+    /// Where segment `id`'s file is.
+    pub fn path_of(&self, id: SegmentId) -> PathBuf {
+        self.dir.join(sealed_file_name(id))
+    }
     pub fn contains(&self, id: SegmentId) -> bool {
-        self.known.contains_key(&id)
+        self.known().contains_key(&id)
     }
     pub fn ids(&self) -> Vec<SegmentId> {
-        self.known.keys().copied().collect()
+        self.known().keys().copied().collect()
     }
     /// Ids from `since` on, oldest first.
     pub fn ids_from(&self, since: SegmentId) -> Vec<SegmentId> {
-        self.known.range(since..).map(|(id, _)| *id).collect()
+        self.known().range(since..).map(|(id, _)| *id).collect()
     }
-    /// Footers of every segment, oldest first.
-    pub fn footers(&self) -> impl Iterator<Item = &Footer> {
-        self.known.values().map(|i| &i.footer)
+    /// The highest offset any non-empty segment holds, by its footer.
+    pub fn max_offset(&self) -> Option<u64> {
+        self.known()
+            .values()
+            .filter(|i| i.footer.item_count > 0)
+            .map(|i| i.footer.max_offset)
+            .max()
+    }
+    /// Segments held, and of those mapped now (at most the capacity).
+    pub fn counts(&self) -> (usize, usize) {
+        let held = self.known().len();
+        (held, self.maps().map.len())
     }
     /// Maps held now (at most the capacity; a handed-out map evicted from
     /// the cache is its holder's).
@@ -224,14 +350,24 @@ impl LocalSealed {
     /// not a local segment. An error: the file is gone, unreadable or not
     /// the one recorded.
     pub fn get(&self, id: SegmentId) -> Result<Option<Arc<SealedSegment>>> {
-        let Some(info) = self.known.get(&id) else {
+        let Some(info) = self.known().get(&id).cloned() else {
             return Ok(None);
         };
+        self.get_known(id, &info).map(Some)
+    }
+
+    /// Whether `info` is still what the set records for `id` (not
+    /// released, quarantined or replaced since it was picked).
+    fn still(&self, id: SegmentId, info: &Arc<SealedInfo>) -> bool {
+        self.known().get(&id).is_some_and(|k| Arc::ptr_eq(k, info))
+    }
+
+    fn get_known(&self, id: SegmentId, info: &Arc<SealedInfo>) -> Result<Arc<SealedSegment>> {
         if let Some(seg) = self.maps().touch(id) {
-            return Ok(Some(seg));
+            return Ok(seg);
         }
-        // Mapped outside the cache's lock: a miss reads the footer, header
-        // and slot directory.
+        // Mapped outside both locks: a miss reads the footer, header and
+        // slot directory.
         let path = self.dir.join(sealed_file_name(id));
         let seg = SealedSegment::open_light(&path)?;
         if seg.footer() != &info.footer {
@@ -247,9 +383,19 @@ impl LocalSealed {
             seg.set_sums(*s);
         }
         let seg = Arc::new(seg);
+        // Cached only while the set still records this info (checked under
+        // the set's read lock, which `insert_info` and `remove` wait for
+        // before they drop the cached map): a segment released or replaced
+        // meanwhile never leaves a stale map behind.
+        let known = self.known();
+        if !known.get(&id).is_some_and(|k| Arc::ptr_eq(k, info)) {
+            return Ok(seg);
+        }
         let mut m = self.maps();
         m.opened += 1;
-        Ok(Some(self.keep(&mut m, seg)))
+        let seg = self.keep(&mut m, seg);
+        drop(known);
+        Ok(seg)
     }
 
     /// Put `seg` in the cache (a racing open of the same id keeps the one
@@ -281,15 +427,13 @@ impl LocalSealed {
     /// The segment's metadata as journaled: from the recorded footer and
     /// sums, mapping the file only when its sums were never computed.
     pub fn meta(&self, id: SegmentId) -> Result<Option<SealedMeta>> {
-        let Some(info) = self.known.get(&id) else {
+        let Some(info) = self.known().get(&id).cloned() else {
             return Ok(None);
         };
         if let Some(s) = info.sums.get() {
             return Ok(Some(info.footer.meta(*s)));
         }
-        let Some(seg) = self.get(id)? else {
-            return Ok(None);
-        };
+        let seg = self.get_known(id, &info)?;
         let meta = seg.meta();
         if let Some(s) = seg.sums_if_known() {
             let _ = info.sums.set(s);
@@ -298,28 +442,58 @@ impl LocalSealed {
     }
 
     /// Entries for `key_hash` in `range` across every local sealed
-    /// segment, oldest first. Segments are skipped without being mapped by
-    /// their footer's time range and by their slot bits.
+    /// segment, oldest first (as [`lookup_below`](Self::lookup_below)
+    /// with no bound and nothing skipped).
     pub fn lookup_hash(&self, key_hash: u64, range: TimeRange) -> SealedLookup {
+        self.lookup_below(key_hash, range, SegmentId(u64::MAX), &[])
+    }
+
+    /// Entries for `key_hash` in `range` across the local sealed segments
+    /// below `below` and not in `skip`, oldest first. Segments are skipped
+    /// without being mapped by their footer's time range and by their slot
+    /// bits.
+    ///
+    /// Runs without the writer's lock: the candidates are picked under the
+    /// set's read lock (a walk of the footers in memory, no I/O), then
+    /// mapped and read with no lock held. A candidate released or
+    /// quarantined meanwhile (gone from the set) is not read and not
+    /// reported as unreadable: it is listed in
+    /// [`SealedLookup::vanished`], so a remote lookup reads its committed
+    /// copy.
+    pub fn lookup_below(
+        &self,
+        key_hash: u64,
+        range: TimeRange,
+        below: SegmentId,
+        skip: &[SegmentId],
+    ) -> SealedLookup {
         let mut out = SealedLookup::default();
-        for (id, info) in &self.known {
-            let f = &info.footer;
-            if f.item_count == 0
-                || !range.overlaps(f.min_ts, f.max_ts)
-                || !info.slots.may_hold(key_hash, f.slot_count)
-            {
-                continue;
-            }
-            match self.get(*id) {
-                Ok(Some(seg)) => {
+        let candidates: Vec<(SegmentId, Arc<SealedInfo>)> = {
+            let known = self.known();
+            known
+                .range(..below)
+                .filter(|(id, _)| !skip.contains(id))
+                .filter(|(_, info)| {
+                    let f = &info.footer;
+                    f.item_count > 0
+                        && range.overlaps(f.min_ts, f.max_ts)
+                        && info.slots.may_hold(key_hash, f.slot_count)
+                })
+                .map(|(id, info)| (*id, info.clone()))
+                .collect()
+        };
+        for (id, info) in candidates {
+            match self.get_known(id, &info) {
+                Ok(seg) => {
                     let (es, bad) = seg.lookup_counting(key_hash, range);
                     out.entries.extend(es);
                     if bad > 0 {
-                        out.corrupt.push((*id, bad));
+                        out.corrupt.push((id, bad));
                     }
+                    out.read.push(info);
                 }
-                Ok(None) => {}
-                Err(e) => out.unreadable.push((*id, e.to_string())),
+                Err(_) if !self.still(id, &info) => out.vanished.push(id),
+                Err(e) => out.unreadable.push((id, e.to_string())),
             }
         }
         out
@@ -351,7 +525,7 @@ mod tests {
     #[test]
     fn keeps_at_most_capacity_mapped_and_still_finds_everything() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut set = LocalSealed::new(tmp.path(), 3);
+        let set = LocalSealed::new(tmp.path(), 3);
         for id in 1..=10 {
             write(tmp.path(), id, 1000 + id);
             set.insert_info(SealedInfo::of(&open(tmp.path(), id)));
@@ -386,7 +560,7 @@ mod tests {
     #[test]
     fn slot_bits_skip_segments_that_cannot_hold_the_key() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut set = LocalSealed::new(tmp.path(), 100);
+        let set = LocalSealed::new(tmp.path(), 100);
         for id in 1..=200u64 {
             let e = Entry {
                 key_hash: crate::key_hash(&id.to_le_bytes()),
@@ -417,7 +591,7 @@ mod tests {
     #[test]
     fn a_file_changed_or_gone_after_its_check_is_reported_not_served() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut set = LocalSealed::new(tmp.path(), 1);
+        let set = LocalSealed::new(tmp.path(), 1);
         for id in 1..=2 {
             write(tmp.path(), id, 5);
             set.insert_info(SealedInfo::of(&open(tmp.path(), id)));

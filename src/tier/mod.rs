@@ -321,12 +321,29 @@ impl TierIndex {
     /// as errors, counted in `local_unreadable_segments_total`; [`lookup_remote`](Self::lookup_remote) reads their remote
     /// copies): never silently skipped.
     pub fn lookup(&self, key: &[u8], range: TimeRange) -> Lookup {
-        let l = self.writer().lookup(key, range);
+        let (l, _) = self.local_lookup(crate::key_hash(key), range);
         let m = &self.sh().metrics;
         m.local_corrupt_items.add(l.corrupt_items);
         m.local_unreadable_segments
             .add(l.unreadable_segments.len() as u64);
         l
+    }
+
+    /// The local part of a lookup. The writer's lock is held only for the
+    /// open segments; the sealed ones are read after it is released. When
+    /// a reseal moved entries meanwhile (rare: a segment whose id another
+    /// data directory committed), the lookup is done again holding the
+    /// lock throughout, as a reseal does.
+    fn local_lookup(&self, h: u64, range: TimeRange) -> (Lookup, crate::index::Covered) {
+        let open = self.writer().lookup_open(h, range);
+        let (l, covered, raced) = open.finish(h, range);
+        if !raced {
+            return (l, covered);
+        }
+        let w = self.writer();
+        let (l, covered, _) = w.lookup_open(h, range).finish(h, range);
+        drop(w);
+        (l, covered)
     }
 
     /// Per-state counts, pending work, and anything that needs an operator.

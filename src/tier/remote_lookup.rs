@@ -4,84 +4,68 @@ use super::*;
 
 impl TierIndex {
     /// Entries for `key` within `range` in local segments and in the
-    /// committed remote segments whose local copy was released.
+    /// committed remote segments the local lookup did not cover (released
+    /// local copies, local files that cannot be read, another data
+    /// directory's segments).
     ///
     /// The remote candidates are the manifest's list when `manifest = true`
     /// (only committed objects are read: a partial upload is never seen),
-    /// else the journal's `Released` records (compaction drops those, so
-    /// without the manifest older released segments are not found). Each
-    /// candidate whose time range can match costs one range GET once its
-    /// index is cached (`remote::fetch`).
+    /// else the journal's `Committed` and `Released` records (compaction
+    /// drops `Released` ones, so without the manifest older released
+    /// segments are not found). A committed segment is skipped only when it
+    /// is the very segment the local lookup read or ruled out, not merely
+    /// one with the same id (see `index::Covered`). Each candidate whose
+    /// time range can match costs one range GET once its index is cached
+    /// (`remote::fetch`). A local segment that cannot be read and has no
+    /// committed copy is named in [`RemoteLookup::unreadable`].
     pub async fn lookup_remote(&self, key: &[u8], range: TimeRange) -> Result<RemoteLookup> {
         let h = crate::key_hash(key);
-        let (local, held) = {
-            let w = self.writer();
-            (w.lookup_hash(h, range), w.sealed_ids())
-        };
-        // A local file that cannot be read (gone, or changed since its
-        // check) does not count as held: its committed remote copy is read.
-        let held: std::collections::BTreeSet<_> = held
-            .into_iter()
-            .filter(|id| !local.unreadable_segments.contains(&id.0))
-            .collect();
         let sh = self.sh().clone();
+        // The store's list is read before the local part, so a segment of
+        // this data directory that seals and commits meanwhile is not read
+        // twice (locally as open, remotely as committed). A local copy
+        // released after the list was read may be missing from it (it was
+        // committed after): then the list is read again, once (a copy is
+        // released only after its segment is committed).
+        let sealed = self.writer().sealed_set();
+        let removals = sealed.removals();
+        let mut listed = self.remote_list(&sh).await?;
+        let (local, covered) = self.local_lookup(h, range);
+        // Read again too when a local file could not be read: its segment
+        // may have been committed after the first read.
+        if sealed.removals() != removals || !local.unreadable_segments.is_empty() {
+            listed = self.remote_list(&sh).await?;
+        }
+        // A local segment that could not be read and has no committed copy:
+        // its entries are missing from the result, which says so.
+        let uncommitted: Vec<u64> = local
+            .unreadable_segments
+            .iter()
+            .copied()
+            .filter(|id| !listed.iter().any(|l| l.seg.meta.id.0 == *id))
+            .collect();
+        // What the journal says this data directory committed (for the
+        // segments the local part read as open, to tell them from another
+        // data directory's under the same id).
+        let ours = |id: crate::segment::SegmentId| sh.journal.read().segments().get(&id).map(|r| r.meta.clone());
         // Candidates, plus (manifest) each one's entry and the segments the
         // manifest marks as damaged: those are reported, never read.
         let mut entries = std::collections::HashMap::new();
         let mut marked: Vec<(u64, String)> = Vec::new();
-        let committed: Vec<RemoteSegment> = match &sh.manifest {
-            Some(m) => {
-                let owned = {
-                    let g = m.writer.lock().await;
-                    g.as_ref()
-                        .map(|w| (w.store().clone(), w.manifest().clone()))
-                };
-                let (ms, manifest) = match owned {
-                    Some(x) => x,
-                    // Ownership still pending: read the manifest as any
-                    // reader would (no probe needed to read).
-                    None if m.pending_reason().is_some() => {
-                        let ms = self.manifest_reader(&sh)?;
-                        match ms.load().await? {
-                            Some(man) => (ms, man),
-                            None => (ms, crate::remote::manifest::Manifest::empty(&sh.stream)),
-                        }
-                    }
-                    None => return Err(Error::ShutDown),
-                };
-                let mut v = Vec::new();
-                for e in ms.all_segments(&manifest).await? {
-                    if held.contains(&e.id) {
-                        continue;
-                    }
-                    if let Some(d) = manifest.damage(e.id) {
-                        marked.push((e.id.0, damage_text(d)));
-                        continue;
-                    }
-                    v.push(RemoteSegment::from_entry(&e)?);
-                    entries.insert(e.id, e);
-                }
-                v
+        let mut remote: Vec<RemoteSegment> = Vec::new();
+        for l in listed {
+            if covered.covers(&l.seg.meta, ours) {
+                continue;
             }
-            None => {
-                let j = sh.journal.read();
-                j.segments()
-                    .values()
-                    .filter(|r| r.state == SegmentState::Released)
-                    .map(|r| RemoteSegment {
-                        key: match &r.key {
-                            Some(k) => object_store::path::Path::from(k.as_str()),
-                            None => sh.store.segment_key(&sh.stream, &r.meta),
-                        },
-                        meta: r.meta.clone(),
-                    })
-                    .collect()
+            if let Some(d) = l.damage {
+                marked.push((l.seg.meta.id.0, d));
+                continue;
             }
-        };
-        let remote: Vec<RemoteSegment> = committed
-            .into_iter()
-            .filter(|s| !held.contains(&s.meta.id))
-            .collect();
+            if let Some(e) = l.entry {
+                entries.insert(e.id, e);
+            }
+            remote.push(l.seg);
+        }
         let fetcher = self.fetcher.get_or_init(|| {
             Fetcher::new(
                 sh.store.clone(),
@@ -98,6 +82,14 @@ impl TierIndex {
         for (id, why) in marked {
             sh.metrics.remote_unreadable.inc();
             out.unreadable.push((id, why));
+        }
+        for id in uncommitted {
+            out.unreadable.push((
+                id,
+                "local sealed segment cannot be read and has no committed copy: its entries \
+                 are missing (run tierindex fsck)"
+                    .into(),
+            ));
         }
         for seg in &remote {
             let mut res = fetcher.lookup_in(seg, h, range).await;
@@ -132,6 +124,60 @@ impl TierIndex {
         }
         out.entries.extend(local.entries);
         Ok(out)
+    }
+
+    /// The committed segments, unfiltered: the manifest's list with
+    /// `manifest = true`, else the journal's `Committed` and `Released`
+    /// records (a committed segment's object is verified; its local copy
+    /// may be unlinked before `Released` is journaled).
+    async fn remote_list(&self, sh: &Shared) -> Result<Vec<Listed>> {
+        let Some(m) = &sh.manifest else {
+            let j = sh.journal.read();
+            return Ok(j
+                .segments()
+                .values()
+                .filter(|r| matches!(r.state, SegmentState::Committed | SegmentState::Released))
+                .map(|r| Listed {
+                    seg: RemoteSegment {
+                        key: match &r.key {
+                            Some(k) => object_store::path::Path::from(k.as_str()),
+                            None => sh.store.segment_key(&sh.stream, &r.meta),
+                        },
+                        meta: r.meta.clone(),
+                    },
+                    entry: None,
+                    damage: None,
+                })
+                .collect());
+        };
+        let owned = {
+            let g = m.writer.lock().await;
+            g.as_ref()
+                .map(|w| (w.store().clone(), w.manifest().clone()))
+        };
+        let (ms, manifest) = match owned {
+            Some(x) => x,
+            // Ownership still pending: read the manifest as any reader
+            // would (no probe needed to read).
+            None if m.pending_reason().is_some() => {
+                let ms = self.manifest_reader(sh)?;
+                match ms.load().await? {
+                    Some(man) => (ms, man),
+                    None => (ms, crate::remote::manifest::Manifest::empty(&sh.stream)),
+                }
+            }
+            None => return Err(Error::ShutDown),
+        };
+        let mut v = Vec::new();
+        for e in ms.all_segments(&manifest).await? {
+            let damage = manifest.damage(e.id).map(damage_text);
+            v.push(Listed {
+                seg: RemoteSegment::from_entry(&e)?,
+                entry: Some(e),
+                damage,
+            });
+        }
+        Ok(v)
     }
 
     /// A read-only view of the stream's manifest (cached, so its decoded
@@ -185,4 +231,13 @@ impl TierIndex {
             }
         }
     }
+}
+
+/// A committed segment as listed by [`TierIndex::remote_list`].
+struct Listed {
+    seg: RemoteSegment,
+    /// Its manifest entry (`manifest = true`).
+    entry: Option<crate::remote::manifest::SegmentEntry>,
+    /// The manifest's damage note on it, if any: reported, never read.
+    damage: Option<String>,
 }

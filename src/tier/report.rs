@@ -108,17 +108,20 @@ impl Status {
 /// What [`TierIndex::lookup_remote`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RemoteLookup {
-    /// Entries from remote segments whose local copy was released (oldest
-    /// segment first; released segments are older than the local ones),
-    /// then the local entries (as [`TierIndex::lookup`]).
+    /// Entries from the remote segments read (in the list's order), then
+    /// the local entries (as [`TierIndex::lookup`]). Not sorted: a remote
+    /// segment another data directory committed may be newer than local
+    /// ones.
     pub entries: Vec<Entry>,
     /// The local chain walk stopped at its bound.
     pub truncated: bool,
-    /// Remote segments that were candidates (committed, not held locally).
+    /// Remote segments that were candidates (committed, not covered by the
+    /// local lookup).
     pub remote_segments: usize,
-    /// Remote segments that could not be read, with why (a corrupt or
-    /// missing object under a committed key is reported here, loudly, and
-    /// never hides the other segments' entries).
+    /// Segments that could not be read, with why: a corrupt or missing
+    /// object under a committed key, and a local segment that cannot be
+    /// read and has no committed copy. Reported here, loudly; they never
+    /// hide the other segments' entries.
     pub unreadable: Vec<(u64, String)>,
 }
 
