@@ -891,6 +891,7 @@ impl IndexWriter {
 
     /// Entries for `key` within `range` across every local segment, oldest
     /// segment first, append order within a segment.
+    #[cfg(any(test, feature = "testing"))]
     pub fn lookup(&self, key: &[u8], range: TimeRange) -> Lookup {
         self.lookup_hash(crate::key_hash(key), range)
     }
@@ -898,6 +899,7 @@ impl IndexWriter {
     /// As [`lookup`](Self::lookup). An item whose CRC fails on the way is
     /// not silently skipped: it is counted in [`Lookup::corrupt_items`]
     /// (with the segments in [`Lookup::corrupt_segments`]) and logged.
+    #[cfg(any(test, feature = "testing"))]
     pub fn lookup_hash(&self, key_hash: u64, range: TimeRange) -> Lookup {
         // `&self` held throughout: no reseal can run between the parts.
         self.lookup_open(key_hash, range).finish(key_hash, range).0

@@ -444,6 +444,7 @@ impl LocalSealed {
     /// Entries for `key_hash` in `range` across every local sealed
     /// segment, oldest first (as [`lookup_below`](Self::lookup_below)
     /// with no bound and nothing skipped).
+    #[cfg(any(test, feature = "testing"))]
     pub fn lookup_hash(&self, key_hash: u64, range: TimeRange) -> SealedLookup {
         self.lookup_below(key_hash, range, SegmentId(u64::MAX), &[])
     }
