@@ -444,3 +444,51 @@ async fn release_keeps_the_local_copy_when_the_object_is_gone() {
     assert!(r.fully_drained(), "{r:#?}");
     assert!(local_segs().is_empty());
 }
+
+/// A local sealed segment that cannot be read and was never committed (the
+/// store refuses every upload): `lookup_remote` names it in `unreadable`,
+/// so the caller learns its entries are missing, instead of a quiet gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_local_segment_with_no_committed_copy_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = FaultyStore::memory(11);
+    f.fail_next(
+        tierindex::testing::Op::Put,
+        1_000_000,
+        tierindex::testing::Fault::Forbidden,
+    );
+    let cfg = Config {
+        manifest: false,
+        segment_items: 10,
+        // One map: the removed file's is not cached.
+        sealed_mapped: 1,
+        ..config(dir.path().join("data"))
+    };
+    let (ti, _) = TierIndex::open_with_store(cfg, f.remote(PREFIX))
+        .await
+        .unwrap();
+    for i in 0..30u64 {
+        ti.append(b"k", i, 1, TS0 + i).unwrap();
+    }
+    ti.flush().unwrap();
+    ti.roll().unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while ti.status().unsealed_items > 0 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ti.status().unsealed_items, 0);
+    let seg_dir = dir.path().join("data").join("segments");
+    let mut segs: Vec<_> = std::fs::read_dir(&seg_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    assert_eq!(segs.len(), 3, "{segs:?}");
+    std::fs::remove_file(&segs[1]).unwrap();
+    let r = ti.lookup_remote(b"k", TimeRange::ALL).await.unwrap();
+    assert_eq!(r.entries.len(), 20, "{r:?}");
+    assert_eq!(r.unreadable.len(), 1, "{r:?}");
+    assert!(r.unreadable[0].1.contains("no committed copy"), "{r:?}");
+    drop(ti);
+}

@@ -31,6 +31,10 @@ impl TierIndex {
         let removals = sealed.removals();
         let mut listed = self.remote_list(&sh).await?;
         let (local, covered) = self.local_lookup(h, range);
+        sh.metrics.local_corrupt_items.add(local.corrupt_items);
+        sh.metrics
+            .local_unreadable_segments
+            .add(local.unreadable_segments.len() as u64);
         // Read again too when a local file could not be read: its segment
         // may have been committed after the first read.
         if sealed.removals() != removals || !local.unreadable_segments.is_empty() {
