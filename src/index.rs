@@ -280,6 +280,11 @@ impl OpenLookup {
         let covered = Covered {
             open: self.open_ids,
             read: sealed.read.into_iter().map(|i| (i.id(), i)).collect(),
+            unreadable: sealed
+                .unreadable_info
+                .into_iter()
+                .map(|i| (i.id(), i))
+                .collect(),
             not_read,
             sealed: self.sealed,
             removals: self.removals,
@@ -295,6 +300,8 @@ pub struct Covered {
     open: Vec<SegmentId>,
     /// Sealed segments read, as they were when picked.
     read: BTreeMap<SegmentId, Arc<crate::segment::local::SealedInfo>>,
+    /// Sealed segments that could not be read, as they were when picked.
+    unreadable: BTreeMap<SegmentId, Arc<crate::segment::local::SealedInfo>>,
     /// Sealed segments picked but not read: unreadable, or gone (released
     /// or quarantined) while the lookup ran.
     not_read: std::collections::BTreeSet<SegmentId>,
@@ -304,6 +311,13 @@ pub struct Covered {
 }
 
 impl Covered {
+    /// Whether `meta` (a committed segment) is the committed copy of the
+    /// local segment that could not be read (the same segment, not just
+    /// its id: another data directory may have committed that id).
+    pub fn is_copy_of_unreadable(&self, meta: &SealedMeta) -> bool {
+        self.unreadable.get(&meta.id).is_some_and(|i| i.matches(meta))
+    }
+
     /// Whether the local lookup covered the committed segment `meta`
     /// describes, which is then not read from the store. Always the same
     /// segment, not merely the same id (another data directory may have
@@ -1281,6 +1295,7 @@ mod tests {
         let c = Covered {
             open: vec![SegmentId(7), SegmentId(8)],
             read: [(SegmentId(1), i1)].into_iter().collect(),
+            unreadable: Default::default(),
             not_read: Default::default(),
             sealed: set.clone(),
             removals: set.removals(),
@@ -1349,6 +1364,7 @@ mod tests {
             w.tick().unwrap();
             std::thread::sleep(Duration::from_millis(5));
         }
+        assert!(!w.sealed_ids().is_empty(), "the segment did not seal in 30 s");
         let src = w.sealed_ids()[0];
         let entries = w.sealed(src).unwrap().unwrap().entries();
         let open = w.lookup_open(7, TimeRange::ALL);

@@ -194,9 +194,21 @@ async fn lookups_beside_rolls_seals_and_releases_miss_nothing_and_double_nothing
         let index = Arc::new(index);
         let hot = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicBool::new(false));
+        // Lookups finished so far, local and remote.
+        let ran = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        /// Ends the lookup loops however the appender ends (a failed
+        /// append must fail the test, not hang it).
+        struct SetOnDrop(Arc<AtomicBool>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
         let appender = {
-            let (index, hot, done) = (index.clone(), hot.clone(), done.clone());
+            let (index, hot, done, ran) = (index.clone(), hot.clone(), done.clone(), ran.clone());
             std::thread::spawn(move || {
+                let _done = SetOnDrop(done);
+                let mut waited_out = false;
                 for i in 0..ENTRIES {
                     let key = if i % 3 == 0 {
                         "hot".to_string()
@@ -210,16 +222,30 @@ async fn lookups_beside_rolls_seals_and_releases_miss_nothing_and_double_nothing
                     if i % 50 == 49 {
                         index.flush().unwrap();
                         // Paced, so seals, uploads and releases happen
-                        // while the lookups run.
+                        // while the lookups run: at least one lookup of
+                        // each kind ends in every pause (however slow the
+                        // machine; a loop that stopped is not waited for
+                        // again).
+                        let (l0, r0) =
+                            (ran.0.load(Ordering::Acquire), ran.1.load(Ordering::Acquire));
                         std::thread::sleep(Duration::from_millis(10));
+                        let until = std::time::Instant::now() + Duration::from_secs(5);
+                        while !waited_out
+                            && (ran.0.load(Ordering::Acquire) == l0
+                                || ran.1.load(Ordering::Acquire) == r0)
+                        {
+                            if std::time::Instant::now() > until {
+                                waited_out = true;
+                            }
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
                     }
                 }
                 index.flush().unwrap();
-                done.store(true, Ordering::Release);
             })
         };
         let local = {
-            let (index, hot, done) = (index.clone(), hot.clone(), done.clone());
+            let (index, hot, done, ran) = (index.clone(), hot.clone(), done.clone(), ran.clone());
             std::thread::spawn(move || {
                 let mut n = 0;
                 while !done.load(Ordering::Acquire) {
@@ -238,6 +264,7 @@ async fn lookups_beside_rolls_seals_and_releases_miss_nothing_and_double_nothing
                         check_prefix("lookup", offsets, true, before);
                     }
                     n += 1;
+                    ran.0.fetch_add(1, Ordering::Release);
                 }
                 n
             })
@@ -254,6 +281,7 @@ async fn lookups_beside_rolls_seals_and_releases_miss_nothing_and_double_nothing
                 before,
             );
             remote_lookups += 1;
+            ran.1.fetch_add(1, Ordering::Release);
         }
         appender.join().unwrap();
         let local_lookups = local.join().unwrap();

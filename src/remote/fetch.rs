@@ -74,7 +74,14 @@ impl RemoteSegment {
             .map_err(|err| Error::corrupt("manifest entry", format!("key {:?}: {err}", e.key)))?;
         Ok(RemoteSegment {
             key,
-            meta: SealedMeta {
+            meta: Self::meta_of(e),
+        })
+    }
+
+    /// What a manifest entry says of its segment (no creation or seal
+    /// time: the manifest does not keep them).
+    pub fn meta_of(e: &SegmentEntry) -> SealedMeta {
+        SealedMeta {
                 id: e.id,
                 file_len: e.file_len,
                 file_crc: e.file_crc,
@@ -86,8 +93,7 @@ impl RemoteSegment {
                 max_offset: e.max_offset,
                 created_ms: 0,
                 sealed_ms: 0,
-            },
-        })
+        }
     }
 }
 

@@ -135,6 +135,9 @@ pub struct SealedLookup {
     /// Segments that could not be read at all (missing, changed, I/O
     /// error), with why: their entries are missing from the result.
     pub unreadable: Vec<(SegmentId, String)>,
+    /// What was known of each of those when it was picked (to tell its
+    /// committed copy from another data directory's segment of that id).
+    pub unreadable_info: Vec<Arc<SealedInfo>>,
     /// Candidates that went (released or quarantined) while the lookup
     /// ran: not read, and not reported as unreadable.
     pub vanished: Vec<SegmentId>,
@@ -494,7 +497,10 @@ impl LocalSealed {
                     out.read.push(info);
                 }
                 Err(_) if !self.still(id, &info) => out.vanished.push(id),
-                Err(e) => out.unreadable.push((id, e.to_string())),
+                Err(e) => {
+                    out.unreadable.push((id, e.to_string()));
+                    out.unreadable_info.push(info);
+                }
             }
         }
         out

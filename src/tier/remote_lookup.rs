@@ -42,11 +42,17 @@ impl TierIndex {
         }
         // A local segment that could not be read and has no committed copy:
         // its entries are missing from the result, which says so.
+        // (Its copy is the same segment, not just the same id: another
+        // data directory's segment of that id is read, and is no copy.)
         let uncommitted: Vec<u64> = local
             .unreadable_segments
             .iter()
             .copied()
-            .filter(|id| !listed.iter().any(|l| l.seg.meta.id.0 == *id))
+            .filter(|id| {
+                !listed
+                    .iter()
+                    .any(|l| l.meta.id.0 == *id && covered.is_copy_of_unreadable(&l.meta))
+            })
             .collect();
         // What the journal says this data directory committed (for the
         // segments the local part read as open, to tell them from another
@@ -58,17 +64,26 @@ impl TierIndex {
         let mut marked: Vec<(u64, String)> = Vec::new();
         let mut remote: Vec<RemoteSegment> = Vec::new();
         for l in listed {
-            if covered.covers(&l.seg.meta, ours) {
+            if covered.covers(&l.meta, ours) {
                 continue;
             }
             if let Some(d) = l.damage {
-                marked.push((l.seg.meta.id.0, d));
+                marked.push((l.meta.id.0, d));
                 continue;
             }
+            // A manifest entry whose key does not parse is this segment's
+            // failure, reported with it; the others are still read.
+            let key = match l.key {
+                Ok(k) => k,
+                Err(why) => {
+                    marked.push((l.meta.id.0, why));
+                    continue;
+                }
+            };
             if let Some(e) = l.entry {
                 entries.insert(e.id, e);
             }
-            remote.push(l.seg);
+            remote.push(RemoteSegment { key, meta: l.meta });
         }
         let fetcher = self.fetcher.get_or_init(|| {
             Fetcher::new(
@@ -142,13 +157,11 @@ impl TierIndex {
                 .values()
                 .filter(|r| matches!(r.state, SegmentState::Committed | SegmentState::Released))
                 .map(|r| Listed {
-                    seg: RemoteSegment {
-                        key: match &r.key {
-                            Some(k) => object_store::path::Path::from(k.as_str()),
-                            None => sh.store.segment_key(&sh.stream, &r.meta),
-                        },
-                        meta: r.meta.clone(),
-                    },
+                    key: Ok(match &r.key {
+                        Some(k) => object_store::path::Path::from(k.as_str()),
+                        None => sh.store.segment_key(&sh.stream, &r.meta),
+                    }),
+                    meta: r.meta.clone(),
                     entry: None,
                     damage: None,
                 })
@@ -176,7 +189,10 @@ impl TierIndex {
         for e in ms.all_segments(&manifest).await? {
             let damage = manifest.damage(e.id).map(damage_text);
             v.push(Listed {
-                seg: RemoteSegment::from_entry(&e)?,
+                key: RemoteSegment::from_entry(&e)
+                    .map(|s| s.key)
+                    .map_err(|err| err.to_string()),
+                meta: RemoteSegment::meta_of(&e),
                 entry: Some(e),
                 damage,
             });
@@ -239,7 +255,10 @@ impl TierIndex {
 
 /// A committed segment as listed by [`TierIndex::remote_list`].
 struct Listed {
-    seg: RemoteSegment,
+    /// What the list says of the segment.
+    meta: crate::segment::SealedMeta,
+    /// Its object key, or why the manifest's entry does not give one.
+    key: std::result::Result<object_store::path::Path, String>,
     /// Its manifest entry (`manifest = true`).
     entry: Option<crate::remote::manifest::SegmentEntry>,
     /// The manifest's damage note on it, if any: reported, never read.
