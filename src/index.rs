@@ -21,7 +21,7 @@
 //! Sealed results are collected by [`IndexWriter::poll_sealed`], which hands
 //! their metadata to the caller (the upload pipeline journals them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -1057,8 +1057,10 @@ impl IndexWriter {
     /// by another owner, learnt after open). An empty active segment below
     /// `min` is replaced by one at `min`; one holding entries keeps its id
     /// (its entries are durable; renaming a flushed file is not worth it).
+    /// A closed writer takes it too: a shutdown drain that takes ownership
+    /// may still reseal, into segments created from then on.
     pub fn raise_next_id(&mut self, min: SegmentId) -> Result<()> {
-        self.check_open()?;
+        self.poison.check()?;
         self.next_id = self.next_id.max(min.0);
         // A spare below `min` (ready or on its way) is stale.
         if self.spare.as_ref().is_some_and(|s| s.id() < min)
@@ -1091,6 +1093,13 @@ impl IndexWriter {
     /// rolled first when it is below `min_id` (the current epoch's id
     /// floor), and new ids continue at `min_id` or above.
     ///
+    /// A closed writer (a shutdown drain, `tierindex drain`) accepts no
+    /// appends, but its drain must still be able to reseal: the copies go
+    /// into fresh segments (from `min_id` or the next id on), each sealed
+    /// here, on the caller's thread, when it fills and at the end. Their
+    /// metadata waits in [`poll_sealed`](Self::poll_sealed) for the caller
+    /// to journal, so the same drain uploads them.
+    ///
     /// The caller holds the writer for the whole call, so no segment the
     /// copy goes into can roll, seal or be journaled before it returns.
     /// Returns `(into, copied)`.
@@ -1104,6 +1113,9 @@ impl IndexWriter {
         // Lookups reading the sealed segments off this writer's lock learn
         // that entries moved, and redo their lookup under the lock.
         self.sealed.note_reseal();
+        if self.closed {
+            return self.copy_in_closed(entries, since, min_id, before_copy);
+        }
         self.raise_next_id(min_id)?;
         let below = self.active.as_ref().is_none_or(|a| a.id() < min_id);
         if below {
@@ -1114,42 +1126,12 @@ impl IndexWriter {
             }
         }
         let into = self.active_id().ok_or(Error::ShutDown)?;
-        // How many copies of each entry the segments from `since` on hold
-        // (a count, not a set: a segment may hold one entry twice).
-        let mut held: std::collections::HashMap<(u64, u64, u32, u64), u32> = match since {
-            None => Default::default(),
-            Some(since) => {
-                let mut sealed = Vec::new();
-                for id in self.sealed.ids_from(since) {
-                    let seg = self.sealed.get(id)?.ok_or_else(|| {
-                        Error::Internal(format!("local sealed segment {id} vanished"))
-                    })?;
-                    sealed.extend(seg.entries());
-                }
-                let open = self
-                    .frozen
-                    .range(since..)
-                    .map(|(_, f)| f.as_ref())
-                    .chain(self.active.as_ref())
-                    .filter(|a| a.id() >= since)
-                    .flat_map(|a| a.entries().into_iter());
-                let mut m = std::collections::HashMap::new();
-                for e in sealed.into_iter().chain(open) {
-                    *m.entry((e.key_hash, e.offset, e.size, e.timestamp_ms))
-                        .or_insert(0u32) += 1;
-                }
-                m
-            }
-        };
+        let mut held = self.held_from(since)?;
         before_copy(into)?;
         let mut copied = 0u64;
         let mut copy = || -> Result<()> {
             for e in entries {
-                if let Some(n) = held
-                    .get_mut(&(e.key_hash, e.offset, e.size, e.timestamp_ms))
-                    .filter(|n| **n > 0)
-                {
-                    *n -= 1;
+                if take_held(&mut held, e) {
                     continue;
                 }
                 self.append_entry(*e)?;
@@ -1169,6 +1151,113 @@ impl IndexWriter {
             return Err(e);
         }
         Ok((into, copied))
+    }
+
+    /// How many copies of each entry the local segments from `since` on
+    /// hold (a count, not a set: a segment may hold one entry twice).
+    fn held_from(&self, since: Option<SegmentId>) -> Result<HashMap<EntryKey, u32>> {
+        let Some(since) = since else {
+            return Ok(HashMap::new());
+        };
+        let mut sealed = Vec::new();
+        for id in self.sealed.ids_from(since) {
+            let seg = self
+                .sealed
+                .get(id)?
+                .ok_or_else(|| Error::Internal(format!("local sealed segment {id} vanished")))?;
+            sealed.extend(seg.entries());
+        }
+        let open = self
+            .frozen
+            .range(since..)
+            .map(|(_, f)| f.as_ref())
+            .chain(self.active.as_ref())
+            .filter(|a| a.id() >= since)
+            .flat_map(|a| a.entries().into_iter());
+        let mut m = HashMap::new();
+        for e in sealed.into_iter().chain(open) {
+            *m.entry(entry_key(&e)).or_insert(0u32) += 1;
+        }
+        Ok(m)
+    }
+
+    /// [`copy_in`](Self::copy_in) on a closed writer: into fresh segments,
+    /// sealed here (the sealer thread has ended).
+    fn copy_in_closed(
+        &mut self,
+        entries: &[Entry],
+        since: Option<SegmentId>,
+        min_id: SegmentId,
+        before_copy: impl FnOnce(SegmentId) -> Result<()>,
+    ) -> Result<(SegmentId, u64)> {
+        self.raise_next_id(min_id)?;
+        let mut held = self.held_from(since)?;
+        let first = self.create_active()?;
+        let into = first.id();
+        if let Err(e) = before_copy(into) {
+            // Nothing journaled, nothing copied: the empty file goes.
+            remove_empty(&self.seg_dir, first).inspect_err(|e| self.poison_on_sync(e))?;
+            return Err(e);
+        }
+        let mut copied = 0u64;
+        let mut seg = Some(first);
+        let mut copy = || -> Result<()> {
+            for e in entries {
+                if take_held(&mut held, e) {
+                    continue;
+                }
+                let full = seg.as_ref().is_none_or(|s| s.is_full());
+                if full {
+                    if let Some(s) = seg.take() {
+                        self.seal_here(s)?;
+                    }
+                    seg = Some(self.create_active()?);
+                }
+                if let Some(s) = seg.as_mut() {
+                    s.append_entry(*e)?;
+                    copied += 1;
+                }
+            }
+            match seg.take() {
+                Some(s) if s.is_empty() => remove_empty(&self.seg_dir, s),
+                Some(s) => self.seal_here(s),
+                None => Ok(()),
+            }
+        };
+        // As in `copy_in`: cut short after the start was journaled, the
+        // rest is finished at the next open (an active file left here is
+        // sealed then, and counted as holding what it holds).
+        if let Err(e) = copy() {
+            self.poison
+                .set(format!("copying a resealed segment's entries failed: {e}"));
+            return Err(e);
+        }
+        Ok((into, copied))
+    }
+
+    /// Flush and seal `seg` on this thread, as the sealer thread would
+    /// (durable write, removal of the source, read-back check), and make
+    /// it a local sealed segment whose metadata waits in `poll_sealed`.
+    /// Any failure poisons the writer.
+    fn seal_here(&mut self, mut seg: ActiveSegment) -> Result<()> {
+        let r = seg.flush().and_then(|_| {
+            seal_segment(&self.seg_dir, &seg).and_then(|meta| read_back(&self.seg_dir, seg.id(), meta))
+        });
+        let id = seg.id();
+        drop(seg);
+        let (meta, sealed) = r.inspect_err(|e| {
+            self.poison
+                .set(format!("sealing segment {id} failed: {e}"))
+        })?;
+        tracing::info!(
+            segment = id.0,
+            items = meta.item_count,
+            bytes = meta.file_len,
+            "sealed (resealed entries, after close)"
+        );
+        self.sealed.insert(sealed);
+        self.ready.push(meta);
+        Ok(())
     }
 
     pub fn active_id(&self) -> Option<SegmentId> {
@@ -1194,7 +1283,7 @@ impl IndexWriter {
     pub fn data_dir(&self) -> &DataDir {
         &self.dd
     }
-    #[cfg(any(test, feature = "testing"))]
+    /// Closed: no appends (a shutdown began); a reseal still copies.
     pub fn is_closed(&self) -> bool {
         self.closed
     }
@@ -1219,6 +1308,24 @@ impl Drop for IndexWriter {
 /// [`Error::Poisoned`] (the callers poison the writer): after a failed
 /// unlink the writer no longer knows what the directory holds, and a failed
 /// directory fsync is never retried.
+/// An entry's identity for counting copies in a reseal.
+type EntryKey = (u64, u64, u32, u64);
+
+fn entry_key(e: &Entry) -> EntryKey {
+    (e.key_hash, e.offset, e.size, e.timestamp_ms)
+}
+
+/// Whether `e` is one of the copies `held` still counts (and count it off).
+fn take_held(held: &mut HashMap<EntryKey, u32>, e: &Entry) -> bool {
+    match held.get_mut(&entry_key(e)).filter(|n| **n > 0) {
+        Some(n) => {
+            *n -= 1;
+            true
+        }
+        None => false,
+    }
+}
+
 fn remove_empty(seg_dir: &Path, seg: ActiveSegment) -> Result<()> {
     debug_assert!(seg.is_empty());
     let path = seg.path().to_path_buf();

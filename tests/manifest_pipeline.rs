@@ -599,6 +599,33 @@ async fn store_down_at_open_takes_ownership_once_it_answers() {
     }
     // Every offset owner-a acknowledged is committed exactly once, and
     // owner-b's exactly once too.
+    let counts = committed_offsets(&rig, &listed).await;
+    let expected: Vec<u64> = (0..(ITEMS as u64 * 6 - 5))
+        .chain(1_000..(1_000 + ITEMS as u64 * 2 + 10))
+        .chain(2_000..(2_000 + ITEMS as u64 + 5))
+        .collect();
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        expected,
+        "committed offsets"
+    );
+    assert!(
+        counts.values().all(|c| *c == 1),
+        "an offset committed twice"
+    );
+    let resealed = common::record_counts(&data, "Resealed");
+    assert_eq!(
+        resealed.keys().map(|i| i.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
+
+/// How many times each offset is held by the segments the manifest lists,
+/// read from the stored objects.
+async fn committed_offsets(
+    rig: &Rig,
+    listed: &BTreeMap<SegmentId, SegmentEntry>,
+) -> BTreeMap<u64, u32> {
     let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
     let tmp = tempfile::tempdir().unwrap();
     for e in listed.values() {
@@ -619,23 +646,86 @@ async fn store_down_at_open_takes_ownership_once_it_answers() {
             *counts.entry(en.offset).or_default() += 1;
         }
     }
-    let expected: Vec<u64> = (0..(ITEMS as u64 * 6 - 5))
-        .chain(1_000..(1_000 + ITEMS as u64 * 2 + 10))
-        .chain(2_000..(2_000 + ITEMS as u64 + 5))
-        .collect();
-    assert_eq!(
-        counts.keys().copied().collect::<Vec<_>>(),
-        expected,
-        "committed offsets"
-    );
+    counts
+}
+
+/// The reseal happens inside a shutdown drain (as in `tierindex drain`):
+/// owner-a sealed segments 1..=3 while the store was down, owner-b then
+/// committed its own 1..=6, and owner-a's next run opens with the store
+/// down again and shuts down at once. The writer is closed before the
+/// store answers, so the drain must reseal through a closed writer: the
+/// copies go into fresh segments, sealed and uploaded by the same drain.
+/// (A closed writer used to refuse the copy, so such a directory could
+/// never finish draining: every drain exited with segments pending.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_drain_reseals_and_uploads_the_copies() {
+    let rig = Rig::new(13);
+    let data = rig.data("a");
+    let mut cfg = config(data.clone(), "owner-a");
+    cfg.request_timeout_ms = 300;
+    cfg.max_attempts = 2;
+    let a_offsets = 1_000..(1_000 + ITEMS as u64 * 2 + 10);
+    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+    {
+        let a = open(&cfg, rig.remote(), None).await.unwrap();
+        write(&a, a_offsets.clone());
+        let r = a.shutdown(Duration::from_secs(2)).await;
+        assert!(!r.fully_drained(), "drained with the store down: {r:?}");
+    }
+    let sealed_ids: Vec<SegmentId> = journal(&data).keys().copied().collect();
+    assert_eq!(sealed_ids, vec![SegmentId(1), SegmentId(2), SegmentId(3)]);
+    rig.fs.heal();
+    let b_offsets = 0..(ITEMS as u64 * 6 - 5);
+    {
+        let b = open(&config(rig.data("b"), "owner-b"), rig.remote(), None)
+            .await
+            .unwrap();
+        write(&b, b_offsets.clone());
+        let r = b.shutdown(Duration::from_secs(20)).await;
+        assert!(r.fully_drained(), "{r:?}");
+    }
+    let (m0, listed0) = rig.manifest().await;
+
+    // owner-a's next run: the store is down while it opens and closes its
+    // writer, and answers a moment later, within the drain.
+    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+    let a = open(&cfg, rig.remote(), None).await.unwrap();
+    let fs = rig.fs.clone();
+    let heal = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        fs.heal();
+    });
+    let r = a.shutdown(Duration::from_secs(30)).await;
+    heal.await.unwrap();
+    assert!(r.fully_drained(), "{r:#?}");
+    assert!(r.clean_marker_written, "{r:#?}");
+
+    let j = journal(&data);
+    let (m, listed) = rig.manifest().await;
+    assert!(m.epoch > m0.epoch, "owner-a took the stream");
+    for (id, e) in &listed0 {
+        assert_eq!(&listed[id], e, "owner-b's entry {id} unchanged");
+    }
+    let floor = tierindex::remote::manifest::epoch_id_floor(m.epoch);
+    for id in &sealed_ids {
+        let rec = &j[id];
+        assert_eq!(rec.state, SegmentState::Resealed, "{id}: {rec:?}");
+        let into = rec.resealed_into.expect("resealed into a segment");
+        assert!(into >= floor, "{rec:?}");
+        let copy = &j[&into];
+        assert_eq!(copy.state, SegmentState::Committed, "{into}: {copy:?}");
+        assert!(listed.contains_key(&into), "{into} not in the manifest");
+        assert!(
+            !common::sealed_path(&data, *id).exists(),
+            "local file of resealed segment {id} deleted"
+        );
+    }
+    let counts = committed_offsets(&rig, &listed).await;
+    let expected: Vec<u64> = b_offsets.chain(a_offsets).collect();
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), expected);
     assert!(
         counts.values().all(|c| *c == 1),
         "an offset committed twice"
-    );
-    let resealed = common::record_counts(&data, "Resealed");
-    assert_eq!(
-        resealed.keys().map(|i| i.0).collect::<Vec<_>>(),
-        vec![1, 2, 3]
     );
 }
 

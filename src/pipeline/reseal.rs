@@ -91,6 +91,7 @@ pub async fn reseal(
 ) -> Result<SegmentState> {
     let writer = sh.writer.clone();
     let journal = sh.journal.clone();
+    let metrics = sh.metrics.clone();
     let meta = meta.clone();
     let why = reason.clone();
     let (into, copied) = tokio::task::spawn_blocking(move || -> Result<(SegmentId, u64)> {
@@ -103,7 +104,23 @@ pub async fn reseal(
                 reason: why,
             }])
         })?;
-        journal.append_blocking(vec![Record::Resealed { id }])?;
+        // A closed writer (a shutdown drain) sealed the copies itself:
+        // journal them with the end of the reseal, so that this same drain
+        // uploads them. (An open writer seals them later, as any segment.)
+        let mut recs = Vec::new();
+        if w.is_closed() {
+            let j = journal.read();
+            recs.extend(
+                w.poll_sealed()?
+                    .into_iter()
+                    .filter(|m| j.get(m.id).is_none())
+                    .map(|meta| Record::Sealed { meta }),
+            );
+        }
+        let new_sealed = recs.len() as u64;
+        recs.push(Record::Resealed { id });
+        journal.append_blocking(recs)?;
+        metrics.segments_sealed.add(new_sealed);
         w.release(id)?;
         Ok((into, copied))
     })
@@ -290,10 +307,16 @@ mod tests {
     /// copied (and, with `journaled`, after `Resealed` but before the local
     /// file was deleted) is finished at the next open: every entry held
     /// exactly once, segment 1 Resealed, its file gone.
-    fn cut_reseal(cut: usize, journaled: bool) {
+    /// `closed`: the writer was closed first (a shutdown drain), so the
+    /// copy goes into a fresh segment sealed at once (segment 2 holds the
+    /// broker's own entries, sealed by the close).
+    fn cut_reseal(cut: usize, journaled: bool, closed: bool) {
         let d = tempfile::tempdir().unwrap();
         {
             let (mut w, mut j, entries) = verified_segment_1_beside_own_entries(d.path());
+            if closed {
+                w.close(Instant::now() + Duration::from_secs(30)).unwrap();
+            }
             let id = SegmentId(1);
             let (into, copied) = w
                 .copy_in(&entries[..cut], None, SegmentId(0), |into| {
@@ -304,7 +327,8 @@ mod tests {
                     }])
                 })
                 .unwrap();
-            assert_eq!((into, copied), (SegmentId(2), cut as u64));
+            let want = if closed { SegmentId(3) } else { SegmentId(2) };
+            assert_eq!((into, copied), (want, cut as u64));
             if journaled {
                 j.append(&[Record::Resealed { id }]).unwrap();
             }
@@ -315,7 +339,10 @@ mod tests {
         assert!(!notes.is_empty());
         let r = j.get(SegmentId(1)).unwrap();
         assert_eq!(r.state, SegmentState::Resealed, "{notes:?}");
-        assert_eq!(r.resealed_into, Some(SegmentId(2)));
+        assert_eq!(
+            r.resealed_into,
+            Some(if closed { SegmentId(3) } else { SegmentId(2) })
+        );
         assert!(!w.holds_sealed(SegmentId(1)));
         assert!(
             !d.path()
@@ -373,21 +400,86 @@ mod tests {
 
     #[test]
     fn a_reseal_cut_before_any_copy_is_finished_at_open() {
-        cut_reseal(0, false);
+        cut_reseal(0, false, false);
+        cut_reseal(0, false, true);
     }
 
     #[test]
     fn a_reseal_cut_halfway_is_finished_without_doubles() {
-        cut_reseal(37, false);
+        cut_reseal(37, false, false);
+        cut_reseal(37, false, true);
     }
 
     #[test]
     fn a_reseal_cut_after_the_copy_copies_nothing_again() {
-        cut_reseal(100, false);
+        cut_reseal(100, false, false);
+        cut_reseal(100, false, true);
     }
 
     #[test]
     fn a_resealed_segment_left_on_disk_is_deleted_at_open() {
-        cut_reseal(100, true);
+        cut_reseal(100, true, false);
+        cut_reseal(100, true, true);
+    }
+
+    /// A closed writer (a shutdown drain) reseals into fresh segments from
+    /// the id floor on, each sealed when it fills and at the end, with
+    /// their metadata ready to journal; no active file is left, and the
+    /// writer stays closed to appends.
+    #[test]
+    fn a_closed_writer_reseals_into_fresh_sealed_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, _j, mut entries) = verified_segment_1_beside_own_entries(d.path());
+        let closed = w.close(Instant::now() + Duration::from_secs(30)).unwrap();
+        assert_eq!(closed.len(), 1, "the broker's own entries sealed");
+        // 150 entries: one full segment of 100 and one of 50.
+        entries.extend((0..50u64).map(|o| crate::Entry {
+            key_hash: o % 7,
+            offset: 10_000 + o,
+            size: 10,
+            timestamp_ms: 2_000 + o,
+        }));
+        let floor = SegmentId(10);
+        let mut started = None;
+        let (into, copied) = w
+            .copy_in(&entries, None, floor, |into| {
+                started = Some(into);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((into, copied, started), (floor, 150, Some(floor)));
+        let metas = w.poll_sealed().unwrap();
+        let got: Vec<(SegmentId, u64)> = metas.iter().map(|m| (m.id, m.item_count)).collect();
+        assert_eq!(got, vec![(SegmentId(10), 100), (SegmentId(11), 50)]);
+        for m in &metas {
+            let seg = w.sealed(m.id).unwrap().expect("a local sealed segment");
+            assert_eq!(seg.meta(), *m);
+        }
+        let mut offsets: Vec<u64> = [SegmentId(10), SegmentId(11)]
+            .iter()
+            .flat_map(|id| w.sealed(*id).unwrap().unwrap().entries())
+            .map(|e| e.offset)
+            .collect();
+        offsets.sort_unstable();
+        let want: Vec<u64> = (0..100).chain(10_000..10_050).collect();
+        assert_eq!(offsets, want);
+        let actives: Vec<_> = std::fs::read_dir(d.path().join(crate::datadir::SEGMENTS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".seg"))
+            .collect();
+        assert!(actives.is_empty(), "files left beside the sealed ones: {actives:?}");
+        assert!(w.poisoned().is_none());
+        assert!(matches!(w.append(b"k", 1, 1, 1), Err(Error::ShutDown)));
+        // A failure before the copy leaves no file and nothing poisoned.
+        let r = w.copy_in(&entries, None, floor, |_| Err(Error::Internal("no".into())));
+        assert!(r.is_err());
+        assert!(w.poisoned().is_none());
+        assert!(w.poll_sealed().unwrap().is_empty());
+        // Ids taken by another owner, learnt by the drain after the close:
+        // the next copy goes above them.
+        w.raise_next_id(SegmentId(20)).unwrap();
+        let (into, _) = w.copy_in(&entries[..1], None, floor, |_| Ok(())).unwrap();
+        assert_eq!(into, SegmentId(20));
     }
 }
