@@ -255,19 +255,27 @@ impl OpenLookup {
         let sealed = self
             .sealed
             .lookup_below(key_hash, range, newer, &self.open_ids);
+        let raced = self.sealed.reseals() != self.reseals;
+        // A raced lookup is redone under the lock, which logs what it finds:
+        // logged here too, each damaged segment would be logged twice.
+        let log = !raced;
         let mut out = Lookup {
             entries: sealed.entries,
             ..Lookup::default()
         };
         for (id, bad) in sealed.corrupt {
-            tracing::error!(segment = id.0, items = bad, path = %self.sealed.path_of(id).display(), "local sealed segment has items whose CRC fails: they are missing from this lookup (run tierindex fsck --repair to salvage the rest)");
+            if log {
+                tracing::error!(segment = id.0, items = bad, path = %self.sealed.path_of(id).display(), "local sealed segment has items whose CRC fails: they are missing from this lookup (run tierindex fsck --repair to salvage the rest)");
+            }
             out.corrupt_items += u64::from(bad);
             out.corrupt_segments.push(id.0);
         }
         let mut not_read: std::collections::BTreeSet<SegmentId> =
             sealed.vanished.into_iter().collect();
         for (id, why) in sealed.unreadable {
-            tracing::error!(segment = id.0, error = %why, "local sealed segment cannot be read: whatever it holds for this key is missing from this lookup (run tierindex fsck)");
+            if log {
+                tracing::error!(segment = id.0, error = %why, "local sealed segment cannot be read: whatever it holds for this key is missing from this lookup (run tierindex fsck)");
+            }
             out.unreadable_segments.push(id.0);
             not_read.insert(id);
         }
@@ -276,7 +284,6 @@ impl OpenLookup {
         out.entries.extend(open.entries);
         out.corrupt_items += open.corrupt_items;
         out.corrupt_segments.extend(open.corrupt_segments);
-        let raced = self.sealed.reseals() != self.reseals;
         let covered = Covered {
             open: self.open_ids,
             read: sealed.read.into_iter().map(|i| (i.id(), i)).collect(),
@@ -981,11 +988,6 @@ impl IndexWriter {
     /// writer's lock).
     pub fn sealed_set(&self) -> Arc<LocalSealed> {
         self.sealed.clone()
-    }
-
-    /// Local sealed segments held, and of those mapped now.
-    pub fn sealed_counts(&self) -> (usize, usize) {
-        self.sealed.counts()
     }
 
     /// Local sealed segments mapped now, and mapped on demand so far.

@@ -4,6 +4,8 @@
 //! not committed) is never read; a damaged object is reported without
 //! hiding the other segments' entries.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -392,17 +394,8 @@ async fn release_keeps_the_local_copy_when_the_object_is_gone() {
         ..config(tmp.path().join("data"))
     };
     fill_and_drain(&keep, &fs, 120).await;
-    let seg_dir = tmp.path().join("data").join("segments");
-    let local_segs = || {
-        let mut v: Vec<String> = std::fs::read_dir(&seg_dir)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".seg"))
-            .collect();
-        v.sort();
-        v
-    };
+    let data = tmp.path().join("data");
+    let local_segs = || common::local_sealed_ids(&data);
     let before = local_segs();
     assert!(before.len() >= 2, "{before:?}");
     // Remove the first segment's object behind the pipeline's back.
@@ -477,15 +470,10 @@ async fn an_unreadable_local_segment_with_no_committed_copy_is_reported() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(ti.status().unsealed_items, 0);
-    let seg_dir = dir.path().join("data").join("segments");
-    let mut segs: Vec<_> = std::fs::read_dir(&seg_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .collect();
-    segs.sort();
+    let data = dir.path().join("data");
+    let segs = common::local_sealed_ids(&data);
     assert_eq!(segs.len(), 3, "{segs:?}");
-    std::fs::remove_file(&segs[1]).unwrap();
+    std::fs::remove_file(common::sealed_path(&data, segs[1])).unwrap();
     let r = ti.lookup_remote(b"k", TimeRange::ALL).await.unwrap();
     assert_eq!(r.entries.len(), 20, "{r:?}");
     assert_eq!(r.unreadable.len(), 1, "{r:?}");

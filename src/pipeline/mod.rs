@@ -67,6 +67,9 @@ impl StoreTrust {
 /// Everything a drive needs.
 pub struct Shared {
     pub writer: Arc<Mutex<IndexWriter>>,
+    /// The writer's local sealed segments (internally synchronized): read
+    /// by lookups and the gauges without the writer's lock.
+    pub sealed: Arc<crate::segment::local::LocalSealed>,
     pub journal: JournalHandle,
     pub store: RemoteStore,
     pub stream: String,

@@ -26,13 +26,10 @@ pub fn status_from(state: &crate::journal::JournalState, release_after_commit: b
 }
 
 pub(super) fn update_gauges(sh: &Shared) {
-    // Skipped while the writer is busy (never waited for: an append may
-    // hold it); the next wake updates them.
-    if let Ok(w) = sh.writer.try_lock() {
-        let (held, mapped) = w.sealed_counts();
-        sh.metrics.local_sealed_segments.set(held as u64);
-        sh.metrics.local_sealed_mapped.set(mapped as u64);
-    }
+    // The shared set, not the writer: never waits for an append.
+    let (held, mapped) = sh.sealed.counts();
+    sh.metrics.local_sealed_segments.set(held as u64);
+    sh.metrics.local_sealed_mapped.set(mapped as u64);
     let st = status_of(sh);
     sh.metrics.pending_segments.set(st.pending_segments);
     sh.metrics.pending_bytes.set(st.pending_bytes);

@@ -242,6 +242,7 @@ pub async fn open_shared_with_clock(
     let metrics = Arc::new(Metrics::default());
     let sh = Arc::new(Shared {
         seg_dir: writer.segments_dir().to_path_buf(),
+        sealed: writer.sealed_set(),
         writer: Arc::new(Mutex::new(writer)),
         journal: JournalHandle::start(journal)?,
         store,

@@ -27,7 +27,7 @@ impl TierIndex {
         // released after the list was read may be missing from it (it was
         // committed after): then the list is read again, once (a copy is
         // released only after its segment is committed).
-        let sealed = self.writer().sealed_set();
+        let sealed = sh.sealed.clone();
         let removals = sealed.removals();
         let mut listed = self.remote_list(&sh).await?;
         let (local, covered) = self.local_lookup(h, range);
