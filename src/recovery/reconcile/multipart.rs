@@ -81,3 +81,30 @@ pub(super) async fn stale_uploads(
     )
 }
 
+
+impl Run<'_> {
+    /// Rule 5 over the listing of incomplete multipart uploads; returns the
+    /// report's `multipart_uploads` line (what was checked, or why not).
+    pub(super) async fn multipart(&mut self) -> String {
+        let now = crate::segment::now_ms();
+        match self.store.list_multipart_uploads(&self.prefix).await {
+            Ok(MultipartListing::Listed(ups)) => {
+                stale_uploads(
+                    self.store,
+                    self.cfg,
+                    self.opts,
+                    &self.view,
+                    &ups,
+                    now,
+                    &mut self.findings,
+                )
+                .await
+            }
+            Ok(MultipartListing::BackendCannotList) => MULTIPART_NOT_CHECKED.to_string(),
+            Ok(MultipartListing::NotSupportedByServer(why)) => {
+                format!("not checked (not supported by this server: {why})")
+            }
+            Err(e) => format!("not checked (listing failed: {e})"),
+        }
+    }
+}

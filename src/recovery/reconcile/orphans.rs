@@ -228,3 +228,53 @@ pub(super) async fn judge_abandoned(
     f
 }
 
+
+impl Run<'_> {
+    /// Rule 4: objects no view references, and our own abandoned uploads;
+    /// foreign objects are reported, never deleted. The journal is read
+    /// again now, after the LIST: an object uploaded between the first
+    /// read and the LIST has its `Uploading` record (journaled before any
+    /// PUT) in this one, so a live pipeline's fresh upload is never taken
+    /// for an orphan. Both reads count (compaction may have dropped a
+    /// Released record in between). `manifest_now`: a manifest exists
+    /// (read before, or written by this run).
+    pub(super) async fn unreferenced(&mut self, manifest_now: bool) -> Result<()> {
+        let (view_after, _) = Journal::open_read_only(&self.cfg.data_dir)?;
+        let manifest_version = if manifest_now {
+            self.ms_read.load().await.ok().flatten().map(|m| m.version)
+        } else {
+            None
+        };
+        let ctx = OrphanCtx {
+            store: self.store,
+            cfg: self.cfg,
+            opts: self.opts,
+            seg_dir: &self.seg_dir,
+            views: [&self.view, &view_after],
+            m_entries: &self.m_entries,
+            manifest_version,
+            now: crate::segment::now_ms(),
+            grace_ms: grace_ms(self.opts),
+        };
+        for o in self.ours.values() {
+            if let Some(f) = judge_unreferenced(&ctx, o).await {
+                self.findings.push(f);
+            }
+        }
+        for m in &self.foreign {
+            let mut f = Finding::new(
+                FindingKind::Foreign,
+                None,
+                m.location.as_ref(),
+                format!(
+                    "{} bytes; not a segment key of stream {:?}",
+                    m.size, self.stream
+                ),
+            );
+            f.informational = true;
+            f.action = "kept: foreign objects are never deleted".into();
+            self.findings.push(f);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! Damage notes in the manifest (written by readers that confirmed a
+//! damaged object): a note whose object verifies whole now is cleared, a
+//! damaged object with a local copy is repaired, one without is marked
+//! LOST; and lost segments (rules 1 and 2) the manifest lists without a
+//! note are marked, so every reader says LOST instead of failing a read.
+
+use super::*;
+
+impl Run<'_> {
+    /// The damage notes (see the module doc).
+    pub(super) async fn damage_notes(&mut self) -> Result<()> {
+        let (store, cfg, opts) = (self.store, self.cfg, self.opts);
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        let fetcher = Fetcher::new(
+            store.clone(),
+            cfg.upload_config().retry_policy(),
+            crate::remote::fetch::REMOTE_INDEX_CACHE_BYTES,
+        );
+        for note in &m.damaged {
+            let Some(e) = self.m_entries.get(&note.id) else {
+                let mut f = Finding::new(
+                    FindingKind::ManifestDamaged,
+                    Some(note.id),
+                    &note.key,
+                    format!(
+                        "note for a segment the manifest does not list: {}",
+                        note.reason
+                    ),
+                );
+                f.action = "none: an operator must inspect the manifest".into();
+                self.findings.push(f);
+                continue;
+            };
+            let key = Path::parse(&e.key)
+                .map_err(|err| Error::corrupt("manifest entry", format!("{:?}: {err}", e.key)))?;
+            let detail = format!(
+                "marked {}damaged: {}",
+                if note.lost { "LOST and " } else { "" },
+                note.reason
+            );
+            // Rule 1 or 2 already judged this key in this run: do not read,
+            // repair or count it twice; the note follows that finding.
+            let prior = self
+                .findings
+                .iter()
+                .position(|f| f.key == e.key && f.kind != FindingKind::ManifestDamaged);
+            // Whole now (restored by someone, or repaired above)? A LOST note
+            // whose object has not changed since it was marked is not
+            // downloaded again. A store that cannot answer decides nothing.
+            let unchanged_lost = note.lost
+                && self
+                    .ours
+                    .get(&e.key)
+                    .is_none_or(|o| o.modified_ms <= note.marked_ms);
+            let whole = match prior.and_then(|i| self.findings.get(i)) {
+                Some(p) => Ok(p.repaired),
+                None if unchanged_lost || !self.object_ok(&e.key, e.file_len) => Ok(false),
+                None => fetcher
+                    .confirm_damage(&RemoteSegment::from_entry(e)?)
+                    .await
+                    .map(|d| d.is_none()),
+            };
+            let whole = match whole {
+                Ok(w) => w,
+                Err(err) => {
+                    let mut f =
+                        Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
+                    f.action = format!("not checked: the store did not answer ({err})");
+                    self.findings.push(f);
+                    continue;
+                }
+            };
+            let mut f = if whole {
+                let mut f = Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
+                f.action = if prior.is_some() {
+                    "the object was repaired above".into()
+                } else {
+                    "the object verifies whole now".into()
+                };
+                f
+            } else if let Some(p) = prior.and_then(|i| self.findings.get(i)) {
+                let mut f = Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
+                f.informational = true;
+                f.action = format!("see the {} finding above", p.kind.describe());
+                f
+            } else {
+                let present = self.sizes.contains_key(&e.key);
+                match journal_copy(&self.view, e) {
+                    Some(r) => {
+                        repair_object(
+                            store,
+                            cfg,
+                            opts,
+                            &self.seg_dir,
+                            FindingKind::ManifestDamaged,
+                            &key,
+                            &r.meta,
+                            present,
+                            detail,
+                        )
+                        .await
+                    }
+                    None => {
+                        let mut f =
+                            Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
+                        f.lost = true;
+                        f.action = "LOST: the journal holds no local copy of these bytes; \
+                                    nothing deleted"
+                            .into();
+                        f
+                    }
+                }
+            };
+            let seg_lost = f.lost
+                || prior
+                    .and_then(|i| self.findings.get(i))
+                    .is_some_and(|p| p.lost);
+            if seg_lost {
+                if !note.lost {
+                    if opts.repair && cfg.manifest {
+                        self.marks.push(DamageNote::new(
+                            e,
+                            &note.reason,
+                            true,
+                            crate::segment::now_ms(),
+                        ));
+                        self.note_findings.push(self.findings.len());
+                    } else {
+                        f.action
+                            .push_str(" (--repair marks it lost in the manifest)");
+                    }
+                }
+            } else if whole || f.repaired {
+                self.sizes.insert(e.key.clone(), e.file_len);
+                self.bad.remove(&e.key);
+                if opts.repair && cfg.manifest {
+                    self.clears.push(e.id);
+                    f.repaired = false; // until the note is cleared
+                    self.note_findings.push(self.findings.len());
+                } else {
+                    f.repaired = false;
+                    f.action.push_str(if cfg.manifest {
+                        "; none (--repair clears the note)"
+                    } else {
+                        "; none: manifest = false in the config (the note stays)"
+                    });
+                }
+            }
+            self.findings.push(f);
+        }
+        // Lost segments (rules 1 and 2) the manifest lists without a note:
+        // mark them, so every reader says LOST instead of failing a read.
+        if opts.repair && cfg.manifest {
+            for i in 0..self.findings.len() {
+                let Some(f) = self.findings.get(i) else {
+                    continue;
+                };
+                let Some(e) = f.segment.and_then(|id| self.m_entries.get(&SegmentId(id))) else {
+                    continue;
+                };
+                if !f.lost
+                    || f.kind == FindingKind::ManifestDamaged
+                    || f.key != e.key
+                    || m.damage(e.id).is_some()
+                    || self.marks.iter().any(|n| n.id == e.id)
+                {
+                    continue;
+                }
+                self.marks.push(DamageNote::new(
+                    e,
+                    &f.detail,
+                    true,
+                    crate::segment::now_ms(),
+                ));
+                self.note_findings.push(i);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! Rules 2 and 3: the manifest against the journal and the listing. With a
+//! manifest: committed journal segments it lacks are committed, entries
+//! whose object is missing or of another size are repaired from a local
+//! copy (else LOST). Without one (and `manifest = true`): it is rebuilt
+//! from the listing.
+
+use super::*;
+
+impl Run<'_> {
+    /// Rule 2: a manifest exists.
+    pub(super) async fn manifest_entries(&mut self) -> Result<()> {
+        let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
+        let version = self.manifest.as_ref().map_or(0, |m| m.version);
+        for r in self.view.segments().values() {
+            if !matches!(r.state, SegmentState::Committed | SegmentState::Released)
+                || self.m_entries.contains_key(&r.meta.id)
+            {
+                continue;
+            }
+            let key = record_key(store, stream, r)?;
+            let k = key.to_string();
+            let mut f = Finding::new(
+                FindingKind::ManifestLostEntries,
+                Some(r.meta.id),
+                &k,
+                format!(
+                    "the journal says {:?}, manifest version {version} does not list it",
+                    r.state
+                ),
+            );
+            if !self.object_ok(&k, r.meta.file_len) {
+                f.action = "none: its object is not in place (see above); not committed".into();
+            } else if !cfg.manifest {
+                f.action = "none: manifest = false in the config".into();
+            } else if !opts.repair {
+                f.action = "none (--repair commits it)".into();
+            } else {
+                self.to_commit
+                    .push(SegmentEntry::new(store, stream, &r.meta)?);
+                self.commit_findings.push(self.findings.len());
+            }
+            self.findings.push(f);
+        }
+        for e in self.m_entries.values() {
+            if self.checked.contains(&e.key) {
+                continue;
+            }
+            let listed = self.sizes.get(&e.key).copied();
+            if listed == Some(e.file_len) {
+                continue;
+            }
+            let (kind, detail) = match listed {
+                None => (
+                    FindingKind::ManifestListsMissingObject,
+                    "the manifest lists it; no object under the key".to_string(),
+                ),
+                Some(size) => (
+                    FindingKind::SizeMismatch,
+                    format!(
+                        "object is {size} bytes, the manifest records {}",
+                        e.file_len
+                    ),
+                ),
+            };
+            let key = Path::parse(&e.key)
+                .map_err(|err| Error::corrupt("manifest entry", format!("{:?}: {err}", e.key)))?;
+            let f = match journal_copy(&self.view, e) {
+                Some(r) => {
+                    repair_object(
+                        store,
+                        cfg,
+                        opts,
+                        &self.seg_dir,
+                        kind,
+                        &key,
+                        &r.meta,
+                        listed.is_some(),
+                        detail,
+                    )
+                    .await
+                }
+                None => {
+                    let mut f = Finding::new(kind, Some(e.id), &e.key, detail);
+                    f.lost = true;
+                    f.action = "LOST: the journal holds no local copy of these bytes; \
+                                nothing deleted"
+                        .into();
+                    f
+                }
+            };
+            if f.repaired {
+                self.sizes.insert(e.key.clone(), e.file_len);
+            }
+            self.findings.push(f);
+        }
+        Ok(())
+    }
+
+    /// Rule 3: no manifest. With `manifest = true` and segment objects
+    /// listed, it is rebuilt (with `repair`) from the listing.
+    pub(super) async fn rebuild_manifest(&mut self) -> Result<()> {
+        let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
+        if !cfg.manifest || self.ours.is_empty() {
+            return Ok(());
+        }
+        let dir = self.ms_read.versions_dir().to_string();
+        let mut f = Finding::new(
+            FindingKind::ManifestLost,
+            None,
+            &dir,
+            format!(
+                "no manifest, but {} segment object(s) are listed and manifest = true",
+                self.ours.len()
+            ),
+        );
+        if !opts.repair {
+            f.action = "none (--repair rebuilds it from the listing)".into();
+            self.findings.push(f);
+            return Ok(());
+        }
+        let mut rejected = Vec::new();
+        for o in self.ours.values() {
+            let k = o.key.to_string();
+            if self.bad.contains(&k) || excluded_by_journal(self.view.get(o.id), o.sum) {
+                continue;
+            }
+            match read_entry(store, stream, o, self.view.get(o.id), opts.deep).await? {
+                Ok(e) => self.to_commit.push(e),
+                Err(why) => {
+                    let mut u = Finding::new(FindingKind::UnusableObject, Some(o.id), &k, why);
+                    u.action = "none: left out of the rebuilt manifest".into();
+                    rejected.push(u);
+                }
+            }
+        }
+        // Objects rule 1 re-uploaded in this run were not in the listing
+        // taken before it: list them from their journal record (the bytes
+        // just written are exactly the journal's).
+        let listed_keys: BTreeSet<String> =
+            self.ours.values().map(|o| o.key.to_string()).collect();
+        for r in self.view.segments().values() {
+            if !matches!(r.state, SegmentState::Committed | SegmentState::Released) {
+                continue;
+            }
+            let key = record_key(store, stream, r)?;
+            let k = key.to_string();
+            if listed_keys.contains(&k) || !self.object_ok(&k, r.meta.file_len) {
+                continue;
+            }
+            let mut e = SegmentEntry::new(store, stream, &r.meta)?;
+            e.key = k;
+            self.to_commit.push(e);
+        }
+        self.to_commit.sort_by_key(|e| e.id);
+        if self.to_commit.is_empty() {
+            f.action = "none: no usable object to rebuild from".into();
+        } else {
+            self.commit_findings.push(self.findings.len());
+        }
+        self.findings.push(f);
+        self.findings.extend(rejected);
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! One reconcile run: the views read once ([`Run::load`]), the state the
+//! rules share (findings, what is known bad, what to write to the
+//! manifest), the manifest writes the rules asked for, and the report.
+//! Each rule is a method of [`Run`] in its own file; `reconcile_with`
+//! calls them in rule order.
+
+use super::*;
+
+pub(super) struct Run<'a> {
+    pub(super) store: &'a RemoteStore,
+    pub(super) cfg: &'a Config,
+    pub(super) opts: &'a ReconcileOptions,
+    pub(super) stream: &'a str,
+    pub(super) seg_dir: std::path::PathBuf,
+    /// The journal, read before the LIST.
+    pub(super) view: JournalView,
+    pub(super) prefix: Path,
+    pub(super) listed_objects: usize,
+    /// Size of every listed object, by key (updated as repairs put them).
+    pub(super) sizes: BTreeMap<String, u64>,
+    /// Listed objects that parse as this stream's segment keys.
+    pub(super) ours: BTreeMap<String, Listed>,
+    /// Everything else under the prefix.
+    pub(super) foreign: Vec<ObjectMeta>,
+    pub(super) ms_read: ManifestStore,
+    pub(super) manifest: Option<crate::remote::manifest::Manifest>,
+    /// The manifest's entries (and, after a commit, the ones committed).
+    pub(super) m_entries: BTreeMap<SegmentId, SegmentEntry>,
+    pub(super) manifest_segments: usize,
+    pub(super) findings: Vec<Finding>,
+    /// Keys already checked (rule 1).
+    pub(super) checked: BTreeSet<String>,
+    /// Keys whose object is known wrong and was not repaired.
+    pub(super) bad: BTreeSet<String>,
+    /// Entries to commit, with the indexes of the findings the commit
+    /// resolves (rules 2 and 3).
+    pub(super) to_commit: Vec<SegmentEntry>,
+    pub(super) commit_findings: Vec<usize>,
+    /// Damage notes to clear and to add, with the indexes of the findings
+    /// they resolve (damage notes).
+    pub(super) clears: Vec<SegmentId>,
+    pub(super) marks: Vec<DamageNote>,
+    pub(super) note_findings: Vec<usize>,
+}
+
+impl<'a> Run<'a> {
+    /// Read the three views: the journal, the LIST of the segments prefix,
+    /// the manifest (read only, no probe: reads do not depend on it).
+    pub(super) async fn load(
+        cfg: &'a Config,
+        store: &'a RemoteStore,
+        opts: &'a ReconcileOptions,
+    ) -> Result<Run<'a>> {
+        let stream = cfg.stream.as_str();
+        let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+        let seg_dir = cfg.data_dir.join(datadir::SEGMENTS_DIR);
+
+        let prefix = store.segments_prefix(stream)?;
+        let listed = list(store, cfg, &prefix).await?;
+        let listed_objects = listed.len();
+        let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
+        let mut ours: BTreeMap<String, Listed> = BTreeMap::new();
+        let mut foreign: Vec<ObjectMeta> = Vec::new();
+        for m in listed {
+            sizes.insert(m.location.to_string(), m.size);
+            match keys::parse_segment_key(store.prefix(), &m.location) {
+                Some((s, id, sum)) if s == stream => {
+                    let modified_ms =
+                        u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(0);
+                    ours.insert(
+                        m.location.to_string(),
+                        Listed {
+                            key: m.location.clone(),
+                            id,
+                            sum,
+                            size: m.size,
+                            modified_ms,
+                        },
+                    );
+                }
+                _ => foreign.push(m),
+            }
+        }
+
+        let ms_read = ManifestStore::reader(store, stream, cfg.manifest_options())?;
+        let manifest = ms_read.load().await?;
+        let mut m_entries: BTreeMap<SegmentId, SegmentEntry> = BTreeMap::new();
+        if let Some(m) = &manifest {
+            for e in ms_read.all_segments(m).await? {
+                m_entries.insert(e.id, e);
+            }
+        }
+        let manifest_segments = m_entries.len();
+        Ok(Run {
+            store,
+            cfg,
+            opts,
+            stream,
+            seg_dir,
+            view,
+            prefix,
+            listed_objects,
+            sizes,
+            ours,
+            foreign,
+            ms_read,
+            manifest,
+            m_entries,
+            manifest_segments,
+            findings: Vec::new(),
+            checked: BTreeSet::new(),
+            bad: BTreeSet::new(),
+            to_commit: Vec::new(),
+            commit_findings: Vec::new(),
+            clears: Vec::new(),
+            marks: Vec::new(),
+            note_findings: Vec::new(),
+        })
+    }
+
+    /// Whether the object under `k` is listed with `len` bytes and not
+    /// known wrong.
+    pub(super) fn object_ok(&self, k: &str, len: u64) -> bool {
+        self.sizes.get(k) == Some(&len) && !self.bad.contains(k)
+    }
+
+    /// Write what the rules asked of the manifest (damage notes first,
+    /// then commits) through `access`, and put the outcome in the findings
+    /// it resolves. Returns whether a manifest exists now.
+    pub(super) async fn write_manifest(&mut self, access: &dyn ManifestAccess) -> bool {
+        let mut manifest_now = self.manifest.is_some();
+        if !self.clears.is_empty() || !self.marks.is_empty() {
+            let (action, ok) = match access.notes(&self.clears, &self.marks).await {
+                Ok(a) => (a, true),
+                Err(why) => (why, false),
+            };
+            for i in &self.note_findings {
+                if let Some(f) = self.findings.get_mut(*i) {
+                    f.action = format!("{}; {action}", f.action);
+                    if !f.lost {
+                        f.repaired = ok;
+                    }
+                }
+            }
+        }
+        if !self.to_commit.is_empty() {
+            let (action, ok) = match access.commit(&self.to_commit).await {
+                Ok(a) => (a, true),
+                Err(why) => (why, false),
+            };
+            for i in &self.commit_findings {
+                if let Some(f) = self.findings.get_mut(*i) {
+                    f.action = action.clone();
+                    f.repaired = ok;
+                }
+            }
+            if ok {
+                manifest_now = true;
+                for e in std::mem::take(&mut self.to_commit) {
+                    self.m_entries.insert(e.id, e);
+                }
+            }
+        }
+        manifest_now
+    }
+
+    /// The report, with rule 5's line.
+    pub(super) fn report(self, multipart_uploads: String) -> ReconcileReport {
+        let findings = self.findings;
+        let repaired = findings.iter().filter(|f| f.repaired).count();
+        let deleted = findings.iter().filter(|f| f.deleted).count();
+        let unresolved = findings.iter().filter(|f| f.unresolved()).count();
+        let lost = findings.iter().filter(|f| f.lost).count();
+        ReconcileReport {
+            store: self.store.display_url().to_string(),
+            stream: self.stream.to_string(),
+            repair: self.opts.repair,
+            deep: self.opts.deep,
+            grace_ms: grace_ms(self.opts),
+            journal_segments: self.view.segments().len(),
+            listed_objects: self.listed_objects,
+            manifest_present: self.manifest.is_some(),
+            manifest_segments: self.manifest_segments,
+            findings_total: findings.len(),
+            repaired,
+            deleted,
+            unresolved,
+            lost,
+            multipart_uploads,
+            findings,
+        }
+    }
+}
+
+/// The grace period in milliseconds.
+pub(super) fn grace_ms(opts: &ReconcileOptions) -> u64 {
+    u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX)
+}
