@@ -1192,6 +1192,21 @@ impl IndexWriter {
         min_id: SegmentId,
         before_copy: impl FnOnce(SegmentId) -> Result<()>,
     ) -> Result<(SegmentId, u64)> {
+        self.poison.check()?;
+        // Every seal of the close must be in `poll_sealed` first: one that
+        // landed after this copy's fresh (higher) ids were journaled could
+        // never be journaled (ids are journaled in increasing order). Not
+        // an error that loses anything: the reseal is retried, or left for
+        // the next start.
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.take_done(done)?;
+        }
+        if !self.frozen.is_empty() {
+            return Err(Error::Deadline(format!(
+                "{} segment(s) of the close are still sealing; the reseal waits for them",
+                self.frozen.len()
+            )));
+        }
         self.raise_next_id(min_id)?;
         let mut held = self.held_from(since)?;
         let first = self.create_active()?;
@@ -1291,6 +1306,12 @@ impl IndexWriter {
     }
     pub fn poisoned(&self) -> Option<String> {
         self.poison.check().err().map(|e| e.to_string())
+    }
+
+    /// Poison this writer: a step its caller owns (journaling what it
+    /// sealed) failed, and nothing more may be built on it.
+    pub fn poison_with(&self, why: String) {
+        self.poison.set(why);
     }
 }
 

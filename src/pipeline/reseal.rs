@@ -117,9 +117,20 @@ pub async fn reseal(
                     .map(|meta| Record::Sealed { meta }),
             );
         }
+        // In id order, as the journal takes them.
+        recs.sort_by_key(|r| r.id());
         let new_sealed = recs.len() as u64;
         recs.push(Record::Resealed { id });
-        journal.append_blocking(recs)?;
+        if let Err(e) = journal.append_blocking(recs) {
+            // The copies' metadata left the writer with the poll: nothing
+            // more may be sealed above them in this process (a later id
+            // journaled first would keep them from ever being journaled).
+            // The next open finds the Resealing record and the files.
+            w.poison_with(format!(
+                "journaling the end of segment {id}'s reseal failed: {e}"
+            ));
+            return Err(e);
+        }
         metrics.segments_sealed.add(new_sealed);
         w.release(id)?;
         Ok((into, copied))

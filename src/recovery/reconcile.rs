@@ -33,7 +33,7 @@
 //! 4. Objects that parse as this stream's segment keys but that neither the
 //!    journal nor the manifest references are reported and kept. The one
 //!    deletion is an object this data directory provably wrote for a
-//!    segment it set aside: every proof in [`judge_unreferenced`] holds
+//!    segment it set aside: every proof in `orphans::judge_unreferenced` holds
 //!    (manifest on and silent about the id, journal `Quarantined` under
 //!    exactly that key and checksum, older than the grace period, bytes
 //!    equal to the intact local copy). Without a manifest, an unreferenced
@@ -209,8 +209,10 @@ async fn reconcile_with(
     }
     run.damage_notes().await?;
     let manifest_now = run.write_manifest(access).await;
-    run.unreferenced(manifest_now).await?; // 4
-    let multipart = run.multipart().await; // 5
+    // One clock reading for both age rules (the grace period).
+    let now = crate::segment::now_ms();
+    run.unreferenced(manifest_now, now).await?; // 4
+    let multipart = run.multipart(now).await; // 5
     Ok(run.report(multipart))
 }
 

@@ -85,8 +85,8 @@ pub(super) async fn stale_uploads(
 impl Run<'_> {
     /// Rule 5 over the listing of incomplete multipart uploads; returns the
     /// report's `multipart_uploads` line (what was checked, or why not).
-    pub(super) async fn multipart(&mut self) -> String {
-        let now = crate::segment::now_ms();
+    /// `now`: the time ages are judged at.
+    pub(super) async fn multipart(&mut self, now: u64) -> String {
         match self.store.list_multipart_uploads(&self.prefix).await {
             Ok(MultipartListing::Listed(ups)) => {
                 stale_uploads(

@@ -237,8 +237,9 @@ impl Run<'_> {
     /// PUT) in this one, so a live pipeline's fresh upload is never taken
     /// for an orphan. Both reads count (compaction may have dropped a
     /// Released record in between). `manifest_now`: a manifest exists
-    /// (read before, or written by this run).
-    pub(super) async fn unreferenced(&mut self, manifest_now: bool) -> Result<()> {
+    /// (read before, or written by this run); `now`: the time ages are
+    /// judged at.
+    pub(super) async fn unreferenced(&mut self, manifest_now: bool, now: u64) -> Result<()> {
         let (view_after, _) = Journal::open_read_only(&self.cfg.data_dir)?;
         let manifest_version = if manifest_now {
             self.ms_read.load().await.ok().flatten().map(|m| m.version)
@@ -253,7 +254,7 @@ impl Run<'_> {
             views: [&self.view, &view_after],
             m_entries: &self.m_entries,
             manifest_version,
-            now: crate::segment::now_ms(),
+            now,
             grace_ms: grace_ms(self.opts),
         };
         for o in self.ours.values() {
