@@ -1,0 +1,392 @@
+//! The data directory: its lock, its layout, and the start-up check that
+//! turns whatever a crash left into a consistent set of segments.
+//!
+//! ```text
+//! DATA_DIR/
+//!   LOCK                 flock'd by the owning process; holds pid/host/start
+//!   segments/            NNN.active (in steady state one, plus an empty spare
+//!                        with the next id once it is half full), NNN.seg
+//!   journal/             upload journal (see journal module)
+//!   quarantine/          files that failed their checks, moved aside, never deleted
+//! ```
+//!
+//! Start-up rules (also tabled in `docs/crash-safety.md`):
+//! - `NNN.seg` must pass the full sealed check, else it is quarantined.
+//! - `NNN.active` that is empty or all zeros (its creation never became
+//!   durable) is removed: it never held an entry.
+//! - Every `.active` but the newest holding entries is sealed; an empty one
+//!   (with a valid header) above it is a spare prepared ahead of a roll:
+//!   not a leftover, the writer removes it (or takes it up when no segment
+//!   holds entries).
+//! - `NNN.active` with a bad header is quarantined; otherwise its torn tail
+//!   is zeroed (a damaged span that still holds valid items is first copied
+//!   to quarantine) and its slot table rebuilt. If a valid `NNN.seg` with
+//!   the same item count exists, the active file is a leftover of a finished
+//!   seal and is removed; if the `.seg` holds more items, the active file is
+//!   quarantined; if fewer, the `.seg` is quarantined and the active one is
+//!   sealed again.
+//! - `NNN.seg.tmp` is an interrupted seal: removed when its `.active` source
+//!   passed its check (the seal is redone), quarantined otherwise.
+//! - A file of a newer format version stops start-up (`Unsupported`): it is
+//!   not damaged, so it is not moved aside.
+//! - Any other file is quarantined. Nothing is ever deleted to get past an
+//!   error, and one bad file never stops the rest from opening.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::durable::{fsync_dir, fsync_path};
+use crate::error::{Error, Result};
+use crate::segment::active::{self, ActiveRecovery, ActiveSegment};
+use crate::segment::salvage::{self, Geometry, LostSpan};
+use crate::segment::local::SealedInfo;
+use crate::segment::sealed::{PACKED_ENTRY_LEN, SealedSegment, write_sealed_streaming};
+use crate::segment::{SegmentId, now_ms};
+
+pub const SEGMENTS_DIR: &str = "segments";
+pub const JOURNAL_DIR: &str = "journal";
+pub const QUARANTINE_DIR: &str = "quarantine";
+pub const LOCK_FILE: &str = "LOCK";
+
+/// True when `path` looks like a data directory: it has an identity, a
+/// journal directory or a segments directory.
+pub fn is_data_dir(path: &Path) -> bool {
+    [
+        crate::identity::IDENTITY_FILE,
+        JOURNAL_DIR,
+        SEGMENTS_DIR,
+    ]
+    .iter()
+    .any(|n| path.join(n).exists())
+}
+
+/// An open, locked data directory.
+pub struct DataDir {
+    root: PathBuf,
+    // Held for the life of the DataDir: the flock is released when it drops.
+    _lock: File,
+}
+
+impl DataDir {
+    /// Create the directory tree if missing and take the exclusive lock.
+    pub fn open(root: &Path) -> Result<DataDir> {
+        for d in [
+            root.to_path_buf(),
+            root.join(SEGMENTS_DIR),
+            root.join(JOURNAL_DIR),
+            root.join(QUARANTINE_DIR),
+        ] {
+            if !d.exists() {
+                fs::create_dir_all(&d).map_err(|e| Error::io(&d, "create data directory", e))?;
+                if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    fsync_dir(parent)?;
+                }
+            }
+        }
+        let lock_path = root.join(LOCK_FILE);
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, "open lock file", e))?;
+        if !crate::durable::try_lock(&lock, &lock_path, "lock data directory")? {
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(Error::Locked {
+                path: root.to_path_buf(),
+                holder: if holder.is_empty() {
+                    "unknown holder".into()
+                } else {
+                    holder.into()
+                },
+            });
+        }
+        let me = format!(
+            "pid={} host={} since_ms={}",
+            std::process::id(),
+            hostname(),
+            now_ms()
+        );
+        // Informational only (who holds the lock); not a durability point.
+        let _ = lock
+            .set_len(0)
+            .and_then(|_| lock.rewind())
+            .and_then(|_| lock.write_all(me.as_bytes()));
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// [`DataDir::open`], then the directory's identity
+    /// ([`crate::identity::ensure`]): written when there is none yet (a new
+    /// data directory, or one from before identity files), else read. The
+    /// broker's open uses this; the lock is held before the file is written.
+    pub fn open_as(
+        root: &Path,
+        stream: &str,
+        store: &str,
+        endpoint: Option<&str>,
+        mode: Option<crate::identity::Mode>,
+        overrides: crate::identity::Overrides,
+    ) -> Result<(DataDir, crate::identity::Identity)> {
+        let dd = DataDir::open(root)?;
+        let id = crate::identity::ensure(root, stream, store, endpoint, mode, overrides)?;
+        Ok((dd, id))
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// Whether `segments/` holds any file (active, spare or sealed; whatever
+    /// it holds counts). Used to tell a data directory that holds nothing
+    /// yet.
+    pub fn holds_segment_files(&self) -> Result<bool> {
+        let dir = self.segments_dir();
+        match fs::read_dir(&dir) {
+            Ok(mut rd) => Ok(rd.next().is_some()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(&dir, "list segments", e)),
+        }
+    }
+    pub fn segments_dir(&self) -> PathBuf {
+        self.root.join(SEGMENTS_DIR)
+    }
+    #[cfg(any(test, feature = "testing"))]
+    pub fn journal_dir(&self) -> PathBuf {
+        self.root.join(JOURNAL_DIR)
+    }
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.root.join(QUARANTINE_DIR)
+    }
+
+    /// Move `path` into `quarantine/` under a unique name; durable (both
+    /// directories fsync'd). Returns the new path.
+    pub fn quarantine(&self, path: &Path) -> Result<PathBuf> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "unnamed".into());
+        let qdir = self.quarantine_dir();
+        let mut dst = qdir.join(format!("{name}.{}", now_ms()));
+        let mut n = 0;
+        while dst.exists() {
+            n += 1;
+            dst = qdir.join(format!("{name}.{}.{n}", now_ms()));
+        }
+        crate::durable::rename(path, &dst).map_err(|e| Error::io(path, "move file to quarantine", e))?;
+        fsync_dir(&qdir)?;
+        if let Some(parent) = path.parent() {
+            fsync_dir(parent)?;
+        }
+        tracing::warn!(from = %path.display(), to = %dst.display(), "quarantined");
+        Ok(dst)
+    }
+
+    /// [`quarantine`](Self::quarantine), plus a record next to the moved
+    /// file (`<moved name>.why.json`: where it came from, why, what was
+    /// lost) that `tierindex quarantine list|show|retry` reads.
+    pub fn quarantine_because(
+        &self,
+        path: &Path,
+        reason: &str,
+        loss: Option<&LossNote>,
+    ) -> Result<PathBuf> {
+        let dst = self.quarantine(path)?;
+        let rec = QuarantineRecord {
+            original: path.display().to_string(),
+            moved_to: dst.display().to_string(),
+            reason: reason.to_string(),
+            at_ms: now_ms(),
+            loss: loss.cloned(),
+        };
+        write_record(&dst, &rec)?;
+        Ok(dst)
+    }
+}
+
+/// What `quarantine/<name>.why.json` holds.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct QuarantineRecord {
+    pub original: String,
+    pub moved_to: String,
+    pub reason: String,
+    pub at_ms: u64,
+    pub loss: Option<LossNote>,
+}
+
+/// Suffix of the record written next to a quarantined file.
+pub const RECORD_SUFFIX: &str = ".why.json";
+
+/// Write (durably) the record of the quarantined file `moved`.
+pub fn write_record(moved: &Path, rec: &QuarantineRecord) -> Result<()> {
+    let mut name = moved.as_os_str().to_owned();
+    name.push(RECORD_SUFFIX);
+    let p = PathBuf::from(name);
+    let body = serde_json::to_vec_pretty(rec)
+        .map_err(|e| Error::InvalidInput(format!("encode quarantine record: {e}")))?;
+    crate::durable::write_file(&p, body.as_ref()).map_err(|e| Error::io(&p, "write quarantine record", e))?;
+    fsync_path(&p)?;
+    if let Some(dir) = p.parent() {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+mod recover;
+mod report;
+use recover::{Kind, classify};
+pub use recover::*;
+pub use report::*;
+
+/// What the segment files hold that the journal does not account for yet
+/// (read-only: for `tierindex status` on a directory whose broker may run).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LocalPending {
+    /// Verified items in `.active` files (read as a scan does, in place).
+    pub unsealed_items: u64,
+    /// Active files holding at least one verified item.
+    pub active_segments: Vec<u64>,
+    /// Sealed files the journal does not know: (id, bytes).
+    pub unjournaled_sealed: Vec<(u64, u64)>,
+}
+
+/// Scan `root/segments` for unsealed entries and sealed files the journal
+/// does not know (`known` says which ids it knows). Files that cannot be
+/// read are skipped (fsck reports them).
+pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPending {
+    let mut out = LocalPending::default();
+    let Ok(rd) = fs::read_dir(root.join(SEGMENTS_DIR)) else {
+        return out;
+    };
+    let mut files: Vec<(Kind, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| (classify(&e.file_name().to_string_lossy()), e.path()))
+        .collect();
+    files.sort();
+    for (kind, path) in files {
+        match kind {
+            Kind::Active(id) => {
+                let n = fs::read(&path)
+                    .ok()
+                    .and_then(|b| salvage::scan_active(&b, id, None).ok())
+                    .map_or(0, |s| s.items.len() as u64);
+                if n > 0 {
+                    out.unsealed_items += n;
+                    out.active_segments.push(id.0);
+                }
+            }
+            Kind::Sealed(id) if !known(id) => {
+                let len = fs::metadata(&path).map_or(0, |m| m.len());
+                out.unjournaled_sealed.push((id.0, len));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Every quarantine record (`quarantine/*.why.json`), oldest name first.
+pub fn quarantine_records(root: &Path) -> Vec<(PathBuf, QuarantineRecord)> {
+    let Ok(rd) = fs::read_dir(root.join(QUARANTINE_DIR)) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(PathBuf, QuarantineRecord)> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(RECORD_SUFFIX))
+        .filter_map(|p| {
+            let b = fs::read(&p).ok()?;
+            let r: QuarantineRecord = serde_json::from_slice(&b).ok()?;
+            Some((p, r))
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::Entry;
+    use crate::segment::sealed::{build_sealed, write_sealed_file};
+
+    #[test]
+    fn second_open_is_refused_with_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let _a = DataDir::open(d.path()).unwrap();
+        match DataDir::open(d.path()) {
+            Err(Error::Locked { holder, .. }) => assert!(holder.contains("pid="), "{holder}"),
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("second open must fail"),
+        }
+    }
+
+    #[test]
+    fn garbage_truncated_and_unknown_files_are_quarantined_not_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let segs = dd.segments_dir();
+        let es: Vec<Entry> = (0..50)
+            .map(|i| Entry {
+                key_hash: i,
+                offset: i,
+                size: 1,
+                timestamp_ms: i,
+            })
+            .collect();
+        let (bytes, _) = build_sealed(SegmentId(1), 0, 0, 8, &es).unwrap();
+        write_sealed_file(&segs, SegmentId(1), &bytes).unwrap();
+        write_sealed_file(&segs, SegmentId(2), &bytes[..bytes.len() - 7]).unwrap();
+        fs::write(segs.join("00000000000000000003.seg"), b"garbage").unwrap();
+        fs::write(segs.join("notes.txt"), b"hello").unwrap();
+
+        let check = recover(&dd, Mode::CheckOnly).unwrap();
+        assert_eq!(check.report.quarantined.len(), 3);
+        assert!(
+            segs.join("notes.txt").exists(),
+            "check-only must not move files"
+        );
+
+        let r = recover(&dd, Mode::Repair).unwrap();
+        // "Segment 2" holds segment 1's bytes (cut): none of its items
+        // validates against the id in its name, so nothing is salvaged.
+        assert_eq!(r.report.sealed_ok, vec![1]);
+        assert!(
+            r.report
+                .salvaged
+                .iter()
+                .any(|n| n.segment == 2 && n.salvaged_items == 0 && n.unknown_loss.is_some())
+        );
+        assert_eq!(r.report.quarantined.len(), 3);
+        let moved = fs::read_dir(dd.quarantine_dir())
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(RECORD_SUFFIX)
+            })
+            .count();
+        assert_eq!(moved, 3);
+        // Each move has its record: why, and what was lost.
+        assert_eq!(quarantine_records(d.path()).len(), 3);
+        assert_eq!(r.max_id_seen, Some(SegmentId(3)));
+        assert!(r.sealed.contains_key(&SegmentId(1)));
+    }
+}
