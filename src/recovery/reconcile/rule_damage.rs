@@ -87,31 +87,8 @@ impl Run<'_> {
                 f
             } else {
                 let present = self.sizes.contains_key(&e.key);
-                match journal_copy(&self.view, e) {
-                    Some(r) => {
-                        repair_object(
-                            store,
-                            cfg,
-                            opts,
-                            &self.seg_dir,
-                            FindingKind::ManifestDamaged,
-                            &key,
-                            &r.meta,
-                            present,
-                            detail,
-                        )
-                        .await
-                    }
-                    None => {
-                        let mut f =
-                            Finding::new(FindingKind::ManifestDamaged, Some(e.id), &e.key, detail);
-                        f.lost = true;
-                        f.action = "LOST: the journal holds no local copy of these bytes; \
-                                    nothing deleted"
-                            .into();
-                        f
-                    }
-                }
+                self.repair_from_local(FindingKind::ManifestDamaged, e, &key, present, detail)
+                    .await
             };
             let seg_lost = f.lost
                 || prior

@@ -64,30 +64,9 @@ impl Run<'_> {
             };
             let key = Path::parse(&e.key)
                 .map_err(|err| Error::corrupt("manifest entry", format!("{:?}: {err}", e.key)))?;
-            let f = match journal_copy(&self.view, e) {
-                Some(r) => {
-                    repair_object(
-                        store,
-                        cfg,
-                        opts,
-                        &self.seg_dir,
-                        kind,
-                        &key,
-                        &r.meta,
-                        listed.is_some(),
-                        detail,
-                    )
-                    .await
-                }
-                None => {
-                    let mut f = Finding::new(kind, Some(e.id), &e.key, detail);
-                    f.lost = true;
-                    f.action = "LOST: the journal holds no local copy of these bytes; \
-                                nothing deleted"
-                        .into();
-                    f
-                }
-            };
+            let f = self
+                .repair_from_local(kind, e, &key, listed.is_some(), detail)
+                .await;
             if f.repaired {
                 self.sizes.insert(e.key.clone(), e.file_len);
             }

@@ -124,6 +124,43 @@ impl<'a> Run<'a> {
         self.sizes.get(k) == Some(&len) && !self.bad.contains(k)
     }
 
+    /// A manifest entry's object found missing or wrong (`kind`): repaired
+    /// from the journal's local copy of the segment (`repair_object`), or,
+    /// without one, a LOST finding (nothing deleted to get past it).
+    /// `present`: an object is listed under the key.
+    pub(super) async fn repair_from_local(
+        &self,
+        kind: FindingKind,
+        e: &SegmentEntry,
+        key: &Path,
+        present: bool,
+        detail: String,
+    ) -> Finding {
+        match journal_copy(&self.view, e) {
+            Some(r) => {
+                repair_object(
+                    self.store,
+                    self.cfg,
+                    self.opts,
+                    &self.seg_dir,
+                    kind,
+                    key,
+                    &r.meta,
+                    present,
+                    detail,
+                )
+                .await
+            }
+            None => {
+                let mut f = Finding::new(kind, Some(e.id), &e.key, detail);
+                f.lost = true;
+                f.action =
+                    "LOST: the journal holds no local copy of these bytes; nothing deleted".into();
+                f
+            }
+        }
+    }
+
     /// Write what the rules asked of the manifest (damage notes first,
     /// then commits) through `access`, and put the outcome in the findings
     /// it resolves. Returns whether a manifest exists now.
