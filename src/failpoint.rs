@@ -40,7 +40,7 @@ pub const POINTS: &[&str] = &[
     "active.msync.after",
     "active.remove_empty",
     "active.remove_empty.dirsync",
-    // Sealing (src/segment/sealed.rs, src/index.rs)
+    // Sealing (src/segment/sealed/write.rs, src/index/sealer.rs)
     "seal.write",
     "seal.fsync",
     "seal.rename",

@@ -38,6 +38,16 @@ use crate::segment::local::{LocalSealed, SealedInfo};
 use crate::segment::sealed::{SealedSegment, sealed_file_name, write_sealed_streaming};
 use crate::segment::{Entry, SealedMeta, SegmentId, TimeRange, now_ms};
 
+mod copy;
+mod lookup;
+mod sealer;
+
+pub use lookup::Covered;
+pub use sealer::seal_segment;
+#[cfg(feature = "testing")]
+pub use sealer::seal_to_file;
+use sealer::{Done, Job, Jobs, SealDone, read_back};
+
 /// How segments are shaped and when they roll.
 #[derive(Clone, Debug)]
 pub struct IndexConfig {
@@ -78,94 +88,6 @@ const SEALER_WAIT: Duration = Duration::from_secs(30);
 /// pipeline uses it to wake up and call [`IndexWriter::poll_sealed`].
 pub type SealNotify = Arc<dyn Fn() + Send + Sync>;
 
-/// Work for the sealer thread.
-enum Job {
-    /// Seal a frozen segment.
-    Seal(Arc<ActiveSegment>),
-    /// Create (allocate, fsync, map, prefault) the next active segment
-    /// ahead of the roll that needs it, so that the append which rolls
-    /// only swaps it in.
-    Prepare(SegmentId),
-    /// Drop a sealed segment's frozen mapping here, not under the writer
-    /// lock: its file is already unlinked, so the last reference frees the
-    /// whole preallocated file (measured at 10-15 ms for 8 MB on ext4,
-    /// which every append waited for).
-    Retire(Arc<ActiveSegment>),
-}
-
-/// The sealer thread's queue: a spare's preparation goes to the front (the
-/// next roll waits for it), seals to the back. Closing lets the thread
-/// finish what is queued and end.
-#[derive(Default)]
-struct Jobs {
-    state: Mutex<(std::collections::VecDeque<Job>, bool)>,
-    ready: std::sync::Condvar,
-}
-
-impl Jobs {
-    fn push(&self, job: Job) {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match job {
-            Job::Prepare(_) => g.0.push_front(job),
-            Job::Seal(_) | Job::Retire(_) => g.0.push_back(job),
-        }
-        self.ready.notify_one();
-    }
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
-        self.ready.notify_one();
-    }
-    /// The next job; `None` once closed and empty.
-    fn pop(&self) -> Option<Job> {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(j) = g.0.pop_front() {
-                return Some(j);
-            }
-            if g.1 {
-                return None;
-            }
-            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-/// What the sealer thread sends back.
-enum Done {
-    Sealed(SealDone),
-    Prepared(SegmentId, Result<ActiveSegment>),
-}
-
-struct SealDone {
-    id: SegmentId,
-    /// The sealed file's metadata and the file opened with every check.
-    result: Result<(SealedMeta, SealedSegment)>,
-}
-
-/// Pair check, on the sealer thread (never under the writer's lock: it
-/// reads and checksums the whole file): open what was just written with
-/// every check and compare it with what was meant to be written.
-fn read_back(
-    seg_dir: &Path,
-    id: SegmentId,
-    meta: SealedMeta,
-) -> Result<(SealedMeta, SealedSegment)> {
-    let path = seg_dir.join(sealed_file_name(id));
-    let sealed = SealedSegment::open(&path).map_err(|e| {
-        Error::corrupt(
-            path.display().to_string(),
-            format!("sealed segment {id} does not read back: {e}"),
-        )
-    })?;
-    if sealed.meta() != meta {
-        return Err(Error::corrupt(
-            path.display().to_string(),
-            format!("sealed segment {id} reads back different from what was written"),
-        ));
-    }
-    Ok((meta, sealed))
-}
-
 #[derive(Default)]
 struct Poison {
     set: AtomicBool,
@@ -190,184 +112,6 @@ impl Poison {
             .and_then(|w| w.clone())
             .unwrap_or_else(|| "earlier failure".into());
         Err(Error::Poisoned(why))
-    }
-}
-
-/// Write the sealed file of a frozen active segment durably (tmp, fsync,
-/// rename, dir fsync), reading its items straight from the mapping.
-pub fn seal_to_file(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
-    let (_path, meta) = write_sealed_streaming(
-        seg_dir,
-        seg.id(),
-        seg.created_ms(),
-        now_ms(),
-        seg.slot_count(),
-        seg.item_bytes(),
-        ACTIVE_ITEM_LEN,
-    )?;
-    debug_assert_eq!(meta.item_count, u64::from(seg.len()));
-    Ok(meta)
-}
-
-/// Seal one frozen active segment durably and remove its source.
-pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
-    let meta = seal_to_file(seg_dir, seg)?;
-    crate::durable::at("seal.remove_active")
-        .unlink(seg.path())
-        .map_err(|e| Error::io(seg.path(), "remove sealed source", e))?;
-    fsync_dir_at("seal.remove_active.dirsync", seg_dir)?;
-    Ok(meta)
-}
-
-/// A lookup whose open-segment part is done (under the writer's lock, by
-/// [`IndexWriter::lookup_open`]) and whose sealed part is not.
-pub struct OpenLookup {
-    open: Lookup,
-    /// The open segments read, oldest first.
-    open_ids: Vec<SegmentId>,
-    sealed: Arc<LocalSealed>,
-    /// [`LocalSealed::reseals`] when the open part was read.
-    reseals: u64,
-    /// [`LocalSealed::removals`] when the open part was read.
-    removals: u64,
-}
-
-impl OpenLookup {
-    /// Read the local sealed segments (no writer lock needed) and merge:
-    /// sealed entries first (they are older), then the open segments'.
-    /// Also returns what the result covers, for a remote lookup (see
-    /// [`Covered`]).
-    ///
-    /// `raced` (the third value) is true when a reseal copied entries
-    /// between segments while the sealed part was read (`copy_in`): the
-    /// open part may predate the copies and the sealed part may have lost
-    /// their source, so the caller must redo the lookup holding the
-    /// writer's lock (which a reseal holds throughout).
-    pub fn finish(self, key_hash: u64, range: TimeRange) -> (Lookup, Covered, bool) {
-        // The sealed part leaves out the segments the open part read (one
-        // that sealed since is read once, as open) and any newer than them
-        // (created since: they hold only entries appended after this
-        // lookup began). Neither assumes segments seal in id order.
-        let newer = self
-            .open_ids
-            .last()
-            .map_or(SegmentId(u64::MAX), |l| SegmentId(l.0.saturating_add(1)));
-        let sealed = self
-            .sealed
-            .lookup_below(key_hash, range, newer, &self.open_ids);
-        let raced = self.sealed.reseals() != self.reseals;
-        // A raced lookup is redone under the lock, which logs what it finds:
-        // logged here too, each damaged segment would be logged twice.
-        let log = !raced;
-        let mut out = Lookup {
-            entries: sealed.entries,
-            ..Lookup::default()
-        };
-        for (id, bad) in sealed.corrupt {
-            if log {
-                tracing::error!(segment = id.0, items = bad, path = %self.sealed.path_of(id).display(), "local sealed segment has items whose CRC fails: they are missing from this lookup (run tierindex fsck --repair to salvage the rest)");
-            }
-            out.corrupt_items += u64::from(bad);
-            out.corrupt_segments.push(id.0);
-        }
-        let mut not_read: std::collections::BTreeSet<SegmentId> =
-            sealed.vanished.into_iter().collect();
-        for (id, why) in sealed.unreadable {
-            if log {
-                tracing::error!(segment = id.0, error = %why, "local sealed segment cannot be read: whatever it holds for this key is missing from this lookup (run tierindex fsck)");
-            }
-            out.unreadable_segments.push(id.0);
-            not_read.insert(id);
-        }
-        let open = self.open;
-        out.truncated = open.truncated;
-        out.entries.extend(open.entries);
-        out.corrupt_items += open.corrupt_items;
-        out.corrupt_segments.extend(open.corrupt_segments);
-        let covered = Covered {
-            open: self.open_ids,
-            read: sealed.read.into_iter().map(|i| (i.id(), i)).collect(),
-            unreadable: sealed
-                .unreadable_info
-                .into_iter()
-                .map(|i| (i.id(), i))
-                .collect(),
-            not_read,
-            sealed: self.sealed,
-            removals: self.removals,
-        };
-        (out, covered, raced)
-    }
-}
-
-/// What a local lookup covered, asked per committed remote segment by a
-/// remote lookup (which reads the ones not covered from the store).
-pub struct Covered {
-    /// The open segments read, oldest first.
-    open: Vec<SegmentId>,
-    /// Sealed segments read, as they were when picked.
-    read: BTreeMap<SegmentId, Arc<crate::segment::local::SealedInfo>>,
-    /// Sealed segments that could not be read, as they were when picked.
-    unreadable: BTreeMap<SegmentId, Arc<crate::segment::local::SealedInfo>>,
-    /// Sealed segments picked but not read: unreadable, or gone (released
-    /// or quarantined) while the lookup ran.
-    not_read: std::collections::BTreeSet<SegmentId>,
-    sealed: Arc<LocalSealed>,
-    /// [`LocalSealed::removals`] when the open part was read.
-    removals: u64,
-}
-
-impl Covered {
-    /// Whether `meta` (a committed segment) is the committed copy of the
-    /// local segment that could not be read (the same segment, not just
-    /// its id: another data directory may have committed that id).
-    pub fn is_copy_of_unreadable(&self, meta: &SealedMeta) -> bool {
-        self.unreadable.get(&meta.id).is_some_and(|i| i.matches(meta))
-    }
-
-    /// Whether the local lookup covered the committed segment `meta`
-    /// describes, which is then not read from the store. Always the same
-    /// segment, not merely the same id (another data directory may have
-    /// committed that id, see `pipeline::reseal`; its segment is read):
-    /// - an open segment the lookup read (it may have sealed, been
-    ///   committed and even released since: the set's log of removed
-    ///   segments names it then, or, once the log no longer reaches back,
-    ///   `ours(id)`, the journal's record of this data directory's segment
-    ///   `id`);
-    /// - a sealed segment it read;
-    /// - not one it could not read, nor one that went while it ran;
-    /// - a segment created after the lookup began (newer than every open
-    ///   one it read) and this data directory's: its entries were appended
-    ///   since, and are left out rather than read from the store (which
-    ///   would leave a gap: the open segment's later entries are not read
-    ///   either);
-    /// - a sealed segment held now that the lookup ruled out by time range
-    ///   or slot bits.
-    pub fn covers(&self, meta: &SealedMeta, ours: impl Fn(SegmentId) -> Option<SealedMeta>) -> bool {
-        let ours_now = || {
-            self.sealed.same_segment(meta)
-                || match self.sealed.removed_since(self.removals, meta) {
-                    Some(removed) => removed,
-                    None => ours(meta.id).is_some_and(|m| {
-                        m.key_sum() == meta.key_sum()
-                            && m.file_len == meta.file_len
-                            && m.item_count == meta.item_count
-                    }),
-                }
-        };
-        if self.open.contains(&meta.id) {
-            return ours_now();
-        }
-        if let Some(info) = self.read.get(&meta.id) {
-            return info.matches(meta);
-        }
-        if self.not_read.contains(&meta.id) {
-            return false;
-        }
-        if self.open.last().is_some_and(|last| meta.id > *last) {
-            return ours_now();
-        }
-        self.sealed.same_segment(meta)
     }
 }
 
@@ -502,62 +246,15 @@ impl IndexWriter {
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         let poison = Arc::new(Poison::default());
         let notify = Arc::new(Mutex::new(notify));
-        let sealer = {
-            let notify = notify.clone();
-            let thread_dir = seg_dir.clone();
-            let poison = poison.clone();
-            let lock = dd.clone();
-            let (slots, items) = (cfg.slot_count, cfg.segment_items);
-            std::thread::Builder::new()
-                .name("tierindex-sealer".into())
-                .spawn(move || {
-                    while let Some(job) = sealer_rx.pop() {
-                        let seg = match job {
-                            Job::Seal(seg) => seg,
-                            Job::Retire(seg) => {
-                                drop(seg);
-                                continue;
-                            }
-                            Job::Prepare(id) => {
-                                let r =
-                                    ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
-                                if let Ok(seg) = &r {
-                                    seg.prefault();
-                                }
-                                let _ = done_tx.send(Done::Prepared(id, r));
-                                continue;
-                            }
-                        };
-                        let span = tracing::info_span!("seal", segment = seg.id().0);
-                        let _g = span.enter();
-                        let started = Instant::now();
-                        let result = seal_segment(&thread_dir, &seg)
-                            .and_then(|meta| read_back(&thread_dir, seg.id(), meta));
-                        match &result {
-                            Ok((m, _)) => tracing::info!(
-                                items = m.item_count,
-                                bytes = m.file_len,
-                                ms = started.elapsed().as_millis() as u64,
-                                "sealed"
-                            ),
-                            Err(e) => {
-                                tracing::error!(error = %e, "seal failed; writer poisoned");
-                                poison.set(format!("sealing segment {} failed: {e}", seg.id()));
-                            }
-                        }
-                        let _ = done_tx.send(Done::Sealed(SealDone {
-                            id: seg.id(),
-                            result,
-                        }));
-                        let n = notify.lock().ok().and_then(|n| n.clone());
-                        if let Some(n) = n {
-                            n();
-                        }
-                    }
-                    drop(lock);
-                })
-                .map_err(|e| Error::io(&seg_dir, "spawn sealer thread", e))?
-        };
+        let sealer = sealer::spawn(
+            sealer_rx,
+            done_tx,
+            seg_dir.clone(),
+            (cfg.slot_count, cfg.segment_items),
+            poison.clone(),
+            notify.clone(),
+            dd.clone(),
+        )?;
         let sealed = Arc::new(LocalSealed::new(&seg_dir, cfg.sealed_mapped));
         for info in std::mem::take(&mut rec.sealed).into_values() {
             sealed.insert_info(info);
@@ -910,57 +607,6 @@ impl IndexWriter {
         Ok(std::mem::take(&mut self.ready))
     }
 
-    /// Entries for `key` within `range` across every local segment, oldest
-    /// segment first, append order within a segment.
-    #[cfg(any(test, feature = "testing"))]
-    pub fn lookup(&self, key: &[u8], range: TimeRange) -> Lookup {
-        self.lookup_hash(crate::key_hash(key), range)
-    }
-
-    /// As [`lookup`](Self::lookup). An item whose CRC fails on the way is
-    /// not silently skipped: it is counted in [`Lookup::corrupt_items`]
-    /// (with the segments in [`Lookup::corrupt_segments`]) and logged.
-    #[cfg(any(test, feature = "testing"))]
-    pub fn lookup_hash(&self, key_hash: u64, range: TimeRange) -> Lookup {
-        // `&self` held throughout: no reseal can run between the parts.
-        self.lookup_open(key_hash, range).finish(key_hash, range).0
-    }
-
-    /// The part of a lookup that needs this writer: the segments not yet
-    /// sealed (frozen and active), read now. The sealed part is read by
-    /// [`OpenLookup::finish`], which needs no lock on the writer: a lookup
-    /// over many local segments no longer holds the writer while it maps
-    /// and reads them (a seal's insert into the shared set can still wait
-    /// for a lookup's walk of the footers in memory).
-    pub fn lookup_open(&self, key_hash: u64, range: TimeRange) -> OpenLookup {
-        let mut out = Lookup::default();
-        let open: Vec<&ActiveSegment> = self
-            .frozen
-            .values()
-            .map(|f| f.as_ref())
-            .chain(self.active.as_ref())
-            .collect();
-        for a in &open {
-            let l = a.lookup(key_hash, range, self.cfg.max_chain_steps);
-            out.truncated |= l.truncated;
-            out.entries.extend(l.entries);
-            if l.corrupt_items > 0 {
-                tracing::error!(
-                    segment = a.id().0,
-                    "active segment item fails its CRC in the mapping: the chain walk stopped there"
-                );
-                out.corrupt_items += l.corrupt_items;
-                out.corrupt_segments.extend(l.corrupt_segments);
-            }
-        }
-        OpenLookup {
-            open: out,
-            open_ids: open.iter().map(|a| a.id()).collect(),
-            sealed: self.sealed.clone(),
-            reseals: self.sealed.reseals(),
-            removals: self.sealed.removals(),
-        }
-    }
     /// A sealed segment held locally, mapped (on demand: see
     /// [`crate::segment::local`]). `Ok(None)`: not held locally; an error:
     /// held, but its file is gone, unreadable or not the one checked.
@@ -1085,198 +731,6 @@ impl IndexWriter {
         Ok(())
     }
 
-    /// Copy `entries` (those of a segment being resealed, see
-    /// `pipeline::reseal`) into the active segment and, when it fills, the
-    /// ones after it; then flush. Entries already held by a local segment
-    /// at or above `since` are skipped: the copy a crash cut short is
-    /// finished, never doubled. `before_copy(into)` runs first, with the id
-    /// of the segment the copy starts in (the caller journals it, so that
-    /// it is durable before any copied entry is). The active segment is
-    /// rolled first when it is below `min_id` (the current epoch's id
-    /// floor), and new ids continue at `min_id` or above.
-    ///
-    /// A closed writer (a shutdown drain, `tierindex drain`) accepts no
-    /// appends, but its drain must still be able to reseal: the copies go
-    /// into fresh segments (from `min_id` or the next id on), each sealed
-    /// here, on the caller's thread, when it fills and at the end. Their
-    /// metadata waits in [`poll_sealed`](Self::poll_sealed) for the caller
-    /// to journal, so the same drain uploads them.
-    ///
-    /// The caller holds the writer for the whole call, so no segment the
-    /// copy goes into can roll, seal or be journaled before it returns.
-    /// Returns `(into, copied)`.
-    pub fn copy_in(
-        &mut self,
-        entries: &[Entry],
-        since: Option<SegmentId>,
-        min_id: SegmentId,
-        before_copy: impl FnOnce(SegmentId) -> Result<()>,
-    ) -> Result<(SegmentId, u64)> {
-        // Lookups reading the sealed segments off this writer's lock learn
-        // that entries moved, and redo their lookup under the lock.
-        self.sealed.note_reseal();
-        if self.closed {
-            return self.copy_in_closed(entries, since, min_id, before_copy);
-        }
-        self.raise_next_id(min_id)?;
-        let below = self.active.as_ref().is_none_or(|a| a.id() < min_id);
-        if below {
-            self.roll()?;
-            if self.active.as_ref().is_some_and(|a| a.id() < min_id) {
-                // It was empty (roll kept it): replace it.
-                self.raise_next_id(min_id)?;
-            }
-        }
-        let into = self.active_id().ok_or(Error::ShutDown)?;
-        let mut held = self.held_from(since)?;
-        before_copy(into)?;
-        let mut copied = 0u64;
-        let mut copy = || -> Result<()> {
-            for e in entries {
-                if take_held(&mut held, e) {
-                    continue;
-                }
-                self.append_entry(*e)?;
-                copied += 1;
-            }
-            // Rolled-over segments were flushed when they froze.
-            self.flush()
-        };
-        // Cut short after the caller journaled the start: the rest is
-        // finished at the next open, which must find every segment from
-        // `into` on as this process leaves it. So nothing more is appended
-        // here (the pipeline also keeps those segments' local copies, see
-        // `pipeline::reseal::blocks_release`).
-        if let Err(e) = copy() {
-            self.poison
-                .set(format!("copying a resealed segment's entries failed: {e}"));
-            return Err(e);
-        }
-        Ok((into, copied))
-    }
-
-    /// How many copies of each entry the local segments from `since` on
-    /// hold (a count, not a set: a segment may hold one entry twice).
-    fn held_from(&self, since: Option<SegmentId>) -> Result<HashMap<EntryKey, u32>> {
-        let Some(since) = since else {
-            return Ok(HashMap::new());
-        };
-        let mut sealed = Vec::new();
-        for id in self.sealed.ids_from(since) {
-            let seg = self
-                .sealed
-                .get(id)?
-                .ok_or_else(|| Error::Internal(format!("local sealed segment {id} vanished")))?;
-            sealed.extend(seg.entries());
-        }
-        let open = self
-            .frozen
-            .range(since..)
-            .map(|(_, f)| f.as_ref())
-            .chain(self.active.as_ref())
-            .filter(|a| a.id() >= since)
-            .flat_map(|a| a.entries().into_iter());
-        let mut m = HashMap::new();
-        for e in sealed.into_iter().chain(open) {
-            *m.entry(entry_key(&e)).or_insert(0u32) += 1;
-        }
-        Ok(m)
-    }
-
-    /// [`copy_in`](Self::copy_in) on a closed writer: into fresh segments,
-    /// sealed here (the sealer thread has ended).
-    fn copy_in_closed(
-        &mut self,
-        entries: &[Entry],
-        since: Option<SegmentId>,
-        min_id: SegmentId,
-        before_copy: impl FnOnce(SegmentId) -> Result<()>,
-    ) -> Result<(SegmentId, u64)> {
-        self.poison.check()?;
-        // Every seal of the close must be in `poll_sealed` first: one that
-        // landed after this copy's fresh (higher) ids were journaled could
-        // never be journaled (ids are journaled in increasing order). Not
-        // an error that loses anything: the reseal is retried, or left for
-        // the next start.
-        while let Ok(done) = self.done_rx.try_recv() {
-            self.take_done(done)?;
-        }
-        if !self.frozen.is_empty() {
-            return Err(Error::Deadline(format!(
-                "{} segment(s) of the close are still sealing; the reseal waits for them",
-                self.frozen.len()
-            )));
-        }
-        self.raise_next_id(min_id)?;
-        let mut held = self.held_from(since)?;
-        let first = self.create_active()?;
-        let into = first.id();
-        if let Err(e) = before_copy(into) {
-            // Nothing journaled, nothing copied: the empty file goes.
-            remove_empty(&self.seg_dir, first).inspect_err(|e| self.poison_on_sync(e))?;
-            return Err(e);
-        }
-        let mut copied = 0u64;
-        let mut seg = Some(first);
-        let mut copy = || -> Result<()> {
-            for e in entries {
-                if take_held(&mut held, e) {
-                    continue;
-                }
-                let full = seg.as_ref().is_none_or(|s| s.is_full());
-                if full {
-                    if let Some(s) = seg.take() {
-                        self.seal_here(s)?;
-                    }
-                    seg = Some(self.create_active()?);
-                }
-                if let Some(s) = seg.as_mut() {
-                    s.append_entry(*e)?;
-                    copied += 1;
-                }
-            }
-            match seg.take() {
-                Some(s) if s.is_empty() => remove_empty(&self.seg_dir, s),
-                Some(s) => self.seal_here(s),
-                None => Ok(()),
-            }
-        };
-        // As in `copy_in`: cut short after the start was journaled, the
-        // rest is finished at the next open (an active file left here is
-        // sealed then, and counted as holding what it holds).
-        if let Err(e) = copy() {
-            self.poison
-                .set(format!("copying a resealed segment's entries failed: {e}"));
-            return Err(e);
-        }
-        Ok((into, copied))
-    }
-
-    /// Flush and seal `seg` on this thread, as the sealer thread would
-    /// (durable write, removal of the source, read-back check), and make
-    /// it a local sealed segment whose metadata waits in `poll_sealed`.
-    /// Any failure poisons the writer.
-    fn seal_here(&mut self, mut seg: ActiveSegment) -> Result<()> {
-        let r = seg.flush().and_then(|_| {
-            seal_segment(&self.seg_dir, &seg).and_then(|meta| read_back(&self.seg_dir, seg.id(), meta))
-        });
-        let id = seg.id();
-        drop(seg);
-        let (meta, sealed) = r.inspect_err(|e| {
-            self.poison
-                .set(format!("sealing segment {id} failed: {e}"))
-        })?;
-        tracing::info!(
-            segment = id.0,
-            items = meta.item_count,
-            bytes = meta.file_len,
-            "sealed (resealed entries, after close)"
-        );
-        self.sealed.insert(sealed);
-        self.ready.push(meta);
-        Ok(())
-    }
-
     pub fn active_id(&self) -> Option<SegmentId> {
         self.active.as_ref().map(|a| a.id())
     }
@@ -1331,24 +785,6 @@ impl Drop for IndexWriter {
 /// [`Error::Poisoned`] (the callers poison the writer): after a failed
 /// unlink the writer no longer knows what the directory holds, and a failed
 /// directory fsync is never retried.
-/// An entry's identity for counting copies in a reseal.
-type EntryKey = (u64, u64, u32, u64);
-
-fn entry_key(e: &Entry) -> EntryKey {
-    (e.key_hash, e.offset, e.size, e.timestamp_ms)
-}
-
-/// Whether `e` is one of the copies `held` still counts (and count it off).
-fn take_held(held: &mut HashMap<EntryKey, u32>, e: &Entry) -> bool {
-    match held.get_mut(&entry_key(e)).filter(|n| **n > 0) {
-        Some(n) => {
-            *n -= 1;
-            true
-        }
-        None => false,
-    }
-}
-
 fn remove_empty(seg_dir: &Path, seg: ActiveSegment) -> Result<()> {
     debug_assert!(seg.is_empty());
     let path = seg.path().to_path_buf();
