@@ -196,7 +196,6 @@ impl IndexWriter {
         self.ready.push(meta);
         Ok(())
     }
-
 }
 
 /// An entry's identity for counting copies in a reseal.

@@ -156,7 +156,6 @@ impl Covered {
     }
 }
 
-
 impl IndexWriter {
     /// Entries for `key` within `range` across every local segment, oldest
     /// segment first, append order within a segment.

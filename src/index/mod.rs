@@ -43,6 +43,8 @@ mod lookup;
 mod sealer;
 
 pub use lookup::Covered;
+#[cfg(feature = "testing")]
+pub use lookup::OpenLookup;
 pub use sealer::seal_segment;
 #[cfg(feature = "testing")]
 pub use sealer::seal_to_file;

@@ -137,49 +137,49 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("tierindex-sealer".into())
         .spawn(move || {
-        while let Some(job) = sealer_rx.pop() {
-            let seg = match job {
-                Job::Seal(seg) => seg,
-                Job::Retire(seg) => {
-                    drop(seg);
-                    continue;
-                }
-                Job::Prepare(id) => {
-                    let r =
-                        ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
-                    if let Ok(seg) = &r {
-                        seg.prefault();
+            while let Some(job) = sealer_rx.pop() {
+                let seg = match job {
+                    Job::Seal(seg) => seg,
+                    Job::Retire(seg) => {
+                        drop(seg);
+                        continue;
                     }
-                    let _ = done_tx.send(Done::Prepared(id, r));
-                    continue;
+                    Job::Prepare(id) => {
+                        let r =
+                            ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
+                        if let Ok(seg) = &r {
+                            seg.prefault();
+                        }
+                        let _ = done_tx.send(Done::Prepared(id, r));
+                        continue;
+                    }
+                };
+                let span = tracing::info_span!("seal", segment = seg.id().0);
+                let _g = span.enter();
+                let started = Instant::now();
+                let result = seal_segment(&thread_dir, &seg)
+                    .and_then(|meta| read_back(&thread_dir, seg.id(), meta));
+                match &result {
+                    Ok((m, _)) => tracing::info!(
+                        items = m.item_count,
+                        bytes = m.file_len,
+                        ms = started.elapsed().as_millis() as u64,
+                        "sealed"
+                    ),
+                    Err(e) => {
+                        tracing::error!(error = %e, "seal failed; writer poisoned");
+                        poison.set(format!("sealing segment {} failed: {e}", seg.id()));
+                    }
                 }
-            };
-            let span = tracing::info_span!("seal", segment = seg.id().0);
-            let _g = span.enter();
-            let started = Instant::now();
-            let result = seal_segment(&thread_dir, &seg)
-                .and_then(|meta| read_back(&thread_dir, seg.id(), meta));
-            match &result {
-                Ok((m, _)) => tracing::info!(
-                    items = m.item_count,
-                    bytes = m.file_len,
-                    ms = started.elapsed().as_millis() as u64,
-                    "sealed"
-                ),
-                Err(e) => {
-                    tracing::error!(error = %e, "seal failed; writer poisoned");
-                    poison.set(format!("sealing segment {} failed: {e}", seg.id()));
+                let _ = done_tx.send(Done::Sealed(SealDone {
+                    id: seg.id(),
+                    result,
+                }));
+                let n = notify.lock().ok().and_then(|n| n.clone());
+                if let Some(n) = n {
+                    n();
                 }
             }
-            let _ = done_tx.send(Done::Sealed(SealDone {
-                id: seg.id(),
-                result,
-            }));
-            let n = notify.lock().ok().and_then(|n| n.clone());
-            if let Some(n) = n {
-                n();
-            }
-        }
             drop(lock);
         })
         .map_err(|e| Error::io(&err_dir, "spawn sealer thread", e))
