@@ -829,8 +829,28 @@ impl Campaign {
         if let Ok(rd) = std::fs::read_dir(&segdir) {
             for e in rd.filter_map(|e| e.ok()) {
                 let n = e.file_name().to_string_lossy().into_owned();
-                if n.ends_with(".active") {
+                if let Some(stem) = n.strip_suffix(".active") {
                     active = true;
+                    // What an active file holds counts as pending (read as
+                    // the next start reads it). A reseal copies a segment's
+                    // entries into the active segment, so an active file
+                    // may hold offsets below the sealed ones' highest: the
+                    // floor below alone would miss them.
+                    if let (Ok(id), Ok(bytes)) = (stem.parse::<u64>(), std::fs::read(e.path()))
+                        && let Ok(scan) =
+                            tierindex::segment::salvage::scan_active(&bytes, SegmentId(id), None)
+                    {
+                        let mut offs: Vec<u64> =
+                            scan.items.iter().map(|(_, en)| en.offset).collect();
+                        offs.sort_unstable();
+                        offs.dedup();
+                        for o in offs {
+                            match pending.last_mut() {
+                                Some((_, b)) if *b + 1 == o => *b = o,
+                                _ => pending.push((o, o)),
+                            }
+                        }
+                    }
                 } else if n.ends_with(".seg")
                     && let Ok(s) = SealedSegment::open(&e.path())
                 {
