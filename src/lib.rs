@@ -26,8 +26,8 @@
 //! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
 //! rt.block_on(async {
 //!     // The store defaults to a `file://` directory beside the data
-//!     // directory; `store: Some("s3://bucket/prefix".into())` uploads to S3.
-//!     let cfg = Config { data_dir: dir.path().join("data"), ..Config::default() };
+//!     // directory; `.store("s3://bucket/prefix")` uploads to S3.
+//!     let cfg = Config::builder(dir.path().join("data")).stream("orders-7").build()?;
 //!     let (index, _opened) = TierIndex::open(cfg).await?;
 //!     index.append(b"order-42", 1_000, 512, 1_700_000_000_000)?;
 //!     index.flush()?; // acknowledged: survives a crash from here on
@@ -105,7 +105,7 @@ pub mod lifecycle;
 #[doc(hidden)]
 pub mod testing;
 
-pub use config::Config;
+pub use config::{Config, ConfigBuilder};
 pub use datadir::{ActiveNote, LossNote, QuarantineNote, RecoveryReport};
 pub use error::{Error, ErrorKind, Result};
 pub use metrics::{Counter, DurationHistogram, Gauge, Metrics};

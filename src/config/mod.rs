@@ -11,7 +11,13 @@ use crate::index::IndexConfig;
 use crate::remote::StoreOptions;
 use crate::upload::{UploadConfig, VerifyLevel};
 
-/// Everything needed to open a [`crate::TierIndex`].
+mod builder;
+pub use builder::ConfigBuilder;
+
+/// Everything needed to open a [`crate::TierIndex`]. Build it in code with
+/// [`Config::builder`] (fields may be added in later releases; the builder
+/// keeps such code compiling), or read it from TOML with
+/// [`Config::from_file`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
