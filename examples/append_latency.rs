@@ -20,7 +20,8 @@
 //!
 //! Every append and flush is timed with `Instant`; the background run also
 //! reports the writer-lock waits (`writer_lock_waits*` metrics). Set
-//! `APPEND_LATENCY_TRACE=1` to print every append over 5 ms.
+//! `APPEND_LATENCY_TRACE=1` to print every append over 5 ms, and
+//! `APPEND_LATENCY_RELEASE=1` to release each local copy once committed.
 //!
 //! With `LOOKUPS_PER_SEC` > 0, a second thread runs that many lookups a
 //! second during the background run (a key of the run's 4,096 over every
@@ -97,6 +98,10 @@ async fn run(
         segment_items,
         slot_count: (segment_items / 4).next_power_of_two().max(1024),
         segment_max_age_ms: None,
+        // APPEND_LATENCY_RELEASE=1: delete each local copy once committed
+        // (an unlink and a directory fsync per segment), as a broker that
+        // keeps only the remote copy would.
+        release_after_commit: std::env::var_os("APPEND_LATENCY_RELEASE").is_some_and(|v| v == "1"),
         ..Config::default()
     };
     let (index, _) = TierIndex::open(cfg).await?;

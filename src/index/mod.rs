@@ -653,19 +653,19 @@ impl IndexWriter {
     /// longer knows what the directory holds. An already missing file still
     /// gets the directory fsync (an earlier unlink may not be durable yet).
     pub fn release(&mut self, id: SegmentId) -> Result<()> {
-        self.poison.check()?;
-        self.sealed.remove(id);
-        let path = self.seg_dir.join(sealed_file_name(id));
-        match crate::durable::at("release.unlink").unlink(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                let why = format!("release of local segment {} failed: {e}", path.display());
-                self.poison.set(why.clone());
-                return Err(Error::Poisoned(why));
-            }
+        self.releaser().release(id)
+    }
+
+    /// What [`release`](Self::release) needs, to run without this
+    /// writer's lock: an unlink and a directory fsync (milliseconds on a
+    /// busy disk) must not hold up appends (issue 16).
+    pub fn releaser(&self) -> Releaser {
+        Releaser {
+            _dd: self.dd.clone(),
+            seg_dir: self.seg_dir.clone(),
+            sealed: self.sealed.clone(),
+            poison: self.poison.clone(),
         }
-        fsync_dir_at("release.dirsync", &self.seg_dir).inspect_err(|e| self.poison_on_sync(e))
     }
 
     /// Move a local sealed file that must not be uploaded (it does not
@@ -780,6 +780,44 @@ impl Drop for IndexWriter {
         if let Some(tx) = self.sealer_tx.take() {
             tx.close();
         }
+    }
+}
+
+/// Deletes local copies of committed segments for an [`IndexWriter`],
+/// without its lock ([`IndexWriter::releaser`]). It shares the writer's
+/// poison (a failed unlink or directory fsync poisons the writer) and keeps
+/// the data directory's lock alive while it runs.
+///
+/// Only for segments the writer no longer changes: committed ones, which
+/// no seal, roll or reseal writes again (ids only grow; a reseal into a
+/// segment keeps that segment's copy, see `pipeline::reseal::blocks_release`).
+pub struct Releaser {
+    _dd: Arc<DataDir>,
+    seg_dir: PathBuf,
+    sealed: Arc<LocalSealed>,
+    poison: Arc<Poison>,
+}
+
+impl Releaser {
+    /// [`IndexWriter::release`], off the writer's lock.
+    pub fn release(&self, id: SegmentId) -> Result<()> {
+        self.poison.check()?;
+        self.sealed.remove(id);
+        let path = self.seg_dir.join(sealed_file_name(id));
+        match crate::durable::at("release.unlink").unlink(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let why = format!("release of local segment {} failed: {e}", path.display());
+                self.poison.set(why.clone());
+                return Err(Error::Poisoned(why));
+            }
+        }
+        fsync_dir_at("release.dirsync", &self.seg_dir).inspect_err(|e| {
+            if matches!(e, Error::Poisoned(_)) {
+                self.poison.set(e.to_string());
+            }
+        })
     }
 }
 

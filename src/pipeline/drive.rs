@@ -451,9 +451,12 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // Delete first, then journal: a crash in between leaves a
                 // Committed segment without its file, which releases again.
                 crate::failpoint::crash("release");
+                // The writer's lock only to clone what the release needs:
+                // appends do not wait for the unlink and directory fsync.
                 let writer = sh.writer.clone();
                 tokio::task::spawn_blocking(move || {
-                    writer.lock().unwrap_or_else(|p| p.into_inner()).release(id)
+                    let releaser = writer.lock().unwrap_or_else(|p| p.into_inner()).releaser();
+                    releaser.release(id)
                 })
                 .await
                 .map_err(|e| Error::Internal(format!("release task failed: {e}")))??;
