@@ -17,9 +17,9 @@ use object_store::ObjectStoreExt as _;
 use object_store::PutPayload;
 use tierindex::remote::fetch::{Fetcher, RemoteSegment};
 use tierindex::remote::{RemoteStore, StoreOptions};
+use tierindex::retry::RetryPolicy;
 use tierindex::segment::sealed::build_sealed;
 use tierindex::segment::{Entry, SegmentId};
-use tierindex::upload::retry::RetryPolicy;
 use tierindex::{TimeRange, key_hash};
 
 fn env_u64(k: &str, d: u64) -> u64 {

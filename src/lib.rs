@@ -94,7 +94,7 @@ macro_rules! internal_modules {
 
 internal_modules!(
     config, datadir, durable, error, failpoint, identity, index, journal, metrics, pipeline,
-    recovery, remote, segment, tier, upload,
+    recovery, remote, retry, segment, tier, upload,
 );
 
 #[cfg(feature = "cli")]

@@ -19,9 +19,9 @@ use tierindex::remote::manifest::{
 };
 use tierindex::remote::probe::probe;
 use tierindex::remote::{RemoteStore, StoreOptions};
+use tierindex::retry::RetryPolicy;
 use tierindex::segment::SealedMeta;
 use tierindex::testing::{Fault, FaultyStore, Op};
-use tierindex::upload::retry::RetryPolicy;
 use tierindex::{Error, SegmentId};
 
 const STREAM: &str = "orders";

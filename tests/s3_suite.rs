@@ -1127,7 +1127,7 @@ async fn manifest_owners_race_and_a_paused_owner_is_fenced() {
 #[tokio::test]
 async fn fetcher_reads_committed_segments_and_detects_damage() {
     use tierindex::remote::fetch::{Fetcher, RemoteSegment};
-    use tierindex::upload::retry::RetryPolicy;
+    use tierindex::retry::RetryPolicy;
 
     let s = s3();
     let _g = SERVER.read().await;

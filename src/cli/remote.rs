@@ -715,7 +715,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     let mut rng = fastrand::Rng::new();
     let os = store.object_store().clone();
     let listed: Vec<object_store::ObjectMeta> =
-        crate::upload::retry::with_retries(&policy, &mut rng, "segments LIST", |_| {
+        crate::retry::with_retries(&policy, &mut rng, "segments LIST", |_| {
             let (os, prefix) = (os.clone(), prefix.clone());
             async move { os.list(Some(&prefix)).try_collect::<Vec<_>>().await }
         })

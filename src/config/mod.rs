@@ -210,8 +210,8 @@ pub fn manifest_retry(
     ttl: Duration,
     max_attempts: u32,
     request_timeout: Duration,
-    base: &crate::upload::retry::RetryPolicy,
-) -> crate::upload::retry::RetryPolicy {
+    base: &crate::retry::RetryPolicy,
+) -> crate::retry::RetryPolicy {
     let attempts = max_attempts.max(1);
     let budget = (ttl * 2 / 3).saturating_sub(Duration::from_millis(1));
     let share = budget / attempts;
@@ -219,7 +219,7 @@ pub fn manifest_retry(
     let request_timeout = request_timeout
         .min(share.saturating_sub(backoff_max))
         .max(MANIFEST_REQUEST_TIMEOUT_MIN);
-    crate::upload::retry::RetryPolicy {
+    crate::retry::RetryPolicy {
         max_attempts: attempts,
         request_timeout,
         backoff_max,

@@ -398,7 +398,7 @@ impl Shared {
                 let mut p = m.pending.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(p) = p.as_mut() {
                     p.failures = p.failures.saturating_add(1);
-                    let backoff = crate::upload::retry::exponential(
+                    let backoff = crate::retry::exponential(
                         Duration::from_millis(250),
                         p.failures,
                         Duration::from_secs(30),
@@ -786,7 +786,7 @@ impl Scheduler {
             }
             Err(e) => {
                 let n = self.retry_at.get(&id).map_or(0, |(_, n)| *n) + 1;
-                let backoff = crate::upload::retry::exponential(
+                let backoff = crate::retry::exponential(
                     Duration::from_millis(100),
                     n,
                     Duration::from_secs(10),

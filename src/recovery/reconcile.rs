@@ -77,7 +77,7 @@ use crate::remote::{MultipartListing, PendingUpload, RemoteStore, classify, keys
 use crate::segment::format::{self, FOOTER_LEN, Footer};
 use crate::segment::sealed::sealed_file_name;
 use crate::segment::{KeySum, SealedMeta, SegmentId};
-use crate::upload::retry::with_retries;
+use crate::retry::with_retries;
 use crate::upload::{self, NoHooks, VerifyLevel};
 
 mod manifest_writes;

@@ -166,7 +166,7 @@ fn build_s3(
             AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
             dur(opts.connect_timeout),
         );
-    // Modest inner retries: our own loop (upload::retry) retries on top with
+    // Modest inner retries: our own loop (retry) retries on top with
     // its own deadline, so the two must not multiply into minutes.
     let retry = RetryConfig {
         max_retries: 3,

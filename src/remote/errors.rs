@@ -91,7 +91,7 @@ fn transient(err: &object_store::Error) -> Option<bool> {
     None
 }
 
-impl crate::upload::retry::Retryable for object_store::Error {
+impl crate::retry::Retryable for object_store::Error {
     fn is_transient(&self) -> bool {
         is_transient(self)
     }

@@ -49,7 +49,7 @@ use crate::segment::format::{
     SumsHasher,
 };
 use crate::segment::{Entry, SealedMeta, TimeRange};
-use crate::upload::retry::{RetryPolicy, with_retries};
+use crate::retry::{RetryPolicy, with_retries};
 
 /// Index bytes (footers and slot directories) a `TierIndex`, `tierindex
 /// lookup --remote` and the reconciler cache for remote reads.

@@ -180,7 +180,7 @@ pub fn expiry(now_ms: u64, ttl: Duration) -> Result<u64> {
 
 /// The longest one manifest request can take with its retries:
 /// `request_timeout x max_attempts` plus the largest backoffs between them.
-pub fn worst_request_time(policy: &crate::upload::retry::RetryPolicy) -> Duration {
+pub fn worst_request_time(policy: &crate::retry::RetryPolicy) -> Duration {
     let attempts = policy.max_attempts.max(1);
     policy
         .request_timeout
@@ -191,7 +191,7 @@ pub fn worst_request_time(policy: &crate::upload::retry::RetryPolicy) -> Duratio
 /// Whether a lease of `ttl` can be renewed in time: a renewal (every
 /// TTL / 3) that takes the worst request time must still land before the
 /// lease expires. `Err` says what to change.
-pub fn check_ttl(ttl: Duration, policy: &crate::upload::retry::RetryPolicy) -> Result<()> {
+pub fn check_ttl(ttl: Duration, policy: &crate::retry::RetryPolicy) -> Result<()> {
     let worst = worst_request_time(policy);
     if ttl / 3 + worst >= ttl {
         return Err(Error::InvalidInput(format!(
@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn ttl_must_outlast_a_renewal_with_its_retries() {
-        let policy = crate::upload::retry::RetryPolicy {
+        let policy = crate::retry::RetryPolicy {
             max_attempts: 5,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),

@@ -59,7 +59,7 @@ use crate::remote::lease::{self, Clock, Lease, SystemClock};
 use crate::remote::probe::{self, Capabilities};
 use crate::remote::{RemoteStore, classify};
 use crate::segment::{KeySum, SealedMeta, SegmentId};
-use crate::upload::retry::{RetryPolicy, with_retries};
+use crate::retry::{RetryPolicy, with_retries};
 
 mod codec;
 mod renewal;

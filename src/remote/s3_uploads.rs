@@ -37,7 +37,7 @@ use super::sigv4::{
 };
 use super::{MultipartListing, PendingUpload, classify};
 use crate::error::{Error, Result};
-use crate::upload::retry::{RetryPolicy, with_retries};
+use crate::retry::{RetryPolicy, with_retries};
 
 /// SigV4's marker for a body left out of the signature.
 const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";

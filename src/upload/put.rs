@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::remote::{RemoteStore, classify};
 use crate::segment::SealedMeta;
 use crate::segment::format::{FOOTER_LEN, FileSums, Footer};
-use crate::upload::retry::{RetryPolicy, with_retries};
+use crate::retry::{RetryPolicy, with_retries};
 use crate::upload::verify::{Seen, look_stable, remote_matches_with, segment_attributes};
 use crate::upload::{MAX_PARTS, PutOutcome, RemoteMatch, UploadConfig, UploadHooks};
 

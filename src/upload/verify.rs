@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::remote::{RemoteStore, classify};
 use crate::segment::SealedMeta;
 use crate::segment::format::{FOOTER_LEN, FileSums, Footer, SumsHasher};
-use crate::upload::retry::{RetryPolicy, backoff, with_retries};
+use crate::retry::{RetryPolicy, backoff, with_retries};
 use crate::upload::{RemoteMatch, UploadConfig, VerifyLevel};
 
 /// Metadata key holding the whole-file CRC32 as 8 lower-case hex digits.
