@@ -130,11 +130,29 @@ pub fn written(path: &Path) {
     note(|| Step::Write(seam::path(path)));
 }
 
+/// Open options that refuse to follow a symlink at the last component
+/// (`O_NOFOLLOW`): every file tierindex writes in the data directory is
+/// its own, so a symlink planted there (pointing at any file the broker
+/// may write) makes the open fail instead of writing through it.
+pub fn no_follow() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut o = std::fs::OpenOptions::new();
+    o.custom_flags(libc::O_NOFOLLOW);
+    o
+}
+
 /// `fs::write`: creates or replaces `path` with `bytes` (not durable:
-/// fsync the file and its directory).
+/// fsync the file and its directory). A symlink at `path` is refused
+/// ([`no_follow`]).
 pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
     let existed = path.exists();
-    std::fs::write(path, bytes)?;
+    no_follow()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?
+        .write_all(bytes)?;
     if !existed {
         created(path);
     }

@@ -230,7 +230,12 @@ impl Identity {
         let path = data_dir.join(IDENTITY_FILE);
         let bytes = self.encode()?;
         let existed = tmp.exists();
-        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create identity", e))?;
+        let mut f = crate::durable::no_follow()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, "create identity", e))?;
         if !existed {
             crate::durable::created(&tmp);
         }

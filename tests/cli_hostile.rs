@@ -912,6 +912,8 @@ fn read_only_commands_do_not_create_what_is_missing() {
         vec![D, DD, "--store", typo_store, "reconcile"],
         vec![D, DD, "--store", typo_store, "lookup", "key-1", "--remote"],
         vec!["--store", typo_store, "owner"],
+        vec![D, "{root}/dta", "quarantine", "list"],
+        vec![D, "{root}/dta", "quarantine", "retry", "5"],
     ] {
         let before = sb.snapshot();
         let o = sb.run(&args, &[]);
@@ -1579,4 +1581,253 @@ fn a_passing_enospc_while_preparing_the_next_segment_is_survived() {
     );
     assert!(out.contains("3000 flushed (acknowledged)"), "{}", text(&o));
     assert!(out.contains("10 verified and committed"), "{}", text(&o));
+}
+
+/// The demo's arguments on the sandbox's data directory and store.
+fn demo_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        D,
+        DD,
+        "--store",
+        "{store}",
+        "demo",
+        "--segment-items",
+        "300",
+        "--slots",
+        "64",
+        "--entries",
+        "1000",
+        "--rate",
+        "1000000",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// A stray object in the store whose id is the largest a key can name
+/// (found by a hostile review: every open panicked adding one to it, and
+/// left a `18446744073709551615.active` behind). It is ignored for
+/// numbering, logged, and the broker runs and drains as before.
+#[test]
+fn a_stray_object_with_the_largest_id_does_not_stop_the_broker() {
+    let sb = Sandbox::populated();
+    let segs = sb.store_dir().join("stream-0").join("segments");
+    for id in [u64::MAX, u64::MAX - 1] {
+        std::fs::write(segs.join(format!("{id:020}-0000000000000000.seg")), b"junk").unwrap();
+    }
+    for _ in 0..2 {
+        let o = sb.run(&demo_args(&[]), &[]);
+        assert_sane(&o, "stray max id");
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("an id no owner gives out"), "{}", text(&o));
+    }
+    let local: Vec<String> = std::fs::read_dir(sb.data().join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        local.iter().all(|n| !n.starts_with("1844674407370955161")),
+        "{local:?}"
+    );
+    // The stray objects are still there: nothing of unknown origin is deleted.
+    assert!(
+        segs.join(format!("{:020}-0000000000000000.seg", u64::MAX))
+            .exists()
+    );
+}
+
+/// A data directory whose path is not UTF-8 cannot have the default
+/// `file://` store beside it, and a `file://` URL that decodes to such a
+/// path is refused: `object_store`'s file store panicked on them.
+#[test]
+fn paths_that_are_not_utf8_are_refused_not_panicked_on() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let sb = Sandbox::new();
+    let odd = sb
+        .root
+        .join(std::ffi::OsStr::from_bytes(b"nu\xffx"))
+        .join("data");
+    let o = sb
+        .cmd(&["demo", "--entries", "100", "--segment-items", "50"], &[])
+        .arg("--data-dir")
+        .arg(&odd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_sane(&o, "non-UTF-8 data dir");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not valid UTF-8"),
+        "{}",
+        text(&o)
+    );
+    let o = sb.run(&["store-check", "file://{root}/%FF"], &[]);
+    assert_sane(&o, "store-check %FF");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not valid UTF-8"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// A `file://` store inside the data directory: the start-up check took
+/// the store's folders for stray files and quarantined the committed
+/// objects. Refused, and nothing is written.
+#[test]
+fn a_store_inside_the_data_directory_is_refused() {
+    let sb = Sandbox::populated();
+    for store in [
+        "file://{data}/segments",
+        "file://{data}",
+        "file://{data}/x/y",
+    ] {
+        let before = sb.snapshot();
+        let o = sb.run(&[D, DD, "--store", store, "demo", "--entries", "10"], &[]);
+        assert_sane(&o, store);
+        assert_ne!(o.status.code(), Some(0), "{store}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("inside the data directory"),
+            "{store}: {}",
+            text(&o)
+        );
+        assert_eq!(sb.snapshot(), before, "{store} wrote");
+    }
+}
+
+/// `memory://` keeps objects only in the process: releasing the local
+/// copies after a commit there lost every entry with exit 0.
+#[test]
+fn releasing_into_a_memory_store_is_refused() {
+    let sb = Sandbox::new();
+    let cfg = sb.root.join("rel.toml");
+    std::fs::write(&cfg, "release_after_commit = true\n").unwrap();
+    let o = sb.run(
+        &[
+            "--config",
+            "{root}/rel.toml",
+            D,
+            DD,
+            "--store",
+            "memory://",
+            "demo",
+            "--entries",
+            "100",
+        ],
+        &[],
+    );
+    assert_sane(&o, "memory release");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("memory:// store"),
+        "{}",
+        text(&o)
+    );
+    assert!(!sb.data().exists(), "nothing created");
+}
+
+/// `fsck --repair` that rebuilds a damaged journal repaired damage: exit 4,
+/// as for a repaired segment, never 0.
+#[test]
+fn a_rebuilt_journal_is_not_reported_clean() {
+    let sb = Sandbox::populated();
+    let log = sb.data().join("journal").join("journal.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    assert!(bytes.len() > 700);
+    bytes[700] ^= 0xff;
+    std::fs::write(&log, &bytes).unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "fsck", "--repair"], &[]);
+    assert_sane(&o, "fsck --repair");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("journal rebuilt"),
+        "{}",
+        text(&o)
+    );
+    // Repaired now: the next check is clean.
+    let o = sb.run(&[D, DD, "--store", "{store}", "fsck"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// `owner take` and `owner release` act as the data directory's own owner
+/// by default: beside a running broker they fenced it (exit 6, segments
+/// left pending). They now need the data directory's lock.
+#[test]
+fn owner_take_beside_a_running_broker_is_refused() {
+    let sb = Sandbox::new();
+    let mut broker = sb
+        .cmd(
+            &[
+                D,
+                DD,
+                "--store",
+                "{store}",
+                "demo",
+                "--rate",
+                "4000",
+                "--segment-items",
+                "2000",
+                "--slots",
+                "64",
+                "--entries",
+                "16000",
+            ],
+            &[],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The broker holds the lock once its data directory exists.
+    let lock = sb.data().join("LOCK");
+    let t0 = std::time::Instant::now();
+    while !lock.exists() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for action in ["take", "release"] {
+        let o = sb.run(&[D, DD, "--store", "{store}", "owner", action], &[]);
+        assert_sane(&o, action);
+        assert_eq!(o.status.code(), Some(1), "{action}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("would fence it"),
+            "{action}: {}",
+            text(&o)
+        );
+    }
+    let o = broker.wait_with_output().unwrap();
+    assert_sane(&o, "broker");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "the broker was not fenced: {}",
+        text(&o)
+    );
+    // Once it is down, the operator may take the stream.
+    let o = sb.run(&[D, DD, "--store", "{store}", "owner", "take"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// Files tierindex writes in the data directory are its own: a symlink
+/// planted there is not written through (the data directory's `LOCK` was
+/// opened through one and the pid written into its target).
+#[test]
+fn a_symlink_planted_in_the_data_directory_is_not_written_through() {
+    let sb = Sandbox::populated();
+    let victim = sb.root.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let lock = sb.data().join("LOCK");
+    std::fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink(&victim, &lock).unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "symlinked LOCK");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("LOCK"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }

@@ -217,7 +217,13 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         })
         .collect();
     // Segments are synced by recover(); nothing else to flush here.
-    let clean = rec.report.is_clean() && jrep.torn_tail_at.is_none() && missing.is_empty();
+    // A rebuilt journal is a repair of damage found (exit 4, as for a
+    // segment), unless there was no journal and nothing to put in one.
+    let journal_clean = journal_rebuilt
+        .as_ref()
+        .is_none_or(|rb| rb.damaged_copy.is_none() && rb.segments == 0);
+    let clean =
+        rec.report.is_clean() && jrep.torn_tail_at.is_none() && missing.is_empty() && journal_clean;
     let out = FsckOut {
         repaired: repair,
         segments: rec.report,

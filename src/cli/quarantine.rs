@@ -100,6 +100,14 @@ fn entries(root: &Path) -> Result<Vec<Entry>> {
 pub fn run(cli: &Cli, action: &QuarantineAction) -> Result<i32> {
     let cfg = cli.config()?;
     let root = cfg.data_dir.clone();
+    // A mistyped --data-dir must be an error, not "0 quarantined", and
+    // `retry` must not create a data directory there.
+    if !crate::datadir::is_data_dir(&root) {
+        return Err(Error::InvalidInput(format!(
+            "no data directory at {}: check --data-dir",
+            root.display()
+        )));
+    }
     match action {
         QuarantineAction::List => {
             let es = entries(&root)?;

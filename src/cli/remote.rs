@@ -403,18 +403,35 @@ struct OwnerOut {
 
 /// `tierindex owner [show|take|release]`: the stream's manifest ownership.
 pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
-    use crate::remote::manifest::{ManifestOptions, ManifestStore};
+    use crate::remote::manifest::ManifestStore;
     let cfg = cli.config()?;
+    // `take` and `release` act, by default, as this data directory's owner:
+    // run beside a broker on it, they would fence that broker. So the data
+    // directory's lock is held through them, and refused while a broker
+    // holds it.
+    let _held = match action {
+        OwnerAction::Show => None,
+        _ if crate::datadir::is_data_dir(&cfg.data_dir) => Some(
+            crate::datadir::DataDir::open(&cfg.data_dir).map_err(|e| match e {
+                Error::Locked { path, holder } => Error::Locked {
+                    path,
+                    holder: format!(
+                        "{holder}: a broker running on it owns the stream, and `owner take` \
+                         or `release` would fence it"
+                    ),
+                },
+                e => e,
+            })?,
+        ),
+        _ => None,
+    };
     let store = match action {
         OwnerAction::Show => open_store_read_only(&cfg)?,
         _ => open_store(&cfg)?,
     };
     preflight(&store, &cfg).await?;
-    let opts = ManifestOptions {
-        allow_unconditional_store: cfg.allow_unconditional_store,
-        ..ManifestOptions::default()
-    };
-    let ms = ManifestStore::open(&store, &cfg.stream, opts).await?;
+    // The broker's options: requests bounded to fit the lease.
+    let ms = ManifestStore::open(&store, &cfg.stream, cfg.manifest_options()).await?;
     let owner_id = |o: &Option<String>| match o {
         Some(o) => Ok(o.clone()),
         None => cfg.effective_owner_id(),
@@ -484,11 +501,12 @@ pub(crate) async fn remote_hits(
     preflight(&store, cfg).await?;
     let mut bad = Vec::new();
     let segs: Vec<RemoteSegment> = if cfg.manifest {
-        let opts = crate::remote::manifest::ManifestOptions {
-            allow_unconditional_store: cfg.allow_unconditional_store,
-            ..Default::default()
-        };
-        let ms = crate::remote::manifest::ManifestStore::open(&store, &cfg.stream, opts).await?;
+        let ms = crate::remote::manifest::ManifestStore::open(
+            &store,
+            &cfg.stream,
+            cfg.manifest_options(),
+        )
+        .await?;
         match ms.load().await? {
             Some(m) => {
                 let mut v = Vec::new();

@@ -187,6 +187,29 @@ pub(crate) fn check_listen_addr(key: &str, a: &str) -> Result<()> {
     }
 }
 
+/// A `file://` store inside the data directory (or the data directory
+/// itself) is refused: the start-up check would take the store's folders
+/// for stray files of the data directory and move them to quarantine,
+/// committed objects and manifest included.
+fn store_outside_data_dir(store: &Path, data_dir: &Path) -> Result<()> {
+    // Symlinks resolved where the paths exist; otherwise compared as given.
+    let resolve = |p: &Path| {
+        std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    let (store, data) = (resolve(store), resolve(data_dir));
+    if store.starts_with(&data) {
+        return Err(Error::InvalidInput(format!(
+            "the file store {} is inside the data directory {}: the data directory's \
+             start-up check would quarantine the store's objects; put the store outside it",
+            store.display(),
+            data.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Largest config file read.
 pub const CONFIG_BYTES_MAX: u64 = 1 << 20;
 
@@ -331,7 +354,20 @@ impl Config {
             ));
         }
         if let Some(s) = &self.store {
-            crate::remote::url::parse_store("store", s)?;
+            match crate::remote::url::parse_store("store", s)? {
+                crate::remote::url::StoreUrl::File { dir } => {
+                    store_outside_data_dir(&dir, &self.data_dir)?
+                }
+                crate::remote::url::StoreUrl::Memory { .. } if self.release_after_commit => {
+                    return Err(Error::InvalidInput(
+                        "release_after_commit with a memory:// store: the store lives only \
+                         in this process, so deleting the local copies would lose every entry \
+                         at exit; use a durable store, or keep the local copies"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
         }
         if let Some(e) = &self.endpoint {
             crate::remote::url::parse_endpoint("endpoint", e)?;
@@ -501,6 +537,13 @@ impl Config {
             .map_err(|e| Error::io(&self.data_dir, "resolve data dir", e))?;
         let parent = abs.parent().unwrap_or(Path::new("/"));
         let dir = parent.join("tierindex-store");
+        if dir.to_str().is_none() {
+            return Err(Error::InvalidInput(format!(
+                "data_dir {}: its path is not valid UTF-8, so the default file store beside it \
+                 cannot be used (file stores need UTF-8 paths); use a UTF-8 path or set store",
+                self.data_dir.display()
+            )));
+        }
         // Percent-encoded, so a space or `%` in the path stays a path.
         ::url::Url::from_file_path(&dir)
             .map(|u| u.to_string())

@@ -33,7 +33,7 @@
 //!   error, and one bad file never stops the rest from opening.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
@@ -88,7 +88,7 @@ impl DataDir {
             }
         }
         let lock_path = root.join(LOCK_FILE);
-        let mut lock = OpenOptions::new()
+        let mut lock = crate::durable::no_follow()
             .read(true)
             .write(true)
             .create(true)

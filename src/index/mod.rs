@@ -239,7 +239,10 @@ impl IndexWriter {
                 .insert(id, SealedInfo::of(&SealedSegment::open(&path)?));
             ready.push(meta);
         }
-        let mut next_id = rec.max_id_seen.map_or(1, |m| m.0 + 1);
+        let mut next_id = match rec.max_id_seen {
+            None => 1,
+            Some(m) => m.0.checked_add(1).ok_or_else(|| ids_exhausted(m.0))?,
+        };
         if let Some(m) = min_next_id {
             next_id = next_id.max(m.0);
         }
@@ -301,6 +304,7 @@ impl IndexWriter {
 
     fn create_active(&mut self) -> Result<ActiveSegment> {
         let id = SegmentId(self.next_id);
+        let after = self.next_id.checked_add(1).ok_or_else(|| ids_exhausted(id.0))?;
         let seg = ActiveSegment::create(
             &self.seg_dir,
             id,
@@ -313,7 +317,7 @@ impl IndexWriter {
                 self.poison.set(e.to_string());
             }
         })?;
-        self.next_id += 1;
+        self.next_id = after;
         Ok(seg)
     }
 
@@ -324,11 +328,15 @@ impl IndexWriter {
             return;
         }
         let id = SegmentId(self.next_id);
+        let Some(after) = self.next_id.checked_add(1) else {
+            // No id after it: the roll reports that (`create_active`).
+            return;
+        };
         if let Some(tx) = &self.sealer_tx
             && self.sealer.as_ref().is_some_and(|h| !h.is_finished())
         {
             tx.push(Job::Prepare(id));
-            self.next_id += 1;
+            self.next_id = after;
             self.spare_asked = Some(id);
         }
     }
@@ -819,6 +827,20 @@ impl Releaser {
             }
         })
     }
+}
+
+/// No segment id is left above `id` (u64::MAX): a file, journal record or
+/// manifest recorded an id no tierindex gives out (each epoch numbers from
+/// `(epoch - 1) << 32`), so it is damage or another program's file.
+fn ids_exhausted(id: u64) -> Error {
+    Error::corrupt(
+        "segment ids",
+        format!(
+            "no segment id is left after {id}: a local file, the journal or the manifest \
+             records an id no tierindex gives out. Find it (`tierindex status`, \
+             `tierindex inspect`, `tierindex reconcile`) and move it away; nothing was written"
+        ),
+    )
 }
 
 /// Remove an empty active segment durably. Any failure is

@@ -20,7 +20,7 @@
 //! so it is returned as an error without poisoning. A failure in 3 or 4 leaves
 //! us unsure which file the name points to (durably), so it poisons.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -49,7 +49,7 @@ pub(super) fn write_snapshot_file(
     state: &JournalState,
 ) -> Result<(File, u64)> {
     let tmp = dir.join(TMP_FILE);
-    let file = OpenOptions::new()
+    let file = crate::durable::no_follow()
         .read(true)
         .write(true)
         .create(true)

@@ -14,7 +14,7 @@
 //! disk, and replay after a restart decides (a whole frame is kept, a partial
 //! one is cut).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
@@ -95,7 +95,7 @@ impl Journal {
         // Makes the removal of a tmp and the creation of journal.log durable.
         crate::durable::fsync_dir(&dir)?;
 
-        let mut file = OpenOptions::new()
+        let mut file = crate::durable::no_follow()
             .read(true)
             .write(true)
             .open(&log)
@@ -521,7 +521,7 @@ mod tests {
         assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
         assert_eq!(j.view(), &state, "nothing unacknowledged becomes visible");
         // Even with a good descriptor back, nothing is retried or accepted.
-        j.file = OpenOptions::new()
+        j.file = std::fs::OpenOptions::new()
             .write(true)
             .open(log_path(tmp.path()))
             .unwrap();
@@ -546,7 +546,7 @@ mod tests {
         j.append(&[uploading(1, 1, None)]).unwrap();
         drop(j);
         let path = log_path(tmp.path());
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(good + 5).unwrap();
         let (mut j, report) = open(tmp.path());
         assert_eq!(report.torn_tail_at, Some(good));

@@ -44,6 +44,10 @@ impl RemoteStore {
                 Ok(rs)
             }
             StoreUrl::Memory { prefix } => {
+                tracing::warn!(
+                    "memory:// store: uploads live only in this process and are gone when it \
+                     exits; for tests and demos, not for data that must survive"
+                );
                 let mem = Arc::new(InMemory::new());
                 let display = format!("memory://{prefix}");
                 Ok(Self::from_parts(

@@ -143,6 +143,13 @@ pub enum MultipartListing {
     NotSupportedByServer(String),
 }
 
+/// The highest listed segment id new ids may continue above: an owner of
+/// epoch `e` numbers from `(e - 1) << 32`, so an id at 2^63 or more needs
+/// 2^31 ownership takes. A listed object above it is stray or forged, and
+/// continuing above it would leave no ids (see
+/// [`RemoteStore::max_listed_segment_id`]).
+pub const MAX_LISTED_SEGMENT_ID: u64 = (1 << 63) - 1;
+
 /// Who lists incomplete multipart uploads for a [`RemoteStore`].
 #[derive(Clone, Debug)]
 enum UploadLister {
@@ -355,7 +362,8 @@ impl RemoteStore {
     }
 
     /// The highest of `from` and the segment ids of the objects listed under
-    /// `stream`'s segments folder (keys of another shape are skipped);
+    /// `stream`'s segments folder (keys of another shape, and ids above
+    /// [`MAX_LISTED_SEGMENT_ID`], are skipped);
     /// `None` when both are empty. The listing starts at `from`'s key: keys sort by their
     /// zero-padded id, so only objects at or above `from` are listed (with
     /// `from` the highest id already known, usually none). A new or
@@ -380,6 +388,17 @@ impl RemoteStore {
         while let Some(item) = list.next().await {
             let meta = item.map_err(classify)?;
             if let Some((id, _)) = self.parse_segment_key(&meta.location) {
+                if id.0 > MAX_LISTED_SEGMENT_ID {
+                    // No epoch numbers this high (2^31 ownership takes):
+                    // a stray or forged object. Continuing above it would
+                    // leave no ids; the reconciler reports it as an object
+                    // of unknown origin (never deleted).
+                    tracing::warn!(
+                        key = %meta.location,
+                        "segment object with an id no owner gives out; ignored for numbering new segments"
+                    );
+                    continue;
+                }
                 max = max.max(Some(id));
             }
         }

@@ -249,6 +249,16 @@ pub fn parse_store(field: &str, raw: &str) -> Result<StoreUrl> {
             }
             let bytes = percent_decode(r.path)
                 .ok_or_else(|| invalid(field, raw, "malformed percent-encoding", STORE_FORMS))?;
+            // object_store's file store names objects by UTF-8 paths (it
+            // panics on others).
+            if std::str::from_utf8(&bytes).is_err() {
+                return Err(invalid(
+                    field,
+                    raw,
+                    "the path is not valid UTF-8 once decoded (the file store needs UTF-8 paths)",
+                    STORE_FORMS,
+                ));
+            }
             let dir = bytes_to_path(bytes);
             if dir.parent().is_none() {
                 return Err(invalid(

@@ -88,7 +88,7 @@ pub fn write_sealed_streaming(
 ) -> Result<(PathBuf, SealedMeta)> {
     let tmp = dir.join(sealed_tmp_name(id));
     let dst = dir.join(sealed_file_name(id));
-    let f = OpenOptions::new()
+    let f = crate::durable::no_follow()
         .write(true)
         .create(true)
         .truncate(true)
