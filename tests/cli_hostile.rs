@@ -1831,3 +1831,203 @@ fn a_symlink_planted_in_the_data_directory_is_not_written_through() {
     );
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }
+
+/// Hits of `lookup KEY --remote`, from its summary line.
+fn remote_hits(sb: &Sandbox, key: &str) -> u64 {
+    let o = sb.run(
+        &[D, DD, "--store", "{store}", "lookup", key, "--remote"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let line = out
+        .lines()
+        .find(|l| l.contains(" hit(s) for "))
+        .unwrap_or_else(|| panic!("no summary: {}", text(&o)));
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// A damaged local copy of a committed segment is not a loss: the store's
+/// verified copy holds every entry. Found by a hostile review: a
+/// zero-length copy made `drain` and then `status` exit 4 with "LOST", and
+/// at start-up the intact entries of a damaged copy were appended again
+/// (committed twice). Now the copy is quarantined as it is, nothing is
+/// appended, the exit is 0, and lookups read the store's copy.
+#[test]
+fn a_damaged_local_copy_of_a_committed_segment_is_not_a_loss() {
+    let sb = Sandbox::populated();
+    let keys = ["key-1", "key-3", "key-7"];
+    let before: Vec<u64> = keys.iter().map(|k| remote_hits(&sb, k)).collect();
+    assert!(before.iter().all(|n| *n > 0), "{before:?}");
+    let seg = |id: u64| sb.data().join("segments").join(format!("{id:020}.seg"));
+    // Emptied (start-up's structural check finds it).
+    std::fs::write(seg(2), b"").unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "drain");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("LOST"),
+        "{}",
+        text(&o)
+    );
+    // One flipped byte (fsck's full check finds it).
+    let mut b = std::fs::read(seg(3)).unwrap();
+    b[2000] ^= 0x55;
+    std::fs::write(seg(3), &b).unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "fsck", "--repair"], &[]);
+    assert_sane(&o, "fsck --repair");
+    assert_eq!(o.status.code(), Some(4), "damage was found: {}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("nothing is lost"), "{}", text(&o));
+    assert!(!out.contains("LOST"), "{}", text(&o));
+    for args in [&["status"][..], &["drain"][..], &["verify"][..]] {
+        let mut a = vec![D, DD, "--store", "{store}"];
+        a.extend_from_slice(args);
+        let o = sb.run(&a, &[]);
+        assert_sane(&o, "after");
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+    }
+    assert!(!seg(2).exists() && !seg(3).exists());
+    let after: Vec<u64> = keys.iter().map(|k| remote_hits(&sb, k)).collect();
+    assert_eq!(after, before, "every entry found once, from the store");
+}
+
+/// An active file whose header was damaged, written with another geometry
+/// than the configured one: no item is located, so it is quarantined whole
+/// and its loss reported, with a hint. `quarantine retry` used to refuse it
+/// with a false reason ("its salvaged items were sealed"); now, with the
+/// geometry it was written with, it is put back and the next drain salvages
+/// every entry. An empty spare whose header was damaged is no loss at all.
+#[test]
+fn a_damaged_active_file_of_another_geometry_can_be_put_back() {
+    use tierindex::segment::active::ActiveSegment;
+    use tierindex::segment::{Entry, SegmentId};
+    let sb = Sandbox::populated();
+    let segs = sb.data().join("segments");
+    let mut a = ActiveSegment::create(&segs, SegmentId(5), 64, 10_000, 1).unwrap();
+    for i in 0..500u64 {
+        a.append_entry(Entry {
+            key_hash: tierindex::key_hash(format!("geo-{}", i % 8).as_bytes()),
+            offset: 100_000 + i,
+            size: 10,
+            timestamp_ms: 1_000 + i,
+        })
+        .unwrap();
+    }
+    a.flush().unwrap();
+    drop(a);
+    drop(ActiveSegment::create(&segs, SegmentId(6), 64, 10_000, 1).unwrap());
+    for id in [5u64, 6] {
+        let p = segs.join(format!("{id:020}.active"));
+        let mut b = std::fs::read(&p).unwrap();
+        b[10] ^= 0x77;
+        std::fs::write(&p, &b).unwrap();
+    }
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "drain");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("set slot_count and segment_items"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !out.contains(&format!("{:020}", 6)),
+        "the spare held nothing: {}",
+        text(&o)
+    );
+    let moved = |id: u64| {
+        std::fs::read_dir(sb.data().join("quarantine"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with(&format!("{id:020}.active.")) && !n.ends_with(".why.json"))
+            .unwrap_or_else(|| panic!("{id} not quarantined"))
+    };
+    let (five, six) = (moved(5), moved(6));
+    // With the configured geometry it still cannot be read: refused, kept.
+    let o = sb.run(&[D, DD, "quarantine", "retry", &five], &[]);
+    assert_sane(&o, "retry");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("set the geometry"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(
+        sb.root.join("geo.toml"),
+        "slot_count = 64\nsegment_items = 10000\n",
+    )
+    .unwrap();
+    let geo = ["--config", "{root}/geo.toml", D, DD];
+    let o = sb.run(&[&geo[..], &["quarantine", "retry", &six]].concat(), &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "nothing to put back: {}",
+        text(&o)
+    );
+    let o = sb.run(&[&geo[..], &["quarantine", "retry", &five]].concat(), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("500 item(s)"),
+        "{}",
+        text(&o)
+    );
+    let o = sb.run(&[&geo[..], &["--store", "{store}", "drain"]].concat(), &[]);
+    assert_sane(&o, "drain after retry");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = sb.run(&[D, DD, "status"], &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "no loss left on record: {}",
+        text(&o)
+    );
+    let hits: u64 = (0..8).map(|k| remote_hits(&sb, &format!("geo-{k}"))).sum();
+    assert_eq!(hits, 500);
+}
+
+/// A deleted manifest with the local copies released: `lookup --remote`
+/// answered "0 hits" with exit 0 and `status --remote` exit 0, as if the
+/// stream were empty. Now the lookup searches what the journal names and
+/// says the manifest is missing (exit 4), and status exits 4.
+#[test]
+fn a_lost_manifest_is_reported_not_read_as_an_empty_stream() {
+    let sb = Sandbox::new();
+    std::fs::write(sb.root.join("rel.toml"), "release_after_commit = true\n").unwrap();
+    let rel = ["--config", "{root}/rel.toml", D, DD, "--store", "{store}"];
+    let o = sb.run(
+        &[
+            &rel[..],
+            &[
+                "demo",
+                "--segment-items",
+                "300",
+                "--slots",
+                "64",
+                "--entries",
+                "1000",
+                "--rate",
+                "1000000",
+                "--keys",
+                "16",
+            ],
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let before = remote_hits(&sb, "key-5");
+    assert!(before > 0);
+    std::fs::remove_dir_all(sb.store_dir().join("stream-0").join("manifest")).unwrap();
+    let o = sb.run(&[&rel[..], &["lookup", "key-5", "--remote"]].concat(), &[]);
+    assert_sane(&o, "lookup");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("manifest is missing"), "{}", text(&o));
+    assert!(out.starts_with(&format!("{before} hit(s)")), "{}", text(&o));
+    let o = sb.run(&[&rel[..], &["status", "--remote"]].concat(), &[]);
+    assert_sane(&o, "status --remote");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+}

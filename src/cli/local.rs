@@ -180,7 +180,30 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         slot_count: cfg.slot_count,
         item_capacity: cfg.segment_items,
     };
-    let rec = datadir::recover_with_geometry(&dd, mode, true, Some(geometry))?;
+    // Committed segments (as the journal, if it reads, says): a damaged
+    // local copy is quarantined as it is, not salvaged, as at start-up.
+    let committed: std::collections::BTreeSet<crate::segment::SegmentId> =
+        match Journal::open_read_only(&cfg.data_dir) {
+            Ok((v, _)) => v
+                .segments()
+                .values()
+                .filter(|r| {
+                    matches!(
+                        r.state,
+                        journal::SegmentState::Committed | journal::SegmentState::Released
+                    )
+                })
+                .map(|r| r.meta.id)
+                .collect(),
+            Err(_) => Default::default(),
+        };
+    let rec = datadir::recover_checking(
+        &dd,
+        mode,
+        &|_| true,
+        &|id| committed.contains(&id),
+        Some(geometry),
+    )?;
     let mut journal_rebuilt = None;
     let (jrep, segments) = if repair {
         journal_rebuilt = rebuild_journal_if_damaged(&cfg.data_dir)?;

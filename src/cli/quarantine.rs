@@ -202,11 +202,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
         );
     };
     if !name.ends_with(".seg") {
-        return refuse(
-            cli,
-            id,
-            "an active file is never put back: its salvaged items were sealed at quarantine time (see its record)",
-        );
+        return retry_active(cli, &dd, id, &src, seg_id, &name);
     }
     let bytes = fs::read(&src).map_err(|e| Error::io(&src, "read quarantined file", e))?;
     let (footer, sums) = match format::check_sealed(&bytes) {
@@ -271,6 +267,126 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
     }
     emit(cli.json, &dst.display().to_string(), |d| {
         format!("restored {d}; the next start (drain or the broker) journals and uploads it")
+    });
+    Ok(EXIT_DRAINED)
+}
+
+/// `retry` of a quarantined active file. Put back only when none of its
+/// items was salvaged (its record says so: else they are sealed already,
+/// and putting it back would hold them twice), nothing of its id is in
+/// `segments/` or the journal, and the configured geometry now locates its
+/// items (an active file whose header was damaged is read with the
+/// geometry it was written with: the operator sets `slot_count` and
+/// `segment_items`). The next start salvages it as any active file.
+fn retry_active(
+    cli: &Cli,
+    dd: &DataDir,
+    id: &str,
+    src: &Path,
+    seg_id: u64,
+    name: &str,
+) -> Result<i32> {
+    let mut rec_path = src.as_os_str().to_owned();
+    rec_path.push(RECORD_SUFFIX);
+    let rec_path = PathBuf::from(rec_path);
+    let record = datadir::quarantine_records(dd.root())
+        .into_iter()
+        .find(|(p, _)| *p == rec_path)
+        .map(|(_, r)| r);
+    let Some(loss) = record.as_ref().and_then(|r| r.loss.as_ref()) else {
+        return refuse(
+            cli,
+            id,
+            if record.is_some() {
+                "its record names no loss (see `tierindex quarantine show`): nothing of it \
+                 needs to go back"
+            } else {
+                "an active file is put back only when its record shows nothing of it was \
+                 salvaged; this one has no record"
+            },
+        );
+    };
+    if loss.salvaged_items > 0 || loss.sealed_as.is_some() {
+        return refuse(
+            cli,
+            id,
+            &format!(
+                "its {} salvaged item(s) were sealed when it was quarantined; putting it back \
+                 would hold them twice (see its record)",
+                loss.salvaged_items
+            ),
+        );
+    }
+    let sid = crate::segment::SegmentId(seg_id);
+    let taken: Vec<String> = [
+        crate::segment::sealed::sealed_file_name(sid),
+        crate::segment::active::active_file_name(sid),
+    ]
+    .into_iter()
+    .filter(|n| dd.segments_dir().join(n).exists())
+    .collect();
+    if !taken.is_empty() {
+        return refuse(
+            cli,
+            id,
+            &format!("segments/ already holds {taken:?} of this segment"),
+        );
+    }
+    match Journal::open_read_only(dd.root()) {
+        Ok((view, _)) if view.get(sid).is_some() => {
+            return refuse(cli, id, "the journal already records this segment");
+        }
+        Ok(_) => {}
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let cfg = cli.config()?;
+    let geometry = crate::segment::salvage::Geometry {
+        slot_count: cfg.slot_count,
+        item_capacity: cfg.segment_items,
+    };
+    // Bounded like the start-up check: no longer than the largest layout.
+    let bytes = match datadir::read_bounded_active(src, Some(geometry)) {
+        Ok(b) => b,
+        Err(e @ Error::Corrupt { .. }) => return refuse(cli, id, &e.to_string()),
+        Err(e) => return Err(e),
+    };
+    let found = match crate::segment::salvage::scan_active(&bytes, sid, Some(geometry)) {
+        Ok(scan) if !scan.items.is_empty() => scan.items.len(),
+        Ok(_) => 0,
+        Err(e) => {
+            return refuse(
+                cli,
+                id,
+                &format!(
+                    "still unreadable with slot_count {} and segment_items {}: {e}; set the \
+                     geometry it was written with",
+                    cfg.slot_count, cfg.segment_items
+                ),
+            );
+        }
+    };
+    if found == 0 {
+        return refuse(
+            cli,
+            id,
+            &format!(
+                "no item located with slot_count {} and segment_items {}; set the geometry it \
+                 was written with",
+                cfg.slot_count, cfg.segment_items
+            ),
+        );
+    }
+    let dst = dd.segments_dir().join(name);
+    fs::rename(src, &dst).map_err(|e| Error::io(src, "move file back from quarantine", e))?;
+    fsync_dir(&dd.segments_dir())?;
+    let _ = fs::remove_file(&rec_path);
+    fsync_dir(&dd.quarantine_dir())?;
+    emit(cli.json, &dst.display().to_string(), |d| {
+        format!(
+            "restored {d}: {found} item(s) located with this geometry; the next start (drain or \
+             the broker, with the same slot_count and segment_items) salvages and seals them"
+        )
     });
     Ok(EXIT_DRAINED)
 }

@@ -500,6 +500,7 @@ pub(crate) async fn remote_hits(
     let store = open_store_read_only(cfg)?;
     preflight(&store, cfg).await?;
     let mut bad = Vec::new();
+    let mut missing_manifest = None;
     let segs: Vec<RemoteSegment> = if cfg.manifest {
         let ms = crate::remote::manifest::ManifestStore::open(
             &store,
@@ -524,23 +525,31 @@ pub(crate) async fn remote_hits(
                 }
                 v
             }
-            None => Vec::new(),
+            None => {
+                // No manifest, yet the journal records committed segments
+                // (a deleted manifest): search what the journal names, and
+                // say so (exit 4), rather than answer "0 hits" as if the
+                // stream were empty.
+                let from_journal = match Journal::open_read_only(&cfg.data_dir) {
+                    Ok((view, _)) => journal_remote_segments(&view, &store, cfg, |s| {
+                        matches!(s, SegmentState::Committed | SegmentState::Released)
+                    })?,
+                    Err(_) => Vec::new(),
+                };
+                if !from_journal.is_empty() {
+                    missing_manifest = Some(format!(
+                        "the stream's manifest is missing from the store, but the journal records \
+                         {} committed segment(s): searched the objects the journal names; run \
+                         `tierindex reconcile` (`--repair` restores the manifest)",
+                        from_journal.len()
+                    ));
+                }
+                from_journal
+            }
         }
     } else {
         let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
-        view.segments()
-            .values()
-            .filter(|r| r.state == SegmentState::Released)
-            .map(|r| {
-                Ok(RemoteSegment {
-                    key: match &r.key {
-                        Some(k) => object_store::path::Path::from(k.as_str()),
-                        None => store.try_segment_key(&cfg.stream, &r.meta)?,
-                    },
-                    meta: r.meta.clone(),
-                })
-            })
-            .collect::<Result<_>>()?
+        journal_remote_segments(&view, &store, cfg, |s| s == SegmentState::Released)?
     };
     let segs: Vec<RemoteSegment> = segs
         .into_iter()
@@ -552,6 +561,7 @@ pub(crate) async fn remote_hits(
         crate::remote::fetch::REMOTE_INDEX_CACHE_BYTES,
     );
     let candidates = segs.len() + bad.len();
+    bad.extend(missing_manifest);
     let mut hits = Vec::new();
     for s in &segs {
         match f.lookup_in(s, key_hash, range).await {
@@ -563,6 +573,29 @@ pub(crate) async fn remote_hits(
         }
     }
     Ok((candidates, hits, bad))
+}
+
+/// The journal's segments in a state `keep` accepts, as remote segments
+/// (their recorded key, else the one their metadata names).
+fn journal_remote_segments(
+    view: &crate::journal::JournalView,
+    store: &crate::remote::RemoteStore,
+    cfg: &crate::config::Config,
+    keep: impl Fn(SegmentState) -> bool,
+) -> Result<Vec<crate::remote::fetch::RemoteSegment>> {
+    view.segments()
+        .values()
+        .filter(|r| keep(r.state))
+        .map(|r| {
+            Ok(crate::remote::fetch::RemoteSegment {
+                key: match &r.key {
+                    Some(k) => object_store::path::Path::from(k.as_str()),
+                    None => store.try_segment_key(&cfg.stream, &r.meta)?,
+                },
+                meta: r.meta.clone(),
+            })
+        })
+        .collect()
 }
 
 /// `tierindex reconcile [--repair] [--grace-ms MS] [--deep]`: journal vs
@@ -777,7 +810,16 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
             remote.objects_missing += 1;
         }
         let manifest_col = match &manifest {
-            None => "no manifest",
+            None => {
+                // A committed segment with no manifest at all: the manifest
+                // was lost (deleted, or another store named).
+                if cfg.manifest
+                    && matches!(r.state, SegmentState::Committed | SegmentState::Released)
+                {
+                    remote.not_in_manifest += 1;
+                }
+                "no manifest"
+            }
             Some(m) => match (listed_in_manifest.get(&r.meta.id), m.damage(r.meta.id)) {
                 (Some(e), _) if e.key_sum() != r.meta.key_sum() => "other bytes listed",
                 (Some(_), Some(d)) if d.lost => "LOST",
@@ -800,7 +842,12 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     let lost_notes = remote.damaged.iter().filter(|d| d.lost).count();
     let quarantined = totals.by_state.get("Quarantined").copied().unwrap_or(0);
     let pending = totals.pending_segments;
-    let needs_operator = quarantined > 0 || remote.objects_missing > 0 || lost_notes > 0;
+    // A committed segment the manifest does not list: the store no longer
+    // says it is committed (readers that trust the manifest miss it).
+    let needs_operator = quarantined > 0
+        || remote.objects_missing > 0
+        || lost_notes > 0
+        || remote.not_in_manifest > 0;
     let out = StatusRemoteOut {
         totals,
         remote,

@@ -65,7 +65,7 @@ pub fn recover_with_geometry(
     full_sealed_check: bool,
     geometry: Option<Geometry>,
 ) -> Result<Recovered> {
-    recover_checking(dir, mode, &|_| full_sealed_check, geometry)
+    recover_checking(dir, mode, &|_| full_sealed_check, &|_| false, geometry)
 }
 
 /// [`SealedSegment::open_summed`] of every `(id, path)`, on up to
@@ -117,10 +117,17 @@ fn open_summed_parallel(
 /// full check (`full_check(id)`: every item's CRC) or the structural one.
 /// The writer full-checks the files still to be uploaded, so damage is
 /// found (and salvaged) before their bytes are journaled or uploaded.
+///
+/// `store_holds(id)`: the journal records segment `id` as committed, so
+/// the store holds a verified copy of every entry. A damaged local copy of
+/// such a segment is moved to quarantine as it is, with that reason: it is
+/// not salvaged (its entries are not lost, and appending its intact ones
+/// again would commit them twice) and not reported as a loss.
 pub fn recover_checking(
     dir: &DataDir,
     mode: Mode,
     full_check: &dyn Fn(SegmentId) -> bool,
+    store_holds: &dyn Fn(SegmentId) -> bool,
     geometry: Option<Geometry>,
 ) -> Result<Recovered> {
     let started = std::time::Instant::now();
@@ -208,6 +215,15 @@ pub fn recover_checking(
                         format!("file name says segment {id}, footer says {}", s.id()),
                         &mut out,
                     )?,
+                    Err(e @ Error::Corrupt { .. }) if store_holds(*id) => quarantine(
+                        path,
+                        format!(
+                            "{e}; a damaged local copy of committed segment {id}: the store's \
+                             verified copy holds every entry, so nothing is lost (lookups read \
+                             the store's copy; `tierindex verify` checks it)"
+                        ),
+                        &mut out,
+                    )?,
                     Err(e @ Error::Corrupt { .. }) => {
                         let note = salvage_sealed_file(dir, mode, path, *id, &e.to_string())?;
                         if let Some(p) = &note.sealed_as {
@@ -291,6 +307,25 @@ pub fn recover_checking(
                 };
                 let scan = match salvage::scan_active(&bytes, *id, geometry) {
                     Ok(s) => s,
+                    Err(e @ Error::Corrupt { .. })
+                        if bytes
+                            .get(crate::segment::format::HEADER_LEN..)
+                            .is_some_and(|rest| rest.iter().all(|b| *b == 0)) =>
+                    {
+                        // Only the header holds bytes: no item was ever
+                        // written (a spare prepared ahead of a roll, say),
+                        // so nothing is lost. Kept in quarantine all the
+                        // same: the header's damage is the disk's.
+                        quarantine(
+                            path,
+                            format!(
+                                "{e}; every byte after the header is zero: no entry was ever \
+                                 written to it, nothing is lost"
+                            ),
+                            &mut out,
+                        )?;
+                        continue;
+                    }
                     Err(e @ Error::Corrupt { .. }) => {
                         let note = whole_file_loss(path, *id, "active", &e.to_string());
                         quarantine_noted(dir, mode, path, &e.to_string(), note, &mut out)?;
@@ -519,9 +554,15 @@ fn whole_file_loss(path: &Path, id: SegmentId, kind: &str, why: &str) -> LossNot
         salvaged_items: 0,
         lost_items: 0,
         lost: Vec::new(),
-        unknown_loss: Some(format!(
-            "no item could be located ({why}): every entry of this file is unaccounted for"
-        )),
+        unknown_loss: Some(if kind == "active" {
+            format!(
+                "no item could be located ({why}): every entry of this file is unaccounted for, \
+                 unless it was written with another geometry: set slot_count and segment_items \
+                 to those it was written with and run `tierindex quarantine retry` on the file"
+            )
+        } else {
+            format!("no item could be located ({why}): every entry of this file is unaccounted for")
+        }),
         header_rebuilt: false,
         sealed_as: None,
         original_moved_to: None,

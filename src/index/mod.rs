@@ -167,7 +167,7 @@ impl IndexWriter {
         min_next_id: Option<SegmentId>,
         notify: Option<SealNotify>,
     ) -> Result<(IndexWriter, RecoveryReport)> {
-        Self::open_checking(dd, cfg, min_next_id, notify, &|_| false)
+        Self::open_checking(dd, cfg, min_next_id, notify, &|_| false, &|_| false)
     }
 
     /// [`open`](Self::open), giving the sealed files for which
@@ -175,12 +175,15 @@ impl IndexWriter {
     /// still to be uploaded: a damaged one is salvaged by item before its
     /// bytes are journaled or uploaded). The others get the structural
     /// check, so start-up cost grows with the work left, not the history.
+    /// `store_holds(id)`: segment `id` is committed (see
+    /// [`datadir::recover_checking`]).
     pub fn open_checking(
         dd: DataDir,
         cfg: IndexConfig,
         min_next_id: Option<SegmentId>,
         notify: Option<SealNotify>,
         full_check: &dyn Fn(SegmentId) -> bool,
+        store_holds: &dyn Fn(SegmentId) -> bool,
     ) -> Result<(IndexWriter, RecoveryReport)> {
         if cfg.slot_count == 0 || cfg.segment_items == 0 || cfg.max_chain_steps == 0 {
             return Err(Error::InvalidInput(
@@ -193,7 +196,13 @@ impl IndexWriter {
             slot_count: cfg.slot_count,
             item_capacity: cfg.segment_items,
         };
-        let mut rec = datadir::recover_checking(&dd, Mode::Repair, full_check, Some(geometry))?;
+        let mut rec = datadir::recover_checking(
+            &dd,
+            Mode::Repair,
+            full_check,
+            store_holds,
+            Some(geometry),
+        )?;
         let mut ready = Vec::new();
         // Which active segment takes appends: the newest one holding
         // entries, unless it is full or must be sealed; else an empty one

@@ -228,7 +228,12 @@ pub async fn open_shared_with_clock(
                     )
                 })
             };
-            IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload)?
+            let committed = |id: crate::segment::SegmentId| {
+                journal.get(id).is_some_and(|r| {
+                    matches!(r.state, SegmentState::Committed | SegmentState::Released)
+                })
+            };
+            IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload, &committed)?
         };
         let mut journal = journal;
         readopt_salvaged(&mut writer, &mut journal, &mut seg_report)?;
@@ -306,9 +311,17 @@ pub(super) fn readopt_salvaged(
         let id = crate::segment::SegmentId(note.segment);
         // A Resealing/Resealed segment's entries are copied (or were) by
         // `reseal::finish_at_open`, which skips the ones already held.
-        let resealing = journal
-            .get(id)
-            .is_some_and(|r| matches!(r.state, SegmentState::Resealing | SegmentState::Resealed));
+        // A committed one is not salvaged at all (the store holds it:
+        // `datadir::recover_checking`); never appended again here.
+        let resealing = journal.get(id).is_some_and(|r| {
+            matches!(
+                r.state,
+                SegmentState::Resealing
+                    | SegmentState::Resealed
+                    | SegmentState::Committed
+                    | SegmentState::Released
+            )
+        });
         if note.kind != "sealed"
             || note.sealed_as.is_none()
             || journal.get(id).is_none()
