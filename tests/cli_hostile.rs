@@ -1756,7 +1756,7 @@ fn a_rebuilt_journal_is_not_reported_clean() {
 #[test]
 fn owner_take_beside_a_running_broker_is_refused() {
     let sb = Sandbox::new();
-    let mut broker = sb
+    let broker = sb
         .cmd(
             &[
                 D,

@@ -202,7 +202,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
         );
     };
     if !name.ends_with(".seg") {
-        return retry_active(cli, &dd, id, &src, seg_id, &name);
+        return retry_active(cli, &dd, root, id, &src, seg_id, &name);
     }
     let bytes = fs::read(&src).map_err(|e| Error::io(&src, "read quarantined file", e))?;
     let (footer, sums) = match format::check_sealed(&bytes) {
@@ -281,6 +281,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
 fn retry_active(
     cli: &Cli,
     dd: &DataDir,
+    root: &Path,
     id: &str,
     src: &Path,
     seg_id: u64,
@@ -289,7 +290,7 @@ fn retry_active(
     let mut rec_path = src.as_os_str().to_owned();
     rec_path.push(RECORD_SUFFIX);
     let rec_path = PathBuf::from(rec_path);
-    let record = datadir::quarantine_records(dd.root())
+    let record = datadir::quarantine_records(root)
         .into_iter()
         .find(|(p, _)| *p == rec_path)
         .map(|(_, r)| r);
@@ -332,7 +333,7 @@ fn retry_active(
             &format!("segments/ already holds {taken:?} of this segment"),
         );
     }
-    match Journal::open_read_only(dd.root()) {
+    match Journal::open_read_only(root) {
         Ok((view, _)) if view.get(sid).is_some() => {
             return refuse(cli, id, "the journal already records this segment");
         }

@@ -59,6 +59,7 @@ pub fn recover_with(dir: &DataDir, mode: Mode, full_sealed_check: bool) -> Resul
 /// [`recover_with`], with the geometry the writer creates active segments
 /// with: it bounds what a header may claim, and lets an active file whose
 /// header is damaged be rebuilt (see `segment::salvage`).
+#[cfg(any(test, feature = "testing"))]
 pub fn recover_with_geometry(
     dir: &DataDir,
     mode: Mode,

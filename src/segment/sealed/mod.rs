@@ -9,7 +9,7 @@
 //! Only after step 3 may the caller remove the `.active` file it came from.
 //! A sealed file is never written again.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 #[cfg(any(test, feature = "testing"))]
 use std::io::Write;
 use std::path::{Path, PathBuf};

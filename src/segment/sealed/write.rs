@@ -667,7 +667,7 @@ pub fn write_sealed_file(dir: &Path, id: SegmentId, bytes: &[u8]) -> Result<Path
     let tmp = dir.join(sealed_tmp_name(id));
     let dst = dir.join(sealed_file_name(id));
     {
-        let mut f = OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
