@@ -216,7 +216,15 @@ impl Identity {
         let path = data_dir.join(IDENTITY_FILE);
         match fs::read(&path) {
             Ok(b) => Identity::decode(&b).map(Some).map_err(|e| match e {
-                Error::Corrupt { detail, .. } => Error::corrupt(path.display().to_string(), detail),
+                Error::Corrupt { detail, .. } => Error::corrupt(
+                    path.display().to_string(),
+                    format!(
+                        "{detail}. The segments and the journal are not affected. Move the file \
+                         aside (keep it: it names the store and stream this data directory was \
+                         created for) and open again with the configuration that names that \
+                         store and stream: a new {IDENTITY_FILE} is written from it"
+                    ),
+                ),
                 other => other,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -2031,3 +2031,37 @@ fn a_lost_manifest_is_reported_not_read_as_an_empty_stream() {
     assert_sane(&o, "status --remote");
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
 }
+
+/// A sealed-segment name on a file longer than any sealed segment (a
+/// sparse 1 TiB file): start-up read it whole to salvage it and stopped
+/// with "out of memory". Now it is quarantined unread, and the drain runs.
+/// An emptied journal names its file and the repair.
+#[test]
+fn oversized_and_emptied_files_get_a_clear_answer() {
+    let sb = Sandbox::populated();
+    let huge = sb.data().join("segments").join(format!("{:020}.seg", 9));
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "1 TiB .seg");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("longer than any sealed segment"),
+        "{}",
+        text(&o)
+    );
+    assert!(!huge.exists(), "moved to quarantine");
+    let log = sb.data().join("journal").join("journal.log");
+    std::fs::write(&log, b"").unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "empty journal");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("journal.log") && err.contains("fsck --repair"),
+        "{}",
+        text(&o)
+    );
+}

@@ -731,8 +731,29 @@ fn salvage_sealed_file(
     id: SegmentId,
     why: &str,
 ) -> Result<LossNote> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, "read sealed segment", e))?;
-    let mut note = match salvage::salvage_sealed(&bytes, id) {
+    // Bounded: no valid sealed file is longer than the largest layout, so a
+    // longer one (a sparse 1 TiB file ran start-up out of memory here) is
+    // not read at all; it is quarantined whole below.
+    let max = crate::segment::format::SealedLayout::new(
+        crate::segment::format::MAX_SLOTS,
+        crate::segment::format::MAX_ITEMS,
+    )
+    .file_len;
+    let len = fs::metadata(path)
+        .map_err(|e| Error::io(path, "stat sealed segment", e))?
+        .len();
+    let (bytes, read) = if len > max {
+        let e = Error::corrupt(
+            path.display().to_string(),
+            format!("{len} bytes, longer than any sealed segment ({max})"),
+        );
+        (Vec::new(), Err(e))
+    } else {
+        let bytes = fs::read(path).map_err(|e| Error::io(path, "read sealed segment", e))?;
+        let r = salvage::salvage_sealed(&bytes, id);
+        (bytes, r)
+    };
+    let mut note = match read {
         Ok(s) => LossNote {
             segment: id.0,
             file: path.display().to_string(),

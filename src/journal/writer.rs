@@ -103,7 +103,20 @@ impl Journal {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| Error::io(&log, "read journal", e))?;
-        let replayed = replay_bytes(&bytes)?;
+        // A header that does not decode (an emptied or overwritten file):
+        // say which file, and what to do, as for damage further in.
+        let replayed = replay_bytes(&bytes).map_err(|e| match e {
+            Error::Corrupt { detail, .. } => Error::corrupt(
+                format!("journal {}", log.display()),
+                format!(
+                    "{detail}. Nothing was changed and the journal was not opened. Keep the \
+                     data directory as it is and run `tierindex fsck --repair` on it: it \
+                     rebuilds the journal from every intact frame and the segment files, and \
+                     keeps the damaged file as journal.log.damaged.<ms>"
+                ),
+            ),
+            e => e,
+        })?;
         let mut report = replayed.report;
         report.removed_tmp = removed_tmp;
         if let Some(damage) = &report.damage {
