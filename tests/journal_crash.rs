@@ -8,7 +8,7 @@
 //! batches whose frames end at or before the damage, must never panic, and
 //! must leave a journal that accepts appends again.
 //!
-//! `PROPTEST_CASES` raises or lowers the number of histories (default 32).
+//! `PROPTEST_CASES` raises or lowers the number of histories (default 256, proptest's own).
 
 use std::collections::BTreeMap;
 use std::fs;
