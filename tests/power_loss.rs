@@ -2093,7 +2093,11 @@ fn power_loss_checks_catch_planted_lies() {
 #[test]
 fn power_loss_finds_a_sync_the_library_skips() {
     // `fsync`: the seal's fsync of the sealed file before its rename.
-    for (kind, salt) in [("msync", 0x5EA1u64), ("dir-fsync", 0x5EA2), ("fsync", 0x5EA4)] {
+    for (kind, salt) in [
+        ("msync", 0x5EA1u64),
+        ("dir-fsync", 0x5EA2),
+        ("fsync", 0x5EA4),
+    ] {
         let seg = run_segments("seam-segments", salt, ACTIVE_PLAN, Lie::SkipStep(kind), 150);
         assert!(
             seg.violations
