@@ -47,7 +47,7 @@ use crate::segment::local::SealedInfo;
 use crate::segment::sealed::{PACKED_ENTRY_LEN, SealedSegment, write_sealed_streaming};
 use crate::segment::{SegmentId, now_ms};
 
-pub const SEGMENTS_DIR: &str = "segments";
+pub use crate::segment::names::SEGMENTS_DIR;
 pub const JOURNAL_DIR: &str = "journal";
 pub const QUARANTINE_DIR: &str = "quarantine";
 pub const LOCK_FILE: &str = "LOCK";
@@ -249,7 +249,8 @@ fn hostname() -> String {
 
 mod recover;
 mod report;
-use recover::{Kind, classify};
+use crate::segment::names::{Kind, classify};
+pub use crate::segment::names::segment_file_id;
 pub use recover::*;
 pub use report::*;
 

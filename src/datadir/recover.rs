@@ -4,41 +4,6 @@
 
 use super::*;
 
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Kind {
-    Sealed(SegmentId),
-    Active(SegmentId),
-    SealTmp(SegmentId),
-    Unknown,
-}
-
-pub(super) fn classify(name: &str) -> Kind {
-    let parse = |stem: &str| -> Option<SegmentId> {
-        (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| stem.parse().ok().map(SegmentId))
-            .flatten()
-    };
-    if let Some(stem) = name.strip_suffix(".seg.tmp") {
-        return parse(stem).map_or(Kind::Unknown, Kind::SealTmp);
-    }
-    if let Some(stem) = name.strip_suffix(".seg") {
-        return parse(stem).map_or(Kind::Unknown, Kind::Sealed);
-    }
-    if let Some(stem) = name.strip_suffix(".active") {
-        return parse(stem).map_or(Kind::Unknown, Kind::Active);
-    }
-    Kind::Unknown
-}
-
-/// The segment id of a sealed (`NNN.seg`) or active (`NNN.active`) file
-/// name; `None` for anything else (a `.seg.tmp` included).
-pub fn segment_file_id(name: &str) -> Option<SegmentId> {
-    match classify(name) {
-        Kind::Sealed(id) | Kind::Active(id) => Some(id),
-        Kind::SealTmp(_) | Kind::Unknown => None,
-    }
-}
-
 /// Check (and in `Repair` mode, repair) the segments directory.
 ///
 /// In `CheckOnly` mode the returned `Recovered` has no open segments; only

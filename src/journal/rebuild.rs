@@ -316,7 +316,7 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
     }
 
     // The sealed files on disk.
-    let seg_dir = data_dir.join(crate::datadir::SEGMENTS_DIR);
+    let seg_dir = data_dir.join(crate::segment::names::SEGMENTS_DIR);
     let mut files: BTreeMap<SegmentId, PathBuf> = BTreeMap::new();
     match fs::read_dir(&seg_dir) {
         Ok(rd) => {
@@ -325,7 +325,7 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
                 let name = entry.file_name();
                 let Some(name) = name.to_str() else { continue };
                 if let (Some(id), true) = (
-                    crate::datadir::segment_file_id(name),
+                    crate::segment::names::segment_file_id(name),
                     name.ends_with(".seg"),
                 ) {
                     files.insert(id, entry.path());

@@ -12,6 +12,7 @@
 pub mod active;
 pub mod format;
 pub mod local;
+pub mod names;
 pub mod salvage;
 pub mod sealed;
 
