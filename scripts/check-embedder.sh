@@ -26,3 +26,6 @@ if [ -n "$bad" ]; then
   exit 1
 fi
 echo "embedder: $n packages in the library's default tree (normal edges), no CLI or test crates"
+
+# No module imports one that imports it back (issue 14).
+python3 scripts/check-module-cycles.py
