@@ -337,6 +337,22 @@ fn retry_active(
         Ok((view, _)) if view.get(sid).is_some() => {
             return refuse(cli, id, "the journal already records this segment");
         }
+        // The journal takes a `Sealed` record only above every id it ever
+        // recorded: restored under its own id now, the file would be sealed
+        // at the next start and never journaled or uploaded.
+        Ok((view, _)) if view.max_segment_id().is_some_and(|m| m >= sid) => {
+            return refuse(
+                cli,
+                id,
+                &format!(
+                    "segments up to {} were journaled since it was quarantined, and a segment \
+                     id is journaled only above every earlier one: put back under its own id \
+                     it could never be uploaded. Read its entries with `tierindex inspect` and \
+                     the geometry it was written with",
+                    view.max_segment_id().map_or(0, |m| m.0)
+                ),
+            );
+        }
         Ok(_) => {}
         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),

@@ -826,7 +826,11 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
                 (Some(_), Some(_)) => "damaged",
                 (Some(_), None) => "listed",
                 (None, _) => {
-                    if matches!(r.state, SegmentState::Committed | SegmentState::Released) {
+                    // In single-writer mode (after a switch, say) the
+                    // journal alone records commits: not a finding.
+                    if cfg.manifest
+                        && matches!(r.state, SegmentState::Committed | SegmentState::Released)
+                    {
                         remote.not_in_manifest += 1;
                     }
                     "not listed"

@@ -184,9 +184,11 @@ pub fn recover_checking(
                     Err(e @ Error::Corrupt { .. }) if store_holds(*id) => quarantine(
                         path,
                         format!(
-                            "{e}; a damaged local copy of committed segment {id}: the store's \
-                             verified copy holds every entry, so nothing is lost (lookups read \
-                             the store's copy; `tierindex verify` checks it)"
+                            "{e}; a damaged local copy of committed segment {id}: the journal \
+                             records its object verified and committed, so the store holds every \
+                             entry unless the object was removed since (`tierindex verify` checks \
+                             it); not salvaged, so its entries are not committed twice; lookups \
+                             read the store's copy, and this file is kept here"
                         ),
                         &mut out,
                     )?,

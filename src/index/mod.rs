@@ -847,7 +847,8 @@ fn ids_exhausted(id: u64) -> Error {
         format!(
             "no segment id is left after {id}: a local file, the journal or the manifest \
              records an id no tierindex gives out. Find it (`tierindex status`, \
-             `tierindex inspect`, `tierindex reconcile`) and move it away; nothing was written"
+             `tierindex inspect`, `tierindex reconcile`) and move it away; no segment was \
+             created under it"
         ),
     )
 }

@@ -259,7 +259,9 @@ pub fn parse_store(field: &str, raw: &str) -> Result<StoreUrl> {
                     STORE_FORMS,
                 ));
             }
-            let dir = bytes_to_path(bytes);
+            // Normalized (`file:///a/b/` and `file:///a/b` name one store,
+            // and the data directory records the display form).
+            let dir: PathBuf = bytes_to_path(bytes).components().collect();
             if dir.parent().is_none() {
                 return Err(invalid(
                     field,
@@ -400,6 +402,14 @@ mod tests {
             Err(Error::InvalidInput(m)) => m,
             other => panic!("{raw:?} gave {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_trailing_slash_names_the_same_file_store() {
+        for raw in ["file:///srv/store/", "file:///srv/store", "file://localhost/srv/store/"] {
+            assert_eq!(display_form("store", raw).unwrap(), "file:///srv/store", "{raw}");
+        }
+        assert!(display_form("store", "file:///srv/%FF").is_err());
     }
 
     #[test]
