@@ -92,26 +92,7 @@ impl Sandbox {
     /// A data directory and store with a few uploaded segments.
     fn populated() -> Sandbox {
         let sb = Sandbox::new();
-        let o = sb.run(
-            &[
-                "--data-dir",
-                "{data}",
-                "--store",
-                "{store}",
-                "demo",
-                "--segment-items",
-                "300",
-                "--slots",
-                "64",
-                "--entries",
-                "1000",
-                "--rate",
-                "1000000",
-                "--keys",
-                "16",
-            ],
-            &[],
-        );
+        let o = sb.run(&demo_args(&["--keys", "16"]), &[]);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
         sb
     }
@@ -1583,6 +1564,21 @@ fn a_passing_enospc_while_preparing_the_next_segment_is_survived() {
     assert!(out.contains("10 verified and committed"), "{}", text(&o));
 }
 
+/// Asserts that `o` printed `needle` (on stdout or stderr).
+fn assert_says(o: &Output, needle: impl AsRef<str>) {
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        all.contains(needle.as_ref()),
+        "{:?} not printed: {}",
+        needle.as_ref(),
+        text(o)
+    );
+}
+
 /// The demo's arguments on the sandbox's data directory and store.
 fn demo_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
@@ -1657,19 +1653,11 @@ fn paths_that_are_not_utf8_are_refused_not_panicked_on() {
         .unwrap();
     assert_sane(&o, "non-UTF-8 data dir");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("not valid UTF-8"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "not valid UTF-8");
     let o = sb.run(&["store-check", "file://{root}/%FF"], &[]);
     assert_sane(&o, "store-check %FF");
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("not valid UTF-8"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "not valid UTF-8");
 }
 
 /// A `file://` store inside the data directory: the start-up check took
@@ -1719,11 +1707,7 @@ fn releasing_into_a_memory_store_is_refused() {
     );
     assert_sane(&o, "memory release");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("memory:// store"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "memory:// store");
     assert!(!sb.data().exists(), "nothing created");
 }
 
@@ -1740,11 +1724,7 @@ fn a_rebuilt_journal_is_not_reported_clean() {
     let o = sb.run(&[D, DD, "--store", "{store}", "fsck", "--repair"], &[]);
     assert_sane(&o, "fsck --repair");
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("journal rebuilt"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "journal rebuilt");
     // Repaired now: the next check is clean.
     let o = sb.run(&[D, DD, "--store", "{store}", "fsck"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -1824,11 +1804,7 @@ fn a_symlink_planted_in_the_data_directory_is_not_written_through() {
     let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
     assert_sane(&o, "symlinked LOCK");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("LOCK"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "LOCK");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }
 
@@ -1949,11 +1925,7 @@ fn a_damaged_active_file_of_another_geometry_can_be_put_back() {
     let o = sb.run(&[D, DD, "quarantine", "retry", &five], &[]);
     assert_sane(&o, "retry");
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("set the geometry"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "set the geometry");
     std::fs::write(
         sb.root.join("geo.toml"),
         "slot_count = 64\nsegment_items = 10000\n",
@@ -1969,11 +1941,7 @@ fn a_damaged_active_file_of_another_geometry_can_be_put_back() {
     );
     let o = sb.run(&[&geo[..], &["quarantine", "retry", &five]].concat(), &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("500 item(s)"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "500 item(s)");
     let o = sb.run(&[&geo[..], &["--store", "{store}", "drain"]].concat(), &[]);
     assert_sane(&o, "drain after retry");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -2012,11 +1980,7 @@ fn a_damaged_active_file_of_another_geometry_can_be_put_back() {
     let o = sb.run(&[&geo[..], &["quarantine", "retry", &twenty]].concat(), &[]);
     assert_sane(&o, "retry after later segments");
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("journaled since"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "journaled since");
     assert!(sb.data().join("quarantine").join(&twenty).exists());
 }
 
@@ -2029,26 +1993,9 @@ fn a_lost_manifest_is_reported_not_read_as_an_empty_stream() {
     let sb = Sandbox::new();
     std::fs::write(sb.root.join("rel.toml"), "release_after_commit = true\n").unwrap();
     let rel = ["--config", "{root}/rel.toml", D, DD, "--store", "{store}"];
-    let o = sb.run(
-        &[
-            &rel[..],
-            &[
-                "demo",
-                "--segment-items",
-                "300",
-                "--slots",
-                "64",
-                "--entries",
-                "1000",
-                "--rate",
-                "1000000",
-                "--keys",
-                "16",
-            ],
-        ]
-        .concat(),
-        &[],
-    );
+    let mut args = vec!["--config", "{root}/rel.toml"];
+    args.extend(demo_args(&["--keys", "16"]));
+    let o = sb.run(&args, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let before = remote_hits(&sb, "key-5");
     assert!(before > 0);
@@ -2079,11 +2026,7 @@ fn oversized_and_emptied_files_get_a_clear_answer() {
     let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
     assert_sane(&o, "1 TiB .seg");
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("longer than any sealed segment"),
-        "{}",
-        text(&o)
-    );
+    assert_says(&o, "longer than any sealed segment");
     assert!(!huge.exists(), "moved to quarantine");
     let log = sb.data().join("journal").join("journal.log");
     std::fs::write(&log, b"").unwrap();
