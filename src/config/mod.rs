@@ -192,11 +192,24 @@ pub(crate) fn check_listen_addr(key: &str, a: &str) -> Result<()> {
 /// for stray files of the data directory and move them to quarantine,
 /// committed objects and manifest included.
 fn store_outside_data_dir(store: &Path, data_dir: &Path) -> Result<()> {
-    // Symlinks resolved where the paths exist; otherwise compared as given.
-    let resolve = |p: &Path| {
-        std::fs::canonicalize(p)
-            .or_else(|_| std::path::absolute(p))
-            .unwrap_or_else(|_| p.to_path_buf())
+    // Symlinks resolved in the part of each path that exists (the store
+    // directory may not exist yet, its parent does).
+    let resolve = |p: &Path| -> PathBuf {
+        let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut missing = Vec::new();
+        let mut at = abs.as_path();
+        loop {
+            if let Ok(real) = std::fs::canonicalize(at) {
+                return missing.iter().rev().fold(real, |acc, part| acc.join(part));
+            }
+            match (at.parent(), at.file_name()) {
+                (Some(parent), Some(name)) => {
+                    missing.push(name.to_os_string());
+                    at = parent;
+                }
+                _ => return abs,
+            }
+        }
     };
     let (store, data) = (resolve(store), resolve(data_dir));
     if store.starts_with(&data) {
@@ -326,7 +339,8 @@ impl Config {
         Ok((c, keys))
     }
 
-    /// Parses a TOML configuration (unknown keys are refused) and validates it.
+    /// Parses a TOML configuration (unknown keys are refused) and checks each
+    /// field ([`validate`](Self::validate) checks the whole when it is used).
     pub fn from_toml(text: &str) -> Result<Config> {
         let c: Config = toml::from_str(text).map_err(|e| {
             // Not `{e}`: toml's Display quotes the offending source line,
@@ -339,20 +353,20 @@ impl Config {
             });
             Error::InvalidInput(format!("config{at}: {}", e.message().trim_end()))
         })?;
-        c.validate()?;
+        // Fields only: the command line may still set `data_dir` or
+        // `store`; the whole config is validated when it is used.
+        c.validate_fields()?;
         Ok(c)
     }
 
-    /// Checks every value; the CLI and [`Config::from_toml`] both call it,
-    /// and so does `TierIndex::open`. Each error names the key, the accepted
+    /// Checks every value; the CLI calls it on the config it assembled, and
+    /// so does `TierIndex::open` ([`Config::from_toml`] checks each field
+    /// alone: flags may still change `data_dir` and `store`). Each error names the key, the accepted
     /// range and the value found (never the value of a URL: see
     /// `remote::url`).
     pub fn validate(&self) -> Result<()> {
-        if self.data_dir.as_os_str().is_empty() {
-            return Err(Error::InvalidInput(
-                "data_dir is empty: name the data directory".into(),
-            ));
-        }
+        self.validate_fields()?;
+        // How fields relate (the command line may have set either).
         if let Some(s) = &self.store {
             match crate::remote::url::parse_store("store", s)? {
                 crate::remote::url::StoreUrl::File { dir } => {
@@ -368,6 +382,22 @@ impl Config {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// [`validate`](Self::validate) without the checks that relate fields
+    /// to each other's paths: a config file is checked with this when it is
+    /// read, before command-line flags (`--data-dir`, `--store`) complete
+    /// it; the whole config is checked with `validate` when it is used.
+    fn validate_fields(&self) -> Result<()> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(Error::InvalidInput(
+                "data_dir is empty: name the data directory".into(),
+            ));
+        }
+        if let Some(s) = &self.store {
+            crate::remote::url::parse_store("store", s)?;
         }
         if let Some(e) = &self.endpoint {
             crate::remote::url::parse_endpoint("endpoint", e)?;
@@ -752,5 +782,46 @@ mod tests {
         let ida = a.effective_owner_id().unwrap();
         assert_eq!(ida, a.effective_owner_id().unwrap());
         assert_ne!(ida, b.effective_owner_id().unwrap());
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    /// A file store inside the data directory is refused on the whole
+    /// config (after the command line completed it), not when a config file
+    /// is read; through a symlinked data directory too, and for a store
+    /// directory that does not exist yet.
+    #[test]
+    fn a_store_inside_the_data_directory_is_refused_on_the_whole_config() {
+        let c = Config::from_toml("data_dir = '/srv/a'\nstore = 'file:///srv/a/store'\n")
+            .expect("a config file is checked field by field");
+        assert!(c.validate().is_err());
+        let ok = Config {
+            data_dir: "/srv/b".into(),
+            ..c
+        };
+        ok.validate().unwrap();
+
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let c = Config {
+            data_dir: link.clone(),
+            store: Some(format!("file://{}/not-yet/store", real.display())),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("inside the data directory"), "{e}");
+        let mem = Config {
+            data_dir: link,
+            store: Some("memory://".into()),
+            release_after_commit: true,
+            ..Config::default()
+        };
+        assert!(mem.validate().is_err());
     }
 }
