@@ -1463,6 +1463,24 @@ fn enospc_still_ends_with_a_report() {
     assert!(out.contains("1 verified and committed"), "{}", text(&o));
 }
 
+/// A seal that fails for good (EIO on every sealed file's write) poisons the
+/// writer, so the shutdown cannot seal what the active segments hold: the
+/// report said "pending: 0" with those acknowledged entries on disk. It now
+/// counts them, and names the next step.
+#[cfg(feature = "failpoints")]
+#[test]
+fn entries_left_unsealed_are_reported() {
+    let o = demo_with_failpoint("seal.write=eio@1+");
+    assert_sane(&o, "seal eio");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_says(&o, "remain unsealed in active segment files");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("nothing pending"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// A failure on one stream of `demo --streams` is that stream's FATAL, not
 /// every stream's: the others say only that they stopped with it.
 #[cfg(feature = "failpoints")]

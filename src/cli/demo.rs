@@ -332,8 +332,9 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     let reports =
         futures::future::join_all(streams.into_iter().map(|s| s.ti.shutdown(deadline))).await;
     if n == 1 {
-        let (_, _, app, fl) = names[0];
-        let run = RunTotals::from_metrics(&metrics[0], app, fl, appending, started);
+        let (_, dir, app, fl) = &names[0];
+        let run =
+            RunTotals::from_metrics(&metrics[0], *app, *fl, appending, started).with_unsealed(dir);
         let fatal = fatal.as_ref().map(|(_, e)| e.as_str());
         return Ok(print_report(cli.json, &reports[0], &run, fatal));
     }
@@ -343,7 +344,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
         names.iter().zip(&reports).zip(&metrics).enumerate()
     {
         out_line(&format!("== stream {name} (data {})", dir.display()));
-        let run = RunTotals::from_metrics(m, *app, *fl, appending, started);
+        let run = RunTotals::from_metrics(m, *app, *fl, appending, started).with_unsealed(dir);
         let own = fatal
             .as_ref()
             .filter(|(at, _)| *at == i)

@@ -77,10 +77,11 @@ pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
             }
         })
     };
+    let data_dir = ti.data_dir().to_path_buf();
     let report = ti.shutdown(a.deadline).await;
     ticker.abort();
     bar.finish_and_clear();
-    let run = RunTotals::from_metrics(&m, 0, 0, Duration::ZERO, started);
+    let run = RunTotals::from_metrics(&m, 0, 0, Duration::ZERO, started).with_unsealed(&data_dir);
     Ok(print_report(cli.json, &report, &run, None))
 }
 
@@ -120,6 +121,10 @@ pub(crate) struct RunTotals {
     pub append_rate_per_s: f64,
     /// Bytes uploaded per second of the run.
     pub upload_bytes_per_s: f64,
+    /// Entries left, after the shutdown, in active segment files: flushed
+    /// ones are acknowledged, and the next start seals and uploads them
+    /// (a shutdown that could not seal: a failed disk, a poisoned writer).
+    pub unsealed_entries: u64,
 }
 
 impl RunTotals {
@@ -152,7 +157,15 @@ impl RunTotals {
             append_ms: appending.as_millis() as u64,
             append_rate_per_s: rate(appended, appending),
             upload_bytes_per_s: rate(m.upload_bytes.get(), elapsed),
+            unsealed_entries: 0,
         }
+    }
+
+    /// Counts what the data directory's active files still hold (read
+    /// after the shutdown, without the lock: reading only).
+    pub(crate) fn with_unsealed(mut self, data_dir: &std::path::Path) -> RunTotals {
+        self.unsealed_entries = crate::datadir::local_pending(data_dir, &|_| true).unsealed_items;
+        self
     }
 }
 
@@ -243,7 +256,14 @@ pub(crate) fn print_report(
             t.entries_uploaded,
             mib_per_s(t.upload_bytes_per_s)
         ));
-        if r.fully_drained() && o.fatal.is_none() {
+        if t.unsealed_entries > 0 {
+            s.push_str(&format!(
+                "\n  {} entries remain unsealed in active segment files (the flushed ones are \
+                 acknowledged and durable): the next start or `tierindex drain` seals and uploads them",
+                t.unsealed_entries
+            ));
+        }
+        if r.fully_drained() && o.fatal.is_none() && t.unsealed_entries == 0 {
             s.push_str("\n  everything sealed is uploaded and verified; nothing pending");
         } else if !r.drain.pending.is_empty() {
             s.push_str(&format!(
@@ -266,7 +286,7 @@ pub(crate) fn print_report(
         EXIT_NEEDS_OPERATOR
     } else if fatal.is_some() {
         EXIT_ERROR
-    } else if r.fully_drained() {
+    } else if r.fully_drained() && run.unsealed_entries == 0 {
         EXIT_DRAINED
     } else {
         EXIT_PENDING
@@ -302,6 +322,12 @@ mod tests {
             print_report(true, &report(None), &run, Some("No space left on device")),
             EXIT_ERROR
         );
+        // Entries left in an active file are pending, never "drained".
+        let left = RunTotals {
+            unsealed_entries: 3,
+            ..RunTotals::default()
+        };
+        assert_eq!(print_report(true, &report(None), &left, None), EXIT_PENDING);
     }
 
     #[test]

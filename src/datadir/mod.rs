@@ -282,7 +282,9 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
     for (kind, path) in files {
         match kind {
             Kind::Active(id) => {
-                let n = fs::read(&path)
+                // Bounded by the header's layout: a file longer than it is
+                // not read (fsck reports it).
+                let n = recover::read_bounded_active(&path, None)
                     .ok()
                     .and_then(|b| salvage::scan_active(&b, id, None).ok())
                     .map_or(0, |s| s.items.len() as u64);
