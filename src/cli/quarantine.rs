@@ -247,13 +247,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    fs::rename(&src, &dst).map_err(|e| Error::io(&src, "move file back from quarantine", e))?;
-    // IMPORTANT: both directories, so the move is durable either way.
-    fsync_dir(&dd.segments_dir())?;
-    let mut rec = src.as_os_str().to_owned();
-    rec.push(RECORD_SUFFIX);
-    let _ = fs::remove_file(PathBuf::from(rec));
-    fsync_dir(&dd.quarantine_dir())?;
+    move_back(&dd, &src, &dst)?;
     if requeue_it {
         // After the move: a crash in between leaves the file in place and
         // the segment Quarantined, which `retry SEGMENT_ID` requeues.
@@ -395,10 +389,7 @@ fn retry_active(
         );
     }
     let dst = dd.segments_dir().join(name);
-    fs::rename(src, &dst).map_err(|e| Error::io(src, "move file back from quarantine", e))?;
-    fsync_dir(&dd.segments_dir())?;
-    let _ = fs::remove_file(&rec_path);
-    fsync_dir(&dd.quarantine_dir())?;
+    move_back(dd, src, &dst)?;
     emit(cli.json, &dst.display().to_string(), |d| {
         format!(
             "restored {d}: {found} item(s) located with this geometry; the next start (drain or \
@@ -406,6 +397,18 @@ fn retry_active(
         )
     });
     Ok(EXIT_DRAINED)
+}
+
+/// Move quarantined file `src` back to `dst` in `segments/`, then drop its
+/// record; both directories fsynced, so the move is durable either way (a
+/// crash before the record goes leaves a record without its file).
+fn move_back(dd: &DataDir, src: &Path, dst: &Path) -> Result<()> {
+    fs::rename(src, dst).map_err(|e| Error::io(src, "move file back from quarantine", e))?;
+    fsync_dir(&dd.segments_dir())?;
+    let mut rec = src.as_os_str().to_owned();
+    rec.push(RECORD_SUFFIX);
+    let _ = fs::remove_file(PathBuf::from(rec));
+    fsync_dir(&dd.quarantine_dir())
 }
 
 /// Journal `Requeued` for a Quarantined segment whose local file was found

@@ -103,6 +103,12 @@ impl Poison {
         }
         self.set.store(true, Ordering::Release);
     }
+    /// A failed sync (`Poisoned`) poisons; other errors do not.
+    fn on_sync(&self, e: &Error) {
+        if matches!(e, Error::Poisoned(_)) {
+            self.set(e.to_string());
+        }
+    }
     fn check(&self) -> Result<()> {
         if !self.set.load(Ordering::Acquire) {
             return Ok(());
@@ -321,11 +327,7 @@ impl IndexWriter {
             self.cfg.segment_items,
             now_ms(),
         )
-        .inspect_err(|e| {
-            if matches!(e, Error::Poisoned(_)) {
-                self.poison.set(e.to_string());
-            }
-        })?;
+        .inspect_err(|e| self.poison.on_sync(e))?;
         self.next_id = after;
         Ok(seg)
     }
@@ -703,9 +705,7 @@ impl IndexWriter {
 
     /// A failed sync anywhere poisons the writer.
     fn poison_on_sync(&self, e: &Error) {
-        if matches!(e, Error::Poisoned(_)) {
-            self.poison.set(e.to_string());
-        }
+        self.poison.on_sync(e);
     }
 
     /// Highest offset held in any local segment (scans the active ones).
@@ -830,11 +830,7 @@ impl Releaser {
                 return Err(Error::Poisoned(why));
             }
         }
-        fsync_dir_at("release.dirsync", &self.seg_dir).inspect_err(|e| {
-            if matches!(e, Error::Poisoned(_)) {
-                self.poison.set(e.to_string());
-            }
-        })
+        fsync_dir_at("release.dirsync", &self.seg_dir).inspect_err(|e| self.poison.on_sync(e))
     }
 }
 
