@@ -1019,6 +1019,69 @@ impl MultipartStore for FaultyStore {
     }
 }
 
+/// One request as a [`canned_http`] server received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// The request target (path and query).
+    pub target: String,
+    /// Header names lower-cased, values trimmed.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A local HTTP server started by [`canned_http`].
+pub struct CannedHttp {
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// Every request received so far, in order.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A local HTTP server on a tokio task that answers the n-th request with
+/// `answers[n]` (status, extra header lines, body) and closes the
+/// connection; 500 once they run out. For tests of what tierindex sends
+/// and how it takes hostile answers.
+pub async fn canned_http(answers: Vec<(u16, &'static str, String)>) -> CannedHttp {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf).to_string();
+            let mut lines = head.split("\r\n");
+            let target = lines
+                .next()
+                .and_then(|l| l.split(' ').nth(1))
+                .unwrap_or("")
+                .to_string();
+            let headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            log.lock().unwrap().push(Seen { target, headers });
+            let (status, extra, body) = answers.get(n).cloned().unwrap_or((500, "", String::new()));
+            n += 1;
+            let resp = format!(
+                "HTTP/1.1 {status} X\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    CannedHttp { endpoint, seen }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -522,8 +522,6 @@ mod tests {
     use crate::remote::sigv4::percent_decode;
     use crate::remote::{RemoteStore, StoreOptions};
     use object_store::path::Path;
-    use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn parses_listing_times() {
@@ -538,62 +536,8 @@ mod tests {
         assert_eq!(parse_time_ms("yesterday"), None);
     }
 
-    // ---- a local HTTP server answering canned responses ----
-
-    #[derive(Clone, Debug)]
-    struct Seen {
-        target: String,
-        headers: Vec<(String, String)>,
-    }
-
-    struct Mock {
-        endpoint: String,
-        seen: Arc<Mutex<Vec<Seen>>>,
-    }
-
-    /// Answers the n-th request with `answers[n]` (status, extra header
-    /// lines, body); 500 once they run out.
-    async fn mock(answers: Vec<(u16, &'static str, String)>) -> Mock {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", l.local_addr().unwrap());
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            let mut n = 0usize;
-            while let Ok((mut s, _)) = l.accept().await {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf).to_string();
-                let mut lines = head.split("\r\n");
-                let target = lines
-                    .next()
-                    .and_then(|l| l.split(' ').nth(1))
-                    .unwrap_or("")
-                    .to_string();
-                let headers = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-                    .collect();
-                log.lock().unwrap().push(Seen { target, headers });
-                let (status, extra, body) =
-                    answers.get(n).cloned().unwrap_or((500, "", String::new()));
-                n += 1;
-                let resp = format!(
-                    "HTTP/1.1 {status} X\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-                let _ = s.shutdown().await;
-            }
-        });
-        Mock { endpoint, seen }
-    }
+    // A local HTTP server answering canned responses.
+    use crate::testing::{CannedHttp as Mock, Seen, canned_http as mock};
 
     const KEY_ID: &str = "AKIDMOCKKEYID0001";
     const SECRET: &str = "mock-secret-DO-NOT-PRINT-0123456789";
@@ -786,59 +730,6 @@ mod tests {
         );
         for secret in [KEY_ID, SECRET, TOKEN] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
-        }
-    }
-
-    /// Everything logged while listing (retries included, at TRACE), the
-    /// error and the store's `Debug` are free of the key id, secret and
-    /// token, even when the server echoes them.
-    #[tokio::test]
-    async fn nothing_logged_carries_credentials() {
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let w = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || w.clone())
-            .finish();
-        let _g = tracing::subscriber::set_default(sub);
-        // Other tests' subscribers (threads run in parallel) may have cached
-        // "disabled" for the debug call sites this test needs to see.
-        tracing::callsite::rebuild_interest_cache();
-        let echo = format!(
-            "<Error><Code>SlowDown</Code><Message>{KEY_ID} {SECRET} {TOKEN}</Message></Error>"
-        );
-        let m = mock(vec![(503, "", echo.clone()); 4]).await;
-        let s = store(&m, true);
-        let e = s
-            .list_multipart_uploads(&Path::from("pre/s/segments"))
-            .await
-            .unwrap_err();
-        tracing::error!(error = %e, debug = ?e, store = ?s, "final");
-        let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        assert!(
-            logged.contains("retrying") && logged.contains("final"),
-            "{logged}"
-        );
-        assert_eq!(m.seen.lock().unwrap().len(), 4, "{logged}");
-        // The echo did reach the log, blanked.
-        assert!(
-            logged.contains("<redacted> <redacted> <redacted>"),
-            "{logged}"
-        );
-        for secret in [KEY_ID, SECRET, TOKEN] {
-            assert!(!logged.contains(secret), "{secret} leaked: {logged}");
         }
     }
 
