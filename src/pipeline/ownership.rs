@@ -1,0 +1,434 @@
+//! Ownership of the stream as the pipeline sees it: the shared manifest
+//! writer ([`ManifestHandle`]), taking ownership late when the store was
+//! unreachable at open ([`PendingTake`]), group commits of manifest
+//! entries, the lease's renewal and release, fencing, and the running
+//! owner's manifest access for the background reconciler
+//! ([`InProcessManifest`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Shared, StoreTrust, group_commit};
+use crate::error::{Error, Result};
+use crate::remote::manifest::{ManifestWriter, SegmentEntry};
+use crate::segment::SegmentId;
+
+/// The manifest writer shared by the drives and the lease renewal.
+pub struct ManifestHandle {
+    /// `None` while ownership is not taken yet (see `pending`) and once
+    /// released at shutdown.
+    pub writer: tokio::sync::Mutex<Option<ManifestWriter>>,
+    /// Renews the writer's lease without its lock (renewals never wait
+    /// behind a commit); set with the writer, cleared at release.
+    keeper: std::sync::Mutex<Option<crate::remote::manifest::LeaseKeeper>>,
+    pub ttl: Duration,
+    pub owner: String,
+    /// Set while ownership could not be taken yet: the store was unreachable
+    /// when the index opened. The commit step and the lease task retry it;
+    /// until then segments wait at `Verified` with their local files.
+    pending: std::sync::Mutex<Option<PendingTake>>,
+    /// Entries waiting for the writer's lock: whoever gets it commits every
+    /// entry queued by then in one manifest version.
+    group: group_commit::GroupCommit<SegmentEntry>,
+}
+
+/// A deferred `take_ownership`: the writer and whether creates are
+/// conditional.
+pub type TakeOwnership = Box<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<(ManifestWriter, StoreTrust)>>
+        + Send
+        + Sync,
+>;
+
+/// How to take ownership later, and when to try next.
+pub struct PendingTake {
+    pub take: TakeOwnership,
+    pub retry_at: std::time::Instant,
+    pub failures: u32,
+    pub last_error: String,
+}
+
+impl ManifestHandle {
+    pub fn new(writer: ManifestWriter, ttl: Duration) -> ManifestHandle {
+        ManifestHandle {
+            owner: writer.owner().to_string(),
+            keeper: std::sync::Mutex::new(Some(writer.lease_keeper())),
+            writer: tokio::sync::Mutex::new(Some(writer)),
+            ttl,
+            pending: std::sync::Mutex::new(None),
+            group: group_commit::GroupCommit::default(),
+        }
+    }
+
+    /// Ownership not taken yet; `take` is tried again on demand.
+    pub fn pending(owner: String, ttl: Duration, take: PendingTake) -> ManifestHandle {
+        ManifestHandle {
+            owner,
+            writer: tokio::sync::Mutex::new(None),
+            keeper: std::sync::Mutex::new(None),
+            ttl,
+            pending: std::sync::Mutex::new(Some(take)),
+            group: group_commit::GroupCommit::default(),
+        }
+    }
+
+    fn keeper(&self) -> Option<crate::remote::manifest::LeaseKeeper> {
+        self.keeper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_keeper(&self, k: Option<crate::remote::manifest::LeaseKeeper>) {
+        *self.keeper.lock().unwrap_or_else(|p| p.into_inner()) = k;
+    }
+
+    /// Why ownership is not taken yet, if it is not.
+    pub fn pending_reason(&self) -> Option<String> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|p| p.last_error.clone())
+    }
+}
+
+/// A manifest commit under the writer's lock, for [`group_commit`].
+struct ManifestCommit<'s> {
+    sh: &'s Shared,
+    m: &'s ManifestHandle,
+}
+
+impl group_commit::Committer<Option<ManifestWriter>, SegmentEntry> for ManifestCommit<'_> {
+    fn commit<'a>(
+        &'a self,
+        writer: &'a mut Option<ManifestWriter>,
+        batch: &'a [SegmentEntry],
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        self.sh.commit_locked(self.m, writer, batch)
+    }
+}
+
+impl Shared {
+    /// `Error::Fenced` once this process lost the stream.
+    pub fn check_fenced(&self) -> Result<()> {
+        match self.fenced.get() {
+            Some(why) => Err(Error::Fenced(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Record a fence (the first reason wins) and return the error to pass on.
+    pub fn note_fenced(&self, why: String) -> Error {
+        if self.fenced.set(why.clone()).is_ok() {
+            tracing::error!(reason = %why, "fenced: another owner took the stream; uploads stop");
+        }
+        Error::Fenced(self.fenced.get().cloned().unwrap_or(why))
+    }
+
+    /// Publish `entry` in the manifest (no-op without one). Already listed
+    /// is success: a resume after a crash between this and the journal's
+    /// `Committed` commits again and moves on. Entries of drives that reach
+    /// this step while a commit is in progress go into the next version
+    /// together (`group_commit`).
+    pub async fn commit_to_manifest(&self, entry: SegmentEntry) -> Result<()> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        self.check_fenced()?;
+        m.group
+            .commit(&m.writer, entry, &ManifestCommit { sh: self, m })
+            .await
+    }
+
+    /// One manifest commit of `entries` under the writer's lock.
+    async fn commit_locked(
+        &self,
+        m: &ManifestHandle,
+        guard: &mut Option<ManifestWriter>,
+        entries: &[SegmentEntry],
+    ) -> Result<()> {
+        self.check_fenced()?;
+        self.ensure_owner(m, guard).await?;
+        let Some(w) = guard.as_mut() else {
+            return Err(Error::ShutDown);
+        };
+        match w.commit(entries).await {
+            Ok(out) => {
+                tracing::debug!(
+                    first = entries.first().map(|e| e.id.0),
+                    last = entries.last().map(|e| e.id.0),
+                    n = entries.len(),
+                    ?out,
+                    "manifest commit"
+                );
+                Ok(())
+            }
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Extend the lease (no-op without a manifest or once fenced). Once
+    /// ownership is taken this never takes the manifest writer's lock: a
+    /// renewal is its own small object (`LeaseKeeper`), so a slow commit
+    /// cannot make the lease run out.
+    pub async fn renew_lease(&self) -> Result<()> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        self.check_fenced()?;
+        let keeper = match m.keeper() {
+            Some(k) => k,
+            None => {
+                // Not taken yet: try now (the lease task's tick), or nothing
+                // to renew (released at shutdown).
+                let mut guard = m.writer.lock().await;
+                return self.ensure_owner(m, &mut guard).await;
+            }
+        };
+        match keeper.renew(m.ttl).await {
+            Ok(()) | Err(Error::ShutDown) => Ok(()),
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Give the stream up (shutdown with nothing pending). Best effort: a
+    /// lease left behind only delays another owner until it expires.
+    pub async fn release_lease(&self) -> Result<()> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        self.check_fenced()?;
+        m.set_keeper(None);
+        let w = m.writer.lock().await.take();
+        match w {
+            Some(w) => w.release().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes ownership now if it is still pending and its retry time has
+    /// come. `Ok` with `guard` still `None` means released at shutdown.
+    async fn ensure_owner(
+        &self,
+        m: &ManifestHandle,
+        guard: &mut Option<ManifestWriter>,
+    ) -> Result<()> {
+        if guard.is_some() {
+            return Ok(());
+        }
+        let attempt = {
+            let p = m.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match p.as_ref() {
+                None => return Ok(()),
+                Some(p) if std::time::Instant::now() < p.retry_at => {
+                    return Err(Error::RemoteRetryable(format!(
+                        "manifest ownership not taken yet (next try in {} ms): {}",
+                        p.retry_at
+                            .saturating_duration_since(std::time::Instant::now())
+                            .as_millis(),
+                        p.last_error
+                    )));
+                }
+                Some(p) => (p.take)(),
+            }
+        };
+        // Bounded like the attempt at open: the manifest lock is held
+        // meanwhile, and lookups and the lease task wait on it.
+        let limit = self.upload.request_timeout.max(Duration::from_secs(1)) * 3;
+        let attempt = match tokio::time::timeout(limit, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Deadline(format!(
+                "taking ownership of the stream's manifest took longer than {} ms",
+                limit.as_millis()
+            ))),
+        };
+        match attempt {
+            Ok((w, trust)) => {
+                tracing::info!(
+                    owner = m.owner,
+                    epoch = w.epoch(),
+                    "took ownership of the stream's manifest (it was pending since open)"
+                );
+                // Above the manifest's ids and any object listed above
+                // them (another incarnation's uncommitted upload), as at
+                // open (`tier::listed_max_segment_id`). A failed listing
+                // keeps the manifest's (logged).
+                let known = w.manifest().max_segment_id();
+                let listed = match tokio::time::timeout(
+                    limit,
+                    self.store.max_listed_segment_id(&self.stream, known),
+                )
+                .await
+                {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not list the stream's segment objects: new ids continue above the manifest's only");
+                        known
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "listing the stream's segment objects timed out: new ids continue above the manifest's only"
+                        );
+                        known
+                    }
+                };
+                let next = known
+                    .max(listed)
+                    .map(|max| crate::segment::SegmentId(max.0.saturating_add(1)))
+                    .max(Some(crate::remote::manifest::epoch_id_floor(w.epoch())));
+                if let Some(next) = next {
+                    let writer = self.writer.clone();
+                    let raised = tokio::task::spawn_blocking(move || {
+                        writer
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .raise_next_id(next)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(format!("raise_next_id task failed: {e}")));
+                    if let Err(e) = raised.and_then(|r| r) {
+                        tracing::warn!(error = %e, "could not move segment ids above the manifest's");
+                    }
+                }
+                self.trust(trust);
+                m.set_keeper(Some(w.lease_keeper()));
+                *guard = Some(w);
+                *m.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(())
+            }
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            // Waiting cannot fix these (the store cannot fence writers, the
+            // owner id or options are invalid): stop like a fenced owner,
+            // loudly; nothing more goes to the store, local copies stay.
+            Err(e @ (Error::Remote(_) | Error::InvalidInput(_) | Error::Unsupported(_))) => {
+                *m.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Err(self.note_fenced(format!(
+                    "the stream's manifest cannot be taken by this process: {e}"
+                )))
+            }
+            Err(e) => {
+                let mut p = m.pending.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(p) = p.as_mut() {
+                    p.failures = p.failures.saturating_add(1);
+                    let backoff = crate::retry::exponential(
+                        Duration::from_millis(250),
+                        p.failures,
+                        Duration::from_secs(30),
+                    );
+                    p.retry_at = std::time::Instant::now() + backoff;
+                    p.last_error = e.to_string();
+                }
+                tracing::warn!(error = %e, "taking ownership of the stream's manifest failed; segments wait at Verified");
+                Err(Error::RemoteRetryable(format!(
+                    "manifest ownership not taken yet: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Runs `f` with the manifest writer as the current owner (taking a
+    /// pending ownership first); a fence it meets is recorded. Returns the
+    /// manifest version after `f`.
+    async fn as_owner(
+        &self,
+        f: impl AsyncFnOnce(&mut ManifestWriter) -> Result<()>,
+    ) -> Result<u64> {
+        let Some(m) = &self.manifest else {
+            return Err(Error::InvalidInput("manifest = false".into()));
+        };
+        self.check_fenced()?;
+        let mut guard = m.writer.lock().await;
+        self.ensure_owner(m, &mut guard).await?;
+        let Some(w) = guard.as_mut() else {
+            return Err(Error::ShutDown);
+        };
+        match f(w).await {
+            Ok(()) => Ok(w.manifest().version),
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Clears and adds damage notes as the current owner (the background
+    /// reconciler's repairs). Fenced or not owned: nothing written.
+    pub async fn write_damage_notes(
+        &self,
+        clears: &[SegmentId],
+        marks: &[crate::remote::manifest::DamageNote],
+    ) -> Result<u64> {
+        self.as_owner(async |w: &mut ManifestWriter| {
+            crate::recovery::reconcile::apply_notes(w, clears, marks).await
+        })
+        .await
+    }
+
+    /// When the manifest lists `entry`'s id with other content: that entry
+    /// and the current epoch's id floor (where the segment's entries go
+    /// instead, see [`reseal`]). `None` when the id is free or holds
+    /// exactly `entry`.
+    pub async fn id_taken(
+        &self,
+        entry: &SegmentEntry,
+    ) -> Result<Option<(SegmentEntry, SegmentId)>> {
+        let mut out = None;
+        self.as_owner(async |w: &mut ManifestWriter| {
+            if let Some(other) = w.listed(entry.id).await?
+                && other != *entry
+            {
+                out = Some((other, crate::remote::manifest::epoch_id_floor(w.epoch())));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Commits several entries in one manifest version as the current
+    /// owner (the background reconciler's repairs).
+    pub async fn commit_entries_to_manifest(&self, entries: &[SegmentEntry]) -> Result<u64> {
+        self.as_owner(async |w: &mut ManifestWriter| w.commit(entries).await.map(|_| ()))
+            .await
+    }
+
+}
+
+/// The running process's manifest access for the background reconciler:
+/// writes as the owner it already is (never takes ownership anew, which
+/// would fence itself).
+pub struct InProcessManifest(pub Arc<Shared>);
+
+#[async_trait::async_trait]
+impl crate::recovery::reconcile::ManifestAccess for InProcessManifest {
+    async fn commit(&self, entries: &[SegmentEntry]) -> std::result::Result<String, String> {
+        self.0
+            .commit_entries_to_manifest(entries)
+            .await
+            .map(|v| {
+                format!(
+                    "committed {} entr(ies) as the running owner (manifest version {v})",
+                    entries.len()
+                )
+            })
+            .map_err(|e| format!("not repaired: {e}"))
+    }
+    async fn notes(
+        &self,
+        clears: &[SegmentId],
+        marks: &[crate::remote::manifest::DamageNote],
+    ) -> std::result::Result<String, String> {
+        self.0
+            .write_damage_notes(clears, marks)
+            .await
+            .map(|v| {
+                format!(
+                    "manifest notes: {} cleared, {} marked lost as the running owner (version {v})",
+                    clears.len(),
+                    marks.len()
+                )
+            })
+            .map_err(|e| format!("manifest not updated: {e}"))
+    }
+}
