@@ -396,20 +396,22 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        let mut backoff = Duration::from_millis(10);
+        let schedule = crate::retry::Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+        let mut failures = 0u32;
         loop {
             let sock = match listener.accept().await {
                 Ok((sock, _)) => {
-                    backoff = Duration::from_millis(10);
+                    failures = 0;
                     sock
                 }
                 Err(e) => {
                     // Accept errors such as EMFILE/ENFILE last until some
                     // descriptor is closed: retrying at once would spin a
                     // core. Wait, doubling up to 1 s, and say why.
-                    tracing::warn!(error = %e, retry_in = ?backoff, "metrics: accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    let wait = schedule.step(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in = ?wait, "metrics: accept failed");
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             };

@@ -32,23 +32,51 @@ pub struct RetryPolicy {
     pub request_timeout: Duration,
 }
 
-/// `min(max, base * 2^shift)`, saturating: the crate's one exponential
-/// backoff schedule. Callers add their own jitter (request retries here,
-/// a segment's drive and an ownership take in the pipeline).
-pub fn exponential(base: Duration, shift: u32, max: Duration) -> Duration {
-    base.saturating_mul(1u32.checked_shl(shift).unwrap_or(u32::MAX))
-        .min(max)
+/// The crate's one backoff schedule: step `n` waits `min(max, base * 2^n)`
+/// (saturating), with one of two jitters. Used by the request retries here,
+/// a segment's drive and a late ownership take in the pipeline, and the
+/// metrics listener's accept loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Step 0.
+    pub base: Duration,
+    /// No step waits longer (before jitter).
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// A schedule from `base` doubling up to `max`.
+    pub const fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff { base, max }
+    }
+
+    /// Step `n` without jitter: `min(max, base * 2^n)`, saturating.
+    pub fn step(&self, n: u32) -> Duration {
+        self.base
+            .saturating_mul(1u32.checked_shl(n).unwrap_or(u32::MAX))
+            .min(self.max)
+    }
+
+    /// "Full jitter": uniform in `0 ..= step(n)`. Requests that failed
+    /// together spread over the whole window.
+    pub fn full_jitter(&self, n: u32, rng: &mut fastrand::Rng) -> Duration {
+        let cap_us = u64::try_from(self.step(n).as_micros()).unwrap_or(u64::MAX);
+        Duration::from_micros(rng.u64(0..=cap_us))
+    }
+
+    /// `step(n)` plus up to half of it again: never sooner than the
+    /// schedule (a segment or an ownership take waits at least that long),
+    /// and several processes that failed together do not retry in step.
+    pub fn at_least_step(&self, n: u32, rng: &mut fastrand::Rng) -> Duration {
+        let step = self.step(n);
+        let half_us = u64::try_from(step.as_micros() / 2).unwrap_or(u64::MAX);
+        step.saturating_add(Duration::from_micros(rng.u64(0..=half_us)))
+    }
 }
 
 /// Full-jitter exponential backoff before retry number `retry` (1-based).
 pub fn backoff(policy: &RetryPolicy, rng: &mut fastrand::Rng, retry: u32) -> Duration {
-    let cap = exponential(
-        policy.backoff_base,
-        retry.saturating_sub(1),
-        policy.backoff_max,
-    );
-    let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX);
-    Duration::from_micros(rng.u64(0..=cap_us))
+    Backoff::new(policy.backoff_base, policy.backoff_max).full_jitter(retry.saturating_sub(1), rng)
 }
 
 /// An error the loop can judge and synthesise on timeout.
@@ -138,6 +166,26 @@ mod tests {
         let samples: Vec<_> = (0..50).map(|_| backoff(&p, &mut rng, 30)).collect();
         assert!(samples.iter().any(|d| *d < Duration::from_millis(2500)));
         assert!(samples.iter().any(|d| *d > Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn the_schedule_doubles_saturates_and_jitters_above_its_step() {
+        let b = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        assert_eq!(b.step(0), Duration::from_millis(250));
+        assert_eq!(b.step(3), Duration::from_secs(2));
+        assert_eq!(b.step(7), Duration::from_secs(30));
+        // Shifts past the width and huge bases saturate, never panic.
+        assert_eq!(b.step(u32::MAX), Duration::from_secs(30));
+        let huge = Backoff::new(Duration::MAX, Duration::MAX);
+        assert_eq!(huge.step(40), Duration::MAX);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let _ = huge.at_least_step(40, &mut rng);
+        let _ = huge.full_jitter(40, &mut rng);
+        let waits: Vec<_> = (0..200).map(|_| b.at_least_step(2, &mut rng)).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_secs(1)));
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(1500)));
+        assert!(waits.iter().any(|w| *w > Duration::from_millis(1250)));
+        assert!(waits.iter().any(|w| *w < Duration::from_millis(1250)));
     }
 
     #[tokio::test]

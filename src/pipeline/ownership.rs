@@ -11,7 +11,13 @@ use std::time::Duration;
 use super::{Shared, StoreTrust, group_commit};
 use crate::error::{Error, Result};
 use crate::remote::manifest::{ManifestWriter, SegmentEntry};
+use crate::retry::Backoff;
 use crate::segment::SegmentId;
+
+/// A late ownership take that failed retryably waits this schedule (step =
+/// its consecutive failures); the jitter keeps brokers that failed together
+/// from retrying in step.
+const TAKE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// The manifest writer shared by the drives and the lease renewal.
 pub struct ManifestHandle {
@@ -313,12 +319,8 @@ impl Shared {
                 let mut p = m.pending.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(p) = p.as_mut() {
                     p.failures = p.failures.saturating_add(1);
-                    let backoff = crate::retry::exponential(
-                        Duration::from_millis(250),
-                        p.failures,
-                        Duration::from_secs(30),
-                    );
-                    p.retry_at = std::time::Instant::now() + backoff;
+                    p.retry_at = std::time::Instant::now()
+                        + TAKE_BACKOFF.at_least_step(p.failures, &mut fastrand::Rng::new());
                     p.last_error = e.to_string();
                 }
                 tracing::warn!(error = %e, "taking ownership of the stream's manifest failed; segments wait at Verified");

@@ -13,7 +13,12 @@ use tokio::task::JoinSet;
 use super::{Shared, drive};
 use crate::error::{Error, Result};
 use crate::journal::SegmentState;
+use crate::retry::Backoff;
 use crate::segment::SegmentId;
+
+/// A segment whose drive failed retryably waits this schedule (step = its
+/// consecutive failures) before its next drive.
+const DRIVE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// One segment's outcome in a drain.
 #[derive(Clone, Debug, Serialize)]
@@ -155,23 +160,17 @@ impl Scheduler {
             }
             Err(e) => {
                 let n = self.retry_at.get(&id).map_or(0, |(_, n)| *n) + 1;
-                let backoff = crate::retry::exponential(
-                    Duration::from_millis(100),
-                    n,
-                    Duration::from_secs(10),
-                );
-                let jitter =
-                    Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+                let wait = DRIVE_BACKOFF.at_least_step(n, &mut fastrand::Rng::new());
                 if matches!(e, Error::Poisoned(_)) {
                     tracing::error!(segment = id.0, error = %e, "journal poisoned; uploads stop");
                 } else if matches!(e, Error::Fenced(_)) {
                     tracing::error!(segment = id.0, error = %e, "fenced; uploads stop");
                 } else {
-                    tracing::warn!(segment = id.0, error = %e, retry_in_ms = (backoff + jitter).as_millis() as u64, "upload step failed; will retry");
+                    tracing::warn!(segment = id.0, error = %e, retry_in_ms = wait.as_millis() as u64, "upload step failed; will retry");
                 }
                 self.sh.metrics.retries.inc();
                 self.retry_at
-                    .insert(id, (Instant::now() + backoff + jitter, n));
+                    .insert(id, (Instant::now() + wait, n));
                 self.last_error.insert(id, e.to_string());
             }
         }
