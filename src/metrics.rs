@@ -317,8 +317,16 @@ impl Metrics {
                 &self.reconcile_runs,
             ),
         ];
-        for (name, help, c) in &counters {
-            one(name, "counter", help, &c.get().to_string());
+        // Read downstream counters first (the list runs upstream first:
+        // appended, flushed, uploaded, committed), so counters that move
+        // while a scrape reads them never show more flushed than appended,
+        // or more committed than uploaded.
+        let mut values = [0u64; 20];
+        for (v, (_, _, c)) in values.iter_mut().zip(&counters).rev() {
+            *v = c.get();
+        }
+        for ((name, help, _), v) in counters.iter().zip(values) {
+            one(name, "counter", help, &v.to_string());
         }
         let gauges: [(&str, &str, String); 9] = [
             (

@@ -385,9 +385,18 @@ impl FaultyStore {
         Self::new(
             mem.clone(),
             Some(mem as Arc<dyn MultipartStore>),
-            "memory://faulty",
+            &Self::memory_name(),
             seed,
         )
+    }
+
+    /// `memory://faulty-N`, a name no other store in this process has: the
+    /// lease sightings kept per store name and stream
+    /// (`remote::manifest::renewal`) are process-wide, and two tests'
+    /// stores under one name would share them.
+    pub fn memory_name() -> String {
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!("memory://faulty-{}", N.fetch_add(1, Ordering::Relaxed))
     }
 
     /// A `LocalFileSystem` store rooted at `dir` (no multipart API).
@@ -1148,7 +1157,9 @@ mod tests {
         assert_eq!(run(9).await, (a, b, c));
     }
 
-    #[tokio::test]
+    // On tokio's paused clock: the timings below are exact, not a race with
+    // the machine's load.
+    #[tokio::test(start_paused = true)]
     async fn slow_body_trickles_and_can_be_cut_by_a_deadline() {
         let f = FaultyStore::memory(1);
         let p = Path::from("a");
@@ -1160,7 +1171,7 @@ mod tests {
         };
         // Answer at once, body in ten pieces over ~200 ms.
         f.fail_next(Op::Get, 1, slow.clone());
-        let t = std::time::Instant::now();
+        let t = tokio::time::Instant::now();
         let got = f.get(&p).await.unwrap();
         assert!(t.elapsed() < Duration::from_millis(100));
         let mut chunks = 0;

@@ -461,8 +461,10 @@ fn second_sigterm_exits_at_once_and_drain_resumes_elsewhere() {
     let t = Instant::now();
     let st = demo.guard.expect_exit(Duration::from_secs(5));
     let took = t.elapsed();
+    // "At once" against a 30 s drain deadline: seconds of slack for a
+    // loaded machine still tell the two apart.
     assert!(
-        took <= Duration::from_secs(1),
+        took <= Duration::from_secs(4),
         "exit took {took:?} after the second signal"
     );
     assert_eq!(
@@ -536,8 +538,11 @@ fn first_sigterm_with_dead_store_exits_pending_within_deadline() {
         "{st:?}; stderr:\n{}",
         demo.stderr()
     );
+    // Bounded by the deadline, with slack for sealing, journal fsyncs and
+    // the report on a loaded machine; a drain that ignored its deadline
+    // against a dead store would not exit at all.
     assert!(
-        took <= Duration::from_millis(3500),
+        took <= Duration::from_secs(9),
         "exit took {took:?} with a 2 s deadline"
     );
     let flushed = demo.last_flushed();

@@ -968,10 +968,11 @@ fn fake_s3(status: &'static str, body: &'static str) -> String {
     url
 }
 
-/// A port nobody listens on.
+/// A port nobody listens on: 1 (tcpmux) is privileged and unused here; a
+/// port freed by a dropped listener could be taken by a server the tests
+/// started meanwhile.
 fn closed_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", l.local_addr().unwrap())
+    "http://127.0.0.1:1".to_string()
 }
 
 #[test]
@@ -1753,8 +1754,19 @@ fn a_rebuilt_journal_is_not_reported_clean() {
 /// left pending). They now need the data directory's lock.
 #[test]
 fn owner_take_beside_a_running_broker_is_refused() {
+    /// Kills the broker if the test fails before it is stopped (it runs
+    /// until told to).
+    struct KillOnDrop(Option<std::process::Child>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
     let sb = Sandbox::new();
-    let broker = sb
+    let child = sb
         .cmd(
             &[
                 D,
@@ -1768,8 +1780,6 @@ fn owner_take_beside_a_running_broker_is_refused() {
                 "2000",
                 "--slots",
                 "64",
-                "--entries",
-                "16000",
             ],
             &[],
         )
@@ -1778,6 +1788,7 @@ fn owner_take_beside_a_running_broker_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut broker = KillOnDrop(Some(child));
     // The broker holds the lock once its data directory exists.
     let lock = sb.data().join("LOCK");
     let t0 = std::time::Instant::now();
@@ -1795,7 +1806,16 @@ fn owner_take_beside_a_running_broker_is_refused() {
             text(&o)
         );
     }
-    let o = broker.wait_with_output().unwrap();
+    // The broker runs until told to stop (a broker that had finished on
+    // its own before the commands ran would let them through).
+    let child = broker.0.as_mut().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the broker ended before the owner commands ran"
+    );
+    // SAFETY: kill(2) on our own child's pid, not yet waited for.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let o = broker.0.take().unwrap().wait_with_output().unwrap();
     assert_sane(&o, "broker");
     assert_eq!(
         o.status.code(),

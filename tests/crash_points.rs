@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use crash_model::{Rig, Run};
+use crash_model::{Rig, Run, only_torn_tails};
 use tierindex::failpoint::{CRASH_EXIT_CODE, ERROR_ONLY_POINTS, MANIFEST_POINTS, POINTS};
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -211,23 +211,6 @@ struct CaseCounts {
     runs: u64,
     /// Armed recovery drains that reported a torn tail (exit 4).
     torn_tails: u64,
-}
-
-/// True when every loss a recovery reported is a torn tail of an active
-/// segment (and there is at least one).
-fn only_torn_tails(stderr: &str) -> bool {
-    let torn = stderr
-        .lines()
-        .filter(|l| l.contains("torn tail, possibly acknowledged"))
-        .count();
-    let lost = stderr
-        .lines()
-        .filter(|l| l.contains("entries lost to local damage"))
-        .count();
-    torn > 0
-        && torn == lost
-        && !stderr.contains("no item could be located")
-        && !stderr.contains("quarantined from=")
 }
 
 /// One crash at `point`: returns Err(description) on a violation (the

@@ -41,8 +41,12 @@ const KEYS: u64 = 23;
 const N: u64 = 1100;
 const TS0: u64 = 1_700_000_000_000;
 /// What shutdown may take beyond its deadline (cancelling in-flight work,
-/// sealing the active segment) on a loaded 2-core machine in debug.
-const SLACK: Duration = Duration::from_millis(1500);
+/// sealing the active segment, journal fsyncs) on a loaded 2-core machine
+/// in debug, with other tests of this binary running beside it. The tests
+/// prove the wait is bounded, not that it is fast: a store that hangs
+/// (60 s latency) would exceed it many times over. 1.5 s was too tight for
+/// a slow fsync under load.
+const SLACK: Duration = Duration::from_secs(6);
 
 #[derive(Copy, Clone, Debug)]
 enum Kind {
@@ -93,7 +97,7 @@ impl Rig {
                 let fs = FaultyStore::new(
                     mem.clone(),
                     Some(mem.clone() as Arc<dyn MultipartStore>),
-                    "memory://faulty",
+                    &FaultyStore::memory_name(),
                     seed,
                 );
                 (fs, Some(mem))

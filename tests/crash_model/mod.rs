@@ -631,6 +631,27 @@ fn collect(code: Option<i32>, out: &Path, err: &Path) -> Run {
     }
 }
 
+/// True when every loss a recovery reported is a torn tail of an active
+/// segment (and there is at least one). A crash or SIGKILL can land while
+/// the appender writes an item into the map: that item is torn, and
+/// recovery reports it as "possibly acknowledged" (exit 4), since it cannot
+/// tell an append cut mid-write from damage. The model check decides
+/// whether anything acknowledged is missing.
+pub fn only_torn_tails(stderr: &str) -> bool {
+    let torn = stderr
+        .lines()
+        .filter(|l| l.contains("torn tail, possibly acknowledged"))
+        .count();
+    let lost = stderr
+        .lines()
+        .filter(|l| l.contains("entries lost to local damage"))
+        .count();
+    torn > 0
+        && torn == lost
+        && !stderr.contains("no item could be located")
+        && !stderr.contains("quarantined from=")
+}
+
 /// Position of a state on the forward-only path.
 pub fn rank(s: SegmentState) -> u8 {
     match s {
