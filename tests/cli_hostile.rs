@@ -2078,3 +2078,54 @@ fn oversized_and_emptied_files_get_a_clear_answer() {
         text(&o)
     );
 }
+
+/// A directory or a FIFO under a segment file's name (an operator's or a
+/// script's mistake): start-up refuses with a message naming the path and
+/// what to do, instead of "No such device (mmap)" for the directory and a
+/// hang on the FIFO's open; once it is moved away, the drain is clean and
+/// nothing was lost.
+#[test]
+fn a_directory_or_fifo_named_like_a_segment_is_refused_clearly() {
+    let sb = Sandbox::populated();
+    let segs = sb.data().join("segments");
+    let dir = segs.join(format!("{:020}.seg", 90));
+    std::fs::create_dir(&dir).unwrap();
+    let fifo = segs.join(format!("{:020}.active", 91));
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (planted, kind) in [(&dir, "a directory"), (&fifo, "a FIFO")] {
+        for cmd in ["drain", "fsck"] {
+            let mut child = sb
+                .cmd(&[D, DD, "--store", "{store}", cmd], &[])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            while child.try_wait().unwrap().is_none() {
+                if t0.elapsed() > Duration::from_secs(60) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{cmd} with {kind} planted did not end within 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let o = child.wait_with_output().unwrap();
+            assert_sane(&o, cmd);
+            assert_eq!(o.status.code(), Some(1), "{cmd}: {}", text(&o));
+            assert_says(&o, planted.display().to_string());
+            assert_says(&o, kind);
+            assert_says(&o, "move it out of the data directory");
+        }
+        assert!(std::fs::symlink_metadata(planted).is_ok(), "left in place");
+        if planted.is_dir() {
+            std::fs::remove_dir(planted).unwrap();
+        } else {
+            std::fs::remove_file(planted).unwrap();
+        }
+    }
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -79,6 +79,22 @@ fn open_summed_parallel(
     })
 }
 
+/// What a file that is not a regular one is, for messages.
+fn file_kind(t: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
 /// [`recover_with_geometry`], choosing per sealed file whether it gets the
 /// full check (`full_check(id)`: every item's CRC) or the structural one.
 /// The writer full-checks the files still to be uploaded, so damage is
@@ -103,7 +119,23 @@ pub fn recover_checking(
     for ent in rd {
         let ent = ent.map_err(|e| Error::io(&seg_dir, "list segments", e))?;
         let name = ent.file_name().to_string_lossy().into_owned();
-        files.push((classify(&name), ent.path()));
+        let kind = classify(&name);
+        if kind != Kind::Unknown {
+            // A directory, FIFO or device under one of our names (an
+            // operator's or a script's mistake) would fail to map with
+            // "No such device", or block the open of a FIFO for ever.
+            let path = ent.path();
+            let md = fs::metadata(&path).map_err(|e| Error::io(&path, "stat segment file", e))?;
+            if !md.is_file() {
+                return Err(Error::InvalidInput(format!(
+                    "{}: a segment file's name, but not a regular file (a {}); tierindex \
+                     never creates one: move it out of the data directory and start again",
+                    path.display(),
+                    file_kind(&md.file_type())
+                )));
+            }
+        }
+        files.push((kind, ent.path()));
     }
     files.sort();
 
