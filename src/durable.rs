@@ -130,6 +130,65 @@ pub fn written(path: &Path) {
     note(|| Step::Write(seam::path(path)));
 }
 
+/// Opens `path` for reading (`O_NONBLOCK`, so a FIFO planted there is not
+/// waited on) and refuses anything but a regular file: a directory, FIFO,
+/// socket or device under the name of one of tierindex's files is an
+/// operator's mistake, and reading it would fail oddly or block for ever.
+/// `write` adds write access (the journal), and then a symlink is refused
+/// as by [`no_follow`].
+pub fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let nofollow = if write { libc::O_NOFOLLOW } else { 0 };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | nofollow)
+        .open(path)?;
+    let t = f.metadata()?.file_type();
+    if !t.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file (tierindex never creates anything else here: move it \
+             out of the data directory)",
+        ));
+    }
+    // Back to blocking reads; harmless for a regular file either way.
+    // SAFETY: fcntl(2) on a descriptor this function owns.
+    unsafe {
+        use std::os::fd::AsRawFd as _;
+        let fd = f.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(f)
+}
+
+/// Reads a whole regular file ([`open_regular`]) of at most `max` bytes;
+/// a longer one is an `InvalidData` error naming both lengths (it is never
+/// read into memory).
+pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let f = open_regular(path, false)?;
+    let len = f.metadata()?.len();
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{len} bytes, more than the {max} this file can hold"),
+        ));
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    f.take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("more than the {max} bytes this file can hold"),
+        ));
+    }
+    Ok(out)
+}
+
 /// Open options that refuse to follow a symlink at the last component
 /// (`O_NOFOLLOW`): every file tierindex writes in the data directory is
 /// its own, so a symlink planted there (pointing at any file the broker

@@ -214,7 +214,7 @@ impl Identity {
     /// Reads `data_dir/IDENTITY`; `None` when there is none.
     pub fn load(data_dir: &Path) -> Result<Option<Identity>> {
         let path = data_dir.join(IDENTITY_FILE);
-        match fs::read(&path) {
+        match crate::durable::read_regular(&path, MAX_BYTES as u64) {
             Ok(b) => Identity::decode(&b).map(Some).map_err(|e| match e {
                 Error::Corrupt { detail, .. } => Error::corrupt(
                     path.display().to_string(),

@@ -2079,6 +2079,34 @@ fn oversized_and_emptied_files_get_a_clear_answer() {
     );
 }
 
+/// Runs `tierindex args` on the sandbox; kills it and fails the test if it
+/// has not ended within 60 s (a FIFO's open would block for ever).
+fn run_within_a_minute(sb: &Sandbox, args: &[&str], what: &str) -> Output {
+    let mut child = sb
+        .cmd(args, &[])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: did not end within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
 /// A directory or a FIFO under a segment file's name (an operator's or a
 /// script's mistake): start-up refuses with a message naming the path and
 /// what to do, instead of "No such device (mmap)" for the directory and a
@@ -2091,28 +2119,10 @@ fn a_directory_or_fifo_named_like_a_segment_is_refused_clearly() {
     let dir = segs.join(format!("{:020}.seg", 90));
     std::fs::create_dir(&dir).unwrap();
     let fifo = segs.join(format!("{:020}.active", 91));
-    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: mkfifo(3) on a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    mkfifo(&fifo);
     for (planted, kind) in [(&dir, "a directory"), (&fifo, "a FIFO")] {
         for cmd in ["drain", "fsck"] {
-            let mut child = sb
-                .cmd(&[D, DD, "--store", "{store}", cmd], &[])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let t0 = std::time::Instant::now();
-            while child.try_wait().unwrap().is_none() {
-                if t0.elapsed() > Duration::from_secs(60) {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("{cmd} with {kind} planted did not end within 60 s");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let o = child.wait_with_output().unwrap();
+            let o = run_within_a_minute(&sb, &[D, DD, "--store", "{store}", cmd], kind);
             assert_sane(&o, cmd);
             assert_eq!(o.status.code(), Some(1), "{cmd}: {}", text(&o));
             assert_says(&o, planted.display().to_string());
@@ -2125,6 +2135,23 @@ fn a_directory_or_fifo_named_like_a_segment_is_refused_clearly() {
         } else {
             std::fs::remove_file(planted).unwrap();
         }
+    }
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The same for the data directory's own files: a FIFO in place of
+    // IDENTITY or of the journal.
+    for file in ["IDENTITY", "journal/journal.log"] {
+        let path = sb.data().join(file);
+        let kept = sb.root.join("kept");
+        std::fs::rename(&path, &kept).unwrap();
+        mkfifo(&path);
+        let o = run_within_a_minute(&sb, &[D, DD, "--store", "{store}", "drain"], file);
+        assert_sane(&o, file);
+        assert_eq!(o.status.code(), Some(1), "{file}: {}", text(&o));
+        assert_says(&o, "not a regular file");
+        assert_says(&o, path.display().to_string());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::rename(&kept, &path).unwrap();
     }
     let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

@@ -313,7 +313,7 @@ pub fn quarantine_records(root: &Path) -> Vec<(PathBuf, QuarantineRecord)> {
         .map(|e| e.path())
         .filter(|p| p.to_string_lossy().ends_with(RECORD_SUFFIX))
         .filter_map(|p| {
-            let b = fs::read(&p).ok()?;
+            let b = crate::durable::read_regular(&p, 1 << 20).ok()?;
             let r: QuarantineRecord = serde_json::from_slice(&b).ok()?;
             Some((p, r))
         })

@@ -95,10 +95,7 @@ impl Journal {
         // Makes the removal of a tmp and the creation of journal.log durable.
         crate::durable::fsync_dir(&dir)?;
 
-        let mut file = crate::durable::no_follow()
-            .read(true)
-            .write(true)
-            .open(&log)
+        let mut file = crate::durable::open_regular(&log, true)
             .map_err(|e| Error::io(&log, "open journal", e))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
@@ -193,7 +190,12 @@ impl Journal {
     /// for someone else's).
     pub fn open_read_only(data_dir: &Path) -> Result<(JournalView, ReplayReport)> {
         let log = journal_dir(data_dir).join(LOG_FILE);
-        let bytes = fs::read(&log).map_err(|e| Error::io(&log, "read journal", e))?;
+        let bytes = crate::durable::open_regular(&log, false)
+            .and_then(|mut f| {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
+            })
+            .map_err(|e| Error::io(&log, "read journal", e))?;
         let replayed = replay_bytes(&bytes)?;
         if let Some(damage) = &replayed.report.damage {
             return Err(damage.to_error(&log));
