@@ -116,11 +116,26 @@ struct Cached {
     last_use: u64,
 }
 
+/// Segment indexes, least recently used evicted first: `order` maps each
+/// entry's last use (a counter, unique) to its key, so a hit and an
+/// eviction are O(log n) (a scan for the oldest was O(n) per eviction).
+/// Hand-written rather than the `lru` crate: the bound is in bytes, not
+/// entries, and the just-loaded index must never be the victim.
 #[derive(Default)]
 struct Cache {
     map: HashMap<String, Cached>,
+    order: std::collections::BTreeMap<u64, String>,
     bytes: usize,
     clock: u64,
+}
+
+impl Cache {
+    fn remove(&mut self, key: &str) {
+        if let Some(old) = self.map.remove(key) {
+            self.bytes -= old.index.bytes();
+            self.order.remove(&old.last_use);
+        }
+    }
 }
 
 /// Request counters of a [`Fetcher`] (cumulative).
@@ -188,10 +203,7 @@ impl Fetcher {
 
     /// Forget a segment's cached index (after a repair, say).
     pub fn invalidate(&self, key: &Path) {
-        let mut c = self.lock();
-        if let Some(old) = c.map.remove(key.as_ref()) {
-            c.bytes -= old.index.bytes();
-        }
+        self.lock().remove(key.as_ref());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -284,9 +296,12 @@ impl Fetcher {
             c.clock += 1;
             let now = c.clock;
             if let Some(hit) = c.map.get_mut(seg.key.as_ref()) {
-                hit.last_use = now;
+                let before = std::mem::replace(&mut hit.last_use, now);
+                let index = hit.index.clone();
+                c.order.remove(&before);
+                c.order.insert(now, seg.key.to_string());
                 self.index_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(hit.index.clone());
+                return Ok(index);
             }
         }
         let index = Arc::new(self.load_index(seg).await?);
@@ -294,32 +309,28 @@ impl Fetcher {
         let mut c = self.lock();
         c.clock += 1;
         let now = c.clock;
-        let size = index.bytes();
-        if let Some(old) = c.map.insert(
+        // Loaded twice at once (two lookups missed together): keep one.
+        c.remove(seg.key.as_ref());
+        c.bytes += index.bytes();
+        c.map.insert(
             seg.key.to_string(),
             Cached {
                 index: index.clone(),
                 last_use: now,
             },
-        ) {
-            c.bytes -= old.index.bytes();
-        }
-        c.bytes += size;
-        // Evict least recently used indexes, never the one just loaded.
+        );
+        c.order.insert(now, seg.key.to_string());
+        // Evict least recently used indexes, never the one just loaded (the
+        // newest in `order`).
         while c.bytes > self.cache_limit && c.map.len() > 1 {
-            let Some(victim) = c
-                .map
-                .iter()
-                .filter(|(k, _)| k.as_str() != seg.key.as_ref())
-                .min_by_key(|(_, v)| v.last_use)
-                .map(|(k, _)| k.clone())
-            else {
+            let Some((_, victim)) = c.order.pop_first() else {
                 break;
             };
             if let Some(v) = c.map.remove(&victim) {
                 c.bytes -= v.index.bytes();
             }
         }
+        debug_assert_eq!(c.map.len(), c.order.len());
         Ok(index)
     }
 
@@ -725,5 +736,17 @@ mod tests {
         f.lookup_in(&segs[5], 1, TimeRange::ALL).await.unwrap();
         f.lookup_in(&segs[0], 1, TimeRange::ALL).await.unwrap();
         assert_eq!(f.stats().index_loads, 7);
+        // Cached now: 5 (used before 0) and 0. A hit on 5 makes 0 the
+        // least recently used: loading 4 evicts 0, keeps 5.
+        f.lookup_in(&segs[5], 1, TimeRange::ALL).await.unwrap();
+        assert_eq!(f.stats().index_loads, 7);
+        f.lookup_in(&segs[4], 1, TimeRange::ALL).await.unwrap();
+        assert_eq!(f.stats().index_loads, 8);
+        f.lookup_in(&segs[5], 1, TimeRange::ALL).await.unwrap();
+        assert_eq!(f.stats().index_loads, 8, "5 was used last before 4: kept");
+        f.lookup_in(&segs[0], 1, TimeRange::ALL).await.unwrap();
+        assert_eq!(f.stats().index_loads, 9, "0 was the least recently used");
+        f.invalidate(&segs[0].key);
+        assert!(f.cached_bytes() <= one);
     }
 }
