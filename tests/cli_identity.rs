@@ -118,6 +118,50 @@ async fn drain_without_store_uses_the_recorded_store_and_stream() {
     assert_eq!(code, EXIT_DRAINED, "{out}");
 }
 
+/// `demo --store-override --stream X` without --store (meant to change the
+/// stream only) on a data directory created for another store than the
+/// default one went to the default store beside the data directory: it is
+/// refused with what to pass, and with --store it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_override_without_store_does_not_switch_stores_silently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, store) = (tmp.path().join("data"), tmp.path().join("bucket"));
+    broker_with_pending_in(&data, &store, false).await;
+    let demo = |store: Option<&str>| {
+        let mut args = vec!["--data-dir", s(&data)];
+        if let Some(st) = store {
+            args.extend(["--store", st]);
+        }
+        args.extend([
+            "--stream",
+            "payments",
+            "--store-override",
+            "demo",
+            "--entries",
+            "300",
+            "--segment-items",
+            "100",
+            "--slots",
+            "16",
+        ]);
+        tierindex(&args)
+    };
+    let (code, out) = demo(None);
+    assert_eq!(code, EXIT_ERROR, "{out}");
+    assert!(
+        out.contains("--store-override without --store") && out.contains("pass --store"),
+        "{out}"
+    );
+    let url = format!("file://{}", store.display());
+    let (code, out) = demo(Some(&url));
+    assert_eq!(code, EXIT_DRAINED, "{out}");
+    assert!(!tmp.path().join("tierindex-store").exists(), "{out}");
+    let n = std::fs::read_dir(store.join("payments").join("segments"))
+        .unwrap()
+        .count();
+    assert!(n >= 3, "{n}: {out}");
+}
+
 /// The library's own open (what a broker calls), not only the CLI's
 /// inspecting commands: a data directory copied elsewhere (its default
 /// store would move with it), or opened with another stream or store, is

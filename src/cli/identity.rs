@@ -38,10 +38,33 @@ pub struct CliIntent {
 ///   recorded mode, for every command on an existing data directory.
 pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
     if !intent.inspects {
-        if !intent.mode_given
-            && let Ok(Some(Identity { mode: Some(m), .. })) = Identity::load(&cfg.data_dir)
-        {
-            cfg.manifest = m.is_manifest();
+        // A broker run (`demo`) on an existing data directory: its recorded
+        // mode. A damaged identity is left to the open, which says what to
+        // do.
+        if let Ok(Some(id)) = Identity::load(&cfg.data_dir) {
+            if !intent.mode_given
+                && let Some(m) = id.mode
+            {
+                cfg.manifest = m.is_manifest();
+            }
+            // Without --store the store is the default one beside the data
+            // directory (so a copied data directory is refused: its default
+            // store moved with it). With --store-override, which overrides
+            // the stream and the store at once, that would silently switch
+            // to the default store when only the stream was meant: say so.
+            if intent.store_override && cfg.store.is_none() {
+                let default = crate::remote::url::display_form("store", &cfg.store_url()?)?;
+                if default != id.store {
+                    return Err(Error::InvalidInput(format!(
+                        "--store-override without --store on {}: it was created for store \
+                         {:?}, and without --store this run would use the default store \
+                         {default:?}; pass --store with the store to use (the recorded one to \
+                         keep it)",
+                        cfg.data_dir.display(),
+                        id.store
+                    )));
+                }
+            }
         }
         return Ok(());
     }
