@@ -137,30 +137,48 @@ pub fn written(path: &Path) {
 /// `write` adds write access (the journal), and then a symlink is refused
 /// as by [`no_follow`].
 pub fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    use std::os::fd::AsRawFd as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let nofollow = if write { libc::O_NOFOLLOW } else { 0 };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_NONBLOCK | nofollow)
-        .open(path)?;
-    let t = f.metadata()?.file_type();
-    if !t.is_file() {
-        return Err(io::Error::new(
+    let not_regular = || {
+        io::Error::new(
             io::ErrorKind::InvalidData,
             "not a regular file (tierindex never creates anything else here: move it \
              out of the data directory)",
-        ));
-    }
-    // Back to blocking reads; harmless for a regular file either way.
-    // SAFETY: fcntl(2) on a descriptor this function owns.
-    unsafe {
-        use std::os::fd::AsRawFd as _;
-        let fd = f.as_raw_fd();
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        )
+    };
+    let nofollow = if write { libc::O_NOFOLLOW } else { 0 };
+    let open = |flags: i32| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(flags | nofollow)
+            .open(path)
+    };
+    let f = match open(libc::O_NONBLOCK) {
+        Ok(f) => f,
+        // A regular file under a lease (NFS delegation, SMB oplock) answers
+        // a non-blocking open with EWOULDBLOCK where a blocking one waits
+        // for the lease to break: wait, as before, once stat says it is a
+        // regular file.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if !std::fs::metadata(path)?.is_file() {
+                return Err(not_regular());
+            }
+            open(0)?
         }
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.file_type().is_file() {
+        return Err(not_regular());
+    }
+    // Back to blocking I/O (no effect on a regular file's reads on Linux,
+    // but nothing later should depend on that).
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor `f` owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(f)
 }

@@ -214,20 +214,25 @@ impl Identity {
     /// Reads `data_dir/IDENTITY`; `None` when there is none.
     pub fn load(data_dir: &Path) -> Result<Option<Identity>> {
         let path = data_dir.join(IDENTITY_FILE);
+        let damaged = |detail: String| {
+            Error::corrupt(
+                path.display().to_string(),
+                format!(
+                    "{detail}. The segments and the journal are not affected. Move the file \
+                     aside (keep it: it names the store and stream this data directory was \
+                     created for) and open again with the configuration that names that \
+                     store and stream: a new {IDENTITY_FILE} is written from it"
+                ),
+            )
+        };
         match crate::durable::read_regular(&path, MAX_BYTES as u64) {
             Ok(b) => Identity::decode(&b).map(Some).map_err(|e| match e {
-                Error::Corrupt { detail, .. } => Error::corrupt(
-                    path.display().to_string(),
-                    format!(
-                        "{detail}. The segments and the journal are not affected. Move the file \
-                         aside (keep it: it names the store and stream this data directory was \
-                         created for) and open again with the configuration that names that \
-                         store and stream: a new {IDENTITY_FILE} is written from it"
-                    ),
-                ),
+                Error::Corrupt { detail, .. } => damaged(detail),
                 other => other,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            // Too long, or not a regular file: as damaged, with what to do.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(damaged(e.to_string())),
             Err(e) => Err(Error::io(&path, "read identity", e)),
         }
     }

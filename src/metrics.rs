@@ -35,20 +35,20 @@ pub struct Counter(AtomicU64);
 impl Counter {
     /// Adds one.
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.fetch_add(1, Ordering::Release);
     }
     /// Adds `n`.
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.fetch_add(n, Ordering::Release);
     }
     /// Raises the counter to `v` if it is below (never lowers it: a counter
     /// only goes up).
     pub fn raise_to(&self, v: u64) {
-        self.0.fetch_max(v, Ordering::Relaxed);
+        self.0.fetch_max(v, Ordering::Release);
     }
     /// The current value.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.load(Ordering::Acquire)
     }
 }
 
@@ -215,7 +215,7 @@ impl Metrics {
                 "# HELP tierindex_{name} {help}\n# TYPE tierindex_{name} {kind}\ntierindex_{name} {v}"
             );
         };
-        let counters: [(&str, &str, &Counter); 20] = [
+        let counters: [(&str, &str, &Counter); COUNTERS] = [
             (
                 "entries_appended_total",
                 "Entries appended.",
@@ -320,8 +320,10 @@ impl Metrics {
         // Read downstream counters first (the list runs upstream first:
         // appended, flushed, uploaded, committed), so counters that move
         // while a scrape reads them never show more flushed than appended,
-        // or more committed than uploaded.
-        let mut values = [0u64; 20];
+        // or more committed than uploaded in this process (increments are
+        // Release, reads Acquire, so a later read sees at least what an
+        // earlier one implied).
+        let mut values = [0u64; COUNTERS];
         for (v, (_, _, c)) in values.iter_mut().zip(&counters).rev() {
             *v = c.get();
         }
@@ -388,6 +390,9 @@ impl Metrics {
 }
 
 /// Connections served at once; more are closed at accept.
+/// Counters in a scrape (the list in `render`).
+const COUNTERS: usize = 20;
+
 const MAX_CONNECTIONS: usize = 64;
 /// Longest request head read.
 const MAX_HEAD_BYTES: usize = 8 * 1024;

@@ -1703,6 +1703,35 @@ fn a_store_inside_the_data_directory_is_refused() {
     }
 }
 
+/// The data directory inside a `file://` store, with the stream named
+/// like the data directory: the store's objects landed in the data
+/// directory's `segments/`, and the next start-up quarantined them out of
+/// the store as unknown files (exit 0, "clean"; a hostile review). Refused
+/// before anything is written.
+#[test]
+fn a_data_directory_inside_the_store_is_refused() {
+    let sb = Sandbox::new();
+    let before = sb.snapshot();
+    let o = sb.run(
+        &[
+            "--data-dir",
+            "{root}/w/data",
+            "--stream",
+            "data",
+            "--store",
+            "file://{root}/w",
+            "demo",
+            "--entries",
+            "10",
+        ],
+        &[],
+    );
+    assert_sane(&o, "data dir inside the store");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_says(&o, "is inside the file store");
+    assert_eq!(sb.snapshot(), before, "something was written");
+}
+
 /// `memory://` keeps objects only in the process: releasing the local
 /// copies after a commit there lost every entry with exit 0.
 #[test]
@@ -2128,6 +2157,14 @@ fn a_directory_or_fifo_named_like_a_segment_is_refused_clearly() {
             assert_says(&o, planted.display().to_string());
             assert_says(&o, kind);
             assert_says(&o, "move it out of the data directory");
+        }
+        // `status` and `lookup` (also beside a running broker) end too.
+        for cmd in [&["status"][..], &["lookup", "k"]] {
+            let mut args = vec![D, DD, "--store", "{store}"];
+            args.extend_from_slice(cmd);
+            let o = run_within_a_minute(&sb, &args, kind);
+            assert_sane(&o, cmd[0]);
+            eprintln!("{cmd:?} with {kind}: {}", text(&o));
         }
         assert!(std::fs::symlink_metadata(planted).is_ok(), "left in place");
         if planted.is_dir() {

@@ -16,10 +16,13 @@ pub struct CliIntent {
     pub inspects: bool,
     /// The command talks to the store.
     pub needs_store: bool,
+    /// The command runs a broker (`demo`): it opens the data directory as
+    /// the library does.
+    pub broker_run: bool,
     /// `--stream` (or the config file) named the stream.
     pub stream_given: bool,
-    /// `--store-override`: use the given store although the data directory
-    /// records another.
+    /// `--store-override` (or the config file's `store_override`): use the
+    /// given store and stream although the data directory records others.
     pub store_override: bool,
     /// `--manifest` (or the config file) chose the mode.
     pub mode_given: bool,
@@ -49,10 +52,16 @@ pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
             }
             // Without --store the store is the default one beside the data
             // directory (so a copied data directory is refused: its default
-            // store moved with it). With --store-override, which overrides
-            // the stream and the store at once, that would silently switch
-            // to the default store when only the stream was meant: say so.
-            if intent.store_override && cfg.store.is_none() {
+            // store moved with it). `--stream X --store-override` (one
+            // switch for the stream and the store) would then silently
+            // move to the default store when only the stream was meant:
+            // say so. Without --stream (a data directory moved together
+            // with its default store) it goes through.
+            if intent.broker_run
+                && intent.store_override
+                && intent.stream_given
+                && cfg.store.is_none()
+            {
                 let default = crate::remote::url::display_form("store", &cfg.store_url()?)?;
                 if default != id.store {
                     return Err(Error::InvalidInput(format!(

@@ -217,6 +217,8 @@ impl Cli {
         }
         let intent = identity::CliIntent {
             mode_given,
+            // The flag or the config file's key.
+            store_override: c.store_override,
             ..self.identity_intent(stream_given)
         };
         identity::resolve_cli(&mut c, intent)?;
@@ -236,6 +238,7 @@ impl Cli {
         identity::CliIntent {
             inspects,
             needs_store,
+            broker_run: matches!(self.cmd, Command::Demo(_)),
             stream_given,
             store_override: self.store_override,
             mode_given: false,

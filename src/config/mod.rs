@@ -190,7 +190,11 @@ pub(crate) fn check_listen_addr(key: &str, a: &str) -> Result<()> {
 /// A `file://` store inside the data directory (or the data directory
 /// itself) is refused: the start-up check would take the store's folders
 /// for stray files of the data directory and move them to quarantine,
-/// committed objects and manifest included.
+/// committed objects and manifest included. So is a data directory inside
+/// the store's directory: a stream named like the data directory (or any
+/// stream, for `<store>/<stream>` itself) writes its objects into the data
+/// directory's `segments/`, where start-up quarantined them as unknown
+/// files, out of the store (found by a hostile review: exit 0, "clean").
 fn store_outside_data_dir(store: &Path, data_dir: &Path) -> Result<()> {
     // Symlinks resolved in the part of each path that exists (the store
     // directory may not exist yet, its parent does).
@@ -218,6 +222,16 @@ fn store_outside_data_dir(store: &Path, data_dir: &Path) -> Result<()> {
              start-up check would quarantine the store's objects; put the store outside it",
             store.display(),
             data.display()
+        )));
+    }
+    if data.starts_with(&store) {
+        return Err(Error::InvalidInput(format!(
+            "the data directory {} is inside the file store {}: a stream's objects are \
+             written under the store's directory, and those of a stream named like a \
+             folder on the way would land in the data directory, whose start-up check \
+             would move them to quarantine; put the data directory outside the store",
+            data.display(),
+            store.display()
         )));
     }
     Ok(())
@@ -803,6 +817,24 @@ mod path_tests {
             ..c
         };
         ok.validate().unwrap();
+        // The other way round: the data directory inside the store.
+        for data in ["/srv/st/data", "/srv/st"] {
+            let c = Config {
+                data_dir: data.into(),
+                store: Some("file:///srv/st".into()),
+                ..Config::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("is inside the"), "{data}: {e}");
+        }
+        // Siblings are fine (the default store is one).
+        Config {
+            data_dir: "/srv/st-data".into(),
+            store: Some("file:///srv/st".into()),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
 
         let d = tempfile::tempdir().unwrap();
         let real = d.path().join("real");

@@ -226,6 +226,14 @@ pub struct QuarantineRecord {
 /// Suffix of the record written next to a quarantined file.
 pub const RECORD_SUFFIX: &str = ".why.json";
 
+/// Largest quarantine record read back. A record lists each lost run of
+/// items (about 130 bytes of JSON each): every other item of a default
+/// segment (2^20 items) lost is about 70 MiB. Only a segment of more than
+/// about 16 million items, half of them damaged in alternation, writes
+/// more; such a record is reported unreadable (a warning), and the file it
+/// describes stays in `quarantine/`.
+const QUARANTINE_RECORD_MAX: u64 = 1 << 30;
+
 /// Write (durably) the record of the quarantined file `moved`.
 pub fn write_record(moved: &Path, rec: &QuarantineRecord) -> Result<()> {
     let mut name = moved.as_os_str().to_owned();
@@ -313,9 +321,18 @@ pub fn quarantine_records(root: &Path) -> Vec<(PathBuf, QuarantineRecord)> {
         .map(|e| e.path())
         .filter(|p| p.to_string_lossy().ends_with(RECORD_SUFFIX))
         .filter_map(|p| {
-            let b = crate::durable::read_regular(&p, 1 << 20).ok()?;
-            let r: QuarantineRecord = serde_json::from_slice(&b).ok()?;
-            Some((p, r))
+            // Bounded (a planted sparse file must not eat the memory); what
+            // cannot be read is said, not skipped in silence.
+            let read = crate::durable::read_regular(&p, QUARANTINE_RECORD_MAX)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+            match read {
+                Ok(r) => Some((p, r)),
+                Err(e) => {
+                    tracing::warn!(record = %p.display(), error = %e, "quarantine record unreadable; the file it describes is still in quarantine/");
+                    None
+                }
+            }
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));

@@ -518,7 +518,8 @@ pub fn recover_checking(
 pub(crate) fn read_bounded_active(path: &Path, geometry: Option<Geometry>) -> Result<Vec<u8>> {
     use crate::segment::format::{ACTIVE_ITEM_LEN, ACTIVE_MAGIC, ActiveLayout, HEADER_LEN, Header};
     use std::os::unix::fs::FileExt;
-    let f = File::open(path).map_err(|e| Error::io(path, "open active segment", e))?;
+    let f = crate::durable::open_regular(path, false)
+        .map_err(|e| Error::io(path, "open active segment", e))?;
     let len = f
         .metadata()
         .map_err(|e| Error::io(path, "stat active segment", e))?
@@ -842,7 +843,8 @@ fn copy_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
 /// True when `path` is empty or holds only zero bytes.
 fn all_zero(path: &Path) -> Result<bool> {
     use std::io::Read;
-    let mut f = File::open(path).map_err(|e| Error::io(path, "open active segment", e))?;
+    let mut f = crate::durable::open_regular(path, false)
+        .map_err(|e| Error::io(path, "open active segment", e))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f

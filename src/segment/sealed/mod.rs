@@ -90,7 +90,10 @@ impl SealedSegment {
     }
 
     fn open_mode(path: &Path, check: Check) -> Result<SealedSegment> {
-        let file = File::open(path).map_err(|e| Error::io(path, "open sealed segment", e))?;
+        // Not a plain open: a FIFO under a segment's name would block it
+        // for ever (a lookup, `status`).
+        let file = crate::durable::open_regular(path, false)
+            .map_err(|e| Error::io(path, "open sealed segment", e))?;
         let len = file
             .metadata()
             .map_err(|e| Error::io(path, "stat sealed segment", e))?
