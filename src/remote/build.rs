@@ -99,6 +99,16 @@ fn build_s3(
     let mut b = AmazonS3Builder::new();
     for (k, v) in env {
         if let Ok(key) = k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            // Values go into HTTP headers (credentials, token, region): a
+            // control character (a token file edited on Windows leaves a
+            // trailing CR) made object_store panic building the request.
+            // The value is never shown: it may be a credential.
+            if v.chars().any(char::is_control) {
+                return Err(Error::InvalidInput(format!(
+                    "{k} holds a control character (a line break or CR, perhaps from a file \
+                     edited elsewhere): set it without one; its value is not shown"
+                )));
+            }
             // Payload signing is tierindex's decision (`sign_payload` and
             // the probe), never a variable's: AWS_UNSIGNED_PAYLOAD would
             // unsign every body on any transport, unproven.

@@ -545,6 +545,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2secret"), "{err}");
+        // A CR or line break in a variable that becomes a header made
+        // object_store panic at the first request; refused by name, the
+        // value not shown.
+        for (k, v) in [
+            ("AWS_SESSION_TOKEN", "tok-SEKRIT\r"),
+            ("AWS_REGION", "us\neast"),
+            ("AWS_ACCESS_KEY_ID", "AK\nSEKRIT"),
+        ] {
+            let env = vec![(k.to_string(), v.to_string())];
+            let e = RemoteStore::from_url_with_env("s3://bkt/p", &o, &env).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, Error::InvalidInput(_)), "{text}");
+            assert!(text.contains(k) && !text.contains("SEKRIT"), "{text}");
+        }
     }
 
     /// Segment bodies may go unsigned only where the transport protects
