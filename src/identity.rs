@@ -320,6 +320,19 @@ fn check_recorded(
     log: bool,
 ) -> Result<()> {
     let stream_differs = id.stream != stream;
+    // An override into `memory://` would journal the data directory's
+    // segments as committed into a store gone at exit: later runs on the
+    // recorded store would take them as done (a hostile review).
+    if id.store != store && store.starts_with("memory:") {
+        return Err(Error::InvalidInput(format!(
+            "{} was created for store {}; memory:// keeps objects only inside this process, \
+             so its segments would be journaled as committed into a store that is gone at \
+             exit: not even with store_override (--store-override); use the recorded store, \
+             or a new data directory for memory://",
+            data_dir.display(),
+            redact(&id.store)
+        )));
+    }
     // Both are display forms (`remote::url::display_form`): equal exactly
     // when they name the same store. Not parsed again: a recorded file
     // path may hold `#`, `?` or `%`, which a URL parser would read as

@@ -1761,6 +1761,24 @@ fn releasing_into_a_memory_store_is_refused() {
 
 /// `fsck --repair` that rebuilds a damaged journal repaired damage: exit 4,
 /// as for a repaired segment, never 0.
+/// `drain --store memory:// --store-override` on a data directory created
+/// for another store journaled its segments Committed into a store gone at
+/// exit, and later runs on the real store called them clean (a hostile
+/// review). Refused, even with the override.
+#[test]
+fn overriding_into_a_memory_store_is_refused() {
+    let sb = Sandbox::populated();
+    for cmd in ["drain", "demo"] {
+        let o = sb.run(
+            &[D, DD, "--store", "memory://", "--store-override", cmd],
+            &[],
+        );
+        assert_sane(&o, cmd);
+        assert_eq!(o.status.code(), Some(1), "{cmd}: {}", text(&o));
+        assert_says(&o, "memory:// keeps objects only inside this process");
+    }
+}
+
 #[test]
 fn a_rebuilt_journal_is_not_reported_clean() {
     let sb = Sandbox::populated();
