@@ -190,3 +190,118 @@ impl Error {
         matches!(self, Error::RemoteRetryable(_) | Error::Deadline(_))
     }
 }
+
+/// Credential values this process was given (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), registered when an S3
+/// store is built so that [`scrub`] blanks them wherever a server echoes
+/// them. Bounded: a process builds few stores.
+static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+const SECRETS_MAX: usize = 64;
+
+/// Registers a credential value for [`scrub`]. Values under 8 characters
+/// are not registered (blanking them would mangle ordinary text; no real
+/// key id, secret or token is that short).
+pub(crate) fn register_secret(value: &str) {
+    if value.len() < 8 {
+        return;
+    }
+    let mut s = SECRETS.lock().unwrap_or_else(|p| p.into_inner());
+    if !s.iter().any(|v| v == value) && s.len() < SECRETS_MAX {
+        s.push(value.to_string());
+    }
+}
+
+/// XML elements and headers in which S3 servers echo request credentials
+/// (an expired token's `<Token-0>`, a signature mismatch's string to sign,
+/// a server that echoes request headers).
+const ECHO_TAGS: [&str; 7] = [
+    "Token-0",
+    "AWSAccessKeyId",
+    "SignatureProvided",
+    "StringToSign",
+    "StringToSignBytes",
+    "CanonicalRequest",
+    "CanonicalRequestBytes",
+];
+const ECHO_HEADERS: [&str; 3] = ["x-amz-security-token", "authorization", "x-amz-credential"];
+
+/// `text` (a store's error, which may quote a server's answer) with every
+/// registered credential value, the contents of the XML elements S3
+/// servers echo credentials in, and the values of credential headers
+/// blanked as `<redacted>`.
+pub fn scrub(text: &str) -> String {
+    let mut out = text.to_string();
+    for v in SECRETS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        if out.contains(v.as_str()) {
+            out = out.replace(v.as_str(), "<redacted>");
+        }
+    }
+    for tag in ECHO_TAGS {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        let mut from = 0;
+        while let Some(i) = out[from..].find(&open).map(|i| from + i + open.len()) {
+            let end = out[i..].find(&close).map_or(out.len(), |j| i + j);
+            out.replace_range(i..end, "<redacted>");
+            from = i + "<redacted>".len();
+        }
+    }
+    let lower = out.to_ascii_lowercase();
+    let mut cuts = Vec::new();
+    for h in ECHO_HEADERS {
+        let mut from = 0;
+        while let Some(i) = lower[from..].find(h).map(|i| from + i + h.len()) {
+            // `name: value`, `name=value` or `"name": "value"`.
+            let rest = &lower[i..];
+            let skip = rest
+                .char_indices()
+                .find(|(_, c)| !matches!(c, ':' | '=' | ' ' | '"'))
+                .map_or(rest.len(), |(k, _)| k);
+            // A name followed by `:` or `=` only ("authorization failed"
+            // is text, not a header).
+            if !rest[..skip].contains([':', '=']) {
+                from = i;
+                continue;
+            }
+            let start = i + skip;
+            let end = lower[start..]
+                .find(['"', '\n', '\r', '<'])
+                .map_or(lower.len(), |k| start + k);
+            if end > start {
+                cuts.push(start..end);
+            }
+            from = end.max(i);
+        }
+    }
+    cuts.sort_by_key(|r| std::cmp::Reverse(r.start));
+    for r in cuts {
+        out.replace_range(r, "<redacted>");
+    }
+    out
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use super::*;
+
+    #[test]
+    fn echoed_credentials_are_blanked() {
+        register_secret("SEKRIT-SESSION-TOKEN-1");
+        register_secret("short");
+        let body = "HTTP 400 ExpiredToken: <Error><Code>ExpiredToken</Code>\
+                    <Token-0>anything-here</Token-0><Message>SEKRIT-SESSION-TOKEN-1 expired</Message>\
+                    <AWSAccessKeyId>AKIA1234</AWSAccessKeyId></Error> short";
+        let s = scrub(body);
+        assert!(!s.contains("anything-here") && !s.contains("SEKRIT") && !s.contains("AKIA1234"), "{s}");
+        assert!(s.contains("ExpiredToken") && s.ends_with("short"), "{s}");
+        let h = "echo: X-Amz-Security-Token: tok-abc123\nAuthorization: AWS4-HMAC-SHA256 Credential=AK/x, Signature=ff\nhost: h";
+        let s = scrub(h);
+        assert!(!s.contains("tok-abc123") && !s.contains("Signature=ff"), "{s}");
+        assert!(s.contains("host: h"), "{s}");
+        let t = "Authorization header is malformed";
+        assert_eq!(scrub(t), t);
+        // Unclosed elements and odd text never panic.
+        for odd in ["<Token-0>", "<Token-0>x", "authorization", "authorization:", "é<Token-0>é</Token-0>é"] {
+            let _ = scrub(odd);
+        }
+    }
+}

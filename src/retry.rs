@@ -119,13 +119,15 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && attempt < max => {
                 let wait = backoff(policy, rng, attempt);
-                tracing::debug!(what, attempt, ?wait, error = %e, "retrying");
+                let error = crate::error::scrub(&e.to_string());
+                tracing::debug!(what, attempt, ?wait, %error, "retrying");
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
             Err(e) => {
                 if e.is_transient() {
-                    tracing::warn!(what, attempts = attempt, error = %e, "giving up");
+                    let error = crate::error::scrub(&e.to_string());
+                    tracing::warn!(what, attempts = attempt, %error, "giving up");
                 }
                 return Err(e);
             }

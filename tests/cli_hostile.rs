@@ -975,6 +975,45 @@ fn closed_port() -> String {
     "http://127.0.0.1:1".to_string()
 }
 
+/// A server that echoes the credentials back: an expired token's 400
+/// (S3 quotes the token in `<Token-0>`) and a 500 that echoes the request
+/// headers. Printed verbatim at the default log level and in the final
+/// error line before (a hostile review); now blanked, at every level.
+#[test]
+fn credentials_a_server_echoes_are_never_printed() {
+    let expired = fake_s3(
+        "400 Bad Request",
+        "<?xml version=\"1.0\"?><Error><Code>ExpiredToken</Code><Message>The provided token has expired.</Message><Token-0>SECRETxyzzy0123</Token-0></Error>",
+    );
+    let echo = fake_s3(
+        "500 Internal Server Error",
+        "request headers: x-amz-security-token: SECRETxyzzy0123\nauthorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/x, Signature=00\nkey SECRETxyzzy0123",
+    );
+    let creds: &[(&str, &str)] = &[
+        ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "another-secret-value"),
+        ("AWS_SESSION_TOKEN", SECRET),
+        ("TIERINDEX_LOG", "trace"),
+        ("RUST_LOG", "trace"),
+    ];
+    for endpoint in [&expired, &echo] {
+        for args in [&["store-check"][..], &["owner"]] {
+            let sb = Sandbox::new();
+            let mut full = vec!["--store", "s3://bkt/p", "--endpoint", endpoint];
+            full.extend_from_slice(args);
+            let o = sb.run(&full, creds);
+            assert_sane(&o, args[0]);
+            assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(!all.contains("another-secret-value"), "{}", text(&o));
+        }
+    }
+}
+
 #[test]
 fn store_problems_say_what_to_do() {
     let no_bucket = fake_s3(

@@ -103,6 +103,14 @@ fn build_s3(
             // control character (a token file edited on Windows leaves a
             // trailing CR) made object_store panic building the request.
             // The value is never shown: it may be a credential.
+            if matches!(
+                key,
+                AmazonS3ConfigKey::AccessKeyId
+                    | AmazonS3ConfigKey::SecretAccessKey
+                    | AmazonS3ConfigKey::Token
+            ) {
+                crate::error::register_secret(v);
+            }
             if v.chars().any(char::is_control) {
                 return Err(Error::InvalidInput(format!(
                     "{k} holds a control character (a line break or CR, perhaps from a file \
