@@ -226,10 +226,21 @@ pub(crate) fn print_report(
             ));
         }
         if !r.lost.is_empty() {
+            // A file that could not be read item by item lost an unknown
+            // number: "0 entries" would read as nothing lost.
+            let unknown = r.lost.iter().filter(|n| n.unknown_loss.is_some()).count();
             s.push_str(&format!(
-                "\nLOST to local damage: {} entries",
+                "\nLOST to local damage: {} entries counted",
                 r.lost_items()
             ));
+            if unknown > 0 {
+                s.push_str(&format!(
+                    ", and an unknown number in {unknown} file(s) that could not be read \
+                     item by item (kept in quarantine/: `tierindex quarantine list`; opened \
+                     with another geometry than the one it was written with? see \
+                     `quarantine retry`)"
+                ));
+            }
             for n in &r.lost {
                 s.push_str(&format!("\n  lost {}", n.line()));
             }
