@@ -186,6 +186,13 @@ macro_rules! case {
 
 /// Inputs refused before anything is opened: nothing may change anywhere.
 const REFUSED: &[Case] = &[
+    // --- a lookup's inverted time range ("0 hits" read as "not there")
+    case!(
+        "lookup with --from after --to",
+        &[D, DD, "lookup", "k", "--from", "10", "--to", "5"],
+        2,
+        &["--from 10 is after --to 5"]
+    ),
     // --- endpoints, in every command that takes one
     case!(
         "endpoint without scheme (verify)",

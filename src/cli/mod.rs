@@ -330,6 +330,14 @@ impl Cli {
                     crate::config::check_listen_addr("--metrics-addr", addr)?;
                 }
             }
+            // An inverted range matches nothing: "0 hits" would read as
+            // "not there".
+            Command::Lookup { from, to, .. } if from > to => {
+                return Err(Error::InvalidInput(format!(
+                    "--from {from} is after --to {to}: the range is empty (both are \
+                     inclusive, in ms since the epoch)"
+                )));
+            }
             _ => {}
         }
         Ok(())
