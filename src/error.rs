@@ -246,37 +246,64 @@ pub fn scrub(text: &str) -> String {
         }
     }
     let lower = out.to_ascii_lowercase();
-    let mut cuts = Vec::new();
+    let mut cuts: Vec<std::ops::Range<usize>> = Vec::new();
     for h in ECHO_HEADERS {
         let mut from = 0;
         while let Some(i) = lower[from..].find(h).map(|i| from + i + h.len()) {
-            // `name: value`, `name=value` or `"name": "value"`.
+            from = i;
+            // `name: value`, `name=value`, `"name": "value"`, `'name': 'value'`,
+            // `\"name\": \"value\"`, Go's `Name:[value]`.
             let rest = &lower[i..];
             let skip = rest
                 .char_indices()
-                .find(|(_, c)| !matches!(c, ':' | '=' | ' ' | '"'))
+                .find(|(_, c)| !matches!(c, ':' | '=' | ' ' | '"' | '\'' | '\\' | '['))
                 .map_or(rest.len(), |(k, _)| k);
             // A name followed by `:` or `=` only ("authorization failed"
             // is text, not a header).
             if !rest[..skip].contains([':', '=']) {
-                from = i;
                 continue;
             }
             let start = i + skip;
+            // An authorization value has spaces and commas in it (scheme,
+            // credential, signed headers, signature); a token or
+            // credential ends at the first separator.
+            let stops: &[char] = if h == "authorization" {
+                &['"', '\'', '\\', '\n', '\r', '<', ']', '&']
+            } else {
+                &['"', '\'', '\\', '\n', '\r', '<', ']', '&', ',', ';', ' ', '\t']
+            };
             let end = lower[start..]
-                .find(['"', '\n', '\r', '<'])
+                .find(stops)
                 .map_or(lower.len(), |k| start + k);
             if end > start {
                 cuts.push(start..end);
             }
-            from = end.max(i);
+            from = end;
         }
     }
-    cuts.sort_by_key(|r| std::cmp::Reverse(r.start));
-    for r in cuts {
-        out.replace_range(r, "<redacted>");
+    if cuts.is_empty() {
+        return out;
     }
-    out
+    // Overlapping or touching cuts (two headers on one line) merged, then
+    // applied in one forward pass: no range ever points into text already
+    // replaced.
+    cuts.sort_by_key(|r| r.start);
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::new();
+    for r in cuts {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    let mut scrubbed = String::with_capacity(out.len());
+    let mut at = 0;
+    for r in merged {
+        scrubbed.push_str(&out[at..r.start]);
+        scrubbed.push_str("<redacted>");
+        at = r.end;
+    }
+    scrubbed.push_str(&out[at..]);
+    scrubbed
 }
 
 #[cfg(test)]
@@ -299,9 +326,58 @@ mod scrub_tests {
         assert!(s.contains("host: h"), "{s}");
         let t = "Authorization header is malformed";
         assert_eq!(scrub(t), t);
+        // Two headers on one line (Go's map print), a query string, Python
+        // quoting: nothing echoed survives, nothing panics, and the text
+        // after a token is kept.
+        let go = "map[Authorization:[AWS4-HMAC-SHA256 Credential=AKX/y, Signature=abc] X-Amz-Security-Token:[FQoGtokentoken]] host: h";
+        let s = scrub(go);
+        assert!(!s.contains("FQoG") && !s.contains("Signature=abc"), "{s}");
+        assert!(s.ends_with("host: h"), "{s}");
+        let q = "GET /b?X-Amz-Credential=AKX%2F1&X-Amz-Security-Token=FQoGq&x=1 failed";
+        let s = scrub(q);
+        assert!(!s.contains("FQoGq") && !s.contains("AKX%2F1") && s.contains("&x=1 failed"), "{s}");
+        let py = "{'x-amz-security-token': 'FQoGpy', 'host': 'h'}";
+        let s = scrub(py);
+        assert!(!s.contains("FQoGpy") && s.contains("'host': 'h'"), "{s}");
+        let plain = "403 Forbidden: x-amz-security-token: FQoGp expired, check clock skew";
+        let s = scrub(plain);
+        assert!(!s.contains("FQoGp") && s.contains("check clock skew"), "{s}");
         // Unclosed elements and odd text never panic.
-        for odd in ["<Token-0>", "<Token-0>x", "authorization", "authorization:", "é<Token-0>é</Token-0>é"] {
+        for odd in [
+            "<Token-0>",
+            "<Token-0>x",
+            "authorization",
+            "authorization:",
+            "é<Token-0>é</Token-0>é",
+            "authorization: a x-amz-security-token: b x-amz-credential: c",
+            "x-amz-security-token:x-amz-security-token:",
+            "authorization:é x-amz-credential=é",
+        ] {
             let _ = scrub(odd);
+        }
+        // Every sequence of up to four fragments: no panic, and no echoed
+        // token left behind.
+        let frags = [
+            "authorization:",
+            " x-amz-security-token=",
+            "'",
+            "\"",
+            "é",
+            "<Token-0>",
+            "</Token-0>",
+            "FQoGzz",
+            "\n",
+            "]",
+            "&",
+            ", ",
+        ];
+        let n = frags.len();
+        for k in 0..n * n * n * n {
+            let text: String = [k % n, k / n % n, k / (n * n) % n, k / (n * n * n)]
+                .iter()
+                .map(|&i| frags[i])
+                .collect();
+            let _ = scrub(&text);
         }
     }
 }

@@ -235,10 +235,8 @@ pub(crate) fn print_report(
             ));
             if unknown > 0 {
                 s.push_str(&format!(
-                    ", and an unknown number in {unknown} file(s) that could not be read \
-                     item by item (kept in quarantine/: `tierindex quarantine list`; opened \
-                     with another geometry than the one it was written with? see \
-                     `quarantine retry`)"
+                    ", and an unknown number in {unknown} file(s) (kept in quarantine/: the \
+                     lines below and `tierindex quarantine list` say why and what to do)"
                 ));
             }
             for n in &r.lost {

@@ -200,6 +200,30 @@ fn store_outside_data_dir(store: &Path, data_dir: &Path) -> Result<()> {
     // directory may not exist yet, its parent does).
     let resolve = |p: &Path| -> PathBuf {
         let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        // `..` resolved by name, for when `canonicalize` cannot resolve one
+        // (after a folder that does not exist yet: `/srv/nope/../st`).
+        let lexical = |p: &Path| {
+            let mut out = PathBuf::new();
+            for c in p.components() {
+                match c {
+                    std::path::Component::ParentDir => {
+                        out.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    other => out.push(other),
+                }
+            }
+            out
+        };
+        let abs = if abs
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+            && std::fs::canonicalize(&abs).is_err()
+        {
+            lexical(&abs)
+        } else {
+            abs
+        };
         let mut missing = Vec::new();
         let mut at = abs.as_path();
         loop {
@@ -381,7 +405,14 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.validate_fields()?;
         // How fields relate (the command line may have set either).
-        if let Some(s) = &self.store {
+        // The default store too: `data_dir = /srv/tierindex-store` makes
+        // the default store (`<parent>/tierindex-store`) the data directory
+        // itself.
+        let url = match &self.store {
+            Some(s) => Some(s.clone()),
+            None => self.store_url().ok(),
+        };
+        if let Some(s) = &url {
             match crate::remote::url::parse_store("store", s)? {
                 crate::remote::url::StoreUrl::File { dir } => {
                     store_outside_data_dir(&dir, &self.data_dir)?
@@ -827,6 +858,19 @@ mod path_tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains("is inside the"), "{data}: {e}");
         }
+        // The default store is checked too: it is `<parent>/tierindex-store`.
+        let c = Config {
+            data_dir: "/srv/tierindex-store".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        // A `..` after a folder that does not exist is resolved by name.
+        let c = Config {
+            data_dir: "/srv/nope/../st/data".into(),
+            store: Some("file:///srv/st".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
         // Siblings are fine (the default store is one).
         Config {
             data_dir: "/srv/st-data".into(),

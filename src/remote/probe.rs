@@ -104,6 +104,11 @@ pub async fn probe(store: &RemoteStore) -> Result<Capabilities> {
     let mut caps = Capabilities::default();
     let result = run(store, &dir, &mut caps).await;
     cleanup(store, &dir, &mut caps).await;
+    // Notes quote the store's errors as they came (a server may echo a
+    // credential in them); they are printed by `drain` and `store-check`.
+    for n in &mut caps.notes {
+        *n = crate::error::scrub(n);
+    }
     result.map(|()| caps)
 }
 
