@@ -124,14 +124,23 @@ pub fn recover_checking(
             // A directory, FIFO or device under one of our names (an
             // operator's or a script's mistake) would fail to map with
             // "No such device", or block the open of a FIFO for ever.
+            // The listing's own type (no stat per file at start-up); a
+            // symlink is followed with one.
             let path = ent.path();
-            let md = fs::metadata(&path).map_err(|e| Error::io(&path, "stat segment file", e))?;
-            if !md.is_file() {
+            let mut t = ent
+                .file_type()
+                .map_err(|e| Error::io(&path, "stat segment file", e))?;
+            if t.is_symlink() {
+                t = fs::metadata(&path)
+                    .map_err(|e| Error::io(&path, "stat segment file", e))?
+                    .file_type();
+            }
+            if !t.is_file() {
                 return Err(Error::InvalidInput(format!(
                     "{}: a segment file's name, but not a regular file (a {}); tierindex \
                      never creates one: move it out of the data directory and start again",
                     path.display(),
-                    file_kind(&md.file_type())
+                    file_kind(&t)
                 )));
             }
         }
