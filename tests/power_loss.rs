@@ -1450,9 +1450,12 @@ impl SegWorld {
         }
     }
 
-    /// Roll as `IndexWriter::roll` does (R1 flush, R3 create the next), with
-    /// the seal (S1-S7) before or after the create (`close` and start-up
-    /// seal without creating first).
+    /// Roll as `IndexWriter::roll` does: no msync (R3 create the next, or
+    /// take the prepared one); the sealer runs while the broker appends to
+    /// the new segment, and a flush meanwhile also syncs the frozen one
+    /// (`IndexWriter::flush`: `flush_frozen`, then the active segment).
+    /// Or, as `close` and start-up do, flush and seal without creating
+    /// first.
     fn roll(&mut self, camp: &mut Campaign) {
         let Some(mut a) = self.active.take() else {
             self.create_active(camp);
@@ -1462,15 +1465,14 @@ impl SegWorld {
             self.active = Some(a);
             return;
         }
-        self.flush_active(camp, &mut a);
-        let p = camp.plan.p_step;
-        self.point(camp, "R1-flush", p);
         if camp.rng.bool() {
             self.create_active(camp);
-            // The sealer runs while the broker appends to the new segment.
+            let p = camp.plan.p_step;
+            self.point(camp, "R-rolled", p);
             let k = camp.rng.usize(0..(self.geo.capacity as usize).min(12));
             for _ in 0..k {
                 if camp.rng.u8(0..5) == 0 {
+                    self.flush_frozen(camp, &a);
                     self.flush(camp);
                 } else {
                     self.append(camp);
@@ -1478,9 +1480,25 @@ impl SegWorld {
             }
             self.seal(camp, a);
         } else {
+            self.flush_active(camp, &mut a);
+            let p = camp.plan.p_step;
+            self.point(camp, "R1-flush", p);
             self.seal(camp, a);
             self.create_active(camp);
         }
+    }
+
+    /// `ActiveSegment::flush_frozen` of a rolled segment not sealed yet,
+    /// as `IndexWriter::flush` does before the active segment's msync.
+    fn flush_frozen(&mut self, camp: &mut Campaign, a: &Active) {
+        let (r, steps) = recorded(|| a.seg.flush_frozen());
+        r.expect("flush of a frozen segment");
+        for seen in &steps {
+            if camp.lie != Lie::SkipStep(step_kind(&seen.step)) {
+                self.disk.apply(&self.root, seen);
+            }
+        }
+        self.model.get_mut(&a.seg.id()).expect("model").acked = a.seg.len() as usize;
     }
 
     /// `seal_segment`: the tmp's create and writes, its fsync, the rename,

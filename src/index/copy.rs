@@ -59,7 +59,7 @@ impl IndexWriter {
                 self.append_entry(*e)?;
                 copied += 1;
             }
-            // Rolled-over segments were flushed when they froze.
+            // Syncs the segments rolled over on the way too.
             self.flush()
         };
         // Cut short after the caller journaled the start: the rest is

@@ -266,6 +266,10 @@ impl IndexWriter {
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         let poison = Arc::new(Poison::default());
         let notify = Arc::new(Mutex::new(notify));
+        let sealed = Arc::new(LocalSealed::new(&seg_dir, cfg.sealed_mapped));
+        for info in std::mem::take(&mut rec.sealed).into_values() {
+            sealed.insert_info(info);
+        }
         let sealer = sealer::spawn(
             sealer_rx,
             done_tx,
@@ -274,11 +278,8 @@ impl IndexWriter {
             poison.clone(),
             notify.clone(),
             dd.clone(),
+            sealed.clone(),
         )?;
-        let sealed = Arc::new(LocalSealed::new(&seg_dir, cfg.sealed_mapped));
-        for info in std::mem::take(&mut rec.sealed).into_values() {
-            sealed.insert_info(info);
-        }
         let mut w = IndexWriter {
             dd,
             seg_dir,
@@ -482,10 +483,15 @@ impl IndexWriter {
         Ok(())
     }
 
-    /// Make every appended entry durable. Frozen segments are flushed when
-    /// they roll, so only the active one needs an msync here.
+    /// Make every appended entry durable: the active segment's new items,
+    /// and those of frozen segments (a roll does not msync: its append
+    /// would wait for the disk) whose seal has not made them durable yet.
+    /// Normally there is one frozen segment at most, synced once.
     pub fn flush(&mut self) -> Result<()> {
         self.check_open()?;
+        for f in self.frozen.values() {
+            f.flush_frozen().inspect_err(|e| self.poison.set(e.to_string()))?;
+        }
         match self.active.as_mut() {
             Some(a) => a.flush().inspect_err(|e| self.poison.set(e.to_string())),
             None => Ok(()),
@@ -499,12 +505,17 @@ impl IndexWriter {
         if self.active.as_ref().is_some_and(|a| a.is_empty()) {
             return Ok(None);
         }
-        let frozen = self.freeze_active()?;
+        let frozen = self.freeze_active(false)?;
         self.active = Some(self.next_active()?);
         Ok(frozen)
     }
 
-    fn freeze_active(&mut self) -> Result<Option<SegmentId>> {
+    /// Hand the active segment to the sealer. `sync`: msync it first (the
+    /// close, whose seals may not finish before the deadline). A roll does
+    /// not: the next [`flush`](Self::flush) syncs a frozen segment its seal
+    /// has not made durable yet, so the append that rolls never waits for
+    /// the disk.
+    fn freeze_active(&mut self, sync: bool) -> Result<Option<SegmentId>> {
         let Some(mut old) = self.active.take() else {
             return Ok(None);
         };
@@ -512,7 +523,7 @@ impl IndexWriter {
             remove_empty(&self.seg_dir, old).inspect_err(|e| self.poison_on_sync(e))?;
             return Ok(None);
         }
-        if let Err(e) = old.flush() {
+        if sync && let Err(e) = old.flush() {
             self.poison.set(e.to_string());
             self.active = Some(old);
             return Err(e);
@@ -537,14 +548,28 @@ impl IndexWriter {
     }
 
     /// Roll when the active segment is older than the configured age, and
-    /// collect finished seals. Call periodically (the pipeline does).
+    /// collect finished seals. Call periodically (the pipeline does, from
+    /// the background, holding the writer's lock: so an age roll waits for
+    /// its next active segment to be prepared by the sealer thread, off the
+    /// lock, and happens at a later tick, rather than create the file here
+    /// while appends wait).
     pub fn tick(&mut self) -> Result<Vec<SealedMeta>> {
         if !self.closed
             && let (Some(a), Some(age)) = (&self.active, self.cfg.segment_max_age)
             && !a.is_empty()
             && now_ms().saturating_sub(self.active_since_ms) >= age.as_millis() as u64
         {
-            self.roll()?;
+            while let Ok(done) = self.done_rx.try_recv() {
+                self.take_done(done)?;
+            }
+            if self.spare.is_none() {
+                self.ask_spare();
+            }
+            // Prepared, or cannot be (preparation failed, the sealer is
+            // gone): the roll creates the file itself and reports.
+            if self.spare.is_some() || self.spare_asked.is_none() {
+                self.roll()?;
+            }
         }
         self.poll_sealed()
     }
@@ -557,15 +582,15 @@ impl IndexWriter {
         Ok(std::mem::take(&mut self.ready))
     }
 
-    /// Take a finished seal: the sealer thread already read the file back
-    /// and checked it (a failure there poisoned the writer), so this only
-    /// installs it.
+    /// Take a finished seal: the sealer thread already read the file back,
+    /// checked it (a failure there poisoned the writer) and added it to the
+    /// shared sealed set, so this only retires the frozen segment (a lookup
+    /// that sees both reads it once, as open) and queues the metadata.
     fn finish_seal(&mut self, done: SealDone) -> Result<()> {
-        let (meta, sealed) = done
+        let meta = done
             .result
             .inspect_err(|e| self.poison.set(e.to_string()))?;
-        debug_assert_eq!(sealed.id(), done.id);
-        self.sealed.insert(sealed);
+        debug_assert_eq!(meta.id, done.id);
         if let Some(old) = self.frozen.remove(&done.id) {
             // Freed on the sealer thread (after a close, here: nothing
             // waits on this writer any more).
@@ -584,7 +609,7 @@ impl IndexWriter {
     pub fn close(&mut self, deadline: Instant) -> Result<Vec<SealedMeta>> {
         if !self.closed {
             self.closed = true;
-            let frozen = self.poison.check().and_then(|_| self.freeze_active());
+            let frozen = self.poison.check().and_then(|_| self.freeze_active(true));
             // Whatever happened, the sealer must see its queue end, or a
             // later close would wait on it forever.
             if let Some(tx) = self.sealer_tx.take() {
@@ -993,13 +1018,16 @@ mod tests {
             .unwrap();
         }
         w.roll().unwrap();
+        // Sealed and taken by the writer (no longer frozen).
         let until = Instant::now() + Duration::from_secs(30);
-        while w.sealed_ids().is_empty() && Instant::now() < until {
-            w.tick().unwrap();
+        let mut taken = Vec::new();
+        while taken.is_empty() && Instant::now() < until {
+            taken = w.tick().unwrap();
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(!w.sealed_ids().is_empty(), "the segment did not seal in 30 s");
-        let src = w.sealed_ids()[0];
+        assert!(!taken.is_empty(), "the segment did not seal in 30 s");
+        let src = taken[0].id;
+        assert_eq!(w.sealed_ids(), vec![src]);
         let entries = w.sealed(src).unwrap().unwrap().entries();
         let open = w.lookup_open(7, TimeRange::ALL);
         let floor = SegmentId(100);
@@ -1036,6 +1064,74 @@ mod tests {
         assert_eq!(w.lookup_hash(7, TimeRange::ALL).entries.len(), 2);
         let (_, copied) = w.copy_in(&[e, e], since, SegmentId(0), |_| Ok(())).unwrap();
         assert_eq!(copied, 0);
+    }
+
+    /// The steps `f` takes on this thread (the sealer's are not seen).
+    fn steps_of<T>(f: impl FnOnce() -> T) -> (T, Vec<crate::durable::seam::Step>) {
+        let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let sink = log.clone();
+        let prev = crate::durable::seam::observe(Some(Box::new(move |s: &crate::durable::seam::Step| {
+            sink.borrow_mut().push(s.clone())
+        })));
+        let out = f();
+        crate::durable::seam::observe(prev);
+        let steps = log.borrow().clone();
+        (out, steps)
+    }
+
+    /// A roll does not msync (the append that rolls never waits for the
+    /// disk); the next flush makes the frozen segment's unflushed items
+    /// durable while its seal has not.
+    #[test]
+    fn a_roll_does_not_sync_and_the_next_flush_covers_the_frozen_segment() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let (mut w, _) = IndexWriter::open(dd, cfg(100), None, None).unwrap();
+        let e = |i: u64| Entry {
+            key_hash: i,
+            offset: i,
+            size: 1,
+            timestamp_ms: 1,
+        };
+        for i in 0..5 {
+            w.append_entry(e(i)).unwrap();
+        }
+        w.flush().unwrap();
+        for i in 5..8 {
+            w.append_entry(e(i)).unwrap();
+        }
+        // The sealer waits until told, so the frozen segment is not sealed
+        // before the flush below.
+        let (hold, held) = mpsc::channel();
+        w.sealer_tx.as_ref().unwrap().push(Job::Hold(held));
+        let frozen = w.active_id().unwrap();
+        let (rolled, steps) = steps_of(|| w.roll());
+        assert_eq!(rolled.unwrap(), Some(frozen));
+        assert!(
+            !steps.iter().any(|s| matches!(s, crate::durable::seam::Step::SyncRange { .. })),
+            "the roll synced: {steps:?}"
+        );
+        w.append_entry(e(8)).unwrap();
+        let (flushed, steps) = steps_of(|| w.flush());
+        flushed.unwrap();
+        let frozen_path = d.path().join("segments").join(crate::segment::active::active_file_name(frozen));
+        let synced_frozen = steps.iter().any(|s| {
+            matches!(s, crate::durable::seam::Step::SyncRange { path, .. } if *path == frozen_path)
+        });
+        assert!(
+            !d.path().join("segments").join(sealed_file_name(frozen)).exists(),
+            "sealed while the sealer was held"
+        );
+        assert!(
+            synced_frozen,
+            "the flush after a roll left the frozen segment's items unsynced: {steps:?}"
+        );
+        drop(hold);
+        // Synced once: a second flush has nothing of it left to sync.
+        let (flushed, steps) = steps_of(|| w.flush());
+        flushed.unwrap();
+        assert!(steps.is_empty(), "nothing was appended since: {steps:?}");
+        w.close(Instant::now() + Duration::from_secs(30)).unwrap();
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub(super) enum Job {
     /// whole preallocated file (measured at 10-15 ms for 8 MB on ext4,
     /// which every append waited for).
     Retire(Arc<ActiveSegment>),
+    /// Tests: stop the thread until the sender sends or is dropped, so
+    /// that what is queued behind it waits.
+    #[cfg(test)]
+    Hold(mpsc::Receiver<()>),
 }
 
 /// The sealer thread's queue: a spare's preparation goes to the front (the
@@ -33,7 +37,7 @@ impl Jobs {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match job {
             Job::Prepare(_) => g.0.push_front(job),
-            Job::Seal(_) | Job::Retire(_) => g.0.push_back(job),
+            _ => g.0.push_back(job),
         }
         self.ready.notify_one();
     }
@@ -64,8 +68,9 @@ pub(super) enum Done {
 
 pub(super) struct SealDone {
     pub(super) id: SegmentId,
-    /// The sealed file's metadata and the file opened with every check.
-    pub(super) result: Result<(SealedMeta, SealedSegment)>,
+    /// The sealed file's metadata; the file itself, opened with every
+    /// check, is already in the writer's sealed set.
+    pub(super) result: Result<SealedMeta>,
 }
 
 /// Pair check, on the sealer thread (never under the writer's lock: it
@@ -122,7 +127,10 @@ pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
 /// (sending each outcome to `done`, waking `notify` after each seal), and
 /// holds the data directory's lock (`lock`) until it ends, so the
 /// directory is not reopened while a seal may still write to it. A failed
-/// seal poisons the writer (`poison`).
+/// seal poisons the writer (`poison`). A sealed segment goes into `sealed`
+/// here, with its slot summary computed (a read of the whole slot table),
+/// so that none of a seal's work runs under the writer's lock.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn spawn(
     jobs: Arc<Jobs>,
     done_tx: mpsc::Sender<Done>,
@@ -131,6 +139,7 @@ pub(super) fn spawn(
     poison: Arc<Poison>,
     notify: Arc<Mutex<Option<SealNotify>>>,
     lock: Arc<DataDir>,
+    sealed: Arc<LocalSealed>,
 ) -> Result<JoinHandle<()>> {
     let sealer_rx = jobs;
     let err_dir = thread_dir.clone();
@@ -142,6 +151,11 @@ pub(super) fn spawn(
                     Job::Seal(seg) => seg,
                     Job::Retire(seg) => {
                         drop(seg);
+                        continue;
+                    }
+                    #[cfg(test)]
+                    Job::Hold(rx) => {
+                        let _ = rx.recv();
                         continue;
                     }
                     Job::Prepare(id) => {
@@ -160,9 +174,16 @@ pub(super) fn spawn(
                 let _g = span.enter();
                 let started = Instant::now();
                 let result = seal_segment(&thread_dir, &seg)
-                    .and_then(|meta| read_back(&thread_dir, seg.id(), meta));
+                    .and_then(|meta| read_back(&thread_dir, seg.id(), meta))
+                    .map(|(meta, file)| {
+                        // Its items are durable in the sealed file: a
+                        // flush need not msync the frozen copy any more.
+                        seg.mark_durable();
+                        sealed.insert(file);
+                        meta
+                    });
                 match &result {
-                    Ok((m, _)) => tracing::info!(
+                    Ok(m) => tracing::info!(
                         items = m.item_count,
                         bytes = m.file_len,
                         ms = started.elapsed().as_millis() as u64,

@@ -8,7 +8,9 @@
 //! - `append` writes the 40-byte item into the mapping, then links it into
 //!   the slot table. Nothing is durable yet.
 //! - `flush` msyncs the pages holding items appended since the last flush.
-//!   That is the durability point. The slot table is *not* synced: it is
+//!   That is the durability point. A frozen segment (rolled, waiting for
+//!   its seal) is synced through a shared reference by `flush_frozen`: the
+//!   roll itself does not msync, the writer's next flush does. The slot table is *not* synced: it is
 //!   derived state, rebuilt from the items on every open.
 //! - A failed msync poisons the segment: the kernel may have dropped the
 //!   dirty pages, so no later append or flush is accepted.
@@ -26,6 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use memmap2::MmapMut;
 
@@ -155,7 +158,10 @@ pub struct ActiveSegment {
     id: SegmentId,
     created_ms: u64,
     len: u32,
-    flushed: u32,
+    /// Items known durable. Atomic only so that a frozen segment, shared
+    /// with the sealer thread, can be synced through `&self`
+    /// (`flush_frozen`); the writer is the only one that stores it.
+    flushed: AtomicU32,
     poisoned: Option<String>,
 }
 
@@ -324,7 +330,7 @@ impl ActiveSegment {
             id,
             created_ms,
             len: 0,
-            flushed: 0,
+            flushed: AtomicU32::new(0),
             poisoned: None,
         })
     }
@@ -400,7 +406,7 @@ impl ActiveSegment {
             id: header.segment_id,
             created_ms: header.created_ms,
             len: 0,
-            flushed: 0,
+            flushed: AtomicU32::new(0),
             poisoned: None,
         };
         seg.recover(&mut rec, save_dir)?;
@@ -451,7 +457,7 @@ impl ActiveSegment {
         })?;
         rec.valid_items = valid;
         self.len = valid;
-        self.flushed = valid;
+        *self.flushed.get_mut() = valid;
         Ok(())
     }
 
@@ -533,10 +539,37 @@ impl ActiveSegment {
     /// Returns only when they are on stable storage. A failure poisons.
     pub fn flush(&mut self) -> Result<()> {
         self.check_poison()?;
-        if self.flushed == self.len {
+        self.sync_unflushed().inspect_err(|e| {
+            if let Error::Poisoned(why) = e {
+                self.poisoned = Some(why.clone());
+            }
+        })
+    }
+
+    /// [`flush`](Self::flush) for a frozen segment (rolled: no append will
+    /// come), through the reference it shares with the sealer thread. The
+    /// caller poisons its writer on a failure: this segment cannot record
+    /// it, and takes no appends anyway.
+    pub fn flush_frozen(&self) -> Result<()> {
+        self.check_poison()?;
+        self.sync_unflushed()
+    }
+
+    /// Record that every item is durable elsewhere (the sealer wrote and
+    /// fsynced this frozen segment's sealed file), so that
+    /// [`flush_frozen`](Self::flush_frozen) has nothing left to sync.
+    pub fn mark_durable(&self) {
+        self.flushed.store(self.len, Ordering::Release);
+    }
+
+    /// msync the items from the last durable one to the end. An error is
+    /// already `Poisoned`: a failed msync is never retried.
+    fn sync_unflushed(&self) -> Result<()> {
+        let flushed = self.flushed.load(Ordering::Acquire);
+        if flushed >= self.len {
             return Ok(());
         }
-        let start = self.layout.item_offset(self.flushed);
+        let start = self.layout.item_offset(flushed);
         let end = self.layout.item_offset(self.len);
         let synced = crate::durable::at("active.msync").msync_range(
             &self.map,
@@ -545,12 +578,13 @@ impl ActiveSegment {
             &self.path,
         );
         if let Err(e) = synced {
-            let why = format!("msync of {} failed: {e}", self.path.display());
-            self.poisoned = Some(why.clone());
-            return Err(Error::Poisoned(why));
+            return Err(Error::Poisoned(format!(
+                "msync of {} failed: {e}",
+                self.path.display()
+            )));
         }
         crate::failpoint::crash("active.msync.after");
-        self.flushed = self.len;
+        self.flushed.store(self.len, Ordering::Release);
         Ok(())
     }
 
@@ -642,7 +676,7 @@ impl ActiveSegment {
     }
     #[cfg(any(test, feature = "testing"))]
     pub fn flushed_len(&self) -> u32 {
-        self.flushed
+        self.flushed.load(Ordering::Acquire)
     }
     pub fn is_full(&self) -> bool {
         self.len >= self.layout.item_capacity
