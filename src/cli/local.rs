@@ -100,18 +100,37 @@ enum Inspected {
     },
 }
 
+/// Largest journal file `inspect` reads (into memory, decoded whole). A
+/// live journal is compacted far below this; a longer file is refused by
+/// size, never read.
+const INSPECT_MAX_JOURNAL_BYTES: u64 = 256 << 20;
+
 pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
-    // Only regular files: `inspect /dev/zero` would read forever.
-    let md = std::fs::metadata(file).map_err(|e| Error::io(file, "stat file to inspect", e))?;
-    if !md.is_file() {
-        return Err(Error::InvalidInput(format!(
-            "{}: not a regular file; inspect takes a segment or journal file",
-            file.display()
-        )));
-    }
-    let bytes = std::fs::read(file).map_err(|e| Error::io(file, "read file to inspect", e))?;
-    let magic = bytes.get(..8).unwrap_or(&[]);
+    use std::io::Read;
+    // Only regular files (`inspect /dev/zero` would read forever), opened
+    // without blocking (a FIFO would block the open itself).
+    let f = crate::durable::open_regular(file, false).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Error::InvalidInput(format!(
+                "{}: not a regular file; inspect takes a segment or journal file",
+                file.display()
+            ))
+        } else {
+            Error::io(file, "open file to inspect", e)
+        }
+    })?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(file, "stat file to inspect", e))?
+        .len();
+    // The magic first; nothing else is read before the kind is known and
+    // the file's length is within what that kind can be.
+    let mut magic = Vec::with_capacity(8);
+    f.take(8)
+        .read_to_end(&mut magic)
+        .map_err(|e| Error::io(file, "read file to inspect", e))?;
     let out = if magic == ACTIVE_MAGIC {
+        // Mapped, not read: bounded by the page cache, not the heap.
         let (id, rec) = active::check_active(file)?;
         let (_, entries) = active::read_entries(file)?;
         Inspected::Active {
@@ -122,14 +141,33 @@ pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
             first_entries: entries.into_iter().take(20).collect(),
         }
     } else if magic == SEALED_MAGIC {
-        let (footer, sums) = format::check_sealed(&bytes)?;
+        let max = format::SealedLayout::new(format::MAX_SLOTS, format::MAX_ITEMS).file_len;
+        if len > max {
+            return Err(Error::corrupt(
+                file.display().to_string(),
+                format!("{len} bytes, longer than any sealed segment ({max}); not read"),
+            ));
+        }
+        // Mapped and fully checked (every item and the whole-file sums).
         let seg = SealedSegment::open(file)?;
         Inspected::Sealed {
-            meta: footer.meta(sums),
-            slot_count: footer.slot_count,
+            meta: seg.meta(),
+            slot_count: seg.footer().slot_count,
             first_entries: seg.entries().into_iter().take(20).collect(),
         }
     } else if magic == journal::MAGIC {
+        if len > INSPECT_MAX_JOURNAL_BYTES {
+            return Err(Error::InvalidInput(format!(
+                "{}: {len} bytes; inspect decodes at most {INSPECT_MAX_JOURNAL_BYTES} bytes of a \
+                 journal. `tierindex status` reads the journal's state without printing every \
+                 record",
+                file.display()
+            )));
+        }
+        let mut bytes = Vec::new();
+        crate::durable::open_regular(file, false)
+            .and_then(|f| f.take(INSPECT_MAX_JOURNAL_BYTES).read_to_end(&mut bytes))
+            .map_err(|e| Error::io(file, "read file to inspect", e))?;
         let d = journal::decode_file(&bytes)?;
         Inspected::Journal {
             generation: d.header.generation,

@@ -660,9 +660,12 @@ impl IndexWriter {
         self.sealed.get(id)
     }
 
-    /// Whether a sealed segment is held locally (without mapping it).
+    /// Whether a sealed segment is held locally (without mapping it) and
+    /// taken by this writer: one the sealer thread finished but the writer
+    /// has not collected yet (still frozen, not yet returned by
+    /// [`poll_sealed`](Self::poll_sealed)) is not counted.
     pub fn holds_sealed(&self, id: SegmentId) -> bool {
-        self.sealed.contains(id)
+        !self.frozen.contains_key(&id) && self.sealed.contains(id)
     }
 
     /// A local sealed segment's metadata (from its recorded footer and
@@ -671,9 +674,14 @@ impl IndexWriter {
         self.sealed.meta(id)
     }
 
-    /// Ids of every sealed segment held locally.
+    /// Ids of every sealed segment held locally and taken by this writer
+    /// (as [`holds_sealed`](Self::holds_sealed)).
     pub fn sealed_ids(&self) -> Vec<SegmentId> {
-        self.sealed.ids()
+        let mut ids = self.sealed.ids();
+        if !self.frozen.is_empty() {
+            ids.retain(|id| !self.frozen.contains_key(id));
+        }
+        ids
     }
 
     /// The local sealed segments, shared (lookups read them off this

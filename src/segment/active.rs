@@ -225,20 +225,47 @@ fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u
     valid
 }
 
+/// A file's bytes through a read-only map, for the read-only checks below:
+/// a huge or sparse file (a 6 GiB one took 12.6 GB of memory when read)
+/// costs page cache, not heap. Only a regular file is opened (a FIFO would
+/// block). `None`: the file is empty.
+///
+/// The bytes are read while the file may be in use by a running broker,
+/// which only ever writes items past what was read and never shortens the
+/// file (an interrupted `set_len` of a cut file only extends it); a file
+/// truncated under the map by hand would end the process with SIGBUS, as
+/// for any mapped file.
+fn map_read_only(path: &Path) -> Result<Option<memmap2::Mmap>> {
+    let file = crate::durable::open_regular(path, false)
+        .map_err(|e| Error::io(path, "open active segment", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(path, "stat active segment", e))?
+        .len();
+    if len == 0 {
+        return Ok(None);
+    }
+    // SAFETY: read-only map of a regular file; see above for truncation.
+    unsafe { memmap2::Mmap::map(&file) }
+        .map(Some)
+        .map_err(|e| Error::io(path, "map active segment", e))
+}
+
 /// Read-only: the valid entries of an active file, in append order (for
 /// `tierindex lookup` on a directory whose broker is down).
 pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
+    let map = map_read_only(path)?;
+    let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
     let header =
-        Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
+        Header::decode(bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
     check_claim(path, bytes.len() as u64, &l, None)?;
     // A short file is scanned as `open` scans it (zero-extended), item by
     // item, never by allocating what the header claims.
-    let valid = scan_bytes(&bytes, &l, header.segment_id);
+    let valid = scan_bytes(bytes, &l, header.segment_id);
     let entries = (0..valid)
         .filter_map(|i| {
-            format::decode_active_item(&item_padded(&bytes, l.item_offset(i)), header.segment_id, i)
+            format::decode_active_item(&item_padded(bytes, l.item_offset(i)), header.segment_id, i)
         })
         .map(|it| it.entry)
         .collect();
@@ -248,9 +275,10 @@ pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
 /// Read-only check of an active file (for `fsck` without `--repair`): what
 /// [`ActiveSegment::open`] would keep and zero, without changing anything.
 pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "read active segment", e))?;
+    let map = map_read_only(path)?;
+    let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
     let header =
-        Header::decode(&bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
+        Header::decode(bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
     let len = bytes.len() as u64;
     if len > l.file_len {
@@ -266,7 +294,7 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
     };
     // Predict `open` exactly (it zero-extends a short file before scanning);
     // `scan_valid_prefix` reads past-the-end bytes as zeros.
-    rec.valid_items = scan_bytes(&bytes, &l, header.segment_id);
+    rec.valid_items = scan_bytes(bytes, &l, header.segment_id);
     let tail_start = l.item_offset(rec.valid_items).min(bytes.len());
     if let Some(last) = bytes[tail_start..].iter().rposition(|&b| b != 0) {
         rec.torn_bytes_zeroed = last as u64 + 1;
