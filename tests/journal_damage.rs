@@ -189,3 +189,91 @@ async fn a_bit_flip_in_the_middle_of_the_journal_loses_and_deletes_nothing() {
     held.extend(offsets_in(&data.join("segments")));
     assert_eq!(held, all);
 }
+
+/// Gap 12: `fsck --repair` on a data directory whose journal is damaged
+/// and whose local copy of a committed segment (kept: no release) has a
+/// flipped bit. The committed set comes from the journal's intact frames,
+/// so the copy is quarantined as it is: no loss is reported (the store
+/// holds every entry) and no entry is salvaged into a new segment to be
+/// committed a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_with_a_damaged_journal_still_knows_committed_segments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, store) = (tmp.path().join("data"), tmp.path().join("store"));
+    let cfg = Config {
+        release_after_commit: false,
+        ..config(&data, &store)
+    };
+    let (ti, _) = TierIndex::open(cfg.clone()).await.unwrap();
+    for o in 0..ENTRIES {
+        ti.append(
+            format!("k{}", o % 13).as_bytes(),
+            o,
+            10,
+            1_700_000_000_000 + o,
+        )
+        .unwrap();
+    }
+    ti.flush().unwrap();
+    assert!(ti.shutdown(Duration::from_secs(30)).await.fully_drained());
+    let ids = common::local_sealed_ids(&data);
+    assert!(ids.len() > 3, "{ids:?}");
+    // The newest segment's local copy: one bit in its first item (its
+    // records are in the journal's last frames).
+    let victim = *ids.last().unwrap();
+    let seg_path = data
+        .join("segments")
+        .join(tierindex::segment::sealed::sealed_file_name(victim));
+    let mut seg = std::fs::read(&seg_path).unwrap();
+    let f = tierindex::segment::format::Footer::decode(
+        &seg[seg.len() - tierindex::segment::format::FOOTER_LEN..],
+    )
+    .unwrap();
+    seg[f.items_offset as usize + 3] ^= 0x10;
+    std::fs::write(&seg_path, &seg).unwrap();
+    // The journal: one bit in the first batch frame.
+    let log = log_path(&data);
+    let mut bytes = std::fs::read(&log).unwrap();
+    let d = decode_file(&bytes).unwrap();
+    let first = d
+        .frames
+        .iter()
+        .find(|f| matches!(f.frame, Frame::Batch(_)))
+        .expect("a batch frame");
+    bytes[(first.offset + 8 + first.len / 2) as usize] ^= 0x02;
+    std::fs::write(&log, &bytes).unwrap();
+
+    let (code, out) = cli(&data, &store, &["fsck", "--repair"]);
+    assert_eq!(code, EXIT_NEEDS_OPERATOR, "{out}");
+    assert!(out.contains("journal rebuilt"), "{out}");
+    assert!(
+        !out.contains("LOST"),
+        "a committed segment's damaged copy was salvaged and reported lost: {out}"
+    );
+    let quarantined: Vec<String> = std::fs::read_dir(data.join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        quarantined
+            .iter()
+            .any(|n| n.starts_with(&tierindex::segment::sealed::sealed_file_name(victim))),
+        "{quarantined:?}"
+    );
+    // The store still holds every entry exactly once, and nothing local
+    // holds the victim's entries again.
+    let mut held = offsets_in(&store);
+    assert_eq!(held, (0..ENTRIES).collect::<BTreeSet<u64>>());
+    held.clear();
+    for p in common::files_under(&data.join("segments")) {
+        if p.extension().is_some_and(|e| e == "active") {
+            let (_, es) =
+                tierindex::segment::active::read_entries(&data.join("segments").join(&p)).unwrap();
+            held.extend(es.iter().map(|e| e.offset));
+        }
+    }
+    assert!(
+        held.is_empty(),
+        "entries salvaged into an active segment: {held:?}"
+    );
+}

@@ -218,8 +218,9 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         slot_count: cfg.slot_count,
         item_capacity: cfg.segment_items,
     };
-    // Committed segments (as the journal, if it reads, says): a damaged
-    // local copy is quarantined as it is, not salvaged, as at start-up.
+    // Committed segments (as the journal says; a damaged one, as its
+    // intact frames say): a damaged local copy is quarantined as it is,
+    // not salvaged, as at start-up.
     let committed: std::collections::BTreeSet<crate::segment::SegmentId> =
         match Journal::open_read_only(&cfg.data_dir) {
             Ok((v, _)) => v
@@ -233,6 +234,11 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
                 })
                 .map(|r| r.meta.id)
                 .collect(),
+            Err(Error::Corrupt { .. }) => journal::committed_in_intact_frames(&cfg.data_dir)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the damaged journal's intact frames could not be read: no segment is known to be committed");
+                    Default::default()
+                }),
             Err(_) => Default::default(),
         };
     let rec = datadir::recover_checking(

@@ -59,7 +59,7 @@ pub mod record;
 mod replay;
 mod writer;
 
-pub use rebuild::{RebuildReport, rebuild};
+pub use rebuild::{RebuildReport, committed_in_intact_frames, rebuild};
 // Re-exported for the tests (feature `testing`); the crate uses a part.
 #[cfg_attr(not(any(test, feature = "testing")), allow(unused_imports))]
 pub use record::{Frame, JournalState, PendingSummary, Record, SegmentRecord, SegmentState};

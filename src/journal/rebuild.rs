@@ -285,6 +285,37 @@ fn salvage(bytes: &[u8], fold: &mut Fold) -> Result<(u64, u64)> {
     Ok((frames, skipped))
 }
 
+/// Read-only, for `fsck` when the journal does not open: the segments that
+/// the intact frames of `journal.log` record as `Committed` or `Released`
+/// (also those whose `Sealed` record was in the damaged span), so that a
+/// damaged local copy of one is quarantined as it is rather than salvaged
+/// and its entries committed a second time. Nothing is written.
+pub fn committed_in_intact_frames(data_dir: &Path) -> Result<std::collections::BTreeSet<SegmentId>> {
+    let log = journal_dir(data_dir).join(LOG_FILE);
+    let mut bytes = Vec::new();
+    crate::durable::open_regular(&log, false)
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes))
+        .map_err(|e| Error::io(&log, "read journal", e))?;
+    let mut fold = Fold::default();
+    salvage(&bytes, &mut fold)?;
+    let done = |s: SegmentState| matches!(s, SegmentState::Committed | SegmentState::Released);
+    let mut out: std::collections::BTreeSet<SegmentId> = fold
+        .segments
+        .iter()
+        .filter(|(_, r)| done(r.state))
+        .map(|(id, _)| *id)
+        .collect();
+    for (id, recs) in &fold.orphaned {
+        if recs
+            .iter()
+            .any(|r| matches!(r, Record::Committed { .. } | Record::Released { .. }))
+        {
+            out.insert(*id);
+        }
+    }
+    Ok(out)
+}
+
 /// Rebuilds `data_dir/journal/journal.log` from its intact frames and the
 /// sealed files in `data_dir/segments` (see the module doc). The caller
 /// holds the data directory (its broker is down).
