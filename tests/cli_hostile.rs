@@ -801,6 +801,20 @@ const REFUSED: &[Case] = &[
     // --- missing things
     case!("no data dir", &["status"], 1, &["--data-dir"]),
     case!(
+        "an empty TIERINDEX_DATA_DIR is named, not its flag",
+        &["status"],
+        env & [("TIERINDEX_DATA_DIR", "")],
+        2,
+        &["TIERINDEX_DATA_DIR is set but empty"]
+    ),
+    case!(
+        "an empty TIERINDEX_STORE is named",
+        &["--data-dir", "{data}", "status"],
+        env & [("TIERINDEX_STORE", "")],
+        2,
+        &["TIERINDEX_STORE is"]
+    ),
+    case!(
         "config is /dev/zero",
         &["--config", "/dev/zero", "drain"],
         1,

@@ -381,6 +381,33 @@ fn init_logging() {
 /// Entry point of the binary; returns the process exit code. When stdout
 /// was closed by its reader, [`stdout_closed`] is true afterwards and the
 /// binary ends itself by SIGPIPE, as Unix tools do.
+/// The variables the global flags read, with their flags.
+const FLAG_VARS: &[(&str, &str)] = &[
+    ("TIERINDEX_DATA_DIR", "--data-dir"),
+    ("TIERINDEX_STORE", "--store"),
+    ("TIERINDEX_ENDPOINT", "--endpoint"),
+    ("TIERINDEX_CONFIG", "--config"),
+    ("TIERINDEX_STREAM", "--stream"),
+    ("TIERINDEX_MANIFEST", "--manifest"),
+];
+
+/// A flag's variable that is set but empty while the flag itself is not
+/// given (then clap reads the variable): what to say instead of clap's
+/// error about the flag.
+fn empty_variable() -> Option<String> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    FLAG_VARS.iter().find_map(|(var, flag)| {
+        let empty = std::env::var_os(var).is_some_and(|v| v.is_empty());
+        let given = args.iter().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == *flag || a.starts_with(&format!("{flag}=")))
+        });
+        (empty && !given).then(|| {
+            format!("{var} is set but empty (it stands for {flag}): unset it or give it a value")
+        })
+    })
+}
+
 pub fn main() -> i32 {
     let parsed = Cli::command()
         .try_get_matches()
@@ -388,6 +415,14 @@ pub fn main() -> i32 {
     let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
+            // clap names the flag an empty variable stands for ("a value is
+            // required for '--data-dir'"), not the variable that is empty.
+            if e.use_stderr()
+                && let Some(why) = empty_variable()
+            {
+                note(&format!("tierindex: {why}"));
+                return EXIT_USAGE;
+            }
             let _ = e.print();
             return if e.use_stderr() { EXIT_USAGE } else { 0 };
         }

@@ -380,6 +380,25 @@ impl Config {
     /// Parses a TOML configuration (unknown keys are refused) and checks each
     /// field ([`validate`](Self::validate) checks the whole when it is used).
     pub fn from_toml(text: &str) -> Result<Config> {
+        /// A type error quotes the value (`invalid type: string "...",
+        /// expected u64`), which may be a credential put on the wrong
+        /// line: every double-quoted span is left out. Field names are in
+        /// backticks and stay.
+        fn without_quoted(m: &str) -> String {
+            let mut out = String::with_capacity(m.len());
+            let mut quoted = false;
+            for c in m.chars() {
+                if c == '"' {
+                    if !quoted {
+                        out.push_str("(value not shown)");
+                    }
+                    quoted = !quoted;
+                } else if !quoted {
+                    out.push(c);
+                }
+            }
+            out
+        }
         let c: Config = toml::from_str(text).map_err(|e| {
             // Not `{e}`: toml's Display quotes the offending source line,
             // which may hold a credential (`endpoint = "http://k:s@h"`).
@@ -389,7 +408,10 @@ impl Config {
                 let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
                 format!(" at line {line}, column {col}")
             });
-            Error::InvalidInput(format!("config{at}: {}", e.message().trim_end()))
+            Error::InvalidInput(format!(
+                "config{at}: {}",
+                without_quoted(e.message().trim_end())
+            ))
         })?;
         // Fields only: the command line may still set `data_dir` or
         // `store`; the whole config is validated when it is used.
@@ -714,6 +736,9 @@ mod tests {
             ("store = \"s3://b/../x\"", "store"),
             ("endpoint = \"127.0.0.1:5077\"", "endpoint"),
             ("endpoint = \"http://k:hunter2@h\"", "endpoint"),
+            // A type error must not quote the value.
+            ("tick_ms = \"hunter2\"", "line 1"),
+            ("manifest = \"hunter2\"", "line 1"),
             // Parse errors must not quote the line (it may hold a secret).
             ("endpoit = \"http://k:hunter2@h\"", "endpoit"),
             ("endpoint = \"http://k:hunter2@h", "line 1"),

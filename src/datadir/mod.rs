@@ -94,7 +94,21 @@ impl DataDir {
             .create(true)
             .truncate(false)
             .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, "open lock file", e))?;
+            .map_err(|e| {
+                // A read-only directory or a LOCK owned by another user
+                // (a data directory copied as root): say what to check.
+                let what = if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) {
+                    "open lock file for writing: this command takes the data directory's lock; \
+                     check that this user may write the directory and its LOCK file (owner, \
+                     mode, a read-only mount); `tierindex status` and `inspect` read without it"
+                } else {
+                    "open lock file"
+                };
+                Error::io(&lock_path, what, e)
+            })?;
         if !crate::durable::try_lock(&lock, &lock_path, "lock data directory")? {
             let mut holder = String::new();
             let _ = lock.read_to_string(&mut holder);

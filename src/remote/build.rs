@@ -111,6 +111,13 @@ fn build_s3(
             ) {
                 crate::error::register_secret(v);
             }
+            // object_store's own error for a bad boolean does not name
+            // the variable.
+            if BOOL_VARS.contains(&k.as_str()) && !is_flag_spelling(v) {
+                return Err(Error::InvalidInput(format!(
+                    "{k} is not a boolean: set it to true or false (or 1/0, yes/no, on/off)"
+                )));
+            }
             if v.chars().any(char::is_control) {
                 return Err(Error::InvalidInput(format!(
                     "{k} holds a control character (a line break or CR, perhaps from a file \
@@ -129,6 +136,7 @@ fn build_s3(
             b = b.with_config(key, v.clone());
         }
     }
+    key_pair_complete(env)?;
     b = b.with_bucket_name(bucket);
     // Every endpoint is validated before the HTTP stack sees it: a bad one
     // panics inside object_store, and one with user info would be logged
@@ -328,6 +336,46 @@ fn no_metadata_credentials(env: &[(String, String)], ep: &self::url::Endpoint) -
          AWS_SECRET_ACCESS_KEY in the environment (or AWS_SKIP_SIGNATURE=true for \
          a store that takes anonymous requests)",
         self::url::redact(&ep.url)
+    )))
+}
+
+/// Boolean `AWS_*` variables object_store reads for the S3 builder.
+const BOOL_VARS: &[&str] = &[
+    "AWS_ALLOW_HTTP",
+    "AWS_SKIP_SIGNATURE",
+    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+    "AWS_ALLOW_INVALID_CERTIFICATES",
+    "AWS_IMDSV1_FALLBACK",
+    "AWS_S3_EXPRESS",
+    "AWS_DISABLE_TAGGING",
+];
+
+/// Every spelling object_store parses as a boolean, either way (it does
+/// not trim).
+fn is_flag_spelling(v: &str) -> bool {
+    matches!(
+        v.to_ascii_lowercase().as_str(),
+        "1" | "true" | "on" | "yes" | "y" | "0" | "false" | "off" | "no" | "n"
+    )
+}
+
+/// An access key id without its secret (or the reverse) is refused by
+/// name; object_store's answer ("Missing SecretAccessKey") names neither
+/// variable. Values are never shown.
+fn key_pair_complete(env: &[(String, String)]) -> Result<()> {
+    let set = |name: &str| env.iter().any(|(k, v)| k == name && !v.is_empty());
+    let (id, secret) = (set("AWS_ACCESS_KEY_ID"), set("AWS_SECRET_ACCESS_KEY"));
+    if id == secret {
+        return Ok(());
+    }
+    let (has, lacks) = if id {
+        ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    } else {
+        ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+    };
+    Err(Error::InvalidInput(format!(
+        "{has} is set but {lacks} is not (or is empty): set both for a static key, or \
+         neither to use other credentials"
     )))
 }
 

@@ -561,6 +561,52 @@ mod tests {
         }
     }
 
+    /// Half a static key, and a boolean variable object_store cannot read,
+    /// are refused naming the variable (object_store's own errors named
+    /// neither); the values are not shown.
+    #[test]
+    fn half_a_key_and_a_bad_flag_are_refused_by_name() {
+        let o = StoreOptions::default();
+        let err = |env: &[(&str, &str)]| {
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            match RemoteStore::from_url_with_env("s3://bkt/p", &o, &env) {
+                Err(e @ Error::InvalidInput(_)) => e.to_string(),
+                Err(e) => panic!("not InvalidInput: {e}"),
+                Ok(_) => panic!("accepted: {env:?}"),
+            }
+        };
+        let t = err(&[("AWS_ACCESS_KEY_ID", "AKIDSEKRIT")]);
+        assert!(t.contains("AWS_SECRET_ACCESS_KEY is not") && !t.contains("SEKRIT"), "{t}");
+        let t = err(&[("AWS_ACCESS_KEY_ID", "AKIDX"), ("AWS_SECRET_ACCESS_KEY", "")]);
+        assert!(t.contains("AWS_SECRET_ACCESS_KEY is not"), "{t}");
+        let t = err(&[("AWS_SECRET_ACCESS_KEY", "SEKRIT")]);
+        assert!(t.contains("AWS_ACCESS_KEY_ID is not") && !t.contains("SEKRIT"), "{t}");
+        let t = err(&[
+            ("AWS_ACCESS_KEY_ID", "AKIDX"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_ALLOW_HTTP", "maybe"),
+        ]);
+        assert!(t.contains("AWS_ALLOW_HTTP is not a boolean"), "{t}");
+        // Every spelling object_store takes is accepted.
+        for v in ["true", "FALSE", "1", "0", "yes", "no", "on", "off", "y", "n"] {
+            let env: Vec<(String, String)> = [
+                ("AWS_ACCESS_KEY_ID", "AKIDX"),
+                ("AWS_SECRET_ACCESS_KEY", "s"),
+                ("AWS_SKIP_SIGNATURE", v),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            assert!(
+                RemoteStore::from_url_with_env("s3://bkt/p", &o, &env).is_ok(),
+                "AWS_SKIP_SIGNATURE={v} refused"
+            );
+        }
+    }
+
     /// Segment bodies may go unsigned only where the transport protects
     /// them (HTTPS, loopback) and nobody asked for signing; never on
     /// plain HTTP to another host, never on file:// or memory://.
