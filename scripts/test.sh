@@ -241,7 +241,7 @@ if [ "${TIERINDEX_ONLY_S3:-0}" != 1 ]; then
   step crash env -u TIERINDEX_S3_ENDPOINT -u TIERINDEX_S3_KIND \
     TIERINDEX_CRASH_ITERS="${TIERINDEX_CRASH_ITERS:-20}" TIERINDEX_KILLS="${TIERINDEX_KILLS:-200}" \
     cargo test --features failpoints --test crash_points --test kill_loop --test io_errors \
-      --test power_loss --test fault_matrix --test cli_hostile -- --nocapture --test-threads=1
+      --test power_loss --test fault_matrix --test cli_hostile --test poison_paths -- --nocapture --test-threads=1
 fi
 
 KINDS=$(s3_kinds)

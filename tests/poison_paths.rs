@@ -7,10 +7,13 @@
 //! and release with [`Error::Poisoned`]: nothing is acknowledged after it,
 //! and the failed step is never retried into a success.
 //!
+//! Also a rolled segment's msync that fails at the next flush
+//! (`active.msync` on a frozen segment): poisoned, not retried, not sealed.
+//!
 //! One test in this binary: the failpoint table is armed once per process
 //! (from `TIERINDEX_FAILPOINTS`, read at the first hit), and every point
-//! fails its first hit only, so the four scenarios run in order, each on its
-//! own data directory.
+//! fails one hit only, so the five scenarios run in order, each on its own
+//! data directory.
 
 #![cfg(feature = "failpoints")]
 
@@ -78,7 +81,8 @@ fn release_and_remove_empty_failures_poison_and_are_never_retried() {
         std::env::set_var(
             "TIERINDEX_FAILPOINTS",
             "release.unlink=eio@1;release.dirsync=eio@1;\
-             active.remove_empty=eio@1;active.remove_empty.dirsync=eio@1",
+             active.remove_empty=eio@1;active.remove_empty.dirsync=eio@1;\
+             active.msync=eio@6",
         );
     }
     let root = tempfile::tempdir().unwrap();
@@ -131,6 +135,80 @@ fn release_and_remove_empty_failures_poison_and_are_never_retried() {
     assert_refuses_everything(&mut w, "active.remove_empty.dirsync", id);
     drop(w);
 
+    // 5. A rolled (frozen) segment's msync fails at the flush after the
+    //    roll (a roll no longer msyncs): poisoned, never retried into a
+    //    success, and the sealer does not seal that segment; its `.active`
+    //    stays for the next start. Segment A (100,000 entries, flushed)
+    //    seals first, so B's seal is still queued when the flush runs.
+    let d = root.path().join("frozen-msync");
+    let dd = DataDir::open(&d).unwrap();
+    let big = IndexConfig {
+        segment_items: 200_000,
+        slot_count: 4096,
+        ..cfg()
+    };
+    let (mut w, _) = IndexWriter::open(dd, big.clone(), None, None).unwrap();
+    for i in 0..100_000u64 {
+        w.append(&(i % 7).to_le_bytes(), i, 1, i).unwrap();
+    }
+    w.flush().unwrap();
+    w.roll().unwrap().expect("segment A rolls");
+    for i in 100_000..100_010u64 {
+        w.append(&(i % 7).to_le_bytes(), i, 1, i).unwrap();
+    }
+    let b = w.roll().unwrap().expect("segment B rolls");
+    let msyncs = tierindex::failpoint::hit_counts()
+        .into_iter()
+        .find(|(p, _)| *p == "active.msync")
+        .map_or(0, |(_, n)| n);
+    assert_eq!(msyncs, 5, "the armed hit (6) must be the flush below");
+    let f = w.flush();
+    assert!(
+        matches!(&f, Err(Error::Poisoned(m)) if m.contains("Input/output error")),
+        "flush with a failing msync of the frozen segment: {f:?}"
+    );
+    let again = w.flush();
+    assert!(
+        matches!(&again, Err(Error::Poisoned(_))),
+        "a second flush: {again:?}"
+    );
+    let closed = w.close(Instant::now() + Duration::from_secs(60));
+    assert!(closed.is_err(), "close after a failed msync: {closed:?}");
+    drop(w);
+    // The sealer thread holds the directory's lock until it has ended
+    // (the failed close did not wait for it): it has sealed A and, had it
+    // not refused, would have sealed B by then.
+    let until = Instant::now() + Duration::from_secs(30);
+    let dd = loop {
+        match DataDir::open(&d) {
+            Err(Error::Locked { .. }) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => break r.unwrap(),
+        }
+    };
+    // The sealer has ended (it released the lock): what it left is final.
+    let segs = d.join("segments");
+    assert!(
+        !segs.join(format!("{b}.seg")).exists(),
+        "segment {b} was sealed after its msync failed"
+    );
+    assert!(
+        segs.join(tierindex::segment::active::active_file_name(b))
+            .exists(),
+        "segment {b}'s active file is gone"
+    );
+    let (w, _) = IndexWriter::open(dd, big, None, None).unwrap();
+    let n: usize = (0..7u64)
+        .map(|k| {
+            w.lookup(&k.to_le_bytes(), tierindex::TimeRange::ALL)
+                .entries
+                .len()
+        })
+        .sum();
+    assert_eq!(n, 100_010, "frozen-msync: entries found after restart");
+    drop(w);
+
     // Every point fired exactly where expected (a second hit passes).
     let hits: std::collections::BTreeMap<_, _> =
         tierindex::failpoint::hit_counts().into_iter().collect();
@@ -139,6 +217,7 @@ fn release_and_remove_empty_failures_poison_and_are_never_retried() {
         "release.dirsync",
         "active.remove_empty",
         "active.remove_empty.dirsync",
+        "active.msync",
     ] {
         assert!(hits[p] >= 1, "{p} never reached: {hits:?}");
     }

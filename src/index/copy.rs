@@ -83,6 +83,11 @@ impl IndexWriter {
         };
         let mut sealed = Vec::new();
         for id in self.sealed.ids_from(since) {
+            // Sealed by the sealer thread but not collected yet: still
+            // frozen, and counted once, below.
+            if self.frozen.contains_key(&id) {
+                continue;
+            }
             let seg = self
                 .sealed
                 .get(id)?

@@ -489,9 +489,7 @@ impl IndexWriter {
     /// Normally there is one frozen segment at most, synced once.
     pub fn flush(&mut self) -> Result<()> {
         self.check_open()?;
-        for f in self.frozen.values() {
-            f.flush_frozen().inspect_err(|e| self.poison.set(e.to_string()))?;
-        }
+        self.flush_frozen_all()?;
         match self.active.as_mut() {
             Some(a) => a.flush().inspect_err(|e| self.poison.set(e.to_string())),
             None => Ok(()),
@@ -508,6 +506,16 @@ impl IndexWriter {
         let frozen = self.freeze_active(false)?;
         self.active = Some(self.next_active()?);
         Ok(frozen)
+    }
+
+    /// msync every frozen segment its seal has not made durable yet; a
+    /// failure poisons the writer.
+    fn flush_frozen_all(&self) -> Result<()> {
+        for f in self.frozen.values() {
+            f.flush_frozen()
+                .inspect_err(|e| self.poison.set(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Hand the active segment to the sealer. `sync`: msync it first (the
@@ -562,6 +570,11 @@ impl IndexWriter {
             while let Ok(done) = self.done_rx.try_recv() {
                 self.take_done(done)?;
             }
+            // A sealer thread that ended cannot send the spare asked for:
+            // roll now, which reports it (poison).
+            if self.spare_asked.is_some() && self.sealer.as_ref().is_none_or(|h| h.is_finished()) {
+                self.spare_asked = None;
+            }
             if self.spare.is_none() {
                 self.ask_spare();
             }
@@ -609,7 +622,13 @@ impl IndexWriter {
     pub fn close(&mut self, deadline: Instant) -> Result<Vec<SealedMeta>> {
         if !self.closed {
             self.closed = true;
-            let frozen = self.poison.check().and_then(|_| self.freeze_active(true));
+            // Everything appended is durable before the wait: a seal that
+            // misses the deadline leaves `.active` files holding it.
+            let frozen = self
+                .poison
+                .check()
+                .and_then(|_| self.flush_frozen_all())
+                .and_then(|_| self.freeze_active(true));
             // Whatever happened, the sealer must see its queue end, or a
             // later close would wait on it forever.
             if let Some(tx) = self.sealer_tx.take() {

@@ -173,7 +173,20 @@ pub(super) fn spawn(
                 #[allow(clippy::disallowed_methods)]
                 let _g = span.enter();
                 let started = Instant::now();
-                let result = seal_segment(&thread_dir, &seg)
+                // Its pages' writeback failed: sealing them now would be a
+                // second try through another file. Left as `.active` for
+                // the next start's recovery (the writer is poisoned).
+                let result = if seg.sync_failed() {
+                    Err(Error::Poisoned(format!(
+                        "segment {} not sealed: an msync of its active file failed; the next \
+                         start recovers it",
+                        seg.id()
+                    )))
+                } else {
+                    Ok(())
+                };
+                let result = result
+                    .and_then(|()| seal_segment(&thread_dir, &seg))
                     .and_then(|meta| read_back(&thread_dir, seg.id(), meta))
                     .map(|(meta, file)| {
                         // Its items are durable in the sealed file: a

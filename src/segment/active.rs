@@ -158,10 +158,16 @@ pub struct ActiveSegment {
     id: SegmentId,
     created_ms: u64,
     len: u32,
-    /// Items known durable. Atomic only so that a frozen segment, shared
-    /// with the sealer thread, can be synced through `&self`
-    /// (`flush_frozen`); the writer is the only one that stores it.
+    /// Items known durable. Atomic so that a frozen segment, shared with
+    /// the sealer thread, can be synced through `&self` (`flush_frozen`,
+    /// on the writer's thread) and marked durable by its seal
+    /// (`mark_durable`, on the sealer's); both store the final length, and
+    /// only after the step that made it durable.
     flushed: AtomicU32,
+    /// An msync of this segment failed: never retried (`flush_frozen`
+    /// refuses), and the sealer does not seal it (its pages' writeback
+    /// failed; the next start recovers the `.active` file).
+    sync_failed: std::sync::atomic::AtomicBool,
     poisoned: Option<String>,
 }
 
@@ -359,6 +365,7 @@ impl ActiveSegment {
             created_ms,
             len: 0,
             flushed: AtomicU32::new(0),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             poisoned: None,
         })
     }
@@ -435,6 +442,7 @@ impl ActiveSegment {
             created_ms: header.created_ms,
             len: 0,
             flushed: AtomicU32::new(0),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             poisoned: None,
         };
         seg.recover(&mut rec, save_dir)?;
@@ -580,7 +588,18 @@ impl ActiveSegment {
     /// it, and takes no appends anyway.
     pub fn flush_frozen(&self) -> Result<()> {
         self.check_poison()?;
+        if self.sync_failed() {
+            return Err(Error::Poisoned(format!(
+                "an earlier msync of {} failed; it is not retried",
+                self.path.display()
+            )));
+        }
         self.sync_unflushed()
+    }
+
+    /// Whether an msync of this segment failed.
+    pub fn sync_failed(&self) -> bool {
+        self.sync_failed.load(Ordering::Acquire)
     }
 
     /// Record that every item is durable elsewhere (the sealer wrote and
@@ -606,6 +625,7 @@ impl ActiveSegment {
             &self.path,
         );
         if let Err(e) = synced {
+            self.sync_failed.store(true, Ordering::Release);
             return Err(Error::Poisoned(format!(
                 "msync of {} failed: {e}",
                 self.path.display()
