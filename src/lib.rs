@@ -93,7 +93,7 @@ macro_rules! internal_modules {
 }
 
 internal_modules!(
-    config, datadir, durable, error, failpoint, identity, index, journal, metrics, pipeline,
+    config, datadir, durable, error, failpoint, identity, index, journal, lanes, metrics, pipeline,
     recovery, remote, retry, segment, tier, upload,
 );
 

@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::datadir::{self, DataDir, Mode, RecoveryReport};
@@ -139,7 +138,7 @@ pub struct IndexWriter {
     /// Sealed and not yet taken by `poll_sealed`.
     ready: Vec<SealedMeta>,
     /// The sealer thread's queue; `None` once closed.
-    sealer_tx: Option<Arc<Jobs>>,
+    sealer_tx: Option<Jobs>,
     done_rx: mpsc::Receiver<Done>,
     /// The next active segment, created ahead by the sealer thread (its id
     /// reserved: below `next_id`).
@@ -153,7 +152,7 @@ pub struct IndexWriter {
     /// When the active segment became active (the age rule counts from
     /// here, not from when a spare's file was created).
     active_since_ms: u64,
-    sealer: Option<JoinHandle<()>>,
+    sealer: Option<Jobs>,
     poison: Arc<Poison>,
     notify: Arc<Mutex<Option<SealNotify>>>,
     closed: bool,
@@ -261,8 +260,6 @@ impl IndexWriter {
         if let Some(m) = min_next_id {
             next_id = next_id.max(m.0);
         }
-        let sealer_tx = Arc::new(Jobs::default());
-        let sealer_rx = sealer_tx.clone();
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         let poison = Arc::new(Poison::default());
         let notify = Arc::new(Mutex::new(notify));
@@ -271,7 +268,6 @@ impl IndexWriter {
             sealed.insert_info(info);
         }
         let sealer = sealer::spawn(
-            sealer_rx,
             done_tx,
             seg_dir.clone(),
             (cfg.slot_count, cfg.segment_items),
@@ -289,7 +285,7 @@ impl IndexWriter {
             frozen: BTreeMap::new(),
             sealed,
             ready,
-            sealer_tx: Some(sealer_tx),
+            sealer_tx: Some(sealer.clone()),
             done_rx,
             sealer: Some(sealer),
             poison,
@@ -347,7 +343,9 @@ impl IndexWriter {
         if let Some(tx) = &self.sealer_tx
             && self.sealer.as_ref().is_some_and(|h| !h.is_finished())
         {
-            tx.push(Job::Prepare(id));
+            if !tx.push(Job::Prepare(id)) {
+                return;
+            }
             self.next_id = after;
             self.spare_asked = Some(id);
         }
@@ -541,10 +539,7 @@ impl IndexWriter {
         self.frozen.insert(id, old.clone());
         let alive = self.sealer.as_ref().is_some_and(|h| !h.is_finished());
         let sent = match &self.sealer_tx {
-            Some(tx) if alive => {
-                tx.push(Job::Seal(old));
-                true
-            }
+            Some(tx) if alive => tx.push(Job::Seal(old)),
             _ => false,
         };
         if !sent {
@@ -608,7 +603,10 @@ impl IndexWriter {
             // Freed on the sealer thread (after a close, here: nothing
             // waits on this writer any more).
             match &self.sealer_tx {
-                Some(tx) => tx.push(Job::Retire(old)),
+                Some(tx) => {
+                    // Closed lane: the job (and the segment) is dropped here.
+                    tx.push(Job::Retire(old));
+                }
                 None => drop(old),
             }
         }
@@ -1130,7 +1128,7 @@ mod tests {
         // The sealer waits until told, so the frozen segment is not sealed
         // before the flush below.
         let (hold, held) = mpsc::channel();
-        w.sealer_tx.as_ref().unwrap().push(Job::Hold(held));
+        assert!(w.sealer_tx.as_ref().unwrap().push(Job::Hold(held)));
         let frozen = w.active_id().unwrap();
         let (rolled, steps) = steps_of(|| w.roll());
         assert_eq!(rolled.unwrap(), Some(frozen));

@@ -3,6 +3,7 @@
 //! frozen segment and the pair check that reads it back.
 
 use super::*;
+use crate::lanes::{Lane, SEALERS};
 
 /// Work for the sealer thread.
 pub(super) enum Job {
@@ -23,40 +24,31 @@ pub(super) enum Job {
     Hold(mpsc::Receiver<()>),
 }
 
-/// The sealer thread's queue: a spare's preparation goes to the front (the
-/// next roll waits for it), seals to the back. Closing lets the thread
-/// finish what is queued and end.
-#[derive(Default)]
-pub(super) struct Jobs {
-    state: Mutex<(std::collections::VecDeque<Job>, bool)>,
-    ready: std::sync::Condvar,
-}
+/// The writer's sealer lane (on the process's shared sealer threads, see
+/// [`crate::lanes`]): a spare's preparation goes to the front (the next
+/// roll waits for it), seals to the back. Closing lets the lane finish
+/// what is queued and end; clones share it.
+#[derive(Clone)]
+pub(super) struct Jobs(Lane<Job>);
 
 impl Jobs {
-    pub(super) fn push(&self, job: Job) {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// Queue `job`; `false`: the lane is closed or ended (a panic).
+    pub(super) fn push(&self, job: Job) -> bool {
         match job {
-            Job::Prepare(_) => g.0.push_front(job),
-            _ => g.0.push_back(job),
+            Job::Prepare(_) => self.0.push_front(job).is_ok(),
+            _ => self.0.push(job).is_ok(),
         }
-        self.ready.notify_one();
     }
     pub(super) fn close(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
-        self.ready.notify_one();
+        self.0.close();
     }
-    /// The next job; `None` once closed and empty.
-    pub(super) fn pop(&self) -> Option<Job> {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(j) = g.0.pop_front() {
-                return Some(j);
-            }
-            if g.1 {
-                return None;
-            }
-            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
+    /// Closed and done, or ended by a panic.
+    pub(super) fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+    /// Wait until finished; `Err(())`: a job panicked.
+    pub(super) fn join(&self) -> std::result::Result<(), ()> {
+        self.0.join()
     }
 }
 
@@ -123,16 +115,15 @@ pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
     Ok(meta)
 }
 
-/// Start the sealer thread: it runs `jobs` until they are closed and done
-/// (sending each outcome to `done`, waking `notify` after each seal), and
-/// holds the data directory's lock (`lock`) until it ends, so the
-/// directory is not reopened while a seal may still write to it. A failed
-/// seal poisons the writer (`poison`). A sealed segment goes into `sealed`
-/// here, with its slot summary computed (a read of the whole slot table),
-/// so that none of a seal's work runs under the writer's lock.
+/// Start the sealer lane: it runs its jobs until closed and done (sending
+/// each outcome to `done`, waking `notify` after each seal), and holds the
+/// data directory's lock (`lock`) until it ends, so the directory is not
+/// reopened while a seal may still write to it. A failed seal poisons the
+/// writer (`poison`). A sealed segment goes into `sealed` here, with its
+/// slot summary computed (a read of the whole slot table), so that none of
+/// a seal's work runs under the writer's lock.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spawn(
-    jobs: Arc<Jobs>,
     done_tx: mpsc::Sender<Done>,
     thread_dir: PathBuf,
     (slots, items): (u32, u32),
@@ -140,83 +131,76 @@ pub(super) fn spawn(
     notify: Arc<Mutex<Option<SealNotify>>>,
     lock: Arc<DataDir>,
     sealed: Arc<LocalSealed>,
-) -> Result<JoinHandle<()>> {
-    let sealer_rx = jobs;
-    let err_dir = thread_dir.clone();
-    std::thread::Builder::new()
-        .name("tierindex-sealer".into())
-        .spawn(move || {
-            while let Some(job) = sealer_rx.pop() {
-                let seg = match job {
-                    Job::Seal(seg) => seg,
-                    Job::Retire(seg) => {
-                        drop(seg);
-                        continue;
-                    }
-                    #[cfg(test)]
-                    Job::Hold(rx) => {
-                        let _ = rx.recv();
-                        continue;
-                    }
-                    Job::Prepare(id) => {
-                        let r =
-                            ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
-                        if let Ok(seg) = &r {
-                            seg.prefault();
-                        }
-                        let _ = done_tx.send(Done::Prepared(id, r));
-                        continue;
-                    }
-                };
-                let span = tracing::info_span!("seal", segment = seg.id().0);
-                // A plain thread with no `.await`: entering is sound here.
-                #[allow(clippy::disallowed_methods)]
-                let _g = span.enter();
-                let started = Instant::now();
-                // Its pages' writeback failed: sealing them now would be a
-                // second try through another file. Left as `.active` for
-                // the next start's recovery (the writer is poisoned).
-                let result = if seg.sync_failed() {
-                    Err(Error::Poisoned(format!(
-                        "segment {} not sealed: an msync of its active file failed; the next \
-                         start recovers it",
-                        seg.id()
-                    )))
-                } else {
-                    Ok(())
-                };
-                let result = result
-                    .and_then(|()| seal_segment(&thread_dir, &seg))
-                    .and_then(|meta| read_back(&thread_dir, seg.id(), meta))
-                    .map(|(meta, file)| {
-                        // Its items are durable in the sealed file: a
-                        // flush need not msync the frozen copy any more.
-                        seg.mark_durable();
-                        sealed.insert(file);
-                        meta
-                    });
-                match &result {
-                    Ok(m) => tracing::info!(
-                        items = m.item_count,
-                        bytes = m.file_len,
-                        ms = started.elapsed().as_millis() as u64,
-                        "sealed"
-                    ),
-                    Err(e) => {
-                        tracing::error!(error = %e, "seal failed; writer poisoned");
-                        poison.set(format!("sealing segment {} failed: {e}", seg.id()));
-                    }
-                }
-                let _ = done_tx.send(Done::Sealed(SealDone {
-                    id: seg.id(),
-                    result,
-                }));
-                let n = notify.lock().ok().and_then(|n| n.clone());
-                if let Some(n) = n {
-                    n();
-                }
+) -> Result<Jobs> {
+    let mut run = move |job: Job| {
+        let _lock = &lock;
+        let seg = match job {
+            Job::Seal(seg) => seg,
+            Job::Retire(seg) => {
+                drop(seg);
+                return;
             }
-            drop(lock);
-        })
-        .map_err(|e| Error::io(&err_dir, "spawn sealer thread", e))
+            #[cfg(test)]
+            Job::Hold(rx) => {
+                let _ = rx.recv();
+                return;
+            }
+            Job::Prepare(id) => {
+                let r = ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
+                if let Ok(seg) = &r {
+                    seg.prefault();
+                }
+                let _ = done_tx.send(Done::Prepared(id, r));
+                return;
+            }
+        };
+        let span = tracing::info_span!("seal", segment = seg.id().0);
+        // A pool thread, no `.await`: entering is sound here.
+        #[allow(clippy::disallowed_methods)]
+        let _g = span.enter();
+        let started = Instant::now();
+        // Its pages' writeback failed: sealing them now would be a
+        // second try through another file. Left as `.active` for
+        // the next start's recovery (the writer is poisoned).
+        let result = if seg.sync_failed() {
+            Err(Error::Poisoned(format!(
+                "segment {} not sealed: an msync of its active file failed; the next \
+                 start recovers it",
+                seg.id()
+            )))
+        } else {
+            Ok(())
+        };
+        let result = result
+            .and_then(|()| seal_segment(&thread_dir, &seg))
+            .and_then(|meta| read_back(&thread_dir, seg.id(), meta))
+            .map(|(meta, file)| {
+                // Its items are durable in the sealed file: a
+                // flush need not msync the frozen copy any more.
+                seg.mark_durable();
+                sealed.insert(file);
+                meta
+            });
+        match &result {
+            Ok(m) => tracing::info!(
+                items = m.item_count,
+                bytes = m.file_len,
+                ms = started.elapsed().as_millis() as u64,
+                "sealed"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "seal failed; writer poisoned");
+                poison.set(format!("sealing segment {} failed: {e}", seg.id()));
+            }
+        }
+        let _ = done_tx.send(Done::Sealed(SealDone {
+            id: seg.id(),
+            result,
+        }));
+        let n = notify.lock().ok().and_then(|n| n.clone());
+        if let Some(n) = n {
+            n();
+        }
+    };
+    Lane::new(&SEALERS, false, move |jobs: Vec<Job>| jobs.into_iter().for_each(&mut run)).map(Jobs)
 }

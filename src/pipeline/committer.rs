@@ -1,7 +1,8 @@
 //! Group commit for the journal.
 //!
-//! One thread owns the writes: requests that arrive while an fsync is in
-//! progress are appended together, with one fsync, when it returns. Each
+//! One lane on the process's shared journal threads ([`crate::lanes`])
+//! owns the writes: requests that arrive while an fsync is in progress are
+//! appended together, with one fsync, when it returns. Each
 //! caller gets `Ok` only after the fsync that covers its records returned;
 //! the in-memory state is readable by anyone through [`JournalHandle::read`].
 //!
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::journal::{Journal, Record};
+use crate::lanes::{JOURNALS, Lane};
 
 enum Reply {
     Async(tokio::sync::oneshot::Sender<Result<()>>),
@@ -38,45 +40,43 @@ struct Req {
     reply: Reply,
 }
 
+/// The committer lane; closed when the last handle goes.
+struct Committer(Lane<Req>);
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Shared access to the journal with group-committed appends.
 #[derive(Clone)]
 pub struct JournalHandle {
     journal: Arc<Mutex<Journal>>,
-    tx: mpsc::Sender<Req>,
-    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    lane: Arc<Committer>,
 }
 
 impl JournalHandle {
-    /// Start the committer thread for `journal`.
+    /// Start the committer lane for `journal`.
     pub fn start(journal: Journal) -> Result<JournalHandle> {
         let journal = Arc::new(Mutex::new(journal));
-        let (tx, rx) = mpsc::channel::<Req>();
         let j = journal.clone();
-        let thread = std::thread::Builder::new()
-            .name("tierindex-journal".into())
-            .spawn(move || committer(j, rx))
-            .map_err(|e| Error::io("journal", "spawn journal thread", e))?;
+        let lane = Lane::new(&JOURNALS, true, move |batch: Vec<Req>| commit(&j, batch))?;
         Ok(JournalHandle {
             journal,
-            tx,
-            thread: Arc::new(Mutex::new(Some(thread))),
+            lane: Arc::new(Committer(lane)),
         })
     }
 
-    /// Stop the committer thread and wait for it, so the journal (and its
+    /// Stop the committer lane and wait for it, so the journal (and its
     /// directory lock) is released when the last handle drops. Only the
-    /// last handle may call this; with other clones alive the thread keeps
+    /// last handle may call this; with other clones alive the lane keeps
     /// running and this returns without waiting.
     pub fn close(self) {
-        let JournalHandle {
-            journal,
-            tx,
-            thread,
-        } = self;
-        drop(tx);
-        let last = Arc::strong_count(&thread) == 1;
-        if last && let Some(t) = thread.lock().ok().and_then(|mut g| g.take()) {
-            let _ = t.join();
+        let JournalHandle { journal, lane } = self;
+        if let Ok(c) = Arc::try_unwrap(lane) {
+            c.0.close();
+            let _ = c.0.join();
         }
         drop(journal);
     }
@@ -87,14 +87,12 @@ impl JournalHandle {
             return Ok(());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Req {
-                records,
-                reply: Reply::Async(tx),
-            })
-            .map_err(|_| Error::Internal("journal thread is gone".into()))?;
+        self.send(Req {
+            records,
+            reply: Reply::Async(tx),
+        })?;
         rx.await
-            .map_err(|_| Error::Internal("journal thread is gone".into()))?
+            .map_err(|_| Error::Internal("journal committer is gone".into()))?
     }
 
     /// Append `records` durably from synchronous code (upload hooks).
@@ -103,14 +101,19 @@ impl JournalHandle {
             return Ok(());
         }
         let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(Req {
-                records,
-                reply: Reply::Sync(tx),
-            })
-            .map_err(|_| Error::Internal("journal thread is gone".into()))?;
+        self.send(Req {
+            records,
+            reply: Reply::Sync(tx),
+        })?;
         rx.recv()
-            .map_err(|_| Error::Internal("journal thread is gone".into()))?
+            .map_err(|_| Error::Internal("journal committer is gone".into()))?
+    }
+
+    fn send(&self, req: Req) -> Result<()> {
+        self.lane
+            .0
+            .push(req)
+            .map_err(|_| Error::Internal("journal committer is gone".into()))
     }
 
     /// Read the in-memory state (held briefly; never across an await).
@@ -122,36 +125,31 @@ impl JournalHandle {
     }
 }
 
-fn committer(journal: Arc<Mutex<Journal>>, rx: mpsc::Receiver<Req>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
+/// One group commit: every request queued when the turn started.
+fn commit(journal: &Mutex<Journal>, batch: Vec<Req>) {
+    let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
+    let all: Vec<Record> = batch
+        .iter()
+        .flat_map(|r| r.records.iter().cloned())
+        .collect();
+    match j.append(&all) {
+        Ok(()) => batch.into_iter().for_each(|r| r.reply.send(Ok(()))),
+        Err(e) if j.is_poisoned() => {
+            let why = e.to_string();
+            batch
+                .into_iter()
+                .for_each(|r| r.reply.send(Err(Error::Poisoned(why.clone()))));
         }
-        let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
-        let all: Vec<Record> = batch
-            .iter()
-            .flat_map(|r| r.records.iter().cloned())
-            .collect();
-        match j.append(&all) {
-            Ok(()) => batch.into_iter().for_each(|r| r.reply.send(Ok(()))),
-            Err(e) if j.is_poisoned() => {
-                let why = e.to_string();
-                batch
-                    .into_iter()
-                    .for_each(|r| r.reply.send(Err(Error::Poisoned(why.clone()))));
-            }
-            Err(_) => {
-                // Validation failed and nothing was written: find the
-                // culprit(s) by appending each request alone.
-                for r in batch {
-                    let res = j.append(&r.records);
-                    r.reply.send(res);
-                }
+        Err(_) => {
+            // Validation failed and nothing was written: find the
+            // culprit(s) by appending each request alone.
+            for r in batch {
+                let res = j.append(&r.records);
+                r.reply.send(res);
             }
         }
-        if let Err(e) = j.maybe_compact() {
-            tracing::error!(error = %e, "journal compaction failed");
-        }
+    }
+    if let Err(e) = j.maybe_compact() {
+        tracing::error!(error = %e, "journal compaction failed");
     }
 }

@@ -1,0 +1,392 @@
+//! Process-wide worker threads for each stream's serial background work
+//! (issue 16, item 1).
+//!
+//! Every writer used to own a sealer thread and every journal a committer
+//! thread, so a process with 1,000 streams ran 2,000 threads. Now a
+//! stream's work is a [`Lane`]: a queue whose jobs run in order, never two
+//! at once, on one of a few threads shared by every lane of its [`Pool`]
+//! (one pool for sealing, one for journal commits). A lane that has work is
+//! queued on its pool once; a thread takes it, runs one turn (one job, or
+//! with `batch` everything queued, as a group commit), and puts it back at
+//! the end of the pool's queue if more is waiting, so a busy stream cannot
+//! starve the others.
+//!
+//! A lane keeps the state its jobs need (its handler) until it is closed
+//! and its queue is empty; then the handler is dropped (on a pool thread,
+//! with whatever it held: a data directory's lock, a journal) and the lane
+//! is finished: [`Lane::join`] returns. A handler that panics finishes its
+//! lane at once (queued jobs are dropped, the handler too) and `join`
+//! reports it, as a thread's join did.
+//!
+//! What sharing costs: a disk that hangs a job holds one of the pool's
+//! threads, and the other lanes share the rest; with every thread held,
+//! every stream's seals (or commits) wait, where before only the streams
+//! on that disk did.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+
+/// Every writer's seals, spare preparations and retirements (a seal is
+/// mostly fsync and checksum: more threads than cores let one stream's
+/// fsync overlap another's checksum).
+pub(crate) static SEALERS: Pool = Pool::new("sealer", 4);
+
+/// Every journal's group commits (an fsync each: threads wait on the disk,
+/// not the CPU).
+pub(crate) static JOURNALS: Pool = Pool::new("journal", 8);
+
+/// A set of threads that run lanes' turns. Threads start as work needs
+/// them, up to `max`, and stay for the life of the process.
+pub(crate) struct Pool {
+    name: &'static str,
+    max: usize,
+    state: Mutex<PoolState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    queue: VecDeque<Arc<dyn Turn>>,
+    threads: usize,
+    idle: usize,
+}
+
+/// One lane, as its pool sees it.
+trait Turn: Send + Sync {
+    /// Run one turn; `true`: more is waiting, queue the lane again.
+    fn run_turn(&self) -> bool;
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here leaves state half changed across a panic (handlers run
+    // outside these locks), so a poisoned lock is still sound to use.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    pub(crate) const fn new(name: &'static str, max: usize) -> Pool {
+        Pool {
+            name,
+            max,
+            state: Mutex::new(PoolState {
+                queue: VecDeque::new(),
+                threads: 0,
+                idle: 0,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// How many threads this pool has started.
+    #[cfg(test)]
+    pub(crate) fn threads(&self) -> usize {
+        lock(&self.state).threads
+    }
+
+    /// Make sure at least one thread runs, so that a lane created now is
+    /// served; the error (no thread could be started) is the caller's.
+    fn ensure_one(&'static self) -> Result<()> {
+        let mut s = lock(&self.state);
+        if s.threads == 0 {
+            self.spawn(&mut s)?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&'static self, s: &mut PoolState) -> Result<()> {
+        std::thread::Builder::new()
+            .name(format!("tierindex-{}", self.name))
+            .spawn(move || self.work())
+            .map_err(|e| Error::io(self.name, "spawn a worker thread", e))?;
+        s.threads += 1;
+        Ok(())
+    }
+
+    fn schedule(&'static self, lane: Arc<dyn Turn>) {
+        let mut s = lock(&self.state);
+        s.queue.push_back(lane);
+        if s.idle == 0
+            && s.threads < self.max
+            && let Err(e) = self.spawn(&mut s)
+        {
+            // At least one thread runs (`ensure_one` at the lane's
+            // creation): the work waits for it instead.
+            tracing::warn!(pool = self.name, threads = s.threads, error = %e, "could not add a worker thread");
+        }
+        self.ready.notify_one();
+    }
+
+    fn work(&'static self) {
+        loop {
+            let lane = {
+                let mut s = lock(&self.state);
+                loop {
+                    if let Some(l) = s.queue.pop_front() {
+                        break l;
+                    }
+                    s.idle += 1;
+                    s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+                    s.idle -= 1;
+                }
+            };
+            if lane.run_turn() {
+                self.schedule(lane);
+            }
+        }
+    }
+}
+
+type Handler<J> = Box<dyn FnMut(Vec<J>) + Send>;
+
+struct LaneState<J> {
+    queue: VecDeque<J>,
+    closed: bool,
+    /// On the pool's queue or in a turn: only that turn takes jobs.
+    scheduled: bool,
+    finished: bool,
+    panicked: bool,
+}
+
+struct Inner<J> {
+    pool: &'static Pool,
+    batch: bool,
+    state: Mutex<LaneState<J>>,
+    handler: Mutex<Option<Handler<J>>>,
+    finished: Condvar,
+}
+
+/// One stream's queue of serial work on a shared [`Pool`] (see the module
+/// docs). Clones share the lane.
+pub(crate) struct Lane<J: Send + 'static>(Arc<Inner<J>>);
+
+impl<J: Send + 'static> Clone for Lane<J> {
+    fn clone(&self) -> Self {
+        Lane(self.0.clone())
+    }
+}
+
+impl<J: Send + 'static> Lane<J> {
+    /// A lane whose jobs `handler` runs on `pool`: one per turn, or with
+    /// `batch` everything queued when the turn starts.
+    pub(crate) fn new(
+        pool: &'static Pool,
+        batch: bool,
+        handler: impl FnMut(Vec<J>) + Send + 'static,
+    ) -> Result<Lane<J>> {
+        pool.ensure_one()?;
+        Ok(Lane(Arc::new(Inner {
+            pool,
+            batch,
+            state: Mutex::new(LaneState {
+                queue: VecDeque::new(),
+                closed: false,
+                scheduled: false,
+                finished: false,
+                panicked: false,
+            }),
+            handler: Mutex::new(Some(Box::new(handler))),
+            finished: Condvar::new(),
+        })))
+    }
+
+    /// Queue `job` at the back. `Err(job)`: the lane is closed or finished.
+    pub(crate) fn push(&self, job: J) -> std::result::Result<(), J> {
+        self.put(job, false)
+    }
+
+    /// Queue `job` ahead of everything waiting.
+    pub(crate) fn push_front(&self, job: J) -> std::result::Result<(), J> {
+        self.put(job, true)
+    }
+
+    fn put(&self, job: J, front: bool) -> std::result::Result<(), J> {
+        let mut s = lock(&self.0.state);
+        if s.closed || s.finished {
+            return Err(job);
+        }
+        if front {
+            s.queue.push_front(job);
+        } else {
+            s.queue.push_back(job);
+        }
+        self.wake(s);
+        Ok(())
+    }
+
+    /// Take no more jobs; those queued still run, then the lane finishes.
+    pub(crate) fn close(&self) {
+        let mut s = lock(&self.0.state);
+        if s.closed {
+            return;
+        }
+        s.closed = true;
+        self.wake(s);
+    }
+
+    fn wake(&self, mut s: MutexGuard<'_, LaneState<J>>) {
+        if s.scheduled || s.finished {
+            return;
+        }
+        s.scheduled = true;
+        drop(s);
+        self.0.pool.schedule(self.0.clone());
+    }
+
+    /// Finished: closed and every job run, or its handler panicked.
+    pub(crate) fn is_finished(&self) -> bool {
+        lock(&self.0.state).finished
+    }
+
+    /// Wait until finished (the handler, and what it held, dropped).
+    /// `Err(())`: its handler panicked.
+    pub(crate) fn join(&self) -> std::result::Result<(), ()> {
+        let mut s = lock(&self.0.state);
+        while !s.finished {
+            s = self.0.finished.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.panicked { Err(()) } else { Ok(()) }
+    }
+}
+
+impl<J: Send + 'static> Inner<J> {
+    /// Drop the handler (and what it holds) first, so that `join`
+    /// returning means it is gone; then wake the joiners.
+    fn finish(&self, panicked: bool) {
+        let handler = lock(&self.handler).take();
+        drop(handler);
+        let queued = {
+            let mut s = lock(&self.state);
+            s.finished = true;
+            s.panicked |= panicked;
+            s.scheduled = false;
+            std::mem::take(&mut s.queue)
+        };
+        self.finished.notify_all();
+        drop(queued);
+    }
+}
+
+impl<J: Send + 'static> Turn for Inner<J> {
+    fn run_turn(&self) -> bool {
+        let jobs: Vec<J> = {
+            let mut s = lock(&self.state);
+            if s.finished {
+                return false;
+            }
+            if s.queue.is_empty() {
+                if s.closed {
+                    drop(s);
+                    self.finish(false);
+                } else {
+                    s.scheduled = false;
+                }
+                return false;
+            }
+            if self.batch {
+                s.queue.drain(..).collect()
+            } else {
+                s.queue.pop_front().into_iter().collect()
+            }
+        };
+        let ran = {
+            let mut h = lock(&self.handler);
+            match h.as_mut() {
+                Some(h) => catch_unwind(AssertUnwindSafe(|| h(jobs))).is_ok(),
+                None => true,
+            }
+        };
+        if !ran {
+            self.finish(true);
+            return false;
+        }
+        let mut s = lock(&self.state);
+        if s.queue.is_empty() && !s.closed {
+            s.scheduled = false;
+            false
+        } else {
+            // More work, or a close to finish: back of the pool's queue.
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    static TEST_POOL: Pool = Pool::new("lanes-test", 3);
+
+    #[test]
+    fn jobs_of_each_lane_run_in_order_on_a_bounded_pool() {
+        let (tx, rx) = mpsc::channel();
+        let lanes: Vec<Lane<u32>> = (0..8)
+            .map(|l| {
+                let tx = tx.clone();
+                let mut seen = Vec::new();
+                Lane::new(&TEST_POOL, l % 2 == 0, move |jobs: Vec<u32>| {
+                    seen.extend(jobs);
+                    std::thread::yield_now();
+                    if seen.len() == 1000 {
+                        tx.send((l, seen.clone())).unwrap();
+                    }
+                })
+                .unwrap()
+            })
+            .collect();
+        for i in 0..1000u32 {
+            for lane in &lanes {
+                lane.push(i).unwrap();
+            }
+        }
+        for lane in &lanes {
+            lane.close();
+            assert!(lane.push(7).is_err(), "a closed lane takes no job");
+        }
+        for lane in &lanes {
+            lane.join().unwrap();
+        }
+        drop(tx);
+        let got: Vec<_> = rx.iter().collect();
+        assert_eq!(got.len(), 8);
+        for (_, seen) in got {
+            assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+        }
+        assert!(TEST_POOL.threads() <= 3);
+    }
+
+    #[test]
+    fn a_finished_lane_has_dropped_its_handler_and_a_panic_is_reported() {
+        let held = Arc::new(());
+        let h2 = held.clone();
+        let lane = Lane::new(&TEST_POOL, false, move |_: Vec<u8>| {
+            let _ = &h2;
+        })
+        .unwrap();
+        lane.push(1).unwrap();
+        lane.close();
+        lane.join().unwrap();
+        assert!(lane.is_finished());
+        assert_eq!(Arc::strong_count(&held), 1, "the handler was dropped");
+
+        let lane = Lane::new(&TEST_POOL, false, |j: Vec<u8>| {
+            if j[0] == 2 {
+                panic!("boom");
+            }
+        })
+        .unwrap();
+        lane.push(1).unwrap();
+        lane.push(2).unwrap();
+        lane.push(3).unwrap();
+        assert!(lane.join().is_err(), "the panic is reported");
+        assert!(lane.push(4).is_err());
+        // The pool still serves other lanes.
+        let (tx, rx) = mpsc::channel();
+        let ok = Lane::new(&TEST_POOL, true, move |j: Vec<u8>| tx.send(j).unwrap()).unwrap();
+        ok.push(9).unwrap();
+        assert_eq!(rx.recv().unwrap(), vec![9]);
+    }
+}
