@@ -168,6 +168,10 @@ pub struct Metrics {
     pub writer_lock_waits_slow: Counter,
     /// The longest such wait so far, in microseconds.
     pub writer_lock_wait_max_us: Counter,
+    /// Times the background worker woke (a seal, an append into an empty
+    /// segment, an upload's end, a retry, an age deadline, a busy tick or
+    /// the idle safety net). An idle stream should add almost none.
+    pub worker_wakes: Counter,
     /// Remote segments a lookup could not read (corrupt or missing object
     /// under a committed key).
     pub remote_unreadable: Counter,
@@ -275,6 +279,11 @@ impl Metrics {
                 "writer_lock_waits_over_100us_total",
                 "Appends and flushes that waited more than 100 us for the writer lock.",
                 &self.writer_lock_waits_slow,
+            ),
+            (
+                "worker_wakes_total",
+                "Times the background worker woke to tick the writer and schedule uploads.",
+                &self.worker_wakes,
             ),
             (
                 "segments_resealed_total",
@@ -391,7 +400,7 @@ impl Metrics {
 
 /// Connections served at once; more are closed at accept.
 /// Counters in a scrape (the list in `render`).
-const COUNTERS: usize = 20;
+const COUNTERS: usize = 21;
 
 const MAX_CONNECTIONS: usize = 64;
 /// Longest request head read.

@@ -301,3 +301,49 @@ async fn lookups_beside_rolls_seals_and_releases_miss_nothing_and_double_nothing
         assert!(report.fully_drained(), "{report:?}");
     }
 }
+
+/// An idle stream's worker sleeps (issue 16: a thousand idle streams woke
+/// five thousand times a second), and the first append into its empty
+/// segment still gets the age roll on time: it wakes the worker, which
+/// then sleeps until the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_sleeps_and_an_append_still_rolls_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(InMemory::new());
+    let store = Store::new(mem.clone(), Some(mem), "tier", "memory://tier");
+    let cfg = Config {
+        segment_max_age_ms: Some(400),
+        tick_ms: 20,
+        ..config(dir.path())
+    };
+    let (index, _) = TierIndex::open_with(cfg, store).await.unwrap();
+    let metrics = index.metrics();
+    // Let the open's probe finish (the worker polls every 20 ms until
+    // then), then count the wakes of two idle seconds: every 20 ms, as
+    // before, would be about 100.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = metrics.worker_wakes.get();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = metrics.worker_wakes.get() - before;
+    assert!(idle <= 3, "{idle} worker wakes in 2 idle seconds");
+
+    // One entry: rolled at 400 ms, sealed, uploaded and committed long
+    // before the idle safety net (30 s) would have woken the worker.
+    index.append(b"k", 1, 10, 1_000).unwrap();
+    index.flush().unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let st = index.status();
+        if st.by_state.get("Committed").copied().unwrap_or(0) == 1 && st.pending_segments == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "not committed after {:?}: {st:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = index.shutdown(Duration::from_secs(30)).await;
+    assert!(report.fully_drained(), "{report:?}");
+}

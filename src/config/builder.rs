@@ -204,7 +204,7 @@ impl ConfigBuilder {
         self
     }
 
-    /// How often the background worker checks ages and retries
+    /// How often the background worker ticks while segments are pending
     /// ([`Config::tick_ms`]).
     pub fn tick(mut self, every: Duration) -> Self {
         self.cfg.tick_ms = ms(every);

@@ -73,7 +73,9 @@ pub struct Config {
     pub journal_compact_after_bytes: u64,
     /// Shutdown drain deadline (well under Kubernetes' 30 s grace period).
     pub shutdown_deadline_ms: u64,
-    /// How often the background worker checks segment age and retries.
+    /// How often the background worker ticks while segments are pending
+    /// (an idle one sleeps until woken; an age roll wakes it at its
+    /// deadline).
     pub tick_ms: u64,
     /// Serve Prometheus metrics here (e.g. `127.0.0.1:9464`).
     pub metrics_addr: Option<String>,

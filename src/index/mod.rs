@@ -314,6 +314,30 @@ impl IndexWriter {
         }
     }
 
+    /// Run the seal callback (the pipeline's worker wakes on it).
+    fn wake_worker(&self) {
+        let n = self.notify.lock().ok().and_then(|n| n.clone());
+        if let Some(n) = n {
+            n();
+        }
+    }
+
+    /// When the age rule next rolls the active segment (ms since the
+    /// epoch): `None` while it is empty, when no age is set, or once
+    /// closed. A background ticker sleeps until then (or until woken: the
+    /// first append into an empty segment runs the seal callback).
+    pub fn age_deadline_ms(&self) -> Option<u64> {
+        let age = self.cfg.segment_max_age?;
+        let a = self.active.as_ref()?;
+        if self.closed || a.is_empty() {
+            return None;
+        }
+        Some(
+            self.active_since_ms
+                .saturating_add(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+        )
+    }
+
     fn create_active(&mut self) -> Result<ActiveSegment> {
         let id = SegmentId(self.next_id);
         let after = self.next_id.checked_add(1).ok_or_else(|| ids_exhausted(id.0))?;
@@ -466,13 +490,19 @@ impl IndexWriter {
         if needs_roll {
             self.roll()?;
         }
-        let half = match self.active.as_mut() {
+        let (half, first) = match self.active.as_mut() {
             Some(a) => {
+                let first = a.is_empty();
                 a.append_entry(entry)?;
-                a.len() >= a.capacity() / 2
+                (a.len() >= a.capacity() / 2, first)
             }
             None => return Err(Error::ShutDown),
         };
+        // The first entry starts the age rule's clock for the worker, which
+        // sleeps while there is nothing to roll (see `age_deadline_ms`).
+        if first && self.cfg.segment_max_age.is_some() {
+            self.wake_worker();
+        }
         // Half full: have the next segment prepared by the time this one
         // rolls (not earlier: an idle stream keeps one preallocated file).
         if half {

@@ -210,16 +210,21 @@ impl Shared {
         Ok(n)
     }
 
-    /// Collect finished seals from the writer and journal them.
-    pub async fn ingest_sealed(&self, tick: bool) -> Result<usize> {
+    /// The worker's turn with the writer: `tick` it (age roll, collect
+    /// finished seals) off the runtime's threads, journal what sealed, and
+    /// say when the age rule next needs a tick: the active segment's
+    /// deadline in ms since the epoch, `None` while it is empty (the first
+    /// append wakes the worker) or no age is set.
+    pub async fn tick_writer(&self) -> Result<Option<u64>> {
         let writer = self.writer.clone();
-        let metas = tokio::task::spawn_blocking(move || {
+        let (metas, due) = tokio::task::spawn_blocking(move || {
             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            if tick { w.tick() } else { w.poll_sealed() }
+            w.tick().map(|m| (m, w.age_deadline_ms()))
         })
         .await
         .map_err(|e| Error::Internal(format!("seal collection task failed: {e}")))??;
-        self.record_sealed(metas).await
+        self.record_sealed(metas).await?;
+        Ok(due)
     }
 
     /// Start-up: journal every local sealed file the journal does not know

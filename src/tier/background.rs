@@ -25,7 +25,12 @@ pub fn status_from(state: &crate::journal::JournalState, release_after_commit: b
     st
 }
 
-pub(super) fn update_gauges(sh: &Shared) {
+/// How long an idle worker sleeps when nothing wakes it (a safety net:
+/// every change it must act on wakes it).
+const IDLE_WAKE: Duration = Duration::from_secs(30);
+
+/// Refresh the gauges; returns the number of pending segments.
+pub(super) fn update_gauges(sh: &Shared) -> u64 {
     // The shared set, not the writer: never waits for an append.
     let (held, mapped) = sh.sealed.counts();
     sh.metrics.local_sealed_segments.set(held as u64);
@@ -36,6 +41,7 @@ pub(super) fn update_gauges(sh: &Shared) {
     sh.metrics
         .oldest_pending_age_ms
         .set(st.oldest_pending_age_ms.unwrap_or(0));
+    st.pending_segments
 }
 
 /// Sleeps `every`; false once told to stop (at once, not after the sleep).
@@ -131,9 +137,14 @@ pub(super) async fn worker(
         if *stop.borrow() {
             return (sched, probe);
         }
-        if let Err(e) = sh.ingest_sealed(true).await {
-            tracing::error!(error = %e, "collecting sealed segments failed");
-        }
+        sh.metrics.worker_wakes.inc();
+        let age_due = match sh.tick_writer().await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::error!(error = %e, "collecting sealed segments failed");
+                None
+            }
+        };
         if probe.as_ref().is_some_and(|p| p.is_finished()) {
             probe = None;
         }
@@ -141,11 +152,24 @@ pub(super) async fn worker(
         if may_upload {
             sched.fill();
         }
-        update_gauges(&sh);
-        let mut wake = sched
-            .next_retry()
-            .unwrap_or_else(|| Instant::now() + tick)
-            .min(Instant::now() + tick);
+        let pending = update_gauges(&sh);
+        // Nothing pending and nothing to roll: sleep until woken (a seal,
+        // the first append into an empty segment, a stop), with a long
+        // timeout as a safety net. A thousand idle streams used to wake
+        // five thousand times a second for nothing.
+        let now = Instant::now();
+        let busy = pending > 0 || !sched.is_idle();
+        let mut wake = now + if busy { tick } else { IDLE_WAKE.max(tick) };
+        if let Some(r) = sched.next_retry() {
+            wake = wake.min(r);
+        }
+        if let Some(due) = age_due {
+            // Due already (the roll waits for its prepared file): retry at
+            // the tick's pace, as before; else at the deadline.
+            let left = due.saturating_sub(now_ms());
+            let at = if left == 0 { tick } else { Duration::from_millis(left) };
+            wake = wake.min(now + at);
+        }
         if !may_upload {
             wake = wake.min(Instant::now() + Duration::from_millis(20));
         }
