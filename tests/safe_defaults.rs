@@ -44,3 +44,30 @@ async fn a_second_directory_on_a_live_stream_is_refused_naming_the_holder() {
     let tmp = tempfile::tempdir().unwrap();
     scenarios::two_directories(&target(tmp.path()), tmp.path()).await;
 }
+
+/// The manifest (the default) with the probe turned off is refused with
+/// what was actually done: no probe ran, so the message must not say one
+/// saw an overwrite, and it names the three ways out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifest_without_the_probe_is_refused_saying_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = target(tmp.path());
+    let cfg = tierindex::Config {
+        data_dir: tmp.path().join("data"),
+        store: Some(t.store_url.clone()),
+        probe_store: false,
+        ..tierindex::Config::default()
+    };
+    let err = match tierindex::TierIndex::open(cfg).await {
+        Ok(_) => panic!("opened with the manifest on an unprobed store"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("probe_store = false"), "{err}");
+    assert!(!err.contains("its probe saw"), "{err}");
+    for way in ["manifest = false", "allow_unconditional_store = true"] {
+        assert!(err.contains(way), "{err}");
+    }
+    // Nothing was created in the store by the refusal.
+    let store_dir = tmp.path().join("bucket");
+    assert_eq!(std::fs::read_dir(&store_dir).unwrap().count(), 0);
+}

@@ -39,9 +39,23 @@ pub(super) async fn take_manifest(
                 ));
             }
         }
+    } else if !cfg.allow_unconditional_store {
+        // Not probed: nothing shows that creates are conditional, which
+        // the manifest needs to fence a second writer. Said as it is (the
+        // manifest's own refusal speaks of a probe that saw an overwrite).
+        return Err(Error::InvalidInput(format!(
+            "probe_store = false with the remote manifest (on by default) for stream {:?}: \
+             the manifest fences a second writer only on a store whose conditional creates \
+             the probe has proven, so it refuses to open unprobed. Turn the probe back on \
+             (remove probe_store = false), or choose single-writer mode explicitly with \
+             manifest = false (nothing fences a second writer; see docs/crash-safety.md \
+             \"Single-writer mode\"), or set allow_unconditional_store = true (the manifest \
+             without fencing, under the same condition)",
+            cfg.stream
+        )));
     } else {
-        // Not probed: assume the worst (creates not conditional), which
-        // the manifest refuses unless allow_unconditional_store.
+        // Not probed, and allowed: assume the worst (creates not
+        // conditional), with the manifest kept but not fencing.
         tracing::warn!("probe_store = false: assuming the store ignores conditional creates");
         crate::remote::probe::Capabilities::default()
     };
