@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
-# Issue 16's scale benchmarks. Today one part: the CPU a drain of a
-# backlog of N small sealed segments uses, for several N, to see whether the
-# cost per segment stays flat (linear in the backlog) or grows.
+# Issue 16's scale benchmarks, in two parts.
 #
 #   scripts/bench-scale.sh [drain-cpu]
+#   scripts/bench-scale.sh streams
+#
+# streams: for each N in BENCH_STREAMS (default "100 1000"),
+# examples/streams.rs opens N streams in one process (one data directory
+# each, a file:// store, the default probe and manifest), appends one entry
+# to each, measures threads, descriptors, maps, RSS and the CPU of
+# BENCH_IDLE_SECS (default 10) idle seconds, then shuts them all down under
+# one deadline. BENCH_STREAMS_MODE=single-writer: no manifest (and no lease
+# to renew every 10 s per stream). `ulimit -n` is raised to 5 x N + 256 for the run. Prints its
+# `RESULT streams binary=B ...` line; BENCH_STREAMS_BASELINE=/path/to/an
+# older build of the same example runs it too, in the same loop (this
+# tree's first for each N).
+#
+# drain-cpu: the CPU a drain of a backlog of N small sealed segments uses,
+# for several N, to see whether the cost per segment stays flat (linear in
+# the backlog) or grows.
 #
 # For each N in BENCH_SCALE_SEGMENTS (default "2500 5000 10000"):
 #  1. examples/make_backlog.rs writes a data directory with N sealed,
@@ -24,21 +38,23 @@
 # inode allocation after many unlinks, fsync) out of the CPU figures.
 #
 # Knobs: BENCH_SCALE_SEGMENTS, BENCH_SCALE_ITEMS, BENCH_SCALE_SLOTS, BENCH_BASELINE,
+# BENCH_STREAMS, BENCH_IDLE_SECS, BENCH_STREAMS_MODE, BENCH_STREAMS_BASELINE,
 # BENCH_WORK (scratch, default /tmp/tierindex-scale.PID, removed unless
 # BENCH_KEEP=1), BENCH_NO_BUILD=1 (use the release binaries already built).
-# Exit: 0 when every run drained fully, 1 otherwise, 2 usage.
+# Exit: 0 when every run drained fully (streams: every run finished), 1
+# otherwise, 2 usage.
 set -euo pipefail
 export LC_ALL=C NO_COLOR=1
 
 PART=${1:-drain-cpu}
 case $PART in
-drain-cpu) ;;
+drain-cpu | streams) ;;
 -h | --help)
-  sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
   ;;
 *)
-  echo "usage: $0 [drain-cpu]" >&2
+  echo "usage: $0 [drain-cpu|streams]" >&2
   exit 2
   ;;
 esac
@@ -58,6 +74,41 @@ if [ -n "${BENCH_BASELINE:-}" ]; then
     echo "bench-scale: BENCH_BASELINE=$BENCH_BASELINE is not an executable file" >&2
     exit 2
   fi
+fi
+
+if [ "$PART" = streams ]; then
+  if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+    (cd "$ROOT" && cargo build --release --example streams) >&2
+  fi
+  SBASE=
+  if [ -n "${BENCH_STREAMS_BASELINE:-}" ]; then
+    SBASE=$(realpath -e -- "$BENCH_STREAMS_BASELINE" 2>/dev/null) || SBASE=
+    if [ -z "$SBASE" ] || [ ! -x "$SBASE" ]; then
+      echo "bench-scale: BENCH_STREAMS_BASELINE=$BENCH_STREAMS_BASELINE is not an executable file" >&2
+      exit 2
+    fi
+  fi
+  mkdir -p "$WORK"
+  trap '[ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$WORK"' EXIT
+  status=0
+  for n in ${BENCH_STREAMS:-100 1000}; do
+    for binary in new ${SBASE:+baseline}; do
+      exe=$BIN/examples/streams
+      [ "$binary" = baseline ] && exe=$SBASE
+      rm -rf "$WORK/streams-$n"
+      mkdir -p "$WORK/streams-$n"
+      if out=$( (ulimit -n $((n * 5 + 256)) && RUST_LOG=warn "$exe" "$WORK/streams-$n" "$n" "${BENCH_IDLE_SECS:-10}" "${BENCH_STREAMS_MODE:-manifest}") 2>"$WORK/err"); then
+        echo "$out" | sed -n "s/^RESULT streams /RESULT streams binary=$binary mode=${BENCH_STREAMS_MODE:-manifest} /p"
+        grep '^threads:' "$WORK/err" >&2 || true
+      else
+        echo "bench-scale: $n streams ($binary) failed:" >&2
+        tail -5 "$WORK/err" >&2
+        status=1
+      fi
+      rm -rf "$WORK/streams-$n"
+    done
+  done
+  exit $status
 fi
 
 if [ ! -x /usr/bin/time ]; then
