@@ -1425,11 +1425,63 @@ fn demo_streams_runs_and_reports_each_stream() {
         "the unnumbered data directory is not used"
     );
 
-    for (args, want) in [
-        (
-            &["--json", "demo", "--streams", "2", "--entries", "10"][..],
+    // The same as one JSON document: each stream's report (the
+    // single-stream fields), the totals and the process's figures.
+    let sb2 = Sandbox::new();
+    let o = sb2.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
             "--json",
-        ),
+            "demo",
+            "--streams",
+            "2",
+            "--segment-items",
+            "100",
+            "--slots",
+            "64",
+            "--entries",
+            "1000",
+            "--rate",
+            "20000",
+        ],
+        &[],
+    );
+    assert_sane(&o, "demo --streams --json");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let streams = v["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 2, "{v}");
+    for (i, s) in streams.iter().enumerate() {
+        assert_eq!(s["stream"], format!("stream-0-{i}"), "{v}");
+        assert_eq!(
+            s["data_dir"],
+            sb2.root.join(format!("data-{i}")).display().to_string(),
+            "{v}"
+        );
+        assert_eq!(s["exit"], 0, "{v}");
+        assert_eq!(s["run"]["entries_appended"], 500, "{v}");
+        assert_eq!(s["run"]["entries_flushed"], 500, "{v}");
+        assert_eq!(s["run"]["segments_committed"], 5, "{v}");
+        assert!(s["drain"]["pending"].as_array().unwrap().is_empty(), "{v}");
+        assert!(s["fatal"].is_null(), "{v}");
+    }
+    let t = &v["totals"];
+    assert_eq!(t["streams"], 2, "{v}");
+    assert_eq!(t["entries_appended"], 1000, "{v}");
+    assert_eq!(t["entries_flushed"], 1000, "{v}");
+    assert_eq!(t["segments_pending"], 0, "{v}");
+    assert_eq!(t["streams_fully_drained"], 2, "{v}");
+    assert_eq!(t["exit"], 0, "{v}");
+    assert!(v["stopped_early"].is_null(), "{v}");
+    assert!(
+        v["process_before_drain"]["threads"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+
+    for (args, want) in [
         (
             &["demo", "--streams", "2", "--print-flushed"][..],
             "--print-flushed",

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use serde::Serialize;
 
-use crate::cli::drain::{RunTotals, parse_deadline, print_report};
-use crate::cli::{Cli, note, out_line};
+use crate::cli::drain::{ReportOut, RunTotals, parse_deadline, print_report, report_code};
+use crate::cli::{Cli, emit, note, out_line};
 use crate::config::{Config, SEGMENT_ITEMS_MAX, SLOT_COUNT_MAX};
 use crate::error::{Error, Result};
 use crate::lifecycle::{
@@ -89,22 +90,83 @@ fn stream_dir(base: &Path, i: u32) -> Result<PathBuf> {
 }
 
 /// Threads, open descriptors and resident memory of this process (Linux
-/// `/proc`; `?` where unavailable), for the multi-stream report.
-fn process_figures() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map_or_else(|| "?".to_string(), |v| v.trim().to_string())
-    };
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .map_or_else(|_| "?".to_string(), |d| d.count().to_string());
-    format!(
-        "{} threads, {fds} open descriptors, {} resident",
-        field("Threads:"),
-        field("VmRSS:")
-    )
+/// `/proc`; `None`, printed `?`, where unavailable), for the multi-stream
+/// report.
+#[derive(Serialize)]
+struct ProcessFigures {
+    threads: Option<u64>,
+    open_descriptors: Option<u64>,
+    resident_kib: Option<u64>,
+}
+
+impl ProcessFigures {
+    fn now() -> ProcessFigures {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
+        ProcessFigures {
+            threads: field("Threads:"),
+            open_descriptors: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|d| d.count() as u64),
+            resident_kib: field("VmRSS:"),
+        }
+    }
+}
+
+impl std::fmt::Display for ProcessFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "{} threads, {} open descriptors, {} resident",
+            n(self.threads),
+            n(self.open_descriptors),
+            self.resident_kib
+                .map_or_else(|| "?".to_string(), |v| format!("{v} kB"))
+        )
+    }
+}
+
+/// One stream of a `--streams N --json` report.
+#[derive(Serialize)]
+struct StreamOut<'a> {
+    stream: &'a str,
+    data_dir: &'a Path,
+    exit: i32,
+    #[serde(flatten)]
+    report: ReportOut<'a>,
+}
+
+/// The whole `--streams N --json` report.
+#[derive(Serialize)]
+struct StreamsOut<'a> {
+    streams: Vec<StreamOut<'a>>,
+    totals: StreamsTotals,
+    /// The stream whose failure stopped the run early, and the error.
+    stopped_early: Option<StoppedEarly<'a>>,
+    /// This process just before the drain.
+    process_before_drain: &'a ProcessFigures,
+}
+
+#[derive(Serialize)]
+struct StreamsTotals {
+    streams: u32,
+    entries_appended: u64,
+    entries_flushed: u64,
+    segments_pending: usize,
+    streams_fully_drained: usize,
+    exit: i32,
+}
+
+#[derive(Serialize)]
+struct StoppedEarly<'a> {
+    stream: &'a str,
+    error: &'a str,
 }
 
 /// The worst of the streams' exit codes (a fence first, then damage, then
@@ -132,11 +194,6 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     let deadline = a
         .deadline
         .unwrap_or(Duration::from_millis(cfg.shutdown_deadline_ms));
-    if n > 1 && cli.json {
-        return Err(Error::InvalidInput(
-            "--json prints one stream's report: not with --streams above 1 (yet)".into(),
-        ));
-    }
     let cfgs: Vec<Config> = if n == 1 {
         vec![cfg]
     } else {
@@ -316,7 +373,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     } else if stdout_gone {
         note("tierindex demo: stdout closed; stopping and draining");
     }
-    let process = process_figures();
+    let process = ProcessFigures::now();
     // Every stream drains at once, within the one deadline.
     let names: Vec<(String, PathBuf, u64, u64)> = streams
         .iter()
@@ -340,19 +397,65 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     }
     let mut codes = Vec::new();
     let mut pending = 0usize;
+    let mut runs = Vec::with_capacity(names.len());
     for (i, (((name, dir, app, fl), report), m)) in
         names.iter().zip(&reports).zip(&metrics).enumerate()
     {
-        out_line(&format!("== stream {name} (data {})", dir.display()));
         let run = RunTotals::from_metrics(m, *app, *fl, appending, started).with_unsealed(dir);
         let own = fatal
             .as_ref()
             .filter(|(at, _)| *at == i)
             .map(|(_, e)| e.as_str());
-        codes.push(print_report(false, report, &run, own));
+        if !cli.json {
+            out_line(&format!("== stream {name} (data {})", dir.display()));
+            codes.push(print_report(false, report, &run, own));
+        } else {
+            codes.push(report_code(report, &run, own));
+        }
         pending += report.drain.pending.len();
+        runs.push(run);
     }
     let code = worst(&codes);
+    let drained = codes.iter().filter(|c| **c == EXIT_DRAINED).count();
+    if cli.json {
+        let streams = names
+            .iter()
+            .zip(&reports)
+            .zip(&runs)
+            .enumerate()
+            .map(|(i, (((name, dir, _, _), report), run))| StreamOut {
+                stream: name,
+                data_dir: dir,
+                exit: codes[i],
+                report: ReportOut {
+                    shutdown: report,
+                    run,
+                    fatal: fatal
+                        .as_ref()
+                        .filter(|(at, _)| *at == i)
+                        .map(|(_, e)| e.as_str()),
+                },
+            })
+            .collect();
+        let out = StreamsOut {
+            streams,
+            totals: StreamsTotals {
+                streams: n,
+                entries_appended: appended,
+                entries_flushed: flushed_now,
+                segments_pending: pending,
+                streams_fully_drained: drained,
+                exit: code,
+            },
+            stopped_early: fatal.as_ref().map(|(at, e)| StoppedEarly {
+                stream: &names[*at].0,
+                error: e,
+            }),
+            process_before_drain: &process,
+        };
+        emit(true, &out, |_| String::new());
+        return Ok(code);
+    }
     if let Some((at, e)) = &fatal {
         out_line(&format!(
             "== the run stopped early: stream {} failed: {e}",
@@ -361,9 +464,8 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     }
     out_line(&format!(
         "== all {n} streams: {appended} entries appended, {flushed_now} flushed (acknowledged); \
-         {pending} segment(s) pending; {} of {n} streams fully drained; exit {code}\n\
-         == the process before the drain: {process}",
-        codes.iter().filter(|c| **c == EXIT_DRAINED).count()
+         {pending} segment(s) pending; {drained} of {n} streams fully drained; exit {code}\n\
+         == the process before the drain: {process}"
     ));
     Ok(code)
 }

@@ -172,12 +172,12 @@ impl RunTotals {
 /// A shutdown report with the run's totals (JSON: the report's fields,
 /// then `run`, then `fatal`).
 #[derive(Serialize)]
-struct ReportOut<'a> {
+pub(crate) struct ReportOut<'a> {
     #[serde(flatten)]
-    shutdown: &'a ShutdownReport,
-    run: &'a RunTotals,
+    pub(crate) shutdown: &'a ShutdownReport,
+    pub(crate) run: &'a RunTotals,
     /// The error that ended the run early (demo), if any.
-    fatal: Option<&'a str>,
+    pub(crate) fatal: Option<&'a str>,
 }
 
 fn mib_per_s(bytes_per_s: f64) -> String {
@@ -198,93 +198,101 @@ pub(crate) fn print_report(
         run,
         fatal,
     };
-    emit(json, &out, |o| {
-        let (r, t) = (o.shutdown, o.run);
-        let mut s = format!(
-            "sealed at shutdown: {}\nuploaded+verified: {} segments, {} bytes in {} ms (the shutdown drain)\npending: {}\nquarantined: {}\nclean marker: {}",
-            r.sealed_at_shutdown,
-            r.drain.segments_done,
-            r.drain.bytes_done,
-            r.elapsed_ms,
-            r.drain.pending.len(),
-            r.drain.quarantined.len(),
-            r.clean_marker_written
-        );
-        for p in &r.drain.pending {
-            s.push_str(&format!(
-                "\n  pending {:020} {} {}",
-                p.id,
-                p.state,
-                p.last_error.as_deref().unwrap_or("")
-            ));
-        }
-        for p in &r.drain.quarantined {
-            s.push_str(&format!(
-                "\n  quarantined {:020}: {}",
-                p.id,
-                p.last_error.as_deref().unwrap_or("")
-            ));
-        }
-        if !r.lost.is_empty() {
-            // A file that could not be read item by item lost an unknown
-            // number: "0 entries" would read as nothing lost.
-            let unknown = r.lost.iter().filter(|n| n.unknown_loss.is_some()).count();
-            s.push_str(&format!(
-                "\nLOST to local damage: {} entries counted",
-                r.lost_items()
-            ));
-            if unknown > 0 {
-                s.push_str(&format!(
-                    ", and an unknown number in {unknown} file(s) (kept in quarantine/: the \
-                     lines below and `tierindex quarantine list` say why and what to do)"
-                ));
-            }
-            for n in &r.lost {
-                s.push_str(&format!("\n  lost {}", n.line()));
-            }
-        }
-        if let Some(e) = &r.error {
-            s.push_str(&format!("\nerror: {e}"));
-        }
+    emit(json, &out, report_text);
+    report_code(r, run, fatal)
+}
+
+/// The text form of a report.
+fn report_text(o: &ReportOut<'_>) -> String {
+    let (r, t) = (o.shutdown, o.run);
+    let mut s = format!(
+        "sealed at shutdown: {}\nuploaded+verified: {} segments, {} bytes in {} ms (the shutdown drain)\npending: {}\nquarantined: {}\nclean marker: {}",
+        r.sealed_at_shutdown,
+        r.drain.segments_done,
+        r.drain.bytes_done,
+        r.elapsed_ms,
+        r.drain.pending.len(),
+        r.drain.quarantined.len(),
+        r.clean_marker_written
+    );
+    for p in &r.drain.pending {
         s.push_str(&format!(
-            "\nrun totals ({:.1} s):",
-            t.elapsed_ms as f64 / 1000.0
+            "\n  pending {:020} {} {}",
+            p.id,
+            p.state,
+            p.last_error.as_deref().unwrap_or("")
         ));
-        if t.entries_appended > 0 || o.fatal.is_some() {
-            s.push_str(&format!(
-                "\n  entries: {} appended, {} flushed (acknowledged), {:.0} entries/s over {} ms of appending",
-                t.entries_appended, t.entries_flushed, t.append_rate_per_s, t.append_ms
-            ));
-        }
+    }
+    for p in &r.drain.quarantined {
         s.push_str(&format!(
-            "\n  segments: {} sealed, {} uploaded, {} verified and committed\n  uploaded: {} bytes, {} entries, {}",
-            t.segments_sealed,
-            t.segments_uploaded,
-            t.segments_committed,
-            t.bytes_uploaded,
-            t.entries_uploaded,
-            mib_per_s(t.upload_bytes_per_s)
+            "\n  quarantined {:020}: {}",
+            p.id,
+            p.last_error.as_deref().unwrap_or("")
         ));
-        if t.unsealed_entries > 0 {
+    }
+    if !r.lost.is_empty() {
+        // A file that could not be read item by item lost an unknown
+        // number: "0 entries" would read as nothing lost.
+        let unknown = r.lost.iter().filter(|n| n.unknown_loss.is_some()).count();
+        s.push_str(&format!(
+            "\nLOST to local damage: {} entries counted",
+            r.lost_items()
+        ));
+        if unknown > 0 {
             s.push_str(&format!(
-                "\n  {} entries remain unsealed in active segment files (the flushed ones are \
-                 acknowledged and durable): the next start or `tierindex drain` seals and uploads them",
-                t.unsealed_entries
+                ", and an unknown number in {unknown} file(s) (kept in quarantine/: the \
+                 lines below and `tierindex quarantine list` say why and what to do)"
             ));
         }
-        if r.fully_drained() && o.fatal.is_none() && t.unsealed_entries == 0 {
-            s.push_str("\n  everything sealed is uploaded and verified; nothing pending");
-        } else if !r.drain.pending.is_empty() {
-            s.push_str(&format!(
-                "\n  {} segment(s) still pending: they stay in the journal with their local files and upload at the next start or `tierindex drain`",
-                r.drain.pending.len()
-            ));
+        for n in &r.lost {
+            s.push_str(&format!("\n  lost {}", n.line()));
         }
-        if let Some(f) = o.fatal {
-            s.push_str(&format!("\nFATAL: the run stopped early: {f}"));
-        }
-        s
-    });
+    }
+    if let Some(e) = &r.error {
+        s.push_str(&format!("\nerror: {e}"));
+    }
+    s.push_str(&format!(
+        "\nrun totals ({:.1} s):",
+        t.elapsed_ms as f64 / 1000.0
+    ));
+    if t.entries_appended > 0 || o.fatal.is_some() {
+        s.push_str(&format!(
+            "\n  entries: {} appended, {} flushed (acknowledged), {:.0} entries/s over {} ms of appending",
+            t.entries_appended, t.entries_flushed, t.append_rate_per_s, t.append_ms
+        ));
+    }
+    s.push_str(&format!(
+        "\n  segments: {} sealed, {} uploaded, {} verified and committed\n  uploaded: {} bytes, {} entries, {}",
+        t.segments_sealed,
+        t.segments_uploaded,
+        t.segments_committed,
+        t.bytes_uploaded,
+        t.entries_uploaded,
+        mib_per_s(t.upload_bytes_per_s)
+    ));
+    if t.unsealed_entries > 0 {
+        s.push_str(&format!(
+            "\n  {} entries remain unsealed in active segment files (the flushed ones are \
+             acknowledged and durable): the next start or `tierindex drain` seals and uploads them",
+            t.unsealed_entries
+        ));
+    }
+    if r.fully_drained() && o.fatal.is_none() && t.unsealed_entries == 0 {
+        s.push_str("\n  everything sealed is uploaded and verified; nothing pending");
+    } else if !r.drain.pending.is_empty() {
+        s.push_str(&format!(
+            "\n  {} segment(s) still pending: they stay in the journal with their local files and upload at the next start or `tierindex drain`",
+            r.drain.pending.len()
+        ));
+    }
+    if let Some(f) = o.fatal {
+        s.push_str(&format!("\nFATAL: the run stopped early: {f}"));
+    }
+    s
+}
+
+/// A report's exit code; a fence is also said on stderr.
+pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&str>) -> i32 {
     if let Some(why) = &r.fenced {
         note(&format!(
             "tierindex: FENCED: another owner took the stream's manifest ({why}); \
