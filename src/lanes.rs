@@ -80,12 +80,6 @@ impl Pool {
         }
     }
 
-    /// How many threads this pool has started.
-    #[cfg(test)]
-    pub(crate) fn threads(&self) -> usize {
-        lock(&self.state).threads
-    }
-
     /// Make sure at least one thread runs, so that a lane created now is
     /// served; the error (no thread could be started) is the caller's.
     fn ensure_one(&'static self) -> Result<()> {
@@ -108,7 +102,11 @@ impl Pool {
     fn schedule(&'static self, lane: Arc<dyn Turn>) {
         let mut s = lock(&self.state);
         s.queue.push_back(lane);
-        if s.idle == 0
+        // More lanes waiting than threads waiting for them (a thread just
+        // notified still counts as waiting until it takes one): start
+        // another, so a lane is not left behind one whose job hangs while
+        // the pool has room.
+        if s.queue.len() > s.idle
             && s.threads < self.max
             && let Err(e) = self.spawn(&mut s)
         {
@@ -132,8 +130,12 @@ impl Pool {
                     s.idle -= 1;
                 }
             };
-            if lane.run_turn() {
-                self.schedule(lane);
+            // `run_turn` catches its handler's panics; this guards the
+            // rest (a drop that panics), so the thread stays in the pool.
+            match catch_unwind(AssertUnwindSafe(|| lane.run_turn())) {
+                Ok(true) => self.schedule(lane),
+                Ok(false) => {}
+                Err(_) => tracing::error!(pool = self.name, "a lane's turn panicked"),
             }
         }
     }
@@ -249,6 +251,30 @@ impl<J: Send + 'static> Lane<J> {
         }
         if s.panicked { Err(()) } else { Ok(()) }
     }
+
+    /// As [`join`](Self::join), for at most `limit`: `None` if not
+    /// finished by then (its last turn waits for a busy pool, or a job
+    /// hangs).
+    pub(crate) fn join_timeout(
+        &self,
+        limit: std::time::Duration,
+    ) -> Option<std::result::Result<(), ()>> {
+        let until = std::time::Instant::now() + limit;
+        let mut s = lock(&self.0.state);
+        while !s.finished {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            s = self
+                .0
+                .finished
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Some(if s.panicked { Err(()) } else { Ok(()) })
+    }
 }
 
 impl<J: Send + 'static> Inner<J> {
@@ -256,7 +282,10 @@ impl<J: Send + 'static> Inner<J> {
     /// returning means it is gone; then wake the joiners.
     fn finish(&self, panicked: bool) {
         let handler = lock(&self.handler).take();
-        drop(handler);
+        // A drop that panics must still finish the lane, or `join` would
+        // wait for ever.
+        let dropped = catch_unwind(AssertUnwindSafe(|| drop(handler))).is_ok();
+        let panicked = panicked || !dropped;
         let queued = {
             let mut s = lock(&self.state);
             s.finished = true;
@@ -265,7 +294,7 @@ impl<J: Send + 'static> Inner<J> {
             std::mem::take(&mut s.queue)
         };
         self.finished.notify_all();
-        drop(queued);
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(queued)));
     }
 }
 
@@ -347,7 +376,7 @@ mod tests {
             assert!(lane.push(7).is_err(), "a closed lane takes no job");
         }
         for lane in &lanes {
-            lane.join().unwrap();
+            joined(lane).unwrap();
         }
         drop(tx);
         let got: Vec<_> = rx.iter().collect();
@@ -355,7 +384,77 @@ mod tests {
         for (_, seen) in got {
             assert_eq!(seen, (0..1000).collect::<Vec<_>>());
         }
-        assert!(TEST_POOL.threads() <= 3);
+    }
+
+    /// Joined within 30 s, or the test fails (a lost wake-up would hang).
+    fn joined<J: Send + 'static>(lane: &Lane<J>) -> std::result::Result<(), ()> {
+        lane.join_timeout(std::time::Duration::from_secs(30))
+            .expect("the lane did not finish within 30 s")
+    }
+
+    /// A job that hangs holds its thread only: another lane queued behind
+    /// it gets a thread of its own while the pool has room (the pool once
+    /// started one only when no thread was idle, counting the one just
+    /// woken for the hanging job).
+    #[test]
+    fn a_hanging_job_does_not_hold_up_another_lane() {
+        static POOL: Pool = Pool::new("lanes-hang", 3);
+        let (ran_tx, ran_rx) = mpsc::channel::<()>();
+        let (free_tx, free_rx) = mpsc::channel::<()>();
+        let free_rx = Mutex::new(free_rx);
+        let a = Lane::new(&POOL, false, move |_: Vec<u8>| {
+            // Hangs until B has run (or 10 s, so a failure cannot hang).
+            let _ = lock(&free_rx).recv_timeout(std::time::Duration::from_secs(10));
+        })
+        .unwrap();
+        let b = Lane::new(&POOL, false, move |_: Vec<u8>| {
+            let _ = ran_tx.send(());
+        })
+        .unwrap();
+        // The pool's one thread waits idle; both are queued before it
+        // wakes.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        a.push(1).unwrap();
+        b.push(1).unwrap();
+        let ran = ran_rx.recv_timeout(std::time::Duration::from_secs(5));
+        let _ = free_tx.send(());
+        assert!(ran.is_ok(), "B waited behind A's hanging job");
+        for l in [&a, &b] {
+            l.close();
+            joined(l).unwrap();
+        }
+    }
+
+    #[test]
+    fn busy_lanes_take_turns() {
+        static POOL: Pool = Pool::new("lanes-turns", 1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Mutex::new(go_rx);
+        // A gate lane holds the only thread while both lanes fill up.
+        let gate = Lane::new(&POOL, false, move |_: Vec<u8>| {
+            let _ = lock(&go_rx).recv_timeout(std::time::Duration::from_secs(10));
+        })
+        .unwrap();
+        gate.push(0).unwrap();
+        let lanes: Vec<Lane<u8>> = (0..2u8)
+            .map(|l| {
+                let order = order.clone();
+                Lane::new(&POOL, false, move |_: Vec<u8>| lock(&order).push(l)).unwrap()
+            })
+            .collect();
+        for _ in 0..3 {
+            for lane in &lanes {
+                lane.push(1).unwrap();
+            }
+        }
+        go_tx.send(()).unwrap();
+        for l in lanes.iter().chain([&gate]) {
+            l.close();
+            joined(l).unwrap();
+        }
+        // One job per turn, the busy lane back at the end of the queue.
+        assert_eq!(*lock(&order), vec![0, 1, 0, 1, 0, 1]);
     }
 
     #[test]
@@ -368,7 +467,7 @@ mod tests {
         .unwrap();
         lane.push(1).unwrap();
         lane.close();
-        lane.join().unwrap();
+        joined(&lane).unwrap();
         assert!(lane.is_finished());
         assert_eq!(Arc::strong_count(&held), 1, "the handler was dropped");
 
@@ -381,7 +480,7 @@ mod tests {
         lane.push(1).unwrap();
         lane.push(2).unwrap();
         lane.push(3).unwrap();
-        assert!(lane.join().is_err(), "the panic is reported");
+        assert!(joined(&lane).is_err(), "the panic is reported");
         assert!(lane.push(4).is_err());
         // The pool still serves other lanes.
         let (tx, rx) = mpsc::channel();

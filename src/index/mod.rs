@@ -85,8 +85,14 @@ const MAX_FROZEN: usize = 16;
 /// append returns [`Error::Deadline`].
 const SEALER_WAIT: Duration = Duration::from_secs(30);
 
-/// Called from the sealer thread after each seal finished (or failed); the
-/// pipeline uses it to wake up and call [`IndexWriter::poll_sealed`].
+/// How long a roll waits for its prepared next segment before creating
+/// it itself.
+const SPARE_WAIT: Duration = Duration::from_secs(2);
+
+/// Called from the sealer after each seal finished (or failed), and from
+/// `append_entry` (under the writer's lock: it must not take that lock)
+/// when the first entry goes into an empty segment with an age set; the
+/// pipeline uses it to wake its worker, which calls `tick`.
 pub type SealNotify = Arc<dyn Fn() + Send + Sync>;
 
 #[derive(Default)]
@@ -441,11 +447,25 @@ impl IndexWriter {
                 }
             }
         }
+        // The spare is at the front of the sealer's lane, but the lane
+        // waits for a thread of the shared pool: if it does not come in
+        // SPARE_WAIT (every thread busy with other streams' seals, or
+        // hung), the roll creates the file itself (the late spare arrives
+        // stale and is removed).
+        let waited = Instant::now();
         while self.spare.is_none() && self.spare_asked.is_some() {
-            match self.done_rx.recv() {
+            let left = SPARE_WAIT.saturating_sub(waited.elapsed());
+            match self.done_rx.recv_timeout(left) {
                 Ok(done) => self.take_done(done)?,
-                Err(_) => {
-                    // The sealer thread is gone.
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        segment = self.spare_asked.map(|s| s.0),
+                        "the next active segment was not prepared in time; creating it here"
+                    );
+                    self.spare_asked = None;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // The sealer is gone.
                     self.spare_asked = None;
                 }
             }
@@ -684,10 +704,19 @@ impl IndexWriter {
                 }
             }
         }
-        if let Some(h) = self.sealer.take()
-            && h.join().is_err()
-        {
-            self.poison.set("sealer thread panicked".into());
+        // Every seal is in; the lane still needs a turn of the shared pool
+        // to end (and drop the directory's lock). Bounded: with every pool
+        // thread busy or hung elsewhere, the lock is released when it ends.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Some(h) = self.sealer.take() {
+            match h.join_timeout(left.max(Duration::from_millis(100))) {
+                Some(Ok(())) => {}
+                Some(Err(())) => self.poison.set("sealer panicked".into()),
+                None => tracing::warn!(
+                    "the sealer lane has not ended by the deadline (the shared sealer threads \
+                     are busy); the data directory's lock is released when it does"
+                ),
+            }
         }
         // A spare prepared or on its way is not needed any more.
         while let Ok(done) = self.done_rx.try_recv() {

@@ -46,9 +46,10 @@ impl Jobs {
     pub(super) fn is_finished(&self) -> bool {
         self.0.is_finished()
     }
-    /// Wait until finished; `Err(())`: a job panicked.
-    pub(super) fn join(&self) -> std::result::Result<(), ()> {
-        self.0.join()
+    /// Wait up to `limit` until finished; `None`: not finished by then;
+    /// `Some(Err(()))`: a job panicked.
+    pub(super) fn join_timeout(&self, limit: Duration) -> Option<std::result::Result<(), ()>> {
+        self.0.join_timeout(limit)
     }
 }
 

@@ -214,17 +214,24 @@ impl Shared {
     /// finished seals) off the runtime's threads, journal what sealed, and
     /// say when the age rule next needs a tick: the active segment's
     /// deadline in ms since the epoch, `None` while it is empty (the first
-    /// append wakes the worker) or no age is set.
-    pub async fn tick_writer(&self) -> Result<Option<u64>> {
+    /// append wakes the worker) or no age is set. The deadline is returned
+    /// whatever the journaling did.
+    pub async fn tick_writer(&self) -> (Option<u64>, Result<()>) {
         let writer = self.writer.clone();
-        let (metas, due) = tokio::task::spawn_blocking(move || {
+        let ticked = tokio::task::spawn_blocking(move || {
             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            w.tick().map(|m| (m, w.age_deadline_ms()))
+            let metas = w.tick();
+            (metas, w.age_deadline_ms())
         })
-        .await
-        .map_err(|e| Error::Internal(format!("seal collection task failed: {e}")))??;
-        self.record_sealed(metas).await?;
-        Ok(due)
+        .await;
+        match ticked {
+            Ok((Ok(metas), due)) => (due, self.record_sealed(metas).await.map(drop)),
+            Ok((Err(e), due)) => (due, Err(e)),
+            Err(e) => (
+                None,
+                Err(Error::Internal(format!("seal collection task failed: {e}"))),
+            ),
+        }
     }
 
     /// Start-up: journal every local sealed file the journal does not know

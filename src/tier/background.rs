@@ -138,13 +138,10 @@ pub(super) async fn worker(
             return (sched, probe);
         }
         sh.metrics.worker_wakes.inc();
-        let age_due = match sh.tick_writer().await {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::error!(error = %e, "collecting sealed segments failed");
-                None
-            }
-        };
+        let (age_due, ticked) = sh.tick_writer().await;
+        if let Err(e) = ticked {
+            tracing::error!(error = %e, "collecting sealed segments failed");
+        }
         if probe.as_ref().is_some_and(|p| p.is_finished()) {
             probe = None;
         }

@@ -130,7 +130,21 @@ impl TierIndex {
                     journal, writer, ..
                 } = shared;
                 drop(writer);
-                journal.close();
+                // The committer lane ends on a thread of the shared journal
+                // pool; waited for off the runtime's threads, and only as
+                // long as the deadline allows (at least 1 s): with every
+                // pool thread busy elsewhere the journal's lock is released
+                // when the lane ends.
+                let left = until
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_secs(1));
+                let closing = tokio::task::spawn_blocking(move || journal.close());
+                if tokio::time::timeout(left, closing).await.is_err() {
+                    tracing::warn!(
+                        "the journal's committer has not ended by the deadline (the shared \
+                         journal threads are busy); its lock is released when it does"
+                    );
+                }
             }
             Err(_) => tracing::warn!(
                 "background tasks still hold the index; its lock is released when they end"
