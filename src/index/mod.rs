@@ -424,9 +424,9 @@ impl IndexWriter {
             self.take_done(done)?;
         }
         // Backpressure: appends that outrun the sealer wait here for its
-        // seals rather than pile up frozen segments, each holding a file
-        // descriptor, a map and a preallocated file (with small segments an
-        // unbounded pile ran the process out of descriptors).
+        // seals rather than pile up frozen segments, each holding a map
+        // and a preallocated file (with small segments an unbounded pile
+        // ran the process out of descriptors, when each kept one).
         while self.frozen.len() >= MAX_FROZEN {
             match self.done_rx.recv_timeout(SEALER_WAIT) {
                 Ok(done) => self.take_done(done)?,

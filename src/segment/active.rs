@@ -152,7 +152,9 @@ pub struct Lookup {
 /// An mmap-backed segment being written.
 pub struct ActiveSegment {
     path: PathBuf,
-    file: File,
+    /// No descriptor is kept: the map holds its own reference to the open
+    /// file (msync and its writeback errors go through it), so a stream
+    /// costs no descriptor for its active segment or a prepared spare.
     map: MmapMut,
     layout: ActiveLayout,
     id: SegmentId,
@@ -356,9 +358,9 @@ impl ActiveSegment {
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| Error::io(&path, "mmap active segment", e))
             .map_err(cleanup)?;
+        drop(file);
         Ok(ActiveSegment {
             path,
-            file,
             map,
             layout,
             id,
@@ -435,7 +437,6 @@ impl ActiveSegment {
             .map_err(|e| Error::io(path, "mmap active segment", e))?;
         let mut seg = ActiveSegment {
             path: path.to_path_buf(),
-            file,
             map,
             layout,
             id: header.segment_id,
@@ -445,11 +446,17 @@ impl ActiveSegment {
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             poisoned: None,
         };
-        seg.recover(&mut rec, save_dir)?;
+        seg.recover(&file, &mut rec, save_dir)?;
+        drop(file);
         Ok((seg, rec))
     }
 
-    fn recover(&mut self, rec: &mut ActiveRecovery, save_dir: Option<&Path>) -> Result<()> {
+    fn recover(
+        &mut self,
+        file: &File,
+        rec: &mut ActiveRecovery,
+        save_dir: Option<&Path>,
+    ) -> Result<()> {
         let l = self.layout;
         let mut heads = vec![0u32; l.slot_count as usize];
         let valid = scan_valid_prefix(&self.map, &l, self.id, &mut heads);
@@ -485,7 +492,7 @@ impl ActiveSegment {
         // after a kill -9 the kept items may still be dirty in the page cache
         // only, and the next flush syncs from `valid` onward. fsync covers
         // every dirty page of the file, including the zeroed tail.
-        crate::durable::sync_all(&self.file, &self.path).map_err(|e| {
+        crate::durable::sync_all(file, &self.path).map_err(|e| {
             Error::Poisoned(format!(
                 "fsync of recovered {} failed: {e}",
                 self.path.display()
@@ -742,12 +749,6 @@ impl ActiveSegment {
     #[cfg(any(test, feature = "testing"))]
     pub fn poison(&mut self, why: String) {
         self.poisoned.get_or_insert(why);
-    }
-
-    /// Keep the file handle alive as long as the mapping (documented intent).
-    #[cfg(any(test, feature = "testing"))]
-    pub fn file(&self) -> &File {
-        &self.file
     }
 }
 
