@@ -18,8 +18,9 @@
 //!
 //! `idle_cpu_pct` is the process's user + system CPU over the idle
 //! window, in percent of one core (from `/proc/self/stat`, 10 ms ticks).
-//! Its threads, by name, go to stderr. Descriptors count: raise `ulimit -n` above 4 x STREAMS for a build that
-//! holds 4 per stream.
+//! Its threads, by name, go to stderr. Descriptors count: raise `ulimit -n`
+//! above 3 x STREAMS (4 x STREAMS for a build before 4bce35b, which kept
+//! the active file's descriptor).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -10,7 +10,8 @@
 # to each, measures threads, descriptors, maps, RSS and the CPU of
 # BENCH_IDLE_SECS (default 10) idle seconds, then shuts them all down under
 # one deadline. BENCH_STREAMS_MODE=single-writer: no manifest (and no lease
-# to renew every 10 s per stream). `ulimit -n` is raised to 5 x N + 256 for the run. Prints its
+# to renew every 10 s per stream). The soft `ulimit -n` is raised to
+# 5 x N + 256 for the run, or to the hard limit if that is lower. Prints its
 # `RESULT streams binary=B ...` line; BENCH_STREAMS_BASELINE=/path/to/an
 # older build of the same example runs it too, in the same loop (this
 # tree's first for each N).
