@@ -199,8 +199,8 @@ fn run_raw(
     let count = total.div_ceil(u64::from(segment_items));
     let mut segs = Vec::new();
     for n in 0..count {
-        let s = ActiveSegment::create(tmp.path(), SegmentId(n + 1), slots, segment_items, 0)?;
-        s.prefault();
+        let mut s = ActiveSegment::create(tmp.path(), SegmentId(n + 1), slots, segment_items, 0)?;
+        s.prefault(usize::MAX);
         segs.push(s);
     }
     let keys: Vec<u64> = (0..4096)

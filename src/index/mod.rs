@@ -305,8 +305,8 @@ impl IndexWriter {
         match &w.active {
             Some(a) => w.active_since_ms = a.created_ms(),
             None => {
-                let a = w.create_active()?;
-                a.prefault();
+                let mut a = w.create_active()?;
+                a.prefault(0);
                 w.active = Some(a);
             }
         }
@@ -373,7 +373,15 @@ impl IndexWriter {
         if let Some(tx) = &self.sealer_tx
             && self.sealer.as_ref().is_some_and(|h| !h.is_finished())
         {
-            if !tx.push(Job::Prepare(id)) {
+            // Its first stretch in the page cache: what this stream wrote
+            // into the active segment so far (half of it when asked at half
+            // full), so a fast stream rolls into pages already read in and
+            // an idle one keeps little resident.
+            let ahead = self
+                .active
+                .as_ref()
+                .map_or(0, |a| a.items_bytes().min(crate::segment::active::PREFAULT_MAX));
+            if !tx.push(Job::Prepare(id, ahead)) {
                 return;
             }
             self.next_id = after;
@@ -510,14 +518,21 @@ impl IndexWriter {
         if needs_roll {
             self.roll()?;
         }
-        let (half, first) = match self.active.as_mut() {
+        let (half, first, stretch) = match self.active.as_mut() {
             Some(a) => {
                 let first = a.is_empty();
                 a.append_entry(entry)?;
-                (a.len() >= a.capacity() / 2, first)
+                let stretch = a.prefault_due().map(|(from, to)| a.map_range(from, to));
+                (a.len() >= a.capacity() / 2, first, stretch)
             }
             None => return Err(Error::ShutDown),
         };
+        // The next stretch of the active segment populated on the sealer's
+        // thread, ahead of the appends (a closed lane: the appends fault
+        // the pages in themselves).
+        if let (Some((addr, len)), Some(tx)) = (stretch, &self.sealer_tx) {
+            tx.push(Job::Prefault(addr, len));
+        }
         // The first entry starts the age rule's clock for the worker, which
         // sleeps while there is nothing to roll (see `age_deadline_ms`).
         if first && self.cfg.segment_max_age.is_some() {

@@ -11,8 +11,13 @@ pub(super) enum Job {
     Seal(Arc<ActiveSegment>),
     /// Create (allocate, fsync, map, prefault) the next active segment
     /// ahead of the roll that needs it, so that the append which rolls
-    /// only swaps it in.
-    Prepare(SegmentId),
+    /// only swaps it in; its first stretch of items brought into the page
+    /// cache is this many bytes (see [`ActiveSegment::prefault`]).
+    Prepare(SegmentId, usize),
+    /// Populate a stretch of the active segment's map (address, length)
+    /// ahead of the appends ([`ActiveSegment::prefault_due`],
+    /// [`crate::segment::active::populate`]).
+    Prefault(usize, usize),
     /// Drop a sealed segment's frozen mapping here, not under the writer
     /// lock: its file is already unlinked, so the last reference frees the
     /// whole preallocated file (measured at 10-15 ms for 8 MB on ext4,
@@ -35,7 +40,7 @@ impl Jobs {
     /// Queue `job`; `false`: the lane is closed or ended (a panic).
     pub(super) fn push(&self, job: Job) -> bool {
         match job {
-            Job::Prepare(_) => self.0.push_front(job).is_ok(),
+            Job::Prepare(..) | Job::Prefault(..) => self.0.push_front(job).is_ok(),
             _ => self.0.push(job).is_ok(),
         }
     }
@@ -146,11 +151,17 @@ pub(super) fn spawn(
                 let _ = rx.recv();
                 return;
             }
-            Job::Prepare(id) => {
-                let r = ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
-                if let Ok(seg) = &r {
-                    seg.prefault();
-                }
+            Job::Prefault(addr, len) => {
+                crate::segment::active::populate(addr, len);
+                return;
+            }
+            Job::Prepare(id, ahead) => {
+                let r = ActiveSegment::create(&thread_dir, id, slots, items, now_ms()).map(
+                    |mut seg| {
+                        seg.prefault(ahead);
+                        seg
+                    },
+                );
                 let _ = done_tx.send(Done::Prepared(id, r));
                 return;
             }
