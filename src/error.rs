@@ -272,9 +272,19 @@ pub fn scrub(text: &str) -> String {
             } else {
                 &['"', '\'', '\\', '\n', '\r', '<', ']', '&', ',', ';', ' ', '\t']
             };
-            let end = lower[start..]
-                .find(stops)
-                .map_or(lower.len(), |k| start + k);
+            // A `<redacted>` that a registered secret (the key id) left in
+            // the value is part of it, not its end: stopping there left the
+            // credential scope and the signature of an echoed
+            // `authorization` header in the text.
+            let mut end = start;
+            loop {
+                end = lower[end..].find(stops).map_or(lower.len(), |k| end + k);
+                if lower[end..].starts_with("<redacted>") {
+                    end += "<redacted>".len();
+                } else {
+                    break;
+                }
+            }
             if end > start {
                 cuts.push(start..end);
             }
@@ -323,6 +333,20 @@ mod scrub_tests {
         let h = "echo: X-Amz-Security-Token: tok-abc123\nAuthorization: AWS4-HMAC-SHA256 Credential=AK/x, Signature=ff\nhost: h";
         let s = scrub(h);
         assert!(!s.contains("tok-abc123") && !s.contains("Signature=ff"), "{s}");
+        assert!(s.contains("host: h"), "{s}");
+        // The key id registered as a secret is redacted first: the rest
+        // of the header (scope, signed headers, signature) still goes.
+        register_secret("AKIDREGISTERED77");
+        let h = "authorization: AWS4-HMAC-SHA256 Credential=AKIDREGISTERED77/20261204/us-east-1/s3/\
+                 aws4_request, SignedHeaders=host;x-amz-date, Signature=6e4a30efdead\nhost: h";
+        let s = scrub(h);
+        assert!(
+            !s.contains("AKIDREGISTERED77")
+                && !s.contains("20261204")
+                && !s.contains("SignedHeaders")
+                && !s.contains("6e4a30ef"),
+            "{s}"
+        );
         assert!(s.contains("host: h"), "{s}");
         let t = "Authorization header is malformed";
         assert_eq!(scrub(t), t);
