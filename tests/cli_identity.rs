@@ -332,9 +332,13 @@ async fn a_data_directory_without_identity_needs_an_explicit_store() {
     // fsck does not need a store.
     let (code, out) = tierindex(&["--data-dir", s(&data), "fsck"]);
     assert_ne!(code, EXIT_ERROR, "{out}");
-    // With --store the drain runs, and the broker path writes the identity.
+    // With --store the broker path writes the identity, with a new
+    // incarnation: this directory can no longer show it is the one whose
+    // crashed broker holds the stream's lease (its default owner id hashes
+    // the incarnation), so the drain is refused while that lease lasts,
+    // naming the holder and when it ends.
     let url = format!("file://{}", store.display());
-    let (code, out) = tierindex(&[
+    let drain = [
         "--data-dir",
         s(&data),
         "--store",
@@ -342,7 +346,34 @@ async fn a_data_directory_without_identity_needs_an_explicit_store() {
         "--stream",
         "orders",
         "drain",
+    ];
+    let (code, out) = tierindex(&drain);
+    assert_eq!(code, EXIT_ERROR, "{out}");
+    assert!(
+        out.contains("is held by owner") && out.contains("until"),
+        "{out}"
+    );
+    // The operator releases the crashed broker's lease (or waits for it).
+    let holder = out
+        .split("owner \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the holder named")
+        .to_string();
+    let (code, out) = tierindex(&[
+        "--data-dir",
+        s(&data),
+        "--store",
+        &url,
+        "--stream",
+        "orders",
+        "owner",
+        "release",
+        "--owner-id",
+        &holder,
     ]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = tierindex(&drain);
     assert_eq!(code, EXIT_DRAINED, "{out}");
     let id = Identity::load(&data)
         .unwrap()

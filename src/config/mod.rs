@@ -577,10 +577,17 @@ impl Config {
     }
 
     /// The manifest owner id: `owner_id`, or `{hostname}-{hash}` where the
-    /// hash is of the absolute data directory. Stable across restarts of one
-    /// data directory (which only one process can hold at a time), so a
-    /// restart after a crash re-takes the stream without waiting for the
-    /// lease and fences the previous incarnation.
+    /// hash is of the absolute data directory and, once the directory has
+    /// one, the random incarnation its `IDENTITY` records. Stable across
+    /// restarts of one data directory (which only one process can hold at a
+    /// time), so a restart after a crash re-takes the stream without
+    /// waiting for the lease and fences the previous incarnation. The
+    /// incarnation keeps two data directories at the same path on hosts of
+    /// the same name (cloned VMs, containers given one fixed hostname) from
+    /// sharing an id: without it the second broker re-took the first's
+    /// live stream as its own and fenced it, where it must be refused while
+    /// the first's lease lasts. A copy of a data directory (a restored
+    /// backup) keeps its incarnation: it is the same owner.
     pub fn effective_owner_id(&self) -> Result<String> {
         if let Some(o) = &self.owner_id {
             crate::remote::lease::validate_owner(o)?;
@@ -596,8 +603,16 @@ impl Config {
             .take(200)
             .collect();
         let host = if host.is_empty() { "host".into() } else { host };
-        let hash = crc32fast::hash(abs.as_os_str().as_encoded_bytes());
-        let id = format!("{host}-{hash:08x}");
+        let mut hash = crc32fast::Hasher::new();
+        hash.update(abs.as_os_str().as_encoded_bytes());
+        // A directory not created yet has no incarnation (the open writes
+        // its IDENTITY before it takes the manifest); one whose IDENTITY
+        // cannot be read is refused by the open before this matters.
+        if let Ok(Some(id)) = crate::identity::Identity::load(&self.data_dir) {
+            hash.update(b"\0");
+            hash.update(id.incarnation.as_bytes());
+        }
+        let id = format!("{host}-{:08x}", hash.finalize());
         crate::remote::lease::validate_owner(&id)?;
         Ok(id)
     }
@@ -692,6 +707,41 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two data directories created at one path (on two hosts of one
+    /// name: here one after the other) are two owners; one directory, or a
+    /// copy of it, is one owner across opens.
+    #[test]
+    fn the_default_owner_id_tells_two_data_directories_at_one_path_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let cfg = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
+        let bare = cfg.effective_owner_id().unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::identity::Identity::new("stream-0", "file:///s", None)
+            .store_in(&dir)
+            .unwrap();
+        let first = cfg.effective_owner_id().unwrap();
+        assert_ne!(first, bare);
+        assert_eq!(cfg.effective_owner_id().unwrap(), first, "stable across opens");
+        let copy = tmp.path().join("copy");
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::copy(dir.join("IDENTITY"), copy.join("IDENTITY")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::rename(&copy, &dir).unwrap();
+        assert_eq!(cfg.effective_owner_id().unwrap(), first, "a copy is the same owner");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::identity::Identity::new("stream-0", "file:///s", None)
+            .store_in(&dir)
+            .unwrap();
+        let second = cfg.effective_owner_id().unwrap();
+        assert_ne!(second, first, "another data directory at the same path");
+        assert!(second.starts_with(first.split_once('-').unwrap().0));
+    }
 
     #[test]
     fn toml_roundtrip_and_typos_rejected() {
