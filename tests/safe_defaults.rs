@@ -71,3 +71,43 @@ async fn the_manifest_without_the_probe_is_refused_saying_so() {
     let store_dir = tmp.path().join("bucket");
     assert_eq!(std::fs::read_dir(&store_dir).unwrap().count(), 0);
 }
+
+/// A store that lost the stream (an emptied or unmounted `file://`
+/// directory, a typo naming another bucket) is refused at open when the
+/// journal records segments committed to its manifest: before, the open
+/// started a new manifest at epoch 1 there and the broker reported a clean
+/// drain while the store held none of what it had committed. Nothing is
+/// written to that store, the message says what to check and do, and the
+/// right store opens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_the_stream_is_refused_at_open_naming_what_was_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = target(tmp.path());
+    let cfg = tierindex::Config {
+        release_after_commit: false,
+        ..t.config(&tmp.path().join("data"))
+    };
+    let mut model = scenarios::Model::new();
+    scenarios::fill(&cfg, 0..1_000, &mut model).await;
+    let bucket = tmp.path().join("bucket");
+    let lost = tmp.path().join("bucket.lost");
+    std::fs::rename(&bucket, &lost).unwrap();
+    std::fs::create_dir_all(&bucket).unwrap();
+    let err = match tierindex::TierIndex::open(cfg.clone()).await {
+        Ok(_) => panic!("opened on a store that lost every committed segment"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("has no manifest for stream"), "{err}");
+    assert!(err.contains("committed"), "{err}");
+    assert!(err.contains("reconcile --repair"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&bucket).unwrap().count(),
+        0,
+        "the refusal wrote to the store"
+    );
+    // The right store back: it opens, and everything is readable.
+    std::fs::remove_dir(&bucket).unwrap();
+    std::fs::rename(&lost, &bucket).unwrap();
+    scenarios::fill(&cfg, 1_000..1_100, &mut model).await;
+    t.assert_readable(&cfg.data_dir, &model);
+}

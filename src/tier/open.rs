@@ -18,12 +18,42 @@ pub async fn open_shared(cfg: &Config, store: RemoteStore) -> Result<(Arc<Shared
 
 /// Probe the store and take the stream's manifest for this owner.
 /// Returns the writer and whether creates are conditional.
+///
+/// `committed`: segments this data directory's journal records as
+/// committed to the stream's manifest (`Committed` or `Released`), counted
+/// when its IDENTITY recorded manifest mode before this open. With any, a
+/// store that has no manifest for the stream is refused before anything is
+/// written there: it is not the store they were committed to, or it lost
+/// them (a typo in the URL, an emptied or unmounted `file://` directory,
+/// another bucket). Taking it would start a new manifest at epoch 1, and
+/// the broker would report everything committed while the store holds
+/// none of it.
 pub(super) async fn take_manifest(
     cfg: &Config,
     store: &RemoteStore,
     clock: Arc<dyn Clock>,
+    committed: usize,
 ) -> Result<(ManifestWriter, crate::pipeline::StoreTrust)> {
     let owner = cfg.effective_owner_id()?;
+    // Checked first: the probe writes (and removes) objects of its own.
+    if committed > 0 && !manifest_exists(cfg, store, clock.clone()).await? {
+        return Err(Error::InvalidInput(format!(
+            "the store {} has no manifest for stream {:?}, but the journal in {} records {} \
+             segment(s) committed to that stream's manifest: this is not the store they were \
+             committed to, or it lost them (a typo in the store URL or endpoint, another \
+             bucket or prefix, an emptied or unmounted store directory). Nothing was written \
+             to the store. Check the store URL. If it is the right store and it lost them, \
+             `tierindex reconcile --data-dir {}` lists what is missing and \
+             `tierindex reconcile --repair` re-uploads the local copies still held and \
+             rebuilds the manifest; entries whose local copies were released are lost with \
+             the store",
+            store.display_url(),
+            cfg.stream,
+            cfg.data_dir.display(),
+            committed,
+            cfg.data_dir.display(),
+        )));
+    }
     let caps = if cfg.probe_store {
         let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 2;
         match tokio::time::timeout(limit, crate::remote::probe::probe(store)).await {
@@ -71,6 +101,18 @@ pub(super) async fn take_manifest(
     Ok((writer, crate::pipeline::StoreTrust::of(&caps)))
 }
 
+/// Whether the stream has a manifest in `store` (a read: listing and
+/// reading its versions; nothing is written, so no capability is needed).
+async fn manifest_exists(cfg: &Config, store: &RemoteStore, clock: Arc<dyn Clock>) -> Result<bool> {
+    let caps = crate::remote::probe::Capabilities {
+        conditional_create: true,
+        ..Default::default()
+    };
+    ManifestStore::with_capabilities(store, &cfg.stream, cfg.manifest_options(), &caps, clock)?
+        .exists()
+        .await
+}
+
 /// Errors at open that mean "the store cannot be reached now" rather than
 /// "this configuration or ownership is wrong": with these the index opens
 /// without ownership and takes it later.
@@ -86,9 +128,9 @@ pub async fn open_shared_with_clock(
 ) -> Result<(Arc<Shared>, OpenReport)> {
     // Local recovery reads and checks files: on a blocking thread, never on
     // the caller's runtime thread (issue 16).
-    let (dd, previous_shutdown_clean, journal, jrep) = {
+    let (dd, previous_shutdown_clean, journal, jrep, committed) = {
         let (cfg, url) = (cfg.clone(), store.display_url().to_string());
-        tokio::task::spawn_blocking(move || -> Result<(DataDir, bool, Journal, ReplayReport)> {
+        tokio::task::spawn_blocking(move || -> Result<(DataDir, bool, Journal, ReplayReport, usize)> {
             let (dd, identity) = DataDir::open_as(
                 &cfg.data_dir,
                 &cfg.stream,
@@ -113,6 +155,23 @@ pub async fn open_shared_with_clock(
                     ..JournalOptions::default()
                 },
             )?;
+            // Committed to a manifest before this open: the store must
+            // still have one (see `take_manifest`).
+            let committed = if identity.mode == Some(crate::identity::Mode::Manifest) {
+                journal
+                    .segments()
+                    .values()
+                    .filter(|r| {
+                        matches!(
+                            r.state,
+                            crate::journal::SegmentState::Committed
+                                | crate::journal::SegmentState::Released
+                        )
+                    })
+                    .count()
+            } else {
+                0
+            };
             // The recorded mode must match (or is recorded now): a data
             // directory that holds segments is not silently moved between
             // manifest and single-writer mode.
@@ -129,7 +188,7 @@ pub async fn open_shared_with_clock(
                 cfg.switch_mode,
                 holds_data,
             )?;
-            Ok((dd, previous_shutdown_clean, journal, jrep))
+            Ok((dd, previous_shutdown_clean, journal, jrep, committed))
         })
         .await
         .map_err(|e| Error::Internal(format!("open task failed: {e}")))??
@@ -157,7 +216,9 @@ pub async fn open_shared_with_clock(
             .max(Duration::from_secs(1))
             * 3;
         let taken =
-            match tokio::time::timeout(limit, take_manifest(cfg, &store, clock.clone())).await {
+            match tokio::time::timeout(limit, take_manifest(cfg, &store, clock.clone(), committed))
+                .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(Error::Deadline(format!(
                     "taking ownership of the stream's manifest took longer than {} ms",
@@ -172,7 +233,7 @@ pub async fn open_shared_with_clock(
                 let take = PendingTake {
                     take: Box::new(move || {
                         let (c, st, ck) = (c.clone(), st.clone(), ck.clone());
-                        Box::pin(async move { take_manifest(&c, &st, ck).await })
+                        Box::pin(async move { take_manifest(&c, &st, ck, committed).await })
                     }),
                     retry_at: std::time::Instant::now(),
                     failures: 0,

@@ -76,10 +76,18 @@ impl Run<'_> {
     }
 
     /// Rule 3: no manifest. With `manifest = true` and segment objects
-    /// listed, it is rebuilt (with `repair`) from the listing.
+    /// listed, or segments the journal records as committed (a store that
+    /// lost the stream: rule 1 re-uploads their local copies in this run),
+    /// it is rebuilt (with `repair`) from the listing and those records.
     pub(super) async fn rebuild_manifest(&mut self) -> Result<()> {
         let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
-        if !cfg.manifest || self.ours.is_empty() {
+        let committed = self
+            .view
+            .segments()
+            .values()
+            .filter(|r| matches!(r.state, SegmentState::Committed | SegmentState::Released))
+            .count();
+        if !cfg.manifest || (self.ours.is_empty() && committed == 0) {
             return Ok(());
         }
         let dir = self.ms_read.versions_dir().to_string();
@@ -88,8 +96,10 @@ impl Run<'_> {
             None,
             &dir,
             format!(
-                "no manifest, but {} segment object(s) are listed and manifest = true",
-                self.ours.len()
+                "no manifest, but {} segment object(s) are listed, the journal records {} \
+                 segment(s) committed, and manifest = true",
+                self.ours.len(),
+                committed
             ),
         );
         if !opts.repair {

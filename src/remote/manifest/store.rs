@@ -228,6 +228,11 @@ impl ManifestStore {
         Ok(all)
     }
 
+    /// Whether the stream has a manifest in the store at all (any version).
+    pub async fn exists(&self) -> Result<bool> {
+        Ok(self.load_latest().await?.is_some())
+    }
+
     /// Takes the stream for `owner_id`: publishes the next version with
     /// epoch + 1 and a lease until now + `ttl`. Refused with
     /// [`Error::Claimed`] while another owner's lease is live. The same
