@@ -78,7 +78,8 @@ async fn the_manifest_without_the_probe_is_refused_saying_so() {
 /// started a new manifest at epoch 1 there and the broker reported a clean
 /// drain while the store held none of what it had committed. Nothing is
 /// written to that store, the message says what to check and do, and the
-/// right store opens again.
+/// way out it names (`reconcile --repair`) restores the stream from the
+/// local copies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_lost_the_stream_is_refused_at_open_naming_what_was_committed() {
     let tmp = tempfile::tempdir().unwrap();
@@ -105,9 +106,25 @@ async fn a_store_that_lost_the_stream_is_refused_at_open_naming_what_was_committ
         0,
         "the refusal wrote to the store"
     );
-    // The right store back: it opens, and everything is readable.
-    std::fs::remove_dir(&bucket).unwrap();
-    std::fs::rename(&lost, &bucket).unwrap();
+    // The way out the message names, for a store that really lost them:
+    // `reconcile --repair` re-uploads the local copies and rebuilds the
+    // manifest from them; then the broker opens and every entry is read
+    // back from the store.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .env_clear()
+        .env("TIERINDEX_LOG", "warn")
+        .arg("--data-dir")
+        .arg(&cfg.data_dir)
+        .args(["reconcile", "--repair"])
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("manifest lost"), "{out}");
     scenarios::fill(&cfg, 1_000..1_100, &mut model).await;
     t.assert_readable(&cfg.data_dir, &model);
 }
