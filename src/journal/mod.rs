@@ -82,6 +82,70 @@ pub const TMP_FILE: &str = "journal.log.tmp";
 pub const MAX_RECORD_BYTES_LIMIT: u32 = 1 << 20;
 
 /// `DATA_DIR/journal`.
+/// Reads a journal file whole except a tail of zero bytes: returns the
+/// bytes up to its last non-zero byte and the length of the zeros after
+/// them. A zero-extended or sparse journal (`truncate -s 4G`: its replay
+/// would cut the zeros as a torn tail anyway) was read into memory whole:
+/// 4 GiB of RSS for 3 minutes, and a 2 TB one failed every command,
+/// `fsck --repair` included, with "out of memory". Holes are skipped
+/// without being read (`SEEK_DATA`/`SEEK_HOLE`, where the filesystem has
+/// them); written zeros are read backwards 1 MiB at a time, never held.
+pub(crate) fn read_trimmed(file: &std::fs::File) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::os::unix::fs::FileExt as _;
+    let len = file.metadata()?.len();
+    let data_end = data_end(file, len);
+    let mut end = 0;
+    let mut chunk = vec![0u8; (data_end.min(1 << 20)) as usize];
+    let mut pos = data_end;
+    while pos > 0 {
+        let start = pos.saturating_sub(chunk.len() as u64);
+        let buf = &mut chunk[..(pos - start) as usize];
+        file.read_exact_at(buf, start)?;
+        if let Some(i) = buf.iter().rposition(|b| *b != 0) {
+            end = start + i as u64 + 1;
+            break;
+        }
+        pos = start;
+    }
+    drop(chunk);
+    let mut bytes = vec![0u8; usize::try_from(end).map_err(std::io::Error::other)?];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok((bytes, len - end))
+}
+
+/// The end of the file's last data region (past it only a hole), or `len`
+/// where the filesystem does not say.
+fn data_end(file: &std::fs::File, len: u64) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    let fd = file.as_raw_fd();
+    let mut end = 0u64;
+    let mut off = 0u64;
+    while off < len {
+        let Ok(o) = libc::off_t::try_from(off) else {
+            return len;
+        };
+        // SAFETY: lseek on a descriptor this function borrows; it moves
+        // only the file offset, which nothing here relies on (reads are
+        // positional).
+        let data = unsafe { libc::lseek(fd, o, libc::SEEK_DATA) };
+        if data < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                // No data at or after `off`: the rest is a hole.
+                Some(libc::ENXIO) => end,
+                _ => len,
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 || hole <= data {
+            return len;
+        }
+        end = (hole as u64).min(len);
+        off = hole as u64;
+    }
+    end.min(len)
+}
+
 pub fn journal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(JOURNAL_DIR)
 }

@@ -292,9 +292,8 @@ fn salvage(bytes: &[u8], fold: &mut Fold) -> Result<(u64, u64)> {
 /// and its entries committed a second time. Nothing is written.
 pub fn committed_in_intact_frames(data_dir: &Path) -> Result<std::collections::BTreeSet<SegmentId>> {
     let log = journal_dir(data_dir).join(LOG_FILE);
-    let mut bytes = Vec::new();
-    crate::durable::open_regular(&log, false)
-        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes))
+    let (bytes, _zeros) = crate::durable::open_regular(&log, false)
+        .and_then(|f| super::read_trimmed(&f))
         .map_err(|e| Error::io(&log, "read journal", e))?;
     let mut fold = Fold::default();
     salvage(&bytes, &mut fold)?;
@@ -329,8 +328,8 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
     let _lock = lock_dir(&dir)?;
     remove_tmp(&dir)?;
     let log = dir.join(LOG_FILE);
-    let old = match fs::read(&log) {
-        Ok(b) => Some(b),
+    let old = match fs::File::open(&log).and_then(|f| super::read_trimmed(&f)) {
+        Ok((b, _zeros)) => Some(b),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(Error::io(&log, "read journal", e)),
     };

@@ -15,7 +15,7 @@
 //! one is cut).
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use super::record::{Frame, JournalState, Record, SegmentRecord};
@@ -95,11 +95,10 @@ impl Journal {
         // Makes the removal of a tmp and the creation of journal.log durable.
         crate::durable::fsync_dir(&dir)?;
 
-        let mut file = crate::durable::open_regular(&log, true)
+        let file = crate::durable::open_regular(&log, true)
             .map_err(|e| Error::io(&log, "open journal", e))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .map_err(|e| Error::io(&log, "read journal", e))?;
+        let (bytes, zero_tail) =
+            super::read_trimmed(&file).map_err(|e| Error::io(&log, "read journal", e))?;
         // A header that does not decode (an emptied or overwritten file):
         // say which file, and what to do, as for damage further in.
         let replayed = replay_bytes(&bytes).map_err(|e| match e {
@@ -116,6 +115,12 @@ impl Journal {
         })?;
         let mut report = replayed.report;
         report.removed_tmp = removed_tmp;
+        // The zeros after the last non-zero byte, not read: part of the
+        // torn tail cut below.
+        if zero_tail > 0 {
+            report.truncated_bytes += zero_tail;
+            report.torn_tail_at.get_or_insert(replayed.valid_len);
+        }
         if let Some(damage) = &report.damage {
             // Not a torn tail: cutting would forget acknowledged records
             // (and with them segments the store may hold the only copy of).
@@ -190,13 +195,15 @@ impl Journal {
     /// for someone else's).
     pub fn open_read_only(data_dir: &Path) -> Result<(JournalView, ReplayReport)> {
         let log = journal_dir(data_dir).join(LOG_FILE);
-        let bytes = crate::durable::open_regular(&log, false)
-            .and_then(|mut f| {
-                let mut b = Vec::new();
-                std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
-            })
+        let (bytes, zero_tail) = crate::durable::open_regular(&log, false)
+            .and_then(|f| super::read_trimmed(&f))
             .map_err(|e| Error::io(&log, "read journal", e))?;
-        let replayed = replay_bytes(&bytes)?;
+        let mut replayed = replay_bytes(&bytes)?;
+        if zero_tail > 0 {
+            replayed.report.truncated_bytes += zero_tail;
+            let at = replayed.valid_len;
+            replayed.report.torn_tail_at.get_or_insert(at);
+        }
         if let Some(damage) = &replayed.report.damage {
             return Err(damage.to_error(&log));
         }
@@ -573,6 +580,39 @@ mod tests {
         let (j, report) = open(tmp.path());
         assert_eq!(report.torn_tail_at, None);
         assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Uploading);
+    }
+
+    /// A zero-extended journal (written zeros, then a sparse terabyte) is
+    /// a torn tail: cut by a read-write open, counted by a read-only one,
+    /// without reading the zeros into memory (a 2 TB sparse journal made
+    /// every command fail with "out of memory").
+    #[test]
+    fn a_zero_extended_sparse_journal_is_cut_without_being_read_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        j.append(&happy_path(1)[..2]).unwrap();
+        let good = j.file_len();
+        drop(j);
+        let path = log_path(tmp.path());
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        use std::os::unix::fs::FileExt as _;
+        f.write_all_at(&vec![0u8; 3 << 20], good).unwrap();
+        let big = good + (1u64 << 40);
+        f.set_len(big).unwrap();
+        drop(f);
+        let (view, report) = Journal::open_read_only(tmp.path()).unwrap();
+        assert_eq!(report.truncated_bytes, big - good);
+        assert_eq!(report.torn_tail_at, Some(good));
+        assert_eq!(view.pending().len(), 1);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), big, "read-only");
+        let (mut j, report) = open(tmp.path());
+        assert_eq!(report.truncated_bytes, big - good);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+        j.append(&happy_path(1)[2..3]).unwrap();
+        drop(j);
+        let (_, report) = open(tmp.path());
+        assert_eq!(report.truncated_bytes, 0);
+        assert_eq!(report.torn_tail_at, None);
     }
 
     #[test]
