@@ -2375,3 +2375,75 @@ fn inspect_of_a_huge_sparse_file_stays_bounded() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A pending sealed file with zeros appended after it (its footer no
+/// longer at the end) cannot be salvaged item by item. The report said
+/// "0 items salvaged, 0 LOST" and then called the file, which the start-up
+/// check had moved to quarantine/, "missing": now the loss is an unknown
+/// number, and the file is named where it went.
+#[test]
+fn an_unsalvageable_pending_file_is_an_unknown_loss_named_where_it_went() {
+    let sb = Sandbox::new();
+    let closed = closed_port();
+    let creds: &[(&str, &str)] = &[
+        ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+    ];
+    // Sealed segments that could not be uploaded (the store's port is
+    // closed): they stay pending.
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "s3://bkt",
+            "--endpoint",
+            &closed,
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "3000",
+            "--deadline",
+            "1s",
+        ],
+        creds,
+    );
+    assert_sane(&o, "demo against a closed port");
+    assert_ne!(o.status.code(), Some(0), "{}", tail(&text(&o), 3000));
+    let seg = std::fs::read_dir(sb.data().join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .min()
+        .expect("a pending sealed file");
+    let f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    f.set_len(f.metadata().unwrap().len() + 4096).unwrap();
+    drop(f);
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "--store-override",
+            "drain",
+            "--deadline",
+            "30s",
+        ],
+        &[],
+    );
+    assert_sane(&o, "drain with a damaged pending file");
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(4), "{}", tail(&t, 3000));
+    assert!(t.contains("an unknown number LOST"), "{}", tail(&t, 3000));
+    assert!(!t.contains(" 0 LOST"), "{}", tail(&t, 3000));
+    assert!(
+        !t.contains("is missing and the store has no copy"),
+        "{}",
+        tail(&t, 3000)
+    );
+    assert!(t.contains("by the start-up check"), "{}", tail(&t, 3000));
+}

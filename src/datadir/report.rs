@@ -75,9 +75,16 @@ impl LossNote {
 
     /// One line for reports.
     pub fn line(&self) -> String {
+        // A file whose items could not be counted lost an unknown number:
+        // "0 LOST" would read as nothing lost.
+        let lost = if self.lost_items == 0 && self.unknown_loss.is_some() {
+            "an unknown number".to_string()
+        } else {
+            self.lost_items.to_string()
+        };
         let mut s = format!(
-            "segment {:020} ({} file {}): {} items salvaged, {} LOST",
-            self.segment, self.kind, self.file, self.salvaged_items, self.lost_items
+            "segment {:020} ({} file {}): {} items salvaged, {lost} LOST",
+            self.segment, self.kind, self.file, self.salvaged_items
         );
         if !self.lost.is_empty() {
             s.push_str(&format!(": {}", salvage::describe(&self.lost)));

@@ -234,15 +234,22 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     }
                 }
                 if !local.exists() {
-                    return quarantine(
-                        sh,
-                        id,
-                        format!(
+                    // Moved to quarantine/ by the start-up check (damage it
+                    // could not salvage): say so, not "missing".
+                    let why = match moved_to_quarantine(&local) {
+                        Some(q) => format!(
+                            "local file {} was moved to {} by the start-up check (damaged; \
+                             see `tierindex quarantine list` and its note) and the store has \
+                             no copy",
+                            local.display(),
+                            q.display()
+                        ),
+                        None => format!(
                             "local file {} is missing and the store has no copy",
                             local.display()
                         ),
-                    )
-                    .await;
+                    };
+                    return quarantine(sh, id, why).await;
                 }
                 // A local fault is not a store error: check the file before
                 // anything is written to the journal or the store. One read
@@ -470,4 +477,22 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
             | SegmentState::Resealed) => return Ok(s),
         }
     }
+}
+
+/// The newest file in the data directory's `quarantine/` that was moved
+/// there from `local` (`<name>.<ms>[.<n>]`, not its `.why.json` note).
+fn moved_to_quarantine(local: &std::path::Path) -> Option<std::path::PathBuf> {
+    let name = local.file_name()?.to_string_lossy().into_owned();
+    let qdir = local
+        .parent()?
+        .parent()?
+        .join(crate::datadir::QUARANTINE_DIR);
+    let prefix = format!("{name}.");
+    std::fs::read_dir(&qdir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix) && !n.ends_with(".json"))
+        .max()
+        .map(|n| qdir.join(n))
 }
