@@ -142,6 +142,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             futures::future::join_all(streams.into_iter().map(|s| s.shutdown(deadline))).await;
         let shutdown_s = t.elapsed().as_secs_f64();
         let drained = reports.iter().filter(|r| r.fully_drained()).count();
+        // Why the others were not: the first few, in full.
+        for (i, r) in reports
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.fully_drained())
+            .take(5)
+        {
+            eprintln!(
+                "not drained: stream {i}: error {:?}, fenced {:?}, pending {:?}, quarantined {}",
+                r.error,
+                r.fenced,
+                r.drain.pending,
+                r.drain.quarantined.len()
+            );
+        }
         println!(
             "RESULT streams streams={n} open_s={open_s:.2} threads={threads} fds={fds} \
              maps={maps} rss_kib={rss} idle_cpu_pct={idle_cpu_pct:.2} shutdown_s={shutdown_s:.2} \
