@@ -101,22 +101,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     rt.block_on(async {
         let t = Instant::now();
-        let mut streams = Vec::with_capacity(n);
-        for i in 0..n {
+        // STREAMS_OPEN_CONCURRENCY opens that many at a time (default 1:
+        // one after another), as a broker starting its partitions may.
+        let concurrency: usize = std::env::var("STREAMS_OPEN_CONCURRENCY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+            .max(1);
+        let configs = (0..n).map(|i| {
             let cfg = Config::builder(dir.join(format!("data-{i}")))
                 .stream(format!("s{i}"))
                 .store(store.clone())
                 .segment_items(20_000)
                 .slot_count(4_096)
                 .segment_max_age(Some(Duration::from_secs(60)));
-            let cfg = if manifest {
+            if manifest {
                 cfg
             } else {
                 cfg.single_writer_mode()
             }
-            .build()?;
-            let (ti, _) = TierIndex::open(cfg).await?;
-            streams.push(ti);
+            .build()
+        });
+        use futures::StreamExt as _;
+        let opened: Vec<Result<TierIndex, Box<dyn std::error::Error>>> =
+            futures::stream::iter(configs)
+                .map(|cfg| async move {
+                    let (ti, _) = TierIndex::open(cfg?).await?;
+                    Ok::<_, Box<dyn std::error::Error>>(ti)
+                })
+                .buffered(concurrency)
+                .collect()
+                .await;
+        let mut streams = Vec::with_capacity(n);
+        for s in opened {
+            streams.push(s?);
         }
         let open_s = t.elapsed().as_secs_f64();
         for (i, s) in streams.iter().enumerate() {
