@@ -919,6 +919,12 @@ impl Drop for IndexWriter {
         // a spare left on disk is an empty active file, taken up (or
         // removed) by the next start.
         if let Some(tx) = self.sealer_tx.take() {
+            // The active segment's map goes behind whatever its lane still
+            // holds (a stretch to populate names an address in it): it is
+            // unmapped after them, not while they run.
+            if let Some(a) = self.active.take() {
+                tx.push(Job::Retire(Arc::new(a)));
+            }
             tx.close();
         }
     }

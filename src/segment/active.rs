@@ -200,17 +200,38 @@ pub const PREFAULT_MAX: usize = 8 << 20;
 /// map or unmap in the process: measured as 4-9x more appends waiting over
 /// 100 us than with the pages populated, which reading the file into the
 /// page cache alone did not avoid).
-pub fn populate(addr: usize, len: usize) {
+pub(crate) fn populate(addr: usize, len: usize) {
+    // `madvise` takes an address aligned to the kernel's page, which may be
+    // larger than the format's 4 KiB (16 or 64 KiB on some arm64 and
+    // ppc64le kernels): from the page holding `addr`.
+    let page = runtime_page_size();
+    let start = addr / page * page;
+    let len = len + (addr - start);
     // SAFETY: `MADV_POPULATE_READ` neither reads nor writes memory the
     // program sees: it faults the range's pages in as a read would,
     // without the access. The range was this process's map of an active
     // file when the stretch was asked for; if that map is gone by now
     // (the segment sealed and retired first), the call fails (ENOMEM) or
     // populates whatever now occupies the range, changing no byte of it.
-    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_READ) };
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_READ) };
     if rc == 0 {
         POPULATED.fetch_add(len as u64, Ordering::Relaxed);
+    } else {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "populating a stretch of an active segment failed; its appends fault the pages in"
+        );
     }
+}
+
+/// The kernel's page size (4 KiB where it cannot be read).
+fn runtime_page_size() -> usize {
+    static PAGE_SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE_SIZE.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the system.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(v).ok().filter(|v| v.is_power_of_two()).unwrap_or(PAGE)
+    })
 }
 
 static POPULATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
