@@ -24,8 +24,11 @@
 //! Written as `IDENTITY.tmp`, fsynced, renamed to `IDENTITY`, then the data
 //! directory is fsynced. A crash leaves either no `IDENTITY` (written again
 //! at the next open, with a new incarnation; object keys do not carry the
-//! incarnation, so nothing depends on the lost one) or the whole file. A
-//! leftover `IDENTITY.tmp` is overwritten.
+//! incarnation) or the whole file. A leftover `IDENTITY.tmp` is
+//! overwritten. The default owner id hashes the incarnation
+//! (`Config::effective_owner_id`): a data directory whose IDENTITY is lost
+//! or moved aside is another owner at its next open, refused while the
+//! lease its previous broker left lasts (or until `owner release`).
 //!
 //! ## Mode
 //! `mode` (`"manifest"` or `"single-writer"`, absent in files from older

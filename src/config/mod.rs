@@ -98,8 +98,10 @@ pub struct Config {
     /// guaranteed by other means, or on a store without conditional creates.
     pub manifest: bool,
     /// Who owns the stream's manifest. Default: `{hostname}-{hash of the
-    /// absolute data directory}`, stable across restarts of the same data
-    /// directory (so a restart after a crash re-takes its own stream at once).
+    /// absolute data directory and its IDENTITY's incarnation}`, stable
+    /// across restarts of the same data directory (so a restart after a
+    /// crash re-takes its own stream at once); see
+    /// [`Config::effective_owner_id`].
     pub owner_id: Option<String>,
     /// Lease length; renewed every third of it while running.
     pub lease_ttl_ms: u64,
@@ -606,9 +608,10 @@ impl Config {
         let mut hash = crc32fast::Hasher::new();
         hash.update(abs.as_os_str().as_encoded_bytes());
         // A directory not created yet has no incarnation (the open writes
-        // its IDENTITY before it takes the manifest); one whose IDENTITY
-        // cannot be read is refused by the open before this matters.
-        if let Ok(Some(id)) = crate::identity::Identity::load(&self.data_dir) {
+        // its IDENTITY before it takes the manifest). An IDENTITY that
+        // cannot be read (damaged, EIO, EMFILE, EACCES) is an error, never
+        // the path-only id: that would be another owner.
+        if let Some(id) = crate::identity::Identity::load(&self.data_dir)? {
             hash.update(b"\0");
             hash.update(id.incarnation.as_bytes());
         }
