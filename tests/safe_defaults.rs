@@ -101,6 +101,7 @@ async fn a_store_that_lost_the_stream_is_refused_at_open_naming_what_was_committ
     assert!(err.contains("has no manifest for stream"), "{err}");
     assert!(err.contains("committed"), "{err}");
     assert!(err.contains("reconcile --repair"), "{err}");
+    assert!(err.contains("owner take"), "{err}");
     assert_eq!(
         std::fs::read_dir(&bucket).unwrap().count(),
         0,
@@ -127,4 +128,38 @@ async fn a_store_that_lost_the_stream_is_refused_at_open_naming_what_was_committ
     assert!(out.contains("manifest lost"), "{out}");
     scenarios::fill(&cfg, 1_000..1_100, &mut model).await;
     t.assert_readable(&cfg.data_dir, &model);
+}
+
+/// A single-writer data directory switched to the manifest has committed
+/// segments and a store with no manifest until its first take succeeds:
+/// that is not a store that lost the stream. A first switching open that
+/// fails before the take (here: the probe turned off) must not turn the
+/// next one into that refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_to_the_manifest_that_failed_once_is_not_taken_for_a_lost_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = target(tmp.path());
+    let single = tierindex::Config {
+        manifest: false,
+        release_after_commit: false,
+        ..t.config(&tmp.path().join("data"))
+    };
+    let mut model = scenarios::Model::new();
+    scenarios::fill(&single, 0..500, &mut model).await;
+    let switch = tierindex::Config {
+        manifest: true,
+        switch_mode: true,
+        ..single.clone()
+    };
+    let failed = tierindex::Config {
+        probe_store: false,
+        ..switch.clone()
+    };
+    assert!(tierindex::TierIndex::open(failed).await.is_err());
+    let (ti, _) = match tierindex::TierIndex::open(switch).await {
+        Ok(x) => x,
+        Err(e) => panic!("the switch's second open was refused: {e}"),
+    };
+    let r = ti.shutdown(std::time::Duration::from_secs(60)).await;
+    assert!(r.error.is_none(), "{r:?}");
 }

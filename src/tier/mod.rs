@@ -61,6 +61,14 @@ pub use report::{OpenReport, RemoteLookup, ShutdownReport, Status};
 /// pending. Removed (durably) at open.
 pub const CLEAN_SHUTDOWN_MARKER: &str = "CLEAN_SHUTDOWN";
 
+/// Present in the data directory once an open has taken the stream's
+/// manifest (written durably after the first take, never removed). Only
+/// then do the journal's committed segments show the store must hold a
+/// manifest for the stream (see `open::take_manifest`): a data directory
+/// switched from single-writer mode has committed segments and, until its
+/// first take succeeds, a store with no manifest.
+pub const MANIFEST_TAKEN_MARKER: &str = "MANIFEST_TAKEN";
+
 /// An object store for [`TierIndex::open_with`], built by the embedder
 /// (credentials from its own secret source, its own client options, a
 /// wrapper) or from a [`Config`] as [`TierIndex::open`] builds it.

@@ -41,16 +41,19 @@ pub(super) async fn take_manifest(
             "the store {} has no manifest for stream {:?}, but the journal in {} records {} \
              segment(s) committed to that stream's manifest: this is not the store they were \
              committed to, or it lost them (a typo in the store URL or endpoint, another \
-             bucket or prefix, an emptied or unmounted store directory). Nothing was written \
-             to the store. Check the store URL. If it is the right store and it lost them, \
-             `tierindex reconcile --data-dir {}` lists what is missing and \
-             `tierindex reconcile --repair` re-uploads the local copies still held and \
-             rebuilds the manifest; entries whose local copies were released are lost with \
-             the store",
+             bucket or prefix, an emptied or unmounted store directory). The stream was not \
+             taken and nothing was committed there. Check the store URL. If it is the right \
+             store and it lost them, `tierindex reconcile --data-dir {}` lists what is \
+             missing and `tierindex reconcile --repair` re-uploads the local copies still \
+             held and rebuilds the manifest from them. Entries whose local copies were \
+             released are lost with the store: to go on without them, \
+             `tierindex --data-dir {} owner take` starts a new manifest there (the segments \
+             stay reported as missing by `verify` and `status --remote`)",
             store.display_url(),
             cfg.stream,
             cfg.data_dir.display(),
             committed,
+            cfg.data_dir.display(),
             cfg.data_dir.display(),
         )));
     }
@@ -92,6 +95,19 @@ pub(super) async fn take_manifest(
     let ms =
         ManifestStore::with_capabilities(store, &cfg.stream, cfg.manifest_options(), &caps, clock)?;
     let writer = ms.take_ownership(&owner, cfg.lease_ttl()).await?;
+    // From now on this data directory's committed segments are the
+    // manifest's (see `committed` above). Best effort: without the marker
+    // the check is only not armed.
+    let marker = cfg.data_dir.join(super::MANIFEST_TAKEN_MARKER);
+    if !marker.exists() {
+        let written = crate::durable::write_file(&marker, b"the stream's manifest was taken\n")
+            .map_err(|e| Error::io(&marker, "write manifest-taken marker", e))
+            .and_then(|()| fsync_path(&marker))
+            .and_then(|()| fsync_dir(&cfg.data_dir));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not record that the manifest was taken");
+        }
+    }
     tracing::info!(
         owner,
         epoch = writer.epoch(),
@@ -156,8 +172,12 @@ pub async fn open_shared_with_clock(
                 },
             )?;
             // Committed to a manifest before this open: the store must
-            // still have one (see `take_manifest`).
-            let committed = if identity.mode == Some(crate::identity::Mode::Manifest) {
+            // still have one (see `take_manifest`). Only once this data
+            // directory has taken one (its marker): a switch from
+            // single-writer mode has committed segments before that.
+            let committed = if identity.mode == Some(crate::identity::Mode::Manifest)
+                && cfg.data_dir.join(super::MANIFEST_TAKEN_MARKER).exists()
+            {
                 journal
                     .segments()
                     .values()

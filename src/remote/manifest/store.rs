@@ -228,9 +228,10 @@ impl ManifestStore {
         Ok(all)
     }
 
-    /// Whether the stream has a manifest in the store at all (any version).
+    /// Whether the stream has a manifest in the store at all: any version
+    /// listed (one LIST; nothing read or decoded).
     pub async fn exists(&self) -> Result<bool> {
-        Ok(self.load_latest().await?.is_some())
+        Ok(!self.list_versions(None).await?.is_empty())
     }
 
     /// Takes the stream for `owner_id`: publishes the next version with
