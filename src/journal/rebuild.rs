@@ -19,7 +19,9 @@
 //!   journal's record (the drive quarantines a local copy that does not
 //!   match; nothing is deleted).
 //! - Nothing is deleted: the old file is kept as `journal.log.damaged.<ms>`
-//!   (fsynced) before the new one is installed; segment files and store
+//!   (fsynced) before the new one is installed, less a tail of zero bytes
+//!   after its last non-zero byte (a zero-extended or sparse file: its
+//!   length is logged); segment files and store
 //!   objects are not touched. Segments that exist only in the store and
 //!   whose records were in the damaged span are not re-registered (their
 //!   objects are kept: the reconciler never deletes an object no journal
@@ -329,7 +331,16 @@ pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
     remove_tmp(&dir)?;
     let log = dir.join(LOG_FILE);
     let old = match fs::File::open(&log).and_then(|f| super::read_trimmed(&f)) {
-        Ok((b, _zeros)) => Some(b),
+        Ok((b, zeros)) => {
+            if zeros > 0 {
+                tracing::warn!(
+                    file = %log.display(),
+                    "the journal ends in {zeros} zero bytes (a zero-extended or sparse \
+                     file): left out of the rebuild and of its damaged copy"
+                );
+            }
+            Some(b)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(Error::io(&log, "read journal", e)),
     };

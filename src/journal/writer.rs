@@ -120,6 +120,14 @@ impl Journal {
         if zero_tail > 0 {
             report.truncated_bytes += zero_tail;
             report.torn_tail_at.get_or_insert(replayed.valid_len);
+            if report.tail.is_none() {
+                tracing::warn!(
+                    file = %log.display(),
+                    offset = replayed.valid_len,
+                    "cutting {zero_tail} zero bytes after the journal's last frame (a \
+                     zero-extended or sparse file)"
+                );
+            }
         }
         if let Some(damage) = &report.damage {
             // Not a torn tail: cutting would forget acknowledged records
