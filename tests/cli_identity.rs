@@ -338,15 +338,15 @@ async fn a_data_directory_without_identity_needs_an_explicit_store() {
     // the incarnation), so the drain is refused while that lease lasts,
     // naming the holder and when it ends.
     let url = format!("file://{}", store.display());
-    let drain = [
+    let at = [
         "--data-dir",
         s(&data),
         "--store",
         &url,
         "--stream",
         "orders",
-        "drain",
     ];
+    let drain = [&at[..], &["drain"]].concat();
     let (code, out) = tierindex(&drain);
     assert_eq!(code, EXIT_ERROR, "{out}");
     assert!(
@@ -360,18 +360,7 @@ async fn a_data_directory_without_identity_needs_an_explicit_store() {
         .and_then(|r| r.split('"').next())
         .expect("the holder named")
         .to_string();
-    let (code, out) = tierindex(&[
-        "--data-dir",
-        s(&data),
-        "--store",
-        &url,
-        "--stream",
-        "orders",
-        "owner",
-        "release",
-        "--owner-id",
-        &holder,
-    ]);
+    let (code, out) = tierindex(&[&at[..], &["owner", "release", "--owner-id", &holder]].concat());
     assert_eq!(code, 0, "{out}");
     let (code, out) = tierindex(&drain);
     assert_eq!(code, EXIT_DRAINED, "{out}");

@@ -479,20 +479,15 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
     }
 }
 
-/// The newest file in the data directory's `quarantine/` that was moved
-/// there from `local` (`<name>.<ms>[.<n>]`, not its `.why.json` note).
+/// Where the data directory's `quarantine/` records that `local` (a file
+/// of its `segments/`, named by its id) was moved, the newest such move,
+/// from the records the quarantine commands read.
 fn moved_to_quarantine(local: &std::path::Path) -> Option<std::path::PathBuf> {
-    let name = local.file_name()?.to_string_lossy().into_owned();
-    let qdir = local
-        .parent()?
-        .parent()?
-        .join(crate::datadir::QUARANTINE_DIR);
-    let prefix = format!("{name}.");
-    std::fs::read_dir(&qdir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&prefix) && !n.ends_with(".json"))
-        .max()
-        .map(|n| qdir.join(n))
+    let root = local.parent()?.parent()?;
+    let name = local.file_name()?;
+    crate::datadir::quarantine_records(root)
+        .into_iter()
+        .filter(|(_, r)| std::path::Path::new(&r.original).file_name() == Some(name))
+        .max_by_key(|(_, r)| r.at_ms)
+        .map(|(_, r)| std::path::PathBuf::from(r.moved_to))
 }

@@ -98,15 +98,15 @@ pub(super) async fn take_manifest(
     // From now on this data directory's committed segments are the
     // manifest's (see `committed` above). Best effort: without the marker
     // the check is only not armed.
-    let marker = cfg.data_dir.join(super::MANIFEST_TAKEN_MARKER);
-    if !marker.exists() {
-        let written = crate::durable::write_file(&marker, b"the stream's manifest was taken\n")
-            .map_err(|e| Error::io(&marker, "write manifest-taken marker", e))
-            .and_then(|()| fsync_path(&marker))
-            .and_then(|()| fsync_dir(&cfg.data_dir));
-        if let Err(e) = written {
-            tracing::warn!(error = %e, "could not record that the manifest was taken");
-        }
+    if !cfg.data_dir.join(super::MANIFEST_TAKEN_MARKER).exists()
+        && let Err(e) = write_marker(
+            &cfg.data_dir,
+            super::MANIFEST_TAKEN_MARKER,
+            "the stream's manifest was taken\n",
+            "write manifest-taken marker",
+        )
+    {
+        tracing::warn!(error = %e, "could not record that the manifest was taken");
     }
     tracing::info!(
         owner,
@@ -458,9 +458,19 @@ pub(super) fn readopt_salvaged(
 }
 
 pub(super) fn write_clean_marker(dir: &Path) -> Result<()> {
-    let p = dir.join(CLEAN_SHUTDOWN_MARKER);
-    crate::durable::write_file(&p, format!("clean shutdown at {}\n", now_ms()).as_bytes())
-        .map_err(|e| Error::io(&p, "write clean-shutdown marker", e))?;
+    write_marker(
+        dir,
+        CLEAN_SHUTDOWN_MARKER,
+        &format!("clean shutdown at {}\n", now_ms()),
+        "write clean-shutdown marker",
+    )
+}
+
+/// Writes the marker file `name` in `dir` durably (the file, then the
+/// directory's entry).
+fn write_marker(dir: &Path, name: &str, text: &str, what: &'static str) -> Result<()> {
+    let p = dir.join(name);
+    crate::durable::write_file(&p, text.as_bytes()).map_err(|e| Error::io(&p, what, e))?;
     fsync_path(&p)?;
     fsync_dir(dir)
 }
