@@ -2376,14 +2376,9 @@ fn inspect_of_a_huge_sparse_file_stays_bounded() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// A pending sealed file with zeros appended after it (its footer no
-/// longer at the end) cannot be salvaged item by item. The report said
-/// "0 items salvaged, 0 LOST" and then called the file, which the start-up
-/// check had moved to quarantine/, "missing": now the loss is an unknown
-/// number, and the file is named where it went.
-#[test]
-fn an_unsalvageable_pending_file_is_an_unknown_loss_named_where_it_went() {
-    let sb = Sandbox::new();
+/// Leaves sealed segments pending (the store's port is closed, so the
+/// demo could not upload them) and returns the lowest-numbered one's path.
+fn a_pending_sealed_file(sb: &Sandbox) -> std::path::PathBuf {
     let closed = closed_port();
     let creds: &[(&str, &str)] = &[
         ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
@@ -2419,10 +2414,13 @@ fn an_unsalvageable_pending_file_is_an_unknown_loss_named_where_it_went() {
         .filter(|p| p.extension().is_some_and(|x| x == "seg"))
         .min()
         .expect("a pending sealed file");
-    let f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
-    f.set_len(f.metadata().unwrap().len() + 4096).unwrap();
-    drop(f);
-    let o = sb.run(
+    seg
+}
+
+/// Drain a data directory left by [`a_pending_sealed_file`] into the
+/// sandbox's file store.
+fn drain_to_file_store(sb: &Sandbox) -> std::process::Output {
+    sb.run(
         &[
             D,
             DD,
@@ -2434,7 +2432,68 @@ fn an_unsalvageable_pending_file_is_an_unknown_loss_named_where_it_went() {
             "30s",
         ],
         &[],
+    )
+}
+
+/// A pending sealed file with zeros appended after its footer still holds
+/// every byte it was sealed with: its header gives that length, and the
+/// whole-file checksum over it passes. It used to be quarantined as an
+/// unknown loss; now it is cut back, drained, and every entry reads back.
+#[test]
+fn a_pending_file_with_zeros_appended_is_cut_back_and_nothing_is_lost() {
+    let sb = Sandbox::new();
+    let seg = a_pending_sealed_file(&sb);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    f.set_len(len + 4096).unwrap();
+    drop(f);
+    let o = drain_to_file_store(&sb);
+    assert_sane(&o, "drain with zeros appended to a pending file");
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", tail(&t, 3000));
+    assert!(
+        t.contains("4096 bytes found after its footer were cut off"),
+        "{}",
+        tail(&t, 3000)
     );
+    assert!(!t.contains("LOST"), "{}", tail(&t, 3000));
+    if let Ok(m) = std::fs::metadata(&seg) {
+        assert_eq!(
+            m.len(),
+            len,
+            "the local copy is cut back to its sealed length"
+        );
+    }
+    let kept = std::fs::read_dir(sb.data().join("quarantine"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.metadata().is_ok_and(|m| m.len() == len + 4096))
+        .count();
+    assert_eq!(kept, 1, "the original, as found, is kept in quarantine/");
+    let o = sb.run(
+        &[D, DD, "--store", "{store}", "--store-override", "verify"],
+        &[],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "verify: {}", tail(&t, 3000));
+}
+
+/// A pending sealed file whose header is gone and with zeros appended
+/// after its footer (the footer no longer at the end) cannot be salvaged
+/// item by item. The report said "0 items salvaged, 0 LOST" and then
+/// called the file, which the start-up check had moved to quarantine/,
+/// "missing": now the loss is an unknown number, and the file is named
+/// where it went.
+#[test]
+fn an_unsalvageable_pending_file_is_an_unknown_loss_named_where_it_went() {
+    let sb = Sandbox::new();
+    let seg = a_pending_sealed_file(&sb);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 64], 0).unwrap();
+    f.set_len(len + 4096).unwrap();
+    drop(f);
+    let o = drain_to_file_store(&sb);
     assert_sane(&o, "drain with a damaged pending file");
     let t = text(&o);
     assert_eq!(o.status.code(), Some(4), "{}", tail(&t, 3000));

@@ -423,4 +423,47 @@ mod tests {
         assert_eq!(r.max_id_seen, Some(SegmentId(3)));
         assert!(r.sealed.contains_key(&SegmentId(1)));
     }
+
+    /// Bytes appended after a sealed file's footer, here a terabyte hole,
+    /// do not make the segment a loss: the length its header gives passes
+    /// the whole-file checksum, so the file is cut back to it (same bytes)
+    /// without the tail ever being read, and the original is kept.
+    #[test]
+    fn a_sealed_file_extended_past_its_footer_is_cut_back_to_its_sealed_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let segs = dd.segments_dir();
+        let es: Vec<Entry> = (0..50)
+            .map(|i| Entry {
+                key_hash: i,
+                offset: i,
+                size: 1,
+                timestamp_ms: i,
+            })
+            .collect();
+        let (bytes, _) = build_sealed(SegmentId(4), 0, 0, 8, &es).unwrap();
+        let p = write_sealed_file(&segs, SegmentId(4), &bytes).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(bytes.len() as u64 + (1 << 40)).unwrap();
+        drop(f);
+
+        let check = recover(&dd, Mode::CheckOnly).unwrap();
+        assert_eq!(check.report.salvaged.len(), 1);
+        assert_eq!(check.report.salvaged[0].tail_removed, Some(1 << 40));
+        assert!(!check.report.salvaged[0].is_loss());
+        assert!(check.report.salvaged[0].line().contains("cut off at the next start"));
+        assert_eq!(fs::metadata(&p).unwrap().len(), bytes.len() as u64 + (1 << 40));
+
+        let r = recover(&dd, Mode::Repair).unwrap();
+        let n = &r.report.salvaged[0];
+        assert_eq!((n.salvaged_items, n.lost_items, n.tail_removed), (50, 0, Some(1 << 40)));
+        assert!(!n.is_loss() && r.report.losses().is_empty(), "{}", n.line());
+        assert_eq!(fs::read(&p).unwrap(), bytes, "the sealed bytes themselves");
+        assert_eq!(r.report.sealed_ok, vec![4]);
+        assert!(r.sealed.contains_key(&SegmentId(4)));
+        assert_eq!(quarantine_records(d.path()).len(), 1, "the original is kept");
+        // Nothing left to do at the next start.
+        drop(r);
+        assert!(recover(&dd, Mode::Repair).unwrap().report.is_clean());
+    }
 }

@@ -352,6 +352,7 @@ pub fn recover_checking(
                     lost: scan.torn.clone(),
                     unknown_loss: None,
                     header_rebuilt: false,
+            tail_removed: None,
                     sealed_as: None,
                     original_moved_to: None,
                 });
@@ -574,6 +575,7 @@ fn whole_file_loss(path: &Path, id: SegmentId, kind: &str, why: &str) -> LossNot
             format!("no item could be located ({why}): every entry of this file is unaccounted for")
         }),
         header_rebuilt: false,
+            tail_removed: None,
         sealed_as: None,
         original_moved_to: None,
     }
@@ -647,6 +649,7 @@ fn salvage_active_file(
             )
         }),
         header_rebuilt: scan.header_rebuilt,
+        tail_removed: None,
         sealed_as: None,
         original_moved_to: None,
     };
@@ -751,6 +754,9 @@ fn salvage_sealed_file(
     let len = fs::metadata(path)
         .map_err(|e| Error::io(path, "stat sealed segment", e))?
         .len();
+    if let Some(note) = cut_appended_tail(dir, mode, path, id, len, why)? {
+        return Ok(note);
+    }
     let (bytes, read) = if len > max {
         let e = Error::corrupt(
             path.display().to_string(),
@@ -772,6 +778,7 @@ fn salvage_sealed_file(
             lost: s.lost.clone(),
             unknown_loss: None,
             header_rebuilt: false,
+            tail_removed: None,
             sealed_as: None,
             original_moved_to: None,
         },
@@ -828,8 +835,121 @@ fn salvage_sealed_file(
     Ok(note)
 }
 
+/// A sealed file with bytes appended after its footer (`truncate -s`, a
+/// copy tool padding to a block, a filesystem repair) still holds the
+/// whole segment: its header gives the length it was sealed with, and the
+/// whole-file checksum over that prefix sees every byte and its position.
+/// When it passes, the file is cut back to that length (the original kept
+/// in `quarantine/`): the same bytes, the same checksum, nothing lost.
+/// `None` when the header does not give a shorter length that checks; the
+/// caller salvages item by item.
+fn cut_appended_tail(
+    dir: &DataDir,
+    mode: Mode,
+    path: &Path,
+    id: SegmentId,
+    len: u64,
+    why: &str,
+) -> Result<Option<LossNote>> {
+    use crate::segment::format::{self, HEADER_LEN, Header, SEALED_ITEM_LEN, SEALED_MAGIC};
+    if len < HEADER_LEN as u64 {
+        return Ok(None);
+    }
+    let file = crate::durable::open_regular(path, false)
+        .map_err(|e| Error::io(path, "open sealed segment", e))?;
+    // Mapped, not read: the prefix checked below may be gigabytes, and the
+    // tail past it is never touched (a sparse terabyte costs nothing).
+    // SAFETY: this process holds the data directory lock and nothing else
+    // writes segment files; the map is dropped before the file is replaced.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| Error::io(path, "mmap sealed segment", e))?;
+    let Ok(h) = Header::decode(&map[..HEADER_LEN], SEALED_MAGIC, SEALED_ITEM_LEN) else {
+        return Ok(None);
+    };
+    if h.segment_id != id || h.slot_count > format::MAX_SLOTS || h.items > format::MAX_ITEMS {
+        return Ok(None);
+    }
+    let sealed_len = format::SealedLayout::new(h.slot_count, h.items).file_len;
+    if sealed_len >= len || sealed_len > map.len() as u64 {
+        return Ok(None);
+    }
+    let prefix = &map[..sealed_len as usize];
+    let footer = match format::check_sealed_sums(prefix) {
+        Ok((f, _)) if f.segment_id == id && f.file_len == sealed_len => f,
+        _ => return Ok(None),
+    };
+    let mut note = LossNote {
+        segment: id.0,
+        file: path.display().to_string(),
+        kind: "sealed".into(),
+        salvaged_items: footer.item_count,
+        lost_items: 0,
+        lost: Vec::new(),
+        unknown_loss: None,
+        header_rebuilt: false,
+        tail_removed: Some(len - sealed_len),
+        sealed_as: None,
+        original_moved_to: None,
+    };
+    if mode == Mode::CheckOnly {
+        return Ok(Some(note));
+    }
+    // Kept first: until the rename below, the original stays in place, so
+    // a crash in between cuts it again at the next start.
+    let copy = link_to_quarantine(dir, path)?;
+    note.original_moved_to = Some(copy.display().to_string());
+    note.sealed_as = Some(path.display().to_string());
+    write_record(
+        &copy,
+        &QuarantineRecord {
+            original: path.display().to_string(),
+            moved_to: copy.display().to_string(),
+            reason: format!("{why}; {}", note.line()),
+            at_ms: now_ms(),
+            loss: Some(note.clone()),
+        },
+    )?;
+    let seg_dir = dir.segments_dir();
+    let tmp = seg_dir.join(crate::segment::sealed::sealed_tmp_name(id));
+    crate::durable::write_file(&tmp, prefix)
+        .map_err(|e| Error::io(&tmp, "write sealed segment cut to its length", e))?;
+    drop(map);
+    fsync_path(&tmp)?;
+    crate::durable::rename(&tmp, path)
+        .map_err(|e| Error::io(path, "rename sealed segment cut to its length", e))?;
+    fsync_dir(&seg_dir)?;
+    tracing::warn!(segment = id.0, "{}", note.line());
+    Ok(Some(note))
+}
+
 /// Durable copy of `path` into `quarantine/` under a unique name.
 fn copy_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
+    let dst = quarantine_name(dir, path);
+    fs::copy(path, &dst).map_err(|e| Error::io(&dst, "copy damaged file to quarantine", e))?;
+    crate::durable::created(&dst);
+    crate::durable::written(&dst);
+    fsync_path(&dst)?;
+    fsync_dir(&dir.quarantine_dir())?;
+    Ok(dst)
+}
+
+/// [`copy_to_quarantine`] for a file that is only ever replaced, never
+/// written in place (a sealed file): a hard link, so keeping a file with a
+/// huge (or sparse) tail costs no space; a copy where links fail (another
+/// file system).
+fn link_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
+    let dst = quarantine_name(dir, path);
+    if fs::hard_link(path, &dst).is_err() {
+        return copy_to_quarantine(dir, path);
+    }
+    crate::durable::created(&dst);
+    crate::durable::written(&dst);
+    fsync_dir(&dir.quarantine_dir())?;
+    Ok(dst)
+}
+
+/// A name in `quarantine/` for `path` that is not taken.
+fn quarantine_name(dir: &DataDir, path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -841,12 +961,7 @@ fn copy_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
         n += 1;
         dst = qdir.join(format!("{name}.{}.{n}", now_ms()));
     }
-    fs::copy(path, &dst).map_err(|e| Error::io(&dst, "copy damaged file to quarantine", e))?;
-    crate::durable::created(&dst);
-    crate::durable::written(&dst);
-    fsync_path(&dst)?;
-    fsync_dir(&qdir)?;
-    Ok(dst)
+    dst
 }
 
 /// True when `path` is empty or holds only zero bytes.

@@ -61,6 +61,11 @@ pub struct LossNote {
     pub unknown_loss: Option<String>,
     /// The active header did not decode and was rebuilt.
     pub header_rebuilt: bool,
+    /// Bytes found after a sealed file's footer and cut off: the length
+    /// its header gives passed the whole-file checksum, so every item was
+    /// kept as sealed (same bytes, same checksum).
+    #[serde(default)]
+    pub tail_removed: Option<u64>,
     /// The new sealed file holding the salvaged items.
     pub sealed_as: Option<String>,
     /// Where the damaged original went (None in check-only mode).
@@ -82,6 +87,19 @@ impl LossNote {
         } else {
             self.lost_items.to_string()
         };
+        if let Some(n) = self.tail_removed {
+            let done = if self.original_moved_to.is_some() {
+                "were cut off"
+            } else {
+                "are cut off at the next start"
+            };
+            return format!(
+                "segment {:020} ({} file {}): {n} bytes found after its footer {done}; the \
+                 length its header gives passes the whole-file checksum, so all {} items are \
+                 kept as sealed, nothing lost",
+                self.segment, self.kind, self.file, self.salvaged_items
+            );
+        }
         let mut s = format!(
             "segment {:020} ({} file {}): {} items salvaged, {lost} LOST",
             self.segment, self.kind, self.file, self.salvaged_items

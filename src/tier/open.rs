@@ -417,8 +417,11 @@ pub(super) fn readopt_salvaged(
                     | SegmentState::Released
             )
         });
+        // A file cut back to its sealed length holds the journaled bytes
+        // themselves (same length, same checksum): it is uploaded as is.
         if note.kind != "sealed"
             || note.sealed_as.is_none()
+            || note.tail_removed.is_some()
             || journal.get(id).is_none()
             || resealing
         {
