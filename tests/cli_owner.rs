@@ -59,10 +59,35 @@ fn owner_take_is_exclusive_until_released() {
         (Some(1), Some("a"))
     );
 
-    // a releases; b takes with a new epoch.
+    // Releasing (or taking again) as a by its bare id would fence a broker
+    // still running as a: refused while a's lease is live, nothing written.
+    for action in ["release", "take"] {
+        let o = run(d.path(), &["owner", action, "--owner-id", "a"]);
+        assert_eq!(o.status.code(), Some(1), "{action}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("owner a holds a live lease") && err.contains("--fence-live"),
+            "{action}: {err}"
+        );
+    }
+    let v = json(&run(d.path(), &["--json", "owner", "show"]));
+    assert_eq!(
+        (v["epoch"].as_u64(), v["owner"].as_str()),
+        (Some(1), Some("a"))
+    );
+
+    // The operator says a is gone: a's lease is released; b takes with a
+    // new epoch.
     let v = json(&run(
         d.path(),
-        &["--json", "owner", "release", "--owner-id", "a"],
+        &[
+            "--json",
+            "owner",
+            "release",
+            "--owner-id",
+            "a",
+            "--fence-live",
+        ],
     ));
     assert_eq!(v["owner"], serde_json::Value::Null);
     let v = json(&run(

@@ -628,7 +628,17 @@ impl Campaign {
                     let ttl = self.ttl_ms.to_string();
                     let code = self.run_tool(
                         l,
-                        &["owner", "take", "--owner-id", RECOVERY, "--ttl-ms", &ttl],
+                        // The recovery tool is never left running: its
+                        // own earlier lease is fenced on purpose.
+                        &[
+                            "owner",
+                            "take",
+                            "--owner-id",
+                            RECOVERY,
+                            "--ttl-ms",
+                            &ttl,
+                            "--fence-live",
+                        ],
                     )?;
                     self.counts.takes += 1;
                     return Ok(format!("owner take: exit {code:?}"));

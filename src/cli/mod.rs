@@ -176,12 +176,22 @@ pub enum OwnerAction {
         #[arg(long, value_parser = clap::value_parser!(u64).range(
             crate::config::LEASE_TTL_MS_MIN..=crate::config::LEASE_TTL_MS_MAX))]
         ttl_ms: Option<u64>,
+        /// Act even though --owner-id's own lease is live and no data
+        /// directory lock shows its broker is down: a broker still running
+        /// under that id is fenced (it stops at its next write, exit 6).
+        #[arg(long)]
+        fence_live: bool,
     },
     /// Release ownership held by --owner-id (refused if someone else holds
-    /// a live lease).
+    /// a live lease, or if that id's own lease is live and its broker is
+    /// not shown down by its data directory's lock: see --fence-live).
     Release {
         #[arg(long)]
         owner_id: Option<String>,
+        /// As for `take`: release a live lease of that id anyway, fencing
+        /// a broker still running under it.
+        #[arg(long)]
+        fence_live: bool,
     },
 }
 

@@ -436,17 +436,40 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
         Some(o) => Ok(o.clone()),
         None => cfg.effective_owner_id(),
     };
+    // The same id may always take again, so an id given by hand would
+    // fence the live broker that holds it. Only this data directory's lock
+    // (held above) shows the broker acting under its own id is down; any
+    // other live holder of the id is refused unless --fence-live says so.
+    let acting = match &action {
+        OwnerAction::Show => None,
+        OwnerAction::Take {
+            owner_id: o,
+            fence_live,
+            ..
+        }
+        | OwnerAction::Release {
+            owner_id: o,
+            fence_live,
+        } => Some((owner_id(o)?, *fence_live)),
+    };
+    if let Some((id, false)) = &acting {
+        let ours = _held.is_some() && cfg.effective_owner_id().is_ok_and(|own| own == *id);
+        if !ours {
+            refuse_live_holder(&ms, id, &cfg).await?;
+        }
+    }
     let name = match &action {
         OwnerAction::Show => "show",
         OwnerAction::Take {
             owner_id: o,
             ttl_ms,
+            ..
         } => {
             let ttl = std::time::Duration::from_millis(ttl_ms.unwrap_or(cfg.lease_ttl_ms));
             ms.take_ownership(&owner_id(o)?, ttl).await?;
             "take"
         }
-        OwnerAction::Release { owner_id: o } => {
+        OwnerAction::Release { owner_id: o, .. } => {
             // Re-take as the holder (always allowed for the same id), then
             // give the lease up.
             let w = ms
@@ -483,6 +506,34 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
         )
     });
     Ok(EXIT_DRAINED)
+}
+
+/// Refuses to act as `id` while `id` holds a live lease: the broker that
+/// renews it would be fenced.
+async fn refuse_live_holder(
+    ms: &crate::remote::manifest::ManifestStore,
+    id: &str,
+    cfg: &crate::config::Config,
+) -> Result<()> {
+    let Some(m) = ms.load().await? else {
+        return Ok(());
+    };
+    let Some(cur) = ms.current_lease(&m).await? else {
+        return Ok(());
+    };
+    let now = ms.now_ms();
+    if cur.lease.owner != id || !cur.lease.is_live(now) {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "owner {id} holds a live lease on stream {} (epoch {}, {} ms left): a broker running \
+         as {id} would be fenced. Stop it and run this with its --data-dir (its lock shows it \
+         is down), or wait for the lease to expire, or pass --fence-live if that broker is \
+         known to be gone",
+        cfg.stream,
+        cur.lease.epoch,
+        cur.lease.expires_ms - now
+    )))
 }
 
 /// `lookup --remote`: entries for `key_hash` in the committed remote
