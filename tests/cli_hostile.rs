@@ -2408,13 +2408,12 @@ fn a_pending_sealed_file(sb: &Sandbox) -> std::path::PathBuf {
     );
     assert_sane(&o, "demo against a closed port");
     assert_ne!(o.status.code(), Some(0), "{}", tail(&text(&o), 3000));
-    let seg = std::fs::read_dir(sb.data().join("segments"))
+    std::fs::read_dir(sb.data().join("segments"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "seg"))
         .min()
-        .expect("a pending sealed file");
-    seg
+        .expect("a pending sealed file")
 }
 
 /// Drain a data directory left by [`a_pending_sealed_file`] into the
