@@ -444,6 +444,80 @@ async fn crash_between_manifest_commit_and_journal_resumes_without_duplicates() 
     assert!(m.lease.is_none());
 }
 
+/// Segments journaled against another store's prefix (the broker was run
+/// with `--store-override` pointing elsewhere): one `Verified` there, one
+/// `Uploaded`, one `Uploading`. Their keys are not this stream's under
+/// this store, so the manifest refused them and every drain stopped at
+/// "segment key ... is not under ...", exit 3. Now each is uploaded again
+/// under this store's key and committed; the old objects are left as they
+/// are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_journaled_for_another_prefix_are_uploaded_again_here() {
+    let rig = Rig::new(7);
+    let data = rig.data("a");
+    let cfg = config(data.clone(), "owner-a");
+    {
+        rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+        let ti = open(&cfg, rig.remote(), None).await.unwrap();
+        write(&ti, 0..(ITEMS as u64 * 3 + 20));
+        let r = ti.shutdown(Duration::from_millis(500)).await;
+        assert!(!r.fully_drained());
+        rig.fs.heal();
+    }
+    let old_store = rig.fs.remote("elsewhere/old");
+    let mut old_keys = Vec::new();
+    {
+        let (mut j, _) = Journal::open(&data, JournalOptions::default()).unwrap();
+        let recs: Vec<SegmentRecord> = j.segments().values().cloned().collect();
+        assert!(recs.len() >= 3, "{recs:?}");
+        for (n, r) in recs[..3].iter().enumerate() {
+            let key = old_store.segment_key(STREAM, &r.meta);
+            let bytes = std::fs::read(common::sealed_path(&data, r.meta.id)).unwrap();
+            rig.fs
+                .inner()
+                .put(&key, PutPayload::from(bytes))
+                .await
+                .unwrap();
+            let mut recs = vec![Record::Uploading {
+                id: r.meta.id,
+                attempt: r.attempt + 1,
+                key: key.to_string(),
+                multipart_id: None,
+            }];
+            if n < 2 {
+                recs.push(Record::Uploaded {
+                    id: r.meta.id,
+                    etag: None,
+                    version: None,
+                });
+            }
+            if n < 1 {
+                recs.push(Record::Verified { id: r.meta.id });
+            }
+            j.append(&recs).unwrap();
+            old_keys.push(key);
+        }
+    }
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    let j = journal(&data);
+    assert_eq!(ids_in(&j, SegmentState::Committed).len(), j.len(), "{j:?}");
+    for rec in j.values() {
+        let key = rec.key.as_deref().unwrap_or_default();
+        assert!(key.starts_with(&format!("{PREFIX}/{STREAM}/")), "{key}");
+    }
+    let m = check_committed_match_manifest(&rig, &data).await;
+    assert_eq!(m.segment_count, j.len() as u64);
+    for k in &old_keys {
+        rig.fs
+            .inner()
+            .head(k)
+            .await
+            .expect("the old object is left as it is");
+    }
+}
+
 /// A store that ignores conditional creates is refused (with the reason)
 /// unless `allow_unconditional_store`; nothing changes with the manifest off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@
 //! | Uploaded    | verify (read back) → `Verified`; mismatch → delete our bad object, `Uploading` again (bounded) |
 //! | Verified    | with `manifest = true`: add the segment's entry to the stream's manifest (already listed is fine); then → `Committed`. Fenced: stop (stays `Verified`) |
 //! | Verified, id taken | the manifest lists the id with other content (sealed while ownership was pending): reseal, see [`crate::pipeline::reseal`] → `Resealed` |
+//! | Uploading, Uploaded, Verified under a key outside this store's prefix and stream (`--store-override`) | a new attempt under this store's key; from `Verified` through `Quarantined` + `Requeued` in one frame (back to `Sealed`). The old object is left alone |
 //! | Committed   | release the local copy if the policy says so, once a HEAD shows the object still there → `Released` |
 //!
 //! A local file that vanished is not fatal while the remote object can still
@@ -119,6 +120,48 @@ async fn journal_uploading(sh: &Shared, id: SegmentId, attempt: u32, key: &ObjPa
         .await
 }
 
+/// A segment journaled under `old`, a key outside this store's stream:
+/// an `Uploading`/`Uploaded` one gets a new attempt under `key`; a
+/// `Verified` one (its object proven there, but never listed here) is
+/// journaled `Quarantined` and `Requeued` in one frame, which takes it back
+/// to `Sealed` for a fresh upload. The object under `old` is left where it
+/// is. True when the journal changed.
+async fn rekey_foreign(
+    sh: &Shared,
+    rec: &SegmentRecord,
+    old: &str,
+    key: &ObjPath,
+) -> Result<bool> {
+    let id = rec.meta.id;
+    let reason = format!(
+        "journaled under {old}, which is not under {}'s {}/{}/segments (the store or stream \
+         was changed): uploaded again under {key}; the object under the old key is left as it is",
+        sh.store.display_url(),
+        sh.store.prefix(),
+        sh.stream
+    );
+    match rec.state {
+        SegmentState::Uploading | SegmentState::Uploaded => {
+            tracing::warn!(segment = id.0, "{reason}");
+            journal_uploading(sh, id, rec.attempt + 1, key).await?;
+        }
+        SegmentState::Verified => {
+            tracing::warn!(segment = id.0, "{reason}");
+            sh.journal
+                .append(vec![
+                    Record::Quarantined {
+                        id,
+                        reason: reason.clone(),
+                    },
+                    Record::Requeued { id, reason },
+                ])
+                .await?;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// Delete the object under our own key that was never verified and does
 /// not hold our bytes (already gone is fine).
 async fn delete_own_unverified(sh: &Shared, key: &ObjPath) -> Result<()> {
@@ -155,11 +198,30 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
         // Fenced: another owner took the stream; write nothing more.
         sh.check_fenced()?;
         let rec = record(sh, id)?;
-        let key = ObjPath::from(
-            rec.key
-                .clone()
-                .unwrap_or_else(|| sh.store.segment_key(&sh.stream, &rec.meta).to_string()),
-        );
+        // A key journaled against another store or stream (the broker was
+        // pointed elsewhere with --store-override): the object there is
+        // not this stream's and can never be listed in its manifest, so the
+        // segment is uploaded again under this store's key.
+        // (A committed segment keeps its key: that object is what the
+        // journal committed, and a release needs it found there.)
+        let foreign = rec.key.as_deref().filter(|k| {
+            matches!(
+                rec.state,
+                SegmentState::Sealed
+                    | SegmentState::Uploading
+                    | SegmentState::Uploaded
+                    | SegmentState::Verified
+            ) && !sh.store.holds_stream_key(&sh.stream, k)
+        });
+        let key = match (&rec.key, foreign) {
+            (Some(k), None) => ObjPath::from(k.clone()),
+            _ => sh.store.segment_key(&sh.stream, &rec.meta),
+        };
+        if let Some(old) = foreign
+            && rekey_foreign(sh, &rec, old, &key).await?
+        {
+            continue;
+        }
         match rec.state {
             SegmentState::Sealed | SegmentState::Uploading => {
                 if rec.state == SegmentState::Uploading {

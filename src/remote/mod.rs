@@ -256,6 +256,14 @@ impl RemoteStore {
     pub fn prefix(&self) -> &Path {
         &self.prefix
     }
+    /// True when `key` is a segment key of `stream` under this store's
+    /// prefix (the keys its manifest accepts).
+    pub fn holds_stream_key(&self, stream: &str, key: &str) -> bool {
+        Path::parse(key)
+            .ok()
+            .and_then(|p| keys::parse_segment_key(&self.prefix, &p))
+            .is_some_and(|(s, _, _)| s == stream)
+    }
     pub fn kind(&self) -> StoreKind {
         self.kind
     }
