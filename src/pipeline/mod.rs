@@ -136,7 +136,7 @@ impl Shared {
             .request_timeout
             .max(std::time::Duration::from_secs(1))
             * 2;
-        match tokio::time::timeout(limit, crate::remote::probe::probe(&self.store)).await {
+        match tokio::time::timeout(limit, crate::remote::probe::probe_shared(&self.store)).await {
             Ok(Ok(c)) => {
                 self.trust(StoreTrust::of(&c));
                 tracing::info!(

@@ -28,6 +28,19 @@ impl RemoteStore {
         env: &[(String, String)],
     ) -> Result<RemoteStore> {
         let parsed = self::url::parse_store("store URL", url)?;
+        let key = probe_key(url, opts, env);
+        let mut rs = Self::build_parsed(parsed, opts, env)?;
+        if !matches!(rs.kind, StoreKind::Memory) {
+            rs.probe_key = Some(key);
+        }
+        Ok(rs)
+    }
+
+    fn build_parsed(
+        parsed: StoreUrl,
+        opts: &StoreOptions,
+        env: &[(String, String)],
+    ) -> Result<RemoteStore> {
         match parsed {
             StoreUrl::File { dir } => {
                 std::fs::create_dir_all(&dir)
@@ -75,6 +88,21 @@ impl RemoteStore {
             }
         }
     }
+}
+
+/// The store's identity for sharing probe answers: everything it was built
+/// from, hashed with a key drawn once per process (the credentials among it
+/// never leave this process's memory, and the hash is never printed).
+fn probe_key(url: &str, opts: &StoreOptions, env: &[(String, String)]) -> u64 {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    let mut h = KEY.get_or_init(std::hash::RandomState::new).build_hasher();
+    url.hash(&mut h);
+    format!("{opts:?}").hash(&mut h);
+    let mut env: Vec<&(String, String)> = env.iter().collect();
+    env.sort();
+    env.hash(&mut h);
+    h.finish()
 }
 
 /// A second client of the same bucket for segment bodies.

@@ -175,6 +175,11 @@ pub struct RemoteStore {
     /// Cleared the first time the store answers "attributes not implemented"
     /// (LocalFileSystem does); shared by clones.
     metadata_ok: Arc<AtomicBool>,
+    /// Identifies the store this was built for (URL, options and `AWS_*`
+    /// variables, hashed with this process's random key, kept in memory
+    /// only), so one capability probe serves every stream opened on it
+    /// ([`probe::probe_shared`]). `None` for stores built from parts.
+    probe_key: Option<u64>,
 }
 
 impl fmt::Debug for RemoteStore {
@@ -216,7 +221,13 @@ impl RemoteStore {
             unsigned_body: None,
             // LocalFileSystem refuses object metadata (NotImplemented).
             metadata_ok: Arc::new(AtomicBool::new(kind != StoreKind::Local)),
+            probe_key: None,
         }
+    }
+
+    /// See the field: which probe answers this store may share.
+    pub(crate) fn probe_key(&self) -> Option<u64> {
+        self.probe_key
     }
 
     /// The store's URL without credentials, for logs and status output.

@@ -112,6 +112,52 @@ pub async fn probe(store: &RemoteStore) -> Result<Capabilities> {
     result.map(|()| caps)
 }
 
+/// How long one probe's answer serves other opens of the same store in
+/// this process: a broker opening its partitions at start-up probes once,
+/// not once per partition; a store reconfigured under the same URL is seen
+/// again within this long.
+pub const SHARED_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// At most this many stores' answers are kept (expired ones go first).
+const SHARED_MAX: usize = 1024;
+
+type Shared = std::collections::HashMap<u64, (std::time::Instant, Capabilities)>;
+
+fn shared() -> &'static std::sync::Mutex<Shared> {
+    static SHARED: std::sync::OnceLock<std::sync::Mutex<Shared>> = std::sync::OnceLock::new();
+    SHARED.get_or_init(Default::default)
+}
+
+/// [`probe`], sharing a successful answer for [`SHARED_FOR`] with every
+/// later call on a store built from the same URL, options and `AWS_*`
+/// variables in this process. A failed probe is not kept (the next open
+/// probes again), and stores without a key (built from parts, `memory://`)
+/// are always probed.
+pub async fn probe_shared(store: &RemoteStore) -> Result<Capabilities> {
+    let Some(key) = store.probe_key() else {
+        return probe(store).await;
+    };
+    let now = std::time::Instant::now();
+    if let Some((at, caps)) = shared()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        && now.duration_since(*at) < SHARED_FOR
+    {
+        return Ok(caps.clone());
+    }
+    let caps = probe(store).await?;
+    let mut m = shared().lock().unwrap_or_else(|p| p.into_inner());
+    if m.len() >= SHARED_MAX {
+        m.retain(|_, (at, _)| now.duration_since(*at) < SHARED_FOR);
+        if m.len() >= SHARED_MAX {
+            m.clear();
+        }
+    }
+    m.insert(key, (now, caps.clone()));
+    Ok(caps)
+}
+
 /// Step 2 of the probe on `key` (an existing object): `Ok` only when the
 /// store honours If-Match both ways; else the note that says why not.
 async fn conditional_update(
@@ -660,6 +706,32 @@ mod tests {
         assert!(c.metadata, "{c:?}");
         let left: Vec<_> = s.object_store().list(None).try_collect().await.unwrap();
         assert!(left.is_empty(), "probe left {left:?}");
+    }
+
+    /// One probe serves every store built from the same URL, options and
+    /// variables; another URL, a `memory://` store and a failed probe are
+    /// not shared.
+    #[tokio::test]
+    async fn a_probe_answer_is_shared_by_stores_built_alike_only() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("store");
+        let url = format!("file://{}", dir.display());
+        let opts = StoreOptions::default();
+        let a = RemoteStore::from_url(&url, &opts).unwrap();
+        let first = probe_shared(&a).await.unwrap();
+        // The directory is replaced by a file: a probe there now fails.
+        let b = RemoteStore::from_url(&url, &opts).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"not a directory").unwrap();
+        assert!(probe(&b).await.is_err(), "a real probe fails");
+        assert_eq!(probe_shared(&b).await.unwrap(), first, "answered from the first");
+        // Another URL (the same directory by another spelling) probes.
+        let other = RemoteStore::from_url(&format!("file://{}/", dir.display()), &opts);
+        if let Ok(o) = other {
+            assert!(probe_shared(&o).await.is_err(), "probed, not shared");
+        }
+        let m = RemoteStore::from_url("memory://p", &opts).unwrap();
+        assert_eq!(m.probe_key(), None);
     }
 
     #[tokio::test]

@@ -59,7 +59,7 @@ pub(super) async fn take_manifest(
     }
     let caps = if cfg.probe_store {
         let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 2;
-        match tokio::time::timeout(limit, crate::remote::probe::probe(store)).await {
+        match tokio::time::timeout(limit, crate::remote::probe::probe_shared(store)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(Error::RemoteRetryable(format!(
