@@ -444,6 +444,89 @@ async fn crash_between_manifest_commit_and_journal_resumes_without_duplicates() 
     assert!(m.lease.is_none());
 }
 
+/// Leaves three sealed segments of `data` journaled as sent to `old`
+/// (their objects put there): the first `Verified`, the second `Uploaded`,
+/// the third `Uploading`. Returns their keys in `old`.
+async fn journal_sent_elsewhere(
+    rig: &Rig,
+    data: &std::path::Path,
+    old_fs: &FaultyStore,
+    old: &RemoteStore,
+) -> Vec<object_store::path::Path> {
+    let cfg = config(data.to_path_buf(), "owner-a");
+    {
+        rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+        let ti = open(&cfg, rig.remote(), None).await.unwrap();
+        write(&ti, 0..(ITEMS as u64 * 3 + 20));
+        let r = ti.shutdown(Duration::from_millis(500)).await;
+        assert!(!r.fully_drained());
+        rig.fs.heal();
+    }
+    let mut old_keys = Vec::new();
+    let (mut j, _) = Journal::open(data, JournalOptions::default()).unwrap();
+    let recs: Vec<SegmentRecord> = j.segments().values().cloned().collect();
+    assert!(recs.len() >= 3, "{recs:?}");
+    for (n, r) in recs[..3].iter().enumerate() {
+        let key = old.segment_key(STREAM, &r.meta);
+        let bytes = std::fs::read(common::sealed_path(data, r.meta.id)).unwrap();
+        old_fs
+            .inner()
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .unwrap();
+        let mut recs = vec![Record::Uploading {
+            id: r.meta.id,
+            attempt: r.attempt + 1,
+            key: key.to_string(),
+            multipart_id: None,
+        }];
+        if n < 2 {
+            recs.push(Record::Uploaded {
+                id: r.meta.id,
+                etag: None,
+                version: None,
+            });
+        }
+        if n < 1 {
+            recs.push(Record::Verified { id: r.meta.id });
+        }
+        j.append(&recs).unwrap();
+        old_keys.push(key);
+    }
+    old_keys
+}
+
+/// Opens `data` on the rig's store, drains, and checks every segment is
+/// committed under this store's keys with its object here, and that the
+/// objects left in the old store were not touched.
+async fn drains_into_this_store(
+    rig: &Rig,
+    data: &std::path::Path,
+    old_fs: &FaultyStore,
+    old_keys: &[object_store::path::Path],
+) {
+    let cfg = config(data.to_path_buf(), "owner-a");
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    let j = journal(data);
+    assert_eq!(ids_in(&j, SegmentState::Committed).len(), j.len(), "{j:?}");
+    for rec in j.values() {
+        let key = rec.key.as_deref().unwrap_or_default();
+        assert!(key.starts_with(&format!("{PREFIX}/{STREAM}/")), "{key}");
+    }
+    // Every committed segment's object is here, byte for byte.
+    let m = check_committed_match_manifest(rig, data).await;
+    assert_eq!(m.segment_count, j.len() as u64);
+    for k in old_keys {
+        old_fs
+            .inner()
+            .head(k)
+            .await
+            .expect("the old object is left as it is");
+    }
+}
+
 /// Segments journaled against another store's prefix (the broker was run
 /// with `--store-override` pointing elsewhere): one `Verified` there, one
 /// `Uploaded`, one `Uploading`. Their keys are not this stream's under
@@ -455,67 +538,46 @@ async fn crash_between_manifest_commit_and_journal_resumes_without_duplicates() 
 async fn segments_journaled_for_another_prefix_are_uploaded_again_here() {
     let rig = Rig::new(7);
     let data = rig.data("a");
+    let old = rig.fs.remote("elsewhere/old");
+    let keys = journal_sent_elsewhere(&rig, &data, &rig.fs, &old).await;
+    drains_into_this_store(&rig, &data, &rig.fs, &keys).await;
+}
+
+/// The same with another store whose keys look the same (another bucket,
+/// endpoint or directory, same prefix and stream): the `Verified` segment
+/// was committed to this store's manifest with no object behind it, and the
+/// drain reported everything uploaded. A `Verified` record this process
+/// did not write is now proven in this store before it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_verified_in_another_store_with_the_same_keys_are_uploaded_here() {
+    let rig = Rig::new(8);
+    let data = rig.data("a");
+    let other = FaultyStore::memory(9);
+    let old = other.remote(PREFIX);
+    let keys = journal_sent_elsewhere(&rig, &data, &other, &old).await;
+    drains_into_this_store(&rig, &data, &other, &keys).await;
+}
+
+/// A `Verified` segment journaled under another prefix whose local copy is
+/// gone cannot be uploaded again: it is quarantined naming the old key,
+/// where the proven copy is, not requeued into "the store has no copy".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_without_a_local_copy_is_quarantined_naming_the_old_key() {
+    let rig = Rig::new(10);
+    let data = rig.data("a");
+    let old = rig.fs.remote("elsewhere/old");
+    let keys = journal_sent_elsewhere(&rig, &data, &rig.fs, &old).await;
+    let first = journal(&data).keys().next().copied().unwrap();
+    std::fs::remove_file(common::sealed_path(&data, first)).unwrap();
     let cfg = config(data.clone(), "owner-a");
-    {
-        rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
-        let ti = open(&cfg, rig.remote(), None).await.unwrap();
-        write(&ti, 0..(ITEMS as u64 * 3 + 20));
-        let r = ti.shutdown(Duration::from_millis(500)).await;
-        assert!(!r.fully_drained());
-        rig.fs.heal();
-    }
-    let old_store = rig.fs.remote("elsewhere/old");
-    let mut old_keys = Vec::new();
-    {
-        let (mut j, _) = Journal::open(&data, JournalOptions::default()).unwrap();
-        let recs: Vec<SegmentRecord> = j.segments().values().cloned().collect();
-        assert!(recs.len() >= 3, "{recs:?}");
-        for (n, r) in recs[..3].iter().enumerate() {
-            let key = old_store.segment_key(STREAM, &r.meta);
-            let bytes = std::fs::read(common::sealed_path(&data, r.meta.id)).unwrap();
-            rig.fs
-                .inner()
-                .put(&key, PutPayload::from(bytes))
-                .await
-                .unwrap();
-            let mut recs = vec![Record::Uploading {
-                id: r.meta.id,
-                attempt: r.attempt + 1,
-                key: key.to_string(),
-                multipart_id: None,
-            }];
-            if n < 2 {
-                recs.push(Record::Uploaded {
-                    id: r.meta.id,
-                    etag: None,
-                    version: None,
-                });
-            }
-            if n < 1 {
-                recs.push(Record::Verified { id: r.meta.id });
-            }
-            j.append(&recs).unwrap();
-            old_keys.push(key);
-        }
-    }
     let ti = open(&cfg, rig.remote(), None).await.unwrap();
-    let r = ti.shutdown(Duration::from_secs(20)).await;
-    assert!(r.fully_drained(), "{r:?}");
+    let _ = ti.shutdown(Duration::from_secs(20)).await;
     let j = journal(&data);
-    assert_eq!(ids_in(&j, SegmentState::Committed).len(), j.len(), "{j:?}");
-    for rec in j.values() {
-        let key = rec.key.as_deref().unwrap_or_default();
-        assert!(key.starts_with(&format!("{PREFIX}/{STREAM}/")), "{key}");
-    }
-    let m = check_committed_match_manifest(&rig, &data).await;
-    assert_eq!(m.segment_count, j.len() as u64);
-    for k in &old_keys {
-        rig.fs
-            .inner()
-            .head(k)
-            .await
-            .expect("the old object is left as it is");
-    }
+    let r = &j[&first];
+    assert_eq!(r.state, SegmentState::Quarantined, "{r:?}");
+    let reason = r.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains(keys[0].as_ref()), "{reason}");
+    assert!(!reason.contains("has no copy"), "{reason}");
 }
 
 /// A store that ignores conditional creates is refused (with the reason)

@@ -11,7 +11,7 @@
 //! | Uploaded    | verify (read back) → `Verified`; mismatch → delete our bad object, `Uploading` again (bounded) |
 //! | Verified    | with `manifest = true`: add the segment's entry to the stream's manifest (already listed is fine); then → `Committed`. Fenced: stop (stays `Verified`) |
 //! | Verified, id taken | the manifest lists the id with other content (sealed while ownership was pending): reseal, see [`crate::pipeline::reseal`] → `Resealed` |
-//! | Uploading, Uploaded, Verified under a key outside this store's prefix and stream (`--store-override`) | a new attempt under this store's key; from `Verified` through `Quarantined` + `Requeued` in one frame (back to `Sealed`). The old object is left alone |
+//! | Uploading, Uploaded, Verified under a key outside this store's prefix and stream (`--store-override`), or Verified by an earlier run and not found whole here | a new attempt under this store's key (local copy checked first; without one: `Quarantined` naming the old key); from `Verified` through `Quarantined` + `Requeued` in one frame (back to `Sealed`). The old object is left alone |
 //! | Committed   | release the local copy if the policy says so, once a HEAD shows the object still there → `Released` |
 //!
 //! A local file that vanished is not fatal while the remote object can still
@@ -120,33 +120,50 @@ async fn journal_uploading(sh: &Shared, id: SegmentId, attempt: u32, key: &ObjPa
         .await
 }
 
-/// A segment journaled under `old`, a key outside this store's stream:
-/// an `Uploading`/`Uploaded` one gets a new attempt under `key`; a
-/// `Verified` one (its object proven there, but never listed here) is
-/// journaled `Quarantined` and `Requeued` in one frame, which takes it back
-/// to `Sealed` for a fresh upload. The object under `old` is left where it
-/// is. True when the journal changed.
-async fn rekey_foreign(
+/// What [`rekey_foreign`] or [`reprove_verified`] did.
+enum Rekeyed {
+    /// Nothing: go on with the state as journaled.
+    No,
+    /// The journal changed: look at the segment again.
+    Again,
+    /// The segment came to rest (quarantined).
+    Rest(SegmentState),
+}
+
+/// Takes a segment back for a fresh upload under `key` because `why`:
+/// `Uploading`/`Uploaded` get a new attempt; `Verified` (which may not go
+/// back to `Uploading`) is journaled `Quarantined` and `Requeued` in one
+/// frame, back to `Sealed`. Only with a local copy that still matches its
+/// record: without one the segment is quarantined with `why`, naming
+/// `old`, where the copy that was sent (or proven) may still be.
+async fn upload_again(
     sh: &Shared,
     rec: &SegmentRecord,
     old: &str,
     key: &ObjPath,
-) -> Result<bool> {
+    why: String,
+) -> Result<Rekeyed> {
     let id = rec.meta.id;
-    let reason = format!(
-        "journaled under {old}, which is not under {}'s {}/{}/segments (the store or stream \
-         was changed): uploaded again under {key}; the object under the old key is left as it is",
-        sh.store.display_url(),
-        sh.store.prefix(),
-        sh.stream
-    );
+    if let Some(bad) = local_mismatch(&local_path(sh, id), &rec.meta).await {
+        return Ok(Rekeyed::Rest(
+            quarantine(
+                sh,
+                id,
+                format!(
+                    "{why}; it cannot be uploaded again: its local copy {bad}. The copy \
+                     journaled under {old} (in the store it was sent to) is the one left"
+                ),
+            )
+            .await?,
+        ));
+    }
+    let reason = format!("{why}: uploaded again under {key}; nothing under {old} is deleted");
+    tracing::warn!(segment = id.0, "{reason}");
     match rec.state {
         SegmentState::Uploading | SegmentState::Uploaded => {
-            tracing::warn!(segment = id.0, "{reason}");
             journal_uploading(sh, id, rec.attempt + 1, key).await?;
         }
         SegmentState::Verified => {
-            tracing::warn!(segment = id.0, "{reason}");
             sh.journal
                 .append(vec![
                     Record::Quarantined {
@@ -157,9 +174,90 @@ async fn rekey_foreign(
                 ])
                 .await?;
         }
-        _ => return Ok(false),
+        _ => return Ok(Rekeyed::No),
     }
-    Ok(true)
+    Ok(Rekeyed::Again)
+}
+
+/// A segment journaled under `old`, a key outside this store's prefix and
+/// stream (the prefix or stream was changed with `--store-override`): that
+/// key can never be listed in this stream's manifest, so an `Uploading`,
+/// `Uploaded` or `Verified` one is uploaded again under `key`
+/// ([`upload_again`]).
+async fn rekey_foreign(
+    sh: &Shared,
+    rec: &SegmentRecord,
+    old: &str,
+    key: &ObjPath,
+) -> Result<Rekeyed> {
+    if !matches!(
+        rec.state,
+        SegmentState::Uploading | SegmentState::Uploaded | SegmentState::Verified
+    ) {
+        return Ok(Rekeyed::No);
+    }
+    let mut why = format!(
+        "segment {} is journaled {:?} under {old}, which is not under {}'s {}/{}/segments \
+         (the prefix or stream was changed)",
+        rec.meta.id,
+        rec.state,
+        sh.store.display_url(),
+        sh.store.prefix(),
+        sh.stream
+    );
+    if let Some(mp) = &rec.multipart_id {
+        // Not aborted: the upload belongs to wherever `old` was sent.
+        why.push_str(&format!(
+            "; its multipart upload {mp} under that key was left incomplete there"
+        ));
+    }
+    upload_again(sh, rec, old, key, why).await
+}
+
+/// A `Verified` record this process did not write: the object is proven
+/// again in this store (at the level an upload is verified at) before it
+/// is committed. The record may come from a run against another store
+/// whose keys look the same (another bucket, endpoint or directory, given
+/// with `--store-override`), or the object may have been removed since.
+/// Missing or other bytes: uploaded again ([`upload_again`]).
+async fn reprove_verified(sh: &Shared, rec: &SegmentRecord, key: &ObjPath) -> Result<Rekeyed> {
+    let id = rec.meta.id;
+    if sh
+        .verified_here
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&id)
+    {
+        return Ok(Rekeyed::No);
+    }
+    let cfg = sh.upload_config();
+    let level = cfg.level_after_write(&sh.store, &rec.meta);
+    match upload::verify_segment_cfg(&sh.store, key, &rec.meta, level, &cfg).await {
+        Ok(()) => {
+            sh.verified_here
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id);
+            Ok(Rekeyed::No)
+        }
+        Err(e @ Error::Corrupt { .. }) => {
+            let why = format!(
+                "segment {id} is journaled Verified, but {} does not hold it under {key} ({e}): \
+                 it was proven in another store (changed with --store-override) or the object \
+                 was removed since",
+                sh.store.display_url()
+            );
+            upload_again(sh, rec, key.as_ref(), key, why).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn mark_verified_here(sh: &Shared, id: SegmentId) {
+    sh.verified_here
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id);
 }
 
 /// Delete the object under our own key that was never verified and does
@@ -217,10 +315,15 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
             (Some(k), None) => ObjPath::from(k.clone()),
             _ => sh.store.segment_key(&sh.stream, &rec.meta),
         };
-        if let Some(old) = foreign
-            && rekey_foreign(sh, &rec, old, &key).await?
-        {
-            continue;
+        let rekeyed = match foreign {
+            Some(old) => rekey_foreign(sh, &rec, old, &key).await?,
+            None if rec.state == SegmentState::Verified => reprove_verified(sh, &rec, &key).await?,
+            None => Rekeyed::No,
+        };
+        match rekeyed {
+            Rekeyed::No => {}
+            Rekeyed::Again => continue,
+            Rekeyed::Rest(state) => return Ok(state),
         }
         match rec.state {
             SegmentState::Sealed | SegmentState::Uploading => {
@@ -374,6 +477,7 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             records.push(Record::Committed { id });
                         }
                         sh.journal.append(records).await?;
+                        mark_verified_here(sh, id);
                         if sh.manifest.is_none() {
                             sh.metrics.segments_committed.inc();
                         }
@@ -423,7 +527,8 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 match upload::verify_segment_cfg(&sh.store, &key, &rec.meta, level, &cfg).await {
                     Ok(()) => {
                         crate::failpoint::crash("verify.after");
-                        sh.journal.append(vec![Record::Verified { id }]).await?
+                        sh.journal.append(vec![Record::Verified { id }]).await?;
+                        mark_verified_here(sh, id);
                     }
                     Err(e @ Error::Corrupt { .. }) => {
                         verify_failures += 1;
@@ -499,6 +604,17 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // orphan). Missing or wrong size: keep the local copy and
                 // report; `tierindex reconcile --repair` re-uploads it, and
                 // the next drive releases.
+                if !sh.store.holds_stream_key(&sh.stream, key.as_ref()) {
+                    return Err(Error::RemoteRetryable(format!(
+                        "local copy kept, not released: segment {id} was committed under {key}, \
+                         which is not under {}'s {}/{}/segments (the prefix or stream was \
+                         changed since with --store-override); it is released by a run against \
+                         the store it was committed to",
+                        sh.store.display_url(),
+                        sh.store.prefix(),
+                        sh.stream
+                    )));
+                }
                 if local_path(sh, id).exists() {
                     match sh.store.object_store().head(&key).await {
                         Ok(m) if m.size == rec.meta.file_len => {}
@@ -511,7 +627,11 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         Err(object_store::Error::NotFound { .. }) => {
                             tracing::error!(%key, "committed object is missing: local copy kept, not released");
                             return Err(Error::RemoteRetryable(format!(
-                                "committed object {key} is missing: local copy kept, not released"
+                                "committed object {key} is missing from {}: local copy kept, not \
+                                 released. If the store was changed with --store-override, the \
+                                 object is in the store it was committed to; otherwise \
+                                 `tierindex reconcile --repair` uploads it again",
+                                sh.store.display_url()
                             )));
                         }
                         Err(e) => return Err(crate::remote::classify(e)),

@@ -99,6 +99,12 @@ pub struct Shared {
     /// on this process writes nothing more to the store (no uploads, no
     /// manifest versions) and releases no local copies.
     pub fenced: OnceLock<String>,
+    /// Segments this process journaled `Verified` (or proved again in this
+    /// store). A `Verified` record found at start-up may have been proven
+    /// in another store (the store was changed with `--store-override`, to
+    /// another bucket, endpoint or directory where the keys look the same),
+    /// so it is proven here before it is committed.
+    pub verified_here: Mutex<std::collections::HashSet<SegmentId>>,
 }
 
 impl Shared {

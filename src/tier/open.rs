@@ -357,6 +357,7 @@ pub async fn open_shared_with_clock(
         metrics,
         manifest,
         fenced: std::sync::OnceLock::new(),
+        verified_here: Mutex::new(Default::default()),
     });
     // Seals finished during recovery are already among the writer's sealed
     // segments; journal every sealed file the journal lacks in id order, in
