@@ -223,7 +223,15 @@ const ECHO_TAGS: [&str; 7] = [
     "CanonicalRequest",
     "CanonicalRequestBytes",
 ];
-const ECHO_HEADERS: [&str; 3] = ["x-amz-security-token", "authorization", "x-amz-credential"];
+/// `signature` covers `Signature=<hex>` in an echoed authorization value
+/// quoted out of its header (a per-request credential, replayable while the
+/// request is valid) and `X-Amz-Signature=` of a presigned URL.
+const ECHO_HEADERS: [&str; 4] = [
+    "x-amz-security-token",
+    "authorization",
+    "x-amz-credential",
+    "signature",
+];
 
 /// `text` (a store's error, which may quote a server's answer) with every
 /// registered credential value, the contents of the XML elements S3
@@ -319,6 +327,24 @@ pub fn scrub(text: &str) -> String {
 #[cfg(test)]
 mod scrub_tests {
     use super::*;
+
+    /// An authorization value quoted outside any header form (a server's
+    /// message) still loses its signature.
+    #[test]
+    fn a_quoted_signature_is_blanked() {
+        let sig = "1c2ea12a9f0d4b5e6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f";
+        let body = format!(
+            "<Message>auth=\"AWS4-HMAC-SHA256 Credential=X/20261204/us-east-1/s3/aws4_request, \
+             SignedHeaders=host;x-amz-date, Signature={sig}\"</Message> and \
+             https://h/b/k?X-Amz-Signature={sig}&X-Amz-Date=1"
+        );
+        let s = scrub(&body);
+        assert!(!s.contains(sig), "{s}");
+        assert!(s.contains("SignedHeaders"), "{s}");
+        // Words are not values.
+        let t = "SignatureDoesNotMatch: The request signature we calculated does not match";
+        assert_eq!(scrub(t), t);
+    }
 
     #[test]
     fn echoed_credentials_are_blanked() {
