@@ -466,4 +466,36 @@ mod tests {
         drop(r);
         assert!(recover(&dd, Mode::Repair).unwrap().report.is_clean());
     }
+
+    /// Bytes appended after a sealed file whose item is also damaged: the
+    /// tail is not part of the segment, so the items are salvaged where the
+    /// header puts them and only the damaged one is lost (it was "an
+    /// unknown number" with the tail, every item of the file).
+    #[test]
+    fn a_damaged_sealed_file_with_a_tail_loses_only_its_damaged_item() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let segs = dd.segments_dir();
+        let es: Vec<Entry> = (0..50)
+            .map(|i| Entry {
+                key_hash: i,
+                offset: i,
+                size: 1,
+                timestamp_ms: i,
+            })
+            .collect();
+        let (mut bytes, _) = build_sealed(SegmentId(6), 0, 0, 8, &es).unwrap();
+        let at = bytes.len() - crate::segment::format::FOOTER_LEN - 40;
+        bytes[at] ^= 0xff;
+        let p = write_sealed_file(&segs, SegmentId(6), &bytes).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(bytes.len() as u64 + (1 << 40)).unwrap();
+        drop(f);
+        let r = recover(&dd, Mode::Repair).unwrap();
+        let n = &r.report.salvaged[0];
+        assert_eq!((n.salvaged_items, n.lost_items), (49, 1), "{}", n.line());
+        assert!(n.unknown_loss.is_none(), "{}", n.line());
+        assert!(r.sealed.contains_key(&SegmentId(6)));
+        assert!(fs::metadata(&p).unwrap().len() < 1 << 20, "written anew, no tail");
+    }
 }

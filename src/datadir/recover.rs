@@ -757,16 +757,26 @@ fn salvage_sealed_file(
     if let Some(note) = cut_appended_tail(dir, mode, path, id, len, why)? {
         return Ok(note);
     }
-    let (bytes, read) = if len > max {
-        let e = Error::corrupt(
-            path.display().to_string(),
-            format!("{len} bytes, longer than any sealed segment ({max})"),
-        );
-        (Vec::new(), Err(e))
+    // Past the largest layout, only the length the header gives is read
+    // (bytes appended after a segment are not part of it).
+    let read_len = if len > max {
+        header_file_len(path, id)?.filter(|n| *n <= max)
     } else {
-        let bytes = fs::read(path).map_err(|e| Error::io(path, "read sealed segment", e))?;
-        let r = salvage::salvage_sealed(&bytes, id);
-        (bytes, r)
+        Some(len)
+    };
+    let (bytes, read) = match read_len {
+        None => {
+            let e = Error::corrupt(
+                path.display().to_string(),
+                format!("{len} bytes, longer than any sealed segment ({max})"),
+            );
+            (Vec::new(), Err(e))
+        }
+        Some(n) => {
+            let bytes = read_prefix(path, n)?;
+            let r = salvage::salvage_sealed(&bytes, id);
+            (bytes, r)
+        }
     };
     let mut note = match read {
         Ok(s) => LossNote {
@@ -799,9 +809,9 @@ fn salvage_sealed_file(
         return Ok(note);
     }
     let s = salvage::salvage_sealed(&bytes, id)?;
-    // Copy first: until the rename below, the original stays in place, so
+    // Kept first: until the rename below, the original stays in place, so
     // a crash in between redoes the salvage at the next start.
-    let copy = copy_to_quarantine(dir, path)?;
+    let copy = link_to_quarantine(dir, path)?;
     note.original_moved_to = Some(copy.display().to_string());
     write_record(
         &copy,
@@ -835,6 +845,30 @@ fn salvage_sealed_file(
     Ok(note)
 }
 
+/// The first `n` bytes of `path` (bounded by the caller).
+fn read_prefix(path: &Path, n: u64) -> Result<Vec<u8>> {
+    let f = crate::durable::open_regular(path, false)
+        .map_err(|e| Error::io(path, "open sealed segment", e))?;
+    let mut buf = Vec::new();
+    f.take(n)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io(path, "read sealed segment", e))?;
+    Ok(buf)
+}
+
+/// The file length a sealed file's header gives, when the header decodes
+/// and names segment `id`.
+fn header_file_len(path: &Path, id: SegmentId) -> Result<Option<u64>> {
+    use crate::segment::format::{self, HEADER_LEN, Header, SEALED_ITEM_LEN, SEALED_MAGIC};
+    let head = read_prefix(path, HEADER_LEN as u64)?;
+    Ok(Header::decode(&head, SEALED_MAGIC, SEALED_ITEM_LEN)
+        .ok()
+        .filter(|h| {
+            h.segment_id == id && h.slot_count <= format::MAX_SLOTS && h.items <= format::MAX_ITEMS
+        })
+        .map(|h| format::SealedLayout::new(h.slot_count, h.items).file_len))
+}
+
 /// A sealed file with bytes appended after its footer (`truncate -s`, a
 /// copy tool padding to a block, a filesystem repair) still holds the
 /// whole segment: its header gives the length it was sealed with, and the
@@ -851,26 +885,30 @@ fn cut_appended_tail(
     len: u64,
     why: &str,
 ) -> Result<Option<LossNote>> {
-    use crate::segment::format::{self, HEADER_LEN, Header, SEALED_ITEM_LEN, SEALED_MAGIC};
-    if len < HEADER_LEN as u64 {
+    use crate::segment::format;
+    if len < format::HEADER_LEN as u64 {
+        return Ok(None);
+    }
+    let Some(sealed_len) = header_file_len(path, id)? else {
+        return Ok(None);
+    };
+    if sealed_len >= len {
         return Ok(None);
     }
     let file = crate::durable::open_regular(path, false)
         .map_err(|e| Error::io(path, "open sealed segment", e))?;
-    // Mapped, not read: the prefix checked below may be gigabytes, and the
-    // tail past it is never touched (a sparse terabyte costs nothing).
+    // Mapped, not read: the prefix checked below may be gigabytes; only it
+    // is mapped, and the tail past it is never touched (a sparse terabyte
+    // costs nothing). `sealed_len` is at most the largest layout.
     // SAFETY: this process holds the data directory lock and nothing else
     // writes segment files; the map is dropped before the file is replaced.
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| Error::io(path, "mmap sealed segment", e))?;
-    let Ok(h) = Header::decode(&map[..HEADER_LEN], SEALED_MAGIC, SEALED_ITEM_LEN) else {
-        return Ok(None);
-    };
-    if h.segment_id != id || h.slot_count > format::MAX_SLOTS || h.items > format::MAX_ITEMS {
-        return Ok(None);
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(sealed_len as usize)
+            .map(&file)
     }
-    let sealed_len = format::SealedLayout::new(h.slot_count, h.items).file_len;
-    if sealed_len >= len || sealed_len > map.len() as u64 {
+    .map_err(|e| Error::io(path, "mmap sealed segment", e))?;
+    if (map.len() as u64) < sealed_len {
         return Ok(None);
     }
     let prefix = &map[..sealed_len as usize];
@@ -939,11 +977,31 @@ fn copy_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
 /// file system).
 fn link_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
     let dst = quarantine_name(dir, path);
-    if fs::hard_link(path, &dst).is_err() {
+    if let Err(e) = fs::hard_link(path, &dst) {
+        // A copy only of what a sealed file can hold: a longer one (a
+        // sparse tail) would fill the disk.
+        let max = crate::segment::format::SealedLayout::new(
+            crate::segment::format::MAX_SLOTS,
+            crate::segment::format::MAX_ITEMS,
+        )
+        .file_len;
+        let len = fs::metadata(path)
+            .map_err(|e| Error::io(path, "stat sealed segment", e))?
+            .len();
+        if len > max {
+            return Err(Error::io(
+                &dst,
+                "keep a damaged sealed file in quarantine/: a hard link failed, and the file is \
+                 longer than any sealed segment, too long to copy (put quarantine/ on the data \
+                 directory's file system)",
+                e,
+            ));
+        }
         return copy_to_quarantine(dir, path);
     }
     crate::durable::created(&dst);
     crate::durable::written(&dst);
+    fsync_path(&dst)?;
     fsync_dir(&dir.quarantine_dir())?;
     Ok(dst)
 }

@@ -306,7 +306,9 @@ pub fn salvage_sealed(bytes: &[u8], name_id: SegmentId) -> Result<SealedSalvage>
         .map(|f| (f.layout(), f.created_ms, "footer"));
     // The header may describe a file that was cut (the footer gone with
     // it): the items still in the file are kept, the ones past the cut are
-    // counted lost (the header says how many there were).
+    // counted lost (the header says how many there were). Or one with bytes
+    // appended after its footer: they are not part of the segment, and the
+    // items are read where the header puts them.
     let from_header = || {
         Header::decode(bytes, SEALED_MAGIC, SEALED_ITEM_LEN)
             .ok()
@@ -318,7 +320,7 @@ pub fn salvage_sealed(bytes: &[u8], name_id: SegmentId) -> Result<SealedSalvage>
                     "header",
                 )
             })
-            .filter(|(l, _, _)| l.items_offset <= len && len <= l.file_len)
+            .filter(|(l, _, _)| l.items_offset <= len)
     };
     let Some((layout, created_ms, layout_from)) = from_footer.or_else(from_header) else {
         return Err(Error::corrupt(

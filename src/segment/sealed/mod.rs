@@ -104,6 +104,15 @@ impl SealedSegment {
                 format!("only {len} bytes, too short for a sealed segment"),
             ));
         }
+        // Untrusted length: a file longer than any layout (a sparse tail)
+        // is damage, reported before anything is mapped.
+        let max = format::SealedLayout::new(format::MAX_SLOTS, format::MAX_ITEMS).file_len;
+        if len > max {
+            return Err(Error::corrupt(
+                path.display().to_string(),
+                format!("{len} bytes, longer than any sealed segment ({max})"),
+            ));
+        }
         // SAFETY: sealed files are never modified after the rename, and this
         // process holds the data directory lock, so no one truncates the file
         // under the mapping.
