@@ -28,7 +28,7 @@
 //! overwritten. The default owner id hashes the incarnation
 //! (`Config::effective_owner_id`): a data directory whose IDENTITY is lost
 //! or moved aside is another owner at its next open, refused while the
-//! lease its previous broker left lasts (or until `owner release`).
+//! lease its previous broker left lasts (or until `owner release --owner-id <old id> --fence-live`).
 //!
 //! ## Mode
 //! `mode` (`"manifest"` or `"single-writer"`, absent in files from older

@@ -140,3 +140,93 @@ fn a_new_owner_on_a_fresh_data_directory_continues_the_ids() {
         "a's {after_a} and b's segments, all listed"
     );
 }
+
+/// `owner release` with `--data-dir` acts as that directory's own id once
+/// its lock shows no broker runs on it. A copy of a running broker's data
+/// directory (a backup, a copied VM) has the same id and a free lock: the
+/// release fenced the running broker. The live lease is now watched for a
+/// renewal first; after the broker is killed, the release of its own
+/// directory goes through without `--fence-live`.
+#[test]
+fn a_copy_of_a_running_brokers_directory_does_not_release_its_lease() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let data = d.path().join("data-a");
+    let cfg = d.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nstore = \"file://{}\"\nowner_id = \"a\"\nlease_ttl_ms = 3000\n",
+            data.display().to_string(),
+            store.display()
+        ),
+    )
+    .unwrap();
+    let mut broker = std::process::Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "1000000",
+            "--rate",
+            "20000",
+        ])
+        .env_remove("TIERINDEX_DATA_DIR")
+        .env_remove("TIERINDEX_STORE")
+        .env_remove("TIERINDEX_STREAM")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while owner(&cfg)["owner"] != "a" {
+        assert!(
+            std::time::Instant::now() < until,
+            "the broker never took the stream"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let copy = d.path().join("data-copy");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&data)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let _ = std::fs::remove_file(copy.join("LOCK"));
+    let o = run(
+        &cfg,
+        &["--data-dir", copy.to_str().unwrap(), "owner", "release"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let still = owner(&cfg);
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("was renewed while this command watched it") && err.contains("--fence-live"),
+        "{err}"
+    );
+    assert_eq!(
+        still["owner"], "a",
+        "the running broker kept its lease: {still}"
+    );
+
+    // The broker is gone (kill -9, its lease still live): its own directory
+    // releases it, no --fence-live needed.
+    let o = run(&cfg, &["owner", "release"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(owner(&cfg)["owner"], serde_json::Value::Null);
+}

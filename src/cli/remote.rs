@@ -454,7 +454,12 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
     };
     if let Some((id, false)) = &acting {
         let ours = _held.is_some() && cfg.effective_owner_id().is_ok_and(|own| own == *id);
-        if !ours {
+        if ours {
+            // The lock shows no broker runs on this directory, but a copy
+            // of it (a restored backup, a copied VM) has the same id: a
+            // broker renewing the lease elsewhere is refused all the same.
+            refuse_if_renewed(&ms, id, &cfg).await?;
+        } else {
             refuse_live_holder(&ms, id, &cfg).await?;
         }
     }
@@ -534,6 +539,68 @@ async fn refuse_live_holder(
         cur.lease.epoch,
         cur.lease.expires_ms - now
     )))
+}
+
+/// Longest a live lease of this data directory's own id is watched for a
+/// renewal before `owner take`/`release` act on it.
+const RENEWAL_WATCH_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// With this data directory's lock held, its own id's live lease is still
+/// watched for a renewal (one renewal interval, a third of the TTL, plus
+/// 2 s; at most [`RENEWAL_WATCH_MAX`]): a renewal means a broker runs under
+/// this id from another copy of the directory, and acting would fence it.
+async fn refuse_if_renewed(
+    ms: &crate::remote::manifest::ManifestStore,
+    id: &str,
+    cfg: &crate::config::Config,
+) -> Result<()> {
+    let Some(m) = ms.load().await? else {
+        return Ok(());
+    };
+    let Some(first) = ms.current_lease(&m).await? else {
+        return Ok(());
+    };
+    if first.lease.owner != id || !first.lease.is_live(ms.now_ms()) {
+        return Ok(());
+    }
+    let watch = std::time::Duration::from_millis(first.ttl_ms / 3)
+        .saturating_add(std::time::Duration::from_secs(2))
+        .min(RENEWAL_WATCH_MAX);
+    eprintln!(
+        "tierindex: owner {id} holds a live lease on stream {}; watching {} s for a renewal \
+         (a broker still running under this id) before acting",
+        cfg.stream,
+        watch.as_secs()
+    );
+    let until = std::time::Instant::now() + watch;
+    while std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let Some(m) = ms.load().await? else {
+            return Ok(());
+        };
+        let Some(cur) = ms.current_lease(&m).await? else {
+            return Ok(());
+        };
+        if cur.lease.owner != id || cur.lease.epoch != first.lease.epoch {
+            // Released or taken meanwhile: the take itself decides.
+            return Ok(());
+        }
+        if cur.seq != first.seq || cur.lease.expires_ms != first.lease.expires_ms {
+            return Err(Error::InvalidInput(format!(
+                "owner {id}'s lease on stream {} was renewed while this command watched it: a \
+                 broker is running under this id, though not on {} (a copy of that data \
+                 directory, a restored backup, or another directory configured with the \
+                 same owner_id). Acting would fence it. Stop that broker first, or pass \
+                 --fence-live if fencing it is what you want",
+                cfg.stream,
+                cfg.data_dir.display()
+            )));
+        }
+        if !cur.lease.is_live(ms.now_ms()) {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// `lookup --remote`: entries for `key_hash` in the committed remote
