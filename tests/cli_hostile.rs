@@ -2443,9 +2443,28 @@ fn a_pending_file_with_zeros_appended_is_cut_back_and_nothing_is_lost() {
     let sb = Sandbox::new();
     let seg = a_pending_sealed_file(&sb);
     let len = std::fs::metadata(&seg).unwrap().len();
+    let id: u64 = seg
+        .file_stem()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    // Hits of key-5 in the extended file.
+    let lookup = |sb: &Sandbox| {
+        let o = sb.run(&[D, DD, "--json", "lookup", "key-5"], &[]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("lookup json");
+        v["hits"].as_array().map_or(0, |h| {
+            h.iter()
+                .filter(|h| h["segment"].as_u64() == Some(id))
+                .count()
+        })
+    };
+    let hits = lookup(&sb);
+    assert!(hits > 0);
     let f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
     f.set_len(len + 4096).unwrap();
     drop(f);
+    // Read without repair, the items are where the header puts them.
+    assert_eq!(lookup(&sb), hits, "lookup of the extended file");
     let o = drain_to_file_store(&sb);
     assert_sane(&o, "drain with zeros appended to a pending file");
     let t = text(&o);

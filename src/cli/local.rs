@@ -441,10 +441,10 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
             match SealedSegment::open(&p) {
                 Ok(s) => found.extend(s.lookup(h, range).into_iter().map(|e| (s.id().0, e))),
                 Err(e @ Error::Corrupt { .. }) => {
-                    // Bounded by the file's own length: a sealed file is
-                    // never longer than what it holds.
-                    let salvaged = std::fs::read(&p)
-                        .map_err(|e| Error::io(&p, "read sealed segment", e))
+                    // Bounded: at most the largest layout, or what the
+                    // header gives (bytes appended after a segment are
+                    // not part of it).
+                    let salvaged = datadir::read_sealed_bounded(&p, id)
                         .and_then(|b| salvage::salvage_sealed(&b, id));
                     match salvaged {
                         Ok(s) => {

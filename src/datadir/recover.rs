@@ -743,40 +743,22 @@ fn salvage_sealed_file(
     id: SegmentId,
     why: &str,
 ) -> Result<LossNote> {
-    // Bounded: no valid sealed file is longer than the largest layout, so a
-    // longer one (a sparse 1 TiB file ran start-up out of memory here) is
-    // not read at all; it is quarantined whole below.
-    let max = crate::segment::format::SealedLayout::new(
-        crate::segment::format::MAX_SLOTS,
-        crate::segment::format::MAX_ITEMS,
-    )
-    .file_len;
     let len = fs::metadata(path)
         .map_err(|e| Error::io(path, "stat sealed segment", e))?
         .len();
     if let Some(note) = cut_appended_tail(dir, mode, path, id, len, why)? {
         return Ok(note);
     }
-    // Past the largest layout, only the length the header gives is read
-    // (bytes appended after a segment are not part of it).
-    let read_len = if len > max {
-        header_file_len(path, id)?.filter(|n| *n <= max)
-    } else {
-        Some(len)
-    };
-    let (bytes, read) = match read_len {
-        None => {
-            let e = Error::corrupt(
-                path.display().to_string(),
-                format!("{len} bytes, longer than any sealed segment ({max})"),
-            );
-            (Vec::new(), Err(e))
-        }
-        Some(n) => {
-            let bytes = read_prefix(path, n)?;
+    // Bounded (a sparse 1 TiB file ran start-up out of memory here): past
+    // the largest layout only the length the header gives is read, and
+    // without one the file is quarantined whole below, unread.
+    let (bytes, read) = match read_sealed_bounded(path, id) {
+        Ok(bytes) => {
             let r = salvage::salvage_sealed(&bytes, id);
             (bytes, r)
         }
+        Err(e @ Error::Corrupt { .. }) => (Vec::new(), Err(e)),
+        Err(e) => return Err(e),
     };
     let mut note = match read {
         Ok(s) => LossNote {
@@ -843,6 +825,32 @@ fn salvage_sealed_file(
         tracing::error!(segment = id.0, "{}", note.line());
     }
     Ok(note)
+}
+
+/// A sealed file's bytes for salvage, bounded: the whole file when it is
+/// no longer than any sealed segment can be, else only the length its
+/// header gives (bytes after it are not part of the segment); a longer file
+/// whose header gives no such length is `Corrupt`, unread.
+pub(crate) fn read_sealed_bounded(path: &Path, id: SegmentId) -> Result<Vec<u8>> {
+    let max = crate::segment::format::SealedLayout::new(
+        crate::segment::format::MAX_SLOTS,
+        crate::segment::format::MAX_ITEMS,
+    )
+    .file_len;
+    let len = fs::metadata(path)
+        .map_err(|e| Error::io(path, "stat sealed segment", e))?
+        .len();
+    let n = if len > max {
+        header_file_len(path, id)?.filter(|n| *n <= max).ok_or_else(|| {
+            Error::corrupt(
+                path.display().to_string(),
+                format!("{len} bytes, longer than any sealed segment ({max})"),
+            )
+        })?
+    } else {
+        len
+    };
+    read_prefix(path, n)
 }
 
 /// The first `n` bytes of `path` (bounded by the caller).
