@@ -335,10 +335,11 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         for q in &o.segments.quarantined {
             s.push_str(&format!(
                 "\n  {} {}: {}",
-                if o.repaired {
-                    "quarantined"
-                } else {
-                    "would quarantine"
+                match (o.repaired, q.reason.contains("found after its footer")) {
+                    (true, false) => "quarantined",
+                    (true, true) => "cut back (original kept in quarantine/)",
+                    (false, false) => "would quarantine",
+                    (false, true) => "would cut back",
                 },
                 q.file,
                 q.reason

@@ -71,7 +71,7 @@ fn entries(root: &Path) -> Result<Vec<Entry>> {
                 id: n,
                 kind: "file",
                 reason: rec.as_ref().map_or_else(
-                    || "(no record: quarantined by an older version)".into(),
+                    || "(no record: quarantined by an older version, or start-up stopped before writing it)".into(),
                     |r| r.reason.clone(),
                 ),
                 record: rec,
@@ -204,7 +204,31 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
     if !name.ends_with(".seg") {
         return retry_active(cli, &dd, root, id, &src, seg_id, &name);
     }
-    let bytes = fs::read(&src).map_err(|e| Error::io(&src, "read quarantined file", e))?;
+    // The original of a file start-up cut back to its sealed length: the
+    // segment is in segments/ whole, nothing of it needs to go back.
+    let mut rec_path = src.as_os_str().to_owned();
+    rec_path.push(RECORD_SUFFIX);
+    let rec_path = PathBuf::from(rec_path);
+    if datadir::quarantine_records(root)
+        .iter()
+        .any(|(p, r)| *p == rec_path && r.loss.as_ref().is_some_and(|l| l.tail_removed.is_some()))
+    {
+        return refuse(
+            cli,
+            id,
+            "start-up cut the bytes after its footer off and kept the segment as it was sealed \
+             (see its record): nothing of it needs to go back",
+        );
+    }
+    // Bounded: no sealed segment is longer than the largest layout.
+    let max = format::SealedLayout::new(format::MAX_SLOTS, format::MAX_ITEMS).file_len;
+    let bytes = match crate::durable::read_regular(&src, max) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return refuse(cli, id, &format!("still fails the full check: {e}"));
+        }
+        Err(e) => return Err(Error::io(&src, "read quarantined file", e)),
+    };
     let (footer, sums) = match format::check_sealed(&bytes) {
         Ok(v) => v,
         Err(e) => return refuse(cli, id, &format!("still fails the full check: {e}")),
