@@ -549,3 +549,39 @@ async fn status_remote_shows_the_manifest_and_the_objects() {
     assert_eq!(seg["manifest"], "listed", "{seg}");
     assert!(!out.contains("AWS_"), "{out}");
 }
+
+/// Segments committed under another stream's keys (a typo'd `--stream`
+/// with `--store-override`, then the right stream again): reconcile on the
+/// right stream re-uploaded them under the typo'd keys, listed those keys
+/// in the right stream's manifest, and reported them missing at every run.
+/// Now the journaled key of another stream means this stream's own key:
+/// one repair, then clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_committed_under_another_streams_keys_are_repaired_under_this_ones_once() {
+    let rig = Rig::drained().await;
+    let cfg = Config {
+        stream: "orders-right".into(),
+        store_override: true,
+        ..rig.cfg.clone()
+    };
+    let store = rig.store();
+    let opts = |repair| ReconcileOptions {
+        repair,
+        grace: Duration::from_secs(3600),
+        deep: false,
+    };
+    let r = reconcile(&cfg, &store, &opts(true)).await.unwrap();
+    assert!(r.repaired > 0, "{r:#?}");
+    assert_eq!((r.lost, r.unresolved), (0, 0), "{r:#?}");
+    let again = reconcile(&cfg, &store, &opts(false)).await.unwrap();
+    assert!(again.findings.is_empty(), "{:#?}", again.findings);
+    // Every object the right stream's manifest lists is its own.
+    let ms = ManifestStore::reader(&store, "orders-right", ManifestOptions::default()).unwrap();
+    let m = ms.load().await.unwrap().expect("a manifest");
+    let entries = ms.all_segments(&m).await.unwrap();
+    assert_eq!(entries.len(), rig.committed().len());
+    for e in entries {
+        assert!(e.key.starts_with("orders-right/segments/"), "{}", e.key);
+        assert!(rig.store_dir.join(&e.key).exists(), "{}", e.key);
+    }
+}

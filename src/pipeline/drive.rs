@@ -296,21 +296,15 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
         // Fenced: another owner took the stream; write nothing more.
         sh.check_fenced()?;
         let rec = record(sh, id)?;
-        // A key journaled against another store or stream (the broker was
-        // pointed elsewhere with --store-override): the object there is
-        // not this stream's and can never be listed in its manifest, so the
-        // segment is uploaded again under this store's key.
-        // (A committed segment keeps its key: that object is what the
-        // journal committed, and a release needs it found there.)
-        let foreign = rec.key.as_deref().filter(|k| {
-            matches!(
-                rec.state,
-                SegmentState::Sealed
-                    | SegmentState::Uploading
-                    | SegmentState::Uploaded
-                    | SegmentState::Verified
-            ) && !sh.store.holds_stream_key(&sh.stream, k)
-        });
+        // A key journaled against another prefix or stream (the broker was
+        // pointed elsewhere with --store-override): it can never be listed
+        // in this stream's manifest, so a pending segment is uploaded again
+        // under this store's key, and a committed one is looked for there
+        // (where `reconcile --repair` uploads it).
+        let foreign = rec
+            .key
+            .as_deref()
+            .filter(|k| !sh.store.holds_stream_key(&sh.stream, k));
         let key = match (&rec.key, foreign) {
             (Some(k), None) => ObjPath::from(k.clone()),
             _ => sh.store.segment_key(&sh.stream, &rec.meta),
@@ -604,17 +598,6 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // orphan). Missing or wrong size: keep the local copy and
                 // report; `tierindex reconcile --repair` re-uploads it, and
                 // the next drive releases.
-                if !sh.store.holds_stream_key(&sh.stream, key.as_ref()) {
-                    return Err(Error::RemoteRetryable(format!(
-                        "local copy kept, not released: segment {id} was committed under {key}, \
-                         which is not under {}'s {}/{}/segments (the prefix or stream was \
-                         changed since with --store-override); it is released by a run against \
-                         the store it was committed to",
-                        sh.store.display_url(),
-                        sh.store.prefix(),
-                        sh.stream
-                    )));
-                }
                 if local_path(sh, id).exists() {
                     match sh.store.object_store().head(&key).await {
                         Ok(m) if m.size == rec.meta.file_len => {}
@@ -626,11 +609,20 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         }
                         Err(object_store::Error::NotFound { .. }) => {
                             tracing::error!(%key, "committed object is missing: local copy kept, not released");
+                            let elsewhere = match foreign {
+                                Some(old) => format!(
+                                    " It was committed under {old}, outside this store's \
+                                     stream (the prefix or stream was changed with \
+                                     --store-override)."
+                                ),
+                                None => " If the store was changed with --store-override, the \
+                                         object is in the store it was committed to."
+                                    .to_string(),
+                            };
                             return Err(Error::RemoteRetryable(format!(
                                 "committed object {key} is missing from {}: local copy kept, not \
-                                 released. If the store was changed with --store-override, the \
-                                 object is in the store it was committed to; otherwise \
-                                 `tierindex reconcile --repair` uploads it again",
+                                 released.{elsewhere} `tierindex reconcile --repair` uploads it \
+                                 here from the local copy",
                                 sh.store.display_url()
                             )));
                         }
