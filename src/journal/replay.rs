@@ -186,7 +186,9 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header> {
         return Err(Error::corrupt(
             what,
             format!(
-                "file is {} bytes, shorter than the {HEADER_LEN}-byte header",
+                "{} bytes of data (zero bytes at the end not counted), shorter than the \
+                 {HEADER_LEN}-byte header: the journal is empty, zeroed or cut; `tierindex \
+                 fsck --repair` rebuilds it from the local sealed files",
                 bytes.len()
             ),
         ));
