@@ -262,15 +262,28 @@ pub fn scrub(text: &str) -> String {
             // `name: value`, `name=value`, `"name": "value"`, `'name': 'value'`,
             // `\"name\": \"value\"`, Go's `Name:[value]`.
             let rest = &lower[i..];
-            let skip = rest
-                .char_indices()
-                .find(|(_, c)| !matches!(c, ':' | '=' | ' ' | '"' | '\'' | '\\' | '['))
-                .map_or(rest.len(), |(k, _)| k);
-            // A name followed by `:` or `=` only ("authorization failed"
-            // is text, not a header).
-            if !rest[..skip].contains([':', '=']) {
-                continue;
-            }
+            let skip = if h == "signature" {
+                // `signature` only as `Signature=<value>` (or URL-encoded,
+                // `%3D`): "invalid signature: check ..." is text.
+                if rest.starts_with('=') {
+                    1
+                } else if rest.starts_with("%3d") {
+                    3
+                } else {
+                    continue;
+                }
+            } else {
+                let skip = rest
+                    .char_indices()
+                    .find(|(_, c)| !matches!(c, ':' | '=' | ' ' | '"' | '\'' | '\\' | '['))
+                    .map_or(rest.len(), |(k, _)| k);
+                // A name followed by `:` or `=` only ("authorization failed"
+                // is text, not a header).
+                if !rest[..skip].contains([':', '=']) {
+                    continue;
+                }
+                skip
+            };
             let start = i + skip;
             // An authorization value has spaces and commas in it (scheme,
             // credential, signed headers, signature); a token or
@@ -341,9 +354,15 @@ mod scrub_tests {
         let s = scrub(&body);
         assert!(!s.contains(sig), "{s}");
         assert!(s.contains("SignedHeaders"), "{s}");
+        let enc = format!("https%3A%2F%2Fh%2Fk%3FX-Amz-Signature%3D{sig}%26X-Amz-Date%3D1");
+        assert!(!scrub(&enc).contains(sig), "{}", scrub(&enc));
         // Words are not values.
-        let t = "SignatureDoesNotMatch: The request signature we calculated does not match";
-        assert_eq!(scrub(t), t);
+        for t in [
+            "SignatureDoesNotMatch: The request signature we calculated does not match",
+            "invalid signature: check your key",
+        ] {
+            assert_eq!(scrub(t), t);
+        }
     }
 
     #[test]

@@ -230,3 +230,54 @@ fn a_copy_of_a_running_brokers_directory_does_not_release_its_lease() {
     );
     assert_eq!(owner(&cfg)["owner"], serde_json::Value::Null);
 }
+
+/// A lease whose renewal interval is longer than the watch allows cannot
+/// be shown unrenewed: acting on it as the directory's own id is refused
+/// (wait for its expiry, or `--fence-live`), never done blind.
+#[test]
+fn a_lease_too_long_to_watch_is_not_released_blind() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let cfg = d.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nstore = \"file://{}\"\nowner_id = \"a\"\nlease_ttl_ms = 600000\n",
+            d.path().join("data-a").display().to_string(),
+            store.display()
+        ),
+    )
+    .unwrap();
+    let o = run(&cfg, &common::small_demo("1000"));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run(&cfg, &["owner", "take"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(owner(&cfg)["owner"], "a");
+    let o = run(&cfg, &["owner", "release"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("too long to watch") && err.contains("--fence-live"),
+        "{err}"
+    );
+    assert_eq!(owner(&cfg)["owner"], "a");
+    let o = run(&cfg, &["owner", "release", "--fence-live"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(owner(&cfg)["owner"], serde_json::Value::Null);
+}

@@ -580,6 +580,32 @@ async fn a_rekey_without_a_local_copy_is_quarantined_naming_the_old_key() {
     assert!(!reason.contains("has no copy"), "{reason}");
 }
 
+/// The same with a local copy that is there but damaged: quarantined as
+/// a local mismatch, so the file is also moved out of `segments/` (out of
+/// lookups' way), the old key still named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_with_a_damaged_local_copy_takes_the_file_out_of_service() {
+    let rig = Rig::new(11);
+    let data = rig.data("a");
+    let old = rig.fs.remote("elsewhere/old");
+    let keys = journal_sent_elsewhere(&rig, &data, &rig.fs, &old).await;
+    let first = journal(&data).keys().next().copied().unwrap();
+    let path = common::sealed_path(&data, first);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let cfg = config(data.clone(), "owner-a");
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let _ = ti.shutdown(Duration::from_secs(20)).await;
+    let j = journal(&data);
+    let r = &j[&first];
+    assert_eq!(r.state, SegmentState::Quarantined, "{r:?}");
+    let reason = r.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains(keys[0].as_ref()), "{reason}");
+    assert!(!path.exists(), "the damaged file is out of segments/");
+}
+
 /// A store that ignores conditional creates is refused (with the reason)
 /// unless `allow_unconditional_store`; nothing changes with the manifest off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -546,9 +546,10 @@ async fn refuse_live_holder(
 const RENEWAL_WATCH_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// With this data directory's lock held, its own id's live lease is still
-/// watched for a renewal (one renewal interval, a third of the TTL, plus
-/// 2 s; at most [`RENEWAL_WATCH_MAX`]): a renewal means a broker runs under
-/// this id from another copy of the directory, and acting would fence it.
+/// watched for a renewal (two renewal intervals, each a third of the TTL,
+/// plus 2 s; a TTL that needs longer than [`RENEWAL_WATCH_MAX`] is refused):
+/// a renewal means a broker runs under this id from another copy of the
+/// directory, and acting would fence it.
 async fn refuse_if_renewed(
     ms: &crate::remote::manifest::ManifestStore,
     id: &str,
@@ -563,9 +564,23 @@ async fn refuse_if_renewed(
     if first.lease.owner != id || !first.lease.is_live(ms.now_ms()) {
         return Ok(());
     }
+    // Two renewal intervals (a third of the TTL each; a broker whose one
+    // renewal failed or ran slow renews within two) and 2 s. Past the cap
+    // a watch could miss a live broker: refused instead.
     let watch = std::time::Duration::from_millis(first.ttl_ms / 3)
-        .saturating_add(std::time::Duration::from_secs(2))
-        .min(RENEWAL_WATCH_MAX);
+        .saturating_mul(2)
+        .saturating_add(std::time::Duration::from_secs(2));
+    if watch > RENEWAL_WATCH_MAX {
+        return Err(Error::InvalidInput(format!(
+            "owner {id} holds a live lease on stream {} ({} ms left) whose TTL ({} ms) is too \
+             long to watch for a renewal here: a broker running under this id from a copy of \
+             this data directory would not be seen. Wait for the lease to expire, or pass \
+             --fence-live if no broker runs as {id}",
+            cfg.stream,
+            first.lease.expires_ms.saturating_sub(ms.now_ms()),
+            first.ttl_ms
+        )));
+    }
     eprintln!(
         "tierindex: owner {id} holds a live lease on stream {}; watching {} s for a renewal \
          (a broker still running under this id) before acting",

@@ -144,20 +144,26 @@ async fn upload_again(
     why: String,
 ) -> Result<Rekeyed> {
     let id = rec.meta.id;
-    if let Some(bad) = local_mismatch(&local_path(sh, id), &rec.meta).await {
-        return Ok(Rekeyed::Rest(
-            quarantine(
-                sh,
-                id,
-                format!(
-                    "{why}; it cannot be uploaded again: its local copy {bad}. The copy \
-                     journaled under {old} (in the store it was sent to) is the one left"
-                ),
-            )
-            .await?,
-        ));
+    let local = local_path(sh, id);
+    if let Some(bad) = local_mismatch(&local, &rec.meta).await {
+        let reason = format!(
+            "{why}; it cannot be uploaded again: its local copy {bad}. The copy journaled \
+             under {old} (in the store it was sent to) is the one left"
+        );
+        // A file that is there but not the journaled one is also taken out
+        // of service (lookups), as any such file is.
+        let state = if local.exists() {
+            quarantine_local(sh, id, reason).await?
+        } else {
+            quarantine(sh, id, reason).await?
+        };
+        return Ok(Rekeyed::Rest(state));
     }
-    let reason = format!("{why}: uploaded again under {key}; nothing under {old} is deleted");
+    let reason = if old == key.as_ref() {
+        format!("{why}: uploaded again under {key}")
+    } else {
+        format!("{why}: uploaded again under {key}; nothing under {old} is deleted")
+    };
     tracing::warn!(segment = id.0, "{reason}");
     match rec.state {
         SegmentState::Uploading | SegmentState::Uploaded => {
@@ -301,10 +307,17 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
         // in this stream's manifest, so a pending segment is uploaded again
         // under this store's key, and a committed one is looked for there
         // (where `reconcile --repair` uploads it).
-        let foreign = rec
-            .key
-            .as_deref()
-            .filter(|k| !sh.store.holds_stream_key(&sh.stream, k));
+        // Single-writer lookups, `verify` and `status` read a committed
+        // segment under its journaled key, so there a committed one keeps
+        // it (its release looks for it there, as they do).
+        let foreign = rec.key.as_deref().filter(|k| {
+            !sh.store.holds_stream_key(&sh.stream, k)
+                && (sh.manifest.is_some()
+                    || !matches!(
+                        rec.state,
+                        SegmentState::Committed | SegmentState::Released
+                    ))
+        });
         let key = match (&rec.key, foreign) {
             (Some(k), None) => ObjPath::from(k.clone()),
             _ => sh.store.segment_key(&sh.stream, &rec.meta),

@@ -128,11 +128,13 @@ fn shared() -> &'static std::sync::Mutex<Shared> {
     SHARED.get_or_init(Default::default)
 }
 
-/// [`probe`], sharing a successful answer for [`SHARED_FOR`] with every
-/// later call on a store built from the same URL, options and `AWS_*`
-/// variables in this process. A failed probe is not kept (the next open
-/// probes again), and stores without a key (built from parts, `memory://`)
-/// are always probed.
+/// [`probe`], sharing a successful answer that proved conditional creates
+/// for [`SHARED_FOR`] with every later call on a store built from the same
+/// URL, options and `AWS_*` variables in this process. A failed probe, or
+/// one that did not prove conditional creates, is not kept (the next open
+/// probes again); stores without a key (built from parts, `memory://`) are
+/// always probed. Calls that start before the first answer is kept each
+/// probe.
 pub async fn probe_shared(store: &RemoteStore) -> Result<Capabilities> {
     let Some(key) = store.probe_key() else {
         return probe(store).await;
@@ -147,6 +149,13 @@ pub async fn probe_shared(store: &RemoteStore) -> Result<Capabilities> {
         return Ok(caps.clone());
     }
     let caps = probe(store).await?;
+    // Only an answer that proved conditional creates is shared: a probe
+    // never assumes a feature, so a proven one was answered as documented,
+    // while a missing one may be a throttled or failed request (refusing
+    // the manifest, or running it unfenced, for every stream opened next).
+    if !caps.conditional_create {
+        return Ok(caps);
+    }
     let mut m = shared().lock().unwrap_or_else(|p| p.into_inner());
     if m.len() >= SHARED_MAX {
         m.retain(|_, (at, _)| now.duration_since(*at) < SHARED_FOR);
@@ -719,17 +728,19 @@ mod tests {
         let opts = StoreOptions::default();
         let a = RemoteStore::from_url(&url, &opts).unwrap();
         let first = probe_shared(&a).await.unwrap();
-        // The directory is replaced by a file: a probe there now fails.
+        assert!(first.conditional_create, "{first:?}");
+        // Built before the directories are replaced by files, so that a
+        // probe there fails.
         let b = RemoteStore::from_url(&url, &opts).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        std::fs::write(&dir, b"not a directory").unwrap();
+        let dir2 = d.path().join("store2");
+        let other = RemoteStore::from_url(&format!("file://{}", dir2.display()), &opts).unwrap();
+        for p in [&dir, &dir2] {
+            std::fs::remove_dir_all(p).unwrap();
+            std::fs::write(p, b"not a directory").unwrap();
+        }
         assert!(probe(&b).await.is_err(), "a real probe fails");
         assert_eq!(probe_shared(&b).await.unwrap(), first, "answered from the first");
-        // Another URL (the same directory by another spelling) probes.
-        let other = RemoteStore::from_url(&format!("file://{}/", dir.display()), &opts);
-        if let Ok(o) = other {
-            assert!(probe_shared(&o).await.is_err(), "probed, not shared");
-        }
+        assert!(probe_shared(&other).await.is_err(), "another URL is probed");
         let m = RemoteStore::from_url("memory://p", &opts).unwrap();
         assert_eq!(m.probe_key(), None);
     }

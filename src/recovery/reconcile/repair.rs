@@ -12,12 +12,21 @@ pub(super) fn journal_copy<'a>(view: &'a JournalView, e: &SegmentEntry) -> Optio
 }
 
 /// The key a journal record's object lives under in this store: the
-/// journaled one, unless it lies outside this store's prefix and stream
-/// (journaled against another, `--store-override`): then this store's own
-/// key, the one its manifest can list and the drive looks for.
-pub(super) fn record_key(store: &RemoteStore, stream: &str, r: &SegmentRecord) -> Result<Path> {
+/// journaled one, unless (with the manifest, `manifest`) it lies outside
+/// this store's prefix and stream (journaled against another,
+/// `--store-override`): then this store's own key, the one its manifest can
+/// list and the drive looks for. Single-writer readers (lookups, `verify`)
+/// read the journaled key, so without the manifest it is kept.
+pub(super) fn record_key(
+    store: &RemoteStore,
+    stream: &str,
+    r: &SegmentRecord,
+    manifest: bool,
+) -> Result<Path> {
     match &r.key {
-        Some(k) if !store.holds_stream_key(stream, k) => store.try_segment_key(stream, &r.meta),
+        Some(k) if manifest && !store.holds_stream_key(stream, k) => {
+            store.try_segment_key(stream, &r.meta)
+        }
         Some(k) => Path::parse(k).map_err(|e| {
             Error::corrupt(
                 format!("journal record of segment {}", r.meta.id),

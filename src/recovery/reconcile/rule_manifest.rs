@@ -17,7 +17,7 @@ impl Run<'_> {
             {
                 continue;
             }
-            let key = record_key(store, stream, r)?;
+            let key = record_key(store, stream, r, self.cfg.manifest)?;
             let k = key.to_string();
             let mut f = Finding::new(
                 FindingKind::ManifestLostEntries,
@@ -131,7 +131,7 @@ impl Run<'_> {
             if !matches!(r.state, SegmentState::Committed | SegmentState::Released) {
                 continue;
             }
-            let key = record_key(store, stream, r)?;
+            let key = record_key(store, stream, r, self.cfg.manifest)?;
             let k = key.to_string();
             if listed_keys.contains(&k) || !self.object_ok(&k, r.meta.file_len) {
                 continue;

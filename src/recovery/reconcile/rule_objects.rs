@@ -17,7 +17,7 @@ impl Run<'_> {
             ) {
                 continue;
             }
-            let key = record_key(store, stream, r)?;
+            let key = record_key(store, stream, r, self.cfg.manifest)?;
             let k = key.to_string();
             self.checked.insert(k.clone());
             let Some((kind, detail)) =
