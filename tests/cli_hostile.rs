@@ -2465,6 +2465,15 @@ fn a_pending_file_with_zeros_appended_is_cut_back_and_nothing_is_lost() {
     drop(f);
     // Read without repair, the items are where the header puts them.
     assert_eq!(lookup(&sb), hits, "lookup of the extended file");
+    let o = sb.run(&["inspect", seg.to_str().unwrap()], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!(
+            "its header gives {len} bytes, and the 4096 after them"
+        )),
+        "{t}"
+    );
     let o = drain_to_file_store(&sb);
     assert_sane(&o, "drain with zeros appended to a pending file");
     let t = text(&o);

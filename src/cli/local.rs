@@ -143,13 +143,17 @@ pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
     } else if magic == SEALED_MAGIC {
         let max = format::SealedLayout::new(format::MAX_SLOTS, format::MAX_ITEMS).file_len;
         if len > max {
-            return Err(Error::corrupt(
-                file.display().to_string(),
-                format!("{len} bytes, longer than any sealed segment ({max}); not read"),
+            return Err(tail_hint(
+                file,
+                len,
+                Error::corrupt(
+                    file.display().to_string(),
+                    format!("{len} bytes, longer than any sealed segment ({max}); not read"),
+                ),
             ));
         }
         // Mapped and fully checked (every item and the whole-file sums).
-        let seg = SealedSegment::open(file)?;
+        let seg = SealedSegment::open(file).map_err(|e| tail_hint(file, len, e))?;
         Inspected::Sealed {
             meta: seg.meta(),
             slot_count: seg.footer().slot_count,
@@ -190,6 +194,37 @@ pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
         serde_json::to_string_pretty(o).unwrap_or_default()
     });
     Ok(EXIT_DRAINED)
+}
+
+/// A sealed file that fails its check but whose header gives a shorter
+/// length than the file has: say so, and what repairs it.
+fn tail_hint(file: &Path, len: u64, e: Error) -> Error {
+    let Error::Corrupt { what, detail } = e else {
+        return e;
+    };
+    let mut head = Vec::new();
+    let _ = crate::durable::open_regular(file, false).and_then(|f| {
+        use std::io::Read as _;
+        f.take(format::HEADER_LEN as u64).read_to_end(&mut head)
+    });
+    let hint = format::Header::decode(&head, SEALED_MAGIC, format::SEALED_ITEM_LEN)
+        .ok()
+        .filter(|h| h.slot_count <= format::MAX_SLOTS && h.items <= format::MAX_ITEMS)
+        .map(|h| format::SealedLayout::new(h.slot_count, h.items).file_len)
+        .filter(|n| *n < len)
+        .map(|n| {
+            format!(
+                "; its header gives {n} bytes, and the {} after them are not part of the \
+                 segment: start-up (or `tierindex fsck --repair`) cuts them off when the first \
+                 {n} pass the whole-file checksum, else salvages the items",
+                len - n
+            )
+        })
+        .unwrap_or_default();
+    Error::Corrupt {
+        what,
+        detail: format!("{detail}{hint}"),
+    }
 }
 
 #[derive(Serialize)]
