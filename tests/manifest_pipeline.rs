@@ -606,6 +606,46 @@ async fn a_rekey_with_a_damaged_local_copy_takes_the_file_out_of_service() {
     assert!(!path.exists(), "the damaged file is out of segments/");
 }
 
+/// A broker that drains at shutdown keeps renewing its lease until the
+/// drain ends. The renewal task used to stop with the worker, before the
+/// drain: a drain longer than the lease let it lapse, and another owner
+/// (or `owner take`'s renewal watch, which then saw no renewal) took the
+/// stream from the live, draining broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_renewed_through_a_shutdown_drain() {
+    let rig = Rig::new(12);
+    let data = rig.data("a");
+    let cfg = Config {
+        lease_ttl_ms: 1500,
+        request_timeout_ms: 200,
+        max_attempts: 2,
+        // Segments go up in parts, which the store refuses; the lease's
+        // renewals are single PUTs, which it takes.
+        multipart_threshold_bytes: 1,
+        ..config(data, "owner-a")
+    };
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    rig.fs
+        .set_random(1.0, vec![Fault::Unavailable], &[Op::CreateMultipart]);
+    write(&ti, 0..(ITEMS as u64 * 3));
+    let renewals = || {
+        rig.fs
+            .history()
+            .keys()
+            .filter(|k| k.as_ref().contains("/leases/"))
+            .count()
+    };
+    let before = renewals();
+    let r = ti.shutdown(Duration::from_secs(3)).await;
+    assert!(!r.fully_drained(), "{r:?}");
+    assert!(r.fenced.is_none(), "{r:?}");
+    let during = renewals() - before;
+    assert!(
+        during >= 3,
+        "renewals during a 3 s drain of a 1.5 s lease: {during}"
+    );
+}
+
 /// A store that ignores conditional creates is refused (with the reason)
 /// unless `allow_unconditional_store`; nothing changes with the manifest off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

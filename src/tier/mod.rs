@@ -15,7 +15,8 @@
 //!
 //! Shutdown order: stop the worker (it returns at once); refuse appends; seal the active segment
 //! even if not full; drain uploads oldest first until done or the deadline;
-//! with a manifest and nothing pending, release the lease (best effort);
+//! (the lease is renewed through the drain); then stop renewing and, with a
+//! manifest and nothing pending, release the lease (best effort);
 //! write the clean-shutdown marker only if nothing is pending; report.
 //! A fence (another owner took the stream) stops all store writes at once
 //! and is reported in [`ShutdownReport::fenced`].
@@ -126,6 +127,10 @@ pub struct TierIndex {
     data_dir: PathBuf,
     cfg: Config,
     stop: watch::Sender<bool>,
+    /// Stops the lease renewer: sent after the shutdown's drain, not with
+    /// `stop`, so that a draining broker keeps its lease (a lapsed one lets
+    /// another owner, or `owner take`'s renewal watch, take it mid-drain).
+    lease_stop: watch::Sender<bool>,
     worker: Option<tokio::task::JoinHandle<(Scheduler, Option<ProbeTask>)>>,
     notify: Arc<Notify>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
@@ -213,10 +218,11 @@ impl TierIndex {
             })
         });
         let (stop, stop_rx) = watch::channel(false);
+        let (lease_stop, lease_stop_rx) = watch::channel(false);
         let lease_task = sh
             .manifest
             .as_ref()
-            .map(|m| tokio::spawn(lease_renewer(sh.clone(), m.ttl / 3, stop_rx.clone())));
+            .map(|m| tokio::spawn(lease_renewer(sh.clone(), m.ttl / 3, lease_stop_rx)));
         let reconcile_task = (cfg.reconcile_interval_ms > 0).then(|| {
             tokio::spawn(reconciler(
                 sh.clone(),
@@ -248,6 +254,7 @@ impl TierIndex {
                 data_dir: cfg.data_dir.clone(),
                 cfg,
                 stop,
+                lease_stop,
                 worker: Some(worker),
                 notify,
                 metrics_task,
@@ -451,6 +458,7 @@ type ProbeTask = tokio::task::JoinHandle<()>;
 impl Drop for TierIndex {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        let _ = self.lease_stop.send(true);
         if let Some(w) = self.worker.take() {
             w.abort();
         }

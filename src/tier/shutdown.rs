@@ -70,8 +70,10 @@ impl TierIndex {
         let drain = sched.drain(until).await;
         sh.metrics.last_drain_ms.set(drain.elapsed_ms);
         drop(sched);
-        // The renewal task stops at the stop signal (a renewal in progress
-        // finishes, within what is left of the deadline).
+        // The lease was renewed through the drain; the renewal task stops
+        // now (a renewal in progress finishes, within what is left of the
+        // deadline).
+        let _ = self.lease_stop.send(true);
         if let Some(mut t) = self.lease_task.take()
             && tokio::time::timeout_at(until.into(), &mut t).await.is_err()
         {
