@@ -211,6 +211,67 @@ pub(crate) fn register_secret(value: &str) {
     }
 }
 
+/// `text` with every ASCII-case-insensitive occurrence of `needle` blanked.
+fn replace_ignoring_case(text: &str, needle: &str) -> String {
+    if needle.is_empty() {
+        return text.to_string();
+    }
+    let (lower, n) = (text.to_ascii_lowercase(), needle.to_ascii_lowercase());
+    if !lower.contains(&n) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(i) = lower[at..].find(&n).map(|i| at + i) {
+        out.push_str(&text[at..i]);
+        out.push_str("<redacted>");
+        at = i + n.len();
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// `v` percent-encoded as a URL's query would carry it (RFC 3986's
+/// unreserved characters kept).
+fn percent_encoded(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() * 3);
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Blanks every run of 64 or more hexadecimal digits: a SigV4 signature
+/// (64 lowercase hex) in whatever form a server quotes it (`"Signature":`,
+/// `<Signature>`, `signature: `, `sig=`). Such runs carry nothing an
+/// operator needs (content hashes of the same length go too).
+fn blank_signatures(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut at, mut i) = (0, 0);
+    while i < b.len() {
+        if b[i].is_ascii_hexdigit() {
+            let start = i;
+            while i < b.len() && b[i].is_ascii_hexdigit() {
+                i += 1;
+            }
+            if i - start >= 64 {
+                out.push_str(&text[at..start]);
+                out.push_str("<redacted>");
+                at = i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
 /// XML elements and headers in which S3 servers echo request credentials
 /// (an expired token's `<Token-0>`, a signature mismatch's string to sign,
 /// a server that echoes request headers).
@@ -239,11 +300,14 @@ const ECHO_HEADERS: [&str; 4] = [
 /// blanked as `<redacted>`.
 pub fn scrub(text: &str) -> String {
     let mut out = text.to_string();
+    // Each value as given, JSON-escaped (`\/`) and percent-encoded, in any
+    // ASCII case (a server may lowercase a key id).
     for v in SECRETS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        if out.contains(v.as_str()) {
-            out = out.replace(v.as_str(), "<redacted>");
+        for form in [v.clone(), v.replace('/', "\\/"), percent_encoded(v)] {
+            out = replace_ignoring_case(&out, &form);
         }
     }
+    out = blank_signatures(&out);
     for tag in ECHO_TAGS {
         let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
         let mut from = 0;
@@ -343,6 +407,37 @@ mod scrub_tests {
 
     /// An authorization value quoted outside any header form (a server's
     /// message) still loses its signature.
+    /// A server's echo in other forms: a JSON encoder escaping `/`, a
+    /// signature under a JSON key or an XML tag, a lowercased key id.
+    #[test]
+    fn credentials_in_other_forms_are_blanked() {
+        let token = "FwoGZXIvYXdzEJr//////////wEaDtokenXYZ+with/slash==";
+        let key_id = "AKIAFAKEKEYID1234567";
+        register_secret(token);
+        register_secret(key_id);
+        let sig = "7bafe5723efa32debe5ad667d7b913e9f50ca712e6c90101c2ea12a9f0d4b5e6";
+        let body = format!(
+            "{{\"Token\": \"{}\", \"Signature\": \"{sig}\"}} <Signature>{sig}</Signature> \
+             key {} tok {} sig={sig}",
+            token.replace('/', "\\/"),
+            key_id.to_ascii_lowercase(),
+            percent_encoded(token)
+        );
+        let s = scrub(&body);
+        for leak in [
+            token.to_string(),
+            token.replace('/', "\\/"),
+            percent_encoded(token),
+            key_id.to_ascii_lowercase(),
+            sig.to_string(),
+        ] {
+            assert!(!s.contains(&leak), "{leak} in {s}");
+        }
+        // 16-hex checksums in object keys stay.
+        let k = "stream-0/segments/00000000000000000001-6d7bdefcdb8e1658.seg";
+        assert_eq!(scrub(k), k);
+    }
+
     #[test]
     fn a_quoted_signature_is_blanked() {
         let sig = "1c2ea12a9f0d4b5e6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f";
