@@ -255,20 +255,38 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     };
     // Committed segments (as the journal says; a damaged one, as its
     // intact frames say): a damaged local copy is quarantined as it is,
-    // not salvaged, as at start-up.
+    // not salvaged, as at start-up. Segments still to be uploaded: a
+    // damaged local copy is left for the broker's start, which salvages it
+    // and appends its intact entries again (fsck holds no writer to do so).
+    let mut to_upload = std::collections::BTreeSet::new();
     let committed: std::collections::BTreeSet<crate::segment::SegmentId> =
         match Journal::open_read_only(&cfg.data_dir) {
-            Ok((v, _)) => v
-                .segments()
-                .values()
-                .filter(|r| {
-                    matches!(
-                        r.state,
-                        journal::SegmentState::Committed | journal::SegmentState::Released
-                    )
-                })
-                .map(|r| r.meta.id)
-                .collect(),
+            Ok((v, _)) => {
+                to_upload = v
+                    .segments()
+                    .values()
+                    .filter(|r| {
+                        matches!(
+                            r.state,
+                            journal::SegmentState::Sealed
+                                | journal::SegmentState::Uploading
+                                | journal::SegmentState::Uploaded
+                                | journal::SegmentState::Verified
+                        )
+                    })
+                    .map(|r| r.meta.id)
+                    .collect();
+                v.segments()
+                    .values()
+                    .filter(|r| {
+                        matches!(
+                            r.state,
+                            journal::SegmentState::Committed | journal::SegmentState::Released
+                        )
+                    })
+                    .map(|r| r.meta.id)
+                    .collect()
+            }
             Err(Error::Corrupt { .. }) => journal::committed_in_intact_frames(&cfg.data_dir)
                 .unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "the damaged journal's intact frames could not be read: no segment is known to be committed");
@@ -281,6 +299,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         mode,
         &|_| true,
         &|id| committed.contains(&id),
+        &|id| to_upload.contains(&id),
         Some(geometry),
     )?;
     let mut journal_rebuilt = None;
@@ -370,7 +389,10 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         for q in &o.segments.quarantined {
             s.push_str(&format!(
                 "\n  {} {}: {}",
-                match (o.repaired, q.reason.contains("found after its footer")) {
+                match (
+                    o.repaired && !q.reason.contains(datadir::DEFERRED),
+                    q.reason.contains("found after its footer"),
+                ) {
                     (true, false) => "quarantined",
                     (true, true) => "cut back (original kept in quarantine/)",
                     (false, false) => "would quarantine",
@@ -394,10 +416,10 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         for n in &o.segments.salvaged {
             s.push_str(&format!(
                 "\n  {} {}",
-                if o.repaired {
-                    "salvaged"
-                } else {
-                    "would salvage"
+                match (o.repaired, n.original_moved_to.is_some()) {
+                    (true, true) => "salvaged",
+                    (true, false) => "left for the next start, which will salvage",
+                    (false, _) => "would salvage",
                 },
                 n.line()
             ));

@@ -31,7 +31,14 @@ pub fn recover_with_geometry(
     full_sealed_check: bool,
     geometry: Option<Geometry>,
 ) -> Result<Recovered> {
-    recover_checking(dir, mode, &|_| full_sealed_check, &|_| false, geometry)
+    recover_checking(
+        dir,
+        mode,
+        &|_| full_sealed_check,
+        &|_| false,
+        &|_| false,
+        geometry,
+    )
 }
 
 /// [`SealedSegment::open_summed`] of every `(id, path)`, on up to
@@ -95,6 +102,10 @@ fn file_kind(t: &fs::FileType) -> &'static str {
     }
 }
 
+/// Marks a damaged sealed file `recover_checking` left in place for the
+/// broker's start (`defer_salvage`), in its report line.
+pub const DEFERRED: &str = "left in place";
+
 /// [`recover_with_geometry`], choosing per sealed file whether it gets the
 /// full check (`full_check(id)`: every item's CRC) or the structural one.
 /// The writer full-checks the files still to be uploaded, so damage is
@@ -105,11 +116,19 @@ fn file_kind(t: &fs::FileType) -> &'static str {
 /// such a segment is moved to quarantine as it is, with that reason: it is
 /// not salvaged (its entries are not lost, and appending its intact ones
 /// again would commit them twice) and not reported as a loss.
+///
+/// `defer_salvage(id)`: a damaged sealed file of segment `id` is left in
+/// place, reported as what would be done (`fsck --repair` for a segment the
+/// journal has yet to upload: only the broker's start, which holds the
+/// writer, can append its intact entries again after salvaging it; salvaged
+/// here, its rewritten file would no longer match the journal and its
+/// entries would be stranded).
 pub fn recover_checking(
     dir: &DataDir,
     mode: Mode,
     full_check: &dyn Fn(SegmentId) -> bool,
     store_holds: &dyn Fn(SegmentId) -> bool,
+    defer_salvage: &dyn Fn(SegmentId) -> bool,
     geometry: Option<Geometry>,
 ) -> Result<Recovered> {
     let started = std::time::Instant::now();
@@ -234,18 +253,29 @@ pub fn recover_checking(
                         &mut out,
                     )?,
                     Err(e @ Error::Corrupt { .. }) => {
-                        let note = salvage_sealed_file(dir, mode, path, *id, &e.to_string())?;
+                        let deferred = mode == Mode::Repair && defer_salvage(*id);
+                        let m = if deferred { Mode::CheckOnly } else { mode };
+                        let note = salvage_sealed_file(dir, m, path, *id, &e.to_string())?;
                         if let Some(p) = &note.sealed_as {
                             let s = SealedInfo::of(&SealedSegment::open(Path::new(p))?);
                             sealed_counts.insert(*id, (s.footer().item_count, path.clone()));
                             out.report.sealed_ok.push(id.0);
                             out.sealed.insert(*id, s);
-                        } else if mode == Mode::CheckOnly && note.unknown_loss.is_none() {
+                        } else if m == Mode::CheckOnly && note.unknown_loss.is_none() {
                             sealed_counts.insert(*id, (note.salvaged_items, path.clone()));
+                        }
+                        let mut reason = format!("{e}; {}", note.line());
+                        if deferred {
+                            reason.push_str(&format!(
+                                "; {DEFERRED}: its segment is journaled and not yet uploaded, and \
+                                 only the broker's next start (`tierindex drain`, or the \
+                                 embedding broker) appends its intact entries again after \
+                                 salvaging it"
+                            ));
                         }
                         out.report.quarantined.push(QuarantineNote {
                             file: path.display().to_string(),
-                            reason: format!("{e}; {}", note.line()),
+                            reason,
                             moved_to: note.original_moved_to.clone(),
                         });
                         out.report.salvaged.push(note);

@@ -212,6 +212,7 @@ impl IndexWriter {
             Mode::Repair,
             full_check,
             store_holds,
+            &|_| false,
             Some(geometry),
         )?;
         let mut ready = Vec::new();
