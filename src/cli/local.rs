@@ -141,7 +141,7 @@ pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
             first_entries: entries.into_iter().take(20).collect(),
         }
     } else if magic == SEALED_MAGIC {
-        let max = format::SealedLayout::new(format::MAX_SLOTS, format::MAX_ITEMS).file_len;
+        let max = format::max_sealed_len();
         if len > max {
             return Err(tail_hint(
                 file,

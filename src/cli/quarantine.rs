@@ -221,7 +221,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
         );
     }
     // Bounded: no sealed segment is longer than the largest layout.
-    let max = format::SealedLayout::new(format::MAX_SLOTS, format::MAX_ITEMS).file_len;
+    let max = format::max_sealed_len();
     let bytes = match crate::durable::read_regular(&src, max) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {

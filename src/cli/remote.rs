@@ -513,6 +513,20 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
     Ok(EXIT_DRAINED)
 }
 
+/// The stream's current lease when `id` holds it live, else `None`.
+async fn live_lease_of(
+    ms: &crate::remote::manifest::ManifestStore,
+    id: &str,
+) -> Result<Option<crate::remote::manifest::CurrentLease>> {
+    let Some(m) = ms.load().await? else {
+        return Ok(None);
+    };
+    Ok(ms
+        .current_lease(&m)
+        .await?
+        .filter(|c| c.lease.owner == id && c.lease.is_live(ms.now_ms())))
+}
+
 /// Refuses to act as `id` while `id` holds a live lease: the broker that
 /// renews it would be fenced.
 async fn refuse_live_holder(
@@ -520,16 +534,10 @@ async fn refuse_live_holder(
     id: &str,
     cfg: &crate::config::Config,
 ) -> Result<()> {
-    let Some(m) = ms.load().await? else {
-        return Ok(());
-    };
-    let Some(cur) = ms.current_lease(&m).await? else {
+    let Some(cur) = live_lease_of(ms, id).await? else {
         return Ok(());
     };
     let now = ms.now_ms();
-    if cur.lease.owner != id || !cur.lease.is_live(now) {
-        return Ok(());
-    }
     Err(Error::InvalidInput(format!(
         "owner {id} holds a live lease on stream {} (epoch {}, {} ms left): a broker running \
          as {id} would be fenced. Stop it and run this with its --data-dir (its lock shows it \
@@ -537,7 +545,7 @@ async fn refuse_live_holder(
          known to be gone",
         cfg.stream,
         cur.lease.epoch,
-        cur.lease.expires_ms - now
+        cur.lease.expires_ms.saturating_sub(now)
     )))
 }
 
@@ -555,15 +563,9 @@ async fn refuse_if_renewed(
     id: &str,
     cfg: &crate::config::Config,
 ) -> Result<()> {
-    let Some(m) = ms.load().await? else {
+    let Some(first) = live_lease_of(ms, id).await? else {
         return Ok(());
     };
-    let Some(first) = ms.current_lease(&m).await? else {
-        return Ok(());
-    };
-    if first.lease.owner != id || !first.lease.is_live(ms.now_ms()) {
-        return Ok(());
-    }
     // Two renewal intervals (a third of the TTL each; a broker whose one
     // renewal failed or ran slow renews within two) and 2 s. Past the cap
     // a watch could miss a live broker: refused instead.

@@ -862,11 +862,7 @@ fn salvage_sealed_file(
 /// header gives (bytes after it are not part of the segment); a longer file
 /// whose header gives no such length is `Corrupt`, unread.
 pub(crate) fn read_sealed_bounded(path: &Path, id: SegmentId) -> Result<Vec<u8>> {
-    let max = crate::segment::format::SealedLayout::new(
-        crate::segment::format::MAX_SLOTS,
-        crate::segment::format::MAX_ITEMS,
-    )
-    .file_len;
+    let max = crate::segment::format::max_sealed_len();
     let len = fs::metadata(path)
         .map_err(|e| Error::io(path, "stat sealed segment", e))?
         .len();
@@ -1018,11 +1014,7 @@ fn link_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
     if let Err(e) = fs::hard_link(path, &dst) {
         // A copy only of what a sealed file can hold: a longer one (a
         // sparse tail) would fill the disk.
-        let max = crate::segment::format::SealedLayout::new(
-            crate::segment::format::MAX_SLOTS,
-            crate::segment::format::MAX_ITEMS,
-        )
-        .file_len;
+        let max = crate::segment::format::max_sealed_len();
         let len = fs::metadata(path)
             .map_err(|e| Error::io(path, "stat sealed segment", e))?
             .len();

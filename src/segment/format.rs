@@ -322,6 +322,13 @@ pub fn decode_active_item(b: &[u8], segment_id: SegmentId, index: u32) -> Option
 // Sealed segment
 // ---------------------------------------------------------------------------
 
+/// The longest a sealed segment file can be (the layout at the largest
+/// slot and item counts): a longer file is damage, never read or mapped
+/// whole.
+pub fn max_sealed_len() -> u64 {
+    SealedLayout::new(MAX_SLOTS, MAX_ITEMS).file_len
+}
+
 /// Where things live in a sealed segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SealedLayout {

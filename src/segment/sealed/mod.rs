@@ -106,7 +106,7 @@ impl SealedSegment {
         }
         // Untrusted length: a file longer than any layout (a sparse tail)
         // is damage, reported before anything is mapped.
-        let max = format::SealedLayout::new(format::MAX_SLOTS, format::MAX_ITEMS).file_len;
+        let max = format::max_sealed_len();
         if len > max {
             return Err(Error::corrupt(
                 path.display().to_string(),
