@@ -606,6 +606,86 @@ async fn a_rekey_with_a_damaged_local_copy_takes_the_file_out_of_service() {
     assert!(!path.exists(), "the damaged file is out of segments/");
 }
 
+/// A segment committed under another prefix (a `--store-override` run),
+/// whose object is in place under this store's key but which this
+/// stream's manifest does not list (put there by hand, or by an upload
+/// whose commit never happened): its local copy is not released, since a
+/// reader goes through the manifest and would not find it. Release used to
+/// check only that the object was there. `reconcile --repair` commits it,
+/// and the next drain releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_committed_segment_is_released_only_once_the_manifest_lists_it() {
+    let rig = Rig::new(12);
+    let data = rig.data("a");
+    let old = rig.fs.remote("elsewhere/old");
+    let mut cfg = config(data.clone(), "owner-a");
+    cfg.release_after_commit = true;
+    {
+        rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+        let ti = open(&cfg, rig.remote(), None).await.unwrap();
+        write(&ti, 0..(ITEMS as u64 + 20));
+        let r = ti.shutdown(Duration::from_millis(500)).await;
+        assert!(!r.fully_drained());
+        rig.fs.heal();
+    }
+    let (mut j, _) = Journal::open(&data, JournalOptions::default()).unwrap();
+    let r = j.segments().values().next().cloned().unwrap();
+    let id = r.meta.id;
+    let bytes = std::fs::read(common::sealed_path(&data, id)).unwrap();
+    let old_key = old.segment_key(STREAM, &r.meta);
+    let own_key = rig.remote().segment_key(STREAM, &r.meta);
+    for k in [&old_key, &own_key] {
+        rig.fs
+            .inner()
+            .put(k, PutPayload::from(bytes.clone()))
+            .await
+            .unwrap();
+    }
+    j.append(&[
+        Record::Uploading {
+            id,
+            attempt: r.attempt + 1,
+            key: old_key.to_string(),
+            multipart_id: None,
+        },
+        Record::Uploaded {
+            id,
+            etag: None,
+            version: None,
+        },
+        Record::Verified { id },
+        Record::Committed { id },
+    ])
+    .unwrap();
+    drop(j);
+
+    let local = common::sealed_path(&data, id);
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let _ = ti.shutdown(Duration::from_secs(3)).await;
+    assert!(local.exists(), "released with no manifest entry behind it");
+    assert_eq!(journal(&data)[&id].state, SegmentState::Committed);
+    let (_, listed) = rig.manifest().await;
+    assert!(!listed.contains_key(&id), "{listed:?}");
+
+    let opts = tierindex::recovery::reconcile::ReconcileOptions {
+        repair: true,
+        grace: Duration::from_secs(3600),
+        deep: false,
+    };
+    let rep = tierindex::recovery::reconcile::reconcile(&cfg, &rig.remote(), &opts)
+        .await
+        .unwrap();
+    assert_eq!((rep.lost, rep.unresolved), (0, 0), "{rep:#?}");
+    let (_, listed) = rig.manifest().await;
+    assert_eq!(listed[&id].key, own_key.to_string());
+
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    assert!(!local.exists(), "released once the manifest lists it");
+    assert_eq!(journal(&data)[&id].state, SegmentState::Released);
+}
+
 /// A broker that drains at shutdown keeps renewing its lease until the
 /// drain ends. The renewal task used to stop with the worker, before the
 /// drain: a drain longer than the lease let it lapse, and another owner

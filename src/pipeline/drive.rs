@@ -641,6 +641,31 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         }
                         Err(e) => return Err(crate::remote::classify(e)),
                     }
+                    // Committed under another prefix or stream: the object
+                    // under this store's key is read only if this stream's
+                    // manifest lists it there, whole (`reconcile --repair`
+                    // uploads and commits it). An object in place that the
+                    // manifest does not list is no proof a reader finds it.
+                    if let (Some(old), Some(_)) = (foreign, &sh.manifest) {
+                        let mut want = SegmentEntry::new(&sh.store, &sh.stream, &rec.meta)?;
+                        want.key = key.to_string();
+                        match sh.manifest_entry(id).await? {
+                            Some(listed) if listed == want => {}
+                            listed => {
+                                let what = match listed {
+                                    Some(l) => format!("lists segment {id} as {}", l.key),
+                                    None => format!("does not list segment {id}"),
+                                };
+                                return Err(Error::RemoteRetryable(format!(
+                                    "segment {id} was committed under {old}, outside this \
+                                     store's stream (the prefix or stream was changed with \
+                                     --store-override); the object {key} is in place but this \
+                                     stream's manifest {what}: local copy kept, not released. \
+                                     `tierindex reconcile --repair` commits it here"
+                                )));
+                            }
+                        }
+                    }
                 }
                 // Delete first, then journal: a crash in between leaves a
                 // Committed segment without its file, which releases again.

@@ -388,6 +388,18 @@ impl Shared {
         Ok(out)
     }
 
+    /// The entry the manifest lists under `id` (as this owner last saw
+    /// it), read as the current owner. Not owned or fenced: an error.
+    pub async fn manifest_entry(&self, id: SegmentId) -> Result<Option<SegmentEntry>> {
+        let mut out = None;
+        self.as_owner(async |w: &mut ManifestWriter| {
+            out = w.listed(id).await?;
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
     /// Commits several entries in one manifest version as the current
     /// owner (the background reconciler's repairs).
     pub async fn commit_entries_to_manifest(&self, entries: &[SegmentEntry]) -> Result<u64> {
