@@ -143,6 +143,15 @@ pub struct IndexWriter {
     sealed: Arc<LocalSealed>,
     /// Sealed and not yet taken by `poll_sealed`.
     ready: Vec<SealedMeta>,
+    /// Frozen segments whose seal finished, for the sealer thread to drop
+    /// (their last reference frees the unlinked, preallocated file).
+    /// Handed to its lane by whoever takes them: the worker's tick after it
+    /// let go of this writer's lock ([`take_retired`](Self::take_retired)),
+    /// `poll_sealed`, or the seal that finds more than [`RETIRED_MAX`]
+    /// waiting. Queuing a job under the lock once cost appends 0.6-4.6 ms
+    /// waits (the queue's lock, a thread's wake-up and allocation all
+    /// contend with the sealer threads on 2 cores).
+    retired: Vec<Arc<ActiveSegment>>,
     /// The sealer thread's queue; `None` once closed.
     sealer_tx: Option<Jobs>,
     done_rx: mpsc::Receiver<Done>,
@@ -292,6 +301,7 @@ impl IndexWriter {
             frozen: BTreeMap::new(),
             sealed,
             ready,
+            retired: Vec::new(),
             sealer_tx: Some(sealer.clone()),
             done_rx,
             sealer: Some(sealer),
@@ -645,15 +655,32 @@ impl IndexWriter {
                 self.roll()?;
             }
         }
-        self.poll_sealed()
+        self.collect_sealed()
     }
 
     /// Collect seals that finished since the last call.
     pub fn poll_sealed(&mut self) -> Result<Vec<SealedMeta>> {
+        let sealed = self.collect_sealed();
+        self.take_retired().run();
+        sealed
+    }
+
+    /// As [`poll_sealed`](Self::poll_sealed), leaving the retired frozen
+    /// segments for [`take_retired`](Self::take_retired).
+    fn collect_sealed(&mut self) -> Result<Vec<SealedMeta>> {
         while let Ok(done) = self.done_rx.try_recv() {
             self.take_done(done)?;
         }
         Ok(std::mem::take(&mut self.ready))
+    }
+
+    /// The frozen segments whose seal finished, for the caller to hand to
+    /// the sealer thread once it let go of this writer's lock.
+    pub(crate) fn take_retired(&mut self) -> Retired {
+        Retired {
+            segs: std::mem::take(&mut self.retired),
+            tx: self.sealer_tx.clone(),
+        }
     }
 
     /// Take a finished seal: the sealer thread already read the file back,
@@ -666,14 +693,9 @@ impl IndexWriter {
             .inspect_err(|e| self.poison.set(e.to_string()))?;
         debug_assert_eq!(meta.id, done.id);
         if let Some(old) = self.frozen.remove(&done.id) {
-            // Freed on the sealer thread (after a close, here: nothing
-            // waits on this writer any more).
-            match &self.sealer_tx {
-                Some(tx) => {
-                    // Closed lane: the job (and the segment) is dropped here.
-                    tx.push(Job::Retire(old));
-                }
-                None => drop(old),
+            self.retired.push(old);
+            if self.retired.len() > RETIRED_MAX {
+                self.take_retired().run();
             }
         }
         self.ready.push(meta);
@@ -741,6 +763,9 @@ impl IndexWriter {
         if let Some(s) = self.spare.take() {
             remove_empty(&self.seg_dir, s).inspect_err(|e| self.poison_on_sync(e))?;
         }
+        // The lane is closed: dropped here (nothing waits on this writer
+        // any more).
+        self.take_retired().run();
         self.poison.check()?;
         Ok(std::mem::take(&mut self.ready))
     }
@@ -913,6 +938,34 @@ impl IndexWriter {
     }
 }
 
+/// Frozen segments to be dropped on the sealer thread
+/// ([`IndexWriter::take_retired`]).
+pub(crate) struct Retired {
+    segs: Vec<Arc<ActiveSegment>>,
+    tx: Option<Jobs>,
+}
+
+/// How many retired frozen segments wait for a caller to take them before
+/// a seal queues them itself (a writer used without the worker's tick,
+/// as tools and tests do, does not keep them mapped).
+const RETIRED_MAX: usize = 4;
+
+impl Retired {
+    /// Queue each on the sealer's lane; with the lane closed (or none),
+    /// drop it here.
+    pub(crate) fn run(self) {
+        for seg in self.segs {
+            match &self.tx {
+                // A closed lane hands the job back, dropped here.
+                Some(tx) => {
+                    tx.push(Job::Retire(seg));
+                }
+                None => drop(seg),
+            }
+        }
+    }
+}
+
 impl Drop for IndexWriter {
     fn drop(&mut self) {
         // Close the sealer's queue but do not wait for it: a hung disk must
@@ -923,6 +976,9 @@ impl Drop for IndexWriter {
             // The active segment's map goes behind whatever its lane still
             // holds (a stretch to populate names an address in it): it is
             // unmapped after them, not while they run.
+            for s in self.retired.drain(..) {
+                tx.push(Job::Retire(s));
+            }
             if let Some(a) = self.active.take() {
                 tx.push(Job::Retire(Arc::new(a)));
             }
@@ -1294,5 +1350,46 @@ mod tests {
         assert_eq!(sealed[0].id, SegmentId(1));
         assert_eq!(w.active_id(), Some(SegmentId(2)));
         assert_eq!(w.lookup(b"x", TimeRange::ALL).entries.len(), 11);
+    }
+
+    /// Finished seals' frozen segments are left by `tick` for its caller
+    /// to queue off the writer's lock (`take_retired`), and are never
+    /// kept beyond `RETIRED_MAX` by a writer that nobody ticks;
+    /// `poll_sealed` queues them itself.
+    #[test]
+    fn retired_frozen_segments_wait_for_the_caller_up_to_a_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let (mut w, _) = IndexWriter::open(dd, cfg(10), None, None).unwrap();
+        let mut sealed = 0;
+        let mut seen_waiting = 0;
+        for i in 0..200u64 {
+            w.append(&i.to_le_bytes(), i, 1, i).unwrap();
+            sealed += w.tick().unwrap().len();
+            assert!(w.retired.len() <= RETIRED_MAX, "{}", w.retired.len());
+            seen_waiting = seen_waiting.max(w.retired.len());
+        }
+        let until = Instant::now() + Duration::from_secs(30);
+        while sealed < 19 {
+            assert!(Instant::now() < until, "seals did not finish");
+            std::thread::sleep(Duration::from_millis(5));
+            sealed += w.tick().unwrap().len();
+        }
+        assert!(seen_waiting > 0, "tick queued them itself");
+        let left = w.retired.len();
+        let r = w.take_retired();
+        assert_eq!(r.segs.len(), left);
+        assert!(w.retired.is_empty());
+        r.run();
+        // Without a caller taking them: bounded, and `poll_sealed` empties.
+        for i in 200..400u64 {
+            w.append(&i.to_le_bytes(), i, 1, i).unwrap();
+            w.poll_sealed().unwrap();
+            assert!(w.retired.is_empty());
+        }
+        assert!(w.frozen.len() <= 20);
+        let metas = w.close(Instant::now() + Duration::from_secs(30)).unwrap();
+        assert!(!metas.is_empty());
+        assert!(w.retired.is_empty());
     }
 }

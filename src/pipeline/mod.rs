@@ -227,7 +227,14 @@ impl Shared {
         let ticked = tokio::task::spawn_blocking(move || {
             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
             let metas = w.tick();
-            (metas, w.age_deadline_ms())
+            let due = w.age_deadline_ms();
+            // The finished seals' frozen segments go to the sealer thread
+            // after the lock is let go: queuing them under it made appends
+            // wait (see `IndexWriter::take_retired`).
+            let retired = w.take_retired();
+            drop(w);
+            retired.run();
+            (metas, due)
         })
         .await;
         match ticked {
