@@ -109,6 +109,7 @@ pub use config::{Config, ConfigBuilder};
 pub use datadir::{ActiveNote, LossNote, QuarantineNote, RecoveryReport};
 pub use error::{Error, ErrorKind, Result};
 pub use metrics::{Counter, DurationHistogram, Gauge, Metrics};
+pub use pipeline::slots::{SlotCounts, set_max_uploads_in_flight_per_process, upload_slot_counts};
 pub use pipeline::{DrainReport, PendingNote};
 pub use segment::active::Lookup;
 pub use segment::salvage::LostSpan;

@@ -8,6 +8,8 @@
 //! - `scheduler`: [`Scheduler`], which runs drives with bounded
 //!   concurrency, oldest segment first, backs off on retryable errors, and
 //!   stops at a deadline (work left is already durable in the journal).
+//! - [`slots`]: the process's bound on uploads in flight over every
+//!   stream, oldest data first.
 //! - this module: what they share ([`Shared`]), the upload settings the
 //!   probe raises, and start-up reconciliation of segment files with the
 //!   journal.
@@ -23,6 +25,7 @@ mod group_commit;
 mod ownership;
 pub mod reseal;
 mod scheduler;
+pub mod slots;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
-//! [`Scheduler`]: runs drives with bounded concurrency, oldest segment
-//! first, backs off on retryable errors, and stops at a deadline (work
+//! [`Scheduler`]: runs drives with bounded concurrency (the stream's
+//! own bound, then a slot of the process's, see [`super::slots`]), oldest
+//! segment first, backs off on retryable errors, and stops at a deadline (work
 //! left is already durable in the journal), with the [`DrainReport`] it
 //! returns.
 
@@ -93,11 +94,14 @@ impl Scheduler {
         for id in next {
             self.in_flight.insert(id);
             let sh = self.sh.clone();
+            // Oldest data first across the process's streams.
+            let min_ts = self.sh.journal.read().get(id).map_or(0, |r| r.meta.min_ts);
             // Remembered so a drive that panics is still accounted for
             // (retried later), not left "in flight" forever.
-            let task = self
-                .tasks
-                .spawn(async move { (id, drive::drive(&sh, id).await) });
+            let task = self.tasks.spawn(async move {
+                let _slot = super::slots::UPLOADS.acquire(min_ts).await;
+                (id, drive::drive(&sh, id).await)
+            });
             self.task_ids.insert(task.id(), id);
         }
         self.sh
