@@ -359,6 +359,18 @@ mod tests {
     use crate::segment::Entry;
     use crate::segment::sealed::{build_sealed, write_sealed_file};
 
+    /// Entries 0..50, each key, offset and timestamp its index.
+    fn fifty_entries() -> Vec<Entry> {
+        (0..50)
+            .map(|i| Entry {
+                key_hash: i,
+                offset: i,
+                size: 1,
+                timestamp_ms: i,
+            })
+            .collect()
+    }
+
     #[test]
     fn second_open_is_refused_with_holder() {
         let d = tempfile::tempdir().unwrap();
@@ -375,14 +387,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dd = DataDir::open(d.path()).unwrap();
         let segs = dd.segments_dir();
-        let es: Vec<Entry> = (0..50)
-            .map(|i| Entry {
-                key_hash: i,
-                offset: i,
-                size: 1,
-                timestamp_ms: i,
-            })
-            .collect();
+        let es = fifty_entries();
         let (bytes, _) = build_sealed(SegmentId(1), 0, 0, 8, &es).unwrap();
         write_sealed_file(&segs, SegmentId(1), &bytes).unwrap();
         write_sealed_file(&segs, SegmentId(2), &bytes[..bytes.len() - 7]).unwrap();
@@ -433,14 +438,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dd = DataDir::open(d.path()).unwrap();
         let segs = dd.segments_dir();
-        let es: Vec<Entry> = (0..50)
-            .map(|i| Entry {
-                key_hash: i,
-                offset: i,
-                size: 1,
-                timestamp_ms: i,
-            })
-            .collect();
+        let es = fifty_entries();
         let (bytes, _) = build_sealed(SegmentId(4), 0, 0, 8, &es).unwrap();
         let p = write_sealed_file(&segs, SegmentId(4), &bytes).unwrap();
         let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
@@ -467,6 +465,46 @@ mod tests {
         assert!(recover(&dd, Mode::Repair).unwrap().report.is_clean());
     }
 
+    /// A crash after the original was linked into `quarantine/` and before
+    /// its record was written: the next start cuts the file again and
+    /// records the link it finds, instead of leaving it without a record
+    /// beside a second one.
+    #[test]
+    fn a_cut_interrupted_after_its_link_reuses_the_link() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let segs = dd.segments_dir();
+        let (bytes, _) = build_sealed(SegmentId(5), 0, 0, 8, &fifty_entries()).unwrap();
+        let p = write_sealed_file(&segs, SegmentId(5), &bytes).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(bytes.len() as u64 + 4096).unwrap();
+        drop(f);
+        fs::create_dir_all(dd.quarantine_dir()).unwrap();
+        let early = dd.quarantine_dir().join(format!(
+            "{}.1",
+            p.file_name().unwrap().to_string_lossy()
+        ));
+        fs::hard_link(&p, &early).unwrap();
+
+        let r = recover(&dd, Mode::Repair).unwrap();
+        let n = &r.report.salvaged[0];
+        assert_eq!(n.original_moved_to.as_deref(), Some(early.to_str().unwrap()));
+        assert_eq!(fs::read(&p).unwrap(), bytes);
+        drop(r);
+        let ino = fs::metadata(&early).unwrap().ino();
+        let links: Vec<_> = fs::read_dir(dd.quarantine_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.metadata().unwrap().ino() == ino)
+            .collect();
+        assert_eq!(links.len(), 1, "{links:?}");
+        let recs = quarantine_records(d.path());
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert_eq!(recs[0].1.moved_to, early.to_str().unwrap());
+        assert_eq!(fs::metadata(&early).unwrap().len(), bytes.len() as u64 + 4096);
+    }
+
     /// Bytes appended after a sealed file whose item is also damaged: the
     /// tail is not part of the segment, so the items are salvaged where the
     /// header puts them and only the damaged one is lost (it was "an
@@ -476,14 +514,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dd = DataDir::open(d.path()).unwrap();
         let segs = dd.segments_dir();
-        let es: Vec<Entry> = (0..50)
-            .map(|i| Entry {
-                key_hash: i,
-                offset: i,
-                size: 1,
-                timestamp_ms: i,
-            })
-            .collect();
+        let es = fifty_entries();
         let (mut bytes, _) = build_sealed(SegmentId(6), 0, 0, 8, &es).unwrap();
         let at = bytes.len() - crate::segment::format::FOOTER_LEN - 40;
         bytes[at] ^= 0xff;

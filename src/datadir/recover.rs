@@ -1010,6 +1010,13 @@ fn copy_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
 /// huge (or sparse) tail costs no space; a copy where links fail (another
 /// file system).
 fn link_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
+    // A link made by a start that crashed before writing its record: that
+    // one is kept (and recorded by the caller), not a second beside it.
+    if let Some(found) = linked_in_quarantine(dir, path) {
+        fsync_path(&found)?;
+        fsync_dir(&dir.quarantine_dir())?;
+        return Ok(found);
+    }
     let dst = quarantine_name(dir, path);
     if let Err(e) = fs::hard_link(path, &dst) {
         // A copy only of what a sealed file can hold: a longer one (a
@@ -1034,6 +1041,24 @@ fn link_to_quarantine(dir: &DataDir, path: &Path) -> Result<PathBuf> {
     fsync_path(&dst)?;
     fsync_dir(&dir.quarantine_dir())?;
     Ok(dst)
+}
+
+/// An entry of `quarantine/` named after `path` (`{name}.*`) that is a
+/// hard link to the same file.
+fn linked_in_quarantine(dir: &DataDir, path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(path).ok()?;
+    let prefix = format!("{}.", path.file_name()?.to_string_lossy());
+    fs::read_dir(dir.quarantine_dir())
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            if !e.file_name().to_string_lossy().starts_with(&prefix) {
+                return None;
+            }
+            let em = e.metadata().ok()?;
+            (em.is_file() && em.dev() == m.dev() && em.ino() == m.ino()).then(|| e.path())
+        })
 }
 
 /// A name in `quarantine/` for `path` that is not taken.

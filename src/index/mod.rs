@@ -533,7 +533,9 @@ impl IndexWriter {
             Some(a) => {
                 let first = a.is_empty();
                 a.append_entry(entry)?;
-                let stretch = a.prefault_due().map(|(from, to)| a.map_range(from, to));
+                let stretch = a
+                    .prefault_due()
+                    .map(|(from, to)| (a.map_range(from, to), a.allocation(), to));
                 (a.len() >= a.capacity() / 2, first, stretch)
             }
             None => return Err(Error::ShutDown),
@@ -541,8 +543,8 @@ impl IndexWriter {
         // The next stretch of the active segment populated on the sealer's
         // thread, ahead of the appends (a closed lane: the appends fault
         // the pages in themselves).
-        if let (Some((addr, len)), Some(tx)) = (stretch, &self.sealer_tx) {
-            tx.push(Job::Prefault(addr, len));
+        if let (Some(((addr, len), alloc, to)), Some(tx)) = (stretch, &self.sealer_tx) {
+            tx.push(Job::Prefault(addr, len, alloc, to));
         }
         // The first entry starts the age rule's clock for the worker, which
         // sleeps while there is nothing to roll (see `age_deadline_ms`).

@@ -14,10 +14,11 @@ pub(super) enum Job {
     /// only swaps it in; its first stretch of items brought into the page
     /// cache is this many bytes (see [`ActiveSegment::prefault`]).
     Prepare(SegmentId, usize),
-    /// Populate a stretch of the active segment's map (address, length)
-    /// ahead of the appends ([`ActiveSegment::prefault_due`],
+    /// Allocate a stretch of the active segment's file (up to the byte
+    /// given), then populate it in the map (address, length), ahead of the
+    /// appends ([`ActiveSegment::prefault_due`],
     /// [`crate::segment::active::populate`]).
-    Prefault(usize, usize),
+    Prefault(usize, usize, Arc<crate::segment::active::Allocation>, u64),
     /// Drop a sealed segment's frozen mapping here, not under the writer
     /// lock: its file is already unlinked, so the last reference frees the
     /// whole preallocated file (measured at 10-15 ms for 8 MB on ext4,
@@ -151,8 +152,17 @@ pub(super) fn spawn(
                 let _ = rx.recv();
                 return;
             }
-            Job::Prefault(addr, len) => {
-                crate::segment::active::populate(addr, len);
+            Job::Prefault(addr, len, alloc, to) => {
+                // Not allocated: not populated either (a read fault on a
+                // hole maps zeros; the appends allocate, or are refused).
+                match alloc.extend_to(to) {
+                    Ok(()) => crate::segment::active::populate(addr, len),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "allocating a stretch of an active segment ahead of its appends failed; \
+                         the appends allocate it themselves"
+                    ),
+                }
                 return;
             }
             Job::Prepare(id, ahead) => {

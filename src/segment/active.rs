@@ -1,12 +1,20 @@
 //! The active segment: a preallocated file written through a shared mmap.
 //!
 //! Ordering and durability:
-//! - `create` allocates the whole file with `posix_fallocate` (a full disk
-//!   fails here with ENOSPC instead of SIGBUS on a later page fault), writes
-//!   the header with `pwrite`, `fsync`s the file and then its directory, and
-//!   only then maps it.
+//! - `create` gives the file its whole length (sparse), allocates its
+//!   header, slot table and first stretch of items with `posix_fallocate`
+//!   (a full disk fails there with ENOSPC instead of SIGBUS on a later page
+//!   fault), writes the header with `pwrite`, `fsync`s the file and then its
+//!   directory, and only then maps it. The rest of the items' space is
+//!   allocated in stretches ahead of the appends (on the sealer's thread,
+//!   with the stretches it populates), so an idle stream holds on disk what
+//!   it wrote plus a lead, not its whole preallocated file.
 //! - `append` writes the 40-byte item into the mapping, then links it into
-//!   the slot table. Nothing is durable yet.
+//!   the slot table. An item is never written past what is allocated: an
+//!   append that finds its place not allocated yet (the sealer's thread is
+//!   behind) allocates the next stretch itself, and a full disk refuses the
+//!   append (nothing written, the segment unharmed) instead of a SIGBUS.
+//!   Nothing is durable yet.
 //! - `flush` msyncs the pages holding items appended since the last flush.
 //!   That is the durability point. A frozen segment (rolled, waiting for
 //!   its seal) is synced through a shared reference by `flush_frozen`: the
@@ -179,6 +187,8 @@ pub struct ActiveSegment {
     /// The item count at which the next stretch is due (`u32::MAX`: none:
     /// a recovered segment, or the whole file is in).
     pf_at: u32,
+    /// How far the file is allocated; no item is written past it.
+    alloc: std::sync::Arc<Allocation>,
 }
 
 /// The least an active file is brought into the page cache ahead of its
@@ -245,12 +255,21 @@ pub fn populated_bytes() -> u64 {
 }
 
 fn allocate(file: &File, path: &Path, len: u64) -> Result<()> {
-    let len_i64 =
-        i64::try_from(len).map_err(|_| Error::InvalidInput("segment too large".into()))?;
     crate::failpoint::hit("active.create.fallocate")
         .map_err(|e| Error::io(path, "preallocate segment (posix_fallocate)", e))?;
+    fallocate(file, path, 0, len)?;
+    crate::durable::resized(path);
+    Ok(())
+}
+
+/// `posix_fallocate` of `len` bytes at `from` (the file grows to cover
+/// them if shorter).
+fn fallocate(file: &File, path: &Path, from: u64, len: u64) -> Result<()> {
+    let too_large = || Error::InvalidInput("segment too large".into());
+    let from = i64::try_from(from).map_err(|_| too_large())?;
+    let len = i64::try_from(len).map_err(|_| too_large())?;
     // SAFETY: plain syscall on a valid, owned file descriptor.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_i64) };
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), from, len) };
     if rc != 0 {
         return Err(Error::io(
             path,
@@ -258,9 +277,48 @@ fn allocate(file: &File, path: &Path, len: u64) -> Result<()> {
             std::io::Error::from_raw_os_error(rc),
         ));
     }
-    crate::durable::resized(path);
     Ok(())
 }
+
+/// How far an active file is allocated on disk, shared by the segment (its
+/// appends never write past it) and the sealer's thread (which allocates
+/// the stretches ahead). No descriptor is kept: a stretch opens the file by
+/// its path.
+pub struct Allocation {
+    path: PathBuf,
+    /// Bytes from the file's start that are allocated.
+    end: std::sync::atomic::AtomicU64,
+    file_len: u64,
+}
+
+impl Allocation {
+    /// Bytes from the file's start that are allocated.
+    #[inline]
+    pub fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
+    }
+
+    /// Allocate the file up to byte `to` (at most its length). The file is
+    /// opened by its path: one sealed meanwhile (its `.active` name gone) is
+    /// not allocated for, and that is an error only its appends would see,
+    /// and a sealed segment takes none.
+    pub fn extend_to(&self, to: u64) -> Result<()> {
+        let to = to.min(self.file_len);
+        let from = self.end();
+        if to <= from {
+            return Ok(());
+        }
+        let file = crate::durable::open_regular(&self.path, true)
+            .map_err(|e| Error::io(&self.path, "open active segment to allocate a stretch", e))?;
+        fallocate(&file, &self.path, from, to - from)?;
+        self.end.fetch_max(to, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// The least of an active file's items allocated at a time: a stretch
+/// allocated ahead of the appends, or the appends' own when they catch up.
+pub const ALLOC_MIN: u64 = PREFAULT_MIN as u64;
 
 /// Name the file in a corruption error; other errors (an unsupported
 /// version, I/O) pass through unchanged so they are never quarantined.
@@ -405,7 +463,19 @@ impl ActiveSegment {
             let _ = crate::durable::unlink(&path);
             e
         };
-        allocate(&file, &path, layout.file_len).map_err(cleanup)?;
+        // The whole length, sparse: the map never reaches past the end of
+        // the file (SIGBUS). Allocated: the header, the slot table (every
+        // append writes there) and a first stretch of items; the rest in
+        // stretches ahead of the appends.
+        let first = layout
+            .items_offset
+            .saturating_add(ALLOC_MIN)
+            .min(layout.file_len);
+        file.set_len(layout.file_len)
+            .map_err(|e| Error::io(&path, "size active segment", e))
+            .map_err(cleanup)?;
+        crate::durable::resized(&path);
+        allocate(&file, &path, first).map_err(cleanup)?;
         let header = Header {
             magic: ACTIVE_MAGIC,
             version: format::FORMAT_VERSION,
@@ -424,12 +494,18 @@ impl ActiveSegment {
             .map_err(cleanup)?;
         // IMPORTANT: make the new file's directory entry durable too.
         fsync_dir_at("active.create.dirsync", dir).map_err(cleanup)?;
-        // SAFETY: this process holds the data-directory lock, and the file was
-        // fully allocated above, so the mapping never covers a hole past EOF.
+        // SAFETY: this process holds the data-directory lock, and the file
+        // has its whole length, so the mapping never covers a hole past EOF;
+        // nothing is written through it past what `alloc` says is allocated.
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| Error::io(&path, "mmap active segment", e))
             .map_err(cleanup)?;
         drop(file);
+        let alloc = std::sync::Arc::new(Allocation {
+            path: path.clone(),
+            end: std::sync::atomic::AtomicU64::new(first),
+            file_len: layout.file_len,
+        });
         let mut seg = ActiveSegment {
             path,
             map,
@@ -442,6 +518,7 @@ impl ActiveSegment {
             poisoned: None,
             pf_end: 0,
             pf_at: u32::MAX,
+            alloc,
         };
         // Nothing read in yet: the first append asks for the first stretch
         // (unless `prefault` reads it now).
@@ -501,7 +578,6 @@ impl ActiveSegment {
             // but still untrusted input (it can claim ~11 GB). Start-up
             // never gets here: it salvages a cut file (`segment::salvage`).
             check_claim(path, file_len, &layout, geometry)?;
-            allocate(&file, path, layout.file_len)?;
             rec.extended_from = Some(file_len);
         } else if file_len > layout.file_len {
             return Err(Error::corrupt(
@@ -509,6 +585,10 @@ impl ActiveSegment {
                 format!("{file_len} bytes, header implies {}", layout.file_len),
             ));
         }
+        // Allocated whole (what a crash left was allocated in stretches):
+        // recovery zeroes the tail through the map, and the appends that
+        // follow are not checked against stretches any more.
+        allocate(&file, path, layout.file_len)?;
         // SAFETY: as in `create`; the file now has its full allocated length.
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| Error::io(path, "mmap active segment", e))?;
@@ -524,6 +604,11 @@ impl ActiveSegment {
             poisoned: None,
             pf_end: 0,
             pf_at: u32::MAX,
+            alloc: std::sync::Arc::new(Allocation {
+                path: path.to_path_buf(),
+                end: std::sync::atomic::AtomicU64::new(layout.file_len),
+                file_len: layout.file_len,
+            }),
         };
         seg.recover(&file, &mut rec, save_dir)?;
         drop(file);
@@ -652,11 +737,40 @@ impl ActiveSegment {
             prev: self.slot_head(slot),
         };
         let at = self.layout.item_offset(idx);
+        if (at + ACTIVE_ITEM_LEN) as u64 > self.alloc.end() {
+            self.allocate_for(at + ACTIVE_ITEM_LEN)?;
+        }
         format::encode_active_item(&mut self.map[at..at + ACTIVE_ITEM_LEN], self.id, idx, &item);
         self.set_slot_head(slot, idx + 1);
         self.len = idx + 1;
         crate::failpoint::crash("active.append");
         Ok(())
+    }
+
+    /// The appends caught up with the allocated stretches: allocate up to
+    /// `need` (and the stretch asked to be populated, at least
+    /// [`ALLOC_MIN`] more) here. A failure (a full disk) refuses the append
+    /// and changes nothing; the next append tries again.
+    #[cold]
+    fn allocate_for(&mut self, need: usize) -> Result<()> {
+        let to = (need as u64)
+            .max(self.pf_end as u64)
+            .max(self.alloc.end().saturating_add(ALLOC_MIN));
+        self.alloc.extend_to(to)?;
+        if (need as u64) > self.alloc.end() {
+            return Err(Error::Internal(format!(
+                "{}: allocated to {} bytes, an item needs {need}",
+                self.path.display(),
+                self.alloc.end()
+            )));
+        }
+        Ok(())
+    }
+
+    /// How far the file is allocated, for the stretch allocated ahead of
+    /// the appends on the sealer's thread (with [`prefault_due`](Self::prefault_due)'s).
+    pub fn allocation(&self) -> std::sync::Arc<Allocation> {
+        self.alloc.clone()
     }
 
     /// Make every item appended so far durable (msync of their pages).
@@ -796,6 +910,11 @@ impl ActiveSegment {
         let to = items
             .saturating_add(ahead.max(PREFAULT_MIN))
             .min(self.map.len());
+        // What is brought in ahead is allocated ahead too (a failure is
+        // the appends' to meet: they allocate, or are refused, themselves).
+        if let Err(e) = self.alloc.extend_to(to as u64) {
+            tracing::warn!(segment = %self.id, error = %e, "allocating ahead of the appends failed");
+        }
         let _ = self
             .map
             .advise_range(memmap2::Advice::PopulateRead, 0, to);
@@ -889,6 +1008,11 @@ impl ActiveSegment {
     #[cfg(any(test, feature = "testing"))]
     pub fn file_len(&self) -> u64 {
         self.layout.file_len
+    }
+    /// Bytes of the file allocated on disk so far.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn allocated_len(&self) -> u64 {
+        self.alloc.end()
     }
 
     /// Poison from outside (e.g. a failed fsync elsewhere in the writer).
@@ -1037,5 +1161,74 @@ mod tests {
         let (s, rec) = ActiveSegment::open(&path, None).unwrap();
         assert_eq!(rec.valid_items, 201);
         assert!(s.lookup(250, TimeRange::ALL, 100).entries.is_empty());
+    }
+
+    /// Bytes of `path` allocated on disk.
+    fn allocated_on_disk(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    /// A new active file has its whole length but only its header, slot
+    /// table and a first stretch allocated; appends past it allocate the
+    /// next stretch themselves when nothing did ahead of them, and every
+    /// item reads back.
+    #[test]
+    fn a_new_file_is_allocated_in_stretches_as_the_appends_need() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 1024, 1_000_000, 0).unwrap();
+        let items = s.layout.items_offset;
+        assert_eq!(std::fs::metadata(s.path()).unwrap().len(), s.file_len());
+        assert_eq!(s.allocated_len(), items + ALLOC_MIN);
+        let on_disk = allocated_on_disk(s.path());
+        assert!(on_disk < s.file_len() / 10, "{on_disk} of {}", s.file_len());
+        let n = (3 * ALLOC_MIN / ACTIVE_ITEM_LEN as u64) as u32;
+        for i in 0..n {
+            s.append_entry(e(u64::from(i % 7), u64::from(i))).unwrap();
+        }
+        s.flush().unwrap();
+        let need = s.layout.item_offset(n) as u64;
+        assert!(s.allocated_len() >= need, "{} < {need}", s.allocated_len());
+        assert!(s.allocated_len() < s.file_len());
+        assert_eq!(s.entries().len(), n as usize);
+        drop(s);
+        let (r, rec) = ActiveSegment::open(&d.path().join("00000000000000000001.active"), None)
+            .unwrap();
+        assert_eq!(rec.valid_items, n);
+        // Recovery allocates what a crash left in stretches whole.
+        assert_eq!(r.allocated_len(), r.file_len());
+    }
+
+    /// The next stretch cannot be allocated (here: the file was moved away
+    /// under the writer; a full disk fails the same way): the append is
+    /// refused with an error, nothing is written past the allocation, and
+    /// the segment goes on once the stretch can be allocated.
+    #[test]
+    fn an_append_whose_stretch_cannot_be_allocated_is_refused_not_written() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 64, 100_000, 0).unwrap();
+        let path = s.path().to_path_buf();
+        let away = d.path().join("moved");
+        std::fs::rename(&path, &away).unwrap();
+        let mut i = 0u64;
+        let err = loop {
+            match s.append_entry(e(i % 5, i)) {
+                Ok(()) => i += 1,
+                Err(err) => break err,
+            }
+            assert!(i < 100_000, "every append went through");
+        };
+        assert!(err.to_string().contains("allocate a stretch"), "{err}");
+        let end = s.allocated_len();
+        assert!(s.layout.item_offset(s.len()) as u64 + ACTIVE_ITEM_LEN as u64 > end);
+        assert_eq!(s.len() as u64, i);
+        assert!(!s.is_poisoned(), "a refused allocation does not poison");
+        std::fs::rename(&away, &path).unwrap();
+        s.append_entry(e(1, i)).unwrap();
+        s.flush().unwrap();
+        assert!(s.allocated_len() > end);
+        let got = s.entries();
+        assert_eq!(got.len() as u64, i + 1);
+        assert!(got.iter().enumerate().all(|(n, en)| en.offset == n as u64));
     }
 }
