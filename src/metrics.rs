@@ -197,7 +197,8 @@ pub struct Metrics {
     /// Of those, mapped now (at most `sealed_mapped`; a map a lookup still
     /// holds after its eviction is not counted).
     pub local_sealed_mapped: Gauge,
-    /// Segments uploading now.
+    /// Segments uploading now, or waiting for one of the process's upload
+    /// slots ([`crate::upload_slot_counts`]).
     pub uploads_in_flight: Gauge,
     /// Segments not yet done (as `Status::pending_segments`).
     pub pending_segments: Gauge,
@@ -362,7 +363,7 @@ impl Metrics {
             ),
             (
                 "uploads_in_flight",
-                "Uploads running now.",
+                "Uploads started now, including those waiting for one of the process's upload slots.",
                 self.uploads_in_flight.get().to_string(),
             ),
             (

@@ -66,6 +66,10 @@ async fn streams_share_the_process_bound_and_all_drain() {
     assert_eq!((c.limit, c.taken, c.waiting), (1, 0, 0), "{c:?}");
     assert_eq!(c.most_taken, 1, "{c:?}");
     assert!(
+        c.most_waiting > 1,
+        "no drive ever waited for another's slot: {c:?}"
+    );
+    assert!(
         fs.stats().requests(Op::Put) >= 18,
         "{}",
         fs.stats().requests(Op::Put)

@@ -54,7 +54,10 @@ pub struct Config {
     /// `vm.max_map_count` (65,530 by default) for the whole process: keep
     /// open indexes x this below it.
     pub sealed_mapped: usize,
-    /// Segments uploading at once.
+    /// Segments of this stream uploading at once; every upload also takes
+    /// one of the process's slots, shared by all its streams (64 unless
+    /// [`crate::set_max_uploads_in_flight_per_process`] says otherwise), so
+    /// a bound above the process's is capped by it.
     pub max_uploads_in_flight: usize,
     /// Sealed files at least this large use multipart (where the store has it).
     pub multipart_threshold_bytes: u64,

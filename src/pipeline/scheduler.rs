@@ -94,12 +94,15 @@ impl Scheduler {
         for id in next {
             self.in_flight.insert(id);
             let sh = self.sh.clone();
-            // Oldest data first across the process's streams.
+            // Oldest data first across the process's streams (bounded, and
+            // a retry ranks as new: see `slots`).
             let min_ts = self.sh.journal.read().get(id).map_or(0, |r| r.meta.min_ts);
+            let retry = self.retry_at.contains_key(&id);
             // Remembered so a drive that panics is still accounted for
             // (retried later), not left "in flight" forever.
             let task = self.tasks.spawn(async move {
-                let _slot = super::slots::UPLOADS.acquire(min_ts).await;
+                let now = crate::segment::now_ms();
+                let _slot = super::slots::UPLOADS.acquire(min_ts, retry, now).await;
                 (id, drive::drive(&sh, id).await)
             });
             self.task_ids.insert(task.id(), id);

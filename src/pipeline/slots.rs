@@ -10,6 +10,15 @@
 //! a freed slot goes to the waiting segment with the oldest data, whatever
 //! its stream, so the stream furthest behind catches up first.
 //!
+//! Bounded, so that no stream waits for ever behind older data: a
+//! segment's data counts as at most [`AGEING`] older than the moment it
+//! started waiting (a backlog of days, or entries stamped 0 by a producer,
+//! rank as one that waited `AGEING` longer, then by arrival), and no newer
+//! than that moment (stamps in the future). A drive that failed and waits
+//! again ranks by the moment it came back, with no credit for its data's
+//! age: a store that keeps failing does not put its streams ahead of every
+//! other at each retry.
+//!
 //! A drive cancelled while it waits (a drain's deadline, a shutdown) leaves
 //! the queue; one cancelled just as a slot was handed to it gives the slot
 //! back, so no slot is lost to cancellation.
@@ -22,8 +31,7 @@
 //! ([`set_max_uploads_in_flight_per_process`]) for a process that mixes
 //! stores.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use tokio::sync::oneshot;
@@ -36,6 +44,10 @@ pub const DEFAULT_PROCESS_UPLOADS: usize = 64;
 
 /// Largest accepted process bound.
 pub const MAX_PROCESS_UPLOADS: usize = 4096;
+
+/// How much older than its wait a segment's data may count (see the
+/// module docs).
+pub const AGEING: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The process's upload slots.
 pub static UPLOADS: UploadSlots = UploadSlots::new(DEFAULT_PROCESS_UPLOADS);
@@ -71,6 +83,8 @@ pub struct SlotCounts {
     pub waiting: usize,
     /// The most slots held at once since the process started.
     pub most_taken: usize,
+    /// The most drives waiting at once since the process started.
+    pub most_waiting: usize,
 }
 
 /// Process-wide upload slots: a bound, and a queue of waiting drives by
@@ -83,31 +97,20 @@ struct State {
     limit: usize,
     taken: usize,
     most_taken: usize,
+    most_waiting: usize,
     seq: u64,
-    waiting: BinaryHeap<Reverse<Waiter>>,
+    /// By rank (ms), then arrival; a waiter that gives up removes itself.
+    waiting: BTreeMap<(u64, u64), oneshot::Sender<()>>,
 }
 
-struct Waiter {
-    min_ts: u64,
-    seq: u64,
-    tx: oneshot::Sender<()>,
-}
-
-impl PartialEq for Waiter {
-    fn eq(&self, o: &Self) -> bool {
-        (self.min_ts, self.seq) == (o.min_ts, o.seq)
+/// What a waiting drive ranks by: when it started waiting (`now_ms`), less
+/// its data's age up to [`AGEING`], none for a `retry`.
+fn rank(min_ts: u64, now_ms: u64, retry: bool) -> u64 {
+    if retry {
+        return now_ms;
     }
-}
-impl Eq for Waiter {}
-impl PartialOrd for Waiter {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Waiter {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.min_ts, self.seq).cmp(&(o.min_ts, o.seq))
-    }
+    let ageing = AGEING.as_millis() as u64;
+    min_ts.clamp(now_ms.saturating_sub(ageing), now_ms)
 }
 
 /// A held slot; dropping it frees the slot for the next waiter.
@@ -121,10 +124,11 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// A drive waiting for a slot. Dropped before it took the slot handed to
-/// it: gives that slot back.
+/// A drive waiting for a slot. Dropped before it took one: leaves the
+/// queue, or gives back the slot handed to it.
 struct Waiting<'a> {
     slots: &'a UploadSlots,
+    key: (u64, u64),
     rx: oneshot::Receiver<()>,
     granted: bool,
 }
@@ -134,7 +138,13 @@ impl Drop for Waiting<'_> {
         if self.granted {
             return;
         }
-        // No hand-off can land after this; one that landed before is ours.
+        // Still queued: nothing was handed to it (hand-offs are sent under
+        // the same lock, after removing the entry).
+        if lock(&self.slots.state).waiting.remove(&self.key).is_some() {
+            return;
+        }
+        // Taken off the queue: the slot was sent, or is being. No hand-off
+        // can land after `close`; one that landed before is ours to return.
         self.rx.close();
         if self.rx.try_recv().is_ok() {
             self.slots.release();
@@ -155,16 +165,18 @@ impl UploadSlots {
                 limit,
                 taken: 0,
                 most_taken: 0,
+                most_waiting: 0,
                 seq: 0,
-                waiting: BinaryHeap::new(),
+                waiting: BTreeMap::new(),
             }),
         }
     }
 
-    /// Takes a slot for a segment whose oldest entry is `min_ts`, waiting
-    /// (in `min_ts` order) while all are taken.
-    pub async fn acquire(&self, min_ts: u64) -> Slot<'_> {
-        let rx = {
+    /// Takes a slot for a segment whose oldest entry is `min_ts` (a
+    /// `retry`: its drive failed before), waiting while all are taken, in
+    /// the order of the module docs. `now_ms`: the wall clock.
+    pub async fn acquire(&self, min_ts: u64, retry: bool, now_ms: u64) -> Slot<'_> {
+        let (key, rx) = {
             let mut s = lock(&self.state);
             if s.taken < s.limit && s.waiting.is_empty() {
                 s.taken += 1;
@@ -173,12 +185,14 @@ impl UploadSlots {
             }
             let (tx, rx) = oneshot::channel();
             s.seq += 1;
-            let seq = s.seq;
-            s.waiting.push(Reverse(Waiter { min_ts, seq, tx }));
-            rx
+            let key = (rank(min_ts, now_ms, retry), s.seq);
+            s.waiting.insert(key, tx);
+            s.most_waiting = s.most_waiting.max(s.waiting.len());
+            (key, rx)
         };
         let mut w = Waiting {
             slots: self,
+            key,
             rx,
             granted: false,
         };
@@ -195,8 +209,8 @@ impl UploadSlots {
     fn release(&self) {
         let mut s = lock(&self.state);
         if s.taken <= s.limit {
-            while let Some(Reverse(w)) = s.waiting.pop() {
-                if w.tx.send(()).is_ok() {
+            while let Some((_, tx)) = s.waiting.pop_first() {
+                if tx.send(()).is_ok() {
                     return;
                 }
             }
@@ -210,10 +224,10 @@ impl UploadSlots {
         let mut s = lock(&self.state);
         let old = std::mem::replace(&mut s.limit, n);
         while s.taken < s.limit {
-            let Some(Reverse(w)) = s.waiting.pop() else {
+            let Some((_, tx)) = s.waiting.pop_first() else {
                 break;
             };
-            if w.tx.send(()).is_ok() {
+            if tx.send(()).is_ok() {
                 s.taken += 1;
                 s.most_taken = s.most_taken.max(s.taken);
             }
@@ -227,8 +241,9 @@ impl UploadSlots {
         SlotCounts {
             limit: s.limit,
             taken: s.taken,
-            waiting: s.waiting.iter().filter(|w| !w.0.tx.is_closed()).count(),
+            waiting: s.waiting.len(),
             most_taken: s.most_taken,
+            most_waiting: s.most_waiting,
         }
     }
 }
@@ -238,6 +253,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Duration;
+
+    const NOW: u64 = 1_700_000_000_000;
 
     fn leaked(limit: usize) -> &'static UploadSlots {
         Box::leak(Box::new(UploadSlots::new(limit)))
@@ -252,7 +269,7 @@ mod tests {
         for i in 0..40u64 {
             let (now, most) = (now.clone(), most.clone());
             tasks.push(tokio::spawn(async move {
-                let _s = slots.acquire(i % 7).await;
+                let _s = slots.acquire(i % 7, false, 10).await;
                 let n = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 most.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -270,13 +287,13 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_freed_slot_goes_to_the_oldest_data_waiting() {
         let slots = leaked(1);
-        let held = slots.acquire(0).await;
+        let held = slots.acquire(0, false, NOW).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        for ts in [30u64, 10, 20, 10] {
+        for ts in [NOW - 30, NOW - 100, NOW - 50, NOW - 100] {
             let order = order.clone();
             tasks.push(tokio::spawn(async move {
-                let _s = slots.acquire(ts).await;
+                let _s = slots.acquire(ts, false, NOW).await;
                 order.lock().unwrap().push(ts);
             }));
             // Each registers before the next (arrival breaks the tie).
@@ -287,7 +304,10 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), vec![10, 10, 20, 30]);
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec![NOW - 100, NOW - 100, NOW - 50, NOW - 30]
+        );
         assert_eq!(slots.counts().taken, 0);
     }
 
@@ -295,9 +315,9 @@ mod tests {
     async fn a_cancelled_waiter_loses_no_slot() {
         let slots = leaked(1);
         // Cancelled while waiting.
-        let held = slots.acquire(0).await;
+        let held = slots.acquire(0, false, NOW).await;
         let t = tokio::spawn(async move {
-            let _s = slots.acquire(5).await;
+            let _s = slots.acquire(5, false, NOW).await;
         });
         tokio::task::yield_now().await;
         assert_eq!(slots.counts().waiting, 1);
@@ -306,23 +326,23 @@ mod tests {
         drop(held);
         assert_eq!(slots.counts().taken, 0, "the slot went to a cancelled waiter");
         // Cancelled just after the slot was handed to it, before it ran.
-        let held = slots.acquire(0).await;
-        let mut fut = Box::pin(slots.acquire(5));
+        let held = slots.acquire(0, false, NOW).await;
+        let mut fut = Box::pin(slots.acquire(5, false, NOW));
         assert!(futures::poll!(&mut fut).is_pending());
         drop(held); // hands the slot to `fut`
         assert_eq!(slots.counts().taken, 1);
         drop(fut);
         assert_eq!(slots.counts().taken, 0, "a handed-off slot was lost");
-        let _again = slots.acquire(1).await;
+        let _again = slots.acquire(1, false, NOW).await;
         assert_eq!(slots.counts().taken, 1);
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn raising_the_bound_lets_waiters_in_and_lowering_lets_drives_finish() {
         let slots = leaked(1);
-        let a = slots.acquire(0).await;
-        let mut b = Box::pin(slots.acquire(1));
-        let mut c = Box::pin(slots.acquire(2));
+        let a = slots.acquire(0, false, NOW).await;
+        let mut b = Box::pin(slots.acquire(1, false, NOW));
+        let mut c = Box::pin(slots.acquire(2, false, NOW));
         assert!(futures::poll!(&mut b).is_pending());
         assert!(futures::poll!(&mut c).is_pending());
         assert_eq!(slots.set_limit(3), 1);
@@ -334,11 +354,66 @@ mod tests {
         drop(c);
         // Two over the new bound were running: none handed on.
         assert_eq!(slots.counts().taken, 1);
-        let mut d = Box::pin(slots.acquire(3));
+        let mut d = Box::pin(slots.acquire(3, false, NOW));
         assert!(futures::poll!(&mut d).is_pending());
         drop(a);
         let _d = d.await;
         assert_eq!(slots.counts().taken, 1);
+    }
+
+    /// A segment's data counts as at most `AGEING` older than its wait; a
+    /// retry counts none of it; stamps in the future count as now.
+    #[test]
+    fn rank_bounds_what_data_age_buys() {
+        let a = AGEING.as_millis() as u64;
+        assert_eq!(rank(NOW - 1_000, NOW, false), NOW - 1_000);
+        assert_eq!(rank(0, NOW, false), NOW - a);
+        assert_eq!(rank(NOW + 5_000, NOW, false), NOW);
+        assert_eq!(rank(0, NOW, true), NOW);
+    }
+
+    /// A drive that has waited since before a backlog's drives arrived is
+    /// not passed by them for ever: one that came more than `AGEING` later
+    /// goes after it, whatever its data's age.
+    #[tokio::test(flavor = "current_thread")]
+    async fn old_data_arriving_later_does_not_starve_a_waiting_drive() {
+        let slots = leaked(1);
+        let held = slots.acquire(0, false, NOW).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // (name, its data's oldest entry, when it starts waiting)
+        let a = AGEING.as_millis() as u64;
+        for (name, min_ts, at) in [
+            ("fresh", NOW, NOW),
+            ("backlog-later", 0, NOW + a + 1_000),
+            ("backlog-soon", 0, NOW + a / 2),
+        ] {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                let _s = slots.acquire(min_ts, false, at).await;
+                order.lock().unwrap().push(name);
+            }));
+            tokio::task::yield_now().await;
+        }
+        let retry = {
+            let order = order.clone();
+            tokio::spawn(async move {
+                let _s = slots.acquire(0, true, NOW + 1).await;
+                order.lock().unwrap().push("retry");
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(slots.counts().waiting, 4);
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        retry.await.unwrap();
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec!["backlog-soon", "fresh", "retry", "backlog-later"]
+        );
+        assert_eq!(slots.counts().most_waiting, 4);
     }
 
     #[test]

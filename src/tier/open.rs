@@ -353,7 +353,20 @@ pub async fn open_shared_with_clock(
         trust_unsigned: std::sync::atomic::AtomicBool::new(trust_create.unsigned_payload),
         probed: std::sync::atomic::AtomicBool::new(probed),
         release_after_commit: cfg.release_after_commit,
-        max_in_flight: cfg.max_uploads_in_flight,
+        max_in_flight: {
+            let process = crate::upload_slot_counts().limit;
+            if cfg.max_uploads_in_flight > process {
+                tracing::warn!(
+                    stream = %cfg.stream,
+                    max_uploads_in_flight = cfg.max_uploads_in_flight,
+                    process_bound = process,
+                    "max_uploads_in_flight is above the process's bound on uploads over every \
+                     stream: at most {process} run at once (set_max_uploads_in_flight_per_process \
+                     raises it)"
+                );
+            }
+            cfg.max_uploads_in_flight
+        },
         metrics,
         manifest,
         fenced: std::sync::OnceLock::new(),
