@@ -606,33 +606,28 @@ async fn a_rekey_with_a_damaged_local_copy_takes_the_file_out_of_service() {
     assert!(!path.exists(), "the damaged file is out of segments/");
 }
 
-/// A segment committed under another prefix (a `--store-override` run),
-/// whose object is in place under this store's key but which this
-/// stream's manifest does not list (put there by hand, or by an upload
-/// whose commit never happened): its local copy is not released, since a
-/// reader goes through the manifest and would not find it. Release used to
-/// check only that the object was there. `reconcile --repair` commits it,
-/// and the next drain releases.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_foreign_committed_segment_is_released_only_once_the_manifest_lists_it() {
-    let rig = Rig::new(12);
-    let data = rig.data("a");
-    let old = rig.fs.remote("elsewhere/old");
-    let mut cfg = config(data.clone(), "owner-a");
-    cfg.release_after_commit = true;
+/// Leaves the first sealed segment of `data` journaled `Committed` under
+/// `under`'s key for it (its bytes put there and, when `here` differs, under
+/// this store's key too), with no manifest entry written for it. Returns
+/// its record and this store's key for it.
+async fn journal_committed_unlisted(
+    rig: &Rig,
+    cfg: &Config,
+    under: &RemoteStore,
+) -> (SegmentRecord, object_store::path::Path) {
     {
         rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
-        let ti = open(&cfg, rig.remote(), None).await.unwrap();
+        let ti = open(cfg, rig.remote(), None).await.unwrap();
         write(&ti, 0..(ITEMS as u64 + 20));
         let r = ti.shutdown(Duration::from_millis(500)).await;
         assert!(!r.fully_drained());
         rig.fs.heal();
     }
-    let (mut j, _) = Journal::open(&data, JournalOptions::default()).unwrap();
+    let (mut j, _) = Journal::open(&cfg.data_dir, JournalOptions::default()).unwrap();
     let r = j.segments().values().next().cloned().unwrap();
     let id = r.meta.id;
-    let bytes = std::fs::read(common::sealed_path(&data, id)).unwrap();
-    let old_key = old.segment_key(STREAM, &r.meta);
+    let bytes = std::fs::read(common::sealed_path(&cfg.data_dir, id)).unwrap();
+    let old_key = under.segment_key(STREAM, &r.meta);
     let own_key = rig.remote().segment_key(STREAM, &r.meta);
     for k in [&old_key, &own_key] {
         rig.fs
@@ -657,7 +652,25 @@ async fn a_foreign_committed_segment_is_released_only_once_the_manifest_lists_it
         Record::Committed { id },
     ])
     .unwrap();
-    drop(j);
+    (r, own_key)
+}
+
+/// A segment committed under another prefix (a `--store-override` run),
+/// whose object is in place under this store's key but which this
+/// stream's manifest does not list (put there by hand, or by an upload
+/// whose commit never happened): its local copy is not released, since a
+/// reader goes through the manifest and would not find it. Release used to
+/// check only that the object was there. `reconcile --repair` commits it,
+/// and the next drain releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_committed_segment_is_released_only_once_the_manifest_lists_it() {
+    let rig = Rig::new(12);
+    let data = rig.data("a");
+    let old = rig.fs.remote("elsewhere/old");
+    let mut cfg = config(data.clone(), "owner-a");
+    cfg.release_after_commit = true;
+    let (r, own_key) = journal_committed_unlisted(&rig, &cfg, &old).await;
+    let id = r.meta.id;
 
     let local = common::sealed_path(&data, id);
     let ti = open(&cfg, rig.remote(), None).await.unwrap();
@@ -684,6 +697,48 @@ async fn a_foreign_committed_segment_is_released_only_once_the_manifest_lists_it
     assert!(r.fully_drained(), "{r:?}");
     assert!(!local.exists(), "released once the manifest lists it");
     assert_eq!(journal(&data)[&id].state, SegmentState::Released);
+}
+
+/// The same segment, committed in the journal under this store's own key
+/// (another bucket or directory with the same prefix and stream), while
+/// this stream's manifest lists its id with other content: the local copy
+/// holds the only copy of its entries a reader could find, so it is
+/// quarantined (kept in `segments/`, a reason naming both objects), not
+/// released and not retried for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_segment_whose_id_the_manifest_gives_other_content_is_quarantined() {
+    let rig = Rig::new(13);
+    let data = rig.data("a");
+    let mut cfg = config(data.clone(), "owner-a");
+    cfg.release_after_commit = true;
+    let (r, own_key) = journal_committed_unlisted(&rig, &cfg, &rig.remote()).await;
+    let id = r.meta.id;
+    // Another owner listed the id with other bytes.
+    {
+        let ms = ManifestStore::open(&rig.remote(), STREAM, ManifestOptions::default())
+            .await
+            .unwrap();
+        let mut w = ms
+            .take_ownership("owner-b", Duration::from_secs(1))
+            .await
+            .unwrap();
+        let mut meta = r.meta.clone();
+        meta.file_crc ^= 1;
+        meta.crc64 = meta.crc64.map(|c| c ^ 1);
+        let other = SegmentEntry::new(&rig.remote(), STREAM, &meta).unwrap();
+        w.commit(&[other]).await.unwrap();
+        w.release().await.unwrap();
+    }
+    let local = common::sealed_path(&data, id);
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let rep = ti.shutdown(Duration::from_secs(5)).await;
+    assert!(local.exists(), "the only findable copy was released");
+    let j = journal(&data);
+    assert_eq!(j[&id].state, SegmentState::Quarantined, "{rep:?}");
+    let reason = j[&id].reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("other content"), "{reason}");
+    assert!(reason.contains(own_key.as_ref()), "{reason}");
+    assert!(reason.contains("quarantine retry"), "{reason}");
 }
 
 /// A broker that drains at shutdown keeps renewing its lease until the

@@ -641,30 +641,15 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         }
                         Err(e) => return Err(crate::remote::classify(e)),
                     }
-                    // Committed under another prefix or stream: the object
-                    // under this store's key is read only if this stream's
-                    // manifest lists it there, whole (`reconcile --repair`
-                    // uploads and commits it). An object in place that the
-                    // manifest does not list is no proof a reader finds it.
-                    if let (Some(old), Some(_)) = (foreign, &sh.manifest) {
-                        let mut want = SegmentEntry::new(&sh.store, &sh.stream, &rec.meta)?;
-                        want.key = key.to_string();
-                        match sh.manifest_entry(id).await? {
-                            Some(listed) if listed == want => {}
-                            listed => {
-                                let what = match listed {
-                                    Some(l) => format!("lists segment {id} as {}", l.key),
-                                    None => format!("does not list segment {id}"),
-                                };
-                                return Err(Error::RemoteRetryable(format!(
-                                    "segment {id} was committed under {old}, outside this \
-                                     store's stream (the prefix or stream was changed with \
-                                     --store-override); the object {key} is in place but this \
-                                     stream's manifest {what}: local copy kept, not released. \
-                                     `tierindex reconcile --repair` commits it here"
-                                )));
-                            }
-                        }
+                    // Readers go through the manifest: the local copy goes
+                    // only once it lists this segment, whole. Committed
+                    // under another prefix, stream or store (a
+                    // --store-override run), the journal's Committed is no
+                    // proof of that here.
+                    if sh.manifest.is_some()
+                        && let Some(state) = check_listed(sh, &rec, &key, foreign).await?
+                    {
+                        return Ok(state);
                     }
                 }
                 // Delete first, then journal: a crash in between leaves a
@@ -688,6 +673,73 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
             | SegmentState::Resealing
             | SegmentState::Resealed) => return Ok(s),
         }
+    }
+}
+
+/// Before a release with the manifest: whether this stream's manifest
+/// lists segment `rec` as committed under `key` (or with the same content
+/// under another key whose object is in place). `Ok(None)`: it does, the
+/// local copy may go. Not listed (a store switched with --store-override,
+/// a manifest restored from a backup): kept, retried, and `reconcile
+/// --repair` commits it. Listed with other content (its id was taken by
+/// another segment): quarantined, the local copy kept, since it holds the
+/// only copy of its entries a reader could find.
+async fn check_listed(
+    sh: &Shared,
+    rec: &SegmentRecord,
+    key: &ObjPath,
+    foreign: Option<&str>,
+) -> Result<Option<SegmentState>> {
+    let id = rec.meta.id;
+    let mut want = SegmentEntry::new(&sh.store, &sh.stream, &rec.meta)?;
+    want.key = key.to_string();
+    let whence = match foreign {
+        Some(old) => format!(
+            " It was committed under {old}, outside this store's stream (the prefix or \
+             stream was changed with --store-override)."
+        ),
+        None => String::new(),
+    };
+    let listed = sh.manifest_entry(id).await?;
+    let Some(listed) = listed else {
+        return Err(Error::RemoteRetryable(format!(
+            "segment {id} is committed in the journal, but this stream's manifest in {} does \
+             not list it: local copy kept, not released.{whence} `tierindex reconcile \
+             --repair` commits it",
+            sh.store.display_url()
+        )));
+    };
+    if listed == want {
+        return Ok(None);
+    }
+    let mut same = listed.clone();
+    same.key = want.key.clone();
+    if same != want {
+        let reason = format!(
+            "this stream's manifest lists segment {id} with other content (object {}, {} \
+             bytes, crc32 {:08x}) than the local copy (object {key}, {} bytes, crc32 {:08x}); \
+             its entries are only in the local copy, kept in segments/.{whence} `tierindex \
+             quarantine retry {id}` uploads them again (resealed under a new id)",
+            listed.key, listed.file_len, listed.file_crc, want.file_len, want.file_crc
+        );
+        return quarantine(sh, id, reason).await.map(Some);
+    }
+    // The same bytes listed under another key: readers find them there.
+    let other = ObjPath::from(listed.key.clone());
+    match sh.store.object_store().head(&other).await {
+        Ok(m) if m.size == listed.file_len => Ok(None),
+        Ok(m) => Err(Error::RemoteRetryable(format!(
+            "this stream's manifest lists segment {id} under {other}, which is {} bytes, not \
+             {}: local copy kept, not released. `tierindex reconcile --repair` repairs it \
+             from the local copy",
+            m.size, listed.file_len
+        ))),
+        Err(object_store::Error::NotFound { .. }) => Err(Error::RemoteRetryable(format!(
+            "this stream's manifest lists segment {id} under {other}, which is missing: local \
+             copy kept, not released. `tierindex reconcile --repair` repairs it from the \
+             local copy"
+        ))),
+        Err(e) => Err(crate::remote::classify(e)),
     }
 }
 
