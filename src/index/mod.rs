@@ -708,6 +708,14 @@ impl IndexWriter {
     /// not full, and wait for every seal up to `deadline`. Returns the
     /// metadata of segments sealed since the last poll.
     pub fn close(&mut self, deadline: Instant) -> Result<Vec<SealedMeta>> {
+        let r = self.close_inner(deadline);
+        // Whatever happened: the lane is closed, so the retired frozen
+        // segments are dropped here, not kept mapped until the writer is.
+        self.take_retired().run();
+        r
+    }
+
+    fn close_inner(&mut self, deadline: Instant) -> Result<Vec<SealedMeta>> {
         if !self.closed {
             self.closed = true;
             // Everything appended is durable before the wait: a seal that
@@ -765,9 +773,6 @@ impl IndexWriter {
         if let Some(s) = self.spare.take() {
             remove_empty(&self.seg_dir, s).inspect_err(|e| self.poison_on_sync(e))?;
         }
-        // The lane is closed: dropped here (nothing waits on this writer
-        // any more).
-        self.take_retired().run();
         self.poison.check()?;
         Ok(std::mem::take(&mut self.ready))
     }
