@@ -175,7 +175,8 @@ fn interrupted_seal_is_redone_and_finished_seal_leftover_is_removed() {
 /// `mem::forget` keeps the flock'd descriptor open; find and close it the
 /// way process exit would. Linux-only, test-only.
 fn release_lock_of_forgotten_writer(root: &Path) {
-    let lock = root.join("LOCK").canonicalize().unwrap();
+    // The lock is a flock of the data directory itself.
+    let lock = root.canonicalize().unwrap();
     for e in fs::read_dir("/proc/self/fd").unwrap() {
         let e = e.unwrap();
         if fs::read_link(e.path()).ok().as_deref() == Some(lock.as_path()) {

@@ -3,7 +3,10 @@
 //!
 //! ```text
 //! DATA_DIR/
-//!   LOCK                 flock'd by the owning process; holds pid/host/start
+//!   LOCK                 who holds the lock (pid/host/start), for messages;
+//!                        the lock itself is a flock of the directory
+//!                        (`DATA_DIR` itself: it cannot be unlinked from
+//!                        under its holder as a file could)
 //!   segments/            NNN.active (in steady state one, plus an empty spare
 //!                        with the next id once it is half full), NNN.seg
 //!   journal/             upload journal (see journal module)
@@ -67,7 +70,10 @@ pub fn is_data_dir(path: &Path) -> bool {
 /// An open, locked data directory.
 pub struct DataDir {
     root: PathBuf,
-    // Held for the life of the DataDir: the flock is released when it drops.
+    // The directory itself, flock'd for the life of the DataDir: released
+    // when it drops. A lock on a file inside it (`LOCK`, before) was lost
+    // to an operator's `rm LOCK`: the next process then took a new one and
+    // repaired the live broker's active file under it.
     _lock: File,
 }
 
@@ -87,8 +93,9 @@ impl DataDir {
                 }
             }
         }
+        let lock = File::open(root).map_err(|e| Error::io(root, "open data directory", e))?;
         let lock_path = root.join(LOCK_FILE);
-        let mut lock = crate::durable::no_follow()
+        let mut info = crate::durable::no_follow()
             .read(true)
             .write(true)
             .create(true)
@@ -109,9 +116,9 @@ impl DataDir {
                 };
                 Error::io(&lock_path, what, e)
             })?;
-        if !crate::durable::try_lock(&lock, &lock_path, "lock data directory")? {
+        if !crate::durable::try_lock(&lock, root, "lock data directory")? {
             let mut holder = String::new();
-            let _ = lock.read_to_string(&mut holder);
+            let _ = info.read_to_string(&mut holder);
             let holder = holder.trim();
             return Err(Error::Locked {
                 path: root.to_path_buf(),
@@ -129,10 +136,11 @@ impl DataDir {
             now_ms()
         );
         // Informational only (who holds the lock); not a durability point.
-        let _ = lock
+        let _ = info
             .set_len(0)
-            .and_then(|_| lock.rewind())
-            .and_then(|_| lock.write_all(me.as_bytes()));
+            .and_then(|_| info.rewind())
+            .and_then(|_| info.write_all(me.as_bytes()));
+        drop(info);
         Ok(DataDir {
             root: root.to_path_buf(),
             _lock: lock,
@@ -369,6 +377,23 @@ mod tests {
                 timestamp_ms: i,
             })
             .collect()
+    }
+
+    /// An operator's `rm LOCK` (a "stale lock file") under a live holder
+    /// does not let a second process in: the lock is the directory's.
+    #[test]
+    fn a_removed_lock_file_does_not_free_the_data_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let a = DataDir::open(d.path()).unwrap();
+        fs::remove_file(d.path().join(LOCK_FILE)).unwrap();
+        match DataDir::open(d.path()) {
+            Err(Error::Locked { .. }) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a second holder got in after `rm LOCK`"),
+        }
+        drop(a);
+        let _b = DataDir::open(d.path()).unwrap();
+        assert!(d.path().join(LOCK_FILE).exists());
     }
 
     #[test]
