@@ -2065,6 +2065,27 @@ fn a_damaged_local_copy_of_a_committed_segment_is_not_a_loss() {
     assert_eq!(after, before, "every entry found once, from the store");
 }
 
+/// `lookup --remote` left out a committed remote segment whenever any
+/// local file had its id, even one that is not that segment (an active
+/// file of a restored backup, junk under the name): its entries were
+/// missing, exit 0 (helper-39, F3). Now only an intact local copy of the
+/// same sealed segment stands in for the remote one; an entry found in
+/// both is one hit.
+#[test]
+fn lookup_remote_reads_a_committed_segment_whose_id_a_local_file_only_shares() {
+    let sb = Sandbox::populated();
+    let keys = ["key-1", "key-3", "key-7"];
+    let before: Vec<u64> = keys.iter().map(|k| remote_hits(&sb, k)).collect();
+    assert!(before.iter().all(|n| *n > 0), "{before:?}");
+    let segs = sb.data().join("segments");
+    std::fs::remove_file(segs.join(format!("{:020}.seg", 2))).unwrap();
+    std::fs::write(segs.join(format!("{:020}.active", 2)), vec![7u8; 4096]).unwrap();
+    // A byte-for-byte copy of segment 3's sealed file stays local: read
+    // once, not twice.
+    let after: Vec<u64> = keys.iter().map(|k| remote_hits(&sb, k)).collect();
+    assert_eq!(after, before, "entries of segment 2 went missing");
+}
+
 /// An active file whose header was damaged, written with another geometry
 /// than the configured one: no item is located, so it is quarantined whole
 /// and its loss reported, with a hint. `quarantine retry` used to refuse it

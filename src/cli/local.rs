@@ -477,6 +477,11 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
     names.sort();
     let mut found: Vec<(u64, Entry)> = Vec::new();
     let mut skipped = Vec::new();
+    // Local sealed files that passed every check, by id: (length, CRC32).
+    // A remote segment is left out only when one of these is the same
+    // sealed segment; an active file, a damaged one, or another segment
+    // under its id (a restored backup) is searched beside it.
+    let mut intact: std::collections::BTreeMap<u64, (u64, u32)> = Default::default();
     // Files are read as `drain` would salvage them: every item whose own
     // CRC verifies is found, also after a damaged span (`segment::salvage`);
     // the damaged items are named under `skipped`.
@@ -497,7 +502,11 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         };
         if let Some(id) = named_id(".seg") {
             match SealedSegment::open(&p) {
-                Ok(s) => found.extend(s.lookup(h, range).into_iter().map(|e| (s.id().0, e))),
+                Ok(s) => {
+                    let m = s.meta();
+                    intact.insert(s.id().0, (m.file_len, m.file_crc));
+                    found.extend(s.lookup(h, range).into_iter().map(|e| (s.id().0, e)));
+                }
                 Err(e @ Error::Corrupt { .. }) => {
                     // Bounded: at most the largest layout, or what the
                     // header gives (bytes appended after a segment are
@@ -551,13 +560,15 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
     let mut remote_segments = 0usize;
     let mut remote_unreadable = 0usize;
     if remote {
-        let held: std::collections::BTreeSet<u64> = names_held(&seg_dir);
-        let (segs, hits, bad) = crate::cli::remote::remote_hits(&cfg, h, range, &held).await?;
+        let (segs, hits, bad) = crate::cli::remote::remote_hits(&cfg, h, range, &intact).await?;
         remote_segments = segs;
         remote_unreadable = bad.len();
         found.extend(hits);
         skipped.extend(bad);
-        found.sort_by_key(|(seg, e)| (*seg, e.offset));
+        // An entry both in a local file and in the remote segment of the
+        // same id (an active file restored from a backup) is one hit.
+        found.sort_by_key(|(seg, e)| (*seg, e.offset, e.timestamp_ms, e.size));
+        found.dedup();
     }
     #[derive(Serialize)]
     struct Hit {
@@ -621,14 +632,3 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
     })
 }
 
-/// Ids of the segment files (sealed or active) in `seg_dir`.
-fn names_held(seg_dir: &Path) -> std::collections::BTreeSet<u64> {
-    std::fs::read_dir(seg_dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| datadir::segment_file_id(&e.file_name().to_string_lossy()))
-                .map(|id| id.0)
-                .collect()
-        })
-        .unwrap_or_default()
-}

@@ -621,7 +621,8 @@ async fn refuse_if_renewed(
 }
 
 /// `lookup --remote`: entries for `key_hash` in the committed remote
-/// segments not held in `held` (ids of local files). Candidates: the
+/// segments not held intact locally (`held`: the id, length and CRC32 of
+/// each local sealed file that passed its checks). Candidates: the
 /// manifest's list with `manifest = true` (read only: no ownership taken),
 /// else the journal's `Released` records. Returns (candidates, hits as
 /// (segment, entry), unreadable segments with why).
@@ -629,8 +630,9 @@ pub(crate) async fn remote_hits(
     cfg: &crate::config::Config,
     key_hash: u64,
     range: crate::segment::TimeRange,
-    held: &std::collections::BTreeSet<u64>,
+    held: &std::collections::BTreeMap<u64, (u64, u32)>,
 ) -> Result<(usize, Vec<(u64, crate::segment::Entry)>, Vec<String>)> {
+    let same = |id: u64, len: u64, crc: u32| held.get(&id) == Some(&(len, crc));
     use crate::remote::fetch::{Fetcher, RemoteSegment};
     let store = open_store_read_only(cfg)?;
     preflight(&store, cfg).await?;
@@ -649,7 +651,7 @@ pub(crate) async fn remote_hits(
                 for e in ms.all_segments(&m).await? {
                     match m.damage(e.id) {
                         // Marked damaged: reported, never read.
-                        Some(d) if !held.contains(&e.id.0) => bad.push(format!(
+                        Some(d) if !same(e.id.0, e.file_len, e.file_crc) => bad.push(format!(
                             "remote segment {:020} ({}): {}",
                             e.id.0,
                             e.key,
@@ -688,7 +690,7 @@ pub(crate) async fn remote_hits(
     };
     let segs: Vec<RemoteSegment> = segs
         .into_iter()
-        .filter(|s| !held.contains(&s.meta.id.0))
+        .filter(|s| !same(s.meta.id.0, s.meta.file_len, s.meta.file_crc))
         .collect();
     let f = Fetcher::new(
         store,
