@@ -2086,6 +2086,57 @@ fn lookup_remote_reads_a_committed_segment_whose_id_a_local_file_only_shares() {
     assert_eq!(after, before, "entries of segment 2 went missing");
 }
 
+/// `status --remote` counts what `status` counts beside the journal:
+/// flushed entries still in an active file (a broker killed before its
+/// seal) are pending, and loss records are losses. It used to exit 0,
+/// "pending 0", where `status` exits 3 (helper-39, F4).
+#[test]
+fn status_remote_counts_entries_the_journal_does_not_hold_yet() {
+    use tierindex::segment::active::ActiveSegment;
+    let sb = Sandbox::populated();
+    let segs = sb.data().join("segments");
+    let next = std::fs::read_dir(&segs)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.split('.').next()?.parse::<u64>().ok()
+        })
+        .max()
+        .unwrap()
+        + 1;
+    let mut a = ActiveSegment::create(
+        &segs,
+        tierindex::SegmentId(next),
+        64,
+        2000,
+        1_700_000_000_000,
+    )
+    .unwrap();
+    for i in 0..30u64 {
+        a.append(
+            format!("key-{}", i % 16).as_bytes(),
+            1_000_000 + i,
+            10,
+            1_700_000_000_000 + i,
+        )
+        .unwrap();
+    }
+    a.flush().unwrap();
+    drop(a);
+    for args in [&["status"][..], &["status", "--remote"][..]] {
+        let mut a = vec![D, DD, "--store", "{store}"];
+        a.extend_from_slice(args);
+        let o = sb.run(&a, &[]);
+        assert_sane(&o, "status");
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("not journaled yet: 30 entries"),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+}
+
 /// An active file whose header was damaged, written with another geometry
 /// than the configured one: no item is located, so it is quarantined whole
 /// and its loss reported, with a hint. `quarantine retry` used to refuse it

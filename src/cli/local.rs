@@ -23,13 +23,16 @@ struct StatusOut<'a> {
     segments: Vec<&'a SegmentRecord>,
 }
 
-pub fn status(cli: &Cli) -> Result<i32> {
-    let cfg = cli.config()?;
-    let (view, _rep) = Journal::open_read_only(&cfg.data_dir)?;
-    let mut totals = status_from(view.state(), cfg.release_after_commit);
-    // Entries not in the journal yet are pending too: unsealed ones in
-    // `.active` files, and sealed files the journal does not know.
-    let local = datadir::local_pending(&cfg.data_dir, &|id| view.get(id).is_some());
+/// What the journal does not say, added to its totals: entries not in
+/// the journal yet (unsealed ones in `.active` files, sealed files it does
+/// not know) are pending, and the loss records in `quarantine/` are losses.
+/// `status` and `status --remote` both count them.
+pub(crate) fn add_local(
+    totals: &mut crate::tier::Status,
+    data_dir: &Path,
+    view: &crate::journal::JournalView,
+) {
+    let local = datadir::local_pending(data_dir, &|id| view.get(id).is_some());
     totals.unsealed_items = local.unsealed_items;
     totals.pending_segments += local.active_segments.len() as u64;
     for (id, bytes) in &local.unjournaled_sealed {
@@ -37,12 +40,34 @@ pub fn status(cli: &Cli) -> Result<i32> {
         totals.pending_segments += 1;
         totals.pending_bytes += bytes;
     }
-    for (_, r) in datadir::quarantine_records(&cfg.data_dir) {
+    for (_, r) in datadir::quarantine_records(data_dir) {
         if let Some(n) = r.loss.filter(|n| n.is_loss()) {
             totals.lost_items += n.lost_items;
             totals.losses.push(n.line());
         }
     }
+}
+
+/// The lines for what [`add_local`] added (each starting with a newline).
+pub(crate) fn local_lines(t: &crate::tier::Status) -> String {
+    let mut s = String::new();
+    if t.unsealed_items > 0 || !t.unjournaled_sealed.is_empty() {
+        s.push_str(&format!(
+            "\nnot journaled yet: {} entries in active segments; sealed files unknown to the journal: {:?}",
+            t.unsealed_items, t.unjournaled_sealed
+        ));
+    }
+    for l in &t.losses {
+        s.push_str(&format!("\nLOST {l}"));
+    }
+    s
+}
+
+pub fn status(cli: &Cli) -> Result<i32> {
+    let cfg = cli.config()?;
+    let (view, _rep) = Journal::open_read_only(&cfg.data_dir)?;
+    let mut totals = status_from(view.state(), cfg.release_after_commit);
+    add_local(&mut totals, &cfg.data_dir, &view);
     let pending = totals.pending_segments;
     let quarantined = u64::from(totals.needs_operator());
     let out = StatusOut {
@@ -56,15 +81,7 @@ pub fn status(cli: &Cli) -> Result<i32> {
             s.push('\n');
         }
         s.push_str(&totals_line(&o.totals));
-        if o.totals.unsealed_items > 0 || !o.totals.unjournaled_sealed.is_empty() {
-            s.push_str(&format!(
-                "\nnot journaled yet: {} entries in active segments; sealed files unknown to the journal: {:?}",
-                o.totals.unsealed_items, o.totals.unjournaled_sealed
-            ));
-        }
-        for l in &o.totals.losses {
-            s.push_str(&format!("\nLOST {l}"));
-        }
+        s.push_str(&local_lines(&o.totals));
         s
     });
     Ok(if quarantined > 0 {
@@ -631,4 +648,3 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         EXIT_DRAINED
     })
 }
-

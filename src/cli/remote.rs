@@ -884,7 +884,10 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
     let store = open_store_read_only(&cfg)?;
     preflight(&store, &cfg).await?;
-    let totals = crate::tier::status_from(view.state(), cfg.release_after_commit);
+    let mut totals = crate::tier::status_from(view.state(), cfg.release_after_commit);
+    // As `status`: what the journal does not know yet is pending, the
+    // loss records in quarantine/ are losses.
+    crate::cli::local::add_local(&mut totals, &cfg.data_dir, &view);
 
     let ms = ManifestStore::reader(&store, &cfg.stream, cfg.manifest_options())?;
     let manifest = ms.load().await?;
@@ -981,11 +984,10 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         });
     }
     let lost_notes = remote.damaged.iter().filter(|d| d.lost).count();
-    let quarantined = totals.by_state.get("Quarantined").copied().unwrap_or(0);
     let pending = totals.pending_segments;
     // A committed segment the manifest does not list: the store no longer
     // says it is committed (readers that trust the manifest miss it).
-    let needs_operator = quarantined > 0
+    let needs_operator = totals.needs_operator()
         || remote.objects_missing > 0
         || lost_notes > 0
         || remote.not_in_manifest > 0;
@@ -1008,6 +1010,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
             ));
         }
         s.push_str(&crate::cli::table::totals_line(&o.totals));
+        s.push_str(&crate::cli::local::local_lines(&o.totals));
         s.push('\n');
         let r = &o.remote;
         let owner = r.lease.describe(now);
