@@ -1035,6 +1035,50 @@ fn credentials_a_server_echoes_are_never_printed() {
     }
 }
 
+/// A mistyped URL holding the secret is never echoed (helper-39, F2): the
+/// `@` percent-encoded, or `@host` left out so the secret sits where a
+/// port goes. Each was printed whole in the error line.
+#[test]
+fn a_mistyped_url_holding_the_secret_is_not_echoed() {
+    let secret = "SeCrEt1234Value";
+    let creds: &[(&str, &str)] = &[
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE77"),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+    ];
+    let store_enc = format!("s3://AKIAX:{secret}%40bucket/p");
+    let ep_enc = format!("http://AKIAX:{secret}%40127.0.0.1:9/");
+    let ep_port = format!("http://AKIAX:{secret}/");
+    let cases: [Vec<&str>; 3] = [
+        vec!["--store", &store_enc, "store-check"],
+        vec![
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            &ep_enc,
+            "store-check",
+        ],
+        vec![
+            "--store",
+            "s3://bkt/p",
+            "--endpoint",
+            &ep_port,
+            "store-check",
+        ],
+    ];
+    for args in cases {
+        let sb = Sandbox::new();
+        let o = sb.run(&args, creds);
+        assert_sane(&o, args[1]);
+        assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!all.contains("SeCrEt1234"), "{args:?}: {}", text(&o));
+    }
+}
+
 #[test]
 fn store_problems_say_what_to_do() {
     let no_bucket = fake_s3(

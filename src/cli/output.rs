@@ -42,6 +42,9 @@ pub(crate) fn out_line(line: &str) -> bool {
 
 /// Writes `line` and a newline to stderr; errors are ignored.
 pub(crate) fn note(line: &str) {
+    // The credentials this process was given never reach the terminal,
+    // whatever quoted them (a mistyped URL echoed in an error, a server).
+    let line = crate::error::scrub(line);
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(line.as_bytes());
     let _ = err.write_all(b"\n");

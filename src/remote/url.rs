@@ -68,12 +68,31 @@ struct Raw<'a> {
 /// `raw` holds an `@` anywhere (user info, perhaps with a `/` in the
 /// password). Query and fragment are cut off (a token may live there).
 pub fn redact(raw: &str) -> String {
-    if raw.contains('@') {
+    if holds_user_info(raw) {
         return "<URL with credentials, not shown>".to_string();
+    }
+    // `scheme://user:secret/...`: the `@host` left out, the secret where
+    // a port goes. A port is digits; anything else after the authority's
+    // last `:` is not shown.
+    if let Some((_, rest)) = raw.split_once("://") {
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        let port = authority
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.starts_with('[') || host.ends_with(']'))
+            .map(|(_, p)| p);
+        if port.is_some_and(|p| !p.chars().all(|c| c.is_ascii_digit())) {
+            return "<URL with something other than a port after its host, not shown>".to_string();
+        }
     }
     let cut = raw.find(['?', '#']).map_or(raw, |i| &raw[..i]);
     let shown: String = cut.chars().filter(|c| !c.is_control()).take(200).collect();
     format!("{shown:?}")
+}
+
+/// An `@` anywhere, also percent-encoded (`%40`): user info, perhaps with
+/// a `/` or an encoded `@` in the password.
+fn holds_user_info(raw: &str) -> bool {
+    raw.contains('@') || raw.to_ascii_lowercase().contains("%40")
 }
 
 fn invalid(field: &str, raw: &str, why: impl std::fmt::Display, forms: &str) -> Error {
@@ -98,7 +117,7 @@ fn split<'a>(field: &str, raw: &'a str, forms: &str) -> Result<Raw<'a>> {
     // Any `@` counts as user info, wherever it is: a password holding `/`
     // ends the authority early, so the `@` lands in what looks like the
     // path (`s3://KEY:a/b@bucket`), and the text must still not be echoed.
-    if raw.contains('@') {
+    if holds_user_info(raw) {
         return Err(credentials(field));
     }
     let Some((scheme, rest)) = raw.split_once("://") else {
@@ -576,5 +595,12 @@ mod tests {
         assert_eq!(redact("s3://b/p?token=x"), "\"s3://b/p\"");
         assert!(!redact("http://a:b@h/").contains("a:b"));
         assert!(!redact("a:secret@h").contains("secret"));
+        // helper-39, F2: an encoded `@`, or the secret where a port goes.
+        assert!(!redact("s3://AKIAX:SeCrEt1234%40bucket/p").contains("SeCrEt"));
+        assert!(!redact("http://AKIAX:SeCrEt1234%40127.0.0.1:9/").contains("SeCrEt"));
+        assert!(!redact("http://AKIAX:SeCrEt1234/").contains("SeCrEt"));
+        assert_eq!(redact("http://127.0.0.1:9000/x"), "\"http://127.0.0.1:9000/x\"");
+        assert_eq!(redact("http://[::1]:9000/"), "\"http://[::1]:9000/\"");
+        assert_eq!(redact("http://[::1]/"), "\"http://[::1]/\"");
     }
 }
