@@ -448,6 +448,28 @@ pub fn recover_checking(
                         "torn tail, possibly acknowledged: {}",
                         n.line()
                     );
+                    // More than the one item a kill -9 mid-append can
+                    // tear: damage, and the span was copied first. Its
+                    // record keeps the loss in `status` and `quarantine
+                    // list` (exit 4) after this start, as a salvage's does.
+                    // A single torn item (what any crash may leave) is
+                    // reported by this start only.
+                    if let Some(copy) = &rec.tail_saved_to {
+                        write_record(
+                            copy,
+                            &QuarantineRecord {
+                                original: path.display().to_string(),
+                                moved_to: copy.display().to_string(),
+                                reason: format!(
+                                    "damaged items after the last valid one of an active \
+                                     segment, copied here before they were zeroed; {}",
+                                    n.line()
+                                ),
+                                at_ms: now_ms(),
+                                loss: Some(n.clone()),
+                            },
+                        )?;
+                    }
                     out.report.salvaged.push(n);
                 }
                 match sealed_counts.get(id) {
