@@ -708,6 +708,7 @@ fn the_check_catches_a_silently_missing_entry() {
         fenced: None,
         elapsed_ms: 0,
         lost: Vec::new(),
+        unlisted: Vec::new(),
     };
     let open = OpenReport {
         previous_shutdown_clean: true,

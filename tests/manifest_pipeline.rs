@@ -217,6 +217,64 @@ async fn full_drain_lists_every_committed_segment_in_the_manifest() {
     assert!(m.lease.is_none(), "lease not released: {:?}", m.lease);
 }
 
+/// A manifest rolled back in the store (its newest versions deleted, as a
+/// restore of the bucket would): the next drain took the stream on top of
+/// the old list and ended "fully drained", exit 0, while readers through
+/// the manifest missed the segments it no longer lists (helper-39, F1).
+/// The shutdown now names them (`unlisted`, not fully drained, exit 4), and
+/// after `reconcile --repair` commits them it is clean again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_rolled_back_in_the_store_is_not_reported_clean() {
+    let rig = Rig::new(14);
+    let data = rig.data("a");
+    let cfg = config(data.clone(), "owner-a");
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    write(&ti, 0..(ITEMS as u64 * 3 + 20));
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    let (m, listed) = rig.manifest().await;
+    assert_eq!(listed.len(), 4);
+    // Back to the version that listed only the first segment(s): delete
+    // every version above the first that lists something.
+    let ms = rig.manifest_store();
+    let mut keep = None;
+    for v in 1..=m.version {
+        let k = ms.version_key(v);
+        if keep.is_some() {
+            rig.fs.inner().delete(&k).await.unwrap();
+        } else if let Ok(g) = rig.fs.inner().get(&k).await {
+            let body = g.bytes().await.unwrap();
+            if String::from_utf8_lossy(&body).contains("\"segments\"") && v > 1 {
+                keep = Some(v);
+            }
+        }
+    }
+    let (_, after) = rig.manifest().await;
+    assert!(after.len() < 4, "nothing rolled back: {after:?}");
+
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(
+        !r.fully_drained(),
+        "a rolled-back manifest reported clean: {r:?}"
+    );
+    assert_eq!(r.unlisted.len(), 4 - after.len(), "{r:?}");
+    assert!(!r.clean_marker_written);
+
+    let opts = tierindex::recovery::reconcile::ReconcileOptions {
+        repair: true,
+        grace: Duration::from_secs(3600),
+        deep: false,
+    };
+    tierindex::recovery::reconcile::reconcile(&cfg, &rig.remote(), &opts)
+        .await
+        .unwrap();
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    check_committed_match_manifest(&rig, &data).await;
+}
+
 /// (b) A second owner is refused while the first one's lease is live; once
 /// it is expired (by the second owner's clock) the second takes over, and
 /// the first owner's next commit is fenced: that segment stays `Verified`

@@ -248,6 +248,16 @@ fn report_text(o: &ReportOut<'_>) -> String {
             s.push_str(&format!("\n  lost {}", n.line()));
         }
     }
+    if !r.unlisted.is_empty() {
+        s.push_str(&format!(
+            "\nNOT IN THE MANIFEST: {} segment(s) the journal records as committed are not \
+             listed in the stream's manifest (rolled back or restored in the store, or another \
+             store): readers through it miss them. `tierindex reconcile --repair` commits those \
+             whose objects are in place: {:?}",
+            r.unlisted.len(),
+            r.unlisted
+        ));
+    }
     if let Some(e) = &r.error {
         s.push_str(&format!("\nerror: {e}"));
     }
@@ -299,7 +309,7 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
              uploads stopped, uncommitted segments stay Verified with their local files"
         ));
         EXIT_FENCED
-    } else if !r.drain.quarantined.is_empty() || !r.lost.is_empty() {
+    } else if !r.drain.quarantined.is_empty() || !r.lost.is_empty() || !r.unlisted.is_empty() {
         EXIT_NEEDS_OPERATOR
     } else if fatal.is_some() {
         EXIT_ERROR
@@ -324,6 +334,7 @@ mod tests {
             fenced: fenced.map(str::to_string),
             elapsed_ms: 0,
             lost: Vec::new(),
+            unlisted: Vec::new(),
         }
     }
 

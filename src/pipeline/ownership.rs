@@ -388,6 +388,35 @@ impl Shared {
         Ok(out)
     }
 
+    /// Segments the journal records as committed (`Committed`,
+    /// `Released`) that the manifest, as this owner last saw it, does not
+    /// list. Not owner (ownership still pending): none checked.
+    pub async fn unlisted_committed(&self) -> Result<Vec<u64>> {
+        use crate::journal::SegmentState;
+        let Some(m) = &self.manifest else {
+            return Ok(Vec::new());
+        };
+        let ids: Vec<SegmentId> = self
+            .journal
+            .read()
+            .segments()
+            .iter()
+            .filter(|(_, r)| matches!(r.state, SegmentState::Committed | SegmentState::Released))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut guard = m.writer.lock().await;
+        let Some(w) = guard.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if w.listed(id).await?.is_none() {
+                out.push(id.0);
+            }
+        }
+        Ok(out)
+    }
+
     /// The entry the manifest lists under `id` (as this owner last saw
     /// it), read as the current owner. Not owned or fenced: an error.
     pub async fn manifest_entry(&self, id: SegmentId) -> Result<Option<SegmentEntry>> {

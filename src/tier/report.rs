@@ -42,6 +42,13 @@ pub struct ShutdownReport {
     /// empty means an operator must look (exit code 4), even when
     /// everything salvaged was drained.
     pub lost: Vec<LossNote>,
+    /// With the manifest: segments the journal records as committed that
+    /// the stream's manifest does not list (checked at the end of the
+    /// drain; a manifest rolled back or restored in the store, or another
+    /// store). Readers through the manifest miss them: not empty means an
+    /// operator must look (exit code 4); `tierindex reconcile --repair`
+    /// commits those whose objects are in place.
+    pub unlisted: Vec<u64>,
 }
 
 impl ShutdownReport {
@@ -56,6 +63,7 @@ impl ShutdownReport {
             && self.fenced.is_none()
             && self.drain.pending.is_empty()
             && self.drain.quarantined.is_empty()
+            && self.unlisted.is_empty()
     }
 }
 

@@ -90,6 +90,40 @@ impl TierIndex {
                 let _ = p.await;
             }
         }
+        // Every segment the journal calls committed is in the manifest,
+        // or the report says which are not (a rolled-back manifest would
+        // otherwise end in "clean").
+        let unlisted = if sh.manifest.is_some() && sh.fenced.get().is_none() {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left.max(Duration::from_millis(500)), sh.unlisted_committed())
+                .await
+            {
+                Ok(Ok(ids)) => ids,
+                Ok(Err(e)) => {
+                    error.get_or_insert(format!(
+                        "could not check that the manifest lists every committed segment: {e}"
+                    ));
+                    Vec::new()
+                }
+                Err(_) => {
+                    error.get_or_insert(
+                        "checking that the manifest lists every committed segment did not \
+                         finish before the deadline"
+                            .to_string(),
+                    );
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        if !unlisted.is_empty() {
+            tracing::error!(
+                segments = ?unlisted,
+                "segments committed in the journal are not listed in the stream's manifest; \
+                 `tierindex reconcile --repair` commits them"
+            );
+        }
         let fenced = sh.fenced.get().cloned();
         if let Some(why) = &fenced {
             error.get_or_insert_with(|| {
@@ -104,6 +138,7 @@ impl TierIndex {
             fenced,
             elapsed_ms: 0,
             lost: std::mem::take(&mut self.losses),
+            unlisted,
         };
         if sh.manifest.is_some() && report.fully_drained() {
             // Hand the stream over without making the next owner wait for
