@@ -108,12 +108,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1)
             .max(1);
+        // STREAMS_SEGMENT_ITEMS / STREAMS_SLOTS: the segments' geometry
+        // (default 20,000 items and 4,096 slots; the library's own default
+        // is 1,048,576 and 65,536).
+        let env_u32 = |k: &str, d: u32| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let (items, slots) = (
+            env_u32("STREAMS_SEGMENT_ITEMS", 20_000),
+            env_u32("STREAMS_SLOTS", 4_096),
+        );
         let configs = (0..n).map(|i| {
             let cfg = Config::builder(dir.join(format!("data-{i}")))
                 .stream(format!("s{i}"))
                 .store(store.clone())
-                .segment_items(20_000)
-                .slot_count(4_096)
+                .segment_items(items)
+                .slot_count(slots)
                 .segment_max_age(Some(Duration::from_secs(60)));
             if manifest {
                 cfg
