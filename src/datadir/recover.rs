@@ -399,11 +399,37 @@ pub fn recover_checking(
                     superseded.push(id.0);
                     continue;
                 }
+                // The loss record of a damaged tail goes with its copy, before
+                // the tail is zeroed (a crash in between must not leave the
+                // copy without it).
+                let mut record_tail = |copy: &Path| -> Result<()> {
+                    let Some(mut n) = torn_note.clone() else {
+                        return Ok(());
+                    };
+                    n.original_moved_to = Some(copy.display().to_string());
+                    write_record(
+                        copy,
+                        &QuarantineRecord {
+                            original: path.display().to_string(),
+                            moved_to: copy.display().to_string(),
+                            reason: format!(
+                                "damaged items after the last valid one of an active segment, \
+                                 copied here before they were zeroed; {}",
+                                n.line()
+                            ),
+                            at_ms: now_ms(),
+                            loss: Some(n),
+                        },
+                    )
+                };
                 let checked = match mode {
-                    Mode::Repair => {
-                        ActiveSegment::open_within(path, Some(&dir.quarantine_dir()), geometry)
-                            .map(|(s, r)| (Some(s), r))
-                    }
+                    Mode::Repair => ActiveSegment::open_noting(
+                        path,
+                        Some(&dir.quarantine_dir()),
+                        geometry,
+                        &mut record_tail,
+                    )
+                    .map(|(s, r)| (Some(s), r)),
                     Mode::CheckOnly => active::check_active(path).and_then(|(hid, r)| {
                         if hid == *id {
                             Ok((None, r))
@@ -449,27 +475,11 @@ pub fn recover_checking(
                         n.line()
                     );
                     // More than the one item a kill -9 mid-append can
-                    // tear: damage, and the span was copied first. Its
-                    // record keeps the loss in `status` and `quarantine
-                    // list` (exit 4) after this start, as a salvage's does.
-                    // A single torn item (what any crash may leave) is
-                    // reported by this start only.
-                    if let Some(copy) = &rec.tail_saved_to {
-                        write_record(
-                            copy,
-                            &QuarantineRecord {
-                                original: path.display().to_string(),
-                                moved_to: copy.display().to_string(),
-                                reason: format!(
-                                    "damaged items after the last valid one of an active \
-                                     segment, copied here before they were zeroed; {}",
-                                    n.line()
-                                ),
-                                at_ms: now_ms(),
-                                loss: Some(n.clone()),
-                            },
-                        )?;
-                    }
+                    // tear: damage, and the span was copied first with its
+                    // record (`record_tail`), which keeps the loss in
+                    // `status` and `quarantine list` (exit 4) after this
+                    // start, as a salvage's does. A single torn item (what
+                    // any crash may leave) is reported by this start only.
                     out.report.salvaged.push(n);
                 }
                 match sealed_counts.get(id) {

@@ -286,30 +286,82 @@ fn fallocate(file: &File, path: &Path, from: u64, len: u64) -> Result<()> {
 /// its path.
 pub struct Allocation {
     path: PathBuf,
-    /// Bytes from the file's start that are allocated.
+    /// Bytes from the file's start that are allocated: always a multiple
+    /// of [`ALLOC_ALIGN`] (or the file's length), so that no page an item
+    /// is written to holds an unallocated block (a block smaller than a
+    /// page, or a page larger than 4 KiB, would otherwise leave one past
+    /// an unaligned end, and its first write fault on a full disk would be
+    /// a SIGBUS).
     end: std::sync::atomic::AtomicU64,
     file_len: u64,
+    /// The file's identity (device, inode): a stretch is allocated only in
+    /// the file this segment maps, never in another one put under its name.
+    file_id: (u64, u64),
+    /// One allocation at a time: `posix_fallocate` emulated by the C
+    /// library (file systems without `fallocate`) writes zeros over what
+    /// reads as zero, and must not run over items an append just wrote.
+    lock: std::sync::Mutex<()>,
+}
+
+/// What an allocation's end is rounded up to: the largest page size Linux
+/// runs with (64 KiB), which is also a multiple of any file system block.
+pub const ALLOC_ALIGN: u64 = 64 << 10;
+
+fn align_up(n: u64) -> u64 {
+    n.div_ceil(ALLOC_ALIGN).saturating_mul(ALLOC_ALIGN)
+}
+
+fn file_id(file: &File, path: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = file
+        .metadata()
+        .map_err(|e| Error::io(path, "stat active segment", e))?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl Allocation {
+    fn new(file: &File, path: &Path, end: u64, file_len: u64) -> Result<Allocation> {
+        Ok(Allocation {
+            path: path.to_path_buf(),
+            end: std::sync::atomic::AtomicU64::new(end),
+            file_len,
+            file_id: file_id(file, path)?,
+            lock: std::sync::Mutex::new(()),
+        })
+    }
+
     /// Bytes from the file's start that are allocated.
     #[inline]
     pub fn end(&self) -> u64 {
         self.end.load(Ordering::Acquire)
     }
 
-    /// Allocate the file up to byte `to` (at most its length). The file is
-    /// opened by its path: one sealed meanwhile (its `.active` name gone) is
-    /// not allocated for, and that is an error only its appends would see,
-    /// and a sealed segment takes none.
+    /// Allocate the file up to byte `to` (rounded up to [`ALLOC_ALIGN`], at
+    /// most its length). The file is opened by its path and must be the one
+    /// mapped: one sealed meanwhile (its `.active` name gone), or another
+    /// file under its name, is not allocated for, and that is an error only
+    /// its appends would see (a sealed segment takes none).
     pub fn extend_to(&self, to: u64) -> Result<()> {
-        let to = to.min(self.file_len);
+        let to = align_up(to).min(self.file_len);
+        if to <= self.end() {
+            return Ok(());
+        }
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let from = self.end();
         if to <= from {
             return Ok(());
         }
         let file = crate::durable::open_regular(&self.path, true)
             .map_err(|e| Error::io(&self.path, "open active segment to allocate a stretch", e))?;
+        if file_id(&file, &self.path)? != self.file_id {
+            return Err(Error::io(
+                &self.path,
+                "allocate a stretch of an active segment",
+                std::io::Error::other(
+                    "another file is under its name (moved or replaced while mapped)",
+                ),
+            ));
+        }
         fallocate(&file, &self.path, from, to - from)?;
         self.end.fetch_max(to, Ordering::AcqRel);
         Ok(())
@@ -467,10 +519,7 @@ impl ActiveSegment {
         // the file (SIGBUS). Allocated: the header, the slot table (every
         // append writes there) and a first stretch of items; the rest in
         // stretches ahead of the appends.
-        let first = layout
-            .items_offset
-            .saturating_add(ALLOC_MIN)
-            .min(layout.file_len);
+        let first = align_up(layout.items_offset.saturating_add(ALLOC_MIN)).min(layout.file_len);
         file.set_len(layout.file_len)
             .map_err(|e| Error::io(&path, "size active segment", e))
             .map_err(cleanup)?;
@@ -500,12 +549,10 @@ impl ActiveSegment {
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| Error::io(&path, "mmap active segment", e))
             .map_err(cleanup)?;
+        let alloc = std::sync::Arc::new(
+            Allocation::new(&file, &path, first, layout.file_len).map_err(cleanup)?,
+        );
         drop(file);
-        let alloc = std::sync::Arc::new(Allocation {
-            path: path.clone(),
-            end: std::sync::atomic::AtomicU64::new(first),
-            file_len: layout.file_len,
-        });
         let mut seg = ActiveSegment {
             path,
             map,
@@ -548,6 +595,19 @@ impl ActiveSegment {
         save_dir: Option<&Path>,
         geometry: Option<Geometry>,
     ) -> Result<(ActiveSegment, ActiveRecovery)> {
+        Self::open_noting(path, save_dir, geometry, &mut |_| Ok(()))
+    }
+
+    /// [`open_within`](Self::open_within), calling `saved` with the copy of
+    /// a damaged tail once it is durable and before the tail is zeroed (the
+    /// caller's record of the loss must not be lost to a crash between the
+    /// zeroing and the record).
+    pub fn open_noting(
+        path: &Path,
+        save_dir: Option<&Path>,
+        geometry: Option<Geometry>,
+        saved: &mut dyn FnMut(&Path) -> Result<()>,
+    ) -> Result<(ActiveSegment, ActiveRecovery)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -578,6 +638,9 @@ impl ActiveSegment {
             // but still untrusted input (it can claim ~11 GB). Start-up
             // never gets here: it salvages a cut file (`segment::salvage`).
             check_claim(path, file_len, &layout, geometry)?;
+            file.set_len(layout.file_len)
+                .map_err(|e| Error::io(path, "re-extend active segment", e))?;
+            crate::durable::resized(path);
             rec.extended_from = Some(file_len);
         } else if file_len > layout.file_len {
             return Err(Error::corrupt(
@@ -585,13 +648,12 @@ impl ActiveSegment {
                 format!("{file_len} bytes, header implies {}", layout.file_len),
             ));
         }
-        // Allocated whole (what a crash left was allocated in stretches):
-        // recovery zeroes the tail through the map, and the appends that
-        // follow are not checked against stretches any more.
-        allocate(&file, path, layout.file_len)?;
-        // SAFETY: as in `create`; the file now has its full allocated length.
+        // SAFETY: as in `create`; the file now has its full length (sparse
+        // where a crash left it allocated in stretches: `recover` allocates
+        // what it writes before writing it).
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| Error::io(path, "mmap active segment", e))?;
+        let alloc = std::sync::Arc::new(Allocation::new(&file, path, 0, layout.file_len)?);
         let mut seg = ActiveSegment {
             path: path.to_path_buf(),
             map,
@@ -604,16 +666,14 @@ impl ActiveSegment {
             poisoned: None,
             pf_end: 0,
             pf_at: u32::MAX,
-            alloc: std::sync::Arc::new(Allocation {
-                path: path.to_path_buf(),
-                end: std::sync::atomic::AtomicU64::new(layout.file_len),
-                file_len: layout.file_len,
-            }),
+            alloc,
         };
-        seg.recover(&file, &mut rec, save_dir)?;
+        seg.recover(&file, &mut rec, save_dir, saved)?;
         drop(file);
-        // Recovery read the whole file: no stretch is due.
-        seg.set_prefaulted(usize::MAX);
+        // Stretches resume from what recovery allocated (it read the whole
+        // file; populating a stretch again costs nothing).
+        let end = usize::try_from(seg.alloc.end()).unwrap_or(usize::MAX);
+        seg.set_prefaulted(end);
         Ok((seg, rec))
     }
 
@@ -622,23 +682,32 @@ impl ActiveSegment {
         file: &File,
         rec: &mut ActiveRecovery,
         save_dir: Option<&Path>,
+        saved: &mut dyn FnMut(&Path) -> Result<()>,
     ) -> Result<()> {
         let l = self.layout;
         let mut heads = vec![0u32; l.slot_count as usize];
         let valid = scan_valid_prefix(&self.map, &l, self.id, &mut heads);
+        // Zero every non-zero byte after the valid prefix, so that an item
+        // written before the crash but never flushed cannot reappear once
+        // the gap before it is filled again.
+        let tail_start = l.item_offset(valid);
+        let last = self.map[tail_start..l.file_len as usize]
+            .iter()
+            .rposition(|&b| b != 0);
+        // Nothing is written through the map below before it is allocated:
+        // the header and slot table, the tail to zero, and a first stretch
+        // for the appends. Not the whole file (a crash of 10,000 idle
+        // streams must not need their whole preallocation to restart).
+        let written_to = last.map_or(tail_start, |x| tail_start + x + 1);
+        let to = align_up((written_to as u64).saturating_add(ALLOC_MIN)).min(l.file_len);
+        fallocate(file, &self.path, 0, to)?;
+        self.alloc.end.fetch_max(to, Ordering::AcqRel);
         let slots = &mut self.map[l.slots_offset as usize..l.items_offset as usize];
         slots.fill(0);
         for (c, h) in slots.chunks_exact_mut(4).zip(&heads) {
             c.copy_from_slice(&h.to_le_bytes());
         }
-        // Zero every non-zero byte after the valid prefix, so that an item
-        // written before the crash but never flushed cannot reappear once
-        // the gap before it is filled again.
-        let tail_start = l.item_offset(valid);
-        if let Some(last) = self.map[tail_start..l.file_len as usize]
-            .iter()
-            .rposition(|&b| b != 0)
-        {
+        if let Some(last) = last {
             let tail_end = tail_start + last + 1;
             // A kill -9 mid-append leaves at most the one item being written
             // torn (appends are sequential and the page cache survives): a
@@ -649,7 +718,9 @@ impl ActiveSegment {
             if let Some(dir) = save_dir
                 && tail_end > tail_start + ACTIVE_ITEM_LEN
             {
-                rec.tail_saved_to = Some(self.save_tail(dir, tail_start, tail_end)?);
+                let copy = self.save_tail(dir, tail_start, tail_end)?;
+                saved(&copy)?;
+                rec.tail_saved_to = Some(copy);
             }
             self.map[tail_start..tail_end].fill(0);
             rec.torn_bytes_zeroed = (tail_end - tail_start) as u64;
@@ -1071,7 +1142,8 @@ mod tests {
         assert_eq!(s.prefault_due(), None);
 
         // A segment created without `prefault` asks for its first stretch
-        // at its first append; a recovered one asks for none.
+        // at its first append; a recovered one goes on from what recovery
+        // allocated, each stretch following the one before.
         let mut s = ActiveSegment::create(d.path(), SegmentId(2), 1024, 100_000, 0).unwrap();
         s.append_entry(e(1, 1)).unwrap();
         assert_eq!(
@@ -1085,10 +1157,16 @@ mod tests {
         let path = s.path().to_path_buf();
         drop(s);
         let (mut s, _) = ActiveSegment::open(&path, None).unwrap();
+        let mut at = s.allocated_len();
         for i in 0..50_000 {
             s.append_entry(e(i % 5, i)).unwrap();
-            assert_eq!(s.prefault_due(), None);
+            if let Some((from, to)) = s.prefault_due() {
+                assert_eq!(from, at);
+                assert!(to > from);
+                at = to;
+            }
         }
+        assert!(at > s.layout.item_offset(50_000) as u64, "{at}");
         // A whole-file prefault leaves nothing due.
         let mut s = ActiveSegment::create(d.path(), SegmentId(3), 1024, 1_000_000, 0).unwrap();
         s.prefault(usize::MAX);
@@ -1179,7 +1257,8 @@ mod tests {
         let mut s = ActiveSegment::create(d.path(), SegmentId(1), 1024, 1_000_000, 0).unwrap();
         let items = s.layout.items_offset;
         assert_eq!(std::fs::metadata(s.path()).unwrap().len(), s.file_len());
-        assert_eq!(s.allocated_len(), items + ALLOC_MIN);
+        assert_eq!(s.allocated_len(), align_up(items + ALLOC_MIN));
+        assert_eq!(s.allocated_len() % ALLOC_ALIGN, 0);
         let on_disk = allocated_on_disk(s.path());
         assert!(on_disk < s.file_len() / 10, "{on_disk} of {}", s.file_len());
         let n = (3 * ALLOC_MIN / ACTIVE_ITEM_LEN as u64) as u32;
@@ -1195,8 +1274,50 @@ mod tests {
         let (r, rec) = ActiveSegment::open(&d.path().join("00000000000000000001.active"), None)
             .unwrap();
         assert_eq!(rec.valid_items, n);
-        // Recovery allocates what a crash left in stretches whole.
-        assert_eq!(r.allocated_len(), r.file_len());
+        // Recovery allocates what it writes and a stretch, not the whole
+        // file, page-aligned.
+        assert!(r.allocated_len() >= need + ALLOC_MIN, "{}", r.allocated_len());
+        assert!(r.allocated_len() < r.file_len() / 10, "{}", r.allocated_len());
+        assert_eq!(r.allocated_len() % ALLOC_ALIGN, 0);
+        assert!(allocated_on_disk(r.path()) < r.file_len() / 10);
+    }
+
+    /// However long the stretch asked for (a spare sized by the items the
+    /// last segment held, 40 bytes each), what is allocated ends on a
+    /// 64 KiB boundary: no page an item lands on holds an unallocated block
+    /// (file systems with 1 KiB blocks, kernels with 64 KiB pages), whose
+    /// first write on a full disk would be a SIGBUS (helper-41).
+    #[test]
+    fn allocation_ends_on_a_boundary_no_page_straddles() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 64, 100_000, 0).unwrap();
+        s.prefault(2000 * ACTIVE_ITEM_LEN);
+        assert_eq!(s.allocated_len() % ALLOC_ALIGN, 0, "{}", s.allocated_len());
+        let first = s.allocated_len();
+        let n = ((first - s.layout.items_offset) / ACTIVE_ITEM_LEN as u64) as u32 + 3;
+        for i in 0..n {
+            s.append_entry(e(1, u64::from(i))).unwrap();
+        }
+        assert!(s.allocated_len() > first);
+        assert_eq!(s.allocated_len() % ALLOC_ALIGN, 0, "{}", s.allocated_len());
+    }
+
+    /// Another file put under the segment's name (moved or replaced while
+    /// mapped) is not allocated for: the append is refused.
+    #[test]
+    fn a_stretch_is_never_allocated_in_another_file_under_the_name() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 64, 100_000, 0).unwrap();
+        let path = s.path().to_path_buf();
+        std::fs::rename(&path, d.path().join("moved")).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        let err = loop {
+            if let Err(e) = s.append_entry(e(1, 1)) {
+                break e;
+            }
+        };
+        assert!(err.to_string().contains("another file"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
     }
 
     /// The next stretch cannot be allocated (here: the file was moved away
