@@ -135,6 +135,18 @@ impl DataDir {
             hostname(),
             now_ms()
         );
+        // A build from before the directory lock (crates before 2026-12-05)
+        // locks `LOCK` itself: one running must not be missed. Checked, not
+        // held (a descriptor a stream).
+        if !crate::durable::try_lock(&info, &lock_path, "lock data directory")? {
+            let mut holder = String::new();
+            let _ = info.read_to_string(&mut holder);
+            return Err(Error::Locked {
+                path: root.to_path_buf(),
+                holder: format!("an older tierindex holding its LOCK file: {}", holder.trim()),
+            });
+        }
+        let _ = info.unlock();
         // Informational only (who holds the lock); not a durability point.
         let _ = info
             .set_len(0)
