@@ -193,13 +193,26 @@ fn a_copy_of_a_running_brokers_directory_does_not_release_its_lease() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let copy = d.path().join("data-copy");
-    let cp = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&data)
-        .arg(&copy)
-        .status()
-        .unwrap();
-    assert!(cp.success());
+    // A live directory: a file may go between cp's listing and its copy
+    // (a seal's tmp file, a compaction's): copied again, as an operator
+    // would.
+    let mut copied = false;
+    for _ in 0..10 {
+        let _ = std::fs::remove_dir_all(&copy);
+        let cp = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&data)
+            .arg(&copy)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        if cp.success() {
+            copied = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(copied, "cp -a of the live data directory failed 10 times");
     let _ = std::fs::remove_file(copy.join("LOCK"));
     let o = run(
         &cfg,
