@@ -292,7 +292,6 @@ fn hostname() -> String {
 mod recover;
 mod report;
 use crate::segment::names::{Kind, classify};
-pub use crate::segment::names::segment_file_id;
 pub use recover::*;
 pub use report::*;
 

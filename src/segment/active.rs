@@ -50,7 +50,7 @@ use crate::segment::salvage::Geometry;
 use crate::segment::{Entry, SegmentId, TimeRange};
 
 /// `open` without a configured geometry re-extends a cut file by at most
-/// this many bytes (1 GiB). With a geometry ([`ActiveSegment::open_within`])
+/// this many bytes (1 GiB). With a geometry ([`ActiveSegment::open_noting`])
 /// the bound is the geometry's file length.
 pub const MAX_REEXTEND_BYTES: u64 = 1 << 30;
 
@@ -590,6 +590,7 @@ impl ActiveSegment {
     /// [`open`](Self::open), refusing (as `Error::Corrupt`, before anything
     /// is fallocated or mapped) a header whose sizes reach past the file
     /// and past what `geometry`, the configured one, would create.
+    #[cfg(any(test, feature = "testing"))]
     pub fn open_within(
         path: &Path,
         save_dir: Option<&Path>,
@@ -598,10 +599,13 @@ impl ActiveSegment {
         Self::open_noting(path, save_dir, geometry, &mut |_| Ok(()))
     }
 
-    /// [`open_within`](Self::open_within), calling `saved` with the copy of
-    /// a damaged tail once it is durable and before the tail is zeroed (the
-    /// caller's record of the loss must not be lost to a crash between the
-    /// zeroing and the record).
+    /// Open an existing active segment after a restart or crash, as
+    /// `open`, refusing (as `Error::Corrupt`, before anything is allocated
+    /// or mapped) a header whose sizes reach past the file and past what
+    /// `geometry`, the configured one, would create; and calling `saved`
+    /// with the copy of a damaged tail once it is durable and before the
+    /// tail is zeroed (the caller's record of the loss must not be lost to
+    /// a crash between the zeroing and the record).
     pub fn open_noting(
         path: &Path,
         save_dir: Option<&Path>,
