@@ -79,6 +79,22 @@ impl Rig {
     }
 }
 
+/// `reconcile --repair` of `cfg`'s stream on the rig's store (as the CLI
+/// runs it: no grace for what the journal names, no deep reads).
+async fn reconcile_repair(
+    rig: &Rig,
+    cfg: &Config,
+) -> tierindex::recovery::reconcile::ReconcileReport {
+    let opts = tierindex::recovery::reconcile::ReconcileOptions {
+        repair: true,
+        grace: Duration::from_secs(3600),
+        deep: false,
+    };
+    tierindex::recovery::reconcile::reconcile(cfg, &rig.remote(), &opts)
+        .await
+        .unwrap()
+}
+
 /// Opens, waiting (bounded) for a dropped predecessor's locks.
 async fn open(
     cfg: &Config,
@@ -261,18 +277,59 @@ async fn a_manifest_rolled_back_in_the_store_is_not_reported_clean() {
     assert_eq!(r.unlisted.len(), 4 - after.len(), "{r:?}");
     assert!(!r.clean_marker_written);
 
-    let opts = tierindex::recovery::reconcile::ReconcileOptions {
-        repair: true,
-        grace: Duration::from_secs(3600),
-        deep: false,
-    };
-    tierindex::recovery::reconcile::reconcile(&cfg, &rig.remote(), &opts)
-        .await
-        .unwrap();
+    reconcile_repair(&rig, &cfg).await;
     let ti = open(&cfg, rig.remote(), None).await.unwrap();
     let r = ti.shutdown(Duration::from_secs(20)).await;
     assert!(r.fully_drained(), "{r:?}");
     check_committed_match_manifest(&rig, &data).await;
+}
+
+/// A release that finds its committed object gone from the store keeps
+/// the local copy and says so at once: the drain used to retry it until its
+/// deadline (5 minutes from the CLI) and end "pending" (helper-39, F6).
+/// Now the segment is parked for an operator (`DrainReport::parked`, exit
+/// 4 from the CLI) and the drain ends without waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_object_is_gone_is_reported_at_once_not_retried_to_the_deadline() {
+    let rig = Rig::new(15);
+    let data = rig.data("a");
+    let cfg = config(data.clone(), "owner-a");
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    write(&ti, 0..(ITEMS as u64 * 2 + 20));
+    assert!(ti.shutdown(Duration::from_secs(20)).await.fully_drained());
+    let (_, listed) = rig.manifest().await;
+    let (id, entry) = listed.iter().next().map(|(i, e)| (*i, e.clone())).unwrap();
+    rig.fs
+        .inner()
+        .delete(&object_store::path::Path::from(entry.key.clone()))
+        .await
+        .unwrap();
+    let releasing = Config {
+        release_after_commit: true,
+        ..cfg.clone()
+    };
+    let t = Instant::now();
+    let ti = open(&releasing, rig.remote(), None).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "retried to the deadline: {r:?}"
+    );
+    assert_eq!(r.drain.parked, vec![id.0], "{r:?}");
+    assert!(!r.fully_drained() && !r.drain.deadline_hit, "{r:?}");
+    let why = r.drain.pending.iter().find(|p| p.id == id.0).unwrap();
+    let why = why.last_error.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("missing") && why.contains("reconcile --repair"),
+        "{why}"
+    );
+    assert!(
+        common::sealed_path(&data, id).exists(),
+        "the local copy went"
+    );
+    // The others were released.
+    let j = journal(&data);
+    assert_eq!(ids_in(&j, SegmentState::Committed), vec![id], "{j:?}");
 }
 
 /// (b) A second owner is refused while the first one's lease is live; once
@@ -738,14 +795,7 @@ async fn a_foreign_committed_segment_is_released_only_once_the_manifest_lists_it
     let (_, listed) = rig.manifest().await;
     assert!(!listed.contains_key(&id), "{listed:?}");
 
-    let opts = tierindex::recovery::reconcile::ReconcileOptions {
-        repair: true,
-        grace: Duration::from_secs(3600),
-        deep: false,
-    };
-    let rep = tierindex::recovery::reconcile::reconcile(&cfg, &rig.remote(), &opts)
-        .await
-        .unwrap();
+    let rep = reconcile_repair(&rig, &cfg).await;
     assert_eq!((rep.lost, rep.unresolved), (0, 0), "{rep:#?}");
     let (_, listed) = rig.manifest().await;
     assert_eq!(listed[&id].key, own_key.to_string());
@@ -1233,14 +1283,7 @@ async fn the_recorded_mode_is_kept_unless_switched_on_purpose() {
     // modes").
     let r = ti.shutdown(Duration::from_secs(20)).await;
     assert!(!r.fully_drained() && !r.unlisted.is_empty(), "{r:?}");
-    let opts = tierindex::recovery::reconcile::ReconcileOptions {
-        repair: true,
-        grace: Duration::from_secs(3600),
-        deep: false,
-    };
-    tierindex::recovery::reconcile::reconcile(&switched, &rig.remote(), &opts)
-        .await
-        .unwrap();
+    reconcile_repair(&rig, &switched).await;
     let ti = open(&switched, rig.remote(), None).await.unwrap();
     assert!(ti.shutdown(Duration::from_secs(20)).await.fully_drained());
     let id = Identity::load(&data).unwrap().unwrap();

@@ -309,7 +309,11 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
              uploads stopped, uncommitted segments stay Verified with their local files"
         ));
         EXIT_FENCED
-    } else if !r.drain.quarantined.is_empty() || !r.lost.is_empty() || !r.unlisted.is_empty() {
+    } else if !r.drain.quarantined.is_empty()
+        || !r.lost.is_empty()
+        || !r.unlisted.is_empty()
+        || !r.drain.parked.is_empty()
+    {
         EXIT_NEEDS_OPERATOR
     } else if fatal.is_some() {
         EXIT_ERROR

@@ -615,8 +615,10 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     match sh.store.object_store().head(&key).await {
                         Ok(m) if m.size == rec.meta.file_len => {}
                         Ok(m) => {
-                            return Err(Error::RemoteRetryable(format!(
-                                "object {key} is {} bytes, the journal says {}: local copy kept, not released",
+                            return Err(Error::Remote(format!(
+                                "committed object {key} is {} bytes, the journal says {}: local \
+                                 copy kept, not released. `tierindex reconcile --repair` repairs \
+                                 it from the local copy",
                                 m.size, rec.meta.file_len
                             )));
                         }
@@ -632,7 +634,7 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                                          object is in the store it was committed to."
                                     .to_string(),
                             };
-                            return Err(Error::RemoteRetryable(format!(
+                            return Err(Error::Remote(format!(
                                 "committed object {key} is missing from {}: local copy kept, not \
                                  released.{elsewhere} `tierindex reconcile --repair` uploads it \
                                  here from the local copy",
@@ -680,7 +682,8 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
 /// lists segment `rec` as committed under `key` (or with the same content
 /// under another key whose object is in place). `Ok(None)`: it does, the
 /// local copy may go. Not listed (a store switched with --store-override,
-/// a manifest restored from a backup): kept, retried, and `reconcile
+/// a manifest restored from a backup): kept, and reported as needing an
+/// operator (`Error::Remote`: not retried within a drain); `reconcile
 /// --repair` commits it. Listed with other content (its id was taken by
 /// another segment): quarantined, the local copy kept, since it holds the
 /// only copy of its entries a reader could find.
@@ -702,7 +705,7 @@ async fn check_listed(
     };
     let listed = sh.manifest_entry(id).await?;
     let Some(listed) = listed else {
-        return Err(Error::RemoteRetryable(format!(
+        return Err(Error::Remote(format!(
             "segment {id} is committed in the journal, but this stream's manifest in {} does \
              not list it: local copy kept, not released.{whence} `tierindex reconcile \
              --repair` commits it",
@@ -728,13 +731,13 @@ async fn check_listed(
     let other = ObjPath::from(listed.key.clone());
     match sh.store.object_store().head(&other).await {
         Ok(m) if m.size == listed.file_len => Ok(None),
-        Ok(m) => Err(Error::RemoteRetryable(format!(
+        Ok(m) => Err(Error::Remote(format!(
             "this stream's manifest lists segment {id} under {other}, which is {} bytes, not \
              {}: local copy kept, not released. `tierindex reconcile --repair` repairs it \
              from the local copy",
             m.size, listed.file_len
         ))),
-        Err(object_store::Error::NotFound { .. }) => Err(Error::RemoteRetryable(format!(
+        Err(object_store::Error::NotFound { .. }) => Err(Error::Remote(format!(
             "this stream's manifest lists segment {id} under {other}, which is missing: local \
              copy kept, not released. `tierindex reconcile --repair` repairs it from the \
              local copy"

@@ -17,6 +17,10 @@ use crate::journal::SegmentState;
 use crate::retry::Backoff;
 use crate::segment::SegmentId;
 
+/// How long a segment whose failure needs an operator waits before its
+/// next drive (a drain ends before that: the failure is reported at once).
+const PARKED: Duration = Duration::from_secs(600);
+
 /// A segment whose drive failed retryably waits this schedule (step = its
 /// consecutive failures) before its next drive.
 const DRIVE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
@@ -43,6 +47,10 @@ pub struct DrainReport {
     pub pending: Vec<PendingNote>,
     /// Segments quarantined (an operator must look).
     pub quarantined: Vec<PendingNote>,
+    /// Of `pending`, the ids whose last failure needs an operator, not
+    /// time (a committed object found missing or short before a release,
+    /// a refusal of the store): not retried again in this drain.
+    pub parked: Vec<u64>,
     /// The deadline ended the drain.
     pub deadline_hit: bool,
     /// Time the drain took.
@@ -59,6 +67,8 @@ pub struct Scheduler {
     task_ids: BTreeMap<tokio::task::Id, SegmentId>,
     retry_at: BTreeMap<SegmentId, (Instant, u32)>,
     last_error: BTreeMap<SegmentId, String>,
+    /// Segments whose last failure needs an operator ([`PARKED`]).
+    parked: BTreeSet<SegmentId>,
     done: u64,
     bytes: u64,
 }
@@ -72,6 +82,7 @@ impl Scheduler {
             task_ids: BTreeMap::new(),
             retry_at: BTreeMap::new(),
             last_error: BTreeMap::new(),
+            parked: BTreeSet::new(),
             done: 0,
             bytes: 0,
         }
@@ -149,6 +160,7 @@ impl Scheduler {
 
     fn account(&mut self, id: SegmentId, res: Result<SegmentState>) {
         self.in_flight.remove(&id);
+        self.parked.remove(&id);
         self.sh
             .metrics
             .uploads_in_flight
@@ -167,7 +179,22 @@ impl Scheduler {
             }
             Err(e) => {
                 let n = self.retry_at.get(&id).map_or(0, |(_, n)| *n) + 1;
-                let wait = DRIVE_BACKOFF.at_least_step(n, &mut fastrand::Rng::new());
+                // A release that found its committed object missing or
+                // short, or a store that refuses it: no retry brings it
+                // back; reported at once, not retried to the deadline.
+                let parked = matches!(e, Error::Remote(_))
+                    && self
+                        .sh
+                        .journal
+                        .read()
+                        .get(id)
+                        .is_some_and(|r| r.state == SegmentState::Committed);
+                let wait = if parked {
+                    self.parked.insert(id);
+                    PARKED
+                } else {
+                    DRIVE_BACKOFF.at_least_step(n, &mut fastrand::Rng::new())
+                };
                 if matches!(e, Error::Poisoned(_)) {
                     tracing::error!(segment = id.0, error = %e, "journal poisoned; uploads stop");
                 } else if matches!(e, Error::Fenced(_)) {
@@ -196,6 +223,14 @@ impl Scheduler {
             }
             self.fill();
             if self.is_idle() {
+                // Nothing left but segments waiting for an operator.
+                if self
+                    .retry_at
+                    .keys()
+                    .all(|id| self.parked.contains(id))
+                {
+                    break;
+                }
                 match self.next_retry() {
                     None => break,
                     Some(t) if t >= deadline => {
@@ -267,6 +302,7 @@ impl Scheduler {
             bytes_done: self.bytes - bytes0,
             pending,
             quarantined,
+            parked: self.parked.iter().map(|id| id.0).collect(),
             deadline_hit,
             elapsed_ms: started.elapsed().as_millis() as u64,
         }
