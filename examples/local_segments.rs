@@ -39,6 +39,15 @@ fn status(key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Bytes the C allocator has handed out and not had back, mmapped blocks
+/// included (the heap in use;
+/// RSS also counts what was freed but not returned to the kernel).
+fn heap() -> String {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    let m = unsafe { libc::mallinfo2() };
+    format!("{} MiB", (m.uordblks + m.hblkhd) >> 20)
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -69,13 +78,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let open_ms = started.elapsed().as_secs_f64() * 1000.0;
     let n = w.sealed_ids().len();
     println!(
-        "open: segments={n} ms={open_ms:.0} maps={} rss={} sealed_mapped={}",
+        "open: segments={n} ms={open_ms:.0} maps={} rss={} heap={} sealed_mapped={}",
         maps(),
         status("VmRSS:"),
+        heap(),
         cfg.sealed_mapped
     );
-    // Keys as make_backlog writes them: offsets cycle over 100,000 keys.
-    let key = |i: usize| ((i * 7919) % 100_000) as u64;
+    // Keys as make_backlog writes them: offsets cycle over KEYS keys
+    // (environment, default 100,000, as make_backlog's).
+    let keys: usize = std::env::var("KEYS").map_or(Ok(100_000), |s| s.parse())?;
+    let key = |i: usize| ((i * 7919) % keys.max(1)) as u64;
     let (ts_min, ts_max) = {
         let first = w.sealed(w.sealed_ids()[0])?.expect("held");
         let last = w
@@ -108,13 +120,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (mapped, opened) = w.sealed_maps();
         println!(
             "lookup {name:9} n={lookups} found={found} p50={:.0}us p99={:.0}us max={:.0}us \
-             mapped_now={mapped} mapped_on_demand={} maps={} rss={}",
+             mapped_now={mapped} mapped_on_demand={} maps={} rss={} heap={}",
             pct(&mut lat, 0.5),
             pct(&mut lat, 0.99),
             pct(&mut lat, 1.0),
             opened - opened_before,
             maps(),
-            status("VmRSS:")
+            status("VmRSS:"),
+            heap()
         );
     }
     println!("peak rss={}", status("VmHWM:"));

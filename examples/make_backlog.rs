@@ -11,6 +11,8 @@
 //! contacted: this is exactly the state of a broker that sealed segments
 //! while its store was unreachable and then stopped.
 //!
+//! `KEYS` (environment, default 100,000): distinct keys, cycled over.
+//!
 //! Prints one line: `backlog DIR segments=N bytes=B seal_ms=T`.
 
 use std::path::PathBuf;
@@ -44,12 +46,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..IndexConfig::default()
     };
     let (mut w, _) = IndexWriter::open(dd, cfg, None, None)?;
-    // 100 000 distinct keys, offsets and timestamps increasing like a log.
+    // KEYS distinct keys (env, default 100 000), offsets and timestamps
+    // increasing like a log: key k is at offsets k, k + KEYS, ...
+    let keys: u64 = std::env::var("KEYS").map_or(Ok(100_000), |s| s.parse())?;
     let ts0 = now_ms();
     let total = segments * u64::from(items);
     let mut metas = Vec::new();
     for off in 0..total {
-        let k = off % 100_000;
+        let k = off % keys.max(1);
         w.append_entry(Entry {
             key_hash: key_hash(&k.to_le_bytes()),
             offset: off,
