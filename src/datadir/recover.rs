@@ -41,12 +41,15 @@ pub fn recover_with_geometry(
     )
 }
 
-/// [`SealedSegment::open_summed`] of every `(id, path)`, on up to
-/// `available_parallelism` (at most 4) threads; each map is dropped once
-/// checked (only its footer and sums are kept).
-fn open_summed_parallel(
-    todo: Vec<(SegmentId, PathBuf)>,
-) -> BTreeMap<SegmentId, Result<SealedInfo>> {
+/// Check every `(id, path, summed)` ([`SealedInfo::check`]: structure and
+/// whole-body checksum when `summed`, else structure only), on
+/// up to `available_parallelism` (at most 4) threads; each map is dropped
+/// once checked (only its footer, sums and key filter are kept). Opening a
+/// sealed file costs a few system calls even for the structure check, so
+/// with many local segments the start-up's open grows with them: spread
+/// over the cores.
+fn open_parallel(todo: Vec<(SegmentId, PathBuf, bool)>) -> BTreeMap<SegmentId, Result<SealedInfo>> {
+    let open = |p: &Path, summed: bool| SealedInfo::check(p, summed);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4)
@@ -54,7 +57,7 @@ fn open_summed_parallel(
     if threads <= 1 {
         return todo
             .into_iter()
-            .map(|(id, p)| (id, SealedSegment::open_summed(&p).map(|s| SealedInfo::of(&s))))
+            .map(|(id, p, summed)| (id, open(&p, summed)))
             .collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -66,8 +69,8 @@ fn open_summed_parallel(
                     let mut done = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((id, p)) = todo.get(i) else { break };
-                        done.push((*id, SealedSegment::open_summed(p).map(|s| SealedInfo::of(&s))));
+                        let Some((id, p, summed)) = todo.get(i) else { break };
+                        done.push((*id, open(p, *summed)));
                     }
                     done
                 })
@@ -202,31 +205,35 @@ pub fn recover_checking(
     let mut superseded: Vec<u64> = Vec::new();
 
     // The whole-file checks read every byte of the files still to be
-    // uploaded: run them on all cores at once (nothing else runs yet at
-    // start-up); the decisions below stay sequential, in file order.
-    let mut prechecked = open_summed_parallel(
-        files
-            .iter()
-            .filter_map(|(kind, path)| match kind {
-                Kind::Sealed(id) if full_check(*id) => Some((*id, path.clone())),
-                _ => None,
-            })
-            .collect(),
-    );
+    // uploaded, and the structure checks of the others cost a few system
+    // calls each: run them all on all cores at once (nothing else runs yet
+    // at start-up); the decisions below stay sequential, in file order.
+    let todo: Vec<(SegmentId, PathBuf, bool)> = files
+        .iter()
+        .filter_map(|(kind, path)| match kind {
+            Kind::Sealed(id) => Some((*id, path.clone(), full_check(*id))),
+            _ => None,
+        })
+        .collect();
+    let full_ids: std::collections::BTreeSet<SegmentId> = todo
+        .iter()
+        .filter(|(_, _, full)| *full)
+        .map(|(id, _, _)| *id)
+        .collect();
+    let mut prechecked = open_parallel(todo);
 
     for (kind, path) in &files {
         match kind {
             Kind::Sealed(id) => {
                 bump(*id, &mut out);
-                let full = prechecked.contains_key(id);
-                if full {
+                if full_ids.contains(id) {
                     out.report.sealed_item_checked.push(id.0);
                 }
+                // Whole-body CRC-64 (every item for format 1) or the
+                // structure; a failure is salvaged by item below.
                 let opened = match prechecked.remove(id) {
-                    // Whole-body CRC-64 (every item for format 1); a
-                    // failure is salvaged by item below.
                     Some(opened) => opened,
-                    None => SealedSegment::open_light(path).map(|s| SealedInfo::of(&s)),
+                    None => SealedInfo::check(path, false),
                 };
                 match opened {
                     Ok(s) if s.id() == *id => {

@@ -280,9 +280,7 @@ impl IndexWriter {
         let poison = Arc::new(Poison::default());
         let notify = Arc::new(Mutex::new(notify));
         let sealed = Arc::new(LocalSealed::new(&seg_dir, cfg.sealed_mapped));
-        for info in std::mem::take(&mut rec.sealed).into_values() {
-            sealed.insert_info(info);
-        }
+        sealed.insert_infos(std::mem::take(&mut rec.sealed).into_values().collect());
         let sealer = sealer::spawn(
             done_tx,
             seg_dir.clone(),

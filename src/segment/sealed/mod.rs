@@ -52,6 +52,142 @@ enum Check {
     Full,
 }
 
+/// Open a sealed file for reading and check its length is plausible
+/// (before anything is mapped or read).
+fn open_sealed_file(path: &Path) -> Result<(File, u64)> {
+    // Not a plain open: a FIFO under a segment's name would block it
+    // for ever (a lookup, `status`).
+    let file = crate::durable::open_regular(path, false)
+        .map_err(|e| Error::io(path, "open sealed segment", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(path, "stat sealed segment", e))?
+        .len();
+    if len < (HEADER_LEN + FOOTER_LEN) as u64 {
+        return Err(Error::corrupt(
+            path.display().to_string(),
+            format!("only {len} bytes, too short for a sealed segment"),
+        ));
+    }
+    // Untrusted length: a file longer than any layout (a sparse tail)
+    // is damage, reported before anything is mapped.
+    let max = format::max_sealed_len();
+    if len > max {
+        return Err(Error::corrupt(
+            path.display().to_string(),
+            format!("{len} bytes, longer than any sealed segment ({max})"),
+        ));
+    }
+    Ok((file, len))
+}
+
+/// Run `check` over a sealed file's bytes; errors name `path`.
+fn check_bytes(
+    path: &Path,
+    bytes: &[u8],
+    check: Check,
+) -> Result<(Footer, Option<format::FileSums>)> {
+    let at_path = |e: Error| match e {
+        Error::Corrupt { detail, .. } => Error::corrupt(path.display().to_string(), detail),
+        other => other,
+    };
+    match check {
+        Check::Full => format::check_sealed(bytes)
+            .map(|(f, s)| (f, Some(s)))
+            .map_err(at_path),
+        Check::Sums => format::check_sealed_sums(bytes)
+            .map(|(f, s)| (f, Some(s)))
+            .map_err(at_path),
+        Check::Structure => format::check_sealed_structure(bytes)
+            .map(|f| (f, None))
+            .map_err(at_path),
+    }
+}
+
+/// Files up to this long are read into memory by [`check_file`], longer
+/// ones mapped.
+const READ_MAX: u64 = 256 << 10;
+
+/// Check a sealed file as a start-up does (`summed`: structure and the
+/// whole-body checksum, [`format::check_sealed_sums`]; else the
+/// structure, as [`SealedSegment::open_light`]) and hand its bytes, footer
+/// and sums (when computed) to `f`; nothing is kept open or mapped after.
+/// A small file is read into memory rather than mapped: a start-up over a
+/// million small segments spent most of its time mapping and unmapping
+/// them, and with several threads each unmap stops every core for a TLB
+/// flush.
+pub fn check_file<T>(
+    path: &Path,
+    summed: bool,
+    f: impl FnOnce(&[u8], &Footer, Option<format::FileSums>) -> T,
+) -> Result<T> {
+    let check = if summed {
+        Check::Sums
+    } else {
+        Check::Structure
+    };
+    let (file, len) = open_sealed_file(path)?;
+    if len > READ_MAX {
+        let seg = SealedSegment::map_checked(path, file, check)?;
+        return Ok(f(&seg.map, &seg.footer, seg.sums_if_known()));
+    }
+    use std::os::unix::fs::FileExt as _;
+    let mut bytes = vec![0u8; len as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| Error::io(path, "read sealed segment", e))?;
+    // A file that grew while read: not the length checked, so not what was
+    // read; reported as the damage it is (a sealed file never changes).
+    let now = file
+        .metadata()
+        .map_err(|e| Error::io(path, "stat sealed segment", e))?
+        .len();
+    if now != len {
+        return Err(Error::corrupt(
+            path.display().to_string(),
+            format!("changed length while read ({len} then {now} bytes)"),
+        ));
+    }
+    let (footer, sums) = check_bytes(path, &bytes, check)?;
+    Ok(f(&bytes, &footer, sums))
+}
+
+/// The slots of a checked sealed file's directory that hold at least one
+/// item, in order.
+pub fn occupied_slots<'a>(bytes: &'a [u8], footer: &'a Footer) -> impl Iterator<Item = u32> + 'a {
+    let n = if footer.item_count == 0 {
+        0
+    } else {
+        footer.slot_count
+    };
+    (0..n).filter(move |s| dir_entry(bytes, footer, *s) < dir_entry(bytes, footer, *s + 1))
+}
+
+fn dir_entry(bytes: &[u8], footer: &Footer, slot: u32) -> u32 {
+    let at = footer.dir_offset as usize + slot as usize * 4;
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+/// Call `f` with every item's key hash of a sealed file (checked: its
+/// footer is `footer`), in file order (slot order, so ascending by hash),
+/// each item's CRC checked. False, part way through, when an item fails
+/// its CRC or lies past the bytes: the caller then knows only some of the
+/// keys.
+pub fn for_each_key_hash(bytes: &[u8], footer: &Footer, mut f: impl FnMut(u64)) -> bool {
+    for idx in 0..footer.item_count {
+        let at = (footer.items_offset as usize).saturating_add(idx as usize * SEALED_ITEM_LEN);
+        let Some(b) = bytes.get(at..at.saturating_add(SEALED_ITEM_LEN)) else {
+            return false;
+        };
+        match format::decode_sealed_item(b, footer.segment_id) {
+            Ok(e) => f(e.key_hash),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// A sealed segment opened for reading (mmap, validated on open).
 pub struct SealedSegment {
     path: PathBuf,
@@ -78,69 +214,34 @@ impl SealedSegment {
         Self::open_checked(path, false)
     }
 
-    /// Open with the start-up check ([`format::check_sealed_sums`]):
-    /// structure and the whole-body checksum, which for format 2 sees every
-    /// byte; format 1 gets the full item check ([`Self::open`]).
-    pub fn open_summed(path: &Path) -> Result<SealedSegment> {
-        Self::open_mode(path, Check::Sums)
-    }
-
     fn open_checked(path: &Path, full: bool) -> Result<SealedSegment> {
         Self::open_mode(path, if full { Check::Full } else { Check::Structure })
     }
 
     fn open_mode(path: &Path, check: Check) -> Result<SealedSegment> {
-        // Not a plain open: a FIFO under a segment's name would block it
-        // for ever (a lookup, `status`).
-        let file = crate::durable::open_regular(path, false)
-            .map_err(|e| Error::io(path, "open sealed segment", e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io(path, "stat sealed segment", e))?
-            .len();
-        if len < (HEADER_LEN + FOOTER_LEN) as u64 {
-            return Err(Error::corrupt(
-                path.display().to_string(),
-                format!("only {len} bytes, too short for a sealed segment"),
-            ));
-        }
-        // Untrusted length: a file longer than any layout (a sparse tail)
-        // is damage, reported before anything is mapped.
-        let max = format::max_sealed_len();
-        if len > max {
-            return Err(Error::corrupt(
-                path.display().to_string(),
-                format!("{len} bytes, longer than any sealed segment ({max})"),
-            ));
-        }
+        let (file, _) = open_sealed_file(path)?;
+        Self::map_checked(path, file, check)
+    }
+
+    /// Map `file` (opened from `path` by [`open_sealed_file`]) and check
+    /// it (the check compares the footer's length with the map's).
+    fn map_checked(path: &Path, file: File, check: Check) -> Result<SealedSegment> {
         // SAFETY: sealed files are never modified after the rename, and this
         // process holds the data directory lock, so no one truncates the file
         // under the mapping.
         let map =
             unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "mmap sealed segment", e))?;
-        let at_path = |e: Error| match e {
-            Error::Corrupt { detail, .. } => Error::corrupt(path.display().to_string(), detail),
-            other => other,
-        };
-        let sums = std::sync::OnceLock::new();
-        let footer = match check {
-            Check::Full | Check::Sums => {
-                let checked = if check == Check::Full {
-                    format::check_sealed(&map)
-                } else {
-                    format::check_sealed_sums(&map)
-                };
-                let (footer, s) = checked.map_err(at_path)?;
-                let _ = sums.set(s);
-                footer
-            }
-            Check::Structure => format::check_sealed_structure(&map).map_err(at_path)?,
-        };
+        drop(file);
+        let (footer, sums) = check_bytes(path, &map, check)?;
+        let lock = std::sync::OnceLock::new();
+        if let Some(s) = sums {
+            let _ = lock.set(s);
+        }
         Ok(SealedSegment {
             path: path.to_path_buf(),
             map,
             footer,
-            sums,
+            sums: lock,
         })
     }
 
@@ -152,6 +253,10 @@ impl SealedSegment {
     }
     pub fn footer(&self) -> &Footer {
         &self.footer
+    }
+    /// The whole file, as mapped.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
     }
     pub fn meta(&self) -> SealedMeta {
         let sums = *self.sums.get_or_init(|| format::FileSums::of(&self.map));
@@ -168,22 +273,8 @@ impl SealedSegment {
         let _ = self.sums.set(sums);
     }
 
-    /// The slots that hold at least one item, in order (from the slot
-    /// directory, checked at open).
-    pub fn occupied_slots(&self) -> impl Iterator<Item = u32> + '_ {
-        let n = if self.footer.item_count == 0 {
-            0
-        } else {
-            self.footer.slot_count
-        };
-        (0..n).filter(move |s| self.dir_entry(*s) < self.dir_entry(*s + 1))
-    }
-
     fn dir_entry(&self, slot: u32) -> u32 {
-        let at = self.footer.dir_offset as usize + slot as usize * 4;
-        let mut a = [0u8; 4];
-        a.copy_from_slice(&self.map[at..at + 4]);
-        u32::from_le_bytes(a)
+        dir_entry(&self.map, &self.footer, slot)
     }
 
     /// Entries with this key hash and a timestamp in `range`, in append order.
