@@ -178,11 +178,16 @@ pub(crate) fn check_listen_addr(key: &str, a: &str) -> Result<()> {
     if a.parse::<std::net::SocketAddr>().is_ok() {
         return Ok(());
     }
+    // A host of digits and dots is an IPv4 address or a typo (999.1.1.1),
+    // not a name to resolve: refused here as the usage error it is, not
+    // at the bind.
     let ok = a.rsplit_once(':').is_some_and(|(h, p)| {
         !h.is_empty()
             && p.parse::<u16>().is_ok()
             && h.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+            && (!h.chars().all(|c| c.is_ascii_digit() || c == '.')
+                || h.parse::<std::net::Ipv4Addr>().is_ok())
     });
     if ok {
         Ok(())
@@ -789,6 +794,8 @@ mod tests {
             ),
             ("data_dir = \"\"", "data_dir"),
             ("metrics_addr = \"nope\"", "metrics_addr"),
+            ("metrics_addr = \"999.1.1.1:1\"", "metrics_addr"),
+            ("metrics_addr = \"10.0.0:9464\"", "metrics_addr"),
             ("region = \"us east\"", "region"),
             ("store = \"file:\"", "store"),
             ("store = \"s3://b/../x\"", "store"),

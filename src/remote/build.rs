@@ -12,10 +12,7 @@ impl RemoteStore {
     ///   `AWS_*` variables plus `opts`;
     /// - `memory://[prefix]`: a fresh in-memory store (tests, dry runs).
     pub fn from_url(url: &str, opts: &StoreOptions) -> Result<RemoteStore> {
-        let env: Vec<(String, String)> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .filter(|(k, _)| k.starts_with("AWS_"))
-            .collect();
+        let env = aws_env(std::env::vars_os())?;
         Self::from_url_with_env(url, opts, &env)
     }
 
@@ -378,6 +375,31 @@ const BOOL_VARS: &[&str] = &[
     "AWS_DISABLE_TAGGING",
 ];
 
+/// The `AWS_*` variables of `vars`. One whose value is not UTF-8 is
+/// refused by name (its value never shown): dropped, a secret key would
+/// read as "not set", and a store would be built without it.
+fn aws_env(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (k, v) in vars {
+        let Ok(k) = k.into_string() else { continue };
+        if !k.starts_with("AWS_") {
+            continue;
+        }
+        match v.into_string() {
+            Ok(v) => out.push((k, v)),
+            Err(_) => {
+                return Err(Error::InvalidInput(format!(
+                    "{k} is set but its value is not valid UTF-8 (a stray byte from a copy or \
+                     a file?): set it again, or unset it"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Every spelling object_store parses as a boolean, either way (it does
 /// not trim).
 fn is_flag_spelling(v: &str) -> bool {
@@ -413,4 +435,29 @@ fn parse_flag(v: &str) -> bool {
         v.trim().to_ascii_lowercase().as_str(),
         "1" | "true" | "on" | "yes" | "y"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt as _;
+
+    #[test]
+    fn a_non_utf8_aws_variable_is_refused_by_name_not_dropped() {
+        let vars = |secret: OsString| {
+            vec![
+                (OsString::from("HOME"), OsString::from_vec(vec![0xff])),
+                (OsString::from("AWS_ACCESS_KEY_ID"), OsString::from("id")),
+                (OsString::from("AWS_SECRET_ACCESS_KEY"), secret),
+            ]
+            .into_iter()
+        };
+        let env = aws_env(vars(OsString::from("s3cr3t"))).unwrap();
+        assert_eq!(env.len(), 2, "{env:?}");
+        let bad = OsString::from_vec(b"s3cr\xfft".to_vec());
+        let e = aws_env(vars(bad)).unwrap_err().to_string();
+        assert!(e.contains("AWS_SECRET_ACCESS_KEY") && e.contains("not valid UTF-8"), "{e}");
+        assert!(!e.contains("s3cr"), "{e}");
+    }
 }
