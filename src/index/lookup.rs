@@ -126,8 +126,9 @@ impl Covered {
     ///   since, and are left out rather than read from the store (which
     ///   would leave a gap: the open segment's later entries are not read
     ///   either);
-    /// - a sealed segment held now that the lookup ruled out by time range
-    ///   or slot bits.
+    /// - a sealed segment held now that the lookup ruled out by time range,
+    ///   key filter or slot bits (a key filter rules out only keys its
+    ///   checked items did not hold).
     pub fn covers(&self, meta: &SealedMeta, ours: impl Fn(SegmentId) -> Option<SealedMeta>) -> bool {
         let ours_now = || {
             self.sealed.same_segment(meta)
@@ -178,7 +179,7 @@ impl IndexWriter {
     /// [`OpenLookup::finish`], which needs no lock on the writer: a lookup
     /// over many local segments no longer holds the writer while it maps
     /// and reads them (a seal's insert into the shared set can still wait
-    /// for a lookup's walk of the footers in memory).
+    /// for a lookup's pick of candidates in memory).
     pub fn lookup_open(&self, key_hash: u64, range: TimeRange) -> OpenLookup {
         let mut out = Lookup::default();
         let open: Vec<&ActiveSegment> = self

@@ -104,18 +104,24 @@ fn check_bytes(
     }
 }
 
-/// Files up to this long are read into memory by [`check_file`], longer
-/// ones mapped.
-const READ_MAX: u64 = 256 << 10;
+/// Files up to this long may be read into memory by [`check_file`],
+/// longer ones are mapped. A segment of 10 items with the default 65,536
+/// slots is 262,660 bytes (its directory is 256 KiB).
+const READ_MAX: u64 = 1 << 20;
+
+/// A structure check reads no item, but the start-up's key filter reads
+/// them when there are at most this many (`segment::local::KeyBits`).
+pub(crate) const READ_ITEMS_MAX: u64 = 64;
 
 /// Check a sealed file as a start-up does (`summed`: structure and the
 /// whole-body checksum, [`format::check_sealed_sums`]; else the
 /// structure, as [`SealedSegment::open_light`]) and hand its bytes, footer
 /// and sums (when computed) to `f`; nothing is kept open or mapped after.
-/// A small file is read into memory rather than mapped: a start-up over a
-/// million small segments spent most of its time mapping and unmapping
-/// them, and with several threads each unmap stops every core for a TLB
-/// flush.
+/// A file of up to 1 MiB is read into memory rather than mapped when its
+/// check or key filter reads most of it anyway (a summed check, or at most
+/// 64 items): a start-up over a million small segments spent most of its
+/// time mapping and unmapping them, and with several threads each unmap
+/// stops every core for a TLB flush.
 pub fn check_file<T>(
     path: &Path,
     summed: bool,
@@ -126,12 +132,23 @@ pub fn check_file<T>(
     } else {
         Check::Structure
     };
+    use std::os::unix::fs::FileExt as _;
     let (file, len) = open_sealed_file(path)?;
-    if len > READ_MAX {
+    // Read whole only what the check and the filter read anyway: every
+    // byte for a summed check, else the header, directory and footer, and
+    // the items when few. A structure check of a file with many items
+    // maps it and touches only its directory's pages. (The footer read
+    // here is untrusted: a bad one takes the whole-file path, whose check
+    // reports it.)
+    let many_items = !summed && {
+        let mut b = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut b, len - FOOTER_LEN as u64).is_ok()
+            && Footer::decode(&b).is_ok_and(|f| f.item_count > READ_ITEMS_MAX)
+    };
+    if len > READ_MAX || many_items {
         let seg = SealedSegment::map_checked(path, file, check)?;
         return Ok(f(&seg.map, &seg.footer, seg.sums_if_known()));
     }
-    use std::os::unix::fs::FileExt as _;
     let mut bytes = vec![0u8; len as usize];
     file.read_exact_at(&mut bytes, 0)
         .map_err(|e| Error::io(path, "read sealed segment", e))?;
@@ -342,6 +359,39 @@ impl SealedSegment {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn check_file_reads_small_files_and_maps_many_item_ones_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        for (id, n, slots) in [(1u64, 10u64, 65_536u32), (2, 65, 16), (3, 3000, 16)] {
+            let (bytes, meta) = build_sealed(SegmentId(id), 1, 2, slots, &entries(n)).unwrap();
+            let path = write_sealed_file(dir.path(), SegmentId(id), &bytes).unwrap();
+            for summed in [false, true] {
+                let (footer, sums, keys) = check_file(&path, summed, |b, f, s| {
+                    let mut keys = 0;
+                    let all = for_each_key_hash(b, f, |_| keys += 1);
+                    (*f, s, all.then_some(keys))
+                })
+                .unwrap();
+                assert_eq!(footer.item_count, n);
+                assert_eq!(sums.is_some(), summed);
+                if summed {
+                    assert_eq!(sums.unwrap().crc32, meta.file_crc);
+                }
+                assert_eq!(keys, Some(n));
+            }
+            // Cut short or grown by a byte: damage reported, no panic.
+            for cut in [bytes.len() - 1, bytes.len() + 1] {
+                let mut b = bytes.clone();
+                b.resize(cut, 0);
+                std::fs::write(&path, &b).unwrap();
+                for summed in [false, true] {
+                    let e = check_file(&path, summed, |_, _, _| ()).unwrap_err();
+                    assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+                }
+            }
+        }
+    }
 
     fn entries(n: u64) -> Vec<Entry> {
         (0..n)
