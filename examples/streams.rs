@@ -16,11 +16,16 @@
 //! `RESULT streams streams=N open_s=.. threads=.. fds=.. maps=.. rss_kib=..
 //! idle_cpu_pct=.. shutdown_s=.. drained=D/N`
 //!
+//! The data directories are the streams of one [`tierindex::Host`] (one
+//! lock for all: no descriptor a stream), shut down by
+//! `Host::shutdown_all`; `STREAMS_HOST=0` opens each on its own (a lock
+//! each) and shuts them all down at once, as builds before hosts did.
+//!
 //! `idle_cpu_pct` is the process's user + system CPU over the idle
 //! window, in percent of one core (from `/proc/self/stat`, 10 ms ticks).
-//! Its threads, by name, go to stderr. Descriptors count: raise `ulimit -n`
-//! above 3 x STREAMS (4 x STREAMS for a build before 4bce35b, which kept
-//! the active file's descriptor).
+//! Its threads, by name, go to stderr. Descriptors: a host's streams keep
+//! none each; with `STREAMS_HOST=0` raise `ulimit -n` above STREAMS (3 x
+//! STREAMS for a build before hosts, 4 x before 4bce35b).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -136,10 +141,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .build()
         });
         use futures::StreamExt as _;
+        let host = match std::env::var("STREAMS_HOST").as_deref() {
+            Ok("0") => None,
+            _ => Some(tierindex::Host::open(&dir)?),
+        };
+        let host = &host;
         let opened: Vec<Result<TierIndex, Box<dyn std::error::Error>>> =
             futures::stream::iter(configs)
                 .map(|cfg| async move {
-                    let (ti, _) = TierIndex::open(cfg?).await?;
+                    let (ti, _) = match host {
+                        Some(h) => h.open_stream(cfg?).await?,
+                        None => TierIndex::open(cfg?).await?,
+                    };
                     Ok::<_, Box<dyn std::error::Error>>(ti)
                 })
                 .buffered(concurrency)
@@ -169,8 +182,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("threads: {}", thread_names());
         let t = Instant::now();
         let deadline = Duration::from_secs(60);
-        let reports =
-            futures::future::join_all(streams.into_iter().map(|s| s.shutdown(deadline))).await;
+        let reports = if host.is_some() {
+            tierindex::Host::shutdown_all(streams, deadline).await
+        } else {
+            futures::future::join_all(streams.into_iter().map(|s| s.shutdown(deadline))).await
+        };
         let shutdown_s = t.elapsed().as_secs_f64();
         let drained = reports.iter().filter(|r| r.fully_drained()).count();
         // Why the others were not: the first few, in full.

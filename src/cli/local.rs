@@ -321,8 +321,8 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     )?;
     let mut journal_rebuilt = None;
     let (jrep, segments) = if repair {
-        journal_rebuilt = rebuild_journal_if_damaged(&cfg.data_dir)?;
-        let (j, r) = Journal::open(&cfg.data_dir, JournalOptions::default())?;
+        journal_rebuilt = rebuild_journal_if_damaged(&dd)?;
+        let (j, r) = Journal::open_in(&dd, JournalOptions::default())?;
         (r, j.segments().clone())
     } else {
         match Journal::open_read_only(&cfg.data_dir) {
@@ -466,7 +466,8 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
 /// `fsck --repair`: a journal that is missing, or damaged in a way that is
 /// not a torn tail (`Journal::open` refuses it), is rebuilt from its intact
 /// frames and the sealed files. A newer build's journal is never rebuilt.
-fn rebuild_journal_if_damaged(data_dir: &Path) -> Result<Option<journal::RebuildReport>> {
+fn rebuild_journal_if_damaged(dd: &DataDir) -> Result<Option<journal::RebuildReport>> {
+    let data_dir = dd.root();
     let missing = !journal::log_path(data_dir).exists();
     let damaged = match Journal::open_read_only(data_dir) {
         Ok(_) => false,
@@ -474,7 +475,7 @@ fn rebuild_journal_if_damaged(data_dir: &Path) -> Result<Option<journal::Rebuild
         Err(_) => false,
     };
     if missing || damaged {
-        return journal::rebuild(data_dir).map(Some);
+        return journal::rebuild_in(dd).map(Some);
     }
     Ok(None)
 }

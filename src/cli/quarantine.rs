@@ -183,7 +183,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
                     "the journal records other content for this segment (not the file it sealed)",
                 );
             }
-            requeue(root, r.meta.id)?;
+            requeue(&dd, r.meta.id)?;
             emit(cli.json, &local.display().to_string(), |d| {
                 format!("requeued {d} (journal: Quarantined -> Sealed); the next drain uploads it")
             });
@@ -275,7 +275,7 @@ fn retry(cli: &Cli, root: &Path, id: &str) -> Result<i32> {
     if requeue_it {
         // After the move: a crash in between leaves the file in place and
         // the segment Quarantined, which `retry SEGMENT_ID` requeues.
-        requeue(root, footer.segment_id)?;
+        requeue(&dd, footer.segment_id)?;
         emit(cli.json, &dst.display().to_string(), |d| {
             format!(
                 "restored {d} and requeued it (journal: Quarantined -> Sealed); the next drain uploads it"
@@ -437,8 +437,8 @@ fn move_back(dd: &DataDir, src: &Path, dst: &Path) -> Result<()> {
 
 /// Journal `Requeued` for a Quarantined segment whose local file was found
 /// intact and matching (durable before this returns).
-fn requeue(root: &Path, id: crate::segment::SegmentId) -> Result<()> {
-    let (mut j, _) = Journal::open(root, crate::journal::JournalOptions::default())?;
+fn requeue(dd: &DataDir, id: crate::segment::SegmentId) -> Result<()> {
+    let (mut j, _) = Journal::open_in(dd, crate::journal::JournalOptions::default())?;
     j.append(&[crate::journal::Record::Requeued {
         id,
         reason: "quarantine retry: the local file passes the full check and matches its \

@@ -67,6 +67,60 @@ pub fn is_data_dir(path: &Path) -> bool {
     .any(|n| path.join(n).exists())
 }
 
+/// Who holds `root`'s lock, as its `LOCK` file says (informational: at
+/// most its first 512 bytes, control characters replaced).
+fn holder(root: &Path) -> String {
+    let mut buf = Vec::new();
+    if let Ok(f) = crate::durable::open_regular(&root.join(LOCK_FILE), false) {
+        let _ = f.take(512).read_to_end(&mut buf);
+    }
+    let s: String = String::from_utf8_lossy(&buf)
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.is_empty() {
+        "unknown holder".into()
+    } else {
+        s
+    }
+}
+
+/// Takes the data directory's lock: an exclusive, non-blocking `flock` of
+/// the directory `root` itself, held until the returned descriptor closes.
+/// [`DataDir::open`] takes it; so does a [`crate::journal::Journal`] opened
+/// without a `DataDir`, so that every writer of a data directory, the
+/// journal's included, excludes every other.
+pub(crate) fn lock_root(root: &Path) -> Result<File> {
+    let lock = File::open(root).map_err(|e| Error::io(root, "open data directory", e))?;
+    if !crate::durable::try_lock(&lock, root, "lock data directory")? {
+        return Err(Error::Locked {
+            path: root.to_path_buf(),
+            holder: holder(root),
+        });
+    }
+    Ok(lock)
+}
+
+/// Creates the data directory's tree where missing, each new name durable.
+fn create_tree(root: &Path) -> Result<()> {
+    for d in [
+        root.to_path_buf(),
+        root.join(SEGMENTS_DIR),
+        root.join(JOURNAL_DIR),
+        root.join(QUARANTINE_DIR),
+    ] {
+        if !d.exists() {
+            fs::create_dir_all(&d).map_err(|e| Error::io(&d, "create data directory", e))?;
+            if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fsync_dir(parent)?;
+            }
+        }
+    }
+    Ok(())
+    }
+
+
 /// An open, locked data directory.
 pub struct DataDir {
     root: PathBuf,
@@ -74,26 +128,78 @@ pub struct DataDir {
     // when it drops. A lock on a file inside it (`LOCK`, before) was lost
     // to an operator's `rm LOCK`: the next process then took a new one and
     // repaired the live broker's active file under it.
-    _lock: File,
+    _lock: Held,
+}
+
+/// A data directory's own lock and, when a host holds it (its `HOSTED`
+/// marker), the host's; released when it drops.
+pub(crate) struct OwnLock {
+    _dir: File,
+    _host: Option<File>,
+}
+
+impl std::fmt::Debug for OwnLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self._host.is_some() {
+            "OwnLock(data directory + host)"
+        } else {
+            "OwnLock(data directory)"
+        })
+    }
+}
+
+/// Takes `root`'s lock as a process that holds it on its own does: its
+/// own ([`lock_root`]), then its host's when it is hosted (see [`host`]:
+/// in that order). For every writer without a [`DataDir`] (a journal
+/// opened or rebuilt on its own).
+pub(crate) fn lock_alone(root: &Path) -> Result<OwnLock> {
+    let dir = lock_root(root)?;
+    let host = host::lock_host_of(root)?;
+    Ok(OwnLock {
+        _dir: dir,
+        _host: host,
+    })
+}
+
+/// What keeps a [`DataDir`] locked; released when it drops.
+enum Held {
+    /// Its own lock, and its host's when it has a `HOSTED` marker.
+    Own(#[allow(dead_code)] OwnLock),
+    /// Its host's lock, held by the host ([`host::HostLock::claim`]).
+    Hosted(#[allow(dead_code)] host::Claim),
+}
+
+/// `pid=.. host=.. since_ms=..`, for a `LOCK` file (`what`: `data
+/// directory` or `host`).
+pub(crate) fn holder_line(what: &str) -> String {
+    format!(
+        "{what}: pid={} host={} since_ms={}",
+        std::process::id(),
+        hostname(),
+        now_ms()
+    )
 }
 
 impl DataDir {
-    /// Create the directory tree if missing and take the exclusive lock.
+    /// Create the directory tree if missing and take the exclusive lock
+    /// (and, for a data directory a host holds, the host's: see [`host`]).
     pub fn open(root: &Path) -> Result<DataDir> {
-        for d in [
-            root.to_path_buf(),
-            root.join(SEGMENTS_DIR),
-            root.join(JOURNAL_DIR),
-            root.join(QUARANTINE_DIR),
-        ] {
-            if !d.exists() {
-                fs::create_dir_all(&d).map_err(|e| Error::io(&d, "create data directory", e))?;
-                if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    fsync_dir(parent)?;
-                }
-            }
-        }
-        let lock = File::open(root).map_err(|e| Error::io(root, "open data directory", e))?;
+        create_tree(root)?;
+        Self::lock_own(root)
+    }
+
+    /// A data directory directly under `host`'s directory, locked through
+    /// the host's lock ([`host::HostLock::claim`]): no descriptor of its own.
+    pub fn open_hosted(host: &std::sync::Arc<host::HostLock>, root: &Path) -> Result<DataDir> {
+        let claim = host.claim(root)?;
+        create_tree(root)?;
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            _lock: Held::Hosted(claim),
+        })
+    }
+
+    fn lock_own(root: &Path) -> Result<DataDir> {
         let lock_path = root.join(LOCK_FILE);
         let mut info = crate::durable::no_follow()
             .read(true)
@@ -116,34 +222,15 @@ impl DataDir {
                 };
                 Error::io(&lock_path, what, e)
             })?;
-        if !crate::durable::try_lock(&lock, root, "lock data directory")? {
-            let mut holder = String::new();
-            let _ = info.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(Error::Locked {
-                path: root.to_path_buf(),
-                holder: if holder.is_empty() {
-                    "unknown holder".into()
-                } else {
-                    holder.into()
-                },
-            });
-        }
-        let me = format!(
-            "pid={} host={} since_ms={}",
-            std::process::id(),
-            hostname(),
-            now_ms()
-        );
+        let lock = lock_alone(root)?;
+        let me = holder_line("data directory");
         // A build from before the directory lock (crates before 2026-12-05)
         // locks `LOCK` itself: one running must not be missed. Checked, not
         // held (a descriptor a stream).
         if !crate::durable::try_lock(&info, &lock_path, "lock data directory")? {
-            let mut holder = String::new();
-            let _ = info.read_to_string(&mut holder);
             return Err(Error::Locked {
                 path: root.to_path_buf(),
-                holder: format!("an older tierindex holding its LOCK file: {}", holder.trim()),
+                holder: format!("an older tierindex holding its LOCK file: {}", holder(root)),
             });
         }
         let _ = info.unlock();
@@ -155,7 +242,7 @@ impl DataDir {
         drop(info);
         Ok(DataDir {
             root: root.to_path_buf(),
-            _lock: lock,
+            _lock: Held::Own(lock),
         })
     }
 
@@ -170,13 +257,16 @@ impl DataDir {
         endpoint: Option<&str>,
         mode: Option<crate::identity::Mode>,
         overrides: crate::identity::Overrides,
+        host: Option<&std::sync::Arc<host::HostLock>>,
     ) -> Result<(DataDir, crate::identity::Identity)> {
-        let dd = DataDir::open(root)?;
+        let dd = match host {
+            Some(h) => DataDir::open_hosted(h, root)?,
+            None => DataDir::open(root)?,
+        };
         let id = crate::identity::ensure(root, stream, store, endpoint, mode, overrides)?;
         Ok((dd, id))
     }
 
-    #[cfg(any(test, feature = "testing"))]
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -289,6 +379,7 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+pub mod host;
 mod recover;
 mod report;
 use crate::segment::names::{Kind, classify};

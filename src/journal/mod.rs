@@ -59,7 +59,9 @@ pub mod record;
 mod replay;
 mod writer;
 
-pub use rebuild::{RebuildReport, committed_in_intact_frames, rebuild};
+#[cfg(any(test, feature = "testing"))]
+pub use rebuild::rebuild;
+pub use rebuild::{RebuildReport, committed_in_intact_frames, rebuild_in};
 // Re-exported for the tests (feature `testing`); the crate uses a part.
 #[cfg_attr(not(any(test, feature = "testing")), allow(unused_imports))]
 pub use record::{Frame, JournalState, PendingSummary, Record, SegmentRecord, SegmentState};

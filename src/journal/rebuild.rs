@@ -48,7 +48,6 @@ use serde::Serialize;
 use super::record::{Frame, JournalState, Record, SegmentRecord, SegmentState};
 use super::replay::{FRAME_HEADER_LEN, HEADER_LEN, decode_header, find_resync};
 use super::compact::remove_tmp;
-use super::writer::lock_dir;
 use crate::durable::fsync_dir;
 use super::{LOG_FILE, TMP_FILE, TailKind, compact, journal_dir};
 use crate::error::{Error, Result};
@@ -317,17 +316,29 @@ pub fn committed_in_intact_frames(data_dir: &Path) -> Result<std::collections::B
     Ok(out)
 }
 
-/// Rebuilds `data_dir/journal/journal.log` from its intact frames and the
-/// sealed files in `data_dir/segments` (see the module doc). The caller
-/// holds the data directory (its broker is down).
+/// [`rebuild_in`] for a caller that holds no [`crate::datadir::DataDir`]:
+/// takes the data directory's lock for the rebuild (a broker or a command
+/// holding the directory makes it fail with [`Error::Locked`]).
+#[cfg(any(test, feature = "testing"))]
 pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
+    let _lock = crate::datadir::lock_alone(data_dir)?;
+    rebuild_locked(data_dir)
+}
+
+/// Rebuilds `DATA_DIR/journal/journal.log` from its intact frames and the
+/// sealed files in `DATA_DIR/segments` (see the module doc), under the data
+/// directory `dd`'s lock.
+pub fn rebuild_in(dd: &crate::datadir::DataDir) -> Result<RebuildReport> {
+    rebuild_locked(dd.root())
+}
+
+fn rebuild_locked(data_dir: &Path) -> Result<RebuildReport> {
     let dir = journal_dir(data_dir);
     match fs::create_dir(&dir) {
         Ok(()) => fsync_dir(data_dir)?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(&dir, "create journal directory", e)),
     }
-    let _lock = lock_dir(&dir)?;
     remove_tmp(&dir)?;
     let log = dir.join(LOG_FILE);
     let old = match fs::File::open(&log).and_then(|f| super::read_trimmed(&f)) {

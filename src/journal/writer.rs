@@ -21,18 +21,31 @@ use std::path::{Path, PathBuf};
 use super::record::{Frame, JournalState, Record, SegmentRecord};
 use super::replay::{encode_frame, replay_bytes};
 use super::{JournalOptions, JournalView, LOG_FILE, ReplayReport, TMP_FILE, compact, journal_dir};
+use crate::datadir::DataDir;
 use crate::error::{Error, Result};
 use crate::segment::SegmentId;
 use std::collections::BTreeMap;
 
-/// The read-write journal. One per data directory: `open` takes an exclusive
-/// `flock` on the journal directory for the life of the value.
+/// The read-write journal. One per data directory, whose lock covers it:
+/// [`Journal::open_in`] runs under an open [`DataDir`], [`Journal::open`]
+/// takes the data directory's lock itself for the life of the value.
+///
+/// No descriptor is kept between appends (issue 16: a process hosting
+/// thousands of streams must not hold one a stream): each batch opens
+/// `journal.log`, checks that it is still the file this journal replayed
+/// or compacted into (device, inode, length), writes, `fdatasync`s and
+/// closes it. A writeback error of the batch is still seen by that
+/// `fdatasync`: the descriptor is opened before the write.
 #[derive(Debug)]
 pub struct Journal {
     /// `DATA_DIR/journal`.
     pub(super) dir: PathBuf,
-    /// `journal.log`, open read-write; replaced by compaction.
-    pub(super) file: File,
+    /// Device and inode of `journal.log` as replayed or compacted into; a
+    /// different file under the name poisons the next append.
+    pub(super) ident: (u64, u64),
+    /// Test hook: this descriptor instead of opening `journal.log`.
+    #[cfg(test)]
+    pub(super) test_file: Option<File>,
     /// Its path (`dir/journal.log`).
     pub(super) log: PathBuf,
     /// Acknowledged (durable) state, generation and valid length.
@@ -42,32 +55,45 @@ pub struct Journal {
     pub(super) poisoned: Option<String>,
     /// File length right after the last compaction (0 until one runs).
     pub(super) compacted_len: u64,
-    /// Holds the directory lock; released on drop.
-    _lock: File,
+    /// The data directory's lock when [`Journal::open`] took it; released
+    /// on drop. `None` under a [`DataDir`] (its lock covers the journal).
+    _lock: Option<crate::datadir::OwnLock>,
 }
 
-
-/// Takes the journal directory's lock (see [`crate::durable::try_lock`]).
-pub(super) fn lock_dir(dir: &Path) -> Result<File> {
-    let f = File::open(dir).map_err(|e| Error::io(dir, "open journal directory", e))?;
-    if !crate::durable::try_lock(&f, dir, "lock journal directory")? {
-        return Err(Error::Locked {
-            path: dir.to_path_buf(),
-            holder: "another open Journal".into(),
-        });
-    }
-    Ok(f)
+fn ident_of(m: &fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (m.dev(), m.ino())
 }
 
 impl Journal {
-    /// Opens (creating if needed) the journal under `data_dir/journal`,
-    /// replays it and cuts any torn tail. `data_dir` must exist.
+    /// [`Journal::open_in`] for a caller that holds no [`DataDir`]: takes
+    /// the data directory's lock (`datadir::lock_alone`) and holds
+    /// it for the life of the journal, so that it excludes a broker or a
+    /// command holding the directory.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn open(data_dir: &Path, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
+        opts.validate()?;
+        let lock = crate::datadir::lock_alone(data_dir)?;
+        Self::open_locked(data_dir, opts, Some(lock))
+    }
+
+    /// Opens (creating if needed) the journal under the data directory
+    /// `dd`, replays it and cuts any torn tail. The data directory's lock,
+    /// held by `dd`, covers the journal: no descriptor of its own is held.
     ///
     /// A bad header is returned as [`Error::Corrupt`] and the file is left
     /// alone: it cannot come from a crash (headers are only installed by
     /// rename), so the operator or the caller's quarantine decides.
-    pub fn open(data_dir: &Path, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
+    pub fn open_in(dd: &DataDir, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
         opts.validate()?;
+        Self::open_locked(dd.root(), opts, None)
+    }
+
+    fn open_locked(
+        data_dir: &Path,
+        opts: JournalOptions,
+        lock: Option<crate::datadir::OwnLock>,
+    ) -> Result<(Journal, ReplayReport)> {
         let dir = journal_dir(data_dir);
         match fs::create_dir(&dir) {
             Ok(()) => {}
@@ -77,7 +103,6 @@ impl Journal {
         // Always, not only after create_dir: a previous process may have
         // created the directory and died before making its name durable.
         crate::durable::fsync_dir(data_dir)?;
-        let lock = lock_dir(&dir)?;
 
         // Safe to delete: journal.log is only replaced by renaming a fully
         // written and fsynced tmp over it, so a tmp that still exists was never
@@ -164,9 +189,16 @@ impl Journal {
                 .and_then(|()| crate::durable::sync_all(&file, &log))
                 .map_err(|e| Error::io(&log, "truncate torn journal tail", e))?;
         }
+        let ident = file
+            .metadata()
+            .map(|m| ident_of(&m))
+            .map_err(|e| Error::io(&log, "stat journal", e))?;
+        drop(file);
         let mut journal = Journal {
             dir,
-            file,
+            ident,
+            #[cfg(test)]
+            test_file: None,
             log: log.clone(),
             view: JournalView {
                 state: replayed.state,
@@ -248,21 +280,61 @@ impl Journal {
         encode_frame(&Frame::Batch(records.to_vec()), &mut buf)?;
 
         let at = self.view.file_len;
+        let file = self.file_for_append()?;
         let written =
-            crate::durable::at("journal.append").write_all_at(&self.file, &buf, at, &self.log);
+            crate::durable::at("journal.append").write_all_at(&file, &buf, at, &self.log);
         if let Err(e) = written {
             return Err(self.poison(format!(
                 "journal write of {} bytes at {at} failed: {e}",
                 buf.len()
             )));
         }
-        let synced = crate::durable::at("journal.fsync").sync_data(&self.file, &self.log);
+        let synced = crate::durable::at("journal.fsync").sync_data(&file, &self.log);
         if let Err(e) = synced {
             return Err(self.poison(format!("journal fdatasync failed: {e}")));
         }
         self.view.file_len = at + buf.len() as u64;
         self.view.state.commit(staged);
         Ok(())
+    }
+
+    /// `journal.log`, opened for one batch. A failure to open it is
+    /// returned without poisoning (nothing was written). A file that is not
+    /// the one this journal holds (replaced, or shorter than what it
+    /// acknowledged: an operator's copy or restore under a running process)
+    /// poisons: writing on would mix two journals' histories.
+    fn file_for_append(&mut self) -> Result<File> {
+        #[cfg(test)]
+        if let Some(f) = &self.test_file {
+            return f
+                .try_clone()
+                .map_err(|e| Error::io(&self.log, "open journal", e));
+        }
+        let file = crate::durable::open_regular(&self.log, true)
+            .map_err(|e| Error::io(&self.log, "open journal", e))?;
+        let m = file
+            .metadata()
+            .map_err(|e| Error::io(&self.log, "stat journal", e))?;
+        if ident_of(&m) != self.ident {
+            return Err(self.poison(format!(
+                "{} is not the journal this process opened: the file was replaced while \
+                 the broker ran (a copy or restore into a live data directory?). Nothing \
+                 more is written to it; stop the broker, keep both files, and run \
+                 `tierindex fsck` on the data directory",
+                self.log.display()
+            )));
+        }
+        if m.len() < self.view.file_len {
+            return Err(self.poison(format!(
+                "{} is {} bytes, shorter than the {} this process acknowledged: it was \
+                 cut while the broker ran. Nothing more is written to it; stop the broker \
+                 and run `tierindex fsck` on the data directory",
+                self.log.display(),
+                m.len(),
+                self.view.file_len
+            )));
+        }
+        Ok(file)
     }
 
     pub fn get(&self, id: SegmentId) -> Option<&SegmentRecord> {
@@ -387,7 +459,11 @@ impl Journal {
             segments = kept.segments().len(),
             "journal compacted"
         );
-        self.file = file;
+        self.ident = match file.metadata() {
+            Ok(m) => ident_of(&m),
+            Err(e) => return Err(self.poison(format!("stat of the compacted journal: {e}"))),
+        };
+        drop(file);
         self.view.state = kept;
         self.view.generation = generation;
         self.view.file_len = len;
@@ -540,21 +616,69 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_replaced_or_cut_under_the_process_poisons_and_is_left_alone() {
+        for cut in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (mut j, _) = open(tmp.path());
+            j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
+            j.append(&[uploading(1, 1, None)]).unwrap();
+            let log = log_path(tmp.path());
+            let before = fs::read(&log).unwrap();
+            let other = if cut {
+                // Cut in place: same file, fewer bytes than acknowledged.
+                let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+                f.set_len(before.len() as u64 - 3).unwrap();
+                before[..before.len() - 3].to_vec()
+            } else {
+                // A copy put in its place (same bytes, another file).
+                let copy = tmp.path().join("copy");
+                fs::write(&copy, &before).unwrap();
+                fs::rename(&copy, &log).unwrap();
+                before.clone()
+            };
+            let r = j.append(&[Record::Sealed { meta: meta(2) }]);
+            let Err(Error::Poisoned(why)) = r else {
+                panic!("cut={cut}: {r:?}")
+            };
+            assert!(why.contains("tierindex fsck"), "{why}");
+            assert_eq!(fs::read(&log).unwrap(), other, "cut={cut}: nothing written");
+            assert!(matches!(j.append(&[]), Err(Error::Poisoned(_))));
+            assert!(j.get(SegmentId(2)).is_none(), "not acknowledged");
+        }
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_opened_for_a_batch_fails_it_without_poisoning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
+        let log = log_path(tmp.path());
+        let aside = tmp.path().join("aside");
+        fs::rename(&log, &aside).unwrap();
+        let r = j.append(&[uploading(1, 1, None)]);
+        assert!(matches!(&r, Err(Error::Io { .. })), "{r:?}");
+        assert!(j.get(SegmentId(1)).is_some_and(|r| r.state == SegmentState::Sealed));
+        // The same file back: the journal goes on where it was.
+        fs::rename(&aside, &log).unwrap();
+        j.append(&[uploading(1, 1, None)]).unwrap();
+        drop(j);
+        let (j, _) = open(tmp.path());
+        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Uploading);
+    }
+
+    #[test]
     fn failed_write_poisons_forever() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut j, _) = open(tmp.path());
         j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
         let state = j.view().clone();
         // A read-only descriptor makes the next pwrite fail with EBADF.
-        j.file = File::open(log_path(tmp.path())).unwrap();
+        j.test_file = Some(File::open(log_path(tmp.path())).unwrap());
         let r = j.append(&[uploading(1, 1, None)]);
         assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
         assert_eq!(j.view(), &state, "nothing unacknowledged becomes visible");
         // Even with a good descriptor back, nothing is retried or accepted.
-        j.file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(log_path(tmp.path()))
-            .unwrap();
+        j.test_file = None;
         assert!(matches!(
             j.append(&[uploading(1, 1, None)]),
             Err(Error::Poisoned(_))

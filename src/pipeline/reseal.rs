@@ -221,8 +221,6 @@ mod tests {
     use crate::journal::JournalOptions;
 
     fn open(dir: &Path) -> (IndexWriter, Journal) {
-        let (j, _) = Journal::open(dir, JournalOptions::default()).unwrap();
-        let min = j.max_segment_id().map(|m| SegmentId(m.0 + 1));
         let cfg = IndexConfig {
             slot_count: 64,
             segment_items: 100,
@@ -240,6 +238,8 @@ mod tests {
                 r => break r.unwrap(),
             }
         };
+        let (j, _) = Journal::open_in(&dd, JournalOptions::default()).unwrap();
+        let min = j.max_segment_id().map(|m| SegmentId(m.0 + 1));
         let (w, _) = IndexWriter::open(dd, cfg, min, None).unwrap();
         (w, j)
     }

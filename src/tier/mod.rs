@@ -44,6 +44,7 @@ use crate::segment::active::Lookup;
 use crate::segment::{Entry, TimeRange, now_ms};
 
 mod background;
+mod host;
 mod open;
 mod remote_lookup;
 mod report;
@@ -53,9 +54,12 @@ use background::{lease_renewer, reconciler, update_gauges, worker};
 pub use background::{status_from, status_of};
 #[cfg(any(test, feature = "testing"))]
 pub use open::open_shared;
-pub use open::{open_shared_with_clock, open_store};
+#[cfg(any(test, feature = "testing"))]
+pub use open::open_shared_with_clock;
+pub use open::open_store;
 use open::write_clean_marker;
 pub(crate) use report::damage_text;
+pub use host::Host;
 pub use report::{OpenReport, RemoteLookup, ShutdownReport, Status};
 
 /// Present in the data directory only after a shutdown that left nothing
@@ -194,11 +198,21 @@ impl TierIndex {
         store: RemoteStore,
         clock: Arc<dyn Clock>,
     ) -> Result<(TierIndex, OpenReport)> {
+        Self::open_inner(cfg, store, clock, None).await
+    }
+
+    /// Every open ends here; `host`: the data directory is one of its.
+    pub(super) async fn open_inner(
+        cfg: Config,
+        store: RemoteStore,
+        clock: Arc<dyn Clock>,
+        host: Option<Arc<crate::datadir::host::HostLock>>,
+    ) -> Result<(TierIndex, OpenReport)> {
         cfg.validate()?;
         // A bad part size for this store is a configuration error: refuse
         // to start rather than retry every upload until the deadline.
         cfg.upload_config().validate(&store)?;
-        let (sh, report) = open_shared_with_clock(&cfg, store, clock).await?;
+        let (sh, report) = open::open_shared_hosted(&cfg, store, clock, host).await?;
         let notify = Arc::new(Notify::new());
         // The writer's seal notifications wake the worker.
         {

@@ -137,10 +137,22 @@ pub(super) fn store_unreachable(e: &Error) -> bool {
 }
 
 /// As [`open_shared`] with the clock of the manifest lease.
+#[cfg(any(test, feature = "testing"))]
 pub async fn open_shared_with_clock(
     cfg: &Config,
     store: RemoteStore,
     clock: Arc<dyn Clock>,
+) -> Result<(Arc<Shared>, OpenReport)> {
+    open_shared_hosted(cfg, store, clock, None).await
+}
+
+/// As [`open_shared_with_clock`]; with `host`, the data directory is one
+/// of the host's and locked through its lock.
+pub(super) async fn open_shared_hosted(
+    cfg: &Config,
+    store: RemoteStore,
+    clock: Arc<dyn Clock>,
+    host: Option<Arc<crate::datadir::host::HostLock>>,
 ) -> Result<(Arc<Shared>, OpenReport)> {
     // Local recovery reads and checks files: on a blocking thread, never on
     // the caller's runtime thread (issue 16).
@@ -156,6 +168,7 @@ pub async fn open_shared_with_clock(
                 crate::identity::Overrides {
                     store: cfg.store_override,
                 },
+                host.as_ref(),
             )?;
             let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
             let previous_shutdown_clean = marker.exists();
@@ -164,8 +177,8 @@ pub async fn open_shared_with_clock(
                     .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
                 fsync_dir(&cfg.data_dir)?;
             }
-            let (journal, jrep) = Journal::open(
-                &cfg.data_dir,
+            let (journal, jrep) = Journal::open_in(
+                &dd,
                 JournalOptions {
                     compact_after_bytes: cfg.journal_compact_after_bytes,
                     ..JournalOptions::default()

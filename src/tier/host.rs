@@ -1,0 +1,95 @@
+//! [`Host`]: many streams in one process under one directory and one lock.
+
+use std::path::Path;
+
+use super::*;
+use crate::datadir::host::HostLock;
+
+/// A directory of data directories, one per stream, locked once for all of
+/// them (issue 16: a process hosting thousands of streams holds one
+/// descriptor for their locks, not one a stream).
+///
+/// ```no_run
+/// # async fn f() -> tierindex::Result<()> {
+/// use std::time::Duration;
+/// use tierindex::{Config, Host};
+/// let host = Host::open("/var/lib/broker/tier")?;
+/// let cfg = Config::builder(host.root().join("orders-0")).stream("orders-0").build()?;
+/// let (orders, _) = host.open_stream(cfg).await?;
+/// orders.append(b"key", 0, 100, 1_700_000_000_000)?;
+/// orders.flush()?;
+/// let reports = Host::shutdown_all(vec![orders], Duration::from_secs(30)).await;
+/// # Ok(()) }
+/// ```
+///
+/// Each stream's data directory is `ROOT/NAME`, with everything a data
+/// directory opened on its own has, plus a `HOSTED` marker: a `tierindex`
+/// command (or a broker without a host) that opens it on its own then needs
+/// the host's lock too, and is refused while the host runs. The host's lock
+/// lives as long as the `Host` or any stream opened through it.
+#[derive(Clone, Debug)]
+pub struct Host {
+    lock: Arc<HostLock>,
+}
+
+impl Host {
+    /// At most this many streams shut down at a time in
+    /// [`Host::shutdown_all`]: each opens a few files for a moment, and a
+    /// process under a low descriptor limit must not run out.
+    pub const SHUTDOWN_CONCURRENCY: usize = 64;
+
+    /// Creates `root` if missing and takes its lock: [`Error::Locked`] when
+    /// another host, or a command on one of its streams, holds it. `root`
+    /// must not itself be a data directory.
+    pub fn open(root: impl AsRef<Path>) -> Result<Host> {
+        Ok(Host {
+            lock: HostLock::open(root.as_ref())?,
+        })
+    }
+
+    /// The host's directory, resolved (symlinks followed).
+    pub fn root(&self) -> &Path {
+        self.lock.root()
+    }
+
+    /// [`TierIndex::open`] for a stream whose data directory
+    /// (`cfg.data_dir`) is directly under [`Host::root`].
+    pub async fn open_stream(&self, cfg: Config) -> Result<(TierIndex, OpenReport)> {
+        crate::identity::precheck(
+            &cfg.data_dir,
+            &cfg.stream,
+            &crate::remote::url::display_form("store URL", &cfg.store_url()?)?,
+            cfg.endpoint.as_deref(),
+            crate::identity::Overrides {
+                store: cfg.store_override,
+            },
+        )?;
+        let store = open_store(&cfg)?;
+        TierIndex::open_inner(cfg, store, Arc::new(SystemClock), Some(self.lock.clone())).await
+    }
+
+    /// [`Host::open_stream`] with a store the caller built (one [`Store`]
+    /// shared by every stream of one bucket shares its connections).
+    pub async fn open_stream_with(
+        &self,
+        cfg: Config,
+        store: Store,
+    ) -> Result<(TierIndex, OpenReport)> {
+        TierIndex::open_inner(cfg, store.0, Arc::new(SystemClock), Some(self.lock.clone())).await
+    }
+
+    /// Shuts `streams` down under one deadline, [`Host::SHUTDOWN_CONCURRENCY`] at a
+    /// time, and returns their reports in the same order. A stream whose
+    /// turn comes late gets what is left of the deadline (none once it has
+    /// passed: it seals and records what it could not upload, as any
+    /// shutdown past its deadline does).
+    pub async fn shutdown_all(streams: Vec<TierIndex>, deadline: Duration) -> Vec<ShutdownReport> {
+        use futures::StreamExt as _;
+        let until = Instant::now() + deadline;
+        futures::stream::iter(streams)
+            .map(|s| s.shutdown(until.saturating_duration_since(Instant::now())))
+            .buffered(Self::SHUTDOWN_CONCURRENCY)
+            .collect()
+            .await
+    }
+}
