@@ -134,7 +134,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .slot_count(slots)
                 .segment_max_age(Some(Duration::from_secs(60)));
             if manifest {
-                cfg
+                // STREAMS_LEASE_TTL_MS: the manifest lease's TTL (default
+                // 30 s; each stream renews it at a third of that).
+                match std::env::var("STREAMS_LEASE_TTL_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    Some(ms) => cfg.lease_ttl(Duration::from_millis(ms)),
+                    None => cfg,
+                }
             } else {
                 cfg.single_writer_mode()
             }

@@ -93,8 +93,8 @@ macro_rules! internal_modules {
 }
 
 internal_modules!(
-    config, datadir, durable, error, failpoint, identity, index, journal, lanes, metrics, pipeline,
-    recovery, remote, retry, segment, tier, upload,
+    config, datadir, durable, error, failpoint, identity, index, journal, lanes, lock, metrics,
+    pipeline, recovery, remote, retry, segment, tier, upload,
 );
 
 #[cfg(feature = "cli")]

@@ -322,7 +322,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     let mut journal_rebuilt = None;
     let (jrep, segments) = if repair {
         journal_rebuilt = rebuild_journal_if_damaged(&dd)?;
-        let (j, r) = Journal::open_in(&dd, JournalOptions::default())?;
+        let (j, r) = Journal::open_in(dd.lock(), JournalOptions::default())?;
         (r, j.segments().clone())
     } else {
         match Journal::open_read_only(&cfg.data_dir) {
@@ -475,7 +475,7 @@ fn rebuild_journal_if_damaged(dd: &DataDir) -> Result<Option<journal::RebuildRep
         Err(_) => false,
     };
     if missing || damaged {
-        return journal::rebuild_in(dd).map(Some);
+        return journal::rebuild_in(dd.lock()).map(Some);
     }
     Ok(None)
 }

@@ -438,7 +438,7 @@ fn move_back(dd: &DataDir, src: &Path, dst: &Path) -> Result<()> {
 /// Journal `Requeued` for a Quarantined segment whose local file was found
 /// intact and matching (durable before this returns).
 fn requeue(dd: &DataDir, id: crate::segment::SegmentId) -> Result<()> {
-    let (mut j, _) = Journal::open_in(dd, crate::journal::JournalOptions::default())?;
+    let (mut j, _) = Journal::open_in(dd.lock(), crate::journal::JournalOptions::default())?;
     j.append(&[crate::journal::Record::Requeued {
         id,
         reason: "quarantine retry: the local file passes the full check and matches its \

@@ -36,13 +36,16 @@
 //!   error, and one bad file never stops the rest from opening.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{Read, Seek, Write};
+use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::durable::{fsync_dir, fsync_path};
+use crate::lock::DirLock;
+use crate::lock::host::HostLock;
+use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::segment::active::{self, ActiveRecovery, ActiveSegment};
 use crate::segment::salvage::{self, Geometry, LostSpan};
@@ -53,7 +56,8 @@ use crate::segment::{SegmentId, now_ms};
 pub use crate::segment::names::SEGMENTS_DIR;
 pub const JOURNAL_DIR: &str = "journal";
 pub const QUARANTINE_DIR: &str = "quarantine";
-pub const LOCK_FILE: &str = "LOCK";
+#[cfg(any(test, feature = "testing"))]
+pub use crate::lock::LOCK_FILE;
 
 /// True when `path` looks like a data directory: it has an identity, a
 /// journal directory or a segments directory.
@@ -65,41 +69,6 @@ pub fn is_data_dir(path: &Path) -> bool {
     ]
     .iter()
     .any(|n| path.join(n).exists())
-}
-
-/// Who holds `root`'s lock, as its `LOCK` file says (informational: at
-/// most its first 512 bytes, control characters replaced).
-fn holder(root: &Path) -> String {
-    let mut buf = Vec::new();
-    if let Ok(f) = crate::durable::open_regular(&root.join(LOCK_FILE), false) {
-        let _ = f.take(512).read_to_end(&mut buf);
-    }
-    let s: String = String::from_utf8_lossy(&buf)
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.is_empty() {
-        "unknown holder".into()
-    } else {
-        s
-    }
-}
-
-/// Takes the data directory's lock: an exclusive, non-blocking `flock` of
-/// the directory `root` itself, held until the returned descriptor closes.
-/// [`DataDir::open`] takes it; so does a [`crate::journal::Journal`] opened
-/// without a `DataDir`, so that every writer of a data directory, the
-/// journal's included, excludes every other.
-pub(crate) fn lock_root(root: &Path) -> Result<File> {
-    let lock = File::open(root).map_err(|e| Error::io(root, "open data directory", e))?;
-    if !crate::durable::try_lock(&lock, root, "lock data directory")? {
-        return Err(Error::Locked {
-            path: root.to_path_buf(),
-            holder: holder(root),
-        });
-    }
-    Ok(lock)
 }
 
 /// Creates the data directory's tree where missing, each new name durable.
@@ -127,57 +96,8 @@ pub struct DataDir {
     // The directory itself, flock'd for the life of the DataDir: released
     // when it drops. A lock on a file inside it (`LOCK`, before) was lost
     // to an operator's `rm LOCK`: the next process then took a new one and
-    // repaired the live broker's active file under it.
-    _lock: Held,
-}
-
-/// A data directory's own lock and, when a host holds it (its `HOSTED`
-/// marker), the host's; released when it drops.
-pub(crate) struct OwnLock {
-    _dir: File,
-    _host: Option<File>,
-}
-
-impl std::fmt::Debug for OwnLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self._host.is_some() {
-            "OwnLock(data directory + host)"
-        } else {
-            "OwnLock(data directory)"
-        })
-    }
-}
-
-/// Takes `root`'s lock as a process that holds it on its own does: its
-/// own ([`lock_root`]), then its host's when it is hosted (see [`host`]:
-/// in that order). For every writer without a [`DataDir`] (a journal
-/// opened or rebuilt on its own).
-pub(crate) fn lock_alone(root: &Path) -> Result<OwnLock> {
-    let dir = lock_root(root)?;
-    let host = host::lock_host_of(root)?;
-    Ok(OwnLock {
-        _dir: dir,
-        _host: host,
-    })
-}
-
-/// What keeps a [`DataDir`] locked; released when it drops.
-enum Held {
-    /// Its own lock, and its host's when it has a `HOSTED` marker.
-    Own(#[allow(dead_code)] OwnLock),
-    /// Its host's lock, held by the host ([`host::HostLock::claim`]).
-    Hosted(#[allow(dead_code)] host::Claim),
-}
-
-/// `pid=.. host=.. since_ms=..`, for a `LOCK` file (`what`: `data
-/// directory` or `host`).
-pub(crate) fn holder_line(what: &str) -> String {
-    format!(
-        "{what}: pid={} host={} since_ms={}",
-        std::process::id(),
-        hostname(),
-        now_ms()
-    )
+    // repaired the live broker's active file under it. Or its host's.
+    lock: DirLock,
 }
 
 impl DataDir {
@@ -185,65 +105,26 @@ impl DataDir {
     /// (and, for a data directory a host holds, the host's: see [`host`]).
     pub fn open(root: &Path) -> Result<DataDir> {
         create_tree(root)?;
-        Self::lock_own(root)
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            lock: DirLock::own(root)?,
+        })
     }
 
     /// A data directory directly under `host`'s directory, locked through
-    /// the host's lock ([`host::HostLock::claim`]): no descriptor of its own.
-    pub fn open_hosted(host: &std::sync::Arc<host::HostLock>, root: &Path) -> Result<DataDir> {
-        let claim = host.claim(root)?;
+    /// the host's lock ([`HostLock::claim`]): no descriptor of its own.
+    pub fn open_hosted(host: &Arc<HostLock>, root: &Path) -> Result<DataDir> {
+        let lock = DirLock::hosted(host, root)?;
         create_tree(root)?;
         Ok(DataDir {
             root: root.to_path_buf(),
-            _lock: Held::Hosted(claim),
+            lock,
         })
     }
 
-    fn lock_own(root: &Path) -> Result<DataDir> {
-        let lock_path = root.join(LOCK_FILE);
-        let mut info = crate::durable::no_follow()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| {
-                // A read-only directory or a LOCK owned by another user
-                // (a data directory copied as root): say what to check.
-                let what = if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
-                ) {
-                    "open lock file for writing: this command takes the data directory's lock; \
-                     check that this user may write the directory and its LOCK file (owner, \
-                     mode, a read-only mount); `tierindex status` and `inspect` read without it"
-                } else {
-                    "open lock file"
-                };
-                Error::io(&lock_path, what, e)
-            })?;
-        let lock = lock_alone(root)?;
-        let me = holder_line("data directory");
-        // A build from before the directory lock (crates before 2026-12-05)
-        // locks `LOCK` itself: one running must not be missed. Checked, not
-        // held (a descriptor a stream).
-        if !crate::durable::try_lock(&info, &lock_path, "lock data directory")? {
-            return Err(Error::Locked {
-                path: root.to_path_buf(),
-                holder: format!("an older tierindex holding its LOCK file: {}", holder(root)),
-            });
-        }
-        let _ = info.unlock();
-        // Informational only (who holds the lock); not a durability point.
-        let _ = info
-            .set_len(0)
-            .and_then(|_| info.rewind())
-            .and_then(|_| info.write_all(me.as_bytes()));
-        drop(info);
-        Ok(DataDir {
-            root: root.to_path_buf(),
-            _lock: Held::Own(lock),
-        })
+    /// The lock this data directory is held by (a journal is opened under it).
+    pub fn lock(&self) -> &DirLock {
+        &self.lock
     }
 
     /// [`DataDir::open`], then the directory's identity
@@ -257,7 +138,7 @@ impl DataDir {
         endpoint: Option<&str>,
         mode: Option<crate::identity::Mode>,
         overrides: crate::identity::Overrides,
-        host: Option<&std::sync::Arc<host::HostLock>>,
+        host: Option<&Arc<HostLock>>,
     ) -> Result<(DataDir, crate::identity::Identity)> {
         let dd = match host {
             Some(h) => DataDir::open_hosted(h, root)?,
@@ -373,13 +254,6 @@ pub fn write_record(moved: &Path, rec: &QuarantineRecord) -> Result<()> {
     Ok(())
 }
 
-fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-pub mod host;
 mod recover;
 mod report;
 use crate::segment::names::{Kind, classify};

@@ -316,20 +316,20 @@ pub fn committed_in_intact_frames(data_dir: &Path) -> Result<std::collections::B
     Ok(out)
 }
 
-/// [`rebuild_in`] for a caller that holds no [`crate::datadir::DataDir`]:
+/// [`rebuild_in`] for a caller that holds no `DataDir`:
 /// takes the data directory's lock for the rebuild (a broker or a command
 /// holding the directory makes it fail with [`Error::Locked`]).
 #[cfg(any(test, feature = "testing"))]
 pub fn rebuild(data_dir: &Path) -> Result<RebuildReport> {
-    let _lock = crate::datadir::lock_alone(data_dir)?;
+    let _lock = crate::lock::DirLock::alone(data_dir)?;
     rebuild_locked(data_dir)
 }
 
 /// Rebuilds `DATA_DIR/journal/journal.log` from its intact frames and the
-/// sealed files in `DATA_DIR/segments` (see the module doc), under the data
-/// directory `dd`'s lock.
-pub fn rebuild_in(dd: &crate::datadir::DataDir) -> Result<RebuildReport> {
-    rebuild_locked(dd.root())
+/// sealed files in `DATA_DIR/segments` (see the module doc), under the
+/// data directory's lock (a `DataDir`'s: `dd.lock()`).
+pub fn rebuild_in(lock: &crate::lock::DirLock) -> Result<RebuildReport> {
+    rebuild_locked(lock.root())
 }
 
 fn rebuild_locked(data_dir: &Path) -> Result<RebuildReport> {

@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use super::record::{Frame, JournalState, Record, SegmentRecord};
 use super::replay::{encode_frame, replay_bytes};
 use super::{JournalOptions, JournalView, LOG_FILE, ReplayReport, TMP_FILE, compact, journal_dir};
-use crate::datadir::DataDir;
+use crate::lock::DirLock;
 use crate::error::{Error, Result};
 use crate::segment::SegmentId;
 use std::collections::BTreeMap;
 
 /// The read-write journal. One per data directory, whose lock covers it:
-/// [`Journal::open_in`] runs under an open [`DataDir`], [`Journal::open`]
+/// [`Journal::open_in`] runs under an open `DataDir`'s lock, [`Journal::open`]
 /// takes the data directory's lock itself for the life of the value.
 ///
 /// No descriptor is kept between appends (issue 16: a process hosting
@@ -56,8 +56,8 @@ pub struct Journal {
     /// File length right after the last compaction (0 until one runs).
     pub(super) compacted_len: u64,
     /// The data directory's lock when [`Journal::open`] took it; released
-    /// on drop. `None` under a [`DataDir`] (its lock covers the journal).
-    _lock: Option<crate::datadir::OwnLock>,
+    /// on drop. `None` under a `DataDir` (its lock covers the journal).
+    _lock: Option<DirLock>,
 }
 
 fn ident_of(m: &fs::Metadata) -> (u64, u64) {
@@ -67,32 +67,32 @@ fn ident_of(m: &fs::Metadata) -> (u64, u64) {
 
 impl Journal {
     /// [`Journal::open_in`] for a caller that holds no [`DataDir`]: takes
-    /// the data directory's lock (`datadir::lock_alone`) and holds
+    /// the data directory's lock ([`DirLock::alone`]) and holds
     /// it for the life of the journal, so that it excludes a broker or a
     /// command holding the directory.
     #[cfg(any(test, feature = "testing"))]
     pub fn open(data_dir: &Path, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
         opts.validate()?;
-        let lock = crate::datadir::lock_alone(data_dir)?;
+        let lock = DirLock::alone(data_dir)?;
         Self::open_locked(data_dir, opts, Some(lock))
     }
 
-    /// Opens (creating if needed) the journal under the data directory
-    /// `dd`, replays it and cuts any torn tail. The data directory's lock,
-    /// held by `dd`, covers the journal: no descriptor of its own is held.
+    /// Opens (creating if needed) the journal of the data directory `lock`
+    /// holds (a `DataDir`'s: `dd.lock()`), replays it and cuts any torn
+    /// tail. That lock covers the journal: no descriptor of its own is held.
     ///
     /// A bad header is returned as [`Error::Corrupt`] and the file is left
     /// alone: it cannot come from a crash (headers are only installed by
     /// rename), so the operator or the caller's quarantine decides.
-    pub fn open_in(dd: &DataDir, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
+    pub fn open_in(lock: &DirLock, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
         opts.validate()?;
-        Self::open_locked(dd.root(), opts, None)
+        Self::open_locked(lock.root(), opts, None)
     }
 
     fn open_locked(
         data_dir: &Path,
         opts: JournalOptions,
-        lock: Option<crate::datadir::OwnLock>,
+        lock: Option<DirLock>,
     ) -> Result<(Journal, ReplayReport)> {
         let dir = journal_dir(data_dir);
         match fs::create_dir(&dir) {

@@ -238,7 +238,7 @@ mod tests {
                 r => break r.unwrap(),
             }
         };
-        let (j, _) = Journal::open_in(&dd, JournalOptions::default()).unwrap();
+        let (j, _) = Journal::open_in(dd.lock(), JournalOptions::default()).unwrap();
         let min = j.max_segment_id().map(|m| SegmentId(m.0 + 1));
         let (w, _) = IndexWriter::open(dd, cfg, min, None).unwrap();
         (w, j)

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::datadir::host::HostLock;
+use crate::lock::host::HostLock;
 
 /// A directory of data directories, one per stream, locked once for all of
 /// them (issue 16: a process hosting thousands of streams holds one
@@ -42,8 +42,17 @@ impl Host {
     /// another host, or a command on one of its streams, holds it. `root`
     /// must not itself be a data directory.
     pub fn open(root: impl AsRef<Path>) -> Result<Host> {
+        let root = root.as_ref();
+        if crate::datadir::is_data_dir(root) {
+            return Err(Error::InvalidInput(format!(
+                "{} is a data directory (it has an identity, a journal or segments); a \
+                 host's directory holds data directories, one per stream: name its parent, \
+                 or a new directory",
+                root.display()
+            )));
+        }
         Ok(Host {
-            lock: HostLock::open(root.as_ref())?,
+            lock: HostLock::open(root)?,
         })
     }
 

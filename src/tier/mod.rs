@@ -206,7 +206,7 @@ impl TierIndex {
         cfg: Config,
         store: RemoteStore,
         clock: Arc<dyn Clock>,
-        host: Option<Arc<crate::datadir::host::HostLock>>,
+        host: Option<Arc<crate::lock::host::HostLock>>,
     ) -> Result<(TierIndex, OpenReport)> {
         cfg.validate()?;
         // A bad part size for this store is a configuration error: refuse

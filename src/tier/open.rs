@@ -152,7 +152,7 @@ pub(super) async fn open_shared_hosted(
     cfg: &Config,
     store: RemoteStore,
     clock: Arc<dyn Clock>,
-    host: Option<Arc<crate::datadir::host::HostLock>>,
+    host: Option<Arc<crate::lock::host::HostLock>>,
 ) -> Result<(Arc<Shared>, OpenReport)> {
     // Local recovery reads and checks files: on a blocking thread, never on
     // the caller's runtime thread (issue 16).
@@ -178,7 +178,7 @@ pub(super) async fn open_shared_hosted(
                 fsync_dir(&cfg.data_dir)?;
             }
             let (journal, jrep) = Journal::open_in(
-                &dd,
+                dd.lock(),
                 JournalOptions {
                     compact_after_bytes: cfg.journal_compact_after_bytes,
                     ..JournalOptions::default()

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! HOST_ROOT/
-//!   LOCK                 who holds the host (pid/host/start), for messages;
+//!   TIERINDEX_HOST       who holds the host (pid/host/start), for messages;
 //!                        the lock is a flock of HOST_ROOT itself
 //!   NAME/                a data directory (see the parent module)
 //!     HOSTED             marker: this data directory is locked through
@@ -18,7 +18,8 @@
 //!   only then trying `NAME`'s own lock, which it drops at once. A process
 //!   that holds `NAME` on its own (a `tierindex` command, a broker without
 //!   a host) makes that try fail: the open is refused.
-//! - A process that opens `NAME` on its own ([`super::DataDir::open`])
+//! - A process that opens `NAME` on its own (`DataDir::open`,
+//!   [`super::DirLock::alone`])
 //!   takes `NAME`'s lock first, and only then looks for `HOSTED`. When it is
 //!   there, it also takes the parent's lock, and holds both; the parent's
 //!   lock held by a host refuses it.
@@ -44,6 +45,10 @@ use crate::error::{Error, Result};
 
 /// Marker file in a data directory that a host has opened.
 pub const HOSTED_FILE: &str = "HOSTED";
+
+/// Who holds a host (informational), in its directory: not `LOCK`, so that
+/// a host's directory never looks like a data directory's.
+pub const HOST_INFO_FILE: &str = "TIERINDEX_HOST";
 
 const HOSTED_TEXT: &str = "This data directory belongs to a tierindex host: its lock is the \
 parent directory's. A process that opens it on its own takes the parent's lock too, so it \
@@ -75,7 +80,8 @@ impl Drop for Claim {
 }
 
 impl HostLock {
-    /// Creates `root` if missing and takes its lock.
+    /// Creates `root` if missing and takes its lock. (The caller refuses a
+    /// `root` that is itself a data directory: `Host::open`.)
     pub fn open(root: &Path) -> Result<Arc<HostLock>> {
         if !root.exists() {
             std::fs::create_dir_all(root)
@@ -87,16 +93,20 @@ impl HostLock {
         let root = root
             .canonicalize()
             .map_err(|e| Error::io(root, "resolve host directory", e))?;
-        if super::is_data_dir(&root) {
-            return Err(Error::InvalidInput(format!(
-                "{} is a data directory (it has an identity, a journal or segments); a \
-                 host's directory holds data directories, one per stream: name its parent, \
-                 or a new directory",
-                root.display()
-            )));
-        }
-        let lock = super::lock_root(&root)?;
-        let info = root.join(super::LOCK_FILE);
+        let lock = match super::lock_root(&root) {
+            Err(Error::Locked { path, .. }) => {
+                return Err(Error::Locked {
+                    path,
+                    holder: format!(
+                        "another tierindex host, or a command on one of its streams (the \
+                         last host: {})",
+                        super::holder_in(&root, HOST_INFO_FILE)
+                    ),
+                });
+            }
+            r => r?,
+        };
+        let info = root.join(HOST_INFO_FILE);
         // Informational only (who holds the host); not a durability point.
         let _ = crate::durable::no_follow()
             .write(true)
@@ -201,7 +211,7 @@ impl HostLock {
     }
 }
 
-/// For [`super::DataDir::open`] on its own, after it took `dir`'s lock:
+/// For [`super::DirLock::alone`], after it took `dir`'s lock:
 /// when `dir` is hosted, the parent's lock too (held by the caller for the
 /// life of its `DataDir`).
 pub(super) fn lock_host_of(dir: &Path) -> Result<Option<File>> {
@@ -216,12 +226,13 @@ pub(super) fn lock_host_of(dir: &Path) -> Result<Option<File>> {
     };
     match super::lock_root(parent) {
         Ok(f) => Ok(Some(f)),
-        Err(Error::Locked { holder, .. }) => Err(Error::Locked {
+        Err(Error::Locked { .. }) => Err(Error::Locked {
             path: dir.to_path_buf(),
             holder: format!(
-                "the tierindex host of {} ({holder}): this data directory is one of its \
+                "the tierindex host of {} ({}): this data directory is one of its \
                  streams (it has a {HOSTED_FILE} file)",
-                parent.display()
+                parent.display(),
+                super::holder_in(parent, HOST_INFO_FILE)
             ),
         }),
         Err(e) => Err(e),
