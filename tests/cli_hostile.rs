@@ -1444,6 +1444,8 @@ fn demo_streams_runs_and_reports_each_stream() {
             "{out}"
         );
         assert!(dir.join("IDENTITY").exists(), "{}", dir.display());
+        // One host's streams: on its own, each needs the host's lock.
+        assert!(dir.join("HOSTED").is_file(), "{}", dir.display());
         // 1000 entries each in 100-item segments: 10 segments, in the store
         // under the stream's own prefix.
         let n = std::fs::read_dir(
@@ -1531,7 +1533,7 @@ fn demo_streams_runs_and_reports_each_stream() {
             "--print-flushed",
         ),
         (&["demo", "--streams", "0"][..], "--streams"),
-        (&["demo", "--streams", "1025"][..], "--streams"),
+        (&["demo", "--streams", "10001"][..], "--streams"),
     ] {
         let mut all = vec![D, DD, "--store", "{store}"];
         all.extend_from_slice(args);

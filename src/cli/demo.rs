@@ -20,7 +20,7 @@ use crate::lifecycle::{
     EXIT_DRAINED, EXIT_ERROR, EXIT_FENCED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals,
 };
 use crate::segment::now_ms;
-use crate::tier::TierIndex;
+use crate::tier::{Host, TierIndex};
 
 /// Highest `--rate` accepted (entries per second).
 const RATE_MAX: u64 = 100_000_000;
@@ -57,11 +57,13 @@ pub struct DemoArgs {
     /// Serve Prometheus metrics on this address (host:port; GET /metrics).
     #[arg(long)]
     pub metrics_addr: Option<String>,
-    /// Run this many streams in one process (1 to 1024), entries spread
+    /// Run this many streams in one process (1 to 10000), entries spread
     /// over them in turn; stream `i` is `<stream>-<i>` in `<data-dir>-<i>`,
     /// all on one store, drained together within one deadline, each
-    /// reported, then the totals.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024),
+    /// reported, then the totals. The streams are one host's: its lock is
+    /// the data directories' parent's (it writes `TIERINDEX_HOST` there),
+    /// and each gets a `HOSTED` marker.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000),
           conflicts_with_all = ["print_flushed", "metrics_addr"])]
     pub streams: u32,
 }
@@ -218,11 +220,36 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             .collect::<Result<_>>()?
     };
     let mut signals = ShutdownSignals::install()?;
+    // Several streams are one host's: one lock for all (no descriptor a
+    // stream), in the numbered directories' parent.
+    let host = if n > 1 {
+        let parent = match cfgs[0].data_dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        match Host::open(&parent) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                note(&format!(
+                    "tierindex demo: cannot take the lock of {} for its {n} streams: {e}\n\
+                     nothing was appended by this run",
+                    parent.display()
+                ));
+                return Ok(EXIT_ERROR);
+            }
+        }
+    } else {
+        None
+    };
     let mut streams: Vec<Stream> = Vec::with_capacity(cfgs.len());
     let mut opened_store = String::new();
     for c in cfgs {
         let dir = c.data_dir.clone();
-        match TierIndex::open(c).await {
+        let opened = match &host {
+            Some(h) => h.open_stream(c).await,
+            None => TierIndex::open(c).await,
+        };
+        match opened {
             Ok((ti, open)) => {
                 opened_store = open.store;
                 // Offsets continue after everything a previous run indexed.
@@ -243,9 +270,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
                      fix the cause, then run `tierindex drain` for what earlier runs left",
                     dir.display()
                 ));
-                for s in streams {
-                    s.ti.shutdown(deadline).await;
-                }
+                Host::shutdown_all(streams.into_iter().map(|s| s.ti).collect(), deadline).await;
                 return Ok(EXIT_ERROR);
             }
         }
@@ -374,7 +399,6 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
         note("tierindex demo: stdout closed; stopping and draining");
     }
     let process = ProcessFigures::now();
-    // Every stream drains at once, within the one deadline.
     let names: Vec<(String, PathBuf, u64, u64)> = streams
         .iter()
         .map(|s| {
@@ -386,8 +410,9 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             )
         })
         .collect();
-    let reports =
-        futures::future::join_all(streams.into_iter().map(|s| s.ti.shutdown(deadline))).await;
+    // Under one deadline, a bounded number at a time (each opens a few
+    // files while it shuts down).
+    let reports = Host::shutdown_all(streams.into_iter().map(|s| s.ti).collect(), deadline).await;
     if n == 1 {
         let (_, dir, app, fl) = &names[0];
         let run =
