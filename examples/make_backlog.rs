@@ -71,8 +71,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     metas.sort_by_key(|m| m.id);
     let bytes: u64 = metas.iter().map(|m| m.file_len).sum();
     let n = metas.len();
-    // Journal them, as the broker's pipeline would have before going down.
-    let (mut j, _) = Journal::open(&dir, JournalOptions::default())?;
+    // Journal them, as the broker's pipeline would have before going down
+    // (once the closed writer's sealer thread let go of the directory).
+    let until = Instant::now() + Duration::from_secs(60);
+    let (mut j, _) = loop {
+        match Journal::open(&dir, JournalOptions::default()) {
+            Err(tierindex::Error::Locked { .. }) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            r => break r?,
+        }
+    };
     let recs: Vec<Record> = metas
         .into_iter()
         .map(|meta| Record::Sealed { meta })

@@ -123,7 +123,17 @@ fn build(w: &World, sealed: u64, active: u64, journal: bool) -> u64 {
         iw.flush().unwrap();
         iw.close(Instant::now() + Duration::from_secs(30)).unwrap();
     }
-    let (mut j, _) = Journal::open(&w.data, JournalOptions::default()).unwrap();
+    // The journal takes the data directory's lock too: wait, as `open_dd`
+    // does, for the closed writer's sealer thread to let go.
+    let until = Instant::now() + Duration::from_secs(10);
+    let (mut j, _) = loop {
+        match Journal::open(&w.data, JournalOptions::default()) {
+            Err(tierindex::Error::Locked { .. }) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            r => break r.unwrap(),
+        }
+    };
     if journal {
         let mut ids: Vec<SegmentId> = Vec::new();
         for e in std::fs::read_dir(w.data.join("segments")).unwrap() {
