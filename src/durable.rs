@@ -373,11 +373,22 @@ pub fn fsync_file(f: &File, path: &Path) -> Result<()> {
 }
 
 /// Takes an exclusive, non-blocking lock on `f` (`flock` on Linux), held
-/// until `f` is closed: the one file lock of the crate (the data
-/// directory's `LOCK`, the journal directory). `Ok(false)` when another
-/// open file holds it, in this process or another.
+/// until `f` is closed: the one file lock of the crate (a data directory,
+/// a host's directory). `Ok(false)` when another open file holds it, in
+/// this process or another.
 pub fn try_lock(f: &File, path: &Path, what: &'static str) -> Result<bool> {
     match f.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, what, e)),
+    }
+}
+
+/// [`try_lock`], shared: any number of shared holders, none while an
+/// exclusive one holds it (a host's directory, held shared by the commands
+/// on its streams, exclusively by the host).
+pub fn try_lock_shared(f: &File, path: &Path, what: &'static str) -> Result<bool> {
+    match f.try_lock_shared() {
         Ok(()) => Ok(true),
         Err(std::fs::TryLockError::WouldBlock) => Ok(false),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, what, e)),

@@ -133,4 +133,53 @@ async fn a_stream_costs_one_descriptor_with_its_spare_prepared() {
         let r = s.shutdown(Duration::from_secs(10)).await;
         assert!(r.error.is_none(), "shutdown: {:?}", r.error);
     }
+
+    // The same streams as one host's: none keeps a descriptor; the host
+    // keeps one (its directory's lock) for all of them.
+    let hosted = dir.path().join("hosted");
+    let host = tierindex::Host::open(&hosted).unwrap();
+    let before = descriptor_targets().len();
+    let mut streams = Vec::new();
+    for i in 1..=STREAMS {
+        let mut cfg = open(i);
+        cfg.data_dir = hosted.join(format!("data-{i}"));
+        let (ti, _) = host.open_stream(cfg).await.unwrap();
+        for n in 0..(ITEMS as u64 * 6 / 10) {
+            ti.append(b"k", n, 1, n).unwrap();
+        }
+        ti.flush().unwrap();
+        streams.push(ti);
+    }
+    for i in 1..=STREAMS {
+        let d = hosted.join(format!("data-{i}"));
+        while active_files(&d) < 2 {
+            assert!(
+                Instant::now() < deadline + Duration::from_secs(30),
+                "hosted stream {i}: no spare prepared"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let real = hosted.canonicalize().unwrap();
+    let settle = Instant::now() + Duration::from_secs(30);
+    loop {
+        let targets = descriptor_targets();
+        let under: Vec<&String> = targets
+            .iter()
+            .filter(|t| t.starts_with(&format!("{}/", real.display())))
+            .collect();
+        let excess = targets.len() > before + SLACK;
+        if under.is_empty() && !excess {
+            break;
+        }
+        assert!(
+            Instant::now() < settle,
+            "a host's streams keep descriptors: {under:#?}; {} in all, {before} before",
+            targets.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in tierindex::Host::shutdown_all(streams, Duration::from_secs(10)).await {
+        assert!(r.error.is_none(), "shutdown: {:?}", r.error);
+    }
 }

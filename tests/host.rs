@@ -10,8 +10,14 @@ use std::time::Duration;
 use tierindex::{Config, ErrorKind, Host, TierIndex, TimeRange};
 
 fn cfg(data_dir: &Path, store: &Path) -> Config {
+    let name = data_dir.file_name().unwrap().to_string_lossy().into_owned();
+    cfg_named(data_dir, store, &name)
+}
+
+/// [`cfg`] for the stream `stream` (a directory renamed keeps its stream).
+fn cfg_named(data_dir: &Path, store: &Path, stream: &str) -> Config {
     Config::builder(data_dir)
-        .stream(data_dir.file_name().unwrap().to_string_lossy().into_owned())
+        .stream(stream)
         .store(format!("file://{}", store.display()))
         .segment_items(100)
         .slot_count(64)
@@ -117,23 +123,28 @@ async fn a_host_cannot_take_a_stream_another_process_holds_on_its_own() {
     let host = Host::open(&root).unwrap();
     let err = refused(host.open_stream(cfg(&dir, &store)).await);
     assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
-    // The host's refused try left its marker: from now on an open on its
-    // own needs the host's lock.
+    // The refused try took its marker back: the other process's directory
+    // is as it was.
+    assert!(!dir.join("HOSTED").exists());
     assert!(
         alone
             .shutdown(Duration::from_secs(10))
             .await
             .fully_drained()
     );
+    let (ti, _) = host.open_stream(cfg(&dir, &store)).await.unwrap();
+    assert!(dir.join("HOSTED").is_file());
+    assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
+    // While the host lives (even with no stream open), an open on its own
+    // needs the host's lock.
     let err = refused(TierIndex::open(cfg(&dir, &store)).await);
     assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
-    let (ti, _) = host.open_stream(cfg(&dir, &store)).await.unwrap();
-    assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
     drop(host);
     // With the host gone, on its own again; and a host is refused while
-    // that open holds its lock.
+    // that open holds the host's lock (shared).
     let (alone, _) = TierIndex::open(cfg(&dir, &store)).await.unwrap();
-    assert_eq!(Host::open(&root).unwrap_err().kind(), ErrorKind::Locked);
+    let err = Host::open(&root).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
     assert!(
         alone
             .shutdown(Duration::from_secs(10))
@@ -141,6 +152,119 @@ async fn a_host_cannot_take_a_stream_another_process_holds_on_its_own() {
             .fully_drained()
     );
     Host::open(&root).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_a_host_that_is_gone_open_on_their_own_side_by_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
+    let host = Host::open(&root).unwrap();
+    let mut v = Vec::new();
+    for name in ["a", "b"] {
+        v.push(
+            host.open_stream(cfg(&root.join(name), &store))
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    assert!(
+        Host::shutdown_all(v, Duration::from_secs(10))
+            .await
+            .iter()
+            .all(|r| r.fully_drained())
+    );
+    drop(host);
+    let (a, _) = TierIndex::open(cfg(&root.join("a"), &store)).await.unwrap();
+    let (b, _) = TierIndex::open(cfg(&root.join("b"), &store)).await.unwrap();
+    assert!(a.shutdown(Duration::from_secs(10)).await.fully_drained());
+    assert!(b.shutdown(Duration::from_secs(10)).await.fully_drained());
+}
+
+/// An operator renames or moves a running stream's directory, or reaches
+/// it through another path: no second writer, and a message that says
+/// what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_moved_or_renamed_under_a_running_host_gets_no_second_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
+    let host = Host::open(&root).unwrap();
+    let (ti, _) = host
+        .open_stream(cfg(&root.join("a"), &store))
+        .await
+        .unwrap();
+    ti.append(b"k", 1, 1, 1).unwrap();
+    ti.flush().unwrap();
+    // Renamed under the host: the same directory, not a second stream.
+    std::fs::rename(root.join("a"), root.join("b")).unwrap();
+    let err = refused(
+        host.open_stream(cfg_named(&root.join("b"), &store, "a"))
+            .await,
+    );
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    // Moved out of the host's directory: on its own it still needs the
+    // host's lock, found where the marker says.
+    std::fs::create_dir(tmp.path().join("elsewhere")).unwrap();
+    let out = tmp.path().join("elsewhere").join("b");
+    std::fs::rename(root.join("b"), &out).unwrap();
+    let err = refused(TierIndex::open(cfg_named(&out, &store, "a")).await);
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    assert!(err.to_string().contains("host"), "{err}");
+    // Back in place, the running stream shuts down with its entry.
+    std::fs::rename(&out, root.join("a")).unwrap();
+    assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
+    drop(host);
+
+    // A stream whose host's directory is gone (renamed away): refused with
+    // what to check; without the marker (the operator's choice), it opens.
+    std::fs::rename(&root, tmp.path().join("host-old")).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    let moved = tmp.path().join("host-old").join("a");
+    std::fs::rename(&moved, &out).unwrap();
+    // Another directory at the recorded path is not that host's.
+    let err = refused(TierIndex::open(cfg_named(&out, &store, "a")).await);
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    std::fs::remove_dir(&root).unwrap();
+    let err = refused(TierIndex::open(cfg_named(&out, &store, "a")).await);
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("HOSTED"), "{err}");
+    std::fs::remove_file(out.join("HOSTED")).unwrap();
+    let (ti, _) = TierIndex::open(cfg_named(&out, &store, "a")).await.unwrap();
+    assert_eq!(ti.lookup(b"k", all()).entries.len(), 1);
+    assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
+}
+
+/// A stream moved from one host's directory to another's: taken over only
+/// while its first host does not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_moved_to_another_host_is_taken_over_only_when_its_host_is_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two, store) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("store"),
+    );
+    let h1 = Host::open(&one).unwrap();
+    let (ti, _) = h1.open_stream(cfg(&one.join("s"), &store)).await.unwrap();
+    ti.append(b"k", 1, 1, 1).unwrap();
+    ti.flush().unwrap();
+    let h2 = Host::open(&two).unwrap();
+    std::fs::rename(one.join("s"), two.join("s")).unwrap();
+    let err = refused(h2.open_stream(cfg(&two.join("s"), &store)).await);
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    std::fs::rename(two.join("s"), one.join("s")).unwrap();
+    assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
+    drop(h1);
+    std::fs::rename(one.join("s"), two.join("s")).unwrap();
+    let (ti, _) = h2.open_stream(cfg(&two.join("s"), &store)).await.unwrap();
+    assert_eq!(ti.lookup(b"k", all()).entries.len(), 1);
+    assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
+    // Now the second host's: the first, running again, cannot take it back
+    // while the second runs.
+    let h1 = Host::open(&one).unwrap();
+    std::fs::rename(two.join("s"), one.join("s")).unwrap();
+    let err = refused(h1.open_stream(cfg(&one.join("s"), &store)).await);
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,7 +97,7 @@ pub struct DataDir {
     // when it drops. A lock on a file inside it (`LOCK`, before) was lost
     // to an operator's `rm LOCK`: the next process then took a new one and
     // repaired the live broker's active file under it. Or its host's.
-    lock: DirLock,
+    lock: Arc<DirLock>,
 }
 
 impl DataDir {
@@ -107,14 +107,14 @@ impl DataDir {
         create_tree(root)?;
         Ok(DataDir {
             root: root.to_path_buf(),
-            lock: DirLock::own(root)?,
+            lock: Arc::new(DirLock::own(root)?),
         })
     }
 
     /// A data directory directly under `host`'s directory, locked through
     /// the host's lock ([`HostLock::claim`]): no descriptor of its own.
     pub fn open_hosted(host: &Arc<HostLock>, root: &Path) -> Result<DataDir> {
-        let lock = DirLock::hosted(host, root)?;
+        let lock = Arc::new(DirLock::hosted(host, root)?);
         create_tree(root)?;
         Ok(DataDir {
             root: root.to_path_buf(),
@@ -122,8 +122,10 @@ impl DataDir {
         })
     }
 
-    /// The lock this data directory is held by (a journal is opened under it).
-    pub fn lock(&self) -> &DirLock {
+    /// The lock this data directory is held by. A journal opened under it
+    /// keeps a share, so that the lock outlives whichever of the two is
+    /// dropped last.
+    pub fn lock(&self) -> &Arc<DirLock> {
         &self.lock
     }
 

@@ -28,8 +28,8 @@
 //!   record of ours names).
 //!
 //! ## Order
-//! 1. take the journal directory's lock (the caller holds the data
-//!    directory's);
+//! 1. hold the data directory's lock (`rebuild_in`: the caller's
+//!    `DataDir`; `rebuild` takes it);
 //! 2. read and salvage the old file, fold, add the local sealed files;
 //! 3. copy the old file to `journal.log.damaged.<ms>`, fsync it and the
 //!    directory;

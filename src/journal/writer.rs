@@ -22,6 +22,7 @@ use super::record::{Frame, JournalState, Record, SegmentRecord};
 use super::replay::{encode_frame, replay_bytes};
 use super::{JournalOptions, JournalView, LOG_FILE, ReplayReport, TMP_FILE, compact, journal_dir};
 use crate::lock::DirLock;
+use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::segment::SegmentId;
 use std::collections::BTreeMap;
@@ -32,17 +33,17 @@ use std::collections::BTreeMap;
 ///
 /// No descriptor is kept between appends (issue 16: a process hosting
 /// thousands of streams must not hold one a stream): each batch opens
-/// `journal.log`, checks that it is still the file this journal replayed
-/// or compacted into (device, inode, length), writes, `fdatasync`s and
-/// closes it. A writeback error of the batch is still seen by that
+/// `journal.log`, checks that it is still the file this journal last
+/// wrote, replayed or compacted into, untouched since (device, inode,
+/// length, change time), writes, `fdatasync`s and closes it. A writeback error of the batch is still seen by that
 /// `fdatasync`: the descriptor is opened before the write.
 #[derive(Debug)]
 pub struct Journal {
     /// `DATA_DIR/journal`.
     pub(super) dir: PathBuf,
-    /// Device and inode of `journal.log` as replayed or compacted into; a
-    /// different file under the name poisons the next append.
-    pub(super) ident: (u64, u64),
+    /// `journal.log` as this journal last left it; a different file under
+    /// the name, or one changed since, poisons the next append.
+    pub(super) stamp: Stamp,
     /// Test hook: this descriptor instead of opening `journal.log`.
     #[cfg(test)]
     pub(super) test_file: Option<File>,
@@ -55,14 +56,29 @@ pub struct Journal {
     pub(super) poisoned: Option<String>,
     /// File length right after the last compaction (0 until one runs).
     pub(super) compacted_len: u64,
-    /// The data directory's lock when [`Journal::open`] took it; released
-    /// on drop. `None` under a `DataDir` (its lock covers the journal).
-    _lock: Option<DirLock>,
+    /// The data directory's lock (a share of its `DataDir`'s, or the one
+    /// [`Journal::open`] took): held while the journal can still write,
+    /// whichever of the journal and the writer is dropped last.
+    _lock: Arc<DirLock>,
 }
 
-fn ident_of(m: &fs::Metadata) -> (u64, u64) {
+/// What `journal.log` was when this journal last left it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    ctime: (i64, i64),
+}
+
+fn stamp_of(m: &fs::Metadata) -> Stamp {
     use std::os::unix::fs::MetadataExt as _;
-    (m.dev(), m.ino())
+    Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    }
 }
 
 impl Journal {
@@ -73,8 +89,8 @@ impl Journal {
     #[cfg(any(test, feature = "testing"))]
     pub fn open(data_dir: &Path, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
         opts.validate()?;
-        let lock = DirLock::alone(data_dir)?;
-        Self::open_locked(data_dir, opts, Some(lock))
+        let lock = Arc::new(DirLock::alone(data_dir)?);
+        Self::open_locked(data_dir, opts, lock)
     }
 
     /// Opens (creating if needed) the journal of the data directory `lock`
@@ -84,15 +100,15 @@ impl Journal {
     /// A bad header is returned as [`Error::Corrupt`] and the file is left
     /// alone: it cannot come from a crash (headers are only installed by
     /// rename), so the operator or the caller's quarantine decides.
-    pub fn open_in(lock: &DirLock, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
+    pub fn open_in(lock: &Arc<DirLock>, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
         opts.validate()?;
-        Self::open_locked(lock.root(), opts, None)
+        Self::open_locked(lock.root(), opts, lock.clone())
     }
 
     fn open_locked(
         data_dir: &Path,
         opts: JournalOptions,
-        lock: Option<DirLock>,
+        lock: Arc<DirLock>,
     ) -> Result<(Journal, ReplayReport)> {
         let dir = journal_dir(data_dir);
         match fs::create_dir(&dir) {
@@ -189,14 +205,14 @@ impl Journal {
                 .and_then(|()| crate::durable::sync_all(&file, &log))
                 .map_err(|e| Error::io(&log, "truncate torn journal tail", e))?;
         }
-        let ident = file
+        let stamp = file
             .metadata()
-            .map(|m| ident_of(&m))
+            .map(|m| stamp_of(&m))
             .map_err(|e| Error::io(&log, "stat journal", e))?;
         drop(file);
         let mut journal = Journal {
             dir,
-            ident,
+            stamp,
             #[cfg(test)]
             test_file: None,
             log: log.clone(),
@@ -293,16 +309,20 @@ impl Journal {
         if let Err(e) = synced {
             return Err(self.poison(format!("journal fdatasync failed: {e}")));
         }
+        match file.metadata() {
+            Ok(m) => self.stamp = stamp_of(&m),
+            Err(e) => return Err(self.poison(format!("stat of the journal after a write: {e}"))),
+        }
         self.view.file_len = at + buf.len() as u64;
         self.view.state.commit(staged);
         Ok(())
     }
 
-    /// `journal.log`, opened for one batch. A failure to open it is
-    /// returned without poisoning (nothing was written). A file that is not
-    /// the one this journal holds (replaced, or shorter than what it
-    /// acknowledged: an operator's copy or restore under a running process)
-    /// poisons: writing on would mix two journals' histories.
+    /// `journal.log`, opened for one batch, once it is checked to be the
+    /// file this journal last left, untouched since ([`Journal::check_stamp`]).
+    /// A failure to open it poisons too: the pipeline takes a batch's
+    /// records (a seal's) out of the writer before it journals them, and a
+    /// batch that failed must never be followed by later ones.
     fn file_for_append(&mut self) -> Result<File> {
         #[cfg(test)]
         if let Some(f) = &self.test_file {
@@ -310,12 +330,29 @@ impl Journal {
                 .try_clone()
                 .map_err(|e| Error::io(&self.log, "open journal", e));
         }
-        let file = crate::durable::open_regular(&self.log, true)
-            .map_err(|e| Error::io(&self.log, "open journal", e))?;
-        let m = file
-            .metadata()
-            .map_err(|e| Error::io(&self.log, "stat journal", e))?;
-        if ident_of(&m) != self.ident {
+        let file = match crate::durable::open_regular(&self.log, true) {
+            Ok(f) => f,
+            Err(e) => {
+                return Err(self.poison(format!(
+                    "{} could not be opened for a batch: {e}",
+                    self.log.display()
+                )));
+            }
+        };
+        let m = match file.metadata() {
+            Ok(m) => m,
+            Err(e) => return Err(self.poison(format!("stat of the journal: {e}"))),
+        };
+        self.check_stamp(&m)?;
+        Ok(file)
+    }
+
+    /// Poisons unless `m` is `journal.log` as this journal last left it: a
+    /// file replaced (a copy or restore into a live data directory), cut,
+    /// extended or written by another: writing on would mix two histories.
+    fn check_stamp(&mut self, m: &fs::Metadata) -> Result<()> {
+        let now = stamp_of(m);
+        if (now.dev, now.ino) != (self.stamp.dev, self.stamp.ino) {
             return Err(self.poison(format!(
                 "{} is not the journal this process opened: the file was replaced while \
                  the broker ran (a copy or restore into a live data directory?). Nothing \
@@ -324,17 +361,18 @@ impl Journal {
                 self.log.display()
             )));
         }
-        if m.len() < self.view.file_len {
+        if now != self.stamp {
             return Err(self.poison(format!(
-                "{} is {} bytes, shorter than the {} this process acknowledged: it was \
-                 cut while the broker ran. Nothing more is written to it; stop the broker \
-                 and run `tierindex fsck` on the data directory",
+                "{} was changed by something other than this journal while the broker ran \
+                 ({} bytes, {} when this process last wrote it; or written in place). \
+                 Nothing more is written to it; stop the broker, keep the file, and run \
+                 `tierindex fsck` on the data directory",
                 self.log.display(),
-                m.len(),
-                self.view.file_len
+                now.len,
+                self.stamp.len
             )));
         }
-        Ok(file)
+        Ok(())
     }
 
     pub fn get(&self, id: SegmentId) -> Option<&SegmentRecord> {
@@ -438,7 +476,7 @@ impl Journal {
         let (file, len) = match compact::write_snapshot_file(&self.dir, generation, &kept) {
             Ok(done) => done,
             Err(e) => {
-                // journal.log was not touched; our descriptor is still on it.
+                // journal.log was not touched.
                 if let Err(rm) = compact::remove_tmp(&self.dir) {
                     tracing::warn!("could not remove failed compaction file: {rm}");
                 }
@@ -446,6 +484,22 @@ impl Journal {
             }
         };
         let (tmp, log) = (self.dir.join(TMP_FILE), self.dir.join(LOG_FILE));
+        // The file to be replaced must be the one this journal left: one
+        // an operator put there is not silently renamed over.
+        let current = match fs::symlink_metadata(&log) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = compact::remove_tmp(&self.dir);
+                return Err(self.poison(format!(
+                    "stat of {} before compaction: {e}",
+                    log.display()
+                )));
+            }
+        };
+        if let Err(e) = self.check_stamp(&current) {
+            let _ = compact::remove_tmp(&self.dir);
+            return Err(e);
+        }
         let renamed = crate::durable::at("journal.compact.rename").rename(&tmp, &log);
         if let Err(e) = renamed {
             return Err(self.poison(format!("compaction rename {tmp:?} -> {log:?} failed: {e}")));
@@ -459,8 +513,8 @@ impl Journal {
             segments = kept.segments().len(),
             "journal compacted"
         );
-        self.ident = match file.metadata() {
-            Ok(m) => ident_of(&m),
+        self.stamp = match file.metadata() {
+            Ok(m) => stamp_of(&m),
             Err(e) => return Err(self.poison(format!("stat of the compacted journal: {e}"))),
         };
         drop(file);
@@ -615,55 +669,109 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_journal_replaced_or_cut_under_the_process_poisons_and_is_left_alone() {
-        for cut in [false, true] {
-            let tmp = tempfile::tempdir().unwrap();
-            let (mut j, _) = open(tmp.path());
-            j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
-            j.append(&[uploading(1, 1, None)]).unwrap();
-            let log = log_path(tmp.path());
-            let before = fs::read(&log).unwrap();
-            let other = if cut {
-                // Cut in place: same file, fewer bytes than acknowledged.
-                let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
-                f.set_len(before.len() as u64 - 3).unwrap();
+    /// What another hand can do to `journal.log` under a running journal,
+    /// and the bytes the file holds after it.
+    fn meddle(how: &str, log: &Path, dir: &Path) -> Vec<u8> {
+        let before = fs::read(log).unwrap();
+        let open = || std::fs::OpenOptions::new().write(true).open(log).unwrap();
+        match how {
+            // Cut in place: same file, fewer bytes than acknowledged.
+            "cut" => {
+                open().set_len(before.len() as u64 - 3).unwrap();
                 before[..before.len() - 3].to_vec()
-            } else {
-                // A copy put in its place (same bytes, another file).
-                let copy = tmp.path().join("copy");
-                fs::write(&copy, &before).unwrap();
-                fs::rename(&copy, &log).unwrap();
+            }
+            // Extended in place (another writer's frame, or a restore of a
+            // longer copy that kept the inode).
+            "extended" => {
+                use std::io::Write as _;
+                let mut f = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+                f.write_all(b"xyz").unwrap();
+                [&before[..], b"xyz"].concat()
+            }
+            // Same length, written in place (another journal's frame over
+            // ours). Change times are at least a clock tick apart.
+            "written" => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                use std::os::unix::fs::FileExt as _;
+                let last = before.len() as u64 - 1;
+                open().write_all_at(&[before[last as usize]], last).unwrap();
                 before.clone()
-            };
-            let r = j.append(&[Record::Sealed { meta: meta(2) }]);
-            let Err(Error::Poisoned(why)) = r else {
-                panic!("cut={cut}: {r:?}")
-            };
-            assert!(why.contains("tierindex fsck"), "{why}");
-            assert_eq!(fs::read(&log).unwrap(), other, "cut={cut}: nothing written");
-            assert!(matches!(j.append(&[]), Err(Error::Poisoned(_))));
-            assert!(j.get(SegmentId(2)).is_none(), "not acknowledged");
+            }
+            // A copy put in its place (same bytes, another file).
+            "replaced" => {
+                let copy = dir.join("copy");
+                fs::write(&copy, &before).unwrap();
+                fs::rename(&copy, log).unwrap();
+                before.clone()
+            }
+            // Removed: the next batch cannot open it.
+            "removed" => {
+                fs::rename(log, dir.join("aside")).unwrap();
+                Vec::new()
+            }
+            _ => unreachable!(),
         }
     }
 
     #[test]
-    fn a_journal_that_cannot_be_opened_for_a_batch_fails_it_without_poisoning() {
+    fn a_journal_changed_under_the_process_poisons_and_is_left_alone() {
+        for how in ["cut", "extended", "written", "replaced", "removed"] {
+            for compact in [false, true] {
+                let tmp = tempfile::tempdir().unwrap();
+                let (mut j, _) = open(tmp.path());
+                j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
+                j.append(&[uploading(1, 1, None)]).unwrap();
+                let log = log_path(tmp.path());
+                let after = meddle(how, &log, tmp.path());
+                let r = if compact {
+                    j.compact()
+                } else {
+                    j.append(&[Record::Sealed { meta: meta(2) }])
+                };
+                let Err(Error::Poisoned(why)) = r else {
+                    panic!("{how} compact={compact}: {r:?}")
+                };
+                if how != "removed" {
+                    assert!(why.contains("tierindex fsck"), "{how}: {why}");
+                    assert_eq!(fs::read(&log).unwrap(), after, "{how}: nothing written");
+                } else {
+                    assert!(!log.exists(), "{how}: nothing created");
+                }
+                assert!(
+                    !tmp.path().join("journal").join(TMP_FILE).exists(),
+                    "{how}: no compaction file left"
+                );
+                assert!(matches!(j.append(&[]), Err(Error::Poisoned(_))));
+                assert!(j.get(SegmentId(2)).is_none(), "{how}: not acknowledged");
+            }
+        }
+    }
+
+    #[test]
+    fn the_journal_keeps_no_descriptor_and_its_own_writes_do_not_poison_it() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut j, _) = open(tmp.path());
-        j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
         let log = log_path(tmp.path());
-        let aside = tmp.path().join("aside");
-        fs::rename(&log, &aside).unwrap();
-        let r = j.append(&[uploading(1, 1, None)]);
-        assert!(matches!(&r, Err(Error::Io { .. })), "{r:?}");
-        assert!(j.get(SegmentId(1)).is_some_and(|r| r.state == SegmentState::Sealed));
-        // The same file back: the journal goes on where it was.
-        fs::rename(&aside, &log).unwrap();
-        j.append(&[uploading(1, 1, None)]).unwrap();
+        let real = log.canonicalize().unwrap();
+        let held = || {
+            fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                .filter(|p| *p == real)
+                .count()
+        };
+        for i in 1..=50 {
+            j.append(&[Record::Sealed { meta: meta(i) }]).unwrap();
+            if i % 10 == 0 {
+                j.compact().unwrap();
+            }
+        }
+        // Other tests in this binary may hold their own journals' files,
+        // never this one.
+        assert_eq!(held(), 0, "no descriptor on {}", real.display());
         drop(j);
         let (j, _) = open(tmp.path());
-        assert_eq!(j.get(SegmentId(1)).unwrap().state, SegmentState::Uploading);
+        assert_eq!(j.segments().len(), 50);
     }
 
     #[test]

@@ -89,9 +89,12 @@ impl Host {
 
     /// Shuts `streams` down under one deadline, [`Host::SHUTDOWN_CONCURRENCY`] at a
     /// time, and returns their reports in the same order. A stream whose
-    /// turn comes late gets what is left of the deadline (none once it has
-    /// passed: it seals and records what it could not upload, as any
-    /// shutdown past its deadline does).
+    /// turn comes late gets what is left of the deadline; one whose turn
+    /// comes after it gets none: its report says what it left (its active
+    /// segment unsealed, its segments pending), which the next open
+    /// recovers as after a crash. A stream's shutdown may run past the
+    /// deadline by up to a second while its journal's committer ends (when
+    /// the shared journal threads are busy), so the whole call can too.
     pub async fn shutdown_all(streams: Vec<TierIndex>, deadline: Duration) -> Vec<ShutdownReport> {
         use futures::StreamExt as _;
         let until = Instant::now() + deadline;
