@@ -34,8 +34,10 @@ use std::collections::BTreeMap;
 /// No descriptor is kept between appends (issue 16: a process hosting
 /// thousands of streams must not hold one a stream): each batch opens
 /// `journal.log`, checks that it is still the file this journal last
-/// wrote, replayed or compacted into, untouched since (device, inode,
-/// length, change time), writes, `fdatasync`s and closes it. A writeback error of the batch is still seen by that
+/// wrote, replayed or compacted into, not written since as far as its
+/// device, inode, length and modification time tell (a rewrite of the same
+/// length within one tick of a coarse clock is not seen), writes,
+/// `fdatasync`s and closes it. A writeback error of the batch is still seen by that
 /// `fdatasync`: the descriptor is opened before the write.
 #[derive(Debug)]
 pub struct Journal {
@@ -68,7 +70,7 @@ pub(super) struct Stamp {
     dev: u64,
     ino: u64,
     len: u64,
-    ctime: (i64, i64),
+    mtime: (i64, i64),
 }
 
 fn stamp_of(m: &fs::Metadata) -> Stamp {
@@ -77,7 +79,9 @@ fn stamp_of(m: &fs::Metadata) -> Stamp {
         dev: m.dev(),
         ino: m.ino(),
         len: m.len(),
-        ctime: (m.ctime(), m.ctime_nsec()),
+        // The data's modification time: a chmod, an atime restore or a
+        // hard link (a backup's) change the change time, not this.
+        mtime: (m.mtime(), m.mtime_nsec()),
     }
 }
 
@@ -330,13 +334,30 @@ impl Journal {
                 .try_clone()
                 .map_err(|e| Error::io(&self.log, "open journal", e));
         }
-        let file = match crate::durable::open_regular(&self.log, true) {
-            Ok(f) => f,
-            Err(e) => {
-                return Err(self.poison(format!(
-                    "{} could not be opened for a batch: {e}",
-                    self.log.display()
-                )));
+        // A descriptor limit reached for a moment (a process hosting
+        // thousands of streams), an interrupted call: tried again, briefly
+        // (this runs on a journal thread others share), before poisoning.
+        let mut wait = std::time::Duration::from_millis(1);
+        let file = loop {
+            match crate::durable::open_regular(&self.log, true) {
+                Ok(f) => break f,
+                Err(e)
+                    if wait <= std::time::Duration::from_millis(16)
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EMFILE | libc::ENFILE | libc::EINTR | libc::ENOMEM | libc::EAGAIN)
+                        ) =>
+                {
+                    tracing::warn!(file = %self.log.display(), "opening the journal for a batch: {e}; trying again");
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                Err(e) => {
+                    return Err(self.poison(format!(
+                        "{} could not be opened for a batch: {e}",
+                        self.log.display()
+                    )));
+                }
             }
         };
         let m = match file.metadata() {
@@ -364,7 +385,8 @@ impl Journal {
         if now != self.stamp {
             return Err(self.poison(format!(
                 "{} was changed by something other than this journal while the broker ran \
-                 ({} bytes, {} when this process last wrote it; or written in place). \
+                 ({} bytes, {} when this process last wrote it; or its data rewritten in \
+                 place: its modification time moved). \
                  Nothing more is written to it; stop the broker, keep the file, and run \
                  `tierindex fsck` on the data directory",
                 self.log.display(),
@@ -745,6 +767,29 @@ mod tests {
                 assert!(j.get(SegmentId(2)).is_none(), "{how}: not acknowledged");
             }
         }
+    }
+
+    /// What backup tools and operators do to a file's metadata alone does
+    /// not poison the journal: a chmod, an atime restore, a hard link.
+    #[test]
+    fn metadata_changes_alone_do_not_poison_the_journal() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        let log = log_path(tmp.path());
+        j.append(&[Record::Sealed { meta: meta(1) }]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::set_permissions(&log, fs::Permissions::from_mode(0o600)).unwrap();
+        let f = File::open(&log).unwrap();
+        f.set_times(fs::FileTimes::new().set_accessed(std::time::SystemTime::UNIX_EPOCH))
+            .unwrap();
+        fs::hard_link(&log, tmp.path().join("snapshot")).unwrap();
+        j.append(&[uploading(1, 1, None)]).unwrap();
+        j.compact().unwrap();
+        j.append(&[Record::Sealed { meta: meta(2) }]).unwrap();
+        drop(j);
+        let (j, _) = open(tmp.path());
+        assert_eq!(j.segments().len(), 2);
     }
 
     #[test]

@@ -15,20 +15,22 @@
 //! The rules, and why they exclude every other writer:
 //! - A host holds `HOST_ROOT`'s lock exclusively for its life: a second
 //!   host, or a host while a command runs on one of its streams, is refused.
-//! - A host opens `NAME` by first making `NAME/HOSTED` name it (durably),
-//!   and only then trying `NAME`'s own lock, which it drops at once. A
-//!   process that holds `NAME` on its own (a `tierindex` command, a broker
-//!   without a host) makes that try fail: the open is refused (and a marker
-//!   the try wrote is removed).
+//! - A host opens `NAME` by taking `NAME`'s own lock (a process that holds
+//!   `NAME` on its own, a `tierindex` command or a broker without a host,
+//!   makes that fail: the open is refused), making `NAME/HOSTED` name it
+//!   (durably), then dropping `NAME`'s lock.
 //! - A process that opens `NAME` on its own ([`super::DirLock::alone`])
 //!   takes `NAME`'s lock first, and only then reads `HOSTED`. When it names
 //!   a host, it also takes that host's directory's lock, shared (commands on
 //!   two streams of one host run side by side), and holds both; the host
 //!   holding it refuses the open.
 //!
-//!   Either the host's try comes after the other process took `NAME`'s
-//!   lock (the try fails), or the other process reads `HOSTED` after the
-//!   host wrote it (it needs the host's lock). Both cannot miss.
+//!   The host holds `NAME`'s own lock while it reads and writes `HOSTED`
+//!   (then drops it): a process holding `NAME` on its own refuses the
+//!   claim; one that opens `NAME` after the claim reads the marker and
+//!   needs the host's lock. Two hosts reaching one directory (a bind
+//!   mount) take turns on `NAME`'s lock, and the second finds the first's
+//!   marker.
 //! - The host's directory is found by the device and inode `HOSTED`
 //!   records, not by `NAME`'s parent: `NAME` reached through another path
 //!   (moved out, bind-mounted into a container, copied) still needs that
@@ -37,7 +39,10 @@
 //! - A host that finds `HOSTED` naming another host's directory takes
 //!   `NAME` over only when that directory is still at its recorded path
 //!   and unlocked (its host, which takes its lock before any claim, is not
-//!   running); otherwise it refuses.
+//!   running), and holds that lock until its own marker is written;
+//!   otherwise it refuses.
+//! - A host whose directory was renamed away while it ran opens no more
+//!   streams (the path is no longer its directory).
 //! - Within the host's process, one open per directory (device and inode:
 //!   a rename under the host does not make a second one).
 //!
@@ -65,7 +70,7 @@ pub const HOST_INFO_FILE: &str = "TIERINDEX_HOST";
 
 const MARKER_MAGIC: &str = "tierindex HOSTED 1";
 /// A marker is a few hundred bytes; what is past this is not read.
-const MARKER_MAX: u64 = 8192;
+const MARKER_MAX: u64 = 16_384;
 
 /// Device and inode: what a directory is, whatever path reaches it.
 type Ident = (u64, u64);
@@ -83,30 +88,57 @@ struct Marker {
 }
 
 impl Marker {
+    /// Text: the path as hex (any bytes, newlines included, round-trip),
+    /// then as text for a reader (not decoded).
     fn encode(&self) -> Vec<u8> {
         use std::os::unix::ffi::OsStrExt as _;
-        let mut out = format!(
-            "{MARKER_MAGIC}\nroot_dev={}\nroot_ino={}\nroot=",
+        let hex: String = self
+            .path
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let shown: String = self
+            .path
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        format!(
+            "{MARKER_MAGIC}\nroot_dev={}\nroot_ino={}\nroot_hex={hex}\nroot={shown}\n\n\
+             This data directory belongs to the tierindex host of the directory above \
+             (device, inode, path). A process that opens it on its own takes that host's \
+             lock too, so it cannot run while the host does.\n",
             self.root.0, self.root.1
         )
-        .into_bytes();
-        out.extend_from_slice(self.path.as_os_str().as_bytes());
-        out.extend_from_slice(
-            b"\n\nThis data directory belongs to the tierindex host of the directory above \
-              (device, inode, path). A process that opens it on its own takes that host's \
-              lock too, so it cannot run while the host does.\n",
-        );
-        out
+        .into_bytes()
     }
 
     /// `Ok(None)`: no marker. A marker that does not decode is an error
     /// that says what to do (never guessed past).
     fn read(dir: &Path) -> Result<Option<Marker>> {
         let path = dir.join(HOSTED_FILE);
-        let f = match crate::durable::open_regular(&path, false) {
-            Ok(f) => f,
+        let f = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)
+        };
+        let f = match f {
+            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path, "read host marker", e)),
+            Ok(_) | Err(_) => {
+                // A symlink (ELOOP), a FIFO, a directory: not a marker
+                // tierindex wrote, and not to be guessed past.
+                return Err(Error::InvalidInput(format!(
+                    "{} is not a regular file (a symlink, a directory or a device): this \
+                     data directory cannot tell whose lock covers it. If no tierindex host \
+                     runs it, remove it and open the data directory again",
+                    path.display()
+                )));
+            }
         };
         let mut buf = Vec::new();
         f.take(MARKER_MAX)
@@ -128,19 +160,22 @@ impl Marker {
         if lines.next()? != MARKER_MAGIC.as_bytes() {
             return None;
         }
-        let mut field = |name: &str| -> Option<&[u8]> {
-            lines.next()?.strip_prefix(name.as_bytes())
+        let mut field = |name: &str| -> Option<&str> {
+            std::str::from_utf8(lines.next()?.strip_prefix(name.as_bytes())?).ok()
         };
-        let num = |v: &[u8]| std::str::from_utf8(v).ok()?.parse::<u64>().ok();
-        let dev = num(field("root_dev=")?)?;
-        let ino = num(field("root_ino=")?)?;
-        let path = field("root=")?;
-        if path.is_empty() {
+        let dev = field("root_dev=")?.parse::<u64>().ok()?;
+        let ino = field("root_ino=")?.parse::<u64>().ok()?;
+        let hex = field("root_hex=")?;
+        if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 2 * 4096 {
             return None;
         }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
         Some(Marker {
             root: (dev, ino),
-            path: PathBuf::from(std::ffi::OsStr::from_bytes(path)),
+            path: PathBuf::from(std::ffi::OsStr::from_bytes(&bytes)),
         })
     }
 
@@ -260,54 +295,45 @@ impl HostLock {
             root: self.id,
             path: self.root.clone(),
         };
-        // The marker first, durably; then the try of the directory's own
-        // lock (module doc: the order is what excludes the other process).
-        let wrote = match Marker::read(&dir)? {
-            Some(m) if m.root == self.id => false,
-            Some(m) => {
-                self.may_take_over(&dir, &m)?;
-                write_marker(&dir, &ours)?;
-                false
+        // The directory's own lock, held while the marker is read and
+        // written (module doc): a process holding it on its own refuses
+        // the claim; another host's claim, or an open on its own, waits
+        // its turn and then reads what this one wrote.
+        let own = match super::lock_root(&dir) {
+            Ok(f) => f,
+            Err(Error::Locked { holder, .. }) => {
+                return Err(Error::Locked { path: dir, holder });
             }
-            None => {
-                write_marker(&dir, &ours)?;
-                true
-            }
-        };
-        let refused = |holder: String| {
-            // A marker this try wrote is taken back: the holder on its own
-            // never needed it (it looked before we wrote, or it would have
-            // needed our lock). Best effort: a marker left is only stricter.
-            if wrote {
-                let m = dir.join(HOSTED_FILE);
-                if std::fs::remove_file(&m).is_ok() {
-                    let _ = fsync_dir(&dir);
-                }
-            }
-            Error::Locked {
-                path: dir.clone(),
-                holder,
-            }
-        };
-        match super::lock_root(&dir) {
-            Ok(f) => drop(f),
-            Err(Error::Locked { holder, .. }) => return Err(refused(holder)),
             Err(e) => return Err(e),
-        }
+        };
         // A build from before the directory lock flocks LOCK itself.
         let info = dir.join(super::LOCK_FILE);
         if let Ok(f) = crate::durable::open_regular(&info, false)
             && !crate::durable::try_lock(&f, &info, "lock data directory")?
         {
-            return Err(refused("an older tierindex holding its LOCK file".into()));
+            return Err(Error::Locked {
+                path: dir,
+                holder: "an older tierindex holding its LOCK file".into(),
+            });
         }
+        match Marker::read(&dir)? {
+            Some(m) if m.root == self.id => {}
+            Some(m) => {
+                // The other host's lock, held until our marker is written:
+                // it cannot start and claim in between.
+                let _other = self.may_take_over(&dir, &m)?;
+                write_marker(&dir, &ours)?;
+            }
+            None => write_marker(&dir, &ours)?,
+        }
+        drop(own);
         Ok(claim)
     }
 
     /// `dir`'s marker names another host's directory: taken over only when
     /// that directory is where it was recorded and its lock is free (its
     /// host takes the lock before any claim, so none runs).
-    fn may_take_over(&self, dir: &Path, m: &Marker) -> Result<()> {
+    fn may_take_over(&self, dir: &Path, m: &Marker) -> Result<File> {
         let Some(other) = m.root_in_place() else {
             return Err(Error::InvalidInput(format!(
                 "{} belongs to the tierindex host of {} (device {}, inode {}), which is not \
@@ -323,14 +349,13 @@ impl HostLock {
         };
         match super::lock_root(other) {
             Ok(f) => {
-                drop(f);
                 tracing::warn!(
                     dir = %dir.display(),
                     from = %other.display(),
                     to = %self.root.display(),
                     "a data directory of another host's, not running, is taken over by this host"
                 );
-                Ok(())
+                Ok(f)
             }
             Err(Error::Locked { .. }) => Err(Error::Locked {
                 path: dir.to_path_buf(),
@@ -367,6 +392,16 @@ impl HostLock {
         if parent != self.root {
             return Err(outside());
         }
+        // The path must still be the host's directory (one renamed while
+        // the host ran, and a new one made in its place, is not locked).
+        if ident(&self.root).ok() != Some(self.id) {
+            return Err(Error::InvalidInput(format!(
+                "{} is no longer this host's directory (it was renamed or replaced while \
+                 the host ran): no stream is opened in it. Stop the host, put its \
+                 directory back, and start it again",
+                self.root.display()
+            )));
+        }
         // A symlink named like a stream could point anywhere: refused.
         if let Ok(m) = std::fs::symlink_metadata(self.root.join(name))
             && !m.is_dir()
@@ -383,7 +418,9 @@ impl HostLock {
 
 fn write_marker(dir: &Path, m: &Marker) -> Result<()> {
     let path = dir.join(HOSTED_FILE);
-    let tmp = dir.join(format!("{HOSTED_FILE}.tmp"));
+    // Under the directory's lock; the pid keeps two processes' apart all
+    // the same (a leftover of a crash is harmless: never read).
+    let tmp = dir.join(format!("{HOSTED_FILE}.tmp.{}", std::process::id()));
     crate::durable::write_file(&tmp, &m.encode())
         .map_err(|e| Error::io(&tmp, "write host marker", e))?;
     fsync_path(&tmp)?;
@@ -432,18 +469,28 @@ mod tests {
 
     #[test]
     fn a_marker_round_trips_and_garbage_is_no_marker() {
-        let m = Marker {
-            root: (2049, 1234567),
-            path: PathBuf::from("/var/lib/tier host/é"),
-        };
-        assert_eq!(Marker::decode(&m.encode()), Some(m));
+        use std::os::unix::ffi::OsStrExt as _;
+        for path in [
+            PathBuf::from("/var/lib/tier host/é"),
+            PathBuf::from("/tmp/a\nroot_dev=1\nb"),
+            PathBuf::from(std::ffi::OsStr::from_bytes(b"/x/\xff\x00y")),
+        ] {
+            let m = Marker {
+                root: (2049, 1234567),
+                path,
+            };
+            assert_eq!(Marker::decode(&m.encode()), Some(m));
+        }
         for bad in [
             &b""[..],
             b"tierindex HOSTED 1",
-            b"tierindex HOSTED 2\nroot_dev=1\nroot_ino=2\nroot=/x\n",
-            b"tierindex HOSTED 1\nroot_dev=x\nroot_ino=2\nroot=/x\n",
-            b"tierindex HOSTED 1\nroot_dev=1\nroot_ino=2\nroot=\n",
-            b"tierindex HOSTED 1\nroot_ino=2\nroot_dev=1\nroot=/x\n",
+            b"tierindex HOSTED 2\nroot_dev=1\nroot_ino=2\nroot_hex=2f78\n",
+            b"tierindex HOSTED 1\nroot_dev=x\nroot_ino=2\nroot_hex=2f78\n",
+            b"tierindex HOSTED 1\nroot_dev=1\nroot_ino=2\nroot_hex=\n",
+            b"tierindex HOSTED 1\nroot_dev=1\nroot_ino=2\nroot_hex=2f7\n",
+            b"tierindex HOSTED 1\nroot_dev=1\nroot_ino=2\nroot_hex=2fzz\n",
+            b"tierindex HOSTED 1\nroot_dev=1\nroot_ino=2\nroot_hex=2f\xc3\n",
+            b"tierindex HOSTED 1\nroot_ino=2\nroot_dev=1\nroot_hex=2f78\n",
             b"This data directory belongs to a tierindex host",
         ] {
             assert_eq!(Marker::decode(bad), None, "{:?}", String::from_utf8_lossy(bad));
