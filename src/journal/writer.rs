@@ -61,7 +61,7 @@ pub struct Journal {
     /// The data directory's lock (a share of its `DataDir`'s, or the one
     /// [`Journal::open`] took): held while the journal can still write,
     /// whichever of the journal and the writer is dropped last.
-    _lock: Arc<DirLock>,
+    _lock: Option<Arc<DirLock>>,
 }
 
 /// What `journal.log` was when this journal last left it.
@@ -228,7 +228,7 @@ impl Journal {
             opts,
             poisoned: None,
             compacted_len: 0,
-            _lock: lock,
+            _lock: Some(lock),
         };
         if report.format_version < super::FORMAT_VERSION {
             // Appends write versioned frames; an older build must find a
@@ -460,8 +460,20 @@ impl Journal {
     pub(super) fn check_poisoned(&self) -> Result<()> {
         match &self.poisoned {
             Some(why) => Err(Error::Poisoned(why.clone())),
+            None if self._lock.is_none() => Err(Error::Internal(
+                "the journal was closed (its stream shut down): nothing more is written".into(),
+            )),
             None => Ok(()),
         }
+    }
+
+    /// Ends the journal's writing for good and gives up its share of the
+    /// data directory's lock: every later append or compaction fails. For
+    /// the shutdown, once nothing can write through it any more (its
+    /// committer lane finished), so that the lock is released with the
+    /// writer's, not whenever the last handle to the journal goes.
+    pub fn retire(&mut self) {
+        self._lock = None;
     }
 
     /// Marks the journal unusable and returns the error for this call.

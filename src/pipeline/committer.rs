@@ -68,16 +68,19 @@ impl JournalHandle {
         })
     }
 
-    /// Stop the committer lane and wait for it, so the journal (and its
-    /// directory lock) is released when the last handle drops. Only the
-    /// last handle may call this; with other clones alive the lane keeps
-    /// running and this returns without waiting.
+    /// Stop the committer lane and wait for it; then the journal gives up
+    /// its share of the data directory's lock ([`Journal::retire`]). For the
+    /// shutdown only: other clones' appends fail from here on.
     pub fn close(self) {
         let JournalHandle { journal, lane } = self;
-        if let Ok(c) = Arc::try_unwrap(lane) {
-            c.0.close();
-            let _ = c.0.join();
-        }
+        // Closed for every handle (the stream is shutting down: a request
+        // another handle sends now fails), then waited for: once it has
+        // finished nothing writes the journal, which then gives up its
+        // share of the data directory's lock, even while other handles
+        // keep the journal itself (read-only) a moment longer.
+        lane.0.close();
+        let _ = lane.0.join();
+        journal.lock().unwrap_or_else(|p| p.into_inner()).retire();
         drop(journal);
     }
 

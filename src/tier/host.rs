@@ -64,16 +64,7 @@ impl Host {
     /// [`TierIndex::open`] for a stream whose data directory
     /// (`cfg.data_dir`) is directly under [`Host::root`].
     pub async fn open_stream(&self, cfg: Config) -> Result<(TierIndex, OpenReport)> {
-        crate::identity::precheck(
-            &cfg.data_dir,
-            &cfg.stream,
-            &crate::remote::url::display_form("store URL", &cfg.store_url()?)?,
-            cfg.endpoint.as_deref(),
-            crate::identity::Overrides {
-                store: cfg.store_override,
-            },
-        )?;
-        let store = open_store(&cfg)?;
+        let store = TierIndex::checked_store(&cfg)?;
         TierIndex::open_inner(cfg, store, Arc::new(SystemClock), Some(self.lock.clone())).await
     }
 

@@ -159,7 +159,13 @@ impl TierIndex {
     /// which) unless [`Config::store_override`]: a copied or moved data
     /// directory, whose default store is next to it, must name its store.
     pub async fn open(cfg: Config) -> Result<(TierIndex, OpenReport)> {
-        // Before the store is built: a refused open leaves nothing behind.
+        let store = Self::checked_store(&cfg)?;
+        Self::open_with_store(cfg, store).await
+    }
+
+    /// The identity's check, then the store `cfg` names: before the store
+    /// is built, so that a refused open leaves nothing behind.
+    pub(super) fn checked_store(cfg: &Config) -> Result<RemoteStore> {
         crate::identity::precheck(
             &cfg.data_dir,
             &cfg.stream,
@@ -169,8 +175,7 @@ impl TierIndex {
                 store: cfg.store_override,
             },
         )?;
-        let store = open_store(&cfg)?;
-        Self::open_with_store(cfg, store).await
+        open_store(cfg)
     }
 
     /// As [`open`](Self::open), with a store the caller built ([`Store`]:
