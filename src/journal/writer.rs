@@ -460,9 +460,7 @@ impl Journal {
     pub(super) fn check_poisoned(&self) -> Result<()> {
         match &self.poisoned {
             Some(why) => Err(Error::Poisoned(why.clone())),
-            None if self._lock.is_none() => Err(Error::Internal(
-                "the journal was closed (its stream shut down): nothing more is written".into(),
-            )),
+            None if self._lock.is_none() => Err(Error::ShutDown),
             None => Ok(()),
         }
     }

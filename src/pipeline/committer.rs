@@ -40,7 +40,8 @@ struct Req {
     reply: Reply,
 }
 
-/// The committer lane; closed when the last handle goes.
+/// The committer lane; closed when the last handle goes, or by
+/// [`JournalHandle::close`] at shutdown.
 struct Committer(Lane<Req>);
 
 impl Drop for Committer {
