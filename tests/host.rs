@@ -301,3 +301,118 @@ async fn a_host_refuses_what_is_not_one_of_its_data_directories() {
     let err = Host::open(&dd).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 }
+
+/// Files under `dir`, recursively (relative paths, sorted).
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A host's streams in manifest mode (the default) keep their leases with
+/// one host lease: each writes one renewal of its own, at its take, and
+/// the host renews for all of them (issue 16: 10,000 streams renewing
+/// each cost 1,000 writes a second). A stream that stops without shutdown
+/// is held no more; shutdown releases the others and the host deletes its
+/// renewals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_streams_in_manifest_mode_share_one_lease() {
+    use tierindex::remote::manifest::{ManifestOptions, ManifestStore};
+    use tierindex::remote::{RemoteStore, StoreOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
+    std::fs::create_dir_all(&store).unwrap();
+    let host = Host::open(&root).unwrap();
+    let mut streams = Vec::new();
+    for i in 0..4u64 {
+        let dir = root.join(format!("s{i}"));
+        let cfg = Config::builder(&dir)
+            .stream(format!("s{i}"))
+            .store(format!("file://{}", store.display()))
+            .segment_items(100)
+            .slot_count(64)
+            .lease_ttl(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        assert!(cfg.manifest, "manifest mode is the default");
+        let (ti, _) = host.open_stream(cfg).await.unwrap();
+        for n in 0..150 {
+            ti.append(format!("k{i}").as_bytes(), n, 1, n).unwrap();
+        }
+        ti.flush().unwrap();
+        streams.push(ti);
+    }
+    // Two of the host's renewals (a second apart), none of the streams'.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let hosts = files_under(&store.join("_hosts"));
+    assert!(
+        (1..=3).contains(&hosts.len()) && hosts.iter().all(|h| h.ends_with(".lease")),
+        "{hosts:?}"
+    );
+    for i in 0..4 {
+        let own = files_under(&store.join(format!("s{i}/manifest/leases")));
+        assert_eq!(own.len(), 1, "stream {i}: {own:?}");
+    }
+    let url = url::Url::from_directory_path(&store).unwrap();
+    let remote = RemoteStore::from_url(url.as_str(), &StoreOptions::default()).unwrap();
+    let lease_of = |i: u64| {
+        let ms =
+            ManifestStore::reader(&remote, &format!("s{i}"), ManifestOptions::default()).unwrap();
+        async move {
+            let m = ms.load().await.unwrap().unwrap();
+            ms.current_lease(&m).await.unwrap()
+        }
+    };
+    for i in 0..4 {
+        let cur = lease_of(i).await.expect("a lease");
+        assert!(cur.host_seq.is_some(), "stream {i}: {cur:?}");
+        assert!(
+            cur.lease.expires_ms > cur.lease.acquired_ms + 3_000,
+            "{cur:?}"
+        );
+    }
+    // Stream 3 stops without shutdown: the host's next renewal drops it.
+    drop(streams.pop());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let cur = lease_of(3).await.expect("a lease (not released)");
+    assert_eq!(cur.host_seq, None, "{cur:?}");
+    // Its own renewal's expiry, written just after the take.
+    assert!(
+        cur.lease.expires_ms < cur.lease.acquired_ms + 3_500,
+        "{cur:?}"
+    );
+    assert!(lease_of(0).await.unwrap().host_seq.is_some());
+
+    let reports = Host::shutdown_all(streams, Duration::from_secs(30)).await;
+    for r in &reports {
+        assert!(r.fully_drained(), "{r:?}");
+    }
+    for i in 0..3 {
+        assert!(lease_of(i).await.is_none(), "stream {i} released");
+    }
+    // The host holds nothing: it deletes its renewals.
+    let mut left = files_under(&store.join("_hosts"));
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = files_under(&store.join("_hosts"));
+    }
+    assert_eq!(left, Vec::<String>::new());
+    drop(host);
+}

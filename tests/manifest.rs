@@ -1038,6 +1038,7 @@ async fn an_unreadable_renewal_only_shortens_the_lease() {
                 seq: 9,
                 written_ms: T0 + 20_000,
                 expires_ms: T0 + 20_000 + 86_400_000,
+                host: None,
             })
             .unwrap();
         env.remote
@@ -1117,4 +1118,214 @@ async fn a_holder_that_keeps_renewing_is_not_aged_out_whatever_its_expiries() {
     clock_b.advance(Duration::from_secs(1));
     assert_eq!(ms_b.take_ownership("b", TTL).await.unwrap().epoch(), 2);
     assert_fenced(a.renew(TTL).await, &["epoch 2"]);
+}
+
+/// The manifest store of another stream of the same store and clock.
+async fn stream_store(env: &Env, stream: &str, clock: &ManualClock) -> ManifestStore {
+    let caps = probe(&env.remote).await.unwrap();
+    ManifestStore::with_capabilities(&env.remote, stream, opts(), &caps, Arc::new(clock.clone()))
+        .unwrap()
+}
+
+/// Keys listed under `dir` (relative names).
+async fn listed(env: &Env, dir: &str) -> Vec<String> {
+    let prefix = Path::from(format!("tier/{dir}"));
+    let mut v: Vec<String> = env
+        .remote
+        .object_store()
+        .list(Some(&prefix))
+        .map_ok(|m| m.location.as_ref()[prefix.as_ref().len() + 1..].to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    v.sort();
+    v
+}
+
+/// Host leases (issue 16): a host's streams write one renewal each, at the
+/// take, naming the host; the host's own renewal keeps all of them live,
+/// and only those it still lists. Time is tokio's paused clock (the host
+/// renews a third of the TTL apart) and a manual wall clock.
+#[tokio::test(start_paused = true)]
+async fn a_host_lease_keeps_its_streams_live_and_only_those_it_lists() {
+    use tierindex::remote::manifest::{
+        HostLeases, HostRenewal, decode_host_renewal, decode_renewal,
+    };
+    let env = Env::new(Backend::Memory);
+    let leases = HostLeases::default();
+    let (s1, s2, s3) = (
+        stream_store(&env, "s1", &env.clock).await,
+        stream_store(&env, "s2", &env.clock).await,
+        stream_store(&env, "s3", &env.clock).await,
+    );
+    let mut w1 = s1
+        .take_ownership_hosted("a", TTL, Some(&leases))
+        .await
+        .unwrap();
+    let w2 = s2
+        .take_ownership_hosted("a2", TTL, Some(&leases))
+        .await
+        .unwrap();
+    // A stream of another owner on its own: renews for itself.
+    let mut w3 = s3.take_ownership("c", TTL).await.unwrap();
+    assert_eq!(leases.live(), 1, "one host lease for the store");
+    // Each hosted stream wrote one renewal, naming the host.
+    let renewals = listed(&env, "s1/manifest/leases").await;
+    assert_eq!(
+        renewals,
+        vec!["00000000000000000001/00000000000000000000.lease"]
+    );
+    let key = Path::from("tier/s1/manifest/leases/00000000000000000001/00000000000000000000.lease");
+    let bytes = env
+        .remote
+        .object_store()
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let r = decode_renewal(&bytes, "s1", 1, 0).unwrap();
+    let host = r.host.clone().expect("the renewal names the host");
+    // The lease task of a hosted stream has nothing to write.
+    assert!(w1.lease_keeper().is_hosted());
+    w1.renew(TTL).await.unwrap();
+    assert_eq!(listed(&env, "s1/manifest/leases").await.len(), 1);
+
+    // The host renews a third of the TTL later, listing both streams.
+    env.clock.set(T0 + 9_000);
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    let hosts = listed(&env, "_hosts").await;
+    assert_eq!(hosts, vec![format!("{host}/00000000000000000000.lease")]);
+    let key = Path::from(format!("tier/_hosts/{}", hosts[0]));
+    let bytes = env
+        .remote
+        .object_store()
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let hr: HostRenewal = decode_host_renewal(&bytes, &host, 0).unwrap();
+    assert_eq!(hr.expires_ms, T0 + 39_000);
+    assert!(hr.holds("s1", "a", 1) && hr.holds("s2", "a2", 1));
+    assert!(!hr.holds("s3", "c", 1));
+    assert_eq!(w1.lease_expires_ms(), T0 + 39_000);
+
+    // Past the take's own expiry, the host's keeps the streams: refused.
+    env.clock.set(T0 + 35_000);
+    assert_claimed(s1.take_ownership("b", TTL).await, &["\"a\"", "in 4s"]);
+    assert_claimed(s2.take_ownership("b", TTL).await, &["\"a2\""]);
+    // The stream on its own did not renew: taken.
+    let _w3b = s3.take_ownership("b", TTL).await.unwrap();
+    let e3 = SegmentEntry::new(&env.remote, "s3", &meta(1)).unwrap();
+    assert_fenced(w3.commit(&[e3]).await, &["epoch 2"]);
+
+    // Stream 2 leaves the host (its writer dropped, as a stream that stops
+    // without shutdown): the host's next renewal lists stream 1 only, and
+    // stream 2's lease ends with its take's own expiry.
+    drop(w2);
+    env.clock.set(T0 + 19_000);
+    tokio::time::sleep(Duration::from_millis(10_000)).await;
+    let cur2 = s2
+        .current_lease(&s2.load().await.unwrap().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((cur2.lease.expires_ms, cur2.host_seq), (T0 + 30_000, None));
+    let cur1 = s1
+        .current_lease(&s1.load().await.unwrap().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (cur1.lease.expires_ms, cur1.host_seq),
+        (T0 + 49_000, Some(1))
+    );
+    env.clock.set(T0 + 40_000);
+    let w2b = s2.take_ownership("b", TTL).await.unwrap();
+    assert_eq!(w2b.epoch(), 2);
+    assert_claimed(s1.take_ownership("b", TTL).await, &["\"a\""]);
+    w1.commit(&[SegmentEntry::new(&env.remote, "s1", &meta(2)).unwrap()])
+        .await
+        .unwrap();
+
+    // Stream 1 released: off the list, the host holds nothing and deletes
+    // its renewals; the next owner takes at once.
+    w1.release().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(listed(&env, "_hosts").await, Vec::<String>::new());
+    let w1b = s1.take_ownership("b", TTL).await.unwrap();
+    assert_eq!(w1b.epoch(), 2);
+    drop(w1b);
+    assert_eq!(ids(&s1).await, vec![2]);
+    assert_no_overwrites(&env);
+}
+
+/// A host renewal that does not decode counts for nothing: the lease ends
+/// with the take's own expiry. A renewal naming a host that does not list
+/// the stream, or a host id that is not one, extends nothing either.
+#[tokio::test(start_paused = true)]
+async fn a_host_renewal_that_is_garbage_or_does_not_list_the_stream_keeps_nobody_out() {
+    use tierindex::remote::manifest::{HostLeases, Renewal, encode_renewal};
+    let env = Env::new(Backend::Memory);
+    let clock_b = ManualClock::new(T0);
+    let leases = HostLeases::default();
+    let s1 = stream_store(&env, "s1", &env.clock).await;
+    let s1b = stream_store(&env, "s1", &clock_b).await;
+    let _w1 = s1
+        .take_ownership_hosted("a", TTL, Some(&leases))
+        .await
+        .unwrap();
+    env.clock.set(T0 + 9_000);
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    let host = listed(&env, "_hosts").await;
+    assert_eq!(host.len(), 1);
+    // B sees the lease live until T0 + 39 s by its wall clock.
+    clock_b.set(T0 + 31_000);
+    assert_claimed(s1b.take_ownership("b", TTL).await, &["\"a\"", "in 8s"]);
+    let cur = |ms: ManifestStore| async move {
+        let m = ms.load().await.unwrap().unwrap();
+        ms.current_lease(&m).await.unwrap().unwrap()
+    };
+    // A forged renewal of the epoch naming another host, which lists
+    // nothing: the host lease in force stays the newest renewal's.
+    let forged = Renewal {
+        format: 1,
+        stream: "s1".into(),
+        owner: "a".into(),
+        epoch: 1,
+        seq: 5,
+        written_ms: T0,
+        expires_ms: T0 + 1,
+        host: Some("ffffffffffffffffffffffffffffffff".into()),
+    };
+    env.remote
+        .object_store()
+        .put(
+            &s1.renewal_key(1, 5),
+            PutPayload::from(encode_renewal(&forged).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cur(s1b.clone()).await.lease.expires_ms, T0 + 30_000);
+    env.remote
+        .object_store()
+        .delete(&s1.renewal_key(1, 5))
+        .await
+        .unwrap();
+    assert_eq!(cur(s1b.clone()).await.lease.expires_ms, T0 + 39_000);
+    // The host's renewal damaged: it counts for nothing.
+    for (i, name) in host.iter().enumerate() {
+        let key = Path::from(format!("tier/_hosts/{name}"));
+        env.remote
+            .object_store()
+            .put(&key, PutPayload::from(vec![i as u8; 40]))
+            .await
+            .unwrap();
+    }
+    assert_eq!(cur(s1b.clone()).await.lease.expires_ms, T0 + 30_000);
+    let wb = s1b.take_ownership("b", TTL).await.unwrap();
+    assert_eq!(wb.epoch(), 2);
 }

@@ -200,6 +200,23 @@ impl Shared {
         }
     }
 
+    /// Whether a host lease renews this stream's lease (its own renewal
+    /// naming the host landed): the lease task has nothing to do.
+    pub fn lease_hosted(&self) -> bool {
+        self.manifest
+            .as_ref()
+            .and_then(|m| m.keeper())
+            .is_some_and(|k| k.is_hosted())
+    }
+
+    /// Takes the stream off its host lease's list, if it is on one: the
+    /// host renews its lease no more.
+    pub fn leave_host_lease(&self) {
+        if let Some(k) = self.manifest.as_ref().and_then(|m| m.keeper()) {
+            k.leave_host();
+        }
+    }
+
     /// Give the stream up (shutdown with nothing pending). Best effort: a
     /// lease left behind only delays another owner until it expires.
     pub async fn release_lease(&self) -> Result<()> {

@@ -62,11 +62,16 @@ use crate::segment::{KeySum, SealedMeta, SegmentId};
 use crate::retry::{RetryPolicy, with_retries};
 
 mod codec;
+mod hosted;
 mod renewal;
 mod store;
 mod writer;
 
 pub use codec::*;
+pub use hosted::{
+    HOST_MEMBERS_MAX, HOSTS_DIR, HostLeases, HostMember, HostRenewal, decode_host_renewal,
+    encode_host_renewal,
+};
 pub use store::*;
 pub use writer::*;
 // Re-exported for the tests (feature `testing`); the crate uses a part.

@@ -58,7 +58,17 @@ async fn wait_or_stop(every: Duration, stop: &mut watch::Receiver<bool>) -> bool
 /// a fence is recorded in `Shared` by `renew_lease` and ends the task.
 pub(super) async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
     let every = every.max(Duration::from_millis(10));
-    while wait_or_stop(every, &mut stop).await {
+    loop {
+        if sh.lease_hosted() {
+            // The host's lease renews this one: nothing to do but wait
+            // (no timer per stream: a host of 10,000 streams would wake
+            // 1,000 times a second for nothing).
+            let _ = stop.wait_for(|s| *s).await;
+            return;
+        }
+        if !wait_or_stop(every, &mut stop).await {
+            return;
+        }
         match sh.renew_lease().await {
             Ok(()) => {}
             Err(Error::Fenced(_)) => return,

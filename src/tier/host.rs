@@ -29,7 +29,10 @@ use crate::lock::host::HostLock;
 /// lives as long as the `Host` or any stream opened through it.
 #[derive(Clone, Debug)]
 pub struct Host {
-    lock: Arc<HostLock>,
+    pub(super) lock: Arc<HostLock>,
+    /// The host leases of its streams, one per store (see
+    /// `remote::manifest::hosted`).
+    pub(super) leases: Arc<crate::remote::manifest::HostLeases>,
 }
 
 impl Host {
@@ -53,6 +56,7 @@ impl Host {
         }
         Ok(Host {
             lock: HostLock::open(root)?,
+            leases: Arc::default(),
         })
     }
 
@@ -65,7 +69,7 @@ impl Host {
     /// (`cfg.data_dir`) is directly under [`Host::root`].
     pub async fn open_stream(&self, cfg: Config) -> Result<(TierIndex, OpenReport)> {
         let store = TierIndex::checked_store(&cfg)?;
-        TierIndex::open_inner(cfg, store, Arc::new(SystemClock), Some(self.lock.clone())).await
+        TierIndex::open_inner(cfg, store, Arc::new(SystemClock), Some(self)).await
     }
 
     /// [`Host::open_stream`] with a store the caller built (one [`Store`]
@@ -75,7 +79,7 @@ impl Host {
         cfg: Config,
         store: Store,
     ) -> Result<(TierIndex, OpenReport)> {
-        TierIndex::open_inner(cfg, store.0, Arc::new(SystemClock), Some(self.lock.clone())).await
+        TierIndex::open_inner(cfg, store.0, Arc::new(SystemClock), Some(self)).await
     }
 
     /// Shuts `streams` down under one deadline, [`Host::SHUTDOWN_CONCURRENCY`] at a

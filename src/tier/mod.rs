@@ -211,13 +211,20 @@ impl TierIndex {
         cfg: Config,
         store: RemoteStore,
         clock: Arc<dyn Clock>,
-        host: Option<Arc<crate::lock::host::HostLock>>,
+        host: Option<&Host>,
     ) -> Result<(TierIndex, OpenReport)> {
         cfg.validate()?;
         // A bad part size for this store is a configuration error: refuse
         // to start rather than retry every upload until the deadline.
         cfg.upload_config().validate(&store)?;
-        let (sh, report) = open::open_shared_hosted(&cfg, store, clock, host).await?;
+        let (sh, report) = open::open_shared_hosted(
+            &cfg,
+            store,
+            clock,
+            host.map(|h| h.lock.clone()),
+            host.map(|h| h.leases.clone()),
+        )
+        .await?;
         let notify = Arc::new(Notify::new());
         // The writer's seal notifications wake the worker.
         {
@@ -489,6 +496,9 @@ impl Drop for TierIndex {
         }
         if let Some(t) = self.reconcile_task.take() {
             t.abort();
+        }
+        if let Some(sh) = &self.sh {
+            sh.leave_host_lease();
         }
     }
 }

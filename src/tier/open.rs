@@ -2,6 +2,7 @@
 //! ownership of the stream's manifest (shared by [`TierIndex`] and the
 //! standalone `drain`), and the clean-shutdown marker.
 
+use crate::remote::manifest::HostLeases;
 use super::*;
 
 /// Open the store named by the config.
@@ -33,6 +34,7 @@ pub(super) async fn take_manifest(
     store: &RemoteStore,
     clock: Arc<dyn Clock>,
     committed: usize,
+    leases: Option<&HostLeases>,
 ) -> Result<(ManifestWriter, crate::pipeline::StoreTrust)> {
     let owner = cfg.effective_owner_id()?;
     // Checked first: the probe writes (and removes) objects of its own.
@@ -94,7 +96,9 @@ pub(super) async fn take_manifest(
     };
     let ms =
         ManifestStore::with_capabilities(store, &cfg.stream, cfg.manifest_options(), &caps, clock)?;
-    let writer = ms.take_ownership(&owner, cfg.lease_ttl()).await?;
+    let writer = ms
+        .take_ownership_hosted(&owner, cfg.lease_ttl(), leases)
+        .await?;
     // From now on this data directory's committed segments are the
     // manifest's (see `committed` above). Best effort: without the marker
     // the check is only not armed.
@@ -143,16 +147,18 @@ pub async fn open_shared_with_clock(
     store: RemoteStore,
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Shared>, OpenReport)> {
-    open_shared_hosted(cfg, store, clock, None).await
+    open_shared_hosted(cfg, store, clock, None, None).await
 }
 
 /// As [`open_shared_with_clock`]; with `host`, the data directory is one
-/// of the host's and locked through its lock.
+/// of the host's and locked through its lock; with `leases`, the stream's
+/// lease is renewed by the host's lease in the store.
 pub(super) async fn open_shared_hosted(
     cfg: &Config,
     store: RemoteStore,
     clock: Arc<dyn Clock>,
     host: Option<Arc<crate::lock::host::HostLock>>,
+    leases: Option<Arc<HostLeases>>,
 ) -> Result<(Arc<Shared>, OpenReport)> {
     // Local recovery reads and checks files: on a blocking thread, never on
     // the caller's runtime thread (issue 16).
@@ -249,7 +255,13 @@ pub(super) async fn open_shared_hosted(
             .max(Duration::from_secs(1))
             * 3;
         let taken =
-            match tokio::time::timeout(limit, take_manifest(cfg, &store, clock.clone(), committed))
+            match tokio::time::timeout(limit, take_manifest(
+                    cfg,
+                    &store,
+                    clock.clone(),
+                    committed,
+                    leases.as_deref(),
+                ))
                 .await
             {
                 Ok(r) => r,
@@ -262,11 +274,13 @@ pub(super) async fn open_shared_hosted(
             Ok((w, trust)) => (Some(ManifestHandle::new(w, cfg.lease_ttl())), trust, true),
             Err(e) if store_unreachable(&e) => {
                 tracing::warn!(error = %e, "store unreachable at open: starting without manifest ownership; commits wait until it is taken");
-                let (c, st, ck) = (cfg.clone(), store.clone(), clock.clone());
+                let (c, st, ck, hl) = (cfg.clone(), store.clone(), clock.clone(), leases.clone());
                 let take = PendingTake {
                     take: Box::new(move || {
-                        let (c, st, ck) = (c.clone(), st.clone(), ck.clone());
-                        Box::pin(async move { take_manifest(&c, &st, ck, committed).await })
+                        let (c, st, ck, hl) = (c.clone(), st.clone(), ck.clone(), hl.clone());
+                        Box::pin(async move {
+                            take_manifest(&c, &st, ck, committed, hl.as_deref()).await
+                        })
                     }),
                     retry_at: std::time::Instant::now(),
                     failures: 0,

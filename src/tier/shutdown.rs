@@ -147,6 +147,9 @@ impl TierIndex {
                 Err(_) => tracing::warn!("releasing the manifest lease timed out"),
             }
         }
+        // A host lease holds the stream no more (a release already took it
+        // off; otherwise its lease now runs out as an unrenewed one does).
+        sh.leave_host_lease();
         if report.fully_drained() {
             match write_clean_marker(&self.data_dir) {
                 Ok(()) => report.clean_marker_written = true,

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
+use super::hosted::Membership;
 use super::{
     Created, FORMAT_VERSION, Manifest, ManifestStore, check_format, decode_envelope,
     encode_envelope,
@@ -61,6 +62,11 @@ pub struct Renewal {
     pub written_ms: u64,
     /// Until when (exclusive) the lease is live, by the writer's clock.
     pub expires_ms: u64,
+    /// The host lease that keeps this lease live from now on (see
+    /// `hosted`): a hosted stream writes one renewal per epoch, naming its
+    /// host, and its host renews them all at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 fn epoch_name(epoch: u64) -> String {
@@ -103,6 +109,8 @@ pub fn decode_renewal(bytes: &[u8], stream: &str, epoch: u64, seq: u64) -> Resul
         ))
     } else if lease::validate_owner(&r.owner).is_err() {
         Some("invalid owner id".to_string())
+    } else if r.host.as_deref().is_some_and(|h| !super::hosted::valid_host_id(h)) {
+        Some("invalid host id".to_string())
     } else if r.expires_ms <= r.written_ms || r.expires_ms - r.written_ms > max_ttl {
         Some(format!(
             "expiry {} is not within the longest TTL after its write time {}",
@@ -128,6 +136,9 @@ pub struct CurrentLease {
     /// The newest renewal seen (`None`: none yet). A new one means the
     /// holder is still renewing, whatever the expiries say.
     pub seq: Option<u64>,
+    /// The newest renewal of the host lease that holds this lease (`None`:
+    /// not hosted, or the host no longer lists it). Counts like `seq`.
+    pub host_seq: Option<u64>,
 }
 
 /// What this process last saw of another owner's lease, on its monotonic
@@ -139,6 +150,7 @@ pub(super) struct Seen {
     owner: String,
     epoch: u64,
     seq: Option<u64>,
+    host_seq: Option<u64>,
     since_mono_ms: u64,
 }
 
@@ -185,12 +197,17 @@ impl ManifestStore {
     }
 
     /// The readable renewals of `epoch` written by `owner`: the one with
-    /// the latest expiry, and the newest seq. A renewal that vanished
+    /// the latest expiry, the newest seq, and the host the newest renewal
+    /// naming one names. A renewal that vanished
     /// (deleted meanwhile), is too large or does not decode is skipped
     /// (logged): a renewal only ever extends a lease, so skipping one can
     /// only end it sooner. A failed request is an error (a taker must not
     /// take over because a read failed).
-    async fn renewals_of(&self, epoch: u64, owner: &str) -> Result<Option<(Renewal, u64)>> {
+    async fn renewals_of(
+        &self,
+        epoch: u64,
+        owner: &str,
+    ) -> Result<Option<(Renewal, u64, Option<String>)>> {
         let seqs: Vec<u64> = self
             .list_renewals(self.epoch_dir(epoch), None)
             .await?
@@ -199,6 +216,7 @@ impl ManifestStore {
             .map(|(_, s)| s)
             .collect();
         let mut best: Option<(Renewal, u64)> = None;
+        let mut host: Option<(u64, String)> = None;
         for seq in seqs {
             let what = format!("lease renewal {} epoch {epoch} seq {seq}", self.stream());
             let key = self.renewal_key(epoch, seq);
@@ -213,6 +231,11 @@ impl ManifestStore {
             };
             match decode_renewal(&bytes, self.stream(), epoch, seq) {
                 Ok(r) if r.owner == owner => {
+                    if let Some(h) = &r.host
+                        && host.as_ref().is_none_or(|(s, _)| *s < seq)
+                    {
+                        host = Some((seq, h.clone()));
+                    }
                     best = Some(match best {
                         None => (r, seq),
                         Some((b, top)) => {
@@ -240,12 +263,14 @@ impl ManifestStore {
                 ),
             }
         }
-        Ok(best)
+        Ok(best.map(|(r, top)| (r, top, host.map(|(_, h)| h))))
     }
 
     /// The lease in force by manifest `m`: its head lease, its expiry
-    /// moved to the latest renewal of the same epoch and owner. `None` when
-    /// the head has no lease (released).
+    /// moved to the latest renewal of the same epoch and owner, and, when
+    /// those name a host lease that still lists the stream at that epoch
+    /// and owner, to the host's newest renewal. `None` when the head has no
+    /// lease (released).
     pub async fn current_lease(&self, m: &Manifest) -> Result<Option<CurrentLease>> {
         let Some(head) = &m.lease else {
             return Ok(None);
@@ -254,12 +279,23 @@ impl ManifestStore {
             lease: head.clone(),
             ttl_ms: head.expires_ms.saturating_sub(head.acquired_ms),
             seq: None,
+            host_seq: None,
         };
-        if let Some((r, top)) = self.renewals_of(head.epoch, &head.owner).await? {
+        if let Some((r, top, host)) = self.renewals_of(head.epoch, &head.owner).await? {
             cur.seq = Some(top);
             if r.expires_ms > cur.lease.expires_ms {
                 cur.lease.expires_ms = r.expires_ms;
                 cur.ttl_ms = r.expires_ms - r.written_ms;
+            }
+            if let Some(h) = host
+                && let Some(hr) = self.host_lease(&h).await?
+                && hr.holds(self.stream(), &head.owner, head.epoch)
+            {
+                cur.host_seq = Some(hr.seq);
+                if hr.expires_ms > cur.lease.expires_ms {
+                    cur.lease.expires_ms = hr.expires_ms;
+                    cur.ttl_ms = hr.expires_ms - hr.written_ms;
+                }
             }
         }
         Ok(Some(cur))
@@ -276,7 +312,12 @@ impl ManifestStore {
         }
         let mono = self.inner.clock.mono_ms();
         self.with_seen(|seen| match seen.as_ref() {
-            Some(s) if s.owner == l.owner && s.epoch == l.epoch && s.seq == cur.seq => {
+            Some(s)
+                if s.owner == l.owner
+                    && s.epoch == l.epoch
+                    && s.seq == cur.seq
+                    && s.host_seq == cur.host_seq =>
+            {
                 let unchanged = mono.saturating_sub(s.since_mono_ms);
                 if unchanged >= cur.ttl_ms {
                     tracing::warn!(
@@ -298,6 +339,7 @@ impl ManifestStore {
                     owner: l.owner.clone(),
                     epoch: l.epoch,
                     seq: cur.seq,
+                    host_seq: cur.host_seq,
                     since_mono_ms: mono,
                 });
                 true
@@ -424,6 +466,11 @@ struct KeeperInner {
     expires_ms: AtomicU64,
     released: AtomicBool,
     fenced: OnceLock<String>,
+    /// The host lease that renews this one (a [`crate::Host`]'s stream);
+    /// dropped at release, which takes the stream off the host's list.
+    hosted: std::sync::Mutex<Option<Membership>>,
+    /// A renewal naming the host landed: the host renews from now on.
+    delegated: AtomicBool,
 }
 
 impl LeaseKeeper {
@@ -437,8 +484,35 @@ impl LeaseKeeper {
                 expires_ms: AtomicU64::new(expires_ms),
                 released: AtomicBool::new(false),
                 fenced: OnceLock::new(),
+                hosted: std::sync::Mutex::new(None),
+                delegated: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Hands this lease to a host lease: the next renewal names the host,
+    /// and the host renews it from then on.
+    pub(super) fn set_host(&self, m: Membership) {
+        *self.hosted() = Some(m);
+    }
+
+    /// Takes the stream off its host's list (release, shutdown).
+    pub fn leave_host(&self) {
+        let m = self.hosted().take();
+        drop(m);
+    }
+
+    fn hosted(&self) -> std::sync::MutexGuard<'_, Option<Membership>> {
+        self.inner
+            .hosted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a host renews this lease (its renewal naming the host
+    /// landed): [`renew`](Self::renew) then writes nothing.
+    pub fn is_hosted(&self) -> bool {
+        self.inner.delegated.load(Ordering::SeqCst) && self.hosted().is_some()
     }
 
     #[cfg(any(test, feature = "testing"))]
@@ -452,7 +526,9 @@ impl LeaseKeeper {
     /// The expiry of the latest renewal that landed.
     #[cfg(any(test, feature = "testing"))]
     pub fn expires_ms(&self) -> u64 {
-        self.inner.expires_ms.load(Ordering::SeqCst)
+        let own = self.inner.expires_ms.load(Ordering::SeqCst);
+        let host = self.hosted().as_ref().map_or(0, Membership::expires_ms);
+        own.max(host)
     }
     /// Why this owner is fenced, once a renewal or commit found out.
     pub fn fenced(&self) -> Option<&str> {
@@ -467,7 +543,9 @@ impl LeaseKeeper {
 
     /// Writes the next renewal: the lease lasts until now + `ttl`. Allowed
     /// after expiry as long as nobody took over. Then checks for a newer
-    /// epoch: [`Error::Fenced`] once another owner took the stream.
+    /// epoch: [`Error::Fenced`] once another owner took the stream. A
+    /// hosted lease writes one renewal, naming its host, and nothing after
+    /// it lands: the host renews it.
     pub async fn renew(&self, ttl: Duration) -> Result<()> {
         let k = &self.inner;
         if let Some(why) = k.fenced.get() {
@@ -476,6 +554,10 @@ impl LeaseKeeper {
         if k.released.load(Ordering::SeqCst) {
             return Err(Error::ShutDown);
         }
+        if self.is_hosted() {
+            return Ok(());
+        }
+        let host = self.hosted().as_ref().map(|m| m.host_id().to_string());
         let mut next = k.next_seq.lock().await;
         let mut landed = false;
         for _ in 0..3 {
@@ -488,11 +570,15 @@ impl LeaseKeeper {
                 seq: *next,
                 written_ms: now,
                 expires_ms: lease::expiry(now, ttl)?,
+                host: host.clone(),
             };
             crate::failpoint::crash("lease.renew");
             if k.ms.put_renewal(&r).await? {
                 *next = r.seq.saturating_add(1);
                 k.expires_ms.fetch_max(r.expires_ms, Ordering::SeqCst);
+                if host.is_some() {
+                    k.delegated.store(true, Ordering::SeqCst);
+                }
                 if let Some(old) = r.seq.checked_sub(KEEP_RENEWALS)
                     && let Err(e) = k.ms.delete(&k.ms.renewal_key(k.epoch, old)).await
                 {
@@ -554,6 +640,7 @@ mod tests {
             seq: 7,
             written_ms: 1_000,
             expires_ms: 31_000,
+            host: None,
         }
     }
 

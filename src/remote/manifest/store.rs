@@ -240,6 +240,18 @@ impl ManifestStore {
     /// owner id may always re-take (a restart): the epoch still moves, so the
     /// previous incarnation is fenced.
     pub async fn take_ownership(&self, owner_id: &str, ttl: Duration) -> Result<ManifestWriter> {
+        self.take_ownership_hosted(owner_id, ttl, None).await
+    }
+
+    /// [`take_ownership`](Self::take_ownership), with the lease renewed by
+    /// `host`'s host lease in this store (see `hosted`) rather than by
+    /// renewals of its own.
+    pub async fn take_ownership_hosted(
+        &self,
+        owner_id: &str,
+        ttl: Duration,
+        host: Option<&super::HostLeases>,
+    ) -> Result<ManifestWriter> {
         lease::validate_owner(owner_id)?;
         if let Err(e) = lease::check_ttl(ttl, &self.inner.opts.retry) {
             // Logged, not refused: `Config::manifest_options` shortens
@@ -306,6 +318,9 @@ impl ManifestStore {
             match self.publish(&next).await? {
                 Publish::Done => {
                     let keeper = LeaseKeeper::new(self.clone(), owner_id, next.epoch, expires_ms);
+                    if let Some(h) = host {
+                        keeper.set_host(h.join(self, ttl, owner_id, next.epoch)?);
+                    }
                     // Renewal 0 of the new epoch: an earlier owner's next
                     // renewal finds it and stops. Failing to write it only
                     // delays that to the earlier owner's next commit.

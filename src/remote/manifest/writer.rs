@@ -180,15 +180,21 @@ impl ManifestWriter {
     /// stop first.
     pub async fn release(mut self) -> Result<()> {
         self.keeper.mark_released();
-        self.publish_next("release", |base, now| {
-            Ok(Some(Manifest {
-                version: Self::next_version(base)?,
-                written_ms: now,
-                lease: None,
-                ..base.clone()
-            }))
-        })
-        .await?;
+        let r = self
+            .publish_next("release", |base, now| {
+                Ok(Some(Manifest {
+                    version: Self::next_version(base)?,
+                    written_ms: now,
+                    lease: None,
+                    ..base.clone()
+                }))
+            })
+            .await;
+        // Off the host's list only now: a host lease that stopped holding
+        // the stream before the release landed would let another owner
+        // take it meanwhile.
+        self.keeper.leave_host();
+        r?;
         Ok(())
     }
 
