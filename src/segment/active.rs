@@ -234,6 +234,19 @@ pub(crate) fn populate(addr: usize, len: usize) {
     }
 }
 
+/// Tells the kernel not to read ahead in an active segment's map
+/// (`MADV_RANDOM`): its pages come in by [`populate`] and the appends, in
+/// the stretches the writer asks for. With read-ahead on, a file system
+/// such as ext4 filled the page cache past each stretch and the faults
+/// around it mapped those pages too: an idle stream kept about 25% more of
+/// its file resident than on tmpfs (issue 16: 10,000 streams, 1.17 GiB).
+/// Best effort: a kernel that refuses it only reads ahead.
+fn no_read_ahead(map: &MmapMut) {
+    if let Err(e) = map.advise(memmap2::Advice::Random) {
+        tracing::debug!(error = %e, "MADV_RANDOM on an active segment failed");
+    }
+}
+
 /// The kernel's page size (4 KiB where it cannot be read).
 fn runtime_page_size() -> usize {
     static PAGE_SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -549,6 +562,7 @@ impl ActiveSegment {
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| Error::io(&path, "mmap active segment", e))
             .map_err(cleanup)?;
+        no_read_ahead(&map);
         let alloc = std::sync::Arc::new(
             Allocation::new(&file, &path, first, layout.file_len).map_err(cleanup)?,
         );
@@ -672,7 +686,9 @@ impl ActiveSegment {
             pf_at: u32::MAX,
             alloc,
         };
+        // Recovery reads the whole file in order: read-ahead helps it.
         seg.recover(&file, &mut rec, save_dir, saved)?;
+        no_read_ahead(&seg.map);
         drop(file);
         // Stretches resume from what recovery allocated (it read the whole
         // file; populating a stretch again costs nothing).
