@@ -8,8 +8,10 @@
 //! Opens `STREAMS` indexes, one data directory each under `DIR`, on one
 //! 2-thread tokio runtime: a `file://` store under `DIR/store`, 20,000-item
 //! segments of 4,096 slots rolled after 60 s, the defaults otherwise (the
-//! store probe, the remote manifest, whose lease each stream renews every
-//! 10 s; `single-writer`: no manifest); appends and flushes one entry per stream; then measures the
+//! store probe, the remote manifest, whose leases the host's lease renews
+//! every 10 s, one object for all of them, or with `STREAMS_HOST=0` each
+//! stream its own; `single-writer`: no manifest); appends and flushes one
+//! entry per stream; then measures the
 //! process for `IDLE_SECS` (default 10) seconds with nothing to do; then
 //! shuts every stream down under one 60 s deadline. Prints one line:
 //!

@@ -602,7 +602,10 @@ async fn refuse_if_renewed(
             // Released or taken meanwhile: the take itself decides.
             return Ok(());
         }
-        if cur.seq != first.seq || cur.lease.expires_ms != first.lease.expires_ms {
+        if cur.seq != first.seq
+            || cur.host_seq != first.host_seq
+            || cur.lease.expires_ms != first.lease.expires_ms
+        {
             return Err(Error::InvalidInput(format!(
                 "owner {id}'s lease on stream {} was renewed while this command watched it: a \
                  broker is running under this id, though not on {} (a copy of that data \

@@ -27,6 +27,12 @@ use crate::lock::host::HostLock;
 /// command (or a broker without a host) that opens it on its own then needs
 /// the host's lock too, and is refused while the host runs. The host's lock
 /// lives as long as the `Host` or any stream opened through it.
+///
+/// In manifest mode (the default) the host also keeps its streams' leases:
+/// one renewal object a third of the TTL apart for all of its streams in
+/// one store, instead of one a stream (see `docs/format/remote-layout.md`,
+/// "Ownership and the lease"). A stream leaves it at release, at the end of
+/// its shutdown, or when dropped.
 #[derive(Clone, Debug)]
 pub struct Host {
     pub(super) lock: Arc<HostLock>,
