@@ -114,7 +114,11 @@ if [ "$PART" = streams ]; then
         tail -5 "$WORK/err" >&2
         status=1
       fi
-      rm -rf "$WORK/streams-$n"
+      # BENCH_KEEP=1 keeps it: on ext4, files deleted in the last few
+      # minutes slow the next run's creates (the inode allocator skips
+      # recently deleted inodes), so runs compared there should each start
+      # a few minutes after any large delete.
+      [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$WORK/streams-$n"
     done
   done
   exit $status

@@ -71,8 +71,11 @@ pub fn is_data_dir(path: &Path) -> bool {
     .any(|n| path.join(n).exists())
 }
 
-/// Creates the data directory's tree where missing, each new name durable.
+/// Creates the data directory's tree where missing, each new name durable:
+/// each directory that got new names is fsynced once, after all of them
+/// (a new stream's data directory gets three: one fsync, not three).
 fn create_tree(root: &Path) -> Result<()> {
+    let mut parents: Vec<PathBuf> = Vec::new();
     for d in [
         root.to_path_buf(),
         root.join(SEGMENTS_DIR),
@@ -81,14 +84,18 @@ fn create_tree(root: &Path) -> Result<()> {
     ] {
         if !d.exists() {
             fs::create_dir_all(&d).map_err(|e| Error::io(&d, "create data directory", e))?;
-            if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fsync_dir(parent)?;
+            if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty())
+                && !parents.iter().any(|p| p == parent)
+            {
+                parents.push(parent.to_path_buf());
             }
         }
     }
-    Ok(())
+    for p in &parents {
+        fsync_dir(p)?;
     }
-
+    Ok(())
+}
 
 /// An open, locked data directory.
 pub struct DataDir {
