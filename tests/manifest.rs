@@ -1264,8 +1264,8 @@ async fn a_host_lease_keeps_its_streams_live_and_only_those_it_lists() {
 }
 
 /// A host renewal that does not decode counts for nothing: the lease ends
-/// with the take's own expiry. A renewal naming a host that does not list
-/// the stream, or a host id that is not one, extends nothing either.
+/// with the take's own expiry. A renewal naming a host that lists nothing,
+/// or names no host at all, extends nothing either.
 #[tokio::test(start_paused = true)]
 async fn a_host_renewal_that_is_garbage_or_does_not_list_the_stream_keeps_nobody_out() {
     use tierindex::remote::manifest::{HostLeases, Renewal, encode_renewal};
@@ -1282,15 +1282,13 @@ async fn a_host_renewal_that_is_garbage_or_does_not_list_the_stream_keeps_nobody
     tokio::time::sleep(Duration::from_millis(10_500)).await;
     let host = listed(&env, "_hosts").await;
     assert_eq!(host.len(), 1);
-    // B sees the lease live until T0 + 39 s by its wall clock.
-    clock_b.set(T0 + 31_000);
-    assert_claimed(s1b.take_ownership("b", TTL).await, &["\"a\"", "in 8s"]);
     let cur = |ms: ManifestStore| async move {
         let m = ms.load().await.unwrap().unwrap();
         ms.current_lease(&m).await.unwrap().unwrap()
     };
-    // A forged renewal of the epoch naming another host, which lists
-    // nothing: the host lease in force stays the newest renewal's.
+    // A forged renewal of the epoch naming another host, which has no
+    // renewal: the host lease in force is the newest renewal's, so the
+    // lease ends with the take's own expiry.
     let forged = Renewal {
         format: 1,
         stream: "s1".into(),
@@ -1309,14 +1307,11 @@ async fn a_host_renewal_that_is_garbage_or_does_not_list_the_stream_keeps_nobody
         )
         .await
         .unwrap();
-    assert_eq!(cur(s1b.clone()).await.lease.expires_ms, T0 + 30_000);
-    env.remote
-        .object_store()
-        .delete(&s1.renewal_key(1, 5))
-        .await
-        .unwrap();
-    assert_eq!(cur(s1b.clone()).await.lease.expires_ms, T0 + 39_000);
-    // The host's renewal damaged: it counts for nothing.
+    let c = cur(s1b.clone()).await;
+    assert_eq!((c.lease.expires_ms, c.host_seq), (T0 + 30_000, None));
+    // The host's renewal damaged (before anything in this process read
+    // it: decoded renewals are kept, as they are create-only): it counts
+    // for nothing.
     for (i, name) in host.iter().enumerate() {
         let key = Path::from(format!("tier/_hosts/{name}"));
         env.remote
@@ -1325,7 +1320,130 @@ async fn a_host_renewal_that_is_garbage_or_does_not_list_the_stream_keeps_nobody
             .await
             .unwrap();
     }
-    assert_eq!(cur(s1b.clone()).await.lease.expires_ms, T0 + 30_000);
+    env.remote
+        .object_store()
+        .delete(&s1.renewal_key(1, 5))
+        .await
+        .unwrap();
+    let c = cur(s1b.clone()).await;
+    assert_eq!((c.lease.expires_ms, c.host_seq), (T0 + 30_000, None));
+    clock_b.set(T0 + 31_000);
     let wb = s1b.take_ownership("b", TTL).await.unwrap();
     assert_eq!(wb.epoch(), 2);
+}
+
+/// Two stores that print alike (one bucket name on two clusters) get a host
+/// lease each, renewed in each (helper-46: they shared one, renewed in the
+/// first store only, and the second's streams lapsed under a live owner).
+#[tokio::test(start_paused = true)]
+async fn stores_that_print_alike_get_a_host_lease_each() {
+    use object_store::memory::InMemory;
+    use tierindex::remote::manifest::HostLeases;
+    let clock = ManualClock::new(T0);
+    let mk = || {
+        let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        (
+            os.clone(),
+            RemoteStore::from_parts(os, None, "tier", "memory://same"),
+        )
+    };
+    let ((osa, a), (osb, b)) = (mk(), mk());
+    assert_eq!(a.display_url(), b.display_url());
+    let open = |r: &RemoteStore| {
+        let r = r.clone();
+        let clock = clock.clone();
+        async move {
+            let caps = probe(&r).await.unwrap();
+            ManifestStore::with_capabilities(&r, "s", opts(), &caps, Arc::new(clock)).unwrap()
+        }
+    };
+    let (sa, sb) = (open(&a).await, open(&b).await);
+    let leases = HostLeases::default();
+    let _wa = sa
+        .take_ownership_hosted("o", TTL, Some(&leases))
+        .await
+        .unwrap();
+    let _wb = sb
+        .take_ownership_hosted("o", TTL, Some(&leases))
+        .await
+        .unwrap();
+    assert_eq!(leases.live(), 2);
+    clock.set(T0 + 9_000);
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    for os in [&osa, &osb] {
+        let n: Vec<_> = os
+            .list(Some(&Path::from("tier/_hosts")))
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(n.len(), 1);
+    }
+    clock.set(T0 + 35_000);
+    assert_claimed(sa.take_ownership("x", TTL).await, &["\"o\""]);
+    assert_claimed(sb.take_ownership("x", TTL).await, &["\"o\""]);
+}
+
+/// A starting host deletes the renewals of a host not renewed for two days
+/// by the store's clock (file modification times), and only those: a host
+/// whose own clock is days ahead deletes no live host's (helper-46).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_host_sweeps_only_hosts_stale_by_the_stores_clock() {
+    use tierindex::remote::manifest::HostLeases;
+    let env = Env::new(Backend::Local);
+    let dir = env._dir.as_ref().unwrap().path().to_path_buf();
+    let ttl = Duration::from_millis(600);
+    // A live host (system time) and a dead one (its objects 3 days old).
+    let live = HostLeases::default();
+    let now = ManualClock::new(tierindex::segment::now_ms());
+    let s1 = stream_store(&env, "s1", &now).await;
+    let _w1 = s1
+        .take_ownership_hosted("a", ttl, Some(&live))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = listed(&env, "_hosts").await;
+    assert!(!before.is_empty(), "{before:?}");
+    let dead = "0123456789abcdef0123456789abcdef";
+    let dead_dir = dir.join(format!("tier/_hosts/{dead}"));
+    std::fs::create_dir_all(&dead_dir).unwrap();
+    for n in [
+        "00000000000000000004.lease",
+        "00000000000000000005.lease",
+        "other.txt",
+    ] {
+        std::fs::write(dead_dir.join(n), b"x").unwrap();
+        let st = std::process::Command::new("touch")
+            .args(["-m", "-d", "3 days ago"])
+            .arg(dead_dir.join(n))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // A second host whose wall clock is 5 days ahead starts in the store.
+    let fast = ManualClock::new(tierindex::segment::now_ms() + 5 * 86_400_000);
+    let second = HostLeases::default();
+    let s2 = stream_store(&env, "s2", &fast).await;
+    let _w2 = s2
+        .take_ownership_hosted("b", ttl, Some(&second))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after = listed(&env, "_hosts").await;
+    // The dead host's renewals are gone (not its stray file); the live
+    // host's are there, and the new host's.
+    assert!(
+        !after
+            .iter()
+            .any(|k| k.ends_with(".lease") && k.starts_with(dead)),
+        "{after:?}"
+    );
+    assert!(after.contains(&format!("{dead}/other.txt")), "{after:?}");
+    let live_id = before[0].split('/').next().unwrap();
+    assert!(after.iter().any(|k| k.starts_with(live_id)), "{after:?}");
+    let hosts: std::collections::BTreeSet<&str> = after
+        .iter()
+        .filter(|k| !k.starts_with(dead))
+        .filter_map(|k| k.split('/').next())
+        .collect();
+    assert_eq!(hosts.len(), 2, "{after:?}");
 }

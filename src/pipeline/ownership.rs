@@ -126,6 +126,8 @@ impl Shared {
 
     /// Record a fence (the first reason wins) and return the error to pass on.
     pub fn note_fenced(&self, why: String) -> Error {
+        // Not ours any more: off the host lease's list.
+        self.leave_host_lease();
         if self.fenced.set(why.clone()).is_ok() {
             tracing::error!(reason = %why, "fenced: another owner took the stream; uploads stop");
         }

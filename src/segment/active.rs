@@ -1207,7 +1207,12 @@ mod tests {
         let path = s.path().to_path_buf();
         drop(s);
         let (mut s, _) = ActiveSegment::open(&path, None).unwrap();
-        let mut at = s.allocated_len();
+        // Resident after recovery: its item and a stretch past it (the
+        // rest of what recovery read was let go), within what it allocated.
+        let mut at = s.pf_end as u64;
+        let used = s.layout.item_offset(1) as u64 + PREFAULT_MIN as u64;
+        assert_eq!(at, used.div_ceil(PAGE as u64) * PAGE as u64);
+        assert!(at <= s.allocated_len());
         for i in 0..50_000 {
             s.append_entry(e(i % 5, i)).unwrap();
             if let Some((from, to)) = s.prefault_due() {

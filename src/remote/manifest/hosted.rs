@@ -57,10 +57,13 @@ pub const KEEP_HOST_RENEWALS: u64 = 3;
 /// several leases: see [`HostLeases::join`]).
 pub const HOST_MEMBERS_MAX: usize = 20_000;
 /// Largest host renewal read: [`HOST_MEMBERS_MAX`] members of the longest
-/// stream name and owner id, with room for the JSON around them.
-pub const MAX_HOST_RENEWAL_BYTES: usize = 12 << 20;
-/// A host whose newest renewal is this old (by the store's clock) is gone:
-/// the next host to start in the store deletes its renewals.
+/// stream name and owner id (an owner id of quotes and backslashes doubles
+/// in JSON: 128 + 512 + 45 bytes a member, 13.7 MB), with room to spare.
+pub const MAX_HOST_RENEWAL_BYTES: usize = 24 << 20;
+/// A host whose newest renewal is this old (by the store's clock: the
+/// modification times of its objects against that of the sweeping host's
+/// own first renewal) is gone: the next host to start in the store deletes
+/// its renewals.
 pub const STALE_HOST_AFTER: Duration = Duration::from_secs(2 * 86_400);
 const SUFFIX: &str = ".lease";
 
@@ -89,8 +92,20 @@ pub struct HostRenewal {
 }
 
 impl HostRenewal {
-    /// Whether this renewal holds `stream` for `owner` at `epoch`.
+    /// Whether this renewal holds `stream` for `owner` at `epoch`. A host
+    /// writes its members sorted by (stream, owner): a binary search then;
+    /// a list that is not sorted (not a host's) is searched in full.
     pub fn holds(&self, stream: &str, owner: &str, epoch: u64) -> bool {
+        fn key(m: &HostMember) -> (&str, &str) {
+            (m.stream.as_str(), m.owner.as_str())
+        }
+        if self.members.is_sorted_by(|a, b| key(a) <= key(b)) {
+            let from = self.members.partition_point(|m| key(m) < (stream, owner));
+            return self.members[from..]
+                .iter()
+                .take_while(|m| key(m) == (stream, owner))
+                .any(|m| m.epoch == epoch);
+        }
         self.members
             .iter()
             .any(|m| m.epoch == epoch && m.stream == stream && m.owner == owner)
@@ -172,6 +187,25 @@ pub fn decode_host_renewal(bytes: &[u8], host: &str, seq: u64) -> Result<HostRen
     }
 }
 
+/// Decoded host renewals by store and key, shared by every reader in the
+/// process; bounded (cleared when over [`HOST_CACHE_ENTRIES`]).
+static HOST_CACHE: Mutex<Option<HashMap<String, Arc<HostRenewal>>>> = Mutex::new(None);
+const HOST_CACHE_ENTRIES: usize = 64;
+
+fn cached_host_renewal(key: &str) -> Option<Arc<HostRenewal>> {
+    let g = HOST_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    g.as_ref().and_then(|m| m.get(key).cloned())
+}
+
+fn cache_host_renewal(key: String, r: Arc<HostRenewal>) {
+    let mut g = HOST_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let m = g.get_or_insert_with(HashMap::new);
+    if m.len() >= HOST_CACHE_ENTRIES {
+        m.clear();
+    }
+    m.insert(key, r);
+}
+
 impl ManifestStore {
     /// Store access for host leases: this store, retry policy and clock,
     /// none of this stream's state (its chunk cache stays with it).
@@ -218,13 +252,21 @@ impl ManifestStore {
     /// A renewal that vanished or does not decode is skipped (logged); a
     /// failed request is an error (a taker must not take over because a
     /// read failed).
-    pub(super) async fn host_lease(&self, host: &str) -> Result<Option<HostRenewal>> {
+    pub(super) async fn host_lease(&self, host: &str) -> Result<Option<Arc<HostRenewal>>> {
         if !valid_host_id(host) {
             return Ok(None);
         }
         for seq in self.host_seqs(host).await?.into_iter().take(8) {
             let what = format!("host lease {host} seq {seq}");
             let key = self.host_dir(host).join(seq_name(seq));
+            // A host renewal is create-only under a name no other content
+            // gets (a random host id and its seq): decoded once per process,
+            // not once per stream that reads it (a taker of a failed host's
+            // 10,000 streams would read its 600 KB renewal 10,000 times).
+            let cache_key = format!("{}\u{0}{key}", self.inner.store.display_url());
+            if let Some(r) = cached_host_renewal(&cache_key) {
+                return Ok(Some(r));
+            }
             let bytes = match self.get_bytes_max(&key, &what, MAX_HOST_RENEWAL_BYTES).await {
                 Ok(Some(b)) => b,
                 Ok(None) => continue,
@@ -235,7 +277,11 @@ impl ManifestStore {
                 Err(e) => return Err(e),
             };
             match decode_host_renewal(&bytes, host, seq) {
-                Ok(r) => return Ok(Some(r)),
+                Ok(r) => {
+                    let r = Arc::new(r);
+                    cache_host_renewal(cache_key, r.clone());
+                    return Ok(Some(r));
+                }
                 Err(e) => {
                     tracing::warn!(host, error = %e, "unreadable host lease renewal ignored")
                 }
@@ -260,8 +306,18 @@ impl ManifestStore {
 
     /// Deletes the renewals of hosts other than `ours` whose newest object
     /// is older than [`STALE_HOST_AFTER`] by the store's clock (hosts that
-    /// crashed). Best effort.
-    async fn sweep_stale_hosts(&self, ours: &str) {
+    /// crashed): "now" is the modification time of `ours_key`, our own
+    /// renewal just written, so a sweeping host's own clock plays no part.
+    /// Best effort.
+    async fn sweep_stale_hosts(&self, ours: &str, ours_key: &Path) {
+        use object_store::ObjectStoreExt as _;
+        let now = match self.os().head(ours_key).await {
+            Ok(m) => m.last_modified.timestamp_millis(),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read our host lease's time; no sweep");
+                return;
+            }
+        };
         let dir = self.hosts_dir();
         let listed = match self.list_under(&dir, None, "host lease LIST").await {
             Ok(l) => l,
@@ -283,7 +339,6 @@ impl ManifestStore {
             *e = (*e).max(at);
         }
         let stale = i64::try_from(STALE_HOST_AFTER.as_millis()).unwrap_or(i64::MAX);
-        let now = i64::try_from(self.now_ms()).unwrap_or(i64::MAX);
         for (host, at) in newest {
             if host != ours && valid_host_id(&host) && now.saturating_sub(at) > stale {
                 tracing::info!(host, last_renewed_ms = at, "deleting a host lease not renewed for two days");
@@ -305,6 +360,9 @@ pub struct HostLeases {
 pub struct SharedLease {
     id: String,
     members: Mutex<HashMap<(String, String), u64>>,
+    /// False once its renewal task ended (its runtime shut down): a join
+    /// then starts another lease rather than hand its stream to nobody.
+    running: Arc<std::sync::atomic::AtomicBool>,
     /// Expiry of the newest renewal that landed (0: none yet).
     expires_ms: AtomicU64,
     wake: Arc<Notify>,
@@ -364,17 +422,23 @@ impl HostLeases {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Internal("a host lease needs a tokio runtime to renew on".into())
         })?;
-        let key = format!(
-            "{}\u{0}{}\u{0}{}",
-            ms.inner.store.display_url(),
-            ms.inner.store.prefix(),
-            ttl.as_millis()
-        );
+        // The store by everything it was built from (the endpoint and
+        // options too: two clusters with one bucket name print alike), else
+        // (a store built by the caller) by its client.
+        let store = &ms.inner.store;
+        let id = match store.probe_key() {
+            Some(k) => format!("built {k:x}"),
+            None => format!("client {:p}", Arc::as_ptr(store.object_store())),
+        };
+        let key = format!("{id}\u{0}{}\u{0}{}", store.prefix(), ttl.as_millis());
         let member = (ms.stream().to_string(), owner.to_string());
         let mut all = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         let slot = all.entry(key).or_default();
         slot.retain(|w| w.strong_count() > 0);
         let found = slot.iter().filter_map(Weak::upgrade).find(|l| {
+            if !l.running.load(Ordering::SeqCst) {
+                return false;
+            }
             let m = l.members.lock().unwrap_or_else(|p| p.into_inner());
             m.len() < HOST_MEMBERS_MAX || m.contains_key(&member)
         });
@@ -382,8 +446,10 @@ impl HostLeases {
             Some(l) => l,
             None => {
                 let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+                let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
                 let l = Arc::new(SharedLease {
                     id: id.clone(),
+                    running: running.clone(),
                     members: Mutex::new(HashMap::new()),
                     expires_ms: AtomicU64::new(0),
                     wake: Arc::new(Notify::new()),
@@ -395,6 +461,7 @@ impl HostLeases {
                     id,
                     l.wake.clone(),
                     ttl,
+                    Running(running),
                 ));
                 l
             }
@@ -449,11 +516,12 @@ async fn renew_host(
     id: String,
     wake: Arc<Notify>,
     ttl: Duration,
+    _running: Running,
 ) {
     let every = (ttl / 3).max(Duration::from_millis(10));
     let mut next_seq: u64 = 0;
     let mut written = false;
-    ops.sweep_stale_hosts(&id).await;
+    let mut swept = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -500,6 +568,10 @@ async fn renew_host(
                 if let Some(l) = lease.upgrade() {
                     l.expires_ms.fetch_max(expires_ms, Ordering::SeqCst);
                 }
+                if !swept {
+                    swept = true;
+                    ops.sweep_stale_hosts(&id, &key).await;
+                }
                 if let Some(old) = next_seq.checked_sub(KEEP_HOST_RENEWALS)
                     && let Err(e) = ops.delete(&ops.host_dir(&id).join(seq_name(old))).await
                 {
@@ -521,6 +593,16 @@ async fn renew_host(
     }
     if written {
         ops.delete_host(&id).await;
+    }
+}
+
+/// Marks its lease as no longer renewed when the renewal task ends, or is
+/// dropped with its runtime.
+struct Running(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

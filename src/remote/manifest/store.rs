@@ -253,6 +253,14 @@ impl ManifestStore {
         host: Option<&super::HostLeases>,
     ) -> Result<ManifestWriter> {
         lease::validate_owner(owner_id)?;
+        // Before anything is published: a take whose host lease could not
+        // start would leave its lease standing for a TTL.
+        if host.is_some() && tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::InvalidInput(
+                "a host's stream must be taken on a tokio runtime (its host lease renews on it)"
+                    .into(),
+            ));
+        }
         if let Err(e) = lease::check_ttl(ttl, &self.inner.opts.retry) {
             // Logged, not refused: `Config::manifest_options` shortens
             // manifest requests to fit the lease, so only a TTL too short
@@ -277,7 +285,12 @@ impl ManifestStore {
                     damaged: Vec::new(),
                 },
                 Some((m, _)) => {
-                    if let Some(cur) = self.current_lease(&m).await?
+                    // The same owner may always re-take: its lease is not
+                    // read (after a crash, a host's streams would each read
+                    // the host's whole renewal for nothing).
+                    let other = m.lease.as_ref().is_some_and(|l| l.owner != owner_id);
+                    if other
+                        && let Some(cur) = self.current_lease(&m).await?
                         && self.keeps_out(&cur, owner_id, now)
                     {
                         let l = &cur.lease;
