@@ -11,12 +11,14 @@
 //!    stream's manifest (refused while another owner's lease is live),
 //! 6. build the store and start the background worker, which journals new
 //!    seals, rolls aged segments, and drives uploads; with a manifest, a
-//!    second task renews the lease every third of its TTL.
+//!    second task renews the lease every third of its TTL (a [`Host`]'s
+//!    stream: its host lease renews it, and the task only waits).
 //!
 //! Shutdown order: stop the worker (it returns at once); refuse appends; seal the active segment
 //! even if not full; drain uploads oldest first until done or the deadline;
 //! (the lease is renewed through the drain); then stop renewing and, with a
-//! manifest and nothing pending, release the lease (best effort);
+//! manifest and nothing pending, release the lease (best effort); leave
+//! the host lease's list;
 //! write the clean-shutdown marker only if nothing is pending; report.
 //! A fence (another owner took the stream) stops all store writes at once
 //! and is reported in [`ShutdownReport::fenced`].
