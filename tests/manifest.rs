@@ -1447,3 +1447,54 @@ async fn a_starting_host_sweeps_only_hosts_stale_by_the_stores_clock() {
         .collect();
     assert_eq!(hosts.len(), 2, "{after:?}");
 }
+
+/// A host lease renews on the tokio runtime of its first stream. When that
+/// runtime ends, its streams on other runtimes renew on their own again,
+/// and the next stream to join starts another host lease (helper-47).
+#[test]
+fn streams_of_a_host_lease_whose_runtime_ended_renew_on_their_own() {
+    use tierindex::remote::manifest::HostLeases;
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (rt_a, rt_b) = (rt(), rt());
+    let env = Env::new(Backend::Memory);
+    let leases = HostLeases::default();
+    let s0 = rt_a.block_on(stream_store(&env, "s0", &env.clock));
+    let s1 = rt_b.block_on(stream_store(&env, "s1", &env.clock));
+    let _w0 = rt_a
+        .block_on(s0.take_ownership_hosted("a", TTL, Some(&leases)))
+        .unwrap();
+    let mut w1 = rt_b
+        .block_on(s1.take_ownership_hosted("a", TTL, Some(&leases)))
+        .unwrap();
+    assert_eq!(leases.live(), 1, "one lease, renewed on runtime A");
+    let k1 = w1.lease_keeper();
+    assert!(k1.is_hosted());
+    let ended = k1.host_ended().expect("hosted");
+    drop(rt_a);
+    assert!(!k1.is_hosted(), "its renewal task ended with runtime A");
+    rt_b.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .unwrap();
+        // It renews on its own again (a renewal still naming the host).
+        env.clock.set(T0 + 10_000);
+        w1.renew(TTL).await.unwrap();
+    });
+    assert_eq!(
+        rt_b.block_on(listed(&env, "s1/manifest/leases")).len(),
+        2,
+        "the take's renewal and its own"
+    );
+    assert_eq!(w1.lease_expires_ms(), T0 + 40_000);
+    // A stream joining now starts another lease, on its own runtime.
+    let s2 = rt_b.block_on(stream_store(&env, "s2", &env.clock));
+    let _w2 = rt_b
+        .block_on(s2.take_ownership_hosted("a", TTL, Some(&leases)))
+        .unwrap();
+    assert_eq!(leases.live(), 2);
+}

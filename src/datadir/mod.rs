@@ -83,7 +83,14 @@ fn create_tree(root: &Path) -> Result<()> {
         root.join(QUARANTINE_DIR),
     ] {
         if !d.exists() {
-            fs::create_dir_all(&d).map_err(|e| Error::io(&d, "create data directory", e))?;
+            if let Err(e) = fs::create_dir_all(&d) {
+                // What was created so far is made durable first: the next
+                // open finds those names and would not sync them.
+                for p in &parents {
+                    fsync_dir(p)?;
+                }
+                return Err(Error::io(&d, "create data directory", e));
+            }
             if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty())
                 && !parents.iter().any(|p| p == parent)
             {

@@ -211,6 +211,15 @@ impl Shared {
             .is_some_and(|k| k.is_hosted())
     }
 
+    /// Resolves when the host lease renewing this stream's stops running;
+    /// `None`: not hosted.
+    pub fn host_lease_ended(&self) -> Option<impl Future<Output = ()> + Send + use<>> {
+        self.manifest
+            .as_ref()
+            .and_then(|m| m.keeper())
+            .and_then(|k| k.host_ended())
+    }
+
     /// Takes the stream off its host lease's list, if it is on one: the
     /// host renews its lease no more.
     pub fn leave_host_lease(&self) {

@@ -67,12 +67,20 @@ async fn wait_or_stop(every: Duration, stop: &mut watch::Receiver<bool>) -> bool
 pub(super) async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
     let every = every.max(Duration::from_millis(10));
     loop {
-        if sh.lease_hosted() {
+        if sh.lease_hosted()
+            && let Some(ended) = sh.host_lease_ended()
+        {
             // The host's lease renews this one: nothing to do but wait
             // (no timer per stream: a host of 10,000 streams would wake
-            // 1,000 times a second for nothing).
-            let _ = stop.wait_for(|s| *s).await;
-            return;
+            // 1,000 times a second for nothing), unless the host's renewal
+            // task ends (its runtime shut down): then renew on our own.
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = ended => {
+                    tracing::warn!("the host lease's renewal task ended (its runtime shut down); this stream renews its own lease");
+                    continue;
+                }
+            }
         }
         if !wait_or_stop(every, &mut stop).await {
             return;

@@ -92,24 +92,22 @@ pub struct HostRenewal {
 }
 
 impl HostRenewal {
-    /// Whether this renewal holds `stream` for `owner` at `epoch`. A host
-    /// writes its members sorted by (stream, owner): a binary search then;
-    /// a list that is not sorted (not a host's) is searched in full.
+    /// Whether this renewal holds `stream` for `owner` at `epoch`: a binary
+    /// search, the members being sorted by (stream, owner) (a host writes
+    /// them so, and [`decode_host_renewal`] sorts what it reads).
     pub fn holds(&self, stream: &str, owner: &str, epoch: u64) -> bool {
-        fn key(m: &HostMember) -> (&str, &str) {
-            (m.stream.as_str(), m.owner.as_str())
-        }
-        if self.members.is_sorted_by(|a, b| key(a) <= key(b)) {
-            let from = self.members.partition_point(|m| key(m) < (stream, owner));
-            return self.members[from..]
-                .iter()
-                .take_while(|m| key(m) == (stream, owner))
-                .any(|m| m.epoch == epoch);
-        }
-        self.members
+        let from = self
+            .members
+            .partition_point(|m| member_key(m) < (stream, owner));
+        self.members[from..]
             .iter()
-            .any(|m| m.epoch == epoch && m.stream == stream && m.owner == owner)
+            .take_while(|m| member_key(m) == (stream, owner))
+            .any(|m| m.epoch == epoch)
     }
+}
+
+fn member_key(m: &HostMember) -> (&str, &str) {
+    (m.stream.as_str(), m.owner.as_str())
 }
 
 /// A host id: 32 lower-case hex digits.
@@ -148,8 +146,10 @@ pub fn decode_host_renewal(bytes: &[u8], host: &str, seq: u64) -> Result<HostRen
     let what = format!("host lease {host} seq {seq}");
     let body = decode_envelope(bytes, KIND_HOST_RENEWAL, MAX_HOST_RENEWAL_BYTES, &what)?;
     check_format(body, &what)?;
-    let r: HostRenewal = serde_json::from_slice(body)
+    let mut r: HostRenewal = serde_json::from_slice(body)
         .map_err(|e| Error::corrupt(&what, format!("body does not decode: {e}")))?;
+    r.members
+        .sort_unstable_by(|a, b| member_key(a).cmp(&member_key(b)));
     let max_ttl = u64::try_from(LEASE_TTL_MAX.as_millis()).unwrap_or(u64::MAX);
     let bad = if r.host != host || r.seq != seq {
         Some(format!(
@@ -187,23 +187,30 @@ pub fn decode_host_renewal(bytes: &[u8], host: &str, seq: u64) -> Result<HostRen
     }
 }
 
-/// Decoded host renewals by store and key, shared by every reader in the
-/// process; bounded (cleared when over [`HOST_CACHE_ENTRIES`]).
+/// The newest decoded renewal of each host read, by store and host,
+/// shared by every reader in the process; bounded (cleared when over
+/// [`HOST_CACHE_ENTRIES`] hosts).
 static HOST_CACHE: Mutex<Option<HashMap<String, Arc<HostRenewal>>>> = Mutex::new(None);
-const HOST_CACHE_ENTRIES: usize = 64;
+const HOST_CACHE_ENTRIES: usize = 16;
 
-fn cached_host_renewal(key: &str) -> Option<Arc<HostRenewal>> {
+fn cached_host_renewal(key: &str, seq: u64) -> Option<Arc<HostRenewal>> {
     let g = HOST_CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    g.as_ref().and_then(|m| m.get(key).cloned())
+    g.as_ref()
+        .and_then(|m| m.get(key))
+        .filter(|r| r.seq == seq)
+        .cloned()
 }
 
 fn cache_host_renewal(key: String, r: Arc<HostRenewal>) {
     let mut g = HOST_CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let m = g.get_or_insert_with(HashMap::new);
-    if m.len() >= HOST_CACHE_ENTRIES {
+    if m.len() >= HOST_CACHE_ENTRIES && !m.contains_key(&key) {
         m.clear();
     }
-    m.insert(key, r);
+    // Only ever newer: an older seq read late does not replace it.
+    if m.get(&key).is_none_or(|old| old.seq < r.seq) {
+        m.insert(key, r);
+    }
 }
 
 impl ManifestStore {
@@ -263,8 +270,12 @@ impl ManifestStore {
             // gets (a random host id and its seq): decoded once per process,
             // not once per stream that reads it (a taker of a failed host's
             // 10,000 streams would read its 600 KB renewal 10,000 times).
-            let cache_key = format!("{}\u{0}{key}", self.inner.store.display_url());
-            if let Some(r) = cached_host_renewal(&cache_key) {
+            let cache_key = format!(
+                "{}\u{0}{}",
+                self.inner.store.display_url(),
+                self.host_dir(host)
+            );
+            if let Some(r) = cached_host_renewal(&cache_key, seq) {
                 return Ok(Some(r));
             }
             let bytes = match self.get_bytes_max(&key, &what, MAX_HOST_RENEWAL_BYTES).await {
@@ -363,6 +374,9 @@ pub struct SharedLease {
     /// False once its renewal task ended (its runtime shut down): a join
     /// then starts another lease rather than hand its stream to nobody.
     running: Arc<std::sync::atomic::AtomicBool>,
+    /// Closed (its sender dropped) when the renewal task ends: a member
+    /// then goes back to renewing on its own.
+    ended: tokio::sync::watch::Receiver<()>,
     /// Expiry of the newest renewal that landed (0: none yet).
     expires_ms: AtomicU64,
     wake: Arc<Notify>,
@@ -385,6 +399,16 @@ impl Membership {
     /// Expiry of the host's newest renewal that landed (0: none yet).
     pub fn expires_ms(&self) -> u64 {
         self.lease.expires_ms.load(Ordering::SeqCst)
+    }
+    /// Whether the host's renewal task still runs (it ends with its tokio
+    /// runtime): a member of a lease that no longer runs renews on its own.
+    pub fn running(&self) -> bool {
+        self.lease.running.load(Ordering::SeqCst)
+    }
+    /// Resolves when the host's renewal task has ended.
+    pub fn ended(&self) -> impl Future<Output = ()> + Send + use<> {
+        let mut rx = self.lease.ended.clone();
+        async move { while rx.changed().await.is_ok() {} }
     }
 }
 
@@ -433,8 +457,11 @@ impl HostLeases {
         let key = format!("{id}\u{0}{}\u{0}{}", store.prefix(), ttl.as_millis());
         let member = (ms.stream().to_string(), owner.to_string());
         let mut all = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, v| {
+            v.retain(|w| w.strong_count() > 0);
+            !v.is_empty()
+        });
         let slot = all.entry(key).or_default();
-        slot.retain(|w| w.strong_count() > 0);
         let found = slot.iter().filter_map(Weak::upgrade).find(|l| {
             if !l.running.load(Ordering::SeqCst) {
                 return false;
@@ -447,9 +474,11 @@ impl HostLeases {
             None => {
                 let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
                 let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                let (ended_tx, ended) = tokio::sync::watch::channel(());
                 let l = Arc::new(SharedLease {
                     id: id.clone(),
                     running: running.clone(),
+                    ended,
                     members: Mutex::new(HashMap::new()),
                     expires_ms: AtomicU64::new(0),
                     wake: Arc::new(Notify::new()),
@@ -461,7 +490,7 @@ impl HostLeases {
                     id,
                     l.wake.clone(),
                     ttl,
-                    Running(running),
+                    Running(running, ended_tx),
                 ));
                 l
             }
@@ -502,7 +531,7 @@ impl SharedLease {
                 epoch: *epoch,
             })
             .collect();
-        v.sort_unstable_by(|a, b| (&a.stream, &a.owner).cmp(&(&b.stream, &b.owner)));
+        v.sort_unstable_by(|a, b| member_key(a).cmp(&member_key(b)));
         v
     }
 }
@@ -569,8 +598,11 @@ async fn renew_host(
                     l.expires_ms.fetch_max(expires_ms, Ordering::SeqCst);
                 }
                 if !swept {
+                    // On a task of its own: many hosts left over by a crash
+                    // loop must not hold up the next renewal.
                     swept = true;
-                    ops.sweep_stale_hosts(&id, &key).await;
+                    let (ops, id, key) = (ops.clone(), id.clone(), key.clone());
+                    tokio::spawn(async move { ops.sweep_stale_hosts(&id, &key).await });
                 }
                 if let Some(old) = next_seq.checked_sub(KEEP_HOST_RENEWALS)
                     && let Err(e) = ops.delete(&ops.host_dir(&id).join(seq_name(old))).await
@@ -598,10 +630,15 @@ async fn renew_host(
 
 /// Marks its lease as no longer renewed when the renewal task ends, or is
 /// dropped with its runtime.
-struct Running(Arc<std::sync::atomic::AtomicBool>);
+struct Running(
+    Arc<std::sync::atomic::AtomicBool>,
+    #[allow(dead_code)] tokio::sync::watch::Sender<()>,
+);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // Before the sender drops with it: a member woken by the close
+        // finds the lease not running.
         self.0.store(false, Ordering::SeqCst);
     }
 }

@@ -512,7 +512,15 @@ impl LeaseKeeper {
     /// Whether a host renews this lease (its renewal naming the host
     /// landed): [`renew`](Self::renew) then writes nothing.
     pub fn is_hosted(&self) -> bool {
-        self.inner.delegated.load(Ordering::SeqCst) && self.hosted().is_some()
+        self.inner.delegated.load(Ordering::SeqCst)
+            && self.hosted().as_ref().is_some_and(Membership::running)
+    }
+
+    /// Resolves when the host lease renewing this one stops running (its
+    /// tokio runtime ended): the lease task then renews on its own again.
+    /// `None`: not hosted.
+    pub fn host_ended(&self) -> Option<impl Future<Output = ()> + Send + use<>> {
+        self.hosted().as_ref().map(Membership::ended)
     }
 
     #[cfg(any(test, feature = "testing"))]
