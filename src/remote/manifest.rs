@@ -68,8 +68,11 @@ mod store;
 mod writer;
 
 pub use codec::*;
+pub use hosted::HostLeases;
+// Re-exported for the tests (feature `testing`).
+#[cfg_attr(not(any(test, feature = "testing")), allow(unused_imports))]
 pub use hosted::{
-    HOST_MEMBERS_MAX, HOSTS_DIR, HostLeases, HostMember, HostRenewal, decode_host_renewal,
+    HOST_MEMBERS_MAX, HOSTS_DIR, HostMember, HostRenewal, decode_host_renewal,
     encode_host_renewal,
 };
 pub use store::*;

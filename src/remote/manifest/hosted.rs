@@ -397,6 +397,7 @@ impl Membership {
         &self.lease.id
     }
     /// Expiry of the host's newest renewal that landed (0: none yet).
+    #[cfg(any(test, feature = "testing"))]
     pub fn expires_ms(&self) -> u64 {
         self.lease.expires_ms.load(Ordering::SeqCst)
     }
