@@ -618,15 +618,31 @@ fn sigterm_drains_the_real_binary_and_sigkill_then_drain_recovers() {
         .args(["drain", "--deadline", "60s"])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
+    // 0, or 4 when the kill cut the item being appended: the drain reports
+    // that torn tail as possibly acknowledged, loudly (it cannot tell), as
+    // the kill loop's model accepts (`crash_model::only_torn_tails`). Seen
+    // once in CI (stop 34, garage: item 1740 of segment 12 torn).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let code = out.status.code();
+    assert!(
+        code == Some(0) || (code == Some(4) && only_torn_tails(&stderr)),
+        "exit {code:?}\n{}\n{stderr}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
     let st = status_json(&s, d.path(), &prefix);
     assert_eq!(st["totals"]["pending_segments"], 0, "{st}");
+}
+
+/// Every loss the drain reported is a torn tail (the item being written
+/// when the process was killed), and nothing was quarantined: the same
+/// test as `crash_model::only_torn_tails`.
+fn only_torn_tails(stderr: &str) -> bool {
+    let count = |needle: &str| stderr.lines().filter(|l| l.contains(needle)).count();
+    let torn = count("torn tail, possibly acknowledged");
+    torn > 0
+        && torn == count("entries lost to local damage")
+        && !stderr.contains("no item could be located")
+        && !stderr.contains("quarantined from=")
 }
 
 #[test]
