@@ -46,6 +46,9 @@ pub const DEFAULT_MAPPED: usize = 16_384;
 /// Removed segments remembered for remote lookups running meanwhile (see
 /// [`LocalSealed::removed_since`]): about 200 bytes each.
 const REMOVED_KEPT: usize = 4096;
+/// Keyed rows a set holds before its filters are bit-sliced (see
+/// [`Known`]): at most, as many bytes as one word a slice.
+const SLICED_AT: usize = 64;
 /// The largest map bound accepted (an operator who raised
 /// `vm.max_map_count`).
 pub const MAX_MAPPED: usize = 1 << 20;
@@ -116,6 +119,13 @@ impl KeyBits {
     /// key could be missing from the filter; slot bits, built from the
     /// checked directory, serve it, and the lookups that read that slot
     /// report the damage).
+    /// Whether every bit `key_hash` sets is set.
+    fn admits(&self, key_hash: u64) -> bool {
+        Self::positions(key_hash)
+            .iter()
+            .all(|&p| self.0[p / 64] & (1 << (p % 64)) != 0)
+    }
+
     fn of(bytes: &[u8], footer: &Footer) -> Option<KeyBits> {
         if footer.item_count > Self::MAX_ITEMS {
             return None;
@@ -333,6 +343,12 @@ impl Maps {
 /// every segment. A released segment's row is cleared and reused, so the
 /// slices grow with the most segments held at once, not with those ever
 /// held. Segments without a key filter ([`Prune::Slots`]) are walked.
+///
+/// A set of at most [`SLICED_AT`] keyed rows keeps its filters as they are,
+/// one per row, and a lookup checks each (64 at most): 512 slices of one
+/// word are 4 KiB for a set of one segment, 40 MiB over 10,000 restarted
+/// streams of a segment or two each (issue 16). The slices are built once
+/// the rows pass [`SLICED_AT`], and kept from then on.
 #[derive(Default)]
 struct Known {
     by_id: BTreeMap<SegmentId, Arc<SealedInfo>>,
@@ -348,7 +364,11 @@ struct Known {
     /// first segment: 10,000 restarted streams held 330 MiB more than new
     /// ones, issue 16.)
     bits: Vec<u64>,
+    /// Words a slice; 0 while the set is small (`filters` then).
     words: usize,
+    /// Row -> key filter while the set is small (`words == 0`); a free
+    /// row's filter is all clear.
+    filters: Vec<KeyBits>,
     /// Segments pruned by slot bits.
     unsliced: std::collections::BTreeSet<SegmentId>,
 }
@@ -388,14 +408,20 @@ impl Known {
             .iter()
             .filter(|i| matches!(i.prune, Prune::Keys(_)))
             .count();
-        self.relayout((self.rows.len() + keyed).div_ceil(64));
+        if self.rows.len() + keyed > SLICED_AT {
+            self.relayout((self.rows.len() + keyed).div_ceil(64));
+        }
         let all: Vec<(SegmentId, Arc<SealedInfo>)> = infos
             .into_iter()
             .map(|info| (info.id(), self.place(info)))
             .collect();
         self.by_id = all.into_iter().collect();
         self.rows.shrink_to_fit();
-        self.relayout(self.rows.len().div_ceil(64));
+        if self.words > 0 {
+            self.relayout(self.rows.len().div_ceil(64));
+        } else {
+            self.filters.shrink_to_fit();
+        }
     }
 
     /// Slice `b`'s words.
@@ -404,9 +430,9 @@ impl Known {
     }
 
     /// Lays the slices out again at `words` words each (at least what the
-    /// rows use).
+    /// rows use, and at least 1); a small set's filters move into them.
     fn relayout(&mut self, words: usize) {
-        let words = words.max(self.rows.len().div_ceil(64));
+        let words = words.max(self.rows.len().div_ceil(64)).max(1);
         if words == self.words {
             self.bits.shrink_to_fit();
             return;
@@ -416,6 +442,14 @@ impl Known {
         for b in 0..KeyBits::BITS {
             if keep > 0 {
                 bits[b * words..][..keep].copy_from_slice(&self.bits[b * self.words..][..keep]);
+            }
+        }
+        for (row, f) in std::mem::take(&mut self.filters).iter().enumerate() {
+            let (w, bit) = (row / 64, 1u64 << (row % 64));
+            for b in 0..KeyBits::BITS {
+                if f.0[b / 64] & (1 << (b % 64)) != 0 {
+                    bits[b * words + w] |= bit;
+                }
             }
         }
         self.bits = bits;
@@ -428,10 +462,19 @@ impl Known {
         match std::mem::replace(&mut info.prune, Prune::Row(u32::MAX)) {
             Prune::Keys(bits) => {
                 let row = self.row_for(id);
-                let (w, bit) = (row as usize / 64, 1u64 << (row % 64));
-                for b in 0..KeyBits::BITS {
-                    if bits.0[b / 64] & (1 << (b % 64)) != 0 {
-                        self.bits[b * self.words + w] |= bit;
+                if self.words == 0 {
+                    let r = row as usize;
+                    if r == self.filters.len() {
+                        self.filters.push(*bits);
+                    } else {
+                        self.filters[r] = *bits;
+                    }
+                } else {
+                    let (w, bit) = (row as usize / 64, 1u64 << (row % 64));
+                    for b in 0..KeyBits::BITS {
+                        if bits.0[b / 64] & (1 << (b % 64)) != 0 {
+                            self.bits[b * self.words + w] |= bit;
+                        }
                     }
                 }
                 info.prune = Prune::Row(row);
@@ -452,7 +495,11 @@ impl Known {
         }
         let r = self.rows.len();
         self.rows.push(id);
-        if r / 64 >= self.words {
+        if self.words == 0 {
+            if r >= SLICED_AT {
+                self.relayout(r.div_ceil(64));
+            }
+        } else if r / 64 >= self.words {
             self.relayout(self.words + (self.words / 8).max(1));
         }
         r as u32
@@ -462,9 +509,13 @@ impl Known {
         let info = self.by_id.remove(&id)?;
         match info.prune {
             Prune::Row(r) if (r as usize) < self.rows.len() => {
-                let (w, bit) = (r as usize / 64, 1u64 << (r % 64));
-                for b in 0..KeyBits::BITS {
-                    self.bits[b * self.words + w] &= !bit;
+                if self.words == 0 {
+                    self.filters[r as usize] = KeyBits([0; 8]);
+                } else {
+                    let (w, bit) = (r as usize / 64, 1u64 << (r % 64));
+                    for b in 0..KeyBits::BITS {
+                        self.bits[b * self.words + w] &= !bit;
+                    }
                 }
                 self.free.push(r);
             }
@@ -476,9 +527,23 @@ impl Known {
     }
 
     /// The segments that may hold `key_hash` by their filters, in no order.
-    fn may_hold(&self, key_hash: u64) -> Vec<(SegmentId, &Arc<SealedInfo>)> {
+    fn may_hold<'a>(&'a self, key_hash: u64) -> Vec<(SegmentId, &'a Arc<SealedInfo>)> {
         let mut out = Vec::new();
-        if self.words > 0 {
+        let found = |row: usize, out: &mut Vec<(SegmentId, &'a Arc<SealedInfo>)>| {
+            let id = self.rows[row];
+            if let Some(info) = self.by_id.get(&id)
+                && matches!(info.prune, Prune::Row(r) if r as usize == row)
+            {
+                out.push((id, info));
+            }
+        };
+        if self.words == 0 {
+            for (row, f) in self.filters.iter().enumerate() {
+                if f.admits(key_hash) {
+                    found(row, &mut out);
+                }
+            }
+        } else {
             let p = KeyBits::positions(key_hash);
             let s: [&[u64]; KeyBits::PROBES] = std::array::from_fn(|i| self.slice(p[i]));
             for w in 0..self.rows.len().div_ceil(64) {
@@ -492,12 +557,7 @@ impl Known {
                 while x != 0 {
                     let row = w * 64 + x.trailing_zeros() as usize;
                     x &= x - 1;
-                    let id = self.rows[row];
-                    if let Some(info) = self.by_id.get(&id)
-                        && matches!(info.prune, Prune::Row(r) if r as usize == row)
-                    {
-                        out.push((id, info));
-                    }
+                    found(row, &mut out);
                 }
             }
         }
@@ -977,6 +1037,79 @@ mod tests {
 
     fn key(id: u64, i: u64) -> u64 {
         crate::key_hash(&(id * 1000 + i).to_le_bytes())
+    }
+
+    #[test]
+    fn a_small_set_keeps_its_filters_unsliced_until_it_passes_64_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let set = LocalSealed::new(tmp.path(), 4);
+        let check = |ids: &[u64], gone: &[u64]| {
+            for &id in ids {
+                for i in 0..3 {
+                    let l = set.lookup_hash(key(id, i), TimeRange::ALL);
+                    assert_eq!(l.entries.len(), 1, "{id}/{i}");
+                    assert_eq!(l.entries[0].offset, id * 1000 + i);
+                }
+            }
+            for &id in gone {
+                let l = set.lookup_hash(key(id, 0), TimeRange::ALL);
+                assert!(l.entries.is_empty() && l.read.is_empty(), "{id} removed");
+            }
+        };
+        // A start-up's one-pass build of a few: no slices.
+        let infos: Vec<SealedInfo> = (1..=5u64)
+            .map(|id| SealedInfo::of(&write_keys(tmp.path(), id, 3)))
+            .collect();
+        set.insert_infos(infos);
+        {
+            let k = set.known();
+            assert_eq!((k.words, k.bits.len(), k.filters.len()), (0, 0, 5));
+        }
+        check(&[1, 2, 3, 4, 5], &[]);
+        // Removed rows admit nothing and are reused.
+        assert!(set.remove(SegmentId(2)));
+        check(&[1, 3, 4, 5], &[2]);
+        set.insert_info(SealedInfo::of(&write_keys(tmp.path(), 6, 3)));
+        assert_eq!(set.known().filters.len(), 5, "row reused");
+        check(&[1, 3, 4, 5, 6], &[2]);
+        // Up to 64 rows: still one filter a row.
+        for id in 7..=65u64 {
+            set.insert_info(SealedInfo::of(&write_keys(tmp.path(), id, 3)));
+        }
+        {
+            let k = set.known();
+            assert_eq!((k.rows.len(), k.words, k.filters.len()), (64, 0, 64));
+        }
+        // The 65th row slices them all, the free row's too (clear).
+        assert!(set.remove(SegmentId(30)));
+        set.insert_info(SealedInfo::of(&write_keys(tmp.path(), 66, 3)));
+        assert_eq!(set.known().words, 0, "the free row was reused");
+        set.insert_info(SealedInfo::of(&write_keys(tmp.path(), 67, 3)));
+        {
+            let k = set.known();
+            assert_eq!((k.rows.len(), k.words), (65, 2));
+            assert!(k.filters.is_empty());
+        }
+        let live: Vec<u64> = [1u64, 3, 4, 5]
+            .into_iter()
+            .chain(6..=67)
+            .filter(|&id| id != 30)
+            .collect();
+        check(&live, &[2, 30]);
+        // A start-up of more than 64 is sliced at once.
+        let tmp2 = tempfile::tempdir().unwrap();
+        let set2 = LocalSealed::new(tmp2.path(), 4);
+        let infos: Vec<SealedInfo> = (1..=65u64)
+            .map(|id| SealedInfo::of(&write_keys(tmp2.path(), id, 3)))
+            .collect();
+        set2.insert_infos(infos);
+        {
+            let k = set2.known();
+            assert_eq!((k.words, k.filters.len()), (2, 0));
+        }
+        for id in 1..=65u64 {
+            assert_eq!(set2.lookup_hash(key(id, 2), TimeRange::ALL).entries.len(), 1);
+        }
     }
 
     #[test]
