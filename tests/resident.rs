@@ -96,7 +96,7 @@ fn on_tmpfs(path: &Path) -> bool {
 }
 
 /// An open, idle stream keeps resident of its 42 MB active file the header,
-/// the slot table and the first stretch of items (64 KiB): not the file.
+/// the slot table and the first stretch of items (16 KiB): not the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_stream_keeps_little_of_its_active_file_resident() {
     let dir = tempfile::tempdir().unwrap();
@@ -105,7 +105,7 @@ async fn an_idle_stream_keeps_little_of_its_active_file_resident() {
     let len = std::fs::metadata(&file).unwrap().len();
     assert!(len > 40 << 20, "a 1 Mi-item active file is {len} bytes");
     // The kernel maps up to 16 pages around a fault: slack of 64 KiB.
-    let bound = ITEMS_OFFSET + (64 << 10) + (64 << 10);
+    let bound = ITEMS_OFFSET + (16 << 10) + (64 << 10);
     let rss = resident_of(&file);
     assert!(
         rss <= bound,
@@ -142,10 +142,10 @@ async fn the_pages_ahead_of_the_appends_are_read_in_before_they_are_written() {
     let written_end = ITEMS_OFFSET + WRITTEN * ITEM_LEN;
     // Populated off the writer's thread: past what was written by at
     // least 4 MiB (the stretches double up to 8 MiB and are asked for
-    // halfway through the one before; the first 64 KiB were populated at
+    // halfway through the one before; the first 16 KiB were populated at
     // open). The kernel's own read-around of a faulting page may bring the
     // next pages in as well, so the page cache alone would not show it.
-    let want = written_end - ITEMS_OFFSET - (64 << 10) + (4 << 20);
+    let want = written_end - ITEMS_OFFSET - (16 << 10) + (4 << 20);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let read = tierindex::segment::active::populated_bytes() - read_before;

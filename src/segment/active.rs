@@ -185,7 +185,7 @@ pub struct ActiveSegment {
     /// [`prefault_due`](Self::prefault_due) hands out).
     pf_end: usize,
     /// The item count at which the next stretch is due (`u32::MAX`: none:
-    /// a recovered segment, or the whole file is in).
+    /// the whole file is in).
     pf_at: u32,
     /// How far the file is allocated; no item is written past it.
     alloc: std::sync::Arc<Allocation>,
@@ -194,8 +194,14 @@ pub struct ActiveSegment {
 /// The least an active file is brought into the page cache ahead of its
 /// appends, past its header and slot table, and the first stretch of a
 /// segment whose stream has shown no rate yet: what an idle stream keeps
-/// resident of its active file besides the slot table.
-pub const PREFAULT_MIN: usize = 64 << 10;
+/// resident of its active file besides the header and slot table. 16 KiB
+/// (409 items of 40 bytes): each stretch is as long as all before it (16,
+/// 16, 32, 64 KiB ...), and a stream's next segment starts with a lead as
+/// long as what it wrote into the last one, so only a new stream's first
+/// few hundred appends see the small lead. It was 64 KiB: 10,000 idle
+/// streams on ext4 kept 943 MiB resident, now 477 MiB (issue 16,
+/// docs/benchmarks.md).
+pub const PREFAULT_MIN: usize = 16 << 10;
 /// The most: a stretch never exceeds this, nor does the lead of the pages
 /// brought in over the appends (8 MiB: about 16 ms of appends at 500,000
 /// a second, several times a seal's duration).
@@ -382,8 +388,9 @@ impl Allocation {
 }
 
 /// The least of an active file's items allocated at a time: a stretch
-/// allocated ahead of the appends, or the appends' own when they catch up.
-pub const ALLOC_MIN: u64 = PREFAULT_MIN as u64;
+/// allocated ahead of the appends, or the appends' own when they catch up
+/// (allocations end on an [`ALLOC_ALIGN`] boundary besides).
+pub const ALLOC_MIN: u64 = 64 << 10;
 
 /// Name the file in a corruption error; other errors (an unsupported
 /// version, I/O) pass through unchanged so they are never quarantined.

@@ -9,7 +9,7 @@
 //! fails its CRC, of its slots): about 240 bytes of heap, no file
 //! descriptor, no map. A lookup finds the segments whose key filter admits
 //! the key by ANDing 6 bit slices of all of them (a few words per 64
-//! segments, see [`Known`]); segments with slot bits are checked one by
+//! segments, see [`Known`]; a set of at most 64 checks each filter); segments with slot bits are checked one by
 //! one (all of them, by a walk of the set, once they are an eighth of it).
 //!
 //! A key filter is built from items whose CRCs were checked then: damage
@@ -145,7 +145,8 @@ impl KeyBits {
 enum Prune {
     /// A key filter not yet in the set's slices (before its insert).
     Keys(Box<KeyBits>),
-    /// A key filter in the set's slices, at this row.
+    /// A key filter in the set's slices (or its `filters`, while small),
+    /// at this row.
     Row(u32),
     /// Slot bits, checked segment by segment.
     Slots(Box<SlotBits>),
@@ -358,8 +359,9 @@ struct Known {
     rows: Vec<SegmentId>,
     free: Vec<u32>,
     /// [`KeyBits::BITS`] slices of `words` words each, slice `b` at
-    /// `bits[b * words..][..words]`, in one allocation: `words` is at
-    /// least `rows.len().div_ceil(64)`, grown by an eighth at a time. (A
+    /// `bits[b * words..][..words]`, in one allocation: once sliced,
+    /// `words` is at least `rows.len().div_ceil(64)`, grown by an eighth at
+    /// a time. (A
     /// `Vec` a slice cost 512 allocations and about 37 KiB for a stream's
     /// first segment: 10,000 restarted streams held 330 MiB more than new
     /// ones, issue 16.)
@@ -1068,6 +1070,11 @@ mod tests {
         check(&[1, 2, 3, 4, 5], &[]);
         // Removed rows admit nothing and are reused.
         assert!(set.remove(SegmentId(2)));
+        {
+            let k = set.known();
+            assert_eq!(k.free.len(), 1);
+            assert_eq!(k.filters[k.free[0] as usize], KeyBits([0; 8]), "cleared");
+        }
         check(&[1, 3, 4, 5], &[2]);
         set.insert_info(SealedInfo::of(&write_keys(tmp.path(), 6, 3)));
         assert_eq!(set.known().filters.len(), 5, "row reused");
@@ -1080,7 +1087,9 @@ mod tests {
             let k = set.known();
             assert_eq!((k.rows.len(), k.words, k.filters.len()), (64, 0, 64));
         }
-        // The 65th row slices them all, the free row's too (clear).
+        let all: Vec<u64> = [1u64, 3, 4, 5].into_iter().chain(6..=65).collect();
+        check(&all, &[2]);
+        // A free row is taken first; a 65th row slices them all.
         assert!(set.remove(SegmentId(30)));
         set.insert_info(SealedInfo::of(&write_keys(tmp.path(), 66, 3)));
         assert_eq!(set.known().words, 0, "the free row was reused");
