@@ -72,15 +72,19 @@ pub fn redact(raw: &str) -> String {
         return "<URL with credentials, not shown>".to_string();
     }
     // `scheme://user:secret/...`: the `@host` left out, the secret where
-    // a port goes. A port is digits; anything else after the authority's
-    // last `:` is not shown.
+    // a port goes. A port is up to 5 digits, at most 65,535; anything else
+    // after the authority's last `:` (a numeric secret too, unless it is
+    // that short) is not shown.
     if let Some((_, rest)) = raw.split_once("://") {
         let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
         let port = authority
             .rsplit_once(':')
             .filter(|(host, _)| !host.starts_with('[') || host.ends_with(']'))
             .map(|(_, p)| p);
-        if port.is_some_and(|p| !p.chars().all(|c| c.is_ascii_digit())) {
+        let is_port = |p: &str| {
+            p.len() <= 5 && p.chars().all(|c| c.is_ascii_digit()) && p.parse::<u32>().map_or(p.is_empty(), |n| n <= 65_535)
+        };
+        if port.is_some_and(|p| !is_port(p)) {
             return "<URL with something other than a port after its host, not shown>".to_string();
         }
     }
@@ -599,6 +603,13 @@ mod tests {
         assert!(!redact("s3://AKIAX:SeCrEt1234%40bucket/p").contains("SeCrEt"));
         assert!(!redact("http://AKIAX:SeCrEt1234%40127.0.0.1:9/").contains("SeCrEt"));
         assert!(!redact("http://AKIAX:SeCrEt1234/").contains("SeCrEt"));
+        // A numeric secret where a port goes: hidden unless it could be a
+        // port (5 digits at most, up to 65,535).
+        assert!(!redact("http://AKIAX:12345678901234567890/").contains("1234567890"));
+        assert!(!redact("http://AKIAX:065536/b").contains("65536"));
+        assert!(!redact("s3://AKIAX:99999/b").contains("99999"));
+        assert_eq!(redact("http://h:65535/"), "\"http://h:65535/\"");
+        assert_eq!(redact("http://h:/"), "\"http://h:/\"");
         assert_eq!(redact("http://127.0.0.1:9000/x"), "\"http://127.0.0.1:9000/x\"");
         assert_eq!(redact("http://[::1]:9000/"), "\"http://[::1]:9000/\"");
         assert_eq!(redact("http://[::1]/"), "\"http://[::1]/\"");
