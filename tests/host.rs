@@ -5,7 +5,7 @@
 //! process as between two, so one test process stands for both.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tierindex::{Config, ErrorKind, Host, TierIndex, TimeRange};
 
@@ -414,5 +414,87 @@ async fn a_hosts_streams_in_manifest_mode_share_one_lease() {
         left = files_under(&store.join("_hosts"));
     }
     assert_eq!(left, Vec::<String>::new());
+    drop(host);
+}
+
+/// A host whose renewals stop landing for longer than the lease (a paused
+/// process, a store out of reach) may have lost streams to another owner
+/// meanwhile. When its renewals land again, each of its streams checks
+/// once whether it was taken, and a taken one is fenced then, not at its
+/// next commit (which, for a quiet stream, may be many minutes away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_streams_learn_of_a_takeover_when_its_renewals_land_again() {
+    use tierindex::remote::manifest::{ManifestOptions, ManifestStore};
+    use tierindex::testing::{Fault, FaultyStore, Op};
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
+    std::fs::create_dir_all(&store).unwrap();
+    let url = format!("file://{}/tier", store.display());
+    // The host's writes go through a fault injector; another owner's go
+    // straight to the same directory.
+    let faulty = FaultyStore::local(&store, 7);
+    let host = Host::open(&root).unwrap();
+    let mut streams = Vec::new();
+    for i in 0..2u64 {
+        let cfg = Config::builder(root.join(format!("s{i}")))
+            .stream(format!("s{i}"))
+            .store(&url)
+            .segment_items(100)
+            .slot_count(64)
+            .lease_ttl(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let st = tierindex::Store::new(faulty.clone(), None, "tier", &url);
+        let (ti, _) = host.open_stream_with(cfg, st).await.unwrap();
+        for n in 0..150 {
+            ti.append(format!("k{i}").as_bytes(), n, 1, n).unwrap();
+        }
+        ti.flush().unwrap();
+        streams.push(ti);
+    }
+    // The host renews (a second apart); then its writes fail.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!files_under(&store.join("tier/_hosts")).is_empty());
+    assert_eq!(streams[0].status().pending_segments, 0);
+    faulty.set_random(1.0, vec![Fault::Unavailable], &[Op::Put]);
+    // Another owner takes stream 0 once the lease has expired.
+    let other = ManifestStore::open(
+        &FaultyStore::local(&store, 8).remote("tier"),
+        "s0",
+        ManifestOptions::default(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let taken = loop {
+        match other.take_ownership("b", Duration::from_secs(30)).await {
+            Ok(w) => break w,
+            Err(tierindex::Error::Claimed(_)) if started.elapsed() < Duration::from_secs(15) => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("take: {e}"),
+        }
+    };
+    assert_eq!(taken.epoch(), 2);
+    // Nothing committed since, nor to commit: stream 0 does not know yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(streams[0].status().fenced, None, "not known yet");
+    // The host's renewals land again: stream 0 learns within a renewal or
+    // two; stream 1, which nobody took, stays.
+    faulty.set_random(0.0, vec![], &[]);
+    let started = Instant::now();
+    while streams[0].status().fenced.is_none() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let why = streams[0]
+        .status()
+        .fenced
+        .expect("stream 0 fenced after the gap");
+    assert!(why.contains("epoch 2"), "{why}");
+    assert_eq!(streams[1].status().fenced, None);
+    drop(taken);
+    let reports = Host::shutdown_all(streams, Duration::from_secs(30)).await;
+    assert!(reports[0].fenced.is_some(), "{:?}", reports[0]);
+    assert!(reports[1].fully_drained(), "{:?}", reports[1]);
     drop(host);
 }

@@ -1189,6 +1189,7 @@ async fn a_host_lease_keeps_its_streams_live_and_only_those_it_lists() {
     let host = r.host.clone().expect("the renewal names the host");
     // The lease task of a hosted stream has nothing to write.
     assert!(w1.lease_keeper().is_hosted());
+    let lapses = w1.lease_keeper().host_lapses().expect("hosted");
     w1.renew(TTL).await.unwrap();
     assert_eq!(listed(&env, "s1/manifest/leases").await.len(), 1);
 
@@ -1250,6 +1251,10 @@ async fn a_host_lease_keeps_its_streams_live_and_only_those_it_lists() {
     w1.commit(&[SegmentEntry::new(&env.remote, "s1", &meta(2)).unwrap()])
         .await
         .unwrap();
+
+    // Renewals a third of the TTL apart: no gap, so no member was asked
+    // to check for a takeover.
+    assert_eq!(*lapses.borrow(), 0);
 
     // Stream 1 released: off the list, the host holds nothing and deletes
     // its renewals; the next owner takes at once.

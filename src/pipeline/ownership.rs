@@ -220,6 +220,32 @@ impl Shared {
             .and_then(|k| k.host_ended())
     }
 
+    /// Changes each time this stream's host lease was renewed again after
+    /// a gap in which it may have looked expired. `None`: not hosted.
+    pub fn host_lease_lapses(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.manifest
+            .as_ref()
+            .and_then(|m| m.keeper())
+            .and_then(|k| k.host_lapses())
+    }
+
+    /// Whether another owner took the stream (one listing of the store):
+    /// then fenced, here and now, not at the next commit. No-op without a
+    /// manifest or before the take.
+    pub async fn check_taken(&self) -> Result<()> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        self.check_fenced()?;
+        let Some(keeper) = m.keeper() else {
+            return Ok(());
+        };
+        match keeper.check_taken().await {
+            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            r => r,
+        }
+    }
+
     /// Takes the stream off its host lease's list, if it is on one: the
     /// host renews its lease no more.
     pub fn leave_host_lease(&self) {

@@ -66,21 +66,49 @@ async fn wait_or_stop(every: Duration, stop: &mut watch::Receiver<bool>) -> bool
 /// a fence is recorded in `Shared` by `renew_lease` and ends the task.
 pub(super) async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
     let every = every.max(Duration::from_millis(10));
+    // Kept across the loop: a lapse while a check runs is not missed.
+    let mut lapses: Option<watch::Receiver<u64>> = None;
     loop {
         if sh.lease_hosted()
             && let Some(ended) = sh.host_lease_ended()
         {
+            if lapses.is_none() {
+                lapses = sh.host_lease_lapses();
+            }
+            let lapsed = async {
+                match lapses.as_mut() {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             // The host's lease renews this one: nothing to do but wait
             // (no timer per stream: a host of 10,000 streams would wake
             // 1,000 times a second for nothing), unless the host's renewal
-            // task ends (its runtime shut down): then renew on our own.
-            tokio::select! {
+            // task ends (its runtime shut down): then renew on our own; or
+            // its renewals land again after a gap in which the lease may
+            // have looked expired: then check once whether another owner
+            // took the stream meanwhile (one listing), so that a takeover is
+            // known now, not at the next commit.
+            let check = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = ended => {
                     tracing::warn!("the host lease's renewal task ended (its runtime shut down); this stream renews its own lease");
-                    continue;
+                    false
+                }
+                _ = lapsed => true,
+            };
+            if check {
+                match sh.check_taken().await {
+                    Ok(()) => {}
+                    Err(Error::Fenced(_)) => return,
+                    Err(e) => tracing::warn!(error = %e, "checking for a takeover after the host lease's gap failed; the next commit checks again"),
                 }
             }
+            continue;
         }
         if !wait_or_stop(every, &mut stop).await {
             return;

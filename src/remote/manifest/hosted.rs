@@ -380,7 +380,24 @@ pub struct SharedLease {
     /// Expiry of the newest renewal that landed (0: none yet).
     expires_ms: AtomicU64,
     wake: Arc<Notify>,
+    /// Counts the renewals that landed after a gap of
+    /// [`LAPSE_AFTER`] of the TTL or more since the one before (a paused
+    /// process, a store out of reach): the lease may have looked expired
+    /// meanwhile, so each member checks once whether its stream was taken
+    /// ([`Membership::lapses`]). Without it a hosted owner would learn of
+    /// a takeover only at its next commit.
+    lapses: tokio::sync::watch::Sender<u64>,
+    /// Bounds those checks (one listing each) across the members.
+    checks: Arc<tokio::sync::Semaphore>,
 }
+
+/// The gap between two renewals that landed, as a fraction of the TTL
+/// (numerator, denominator), past which the members check whether their
+/// streams were taken: renewals are a third of the TTL apart, so two went
+/// missing.
+const LAPSE_AFTER: (u32, u32) = (2, 3);
+/// Members checking for a takeover at once, per host lease.
+const LAPSE_CHECKS: usize = 16;
 
 /// A stream's place in a host lease; leaving (drop) takes it off the list
 /// at the host's next renewal.
@@ -405,6 +422,16 @@ impl Membership {
     /// runtime): a member of a lease that no longer runs renews on its own.
     pub fn running(&self) -> bool {
         self.lease.running.load(Ordering::SeqCst)
+    }
+    /// Changes each time the host's renewals land again after a gap in
+    /// which the lease may have looked expired (see the field).
+    pub fn lapses(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.lease.lapses.subscribe()
+    }
+    /// The permits to check for a takeover (at most [`LAPSE_CHECKS`] of a
+    /// host's members at once).
+    pub fn check_permits(&self) -> Arc<tokio::sync::Semaphore> {
+        self.lease.checks.clone()
     }
     /// Resolves when the host's renewal task has ended.
     pub fn ended(&self) -> impl Future<Output = ()> + Send + use<> {
@@ -483,6 +510,8 @@ impl HostLeases {
                     members: Mutex::new(HashMap::new()),
                     expires_ms: AtomicU64::new(0),
                     wake: Arc::new(Notify::new()),
+                    lapses: tokio::sync::watch::channel(0).0,
+                    checks: Arc::new(tokio::sync::Semaphore::new(LAPSE_CHECKS)),
                 });
                 slot.push(Arc::downgrade(&l));
                 runtime.spawn(renew_host(
@@ -552,6 +581,10 @@ async fn renew_host(
     let mut next_seq: u64 = 0;
     let mut written = false;
     let mut swept = false;
+    // When the newest renewal that landed was sent (or the lease started,
+    // or last held nobody): its members' own takes cover them until then.
+    let mut last_ok = tokio::time::Instant::now();
+    let lapse = ttl * LAPSE_AFTER.0 / LAPSE_AFTER.1;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -560,6 +593,7 @@ async fn renew_host(
         let Some(l) = lease.upgrade() else { break };
         let members = l.snapshot();
         if members.is_empty() {
+            last_ok = tokio::time::Instant::now();
             drop(l);
             if written {
                 ops.delete_host(&id).await;
@@ -592,9 +626,27 @@ async fn renew_host(
         };
         drop(l);
         let key = ops.host_dir(&id).join(seq_name(next_seq));
+        let sent = tokio::time::Instant::now();
+        let landed = |last_ok: &mut tokio::time::Instant| {
+            let gap = sent.saturating_duration_since(*last_ok);
+            *last_ok = sent;
+            if gap >= lapse
+                && let Some(l) = lease.upgrade()
+            {
+                tracing::warn!(
+                    host = id,
+                    gap_ms = gap.as_millis() as u64,
+                    members = l.members.lock().unwrap_or_else(|p| p.into_inner()).len(),
+                    "the host lease was renewed after a gap in which it may have looked expired; \
+                     its streams check whether another owner took them"
+                );
+                l.lapses.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        };
         match ops.create(&key, bytes).await {
             Ok(Created::New) => {
                 written = true;
+                landed(&mut last_ok);
                 if let Some(l) = lease.upgrade() {
                     l.expires_ms.fetch_max(expires_ms, Ordering::SeqCst);
                 }

@@ -609,6 +609,43 @@ impl LeaseKeeper {
             *next = top.saturating_add(1).max(next.saturating_add(1));
         }
         drop(next);
+        self.fence_if_taken().await?;
+        if !landed {
+            return Err(Error::RemoteRetryable(format!(
+                "lease renewal of stream {:?} epoch {}: three renewal slots were taken by \
+                 other bytes",
+                k.ms.stream(),
+                k.epoch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether another owner took the stream (a newer epoch's renewal
+    /// folder, confirmed by the manifest's head): then fenced, and
+    /// [`Error::Fenced`]. One listing, and a read only when one is found.
+    /// A hosted lease runs it once its host's renewals land again after a
+    /// gap ([`Self::host_lapses`]); at most a few of a host's streams at
+    /// once.
+    pub async fn check_taken(&self) -> Result<()> {
+        if let Some(why) = self.fenced() {
+            return Err(Error::Fenced(why.to_string()));
+        }
+        let permits = self.hosted().as_ref().map(Membership::check_permits);
+        let _permit = match permits {
+            Some(p) => p.acquire_owned().await.ok(),
+            None => None,
+        };
+        self.fence_if_taken().await
+    }
+
+    /// `None`: not hosted. See [`Membership::lapses`].
+    pub fn host_lapses(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.hosted().as_ref().map(Membership::lapses)
+    }
+
+    async fn fence_if_taken(&self) -> Result<()> {
+        let k = &self.inner;
         if let Some(e) = k.ms.epoch_above(k.epoch).await?
             && k.ms.head_epoch_above(k.epoch, e).await?
         {
@@ -622,14 +659,6 @@ impl LeaseKeeper {
             tracing::warn!(stream = k.ms.stream(), epoch = k.epoch, "fenced: {why}");
             self.fence(&why);
             return Err(Error::Fenced(self.fenced().unwrap_or(&why).to_string()));
-        }
-        if !landed {
-            return Err(Error::RemoteRetryable(format!(
-                "lease renewal of stream {:?} epoch {}: three renewal slots were taken by \
-                 other bytes",
-                k.ms.stream(),
-                k.epoch
-            )));
         }
         Ok(())
     }
