@@ -452,10 +452,17 @@ async fn a_hosts_streams_learn_of_a_takeover_when_its_renewals_land_again() {
         ti.flush().unwrap();
         streams.push(ti);
     }
-    // The host renews (a second apart); then its writes fail.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The host renews (a second apart) and both streams' segments are
+    // committed; then every write fails.
+    let started = Instant::now();
+    while (files_under(&store.join("tier/_hosts")).is_empty()
+        || streams.iter().any(|s| s.status().pending_segments > 0))
+        && started.elapsed() < Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(!files_under(&store.join("tier/_hosts")).is_empty());
-    assert_eq!(streams[0].status().pending_segments, 0);
+    assert!(streams.iter().all(|s| s.status().pending_segments == 0));
     faulty.set_random(1.0, vec![Fault::Unavailable], &[Op::Put]);
     // Another owner takes stream 0 once the lease has expired.
     let other = ManifestStore::open(

@@ -68,6 +68,9 @@ pub(super) async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: wa
     let every = every.max(Duration::from_millis(10));
     // Kept across the loop: a lapse while a check runs is not missed.
     let mut lapses: Option<watch::Receiver<u64>> = None;
+    // A check that failed (the store just came back, and throttles): tried
+    // again every `every` until it answers.
+    let mut check_due = false;
     loop {
         if sh.lease_hosted()
             && let Some(ended) = sh.host_lease_ended()
@@ -93,6 +96,13 @@ pub(super) async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: wa
             // have looked expired: then check once whether another owner
             // took the stream meanwhile (one listing), so that a takeover is
             // known now, not at the next commit.
+            let retry = async {
+                if check_due {
+                    tokio::time::sleep(every).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             let check = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = ended => {
@@ -100,12 +110,23 @@ pub(super) async fn lease_renewer(sh: Arc<Shared>, every: Duration, mut stop: wa
                     false
                 }
                 _ = lapsed => true,
+                _ = retry => true,
             };
             if check {
-                match sh.check_taken().await {
+                // Raced with shutdown: a check waiting for its turn among
+                // many streams must not hold up the release.
+                let r = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    r = sh.check_taken() => r,
+                };
+                check_due = false;
+                match r {
                     Ok(()) => {}
                     Err(Error::Fenced(_)) => return,
-                    Err(e) => tracing::warn!(error = %e, "checking for a takeover after the host lease's gap failed; the next commit checks again"),
+                    Err(e) => {
+                        check_due = true;
+                        tracing::warn!(error = %e, "checking for a takeover after the host lease's gap failed; trying again");
+                    }
                 }
             }
             continue;

@@ -380,22 +380,27 @@ pub struct SharedLease {
     /// Expiry of the newest renewal that landed (0: none yet).
     expires_ms: AtomicU64,
     wake: Arc<Notify>,
-    /// Counts the renewals that landed after a gap of
-    /// [`LAPSE_AFTER`] of the TTL or more since the one before (a paused
-    /// process, a store out of reach): the lease may have looked expired
-    /// meanwhile, so each member checks once whether its stream was taken
-    /// ([`Membership::lapses`]). Without it a hosted owner would learn of
-    /// a takeover only at its next commit.
+    /// Counts the renewals that landed [`LAPSE_AFTER`] of the TTL or more
+    /// after the one before was sent, by the monotonic clock or the wall
+    /// clock (a paused or suspended process, a store out of reach): the
+    /// lease may have looked expired meanwhile, so each member checks
+    /// whether its stream was taken ([`Membership::lapses`]); and the
+    /// renewal after such a one once more (a takeover in flight then, its
+    /// renewal 0 not written yet, is seen by the second check). Without
+    /// it a hosted owner would learn of a takeover only at its next
+    /// commit.
     lapses: tokio::sync::watch::Sender<u64>,
     /// Bounds those checks (one listing each) across the members.
     checks: Arc<tokio::sync::Semaphore>,
 }
 
-/// The gap between two renewals that landed, as a fraction of the TTL
-/// (numerator, denominator), past which the members check whether their
-/// streams were taken: renewals are a third of the TTL apart, so two went
-/// missing.
-const LAPSE_AFTER: (u32, u32) = (2, 3);
+/// From a renewal's sending to the next one's landing, as a fraction of
+/// the TTL (numerator, denominator), past which the members check whether
+/// their streams were taken: renewals are sent a third of the TTL apart,
+/// so about two went missing and the lease came within a sixth of its TTL
+/// of looking expired to a reader (less a clock skew; one missing renewal
+/// makes no check).
+const LAPSE_AFTER: (u32, u32) = (5, 6);
 /// Members checking for a takeover at once, per host lease.
 const LAPSE_CHECKS: usize = 16;
 
@@ -406,6 +411,9 @@ pub struct Membership {
     lease: Arc<SharedLease>,
     key: (String, String),
     epoch: u64,
+    /// Subscribed at the join: a lapse between the join and the lease
+    /// task's first wait is not missed.
+    lapses: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Membership {
@@ -426,7 +434,7 @@ impl Membership {
     /// Changes each time the host's renewals land again after a gap in
     /// which the lease may have looked expired (see the field).
     pub fn lapses(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.lease.lapses.subscribe()
+        self.lapses.clone()
     }
     /// The permits to check for a takeover (at most [`LAPSE_CHECKS`] of a
     /// host's members at once).
@@ -530,10 +538,12 @@ impl HostLeases {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(member.clone(), epoch);
+        let lapses = lease.lapses.subscribe();
         Ok(Membership {
             lease,
             key: member,
             epoch,
+            lapses,
         })
     }
 
@@ -581,10 +591,14 @@ async fn renew_host(
     let mut next_seq: u64 = 0;
     let mut written = false;
     let mut swept = false;
-    // When the newest renewal that landed was sent (or the lease started,
-    // or last held nobody): its members' own takes cover them until then.
-    let mut last_ok = tokio::time::Instant::now();
+    // When the newest renewal that landed was sent, by both clocks (or
+    // the lease started, or last held nobody: its members' own takes
+    // cover them from then).
+    let mut last_sent = (tokio::time::Instant::now(), ops.now_ms());
     let lapse = ttl * LAPSE_AFTER.0 / LAPSE_AFTER.1;
+    let lapse_ms = u64::try_from(lapse.as_millis()).unwrap_or(u64::MAX);
+    // A lapse was signalled: signal once more at the next renewal.
+    let mut again = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -593,7 +607,7 @@ async fn renew_host(
         let Some(l) = lease.upgrade() else { break };
         let members = l.snapshot();
         if members.is_empty() {
-            last_ok = tokio::time::Instant::now();
+            last_sent = (tokio::time::Instant::now(), ops.now_ms());
             drop(l);
             if written {
                 ops.delete_host(&id).await;
@@ -626,27 +640,31 @@ async fn renew_host(
         };
         drop(l);
         let key = ops.host_dir(&id).join(seq_name(next_seq));
-        let sent = tokio::time::Instant::now();
-        let landed = |last_ok: &mut tokio::time::Instant| {
-            let gap = sent.saturating_duration_since(*last_ok);
-            *last_ok = sent;
-            if gap >= lapse
-                && let Some(l) = lease.upgrade()
-            {
+        let sent = (tokio::time::Instant::now(), now);
+        let landed = |last_sent: &mut (tokio::time::Instant, u64), again: &mut bool| {
+            let gap = tokio::time::Instant::now().saturating_duration_since(last_sent.0);
+            let gap_ms = ops.now_ms().saturating_sub(last_sent.1);
+            *last_sent = sent;
+            let lapsed = gap >= lapse || gap_ms >= lapse_ms;
+            let Some(l) = lease.upgrade() else { return };
+            if lapsed {
                 tracing::warn!(
                     host = id,
-                    gap_ms = gap.as_millis() as u64,
+                    gap_ms = (gap.as_millis() as u64).max(gap_ms),
                     members = l.members.lock().unwrap_or_else(|p| p.into_inner()).len(),
                     "the host lease was renewed after a gap in which it may have looked expired; \
                      its streams check whether another owner took them"
                 );
-                l.lapses.send_modify(|n| *n = n.wrapping_add(1));
+            } else if !*again {
+                return;
             }
+            *again = lapsed;
+            l.lapses.send_modify(|n| *n = n.wrapping_add(1));
         };
         match ops.create(&key, bytes).await {
             Ok(Created::New) => {
                 written = true;
-                landed(&mut last_ok);
+                landed(&mut last_sent, &mut again);
                 if let Some(l) = lease.upgrade() {
                     l.expires_ms.fetch_max(expires_ms, Ordering::SeqCst);
                 }
