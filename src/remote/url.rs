@@ -66,31 +66,68 @@ struct Raw<'a> {
 
 /// What an error may show of `raw`: `scheme://host/path`, or nothing when
 /// `raw` holds an `@` anywhere (user info, perhaps with a `/` in the
-/// password). Query and fragment are cut off (a token may live there).
+/// password), or a `:` that is not a port's (`user:secret` with the
+/// `@host` left out: after the scheme, or with no scheme at all). Query
+/// and fragment are cut off (a token may live there). A secret of at most
+/// 5 digits, at most 65,535, cannot be told from a port and is shown.
 pub fn redact(raw: &str) -> String {
     if holds_user_info(raw) {
         return "<URL with credentials, not shown>".to_string();
     }
-    // `scheme://user:secret/...`: the `@host` left out, the secret where
-    // a port goes. A port is up to 5 digits, at most 65,535; anything else
-    // after the authority's last `:` (a numeric secret too, unless it is
-    // that short) is not shown.
-    if let Some((_, rest)) = raw.split_once("://") {
-        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-        let port = authority
-            .rsplit_once(':')
-            .filter(|(host, _)| !host.starts_with('[') || host.ends_with(']'))
-            .map(|(_, p)| p);
-        let is_port = |p: &str| {
-            p.len() <= 5 && p.chars().all(|c| c.is_ascii_digit()) && p.parse::<u32>().map_or(p.is_empty(), |n| n <= 65_535)
-        };
-        if port.is_some_and(|p| !is_port(p)) {
-            return "<URL with something other than a port after its host, not shown>".to_string();
+    match raw.split_once("://") {
+        Some((_, rest)) => {
+            let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+            if !plain_authority(authority) {
+                return "<URL with something other than a host and port after its scheme, not shown>"
+                    .to_string();
+            }
         }
+        // `AKID:secret`, `s3:AKID:secret`, `http:/AKID:secret`: a scheme
+        // mistyped, or none. Only a plain `host:port` is shown.
+        None if (raw.contains(':') || raw.to_ascii_lowercase().contains("%3a"))
+            && !plain_authority(raw) =>
+        {
+            return "<text with a `:` and no `://`, not shown>".to_string();
+        }
+        None => {}
     }
     let cut = raw.find(['?', '#']).map_or(raw, |i| &raw[..i]);
     let shown: String = cut.chars().filter(|c| !c.is_control()).take(200).collect();
     format!("{shown:?}")
+}
+
+/// Whether `a` is a host with at most a port after it: no `:` but the
+/// one before a port (up to 5 digits, at most 65,535), an IPv6 literal
+/// closed (`[..]`), no encoded `:` (`%3A`). Anything else may hold
+/// `user:secret` with the `@host` left out.
+fn plain_authority(a: &str) -> bool {
+    if a.to_ascii_lowercase().contains("%3a") {
+        return false;
+    }
+    let (host, tail) = match a.strip_prefix('[') {
+        Some(v6) => match v6.find(']') {
+            Some(i) => (&a[..i + 2], &a[i + 2..]),
+            None => return false,
+        },
+        None => match a.find(':') {
+            Some(i) => (&a[..i], &a[i..]),
+            None => (a, ""),
+        },
+    };
+    if host.contains(['[', ']']) && !host.starts_with('[') {
+        return false;
+    }
+    match tail.strip_prefix(':') {
+        None => tail.is_empty(),
+        Some(p) => is_port(p),
+    }
+}
+
+/// Up to 5 digits, at most 65,535 (empty: a `host:` with no port yet).
+fn is_port(p: &str) -> bool {
+    p.len() <= 5
+        && p.chars().all(|c| c.is_ascii_digit())
+        && p.parse::<u32>().map_or(p.is_empty(), |n| n <= 65_535)
 }
 
 /// An `@` anywhere, also percent-encoded (`%40`): user info, perhaps with
@@ -329,6 +366,14 @@ pub fn parse_store(field: &str, raw: &str) -> Result<StoreUrl> {
             })
         }
         "memory" => {
+            if r.authority.contains(':') {
+                return Err(invalid(
+                    field,
+                    raw,
+                    "a `:` in a memory:// prefix is not allowed (user:password?)",
+                    STORE_FORMS,
+                ));
+            }
             let mut prefix = r.authority.to_string();
             let p = r.path.trim_matches('/');
             if !p.is_empty() {
@@ -400,13 +445,13 @@ pub fn parse_endpoint(field: &str, raw: &str) -> Result<Endpoint> {
 
 /// `host:port` or `a.b.c.d:port` (so the error can suggest `http://...`).
 fn looks_like_host_port(raw: &str) -> bool {
-    raw.rsplit_once(':').is_some_and(|(h, p)| {
-        !h.is_empty()
-            && !p.is_empty()
-            && p.chars().all(|c| c.is_ascii_digit())
-            && h.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
-    })
+    plain_authority(raw)
+        && raw.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty()
+                && !p.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
+        })
 }
 
 #[cfg(test)]
@@ -603,6 +648,27 @@ mod tests {
         assert!(!redact("s3://AKIAX:SeCrEt1234%40bucket/p").contains("SeCrEt"));
         assert!(!redact("http://AKIAX:SeCrEt1234%40127.0.0.1:9/").contains("SeCrEt"));
         assert!(!redact("http://AKIAX:SeCrEt1234/").contains("SeCrEt"));
+        // helper-49: `user:secret` with the `@host` left out, with no
+        // scheme, a mistyped one, a port after it, an encoded `:`, an
+        // unclosed `[`.
+        for raw in [
+            "AKID:SeCrEtZQ93",
+            "s3:AKID:SeCrEtZQ93",
+            "http:/AKID:SeCrEtZQ93",
+            "http:AKID:SeCrEtZQ93",
+            "admin:98765432109876",
+            "http://AKID:SeCrEtZQ93:9000",
+            "s3://AKID:SeCrEtZQ93:9000/p",
+            "http://AKID%3ASeCrEtZQ93",
+            "http://[AKID:SeCrEtZQ93",
+            "http://[::1]SeCrEtZQ93:1/",
+            "memory://AKID:SeCrEtZQ93",
+        ] {
+            let m = redact(raw);
+            assert!(!m.contains("SeCrEtZQ93") && !m.contains("98765"), "{raw:?}: {m}");
+        }
+        assert_eq!(redact("localhost:9000"), "\"localhost:9000\"");
+        assert_eq!(redact("s3/bucket"), "\"s3/bucket\"");
         // A numeric secret where a port goes: hidden unless it could be a
         // port (5 digits at most, up to 65,535).
         assert!(!redact("http://AKIAX:12345678901234567890/").contains("1234567890"));
