@@ -1079,6 +1079,64 @@ fn a_mistyped_url_holding_the_secret_is_not_echoed() {
     }
 }
 
+/// The same with no secret in the environment (so nothing would blank it
+/// on the way out), in the forms helper-49 found echoed: `user:secret`
+/// with no scheme or a mistyped one, a port after it, an encoded `:`, a
+/// numeric secret, a `memory://` store.
+#[test]
+fn a_mistyped_url_holding_a_secret_not_in_the_environment_is_not_echoed() {
+    let secret = "SeCrEtZQ93xxSeCrEt";
+    let num = "98765432109876";
+    let endpoints = [
+        format!("AKID:{secret}"),
+        format!("http:/AKID:{secret}"),
+        format!("http:AKID:{secret}"),
+        format!("http://AKID:{secret}:9000"),
+        format!("http://AKID%3A{secret}"),
+        format!("http://[AKID:{secret}"),
+        format!("admin:{num}"),
+        format!("http://admin:{num}/"),
+    ];
+    let stores = [
+        format!("AKID:{secret}"),
+        format!("s3:AKID:{secret}"),
+        format!("s3://AKID:{secret}:9000/p"),
+        format!("memory://AKID:{secret}"),
+    ];
+    let mut cases: Vec<Vec<&str>> = endpoints
+        .iter()
+        .map(|e| {
+            vec![
+                "--store",
+                "s3://bkt/p",
+                "--endpoint",
+                e.as_str(),
+                "store-check",
+            ]
+        })
+        .collect();
+    cases.extend(
+        stores
+            .iter()
+            .map(|s| vec!["--store", s.as_str(), "store-check"]),
+    );
+    for args in cases {
+        let sb = Sandbox::new();
+        let o = sb.run(&args, &[]);
+        assert_ne!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !all.contains("SeCrEtZQ93") && !all.contains("98765432"),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+}
+
 #[test]
 fn store_problems_say_what_to_do() {
     let no_bucket = fake_s3(
