@@ -149,6 +149,29 @@ fn build_s3(
                      edited elsewhere): set it without one; its value is not shown"
                 )));
             }
+            // URLs of credential services: one with user info was logged by
+            // the HTTP client (hyper's pool, at DEBUG), and one without a
+            // scheme made object_store panic (helper-49).
+            if matches!(
+                key,
+                AmazonS3ConfigKey::MetadataEndpoint
+                    | AmazonS3ConfigKey::StsEndpoint
+                    | AmazonS3ConfigKey::ContainerCredentialsFullUri
+                    | AmazonS3ConfigKey::ContainerCredentialsRelativeUri
+            ) {
+                if self::url::holds_user_info(v) {
+                    return Err(Error::InvalidInput(format!(
+                        "{k} must not carry credentials (user:password@); its value is not shown"
+                    )));
+                }
+                let relative = key == AmazonS3ConfigKey::ContainerCredentialsRelativeUri;
+                let lower = v.to_ascii_lowercase();
+                if !relative && !(lower.starts_with("http://") || lower.starts_with("https://")) {
+                    return Err(Error::InvalidInput(format!(
+                        "{k} must be an http:// or https:// URL; its value is not shown"
+                    )));
+                }
+            }
             // Payload signing is tierindex's decision (`sign_payload` and
             // the probe), never a variable's: AWS_UNSIGNED_PAYLOAD would
             // unsign every body on any transport, unproven.

@@ -609,6 +609,19 @@ mod tests {
             ("AWS_ALLOW_HTTP", "maybe"),
         ]);
         assert!(t.contains("AWS_ALLOW_HTTP is not a boolean"), "{t}");
+        // Credential services' URLs: no user info (logged by the HTTP
+        // client), a scheme (object_store panicked without one).
+        for (k, v, says) in [
+            ("AWS_METADATA_ENDPOINT", "http://u:SEKRIT@169.254.169.254", "must not carry"),
+            ("AWS_METADATA_ENDPOINT", "http://u:SEKRIT%40169.254.169.254", "must not carry"),
+            ("AWS_METADATA_ENDPOINT", "169.254.169.254", "http:// or https://"),
+            ("AWS_ENDPOINT_URL_STS", "https://u:SEKRIT@sts.example", "must not carry"),
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "SEKRIT:1/x", "http:// or https://"),
+            ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "/v2/u:SEKRIT@x", "must not carry"),
+        ] {
+            let t = err(&[(k, v)]);
+            assert!(t.contains(k) && t.contains(says) && !t.contains("SEKRIT"), "{k}={v}: {t}");
+        }
         // Every spelling object_store takes is accepted.
         for v in ["true", "FALSE", "1", "0", "yes", "no", "on", "off", "y", "n"] {
             let env: Vec<(String, String)> = [

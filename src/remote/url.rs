@@ -132,7 +132,7 @@ fn is_port(p: &str) -> bool {
 
 /// An `@` anywhere, also percent-encoded (`%40`): user info, perhaps with
 /// a `/` or an encoded `@` in the password.
-fn holds_user_info(raw: &str) -> bool {
+pub(crate) fn holds_user_info(raw: &str) -> bool {
     raw.contains('@') || raw.to_ascii_lowercase().contains("%40")
 }
 
