@@ -760,6 +760,44 @@ const REFUSED: &[Case] = &[
         1,
         &["slot_countt"]
     ),
+    // helper-49: a credential on the wrong line of the config file, in
+    // every shape of value error (backticks, an escaped quote, a field's
+    // own check).
+    case!(
+        "config secret as an unknown variant",
+        &["drain"],
+        config "data_dir = \"{data}\"\nverify = \"SECRETxyzzy0123\"\n",
+        1,
+        &["verify", "line 2"]
+    ),
+    case!(
+        "config secret behind an escaped quote",
+        &["drain"],
+        config "data_dir = \"{data}\"\nallow_http = 'x\"SECRETxyzzy0123\"'\n",
+        1,
+        &["line 2"]
+    ),
+    case!(
+        "config secret as a region",
+        &["drain"],
+        config "data_dir = \"{data}\"\nregion = \"SECRETxyzzy0123/\"\n",
+        1,
+        &["region"]
+    ),
+    case!(
+        "config secret as a metrics address",
+        &["drain"],
+        config "data_dir = \"{data}\"\nmetrics_addr = \"SECRETxyzzy0123\"\n",
+        1,
+        &["metrics_addr"]
+    ),
+    case!(
+        "config secret as an owner id",
+        &["drain"],
+        config "data_dir = \"{data}\"\nowner_id = \"SECRETxyzzy0123 x\"\n",
+        1,
+        &["owner_id"]
+    ),
     // --- the environment of an s3:// store
     case!(
         "AWS_ENDPOINT_URL without scheme",

@@ -192,9 +192,10 @@ pub(crate) fn check_listen_addr(key: &str, a: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        let shown: String = a.chars().filter(|c| !c.is_control()).take(100).collect();
+        // The value is not shown: it may be a credential put on the wrong
+        // line (helper-49).
         Err(Error::InvalidInput(format!(
-            "{key} {shown:?}: expected host:port, e.g. 127.0.0.1:9464"
+            "{key}: expected host:port, e.g. 127.0.0.1:9464 (the value is not shown)"
         )))
     }
 }
@@ -392,22 +393,43 @@ impl Config {
     /// Parses a TOML configuration (unknown keys are refused) and checks each
     /// field ([`validate`](Self::validate) checks the whole when it is used).
     pub fn from_toml(text: &str) -> Result<Config> {
-        /// A type error quotes the value (`invalid type: string "...",
-        /// expected u64`), which may be a credential put on the wrong
-        /// line: every double-quoted span is left out. Field names are in
-        /// backticks and stay.
+        /// A type or value error quotes the value (`invalid type: string
+        /// "...", expected u64`, ``unknown variant `...`, expected one
+        /// of``, ``invalid value: integer `...` ``), which may be a
+        /// credential put on the wrong line: what comes before the last
+        /// `, expected ` (the schema's words, never the file's) is cut at
+        /// its first quote or backtick (an escaped quote inside the value
+        /// can no longer flip what is shown, helper-49). An unknown key's
+        /// name stays when it is a plain lower-case key name.
         fn without_quoted(m: &str) -> String {
-            let mut out = String::with_capacity(m.len());
-            let mut quoted = false;
-            for c in m.chars() {
-                if c == '"' {
-                    if !quoted {
-                        out.push_str("(value not shown)");
-                    }
-                    quoted = !quoted;
-                } else if !quoted {
-                    out.push(c);
+            let (found, expected) = match m.rsplit_once(", expected ") {
+                Some((f, e)) => (f, Some(e)),
+                None => (m, None),
+            };
+            let mut out = match found.strip_prefix("unknown field `").and_then(|r| r.split_once('`')) {
+                Some((name, ""))
+                    if !name.is_empty()
+                        && name.len() <= 40
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') =>
+                {
+                    format!("unknown field `{name}`")
                 }
+                _ => match found.find(['"', '`']) {
+                    Some(i) => format!("{}(value not shown)", &found[..i]),
+                    None if expected.is_some() => found.to_string(),
+                    // No schema part to tell the value from: the words
+                    // before a `:` only.
+                    None => match found.split_once(':') {
+                        Some((w, _)) => format!("{w}: (value not shown)"),
+                        None => found.to_string(),
+                    },
+                },
+            };
+            if let Some(e) = expected {
+                out.push_str(", expected ");
+                out.push_str(e);
             }
             out
         }
@@ -418,7 +440,22 @@ impl Config {
                 let before = text.get(..sp.start).unwrap_or("");
                 let line = before.matches('\n').count() + 1;
                 let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!(" at line {line}, column {col}")
+                // The key of that line, when it is a plain key name (its
+                // value is never shown).
+                let start = before.rfind('\n').map_or(0, |i| i + 1);
+                let key = text[start..]
+                    .split('\n')
+                    .next()
+                    .and_then(|l| l.split_once('='))
+                    .map(|(k, _)| k.trim())
+                    .filter(|k| {
+                        !k.is_empty()
+                            && k.len() <= 40
+                            && k.chars()
+                                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                    })
+                    .map_or(String::new(), |k| format!(" (key `{k}`)"));
+                format!(" at line {line}, column {col}{key}")
             });
             Error::InvalidInput(format!(
                 "config{at}: {}",
@@ -486,9 +523,11 @@ impl Config {
                 || r.len() > 64
                 || !r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
         {
-            return Err(Error::InvalidInput(format!(
-                "region {r:?}: expected a region name such as us-east-1"
-            )));
+            return Err(Error::InvalidInput(
+                "region: expected a region name such as us-east-1 (letters, digits and `-`, at \
+                 most 64; the value is not shown)"
+                    .into(),
+            ));
         }
         if let Some(a) = &self.metrics_addr {
             check_listen_addr("metrics_addr", a)?;
@@ -550,7 +589,7 @@ impl Config {
         range("tick_ms", self.tick_ms, TICK_MS_MIN, 60_000)?;
         if let Some(o) = &self.owner_id {
             crate::remote::lease::validate_owner(o)
-                .map_err(|e| Error::InvalidInput(format!("owner_id {o:?}: {e}")))?;
+                .map_err(|e| Error::InvalidInput(format!("owner_id (value not shown): {e}")))?;
         }
         if self.reconcile_grace_ms < RECONCILE_GRACE_MS_MIN {
             return Err(Error::InvalidInput(format!(
