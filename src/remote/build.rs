@@ -166,7 +166,7 @@ fn build_s3(
                 }
                 let relative = key == AmazonS3ConfigKey::ContainerCredentialsRelativeUri;
                 let lower = v.to_ascii_lowercase();
-                if !relative && !(lower.starts_with("http://") || lower.starts_with("https://")) {
+                if !(relative || lower.starts_with("http://") || lower.starts_with("https://")) {
                     return Err(Error::InvalidInput(format!(
                         "{k} must be an http:// or https:// URL; its value is not shown"
                     )));
