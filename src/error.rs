@@ -231,6 +231,57 @@ fn replace_ignoring_case(text: &str, needle: &str) -> String {
     out
 }
 
+/// Every run of [`PART_RUN`] or more characters of `secret` in `text`
+/// blanked (ASCII case ignored): a server that echoes part of a token
+/// ("token TOKENqq77zzT... expired", helper-49). Each window of
+/// `PART_RUN` bytes of the text that is also one of the secret's is cut,
+/// so a longer run is cut whole. ASCII secrets of more than `PART_RUN`
+/// characters only (shorter ones are matched whole above; random
+/// 12-character runs do not occur in ordinary text). Linear in both
+/// lengths.
+fn blank_parts(text: &str, secret: &str) -> String {
+    if secret.len() <= PART_RUN || !secret.is_ascii() || text.len() < PART_RUN {
+        return text.to_string();
+    }
+    let s = secret.to_ascii_lowercase().into_bytes();
+    let windows: std::collections::HashSet<&[u8]> = s.windows(PART_RUN).collect();
+    // ASCII lowercasing keeps every byte where it was.
+    let t = text.to_ascii_lowercase().into_bytes();
+    let mut cut = vec![false; t.len()];
+    let mut any = false;
+    for (i, w) in t.windows(PART_RUN).enumerate() {
+        if windows.contains(w) {
+            cut[i..i + PART_RUN].iter_mut().for_each(|c| *c = true);
+            any = true;
+        }
+    }
+    if !any {
+        return text.to_string();
+    }
+    // A run matched the secret's ASCII bytes, so it starts and ends on
+    // character boundaries.
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < t.len() {
+        if cut[i] {
+            while i < t.len() && cut[i] {
+                i += 1;
+            }
+            out.push_str("<redacted>");
+        } else {
+            let start = i;
+            while i < t.len() && !cut[i] {
+                i += 1;
+            }
+            out.push_str(&text[start..i]);
+        }
+    }
+    out
+}
+
+/// See [`blank_parts`].
+const PART_RUN: usize = 12;
+
 /// `v` percent-encoded as a URL's query would carry it (RFC 3986's
 /// unreserved characters kept).
 fn percent_encoded(v: &str) -> String {
@@ -306,6 +357,7 @@ pub fn scrub(text: &str) -> String {
         for form in [v.clone(), v.replace('/', "\\/"), percent_encoded(v)] {
             out = replace_ignoring_case(&out, &form);
         }
+        out = blank_parts(&out, v);
     }
     out = blank_signatures(&out);
     for tag in ECHO_TAGS {
@@ -436,6 +488,32 @@ mod scrub_tests {
         // 16-hex checksums in object keys stay.
         let k = "stream-0/segments/00000000000000000001-6d7bdefcdb8e1658.seg";
         assert_eq!(scrub(k), k);
+    }
+
+    /// A server that echoes part of a token: a run of 12 characters or
+    /// more of it is blanked, wherever it starts; shorter ones and other
+    /// text stay.
+    #[test]
+    fn parts_of_a_credential_are_blanked() {
+        let token = "TOKENqq77zzPARTIALxyzEchoTest0123456789abcdef";
+        register_secret(token);
+        for echo in [
+            &token[..12],
+            &token[..20],
+            &token[5..30],
+            &token[token.len() - 14..],
+        ] {
+            let s = scrub(&format!("403: token was {echo}... (truncated)"));
+            assert!(!s.contains(&echo[..12]), "{echo}: {s}");
+            assert!(s.starts_with("403: token was <redacted>"), "{s}");
+            assert!(s.ends_with("... (truncated)"), "{s}");
+        }
+        let lower = token[3..19].to_ascii_lowercase();
+        assert!(!scrub(&lower).contains(&lower[..12]));
+        // 11 characters, or none: unchanged (also UTF-8 around).
+        for t in [format!("é {} é", &token[..11]), "naïve text, no token".to_string()] {
+            assert_eq!(scrub(&t), t);
+        }
     }
 
     #[test]
