@@ -225,12 +225,20 @@ impl Cli {
         if let Some(s) = &self.stream {
             c.stream = s.clone();
         }
-        let intent = identity::CliIntent {
+        let mut intent = identity::CliIntent {
             mode_given,
             // The flag or the config file's key.
             store_override: c.store_override,
             ..self.identity_intent(stream_given)
         };
+        // `owner` on a data directory acts on its stream in its store: the
+        // recorded ones, as for the inspecting commands (it used the
+        // default store beside the working directory, and `take` created a
+        // manifest there: helper-49). Without one it needs --store.
+        if matches!(self.cmd, Command::Owner { .. }) && crate::datadir::is_data_dir(&c.data_dir) {
+            intent.inspects = true;
+            intent.needs_store = true;
+        }
         identity::resolve_cli(&mut c, intent)?;
         c.validate()?;
         Ok(c)
