@@ -380,7 +380,12 @@ pub fn scrub(text: &str) -> String {
             let rest = &lower[i..];
             let skip = if h == "signature" {
                 // `signature` only as `Signature=<value>` (or URL-encoded,
-                // `%3D`): "invalid signature: check ..." is text.
+                // `%3D`): "invalid signature: check ..." is text, and so is
+                // a variable such as `AWS_SKIP_SIGNATURE=true` (our own
+                // advice was blanked).
+                if lower[..i - h.len()].ends_with('_') {
+                    continue;
+                }
                 if rest.starts_with('=') {
                     1
                 } else if rest.starts_with("%3d") {
@@ -529,7 +534,11 @@ mod scrub_tests {
         assert!(s.contains("SignedHeaders"), "{s}");
         let enc = format!("https%3A%2F%2Fh%2Fk%3FX-Amz-Signature%3D{sig}%26X-Amz-Date%3D1");
         assert!(!scrub(&enc).contains(sig), "{}", scrub(&enc));
-        // Words are not values.
+        // Words are not values, nor a variable's name.
+        assert_eq!(
+            scrub("set AWS_SKIP_SIGNATURE=true for a public bucket"),
+            "set AWS_SKIP_SIGNATURE=true for a public bucket"
+        );
         for t in [
             "SignatureDoesNotMatch: The request signature we calculated does not match",
             "invalid signature: check your key",

@@ -988,6 +988,11 @@ fn help_does_not_print_variable_values() {
             &[
                 ("TIERINDEX_ENDPOINT", "http://K:SECRETxyzzy0123@127.0.0.1:1"),
                 ("TIERINDEX_STORE", "s3://K:SECRETxyzzy0123@bkt/p"),
+                // Not meant for secrets, but a secret set by mistake there
+                // is not shown either (helper-49).
+                ("TIERINDEX_DATA_DIR", "/tmp/SECRETxyzzy0123"),
+                ("TIERINDEX_CONFIG", "/tmp/SECRETxyzzy0123.toml"),
+                ("TIERINDEX_STREAM", "SECRETxyzzy0123"),
             ],
         );
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));

@@ -34,7 +34,12 @@ pub(crate) use output::{note, out_line};
 )]
 pub struct Cli {
     /// Data directory (segments, journal, quarantine).
-    #[arg(long, global = true, env = "TIERINDEX_DATA_DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "TIERINDEX_DATA_DIR",
+        hide_env_values = true
+    )]
     pub data_dir: Option<PathBuf>,
     /// Store URL: file:///abs/path, s3://bucket/prefix, memory://.
     // hide_env_values: `--help` would otherwise print the variable's value,
@@ -50,10 +55,10 @@ pub struct Cli {
     )]
     pub endpoint: Option<String>,
     /// TOML configuration file (flags and variables override it).
-    #[arg(long, global = true, env = "TIERINDEX_CONFIG")]
+    #[arg(long, global = true, env = "TIERINDEX_CONFIG", hide_env_values = true)]
     pub config: Option<PathBuf>,
     /// Stream name (part of every remote key).
-    #[arg(long, global = true, env = "TIERINDEX_STREAM")]
+    #[arg(long, global = true, env = "TIERINDEX_STREAM", hide_env_values = true)]
     pub stream: Option<String>,
     /// The remote manifest (ownership, lease, fencing of a second writer):
     /// on by default. `--manifest false` is single-writer mode, an explicit

@@ -146,8 +146,13 @@ fn classify_ref(err: &object_store::Error) -> Class {
 /// give `NotFound`, `AlreadyExists` or `Precondition` a meaning match them
 /// before calling this; here they become [`Error::Remote`].
 pub fn classify(err: object_store::Error) -> Error {
-    // The error may quote the server's answer, which may echo a credential.
-    let text = crate::error::scrub(&err.to_string());
+    // The error may quote the server's answer, which may echo a credential,
+    // or hold line breaks that would forge log lines (helper-49): control
+    // characters become spaces.
+    let text: String = crate::error::scrub(&err.to_string())
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     match classify_ref(&err) {
         Class::Retryable => Error::RemoteRetryable(text),
         Class::Permanent(why) => Error::Remote(format!("{why}: {text}")),
