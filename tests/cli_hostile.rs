@@ -1078,6 +1078,87 @@ fn credentials_a_server_echoes_are_never_printed() {
     }
 }
 
+/// A redirect from the endpoint is not followed: reqwest keeps
+/// `x-amz-security-token` on a redirect to another host (it drops only
+/// `Authorization`), so a 307 sent the session token wherever it pointed
+/// (helper-49). Nothing reaches the other host, at any command.
+#[test]
+fn a_redirect_from_the_endpoint_carries_no_token_elsewhere() {
+    use std::sync::{Arc, Mutex};
+    // The host redirected to: records every request head it gets.
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_url = format!("http://{}", other.local_addr().unwrap());
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for s in other.incoming() {
+                let Ok(mut s) = s else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 8192];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            }
+        });
+    }
+    // The endpoint: a 307 to the other host for every request.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    let to = other_url.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 8192];
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: {to}/bkt/x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    let creds: &[(&str, &str)] = &[
+        ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "another-secret-value"),
+        ("AWS_SESSION_TOKEN", SECRET),
+    ];
+    for args in [&["store-check"][..], &["owner"]] {
+        let sb = Sandbox::new();
+        let mut full = vec!["--store", "s3://bkt/p", "--endpoint", &endpoint];
+        full.extend_from_slice(args);
+        let o = sb.run(&full, creds);
+        assert_sane(&o, args[0]);
+        assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.is_empty(),
+        "{} request(s) reached the host redirected to: {:?}",
+        seen.len(),
+        seen.iter()
+            .map(|h| h.lines().next().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    );
+}
+
 /// A mistyped URL holding the secret is never echoed (helper-39, F2): the
 /// `@` percent-encoded, or `@host` left out so the secret sits where a
 /// port goes. Each was printed whole in the error line.

@@ -121,7 +121,9 @@ fn build_s3(
     Option<BodyClient>,
 )> {
     // Same as AmazonS3Builder::from_env(), over the given variables.
-    let mut b = AmazonS3Builder::new();
+    // Its client follows no redirect: one kept the session token on its
+    // way to another host (`http.rs`).
+    let mut b = AmazonS3Builder::new().with_http_connector(super::http::NoRedirects);
     for (k, v) in env {
         if let Ok(key) = k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
             // Values go into HTTP headers (credentials, token, region): a
@@ -453,7 +455,7 @@ fn key_pair_complete(env: &[(String, String)]) -> Result<()> {
 }
 
 /// object_store's boolean spelling (`true`, `1`, `yes`, `on`, `y`).
-fn parse_flag(v: &str) -> bool {
+pub(super) fn parse_flag(v: &str) -> bool {
     matches!(
         v.trim().to_ascii_lowercase().as_str(),
         "1" | "true" | "on" | "yes" | "y"

@@ -453,6 +453,7 @@ impl RemoteStore {
 }
 
 mod build;
+mod http;
 mod errors;
 use build::BodyClient;
 pub use errors::*;
