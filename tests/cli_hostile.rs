@@ -1013,15 +1013,7 @@ fn fake_s3(status: &'static str, body: &'static str) -> String {
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 8192];
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
+            read_head(&mut s);
             let _ = write!(
                 s,
                 "HTTP/1.1 {status}\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -1030,6 +1022,20 @@ fn fake_s3(status: &'static str, body: &'static str) -> String {
         }
     });
     url
+}
+
+/// A request's head (up to its blank line), read within 2 s.
+fn read_head(s: &mut std::net::TcpStream) -> Vec<u8> {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 8192];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    head
 }
 
 /// A port nobody listens on: 1 (tcpmux) is privileged and unused here; a
@@ -1094,15 +1100,7 @@ fn a_redirect_from_the_endpoint_carries_no_token_elsewhere() {
         std::thread::spawn(move || {
             for s in other.incoming() {
                 let Ok(mut s) = s else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = [0u8; 8192];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let head = read_head(&mut s);
                 seen.lock()
                     .unwrap()
                     .push(String::from_utf8_lossy(&head).into_owned());
@@ -1120,15 +1118,7 @@ fn a_redirect_from_the_endpoint_carries_no_token_elsewhere() {
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 8192];
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
+            read_head(&mut s);
             let _ = write!(
                 s,
                 "HTTP/1.1 307 Temporary Redirect\r\nlocation: {to}/bkt/x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
