@@ -1008,17 +1008,25 @@ fn help_does_not_print_variable_values() {
 /// A fake S3 endpoint: answers every request with `status` and `body`.
 /// Returns its `http://` URL; the thread ends with the test process.
 fn fake_s3(status: &'static str, body: &'static str) -> String {
+    serve(move |_| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    })
+}
+
+/// A local HTTP server that answers each request with what `respond`
+/// makes of its head. Returns its `http://` URL; the thread ends with the
+/// test process.
+fn serve(mut respond: impl FnMut(&[u8]) -> String + Send + 'static) -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
-            read_head(&mut s);
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            let head = read_head(&mut s);
+            let _ = s.write_all(respond(&head).as_bytes());
         }
     });
     url
@@ -1093,37 +1101,20 @@ fn a_redirect_from_the_endpoint_carries_no_token_elsewhere() {
     use std::sync::{Arc, Mutex};
     // The host redirected to: records every request head it gets.
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let other_url = format!("http://{}", other.local_addr().unwrap());
-    {
+    let other_url = {
         let seen = seen.clone();
-        std::thread::spawn(move || {
-            for s in other.incoming() {
-                let Ok(mut s) = s else { continue };
-                let head = read_head(&mut s);
-                seen.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&head).into_owned());
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                );
-            }
-        });
-    }
+        serve(move |head| {
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(head).into_owned());
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+        })
+    };
     // The endpoint: a 307 to the other host for every request.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", l.local_addr().unwrap());
-    let to = other_url.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            read_head(&mut s);
-            let _ = write!(
-                s,
-                "HTTP/1.1 307 Temporary Redirect\r\nlocation: {to}/bkt/x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-            );
-        }
+    let endpoint = serve(move |_| {
+        format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: {other_url}/bkt/x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
     });
     let creds: &[(&str, &str)] = &[
         ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
