@@ -198,7 +198,7 @@ impl IndexWriter {
             "sealed (resealed entries, after close)"
         );
         self.sealed.insert(sealed);
-        self.ready.push(meta);
+        self.handoff.push_meta(meta);
         Ok(())
     }
 }

@@ -141,17 +141,9 @@ pub struct IndexWriter {
     /// Local sealed segments, a bounded number of them mapped; shared with
     /// lookups, which read them off this writer's lock.
     sealed: Arc<LocalSealed>,
-    /// Sealed and not yet taken by `poll_sealed`.
-    ready: Vec<SealedMeta>,
-    /// Frozen segments whose seal finished, for the sealer thread to drop
-    /// (their last reference frees the unlinked, preallocated file).
-    /// Handed to its lane by whoever takes them: the worker's tick after it
-    /// let go of this writer's lock ([`take_retired`](Self::take_retired)),
-    /// `poll_sealed`, or the seal that finds more than [`RETIRED_MAX`]
-    /// waiting. Queuing a job under the lock once cost appends 0.6-4.6 ms
-    /// waits (the queue's lock, a thread's wake-up and allocation all
-    /// contend with the sealer threads on 2 cores).
-    retired: Vec<Arc<ActiveSegment>>,
+    /// Sealed metadata and retired frozen segments, for whoever collects
+    /// them, with or without this writer's lock (see [`Handoff`]).
+    handoff: Arc<Handoff>,
     /// The sealer thread's queue; `None` once closed.
     sealer_tx: Option<Jobs>,
     done_rx: mpsc::Receiver<Done>,
@@ -277,12 +269,18 @@ impl IndexWriter {
             next_id = next_id.max(m.0);
         }
         let (done_tx, done_rx) = mpsc::channel::<Done>();
+        let handoff = Arc::new(Handoff::default());
+        handoff.lock().metas = ready;
+        handoff
+            .age_rule
+            .store(cfg.segment_max_age.is_some(), Ordering::Relaxed);
         let poison = Arc::new(Poison::default());
         let notify = Arc::new(Mutex::new(notify));
         let sealed = Arc::new(LocalSealed::new(&seg_dir, cfg.sealed_mapped));
         sealed.insert_infos(std::mem::take(&mut rec.sealed).into_values().collect());
         let sealer = sealer::spawn(
             done_tx,
+            handoff.clone(),
             seg_dir.clone(),
             (cfg.slot_count, cfg.segment_items),
             poison.clone(),
@@ -290,6 +288,7 @@ impl IndexWriter {
             dd.clone(),
             sealed.clone(),
         )?;
+        handoff.set_lane(Some(sealer.clone()));
         let mut w = IndexWriter {
             dd,
             seg_dir,
@@ -298,8 +297,7 @@ impl IndexWriter {
             next_id,
             frozen: BTreeMap::new(),
             sealed,
-            ready,
-            retired: Vec::new(),
+            handoff,
             sealer_tx: Some(sealer.clone()),
             done_rx,
             sealer: Some(sealer),
@@ -671,34 +669,42 @@ impl IndexWriter {
         while let Ok(done) = self.done_rx.try_recv() {
             self.take_done(done)?;
         }
-        Ok(std::mem::take(&mut self.ready))
+        Ok(self.handoff.take_metas())
     }
 
     /// The frozen segments whose seal finished, for the caller to hand to
     /// the sealer thread once it let go of this writer's lock.
     pub(crate) fn take_retired(&mut self) -> Retired {
-        Retired {
-            segs: std::mem::take(&mut self.retired),
-            tx: self.sealer_tx.clone(),
-        }
+        self.handoff.take_retired()
+    }
+
+    /// What the sealer thread and this writer hand over to a collector
+    /// that does not take this writer's lock (the pipeline's worker, while
+    /// appends go on).
+    pub(crate) fn handoff(&self) -> Arc<Handoff> {
+        self.handoff.clone()
     }
 
     /// Take a finished seal: the sealer thread already read the file back,
-    /// checked it (a failure there poisoned the writer) and added it to the
-    /// shared sealed set, so this only retires the frozen segment (a lookup
-    /// that sees both reads it once, as open) and queues the metadata.
+    /// checked it (a failure there poisoned the writer), added it to the
+    /// shared sealed set and queued its metadata in the [`Handoff`], so
+    /// this only retires the frozen segment (a lookup that sees both reads
+    /// it once, as open).
     fn finish_seal(&mut self, done: SealDone) -> Result<()> {
         let meta = done
             .result
             .inspect_err(|e| self.poison.set(e.to_string()))?;
         debug_assert_eq!(meta.id, done.id);
         if let Some(old) = self.frozen.remove(&done.id) {
-            self.retired.push(old);
-            if self.retired.len() > RETIRED_MAX {
+            let waiting = {
+                let mut h = self.handoff.lock();
+                h.retired.push(old);
+                h.retired.len()
+            };
+            if waiting > RETIRED_MAX {
                 self.take_retired().run();
             }
         }
-        self.ready.push(meta);
         Ok(())
     }
 
@@ -725,6 +731,7 @@ impl IndexWriter {
                 .and_then(|_| self.freeze_active(true));
             // Whatever happened, the sealer must see its queue end, or a
             // later close would wait on it forever.
+            self.handoff.set_lane(None);
             if let Some(tx) = self.sealer_tx.take() {
                 tx.close();
             }
@@ -772,7 +779,7 @@ impl IndexWriter {
             remove_empty(&self.seg_dir, s).inspect_err(|e| self.poison_on_sync(e))?;
         }
         self.poison.check()?;
-        Ok(std::mem::take(&mut self.ready))
+        Ok(self.handoff.take_metas())
     }
 
     /// A sealed segment held locally, mapped (on demand: see
@@ -943,6 +950,73 @@ impl IndexWriter {
     }
 }
 
+/// What a writer's seals leave for a collector, behind a lock of its own
+/// that appends never take: the sealer thread queues each sealed segment's
+/// metadata here (after the file is durable, checked and in the shared
+/// sealed set), and the writer the frozen segments it retired. The worker
+/// takes both without the writer's lock while appends go on: the writer's
+/// lock taken for that, even for a few microseconds, made an append wait
+/// for the worker's thread to be scheduled again (100 us - 2.8 ms waits on
+/// 2 cores). One collector at a time: metadata must reach the journal in
+/// id order.
+#[derive(Default)]
+pub(crate) struct Handoff {
+    inner: Mutex<HandoffInner>,
+    /// The sealer's lane, to drop retired segments on; `None` before the
+    /// lane starts and once the writer closed it.
+    tx: Mutex<Option<Jobs>>,
+    /// The writer rolls segments by age ([`IndexConfig::segment_max_age`]).
+    age_rule: AtomicBool,
+}
+
+#[derive(Default)]
+pub(crate) struct HandoffInner {
+    metas: Vec<SealedMeta>,
+    /// Frozen segments whose seal finished, for the sealer thread to drop
+    /// (their last reference frees the unlinked, preallocated file).
+    /// Handed to its lane by whoever takes them ([`Handoff::take_retired`]),
+    /// off the writer's lock, or by the seal that finds more than
+    /// [`RETIRED_MAX`] waiting. Queuing a job under the writer's lock once
+    /// cost appends 0.6-4.6 ms waits (the queue's lock, a thread's wake-up
+    /// and allocation all contend with the sealer threads on 2 cores).
+    retired: Vec<Arc<ActiveSegment>>,
+}
+
+impl Handoff {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandoffInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn push_meta(&self, meta: SealedMeta) {
+        self.lock().metas.push(meta);
+    }
+
+    /// Sealed metadata not yet taken, in seal (id) order.
+    pub(crate) fn take_metas(&self) -> Vec<SealedMeta> {
+        std::mem::take(&mut self.lock().metas)
+    }
+
+    /// The retired frozen segments, to be queued on the sealer's lane by
+    /// [`Retired::run`] (off the writer's lock).
+    pub(crate) fn take_retired(&self) -> Retired {
+        let segs = std::mem::take(&mut self.lock().retired);
+        Retired {
+            segs,
+            tx: self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    /// Whether the writer rolls segments by age: its worker must then take
+    /// the writer's lock when the deadline comes, appends or not.
+    pub(crate) fn age_rule(&self) -> bool {
+        self.age_rule.load(Ordering::Relaxed)
+    }
+
+    fn set_lane(&self, tx: Option<Jobs>) {
+        *self.tx.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+    }
+}
+
 /// Frozen segments to be dropped on the sealer thread
 /// ([`IndexWriter::take_retired`]).
 pub(crate) struct Retired {
@@ -981,7 +1055,8 @@ impl Drop for IndexWriter {
             // The active segment's map goes behind whatever its lane still
             // holds (a stretch to populate names an address in it): it is
             // unmapped after them, not while they run.
-            for s in self.retired.drain(..) {
+            self.handoff.set_lane(None);
+            for s in std::mem::take(&mut self.handoff.lock().retired) {
                 tx.push(Job::Retire(s));
             }
             if let Some(a) = self.active.take() {
@@ -1360,19 +1435,21 @@ mod tests {
     /// Finished seals' frozen segments are left by `tick` for its caller
     /// to queue off the writer's lock (`take_retired`), and are never
     /// kept beyond `RETIRED_MAX` by a writer that nobody ticks;
-    /// `poll_sealed` queues them itself.
+    /// `poll_sealed` queues them itself. The seals' metadata waits in the
+    /// handoff, where a collector without the writer's lock finds it.
     #[test]
     fn retired_frozen_segments_wait_for_the_caller_up_to_a_bound() {
         let d = tempfile::tempdir().unwrap();
         let dd = DataDir::open(d.path()).unwrap();
         let (mut w, _) = IndexWriter::open(dd, cfg(10), None, None).unwrap();
+        let waiting = |w: &IndexWriter| w.handoff.lock().retired.len();
         let mut sealed = 0;
         let mut seen_waiting = 0;
         for i in 0..200u64 {
             w.append(&i.to_le_bytes(), i, 1, i).unwrap();
             sealed += w.tick().unwrap().len();
-            assert!(w.retired.len() <= RETIRED_MAX, "{}", w.retired.len());
-            seen_waiting = seen_waiting.max(w.retired.len());
+            assert!(waiting(&w) <= RETIRED_MAX, "{}", waiting(&w));
+            seen_waiting = seen_waiting.max(waiting(&w));
         }
         let until = Instant::now() + Duration::from_secs(30);
         while sealed < 19 {
@@ -1380,21 +1457,37 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
             sealed += w.tick().unwrap().len();
         }
+        assert_eq!(sealed, 19);
         assert!(seen_waiting > 0, "tick queued them itself");
-        let left = w.retired.len();
+        let left = waiting(&w);
         let r = w.take_retired();
         assert_eq!(r.segs.len(), left);
-        assert!(w.retired.is_empty());
+        assert_eq!(waiting(&w), 0);
         r.run();
         // Without a caller taking them: bounded, and `poll_sealed` empties.
         for i in 200..400u64 {
             w.append(&i.to_le_bytes(), i, 1, i).unwrap();
             w.poll_sealed().unwrap();
-            assert!(w.retired.is_empty());
+            assert_eq!(waiting(&w), 0);
         }
         assert!(w.frozen.len() <= 20);
+        // Collected without the writer (as the worker does while appends
+        // go on): every seal's metadata once, in id order, whether or not
+        // the writer took the seal yet.
+        let h = w.handoff();
+        let mut ids: Vec<u64> = Vec::new();
+        for i in 400..600u64 {
+            w.append(&i.to_le_bytes(), i, 1, i).unwrap();
+            ids.extend(h.take_metas().iter().map(|m| m.id.0));
+            h.take_retired().run();
+        }
         let metas = w.close(Instant::now() + Duration::from_secs(30)).unwrap();
-        assert!(!metas.is_empty());
-        assert!(w.retired.is_empty());
+        ids.extend(metas.iter().map(|m| m.id.0));
+        ids.extend(h.take_metas().iter().map(|m| m.id.0));
+        let first = ids[0];
+        assert!(first <= 41, "{ids:?}");
+        assert_eq!(ids, (first..first + ids.len() as u64).collect::<Vec<_>>());
+        assert_eq!(*ids.last().unwrap(), 60, "{ids:?}");
+        assert_eq!(waiting(&w), 0);
     }
 }

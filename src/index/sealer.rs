@@ -128,10 +128,12 @@ pub fn seal_segment(seg_dir: &Path, seg: &ActiveSegment) -> Result<SealedMeta> {
 /// reopened while a seal may still write to it. A failed seal poisons the
 /// writer (`poison`). A sealed segment goes into `sealed` here, with its
 /// slot summary computed (a read of the whole slot table), so that none of
-/// a seal's work runs under the writer's lock.
+/// a seal's work runs under the writer's lock; its metadata goes into
+/// `handoff`, where the pipeline's worker takes it without that lock.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spawn(
     done_tx: mpsc::Sender<Done>,
+    handoff: Arc<super::Handoff>,
     thread_dir: PathBuf,
     (slots, items): (u32, u32),
     poison: Arc<Poison>,
@@ -201,6 +203,9 @@ pub(super) fn spawn(
                 // flush need not msync the frozen copy any more.
                 seg.mark_durable();
                 sealed.insert(file);
+                // Before `Done` is sent and the worker woken: whoever the
+                // seal wakes finds its metadata.
+                handoff.push_meta(meta.clone());
                 meta
             });
         match &result {

@@ -76,6 +76,8 @@ pub struct Shared {
     /// The writer's local sealed segments (internally synchronized): read
     /// by lookups and the gauges without the writer's lock.
     pub sealed: Arc<crate::segment::local::LocalSealed>,
+    /// The writer's seals, collected without its lock ([`Shared::tick_writer`]).
+    pub(crate) handoff: Arc<crate::index::Handoff>,
     pub journal: JournalHandle,
     pub store: RemoteStore,
     pub stream: String,
@@ -225,7 +227,19 @@ impl Shared {
     /// deadline in ms since the epoch, `None` while it is empty (the first
     /// append wakes the worker) or no age is set. The deadline is returned
     /// whatever the journaling did.
-    pub async fn tick_writer(&self) -> (Option<u64>, Result<()>) {
+    ///
+    /// Without `with_writer`, the writer's lock is not taken: only what the
+    /// seals handed over is collected and journaled (their metadata, and
+    /// the frozen segments the writer retired, dropped on the sealer
+    /// thread), and the deadline is not known (`None`). For the worker
+    /// while appends go on: the appender takes finished seals itself at
+    /// its next roll.
+    pub async fn tick_writer(&self, with_writer: bool) -> (Option<u64>, Result<()>) {
+        if !with_writer {
+            self.handoff.take_retired().run();
+            let metas = self.handoff.take_metas();
+            return (None, self.record_sealed(metas).await.map(drop));
+        }
         let writer = self.writer.clone();
         let ticked = tokio::task::spawn_blocking(move || {
             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());

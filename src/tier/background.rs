@@ -187,6 +187,34 @@ pub(super) async fn reconciler(
     }
 }
 
+/// Whether the broker is appending, from the appended-entries counter seen
+/// at each of the worker's wakes: it moved since the last wake, or did so
+/// less than [`Appending::PAUSE`] ago (wakes can come microseconds apart).
+struct Appending {
+    seen: u64,
+    moved_at: Option<Instant>,
+}
+
+impl Appending {
+    const PAUSE: Duration = Duration::from_millis(100);
+
+    fn new(seen: u64) -> Appending {
+        Appending {
+            seen,
+            moved_at: None,
+        }
+    }
+
+    fn observe(&mut self, count: u64, now: Instant) -> bool {
+        if count != self.seen {
+            self.seen = count;
+            self.moved_at = Some(now);
+        }
+        self.moved_at
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::PAUSE)
+    }
+}
+
 /// Background worker: journal new seals, roll aged segments, drive uploads.
 /// Returns at once when told to stop, with its scheduler (in-flight drives
 /// continue in the shutdown drain instead of starting over) and the probe
@@ -209,12 +237,26 @@ pub(super) async fn worker(
     // the safe path.
     let uploads_from = Instant::now() + Duration::from_secs(2);
     let mut probe = probe;
+    let mut appends = Appending::new(sh.metrics.entries_appended.get());
+    // The age deadline learnt at the last tick with the writer. A roll
+    // since only moves the real one later, so an older one is never late.
+    let mut age_due: Option<u64> = None;
     loop {
         if *stop.borrow() {
             return (sched, probe);
         }
         sh.metrics.worker_wakes.inc();
-        let (age_due, ticked) = sh.tick_writer().await;
+        // While the broker appends, the writer's lock is left to it: the
+        // seals' results are collected without it, and the appender takes
+        // finished seals at its next roll. The lock is taken once appends
+        // pause, or when the age rule may be due.
+        let appending = appends.observe(sh.metrics.entries_appended.get(), Instant::now());
+        let with_writer =
+            !appending || (sh.handoff.age_rule() && age_due.is_none_or(|d| d <= now_ms()));
+        let (due, ticked) = sh.tick_writer(with_writer).await;
+        if with_writer {
+            age_due = due;
+        }
         if let Err(e) = ticked {
             tracing::error!(error = %e, "collecting sealed segments failed");
         }
@@ -233,6 +275,11 @@ pub(super) async fn worker(
         let now = Instant::now();
         let busy = pending > 0 || !sched.is_idle();
         let mut wake = now + if busy { tick } else { idle_wake(&mut rng).max(tick) };
+        if !with_writer {
+            // Back for the writer once appends pause (frozen segments the
+            // appender has not retired yet, the age deadline).
+            wake = wake.min(now + tick);
+        }
         if let Some(r) = sched.next_retry() {
             wake = wake.min(r);
         }

@@ -370,6 +370,7 @@ pub(super) async fn open_shared_hosted(
     let sh = Arc::new(Shared {
         seg_dir: writer.segments_dir().to_path_buf(),
         sealed: writer.sealed_set(),
+        handoff: writer.handoff(),
         writer: Arc::new(Mutex::new(writer)),
         journal: JournalHandle::start(journal)?,
         store,
