@@ -234,6 +234,65 @@ async fn a_stream_moved_or_renamed_under_a_running_host_gets_no_second_writer() 
     assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
 }
 
+/// Two operator mistakes that used to let a second writer beside a running
+/// host (helper-51, session 27): a stream's `HOSTED` removed by hand, and
+/// the host's directory renamed (the refusal then advised removing
+/// `HOSTED`). Both are refused now as a marked stream in place is; once the
+/// host is gone the stream opens on its own with its entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_hosts_stream_without_its_marker_or_in_a_renamed_host_gets_no_second_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
+    let host = Host::open(&root).unwrap();
+    let (a, _) = host
+        .open_stream(cfg(&root.join("a"), &store))
+        .await
+        .unwrap();
+    let (b, _) = host
+        .open_stream(cfg(&root.join("b"), &store))
+        .await
+        .unwrap();
+    for s in [&a, &b] {
+        s.append(b"k", 1, 1, 1).unwrap();
+        s.flush().unwrap();
+    }
+    std::fs::remove_file(root.join("a").join("HOSTED")).unwrap();
+    let err = refused(TierIndex::open(cfg(&root.join("a"), &store)).await);
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    assert!(err.to_string().contains("HOSTED was removed"), "{err}");
+    assert_eq!(
+        tierindex::journal::Journal::open(&root.join("a"), Default::default())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Locked
+    );
+
+    let renamed = tmp.path().join("host-renamed");
+    std::fs::rename(&root, &renamed).unwrap();
+    let err = refused(TierIndex::open(cfg(&renamed.join("b"), &store)).await);
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    assert!(
+        !err.to_string().contains("remove"),
+        "no advice to remove the marker: {err}"
+    );
+    std::fs::rename(&renamed, &root).unwrap();
+    for s in [a, b] {
+        assert!(s.shutdown(Duration::from_secs(10)).await.fully_drained());
+    }
+    drop(host);
+
+    // The host is gone: both open on their own, with their entries (the
+    // renamed host's directory too).
+    std::fs::rename(&root, &renamed).unwrap();
+    for name in ["a", "b"] {
+        let (s, _) = TierIndex::open(cfg(&renamed.join(name), &store))
+            .await
+            .unwrap();
+        assert_eq!(s.lookup(b"k", all()).entries.len(), 1, "{name}");
+        assert!(s.shutdown(Duration::from_secs(10)).await.fully_drained());
+    }
+}
+
 /// A stream moved from one host's directory to another's: taken over only
 /// while its first host does not run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,8 +34,13 @@
 //! - The host's directory is found by the device and inode `HOSTED`
 //!   records, not by `NAME`'s parent: `NAME` reached through another path
 //!   (moved out, bind-mounted into a container, copied) still needs that
-//!   host's lock, found at the recorded path; when the recorded path no
-//!   longer is that directory, the open is refused, saying what to check.
+//!   host's lock, found at the recorded path, or as `NAME`'s parent when
+//!   the parent is that directory (the host's directory renamed); when
+//!   neither is, the open is refused, saying what to check.
+//! - A process that opens a `NAME` without `HOSTED` directly under a host's
+//!   directory (one holding `TIERINDEX_HOST`) takes that directory's lock
+//!   shared too: a stream of a running host whose marker was removed (by
+//!   hand, a restore) is refused, not opened beside its host.
 //! - A host that finds `HOSTED` naming another host's directory takes
 //!   `NAME` over only when that directory is still at its recorded path
 //!   and unlocked (its host, which takes its lock before any claim, is not
@@ -432,24 +437,42 @@ fn write_marker(dir: &Path, m: &Marker) -> Result<()> {
 /// `dir` is hosted, its host's lock, shared (held by the caller for as long
 /// as it holds `dir`).
 pub(super) fn lock_host_of(dir: &Path) -> Result<Option<File>> {
+    let parent = dir
+        .canonicalize()
+        .map_err(|e| Error::io(dir, "resolve data directory", e))?
+        .parent()
+        .map(Path::to_path_buf);
     let Some(m) = Marker::read(dir)? else {
-        return Ok(None);
+        return match parent {
+            Some(p) => lock_host_above(dir, &p),
+            None => Ok(None),
+        };
     };
-    let Some(root) = m.root_in_place() else {
-        return Err(Error::InvalidInput(format!(
-            "{} belongs to the tierindex host of {} (device {}, inode {}), which is not \
-             there any more: the data directory was moved or copied out of it, or that \
-             directory was. If no host runs it (a host whose directory was renamed still \
-             does), remove {} and open it again",
-            dir.display(),
-            m.path.display(),
-            m.root.0,
-            m.root.1,
-            dir.join(HOSTED_FILE).display()
-        )));
+    // The recorded path, or this directory's parent when that is the same
+    // directory (the host's directory renamed, while it runs or not).
+    let root = match m.root_in_place() {
+        Some(r) => r.to_path_buf(),
+        None => match parent.filter(|p| ident(p).ok() == Some(m.root)) {
+            Some(p) => p,
+            None => {
+                return Err(Error::InvalidInput(format!(
+                    "{} belongs to the tierindex host of {} (device {}, inode {}), which is \
+                     not there any more: the data directory was moved or copied out of it, \
+                     or that directory was. Find where that host's directory is now (a \
+                     running host's process still holds it open) and stop that host, or put \
+                     this directory back under it; only if that host is gone for good, \
+                     remove {} and open it again",
+                    dir.display(),
+                    m.path.display(),
+                    m.root.0,
+                    m.root.1,
+                    dir.join(HOSTED_FILE).display()
+                )));
+            }
+        },
     };
-    let f = File::open(root).map_err(|e| Error::io(root, "open host directory", e))?;
-    if crate::durable::try_lock_shared(&f, root, "lock host directory")? {
+    let f = File::open(&root).map_err(|e| Error::io(&root, "open host directory", e))?;
+    if crate::durable::try_lock_shared(&f, &root, "lock host directory")? {
         return Ok(Some(f));
     }
     Err(Error::Locked {
@@ -458,7 +481,36 @@ pub(super) fn lock_host_of(dir: &Path) -> Result<Option<File>> {
             "the tierindex host of {} (as its {HOST_INFO_FILE} says: {}): this data \
              directory is one of its streams (it has a {HOSTED_FILE} file)",
             root.display(),
-            super::holder_in(root, HOST_INFO_FILE)
+            super::holder_in(&root, HOST_INFO_FILE)
+        ),
+    })
+}
+
+/// A data directory without a `HOSTED` marker, directly under a host's
+/// directory (one with [`HOST_INFO_FILE`]): its host may hold it with the
+/// marker removed (by hand, or a backup restored without it), and a second
+/// writer beside that host would lose acknowledged entries. So the host's
+/// lock is taken as for a marked stream: shared, refused while a host runs
+/// there. Only directories a host ever ran in are locked this way.
+fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<File>> {
+    match std::fs::symlink_metadata(parent.join(HOST_INFO_FILE)) {
+        Ok(m) if m.file_type().is_file() => {}
+        _ => return Ok(None),
+    }
+    let f = File::open(parent).map_err(|e| Error::io(parent, "open host directory", e))?;
+    if crate::durable::try_lock_shared(&f, parent, "lock host directory")? {
+        return Ok(Some(f));
+    }
+    Err(Error::Locked {
+        path: dir.to_path_buf(),
+        holder: format!(
+            "the tierindex host of {} (as its {HOST_INFO_FILE} says: {}): this data \
+             directory is directly under that running host's directory and has no \
+             {HOSTED_FILE} file, so it may be one of its streams whose {HOSTED_FILE} was \
+             removed. Stop that host first (or move this directory out of its directory if \
+             it is not one of its streams)",
+            parent.display(),
+            super::holder_in(parent, HOST_INFO_FILE)
         ),
     })
 }
