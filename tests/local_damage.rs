@@ -774,3 +774,30 @@ fn a_local_lookup_reports_items_whose_crc_fails() {
     assert_eq!(rotten.corrupt_items, in_slot);
     assert_eq!(rotten.corrupt_segments, vec![id.0]);
 }
+
+/// The data directory deleted, or its active file sealed and removed by a
+/// second process, under a running broker (helper-51, session 27): the
+/// appends go on into a file no restart will find, so the next flush must
+/// fail and poison, not acknowledge them; so must every later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_after_the_data_directory_was_deleted_is_refused() {
+    let w = World::new();
+    let (ti, _) = open_ti(&w).await;
+    for o in 0..10 {
+        ti.append(&key(o), o, 1, 1_000 + o).unwrap();
+    }
+    ti.flush().unwrap();
+    std::fs::remove_dir_all(&w.data).unwrap();
+    // An append may still go into the map; the flush is the durability
+    // point, and refuses.
+    let _ = ti.append(&key(10), 10, 1, 1_010);
+    let err = ti.flush().unwrap_err();
+    assert!(matches!(err, tierindex::Error::Poisoned(_)), "{err}");
+    assert!(err.to_string().contains("not there any more"), "{err}");
+    assert!(ti.flush().is_err());
+    assert!(ti.append(&key(11), 11, 1, 1_011).is_err());
+    assert!(ti.status().poisoned.is_some());
+    let report = ti.shutdown(Duration::from_secs(5)).await;
+    assert!(!report.fully_drained(), "{report:?}");
+    assert!(report.error.is_some(), "{report:?}");
+}

@@ -905,11 +905,43 @@ impl ActiveSegment {
     /// Returns only when they are on stable storage. A failure poisons.
     pub fn flush(&mut self) -> Result<()> {
         self.check_poison()?;
-        self.sync_unflushed().inspect_err(|e| {
-            if let Error::Poisoned(why) = e {
-                self.poisoned = Some(why.clone());
+        self.sync_unflushed()
+            .and_then(|()| self.check_in_place())
+            .inspect_err(|e| {
+                if let Error::Poisoned(why) = e {
+                    self.poisoned = Some(why.clone());
+                }
+            })
+    }
+
+    /// After a flush's msync: the file this segment maps is still the one
+    /// under its name. An msync into a file that was removed (a data
+    /// directory deleted under a running broker, or another process that
+    /// sealed this segment and removed its active file) or replaced (a
+    /// copy or restore) made nothing durable that a restart would find, so
+    /// the flush must not be acknowledged; nothing is written on top of it
+    /// either (`Poisoned`). One `stat` of the path a flush.
+    fn check_in_place(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let found = std::fs::symlink_metadata(&self.path);
+        let why = match &found {
+            Ok(m) if m.file_type().is_file() && (m.dev(), m.ino()) == self.alloc.file_id => {
+                return Ok(());
             }
-        })
+            Ok(_) => "another file is under its name (replaced, or restored from a copy)".to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                "it is not there any more (removed, or the data directory deleted or moved)"
+                    .to_string()
+            }
+            Err(e) => format!("it cannot be checked: {e}"),
+        };
+        Err(Error::Poisoned(format!(
+            "{} is not the file this segment wrote: {why}. The entries since the last flush are \
+             not acknowledged and nothing more is written. Stop the broker; if another process \
+             opened this data directory, stop it too, then run `tierindex fsck` on the data \
+             directory",
+            self.path.display()
+        )))
     }
 
     /// [`flush`](Self::flush) for a frozen segment (rolled: no append will
@@ -1161,6 +1193,32 @@ mod tests {
             size: 1,
             timestamp_ms: i,
         }
+    }
+
+    /// A flush whose file was removed or replaced under it is refused and
+    /// poisons: what it synced is in no file a restart reads.
+    #[test]
+    fn a_flush_into_a_file_removed_or_replaced_under_it_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 8, 100, 0).unwrap();
+        s.append_entry(e(1, 1)).unwrap();
+        s.flush().unwrap();
+        std::fs::remove_file(s.path()).unwrap();
+        s.append_entry(e(1, 2)).unwrap();
+        let err = s.flush().unwrap_err();
+        assert!(matches!(&err, Error::Poisoned(m) if m.contains("not there any more")), "{err}");
+        assert!(s.append_entry(e(1, 3)).is_err());
+        assert!(s.flush().is_err());
+
+        let mut s = ActiveSegment::create(d.path(), SegmentId(2), 8, 100, 0).unwrap();
+        s.append_entry(e(1, 1)).unwrap();
+        s.flush().unwrap();
+        // A copy put in its place (a restore into a live data directory).
+        let copy = d.path().join("copy");
+        std::fs::copy(s.path(), &copy).unwrap();
+        std::fs::rename(&copy, s.path()).unwrap();
+        let err = s.flush().unwrap_err();
+        assert!(matches!(&err, Error::Poisoned(m) if m.contains("another file")), "{err}");
     }
 
     #[test]
