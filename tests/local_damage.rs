@@ -801,3 +801,61 @@ async fn a_flush_after_the_data_directory_was_deleted_is_refused() {
     assert!(!report.fully_drained(), "{report:?}");
     assert!(report.error.is_some(), "{report:?}");
 }
+
+/// A committed segment whose local file is not the one committed (a second
+/// process sealed more entries under its id from the same active file, as
+/// when a running host's stream was opened beside it): the release must
+/// not delete it. It goes to quarantine, with the reason, and the segment
+/// is released only then (helper-51, session 27).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_segments_local_file_that_differs_is_kept_not_released() {
+    let w = World::new();
+    build(&w, 600, 0, true);
+    // Upload and commit both segments, keeping the local copies.
+    let (ti, _) = open_ti(&w).await;
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(r.fully_drained(), "{r:#?}");
+    let (_, sealed) = files(&w);
+    let victim = sealed[0].clone();
+    let id: u64 = victim
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".seg")
+        .parse()
+        .unwrap();
+    // Same id, the committed entries and 20 more.
+    let more: Vec<Entry> = (0..320).map(entry).collect();
+    let (bytes, _) = build_sealed(SegmentId(id), 1, 2, SLOTS, &more).unwrap();
+    std::fs::write(&victim, &bytes).unwrap();
+
+    let mut cfg = w.config();
+    cfg.release_after_commit = true;
+    let (ti, _) = TierIndex::open(cfg).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(!victim.exists(), "moved out of segments/");
+    let kept: Vec<String> = w
+        .quarantine_files()
+        .into_iter()
+        .filter(|f| f.contains(&format!("{id:020}")))
+        .collect();
+    assert!(
+        !kept.is_empty(),
+        "kept in quarantine: {:?}",
+        w.quarantine_files()
+    );
+    let record = kept
+        .iter()
+        .find(|f| f.ends_with(".why.json"))
+        .expect("a record");
+    let why = std::fs::read_to_string(w.data.join("quarantine").join(record)).unwrap();
+    assert!(why.contains("not the one committed"), "{why}");
+    assert!(why.contains("items 320 (journal: 300)"), "{why}");
+    let q = kept.iter().find(|f| !f.ends_with(".why.json")).unwrap();
+    assert_eq!(
+        std::fs::read(w.data.join("quarantine").join(q)).unwrap(),
+        bytes
+    );
+    // The other segment was released as usual.
+    assert!(!sealed[1].exists(), "{r:#?}");
+}

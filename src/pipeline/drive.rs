@@ -605,6 +605,36 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                          and later ones, which the next start finishes from the local copies"
                     )));
                 }
+                // The local copy must be the one committed: a second process
+                // that sealed this id from the same active file (a copy of
+                // the data directory, a host's stream opened beside its
+                // host) can leave a file holding entries the committed
+                // object does not. Kept aside for an operator, never
+                // deleted; the segment is released once the file is out of
+                // `segments/`.
+                if let Some(diff) = sh.sealed.differs_from(id, &rec.meta) {
+                    let reason = format!(
+                        "local sealed file of committed segment {id} is not the one committed \
+                         ({diff}): it may hold entries the store does not. Kept in quarantine \
+                         for an operator, not released: look them up with `tierindex inspect` \
+                         and append what is missing again"
+                    );
+                    tracing::error!(segment = id.0, "{reason}");
+                    let writer = sh.writer.clone();
+                    let why = reason.clone();
+                    let moved = tokio::task::spawn_blocking(move || {
+                        writer
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .quarantine_sealed(id, &why)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(format!("quarantine task failed: {e}")))??;
+                    if let Some(to) = moved {
+                        tracing::error!(segment = id.0, to = %to.display(), "local sealed file moved to quarantine");
+                    }
+                    return Err(Error::corrupt(local_path(sh, id).display().to_string(), reason));
+                }
                 // Never drop the last copy: the object must still be there,
                 // whole (someone may have deleted it since it was verified,
                 // e.g. another data directory's reconciler taking it for an

@@ -851,6 +851,41 @@ impl LocalSealed {
 
     /// The segment's metadata as journaled: from the recorded footer and
     /// sums, mapping the file only when its sums were never computed.
+    /// How the local sealed file of `id` differs from `meta` (the journal's
+    /// record of it), by its footer as recorded when it was taken in and
+    /// its checksums when known, and by its length on disk now; `None` when
+    /// they agree or the file is not held. No read of the file: for a
+    /// release, which must not delete a local copy that is not the
+    /// committed one (a second process sealed other entries under its id).
+    pub fn differs_from(&self, id: SegmentId, meta: &SealedMeta) -> Option<String> {
+        let info = self.known().get(&id).cloned()?;
+        let f = info.footer();
+        let mut diffs = Vec::new();
+        let mut cmp = |what: &str, local: u64, journal: u64| {
+            if local != journal {
+                diffs.push(format!("{what} {local} (journal: {journal})"));
+            }
+        };
+        cmp("items", f.item_count, meta.item_count);
+        cmp("bytes", f.file_len, meta.file_len);
+        cmp("first offset", f.min_offset, meta.min_offset);
+        cmp("last offset", f.max_offset, meta.max_offset);
+        cmp("sealed at ms", f.sealed_ms, meta.sealed_ms);
+        if let Some(s) = info.sums.get() {
+            let local = f.meta(*s);
+            cmp("CRC-32", u64::from(local.file_crc), u64::from(meta.file_crc));
+            if let (Some(a), Some(b)) = (local.crc64, meta.crc64) {
+                cmp("CRC-64", a, b);
+            }
+        }
+        match std::fs::metadata(self.dir.join(sealed_file_name(id))) {
+            Ok(m) => cmp("bytes on disk", m.len(), meta.file_len),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => diffs.push(format!("its file cannot be checked: {e}")),
+        }
+        (!diffs.is_empty()).then(|| diffs.join(", "))
+    }
+
     pub fn meta(&self, id: SegmentId) -> Result<Option<SealedMeta>> {
         let Some(info) = self.known().get(&id).cloned() else {
             return Ok(None);
