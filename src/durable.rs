@@ -323,6 +323,12 @@ impl At {
         rename(from, to)
     }
 
+    /// [`rename_noreplace`] behind the point.
+    pub fn rename_noreplace(self, from: &Path, to: &Path) -> io::Result<()> {
+        crate::failpoint::hit(self.0)?;
+        rename_noreplace(from, to)
+    }
+
     /// [`unlink`] behind the point.
     pub fn unlink(self, path: &Path) -> io::Result<()> {
         crate::failpoint::hit(self.0)?;
@@ -333,6 +339,45 @@ impl At {
 /// Rename `from` to `to` (durable after a directory fsync).
 pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
     std::fs::rename(from, to)?;
+    note(|| Step::Rename {
+        from: seam::path(from),
+        to: seam::path(to),
+    });
+    Ok(())
+}
+
+/// [`rename`], refused (`AlreadyExists`) when `to` exists: one atomic
+/// `renameat2(RENAME_NOREPLACE)`. A file system without that flag gets a
+/// check, then the rename: not atomic against a second writer, but that
+/// writer would already be one beside this directory's lock.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a path"))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+            return Err(e);
+        }
+        match std::fs::symlink_metadata(to) {
+            Ok(_) => return Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::rename(from, to)?,
+            Err(e) => return Err(e),
+        }
+    }
     note(|| Step::Rename {
         from: seam::path(from),
         to: seam::path(to),

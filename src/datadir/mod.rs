@@ -50,7 +50,9 @@ use crate::error::{Error, Result};
 use crate::segment::active::{self, ActiveRecovery, ActiveSegment};
 use crate::segment::salvage::{self, Geometry, LostSpan};
 use crate::segment::local::SealedInfo;
-use crate::segment::sealed::{PACKED_ENTRY_LEN, SealedSegment, write_sealed_streaming};
+use crate::segment::sealed::{
+    PACKED_ENTRY_LEN, SealedSegment, write_sealed_replacing, write_sealed_streaming,
+};
 use crate::segment::{SegmentId, now_ms};
 
 pub use crate::segment::names::SEGMENTS_DIR;

@@ -876,7 +876,7 @@ fn salvage_sealed_file(
     )?;
     if !s.entries.is_empty() {
         let packed = salvage::pack(s.entries.iter().copied());
-        let (p, _) = write_sealed_streaming(
+        let (p, _) = write_sealed_replacing(
             &dir.segments_dir(),
             id,
             s.created_ms,

@@ -463,6 +463,7 @@ mod tests {
             .unwrap();
             assert_eq!(m2, meta, "n={n} slots={slots}");
             assert_eq!(fs::read(&p).unwrap(), bytes, "n={n} slots={slots}");
+            fs::remove_file(&p).unwrap();
             // Against a naive model: a stable sort of the appended entries by
             // slot is exactly the item order in the file.
             let mut model = entries(n);
@@ -630,6 +631,14 @@ mod tests {
                     write_sealed_streaming(d.path(), id, 11, 22, slots, &items, stride).unwrap();
                 assert_eq!(m2, meta);
                 assert!(fs::read(&p).unwrap() == want, "file n={n} slots={slots}");
+                // A sealed file is never written over: the next stride's
+                // seal of this id is refused while it is there.
+                let err = write_sealed_streaming(d.path(), id, 11, 22, slots, &items, stride)
+                    .unwrap_err();
+                assert!(err.to_string().contains("already exists"), "{err}");
+                assert!(fs::read(&p).unwrap() == want, "kept n={n} slots={slots}");
+                assert!(!d.path().join(sealed_tmp_name(id)).exists());
+                fs::remove_file(&p).unwrap();
             }
         }
     }

@@ -77,6 +77,12 @@ pub fn build_sealed_packed(
 /// renamed, directory fsync'd. The active segment's item region is a packed
 /// layout with stride 40, so sealing reads the mapping directly, with no
 /// decoding.
+///
+/// Never over an existing `NNN.seg`: a sealed file is immutable, and one
+/// already there under this id was sealed by something else (a second
+/// process on this data directory); replacing it could delete entries
+/// only it holds. Refused (`AlreadyExists`) instead; the caller's source
+/// stays. [`write_sealed_replacing`] is for the one step that replaces.
 pub fn write_sealed_streaming(
     dir: &Path,
     id: SegmentId,
@@ -85,6 +91,50 @@ pub fn write_sealed_streaming(
     slot_count: u32,
     items: &[u8],
     stride: usize,
+) -> Result<(PathBuf, SealedMeta)> {
+    write_sealed_at(
+        dir,
+        id,
+        (created_ms, sealed_ms),
+        slot_count,
+        items,
+        stride,
+        false,
+    )
+}
+
+/// [`write_sealed_streaming`] over the existing `NNN.seg`: a start-up's
+/// salvage of a damaged sealed file by item, whose original it already
+/// kept in quarantine (until the rename the damaged one stays in place, so
+/// a crash redoes the salvage).
+pub fn write_sealed_replacing(
+    dir: &Path,
+    id: SegmentId,
+    created_ms: u64,
+    sealed_ms: u64,
+    slot_count: u32,
+    items: &[u8],
+    stride: usize,
+) -> Result<(PathBuf, SealedMeta)> {
+    write_sealed_at(
+        dir,
+        id,
+        (created_ms, sealed_ms),
+        slot_count,
+        items,
+        stride,
+        true,
+    )
+}
+
+fn write_sealed_at(
+    dir: &Path,
+    id: SegmentId,
+    (created_ms, sealed_ms): (u64, u64),
+    slot_count: u32,
+    items: &[u8],
+    stride: usize,
+    replace: bool,
 ) -> Result<(PathBuf, SealedMeta)> {
     let tmp = dir.join(sealed_tmp_name(id));
     let dst = dir.join(sealed_file_name(id));
@@ -118,9 +168,24 @@ pub fn write_sealed_streaming(
         .sync_all(&f, &tmp)
         .map_err(|e| Error::Poisoned(format!("fsync of {} failed: {e}", tmp.display())))?;
     drop(f);
-    crate::durable::at("seal.rename")
-        .rename(&tmp, &dst)
-        .map_err(|e| Error::io(&dst, "rename sealed tmp into place", e))?;
+    let at = crate::durable::at("seal.rename");
+    let renamed = if replace {
+        at.rename(&tmp, &dst)
+    } else {
+        at.rename_noreplace(&tmp, &dst)
+    };
+    if let Err(e) = renamed {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            let _ = crate::durable::unlink(&tmp);
+            return Err(Error::InvalidInput(format!(
+                "{} already exists: segment {id} was sealed by something else (a second \
+                 process on this data directory?). Nothing was replaced; its source stays. \
+                 Stop every process on the data directory and run `tierindex fsck` on it",
+                dst.display()
+            )));
+        }
+        return Err(Error::io(&dst, "rename sealed tmp into place", e));
+    }
     // IMPORTANT: the rename is only durable once the directory is synced.
     fsync_dir_at("seal.dirsync", dir)?;
     Ok((dst, meta))
