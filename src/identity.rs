@@ -38,7 +38,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -310,6 +310,50 @@ pub fn ensure(
     id.store_in(data_dir)?;
     tracing::info!(data_dir = %data_dir.display(), incarnation = %id.incarnation, "data directory identity written");
     Ok(id)
+}
+
+/// An `IDENTITY` an open wrote, removed again (and the directory fsynced)
+/// unless [`keep`](Self::keep) is called: an open refused after writing it
+/// (a store that has no manifest for the journal's committed segments: a
+/// typo in the URL) must not leave the data directory bound to that store.
+/// Before, the refusal's own advice (`reconcile --repair`) then rebuilt the
+/// stream in the mistyped store, and the right one was refused.
+pub struct NewIdentity(Option<PathBuf>);
+
+impl NewIdentity {
+    /// `created`: this open wrote `data_dir`'s identity.
+    pub fn new(data_dir: &Path, created: bool) -> NewIdentity {
+        NewIdentity(created.then(|| data_dir.to_path_buf()))
+    }
+
+    /// The open went through: the identity stays.
+    pub fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for NewIdentity {
+    fn drop(&mut self) {
+        let Some(dir) = self.0.take() else {
+            return;
+        };
+        let path = dir.join(IDENTITY_FILE);
+        let removed = crate::durable::unlink(&path)
+            .map_err(|e| Error::io(&path, "remove", e))
+            .and_then(|()| crate::durable::fsync_dir(&dir));
+        match removed {
+            Ok(()) => tracing::info!(
+                file = %path.display(),
+                "the open was refused: the identity it wrote is removed again"
+            ),
+            Err(e) => tracing::warn!(
+                file = %path.display(),
+                error = %e,
+                "the open was refused, and the identity it wrote could not be removed: check \
+                 that it names the right store before the next open"
+            ),
+        }
+    }
 }
 
 /// [`ensure`]'s check of an existing identity against what an open names.

@@ -130,6 +130,42 @@ async fn a_store_that_lost_the_stream_is_refused_at_open_naming_what_was_committ
     t.assert_readable(&cfg.data_dir, &model);
 }
 
+/// An open without `IDENTITY` (moved aside as damaged) naming a mistyped
+/// store is refused as above, and leaves no `IDENTITY` naming that store
+/// behind: before, the data directory was then bound to the typo, the
+/// right store was refused, and the refusal's own advice rebuilt the
+/// stream in the typo (helper-51, session 27). The right store then opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_open_does_not_bind_the_data_directory_to_a_mistyped_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = target(tmp.path());
+    let cfg = tierindex::Config {
+        release_after_commit: false,
+        ..t.config(&tmp.path().join("data"))
+    };
+    let mut model = scenarios::Model::new();
+    scenarios::fill(&cfg, 0..500, &mut model).await;
+    let identity = cfg.data_dir.join("IDENTITY");
+    std::fs::rename(&identity, cfg.data_dir.join("IDENTITY.damaged")).unwrap();
+    let typo = tierindex::Config {
+        store: Some(format!("file://{}", tmp.path().join("bukcet").display())),
+        ..cfg.clone()
+    };
+    let err = match tierindex::TierIndex::open(typo).await {
+        Ok(_) => panic!("opened on a store that holds none of the committed segments"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("has no manifest for stream"), "{err}");
+    assert!(
+        !identity.exists(),
+        "the refused open left an IDENTITY behind"
+    );
+    scenarios::fill(&cfg, 500..600, &mut model).await;
+    let recorded = std::fs::read_to_string(&identity).unwrap();
+    assert!(recorded.contains("/bucket"), "{recorded}");
+    t.assert_readable(&cfg.data_dir, &model);
+}
+
 /// A single-writer data directory switched to the manifest has committed
 /// segments and a store with no manifest until its first take succeeds:
 /// that is not a store that lost the stream. A first switching open that

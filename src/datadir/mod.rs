@@ -149,6 +149,8 @@ impl DataDir {
     /// ([`crate::identity::ensure`]): written when there is none yet (a new
     /// data directory, or one from before identity files), else read. The
     /// broker's open uses this; the lock is held before the file is written.
+    /// The flag: the identity was written by this call (the open removes it
+    /// again when it is refused later: [`crate::identity::NewIdentity`]).
     pub fn open_as(
         root: &Path,
         stream: &str,
@@ -157,13 +159,14 @@ impl DataDir {
         mode: Option<crate::identity::Mode>,
         overrides: crate::identity::Overrides,
         host: Option<&Arc<HostLock>>,
-    ) -> Result<(DataDir, crate::identity::Identity)> {
+    ) -> Result<(DataDir, crate::identity::Identity, bool)> {
         let dd = match host {
             Some(h) => DataDir::open_hosted(h, root)?,
             None => DataDir::open(root)?,
         };
+        let existed = std::fs::symlink_metadata(root.join(crate::identity::IDENTITY_FILE)).is_ok();
         let id = crate::identity::ensure(root, stream, store, endpoint, mode, overrides)?;
-        Ok((dd, id))
+        Ok((dd, id, !existed))
     }
 
     pub fn root(&self) -> &Path {

@@ -162,10 +162,11 @@ pub(super) async fn open_shared_hosted(
 ) -> Result<(Arc<Shared>, OpenReport)> {
     // Local recovery reads and checks files: on a blocking thread, never on
     // the caller's runtime thread (issue 16).
-    let (dd, previous_shutdown_clean, journal, jrep, committed) = {
+    let (dd, previous_shutdown_clean, journal, jrep, committed, new_identity) = {
         let (cfg, url) = (cfg.clone(), store.display_url().to_string());
-        tokio::task::spawn_blocking(move || -> Result<(DataDir, bool, Journal, ReplayReport, usize)> {
-            let (dd, identity) = DataDir::open_as(
+        type Opened = (DataDir, bool, Journal, ReplayReport, usize, crate::identity::NewIdentity);
+        tokio::task::spawn_blocking(move || -> Result<Opened> {
+            let (dd, identity, created) = DataDir::open_as(
                 &cfg.data_dir,
                 &cfg.stream,
                 &url,
@@ -176,6 +177,9 @@ pub(super) async fn open_shared_hosted(
                 },
                 host.as_ref(),
             )?;
+            // Removed again if the open is refused from here on (before
+            // `dd`, and with it the lock, is dropped).
+            let new_identity = crate::identity::NewIdentity::new(&cfg.data_dir, created);
             let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
             let previous_shutdown_clean = marker.exists();
             if previous_shutdown_clean {
@@ -227,7 +231,7 @@ pub(super) async fn open_shared_hosted(
                 cfg.switch_mode,
                 holds_data,
             )?;
-            Ok((dd, previous_shutdown_clean, journal, jrep, committed))
+            Ok((dd, previous_shutdown_clean, journal, jrep, committed, new_identity))
         })
         .await
         .map_err(|e| Error::Internal(format!("open task failed: {e}")))??
@@ -339,6 +343,9 @@ pub(super) async fn open_shared_hosted(
     // Sealed files still to be uploaded (unknown to the journal, Sealed or
     // Uploading) get the full item check at start-up: damage is salvaged
     // before their bytes are journaled or uploaded.
+    // The stream is taken (or the store unreachable, or single-writer
+    // mode): the identity stays from here on.
+    new_identity.keep();
     let index_cfg = cfg.index_config();
     let (writer, seg_report, journal, reseal_notes) = tokio::task::spawn_blocking(move || {
         let (mut writer, mut seg_report) = {
