@@ -130,16 +130,19 @@ impl Covered {
     ///   key filter or slot bits (a key filter rules out only keys its
     ///   checked items did not hold).
     pub fn covers(&self, meta: &SealedMeta, ours: impl Fn(SegmentId) -> Option<SealedMeta>) -> bool {
+        // The journal's record is asked even when the set's log says the
+        // segment was not removed while the lookup ran: a frozen segment
+        // the writer has not retired yet (the appender retires them at its
+        // next roll) may have been released before the lookup began, and
+        // its entries were read from the frozen mapping.
         let ours_now = || {
             self.sealed.same_segment(meta)
-                || match self.sealed.removed_since(self.removals, meta) {
-                    Some(removed) => removed,
-                    None => ours(meta.id).is_some_and(|m| {
-                        m.key_sum() == meta.key_sum()
-                            && m.file_len == meta.file_len
-                            && m.item_count == meta.item_count
-                    }),
-                }
+                || self.sealed.removed_since(self.removals, meta) == Some(true)
+                || ours(meta.id).is_some_and(|m| {
+                    m.key_sum() == meta.key_sum()
+                        && m.file_len == meta.file_len
+                        && m.item_count == meta.item_count
+                })
         };
         if self.open.contains(&meta.id) {
             return ours_now();
