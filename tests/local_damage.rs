@@ -859,3 +859,49 @@ async fn a_committed_segments_local_file_that_differs_is_kept_not_released() {
     // The other segment was released as usual.
     assert!(!sealed[1].exists(), "{r:#?}");
 }
+
+/// A committed object damaged in place at rest (same size), released in a
+/// later run than the one that verified it: the release reads the body
+/// back whole and keeps the local copy, the last good one (helper-52,
+/// session 27: a size check let it delete it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_in_a_later_run_proves_the_body_before_deleting_the_local_copy() {
+    let w = World::new();
+    build(&w, 600, 0, true);
+    let (ti, _) = open_ti(&w).await;
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(r.fully_drained(), "{r:#?}");
+    let (_, sealed) = files(&w);
+    let stem = sealed[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".seg")
+        .to_string();
+    let mut objects = Vec::new();
+    let mut dirs = vec![w.store.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().unwrap().to_string_lossy().starts_with(&stem) {
+                objects.push(p);
+            }
+        }
+    }
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    // One bit of one item, in the store's copy only.
+    xor(&objects[0], 400, 1, 0x10);
+
+    let mut cfg = w.config();
+    cfg.release_after_commit = true;
+    let (ti, _) = TierIndex::open(cfg).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(30)).await;
+    assert!(sealed[0].exists(), "the last good copy was deleted: {r:#?}");
+    assert!(!r.fully_drained(), "{r:#?}");
+    let said = format!("{r:?}");
+    assert!(said.contains("does not hold the committed bytes"), "{said}");
+    // The other segment's object is whole: released.
+    assert!(!sealed[1].exists(), "{r:#?}");
+}

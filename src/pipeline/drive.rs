@@ -642,17 +642,57 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // report; `tierindex reconcile --repair` re-uploads it, and
                 // the next drive releases.
                 if local_path(sh, id).exists() {
-                    match sh.store.object_store().head(&key).await {
-                        Ok(m) if m.size == rec.meta.file_len => {}
-                        Ok(m) => {
-                            return Err(Error::Remote(format!(
-                                "committed object {key} is {} bytes, the journal says {}: local \
-                                 copy kept, not released. `tierindex reconcile --repair` repairs \
-                                 it from the local copy",
+                    // Proven in this process (its upload was verified, at
+                    // the level the probe allows, moments ago): its size is
+                    // checked again. Otherwise (a crash between Committed
+                    // and Released, a release retried in a later run,
+                    // `release_after_commit` turned on later) the body is
+                    // read back whole before the last local copy goes: a
+                    // size check missed an object damaged in place at rest.
+                    let proven_here = sh
+                        .verified_here
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&id);
+                    let seen = if proven_here {
+                        match sh.store.object_store().head(&key).await {
+                            Ok(m) if m.size == rec.meta.file_len => Ok(()),
+                            Ok(m) => Err(format!(
+                                "is {} bytes, the journal says {}",
                                 m.size, rec.meta.file_len
-                            )));
+                            )),
+                            Err(object_store::Error::NotFound { .. }) => {
+                                Err("missing".to_string())
+                            }
+                            Err(e) => return Err(crate::remote::classify(e)),
                         }
-                        Err(object_store::Error::NotFound { .. }) => {
+                    } else {
+                        let cfg = sh.upload_config();
+                        match upload::verify_segment_cfg(
+                            &sh.store,
+                            &key,
+                            &rec.meta,
+                            upload::VerifyLevel::Full,
+                            &cfg,
+                        )
+                        .await
+                        {
+                            Ok(()) => {
+                                mark_verified_here(sh, id);
+                                Ok(())
+                            }
+                            Err(Error::Corrupt { detail, .. }) if detail.starts_with("missing") => {
+                                Err("missing".to_string())
+                            }
+                            Err(Error::Corrupt { detail, .. }) => Err(format!(
+                                "does not hold the committed bytes ({detail})"
+                            )),
+                            Err(e) => return Err(e),
+                        }
+                    };
+                    match seen {
+                        Ok(()) => {}
+                        Err(missing) if missing == "missing" => {
                             tracing::error!(%key, "committed object is missing: local copy kept, not released");
                             let elsewhere = match foreign {
                                 Some(old) => format!(
@@ -671,7 +711,13 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                                 sh.store.display_url()
                             )));
                         }
-                        Err(e) => return Err(crate::remote::classify(e)),
+                        Err(why) => {
+                            tracing::error!(%key, "committed object {why}: local copy kept, not released");
+                            return Err(Error::Remote(format!(
+                                "committed object {key} {why}: local copy kept, not released. \
+                                 `tierindex reconcile --repair` repairs it from the local copy"
+                            )));
+                        }
                     }
                     // Readers go through the manifest: the local copy goes
                     // only once it lists this segment, whole. Committed
