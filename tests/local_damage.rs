@@ -828,6 +828,11 @@ async fn a_committed_segments_local_file_that_differs_is_kept_not_released() {
     let more: Vec<Entry> = (0..320).map(entry).collect();
     let (bytes, _) = build_sealed(SegmentId(id), 1, 2, SLOTS, &more).unwrap();
     std::fs::write(&victim, &bytes).unwrap();
+    // `fsck` says so (exit 4) and changes nothing without `--repair`.
+    let (code, out) = cli(&w, &["fsck"]);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("NOT THE COMMITTED FILE"), "{out}");
+    assert!(victim.exists());
 
     let mut cfg = w.config();
     cfg.release_after_commit = true;

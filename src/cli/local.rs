@@ -253,6 +253,11 @@ struct FsckOut {
     journal_truncated_bytes: u64,
     /// Pending segments whose local file is missing.
     missing: Vec<String>,
+    /// Committed segments whose local file is not the one committed (its
+    /// footer differs from the journal's record): it may hold entries the
+    /// store does not; `--repair` moves it to quarantine.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    not_committed_file: Vec<String>,
     /// `--repair` rebuilt a damaged or missing journal (`journal::rebuild`).
     #[serde(skip_serializing_if = "Option::is_none")]
     journal_rebuilt: Option<journal::RebuildReport>,
@@ -354,14 +359,54 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
             )
         })
         .collect();
+    // A committed segment's local file must be the one committed: another
+    // (sealed by a second process under its id) may hold entries the store
+    // does not, and must be neither served as the segment nor released.
+    let mut not_committed_file = Vec::new();
+    for r in segments
+        .values()
+        .filter(|r| r.state == journal::SegmentState::Committed)
+    {
+        let path = dd
+            .segments_dir()
+            .join(crate::segment::sealed::sealed_file_name(r.meta.id));
+        // Kept by a repair's recovery; a check reads the footer again (a
+        // file that fails the check was reported above).
+        let diffs = match rec.sealed.get(&r.meta.id) {
+            Some(info) => info.differences(&r.meta),
+            None if path.exists() => match crate::segment::local::SealedInfo::check(&path, false) {
+                Ok(info) => info.differences(&r.meta),
+                Err(_) => continue,
+            },
+            None => continue,
+        };
+        if diffs.is_empty() {
+            continue;
+        }
+        let why = format!(
+            "local sealed file of committed segment {} is not the one committed ({}): it may \
+             hold entries the store does not",
+            r.meta.id,
+            diffs.join(", ")
+        );
+        if repair {
+            let to = dd.quarantine_because(&path, &why, None)?;
+            not_committed_file.push(format!("{why}; moved to {}", to.display()));
+        } else {
+            not_committed_file.push(format!("{why}; `fsck --repair` moves it to quarantine"));
+        }
+    }
     // Segments are synced by recover(); nothing else to flush here.
     // A rebuilt journal is a repair of damage found (exit 4, as for a
     // segment), unless there was no journal and nothing to put in one.
     let journal_clean = journal_rebuilt
         .as_ref()
         .is_none_or(|rb| rb.damaged_copy.is_none() && rb.segments == 0);
-    let clean =
-        rec.report.is_clean() && jrep.torn_tail_at.is_none() && missing.is_empty() && journal_clean;
+    let clean = rec.report.is_clean()
+        && jrep.torn_tail_at.is_none()
+        && missing.is_empty()
+        && not_committed_file.is_empty()
+        && journal_clean;
     let out = FsckOut {
         repaired: repair,
         segments: rec.report,
@@ -369,6 +414,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         journal_torn_tail_at: jrep.torn_tail_at,
         journal_truncated_bytes: jrep.truncated_bytes,
         missing,
+        not_committed_file,
         journal_rebuilt,
     };
     emit(cli.json, &out, |o| {
@@ -443,6 +489,9 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         }
         for m in &o.missing {
             s.push_str(&format!("\n  MISSING {m}"));
+        }
+        for m in &o.not_committed_file {
+            s.push_str(&format!("\n  NOT THE COMMITTED FILE {m}"));
         }
         for r in &o.segments.removed {
             s.push_str(&format!(

@@ -612,7 +612,7 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // object does not. Kept aside for an operator, never
                 // deleted; the segment is released once the file is out of
                 // `segments/`.
-                if let Some(diff) = sh.sealed.differs_from(id, &rec.meta) {
+                if let Some(diff) = sh.sealed.differs_from(id, &rec.meta, true) {
                     let reason = format!(
                         "local sealed file of committed segment {id} is not the one committed \
                          ({diff}): it may hold entries the store does not. Kept in quarantine \

@@ -264,6 +264,52 @@ impl Shared {
         }
     }
 
+    /// Start-up: every local sealed file of a `Committed` segment against
+    /// the journal's record of it (its footer as start-up read it: no I/O).
+    /// One that differs is not the committed segment: a second process
+    /// sealed other entries under the id (a copy of the data directory, a
+    /// host's stream opened beside its host). It may hold entries the store
+    /// does not, so it is moved to quarantine with the reason, never served
+    /// as the segment, released or deleted. Returns a note for each.
+    pub async fn check_committed_local(&self) -> Result<Vec<String>> {
+        let differ: Vec<(SegmentId, String)> = {
+            let j = self.journal.read();
+            j.segments()
+                .iter()
+                .filter(|(_, r)| r.state == crate::journal::SegmentState::Committed)
+                .filter_map(|(id, r)| {
+                    self.sealed
+                        .differs_from(*id, &r.meta, false)
+                        .map(|d| (*id, d))
+                })
+                .collect()
+        };
+        let mut notes = Vec::new();
+        for (id, diff) in differ {
+            let reason = format!(
+                "local sealed file of committed segment {id} is not the one committed ({diff}): \
+                 it may hold entries the store does not. Kept in quarantine for an operator: \
+                 look them up with `tierindex inspect` and append what is missing again"
+            );
+            tracing::error!(segment = id.0, "{reason}");
+            let writer = self.writer.clone();
+            let why = reason.clone();
+            let moved = tokio::task::spawn_blocking(move || {
+                writer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .quarantine_sealed(id, &why)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("quarantine task failed: {e}")))??;
+            notes.push(match moved {
+                Some(to) => format!("{reason}; moved to {}", to.display()),
+                None => reason,
+            });
+        }
+        Ok(notes)
+    }
+
     /// Start-up: journal every local sealed file the journal does not know
     /// (a crash between seal and journal append). Returns notes for files
     /// that cannot be recorded.

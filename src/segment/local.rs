@@ -282,6 +282,32 @@ impl SealedInfo {
     pub fn footer(&self) -> Footer {
         self.footer.footer()
     }
+
+    /// How this file, by its footer and its checksums when known, differs
+    /// from `meta` (a journal record of the segment): each difference as
+    /// "what local (journal: recorded)"; empty when none is seen.
+    pub fn differences(&self, meta: &SealedMeta) -> Vec<String> {
+        let f = self.footer();
+        let mut diffs = Vec::new();
+        let mut cmp = |what: &str, local: u64, journal: u64| {
+            if local != journal {
+                diffs.push(format!("{what} {local} (journal: {journal})"));
+            }
+        };
+        cmp("items", f.item_count, meta.item_count);
+        cmp("bytes", f.file_len, meta.file_len);
+        cmp("first offset", f.min_offset, meta.min_offset);
+        cmp("last offset", f.max_offset, meta.max_offset);
+        cmp("sealed at ms", f.sealed_ms, meta.sealed_ms);
+        if let Some(s) = self.sums.get() {
+            let local = f.meta(*s);
+            cmp("CRC-32", u64::from(local.file_crc), u64::from(meta.file_crc));
+            if let (Some(a), Some(b)) = (local.crc64, meta.crc64) {
+                cmp("CRC-64", a, b);
+            }
+        }
+        diffs
+    }
 }
 
 /// Outcome of [`LocalSealed::lookup_hash`].
@@ -853,35 +879,25 @@ impl LocalSealed {
     /// sums, mapping the file only when its sums were never computed.
     /// How the local sealed file of `id` differs from `meta` (the journal's
     /// record of it), by its footer as recorded when it was taken in and
-    /// its checksums when known, and by its length on disk now; `None` when
-    /// they agree or the file is not held. No read of the file: for a
-    /// release, which must not delete a local copy that is not the
-    /// committed one (a second process sealed other entries under its id).
-    pub fn differs_from(&self, id: SegmentId, meta: &SealedMeta) -> Option<String> {
+    /// its checksums when known, and (`on_disk`) by its length on disk now;
+    /// `None` when they agree or the file is not held. No read of the file:
+    /// for a release, which must not delete a local copy that is not the
+    /// committed one (a second process sealed other entries under its id),
+    /// and at start-up (without `on_disk`: the footer was just read).
+    pub fn differs_from(&self, id: SegmentId, meta: &SealedMeta, on_disk: bool) -> Option<String> {
         let info = self.known().get(&id).cloned()?;
-        let f = info.footer();
-        let mut diffs = Vec::new();
-        let mut cmp = |what: &str, local: u64, journal: u64| {
-            if local != journal {
-                diffs.push(format!("{what} {local} (journal: {journal})"));
+        let mut diffs = info.differences(meta);
+        if on_disk {
+            match std::fs::metadata(self.dir.join(sealed_file_name(id))) {
+                Ok(m) if m.len() != meta.file_len => diffs.push(format!(
+                    "bytes on disk {} (journal: {})",
+                    m.len(),
+                    meta.file_len
+                )),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => diffs.push(format!("its file cannot be checked: {e}")),
             }
-        };
-        cmp("items", f.item_count, meta.item_count);
-        cmp("bytes", f.file_len, meta.file_len);
-        cmp("first offset", f.min_offset, meta.min_offset);
-        cmp("last offset", f.max_offset, meta.max_offset);
-        cmp("sealed at ms", f.sealed_ms, meta.sealed_ms);
-        if let Some(s) = info.sums.get() {
-            let local = f.meta(*s);
-            cmp("CRC-32", u64::from(local.file_crc), u64::from(meta.file_crc));
-            if let (Some(a), Some(b)) = (local.crc64, meta.crc64) {
-                cmp("CRC-64", a, b);
-            }
-        }
-        match std::fs::metadata(self.dir.join(sealed_file_name(id))) {
-            Ok(m) => cmp("bytes on disk", m.len(), meta.file_len),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => diffs.push(format!("its file cannot be checked: {e}")),
         }
         (!diffs.is_empty()).then(|| diffs.join(", "))
     }

@@ -417,6 +417,7 @@ pub(super) async fn open_shared_hosted(
         .poll_sealed()?;
     let mut notes = reseal_notes;
     notes.extend(sh.reconcile_local().await?);
+    notes.extend(sh.check_committed_local().await?);
     for n in &notes {
         tracing::warn!("{n}");
     }
