@@ -910,3 +910,51 @@ async fn a_release_in_a_later_run_proves_the_body_before_deleting_the_local_copy
     // The other segment's object is whole: released.
     assert!(!sealed[1].exists(), "{r:#?}");
 }
+
+/// Bytes appended to an active file (`printf x >> NNN.active`, a tool
+/// writing to the wrong file) are not part of the segment: every intact
+/// entry is recovered, nothing is reported lost, and the original with
+/// its extra bytes is kept aside (helper-52, session 27: the whole file
+/// was quarantined as "an unknown number LOST").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_appended_to_an_active_file_lose_none_of_its_entries() {
+    for extra in [1usize, 4096] {
+        let w = World::new();
+        let acked = build(&w, 300, 250, false);
+        let (active, _) = files(&w);
+        let active = active.unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&active)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &vec![b'x'; extra]).unwrap();
+        drop(f);
+        let o = recover(&w).await;
+        let what = format!("{extra} byte(s) appended");
+        check(acked, &o, &what);
+        assert_eq!(
+            o.found.len() as u64,
+            acked,
+            "{what}: {:#?}",
+            o.open.segments
+        );
+        assert_eq!(o.lost_reported(), 0, "{what}: {:#?}", o.report.lost);
+        assert!(!o.unknown_loss(), "{what}: {:#?}", o.open.segments);
+        let kept: u64 = w
+            .quarantine_files()
+            .iter()
+            .filter(|f| f.contains(".active") && !f.ends_with(".json"))
+            .map(|f| {
+                std::fs::metadata(w.data.join("quarantine").join(f))
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+        assert_eq!(
+            kept,
+            l.file_len + extra as u64,
+            "{what}: the original, kept whole"
+        );
+    }
+}

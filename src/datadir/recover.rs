@@ -342,7 +342,7 @@ pub fn recover_checking(
                 // Scan every item first: only a clean prefix (plus a torn
                 // tail) is recovered in place; anything else is salvaged by
                 // item into a sealed file and never appended to again.
-                let bytes = match read_bounded_active(path, geometry) {
+                let (bytes, appended) = match read_bounded_active_noting(path, geometry) {
                     Ok(b) => b,
                     Err(e @ Error::Corrupt { .. }) => {
                         let note = whole_file_loss(path, *id, "active", &e.to_string());
@@ -352,7 +352,10 @@ pub fn recover_checking(
                     Err(e) => return Err(e),
                 };
                 let scan = match salvage::scan_active(&bytes, *id, geometry) {
-                    Ok(s) => s,
+                    Ok(mut s) => {
+                        s.appended = appended;
+                        s
+                    }
                     Err(e @ Error::Corrupt { .. })
                         if bytes
                             .get(crate::segment::format::HEADER_LEN..)
@@ -593,8 +596,24 @@ pub fn recover_checking(
 
 /// Read an active file whole, refusing one longer than its header (or,
 /// the header unreadable, the configured geometry) implies: nothing is
-/// read or allocated by a size the bytes themselves claim.
+/// read or allocated by a size the bytes themselves claim. A file longer
+/// than its CRC-valid header gives is read up to that length only (see
+/// [`read_bounded_active_noting`]).
 pub(crate) fn read_bounded_active(path: &Path, geometry: Option<Geometry>) -> Result<Vec<u8>> {
+    read_bounded_active_noting(path, geometry).map(|(b, _)| b)
+}
+
+/// [`read_bounded_active`], with how many bytes past the end the file's
+/// CRC-valid header gives were left unread: bytes appended by something
+/// else (`printf x >> NNN.active`) are not part of the segment, and
+/// refusing the whole file for them left every intact entry in it
+/// unaccounted for (helper-52). A file longer than the configured geometry
+/// whose header does not decode is still refused: its real length is not
+/// known.
+pub(crate) fn read_bounded_active_noting(
+    path: &Path,
+    geometry: Option<Geometry>,
+) -> Result<(Vec<u8>, u64)> {
     use crate::segment::format::{ACTIVE_ITEM_LEN, ACTIVE_MAGIC, ActiveLayout, HEADER_LEN, Header};
     use std::os::unix::fs::FileExt;
     let f = crate::durable::open_regular(path, false)
@@ -607,11 +626,25 @@ pub(crate) fn read_bounded_active(path: &Path, geometry: Option<Geometry>) -> Re
     let got = f
         .read_at(&mut hb, 0)
         .map_err(|e| Error::io(path, "read active header", e))?;
-    let claimed = Header::decode(&hb[..got], ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
+    let from_header = Header::decode(&hb[..got], ACTIVE_MAGIC, ACTIVE_ITEM_LEN)
         .ok()
         .and_then(|h| ActiveLayout::new(h.slot_count, h.items).ok())
-        .or_else(|| geometry.and_then(|g| ActiveLayout::new(g.slot_count, g.item_capacity).ok()))
         .map(|l| l.file_len);
+    if let Some(end) = from_header.filter(|end| len > *end) {
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(usize::try_from(end).unwrap_or(usize::MAX))
+            .map_err(|e| Error::io(path, "read active segment", std::io::Error::other(e)))?;
+        use std::io::Read as _;
+        f.take(end)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io(path, "read active segment", e))?;
+        return Ok((buf, len - end));
+    }
+    let claimed = from_header.or_else(|| {
+        geometry
+            .and_then(|g| ActiveLayout::new(g.slot_count, g.item_capacity).ok())
+            .map(|l| l.file_len)
+    });
     match claimed {
         Some(max) if len > max => Err(Error::corrupt(
             path.display().to_string(),
@@ -621,7 +654,9 @@ pub(crate) fn read_bounded_active(path: &Path, geometry: Option<Geometry>) -> Re
             path.display().to_string(),
             "header does not decode and no geometry is configured to rebuild it",
         )),
-        Some(_) => fs::read(path).map_err(|e| Error::io(path, "read active segment", e)),
+        Some(_) => fs::read(path)
+            .map(|b| (b, 0))
+            .map_err(|e| Error::io(path, "read active segment", e)),
     }
 }
 
@@ -723,6 +758,13 @@ fn salvage_active_file(
         original_moved_to: None,
     };
     let mut why = format!("damaged active segment salvaged by item: {}", note.line());
+    if scan.appended > 0 {
+        why.push_str(&format!(
+            "; {} byte(s) after the end its header gives were not part of the segment \
+             (appended by something else: kept with the original)",
+            scan.appended
+        ));
+    }
     match sealed_counts.get(&id).cloned() {
         Some((count, sealed_path)) if count >= n => {
             if count > n {
@@ -896,33 +938,38 @@ fn salvage_sealed_file(
     Ok(note)
 }
 
-/// A sealed file's bytes for salvage, bounded: the whole file when it is
-/// no longer than any sealed segment can be, else only the length its
-/// header gives (bytes after it are not part of the segment); a longer file
-/// whose header gives no such length is `Corrupt`, unread.
+/// A sealed file's bytes for salvage, bounded: the length its header
+/// gives when the header decodes and the file is at least that long
+/// (bytes after it are not part of the segment: a file extended by
+/// gigabytes is not read whole), else the whole file when it is no longer
+/// than any sealed segment can be; a longer file whose header gives no
+/// such length is `Corrupt`, unread.
 pub(crate) fn read_sealed_bounded(path: &Path, id: SegmentId) -> Result<Vec<u8>> {
     let max = crate::segment::format::max_sealed_len();
     let len = fs::metadata(path)
         .map_err(|e| Error::io(path, "stat sealed segment", e))?
         .len();
-    let n = if len > max {
-        header_file_len(path, id)?.filter(|n| *n <= max).ok_or_else(|| {
-            Error::corrupt(
+    let n = match header_file_len(path, id)?.filter(|n| *n <= max && *n <= len) {
+        Some(n) => n,
+        None if len <= max => len,
+        None => {
+            return Err(Error::corrupt(
                 path.display().to_string(),
                 format!("{len} bytes, longer than any sealed segment ({max})"),
-            )
-        })?
-    } else {
-        len
+            ));
+        }
     };
     read_prefix(path, n)
 }
 
-/// The first `n` bytes of `path` (bounded by the caller).
+/// The first `n` bytes of `path` (bounded by the caller). Memory the
+/// machine cannot give is an error, not an abort.
 fn read_prefix(path: &Path, n: u64) -> Result<Vec<u8>> {
     let f = crate::durable::open_regular(path, false)
         .map_err(|e| Error::io(path, "open sealed segment", e))?;
     let mut buf = Vec::new();
+    buf.try_reserve_exact(usize::try_from(n).unwrap_or(usize::MAX))
+        .map_err(|e| Error::io(path, "read sealed segment", std::io::Error::other(e)))?;
     f.take(n)
         .read_to_end(&mut buf)
         .map_err(|e| Error::io(path, "read sealed segment", e))?;

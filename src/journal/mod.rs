@@ -83,7 +83,10 @@ pub const TMP_FILE: &str = "journal.log.tmp";
 /// Upper bound for [`JournalOptions::max_record_bytes`].
 pub const MAX_RECORD_BYTES_LIMIT: u32 = 1 << 20;
 
-/// `DATA_DIR/journal`.
+/// The most journal data a replay reads (2 GiB): compaction keeps a
+/// journal near its live state, about 370 bytes a segment.
+pub const JOURNAL_MAX_BYTES: u64 = 2 << 30;
+
 /// Reads a journal file whole except a tail of zero bytes: returns the
 /// bytes up to its last non-zero byte and the length of the zeros after
 /// them. A zero-extended or sparse journal (`truncate -s 4G`: its replay
@@ -110,7 +113,18 @@ pub(crate) fn read_trimmed(file: &std::fs::File) -> std::io::Result<(Vec<u8>, u6
         pos = start;
     }
     drop(chunk);
-    let mut bytes = vec![0u8; usize::try_from(end).map_err(std::io::Error::other)?];
+    if end > JOURNAL_MAX_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{end} bytes of data, more than any journal holds ({JOURNAL_MAX_BYTES}: about \
+             5 million live segments after compaction): damaged or extended by something \
+             else. Not read. Move it out of the data directory; `tierindex fsck --repair` \
+             then rebuilds the journal from the sealed files"
+        )));
+    }
+    let n = usize::try_from(end).map_err(std::io::Error::other)?;
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(n).map_err(std::io::Error::other)?;
+    bytes.resize(n, 0);
     file.read_exact_at(&mut bytes, 0)?;
     Ok((bytes, len - end))
 }
@@ -148,6 +162,7 @@ fn data_end(file: &std::fs::File, len: u64) -> u64 {
     end.min(len)
 }
 
+/// `DATA_DIR/journal`.
 pub fn journal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(JOURNAL_DIR)
 }

@@ -910,6 +910,31 @@ mod tests {
         assert_eq!(report.torn_tail_at, None);
     }
 
+    /// A sparse journal with one byte written past 3 GiB (helper-52): not
+    /// read into memory (3.15 GB of RSS, then an abort under a memory
+    /// limit), refused with what to do.
+    #[test]
+    fn a_journal_with_data_past_its_bound_is_refused_unread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        j.append(&happy_path(1)[..2]).unwrap();
+        drop(j);
+        let path = log_path(tmp.path());
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        use std::os::unix::fs::FileExt as _;
+        f.write_all_at(b"x", 3 << 30).unwrap();
+        drop(f);
+        for e in [
+            Journal::open_read_only(tmp.path()).map(drop).unwrap_err(),
+            Journal::open(tmp.path(), JournalOptions::default())
+                .map(drop)
+                .unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("more than any journal holds"), "{e}");
+            assert!(e.to_string().contains("fsck --repair"), "{e}");
+        }
+    }
+
     #[test]
     fn read_only_open_never_modifies() {
         let tmp = tempfile::tempdir().unwrap();

@@ -68,6 +68,11 @@ pub struct ActiveScan {
     pub header_rebuilt: bool,
     /// The file is shorter than its layout: the real length.
     pub truncated_to: Option<u64>,
+    /// Bytes past the end its (CRC-valid) header gives, not read: not part
+    /// of the segment (appended by something else). Set by the caller that
+    /// read the file ([`crate::datadir::read_bounded_active_noting`]); the
+    /// items are salvaged into a sealed file, the original kept aside.
+    pub appended: u64,
     /// Verified items, index order.
     pub items: Vec<(u32, Entry)>,
     /// Runs of items that did not verify *before* the last verified item.
@@ -88,6 +93,7 @@ impl ActiveScan {
     pub fn in_place(&self) -> bool {
         !self.header_rebuilt
             && self.truncated_to.is_none()
+            && self.appended == 0
             && self.lost.is_empty()
             && self.chains_ok
     }
@@ -262,6 +268,7 @@ pub fn scan_active(
         layout,
         header_rebuilt,
         truncated_to,
+        appended: 0,
         items,
         lost,
         torn,
