@@ -305,12 +305,21 @@ impl SealedSalvage {
 /// nor the header locates the items within the file.
 pub fn salvage_sealed(bytes: &[u8], name_id: SegmentId) -> Result<SealedSalvage> {
     let len = bytes.len() as u64;
-    let from_footer = bytes
+    let footer = bytes
         .len()
         .checked_sub(FOOTER_LEN)
         .and_then(|at| Footer::decode(&bytes[at..]).ok())
-        .filter(|f| f.segment_id == name_id && f.file_len == len)
-        .map(|f| (f.layout(), f.created_ms, "footer"));
+        .filter(|f| f.segment_id == name_id && f.file_len == len);
+    // Where each slot's items start, when the footer and the directory's
+    // own CRC are intact: an item whose key is not of the slot it sits in
+    // was copied there from elsewhere (a misdirected write), and its own
+    // CRC (salted with the id, not the position) still verifies.
+    let starts = footer.as_ref().and_then(|f| {
+        let l = f.layout();
+        let dir = bytes.get(l.dir_offset as usize..l.items_offset as usize)?;
+        format::decode_slot_dir(dir, f.slot_count, f.item_count, f.dir_crc).ok()
+    });
+    let from_footer = footer.map(|f| (f.layout(), f.created_ms, "footer"));
     // The header may describe a file that was cut (the footer gone with
     // it): the items still in the file are kept, the ones past the cut are
     // counted lost (the header says how many there were). Or one with bytes
@@ -357,11 +366,34 @@ pub fn salvage_sealed(bytes: &[u8], name_id: SegmentId) -> Result<SealedSalvage>
         }
     };
     let whole = items.len() / SEALED_ITEM_LEN;
+    let mut slot = 0usize;
+    let mut prev: Option<Entry> = None;
     for (j, it) in items.chunks_exact(SEALED_ITEM_LEN).enumerate() {
-        match format::decode_sealed_item(it, name_id) {
-            Ok(e) => entries.push(e),
-            Err(_) => lose(j as u32),
+        let e = match format::decode_sealed_item(it, name_id) {
+            Ok(e) => e,
+            Err(_) => {
+                lose(j as u32);
+                prev = None;
+                continue;
+            }
+        };
+        if let Some(starts) = &starts {
+            while slot + 1 < starts.len() && j as u64 >= u64::from(starts[slot + 1]) {
+                slot += 1;
+                prev = None;
+            }
+            // Not of this slot: a copy of an item from elsewhere, over
+            // the one that was here. The same entry twice in a row within
+            // a slot: the second is such a copy too (the first is kept).
+            if format::slot_of(e.key_hash, layout.slot_count) as usize != slot
+                || prev == Some(e)
+            {
+                lose(j as u32);
+                continue;
+            }
         }
+        prev = Some(e);
+        entries.push(e);
     }
     if let Some(j) = ((whole as u32) < layout.item_count).then_some(whole as u32) {
         // Past the cut: one run, without a step per item the header claims.
@@ -544,5 +576,45 @@ mod tests {
         assert_eq!(s.entries.len(), 997);
         // Items of another segment do not validate.
         assert!(salvage_sealed(&b, SegmentId(8)).is_err());
+    }
+
+    /// An item copied over another keeps a CRC that verifies (it is salted
+    /// with the id, not the position): it is caught by its slot, or, as
+    /// the next item of its own slot, as the same entry twice; the item it
+    /// replaced is counted lost, not reported as "0 lost" (helper-52).
+    #[test]
+    fn sealed_salvage_counts_items_copied_over_others_as_lost() {
+        let es: Vec<Entry> = (0..1000).map(e).collect();
+        let (good, _) = build_sealed(SegmentId(9), 1, 2, 64, &es).unwrap();
+        let l = SealedLayout::new(64, 1000);
+        let item = |b: &[u8], j: usize| {
+            let at = l.items_offset as usize + 32 * j;
+            b[at..at + 32].to_vec()
+        };
+        let put = |b: &mut Vec<u8>, j: usize, it: &[u8]| {
+            let at = l.items_offset as usize + 32 * j;
+            b[at..at + 32].copy_from_slice(it);
+        };
+        let slot = |b: &[u8], j: usize| {
+            let e = format::decode_sealed_item(&item(b, j), SegmentId(9)).unwrap();
+            format::slot_of(e.key_hash, 64)
+        };
+        // The next item of the same slot, and one of another slot.
+        let j = (0..999).find(|j| slot(&good, *j) == slot(&good, j + 1)).unwrap();
+        let k = (0..999).find(|k| slot(&good, *k) != slot(&good, 500)).unwrap();
+        for (from, to) in [(j, j + 1), (k, 500)] {
+            let mut b = good.clone();
+            let it = item(&b, from);
+            put(&mut b, to, &it);
+            assert!(format::check_sealed(&b).is_err());
+            let s = salvage_sealed(&b, SegmentId(9)).unwrap();
+            assert_eq!(s.lost_items(), 1, "{from} over {to}");
+            assert_eq!(s.lost[0].first_index, to as u32);
+            assert_eq!(s.entries.len(), 999);
+            let mut offsets: Vec<u64> = s.entries.iter().map(|e| e.offset).collect();
+            offsets.sort_unstable();
+            offsets.dedup();
+            assert_eq!(offsets.len(), 999, "each entry once");
+        }
     }
 }
