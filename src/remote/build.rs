@@ -49,6 +49,7 @@ impl RemoteStore {
                     .with_fsync(true);
                 let display = format!("file://{}", dir.display());
                 let mp = Arc::new(local_multipart::LocalMultipart::new(dir));
+                let fs = super::local_fs::RegularFiles(fs);
                 let mut rs = Self::from_parts(Arc::new(fs), Some(mp.clone()), "", &display);
                 rs.uploads = UploadLister::Local(mp);
                 Ok(rs)

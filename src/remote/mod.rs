@@ -22,6 +22,7 @@ pub mod fetch;
 pub mod keys;
 pub mod lease;
 pub mod local_multipart;
+mod local_fs;
 pub mod manifest;
 pub mod probe;
 pub mod s3_checksum;

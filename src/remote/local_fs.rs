@@ -1,0 +1,152 @@
+//! The `file://` store: object_store's `LocalFileSystem` (with fsync), with
+//! one check in front of every read: the object's path must be a regular
+//! file. A FIFO put under an object's name (by hand, by a hostile user of
+//! the store's directory) made `LocalFileSystem`'s `open` block forever on
+//! a thread the runtime then waited for: `lookup --remote` and `verify`
+//! hung, and a drain ran far past its deadline (helper-52, session 27). A
+//! device or a socket is refused the same way; a directory keeps
+//! `LocalFileSystem`'s own answer.
+
+use std::fmt;
+use std::ops::Range;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+};
+
+/// [`LocalFileSystem`] that refuses to open what is not a regular file.
+#[derive(Debug)]
+pub struct RegularFiles(pub LocalFileSystem);
+
+impl fmt::Display for RegularFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl RegularFiles {
+    /// `Err` when `location` names something that is neither a regular
+    /// file nor a directory (symlinks followed); a missing path is left to
+    /// the store (its `NotFound`).
+    fn check(&self, location: &Path) -> Result<()> {
+        use std::os::unix::fs::FileTypeExt as _;
+        let path = self.0.path_to_filesystem(location)?;
+        let Ok(m) = std::fs::metadata(&path) else {
+            return Ok(());
+        };
+        let t = m.file_type();
+        let kind = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else {
+            return Ok(());
+        };
+        Err(object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: format!(
+                "{} is {kind}, not a regular file: not opened (it could block forever). Move \
+                 it out of the store's directory",
+                path.display()
+            )
+            .into(),
+        })
+    }
+}
+
+#[async_trait]
+impl ObjectStore for RegularFiles {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.0.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.0.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.check(location)?;
+        self.0.get_opts(location, options).await
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.check(location)?;
+        self.0.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        self.0.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.0.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.0.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.0.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.check(from)?;
+        self.0.copy_opts(from, to, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::ObjectStoreExt as _;
+
+    #[tokio::test]
+    async fn a_fifo_under_an_objects_name_is_refused_not_opened() {
+        let d = tempfile::tempdir().unwrap();
+        let s = RegularFiles(LocalFileSystem::new_with_prefix(d.path()).unwrap());
+        s.put(&Path::from("a/good"), PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
+        std::fs::create_dir_all(d.path().join("a")).unwrap();
+        let fifo = d.path().join("a/fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let t = std::time::Instant::now();
+        let e = s.get(&Path::from("a/fifo")).await.err().expect("refused");
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        assert!(s.head(&Path::from("a/fifo")).await.is_err());
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        let got = s.get(&Path::from("a/good")).await.unwrap().bytes().await;
+        assert_eq!(got.unwrap().as_ref(), b"x");
+        assert!(matches!(
+            s.get(&Path::from("a/none")).await,
+            Err(object_store::Error::NotFound { .. })
+        ));
+    }
+}
