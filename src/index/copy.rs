@@ -22,8 +22,13 @@ impl IndexWriter {
     /// metadata waits in [`poll_sealed`](Self::poll_sealed) for the caller
     /// to journal, so the same drain uploads them.
     ///
-    /// The caller holds the writer for the whole call, so no segment the
-    /// copy goes into can roll, seal or be journaled before it returns.
+    /// The caller holds the writer for the whole call, so no append lands
+    /// between the copies. A segment the copy fills rolls and is sealed by
+    /// the sealer thread meanwhile, and the pipeline's worker may journal
+    /// it (and upload and commit it) before the reseal journals its end:
+    /// its local copy stays while the reseal is unfinished
+    /// (`pipeline::reseal::blocks_release`), so a restart still counts
+    /// what it holds and copies nothing twice.
     /// Returns `(into, copied)`.
     pub fn copy_in(
         &mut self,

@@ -918,9 +918,12 @@ impl IndexWriter {
     /// Entries in active and frozen (sealing) segments: not in any sealed
     /// file yet.
     pub fn unsealed_items(&self) -> u64 {
+        // A frozen segment whose seal finished (in the sealed set) is not
+        // counted: the writer retires it at its next roll or tick.
         self.frozen
             .values()
             .map(|f| f.as_ref())
+            .filter(|f| !self.sealed.contains(f.id()))
             .chain(self.active.as_ref())
             .map(|a| u64::from(a.len()))
             .sum()

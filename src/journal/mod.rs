@@ -83,10 +83,6 @@ pub const TMP_FILE: &str = "journal.log.tmp";
 /// Upper bound for [`JournalOptions::max_record_bytes`].
 pub const MAX_RECORD_BYTES_LIMIT: u32 = 1 << 20;
 
-/// The most journal data a replay reads (2 GiB): compaction keeps a
-/// journal near its live state, about 370 bytes a segment.
-pub const JOURNAL_MAX_BYTES: u64 = 2 << 30;
-
 /// Reads a journal file whole except a tail of zero bytes: returns the
 /// bytes up to its last non-zero byte and the length of the zeros after
 /// them. A zero-extended or sparse journal (`truncate -s 4G`: its replay
@@ -99,6 +95,19 @@ pub(crate) fn read_trimmed(file: &std::fs::File) -> std::io::Result<(Vec<u8>, u6
     use std::os::unix::fs::FileExt as _;
     let len = file.metadata()?.len();
     let data_end = data_end(file, len);
+    // The journal is written in order and cut back after a torn tail: it
+    // never has a hole before its last data. One that has (`truncate -s
+    // 3G` and a byte written past it) was extended by something else; its
+    // bytes up to the hole would be read into memory, gigabytes of zeros.
+    let hole = first_hole(file, len);
+    if hole < data_end {
+        return Err(std::io::Error::other(format!(
+            "it has a hole from byte {hole} and data after it (up to byte {data_end}): not \
+             written by tierindex, which never leaves one (a sparse extension by something \
+             else?). Not read. Its records end before the hole: `truncate -s {hole}` on it \
+             keeps every one of them (copy the file aside first)"
+        )));
+    }
     let mut end = 0;
     let mut chunk = vec![0u8; (data_end.min(1 << 20)) as usize];
     let mut pos = data_end;
@@ -113,20 +122,22 @@ pub(crate) fn read_trimmed(file: &std::fs::File) -> std::io::Result<(Vec<u8>, u6
         pos = start;
     }
     drop(chunk);
-    if end > JOURNAL_MAX_BYTES {
-        return Err(std::io::Error::other(format!(
-            "{end} bytes of data, more than any journal holds ({JOURNAL_MAX_BYTES}: about \
-             5 million live segments after compaction): damaged or extended by something \
-             else. Not read. Move it out of the data directory; `tierindex fsck --repair` \
-             then rebuilds the journal from the sealed files"
-        )));
-    }
     let n = usize::try_from(end).map_err(std::io::Error::other)?;
     let mut bytes = Vec::new();
     bytes.try_reserve_exact(n).map_err(std::io::Error::other)?;
     bytes.resize(n, 0);
     file.read_exact_at(&mut bytes, 0)?;
     Ok((bytes, len - end))
+}
+
+/// Where the file's first hole starts: `len` when it has none, or where
+/// the filesystem does not say.
+fn first_hole(file: &std::fs::File, len: u64) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: lseek on a descriptor this function borrows; it moves only
+    // the file offset, which nothing here relies on (reads are positional).
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    if hole < 0 { len } else { (hole as u64).min(len) }
 }
 
 /// The end of the file's last data region (past it only a hole), or `len`

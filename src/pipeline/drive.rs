@@ -612,6 +612,18 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // object does not. Kept aside for an operator, never
                 // deleted; the segment is released once the file is out of
                 // `segments/`.
+                // A file in `segments/` the set does not hold (its move to
+                // quarantine failed: the set lets go of it first, so that
+                // lookups stop serving it) is not proven to be the
+                // committed one: kept, for an operator.
+                if !sh.sealed.contains(id) && local_path(sh, id).exists() {
+                    return Err(Error::Remote(format!(
+                        "local file {} of committed segment {id} was not taken in by this \
+                         process (a move to quarantine failed, or it appeared since): kept, \
+                         not released. Run `tierindex fsck` on the data directory",
+                        local_path(sh, id).display()
+                    )));
+                }
                 if let Some(diff) = sh.sealed.differs_from(id, &rec.meta, true) {
                     let reason = format!(
                         "local sealed file of committed segment {id} is not the one committed \
@@ -643,7 +655,8 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // the next drive releases.
                 if local_path(sh, id).exists() {
                     // Proven in this process (its upload was verified, at
-                    // the level the probe allows, moments ago): its size is
+                    // the level the probe allows; usually moments ago, but
+                    // a parked release can come hours later): its size is
                     // checked again. Otherwise (a crash between Committed
                     // and Released, a release retried in a later run,
                     // `release_after_commit` turned on later) the body is

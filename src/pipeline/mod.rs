@@ -319,7 +319,12 @@ impl Shared {
             let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let j = self.journal.read();
             let mut ids: Vec<(SegmentId, SealedMeta)> = Vec::new();
-            for id in w.sealed_ids() {
+            // Every sealed file in the set, a frozen one's included: its
+            // seal finished (the sealer put it in the set and its metadata
+            // in the handoff, which the open's `poll_sealed` may already
+            // have emptied) though the writer has not retired it yet. The
+            // sealer seals in id order, so no lower id is still on its way.
+            for id in self.sealed.ids() {
                 if j.get(id).is_none()
                     && let Some(meta) = w.sealed_meta(id)?
                 {

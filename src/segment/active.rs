@@ -920,10 +920,16 @@ impl ActiveSegment {
     /// sealed this segment and removed its active file) or replaced (a
     /// copy or restore) made nothing durable that a restart would find, so
     /// the flush must not be acknowledged; nothing is written on top of it
-    /// either (`Poisoned`). One `stat` of the path a flush.
+    /// either (`Poisoned`). One `stat` of the path a flush, following a
+    /// symlink as the open did (recovery takes up a symlinked active file);
+    /// a stat that fails for another reason than a missing file is tried
+    /// once more before it poisons.
     fn check_in_place(&self) -> Result<()> {
         use std::os::unix::fs::MetadataExt as _;
-        let found = std::fs::symlink_metadata(&self.path);
+        let found = match std::fs::metadata(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::fs::metadata(&self.path),
+            r => r,
+        };
         let why = match &found {
             Ok(m) if m.file_type().is_file() && (m.dev(), m.ino()) == self.alloc.file_id => {
                 return Ok(());

@@ -275,11 +275,11 @@ pub(super) async fn worker(
         let now = Instant::now();
         let busy = pending > 0 || !sched.is_idle();
         let mut wake = now + if busy { tick } else { idle_wake(&mut rng).max(tick) };
-        if !with_writer {
-            // Back for the writer once appends pause (frozen segments the
-            // appender has not retired yet, the age deadline).
-            wake = wake.min(now + tick);
-        }
+        // Not back early for a frozen segment left unretired: the appender
+        // retires it at its next roll; if appends stop first, the next wake
+        // with the writer does (a busy worker's next tick, else its idle
+        // wake). A wake a tick for every appending stream was 20,000 wakes
+        // a second at 1,000 streams (helper-53).
         if let Some(r) = sched.next_retry() {
             wake = wake.min(r);
         }
