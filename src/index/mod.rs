@@ -805,6 +805,7 @@ impl IndexWriter {
 
     /// Ids of every sealed segment held locally and taken by this writer
     /// (as [`holds_sealed`](Self::holds_sealed)).
+    #[cfg(any(test, feature = "testing"))]
     pub fn sealed_ids(&self) -> Vec<SegmentId> {
         let mut ids = self.sealed.ids();
         if !self.frozen.is_empty() {

@@ -70,7 +70,7 @@ pub struct ActiveScan {
     pub truncated_to: Option<u64>,
     /// Bytes past the end its (CRC-valid) header gives, not read: not part
     /// of the segment (appended by something else). Set by the caller that
-    /// read the file ([`crate::datadir::read_bounded_active_noting`]); the
+    /// read the file (the start-up's `read_bounded_active_noting`); the
     /// items are salvaged into a sealed file, the original kept aside.
     pub appended: u64,
     /// Verified items, index order.
