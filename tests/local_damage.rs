@@ -167,6 +167,12 @@ fn build(w: &World, sealed: u64, active: u64, journal: bool) -> u64 {
     sealed + active
 }
 
+/// The segment id a sealed file's name gives.
+fn id_of(sealed: &Path) -> u64 {
+    let name = sealed.file_name().unwrap().to_string_lossy();
+    name.trim_end_matches(".seg").parse().unwrap()
+}
+
 /// The single active file and the sealed files, by name.
 /// The active file holding entries (the lowest-numbered one: a spare the
 /// writer prepared ahead of its next roll is empty and numbered above it)
@@ -429,13 +435,7 @@ async fn a_foreign_sealed_file_is_quarantined_at_once_not_retried() {
     let acked = build(&w, 600, 0, true);
     let (_, sealed) = files(&w);
     let victim = sealed[0].clone();
-    let id: u64 = victim
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_end_matches(".seg")
-        .parse()
-        .unwrap();
+    let id = id_of(&victim);
     // Valid footer, same id, other content.
     let other: Vec<Entry> = (0..300).map(|o| entry(10_000 + o)).collect();
     let (bytes, _) = build_sealed(SegmentId(id), 1, 2, SLOTS, &other).unwrap();
@@ -802,6 +802,18 @@ async fn a_flush_after_the_data_directory_was_deleted_is_refused() {
     assert!(report.error.is_some(), "{report:?}");
 }
 
+/// 600 entries in two segments, uploaded and committed, their local copies
+/// kept (`release_after_commit` off); returns the sealed files.
+async fn committed_world() -> (World, Vec<PathBuf>) {
+    let w = World::new();
+    build(&w, 600, 0, true);
+    let (ti, _) = open_ti(&w).await;
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(r.fully_drained(), "{r:#?}");
+    let (_, sealed) = files(&w);
+    (w, sealed)
+}
+
 /// A committed segment whose local file is not the one committed (a second
 /// process sealed more entries under its id from the same active file, as
 /// when a running host's stream was opened beside it): the release must
@@ -809,21 +821,9 @@ async fn a_flush_after_the_data_directory_was_deleted_is_refused() {
 /// is released only then (helper-51, session 27).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_segments_local_file_that_differs_is_kept_not_released() {
-    let w = World::new();
-    build(&w, 600, 0, true);
-    // Upload and commit both segments, keeping the local copies.
-    let (ti, _) = open_ti(&w).await;
-    let r = ti.shutdown(Duration::from_secs(60)).await;
-    assert!(r.fully_drained(), "{r:#?}");
-    let (_, sealed) = files(&w);
+    let (w, sealed) = committed_world().await;
     let victim = sealed[0].clone();
-    let id: u64 = victim
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_end_matches(".seg")
-        .parse()
-        .unwrap();
+    let id = id_of(&victim);
     // Same id, the committed entries and 20 more.
     let more: Vec<Entry> = (0..320).map(entry).collect();
     let (bytes, _) = build_sealed(SegmentId(id), 1, 2, SLOTS, &more).unwrap();
@@ -871,18 +871,8 @@ async fn a_committed_segments_local_file_that_differs_is_kept_not_released() {
 /// session 27: a size check let it delete it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_in_a_later_run_proves_the_body_before_deleting_the_local_copy() {
-    let w = World::new();
-    build(&w, 600, 0, true);
-    let (ti, _) = open_ti(&w).await;
-    let r = ti.shutdown(Duration::from_secs(60)).await;
-    assert!(r.fully_drained(), "{r:#?}");
-    let (_, sealed) = files(&w);
-    let stem = sealed[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_end_matches(".seg")
-        .to_string();
+    let (w, sealed) = committed_world().await;
+    let stem = format!("{:020}", id_of(&sealed[0]));
     let mut objects = Vec::new();
     let mut dirs = vec![w.store.clone()];
     while let Some(d) = dirs.pop() {

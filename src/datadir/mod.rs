@@ -51,7 +51,7 @@ use crate::segment::active::{self, ActiveRecovery, ActiveSegment};
 use crate::segment::salvage::{self, Geometry, LostSpan};
 use crate::segment::local::SealedInfo;
 use crate::segment::sealed::{
-    PACKED_ENTRY_LEN, SealedSegment, write_sealed_replacing, write_sealed_streaming,
+    PACKED_ENTRY_LEN, SealedSegment, write_sealed_at, write_sealed_streaming,
 };
 use crate::segment::{SegmentId, now_ms};
 

@@ -918,14 +918,14 @@ fn salvage_sealed_file(
     )?;
     if !s.entries.is_empty() {
         let packed = salvage::pack(s.entries.iter().copied());
-        let (p, _) = write_sealed_replacing(
+        let (p, _) = write_sealed_at(
             &dir.segments_dir(),
             id,
-            s.created_ms,
-            now_ms(),
+            (s.created_ms, now_ms()),
             s.slot_count.min(1 << 20),
             &packed,
             PACKED_ENTRY_LEN,
+            true,
         )?;
         note.sealed_as = Some(p.display().to_string());
     } else {

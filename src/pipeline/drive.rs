@@ -625,27 +625,8 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     )));
                 }
                 if let Some(diff) = sh.sealed.differs_from(id, &rec.meta, true) {
-                    let reason = format!(
-                        "local sealed file of committed segment {id} is not the one committed \
-                         ({diff}): it may hold entries the store does not. Kept in quarantine \
-                         for an operator, not released: look them up with `tierindex inspect` \
-                         and append what is missing again"
-                    );
-                    tracing::error!(segment = id.0, "{reason}");
-                    let writer = sh.writer.clone();
-                    let why = reason.clone();
-                    let moved = tokio::task::spawn_blocking(move || {
-                        writer
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .quarantine_sealed(id, &why)
-                    })
-                    .await
-                    .map_err(|e| Error::Internal(format!("quarantine task failed: {e}")))??;
-                    if let Some(to) = moved {
-                        tracing::error!(segment = id.0, to = %to.display(), "local sealed file moved to quarantine");
-                    }
-                    return Err(Error::corrupt(local_path(sh, id).display().to_string(), reason));
+                    let note = sh.set_aside_not_committed(id, &diff).await?;
+                    return Err(Error::corrupt(local_path(sh, id).display().to_string(), note));
                 }
                 // Never drop the last copy: the object must still be there,
                 // whole (someone may have deleted it since it was verified,

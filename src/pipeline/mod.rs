@@ -286,28 +286,35 @@ impl Shared {
         };
         let mut notes = Vec::new();
         for (id, diff) in differ {
-            let reason = format!(
-                "local sealed file of committed segment {id} is not the one committed ({diff}): \
-                 it may hold entries the store does not. Kept in quarantine for an operator: \
-                 look them up with `tierindex inspect` and append what is missing again"
-            );
-            tracing::error!(segment = id.0, "{reason}");
-            let writer = self.writer.clone();
-            let why = reason.clone();
-            let moved = tokio::task::spawn_blocking(move || {
-                writer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .quarantine_sealed(id, &why)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("quarantine task failed: {e}")))??;
-            notes.push(match moved {
-                Some(to) => format!("{reason}; moved to {}", to.display()),
-                None => reason,
-            });
+            notes.push(self.set_aside_not_committed(id, &diff).await?);
         }
         Ok(notes)
+    }
+
+    /// Move the local sealed file of committed segment `id`, which differs
+    /// from the journal's record (`diff`), to quarantine with the reason,
+    /// logged as an error; returns the reason and where it went.
+    pub(crate) async fn set_aside_not_committed(&self, id: SegmentId, diff: &str) -> Result<String> {
+        let reason = format!(
+            "local sealed file of committed segment {id} is not the one committed ({diff}): \
+             it may hold entries the store does not. Kept in quarantine for an operator: \
+             look them up with `tierindex inspect` and append what is missing again"
+        );
+        tracing::error!(segment = id.0, "{reason}");
+        let writer = self.writer.clone();
+        let why = reason.clone();
+        let moved = tokio::task::spawn_blocking(move || {
+            writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .quarantine_sealed(id, &why)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("quarantine task failed: {e}")))??;
+        Ok(match moved {
+            Some(to) => format!("{reason}; moved to {}", to.display()),
+            None => reason,
+        })
     }
 
     /// Start-up: journal every local sealed file the journal does not know

@@ -82,7 +82,8 @@ pub fn build_sealed_packed(
 /// already there under this id was sealed by something else (a second
 /// process on this data directory); replacing it could delete entries
 /// only it holds. Refused (`AlreadyExists`) instead; the caller's source
-/// stays. [`write_sealed_replacing`] is for the one step that replaces.
+/// stays. [`write_sealed_at`] with `replace` is for the one step that
+/// replaces.
 pub fn write_sealed_streaming(
     dir: &Path,
     id: SegmentId,
@@ -103,31 +104,11 @@ pub fn write_sealed_streaming(
     )
 }
 
-/// [`write_sealed_streaming`] over the existing `NNN.seg`: a start-up's
-/// salvage of a damaged sealed file by item, whose original it already
-/// kept in quarantine (until the rename the damaged one stays in place, so
-/// a crash redoes the salvage).
-pub fn write_sealed_replacing(
-    dir: &Path,
-    id: SegmentId,
-    created_ms: u64,
-    sealed_ms: u64,
-    slot_count: u32,
-    items: &[u8],
-    stride: usize,
-) -> Result<(PathBuf, SealedMeta)> {
-    write_sealed_at(
-        dir,
-        id,
-        (created_ms, sealed_ms),
-        slot_count,
-        items,
-        stride,
-        true,
-    )
-}
-
-fn write_sealed_at(
+/// [`write_sealed_streaming`], or with `replace` over the existing
+/// `NNN.seg`: for a start-up's salvage of a damaged sealed file by item,
+/// whose original it already kept in quarantine (until the rename the
+/// damaged one stays in place, so a crash redoes the salvage).
+pub(crate) fn write_sealed_at(
     dir: &Path,
     id: SegmentId,
     (created_ms, sealed_ms): (u64, u64),
