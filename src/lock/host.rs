@@ -366,7 +366,8 @@ impl HostLock {
                 path: dir.to_path_buf(),
                 holder: format!(
                     "the tierindex host of {}, which runs (or a command on one of its \
-                     streams): this data directory is reached here through another path",
+                     streams): this data directory is reached here through another path, or is a \
+                     copy of one of that host's streams",
                     other.display()
                 ),
             }),

@@ -44,7 +44,8 @@ pub(super) async fn take_manifest(
              segment(s) committed to that stream's manifest: this is not the store they were \
              committed to, or it lost them (a typo in the store URL or endpoint, another \
              bucket or prefix, an emptied or unmounted store directory). The stream was not \
-             taken and nothing was committed there. Check the store URL. If it is the right \
+             taken and nothing was committed there. Check the store URL, and the stream name \
+             if it was changed (with --store-override). If it is the right \
              store and it lost them, `tierindex reconcile --data-dir {}` lists what is \
              missing and `tierindex reconcile --repair` re-uploads the local copies still \
              held and rebuilds the manifest from them. Entries whose local copies were \
