@@ -234,11 +234,12 @@ impl Shared {
     /// thread), and the deadline is not known (`None`). For the worker
     /// while appends go on: the appender takes finished seals itself at
     /// its next roll.
-    pub async fn tick_writer(&self, with_writer: bool) -> (Option<u64>, Result<()>) {
+    /// The count: segments newly journaled.
+    pub async fn tick_writer(&self, with_writer: bool) -> (Option<u64>, Result<usize>) {
         if !with_writer {
             self.handoff.take_retired().run();
             let metas = self.handoff.take_metas();
-            return (None, self.record_sealed(metas).await.map(drop));
+            return (None, self.record_sealed(metas).await);
         }
         let writer = self.writer.clone();
         let ticked = tokio::task::spawn_blocking(move || {
@@ -255,7 +256,7 @@ impl Shared {
         })
         .await;
         match ticked {
-            Ok((Ok(metas), due)) => (due, self.record_sealed(metas).await.map(drop)),
+            Ok((Ok(metas), due)) => (due, self.record_sealed(metas).await),
             Ok((Err(e), due)) => (due, Err(e)),
             Err(e) => (
                 None,

@@ -241,6 +241,11 @@ pub(super) async fn worker(
     // The age deadline learnt at the last tick with the writer. A roll
     // since only moves the real one later, so an older one is never late.
     let mut age_due: Option<u64> = None;
+    // Wakes still owed to a seal collected without the writer: its frozen
+    // segment is retired by the appender's next roll, or, when appends
+    // have stopped by then, by one of these (a few, a pause apart; not one
+    // a tick for as long as a stream appends).
+    let mut owed = 0u8;
     loop {
         if *stop.borrow() {
             return (sched, probe);
@@ -256,6 +261,9 @@ pub(super) async fn worker(
         let (due, ticked) = sh.tick_writer(with_writer).await;
         if with_writer {
             age_due = due;
+            owed = 0;
+        } else if matches!(ticked, Ok(n) if n > 0) {
+            owed = 3;
         }
         if let Err(e) = ticked {
             tracing::error!(error = %e, "collecting sealed segments failed");
@@ -275,11 +283,13 @@ pub(super) async fn worker(
         let now = Instant::now();
         let busy = pending > 0 || !sched.is_idle();
         let mut wake = now + if busy { tick } else { idle_wake(&mut rng).max(tick) };
-        // Not back early for a frozen segment left unretired: the appender
-        // retires it at its next roll; if appends stop first, the next wake
-        // with the writer does (a busy worker's next tick, else its idle
-        // wake). A wake a tick for every appending stream was 20,000 wakes
-        // a second at 1,000 streams (helper-53).
+        // Back a pause later, a few times, for a frozen segment left
+        // unretired (see `owed`). A wake a tick for every appending stream
+        // was 20,000 wakes a second at 1,000 streams (helper-53).
+        if !with_writer && owed > 0 {
+            owed -= 1;
+            wake = wake.min(now + Appending::PAUSE + Duration::from_millis(50));
+        }
         if let Some(r) = sched.next_retry() {
             wake = wake.min(r);
         }
