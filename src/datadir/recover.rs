@@ -89,22 +89,6 @@ fn open_parallel(todo: Vec<(SegmentId, PathBuf, bool)>) -> BTreeMap<SegmentId, R
     })
 }
 
-/// What a file that is not a regular one is, for messages.
-fn file_kind(t: &fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "directory"
-    } else if t.is_fifo() {
-        "FIFO"
-    } else if t.is_socket() {
-        "socket"
-    } else if t.is_block_device() || t.is_char_device() {
-        "device"
-    } else {
-        "special file"
-    }
-}
-
 /// Marks a damaged sealed file `recover_checking` left in place for the
 /// broker's start (`defer_salvage`), in its report line.
 pub const DEFERRED: &str = "left in place";
@@ -162,7 +146,7 @@ pub fn recover_checking(
                     "{}: a segment file's name, but not a regular file (a {}); tierindex \
                      never creates one: move it out of the data directory and start again",
                     path.display(),
-                    file_kind(&t)
+                    crate::durable::file_kind(&t)
                 )));
             }
         }
@@ -631,14 +615,7 @@ pub(crate) fn read_bounded_active_noting(
         .and_then(|h| ActiveLayout::new(h.slot_count, h.items).ok())
         .map(|l| l.file_len);
     if let Some(end) = from_header.filter(|end| len > *end) {
-        let mut buf = Vec::new();
-        buf.try_reserve_exact(usize::try_from(end).unwrap_or(usize::MAX))
-            .map_err(|e| Error::io(path, "read active segment", std::io::Error::other(e)))?;
-        use std::io::Read as _;
-        f.take(end)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::io(path, "read active segment", e))?;
-        return Ok((buf, len - end));
+        return Ok((read_n(f, path, end, "read active segment")?, len - end));
     }
     let claimed = from_header.or_else(|| {
         geometry
@@ -967,12 +944,18 @@ pub(crate) fn read_sealed_bounded(path: &Path, id: SegmentId) -> Result<Vec<u8>>
 fn read_prefix(path: &Path, n: u64) -> Result<Vec<u8>> {
     let f = crate::durable::open_regular(path, false)
         .map_err(|e| Error::io(path, "open sealed segment", e))?;
+    read_n(f, path, n, "read sealed segment")
+}
+
+/// The first `n` bytes of the open file `f` (at `path`), the memory
+/// reserved first: what the machine cannot give is an error, not an abort.
+fn read_n(f: fs::File, path: &Path, n: u64, what: &'static str) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
     buf.try_reserve_exact(usize::try_from(n).unwrap_or(usize::MAX))
-        .map_err(|e| Error::io(path, "read sealed segment", std::io::Error::other(e)))?;
+        .map_err(|e| Error::io(path, what, std::io::Error::other(e)))?;
     f.take(n)
         .read_to_end(&mut buf)
-        .map_err(|e| Error::io(path, "read sealed segment", e))?;
+        .map_err(|e| Error::io(path, what, e))?;
     Ok(buf)
 }
 

@@ -35,21 +35,15 @@ impl RegularFiles {
     /// file nor a directory (symlinks followed); a missing path is left to
     /// the store (its `NotFound`).
     fn check(&self, location: &Path) -> Result<()> {
-        use std::os::unix::fs::FileTypeExt as _;
         let path = self.0.path_to_filesystem(location)?;
         let Ok(m) = std::fs::metadata(&path) else {
             return Ok(());
         };
         let t = m.file_type();
-        let kind = if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_socket() {
-            "a socket"
-        } else if t.is_block_device() || t.is_char_device() {
-            "a device"
-        } else {
+        if t.is_file() || t.is_dir() {
             return Ok(());
-        };
+        }
+        let kind = format!("a {}", crate::durable::file_kind(&t));
         Err(object_store::Error::Generic {
             store: "LocalFileSystem",
             source: format!(
