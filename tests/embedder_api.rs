@@ -350,3 +350,52 @@ async fn an_idle_worker_sleeps_and_an_append_still_rolls_by_age() {
     let report = index.shutdown(Duration::from_secs(30)).await;
     assert!(report.fully_drained(), "{report:?}");
 }
+
+/// A broker that starts child processes (any thread's `Command::spawn`)
+/// and closes then reopens its index: between the child's `fork` and its
+/// `exec` the child holds a copy of every descriptor, the data directory's
+/// lock included. The reopen waits for that copy (briefly) instead of
+/// failing with `Locked` (CI failed `reconcile_foreign_writers` this way,
+/// a test beside it running the CLI). A second open while this process
+/// still holds the index is refused at once, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_waits_for_a_forked_childs_copy_of_the_lock() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (index, _) = TierIndex::open(cfg.clone()).await.unwrap();
+    index.append(b"k", 1, 10, 1_000).unwrap();
+    index.flush().unwrap();
+
+    // A live holder in this process: refused.
+    let second = TierIndex::open(cfg.clone()).await;
+    assert!(
+        matches!(second, Err(tierindex::Error::Locked { .. })),
+        "{:?}",
+        second.err()
+    );
+
+    // Another thread starts a child that lingers 700 ms between fork and
+    // exec, holding copies of this process's descriptors (`spawn` returns
+    // only after the exec: on its own thread, as a broker's would be).
+    let spawner = std::thread::spawn(|| {
+        let mut cmd = std::process::Command::new("true");
+        // SAFETY: the closure only sleeps (nanosleep is async-signal-safe).
+        unsafe {
+            cmd.pre_exec(|| {
+                std::thread::sleep(Duration::from_millis(700));
+                Ok(())
+            });
+        }
+        cmd.status().unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = index.shutdown(Duration::from_secs(30)).await;
+    assert!(report.error.is_none(), "{report:?}");
+    let reopened = TierIndex::open(cfg.clone()).await;
+    spawner.join().unwrap();
+    let (index, _) = reopened.expect("reopen after the child's exec released its copy");
+    let found = index.lookup_remote(b"k", TimeRange::ALL).await.unwrap();
+    assert_eq!(found.entries.len(), 1, "{found:?}");
+    let _ = index.shutdown(Duration::from_secs(30)).await;
+}

@@ -57,7 +57,6 @@
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -65,6 +64,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::durable::{fsync_dir, fsync_path};
 use crate::error::{Error, Result};
+use super::RootLock;
 
 /// Marker file in a data directory that a host has opened.
 pub const HOSTED_FILE: &str = "HOSTED";
@@ -72,6 +72,9 @@ pub const HOSTED_FILE: &str = "HOSTED";
 /// Who holds a host (informational), in its directory: not `LOCK`, so that
 /// a host's directory never looks like a data directory's.
 pub const HOST_INFO_FILE: &str = "TIERINDEX_HOST";
+
+/// How a stream's share of its host's lock says what failed.
+const HOST_LOCK_WORDS: (&str, &str) = ("open host directory", "lock host directory");
 
 const MARKER_MAGIC: &str = "tierindex HOSTED 1";
 /// A marker is a few hundred bytes; what is past this is not read.
@@ -197,7 +200,7 @@ impl Marker {
 pub struct HostLock {
     root: PathBuf,
     id: Ident,
-    _lock: File,
+    _lock: RootLock,
     open: Mutex<HashSet<Ident>>,
 }
 
@@ -338,7 +341,7 @@ impl HostLock {
     /// `dir`'s marker names another host's directory: taken over only when
     /// that directory is where it was recorded and its lock is free (its
     /// host takes the lock before any claim, so none runs).
-    fn may_take_over(&self, dir: &Path, m: &Marker) -> Result<File> {
+    fn may_take_over(&self, dir: &Path, m: &Marker) -> Result<RootLock> {
         let Some(other) = m.root_in_place() else {
             return Err(Error::InvalidInput(format!(
                 "{} belongs to the tierindex host of {} (device {}, inode {}), which is not \
@@ -437,7 +440,7 @@ fn write_marker(dir: &Path, m: &Marker) -> Result<()> {
 /// For [`super::DirLock::alone`], after it took `dir`'s own lock: when
 /// `dir` is hosted, its host's lock, shared (held by the caller for as long
 /// as it holds `dir`).
-pub(super) fn lock_host_of(dir: &Path) -> Result<Option<File>> {
+pub(super) fn lock_host_of(dir: &Path) -> Result<Option<RootLock>> {
     let parent = dir
         .canonicalize()
         .map_err(|e| Error::io(dir, "resolve data directory", e))?
@@ -472,9 +475,8 @@ pub(super) fn lock_host_of(dir: &Path) -> Result<Option<File>> {
             }
         },
     };
-    let f = File::open(&root).map_err(|e| Error::io(&root, "open host directory", e))?;
-    if crate::durable::try_lock_shared(&f, &root, "lock host directory")? {
-        return Ok(Some(f));
+    if let Some(l) = super::try_lock_dir(&root, true, HOST_LOCK_WORDS)? {
+        return Ok(Some(l));
     }
     Err(Error::Locked {
         path: dir.to_path_buf(),
@@ -493,14 +495,13 @@ pub(super) fn lock_host_of(dir: &Path) -> Result<Option<File>> {
 /// writer beside that host would lose acknowledged entries. So the host's
 /// lock is taken as for a marked stream: shared, refused while a host runs
 /// there. Only directories a host ever ran in are locked this way.
-fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<File>> {
+fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<RootLock>> {
     match std::fs::symlink_metadata(parent.join(HOST_INFO_FILE)) {
         Ok(m) if m.file_type().is_file() => {}
         _ => return Ok(None),
     }
-    let f = File::open(parent).map_err(|e| Error::io(parent, "open host directory", e))?;
-    if crate::durable::try_lock_shared(&f, parent, "lock host directory")? {
-        return Ok(Some(f));
+    if let Some(l) = super::try_lock_dir(parent, true, HOST_LOCK_WORDS)? {
+        return Ok(Some(l));
     }
     Err(Error::Locked {
         path: dir.to_path_buf(),

@@ -54,18 +54,98 @@ pub(crate) fn holder_line(what: &str) -> String {
     )
 }
 
+/// How long a lock is waited for when its informational file names this
+/// very process and no lock this process holds now is on it: the
+/// descriptor was closed here, but a child this process started (any
+/// thread's `Command::spawn`) still holds a copy between its `fork` and its
+/// `exec`, which closes it. A short, bounded wait; a lock held by another
+/// process, or by a lock this process still holds, is refused at once.
+const FORKED_COPY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The directories this process holds a lock on now (device, inode: a
+/// count, since shared locks may be taken more than once).
+static HELD_HERE: std::sync::Mutex<std::collections::BTreeMap<(u64, u64), usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn held_here() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<(u64, u64), usize>> {
+    HELD_HERE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A directory's `flock`, held while this lives (its descriptor closes on
+/// drop), and known to this process as held by it meanwhile.
+#[derive(Debug)]
+pub(crate) struct RootLock {
+    _file: File,
+    id: (u64, u64),
+}
+
+impl Drop for RootLock {
+    fn drop(&mut self) {
+        let mut held = held_here();
+        if let Some(n) = held.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// Whether what `root`'s informational files (`LOCK`, a host's
+/// `TIERINDEX_HOST`) say names this process on this machine as the last
+/// holder.
+fn names_this_process(root: &Path) -> bool {
+    let me = format!("pid={} host={} ", std::process::id(), hostname());
+    [LOCK_FILE, host::HOST_INFO_FILE]
+        .iter()
+        .any(|name| holder_in(root, name).contains(&me))
+}
+
+/// `root`'s `flock` (exclusive, or `shared`), without blocking on another
+/// holder: `Ok(None)` when one holds it. A holder that is only a forked
+/// copy of a descriptor this process closed is waited for, briefly (see
+/// [`FORKED_COPY_WAIT`]).
+pub(crate) fn try_lock_dir(
+    root: &Path,
+    shared: bool,
+    (open, what): (&'static str, &'static str),
+) -> Result<Option<RootLock>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = File::open(root).map_err(|e| Error::io(root, open, e))?;
+    let m = file.metadata().map_err(|e| Error::io(root, open, e))?;
+    let id = (m.dev(), m.ino());
+    let until = std::time::Instant::now() + FORKED_COPY_WAIT;
+    loop {
+        let got = if shared {
+            crate::durable::try_lock_shared(&file, root, what)?
+        } else {
+            crate::durable::try_lock(&file, root, what)?
+        };
+        if got {
+            *held_here().entry(id).or_insert(0) += 1;
+            return Ok(Some(RootLock { _file: file, id }));
+        }
+        if held_here().contains_key(&id)
+            || !names_this_process(root)
+            || std::time::Instant::now() >= until
+        {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// An exclusive, non-blocking `flock` of the directory `root` itself, held
-/// until the returned descriptor closes ([`Error::Locked`], with what its
-/// `LOCK` file says, when another holds it).
-pub(crate) fn lock_root(root: &Path) -> Result<File> {
-    let lock = File::open(root).map_err(|e| Error::io(root, "open data directory", e))?;
-    if !crate::durable::try_lock(&lock, root, "lock data directory")? {
-        return Err(Error::Locked {
+/// until the returned lock drops ([`Error::Locked`], with what its `LOCK`
+/// file says, when another holds it).
+pub(crate) fn lock_root(root: &Path) -> Result<RootLock> {
+    match try_lock_dir(root, false, ("open data directory", "lock data directory"))? {
+        Some(l) => Ok(l),
+        None => Err(Error::Locked {
             path: root.to_path_buf(),
             holder: holder_in(root, LOCK_FILE),
-        });
+        }),
     }
-    Ok(lock)
 }
 
 /// What keeps a data directory locked; released when it drops.
@@ -81,7 +161,10 @@ pub struct DirLock {
 #[derive(Debug)]
 enum Held {
     /// Its own lock, and its host's when it has a `HOSTED` marker.
-    Own { dir: File, host: Option<File> },
+    Own {
+        dir: RootLock,
+        host: Option<RootLock>,
+    },
     /// Its host's lock, held by the host ([`HostLock::claim`]).
     Hosted(Claim),
 }
