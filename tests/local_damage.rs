@@ -948,3 +948,41 @@ async fn bytes_appended_to_an_active_file_lose_none_of_its_entries() {
         );
     }
 }
+
+/// Acknowledged items at the end of an active file, zeroed later (not torn:
+/// a tool or a filesystem repair writing zeros) looked like items never
+/// written: neither recovered nor reported (known gap 16). The file's flush
+/// mark says how many items a flush made durable: those items are lost,
+/// by number, and the verified ones are salvaged. Garbage there (not
+/// zeros) is counted the same way, as lost rather than "possibly" lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zeroed_acknowledged_tail_is_reported_lost_by_number() {
+    for (what, byte) in [("zeroed", None), ("overwritten", Some(0x5au8))] {
+        let w = World::new();
+        let acked = build(&w, 300, 200, false);
+        let (active, _) = files(&w);
+        let active = active.unwrap();
+        let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+        // Items 150..200 of the active file (entries 450..500).
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&active)
+            .unwrap();
+        let span = vec![byte.unwrap_or(0); 50 * 40];
+        f.write_all_at(&span, l.item_offset(150) as u64).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let o = recover(&w).await;
+        let notes = &o.open.segments.salvaged;
+        assert_eq!(notes.len(), 1, "{what}: {notes:#?}");
+        let n = &notes[0];
+        assert_eq!(n.kind, "active", "{what}");
+        assert_eq!(n.lost_items, 50, "{what}: {n:#?}");
+        assert_eq!(n.lost[0].first_index, 150, "{what}: {n:#?}");
+        assert_eq!(n.salvaged_items, 150, "{what}: {n:#?}");
+        let missing: Vec<u64> = (0..acked).filter(|x| !o.found.contains(x)).collect();
+        assert_eq!(missing, (450..500).collect::<Vec<u64>>(), "{what}");
+        assert!(o.needs_operator(), "{what}");
+        check(acked, &o, what);
+    }
+}

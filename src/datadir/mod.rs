@@ -528,37 +528,57 @@ mod tests {
     }
 
     /// Damaged items after the last valid one of an active file, more than
-    /// a crash mid-append tears: copied to quarantine/ before they are
-    /// zeroed, with a record, so the loss stays in `status` and `quarantine
-    /// list` after this start (helper-39, F5: the copy had no record).
+    /// a crash mid-append tears, and past its flush mark (appended after
+    /// the last flush): recovered in place, the tail copied to quarantine/
+    /// before it is zeroed, with a record, so the loss stays in `status`
+    /// and `quarantine list` after this start (helper-39, F5: the copy had
+    /// no record). The same damage below the mark (flushed items) is a
+    /// certain loss: the file is salvaged, not appended to again.
     #[test]
     fn a_damaged_active_tail_is_kept_with_a_record() {
         use crate::segment::active::ActiveSegment;
         use crate::segment::format::{ACTIVE_ITEM_LEN, ActiveLayout};
-        let d = tempfile::tempdir().unwrap();
-        let dd = DataDir::open(d.path()).unwrap();
-        let segs = dd.segments_dir();
-        let mut a = ActiveSegment::create(&segs, SegmentId(1), 8, 100, 0).unwrap();
-        for e in fifty_entries().iter().take(20) {
-            a.append_entry(*e).unwrap();
+        for flushed in [17usize, 20] {
+            let d = tempfile::tempdir().unwrap();
+            let dd = DataDir::open(d.path()).unwrap();
+            let segs = dd.segments_dir();
+            let mut a = ActiveSegment::create(&segs, SegmentId(1), 8, 100, 0).unwrap();
+            for e in fifty_entries().iter().take(flushed) {
+                a.append_entry(*e).unwrap();
+            }
+            a.flush().unwrap();
+            for e in fifty_entries().iter().take(20).skip(flushed) {
+                a.append_entry(*e).unwrap();
+            }
+            let path = a.path().to_path_buf();
+            drop(a);
+            let l = ActiveLayout::new(8, 100).unwrap();
+            let mut b = fs::read(&path).unwrap();
+            for i in 17..20 {
+                b[l.item_offset(i) + 3] ^= 0x5a;
+            }
+            fs::write(&path, &b).unwrap();
+            let r = recover(&dd, Mode::Repair).unwrap();
+            let n = &r.report.salvaged[0];
+            assert_eq!(n.lost_items, 3, "{}", n.line());
+            let recs = quarantine_records(d.path());
+            assert_eq!(recs.len(), 1, "{recs:?}");
+            let loss = recs[0].1.loss.as_ref().unwrap();
+            assert!(loss.is_loss() && loss.lost_items == 3);
+            assert!(
+                fs::metadata(&recs[0].1.moved_to).unwrap().len() >= 3 * ACTIVE_ITEM_LEN as u64
+            );
+            // In place (the tail was only torn, as far as the file can
+            // tell) or salvaged (the flush mark says those items were
+            // acknowledged).
+            assert_eq!(path.exists(), flushed == 17, "flushed {flushed}: {}", n.line());
+            assert_eq!(
+                n.sealed_as.is_some(),
+                flushed == 20,
+                "flushed {flushed}: {}",
+                n.line()
+            );
         }
-        a.flush().unwrap();
-        let path = a.path().to_path_buf();
-        drop(a);
-        let l = ActiveLayout::new(8, 100).unwrap();
-        let mut b = fs::read(&path).unwrap();
-        for i in 17..20 {
-            b[l.item_offset(i) + 3] ^= 0x5a;
-        }
-        fs::write(&path, &b).unwrap();
-        let r = recover(&dd, Mode::Repair).unwrap();
-        let n = &r.report.salvaged[0];
-        assert_eq!(n.lost_items, 3, "{}", n.line());
-        let recs = quarantine_records(d.path());
-        assert_eq!(recs.len(), 1, "{recs:?}");
-        let loss = recs[0].1.loss.as_ref().unwrap();
-        assert!(loss.is_loss() && loss.lost_items == 3);
-        assert!(fs::metadata(&recs[0].1.moved_to).unwrap().len() >= 3 * ACTIVE_ITEM_LEN as u64);
     }
 
     /// Bytes appended after a sealed file whose item is also damaged: the

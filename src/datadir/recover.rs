@@ -725,7 +725,8 @@ fn salvage_active_file(
         lost: scan.lost.iter().chain(&scan.torn).cloned().collect(),
         unknown_loss: scan.truncated_to.map(|t| {
             format!(
-                "file cut to {t} of {} bytes: items past byte {t} are unaccounted for",
+                "file cut to {t} of {} bytes: items past byte {t} beyond those counted \
+                 (the flush mark's) are unaccounted for",
                 scan.layout.file_len
             )
         }),

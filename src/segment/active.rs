@@ -27,9 +27,11 @@
 //! bind segment id and index) and chain links verify, zeroes everything after
 //! the first bad item (so a stale item can never be resurrected later), and
 //! rebuilds the slot table. Start-up calls `open` only for a file whose
-//! valid items are exactly such a prefix (`segment::salvage::scan_active`);
-//! a file with valid items after a damaged span, a damaged header or a cut
-//! length is salvaged by item into a sealed file instead and never
+//! valid items are exactly such a prefix (`segment::salvage::scan_active`)
+//! covering its flush mark (`write_flush_mark`: how many items the last
+//! flush made durable); a file with valid items after a damaged span,
+//! acknowledged items below its mark that do not verify, a damaged header
+//! or a cut length is salvaged by item into a sealed file instead and never
 //! appended to again.
 
 use std::fs::{File, OpenOptions};
@@ -138,6 +140,10 @@ pub struct ActiveRecovery {
     pub tail_saved_to: Option<PathBuf>,
     /// The file was shorter than its header implies and was re-extended.
     pub extended_from: Option<u64>,
+    /// What its flush marks say the last flush made durable (set by
+    /// [`check_active`] only): items below it that are not among the
+    /// valid ones are acknowledged entries lost.
+    pub flush_mark: Option<u32>,
 }
 
 /// Result of a bounded lookup.
@@ -189,6 +195,10 @@ pub struct ActiveSegment {
     pf_at: u32,
     /// How far the file is allocated; no item is written past it.
     alloc: std::sync::Arc<Allocation>,
+    /// The count the last flush mark written says, and the mark slot the
+    /// next one goes to ([`write_flush_mark`](Self::write_flush_mark)).
+    marked: u32,
+    mark_slot: usize,
 }
 
 /// The least an active file is brought into the page cache ahead of its
@@ -504,6 +514,7 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
     // Predict `open` exactly (it zero-extends a short file before scanning);
     // `scan_valid_prefix` reads past-the-end bytes as zeros.
     rec.valid_items = scan_bytes(bytes, &l, header.segment_id);
+    rec.flush_mark = format::decode_flush_marks(bytes, header.segment_id, l.item_capacity);
     let tail_start = l.item_offset(rec.valid_items).min(bytes.len());
     if let Some(last) = bytes[tail_start..].iter().rposition(|&b| b != 0) {
         rec.torn_bytes_zeroed = last as u64 + 1;
@@ -587,6 +598,8 @@ impl ActiveSegment {
             pf_end: 0,
             pf_at: u32::MAX,
             alloc,
+            marked: 0,
+            mark_slot: 0,
         };
         // Nothing read in yet: the first append asks for the first stretch
         // (unless `prefault` reads it now).
@@ -692,6 +705,8 @@ impl ActiveSegment {
             pf_end: 0,
             pf_at: u32::MAX,
             alloc,
+            marked: 0,
+            mark_slot: 0,
         };
         // Recovery reads the whole file in order: read-ahead helps it.
         seg.recover(&file, &mut rec, save_dir, saved)?;
@@ -795,6 +810,38 @@ impl ActiveSegment {
         rec.valid_items = valid;
         self.len = valid;
         *self.flushed.get_mut() = valid;
+        // The recovered items are durable now: the flush marks say so, both
+        // of them, written only now (before the fsync, a mark could reach
+        // the disk ahead of items still in the page cache only). Start-up
+        // recovers in place only when no mark claims more than `valid`, so
+        // an old mark can only be lower, and the rewrite needs no sync. A
+        // direct caller's recovery may have dropped items below an old mark:
+        // then the rewrite is synced (a power cut must not bring back a mark
+        // claiming items this recovery dropped and later appends reuse).
+        // With nothing kept, the marks are cleared, not set to 0: a file
+        // with only its header holding bytes is one nothing was written to.
+        if let Some(old) = format::decode_flush_marks(&self.map, self.id, l.item_capacity) {
+            let mark = if valid == 0 {
+                [0u8; format::FLUSH_MARK_LEN]
+            } else {
+                format::encode_flush_mark(self.id, valid)
+            };
+            for at in format::FLUSH_MARK_OFFSETS {
+                self.map[at..at + format::FLUSH_MARK_LEN].copy_from_slice(&mark);
+            }
+            if old > valid {
+                // No named failpoint: start-up never gets here (see
+                // above); a failure poisons as every failed msync does.
+                crate::durable::msync_range(&self.map, 0, PAGE, &self.path)
+                    .map_err(|e| {
+                        Error::Poisoned(format!(
+                            "msync of recovered {}'s flush marks failed: {e}",
+                            self.path.display()
+                        ))
+                    })?;
+            }
+        }
+        self.marked = valid;
         Ok(())
     }
 
@@ -911,7 +958,31 @@ impl ActiveSegment {
                 if let Error::Poisoned(why) = e {
                     self.poisoned = Some(why.clone());
                 }
-            })
+            })?;
+        self.write_flush_mark();
+        Ok(())
+    }
+
+    /// After a flush returned: record in the header page how many items it
+    /// made durable (a flush mark, docs/format/segment.md). Not synced, and
+    /// not a durability step: a mark that reaches the disk (any writeback;
+    /// after a kill -9 the page cache has it) lets start-up tell a zeroed
+    /// or damaged acknowledged tail from items never written or torn by a
+    /// power cut, and report those entries lost by number. It only ever
+    /// claims items already durable, so a mark that is lost, or written
+    /// back before a later flush's items, claims nothing false. Two slots in
+    /// turn, each in a sector of its own: a torn write of one leaves the
+    /// other.
+    fn write_flush_mark(&mut self) {
+        let n = self.flushed.load(Ordering::Acquire);
+        if n == self.marked {
+            return;
+        }
+        let at = format::FLUSH_MARK_OFFSETS[self.mark_slot];
+        self.map[at..at + format::FLUSH_MARK_LEN]
+            .copy_from_slice(&format::encode_flush_mark(self.id, n));
+        self.mark_slot ^= 1;
+        self.marked = n;
     }
 
     /// After a flush's msync: the file this segment maps is still the one
@@ -1199,6 +1270,52 @@ mod tests {
             size: 1,
             timestamp_ms: i,
         }
+    }
+
+    /// A flush leaves a mark of what it made durable (the largest of the
+    /// two slots counts); a recovery by a direct `open` that kept fewer
+    /// items rewrites both marks to what it kept (none: cleared), so no
+    /// mark claims items it dropped.
+    #[test]
+    fn flush_marks_follow_flushes_and_a_recovery() {
+        let d = tempfile::tempdir().unwrap();
+        let marks = |p: &Path| {
+            let b = std::fs::read(p).unwrap();
+            format::decode_flush_marks(&b, SegmentId(1), 100)
+        };
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 8, 100, 0).unwrap();
+        let path = s.path().to_path_buf();
+        assert_eq!(marks(&path), None, "never flushed");
+        for i in 0..5 {
+            s.append_entry(e(i % 3, i)).unwrap();
+        }
+        s.flush().unwrap();
+        assert_eq!(marks(&path), Some(5));
+        for i in 5..12 {
+            s.append_entry(e(i % 3, i)).unwrap();
+        }
+        assert_eq!(marks(&path), Some(5), "appends alone write no mark");
+        s.flush().unwrap();
+        s.flush().unwrap();
+        assert_eq!(marks(&path), Some(12));
+        drop(s);
+        // Item 7 damaged: a direct open keeps 0..7 and drops the rest.
+        let l = ActiveLayout::new(8, 100).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff; 4], l.item_offset(7) as u64).unwrap();
+        drop(f);
+        let (s, rec) = ActiveSegment::open(&path, None).unwrap();
+        assert_eq!(rec.valid_items, 7);
+        drop(s);
+        assert_eq!(marks(&path), Some(7));
+        // Item 0 damaged: nothing kept, the marks cleared.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff; 4], l.item_offset(0) as u64).unwrap();
+        drop(f);
+        let (s, rec) = ActiveSegment::open(&path, None).unwrap();
+        assert_eq!(rec.valid_items, 0);
+        drop(s);
+        assert_eq!(marks(&path), None);
     }
 
     /// A flush whose file was removed or replaced under it is refused and

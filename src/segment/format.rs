@@ -318,6 +318,51 @@ pub fn decode_active_item(b: &[u8], segment_id: SegmentId, index: u32) -> Option
     })
 }
 
+/// Where an active file's flush marks sit: two 16-byte records in its
+/// header page, in sectors of their own (never the header's), written in
+/// turn. A mark records how many items a flush had made durable; nothing
+/// syncs it (docs/format/segment.md, "Flush marks").
+pub const FLUSH_MARK_OFFSETS: [usize; 2] = [2048, 3072];
+/// Length of one flush mark.
+pub const FLUSH_MARK_LEN: usize = 16;
+const FLUSH_MARK_MAGIC: [u8; 4] = *b"TIXF";
+
+/// A flush mark saying items `0..count` of segment `segment_id` were made
+/// durable by a flush that returned.
+pub fn encode_flush_mark(segment_id: SegmentId, count: u32) -> [u8; FLUSH_MARK_LEN] {
+    let mut b = [0u8; FLUSH_MARK_LEN];
+    b[..4].copy_from_slice(&FLUSH_MARK_MAGIC);
+    put_u32(&mut b, 4, count);
+    // 8..12 reserved, zero.
+    let mut h = crc32fast::Hasher::new();
+    h.update(&segment_id.0.to_le_bytes());
+    h.update(&b[..12]);
+    put_u32(&mut b, 12, h.finalize());
+    b
+}
+
+/// The largest count among an active file's valid flush marks (`bytes`:
+/// the file from its start), at most `capacity`; `None` when no mark
+/// validates (a file from before the marks, never flushed, or damaged
+/// there). A mark is valid when its magic, reserved bytes and CRC (salted
+/// with the segment id) match.
+pub fn decode_flush_marks(bytes: &[u8], segment_id: SegmentId, capacity: u32) -> Option<u32> {
+    FLUSH_MARK_OFFSETS
+        .iter()
+        .filter_map(|&at| {
+            let b = bytes.get(at..at + FLUSH_MARK_LEN)?;
+            if b[..4] != FLUSH_MARK_MAGIC || get_u32(b, 8) != 0 {
+                return None;
+            }
+            let mut h = crc32fast::Hasher::new();
+            h.update(&segment_id.0.to_le_bytes());
+            h.update(&b[..12]);
+            (h.finalize() == get_u32(b, 12)).then(|| get_u32(b, 4))
+        })
+        .filter(|&n| n <= capacity)
+        .max()
+}
+
 // ---------------------------------------------------------------------------
 // Sealed segment
 // ---------------------------------------------------------------------------

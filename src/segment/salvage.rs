@@ -17,7 +17,8 @@
 //!
 //! The rule (also in `docs/format/segment.md`, "Recovery rule"):
 //! - An active file whose valid items are exactly `0..n` with consistent
-//!   `prev` links, whose header decodes and whose length is what the header
+//!   `prev` links, `n` at least its flush mark (the items a flush made
+//!   durable), whose header decodes and whose length is what the header
 //!   implies, is recovered in place by `ActiveSegment::open` (torn tail
 //!   zeroed, appends continue).
 //! - Any other active file that holds at least one valid item is
@@ -75,10 +76,12 @@ pub struct ActiveScan {
     pub appended: u64,
     /// Verified items, index order.
     pub items: Vec<(u32, Entry)>,
-    /// Runs of items that did not verify *before* the last verified item.
+    /// Runs of items that did not verify *before* the last verified item,
+    /// and those after it below the file's flush mark (acknowledged by a
+    /// flush that returned).
     pub lost: Vec<LostSpan>,
     /// Runs of non-zero items that did not verify *after* the last verified
-    /// one: a torn tail. Unflushed items torn by a power cut, or flushed
+    /// one, at or above the flush mark: a torn tail. Unflushed items torn by a power cut, or flushed
     /// ones damaged since: the file cannot tell, so they are reported as
     /// possibly lost. (All-zero items there were never written.)
     pub torn: Vec<LostSpan>,
@@ -98,7 +101,8 @@ impl ActiveScan {
             && self.chains_ok
     }
 
-    /// Items that did not verify before the last verified one.
+    /// Items that did not verify before the last verified one, or below
+    /// the flush mark.
     pub fn lost_items(&self) -> u64 {
         self.lost.iter().map(|s| u64::from(s.items)).sum()
     }
@@ -255,6 +259,38 @@ pub fn scan_active(
                 }),
             }
         }
+    }
+    // A flush mark (docs/format/segment.md, "Flush marks"): items below it
+    // were made durable by a flush that returned, so those that do not
+    // verify after the last verified item are lost, not a torn tail (zeros
+    // included: a zeroed acknowledged tail looks like items never written).
+    // Only the items at or above the mark can be a torn tail.
+    let verified_end = items.last().map_or(0, |(i, _)| i + 1);
+    if let Some(mark) = format::decode_flush_marks(bytes, name_id, layout.item_capacity)
+        && mark > verified_end
+    {
+        let n = mark - verified_end;
+        lost.push(LostSpan {
+            first_index: verified_end,
+            items: n,
+            byte_offset: layout.item_offset(verified_end) as u64,
+            bytes: u64::from(n) * ACTIVE_ITEM_LEN as u64,
+        });
+        torn = torn
+            .into_iter()
+            .filter_map(|s| {
+                let end = s.first_index + s.items;
+                (end > mark).then(|| {
+                    let first = s.first_index.max(mark);
+                    LostSpan {
+                        first_index: first,
+                        items: end - first,
+                        byte_offset: layout.item_offset(first) as u64,
+                        bytes: u64::from(end - first) * ACTIVE_ITEM_LEN as u64,
+                    }
+                })
+            })
+            .collect();
     }
     if header_rebuilt && items.is_empty() {
         return Err(Error::corrupt(
