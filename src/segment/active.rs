@@ -1299,23 +1299,19 @@ mod tests {
         s.flush().unwrap();
         assert_eq!(marks(&path), Some(12));
         drop(s);
-        // Item 7 damaged: a direct open keeps 0..7 and drops the rest.
+        // Item `i` damaged, then a direct open: the marks that follow.
         let l = ActiveLayout::new(8, 100).unwrap();
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff; 4], l.item_offset(7) as u64).unwrap();
-        drop(f);
-        let (s, rec) = ActiveSegment::open(&path, None).unwrap();
-        assert_eq!(rec.valid_items, 7);
-        drop(s);
-        assert_eq!(marks(&path), Some(7));
-        // Item 0 damaged: nothing kept, the marks cleared.
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff; 4], l.item_offset(0) as u64).unwrap();
-        drop(f);
-        let (s, rec) = ActiveSegment::open(&path, None).unwrap();
-        assert_eq!(rec.valid_items, 0);
-        drop(s);
-        assert_eq!(marks(&path), None);
+        let damage_and_open = |i: u32| {
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&[0xff; 4], l.item_offset(i) as u64).unwrap();
+            drop(f);
+            let (_, rec) = ActiveSegment::open(&path, None).unwrap();
+            (rec.valid_items, marks(&path))
+        };
+        // It keeps 0..7 and drops the rest.
+        assert_eq!(damage_and_open(7), (7, Some(7)));
+        // Nothing kept: the marks cleared.
+        assert_eq!(damage_and_open(0), (0, None));
     }
 
     /// A flush whose file was removed or replaced under it is refused and

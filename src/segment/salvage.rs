@@ -57,6 +57,18 @@ pub struct LostSpan {
     pub bytes: u64,
 }
 
+impl LostSpan {
+    /// `items` active items from index `first` of a file laid out as `l`.
+    fn active(l: &ActiveLayout, first: u32, items: u32) -> LostSpan {
+        LostSpan {
+            first_index: first,
+            items,
+            byte_offset: l.item_offset(first) as u64,
+            bytes: u64::from(items) * ACTIVE_ITEM_LEN as u64,
+        }
+    }
+}
+
 /// What a scan of an active file found.
 #[derive(Clone, Debug)]
 pub struct ActiveScan {
@@ -212,13 +224,7 @@ pub fn scan_active(
         match decoded {
             Some(item) => {
                 if let Some(first) = bad_run.take() {
-                    let n = i - first;
-                    lost.push(LostSpan {
-                        first_index: first,
-                        items: n,
-                        byte_offset: layout.item_offset(first) as u64,
-                        bytes: u64::from(n) * ACTIVE_ITEM_LEN as u64,
-                    });
+                    lost.push(LostSpan::active(&layout, first, i - first));
                 }
                 if items.len() as u64 != u64::from(i) {
                     chains_ok = false;
@@ -251,12 +257,7 @@ pub fn scan_active(
                     s.items += 1;
                     s.bytes += ACTIVE_ITEM_LEN as u64;
                 }
-                _ => torn.push(LostSpan {
-                    first_index: j,
-                    items: 1,
-                    byte_offset: at as u64,
-                    bytes: ACTIVE_ITEM_LEN as u64,
-                }),
+                _ => torn.push(LostSpan::active(&layout, j, 1)),
             }
         }
     }
@@ -269,26 +270,13 @@ pub fn scan_active(
     if let Some(mark) = format::decode_flush_marks(bytes, name_id, layout.item_capacity)
         && mark > verified_end
     {
-        let n = mark - verified_end;
-        lost.push(LostSpan {
-            first_index: verified_end,
-            items: n,
-            byte_offset: layout.item_offset(verified_end) as u64,
-            bytes: u64::from(n) * ACTIVE_ITEM_LEN as u64,
-        });
+        lost.push(LostSpan::active(&layout, verified_end, mark - verified_end));
         torn = torn
             .into_iter()
             .filter_map(|s| {
                 let end = s.first_index + s.items;
-                (end > mark).then(|| {
-                    let first = s.first_index.max(mark);
-                    LostSpan {
-                        first_index: first,
-                        items: end - first,
-                        byte_offset: layout.item_offset(first) as u64,
-                        bytes: u64::from(end - first) * ACTIVE_ITEM_LEN as u64,
-                    }
-                })
+                let first = s.first_index.max(mark);
+                (end > mark).then(|| LostSpan::active(&layout, first, end - first))
             })
             .collect();
     }
