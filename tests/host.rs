@@ -564,3 +564,40 @@ async fn a_hosts_streams_learn_of_a_takeover_when_its_renewals_land_again() {
     assert!(reports[1].fully_drained(), "{:?}", reports[1]);
     drop(host);
 }
+
+/// A host reopening one of its streams while a descriptor of the stream's
+/// directory it closed lives on in a child between `fork` and `exec` (or a
+/// process on its own holds the stream's lock for the moment before it
+/// finds the host's held): the host holds its own lock, so such a holder
+/// is transient and is waited out (briefly), not a refusal. Stood in for
+/// by a second descriptor's `flock`, let go after 700 ms (helper-55 found
+/// the claim refused at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_waits_out_a_transient_holder_of_its_streams_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
+    let host = Host::open(&root).unwrap();
+    let dir = root.join("orders");
+    let (ti, _) = host.open_stream(cfg(&dir, &store)).await.unwrap();
+    ti.append(b"k", 1, 10, 1_000).unwrap();
+    ti.flush().unwrap();
+    assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
+
+    let copy = std::fs::File::open(&dir).unwrap();
+    copy.try_lock().unwrap();
+    let held = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        drop(copy);
+    });
+    let t = Instant::now();
+    let (ti, _) = host.open_stream(cfg(&dir, &store)).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    held.join().unwrap();
+    let found = ti.lookup_remote(b"k", all()).await.unwrap();
+    assert_eq!(found.entries.len(), 1, "{found:?}");
+    assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
+}

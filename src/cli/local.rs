@@ -103,10 +103,9 @@ enum Inspected {
         file_shorter_than_header_says: Option<u64>,
         /// Items its last flush made durable, as its flush marks say.
         flush_mark: Option<u32>,
-        /// Of those, how many lie past the valid prefix: acknowledged items
-        /// damaged or zeroed since (start-up salvages the file and reports
-        /// those that do not verify as lost).
-        acknowledged_items_past_valid: u32,
+        /// Of those, how many do not verify: acknowledged items damaged or
+        /// zeroed since (start-up salvages the file and reports them lost).
+        acknowledged_items_not_verified: u32,
         first_entries: Vec<Entry>,
     },
     Sealed {
@@ -162,9 +161,7 @@ pub fn inspect(cli: &Cli, file: &Path) -> Result<i32> {
             torn_bytes_after_valid: rec.torn_bytes_zeroed,
             file_shorter_than_header_says: rec.extended_from,
             flush_mark: rec.flush_mark,
-            acknowledged_items_past_valid: rec
-                .flush_mark
-                .map_or(0, |m| m.saturating_sub(rec.valid_items)),
+            acknowledged_items_not_verified: rec.unverified_below_mark,
             first_entries: entries.into_iter().take(20).collect(),
         }
     } else if magic == SEALED_MAGIC {

@@ -724,9 +724,13 @@ fn salvage_active_file(
         lost_items: scan.lost_items() + scan.torn_items(),
         lost: scan.lost.iter().chain(&scan.torn).cloned().collect(),
         unknown_loss: scan.truncated_to.map(|t| {
+            let counted = if scan.flush_mark.is_some_and(|m| scan.layout.item_offset(m) as u64 > t) {
+                " beyond the flush mark's count"
+            } else {
+                ""
+            };
             format!(
-                "file cut to {t} of {} bytes: items past byte {t} beyond those counted \
-                 (the flush mark's) are unaccounted for",
+                "file cut to {t} of {} bytes: items past byte {t}{counted} are unaccounted for",
                 scan.layout.file_len
             )
         }),

@@ -307,7 +307,7 @@ impl HostLock {
         // written (module doc): a process holding it on its own refuses
         // the claim; another host's claim, or an open on its own, waits
         // its turn and then reads what this one wrote.
-        let own = match super::lock_root(&dir) {
+        let own = match super::lock_root_under_host(&dir) {
             Ok(f) => f,
             Err(Error::Locked { holder, .. }) => {
                 return Err(Error::Locked { path: dir, holder });
@@ -316,13 +316,16 @@ impl HostLock {
         };
         // A build from before the directory lock flocks LOCK itself.
         let info = dir.join(super::LOCK_FILE);
-        if let Ok(f) = crate::durable::open_regular(&info, false)
-            && !crate::durable::try_lock(&f, &info, "lock data directory")?
-        {
-            return Err(Error::Locked {
-                path: dir,
-                holder: "an older tierindex holding its LOCK file".into(),
-            });
+        if let Ok(f) = crate::durable::open_regular(&info, false) {
+            if !crate::durable::try_lock(&f, &info, "lock data directory")? {
+                return Err(Error::Locked {
+                    path: dir,
+                    holder: "an older tierindex holding its LOCK file".into(),
+                });
+            }
+            // Checked, not held: let go now, not when the descriptor
+            // closes (a child forked meanwhile would keep its copy).
+            let _ = f.unlock();
         }
         match Marker::read(&dir)? {
             Some(m) if m.root == self.id => {}

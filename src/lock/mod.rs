@@ -108,7 +108,19 @@ fn names_this_process(root: &Path) -> bool {
 pub(crate) fn try_lock_dir(
     root: &Path,
     shared: bool,
+    words: (&'static str, &'static str),
+) -> Result<Option<RootLock>> {
+    lock_dir_waiting(root, shared, words, names_this_process)
+}
+
+/// [`try_lock_dir`], waiting out (for at most [`FORKED_COPY_WAIT`]) any
+/// holder that is not a lock this process holds now and that `transient`
+/// says may let go soon.
+fn lock_dir_waiting(
+    root: &Path,
+    shared: bool,
     (open, what): (&'static str, &'static str),
+    transient: fn(&Path) -> bool,
 ) -> Result<Option<RootLock>> {
     use std::os::unix::fs::MetadataExt as _;
     let file = File::open(root).map_err(|e| Error::io(root, open, e))?;
@@ -126,7 +138,7 @@ pub(crate) fn try_lock_dir(
             return Ok(Some(RootLock { _file: file, id }));
         }
         if held_here().contains_key(&id)
-            || !names_this_process(root)
+            || !transient(root)
             || std::time::Instant::now() >= until
         {
             return Ok(None);
@@ -139,13 +151,28 @@ pub(crate) fn try_lock_dir(
 /// until the returned lock drops ([`Error::Locked`], with what its `LOCK`
 /// file says, when another holds it).
 pub(crate) fn lock_root(root: &Path) -> Result<RootLock> {
-    match try_lock_dir(root, false, ("open data directory", "lock data directory"))? {
-        Some(l) => Ok(l),
-        None => Err(Error::Locked {
-            path: root.to_path_buf(),
-            holder: holder_in(root, LOCK_FILE),
-        }),
-    }
+    locked_or_refused(root, try_lock_dir(root, false, ROOT_LOCK_WORDS)?)
+}
+
+/// [`lock_root`] for a host claiming one of its streams while it holds the
+/// host's lock: any other holder of the stream's own lock is transient
+/// then (a forked copy of a descriptor this process closed, or a process
+/// on its own that takes the stream's lock before its host's and lets go
+/// when it finds the host's held), so it is waited out, briefly.
+pub(crate) fn lock_root_under_host(root: &Path) -> Result<RootLock> {
+    locked_or_refused(
+        root,
+        lock_dir_waiting(root, false, ROOT_LOCK_WORDS, |_| true)?,
+    )
+}
+
+const ROOT_LOCK_WORDS: (&str, &str) = ("open data directory", "lock data directory");
+
+fn locked_or_refused(root: &Path, l: Option<RootLock>) -> Result<RootLock> {
+    l.ok_or_else(|| Error::Locked {
+        path: root.to_path_buf(),
+        holder: holder_in(root, LOCK_FILE),
+    })
 }
 
 /// What keeps a data directory locked; released when it drops.

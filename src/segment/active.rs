@@ -140,10 +140,14 @@ pub struct ActiveRecovery {
     pub tail_saved_to: Option<PathBuf>,
     /// The file was shorter than its header implies and was re-extended.
     pub extended_from: Option<u64>,
-    /// What its flush marks say the last flush made durable (set by
-    /// [`check_active`] only): items below it that are not among the
-    /// valid ones are acknowledged entries lost.
+    /// What its flush marks said the last flush made durable (before a
+    /// recovery rewrote them): items below it that were not kept are
+    /// acknowledged entries lost. Start-up never recovers such a file in
+    /// place (it salvages it); a direct caller of `open` sees them here.
     pub flush_mark: Option<u32>,
+    /// Items below the flush mark whose CRC does not verify ([`check_active`]
+    /// only).
+    pub unverified_below_mark: u32,
 }
 
 /// Result of a bounded lookup.
@@ -515,6 +519,17 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
     // `scan_valid_prefix` reads past-the-end bytes as zeros.
     rec.valid_items = scan_bytes(bytes, &l, header.segment_id);
     rec.flush_mark = format::decode_flush_marks(bytes, header.segment_id, l.item_capacity);
+    rec.unverified_below_mark = rec.flush_mark.map_or(0, |m| {
+        (0..m)
+            .filter(|&i| {
+                let at = l.item_offset(i);
+                bytes
+                    .get(at..at + ACTIVE_ITEM_LEN)
+                    .and_then(|b| format::decode_active_item(b, header.segment_id, i))
+                    .is_none()
+            })
+            .count() as u32
+    });
     let tail_start = l.item_offset(rec.valid_items).min(bytes.len());
     if let Some(last) = bytes[tail_start..].iter().rposition(|&b| b != 0) {
         rec.torn_bytes_zeroed = last as u64 + 1;
@@ -820,7 +835,9 @@ impl ActiveSegment {
         // claiming items this recovery dropped and later appends reuse).
         // With nothing kept, the marks are cleared, not set to 0: a file
         // with only its header holding bytes is one nothing was written to.
-        if let Some(old) = format::decode_flush_marks(&self.map, self.id, l.item_capacity) {
+        let marked = format::decode_flush_marks(&self.map, self.id, l.item_capacity);
+        rec.flush_mark = marked;
+        if let Some(old) = marked {
             let mark = if valid == 0 {
                 [0u8; format::FLUSH_MARK_LEN]
             } else {
@@ -1306,12 +1323,14 @@ mod tests {
             f.write_all_at(&[0xff; 4], l.item_offset(i) as u64).unwrap();
             drop(f);
             let (_, rec) = ActiveSegment::open(&path, None).unwrap();
-            (rec.valid_items, marks(&path))
+            // What the marks said before is reported: a direct caller
+            // sees acknowledged items dropped.
+            (rec.valid_items, rec.flush_mark, marks(&path))
         };
-        // It keeps 0..7 and drops the rest.
-        assert_eq!(damage_and_open(7), (7, Some(7)));
+        // It keeps 0..7 and drops the rest (5 of them acknowledged).
+        assert_eq!(damage_and_open(7), (7, Some(12), Some(7)));
         // Nothing kept: the marks cleared.
-        assert_eq!(damage_and_open(0), (0, None));
+        assert_eq!(damage_and_open(0), (0, Some(7), None));
     }
 
     /// A flush whose file was removed or replaced under it is refused and

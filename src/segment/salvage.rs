@@ -100,6 +100,8 @@ pub struct ActiveScan {
     /// The verified items are `0..n` and their `prev` links agree with the
     /// slot heads rebuilt in order.
     pub chains_ok: bool,
+    /// What the file's flush marks say a flush made durable.
+    pub flush_mark: Option<u32>,
 }
 
 impl ActiveScan {
@@ -267,7 +269,8 @@ pub fn scan_active(
     // included: a zeroed acknowledged tail looks like items never written).
     // Only the items at or above the mark can be a torn tail.
     let verified_end = items.last().map_or(0, |(i, _)| i + 1);
-    if let Some(mark) = format::decode_flush_marks(bytes, name_id, layout.item_capacity)
+    let flush_mark = format::decode_flush_marks(bytes, name_id, layout.item_capacity);
+    if let Some(mark) = flush_mark
         && mark > verified_end
     {
         lost.push(LostSpan::active(&layout, verified_end, mark - verified_end));
@@ -297,6 +300,7 @@ pub fn scan_active(
         lost,
         torn,
         chains_ok,
+        flush_mark,
     })
 }
 
