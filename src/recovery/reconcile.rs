@@ -168,8 +168,15 @@ pub async fn reconcile(
     // directory's owner: its broker must be down (Error::Locked otherwise).
     cfg.validate()?;
     require_journal(cfg)?;
+    // On a blocking thread: the lock may wait (briefly) for a forked
+    // child's copy of it (`lock::try_lock_dir`).
     let _lock = if opts.repair {
-        Some(DataDir::open(&cfg.data_dir)?)
+        let dir = cfg.data_dir.clone();
+        Some(
+            tokio::task::spawn_blocking(move || DataDir::open(&dir))
+                .await
+                .map_err(|e| Error::Internal(format!("data directory lock task failed: {e}")))??,
+        )
     } else {
         None
     };
