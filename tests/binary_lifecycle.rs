@@ -514,7 +514,16 @@ fn second_sigterm_exits_at_once_and_drain_resumes_elsewhere() {
         o.stderr
     );
     let segs = assert_all_committed(&d.data, &store);
-    assert_eq!(assert_contiguous(&segs, flushed), flushed);
+    // Every acknowledged entry, and at most one flush's worth more: the
+    // second signal can cut the demo between a flush (or the close's seal)
+    // and its `flushed N` line, and entries appended but not acknowledged
+    // may be kept (the page cache survives the exit). CI3 of stop 37 saw
+    // 19,000 kept with 18,900 printed, on a loaded machine.
+    let kept = assert_contiguous(&segs, flushed);
+    assert!(
+        kept - flushed <= 100,
+        "{kept} entries kept, {flushed} acknowledged: more than one flush of 100 apart"
+    );
     assert_objects(&d.store, &segs);
     assert_all_found(&d.data, &store, flushed);
 }
