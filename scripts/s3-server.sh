@@ -224,8 +224,13 @@ spawn() {
   local pid=$!
   sleep 0.2
   if ! kill -0 "$pid" 2>/dev/null; then
+    # Say how it ended: a status above 128 is a signal (nothing of the
+    # server's own reaches its log when it is killed before it starts one).
+    local rc=0 how
+    wait "$pid" 2>/dev/null || rc=$?
+    if ((rc > 128)); then how="killed by signal $((rc - 128))"; else how="exit status $rc"; fi
     tail -n 20 "$logf" >&2 || true
-    die "$kind $role exited immediately; log: $logf"
+    die "$kind $role exited immediately ($how); log: $logf"
   fi
   set_pid "$kind" "$role" "$pid" "$marker"
 }
