@@ -2274,6 +2274,96 @@ fn a_damaged_local_copy_of_a_committed_segment_is_not_a_loss() {
     assert_eq!(after, before, "every entry found once, from the store");
 }
 
+/// Known gap 13: a damaged local copy of a committed segment was set aside
+/// on the journal's word that the store holds the segment, and `drain`,
+/// `fsck` and `status` exited 0 even when the store had lost the object
+/// too. Now start-up asks the store (one HEAD, for the damaged copy only):
+/// with the object gone, the copy's intact entries are appended again (and
+/// uploaded in a new segment), the segment is journaled `Quarantined`, and
+/// `drain` exits 4 and says what the store lacked.
+#[test]
+fn a_damaged_committed_copy_whose_object_the_store_lost_is_salvaged() {
+    let sb = Sandbox::populated();
+    let keys: Vec<String> = (0..16).map(|i| format!("key-{i}")).collect();
+    let before: Vec<u64> = keys.iter().map(|k| remote_hits(&sb, k)).collect();
+    let seg = sb.data().join("segments").join(format!("{:020}.seg", 2));
+    let bytes = std::fs::read(&seg).unwrap();
+    // Segment 2's object, found by its id in the store's directory tree.
+    let mut objects = vec![sb.store_dir()];
+    let mut found = Vec::new();
+    while let Some(d) = objects.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                objects.push(p);
+            } else if p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{:020}", 2))
+                && std::fs::metadata(&p).unwrap().len() == bytes.len() as u64
+            {
+                found.push(p);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "segment 2's object: {found:?}");
+    std::fs::remove_file(&found[0]).unwrap();
+    // The footer's last byte flipped: the structural check fails, every
+    // item is intact.
+    let mut b = bytes.clone();
+    *b.last_mut().unwrap() ^= 0x55;
+    std::fs::write(&seg, &b).unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "drain");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        all.contains("the store has no object under its key"),
+        "{}",
+        text(&o)
+    );
+    assert!(all.contains("appended again"), "{}", text(&o));
+    // The segment stays Quarantined (status and the next drain exit 4
+    // until an operator looks); the intact entries are in a new segment.
+    for args in [&["status"][..], &["drain"][..]] {
+        let mut a = vec![D, DD, "--store", "{store}"];
+        a.extend_from_slice(args);
+        let o = sb.run(&a, &[]);
+        assert_sane(&o, "after");
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Quarantined")
+                || String::from_utf8_lossy(&o.stdout).contains("quarantined"),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    // Every entry is found once more; `lookup --remote` exits 4 as it
+    // names the committed object the store lacks.
+    for (k, n) in keys.iter().zip(&before) {
+        let o = sb.run(&[D, DD, "--store", "{store}", "lookup", k, "--remote"], &[]);
+        assert_sane(&o, "lookup --remote");
+        assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            out.contains("no object under a committed key"),
+            "{}",
+            text(&o)
+        );
+        let hits: u64 = out
+            .lines()
+            .find(|l| l.contains(" hit(s) for "))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no summary: {}", text(&o)));
+        assert_eq!(hits, *n, "{k}: {}", text(&o));
+    }
+}
+
 /// `lookup --remote` left out a committed remote segment whenever any
 /// local file had its id, even one that is not that segment (an active
 /// file of a restored backup, junk under the name): its entries were

@@ -348,6 +348,15 @@ pub(super) async fn open_shared_hosted(
     // mode): the identity stays from here on.
     new_identity.keep();
     let index_cfg = cfg.index_config();
+    // A damaged local copy of a committed segment is set aside without a
+    // salvage only once the store is found to hold the segment's object
+    // (known gap 13): asked here, for the damaged ones only.
+    let store_check = Arc::new(CommittedCopyCheck::new(
+        &store,
+        &cfg.stream,
+        take_pending,
+    ));
+    let check = store_check.clone();
     let (writer, seg_report, journal, reseal_notes) = tokio::task::spawn_blocking(move || {
         let (mut writer, mut seg_report) = {
             let to_upload = |id: crate::segment::SegmentId| {
@@ -359,14 +368,19 @@ pub(super) async fn open_shared_hosted(
                 })
             };
             let committed = |id: crate::segment::SegmentId| {
-                journal.get(id).is_some_and(|r| {
-                    matches!(r.state, SegmentState::Committed | SegmentState::Released)
+                // A `Released` segment's file is a leftover the release
+                // unlinked (back after a power cut): the journal cannot
+                // quarantine a released segment, so its store is not asked.
+                journal.get(id).is_some_and(|r| match r.state {
+                    SegmentState::Committed => check.store_holds(r),
+                    SegmentState::Released => true,
+                    _ => false,
                 })
             };
             IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload, &committed)?
         };
         let mut journal = journal;
-        readopt_salvaged(&mut writer, &mut journal, &mut seg_report)?;
+        readopt_salvaged(&mut writer, &mut journal, &mut seg_report, &check)?;
         // Before anything is journaled or driven: every segment a cut
         // reseal copied into is still local here.
         let notes = crate::pipeline::reseal::finish_at_open(&mut writer, &mut journal)?;
@@ -417,6 +431,7 @@ pub(super) async fn open_shared_hosted(
         .unwrap_or_else(|p| p.into_inner())
         .poll_sealed()?;
     let mut notes = reseal_notes;
+    notes.extend(store_check.notes());
     notes.extend(sh.reconcile_local().await?);
     notes.extend(sh.check_committed_local().await?);
     for n in &notes {
@@ -452,21 +467,21 @@ pub(super) fn readopt_salvaged(
     writer: &mut IndexWriter,
     journal: &mut Journal,
     report: &mut RecoveryReport,
+    store_check: &CommittedCopyCheck,
 ) -> Result<()> {
     for note in &mut report.salvaged {
         let id = crate::segment::SegmentId(note.segment);
         // A Resealing/Resealed segment's entries are copied (or were) by
         // `reseal::finish_at_open`, which skips the ones already held.
-        // A committed one is not salvaged at all (the store holds it:
-        // `datadir::recover_checking`); never appended again here.
+        // A committed one is salvaged only when the store was found not to
+        // hold its object ([`CommittedCopyCheck`]); then its intact entries
+        // are appended again like any other's.
+        let store_lost = store_check.lost(id);
         let resealing = journal.get(id).is_some_and(|r| {
             matches!(
                 r.state,
-                SegmentState::Resealing
-                    | SegmentState::Resealed
-                    | SegmentState::Committed
-                    | SegmentState::Released
-            )
+                SegmentState::Resealing | SegmentState::Resealed | SegmentState::Released
+            ) || (r.state == SegmentState::Committed && store_lost.is_none())
         });
         // A file cut back to its sealed length holds the journaled bytes
         // themselves (same length, same checksum): it is uploaded as is.
@@ -487,11 +502,19 @@ pub(super) fn readopt_salvaged(
             writer.append_entry(*e)?;
         }
         writer.flush()?;
-        let reason = format!(
-            "local sealed file damaged after it was journaled; {} intact entries appended again to the active segment; {}",
-            entries.len(),
-            note.line()
-        );
+        let reason = match &store_lost {
+            Some(why) => format!(
+                "local copy of committed segment {id} damaged, and {why}; {} intact entries \
+                 appended again to the active segment; {}",
+                entries.len(),
+                note.line()
+            ),
+            None => format!(
+                "local sealed file damaged after it was journaled; {} intact entries appended again to the active segment; {}",
+                entries.len(),
+                note.line()
+            ),
+        };
         journal.append(&[crate::journal::Record::Quarantined {
             id,
             reason: reason.clone(),
@@ -509,6 +532,125 @@ pub(super) fn readopt_salvaged(
         );
     }
     Ok(())
+}
+
+/// Start-up's question to the store about a damaged local copy of a
+/// committed segment (known gap 13). The journal says the store holds the
+/// segment's verified object; a second fault (an operator's or a
+/// lifecycle rule's delete, a lost bucket) may have removed it since. So
+/// for each such copy, and only those (damage is rare; an intact copy
+/// costs nothing here), the object under the committed key is asked for
+/// (one HEAD, bounded):
+/// - there, with the segment's length: the copy is set aside as it is
+///   (quarantine), as before: the store's copy serves its entries;
+/// - missing, or another length: the copy is salvaged like a segment
+///   still to upload (its intact entries appended again, the items it
+///   cannot read reported lost by number, exit 4), and the segment is
+///   journaled `Quarantined`, which keeps `drain` and shutdown at exit 4
+///   until an operator looks (`tierindex quarantine`);
+/// - no answer (the store unreachable, or the open's take of the stream
+///   pending because it was): the journal is trusted, as before, and a
+///   note says the store's copy was not confirmed. After one unanswered
+///   question no more are asked in this open.
+pub(super) struct CommittedCopyCheck {
+    store: RemoteStore,
+    stream: String,
+    handle: tokio::runtime::Handle,
+    /// The store did not answer (or was known not to): trust the journal.
+    gave_up: std::sync::atomic::AtomicBool,
+    /// Segments whose object is missing or wrong, and what the store said.
+    lost: std::sync::Mutex<std::collections::BTreeMap<crate::segment::SegmentId, String>>,
+    notes: std::sync::Mutex<Vec<String>>,
+}
+
+/// How long start-up waits for the store's answer about one object.
+const COMMITTED_COPY_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl CommittedCopyCheck {
+    pub(super) fn new(store: &RemoteStore, stream: &str, store_unanswered: bool) -> Self {
+        CommittedCopyCheck {
+            store: store.clone(),
+            stream: stream.to_string(),
+            handle: tokio::runtime::Handle::current(),
+            gave_up: std::sync::atomic::AtomicBool::new(store_unanswered),
+            lost: Default::default(),
+            notes: Default::default(),
+        }
+    }
+
+    /// Whether the store holds committed segment `r`'s object. Called on a
+    /// blocking thread (start-up's recovery), only for a damaged local copy.
+    pub(super) fn store_holds(&self, r: &crate::journal::SegmentRecord) -> bool {
+        use std::sync::atomic::Ordering;
+        let id = r.meta.id;
+        let key = match &r.key {
+            Some(k) => object_store::path::Path::from(k.as_str()),
+            None => self.store.segment_key(&self.stream, &r.meta),
+        };
+        let unconfirmed = |why: String| {
+            let note = format!(
+                "the local copy of committed segment {id} is damaged, and the store's copy \
+                 under {key} could not be confirmed ({why}): kept in quarantine as it is, \
+                 trusting the journal that the store holds every entry; run `tierindex \
+                 verify` once the store answers"
+            );
+            tracing::warn!("{note}");
+            self.notes.lock().unwrap_or_else(|p| p.into_inner()).push(note);
+            true
+        };
+        if self.gave_up.load(Ordering::Acquire) {
+            return unconfirmed("the store did not answer during this start".into());
+        }
+        let head = self.handle.block_on(tokio::time::timeout(
+            COMMITTED_COPY_HEAD_TIMEOUT,
+            object_store::ObjectStoreExt::head(self.store.object_store(), &key),
+        ));
+        let missing = match head {
+            Ok(Ok(m)) if m.size == r.meta.file_len => return true,
+            Ok(Ok(m)) => format!(
+                "the store's object {key} is {} bytes where the segment is {}",
+                m.size, r.meta.file_len
+            ),
+            Ok(Err(object_store::Error::NotFound { .. })) => {
+                format!("the store has no object under its key {key}")
+            }
+            Ok(Err(e)) => {
+                self.gave_up.store(true, Ordering::Release);
+                return unconfirmed(crate::remote::classify(e).to_string());
+            }
+            Err(_) => {
+                self.gave_up.store(true, Ordering::Release);
+                return unconfirmed(format!(
+                    "no answer in {} s",
+                    COMMITTED_COPY_HEAD_TIMEOUT.as_secs()
+                ));
+            }
+        };
+        tracing::error!(
+            segment = id.0,
+            "the local copy of committed segment {id} is damaged and {missing}: its intact \
+             entries are salvaged and appended again, the rest reported lost"
+        );
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, missing);
+        false
+    }
+
+    /// What the store said of committed segment `id`'s object when it was
+    /// found missing or wrong; `None` otherwise.
+    pub(super) fn lost(&self, id: crate::segment::SegmentId) -> Option<String> {
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 pub(super) fn write_clean_marker(dir: &Path) -> Result<()> {
