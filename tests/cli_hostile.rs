@@ -2274,6 +2274,39 @@ fn a_damaged_local_copy_of_a_committed_segment_is_not_a_loss() {
     assert_eq!(after, before, "every entry found once, from the store");
 }
 
+/// A local `lookup` that cannot read some items of a damaged file exited 0
+/// (helper-52): the answer may lack entries. It exits 4 now, and names the
+/// file; with `--remote` the store's copy of that committed segment is read
+/// instead, and the answer is whole again (exit 0).
+#[test]
+fn a_lookup_that_cannot_read_a_damaged_file_says_it_may_be_incomplete() {
+    let sb = Sandbox::populated();
+    let key = "key-3";
+    let before = remote_hits(&sb, key);
+    let seg = sb.data().join("segments").join(format!("{:020}.seg", 2));
+    let mut b = std::fs::read(&seg).unwrap();
+    // Inside the items (past the header page and the slot table): some
+    // item's CRC fails.
+    let at = b.len() / 2;
+    for x in &mut b[at..at + 200] {
+        *x ^= 0x5a;
+    }
+    std::fs::write(&seg, &b).unwrap();
+    let o = sb.run(&[D, DD, "lookup", key], &[]);
+    assert_sane(&o, "lookup");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("incomplete: 1 damaged local file(s)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        remote_hits(&sb, key),
+        before,
+        "the store's copy serves them"
+    );
+}
+
 /// Known gap 13: a damaged local copy of a committed segment was set aside
 /// on the journal's word that the store holds the segment, and `drain`,
 /// `fsck` and `status` exited 0 even when the store had lost the object

@@ -605,7 +605,8 @@ fn the_cli_tells_the_truth_about_pending_and_lost_entries() {
 
 /// The offline `lookup` (no broker running) reads an active file as
 /// `drain` would salvage it: an item after a damaged span is found, and the
-/// damage is named.
+/// damage is named. It exits 4 and says the answer may be incomplete: a
+/// damaged item's key cannot be read either (it exited 0, helper-52).
 #[test]
 fn an_offline_lookup_finds_items_after_a_damaged_span() {
     let w = World::new();
@@ -616,12 +617,22 @@ fn an_offline_lookup_finds_items_after_a_damaged_span() {
     // Items 100..=101 (maybe 102) damaged: none of them has key residue 7.
     xor(&active, l.item_offset(100) as u64 + 7, 64, 0x5a);
     let (code, text) = cli(&w, &["lookup", "k7"]);
-    assert_eq!(code, 0, "{text}");
+    assert_eq!(code, 4, "{text}");
+    assert!(
+        text.contains("incomplete: 1 damaged local file(s)"),
+        "{text}"
+    );
     let want = (0..250u64).filter(|o| o % KEYS == 7).count();
     assert_eq!(want, 23);
     assert!(text.contains(&format!("{want} hit(s)")), "{text}");
     assert!(text.contains("offset 249 "), "{text}");
     assert!(text.contains("salvaged by item"), "{text}");
+    // Undamaged files: complete, exit 0.
+    let w2 = World::new();
+    build(&w2, 0, 250, false);
+    let (code, text) = cli(&w2, &["lookup", "k7"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("incomplete"), "{text}");
 }
 
 /// Random damage at random offsets of the active, sealed and journal files,

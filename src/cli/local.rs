@@ -551,6 +551,10 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
     names.sort();
     let mut found: Vec<(u64, Entry)> = Vec::new();
     let mut skipped = Vec::new();
+    // Local files with items that could not be read (or not read at all):
+    // the answer may lack their entries, unless the store's copy of the
+    // same segment was read instead (`--remote`).
+    let mut damaged: std::collections::BTreeSet<u64> = Default::default();
     // Local sealed files that passed every check, by id: (length, CRC32).
     // A remote segment is left out only when one of these is the same
     // sealed segment; an active file, a damaged one, or another segment
@@ -591,16 +595,25 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
                         Ok(s) => {
                             found
                                 .extend(s.entries.iter().filter(|e| wanted(e)).map(|e| (id.0, *e)));
+                            if s.lost_items() > 0 {
+                                damaged.insert(id.0);
+                            }
                             skipped.push(format!(
                                 "{name}: {e}; salvaged by item: {} item(s) read, {} damaged item(s) unreadable",
                                 s.entries.len(),
                                 s.lost_items()
                             ));
                         }
-                        Err(s) => skipped.push(format!("{name}: {e}; salvage: {s}")),
+                        Err(s) => {
+                            damaged.insert(id.0);
+                            skipped.push(format!("{name}: {e}; salvage: {s}"))
+                        }
                     }
                 }
-                Err(e) => skipped.push(format!("{name}: {e}")),
+                Err(e) => {
+                    damaged.insert(id.0);
+                    skipped.push(format!("{name}: {e}"))
+                }
             }
         } else if let Some(id) = named_id(".active") {
             let scanned = datadir::read_bounded_active(&p, Some(geometry))
@@ -614,6 +627,9 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
                             .filter(|e| wanted(e))
                             .map(|e| (id.0, e)),
                     );
+                    if scan.lost_items() > 0 {
+                        damaged.insert(id.0);
+                    }
                     if scan.lost_items() > 0 || scan.header_rebuilt {
                         skipped.push(format!(
                             "{name}: damaged; salvaged by item: {} item(s) read, {} damaged item(s) unreadable{}",
@@ -627,18 +643,24 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
                         ));
                     }
                 }
-                Err(e) => skipped.push(format!("{name}: {e}")),
+                Err(e) => {
+                    damaged.insert(id.0);
+                    skipped.push(format!("{name}: {e}"))
+                }
             }
         }
     }
     let mut remote_segments = 0usize;
     let mut remote_unreadable = 0usize;
     if remote {
-        let (segs, hits, bad) = crate::cli::remote::remote_hits(&cfg, h, range, &intact).await?;
-        remote_segments = segs;
-        remote_unreadable = bad.len();
-        found.extend(hits);
-        skipped.extend(bad);
+        let r = crate::cli::remote::remote_hits(&cfg, h, range, &intact).await?;
+        remote_segments = r.candidates;
+        remote_unreadable = r.bad.len();
+        found.extend(r.hits);
+        skipped.extend(r.bad);
+        // The store's copy of a damaged local file was read: nothing of
+        // that segment is missing from the answer.
+        damaged.retain(|id| !r.read.contains(id));
         // An entry both in a local file and in the remote segment of the
         // same id (an active file restored from a backup) is one hit.
         found.sort_by_key(|(seg, e)| (*seg, e.offset, e.timestamp_ms, e.size));
@@ -659,6 +681,9 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         skipped: Vec<String>,
         /// Remote segments searched (`--remote`).
         remote_segments: usize,
+        /// Damaged local files whose unreadable items may hold entries for
+        /// the key, and of which no store copy was read (exit 4).
+        incomplete_segments: Vec<u64>,
     }
     let out = Out {
         key: key.into(),
@@ -674,6 +699,7 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
             .collect(),
         skipped,
         remote_segments,
+        incomplete_segments: damaged.iter().copied().collect(),
     };
     emit(cli.json, &out, |o| {
         let mut s = format!(
@@ -697,11 +723,25 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         for k in &o.skipped {
             s.push_str(&format!("\n  skipped {k}"));
         }
+        if !o.incomplete_segments.is_empty() {
+            s.push_str(&format!(
+                "\nincomplete: {} damaged local file(s) hold items that could not be read; \
+                 their entries for this key may be missing{} (exit 4; `tierindex fsck` says more)",
+                o.incomplete_segments.len(),
+                if remote {
+                    " (no copy of them in the store was read)"
+                } else {
+                    "; `--remote` reads the store's copy of committed ones"
+                }
+            ));
+        }
         s
     });
-    Ok(if remote_unreadable > 0 {
-        crate::lifecycle::EXIT_NEEDS_OPERATOR
-    } else {
-        EXIT_DRAINED
-    })
+    Ok(
+        if remote_unreadable > 0 || !out.incomplete_segments.is_empty() {
+            crate::lifecycle::EXIT_NEEDS_OPERATOR
+        } else {
+            EXIT_DRAINED
+        },
+    )
 }

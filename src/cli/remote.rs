@@ -627,14 +627,24 @@ async fn refuse_if_renewed(
 /// segments not held intact locally (`held`: the id, length and CRC32 of
 /// each local sealed file that passed its checks). Candidates: the
 /// manifest's list with `manifest = true` (read only: no ownership taken),
-/// else the journal's `Released` records. Returns (candidates, hits as
-/// (segment, entry), unreadable segments with why).
+/// else the journal's `Released` records.
+pub(crate) struct RemoteHits {
+    /// Remote segments that were candidates.
+    pub candidates: usize,
+    /// Hits as (segment, entry).
+    pub hits: Vec<(u64, crate::segment::Entry)>,
+    /// Unreadable segments, with why.
+    pub bad: Vec<String>,
+    /// Ids of the remote segments read and checked.
+    pub read: std::collections::BTreeSet<u64>,
+}
+
 pub(crate) async fn remote_hits(
     cfg: &crate::config::Config,
     key_hash: u64,
     range: crate::segment::TimeRange,
     held: &std::collections::BTreeMap<u64, (u64, u32)>,
-) -> Result<(usize, Vec<(u64, crate::segment::Entry)>, Vec<String>)> {
+) -> Result<RemoteHits> {
     let same = |id: u64, len: u64, crc: u32| held.get(&id) == Some(&(len, crc));
     use crate::remote::fetch::{Fetcher, RemoteSegment};
     let store = open_store_read_only(cfg)?;
@@ -703,16 +713,25 @@ pub(crate) async fn remote_hits(
     let candidates = segs.len() + bad.len();
     bad.extend(missing_manifest);
     let mut hits = Vec::new();
+    let mut read = std::collections::BTreeSet::new();
     for s in &segs {
         match f.lookup_in(s, key_hash, range).await {
-            Ok(es) => hits.extend(es.into_iter().map(|e| (s.meta.id.0, e))),
+            Ok(es) => {
+                read.insert(s.meta.id.0);
+                hits.extend(es.into_iter().map(|e| (s.meta.id.0, e)));
+            }
             Err(e) => bad.push(format!(
                 "remote segment {:020} ({}): {e}",
                 s.meta.id.0, s.key
             )),
         }
     }
-    Ok((candidates, hits, bad))
+    Ok(RemoteHits {
+        candidates,
+        hits,
+        bad,
+        read,
+    })
 }
 
 /// The journal's segments in a state `keep` accepts, as remote segments
