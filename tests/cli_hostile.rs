@@ -2274,6 +2274,51 @@ fn a_damaged_local_copy_of_a_committed_segment_is_not_a_loss() {
     assert_eq!(after, before, "every entry found once, from the store");
 }
 
+/// A manifest rolled back to an older version (an operator's restore) no
+/// longer lists segments this data directory committed; `lookup --remote`
+/// read only the manifest's list and exited 0 without their entries
+/// (helper-52). It now also searches the journal's committed segments the
+/// manifest lacks, under the journal's keys, and exits 4 saying so.
+#[test]
+fn lookup_remote_finds_what_a_rolled_back_manifest_forgot() {
+    let sb = Sandbox::populated();
+    let keys = ["key-1", "key-3", "key-7"];
+    let before: Vec<u64> = keys.iter().map(|k| remote_hits(&sb, k)).collect();
+    assert!(before.iter().all(|n| *n > 0), "{before:?}");
+    // The local copies gone: only the store holds the entries.
+    for e in std::fs::read_dir(sb.data().join("segments")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "seg") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    // Every manifest version but the oldest removed: the stream's manifest
+    // is back at its first version, which lists no segment.
+    let versions = sb.store_dir().join("stream-0/manifest/versions");
+    let mut vs: Vec<_> = std::fs::read_dir(&versions)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    vs.sort();
+    assert!(vs.len() > 1, "{vs:?}");
+    for v in &vs[1..] {
+        std::fs::remove_file(v).unwrap();
+    }
+    for (k, n) in keys.iter().zip(&before) {
+        let o = sb.run(&[D, DD, "--store", "{store}", "lookup", k, "--remote"], &[]);
+        assert_sane(&o, "lookup --remote");
+        assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(out.contains("manifest does not list"), "{}", text(&o));
+        let hits: u64 = out
+            .lines()
+            .find(|l| l.contains(" hit(s) for "))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no summary: {}", text(&o)));
+        assert_eq!(hits, *n, "{k}: {}", text(&o));
+    }
+}
+
 /// A local `lookup` that cannot read some items of a damaged file exited 0
 /// (helper-52): the answer may lack entries. It exits 4 now, and names the
 /// file; with `--remote` the store's copy of that committed segment is read

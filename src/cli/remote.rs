@@ -661,7 +661,9 @@ pub(crate) async fn remote_hits(
         match ms.load().await? {
             Some(m) => {
                 let mut v = Vec::new();
+                let mut listed = std::collections::BTreeSet::new();
                 for e in ms.all_segments(&m).await? {
+                    listed.insert(e.id);
                     match m.damage(e.id) {
                         // Marked damaged: reported, never read.
                         Some(d) if !same(e.id.0, e.file_len, e.file_crc) => bad.push(format!(
@@ -671,6 +673,33 @@ pub(crate) async fn remote_hits(
                             crate::tier::damage_text(d)
                         )),
                         _ => v.push(RemoteSegment::from_entry(&e)?),
+                    }
+                }
+                // Segments this data directory committed that the manifest
+                // does not list (a manifest restored from an older version,
+                // or the journal's commits went to another store): no
+                // commit is ever taken out of a manifest, so their entries
+                // would be missing from an answer that exits 0. Searched
+                // under the journal's keys, and said (exit 4).
+                if let Ok((view, _)) = Journal::open_read_only(&cfg.data_dir) {
+                    let unlisted: Vec<RemoteSegment> =
+                        journal_remote_segments(&view, &store, cfg, |s| {
+                            matches!(s, SegmentState::Committed | SegmentState::Released)
+                        })?
+                        .into_iter()
+                        .filter(|s| !listed.contains(&s.meta.id))
+                        .collect();
+                    if !unlisted.is_empty() {
+                        missing_manifest = Some(format!(
+                            "the stream's manifest does not list {} segment(s) this data \
+                             directory's journal records committed (first {:020}; a manifest \
+                             restored from an older version, or commits made to another store): \
+                             searched the objects the journal names; run `tierindex reconcile` \
+                             (`--repair` commits them again)",
+                            unlisted.len(),
+                            unlisted[0].meta.id.0
+                        ));
+                        v.extend(unlisted);
                     }
                 }
                 v
