@@ -199,3 +199,37 @@ async fn a_switch_to_the_manifest_that_failed_once_is_not_taken_for_a_lost_store
     let r = ti.shutdown(std::time::Duration::from_secs(60)).await;
     assert!(r.error.is_none(), "{r:?}");
 }
+
+/// Two brokers on one stream, the second configured with `manifest =
+/// false` (helper-51): the single-writer open went ahead beside the live
+/// manifest owner, and its segments never reached the manifest. It is
+/// refused now (`Claimed`, naming the owner); once the owner shut down and
+/// released its lease, it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_writer_open_beside_a_live_manifest_owner_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = target(tmp.path());
+    let owner_cfg = t.config(&tmp.path().join("a"));
+    assert!(owner_cfg.manifest);
+    let (owner, _) = tierindex::TierIndex::open(owner_cfg.clone()).await.unwrap();
+    let single = tierindex::Config {
+        manifest: false,
+        ..t.config(&tmp.path().join("b"))
+    };
+    let err = match tierindex::TierIndex::open(single.clone()).await {
+        Ok(_) => panic!("a single-writer open beside a live manifest owner was accepted"),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), tierindex::ErrorKind::Claimed, "{err}");
+    let holder = owner_cfg.effective_owner_id().unwrap();
+    assert!(err.to_string().contains(&holder), "{err}");
+    assert!(err.to_string().contains("manifest = false"), "{err}");
+    let r = owner.shutdown(std::time::Duration::from_secs(60)).await;
+    assert!(r.error.is_none(), "{r:?}");
+    let (ti, _) = match tierindex::TierIndex::open(single).await {
+        Ok(x) => x,
+        Err(e) => panic!("refused after the owner shut down: {e}"),
+    };
+    let r = ti.shutdown(std::time::Duration::from_secs(60)).await;
+    assert!(r.error.is_none(), "{r:?}");
+}

@@ -122,6 +122,53 @@ pub(super) async fn take_manifest(
     Ok((writer, crate::pipeline::StoreTrust::of(&caps)))
 }
 
+/// Single-writer mode beside a broker that owns the stream through its
+/// manifest (helper-51: two brokers, one of them configured with
+/// `manifest = false`): the single writer's segments would never reach the
+/// manifest its readers and the owner go by, and nothing would fence
+/// either of them. A read (the newest manifest version and its lease,
+/// bounded): a live lease of another owner refuses the open (`Claimed`),
+/// naming the holder. No manifest, no lease, an expired one or our own
+/// opens; a store that does not answer in time opens with a warning (the
+/// single-writer mode's documented risk).
+async fn refuse_beside_a_live_manifest_owner(cfg: &Config, store: &RemoteStore) -> Result<()> {
+    let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 2;
+    let read = async {
+        let ms = ManifestStore::reader(store, &cfg.stream, cfg.manifest_options())?;
+        let Some(m) = ms.load().await? else {
+            return Ok(None);
+        };
+        Ok::<_, Error>(ms.current_lease(&m).await?.map(|c| (c, ms.now_ms())))
+    };
+    let (cur, now) = match tokio::time::timeout(limit, read).await {
+        Ok(Ok(Some(found))) => found,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, stream = %cfg.stream, "single-writer mode: could not read the stream's manifest to check for a live owner; opening without that check");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!(stream = %cfg.stream, "single-writer mode: the stream's manifest did not load in {} ms; opening without checking for a live owner", limit.as_millis());
+            return Ok(());
+        }
+    };
+    let ours = cfg.effective_owner_id().ok();
+    if ours.as_deref() == Some(cur.lease.owner.as_str()) || !cur.lease.is_live(now) {
+        return Ok(());
+    }
+    Err(Error::Claimed(format!(
+        "stream {:?} is owned through its manifest by {} (epoch {}, lease live for {} ms more): \
+         a single-writer open (manifest = false) beside it would upload segments that owner \
+         and the manifest's readers never see, and nothing would fence either writer. Stop \
+         that broker and let its lease expire (or `tierindex owner release` it), or open this \
+         data directory in manifest mode (the default) so that ownership is taken in turn",
+        cfg.stream,
+        cur.lease.owner,
+        cur.lease.epoch,
+        cur.lease.expires_ms.saturating_sub(now)
+    )))
+}
+
 /// Whether the stream has a manifest in `store` (a read: listing and
 /// reading its versions; nothing is written, so no capability is needed).
 async fn manifest_exists(cfg: &Config, store: &RemoteStore, clock: Arc<dyn Clock>) -> Result<bool> {
@@ -301,6 +348,7 @@ pub(super) async fn open_shared_hosted(
             Err(e) => return Err(e),
         }
     } else {
+        refuse_beside_a_live_manifest_owner(cfg, &store).await?;
         (None, crate::pipeline::StoreTrust::default(), false)
     };
     let manifest_max = match &manifest {
