@@ -2274,6 +2274,81 @@ fn a_damaged_local_copy_of_a_committed_segment_is_not_a_loss() {
     assert_eq!(after, before, "every entry found once, from the store");
 }
 
+/// Gap 13's check, the other shapes (helper-56): a copy emptied to zero
+/// bytes, with the object gone too, cannot be salvaged at all: its loss is
+/// reported and the segment journaled `Quarantined`, so every later drain
+/// exits 4 as well (the second exited 0). A store that lists no segment of
+/// the stream at all (the wrong bucket or prefix: a HEAD's 404 cannot tell
+/// a missing bucket from a missing object) is not taken at its word.
+#[test]
+fn a_committed_copy_that_cannot_be_salvaged_keeps_every_drain_at_exit_4() {
+    let sb = Sandbox::populated();
+    let seg = sb.data().join("segments").join(format!("{:020}.seg", 3));
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let object = find_object(&sb.store_dir(), 3, len);
+    std::fs::remove_file(&object).unwrap();
+    std::fs::write(&seg, b"").unwrap();
+    for round in 0..2 {
+        let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+        assert_sane(&o, "drain");
+        assert_eq!(o.status.code(), Some(4), "round {round}: {}", text(&o));
+    }
+    let o = sb.run(&[D, DD, "--store", "{store}", "status"], &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Quarantined"),
+        "{}",
+        text(&o)
+    );
+
+    // The store emptied of the stream's segments (as the wrong bucket
+    // would look): the journal is trusted, with a note; nothing appended.
+    let sb = Sandbox::populated();
+    let seg = sb.data().join("segments").join(format!("{:020}.seg", 2));
+    let mut b = std::fs::read(&seg).unwrap();
+    let segments = find_object(&sb.store_dir(), 2, b.len() as u64)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    *b.last_mut().unwrap() ^= 0x55;
+    std::fs::write(&seg, &b).unwrap();
+    let aside = sb.root.join("segments-aside");
+    std::fs::rename(&segments, &aside).unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "drain");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(all.contains("could not be confirmed"), "{}", text(&o));
+    assert!(!all.contains("appended again"), "{}", text(&o));
+}
+
+/// The object of segment `id` with `len` bytes under `root`.
+fn find_object(root: &Path, id: u64, len: u64) -> PathBuf {
+    let mut dirs = vec![root.to_path_buf()];
+    let mut found = Vec::new();
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{id:020}"))
+                && std::fs::metadata(&p).unwrap().len() == len
+            {
+                found.push(p);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "segment {id}'s object: {found:?}");
+    found.pop().unwrap()
+}
+
 /// A manifest rolled back to an older version (an operator's restore) no
 /// longer lists segments this data directory committed; `lookup --remote`
 /// read only the manifest's list and exited 0 without their entries
@@ -2367,26 +2442,7 @@ fn a_damaged_committed_copy_whose_object_the_store_lost_is_salvaged() {
     let seg = sb.data().join("segments").join(format!("{:020}.seg", 2));
     let bytes = std::fs::read(&seg).unwrap();
     // Segment 2's object, found by its id in the store's directory tree.
-    let mut objects = vec![sb.store_dir()];
-    let mut found = Vec::new();
-    while let Some(d) = objects.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                objects.push(p);
-            } else if p
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&format!("{:020}", 2))
-                && std::fs::metadata(&p).unwrap().len() == bytes.len() as u64
-            {
-                found.push(p);
-            }
-        }
-    }
-    assert_eq!(found.len(), 1, "segment 2's object: {found:?}");
-    std::fs::remove_file(&found[0]).unwrap();
+    std::fs::remove_file(find_object(&sb.store_dir(), 2, bytes.len() as u64)).unwrap();
     // The footer's last byte flipped: the structural check fails, every
     // item is intact.
     let mut b = bytes.clone();

@@ -531,6 +531,33 @@ pub(super) fn readopt_salvaged(
                 SegmentState::Resealing | SegmentState::Resealed | SegmentState::Released
             ) || (r.state == SegmentState::Committed && store_lost.is_none())
         });
+        if let Some(why) = &store_lost
+            && note.kind == "sealed"
+        {
+            if note.tail_removed.is_some() {
+                // Bytes after the footer, cut off: the file is the
+                // committed segment again, whole. Nothing to append; the
+                // store still lacks the object.
+                store_check.note(format!(
+                    "committed segment {id}: {why}; its local copy, cut back to its sealed \
+                     length, is whole and kept: run `tierindex reconcile --repair` to upload \
+                     it again"
+                ));
+                continue;
+            }
+            if note.sealed_as.is_none() {
+                // Nothing could be salvaged (an empty or unreadable file):
+                // the loss is reported by the salvage; the segment is
+                // quarantined in the journal so that every drain says so.
+                let reason = format!(
+                    "local copy of committed segment {id} damaged, and {why}; nothing could be \
+                     salvaged from the local copy; {}",
+                    note.line()
+                );
+                journal.append(&[crate::journal::Record::Quarantined { id, reason }])?;
+                continue;
+            }
+        }
         // A file cut back to its sealed length holds the journaled bytes
         // themselves (same length, same checksum): it is uploaded as is.
         if note.kind != "sealed"
@@ -631,53 +658,98 @@ impl CommittedCopyCheck {
     pub(super) fn store_holds(&self, r: &crate::journal::SegmentRecord) -> bool {
         use std::sync::atomic::Ordering;
         let id = r.meta.id;
-        let key = match &r.key {
-            Some(k) => object_store::path::Path::from(k.as_str()),
-            None => self.store.segment_key(&self.stream, &r.meta),
-        };
+        // The journaled key, and this store's key for the segment: they
+        // differ after a move to another stream or prefix
+        // (`--store-override`), where the drive and `reconcile --repair`
+        // upload it again under this store's key (helper-56).
+        let mut keys = Vec::new();
+        if let Some(k) = &r.key {
+            keys.push(object_store::path::Path::from(k.as_str()));
+        }
+        if let Ok(k) = self.store.try_segment_key(&self.stream, &r.meta)
+            && !keys.contains(&k)
+        {
+            keys.push(k);
+        }
+        let named = keys
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+            .join(" or ");
         let unconfirmed = |why: String| {
-            let note = format!(
+            // Logged once, with the open's notes.
+            self.note(format!(
                 "the local copy of committed segment {id} is damaged, and the store's copy \
-                 under {key} could not be confirmed ({why}): kept in quarantine as it is, \
+                 under {named} could not be confirmed ({why}): kept in quarantine as it is, \
                  trusting the journal that the store holds every entry; run `tierindex \
                  verify` once the store answers"
-            );
-            tracing::warn!("{note}");
-            self.notes.lock().unwrap_or_else(|p| p.into_inner()).push(note);
+            ));
             true
         };
         if self.gave_up.load(Ordering::Acquire) {
             return unconfirmed("the store did not answer during this start".into());
         }
-        let head = self.handle.block_on(tokio::time::timeout(
-            COMMITTED_COPY_HEAD_TIMEOUT,
-            object_store::ObjectStoreExt::head(self.store.object_store(), &key),
-        ));
-        let missing = match head {
-            Ok(Ok(m)) if m.size == r.meta.file_len => return true,
-            Ok(Ok(m)) => format!(
-                "the store's object {key} is {} bytes where the segment is {}",
-                m.size, r.meta.file_len
-            ),
-            Ok(Err(object_store::Error::NotFound { .. })) => {
-                format!("the store has no object under its key {key}")
+        let gave_up = |why: String| {
+            self.gave_up.store(true, Ordering::Release);
+            unconfirmed(why)
+        };
+        let no_answer = || format!("no answer in {} s", COMMITTED_COPY_HEAD_TIMEOUT.as_secs());
+        let mut wrong = Vec::new();
+        for key in &keys {
+            let head = self.handle.block_on(tokio::time::timeout(
+                COMMITTED_COPY_HEAD_TIMEOUT,
+                object_store::ObjectStoreExt::head(self.store.object_store(), key),
+            ));
+            match head {
+                Ok(Ok(m)) if m.size == r.meta.file_len => return true,
+                Ok(Ok(m)) => wrong.push(format!(
+                    "the store's object {key} is {} bytes where the segment is {}",
+                    m.size, r.meta.file_len
+                )),
+                Ok(Err(object_store::Error::NotFound { .. })) => {}
+                Ok(Err(e)) => return gave_up(crate::remote::classify(e).to_string()),
+                Err(_) => return gave_up(no_answer()),
             }
-            Ok(Err(e)) => {
-                self.gave_up.store(true, Ordering::Release);
-                return unconfirmed(crate::remote::classify(e).to_string());
+        }
+        // Every key answered 404. A HEAD's answer has no body, so a missing
+        // bucket (a typo, another account) looks the same as a missing
+        // object: only a store that lists other segments of the stream is
+        // taken at its word (helper-56).
+        if wrong.is_empty() {
+            let listed = self.handle.block_on(tokio::time::timeout(
+                COMMITTED_COPY_HEAD_TIMEOUT,
+                async {
+                    use futures::StreamExt as _;
+                    let prefix = self.store.segments_prefix(&self.stream)?;
+                    match self.store.object_store().list(Some(&prefix)).next().await {
+                        None => Ok(false),
+                        Some(Ok(_)) => Ok(true),
+                        Some(Err(e)) => Err(crate::remote::classify(e)),
+                    }
+                },
+            ));
+            match listed {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    return unconfirmed(
+                        "no object under its key, and none under the stream's segments in \
+                         this store either: the wrong store, bucket or prefix?"
+                            .into(),
+                    );
+                }
+                Ok(Err(e)) => return gave_up(e.to_string()),
+                Err(_) => return gave_up(no_answer()),
             }
-            Err(_) => {
-                self.gave_up.store(true, Ordering::Release);
-                return unconfirmed(format!(
-                    "no answer in {} s",
-                    COMMITTED_COPY_HEAD_TIMEOUT.as_secs()
-                ));
-            }
+        }
+        let missing = if wrong.is_empty() {
+            format!("the store has no object under its key {named}")
+        } else {
+            wrong.join("; ")
         };
         tracing::error!(
             segment = id.0,
-            "the local copy of committed segment {id} is damaged and {missing}: its intact \
-             entries are salvaged and appended again, the rest reported lost"
+            "the local copy of committed segment {id} is damaged and {missing}: the store's \
+             copy cannot stand in for it, so the local copy is salvaged"
         );
         self.lost
             .lock()
@@ -694,6 +766,10 @@ impl CommittedCopyCheck {
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .cloned()
+    }
+
+    fn note(&self, note: String) {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).push(note);
     }
 
     fn notes(&self) -> Vec<String> {
