@@ -2229,6 +2229,22 @@ fn remote_hits(sb: &Sandbox, key: &str) -> u64 {
     line.split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// Hits of `lookup KEY --remote` that must exit 4 and say `says`.
+fn remote_hits_exit_4(sb: &Sandbox, key: &str, says: &str) -> u64 {
+    let o = sb.run(
+        &[D, DD, "--store", "{store}", "lookup", key, "--remote"],
+        &[],
+    );
+    assert_sane(&o, "lookup --remote");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains(says), "{}", text(&o));
+    out.lines()
+        .find(|l| l.contains(" hit(s) for "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no summary: {}", text(&o)))
+}
+
 /// A damaged local copy of a committed segment is not a loss: the store's
 /// verified copy holds every entry. Found by a hostile review: a
 /// zero-length copy made `drain` and then `status` exit 4 with "LOST", and
@@ -2380,17 +2396,11 @@ fn lookup_remote_finds_what_a_rolled_back_manifest_forgot() {
         std::fs::remove_file(v).unwrap();
     }
     for (k, n) in keys.iter().zip(&before) {
-        let o = sb.run(&[D, DD, "--store", "{store}", "lookup", k, "--remote"], &[]);
-        assert_sane(&o, "lookup --remote");
-        assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(out.contains("manifest does not list"), "{}", text(&o));
-        let hits: u64 = out
-            .lines()
-            .find(|l| l.contains(" hit(s) for "))
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no summary: {}", text(&o)));
-        assert_eq!(hits, *n, "{k}: {}", text(&o));
+        assert_eq!(
+            remote_hits_exit_4(&sb, k, "manifest does not list"),
+            *n,
+            "{k}"
+        );
     }
 }
 
@@ -2480,21 +2490,11 @@ fn a_damaged_committed_copy_whose_object_the_store_lost_is_salvaged() {
     // Every entry is found once more; `lookup --remote` exits 4 as it
     // names the committed object the store lacks.
     for (k, n) in keys.iter().zip(&before) {
-        let o = sb.run(&[D, DD, "--store", "{store}", "lookup", k, "--remote"], &[]);
-        assert_sane(&o, "lookup --remote");
-        assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            out.contains("no object under a committed key"),
-            "{}",
-            text(&o)
+        assert_eq!(
+            remote_hits_exit_4(&sb, k, "no object under a committed key"),
+            *n,
+            "{k}"
         );
-        let hits: u64 = out
-            .lines()
-            .find(|l| l.contains(" hit(s) for "))
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no summary: {}", text(&o)));
-        assert_eq!(hits, *n, "{k}: {}", text(&o));
     }
 }
 
