@@ -568,7 +568,14 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         item_capacity: cfg.segment_items,
     };
     let wanted = |e: &Entry| e.key_hash == h && range.contains(e.timestamp_ms);
-    for p in names {
+    // A running broker seals and releases while this reads: a file gone
+    // since the listing is no damage. An active file's sealed file is read
+    // in its place (queued next); a sealed file gone was released, its
+    // entries in the store (helper-57: such lookups exited 4 as damaged).
+    let listed: std::collections::BTreeSet<std::path::PathBuf> = names.iter().cloned().collect();
+    let mut queue: std::collections::VecDeque<std::path::PathBuf> = names.into();
+    let gone = |name: &str, what: &str| format!("{name}: gone since the listing ({what})");
+    while let Some(p) = queue.pop_front() {
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -610,6 +617,10 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
                         }
                     }
                 }
+                Err(_) if !p.exists() => skipped.push(gone(
+                    &name,
+                    "released meanwhile: its entries are in the store",
+                )),
                 Err(e) => {
                     damaged.insert(id.0);
                     skipped.push(format!("{name}: {e}"))
@@ -641,6 +652,16 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
                                 ""
                             }
                         ));
+                    }
+                }
+                Err(_) if !p.exists() => {
+                    let sealed = p.with_file_name(format!("{:020}.seg", id.0));
+                    if listed.contains(&sealed) {
+                        // Read in its turn.
+                    } else if sealed.exists() {
+                        queue.push_front(sealed);
+                    } else {
+                        skipped.push(gone(&name, "sealed and released meanwhile"));
                     }
                 }
                 Err(e) => {

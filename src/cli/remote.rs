@@ -658,6 +658,14 @@ pub(crate) async fn remote_hits(
             cfg.manifest_options(),
         )
         .await?;
+        // The journal is read before the manifest: a broker writes a
+        // commit to the manifest first and its `Committed` record after
+        // (U8a, U9), so every record read here has its entry in the
+        // manifest read next, unless the manifest lost it (helper-57: read
+        // the other way round, a commit in between looked like one lost).
+        let journal = Journal::open_read_only(&cfg.data_dir)
+            .ok()
+            .map(|(view, _)| view);
         match ms.load().await? {
             Some(m) => {
                 let mut v = Vec::new();
@@ -681,9 +689,9 @@ pub(crate) async fn remote_hits(
                 // commit is ever taken out of a manifest, so their entries
                 // would be missing from an answer that exits 0. Searched
                 // under the journal's keys, and said (exit 4).
-                if let Ok((view, _)) = Journal::open_read_only(&cfg.data_dir) {
+                if let Some(view) = &journal {
                     let unlisted: Vec<RemoteSegment> =
-                        journal_remote_segments(&view, &store, cfg, |s| {
+                        journal_remote_segments(view, &store, cfg, |s| {
                             matches!(s, SegmentState::Committed | SegmentState::Released)
                         })?
                         .into_iter()
@@ -692,9 +700,10 @@ pub(crate) async fn remote_hits(
                     if !unlisted.is_empty() {
                         missing_manifest = Some(format!(
                             "the stream's manifest does not list {} segment(s) this data \
-                             directory's journal records committed (first {:020}; a manifest \
-                             restored from an older version, or commits made to another store): \
-                             searched the objects the journal names; run `tierindex reconcile` \
+                             directory's journal records committed (first {:020}; a switch \
+                             from single-writer mode not yet reconciled, a manifest restored \
+                             from an older version, or commits made to another store): searched \
+                             the objects the journal names; run `tierindex reconcile` \
                              (`--repair` commits them again)",
                             unlisted.len(),
                             unlisted[0].meta.id.0
@@ -709,11 +718,11 @@ pub(crate) async fn remote_hits(
                 // (a deleted manifest): search what the journal names, and
                 // say so (exit 4), rather than answer "0 hits" as if the
                 // stream were empty.
-                let from_journal = match Journal::open_read_only(&cfg.data_dir) {
-                    Ok((view, _)) => journal_remote_segments(&view, &store, cfg, |s| {
+                let from_journal = match &journal {
+                    Some(view) => journal_remote_segments(view, &store, cfg, |s| {
                         matches!(s, SegmentState::Committed | SegmentState::Released)
                     })?,
-                    Err(_) => Vec::new(),
+                    None => Vec::new(),
                 };
                 if !from_journal.is_empty() {
                     missing_manifest = Some(format!(

@@ -132,7 +132,31 @@ pub(super) async fn take_manifest(
 /// opens; a store that does not answer in time opens with a warning (the
 /// single-writer mode's documented risk).
 async fn refuse_beside_a_live_manifest_owner(cfg: &Config, store: &RemoteStore) -> Result<()> {
-    let limit = Duration::from_millis(cfg.request_timeout_ms).max(Duration::from_secs(1)) * 2;
+    // A store that did not answer one stream's check in this process is
+    // not asked again for a minute: a host opening many streams on a store
+    // that hangs would wait out each one's budget in turn (helper-57: 16 s
+    // a stream).
+    static UNANSWERED: std::sync::Mutex<Vec<(String, std::time::Instant)>> =
+        std::sync::Mutex::new(Vec::new());
+    const QUIET: Duration = Duration::from_secs(60);
+    let url = store.display_url().to_string();
+    {
+        let mut u = UNANSWERED.lock().unwrap_or_else(|p| p.into_inner());
+        u.retain(|(_, at)| at.elapsed() < QUIET);
+        if u.iter().any(|(s, _)| *s == url) {
+            tracing::warn!(stream = %cfg.stream, "single-writer mode: the store did not answer another stream's check for a live manifest owner in the last minute; opening without it");
+            return Ok(());
+        }
+    }
+    let unanswered = |why: &str| {
+        tracing::warn!(stream = %cfg.stream, "single-writer mode: {why}; opening without checking for a live manifest owner");
+        UNANSWERED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((url.clone(), std::time::Instant::now()));
+        Ok(())
+    };
+    let limit = SINGLE_WRITER_CHECK_BUDGET;
     let read = async {
         let ms = ManifestStore::reader(store, &cfg.stream, cfg.manifest_options())?;
         let Some(m) = ms.load().await? else {
@@ -143,13 +167,12 @@ async fn refuse_beside_a_live_manifest_owner(cfg: &Config, store: &RemoteStore) 
     let (cur, now) = match tokio::time::timeout(limit, read).await {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, stream = %cfg.stream, "single-writer mode: could not read the stream's manifest to check for a live owner; opening without that check");
-            return Ok(());
-        }
+        Ok(Err(e)) => return unanswered(&format!("could not read the stream's manifest: {e}")),
         Err(_) => {
-            tracing::warn!(stream = %cfg.stream, "single-writer mode: the stream's manifest did not load in {} ms; opening without checking for a live owner", limit.as_millis());
-            return Ok(());
+            return unanswered(&format!(
+                "the stream's manifest did not load in {} ms",
+                limit.as_millis()
+            ));
         }
     };
     let ours = cfg.effective_owner_id().ok();
@@ -168,6 +191,10 @@ async fn refuse_beside_a_live_manifest_owner(cfg: &Config, store: &RemoteStore) 
         cur.lease.expires_ms.saturating_sub(now)
     )))
 }
+
+/// How long a single-writer open waits for the stream's manifest (its
+/// check for a live owner) before it opens without the check.
+const SINGLE_WRITER_CHECK_BUDGET: Duration = Duration::from_secs(3);
 
 /// Whether the stream has a manifest in `store` (a read: listing and
 /// reading its versions; nothing is written, so no capability is needed).
