@@ -1569,6 +1569,35 @@ fn demo_report_totals_cover_the_whole_run() {
     assert!(out.contains("nothing pending"), "{out}");
 }
 
+/// `demo --streams N` on existing single-writer data directories, without
+/// `--manifest`: each keeps its recorded mode, as a single stream's does
+/// (it was refused as a switch to the manifest: helper-57).
+#[test]
+fn demo_streams_keeps_each_directorys_recorded_mode() {
+    let sb = Sandbox::new();
+    for extra in [&["--manifest", "false"][..], &[][..]] {
+        let mut a = vec![D, DD, "--store", "{store}"];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&[
+            "demo",
+            "--streams",
+            "2",
+            "--entries",
+            "400",
+            "--rate",
+            "1000000",
+        ]);
+        let o = sb.run(&a, &[]);
+        assert_sane(&o, "demo --streams");
+        assert_eq!(o.status.code(), Some(0), "{extra:?}: {}", text(&o));
+    }
+    for i in 0..2 {
+        let id =
+            std::fs::read_to_string(sb.root.join(format!("data-{i}")).join("IDENTITY")).unwrap();
+        assert!(id.contains("single-writer"), "{id}");
+    }
+}
+
 /// `demo --streams N`: N streams in one process, each in its own data
 /// directory on one store, drained within one deadline, each reported and
 /// then the totals; the combinations it cannot honour are refused.

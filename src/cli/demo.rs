@@ -208,12 +208,25 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
         // One store for every stream (the default store is the one next to
         // the configured data directory, which the numbered ones share).
         let store = cfg.store_url()?;
+        let mode_given = cli.mode_given()?;
         (0..n)
             .map(|i| {
+                let data_dir = stream_dir(&cfg.data_dir, i)?;
+                // Without --manifest, a stream's existing data directory
+                // keeps its recorded mode, as a single stream's does (the
+                // numbered directories were refused as a switch:
+                // helper-57). A damaged identity is left to the open.
+                let manifest = match crate::identity::Identity::load(&data_dir) {
+                    Ok(Some(id)) if !mode_given => {
+                        id.mode.map_or(cfg.manifest, |m| m.is_manifest())
+                    }
+                    _ => cfg.manifest,
+                };
                 Ok(Config {
-                    data_dir: stream_dir(&cfg.data_dir, i)?,
+                    data_dir,
                     stream: format!("{}-{i}", cfg.stream),
                     store: Some(store.clone()),
+                    manifest,
                     ..cfg.clone()
                 })
             })

@@ -202,6 +202,16 @@ pub enum OwnerAction {
 
 impl Cli {
     /// Build the effective config: file, then flags/variables.
+    /// Whether `--manifest` or the config file's `manifest` key chose the
+    /// mode (else an existing data directory's recorded mode is used).
+    pub fn mode_given(&self) -> Result<bool> {
+        Ok(self.manifest.is_some()
+            || match &self.config {
+                Some(p) => Config::from_file_keys(p)?.1.iter().any(|k| k == "manifest"),
+                None => false,
+            })
+    }
+
     pub fn config(&self) -> Result<Config> {
         let (mut c, file_keys) = match &self.config {
             Some(p) => Config::from_file_keys(p)?,
