@@ -245,6 +245,72 @@ async fn a_flip_in_transit_is_not_marked_as_damage() {
     assert!(m.load().await.unwrap().unwrap().damaged.is_empty());
 }
 
+/// A manifest rolled back to its first version (an operator restored an
+/// older copy of the store's manifest objects) lists none of the segments
+/// this data directory committed, and their local copies were released:
+/// `lookup_remote` still finds every entry through the journal's records,
+/// and names the segments in `unlisted` (it answered nothing before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_manifest_hides_no_entry_from_lookup_remote() {
+    use futures::TryStreamExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let fs: Arc<FaultyStore> = FaultyStore::memory(81);
+    let cfg = config(tmp.path().join("data"));
+    let n = 12 * u64::from(ITEMS);
+    fill_and_drain(&cfg, &fs, n).await;
+    let seg_dir = tmp.path().join("data/segments");
+    let local = std::fs::read_dir(&seg_dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "seg")
+        })
+        .count();
+    assert_eq!(local, 0, "local copies released");
+    // Every manifest version but the first removed.
+    let remote = fs.remote(PREFIX);
+    let prefix = object_store::path::Path::from(format!("{PREFIX}/{STREAM}/manifest/versions"));
+    let mut vs: Vec<_> = fs
+        .inner()
+        .list(Some(&prefix))
+        .map_ok(|o| o.location)
+        .try_collect()
+        .await
+        .unwrap();
+    vs.sort();
+    assert!(vs.len() > 2, "{vs:?}");
+    for v in &vs[1..] {
+        fs.inner().delete(v).await.unwrap();
+    }
+    let first = manifest_reader(&remote).load().await.unwrap().unwrap();
+    assert!(
+        manifest_reader(&remote)
+            .all_segments(&first)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (ti, _) = TierIndex::open_with_store(cfg.clone(), fs.remote(PREFIX))
+        .await
+        .unwrap();
+    for k in 0..KEYS {
+        let want: Vec<u64> = (0..n).filter(|o| o % KEYS == k).collect();
+        let got = ti
+            .lookup_remote(key(k).as_bytes(), TimeRange::ALL)
+            .await
+            .unwrap();
+        assert!(got.unreadable.is_empty(), "{:?}", got.unreadable);
+        let mut offs: Vec<u64> = got.entries.iter().map(|e| e.offset).collect();
+        offs.sort_unstable();
+        assert_eq!(offs, want, "key {k}");
+        assert_eq!(got.unlisted.len(), 12, "{:?}", got.unlisted);
+    }
+    let _ = ti.shutdown(Duration::from_secs(10)).await;
+}
+
 /// `reconcile_interval_ms`: a background, report-only reconcile sees an
 /// object deleted behind the process's back and says so in its metrics,
 /// writing nothing.

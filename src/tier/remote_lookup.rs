@@ -29,7 +29,7 @@ impl TierIndex {
         // released only after its segment is committed).
         let sealed = sh.sealed.clone();
         let removals = sealed.removals();
-        let mut listed = self.remote_list(&sh).await?;
+        let (mut listed, mut unlisted) = self.remote_list(&sh).await?;
         let (local, covered) = self.local_lookup(h, range);
         sh.metrics.local_corrupt_items.add(local.corrupt_items);
         sh.metrics
@@ -38,7 +38,7 @@ impl TierIndex {
         // Read again too when a local file could not be read: its segment
         // may have been committed after the first read.
         if sealed.removals() != removals || !local.unreadable_segments.is_empty() {
-            listed = self.remote_list(&sh).await?;
+            (listed, unlisted) = self.remote_list(&sh).await?;
         }
         // A local segment that could not be read and has no committed copy:
         // its entries are missing from the result, which says so.
@@ -97,7 +97,20 @@ impl TierIndex {
             truncated: local.truncated,
             remote_segments: remote.len() + marked.len(),
             unreadable: Vec::new(),
+            unlisted: Vec::new(),
         };
+        if !unlisted.is_empty() {
+            unlisted.sort_unstable();
+            tracing::warn!(
+                segments = unlisted.len(),
+                first = unlisted[0],
+                "the stream's manifest does not list segments this data directory's journal \
+                 records committed (a manifest restored from an older version, or commits made \
+                 to another store): searched under the journal's keys; run `tierindex reconcile` \
+                 (`--repair` commits them again)"
+            );
+            out.unlisted = unlisted;
+        }
         for (id, why) in marked {
             sh.metrics.remote_unreadable.inc();
             out.unreadable.push((id, why));
@@ -148,12 +161,14 @@ impl TierIndex {
     /// The committed segments, unfiltered: the manifest's list with
     /// `manifest = true`, else the journal's `Committed` and `Released`
     /// records (a committed segment's object is verified; its local copy
-    /// may be unlinked before `Released` is journaled).
-    async fn remote_list(&self, sh: &Shared) -> Result<Vec<Listed>> {
-        let Some(m) = &sh.manifest else {
+    /// may be unlinked before `Released` is journaled). With the manifest,
+    /// also the journal's committed segments it does not list (a rolled
+    /// back manifest), whose ids come second: read from the journal before
+    /// the manifest, since a commit reaches the manifest first.
+    async fn remote_list(&self, sh: &Shared) -> Result<(Vec<Listed>, Vec<u64>)> {
+        let journal_committed = || {
             let j = sh.journal.read();
-            return Ok(j
-                .segments()
+            j.segments()
                 .values()
                 .filter(|r| matches!(r.state, SegmentState::Committed | SegmentState::Released))
                 .map(|r| Listed {
@@ -165,8 +180,12 @@ impl TierIndex {
                     entry: None,
                     damage: None,
                 })
-                .collect());
+                .collect::<Vec<_>>()
         };
+        let Some(m) = &sh.manifest else {
+            return Ok((journal_committed(), Vec::new()));
+        };
+        let ours = journal_committed();
         let owned = {
             let g = m.writer.lock().await;
             g.as_ref()
@@ -186,8 +205,10 @@ impl TierIndex {
             None => return Err(Error::ShutDown),
         };
         let mut v = Vec::new();
+        let mut ids = std::collections::HashSet::new();
         for e in ms.all_segments(&manifest).await? {
             let damage = manifest.damage(e.id).map(damage_text);
+            ids.insert(e.id);
             v.push(Listed {
                 key: RemoteSegment::from_entry(&e)
                     .map(|s| s.key)
@@ -197,7 +218,14 @@ impl TierIndex {
                 damage,
             });
         }
-        Ok(v)
+        let mut unlisted = Vec::new();
+        for l in ours {
+            if !ids.contains(&l.meta.id) {
+                unlisted.push(l.meta.id.0);
+                v.push(l);
+            }
+        }
+        Ok((v, unlisted))
     }
 
     /// A read-only view of the stream's manifest (cached, so its decoded

@@ -131,6 +131,16 @@ pub struct RemoteLookup {
     /// read and has no committed copy. Reported here, loudly; they never
     /// hide the other segments' entries.
     pub unreadable: Vec<(u64, String)>,
+    /// Segments this data directory's journal records committed that the
+    /// stream's manifest does not list (manifest mode only): a manifest
+    /// restored from an older version, or commits made to another store.
+    /// They were searched all the same (their entries are in `entries`:
+    /// read from the local copy, or else from the object the journal
+    /// names), and logged as a warning; the manifest's other readers do not
+    /// see them: `tierindex reconcile --repair` commits them again. No
+    /// commit is ever taken out of a manifest, so this is empty in normal
+    /// running.
+    pub unlisted: Vec<u64>,
 }
 
 /// How a lookup reports a segment the manifest marks as damaged.
