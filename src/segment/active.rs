@@ -201,8 +201,11 @@ pub struct ActiveSegment {
     alloc: std::sync::Arc<Allocation>,
     /// The count the last flush mark written says, and the mark slot the
     /// next one goes to ([`write_flush_mark`](Self::write_flush_mark)).
-    marked: u32,
-    mark_slot: usize,
+    /// Atomic only so that a frozen segment's last flush, through the
+    /// reference it shares with the sealer, writes its mark too: marks are
+    /// written on the writer's thread alone (under the writer's lock).
+    marked: AtomicU32,
+    mark_slot: std::sync::atomic::AtomicUsize,
 }
 
 /// The least an active file is brought into the page cache ahead of its
@@ -613,8 +616,8 @@ impl ActiveSegment {
             pf_end: 0,
             pf_at: u32::MAX,
             alloc,
-            marked: 0,
-            mark_slot: 0,
+            marked: AtomicU32::new(0),
+            mark_slot: std::sync::atomic::AtomicUsize::new(0),
         };
         // Nothing read in yet: the first append asks for the first stretch
         // (unless `prefault` reads it now).
@@ -720,8 +723,8 @@ impl ActiveSegment {
             pf_end: 0,
             pf_at: u32::MAX,
             alloc,
-            marked: 0,
-            mark_slot: 0,
+            marked: AtomicU32::new(0),
+            mark_slot: std::sync::atomic::AtomicUsize::new(0),
         };
         // Recovery reads the whole file in order: read-ahead helps it.
         seg.recover(&file, &mut rec, save_dir, saved)?;
@@ -858,7 +861,7 @@ impl ActiveSegment {
                     })?;
             }
         }
-        self.marked = valid;
+        self.marked.store(valid, Ordering::Relaxed);
         Ok(())
     }
 
@@ -970,7 +973,7 @@ impl ActiveSegment {
     pub fn flush(&mut self) -> Result<()> {
         self.check_poison()?;
         self.sync_unflushed()
-            .and_then(|()| self.check_in_place())
+            .and_then(|_| self.check_in_place())
             .inspect_err(|e| {
                 if let Error::Poisoned(why) = e {
                     self.poisoned = Some(why.clone());
@@ -992,14 +995,60 @@ impl ActiveSegment {
     /// other.
     fn write_flush_mark(&mut self) {
         let n = self.flushed.load(Ordering::Acquire);
-        if n == self.marked {
+        if n == *self.marked.get_mut() {
             return;
         }
-        let at = format::FLUSH_MARK_OFFSETS[self.mark_slot];
+        let slot = *self.mark_slot.get_mut();
+        let at = format::FLUSH_MARK_OFFSETS[slot];
         self.map[at..at + format::FLUSH_MARK_LEN]
             .copy_from_slice(&format::encode_flush_mark(self.id, n));
-        self.mark_slot ^= 1;
-        self.marked = n;
+        *self.mark_slot.get_mut() = slot ^ 1;
+        *self.marked.get_mut() = n;
+    }
+
+    /// [`write_flush_mark`](Self::write_flush_mark) for a frozen segment,
+    /// whose map is shared with the sealer (`&self`: no write through the
+    /// map). The mark goes through the file instead, opened by its path,
+    /// which must still be the file this segment maps; a write to a file
+    /// shares the page cache with its shared maps, so the map sees it too.
+    /// Best effort, as every mark is (not synced, not a durability step): a
+    /// mark that cannot be written leaves these items reported as possibly
+    /// lost, not as lost, should the file be damaged later (gap 2). Runs on
+    /// the writer's thread only, like every other mark write.
+    fn write_flush_mark_frozen(&self) {
+        use std::os::unix::fs::FileExt as _;
+        let n = self.flushed.load(Ordering::Acquire);
+        if n == self.marked.load(Ordering::Relaxed) {
+            return;
+        }
+        let slot = self.mark_slot.load(Ordering::Relaxed);
+        let at = format::FLUSH_MARK_OFFSETS[slot];
+        let file = match crate::durable::open_regular(&self.path, true) {
+            // Sealed and removed meanwhile: the sealed file holds the items.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            r => r,
+        };
+        let written = file
+            .map_err(|e| e.to_string())
+            .and_then(|f| match file_id(&f, &self.path) {
+                Ok(id) if id == self.alloc.file_id => f
+                    .write_all_at(&format::encode_flush_mark(self.id, n), at as u64)
+                    .map_err(|e| e.to_string()),
+                Ok(_) => Err("another file is under its name".into()),
+                Err(e) => Err(e.to_string()),
+            });
+        match written {
+            Ok(()) => {
+                self.mark_slot.store(slot ^ 1, Ordering::Relaxed);
+                self.marked.store(n, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "could not write the flush mark of a rolled segment (not a durability step: \
+                 its items are durable; only a later damage report is less precise)"
+            ),
+        }
     }
 
     /// After a flush's msync: the file this segment maps is still the one
@@ -1041,7 +1090,10 @@ impl ActiveSegment {
     /// [`flush`](Self::flush) for a frozen segment (rolled: no append will
     /// come), through the reference it shares with the sealer thread. The
     /// caller poisons its writer on a failure: this segment cannot record
-    /// it, and takes no appends anyway.
+    /// it, and takes no appends anyway. Writes a flush mark when its msync
+    /// made items durable in this file (not when the seal did, through
+    /// [`mark_durable`](Self::mark_durable): those items are durable in the
+    /// sealed file, not necessarily in this one).
     pub fn flush_frozen(&self) -> Result<()> {
         self.check_poison()?;
         if self.sync_failed() {
@@ -1050,7 +1102,10 @@ impl ActiveSegment {
                 self.path.display()
             )));
         }
-        self.sync_unflushed()
+        if self.sync_unflushed()? {
+            self.write_flush_mark_frozen();
+        }
+        Ok(())
     }
 
     /// Whether an msync of this segment failed.
@@ -1065,12 +1120,13 @@ impl ActiveSegment {
         self.flushed.store(self.len, Ordering::Release);
     }
 
-    /// msync the items from the last durable one to the end. An error is
-    /// already `Poisoned`: a failed msync is never retried.
-    fn sync_unflushed(&self) -> Result<()> {
+    /// msync the items from the last durable one to the end; whether there
+    /// were any. An error is already `Poisoned`: a failed msync is never
+    /// retried.
+    fn sync_unflushed(&self) -> Result<bool> {
         let flushed = self.flushed.load(Ordering::Acquire);
         if flushed >= self.len {
-            return Ok(());
+            return Ok(false);
         }
         let start = self.layout.item_offset(flushed);
         let end = self.layout.item_offset(self.len);
@@ -1089,7 +1145,7 @@ impl ActiveSegment {
         }
         crate::failpoint::crash("active.msync.after");
         self.flushed.store(self.len, Ordering::Release);
-        Ok(())
+        Ok(true)
     }
 
     /// Entries for `key_hash` within `range`, newest-first walk of the slot
@@ -1331,6 +1387,58 @@ mod tests {
         assert_eq!(damage_and_open(7), (7, Some(12), Some(7)));
         // Nothing kept: the marks cleared.
         assert_eq!(damage_and_open(0), (0, Some(7), None));
+    }
+
+    /// A frozen segment's last flush (through the reference it shares with
+    /// the sealer) leaves a mark too, written through the file; one the
+    /// seal made durable (`mark_durable`) writes none: those items are
+    /// durable in the sealed file, not in this one. A replaced file gets no
+    /// mark.
+    #[test]
+    fn a_frozen_segments_flush_leaves_a_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let marks = |p: &Path| {
+            let b = std::fs::read(p).unwrap();
+            format::decode_flush_marks(&b, SegmentId(1), 100)
+        };
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 8, 100, 0).unwrap();
+        let path = s.path().to_path_buf();
+        for i in 0..5 {
+            s.append_entry(e(i % 3, i)).unwrap();
+        }
+        s.flush().unwrap();
+        for i in 5..9 {
+            s.append_entry(e(i % 3, i)).unwrap();
+        }
+        let frozen = std::sync::Arc::new(s);
+        frozen.flush_frozen().unwrap();
+        assert_eq!(marks(&path), Some(9));
+        // The map sees what went through the file.
+        assert_eq!(format::decode_flush_marks(&frozen.map, SegmentId(1), 100), Some(9));
+        frozen.flush_frozen().unwrap();
+        assert_eq!(marks(&path), Some(9), "nothing new: no mark");
+
+        let mut s = ActiveSegment::create(d.path(), SegmentId(2), 8, 100, 0).unwrap();
+        let path2 = s.path().to_path_buf();
+        s.append_entry(e(1, 1)).unwrap();
+        s.flush().unwrap();
+        s.append_entry(e(1, 2)).unwrap();
+        let frozen = std::sync::Arc::new(s);
+        frozen.mark_durable();
+        frozen.flush_frozen().unwrap();
+        let b = std::fs::read(&path2).unwrap();
+        assert_eq!(format::decode_flush_marks(&b, SegmentId(2), 100), Some(1));
+
+        let mut s = ActiveSegment::create(d.path(), SegmentId(3), 8, 100, 0).unwrap();
+        let path3 = s.path().to_path_buf();
+        s.append_entry(e(1, 1)).unwrap();
+        let frozen = std::sync::Arc::new(s);
+        let copy = d.path().join("copy");
+        std::fs::copy(&path3, &copy).unwrap();
+        std::fs::rename(&copy, &path3).unwrap();
+        frozen.flush_frozen().unwrap();
+        let b = std::fs::read(&path3).unwrap();
+        assert_eq!(format::decode_flush_marks(&b, SegmentId(3), 100), None);
     }
 
     /// A flush whose file was removed or replaced under it is refused and
