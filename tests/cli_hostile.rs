@@ -3102,3 +3102,140 @@ fn fsck_repair_leaves_a_damaged_pending_file_to_the_start_that_keeps_its_entries
     // At most the one damaged item's entry is gone.
     assert!(hits(&sb) + 1 >= before, "{} of {before}", hits(&sb));
 }
+
+/// helper-58's F1: a data directory copied (`cp -a`) and both copies run
+/// on the stream in single-writer mode seal different segments under the
+/// same ids; switched to the manifest, the first one's commits take those
+/// ids, and the second's `drain`, `status --remote` and `reconcile` all
+/// exited 0 (the check compared ids only) although the manifest's readers
+/// miss its entries. Now its drain requeues such a segment and reseals its
+/// entries under a new id, and the entries are found through the manifest.
+#[test]
+fn a_copy_whose_segment_ids_another_directory_committed_is_resealed() {
+    let sb = Sandbox::new();
+    let a = "{root}/a";
+    let b = "{root}/b";
+    let demo = |dir: &str, entries: &str, extra: &[&str]| {
+        let mut v = vec![D, dir, "--store", "{store}"];
+        v.extend_from_slice(extra);
+        v.extend_from_slice(&[
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            entries,
+            "--rate",
+            "1000000",
+            "--keys",
+            "16",
+        ]);
+        let o = sb.run(&v, &[]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    };
+    demo(a, "1000", &["--manifest", "false"]);
+    let o = Command::new("cp")
+        .args(["-a", &sb.expand(a), &sb.expand(b)])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    // Each copy goes on alone (single-writer mode, the one it recorded):
+    // the same next ids, other entries.
+    demo(a, "1000", &[]);
+    demo(b, "1500", &[]);
+    let run = |args: &[&str]| sb.run(args, &[]);
+    let o = run(&[
+        D,
+        a,
+        "--store",
+        "{store}",
+        "--manifest",
+        "true",
+        "--switch-mode",
+        "drain",
+    ]);
+    assert_sane(&o, "drain a");
+    let o = run(&[
+        D,
+        a,
+        "--store",
+        "{store}",
+        "--manifest",
+        "true",
+        "reconcile",
+        "--repair",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run(&[D, a, "--store", "{store}", "--manifest", "true", "drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // b: its segments past the copy are under ids a committed.
+    let o = run(&[
+        D,
+        b,
+        "--store",
+        "{store}",
+        "--manifest",
+        "true",
+        "--switch-mode",
+        "drain",
+    ]);
+    assert_sane(&o, "drain b");
+    let o = run(&[
+        D,
+        b,
+        "--store",
+        "{store}",
+        "--manifest",
+        "true",
+        "reconcile",
+        "--repair",
+    ]);
+    assert_sane(&o, "reconcile b");
+    let o = run(&[D, b, "--store", "{store}", "--manifest", "true", "drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o2 = run(&[
+        D,
+        b,
+        "--store",
+        "{store}",
+        "--manifest",
+        "true",
+        "status",
+        "--remote",
+    ]);
+    assert_eq!(o2.status.code(), Some(0), "{}\n{all}", text(&o2));
+    // Every entry of both (1000 shared, then 1000 of a's and 1500 of b's)
+    // is found from a, whose local copies are its own: b's through the
+    // manifest.
+    let o = run(&[
+        D,
+        a,
+        "--store",
+        "{store}",
+        "--manifest",
+        "true",
+        "lookup",
+        "key-3",
+        "--remote",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let hits: u64 = out
+        .lines()
+        .find(|l| l.contains(" hit(s) for "))
+        .unwrap_or_else(|| panic!("{}", text(&o)))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // key-3 is one key in 16: (1000 + 1000 + 1500) / 16, give or take the
+    // rounding of each run.
+    assert!((216..=222).contains(&hits), "{hits} hits\n{}", text(&o));
+}

@@ -252,8 +252,10 @@ fn report_text(o: &ReportOut<'_>) -> String {
         s.push_str(&format!(
             "\nNOT IN THE MANIFEST: {} segment(s) the journal records as committed are not \
              listed in the stream's manifest (rolled back or restored in the store, or another \
-             store): readers through it miss them. `tierindex reconcile --repair` commits those \
-             whose objects are in place: {:?}",
+             store), or listed with another data directory's segment under their id: readers \
+             through it miss them. `tierindex reconcile --repair` commits those whose objects \
+             are in place and whose id is free; this data directory's next drain reseals the \
+             others under new ids from their local copies: {:?}",
             r.unlisted.len(),
             r.unlisted
         ));

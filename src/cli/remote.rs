@@ -669,9 +669,9 @@ pub(crate) async fn remote_hits(
         match ms.load().await? {
             Some(m) => {
                 let mut v = Vec::new();
-                let mut listed = std::collections::BTreeSet::new();
+                let mut listed = std::collections::BTreeMap::new();
                 for e in ms.all_segments(&m).await? {
-                    listed.insert(e.id);
+                    listed.insert(e.id, e.key_sum());
                     match m.damage(e.id) {
                         // Marked damaged: reported, never read.
                         Some(d) if !same(e.id.0, e.file_len, e.file_crc) => bad.push(format!(
@@ -695,7 +695,7 @@ pub(crate) async fn remote_hits(
                             matches!(s, SegmentState::Committed | SegmentState::Released)
                         })?
                         .into_iter()
-                        .filter(|s| !listed.contains(&s.meta.id))
+                        .filter(|s| listed.get(&s.meta.id) != Some(&s.meta.key_sum()))
                         .collect();
                     if !unlisted.is_empty() {
                         missing_manifest = Some(format!(
@@ -1021,7 +1021,16 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
                 "no manifest"
             }
             Some(m) => match (listed_in_manifest.get(&r.meta.id), m.damage(r.meta.id)) {
-                (Some(e), _) if e.key_sum() != r.meta.key_sum() => "other bytes listed",
+                (Some(e), _) if e.key_sum() != r.meta.key_sum() => {
+                    // Another data directory's segment under this id: the
+                    // manifest's readers do not see this one's entries.
+                    if cfg.manifest
+                        && matches!(r.state, SegmentState::Committed | SegmentState::Released)
+                    {
+                        remote.not_in_manifest += 1;
+                    }
+                    "other bytes listed"
+                }
                 (Some(_), Some(d)) if d.lost => "LOST",
                 (Some(_), Some(_)) => "damaged",
                 (Some(_), None) => "listed",
@@ -1094,7 +1103,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
             ));
         }
         s.push_str(&format!(
-            "remote: {} object(s) listed; {} verified-or-later segment(s) without their object; {} committed segment(s) the manifest does not list",
+            "remote: {} object(s) listed; {} verified-or-later segment(s) without their object; {} committed segment(s) the manifest does not list (or lists with another segment's bytes)",
             r.listed_objects, r.objects_missing, r.not_in_manifest
         ));
         s

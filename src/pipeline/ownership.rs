@@ -444,29 +444,96 @@ impl Shared {
 
     /// Segments the journal records as committed (`Committed`,
     /// `Released`) that the manifest, as this owner last saw it, does not
-    /// list. Not owner (ownership still pending): none checked.
+    /// list: not under their id, or another segment (other bytes: another
+    /// data directory's that reused the id) under it. Not owner (ownership
+    /// still pending): none checked.
     pub async fn unlisted_committed(&self) -> Result<Vec<u64>> {
         use crate::journal::SegmentState;
         let Some(m) = &self.manifest else {
             return Ok(Vec::new());
         };
-        let ids: Vec<SegmentId> = self
+        let ids: Vec<(SegmentId, crate::segment::KeySum)> = self
             .journal
             .read()
             .segments()
             .iter()
             .filter(|(_, r)| matches!(r.state, SegmentState::Committed | SegmentState::Released))
-            .map(|(id, _)| *id)
+            .map(|(id, r)| (*id, r.meta.key_sum()))
             .collect();
         let mut guard = m.writer.lock().await;
         let Some(w) = guard.as_mut() else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for id in ids {
-            if w.listed(id).await?.is_none() {
+        for (id, sum) in ids {
+            if w.listed(id).await?.is_none_or(|e| e.key_sum() != sum) {
                 out.push(id.0);
             }
+        }
+        Ok(out)
+    }
+
+    /// Committed segments whose id the manifest lists with other bytes
+    /// (another data directory sealed and committed that id: a copy of
+    /// this one run beside it in single-writer mode, then switched to the
+    /// manifest) and whose intact local copy is held: journaled
+    /// `Quarantined` then `Requeued` (back to `Sealed`), so the upload
+    /// pipeline takes them up again and, finding the id taken at commit,
+    /// reseals their entries under a new id (as for ids chosen before
+    /// ownership). Those without a local copy (`Released`) are left to the
+    /// drain's check, which reports them. Returns the requeued ids. Not
+    /// owner: none.
+    pub async fn requeue_id_conflicts(&self) -> Result<Vec<u64>> {
+        use crate::journal::{Record, SegmentState};
+        let Some(m) = &self.manifest else {
+            return Ok(Vec::new());
+        };
+        let committed: Vec<(SegmentId, crate::segment::SealedMeta)> = self
+            .journal
+            .read()
+            .segments()
+            .iter()
+            .filter(|(_, r)| r.state == SegmentState::Committed)
+            .map(|(id, r)| (*id, r.meta.clone()))
+            .collect();
+        let mut conflicts = Vec::new();
+        {
+            let mut guard = m.writer.lock().await;
+            let Some(w) = guard.as_mut() else {
+                return Ok(Vec::new());
+            };
+            for (id, meta) in committed {
+                if let Some(e) = w.listed(id).await?
+                    && e.key_sum() != meta.key_sum()
+                {
+                    conflicts.push((id, meta, e.key));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (id, meta, other) in conflicts {
+            let held = self.sealed.meta(id).ok().flatten().is_some_and(|l| {
+                l.key_sum() == meta.key_sum() && l.file_len == meta.file_len
+            });
+            if !held {
+                continue;
+            }
+            let reason = format!(
+                "the stream's manifest lists another segment under id {id} ({other}): another \
+                 data directory sealed and committed this id (a copy of this one, run beside \
+                 it in single-writer mode?); this segment's entries are resealed under a new id"
+            );
+            tracing::error!(segment = id.0, "{reason}");
+            self.journal
+                .append(vec![
+                    Record::Quarantined {
+                        id,
+                        reason: reason.clone(),
+                    },
+                    Record::Requeued { id, reason },
+                ])
+                .await?;
+            out.push(id.0);
         }
         Ok(out)
     }

@@ -205,10 +205,10 @@ impl TierIndex {
             None => return Err(Error::ShutDown),
         };
         let mut v = Vec::new();
-        let mut ids = std::collections::HashSet::new();
+        let mut ids = std::collections::HashMap::new();
         for e in ms.all_segments(&manifest).await? {
             let damage = manifest.damage(e.id).map(damage_text);
-            ids.insert(e.id);
+            ids.insert(e.id, e.key_sum());
             v.push(Listed {
                 key: RemoteSegment::from_entry(&e)
                     .map(|s| s.key)
@@ -220,7 +220,8 @@ impl TierIndex {
         }
         let mut unlisted = Vec::new();
         for l in ours {
-            if !ids.contains(&l.meta.id) {
+            // Not listed, or another segment (other bytes) under its id.
+            if ids.get(&l.meta.id) != Some(&l.meta.key_sum()) {
                 unlisted.push(l.meta.id.0);
                 v.push(l);
             }

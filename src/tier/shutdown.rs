@@ -67,6 +67,23 @@ impl TierIndex {
         if let Err(e) = sh.record_sealed(sealed).await {
             error.get_or_insert(e.to_string());
         }
+        // Committed segments whose id the manifest lists with another data
+        // directory's bytes: requeued to be resealed by this drain (at most
+        // a quarter of what is left of the deadline; the check after the
+        // drain reports what is left).
+        if sh.manifest.is_some() && sh.fenced.get().is_none() {
+            let left = until.saturating_duration_since(Instant::now()) / 4;
+            match tokio::time::timeout(left, sh.requeue_id_conflicts()).await {
+                Ok(Ok(ids)) if !ids.is_empty() => tracing::warn!(
+                    segments = ?ids,
+                    "committed segments whose id the manifest gives to another segment are \
+                     resealed under new ids"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not check the manifest for committed segments under another segment's id"),
+                Err(_) => tracing::warn!("checking the manifest for committed segments under another segment's id did not finish in time"),
+            }
+        }
         let drain = sched.drain(until).await;
         sh.metrics.last_drain_ms.set(drain.elapsed_ms);
         drop(sched);

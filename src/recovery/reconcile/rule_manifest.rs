@@ -12,9 +12,37 @@ impl Run<'_> {
         let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
         let version = self.manifest.as_ref().map_or(0, |m| m.version);
         for r in self.view.segments().values() {
-            if !matches!(r.state, SegmentState::Committed | SegmentState::Released)
-                || self.m_entries.contains_key(&r.meta.id)
-            {
+            if !matches!(r.state, SegmentState::Committed | SegmentState::Released) {
+                continue;
+            }
+            if let Some(e) = self.m_entries.get(&r.meta.id) {
+                if e.key_sum() != r.meta.key_sum() {
+                    // Another data directory's segment under this id: this
+                    // one cannot be committed under it.
+                    let key = record_key(store, stream, r, self.cfg.manifest)?;
+                    let mut f = Finding::new(
+                        FindingKind::ManifestLostEntries,
+                        Some(r.meta.id),
+                        key.as_ref(),
+                        format!(
+                            "the journal says {:?}, manifest version {version} lists another \
+                             segment under its id ({}): another data directory sealed and \
+                             committed this id",
+                            r.state, e.key
+                        ),
+                    );
+                    f.action = if r.state == SegmentState::Committed {
+                        "none here: the next drain of this data directory reseals its entries \
+                         under a new id from its local copy"
+                            .into()
+                    } else {
+                        "none: its local copy was released; its entries are in the object under \
+                         this key, which no manifest entry names (keep it; an operator must \
+                         append them again)"
+                            .into()
+                    };
+                    self.findings.push(f);
+                }
                 continue;
             }
             let key = record_key(store, stream, r, self.cfg.manifest)?;
