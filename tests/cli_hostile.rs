@@ -3239,3 +3239,27 @@ fn a_copy_whose_segment_ids_another_directory_committed_is_resealed() {
     // rounding of each run.
     assert!((216..=222).contains(&hits), "{hits} hits\n{}", text(&o));
 }
+
+/// helper-58's F3: an open refused after it took the stream's manifest
+/// (here a copy of the data directory whose `segments/` is a file) kept
+/// the lease, and the stream's real owner was refused until it expired
+/// (30 s). The refused open releases it now.
+#[test]
+fn an_open_refused_after_its_take_releases_the_stream() {
+    let sb = Sandbox::populated();
+    let x = sb.root.join("x");
+    let o = Command::new("cp")
+        .args(["-a"])
+        .arg(sb.data())
+        .arg(&x)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    std::fs::remove_dir_all(x.join("segments")).unwrap();
+    std::fs::write(x.join("segments"), b"x").unwrap();
+    let o = sb.run(&[D, "{root}/x", "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "drain x");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -78,6 +78,17 @@ impl ManifestHandle {
         }
     }
 
+    /// Releases ownership now, when held (an open refused after its take):
+    /// whether there was one to release.
+    pub async fn release_now(&self) -> Result<bool> {
+        self.set_keeper(None);
+        let w = self.writer.lock().await.take();
+        match w {
+            Some(w) => w.release().await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     fn keeper(&self) -> Option<crate::remote::manifest::LeaseKeeper> {
         self.keeper
             .lock()

@@ -378,98 +378,113 @@ pub(super) async fn open_shared_hosted(
         refuse_beside_a_live_manifest_owner(cfg, &store).await?;
         (None, crate::pipeline::StoreTrust::default(), false)
     };
-    let manifest_max = match &manifest {
-        Some(m) => m
-            .writer
-            .lock()
-            .await
-            .as_ref()
-            .and_then(|w| w.manifest().max_segment_id()),
-        None => None,
-    };
-    let known = journal.max_segment_id().max(manifest_max);
-    // Objects above every id the journal and the manifest know: another
-    // incarnation of the stream (a lost and re-created data directory, a
-    // restored backup, an earlier owner) uploaded them and may not have
-    // committed them. New ids continue above those too, so no id (and no
-    // key) is ever reused. Skipped while the take is pending (the store did
-    // not answer; the take lists when it succeeds, see
-    // `Shared::ensure_owner`). Not in single-writer mode: there the
-    // reconciler tells another data directory's objects from ours by their
-    // ids (another seal of an id the journal knows, or an id it never
-    // recorded), and jumping above them would make them look like ours
-    // whose records compaction dropped.
-    let take_pending = match &manifest {
-        Some(m) => m.writer.lock().await.is_none(),
-        None => false,
-    };
-    let listed_max = if take_pending || !cfg.manifest {
-        known
-    } else {
-        listed_max_segment_id(cfg, &store, known).await
-    };
-    let epoch = match &manifest {
-        Some(m) => m.writer.lock().await.as_ref().map(|w| w.epoch()),
-        None => None,
-    };
-    let min_next = known
-        .max(listed_max)
-        .map(|m| crate::segment::SegmentId(m.0.saturating_add(1)))
-        .max(epoch.map(crate::remote::manifest::epoch_id_floor));
-    // Sealed files still to be uploaded (unknown to the journal, Sealed or
-    // Uploading) get the full item check at start-up: damage is salvaged
-    // before their bytes are journaled or uploaded.
-    // The stream is taken (or the store unreachable, or single-writer
-    // mode): the identity stays from here on.
-    new_identity.keep();
-    let index_cfg = cfg.index_config();
-    // A damaged local copy of a committed segment is set aside without a
-    // salvage only once the store is found to hold the segment's object
-    // (known gap 13): asked here, for the damaged ones only.
-    let store_check = Arc::new(CommittedCopyCheck::new(
-        &store,
-        &cfg.stream,
-        take_pending,
-    ));
-    let check = store_check.clone();
-    let (writer, seg_report, journal, reseal_notes) = tokio::task::spawn_blocking(move || {
-        let (mut writer, mut seg_report) = {
-            let to_upload = |id: crate::segment::SegmentId| {
-                journal.get(id).is_none_or(|r| {
-                    matches!(
-                        r.state,
-                        SegmentState::Sealed | SegmentState::Uploading | SegmentState::Resealing
-                    )
-                })
-            };
-            let committed = |id: crate::segment::SegmentId| {
-                // A `Released` segment's file is a leftover the release
-                // unlinked (back after a power cut): the journal cannot
-                // quarantine a released segment, so its store is not asked.
-                journal.get(id).is_some_and(|r| match r.state {
-                    SegmentState::Committed => check.store_holds(r),
-                    SegmentState::Released => true,
-                    _ => false,
-                })
-            };
-            IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload, &committed)?
+    // From here on the stream may be taken: a refusal releases it again,
+    // or its lease would keep the stream from its real owner (another
+    // data directory, or this one fixed) until it expires (helper-58).
+    let opened = async {
+        let manifest_max = match &manifest {
+            Some(m) => m
+                .writer
+                .lock()
+                .await
+                .as_ref()
+                .and_then(|w| w.manifest().max_segment_id()),
+            None => None,
         };
-        let mut journal = journal;
-        readopt_salvaged(&mut writer, &mut journal, &mut seg_report, &check)?;
-        // Before anything is journaled or driven: every segment a cut
-        // reseal copied into is still local here.
-        let notes = crate::pipeline::reseal::finish_at_open(&mut writer, &mut journal)?;
-        Ok::<_, Error>((writer, seg_report, journal, notes))
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("open task failed: {e}")))??;
+        let known = journal.max_segment_id().max(manifest_max);
+        // Objects above every id the journal and the manifest know: another
+        // incarnation of the stream (a lost and re-created data directory, a
+        // restored backup, an earlier owner) uploaded them and may not have
+        // committed them. New ids continue above those too, so no id (and no
+        // key) is ever reused. Skipped while the take is pending (the store did
+        // not answer; the take lists when it succeeds, see
+        // `Shared::ensure_owner`). Not in single-writer mode: there the
+        // reconciler tells another data directory's objects from ours by their
+        // ids (another seal of an id the journal knows, or an id it never
+        // recorded), and jumping above them would make them look like ours
+        // whose records compaction dropped.
+        let take_pending = match &manifest {
+            Some(m) => m.writer.lock().await.is_none(),
+            None => false,
+        };
+        let listed_max = if take_pending || !cfg.manifest {
+            known
+        } else {
+            listed_max_segment_id(cfg, &store, known).await
+        };
+        let epoch = match &manifest {
+            Some(m) => m.writer.lock().await.as_ref().map(|w| w.epoch()),
+            None => None,
+        };
+        let min_next = known
+            .max(listed_max)
+            .map(|m| crate::segment::SegmentId(m.0.saturating_add(1)))
+            .max(epoch.map(crate::remote::manifest::epoch_id_floor));
+        // Sealed files still to be uploaded (unknown to the journal, Sealed or
+        // Uploading) get the full item check at start-up: damage is salvaged
+        // before their bytes are journaled or uploaded.
+        // The stream is taken (or the store unreachable, or single-writer
+        // mode): the identity stays from here on.
+        new_identity.keep();
+        let index_cfg = cfg.index_config();
+        // A damaged local copy of a committed segment is set aside without a
+        // salvage only once the store is found to hold the segment's object
+        // (known gap 13): asked here, for the damaged ones only.
+        let store_check = Arc::new(CommittedCopyCheck::new(
+            &store,
+            &cfg.stream,
+            take_pending,
+        ));
+        let check = store_check.clone();
+        let (writer, seg_report, journal, reseal_notes) = tokio::task::spawn_blocking(move || {
+            let (mut writer, mut seg_report) = {
+                let to_upload = |id: crate::segment::SegmentId| {
+                    journal.get(id).is_none_or(|r| {
+                        matches!(
+                            r.state,
+                            SegmentState::Sealed | SegmentState::Uploading | SegmentState::Resealing
+                        )
+                    })
+                };
+                let committed = |id: crate::segment::SegmentId| {
+                    // A `Released` segment's file is a leftover the release
+                    // unlinked (back after a power cut): the journal cannot
+                    // quarantine a released segment, so its store is not asked.
+                    journal.get(id).is_some_and(|r| match r.state {
+                        SegmentState::Committed => check.store_holds(r),
+                        SegmentState::Released => true,
+                        _ => false,
+                    })
+                };
+                IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload, &committed)?
+            };
+            let mut journal = journal;
+            readopt_salvaged(&mut writer, &mut journal, &mut seg_report, &check)?;
+            // Before anything is journaled or driven: every segment a cut
+            // reseal copied into is still local here.
+            let notes = crate::pipeline::reseal::finish_at_open(&mut writer, &mut journal)?;
+            Ok::<_, Error>((writer, seg_report, journal, notes))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("open task failed: {e}")))??;
+        let journal = JournalHandle::start(journal)?;
+        Ok::<_, Error>((writer, seg_report, journal, reseal_notes, store_check))
+    }
+    .await;
+    let (writer, seg_report, journal, reseal_notes, store_check) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            release_after_refused_open(manifest.as_ref()).await;
+            return Err(e);
+        }
+    };
     let metrics = Arc::new(Metrics::default());
     let sh = Arc::new(Shared {
         seg_dir: writer.segments_dir().to_path_buf(),
         sealed: writer.sealed_set(),
         handoff: writer.handoff(),
         writer: Arc::new(Mutex::new(writer)),
-        journal: JournalHandle::start(journal)?,
+        journal,
         store,
         stream: cfg.stream.clone(),
         upload: cfg.upload_config(),
@@ -501,14 +516,25 @@ pub(super) async fn open_shared_hosted(
     // segments; journal every sealed file the journal lacks in id order, in
     // batches of increasing ids (the journal only accepts new ids in
     // increasing order).
-    sh.writer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .poll_sealed()?;
-    let mut notes = reseal_notes;
-    notes.extend(store_check.notes());
-    notes.extend(sh.reconcile_local().await?);
-    notes.extend(sh.check_committed_local().await?);
+    let notes = async {
+        sh.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .poll_sealed()?;
+        let mut notes = reseal_notes;
+        notes.extend(store_check.notes());
+        notes.extend(sh.reconcile_local().await?);
+        notes.extend(sh.check_committed_local().await?);
+        Ok::<_, Error>(notes)
+    }
+    .await;
+    let notes = match notes {
+        Ok(n) => n,
+        Err(e) => {
+            release_after_refused_open(sh.manifest.as_ref()).await;
+            return Err(e);
+        }
+    };
     for n in &notes {
         tracing::warn!("{n}");
     }
@@ -526,6 +552,22 @@ pub(super) async fn open_shared_hosted(
     };
     update_gauges(&sh);
     Ok((sh, report))
+}
+
+/// An open refused after it took the stream's manifest: the lease is
+/// released (bounded: 3 s), so the stream's real owner is not kept out
+/// until it expires. A release that fails is logged; the lease then
+/// expires as after a crash.
+async fn release_after_refused_open(m: Option<&ManifestHandle>) {
+    let Some(m) = m else { return };
+    match tokio::time::timeout(Duration::from_secs(3), m.release_now()).await {
+        Ok(Ok(true)) => tracing::info!(
+            "the open was refused after it took the stream's manifest: ownership released"
+        ),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the open was refused after it took the stream's manifest, and releasing it failed: its lease expires on its own"),
+        Err(_) => tracing::warn!("the open was refused after it took the stream's manifest, and releasing it did not finish in 3 s: its lease expires on its own"),
+    }
 }
 
 /// A sealed file salvaged at start-up whose segment the journal already
