@@ -514,6 +514,51 @@ fn mode_mismatch(data_dir: &Path, id: &Identity, recorded: Mode, want: Mode) -> 
     )
 }
 
+
+/// Every object key the journal records is one of this stream's
+/// (`.../{stream}/segments/...`): a journal whose keys name another stream
+/// belongs to another data directory's identity (an `IDENTITY` copied over
+/// from another data directory: its stream's name would send this one's
+/// segments into that stream, helper-58's F2) or to an earlier run that
+/// moved the stream with `--store-override`, which must be said again.
+/// Refused before anything is written; a key that names no stream at all
+/// is the drive's to judge.
+pub(crate) fn journal_keys_name_the_stream(
+    data_dir: &Path,
+    stream_name: &str,
+    segments: &std::collections::BTreeMap<crate::segment::SegmentId, crate::journal::SegmentRecord>,
+) -> Result<()> {
+    let ours = format!("{stream_name}/{}/", crate::remote::keys::SEGMENTS_DIR);
+    let inner = format!("/{ours}");
+    let is_ours = |k: &str| k.starts_with(&ours) || k.contains(&inner);
+    let other = segments
+        .values()
+        .filter_map(|r| r.key.as_deref())
+        .find(|k| !is_ours(k));
+    let Some(k) = other else {
+        return Ok(());
+    };
+    let seg = format!("/{}/", crate::remote::keys::SEGMENTS_DIR);
+    let stream = k
+        .rfind(&seg)
+        .map(|at| &k[..at])
+        .map(|head| head.rsplit('/').next().unwrap_or(head));
+    let Some(stream) = stream else {
+        return Ok(());
+    };
+    Err(Error::InvalidInput(format!(
+        "{}: the journal records segment objects of stream {stream:?} (key {k}), but its \
+         IDENTITY and this open name stream {:?}: the IDENTITY file was replaced or copied from \
+         another data directory, or an earlier run moved the stream with --store-override. \
+         Nothing was written. Put this data directory's own IDENTITY back (`tierindex \
+         inspect` on it shows what it names); to write to {:?} on purpose, pass \
+         --store-override (Config::store_override)",
+        data_dir.display(),
+        stream_name,
+        stream_name
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3263,3 +3263,72 @@ fn an_open_refused_after_its_take_releases_the_stream() {
     let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// helper-58's F2: another data directory's `IDENTITY` copied over this
+/// one's named that directory's stream, and `drain` uploaded this one's
+/// segments into it (then `reconcile --repair`, which its exit-4 message
+/// named, committed them there). The journal's keys name this data
+/// directory's own stream: the open is refused, nothing is written.
+#[test]
+fn an_identity_copied_from_another_streams_directory_is_refused() {
+    let sb = Sandbox::new();
+    for (dir, stream) in [("{root}/q", "sq"), ("{root}/p", "sp")] {
+        let o = sb.run(
+            &[
+                D,
+                dir,
+                "--store",
+                "{store}",
+                "--stream",
+                stream,
+                "demo",
+                "--segment-items",
+                "300",
+                "--slots",
+                "64",
+                "--entries",
+                "1000",
+                "--rate",
+                "1000000",
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    std::fs::copy(sb.root.join("q/IDENTITY"), sb.root.join("p/IDENTITY")).unwrap();
+    let before = sb.snapshot();
+    for args in [
+        &[D, "{root}/p", "drain"][..],
+        &[D, "{root}/p", "reconcile", "--repair"][..],
+        &[
+            D,
+            "{root}/p",
+            "--store",
+            "{store}",
+            "--stream",
+            "sq",
+            "demo",
+            "--entries",
+            "10",
+        ][..],
+    ] {
+        let o = sb.run(args, &[]);
+        assert_sane(&o, "p");
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("records segment objects of stream \"sp\""),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    // Nothing moved in the store or either data directory, but p's clean
+    // shutdown marker, which an open removes before it reads the journal
+    // (as any refused open does).
+    let strip = |s: BTreeSet<(PathBuf, u64)>| -> BTreeSet<(PathBuf, u64)> {
+        s.into_iter()
+            .filter(|(p, _)| p != Path::new("p/CLEAN_SHUTDOWN"))
+            .collect()
+    };
+    assert_eq!(strip(sb.snapshot()), strip(before));
+}

@@ -997,3 +997,58 @@ async fn a_zeroed_acknowledged_tail_is_reported_lost_by_number() {
         check(acked, &o, what);
     }
 }
+
+/// helper-58's F6: an active file zeroed whole (1000 acknowledged entries)
+/// below the spare prepared for the next roll was removed as "creation
+/// interrupted", and the drain exited 0: the entries were lost without a
+/// word. A later segment's file proves its creation had finished: the
+/// zeros are damage, and the file is reported (every entry unaccounted
+/// for, exit 4) and kept in quarantine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zeroed_active_file_below_a_later_one_is_reported_not_removed() {
+    let w = World::new();
+    let acked = build(&w, 300, 200, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    let id: u64 = active
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .parse()
+        .unwrap();
+    // The spare prepared ahead of the next roll (the writer made one).
+    let spare = w.data.join(format!("segments/{:020}.active", id + 1));
+    if !spare.exists() {
+        drop(
+            tierindex::segment::active::ActiveSegment::create(
+                &w.data.join("segments"),
+                SegmentId(id + 1),
+                SLOTS,
+                ITEMS,
+                0,
+            )
+            .unwrap(),
+        );
+    }
+    let len = std::fs::metadata(&active).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&active)
+        .unwrap();
+    f.write_all_at(&vec![0u8; len as usize], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let o = recover(&w).await;
+    assert!(o.unknown_loss(), "{:#?}", o.open.segments);
+    assert!(o.needs_operator());
+    let name = format!("{id:020}.active");
+    assert!(
+        w.quarantine_files().iter().any(|f| f.starts_with(&name)),
+        "{:?}",
+        w.quarantine_files()
+    );
+    // The sealed segments' entries are all there; the active file's 200
+    // are the ones unaccounted for.
+    let missing: Vec<u64> = (0..acked).filter(|x| !o.found.contains(x)).collect();
+    assert_eq!(missing, (300..500).collect::<Vec<u64>>());
+}

@@ -180,6 +180,16 @@ pub fn recover_checking(
         Ok(())
     };
 
+    // The highest id of any file here: a later segment's file proves that
+    // a lower active segment's creation had finished (they are created in
+    // id order, each header durable before the next file is made).
+    let max_file_id = files
+        .iter()
+        .filter_map(|(k, _)| match k {
+            Kind::Sealed(id) | Kind::Active(id) | Kind::SealTmp(id) => Some(*id),
+            Kind::Unknown => None,
+        })
+        .max();
     // Active segments that passed their check (files are sorted so every
     // `.active` is seen before any `.seg.tmp`).
     let mut accepted_actives: Vec<SegmentId> = Vec::new();
@@ -312,6 +322,18 @@ pub fn recover_checking(
                 // is acknowledged, and no valid item is all zeros), so it
                 // is removed, not quarantined.
                 if all_zero(path)? {
+                    // Unless a later segment's file exists: then its
+                    // creation had finished, the zeros are damage, and it
+                    // may have held acknowledged entries (its own sealed
+                    // file, when there is one, holds them all: a leftover).
+                    if max_file_id.is_some_and(|m| m > *id) && !sealed_counts.contains_key(id) {
+                        let why = "every byte is zero, but a later segment's file exists, so \
+                                   its creation had finished: the file was zeroed after it was \
+                                   written (damage), and any entry it held is gone";
+                        let note = whole_file_loss(path, *id, "active", why);
+                        quarantine_noted(dir, mode, path, why, note, &mut out)?;
+                        continue;
+                    }
                     if mode == Mode::Repair {
                         crate::durable::unlink(path)
                             .map_err(|e| Error::io(path, "remove unborn active segment", e))?;

@@ -721,6 +721,9 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                     if sh.manifest.is_some()
                         && let Some(state) = check_listed(sh, &rec, &key, foreign).await?
                     {
+                        if state == SegmentState::Sealed {
+                            continue;
+                        }
                         return Ok(state);
                     }
                 }
@@ -755,8 +758,11 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
 /// a manifest restored from a backup): kept, and reported as needing an
 /// operator (`Error::Remote`: not retried within a drain); `reconcile
 /// --repair` commits it. Listed with other content (its id was taken by
-/// another segment): quarantined, the local copy kept, since it holds the
-/// only copy of its entries a reader could find.
+/// another segment): journaled `Quarantined` then `Requeued`, back to
+/// `Sealed` (`Ok(Some(Sealed))`: the drive goes on from there), so its
+/// entries, of which the local copy holds the only copy a reader could
+/// find, are uploaded again and resealed under a new id when the commit
+/// finds the id taken.
 async fn check_listed(
     sh: &Shared,
     rec: &SegmentRecord,
@@ -791,11 +797,21 @@ async fn check_listed(
         let reason = format!(
             "this stream's manifest lists segment {id} with other content (object {}, {} \
              bytes, crc32 {:08x}) than the local copy (object {key}, {} bytes, crc32 {:08x}); \
-             its entries are only in the local copy, kept in segments/.{whence} `tierindex \
-             quarantine retry {id}` uploads them again (resealed under a new id)",
+             its entries are only in the local copy, kept in segments/.{whence} Requeued: \
+             uploaded again, then resealed under a new id once the commit finds the id taken",
             listed.key, listed.file_len, listed.file_crc, want.file_len, want.file_crc
         );
-        return quarantine(sh, id, reason).await.map(Some);
+        tracing::error!(segment = id.0, %reason, "committed segment requeued to be resealed");
+        sh.journal
+            .append(vec![
+                Record::Quarantined {
+                    id,
+                    reason: reason.clone(),
+                },
+                Record::Requeued { id, reason },
+            ])
+            .await?;
+        return Ok(Some(SegmentState::Sealed));
     }
     // The same bytes listed under another key: readers find them there.
     let other = ObjPath::from(listed.key.clone());

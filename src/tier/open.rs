@@ -290,6 +290,13 @@ pub(super) async fn open_shared_hosted(
             } else {
                 0
             };
+            if !cfg.store_override {
+                crate::identity::journal_keys_name_the_stream(
+                    &cfg.data_dir,
+                    &cfg.stream,
+                    journal.segments(),
+                )?;
+            }
             // The recorded mode must match (or is recorded now): a data
             // directory that holds segments is not silently moved between
             // manifest and single-writer mode.

@@ -53,6 +53,16 @@ impl<'a> Run<'a> {
     ) -> Result<Run<'a>> {
         let stream = cfg.stream.as_str();
         let (view, _) = Journal::open_read_only(&cfg.data_dir)?;
+        // A journal whose keys name another stream (an IDENTITY copied from
+        // another data directory): its repairs would write this data
+        // directory's segments into that stream.
+        if !cfg.store_override {
+            crate::identity::journal_keys_name_the_stream(
+                &cfg.data_dir,
+                stream,
+                view.segments(),
+            )?;
+        }
         let seg_dir = cfg.data_dir.join(datadir::SEGMENTS_DIR);
 
         let prefix = store.segments_prefix(stream)?;

@@ -384,7 +384,26 @@ impl ManifestStore {
             let Some(bytes) = self.get_bytes(&self.version_key(v), &what).await? else {
                 continue;
             };
-            let m = decode_manifest(&bytes, self.stream(), v, self.inner.opts.max_object_bytes)?;
+            let m = decode_manifest(&bytes, self.stream(), v, self.inner.opts.max_object_bytes)
+                .map_err(|e| match e {
+                    Error::Corrupt { what, detail } => Error::Corrupt {
+                        what,
+                        detail: format!(
+                            "{detail}. The newest version of the stream's manifest is damaged, and \
+                             it is not skipped (an older version can lack newer commits and \
+                             epochs). To go on: stop every broker of the stream; keep a copy of \
+                             {} and move it out of the versions folder, which makes the \
+                             newest remaining version (normally {}; none: the stream has no \
+                             manifest left) the newest; then run `tierindex reconcile --repair` \
+                             on each data directory of the stream (each commits again what its \
+                             journal records committed and that version lacks, or rebuilds the \
+                             manifest from the listing)",
+                            self.version_key(v),
+                            v.saturating_sub(1)
+                        ),
+                    },
+                    other => other,
+                })?;
             return Ok(Some((m, bytes)));
         }
         Err(Error::RemoteRetryable(format!(
