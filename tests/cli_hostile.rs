@@ -3169,6 +3169,34 @@ fn a_copy_whose_segment_ids_another_directory_committed_is_resealed() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = run(&[D, a, "--store", "{store}", "--manifest", "true", "drain"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Before b switches: its lookup through the manifest reads a's
+    // segments under the ids b holds with other bytes (the whole-file
+    // CRC32 of two such files can be equal: the CRC-64 tells them apart,
+    // helper-59).
+    let hits = |o: &Output| -> u64 {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains(" hit(s) for "))
+            .unwrap_or_else(|| panic!("{}", text(o)))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let o = run(&[
+        D,
+        b,
+        "--store",
+        "{store}",
+        "--manifest",
+        "true",
+        "lookup",
+        "key-3",
+        "--remote",
+    ]);
+    assert_sane(&o, "lookup b");
+    assert!((216..=222).contains(&hits(&o)), "{}", text(&o));
     // b: its segments past the copy are under ids a committed.
     let o = run(&[
         D,

@@ -559,7 +559,8 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
     // A remote segment is left out only when one of these is the same
     // sealed segment; an active file, a damaged one, or another segment
     // under its id (a restored backup) is searched beside it.
-    let mut intact: std::collections::BTreeMap<u64, (u64, u32)> = Default::default();
+    let mut intact: std::collections::BTreeMap<u64, (u64, crate::segment::KeySum)> =
+        Default::default();
     // Files are read as `drain` would salvage them: every item whose own
     // CRC verifies is found, also after a damaged span (`segment::salvage`);
     // the damaged items are named under `skipped`.
@@ -589,7 +590,7 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
             match SealedSegment::open(&p) {
                 Ok(s) => {
                     let m = s.meta();
-                    intact.insert(s.id().0, (m.file_len, m.file_crc));
+                    intact.insert(s.id().0, (m.file_len, m.key_sum()));
                     found.extend(s.lookup(h, range).into_iter().map(|e| (s.id().0, e)));
                 }
                 Err(e @ Error::Corrupt { .. }) => {

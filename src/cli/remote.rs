@@ -624,8 +624,11 @@ async fn refuse_if_renewed(
 }
 
 /// `lookup --remote`: entries for `key_hash` in the committed remote
-/// segments not held intact locally (`held`: the id, length and CRC32 of
-/// each local sealed file that passed its checks). Candidates: the
+/// segments not held intact locally (`held`: the id, length and the
+/// checksum its key names, CRC-64 from format 2 on, of each local sealed
+/// file that passed its checks: the whole-file CRC32 of a format-2 file
+/// does not see its items, so two segments of one id and length can share
+/// it, helper-59). Candidates: the
 /// manifest's list with `manifest = true` (read only: no ownership taken),
 /// else the journal's `Released` records.
 pub(crate) struct RemoteHits {
@@ -643,9 +646,9 @@ pub(crate) async fn remote_hits(
     cfg: &crate::config::Config,
     key_hash: u64,
     range: crate::segment::TimeRange,
-    held: &std::collections::BTreeMap<u64, (u64, u32)>,
+    held: &std::collections::BTreeMap<u64, (u64, crate::segment::KeySum)>,
 ) -> Result<RemoteHits> {
-    let same = |id: u64, len: u64, crc: u32| held.get(&id) == Some(&(len, crc));
+    let same = |id: u64, len: u64, sum: crate::segment::KeySum| held.get(&id) == Some(&(len, sum));
     use crate::remote::fetch::{Fetcher, RemoteSegment};
     let store = open_store_read_only(cfg)?;
     preflight(&store, cfg).await?;
@@ -674,7 +677,7 @@ pub(crate) async fn remote_hits(
                     listed.insert(e.id, e.key_sum());
                     match m.damage(e.id) {
                         // Marked damaged: reported, never read.
-                        Some(d) if !same(e.id.0, e.file_len, e.file_crc) => bad.push(format!(
+                        Some(d) if !same(e.id.0, e.file_len, e.key_sum()) => bad.push(format!(
                             "remote segment {:020} ({}): {}",
                             e.id.0,
                             e.key,
@@ -741,7 +744,7 @@ pub(crate) async fn remote_hits(
     };
     let segs: Vec<RemoteSegment> = segs
         .into_iter()
-        .filter(|s| !same(s.meta.id.0, s.meta.file_len, s.meta.file_crc))
+        .filter(|s| !same(s.meta.id.0, s.meta.file_len, s.meta.key_sum()))
         .collect();
     let f = Fetcher::new(
         store,
