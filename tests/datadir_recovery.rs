@@ -220,10 +220,20 @@ fn unborn_active_files_are_removed_but_a_non_zero_one_is_quarantined() {
 
     let (w, report) = IndexWriter::open(dd, cfg(), None, None).unwrap();
     assert_eq!(report.quarantined.len(), 2, "{report:#?}");
-    assert!(report.quarantined[0].file.ends_with("00000000000000000004.active"));
-    assert!(report.quarantined[1].file.ends_with("00000000000000000005.active"));
     assert!(
-        report.quarantined[1].reason.contains("a later segment's file exists"),
+        report.quarantined[0]
+            .file
+            .ends_with("00000000000000000004.active")
+    );
+    assert!(
+        report.quarantined[1]
+            .file
+            .ends_with("00000000000000000005.active")
+    );
+    assert!(
+        report.quarantined[1]
+            .reason
+            .contains("a later segment's file exists"),
         "{report:#?}"
     );
     assert!(!segs.join("00000000000000000006.active").exists());

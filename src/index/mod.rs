@@ -153,6 +153,15 @@ pub struct IndexWriter {
     /// The id of a spare asked for and not arrived yet; one that arrives
     /// under another id (or none) is stale and removed.
     spare_asked: Option<SegmentId>,
+    /// The id the sealer may create a spare under, held by the sealer
+    /// while it creates one: the writer clears it (taking the lock, so
+    /// after a creation in progress has finished) before it gives up on a
+    /// spare and creates a later segment itself, and the sealer creates
+    /// nothing under an id no longer claimed. So a file is never created
+    /// below one that exists: an all-zero active file below a later one is
+    /// damage, not an interrupted creation (start-up relies on it,
+    /// `datadir::recover`).
+    spare_claim: Arc<std::sync::Mutex<Option<SegmentId>>>,
     /// Preparing this roll's spare failed (a full disk): not asked again
     /// until the roll, which creates its segment itself and reports.
     spare_failed: bool,
@@ -306,6 +315,7 @@ impl IndexWriter {
             closed: false,
             spare: None,
             spare_asked: None,
+            spare_claim: Arc::new(std::sync::Mutex::new(None)),
             spare_failed: false,
             active_since_ms: now_ms(),
         };
@@ -388,12 +398,22 @@ impl IndexWriter {
                 .active
                 .as_ref()
                 .map_or(0, |a| a.items_bytes().min(crate::segment::active::PREFAULT_MAX));
-            if !tx.push(Job::Prepare(id, ahead)) {
+            *self.spare_claim.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+            if !tx.push(Job::Prepare(id, ahead, self.spare_claim.clone())) {
+                *self.spare_claim.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 return;
             }
             self.next_id = after;
             self.spare_asked = Some(id);
         }
+    }
+
+    /// Give up the spare asked for (it arrived, or the writer creates its
+    /// segment itself): no longer claimed, once a creation in progress
+    /// has finished (see `spare_claim`).
+    fn drop_spare_claim(&mut self) {
+        *self.spare_claim.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.spare_asked = None;
     }
 
     /// Take what the sealer thread sent back.
@@ -403,7 +423,7 @@ impl IndexWriter {
             Done::Prepared(id, r) => {
                 let wanted = self.spare_asked == Some(id) && !self.closed;
                 if self.spare_asked == Some(id) {
-                    self.spare_asked = None;
+                    self.drop_spare_claim();
                 }
                 match r {
                     Ok(seg) if wanted => {
@@ -477,11 +497,11 @@ impl IndexWriter {
                         segment = self.spare_asked.map(|s| s.0),
                         "the next active segment was not prepared in time; creating it here"
                     );
-                    self.spare_asked = None;
+                    self.drop_spare_claim();
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // The sealer is gone.
-                    self.spare_asked = None;
+                    self.drop_spare_claim();
                 }
             }
         }
@@ -490,7 +510,7 @@ impl IndexWriter {
         let seg = match self.spare.take() {
             Some(s) => s,
             None => {
-                self.spare_asked = None;
+                self.drop_spare_claim();
                 self.create_active()?
             }
         };
@@ -642,7 +662,7 @@ impl IndexWriter {
             // A sealer thread that ended cannot send the spare asked for:
             // roll now, which reports it (poison).
             if self.spare_asked.is_some() && self.sealer.as_ref().is_none_or(|h| h.is_finished()) {
-                self.spare_asked = None;
+                self.drop_spare_claim();
             }
             if self.spare.is_none() {
                 self.ask_spare();
@@ -722,6 +742,9 @@ impl IndexWriter {
     fn close_inner(&mut self, deadline: Instant) -> Result<Vec<SealedMeta>> {
         if !self.closed {
             self.closed = true;
+            // A spare still queued is not created any more: a shutdown
+            // drain's reseal may create later segments from here on.
+            self.drop_spare_claim();
             // Everything appended is durable before the wait: a seal that
             // misses the deadline leaves `.active` files holding it.
             let frozen = self
@@ -899,7 +922,7 @@ impl IndexWriter {
             remove_empty(&self.seg_dir, s).inspect_err(|e| self.poison_on_sync(e))?;
         }
         if self.spare_asked.is_some_and(|id| id < min) {
-            self.spare_asked = None;
+            self.drop_spare_claim();
         }
         if self
             .active

@@ -13,7 +13,9 @@ pub(super) enum Job {
     /// ahead of the roll that needs it, so that the append which rolls
     /// only swaps it in; its first stretch of items brought into the page
     /// cache is this many bytes (see [`ActiveSegment::prefault`]).
-    Prepare(SegmentId, usize),
+    /// Created only while the claim (the writer's `spare_claim`) names
+    /// the id, and under its lock.
+    Prepare(SegmentId, usize, Arc<std::sync::Mutex<Option<SegmentId>>>),
     /// Allocate a stretch of the active segment's file (up to the byte
     /// given), then populate it in the map (address, length), ahead of the
     /// appends ([`ActiveSegment::prefault_due`],
@@ -167,13 +169,20 @@ pub(super) fn spawn(
                 }
                 return;
             }
-            Job::Prepare(id, ahead) => {
-                let r = ActiveSegment::create(&thread_dir, id, slots, items, now_ms()).map(
-                    |mut seg| {
-                        seg.prefault(ahead);
-                        seg
-                    },
-                );
+            Job::Prepare(id, ahead, claim) => {
+                let claimed = claim.lock().unwrap_or_else(|p| p.into_inner());
+                if *claimed != Some(id) {
+                    // The writer gave up on it and created a later segment
+                    // itself: creating this one now would put a file below
+                    // it (nobody waits for it).
+                    return;
+                }
+                let r = ActiveSegment::create(&thread_dir, id, slots, items, now_ms());
+                drop(claimed);
+                let r = r.map(|mut seg| {
+                    seg.prefault(ahead);
+                    seg
+                });
                 let _ = done_tx.send(Done::Prepared(id, r));
                 return;
             }
