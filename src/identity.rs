@@ -515,14 +515,16 @@ fn mode_mismatch(data_dir: &Path, id: &Identity, recorded: Mode, want: Mode) -> 
 }
 
 
-/// Every object key the journal records is one of this stream's
-/// (`.../{stream}/segments/...`): a journal whose keys name another stream
-/// belongs to another data directory's identity (an `IDENTITY` copied over
-/// from another data directory: its stream's name would send this one's
-/// segments into that stream, helper-58's F2) or to an earlier run that
-/// moved the stream with `--store-override`, which must be said again.
-/// Refused before anything is written; a key that names no stream at all
-/// is the drive's to judge.
+/// Some object key the journal records is one of this stream's
+/// (`.../{stream}/segments/...`), when it records keys at all: a journal
+/// whose every key names another stream belongs to another identity (an
+/// `IDENTITY` copied over from another data directory: its stream's name
+/// would send this one's segments into that stream, helper-58's F2), or
+/// every upload it remembers went to another stream with
+/// `--store-override`, which must then be said again. A journal with keys
+/// of both (an override run, then back: helper-59) opens as before; so
+/// does one with no key, or keys that name no stream (the drive's to
+/// judge). Refused before anything is written.
 pub(crate) fn journal_keys_name_the_stream(
     data_dir: &Path,
     stream_name: &str,
@@ -531,27 +533,31 @@ pub(crate) fn journal_keys_name_the_stream(
     let ours = format!("{stream_name}/{}/", crate::remote::keys::SEGMENTS_DIR);
     let inner = format!("/{ours}");
     let is_ours = |k: &str| k.starts_with(&ours) || k.contains(&inner);
-    let other = segments
-        .values()
-        .filter_map(|r| r.key.as_deref())
-        .find(|k| !is_ours(k));
-    let Some(k) = other else {
-        return Ok(());
-    };
     let seg = format!("/{}/", crate::remote::keys::SEGMENTS_DIR);
-    let stream = k
-        .rfind(&seg)
-        .map(|at| &k[..at])
-        .map(|head| head.rsplit('/').next().unwrap_or(head));
-    let Some(stream) = stream else {
+    let stream_of = |k: &str| -> Option<String> {
+        let head = &k[..k.rfind(&seg)?];
+        Some(head.rsplit('/').next().unwrap_or(head).to_string())
+    };
+    let mut other = None;
+    for k in segments.values().filter_map(|r| r.key.as_deref()) {
+        if is_ours(k) {
+            return Ok(());
+        }
+        if other.is_none()
+            && let Some(s) = stream_of(k)
+        {
+            other = Some((s, k.to_string()));
+        }
+    }
+    let Some((stream, k)) = other else {
         return Ok(());
     };
     Err(Error::InvalidInput(format!(
-        "{}: the journal records segment objects of stream {stream:?} (key {k}), but its \
+        "{}: the journal records segment objects of stream {stream:?} only (key {k}), but its \
          IDENTITY and this open name stream {:?}: the IDENTITY file was replaced or copied from \
-         another data directory, or an earlier run moved the stream with --store-override. \
-         Nothing was written. Put this data directory's own IDENTITY back (`tierindex \
-         inspect` on it shows what it names); to write to {:?} on purpose, pass \
+         another data directory, or every upload this data directory remembers was moved to \
+         {stream:?} with --store-override. Nothing was written. If the IDENTITY is not this \
+         data directory's own, put its own back; to write to {:?} on purpose, pass \
          --store-override (Config::store_override)",
         data_dir.display(),
         stream_name,

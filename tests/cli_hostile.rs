@@ -3360,3 +3360,35 @@ fn an_identity_copied_from_another_streams_directory_is_refused() {
     };
     assert_eq!(strip(sb.snapshot()), strip(before));
 }
+
+/// helper-59: one `--store-override` run to another stream, then back to
+/// the stream the `IDENTITY` names, is not refused (the journal then
+/// records keys of both streams, unlike a copied `IDENTITY`'s).
+#[test]
+fn a_store_override_run_to_another_stream_and_back_opens() {
+    let sb = Sandbox::new();
+    let demo = |stream: &str, extra: &[&str]| {
+        let mut v = vec![D, DD, "--store", "{store}", "--stream", stream];
+        v.extend_from_slice(extra);
+        v.extend_from_slice(&[
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "700",
+            "--rate",
+            "1000000",
+        ]);
+        let o = sb.run(&v, &[]);
+        assert_sane(&o, stream);
+        o
+    };
+    let o = demo("sx", &["--manifest", "false"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = demo("sy", &["--store-override"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = demo("sx", &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
