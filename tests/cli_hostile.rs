@@ -2250,12 +2250,16 @@ fn remote_hits(sb: &Sandbox, key: &str) -> u64 {
         &[],
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let line = out
+    hits_of(&o)
+}
+
+/// The hit count of a `lookup` run's summary line.
+fn hits_of(o: &Output) -> u64 {
+    String::from_utf8_lossy(&o.stdout)
         .lines()
         .find(|l| l.contains(" hit(s) for "))
-        .unwrap_or_else(|| panic!("no summary: {}", text(&o)));
-    line.split_whitespace().next().unwrap().parse().unwrap()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no summary: {}", text(o)))
 }
 
 /// Hits of `lookup KEY --remote` that must exit 4 and say `says`.
@@ -2266,12 +2270,12 @@ fn remote_hits_exit_4(sb: &Sandbox, key: &str, says: &str) -> u64 {
     );
     assert_sane(&o, "lookup --remote");
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(out.contains(says), "{}", text(&o));
-    out.lines()
-        .find(|l| l.contains(" hit(s) for "))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no summary: {}", text(&o)))
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(says),
+        "{}",
+        text(&o)
+    );
+    hits_of(&o)
 }
 
 /// A damaged local copy of a committed segment is not a loss: the store's
@@ -3173,17 +3177,6 @@ fn a_copy_whose_segment_ids_another_directory_committed_is_resealed() {
     // segments under the ids b holds with other bytes (the whole-file
     // CRC32 of two such files can be equal: the CRC-64 tells them apart,
     // helper-59).
-    let hits = |o: &Output| -> u64 {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find(|l| l.contains(" hit(s) for "))
-            .unwrap_or_else(|| panic!("{}", text(o)))
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
     let o = run(&[
         D,
         b,
@@ -3196,7 +3189,7 @@ fn a_copy_whose_segment_ids_another_directory_committed_is_resealed() {
         "--remote",
     ]);
     assert_sane(&o, "lookup b");
-    assert!((216..=222).contains(&hits(&o)), "{}", text(&o));
+    assert!((216..=222).contains(&hits_of(&o)), "{}", text(&o));
     // b: its segments past the copy are under ids a committed.
     let o = run(&[
         D,
@@ -3253,16 +3246,7 @@ fn a_copy_whose_segment_ids_another_directory_committed_is_resealed() {
         "--remote",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let hits: u64 = out
-        .lines()
-        .find(|l| l.contains(" hit(s) for "))
-        .unwrap_or_else(|| panic!("{}", text(&o)))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let hits = hits_of(&o);
     // key-3 is one key in 16: (1000 + 1000 + 1500) / 16, give or take the
     // rounding of each run.
     assert!((216..=222).contains(&hits), "{hits} hits\n{}", text(&o));

@@ -169,17 +169,7 @@ async fn upload_again(
         SegmentState::Uploading | SegmentState::Uploaded => {
             journal_uploading(sh, id, rec.attempt + 1, key).await?;
         }
-        SegmentState::Verified => {
-            sh.journal
-                .append(vec![
-                    Record::Quarantined {
-                        id,
-                        reason: reason.clone(),
-                    },
-                    Record::Requeued { id, reason },
-                ])
-                .await?;
-        }
+        SegmentState::Verified => requeue(sh, id, reason).await?,
         _ => return Ok(Rekeyed::No),
     }
     Ok(Rekeyed::Again)
@@ -273,6 +263,21 @@ async fn delete_own_unverified(sh: &Shared, key: &ObjPath) -> Result<()> {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(crate::remote::classify(e)),
     }
+}
+
+/// Back to `Sealed` from any state but `Released`, `Quarantined` and
+/// `Resealed`: `Quarantined` then `Requeued` in one frame (the journal has
+/// no other way back), so the drive uploads it afresh.
+pub(crate) async fn requeue(sh: &Shared, id: SegmentId, reason: String) -> Result<()> {
+    sh.journal
+        .append(vec![
+            Record::Quarantined {
+                id,
+                reason: reason.clone(),
+            },
+            Record::Requeued { id, reason },
+        ])
+        .await
 }
 
 async fn quarantine(sh: &Shared, id: SegmentId, reason: String) -> Result<SegmentState> {
@@ -802,15 +807,7 @@ async fn check_listed(
             listed.key, listed.file_len, listed.file_crc, want.file_len, want.file_crc
         );
         tracing::error!(segment = id.0, %reason, "committed segment requeued to be resealed");
-        sh.journal
-            .append(vec![
-                Record::Quarantined {
-                    id,
-                    reason: reason.clone(),
-                },
-                Record::Requeued { id, reason },
-            ])
-            .await?;
+        requeue(sh, id, reason).await?;
         return Ok(Some(SegmentState::Sealed));
     }
     // The same bytes listed under another key: readers find them there.

@@ -495,7 +495,7 @@ impl Shared {
     /// drain's check, which reports them. Returns the requeued ids. Not
     /// owner: none.
     pub async fn requeue_id_conflicts(&self) -> Result<Vec<u64>> {
-        use crate::journal::{Record, SegmentState};
+        use crate::journal::SegmentState;
         let Some(m) = &self.manifest else {
             return Ok(Vec::new());
         };
@@ -535,15 +535,7 @@ impl Shared {
                  it in single-writer mode?); this segment's entries are resealed under a new id"
             );
             tracing::error!(segment = id.0, "{reason}");
-            self.journal
-                .append(vec![
-                    Record::Quarantined {
-                        id,
-                        reason: reason.clone(),
-                    },
-                    Record::Requeued { id, reason },
-                ])
-                .await?;
+            super::drive::requeue(self, id, reason).await?;
             out.push(id.0);
         }
         Ok(out)
