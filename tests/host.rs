@@ -293,6 +293,41 @@ async fn a_running_hosts_stream_without_its_marker_or_in_a_renamed_host_gets_no_
     }
 }
 
+/// helper-60: a running host's stream whose `HOSTED` and the host's
+/// `TIERINDEX_HOST` were both removed by hand opened beside the host (the
+/// host's directory was locked only when `TIERINDEX_HOST` said a host ran
+/// there), and the host's writer was poisoned. The host's directory is
+/// tried now in any case: refused while the host runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_hosts_stream_without_either_marker_gets_no_second_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
+    let host = Host::open(&root).unwrap();
+    let (a, _) = host
+        .open_stream(cfg(&root.join("a"), &store))
+        .await
+        .unwrap();
+    a.append(b"k", 1, 1, 1).unwrap();
+    a.flush().unwrap();
+    std::fs::remove_file(root.join("a").join("HOSTED")).unwrap();
+    std::fs::remove_file(root.join("TIERINDEX_HOST")).unwrap();
+    let err = refused(TierIndex::open(cfg(&root.join("a"), &store)).await);
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    assert!(
+        err.to_string().contains("as a running tierindex host does"),
+        "{err}"
+    );
+    assert!(a.shutdown(Duration::from_secs(10)).await.fully_drained());
+    drop(host);
+    // The host is gone: the stream opens on its own, with its entry; a
+    // sibling in a directory no host ever ran in opens as before.
+    let (s, _) = TierIndex::open(cfg(&root.join("a"), &store)).await.unwrap();
+    assert_eq!(s.lookup(b"k", all()).entries.len(), 1);
+    let (t, _) = TierIndex::open(cfg(&root.join("c"), &store)).await.unwrap();
+    assert!(s.shutdown(Duration::from_secs(10)).await.fully_drained());
+    assert!(t.shutdown(Duration::from_secs(10)).await.fully_drained());
+}
+
 /// A stream moved from one host's directory to another's: taken over only
 /// while its first host does not run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

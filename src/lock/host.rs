@@ -40,7 +40,9 @@
 //! - A process that opens a `NAME` without `HOSTED` directly under a host's
 //!   directory (one holding `TIERINDEX_HOST`) takes that directory's lock
 //!   shared too: a stream of a running host whose marker was removed (by
-//!   hand, a restore) is refused, not opened beside its host.
+//!   hand, a restore) is refused, not opened beside its host. Under any
+//!   other directory it tries that directory's lock and lets go: a host
+//!   whose `TIERINDEX_HOST` was removed too still holds it.
 //! - A host that finds `HOSTED` naming another host's directory takes
 //!   `NAME` over only when that directory is still at its recorded path
 //!   and unlocked (its host, which takes its lock before any claim, is not
@@ -497,11 +499,39 @@ pub(super) fn lock_host_of(dir: &Path) -> Result<Option<RootLock>> {
 /// marker removed (by hand, or a backup restored without it), and a second
 /// writer beside that host would lose acknowledged entries. So the host's
 /// lock is taken as for a marked stream: shared, refused while a host runs
-/// there. Only directories a host ever ran in are locked this way.
+/// there. Only directories a host ever ran in are locked this way. In any
+/// other parent the lock is only tried, and let go at once: a host running
+/// there with its `TIERINDEX_HOST` removed too (by hand: helper-60) holds
+/// it exclusively, and is refused as above; a host that starts later finds
+/// this directory's own lock held when it claims it. A parent that cannot
+/// be opened (no read permission) is not tried.
 fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<RootLock>> {
     match std::fs::symlink_metadata(parent.join(HOST_INFO_FILE)) {
         Ok(m) if m.file_type().is_file() => {}
-        _ => return Ok(None),
+        _ => {
+            return match super::try_lock_dir(parent, true, HOST_LOCK_WORDS) {
+                Ok(Some(tried)) => {
+                    drop(tried);
+                    Ok(None)
+                }
+                Ok(None) => Err(Error::Locked {
+                    path: dir.to_path_buf(),
+                    holder: format!(
+                        "a process that holds {} itself locked, as a running tierindex host \
+                         does (its {HOST_INFO_FILE} file, which would name it, is not there): \
+                         this data directory may be one of its streams whose {HOSTED_FILE} was \
+                         removed. Stop that process first (`fuser -v {}` names it), or move \
+                         this directory out of that directory if it is not one of its streams",
+                        parent.display(),
+                        parent.display()
+                    ),
+                }),
+                Err(e) => {
+                    tracing::debug!(parent = %parent.display(), error = %e, "the parent directory's lock could not be tried");
+                    Ok(None)
+                }
+            };
+        }
     }
     if let Some(l) = super::try_lock_dir(parent, true, HOST_LOCK_WORDS)? {
         return Ok(Some(l));
