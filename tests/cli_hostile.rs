@@ -3376,3 +3376,38 @@ fn a_store_override_run_to_another_stream_and_back_opens() {
     let o = demo("sx", &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// helper-60: `demo --streams 12` whose 11th stream name is too long (a
+/// 126-character `--stream` plus `-10`) set up ten data directories and
+/// took ten manifests before it was refused. Every name is checked first:
+/// refused, and nothing is created.
+#[test]
+fn demo_streams_checks_every_stream_name_before_creating_anything() {
+    let sb = Sandbox::new();
+    let long = "y".repeat(126);
+    let before = sb.snapshot();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "--stream",
+            &long,
+            "demo",
+            "--streams",
+            "12",
+            "--entries",
+            "100",
+        ],
+        &[],
+    );
+    assert_sane(&o, "demo --streams");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stream 10"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(sb.snapshot(), before);
+}

@@ -209,9 +209,22 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
         // the configured data directory, which the numbered ones share).
         let store = cfg.store_url()?;
         let mode_given = cli.mode_given()?;
+        // Every stream's name and directory name checked before any is
+        // opened: a refusal at stream 10 of 12 left ten data directories
+        // set up and ten manifests taken (helper-60).
         (0..n)
             .map(|i| {
                 let data_dir = stream_dir(&cfg.data_dir, i)?;
+                let stream = format!("{}-{i}", cfg.stream);
+                crate::remote::keys::validate_stream(&stream)
+                    .map_err(|e| Error::InvalidInput(format!("--streams {n}: stream {i}: {e}")))?;
+                if data_dir.file_name().is_some_and(|f| f.len() > 255) {
+                    return Err(Error::InvalidInput(format!(
+                        "--streams {n}: the data directory of stream {i}, {}, has a name longer \
+                         than 255 bytes",
+                        data_dir.display()
+                    )));
+                }
                 // Without --manifest, a stream's existing data directory
                 // keeps its recorded mode, as a single stream's does (the
                 // numbered directories were refused as a switch:
@@ -224,7 +237,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
                 };
                 Ok(Config {
                     data_dir,
-                    stream: format!("{}-{i}", cfg.stream),
+                    stream,
                     store: Some(store.clone()),
                     manifest,
                     ..cfg.clone()
