@@ -3411,3 +3411,39 @@ fn demo_streams_checks_every_stream_name_before_creating_anything() {
     );
     assert_eq!(sb.snapshot(), before);
 }
+
+/// helper-60: a local sealed file the journal has no record of, below its
+/// highest id (a second writer's seal), was left in place with a log line,
+/// and `drain` exited 0 while `status` said it was pending. Nothing
+/// uploads its entries: `drain` exits 4 and names it.
+#[test]
+fn a_sealed_file_the_journal_cannot_record_keeps_drain_at_exit_4() {
+    let sb = Sandbox::populated();
+    // A second run takes the stream at a new epoch: its ids start at the
+    // epoch's floor, far above the first run's.
+    let o = sb.run(&demo_args(&["--keys", "16"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let entries: Vec<tierindex::Entry> = (0..5)
+        .map(|i| tierindex::Entry {
+            key_hash: tierindex::key_hash(b"key-1"),
+            offset: 9_000_000 + i,
+            size: 1,
+            timestamp_ms: 1,
+        })
+        .collect();
+    let (bytes, _) =
+        tierindex::segment::sealed::build_sealed(tierindex::SegmentId(5), 1, 2, 64, &entries)
+            .unwrap();
+    let seg = sb.data().join("segments").join(format!("{:020}.seg", 5));
+    assert!(!seg.exists());
+    std::fs::write(&seg, bytes).unwrap();
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_sane(&o, "drain");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("NOT JOURNALED"),
+        "{}",
+        text(&o)
+    );
+    assert!(seg.exists(), "kept");
+}

@@ -730,6 +730,7 @@ fn the_check_catches_a_silently_missing_entry() {
         elapsed_ms: 0,
         lost: Vec::new(),
         unlisted: Vec::new(),
+        unjournaled: Vec::new(),
     };
     let open = OpenReport {
         previous_shutdown_clean: true,

@@ -260,6 +260,16 @@ fn report_text(o: &ReportOut<'_>) -> String {
             r.unlisted
         ));
     }
+    if !r.unjournaled.is_empty() {
+        s.push_str(&format!(
+            "\nNOT JOURNALED: {} local sealed file(s) have no journal record and are below the \
+             journal's highest id, so nothing uploads their entries (a second process sealed \
+             them beside this one, or the journal lost their records): {:?}. Keep the files; \
+             `tierindex inspect` shows their entries",
+            r.unjournaled.len(),
+            r.unjournaled
+        ));
+    }
     if let Some(e) = &r.error {
         s.push_str(&format!("\nerror: {e}"));
     }
@@ -314,6 +324,7 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
     } else if !r.drain.quarantined.is_empty()
         || !r.lost.is_empty()
         || !r.unlisted.is_empty()
+        || !r.unjournaled.is_empty()
         || !r.drain.parked.is_empty()
     {
         EXIT_NEEDS_OPERATOR
@@ -341,6 +352,7 @@ mod tests {
             elapsed_ms: 0,
             lost: Vec::new(),
             unlisted: Vec::new(),
+            unjournaled: Vec::new(),
         }
     }
 

@@ -541,6 +541,27 @@ impl Shared {
         Ok(out)
     }
 
+    /// Whether the local sealed file of `id` is a committed segment's copy
+    /// the store holds: listed in the manifest with its checksum, or (no
+    /// manifest) its object under its key at its length. Any doubt (no
+    /// answer, not owner, no such file): `false`.
+    pub async fn committed_elsewhere(&self, id: SegmentId) -> bool {
+        let Ok(Some(meta)) = self.sealed.meta(id) else {
+            return false;
+        };
+        if self.manifest.is_some() {
+            return matches!(
+                self.manifest_entry(id).await,
+                Ok(Some(e)) if e.key_sum() == meta.key_sum() && e.file_len == meta.file_len
+            );
+        }
+        let key = self.store.segment_key(&self.stream, &meta);
+        matches!(
+            object_store::ObjectStoreExt::head(self.store.object_store().as_ref(), &key).await,
+            Ok(m) if m.size == meta.file_len
+        )
+    }
+
     /// The entry the manifest lists under `id` (as this owner last saw
     /// it), read as the current owner. Not owned or fenced: an error.
     pub async fn manifest_entry(&self, id: SegmentId) -> Result<Option<SegmentEntry>> {

@@ -49,6 +49,13 @@ pub struct ShutdownReport {
     /// operator must look (exit code 4); `tierindex reconcile --repair`
     /// commits those whose objects are in place.
     pub unlisted: Vec<u64>,
+    /// Local sealed files the journal has no record of, below its highest
+    /// id (it accepts only new ids above that one, so they were left in
+    /// place: a second writer's seal, a record lost to journal damage).
+    /// Their entries are uploaded by nothing: not empty means an operator
+    /// must look (exit code 4). `tierindex status` lists them too.
+    #[serde(default)]
+    pub unjournaled: Vec<u64>,
 }
 
 impl ShutdownReport {
@@ -64,6 +71,7 @@ impl ShutdownReport {
             && self.drain.pending.is_empty()
             && self.drain.quarantined.is_empty()
             && self.unlisted.is_empty()
+            && self.unjournaled.is_empty()
     }
 }
 

@@ -142,6 +142,42 @@ impl TierIndex {
                 format!("fenced: {why}; this process stopped writing to the store")
             });
         }
+        // Sealed files the journal never recorded and cannot any more
+        // (below its highest id): nothing uploads their entries, unless the
+        // store already holds them as committed (a released segment's copy
+        // put back from a backup after compaction dropped its record).
+        let candidates: Vec<crate::segment::SegmentId> = {
+            let j = sh.journal.read();
+            let max = j.max_segment_id();
+            sh.sealed
+                .ids()
+                .into_iter()
+                .filter(|id| max.is_some_and(|m| *id <= m) && j.get(*id).is_none())
+                .collect()
+        };
+        let mut unjournaled = Vec::new();
+        if !candidates.is_empty() {
+            let limit = until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(10));
+            let check = async {
+                for id in candidates {
+                    if !sh.committed_elsewhere(id).await {
+                        unjournaled.push(id.0);
+                    }
+                }
+            };
+            if tokio::time::timeout(limit, check).await.is_err() {
+                tracing::warn!("checking local sealed files without a journal record against the store did not finish in time");
+            }
+        }
+        if !unjournaled.is_empty() {
+            tracing::error!(
+                segments = ?unjournaled,
+                "local sealed files without a journal record, below the journal's highest id: \
+                 their entries are not uploaded; an operator must look (`tierindex inspect`)"
+            );
+        }
         let mut report = ShutdownReport {
             sealed_at_shutdown,
             drain,
@@ -151,6 +187,7 @@ impl TierIndex {
             elapsed_ms: 0,
             lost: std::mem::take(&mut self.losses),
             unlisted,
+            unjournaled,
         };
         if sh.manifest.is_some() && report.fully_drained() {
             // Hand the stream over without making the next owner wait for
