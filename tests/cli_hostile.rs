@@ -3148,103 +3148,43 @@ fn a_copy_whose_segment_ids_another_directory_committed_is_resealed() {
     // the same next ids, other entries.
     demo(a, "1000", &[]);
     demo(b, "1500", &[]);
-    let run = |args: &[&str]| sb.run(args, &[]);
-    let o = run(&[
-        D,
-        a,
-        "--store",
-        "{store}",
-        "--manifest",
-        "true",
-        "--switch-mode",
-        "drain",
-    ]);
+    // A command on `dir` in manifest mode.
+    let run = |dir: &str, args: &[&str]| {
+        let mut v = vec![D, dir, "--store", "{store}", "--manifest", "true"];
+        v.extend_from_slice(args);
+        sb.run(&v, &[])
+    };
+    let o = run(a, &["--switch-mode", "drain"]);
     assert_sane(&o, "drain a");
-    let o = run(&[
-        D,
-        a,
-        "--store",
-        "{store}",
-        "--manifest",
-        "true",
-        "reconcile",
-        "--repair",
-    ]);
+    let o = run(a, &["reconcile", "--repair"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let o = run(&[D, a, "--store", "{store}", "--manifest", "true", "drain"]);
+    let o = run(a, &["drain"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     // Before b switches: its lookup through the manifest reads a's
     // segments under the ids b holds with other bytes (the whole-file
     // CRC32 of two such files can be equal: the CRC-64 tells them apart,
     // helper-59).
-    let o = run(&[
-        D,
-        b,
-        "--store",
-        "{store}",
-        "--manifest",
-        "true",
-        "lookup",
-        "key-3",
-        "--remote",
-    ]);
+    let o = run(b, &["lookup", "key-3", "--remote"]);
     assert_sane(&o, "lookup b");
     assert!((216..=222).contains(&hits_of(&o)), "{}", text(&o));
     // b: its segments past the copy are under ids a committed.
-    let o = run(&[
-        D,
-        b,
-        "--store",
-        "{store}",
-        "--manifest",
-        "true",
-        "--switch-mode",
-        "drain",
-    ]);
+    let o = run(b, &["--switch-mode", "drain"]);
     assert_sane(&o, "drain b");
-    let o = run(&[
-        D,
-        b,
-        "--store",
-        "{store}",
-        "--manifest",
-        "true",
-        "reconcile",
-        "--repair",
-    ]);
+    let o = run(b, &["reconcile", "--repair"]);
     assert_sane(&o, "reconcile b");
-    let o = run(&[D, b, "--store", "{store}", "--manifest", "true", "drain"]);
+    let o = run(b, &["drain"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let all = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let o2 = run(&[
-        D,
-        b,
-        "--store",
-        "{store}",
-        "--manifest",
-        "true",
-        "status",
-        "--remote",
-    ]);
+    let o2 = run(b, &["status", "--remote"]);
     assert_eq!(o2.status.code(), Some(0), "{}\n{all}", text(&o2));
     // Every entry of both (1000 shared, then 1000 of a's and 1500 of b's)
     // is found from a, whose local copies are its own: b's through the
     // manifest.
-    let o = run(&[
-        D,
-        a,
-        "--store",
-        "{store}",
-        "--manifest",
-        "true",
-        "lookup",
-        "key-3",
-        "--remote",
-    ]);
+    let o = run(a, &["lookup", "key-3", "--remote"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let hits = hits_of(&o);
     // key-3 is one key in 16: (1000 + 1000 + 1500) / 16, give or take the

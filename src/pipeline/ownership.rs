@@ -453,35 +453,53 @@ impl Shared {
         Ok(out)
     }
 
-    /// Segments the journal records as committed (`Committed`,
-    /// `Released`) that the manifest, as this owner last saw it, does not
-    /// list: not under their id, or another segment (other bytes: another
-    /// data directory's that reused the id) under it. Not owner (ownership
-    /// still pending): none checked.
-    pub async fn unlisted_committed(&self) -> Result<Vec<u64>> {
-        use crate::journal::SegmentState;
+    /// The journal's segments in `states` that the manifest, as this owner
+    /// last saw it, does not list as they are: with the entry it lists
+    /// under their id instead (another segment: other bytes), or `None`
+    /// (not listed at all). Not owner (ownership still pending), or no
+    /// manifest: none checked.
+    async fn listed_otherwise(
+        &self,
+        states: &[crate::journal::SegmentState],
+    ) -> Result<Vec<(crate::segment::SealedMeta, Option<SegmentEntry>)>> {
         let Some(m) = &self.manifest else {
             return Ok(Vec::new());
         };
-        let ids: Vec<(SegmentId, crate::segment::KeySum)> = self
+        let ours: Vec<crate::segment::SealedMeta> = self
             .journal
             .read()
             .segments()
-            .iter()
-            .filter(|(_, r)| matches!(r.state, SegmentState::Committed | SegmentState::Released))
-            .map(|(id, r)| (*id, r.meta.key_sum()))
+            .values()
+            .filter(|r| states.contains(&r.state))
+            .map(|r| r.meta.clone())
             .collect();
         let mut guard = m.writer.lock().await;
         let Some(w) = guard.as_mut() else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for (id, sum) in ids {
-            if w.listed(id).await?.is_none_or(|e| e.key_sum() != sum) {
-                out.push(id.0);
+        for meta in ours {
+            let listed = w.listed(meta.id).await?;
+            if listed.as_ref().is_none_or(|e| e.key_sum() != meta.key_sum()) {
+                out.push((meta, listed));
             }
         }
         Ok(out)
+    }
+
+    /// Segments the journal records as committed (`Committed`,
+    /// `Released`) that the manifest, as this owner last saw it, does not
+    /// list: not under their id, or another segment (other bytes: another
+    /// data directory's that reused the id) under it. Not owner (ownership
+    /// still pending): none checked.
+    pub async fn unlisted_committed(&self) -> Result<Vec<u64>> {
+        use crate::journal::SegmentState as S;
+        Ok(self
+            .listed_otherwise(&[S::Committed, S::Released])
+            .await?
+            .into_iter()
+            .map(|(meta, _)| meta.id.0)
+            .collect())
     }
 
     /// Committed segments whose id the manifest lists with other bytes
@@ -495,32 +513,11 @@ impl Shared {
     /// drain's check, which reports them. Returns the requeued ids. Not
     /// owner: none.
     pub async fn requeue_id_conflicts(&self) -> Result<Vec<u64>> {
-        use crate::journal::SegmentState;
-        let Some(m) = &self.manifest else {
-            return Ok(Vec::new());
-        };
-        let committed: Vec<(SegmentId, crate::segment::SealedMeta)> = self
-            .journal
-            .read()
-            .segments()
-            .iter()
-            .filter(|(_, r)| r.state == SegmentState::Committed)
-            .map(|(id, r)| (*id, r.meta.clone()))
-            .collect();
-        let mut conflicts = Vec::new();
-        {
-            let mut guard = m.writer.lock().await;
-            let Some(w) = guard.as_mut() else {
-                return Ok(Vec::new());
-            };
-            for (id, meta) in committed {
-                if let Some(e) = w.listed(id).await?
-                    && e.key_sum() != meta.key_sum()
-                {
-                    conflicts.push((id, meta, e.key));
-                }
-            }
-        }
+        let conflicts = self
+            .listed_otherwise(&[crate::journal::SegmentState::Committed])
+            .await?
+            .into_iter()
+            .filter_map(|(meta, listed)| listed.map(|e| (meta.id, meta, e.key)));
         let mut out = Vec::new();
         for (id, meta, other) in conflicts {
             let held = self.sealed.meta(id).ok().flatten().is_some_and(|l| {

@@ -1345,6 +1345,12 @@ mod tests {
         }
     }
 
+    /// The flush mark of the active file at `p` (capacity 100), read from
+    /// the disk's view of it.
+    fn marks_in(p: &Path, id: SegmentId) -> Option<u32> {
+        format::decode_flush_marks(&std::fs::read(p).unwrap(), id, 100)
+    }
+
     /// A flush leaves a mark of what it made durable (the largest of the
     /// two slots counts); a recovery by a direct `open` that kept fewer
     /// items rewrites both marks to what it kept (none: cleared), so no
@@ -1352,10 +1358,7 @@ mod tests {
     #[test]
     fn flush_marks_follow_flushes_and_a_recovery() {
         let d = tempfile::tempdir().unwrap();
-        let marks = |p: &Path| {
-            let b = std::fs::read(p).unwrap();
-            format::decode_flush_marks(&b, SegmentId(1), 100)
-        };
+        let marks = |p: &Path| marks_in(p, SegmentId(1));
         let mut s = ActiveSegment::create(d.path(), SegmentId(1), 8, 100, 0).unwrap();
         let path = s.path().to_path_buf();
         assert_eq!(marks(&path), None, "never flushed");
@@ -1397,10 +1400,7 @@ mod tests {
     #[test]
     fn a_frozen_segments_flush_leaves_a_mark() {
         let d = tempfile::tempdir().unwrap();
-        let marks = |p: &Path| {
-            let b = std::fs::read(p).unwrap();
-            format::decode_flush_marks(&b, SegmentId(1), 100)
-        };
+        let marks = |p: &Path| marks_in(p, SegmentId(1));
         let mut s = ActiveSegment::create(d.path(), SegmentId(1), 8, 100, 0).unwrap();
         let path = s.path().to_path_buf();
         for i in 0..5 {
@@ -1426,8 +1426,7 @@ mod tests {
         let frozen = std::sync::Arc::new(s);
         frozen.mark_durable();
         frozen.flush_frozen().unwrap();
-        let b = std::fs::read(&path2).unwrap();
-        assert_eq!(format::decode_flush_marks(&b, SegmentId(2), 100), Some(1));
+        assert_eq!(marks_in(&path2, SegmentId(2)), Some(1));
 
         let mut s = ActiveSegment::create(d.path(), SegmentId(3), 8, 100, 0).unwrap();
         let path3 = s.path().to_path_buf();
@@ -1437,8 +1436,7 @@ mod tests {
         std::fs::copy(&path3, &copy).unwrap();
         std::fs::rename(&copy, &path3).unwrap();
         frozen.flush_frozen().unwrap();
-        let b = std::fs::read(&path3).unwrap();
-        assert_eq!(format::decode_flush_marks(&b, SegmentId(3), 100), None);
+        assert_eq!(marks_in(&path3, SegmentId(3)), None);
     }
 
     /// A flush whose file was removed or replaced under it is refused and
