@@ -32,6 +32,12 @@ pub const EXIT_FORCED: i32 = 5;
 /// `Verified` in its journal with their local files; an operator decides.
 pub const EXIT_FENCED: i32 = 6;
 
+/// Set by the `tierindex` command line under `--json`: a forced exit
+/// (second signal) then also prints `{"error": ..., "exit": 5}` on stdout,
+/// so a script reading stdout gets a document.
+pub(crate) static FORCED_EXIT_JSON: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Opt-in SIGTERM/SIGINT handling (see the module docs).
 pub struct ShutdownSignals {
     rx: watch::Receiver<bool>,
@@ -52,15 +58,25 @@ impl ShutdownSignals {
                 for sig in signals.forever() {
                     seen += 1;
                     if seen == 1 {
-                        tracing::warn!(signal = sig, "shutdown requested; draining (send again to exit at once)");
+                        tracing::warn!(
+                            signal = sig,
+                            "shutdown requested; draining (send again to exit at once)"
+                        );
                         let _ = tx.send(true);
                     } else {
                         // Not eprintln!: a closed stderr must not panic here.
                         use std::io::Write as _;
-                        let _ = writeln!(
-                            std::io::stderr(),
-                            "tierindex: second signal; exiting now, pending work resumes at the next start"
-                        );
+                        const WHY: &str =
+                            "second signal; exiting now, pending work resumes at the next start";
+                        let _ = writeln!(std::io::stderr(), "tierindex: {WHY}");
+                        if FORCED_EXIT_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+                            let mut out = std::io::stdout().lock();
+                            let _ = writeln!(
+                                out,
+                                "{{\n  \"error\": \"{WHY}\",\n  \"exit\": {EXIT_FORCED}\n}}"
+                            );
+                            let _ = out.flush();
+                        }
                         std::process::exit(EXIT_FORCED);
                     }
                 }

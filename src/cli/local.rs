@@ -35,6 +35,17 @@ pub(crate) fn add_local(
     let local = datadir::local_pending(data_dir, &|id| view.get(id).is_some());
     totals.unsealed_items = local.unsealed_items;
     totals.pending_segments += local.active_segments.len() as u64;
+    // The newest active file is the one a broker writes, or wrote when it
+    // stopped; older ones (a crash before their seal) are in
+    // `unsealed_items` and sealed at the next start. Offline, nothing else
+    // fills these (helper-60: `status --json` showed no active segment
+    // after a kill while `.active` files held entries).
+    if totals.active_segment.is_none()
+        && let Some(&(id, n)) = local.active_segments.last()
+    {
+        totals.active_segment = Some(id);
+        totals.active_items = u32::try_from(n).unwrap_or(u32::MAX);
+    }
     for (id, bytes) in &local.unjournaled_sealed {
         totals.unjournaled_sealed.push(*id);
         totals.pending_segments += 1;
@@ -414,6 +425,21 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         && missing.is_empty()
         && not_committed_file.is_empty()
         && journal_clean;
+    // What an ordinary kill -9 or power cut leaves (torn tails of bytes
+    // never acknowledged, finished leftovers, active segments to seal, a
+    // journal record cut short) is routine: the next start finishes it,
+    // and nothing needs an operator, so it exits 3 (pending), not 4
+    // (helper-59: `fsck` after a kill asked for an operator). Damage
+    // (quarantine, salvage, a span saved aside, a missing or replaced
+    // file, a rebuilt journal) still exits 4.
+    let needs_operator = !rec.report.quarantined.is_empty()
+        || !rec.report.salvaged.is_empty()
+        || rec.report.actives.iter().any(|a| a.tail_saved_to.is_some())
+        || !missing.is_empty()
+        || !not_committed_file.is_empty()
+        || !journal_clean;
+    // After `--repair`, only active segments to seal are left to the start.
+    let routine_left = !repair || !rec.report.to_reseal.is_empty();
     let out = FsckOut {
         repaired: repair,
         segments: rec.report,
@@ -510,12 +536,29 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
                 }
             ));
         }
+        if !clean && !needs_operator {
+            s.push_str(match (o.repaired, routine_left) {
+                (true, false) => "\nroutine crash recovery done, nothing damaged",
+                (true, true) => {
+                    "\nroutine crash recovery only, nothing damaged: the next start seals what \
+                     is listed to reseal (exit 3)"
+                }
+                (false, _) => {
+                    "\nroutine crash recovery only, nothing damaged: the next start (or `fsck \
+                     --repair`) finishes it (exit 3)"
+                }
+            });
+        }
         s
     });
     Ok(if clean {
         EXIT_DRAINED
-    } else {
+    } else if needs_operator {
         EXIT_NEEDS_OPERATOR
+    } else if routine_left {
+        EXIT_PENDING
+    } else {
+        EXIT_DRAINED
     })
 }
 

@@ -288,18 +288,50 @@ impl Cli {
     }
 }
 
+/// Set once a command printed its JSON document: an error after it goes
+/// to stderr only, so stdout stays one document.
+static JSON_EMITTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A command that fails: its message on stderr and, with `--json` and no
+/// document printed yet, `{"error": ..., "exit": ...}` on stdout, so a
+/// script reading stdout always gets one document (helper-60: it got
+/// nothing). Returns `code`.
+fn fail(json: bool, code: i32, msg: &str) -> i32 {
+    note(&format!("tierindex: {msg}"));
+    if json && !JSON_EMITTED.load(std::sync::atomic::Ordering::Relaxed) {
+        let doc = serde_json::json!({ "error": crate::error::scrub(msg), "exit": code });
+        if let Ok(s) = serde_json::to_string_pretty(&doc) {
+            out_line(&s);
+        }
+    }
+    code
+}
+
 /// Print `v` as JSON or with `human` on stdout. A closed stdout is noted
 /// (see [`stdout_closed`]), never a panic.
 pub(crate) fn emit<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T) -> String) {
     if json {
         match serde_json::to_string_pretty(v) {
             Ok(s) => {
+                JSON_EMITTED.store(true, std::sync::atomic::Ordering::Relaxed);
+                // A second signal after this must not print a second one.
+                crate::lifecycle::FORCED_EXIT_JSON
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 out_line(&s);
             }
             Err(e) => note(&format!("tierindex: cannot encode output: {e}")),
         }
     } else {
         out_line(&human(v));
+    }
+}
+
+/// An input error's message without its kind's prefix, to follow a flag's
+/// name.
+fn bare_message(e: Error) -> String {
+    match e {
+        Error::InvalidInput(m) => m,
+        other => other.to_string(),
     }
 }
 
@@ -344,13 +376,10 @@ impl Cli {
         }
         if let Some(st) = &self.stream {
             crate::remote::keys::validate_stream(st).map_err(|e| {
-                let why = match e {
-                    Error::InvalidInput(m) => m,
-                    other => other.to_string(),
-                };
                 Error::InvalidInput(format!(
-                    "{}: {why}",
-                    field_name(m, "stream", "--stream", "TIERINDEX_STREAM")
+                    "{}: {}",
+                    field_name(m, "stream", "--stream", "TIERINDEX_STREAM"),
+                    bare_message(e)
                 ))
             })?;
         }
@@ -362,6 +391,23 @@ impl Cli {
                 if let Some(addr) = &a.metrics_addr {
                     crate::config::check_listen_addr("--metrics-addr", addr)?;
                 }
+            }
+            // A malformed flag value is a usage error (exit 2), as the
+            // exit-code table says; it was refused later, with exit 1
+            // (helper-60).
+            Command::Owner {
+                action:
+                    Some(
+                        OwnerAction::Take {
+                            owner_id: Some(id), ..
+                        }
+                        | OwnerAction::Release {
+                            owner_id: Some(id), ..
+                        },
+                    ),
+            } => {
+                crate::remote::lease::validate_owner(id)
+                    .map_err(|e| Error::InvalidInput(format!("--owner-id: {}", bare_message(e))))?;
             }
             // An inverted range matches nothing: "0 hits" would read as
             // "not there".
@@ -459,21 +505,34 @@ pub fn main() -> i32 {
     let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
+            // clap did not parse the flags: `--json` anywhere among them
+            // still asks for a document.
+            let json = e.use_stderr() && std::env::args_os().any(|a| a == "--json");
             // clap names the flag an empty variable stands for ("a value is
             // required for '--data-dir'"), not the variable that is empty.
             if e.use_stderr()
                 && let Some(why) = empty_variable()
             {
-                note(&format!("tierindex: {why}"));
-                return EXIT_USAGE;
+                return fail(json, EXIT_USAGE, &why);
+            }
+            if json {
+                let text = e.render().to_string();
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("usage error")
+                    .trim_start_matches("error: ");
+                return fail(json, EXIT_USAGE, first);
             }
             let _ = e.print();
             return if e.use_stderr() { EXIT_USAGE } else { 0 };
         }
     };
     if let Err(e) = cli.check_flags(&matches) {
-        note(&format!("tierindex: {e}"));
-        return EXIT_USAGE;
+        return fail(cli.json, EXIT_USAGE, &e.to_string());
+    }
+    if cli.json {
+        crate::lifecycle::FORCED_EXIT_JSON.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -482,8 +541,11 @@ pub fn main() -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            note(&format!("tierindex: cannot start the async runtime: {e}"));
-            return EXIT_ERROR;
+            return fail(
+                cli.json,
+                EXIT_ERROR,
+                &format!("cannot start the async runtime: {e}"),
+            );
         }
     };
     let res = rt.block_on(run(&cli));
@@ -491,10 +553,7 @@ pub fn main() -> i32 {
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match res {
         Ok(code) => code,
-        Err(e) => {
-            note(&format!("tierindex: {e}"));
-            EXIT_ERROR
-        }
+        Err(e) => fail(cli.json, EXIT_ERROR, &e.to_string()),
     }
 }
 

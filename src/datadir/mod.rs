@@ -287,8 +287,9 @@ pub use report::*;
 pub struct LocalPending {
     /// Verified items in `.active` files (read as a scan does, in place).
     pub unsealed_items: u64,
-    /// Active files holding at least one verified item.
-    pub active_segments: Vec<u64>,
+    /// Active files holding at least one verified item: (id, items),
+    /// oldest first.
+    pub active_segments: Vec<(u64, u64)>,
     /// Sealed files the journal does not know: (id, bytes).
     pub unjournaled_sealed: Vec<(u64, u64)>,
 }
@@ -317,7 +318,7 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                     .map_or(0, |s| s.items.len() as u64);
                 if n > 0 {
                     out.unsealed_items += n;
-                    out.active_segments.push(id.0);
+                    out.active_segments.push((id.0, n));
                 }
             }
             Kind::Sealed(id) if !known(id) => {
