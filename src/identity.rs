@@ -404,6 +404,9 @@ fn check_recorded(
             id.incarnation
         )));
     }
+    if store_differs {
+        override_target_exists(data_dir, &id.store, store)?;
+    }
     if !log {
         return Ok(());
     }
@@ -424,6 +427,29 @@ fn check_recorded(
             endpoint = ?endpoint,
             "data directory was created with another S3 endpoint than this config names"
         );
+    }
+    Ok(())
+}
+
+/// A store override (the data directory records `recorded`, the open names
+/// `store`, both in display form) to a `file://` directory that does not
+/// exist is refused: most likely a mistyped path, and opening it would
+/// create an empty store there and upload the data directory's segments
+/// into it (helper-58's F8: `drain --store <typo> --store-override`
+/// created the directory). Checked before any store is built.
+pub(crate) fn override_target_exists(data_dir: &Path, recorded: &str, store: &str) -> Result<()> {
+    if let Some(dir) = store.strip_prefix("file://")
+        && !Path::new(dir).is_dir()
+    {
+        return Err(Error::InvalidInput(format!(
+            "{} was created for store {}; the override names {}, whose directory does not \
+             exist: a mistyped path would start a new, empty store there. Check the path; \
+             if a new store is intended, create its directory first (mkdir -p); nothing \
+             was changed",
+            data_dir.display(),
+            redact(recorded),
+            redact(store)
+        )));
     }
     Ok(())
 }
@@ -632,8 +658,15 @@ mod tests {
             assert!(msg.contains(&format!("created for {what}")), "{msg}");
             assert!(msg.contains("store_override"), "{msg}");
         }
-        // Overridden: opens, and the file keeps the first.
-        let b = ensure(tmp.path(), "other", "file:///y", None, None, Overrides { store: true }).unwrap();
+        // Overridden to a file:// directory that does not exist: refused (a
+        // mistyped path would start an empty store).
+        let y = tempfile::tempdir().unwrap();
+        let gone = format!("file://{}", y.path().join("nope").display());
+        let e = ensure(tmp.path(), "other", &gone, None, None, Overrides { store: true }).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        // Overridden to one that exists: opens, and the file keeps the first.
+        let there = format!("file://{}", y.path().display());
+        let b = ensure(tmp.path(), "other", &there, None, None, Overrides { store: true }).unwrap();
         assert_eq!(a, b);
         assert_eq!(Identity::load(tmp.path()).unwrap(), Some(a));
         assert!(!tmp.path().join(TMP_FILE).exists());

@@ -489,6 +489,8 @@ fn second_sigterm_exits_at_once_and_drain_resumes_elsewhere() {
     // keys journaled for the dead store lie under its prefix, outside the
     // stream this store's manifest describes (the default would keep those
     // segments Verified, pending; see docs/ARCHITECTURE.md, Planned).
+    // An override's file:// store must exist (a mistyped path is refused).
+    std::fs::create_dir_all(&d.store).unwrap();
     let store = d.store_url();
     let o = run(
         cmd(
@@ -600,6 +602,8 @@ fn first_sigterm_with_dead_store_exits_pending_within_deadline() {
     // keys journaled for the dead store lie under its prefix, outside the
     // stream this store's manifest describes (the default would keep those
     // segments Verified, pending; see docs/ARCHITECTURE.md, Planned).
+    // An override's file:// store must exist (a mistyped path is refused).
+    std::fs::create_dir_all(&d.store).unwrap();
     let store = d.store_url();
     let o = run(
         cmd(

@@ -649,6 +649,26 @@ const REFUSED: &[Case] = &[
         2,
         &["--ttl-ms"]
     ),
+    // A malformed flag value is a usage error (helper-60: it exited 1).
+    case!(
+        "owner take with an owner id holding a space",
+        &[
+            "--store",
+            "{store}",
+            "owner",
+            "take",
+            "--owner-id",
+            "bad id"
+        ],
+        2,
+        &["--owner-id", "printable ASCII"]
+    ),
+    case!(
+        "owner release with an empty owner id",
+        &["--store", "{store}", "owner", "release", "--owner-id", ""],
+        2,
+        &["--owner-id"]
+    ),
     case!(
         "grace negative",
         &[D, DD, "reconcile", "--grace-ms=-1"],
@@ -954,6 +974,28 @@ fn read_only_commands_do_not_create_what_is_missing() {
         vec!["--store", typo_store, "owner"],
         vec![D, "{root}/dta", "quarantine", "list"],
         vec![D, "{root}/dta", "quarantine", "retry", "5"],
+        // The writing commands too, when --store-override asks for another
+        // store: a mistyped path is not created (helper-58's F8).
+        vec![D, DD, "--store", typo_store, "--store-override", "drain"],
+        vec![
+            D,
+            DD,
+            "--store",
+            typo_store,
+            "--store-override",
+            "reconcile",
+            "--repair",
+        ],
+        vec![
+            D,
+            DD,
+            "--store",
+            typo_store,
+            "--store-override",
+            "demo",
+            "--entries",
+            "10",
+        ],
     ] {
         let before = sb.snapshot();
         let o = sb.run(&args, &[]);
@@ -972,6 +1014,172 @@ fn read_only_commands_do_not_create_what_is_missing() {
         );
         assert_eq!(sb.snapshot(), before, "{args:?} wrote: {}", text(&o));
     }
+}
+
+/// With `--json`, stdout is one JSON document whatever happens: a usage
+/// error, a flag refused by its check, an error while running (helper-60:
+/// nothing was printed on stdout).
+#[test]
+fn json_errors_are_documents_on_stdout() {
+    let sb = Sandbox::new();
+    for (args, code) in [
+        (vec!["--json", D, DD, "status", "--bogus"], 2),
+        (
+            vec![D, DD, "--json", "lookup", "k", "--from", "9", "--to", "1"],
+            2,
+        ),
+        (vec!["--json", D, DD, "status"], 1),
+        (vec!["--json", D, DD, "fsck"], 1),
+    ] {
+        let o = sb.run(&args, &[]);
+        assert_sane(&o, "json error");
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {}", text(&o));
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: stdout is not one JSON document ({e}): {}",
+                text(&o)
+            )
+        });
+        assert_eq!(doc["exit"], code, "{args:?}: {doc}");
+        let msg = doc["error"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty(), "{args:?}: {doc}");
+        // The same message is on stderr for a person.
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(msg),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    // Without --json, stdout stays empty on errors.
+    let o = sb.run(&[D, DD, "status"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+}
+
+/// What an ordinary kill leaves (here a journal record cut short) is
+/// routine crash recovery, not damage: `fsck` exits 3 and says the next
+/// start finishes it; after `--repair` nothing is left, exit 0 (helper-59:
+/// it exited 4, asking for an operator). Damage still exits 4
+/// (`local_damage`, `journal_damage`).
+#[test]
+fn fsck_calls_routine_crash_recovery_pending_not_damage() {
+    let sb = Sandbox::populated();
+    let log = sb.data().join("journal").join("journal.log");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    f.write_all(&[1, 2, 3]).unwrap();
+    drop(f);
+    let o = sb.run(&[D, DD, "fsck"], &[]);
+    assert_sane(&o, "fsck");
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert_says(&o, "routine crash recovery only, nothing damaged");
+    let o = sb.run(&[D, DD, "fsck", "--json"], &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(doc["journal_torn_tail_at"].is_u64(), "{doc}");
+    let o = sb.run(&[D, DD, "fsck", "--repair"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_says(&o, "routine crash recovery done");
+    let o = sb.run(&[D, DD, "fsck"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// After a kill -9, `status --json` names the active segment whose
+/// entries are not sealed yet (helper-60: `active_segment` was null while
+/// `.active` files held entries; only `unsealed_items` counted them).
+#[test]
+fn status_after_a_kill_names_the_active_segment() {
+    let sb = Sandbox::new();
+    let mut args = demo_args(&[]);
+    // Many entries at a modest rate: the demo is still appending when killed.
+    let n = args.iter().position(|a| *a == "--entries").unwrap();
+    args[n + 1] = "100000000";
+    args[n + 3] = "20000";
+    let mut child = sb
+        .cmd(&args, &[])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let o = sb.run(&[D, DD, "status", "--json"], &[]);
+    assert_sane(&o, "status");
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&o)));
+    let t = &doc["totals"];
+    let unsealed = t["unsealed_items"].as_u64().unwrap();
+    // 1.5 s at 20,000 a second into 300-entry segments: the active one
+    // holds 1 to 299 entries, unless the kill fell right after a roll.
+    if unsealed == 0 {
+        assert!(t["active_segment"].is_null(), "{doc}");
+        return;
+    }
+    let id = t["active_segment"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{doc}"));
+    let items = t["active_items"].as_u64().unwrap();
+    assert!(items > 0 && items <= unsealed, "{doc}");
+    let file = sb.data().join("segments").join(format!("{id:020}.active"));
+    assert!(file.exists(), "{doc}");
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+}
+
+/// A data directory whose path holds a space or a `%`: its default store's
+/// path is recorded in `IDENTITY` as it is, and every later command used it
+/// as a URL: refused ("percent-encode it"), or decoded to another directory
+/// (`x%41y` read as `xAy`, where `reconcile --repair` created a store and
+/// `verify` reported segments missing; helper-61).
+#[test]
+fn a_default_store_beside_a_path_with_a_space_or_percent_is_found_again() {
+    let sb = Sandbox::new();
+    std::fs::create_dir(sb.root.join("xAy")).unwrap();
+    for parent in ["sp ace", "x%41y", "100%"] {
+        std::fs::create_dir(sb.root.join(parent)).unwrap();
+        let dd = format!("{{root}}/{parent}/d");
+        let o = sb.run(
+            &[
+                D,
+                &dd,
+                "demo",
+                "--segment-items",
+                "300",
+                "--slots",
+                "64",
+                "--entries",
+                "1000",
+                "--rate",
+                "1000000",
+                "--keys",
+                "16",
+            ],
+            &[],
+        );
+        assert_sane(&o, parent);
+        assert_eq!(o.status.code(), Some(0), "{parent}: {}", text(&o));
+        assert!(sb.root.join(parent).join("tierindex-store").is_dir());
+        for args in [
+            vec![D, &dd, "drain"],
+            vec![D, &dd, "verify"],
+            vec![D, &dd, "status", "--remote"],
+            vec![D, &dd, "reconcile", "--repair"],
+            vec![D, &dd, "lookup", "key-5", "--remote"],
+            vec![D, &dd, "owner"],
+        ] {
+            let o = sb.run(&args, &[]);
+            assert_sane(&o, parent);
+            assert_eq!(o.status.code(), Some(0), "{parent} {args:?}: {}", text(&o));
+        }
+    }
+    // Nothing was created where a decoded path would point.
+    assert!(
+        std::fs::read_dir(sb.root.join("xAy"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "a store was created under xAy"
+    );
 }
 
 /// `--help` must not print the value of a variable that may hold a secret.
@@ -2957,6 +3165,8 @@ fn a_pending_sealed_file(sb: &Sandbox) -> std::path::PathBuf {
 /// Drain a data directory left by [`a_pending_sealed_file`] into the
 /// sandbox's file store.
 fn drain_to_file_store(sb: &Sandbox) -> std::process::Output {
+    // An override's file:// store must exist (a mistyped path is refused).
+    std::fs::create_dir_all(sb.store_dir()).unwrap();
     sb.run(
         &[
             D,

@@ -234,8 +234,21 @@ async fn the_library_refuses_another_store_or_stream_unless_overridden() {
         .unwrap();
     drop(ti);
     wait_unlocked(&copy).await;
-    // Overridden on purpose: opens, and IDENTITY keeps what it recorded.
+    // Overridden on purpose to a store directory that does not exist: a
+    // mistyped path is refused, and nothing is created.
     let other = tmp.path().join("other");
+    let e = TierIndex::open(Config {
+        store_override: true,
+        ..cfg(&data, Some(format!("file://{}", other.display())), "orders")
+    })
+    .await
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    assert!(!other.exists());
+    wait_unlocked(&data).await;
+    // To one that exists: opens, and IDENTITY keeps what it recorded.
+    std::fs::create_dir(&other).unwrap();
     let (ti, _) = TierIndex::open(Config {
         store_override: true,
         ..cfg(&data, Some(format!("file://{}", other.display())), "orders")

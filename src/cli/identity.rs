@@ -124,7 +124,9 @@ pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
     }
     match cfg.store.clone() {
         None => {
-            cfg.store = Some(id.store.clone());
+            // The recorded display form holds a file store's raw path:
+            // as a URL it is encoded again (a space or `%` in the path).
+            cfg.store = Some(crate::remote::url::url_from_display(&id.store));
             if cfg.endpoint.is_none() {
                 cfg.endpoint = id.endpoint.clone();
             }
@@ -136,8 +138,11 @@ pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
             // would create a file:// directory as a side effect); the
             // form carries no credentials, so the message may show it.
             let shown = crate::remote::url::display_form("--store", &given)?;
-            if shown != id.store && !intent.store_override {
-                return Err(mismatch("store", &id.store, &shown));
+            if shown != id.store {
+                if !intent.store_override {
+                    return Err(mismatch("store", &id.store, &shown));
+                }
+                crate::identity::override_target_exists(dir, &id.store, &shown)?;
             }
         }
     }
@@ -201,19 +206,28 @@ mod tests {
         };
         let e = resolve_cli(&mut cfg, intent).unwrap_err();
         assert!(e.to_string().contains("--store-override"), "{e}");
+        let with_override = CliIntent {
+            store_override: true,
+            ..intent
+        };
+        // With it, a file:// store that does not exist is refused (a
+        // mistyped path), and nothing is created ...
+        let mut cfg = Config {
+            data_dir: dd.clone(),
+            store: Some(other.clone()),
+            ..Config::default()
+        };
+        let e = resolve_cli(&mut cfg, with_override).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(!tmp.path().join("elsewhere").exists());
+        // ... and one that does is used.
+        fs::create_dir(tmp.path().join("elsewhere")).unwrap();
         let mut cfg = Config {
             data_dir: dd,
             store: Some(other.clone()),
             ..Config::default()
         };
-        resolve_cli(
-            &mut cfg,
-            CliIntent {
-                store_override: true,
-                ..intent
-            },
-        )
-        .unwrap();
+        resolve_cli(&mut cfg, with_override).unwrap();
         assert_eq!(cfg.store, Some(other));
     }
 }

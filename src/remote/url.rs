@@ -270,6 +270,21 @@ pub fn display_form(field: &str, raw: &str) -> Result<String> {
     })
 }
 
+/// The URL a recorded display form ([`display_form`], as `IDENTITY` keeps
+/// it) names. A `file://` display form holds the raw path, which may hold
+/// a space, a newline or a `%`: read as a URL it was refused, or decoded
+/// to another directory (helper-61: `x%41y` became `xAy`, where
+/// `reconcile --repair` then created a store). It is percent-encoded
+/// again; the other forms are URLs as they are.
+pub fn url_from_display(display: &str) -> String {
+    if let Some(path) = display.strip_prefix("file://")
+        && let Ok(u) = ::url::Url::from_file_path(path)
+    {
+        return u.to_string();
+    }
+    display.to_string()
+}
+
 /// The object-store path of an `s3://` prefix.
 pub(crate) fn s3_prefix(prefix: &str) -> Result<object_store::path::Path> {
     object_store::path::Path::from_url_path(prefix)
@@ -457,6 +472,32 @@ fn looks_like_host_port(raw: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A recorded display form names the same store again, whatever its
+    /// path holds (helper-61).
+    #[test]
+    fn a_display_form_round_trips_to_its_store() {
+        for dir in [
+            "/a/b/tierindex-store",
+            "/a/sp ace/tierindex-store",
+            "/a/x%41y/tierindex-store",
+            "/a/100%/tierindex-store",
+            "/a/p%2Fq/s",
+            "/a/new\nline/s",
+            "/a/h#q?r/s",
+        ] {
+            let display = format!("file://{dir}");
+            let url = url_from_display(&display);
+            match parse_store("store", &url) {
+                Ok(StoreUrl::File { dir: d }) => assert_eq!(d, std::path::Path::new(dir), "{url}"),
+                other => panic!("{display:?} -> {url:?} gave {other:?}"),
+            }
+            assert_eq!(display_form("store", &url).unwrap(), display);
+        }
+        for other in ["s3://bkt/p/q", "memory://x"] {
+            assert_eq!(url_from_display(other), other);
+        }
+    }
 
     fn store_err(raw: &str) -> String {
         match parse_store("--store", raw) {
