@@ -99,7 +99,7 @@ fn check_claim(
 /// extends it), allocating no more than the file's own length: a file that
 /// ends before its first item gets its slot heads in a map (only items that
 /// decode add to it), not in a table of the `slot_count` its header claims.
-fn scan_bytes(bytes: &[u8], l: &ActiveLayout, id: SegmentId) -> u32 {
+fn scan_bytes(bytes: Sparse<'_>, l: &ActiveLayout, id: SegmentId) -> u32 {
     if bytes.len() as u64 > l.items_offset {
         // The slot table lies before the items: bounded by the file length.
         let mut heads = vec![0u32; l.slot_count as usize];
@@ -422,19 +422,109 @@ fn at_path(path: &Path, e: Error) -> Error {
 /// The item at byte `at`, with whatever lies past the end of `bytes` read as
 /// zeros: exactly what `open` sees after it zero-extends a short file, with
 /// no allocation sized by an (untrusted) header.
-fn item_padded(bytes: &[u8], at: usize) -> [u8; ACTIVE_ITEM_LEN] {
+fn item_padded(bytes: Sparse<'_>, at: usize) -> [u8; ACTIVE_ITEM_LEN] {
     let mut b = [0u8; ACTIVE_ITEM_LEN];
-    if let Some(have) = bytes.get(at..) {
-        let n = have.len().min(ACTIVE_ITEM_LEN);
-        b[..n].copy_from_slice(&have[..n]);
-    }
+    bytes.copy(at, &mut b);
     b
+}
+
+/// The byte ranges below `len` of `file` that hold data (`SEEK_DATA` /
+/// `SEEK_HOLE`), in order; what lies between them is a hole and reads as
+/// zeros. An active file is sparse past the stretches allocated so far,
+/// and reading a hole through a map makes tmpfs allocate a page for it: on
+/// a full tmpfs that is SIGBUS, which ended `fsck`, `inspect`, `drain` and
+/// the broker's open with exit 135 and no word (helper-61). The scans of
+/// a mapped active file therefore read only these ranges. A file system
+/// that does not say, or a file of more than `MAX_RANGES` ranges, is taken
+/// as one range (all data, as before).
+fn data_ranges(file: &File, len: u64) -> Vec<(usize, usize)> {
+    use std::os::fd::AsRawFd as _;
+    const MAX_RANGES: usize = 4096;
+    let end = i64::try_from(len).unwrap_or(i64::MAX);
+    let whole = vec![(0, usize::try_from(end).unwrap_or(usize::MAX))];
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at: i64 = 0;
+    while at < end {
+        // SAFETY: lseek on a descriptor this function borrows; it moves
+        // only the file offset, which nothing here reads by (every read
+        // and write of segment files is positioned).
+        let d = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if d < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data at or past `at`
+            }
+            return whole;
+        }
+        if d >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        if h <= d {
+            return whole;
+        }
+        let h = h.min(end);
+        out.push((d as usize, h as usize));
+        if out.len() > MAX_RANGES {
+            return whole;
+        }
+        at = h;
+    }
+    out
+}
+
+/// A file's bytes through a map, read only where the file holds data
+/// (`ranges`, from [`data_ranges`]; `None`: everywhere): a hole, and any
+/// byte past the end, reads as zero, as the file system would give it.
+#[derive(Clone, Copy)]
+struct Sparse<'a> {
+    bytes: &'a [u8],
+    ranges: Option<&'a [(usize, usize)]>,
+}
+
+impl<'a> Sparse<'a> {
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// `out.len()` bytes from `at`.
+    fn copy(&self, at: usize, out: &mut [u8]) {
+        out.fill(0);
+        let end = at.saturating_add(out.len()).min(self.bytes.len());
+        if at >= end {
+            return;
+        }
+        match self.ranges {
+            None => out[..end - at].copy_from_slice(&self.bytes[at..end]),
+            Some(r) => {
+                let first = r.partition_point(|&(_, e)| e <= at);
+                for &(s, e) in &r[first..] {
+                    if s >= end {
+                        break;
+                    }
+                    let (s, e) = (s.max(at), e.min(end));
+                    out[s - at..e - at].copy_from_slice(&self.bytes[s..e]);
+                }
+            }
+        }
+    }
+}
+
+/// The last non-zero byte at or past `from` in `map`, reading only `ranges`
+/// (holes are zeros).
+fn last_nonzero(map: &[u8], ranges: &[(usize, usize)], from: usize) -> Option<usize> {
+    ranges.iter().rev().find_map(|&(s, e)| {
+        let e = e.min(map.len());
+        let s = s.max(from);
+        (s < e).then(|| map[s..e].iter().rposition(|&b| b != 0).map(|p| s + p))?
+    })
 }
 
 /// Length of the valid item prefix of an active file mapped as `map`:
 /// items whose checksum verifies and whose chain link equals the slot head
 /// rebuilt so far. Fills `heads` (index + 1 of each slot's newest item).
-fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u32]) -> u32 {
+fn scan_valid_prefix(map: Sparse<'_>, l: &ActiveLayout, id: SegmentId, heads: &mut [u32]) -> u32 {
     let mut valid = 0u32;
     while valid < l.item_capacity {
         let b = item_padded(map, l.item_offset(valid));
@@ -451,6 +541,14 @@ fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u
     valid
 }
 
+/// The header at the start of `bytes` (read as [`Sparse`] reads).
+fn header_of(bytes: Sparse<'_>, path: &Path) -> Result<Header> {
+    let mut hb = [0u8; HEADER_LEN];
+    bytes.copy(0, &mut hb);
+    let hb = &hb[..bytes.len().min(HEADER_LEN)];
+    Header::decode(hb, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))
+}
+
 /// A file's bytes through a read-only map, for the read-only checks below:
 /// a huge or sparse file (a 6 GiB one took 12.6 GB of memory when read)
 /// costs page cache, not heap. Only a regular file is opened (a FIFO would
@@ -461,7 +559,10 @@ fn scan_valid_prefix(map: &[u8], l: &ActiveLayout, id: SegmentId, heads: &mut [u
 /// file (an interrupted `set_len` of a cut file only extends it); a file
 /// truncated under the map by hand would end the process with SIGBUS, as
 /// for any mapped file.
-fn map_read_only(path: &Path) -> Result<Option<memmap2::Mmap>> {
+/// Returns the map, the file's length and its data ranges
+/// ([`data_ranges`]): only those may be read through the map.
+#[allow(clippy::type_complexity)]
+fn map_read_only(path: &Path) -> Result<(Option<memmap2::Mmap>, u64, Vec<(usize, usize)>)> {
     let file = crate::durable::open_regular(path, false)
         .map_err(|e| Error::io(path, "open active segment", e))?;
     let len = file
@@ -469,23 +570,26 @@ fn map_read_only(path: &Path) -> Result<Option<memmap2::Mmap>> {
         .map_err(|e| Error::io(path, "stat active segment", e))?
         .len();
     if len == 0 {
-        return Ok(None);
+        return Ok((None, 0, Vec::new()));
     }
+    let ranges = data_ranges(&file, len);
     // SAFETY: read-only map of a regular file; see above for truncation.
-    unsafe { memmap2::Mmap::map(&file) }
-        .map(Some)
-        .map_err(|e| Error::io(path, "map active segment", e))
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| Error::io(path, "map active segment", e))?;
+    Ok((Some(map), len, ranges))
 }
 
 /// Read-only: the valid entries of an active file, in append order (for
 /// `tierindex lookup` on a directory whose broker is down).
 pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
-    let map = map_read_only(path)?;
-    let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
-    let header =
-        Header::decode(bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
+    let (map, len, ranges) = map_read_only(path)?;
+    let bytes = Sparse {
+        bytes: map.as_deref().unwrap_or(&[]),
+        ranges: Some(&ranges),
+    };
+    let header = header_of(bytes, path)?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
-    check_claim(path, bytes.len() as u64, &l, None)?;
+    check_claim(path, len, &l, None)?;
     // A short file is scanned as `open` scans it (zero-extended), item by
     // item, never by allocating what the header claims.
     let valid = scan_bytes(bytes, &l, header.segment_id);
@@ -501,12 +605,14 @@ pub fn read_entries(path: &Path) -> Result<(SegmentId, Vec<Entry>)> {
 /// Read-only check of an active file (for `fsck` without `--repair`): what
 /// [`ActiveSegment::open`] would keep and zero, without changing anything.
 pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
-    let map = map_read_only(path)?;
-    let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
-    let header =
-        Header::decode(bytes, ACTIVE_MAGIC, ACTIVE_ITEM_LEN).map_err(|e| at_path(path, e))?;
+    let (map, len, ranges) = map_read_only(path)?;
+    let all: &[u8] = map.as_deref().unwrap_or(&[]);
+    let bytes = Sparse {
+        bytes: all,
+        ranges: Some(&ranges),
+    };
+    let header = header_of(bytes, path)?;
     let l = ActiveLayout::new(header.slot_count, header.items).map_err(|e| at_path(path, e))?;
-    let len = bytes.len() as u64;
     if len > l.file_len {
         return Err(Error::corrupt(
             path.display().to_string(),
@@ -521,21 +627,21 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
     // Predict `open` exactly (it zero-extends a short file before scanning);
     // `scan_valid_prefix` reads past-the-end bytes as zeros.
     rec.valid_items = scan_bytes(bytes, &l, header.segment_id);
-    rec.flush_mark = format::decode_flush_marks(bytes, header.segment_id, l.item_capacity);
+    let mut page = vec![0u8; PAGE];
+    bytes.copy(0, &mut page);
+    rec.flush_mark = format::decode_flush_marks(&page, header.segment_id, l.item_capacity);
     rec.unverified_below_mark = rec.flush_mark.map_or(0, |m| {
         (0..m)
             .filter(|&i| {
-                let at = l.item_offset(i);
-                bytes
-                    .get(at..at + ACTIVE_ITEM_LEN)
-                    .and_then(|b| format::decode_active_item(b, header.segment_id, i))
-                    .is_none()
+                // Past the end, as in a hole: zeros, which do not verify.
+                let b = item_padded(bytes, l.item_offset(i));
+                format::decode_active_item(&b, header.segment_id, i).is_none()
             })
             .count() as u32
     });
-    let tail_start = l.item_offset(rec.valid_items).min(bytes.len());
-    if let Some(last) = bytes[tail_start..].iter().rposition(|&b| b != 0) {
-        rec.torn_bytes_zeroed = last as u64 + 1;
+    let tail_start = l.item_offset(rec.valid_items).min(all.len());
+    if let Some(last) = last_nonzero(all, &ranges, tail_start) {
+        rec.torn_bytes_zeroed = (last - tail_start) as u64 + 1;
     }
     Ok((header.segment_id, rec))
 }
@@ -776,14 +882,24 @@ impl ActiveSegment {
     ) -> Result<()> {
         let l = self.layout;
         let mut heads = vec![0u32; l.slot_count as usize];
-        let valid = scan_valid_prefix(&self.map, &l, self.id, &mut heads);
+        // Nothing is read through the map before `fallocate` below but the
+        // file's data ranges: a hole read on a full tmpfs is SIGBUS.
+        let ranges = data_ranges(file, l.file_len);
+        let valid = scan_valid_prefix(
+            Sparse {
+                bytes: &self.map,
+                ranges: Some(&ranges),
+            },
+            &l,
+            self.id,
+            &mut heads,
+        );
         // Zero every non-zero byte after the valid prefix, so that an item
         // written before the crash but never flushed cannot reappear once
         // the gap before it is filled again.
         let tail_start = l.item_offset(valid);
-        let last = self.map[tail_start..l.file_len as usize]
-            .iter()
-            .rposition(|&b| b != 0);
+        let last = last_nonzero(&self.map[..l.file_len as usize], &ranges, tail_start)
+            .map(|at| at - tail_start);
         // Nothing is written through the map below before it is allocated:
         // the header and slot table, the tail to zero, and a first stretch
         // for the appends. Not the whole file (a crash of 10,000 idle
@@ -1397,6 +1513,65 @@ mod tests {
     /// seal made durable (`mark_durable`) writes none: those items are
     /// durable in the sealed file, not in this one. A replaced file gets no
     /// mark.
+    #[test]
+    fn the_scans_read_no_hole_of_a_sparse_active_file() {
+        // On tmpfs a hole read through a map allocates a page, and on a
+        // full tmpfs it is SIGBUS (helper-61: fsck, inspect, drain and the
+        // open ended with exit 135). So allocation shows what was read.
+        use std::os::unix::fs::MetadataExt as _;
+        let shm = c"/dev/shm";
+        // SAFETY: statfs into a zeroed struct it fills.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        let tmpfs = unsafe { libc::statfs(shm.as_ptr(), &mut st) } == 0
+            && st.f_type == libc::TMPFS_MAGIC;
+        if !tmpfs {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "this test needs /dev/shm on tmpfs under CI"
+            );
+            eprintln!("skipped: /dev/shm is not tmpfs");
+            return;
+        }
+        let d = tempfile::tempdir_in("/dev/shm").unwrap();
+        // 1 Mi items: a 32 MiB file, allocated only at its start.
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 8, 1 << 20, 0).unwrap();
+        let path = s.path().to_path_buf();
+        for i in 0..100 {
+            s.append_entry(e(i % 3, i)).unwrap();
+        }
+        s.flush().unwrap();
+        drop(s);
+        let allocated = || std::fs::metadata(&path).unwrap().blocks() * 512;
+        let len = std::fs::metadata(&path).unwrap().len();
+        let before = allocated();
+        assert!(before < len / 8, "{before} of {len}");
+        let (_, rec) = check_active(&path).unwrap();
+        assert_eq!(rec.valid_items, 100);
+        assert_eq!(rec.torn_bytes_zeroed, 0);
+        assert_eq!(allocated(), before, "check_active read a hole");
+        let (_, entries) = read_entries(&path).unwrap();
+        assert_eq!(entries.len(), 100);
+        assert_eq!(allocated(), before, "read_entries read a hole");
+        // A torn byte far past the items, in data of its own: found.
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
+            &[7],
+            len / 2,
+        )
+        .unwrap();
+        let (_, rec) = check_active(&path).unwrap();
+        assert_eq!(rec.valid_items, 100);
+        assert!(rec.torn_bytes_zeroed > len / 4, "{rec:?}");
+        let before = allocated();
+        let (s, rec) = ActiveSegment::open(&path, Some(d.path())).unwrap();
+        assert_eq!(rec.valid_items, 100);
+        assert!(rec.torn_bytes_zeroed > 0);
+        drop(s);
+        // The open allocates up to the zeroed tail and a stretch past it,
+        // and reads nothing else.
+        assert!(allocated() <= before + len / 2 + (1 << 20), "{} of {len}", allocated());
+    }
+
     #[test]
     fn a_frozen_segments_flush_leaves_a_mark() {
         let d = tempfile::tempdir().unwrap();
