@@ -1182,6 +1182,81 @@ fn a_default_store_beside_a_path_with_a_space_or_percent_is_found_again() {
     );
 }
 
+/// Two data directories whose `segments/` are symbolic links to one
+/// directory overwrote each other's acknowledged entries (the lock covers
+/// the data directory, not its links' targets), and one broker exited 0
+/// (helper-61 F3). The second is refused, whether or not the first runs,
+/// and so is a link to another data directory's own `segments/`; a data
+/// directory moved with its link keeps working.
+#[test]
+fn data_directories_sharing_a_linked_segments_directory_are_refused() {
+    let sb = Sandbox::new();
+    let r = &sb.root;
+    std::fs::create_dir(r.join("shared")).unwrap();
+    for d in ["d1", "d2", "d5"] {
+        std::fs::create_dir(r.join(d)).unwrap();
+    }
+    std::os::unix::fs::symlink(r.join("shared"), r.join("d1").join("segments")).unwrap();
+    std::os::unix::fs::symlink(r.join("shared"), r.join("d2").join("segments")).unwrap();
+    let demo = |d: &str| {
+        let dd = format!("{{root}}/{d}");
+        sb.run(
+            &[
+                D,
+                &dd,
+                "--store",
+                "{store}",
+                "demo",
+                "--segment-items",
+                "300",
+                "--slots",
+                "64",
+                "--entries",
+                "1000",
+                "--rate",
+                "1000000",
+                "--keys",
+                "16",
+            ],
+            &[],
+        )
+    };
+    let o = demo("d1");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let files = |p: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&r.join("shared"));
+    let o = demo("d2");
+    assert_sane(&o, "d2");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_says(&o, "also links to as its segments/");
+    assert_eq!(
+        files(&r.join("shared")),
+        before,
+        "d2 changed the shared directory"
+    );
+    // A link to another data directory's own segments/.
+    let o = demo("d4");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::os::unix::fs::symlink(r.join("d4").join("segments"), r.join("d5").join("segments"))
+        .unwrap();
+    let o = demo("d5");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_says(&o, "is the segments directory of data directory");
+    // d1 moved beside itself, its link kept: it takes the directory over.
+    std::fs::rename(r.join("d1"), r.join("d1b")).unwrap();
+    let o = sb.run(&[D, "{root}/d1b", "drain"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = sb.run(&[D, "{root}/d1b", "lookup", "key-5"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
 /// `--help` must not print the value of a variable that may hold a secret.
 #[test]
 fn help_does_not_print_variable_values() {
@@ -3596,4 +3671,15 @@ fn a_sealed_file_the_journal_cannot_record_keeps_drain_at_exit_4() {
         text(&o)
     );
     assert!(seg.exists(), "kept");
+    // `status` and `fsck` say so too, with exit 4 (helper-61: 3 and 0).
+    for args in [vec![D, DD, "status"], vec![D, DD, "fsck"]] {
+        let o = sb.run(&args, &[]);
+        assert_sane(&o, "status/fsck");
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+        assert_says(&o, "NOT JOURNALED");
+        assert_says(&o, "[5]");
+    }
+    let o = sb.run(&[D, DD, "status", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["totals"]["not_journaled"], serde_json::json!([5]), "{v}");
 }

@@ -46,10 +46,16 @@ pub(crate) fn add_local(
         totals.active_segment = Some(id);
         totals.active_items = u32::try_from(n).unwrap_or(u32::MAX);
     }
+    let max = view.max_segment_id();
     for (id, bytes) in &local.unjournaled_sealed {
+        if max.is_some_and(|m| crate::segment::SegmentId(*id) <= m) {
+            // Below the journal's highest id: it can never record it.
+            totals.not_journaled.push(*id);
+        } else {
+            totals.pending_segments += 1;
+            totals.pending_bytes += bytes;
+        }
         totals.unjournaled_sealed.push(*id);
-        totals.pending_segments += 1;
-        totals.pending_bytes += bytes;
     }
     for (_, r) in datadir::quarantine_records(data_dir) {
         if let Some(n) = r.loss.filter(|n| n.is_loss()) {
@@ -71,7 +77,23 @@ pub(crate) fn local_lines(t: &crate::tier::Status) -> String {
     for l in &t.losses {
         s.push_str(&format!("\nLOST {l}"));
     }
+    if !t.not_journaled.is_empty() {
+        s.push('\n');
+        s.push_str(&not_journaled_line(&t.not_journaled));
+    }
     s
+}
+
+/// What `status` and `fsck` say of sealed files the journal cannot record.
+fn not_journaled_line(ids: &[u64]) -> String {
+    format!(
+        "NOT JOURNALED: {} local sealed file(s) have no journal record and are below the \
+         journal's highest id, so nothing uploads their entries (a second process sealed them \
+         beside this one, or the journal lost their records): {ids:?}. Keep the files; \
+         `tierindex inspect` shows their entries, and `tierindex drain` checks whether the \
+         store holds them",
+        ids.len()
+    )
 }
 
 pub fn status(cli: &Cli) -> Result<i32> {
@@ -276,6 +298,10 @@ struct FsckOut {
     /// store does not; `--repair` moves it to quarantine.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     not_committed_file: Vec<String>,
+    /// Sealed files without a journal record below the journal's highest
+    /// id: nothing uploads their entries.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    not_journaled: Vec<u64>,
     /// `--repair` rebuilt a damaged or missing journal (`journal::rebuild`).
     #[serde(skip_serializing_if = "Option::is_none")]
     journal_rebuilt: Option<journal::RebuildReport>,
@@ -343,19 +369,34 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         Some(geometry),
     )?;
     let mut journal_rebuilt = None;
-    let (jrep, segments) = if repair {
+    let (jrep, segments, max_id) = if repair {
         journal_rebuilt = rebuild_journal_if_damaged(&dd)?;
         let (j, r) = Journal::open_in(dd.lock(), JournalOptions::default())?;
-        (r, j.segments().clone())
+        (r, j.segments().clone(), j.max_segment_id())
     } else {
         match Journal::open_read_only(&cfg.data_dir) {
-            Ok((v, r)) => (r, v.segments().clone()),
+            Ok((v, r)) => (r, v.segments().clone(), v.max_segment_id()),
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 Default::default()
             }
             Err(e) => return Err(e),
         }
     };
+    // Sealed files the journal has no record of, below its highest id: it
+    // can never record them, so nothing uploads their entries (a second
+    // process sealed them beside this one). `drain` reports them too
+    // ("NOT JOURNALED", exit 4) unless the store holds them as committed;
+    // fsck does not ask the store (helper-61: it exited 0).
+    let not_journaled: Vec<u64> = rec
+        .report
+        .sealed_ok
+        .iter()
+        .copied()
+        .filter(|&id| {
+            let id = crate::segment::SegmentId(id);
+            max_id.is_some_and(|m| id <= m) && !segments.contains_key(&id)
+        })
+        .collect();
     // A segment the journal still has to upload needs its local file.
     let missing: Vec<String> = segments
         .values()
@@ -421,6 +462,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         .as_ref()
         .is_none_or(|rb| rb.damaged_copy.is_none() && rb.segments == 0);
     let clean = rec.report.is_clean()
+        && not_journaled.is_empty()
         && jrep.torn_tail_at.is_none()
         && missing.is_empty()
         && not_committed_file.is_empty()
@@ -432,7 +474,8 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     // (helper-59: `fsck` after a kill asked for an operator). Damage
     // (quarantine, salvage, a span saved aside, a missing or replaced
     // file, a rebuilt journal) still exits 4.
-    let needs_operator = !rec.report.quarantined.is_empty()
+    let needs_operator = !not_journaled.is_empty()
+        || !rec.report.quarantined.is_empty()
         || !rec.report.salvaged.is_empty()
         || rec.report.actives.iter().any(|a| a.tail_saved_to.is_some())
         || !missing.is_empty()
@@ -448,6 +491,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         journal_truncated_bytes: jrep.truncated_bytes,
         missing,
         not_committed_file,
+        not_journaled,
         journal_rebuilt,
     };
     emit(cli.json, &out, |o| {
@@ -525,6 +569,9 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         }
         for m in &o.not_committed_file {
             s.push_str(&format!("\n  NOT THE COMMITTED FILE {m}"));
+        }
+        if !o.not_journaled.is_empty() {
+            s.push_str(&format!("\n  {}", not_journaled_line(&o.not_journaled)));
         }
         for r in &o.segments.removed {
             s.push_str(&format!(

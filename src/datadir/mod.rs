@@ -114,16 +114,107 @@ pub struct DataDir {
     // to an operator's `rm LOCK`: the next process then took a new one and
     // repaired the live broker's active file under it. Or its host's.
     lock: Arc<DirLock>,
+    /// `segments/` and `journal/` that are symbolic links: their targets,
+    /// flock'd for the life of the DataDir ([`guard_linked_dirs`]).
+    _linked: Vec<fs::File>,
 }
+
+/// `segments/` or `journal/` may be a symbolic link (to another disk), but
+/// the data directory's lock covers the directory, not what its links point
+/// to: two data directories whose `segments/` resolved to one directory
+/// overwrote each other's acknowledged entries, and one broker still
+/// exited 0 (helper-61 F3). So a linked one is refused when its target is
+/// another data directory's own (`<other>/segments` of a directory with an
+/// `IDENTITY`), and its target is flock'd for the life of the DataDir, so a
+/// second data directory linking to the same place is refused while this
+/// one is open. A bind mount is not seen.
+fn guard_linked_dirs(root: &Path) -> Result<Vec<fs::File>> {
+    use std::os::fd::AsRawFd as _;
+    let mut held = Vec::new();
+    let me = fs::canonicalize(root).map_err(|e| Error::io(root, "resolve data directory", e))?;
+    for name in [SEGMENTS_DIR, JOURNAL_DIR] {
+        let link = root.join(name);
+        if !fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            continue;
+        }
+        let target =
+            fs::canonicalize(&link).map_err(|e| Error::io(&link, "resolve symbolic link", e))?;
+        let refuse = |whose: String| {
+            Error::InvalidInput(format!(
+                "{} is a symbolic link to {}, which {whose}: two data directories sharing one                  {name} directory overwrite each other's files. Give this data directory a                  {name} directory of its own; nothing was changed",
+                link.display(),
+                target.display()
+            ))
+        };
+        if let Some(parent) = target.parent()
+            && parent != me
+            && target.file_name() == Some(std::ffi::OsStr::new(name))
+            && parent.join(crate::identity::IDENTITY_FILE).exists()
+        {
+            return Err(refuse(format!(
+                "is the {name} directory of data directory {}",
+                parent.display()
+            )));
+        }
+        // The data directory that last opened it through a link: still
+        // linking there, it is sharing it (the brokers need not run at
+        // once: a second one would take the first one's sealed files for
+        // its own). Moved or copied, or linking elsewhere now: this one
+        // takes it over.
+        let marker = target.join(LINKED_BY_FILE);
+        if let Ok(b) = crate::durable::read_regular(&marker, 4096)
+            && let Ok(text) = std::str::from_utf8(&b)
+        {
+            let other = Path::new(text.trim_end_matches('\n'));
+            if other != me
+                && other.join(crate::identity::IDENTITY_FILE).exists()
+                && fs::canonicalize(other.join(name)).is_ok_and(|t| t == target)
+            {
+                return Err(refuse(format!(
+                    "data directory {} also links to as its {name}/",
+                    other.display()
+                )));
+            }
+        }
+        let dir = fs::File::open(&target).map_err(|e| Error::io(&target, "open", e))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(refuse(format!(
+                    "another process holds (another data directory's {name}/ links there?)"
+                )));
+            }
+            return Err(Error::io(&target, "lock linked directory", e));
+        }
+        // Advisory, not synced: lost to a crash, it is written again at
+        // the next open.
+        let mine = format!("{}\n", me.display());
+        if fs::read(&marker).ok().as_deref() != Some(mine.as_bytes())
+            && let Err(e) = fs::write(&marker, mine)
+        {
+            tracing::warn!(file = %marker.display(), error = %e, "cannot record which data directory links here");
+        }
+        held.push(dir);
+    }
+    Ok(held)
+}
+
+/// In the target of a linked `segments/` or `journal/`: the data directory
+/// that links there ([`guard_linked_dirs`]). Not a segment file: start-up
+/// leaves it where it is.
+pub(crate) const LINKED_BY_FILE: &str = "LINKED_BY";
 
 impl DataDir {
     /// Create the directory tree if missing and take the exclusive lock
     /// (and, for a data directory a host holds, the host's: see [`host`]).
     pub fn open(root: &Path) -> Result<DataDir> {
         create_tree(root)?;
+        let lock = Arc::new(DirLock::own(root)?);
         Ok(DataDir {
             root: root.to_path_buf(),
-            lock: Arc::new(DirLock::own(root)?),
+            lock,
+            _linked: guard_linked_dirs(root)?,
         })
     }
 
@@ -135,6 +226,7 @@ impl DataDir {
         Ok(DataDir {
             root: root.to_path_buf(),
             lock,
+            _linked: guard_linked_dirs(root)?,
         })
     }
 
@@ -178,7 +270,9 @@ impl DataDir {
     pub fn holds_segment_files(&self) -> Result<bool> {
         let dir = self.segments_dir();
         match fs::read_dir(&dir) {
-            Ok(mut rd) => Ok(rd.next().is_some()),
+            Ok(rd) => Ok(rd
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name() != LINKED_BY_FILE)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io(&dir, "list segments", e)),
         }

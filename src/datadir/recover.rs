@@ -125,6 +125,9 @@ pub fn recover_checking(
     for ent in rd {
         let ent = ent.map_err(|e| Error::io(&seg_dir, "list segments", e))?;
         let name = ent.file_name().to_string_lossy().into_owned();
+        if name == super::LINKED_BY_FILE {
+            continue; // which data directory links here, not a segment
+        }
         let kind = classify(&name);
         if kind != Kind::Unknown {
             // A directory, FIFO or device under one of our names (an

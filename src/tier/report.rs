@@ -103,6 +103,11 @@ pub struct Status {
     /// Sealed files on disk that the journal does not know (a crash
     /// between seal and journal): pending, counted in `pending_segments`.
     pub unjournaled_sealed: Vec<u64>,
+    /// Of those, the ones below the journal's highest id: it can never
+    /// record them, so nothing uploads their entries (`tierindex status`
+    /// only; an operator must look). Not counted as pending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_journaled: Vec<u64>,
     /// Entries of damaged local files that could not be salvaged.
     pub lost_items: u64,
     /// One line per damaged file with loss (segment, indices, offsets).
@@ -117,7 +122,9 @@ pub struct Status {
 impl Status {
     /// Anything an operator must look at: quarantined segments or loss.
     pub fn needs_operator(&self) -> bool {
-        self.by_state.get("Quarantined").copied().unwrap_or(0) > 0 || !self.losses.is_empty()
+        self.by_state.get("Quarantined").copied().unwrap_or(0) > 0
+            || !self.losses.is_empty()
+            || !self.not_journaled.is_empty()
     }
 }
 
