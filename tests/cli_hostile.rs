@@ -876,7 +876,28 @@ const REFUSED: &[Case] = &[
         "config is /dev/zero",
         &["--config", "/dev/zero", "drain"],
         1,
-        &["at most 1048576 bytes"]
+        &["not a regular file"]
+    ),
+    case!(
+        "demo with --print-flushed and --json",
+        &[
+            D,
+            DD,
+            "--json",
+            "demo",
+            "--print-flushed",
+            "--entries",
+            "10"
+        ],
+        2,
+        &["--print-flushed", "choose one"]
+    ),
+    // A FIFO's open waited for a writer for ever (helper-61).
+    case!(
+        "config is a FIFO",
+        &["--config", "{root}/fifo", "drain"],
+        1,
+        &["not a regular file"]
     ),
     case!(
         "config is a directory",
@@ -909,6 +930,10 @@ fn refused_inputs_change_nothing() {
     let mut failures = Vec::new();
     for c in REFUSED {
         let sb = Sandbox::new();
+        // A FIFO nobody writes to, for the cases that name one.
+        let fifo = std::ffi::CString::new(sb.root.join("fifo").display().to_string()).unwrap();
+        // SAFETY: mkfifo on a path this test owns.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let mut args: Vec<String> = Vec::new();
         if let Some(cfg) = c.config {
             let p = sb.root.join("c.toml");
@@ -1255,6 +1280,36 @@ fn data_directories_sharing_a_linked_segments_directory_are_refused() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = sb.run(&[D, "{root}/d1b", "lookup", "key-5"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// A file store whose directory path leaves no room for the objects' paths
+/// under the system's limit: every upload failed with ENAMETOOLONG, was
+/// retried, and the run promised an upload at the next start (helper-61).
+/// Refused at once, nothing created.
+#[test]
+fn a_file_store_path_too_long_for_its_objects_is_refused() {
+    let sb = Sandbox::new();
+    let long: String = (0..15)
+        .map(|i| format!("/{i:02}{}", "a".repeat(240)))
+        .collect();
+    let url = format!("file://{{root}}{long}");
+    for args in [
+        vec!["store-check", url.as_str()],
+        vec![D, DD, "--store", url.as_str(), "demo", "--entries", "10"],
+    ] {
+        let before = sb.snapshot();
+        let o = sb.run(&args, &[]);
+        assert_sane(&o, "long store path");
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert_says(&o, "byte limit");
+        let made: Vec<_> = sb
+            .snapshot()
+            .difference(&before)
+            .filter(|(p, _)| p.starts_with("00aa"))
+            .cloned()
+            .collect();
+        assert!(made.is_empty(), "created {made:?}");
+    }
 }
 
 /// `--help` must not print the value of a variable that may hold a secret.

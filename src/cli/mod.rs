@@ -391,6 +391,14 @@ impl Cli {
                 if let Some(addr) = &a.metrics_addr {
                     crate::config::check_listen_addr("--metrics-addr", addr)?;
                 }
+                // Lines and a document on one stdout are neither (helper-61).
+                if a.print_flushed && self.json {
+                    return Err(Error::InvalidInput(
+                        "--print-flushed prints `start`/`flushed` lines on stdout and --json one \
+                         JSON document there: choose one"
+                            .into(),
+                    ));
+                }
             }
             // A malformed flag value is a usage error (exit 2), as the
             // exit-code table says; it was refused later, with exit 1

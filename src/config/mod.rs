@@ -369,7 +369,25 @@ impl Config {
     /// default).
     pub fn from_file_keys(path: &Path) -> Result<(Config, Vec<String>)> {
         use std::io::Read as _;
-        let f = std::fs::File::open(path).map_err(|e| Error::io(path, "open config file", e))?;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // Non-blocking, then only a regular file is read: the open of a
+        // FIFO would wait for a writer for ever (helper-61).
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io(path, "open config file", e))?;
+        if !f
+            .metadata()
+            .map_err(|e| Error::io(path, "stat config file", e))?
+            .is_file()
+        {
+            return Err(Error::InvalidInput(format!(
+                "{}: not a regular file (a directory, FIFO or device): --config names a TOML \
+                 config file",
+                path.display()
+            )));
+        }
         // Bounded: `--config /dev/zero` must not eat the memory.
         let mut text = String::new();
         f.take(CONFIG_BYTES_MAX + 1)

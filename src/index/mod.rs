@@ -320,7 +320,10 @@ impl IndexWriter {
             active_since_ms: now_ms(),
         };
         match &w.active {
-            Some(a) => w.active_since_ms = a.created_ms(),
+            // A segment created under a clock that was ahead (or stepped
+            // back since) would not roll by age for as long as the skew,
+            // its entries kept local (helper-61): its age counts from now.
+            Some(a) => w.active_since_ms = a.created_ms().min(now_ms()),
             None => {
                 let mut a = w.create_active()?;
                 a.prefault(0);
@@ -651,6 +654,12 @@ impl IndexWriter {
     /// lock, and happens at a later tick, rather than create the file here
     /// while appends wait).
     pub fn tick(&mut self) -> Result<Vec<SealedMeta>> {
+        // The wall clock stepped back past the segment's start: its age
+        // counts from now, not from a time that has not come.
+        let now = now_ms();
+        if now < self.active_since_ms {
+            self.active_since_ms = now;
+        }
         if !self.closed
             && let (Some(a), Some(age)) = (&self.active, self.cfg.segment_max_age)
             && !a.is_empty()
@@ -1267,6 +1276,39 @@ mod tests {
             ..c
         };
         assert!(!c.covers(&m2, none));
+    }
+
+    /// An active segment created under a clock a day ahead (a reopen after
+    /// the clock was set right) rolls by age from the reopen, not a day
+    /// later (helper-61: it kept its entries local for the skew).
+    #[test]
+    fn a_segment_from_a_clock_ahead_still_rolls_by_age() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let ahead = now_ms() + 86_400_000;
+        let mut a = ActiveSegment::create(&dd.segments_dir(), SegmentId(1), 64, 100, ahead).unwrap();
+        a.append_entry(Entry {
+            key_hash: 7,
+            offset: 0,
+            size: 1,
+            timestamp_ms: 1,
+        })
+        .unwrap();
+        a.flush().unwrap();
+        drop(a);
+        let age = Duration::from_secs(10);
+        let (w, _) = IndexWriter::open(
+            dd,
+            IndexConfig {
+                segment_max_age: Some(age),
+                ..cfg(100)
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        let due = w.age_deadline_ms().unwrap();
+        assert!(due <= now_ms() + 10_000, "due {} ms from now", due - now_ms());
     }
 
     /// A reseal (`copy_in`, then the source's release) between a lookup's

@@ -40,6 +40,21 @@ impl RemoteStore {
     ) -> Result<RemoteStore> {
         match parsed {
             StoreUrl::File { dir } => {
+                // An object's path is the directory's and its key (stream,
+                // kind, id, checksum: at most a few hundred bytes); past
+                // the system's 4,096-byte limit every write fails with
+                // ENAMETOOLONG, which no retry or restart cures.
+                const KEY_ROOM: usize = 512;
+                let n = dir.as_os_str().len();
+                if n + KEY_ROOM > libc::PATH_MAX as usize {
+                    return Err(Error::InvalidInput(format!(
+                        "the file store's directory path is {n} bytes: the objects' paths \
+                         under it would pass the system's {} byte limit; use a shorter \
+                         path (at most {})",
+                        libc::PATH_MAX,
+                        libc::PATH_MAX as usize - KEY_ROOM
+                    )));
+                }
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| Error::io(&dir, "create store directory", e))?;
                 let fs = LocalFileSystem::new_with_prefix(&dir)

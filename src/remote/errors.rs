@@ -77,7 +77,12 @@ fn transient(err: &object_store::Error) -> Option<bool> {
                 | K::UnexpectedEof
                 | K::WouldBlock
                 | K::NotConnected => return Some(true),
-                K::PermissionDenied | K::ReadOnlyFilesystem | K::InvalidInput => {
+                // A name too long stays too long (helper-61: retried, and
+                // the run promised an upload at the next start).
+                K::PermissionDenied
+                | K::ReadOnlyFilesystem
+                | K::InvalidInput
+                | K::InvalidFilename => {
                     return Some(false);
                 }
                 _ => {}

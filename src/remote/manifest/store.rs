@@ -294,13 +294,28 @@ impl ManifestStore {
                         && self.keeps_out(&cur, owner_id, now)
                     {
                         let l = &cur.lease;
+                        // A lease taken "in the future" was written by a
+                        // clock ahead of this one: it keeps others out for
+                        // as long as the skew (helper-61).
+                        let skew = if l.acquired_ms > now.saturating_add(5_000) {
+                            format!(
+                                "; it was taken at {}, later than this machine's clock says \
+                                 now: the holder's clock runs ahead of this one (check NTP)",
+                                lease::describe_time(l.acquired_ms, now)
+                            )
+                        } else {
+                            String::new()
+                        };
                         return Err(Error::Claimed(format!(
-                            "stream {:?} is held by owner {:?} (epoch {}) until {}; \
-                             it can be taken after that or once released",
+                            "stream {:?} is held by owner {:?} (epoch {}) until {}{skew}; \
+                             it can be taken after that or once released (if that broker is \
+                             known to be down: `tierindex owner release --owner-id {} \
+                             --fence-live`)",
                             self.stream(),
                             l.owner,
                             l.epoch,
-                            lease::describe_time(l.expires_ms, now)
+                            lease::describe_time(l.expires_ms, now),
+                            l.owner
                         )));
                     }
                     let (Some(version), Some(epoch)) =
