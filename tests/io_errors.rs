@@ -40,11 +40,18 @@ const CASES: &[(&str, &[i32], &str, Option<usize>)] = &[
         "writer poisoned",
         None,
     ),
-    // The journal poisons: uploads stop, the shutdown reports pending work.
-    ("journal.append=eio@3", &[1, 3], "journal poisoned", None),
+    // The journal poisons: uploads stop, and the writer stops acknowledging
+    // appends at its next seal, which the journal cannot record (helper-61:
+    // it went on acknowledging and sealing, exit 3).
+    (
+        "journal.append=eio@3",
+        &[1],
+        "the journal cannot record sealed segments",
+        None,
+    ),
     (
         "journal.fsync=eio@3",
-        &[1, 3],
+        &[1],
         "journal fdatasync failed",
         None,
     ),

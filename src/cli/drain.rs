@@ -125,6 +125,10 @@ pub(crate) struct RunTotals {
     /// ones are acknowledged, and the next start seals and uploads them
     /// (a shutdown that could not seal: a failed disk, a poisoned writer).
     pub unsealed_entries: u64,
+    /// Sealed files, after the shutdown, that the journal does not record
+    /// yet, above its highest id (a journal that failed): the next start
+    /// journals and uploads them. (Those below are `NOT JOURNALED`.)
+    pub unjournaled_sealed: u64,
 }
 
 impl RunTotals {
@@ -158,13 +162,26 @@ impl RunTotals {
             append_rate_per_s: rate(appended, appending),
             upload_bytes_per_s: rate(m.upload_bytes.get(), elapsed),
             unsealed_entries: 0,
+            unjournaled_sealed: 0,
         }
     }
 
     /// Counts what the data directory's active files still hold (read
     /// after the shutdown, without the lock: reading only).
     pub(crate) fn with_unsealed(mut self, data_dir: &std::path::Path) -> RunTotals {
-        self.unsealed_entries = crate::datadir::local_pending(data_dir, &|_| true).unsealed_items;
+        // The journal as it is on disk (read only): a sealed file it does
+        // not record is pending too (helper-61: a report said `pending: 1`
+        // with 958 such files).
+        let view = crate::journal::Journal::open_read_only(data_dir)
+            .ok()
+            .map(|(v, _)| v);
+        let known = |id: crate::segment::SegmentId| {
+            view.as_ref()
+                .is_none_or(|v| v.get(id).is_some() || v.max_segment_id().is_some_and(|m| id <= m))
+        };
+        let local = crate::datadir::local_pending(data_dir, &known);
+        self.unsealed_entries = local.unsealed_items;
+        self.unjournaled_sealed = local.unjournaled_sealed.len() as u64;
         self
     }
 }
@@ -299,7 +316,18 @@ fn report_text(o: &ReportOut<'_>) -> String {
             t.unsealed_entries
         ));
     }
-    if r.fully_drained() && o.fatal.is_none() && t.unsealed_entries == 0 {
+    if t.unjournaled_sealed > 0 {
+        s.push_str(&format!(
+            "\n  {} sealed segment file(s) are not in the journal yet (it could not record \
+             them): the next start or `tierindex drain` journals and uploads them",
+            t.unjournaled_sealed
+        ));
+    }
+    if r.fully_drained()
+        && o.fatal.is_none()
+        && t.unsealed_entries == 0
+        && t.unjournaled_sealed == 0
+    {
         s.push_str("\n  everything sealed is uploaded and verified; nothing pending");
     } else if !r.drain.pending.is_empty() {
         s.push_str(&format!(
@@ -330,7 +358,7 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
         EXIT_NEEDS_OPERATOR
     } else if fatal.is_some() {
         EXIT_ERROR
-    } else if r.fully_drained() && run.unsealed_entries == 0 {
+    } else if r.fully_drained() && run.unsealed_entries == 0 && run.unjournaled_sealed == 0 {
         EXIT_DRAINED
     } else {
         EXIT_PENDING
@@ -371,6 +399,12 @@ mod tests {
         // Entries left in an active file are pending, never "drained".
         let left = RunTotals {
             unsealed_entries: 3,
+            ..RunTotals::default()
+        };
+        assert_eq!(print_report(true, &report(None), &left, None), EXIT_PENDING);
+        // So are sealed files the journal does not record yet.
+        let left = RunTotals {
+            unjournaled_sealed: 2,
             ..RunTotals::default()
         };
         assert_eq!(print_report(true, &report(None), &left, None), EXIT_PENDING);

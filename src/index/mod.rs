@@ -984,6 +984,26 @@ impl IndexWriter {
     pub fn poison_with(&self, why: String) {
         self.poison.set(why);
     }
+
+    /// This writer's poison, to be set without its lock
+    /// ([`PoisonHandle::set`]).
+    pub(crate) fn poison_handle(&self) -> PoisonHandle {
+        PoisonHandle(self.poison.clone())
+    }
+}
+
+/// A writer's poison, settable from where its lock is not held: the
+/// journal's failure to record what the writer sealed poisons the writer,
+/// so appends stop being acknowledged (helper-61: after the journal failed
+/// with ENOSPC, the broker went on acknowledging and sealing for seconds,
+/// hundreds of segments no journal knew, and no FATAL line).
+#[derive(Clone)]
+pub(crate) struct PoisonHandle(Arc<Poison>);
+
+impl PoisonHandle {
+    pub(crate) fn set(&self, why: String) {
+        self.0.set(why);
+    }
 }
 
 /// What a writer's seals leave for a collector, behind a lock of its own

@@ -78,6 +78,8 @@ pub struct Shared {
     pub sealed: Arc<crate::segment::local::LocalSealed>,
     /// The writer's seals, collected without its lock ([`Shared::tick_writer`]).
     pub(crate) handoff: Arc<crate::index::Handoff>,
+    /// The writer's poison, set when the journal cannot record its seals.
+    pub(crate) writer_poison: crate::index::PoisonHandle,
     pub journal: JournalHandle,
     pub store: RemoteStore,
     pub stream: String,
@@ -215,7 +217,17 @@ impl Shared {
             let rest = recs.split_off(recs.len().min(SEALED_RECORDS_PER_BATCH));
             let batch = std::mem::replace(&mut recs, rest);
             let k = batch.len();
-            self.journal.append(batch).await?;
+            if let Err(e) = self.journal.append(batch).await {
+                // Nothing the writer seals from now on could be journaled or
+                // uploaded: it stops acknowledging appends, as after its own
+                // failed sync.
+                self.writer_poison.set(format!(
+                    "the journal cannot record sealed segments ({e}); appends stop here: \
+                     restart once the cause is fixed (the sealed files are journaled at the \
+                     next start)"
+                ));
+                return Err(e);
+            }
             self.metrics.segments_sealed.add(k as u64);
         }
         Ok(n)

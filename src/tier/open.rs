@@ -490,6 +490,7 @@ pub(super) async fn open_shared_hosted(
         seg_dir: writer.segments_dir().to_path_buf(),
         sealed: writer.sealed_set(),
         handoff: writer.handoff(),
+        writer_poison: writer.poison_handle(),
         writer: Arc::new(Mutex::new(writer)),
         journal,
         store,
