@@ -299,7 +299,12 @@ fn percent_encoded(v: &str) -> String {
 /// Blanks every run of 64 or more hexadecimal digits: a SigV4 signature
 /// (64 lowercase hex) in whatever form a server quotes it (`"Signature":`,
 /// `<Signature>`, `signature: `, `sig=`). Such runs carry nothing an
-/// operator needs (content hashes of the same length go too).
+/// operator needs (content hashes of the same length go too), except a
+/// whole component of a path (`/var/lib/docker/volumes/<64 hex>/_data`:
+/// helper-61, the operator could not tell which volume an error named):
+/// a run right after a `/` and ending the text or followed by `/`, `:`,
+/// white space, a quote, `,` or `)`. A server quotes a signature after `=`,
+/// `>`, `:` or a space, never as a path component.
 fn blank_signatures(text: &str) -> String {
     let b = text.as_bytes();
     let mut out = String::with_capacity(text.len());
@@ -310,7 +315,12 @@ fn blank_signatures(text: &str) -> String {
             while i < b.len() && b[i].is_ascii_hexdigit() {
                 i += 1;
             }
-            if i - start >= 64 {
+            let component = start > 0
+                && b[start - 1] == b'/'
+                && b.get(i).is_none_or(|c| {
+                    matches!(c, b'/' | b':' | b'"' | b'\'' | b',' | b')') || c.is_ascii_whitespace()
+                });
+            if i - start >= 64 && !component {
                 out.push_str(&text[at..start]);
                 out.push_str("<redacted>");
                 at = i;
@@ -493,6 +503,25 @@ mod scrub_tests {
         // 16-hex checksums in object keys stay.
         let k = "stream-0/segments/00000000000000000001-6d7bdefcdb8e1658.seg";
         assert_eq!(scrub(k), k);
+        // A path component of 64 hex digits stays (a Docker volume id);
+        // the same run quoted as a value does not.
+        let vol = "ab".repeat(32);
+        for p in [
+            format!("I/O error on /var/lib/docker/volumes/{vol}/_data/d: denied"),
+            format!("I/O error on /v/{vol}: denied"),
+            format!("open \"/v/{vol}\""),
+        ] {
+            assert_eq!(scrub(&p), p);
+        }
+        for q in [
+            format!("Signature={vol}"),
+            format!("<Signature>{vol}</Signature>"),
+            format!("signature: {vol}"),
+            format!("/x?X-Amz-Signature={vol}"),
+            format!("/v/{vol}abc="),
+        ] {
+            assert!(!scrub(&q).contains(&vol), "{q}");
+        }
     }
 
     /// A server that echoes part of a token: a run of 12 characters or

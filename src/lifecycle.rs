@@ -69,8 +69,15 @@ impl ShutdownSignals {
                         const WHY: &str =
                             "second signal; exiting now, pending work resumes at the next start";
                         let _ = writeln!(std::io::stderr(), "tierindex: {WHY}");
-                        if FORCED_EXIT_JSON.load(std::sync::atomic::Ordering::Relaxed) {
-                            let mut out = std::io::stdout().lock();
+                        // Only with `--json` is stdout's lock taken (a
+                        // reader that stopped reading must not hold up the
+                        // exit otherwise), and the flag read again under it:
+                        // a document being printed ends first and clears it.
+                        let json = || FORCED_EXIT_JSON.load(std::sync::atomic::Ordering::Relaxed);
+                        if json()
+                            && let mut out = std::io::stdout().lock()
+                            && json()
+                        {
                             let _ = writeln!(
                                 out,
                                 "{{\n  \"error\": \"{WHY}\",\n  \"exit\": {EXIT_FORCED}\n}}"

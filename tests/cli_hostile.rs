@@ -892,12 +892,13 @@ const REFUSED: &[Case] = &[
         2,
         &["--print-flushed", "choose one"]
     ),
-    // A FIFO's open waited for a writer for ever (helper-61).
+    // A FIFO's open waited for a writer for ever (helper-61). A pipe with
+    // a writer is read (`--config <(...)`).
     case!(
-        "config is a FIFO",
+        "config is a FIFO nobody writes to",
         &["--config", "{root}/fifo", "drain"],
         1,
-        &["not a regular file"]
+        &["a pipe with nothing written to it"]
     ),
     case!(
         "config is a directory",
@@ -1310,6 +1311,32 @@ fn a_file_store_path_too_long_for_its_objects_is_refused() {
             .collect();
         assert!(made.is_empty(), "created {made:?}");
     }
+}
+
+/// `--config` from a pipe (`<(...)`, `/dev/stdin`) is read; a FIFO with no
+/// writer is refused at once instead of waited on (see `REFUSED`).
+#[test]
+fn a_config_from_a_pipe_is_read() {
+    let sb = Sandbox::new();
+    let mut child = sb
+        .cmd(&["--config", "/dev/stdin", "fsck"], &[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cfg = format!("data_dir = \"{}/from-pipe\"\n", sb.root.display());
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(cfg.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_sane(&o, "config from a pipe");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // The data directory came from the piped config.
+    assert_says(&o, "from-pipe is not a tierindex data directory");
 }
 
 /// `--help` must not print the value of a variable that may hold a secret.

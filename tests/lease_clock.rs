@@ -102,7 +102,7 @@ async fn a_refusal_by_a_lease_from_a_clock_ahead_says_so() {
     };
     assert!(msg.contains("clock runs ahead"), "{msg}");
     assert!(
-        msg.contains("owner release --owner-id a --fence-live"),
+        msg.contains("owner release --owner-id 'a' --fence-live"),
         "{msg}"
     );
     // A lease of a clock that agrees says nothing of clocks.

@@ -309,7 +309,11 @@ struct FsckOut {
 
 pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     let cfg = cli.config()?;
-    let dd = DataDir::open(&cfg.data_dir)?;
+    let dd = if repair {
+        DataDir::open(&cfg.data_dir)?
+    } else {
+        DataDir::open_to_check(&cfg.data_dir)?
+    };
     let mode = if repair {
         Mode::Repair
     } else {

@@ -313,8 +313,11 @@ pub(crate) fn emit<T: Serialize>(json: bool, v: &T, human: impl FnOnce(&T) -> St
     if json {
         match serde_json::to_string_pretty(v) {
             Ok(s) => {
+                // Under stdout's (reentrant) lock, which a second signal's
+                // forced exit takes before it looks at the flag: it prints
+                // its document before this one, or not at all.
+                let _out = std::io::stdout().lock();
                 JSON_EMITTED.store(true, std::sync::atomic::Ordering::Relaxed);
-                // A second signal after this must not print a second one.
                 crate::lifecycle::FORCED_EXIT_JSON
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 out_line(&s);

@@ -377,22 +377,45 @@ impl Config {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| Error::io(path, "open config file", e))?;
-        if !f
+        let ft = f
             .metadata()
             .map_err(|e| Error::io(path, "stat config file", e))?
-            .is_file()
-        {
+            .file_type();
+        let pipe = {
+            use std::os::unix::fs::FileTypeExt as _;
+            ft.is_fifo()
+        };
+        if !ft.is_file() && !pipe {
             return Err(Error::InvalidInput(format!(
-                "{}: not a regular file (a directory, FIFO or device): --config names a TOML \
-                 config file",
+                "{}: not a regular file or a pipe (a directory or a device): --config names a \
+                 TOML config file",
                 path.display()
             )));
+        }
+        if pipe {
+            // `--config <(generate)` or `/dev/stdin`: read as it comes. A
+            // FIFO nobody has open for writing reads as empty at once.
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: fcntl on a descriptor this function owns.
+            unsafe {
+                let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+                if fl >= 0 {
+                    libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+                }
+            }
         }
         // Bounded: `--config /dev/zero` must not eat the memory.
         let mut text = String::new();
         f.take(CONFIG_BYTES_MAX + 1)
             .read_to_string(&mut text)
             .map_err(|e| Error::io(path, "read config file", e))?;
+        if pipe && text.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "{}: a pipe with nothing written to it (no writer?): --config names a TOML \
+                 config file",
+                path.display()
+            )));
+        }
         if text.len() as u64 > CONFIG_BYTES_MAX {
             return Err(Error::InvalidInput(format!(
                 "{}: a config file is at most {CONFIG_BYTES_MAX} bytes",

@@ -113,10 +113,12 @@ pub struct DataDir {
     // when it drops. A lock on a file inside it (`LOCK`, before) was lost
     // to an operator's `rm LOCK`: the next process then took a new one and
     // repaired the live broker's active file under it. Or its host's.
-    lock: Arc<DirLock>,
     /// `segments/` and `journal/` that are symbolic links: their targets,
-    /// flock'd for the life of the DataDir ([`guard_linked_dirs`]).
+    /// flock'd for the life of the DataDir ([`guard_linked_dirs`]). Before
+    /// `lock`, so they are released first: a reopen that gets the
+    /// directory's lock finds them free.
     _linked: Vec<fs::File>,
+    lock: Arc<DirLock>,
 }
 
 /// `segments/` or `journal/` may be a symbolic link (to another disk), but
@@ -128,10 +130,16 @@ pub struct DataDir {
 /// `IDENTITY`), and its target is flock'd for the life of the DataDir, so a
 /// second data directory linking to the same place is refused while this
 /// one is open. A bind mount is not seen.
-fn guard_linked_dirs(root: &Path) -> Result<Vec<fs::File>> {
+fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
     use std::os::fd::AsRawFd as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::MetadataExt as _;
+    // A directory is known by (device, inode), not by its path: a bind
+    // mount or another path to this same directory is not another one.
+    let id_of = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
     let mut held = Vec::new();
     let me = fs::canonicalize(root).map_err(|e| Error::io(root, "resolve data directory", e))?;
+    let my_id = id_of(&me);
     for name in [SEGMENTS_DIR, JOURNAL_DIR] {
         let link = root.join(name);
         if !fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -141,13 +149,15 @@ fn guard_linked_dirs(root: &Path) -> Result<Vec<fs::File>> {
             fs::canonicalize(&link).map_err(|e| Error::io(&link, "resolve symbolic link", e))?;
         let refuse = |whose: String| {
             Error::InvalidInput(format!(
-                "{} is a symbolic link to {}, which {whose}: two data directories sharing one                  {name} directory overwrite each other's files. Give this data directory a                  {name} directory of its own; nothing was changed",
+                "{} is a symbolic link to {}, which {whose}: two data directories sharing one \
+                 {name} directory overwrite each other's files. Give this data directory a \
+                 {name} directory of its own; nothing was changed",
                 link.display(),
                 target.display()
             ))
         };
         if let Some(parent) = target.parent()
-            && parent != me
+            && id_of(parent) != my_id
             && target.file_name() == Some(std::ffi::OsStr::new(name))
             && parent.join(crate::identity::IDENTITY_FILE).exists()
         {
@@ -156,17 +166,17 @@ fn guard_linked_dirs(root: &Path) -> Result<Vec<fs::File>> {
                 parent.display()
             )));
         }
-        // The data directory that last opened it through a link: still
-        // linking there, it is sharing it (the brokers need not run at
-        // once: a second one would take the first one's sealed files for
-        // its own). Moved or copied, or linking elsewhere now: this one
-        // takes it over.
+        // The data directory that last opened it through a link (its path,
+        // raw bytes): still linking there, it is sharing it (the brokers
+        // need not run at once: a second one would take the first one's
+        // sealed files for its own). Moved or copied, or linking elsewhere
+        // now: this one takes it over.
         let marker = target.join(LINKED_BY_FILE);
-        if let Ok(b) = crate::durable::read_regular(&marker, 4096)
-            && let Ok(text) = std::str::from_utf8(&b)
-        {
-            let other = Path::new(text.trim_end_matches('\n'));
-            if other != me
+        let recorded = crate::durable::read_regular(&marker, 4096).ok();
+        if let Some(b) = &recorded {
+            let other = Path::new(std::ffi::OsStr::from_bytes(b));
+            if other.is_absolute()
+                && id_of(other).is_some_and(|o| Some(o) != my_id)
                 && other.join(crate::identity::IDENTITY_FILE).exists()
                 && fs::canonicalize(other.join(name)).is_ok_and(|t| t == target)
             {
@@ -181,17 +191,26 @@ fn guard_linked_dirs(root: &Path) -> Result<Vec<fs::File>> {
         if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(refuse(format!(
-                    "another process holds (another data directory's {name}/ links there?)"
-                )));
+                // Locked, as the data directory's own lock says: callers
+                // that wait for a lock (a reseal's reopen) wait for this too.
+                return Err(Error::Locked {
+                    path: target.clone(),
+                    holder: format!(
+                        "the target of {}: another data directory's {name}/ links there?",
+                        link.display()
+                    ),
+                });
             }
             return Err(Error::io(&target, "lock linked directory", e));
         }
         // Advisory, not synced: lost to a crash, it is written again at
-        // the next open.
-        let mine = format!("{}\n", me.display());
-        if fs::read(&marker).ok().as_deref() != Some(mine.as_bytes())
-            && let Err(e) = fs::write(&marker, mine)
+        // the next open. Not through a symlink planted in its place
+        // (`write_file` opens `O_NOFOLLOW`). A check that changes nothing
+        // (`fsck` without `--repair`) does not write it.
+        let mine = me.as_os_str().as_bytes();
+        if claim
+            && recorded.as_deref() != Some(mine)
+            && let Err(e) = crate::durable::write_file(&marker, mine)
         {
             tracing::warn!(file = %marker.display(), error = %e, "cannot record which data directory links here");
         }
@@ -209,12 +228,23 @@ impl DataDir {
     /// Create the directory tree if missing and take the exclusive lock
     /// (and, for a data directory a host holds, the host's: see [`host`]).
     pub fn open(root: &Path) -> Result<DataDir> {
+        Self::open_claiming(root, true)
+    }
+
+    /// [`DataDir::open`] for a check that changes nothing (`fsck` without
+    /// `--repair`): a linked `segments/` or `journal/` is checked and
+    /// locked, but its `LINKED_BY` is not written.
+    pub fn open_to_check(root: &Path) -> Result<DataDir> {
+        Self::open_claiming(root, false)
+    }
+
+    fn open_claiming(root: &Path, claim: bool) -> Result<DataDir> {
         create_tree(root)?;
         let lock = Arc::new(DirLock::own(root)?);
         Ok(DataDir {
             root: root.to_path_buf(),
+            _linked: guard_linked_dirs(root, claim)?,
             lock,
-            _linked: guard_linked_dirs(root)?,
         })
     }
 
@@ -225,8 +255,8 @@ impl DataDir {
         create_tree(root)?;
         Ok(DataDir {
             root: root.to_path_buf(),
+            _linked: guard_linked_dirs(root, true)?,
             lock,
-            _linked: guard_linked_dirs(root)?,
         })
     }
 
@@ -699,5 +729,43 @@ mod tests {
         assert!(n.unknown_loss.is_none(), "{}", n.line());
         assert!(r.sealed.contains_key(&SegmentId(6)));
         assert!(fs::metadata(&p).unwrap().len() < 1 << 20, "written anew, no tail");
+    }
+
+    /// Two data directories opened at once whose `segments/` link to one
+    /// directory with no `LINKED_BY` yet (two first opens): the second is
+    /// refused by the target's lock, as `Locked`; once the first is closed
+    /// it opens, a check (`open_to_check`) writes no `LINKED_BY`, and a
+    /// `LINKED_BY` planted as a symlink is not written through.
+    #[test]
+    fn a_linked_segments_directory_is_locked_while_in_use() {
+        let t = tempfile::tempdir().unwrap();
+        let shared = t.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        for d in ["a", "b"] {
+            fs::create_dir(t.path().join(d)).unwrap();
+            std::os::unix::fs::symlink(&shared, t.path().join(d).join(SEGMENTS_DIR)).unwrap();
+        }
+        let victim = t.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, shared.join(LINKED_BY_FILE)).unwrap();
+        let a = DataDir::open_to_check(&t.path().join("a")).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        match DataDir::open(&t.path().join("b")) {
+            Err(Error::Locked { holder, .. }) => assert!(holder.contains("links there"), "{holder}"),
+            other => panic!("{:?}", other.err()),
+        }
+        drop(a);
+        fs::remove_file(shared.join(LINKED_BY_FILE)).unwrap();
+        let b = DataDir::open(&t.path().join("b")).unwrap();
+        let by = fs::read(shared.join(LINKED_BY_FILE)).unwrap();
+        assert_eq!(by, fs::canonicalize(t.path().join("b")).unwrap().as_os_str().as_encoded_bytes());
+        drop(b);
+        // a still links there, and LINKED_BY names b, a data directory
+        // (it has an identity) that links there too.
+        fs::write(t.path().join("b").join(crate::identity::IDENTITY_FILE), b"x").unwrap();
+        match DataDir::open(&t.path().join("a")) {
+            Err(Error::InvalidInput(m)) => assert!(m.contains("also links to"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
     }
 }

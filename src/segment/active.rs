@@ -428,50 +428,105 @@ fn item_padded(bytes: Sparse<'_>, at: usize) -> [u8; ACTIVE_ITEM_LEN] {
     b
 }
 
-/// The byte ranges below `len` of `file` that hold data (`SEEK_DATA` /
-/// `SEEK_HOLE`), in order; what lies between them is a hole and reads as
-/// zeros. An active file is sparse past the stretches allocated so far,
-/// and reading a hole through a map makes tmpfs allocate a page for it: on
-/// a full tmpfs that is SIGBUS, which ended `fsck`, `inspect`, `drain` and
-/// the broker's open with exit 135 and no word (helper-61). The scans of
-/// a mapped active file therefore read only these ranges. A file system
-/// that does not say, or a file of more than `MAX_RANGES` ranges, is taken
-/// as one range (all data, as before).
-fn data_ranges(file: &File, len: u64) -> Vec<(usize, usize)> {
+/// The byte ranges of `file` within `spans` (sorted, disjoint) that hold
+/// data, by `SEEK_DATA` / `SEEK_HOLE`, in order; what lies between them is
+/// a hole and reads as zeros. An active file is sparse past the stretches
+/// allocated so far, and reading a hole through a map makes tmpfs allocate
+/// a page for it: on a full tmpfs that is SIGBUS, which ended `fsck`,
+/// `inspect`, `drain` and the broker's open with exit 135 and no word
+/// (helper-61). The scans of a mapped active file therefore read only
+/// these ranges, and only in the spans they read (the header's page and
+/// the items, not the slot table, which appends touch at random and which
+/// would split into thousands of ranges).
+///
+/// Trusted only on the file systems known to report pages dirtied through
+/// a map as data (tmpfs, ext4, XFS, btrfs; older OpenZFS did not): on any
+/// other, and wherever `lseek` fails, the span is taken as data whole, as
+/// before. So is the rest of a span past `MAX_RANGES` ranges.
+fn data_ranges(file: &File, spans: &[(u64, u64)]) -> Vec<(usize, usize)> {
     use std::os::fd::AsRawFd as _;
     const MAX_RANGES: usize = 4096;
-    let end = i64::try_from(len).unwrap_or(i64::MAX);
-    let whole = vec![(0, usize::try_from(end).unwrap_or(usize::MAX))];
     let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut at: i64 = 0;
-    while at < end {
-        // SAFETY: lseek on a descriptor this function borrows; it moves
-        // only the file offset, which nothing here reads by (every read
-        // and write of segment files is positioned).
-        let d = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if d < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                break; // no data at or past `at`
+    let whole = |spans: &[(u64, u64)]| -> Vec<(usize, usize)> {
+        spans
+            .iter()
+            .filter(|(s, e)| s < e)
+            .map(|&(s, e)| (s as usize, e as usize))
+            .collect()
+    };
+    // SAFETY: fstatfs into a zeroed struct it fills, on a borrowed fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let trusted = unsafe { libc::fstatfs(fd, &mut st) } == 0
+        && [
+            libc::TMPFS_MAGIC,
+            libc::EXT4_SUPER_MAGIC,
+            libc::XFS_SUPER_MAGIC,
+            libc::BTRFS_SUPER_MAGIC,
+        ]
+        .contains(&st.f_type);
+    if !trusted {
+        return whole(spans);
+    }
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &(from, to) in spans {
+        let end = i64::try_from(to).unwrap_or(i64::MAX);
+        let mut at = i64::try_from(from).unwrap_or(i64::MAX);
+        while at < end {
+            if out.len() >= MAX_RANGES {
+                out.push((at as usize, end as usize));
+                break;
             }
-            return whole;
+            // SAFETY: lseek on a descriptor this function borrows; it moves
+            // only the file offset, which nothing here reads by (every read
+            // and write of segment files is positioned).
+            let d = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if d < 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    out.push((at as usize, end as usize));
+                }
+                break; // ENXIO: no data at or past `at`
+            }
+            if d >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+            if h <= d {
+                out.push((d as usize, end as usize));
+                break;
+            }
+            let h = h.min(end);
+            out.push((d as usize, h as usize));
+            at = h;
         }
-        if d >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        if h <= d {
-            return whole;
-        }
-        let h = h.min(end);
-        out.push((d as usize, h as usize));
-        if out.len() > MAX_RANGES {
-            return whole;
-        }
-        at = h;
     }
     out
+}
+
+/// The spans the scans of an active file read: its header's page and its
+/// items (the layout from the header, read with `pread`); the whole file
+/// when the header does not decode.
+fn scanned_spans(file: &File, len: u64) -> Vec<(u64, u64)> {
+    use std::os::unix::fs::FileExt as _;
+    let mut hb = [0u8; HEADER_LEN];
+    let layout = file
+        .read_at(&mut hb, 0)
+        .ok()
+        .and_then(|n| Header::decode(&hb[..n], ACTIVE_MAGIC, ACTIVE_ITEM_LEN).ok())
+        .and_then(|h| ActiveLayout::new(h.slot_count, h.items).ok());
+    match layout {
+        Some(l) => spans_of(&l, len),
+        None => vec![(0, len)],
+    }
+}
+
+/// [`scanned_spans`] for a known layout and file length.
+fn spans_of(l: &ActiveLayout, len: u64) -> Vec<(u64, u64)> {
+    if l.items_offset >= PAGE as u64 {
+        vec![(0, (PAGE as u64).min(len)), (l.items_offset.min(len), len)]
+    } else {
+        vec![(0, len)]
+    }
 }
 
 /// A file's bytes through a map, read only where the file holds data
@@ -572,7 +627,7 @@ fn map_read_only(path: &Path) -> Result<(Option<memmap2::Mmap>, u64, Vec<(usize,
     if len == 0 {
         return Ok((None, 0, Vec::new()));
     }
-    let ranges = data_ranges(&file, len);
+    let ranges = data_ranges(&file, &scanned_spans(&file, len));
     // SAFETY: read-only map of a regular file; see above for truncation.
     let map = unsafe { memmap2::Mmap::map(&file) }
         .map_err(|e| Error::io(path, "map active segment", e))?;
@@ -884,7 +939,7 @@ impl ActiveSegment {
         let mut heads = vec![0u32; l.slot_count as usize];
         // Nothing is read through the map before `fallocate` below but the
         // file's data ranges: a hole read on a full tmpfs is SIGBUS.
-        let ranges = data_ranges(file, l.file_len);
+        let ranges = data_ranges(file, &spans_of(&l, l.file_len));
         let valid = scan_valid_prefix(
             Sparse {
                 bytes: &self.map,

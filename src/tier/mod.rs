@@ -111,7 +111,10 @@ impl Store {
     /// `AWS_*` environment variables `object_store` reads), as
     /// [`TierIndex::open`] builds it.
     pub fn from_config(cfg: &Config) -> Result<Store> {
-        open_store(cfg).map(Store)
+        // The identity's check first, as `TierIndex::open` makes it: a
+        // `file://` store is created when built, and a mistyped override
+        // would be created before the open's own check (helper-62).
+        TierIndex::checked_store(cfg).map(Store)
     }
 
     /// The store's URL without credentials.

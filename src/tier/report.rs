@@ -100,8 +100,10 @@ pub struct Status {
     /// Entries in active (unsealed) segments: acknowledged or about to be,
     /// and not in any sealed file yet. Counted as pending work.
     pub unsealed_items: u64,
-    /// Sealed files on disk that the journal does not know (a crash
-    /// between seal and journal): pending, counted in `pending_segments`.
+    /// Sealed files on disk that the journal does not know: above its
+    /// highest id (a crash between seal and journal) they are pending,
+    /// counted in `pending_segments`; below it they are also listed in
+    /// `not_journaled` and not counted as pending.
     pub unjournaled_sealed: Vec<u64>,
     /// Of those, the ones below the journal's highest id: it can never
     /// record them, so nothing uploads their entries (`tierindex status`

@@ -315,7 +315,9 @@ impl ManifestStore {
                             l.owner,
                             l.epoch,
                             lease::describe_time(l.expires_ms, now),
-                            l.owner
+                            // Shell-quoted: the id is read from the store,
+                            // and an operator may paste the command.
+                            format_args!("'{}'", l.owner.replace('\'', "'\\''"))
                         )));
                     }
                     let (Some(version), Some(epoch)) =
