@@ -1164,24 +1164,10 @@ fn a_default_store_beside_a_path_with_a_space_or_percent_is_found_again() {
     for parent in ["sp ace", "x%41y", "100%"] {
         std::fs::create_dir(sb.root.join(parent)).unwrap();
         let dd = format!("{{root}}/{parent}/d");
-        let o = sb.run(
-            &[
-                D,
-                &dd,
-                "demo",
-                "--segment-items",
-                "300",
-                "--slots",
-                "64",
-                "--entries",
-                "1000",
-                "--rate",
-                "1000000",
-                "--keys",
-                "16",
-            ],
-            &[],
-        );
+        // The default store, beside the data directory: no --store.
+        let mut args = demo_in(&dd, &["--keys", "16"]);
+        args.drain(2..4);
+        let o = sb.run(&args, &[]);
         assert_sane(&o, parent);
         assert_eq!(o.status.code(), Some(0), "{parent}: {}", text(&o));
         assert!(sb.root.join(parent).join("tierindex-store").is_dir());
@@ -1226,26 +1212,7 @@ fn data_directories_sharing_a_linked_segments_directory_are_refused() {
     std::os::unix::fs::symlink(r.join("shared"), r.join("d2").join("segments")).unwrap();
     let demo = |d: &str| {
         let dd = format!("{{root}}/{d}");
-        sb.run(
-            &[
-                D,
-                &dd,
-                "--store",
-                "{store}",
-                "demo",
-                "--segment-items",
-                "300",
-                "--slots",
-                "64",
-                "--entries",
-                "1000",
-                "--rate",
-                "1000000",
-                "--keys",
-                "16",
-            ],
-            &[],
-        )
+        sb.run(&demo_in(&dd, &["--keys", "16"]), &[])
     };
     let o = demo("d1");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -2314,6 +2281,13 @@ fn assert_says(o: &Output, needle: impl AsRef<str>) {
 }
 
 /// The demo's arguments on the sandbox's data directory and store.
+/// [`demo_args`] on the data directory `dd` instead of the sandbox's.
+fn demo_in<'a>(dd: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = demo_args(extra);
+    v[1] = dd;
+    v
+}
+
 fn demo_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         D,

@@ -84,39 +84,32 @@ async fn a_lease_from_a_clock_far_ahead_does_not_keep_others_out() {
 /// (within the longest TTL, so it is live); the refusal says the holder's
 /// clock runs ahead and how to free the stream if that broker is down
 /// (helper-61: it named neither).
-#[tokio::test]
-async fn a_refusal_by_a_lease_from_a_clock_ahead_says_so() {
-    let f = FaultyStore::memory(5);
+/// The refusal B gets while A (clock `a`) holds the stream, B's clock `b`.
+async fn refusal(seed: u64, a: &ManualClock, b: &ManualClock) -> String {
+    let f = FaultyStore::memory(seed);
     let remote = f.remote("tier");
-    let clock_a = ManualClock::new(T0 + 3_600_000);
-    let clock_b = ManualClock::new(T0);
-    let ms_a = store_with(&remote, &clock_a).await;
-    let ms_b = store_with(&remote, &clock_b).await;
+    let ms_a = store_with(&remote, a).await;
+    let ms_b = store_with(&remote, b).await;
     let _a = ms_a
         .take_ownership("a", Duration::from_secs(30))
         .await
         .unwrap();
-    let msg = match ms_b.take_ownership("b", Duration::from_secs(30)).await {
+    match ms_b.take_ownership("b", Duration::from_secs(30)).await {
         Err(Error::Claimed(m)) => m,
         other => panic!("{other:?}"),
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_by_a_lease_from_a_clock_ahead_says_so() {
+    let right = ManualClock::new(T0);
+    let msg = refusal(5, &ManualClock::new(T0 + 3_600_000), &right).await;
     assert!(msg.contains("clock runs ahead"), "{msg}");
     assert!(
         msg.contains("owner release --owner-id 'a' --fence-live"),
         "{msg}"
     );
     // A lease of a clock that agrees says nothing of clocks.
-    let f = FaultyStore::memory(6);
-    let remote = f.remote("tier");
-    let ms_a = store_with(&remote, &clock_b).await;
-    let ms_b = store_with(&remote, &clock_b).await;
-    let _a = ms_a
-        .take_ownership("a", Duration::from_secs(30))
-        .await
-        .unwrap();
-    let msg = match ms_b.take_ownership("b", Duration::from_secs(30)).await {
-        Err(Error::Claimed(m)) => m,
-        other => panic!("{other:?}"),
-    };
+    let msg = refusal(6, &right, &right).await;
     assert!(!msg.contains("clock"), "{msg}");
 }
