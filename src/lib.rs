@@ -114,5 +114,5 @@ pub use pipeline::{DrainReport, PendingNote};
 pub use segment::active::Lookup;
 pub use segment::salvage::LostSpan;
 pub use segment::{Entry, SegmentId, TimeRange, key_hash};
-pub use tier::{Host, OpenReport, RemoteLookup, ShutdownReport, Status, Store, TierIndex};
+pub use tier::{Adopted, Host, OpenReport, RemoteLookup, ShutdownReport, Status, Store, TierIndex};
 pub use upload::VerifyLevel;

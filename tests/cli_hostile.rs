@@ -3738,4 +3738,30 @@ fn a_sealed_file_the_journal_cannot_record_keeps_drain_at_exit_4() {
     let o = sb.run(&[D, DD, "status", "--json"], &[]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["totals"]["not_journaled"], serde_json::json!([5]), "{v}");
+    // The repair: its entries appended again and uploaded, the file moved
+    // to quarantine/.
+    let hits = |sb: &Sandbox, remote: bool| {
+        let mut args = vec![D, DD, "--json", "lookup", "key-1"];
+        if remote {
+            args.push("--remote");
+        }
+        let o = sb.run(&args, &[]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("lookup json");
+        v["hits"].as_array().map_or(0, |h| {
+            h.iter()
+                .filter(|h| h["offset"].as_u64().is_some_and(|o| o >= 9_000_000))
+                .count()
+        })
+    };
+    assert_eq!(hits(&sb, false), 5, "held locally before");
+    let o = sb.run(&[D, DD, "drain", "--adopt-unjournaled"], &[]);
+    assert_sane(&o, "adopt");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_says(&o, "adopted segment 5: 5 entries appended again");
+    assert!(!seg.exists(), "moved to quarantine/");
+    assert_eq!(hits(&sb, true), 5, "uploaded once");
+    for args in [vec![D, DD, "status"], vec![D, DD, "fsck"]] {
+        let o = sb.run(&args, &[]);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+    }
 }

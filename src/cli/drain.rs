@@ -41,6 +41,12 @@ pub struct DrainArgs {
     /// (above zero, at most 24h).
     #[arg(long, default_value = "5m", value_parser = parse_deadline)]
     pub deadline: Duration,
+    /// Append the entries of local sealed files the journal can never
+    /// record (NOT JOURNALED) again to the active segment, then drain; each
+    /// file goes to quarantine/. Only once `tierindex inspect` shows they
+    /// belong to this stream (a second writer's, a lost journal record).
+    #[arg(long)]
+    pub adopt_unjournaled: bool,
 }
 
 pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
@@ -62,6 +68,30 @@ pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
         ));
         for n in &open.notes {
             note(&format!("  note: {n}"));
+        }
+    }
+    if a.adopt_unjournaled {
+        // Asked of the store within a tenth of the deadline (at least 5 s).
+        let limit = (a.deadline / 10).max(Duration::from_secs(5));
+        match ti.adopt_unjournaled(limit).await {
+            Ok(done) => {
+                for d in &done {
+                    note(&format!(
+                        "tierindex drain: adopted segment {}: {} entries appended again; the \
+                         file moved to {}",
+                        d.segment,
+                        d.entries,
+                        d.moved_to.as_deref().unwrap_or("-")
+                    ));
+                }
+                if done.is_empty() {
+                    note("tierindex drain: no sealed file without a journal record to adopt");
+                }
+            }
+            Err(e) => {
+                // Nothing adopted: the drain goes on and still reports them.
+                note(&format!("tierindex drain: adopting failed: {e}"));
+            }
         }
     }
     let pending = ti.status().pending_segments;
@@ -282,7 +312,8 @@ fn report_text(o: &ReportOut<'_>) -> String {
             "\nNOT JOURNALED: {} local sealed file(s) have no journal record and are below the \
              journal's highest id, so nothing uploads their entries (a second process sealed \
              them beside this one, or the journal lost their records): {:?}. Keep the files; \
-             `tierindex inspect` shows their entries",
+             `tierindex inspect` shows their entries, and once they belong to this stream \
+             `tierindex drain --adopt-unjournaled` appends them again and uploads them",
             r.unjournaled.len(),
             r.unjournaled
         ));

@@ -45,6 +45,7 @@ use crate::remote::manifest::{DamageNote, ManifestStore, ManifestWriter, Segment
 use crate::segment::active::Lookup;
 use crate::segment::{Entry, TimeRange, now_ms};
 
+mod adopt;
 mod background;
 mod host;
 mod open;
@@ -52,6 +53,7 @@ mod remote_lookup;
 mod report;
 mod shutdown;
 
+pub use adopt::Adopted;
 use background::{lease_renewer, reconciler, update_gauges, worker};
 pub use background::{status_from, status_of};
 #[cfg(any(test, feature = "testing"))]
