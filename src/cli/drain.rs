@@ -311,7 +311,8 @@ fn report_text(o: &ReportOut<'_>) -> String {
         s.push_str(&format!(
             "\nNOT JOURNALED: {} local sealed file(s) have no journal record and are below the \
              journal's highest id, so nothing uploads their entries (a second process sealed \
-             them beside this one, or the journal lost their records): {:?}. Keep the files; \
+             them beside this one, a build before session 31 sealed later segments after one \
+             failed to seal, or the journal lost their records): {:?}. Keep the files; \
              `tierindex inspect` shows their entries, and once they belong to this stream \
              `tierindex drain --adopt-unjournaled` appends them again and uploads them",
             r.unjournaled.len(),

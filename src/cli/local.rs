@@ -89,7 +89,8 @@ fn not_journaled_line(ids: &[u64]) -> String {
     format!(
         "NOT JOURNALED: {} local sealed file(s) have no journal record and are below the \
          journal's highest id, so nothing uploads their entries (a second process sealed them \
-         beside this one, or the journal lost their records): {ids:?}. Keep the files; \
+         beside this one, a build before session 31 sealed later segments after one failed to \
+         seal, or the journal lost their records): {ids:?}. Keep the files; \
          `tierindex inspect` shows their entries, `tierindex drain` checks whether the \
          store holds them, and once they belong to this stream `tierindex drain \
          --adopt-unjournaled` appends them again and uploads them",

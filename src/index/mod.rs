@@ -1465,6 +1465,53 @@ mod tests {
         w.close(Instant::now() + Duration::from_secs(30)).unwrap();
     }
 
+    /// Once the writer is poisoned (a seal failed on a full disk), the
+    /// segments queued behind are not sealed: sealed and journaled above
+    /// the failed one, they would leave its id below the journal's highest,
+    /// never to be journaled or uploaded (helper-63).
+    #[test]
+    fn no_seal_after_the_writer_is_poisoned() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let (mut w, _) = IndexWriter::open(dd, cfg(10), None, None).unwrap();
+        let (hold, held) = mpsc::channel();
+        assert!(w.sealer_tx.as_ref().unwrap().push(Job::Hold(held)));
+        let mut frozen = Vec::new();
+        for i in 0..30u64 {
+            w.append_entry(Entry {
+                key_hash: i,
+                offset: i,
+                size: 1,
+                timestamp_ms: 1,
+            })
+            .unwrap();
+            if i % 10 == 9 {
+                frozen.extend(w.roll().unwrap());
+            }
+        }
+        assert_eq!(frozen.len(), 3);
+        // As a failed seal of the first would: poisoned while all three wait.
+        w.poison_with("a seal failed".into());
+        drop(hold);
+        let _ = w.close(Instant::now() + Duration::from_secs(30));
+        drop(w);
+        // The sealer lane holds the directory's lock until it has run its
+        // queue: once the lock is free, every seal it would make is made.
+        let until = Instant::now() + Duration::from_secs(30);
+        while DataDir::open(d.path()).is_err() {
+            assert!(Instant::now() < until, "the sealer did not end");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for id in frozen {
+            let seg = d.path().join("segments");
+            assert!(!seg.join(sealed_file_name(id)).exists(), "{id} sealed");
+            assert!(
+                seg.join(crate::segment::active::active_file_name(id)).exists(),
+                "{id} left for the next start"
+            );
+        }
+    }
+
     #[test]
     fn rolls_seals_and_finds_across_segments() {
         let d = tempfile::tempdir().unwrap();

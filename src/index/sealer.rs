@@ -201,6 +201,20 @@ pub(super) fn spawn(
                  start recovers it",
                 seg.id()
             )))
+        } else if let Err(why) = poison.check() {
+            // An earlier seal failed (or the writer is poisoned otherwise):
+            // this later segment is left as `.active` too, for the next
+            // start, which seals them all in id order. Sealed now, it would
+            // be journaled above the failed one, whose id the journal could
+            // then never take: its acknowledged entries would never be
+            // uploaded (helper-63: a full disk failed segment 2841's seal,
+            // 2842 and 2843 were sealed and journaled, and 2841 ended
+            // "NOT JOURNALED").
+            Err(Error::Poisoned(format!(
+                "segment {} not sealed: the writer is poisoned ({why}); the next start seals \
+                 it",
+                seg.id()
+            )))
         } else {
             Ok(())
         };
