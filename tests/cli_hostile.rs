@@ -1192,6 +1192,17 @@ fn a_default_store_beside_a_path_with_a_space_or_percent_is_found_again() {
             .is_none(),
         "a store was created under xAy"
     );
+    // `..` in the data directory's path: the default store is beside it
+    // (helper-63: refused, naming a URL nobody typed).
+    std::fs::create_dir(sb.root.join("up")).unwrap();
+    let dd = "{root}/sp ace/../up/d";
+    let mut args = demo_in(dd, &["--keys", "16"]);
+    args.drain(2..4);
+    let o = sb.run(&args, &[]);
+    assert_eq!(o.status.code(), Some(0), "..: {}", text(&o));
+    assert!(sb.root.join("up").join("tierindex-store").is_dir());
+    let o = sb.run(&[D, dd, "drain"], &[]);
+    assert_eq!(o.status.code(), Some(0), "..: {}", text(&o));
 }
 
 /// Two data directories whose `segments/` are symbolic links to one

@@ -740,7 +740,28 @@ impl Config {
         }
         let abs = std::path::absolute(&self.data_dir)
             .map_err(|e| Error::io(&self.data_dir, "resolve data dir", e))?;
+        // `..` resolved by name (`--data-dir ../d`): a store URL holding it
+        // is refused (helper-63: `demo` failed on a URL nobody typed).
+        let mut norm = std::path::PathBuf::new();
+        for c in abs.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    norm.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => norm.push(other),
+            }
+        }
+        let abs = norm;
         let parent = abs.parent().unwrap_or(Path::new("/"));
+        if parent.as_os_str().as_encoded_bytes().contains(&b'\\') {
+            return Err(Error::InvalidInput(format!(
+                "data_dir {}: the path of the directory it is in holds a `\\`, which a file \
+                 store's path may not (see the `store` key), so the default \
+                 store beside it cannot be used; set store (--store) to a directory elsewhere",
+                self.data_dir.display()
+            )));
+        }
         let dir = parent.join("tierindex-store");
         if dir.to_str().is_none() {
             return Err(Error::InvalidInput(format!(
