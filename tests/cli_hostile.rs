@@ -998,6 +998,7 @@ fn read_only_commands_do_not_create_what_is_missing() {
         vec![D, DD, "--store", typo_store, "reconcile"],
         vec![D, DD, "--store", typo_store, "lookup", "key-1", "--remote"],
         vec!["--store", typo_store, "owner"],
+        vec!["store-check", typo_store],
         vec![D, "{root}/dta", "quarantine", "list"],
         vec![D, "{root}/dta", "quarantine", "retry", "5"],
         // The writing commands too, when --store-override asks for another
@@ -1239,7 +1240,7 @@ fn data_directories_sharing_a_linked_segments_directory_are_refused() {
     let o = demo("d2");
     assert_sane(&o, "d2");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert_says(&o, "also links to as its segments/");
+    assert_says(&o, "links to as its segments/");
     assert_eq!(
         files(&r.join("shared")),
         before,
@@ -1253,8 +1254,12 @@ fn data_directories_sharing_a_linked_segments_directory_are_refused() {
     let o = demo("d5");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_says(&o, "is the segments directory of data directory");
-    // d1 moved beside itself, its link kept: it takes the directory over.
+    // d1 moved beside itself, its link kept: it takes the directory over,
+    // and d2 is still refused (helper-63: once d1 moved, d2 took it over).
     std::fs::rename(r.join("d1"), r.join("d1b")).unwrap();
+    let o = demo("d2");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_says(&o, "links to as its segments/");
     let o = sb.run(&[D, "{root}/d1b", "drain"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = sb.run(&[D, "{root}/d1b", "lookup", "key-5"], &[]);

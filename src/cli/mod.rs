@@ -527,13 +527,11 @@ pub fn main() -> i32 {
                 return fail(json, EXIT_USAGE, &why);
             }
             if json {
+                // clap's whole message (what is missing, the accepted
+                // values, a similar name), not only its first line.
                 let text = e.render().to_string();
-                let first = text
-                    .lines()
-                    .next()
-                    .unwrap_or("usage error")
-                    .trim_start_matches("error: ");
-                return fail(json, EXIT_USAGE, first);
+                let msg = text.trim().trim_start_matches("error: ");
+                return fail(json, EXIT_USAGE, msg);
             }
             let _ = e.print();
             return if e.use_stderr() { EXIT_USAGE } else { 0 };

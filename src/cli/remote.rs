@@ -291,6 +291,17 @@ pub async fn store_check(cli: &Cli, url: Option<&str>) -> Result<i32> {
         Some(u) => u.to_string(),
         None => cfg.store_url()?,
     };
+    // A check of a store does not create one (helper-63: a mistyped
+    // file:// path was created and probed, exit 0).
+    if let crate::remote::url::StoreUrl::File { dir } =
+        crate::remote::url::parse_store("store", &url)?
+        && !dir.is_dir()
+    {
+        return Err(Error::InvalidInput(format!(
+            "no store directory at {}: check the URL (store-check does not create a store)",
+            dir.display()
+        )));
+    }
     let store = RemoteStore::from_url(&url, &cfg.store_options())?;
     preflight(&store, &cfg).await?;
     let caps = probe::probe(&store).await?;

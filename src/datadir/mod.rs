@@ -140,6 +140,38 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
     let mut held = Vec::new();
     let me = fs::canonicalize(root).map_err(|e| Error::io(root, "resolve data directory", e))?;
     let my_id = id_of(&me);
+    // The data directory and its three folders are four directories: a
+    // `segments/` linked to `journal/` (or to the data directory itself)
+    // had start-up move `journal.log` to quarantine as an unknown file at
+    // every start (helper-63).
+    let ids: Vec<_> = [SEGMENTS_DIR, JOURNAL_DIR, QUARANTINE_DIR]
+        .iter()
+        .map(|n| (n, id_of(&root.join(n))))
+        .collect();
+    for (i, (a, ia)) in ids.iter().enumerate() {
+        let same_as = if ia.is_some() && *ia == my_id {
+            Some("the data directory itself".to_string())
+        } else {
+            ids[..i]
+                .iter()
+                .find(|(_, ib)| ia.is_some() && ib == ia)
+                .map(|(b, _)| format!("{b}/"))
+        };
+        if let Some(other) = same_as {
+            return Err(Error::InvalidInput(format!(
+                "{}/{a} is the same directory as {other} (a symbolic link?): each of \
+                 segments/, journal/ and quarantine/ must be a directory of its own; \
+                 nothing was changed",
+                root.display()
+            )));
+        }
+    }
+    // This data directory's incarnation, if it has one yet.
+    let mine_inc = crate::identity::Identity::load(root)
+        .ok()
+        .flatten()
+        .map(|i| i.incarnation)
+        .unwrap_or_default();
     for name in [SEGMENTS_DIR, JOURNAL_DIR] {
         let link = root.join(name);
         if !fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -172,17 +204,40 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
         // sealed files for its own). Moved or copied, or linking elsewhere
         // now: this one takes it over.
         let marker = target.join(LINKED_BY_FILE);
-        let recorded = crate::durable::read_regular(&marker, 4096).ok();
+        // Anything but a regular file there (a planted symlink) is refused:
+        // it could not be read or written, and the check would be off
+        // (helper-63).
+        if fs::symlink_metadata(&marker).is_ok_and(|m| !m.file_type().is_file()) {
+            return Err(Error::InvalidInput(format!(
+                "{} is not a regular file: tierindex writes only a regular file there (which \
+                 data directory links to {}); remove it, then open again",
+                marker.display(),
+                target.display()
+            )));
+        }
+        // `<incarnation>\n<path>`: the data directory's identity and where it
+        // was. Another incarnation is another data directory, wherever it
+        // is now (helper-63: once the first one moved, a second one linking
+        // there took it over); the same one moved keeps it.
+        let recorded = crate::durable::read_regular(&marker, 8192).ok();
         if let Some(b) = &recorded {
-            let other = Path::new(std::ffi::OsStr::from_bytes(b));
-            if other.is_absolute()
+            let (inc, path) = match b.iter().position(|&c| c == b'\n') {
+                Some(i) => (&b[..i], &b[i + 1..]),
+                None => (&b[..0], &b[..]),
+            };
+            let other = Path::new(std::ffi::OsStr::from_bytes(path));
+            let other_links_here = other.is_absolute()
                 && id_of(other).is_some_and(|o| Some(o) != my_id)
                 && other.join(crate::identity::IDENTITY_FILE).exists()
-                && fs::canonicalize(other.join(name)).is_ok_and(|t| t == target)
-            {
+                && fs::canonicalize(other.join(name)).is_ok_and(|t| t == target);
+            let another_incarnation = !inc.is_empty() && inc != mine_inc.as_bytes();
+            if other_links_here || another_incarnation {
                 return Err(refuse(format!(
-                    "data directory {} also links to as its {name}/",
-                    other.display()
+                    "data directory {} (incarnation {}) links to as its {name}/ (if that data \
+                     directory is gone for good, remove {} and open again)",
+                    other.display(),
+                    String::from_utf8_lossy(inc),
+                    marker.display()
                 )));
             }
         }
@@ -203,20 +258,45 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
             }
             return Err(Error::io(&target, "lock linked directory", e));
         }
-        // Advisory, not synced: lost to a crash, it is written again at
-        // the next open. Not through a symlink planted in its place
-        // (`write_file` opens `O_NOFOLLOW`). A check that changes nothing
-        // (`fsck` without `--repair`) does not write it.
-        let mine = me.as_os_str().as_bytes();
-        if claim
-            && recorded.as_deref() != Some(mine)
-            && let Err(e) = crate::durable::write_file(&marker, mine)
+        held.push(dir);
+    }
+    // A check that changes nothing (`fsck` without `--repair`) does not
+    // write `LINKED_BY`.
+    if claim {
+        claim_linked_dirs(root, &mine_inc);
+    }
+    Ok(held)
+}
+
+/// Writes `LINKED_BY` in the target of a linked `segments/` or `journal/`
+/// ([`guard_linked_dirs`] checked it): `<incarnation>\n<path>`. Advisory,
+/// not synced (lost to a crash, it is written again at the next open), not
+/// through a symlink planted in its place (`write_file` opens
+/// `O_NOFOLLOW`). Written again once a new data directory has its identity
+/// (`DataDir::open_as`), so its first open does not leave an incarnation
+/// out.
+fn claim_linked_dirs(root: &Path, incarnation: &str) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(me) = fs::canonicalize(root) else {
+        return;
+    };
+    for name in [SEGMENTS_DIR, JOURNAL_DIR] {
+        let link = root.join(name);
+        if !fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            continue;
+        }
+        let Ok(target) = fs::canonicalize(&link) else {
+            continue;
+        };
+        let marker = target.join(LINKED_BY_FILE);
+        let mut mine = format!("{incarnation}\n").into_bytes();
+        mine.extend_from_slice(me.as_os_str().as_bytes());
+        if crate::durable::read_regular(&marker, 8192).ok().as_deref() != Some(mine.as_slice())
+            && let Err(e) = crate::durable::write_file(&marker, &mine)
         {
             tracing::warn!(file = %marker.display(), error = %e, "cannot record which data directory links here");
         }
-        held.push(dir);
     }
-    Ok(held)
 }
 
 /// In the target of a linked `segments/` or `journal/`: the data directory
@@ -288,6 +368,7 @@ impl DataDir {
         };
         let existed = std::fs::symlink_metadata(root.join(crate::identity::IDENTITY_FILE)).is_ok();
         let id = crate::identity::ensure(root, stream, store, endpoint, mode, overrides)?;
+        claim_linked_dirs(root, &id.incarnation);
         Ok((dd, id, !existed))
     }
 
@@ -748,23 +829,44 @@ mod tests {
         let victim = t.path().join("victim");
         fs::write(&victim, b"keep").unwrap();
         std::os::unix::fs::symlink(&victim, shared.join(LINKED_BY_FILE)).unwrap();
-        let a = DataDir::open_to_check(&t.path().join("a")).unwrap();
+        match DataDir::open_to_check(&t.path().join("a")) {
+            Err(Error::InvalidInput(m)) => assert!(m.contains("not a regular file"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        fs::remove_file(shared.join(LINKED_BY_FILE)).unwrap();
+        let a = DataDir::open_to_check(&t.path().join("a")).unwrap();
+        assert!(!shared.join(LINKED_BY_FILE).exists(), "a check writes nothing");
         match DataDir::open(&t.path().join("b")) {
             Err(Error::Locked { holder, .. }) => assert!(holder.contains("links there"), "{holder}"),
             other => panic!("{:?}", other.err()),
         }
         drop(a);
-        fs::remove_file(shared.join(LINKED_BY_FILE)).unwrap();
         let b = DataDir::open(&t.path().join("b")).unwrap();
         let by = fs::read(shared.join(LINKED_BY_FILE)).unwrap();
-        assert_eq!(by, fs::canonicalize(t.path().join("b")).unwrap().as_os_str().as_encoded_bytes());
+        // No identity yet: an empty incarnation, then the path.
+        let mut want = b"\n".to_vec();
+        want.extend_from_slice(
+            fs::canonicalize(t.path().join("b"))
+                .unwrap()
+                .as_os_str()
+                .as_encoded_bytes(),
+        );
+        assert_eq!(by, want);
         drop(b);
         // a still links there, and LINKED_BY names b, a data directory
         // (it has an identity) that links there too.
         fs::write(t.path().join("b").join(crate::identity::IDENTITY_FILE), b"x").unwrap();
         match DataDir::open(&t.path().join("a")) {
-            Err(Error::InvalidInput(m)) => assert!(m.contains("also links to"), "{m}"),
+            Err(Error::InvalidInput(m)) => assert!(m.contains("links to as its segments/"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        // segments/ linked to the data directory's own journal/: refused.
+        let c = t.path().join("c");
+        fs::create_dir_all(c.join(JOURNAL_DIR)).unwrap();
+        std::os::unix::fs::symlink(c.join(JOURNAL_DIR), c.join(SEGMENTS_DIR)).unwrap();
+        match DataDir::open(&c) {
+            Err(Error::InvalidInput(m)) => assert!(m.contains("is the same directory as"), "{m}"),
             other => panic!("{:?}", other.err()),
         }
     }
