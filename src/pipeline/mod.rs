@@ -330,6 +330,18 @@ impl Shared {
         })
     }
 
+    /// Local sealed files the journal has no record of, at or below its
+    /// highest id: it can never record them (`NOT JOURNALED`).
+    pub fn unjournaled_below_max(&self) -> Vec<SegmentId> {
+        let j = self.journal.read();
+        let max = j.max_segment_id();
+        self.sealed
+            .ids()
+            .into_iter()
+            .filter(|id| max.is_some_and(|m| *id <= m) && j.get(*id).is_none())
+            .collect()
+    }
+
     /// Start-up: journal every local sealed file the journal does not know
     /// (a crash between seal and journal append). Returns notes for files
     /// that cannot be recorded.

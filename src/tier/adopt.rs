@@ -32,15 +32,7 @@ impl TierIndex {
     /// asked within `limit` (nothing is adopted on a guess).
     pub async fn adopt_unjournaled(&self, limit: Duration) -> Result<Vec<Adopted>> {
         let sh = self.sh().clone();
-        let candidates: Vec<crate::segment::SegmentId> = {
-            let j = sh.journal.read();
-            let max = j.max_segment_id();
-            sh.sealed
-                .ids()
-                .into_iter()
-                .filter(|id| max.is_some_and(|m| *id <= m) && j.get(*id).is_none())
-                .collect()
-        };
+        let candidates = sh.unjournaled_below_max();
         if candidates.is_empty() {
             return Ok(Vec::new());
         }

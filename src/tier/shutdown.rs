@@ -146,15 +146,7 @@ impl TierIndex {
         // (below its highest id): nothing uploads their entries, unless the
         // store already holds them as committed (a released segment's copy
         // put back from a backup after compaction dropped its record).
-        let candidates: Vec<crate::segment::SegmentId> = {
-            let j = sh.journal.read();
-            let max = j.max_segment_id();
-            sh.sealed
-                .ids()
-                .into_iter()
-                .filter(|id| max.is_some_and(|m| *id <= m) && j.get(*id).is_none())
-                .collect()
-        };
+        let candidates = sh.unjournaled_below_max();
         let mut unjournaled = Vec::new();
         if !candidates.is_empty() {
             let limit = until
