@@ -89,7 +89,8 @@ pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
                 }
             }
             Err(e) => {
-                // Nothing adopted: the drain goes on and still reports them.
+                // The error names what was adopted before it; the drain
+                // goes on and reports the files left.
                 note(&format!("tierindex drain: adopting failed: {e}"));
             }
         }

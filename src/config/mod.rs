@@ -742,17 +742,34 @@ impl Config {
             .map_err(|e| Error::io(&self.data_dir, "resolve data dir", e))?;
         // `..` resolved by name (`--data-dir ../d`): a store URL holding it
         // is refused (helper-63: `demo` failed on a URL nobody typed).
-        let mut norm = std::path::PathBuf::new();
-        for c in abs.components() {
-            match c {
-                std::path::Component::ParentDir => {
-                    norm.pop();
+        // The part before the first `..` is resolved by the file system
+        // when it exists (a symlink there is followed, as the kernel does
+        // for the data directory itself: helper-64), the rest by name. A
+        // path without `..` is kept as it is, as before.
+        let has_parent = abs
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
+        let abs = if has_parent {
+            let comps: Vec<_> = abs.components().collect();
+            let first = comps
+                .iter()
+                .position(|c| *c == std::path::Component::ParentDir)
+                .unwrap_or(comps.len());
+            let head: std::path::PathBuf = comps[..first].iter().collect();
+            let mut norm = std::fs::canonicalize(&head).unwrap_or(head);
+            for c in &comps[first..] {
+                match c {
+                    std::path::Component::ParentDir => {
+                        norm.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    other => norm.push(other),
                 }
-                std::path::Component::CurDir => {}
-                other => norm.push(other),
             }
-        }
-        let abs = norm;
+            norm
+        } else {
+            abs
+        };
         let parent = abs.parent().unwrap_or(Path::new("/"));
         if parent.as_os_str().as_encoded_bytes().contains(&b'\\') {
             return Err(Error::InvalidInput(format!(

@@ -226,11 +226,17 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
                 None => (&b[..0], &b[..]),
             };
             let other = Path::new(std::ffi::OsStr::from_bytes(path));
+            // Recorded by this very directory (found at the path, by device
+            // and inode): its own record, whatever incarnation it names (a
+            // refused first open removes the IDENTITY it wrote; a damaged
+            // IDENTITY is the open's to report, not this check's).
+            let itself = other.is_absolute() && id_of(other).is_some() && id_of(other) == my_id;
             let other_links_here = other.is_absolute()
-                && id_of(other).is_some_and(|o| Some(o) != my_id)
+                && !itself
+                && id_of(other).is_some()
                 && other.join(crate::identity::IDENTITY_FILE).exists()
                 && fs::canonicalize(other.join(name)).is_ok_and(|t| t == target);
-            let another_incarnation = !inc.is_empty() && inc != mine_inc.as_bytes();
+            let another_incarnation = !itself && !inc.is_empty() && inc != mine_inc.as_bytes();
             if other_links_here || another_incarnation {
                 return Err(refuse(format!(
                     "data directory {} (incarnation {}) links to as its {name}/ (if that data \
@@ -861,6 +867,17 @@ mod tests {
             Err(Error::InvalidInput(m)) => assert!(m.contains("links to as its segments/"), "{m}"),
             other => panic!("{:?}", other.err()),
         }
+        // A data directory's own record, naming an incarnation it no longer
+        // has (a refused first open removed its IDENTITY): not a lock-out.
+        let e = t.path().join("e");
+        let shared_e = t.path().join("shared-e");
+        fs::create_dir_all(&e).unwrap();
+        fs::create_dir(&shared_e).unwrap();
+        std::os::unix::fs::symlink(&shared_e, e.join(SEGMENTS_DIR)).unwrap();
+        let mut rec = b"0123abcd\n".to_vec();
+        rec.extend_from_slice(fs::canonicalize(&e).unwrap().as_os_str().as_encoded_bytes());
+        fs::write(shared_e.join(LINKED_BY_FILE), rec).unwrap();
+        drop(DataDir::open(&e).unwrap());
         // segments/ linked to the data directory's own journal/: refused.
         let c = t.path().join("c");
         fs::create_dir_all(c.join(JOURNAL_DIR)).unwrap();

@@ -559,6 +559,28 @@ impl Shared {
         )
     }
 
+    /// [`committed_elsewhere`](Self::committed_elsewhere) with doubt kept
+    /// apart: `Some(true)` the store holds it, `Some(false)` it was asked
+    /// and does not (the manifest lists no such entry, or the object under
+    /// its key is missing or of another length), `None` no answer (not
+    /// owner, fenced, an error). For a repair that acts on "not held".
+    pub async fn committed_elsewhere_known(&self, id: SegmentId) -> Option<bool> {
+        let meta = self.sealed.meta(id).ok().flatten()?;
+        if self.manifest.is_some() {
+            return match self.manifest_entry(id).await {
+                Ok(Some(e)) => Some(e.key_sum() == meta.key_sum() && e.file_len == meta.file_len),
+                Ok(None) => Some(false),
+                Err(_) => None,
+            };
+        }
+        let key = self.store.segment_key(&self.stream, &meta);
+        match object_store::ObjectStoreExt::head(self.store.object_store().as_ref(), &key).await {
+            Ok(m) => Some(m.size == meta.file_len),
+            Err(object_store::Error::NotFound { .. }) => Some(false),
+            Err(_) => None,
+        }
+    }
+
     /// The entry the manifest lists under `id` (as this owner last saw
     /// it), read as the current owner. Not owned or fenced: an error.
     pub async fn manifest_entry(&self, id: SegmentId) -> Result<Option<SegmentEntry>> {

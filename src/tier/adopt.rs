@@ -28,56 +28,108 @@ impl TierIndex {
     /// entries are then held twice, never zero times. A file the store
     /// holds as committed (listed in the manifest with its checksum, or
     /// without a manifest its object at its length) is left alone: its
-    /// entries are there already. So is every file when the store cannot be
-    /// asked within `limit` (nothing is adopted on a guess).
+    /// entries are there already. Nothing is adopted when the store cannot
+    /// say, for any of them, within `limit` (nothing on a guess), nor a file
+    /// whose items do not all verify. A rerun after a crash between the
+    /// append and the move appends the file's entries once more: held
+    /// twice or more, never zero times.
     pub async fn adopt_unjournaled(&self, limit: Duration) -> Result<Vec<Adopted>> {
         let sh = self.sh().clone();
         let candidates = sh.unjournaled_below_max();
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        // Ask the store about every one first: a store that does not answer
-        // adopts nothing.
+        // Ask the store about every one first, and act only on a definite
+        // "not held": a store that cannot say (not owner, an error, no
+        // answer in time) adopts nothing (helper-64: an error read as "not
+        // held" would upload a committed file's entries again).
         let mut to_adopt = Vec::new();
+        let mut unknown = Vec::new();
         let asked = async {
             for id in candidates {
-                if !sh.committed_elsewhere(id).await {
-                    to_adopt.push(id);
+                match sh.committed_elsewhere_known(id).await {
+                    Some(false) => to_adopt.push(id),
+                    Some(true) => {}
+                    None => unknown.push(id.0),
                 }
             }
         };
         if tokio::time::timeout(limit, asked).await.is_err() {
             return Err(Error::Remote(format!(
                 "the store did not say within {limit:?} whether it holds the sealed files the \
-                 journal cannot record; nothing was adopted (run again once it answers)"
+                 journal cannot record; nothing was adopted (run again once it answers, or \
+                 with a longer --deadline)"
+            )));
+        }
+        if !unknown.is_empty() {
+            return Err(Error::Remote(format!(
+                "the store could not say whether it holds segments {unknown:?} (not the \
+                 stream's owner, or an error); nothing was adopted (run again once it answers)"
             )));
         }
         let writer = sh.writer.clone();
         tokio::task::spawn_blocking(move || {
             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            let mut out = Vec::new();
+            let mut out: Vec<Adopted> = Vec::new();
+            let done = |out: &Vec<Adopted>| {
+                out.iter()
+                    .map(|a| a.segment)
+                    .collect::<Vec<_>>()
+            };
             for id in to_adopt {
-                let Some(seg) = w.sealed(id)? else { continue };
-                let entries = seg.entries();
-                drop(seg);
-                for e in &entries {
-                    w.append_entry(*e)?;
+                let step = (|| -> Result<Option<Adopted>> {
+                    let Some(meta) = w.sealed_meta(id)? else {
+                        return Ok(None);
+                    };
+                    let Some(seg) = w.sealed(id)? else {
+                        return Ok(None);
+                    };
+                    let entries = seg.entries();
+                    drop(seg);
+                    // Every item, or the file is left as it is: adopted
+                    // short, the items that do not verify would be reported
+                    // nowhere (helper-64).
+                    if entries.len() as u64 != meta.item_count {
+                        return Err(Error::corrupt(
+                            format!("segment {id}"),
+                            format!(
+                                "{} of its {} items do not verify: not adopted; `tierindex \
+                                 inspect` shows the file",
+                                meta.item_count.saturating_sub(entries.len() as u64),
+                                meta.item_count
+                            ),
+                        ));
+                    }
+                    let into = w.active_id().map_or(0, |a| a.0);
+                    for e in &entries {
+                        w.append_entry(*e)?;
+                    }
+                    w.flush()?;
+                    let reason = format!(
+                        "local sealed file without a journal record below the journal's \
+                         highest id (NOT JOURNALED); adopted by `drain --adopt-unjournaled`: \
+                         its {} entries were appended again from active segment {into} on",
+                        entries.len()
+                    );
+                    let moved = w.quarantine_sealed(id, &reason)?;
+                    tracing::warn!(segment = id.0, entries = entries.len(), "{reason}");
+                    Ok(Some(Adopted {
+                        segment: id.0,
+                        entries: entries.len(),
+                        moved_to: moved.map(|p| p.display().to_string()),
+                    }))
+                })();
+                match step {
+                    Ok(Some(a)) => out.push(a),
+                    Ok(None) => {}
+                    // What was adopted before the error is said with it.
+                    Err(e) => {
+                        return Err(Error::Internal(format!(
+                            "adopting segment {id} failed: {e}; adopted before it: {:?}",
+                            done(&out)
+                        )));
+                    }
                 }
-                w.flush()?;
-                let reason = format!(
-                    "local sealed file without a journal record below the journal's highest id \
-                     (NOT JOURNALED); adopted by `drain --adopt-unjournaled`: its {} entries \
-                     were appended again to active segment {}",
-                    entries.len(),
-                    w.active_id().map_or(0, |a| a.0)
-                );
-                let moved = w.quarantine_sealed(id, &reason)?;
-                tracing::warn!(segment = id.0, entries = entries.len(), "{reason}");
-                out.push(Adopted {
-                    segment: id.0,
-                    entries: entries.len(),
-                    moved_to: moved.map(|p| p.display().to_string()),
-                });
             }
             Ok(out)
         })
