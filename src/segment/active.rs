@@ -225,14 +225,26 @@ pub const PREFAULT_MIN: usize = 16 << 10;
 pub const PREFAULT_MAX: usize = 8 << 20;
 
 /// Bring the pages of `len` bytes of an active segment's map at `addr`
-/// into this process's page tables and the page cache, as a read of each
-/// would (the stretch [`ActiveSegment::prefault_due`] asked for), on the
-/// sealer's thread. Best effort: kernels without `MADV_POPULATE_READ`
-/// (before 5.14) refuse it, and the appends then fault those pages in
-/// themselves, under the writer's lock (a fault then also waits for any
-/// map or unmap in the process: measured as 4-9x more appends waiting over
-/// 100 us than with the pages populated, which reading the file into the
-/// page cache alone did not avoid).
+/// into this process's page tables, writable, and into the page cache, as
+/// a write to each would (the stretch [`ActiveSegment::prefault_due`] asked
+/// for, on the sealer's thread; the tail page after a flush, on the
+/// writer's). Best effort: kernels without `MADV_POPULATE_WRITE` (before
+/// 5.14) refuse it, and the appends then fault those pages in themselves,
+/// under the writer's lock (a fault then also waits for any map or unmap
+/// in the process: measured as 4-9x more appends waiting over 100 us than
+/// with the pages populated, which reading the file into the page cache
+/// alone did not avoid).
+///
+/// Write, not read: on a file system that tracks the pages written through
+/// a shared map (ext4, XFS, btrfs: `page_mkwrite`), a page populated by a
+/// read is mapped read-only, and the first append into it took a second
+/// fault to make it writable, 2-5 us on ext4 here: one append in about
+/// 100 (a 4 KiB page holds 102 items), which set the append's p99 at about
+/// 2 us and its p99.9 at 3.5-4.7 us (session 32, docs/benchmarks.md). The
+/// pages populated ahead are dirty (zeros over allocated blocks, so what a
+/// writeback puts on disk reads the same as before), and on a file system
+/// that must reserve space to write a page (btrfs), a full disk fails this
+/// call instead of the append's write with SIGBUS.
 pub(crate) fn populate(addr: usize, len: usize) {
     // `madvise` takes an address aligned to the kernel's page, which may be
     // larger than the format's 4 KiB (16 or 64 KiB on some arm64 and
@@ -240,13 +252,16 @@ pub(crate) fn populate(addr: usize, len: usize) {
     let page = runtime_page_size();
     let start = addr / page * page;
     let len = len + (addr - start);
-    // SAFETY: `MADV_POPULATE_READ` neither reads nor writes memory the
-    // program sees: it faults the range's pages in as a read would,
-    // without the access. The range was this process's map of an active
-    // file when the stretch was asked for; if that map is gone by now
-    // (the segment sealed and retired first), the call fails (ENOMEM) or
-    // populates whatever now occupies the range, changing no byte of it.
-    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_READ) };
+    // SAFETY: `MADV_POPULATE_WRITE` neither reads nor writes memory the
+    // program sees: it faults the range's pages in as a write would,
+    // without the access (so it changes no byte). The range was this
+    // process's map of an active file when the stretch was asked for; if
+    // that map is gone by now (the segment sealed and retired first), the
+    // call fails (ENOMEM; EFAULT or EINVAL for a read-only or special map)
+    // or populates whatever now occupies the range: a file's pages marked
+    // dirty with their bytes unchanged, or private pages made resident
+    // (copied on write with the same bytes), changing no byte of it.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
     if rc == 0 {
         POPULATED.fetch_add(len as u64, Ordering::Relaxed);
     } else {
@@ -1151,7 +1166,25 @@ impl ActiveSegment {
                 }
             })?;
         self.write_flush_mark();
+        self.rearm_tail();
         Ok(())
+    }
+
+    /// After a flush's msync: its writeback left the pages it wrote clean
+    /// and write-protected in every map of them, so the next append into
+    /// the last one, partly written, would take a write fault
+    /// (`page_mkwrite` on ext4, XFS, btrfs: 2-5 us on ext4 here), one
+    /// append a flush: at a flush every 1,000 appends, that was the append's
+    /// p99.9. Fault it in writable here instead, after the msync the
+    /// flush's caller already waits for (a few us on top of hundreds). Best
+    /// effort ([`populate`]): on failure the append faults it in itself.
+    /// Not a durability step and not needed for one: it changes no byte.
+    fn rearm_tail(&self) {
+        let at = self.layout.item_offset(self.len);
+        if at >= self.map.len() {
+            return;
+        }
+        populate(self.map.as_ptr() as usize + at, 1);
     }
 
     /// After a flush returned: record in the header page how many items it
@@ -1378,14 +1411,15 @@ impl ActiveSegment {
     /// the page cache now, on the thread that prepares the segment, so that
     /// no append waits for the kernel to zero-fill or read ahead those pages
     /// of the preallocated file: an append's first write to a page is then
-    /// a minor fault. The rest follows in stretches ahead of the appends
-    /// ([`prefault_due`](Self::prefault_due), read on the sealer's thread),
+    /// a minor fault at most (none past the first stretch). The rest follows in stretches ahead of the appends
+    /// ([`prefault_due`](Self::prefault_due), populated on the sealer's thread),
     /// so a stream keeps resident what it writes plus a lead that grows with
     /// what it has written, not its whole preallocated file (issue 16: an
     /// idle stream kept 0.8 MiB resident with 20,000-item segments, 42 MiB
-    /// with the default 1 Mi). Read, not write: the pages are not dirtied,
-    /// so nothing is written back before items land there. Kernels without
-    /// `MADV_POPULATE_READ` (before 5.14) skip it.
+    /// with the default 1 Mi). The items past the first [`PREFAULT_MIN`]
+    /// are populated for writing, as [`populate`] does (and why); the
+    /// header, slot table and first stretch for reading (below). Kernels
+    /// without `MADV_POPULATE_READ`/`_WRITE` (before 5.14) skip it.
     pub fn prefault(&mut self, ahead: usize) {
         let items = self.layout.items_offset as usize;
         let to = items
@@ -1396,9 +1430,24 @@ impl ActiveSegment {
         if let Err(e) = self.alloc.extend_to(to as u64) {
             tracing::warn!(segment = %self.id, error = %e, "allocating ahead of the appends failed");
         }
+        // The header, the slot table and the first stretch of items for
+        // reading: they are most of what an idle stream keeps, and pages
+        // populated for writing are dirty, so each idle stream would write
+        // them back once (zeros; 256 KiB of slot table in the default
+        // geometry). An append takes a write fault in one of them only the
+        // first time it writes there in this segment. Past them, the lead
+        // of a stream that writes (its next segment's), for writing.
+        let read_to = to.min(items.saturating_add(PREFAULT_MIN));
         let _ = self
             .map
-            .advise_range(memmap2::Advice::PopulateRead, 0, to);
+            .advise_range(memmap2::Advice::PopulateRead, 0, read_to);
+        if to > read_to {
+            let _ = self.map.advise_range(
+                memmap2::Advice::PopulateWrite,
+                read_to,
+                to - read_to,
+            );
+        }
         self.set_prefaulted(to);
     }
 
