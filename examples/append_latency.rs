@@ -20,7 +20,11 @@
 //!
 //! Every append and flush is timed with `Instant`; the background run also
 //! reports the writer-lock waits (`writer_lock_waits*` metrics). Set
-//! `APPEND_LATENCY_TRACE=1` to print every append over 5 ms, and
+//! `APPEND_LATENCY_TRACE=1` to print every append over 5 ms
+//! (`APPEND_LATENCY_TRACE=US`, a number over 1: over that many
+//! microseconds, with the context switches the appending thread took
+//! meanwhile, voluntary and not: a `getrusage` around every append, so
+//! the figures of such a run are not the benchmark's), and
 //! `APPEND_LATENCY_RELEASE=1` to release each local copy once committed.
 //!
 //! With `LOOKUPS_PER_SEC` > 0, a second thread runs that many lookups a
@@ -138,18 +142,36 @@ async fn run(
     let started = Instant::now();
     let step = Duration::from_nanos(1_000_000_000 / rate.max(1));
     let mut behind = Duration::ZERO;
+    let trace_us: Option<u64> = std::env::var("APPEND_LATENCY_TRACE")
+        .ok()
+        .map(|v| v.parse::<u64>().ok().filter(|n| *n > 1).unwrap_or(5_000));
+    let switches = |on: bool| -> (i64, i64) {
+        if !on {
+            return (0, 0);
+        }
+        // SAFETY: a zeroed rusage buffer for getrusage to fill.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+        (ru.ru_nvcsw, ru.ru_nivcsw)
+    };
+    let fine = trace_us.is_some_and(|us| us < 5_000);
     for i in 0..total {
         pace(started, step, i, &mut behind);
         let key = &keys[(i % keys.len() as u64) as usize];
+        let sw = switches(fine);
         let t = Instant::now();
         index.append(key.as_bytes(), i, 256, 1_700_000_000_000 + i / 1000)?;
         let d = t.elapsed();
         appends.push(d.as_nanos().min(u128::from(u32::MAX)) as u32);
-        if d > Duration::from_millis(5) && std::env::var_os("APPEND_LATENCY_TRACE").is_some() {
+        if trace_us.is_some_and(|us| d > Duration::from_micros(us)) {
+            let sw2 = switches(fine);
             eprintln!(
-                "{name}: append {i} (item {} of its segment) took {:.1} ms",
+                "{name}: append {i} (item {} of its segment) took {:.3} ms; context switches \
+                 meanwhile: {} voluntary, {} involuntary",
                 i % u64::from(segment_items),
-                d.as_secs_f64() * 1e3
+                d.as_secs_f64() * 1e3,
+                sw2.0 - sw.0,
+                sw2.1 - sw.1
             );
         }
         if (i + 1) % per_flush == 0 {

@@ -18,6 +18,12 @@
 //! lane at once (queued jobs are dropped, the handler too) and `join`
 //! reports it, as a thread's join did.
 //!
+//! The pools' threads are background work, scheduled as such
+//! ([`background_policy`]: `SCHED_BATCH`, their nice value kept): when an
+//! append wakes one (a seal, a spare to prepare, a stretch to populate), it
+//! runs on a free core or at the next scheduling point, and does not take
+//! the appending thread's core from it on the spot.
+//!
 //! What sharing costs: a disk that hangs a job holds one of the pool's
 //! threads, and the other lanes share the rest; with every thread held,
 //! every stream's seals (or commits) wait, where before only the streams
@@ -118,6 +124,7 @@ impl Pool {
     }
 
     fn work(&'static self) {
+        background_policy();
         loop {
             let lane = {
                 let mut s = lock(&self.state);
@@ -342,10 +349,57 @@ impl<J: Send + 'static> Turn for Inner<J> {
     }
 }
 
+/// Schedule the calling thread as background work: `SCHED_BATCH`, whose
+/// threads do not preempt another on waking up and otherwise get the same
+/// share of the CPU as before (the nice value is kept; no privilege is
+/// needed). Measured (issue 16, docs/benchmarks.md, session 32): an append
+/// that woke a sealer thread (asking for the next stretch of pages, the
+/// spare, or a seal) lost its core to it on the spot, two involuntary
+/// context switches and 0.2-3 ms, on a 2-core machine whose other core was
+/// busy: the appends' maximum. Best effort: where the kernel refuses it,
+/// the thread stays as it was.
+fn background_policy() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `param` is a valid struct.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+        if rc != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "could not schedule a background thread as SCHED_BATCH"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    /// The pools' threads run as background work (`SCHED_BATCH`), and the
+    /// thread that queued the job does not.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn pool_threads_are_scheduled_as_background_work() {
+        static POLICY_POOL: Pool = Pool::new("policy-test", 1);
+        let (tx, rx) = mpsc::channel();
+        let lane = Lane::new(&POLICY_POOL, false, move |_: Vec<()>| {
+            // SAFETY: pid 0 is the calling thread.
+            tx.send(unsafe { libc::sched_getscheduler(0) }).unwrap();
+        })
+        .unwrap();
+        lane.push(()).unwrap();
+        let policy = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(policy, libc::SCHED_BATCH, "a pool thread's scheduling policy");
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+        lane.close();
+        joined(&lane).unwrap();
+    }
 
     static TEST_POOL: Pool = Pool::new("lanes-test", 3);
 
