@@ -25,7 +25,8 @@
 //! microseconds, with the context switches the appending thread took
 //! meanwhile, voluntary and not: a `getrusage` around every append, so
 //! the figures of such a run are not the benchmark's), and
-//! `APPEND_LATENCY_RELEASE=1` to release each local copy once committed.
+//! `APPEND_LATENCY_RELEASE=1` to release each local copy once committed
+//! (`APPEND_LATENCY_STORE_DIR=DIR`: the store's directory under `DIR`).
 //!
 //! With `LOOKUPS_PER_SEC` > 0, a second thread runs that many lookups a
 //! second during the background run (a key of the run's 4,096 over every
@@ -55,10 +56,11 @@ fn pct(v: &mut [u32], p: f64) -> f64 {
 }
 
 fn line(kind: &str, v: &mut [u32]) -> String {
+    let over_100us = v.iter().filter(|n| **n > 100_000).count();
     let over_1ms = v.iter().filter(|n| **n > 1_000_000).count();
     let over_10ms = v.iter().filter(|n| **n > 10_000_000).count();
     format!(
-        "{kind:7} n={:>9} p50={:>8.2}us p99={:>8.2}us p99.9={:>9.2}us max={:>10.2}us >1ms={over_1ms} >10ms={over_10ms}",
+        "{kind:7} n={:>9} p50={:>8.2}us p99={:>8.2}us p99.9={:>9.2}us max={:>10.2}us >100us={over_100us} >1ms={over_1ms} >10ms={over_10ms}",
         v.len(),
         pct(v, 0.50),
         pct(v, 0.99),
@@ -94,7 +96,16 @@ async fn run(
     lookups_per_sec: u64,
 ) -> Result<Stats, Box<dyn std::error::Error>> {
     let tmp = bench_dir()?;
-    let store = tmp.path().join("store");
+    // APPEND_LATENCY_STORE_DIR: the `file://` store elsewhere (e.g. on
+    // tmpfs, to tell its writes' share of the flushes' waits from the
+    // seals').
+    let store_tmp = match std::env::var_os("APPEND_LATENCY_STORE_DIR") {
+        Some(d) => Some(tempfile::tempdir_in(d)?),
+        None => None,
+    };
+    let store = store_tmp
+        .as_ref()
+        .map_or_else(|| tmp.path().join("store"), |t| t.path().join("store"));
     std::fs::create_dir_all(&store)?;
     let cfg = Config {
         data_dir: tmp.path().join("data"),
