@@ -233,7 +233,7 @@ fn run_raw(
     let mut segs = Vec::new();
     for n in 0..count {
         let mut s = ActiveSegment::create(tmp.path(), SegmentId(n + 1), slots, segment_items, 0)?;
-        s.prefault(usize::MAX);
+        s.prefault_writable(usize::MAX);
         segs.push(s);
     }
     let keys: Vec<u64> = (0..4096)

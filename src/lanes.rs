@@ -356,14 +356,31 @@ impl<J: Send + 'static> Turn for Inner<J> {
 /// that woke a sealer thread (asking for the next stretch of pages, the
 /// spare, or a seal) lost its core to it on the spot, two involuntary
 /// context switches and 0.2-3 ms, on a 2-core machine whose other core was
-/// busy: the appends' maximum. Best effort: where the kernel refuses it,
-/// the thread stays as it was.
+/// busy. Only from the default policy: a process run as `SCHED_IDLE` (or
+/// real-time) keeps what it chose for its threads. Best effort: where the
+/// kernel refuses it, the thread stays as it was. Threads a pool thread
+/// starts inherit it (pool threads only, today: no job spawns a thread;
+/// a job that started a tokio blocking thread would leave it batch).
+/// Raw system calls: the C library's wrappers are stubs on musl.
 fn background_policy() {
     #[cfg(target_os = "linux")]
     {
+        // SAFETY: pid 0 is the calling thread.
+        let now = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
+        if now != libc::c_long::from(libc::SCHED_OTHER) {
+            return;
+        }
         let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: pid 0 is the calling thread; `param` is a valid struct.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+        // SAFETY: pid 0 is the calling thread; `param` is a valid struct
+        // that outlives the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_sched_setscheduler,
+                0,
+                libc::SCHED_BATCH,
+                &param as *const libc::sched_param,
+            )
+        };
         if rc != 0 {
             tracing::debug!(
                 error = %std::io::Error::last_os_error(),
@@ -378,25 +395,34 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    /// The pools' threads run as background work (`SCHED_BATCH`), and the
-    /// thread that queued the job does not.
+    /// The pools' threads run as background work (`SCHED_BATCH`) when the
+    /// process runs with the default policy, keep any other, and the
+    /// thread that queued the job is not changed.
     #[cfg(target_os = "linux")]
     #[test]
     fn pool_threads_are_scheduled_as_background_work() {
         static POLICY_POOL: Pool = Pool::new("policy-test", 1);
+        // SAFETY: pid 0 is the calling thread.
+        let mine = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
         let (tx, rx) = mpsc::channel();
         let lane = Lane::new(&POLICY_POOL, false, move |_: Vec<()>| {
-            // SAFETY: pid 0 is the calling thread.
-            tx.send(unsafe { libc::sched_getscheduler(0) }).unwrap();
+            // SAFETY: as above.
+            tx.send(unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) })
+                .unwrap();
         })
         .unwrap();
         lane.push(()).unwrap();
         let policy = rx
             .recv_timeout(std::time::Duration::from_secs(30))
             .unwrap();
-        assert_eq!(policy, libc::SCHED_BATCH, "a pool thread's scheduling policy");
+        let want = if mine == libc::c_long::from(libc::SCHED_OTHER) {
+            libc::SCHED_BATCH
+        } else {
+            mine as libc::c_int
+        };
+        assert_eq!(policy, libc::c_long::from(want), "a pool thread's scheduling policy");
         // SAFETY: as above.
-        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+        assert_eq!(unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) }, mine);
         lane.close();
         joined(&lane).unwrap();
     }

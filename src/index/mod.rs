@@ -554,7 +554,7 @@ impl IndexWriter {
                 a.append_entry(entry)?;
                 let stretch = a
                     .prefault_due()
-                    .map(|(from, to)| (a.map_range(from, to), a.allocation(), to));
+                    .map(|(from, to, write)| (a.map_range(from, to), a.allocation(), to, write));
                 (a.len() >= a.capacity() / 2, first, stretch)
             }
             None => return Err(Error::ShutDown),
@@ -562,8 +562,8 @@ impl IndexWriter {
         // The next stretch of the active segment populated on the sealer's
         // thread, ahead of the appends (a closed lane: the appends fault
         // the pages in themselves).
-        if let (Some(((addr, len), alloc, to)), Some(tx)) = (stretch, &self.sealer_tx) {
-            tx.push(Job::Prefault(addr, len, alloc, to));
+        if let (Some(((addr, len), alloc, to, write)), Some(tx)) = (stretch, &self.sealer_tx) {
+            tx.push(Job::Prefault(addr, len, alloc, to, write));
         }
         // The first entry starts the age rule's clock for the worker, which
         // sleeps while there is nothing to roll (see `age_deadline_ms`).
@@ -598,8 +598,18 @@ impl IndexWriter {
         if self.active.as_ref().is_some_and(|a| a.is_empty()) {
             return Ok(None);
         }
+        // The rate this stream wrote at, for the next segment's lead.
+        let rate = self.active.as_ref().and_then(|a| a.write_rate());
         let frozen = self.freeze_active(false)?;
-        self.active = Some(self.next_active()?);
+        let next = self.next_active()?;
+        // A fast stream's lead (populated for reading when the segment was
+        // prepared) populated for writing off this thread, so that its
+        // appends take no write fault (`ActiveSegment::lead_for_writing`).
+        if let (Some(((addr, len), alloc)), Some(tx)) = (next.lead_for_writing(rate), &self.sealer_tx) {
+            let to = alloc.end();
+            tx.push(Job::Prefault(addr, len, alloc, to, true));
+        }
+        self.active = Some(next);
         Ok(frozen)
     }
 

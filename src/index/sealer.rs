@@ -19,8 +19,10 @@ pub(super) enum Job {
     /// Allocate a stretch of the active segment's file (up to the byte
     /// given), then populate it in the map (address, length), ahead of the
     /// appends ([`ActiveSegment::prefault_due`],
-    /// [`crate::segment::active::populate`]).
-    Prefault(usize, usize, Arc<crate::segment::active::Allocation>, u64),
+    /// [`ActiveSegment::lead_for_writing`],
+    /// [`crate::segment::active::populate`]), for writing when the flag
+    /// says so.
+    Prefault(usize, usize, Arc<crate::segment::active::Allocation>, u64, bool),
     /// Drop a sealed segment's frozen mapping here, not under the writer
     /// lock: its file is already unlinked, so the last reference frees the
     /// whole preallocated file (measured at 10-15 ms for 8 MB on ext4,
@@ -156,11 +158,12 @@ pub(super) fn spawn(
                 let _ = rx.recv();
                 return;
             }
-            Job::Prefault(addr, len, alloc, to) => {
-                // Not allocated: not populated either (a read fault on a
-                // hole maps zeros; the appends allocate, or are refused).
+            Job::Prefault(addr, len, alloc, to, write) => {
+                // Not allocated: not populated either (a fault on a hole
+                // would allocate it, where a full disk is a SIGBUS; the
+                // appends allocate, or are refused).
                 match alloc.extend_to(to) {
-                    Ok(()) => crate::segment::active::populate(addr, len),
+                    Ok(()) => crate::segment::active::populate(addr, len, write),
                     Err(e) => tracing::warn!(
                         error = %e,
                         "allocating a stretch of an active segment ahead of its appends failed; \

@@ -199,6 +199,11 @@ pub struct ActiveSegment {
     pf_at: u32,
     /// How far the file is allocated; no item is written past it.
     alloc: std::sync::Arc<Allocation>,
+    /// When this segment took its first append since it was created or
+    /// opened, and its length then: the stream's write rate, which decides
+    /// whether the pages ahead are populated for writing
+    /// ([`write_rate`](Self::write_rate)).
+    rate_from: Option<(std::time::Instant, u32)>,
     /// The count the last flush mark written says, and the mark slot the
     /// next one goes to ([`write_flush_mark`](Self::write_flush_mark)).
     /// Atomic only so that a frozen segment's last flush, through the
@@ -225,51 +230,69 @@ pub const PREFAULT_MIN: usize = 16 << 10;
 pub const PREFAULT_MAX: usize = 8 << 20;
 
 /// Bring the pages of `len` bytes of an active segment's map at `addr`
-/// into this process's page tables, writable, and into the page cache, as
-/// a write to each would (the stretch [`ActiveSegment::prefault_due`] asked
-/// for, on the sealer's thread; the tail page after a flush, on the
-/// writer's). Best effort: kernels without `MADV_POPULATE_WRITE` (before
-/// 5.14) refuse it, and the appends then fault those pages in themselves,
-/// under the writer's lock (a fault then also waits for any map or unmap
-/// in the process: measured as 4-9x more appends waiting over 100 us than
-/// with the pages populated, which reading the file into the page cache
-/// alone did not avoid).
+/// into this process's page tables and the page cache, as a read of each
+/// would, or with `write` as a write would (the stretch
+/// [`ActiveSegment::prefault_due`] asked for, or a new segment's lead,
+/// [`ActiveSegment::lead_for_writing`]), on the sealer's thread. Best
+/// effort: kernels without `MADV_POPULATE_READ`/`_WRITE` (before 5.14)
+/// refuse it, and the appends then fault those pages in themselves, under
+/// the writer's lock (a fault then also waits for any map or unmap in the
+/// process: measured as 4-9x more appends waiting over 100 us than with
+/// the pages populated, which reading the file into the page cache alone
+/// did not avoid).
 ///
-/// Write, not read: on a file system that tracks the pages written through
-/// a shared map (ext4, XFS, btrfs: `page_mkwrite`), a page populated by a
-/// read is mapped read-only, and the first append into it took a second
-/// fault to make it writable, 2-5 us on ext4 here: one append in about
-/// 100 (a 4 KiB page holds 102 items), which set the append's p99 at about
-/// 2 us and its p99.9 at 3.5-4.7 us (session 32, docs/benchmarks.md). The
-/// pages populated ahead are dirty (zeros over allocated blocks, so what a
-/// writeback puts on disk reads the same as before), and on a file system
-/// that must reserve space to write a page (btrfs), a full disk fails this
-/// call instead of the append's write with SIGBUS.
-pub(crate) fn populate(addr: usize, len: usize) {
+/// Why write: on a file system that tracks the pages written through a
+/// shared map (ext4, XFS: `page_mkwrite`), a page populated by a read is
+/// mapped read-only, and the first append into it took a second fault to
+/// make it writable, 2-5 us on ext4 here: one append in about 100 (a 4 KiB
+/// page holds 102 items), which set the append's p99 at about 2 us and its
+/// p99.9 at 3.5-4.7 us (session 32, docs/benchmarks.md). Pages populated
+/// for writing are dirty (zeros over allocated blocks: a writeback puts on
+/// disk what reads the same as before), so only a stream fast enough to
+/// overwrite them soon gets them ([`WRITE_HORIZON_SECS`]), and only on
+/// ext4 and XFS ([`Allocation::populate_write`]).
+pub(crate) fn populate(addr: usize, len: usize, write: bool) {
+    if madvise_populate(addr, len, write) {
+        POPULATED.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+/// `MADV_POPULATE_READ` or `_WRITE` over the pages holding `len` bytes at
+/// `addr`; whether it succeeded (a failure is logged at debug level: the
+/// appends fault those pages in themselves).
+fn madvise_populate(addr: usize, len: usize, write: bool) -> bool {
     // `madvise` takes an address aligned to the kernel's page, which may be
     // larger than the format's 4 KiB (16 or 64 KiB on some arm64 and
     // ppc64le kernels): from the page holding `addr`.
     let page = runtime_page_size();
     let start = addr / page * page;
     let len = len + (addr - start);
-    // SAFETY: `MADV_POPULATE_WRITE` neither reads nor writes memory the
-    // program sees: it faults the range's pages in as a write would,
-    // without the access (so it changes no byte). The range was this
-    // process's map of an active file when the stretch was asked for; if
-    // that map is gone by now (the segment sealed and retired first), the
-    // call fails (ENOMEM; EFAULT or EINVAL for a read-only or special map)
-    // or populates whatever now occupies the range: a file's pages marked
-    // dirty with their bytes unchanged, or private pages made resident
-    // (copied on write with the same bytes), changing no byte of it.
-    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-    if rc == 0 {
-        POPULATED.fetch_add(len as u64, Ordering::Relaxed);
+    let advice = if write {
+        libc::MADV_POPULATE_WRITE
     } else {
+        libc::MADV_POPULATE_READ
+    };
+    // SAFETY: `MADV_POPULATE_READ`/`_WRITE` neither read nor write memory
+    // the program sees: they fault the range's pages in as a read or a
+    // write would, without the access, so no byte changes. The range is a
+    // map of an active file that is still mapped: the writer's own segment
+    // (a flush's tail), or one whose stretch was queued at the front of its
+    // sealer lane, ahead of that segment's seal, after which alone it is
+    // retired and unmapped. Were the range reused all the same, the call
+    // fails (ENOMEM; EFAULT or EINVAL for a read-only or special map) or
+    // populates what occupies it, changing no byte of it: a file's pages
+    // marked dirty (its mtime updated), private pages made resident or
+    // copied on write with the same bytes, a range registered with
+    // userfaultfd waiting for its handler.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
+    if rc != 0 {
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
+            write,
             "populating a stretch of an active segment failed; its appends fault the pages in"
         );
     }
+    rc == 0
 }
 
 /// Tells the kernel not to read ahead in an active segment's map
@@ -352,6 +375,37 @@ pub struct Allocation {
     /// library (file systems without `fallocate`) writes zeros over what
     /// reads as zero, and must not run over items an append just wrote.
     lock: std::sync::Mutex<()>,
+    /// The file is on ext4 or XFS: pages a fast stream will write soon are
+    /// populated for writing ([`populate`]). Elsewhere only for reading:
+    /// on tmpfs a read-populated page is writable already; on btrfs an
+    /// msync writes back the whole file, dirty zeros ahead included; other
+    /// file systems were not measured.
+    pub(crate) populate_write: bool,
+}
+
+/// Whether pages of `file` populated for writing spare the appends their
+/// write faults without costing more than they save (see
+/// [`Allocation::populate_write`]).
+fn populate_write_helps(file: &File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: fstatfs into a zeroed struct it fills, on a borrowed fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) }) == 0
+        && [libc::EXT4_SUPER_MAGIC, libc::XFS_SUPER_MAGIC].contains(&st.f_type)
+}
+
+/// A stretch of pages is populated for writing only if the stream, at
+/// the rate it writes, reaches its end within this many seconds: well
+/// within the kernel's default 30 s before a dirty page is written back,
+/// so the zeros are overwritten before any writeback, and a slow stream's
+/// lead stays clean (a dirty page of zeros written back is a write for
+/// nothing, and a dirty page is not reclaimed as cheaply as a clean one).
+pub const WRITE_HORIZON_SECS: u64 = 10;
+
+/// A stream writing `rate` bytes a second covers `bytes` more within
+/// [`WRITE_HORIZON_SECS`].
+fn writes_soon(rate: Option<u64>, bytes: usize) -> bool {
+    rate.is_some_and(|r| r.saturating_mul(WRITE_HORIZON_SECS) >= bytes as u64)
 }
 
 /// What an allocation's end is rounded up to: the largest page size Linux
@@ -378,6 +432,7 @@ impl Allocation {
             file_len,
             file_id: file_id(file, path)?,
             lock: std::sync::Mutex::new(()),
+            populate_write: populate_write_helps(file),
         })
     }
 
@@ -791,6 +846,7 @@ impl ActiveSegment {
             poisoned: None,
             pf_end: 0,
             pf_at: u32::MAX,
+            rate_from: None,
             alloc,
             marked: AtomicU32::new(0),
             mark_slot: std::sync::atomic::AtomicUsize::new(0),
@@ -898,6 +954,7 @@ impl ActiveSegment {
             poisoned: None,
             pf_end: 0,
             pf_at: u32::MAX,
+            rate_from: None,
             alloc,
             marked: AtomicU32::new(0),
             mark_slot: std::sync::atomic::AtomicUsize::new(0),
@@ -1112,6 +1169,9 @@ impl ActiveSegment {
         if idx >= self.layout.item_capacity {
             return Err(Error::SegmentFull(self.id.0));
         }
+        if self.rate_from.is_none() {
+            self.rate_from = Some((std::time::Instant::now(), idx));
+        }
         let slot = slot_of(entry.key_hash, self.layout.slot_count);
         let item = ActiveItem {
             entry,
@@ -1158,33 +1218,41 @@ impl ActiveSegment {
     /// Returns only when they are on stable storage. A failure poisons.
     pub fn flush(&mut self) -> Result<()> {
         self.check_poison()?;
-        self.sync_unflushed()
-            .and_then(|_| self.check_in_place())
+        let synced = self
+            .sync_unflushed()
+            .and_then(|synced| self.check_in_place().map(|()| synced))
             .inspect_err(|e| {
                 if let Error::Poisoned(why) = e {
                     self.poisoned = Some(why.clone());
                 }
             })?;
         self.write_flush_mark();
-        self.rearm_tail();
+        if synced {
+            self.rearm_tail();
+        }
         Ok(())
     }
 
-    /// After a flush's msync: its writeback left the pages it wrote clean
-    /// and write-protected in every map of them, so the next append into
-    /// the last one, partly written, would take a write fault
-    /// (`page_mkwrite` on ext4, XFS, btrfs: 2-5 us on ext4 here), one
-    /// append a flush: at a flush every 1,000 appends, that was the append's
-    /// p99.9. Fault it in writable here instead, after the msync the
-    /// flush's caller already waits for (a few us on top of hundreds). Best
-    /// effort ([`populate`]): on failure the append faults it in itself.
-    /// Not a durability step and not needed for one: it changes no byte.
+    /// After a flush's msync made new items durable: its writeback left
+    /// the pages it wrote clean and write-protected in every map of them,
+    /// so the next append into the last one, partly written, would take a
+    /// write fault (`page_mkwrite`: 2-5 us on ext4 here), one append a
+    /// flush: at a flush every 1,000 appends, that was the append's p99.9.
+    /// Fault the next item's page (or two) in writable here instead, after
+    /// the msync the flush's caller already waits for (a few us on top of
+    /// hundreds), on ext4 and XFS ([`Allocation::populate_write`]). Best
+    /// effort: on failure the append faults it in itself. Not a durability
+    /// step and not needed for one: it changes no byte. The page is dirty
+    /// again, with bytes already durable: written back once more at most.
     fn rearm_tail(&self) {
-        let at = self.layout.item_offset(self.len);
-        if at >= self.map.len() {
+        if !self.alloc.populate_write {
             return;
         }
-        populate(self.map.as_ptr() as usize + at, 1);
+        let at = self.layout.item_offset(self.len);
+        if at + ACTIVE_ITEM_LEN > self.map.len() {
+            return;
+        }
+        madvise_populate(self.map.as_ptr() as usize + at, ACTIVE_ITEM_LEN, true);
     }
 
     /// After a flush returned: record in the header page how many items it
@@ -1411,15 +1479,16 @@ impl ActiveSegment {
     /// the page cache now, on the thread that prepares the segment, so that
     /// no append waits for the kernel to zero-fill or read ahead those pages
     /// of the preallocated file: an append's first write to a page is then
-    /// a minor fault at most (none past the first stretch). The rest follows in stretches ahead of the appends
+    /// a minor fault at most. The rest follows in stretches ahead of the appends
     /// ([`prefault_due`](Self::prefault_due), populated on the sealer's thread),
     /// so a stream keeps resident what it writes plus a lead that grows with
     /// what it has written, not its whole preallocated file (issue 16: an
     /// idle stream kept 0.8 MiB resident with 20,000-item segments, 42 MiB
-    /// with the default 1 Mi). The items past the first [`PREFAULT_MIN`]
-    /// are populated for writing, as [`populate`] does (and why); the
-    /// header, slot table and first stretch for reading (below). Kernels
-    /// without `MADV_POPULATE_READ`/`_WRITE` (before 5.14) skip it.
+    /// with the default 1 Mi). For reading: a segment prepared ahead takes
+    /// no append for a while, and a page populated for writing is dirty
+    /// (the lead of a fast stream is populated for writing once the roll
+    /// swaps it in: [`lead_for_writing`](Self::lead_for_writing)). Kernels
+    /// without `MADV_POPULATE_READ` (before 5.14) skip it.
     pub fn prefault(&mut self, ahead: usize) {
         let items = self.layout.items_offset as usize;
         let to = items
@@ -1430,25 +1499,55 @@ impl ActiveSegment {
         if let Err(e) = self.alloc.extend_to(to as u64) {
             tracing::warn!(segment = %self.id, error = %e, "allocating ahead of the appends failed");
         }
-        // The header, the slot table and the first stretch of items for
-        // reading: they are most of what an idle stream keeps, and pages
-        // populated for writing are dirty, so each idle stream would write
-        // them back once (zeros; 256 KiB of slot table in the default
-        // geometry). An append takes a write fault in one of them only the
-        // first time it writes there in this segment. Past them, the lead
-        // of a stream that writes (its next segment's), for writing.
-        let read_to = to.min(items.saturating_add(PREFAULT_MIN));
         let _ = self
             .map
-            .advise_range(memmap2::Advice::PopulateRead, 0, read_to);
-        if to > read_to {
-            let _ = self.map.advise_range(
-                memmap2::Advice::PopulateWrite,
-                read_to,
-                to - read_to,
-            );
-        }
+            .advise_range(memmap2::Advice::PopulateRead, 0, to);
         self.set_prefaulted(to);
+    }
+
+    /// [`prefault`](Self::prefault), then what it brought in past the first
+    /// [`PREFAULT_MIN`] of items populated for writing where that helps
+    /// ([`Allocation::populate_write`]), at once and on this thread: for a
+    /// segment about to take appends as fast as they come (benchmarks'
+    /// floor runs, tests).
+    pub fn prefault_writable(&mut self, ahead: usize) {
+        self.prefault(ahead);
+        if let Some((addr, len)) = self.lead_range() {
+            populate(addr, len, true);
+        }
+    }
+
+    /// The part of what [`prefault`](Self::prefault) brought in past the
+    /// first [`PREFAULT_MIN`] of items, allocated, as an address range;
+    /// `None` where pages are not populated for writing, or it is empty.
+    fn lead_range(&self) -> Option<(usize, usize)> {
+        if !self.alloc.populate_write {
+            return None;
+        }
+        let from = (self.layout.items_offset as usize).saturating_add(PREFAULT_MIN);
+        let to = self.pf_end.min(usize::try_from(self.alloc.end()).unwrap_or(usize::MAX));
+        (to > from).then(|| self.map_range(from as u64, to as u64))
+    }
+
+    /// A segment just swapped in for a roll: its lead (populated for
+    /// reading when it was prepared, as it would take no append for a
+    /// while) to populate for writing on the sealer's thread, when the
+    /// stream wrote at `rate` bytes a second into the segment before it and
+    /// so reaches the lead's end within [`WRITE_HORIZON_SECS`]. With the
+    /// allocation it lies in, for the sealer's job.
+    pub fn lead_for_writing(&self, rate: Option<u64>) -> Option<((usize, usize), std::sync::Arc<Allocation>)> {
+        let range = self.lead_range()?;
+        let ahead = self.pf_end.saturating_sub(self.layout.item_offset(self.len));
+        writes_soon(rate, ahead).then(|| (range, self.alloc.clone()))
+    }
+
+    /// Bytes a second this segment has taken since its first append after
+    /// it was created or opened (`None` before that append).
+    pub fn write_rate(&self) -> Option<u64> {
+        let (t0, n0) = self.rate_from?;
+        let us = t0.elapsed().as_micros().max(1);
+        let bytes = u128::from(self.len.saturating_sub(n0)) * ACTIVE_ITEM_LEN as u128;
+        Some(u64::try_from(bytes * 1_000_000 / us).unwrap_or(u64::MAX))
     }
 
     /// Record that the file is in the page cache up to byte `to` (or that
@@ -1476,8 +1575,10 @@ impl ActiveSegment {
     /// the time (one comparison). Each stretch is as long as everything
     /// before it (from [`PREFAULT_MIN`] up to [`PREFAULT_MAX`]): the lead
     /// grows with what the stream writes.
+    /// With whether to populate it for writing: on ext4 and XFS, when the
+    /// stream's rate reaches its end within [`WRITE_HORIZON_SECS`].
     #[inline]
-    pub fn prefault_due(&mut self) -> Option<(u64, u64)> {
+    pub fn prefault_due(&mut self) -> Option<(u64, u64, bool)> {
         if self.len < self.pf_at {
             return None;
         }
@@ -1485,7 +1586,9 @@ impl ActiveSegment {
         let from = self.pf_end;
         let to = (from + (from - items).clamp(PREFAULT_MIN, PREFAULT_MAX)).min(self.map.len());
         self.set_prefaulted(to);
-        Some((from as u64, to as u64))
+        let ahead = to.saturating_sub(self.layout.item_offset(self.len));
+        let write = self.alloc.populate_write && writes_soon(self.write_rate(), ahead);
+        Some((from as u64, to as u64, write))
     }
 
     /// Where bytes `from..to` of the file are in this process's memory
@@ -1744,6 +1847,52 @@ mod tests {
         assert!(matches!(&err, Error::Poisoned(m) if m.contains("another file")), "{err}");
     }
 
+    /// Pages ahead are populated for writing (dirty) only on ext4 and XFS
+    /// and only for a stream that reaches them within the horizon; a slow
+    /// stream's stretches, and a new segment's lead after a slow one, are
+    /// populated for reading.
+    #[test]
+    fn only_a_fast_stream_gets_its_pages_ahead_populated_for_writing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 1024, 1_000_000, 0).unwrap();
+        let helps = s.alloc.populate_write;
+        s.prefault(0);
+        // As fast as this loop appends: millions of bytes a second.
+        let mut flags = Vec::new();
+        for i in 0..200_000u64 {
+            s.append_entry(e(i % 97, i)).unwrap();
+            if let Some((_, _, write)) = s.prefault_due() {
+                flags.push(write);
+            }
+        }
+        assert!(flags.len() >= 5, "{flags:?}");
+        assert!(flags.iter().all(|w| *w == helps), "fast stream: {flags:?}, populate_write {helps}");
+        let fast = s.write_rate();
+        assert!(fast.is_some_and(|r| r > 1_000_000), "{fast:?}");
+        // The same segment as if its first append came 100 s ago: 8 MB in
+        // 100 s does not reach an 8 MiB stretch within 10 s.
+        let long_ago = std::time::Instant::now()
+            .checked_sub(std::time::Duration::from_secs(100))
+            .expect("the machine has been up for 100 s");
+        s.rate_from = Some((long_ago, 0));
+        let mut slow = Vec::new();
+        for i in 0..400_000u64 {
+            s.append_entry(e(i % 97, i)).unwrap();
+            if let Some((_, _, write)) = s.prefault_due() {
+                slow.push(write);
+            }
+        }
+        assert!(!slow.is_empty());
+        assert!(slow.iter().all(|w| !*w), "slow stream: {slow:?}");
+        // A new segment's lead: for writing after a fast stream where that
+        // helps, never after a slow one or before any append.
+        let mut n = ActiveSegment::create(d.path(), SegmentId(2), 1024, 1_000_000, 0).unwrap();
+        n.prefault(4 << 20);
+        assert_eq!(n.lead_for_writing(fast).is_some(), helps);
+        assert!(n.lead_for_writing(Some(1000)).is_none());
+        assert!(n.lead_for_writing(None).is_none());
+    }
+
     #[test]
     fn stretches_populated_ahead_cover_the_file_once_in_order_growing_with_what_was_written() {
         let d = tempfile::tempdir().unwrap();
@@ -1757,7 +1906,7 @@ mod tests {
         let mut stretches = Vec::new();
         for i in 0..1_000_000u64 {
             s.append_entry(e(i % 97, i)).unwrap();
-            if let Some((from, to)) = s.prefault_due() {
+            if let Some((from, to, _)) = s.prefault_due() {
                 let (from, to) = (from as usize, to as usize);
                 assert_eq!(from, covered, "stretches are contiguous");
                 assert!(to > from && to <= end);
@@ -1785,7 +1934,7 @@ mod tests {
         let mut s = ActiveSegment::create(d.path(), SegmentId(2), 1024, 100_000, 0).unwrap();
         s.append_entry(e(1, 1)).unwrap();
         assert_eq!(
-            s.prefault_due(),
+            s.prefault_due().map(|(from, to, _)| (from, to)),
             Some((
                 s.layout.items_offset,
                 s.layout.items_offset + PREFAULT_MIN as u64
@@ -1804,7 +1953,7 @@ mod tests {
         assert!(at <= s.allocated_len());
         for i in 0..50_000 {
             s.append_entry(e(i % 5, i)).unwrap();
-            if let Some((from, to)) = s.prefault_due() {
+            if let Some((from, to, _)) = s.prefault_due() {
                 assert_eq!(from, at);
                 assert!(to > from);
                 at = to;
