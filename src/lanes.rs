@@ -367,6 +367,8 @@ fn background_policy() {
     {
         // SAFETY: pid 0 is the calling thread.
         let now = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
+        // The policy may come with SCHED_RESET_ON_FORK set.
+        let now = now & !libc::c_long::from(libc::SCHED_RESET_ON_FORK);
         if now != libc::c_long::from(libc::SCHED_OTHER) {
             return;
         }
@@ -403,12 +405,16 @@ mod tests {
     fn pool_threads_are_scheduled_as_background_work() {
         static POLICY_POOL: Pool = Pool::new("policy-test", 1);
         // SAFETY: pid 0 is the calling thread.
-        let mine = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
+        let mine = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) }
+            & !libc::c_long::from(libc::SCHED_RESET_ON_FORK);
         let (tx, rx) = mpsc::channel();
         let lane = Lane::new(&POLICY_POOL, false, move |_: Vec<()>| {
             // SAFETY: as above.
-            tx.send(unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) })
-                .unwrap();
+            tx.send(
+                unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) }
+                    & !libc::c_long::from(libc::SCHED_RESET_ON_FORK),
+            )
+            .unwrap();
         })
         .unwrap();
         lane.push(()).unwrap();
@@ -422,7 +428,11 @@ mod tests {
         };
         assert_eq!(policy, libc::c_long::from(want), "a pool thread's scheduling policy");
         // SAFETY: as above.
-        assert_eq!(unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) }, mine);
+        assert_eq!(
+            unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) }
+                & !libc::c_long::from(libc::SCHED_RESET_ON_FORK),
+            mine
+        );
         lane.close();
         joined(&lane).unwrap();
     }

@@ -159,11 +159,13 @@ pub(super) fn spawn(
                 return;
             }
             Job::Prefault(addr, len, alloc, to, write) => {
-                // Not allocated: not populated either (a fault on a hole
-                // would allocate it, where a full disk is a SIGBUS; the
-                // appends allocate, or are refused).
+                // Not allocated: not populated either (the appends allocate,
+                // or are refused, themselves: an append's write fault on a
+                // hole on a full disk would be a SIGBUS). Only while the
+                // segment is still mapped (one dropped on the writer's
+                // thread meanwhile, as a close does, is not).
                 match alloc.extend_to(to) {
-                    Ok(()) => crate::segment::active::populate(addr, len, write),
+                    Ok(()) => alloc.populate_mapped(addr, len, write),
                     Err(e) => tracing::warn!(
                         error = %e,
                         "allocating a stretch of an active segment ahead of its appends failed; \

@@ -276,9 +276,10 @@ fn madvise_populate(addr: usize, len: usize, write: bool) -> bool {
     // the program sees: they fault the range's pages in as a read or a
     // write would, without the access, so no byte changes. The range is a
     // map of an active file that is still mapped: the writer's own segment
-    // (a flush's tail), or one whose stretch was queued at the front of its
-    // sealer lane, ahead of that segment's seal, after which alone it is
-    // retired and unmapped. Were the range reused all the same, the call
+    // (a flush's tail, a benchmark's prefault), or, on the sealer's thread,
+    // one whose allocation says it is mapped and holds it so meanwhile
+    // (`Allocation::populate_mapped`; a segment's drop clears it before
+    // the map goes). Were the range reused all the same, the call
     // fails (ENOMEM; EFAULT or EINVAL for a read-only or special map) or
     // populates what occupies it, changing no byte of it: a file's pages
     // marked dirty (its mtime updated), private pages made resident or
@@ -381,6 +382,13 @@ pub struct Allocation {
     /// msync writes back the whole file, dirty zeros ahead included; other
     /// file systems were not measured.
     pub(crate) populate_write: bool,
+    /// Whether the segment's map still exists: cleared (under this lock)
+    /// when the segment is dropped, before it is unmapped, and held while a
+    /// job on the sealer's thread populates a range of it
+    /// ([`populate_mapped`](Self::populate_mapped)), so that a job queued
+    /// for a segment dropped meanwhile (a close, an empty segment removed
+    /// on the writer's thread) populates nothing.
+    mapped: std::sync::Mutex<bool>,
 }
 
 /// Whether pages of `file` populated for writing spare the appends their
@@ -395,11 +403,15 @@ fn populate_write_helps(file: &File) -> bool {
 }
 
 /// A stretch of pages is populated for writing only if the stream, at
-/// the rate it writes, reaches its end within this many seconds: well
-/// within the kernel's default 30 s before a dirty page is written back,
-/// so the zeros are overwritten before any writeback, and a slow stream's
-/// lead stays clean (a dirty page of zeros written back is a write for
-/// nothing, and a dirty page is not reclaimed as cheaply as a clean one).
+/// the rate it wrote so far in its segment, reaches its end within this
+/// many seconds: well within the kernel's default 30 s before a dirty page
+/// is written back, so the zeros are usually overwritten before a
+/// writeback (a `sync`, memory pressure or a stream that stops after a
+/// burst still writes some back), and a slow stream's lead stays clean (a
+/// dirty page of zeros written back is a write for nothing, and a dirty
+/// page is not reclaimed as cheaply as a clean one). Overlay file systems
+/// (containers) report their own type: pages there are populated for
+/// reading.
 pub const WRITE_HORIZON_SECS: u64 = 10;
 
 /// A stream writing `rate` bytes a second covers `bytes` more within
@@ -433,7 +445,17 @@ impl Allocation {
             file_id: file_id(file, path)?,
             lock: std::sync::Mutex::new(()),
             populate_write: populate_write_helps(file),
+            mapped: std::sync::Mutex::new(true),
         })
+    }
+
+    /// [`populate`] `len` bytes at `addr` of this allocation's segment's
+    /// map, if the segment is still mapped, holding it mapped meanwhile.
+    pub(crate) fn populate_mapped(&self, addr: usize, len: usize, write: bool) {
+        let mapped = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+        if *mapped {
+            populate(addr, len, write);
+        }
     }
 
     /// Bytes from the file's start that are allocated.
@@ -769,6 +791,15 @@ pub fn check_active(path: &Path) -> Result<(SegmentId, ActiveRecovery)> {
         rec.torn_bytes_zeroed = (last - tail_start) as u64 + 1;
     }
     Ok((header.segment_id, rec))
+}
+
+impl Drop for ActiveSegment {
+    /// Before the map goes (its field is dropped after this): no job of
+    /// the sealer's thread populates it any more, and one doing so now is
+    /// waited for ([`Allocation::populate_mapped`]).
+    fn drop(&mut self) {
+        *self.alloc.mapped.lock().unwrap_or_else(|p| p.into_inner()) = false;
+    }
 }
 
 impl ActiveSegment {
@@ -1249,7 +1280,9 @@ impl ActiveSegment {
             return;
         }
         let at = self.layout.item_offset(self.len);
-        if at + ACTIVE_ITEM_LEN > self.map.len() {
+        // Not past the map, nor past what is allocated (a hole faulted in
+        // for writing would be allocated there, outside `extend_to`).
+        if at + ACTIVE_ITEM_LEN > self.map.len() || (at + ACTIVE_ITEM_LEN) as u64 > self.alloc.end() {
             return;
         }
         madvise_populate(self.map.as_ptr() as usize + at, ACTIVE_ITEM_LEN, true);
@@ -1845,6 +1878,36 @@ mod tests {
         std::fs::rename(&copy, s.path()).unwrap();
         let err = s.flush().unwrap_err();
         assert!(matches!(&err, Error::Poisoned(m) if m.contains("another file")), "{err}");
+    }
+
+    /// A job queued on the sealer's thread for a segment dropped meanwhile
+    /// on the writer's (a close, an empty segment removed) populates
+    /// nothing: the segment's drop marks its allocation unmapped first.
+    #[test]
+    fn a_dropped_segment_is_not_populated_by_a_job_queued_for_it() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ActiveSegment::create(d.path(), SegmentId(1), 1024, 100_000, 0).unwrap();
+        s.prefault(0);
+        let alloc = s.allocation();
+        let items = s.layout.items_offset;
+        let (addr, len) = s.map_range(items, items + PREFAULT_MIN as u64);
+        assert!(*alloc.mapped.lock().unwrap());
+        alloc.populate_mapped(addr, len, true);
+        drop(s);
+        assert!(!*alloc.mapped.lock().unwrap(), "still marked mapped after its drop");
+        // The range is unmapped now: populating it would fail or touch
+        // whatever is mapped there next; the job does nothing.
+        alloc.populate_mapped(addr, len, true);
+    }
+
+    #[test]
+    fn writes_soon_compares_the_rate_over_the_horizon_with_what_is_ahead() {
+        assert!(!writes_soon(None, 1));
+        assert!(writes_soon(Some(1 << 20), 10 << 20));
+        assert!(!writes_soon(Some(1 << 20), (10 << 20) + 1));
+        assert!(writes_soon(Some(u64::MAX), usize::MAX));
+        assert!(!writes_soon(Some(0), 1));
+        assert!(writes_soon(Some(0), 0));
     }
 
     /// Pages ahead are populated for writing (dirty) only on ext4 and XFS
