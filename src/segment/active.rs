@@ -1543,6 +1543,7 @@ impl ActiveSegment {
     /// ([`Allocation::populate_write`]), at once and on this thread: for a
     /// segment about to take appends as fast as they come (benchmarks'
     /// floor runs, tests).
+    #[cfg(any(test, feature = "testing"))]
     pub fn prefault_writable(&mut self, ahead: usize) {
         self.prefault(ahead);
         if let Some((addr, len)) = self.lead_range() {
