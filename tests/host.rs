@@ -4,7 +4,7 @@
 //! `flock`s taken through two descriptors exclude each other within one
 //! process as between two, so one test process stands for both.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tierindex::{Config, ErrorKind, Host, TierIndex, TimeRange};
@@ -27,6 +27,20 @@ fn cfg_named(data_dir: &Path, store: &Path, stream: &str) -> Config {
 }
 
 /// The error of an open that must fail.
+/// A host at `host/` under `tmp` with its stream `a` open and one entry
+/// flushed; the host's root and the store's directory.
+async fn host_with_stream_a(tmp: &Path) -> (Host, TierIndex, PathBuf, PathBuf) {
+    let (root, store) = (tmp.join("host"), tmp.join("store"));
+    let host = Host::open(&root).unwrap();
+    let (a, _) = host
+        .open_stream(cfg(&root.join("a"), &store))
+        .await
+        .unwrap();
+    a.append(b"k", 1, 1, 1).unwrap();
+    a.flush().unwrap();
+    (host, a, root, store)
+}
+
 fn refused(r: tierindex::Result<(TierIndex, tierindex::OpenReport)>) -> tierindex::Error {
     match r {
         Ok(_) => panic!("opened; expected a refusal"),
@@ -187,14 +201,7 @@ async fn streams_of_a_host_that_is_gone_open_on_their_own_side_by_side() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_moved_or_renamed_under_a_running_host_gets_no_second_writer() {
     let tmp = tempfile::tempdir().unwrap();
-    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
-    let host = Host::open(&root).unwrap();
-    let (ti, _) = host
-        .open_stream(cfg(&root.join("a"), &store))
-        .await
-        .unwrap();
-    ti.append(b"k", 1, 1, 1).unwrap();
-    ti.flush().unwrap();
+    let (host, ti, root, store) = host_with_stream_a(tmp.path()).await;
     // Renamed under the host: the same directory, not a second stream.
     std::fs::rename(root.join("a"), root.join("b")).unwrap();
     let err = refused(
@@ -301,14 +308,7 @@ async fn a_running_hosts_stream_without_its_marker_or_in_a_renamed_host_gets_no_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_hosts_stream_without_either_marker_gets_no_second_writer() {
     let tmp = tempfile::tempdir().unwrap();
-    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
-    let host = Host::open(&root).unwrap();
-    let (a, _) = host
-        .open_stream(cfg(&root.join("a"), &store))
-        .await
-        .unwrap();
-    a.append(b"k", 1, 1, 1).unwrap();
-    a.flush().unwrap();
+    let (host, a, root, store) = host_with_stream_a(tmp.path()).await;
     std::fs::remove_file(root.join("a").join("HOSTED")).unwrap();
     std::fs::remove_file(root.join("TIERINDEX_HOST")).unwrap();
     let err = refused(TierIndex::open(cfg(&root.join("a"), &store)).await);
