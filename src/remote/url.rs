@@ -92,6 +92,21 @@ pub fn redact(raw: &str) -> String {
         None => {}
     }
     let cut = raw.find(['?', '#']).map_or(raw, |i| &raw[..i]);
+    // An HTTP endpoint's path with a `:` (also encoded) may be
+    // `KEY:SECRET` put where a path goes (helper-63's #9): the scheme and
+    // host only. A store's path (`file:///a/10:00`) is shown.
+    if let Some((scheme, rest)) = cut.split_once("://")
+        && (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https"))
+        && let Some(slash) = rest.find('/')
+        && (rest[slash..].contains(':') || rest[slash..].to_ascii_lowercase().contains("%3a"))
+    {
+        let head: String = format!("{scheme}://{}", &rest[..slash])
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        return format!("{head:?} (its path, which holds a `:`, not shown)");
+    }
     let shown: String = cut.chars().filter(|c| !c.is_control()).take(200).collect();
     format!("{shown:?}")
 }
@@ -689,6 +704,18 @@ mod tests {
         assert!(!redact("s3://AKIAX:SeCrEt1234%40bucket/p").contains("SeCrEt"));
         assert!(!redact("http://AKIAX:SeCrEt1234%40127.0.0.1:9/").contains("SeCrEt"));
         assert!(!redact("http://AKIAX:SeCrEt1234/").contains("SeCrEt"));
+        // helper-63's #9: a `:` in an endpoint's path.
+        for raw in [
+            "http://127.0.0.1:9000/AKIAX:SeCrEt1234",
+            "https://h/p/AKIAX%3aSeCrEt1234/",
+            "HTTP://h:1/AKIAX%3ASeCrEt1234",
+        ] {
+            let shown = redact(raw);
+            assert!(!shown.contains("SeCrEt"), "{raw} -> {shown}");
+            assert!(shown.contains("not shown"), "{raw} -> {shown}");
+        }
+        assert_eq!(redact("http://h:9/p"), "\"http://h:9/p\"");
+        assert_eq!(redact("file:///a/10:00"), "\"file:///a/10:00\"");
         // helper-49: `user:secret` with the `@host` left out, with no
         // scheme, a mistyped one, a port after it, an encoded `:`, an
         // unclosed `[`.
