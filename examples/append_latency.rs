@@ -275,8 +275,31 @@ fn run_raw(
     })
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// The broker's runtime: 2 workers, whose threads (and the blocking
+/// threads they start) run as background work
+/// ([`tierindex::schedule_as_background`], the recommended setup when the
+/// appending thread is not one of them, as here: it is the thread that
+/// blocks on `main`); `APPEND_LATENCY_RUNTIME=default` leaves them as they
+/// are.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.worker_threads(2).enable_all();
+    let background = std::env::var("APPEND_LATENCY_RUNTIME").map_or(true, |v| v != "default");
+    if background {
+        rt.on_thread_start(tierindex::schedule_as_background);
+    }
+    eprintln!(
+        "runtime threads: {}",
+        if background {
+            "background (SCHED_BATCH)"
+        } else {
+            "default policy"
+        }
+    );
+    rt.build()?.block_on(bench())
+}
+
+async fn bench() -> Result<(), Box<dyn std::error::Error>> {
     let arg = |i: usize, d: u64| -> u64 {
         std::env::args()
             .nth(i)

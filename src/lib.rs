@@ -108,6 +108,7 @@ pub mod testing;
 pub use config::{Config, ConfigBuilder};
 pub use datadir::{ActiveNote, LossNote, QuarantineNote, RecoveryReport};
 pub use error::{Error, ErrorKind, Result};
+pub use lanes::schedule_as_background;
 pub use metrics::{Counter, DurationHistogram, Gauge, Metrics};
 pub use pipeline::slots::{SlotCounts, set_max_uploads_in_flight_per_process, upload_slot_counts};
 pub use pipeline::{DrainReport, PendingNote};
