@@ -2062,6 +2062,8 @@ fn demo_streams_runs_and_reports_each_stream() {
     assert_eq!(t["entries_appended"], 1000, "{v}");
     assert_eq!(t["entries_flushed"], 1000, "{v}");
     assert_eq!(t["segments_pending"], 0, "{v}");
+    assert_eq!(t["entries_unsealed"], 0, "{v}");
+    assert_eq!(t["sealed_not_journaled"], 0, "{v}");
     assert_eq!(t["streams_fully_drained"], 2, "{v}");
     assert_eq!(t["exit"], 0, "{v}");
     assert!(v["stopped_early"].is_null(), "{v}");
@@ -2181,6 +2183,50 @@ fn entries_left_unsealed_are_reported() {
         "{}",
         text(&o)
     );
+}
+
+/// helper-67: with `--streams`, the totals line said "0 segment(s)
+/// pending" while entries sat in active files the shutdown could not seal
+/// (seals failing for good on every stream). It names them now, in the
+/// text and in the JSON totals.
+#[cfg(feature = "failpoints")]
+#[test]
+fn streams_totals_count_entries_left_unsealed() {
+    for json in [false, true] {
+        let sb = Sandbox::new();
+        let mut args = vec![D, DD, "--store", "{store}"];
+        if json {
+            args.push("--json");
+        }
+        args.extend([
+            "demo",
+            "--streams",
+            "2",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "2000",
+            "--flush-every",
+            "100",
+        ]);
+        let o = sb.run(&args, &[("TIERINDEX_FAILPOINTS", "seal.write=eio@1+")]);
+        assert_sane(&o, "streams seal eio");
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        if json {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let unsealed = v["totals"]["entries_unsealed"].as_u64().unwrap_or(0);
+            assert!(unsealed > 0, "{v}");
+        } else {
+            let out = String::from_utf8_lossy(&o.stdout);
+            let line = out
+                .lines()
+                .find(|l| l.starts_with("== all 2 streams"))
+                .unwrap_or_else(|| panic!("no totals line: {}", text(&o)));
+            assert!(line.contains("entries not sealed yet"), "{line}");
+        }
+    }
 }
 
 /// A failure on one stream of `demo --streams` is that stream's FATAL, not

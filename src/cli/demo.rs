@@ -161,6 +161,11 @@ struct StreamsTotals {
     entries_appended: u64,
     entries_flushed: u64,
     segments_pending: usize,
+    /// Entries in files not sealed yet (active files the shutdown could not
+    /// seal: a full disk), all streams together.
+    entries_unsealed: u64,
+    /// Sealed files no journal records, all streams together.
+    sealed_not_journaled: u64,
     streams_fully_drained: usize,
     exit: i32,
 }
@@ -448,6 +453,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     }
     let mut codes = Vec::new();
     let mut pending = 0usize;
+    let (mut unsealed, mut unjournaled) = (0u64, 0u64);
     let mut runs = Vec::with_capacity(names.len());
     for (i, (((name, dir, app, fl), report), m)) in
         names.iter().zip(&reports).zip(&metrics).enumerate()
@@ -464,6 +470,8 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             codes.push(report_code(report, &run, own));
         }
         pending += report.drain.pending.len();
+        unsealed += run.unsealed_entries;
+        unjournaled += run.unjournaled_sealed;
         runs.push(run);
     }
     let code = worst(&codes);
@@ -495,6 +503,8 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
                 entries_appended: appended,
                 entries_flushed: flushed_now,
                 segments_pending: pending,
+                entries_unsealed: unsealed,
+                sealed_not_journaled: unjournaled,
                 streams_fully_drained: drained,
                 exit: code,
             },
@@ -513,9 +523,19 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             names[*at].0
         ));
     }
+    // Pending is also what is not sealed yet, and sealed files no journal
+    // records (helper-67: "0 segment(s) pending" read as nothing left while
+    // entries sat in active files a full disk kept from being sealed).
+    let mut left = format!("{pending} segment(s) pending");
+    if unsealed > 0 {
+        left.push_str(&format!(", {unsealed} entries not sealed yet"));
+    }
+    if unjournaled > 0 {
+        left.push_str(&format!(", {unjournaled} sealed file(s) not journaled"));
+    }
     out_line(&format!(
         "== all {n} streams: {appended} entries appended, {flushed_now} flushed (acknowledged); \
-         {pending} segment(s) pending; {drained} of {n} streams fully drained; exit {code}\n\
+         {left}; {drained} of {n} streams fully drained; exit {code}\n\
          == the process before the drain: {process}"
     ));
     Ok(code)
