@@ -19,7 +19,7 @@
 //! reports it, as a thread's join did.
 //!
 //! The pools' threads are background work, scheduled as such
-//! ([`background_policy`]: `SCHED_BATCH`, their nice value kept): when an
+//! ([`schedule_as_background`]: `SCHED_BATCH`, their nice value kept): when an
 //! append wakes one (a seal, a spare to prepare, a stretch to populate), it
 //! runs on a free core or at the next scheduling point, and does not take
 //! the appending thread's core from it on the spot.
@@ -124,7 +124,7 @@ impl Pool {
     }
 
     fn work(&'static self) {
-        background_policy();
+        schedule_as_background();
         loop {
             let lane = {
                 let mut s = lock(&self.state);
@@ -349,23 +349,6 @@ impl<J: Send + 'static> Turn for Inner<J> {
     }
 }
 
-/// Schedule the calling thread as background work: `SCHED_BATCH`, whose
-/// threads do not preempt another on waking up and otherwise get the same
-/// share of the CPU as before (the nice value is kept; no privilege is
-/// needed). Measured (issue 16, docs/benchmarks.md, session 32): an append
-/// that woke a sealer thread (asking for the next stretch of pages, the
-/// spare, or a seal) lost its core to it on the spot, two involuntary
-/// context switches and 0.2-3 ms, on a 2-core machine whose other core was
-/// busy. Only from the default policy: a process run as `SCHED_IDLE` (or
-/// real-time) keeps what it chose for its threads. Best effort: where the
-/// kernel refuses it, the thread stays as it was. Threads a pool thread
-/// starts inherit it (pool threads only, today: no job spawns a thread;
-/// a job that started a tokio blocking thread would leave it batch).
-/// Raw system calls: the C library's wrappers are stubs on musl.
-fn background_policy() {
-    schedule_as_background();
-}
-
 /// Schedule the calling thread as background work (`SCHED_BATCH`: it
 /// never preempts another thread on waking up, and otherwise keeps its
 /// share of the CPU and its nice value; only from the default policy; no
@@ -377,9 +360,16 @@ fn background_policy() {
 /// its workers, inherit it) when the threads that append and flush are not
 /// that runtime's workers, so that a task woken on the appending thread's
 /// core does not preempt it. Measured (docs/benchmarks.md, session 32): at
-/// 500,000 appends a second on 2 cores, the append's maximum went from
-/// 0.15-5.8 ms to under 0.1 ms, within the run without background work.
-/// Do not call it on a thread that appends.
+/// 500,000 appends a second on 2 cores, appends over 100 us went from 20
+/// to 2 in 20 M, and the append's maximum was within 1.5x of the run
+/// without background work in 3 runs of 4 (not in the fourth: 1.75 ms).
+/// Do not call it on a thread that appends. Measured for tierindex's own
+/// threads: an append that woke a sealer thread (the next stretch of
+/// pages, the spare, a seal) lost its core to it on the spot, two
+/// involuntary context switches and 0.2-3 ms. Raw system calls: the C
+/// library's wrappers are stubs on musl. A thread a pool thread starts
+/// inherits the policy (no job starts one today; a tokio blocking thread
+/// started from a job would stay batch).
 pub fn schedule_as_background() {
     #[cfg(target_os = "linux")]
     {

@@ -208,6 +208,24 @@ pub(crate) fn check_listen_addr(key: &str, a: &str) -> Result<()> {
 /// stream, for `<store>/<stream>` itself) writes its objects into the data
 /// directory's `segments/`, where start-up quarantined them as unknown
 /// files, out of the store (found by a hostile review: exit 0, "clean").
+/// `base` with `comps` appended by name: `..` drops the last component,
+/// `.` nothing (no file system lookup).
+fn push_by_name<'a>(
+    mut base: PathBuf,
+    comps: impl IntoIterator<Item = std::path::Component<'a>>,
+) -> PathBuf {
+    for c in comps {
+        match c {
+            std::path::Component::ParentDir => {
+                base.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => base.push(other),
+        }
+    }
+    base
+}
+
 fn store_outside_data_dir(store: &Path, data_dir: &Path) -> Result<()> {
     // Symlinks resolved in the part of each path that exists (the store
     // directory may not exist yet, its parent does).
@@ -215,25 +233,12 @@ fn store_outside_data_dir(store: &Path, data_dir: &Path) -> Result<()> {
         let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         // `..` resolved by name, for when `canonicalize` cannot resolve one
         // (after a folder that does not exist yet: `/srv/nope/../st`).
-        let lexical = |p: &Path| {
-            let mut out = PathBuf::new();
-            for c in p.components() {
-                match c {
-                    std::path::Component::ParentDir => {
-                        out.pop();
-                    }
-                    std::path::Component::CurDir => {}
-                    other => out.push(other),
-                }
-            }
-            out
-        };
         let abs = if abs
             .components()
             .any(|c| c == std::path::Component::ParentDir)
             && std::fs::canonicalize(&abs).is_err()
         {
-            lexical(&abs)
+            push_by_name(PathBuf::new(), abs.components())
         } else {
             abs
         };
@@ -756,17 +761,8 @@ impl Config {
                 .position(|c| *c == std::path::Component::ParentDir)
                 .unwrap_or(comps.len());
             let head: std::path::PathBuf = comps[..first].iter().collect();
-            let mut norm = std::fs::canonicalize(&head).unwrap_or(head);
-            for c in &comps[first..] {
-                match c {
-                    std::path::Component::ParentDir => {
-                        norm.pop();
-                    }
-                    std::path::Component::CurDir => {}
-                    other => norm.push(other),
-                }
-            }
-            norm
+            let head = std::fs::canonicalize(&head).unwrap_or(head);
+            push_by_name(head, comps[first..].iter().copied())
         } else {
             abs
         };
