@@ -252,6 +252,25 @@ fn frame_payload(frame: &Frame) -> Result<Vec<u8>> {
 /// Decodes a frame payload: the record version (absent in format 1 files:
 /// version 1), then the frame.
 fn decode_payload(payload: &[u8]) -> std::result::Result<Frame, (TailKind, String)> {
+    // The shape this build writes, `{"v":N,"Kind":...}`, parses straight into
+    // a frame (replay of a large journal is mostly this); anything else
+    // (format 1, other spacing or key order) goes through the general path
+    // below, with the same answer.
+    if let Some((version, rest)) = written_version(payload)
+        && version <= u64::from(RECORD_VERSION)
+    {
+        let mut body = Vec::with_capacity(rest.len() + 1);
+        body.push(b'{');
+        body.extend_from_slice(rest);
+        if let Ok(frame) = serde_json::from_slice::<Frame>(&body) {
+            return Ok(frame);
+        }
+    }
+    decode_payload_general(payload)
+}
+
+/// [`decode_payload`] for any payload: through a JSON value.
+fn decode_payload_general(payload: &[u8]) -> std::result::Result<Frame, (TailKind, String)> {
     let mut value: serde_json::Value =
         serde_json::from_slice(payload).map_err(|e| (TailKind::Undecodable, e.to_string()))?;
     let Some(obj) = value.as_object_mut() else {
@@ -276,6 +295,20 @@ fn decode_payload(payload: &[u8]) -> std::result::Result<Frame, (TailKind, Strin
         ));
     }
     serde_json::from_value::<Frame>(value).map_err(|e| (TailKind::Undecodable, e.to_string()))
+}
+
+/// The record version and the rest of a payload that starts exactly as
+/// [`frame_payload`] writes it: `{"v":` digits `,` (the rest starts after
+/// the comma). `None` for any other start.
+fn written_version(payload: &[u8]) -> Option<(u64, &[u8])> {
+    let rest = payload.strip_prefix(b"{\"v\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 5 || rest.first() == Some(&b'0') {
+        return None;
+    }
+    let version = std::str::from_utf8(rest.get(..digits)?).ok()?.parse().ok()?;
+    let rest = rest.get(digits..)?.strip_prefix(b",")?;
+    Some((version, rest))
 }
 
 /// Appends the encoded `frame` to `out`; returns the payload length.
@@ -416,34 +449,144 @@ fn judge_tail(bytes: &[u8], tail: &TailError) -> Option<JournalDamage> {
     })
 }
 
+/// The intact frames of a journal file's body (after its header), in file
+/// order, decoded one at a time: the last item is the error that stopped
+/// them, if one did. Replay applies each frame as it is decoded, so its
+/// memory follows the state, not the file's frame count.
+pub(super) struct Frames<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    done: bool,
+}
+
+impl<'a> Frames<'a> {
+    /// The frames from just after the header.
+    pub(super) fn new(bytes: &'a [u8]) -> Self {
+        Frames {
+            bytes,
+            pos: HEADER_LEN,
+            done: false,
+        }
+    }
+
+    /// Offset just past the last frame returned.
+    pub(super) fn pos(&self) -> usize {
+        self.pos
+    }
+}
+
+impl Iterator for Frames<'_> {
+    type Item = std::result::Result<DecodedFrame, TailError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.pos >= self.bytes.len() {
+            return None;
+        }
+        match decode_frame(self.bytes, self.pos) {
+            Ok((frame, len)) => {
+                let at = self.pos;
+                self.pos += len;
+                Some(Ok(DecodedFrame {
+                    offset: at as u64,
+                    len: len as u64,
+                    frame,
+                }))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// A journal file read one frame at a time from a reader (a file through a
+/// buffer), for passes that need no state table: the check of a
+/// compaction's output and the highest segment id a journal records. Each
+/// frame goes through the decoder replay uses.
+pub(super) struct FrameReader<R> {
+    r: R,
+    /// Offset of the next frame.
+    pos: u64,
+    buf: Vec<u8>,
+}
+
+impl<R: std::io::Read> FrameReader<R> {
+    /// Reads and checks the header.
+    pub(super) fn new(mut r: R) -> Result<(Header, Self)> {
+        let mut head = [0u8; HEADER_LEN];
+        r.read_exact(&mut head)
+            .map_err(|e| Error::corrupt("journal header", format!("cannot read it: {e}")))?;
+        let header = decode_header(&head)?;
+        Ok((
+            header,
+            FrameReader {
+                r,
+                pos: HEADER_LEN as u64,
+                buf: Vec::new(),
+            },
+        ))
+    }
+
+    /// Offset of the next frame (the length read so far).
+    pub(super) fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// The next frame and its offset; `None` at the end of the input. A
+    /// frame that is cut, of an impossible length, fails its checksum or
+    /// does not decode is an error naming its offset.
+    pub(super) fn next_frame(&mut self) -> std::result::Result<Option<(u64, Frame)>, String> {
+        let at = self.pos;
+        self.buf.clear();
+        self.buf.resize(FRAME_HEADER_LEN, 0);
+        let mut got = 0;
+        while got < FRAME_HEADER_LEN {
+            match self.r.read(&mut self.buf[got..]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => return Err(format!("frame at {at}: cut in its header")),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("frame at {at}: {e}")),
+            }
+        }
+        let len = le_u32(&self.buf, 0).unwrap_or(0);
+        if len == 0 || len > FRAME_LEN_MAX {
+            return Err(format!("frame at {at}: length {len}"));
+        }
+        self.buf.resize(FRAME_HEADER_LEN + len as usize, 0);
+        self.r
+            .read_exact(&mut self.buf[FRAME_HEADER_LEN..])
+            .map_err(|e| format!("frame at {at}: {e}"))?;
+        match decode_frame(&self.buf, 0) {
+            Ok((frame, n)) if n == self.buf.len() => {
+                self.pos += n as u64;
+                Ok(Some((at, frame)))
+            }
+            Ok(_) => Err(format!("frame at {at}: length")),
+            Err(e) => Err(format!("frame at {at}: {}", e.detail)),
+        }
+    }
+}
+
 /// Parses a whole journal file: the header (an error if bad) and every intact
-/// frame up to the first bad one. Pure; used by replay, `tierindex inspect`
-/// and fuzzing. Never panics.
+/// frame up to the first bad one. Pure; used by `tierindex inspect` and
+/// fuzzing (replay decodes the same frames one at a time). Never panics.
 pub fn decode_file(bytes: &[u8]) -> Result<DecodedFile> {
     let header = decode_header(bytes)?;
     let mut frames = Vec::new();
-    let mut pos = HEADER_LEN;
     let mut tail = None;
-    while pos < bytes.len() {
-        match decode_frame(bytes, pos) {
-            Ok((frame, len)) => {
-                frames.push(DecodedFrame {
-                    offset: pos as u64,
-                    len: len as u64,
-                    frame,
-                });
-                pos += len;
-            }
-            Err(e) => {
-                tail = Some(e);
-                break;
-            }
+    let mut it = Frames::new(bytes);
+    for f in it.by_ref() {
+        match f {
+            Ok(f) => frames.push(f),
+            Err(e) => tail = Some(e),
         }
     }
     Ok(DecodedFile {
         header,
         frames,
-        valid_len: pos as u64,
+        valid_len: it.pos() as u64,
         tail,
     })
 }
@@ -451,27 +594,35 @@ pub fn decode_file(bytes: &[u8]) -> Result<DecodedFile> {
 /// Replays a whole journal file into a state table. Errors only when the
 /// header is bad; a bad frame ends replay and is reported, never raised.
 pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
-    let decoded = decode_file(bytes)?;
+    let header = decode_header(bytes)?;
     let mut state = JournalState::default();
     let mut report = ReplayReport {
-        generation: decoded.header.generation,
+        generation: header.generation,
         ..ReplayReport::default()
     };
-    let mut valid_len = decoded.valid_len;
-    let mut tail = decoded.tail;
+    let mut tail = None;
     let mut seen_batch = false;
-    let max_id_first = matches!(
-        decoded.frames.first().map(|f| &f.frame),
-        Some(Frame::MaxId(_))
-    );
-    for (i, df) in decoded.frames.into_iter().enumerate() {
+    let mut max_id_first = false;
+    let mut frames = Frames::new(bytes);
+    let mut i = 0usize;
+    while let Some(next) = frames.next() {
+        let df = match next {
+            Ok(df) => df,
+            Err(e) => {
+                tail = Some(e);
+                break;
+            }
+        };
+        let at = i;
+        i += 1;
         let applied = match df.frame {
-            Frame::MaxId(max) if i == 0 => {
+            Frame::MaxId(max) if at == 0 => {
+                max_id_first = true;
                 state.load_max_id(max);
                 Ok(())
             }
             Frame::MaxId(_) => Err("MaxId frame that is not the first frame".to_string()),
-            Frame::MaxOffset(max) if i == 1 && max_id_first => {
+            Frame::MaxOffset(max) if at == 1 && max_id_first => {
                 state.load_max_offset(max);
                 Ok(())
             }
@@ -496,7 +647,6 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
             }
         };
         if let Err(detail) = applied {
-            valid_len = df.offset;
             tail = Some(TailError {
                 offset: df.offset,
                 kind: TailKind::Inconsistent,
@@ -505,10 +655,13 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
             break;
         }
     }
+    // Just past the last frame applied: the frame that stopped replay (a
+    // bad one, or an intact one that does not apply) starts there.
+    let valid_len = tail.as_ref().map_or(frames.pos() as u64, |t| t.offset);
     report.truncated_bytes = (bytes.len() as u64).saturating_sub(valid_len);
     report.torn_tail_at = (report.truncated_bytes > 0).then_some(valid_len);
     report.damage = tail.as_ref().and_then(|t| judge_tail(bytes, t));
-    report.format_version = decoded.header.version;
+    report.format_version = header.version;
     report.tail = tail;
     report.segments = state.segments().len();
     Ok(Replayed {
@@ -744,5 +897,42 @@ mod tests {
         bytes.extend_from_slice(&[0u8; 12]);
         let r = replay_bytes(&bytes).unwrap();
         assert_eq!(r.report.tail.map(|t| t.kind), Some(TailKind::BadLength));
+    }
+
+    /// The fast path of `decode_payload` answers as the general one for
+    /// what the encoder writes and for payloads shaped almost like it.
+    #[test]
+    fn payload_fast_path_agrees_with_the_general_decoder() {
+        let frames = [
+            Frame::Batch(happy_path(3)),
+            Frame::MaxId(Some(SegmentId(7))),
+            Frame::MaxOffset(None),
+        ];
+        let mut payloads: Vec<Vec<u8>> = frames.iter().map(|f| frame_payload(f).unwrap()).collect();
+        for p in [
+            &b"{\"v\":1,\"MaxId\":3}"[..],
+            b"{\"v\":01,\"MaxId\":3}",
+            b"{\"v\":0,\"MaxId\":3}",
+            b"{\"v\":4,\"MaxId\":3}",
+            b"{\"v\":99999999999,\"MaxId\":3}",
+            b"{\"v\":2,\"v\":1,\"MaxId\":3}",
+            b"{\"v\":1,\"MaxId\":3,\"MaxOffset\":4}",
+            b"{\"v\":1,\"MaxId\":3} x",
+            b"{\"v\":1,\"MaxId\":3",
+            b"{\"v\":1,}",
+            b"{\"v\":1,\"Nope\":3}",
+            b"{ \"v\" : 1 , \"MaxId\" : 3 }",
+            b"{\"MaxId\":3}",
+        ] {
+            payloads.push(p.to_vec());
+        }
+        for p in &payloads {
+            let fast = decode_payload(p).map_err(|(k, _)| k);
+            let general = decode_payload_general(p).map_err(|(k, _)| k);
+            assert_eq!(fast, general, "{}", String::from_utf8_lossy(p));
+        }
+        for (f, p) in frames.iter().zip(&payloads) {
+            assert_eq!(decode_payload(p).as_ref().ok(), Some(f));
+        }
     }
 }
