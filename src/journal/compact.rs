@@ -22,12 +22,11 @@
 
 use std::fs::File;
 use std::io;
-use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use super::record::{Frame, JournalState, SegmentState};
-use super::replay::{encode_frame, encode_header, replay_bytes};
+use super::replay::{FORMAT_VERSION, FrameReader, encode_frame, encode_header};
 use super::TMP_FILE;
 use crate::error::{Error, Result};
 
@@ -41,13 +40,18 @@ pub(super) fn remove_tmp(dir: &Path) -> Result<bool> {
     }
 }
 
-/// Writes `state` as a complete, fsynced journal file at `dir/journal.log.tmp`,
-/// checks it by replaying it, and returns it open read-write with its length.
+/// Writes `state` less its Released segments as a complete, fsynced journal
+/// file at `dir/journal.log.tmp`, checks it by reading it back, and returns
+/// it open read-write with its length and the number of segments written.
+///
+/// Memory stays near one frame whatever the segment count: the frames are
+/// encoded one at a time, and the check reads the file back one frame at a
+/// time instead of replaying it into a second state table.
 pub(super) fn write_snapshot_file(
     dir: &Path,
     generation: u64,
     state: &JournalState,
-) -> Result<(File, u64)> {
+) -> Result<(File, u64, usize)> {
     let tmp = dir.join(TMP_FILE);
     let file = crate::durable::no_follow()
         .read(true)
@@ -57,7 +61,7 @@ pub(super) fn write_snapshot_file(
         .open(&tmp)
         .map_err(|e| Error::io(&tmp, "create compaction file", e))?;
     crate::durable::created(&tmp);
-    let mut out = BufWriter::new(&file);
+    let mut out = BufWriter::with_capacity(1 << 20, &file);
     let mut len = 0u64;
     let mut frame = Vec::new();
     let mut put = |bytes: &[u8], out: &mut BufWriter<&File>| -> Result<()> {
@@ -67,20 +71,12 @@ pub(super) fn write_snapshot_file(
         Ok(())
     };
     put(&encode_header(generation), &mut out)?;
-    encode_frame(&Frame::MaxId(state.max_segment_id()), &mut frame)?;
-    put(&frame, &mut out)?;
-    frame.clear();
-    encode_frame(&Frame::MaxOffset(state.max_offset()), &mut frame)?;
-    put(&frame, &mut out)?;
-    for rec in state.segments().values() {
-        debug_assert_ne!(
-            rec.state,
-            SegmentState::Released,
-            "compaction drops Released"
-        );
+    let mut written = 0usize;
+    for f in snapshot_frames(state) {
         frame.clear();
-        encode_frame(&Frame::Snapshot(Box::new(rec.clone())), &mut frame)?;
+        encode_frame(&f, &mut frame)?;
         put(&frame, &mut out)?;
+        written += usize::from(matches!(f, Frame::Snapshot(_)));
     }
     out.flush()
         .map_err(|e| Error::io(&tmp, "write compaction file", e))?;
@@ -89,24 +85,91 @@ pub(super) fn write_snapshot_file(
     crate::durable::at("journal.compact.fsync")
         .sync_all(&file, &tmp)
         .map_err(|e| Error::io(&tmp, "fsync compaction file", e))?;
+    check_written(&file, &tmp, generation, state, len)?;
+    Ok((file, len, written))
+}
 
-    // Pair assertion: the file must replay to exactly `state`, to the byte.
-    let mut back = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
-    file.read_exact_at(&mut back, 0)
-        .map_err(|e| Error::io(&tmp, "read back compaction file", e))?;
-    let replayed = replay_bytes(&back)?;
-    if replayed.state != *state
-        || replayed.valid_len != len
-        || replayed.report.tail.is_some()
-        || replayed.report.generation != generation
-    {
-        return Err(Error::corrupt(
+/// The frames a compaction of `state` writes after the header, in order:
+/// `MaxId`, `MaxOffset`, then one `Snapshot` per segment that is not
+/// Released, by id.
+fn snapshot_frames(state: &JournalState) -> impl Iterator<Item = Frame> + '_ {
+    [
+        Frame::MaxId(state.max_segment_id()),
+        Frame::MaxOffset(state.max_offset()),
+    ]
+    .into_iter()
+    .chain(
+        state
+            .segments()
+            .values()
+            .filter(|r| r.state != SegmentState::Released)
+            .map(|r| Frame::Snapshot(Box::new(r.clone()))),
+    )
+}
+
+/// Pair assertion: the file just written must replay to exactly the state
+/// it was written from (less Released segments), to the byte, or it never
+/// replaces the journal. Read back one frame at a time through the decoder
+/// replay uses: the header of `generation` in the current format, exactly
+/// the frames of [`snapshot_frames`] and nothing after them. Replay loads
+/// such frames into exactly that state when the snapshot frames also pass
+/// what `JournalState::load_snapshot` checks (ids rising, none above the
+/// max id, no item above the max offset), which is checked here too.
+fn check_written(
+    file: &File,
+    tmp: &Path,
+    generation: u64,
+    state: &JournalState,
+    len: u64,
+) -> Result<()> {
+    let bad = |why: String| {
+        Error::corrupt(
             tmp.display().to_string(),
-            "compaction output does not replay to the state it was written from; \
-             the old journal is kept",
-        ));
+            format!(
+                "compaction output does not replay to the state it was written from \
+                 ({why}); the old journal is kept"
+            ),
+        )
+    };
+    let mut r = file;
+    r.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(tmp, "read back compaction file", e))?;
+    let (header, mut frames) = FrameReader::new(BufReader::with_capacity(1 << 20, r))?;
+    if header.generation != generation || header.version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "header of generation {} version {}",
+            header.generation, header.version
+        )));
     }
-    Ok((file, len))
+    let mut last_id = None;
+    for (i, want) in snapshot_frames(state).enumerate() {
+        let (at, got) = match frames.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(bad(format!("the file ends before frame {i}"))),
+            Err(e) => return Err(bad(e)),
+        };
+        if got != want {
+            return Err(bad(format!("frame {i} at {at} is not the one written")));
+        }
+        if let Frame::Snapshot(rec) = &got {
+            let id = rec.meta.id;
+            if last_id.is_some_and(|last| id <= last)
+                || state.max_segment_id().is_none_or(|max| id > max)
+                || (rec.meta.item_count > 0
+                    && state.max_offset().is_none_or(|max| rec.meta.max_offset > max))
+            {
+                return Err(bad(format!("snapshot of segment {id} does not load")));
+            }
+            last_id = Some(id);
+        }
+    }
+    match frames.next_frame() {
+        Ok(None) if frames.pos() == len => {}
+        Ok(None) => return Err(bad(format!("{len} bytes written, {} read", frames.pos()))),
+        Ok(Some((at, _))) => return Err(bad(format!("a frame after the last one, at {at}"))),
+        Err(e) => return Err(bad(e)),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -206,8 +269,7 @@ mod tests {
         fill(&mut j);
         let state = j.view().clone();
         // An interrupted compaction: a complete-looking and a garbage tmp.
-        let kept = j.view.state.without_released();
-        write_snapshot_file(&j.dir, 2, &kept).unwrap();
+        write_snapshot_file(&j.dir, 2, &j.view.state).unwrap();
         drop(j);
         let tmp_path = journal_dir(tmp.path()).join(TMP_FILE);
         assert!(tmp_path.exists());
@@ -240,25 +302,80 @@ mod tests {
     }
 
     #[test]
-    fn maybe_compact_does_not_loop_when_live_state_is_large() {
+    fn maybe_compact_does_not_rewrite_a_journal_it_cannot_shrink() {
         let tmp = tempfile::tempdir().unwrap();
         let mut j = open(tmp.path(), 512);
         for id in 1..=10 {
             j.append(&[Record::Sealed { meta: meta(id) }]).unwrap();
         }
-        assert!(j.maybe_compact().unwrap());
+        let backlog = j.file_len();
+        assert!(backlog > 512);
+        // A backlog (every segment still pending): the snapshot frames would
+        // be as large as the records or larger, so the file is not rewritten
+        // (a 1,000,000-segment backlog's drain spent its deadline on it).
+        assert!(!j.maybe_compact().unwrap());
+        assert_eq!(j.generation(), 1);
+        for id in 1..=8 {
+            j.append(&happy_path(id)[1..]).unwrap();
+        }
+        assert!(j.maybe_compact().unwrap(), "8 of 10 released");
         let after = j.file_len();
-        assert!(after > 512, "live state alone is above the threshold");
+        assert!(after < backlog, "{after} vs {backlog}");
+        assert_eq!(j.segments().len(), 2);
         assert!(
             !j.maybe_compact().unwrap(),
             "no rewrite until the file doubles"
         );
         let mut id = 11;
         while j.file_len() < 2 * after {
-            j.append(&[Record::Sealed { meta: meta(id) }]).unwrap();
+            j.append(&happy_path(id)).unwrap();
             id += 1;
         }
         assert!(j.maybe_compact().unwrap());
+        assert_eq!(j.generation(), 3);
+    }
+
+    /// The check of a compaction's output refuses a file that differs from
+    /// the state in any frame, is cut, has a frame more, or is of another
+    /// generation; so a bad file never replaces the journal.
+    #[test]
+    fn a_compaction_file_that_does_not_match_its_state_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut j = open(tmp.path(), u64::MAX);
+        fill(&mut j);
+        let state = j.view.state.clone();
+        let (file, len, kept) = write_snapshot_file(&j.dir, 2, &state).unwrap();
+        assert_eq!(kept, state.live_segments() as usize);
+        let path = j.dir.join(TMP_FILE);
+        let good = std::fs::read(&path).unwrap();
+        assert_eq!(good.len() as u64, len);
+        check_written(&file, &path, 2, &state, len).unwrap();
+        assert!(check_written(&file, &path, 3, &state, len).is_err());
+        let mut other = state.clone();
+        other.apply(&[Record::Verified { id: SegmentId(22) }]).unwrap();
+        assert!(check_written(&file, &path, 2, &other, len).is_err());
+        drop(file);
+        let refused = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            let f = File::open(&path).unwrap();
+            check_written(&f, &path, 2, &state, bytes.len() as u64).is_err()
+        };
+        // Every byte after the header, flipped; the file cut anywhere; a
+        // frame more.
+        for at in [24, 30, good.len() / 2, good.len() - 1] {
+            let mut b = good.clone();
+            b[at] ^= 0x40;
+            assert!(refused(&b), "flip at {at}");
+        }
+        for cut in [24, good.len() / 3, good.len() - 1] {
+            assert!(refused(&good[..cut]), "cut at {cut}");
+        }
+        let mut more = good.clone();
+        let mut frame = Vec::new();
+        encode_frame(&Frame::MaxOffset(None), &mut frame).unwrap();
+        more.extend_from_slice(&frame);
+        assert!(refused(&more));
+        assert!(!refused(&good));
     }
 
     #[test]

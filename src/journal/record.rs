@@ -507,7 +507,28 @@ impl JournalState {
         self.max_offset = max;
     }
 
+    /// Segments a compaction keeps: all but the Released ones.
+    pub fn live_segments(&self) -> u64 {
+        let released = self
+            .ix
+            .by_state
+            .get(&SegmentState::Released)
+            .copied()
+            .unwrap_or(0);
+        (self.segments.len() as u64).saturating_sub(released)
+    }
+
+    /// Forgets the Released segments, in place: what a compaction that
+    /// succeeded leaves (the max id and offset are kept). Released segments
+    /// are in no index but the per-state count.
+    pub(crate) fn drop_released(&mut self) {
+        if self.ix.by_state.remove(&SegmentState::Released).is_some() {
+            self.segments.retain(|_, r| r.state != SegmentState::Released);
+        }
+    }
+
     /// The state a compaction keeps: everything but Released segments.
+    #[cfg(test)]
     pub fn without_released(&self) -> JournalState {
         let mut st = JournalState {
             segments: self

@@ -58,6 +58,10 @@ pub struct Journal {
     pub(super) poisoned: Option<String>,
     /// File length right after the last compaction (0 until one runs).
     pub(super) compacted_len: u64,
+    /// Bytes the last compaction wrote per segment it kept
+    /// ([`SNAPSHOT_BYTES_GUESS`] until one ran): what a compaction is
+    /// expected to leave is this times the live segments.
+    pub(super) snapshot_bytes: u64,
     /// The data directory's lock (a share of its `DataDir`'s, or the one
     /// [`Journal::open`] took): held while the journal can still write,
     /// whichever of the journal and the writer is dropped last.
@@ -133,7 +137,7 @@ impl Journal {
             .try_exists()
             .map_err(|e| Error::io(&log, "stat journal", e))?
         {
-            let (_file, _len) = compact::write_snapshot_file(&dir, 1, &Default::default())?;
+            let (_file, _len, _) = compact::write_snapshot_file(&dir, 1, &Default::default())?;
             crate::durable::rename(&dir.join(TMP_FILE), &log)
                 .map_err(|e| Error::io(&log, "install new journal", e))?;
         }
@@ -228,6 +232,7 @@ impl Journal {
             opts,
             poisoned: None,
             compacted_len: 0,
+            snapshot_bytes: SNAPSHOT_BYTES_GUESS,
             _lock: Some(lock),
         };
         if report.format_version < super::FORMAT_VERSION {
@@ -273,6 +278,41 @@ impl Journal {
             file_len: replayed.valid_len,
         };
         Ok((view, replayed.report))
+    }
+
+    /// The highest segment id `data_dir`'s journal records (its `MaxId`
+    /// frame, snapshots and `Sealed` records), read frame by frame without
+    /// building its state, locking or changing anything: for a report after
+    /// a shutdown, when a replay would hold the whole state again. Every id
+    /// the journal records is at or below it. A frame that does not decode
+    /// (damage, or a torn last append) is an error, as is a bad header.
+    pub fn max_segment_id_on_disk(data_dir: &Path) -> Result<Option<SegmentId>> {
+        let log = journal_dir(data_dir).join(LOG_FILE);
+        let file = crate::durable::open_regular(&log, false)
+            .map_err(|e| Error::io(&log, "read journal", e))?;
+        let (_, mut frames) =
+            super::replay::FrameReader::new(io::BufReader::with_capacity(1 << 20, file))?;
+        let mut max: Option<SegmentId> = None;
+        loop {
+            let frame = match frames.next_frame() {
+                Ok(Some((_, frame))) => frame,
+                Ok(None) => return Ok(max),
+                Err(e) => return Err(Error::corrupt(format!("journal {}", log.display()), e)),
+            };
+            let seen = match frame {
+                Frame::MaxId(m) => m,
+                Frame::Snapshot(rec) => Some(rec.meta.id),
+                Frame::Batch(recs) => recs
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::Sealed { meta } => Some(meta.id),
+                        _ => None,
+                    })
+                    .max(),
+                Frame::MaxOffset(_) => None,
+            };
+            max = max.max(seen);
+        }
     }
 
     /// Validates all `records`, then writes them as one frame with one write
@@ -496,6 +536,11 @@ fn log_tail(log: &Path, report: &ReplayReport) {
     );
 }
 
+/// What a compaction is expected to write per live segment before one ran:
+/// a snapshot frame of a Sealed segment is about 370 bytes, of a Committed
+/// one with its key and ETag about 500.
+const SNAPSHOT_BYTES_GUESS: u64 = 384;
+
 // Compaction (the file it writes is compact.rs's).
 impl Journal {
     /// Rewrites the journal as a snapshot of the live state: every segment
@@ -503,9 +548,9 @@ impl Journal {
     /// through `get`/`segments` loses only the Released segments.
     pub fn compact(&mut self) -> Result<()> {
         self.check_poisoned()?;
-        let kept = self.view.state.without_released();
         let generation = self.view.generation + 1;
-        let (file, len) = match compact::write_snapshot_file(&self.dir, generation, &kept) {
+        let written = compact::write_snapshot_file(&self.dir, generation, &self.view.state);
+        let (file, len, kept) = match written {
             Ok(done) => done,
             Err(e) => {
                 // journal.log was not touched.
@@ -542,7 +587,7 @@ impl Journal {
             generation,
             bytes_before = self.view.file_len,
             bytes_after = len,
-            segments = kept.segments().len(),
+            segments = kept,
             "journal compacted"
         );
         self.stamp = match file.metadata() {
@@ -550,10 +595,14 @@ impl Journal {
             Err(e) => return Err(self.poison(format!("stat of the compacted journal: {e}"))),
         };
         drop(file);
-        self.view.state = kept;
+        self.view.state.drop_released();
+        debug_assert_eq!(self.view.state.segments().len(), kept);
         self.view.generation = generation;
         self.view.file_len = len;
         self.compacted_len = len;
+        if let Some(per) = len.checked_div(kept as u64) {
+            self.snapshot_bytes = per.clamp(64, 64 << 10);
+        }
         // IMPORTANT: fsync the directory, or the rename may not survive a crash
         // while appends already go to the new file.
         let synced = crate::failpoint::hit("journal.compact.dirsync")
@@ -565,12 +614,23 @@ impl Journal {
         Ok(())
     }
 
-    /// Compacts when the file is above `compact_after_bytes` and at least twice
-    /// its size right after the previous compaction. Returns whether it did.
+    /// Compacts when the file is above `compact_after_bytes` and at least
+    /// twice what a compaction would leave: its size right after the previous
+    /// compaction, or the live segments at the bytes a snapshot of one took
+    /// last time, whichever is more. A journal of segments that are all
+    /// still pending (a backlog after an outage) is not rewritten: its
+    /// snapshot frames would be as large as its records, or larger. Returns
+    /// whether it did.
     pub fn maybe_compact(&mut self) -> Result<bool> {
         self.check_poisoned()?;
         let len = self.view.file_len;
-        if len <= self.opts.compact_after_bytes || len < self.compacted_len.saturating_mul(2) {
+        let after = self.compacted_len.max(
+            self.view
+                .state
+                .live_segments()
+                .saturating_mul(self.snapshot_bytes),
+        );
+        if len <= self.opts.compact_after_bytes || len < after.saturating_mul(2) {
             return Ok(false);
         }
         self.compact()?;
@@ -934,6 +994,40 @@ mod tests {
             assert!(e.to_string().contains("has a hole"), "{e}");
             assert!(e.to_string().contains("truncate -s"), "{e}");
         }
+    }
+
+    /// The highest id read frame by frame is the replayed journal's,
+    /// before and after a compaction (Released segments dropped, their ids
+    /// kept), and a frame that does not decode is an error.
+    #[test]
+    fn max_segment_id_on_disk_is_the_replayed_max() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(tmp.path());
+        assert_eq!(Journal::max_segment_id_on_disk(tmp.path()).unwrap(), None);
+        for id in 1..=5 {
+            j.append(&happy_path(id)).unwrap();
+        }
+        j.append(&[Record::Sealed { meta: meta(9) }]).unwrap();
+        assert_eq!(
+            Journal::max_segment_id_on_disk(tmp.path()).unwrap(),
+            Some(SegmentId(9))
+        );
+        j.append(&[Record::Sealed { meta: meta(12) }]).unwrap();
+        j.append(&happy_path(12)[1..]).unwrap();
+        j.compact().unwrap();
+        assert_eq!(j.segments().len(), 1);
+        assert_eq!(
+            Journal::max_segment_id_on_disk(tmp.path()).unwrap(),
+            Some(SegmentId(12))
+        );
+        assert_eq!(j.max_segment_id(), Some(SegmentId(12)));
+        drop(j);
+        let log = log_path(tmp.path());
+        let mut bytes = std::fs::read(&log).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x20;
+        std::fs::write(&log, &bytes).unwrap();
+        assert!(Journal::max_segment_id_on_disk(tmp.path()).is_err());
     }
 
     #[test]
