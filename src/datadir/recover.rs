@@ -3,6 +3,7 @@
 //! in the parent module's doc.
 
 use super::*;
+use std::sync::Arc;
 
 /// Check (and in `Repair` mode, repair) the segments directory.
 ///
@@ -48,7 +49,7 @@ pub fn recover_with_geometry(
 /// sealed file costs a few system calls even for the structure check, so
 /// with many local segments the start-up's open grows with them: spread
 /// over the cores.
-fn open_parallel(todo: Vec<(SegmentId, PathBuf, bool)>) -> BTreeMap<SegmentId, Result<SealedInfo>> {
+fn open_parallel(todo: Vec<(SegmentId, Arc<Path>, bool)>) -> Vec<(SegmentId, Result<SealedInfo>)> {
     let open = |p: &Path, summed: bool| SealedInfo::check(p, summed);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -62,7 +63,9 @@ fn open_parallel(todo: Vec<(SegmentId, PathBuf, bool)>) -> BTreeMap<SegmentId, R
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let todo = &todo;
-    std::thread::scope(|scope| {
+    // Each worker's results carry their place in `todo`; merged, they are
+    // put back in that order (the caller takes them in file order).
+    let mut all: Vec<(usize, SegmentId, Result<SealedInfo>)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
@@ -70,13 +73,13 @@ fn open_parallel(todo: Vec<(SegmentId, PathBuf, bool)>) -> BTreeMap<SegmentId, R
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some((id, p, summed)) = todo.get(i) else { break };
-                        done.push((*id, open(p, *summed)));
+                        done.push((i, *id, open(p, *summed)));
                     }
                     done
                 })
             })
             .collect();
-        let mut all = BTreeMap::new();
+        let mut all = Vec::with_capacity(todo.len());
         for w in workers {
             match w.join() {
                 Ok(done) => all.extend(done),
@@ -86,7 +89,9 @@ fn open_parallel(todo: Vec<(SegmentId, PathBuf, bool)>) -> BTreeMap<SegmentId, R
             }
         }
         all
-    })
+    });
+    all.sort_unstable_by_key(|(i, _, _)| *i);
+    all.into_iter().map(|(_, id, r)| (id, r)).collect()
 }
 
 /// Marks a damaged sealed file `recover_checking` left in place for the
@@ -120,7 +125,9 @@ pub fn recover_checking(
 ) -> Result<Recovered> {
     let started = std::time::Instant::now();
     let seg_dir = dir.segments_dir();
-    let mut files: Vec<(Kind, PathBuf)> = Vec::new();
+    // Paths shared (not copied) by the lists below: with a million local
+    // segments each copy of every path was about 100 MB.
+    let mut files: Vec<(Kind, Arc<Path>)> = Vec::new();
     let rd = fs::read_dir(&seg_dir).map_err(|e| Error::io(&seg_dir, "list segments", e))?;
     for ent in rd {
         let ent = ent.map_err(|e| Error::io(&seg_dir, "list segments", e))?;
@@ -153,7 +160,7 @@ pub fn recover_checking(
                 )));
             }
         }
-        files.push((kind, ent.path()));
+        files.push((kind, Arc::from(ent.path())));
     }
     files.sort();
 
@@ -197,7 +204,7 @@ pub fn recover_checking(
     // `.active` is seen before any `.seg.tmp`).
     let mut accepted_actives: Vec<SegmentId> = Vec::new();
     // Item counts of valid sealed files, to compare with a same-id active.
-    let mut sealed_counts: BTreeMap<SegmentId, (u64, PathBuf)> = BTreeMap::new();
+    let mut sealed_counts: BTreeMap<SegmentId, (u64, Arc<Path>)> = BTreeMap::new();
     // Active files whose seal had finished (removed as leftovers).
     let mut superseded: Vec<u64> = Vec::new();
 
@@ -205,7 +212,7 @@ pub fn recover_checking(
     // uploaded, and the structure checks of the others cost a few system
     // calls each: run them all on all cores at once (nothing else runs yet
     // at start-up); the decisions below stay sequential, in file order.
-    let todo: Vec<(SegmentId, PathBuf, bool)> = files
+    let todo: Vec<(SegmentId, Arc<Path>, bool)> = files
         .iter()
         .filter_map(|(kind, path)| match kind {
             Kind::Sealed(id) => Some((*id, path.clone(), full_check(*id))),
@@ -217,7 +224,8 @@ pub fn recover_checking(
         .filter(|(_, _, full)| *full)
         .map(|(id, _, _)| *id)
         .collect();
-    let mut prechecked = open_parallel(todo);
+    // In file order, as the loop below takes them.
+    let mut prechecked = open_parallel(todo).into_iter().peekable();
 
     for (kind, path) in &files {
         match kind {
@@ -228,8 +236,8 @@ pub fn recover_checking(
                 }
                 // Whole-body CRC-64 (every item for format 1) or the
                 // structure; a failure is salvaged by item below.
-                let opened = match prechecked.remove(id) {
-                    Some(opened) => opened,
+                let opened = match prechecked.next_if(|(at, _)| at == id) {
+                    Some((_, opened)) => opened,
                     None => SealedInfo::check(path, false),
                 };
                 match opened {
@@ -736,7 +744,7 @@ fn salvage_active_file(
     path: &Path,
     scan: &salvage::ActiveScan,
     geometry: Option<Geometry>,
-    sealed_counts: &mut BTreeMap<SegmentId, (u64, PathBuf)>,
+    sealed_counts: &mut BTreeMap<SegmentId, (u64, Arc<Path>)>,
     out: &mut Recovered,
 ) -> Result<()> {
     let id = scan.id;
@@ -833,12 +841,12 @@ fn salvage_active_file(
                     PACKED_ENTRY_LEN,
                 )?;
                 let s = SealedInfo::of(&SealedSegment::open(&p)?);
-                sealed_counts.insert(id, (s.footer().item_count, p.clone()));
+                sealed_counts.insert(id, (s.footer().item_count, Arc::from(p.as_path())));
                 out.report.sealed_ok.push(id.0);
                 out.sealed.insert(id, s);
                 note.sealed_as = Some(p.display().to_string());
             } else if n > 0 {
-                sealed_counts.insert(id, (n, path.to_path_buf()));
+                sealed_counts.insert(id, (n, Arc::from(path)));
             }
         }
     }

@@ -490,7 +490,7 @@ fn rebuild_locked(data_dir: &Path) -> Result<RebuildReport> {
         fsync_dir(&dir)?;
         report.damaged_copy = Some(copy);
     }
-    let (_file, _len) = compact::write_snapshot_file(&dir, generation, &state)?;
+    let (_file, _len, _) = compact::write_snapshot_file(&dir, generation, &state)?;
     crate::durable::rename(&dir.join(TMP_FILE), &log)
         .map_err(|e| Error::io(&log, "install rebuilt journal", e))?;
     // IMPORTANT: makes the rename durable before anyone appends.
