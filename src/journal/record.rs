@@ -522,13 +522,12 @@ impl JournalState {
     /// succeeded leaves (the max id and offset are kept). Released segments
     /// are in no index but the per-state count.
     pub(crate) fn drop_released(&mut self) {
-        if self.ix.by_state.remove(&SegmentState::Released).is_some() {
-            self.segments.retain(|_, r| r.state != SegmentState::Released);
-        }
+        self.ix.by_state.remove(&SegmentState::Released);
+        self.segments.retain(|_, r| r.state != SegmentState::Released);
     }
 
     /// The state a compaction keeps: everything but Released segments.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn without_released(&self) -> JournalState {
         let mut st = JournalState {
             segments: self

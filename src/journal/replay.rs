@@ -253,16 +253,21 @@ fn frame_payload(frame: &Frame) -> Result<Vec<u8>> {
 /// version 1), then the frame.
 fn decode_payload(payload: &[u8]) -> std::result::Result<Frame, (TailKind, String)> {
     // The shape this build writes, `{"v":N,"Kind":...}`, parses straight into
-    // a frame (replay of a large journal is mostly this); anything else
-    // (format 1, other spacing or key order) goes through the general path
-    // below, with the same answer.
+    // a frame (replay of a large journal is mostly this), taken only when
+    // the frame encodes back to exactly these bytes: a direct parse skips
+    // unknown fields without checking them (an out-of-range number, a lone
+    // surrogate, bad UTF-8) where the general path refuses them. Anything
+    // else (format 1, other spacing or key order, unknown fields) goes
+    // through the general path below, with the same answer.
     if let Some((version, rest)) = written_version(payload)
         && version <= u64::from(RECORD_VERSION)
     {
         let mut body = Vec::with_capacity(rest.len() + 1);
         body.push(b'{');
         body.extend_from_slice(rest);
-        if let Ok(frame) = serde_json::from_slice::<Frame>(&body) {
+        if let Ok(frame) = serde_json::from_slice::<Frame>(&body)
+            && frame_payload(&frame).is_ok_and(|again| again == payload)
+        {
             return Ok(frame);
         }
     }
@@ -923,6 +928,11 @@ mod tests {
             b"{\"v\":1,\"Nope\":3}",
             b"{ \"v\" : 1 , \"MaxId\" : 3 }",
             b"{\"MaxId\":3}",
+            b"{\"v\":1,\"Batch\":[{\"Verified\":{\"id\":3,\"x\":1e999}}]}",
+            b"{\"v\":1,\"Batch\":[{\"Verified\":{\"id\":3,\"x\":\"\\ud800\"}}]}",
+            b"{\"v\":1,\"Batch\":[{\"Verified\":{\"id\":3,\"x\":\"\xff\"}}]}",
+            b"{\"v\":1,\"Batch\":[{\"Verified\":{\"id\":3,\"x\":1}}]}",
+            b"{\"v\":1,\"Batch\":[{\"Verified\":{\"id\":3.0}}]}",
         ] {
             payloads.push(p.to_vec());
         }

@@ -58,10 +58,11 @@ pub struct Journal {
     pub(super) poisoned: Option<String>,
     /// File length right after the last compaction (0 until one runs).
     pub(super) compacted_len: u64,
-    /// Bytes the last compaction wrote per segment it kept
-    /// ([`SNAPSHOT_BYTES_GUESS`] until one ran): what a compaction is
-    /// expected to leave is this times the live segments.
-    pub(super) snapshot_bytes: u64,
+    /// Records and snapshots the file holds (replayed at open, appended
+    /// since, or written by the last compaction): a compaction leaves one
+    /// per live segment, so it shortens replay only when this is well
+    /// above the live segments.
+    pub(super) records_in_file: u64,
     /// The data directory's lock (a share of its `DataDir`'s, or the one
     /// [`Journal::open`] took): held while the journal can still write,
     /// whichever of the journal and the writer is dropped last.
@@ -232,7 +233,7 @@ impl Journal {
             opts,
             poisoned: None,
             compacted_len: 0,
-            snapshot_bytes: SNAPSHOT_BYTES_GUESS,
+            records_in_file: report.records_replayed + report.snapshot_segments,
             _lock: Some(lock),
         };
         if report.format_version < super::FORMAT_VERSION {
@@ -284,8 +285,10 @@ impl Journal {
     /// frame, snapshots and `Sealed` records), read frame by frame without
     /// building its state, locking or changing anything: for a report after
     /// a shutdown, when a replay would hold the whole state again. Every id
-    /// the journal records is at or below it. A frame that does not decode
-    /// (damage, or a torn last append) is an error, as is a bad header.
+    /// the journal records is at or below it. Past a frame that does not
+    /// decode it answers as [`Journal::open_read_only`] (which replays the
+    /// whole file): the highest id before a torn tail, an error for damage
+    /// or a bad header.
     pub fn max_segment_id_on_disk(data_dir: &Path) -> Result<Option<SegmentId>> {
         let log = journal_dir(data_dir).join(LOG_FILE);
         let file = crate::durable::open_regular(&log, false)
@@ -297,7 +300,11 @@ impl Journal {
             let frame = match frames.next_frame() {
                 Ok(Some((_, frame))) => frame,
                 Ok(None) => return Ok(max),
-                Err(e) => return Err(Error::corrupt(format!("journal {}", log.display()), e)),
+                // A torn last append, zeros after the last frame, damage:
+                // the read-only replay says which, and accepts a torn tail.
+                Err(_) => {
+                    return Self::open_read_only(data_dir).map(|(v, _)| v.max_segment_id());
+                }
             };
             let seen = match frame {
                 Frame::MaxId(m) => m,
@@ -358,6 +365,7 @@ impl Journal {
             Err(e) => return Err(self.poison(format!("stat of the journal after a write: {e}"))),
         }
         self.view.file_len = at + buf.len() as u64;
+        self.records_in_file = self.records_in_file.saturating_add(records.len() as u64);
         self.view.state.commit(staged);
         Ok(())
     }
@@ -536,11 +544,6 @@ fn log_tail(log: &Path, report: &ReplayReport) {
     );
 }
 
-/// What a compaction is expected to write per live segment before one ran:
-/// a snapshot frame of a Sealed segment is about 370 bytes, of a Committed
-/// one with its key and ETag about 500.
-const SNAPSHOT_BYTES_GUESS: u64 = 384;
-
 // Compaction (the file it writes is compact.rs's).
 impl Journal {
     /// Rewrites the journal as a snapshot of the live state: every segment
@@ -600,9 +603,7 @@ impl Journal {
         self.view.generation = generation;
         self.view.file_len = len;
         self.compacted_len = len;
-        if let Some(per) = len.checked_div(kept as u64) {
-            self.snapshot_bytes = per.clamp(64, 64 << 10);
-        }
+        self.records_in_file = kept as u64;
         // IMPORTANT: fsync the directory, or the rename may not survive a crash
         // while appends already go to the new file.
         let synced = crate::failpoint::hit("journal.compact.dirsync")
@@ -614,23 +615,20 @@ impl Journal {
         Ok(())
     }
 
-    /// Compacts when the file is above `compact_after_bytes` and at least
-    /// twice what a compaction would leave: its size right after the previous
-    /// compaction, or the live segments at the bytes a snapshot of one took
-    /// last time, whichever is more. A journal of segments that are all
-    /// still pending (a backlog after an outage) is not rewritten: its
-    /// snapshot frames would be as large as its records, or larger. Returns
-    /// whether it did.
+    /// Compacts when the file is above `compact_after_bytes`, at least twice
+    /// its size right after the previous compaction, and holds at least
+    /// twice as many records as there are live segments (a compaction
+    /// leaves one snapshot per live segment). A journal whose segments are
+    /// all still pending with one record each (a backlog after an outage)
+    /// is not rewritten: its snapshot frames would be as many as its
+    /// records and larger. Returns whether it did.
     pub fn maybe_compact(&mut self) -> Result<bool> {
         self.check_poisoned()?;
         let len = self.view.file_len;
-        let after = self.compacted_len.max(
-            self.view
-                .state
-                .live_segments()
-                .saturating_mul(self.snapshot_bytes),
-        );
-        if len <= self.opts.compact_after_bytes || len < after.saturating_mul(2) {
+        if len <= self.opts.compact_after_bytes
+            || len < self.compacted_len.saturating_mul(2)
+            || self.records_in_file < self.view.state.live_segments().saturating_mul(2)
+        {
             return Ok(false);
         }
         self.compact()?;
@@ -1023,10 +1021,31 @@ mod tests {
         assert_eq!(j.max_segment_id(), Some(SegmentId(12)));
         drop(j);
         let log = log_path(tmp.path());
-        let mut bytes = std::fs::read(&log).unwrap();
-        let last = bytes.len() - 3;
-        bytes[last] ^= 0x20;
-        std::fs::write(&log, &bytes).unwrap();
+        let good = std::fs::read(&log).unwrap();
+        // A torn last append: the highest id before it, as the read-only
+        // replay gives.
+        let mut torn = good.clone();
+        torn.extend_from_slice(&[7, 0, 0, 0, 1, 2]);
+        std::fs::write(&log, &torn).unwrap();
+        assert_eq!(
+            Journal::max_segment_id_on_disk(tmp.path()).unwrap(),
+            Some(SegmentId(12))
+        );
+        let mut zeros = good.clone();
+        zeros.extend_from_slice(&[0; 64]);
+        std::fs::write(&log, &zeros).unwrap();
+        assert_eq!(
+            Journal::max_segment_id_on_disk(tmp.path()).unwrap(),
+            Some(SegmentId(12))
+        );
+        // Damage in the middle: an error, as for the read-only replay.
+        let (mut j, _) = open(tmp.path());
+        j.append(&[Record::Sealed { meta: meta(14) }]).unwrap();
+        drop(j);
+        let mut damaged = std::fs::read(&log).unwrap();
+        damaged[30] ^= 0x20;
+        std::fs::write(&log, &damaged).unwrap();
+        assert!(Journal::open_read_only(tmp.path()).is_err());
         assert!(Journal::max_segment_id_on_disk(tmp.path()).is_err());
     }
 
