@@ -507,6 +507,25 @@ impl JournalState {
         self.max_offset = max;
     }
 
+    /// Rebuilds the segment table and its indexes with full nodes. Inserting
+    /// keys in rising order one at a time (a replay) leaves a B-tree's nodes
+    /// a little over half full; a table built from sorted keys at once fills
+    /// them. Same contents; for after a replay, when the table is largest.
+    pub(crate) fn pack(&mut self) {
+        fn packed<K: Ord, V>(m: &mut BTreeMap<K, V>) {
+            *m = std::mem::take(m).into_iter().collect();
+        }
+        fn packed_set<K: Ord>(m: &mut BTreeSet<K>) {
+            *m = std::mem::take(m).into_iter().collect();
+        }
+        packed(&mut self.segments);
+        packed_set(&mut self.ix.unfinished);
+        packed_set(&mut self.ix.committed);
+        for a in &mut self.ix.age {
+            packed_set(a);
+        }
+    }
+
     /// Segments a compaction keeps: all but the Released ones.
     pub fn live_segments(&self) -> u64 {
         let released = self

@@ -219,6 +219,12 @@ impl Journal {
             .map(|m| stamp_of(&m))
             .map_err(|e| Error::io(&log, "stat journal", e))?;
         drop(file);
+        // The file's bytes are no longer needed; then the table is packed
+        // (replay filled it one key at a time, which leaves its nodes about
+        // half full): at 1,000,000 segments 460 MB become about 270.
+        drop(bytes);
+        let mut state = replayed.state;
+        state.pack();
         let mut journal = Journal {
             dir,
             stamp,
@@ -226,7 +232,7 @@ impl Journal {
             test_file: None,
             log: log.clone(),
             view: JournalView {
-                state: replayed.state,
+                state,
                 generation: report.generation,
                 file_len: replayed.valid_len,
             },
