@@ -3,12 +3,14 @@
 //!
 //! Order, and what a crash after each step leaves (also in
 //! `docs/format/journal.md`):
-//! 1. write `journal.log.tmp`: header (generation + 1), one `MaxId` frame,
-//!    one `Snapshot` frame per segment that is not Released;
+//! 1. write `journal.log.tmp`: header (generation + 1), one `MaxId` and one
+//!    `MaxOffset` frame, one `Snapshot` frame per segment that is not
+//!    Released;
 //!    crash: tmp partial or whole, `journal.log` untouched; open removes tmp.
-//! 2. fsync the tmp, then read it back and replay it: it must rebuild exactly
-//!    the state we meant to write (pair assertion, so a bug here can never
-//!    replace a good journal with a bad one);
+//! 2. fsync the tmp, then read it back frame by frame ([`check_written`]):
+//!    it must replay to exactly the state we meant to write (pair
+//!    assertion, so a bug here can never replace a good journal with a bad
+//!    one);
 //!    crash: as 1.
 //! 3. rename tmp over `journal.log`;
 //!    crash: the rename is atomic, the directory holds either the old file
@@ -87,6 +89,50 @@ pub(super) fn write_snapshot_file(
         .map_err(|e| Error::io(&tmp, "fsync compaction file", e))?;
     check_written(&file, &tmp, generation, state, len)?;
     Ok((file, len, written))
+}
+
+/// The length of the file [`write_snapshot_file`] would write for `state`,
+/// to the byte, computed without writing it or copying a record: each
+/// snapshot frame is its 8-byte header and the payload `{"v":N,` followed by
+/// the frame's JSON without its opening brace, and `N` (the record version)
+/// is one digit.
+pub(super) fn snapshot_len(state: &JournalState) -> Result<u64> {
+    #[derive(serde::Serialize)]
+    enum SnapshotRef<'a> {
+        Snapshot(&'a super::record::SegmentRecord),
+    }
+    struct Count(u64);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut frame = Vec::new();
+    let mut len = encode_header(0).len() as u64;
+    for f in [
+        Frame::MaxId(state.max_segment_id()),
+        Frame::MaxOffset(state.max_offset()),
+    ] {
+        frame.clear();
+        encode_frame(&f, &mut frame)?;
+        len += frame.len() as u64;
+    }
+    let mut count = Count(0);
+    let mut frames = 0u64;
+    for r in state.segments().values() {
+        if r.state == SegmentState::Released {
+            continue;
+        }
+        serde_json::to_writer(&mut count, &SnapshotRef::Snapshot(r))
+            .map_err(|e| Error::InvalidInput(format!("journal snapshot does not serialize: {e}")))?;
+        frames += 1;
+    }
+    // Per frame: header (8) and `{"v":N,` (7) in place of the JSON's `{` (1).
+    Ok(len + count.0 + frames * (8 + 7 - 1))
 }
 
 /// The frames a compaction of `state` writes after the header, in order:
@@ -333,6 +379,89 @@ mod tests {
         }
         assert!(j.maybe_compact().unwrap());
         assert_eq!(j.generation(), 3);
+    }
+
+    /// Records as a real upload writes them: an S3 key and an ETag.
+    fn upload_records(id: u64) -> [Vec<Record>; 2] {
+        let sid = SegmentId(id);
+        [
+            vec![Record::Uploading {
+                id: sid,
+                attempt: 1,
+                key: format!(
+                    "tierindex/streams/orders-0/segments/{id:020}-{:016x}.seg",
+                    id * 7919
+                ),
+                multipart_id: None,
+            }],
+            vec![
+                Record::Uploaded {
+                    id: sid,
+                    etag: Some(format!("\"{id:032x}\"")),
+                    version: None,
+                },
+                Record::Verified { id: sid },
+                Record::Committed { id: sid },
+            ],
+        ]
+    }
+
+    #[test]
+    fn snapshot_len_is_the_length_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut j = open(tmp.path(), u64::MAX);
+        fill(&mut j);
+        for id in 30..=40 {
+            j.append(&[Record::Sealed { meta: meta(id) }]).unwrap();
+            for recs in upload_records(id) {
+                j.append(&recs).unwrap();
+            }
+        }
+        let (_, len, _) = write_snapshot_file(&j.dir, 2, &j.view.state).unwrap();
+        assert_eq!(snapshot_len(&j.view.state).unwrap(), len);
+        let empty = JournalState::default();
+        let (_, len, _) = write_snapshot_file(&j.dir, 2, &empty).unwrap();
+        assert_eq!(snapshot_len(&empty).unwrap(), len);
+    }
+
+    /// A backlog a quarter uploaded (local copies kept, the default): twice
+    /// as many records as live segments, but their snapshots would be
+    /// longer than the records. Not rewritten, and not considered again
+    /// until the file grew by a quarter; once segments are released, it is.
+    #[test]
+    fn a_backlog_part_uploaded_is_not_rewritten_into_a_longer_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut j = open(tmp.path(), 1024);
+        for id in 1..=400 {
+            j.append(&[Record::Sealed { meta: meta(id) }]).unwrap();
+        }
+        for id in 1..=100 {
+            for recs in upload_records(id) {
+                j.append(&recs).unwrap();
+            }
+        }
+        let len = j.file_len();
+        let after = snapshot_len(&j.view.state).unwrap();
+        assert!(after * 4 > len * 3, "{after} vs {len}");
+        assert!(!j.maybe_compact().unwrap());
+        assert_eq!(j.generation(), 1);
+        assert_eq!(j.declined_below, len + len / 4);
+        for id in 1..=100 {
+            j.append(&[Record::Released { id: SegmentId(id) }]).unwrap();
+        }
+        assert!(j.file_len() < j.declined_below);
+        assert!(!j.maybe_compact().unwrap(), "not considered again yet");
+        let mut id = 101;
+        while !j.maybe_compact().unwrap() {
+            for recs in upload_records(id) {
+                j.append(&recs).unwrap();
+            }
+            j.append(&[Record::Released { id: SegmentId(id) }]).unwrap();
+            id += 1;
+            assert!(id <= 400, "never compacted");
+        }
+        assert_eq!(j.generation(), 2);
+        assert!(j.file_len() * 4 <= len * 3 + len / 4);
     }
 
     /// The check of a compaction's output refuses a file that differs from

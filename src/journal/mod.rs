@@ -186,9 +186,10 @@ pub fn log_path(data_dir: &Path) -> PathBuf {
 /// Tuning for a read-write [`Journal`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalOptions {
-    /// `maybe_compact` rewrites the file once it is larger than this (and at
-    /// least twice as large as right after the previous compaction, so a live
-    /// state bigger than the threshold does not compact on every call).
+    /// `maybe_compact` rewrites the file once it is larger than this, at
+    /// least twice as large as right after the previous compaction (so a
+    /// live state bigger than the threshold does not compact on every call),
+    /// and when the rewrite would shorten it: see [`Journal::maybe_compact`].
     pub compact_after_bytes: u64,
     /// Largest JSON encoding of one record `append` accepts. At most
     /// [`MAX_RECORD_BYTES_LIMIT`]. Replay does not use it (it uses the format's
