@@ -609,8 +609,7 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
     let mut seen_batch = false;
     let mut max_id_first = false;
     let mut frames = Frames::new(bytes);
-    let mut i = 0usize;
-    while let Some(next) = frames.next() {
+    for (at, next) in frames.by_ref().enumerate() {
         let df = match next {
             Ok(df) => df,
             Err(e) => {
@@ -618,8 +617,6 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
                 break;
             }
         };
-        let at = i;
-        i += 1;
         let applied = match df.frame {
             Frame::MaxId(max) if at == 0 => {
                 max_id_first = true;
