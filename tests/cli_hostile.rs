@@ -1266,6 +1266,95 @@ fn data_directories_sharing_a_linked_segments_directory_are_refused() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// Two data directories whose `segments/` are one directory through a bind
+/// mount (no link to see): the second lost the first one's acknowledged
+/// entries, then `fsck` and `drain` exited 0 (helper-63 #6). Refused now,
+/// whichever opened first, and `fsck` too; nothing in the shared directory
+/// changes. Each command runs in a mount namespace of its own with the
+/// mount made again (`unshare -m`), as if the mount stayed in place.
+#[test]
+fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
+    let ok = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        // A mount namespace needs root (or CAP_SYS_ADMIN): CI runs as root
+        // on its machine, so there this must not pass by doing nothing.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "unshare -m is not available: this check cannot run"
+        );
+        eprintln!("SKIPPED: unshare -m is not available (not root?)");
+        return;
+    }
+    let sb = Sandbox::new();
+    let r = &sb.root;
+    // `tierindex ARGS` with `src` bind-mounted on `dst` first.
+    let run_mounted = |src: &Path, dst: &Path, args: &[&str]| -> Output {
+        let bin = env!("CARGO_BIN_EXE_tierindex");
+        let mut c = Command::new("unshare");
+        c.current_dir(r.join("cwd"))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("RUST_LOG", "trace")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg("mount --bind \"$1\" \"$2\" || exit 99; shift 2; exec \"$@\"")
+            .arg("sh")
+            .arg(src)
+            .arg(dst)
+            .arg(bin)
+            .args(args.iter().map(|a| sb.expand(a)));
+        let o = c.stdin(Stdio::null()).output().expect("run unshare");
+        assert_ne!(o.status.code(), Some(99), "mount failed: {}", text(&o));
+        o
+    };
+    let files = |p: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    // d1 runs first; d2's segments/ is d1's, mounted.
+    let o = sb.run(&demo_in("{root}/d1", &["--keys", "16"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::create_dir_all(r.join("d2").join("segments")).unwrap();
+    let before = files(&r.join("d1").join("segments"));
+    for args in [
+        demo_in("{root}/d2", &["--keys", "16"]),
+        vec![D, "{root}/d2", "--store", "{store}", "fsck"],
+        vec![D, "{root}/d2", "--store", "{store}", "drain"],
+    ] {
+        let o = run_mounted(&r.join("d1/segments"), &r.join("d2/segments"), &args);
+        assert_sane(&o, "d2");
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert_says(&o, "a bind mount?");
+        assert_eq!(files(&r.join("d1").join("segments")), before, "{args:?}");
+    }
+    // d1 is still whole.
+    let o = sb.run(&[D, "{root}/d1", "fsck"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The other way round: e2 (its segments/ e1's, mounted) runs first,
+    // then e1 is refused.
+    std::fs::create_dir_all(r.join("e1").join("segments")).unwrap();
+    std::fs::create_dir_all(r.join("e2").join("segments")).unwrap();
+    let (src, dst) = (r.join("e1/segments"), r.join("e2/segments"));
+    let o = run_mounted(&src, &dst, &demo_in("{root}/e2", &["--keys", "16"]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let before = files(&src);
+    let o = run_mounted(&src, &dst, &demo_in("{root}/e1", &["--keys", "16"]));
+    assert_sane(&o, "e1");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_says(&o, "a bind mount?");
+    assert_eq!(files(&src), before);
+    // Unmounted (e2 now has a segments/ of its own), e1 is the directory's
+    // only user and opens.
+    let o = sb.run(&[D, "{root}/e1", "fsck"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
 /// A file store whose directory path leaves no room for the objects' paths
 /// under the system's limit: every upload failed with ENAMETOOLONG, was
 /// retried, and the run promised an upload at the next start (helper-61).

@@ -129,7 +129,19 @@ pub struct DataDir {
 /// another data directory's own (`<other>/segments` of a directory with an
 /// `IDENTITY`), and its target is flock'd for the life of the DataDir, so a
 /// second data directory linking to the same place is refused while this
-/// one is open. A bind mount is not seen.
+/// one is open.
+///
+/// A bind mount shows no link: two data directories whose `segments/` are
+/// one directory mounted twice lost acknowledged entries and exited 0
+/// (helper-63 #6). So every `segments/` and `journal/`, linked or not,
+/// records in `LINKED_BY` which data directory last opened it, and one is
+/// refused when the data directory it names is another one whose own
+/// directory of that name is this very directory (by device and inode):
+/// whether or not the other runs, and whichever opened first. Not seen: two
+/// first opens at once (neither has recorded itself yet), and a data
+/// directory moved away since its last open (its recorded path names
+/// nothing; its next open records itself again, and the other is refused
+/// from then on).
 fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
     use std::os::fd::AsRawFd as _;
     use std::os::unix::ffi::OsStrExt as _;
@@ -172,13 +184,16 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
         .flatten()
         .map(|i| i.incarnation)
         .unwrap_or_default();
+    let mut to_claim = Vec::new();
     for name in [SEGMENTS_DIR, JOURNAL_DIR] {
         let link = root.join(name);
-        if !fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
-            continue;
-        }
-        let target =
-            fs::canonicalize(&link).map_err(|e| Error::io(&link, "resolve symbolic link", e))?;
+        let linked = fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
+        let target = if linked {
+            fs::canonicalize(&link).map_err(|e| Error::io(&link, "resolve symbolic link", e))?
+        } else {
+            link.clone()
+        };
+        let target_id = id_of(&target);
         let refuse = |whose: String| {
             Error::InvalidInput(format!(
                 "{} is a symbolic link to {}, which {whose}: two data directories sharing one \
@@ -188,7 +203,8 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
                 target.display()
             ))
         };
-        if let Some(parent) = target.parent()
+        if linked
+            && let Some(parent) = target.parent()
             && id_of(parent) != my_id
             && target.file_name() == Some(std::ffi::OsStr::new(name))
             && parent.join(crate::identity::IDENTITY_FILE).exists()
@@ -198,11 +214,11 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
                 parent.display()
             )));
         }
-        // The data directory that last opened it through a link (its path,
-        // raw bytes): still linking there, it is sharing it (the brokers
-        // need not run at once: a second one would take the first one's
-        // sealed files for its own). Moved or copied, or linking elsewhere
-        // now: this one takes it over.
+        // The data directory that last opened it (its path, raw bytes):
+        // still using it, it is sharing it (the brokers need not run at
+        // once: a second one would take the first one's sealed files for
+        // its own). Moved or copied, or using another directory now: this
+        // one takes it over.
         let marker = target.join(LINKED_BY_FILE);
         // Anything but a regular file there (a planted symlink) is refused:
         // it could not be read or written, and the check would be off
@@ -210,15 +226,18 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
         if fs::symlink_metadata(&marker).is_ok_and(|m| !m.file_type().is_file()) {
             return Err(Error::InvalidInput(format!(
                 "{} is not a regular file: tierindex writes only a regular file there (which \
-                 data directory links to {}); remove it, then open again",
+                 data directory uses {}); remove it, then open again",
                 marker.display(),
                 target.display()
             )));
         }
         // `<incarnation>\n<path>`: the data directory's identity and where it
-        // was. Another incarnation is another data directory, wherever it
-        // is now (helper-63: once the first one moved, a second one linking
-        // there took it over); the same one moved keeps it.
+        // was. Through a link, another incarnation is another data
+        // directory, wherever it is now (helper-63: once the first one
+        // moved, a second one linking there took it over); the same one
+        // moved keeps it. A directory of its own (not a link) that another
+        // incarnation used is a copy, or a data directory that lost its
+        // `IDENTITY` and moved: not refused for that alone.
         let recorded = crate::durable::read_regular(&marker, 8192).ok();
         if let Some(b) = &recorded {
             let (inc, path) = match b.iter().position(|&c| c == b'\n') {
@@ -231,13 +250,15 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
             // refused first open removes the IDENTITY it wrote; a damaged
             // IDENTITY is the open's to report, not this check's).
             let itself = other.is_absolute() && id_of(other).is_some() && id_of(other) == my_id;
-            let other_links_here = other.is_absolute()
+            let other_uses_it = other.is_absolute()
                 && !itself
                 && id_of(other).is_some()
                 && other.join(crate::identity::IDENTITY_FILE).exists()
-                && fs::canonicalize(other.join(name)).is_ok_and(|t| t == target);
-            let another_incarnation = !itself && !inc.is_empty() && inc != mine_inc.as_bytes();
-            if other_links_here || another_incarnation {
+                && target_id.is_some()
+                && id_of(&other.join(name)) == target_id;
+            let another_incarnation =
+                linked && !itself && !inc.is_empty() && inc != mine_inc.as_bytes();
+            if linked && (other_uses_it || another_incarnation) {
                 return Err(refuse(format!(
                     "data directory {} (incarnation {}) links to as its {name}/ (if that data \
                      directory is gone for good, remove {} and open again)",
@@ -246,6 +267,30 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
                     marker.display()
                 )));
             }
+            if other_uses_it {
+                return Err(Error::InvalidInput(format!(
+                    "{} is the same directory as {}, the {name} directory of data directory {} \
+                     (incarnation {}; a bind mount?): two data directories sharing one {name} \
+                     directory overwrite each other's files. Give this data directory a {name} \
+                     directory of its own (if that data directory no longer uses it, remove {} \
+                     and open again); nothing was changed",
+                    link.display(),
+                    other.join(name).display(),
+                    other.display(),
+                    String::from_utf8_lossy(inc),
+                    marker.display()
+                )));
+            }
+        }
+        // A check that changes nothing (`fsck` without `--repair`) does not
+        // write `LINKED_BY`; a directory of its own is recorded once this
+        // data directory has its identity (`DataDir::open_as` records a
+        // new one). Written once both directories passed.
+        if claim && (linked || !mine_inc.is_empty()) {
+            to_claim.push((marker, recorded));
+        }
+        if !linked {
+            continue;
         }
         let dir = fs::File::open(&target).map_err(|e| Error::io(&target, "open", e))?;
         // SAFETY: flock on a descriptor this function owns.
@@ -266,47 +311,48 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
         }
         held.push(dir);
     }
-    // A check that changes nothing (`fsck` without `--repair`) does not
-    // write `LINKED_BY`.
-    if claim {
-        claim_linked_dirs(root, &mine_inc);
+    for (marker, recorded) in &to_claim {
+        claim_dir(&me, marker, &mine_inc, recorded.as_deref());
     }
     Ok(held)
 }
 
-/// Writes `LINKED_BY` in the target of a linked `segments/` or `journal/`
-/// ([`guard_linked_dirs`] checked it): `<incarnation>\n<path>`. Advisory,
-/// not synced (lost to a crash, it is written again at the next open), not
-/// through a symlink planted in its place (`write_file` opens
-/// `O_NOFOLLOW`). Written again once a new data directory has its identity
+/// Writes `LINKED_BY` in `segments/` and `journal/` (their targets, when
+/// linked; [`guard_linked_dirs`] checked them): `<incarnation>\n<path>`.
+/// Called for a new data directory once it has its identity
 /// (`DataDir::open_as`), so its first open does not leave an incarnation
 /// out.
 fn claim_linked_dirs(root: &Path, incarnation: &str) {
-    use std::os::unix::ffi::OsStrExt as _;
     let Ok(me) = fs::canonicalize(root) else {
         return;
     };
     for name in [SEGMENTS_DIR, JOURNAL_DIR] {
-        let link = root.join(name);
-        if !fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
-            continue;
-        }
-        let Ok(target) = fs::canonicalize(&link) else {
+        let Ok(target) = fs::canonicalize(root.join(name)) else {
             continue;
         };
         let marker = target.join(LINKED_BY_FILE);
-        let mut mine = format!("{incarnation}\n").into_bytes();
-        mine.extend_from_slice(me.as_os_str().as_bytes());
-        if crate::durable::read_regular(&marker, 8192).ok().as_deref() != Some(mine.as_slice())
-            && let Err(e) = crate::durable::write_file(&marker, &mine)
-        {
-            tracing::warn!(file = %marker.display(), error = %e, "cannot record which data directory links here");
-        }
+        let recorded = crate::durable::read_regular(&marker, 8192).ok();
+        claim_dir(&me, &marker, incarnation, recorded.as_deref());
     }
 }
 
-/// In the target of a linked `segments/` or `journal/`: the data directory
-/// that links there ([`guard_linked_dirs`]). Not a segment file: start-up
+/// `marker` made to say `<incarnation>\n<me>` unless it does already.
+/// Advisory, not synced (lost to a crash, it is written again at the next
+/// open), not through a symlink planted in its place (`write_file` opens
+/// `O_NOFOLLOW`).
+fn claim_dir(me: &Path, marker: &Path, incarnation: &str, recorded: Option<&[u8]>) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut mine = format!("{incarnation}\n").into_bytes();
+    mine.extend_from_slice(me.as_os_str().as_bytes());
+    if recorded != Some(mine.as_slice())
+        && let Err(e) = crate::durable::write_file(marker, &mine)
+    {
+        tracing::warn!(file = %marker.display(), error = %e, "cannot record which data directory uses this directory");
+    }
+}
+
+/// In `segments/` and `journal/` (their targets, when linked): the data
+/// directory that last opened them ([`guard_linked_dirs`]). Not a segment file: start-up
 /// leaves it where it is.
 pub(crate) const LINKED_BY_FILE: &str = "LINKED_BY";
 
@@ -374,7 +420,10 @@ impl DataDir {
         };
         let existed = std::fs::symlink_metadata(root.join(crate::identity::IDENTITY_FILE)).is_ok();
         let id = crate::identity::ensure(root, stream, store, endpoint, mode, overrides)?;
-        claim_linked_dirs(root, &id.incarnation);
+        // An identity that was there: the open recorded it already.
+        if !existed {
+            claim_linked_dirs(root, &id.incarnation);
+        }
         Ok((dd, id, !existed))
     }
 
@@ -886,5 +935,67 @@ mod tests {
             Err(Error::InvalidInput(m)) => assert!(m.contains("is the same directory as"), "{m}"),
             other => panic!("{:?}", other.err()),
         }
+    }
+
+    /// A `segments/` of its own that another data directory uses too (a
+    /// bind mount; here a link made after the other's open stands in for
+    /// it): the data directory that did not record itself last is refused,
+    /// and nothing is written. A copy of a data directory (its `LINKED_BY`
+    /// naming the original) opens and records itself; so does one that lost
+    /// its `IDENTITY` in place.
+    #[test]
+    fn a_segments_directory_another_data_directory_uses_is_refused() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let t = tempfile::tempdir().unwrap();
+        let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+        let open_as = |d: &Path| {
+            DataDir::open_as(d, "s", "file:///st", None, None, Default::default(), None)
+                .map(|(dd, id, _)| (dd, id))
+        };
+        let record = |d: &Path, inc: &str| {
+            let mut v = format!("{inc}\n").into_bytes();
+            v.extend_from_slice(fs::canonicalize(d).unwrap().as_os_str().as_bytes());
+            v
+        };
+        let (dd, id_b) = open_as(&b).unwrap();
+        drop(dd);
+        for n in [SEGMENTS_DIR, JOURNAL_DIR] {
+            assert_eq!(fs::read(b.join(n).join(LINKED_BY_FILE)).unwrap(), record(&b, &id_b.incarnation), "{n}");
+        }
+        // a: a data directory whose segments/ is b's, and which opened last.
+        let (dd, id_a) = open_as(&a).unwrap();
+        drop(dd);
+        fs::remove_dir_all(a.join(SEGMENTS_DIR)).unwrap();
+        std::os::unix::fs::symlink(b.join(SEGMENTS_DIR), a.join(SEGMENTS_DIR)).unwrap();
+        let planted = record(&a, &id_a.incarnation);
+        fs::write(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE), &planted).unwrap();
+        for check in [false, true] {
+            let r = if check { DataDir::open_to_check(&b) } else { open_as(&b).map(|(dd, _)| dd) };
+            match r {
+                Err(Error::InvalidInput(m)) => assert!(m.contains("a bind mount?"), "{m}"),
+                other => panic!("{:?}", other.err()),
+            }
+            assert_eq!(fs::read(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap(), planted);
+        }
+        // a moved away: b takes its directory back.
+        fs::rename(&a, t.path().join("a-moved")).unwrap();
+        drop(open_as(&b).unwrap());
+        assert_eq!(fs::read(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap(), record(&b, &id_b.incarnation));
+        // c: a copy of b (its identity and records).
+        for n in ["", SEGMENTS_DIR, JOURNAL_DIR] {
+            fs::create_dir_all(c.join(n)).unwrap();
+        }
+        fs::copy(b.join(crate::identity::IDENTITY_FILE), c.join(crate::identity::IDENTITY_FILE)).unwrap();
+        for n in [SEGMENTS_DIR, JOURNAL_DIR] {
+            fs::copy(b.join(n).join(LINKED_BY_FILE), c.join(n).join(LINKED_BY_FILE)).unwrap();
+        }
+        drop(open_as(&c).unwrap());
+        assert_eq!(fs::read(c.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap(), record(&c, &id_b.incarnation));
+        // b lost its IDENTITY: a new incarnation, its own directories.
+        fs::remove_file(b.join(crate::identity::IDENTITY_FILE)).unwrap();
+        let (dd, id_b2) = open_as(&b).unwrap();
+        drop(dd);
+        assert_ne!(id_b2.incarnation, id_b.incarnation);
+        assert_eq!(fs::read(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap(), record(&b, &id_b2.incarnation));
     }
 }
