@@ -180,7 +180,7 @@ fn check_written(
     let mut r = file;
     r.seek(SeekFrom::Start(0))
         .map_err(|e| Error::io(tmp, "read back compaction file", e))?;
-    let (header, mut frames) = FrameReader::new(BufReader::with_capacity(1 << 20, r))?;
+    let (header, mut frames) = FrameReader::new(BufReader::with_capacity(1 << 20, r), tmp)?;
     if header.generation != generation || header.version != FORMAT_VERSION {
         return Err(bad(format!(
             "header of generation {} version {}",

@@ -517,11 +517,20 @@ pub(super) struct FrameReader<R> {
 }
 
 impl<R: std::io::Read> FrameReader<R> {
-    /// Reads and checks the header.
-    pub(super) fn new(mut r: R) -> Result<(Header, Self)> {
+    /// Reads and checks the header of `path` (named in errors): a file
+    /// shorter than a header is damage, a failed read an I/O error.
+    pub(super) fn new(mut r: R, path: &std::path::Path) -> Result<(Header, Self)> {
         let mut head = [0u8; HEADER_LEN];
-        r.read_exact(&mut head)
-            .map_err(|e| Error::corrupt("journal header", format!("cannot read it: {e}")))?;
+        r.read_exact(&mut head).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::corrupt(
+                    path.display().to_string(),
+                    format!("shorter than the journal's {HEADER_LEN}-byte header"),
+                )
+            } else {
+                Error::io(path, "read journal header", e)
+            }
+        })?;
         let header = decode_header(&head)?;
         Ok((
             header,
@@ -675,6 +684,31 @@ pub fn replay_bytes(bytes: &[u8]) -> Result<Replayed> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A journal shorter than its header is damage; a header that cannot
+    /// be read is an I/O error naming the file, not damage.
+    #[test]
+    fn a_header_read_error_is_an_io_error() {
+        struct Failing;
+        impl std::io::Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from_raw_os_error(libc::EIO))
+            }
+        }
+        let p = std::path::Path::new("/j/journal.log");
+        match FrameReader::new(Failing, p) {
+            Err(Error::Io { path, context, .. }) => {
+                assert_eq!((path.as_path(), context), (p, "read journal header"))
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        match FrameReader::new(&[0u8; HEADER_LEN - 1][..], p) {
+            Err(e @ Error::Corrupt { .. }) => {
+                assert!(e.to_string().contains("/j/journal.log"), "{e}")
+            }
+            other => panic!("{:?}", other.err()),
+        }
+    }
 
     #[test]
     fn only_a_frame_with_requeued_is_written_as_record_version_2() {

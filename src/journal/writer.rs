@@ -304,7 +304,7 @@ impl Journal {
         let file = crate::durable::open_regular(&log, false)
             .map_err(|e| Error::io(&log, "read journal", e))?;
         let (_, mut frames) =
-            super::replay::FrameReader::new(io::BufReader::with_capacity(1 << 20, file))?;
+            super::replay::FrameReader::new(io::BufReader::with_capacity(1 << 20, file), &log)?;
         let mut max: Option<SegmentId> = None;
         loop {
             let frame = match frames.next_frame() {
