@@ -1290,8 +1290,8 @@ fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
     }
     let sb = Sandbox::new();
     let r = &sb.root;
-    // `tierindex ARGS` with `src` bind-mounted on `dst` first.
-    let run_mounted = |src: &Path, dst: &Path, args: &[&str]| -> Output {
+    // `tierindex ARGS` with each `(src, dst)` bind-mounted first, in order.
+    let run_in = |mounts: &[(&Path, &Path)], args: &[&str]| -> Output {
         let bin = env!("CARGO_BIN_EXE_tierindex");
         let mut c = Command::new("unshare");
         c.current_dir(r.join("cwd"))
@@ -1299,16 +1299,20 @@ fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("RUST_LOG", "trace")
             .args(["-m", "--propagation", "private", "sh", "-c"])
-            .arg("mount --bind \"$1\" \"$2\" || exit 99; shift 2; exec \"$@\"")
-            .arg("sh")
-            .arg(src)
-            .arg(dst)
-            .arg(bin)
-            .args(args.iter().map(|a| sb.expand(a)));
+            .arg(
+                "while [ \"$1\" != -- ]; do mount --bind \"$1\" \"$2\" || exit 99; shift 2; \
+                 done; shift; exec \"$@\"",
+            )
+            .arg("sh");
+        for (src, dst) in mounts {
+            c.arg(src).arg(dst);
+        }
+        c.arg("--").arg(bin).args(args.iter().map(|a| sb.expand(a)));
         let o = c.stdin(Stdio::null()).output().expect("run unshare");
         assert_ne!(o.status.code(), Some(99), "mount failed: {}", text(&o));
         o
     };
+    let run_mounted = |src: &Path, dst: &Path, args: &[&str]| run_in(&[(src, dst)], args);
     let files = |p: &Path| {
         let mut v: Vec<_> = std::fs::read_dir(p)
             .unwrap()
@@ -1330,7 +1334,7 @@ fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
         let o = run_mounted(&r.join("d1/segments"), &r.join("d2/segments"), &args);
         assert_sane(&o, "d2");
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
-        assert_says(&o, "a bind mount?");
+        assert_says(&o, "a bind mount, perhaps");
         assert_eq!(files(&r.join("d1").join("segments")), before, "{args:?}");
     }
     // d1 is still whole.
@@ -1347,12 +1351,35 @@ fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
     let o = run_mounted(&src, &dst, &demo_in("{root}/e1", &["--keys", "16"]));
     assert_sane(&o, "e1");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert_says(&o, "a bind mount?");
+    assert_says(&o, "a bind mount, perhaps");
     assert_eq!(files(&src), before);
-    // Unmounted (e2 now has a segments/ of its own), e1 is the directory's
-    // only user and opens.
-    let o = sb.run(&[D, "{root}/e1", "fsck"], &[]);
+    // Unmounted too: e1's segments/ holds e2's files, recorded as e2's.
+    let o = sb.run(&[D, "{root}/e1", "--store", "{store}", "fsck"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_says(&o, "a bind mount, perhaps");
+    // Two containers (helper-70): each mounts its data directory at one
+    // path, `ctr`, and one shared directory as its segments/, in a mount
+    // namespace of its own. The second was not refused: the record's path
+    // named its own data directory there, and it uploaded the first one's
+    // sealed files as its own stream's.
+    for d in ["c1/segments", "c2/segments", "shared", "ctr"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    let (ctr, ctr_segs, shared) = (r.join("ctr"), r.join("ctr/segments"), r.join("shared"));
+    let in_container = |c: &str| {
+        let dir = r.join(c);
+        let mut args = demo_in("{root}/ctr", &["--keys", "16"]);
+        args.splice(2..2, ["--stream", c]);
+        run_in(&[(&dir, &ctr), (&shared, &ctr_segs)], &args)
+    };
+    let o = in_container("c1");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let before = files(&shared);
+    let o = in_container("c2");
+    assert_sane(&o, "c2");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_says(&o, "a bind mount, perhaps from another container");
+    assert_eq!(files(&shared), before);
 }
 
 /// A file store whose directory path leaves no room for the objects' paths

@@ -134,17 +134,18 @@ pub struct DataDir {
 /// A bind mount shows no link: two data directories whose `segments/` are
 /// one directory mounted twice lost acknowledged entries and exited 0
 /// (helper-63 #6). So every `segments/` and `journal/`, linked or not,
-/// records in `LINKED_BY` which data directory last opened it, and one is
-/// refused when the data directory it names is another one whose own
-/// directory of that name is this very directory (by device and inode):
-/// whether or not the other runs, and whichever opened first. Not seen: two
-/// first opens at once (neither has recorded itself yet), and a data
-/// directory moved away since its last open (its recorded path names
-/// nothing; its next open records itself again, and the other is refused
-/// from then on).
+/// records in `LINKED_BY` which data directory last opened it (its
+/// incarnation, device and inode, and path), and one is refused when the
+/// record is another data directory's: another directory (by device and
+/// inode, the same in every mount namespace) of another incarnation, or a
+/// data directory found at the recorded path whose own directory of that
+/// name is this one. Whether or not the other runs, whichever opened
+/// first, in one mount namespace or two. A copy or a restored backup has
+/// the original's incarnation: not refused. Not seen: two first opens at
+/// once (neither has recorded itself yet), and a directory the previous
+/// build last opened (no record) opened first by the other data directory.
 fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
     use std::os::fd::AsRawFd as _;
-    use std::os::unix::ffi::OsStrExt as _;
     use std::os::unix::fs::MetadataExt as _;
     // A directory is known by (device, inode), not by its path: a bind
     // mount or another path to this same directory is not another one.
@@ -240,24 +241,42 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
         // `IDENTITY` and moved: not refused for that alone.
         let recorded = crate::durable::read_regular(&marker, 8192).ok();
         if let Some(b) = &recorded {
-            let (inc, path) = match b.iter().position(|&c| c == b'\n') {
-                Some(i) => (&b[..i], &b[i + 1..]),
-                None => (&b[..0], &b[..]),
+            let rec = LinkRecord::parse(b);
+            let inc = rec.incarnation;
+            let other = rec.path;
+            // Recorded by this very directory: its own record, whatever
+            // incarnation it names (a refused first open removes the
+            // IDENTITY it wrote; a damaged IDENTITY is the open's to report,
+            // not this check's). Known by the device and inode recorded
+            // with it, the same in every mount namespace: by its path, two
+            // containers mounting one directory as their data directories'
+            // `segments/`, each data directory at the same path, both read
+            // the other's record as their own (helper-70). A record without
+            // them (from an older build, in a link's target) is known by
+            // its path, found by device and inode.
+            let itself = match rec.dir_id {
+                Some(id) => Some(id) == my_id,
+                None => other.is_absolute() && id_of(other).is_some() && id_of(other) == my_id,
             };
-            let other = Path::new(std::ffi::OsStr::from_bytes(path));
-            // Recorded by this very directory (found at the path, by device
-            // and inode): its own record, whatever incarnation it names (a
-            // refused first open removes the IDENTITY it wrote; a damaged
-            // IDENTITY is the open's to report, not this check's).
-            let itself = other.is_absolute() && id_of(other).is_some() && id_of(other) == my_id;
+            // Another data directory found at the recorded path (not this
+            // one there: a backup restored in place is another directory at
+            // the path it recorded) whose own directory is this one.
             let other_uses_it = other.is_absolute()
                 && !itself
                 && id_of(other).is_some()
+                && id_of(other) != my_id
                 && other.join(crate::identity::IDENTITY_FILE).exists()
                 && target_id.is_some()
                 && id_of(&other.join(name)) == target_id;
-            let another_incarnation =
-                linked && !itself && !inc.is_empty() && inc != mine_inc.as_bytes();
+            // Another data directory's record (another directory, another
+            // incarnation): through a link, whatever the record's form; in
+            // a directory of its own, a record with the device and inode
+            // (only this build writes records there). A copy or a restored
+            // backup of a data directory has its incarnation: not refused.
+            let another_incarnation = !itself
+                && (linked || rec.dir_id.is_some())
+                && !inc.is_empty()
+                && inc != mine_inc.as_bytes();
             if linked && (other_uses_it || another_incarnation) {
                 return Err(refuse(format!(
                     "data directory {} (incarnation {}) links to as its {name}/ (if that data \
@@ -267,15 +286,21 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
                     marker.display()
                 )));
             }
-            if other_uses_it {
+            if other_uses_it || another_incarnation {
+                let mine = if mine_inc.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    mine_inc.clone()
+                };
                 return Err(Error::InvalidInput(format!(
-                    "{} is the same directory as {}, the {name} directory of data directory {} \
-                     (incarnation {}; a bind mount?): two data directories sharing one {name} \
+                    "{} was last opened as the {name} directory of another data directory, {} \
+                     (incarnation {}; this one's: {mine}): a bind mount, perhaps from another \
+                     container or mount namespace? Two data directories sharing one {name} \
                      directory overwrite each other's files. Give this data directory a {name} \
-                     directory of its own (if that data directory no longer uses it, remove {} \
-                     and open again); nothing was changed",
+                     directory of its own. If this one is a copy of that data directory's files \
+                     and that one no longer uses them, or that data directory is gone for good, \
+                     remove {} and open again; nothing was changed",
                     link.display(),
-                    other.join(name).display(),
                     other.display(),
                     String::from_utf8_lossy(inc),
                     marker.display()
@@ -284,8 +309,9 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
         }
         // A check that changes nothing (`fsck` without `--repair`) does not
         // write `LINKED_BY`; a directory of its own is recorded once this
-        // data directory has its identity (`DataDir::open_as` records a
-        // new one). Written once both directories passed.
+        // data directory has its identity (the broker's open records a new
+        // one once it keeps it: `DataDir::record_user`). Written once both
+        // directories passed.
         if claim && (linked || !mine_inc.is_empty()) {
             to_claim.push((marker, recorded));
         }
@@ -318,10 +344,9 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
 }
 
 /// Writes `LINKED_BY` in `segments/` and `journal/` (their targets, when
-/// linked; [`guard_linked_dirs`] checked them): `<incarnation>\n<path>`.
-/// Called for a new data directory once it has its identity
-/// (`DataDir::open_as`), so its first open does not leave an incarnation
-/// out.
+/// linked; [`guard_linked_dirs`] checked them). Called for a new data
+/// directory once its open keeps its identity ([`DataDir::record_user`]),
+/// so its first open does not leave an incarnation out.
 fn claim_linked_dirs(root: &Path, incarnation: &str) {
     let Ok(me) = fs::canonicalize(root) else {
         return;
@@ -336,18 +361,59 @@ fn claim_linked_dirs(root: &Path, incarnation: &str) {
     }
 }
 
-/// `marker` made to say `<incarnation>\n<me>` unless it does already.
-/// Advisory, not synced (lost to a crash, it is written again at the next
-/// open), not through a symlink planted in its place (`write_file` opens
-/// `O_NOFOLLOW`).
+/// `marker` made to say `<incarnation>\n<device>:<inode>\n<me>` (this data
+/// directory's) unless it does already. Advisory, not synced (lost to a
+/// crash, it is written again at the next open), not through a symlink
+/// planted in its place (`write_file` opens `O_NOFOLLOW`).
 fn claim_dir(me: &Path, marker: &Path, incarnation: &str, recorded: Option<&[u8]>) {
     use std::os::unix::ffi::OsStrExt as _;
-    let mut mine = format!("{incarnation}\n").into_bytes();
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(m) = fs::metadata(me) else {
+        return;
+    };
+    let mut mine = format!("{incarnation}\n{}:{}\n", m.dev(), m.ino()).into_bytes();
     mine.extend_from_slice(me.as_os_str().as_bytes());
     if recorded != Some(mine.as_slice())
         && let Err(e) = crate::durable::write_file(marker, &mine)
     {
         tracing::warn!(file = %marker.display(), error = %e, "cannot record which data directory uses this directory");
+    }
+}
+
+/// A `LINKED_BY` record: `<incarnation>\n<device>:<inode>\n<path>`, or
+/// without the device and inode (`<incarnation>\n<path>`, written by older
+/// builds in a link's target). Anything else reads as a record of no
+/// incarnation with no usable path.
+struct LinkRecord<'a> {
+    incarnation: &'a [u8],
+    dir_id: Option<(u64, u64)>,
+    path: &'a Path,
+}
+
+impl<'a> LinkRecord<'a> {
+    fn parse(b: &'a [u8]) -> LinkRecord<'a> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let (incarnation, rest) = match b.iter().position(|&c| c == b'\n') {
+            Some(i) => (&b[..i], &b[i + 1..]),
+            None => (&b[..0], b),
+        };
+        // A path is absolute: a line that does not start with `/` is the
+        // device and inode.
+        let (dir_id, path) = match rest.iter().position(|&c| c == b'\n') {
+            Some(i) if !rest.starts_with(b"/") => (
+                std::str::from_utf8(&rest[..i]).ok().and_then(|l| {
+                    let (d, n) = l.split_once(':')?;
+                    Some((d.parse().ok()?, n.parse().ok()?))
+                }),
+                &rest[i + 1..],
+            ),
+            _ => (None, rest),
+        };
+        LinkRecord {
+            incarnation,
+            dir_id,
+            path: Path::new(std::ffi::OsStr::from_bytes(path)),
+        }
     }
 }
 
@@ -420,11 +486,15 @@ impl DataDir {
         };
         let existed = std::fs::symlink_metadata(root.join(crate::identity::IDENTITY_FILE)).is_ok();
         let id = crate::identity::ensure(root, stream, store, endpoint, mode, overrides)?;
-        // An identity that was there: the open recorded it already.
-        if !existed {
-            claim_linked_dirs(root, &id.incarnation);
-        }
         Ok((dd, id, !existed))
+    }
+
+    /// Records in `segments/` and `journal/` (their targets, when linked)
+    /// that this data directory, of `incarnation`, uses them: for a new
+    /// identity once the open keeps it (the open recorded an identity that
+    /// was there already; [`guard_linked_dirs`]).
+    pub fn record_user(&self, incarnation: &str) {
+        claim_linked_dirs(&self.root, incarnation);
     }
 
     pub fn root(&self) -> &Path {
@@ -899,8 +969,11 @@ mod tests {
         drop(a);
         let b = DataDir::open(&t.path().join("b")).unwrap();
         let by = fs::read(shared.join(LINKED_BY_FILE)).unwrap();
-        // No identity yet: an empty incarnation, then the path.
-        let mut want = b"\n".to_vec();
+        // No identity yet: an empty incarnation, the directory's device and
+        // inode, then the path.
+        use std::os::unix::fs::MetadataExt as _;
+        let m = fs::metadata(t.path().join("b")).unwrap();
+        let mut want = format!("\n{}:{}\n", m.dev(), m.ino()).into_bytes();
         want.extend_from_slice(
             fs::canonicalize(t.path().join("b"))
                 .unwrap()
@@ -940,27 +1013,45 @@ mod tests {
     /// A `segments/` of its own that another data directory uses too (a
     /// bind mount; here a link made after the other's open stands in for
     /// it): the data directory that did not record itself last is refused,
-    /// and nothing is written. A copy of a data directory (its `LINKED_BY`
-    /// naming the original) opens and records itself; so does one that lost
-    /// its `IDENTITY` in place.
+    /// and nothing is written; so it is once the other moved away, and when
+    /// the record names this data directory's path but another directory
+    /// (two containers, each mounting its data directory at one path and
+    /// one shared directory as its `segments/`: helper-70). A copy of a data
+    /// directory (its record naming the original) opens and records itself;
+    /// so does one that lost its `IDENTITY` in place.
     #[test]
     fn a_segments_directory_another_data_directory_uses_is_refused() {
         use std::os::unix::ffi::OsStrExt as _;
+        use std::os::unix::fs::MetadataExt as _;
         let t = tempfile::tempdir().unwrap();
         let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
         let open_as = |d: &Path| {
-            DataDir::open_as(d, "s", "file:///st", None, None, Default::default(), None)
-                .map(|(dd, id, _)| (dd, id))
+            let (dd, id, created) =
+                DataDir::open_as(d, "s", "file:///st", None, None, Default::default(), None)?;
+            if created {
+                dd.record_user(&id.incarnation);
+            }
+            Ok::<_, Error>((dd, id))
         };
-        let record = |d: &Path, inc: &str| {
-            let mut v = format!("{inc}\n").into_bytes();
+        let record_as = |d: &Path, dir: &Path, inc: &str| {
+            let m = fs::metadata(dir).unwrap();
+            let mut v = format!("{inc}\n{}:{}\n", m.dev(), m.ino()).into_bytes();
             v.extend_from_slice(fs::canonicalize(d).unwrap().as_os_str().as_bytes());
             v
+        };
+        let record = |d: &Path, inc: &str| record_as(d, d, inc);
+        let by = |d: &Path| fs::read(d.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap();
+        let refused = |r: Result<DataDir>| match r {
+            Err(Error::InvalidInput(m)) => {
+                assert!(m.contains("a bind mount, perhaps from another container"), "{m}")
+            }
+            other => panic!("{:?}", other.err()),
         };
         let (dd, id_b) = open_as(&b).unwrap();
         drop(dd);
         for n in [SEGMENTS_DIR, JOURNAL_DIR] {
-            assert_eq!(fs::read(b.join(n).join(LINKED_BY_FILE)).unwrap(), record(&b, &id_b.incarnation), "{n}");
+            let got = fs::read(b.join(n).join(LINKED_BY_FILE)).unwrap();
+            assert_eq!(got, record(&b, &id_b.incarnation), "{n}");
         }
         // a: a data directory whose segments/ is b's, and which opened last.
         let (dd, id_a) = open_as(&a).unwrap();
@@ -969,33 +1060,73 @@ mod tests {
         std::os::unix::fs::symlink(b.join(SEGMENTS_DIR), a.join(SEGMENTS_DIR)).unwrap();
         let planted = record(&a, &id_a.incarnation);
         fs::write(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE), &planted).unwrap();
-        for check in [false, true] {
-            let r = if check { DataDir::open_to_check(&b) } else { open_as(&b).map(|(dd, _)| dd) };
-            match r {
-                Err(Error::InvalidInput(m)) => assert!(m.contains("a bind mount?"), "{m}"),
-                other => panic!("{:?}", other.err()),
-            }
-            assert_eq!(fs::read(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap(), planted);
-        }
-        // a moved away: b takes its directory back.
+        refused(DataDir::open_to_check(&b));
+        refused(open_as(&b).map(|(dd, _)| dd));
+        assert_eq!(by(&b), planted);
+        // a moved away: still another incarnation's record.
         fs::rename(&a, t.path().join("a-moved")).unwrap();
+        refused(open_as(&b).map(|(dd, _)| dd));
+        // The record removed, as the message says: b opens and records itself.
+        fs::remove_file(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap();
         drop(open_as(&b).unwrap());
-        assert_eq!(fs::read(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap(), record(&b, &id_b.incarnation));
-        // c: a copy of b (its identity and records).
+        assert_eq!(by(&b), record(&b, &id_b.incarnation));
+        // A record naming b's own path but another directory and
+        // incarnation: another mount namespace's data directory at b's path.
+        let elsewhere = record_as(&b, t.path(), "0123abcd");
+        fs::write(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE), &elsewhere).unwrap();
+        refused(open_as(&b).map(|(dd, _)| dd));
+        assert_eq!(by(&b), elsewhere);
+        fs::write(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE), record(&b, &id_b.incarnation)).unwrap();
+        // c: a copy of b (its identity and records): b's incarnation.
         for n in ["", SEGMENTS_DIR, JOURNAL_DIR] {
             fs::create_dir_all(c.join(n)).unwrap();
         }
-        fs::copy(b.join(crate::identity::IDENTITY_FILE), c.join(crate::identity::IDENTITY_FILE)).unwrap();
+        let idf = crate::identity::IDENTITY_FILE;
+        fs::copy(b.join(idf), c.join(idf)).unwrap();
         for n in [SEGMENTS_DIR, JOURNAL_DIR] {
             fs::copy(b.join(n).join(LINKED_BY_FILE), c.join(n).join(LINKED_BY_FILE)).unwrap();
         }
         drop(open_as(&c).unwrap());
-        assert_eq!(fs::read(c.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap(), record(&c, &id_b.incarnation));
+        assert_eq!(by(&c), record(&c, &id_b.incarnation));
         // b lost its IDENTITY: a new incarnation, its own directories.
-        fs::remove_file(b.join(crate::identity::IDENTITY_FILE)).unwrap();
+        fs::remove_file(b.join(idf)).unwrap();
         let (dd, id_b2) = open_as(&b).unwrap();
         drop(dd);
         assert_ne!(id_b2.incarnation, id_b.incarnation);
-        assert_eq!(fs::read(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE)).unwrap(), record(&b, &id_b2.incarnation));
+        assert_eq!(by(&b), record(&b, &id_b2.incarnation));
+        // A record of an older build (no device and inode) in a directory
+        // of its own naming another incarnation: known by its path only.
+        let mut old = b"0123abcd\n".to_vec();
+        old.extend_from_slice(fs::canonicalize(&c).unwrap().as_os_str().as_bytes());
+        fs::write(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE), &old).unwrap();
+        drop(open_as(&b).unwrap());
+        // c restored from a backup in place: another directory at the path
+        // its record names, and its incarnation (`safe_defaults`' restored
+        // backup was refused as a data directory sharing its own segments/).
+        let c_old = t.path().join("c-old");
+        fs::rename(&c, &c_old).unwrap();
+        for n in ["", SEGMENTS_DIR, JOURNAL_DIR] {
+            fs::create_dir_all(c.join(n)).unwrap();
+        }
+        fs::copy(c_old.join(idf), c.join(idf)).unwrap();
+        for n in [SEGMENTS_DIR, JOURNAL_DIR] {
+            fs::copy(c_old.join(n).join(LINKED_BY_FILE), c.join(n).join(LINKED_BY_FILE)).unwrap();
+        }
+        drop(open_as(&c).unwrap());
+        assert_eq!(by(&c), record(&c, &id_b.incarnation));
+    }
+
+    #[test]
+    fn link_records_parse() {
+        let r = LinkRecord::parse(b"inc\n1:2\n/a/b\nc");
+        assert_eq!((r.incarnation, r.dir_id, r.path), (&b"inc"[..], Some((1, 2)), Path::new("/a/b\nc")));
+        let r = LinkRecord::parse(b"inc\n/a/b\nc");
+        assert_eq!((r.incarnation, r.dir_id, r.path), (&b"inc"[..], None, Path::new("/a/b\nc")));
+        let r = LinkRecord::parse(b"x:y\n/a");
+        assert_eq!((r.dir_id, r.path), (None, Path::new("/a")));
+        let r = LinkRecord::parse(b"/a");
+        assert_eq!((r.incarnation, r.dir_id, r.path), (&b""[..], None, Path::new("/a")));
+        let r = LinkRecord::parse(b"i\nnot:num\n/a");
+        assert_eq!((r.dir_id, r.path), (None, Path::new("/a")));
     }
 }

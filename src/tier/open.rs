@@ -237,9 +237,16 @@ pub(super) async fn open_shared_hosted(
 ) -> Result<(Arc<Shared>, OpenReport)> {
     // Local recovery reads and checks files: on a blocking thread, never on
     // the caller's runtime thread (issue 16).
-    let (dd, previous_shutdown_clean, journal, jrep, committed, new_identity) = {
+    let (dd, previous_shutdown_clean, journal, jrep, committed, (new_identity, new_incarnation)) = {
         let (cfg, url) = (cfg.clone(), store.display_url().to_string());
-        type Opened = (DataDir, bool, Journal, ReplayReport, usize, crate::identity::NewIdentity);
+        type Opened = (
+            DataDir,
+            bool,
+            Journal,
+            ReplayReport,
+            usize,
+            (crate::identity::NewIdentity, Option<String>),
+        );
         tokio::task::spawn_blocking(move || -> Result<Opened> {
             let (dd, identity, created) = DataDir::open_as(
                 &cfg.data_dir,
@@ -255,6 +262,7 @@ pub(super) async fn open_shared_hosted(
             // Removed again if the open is refused from here on (before
             // `dd`, and with it the lock, is dropped).
             let new_identity = crate::identity::NewIdentity::new(&cfg.data_dir, created);
+            let new_incarnation = created.then(|| identity.incarnation.clone());
             let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
             let previous_shutdown_clean = marker.exists();
             if previous_shutdown_clean {
@@ -313,7 +321,14 @@ pub(super) async fn open_shared_hosted(
                 cfg.switch_mode,
                 holds_data,
             )?;
-            Ok((dd, previous_shutdown_clean, journal, jrep, committed, new_identity))
+            Ok((
+                dd,
+                previous_shutdown_clean,
+                journal,
+                jrep,
+                committed,
+                (new_identity, new_incarnation),
+            ))
         })
         .await
         .map_err(|e| Error::Internal(format!("open task failed: {e}")))??
@@ -433,6 +448,11 @@ pub(super) async fn open_shared_hosted(
         // The stream is taken (or the store unreachable, or single-writer
         // mode): the identity stays from here on.
         new_identity.keep();
+        // Which data directory uses `segments/` and `journal/`, recorded
+        // once a new identity stays (a refused first open writes no record).
+        if let Some(inc) = &new_incarnation {
+            dd.record_user(inc);
+        }
         let index_cfg = cfg.index_config();
         // A damaged local copy of a committed segment is set aside without a
         // salvage only once the store is found to hold the segment's object
