@@ -186,6 +186,7 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
         .map(|i| i.incarnation)
         .unwrap_or_default();
     let mut to_claim = Vec::new();
+    let (mut foreign, mut foreign_markers) = (Vec::new(), Vec::new());
     for name in [SEGMENTS_DIR, JOURNAL_DIR] {
         let link = root.join(name);
         let linked = fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
@@ -287,24 +288,10 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
                 )));
             }
             if other_uses_it || another_incarnation {
-                let mine = if mine_inc.is_empty() {
-                    "none yet".to_string()
-                } else {
-                    mine_inc.clone()
-                };
-                return Err(Error::InvalidInput(format!(
-                    "{} was last opened as the {name} directory of another data directory, {} \
-                     (incarnation {}; this one's: {mine}): a bind mount, perhaps from another \
-                     container or mount namespace? Two data directories sharing one {name} \
-                     directory overwrite each other's files. Give this data directory a {name} \
-                     directory of its own. If this one is a copy of that data directory's files \
-                     and that one no longer uses them, or that data directory is gone for good, \
-                     remove {} and open again; nothing was changed",
-                    link.display(),
-                    other.display(),
-                    String::from_utf8_lossy(inc),
-                    marker.display()
-                )));
+                // Said once both directories are looked at: the message
+                // names every record to remove (helper-71).
+                foreign.push((name, link.clone(), other.to_path_buf(), inc.to_vec()));
+                foreign_markers.push(marker.display().to_string());
             }
         }
         // A check that changes nothing (`fsck` without `--repair`) does not
@@ -336,6 +323,31 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
             return Err(Error::io(&target, "lock linked directory", e));
         }
         held.push(dir);
+    }
+    if let Some((name, link, other, inc)) = foreign.first() {
+        let mine = if mine_inc.is_empty() {
+            "none yet".to_string()
+        } else {
+            mine_inc.clone()
+        };
+        return Err(Error::InvalidInput(format!(
+            "{} was last opened as the {name} directory of another data directory, {} \
+             (incarnation {}; this one's: {mine}){}: a bind mount, perhaps from another \
+             container or mount namespace? Two data directories sharing one {name} directory \
+             overwrite each other's files. Give this data directory a {name} directory of its \
+             own. If this one is a copy of that data directory's files and that one no longer \
+             uses them, or that data directory is gone for good, remove {} and open again; \
+             nothing was changed",
+            link.display(),
+            other.display(),
+            String::from_utf8_lossy(inc),
+            if foreign.len() > 1 {
+                format!(" (and so was {}/)", foreign[1].0)
+            } else {
+                String::new()
+            },
+            foreign_markers.join(" and ")
+        )));
     }
     for (marker, recorded) in &to_claim {
         claim_dir(&me, marker, &mine_inc, recorded.as_deref());
@@ -1076,6 +1088,19 @@ mod tests {
         fs::write(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE), &elsewhere).unwrap();
         refused(open_as(&b).map(|(dd, _)| dd));
         assert_eq!(by(&b), elsewhere);
+        // In journal/ too: one message names both records (helper-71).
+        let jrec = b.join(JOURNAL_DIR).join(LINKED_BY_FILE);
+        let kept = fs::read(&jrec).unwrap();
+        fs::write(&jrec, &elsewhere).unwrap();
+        match open_as(&b) {
+            Err(Error::InvalidInput(m)) => assert!(
+                m.contains("(and so was journal/)")
+                    && m.contains(&format!("{} and {}", b.join(SEGMENTS_DIR).join(LINKED_BY_FILE).display(), jrec.display())),
+                "{m}"
+            ),
+            other => panic!("{:?}", other.err()),
+        }
+        fs::write(&jrec, kept).unwrap();
         fs::write(b.join(SEGMENTS_DIR).join(LINKED_BY_FILE), record(&b, &id_b.incarnation)).unwrap();
         // c: a copy of b (its identity and records): b's incarnation.
         for n in ["", SEGMENTS_DIR, JOURNAL_DIR] {
