@@ -349,8 +349,13 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
             foreign_markers.join(" and ")
         )));
     }
-    for (marker, recorded) in &to_claim {
-        claim_dir(&me, marker, &mine_inc, recorded.as_deref());
+    if let Some(mine) = (!to_claim.is_empty())
+        .then(|| record_of(&me, &mine_inc))
+        .flatten()
+    {
+        for (marker, recorded) in &to_claim {
+            claim_dir(marker, &mine, recorded.as_deref());
+        }
     }
     Ok(held)
 }
@@ -363,30 +368,43 @@ fn claim_linked_dirs(root: &Path, incarnation: &str) {
     let Ok(me) = fs::canonicalize(root) else {
         return;
     };
+    let Some(mine) = record_of(&me, incarnation) else {
+        return;
+    };
     for name in [SEGMENTS_DIR, JOURNAL_DIR] {
-        let Ok(target) = fs::canonicalize(root.join(name)) else {
-            continue;
+        let link = root.join(name);
+        let target = if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            match fs::canonicalize(&link) {
+                Ok(t) => t,
+                Err(_) => continue,
+            }
+        } else {
+            link
         };
         let marker = target.join(LINKED_BY_FILE);
         let recorded = crate::durable::read_regular(&marker, 8192).ok();
-        claim_dir(&me, &marker, incarnation, recorded.as_deref());
+        claim_dir(&marker, &mine, recorded.as_deref());
     }
 }
 
-/// `marker` made to say `<incarnation>\n<device>:<inode>\n<me>` (this data
-/// directory's) unless it does already. Advisory, not synced (lost to a
-/// crash, it is written again at the next open), not through a symlink
-/// planted in its place (`write_file` opens `O_NOFOLLOW`).
-fn claim_dir(me: &Path, marker: &Path, incarnation: &str, recorded: Option<&[u8]>) {
+/// The record naming the data directory at `me` (its canonical path) of
+/// `incarnation`: `<incarnation>\n<device>:<inode>\n<me>`.
+fn record_of(me: &Path, incarnation: &str) -> Option<Vec<u8>> {
     use std::os::unix::ffi::OsStrExt as _;
     use std::os::unix::fs::MetadataExt as _;
-    let Ok(m) = fs::metadata(me) else {
-        return;
-    };
+    let m = fs::metadata(me).ok()?;
     let mut mine = format!("{incarnation}\n{}:{}\n", m.dev(), m.ino()).into_bytes();
     mine.extend_from_slice(me.as_os_str().as_bytes());
-    if recorded != Some(mine.as_slice())
-        && let Err(e) = crate::durable::write_file(marker, &mine)
+    Some(mine)
+}
+
+/// `marker` made to say `mine` ([`record_of`]) unless it does already.
+/// Advisory, not synced (lost to a crash, it is written again at the next
+/// open), not through a symlink planted in its place (`write_file` opens
+/// `O_NOFOLLOW`).
+fn claim_dir(marker: &Path, mine: &[u8], recorded: Option<&[u8]>) {
+    if recorded != Some(mine)
+        && let Err(e) = crate::durable::write_file(marker, mine)
     {
         tracing::warn!(file = %marker.display(), error = %e, "cannot record which data directory uses this directory");
     }
