@@ -1206,6 +1206,16 @@ fn a_default_store_beside_a_path_with_a_space_or_percent_is_found_again() {
     assert_eq!(o.status.code(), Some(0), "..: {}", text(&o));
 }
 
+/// The names in directory `p`, sorted.
+fn names_in(p: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<_> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Two data directories whose `segments/` are symbolic links to one
 /// directory overwrote each other's acknowledged entries (the lock covers
 /// the data directory, not its links' targets), and one broker exited 0
@@ -1228,21 +1238,13 @@ fn data_directories_sharing_a_linked_segments_directory_are_refused() {
     };
     let o = demo("d1");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let files = |p: &Path| {
-        let mut v: Vec<_> = std::fs::read_dir(p)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        v.sort();
-        v
-    };
-    let before = files(&r.join("shared"));
+    let before = names_in(&r.join("shared"));
     let o = demo("d2");
     assert_sane(&o, "d2");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_says(&o, "links to as its segments/");
     assert_eq!(
-        files(&r.join("shared")),
+        names_in(&r.join("shared")),
         before,
         "d2 changed the shared directory"
     );
@@ -1313,19 +1315,11 @@ fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
         o
     };
     let run_mounted = |src: &Path, dst: &Path, args: &[&str]| run_in(&[(src, dst)], args);
-    let files = |p: &Path| {
-        let mut v: Vec<_> = std::fs::read_dir(p)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        v.sort();
-        v
-    };
     // d1 runs first; d2's segments/ is d1's, mounted.
     let o = sb.run(&demo_in("{root}/d1", &["--keys", "16"]), &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     std::fs::create_dir_all(r.join("d2").join("segments")).unwrap();
-    let before = files(&r.join("d1").join("segments"));
+    let before = names_in(&r.join("d1").join("segments"));
     for args in [
         demo_in("{root}/d2", &["--keys", "16"]),
         vec![D, "{root}/d2", "--store", "{store}", "fsck"],
@@ -1335,7 +1329,7 @@ fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
         assert_sane(&o, "d2");
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
         assert_says(&o, "a bind mount, perhaps");
-        assert_eq!(files(&r.join("d1").join("segments")), before, "{args:?}");
+        assert_eq!(names_in(&r.join("d1").join("segments")), before, "{args:?}");
     }
     // d1 is still whole.
     let o = sb.run(&[D, "{root}/d1", "fsck"], &[]);
@@ -1347,12 +1341,12 @@ fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
     let (src, dst) = (r.join("e1/segments"), r.join("e2/segments"));
     let o = run_mounted(&src, &dst, &demo_in("{root}/e2", &["--keys", "16"]));
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let before = files(&src);
+    let before = names_in(&src);
     let o = run_mounted(&src, &dst, &demo_in("{root}/e1", &["--keys", "16"]));
     assert_sane(&o, "e1");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_says(&o, "a bind mount, perhaps");
-    assert_eq!(files(&src), before);
+    assert_eq!(names_in(&src), before);
     // Unmounted too: e1's segments/ holds e2's files, recorded as e2's.
     let o = sb.run(&[D, "{root}/e1", "--store", "{store}", "fsck"], &[]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -1374,12 +1368,12 @@ fn data_directories_sharing_segments_through_a_bind_mount_are_refused() {
     };
     let o = in_container("c1");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let before = files(&shared);
+    let before = names_in(&shared);
     let o = in_container("c2");
     assert_sane(&o, "c2");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_says(&o, "a bind mount, perhaps from another container");
-    assert_eq!(files(&shared), before);
+    assert_eq!(names_in(&shared), before);
 }
 
 /// A file store whose directory path leaves no room for the objects' paths
