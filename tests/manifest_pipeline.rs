@@ -1317,3 +1317,83 @@ async fn the_recorded_mode_is_kept_unless_switched_on_purpose() {
         Some(Mode::Manifest)
     );
 }
+
+/// `adopt_unjournaled` acts only on a definite answer from the store. A
+/// sealed file the journal cannot record (below its highest id: planted
+/// here, as a second writer's seal would leave it) while the store is down
+/// and the stream not yet owned: refused, nothing appended, the file kept.
+/// Once the store answers: its entries appended again, once, and the file
+/// moved to `quarantine/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopt_unjournaled_adopts_nothing_while_the_store_cannot_say() {
+    let rig = Rig::new(37);
+    let data = rig.data("a");
+    let mut cfg = config(data.clone(), "owner-a");
+    // Two runs: the second takes the stream at epoch 2, its ids above the
+    // epoch's floor, far above 5.
+    for (i, range) in [(0u64, 0..55u64), (1, 55..110)] {
+        let ti = open(&cfg, rig.remote(), None).await.unwrap();
+        write(&ti, range);
+        let r = ti.shutdown(Duration::from_secs(20)).await;
+        assert!(r.fully_drained(), "run {i}: {r:?}");
+    }
+    let key = b"adopt-me";
+    let entries: Vec<tierindex::Entry> = (0..5)
+        .map(|i| tierindex::Entry {
+            key_hash: tierindex::key_hash(key),
+            offset: 9_000_000 + i,
+            size: 1,
+            timestamp_ms: TS0,
+        })
+        .collect();
+    let (bytes, _) =
+        tierindex::segment::sealed::build_sealed(SegmentId(5), 1, 2, 64, &entries).unwrap();
+    let seg = data.join("segments").join(format!("{:020}.seg", 5));
+    std::fs::write(&seg, bytes).unwrap();
+    assert!(!journal(&data).contains_key(&SegmentId(5)));
+
+    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+    cfg.request_timeout_ms = 300;
+    cfg.max_attempts = 2;
+    let ti = open(&cfg, rig.remote(), None)
+        .await
+        .expect("opens with the store down");
+    let hits = |ti: &TierIndex| {
+        ti.lookup(key, tierindex::TimeRange::ALL)
+            .entries
+            .iter()
+            .filter(|e| e.offset >= 9_000_000)
+            .count()
+    };
+    assert_eq!(hits(&ti), 5, "held by the planted file");
+    match ti.adopt_unjournaled(Duration::from_secs(5)).await {
+        Err(Error::Remote(m)) => assert!(m.contains("nothing was adopted"), "{m}"),
+        other => panic!("adopted while the store cannot say: {other:?}"),
+    }
+    assert!(seg.exists(), "kept");
+    assert_eq!(hits(&ti), 5, "nothing appended");
+
+    rig.fs.heal();
+    // Ownership is taken again on the next attempt after a backoff: until
+    // then each call is refused the same way, changing nothing ("run again
+    // once it answers").
+    let until = Instant::now() + Duration::from_secs(30);
+    let adopted = loop {
+        match ti.adopt_unjournaled(Duration::from_secs(5)).await {
+            Ok(a) => break a,
+            Err(Error::Remote(m)) if Instant::now() < until => {
+                assert!(m.contains("nothing was adopted"), "{m}");
+                assert!(seg.exists(), "kept");
+                assert_eq!(hits(&ti), 5, "nothing appended");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("not adopted once the store answers: {e}"),
+        }
+    };
+    assert_eq!(adopted.len(), 1, "{adopted:?}");
+    assert_eq!((adopted[0].segment, adopted[0].entries), (5, 5));
+    assert!(!seg.exists(), "moved to quarantine/");
+    assert_eq!(hits(&ti), 5, "held once, by the active segment");
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+}
