@@ -296,7 +296,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
                 // Nothing was appended, so nothing of this run is at risk; what
                 // an earlier run left is still in the data directory.
                 note(&format!(
-                    "tierindex demo: cannot open the data directory {} or the store: {e}\n\
+                    "tierindex demo: the open of data directory {} failed: {e}\n\
                      nothing was appended by this run, so nothing needs draining from it; \
                      fix the cause, then run `tierindex drain` for what earlier runs left",
                     dir.display()
