@@ -233,13 +233,11 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
                 target.display()
             )));
         }
-        // `<incarnation>\n<path>`: the data directory's identity and where it
-        // was. Through a link, another incarnation is another data
-        // directory, wherever it is now (helper-63: once the first one
-        // moved, a second one linking there took it over); the same one
-        // moved keeps it. A directory of its own (not a link) that another
-        // incarnation used is a copy, or a data directory that lost its
-        // `IDENTITY` and moved: not refused for that alone.
+        // The record ([`LinkRecord`]): the data directory's identity, its
+        // device and inode, and where it was. Another incarnation in
+        // another directory is another data directory, wherever it is now
+        // (helper-63: once the first one moved, a second one linking there
+        // took it over); the same one moved keeps it.
         let recorded = crate::durable::read_regular(&marker, 8192).ok();
         if let Some(b) = &recorded {
             let rec = LinkRecord::parse(b);
@@ -522,9 +520,15 @@ impl DataDir {
     /// Records in `segments/` and `journal/` (their targets, when linked)
     /// that this data directory, of `incarnation`, uses them: for a new
     /// identity once the open keeps it (the open recorded an identity that
-    /// was there already; [`guard_linked_dirs`]).
+    /// was there already; [`guard_linked_dirs`]). Blocking file I/O.
     pub fn record_user(&self, incarnation: &str) {
         claim_linked_dirs(&self.root, incarnation);
+    }
+
+    /// [`DataDir::record_user`] for the data directory at `root`, which
+    /// the caller holds open (and locked).
+    pub fn record_user_at(root: &Path, incarnation: &str) {
+        claim_linked_dirs(root, incarnation);
     }
 
     pub fn root(&self) -> &Path {

@@ -450,8 +450,15 @@ pub(super) async fn open_shared_hosted(
         new_identity.keep();
         // Which data directory uses `segments/` and `journal/`, recorded
         // once a new identity stays (a refused first open writes no record).
-        if let Some(inc) = &new_incarnation {
-            dd.record_user(inc);
+        // A few small file operations: on a blocking thread, with `dd`
+        // (and its lock) held.
+        if let Some(inc) = new_incarnation {
+            let root = dd.root().to_path_buf();
+            let recorded =
+                tokio::task::spawn_blocking(move || DataDir::record_user_at(&root, &inc)).await;
+            if let Err(e) = recorded {
+                tracing::warn!(error = %e, "cannot record which data directory uses its directories");
+            }
         }
         let index_cfg = cfg.index_config();
         // A damaged local copy of a committed segment is set aside without a
