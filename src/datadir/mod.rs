@@ -295,7 +295,7 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
         // A check that changes nothing (`fsck` without `--repair`) does not
         // write `LINKED_BY`; a directory of its own is recorded once this
         // data directory has its identity (the broker's open records a new
-        // one once it keeps it: `DataDir::record_user`). Written once both
+        // one once it keeps it: `DataDir::record_user_at`). Written once both
         // directories passed.
         if claim && (linked || !mine_inc.is_empty()) {
             to_claim.push((marker, recorded));
@@ -360,7 +360,7 @@ fn guard_linked_dirs(root: &Path, claim: bool) -> Result<Vec<fs::File>> {
 
 /// Writes `LINKED_BY` in `segments/` and `journal/` (their targets, when
 /// linked; [`guard_linked_dirs`] checked them). Called for a new data
-/// directory once its open keeps its identity ([`DataDir::record_user`]),
+/// directory once its open keeps its identity ([`DataDir::record_user_at`]),
 /// so its first open does not leave an incarnation out.
 fn claim_linked_dirs(root: &Path, incarnation: &str) {
     let Ok(me) = fs::canonicalize(root) else {
@@ -518,15 +518,10 @@ impl DataDir {
     }
 
     /// Records in `segments/` and `journal/` (their targets, when linked)
-    /// that this data directory, of `incarnation`, uses them: for a new
-    /// identity once the open keeps it (the open recorded an identity that
-    /// was there already; [`guard_linked_dirs`]). Blocking file I/O.
-    pub fn record_user(&self, incarnation: &str) {
-        claim_linked_dirs(&self.root, incarnation);
-    }
-
-    /// [`DataDir::record_user`] for the data directory at `root`, which
-    /// the caller holds open (and locked).
+    /// that the data directory at `root`, which the caller holds open (and
+    /// locked), of `incarnation`, uses them: for a new identity once the
+    /// open keeps it (the open recorded an identity that was there
+    /// already; [`guard_linked_dirs`]). Blocking file I/O.
     pub fn record_user_at(root: &Path, incarnation: &str) {
         claim_linked_dirs(root, incarnation);
     }
@@ -1063,7 +1058,7 @@ mod tests {
             let (dd, id, created) =
                 DataDir::open_as(d, "s", "file:///st", None, None, Default::default(), None)?;
             if created {
-                dd.record_user(&id.incarnation);
+                DataDir::record_user_at(d, &id.incarnation);
             }
             Ok::<_, Error>((dd, id))
         };
