@@ -160,6 +160,11 @@ pub(crate) struct RunTotals {
     /// yet, above its highest id (a journal that failed): the next start
     /// journals and uploads them. (Those below are `NOT JOURNALED`.)
     pub unjournaled_sealed: u64,
+    /// Losses recorded in `quarantine/*.why.json` after the shutdown, by
+    /// this run or an earlier one, that an operator has not moved away:
+    /// each keeps the exit at 4, as in `status` (one found by an earlier
+    /// run made a later `drain` exit 0 while `status` said 4).
+    pub losses_recorded: Vec<String>,
 }
 
 impl RunTotals {
@@ -194,6 +199,7 @@ impl RunTotals {
             upload_bytes_per_s: rate(m.upload_bytes.get(), elapsed),
             unsealed_entries: 0,
             unjournaled_sealed: 0,
+            losses_recorded: Vec::new(),
         }
     }
 
@@ -216,7 +222,22 @@ impl RunTotals {
         let local = crate::datadir::local_pending(data_dir, &known);
         self.unsealed_entries = local.unsealed_items;
         self.unjournaled_sealed = local.unjournaled_sealed.len() as u64;
+        self.losses_recorded = crate::cli::local::recorded_losses(data_dir)
+            .iter()
+            .map(|n| n.line())
+            .collect();
         self
+    }
+
+    /// The recorded losses `r` does not report itself (found by an
+    /// earlier run).
+    pub(crate) fn earlier_losses<'a>(&'a self, r: &ShutdownReport) -> Vec<&'a str> {
+        let this_run: Vec<String> = r.lost.iter().map(|n| n.line()).collect();
+        self.losses_recorded
+            .iter()
+            .filter(|l| !this_run.contains(l))
+            .map(String::as_str)
+            .collect()
     }
 }
 
@@ -297,6 +318,18 @@ fn report_text(o: &ReportOut<'_>) -> String {
         }
         for n in &r.lost {
             s.push_str(&format!("\n  lost {}", n.line()));
+        }
+    }
+    let earlier = t.earlier_losses(r);
+    if !earlier.is_empty() {
+        s.push_str(&format!(
+            "\nLOST to local damage, found by an earlier run: {} file(s) (recorded in \
+             quarantine/*.why.json; `tierindex quarantine list` shows them; move a record out \
+             of quarantine/ once its loss is dealt with)",
+            earlier.len()
+        ));
+        for l in earlier {
+            s.push_str(&format!("\n  lost {l}"));
         }
     }
     if !r.unlisted.is_empty() {
@@ -387,6 +420,7 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
         EXIT_FENCED
     } else if !r.drain.quarantined.is_empty()
         || !r.lost.is_empty()
+        || !run.earlier_losses(r).is_empty()
         || !r.unlisted.is_empty()
         || !r.unjournaled.is_empty()
         || !r.drain.parked.is_empty()

@@ -57,12 +57,21 @@ pub(crate) fn add_local(
         }
         totals.unjournaled_sealed.push(*id);
     }
-    for (_, r) in datadir::quarantine_records(data_dir) {
-        if let Some(n) = r.loss.filter(|n| n.is_loss()) {
-            totals.lost_items += n.lost_items;
-            totals.losses.push(n.line());
-        }
+    for n in recorded_losses(data_dir) {
+        totals.lost_items += n.lost_items;
+        totals.losses.push(n.line());
     }
+}
+
+/// The losses recorded in `quarantine/*.why.json`: every entry lost to
+/// local damage that an operator has not dealt with yet (moved the record
+/// away). `status`, `fsck`, `drain` and `demo` report them and exit 4 while
+/// they are there, whichever run found them.
+pub(crate) fn recorded_losses(data_dir: &Path) -> Vec<crate::datadir::LossNote> {
+    datadir::quarantine_records(data_dir)
+        .into_iter()
+        .filter_map(|(_, r)| r.loss.filter(|n| n.is_loss()))
+        .collect()
 }
 
 /// The lines for what [`add_local`] added (each starting with a newline).
@@ -307,6 +316,10 @@ struct FsckOut {
     /// `--repair` rebuilt a damaged or missing journal (`journal::rebuild`).
     #[serde(skip_serializing_if = "Option::is_none")]
     journal_rebuilt: Option<journal::RebuildReport>,
+    /// Losses recorded in `quarantine/*.why.json` by an earlier run (or
+    /// start) that an operator has not moved away: exit 4, as `status`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    losses_recorded_earlier: Vec<String>,
 }
 
 pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
@@ -467,7 +480,17 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     let journal_clean = journal_rebuilt
         .as_ref()
         .is_none_or(|rb| rb.damaged_copy.is_none() && rb.segments == 0);
+    // Losses an earlier run or start recorded (its report said them once;
+    // `status` says them until the record is moved away): this check says
+    // them too, not "nothing found".
+    let this_run: Vec<String> = rec.report.losses().iter().map(|n| n.line()).collect();
+    let losses_recorded_earlier: Vec<String> = recorded_losses(&cfg.data_dir)
+        .iter()
+        .map(|n| n.line())
+        .filter(|l| !this_run.contains(l))
+        .collect();
     let clean = rec.report.is_clean()
+        && losses_recorded_earlier.is_empty()
         && not_journaled.is_empty()
         && jrep.torn_tail_at.is_none()
         && missing.is_empty()
@@ -481,6 +504,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     // (quarantine, salvage, a span saved aside, a missing or replaced
     // file, a rebuilt journal) still exits 4.
     let needs_operator = !not_journaled.is_empty()
+        || !losses_recorded_earlier.is_empty()
         || !rec.report.quarantined.is_empty()
         || !rec.report.salvaged.is_empty()
         || rec.report.actives.iter().any(|a| a.tail_saved_to.is_some())
@@ -499,6 +523,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         not_committed_file,
         not_journaled,
         journal_rebuilt,
+        losses_recorded_earlier,
     };
     emit(cli.json, &out, |o| {
         let mut s = format!(
@@ -578,6 +603,17 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         }
         if !o.not_journaled.is_empty() {
             s.push_str(&format!("\n  {}", not_journaled_line(&o.not_journaled)));
+        }
+        if !o.losses_recorded_earlier.is_empty() {
+            s.push_str(&format!(
+                "\n  LOST to local damage, found by an earlier run: {} file(s) (recorded in \
+                 quarantine/*.why.json; `tierindex quarantine list` shows them; move a record \
+                 out of quarantine/ once its loss is dealt with)",
+                o.losses_recorded_earlier.len()
+            ));
+            for l in &o.losses_recorded_earlier {
+                s.push_str(&format!("\n    lost {l}"));
+            }
         }
         for r in &o.segments.removed {
             s.push_str(&format!(
