@@ -4031,3 +4031,76 @@ fn adopt_of_a_damaged_unjournaled_file_reports_the_loss_and_keeps_the_original()
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
     }
 }
+
+/// helper-72 F3: a local sealed file under a segment's name that is not
+/// the file the journal records (another segment's file copied over it,
+/// another data directory's seal of the id) was searched as that segment:
+/// `lookup` returned its entries as the segment's, exit 0 (and with
+/// `--remote`, beside the store's copy). It is now not read: the local
+/// answer is incomplete (exit 4, named), and `--remote` reads the store's
+/// copy instead, giving exactly the original answer.
+#[test]
+fn lookup_does_not_serve_a_file_that_is_not_the_journaled_segment() {
+    let sb = Sandbox::populated();
+    let offsets = |o: &Output| {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("lookup json");
+        let mut hits: Vec<(u64, u64)> = v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h["segment"].as_u64().unwrap(),
+                    h["offset"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        hits.sort_unstable();
+        hits
+    };
+    let look = |remote: bool| {
+        let mut args = vec![D, DD, "--store", "{store}", "--json", "lookup", "key-3"];
+        if remote {
+            args.push("--remote");
+        }
+        sb.run(&args, &[])
+    };
+    let before = look(false);
+    assert_eq!(before.status.code(), Some(0), "{}", text(&before));
+    let want = offsets(&before);
+    assert!(want.iter().any(|(s, _)| *s == 3) && want.iter().any(|(s, _)| *s == 4));
+    let segs = sb.data().join("segments");
+    let name = |id: u64| segs.join(format!("{id:020}.seg"));
+    std::fs::copy(name(4), name(3)).unwrap();
+
+    let o = look(false);
+    assert_sane(&o, "lookup");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_says(
+        &o,
+        format!("NOT THE FILE THE JOURNAL RECORDS for segment {:020}", 3),
+    );
+    let got = offsets(&o);
+    let four: Vec<u64> = got.iter().filter(|(s, _)| *s == 4).map(|h| h.1).collect();
+    assert!(
+        got.iter().all(|(s, _)| *s != 3),
+        "nothing served as segment 3: {got:?}"
+    );
+    assert_eq!(
+        got,
+        want.iter()
+            .filter(|(s, _)| *s != 3)
+            .copied()
+            .collect::<Vec<_>>(),
+        "the other segments' entries, once each ({four:?})"
+    );
+
+    let o = look(true);
+    assert_sane(&o, "lookup --remote");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        offsets(&o),
+        want,
+        "the store's copy of segment 3 read instead"
+    );
+}

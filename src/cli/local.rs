@@ -701,6 +701,28 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         item_capacity: cfg.segment_items,
     };
     let wanted = |e: &Entry| e.key_hash == h && range.contains(e.timestamp_ms);
+    // What the journal records of each sealed segment (read only, no lock:
+    // a running broker's too): a local file under a segment's name that is
+    // not the recorded one (another data directory's seal of the id,
+    // another segment's file copied over it) is not that segment, and its
+    // entries are not served as its own (helper-72: they were, exit 0).
+    let recorded: std::collections::BTreeMap<u64, crate::segment::SealedMeta> =
+        match Journal::open_read_only(&cfg.data_dir) {
+            Ok((v, _)) => v
+                .segments()
+                .iter()
+                .map(|(id, r)| (id.0, r.meta.clone()))
+                .collect(),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Default::default()
+            }
+            Err(e) => {
+                skipped.push(format!(
+                    "journal: {e}; local sealed files were not compared with its records"
+                ));
+                Default::default()
+            }
+        };
     // A running broker seals and releases while this reads: a file gone
     // since the listing is no damage. An active file's sealed file is read
     // in its place (queued next); a sealed file gone was released, its
@@ -722,8 +744,33 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
             match SealedSegment::open(&p) {
                 Ok(s) => {
                     let m = s.meta();
-                    intact.insert(s.id().0, (m.file_len, m.key_sum()));
-                    found.extend(s.lookup(h, range).into_iter().map(|e| (s.id().0, e)));
+                    match recorded.get(&id.0) {
+                        Some(j)
+                            if j.file_len != m.file_len
+                                || j.key_sum() != m.key_sum()
+                                || s.id() != id =>
+                        {
+                            // Not read: its entries may be another
+                            // segment's; the segment's own are missing
+                            // from the answer unless the store's copy is
+                            // read (`--remote`).
+                            damaged.insert(id.0);
+                            skipped.push(format!(
+                                "{name}: NOT THE FILE THE JOURNAL RECORDS for segment {id} \
+                                 (segment {} of {} bytes, checksum {}; the journal: {} bytes, \
+                                 checksum {}): not read; `tierindex fsck` says more",
+                                s.id(),
+                                m.file_len,
+                                m.key_sum(),
+                                j.file_len,
+                                j.key_sum()
+                            ));
+                        }
+                        _ => {
+                            intact.insert(s.id().0, (m.file_len, m.key_sum()));
+                            found.extend(s.lookup(h, range).into_iter().map(|e| (s.id().0, e)));
+                        }
+                    }
                 }
                 Err(e @ Error::Corrupt { .. }) => {
                     // Bounded: at most the largest layout, or what the
