@@ -281,6 +281,27 @@ async fn deleted_object_is_reuploaded_or_reported_lost() {
     let r = rig.run(true, false, Duration::from_secs(3600)).await;
     assert_eq!(r.lost, 1);
     assert_eq!(ms.load().await.unwrap().unwrap().version, m.version);
+    // The object restored from a backup with its old modification time
+    // (`cp -p`): a repair run does not download a LOST object that has not
+    // changed since it was marked, but `--deep` reads it, finds it whole
+    // and clears the note (helper-72 F1: it stayed LOST).
+    std::fs::write(&obj, &original).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&obj)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000))
+        .unwrap();
+    let r = rig.run(true, false, Duration::from_secs(3600)).await;
+    assert_eq!(r.lost, 1, "{:#?}", r.findings);
+    let r = rig.run(true, true, Duration::from_secs(3600)).await;
+    assert_eq!((r.lost, r.unresolved), (0, 0), "{:#?}", r.findings);
+    assert!(
+        ms.load().await.unwrap().unwrap().damaged.is_empty(),
+        "the note is cleared"
+    );
+    assert_eq!(std::fs::read(&obj).unwrap(), original, "left as restored");
+    assert_clean(&rig.run(false, true, Duration::from_secs(3600)).await);
 }
 
 /// A damage note a reader left in the manifest (an object whose bytes went

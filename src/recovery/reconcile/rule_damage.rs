@@ -48,8 +48,13 @@ impl Run<'_> {
                 .position(|f| f.key == e.key && f.kind != FindingKind::ManifestDamaged);
             // Whole now (restored by someone, or repaired above)? A LOST note
             // whose object has not changed since it was marked is not
-            // downloaded again. A store that cannot answer decides nothing.
+            // downloaded again, except by `--deep`, which reads every object:
+            // a backup restored with its old modification time (`cp -p`,
+            // `rsync -a`) was never read again, and stayed LOST while
+            // `verify` read it whole (helper-72 F1). A store that cannot
+            // answer decides nothing.
             let unchanged_lost = note.lost
+                && !opts.deep
                 && self
                     .ours
                     .get(&e.key)
