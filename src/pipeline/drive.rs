@@ -714,7 +714,9 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             tracing::error!(%key, "committed object {why}: local copy kept, not released");
                             return Err(Error::Remote(format!(
                                 "committed object {key} {why}: local copy kept, not released. \
-                                 `tierindex reconcile --repair` repairs it from the local copy"
+                                 `tierindex reconcile --deep --repair` repairs it from the local copy \
+                                 (`--deep` reads every object whole: one of the right size with \
+                                 the wrong bytes is found only so)"
                             )));
                         }
                     }
