@@ -115,5 +115,7 @@ pub use pipeline::{DrainReport, PendingNote};
 pub use segment::active::Lookup;
 pub use segment::salvage::LostSpan;
 pub use segment::{Entry, SegmentId, TimeRange, key_hash};
-pub use tier::{Adopted, Host, OpenReport, RemoteLookup, ShutdownReport, Status, Store, TierIndex};
+pub use tier::{
+    Adopted, Host, OpenReport, RemoteLookup, ShutdownReport, Status, Store, StoreDamage, TierIndex,
+};
 pub use upload::VerifyLevel;

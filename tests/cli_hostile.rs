@@ -4104,3 +4104,74 @@ fn lookup_does_not_serve_a_file_that_is_not_the_journaled_segment() {
         "the store's copy of segment 3 read instead"
     );
 }
+
+/// helper-72 F2: once the stream's manifest marks a segment damaged (here
+/// LOST: its object and its local copy are gone, and `reconcile --repair`
+/// marked it), `drain` and `demo` exited 0 "everything sealed is uploaded
+/// and verified" over it. They now name it and exit 4, until `reconcile`
+/// clears the note (here: the object put back).
+#[test]
+fn drain_and_demo_report_segments_the_manifest_marks_damaged() {
+    let sb = Sandbox::populated();
+    let objs = sb.store_dir().join("stream-0").join("segments");
+    let obj = std::fs::read_dir(&objs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{:020}-", 2))
+        })
+        .expect("segment 2's object");
+    let original = std::fs::read(&obj).unwrap();
+    std::fs::remove_file(&obj).unwrap();
+    std::fs::remove_file(sb.data().join("segments").join(format!("{:020}.seg", 2))).unwrap();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "reconcile",
+            "--repair",
+            "--grace-ms",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    for args in [
+        vec![D, DD, "--store", "{store}", "drain"],
+        demo_args(&["--keys", "16"]),
+    ] {
+        let o = sb.run(&args, &[]);
+        assert_sane(&o, "after the mark");
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+        assert_says(&o, "DAMAGED IN THE STORE");
+        assert_says(&o, format!("LOST {:020}", 2));
+    }
+    let o = sb.run(&[D, DD, "--store", "{store}", "--json", "drain"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["damaged_in_store"][0]["segment"], 2, "{v}");
+    assert_eq!(v["damaged_in_store"][0]["lost"], true, "{v}");
+    // The object put back: `reconcile --deep --repair` reads it whole and
+    // clears the note; the drain is clean again.
+    std::fs::write(&obj, &original).unwrap();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "reconcile",
+            "--deep",
+            "--repair",
+        ],
+        &[],
+    );
+    assert_sane(&o, "reconcile after the object is back");
+    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

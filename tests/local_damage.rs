@@ -731,6 +731,7 @@ fn the_check_catches_a_silently_missing_entry() {
         lost: Vec::new(),
         unlisted: Vec::new(),
         unjournaled: Vec::new(),
+        damaged_in_store: Vec::new(),
     };
     let open = OpenReport {
         previous_shutdown_clean: true,

@@ -320,6 +320,24 @@ fn report_text(o: &ReportOut<'_>) -> String {
             s.push_str(&format!("\n  lost {}", n.line()));
         }
     }
+    if !r.damaged_in_store.is_empty() {
+        let lost = r.damaged_in_store.iter().filter(|d| d.lost).count();
+        s.push_str(&format!(
+            "\nDAMAGED IN THE STORE: the stream's manifest marks {} segment(s) damaged ({lost} \
+             LOST: no intact copy was known when marked); readers skip them. `tierindex \
+             reconcile --deep --repair` repairs those of which an intact local copy is held \
+             and clears notes whose objects verify whole again",
+            r.damaged_in_store.len()
+        ));
+        for d in &r.damaged_in_store {
+            s.push_str(&format!(
+                "\n  {} {:020}: {}",
+                if d.lost { "LOST" } else { "damaged" },
+                d.segment,
+                d.reason
+            ));
+        }
+    }
     let earlier = t.earlier_losses(r);
     if !earlier.is_empty() {
         s.push_str(&format!(
@@ -421,6 +439,7 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
     } else if !r.drain.quarantined.is_empty()
         || !r.lost.is_empty()
         || !run.earlier_losses(r).is_empty()
+        || !r.damaged_in_store.is_empty()
         || !r.unlisted.is_empty()
         || !r.unjournaled.is_empty()
         || !r.drain.parked.is_empty()
@@ -451,6 +470,7 @@ mod tests {
             lost: Vec::new(),
             unlisted: Vec::new(),
             unjournaled: Vec::new(),
+            damaged_in_store: Vec::new(),
         }
     }
 

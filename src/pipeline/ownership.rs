@@ -487,6 +487,18 @@ impl Shared {
         Ok(out)
     }
 
+    /// The damage notes of the manifest as this owner last saw it (none
+    /// while ownership is not taken).
+    pub async fn damage_notes(&self) -> Vec<crate::remote::manifest::DamageNote> {
+        let Some(m) = &self.manifest else {
+            return Vec::new();
+        };
+        let guard = m.writer.lock().await;
+        guard
+            .as_ref()
+            .map_or_else(Vec::new, |w| w.manifest().damaged.clone())
+    }
+
     /// Segments the journal records as committed (`Committed`,
     /// `Released`) that the manifest, as this owner last saw it, does not
     /// list: not under their id, or another segment (other bytes: another

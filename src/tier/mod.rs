@@ -64,7 +64,7 @@ pub use open::open_store;
 use open::write_clean_marker;
 pub(crate) use report::damage_text;
 pub use host::Host;
-pub use report::{OpenReport, RemoteLookup, ShutdownReport, Status};
+pub use report::{OpenReport, RemoteLookup, ShutdownReport, Status, StoreDamage};
 
 /// Present in the data directory only after a shutdown that left nothing
 /// pending. Removed (durably) at open.

@@ -56,6 +56,26 @@ pub struct ShutdownReport {
     /// must look (exit code 4). `tierindex status` lists them too.
     #[serde(default)]
     pub unjournaled: Vec<u64>,
+    /// With the manifest: segments the stream's manifest, as this owner
+    /// last saw it, marks damaged in the store (a reader or `reconcile`
+    /// found the object wrong or missing): readers through the manifest
+    /// skip them. Not empty means an operator must look (exit code 4);
+    /// `tierindex reconcile --deep --repair` repairs those of which an
+    /// intact local copy is held. Not part of
+    /// [`fully_drained`](Self::fully_drained): nothing this process can
+    /// drain is left.
+    pub damaged_in_store: Vec<StoreDamage>,
+}
+
+/// A segment the stream's manifest marks damaged in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StoreDamage {
+    pub segment: u64,
+    /// No intact copy was known when it was marked: its entries are lost
+    /// unless a copy turns up.
+    pub lost: bool,
+    /// What the reader found.
+    pub reason: String,
 }
 
 impl ShutdownReport {

@@ -136,6 +136,31 @@ impl TierIndex {
                  `tierindex reconcile --repair` commits them"
             );
         }
+        // Segments the manifest marks damaged in the store: a drain that
+        // ended "clean" over a LOST segment told an operator nothing
+        // (helper-72 F2).
+        let left = until.saturating_duration_since(Instant::now());
+        let damaged_in_store: Vec<StoreDamage> = if sh.fenced.get().is_none() {
+            tokio::time::timeout(left.max(Duration::from_millis(100)), sh.damage_notes())
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| StoreDamage {
+                    segment: d.id.0,
+                    lost: d.lost,
+                    reason: d.reason,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !damaged_in_store.is_empty() {
+            tracing::error!(
+                segments = ?damaged_in_store.iter().map(|d| d.segment).collect::<Vec<_>>(),
+                "the stream's manifest marks segments damaged in the store; readers skip them: \
+                 `tierindex reconcile --deep --repair` repairs those with an intact local copy"
+            );
+        }
         let fenced = sh.fenced.get().cloned();
         if let Some(why) = &fenced {
             error.get_or_insert_with(|| {
@@ -180,6 +205,7 @@ impl TierIndex {
             lost: std::mem::take(&mut self.losses),
             unlisted,
             unjournaled,
+            damaged_in_store,
         };
         if sh.manifest.is_some() && report.fully_drained() {
             // Hand the stream over without making the next owner wait for
