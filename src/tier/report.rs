@@ -70,6 +70,7 @@ pub struct ShutdownReport {
 /// A segment the stream's manifest marks damaged in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StoreDamage {
+    /// The segment's id.
     pub segment: u64,
     /// No intact copy was known when it was marked: its entries are lost
     /// unless a copy turns up.
