@@ -431,6 +431,62 @@ async fn lost_manifest_is_rebuilt_from_the_listing() {
     assert_clean(&rig.run(false, false, Duration::from_secs(3600)).await);
 }
 
+/// helper-72 F4: a rebuild of a lost manifest committed a listed object no
+/// journal record names although it was seconds old (another stream's
+/// segment planted under this stream's prefix, or another writer's upload
+/// in flight). Such an object younger than the grace period is left out,
+/// named, kept; the rebuilt manifest holds exactly the journal's segments.
+/// Older than the grace period it is rebuilt with (a lost data directory's
+/// segments must not vanish from the manifest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_leaves_out_a_young_object_of_unknown_origin() {
+    let rig = Rig::drained().await;
+    let ms = rig.manifest_store();
+    std::fs::remove_dir_all(rig.store_dir.join(STREAM).join("manifest")).unwrap();
+    let id = rig.committed().keys().next_back().unwrap().0 + 1;
+    let entries = [tierindex::Entry {
+        key_hash: 1,
+        offset: 9_000_000,
+        size: 1,
+        timestamp_ms: 1,
+    }];
+    let (bytes, meta) =
+        tierindex::segment::sealed::build_sealed(SegmentId(id), 1, 2, 64, &entries).unwrap();
+    let p = rig
+        .segments_dir()
+        .join(format!("{id:020}-{:016x}.seg", meta.crc64.unwrap()));
+    std::fs::write(&p, &bytes).unwrap();
+
+    let r = rig.run(true, false, Duration::from_secs(3600)).await;
+    assert!(
+        kinds(&r).contains(&(FindingKind::UnusableObject, Some(id))),
+        "{:#?}",
+        r.findings
+    );
+    assert!(r.needs_operator());
+    let m = ms.load().await.unwrap().expect("rebuilt");
+    assert_eq!(ms.all_segments(&m).await.unwrap(), expected_entries(&rig));
+    assert_eq!(std::fs::read(&p).unwrap(), bytes, "kept");
+
+    // The same with no grace (as if hours old): rebuilt with it.
+    std::fs::remove_dir_all(rig.store_dir.join(STREAM).join("manifest")).unwrap();
+    let r = rig.run(true, false, Duration::ZERO).await;
+    assert!(
+        !kinds(&r).contains(&(FindingKind::UnusableObject, Some(id))),
+        "{:#?}",
+        r.findings
+    );
+    let m = ms.load().await.unwrap().expect("rebuilt");
+    let ids: Vec<u64> = ms
+        .all_segments(&m)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id.0)
+        .collect();
+    assert!(ids.contains(&id), "{ids:?}");
+}
+
 /// An object under a fresh id that parses as ours, modified `age` ago.
 fn plant_orphan(rig: &Rig, id: u64, crc: u32, bytes: &[u8], age: Duration) -> PathBuf {
     let p = rig.segments_dir().join(format!("{id:020}-{crc:08x}.seg"));
