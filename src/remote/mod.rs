@@ -521,6 +521,24 @@ mod tests {
         }));
         // Unknown generic causes are retried (bounded by the caller's loop).
         assert!(retry(generic("something odd")));
+        // A range past the end of a file store's object (an emptied one):
+        // permanent, and said so (helper-72 F6: retried five times).
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("o"), b"").unwrap();
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(d.path()).unwrap();
+        let err = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(object_store::ObjectStoreExt::get_range(
+                &fs,
+                &object_store::path::Path::from("o"),
+                0..128,
+            ))
+            .unwrap_err();
+        match classify(err) {
+            Error::Remote(m) => assert!(m.contains("shorter than recorded"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
