@@ -135,41 +135,37 @@ impl Run<'_> {
             self.findings.push(f);
             return Ok(());
         }
-        let mut rejected = Vec::new();
+        // A listed object this journal has no record of, above its highest
+        // id, younger than the grace period, may be another writer's
+        // upload in flight or a planted one (helper-72 F4: a foreign
+        // segment put there seconds before was committed). Leaving it out
+        // would leave it out for good (once a manifest exists this rule no
+        // longer runs: helper-73), so the whole rebuild waits until it is
+        // older, and says so. Ids at or below the highest are taken as
+        // this data directory's own, released and compacted out of the
+        // journal, and never make it wait.
         let now = crate::segment::now_ms();
         let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
+        let max = self.view.max_segment_id();
+        let mut young: Vec<(u64, u64)> = Vec::new();
+        let mut entries = Vec::new();
+        let mut rejected = Vec::new();
         for o in self.ours.values() {
             let k = o.key.to_string();
             if self.bad.contains(&k) || excluded_by_journal(self.view.get(o.id), o.sum) {
                 continue;
             }
-            // An object this journal does not know, younger than the grace
-            // period, may be another writer's upload still in flight (rule
-            // 4 keeps such objects as "unknown origin, may be in flight"):
-            // it is not committed on a guess (helper-72 F4: a foreign
-            // segment planted seconds before was committed). A later run,
-            // once it is older, rebuilds with it.
-            let age = now.saturating_sub(o.modified_ms);
-            if self.view.get(o.id).is_none() && age < grace_ms {
-                let mut u = Finding::new(
-                    FindingKind::UnusableObject,
-                    Some(o.id),
-                    &k,
-                    format!(
-                        "of unknown origin (no journal record) and younger than the grace \
-                         period ({age} ms < {grace_ms} ms): it may be another writer's upload \
-                         in flight"
-                    ),
-                );
-                u.action = "none: left out of the rebuilt manifest, kept; later runs report \
-                            it as an object of unknown origin (never deleted): `tierindex \
-                            inspect` shows whose it is"
-                    .into();
-                rejected.push(u);
-                continue;
-            }
             match read_entry(store, stream, o, self.view.get(o.id), opts.deep).await? {
-                Ok(e) => self.to_commit.push(e),
+                Ok(e) => {
+                    let age = now.saturating_sub(o.modified_ms);
+                    if self.view.get(o.id).is_none()
+                        && max.is_none_or(|m| o.id > m)
+                        && age < grace_ms
+                    {
+                        young.push((o.id.0, age));
+                    }
+                    entries.push(e);
+                }
                 Err(why) => {
                     let mut u = Finding::new(FindingKind::UnusableObject, Some(o.id), &k, why);
                     u.action = "none: left out of the rebuilt manifest".into();
@@ -177,6 +173,23 @@ impl Run<'_> {
                 }
             }
         }
+        if !young.is_empty() {
+            let newest = young.iter().map(|(_, a)| *a).min().unwrap_or(0);
+            f.action = format!(
+                "none yet: the rebuild waits until the listed segment object(s) {:?}, of \
+                 unknown origin (no journal record, above the journal's highest id), are older \
+                 than the grace period ({grace_ms} ms; the newest is {newest} ms old): they may \
+                 be another writer's uploads in flight. Run `tierindex reconcile --repair` \
+                 again in {} s (it rebuilds with them), or first remove those that are not this \
+                 stream's (`tierindex inspect` shows a segment's entries)",
+                young.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+                grace_ms.saturating_sub(newest).div_ceil(1000)
+            );
+            self.findings.push(f);
+            self.findings.extend(rejected);
+            return Ok(());
+        }
+        self.to_commit.extend(entries);
         // Objects rule 1 re-uploaded in this run were not in the listing
         // taken before it: list them from their journal record (the bytes
         // just written are exactly the journal's).
