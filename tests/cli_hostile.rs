@@ -4000,15 +4000,45 @@ fn adopt_of_a_damaged_unjournaled_file_reports_the_loss_and_keeps_the_original()
         .flatten()
         .any(|e| std::fs::read(e.path()).ok().as_deref() == Some(&bytes[..]));
     assert!(kept, "the damaged original is kept in quarantine/");
-    for args in [
+    let after = [
         vec![D, DD, "status"],
         vec![D, DD, "fsck"],
         vec![D, DD, "drain"],
-    ] {
-        let o = sb.run(&args, &[]);
+        vec![D, DD, "lookup", "key-2"],
+    ];
+    for args in &after {
+        let o = sb.run(args, &[]);
         assert_sane(&o, "after");
         assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
         assert_says(&o, "1 LOST");
+    }
+    let o = sb.run(&[D, DD, "--json", "drain"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["losses_recorded_earlier"].as_array().map(Vec::len),
+        Some(1),
+        "{v}"
+    );
+    // A record emptied (or garbled) may have recorded a loss: still 4
+    // (helper-74: every command but `quarantine list` said clean).
+    let records: Vec<std::path::PathBuf> = std::fs::read_dir(sb.data().join("quarantine"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".why.json"))
+        .collect();
+    let saved: Vec<Vec<u8>> = records.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    for p in &records {
+        std::fs::write(p, b"").unwrap();
+    }
+    for args in &after {
+        let o = sb.run(args, &[]);
+        assert_sane(&o, "after the record was emptied");
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+        assert_says(&o, "cannot be read");
+    }
+    for (p, b) in records.iter().zip(&saved) {
+        std::fs::write(p, b).unwrap();
     }
     // Once the operator has dealt with the loss and moved its records out
     // of quarantine/, every command is clean again.
@@ -4022,12 +4052,8 @@ fn adopt_of_a_damaged_unjournaled_file_reports_the_loss_and_keeps_the_original()
             std::fs::rename(e.path(), aside.join(e.file_name())).unwrap();
         }
     }
-    for args in [
-        vec![D, DD, "status"],
-        vec![D, DD, "fsck"],
-        vec![D, DD, "drain"],
-    ] {
-        let o = sb.run(&args, &[]);
+    for args in &after {
+        let o = sb.run(args, &[]);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
     }
 }
@@ -4174,4 +4200,40 @@ fn drain_and_demo_report_segments_the_manifest_marks_damaged() {
     assert_sane(&o, "reconcile after the object is back");
     let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// helper-74 F1: `lookup --remote` and `owner show` read the store only:
+/// they wrote the store probe's objects under `_probe/`, and failed on a
+/// store they may only read.
+#[test]
+fn lookup_remote_and_owner_show_write_nothing_to_the_store() {
+    let sb = Sandbox::populated();
+    fn files(d: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                // Directories too: the probe's objects are deleted after it,
+                // the directories it made are not.
+                out.push((p.clone(), Vec::new()));
+                files(&p, out);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    let listing = |sb: &Sandbox| {
+        let mut v = Vec::new();
+        files(&sb.store_dir(), &mut v);
+        v.sort();
+        v
+    };
+    let before = listing(&sb);
+    let o = sb.run(
+        &[D, DD, "--store", "{store}", "lookup", "key-1", "--remote"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = sb.run(&[D, DD, "--store", "{store}", "owner", "show"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(listing(&sb), before, "nothing written to the store");
 }

@@ -493,6 +493,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
                         .as_ref()
                         .filter(|(at, _)| *at == i)
                         .map(|(_, e)| e.as_str()),
+                    losses_recorded_earlier: run.earlier_losses(report),
                 },
             })
             .collect();

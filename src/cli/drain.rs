@@ -163,7 +163,10 @@ pub(crate) struct RunTotals {
     /// Losses recorded in `quarantine/*.why.json` after the shutdown, by
     /// this run or an earlier one, that an operator has not moved away:
     /// each keeps the exit at 4, as in `status` (one found by an earlier
-    /// run made a later `drain` exit 0 while `status` said 4).
+    /// run made a later `drain` exit 0 while `status` said 4). In JSON as
+    /// the report's `losses_recorded_earlier` (those this run did not
+    /// find itself: this run's are its `lost`).
+    #[serde(skip)]
     pub losses_recorded: Vec<String>,
 }
 
@@ -223,8 +226,8 @@ impl RunTotals {
         self.unsealed_entries = local.unsealed_items;
         self.unjournaled_sealed = local.unjournaled_sealed.len() as u64;
         self.losses_recorded = crate::cli::local::recorded_losses(data_dir)
-            .iter()
-            .map(|n| n.line())
+            .into_iter()
+            .map(|n| n.line)
             .collect();
         self
     }
@@ -250,6 +253,9 @@ pub(crate) struct ReportOut<'a> {
     pub(crate) run: &'a RunTotals,
     /// The error that ended the run early (demo), if any.
     pub(crate) fatal: Option<&'a str>,
+    /// Losses an earlier run found, still recorded in
+    /// `quarantine/*.why.json` (exit 4 until an operator moves them away).
+    pub(crate) losses_recorded_earlier: Vec<&'a str>,
 }
 
 fn mib_per_s(bytes_per_s: f64) -> String {
@@ -269,6 +275,7 @@ pub(crate) fn print_report(
         shutdown: r,
         run,
         fatal,
+        losses_recorded_earlier: run.earlier_losses(r),
     };
     emit(json, &out, report_text);
     report_code(r, run, fatal)
@@ -338,7 +345,7 @@ fn report_text(o: &ReportOut<'_>) -> String {
             ));
         }
     }
-    let earlier = t.earlier_losses(r);
+    let earlier = &o.losses_recorded_earlier;
     if !earlier.is_empty() {
         s.push_str(&format!(
             "\nLOST to local damage, found by an earlier run: {} file(s) (recorded in \
@@ -346,7 +353,7 @@ fn report_text(o: &ReportOut<'_>) -> String {
              of quarantine/ once its loss is dealt with)",
             earlier.len()
         ));
-        for l in earlier {
+        for l in earlier.iter() {
             s.push_str(&format!("\n  lost {l}"));
         }
     }
@@ -438,8 +445,6 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
         EXIT_FENCED
     } else if !r.drain.quarantined.is_empty()
         || !r.lost.is_empty()
-        || !run.earlier_losses(r).is_empty()
-        || !r.damaged_in_store.is_empty()
         || !r.unlisted.is_empty()
         || !r.unjournaled.is_empty()
         || !r.drain.parked.is_empty()
@@ -447,6 +452,11 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
         EXIT_NEEDS_OPERATOR
     } else if fatal.is_some() {
         EXIT_ERROR
+    } else if !run.earlier_losses(r).is_empty() || !r.damaged_in_store.is_empty() {
+        // Standing conditions an earlier run or a reader recorded (they
+        // stay until an operator acts): below a fatal error of this run,
+        // above pending, as in `status`.
+        EXIT_NEEDS_OPERATOR
     } else if r.fully_drained() && run.unsealed_entries == 0 && run.unjournaled_sealed == 0 {
         EXIT_DRAINED
     } else {
@@ -472,6 +482,55 @@ mod tests {
             unjournaled: Vec::new(),
             damaged_in_store: Vec::new(),
         }
+    }
+
+    /// A loss an earlier run recorded, or a damage note in the manifest,
+    /// needs an operator (4), but does not hide this run's fatal error (1);
+    /// and it is 4 over pending (3), as in `status`.
+    #[test]
+    fn standing_conditions_rank_below_a_fatal_error() {
+        let run = RunTotals {
+            losses_recorded: vec!["segment 5: 1 LOST".into()],
+            ..RunTotals::default()
+        };
+        let r = report(None);
+        assert_eq!(report_code(&r, &run, None), EXIT_NEEDS_OPERATOR);
+        assert_eq!(report_code(&r, &run, Some("ENOSPC")), EXIT_ERROR);
+        let pending = RunTotals {
+            unsealed_entries: 1,
+            ..run.clone()
+        };
+        assert_eq!(report_code(&r, &pending, None), EXIT_NEEDS_OPERATOR);
+        let mut noted = report(None);
+        noted.damaged_in_store.push(crate::tier::StoreDamage {
+            segment: 3,
+            lost: true,
+            reason: "no object under the key".into(),
+        });
+        let clean = RunTotals::default();
+        assert_eq!(report_code(&noted, &clean, None), EXIT_NEEDS_OPERATOR);
+        assert_eq!(report_code(&noted, &clean, Some("ENOSPC")), EXIT_ERROR);
+        // This run's own loss is reported by the report itself, not twice.
+        let mut own = report(None);
+        own.lost.push(crate::datadir::LossNote {
+            segment: 5,
+            file: "segments/5.seg".into(),
+            kind: "sealed".into(),
+            salvaged_items: 4,
+            lost_items: 1,
+            lost: Vec::new(),
+            unknown_loss: None,
+            header_rebuilt: false,
+            tail_removed: None,
+            sealed_as: None,
+            original_moved_to: None,
+        });
+        let line = own.lost[0].line();
+        let run = RunTotals {
+            losses_recorded: vec![line],
+            ..RunTotals::default()
+        };
+        assert!(run.earlier_losses(&own).is_empty());
     }
 
     #[test]

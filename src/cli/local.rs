@@ -59,18 +59,42 @@ pub(crate) fn add_local(
     }
     for n in recorded_losses(data_dir) {
         totals.lost_items += n.lost_items;
-        totals.losses.push(n.line());
+        totals.losses.push(n.line);
     }
+}
+
+/// A loss recorded in `quarantine/`.
+pub(crate) struct RecordedLoss {
+    /// Items counted lost (0 for a record that cannot be read).
+    pub lost_items: u64,
+    /// What to print.
+    pub line: String,
 }
 
 /// The losses recorded in `quarantine/*.why.json`: every entry lost to
 /// local damage that an operator has not dealt with yet (moved the record
-/// away). `status`, `fsck`, `drain` and `demo` report them and exit 4 while
-/// they are there, whichever run found them.
-pub(crate) fn recorded_losses(data_dir: &Path) -> Vec<crate::datadir::LossNote> {
-    datadir::quarantine_records(data_dir)
+/// away). `status`, `fsck`, `lookup`, `drain` and `demo` report them and
+/// exit 4 while they are there, whichever run found them. A record that
+/// cannot be read (emptied, garbled) may have recorded one, and counts as
+/// one (helper-74: an emptied record made every command but `quarantine
+/// list` report clean).
+pub(crate) fn recorded_losses(data_dir: &Path) -> Vec<RecordedLoss> {
+    datadir::quarantine_records_read(data_dir)
         .into_iter()
-        .filter_map(|(_, r)| r.loss.filter(|n| n.is_loss()))
+        .filter_map(|(p, r)| match r {
+            Ok(r) => r.loss.filter(|n| n.is_loss()).map(|n| RecordedLoss {
+                lost_items: n.lost_items,
+                line: n.line(),
+            }),
+            Err(e) => Some(RecordedLoss {
+                lost_items: 0,
+                line: format!(
+                    "quarantine record {} cannot be read ({e}): it may record entries lost to \
+                     local damage; `tierindex quarantine list` shows the file it describes",
+                    p.display()
+                ),
+            }),
+        })
         .collect()
 }
 
@@ -485,8 +509,8 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     // them too, not "nothing found".
     let this_run: Vec<String> = rec.report.losses().iter().map(|n| n.line()).collect();
     let losses_recorded_earlier: Vec<String> = recorded_losses(&cfg.data_dir)
-        .iter()
-        .map(|n| n.line())
+        .into_iter()
+        .map(|n| n.line)
         .filter(|l| !this_run.contains(l))
         .collect();
     let clean = rec.report.is_clean()
@@ -758,7 +782,9 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
                             skipped.push(format!(
                                 "{name}: NOT THE FILE THE JOURNAL RECORDS for segment {id} \
                                  (segment {} of {} bytes, checksum {}; the journal: {} bytes, \
-                                 checksum {}): not read; `tierindex fsck` says more",
+                                 checksum {}): not read (`tierindex fsck` says more of a \
+                                 committed segment's file; a pending one's is quarantined by \
+                                 its upload)",
                                 s.id(),
                                 m.file_len,
                                 m.key_sum(),
@@ -885,6 +911,12 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         /// Damaged local files whose unreadable items may hold entries for
         /// the key, and of which no store copy was read (exit 4).
         incomplete_segments: Vec<u64>,
+        /// Losses recorded in `quarantine/*.why.json` (entries lost to
+        /// local damage, found by a start or a drain): their items cannot
+        /// be read, so the answer may lack entries for the key (exit 4, as
+        /// `status`, until an operator moves the records away).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        losses_recorded: Vec<String>,
     }
     let out = Out {
         key: key.into(),
@@ -901,6 +933,10 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         skipped,
         remote_segments,
         incomplete_segments: damaged.iter().copied().collect(),
+        losses_recorded: recorded_losses(&cfg.data_dir)
+            .into_iter()
+            .map(|n| n.line)
+            .collect(),
     };
     emit(cli.json, &out, |o| {
         let mut s = format!(
@@ -924,6 +960,17 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         for k in &o.skipped {
             s.push_str(&format!("\n  skipped {k}"));
         }
+        if !o.losses_recorded.is_empty() {
+            s.push_str(&format!(
+                "\nLOST to local damage (recorded in quarantine/*.why.json): {} file(s); their \
+                 unreadable items may have held entries for this key (exit 4 until the records \
+                 are moved away; `tierindex quarantine list` shows them)",
+                o.losses_recorded.len()
+            ));
+            for l in &o.losses_recorded {
+                s.push_str(&format!("\n  lost {l}"));
+            }
+        }
         if !o.incomplete_segments.is_empty() {
             s.push_str(&format!(
                 "\nincomplete: {} damaged local file(s) hold items that could not be read; \
@@ -939,7 +986,10 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
         s
     });
     Ok(
-        if remote_unreadable > 0 || !out.incomplete_segments.is_empty() {
+        if remote_unreadable > 0
+            || !out.incomplete_segments.is_empty()
+            || !out.losses_recorded.is_empty()
+        {
             crate::lifecycle::EXIT_NEEDS_OPERATOR
         } else {
             EXIT_DRAINED

@@ -441,8 +441,13 @@ pub async fn owner(cli: &Cli, action: OwnerAction) -> Result<i32> {
         _ => open_store(&cfg)?,
     };
     preflight(&store, &cfg).await?;
-    // The broker's options: requests bounded to fit the lease.
-    let ms = ManifestStore::open(&store, &cfg.stream, cfg.manifest_options()).await?;
+    // The broker's options: requests bounded to fit the lease. `show`
+    // reads only: no probe, nothing written (helper-74: it failed on a
+    // read-only store).
+    let ms = match action {
+        OwnerAction::Show => ManifestStore::reader(&store, &cfg.stream, cfg.manifest_options())?,
+        _ => ManifestStore::open(&store, &cfg.stream, cfg.manifest_options()).await?,
+    };
     let owner_id = |o: &Option<String>| match o {
         Some(o) => Ok(o.clone()),
         None => cfg.effective_owner_id(),
@@ -666,12 +671,14 @@ pub(crate) async fn remote_hits(
     let mut bad = Vec::new();
     let mut missing_manifest = None;
     let segs: Vec<RemoteSegment> = if cfg.manifest {
-        let ms = crate::remote::manifest::ManifestStore::open(
+        // Read only: no probe, nothing written (helper-74: the probe's
+        // objects were created under `_probe/`, and a read-only store
+        // failed the lookup).
+        let ms = crate::remote::manifest::ManifestStore::reader(
             &store,
             &cfg.stream,
             cfg.manifest_options(),
-        )
-        .await?;
+        )?;
         // The journal is read before the manifest: a broker writes a
         // commit to the manifest first and its `Committed` record after
         // (U8a, U9), so every record read here has its entry in the
@@ -1066,13 +1073,15 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
             object,
         });
     }
-    let lost_notes = remote.damaged.iter().filter(|d| d.lost).count();
     let pending = totals.pending_segments;
     // A committed segment the manifest does not list: the store no longer
-    // says it is committed (readers that trust the manifest miss it).
+    // says it is committed (readers that trust the manifest miss it). A
+    // damage note, LOST or not, makes readers skip the segment until
+    // `reconcile` repairs it or finds it whole: exit 4, as `drain` says
+    // (helper-73: `drain` said 4 for a note that is not LOST, this 0).
     let needs_operator = totals.needs_operator()
         || remote.objects_missing > 0
-        || lost_notes > 0
+        || !remote.damaged.is_empty()
         || remote.not_in_manifest > 0;
     let out = StatusRemoteOut {
         totals,

@@ -691,27 +691,39 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
 }
 
 /// Every quarantine record (`quarantine/*.why.json`), oldest name first.
+/// One that cannot be read is logged and left out: see
+/// [`quarantine_records_read`].
 pub fn quarantine_records(root: &Path) -> Vec<(PathBuf, QuarantineRecord)> {
+    quarantine_records_read(root)
+        .into_iter()
+        .filter_map(|(p, r)| match r {
+            Ok(r) => Some((p, r)),
+            Err(e) => {
+                tracing::warn!(record = %p.display(), error = %e, "quarantine record unreadable; the file it describes is still in quarantine/");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Every quarantine record, oldest name first, with why one cannot be read
+/// (emptied, garbled, not a regular file, too long).
+pub fn quarantine_records_read(
+    root: &Path,
+) -> Vec<(PathBuf, std::result::Result<QuarantineRecord, String>)> {
     let Ok(rd) = fs::read_dir(root.join(QUARANTINE_DIR)) else {
         return Vec::new();
     };
-    let mut v: Vec<(PathBuf, QuarantineRecord)> = rd
+    let mut v: Vec<(PathBuf, std::result::Result<QuarantineRecord, String>)> = rd
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| p.to_string_lossy().ends_with(RECORD_SUFFIX))
-        .filter_map(|p| {
-            // Bounded (a planted sparse file must not eat the memory); what
-            // cannot be read is said, not skipped in silence.
+        .map(|p| {
+            // Bounded (a planted sparse file must not eat the memory).
             let read = crate::durable::read_regular(&p, QUARANTINE_RECORD_MAX)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
-            match read {
-                Ok(r) => Some((p, r)),
-                Err(e) => {
-                    tracing::warn!(record = %p.display(), error = %e, "quarantine record unreadable; the file it describes is still in quarantine/");
-                    None
-                }
-            }
+            (p, read)
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));

@@ -143,7 +143,13 @@ impl TierIndex {
         let damaged_in_store: Vec<StoreDamage> = if sh.fenced.get().is_none() {
             tokio::time::timeout(left.max(Duration::from_millis(100)), sh.damage_notes())
                 .await
-                .unwrap_or_default()
+                .unwrap_or_else(|_| {
+                    tracing::warn!(
+                        "reading the manifest's damage notes did not finish before the deadline \
+                         (`tierindex status --remote` reads them)"
+                    );
+                    Vec::new()
+                })
                 .into_iter()
                 .map(|d| StoreDamage {
                     segment: d.id.0,
