@@ -4237,3 +4237,26 @@ fn lookup_remote_and_owner_show_write_nothing_to_the_store() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(listing(&sb), before, "nothing written to the store");
 }
+
+/// helper-74 F6: with its journal removed, a data directory holding
+/// segment files was "clean" to `fsck` (journal records: 0, exit 0). It is
+/// damage: exit 4, named, and `fsck --repair` rebuilds the journal.
+#[test]
+fn fsck_names_a_missing_journal() {
+    let sb = Sandbox::populated();
+    std::fs::remove_file(sb.data().join("journal").join("journal.log")).unwrap();
+    let o = sb.run(&[D, DD, "fsck"], &[]);
+    assert_sane(&o, "fsck");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_says(&o, "JOURNAL MISSING");
+    assert!(!sb.data().join("journal").join("journal.log").exists());
+    let o = sb.run(&[D, DD, "--json", "fsck"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["journal_missing"], true, "{v}");
+    let o = sb.run(&[D, DD, "fsck", "--repair"], &[]);
+    assert_sane(&o, "fsck --repair");
+    assert_eq!(o.status.code(), Some(4), "rebuilt: {}", text(&o));
+    assert_says(&o, "journal rebuilt");
+    let o = sb.run(&[D, DD, "fsck"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

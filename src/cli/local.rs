@@ -344,6 +344,10 @@ struct FsckOut {
     /// start) that an operator has not moved away: exit 4, as `status`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     losses_recorded_earlier: Vec<String>,
+    /// Segment files but no `journal/journal.log` (check only; `--repair`
+    /// rebuilds it): exit 4.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    journal_missing: bool,
 }
 
 pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
@@ -412,6 +416,17 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         Some(geometry),
     )?;
     let mut journal_rebuilt = None;
+    // No journal beside segment files: damage (an operator's `rm`, a lost
+    // file), not the crash of a first open, which makes the journal before
+    // any segment (helper-74: `fsck` said "journal records: 0", exit 0,
+    // and the next start began a new, empty journal). `--repair` rebuilds
+    // it (`journal_rebuilt`).
+    let journal_missing = !repair
+        && !journal::log_path(&cfg.data_dir).exists()
+        && (!rec.report.sealed_ok.is_empty()
+            || !rec.report.actives.is_empty()
+            || !rec.report.salvaged.is_empty()
+            || !rec.report.quarantined.is_empty());
     let (jrep, segments, max_id) = if repair {
         journal_rebuilt = rebuild_journal_if_damaged(&dd)?;
         let (j, r) = Journal::open_in(dd.lock(), JournalOptions::default())?;
@@ -514,6 +529,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         .filter(|l| !this_run.contains(l))
         .collect();
     let clean = rec.report.is_clean()
+        && !journal_missing
         && losses_recorded_earlier.is_empty()
         && not_journaled.is_empty()
         && jrep.torn_tail_at.is_none()
@@ -528,6 +544,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     // (quarantine, salvage, a span saved aside, a missing or replaced
     // file, a rebuilt journal) still exits 4.
     let needs_operator = !not_journaled.is_empty()
+        || journal_missing
         || !losses_recorded_earlier.is_empty()
         || !rec.report.quarantined.is_empty()
         || !rec.report.salvaged.is_empty()
@@ -548,6 +565,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         not_journaled,
         journal_rebuilt,
         losses_recorded_earlier,
+        journal_missing,
     };
     emit(cli.json, &out, |o| {
         let mut s = format!(
@@ -627,6 +645,15 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         }
         if !o.not_journaled.is_empty() {
             s.push_str(&format!("\n  {}", not_journaled_line(&o.not_journaled)));
+        }
+        if o.journal_missing {
+            s.push_str(
+                "\n  JOURNAL MISSING: the data directory holds segment files but no \
+                 journal/journal.log (removed or lost: what was uploaded, committed or \
+                 released is not known here). `tierindex fsck --repair` rebuilds the journal \
+                 from the sealed files, then `tierindex reconcile` compares it with the store \
+                 (a broker started on it as it is begins a new, empty journal)",
+            );
         }
         if !o.losses_recorded_earlier.is_empty() {
             s.push_str(&format!(
