@@ -4185,6 +4185,15 @@ fn drain_and_demo_report_segments_the_manifest_marks_damaged() {
     // The object put back: `reconcile --deep --repair` reads it whole and
     // clears the note; the drain is clean again.
     std::fs::write(&obj, &original).unwrap();
+    // The object verifies whole again, but readers still skip it while the
+    // note stands: `verify` and `status --remote` say so (helper-74 F8:
+    // `verify` said all ok).
+    let o = sb.run(&[D, DD, "--store", "{store}", "verify"], &[]);
+    assert_sane(&o, "verify");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_says(&o, "is marked LOST in the manifest");
+    let o = sb.run(&[D, DD, "--store", "{store}", "status", "--remote"], &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
     let o = sb.run(
         &[
             D,
@@ -4198,8 +4207,13 @@ fn drain_and_demo_report_segments_the_manifest_marks_damaged() {
         &[],
     );
     assert_sane(&o, "reconcile after the object is back");
-    let o = sb.run(&[D, DD, "--store", "{store}", "drain"], &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for args in [vec!["drain"], vec!["verify"], vec!["status", "--remote"]] {
+        let o = sb.run(
+            &[&[D, DD, "--store", "{store}"][..], &args[..]].concat(),
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+    }
 }
 
 /// helper-74 F1: `lookup --remote` and `owner show` read the store only:

@@ -184,6 +184,11 @@ struct VerifyOut {
     bytes_per_s: f64,
     /// What to run next, when something is wrong.
     advice: Vec<String>,
+    /// The stream's manifest (with `manifest = true`): its damage notes
+    /// (readers skip those segments) or why it cannot be read (readers
+    /// are refused). Exit 4, as `status --remote` and `drain`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    manifest: Vec<String>,
 }
 
 /// Re-check every segment the journal says is verified or later: the
@@ -206,7 +211,39 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
         elapsed_ms: 0,
         bytes_per_s: 0.0,
         advice: Vec::new(),
+        manifest: Vec::new(),
     };
+    // What readers go through: objects that verify are no use to them
+    // while the manifest is unreadable or marks them damaged (helper-72,
+    // helper-74: `verify` said all ok while `lookup --remote` skipped or
+    // refused them). Read only: no probe.
+    if cfg.manifest {
+        let read = async {
+            crate::remote::manifest::ManifestStore::reader(
+                &store,
+                &cfg.stream,
+                cfg.manifest_options(),
+            )?
+            .load()
+            .await
+        };
+        match read.await {
+            Ok(Some(m)) => {
+                for d in &m.damaged {
+                    out.manifest.push(format!(
+                        "segment {:020} is marked {} in the manifest: {}; readers skip it",
+                        d.id.0,
+                        if d.lost { "LOST" } else { "damaged" },
+                        d.reason
+                    ));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => out.manifest.push(format!(
+                "the stream's manifest cannot be read ({e}): readers through it are refused"
+            )),
+        }
+    }
     for (id, r) in view.segments() {
         if !matches!(
             r.state,
@@ -250,6 +287,14 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
             out.damaged.len()
         ));
     }
+    if !out.manifest.is_empty() {
+        out.advice.push(
+            "the manifest: `tierindex reconcile --deep --repair` clears a damage note whose \
+             object verifies whole, repairs one from an intact local copy, and says what to do \
+             with an unreadable manifest (`tierindex status --remote` shows it)"
+                .into(),
+        );
+    }
     if !out.unchecked.is_empty() {
         out.advice.push(format!(
             "{} segment(s) not checked because the store failed to answer: check the \
@@ -271,12 +316,15 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
         for (id, why) in &o.bad {
             s.push_str(&format!("\n  segment {id:020}: {why}"));
         }
+        for m in &o.manifest {
+            s.push_str(&format!("\n  manifest: {m}"));
+        }
         for a in &o.advice {
             s.push_str(&format!("\n  next: {a}"));
         }
         s
     });
-    Ok(if out.bad.is_empty() {
+    Ok(if out.bad.is_empty() && out.manifest.is_empty() {
         EXIT_DRAINED
     } else {
         EXIT_NEEDS_OPERATOR
