@@ -3871,15 +3871,13 @@ fn demo_streams_checks_every_stream_name_before_creating_anything() {
     assert_eq!(sb.snapshot(), before);
 }
 
-/// helper-60: a local sealed file the journal has no record of, below its
-/// highest id (a second writer's seal), was left in place with a log line,
-/// and `drain` exited 0 while `status` said it was pending. Nothing
-/// uploads its entries: `drain` exits 4 and names it.
-#[test]
-fn a_sealed_file_the_journal_cannot_record_keeps_drain_at_exit_4() {
+/// A populated sandbox run again (the second run takes the stream at a new
+/// epoch: its ids start at the epoch's floor, far above the first run's),
+/// and the bytes of a sealed segment 5 (below the journal's highest id,
+/// which the journal can never record) of five entries of `key-1` at
+/// offsets 9,000,000 to 9,000,004. Not written yet.
+fn sandbox_with_unjournaled_sealed_5() -> (Sandbox, Vec<u8>) {
     let sb = Sandbox::populated();
-    // A second run takes the stream at a new epoch: its ids start at the
-    // epoch's floor, far above the first run's.
     let o = sb.run(&demo_args(&["--keys", "16"]), &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let entries: Vec<tierindex::Entry> = (0..5)
@@ -3893,6 +3891,16 @@ fn a_sealed_file_the_journal_cannot_record_keeps_drain_at_exit_4() {
     let (bytes, _) =
         tierindex::segment::sealed::build_sealed(tierindex::SegmentId(5), 1, 2, 64, &entries)
             .unwrap();
+    (sb, bytes)
+}
+
+/// helper-60: a local sealed file the journal has no record of, below its
+/// highest id (a second writer's seal), was left in place with a log line,
+/// and `drain` exited 0 while `status` said it was pending. Nothing
+/// uploads its entries: `drain` exits 4 and names it.
+#[test]
+fn a_sealed_file_the_journal_cannot_record_keeps_drain_at_exit_4() {
+    let (sb, bytes) = sandbox_with_unjournaled_sealed_5();
     let seg = sb.data().join("segments").join(format!("{:020}.seg", 5));
     assert!(!seg.exists());
     std::fs::write(&seg, bytes).unwrap();
@@ -3952,20 +3960,7 @@ fn a_sealed_file_the_journal_cannot_record_keeps_drain_at_exit_4() {
 /// naming the loss: never 0, never the damaged item's entry invented.
 #[test]
 fn adopt_of_a_damaged_unjournaled_file_reports_the_loss_and_keeps_the_original() {
-    let sb = Sandbox::populated();
-    let o = sb.run(&demo_args(&["--keys", "16"]), &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let entries: Vec<tierindex::Entry> = (0..5)
-        .map(|i| tierindex::Entry {
-            key_hash: tierindex::key_hash(b"key-1"),
-            offset: 9_000_000 + i,
-            size: 1,
-            timestamp_ms: 1,
-        })
-        .collect();
-    let (mut bytes, _) =
-        tierindex::segment::sealed::build_sealed(tierindex::SegmentId(5), 1, 2, 64, &entries)
-            .unwrap();
+    let (sb, mut bytes) = sandbox_with_unjournaled_sealed_5();
     // The first item's offset field: header (64 B), then the slot
     // directory (65 x 4 B), then the items (32 B each).
     bytes[64 + 65 * 4 + 8] ^= 0x01;
