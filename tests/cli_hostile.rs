@@ -4269,3 +4269,54 @@ fn fsck_names_a_missing_journal() {
     let o = sb.run(&[D, DD, "fsck"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// helper-73 F4: a damage note that is not LOST (a reader found the
+/// object bad while an intact local copy was known) made `drain` exit 4
+/// but `status --remote` 0; and `verify` said all ok. Readers skip the
+/// segment until `reconcile` repairs it or finds it whole: 4 everywhere,
+/// then 0 once `reconcile --deep --repair` finds the object whole.
+#[test]
+fn a_damage_note_that_is_not_lost_needs_an_operator_everywhere() {
+    use tierindex::remote::manifest::{DamageNote, ManifestOptions, ManifestStore};
+    let sb = Sandbox::populated();
+    let cfg = tierindex::Config {
+        data_dir: sb.data(),
+        store: Some(format!("file://{}", sb.store_dir().display())),
+        stream: "stream-0".into(),
+        manifest: true,
+        ..tierindex::Config::default()
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let store = tierindex::tier::open_store(&cfg).unwrap();
+            let ms = ManifestStore::reader(&store, "stream-0", ManifestOptions::default()).unwrap();
+            let mut w = ms
+                .take_ownership("a-reader", Duration::from_secs(30))
+                .await
+                .unwrap();
+            let entries = ms.all_segments(w.manifest()).await.unwrap();
+            let e = entries
+                .iter()
+                .find(|e| e.id == tierindex::SegmentId(2))
+                .unwrap();
+            w.mark_damaged(DamageNote::new(e, "a read went bad", false, 1))
+                .await
+                .unwrap();
+            w.release().await.unwrap();
+        });
+    let run = |args: &[&str]| sb.run(&[&[D, DD, "--store", "{store}"][..], args].concat(), &[]);
+    for args in [&["drain"][..], &["verify"], &["status", "--remote"]] {
+        let o = run(args);
+        assert_sane(&o, "with the note");
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+    }
+    let o = run(&["reconcile", "--deep", "--repair"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for args in [&["drain"][..], &["verify"], &["status", "--remote"]] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+    }
+}
