@@ -4217,26 +4217,9 @@ fn drain_and_demo_report_segments_the_manifest_marks_damaged() {
 #[test]
 fn lookup_remote_and_owner_show_write_nothing_to_the_store() {
     let sb = Sandbox::populated();
-    fn files(d: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
-        for e in std::fs::read_dir(d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                // Directories too: the probe's objects are deleted after it,
-                // the directories it made are not.
-                out.push((p.clone(), Vec::new()));
-                files(&p, out);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
-            }
-        }
-    }
-    let listing = |sb: &Sandbox| {
-        let mut v = Vec::new();
-        files(&sb.store_dir(), &mut v);
-        v.sort();
-        v
-    };
-    let before = listing(&sb);
+    // Files and directories (the probe deletes its objects, not the
+    // directories it made).
+    let before = sb.snapshot();
     let o = sb.run(
         &[D, DD, "--store", "{store}", "lookup", "key-1", "--remote"],
         &[],
@@ -4244,7 +4227,7 @@ fn lookup_remote_and_owner_show_write_nothing_to_the_store() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = sb.run(&[D, DD, "--store", "{store}", "owner", "show"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert_eq!(listing(&sb), before, "nothing written to the store");
+    assert_eq!(sb.snapshot(), before, "nothing written");
 }
 
 /// helper-74 F6: with its journal removed, a data directory holding
