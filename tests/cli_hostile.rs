@@ -4253,6 +4253,35 @@ fn fsck_names_a_missing_journal() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// helper-74: a journal damaged in its middle (not a torn tail) made
+/// `fsck`, the check for it, exit 1 ("a fatal error") while every other
+/// damage it finds is 4. Every command it stops now says 4 and names
+/// `fsck --repair`, which rebuilds it; then all is clean again.
+#[test]
+fn a_damaged_journal_needs_an_operator_in_every_command() {
+    let sb = Sandbox::populated();
+    let log = sb.data().join("journal").join("journal.log");
+    let mut b = std::fs::read(&log).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0xff;
+    std::fs::write(&log, &b).unwrap();
+    for cmd in ["fsck", "status", "drain"] {
+        let o = sb.run(&[D, DD, cmd], &[]);
+        assert_sane(&o, cmd);
+        assert_eq!(o.status.code(), Some(4), "{cmd}: {}", text(&o));
+        assert_says(&o, "fsck --repair");
+    }
+    let o = sb.run(&[D, DD, "--json", "fsck"], &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["exit"], 4, "{v}");
+    let o = sb.run(&[D, DD, "fsck", "--repair"], &[]);
+    assert_sane(&o, "fsck --repair");
+    assert_says(&o, "journal rebuilt");
+    let o = sb.run(&[D, DD, "drain"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
 /// helper-73 F4: a damage note that is not LOST (a reader found the
 /// object bad while an intact local copy was known) made `drain` exit 4
 /// but `status --remote` 0; and `verify` said all ok. Readers skip the

@@ -243,9 +243,9 @@ impl HostLock {
                 return Err(Error::Locked {
                     path,
                     holder: format!(
-                        "another tierindex host, or a command on one of its streams (the \
-                         last host, as {HOST_INFO_FILE} says: {})",
-                        super::holder_in(&root, HOST_INFO_FILE)
+                        "another tierindex host, or a command on one of its streams ({}; \
+                         {HOST_INFO_FILE} names the last host)",
+                        super::holder_of(&root, HOST_INFO_FILE)
                     ),
                 });
             }
@@ -322,7 +322,14 @@ impl HostLock {
             if !crate::durable::try_lock(&f, &info, "lock data directory")? {
                 return Err(Error::Locked {
                     path: dir,
-                    holder: "an older tierindex holding its LOCK file".into(),
+                    holder: format!(
+                        "a process holding its LOCK file locked, as a tierindex from before \
+                         2026-12-05 does ({})",
+                        match super::flock_holders(&info).as_slice() {
+                            [] => "not shown in /proc/locks".to_string(),
+                            pids => format!("/proc/locks: pid {pids:?}"),
+                        }
+                    ),
                 });
             }
             // Checked, not held: let go now, not when the descriptor
@@ -486,10 +493,10 @@ pub(super) fn lock_host_of(dir: &Path) -> Result<Option<RootLock>> {
     Err(Error::Locked {
         path: dir.to_path_buf(),
         holder: format!(
-            "the tierindex host of {} (as its {HOST_INFO_FILE} says: {}): this data \
-             directory is one of its streams (it has a {HOSTED_FILE} file)",
+            "the tierindex host of {} ({}; its {HOST_INFO_FILE} names the last host): this \
+             data directory is one of its streams (it has a {HOSTED_FILE} file)",
             root.display(),
-            super::holder_in(&root, HOST_INFO_FILE)
+            super::holder_of(&root, HOST_INFO_FILE)
         ),
     })
 }
@@ -539,13 +546,13 @@ fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<RootLock>> {
     Err(Error::Locked {
         path: dir.to_path_buf(),
         holder: format!(
-            "the tierindex host of {} (as its {HOST_INFO_FILE} says: {}): this data \
-             directory is directly under that running host's directory and has no \
+            "the tierindex host of {} ({}; its {HOST_INFO_FILE} names the last host): this \
+             data directory is directly under that running host's directory and has no \
              {HOSTED_FILE} file, so it may be one of its streams whose {HOSTED_FILE} was \
              removed. Stop that host first (or move this directory out of its directory if \
              it is not one of its streams)",
             parent.display(),
-            super::holder_in(parent, HOST_INFO_FILE)
+            super::holder_of(parent, HOST_INFO_FILE)
         ),
     })
 }

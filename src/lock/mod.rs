@@ -36,6 +36,72 @@ pub(crate) fn holder_in(root: &Path, name: &str) -> String {
     }
 }
 
+/// The pids `/proc/locks` shows holding a `flock` on `target` (a file or
+/// a directory), sorted, at most 8; empty where there is no `/proc/locks`
+/// (another system) or none is shown. The informational files name the
+/// last tierindex to take a lock, which need not be who holds it now (any
+/// process can `flock` a data directory's `LOCK`: helper-74 F9).
+pub(crate) fn flock_holders(target: &Path) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(m) = std::fs::metadata(target) else {
+        return Vec::new();
+    };
+    // Bounded: one line per lock on the machine, 1 MiB is thousands.
+    let mut text = String::new();
+    if File::open("/proc/locks")
+        .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let want = (
+        u64::from(libc::major(m.dev())),
+        u64::from(libc::minor(m.dev())),
+        m.ino(),
+    );
+    let mut pids: Vec<u32> = text
+        .lines()
+        .filter_map(|line| parse_lock_line(line).filter(|&(_, dev)| dev == want))
+        .map(|(pid, _)| pid)
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids.truncate(8);
+    pids
+}
+
+/// `1: FLOCK  ADVISORY  WRITE 28428 08:01:1234 0 EOF` -> (28428, (8, 1,
+/// 1234)); a waiter's line (`1: -> FLOCK ...`) and other kinds are None.
+fn parse_lock_line(line: &str) -> Option<(u32, (u64, u64, u64))> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.get(1) != Some(&"FLOCK") {
+        return None;
+    }
+    let pid = f.get(4)?.parse().ok()?;
+    let mut dev = f.get(5)?.split(':');
+    let major = u64::from_str_radix(dev.next()?, 16).ok()?;
+    let minor = u64::from_str_radix(dev.next()?, 16).ok()?;
+    let ino = dev.next()?.parse().ok()?;
+    Some((pid, (major, minor, ino)))
+}
+
+/// Who holds the lock of the directory `root`: the pids `/proc/locks`
+/// shows, then what its informational file `name` says of the last
+/// tierindex to take it; only the latter where no pid is shown.
+pub(crate) fn holder_of(root: &Path, name: &str) -> String {
+    let last = holder_in(root, name);
+    match flock_holders(root).as_slice() {
+        [] => last,
+        pids => format!(
+            "pid {} holds it (/proc/locks); the last tierindex to take it wrote: {last}",
+            pids.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", pid ")
+        ),
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -171,7 +237,7 @@ const ROOT_LOCK_WORDS: (&str, &str) = ("open data directory", "lock data directo
 fn locked_or_refused(root: &Path, l: Option<RootLock>) -> Result<RootLock> {
     l.ok_or_else(|| Error::Locked {
         path: root.to_path_buf(),
-        holder: holder_in(root, LOCK_FILE),
+        holder: holder_of(root, LOCK_FILE),
     })
 }
 
@@ -248,10 +314,24 @@ impl DirLock {
         if !crate::durable::try_lock(&info, &lock_path, "lock data directory")? {
             return Err(Error::Locked {
                 path: root.to_path_buf(),
-                holder: format!(
-                    "an older tierindex holding its LOCK file: {}",
-                    holder_in(root, LOCK_FILE)
-                ),
+                holder: match flock_holders(&lock_path).as_slice() {
+                    [] => format!(
+                        "a process holding its LOCK file locked, as a tierindex from before \
+                         2026-12-05 does (not shown in /proc/locks; the last tierindex to take \
+                         it wrote: {})",
+                        holder_in(root, LOCK_FILE)
+                    ),
+                    pids => format!(
+                        "pid {} holds its LOCK file locked (/proc/locks), as a tierindex from \
+                         before 2026-12-05 does; the last tierindex to take the directory \
+                         wrote: {}",
+                        pids.iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", pid "),
+                        holder_in(root, LOCK_FILE)
+                    ),
+                },
             });
         }
         let _ = info.unlock();
@@ -271,5 +351,51 @@ impl DirLock {
             root: root.to_path_buf(),
             _held: Held::Hosted(host.claim(root)?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_locks_lines_parse() {
+        assert_eq!(
+            parse_lock_line("1: FLOCK  ADVISORY  WRITE 28428 08:01:1234 0 EOF"),
+            Some((28428, (8, 1, 1234)))
+        );
+        assert_eq!(
+            parse_lock_line("2: FLOCK  ADVISORY  READ 7 fd:1a:99 0 EOF"),
+            Some((7, (0xfd, 0x1a, 99)))
+        );
+        for waiter_or_other in [
+            "1: -> FLOCK  ADVISORY  WRITE 5 08:01:1234 0 EOF",
+            "3: POSIX  ADVISORY  WRITE 9 08:01:1234 0 EOF",
+            "4: FLOCK ADVISORY WRITE notapid 08:01:1",
+            "",
+        ] {
+            assert_eq!(parse_lock_line(waiter_or_other), None, "{waiter_or_other}");
+        }
+    }
+
+    /// The pid shown is the holder's, not what an informational file says
+    /// (helper-74 F9: a stale `LOCK` naming a dead run).
+    #[test]
+    fn the_holder_is_named_from_proc_locks() {
+        if !Path::new("/proc/locks").exists() {
+            panic!("this test needs Linux's /proc/locks");
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(LOCK_FILE), "data directory: pid=1 host=gone since_ms=0")
+            .unwrap();
+        assert!(!holder_of(d.path(), LOCK_FILE).contains("/proc/locks"));
+        let held = lock_root(d.path()).unwrap();
+        let me = std::process::id();
+        assert_eq!(flock_holders(d.path()), vec![me]);
+        let said = holder_of(d.path(), LOCK_FILE);
+        assert!(said.starts_with(&format!("pid {me} holds it")), "{said}");
+        assert!(said.contains("pid=1 host=gone"), "{said}");
+        drop(held);
+        assert_eq!(flock_holders(d.path()), Vec::<u32>::new());
     }
 }
