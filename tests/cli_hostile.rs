@@ -4253,6 +4253,55 @@ fn fsck_names_a_missing_journal() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// helper-74 F5: an operator deleted a quarantined file and kept its loss
+/// record: `status`, `fsck` and `drain` said 4 naming `quarantine list`,
+/// which said "0 quarantined" and 0. It lists the record (and one that
+/// cannot be read) and says 4; moving the records away ends it everywhere.
+#[test]
+fn quarantine_list_shows_a_loss_record_whose_file_was_deleted() {
+    let sb = Sandbox::populated();
+    let q = sb.data().join("quarantine");
+    let moved = q.join("00000000000000000002.active.1796630600811");
+    let rec = serde_json::json!({
+        "original": sb.data().join("segments/00000000000000000002.active").display().to_string(),
+        "moved_to": moved.display().to_string(),
+        "reason": "damaged active file salvaged",
+        "at_ms": 1796630600811u64,
+        "loss": {
+            "segment": 2, "file": "00000000000000000002.active", "kind": "active",
+            "salvaged_items": 10, "lost_items": 1,
+            "lost": [{"first_index": 3, "items": 1, "byte_offset": 8312, "bytes": 40}],
+            "unknown_loss": null, "header_rebuilt": false, "tail_removed": null,
+            "sealed_as": null, "original_moved_to": moved.display().to_string()
+        }
+    });
+    let rec_path = q.join("00000000000000000002.active.1796630600811.why.json");
+    std::fs::write(&rec_path, serde_json::to_vec_pretty(&rec).unwrap()).unwrap();
+    let garbled = q.join("00000000000000000003.seg.1796630600812.why.json");
+    std::fs::write(&garbled, b"{ not json").unwrap();
+    let o = sb.run(&[D, DD, "quarantine", "list"], &[]);
+    assert_sane(&o, "quarantine list");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_says(&o, "2 quarantined");
+    assert_says(&o, "1 LOST");
+    assert_says(&o, "not there");
+    assert_says(&o, "cannot be read");
+    for cmd in ["status", "fsck"] {
+        let o = sb.run(&[D, DD, cmd], &[]);
+        assert_eq!(o.status.code(), Some(4), "{cmd}: {}", text(&o));
+    }
+    let away = sb.root.join("dealt-with");
+    std::fs::create_dir(&away).unwrap();
+    for p in [&rec_path, &garbled] {
+        std::fs::rename(p, away.join(p.file_name().unwrap())).unwrap();
+    }
+    for cmd in ["quarantine list", "status", "fsck"] {
+        let args: Vec<&str> = [D, DD].into_iter().chain(cmd.split(' ')).collect();
+        let o = sb.run(&args, &[]);
+        assert_eq!(o.status.code(), Some(0), "{cmd}: {}", text(&o));
+    }
+}
+
 /// helper-74: a journal damaged in its middle (not a torn tail) made
 /// `fsck`, the check for it, exit 1 ("a fatal error") while every other
 /// damage it finds is 4. Every command it stops now says 4 and names
