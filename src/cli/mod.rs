@@ -572,7 +572,29 @@ pub fn main() -> i32 {
             crate::lifecycle::EXIT_NEEDS_OPERATOR,
             &e.to_string(),
         ),
-        Err(e) => fail(cli.json, EXIT_ERROR, &e.to_string()),
+        Err(e) => fail(cli.json, EXIT_ERROR, &with_advice(&e)),
+    }
+}
+
+/// `e`'s message, and for a full file system what to do (helper-74 F4: a
+/// `drain` on a full data disk stopped at its first allocation with only
+/// "No space left on device"; an operator must not make room by deleting
+/// segment or journal files, which hold entries not uploaded yet).
+fn with_advice(e: &crate::error::Error) -> String {
+    match e {
+        crate::error::Error::Io { path, source, .. }
+            if source.raw_os_error() == Some(libc::ENOSPC) =>
+        {
+            format!(
+                "{e}\n  the file system holding {} is full. Free space on it and run the \
+                 command again; nothing acknowledged was lost. Do not make room by deleting \
+                 files under segments/ or journal/: they hold entries not uploaded yet (a \
+                 drain with release_after_commit frees them once they are committed, but it \
+                 needs room for a small new active segment to start)",
+                path.display()
+            )
+        }
+        _ => e.to_string(),
     }
 }
 
@@ -641,4 +663,28 @@ async fn run(cli: &Cli) -> Result<i32> {
 /// nothing otherwise), for the binary's exit path.
 pub fn report_failpoint_counts() {
     crate::failpoint::report_counts();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_says_what_to_do_and_what_not_to() {
+        let full = crate::error::Error::io(
+            std::path::Path::new("/d/segments/1.active"),
+            "preallocate segment (posix_fallocate)",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        let m = with_advice(&full);
+        assert!(m.contains("No space left on device"), "{m}");
+        assert!(m.contains("Free space on it"), "{m}");
+        assert!(m.contains("Do not make room by deleting"), "{m}");
+        let other = crate::error::Error::io(
+            std::path::Path::new("/d"),
+            "open",
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert_eq!(with_advice(&other), other.to_string());
+    }
 }
