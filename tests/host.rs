@@ -241,6 +241,52 @@ async fn a_stream_moved_or_renamed_under_a_running_host_gets_no_second_writer() 
     assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
 }
 
+/// helper-75 F1: a running host's stream whose `HOSTED` names another,
+/// stopped host's directory (a marker restored from a backup taken when
+/// the stream lived there, or copied by hand) was opened on its own beside
+/// its host (only the marker's host's lock was taken): that `drain` sealed
+/// and removed the host's live active file, and acknowledged entries were
+/// lost. The parent's lock is taken too: refused while the host runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_hosts_stream_whose_marker_names_another_host_gets_no_second_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let (old_root, root) = (tmp.path().join("old-host"), tmp.path().join("host"));
+    {
+        let old = Host::open(&old_root).unwrap();
+        let (s, _) = old
+            .open_stream(cfg(&old_root.join("x"), &store))
+            .await
+            .unwrap();
+        assert!(s.shutdown(Duration::from_secs(10)).await.fully_drained());
+    }
+    let host = Host::open(&root).unwrap();
+    let (a, _) = host
+        .open_stream(cfg(&root.join("a"), &store))
+        .await
+        .unwrap();
+    a.append(b"k", 1, 1, 1).unwrap();
+    a.flush().unwrap();
+    std::fs::copy(
+        old_root.join("x").join("HOSTED"),
+        root.join("a").join("HOSTED"),
+    )
+    .unwrap();
+    let err = refused(TierIndex::open(cfg(&root.join("a"), &store)).await);
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    assert!(err.to_string().contains("names another"), "{err}");
+    assert_eq!(
+        tierindex::journal::Journal::open(&root.join("a"), Default::default())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Locked
+    );
+    a.append(b"k", 2, 1, 1).unwrap();
+    a.flush().unwrap();
+    assert_eq!(a.lookup(b"k", all()).entries.len(), 2);
+    assert!(a.shutdown(Duration::from_secs(10)).await.fully_drained());
+}
+
 /// Two operator mistakes that used to let a second writer beside a running
 /// host (helper-51, session 27): a stream's `HOSTED` removed by hand, and
 /// the host's directory renamed (the refusal then advised removing

@@ -450,20 +450,39 @@ fn write_marker(dir: &Path, m: &Marker) -> Result<()> {
 }
 
 /// For [`super::DirLock::alone`], after it took `dir`'s own lock: when
-/// `dir` is hosted, its host's lock, shared (held by the caller for as long
-/// as it holds `dir`).
-pub(super) fn lock_host_of(dir: &Path) -> Result<Option<RootLock>> {
+/// `dir` is hosted, its host's lock, shared, and when its `HOSTED` marker
+/// names a directory other than its parent, the parent's as for a
+/// directory with no marker (held by the caller for as long as it holds
+/// `dir`). A marker restored from a backup, or copied from another host's
+/// stream, names a host that is not the one running `dir` now: taking
+/// only that one's lock let a `drain` run beside the real host, which then
+/// lost acknowledged entries (helper-75 F1).
+pub(super) fn lock_host_of(dir: &Path) -> Result<Vec<RootLock>> {
     let parent = dir
         .canonicalize()
         .map_err(|e| Error::io(dir, "resolve data directory", e))?
         .parent()
         .map(Path::to_path_buf);
-    let Some(m) = Marker::read(dir)? else {
-        return match parent {
-            Some(p) => lock_host_above(dir, &p),
-            None => Ok(None),
-        };
+    let above = |p: &Option<PathBuf>| -> Result<Vec<RootLock>> {
+        Ok(match p {
+            Some(p) => lock_host_above(dir, p)?.into_iter().collect(),
+            None => Vec::new(),
+        })
     };
+    let Some(m) = Marker::read(dir)? else {
+        return above(&parent);
+    };
+    let marker_host = lock_marker_host(dir, &m, parent.as_deref())?;
+    let mut held = vec![marker_host.1];
+    if parent.as_deref() != Some(marker_host.0.as_path()) {
+        held.extend(above(&parent)?);
+    }
+    Ok(held)
+}
+
+/// The lock of the host `m` names (its directory, and the lock, shared).
+fn lock_marker_host(dir: &Path, m: &Marker, parent: Option<&Path>) -> Result<(PathBuf, RootLock)> {
+    let parent = parent.map(Path::to_path_buf);
     // The recorded path, or this directory's parent when that is the same
     // directory (the host's directory renamed, while it runs or not).
     let root = match m.root_in_place() {
@@ -488,7 +507,7 @@ pub(super) fn lock_host_of(dir: &Path) -> Result<Option<RootLock>> {
         },
     };
     if let Some(l) = super::try_lock_dir(&root, true, HOST_LOCK_WORDS)? {
-        return Ok(Some(l));
+        return Ok((root, l));
     }
     Err(Error::Locked {
         path: dir.to_path_buf(),
@@ -548,8 +567,9 @@ fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<RootLock>> {
         holder: format!(
             "the tierindex host of {} ({}; its {HOST_INFO_FILE} names the last host): this \
              data directory is directly under that running host's directory and has no \
-             {HOSTED_FILE} file, so it may be one of its streams whose {HOSTED_FILE} was \
-             removed. Stop that host first (or move this directory out of its directory if \
+             {HOSTED_FILE} file naming it (its {HOSTED_FILE} was removed, or names another \
+             host's directory: restored from a backup, or copied), so it may be one of its \
+             streams. Stop that host first (or move this directory out of its directory if \
              it is not one of its streams)",
             parent.display(),
             super::holder_of(parent, HOST_INFO_FILE)

@@ -256,7 +256,7 @@ enum Held {
     /// Its own lock, and its host's when it has a `HOSTED` marker.
     Own {
         dir: RootLock,
-        host: Option<RootLock>,
+        host: Vec<RootLock>,
     },
     /// Its host's lock, held by the host ([`HostLock::claim`]).
     Hosted(Claim),
