@@ -76,8 +76,17 @@ pub fn is_data_dir(path: &Path) -> bool {
 /// Creates the data directory's tree where missing, each new name durable:
 /// each directory that got new names is fsynced once, after all of them
 /// (a new stream's data directory gets three: one fsync, not three).
-fn create_tree(root: &Path) -> Result<()> {
+/// `root` itself is fsynced whether or not this call created anything in
+/// it (a process killed between an earlier `mkdir` and its fsync left
+/// names no one made durable), unless `root_synced_by_caller`: the caller
+/// fsyncs `root` itself before it relies on the names (see
+/// [`DataDir::open_as`], whose identity write does, saving one fsync of a
+/// new stream's open: issue 16).
+fn create_tree(root: &Path, root_synced_by_caller: bool) -> Result<()> {
     let mut parents: Vec<PathBuf> = Vec::new();
+    if !root_synced_by_caller {
+        parents.push(root.to_path_buf());
+    }
     for d in [
         root.to_path_buf(),
         root.join(SEGMENTS_DIR),
@@ -86,20 +95,22 @@ fn create_tree(root: &Path) -> Result<()> {
     ] {
         if !d.exists() {
             if let Err(e) = fs::create_dir_all(&d) {
-                // What was created so far is made durable first: the next
-                // open finds those names and would not sync them.
+                // What was created so far is made durable first.
                 for p in &parents {
                     fsync_dir(p)?;
                 }
                 return Err(Error::io(&d, "create data directory", e));
             }
             if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty())
+                && !(root_synced_by_caller && parent == root)
                 && !parents.iter().any(|p| p == parent)
             {
                 parents.push(parent.to_path_buf());
             }
         }
     }
+    // The parent of a new root first: `root`'s own name, then its entries.
+    parents.sort_by_key(|p| p.components().count());
     for p in &parents {
         fsync_dir(p)?;
     }
@@ -465,7 +476,11 @@ impl DataDir {
     }
 
     fn open_claiming(root: &Path, claim: bool) -> Result<DataDir> {
-        create_tree(root)?;
+        Self::open_claiming_synced(root, claim, false)
+    }
+
+    fn open_claiming_synced(root: &Path, claim: bool, root_synced_by_caller: bool) -> Result<DataDir> {
+        create_tree(root, root_synced_by_caller)?;
         let lock = Arc::new(DirLock::own(root)?);
         Ok(DataDir {
             root: root.to_path_buf(),
@@ -477,8 +492,16 @@ impl DataDir {
     /// A data directory directly under `host`'s directory, locked through
     /// the host's lock ([`HostLock::claim`]): no descriptor of its own.
     pub fn open_hosted(host: &Arc<HostLock>, root: &Path) -> Result<DataDir> {
+        Self::open_hosted_synced(host, root, false)
+    }
+
+    fn open_hosted_synced(
+        host: &Arc<HostLock>,
+        root: &Path,
+        root_synced_by_caller: bool,
+    ) -> Result<DataDir> {
         let lock = Arc::new(DirLock::hosted(host, root)?);
-        create_tree(root)?;
+        create_tree(root, root_synced_by_caller)?;
         Ok(DataDir {
             root: root.to_path_buf(),
             _linked: guard_linked_dirs(root, true)?,
@@ -508,13 +531,19 @@ impl DataDir {
         overrides: crate::identity::Overrides,
         host: Option<&Arc<HostLock>>,
     ) -> Result<(DataDir, crate::identity::Identity, bool)> {
+        // `root` is fsynced once below, by the identity's write or on its
+        // own: its new names (the tree's) are durable when this returns.
         let dd = match host {
-            Some(h) => DataDir::open_hosted(h, root)?,
-            None => DataDir::open(root)?,
+            Some(h) => DataDir::open_hosted_synced(h, root, true)?,
+            None => DataDir::open_claiming_synced(root, true, true)?,
         };
         let existed = std::fs::symlink_metadata(root.join(crate::identity::IDENTITY_FILE)).is_ok();
         let id = crate::identity::ensure(root, stream, store, endpoint, mode, overrides)?;
-        Ok((dd, id, !existed))
+        let written = !existed;
+        if !written {
+            fsync_dir(root)?;
+        }
+        Ok((dd, id, written))
     }
 
     /// Records in `segments/` and `journal/` (their targets, when linked)

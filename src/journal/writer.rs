@@ -102,7 +102,7 @@ impl Journal {
     pub fn open(data_dir: &Path, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
         opts.validate()?;
         let lock = Arc::new(DirLock::alone(data_dir)?);
-        Self::open_locked(data_dir, opts, lock)
+        Self::open_locked(data_dir, opts, lock, false)
     }
 
     /// Opens (creating if needed) the journal of the data directory `lock`
@@ -114,23 +114,41 @@ impl Journal {
     /// rename), so the operator or the caller's quarantine decides.
     pub fn open_in(lock: &Arc<DirLock>, opts: JournalOptions) -> Result<(Journal, ReplayReport)> {
         opts.validate()?;
-        Self::open_locked(lock.root(), opts, lock.clone())
+        Self::open_locked(lock.root(), opts, lock.clone(), false)
+    }
+
+    /// [`Journal::open_in`] for a caller that made the data directory's
+    /// names durable in this process, under the same lock, after the
+    /// journal directory existed (`DataDir::open_as` did): the data
+    /// directory's fsync is not repeated (one fsync fewer a stream's open,
+    /// issue 16). A journal directory missing here is created and synced
+    /// as always.
+    pub(crate) fn open_in_synced_dir(
+        lock: &Arc<DirLock>,
+        opts: JournalOptions,
+    ) -> Result<(Journal, ReplayReport)> {
+        opts.validate()?;
+        Self::open_locked(lock.root(), opts, lock.clone(), true)
     }
 
     fn open_locked(
         data_dir: &Path,
         opts: JournalOptions,
         lock: Arc<DirLock>,
+        data_dir_synced: bool,
     ) -> Result<(Journal, ReplayReport)> {
         let dir = journal_dir(data_dir);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        let created = match fs::create_dir(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
             Err(e) => return Err(Error::io(&dir, "create journal directory", e)),
+        };
+        // Not only after create_dir: a previous process may have created
+        // the directory and died before making its name durable (unless
+        // this process's caller synced it since).
+        if created || !data_dir_synced {
+            crate::durable::fsync_dir(data_dir)?;
         }
-        // Always, not only after create_dir: a previous process may have
-        // created the directory and died before making its name durable.
-        crate::durable::fsync_dir(data_dir)?;
 
         // Safe to delete: journal.log is only replaced by renaming a fully
         // written and fsynced tmp over it, so a tmp that still exists was never

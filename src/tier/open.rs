@@ -270,7 +270,8 @@ pub(super) async fn open_shared_hosted(
                     .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
                 fsync_dir(&cfg.data_dir)?;
             }
-            let (journal, jrep) = Journal::open_in(
+            // `open_as` fsynced the data directory after its tree existed.
+            let (journal, jrep) = Journal::open_in_synced_dir(
                 dd.lock(),
                 JournalOptions {
                     compact_after_bytes: cfg.journal_compact_after_bytes,
