@@ -54,6 +54,7 @@ pub const POINTS: &[&str] = &[
     "journal.compact.rename",
     "journal.compact.dirsync",
     // Upload pipeline (src/upload/, src/pipeline/)
+    "upload.read",
     "upload.put",
     "upload.multipart.create",
     "upload.multipart.part",
@@ -88,13 +89,16 @@ pub const MANIFEST_POINTS: &[&str] = &[
 /// release may happen only in the shutdown drain). A crash there is the
 /// crash at the neighbouring point (`release`, `release.after`,
 /// `seal.remove_active*`); their error paths are exercised by
-/// `tests/poison_paths.rs`.
+/// `tests/poison_paths.rs`. And `upload.read`, the read of a sealed file
+/// before its upload: it writes nothing, so a crash there leaves what the
+/// seal left; its errors are injected by `tests/io_errors.rs`.
 #[cfg(any(test, feature = "testing"))]
 pub const ERROR_ONLY_POINTS: &[&str] = &[
     "active.remove_empty",
     "active.remove_empty.dirsync",
     "release.unlink",
     "release.dirsync",
+    "upload.read",
 ];
 
 /// Points reached only through [`crash`]: nothing there returns an I/O
@@ -257,6 +261,7 @@ mod armed {
             "crash" => Action::Crash,
             "eio" => Action::Errno(libc::EIO),
             "enospc" => Action::Errno(libc::ENOSPC),
+            "emfile" => Action::Errno(libc::EMFILE),
             other => return Err(format!("{part:?}: unknown action {other:?}")),
         };
         if matches!(action, Action::Errno(_)) && CRASH_ONLY_POINTS.contains(&name) {

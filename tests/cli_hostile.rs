@@ -4253,6 +4253,101 @@ fn fsck_names_a_missing_journal() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// helper-73 F3: `fsck` compared only committed segments' local files with
+/// the journal; a pending segment's file replaced by another segment's
+/// (copied over it) passed as clean while `lookup` flagged it. `fsck` says
+/// so for every state, exits 4, and leaves a pending segment's file where
+/// it is for its upload to check (`--repair` moves only a committed one).
+#[test]
+fn fsck_flags_a_pending_segment_whose_file_is_not_the_journaled_one() {
+    let sb = Sandbox::populated();
+    // Uploads fail from here (the store's segments directory is a file):
+    // the next run's segments stay pending.
+    let segs_in_store = sb.store_dir().join("stream-0").join("segments");
+    std::fs::rename(&segs_in_store, sb.root.join("aside")).unwrap();
+    std::fs::write(&segs_in_store, b"not a directory").unwrap();
+    let o = sb.run(
+        &[
+            D,
+            DD,
+            "--store",
+            "{store}",
+            "demo",
+            "--keys",
+            "16",
+            "--entries",
+            "100000",
+            "--deadline",
+            "2s",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(3), "pending: {}", text(&o));
+    let o = sb.run(&[D, DD, "--json", "status"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pending: Vec<u64> = v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| matches!(s["state"].as_str(), Some("Sealed" | "Uploading")))
+        .map(|s| s["meta"]["id"].as_u64().unwrap())
+        .collect();
+    assert!(pending.len() >= 2, "{v}");
+    let o = sb.run(&[D, DD, "fsck"], &[]);
+    assert_eq!(o.status.code(), Some(0), "clean before: {}", text(&o));
+    // Another seal of the same id (a second writer's, another data
+    // directory's): whole, named right, not the journaled file.
+    let entries: Vec<tierindex::Entry> = (0..5)
+        .map(|i| tierindex::Entry {
+            key_hash: tierindex::key_hash(b"key-1"),
+            offset: 9_000_000 + i,
+            size: 1,
+            timestamp_ms: 1,
+        })
+        .collect();
+    let (other, _) = tierindex::segment::sealed::build_sealed(
+        tierindex::SegmentId(pending[0]),
+        1,
+        2,
+        64,
+        &entries,
+    )
+    .unwrap();
+    let name = sb
+        .data()
+        .join("segments")
+        .join(format!("{:020}.seg", pending[0]));
+    std::fs::write(&name, &other).unwrap();
+    for args in [vec![D, DD, "fsck"], vec![D, DD, "fsck", "--repair"]] {
+        let o = sb.run(&args, &[]);
+        assert_sane(&o, "fsck");
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+        assert_says(&o, "is not the one the journal records");
+        assert_says(&o, format!("segment {:020}", pending[0]));
+        assert_eq!(std::fs::read(&name).unwrap(), other, "left in place");
+    }
+    // The store fixed, the drain's upload check quarantines the segment
+    // (journal and file); a lookup then cannot find its entries anywhere
+    // and says so with exit 4 (helper-75 F2: 0 hits, exit 0), naming the
+    // way back.
+    std::fs::remove_file(&segs_in_store).unwrap();
+    std::fs::rename(sb.root.join("aside"), &segs_in_store).unwrap();
+    let o = sb.run(
+        &[D, DD, "--store", "{store}", "drain", "--deadline", "2s"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(!name.exists(), "moved to quarantine/");
+    let o = sb.run(&[D, DD, "lookup", "key-1"], &[]);
+    assert_sane(&o, "lookup");
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_says(
+        &o,
+        format!("segment {:020} is Quarantined in the journal", pending[0]),
+    );
+    assert_says(&o, "quarantine retry");
+}
+
 /// helper-74 F5: an operator deleted a quarantined file and kept its loss
 /// record: `status`, `fsck` and `drain` said 4 naming `quarantine list`,
 /// which said "0 quarantined" and 0. It lists the record (and one that
@@ -4304,20 +4399,21 @@ fn quarantine_list_shows_a_loss_record_whose_file_was_deleted() {
 
 /// helper-74: a journal damaged in its middle (not a torn tail) made
 /// `fsck`, the check for it, exit 1 ("a fatal error") while every other
-/// damage it finds is 4. Every command it stops now says 4 and names
-/// `fsck --repair`, which rebuilds it; then all is clean again.
+/// damage it finds is 4. The checks say 4, `drain` (which cannot run on
+/// it) 1, all naming `fsck --repair`, which rebuilds it; then all is
+/// clean again.
 #[test]
-fn a_damaged_journal_needs_an_operator_in_every_command() {
+fn a_damaged_journal_is_a_finding_of_fsck_and_status() {
     let sb = Sandbox::populated();
     let log = sb.data().join("journal").join("journal.log");
     let mut b = std::fs::read(&log).unwrap();
     let mid = b.len() / 2;
     b[mid] ^= 0xff;
     std::fs::write(&log, &b).unwrap();
-    for cmd in ["fsck", "status", "drain"] {
+    for (cmd, code) in [("fsck", 4), ("status", 4), ("drain", 1)] {
         let o = sb.run(&[D, DD, cmd], &[]);
         assert_sane(&o, cmd);
-        assert_eq!(o.status.code(), Some(4), "{cmd}: {}", text(&o));
+        assert_eq!(o.status.code(), Some(code), "{cmd}: {}", text(&o));
         assert_says(&o, "fsck --repair");
     }
     let o = sb.run(&[D, DD, "--json", "fsck"], &[]);

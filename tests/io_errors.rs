@@ -73,6 +73,10 @@ const CASES: &[(&str, &[i32], &str, Option<usize>)] = &[
         "journal poisoned",
         None,
     ),
+    // A read of a sealed file for its upload that fails for want of
+    // descriptors says nothing of the file: retried, not quarantined
+    // (helper-75 F2: such segments were journaled Quarantined, exit 4).
+    ("upload.read=emfile@1", &[0], "Too many open files", None),
 ];
 
 #[test]

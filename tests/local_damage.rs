@@ -844,7 +844,7 @@ async fn a_committed_segments_local_file_that_differs_is_kept_not_released() {
     // `fsck` says so (exit 4) and changes nothing without `--repair`.
     let (code, out) = cli(&w, &["fsck"]);
     assert_eq!(code, 4, "{out}");
-    assert!(out.contains("NOT THE COMMITTED FILE"), "{out}");
+    assert!(out.contains("NOT THE JOURNALED FILE"), "{out}");
     assert!(victim.exists());
 
     let mut cfg = w.config();

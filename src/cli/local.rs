@@ -476,14 +476,22 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
             )
         })
         .collect();
-    // A committed segment's local file must be the one committed: another
-    // (sealed by a second process under its id) may hold entries the store
-    // does not, and must be neither served as the segment nor released.
+    // A segment's local file must be the one the journal records: another
+    // (sealed by a second process under its id, copied over it) may hold
+    // entries the store does not, and must be neither served as the
+    // segment nor uploaded or released as it (helper-73 F3: only committed
+    // segments were compared here, while `lookup` flags every state).
     let mut not_committed_file = Vec::new();
-    for r in segments
-        .values()
-        .filter(|r| r.state == journal::SegmentState::Committed)
-    {
+    for r in segments.values() {
+        use journal::SegmentState as S;
+        let uploaded = match r.state {
+            S::Sealed | S::Uploading => false,
+            S::Uploaded | S::Verified | S::Committed => true,
+            _ => continue,
+        };
+        // Only a committed segment's file is moved by `--repair`: the
+        // pipeline still reads the others' (upload, verification).
+        let movable = r.state == S::Committed;
         let path = dd
             .segments_dir()
             .join(crate::segment::sealed::sealed_file_name(r.meta.id));
@@ -500,13 +508,29 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         if diffs.is_empty() {
             continue;
         }
-        let why = format!(
-            "local sealed file of committed segment {} is not the one committed ({}): it may \
-             hold entries the store does not",
-            r.meta.id,
-            diffs.join(", ")
-        );
-        if repair {
+        let why = if uploaded {
+            format!(
+                "local sealed file of {:?} segment {} is not the one the journal records ({}): \
+                 it may hold entries the store does not",
+                r.state,
+                r.meta.id,
+                diffs.join(", ")
+            )
+        } else {
+            format!(
+                "local sealed file of {:?} segment {} is not the one the journal records ({}): \
+                 nothing uploads it as the segment (the next drain quarantines the segment), \
+                 and the entries the journal records for it are not in it",
+                r.state,
+                r.meta.id,
+                diffs.join(", ")
+            )
+        };
+        if !movable {
+            // Left for the pipeline, which checks a file against its
+            // record before it uploads or verifies with it.
+            not_committed_file.push(why);
+        } else if repair {
             let to = dd.quarantine_because(&path, &why, None)?;
             not_committed_file.push(format!("{why}; moved to {}", to.display()));
         } else {
@@ -641,7 +665,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
             s.push_str(&format!("\n  MISSING {m}"));
         }
         for m in &o.not_committed_file {
-            s.push_str(&format!("\n  NOT THE COMMITTED FILE {m}"));
+            s.push_str(&format!("\n  NOT THE JOURNALED FILE: {m}"));
         }
         if !o.not_journaled.is_empty() {
             s.push_str(&format!("\n  {}", not_journaled_line(&o.not_journaled)));
@@ -757,23 +781,34 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
     // not the recorded one (another data directory's seal of the id,
     // another segment's file copied over it) is not that segment, and its
     // entries are not served as its own (helper-72: they were, exit 0).
-    let recorded: std::collections::BTreeMap<u64, crate::segment::SealedMeta> =
-        match Journal::open_read_only(&cfg.data_dir) {
-            Ok((v, _)) => v
-                .segments()
+    // And the segments it records `Quarantined`: their entries are in no
+    // file a lookup reads (helper-75 F2: 0 hits, exit 0, for acknowledged
+    // entries of a segment quarantined by a failed read).
+    let (recorded, quarantined): (
+        std::collections::BTreeMap<u64, crate::segment::SealedMeta>,
+        Vec<(u64, String)>,
+    ) = match Journal::open_read_only(&cfg.data_dir) {
+        Ok((v, _)) => (
+            v.segments()
                 .iter()
                 .map(|(id, r)| (id.0, r.meta.clone()))
                 .collect(),
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                Default::default()
-            }
-            Err(e) => {
-                skipped.push(format!(
-                    "journal: {e}; local sealed files were not compared with its records"
-                ));
-                Default::default()
-            }
-        };
+            v.segments()
+                .values()
+                .filter(|r| r.state == journal::SegmentState::Quarantined)
+                .map(|r| (r.meta.id.0, r.reason.clone().unwrap_or_default()))
+                .collect(),
+        ),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Default::default()
+        }
+        Err(e) => {
+            skipped.push(format!(
+                "journal: {e}; local sealed files were not compared with its records"
+            ));
+            Default::default()
+        }
+    };
     // A running broker seals and releases while this reads: a file gone
     // since the listing is no damage. An active file's sealed file is read
     // in its place (queued next); a sealed file gone was released, its
@@ -902,6 +937,15 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
                     skipped.push(format!("{name}: {e}"))
                 }
             }
+        }
+    }
+    for (id, why) in &quarantined {
+        if damaged.insert(*id) {
+            skipped.push(format!(
+                "segment {id:020} is Quarantined in the journal ({why}): its entries are not \
+                 searched; `tierindex quarantine list` says why, and `tierindex quarantine retry` \
+                 puts back a file that passes its check"
+            ));
         }
     }
     let mut remote_segments = 0usize;

@@ -562,16 +562,20 @@ pub fn main() -> i32 {
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match res {
         Ok(code) => code,
-        // Damage that stopped the command (a journal damaged other than by
-        // a torn tail, a file that does not decode): a check's finding, not
-        // a fault of the command, and the message says what to run. So
-        // `fsck` and `status` on a damaged journal say 4 as for every other
-        // damage they find (helper-74), and so do the others.
-        Err(e @ crate::error::Error::Corrupt { .. }) => fail(
-            cli.json,
-            crate::lifecycle::EXIT_NEEDS_OPERATOR,
-            &e.to_string(),
-        ),
+        // Damage that stopped a check (a journal damaged other than by a
+        // torn tail): what `fsck` and `status` exist to find, so 4 as for
+        // every other damage they find (helper-74: 1, "a fatal error"). A
+        // command that cannot run on it (`drain`, `inspect` of one file)
+        // keeps 1; the message says what to run.
+        Err(e @ crate::error::Error::Corrupt { .. })
+            if matches!(cli.cmd, Command::Fsck { .. } | Command::Status { .. }) =>
+        {
+            fail(
+                cli.json,
+                crate::lifecycle::EXIT_NEEDS_OPERATOR,
+                &e.to_string(),
+            )
+        }
         Err(e) => fail(cli.json, EXIT_ERROR, &with_advice(&e)),
     }
 }

@@ -71,8 +71,17 @@ fn record(sh: &Shared, id: SegmentId) -> Result<SegmentRecord> {
 /// thread. A weaker check here once let a foreign sealed file that passed
 /// it fail only the upload's check, which the drive then took for a bad
 /// read-back and retried until the deadline.
-async fn local_mismatch(path: &std::path::Path, meta: &crate::segment::SealedMeta) -> Option<String> {
-    upload::CheckedBytes::read(path, meta).await.err()
+/// A read that failed for a reason that may pass (out of descriptors) is
+/// an `Err`: the step is retried, nothing is quarantined for it.
+async fn local_mismatch(
+    path: &std::path::Path,
+    meta: &crate::segment::SealedMeta,
+) -> Result<Option<String>> {
+    match upload::CheckedBytes::read(path, meta).await {
+        Ok(_) => Ok(None),
+        Err(upload::NotChecked::Mismatch(why)) => Ok(Some(why)),
+        Err(upload::NotChecked::Unreadable(e)) => Err(e),
+    }
 }
 
 /// A local sealed file that is not the one the journal describes: a local
@@ -145,7 +154,7 @@ async fn upload_again(
 ) -> Result<Rekeyed> {
     let id = rec.meta.id;
     let local = local_path(sh, id);
-    if let Some(bad) = local_mismatch(&local, &rec.meta).await {
+    if let Some(bad) = local_mismatch(&local, &rec.meta).await? {
         let reason = format!(
             "{why}; it cannot be uploaded again: its local copy {bad}. The copy journaled \
              under {old} (in the store it was sent to) is the one left"
@@ -353,7 +362,7 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                         upload::remote_matches_cfg(&sh.store, &key, &rec.meta, &sh.upload).await?;
                     let local_ok = matches!(found, RemoteMatch::Differs(_))
                         && local_mismatch(&local_path(sh, id), &rec.meta)
-                            .await
+                            .await?
                             .is_none();
                     match found {
                         RemoteMatch::Matches => {
@@ -434,7 +443,10 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // sends exactly these checked bytes.
                 let bytes = match upload::CheckedBytes::read(&local, &rec.meta).await {
                     Ok(b) => b,
-                    Err(why) => return quarantine_local(sh, id, why).await,
+                    Err(upload::NotChecked::Mismatch(why)) => {
+                        return quarantine_local(sh, id, why).await;
+                    }
+                    Err(upload::NotChecked::Unreadable(e)) => return Err(e),
                 };
                 let attempt = rec.attempt + 1;
                 journal_uploading(sh, id, attempt, &key).await?;
@@ -453,7 +465,7 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                 // A failed read-back may mean the local file changed under
                 // us: look again (only on that path) before blaming the store.
                 let changed = match &put {
-                    Err(Error::Corrupt { .. }) => local_mismatch(&local, &rec.meta).await,
+                    Err(Error::Corrupt { .. }) => local_mismatch(&local, &rec.meta).await?,
                     _ => None,
                 };
                 match put {
@@ -578,7 +590,8 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             let Some((other, floor)) = sh.id_taken(&entry).await? else {
                                 return Err(Error::RemoteConflict(why));
                             };
-                            if let Some(bad) = local_mismatch(&local_path(sh, id), &rec.meta).await
+                            if let Some(bad) =
+                                local_mismatch(&local_path(sh, id), &rec.meta).await?
                             {
                                 return quarantine_local(sh, id, bad).await;
                             }

@@ -65,7 +65,7 @@ use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
 use crate::segment::SealedMeta;
 
-pub use put::{CheckedBytes, abort_multipart_cfg, put_segment_checked};
+pub use put::{CheckedBytes, NotChecked, abort_multipart_cfg, put_segment_checked};
 #[cfg(any(test, feature = "testing"))]
 pub use put::{abort_multipart, put_segment};
 #[cfg(any(test, feature = "testing"))]

@@ -63,15 +63,26 @@ pub struct CheckedBytes {
 impl CheckedBytes {
     /// Reads `local` whole on a blocking thread (never on a tokio worker)
     /// and checks it against `meta` there: one read and one checksum pass
-    /// per upload. `Err` is the local mismatch (or read failure) in words,
-    /// a local fault no store retry can fix.
-    pub async fn read(local: &FsPath, meta: &SealedMeta) -> std::result::Result<Self, String> {
+    /// per upload. `Err(NotChecked::Mismatch)` is the local mismatch (or a
+    /// file that is gone, or cannot be a segment) in words, a local fault
+    /// no store retry can fix; `Err(NotChecked::Unreadable)` a read that
+    /// failed for a reason that may pass (out of descriptors or memory, a
+    /// permission changed): the file was not judged.
+    pub async fn read(local: &FsPath, meta: &SealedMeta) -> std::result::Result<Self, NotChecked> {
         let path = local.to_path_buf();
         let m = meta.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let b =
-                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            check_bytes(&b, &m, &path.display().to_string()).map_err(|e| e.to_string())?;
+            let b = crate::failpoint::hit("upload.read")
+                .and_then(|()| std::fs::read(&path))
+                .map_err(|e| {
+                if read_may_pass(&e) {
+                    NotChecked::Unreadable(Error::io(&path, "read sealed segment for upload", e))
+                } else {
+                    NotChecked::Mismatch(format!("cannot read {}: {e}", path.display()))
+                }
+            })?;
+            check_bytes(&b, &m, &path.display().to_string())
+                .map_err(|e| NotChecked::Mismatch(e.to_string()))?;
             Ok(Bytes::from(b))
         })
         .await;
@@ -81,9 +92,44 @@ impl CheckedBytes {
                 meta: meta.clone(),
             }),
             Ok(Err(why)) => Err(why),
-            Err(e) => Err(format!("reading {} failed: {e}", local.display())),
+            Err(e) => Err(NotChecked::Unreadable(Error::Internal(format!(
+                "reading {} failed: {e}",
+                local.display()
+            )))),
         }
     }
+}
+
+/// Why [`CheckedBytes::read`] gave no bytes.
+#[derive(Debug)]
+pub enum NotChecked {
+    /// The file is not the one the record describes (or is gone): a local
+    /// fault no retry fixes.
+    Mismatch(String),
+    /// The file could not be read for a reason that may pass: it was not
+    /// judged, and must not be quarantined for it (helper-75 F2: a process
+    /// out of descriptors quarantined intact segments as "does not match
+    /// its journal record").
+    Unreadable(Error),
+}
+
+/// An error reading a file that says nothing about its content and may
+/// pass: out of descriptors or memory, interrupted, a permission (an
+/// operator's `chmod`, a mount option) that can be given back.
+fn read_may_pass(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOMEM
+                | libc::ENOBUFS
+                | libc::EAGAIN
+                | libc::EINTR
+                | libc::EACCES
+                | libc::EPERM
+        )
+    )
 }
 
 /// [`put_segment`] from bytes already read and checked by
