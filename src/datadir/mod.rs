@@ -117,6 +117,22 @@ fn create_tree(root: &Path, root_synced_by_caller: bool) -> Result<()> {
     Ok(())
 }
 
+/// A host's directory (it has `TIERINDEX_HOST`) holds data directories,
+/// one per stream: opened as a data directory itself it became one, and
+/// its host then refused to start (helper-75 F5).
+fn refuse_a_hosts_directory(root: &Path) -> Result<()> {
+    let info = root.join(crate::lock::host::HOST_INFO_FILE);
+    if std::fs::symlink_metadata(&info).is_ok() {
+        return Err(Error::InvalidInput(format!(
+            "{} is a tierindex host's directory (it has {}): it holds data directories, one \
+             per stream; name one of them (a directory under it), or another directory",
+            root.display(),
+            crate::lock::host::HOST_INFO_FILE
+        )));
+    }
+    Ok(())
+}
+
 /// An open, locked data directory.
 pub struct DataDir {
     root: PathBuf,
@@ -480,6 +496,7 @@ impl DataDir {
     }
 
     fn open_claiming_synced(root: &Path, claim: bool, root_synced_by_caller: bool) -> Result<DataDir> {
+        refuse_a_hosts_directory(root)?;
         create_tree(root, root_synced_by_caller)?;
         let lock = Arc::new(DirLock::own(root)?);
         Ok(DataDir {
@@ -491,11 +508,9 @@ impl DataDir {
 
     /// A data directory directly under `host`'s directory, locked through
     /// the host's lock ([`HostLock::claim`]): no descriptor of its own.
-    pub fn open_hosted(host: &Arc<HostLock>, root: &Path) -> Result<DataDir> {
-        Self::open_hosted_synced(host, root, false)
-    }
-
-    fn open_hosted_synced(
+    /// `root_synced_by_caller`: see [`create_tree`] (its one caller,
+    /// [`DataDir::open_as`], fsyncs `root` itself).
+    fn open_hosted(
         host: &Arc<HostLock>,
         root: &Path,
         root_synced_by_caller: bool,
@@ -534,7 +549,7 @@ impl DataDir {
         // `root` is fsynced once below, by the identity's write or on its
         // own: its new names (the tree's) are durable when this returns.
         let dd = match host {
-            Some(h) => DataDir::open_hosted_synced(h, root, true)?,
+            Some(h) => DataDir::open_hosted(h, root, true)?,
             None => DataDir::open_claiming_synced(root, true, true)?,
         };
         let existed = std::fs::symlink_metadata(root.join(crate::identity::IDENTITY_FILE)).is_ok();
