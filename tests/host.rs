@@ -682,3 +682,50 @@ async fn a_host_waits_out_a_transient_holder_of_its_streams_lock() {
     assert_eq!(found.entries.len(), 1, "{found:?}");
     assert!(ti.shutdown(Duration::from_secs(10)).await.fully_drained());
 }
+
+/// helper-75 F3 and F5: a host's directory inside a data directory (its
+/// `segments/`) was accepted, and that data directory's next start moved
+/// the running host's streams and store into its `quarantine/`; a data
+/// directory opened on a host's directory turned it into one, and the host
+/// then refused to start. Both are refused, naming what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_and_a_data_directory_do_not_nest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let (dd, _) = TierIndex::open(cfg(&tmp.path().join("dd"), &store))
+        .await
+        .unwrap();
+    for inside in ["dd/segments", "dd/segments/x", "dd/journal"] {
+        let err = Host::open(tmp.path().join(inside)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{inside}: {err}");
+        assert!(
+            err.to_string().contains("inside the data directory"),
+            "{err}"
+        );
+    }
+    assert!(
+        !tmp.path().join("dd/segments/x").exists(),
+        "nothing created"
+    );
+    assert!(dd.shutdown(Duration::from_secs(10)).await.fully_drained());
+
+    let root = tmp.path().join("host");
+    {
+        let host = Host::open(&root).unwrap();
+        let (s, _) = host
+            .open_stream(cfg(&root.join("a"), &store))
+            .await
+            .unwrap();
+        assert!(s.shutdown(Duration::from_secs(10)).await.fully_drained());
+    }
+    let err = refused(TierIndex::open(cfg(&root, &store)).await);
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("host's directory"), "{err}");
+    assert!(!root.join("IDENTITY").exists() && !root.join("journal").exists());
+    let host = Host::open(&root).unwrap();
+    let (s, _) = host
+        .open_stream(cfg(&root.join("a"), &store))
+        .await
+        .unwrap();
+    assert!(s.shutdown(Duration::from_secs(10)).await.fully_drained());
+}

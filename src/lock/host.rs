@@ -192,7 +192,33 @@ impl Marker {
     /// The host's directory at its recorded path, when it still is that
     /// directory.
     fn root_in_place(&self) -> Option<&Path> {
-        (ident(&self.path).ok()? == self.root).then_some(self.path.as_path())
+        let now = ident(&self.path).ok()?;
+        self.names(now, &self.path).then_some(self.path.as_path())
+    }
+
+    /// Whether the directory `path`, now of identity `id`, is the host's
+    /// directory this marker names: the same device and inode, or the same
+    /// path and inode on a device whose number changed (helper-75 F4: a
+    /// reboot that numbers LVM, NVMe or loop devices otherwise, or the same
+    /// file system attached again, made a host refuse every stream as
+    /// "moved or copied"). A directory put at the path afresh (a restore, a
+    /// copy) has another inode and is still refused.
+    fn names(&self, id: Ident, path: &Path) -> bool {
+        if self.root == id {
+            return true;
+        }
+        let renumbered = self.root.1 == id.1 && self.path == path;
+        if renumbered {
+            tracing::warn!(
+                path = %path.display(),
+                recorded_device = self.root.0,
+                device = id.0,
+                "a host's directory is at its recorded path with its recorded inode, on a \
+                 device whose number changed (a reboot, the file system attached again): \
+                 taken as the same directory"
+            );
+        }
+        renumbered
     }
 }
 
@@ -338,6 +364,9 @@ impl HostLock {
         }
         match Marker::read(&dir)? {
             Some(m) if m.root == self.id => {}
+            // This host's directory, its device renumbered: the marker is
+            // written again with the device's number now.
+            Some(m) if m.names(self.id, &self.root) => write_marker(&dir, &ours)?,
             Some(m) => {
                 // The other host's lock, held until our marker is written:
                 // it cannot start and claim in between.
@@ -493,7 +522,8 @@ fn lock_marker_host(dir: &Path, m: &Marker, parent: Option<&Path>) -> Result<(Pa
                 return Err(Error::InvalidInput(format!(
                     "{} belongs to the tierindex host of {} (device {}, inode {}), which is \
                      not there any more: the data directory was moved or copied out of it, \
-                     or that directory was. Find where that host's directory is now (a \
+                     or that directory was (or restored, or moved to another disk: the \
+                     directory at that path is another one). Find where that host's directory is now (a \
                      running host's process still holds it open) and stop that host, or put \
                      this directory back under it; only if that host is gone for good, \
                      remove {} and open it again",
@@ -580,6 +610,18 @@ fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<RootLock>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_marker_names_its_directory_on_a_renumbered_device_only_at_its_path() {
+        let m = Marker {
+            root: (1792, 12),
+            path: PathBuf::from("/mnt/r"),
+        };
+        assert!(m.names((1792, 12), Path::new("/elsewhere")), "same device and inode");
+        assert!(m.names((1793, 12), Path::new("/mnt/r")), "renumbered device");
+        assert!(!m.names((1793, 13), Path::new("/mnt/r")), "another directory there");
+        assert!(!m.names((1793, 12), Path::new("/mnt/s")), "another path");
+    }
 
     #[test]
     fn a_marker_round_trips_and_garbage_is_no_marker() {

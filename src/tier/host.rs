@@ -60,6 +60,7 @@ impl Host {
                 root.display()
             )));
         }
+        refuse_inside_a_data_dir(root)?;
         Ok(Host {
             lock: HostLock::open(root)?,
             leases: Arc::default(),
@@ -105,4 +106,39 @@ impl Host {
             .collect()
             .await
     }
+}
+
+/// A host's directory inside a data directory (under its `segments/`, say)
+/// is refused: that data directory's start-up check moves what it does not
+/// know out of `segments/`, a running host's streams and store included
+/// (helper-75 F3). Checked on the resolved path's ancestors: one with an
+/// `IDENTITY` or a `journal/journal.log` is a data directory.
+fn refuse_inside_a_data_dir(root: &Path) -> Result<()> {
+    // The nearest existing ancestor, resolved (the root may not exist yet).
+    let mut probe = root.to_path_buf();
+    let resolved = loop {
+        if let Ok(p) = probe.canonicalize() {
+            break Some(p);
+        }
+        if !probe.pop() || probe.as_os_str().is_empty() {
+            break None;
+        }
+    };
+    let Some(resolved) = resolved else {
+        return Ok(());
+    };
+    // (`root` itself a data directory was refused before this.)
+    for a in resolved.ancestors() {
+        let dd = a.join(crate::identity::IDENTITY_FILE).is_file()
+            || a.join(crate::datadir::JOURNAL_DIR).join("journal.log").is_file();
+        if dd {
+            return Err(Error::InvalidInput(format!(
+                "{} is inside the data directory {}: its start-up check would move this \
+                 host's streams out of it. Name a directory outside any data directory",
+                root.display(),
+                a.display()
+            )));
+        }
+    }
+    Ok(())
 }
