@@ -408,9 +408,40 @@ pub fn unlink(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs `open` (an open or create of `path`, nothing written yet), and
+/// again, briefly (5 tries over about 31 ms), while it fails because the
+/// process or the system is out of descriptors or memory, or the call was
+/// interrupted: a process hosting thousands of streams reaches its
+/// descriptor limit for a moment (helper-75: a seal that could not create
+/// its tmp file poisoned its writer, exit 1). Any other error, or the
+/// last, is returned. For a step that a failure would poison; never for a
+/// write or a sync.
+pub fn open_retrying<T>(path: &Path, mut open: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut wait = std::time::Duration::from_millis(1);
+    loop {
+        match open() {
+            Err(e)
+                if wait <= std::time::Duration::from_millis(16)
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(
+                            libc::EMFILE | libc::ENFILE | libc::EINTR | libc::ENOMEM | libc::EAGAIN
+                        )
+                    ) =>
+            {
+                tracing::warn!(file = %path.display(), "{e}; trying again");
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// fsync a directory so creates, renames and unlinks in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    let f = File::open(dir).map_err(|e| Error::io(dir, "open directory for fsync", e))?;
+    let f = open_retrying(dir, || File::open(dir))
+        .map_err(|e| Error::io(dir, "open directory for fsync", e))?;
     f.sync_all().map_err(|e| {
         Error::Poisoned(format!("fsync of directory {} failed: {e}", dir.display()))
     })?;
@@ -465,6 +496,35 @@ pub fn fsync_path(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_open_out_of_descriptors_is_tried_again_briefly_and_nothing_else_is() {
+        let p = Path::new("/x");
+        let mut n = 0;
+        let r = open_retrying(p, || {
+            n += 1;
+            if n < 3 {
+                Err(io::Error::from_raw_os_error(libc::EMFILE))
+            } else {
+                Ok(n)
+            }
+        });
+        assert_eq!(r.unwrap(), 3);
+        let mut n = 0;
+        let r: io::Result<()> = open_retrying(p, || {
+            n += 1;
+            Err(io::Error::from_raw_os_error(libc::ENFILE))
+        });
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENFILE));
+        assert_eq!(n, 6, "five waits, then the last error");
+        let mut n = 0;
+        let r: io::Result<()> = open_retrying(p, || {
+            n += 1;
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        });
+        assert!(r.is_err());
+        assert_eq!(n, 1, "EIO is not tried again");
+    }
 
     #[test]
     fn a_missing_directory_is_an_io_error_not_poison() {

@@ -413,27 +413,15 @@ impl Journal {
         // A descriptor limit reached for a moment (a process hosting
         // thousands of streams), an interrupted call: tried again, briefly
         // (this runs on a journal thread others share), before poisoning.
-        let mut wait = std::time::Duration::from_millis(1);
-        let file = loop {
-            match crate::durable::open_regular(&self.log, true) {
-                Ok(f) => break f,
-                Err(e)
-                    if wait <= std::time::Duration::from_millis(16)
-                        && matches!(
-                            e.raw_os_error(),
-                            Some(libc::EMFILE | libc::ENFILE | libc::EINTR | libc::ENOMEM | libc::EAGAIN)
-                        ) =>
-                {
-                    tracing::warn!(file = %self.log.display(), "opening the journal for a batch: {e}; trying again");
-                    std::thread::sleep(wait);
-                    wait *= 2;
-                }
-                Err(e) => {
-                    return Err(self.poison(format!(
-                        "{} could not be opened for a batch: {e}",
-                        self.log.display()
-                    )));
-                }
+        let file = match crate::durable::open_retrying(&self.log, || {
+            crate::durable::open_regular(&self.log, true)
+        }) {
+            Ok(f) => f,
+            Err(e) => {
+                return Err(self.poison(format!(
+                    "{} could not be opened for a batch: {e}",
+                    self.log.display()
+                )));
             }
         };
         let m = match file.metadata() {

@@ -119,12 +119,14 @@ pub(crate) fn write_sealed_at(
 ) -> Result<(PathBuf, SealedMeta)> {
     let tmp = dir.join(sealed_tmp_name(id));
     let dst = dir.join(sealed_file_name(id));
-    let f = crate::durable::no_follow()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
+    let f = crate::durable::open_retrying(&tmp, || {
+        crate::durable::no_follow()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+    })
+    .map_err(|e| Error::io(&tmp, "create sealed tmp", e))?;
     crate::durable::created(&tmp);
     crate::failpoint::hit("seal.write").map_err(|e| Error::io(&tmp, "write sealed tmp", e))?;
     let meta = seal_into(
