@@ -1822,16 +1822,19 @@ fn closed_stdout_ends_quietly_by_sigpipe() {
         vec![D, DD, "--store", "{store}", "verify"],
         vec!["--help"],
     ] {
-        let mut child = sb
+        // The reader is gone before the command starts (dropping it after
+        // the spawn raced the command's first write: on a loaded machine a
+        // fast `status` wrote into the pipe's buffer first and exited 0).
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let child = sb
             .cmd(&args, &[])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::from(writer))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // The reader goes away before the command writes anything.
-        drop(child.stdout.take());
         let o = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!err.contains("panicked"), "{args:?}: {}", text(&o));
