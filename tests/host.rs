@@ -708,6 +708,30 @@ async fn a_host_and_a_data_directory_do_not_nest() {
         "nothing created"
     );
     assert!(dd.shutdown(Duration::from_secs(10)).await.fully_drained());
+    // Put there another way (by hand, a symlinked segments/): the data
+    // directory's start stops, naming it, and moves nothing (helper-76 F2).
+    for marker in ["TIERINDEX_HOST", "IDENTITY"] {
+        let nested = tmp.path().join("dd/segments/nested");
+        std::fs::create_dir_all(&nested).unwrap();
+        std::fs::write(nested.join(marker), b"x").unwrap();
+        let err = refused(TierIndex::open(cfg(&tmp.path().join("dd"), &store)).await);
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{marker}: {err}");
+        assert!(err.to_string().contains("nothing is moved"), "{err}");
+        assert!(nested.join(marker).exists(), "left in place");
+        std::fs::remove_dir_all(&nested).unwrap();
+    }
+    let (dd, _) = TierIndex::open(cfg(&tmp.path().join("dd"), &store))
+        .await
+        .unwrap();
+    assert!(dd.shutdown(Duration::from_secs(10)).await.fully_drained());
+    // A data directory an older build made on a host's directory still
+    // opens (to drain it).
+    let legacy = tmp.path().join("legacy");
+    let (l, _) = TierIndex::open(cfg(&legacy, &store)).await.unwrap();
+    assert!(l.shutdown(Duration::from_secs(10)).await.fully_drained());
+    std::fs::write(legacy.join("TIERINDEX_HOST"), b"host: pid=1").unwrap();
+    let (l, _) = TierIndex::open(cfg(&legacy, &store)).await.unwrap();
+    assert!(l.shutdown(Duration::from_secs(10)).await.fully_drained());
 
     let root = tmp.path().join("host");
     {

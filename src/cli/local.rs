@@ -796,6 +796,8 @@ pub async fn lookup(cli: &Cli, key: &str, from: u64, to: u64, remote: bool) -> R
             v.segments()
                 .values()
                 .filter(|r| r.state == journal::SegmentState::Quarantined)
+                // Only one whose entries' times can be in the range.
+                .filter(|r| r.meta.min_ts <= range.to_ms && r.meta.max_ts >= range.from_ms)
                 .map(|r| (r.meta.id.0, r.reason.clone().unwrap_or_default()))
                 .collect(),
         ),

@@ -120,9 +120,11 @@ fn create_tree(root: &Path, root_synced_by_caller: bool) -> Result<()> {
 /// A host's directory (it has `TIERINDEX_HOST`) holds data directories,
 /// one per stream: opened as a data directory itself it became one, and
 /// its host then refused to start (helper-75 F5).
+/// One that is already a data directory (made by an older build) is left
+/// to open, so that its entries can still be drained.
 fn refuse_a_hosts_directory(root: &Path) -> Result<()> {
     let info = root.join(crate::lock::host::HOST_INFO_FILE);
-    if std::fs::symlink_metadata(&info).is_ok() {
+    if std::fs::symlink_metadata(&info).is_ok() && !is_data_dir(root) {
         return Err(Error::InvalidInput(format!(
             "{} is a tierindex host's directory (it has {}): it holds data directories, one \
              per stream; name one of them (a directory under it), or another directory",
@@ -515,6 +517,7 @@ impl DataDir {
         root: &Path,
         root_synced_by_caller: bool,
     ) -> Result<DataDir> {
+        refuse_a_hosts_directory(root)?;
         let lock = Arc::new(DirLock::hosted(host, root)?);
         create_tree(root, root_synced_by_caller)?;
         Ok(DataDir {

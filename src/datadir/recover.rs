@@ -562,6 +562,26 @@ pub fn recover_checking(
                 }
             }
             Kind::Unknown => {
+                // A tierindex host's directory, or a data directory, put
+                // inside `segments/` (directly, or through a symlinked
+                // `segments/`): moving it would move a running host's
+                // streams and store, or a stream's data, into quarantine/
+                // (helper-75 F3, helper-76 F2). It stops the start instead.
+                if path.is_dir() {
+                    for (marker, what) in [
+                        (crate::lock::host::HOST_INFO_FILE, "a tierindex host's directory"),
+                        (crate::identity::IDENTITY_FILE, "a data directory"),
+                    ] {
+                        if std::fs::symlink_metadata(path.join(marker)).is_ok() {
+                            return Err(Error::InvalidInput(format!(
+                                "{} is {what} (it has {marker}) inside this data \
+                                 directory's segments/: nothing is moved. Stop what runs \
+                                 there and move it out of segments/, then start again",
+                                path.display()
+                            )));
+                        }
+                    }
+                }
                 let reason = if path.is_dir() {
                     "unexpected directory in segments/".to_string()
                 } else {

@@ -190,27 +190,35 @@ impl Marker {
     }
 
     /// The host's directory at its recorded path, when it still is that
-    /// directory.
+    /// directory (the same device and inode).
     fn root_in_place(&self) -> Option<&Path> {
-        let now = ident(&self.path).ok()?;
-        self.names(now, &self.path).then_some(self.path.as_path())
+        (ident(&self.path).ok()? == self.root).then_some(self.path.as_path())
     }
 
-    /// Whether the directory `path`, now of identity `id`, is the host's
-    /// directory this marker names: the same device and inode, or the same
-    /// path and inode on a device whose number changed (helper-75 F4: a
-    /// reboot that numbers LVM, NVMe or loop devices otherwise, or the same
-    /// file system attached again, made a host refuse every stream as
-    /// "moved or copied"). A directory put at the path afresh (a restore, a
-    /// copy) has another inode and is still refused.
-    fn names(&self, id: Ident, path: &Path) -> bool {
+    /// Whether `parent`, the directory that holds the data directory `dir`
+    /// (resolved), now of identity `id`, is the host's directory this
+    /// marker names: the same device and inode, or the same path and inode
+    /// on a device whose number changed, with `dir` on that same device
+    /// (helper-75 F4: a reboot that numbers LVM, NVMe or loop devices
+    /// otherwise, or the same file system attached again, made a host
+    /// refuse every stream as "moved or copied"). The lock then taken is
+    /// the one of `dir`'s own parent, which any host running `dir` holds.
+    /// Not for a directory only found at the recorded path: another file
+    /// system mounted there (a container's) can have a root of the same
+    /// inode number (helper-76 F1).
+    fn names_parent(&self, id: Ident, parent: &Path, dir: &Path) -> bool {
         if self.root == id {
             return true;
         }
-        let renumbered = self.root.1 == id.1 && self.path == path;
+        let renumbered = self.root.1 == id.1
+            && self.path == parent
+            && ident(dir).is_ok_and(|d| d.0 == id.0)
+            && dir
+                .canonicalize()
+                .is_ok_and(|d| d.parent() == Some(parent));
         if renumbered {
             tracing::warn!(
-                path = %path.display(),
+                path = %parent.display(),
                 recorded_device = self.root.0,
                 device = id.0,
                 "a host's directory is at its recorded path with its recorded inode, on a \
@@ -353,7 +361,13 @@ impl HostLock {
                          2026-12-05 does ({})",
                         match super::flock_holders(&info).as_slice() {
                             [] => "not shown in /proc/locks".to_string(),
-                            pids => format!("/proc/locks: pid {pids:?}"),
+                            pids => format!(
+                                "/proc/locks: pid {}",
+                                pids.iter()
+                                    .map(u32::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", pid ")
+                            ),
                         }
                     ),
                 });
@@ -366,7 +380,7 @@ impl HostLock {
             Some(m) if m.root == self.id => {}
             // This host's directory, its device renumbered: the marker is
             // written again with the device's number now.
-            Some(m) if m.names(self.id, &self.root) => write_marker(&dir, &ours)?,
+            Some(m) if m.names_parent(self.id, &self.root, &dir) => write_marker(&dir, &ours)?,
             Some(m) => {
                 // The other host's lock, held until our marker is written:
                 // it cannot start and claim in between.
@@ -516,7 +530,7 @@ fn lock_marker_host(dir: &Path, m: &Marker, parent: Option<&Path>) -> Result<(Pa
     // directory (the host's directory renamed, while it runs or not).
     let root = match m.root_in_place() {
         Some(r) => r.to_path_buf(),
-        None => match parent.filter(|p| ident(p).ok() == Some(m.root)) {
+        None => match parent.filter(|p| ident(p).is_ok_and(|id| m.names_parent(id, p, dir))) {
             Some(p) => p,
             None => {
                 return Err(Error::InvalidInput(format!(
@@ -611,16 +625,37 @@ fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<RootLock>> {
 mod tests {
     use super::*;
 
+    /// A renumbered device is accepted only for the data directory's own
+    /// parent at the recorded path, the data directory on that device.
     #[test]
-    fn a_marker_names_its_directory_on_a_renumbered_device_only_at_its_path() {
-        let m = Marker {
-            root: (1792, 12),
-            path: PathBuf::from("/mnt/r"),
+    fn a_marker_names_its_directory_on_a_renumbered_device_only_as_the_parent() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let dir = root.join("s");
+        std::fs::create_dir(&dir).unwrap();
+        let (dev, ino) = ident(&root).unwrap();
+        let m = |path: &Path, id: Ident| Marker {
+            root: id,
+            path: path.to_path_buf(),
         };
-        assert!(m.names((1792, 12), Path::new("/elsewhere")), "same device and inode");
-        assert!(m.names((1793, 12), Path::new("/mnt/r")), "renumbered device");
-        assert!(!m.names((1793, 13), Path::new("/mnt/r")), "another directory there");
-        assert!(!m.names((1793, 12), Path::new("/mnt/s")), "another path");
+        let now = (dev, ino);
+        assert!(m(&root, now).names_parent(now, &root, &dir), "same device and inode");
+        let before = (dev.wrapping_add(1), ino);
+        assert!(m(&root, before).names_parent(now, &root, &dir), "renumbered device");
+        assert!(
+            !m(&root, (dev.wrapping_add(1), ino + 1)).names_parent(now, &root, &dir),
+            "another directory at the path"
+        );
+        let other = root.join("other");
+        std::fs::create_dir(&other).unwrap();
+        assert!(
+            !m(&other, before).names_parent(now, &other, &dir),
+            "not the data directory's parent"
+        );
+        assert!(
+            !m(Path::new("/elsewhere"), before).names_parent(now, &root, &dir),
+            "another path"
+        );
     }
 
     #[test]
