@@ -708,17 +708,39 @@ async fn a_host_and_a_data_directory_do_not_nest() {
         "nothing created"
     );
     assert!(dd.shutdown(Duration::from_secs(10)).await.fully_drained());
-    // Put there another way (by hand, a symlinked segments/): the data
-    // directory's start stops, naming it, and moves nothing (helper-76 F2).
-    for marker in ["TIERINDEX_HOST", "IDENTITY"] {
-        let nested = tmp.path().join("dd/segments/nested");
+    // Put there another way (by hand, a host started before the directory
+    // above became a data directory, a symlinked segments/), at any depth:
+    // the data directory's start leaves a directory in segments/ where it
+    // is (helper-76 F2, helper-77 F2), and stops, moving nothing, when
+    // segments/ itself is a host's directory, a data directory or a stream
+    // (helper-77 F3).
+    let segs = tmp.path().join("dd/segments");
+    for (marker, depth) in [("TIERINDEX_HOST", "nested"), ("IDENTITY", "a/b")] {
+        let nested = segs.join(depth);
         std::fs::create_dir_all(&nested).unwrap();
         std::fs::write(nested.join(marker), b"x").unwrap();
+        let (dd, _) = TierIndex::open(cfg(&tmp.path().join("dd"), &store))
+            .await
+            .unwrap();
+        assert!(dd.shutdown(Duration::from_secs(10)).await.fully_drained());
+        assert!(nested.join(marker).exists(), "left in place");
+        std::fs::remove_dir_all(segs.join(depth.split('/').next().unwrap())).unwrap();
+    }
+    for marker in ["TIERINDEX_HOST", "IDENTITY", "HOSTED"] {
+        std::fs::write(segs.join(marker), b"x").unwrap();
+        let before: Vec<_> = std::fs::read_dir(&segs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         let err = refused(TierIndex::open(cfg(&tmp.path().join("dd"), &store)).await);
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{marker}: {err}");
-        assert!(err.to_string().contains("nothing is moved"), "{err}");
-        assert!(nested.join(marker).exists(), "left in place");
-        std::fs::remove_dir_all(&nested).unwrap();
+        assert!(err.to_string().contains("nothing was moved"), "{err}");
+        let after: Vec<_> = std::fs::read_dir(&segs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(before.len(), after.len(), "nothing moved");
+        std::fs::remove_file(segs.join(marker)).unwrap();
     }
     let (dd, _) = TierIndex::open(cfg(&tmp.path().join("dd"), &store))
         .await

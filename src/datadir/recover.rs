@@ -128,6 +128,25 @@ pub fn recover_checking(
     // Paths shared (not copied) by the lists below: with a million local
     // segments each copy of every path was about 100 MB.
     let mut files: Vec<(Kind, Arc<Path>)> = Vec::new();
+    // `segments/` that is itself a host's directory, a data directory or
+    // one of a host's streams (a symlink to one, a host started there
+    // before the directory above it became a data directory): nothing in
+    // it is moved, the start stops (helper-77 F3: its marker files were
+    // moved before the check of a directory stopped the start).
+    for (marker, what) in [
+        (crate::lock::host::HOST_INFO_FILE, "a tierindex host's directory"),
+        (crate::identity::IDENTITY_FILE, "a data directory"),
+        (crate::lock::host::HOSTED_FILE, "a host's stream"),
+    ] {
+        if fs::symlink_metadata(seg_dir.join(marker)).is_ok() {
+            return Err(Error::InvalidInput(format!(
+                "{} is {what} (it has {marker}), not this data directory's own segments \
+                 directory: nothing was moved. Point segments/ elsewhere (or move that \
+                 out), then start again",
+                seg_dir.display()
+            )));
+        }
+    }
     let rd = fs::read_dir(&seg_dir).map_err(|e| Error::io(&seg_dir, "list segments", e))?;
     for ent in rd {
         let ent = ent.map_err(|e| Error::io(&seg_dir, "list segments", e))?;
@@ -562,32 +581,21 @@ pub fn recover_checking(
                 }
             }
             Kind::Unknown => {
-                // A tierindex host's directory, or a data directory, put
-                // inside `segments/` (directly, or through a symlinked
-                // `segments/`): moving it would move a running host's
-                // streams and store, or a stream's data, into quarantine/
-                // (helper-75 F3, helper-76 F2). It stops the start instead.
-                if path.is_dir() {
-                    for (marker, what) in [
-                        (crate::lock::host::HOST_INFO_FILE, "a tierindex host's directory"),
-                        (crate::identity::IDENTITY_FILE, "a data directory"),
-                    ] {
-                        if std::fs::symlink_metadata(path.join(marker)).is_ok() {
-                            return Err(Error::InvalidInput(format!(
-                                "{} is {what} (it has {marker}) inside this data \
-                                 directory's segments/: nothing is moved. Stop what runs \
-                                 there and move it out of segments/, then start again",
-                                path.display()
-                            )));
-                        }
-                    }
+                // A directory is left where it is: tierindex never makes
+                // one here, and moving one moved whatever it held, a
+                // running host's streams and store among them (helper-75
+                // F3, helper-76 F2, helper-77 F2: at any depth, a host
+                // started before the directory above became a data
+                // directory, a symlinked `segments/`).
+                if fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "a directory in segments/ is left in place (tierindex never creates \
+                         one there): move it out of the data directory"
+                    );
+                    continue;
                 }
-                let reason = if path.is_dir() {
-                    "unexpected directory in segments/".to_string()
-                } else {
-                    "unknown file in segments/".to_string()
-                };
-                quarantine(path, reason, &mut out)?;
+                quarantine(path, "unknown file in segments/".to_string(), &mut out)?;
             }
         }
     }

@@ -194,40 +194,6 @@ impl Marker {
     fn root_in_place(&self) -> Option<&Path> {
         (ident(&self.path).ok()? == self.root).then_some(self.path.as_path())
     }
-
-    /// Whether `parent`, the directory that holds the data directory `dir`
-    /// (resolved), now of identity `id`, is the host's directory this
-    /// marker names: the same device and inode, or the same path and inode
-    /// on a device whose number changed, with `dir` on that same device
-    /// (helper-75 F4: a reboot that numbers LVM, NVMe or loop devices
-    /// otherwise, or the same file system attached again, made a host
-    /// refuse every stream as "moved or copied"). The lock then taken is
-    /// the one of `dir`'s own parent, which any host running `dir` holds.
-    /// Not for a directory only found at the recorded path: another file
-    /// system mounted there (a container's) can have a root of the same
-    /// inode number (helper-76 F1).
-    fn names_parent(&self, id: Ident, parent: &Path, dir: &Path) -> bool {
-        if self.root == id {
-            return true;
-        }
-        let renumbered = self.root.1 == id.1
-            && self.path == parent
-            && ident(dir).is_ok_and(|d| d.0 == id.0)
-            && dir
-                .canonicalize()
-                .is_ok_and(|d| d.parent() == Some(parent));
-        if renumbered {
-            tracing::warn!(
-                path = %parent.display(),
-                recorded_device = self.root.0,
-                device = id.0,
-                "a host's directory is at its recorded path with its recorded inode, on a \
-                 device whose number changed (a reboot, the file system attached again): \
-                 taken as the same directory"
-            );
-        }
-        renumbered
-    }
 }
 
 /// The host directory's lock and the directories open under it in this
@@ -378,9 +344,6 @@ impl HostLock {
         }
         match Marker::read(&dir)? {
             Some(m) if m.root == self.id => {}
-            // This host's directory, its device renumbered: the marker is
-            // written again with the device's number now.
-            Some(m) if m.names_parent(self.id, &self.root, &dir) => write_marker(&dir, &ours)?,
             Some(m) => {
                 // The other host's lock, held until our marker is written:
                 // it cannot start and claim in between.
@@ -530,14 +493,17 @@ fn lock_marker_host(dir: &Path, m: &Marker, parent: Option<&Path>) -> Result<(Pa
     // directory (the host's directory renamed, while it runs or not).
     let root = match m.root_in_place() {
         Some(r) => r.to_path_buf(),
-        None => match parent.filter(|p| ident(p).is_ok_and(|id| m.names_parent(id, p, dir))) {
+        None => match parent.filter(|p| ident(p).ok() == Some(m.root)) {
             Some(p) => p,
             None => {
                 return Err(Error::InvalidInput(format!(
                     "{} belongs to the tierindex host of {} (device {}, inode {}), which is \
                      not there any more: the data directory was moved or copied out of it, \
-                     or that directory was (or restored, or moved to another disk: the \
-                     directory at that path is another one). Find where that host's directory is now (a \
+                     or that directory was (or restored, or moved to another disk, or its \
+                     device was numbered otherwise after a reboot: the directory at that path \
+                     has another device or inode; a directory is known by both, since another \
+                     file system mounted there, an overlay or a container's, can show the same \
+                     inode number). Find where that host's directory is now (a \
                      running host's process still holds it open) and stop that host, or put \
                      this directory back under it; only if that host is gone for good, \
                      remove {} and open it again",
@@ -624,39 +590,6 @@ fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<RootLock>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A renumbered device is accepted only for the data directory's own
-    /// parent at the recorded path, the data directory on that device.
-    #[test]
-    fn a_marker_names_its_directory_on_a_renumbered_device_only_as_the_parent() {
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().canonicalize().unwrap();
-        let dir = root.join("s");
-        std::fs::create_dir(&dir).unwrap();
-        let (dev, ino) = ident(&root).unwrap();
-        let m = |path: &Path, id: Ident| Marker {
-            root: id,
-            path: path.to_path_buf(),
-        };
-        let now = (dev, ino);
-        assert!(m(&root, now).names_parent(now, &root, &dir), "same device and inode");
-        let before = (dev.wrapping_add(1), ino);
-        assert!(m(&root, before).names_parent(now, &root, &dir), "renumbered device");
-        assert!(
-            !m(&root, (dev.wrapping_add(1), ino + 1)).names_parent(now, &root, &dir),
-            "another directory at the path"
-        );
-        let other = root.join("other");
-        std::fs::create_dir(&other).unwrap();
-        assert!(
-            !m(&other, before).names_parent(now, &other, &dir),
-            "not the data directory's parent"
-        );
-        assert!(
-            !m(Path::new("/elsewhere"), before).names_parent(now, &root, &dir),
-            "another path"
-        );
-    }
 
     #[test]
     fn a_marker_round_trips_and_garbage_is_no_marker() {
