@@ -775,3 +775,28 @@ async fn a_host_and_a_data_directory_do_not_nest() {
         .unwrap();
     assert!(s.shutdown(Duration::from_secs(10)).await.fully_drained());
 }
+
+/// helper-77: a host with a stream named `segments` or `journal` looked like
+/// a data directory (its root has such a directory) and could not restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_streams_named_like_a_data_directorys_parts_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, store) = (tmp.path().join("host"), tmp.path().join("store"));
+    for round in 0..2 {
+        let host = Host::open(&root).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let mut streams = Vec::new();
+        for name in ["segments", "journal", "quarantine"] {
+            let (s, _) = host
+                .open_stream(cfg(&root.join(name), &store))
+                .await
+                .unwrap();
+            s.append(b"k", round, 1, 1).unwrap();
+            s.flush().unwrap();
+            assert_eq!(s.lookup(b"k", all()).entries.len(), round as usize + 1);
+            streams.push(s);
+        }
+        for r in Host::shutdown_all(streams, Duration::from_secs(10)).await {
+            assert!(r.fully_drained());
+        }
+    }
+}

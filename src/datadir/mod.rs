@@ -73,6 +73,15 @@ pub fn is_data_dir(path: &Path) -> bool {
     .any(|n| path.join(n).exists())
 }
 
+/// True when `path` holds a data directory's own files (an identity, or a
+/// journal): a stricter [`is_data_dir`] for a host's directory, whose
+/// streams may be named `segments` or `journal` (helper-77: a host with
+/// such a stream looked like a data directory and could not restart).
+pub fn has_data_dir_files(path: &Path) -> bool {
+    path.join(crate::identity::IDENTITY_FILE).is_file()
+        || path.join(JOURNAL_DIR).join("journal.log").is_file()
+}
+
 /// Creates the data directory's tree where missing, each new name durable:
 /// each directory that got new names is fsynced once, after all of them
 /// (a new stream's data directory gets three: one fsync, not three).
@@ -124,7 +133,7 @@ fn create_tree(root: &Path, root_synced_by_caller: bool) -> Result<()> {
 /// to open, so that its entries can still be drained.
 fn refuse_a_hosts_directory(root: &Path) -> Result<()> {
     let info = root.join(crate::lock::host::HOST_INFO_FILE);
-    if std::fs::symlink_metadata(&info).is_ok() && !is_data_dir(root) {
+    if std::fs::symlink_metadata(&info).is_ok() && !has_data_dir_files(root) {
         return Err(Error::InvalidInput(format!(
             "{} is a tierindex host's directory (it has {}): it holds data directories, one \
              per stream; name one of them (a directory under it), or another directory",

@@ -52,9 +52,9 @@ impl Host {
     /// must not itself be a data directory.
     pub fn open(root: impl AsRef<Path>) -> Result<Host> {
         let root = root.as_ref();
-        if crate::datadir::is_data_dir(root) {
+        if crate::datadir::has_data_dir_files(root) {
             return Err(Error::InvalidInput(format!(
-                "{} is a data directory (it has an identity, a journal or segments); a \
+                "{} is a data directory (it has an identity or a journal); a \
                  host's directory holds data directories, one per stream: name its parent, \
                  or a new directory",
                 root.display()
@@ -129,9 +129,7 @@ fn refuse_inside_a_data_dir(root: &Path) -> Result<()> {
     };
     // (`root` itself a data directory was refused before this.)
     for a in resolved.ancestors() {
-        let dd = a.join(crate::identity::IDENTITY_FILE).is_file()
-            || a.join(crate::datadir::JOURNAL_DIR).join("journal.log").is_file();
-        if dd {
+        if crate::datadir::has_data_dir_files(a) {
             return Err(Error::InvalidInput(format!(
                 "{} is inside the data directory {}: its start-up check would move this \
                  host's streams out of it. Name a directory outside any data directory",
