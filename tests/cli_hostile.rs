@@ -3883,6 +3883,12 @@ fn sandbox_with_unjournaled_sealed_5() -> (Sandbox, Vec<u8>) {
     let sb = Sandbox::populated();
     let o = sb.run(&demo_args(&["--keys", "16"]), &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    (sb, sealed_of_five_key_1_entries(5))
+}
+
+/// The bytes of a sealed segment `id` of five entries of `key-1` at
+/// offsets 9,000,000 to 9,000,004 (another writer's seal of that id).
+fn sealed_of_five_key_1_entries(id: u64) -> Vec<u8> {
     let entries: Vec<tierindex::Entry> = (0..5)
         .map(|i| tierindex::Entry {
             key_hash: tierindex::key_hash(b"key-1"),
@@ -3891,10 +3897,9 @@ fn sandbox_with_unjournaled_sealed_5() -> (Sandbox, Vec<u8>) {
             timestamp_ms: 1,
         })
         .collect();
-    let (bytes, _) =
-        tierindex::segment::sealed::build_sealed(tierindex::SegmentId(5), 1, 2, 64, &entries)
-            .unwrap();
-    (sb, bytes)
+    tierindex::segment::sealed::build_sealed(tierindex::SegmentId(id), 1, 2, 64, &entries)
+        .unwrap()
+        .0
 }
 
 /// helper-60: a local sealed file the journal has no record of, below its
@@ -4300,22 +4305,7 @@ fn fsck_flags_a_pending_segment_whose_file_is_not_the_journaled_one() {
     assert_eq!(o.status.code(), Some(0), "clean before: {}", text(&o));
     // Another seal of the same id (a second writer's, another data
     // directory's): whole, named right, not the journaled file.
-    let entries: Vec<tierindex::Entry> = (0..5)
-        .map(|i| tierindex::Entry {
-            key_hash: tierindex::key_hash(b"key-1"),
-            offset: 9_000_000 + i,
-            size: 1,
-            timestamp_ms: 1,
-        })
-        .collect();
-    let (other, _) = tierindex::segment::sealed::build_sealed(
-        tierindex::SegmentId(pending[0]),
-        1,
-        2,
-        64,
-        &entries,
-    )
-    .unwrap();
+    let other = sealed_of_five_key_1_entries(pending[0]);
     let name = sb
         .data()
         .join("segments")

@@ -327,13 +327,7 @@ impl HostLock {
                          2026-12-05 does ({})",
                         match super::flock_holders(&info).as_slice() {
                             [] => "not shown in /proc/locks".to_string(),
-                            pids => format!(
-                                "/proc/locks: pid {}",
-                                pids.iter()
-                                    .map(u32::to_string)
-                                    .collect::<Vec<_>>()
-                                    .join(", pid ")
-                            ),
+                            pids => format!("/proc/locks: {}", super::pid_list(pids)),
                         }
                     ),
                 });

@@ -85,6 +85,14 @@ fn parse_lock_line(line: &str) -> Option<(u32, (u64, u64, u64))> {
     Some((pid, (major, minor, ino)))
 }
 
+/// `pid 1, pid 2` for a message.
+pub(crate) fn pid_list(pids: &[u32]) -> String {
+    pids.iter()
+        .map(|p| format!("pid {p}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Who holds the lock of the directory `root`: the pids `/proc/locks`
 /// shows, then what its informational file `name` says of the last
 /// tierindex to take it; only the latter where no pid is shown.
@@ -93,11 +101,8 @@ pub(crate) fn holder_of(root: &Path, name: &str) -> String {
     match flock_holders(root).as_slice() {
         [] => last,
         pids => format!(
-            "pid {} holds it (/proc/locks); the last tierindex to take it wrote: {last}",
-            pids.iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", pid ")
+            "{} holds it (/proc/locks); the last tierindex to take it wrote: {last}",
+            pid_list(pids)
         ),
     }
 }
@@ -322,13 +327,10 @@ impl DirLock {
                         holder_in(root, LOCK_FILE)
                     ),
                     pids => format!(
-                        "pid {} holds its LOCK file locked (/proc/locks), as a tierindex from \
+                        "{} holds its LOCK file locked (/proc/locks), as a tierindex from \
                          before 2026-12-05 does; the last tierindex to take the directory \
                          wrote: {}",
-                        pids.iter()
-                            .map(u32::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", pid "),
+                        pid_list(pids),
                         holder_in(root, LOCK_FILE)
                     ),
                 },
