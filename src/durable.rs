@@ -93,6 +93,19 @@ pub mod seam {
         OBSERVER.with(|o| std::mem::replace(&mut *o.borrow_mut(), f))
     }
 
+    /// Runs `f` and returns the steps it took on this thread (a worker
+    /// thread's are not seen).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn steps_of<T>(f: impl FnOnce() -> T) -> (T, Vec<Step>) {
+        let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let sink = log.clone();
+        let prev = observe(Some(Box::new(move |s: &Step| sink.borrow_mut().push(s.clone()))));
+        let out = f();
+        observe(prev);
+        let steps = log.borrow().clone();
+        (out, steps)
+    }
+
     /// Reports a completed step to this thread's observer, if any.
     #[inline(always)]
     pub(crate) fn note(step: impl FnOnce() -> Step) {
@@ -228,12 +241,14 @@ pub fn no_follow() -> std::fs::OpenOptions {
 pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write as _;
     let existed = path.exists();
-    no_follow()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?
-        .write_all(bytes)?;
+    open_retrying(path, || {
+        no_follow()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+    })?
+    .write_all(bytes)?;
     if !existed {
         created(path);
     }
@@ -489,7 +504,8 @@ pub fn try_lock_shared(f: &File, path: &Path, what: &'static str) -> Result<bool
 
 /// Open `path` and fsync it (for a file just written with `fs::write`).
 pub fn fsync_path(path: &Path) -> Result<()> {
-    let f = File::open(path).map_err(|e| Error::io(path, "open file for fsync", e))?;
+    let f = open_retrying(path, || File::open(path))
+        .map_err(|e| Error::io(path, "open file for fsync", e))?;
     fsync_file(&f, path)
 }
 

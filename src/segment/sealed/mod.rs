@@ -57,7 +57,9 @@ enum Check {
 fn open_sealed_file(path: &Path) -> Result<(File, u64)> {
     // Not a plain open: a FIFO under a segment's name would block it
     // for ever (a lookup, `status`).
-    let file = crate::durable::open_regular(path, false)
+    // Tried again briefly out of descriptors: a seal's read-back that
+    // fails poisons its writer.
+    let file = crate::durable::open_retrying(path, || crate::durable::open_regular(path, false))
         .map_err(|e| Error::io(path, "open sealed segment", e))?;
     let len = file
         .metadata()
