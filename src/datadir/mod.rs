@@ -91,11 +91,17 @@ pub fn has_data_dir_files(path: &Path) -> bool {
 /// fsyncs `root` itself before it relies on the names (see
 /// [`DataDir::open_as`], whose identity write does, saving one fsync of a
 /// new stream's open: issue 16).
-fn create_tree(root: &Path, root_synced_by_caller: bool) -> Result<()> {
+///
+/// `root`'s own name in its parent is made durable at every open too
+/// unless `hosted`: the host fsyncs its directory at its own every open
+/// ([`HostLock::open`]). A process killed between an earlier `mkdir` of
+/// `root` and that fsync left the name to the file system (gap 17).
+fn create_tree(root: &Path, root_synced_by_caller: bool, hosted: bool) -> Result<()> {
     let mut parents: Vec<PathBuf> = Vec::new();
     if !root_synced_by_caller {
         parents.push(root.to_path_buf());
     }
+    let existed = root.exists();
     for d in [
         root.to_path_buf(),
         root.join(SEGMENTS_DIR),
@@ -123,7 +129,41 @@ fn create_tree(root: &Path, root_synced_by_caller: bool) -> Result<()> {
     for p in &parents {
         fsync_dir(p)?;
     }
+    if existed && !hosted {
+        sync_name_of_existing(root)?;
+    }
     Ok(())
+}
+
+/// fsyncs the parent of `dir`, which existed before this open (gap 17:
+/// an earlier process may have been killed between its `mkdir` and the
+/// fsync). A parent this process may not read (mode `711`) cannot be
+/// opened to be synced: the name is older than this open, so a warning,
+/// not a refusal. A failed fsync is poison, as everywhere.
+pub(crate) fn sync_name_of_existing(dir: &Path) -> Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => return Ok(()),
+    };
+    match fsync_dir(parent) {
+        Err(Error::Io { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            tracing::warn!(
+                directory = %parent.display(),
+                "cannot open {} to make {}'s name durable ({source}); its name is older than \
+                 this open, left to the file system",
+                parent.display(),
+                dir.display()
+            );
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 /// A host's directory (it has `TIERINDEX_HOST`) holds data directories,
@@ -508,7 +548,7 @@ impl DataDir {
 
     fn open_claiming_synced(root: &Path, claim: bool, root_synced_by_caller: bool) -> Result<DataDir> {
         refuse_a_hosts_directory(root)?;
-        create_tree(root, root_synced_by_caller)?;
+        create_tree(root, root_synced_by_caller, false)?;
         let lock = Arc::new(DirLock::own(root)?);
         Ok(DataDir {
             root: root.to_path_buf(),
@@ -528,7 +568,7 @@ impl DataDir {
     ) -> Result<DataDir> {
         refuse_a_hosts_directory(root)?;
         let lock = Arc::new(DirLock::hosted(host, root)?);
-        create_tree(root, root_synced_by_caller)?;
+        create_tree(root, root_synced_by_caller, true)?;
         Ok(DataDir {
             root: root.to_path_buf(),
             _linked: guard_linked_dirs(root, true)?,
@@ -802,6 +842,29 @@ mod tests {
                 timestamp_ms: i,
             })
             .collect()
+    }
+
+    /// Gap 17: a data directory whose `mkdir` an earlier process never
+    /// made durable (killed before its fsync) gets its name in its parent
+    /// fsynced by the next open, not only by the open that created it.
+    #[test]
+    fn an_existing_data_directorys_name_is_made_durable_at_every_open() {
+        use crate::durable::seam::{Step, steps_of};
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("dd");
+        fs::create_dir(&root).unwrap();
+        let (dd, steps) = steps_of(|| DataDir::open(&root));
+        drop(dd.unwrap());
+        assert!(
+            steps.contains(&Step::FsyncDir(d.path().to_path_buf())),
+            "{steps:?}"
+        );
+        let (dd, steps) = steps_of(|| DataDir::open(&root));
+        drop(dd.unwrap());
+        assert!(
+            steps.contains(&Step::FsyncDir(d.path().to_path_buf())),
+            "and at the open after: {steps:?}"
+        );
     }
 
     /// An operator's `rm LOCK` (a "stale lock file") under a live holder

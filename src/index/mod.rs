@@ -1407,19 +1407,6 @@ mod tests {
         assert_eq!(copied, 0);
     }
 
-    /// The steps `f` takes on this thread (the sealer's are not seen).
-    fn steps_of<T>(f: impl FnOnce() -> T) -> (T, Vec<crate::durable::seam::Step>) {
-        let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
-        let sink = log.clone();
-        let prev = crate::durable::seam::observe(Some(Box::new(move |s: &crate::durable::seam::Step| {
-            sink.borrow_mut().push(s.clone())
-        })));
-        let out = f();
-        crate::durable::seam::observe(prev);
-        let steps = log.borrow().clone();
-        (out, steps)
-    }
-
     /// A roll does not msync (the append that rolls never waits for the
     /// disk); the next flush makes the frozen segment's unflushed items
     /// durable while its seal has not.
@@ -1446,14 +1433,14 @@ mod tests {
         let (hold, held) = mpsc::channel();
         assert!(w.sealer_tx.as_ref().unwrap().push(Job::Hold(held)));
         let frozen = w.active_id().unwrap();
-        let (rolled, steps) = steps_of(|| w.roll());
+        let (rolled, steps) = crate::durable::seam::steps_of(|| w.roll());
         assert_eq!(rolled.unwrap(), Some(frozen));
         assert!(
             !steps.iter().any(|s| matches!(s, crate::durable::seam::Step::SyncRange { .. })),
             "the roll synced: {steps:?}"
         );
         w.append_entry(e(8)).unwrap();
-        let (flushed, steps) = steps_of(|| w.flush());
+        let (flushed, steps) = crate::durable::seam::steps_of(|| w.flush());
         flushed.unwrap();
         let frozen_path = d.path().join("segments").join(crate::segment::active::active_file_name(frozen));
         let synced_frozen = steps.iter().any(|s| {
@@ -1469,7 +1456,7 @@ mod tests {
         );
         drop(hold);
         // Synced once: a second flush has nothing of it left to sync.
-        let (flushed, steps) = steps_of(|| w.flush());
+        let (flushed, steps) = crate::durable::seam::steps_of(|| w.flush());
         flushed.unwrap();
         assert!(steps.is_empty(), "nothing was appended since: {steps:?}");
         w.close(Instant::now() + Duration::from_secs(30)).unwrap();

@@ -234,6 +234,8 @@ impl HostLock {
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
                 fsync_dir(parent)?;
             }
+        } else {
+            crate::datadir::sync_name_of_existing(root)?;
         }
         let root = root
             .canonicalize()
@@ -251,6 +253,10 @@ impl HostLock {
             }
             r => r?,
         };
+        // The streams' names: a process killed between a stream's `mkdir`
+        // and its fsync (in `claim`) left its name to the file system;
+        // the streams opened from now rely on it (gap 17).
+        fsync_dir(&root)?;
         let id = ident(&root).map_err(|e| Error::io(&root, "stat host directory", e))?;
         let info = root.join(HOST_INFO_FILE);
         // Informational only (who holds the host); not a durability point.
@@ -584,6 +590,21 @@ fn lock_host_above(dir: &Path, parent: &Path) -> Result<Option<RootLock>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gap 17: a host's open makes durable its own name and its streams'
+    /// names, whatever process created them.
+    #[test]
+    fn a_hosts_open_makes_its_name_and_its_streams_names_durable() {
+        use crate::durable::seam::{Step, steps_of};
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("host");
+        std::fs::create_dir_all(root.join("s1")).unwrap();
+        let (h, steps) = steps_of(|| HostLock::open(&root));
+        let h = h.unwrap();
+        for dir in [d.path().to_path_buf(), h.root().to_path_buf()] {
+            assert!(steps.contains(&Step::FsyncDir(dir.clone())), "{dir:?}: {steps:?}");
+        }
+    }
 
     #[test]
     fn a_marker_round_trips_and_garbage_is_no_marker() {
