@@ -155,3 +155,32 @@ fn injected_io_errors_poison_cleanly_and_a_restart_recovers() {
         );
     }
 }
+
+/// A disk filled by sealed segments waiting for their upload: the drain
+/// that would upload (and release) them must not need room for a new
+/// active file it never writes (helper-74 F4: it preallocated one and
+/// exited 1 with ENOSPC, every time). The demo's run fills the disk (each
+/// active file after the first fails to preallocate); the drain runs with
+/// the disk still full (every preallocation fails) and must recover all.
+#[test]
+fn a_drain_on_a_full_disk_needs_no_new_active_file() {
+    let root = tempfile::Builder::new()
+        .prefix("tierindex-io-full-")
+        .tempdir()
+        .unwrap();
+    let rig = Rig::new(root.path(), "full-disk");
+    let mut model = Model::default();
+    let run = rig.demo(&[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@2+")]);
+    assert_eq!(run.code, Some(1), "{}", run.tail());
+    model.observe_demo(&run).unwrap();
+    rig.check(&mut model).unwrap();
+    let drain = rig.drain(&[("TIERINDEX_FAILPOINTS", "active.create.fallocate=enospc@1+")]);
+    assert_eq!(drain.code, Some(0), "{}", drain.tail());
+    assert!(!drain.stderr.contains("panicked"), "{}", drain.tail());
+    rig.check(&mut model).unwrap();
+    rig.check_final(&model).unwrap();
+    let acked: u64 = model.acked.iter().map(|(s, e)| e - s).sum();
+    assert!(acked > 0, "the demo acknowledged nothing: {}", run.tail());
+    eprintln!("io-errors full disk: {acked} acknowledged, drained on a full disk");
+    rig.remove();
+}

@@ -51,7 +51,12 @@ pub struct DrainArgs {
 
 pub async fn run(cli: &Cli, a: &DrainArgs) -> Result<i32> {
     let started = Instant::now();
-    let cfg = cli.config()?;
+    let mut cfg = cli.config()?;
+    // No new active file: a drain appends nothing (an adopt's copy creates
+    // one), and on a disk filled by sealed segments waiting for their
+    // upload, creating it failed the drain that would free the space
+    // (helper-74 F4).
+    cfg.active_at_open = false;
     // A second signal exits at once; the journal makes that safe.
     let _signals = ShutdownSignals::install()?;
     let (ti, open) = TierIndex::open(cfg).await?;

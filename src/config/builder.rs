@@ -143,6 +143,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// Whether the first active segment file is created at open
+    /// ([`Config::active_at_open`]).
+    pub fn active_at_open(mut self, at_open: bool) -> Self {
+        self.cfg.active_at_open = at_open;
+        self
+    }
+
     /// Segments uploading at once ([`Config::max_uploads_in_flight`]).
     pub fn max_uploads_in_flight(mut self, n: usize) -> Self {
         self.cfg.max_uploads_in_flight = n;

@@ -54,6 +54,13 @@ pub struct Config {
     /// `vm.max_map_count` (65,530 by default) for the whole process: keep
     /// open indexes x this below it.
     pub sealed_mapped: usize,
+    /// Create the first active segment file when the index opens (the
+    /// default: the first append finds it ready). `false`: the first
+    /// append creates it (and waits for its creation and preallocation);
+    /// an open that only drains (`tierindex drain`) then needs no free
+    /// space for a file it would never write, and can upload and release
+    /// the sealed segments that filled the disk.
+    pub active_at_open: bool,
     /// Segments of this stream uploading at once; every upload also takes
     /// one of the process's slots, shared by all its streams (64 unless
     /// [`crate::set_max_uploads_in_flight_per_process`] says otherwise), so
@@ -336,6 +343,7 @@ impl Default for Config {
             segment_max_age_ms: ix.segment_max_age.map(|d| d.as_millis() as u64),
             max_chain_steps: ix.max_chain_steps,
             sealed_mapped: ix.sealed_mapped,
+            active_at_open: ix.active_at_open,
             max_uploads_in_flight: 4,
             multipart_threshold_bytes: up.multipart_threshold_bytes,
             part_size_bytes: up.part_size_bytes,
@@ -802,6 +810,7 @@ impl Config {
             segment_max_age: self.segment_max_age_ms.map(Duration::from_millis),
             max_chain_steps: self.max_chain_steps,
             sealed_mapped: self.sealed_mapped,
+            active_at_open: self.active_at_open,
         }
     }
 

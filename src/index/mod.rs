@@ -64,6 +64,9 @@ pub struct IndexConfig {
     /// first out); the others are known by their footers and mapped on
     /// demand ([`crate::segment::local`]).
     pub sealed_mapped: usize,
+    /// Create an active segment at open when none is kept (else the first
+    /// append does): [`crate::Config::active_at_open`].
+    pub active_at_open: bool,
 }
 
 impl Default for IndexConfig {
@@ -74,6 +77,7 @@ impl Default for IndexConfig {
             segment_max_age: Some(Duration::from_secs(600)),
             max_chain_steps: 1 << 16,
             sealed_mapped: crate::segment::local::DEFAULT_MAPPED,
+            active_at_open: true,
         }
     }
 }
@@ -324,11 +328,14 @@ impl IndexWriter {
             // back since) would not roll by age for as long as the skew,
             // its entries kept local (helper-61): its age counts from now.
             Some(a) => w.active_since_ms = a.created_ms().min(now_ms()),
-            None => {
+            None if w.cfg.active_at_open => {
                 let mut a = w.create_active()?;
                 a.prefault(0);
                 w.active = Some(a);
             }
+            // The first append creates it (`append_entry` rolls into a
+            // new segment when there is none).
+            None => {}
         }
         Ok((w, rec.report))
     }
@@ -1213,6 +1220,44 @@ mod tests {
             max_chain_steps: 1 << 20,
             ..IndexConfig::default()
         }
+    }
+
+    /// `active_at_open = false` (a drain's open): no active file until the
+    /// first append, which creates it; a close with none leaves none.
+    #[test]
+    fn without_an_active_at_open_the_first_append_creates_it() {
+        let actives = |d: &Path| {
+            std::fs::read_dir(d.join("segments"))
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".active")
+                })
+                .count()
+        };
+        let d = tempfile::tempdir().unwrap();
+        let lazy = IndexConfig {
+            active_at_open: false,
+            ..cfg(100)
+        };
+        let (mut w, _) = IndexWriter::open(DataDir::open(d.path()).unwrap(), lazy.clone(), None, None).unwrap();
+        assert_eq!(actives(d.path()), 0);
+        assert_eq!(w.active_id(), None);
+        w.flush().unwrap();
+        w.append(b"k", 1, 1, 1).unwrap();
+        assert_eq!(actives(d.path()), 1);
+        assert_eq!(w.lookup(b"k", TimeRange::ALL).entries.len(), 1);
+        w.close(Instant::now() + Duration::from_secs(10)).unwrap();
+        drop(w);
+        let (w, _) = IndexWriter::open(DataDir::open(d.path()).unwrap(), lazy, None, None).unwrap();
+        assert_eq!(
+            w.lookup(b"k", TimeRange::ALL).entries.len(),
+            1,
+            "the entry's segment sealed"
+        );
     }
 
     /// A remote lookup reads every committed segment the local part did
