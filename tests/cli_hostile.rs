@@ -1962,6 +1962,132 @@ fn verify_names_a_repair_that_finds_the_damage() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// Committed segments the manifest lists that the journal no longer
+/// records (released, then compacted out of the journal) are checked by
+/// `verify` and `status --remote` too (helper-78 F2: "4 checked, 4 ok",
+/// exit 0, over a damaged and a deleted object of 40). With no copy left,
+/// `reconcile --deep --repair` marks them LOST; an operator accepts the
+/// loss, after which `verify`, `status --remote`, `reconcile` and `drain`
+/// report it and exit 0.
+#[test]
+fn released_segments_are_checked_and_a_loss_can_be_accepted() {
+    let sb = Sandbox::new();
+    let cfg = sb.root.join("c.toml");
+    std::fs::write(
+        &cfg,
+        "release_after_commit = true\njournal_compact_after_bytes = 1024\n",
+    )
+    .unwrap();
+    let with = |extra: &[&'static str]| {
+        let mut v: Vec<&str> = vec![D, DD, "--store", "{store}", "--config", "{root}/c.toml"];
+        v.extend_from_slice(extra);
+        v
+    };
+    let o = sb.run(
+        &with(&[
+            "demo",
+            "--segment-items",
+            "300",
+            "--slots",
+            "64",
+            "--entries",
+            "6000",
+            "--rate",
+            "1000000",
+        ]),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let objs = sb.store_dir().join("stream-0").join("segments");
+    let named = |id: u64| {
+        std::fs::read_dir(&objs)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{id:020}-")))
+            })
+            .unwrap_or_else(|| panic!("no object of segment {id}"))
+    };
+    let (five, six) = (named(5), named(6));
+    let mut bytes = std::fs::read(&five).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&five, &bytes).unwrap();
+    std::fs::remove_file(&six).unwrap();
+
+    let o = sb.run(&with(&["--json", "verify"]), &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["from_manifest"].as_u64().unwrap() > 10, "compacted: {v}");
+    assert_eq!(v["damaged"], serde_json::json!([5, 6]), "{v}");
+    let o = sb.run(&with(&["status", "--remote"]), &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("1 the manifest lists without their object"),
+        "{}",
+        text(&o)
+    );
+
+    let o = sb.run(&with(&["reconcile", "--deep", "--repair"]), &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let o = sb.run(&with(&["drain"]), &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "LOST notes ask an operator: {}",
+        text(&o)
+    );
+    // Accepting needs --reason, --repair and --deep.
+    for args in [
+        &["reconcile", "--deep", "--repair", "--accept-loss", "5"][..],
+        &["reconcile", "--deep", "--accept-loss", "5", "--reason", "r"][..],
+    ] {
+        let o = sb.run(&with(args), &[]);
+        assert!(
+            matches!(o.status.code(), Some(1) | Some(2)),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    let o = sb.run(
+        &with(&[
+            "reconcile",
+            "--deep",
+            "--repair",
+            "--accept-loss",
+            "5",
+            "--accept-loss",
+            "6",
+            "--reason",
+            "the old bucket lost them",
+        ]),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("2 accepted loss(es)"),
+        "{}",
+        text(&o)
+    );
+    for args in [
+        &["verify"][..],
+        &["status", "--remote"][..],
+        &["reconcile", "--deep"][..],
+        &["drain"][..],
+    ] {
+        let o = sb.run(&with(args), &[]);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout).to_lowercase();
+        assert!(
+            out.contains("accepted"),
+            "{args:?} names the accepted loss: {}",
+            text(&o)
+        );
+    }
+}
+
 /// The demo's report accounts for the whole run, not the last drain.
 #[test]
 fn demo_report_totals_cover_the_whole_run() {

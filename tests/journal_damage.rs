@@ -172,6 +172,7 @@ async fn a_bit_flip_in_the_middle_of_the_journal_loses_and_deletes_nothing() {
         repair: true,
         grace: Duration::ZERO,
         deep: true,
+        ..Default::default()
     };
     let r = reconcile(&cfg, &s, &opts).await.unwrap();
     assert_eq!(r.deleted, 0, "{:#?}", r.findings);

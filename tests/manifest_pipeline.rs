@@ -89,6 +89,7 @@ async fn reconcile_repair(
         repair: true,
         grace: Duration::from_secs(3600),
         deep: false,
+        ..Default::default()
     };
     tierindex::recovery::reconcile::reconcile(cfg, &rig.remote(), &opts)
         .await

@@ -82,6 +82,7 @@ impl Rig {
             repair,
             grace,
             deep,
+            ..Default::default()
         };
         reconcile(&self.cfg, &self.store(), &opts).await.unwrap()
     }
@@ -655,6 +656,7 @@ async fn segments_committed_under_another_streams_keys_are_repaired_under_this_o
         repair,
         grace: Duration::from_secs(3600),
         deep: false,
+        ..Default::default()
     };
     let r = reconcile(&cfg, &store, &opts(true)).await.unwrap();
     assert!(r.repaired > 0, "{r:#?}");

@@ -125,6 +125,7 @@ async fn assert_nothing_of_theirs_deleted(
         repair: true,
         grace: Duration::ZERO,
         deep: false,
+        ..Default::default()
     };
     let r = reconcile(cfg, &store, &opts).await.unwrap();
     assert_eq!(r.deleted, 0, "{:#?}", r.findings);

@@ -1015,6 +1015,7 @@ fn rgw_killed_mid_multipart_upload_then_restarted_publishes_each_segment_once() 
             repair: true,
             grace: Duration::ZERO,
             deep: false,
+            ..Default::default()
         };
         let r = rt.block_on(reconcile(&cfg, &store, &opts)).unwrap();
         assert!(!r.needs_operator(), "{r:#?}");
@@ -1503,6 +1504,7 @@ async fn reconcile_aborts_stale_multipart_uploads() {
                 repair,
                 grace,
                 deep: false,
+                ..Default::default()
             };
             reconcile(&cfg, &store, &opts).await.unwrap()
         }

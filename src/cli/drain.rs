@@ -16,7 +16,7 @@ use crate::lifecycle::{
     EXIT_DRAINED, EXIT_ERROR, EXIT_FENCED, EXIT_NEEDS_OPERATOR, EXIT_PENDING, ShutdownSignals,
 };
 use crate::metrics::Metrics;
-use crate::tier::{ShutdownReport, TierIndex};
+use crate::tier::{ShutdownReport, StoreDamage, TierIndex};
 
 /// Longest `--deadline` accepted.
 const DEADLINE_MAX: Duration = Duration::from_secs(24 * 3600);
@@ -332,22 +332,42 @@ fn report_text(o: &ReportOut<'_>) -> String {
             s.push_str(&format!("\n  lost {}", n.line()));
         }
     }
-    if !r.damaged_in_store.is_empty() {
-        let lost = r.damaged_in_store.iter().filter(|d| d.lost).count();
+    let (asking, accepted): (Vec<&StoreDamage>, Vec<&StoreDamage>) =
+        r.damaged_in_store.iter().partition(|d| d.needs_operator());
+    if !asking.is_empty() {
+        let lost = asking.iter().filter(|d| d.lost).count();
         s.push_str(&format!(
             "\nDAMAGED IN THE STORE: the stream's manifest marks {} segment(s) damaged ({lost} \
              LOST: no intact copy was known when marked); readers skip them. `tierindex \
              reconcile --deep --repair` repairs those of which an intact local copy is held \
-             and clears notes whose objects verify whole again",
-            r.damaged_in_store.len()
+             and clears notes whose objects verify whole again; a loss no copy can repair is \
+             accepted with `--accept-loss ID --reason TEXT` added to it",
+            asking.len()
         ));
-        for d in &r.damaged_in_store {
+        for d in &asking {
             s.push_str(&format!(
                 "\n  {} {:020}: {}",
                 if d.lost { "LOST" } else { "damaged" },
                 d.segment,
                 d.reason
             ));
+        }
+    }
+    if !accepted.is_empty() {
+        s.push_str(&format!(
+            "\nLOSS ACCEPTED in the store: {} segment(s) LOST, their loss accepted by an \
+             operator (readers skip them; their entries are gone)",
+            accepted.len()
+        ));
+        for d in &accepted {
+            if let Some((at, why)) = &d.loss_accepted {
+                s.push_str(&format!(
+                    "\n  LOST {:020}: {}; {}",
+                    d.segment,
+                    d.reason,
+                    crate::remote::manifest::acceptance_text(*at, why)
+                ));
+            }
         }
     }
     let earlier = &o.losses_recorded_earlier;
@@ -457,7 +477,9 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
         EXIT_NEEDS_OPERATOR
     } else if fatal.is_some() {
         EXIT_ERROR
-    } else if !run.earlier_losses(r).is_empty() || !r.damaged_in_store.is_empty() {
+    } else if !run.earlier_losses(r).is_empty()
+        || r.damaged_in_store.iter().any(StoreDamage::needs_operator)
+    {
         // Standing conditions an earlier run or a reader recorded (they
         // stay until an operator acts): below a fatal error of this run,
         // above pending, as in `status`.
@@ -473,6 +495,15 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
 mod tests {
     use super::*;
     use crate::pipeline::DrainReport;
+
+    fn text_of(r: &ShutdownReport, run: &RunTotals) -> String {
+        report_text(&ReportOut {
+            shutdown: r,
+            run,
+            fatal: None,
+            losses_recorded_earlier: run.earlier_losses(r),
+        })
+    }
 
     fn report(fenced: Option<&str>) -> ShutdownReport {
         ShutdownReport {
@@ -511,9 +542,19 @@ mod tests {
             segment: 3,
             lost: true,
             reason: "no object under the key".into(),
+            loss_accepted: None,
         });
         let clean = RunTotals::default();
         assert_eq!(report_code(&noted, &clean, None), EXIT_NEEDS_OPERATOR);
+        // The same loss, accepted by an operator: reported, not asked again.
+        let mut accepted = noted.clone();
+        accepted.damaged_in_store[0].loss_accepted = Some((1, "gone with the old bucket".into()));
+        assert_eq!(report_code(&accepted, &clean, None), EXIT_DRAINED);
+        assert!(
+            text_of(&accepted, &clean).contains("LOSS ACCEPTED"),
+            "{}",
+            text_of(&accepted, &clean)
+        );
         assert_eq!(report_code(&noted, &clean, Some("ENOSPC")), EXIT_ERROR);
         // This run's own loss is reported by the report itself, not twice.
         let mut own = report(None);

@@ -151,6 +151,8 @@ pub enum Command {
         /// Also read every journaled object back in full (CRC check).
         #[arg(long)]
         deep: bool,
+        #[command(flatten)]
+        accept: AcceptLoss,
     },
     /// What is quarantined and why; retry a quarantined file once its
     /// cause is gone.
@@ -163,6 +165,21 @@ pub enum Command {
         /// Store URL (default: --store / the config's store).
         url: Option<String>,
     },
+}
+
+/// `reconcile --accept-loss`: the operator's acceptance of a loss.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AcceptLoss {
+    /// Accept the loss of this segment (repeatable; with --repair --deep):
+    /// recorded in the manifest only if this run reads its object in full,
+    /// finds it missing or damaged and holds no intact local copy. Readers
+    /// go on skipping it; reports then name it as an accepted loss instead
+    /// of exiting 4 on every run. A copy found later still repairs it.
+    #[arg(long, value_name = "SEGMENT_ID")]
+    pub accept_loss: Vec<u64>,
+    /// Why the loss is accepted (kept in the manifest, at most 512 bytes).
+    #[arg(long, requires = "accept_loss")]
+    pub reason: Option<String>,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -651,9 +668,10 @@ async fn run(cli: &Cli) -> Result<i32> {
             repair,
             grace_ms,
             deep,
+            accept,
         } => {
             cli.require_data_dir()?;
-            remote::reconcile(cli, *repair, *grace_ms, *deep).await
+            remote::reconcile(cli, *repair, *grace_ms, *deep, accept).await
         }
         Command::Quarantine { action } => {
             cli.require_data_dir()?;

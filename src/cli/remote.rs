@@ -189,6 +189,13 @@ struct VerifyOut {
     /// are refused). Exit 4, as `status --remote` and `drain`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     manifest: Vec<String>,
+    /// Segments LOST whose loss an operator accepted (`reconcile
+    /// --accept-loss`): reported, not asked again.
+    accepted_losses: Vec<u64>,
+    /// Of `checked`: committed segments the manifest lists that the
+    /// journal no longer records (released and compacted away, or a
+    /// journal rebuilt or restored), read back from the manifest's entry.
+    from_manifest: u64,
 }
 
 /// Re-check every segment the journal says is verified or later: the
@@ -212,24 +219,34 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
         bytes_per_s: 0.0,
         advice: Vec::new(),
         manifest: Vec::new(),
+        accepted_losses: Vec::new(),
+        from_manifest: 0,
     };
+    let mut listed: Option<(
+        crate::remote::manifest::ManifestStore,
+        crate::remote::manifest::Manifest,
+    )> = None;
     // What readers go through: objects that verify are no use to them
     // while the manifest is unreadable or marks them damaged (helper-72,
     // helper-74: `verify` said all ok while `lookup --remote` skipped or
     // refused them). Read only: no probe.
     if cfg.manifest {
         let read = async {
-            crate::remote::manifest::ManifestStore::reader(
+            let ms = crate::remote::manifest::ManifestStore::reader(
                 &store,
                 &cfg.stream,
                 cfg.manifest_options(),
-            )?
-            .load()
-            .await
+            )?;
+            let m = ms.load().await?;
+            Ok::<_, Error>(m.map(|m| (ms, m)))
         };
         match read.await {
-            Ok(Some(m)) => {
+            Ok(Some((ms, m))) => {
                 for d in &m.damaged {
+                    if d.loss_accepted() {
+                        out.accepted_losses.push(d.id.0);
+                        continue;
+                    }
                     out.manifest.push(format!(
                         "segment {:020} is marked {} in the manifest: {}; readers skip it",
                         d.id.0,
@@ -237,6 +254,7 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
                         d.reason
                     ));
                 }
+                listed = Some((ms, m));
             }
             Ok(None) => {}
             Err(e) => out.manifest.push(format!(
@@ -244,6 +262,14 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
             )),
         }
     }
+    // A loss an operator accepted: its object is known missing or wrong.
+    let accepted = |id: crate::segment::SegmentId, key: &str| {
+        listed
+            .as_ref()
+            .and_then(|(_, m)| m.damage(id))
+            .is_some_and(|d| d.loss_accepted() && d.key == key)
+    };
+    let mut checked_keys = std::collections::BTreeSet::new();
     for (id, r) in view.segments() {
         if !matches!(
             r.state,
@@ -251,11 +277,15 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
         ) {
             continue;
         }
-        out.checked += 1;
         let key = match &r.key {
             Some(k) => object_store::path::Path::from(k.as_str()),
             None => store.try_segment_key(&cfg.stream, &r.meta)?,
         };
+        checked_keys.insert(key.to_string());
+        if accepted(*id, key.as_ref()) {
+            continue;
+        }
+        out.checked += 1;
         match verify_segment_cfg(&store, &key, &r.meta, VerifyLevel::Full, &upload).await {
             Ok(()) => {
                 out.ok += 1;
@@ -268,6 +298,54 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
                     out.unchecked.push(id.0);
                 }
                 out.bad.push((id.0, e.to_string()));
+            }
+        }
+    }
+    // Every committed segment the manifest lists that the journal no longer
+    // records (released, then compacted out of the journal; a journal
+    // rebuilt or restored from a backup): the manifest is what readers go
+    // by (helper-78 F2: `verify` checked the journal's 4 of 40 and said
+    // all ok over a damaged and a deleted object).
+    if let Some((ms, m)) = &listed {
+        let fetcher = crate::remote::fetch::Fetcher::new(
+            store.clone(),
+            upload.retry_policy(),
+            crate::remote::fetch::REMOTE_INDEX_CACHE_BYTES,
+        );
+        let entries = match ms.all_segments(m).await {
+            Ok(e) => e,
+            Err(e) => {
+                out.manifest.push(format!(
+                    "the manifest's entries cannot be read ({e}): its committed segments the \
+                     journal does not record were not checked"
+                ));
+                Vec::new()
+            }
+        };
+        for e in entries {
+            if checked_keys.contains(&e.key) || m.damage(e.id).is_some() {
+                // Checked above, or a damage note says what it is.
+                continue;
+            }
+            out.checked += 1;
+            out.from_manifest += 1;
+            let seg = crate::remote::fetch::RemoteSegment::from_entry(&e)?;
+            match fetcher.confirm_damage(&seg).await {
+                Ok(None) => {
+                    out.ok += 1;
+                    out.bytes_checked += e.file_len;
+                }
+                Ok(Some(why)) => {
+                    out.damaged.push(e.id.0);
+                    out.bad.push((
+                        e.id.0,
+                        format!("{why} (a committed segment the manifest lists; the journal no longer records it)"),
+                    ));
+                }
+                Err(err) => {
+                    out.unchecked.push(e.id.0);
+                    out.bad.push((e.id.0, err.to_string()));
+                }
             }
         }
     }
@@ -313,8 +391,20 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
             o.elapsed_ms,
             o.bytes_per_s / (1024.0 * 1024.0)
         );
+        if o.from_manifest > 0 {
+            s.push_str(&format!(
+                "\n  of them {} committed segment(s) the manifest lists and the journal no \
+                 longer records",
+                o.from_manifest
+            ));
+        }
         for (id, why) in &o.bad {
             s.push_str(&format!("\n  segment {id:020}: {why}"));
+        }
+        for id in &o.accepted_losses {
+            s.push_str(&format!(
+                "\n  segment {id:020}: LOST, the loss accepted by an operator (not checked)"
+            ));
         }
         for m in &o.manifest {
             s.push_str(&format!("\n  manifest: {m}"));
@@ -866,9 +956,31 @@ fn journal_remote_segments(
 
 /// `tierindex reconcile [--repair] [--grace-ms MS] [--deep]`: journal vs
 /// manifest vs the bucket listing (`recovery::reconcile`).
-pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Result<i32> {
+pub async fn reconcile(
+    cli: &Cli,
+    repair: bool,
+    grace_ms: u64,
+    deep: bool,
+    accept: &crate::cli::AcceptLoss,
+) -> Result<i32> {
     use crate::recovery::reconcile::{ReconcileOptions, reconcile};
     let started = Instant::now();
+    if !accept.accept_loss.is_empty() {
+        if !(repair && deep) {
+            return Err(Error::InvalidInput(
+                "--accept-loss needs --repair and --deep: the run reads each object in full \
+                 and records the loss only when it finds no intact copy to repair from"
+                    .into(),
+            ));
+        }
+        if accept.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+            return Err(Error::InvalidInput(
+                "--accept-loss needs --reason TEXT (why the loss is accepted; kept in the \
+                 manifest with the acceptance)"
+                    .into(),
+            ));
+        }
+    }
     let cfg = cli.config()?;
     let store = if repair {
         open_store(&cfg)?
@@ -880,6 +992,12 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
         repair,
         grace: std::time::Duration::from_millis(grace_ms),
         deep,
+        accept_loss: accept
+            .accept_loss
+            .iter()
+            .map(|&id| crate::segment::SegmentId(id))
+            .collect(),
+        accept_reason: accept.reason.clone().unwrap_or_default(),
     };
     let report = reconcile(&cfg, &store, &opts).await?;
     #[derive(Serialize)]
@@ -907,7 +1025,9 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
                 .segment
                 .map(|id| format!(" segment {id:020}"))
                 .unwrap_or_default();
-            let tag = if f.lost {
+            let tag = if f.lost && f.accepted_loss {
+                "LOST (loss accepted) "
+            } else if f.lost {
                 "LOST "
             } else if f.deleted {
                 "deleted "
@@ -929,7 +1049,7 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
         s.push_str(&format!("multipart uploads: {}\n", r.multipart_uploads));
         s.push_str(&format!(
             "{} stream {}: {} journal segment(s), {} object(s) listed, manifest {}; \
-             {} finding(s), {} repaired, {} unresolved, {} lost{} in {} ms",
+             {} finding(s), {} repaired, {} unresolved, {} lost, {} accepted loss(es){} in {} ms",
             r.store,
             r.stream,
             r.journal_segments,
@@ -943,6 +1063,7 @@ pub async fn reconcile(cli: &Cli, repair: bool, grace_ms: u64, deep: bool) -> Re
             r.repaired,
             r.unresolved,
             r.lost,
+            r.accepted_losses,
             if r.repair { "" } else { " (report only)" },
             o.elapsed_ms
         ));
@@ -982,6 +1103,11 @@ struct RemoteState {
     objects_missing: usize,
     /// Journal Committed/Released segments a present manifest does not list.
     not_in_manifest: usize,
+    /// Committed segments the manifest lists, without a damage note, whose
+    /// object is not listed at its size (the journal's among them or not:
+    /// one released and compacted out of the journal is the manifest's
+    /// alone; helper-78 F2).
+    manifest_objects_missing: usize,
 }
 
 #[derive(Serialize)]
@@ -1059,7 +1185,14 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         listed_objects: listed.len(),
         objects_missing: 0,
         not_in_manifest: 0,
+        manifest_objects_missing: 0,
     };
+    if let Some(m) = &manifest {
+        remote.manifest_objects_missing = listed_in_manifest
+            .values()
+            .filter(|e| m.damage(e.id).is_none() && sizes.get(&e.key) != Some(&e.file_len))
+            .count();
+    }
     let mut segments = Vec::new();
     for r in view.segments().values() {
         let key = match &r.key {
@@ -1075,7 +1208,13 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
             Some(&n) => format!("size {n} (recorded {})", r.meta.file_len),
             None => "absent".to_string(),
         };
-        if expected && object != "present" {
+        // A loss an operator accepted is reported (the manifest column
+        // says LOST, the line below the note), not asked again.
+        let accepted = manifest
+            .as_ref()
+            .and_then(|m| m.damage(r.meta.id))
+            .is_some_and(|d| d.loss_accepted() && d.key == key);
+        if expected && object != "present" && !accepted {
             remote.objects_missing += 1;
         }
         let manifest_col = match &manifest {
@@ -1100,6 +1239,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
                     }
                     "other bytes listed"
                 }
+                (Some(_), Some(d)) if d.loss_accepted() => "LOST (accepted)",
                 (Some(_), Some(d)) if d.lost => "LOST",
                 (Some(_), Some(_)) => "damaged",
                 (Some(_), None) => "listed",
@@ -1129,8 +1269,9 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     // (helper-73: `drain` said 4 for a note that is not LOST, this 0).
     let needs_operator = totals.needs_operator()
         || remote.objects_missing > 0
-        || !remote.damaged.is_empty()
-        || remote.not_in_manifest > 0;
+        || remote.damaged.iter().any(|d| d.needs_operator())
+        || remote.not_in_manifest > 0
+        || remote.manifest_objects_missing > 0;
     let out = StatusRemoteOut {
         totals,
         remote,
@@ -1167,16 +1308,25 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         }
         for d in &r.damaged {
             s.push_str(&format!(
-                "  damaged {:020}{}: {}\n",
+                "  damaged {:020}{}: {}{}\n",
                 d.id.0,
                 if d.lost { " LOST" } else { "" },
-                d.reason
+                d.reason,
+                d.accepted
+                    .as_ref()
+                    .map_or(String::new(), |a| format!("; {}", a.describe()))
             ));
         }
         s.push_str(&format!(
-            "remote: {} object(s) listed; {} verified-or-later segment(s) without their object; {} committed segment(s) the manifest does not list (or lists with another segment's bytes)",
-            r.listed_objects, r.objects_missing, r.not_in_manifest
+            "remote: {} object(s) listed; {} verified-or-later segment(s) without their object; {} committed segment(s) the manifest does not list (or lists with another segment's bytes); {} the manifest lists without their object",
+            r.listed_objects, r.objects_missing, r.not_in_manifest, r.manifest_objects_missing
         ));
+        if r.manifest_objects_missing > 0 {
+            s.push_str(
+                "\n  next: `tierindex reconcile --deep --repair` (broker stopped) re-uploads \
+                 from an intact local copy, or marks the segment LOST in the manifest",
+            );
+        }
         s
     });
     Ok(if needs_operator {

@@ -130,6 +130,17 @@ pub trait ManifestAccess: Send + Sync {
         clears: &[SegmentId],
         marks: &[DamageNote],
     ) -> std::result::Result<String, String>;
+    /// Record the operator's acceptance of the loss of each `(id, key)`
+    /// (LOST notes; [`ReconcileOptions::accept_loss`]). Only the standalone
+    /// tool accepts a loss.
+    async fn accept_losses(
+        &self,
+        losses: &[(SegmentId, String)],
+        reason: &str,
+    ) -> std::result::Result<String, String> {
+        let _ = (losses, reason);
+        Err("nothing accepted: only `tierindex reconcile --accept-loss` accepts a loss".into())
+    }
 }
 
 /// The standalone tool's access: take ownership as the config's owner for
@@ -151,6 +162,13 @@ impl ManifestAccess for TakeAndRelease<'_> {
         marks: &[DamageNote],
     ) -> std::result::Result<String, String> {
         write_notes(self.store, self.cfg, clears, marks).await
+    }
+    async fn accept_losses(
+        &self,
+        losses: &[(SegmentId, String)],
+        reason: &str,
+    ) -> std::result::Result<String, String> {
+        accept_losses(self.store, self.cfg, losses, reason).await
     }
 }
 
@@ -207,6 +225,21 @@ async fn reconcile_with(
 ) -> Result<ReconcileReport> {
     cfg.validate()?;
     require_journal(cfg)?;
+    let accepting = !opts.accept_loss.is_empty();
+    if accepting && (!opts.repair || !opts.deep) {
+        return Err(Error::InvalidInput(
+            "accepting a loss needs --repair and --deep: the run must read the object in full \
+             and find no intact copy to repair from before it records the loss as accepted"
+                .into(),
+        ));
+    }
+    if accepting && !cfg.manifest {
+        return Err(Error::InvalidInput(
+            "accepting a loss is recorded in the stream's manifest: this data directory runs \
+             with manifest = false"
+                .into(),
+        ));
+    }
     let mut run = Run::load(cfg, store, opts).await?;
     run.journal_objects().await?; // 1
     if run.manifest.is_some() {
@@ -215,6 +248,7 @@ async fn reconcile_with(
         run.rebuild_manifest().await?; // 3
     }
     run.damage_notes().await?;
+    run.unaccepted();
     let manifest_now = run.write_manifest(access).await;
     // One clock reading for both age rules (the grace period).
     let now = crate::segment::now_ms();
@@ -357,6 +391,7 @@ mod tests {
             repair,
             grace,
             deep: false,
+            ..ReconcileOptions::default()
         }
     }
 
@@ -375,6 +410,87 @@ mod tests {
             .try_collect()
             .await
             .unwrap()
+    }
+
+    /// A committed segment the manifest lists and the journal no longer
+    /// records (released, compacted away): `--deep` reads its body
+    /// (helper-78 F2: "0 findings" over a damaged one); without a copy it
+    /// is LOST, marked with `--repair`; an operator accepts the loss, after
+    /// which it is reported, not asked again; a copy put back repairs it.
+    #[tokio::test]
+    async fn a_manifest_only_loss_is_found_by_deep_marked_accepted_and_still_repairable() {
+        let (_tmp, cfg, store) = rig(true).await;
+        with_quarantined_4(&cfg, &store).await;
+        let (good, meta5) = sealed(5);
+        let key5 = store.segment_key(STREAM, &meta5);
+        commit_entries(&store, &cfg, &[SegmentEntry::new(&store, STREAM, &meta5).unwrap()])
+            .await
+            .unwrap();
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x55;
+        put(&store, &key5, &bad).await;
+        let deep = |repair: bool, accept: Vec<u64>| ReconcileOptions {
+            repair,
+            deep: true,
+            grace: Duration::from_secs(3600),
+            accept_loss: accept.into_iter().map(SegmentId).collect(),
+            accept_reason: "gone with the old bucket".into(),
+        };
+        let five = |r: &ReconcileReport| -> Vec<Finding> {
+            r.findings
+                .iter()
+                .filter(|f| f.segment == Some(5))
+                .cloned()
+                .collect()
+        };
+        let r = reconcile(&cfg, &store, &deep(false, vec![])).await.unwrap();
+        let f = five(&r);
+        assert!(
+            f.iter()
+                .any(|f| f.kind == FindingKind::ContentMismatch && f.lost && f.unresolved()),
+            "{f:#?}"
+        );
+        // Accepting needs --repair --deep.
+        let no_deep = ReconcileOptions {
+            deep: false,
+            ..deep(true, vec![5])
+        };
+        assert!(matches!(
+            reconcile(&cfg, &store, &no_deep).await,
+            Err(Error::InvalidInput(_))
+        ));
+        // Marked LOST, then accepted; segment 2 (whole) is not accepted.
+        reconcile(&cfg, &store, &deep(true, vec![])).await.unwrap();
+        let r = reconcile(&cfg, &store, &deep(true, vec![5, 2])).await.unwrap();
+        let f = five(&r);
+        assert!(f.iter().any(|f| f.lost && f.accepted_loss), "{f:#?}");
+        assert!(f.iter().all(|f| !f.unresolved()), "{f:#?}");
+        assert!(
+            r.findings.iter().any(|f| f.segment == Some(2)
+                && f.unresolved()
+                && f.action == "nothing accepted"),
+            "{:#?}",
+            r.findings
+        );
+        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        let note = m.damage(SegmentId(5)).unwrap();
+        assert!(note.loss_accepted(), "{note:?}");
+        assert_eq!(note.accepted.as_ref().unwrap().reason, "gone with the old bucket");
+        assert!(m.damage(SegmentId(2)).is_none());
+        // A later run reports it, accepted, not lost.
+        let r = reconcile(&cfg, &store, &opts(false, Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let f = five(&r);
+        assert!(!f.is_empty() && f.iter().all(|f| !f.unresolved()), "{f:#?}");
+        assert!(r.accepted_losses >= 1 && r.lost == 0, "{r:#?}");
+        // The intact bytes turn up: the repair clears the note.
+        put(&store, &key5, &good).await;
+        reconcile(&cfg, &store, &deep(true, vec![])).await.unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        assert!(m.damage(SegmentId(5)).is_none(), "{:?}", m.damaged);
     }
 
     #[tokio::test]

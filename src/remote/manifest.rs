@@ -178,6 +178,33 @@ mod tests {
         ));
     }
 
+    /// An accepted loss round-trips; a note without one encodes as before
+    /// (older builds, whose notes have no such field, read it); an
+    /// acceptance of a note that is not LOST, or with an over-long reason,
+    /// is refused as damage.
+    #[test]
+    fn an_accepted_loss_round_trips_and_only_on_a_lost_note() {
+        let mut m = manifest(3);
+        m.damaged = vec![DamageNote::new(&entry(2), "missing", true, 9)];
+        let plain = encode_manifest(&m).unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains("accepted"));
+        assert_eq!(decode_manifest(&plain, "s", 7, MAX).unwrap(), m);
+        m.damaged[0].accepted = Some(LossAcceptance {
+            at_ms: 11,
+            reason: "gone".into(),
+        });
+        let b = encode_manifest(&m).unwrap();
+        let back = decode_manifest(&b, "s", 7, MAX).unwrap();
+        assert!(back.damaged[0].loss_accepted());
+        assert_eq!(back, m);
+        let mut not_lost = m.clone();
+        not_lost.damaged[0].lost = false;
+        assert!(encode_manifest(&not_lost).is_err() || decode_manifest(&encode_manifest(&not_lost).unwrap(), "s", 7, MAX).is_err());
+        let mut long = m.clone();
+        long.damaged[0].accepted.as_mut().unwrap().reason = "x".repeat(DAMAGE_REASON_MAX + 1);
+        assert!(encode_manifest(&long).is_err() || decode_manifest(&encode_manifest(&long).unwrap(), "s", 7, MAX).is_err());
+    }
+
     #[test]
     fn every_single_bit_flip_and_truncation_is_caught() {
         let b = encode_manifest(&manifest(3)).unwrap();

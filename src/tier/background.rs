@@ -160,6 +160,7 @@ pub(super) async fn reconciler(
         repair: cfg.reconcile_repair,
         deep: false,
         grace: Duration::from_millis(cfg.reconcile_grace_ms),
+        ..Default::default()
     };
     let access = crate::pipeline::InProcessManifest(sh.clone());
     while wait_or_stop(every, &mut stop).await {

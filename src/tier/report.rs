@@ -77,6 +77,17 @@ pub struct StoreDamage {
     pub lost: bool,
     /// What the reader found.
     pub reason: String,
+    /// An operator accepted the loss (`tierindex reconcile --accept-loss`):
+    /// when (ms since the Unix epoch) and why. Reported, but nothing more
+    /// is asked of an operator.
+    pub loss_accepted: Option<(u64, String)>,
+}
+
+impl StoreDamage {
+    /// Asks something of an operator: not a loss an operator accepted.
+    pub fn needs_operator(&self) -> bool {
+        !(self.lost && self.loss_accepted.is_some())
+    }
 }
 
 impl ShutdownReport {
@@ -190,6 +201,9 @@ pub(crate) fn damage_text(d: &DamageNote) -> String {
         } else {
             " (awaiting repair from a local copy)"
         },
-        d.reason
+        match &d.accepted {
+            Some(a) => format!("{}; {}", d.reason, a.describe()),
+            None => d.reason.clone(),
+        }
     )
 }

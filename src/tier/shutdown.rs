@@ -154,13 +154,14 @@ impl TierIndex {
                 .map(|d| StoreDamage {
                     segment: d.id.0,
                     lost: d.lost,
+                    loss_accepted: d.accepted.map(|a| (a.at_ms, a.reason)),
                     reason: d.reason,
                 })
                 .collect()
         } else {
             Vec::new()
         };
-        if !damaged_in_store.is_empty() {
+        if damaged_in_store.iter().any(StoreDamage::needs_operator) {
             tracing::error!(
                 segments = ?damaged_in_store.iter().map(|d| d.segment).collect::<Vec<_>>(),
                 "the stream's manifest marks segments damaged in the store; readers skip them: \

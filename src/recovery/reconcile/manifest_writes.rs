@@ -98,3 +98,27 @@ pub(crate) async fn apply_notes(
     Ok(())
 }
 
+
+/// Records the operator's acceptance of each loss as the config's owner,
+/// then releases the lease. The `Err` is the action text when nothing was
+/// written (an acceptance written before an error stays).
+pub(super) async fn accept_losses(
+    store: &RemoteStore,
+    cfg: &Config,
+    losses: &[(SegmentId, String)],
+    reason: &str,
+) -> std::result::Result<String, String> {
+    let what = "loss not accepted";
+    let (mut w, owner) = take_for_repair(store, cfg, what).await?;
+    for (id, key) in losses {
+        if let Err(e) = w.accept_loss(*id, key, reason).await {
+            let _ = w.release().await;
+            return Err(format!("{what}: {e}"));
+        }
+    }
+    let done = format!(
+        "LOSS ACCEPTED by the operator in manifest version {} (owner {owner:?}): {reason:?}",
+        w.manifest().version
+    );
+    Ok(release_after_repair(w, done).await)
+}

@@ -21,6 +21,15 @@ pub struct ReconcileOptions {
     pub grace: Duration,
     /// Also read every journal-listed object back in full (CRC check).
     pub deep: bool,
+    /// Segments whose loss the operator accepts (`tierindex reconcile
+    /// --repair --deep --accept-loss ID`): each one this run finds LOST
+    /// (its object missing or damaged, read in full, and no intact local
+    /// copy) gets its manifest note marked accepted; any other is a
+    /// finding, and nothing is accepted for it. Only with `repair` and
+    /// `deep`.
+    pub accept_loss: Vec<SegmentId>,
+    /// The operator's reason, kept with each acceptance.
+    pub accept_reason: String,
 }
 
 impl Default for ReconcileOptions {
@@ -29,6 +38,8 @@ impl Default for ReconcileOptions {
             repair: false,
             grace: DEFAULT_GRACE,
             deep: false,
+            accept_loss: Vec::new(),
+            accept_reason: String::new(),
         }
     }
 }
@@ -108,6 +119,9 @@ pub struct Finding {
     /// Nothing is wrong that an operator must act on (foreign objects,
     /// young orphans, unreferenced ids kept for safety).
     pub informational: bool,
+    /// Lost, and the manifest records that an operator accepted the loss
+    /// (this run, or an earlier one): nothing more to act on.
+    pub accepted_loss: bool,
     /// An object was deleted. The action names the proof it relied on (the
     /// journal record and its state, the manifest version, the age). A
     /// deletion is never counted as `repaired` on its own: when it is part of
@@ -126,6 +140,7 @@ impl Finding {
             action: "none".into(),
             repaired: false,
             lost: false,
+            accepted_loss: false,
             informational: false,
             deleted: false,
         }
@@ -134,7 +149,7 @@ impl Finding {
     /// Left for an operator: not repaired, not deleted with proof and not
     /// merely informational.
     pub fn unresolved(&self) -> bool {
-        !self.repaired && !self.deleted && !self.informational
+        !self.repaired && !self.deleted && !self.informational && !self.accepted_loss
     }
 }
 
@@ -159,9 +174,13 @@ pub struct ReconcileReport {
     pub repaired: usize,
     /// Objects deleted (each with its proof in the finding's action).
     pub deleted: usize,
-    /// Findings left for an operator (lost ones included).
+    /// Findings left for an operator (lost ones included, accepted losses
+    /// not).
     pub unresolved: usize,
+    /// Lost findings whose loss is not accepted.
     pub lost: usize,
+    /// Lost findings whose loss an operator accepted.
+    pub accepted_losses: usize,
     /// Incomplete multipart uploads: "checked: N in progress, M stale, K
     /// aborted", or "not checked (why)" ([`MULTIPART_NOT_CHECKED`] for a
     /// backend that cannot list).

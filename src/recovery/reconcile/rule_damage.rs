@@ -100,6 +100,18 @@ impl Run<'_> {
                     .and_then(|i| self.findings.get(i))
                     .is_some_and(|p| p.lost);
             if seg_lost {
+                let mine = self.findings.len();
+                if let Some(a) = note.accepted.as_ref().filter(|_| note.lost) {
+                    f.accepted_loss = true;
+                    f.action.push_str(&format!("; {}", a.describe()));
+                    if let Some(p) = prior.and_then(|i| self.findings.get_mut(i)) {
+                        p.accepted_loss = true;
+                    }
+                } else if opts.accept_loss.contains(&e.id) {
+                    self.accepts.push((e.id, e.key.clone()));
+                    self.accept_findings.push(mine);
+                    self.accept_findings.extend(prior);
+                }
                 if !note.lost {
                     if opts.repair && cfg.manifest {
                         self.marks.push(DamageNote::new(
@@ -157,8 +169,40 @@ impl Run<'_> {
                     crate::segment::now_ms(),
                 ));
                 self.note_findings.push(i);
+                if opts.accept_loss.contains(&e.id) {
+                    self.accepts.push((e.id, e.key.clone()));
+                    self.accept_findings.push(i);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Each segment the operator asked to accept the loss of that this run
+    /// did not find LOST is a finding: nothing is accepted for it.
+    pub(super) fn unaccepted(&mut self) {
+        for id in &self.opts.accept_loss {
+            let found = self.accepts.iter().any(|(a, _)| a == id)
+                || self
+                    .findings
+                    .iter()
+                    .any(|f| f.segment == Some(id.0) && f.accepted_loss);
+            if found {
+                continue;
+            }
+            let key = self.m_entries.get(id).map_or("", |e| e.key.as_str());
+            let mut f = Finding::new(
+                FindingKind::ManifestDamaged,
+                Some(*id),
+                key,
+                format!(
+                    "asked to accept the loss of segment {id}, which this run did not find \
+                     LOST (the manifest does not list it, its object reads whole, or a local \
+                     copy repaired it or can)"
+                ),
+            );
+            f.action = "nothing accepted".into();
+            self.findings.push(f);
+        }
     }
 }

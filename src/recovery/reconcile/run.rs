@@ -41,6 +41,10 @@ pub(super) struct Run<'a> {
     pub(super) clears: Vec<SegmentId>,
     pub(super) marks: Vec<DamageNote>,
     pub(super) note_findings: Vec<usize>,
+    /// Losses to accept (`ReconcileOptions::accept_loss`): id and key,
+    /// with the indexes of the findings the acceptance resolves.
+    pub(super) accepts: Vec<(SegmentId, String)>,
+    pub(super) accept_findings: Vec<usize>,
 }
 
 impl<'a> Run<'a> {
@@ -125,6 +129,8 @@ impl<'a> Run<'a> {
             clears: Vec::new(),
             marks: Vec::new(),
             note_findings: Vec::new(),
+            accepts: Vec::new(),
+            accept_findings: Vec::new(),
         })
     }
 
@@ -208,6 +214,21 @@ impl<'a> Run<'a> {
                 }
             }
         }
+        if !self.accepts.is_empty() {
+            let (action, ok) = match access
+                .accept_losses(&self.accepts, &self.opts.accept_reason)
+                .await
+            {
+                Ok(a) => (a, true),
+                Err(why) => (why, false),
+            };
+            for i in &self.accept_findings {
+                if let Some(f) = self.findings.get_mut(*i) {
+                    f.action = format!("{}; {action}", f.action);
+                    f.accepted_loss = ok;
+                }
+            }
+        }
         manifest_now
     }
 
@@ -217,7 +238,14 @@ impl<'a> Run<'a> {
         let repaired = findings.iter().filter(|f| f.repaired).count();
         let deleted = findings.iter().filter(|f| f.deleted).count();
         let unresolved = findings.iter().filter(|f| f.unresolved()).count();
-        let lost = findings.iter().filter(|f| f.lost).count();
+        let lost = findings
+            .iter()
+            .filter(|f| f.lost && !f.accepted_loss)
+            .count();
+        let accepted_losses = findings
+            .iter()
+            .filter(|f| f.lost && f.accepted_loss)
+            .count();
         ReconcileReport {
             store: self.store.display_url().to_string(),
             stream: self.stream.to_string(),
@@ -233,6 +261,7 @@ impl<'a> Run<'a> {
             deleted,
             unresolved,
             lost,
+            accepted_losses,
             multipart_uploads,
             findings,
         }

@@ -128,24 +128,75 @@ pub struct DamageNote {
     pub lost: bool,
     /// When it was marked (writer's clock, ms since Unix epoch).
     pub marked_ms: u64,
+    /// An operator accepted the loss (`tierindex accept-loss`, only of a
+    /// LOST note): readers go on skipping the segment, and reports name it
+    /// as an accepted loss instead of asking an operator again. A copy
+    /// found later still repairs it (the note is cleared). Absent from a
+    /// note nobody accepted, so manifests without one read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<LossAcceptance>,
+}
+
+/// An operator's acceptance of a LOST segment's loss.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossAcceptance {
+    /// When (the accepting command's clock, ms since Unix epoch).
+    pub at_ms: u64,
+    /// The operator's reason (at most [`DAMAGE_REASON_MAX`] bytes).
+    pub reason: String,
 }
 
 impl DamageNote {
     /// A note with `reason` cut to [`DAMAGE_REASON_MAX`] bytes (at a char
     /// boundary).
     pub fn new(e: &SegmentEntry, reason: &str, lost: bool, marked_ms: u64) -> DamageNote {
-        let mut end = reason.len().min(DAMAGE_REASON_MAX);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
         DamageNote {
             id: e.id,
             key: e.key.clone(),
-            reason: reason.get(..end).unwrap_or_default().to_string(),
+            reason: cut_to(reason, DAMAGE_REASON_MAX),
             lost,
             marked_ms,
+            accepted: None,
         }
     }
+
+    /// A LOST note an operator accepted: its segment's entries are known
+    /// lost and nothing more is asked of an operator.
+    pub fn loss_accepted(&self) -> bool {
+        self.lost && self.accepted.is_some()
+    }
+
+    /// A note that still asks something of an operator (a repair, or an
+    /// acceptance of the loss).
+    pub fn needs_operator(&self) -> bool {
+        !self.loss_accepted()
+    }
+}
+
+impl LossAcceptance {
+    /// "accepted by an operator at <UTC time>: <reason>", for reports.
+    pub fn describe(&self) -> String {
+        acceptance_text(self.at_ms, &self.reason)
+    }
+}
+
+/// [`LossAcceptance::describe`] of its two fields.
+pub fn acceptance_text(at_ms: u64, reason: &str) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+    format!(
+        "loss accepted by an operator at {}: {reason:?}",
+        humantime::format_rfc3339_seconds(at)
+    )
+}
+
+/// `text` cut to at most `max` bytes at a char boundary.
+pub(crate) fn cut_to(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default().to_string()
 }
 
 /// One version of a stream's manifest (the head object).
@@ -306,6 +357,21 @@ pub(super) fn check_damage_notes(notes: &[DamageNote]) -> std::result::Result<()
                 d.id,
                 d.reason.len()
             ));
+        }
+        if let Some(a) = &d.accepted {
+            if !d.lost {
+                return Err(format!(
+                    "damage note of segment {} is accepted but not LOST",
+                    d.id
+                ));
+            }
+            if a.reason.len() > DAMAGE_REASON_MAX {
+                return Err(format!(
+                    "damage note of segment {} has a {}-byte acceptance reason",
+                    d.id,
+                    a.reason.len()
+                ));
+            }
         }
         let name = Path::parse(&d.key)
             .ok()

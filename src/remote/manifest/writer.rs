@@ -253,6 +253,46 @@ impl ManifestWriter {
         .await
     }
 
+    /// Records an operator's acceptance of the loss of segment `id`, whose
+    /// note must be LOST and listed under `key` (the caller proved no
+    /// intact copy is held: `tierindex accept-loss`). An accepted note
+    /// writes nothing; readers go on skipping the segment.
+    pub async fn accept_loss(&mut self, id: SegmentId, key: &str, reason: &str) -> Result<Option<u64>> {
+        self.check_alive()?;
+        let reason = cut_to(reason, DAMAGE_REASON_MAX);
+        self.publish_next("accept loss", |base, now| {
+            let mut damaged = base.damaged.clone();
+            let Some(note) = damaged.iter_mut().find(|d| d.id == id) else {
+                return Err(Error::InvalidInput(format!(
+                    "the manifest of {:?} has no damage note for segment {id}",
+                    base.stream
+                )));
+            };
+            if note.key != key || !note.lost {
+                return Err(Error::InvalidInput(format!(
+                    "segment {id}'s damage note is {} under {:?}, not LOST under {key:?}: \
+                     nothing accepted",
+                    if note.lost { "LOST" } else { "not LOST" },
+                    note.key
+                )));
+            }
+            if note.accepted.is_some() {
+                return Ok(None);
+            }
+            note.accepted = Some(LossAcceptance {
+                at_ms: now,
+                reason: reason.clone(),
+            });
+            Ok(Some(Manifest {
+                version: Self::next_version(base)?,
+                written_ms: now,
+                damaged,
+                ..base.clone()
+            }))
+        })
+        .await
+    }
+
     /// Removes segment `id`'s damage note (its object was re-uploaded and
     /// verified). Nothing to remove writes nothing.
     pub async fn clear_damage(&mut self, id: SegmentId) -> Result<Option<u64>> {
