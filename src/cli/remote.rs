@@ -1108,6 +1108,12 @@ struct RemoteState {
     /// one released and compacted out of the journal is the manifest's
     /// alone; helper-78 F2).
     manifest_objects_missing: usize,
+    /// Listed segment objects at or below the journal's highest id that
+    /// neither the journal nor a present manifest names: released, then
+    /// compacted out of the journal, and missing from the manifest (rolled
+    /// back or restored: no commit is ever taken out of one). Readers miss
+    /// them; `reconcile --repair` commits them again (helper-78 F1).
+    not_in_manifest_unjournaled: usize,
 }
 
 #[derive(Serialize)]
@@ -1186,7 +1192,20 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         objects_missing: 0,
         not_in_manifest: 0,
         manifest_objects_missing: 0,
+        not_in_manifest_unjournaled: 0,
     };
+    if manifest.is_some()
+        && let Some(max) = view.max_segment_id()
+    {
+        remote.not_in_manifest_unjournaled = listed
+            .iter()
+            .filter_map(|o| o.location.filename())
+            .filter_map(crate::remote::keys::parse_segment_object_name)
+            .filter(|(id, _)| {
+                *id <= max && view.get(*id).is_none() && !listed_in_manifest.contains_key(id)
+            })
+            .count();
+    }
     if let Some(m) = &manifest {
         remote.manifest_objects_missing = listed_in_manifest
             .values()
@@ -1271,7 +1290,8 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
         || remote.objects_missing > 0
         || remote.damaged.iter().any(|d| d.needs_operator())
         || remote.not_in_manifest > 0
-        || remote.manifest_objects_missing > 0;
+        || remote.manifest_objects_missing > 0
+        || remote.not_in_manifest_unjournaled > 0;
     let out = StatusRemoteOut {
         totals,
         remote,
@@ -1321,6 +1341,16 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
             "remote: {} object(s) listed; {} verified-or-later segment(s) without their object; {} committed segment(s) the manifest does not list (or lists with another segment's bytes); {} the manifest lists without their object",
             r.listed_objects, r.objects_missing, r.not_in_manifest, r.manifest_objects_missing
         ));
+        if r.not_in_manifest_unjournaled > 0 {
+            s.push_str(&format!(
+                "\nremote: {} segment object(s) at or below the journal's highest id that \
+                 neither the journal nor the manifest names: released segments the manifest no \
+                 longer lists (rolled back or restored?); readers miss their entries. next: \
+                 `tierindex reconcile --repair` (broker stopped) commits them again after \
+                 checking each one's footer",
+                r.not_in_manifest_unjournaled
+            ));
+        }
         if r.manifest_objects_missing > 0 {
             s.push_str(
                 "\n  next: `tierindex reconcile --deep --repair` (broker stopped) re-uploads \

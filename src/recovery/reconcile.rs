@@ -493,6 +493,47 @@ mod tests {
         assert!(m.damage(SegmentId(5)).is_none(), "{:?}", m.damaged);
     }
 
+    /// Rule 2d does not commit again an unreferenced object whose offsets
+    /// overlap a listed entry's (another seal of entries the manifest
+    /// holds: a second writer on the stream): kept and reported, as
+    /// before.
+    #[tokio::test]
+    async fn an_unreferenced_object_overlapping_a_listed_entry_is_not_committed() {
+        let (_tmp, cfg, store) = rig(true).await;
+        with_quarantined_4(&cfg, &store).await;
+        // The rig's segment 1 replaced: segment 1's id, segment 2's
+        // offsets (200..219).
+        store
+            .object_store()
+            .delete(&store.segment_key(STREAM, &sealed(1).1))
+            .await
+            .unwrap();
+        let entries: Vec<Entry> = (0..20)
+            .map(|i| Entry {
+                key_hash: i % 5,
+                offset: 200 + i,
+                size: 10,
+                timestamp_ms: 1_000 + i,
+            })
+            .collect();
+        let (bytes, meta) = build_sealed(SegmentId(1), 1, 2, 8, &entries).unwrap();
+        put(&store, &store.segment_key(STREAM, &meta), &bytes).await;
+        let r = reconcile(&cfg, &store, &opts(true, Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        assert!(
+            !r.findings
+                .iter()
+                .any(|f| f.segment == Some(1) && f.kind == FindingKind::ManifestLostEntries),
+            "{:#?}",
+            r.findings
+        );
+        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        let ids: Vec<u64> = ms.all_segments(&m).await.unwrap().iter().map(|e| e.id.0).collect();
+        assert!(!ids.contains(&1), "{ids:?}");
+    }
+
     #[tokio::test]
     async fn single_writer_mode_deletes_nothing_and_says_whose_it_is_not() {
         let (_tmp, cfg, store) = rig(false).await;
@@ -579,11 +620,24 @@ mod tests {
         assert_eq!(r.deleted, 1);
         assert!(!keys_left(&store).await.contains(&key4));
         assert!(local.exists(), "the local copy stays");
-        // Nothing else was deleted: 1 (unknown), the other seal of 3, 9.
-        for id in [1u64, 3, 9] {
+        // Nothing else was deleted: the other seal of 3, 9 (never
+        // recorded, above the journal's highest id); 1 (at or below it,
+        // in neither the journal nor the manifest: released and compacted
+        // out of the journal, rule 2d) is committed again, not deleted.
+        for id in [3u64, 9] {
             let o = f[&(id, FindingKind::Orphan)];
             assert!(!o.deleted && o.unresolved(), "{o:?}");
         }
+        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        assert!(
+            ms.all_segments(&m)
+                .await
+                .unwrap()
+                .iter()
+                .any(|e| e.id == SegmentId(1)),
+            "segment 1 committed again"
+        );
         assert_eq!(
             keys_left(&store)
                 .await

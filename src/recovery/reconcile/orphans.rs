@@ -99,6 +99,13 @@ pub(super) async fn judge_unreferenced(ctx: &OrphanCtx<'_>, o: &Listed) -> Optio
                     another data directory on this stream looks the same); never deleted"
             .into();
         return Some(f);
+    } else if let Some(m) = max.filter(|m| o.id <= *m) {
+        f.detail = format!(
+            "{}; its id is at or below the journal's highest id ({m}), which no longer records \
+             it (compaction drops Released records) and it did not pass the checks of a \
+             segment to commit again (footer, length)",
+            f.detail
+        );
     } else {
         f.detail = format!(
             "{}; this data directory's journal never recorded segment {}",
@@ -257,7 +264,18 @@ impl Run<'_> {
             now,
             grace_ms: grace_ms(self.opts),
         };
+        // Rule 2d judged these (released segments the manifest lost):
+        // not reported twice.
+        let judged: BTreeSet<String> = self
+            .findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::ManifestLostEntries)
+            .map(|f| f.key.clone())
+            .collect();
         for o in self.ours.values() {
+            if judged.contains(&o.key.to_string()) {
+                continue;
+            }
             if let Some(f) = judge_unreferenced(&ctx, o).await {
                 self.findings.push(f);
             }

@@ -156,6 +156,88 @@ impl Run<'_> {
             }
             self.findings.push(f);
         }
+        self.rolled_back_entries().await
+    }
+
+    /// Rule 2d: listed objects of this stream's key layout whose id is at
+    /// or below the journal's highest id, which neither the journal nor the
+    /// manifest names: this data directory's own segments, released and
+    /// then compacted out of the journal, that the manifest no longer lists
+    /// (rolled back or restored from an older backup: no commit is ever
+    /// taken out of a manifest). Readers go by the manifest, so their
+    /// entries were silently missing from every answer (helper-78 F1).
+    /// With `--repair` they are committed again, each after the checks of
+    /// rule 3 (the footer's id and length agree with the key and the
+    /// object; with `--deep` a full read), unless its offsets overlap a
+    /// listed entry's: then it is another seal of entries the manifest
+    /// holds (a second writer on the stream), left to rule 4 (kept,
+    /// reported).
+    async fn rolled_back_entries(&mut self) -> Result<()> {
+        let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
+        let Some(max) = self.view.max_segment_id() else {
+            return Ok(());
+        };
+        let version = self.manifest.as_ref().map_or(0, |m| m.version);
+        let candidates: Vec<Listed> = self
+            .ours
+            .values()
+            .filter(|o| {
+                o.id <= max
+                    && !self.m_entries.contains_key(&o.id)
+                    && self.view.get(o.id).is_none()
+                    && !self.bad.contains(&o.key.to_string())
+            })
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        // The listed entries' offset ranges, by first offset.
+        let mut ranges: Vec<(u64, u64)> = self
+            .m_entries
+            .values()
+            .map(|e| (e.min_offset, e.max_offset))
+            .collect();
+        ranges.sort_unstable();
+        let overlaps = |lo: u64, hi: u64| {
+            // Any range starting at or below `hi` that reaches `lo` (a
+            // scan of those: the candidates are few).
+            let end = ranges.partition_point(|r| r.0 <= hi);
+            ranges[..end].iter().rev().any(|r| r.1 >= lo)
+        };
+        for o in candidates {
+            let k = o.key.to_string();
+            // One that fails the checks is rule 4's (an unreferenced
+            // object, kept).
+            let Ok(e) = read_entry(store, stream, &o, None, opts.deep).await? else {
+                continue;
+            };
+            if overlaps(e.min_offset, e.max_offset) {
+                continue;
+            }
+            let mut f = Finding::new(
+                FindingKind::ManifestLostEntries,
+                Some(o.id),
+                &k,
+                format!(
+                    "listed in the store, at or below the journal's highest id ({max}), in \
+                     neither the journal nor manifest version {version}: a segment of this \
+                     data directory released and compacted out of the journal, which the \
+                     manifest no longer lists (rolled back, or restored from an older \
+                     backup); readers miss its {} entries",
+                    e.item_count
+                ),
+            );
+            if !cfg.manifest {
+                f.action = "none: manifest = false in the config".into();
+            } else if !opts.repair {
+                f.action = "none (--repair commits it again)".into();
+            } else {
+                self.to_commit.push(e);
+                self.commit_findings.push(self.findings.len());
+            }
+            self.findings.push(f);
+        }
         Ok(())
     }
 
