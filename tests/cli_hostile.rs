@@ -2178,6 +2178,66 @@ fn a_rolled_back_manifest_is_found_and_repaired_after_compaction() {
     }
 }
 
+/// A committed segment's object damaged in the store while its journal
+/// was lost and rebuilt: the drain quarantines the segment (its key holds
+/// other bytes); `verify` and `reconcile --deep` saw nothing, so no
+/// command repaired it (helper-78 F3). Now both see it, `reconcile --deep
+/// --repair` replaces the object from the intact local copy, and `quarantine
+/// retry` with a drain finish the segment.
+#[test]
+fn a_damaged_object_of_a_rebuilt_journals_segment_is_found_and_repaired() {
+    let sb = Sandbox::new();
+    let o = sb.run(&demo_args(&["--keys", "16"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::remove_file(sb.data().join("journal").join("journal.log")).unwrap();
+    let objs = sb.store_dir().join("stream-0").join("segments");
+    let three = std::fs::read_dir(&objs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("00000000000000000003-")
+        })
+        .expect("object of segment 3");
+    let mut b = std::fs::read(&three).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x5a;
+    std::fs::write(&three, &b).unwrap();
+    let base = [D, DD, "--store", "{store}"];
+    let with = |extra: &[&'static str]| {
+        let mut v: Vec<&str> = base.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let o = sb.run(&with(&["fsck", "--repair"]), &[]);
+    assert_sane(&o, "fsck --repair");
+    let o = sb.run(&with(&["drain"]), &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("reconcile --deep --repair")
+            || String::from_utf8_lossy(&o.stderr).contains("reconcile --deep --repair"),
+        "{}",
+        text(&o)
+    );
+    let o = sb.run(&with(&["verify"]), &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let o = sb.run(&with(&["reconcile", "--deep", "--repair"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("1 repaired"),
+        "{}",
+        text(&o)
+    );
+    let o = sb.run(&with(&["quarantine", "retry", "3"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for args in [&["drain"][..], &["verify"][..], &["status", "--remote"][..]] {
+        let o = sb.run(&with(args), &[]);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+    }
+}
+
 /// The demo's report accounts for the whole run, not the last drain.
 #[test]
 fn demo_report_totals_cover_the_whole_run() {

@@ -292,7 +292,10 @@ async fn settle_existing(
 fn conflict(key: &Path, detail: &str) -> Error {
     Error::RemoteConflict(format!(
         "{key} already holds other bytes ({detail}); not overwritten, not deleted: \
-         an operator must inspect it"
+         an operator must inspect it (the key names the checksum of the only bytes that \
+         belong there: with the broker stopped, `tierindex reconcile --deep --repair` \
+         replaces a damaged object the manifest lists from an intact local copy; then \
+         `tierindex quarantine retry` and a drain finish the segment)"
     ))
 }
 
