@@ -2225,7 +2225,11 @@ fn a_damaged_object_of_a_rebuilt_journals_segment_is_found_and_repaired() {
     // is complete (helper-78 F4: "not searched", exit 4, beside its hits).
     let o = sb.run(&with(&["lookup", "key-5"]), &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("not searched"), "{}", text(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("not searched"),
+        "{}",
+        text(&o)
+    );
     let o = sb.run(&with(&["verify"]), &[]);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
     let o = sb.run(&with(&["reconcile", "--deep", "--repair"]), &[]);

@@ -610,11 +610,21 @@ fn with_advice(e: &crate::error::Error) -> String {
                 "{e}\n  the file system holding {} is full. Free space on it and run the \
                  command again; nothing acknowledged was lost. Do not make room by deleting \
                  files under segments/ or journal/: they hold entries not uploaded yet (a \
-                 drain with release_after_commit frees them once they are committed, but it \
-                 needs room for a small new active segment to start)",
+                 drain with release_after_commit = true in its config file frees them once \
+                 they are committed; it creates no new active segment file)",
                 path.display()
             )
         }
+        // A `file://` store whose directory holds an entry the listing
+        // cannot walk (a symbolic link loop, a directory it may not read):
+        // every check stops there while uploads, which do not list, go on
+        // (helper-78 F5).
+        _ if e.to_string().contains("Unable to walk dir") => format!(
+            "{e}\n  an entry in the file:// store's directory cannot be listed (a symbolic link \
+             loop, a directory this process may not read: the path above names it). tierindex \
+             never creates such entries: move it out of the store's directory and run the \
+             command again; nothing was changed"
+        ),
         _ => e.to_string(),
     }
 }
@@ -690,6 +700,19 @@ pub fn report_failpoint_counts() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_directory_that_cannot_be_walked_says_what_to_do() {
+        let e = crate::error::Error::RemoteRetryable(
+            "Generic LocalFileSystem error: Unable to walk dir: IO error for operation on \
+             /s/stream-0/segments/junk: Too many levels of symbolic links (os error 40)"
+                .into(),
+        );
+        let m = with_advice(&e);
+        assert!(m.contains("move it out of the store's directory"), "{m}");
+        let other = crate::error::Error::RemoteRetryable("timed out".into());
+        assert_eq!(with_advice(&other), other.to_string());
+    }
 
     #[test]
     fn a_full_disk_says_what_to_do_and_what_not_to() {
