@@ -2011,6 +2011,7 @@ fn released_segments_are_checked_and_a_loss_can_be_accepted() {
             .unwrap_or_else(|| panic!("no object of segment {id}"))
     };
     let (five, six) = (named(5), named(6));
+    let six_bytes = std::fs::read(&six).unwrap();
     let mut bytes = std::fs::read(&five).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
@@ -2086,6 +2087,20 @@ fn released_segments_are_checked_and_a_loss_can_be_accepted() {
             text(&o)
         );
     }
+    // A copy turns up (a backup restored): verify says readers still skip
+    // it (helper-79 F3), and the repair clears the note.
+    std::fs::write(&six, &six_bytes).unwrap();
+    let o = sb.run(&with(&["verify"]), &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("reads whole now"),
+        "{}",
+        text(&o)
+    );
+    let o = sb.run(&with(&["reconcile", "--deep", "--repair"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = sb.run(&with(&["verify"]), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
 /// A manifest rolled back (its newest versions gone: a restore from an
@@ -4239,6 +4254,16 @@ fn a_sealed_file_the_journal_cannot_record_keeps_drain_at_exit_4() {
     assert_says(&o, "adopted segment 5: 5 entries appended again");
     assert!(!seg.exists(), "moved to quarantine/");
     assert_eq!(hits(&sb, true), 5, "uploaded once");
+    // The record names the segment the entries went to, not 0 (a drain
+    // opens with no active segment: helper-79 F5).
+    let why: String = std::fs::read_dir(sb.data().join("quarantine"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".why.json"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(why.contains("appended again from active segment"), "{why}");
+    assert!(!why.contains("from active segment 0 on"), "{why}");
     for args in [vec![D, DD, "status"], vec![D, DD, "fsck"]] {
         let o = sb.run(&args, &[]);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));

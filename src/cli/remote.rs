@@ -244,7 +244,8 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
             Ok(Some((ms, m))) => {
                 for d in &m.damaged {
                     if d.loss_accepted() {
-                        out.accepted_losses.push(d.id.0);
+                        // Read below: an object that reads whole again
+                        // (a backup restored) must not stay hidden.
                         continue;
                     }
                     out.manifest.push(format!(
@@ -322,6 +323,30 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
                 Vec::new()
             }
         };
+        // Accepted losses are read too: one whose object reads whole again
+        // (a backup restored, even with its old modification time) is
+        // skipped by every reader until `reconcile` clears its note
+        // (helper-79 F3).
+        for d in m.damaged.iter().filter(|d| d.loss_accepted()) {
+            let Some(e) = entries.iter().find(|e| e.id == d.id && e.key == d.key) else {
+                out.accepted_losses.push(d.id.0);
+                continue;
+            };
+            let seg = crate::remote::fetch::RemoteSegment::from_entry(e)?;
+            match fetcher.confirm_damage(&seg).await {
+                Ok(Some(_)) => out.accepted_losses.push(d.id.0),
+                Ok(None) => out.manifest.push(format!(
+                    "segment {:020} is marked LOST in the manifest (its loss accepted), but its \
+                     object reads whole now: readers skip it until `tierindex reconcile --deep \
+                     --repair` clears the note",
+                    d.id.0
+                )),
+                Err(err) => {
+                    out.unchecked.push(d.id.0);
+                    out.bad.push((d.id.0, err.to_string()));
+                }
+            }
+        }
         for e in entries {
             if checked_keys.contains(&e.key) || m.damage(e.id).is_some() {
                 // Checked above, or a damage note says what it is.
@@ -1205,8 +1230,18 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     if manifest.is_some()
         && let Some(max) = view.max_segment_id()
     {
+        // Direct children of the segments prefix only, as reconcile takes
+        // them (an object in a folder below is foreign: helper-79 F7).
+        let direct = |o: &&object_store::ObjectMeta| {
+            o.location
+                .as_ref()
+                .strip_prefix(prefix.as_ref())
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|name| !name.contains('/'))
+        };
         remote.not_in_manifest_unjournaled = listed
             .iter()
+            .filter(direct)
             .filter_map(|o| o.location.filename())
             .filter_map(crate::remote::keys::parse_segment_object_name)
             .filter(|(id, _)| {

@@ -141,7 +141,11 @@ fn create_tree(root: &Path, root_synced_by_caller: bool, hosted: bool) -> Result
 /// opened to be synced: the name is older than this open, so a warning,
 /// not a refusal. A failed fsync is poison, as everywhere.
 pub(crate) fn sync_name_of_existing(dir: &Path) -> Result<()> {
-    let parent = match dir.parent() {
+    // The directory that holds its real name: `dir` may be a symbolic link
+    // or `.` (helper-79 F6: the link's directory, or `dir` itself, was
+    // synced instead).
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let parent = match real.parent() {
         Some(p) if p.as_os_str().is_empty() => Path::new("."),
         Some(p) => p,
         None => return Ok(()),
@@ -864,6 +868,20 @@ mod tests {
         assert!(
             steps.contains(&Step::FsyncDir(d.path().to_path_buf())),
             "and at the open after: {steps:?}"
+        );
+        // Opened through a symbolic link: the directory holding its real
+        // name is synced (helper-79 F6).
+        let real_parent = d.path().join("a");
+        fs::create_dir_all(real_parent.join("real")).unwrap();
+        fs::create_dir_all(d.path().join("b")).unwrap();
+        std::os::unix::fs::symlink(real_parent.join("real"), d.path().join("b").join("link"))
+            .unwrap();
+        let (dd, steps) = steps_of(|| DataDir::open(&d.path().join("b").join("link")));
+        drop(dd.unwrap());
+        let canonical_parent = real_parent.canonicalize().unwrap();
+        assert!(
+            steps.contains(&Step::FsyncDir(canonical_parent)),
+            "through a link: {steps:?}"
         );
     }
 

@@ -228,18 +228,20 @@ impl HostLock {
     /// caller refuses a `root` that is itself a data directory:
     /// `Host::open`.)
     pub fn open(root: &Path) -> Result<Arc<HostLock>> {
-        if !root.exists() {
+        let existed = root.exists();
+        if !existed {
             std::fs::create_dir_all(root)
                 .map_err(|e| Error::io(root, "create host directory", e))?;
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
                 fsync_dir(parent)?;
             }
-        } else {
-            crate::datadir::sync_name_of_existing(root)?;
         }
         let root = root
             .canonicalize()
             .map_err(|e| Error::io(root, "resolve host directory", e))?;
+        if existed {
+            crate::datadir::sync_name_of_existing(&root)?;
+        }
         let lock = match super::lock_root(&root) {
             Err(Error::Locked { path, .. }) => {
                 return Err(Error::Locked {

@@ -460,6 +460,19 @@ mod tests {
             reconcile(&cfg, &store, &no_deep).await,
             Err(Error::InvalidInput(_))
         ));
+        // A file under segment 5's name the journal does not record may be
+        // its bytes: not LOST, nothing marked or accepted (helper-79 F2).
+        let stray = cfg.data_dir.join("segments").join(sealed_file_name(SegmentId(5)));
+        std::fs::write(&stray, &good).unwrap();
+        let r = reconcile(&cfg, &store, &deep(true, vec![5])).await.unwrap();
+        let f = five(&r);
+        assert!(
+            f.iter().all(|f| !f.lost && !f.accepted_loss) && f.iter().any(|f| f.unresolved()),
+            "{f:#?}"
+        );
+        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
+        assert!(ms.load().await.unwrap().unwrap().damage(SegmentId(5)).is_none());
+        std::fs::remove_file(&stray).unwrap();
         // Marked LOST, then accepted; segment 2 (whole) is not accepted.
         reconcile(&cfg, &store, &deep(true, vec![])).await.unwrap();
         let r = reconcile(&cfg, &store, &deep(true, vec![5, 2])).await.unwrap();
@@ -473,7 +486,6 @@ mod tests {
             "{:#?}",
             r.findings
         );
-        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
         let m = ms.load().await.unwrap().unwrap();
         let note = m.damage(SegmentId(5)).unwrap();
         assert!(note.loss_accepted(), "{note:?}");

@@ -207,8 +207,17 @@ pub fn check_ttl(ttl: Duration, policy: &crate::retry::RetryPolicy) -> Result<()
     Ok(())
 }
 
-/// A wall-clock time for messages: `1970-01-01T00:00:10Z (in 4.2s)`.
+/// The latest time an RFC 3339 stamp can say (the end of year 9999), in
+/// ms since the Unix epoch: `humantime` panics past it.
+pub const RFC3339_MS_MAX: u64 = 253_402_300_799_999;
+
+/// A wall-clock time for messages: `1970-01-01T00:00:10Z (in 4.2s)`. A
+/// time past [`RFC3339_MS_MAX`] (read from a store: untrusted) is shown as
+/// its number.
 pub fn describe_time(ms: u64, now_ms: u64) -> String {
+    if ms > RFC3339_MS_MAX {
+        return format!("{ms} ms since the epoch (past year 9999)");
+    }
     let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
     let stamp = humantime::format_rfc3339_millis(at);
     if ms >= now_ms {
@@ -223,6 +232,14 @@ pub fn describe_time(ms: u64, now_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A time from a store past year 9999 is shown as a number, not a
+    /// panic of the formatter (helper-79 F1).
+    #[test]
+    fn a_time_past_year_9999_is_described_not_panicked_on() {
+        assert!(describe_time(u64::MAX, 5).contains("past year 9999"));
+        assert!(describe_time(RFC3339_MS_MAX, 5).starts_with("9999-12-31T23:59:59"));
+    }
 
     #[test]
     fn manual_clock_moves_only_when_told() {

@@ -200,6 +200,13 @@ mod tests {
         let mut not_lost = m.clone();
         not_lost.damaged[0].lost = false;
         assert!(encode_manifest(&not_lost).is_err() || decode_manifest(&encode_manifest(&not_lost).unwrap(), "s", 7, MAX).is_err());
+        assert!(acceptance_text(u64::MAX, "r").contains("ms since the epoch"));
+        let mut late = m.clone();
+        late.damaged[0].accepted.as_mut().unwrap().at_ms = ACCEPTED_MS_MAX + 1;
+        assert!(
+            encode_manifest(&late).is_err()
+                || decode_manifest(&encode_manifest(&late).unwrap(), "s", 7, MAX).is_err()
+        );
         let mut long = m.clone();
         long.damaged[0].accepted.as_mut().unwrap().reason = "x".repeat(DAMAGE_REASON_MAX + 1);
         assert!(encode_manifest(&long).is_err() || decode_manifest(&encode_manifest(&long).unwrap(), "s", 7, MAX).is_err());

@@ -100,10 +100,15 @@ impl TierIndex {
                             ),
                         ));
                     }
-                    let into = w.active_id().map_or(0, |a| a.0);
+                    // The segment the first entry went to (a drain opens
+                    // with no active segment: the first append makes it;
+                    // helper-79 F5: "from active segment 0 on").
+                    let mut into = None;
                     for e in &entries {
                         w.append_entry(*e)?;
+                        into = into.or(w.active_id());
                     }
+                    let into = into.map_or(0, |a| a.0);
                     w.flush()?;
                     let reason = format!(
                         "local sealed file without a journal record below the journal's \

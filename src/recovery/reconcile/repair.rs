@@ -91,6 +91,17 @@ pub(super) async fn repair_object(
     // these bytes must be in hand before the wrong object goes.
     let bytes = match upload::put::read_checked(&local, meta).await {
         Ok(b) => b,
+        // A copy there that this process cannot read (permissions, out of
+        // descriptors, an I/O error) is not "no copy": nothing is judged,
+        // and a loss is never recorded or accepted on it (helper-79 F2).
+        Err(Error::Io { source, .. }) if source.kind() != std::io::ErrorKind::NotFound => {
+            f.action = format!(
+                "not checked: the local copy at {} could not be read ({source}); nothing \
+                 deleted, nothing marked (run again as a user that can read it)",
+                local.display()
+            );
+            return f;
+        }
         Err(_) => {
             f.lost = true;
             f.action = format!(

@@ -178,11 +178,22 @@ impl Run<'_> {
             return Ok(());
         };
         let version = self.manifest.as_ref().map_or(0, |m| m.version);
+        // An id with two objects (two seals of it) is ambiguous: left to
+        // rule 4, and out of the batch, which the manifest writer would
+        // refuse whole (helper-79 F4: one stray object kept rule 2a's
+        // commits out on every run).
+        let mut per_id: BTreeMap<SegmentId, usize> = BTreeMap::new();
+        for o in self.ours.values() {
+            *per_id.entry(o.id).or_default() += 1;
+        }
+        let committing: BTreeSet<SegmentId> = self.to_commit.iter().map(|e| e.id).collect();
         let candidates: Vec<Listed> = self
             .ours
             .values()
             .filter(|o| {
                 o.id <= max
+                    && per_id.get(&o.id) == Some(&1)
+                    && !committing.contains(&o.id)
                     && !self.m_entries.contains_key(&o.id)
                     && self.view.get(o.id).is_none()
                     && !self.bad.contains(&o.key.to_string())
@@ -221,10 +232,12 @@ impl Run<'_> {
                 &k,
                 format!(
                     "listed in the store, at or below the journal's highest id ({max}), in \
-                     neither the journal nor manifest version {version}: a segment of this \
-                     data directory released and compacted out of the journal, which the \
-                     manifest no longer lists (rolled back, or restored from an older \
-                     backup); readers miss its {} entries",
+                     neither the journal nor manifest version {version}: most likely a \
+                     segment of this data directory released and compacted out of the \
+                     journal, which the manifest no longer lists (rolled back, or restored \
+                     from an older backup; another writer's object at such an id, with \
+                     offsets no listed entry has, looks the same); readers miss its {} \
+                     entries",
                     e.item_count
                 ),
             );

@@ -181,13 +181,21 @@ impl LossAcceptance {
     }
 }
 
-/// [`LossAcceptance::describe`] of its two fields.
+/// Latest acceptance time a manifest may carry: the end of year 9999 (ms
+/// since the Unix epoch), the last one an RFC 3339 time can say.
+pub const ACCEPTED_MS_MAX: u64 = crate::remote::lease::RFC3339_MS_MAX;
+
+/// [`LossAcceptance::describe`] of its two fields. A time past
+/// [`ACCEPTED_MS_MAX`] (refused when a manifest is read; helper-79 F1: it
+/// panicked the formatter) is shown as its number.
 pub fn acceptance_text(at_ms: u64, reason: &str) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
-    format!(
-        "loss accepted by an operator at {}: {reason:?}",
-        humantime::format_rfc3339_seconds(at)
-    )
+    let at = if at_ms <= ACCEPTED_MS_MAX {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+        humantime::format_rfc3339_seconds(t).to_string()
+    } else {
+        format!("{at_ms} ms since the epoch")
+    };
+    format!("loss accepted by an operator at {at}: {reason:?}")
 }
 
 /// `text` cut to at most `max` bytes at a char boundary.
@@ -363,6 +371,12 @@ pub(super) fn check_damage_notes(notes: &[DamageNote]) -> std::result::Result<()
                 return Err(format!(
                     "damage note of segment {} is accepted but not LOST",
                     d.id
+                ));
+            }
+            if a.at_ms > ACCEPTED_MS_MAX {
+                return Err(format!(
+                    "damage note of segment {} was accepted at {} ms, past year 9999",
+                    d.id, a.at_ms
                 ));
             }
             if a.reason.len() > DAMAGE_REASON_MAX {
