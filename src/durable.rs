@@ -464,6 +464,41 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// fsyncs the parent of `dir`, which existed before this open (gap 17:
+/// an earlier process may have been killed between its `mkdir` and the
+/// fsync). A parent this process may not read (mode `711`) cannot be
+/// opened to be synced: the name is older than this open, so a warning,
+/// not a refusal. A failed fsync is poison, as everywhere.
+pub fn sync_name_of_existing(dir: &Path) -> Result<()> {
+    // The directory that holds its real name: `dir` may be a symbolic link
+    // or `.` (helper-79 F6: the link's directory, or `dir` itself, was
+    // synced instead).
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let parent = match real.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => return Ok(()),
+    };
+    match fsync_dir(parent) {
+        Err(Error::Io { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            tracing::warn!(
+                directory = %parent.display(),
+                "cannot open {} to make {}'s name durable ({source}); its name is older than \
+                 this open, left to the file system",
+                parent.display(),
+                dir.display()
+            );
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// [`fsync_dir`] behind the failpoint `point` (an injected error is a failed
 /// fsync: [`Error::Poisoned`]).
 pub fn fsync_dir_at(point: &'static str, dir: &Path) -> Result<()> {

@@ -240,7 +240,7 @@ impl HostLock {
             .canonicalize()
             .map_err(|e| Error::io(root, "resolve host directory", e))?;
         if existed {
-            crate::datadir::sync_name_of_existing(&root)?;
+            crate::durable::sync_name_of_existing(&root)?;
         }
         let lock = match super::lock_root(&root) {
             Err(Error::Locked { path, .. }) => {
