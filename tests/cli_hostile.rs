@@ -1962,6 +1962,39 @@ fn verify_names_a_repair_that_finds_the_damage() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// A sandbox whose demo ran with `release_after_commit` and a journal
+/// compacted every 1 KiB (its `Released` records dropped soon), 300-item
+/// segments; `extra`: more demo arguments.
+fn compacting_sandbox(extra: &[&'static str]) -> Sandbox {
+    let sb = Sandbox::new();
+    std::fs::write(
+        sb.root.join("c.toml"),
+        "release_after_commit = true\njournal_compact_after_bytes = 1024\n",
+    )
+    .unwrap();
+    let mut args = vec![
+        "demo",
+        "--segment-items",
+        "300",
+        "--slots",
+        "64",
+        "--rate",
+        "1000000",
+    ];
+    args.extend_from_slice(extra);
+    let o = sb.run(&with_compacting_config(&args), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    sb
+}
+
+/// `extra` after the data directory, store and config of a
+/// [`compacting_sandbox`].
+fn with_compacting_config<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = vec![D, DD, "--store", "{store}", "--config", "{root}/c.toml"];
+    v.extend_from_slice(extra);
+    v
+}
+
 /// Committed segments the manifest lists that the journal no longer
 /// records (released, then compacted out of the journal) are checked by
 /// `verify` and `status --remote` too (helper-78 F2: "4 checked, 4 ok",
@@ -1971,33 +2004,8 @@ fn verify_names_a_repair_that_finds_the_damage() {
 /// report it and exit 0.
 #[test]
 fn released_segments_are_checked_and_a_loss_can_be_accepted() {
-    let sb = Sandbox::new();
-    let cfg = sb.root.join("c.toml");
-    std::fs::write(
-        &cfg,
-        "release_after_commit = true\njournal_compact_after_bytes = 1024\n",
-    )
-    .unwrap();
-    let with = |extra: &[&'static str]| {
-        let mut v: Vec<&str> = vec![D, DD, "--store", "{store}", "--config", "{root}/c.toml"];
-        v.extend_from_slice(extra);
-        v
-    };
-    let o = sb.run(
-        &with(&[
-            "demo",
-            "--segment-items",
-            "300",
-            "--slots",
-            "64",
-            "--entries",
-            "6000",
-            "--rate",
-            "1000000",
-        ]),
-        &[],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let sb = compacting_sandbox(&["--entries", "6000"]);
+    let with = with_compacting_config;
     let objs = sb.store_dir().join("stream-0").join("segments");
     let named = |id: u64| {
         std::fs::read_dir(&objs)
@@ -2111,34 +2119,8 @@ fn released_segments_are_checked_and_a_loss_can_be_accepted() {
 /// them again: every hit is back.
 #[test]
 fn a_rolled_back_manifest_is_found_and_repaired_after_compaction() {
-    let sb = Sandbox::new();
-    std::fs::write(
-        sb.root.join("c.toml"),
-        "release_after_commit = true\njournal_compact_after_bytes = 1024\n",
-    )
-    .unwrap();
-    let with = |extra: &[&'static str]| {
-        let mut v: Vec<&str> = vec![D, DD, "--store", "{store}", "--config", "{root}/c.toml"];
-        v.extend_from_slice(extra);
-        v
-    };
-    let o = sb.run(
-        &with(&[
-            "demo",
-            "--segment-items",
-            "300",
-            "--slots",
-            "64",
-            "--keys",
-            "4",
-            "--entries",
-            "9000",
-            "--rate",
-            "1000000",
-        ]),
-        &[],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let sb = compacting_sandbox(&["--keys", "4", "--entries", "9000"]);
+    let with = with_compacting_config;
     let hits = |o: &Output| -> u64 {
         let out = String::from_utf8_lossy(&o.stdout);
         out.lines()

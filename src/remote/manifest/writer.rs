@@ -154,6 +154,16 @@ impl ManifestWriter {
         Err(self.ms.too_many_conflicts(what))
     }
 
+    /// The next version of `base` with `damaged` as its damage notes.
+    fn with_notes(base: &Manifest, now: u64, damaged: Vec<DamageNote>) -> Result<Manifest> {
+        Ok(Manifest {
+            version: Self::next_version(base)?,
+            written_ms: now,
+            damaged,
+            ..base.clone()
+        })
+    }
+
     pub(super) fn next_version(base: &Manifest) -> Result<u64> {
         base.version.checked_add(1).ok_or_else(|| {
             Error::corrupt(format!("manifest {}", base.stream), "version at u64::MAX")
@@ -243,19 +253,14 @@ impl ManifestWriter {
                     damaged.insert(i, note.clone());
                 }
             }
-            Ok(Some(Manifest {
-                version: Self::next_version(base)?,
-                written_ms: now,
-                damaged,
-                ..base.clone()
-            }))
+            Ok(Some(Self::with_notes(base, now, damaged)?))
         })
         .await
     }
 
     /// Records an operator's acceptance of the loss of segment `id`, whose
     /// note must be LOST and listed under `key` (the caller proved no
-    /// intact copy is held: `tierindex accept-loss`). An accepted note
+    /// intact copy is held: `tierindex reconcile --accept-loss`). An accepted note
     /// writes nothing; readers go on skipping the segment.
     pub async fn accept_loss(&mut self, id: SegmentId, key: &str, reason: &str) -> Result<Option<u64>> {
         self.check_alive()?;
@@ -283,12 +288,7 @@ impl ManifestWriter {
                 at_ms: now,
                 reason: reason.clone(),
             });
-            Ok(Some(Manifest {
-                version: Self::next_version(base)?,
-                written_ms: now,
-                damaged,
-                ..base.clone()
-            }))
+            Ok(Some(Self::with_notes(base, now, damaged)?))
         })
         .await
     }
@@ -300,17 +300,8 @@ impl ManifestWriter {
             if base.damage(id).is_none() {
                 return Ok(None);
             }
-            Ok(Some(Manifest {
-                version: Self::next_version(base)?,
-                written_ms: now,
-                damaged: base
-                    .damaged
-                    .iter()
-                    .filter(|d| d.id != id)
-                    .cloned()
-                    .collect(),
-                ..base.clone()
-            }))
+            let damaged = base.damaged.iter().filter(|d| d.id != id).cloned().collect();
+            Ok(Some(Self::with_notes(base, now, damaged)?))
         })
         .await
     }
