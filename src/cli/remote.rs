@@ -436,7 +436,8 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
         }
         for id in &o.accepted_losses {
             s.push_str(&format!(
-                "\n  segment {id:020}: LOST, the loss accepted by an operator (not checked)"
+                "\n  segment {id:020}: LOST, its loss accepted by an operator (read: still \
+                 missing or damaged; `tierindex status --remote` says when and why)"
             ));
         }
         for m in &o.manifest {

@@ -473,6 +473,17 @@ mod tests {
         let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
         assert!(ms.load().await.unwrap().unwrap().damage(SegmentId(5)).is_none());
         std::fs::remove_file(&stray).unwrap();
+        // Nor one in quarantine/, where tierindex moves sealed files
+        // (helper-80 F2).
+        let q = cfg.data_dir.join("quarantine");
+        std::fs::create_dir_all(&q).unwrap();
+        let stray = q.join(format!("{}.1234", sealed_file_name(SegmentId(5))));
+        std::fs::write(&stray, &good).unwrap();
+        let r = reconcile(&cfg, &store, &deep(true, vec![5])).await.unwrap();
+        let f = five(&r);
+        assert!(f.iter().all(|f| !f.lost && !f.accepted_loss), "{f:#?}");
+        assert!(ms.load().await.unwrap().unwrap().damage(SegmentId(5)).is_none());
+        std::fs::remove_file(&stray).unwrap();
         // Marked LOST, then accepted; segment 2 (whole) is not accepted.
         reconcile(&cfg, &store, &deep(true, vec![])).await.unwrap();
         let r = reconcile(&cfg, &store, &deep(true, vec![5, 2])).await.unwrap();
@@ -544,6 +555,30 @@ mod tests {
         let m = ms.load().await.unwrap().unwrap();
         let ids: Vec<u64> = ms.all_segments(&m).await.unwrap().iter().map(|e| e.id.0).collect();
         assert!(!ids.contains(&1), "{ids:?}");
+    }
+
+    /// Rule 2d never commits an object at id 0 (no data directory gives
+    /// it out; helper-80 F1), however valid its bytes.
+    #[tokio::test]
+    async fn an_object_at_id_0_is_not_committed_again() {
+        let (_tmp, cfg, store) = rig(true).await;
+        with_quarantined_4(&cfg, &store).await;
+        let entries: Vec<Entry> = (0..20)
+            .map(|i| Entry {
+                key_hash: i % 5,
+                offset: 7_000 + i,
+                size: 10,
+                timestamp_ms: 1_000 + i,
+            })
+            .collect();
+        let (bytes, meta) = build_sealed(SegmentId(0), 1, 2, 8, &entries).unwrap();
+        put(&store, &store.segment_key(STREAM, &meta), &bytes).await;
+        reconcile(&cfg, &store, &opts(true, Duration::ZERO)).await.unwrap();
+        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        let ids: Vec<u64> = ms.all_segments(&m).await.unwrap().iter().map(|e| e.id.0).collect();
+        assert!(!ids.contains(&0), "{ids:?}");
+        assert!(ids.contains(&1), "the rig's segment 1 is committed again: {ids:?}");
     }
 
     #[tokio::test]

@@ -173,8 +173,7 @@ impl<'a> Run<'a> {
                 // record (its record compacted away, or a journal rebuilt)
                 // may be these very bytes: not LOST, so never marked or
                 // accepted as lost while it is there (helper-79 F2).
-                let local = self.seg_dir.join(sealed_file_name(e.id));
-                if std::fs::symlink_metadata(&local).is_ok() {
+                if let Some(local) = local_files_named(&self.seg_dir, e.id).first() {
                     f.action = format!(
                         "not judged: the journal records no local copy of these bytes, but {} \
                          exists; `tierindex inspect` it: if it is this segment ({} bytes, \
@@ -335,4 +334,32 @@ impl<'a> Run<'a> {
 /// The grace period in milliseconds.
 pub(super) fn grace_ms(opts: &ReconcileOptions) -> u64 {
     u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Files that may hold segment `id`'s bytes though the journal records no
+/// copy: `segments/<id>.seg` and anything in the data directory's
+/// `quarantine/` whose name starts with the id (where tierindex moves
+/// sealed files and never deletes them; helper-80 F2: a loss was accepted
+/// over an intact copy there). `seg_dir` is the data directory's
+/// `segments/`.
+pub(super) fn local_files_named(seg_dir: &FsPath, id: SegmentId) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let own = seg_dir.join(sealed_file_name(id));
+    if std::fs::symlink_metadata(&own).is_ok() {
+        out.push(own);
+    }
+    let prefix = format!("{:020}", id.0);
+    if let Some(q) = seg_dir.parent().map(|d| d.join(crate::datadir::QUARANTINE_DIR))
+        && let Ok(rd) = std::fs::read_dir(&q)
+    {
+        // Bounded: a quarantine holds what an operator left there.
+        for e in rd.flatten().take(100_000) {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix) && !name.ends_with(".json") {
+                out.push(e.path());
+            }
+        }
+    }
+    out
 }
