@@ -1995,6 +1995,16 @@ fn with_compacting_config<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
+/// A `--reason` longer than the manifest keeps (512 bytes).
+const LONG_REASON: &str = concat!(
+    "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+    "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+    "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+    "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+    "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+    "0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789",
+);
+
 /// Committed segments the manifest lists that the journal no longer
 /// records (released, then compacted out of the journal) are checked by
 /// `verify` and `status --remote` too (helper-78 F2: "4 checked, 4 ok",
@@ -2052,6 +2062,15 @@ fn released_segments_are_checked_and_a_loss_can_be_accepted() {
     for args in [
         &["reconcile", "--deep", "--repair", "--accept-loss", "5"][..],
         &["reconcile", "--deep", "--accept-loss", "5", "--reason", "r"][..],
+        &[
+            "reconcile",
+            "--deep",
+            "--repair",
+            "--accept-loss",
+            "5",
+            "--reason",
+            LONG_REASON,
+        ][..],
     ] {
         let o = sb.run(&with(args), &[]);
         assert!(

@@ -1007,6 +1007,15 @@ pub async fn reconcile(
                     .into(),
             ));
         }
+        if let Some(r) = accept.reason.as_deref()
+            && r.len() > crate::remote::manifest::DAMAGE_REASON_MAX
+        {
+            return Err(Error::InvalidInput(format!(
+                "--reason is {} bytes; at most {} are kept in the manifest: shorten it",
+                r.len(),
+                crate::remote::manifest::DAMAGE_REASON_MAX
+            )));
+        }
         if accept.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
             return Err(Error::InvalidInput(
                 "--accept-loss needs --reason TEXT (why the loss is accepted; kept in the \
