@@ -516,6 +516,28 @@ mod tests {
         assert!(m.damage(SegmentId(5)).is_none(), "{:?}", m.damaged);
     }
 
+    /// A valid sealed object of 20 entries from offset `from`, put under
+    /// segment `id`'s key.
+    async fn plant(store: &RemoteStore, id: u64, from: u64) {
+        let entries: Vec<Entry> = (0..20)
+            .map(|i| Entry {
+                key_hash: i % 5,
+                offset: from + i,
+                size: 10,
+                timestamp_ms: 1_000 + i,
+            })
+            .collect();
+        let (bytes, meta) = build_sealed(SegmentId(id), 1, 2, 8, &entries).unwrap();
+        put(store, &store.segment_key(STREAM, &meta), &bytes).await;
+    }
+
+    /// The ids the stream's manifest lists now.
+    async fn committed_ids(store: &RemoteStore, cfg: &Config) -> Vec<u64> {
+        let ms = ManifestStore::reader(store, STREAM, cfg.manifest_options()).unwrap();
+        let m = ms.load().await.unwrap().unwrap();
+        ms.all_segments(&m).await.unwrap().iter().map(|e| e.id.0).collect()
+    }
+
     /// Rule 2d does not commit again an unreferenced object whose offsets
     /// overlap a listed entry's (another seal of entries the manifest
     /// holds: a second writer on the stream): kept and reported, as
@@ -531,16 +553,7 @@ mod tests {
             .delete(&store.segment_key(STREAM, &sealed(1).1))
             .await
             .unwrap();
-        let entries: Vec<Entry> = (0..20)
-            .map(|i| Entry {
-                key_hash: i % 5,
-                offset: 200 + i,
-                size: 10,
-                timestamp_ms: 1_000 + i,
-            })
-            .collect();
-        let (bytes, meta) = build_sealed(SegmentId(1), 1, 2, 8, &entries).unwrap();
-        put(&store, &store.segment_key(STREAM, &meta), &bytes).await;
+        plant(&store, 1, 200).await;
         let r = reconcile(&cfg, &store, &opts(true, Duration::from_secs(3600)))
             .await
             .unwrap();
@@ -551,9 +564,7 @@ mod tests {
             "{:#?}",
             r.findings
         );
-        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
-        let m = ms.load().await.unwrap().unwrap();
-        let ids: Vec<u64> = ms.all_segments(&m).await.unwrap().iter().map(|e| e.id.0).collect();
+        let ids = committed_ids(&store, &cfg).await;
         assert!(!ids.contains(&1), "{ids:?}");
     }
 
@@ -563,20 +574,9 @@ mod tests {
     async fn an_object_at_id_0_is_not_committed_again() {
         let (_tmp, cfg, store) = rig(true).await;
         with_quarantined_4(&cfg, &store).await;
-        let entries: Vec<Entry> = (0..20)
-            .map(|i| Entry {
-                key_hash: i % 5,
-                offset: 7_000 + i,
-                size: 10,
-                timestamp_ms: 1_000 + i,
-            })
-            .collect();
-        let (bytes, meta) = build_sealed(SegmentId(0), 1, 2, 8, &entries).unwrap();
-        put(&store, &store.segment_key(STREAM, &meta), &bytes).await;
+        plant(&store, 0, 7_000).await;
         reconcile(&cfg, &store, &opts(true, Duration::ZERO)).await.unwrap();
-        let ms = ManifestStore::reader(&store, STREAM, cfg.manifest_options()).unwrap();
-        let m = ms.load().await.unwrap().unwrap();
-        let ids: Vec<u64> = ms.all_segments(&m).await.unwrap().iter().map(|e| e.id.0).collect();
+        let ids = committed_ids(&store, &cfg).await;
         assert!(!ids.contains(&0), "{ids:?}");
         assert!(ids.contains(&1), "the rig's segment 1 is committed again: {ids:?}");
     }
