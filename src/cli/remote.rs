@@ -1255,7 +1255,10 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
             .filter_map(|o| o.location.filename())
             .filter_map(crate::remote::keys::parse_segment_object_name)
             .filter(|(id, _)| {
-                *id <= max && view.get(*id).is_none() && !listed_in_manifest.contains_key(id)
+                id.0 >= 1
+                    && *id <= max
+                    && view.get(*id).is_none()
+                    && !listed_in_manifest.contains_key(id)
             })
             .count();
     }
@@ -1399,8 +1402,8 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
                 "\nremote: {} segment object(s) at or below the journal's highest id that \
                  neither the journal nor the manifest names: released segments the manifest no \
                  longer lists (rolled back or restored?); readers miss their entries. next: \
-                 `tierindex reconcile --repair` (broker stopped) commits them again after \
-                 checking each one's footer",
+                 `tierindex reconcile --repair` (broker stopped) commits again each one that \
+                 reads whole and overlaps no listed entry, and reports the others",
                 r.not_in_manifest_unjournaled
             ));
         }
