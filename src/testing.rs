@@ -1091,6 +1091,20 @@ pub async fn canned_http(answers: Vec<(u16, &'static str, String)>) -> CannedHtt
     CannedHttp { endpoint, seen }
 }
 
+/// `*.active` files in `data_dir/segments` now.
+pub fn active_files(data_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(data_dir.join("segments"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".active")
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,18 +20,7 @@ fn descriptor_targets() -> Vec<String> {
     v
 }
 
-fn active_files(data_dir: &Path) -> usize {
-    std::fs::read_dir(data_dir.join("segments"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".active")
-        })
-        .count()
-}
+use tierindex::testing::active_files;
 
 /// Descriptors a stream keeps: its data directory's lock.
 const PER_STREAM: usize = 1;

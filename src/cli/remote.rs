@@ -1255,10 +1255,12 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
             .filter_map(|o| o.location.filename())
             .filter_map(crate::remote::keys::parse_segment_object_name)
             .filter(|(id, _)| {
-                id.0 >= 1
-                    && *id <= max
-                    && view.get(*id).is_none()
-                    && !listed_in_manifest.contains_key(id)
+                crate::recovery::reconcile::manifest_lost_released(
+                    *id,
+                    max,
+                    view.get(*id).is_some(),
+                    listed_in_manifest.contains_key(id),
+                )
             })
             .count();
     }

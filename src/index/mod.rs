@@ -1226,18 +1226,7 @@ mod tests {
     /// first append, which creates it; a close with none leaves none.
     #[test]
     fn without_an_active_at_open_the_first_append_creates_it() {
-        let actives = |d: &Path| {
-            std::fs::read_dir(d.join("segments"))
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .ends_with(".active")
-                })
-                .count()
-        };
+        let actives = crate::testing::active_files;
         let d = tempfile::tempdir().unwrap();
         let lazy = IndexConfig {
             active_at_open: false,

@@ -87,6 +87,7 @@ mod repair;
 mod report;
 mod rule_damage;
 mod rule_manifest;
+pub use rule_manifest::manifest_lost_released;
 mod rule_objects;
 mod run;
 

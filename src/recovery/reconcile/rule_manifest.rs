@@ -191,15 +191,15 @@ impl Run<'_> {
             .ours
             .values()
             .filter(|o| {
-                // Ids start at 1: no data directory gives out 0 (helper-80
-                // F1: a planted object at id 0 was committed).
-                o.id.0 >= 1
-                    && o.id <= max
+                manifest_lost_released(
+                    o.id,
+                    max,
+                    self.view.get(o.id).is_some(),
+                    self.m_entries.contains_key(&o.id),
+                )
                     && o.size <= crate::segment::format::max_sealed_len()
                     && per_id.get(&o.id) == Some(&1)
                     && !committing.contains(&o.id)
-                    && !self.m_entries.contains_key(&o.id)
-                    && self.view.get(o.id).is_none()
                     && !self.bad.contains(&o.key.to_string())
             })
             .cloned()
@@ -419,4 +419,14 @@ impl Run<'_> {
             Err(e) => Ok(Err(e.to_string())),
         }
     }
+}
+
+/// Rule 2d's question of a listed segment object, also asked by `status
+/// --remote` (they disagreed once: helper-79 F7): may it be one of this
+/// data directory's segments, released and compacted out of the journal
+/// (`journaled`: the journal records the id), that the manifest no longer
+/// lists (`listed`)? Ids start at 1 (no data directory gives out 0:
+/// helper-80 F1) and go up to the journal's highest, `max`.
+pub fn manifest_lost_released(id: SegmentId, max: SegmentId, journaled: bool, listed: bool) -> bool {
+    id.0 >= 1 && id <= max && !journaled && !listed
 }
