@@ -79,10 +79,14 @@ fn transient(err: &object_store::Error) -> Option<bool> {
                 | K::NotConnected => return Some(true),
                 // A name too long stays too long (helper-61: retried, and
                 // the run promised an upload at the next start).
+                // A directory where an object belongs stays there
+                // (helper-78 F5: a repair looped on it).
                 K::PermissionDenied
                 | K::ReadOnlyFilesystem
                 | K::InvalidInput
-                | K::InvalidFilename => {
+                | K::InvalidFilename
+                | K::IsADirectory
+                | K::NotADirectory => {
                     return Some(false);
                 }
                 _ => {}

@@ -5,7 +5,11 @@
 //! a thread the runtime then waited for: `lookup --remote` and `verify`
 //! hung, and a drain ran far past its deadline (helper-52, session 27). A
 //! device or a socket is refused the same way; a directory keeps
-//! `LocalFileSystem`'s own answer.
+//! `LocalFileSystem`'s own answer to a read (not found). A write to a key
+//! where a directory stands is refused with a message naming it: the
+//! store's `AlreadyExists` for it, then not found on the read that
+//! followed, had made `reconcile --repair` loop with no word about the
+//! directory (helper-78 F5).
 
 use std::fmt;
 use std::ops::Range;
@@ -54,6 +58,33 @@ impl RegularFiles {
             .into(),
         })
     }
+
+    /// `Err` when a directory stands where `location`'s object would be
+    /// written: no write replaces it, and no retry changes that (the
+    /// error's cause is an `IsADirectory` I/O error, which
+    /// [`crate::remote::classify`] treats as permanent).
+    fn check_target(&self, location: &Path) -> Result<()> {
+        let path = self.0.path_to_filesystem(location)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => Err(directory_in_the_way(&path)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The error for a directory where an object belongs.
+pub(crate) fn directory_in_the_way(path: &std::path::Path) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: Box::new(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            format!(
+                "{} is a directory where an object belongs (tierindex never makes one \
+                 there): move it out of the store's directory, then run the command again",
+                path.display()
+            ),
+        )),
+    }
 }
 
 #[async_trait]
@@ -64,6 +95,7 @@ impl ObjectStore for RegularFiles {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
+        self.check_target(location)?;
         self.0.put_opts(location, payload, opts).await
     }
 
@@ -72,6 +104,7 @@ impl ObjectStore for RegularFiles {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
+        self.check_target(location)?;
         self.0.put_multipart_opts(location, opts).await
     }
 
@@ -110,11 +143,13 @@ impl ObjectStore for RegularFiles {
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
         self.check(from)?;
+        self.check_target(to)?;
         self.0.copy_opts(from, to, options).await
     }
 
     // The store's own (atomic) rename, not the trait's copy-then-delete.
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
+        self.check_target(to)?;
         self.0.rename_opts(from, to, options).await
     }
 }
@@ -150,5 +185,35 @@ mod tests {
             s.get(&Path::from("a/none")).await,
             Err(object_store::Error::NotFound { .. })
         ));
+    }
+
+    /// helper-78 F5: a directory where an object belongs made every create
+    /// answer AlreadyExists and every read "not found", and a repair loop.
+    /// A write names the directory, and no retry is spent on it.
+    #[tokio::test]
+    async fn a_write_over_a_directory_names_it_and_is_not_retried() {
+        let d = tempfile::tempdir().unwrap();
+        let s = RegularFiles(LocalFileSystem::new_with_prefix(d.path()).unwrap());
+        std::fs::create_dir_all(d.path().join("a/obj")).unwrap();
+        std::fs::write(d.path().join("a/obj/child"), b"hi").unwrap();
+        let key = Path::from("a/obj");
+        let create = PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        let e = s
+            .put_opts(&key, PutPayload::from_static(b"x"), create)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("is a directory where an object"), "{e}");
+        let e = crate::remote::classify(e);
+        assert!(matches!(e, crate::Error::Remote(_)), "{e:?}");
+        assert!(s.put_multipart_opts(&key, Default::default()).await.is_err());
+        let mp = super::super::local_multipart::LocalMultipart::new(d.path().to_path_buf());
+        use object_store::multipart::MultipartStore as _;
+        let e = mp.create_multipart(&key).await.unwrap_err();
+        assert!(e.to_string().contains("is a directory where an object"), "{e}");
+        // Nothing under the directory was touched.
+        assert_eq!(std::fs::read(d.path().join("a/obj/child")).unwrap(), b"hi");
     }
 }

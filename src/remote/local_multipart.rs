@@ -121,6 +121,15 @@ impl LocalMultipart {
     }
 }
 
+/// A directory where the object belongs: no rename replaces it (see
+/// [`super::local_fs::directory_in_the_way`]).
+fn refuse_directory(dst: &FsPath) -> object_store::Result<()> {
+    match std::fs::symlink_metadata(dst) {
+        Ok(m) if m.is_dir() => Err(super::local_fs::directory_in_the_way(dst)),
+        _ => Ok(()),
+    }
+}
+
 fn io_err(path: &FsPath, e: std::io::Error) -> object_store::Error {
     if e.kind() == std::io::ErrorKind::NotFound {
         object_store::Error::NotFound {
@@ -181,7 +190,9 @@ impl MultipartStore for LocalMultipart {
         let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let dir = self.upload_dir(&id)?;
         let key = path.to_string();
+        let dst = self.object_path(path);
         blocking(move || {
+            refuse_directory(&dst)?;
             std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
             write_durably(&dir.join("key.tmp"), &dir.join("key"), &[key.as_bytes()])?;
             Ok(id)
@@ -249,6 +260,7 @@ impl MultipartStore for LocalMultipart {
                 let f = dir.join(format!("{i:06}"));
                 bodies.push(std::fs::read(&f).map_err(|e| io_err(&f, e))?);
             }
+            refuse_directory(&dst)?;
             let chunks: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
             // The object appears whole or not at all; its tmp stays inside
             // the upload directory, never next to other objects.
