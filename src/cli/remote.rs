@@ -123,6 +123,36 @@ fn store_problem(store: &RemoteStore, cfg: &Config, e: &object_store::Error) -> 
         ));
     }
     if let Some(kind) = transport_failure(e) {
+        // Without keys in the environment the first request fetches
+        // credentials, and its transport failure reads the same as the
+        // store's (helper-78 F6: a failed STS exchange was reported as
+        // "cannot reach the store ... check --endpoint"). object_store hides
+        // that request's URL, so name both.
+        use crate::remote::CredentialSource as C;
+        let service = match store.credential_source() {
+            C::Direct => None,
+            C::WebIdentity => Some((
+                "STS",
+                "the web-identity exchange of AWS_WEB_IDENTITY_TOKEN_FILE for AWS_ROLE_ARN, at \
+                 AWS_ENDPOINT_URL_STS or else sts.<region>.amazonaws.com",
+            )),
+            C::Container => Some((
+                "the container credential endpoint",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            )),
+            C::Instance => Some((
+                "the instance metadata service",
+                "169.254.169.254, tried because no credentials are set",
+            )),
+        };
+        if let Some((service, detail)) = service {
+            return Error::Remote(format!(
+                "{url}{at}: cannot reach the store or {service}, from which its credentials \
+                 come ({detail}) ({kind}): check --endpoint and that the server is running, \
+                 and that this host reaches {service}, or set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY instead; nothing was read or changed"
+            ));
+        }
         return Error::Remote(format!(
             "{url}{at}: cannot reach the store ({kind}): check --endpoint and that the \
              server is running; nothing was read or changed"
@@ -1498,5 +1528,54 @@ mod tests {
         assert!(says(refused).contains("cannot reach the store"));
         // Anything else keeps the general classification.
         assert!(says(generic("something odd")).contains("something odd"));
+    }
+
+    /// helper-78 F6: without keys the first request fetches credentials,
+    /// and a transport failure there names that service too, not only the
+    /// endpoint.
+    #[test]
+    fn a_transport_failure_names_the_credential_service_it_may_be() {
+        let refused = || object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(object_store::client::HttpError::new(
+                object_store::client::HttpErrorKind::Connect,
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            )),
+        };
+        let var = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let ep = var("AWS_ENDPOINT_URL", "http://127.0.0.1:9");
+        let cases = [
+            (
+                vec![
+                    ep.clone(),
+                    var("AWS_WEB_IDENTITY_TOKEN_FILE", "/t"),
+                    var("AWS_ROLE_ARN", "arn:aws:iam::1:role/x"),
+                ],
+                "STS",
+            ),
+            (
+                vec![
+                    ep.clone(),
+                    var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "/v2/creds"),
+                ],
+                "container credential endpoint",
+            ),
+        ];
+        for (env, service) in cases {
+            let store = RemoteStore::from_url_with_env(
+                "s3://bkt/p",
+                &crate::remote::StoreOptions::default(),
+                &env,
+            )
+            .unwrap();
+            let m = store_problem(&store, &Config::default(), &refused()).to_string();
+            assert!(m.contains("cannot reach the store or"), "{m}");
+            assert!(m.contains(service), "{m}");
+            assert!(!m.contains("arn:aws"), "{m}");
+        }
+        // Keys in the environment: no credential request, the old message.
+        let (store, cfg) = s3();
+        let m = store_problem(&store, &cfg, &refused()).to_string();
+        assert!(m.contains("cannot reach the store ("), "{m}");
     }
 }

@@ -97,6 +97,7 @@ impl RemoteStore {
                 rs.prefix = prefix;
                 rs.uploads = UploadLister::S3(Arc::new(lister));
                 rs.unsigned_body = body;
+                rs.credentials = credential_source(env);
                 Ok(rs)
             }
         }
@@ -374,6 +375,27 @@ fn env_proxy(env: &[(String, String)]) -> bool {
             || std::env::var_os(name.to_ascii_uppercase()).is_some_and(|v| !v.is_empty())
     };
     NAMES.iter().any(|n| set(n))
+}
+
+/// Which credential provider object_store's S3 builder picks from `env`,
+/// in its order: keys, web identity, container, instance metadata.
+fn credential_source(env: &[(String, String)]) -> CredentialSource {
+    let set = |name: &str| env.iter().any(|(k, v)| k == name && !v.is_empty());
+    let skip = env
+        .iter()
+        .any(|(k, v)| k == "AWS_SKIP_SIGNATURE" && parse_flag(v));
+    if skip || set("AWS_ACCESS_KEY_ID") || set("AWS_SECRET_ACCESS_KEY") {
+        CredentialSource::Direct
+    } else if set("AWS_WEB_IDENTITY_TOKEN_FILE") && set("AWS_ROLE_ARN") {
+        CredentialSource::WebIdentity
+    } else if set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || (set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+            && set("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"))
+    {
+        CredentialSource::Container
+    } else {
+        CredentialSource::Instance
+    }
 }
 
 /// Variables through which object_store finds credentials other than the

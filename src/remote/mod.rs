@@ -181,6 +181,27 @@ pub struct RemoteStore {
     /// only), so one capability probe serves every stream opened on it
     /// ([`probe::probe_shared`]). `None` for stores built from parts.
     probe_key: Option<u64>,
+    /// S3 only: where object_store takes its credentials from (chosen
+    /// from the environment as its builder chooses), so a failed first
+    /// request can name the credential service it could not reach.
+    credentials: CredentialSource,
+}
+
+/// Where an S3 store's credentials come from, in object_store's order of
+/// preference. Names only, never values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CredentialSource {
+    /// Not S3, or keys in the environment, or unsigned requests: no
+    /// request before the store's own.
+    Direct,
+    /// `AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN`: a web-identity
+    /// exchange with STS (`AWS_ENDPOINT_URL_STS`, else AWS's STS).
+    WebIdentity,
+    /// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` or `..._FULL_URI`: the
+    /// container's credential endpoint.
+    Container,
+    /// None of them: the EC2 instance metadata service.
+    Instance,
 }
 
 impl fmt::Debug for RemoteStore {
@@ -223,12 +244,18 @@ impl RemoteStore {
             // LocalFileSystem refuses object metadata (NotImplemented).
             metadata_ok: Arc::new(AtomicBool::new(kind != StoreKind::Local)),
             probe_key: None,
+            credentials: CredentialSource::Direct,
         }
     }
 
     /// See the field: which probe answers this store may share.
     pub(crate) fn probe_key(&self) -> Option<u64> {
         self.probe_key
+    }
+
+    /// See the field.
+    pub(crate) fn credential_source(&self) -> CredentialSource {
+        self.credentials
     }
 
     /// The store's URL without credentials, for logs and status output.
