@@ -582,6 +582,46 @@ mod tests {
         assert!(ids.contains(&1), "the rig's segment 1 is committed again: {ids:?}");
     }
 
+    /// Rule 2d leaves an id with two objects (two seals of it, one maybe
+    /// another writer's) to rule 4, and out of the batch the manifest
+    /// writer would refuse whole (helper-79 F4): nothing at that id is
+    /// committed, both objects stay, and the run's commit goes through.
+    #[tokio::test]
+    async fn an_id_with_two_objects_is_not_committed_again() {
+        let (_tmp, cfg, store) = rig(true).await;
+        with_quarantined_4(&cfg, &store).await;
+        // A second object at the rig's id 1, offsets no entry has.
+        plant(&store, 1, 9_000).await;
+        let before = keys_left(&store).await;
+        let ones = before
+            .iter()
+            .filter(|k| k.contains("/00000000000000000001-"))
+            .count();
+        assert_eq!(ones, 2, "{before:?}");
+        let r = reconcile(&cfg, &store, &opts(true, Duration::ZERO))
+            .await
+            .unwrap();
+        assert!(
+            !r.findings
+                .iter()
+                .any(|f| f.segment == Some(1) && f.kind == FindingKind::ManifestLostEntries),
+            "{:#?}",
+            r.findings
+        );
+        let ids = committed_ids(&store, &cfg).await;
+        assert!(!ids.contains(&1), "{ids:?}");
+        assert!(ids.contains(&2) && ids.contains(&3), "{ids:?}");
+        let after = keys_left(&store).await;
+        assert_eq!(
+            after
+                .iter()
+                .filter(|k| k.contains("/00000000000000000001-"))
+                .count(),
+            2,
+            "{after:?}"
+        );
+    }
+
     #[tokio::test]
     async fn single_writer_mode_deletes_nothing_and_says_whose_it_is_not() {
         let (_tmp, cfg, store) = rig(false).await;
