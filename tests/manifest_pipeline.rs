@@ -1398,3 +1398,57 @@ async fn adopt_unjournaled_adopts_nothing_while_the_store_cannot_say() {
     let r = ti.shutdown(Duration::from_secs(20)).await;
     assert!(r.fully_drained(), "{r:?}");
 }
+
+/// helper-81 F1: a default-mode broker started beside a running
+/// single-writer (`manifest = false`) broker of the same stream was not
+/// refused; both exited 0, and the manifest it started hid every entry of
+/// the other from the stream's readers. Its first take now refuses while
+/// segment objects it did not write are younger than `reconcile_grace_ms`,
+/// writes nothing to the store, and names the way out; older ones only
+/// warn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_manifest_beside_a_recent_single_writer_is_refused() {
+    let rig = Rig::new(81);
+    let single = Config {
+        manifest: false,
+        ..config(rig.data("a"), "owner-a")
+    };
+    let ti = open(&single, rig.remote(), None).await.unwrap();
+    write(&ti, 0..(ITEMS as u64 * 3));
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    let before: Vec<String> = {
+        use futures::TryStreamExt as _;
+        let mut v: Vec<String> = rig
+            .remote()
+            .object_store()
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        v.sort();
+        v
+    };
+    assert!(before.len() >= 3, "{before:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let b = config(rig.data("b"), "owner-b");
+    let e = match open(&b, rig.remote(), Some(ManualClock::new(now))).await {
+        Ok(_) => panic!("a first manifest beside a recent single-writer broker was taken"),
+        Err(e) => e,
+    };
+    assert!(matches!(e, Error::Claimed(_)), "{e}");
+    let m = e.to_string();
+    assert!(m.contains("single-writer mode"), "{m}");
+    assert!(m.contains("owner take"), "{m}");
+    assert!(rig.manifest_store().load().await.unwrap().is_none());
+    // The single-writer broker's objects past the grace: taken, with a
+    // warning (its objects wait for `reconcile --repair`).
+    let later = ManualClock::new(now + b.reconcile_grace_ms + 60_000);
+    let ti = open(&b, rig.remote(), Some(later)).await.unwrap();
+    drop(ti);
+    assert!(rig.manifest_store().load().await.unwrap().is_some());
+}

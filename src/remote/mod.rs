@@ -151,6 +151,17 @@ pub enum MultipartListing {
 /// [`RemoteStore::max_listed_segment_id`]).
 pub const MAX_LISTED_SEGMENT_ID: u64 = (1 << 63) - 1;
 
+/// What [`RemoteStore::listed_segments_above`] found.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ListedSegments {
+    /// Objects (several seals of one id count each).
+    pub count: u64,
+    /// The first few of their ids (at most 8), for a message.
+    pub first_ids: Vec<SegmentId>,
+    /// The newest one's last-modified time (ms since the epoch; 0 for none).
+    pub newest_ms: u64,
+}
+
 /// Who lists incomplete multipart uploads for a [`RemoteStore`].
 #[derive(Clone, Debug)]
 enum UploadLister {
@@ -422,6 +433,46 @@ impl RemoteStore {
         stream: &str,
         from: Option<SegmentId>,
     ) -> Result<Option<SegmentId>> {
+        let mut max = from;
+        self.scan_listed_segments(stream, from, |id, _| max = max.max(Some(id)))
+            .await?;
+        Ok(max)
+    }
+
+    /// The segment objects listed under `stream`'s segments folder whose
+    /// ids are above `above` (all of them with `None`): how many, and
+    /// when the newest was written (the store's clock, ms since the
+    /// epoch). One LIST (paged), no retries: the caller bounds it.
+    pub(crate) async fn listed_segments_above(
+        &self,
+        stream: &str,
+        above: Option<SegmentId>,
+    ) -> Result<ListedSegments> {
+        let mut out = ListedSegments::default();
+        self.scan_listed_segments(stream, above, |id, meta| {
+            if above.is_none_or(|a| id > a) {
+                out.count += 1;
+                let ms = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+                out.newest_ms = out.newest_ms.max(ms);
+                if out.first_ids.len() < 8 && out.first_ids.last() != Some(&id) {
+                    out.first_ids.push(id);
+                }
+            }
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Calls `f` for each segment object listed under `stream`'s segments
+    /// folder at or above `from`'s key (keys sort by their zero-padded
+    /// id). Keys of another shape are skipped, and ids above
+    /// [`MAX_LISTED_SEGMENT_ID`] with a warning.
+    async fn scan_listed_segments(
+        &self,
+        stream: &str,
+        from: Option<SegmentId>,
+        mut f: impl FnMut(SegmentId, &object_store::ObjectMeta),
+    ) -> Result<()> {
         use futures::StreamExt as _;
         let prefix = self.segments_prefix(stream)?;
         let mut list = match from {
@@ -431,7 +482,6 @@ impl RemoteStore {
             }
             None => self.store.list(Some(&prefix)),
         };
-        let mut max = from;
         while let Some(item) = list.next().await {
             let meta = item.map_err(classify)?;
             if let Some((id, _)) = self.parse_segment_key(&meta.location) {
@@ -446,10 +496,10 @@ impl RemoteStore {
                     );
                     continue;
                 }
-                max = max.max(Some(id));
+                f(id, &meta);
             }
         }
-        Ok(max)
+        Ok(())
     }
 
     /// The incomplete multipart uploads whose key lies under `prefix` (a

@@ -34,11 +34,16 @@ pub(super) async fn take_manifest(
     store: &RemoteStore,
     clock: Arc<dyn Clock>,
     committed: usize,
+    single_writer_check: SingleWriterCheck,
     leases: Option<&HostLeases>,
 ) -> Result<(ManifestWriter, crate::pipeline::StoreTrust)> {
     let owner = cfg.effective_owner_id()?;
     // Checked first: the probe writes (and removes) objects of its own.
-    if committed > 0 && !manifest_exists(cfg, store, clock.clone()).await? {
+    let exists = manifest_exists(cfg, store, clock.clone()).await?;
+    if let (false, SingleWriterCheck::Above(journal_max)) = (exists, single_writer_check) {
+        refuse_beside_a_recent_single_writer(cfg, store, clock.as_ref(), journal_max).await?;
+    }
+    if committed > 0 && !exists {
         return Err(Error::InvalidInput(format!(
             "the store {} has no manifest for stream {:?}, but the journal in {} records {} \
              segment(s) committed to that stream's manifest: this is not the store they were \
@@ -120,6 +125,79 @@ pub(super) async fn take_manifest(
         "took ownership of the stream's manifest"
     );
     Ok((writer, crate::pipeline::StoreTrust::of(&caps)))
+}
+
+/// Whether [`take_manifest`] looks for a single-writer broker's objects.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum SingleWriterCheck {
+    /// Objects above this id (the journal's highest at open; all with
+    /// `None`) were not written by this data directory.
+    Above(Option<crate::segment::SegmentId>),
+    /// Not checked: a take deferred because the store did not answer at
+    /// open, after which this data directory uploads segments above the
+    /// id it had then (a known gap: a broker started while the store was
+    /// down beside a single-writer broker is not refused).
+    Skip,
+}
+
+/// The manifest mode's first take of a stream beside a single-writer
+/// broker (helper-81 F1: a default-mode broker started beside a running
+/// `manifest = false` broker of the same stream was not refused; both
+/// exited 0, and the new manifest hid every entry of the other from the
+/// stream's readers). A single-writer broker holds no lease; what it
+/// leaves is segment objects no manifest lists. With no manifest for the
+/// stream, objects above every id this data directory's journal gave out
+/// (all of them for a new one), the newest written within
+/// `reconcile_grace_ms` of now, refuse the take; older ones are logged
+/// (a single-writer broker that uploaded nothing for that long is not
+/// seen: single-writer mode's documented risk). One LIST, bounded by the
+/// caller's timeout.
+async fn refuse_beside_a_recent_single_writer(
+    cfg: &Config,
+    store: &RemoteStore,
+    clock: &dyn Clock,
+    journal_max: Option<crate::segment::SegmentId>,
+) -> Result<()> {
+    let listed = store.listed_segments_above(&cfg.stream, journal_max).await?;
+    if listed.count == 0 {
+        return Ok(());
+    }
+    let now = clock.now_ms();
+    let age_ms = now.saturating_sub(listed.newest_ms);
+    let ids: Vec<u64> = listed.first_ids.iter().map(|i| i.0).collect();
+    let more = if listed.count > ids.len() as u64 { ", ..." } else { "" };
+    if age_ms >= cfg.reconcile_grace_ms {
+        tracing::warn!(
+            stream = cfg.stream,
+            objects = listed.count,
+            newest_age_s = age_ms / 1000,
+            "the stream has no manifest but {} segment object(s) this data directory did not \
+             write (ids {ids:?}{more}): a single-writer broker (manifest = false) wrote them \
+             earlier, or a manifest was lost. Starting the stream's manifest; readers see \
+             their entries once `tierindex reconcile --repair` commits them",
+            listed.count
+        );
+        return Ok(());
+    }
+    Err(Error::Claimed(format!(
+        "stream {:?} in {} has no manifest, but {} segment object(s) \
+         this data directory did not write (ids {ids:?}{more}), the newest written {} s \
+         ago: a broker in single-writer mode (manifest = false) is most likely writing \
+         this stream, and a manifest taken now would hide its entries from the stream's \
+         readers. Run that broker with manifest = true instead (it then takes the \
+         stream's manifest, and this one is refused while it holds it), or give this \
+         broker another stream. If no such broker runs any more: wait until its newest \
+         object is older than reconcile_grace_ms ({} s), or take the stream now with \
+         `tierindex owner take --data-dir {} --store {}`, then run `tierindex reconcile \
+         --repair` to commit its objects; nothing was written to the store",
+        cfg.stream,
+        store.display_url(),
+        listed.count,
+        age_ms / 1000,
+        cfg.reconcile_grace_ms / 1000,
+        cfg.data_dir.display(),
+        store.display_url(),
+    )))
 }
 
 /// Single-writer mode beside a broker that owns the stream through its
@@ -346,6 +424,10 @@ pub(super) async fn open_shared_hosted(
     // at Verified, local files kept, until then. A live lease of another
     // owner (Claimed) or a store that cannot fence (no conditional creates)
     // still refuses the open: those need an operator, not patience.
+    // The highest id this data directory ever gave out (compaction keeps
+    // it): a stream without a manifest whose objects go above it has
+    // another writer (see `refuse_beside_a_recent_single_writer`).
+    let journal_max = journal.max_segment_id();
     let (manifest, trust_create, probed) = if cfg.manifest {
         // Bounded: a store that hangs must not hold the broker's start
         // (with the defaults about 9 s: three manifest requests, each
@@ -362,6 +444,7 @@ pub(super) async fn open_shared_hosted(
                     &store,
                     clock.clone(),
                     committed,
+                    SingleWriterCheck::Above(journal_max),
                     leases.as_deref(),
                 ))
                 .await
@@ -381,7 +464,8 @@ pub(super) async fn open_shared_hosted(
                     take: Box::new(move || {
                         let (c, st, ck, hl) = (c.clone(), st.clone(), ck.clone(), hl.clone());
                         Box::pin(async move {
-                            take_manifest(&c, &st, ck, committed, hl.as_deref()).await
+                            let check = SingleWriterCheck::Skip;
+                            take_manifest(&c, &st, ck, committed, check, hl.as_deref()).await
                         })
                     }),
                     retry_at: std::time::Instant::now(),
