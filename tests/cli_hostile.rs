@@ -3977,6 +3977,15 @@ fn a_copy_whose_segment_ids_another_directory_committed_is_resealed() {
         v.extend_from_slice(args);
         sb.run(&v, &[])
     };
+    // b's objects above a's ids are younger than the grace: a's first
+    // take of the stream's manifest is refused (b may still be writing in
+    // single-writer mode: helper-81 F1). The operator, who knows b
+    // stopped, takes the stream for a.
+    let o = run(a, &["--switch-mode", "drain"]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("single-writer mode"), "{}", text(&o));
+    let o = run(a, &["--switch-mode", "owner", "take"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = run(a, &["--switch-mode", "drain"]);
     assert_sane(&o, "drain a");
     let o = run(a, &["reconcile", "--repair"]);
