@@ -1452,3 +1452,50 @@ async fn a_first_manifest_beside_a_recent_single_writer_is_refused() {
     drop(ti);
     assert!(rig.manifest_store().load().await.unwrap().is_some());
 }
+
+/// helper-82 F2: a pending segment whose sealed file went missing (and
+/// whose object the store never got) was quarantined with a reason only;
+/// its entries are given by number now, from the journal's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_segment_whose_file_is_gone_is_reported_by_number() {
+    let rig = Rig::new(82);
+    let data = rig.data("a");
+    let cfg = Config {
+        manifest: false,
+        probe_store: false,
+        ..config(data.clone(), "owner-a")
+    };
+    {
+        rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+        let ti = open(&cfg, rig.remote(), None).await.unwrap();
+        write(&ti, 0..(ITEMS as u64 * 2 + 20));
+        let r = ti.shutdown(Duration::from_millis(500)).await;
+        assert!(!r.fully_drained());
+        rig.fs.heal();
+    }
+    let first = ids_in(&journal(&data), SegmentState::Sealed)
+        .into_iter()
+        .chain(ids_in(&journal(&data), SegmentState::Uploading))
+        .min()
+        .expect("a pending segment");
+    let rec = journal(&data)[&first].clone();
+    std::fs::remove_file(
+        data.join("segments")
+            .join(tierindex::segment::sealed::sealed_file_name(first)),
+    )
+    .unwrap();
+    let ti = open(&cfg, rig.remote(), None).await.unwrap();
+    let r = ti.shutdown(Duration::from_secs(10)).await;
+    let q = r
+        .drain
+        .quarantined
+        .iter()
+        .find(|q| q.id == first.0)
+        .unwrap_or_else(|| panic!("segment {first:?} not quarantined: {r:?}"));
+    let why = q.last_error.as_deref().unwrap_or_default();
+    let want = format!(
+        "its {} entries (offsets {}..={}) are LOST",
+        rec.meta.item_count, rec.meta.min_offset, rec.meta.max_offset
+    );
+    assert!(why.contains(&want), "{why}");
+}

@@ -430,9 +430,17 @@ async fn drive_inner(sh: &Shared, id: SegmentId) -> Result<SegmentState> {
                             local.display(),
                             q.display()
                         ),
+                        // By number (helper-82 F2: the report gave only the
+                        // reason): the journal's record says what it held.
                         None => format!(
-                            "local file {} is missing and the store has no copy",
-                            local.display()
+                            "local file {} is missing and the store has no copy: its {} \
+                             entries (offsets {}..={}) are LOST unless the file is put back \
+                             (then `tierindex quarantine retry {}`)",
+                            local.display(),
+                            rec.meta.item_count,
+                            rec.meta.min_offset,
+                            rec.meta.max_offset,
+                            id.0
                         ),
                     };
                     return quarantine(sh, id, why).await;
