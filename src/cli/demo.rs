@@ -71,8 +71,10 @@ pub struct DemoArgs {
 /// One stream of the run.
 struct Stream {
     ti: TierIndex,
-    /// The next offset to append.
-    offset: u64,
+    /// The next offset to append; `None` once `u64::MAX` was used (a
+    /// data directory whose highest offset is `u64::MAX` has none left:
+    /// helper-82 F6, the start wrapped to 0).
+    offset: Option<u64>,
     appended: u64,
     flushed: u64,
 }
@@ -284,7 +286,7 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             Ok((ti, open)) => {
                 opened_store = open.store;
                 // Offsets continue after everything a previous run indexed.
-                let offset = ti.max_offset().map_or(0, |m| m + 1);
+                let offset = ti.max_offset().map_or(Some(0), |m| m.checked_add(1));
                 streams.push(Stream {
                     ti,
                     offset,
@@ -327,7 +329,10 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
     let mut stdout_gone = false;
     if a.print_flushed {
         // Entries of this run are offsets `start .. start + flushed`.
-        stdout_gone |= !out_line(&format!("start {}", streams[0].offset));
+        let start = streams[0]
+            .offset
+            .map_or_else(|| "none left".to_string(), |o| o.to_string());
+        stdout_gone |= !out_line(&format!("start {start}"));
     }
     let run_started = Instant::now();
     let mut appended = 0u64;
@@ -352,17 +357,26 @@ pub async fn run(cli: &Cli, a: &DemoArgs) -> Result<i32> {
             // Entries spread over the streams in turn.
             let at = (appended % u64::from(n)) as usize;
             let s = &mut streams[at];
-            let key = format!("key-{}", s.offset % a.keys);
+            let Some(offset) = s.offset else {
+                fatal = Some((
+                    at,
+                    "this stream's data directory holds an entry at offset u64::MAX: no \
+                     offset is left for the demo's next entry (use another data directory)"
+                        .into(),
+                ));
+                break 'run;
+            };
+            let key = format!("key-{}", offset % a.keys);
             if let Err(e) = s.ti.append(
                 key.as_bytes(),
-                s.offset,
-                100 + (s.offset % 900) as u32,
+                offset,
+                100 + (offset % 900) as u32,
                 now_ms(),
             ) {
                 fatal = Some((at, e.to_string()));
                 break 'run;
             }
-            s.offset += 1;
+            s.offset = offset.checked_add(1);
             s.appended += 1;
             appended += 1;
             if appended.is_multiple_of(a.flush_every) {
