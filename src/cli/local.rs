@@ -34,6 +34,7 @@ pub(crate) fn add_local(
 ) {
     let local = datadir::local_pending(data_dir, &|id| view.get(id).is_some());
     totals.unsealed_items = local.unsealed_items;
+    totals.unreadable_local = local.unreadable.clone();
     totals.pending_segments += local.active_segments.len() as u64;
     // The newest active file is the one a broker writes, or wrote when it
     // stopped; older ones (a crash before their seal) are in
@@ -109,6 +110,12 @@ pub(crate) fn local_lines(t: &crate::tier::Status) -> String {
     }
     for l in &t.losses {
         s.push_str(&format!("\nLOST {l}"));
+    }
+    for u in &t.unreadable_local {
+        s.push_str(&format!(
+            "\nCANNOT READ {u}: the counts above leave out whatever it holds (acknowledged \
+             entries among them); `tierindex fsck` says more once it can be read"
+        ));
     }
     if !t.not_journaled.is_empty() {
         s.push('\n');

@@ -146,6 +146,11 @@ pub struct Status {
     pub lost_items: u64,
     /// One line per damaged file with loss (segment, indices, offsets).
     pub losses: Vec<String>,
+    /// Local files (or `segments/` itself) that could not be read when
+    /// counting, with why: `unsealed_items` and the pending counts leave
+    /// them out (`tierindex status` only; an operator must look).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable_local: Vec<String>,
     /// The store's capability probe has answered (at open with the
     /// manifest, else in the background): until then every upload assumes
     /// the worst (no trusted conditional create, `Full` verification,
@@ -159,6 +164,7 @@ impl Status {
         self.by_state.get("Quarantined").copied().unwrap_or(0) > 0
             || !self.losses.is_empty()
             || !self.not_journaled.is_empty()
+            || !self.unreadable_local.is_empty()
     }
 }
 
