@@ -1,0 +1,147 @@
+//! What the CLI's reports say, against the embedded `file://` store: what
+//! readers through the manifest see counts, not only the objects (verify);
+//! counts that could not be made are not given as 0 (status); offsets
+//! that would wrap are refused (demo).
+
+use std::process::{Command, Output};
+
+fn run(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .env("TIERINDEX_DATA_DIR", dir.join("data"))
+        .env(
+            "TIERINDEX_STORE",
+            format!("file://{}", dir.join("store").display()),
+        )
+        .env_remove("TIERINDEX_CONFIG")
+        .env_remove("TIERINDEX_STREAM")
+        .env_remove("TIERINDEX_MANIFEST")
+        .args(args)
+        .output()
+        .expect("run tierindex")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// helper-82 F7: with the stream's manifest gone from the store, `verify`
+/// said "10 checked, 10 ok", exit 0, while readers through the manifest
+/// found none of the committed segments and the broker refused to open.
+/// Now it names the missing manifest and exits 4; so does a manifest
+/// rolled back to a version that lists fewer segments than the journal
+/// committed.
+#[test]
+fn verify_names_a_missing_or_short_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run(
+        d.path(),
+        &[
+            "demo",
+            "--entries",
+            "20000",
+            "--rate",
+            "1000000",
+            "--segment-items",
+            "2000",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run(d.path(), &["verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let versions = d.path().join("store/stream-0/manifest/versions");
+    let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(&versions)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    assert!(names.len() > 2, "{names:?}");
+    // Rolled back: the newest versions gone (the first lists fewer).
+    let aside = d.path().join("aside");
+    std::fs::create_dir_all(&aside).unwrap();
+    for p in &names[names.len() / 2..] {
+        std::fs::rename(p, aside.join(p.file_name().unwrap())).unwrap();
+    }
+    let o = run(d.path(), &["verify"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("the manifest does not list"),
+        "{}",
+        text(&o)
+    );
+    // Gone altogether.
+    std::fs::remove_dir_all(d.path().join("store/stream-0/manifest")).unwrap();
+    let o = run(d.path(), &["verify"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("the store has no manifest for the stream"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// helper-82 F4: a local file that could not be read was counted as 0
+/// entries (after an I/O error a report said 0 unsealed entries while
+/// 29,600 acknowledged ones sat in active files). `status` names it and
+/// exits 4.
+#[test]
+fn status_names_an_active_file_it_cannot_read() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run(
+        d.path(),
+        &["demo", "--entries", "5000", "--rate", "1000000"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run(d.path(), &["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Something under an active file's name that cannot be read as one.
+    let bad = d.path().join("data/segments/00000000000000009999.active");
+    std::fs::create_dir(&bad).unwrap();
+    let o = run(d.path(), &["status"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("CANNOT READ"), "{}", text(&o));
+    assert!(
+        text(&o).contains("00000000000000009999.active"),
+        "{}",
+        text(&o)
+    );
+    let o = run(d.path(), &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        v["totals"]["unreadable_local"].as_array().map(Vec::len),
+        Some(1),
+        "{v}"
+    );
+}
+
+/// helper-82 F6: a data directory whose highest offset is u64::MAX made
+/// the next `demo` start again at offset 0 (`max + 1` wrapped). It now
+/// stops before appending, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_refuses_to_wrap_past_the_last_offset() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = tierindex::Config {
+        data_dir: d.path().join("data"),
+        store: Some(format!("file://{}", d.path().join("store").display())),
+        ..tierindex::Config::default()
+    };
+    let (ti, _) = tierindex::TierIndex::open(cfg).await.unwrap();
+    ti.append(b"key-0", u64::MAX, 100, 1_700_000_000_000)
+        .unwrap();
+    ti.flush().unwrap();
+    let r = ti.shutdown(std::time::Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    let dir = d.path().to_path_buf();
+    let o = tokio::task::spawn_blocking(move || {
+        run(&dir, &["demo", "--entries", "10", "--rate", "1000000"])
+    })
+    .await
+    .unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("offset u64::MAX"), "{}", text(&o));
+    assert!(!text(&o).contains("start 0"), "{}", text(&o));
+}
