@@ -145,3 +145,46 @@ async fn demo_refuses_to_wrap_past_the_last_offset() {
     assert!(text(&o).contains("offset u64::MAX"), "{}", text(&o));
     assert!(!text(&o).contains("start 0"), "{}", text(&o));
 }
+
+/// helper-82 F5: in single-writer mode with `release_after_commit`, a lost
+/// `journal.log` went unnoticed: fsck and drain exited 0, and the next run
+/// started a new journal that reused the store's ids while `lookup
+/// --remote` found none of the released segments. Now fsck says the
+/// journal is missing (exit 4) and the open refuses, naming the way out;
+/// with the journal rebuilt (`fsck --repair`) it opens again.
+#[test]
+fn a_lost_journal_is_named_not_replaced_in_single_writer_mode() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("cfg.toml");
+    std::fs::write(&cfg, "release_after_commit = true\nmanifest = false\n").unwrap();
+    let c = cfg.to_str().unwrap();
+    let o = run(
+        d.path(),
+        &[
+            "demo",
+            "--config",
+            c,
+            "--segment-items",
+            "200",
+            "--slots",
+            "16",
+            "--entries",
+            "2000",
+            "--rate",
+            "1000000",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::remove_file(d.path().join("data/journal/journal.log")).unwrap();
+    let o = run(d.path(), &["fsck", "--config", c]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let o = run(d.path(), &["drain", "--config", c]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("journal of"), "{}", text(&o));
+    assert!(text(&o).contains("is missing"), "{}", text(&o));
+    assert!(!d.path().join("data/journal/journal.log").exists());
+    let o = run(d.path(), &["fsck", "--repair", "--config", c]);
+    assert!(matches!(o.status.code(), Some(0 | 3 | 4)), "{}", text(&o));
+    let o = run(d.path(), &["drain", "--config", c]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -430,7 +430,8 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     // it (`journal_rebuilt`).
     let journal_missing = !repair
         && !journal::log_path(&cfg.data_dir).exists()
-        && (!rec.report.sealed_ok.is_empty()
+        && (datadir::journal_lost(&cfg.data_dir)
+            || !rec.report.sealed_ok.is_empty()
             || !rec.report.actives.is_empty()
             || !rec.report.salvaged.is_empty()
             || !rec.report.quarantined.is_empty());

@@ -498,6 +498,18 @@ impl<'a> LinkRecord<'a> {
 /// leaves it where it is.
 pub(crate) const LINKED_BY_FILE: &str = "LINKED_BY";
 
+/// The journal of `data_dir` existed and is gone: no `journal.log`, but
+/// `journal/LINKED_BY`, which an open writes only after its journal was
+/// made (a first open that crashed before making it leaves no record).
+/// Damage (an operator's `rm`, a lost file), not a crash (helper-82 F5:
+/// every command went on with a new, empty journal).
+pub(crate) fn journal_lost(data_dir: &Path) -> bool {
+    !crate::journal::log_path(data_dir).exists()
+        && crate::journal::journal_dir(data_dir)
+            .join(LINKED_BY_FILE)
+            .exists()
+}
+
 impl DataDir {
     /// Create the directory tree if missing and take the exclusive lock
     /// (and, for a data directory a host holds, the host's: see [`host`]).

@@ -348,6 +348,37 @@ pub(super) async fn open_shared_hosted(
                     .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
                 fsync_dir(&cfg.data_dir)?;
             }
+            // A journal that existed and is gone: in single-writer mode the
+            // journal alone records what was committed, and a new one would
+            // give out ids the store already holds and forget segments
+            // whose local copies were released (helper-82 F5: every
+            // command exited 0, and `lookup --remote` found none of them).
+            // With the manifest a new journal is safe (the manifest lists
+            // what was committed; new ids continue above the store's), and
+            // the loss is logged.
+            if crate::datadir::journal_lost(&cfg.data_dir) {
+                if !cfg.manifest {
+                    return Err(Error::InvalidInput(format!(
+                        "the journal of {} is missing (journal/journal.log; journal/LINKED_BY \
+                         shows it existed): in single-writer mode (manifest = false) it alone \
+                         records which segments were committed, and a new one would reuse \
+                         segment ids the store holds and lose track of segments whose local \
+                         copies were released. Restore journal/journal.log from a backup if \
+                         there is one; otherwise `tierindex fsck --repair` rebuilds it from \
+                         the local segment files, and `tierindex reconcile` then lists the \
+                         stream's objects it does not record (never deleted). Nothing was \
+                         changed",
+                        cfg.data_dir.display()
+                    )));
+                }
+                tracing::error!(
+                    data_dir = %cfg.data_dir.display(),
+                    "the journal is missing (journal/LINKED_BY shows it existed): starting a \
+                     new one from the local segment files; the stream's manifest lists what \
+                     was committed (`tierindex status --remote` and `tierindex reconcile` \
+                     compare them)"
+                );
+            }
             // `open_as` fsynced the data directory after its tree existed.
             let (journal, jrep) = Journal::open_in_synced_dir(
                 dd.lock(),
