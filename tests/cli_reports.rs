@@ -188,3 +188,35 @@ fn a_lost_journal_is_named_not_replaced_in_single_writer_mode() {
     let o = run(d.path(), &["drain", "--config", c]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// helper-81 F2: a first open refused by another owner's live lease
+/// leaves an empty tree without `IDENTITY`; the refusal's advice named
+/// neither the store nor the stream, and `drain` there then said the
+/// directory "was created before identity files", false for one made a
+/// moment ago.
+#[test]
+fn a_refused_first_open_says_what_to_do_and_what_it_left() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run(
+        d.path(),
+        &["owner", "take", "--owner-id", "other", "--ttl-ms", "600000"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run(d.path(), &["demo", "--entries", "100", "--rate", "1000000"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let store = format!("--store 'file://{}'", d.path().join("store").display());
+    assert!(text(&o).contains(&store), "{}", text(&o));
+    assert!(text(&o).contains("--stream 'stream-0'"), "{}", text(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .env_remove("TIERINDEX_STORE")
+        .env_remove("TIERINDEX_CONFIG")
+        .env_remove("TIERINDEX_STREAM")
+        .env_remove("TIERINDEX_MANIFEST")
+        .args(["drain", "--data-dir"])
+        .arg(d.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("holds no segment"), "{}", text(&o));
+    assert!(!text(&o).contains("before identity files"), "{}", text(&o));
+}

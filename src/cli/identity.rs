@@ -88,10 +88,37 @@ pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
     let id = Identity::load(dir)?;
     let Some(id) = id else {
         if intent.needs_store && cfg.store.is_none() {
+            // Nothing in it: a first open that was refused (another owner's
+            // lease, a wrong store) removes its identity again and leaves
+            // the empty tree (helper-81 F2: this said "created before
+            // identity files", false for a directory made seconds ago).
+            let journal_empty = match crate::journal::Journal::max_segment_id_on_disk(dir) {
+                Ok(max) => max.is_none(),
+                // No journal, and none ever (a lost one: `journal_lost`).
+                Err(_) => {
+                    !crate::journal::log_path(dir).exists() && !crate::datadir::journal_lost(dir)
+                }
+            };
+            let empty = journal_empty
+                && !std::fs::read_dir(dir.join("segments")).is_ok_and(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .any(|e| e.file_name() != "LINKED_BY")
+                });
+            if empty {
+                return Err(Error::InvalidInput(format!(
+                    "{} does not record its store and holds no segment: its first open was \
+                     refused or stopped before the store was recorded, and nothing of it was \
+                     written anywhere. Start the broker again once the cause is fixed, or pass \
+                     --store with the store its broker uses (and --endpoint for S3 servers \
+                     other than AWS); tierindex does not guess",
+                    dir.display()
+                )));
+            }
             return Err(Error::InvalidInput(format!(
-                "{} does not record its store (it was created before identity files; the \
-                 broker writes one at its next start): pass --store with the store its broker \
-                 uses (and --endpoint for S3 servers other than AWS); tierindex does not guess",
+                "{} does not record its store (it was created before identity files, or its \
+                 {IDENTITY_FILE} was removed; the broker writes one at its next start): pass \
+                 --store with the store its broker uses (and --endpoint for S3 servers other \
+                 than AWS); tierindex does not guess",
                 dir.display()
             )));
         }

@@ -310,14 +310,17 @@ impl ManifestStore {
                             "stream {:?} is held by owner {:?} (epoch {}) until {}{skew}; \
                              it can be taken after that or once released (if that broker is \
                              known to be down: `tierindex owner release --owner-id {} \
-                             --fence-live`)",
+                             --fence-live --store {} --stream {}`)",
                             self.stream(),
                             l.owner,
                             l.epoch,
                             lease::describe_time(l.expires_ms, now),
                             // Shell-quoted: the id is read from the store,
-                            // and an operator may paste the command.
-                            format_args!("'{}'", l.owner.replace('\'', "'\\''"))
+                            // and an operator may paste the command (helper-81
+                            // F2: it named neither the store nor the stream).
+                            shell_quoted(&l.owner),
+                            shell_quoted(self.inner.store.display_url()),
+                            shell_quoted(self.stream()),
                         )));
                     }
                     let (Some(version), Some(epoch)) =
@@ -664,3 +667,7 @@ impl ManifestStore {
     }
 }
 
+/// `text` in single quotes for a shell, its own quotes escaped.
+fn shell_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
