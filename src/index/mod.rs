@@ -112,10 +112,20 @@ impl Poison {
         }
         self.set.store(true, Ordering::Release);
     }
+    /// Poison with the error that failed: a `Poisoned` one gives its
+    /// reason, not its text, which [`check`](Self::check) wraps again
+    /// (helper-81 F5: "writer poisoned: writer poisoned: ...; restart to
+    /// recover what was durable; restart to recover what was durable").
+    fn set_err(&self, e: &Error) {
+        self.set(match e {
+            Error::Poisoned(why) => why.clone(),
+            e => e.to_string(),
+        });
+    }
     /// A failed sync (`Poisoned`) poisons; other errors do not.
     fn on_sync(&self, e: &Error) {
         if matches!(e, Error::Poisoned(_)) {
-            self.set(e.to_string());
+            self.set_err(e);
         }
     }
     fn check(&self) -> Result<()> {
@@ -593,7 +603,7 @@ impl IndexWriter {
         self.check_open()?;
         self.flush_frozen_all()?;
         match self.active.as_mut() {
-            Some(a) => a.flush().inspect_err(|e| self.poison.set(e.to_string())),
+            Some(a) => a.flush().inspect_err(|e| self.poison.set_err(e)),
             None => Ok(()),
         }
     }
@@ -625,7 +635,7 @@ impl IndexWriter {
     fn flush_frozen_all(&self) -> Result<()> {
         for f in self.frozen.values() {
             f.flush_frozen()
-                .inspect_err(|e| self.poison.set(e.to_string()))?;
+                .inspect_err(|e| self.poison.set_err(e))?;
         }
         Ok(())
     }
@@ -644,7 +654,7 @@ impl IndexWriter {
             return Ok(None);
         }
         if sync && let Err(e) = old.flush() {
-            self.poison.set(e.to_string());
+            self.poison.set_err(&e);
             self.active = Some(old);
             return Err(e);
         }
@@ -739,7 +749,7 @@ impl IndexWriter {
     fn finish_seal(&mut self, done: SealDone) -> Result<()> {
         let meta = done
             .result
-            .inspect_err(|e| self.poison.set(e.to_string()))?;
+            .inspect_err(|e| self.poison.set_err(e))?;
         debug_assert_eq!(meta.id, done.id);
         if let Some(old) = self.frozen.remove(&done.id) {
             let waiting = {
@@ -1494,6 +1504,46 @@ mod tests {
         flushed.unwrap();
         assert!(steps.is_empty(), "nothing was appended since: {steps:?}");
         w.close(Instant::now() + Duration::from_secs(30)).unwrap();
+    }
+
+    /// The poison's text says "writer poisoned" and its advice once: a
+    /// flush that found its file gone stored the whole `Poisoned` text as
+    /// the reason, and every later call wrapped it again (helper-81 F5).
+    #[test]
+    fn a_poison_is_said_once() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(d.path()).unwrap();
+        let (mut w, _) = IndexWriter::open(dd, cfg(100), None, None).unwrap();
+        let entry = |i: u64| Entry {
+            key_hash: i,
+            offset: i,
+            size: 1,
+            timestamp_ms: 1,
+        };
+        w.append_entry(entry(0)).unwrap();
+        w.flush().unwrap();
+        // The data directory's files deleted under the writer.
+        let seg = d.path().join("segments");
+        for f in std::fs::read_dir(&seg).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        w.append_entry(entry(1)).unwrap();
+        let first = w.flush().unwrap_err().to_string();
+        let later = [
+            w.flush().unwrap_err().to_string(),
+            w.append_entry(entry(2)).unwrap_err().to_string(),
+            w.poisoned().unwrap(),
+        ];
+        for msg in std::iter::once(&first).chain(&later) {
+            assert_eq!(msg.matches("writer poisoned").count(), 1, "{msg}");
+            assert_eq!(
+                msg.matches("restart to recover what was durable").count(),
+                1,
+                "{msg}"
+            );
+            assert!(msg.contains("not there any more"), "{msg}");
+        }
+        let _ = w.close(Instant::now() + Duration::from_secs(30));
     }
 
     /// Once the writer is poisoned (a seal failed on a full disk), the
