@@ -7,6 +7,15 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// The advice after a poison's reason, unless the reason gives its own.
+fn restart_advice(why: &str) -> &'static str {
+    if why.contains("restart") {
+        ""
+    } else {
+        "; restart to recover what was durable"
+    }
+}
+
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -32,7 +41,10 @@ pub enum Error {
     /// A durability step (msync/fsync) failed, or one failed earlier. The
     /// writer is poisoned: nothing appended since the last successful flush
     /// is acknowledged. Restart the process; recovery keeps what was durable.
-    #[error("writer poisoned: {0}; restart to recover what was durable")]
+    /// A reason that says itself what a restart does (it names "restart")
+    /// is not followed by that advice: after a deleted data directory a
+    /// restart recovers nothing (helper-81 F4).
+    #[error("writer poisoned: {0}{advice}", advice = restart_advice(.0))]
     Poisoned(String),
 
     /// Bytes read from disk or from the store do not form a valid structure.

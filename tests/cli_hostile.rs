@@ -4790,3 +4790,115 @@ fn a_damage_note_that_is_not_lost_needs_an_operator_everywhere() {
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
     }
 }
+
+/// The data directory deleted while sealed segments wait for a store that
+/// does not answer (helper-81 F4): the report said they "stay in the
+/// journal with their local files and upload at the next start or
+/// `tierindex drain`", and the poison advised a restart and `tierindex
+/// fsck` on the directory that was gone. It now says they are lost with
+/// it, names them, and advises none of that; the exit stays 1.
+#[test]
+fn a_data_directory_deleted_under_pending_segments_is_reported_lost() {
+    struct KillOnDrop(Option<std::process::Child>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let sb = Sandbox::new();
+    let cfg = sb.root.join("c.toml");
+    std::fs::write(&cfg, "request_timeout_ms = 200\nmax_attempts = 1\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let child = sb
+        .cmd(
+            &[
+                D,
+                DD,
+                "--config",
+                &cfg,
+                "--store",
+                "s3://bucket/gone",
+                "--endpoint",
+                "http://127.0.0.1:9",
+                "demo",
+                "--segment-items",
+                "200",
+                "--slots",
+                "64",
+                "--keys",
+                "10",
+                "--rate",
+                "1000",
+                "--entries",
+                "100000",
+                "--deadline",
+                "3s",
+            ],
+            &[
+                ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+                ("AWS_SECRET_ACCESS_KEY", SECRET),
+                ("RUST_LOG", "warn"),
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut demo = KillOnDrop(Some(child));
+    // Sealed segments waiting for the store.
+    let seg = sb.data().join("segments");
+    let sealed = || {
+        std::fs::read_dir(&seg).map_or(0, |rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                .count()
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while sealed() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no sealed segment appeared"
+        );
+        assert!(
+            demo.0.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "the demo ended before its data directory was deleted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_dir_all(sb.data()).unwrap();
+    let o = demo.0.take().unwrap().wait_with_output().unwrap();
+    assert_sane(&o, "demo");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(out.contains("LOST: "), "{}", text(&o));
+    assert!(
+        out.contains(&format!(
+            "the data directory {} is not there any more",
+            sb.data().display()
+        )),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        out.contains("how many is not known to this report"),
+        "{}",
+        text(&o)
+    );
+    // The report's own lines (the error and FATAL lines quote whichever
+    // step failed first: the journal's, a flush's or a seal's).
+    let report: String = out
+        .lines()
+        .filter(|l| !l.starts_with("error:") && !l.starts_with("FATAL:"))
+        .collect();
+    for wrong in [
+        "stay in the journal with their local files",
+        "upload at the next start",
+    ] {
+        assert!(!report.contains(wrong), "said {wrong:?}: {}", text(&o));
+    }
+}

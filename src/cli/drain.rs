@@ -173,6 +173,63 @@ pub(crate) struct RunTotals {
     /// find itself: this run's are its `lost`).
     #[serde(skip)]
     pub losses_recorded: Vec<String>,
+    /// Set when, after the shutdown, the data directory or its journal is
+    /// not there any more (deleted or moved under the running process):
+    /// what is missing. In JSON as `local_state_gone`.
+    #[serde(rename = "local_state_gone", skip_serializing_if = "Option::is_none")]
+    pub gone: Option<LocalGone>,
+}
+
+/// The data directory, or its journal, found missing when the report was
+/// made (a `stat` then, not a guess from an error): pending segments'
+/// records and files went with it (helper-81 F4: the report said they
+/// "stay in the journal with their local files").
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct LocalGone {
+    /// What is missing, for the text: "the data directory X" or "its
+    /// journal X".
+    pub what: String,
+    /// The whole data directory is missing (else only its journal).
+    pub dir: bool,
+    /// Sealed segment files still in `segments/` (only the journal gone).
+    pub sealed_left: Vec<u64>,
+}
+
+impl LocalGone {
+    /// Looks now: `None` while the data directory and its journal file are
+    /// there (or cannot be checked: only a missing one counts).
+    pub(crate) fn check(data_dir: &std::path::Path) -> Option<LocalGone> {
+        let missing = |p: &std::path::Path| matches!(std::fs::metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        if missing(data_dir) {
+            return Some(LocalGone {
+                what: format!("the data directory {}", data_dir.display()),
+                dir: true,
+                sealed_left: Vec::new(),
+            });
+        }
+        let log = crate::journal::log_path(data_dir);
+        if !missing(&log) {
+            return None;
+        }
+        let mut sealed_left: Vec<u64> =
+            std::fs::read_dir(data_dir.join(crate::datadir::SEGMENTS_DIR))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    match crate::segment::names::classify(&e.file_name().to_string_lossy()) {
+                        crate::segment::names::Kind::Sealed(id) => Some(id.0),
+                        _ => None,
+                    }
+                })
+                .collect();
+        sealed_left.sort_unstable();
+        Some(LocalGone {
+            what: format!("its journal {}", log.display()),
+            dir: false,
+            sealed_left,
+        })
+    }
 }
 
 impl RunTotals {
@@ -208,6 +265,7 @@ impl RunTotals {
             unsealed_entries: 0,
             unjournaled_sealed: 0,
             losses_recorded: Vec::new(),
+            gone: None,
         }
     }
 
@@ -234,6 +292,7 @@ impl RunTotals {
             .into_iter()
             .map(|n| n.line)
             .collect();
+        self.gone = LocalGone::check(data_dir);
         self
     }
 
@@ -448,6 +507,8 @@ fn report_text(o: &ReportOut<'_>) -> String {
         && t.unjournaled_sealed == 0
     {
         s.push_str("\n  everything sealed is uploaded and verified; nothing pending");
+    } else if let (Some(g), false) = (&t.gone, r.drain.pending.is_empty()) {
+        s.push_str(&gone_text(g, r));
     } else if !r.drain.pending.is_empty() {
         s.push_str(&format!(
             "\n  {} segment(s) still pending: they stay in the journal with their local files and upload at the next start or `tierindex drain`",
@@ -456,6 +517,46 @@ fn report_text(o: &ReportOut<'_>) -> String {
     }
     if let Some(f) = o.fatal {
         s.push_str(&format!("\nFATAL: the run stopped early: {f}"));
+    }
+    s
+}
+
+/// The pending segments of a report made when the data directory, or its
+/// journal, was found missing: what went with it, by id, and no advice
+/// to restart, drain or fsck what is not there.
+fn gone_text(g: &LocalGone, r: &ShutdownReport) -> String {
+    let ids: Vec<u64> = r.drain.pending.iter().map(|p| p.id).collect();
+    let (lost, kept): (Vec<u64>, Vec<u64>) = ids.iter().partition(|id| !g.sealed_left.contains(id));
+    let mut s = String::new();
+    if !lost.is_empty() {
+        s.push_str(&format!(
+            "\n  LOST: {} pending segment(s) had not reached the store, and {} is not there any \
+             more (deleted or moved while this process ran): {} gone with it, so nothing will \
+             upload them: {:?}. The entries they held are lost, acknowledged ones among them if \
+             a flush or seal made them durable; how many is not known to this report (the \
+             journal recorded their counts). A restart at this path, \
+             `tierindex drain` or `tierindex fsck` cannot bring them back; only a copy of the \
+             data directory made before (or the directory itself, if it was moved) can: \
+             `tierindex drain --data-dir` on that copy uploads what it holds",
+            lost.len(),
+            g.what,
+            if g.dir {
+                "their journal records and local files are"
+            } else {
+                "their journal records are, and their local files are too,"
+            },
+            lost
+        ));
+    }
+    if !kept.is_empty() {
+        s.push_str(&format!(
+            "\n  {} pending segment(s) lost their journal records ({} is not there any more) but \
+             their local files are still in segments/: {:?}. Keep the files; `tierindex \
+             inspect` shows their entries",
+            kept.len(),
+            g.what,
+            kept
+        ));
     }
     s
 }
@@ -603,6 +704,46 @@ mod tests {
             ..RunTotals::default()
         };
         assert_eq!(print_report(true, &report(None), &left, None), EXIT_PENDING);
+    }
+
+    /// A data directory whose journal is gone: the pending segments whose
+    /// files are gone too are reported lost, those whose files remain are
+    /// named as kept; neither is promised an upload (helper-81 F4).
+    #[test]
+    fn pending_segments_of_a_gone_journal_are_not_promised_an_upload() {
+        let d = tempfile::tempdir().unwrap();
+        let seg = d.path().join(crate::datadir::SEGMENTS_DIR);
+        std::fs::create_dir_all(&seg).unwrap();
+        std::fs::write(
+            seg.join(crate::segment::sealed::sealed_file_name(crate::SegmentId(
+                2,
+            ))),
+            b"x",
+        )
+        .unwrap();
+        let g = LocalGone::check(d.path()).expect("no journal");
+        assert!(!g.dir && g.sealed_left == vec![2], "{g:?}");
+        let mut r = report(None);
+        for id in [1, 2] {
+            r.drain.pending.push(crate::pipeline::PendingNote {
+                id,
+                state: "Sealed".into(),
+                last_error: None,
+            });
+        }
+        let run = RunTotals {
+            gone: Some(g),
+            ..RunTotals::default()
+        };
+        let t = text_of(&r, &run);
+        assert!(
+            t.contains("LOST: 1 pending segment(s)") && t.contains(": [1]."),
+            "{t}"
+        );
+        assert!(t.contains("still in segments/: [2]"), "{t}");
+        assert!(!t.contains("upload at the next start"), "{t}");
+        let gone = LocalGone::check(&d.path().join("nothing")).expect("no directory");
+        assert!(gone.dir, "{gone:?}");
     }
 
     #[test]

@@ -1378,6 +1378,26 @@ impl ActiveSegment {
             }
             Ok(_) => "another file is under its name (replaced, or restored from a copy)".to_string(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The data directory itself gone (a stat now, not a guess):
+                // nothing is left there for a restart or fsck (helper-81
+                // F4/F5: the advice named `tierindex fsck` on it).
+                let data_dir = self.path.parent().and_then(std::path::Path::parent);
+                if let Some(dd) = data_dir
+                    && matches!(std::fs::metadata(dd), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+                {
+                    return Err(Error::Poisoned(format!(
+                        "{} is not the file this segment wrote: the data directory {} is not \
+                         there any more (deleted or moved). The entries since the last flush \
+                         are not acknowledged and nothing more is written. Its journal and the \
+                         segments it held that were not in the store are gone with it: a \
+                         restart at this path starts an empty data directory and recovers none \
+                         of them, and `tierindex fsck` has nothing there to check; if the \
+                         directory was moved or copied, `tierindex drain --data-dir` on it \
+                         uploads what it holds",
+                        self.path.display(),
+                        dd.display()
+                    )));
+                }
                 "it is not there any more (removed, or the data directory deleted or moved)"
                     .to_string()
             }
