@@ -561,13 +561,36 @@ fn gone_text(g: &LocalGone, r: &ShutdownReport) -> String {
     s
 }
 
+/// The `FENCED:` line. Uncommitted segments stay in whatever state they
+/// reached (a fence found them `Sealed` as often as `Verified`), and a
+/// newer epoch under this broker's own owner id is not "another owner"
+/// (helper-81 F3: two brokers sharing an id fenced each other in turn).
+fn fenced_line(why: &str, r: &ShutdownReport) -> String {
+    let who = if why.contains(crate::remote::manifest::SAME_OWNER_ID_FENCE) {
+        "a newer epoch of the stream's manifest is held under this broker's own owner_id"
+    } else {
+        "this process lost the stream's manifest to a newer owner epoch, or could not take it"
+    };
+    let mut states: std::collections::BTreeMap<&str, usize> = Default::default();
+    for p in &r.drain.pending {
+        *states.entry(p.state.as_str()).or_default() += 1;
+    }
+    let states = if states.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = states.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        format!(" ({})", list.join(", "))
+    };
+    format!(
+        "tierindex: FENCED: {who} ({why}); uploads stopped, uncommitted segments stay in the \
+         journal with their local files{states}"
+    )
+}
+
 /// A report's exit code; a fence is also said on stderr.
 pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&str>) -> i32 {
     if let Some(why) = &r.fenced {
-        note(&format!(
-            "tierindex: FENCED: another owner took the stream's manifest ({why}); \
-             uploads stopped, uncommitted segments stay Verified with their local files"
-        ));
+        note(&fenced_line(why, r));
         EXIT_FENCED
     } else if !r.drain.quarantined.is_empty()
         || !r.lost.is_empty()
@@ -744,6 +767,39 @@ mod tests {
         assert!(!t.contains("upload at the next start"), "{t}");
         let gone = LocalGone::check(&d.path().join("nothing")).expect("no directory");
         assert!(gone.dir, "{gone:?}");
+    }
+
+    /// A fence by an epoch held under this broker's own owner id says so
+    /// and advises against a plain restart; no fence claims the segments
+    /// are `Verified` (helper-81 F3).
+    #[test]
+    fn a_fence_under_our_own_owner_id_says_so() {
+        let same = format!(
+            "stream \"s\": epoch 2 (owner \"broker-1\" with a lease until x) replaced our epoch \
+             1 (owner \"broker-1\") at manifest version 7; stop publishing; {}",
+            crate::remote::manifest::same_owner_id_advice("broker-1")
+        );
+        let mut r = report(Some(&same));
+        r.drain.pending.push(crate::pipeline::PendingNote {
+            id: 6,
+            state: "Sealed".into(),
+            last_error: None,
+        });
+        let line = fenced_line(&same, &r);
+        for want in [
+            "this broker's own owner_id",
+            "another broker runs with the same owner_id \"broker-1\"",
+            "give each broker its own owner_id",
+            "do not simply restart",
+            "stay in the journal with their local files (1 Sealed)",
+        ] {
+            assert!(line.contains(want), "{want:?}: {line}");
+        }
+        assert!(!line.contains("Verified"), "{line}");
+        let other = "stream \"s\": epoch 2 (owner \"b\") replaced our epoch 1 (owner \"a\")";
+        let line = fenced_line(other, &report(Some(other)));
+        assert!(!line.contains("own owner_id"), "{line}");
+        assert!(!line.contains("Verified"), "{line}");
     }
 
     #[test]

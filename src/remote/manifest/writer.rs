@@ -34,6 +34,23 @@ pub struct ManifestWriter {
 
 pub(super) const CHUNK_CACHE_MAX: usize = 16;
 
+/// Starts the advice a fence reason carries when the newer epoch is held
+/// under this writer's own owner id (what a report looks for).
+pub const SAME_OWNER_ID_FENCE: &str = "another broker runs with the same owner_id";
+
+/// Why and what to do when the epoch that fenced `owner` is held by
+/// `owner` too: two brokers sharing an id fence each other in turn, and a
+/// message that called it "another owner" and advised a restart kept them
+/// at it (helper-81 F3).
+pub fn same_owner_id_advice(owner: &str) -> String {
+    format!(
+        "{SAME_OWNER_ID_FENCE} {owner:?} (a shared configuration file or a copied data \
+         directory), or an operator took the stream as this id (`tierindex owner take`): give \
+         each broker its own owner_id; do not simply restart this one: a restart under the same \
+         id takes the stream back and fences the other"
+    )
+}
+
 impl ManifestWriter {
     pub fn owner(&self) -> &str {
         &self.owner
@@ -85,6 +102,7 @@ impl ManifestWriter {
         };
         let now = self.ms.now_ms();
         let fenced = if latest.epoch > self.epoch {
+            let same_id = latest.lease.as_ref().is_some_and(|l| l.owner == self.owner);
             let holder = match &latest.lease {
                 Some(l) => format!(
                     "owner {:?} with a lease until {}",
@@ -93,11 +111,15 @@ impl ManifestWriter {
                 ),
                 None => "no current lease".into(),
             };
-            Some(format!(
+            let mut why = format!(
                 "stream {stream:?}: epoch {} ({holder}) replaced our epoch {} (owner {:?}) at \
                  manifest version {}; stop publishing",
                 latest.epoch, self.epoch, self.owner, latest.version
-            ))
+            );
+            if same_id {
+                why.push_str(&format!("; {}", same_owner_id_advice(&self.owner)));
+            }
+            Some(why)
         } else if latest.epoch < self.epoch {
             return Err(Error::corrupt(
                 format!("manifest {stream} version {}", latest.version),
@@ -457,3 +479,48 @@ impl ManifestWriter {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::{RemoteStore, StoreOptions};
+    use std::time::Duration;
+
+    /// A second writer under the same owner id takes the stream (a shared
+    /// configuration file): the first one's fence says so and advises
+    /// against a plain restart (helper-81 F3).
+    #[tokio::test]
+    async fn a_fence_by_our_own_owner_id_says_so() {
+        let d = tempfile::tempdir().unwrap();
+        let url = url::Url::from_directory_path(d.path()).unwrap();
+        let remote = RemoteStore::from_url(url.as_str(), &StoreOptions::default()).unwrap();
+        let ms = ManifestStore::open(&remote, "s", ManifestOptions::default())
+            .await
+            .unwrap();
+        let entry = |id: u64| {
+            let meta = crate::segment::SealedMeta {
+                id: crate::SegmentId(id),
+                file_len: 1_000 + id,
+                file_crc: 1,
+                crc64: None,
+                item_count: 10,
+                min_ts: id * 10,
+                max_ts: id * 10 + 9,
+                min_offset: id * 100,
+                max_offset: id * 100 + 9,
+                created_ms: 1,
+                sealed_ms: 1,
+            };
+            SegmentEntry::new(&remote, "s", &meta).unwrap()
+        };
+        let ttl = Duration::from_secs(60);
+        let mut a = ms.take_ownership("broker-1", ttl).await.unwrap();
+        a.commit(&[entry(1)]).await.unwrap();
+        let _b = ms.take_ownership("broker-1", ttl).await.unwrap();
+        let Err(Error::Fenced(why)) = a.commit(&[entry(2)]).await else {
+            panic!("not fenced");
+        };
+        assert!(why.contains(SAME_OWNER_ID_FENCE), "{why}");
+        assert!(why.contains("\"broker-1\"") && why.contains("do not simply restart"), "{why}");
+    }
+}
