@@ -178,6 +178,12 @@ pub(crate) struct RunTotals {
     /// what is missing. In JSON as `local_state_gone`.
     #[serde(rename = "local_state_gone", skip_serializing_if = "Option::is_none")]
     pub gone: Option<LocalGone>,
+    /// Local files (or `segments/`) that could not be read when counting
+    /// the above, with why: the counts leave them out (helper-82 F4: after
+    /// an I/O error a report said 0 unsealed entries while 29,600
+    /// acknowledged ones sat in active files).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable_local: Vec<String>,
 }
 
 /// The data directory, or its journal, found missing when the report was
@@ -266,6 +272,7 @@ impl RunTotals {
             unjournaled_sealed: 0,
             losses_recorded: Vec::new(),
             gone: None,
+            unreadable_local: Vec::new(),
         }
     }
 
@@ -293,6 +300,10 @@ impl RunTotals {
             .map(|n| n.line)
             .collect();
         self.gone = LocalGone::check(data_dir);
+        // A directory that is gone is said by `gone`, not once more here.
+        if self.gone.is_none() {
+            self.unreadable_local = local.unreadable;
+        }
         self
     }
 
@@ -501,10 +512,18 @@ fn report_text(o: &ReportOut<'_>) -> String {
             t.unjournaled_sealed
         ));
     }
+    for u in &t.unreadable_local {
+        s.push_str(&format!(
+            "\n  CANNOT READ {u}: the counts above leave out what it holds (acknowledged \
+             entries among them); `tierindex status` and `tierindex fsck` say more once it \
+             can be read"
+        ));
+    }
     if r.fully_drained()
         && o.fatal.is_none()
         && t.unsealed_entries == 0
         && t.unjournaled_sealed == 0
+        && t.unreadable_local.is_empty()
     {
         s.push_str("\n  everything sealed is uploaded and verified; nothing pending");
     } else if let (Some(g), false) = (&t.gone, r.drain.pending.is_empty()) {
@@ -603,12 +622,17 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
         EXIT_ERROR
     } else if !run.earlier_losses(r).is_empty()
         || r.damaged_in_store.iter().any(StoreDamage::needs_operator)
+        || !run.unreadable_local.is_empty()
     {
         // Standing conditions an earlier run or a reader recorded (they
         // stay until an operator acts): below a fatal error of this run,
         // above pending, as in `status`.
         EXIT_NEEDS_OPERATOR
-    } else if r.fully_drained() && run.unsealed_entries == 0 && run.unjournaled_sealed == 0 {
+    } else if r.fully_drained()
+        && run.unsealed_entries == 0
+        && run.unjournaled_sealed == 0
+        && run.unreadable_local.is_empty()
+    {
         EXIT_DRAINED
     } else {
         EXIT_PENDING
@@ -642,6 +666,25 @@ mod tests {
             unjournaled: Vec::new(),
             damaged_in_store: Vec::new(),
         }
+    }
+
+    /// helper-82 F4: a local file that could not be read after the
+    /// shutdown is named, and the run is not "nothing pending", exit 0.
+    #[test]
+    fn an_unreadable_local_file_is_named_not_counted_as_nothing() {
+        let run = RunTotals {
+            unreadable_local: vec!["/d/segments/00000000000000000001.active: EIO".into()],
+            ..RunTotals::default()
+        };
+        let r = report(None);
+        let t = text_of(&r, &run);
+        assert!(
+            t.contains("CANNOT READ /d/segments/00000000000000000001.active"),
+            "{t}"
+        );
+        assert!(!t.contains("nothing pending"), "{t}");
+        assert_eq!(report_code(&r, &run, None), EXIT_NEEDS_OPERATOR);
+        assert_eq!(report_code(&r, &run, Some("EIO")), EXIT_ERROR);
     }
 
     /// A loss an earlier run recorded, or a damage note in the manifest,
