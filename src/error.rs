@@ -189,6 +189,17 @@ impl Error {
         }
     }
 
+    /// What to quote of this error inside another's text: a `Poisoned`
+    /// error's reason without its own wrapping (quoted whole, it read
+    /// "writer poisoned: ... (writer poisoned: ...; restart ...); restart
+    /// ...": helper-81 F5, helper-83), any other error's text.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Poisoned(why) => why.clone(),
+            e => e.to_string(),
+        }
+    }
+
     /// A corruption error for `what` (a file name or structure).
     pub fn corrupt(what: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Corrupt {

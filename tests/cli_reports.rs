@@ -137,13 +137,24 @@ async fn demo_refuses_to_wrap_past_the_last_offset() {
     assert!(r.fully_drained(), "{r:?}");
     let dir = d.path().to_path_buf();
     let o = tokio::task::spawn_blocking(move || {
-        run(&dir, &["demo", "--entries", "10", "--rate", "1000000"])
+        run(
+            &dir,
+            &[
+                "demo",
+                "--entries",
+                "10",
+                "--rate",
+                "1000000",
+                "--print-flushed",
+            ],
+        )
     })
     .await
     .unwrap();
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("offset u64::MAX"), "{}", text(&o));
     assert!(!text(&o).contains("start 0"), "{}", text(&o));
+    assert!(text(&o).contains("start none left"), "{}", text(&o));
 }
 
 /// helper-82 F5: in single-writer mode with `release_after_commit`, a lost

@@ -623,6 +623,10 @@ pub(crate) fn report_code(r: &ShutdownReport, run: &RunTotals, fatal: Option<&st
     } else if !run.earlier_losses(r).is_empty()
         || r.damaged_in_store.iter().any(StoreDamage::needs_operator)
         || !run.unreadable_local.is_empty()
+        // Pending segments whose journal (or whole data directory) went:
+        // lost, not pending (helper-85 F2: "LOST: ..." with exit 3, which
+        // says the next start resumes them).
+        || (run.gone.is_some() && !r.drain.pending.is_empty())
     {
         // Standing conditions an earlier run or a reader recorded (they
         // stay until an operator acts): below a fatal error of this run,
@@ -808,6 +812,8 @@ mod tests {
         );
         assert!(t.contains("still in segments/: [2]"), "{t}");
         assert!(!t.contains("upload at the next start"), "{t}");
+        // Lost, not pending (helper-85 F2: exit 3).
+        assert_eq!(report_code(&r, &run, None), EXIT_NEEDS_OPERATOR);
         let gone = LocalGone::check(&d.path().join("nothing")).expect("no directory");
         assert!(gone.dir, "{gone:?}");
     }

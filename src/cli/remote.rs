@@ -319,8 +319,9 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
                 if n > 0 {
                     out.manifest.push(format!(
                         "the store has no manifest for the stream, but the journal records {n} \
-                         segment(s) committed to it: readers through the manifest find none \
-                         of them, and the broker refuses to open"
+                         segment(s) committed: readers through the manifest find none of them \
+                         (`tierindex status --remote` shows them; `tierindex reconcile \
+                         --repair` rebuilds the manifest from the segments it can prove)"
                     ));
                 }
             }

@@ -744,6 +744,9 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
     let dir = root.join(SEGMENTS_DIR);
     let rd = match fs::read_dir(&dir) {
         Ok(rd) => rd,
+        // None yet: nothing to count (a directory that went is the
+        // caller's to say: `drain`'s `LocalGone`).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
         Err(e) => {
             out.unreadable.push(format!("{}: {e}", dir.display()));
             return out;
@@ -765,14 +768,20 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
             Kind::Active(id) => {
                 // Bounded by the header's layout: a file longer than it is
                 // not read (fsck reports it).
-                // One that does not scan (damage) is fsck's and the next
-                // open's; one that cannot be read is named.
+                // One that does not decode or scan (damage, or a creation
+                // a crash cut short) is fsck's and the next open's, and one
+                // that went since the listing (a running broker sealed it)
+                // is not there to count; one the system cannot read (EIO,
+                // a permission) is named.
                 let n = match recover::read_bounded_active(&path, None) {
                     Ok(b) => salvage::scan_active(&b, id, None).map_or(0, |s| s.items.len() as u64),
-                    Err(e) => {
-                        out.unreadable.push(format!("{}: {e}", path.display()));
+                    Err(Error::Io { source, .. })
+                        if source.kind() != std::io::ErrorKind::NotFound =>
+                    {
+                        out.unreadable.push(format!("{}: {source}", path.display()));
                         0
                     }
+                    Err(_) => 0,
                 };
                 if n > 0 {
                     out.unsealed_items += n;

@@ -117,10 +117,7 @@ impl Poison {
     /// (helper-81 F5: "writer poisoned: writer poisoned: ...; restart to
     /// recover what was durable; restart to recover what was durable").
     fn set_err(&self, e: &Error) {
-        self.set(match e {
-            Error::Poisoned(why) => why.clone(),
-            e => e.to_string(),
-        });
+        self.set(e.reason());
     }
     /// A failed sync (`Poisoned`) poisons; other errors do not.
     fn on_sync(&self, e: &Error) {

@@ -139,7 +139,9 @@ fn commit(journal: &Mutex<Journal>, batch: Vec<Req>) {
     match j.append(&all) {
         Ok(()) => batch.into_iter().for_each(|r| r.reply.send(Ok(()))),
         Err(e) if j.is_poisoned() => {
-            let why = e.to_string();
+            // Its reason, not its text: each reply is wrapped as
+            // `Poisoned` again (helper-85 F3).
+            let why = e.reason();
             batch
                 .into_iter()
                 .for_each(|r| r.reply.send(Err(Error::Poisoned(why.clone()))));

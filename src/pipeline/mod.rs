@@ -222,9 +222,11 @@ impl Shared {
                 // uploaded: it stops acknowledging appends, as after its own
                 // failed sync.
                 self.writer_poison.set(format!(
-                    "the journal cannot record sealed segments ({e}); appends stop here: \
+                    "the journal cannot record sealed segments ({}); appends stop here: \
                      restart once the cause is fixed (the sealed files are journaled at the \
-                     next start)"
+                     next start; if the journal itself is gone, `tierindex fsck` says what to \
+                     do)",
+                    e.reason()
                 ));
                 return Err(e);
             }

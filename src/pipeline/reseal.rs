@@ -127,7 +127,8 @@ pub async fn reseal(
             // journaled first would keep them from ever being journaled).
             // The next open finds the Resealing record and the files.
             w.poison_with(format!(
-                "journaling the end of segment {id}'s reseal failed: {e}"
+                "journaling the end of segment {id}'s reseal failed: {}",
+                e.reason()
             ));
             return Err(e);
         }

@@ -65,7 +65,9 @@ impl RegularFiles {
     /// [`crate::remote::classify`] treats as permanent).
     fn check_target(&self, location: &Path) -> Result<()> {
         let path = self.0.path_to_filesystem(location)?;
-        match std::fs::symlink_metadata(&path) {
+        // Followed: a symlink to a directory stands in the way as much
+        // (helper-85 F5).
+        match std::fs::metadata(&path) {
             Ok(m) if m.is_dir() => Err(directory_in_the_way(&path)),
             _ => Ok(()),
         }
@@ -215,5 +217,16 @@ mod tests {
         assert!(e.to_string().contains("is a directory where an object"), "{e}");
         // Nothing under the directory was touched.
         assert_eq!(std::fs::read(d.path().join("a/obj/child")).unwrap(), b"hi");
+        // A symlink to a directory (helper-85 F5).
+        std::os::unix::fs::symlink(d.path().join("a/obj"), d.path().join("a/link")).unwrap();
+        let create = PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        let e = s
+            .put_opts(&Path::from("a/link"), PutPayload::from_static(b"x"), create)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("is a directory where an object"), "{e}");
     }
 }

@@ -124,7 +124,7 @@ impl LocalMultipart {
 /// A directory where the object belongs: no rename replaces it (see
 /// [`super::local_fs::directory_in_the_way`]).
 fn refuse_directory(dst: &FsPath) -> object_store::Result<()> {
-    match std::fs::symlink_metadata(dst) {
+    match std::fs::metadata(dst) {
         Ok(m) if m.is_dir() => Err(super::local_fs::directory_in_the_way(dst)),
         _ => Ok(()),
     }

@@ -33,7 +33,8 @@ pub struct ShutdownReport {
     pub error: Option<String>,
     /// Set when another owner took the stream's manifest (a newer epoch):
     /// this process stopped writing to the store; segments not in the
-    /// manifest stay `Verified` locally, with their files.
+    /// manifest stay in the journal (in whatever state they reached:
+    /// `Sealed` to `Verified`) with their local files.
     pub fenced: Option<String>,
     /// Time the shutdown took.
     pub elapsed_ms: u64,
