@@ -198,6 +198,35 @@ fn a_lost_journal_is_named_not_replaced_in_single_writer_mode() {
     assert!(matches!(o.status.code(), Some(0 | 3 | 4)), "{}", text(&o));
     let o = run(d.path(), &["drain", "--config", c]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The rebuilt journal is empty (every local copy was released): new
+    // ids continue above the store's, none is given out twice (helper-84
+    // F4: a second object under id 1).
+    let o = run(
+        d.path(),
+        &[
+            "demo",
+            "--config",
+            c,
+            "--segment-items",
+            "200",
+            "--slots",
+            "16",
+            "--entries",
+            "1000",
+            "--rate",
+            "1000000",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let mut ids: Vec<String> = std::fs::read_dir(d.path().join("store/stream-0/segments"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy()[..20].to_string())
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an id with two objects: {ids:?}");
+    assert!(n > 10, "{ids:?}");
 }
 
 /// helper-81 F2: a first open refused by another owner's live lease
@@ -230,4 +259,58 @@ fn a_refused_first_open_says_what_to_do_and_what_it_left() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("holds no segment"), "{}", text(&o));
     assert!(!text(&o).contains("before identity files"), "{}", text(&o));
+}
+
+/// helper-81 F1, helper-84 F1: a default-mode broker beside a recent
+/// single-writer broker of the stream is refused, and the way past it
+/// that the refusal prints works: `owner release` writes the stream's
+/// manifest with no owner, which the broker's next start takes.
+#[test]
+fn the_way_past_a_single_writer_refusal_works() {
+    let d = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", d.path().join("store").display());
+    let at = |dir: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tierindex"))
+            .env_remove("TIERINDEX_CONFIG")
+            .env_remove("TIERINDEX_STREAM")
+            .env_remove("TIERINDEX_MANIFEST")
+            .env_remove("TIERINDEX_DATA_DIR")
+            .env("TIERINDEX_STORE", &store)
+            .arg("--data-dir")
+            .arg(d.path().join(dir))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let demo = [
+        "demo",
+        "--entries",
+        "3000",
+        "--rate",
+        "1000000",
+        "--segment-items",
+        "500",
+    ];
+    let mut single = vec!["--manifest", "false"];
+    single.extend_from_slice(&demo);
+    let o = at("a", &single);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = at("b", &demo);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("single-writer mode"), "{}", text(&o));
+    assert!(
+        text(&o).contains("owner release --owner-id operator"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_tierindex"))
+        .env_remove("TIERINDEX_CONFIG")
+        .env_remove("TIERINDEX_DATA_DIR")
+        .args(["owner", "release", "--owner-id", "operator", "--fence-live"])
+        .args(["--store", &store, "--stream", "stream-0"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = at("b", &demo);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }

@@ -1443,7 +1443,7 @@ async fn a_first_manifest_beside_a_recent_single_writer_is_refused() {
     assert!(matches!(e, Error::Claimed(_)), "{e}");
     let m = e.to_string();
     assert!(m.contains("single-writer mode"), "{m}");
-    assert!(m.contains("owner take"), "{m}");
+    assert!(m.contains("owner release"), "{m}");
     assert!(rig.manifest_store().load().await.unwrap().is_none());
     // The single-writer broker's objects past the grace: taken, with a
     // warning (its objects wait for `reconcile --repair`).

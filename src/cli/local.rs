@@ -680,11 +680,14 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         }
         if o.journal_missing {
             s.push_str(
-                "\n  JOURNAL MISSING: the data directory holds segment files but no \
-                 journal/journal.log (removed or lost: what was uploaded, committed or \
-                 released is not known here). `tierindex fsck --repair` rebuilds the journal \
+                "\n  JOURNAL MISSING: the data directory had a journal (segment files, or \
+                 journal/LINKED_BY, show it) but has no journal/journal.log (removed or lost: \
+                 what was uploaded, committed or released is not known here). Restore it from \
+                 a backup if there is one; otherwise `tierindex fsck --repair` rebuilds it \
                  from the sealed files, then `tierindex reconcile` compares it with the store \
-                 (a broker started on it as it is begins a new, empty journal)",
+                 (segments whose local copies were released are known only there). Until \
+                 then a broker in single-writer mode refuses to start on it, and one with the \
+                 manifest starts a new journal from the local files",
             );
         }
         if !o.losses_recorded_earlier.is_empty() {

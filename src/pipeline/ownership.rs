@@ -40,8 +40,11 @@ pub struct ManifestHandle {
 
 /// A deferred `take_ownership`: the writer and whether creates are
 /// conditional.
+/// Called with the journal's highest segment id at the time of the take.
 pub type TakeOwnership = Box<
-    dyn Fn() -> futures::future::BoxFuture<'static, Result<(ManifestWriter, StoreTrust)>>
+    dyn Fn(
+            Option<crate::segment::SegmentId>,
+        ) -> futures::future::BoxFuture<'static, Result<(ManifestWriter, StoreTrust)>>
         + Send
         + Sync,
 >;
@@ -303,7 +306,7 @@ impl Shared {
                         p.last_error
                     )));
                 }
-                Some(p) => (p.take)(),
+                Some(p) => (p.take)(self.journal.read().max_segment_id()),
             }
         };
         // Bounded like the attempt at open: the manifest lock is held

@@ -156,7 +156,7 @@ pub const MAX_LISTED_SEGMENT_ID: u64 = (1 << 63) - 1;
 pub(crate) struct ListedSegments {
     /// Objects (several seals of one id count each).
     pub count: u64,
-    /// The first few of their ids (at most 8), for a message.
+    /// The lowest of their ids (at most 8), ascending, for a message.
     pub first_ids: Vec<SegmentId>,
     /// The newest one's last-modified time (ms since the epoch; 0 for none).
     pub newest_ms: u64,
@@ -454,8 +454,13 @@ impl RemoteStore {
                 out.count += 1;
                 let ms = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
                 out.newest_ms = out.newest_ms.max(ms);
-                if out.first_ids.len() < 8 && out.first_ids.last() != Some(&id) {
-                    out.first_ids.push(id);
+                // The lowest few, whatever order the listing gives
+                // (a `file://` store's is not sorted).
+                if let Err(at) = out.first_ids.binary_search(&id)
+                    && at < 8
+                {
+                    out.first_ids.insert(at, id);
+                    out.first_ids.truncate(8);
                 }
             }
         })

@@ -64,6 +64,13 @@ struct Raw<'a> {
     path: &'a str,
 }
 
+/// `text` in single quotes for a POSIX shell, its own quotes escaped: a
+/// command printed for an operator to paste runs nothing it holds
+/// (helper-84 F2: a data directory or store URL with `;` or `$(..)`).
+pub(crate) fn shell_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 /// What an error may show of `raw`: `scheme://host/path`, or nothing when
 /// `raw` holds an `@` anywhere (user info, perhaps with a `/` in the
 /// password), or a `:` that is not a port's (`user:secret` with the

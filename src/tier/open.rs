@@ -34,13 +34,16 @@ pub(super) async fn take_manifest(
     store: &RemoteStore,
     clock: Arc<dyn Clock>,
     committed: usize,
-    single_writer_check: SingleWriterCheck,
+    journal_max: Option<crate::segment::SegmentId>,
     leases: Option<&HostLeases>,
 ) -> Result<(ManifestWriter, crate::pipeline::StoreTrust)> {
     let owner = cfg.effective_owner_id()?;
     // Checked first: the probe writes (and removes) objects of its own.
     let exists = manifest_exists(cfg, store, clock.clone()).await?;
-    if let (false, SingleWriterCheck::Above(journal_max)) = (exists, single_writer_check) {
+    // `journal_max`: the journal's highest id when the take runs (objects
+    // above it are not this data directory's: it journals an upload
+    // before making it).
+    if !exists {
         refuse_beside_a_recent_single_writer(cfg, store, clock.as_ref(), journal_max).await?;
     }
     if committed > 0 && !exists {
@@ -61,8 +64,8 @@ pub(super) async fn take_manifest(
             cfg.stream,
             cfg.data_dir.display(),
             committed,
-            cfg.data_dir.display(),
-            cfg.data_dir.display(),
+            crate::remote::url::shell_quoted(&cfg.data_dir.display().to_string()),
+            crate::remote::url::shell_quoted(&cfg.data_dir.display().to_string()),
         )));
     }
     let caps = if cfg.probe_store {
@@ -127,19 +130,6 @@ pub(super) async fn take_manifest(
     Ok((writer, crate::pipeline::StoreTrust::of(&caps)))
 }
 
-/// Whether [`take_manifest`] looks for a single-writer broker's objects.
-#[derive(Clone, Copy, Debug)]
-pub(super) enum SingleWriterCheck {
-    /// Objects above this id (the journal's highest at open; all with
-    /// `None`) were not written by this data directory.
-    Above(Option<crate::segment::SegmentId>),
-    /// Not checked: a take deferred because the store did not answer at
-    /// open, after which this data directory uploads segments above the
-    /// id it had then (a known gap: a broker started while the store was
-    /// down beside a single-writer broker is not refused).
-    Skip,
-}
-
 /// The manifest mode's first take of a stream beside a single-writer
 /// broker (helper-81 F1: a default-mode broker started beside a running
 /// `manifest = false` broker of the same stream was not refused; both
@@ -158,7 +148,49 @@ async fn refuse_beside_a_recent_single_writer(
     clock: &dyn Clock,
     journal_max: Option<crate::segment::SegmentId>,
 ) -> Result<()> {
-    let listed = store.listed_segments_above(&cfg.stream, journal_max).await?;
+    let q = crate::remote::url::shell_quoted;
+    // The way past, when the operator knows no single-writer broker
+    // runs: `owner release` writes the stream's manifest with no owner
+    // (whatever id it is given), and the broker's next open takes it (a
+    // manifest exists: this check is not made). `owner take` would leave
+    // a lease the broker's own id does not hold (helper-84 F1).
+    let way_past = format!(
+        "`tierindex owner release --owner-id operator --fence-live --store {} --stream {}` \
+         writes the stream's manifest with no owner, which the broker's next start takes; \
+         then `tierindex reconcile --repair` commits the other broker's objects",
+        q(store.display_url()),
+        q(&cfg.stream)
+    );
+    // Bounded inside the take's own bound: a listing that does not finish
+    // in time refuses rather than leaving the take to the background,
+    // where it would go on without this check (helper-84 F3: a slow LIST
+    // of 900,000 objects let a manifest start beside a live writer).
+    let budget = cfg
+        .manifest_options()
+        .retry
+        .request_timeout
+        .max(Duration::from_secs(1))
+        * 2;
+    let listed = match tokio::time::timeout(
+        budget,
+        store.listed_segments_above(&cfg.stream, journal_max),
+    )
+    .await
+    {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(Error::Claimed(format!(
+                "stream {:?} in {} has no manifest, and its segment objects could not be \
+                 listed within {} ms to check that no broker in single-writer mode (manifest = \
+                 false) writes it; a manifest taken beside such a broker would hide its \
+                 entries from the stream's readers. If none does, {way_past}; nothing was \
+                 written to the store",
+                cfg.stream,
+                store.display_url(),
+                budget.as_millis()
+            )));
+        }
+    };
     if listed.count == 0 {
         return Ok(());
     }
@@ -172,31 +204,28 @@ async fn refuse_beside_a_recent_single_writer(
             objects = listed.count,
             newest_age_s = age_ms / 1000,
             "the stream has no manifest but {} segment object(s) this data directory did not \
-             write (ids {ids:?}{more}): a single-writer broker (manifest = false) wrote them \
-             earlier, or a manifest was lost. Starting the stream's manifest; readers see \
+             write (lowest ids {ids:?}{more}): a single-writer broker (manifest = false) wrote \
+             them earlier, or a manifest was lost. Starting the stream's manifest; readers see \
              their entries once `tierindex reconcile --repair` commits them",
             listed.count
         );
         return Ok(());
     }
     Err(Error::Claimed(format!(
-        "stream {:?} in {} has no manifest, but {} segment object(s) \
-         this data directory did not write (ids {ids:?}{more}), the newest written {} s \
-         ago: a broker in single-writer mode (manifest = false) is most likely writing \
-         this stream, and a manifest taken now would hide its entries from the stream's \
-         readers. Run that broker with manifest = true instead (it then takes the \
-         stream's manifest, and this one is refused while it holds it), or give this \
-         broker another stream. If no such broker runs any more: wait until its newest \
-         object is older than reconcile_grace_ms ({} s), or take the stream now with \
-         `tierindex owner take --data-dir {} --store {}`, then run `tierindex reconcile \
-         --repair` to commit its objects; nothing was written to the store",
+        "stream {:?} in {} has no manifest, but {} segment object(s) this data directory did \
+         not write (lowest ids {ids:?}{more}), the newest written {} s ago by the store's \
+         clock: a broker in single-writer mode (manifest = false) is most likely writing this \
+         stream, and a manifest taken now would hide its entries from the stream's readers. \
+         Run that broker in the default mode instead (`--manifest true --switch-mode`: it \
+         then takes the stream's manifest, and this one is refused while it holds it), or \
+         give this broker another stream. If no such broker runs any more: wait until its \
+         newest object is older than reconcile_grace_ms ({} s), or {way_past}; nothing was \
+         written to the store",
         cfg.stream,
         store.display_url(),
         listed.count,
         age_ms / 1000,
         cfg.reconcile_grace_ms / 1000,
-        cfg.data_dir.display(),
-        store.display_url(),
     )))
 }
 
@@ -365,8 +394,9 @@ pub(super) async fn open_shared_hosted(
                          segment ids the store holds and lose track of segments whose local \
                          copies were released. Restore journal/journal.log from a backup if \
                          there is one; otherwise `tierindex fsck --repair` rebuilds it from \
-                         the local segment files, and `tierindex reconcile` then lists the \
-                         stream's objects it does not record (never deleted). Nothing was \
+                         the local segment files (segments whose local copies were released \
+                         stay known only to the store: `tierindex reconcile` lists them, never \
+                         deleted, and new segment ids continue above them). Nothing was \
                          changed",
                         cfg.data_dir.display()
                     )));
@@ -475,7 +505,7 @@ pub(super) async fn open_shared_hosted(
                     &store,
                     clock.clone(),
                     committed,
-                    SingleWriterCheck::Above(journal_max),
+                    journal_max,
                     leases.as_deref(),
                 ))
                 .await
@@ -492,11 +522,16 @@ pub(super) async fn open_shared_hosted(
                 tracing::warn!(error = %e, "store unreachable at open: starting without manifest ownership; commits wait until it is taken");
                 let (c, st, ck, hl) = (cfg.clone(), store.clone(), clock.clone(), leases.clone());
                 let take = PendingTake {
-                    take: Box::new(move || {
+                    // Given the journal's highest id when it runs: this
+                    // data directory journals an upload before making it,
+                    // so every object it wrote since the open is at or
+                    // below that id, and the check still sees another
+                    // writer's (helper-84 F3: a deferred take skipped it).
+                    take: Box::new(move |journal_max| {
                         let (c, st, ck, hl) = (c.clone(), st.clone(), ck.clone(), hl.clone());
                         Box::pin(async move {
-                            let check = SingleWriterCheck::Skip;
-                            take_manifest(&c, &st, ck, committed, check, hl.as_deref()).await
+                            take_manifest(&c, &st, ck, committed, journal_max, hl.as_deref())
+                                .await
                         })
                     }),
                     retry_at: std::time::Instant::now(),
@@ -545,7 +580,17 @@ pub(super) async fn open_shared_hosted(
             Some(m) => m.writer.lock().await.is_none(),
             None => false,
         };
-        let listed_max = if take_pending || !cfg.manifest {
+        // A single-writer data directory opened before (`journal/LINKED_BY`
+        // is there) whose journal holds no id: lost and rebuilt from local
+        // files that were all released. Its segments' objects are in the
+        // store, and new ids continue above them, or they would be given
+        // out again (helper-84 F4: a second object under id 1).
+        let rebuilt_single_writer = !cfg.manifest
+            && known.is_none()
+            && crate::journal::journal_dir(&cfg.data_dir)
+                .join(crate::datadir::LINKED_BY_FILE)
+                .exists();
+        let listed_max = if take_pending || (!cfg.manifest && !rebuilt_single_writer) {
             known
         } else {
             listed_max_segment_id(cfg, &store, known).await

@@ -318,9 +318,9 @@ impl ManifestStore {
                             // Shell-quoted: the id is read from the store,
                             // and an operator may paste the command (helper-81
                             // F2: it named neither the store nor the stream).
-                            shell_quoted(&l.owner),
-                            shell_quoted(self.inner.store.display_url()),
-                            shell_quoted(self.stream()),
+                            crate::remote::url::shell_quoted(&l.owner),
+                            crate::remote::url::shell_quoted(self.inner.store.display_url()),
+                            crate::remote::url::shell_quoted(self.stream()),
                         )));
                     }
                     let (Some(version), Some(epoch)) =
@@ -665,9 +665,4 @@ impl ManifestStore {
             }
         }
     }
-}
-
-/// `text` in single quotes for a shell, its own quotes escaped.
-fn shell_quoted(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "'\\''"))
 }
