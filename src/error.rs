@@ -62,8 +62,9 @@ pub enum Error {
     #[error("unsupported format: {0}; upgrade tierindex to read it")]
     Unsupported(String),
 
-    /// The data directory is locked by another live process.
-    #[error("data directory {path} is locked by another process ({holder}); stop it first")]
+    /// The data directory is locked by another live process (or by this
+    /// one: another instance open on it here).
+    #[error("{}", locked_text(.path, .holder))]
     Locked {
         /// The data directory.
         path: PathBuf,
@@ -491,6 +492,24 @@ pub fn scrub(text: &str) -> String {
     scrubbed
 }
 
+/// How a [`Error::Locked`]'s holder starts when it is this very process
+/// (see `lock::holder_of`).
+pub(crate) const HELD_BY_THIS_PROCESS: &str = "held by this very process";
+
+/// The text of [`Error::Locked`]: "stop it first" only for another
+/// process (helper-82 F3: a second open in one process told the
+/// embedding broker to stop itself).
+fn locked_text(path: &Path, holder: &str) -> String {
+    if holder.starts_with(HELD_BY_THIS_PROCESS) {
+        format!("data directory {} is {holder}", path.display())
+    } else {
+        format!(
+            "data directory {} is locked by another process ({holder}); stop it first",
+            path.display()
+        )
+    }
+}
+
 #[cfg(test)]
 mod scrub_tests {
     use super::*;
@@ -684,3 +703,4 @@ mod scrub_tests {
         }
     }
 }
+

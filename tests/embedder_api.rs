@@ -367,13 +367,18 @@ async fn a_reopen_waits_for_a_forked_childs_copy_of_the_lock() {
     index.append(b"k", 1, 10, 1_000).unwrap();
     index.flush().unwrap();
 
-    // A live holder in this process: refused.
+    // A live holder in this process: refused, and said to be this
+    // process's (helper-82 F3: "locked by another process (pid = ours);
+    // stop it first").
     let second = TierIndex::open(cfg.clone()).await;
     assert!(
         matches!(second, Err(tierindex::Error::Locked { .. })),
         "{:?}",
         second.err()
     );
+    let text = second.err().unwrap().to_string();
+    assert!(text.contains("held by this very process"), "{text}");
+    assert!(!text.contains("stop it first"), "{text}");
 
     // Another thread starts a child that lingers 700 ms between fork and
     // exec, holding copies of this process's descriptors (`spawn` returns

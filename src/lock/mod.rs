@@ -98,8 +98,16 @@ pub(crate) fn pid_list(pids: &[u32]) -> String {
 /// tierindex to take it; only the latter where no pid is shown.
 pub(crate) fn holder_of(root: &Path, name: &str) -> String {
     let last = holder_in(root, name);
+    let me = std::process::id();
     match flock_holders(root).as_slice() {
         [] => last,
+        pids if pids.contains(&me) => format!(
+            "{} (pid {me}): another instance is open on it in this process, or one was \
+             dropped without `shutdown` and its background tasks have not let go of it yet: \
+             call `shutdown` on that one (it returns once the lock is released), or retry \
+             shortly",
+            crate::error::HELD_BY_THIS_PROCESS
+        ),
         pids => format!(
             "{} holds it (/proc/locks); the last tierindex to take it wrote: {last}",
             pid_list(pids)
