@@ -102,10 +102,10 @@ pub(crate) fn holder_of(root: &Path, name: &str) -> String {
     match flock_holders(root).as_slice() {
         [] => last,
         pids if pids.contains(&me) => format!(
-            "{} (pid {me}): another instance is open on it in this process, or one was \
-             dropped without `shutdown` and its background tasks have not let go of it yet: \
-             call `shutdown` on that one (it returns once the lock is released), or retry \
-             shortly",
+            "{} (pid {me} holds it (/proc/locks); the last tierindex to take it wrote: \
+             {last}): another instance is open on it in this process, or one was dropped \
+             without `shutdown` and its background tasks have not let go of it yet: call \
+             `shutdown` on that one (it returns once the lock is released), or retry shortly",
             crate::error::HELD_BY_THIS_PROCESS
         ),
         pids => format!(
@@ -403,7 +403,9 @@ mod tests {
         let me = std::process::id();
         assert_eq!(flock_holders(d.path()), vec![me]);
         let said = holder_of(d.path(), LOCK_FILE);
-        assert!(said.starts_with(&format!("pid {me} holds it")), "{said}");
+        // This process holds it: said so (helper-82 F3), with the pid.
+        assert!(said.starts_with(crate::error::HELD_BY_THIS_PROCESS), "{said}");
+        assert!(said.contains(&format!("pid {me} holds it")), "{said}");
         assert!(said.contains("pid=1 host=gone"), "{said}");
         drop(held);
         assert_eq!(flock_holders(d.path()), Vec::<u32>::new());
