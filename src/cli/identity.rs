@@ -96,7 +96,8 @@ pub fn resolve_cli(cfg: &mut Config, intent: CliIntent) -> Result<()> {
                 Ok(max) => max.is_none(),
                 // No journal, and none ever (a lost one: `journal_lost`).
                 Err(_) => {
-                    !crate::journal::log_path(dir).exists() && !crate::datadir::journal_lost(dir)
+                    !crate::journal::log_path(dir).exists()
+                        && !crate::datadir::journal_lost(dir, crate::tier::CLEAN_SHUTDOWN_MARKER)
                 }
             };
             let empty = journal_empty

@@ -430,7 +430,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     // it (`journal_rebuilt`).
     let journal_missing = !repair
         && !journal::log_path(&cfg.data_dir).exists()
-        && (datadir::journal_lost(&cfg.data_dir)
+        && (datadir::journal_lost(&cfg.data_dir, crate::tier::CLEAN_SHUTDOWN_MARKER)
             || !rec.report.sealed_ok.is_empty()
             || !rec.report.actives.is_empty()
             || !rec.report.salvaged.is_empty()
@@ -681,7 +681,8 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         if o.journal_missing {
             s.push_str(
                 "\n  JOURNAL MISSING: the data directory had a journal (segment files, or \
-                 journal/LINKED_BY, show it) but has no journal/journal.log (removed or lost: \
+                 the last run's clean-shutdown marker, show it) but has no \
+                 journal/journal.log (removed or lost: \
                  what was uploaded, committed or released is not known here). Restore it from \
                  a backup if there is one; otherwise `tierindex fsck --repair` rebuilds it \
                  from the sealed files, then `tierindex reconcile` compares it with the store \

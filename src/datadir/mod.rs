@@ -499,15 +499,15 @@ impl<'a> LinkRecord<'a> {
 pub(crate) const LINKED_BY_FILE: &str = "LINKED_BY";
 
 /// The journal of `data_dir` existed and is gone: no `journal.log`, but
-/// `journal/LINKED_BY`, which an open writes only after its journal was
-/// made (a first open that crashed before making it leaves no record).
-/// Damage (an operator's `rm`, a lost file), not a crash (helper-82 F5:
-/// every command went on with a new, empty journal).
-pub(crate) fn journal_lost(data_dir: &Path) -> bool {
-    !crate::journal::log_path(data_dir).exists()
-        && crate::journal::journal_dir(data_dir)
-            .join(LINKED_BY_FILE)
-            .exists()
+/// the clean-shutdown marker `marker` (a name in `data_dir`) that the last
+/// run wrote after its journal was made. Damage (an operator's `rm`, a
+/// lost file), not a crash (helper-82 F5: every command went on with a
+/// new, empty journal). `journal/LINKED_BY` is no such evidence: every
+/// open of a data directory with an identity writes it before the
+/// journal is made, so a crash inside the journal's creation leaves it
+/// (the CI crash campaign's `journal.compact.fsync` point).
+pub(crate) fn journal_lost(data_dir: &Path, marker: &str) -> bool {
+    !crate::journal::log_path(data_dir).exists() && data_dir.join(marker).exists()
 }
 
 impl DataDir {

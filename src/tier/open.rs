@@ -157,7 +157,8 @@ async fn refuse_beside_a_recent_single_writer(
     let way_past = format!(
         "`tierindex owner release --owner-id operator --fence-live --store {} --stream {}` \
          writes the stream's manifest with no owner, which the broker's next start takes; \
-         then `tierindex reconcile --repair` commits the other broker's objects",
+         then `tierindex reconcile --repair` commits those of the other broker's objects \
+         whose offsets overlap no entry the manifest lists, and names the others",
         q(store.display_url()),
         q(&cfg.stream)
     );
@@ -370,13 +371,6 @@ pub(super) async fn open_shared_hosted(
             // `dd`, and with it the lock, is dropped).
             let new_identity = crate::identity::NewIdentity::new(&cfg.data_dir, created);
             let new_incarnation = created.then(|| identity.incarnation.clone());
-            let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
-            let previous_shutdown_clean = marker.exists();
-            if previous_shutdown_clean {
-                crate::durable::unlink(&marker)
-                    .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
-                fsync_dir(&cfg.data_dir)?;
-            }
             // A journal that existed and is gone: in single-writer mode the
             // journal alone records what was committed, and a new one would
             // give out ids the store already holds and forget segments
@@ -384,12 +378,13 @@ pub(super) async fn open_shared_hosted(
             // command exited 0, and `lookup --remote` found none of them).
             // With the manifest a new journal is safe (the manifest lists
             // what was committed; new ids continue above the store's), and
-            // the loss is logged.
-            if crate::datadir::journal_lost(&cfg.data_dir) {
+            // the loss is logged. Checked before the marker is removed: a
+            // refusal keeps it, so the next open refuses too.
+            if crate::datadir::journal_lost(&cfg.data_dir, CLEAN_SHUTDOWN_MARKER) {
                 if !cfg.manifest {
                     return Err(Error::InvalidInput(format!(
-                        "the journal of {} is missing (journal/journal.log; journal/LINKED_BY \
-                         shows it existed): in single-writer mode (manifest = false) it alone \
+                        "the journal of {} is missing (journal/journal.log; the clean-shutdown \
+                         marker of the last run shows it existed): in single-writer mode (manifest = false) it alone \
                          records which segments were committed, and a new one would reuse \
                          segment ids the store holds and lose track of segments whose local \
                          copies were released. Restore journal/journal.log from a backup if \
@@ -403,11 +398,19 @@ pub(super) async fn open_shared_hosted(
                 }
                 tracing::error!(
                     data_dir = %cfg.data_dir.display(),
-                    "the journal is missing (journal/LINKED_BY shows it existed): starting a \
+                    "the journal is missing (the last run's clean-shutdown marker shows it \
+                     existed): starting a \
                      new one from the local segment files; the stream's manifest lists what \
                      was committed (`tierindex status --remote` and `tierindex reconcile` \
                      compare them)"
                 );
+            }
+            let marker = cfg.data_dir.join(CLEAN_SHUTDOWN_MARKER);
+            let previous_shutdown_clean = marker.exists();
+            if previous_shutdown_clean {
+                crate::durable::unlink(&marker)
+                    .map_err(|e| Error::io(&marker, "remove clean-shutdown marker", e))?;
+                fsync_dir(&cfg.data_dir)?;
             }
             // `open_as` fsynced the data directory after its tree existed.
             let (journal, jrep) = Journal::open_in_synced_dir(
@@ -580,16 +583,14 @@ pub(super) async fn open_shared_hosted(
             Some(m) => m.writer.lock().await.is_none(),
             None => false,
         };
-        // A single-writer data directory opened before (`journal/LINKED_BY`
-        // is there) whose journal holds no id: lost and rebuilt from local
-        // files that were all released. Its segments' objects are in the
-        // store, and new ids continue above them, or they would be given
-        // out again (helper-84 F4: a second object under id 1).
-        let rebuilt_single_writer = !cfg.manifest
-            && known.is_none()
-            && crate::journal::journal_dir(&cfg.data_dir)
-                .join(crate::datadir::LINKED_BY_FILE)
-                .exists();
+        // A single-writer data directory whose last run shut down cleanly
+        // (it had a journal) and whose journal holds no id: lost and
+        // rebuilt from local files that were all released (or a run that
+        // never sealed). Its segments' objects may be in the store, and
+        // new ids continue above them, or they would be given out again
+        // (helper-84 F4: a second object under id 1). `journal/LINKED_BY`
+        // is no evidence: every reopen writes it (helper-86 F4).
+        let rebuilt_single_writer = !cfg.manifest && known.is_none() && previous_shutdown_clean;
         let listed_max = if take_pending || (!cfg.manifest && !rebuilt_single_writer) {
             known
         } else {
