@@ -38,6 +38,8 @@ pub const POINTS: &[&str] = &[
     "active.append",
     "active.msync",
     "active.msync.after",
+    "active.mark.write",
+    "active.mark.fsync",
     "active.remove_empty",
     "active.remove_empty.dirsync",
     // Sealing (src/segment/sealed/write.rs, src/index/sealer.rs)

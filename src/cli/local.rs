@@ -62,6 +62,20 @@ pub(crate) fn add_local(
         totals.lost_items += n.lost_items;
         totals.losses.push(n.line);
     }
+    // The newest segment a flush acknowledged entries of, gone or short
+    // (not recorded yet: the next start records it). The journal read
+    // again: it may have recorded (and released) the segment since `view`.
+    if let Some((id, gone, note)) = local.acked_lost {
+        // A journal that cannot be read cannot say (a lost one is
+        // reported as such): not judged then.
+        let journaled = gone
+            && crate::journal::Journal::max_segment_id_on_disk(data_dir)
+                .map_or(true, |max| max.is_some_and(|m| id <= m));
+        if !journaled {
+            totals.lost_items += note.lost_items;
+            totals.losses.push(note.line());
+        }
+    }
 }
 
 /// A loss recorded in `quarantine/`.
@@ -379,9 +393,18 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
     // damaged local copy is left for the broker's start, which salvages it
     // and appends its intact entries again (fsck holds no writer to do so).
     let mut to_upload = std::collections::BTreeSet::new();
+    // The highest id the journal recorded (compaction keeps it): the
+    // segment a flush last acknowledged, with no file left, is lost unless
+    // the journal recorded it sealed (see `datadir::acked`).
+    // A journal that cannot be read (missing, damaged) cannot say: then
+    // the mark judges nothing (`journal_readable`).
+    let mut journal_max = None;
+    let mut journal_readable = false;
     let committed: std::collections::BTreeSet<crate::segment::SegmentId> =
         match Journal::open_read_only(&cfg.data_dir) {
             Ok((v, _)) => {
+                journal_max = v.max_segment_id();
+                journal_readable = true;
                 to_upload = v
                     .segments()
                     .values()
@@ -420,6 +443,7 @@ pub fn fsck(cli: &Cli, repair: bool) -> Result<i32> {
         &|_| true,
         &|id| committed.contains(&id),
         &|id| to_upload.contains(&id),
+        &|id| !journal_readable || journal_max.is_some_and(|m| id <= m),
         Some(geometry),
     )?;
     let mut journal_rebuilt = None;

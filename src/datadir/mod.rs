@@ -11,12 +11,15 @@
 //!                        with the next id once it is half full), NNN.seg
 //!   journal/             upload journal (see journal module)
 //!   quarantine/          files that failed their checks, moved aside, never deleted
+//!   ACKED_ACTIVE         the newest segment a flush acknowledged entries of
+//!                        (`acked`): its file gone or zeroed is a loss
 //! ```
 //!
 //! Start-up rules (also tabled in `docs/crash-safety.md`):
 //! - `NNN.seg` must pass the full sealed check, else it is quarantined.
 //! - `NNN.active` that is empty or all zeros (its creation never became
-//!   durable) is removed: it never held an entry.
+//!   durable) is removed: it never held an entry. Unless `ACKED_ACTIVE`
+//!   names it, or a later file exists: then it is damage, a loss.
 //! - Every `.active` but the newest holding entries is sealed; an empty one
 //!   (with a valid header) above it is a spare prepared ahead of a roll:
 //!   not a leftover, the writer removes it (or takes it up when no segment
@@ -712,6 +715,7 @@ pub fn write_record(moved: &Path, rec: &QuarantineRecord) -> Result<()> {
     Ok(())
 }
 
+pub mod acked;
 mod recover;
 mod report;
 use crate::segment::names::{Kind, classify};
@@ -734,6 +738,13 @@ pub struct LocalPending {
     /// after an I/O error a report said 0 unsealed entries while 29,600
     /// acknowledged ones sat in active files).
     pub unreadable: Vec<String>,
+    /// The segment a flush last acknowledged entries of (`acked`), whose
+    /// file is gone (and `known` does not know it) or holds fewer valid
+    /// items than were acknowledged, before a start-up recorded the loss:
+    /// the caller checks the journal once more (it may have recorded the
+    /// segment since it was read) and reports it lost.
+    /// `(segment, gone, note)`: `gone` is the file's absence.
+    pub acked_lost: Option<(SegmentId, bool, LossNote)>,
 }
 
 /// Scan `root/segments` for unsealed entries and sealed files the journal
@@ -741,6 +752,13 @@ pub struct LocalPending {
 /// read are named in [`LocalPending::unreadable`] (fsck says more).
 pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPending {
     let mut out = LocalPending::default();
+    // Read before the listing: a segment marked after it is not judged by
+    // a listing that could not see its file.
+    let mark = match acked::read(root) {
+        Ok(acked::Read::Mark(m)) if !m.loss_recorded() => Some(m),
+        _ => None,
+    };
+    let mut mark_file = false;
     let dir = root.join(SEGMENTS_DIR);
     let rd = match fs::read_dir(&dir) {
         Ok(rd) => rd,
@@ -773,27 +791,65 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                 // that went since the listing (a running broker sealed it)
                 // is not there to count; one the system cannot read (EIO,
                 // a permission) is named.
+                let mut read = true;
                 let n = match recover::read_bounded_active(&path, None) {
                     Ok(b) => salvage::scan_active(&b, id, None).map_or(0, |s| s.items.len() as u64),
                     Err(Error::Io { source, .. })
                         if source.kind() != std::io::ErrorKind::NotFound =>
                     {
                         out.unreadable.push(format!("{}: {source}", path.display()));
+                        read = false;
+                        0
+                    }
+                    Err(Error::Io { .. }) => {
+                        // Gone since the listing: sealed by a running broker.
+                        read = false;
                         0
                     }
                     Err(_) => 0,
                 };
+                if let Some(m) = mark.filter(|m| m.segment == id) {
+                    mark_file = true;
+                    if read && n < m.items {
+                        let mut note = recover::acked_loss_note(
+                            &path,
+                            &m,
+                            &format!("its file holds {n} valid entries (cut, emptied or zeroed)"),
+                        );
+                        note.salvaged_items = n;
+                        note.lost_items = m.items - n;
+                        out.acked_lost = Some((id, false, note));
+                    }
+                }
                 if n > 0 {
                     out.unsealed_items += n;
                     out.active_segments.push((id.0, n));
                 }
             }
-            Kind::Sealed(id) if !known(id) => {
-                let len = fs::metadata(&path).map_or(0, |m| m.len());
-                out.unjournaled_sealed.push((id.0, len));
+            Kind::Sealed(id) => {
+                if mark.is_some_and(|m| m.segment == id) {
+                    mark_file = true;
+                }
+                if !known(id) {
+                    let len = fs::metadata(&path).map_or(0, |m| m.len());
+                    out.unjournaled_sealed.push((id.0, len));
+                }
             }
             _ => {}
         }
+    }
+    if let Some(m) = mark
+        && !mark_file
+        && !known(m.segment)
+    {
+        let path = dir.join(active::active_file_name(m.segment));
+        let note = recover::acked_loss_note(
+            &path,
+            &m,
+            "its file is gone from segments/ (removed, or lost with the disk), and the journal \
+             never recorded it sealed",
+        );
+        out.acked_lost = Some((m.segment, true, note));
     }
     out
 }

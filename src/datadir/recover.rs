@@ -38,6 +38,7 @@ pub fn recover_with_geometry(
         &|_| full_sealed_check,
         &|_| false,
         &|_| false,
+        &|_| false,
         geometry,
     )
 }
@@ -121,6 +122,7 @@ pub fn recover_checking(
     full_check: &dyn Fn(SegmentId) -> bool,
     store_holds: &dyn Fn(SegmentId) -> bool,
     defer_salvage: &dyn Fn(SegmentId) -> bool,
+    journal_knows: &dyn Fn(SegmentId) -> bool,
     geometry: Option<Geometry>,
 ) -> Result<Recovered> {
     let started = std::time::Instant::now();
@@ -219,6 +221,24 @@ pub fn recover_checking(
             Kind::Unknown => None,
         })
         .max();
+    // The segment a flush last acknowledged entries of (`acked`): its file
+    // gone, emptied, zeroed or short is a loss of acknowledged entries,
+    // not a creation a crash cut short (helper-82 F1). Not once a start-up
+    // has recorded that loss.
+    let ack_mark = match acked::read(dir.root())? {
+        acked::Read::Mark(m) => Some(m),
+        acked::Read::None => None,
+        acked::Read::Damaged(why) => {
+            tracing::error!(
+                "the acknowledged-segment mark is damaged ({why}): a newest active segment \
+                 removed or zeroed since its entries were acknowledged cannot be told from one \
+                 that never held any"
+            );
+            None
+        }
+    };
+    let marked = ack_mark.filter(|m| !m.loss_recorded());
+    let marked_id = marked.map(|m| m.segment);
     // Active segments that passed their check (files are sorted so every
     // `.active` is seen before any `.seg.tmp`).
     let mut accepted_actives: Vec<SegmentId> = Vec::new();
@@ -356,6 +376,17 @@ pub fn recover_checking(
                     // creation had finished, the zeros are damage, and it
                     // may have held acknowledged entries (its own sealed
                     // file, when there is one, holds them all: a leftover).
+                    if let Some(m) = marked.filter(|m| m.segment == *id)
+                        && !sealed_counts.contains_key(id)
+                    {
+                        let why = "every byte is zero (or the file is empty), but a flush \
+                                   acknowledged entries of this segment (ACKED_ACTIVE): the file \
+                                   was emptied or zeroed after (damage), and the entries it held \
+                                   are gone";
+                        let note = acked_loss_note(path, &m, why);
+                        quarantine_noted(dir, mode, path, why, note, &mut out)?;
+                        continue;
+                    }
                     if max_file_id.is_some_and(|m| m > *id) && !sealed_counts.contains_key(id) {
                         let why = "every byte is zero, but a later segment's file exists, so \
                                    its creation had finished: the file was zeroed after it was \
@@ -393,9 +424,10 @@ pub fn recover_checking(
                         s
                     }
                     Err(e @ Error::Corrupt { .. })
-                        if bytes
-                            .get(crate::segment::format::HEADER_LEN..)
-                            .is_some_and(|rest| rest.iter().all(|b| *b == 0)) =>
+                        if marked_id != Some(*id)
+                            && bytes
+                                .get(crate::segment::format::HEADER_LEN..)
+                                .is_some_and(|rest| rest.iter().all(|b| *b == 0)) =>
                     {
                         // Only the header holds bytes: no item was ever
                         // written (a spare prepared ahead of a roll, say),
@@ -412,7 +444,10 @@ pub fn recover_checking(
                         continue;
                     }
                     Err(e @ Error::Corrupt { .. }) => {
-                        let note = whole_file_loss(path, *id, "active", &e.to_string());
+                        let note = match marked.filter(|m| m.segment == *id) {
+                            Some(m) => acked_loss_note(path, &m, &e.to_string()),
+                            None => whole_file_loss(path, *id, "active", &e.to_string()),
+                        };
                         quarantine_noted(dir, mode, path, &e.to_string(), note, &mut out)?;
                         continue;
                     }
@@ -599,6 +634,13 @@ pub fn recover_checking(
             }
         }
     }
+    if let Some(m) = marked {
+        check_acked(dir, mode, &files, &m, journal_knows, &mut out)?;
+        bump(m.segment, &mut out);
+    } else if let Some(m) = ack_mark {
+        // Its id is never given out again either.
+        bump(m.segment, &mut out);
+    }
     // Every active segment but the newest is the leftover of a roll whose
     // seal did not finish. Empty ones above the newest holding entries are
     // spares the writer prepared ahead of a roll (not leftovers: the writer
@@ -721,6 +763,130 @@ fn whole_file_loss(path: &Path, id: SegmentId, kind: &str, why: &str) -> LossNot
         sealed_as: None,
         original_moved_to: None,
     }
+}
+
+/// The loss note of the segment the acknowledged-segment mark names,
+/// whose file is gone, emptied, zeroed or unreadable.
+pub(crate) fn acked_loss_note(path: &Path, m: &acked::AckedMark, why: &str) -> LossNote {
+    LossNote {
+        segment: m.segment.0,
+        file: path.display().to_string(),
+        kind: "active".into(),
+        salvaged_items: 0,
+        lost_items: m.items,
+        lost: Vec::new(),
+        unknown_loss: Some(format!(
+            "{why}: a flush acknowledged {} of its entries (the first at offset {}), so at least \
+             that many are LOST, and any acknowledged after that flush too (not counted)",
+            m.items,
+            offset_text(m.first_offset)
+        )),
+        header_rebuilt: false,
+        tail_removed: None,
+        sealed_as: None,
+        original_moved_to: None,
+    }
+}
+
+fn offset_text(o: u64) -> String {
+    if o == u64::MAX {
+        "unknown".into()
+    } else {
+        o.to_string()
+    }
+}
+
+/// After the files are checked: the segment the acknowledged-segment
+/// mark names has no file at all (and the journal never recorded it), or
+/// its active file kept fewer valid items than a flush acknowledged. Both
+/// are losses of acknowledged entries: reported by number and, in
+/// `Repair` mode, recorded in `quarantine/` (a record with no file: it
+/// keeps `status`, `fsck` and `drain` at exit 4 until an operator moves it
+/// away), then the mark flagged so that the next start does not record it
+/// again. A loss the checks above already reported for that segment (a
+/// salvage, a quarantined file) flags the mark the same way.
+fn check_acked(
+    dir: &DataDir,
+    mode: Mode,
+    files: &[(Kind, Arc<Path>)],
+    m: &acked::AckedMark,
+    journal_knows: &dyn Fn(SegmentId) -> bool,
+    out: &mut Recovered,
+) -> Result<()> {
+    let n = m.segment;
+    let mut reported = out.report.salvaged.iter().any(|s| s.segment == n.0);
+    let has_file = files
+        .iter()
+        .any(|(k, _)| matches!(k, Kind::Sealed(i) | Kind::Active(i) if *i == n));
+    let path = dir.segments_dir().join(active::active_file_name(n));
+    let mut note = None;
+    if !reported && !has_file && !journal_knows(n) {
+        note = Some((
+            acked_loss_note(
+                &path,
+                m,
+                "its file is gone from segments/ (removed, or lost with the disk), and the \
+                 journal never recorded it sealed",
+            ),
+            "the active segment's file is gone",
+        ));
+    } else if !reported
+        && let Some(a) = out.report.actives.iter().find(|a| a.id == n.0)
+        && u64::from(a.valid_items) < m.items
+    {
+        note = Some((
+            LossNote {
+                segment: n.0,
+                file: path.display().to_string(),
+                kind: "active".into(),
+                salvaged_items: u64::from(a.valid_items),
+                lost_items: m.items - u64::from(a.valid_items),
+                lost: Vec::new(),
+                unknown_loss: Some(format!(
+                    "a flush acknowledged {} entries of this segment (ACKED_ACTIVE), but its \
+                     file holds {} valid ones: the file was cut or zeroed after (damage)",
+                    m.items, a.valid_items
+                )),
+                header_rebuilt: false,
+                tail_removed: None,
+                sealed_as: None,
+                original_moved_to: None,
+            },
+            "the active segment holds fewer entries than a flush acknowledged",
+        ));
+    }
+    if let Some((mut note, reason)) = note {
+        tracing::error!("acknowledged entries lost: {}", note.line());
+        if mode == Mode::Repair {
+            let dst = quarantine_name(dir, &path);
+            note.original_moved_to = None;
+            write_record(
+                &dst,
+                &QuarantineRecord {
+                    original: path.display().to_string(),
+                    moved_to: dst.display().to_string(),
+                    reason: format!(
+                        "{reason} (no file was moved: this record alone keeps the loss \
+                         reported; move it out of quarantine/ once the loss is dealt with)"
+                    ),
+                    at_ms: now_ms(),
+                    loss: Some(note.clone()),
+                },
+            )?;
+        }
+        out.report.salvaged.push(note);
+        reported = true;
+    }
+    if reported && mode == Mode::Repair {
+        acked::MarkWriter::new(Some(*m)).write(
+            dir.root(),
+            n,
+            m.first_offset,
+            m.items,
+            m.flags | acked::FLAG_LOSS_RECORDED,
+        )?;
+    }
+    Ok(())
 }
 
 /// Quarantine `path` with its loss note (and its record), and report both.

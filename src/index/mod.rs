@@ -179,6 +179,9 @@ pub struct IndexWriter {
     /// When the active segment became active (the age rule counts from
     /// here, not from when a spare's file was created).
     active_since_ms: u64,
+    /// The acknowledged-segment mark (`datadir::acked`): written by the
+    /// first flush that acknowledges entries of a newer segment.
+    acked: crate::datadir::acked::MarkWriter,
     sealer: Option<Jobs>,
     poison: Arc<Poison>,
     notify: Arc<Mutex<Option<SealNotify>>>,
@@ -199,7 +202,10 @@ impl IndexWriter {
         min_next_id: Option<SegmentId>,
         notify: Option<SealNotify>,
     ) -> Result<(IndexWriter, RecoveryReport)> {
-        Self::open_checking(dd, cfg, min_next_id, notify, &|_| false, &|_| false)
+        // Ids below `min_next_id` are the caller's to know (a journal's).
+        Self::open_checking(dd, cfg, min_next_id, notify, &|_| false, &|_| false, &|id| {
+            min_next_id.is_some_and(|m| id < m)
+        })
     }
 
     /// [`open`](Self::open), giving the sealed files for which
@@ -216,6 +222,7 @@ impl IndexWriter {
         notify: Option<SealNotify>,
         full_check: &dyn Fn(SegmentId) -> bool,
         store_holds: &dyn Fn(SegmentId) -> bool,
+        journal_knows: &dyn Fn(SegmentId) -> bool,
     ) -> Result<(IndexWriter, RecoveryReport)> {
         if cfg.slot_count == 0 || cfg.segment_items == 0 || cfg.max_chain_steps == 0 {
             return Err(Error::InvalidInput(
@@ -234,8 +241,14 @@ impl IndexWriter {
             full_check,
             store_holds,
             &|_| false,
+            journal_knows,
             Some(geometry),
         )?;
+        // Read after the check, which may have flagged a recorded loss.
+        let acked = match crate::datadir::acked::read(dd.root())? {
+            crate::datadir::acked::Read::Mark(m) => Some(m),
+            _ => None,
+        };
         let mut ready = Vec::new();
         // Which active segment takes appends: the newest one holding
         // entries, unless it is full or must be sealed; else an empty one
@@ -329,6 +342,7 @@ impl IndexWriter {
             spare_claim: Arc::new(std::sync::Mutex::new(None)),
             spare_failed: false,
             active_since_ms: now_ms(),
+            acked: crate::datadir::acked::MarkWriter::new(acked),
         };
         match &w.active {
             // A segment created under a clock that was ahead (or stepped
@@ -599,10 +613,36 @@ impl IndexWriter {
     pub fn flush(&mut self) -> Result<()> {
         self.check_open()?;
         self.flush_frozen_all()?;
-        match self.active.as_mut() {
-            Some(a) => a.flush().inspect_err(|e| self.poison.set_err(e)),
+        if let Some(a) = self.active.as_mut() {
+            a.flush().inspect_err(|e| self.poison.set_err(e))?;
+        }
+        // The newest segment this flush acknowledged entries of: the
+        // active one, or (it is empty) the newest frozen one.
+        let newest = match self.active.as_ref().filter(|a| !a.is_empty()) {
+            Some(a) => Some((a.id(), a.first_offset(), a.flushed_len())),
+            None => self
+                .frozen
+                .values()
+                .next_back()
+                .map(|f| (f.id(), f.first_offset(), f.len())),
+        };
+        match newest {
+            Some((id, first, items)) => self.mark_acked(id, first, items),
             None => Ok(()),
         }
+    }
+
+    /// Before a flush returns: the acknowledged-segment mark names the
+    /// newest segment holding acknowledged entries (once per segment; see
+    /// `datadir::acked`). A failure poisons the writer.
+    fn mark_acked(&mut self, id: SegmentId, first: Option<u64>, items: u32) -> Result<()> {
+        if !self.acked.needed(id) {
+            return Ok(());
+        }
+        let root = self.dd.root().to_path_buf();
+        self.acked
+            .write(&root, id, first.unwrap_or(u64::MAX), u64::from(items), 0)
+            .inspect_err(|e| self.poison.set_err(e))
     }
 
     /// Freeze the active segment and hand it to the sealer; start a new one.
@@ -652,6 +692,12 @@ impl IndexWriter {
         }
         if sync && let Err(e) = old.flush() {
             self.poison.set_err(&e);
+            self.active = Some(old);
+            return Err(e);
+        }
+        if sync
+            && let Err(e) = self.mark_acked(old.id(), old.first_offset(), old.flushed_len())
+        {
             self.active = Some(old);
             return Err(e);
         }

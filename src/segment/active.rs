@@ -1516,6 +1516,17 @@ impl ActiveSegment {
         &self.map[self.layout.item_offset(0)..self.layout.item_offset(self.len)]
     }
 
+    /// The offset of the first entry (`None`: empty, or its item does not
+    /// decode).
+    pub fn first_offset(&self) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        let at = self.layout.item_offset(0);
+        format::decode_active_item(&self.map[at..at + ACTIVE_ITEM_LEN], self.id, 0)
+            .map(|it| it.entry.offset)
+    }
+
     /// All entries in append order.
     pub fn entries(&self) -> Vec<Entry> {
         (0..self.len)
@@ -1681,7 +1692,7 @@ impl ActiveSegment {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    #[cfg(any(test, feature = "testing"))]
+    /// Items a flush (or the seal) made durable.
     pub fn flushed_len(&self) -> u32 {
         self.flushed.load(Ordering::Acquire)
     }

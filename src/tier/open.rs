@@ -652,7 +652,25 @@ pub(super) async fn open_shared_hosted(
                         _ => false,
                     })
                 };
-                IndexWriter::open_checking(dd, index_cfg, min_next, None, &to_upload, &committed)?
+                // A segment the journal recorded (or compacted away below
+                // its highest id), or at or below the highest id the
+                // manifest lists or the store listed (a journal lost and
+                // rebuilt: released segments are the store's), is accounted
+                // for there: the acknowledged-segment mark does not judge it.
+                let journal_max = journal.max_segment_id();
+                let accounted_max = journal_max.max(known).max(listed_max);
+                let journal_knows = |id: crate::segment::SegmentId| {
+                    journal.get(id).is_some() || accounted_max.is_some_and(|m| id <= m)
+                };
+                IndexWriter::open_checking(
+                    dd,
+                    index_cfg,
+                    min_next,
+                    None,
+                    &to_upload,
+                    &committed,
+                    &journal_knows,
+                )?
             };
             let mut journal = journal;
             readopt_salvaged(&mut writer, &mut journal, &mut seg_report, &check)?;

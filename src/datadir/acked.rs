@@ -1,0 +1,262 @@
+//! `ACKED_ACTIVE`: which segment last had entries acknowledged by a flush,
+//! kept durably outside that segment's own file.
+//!
+//! An active segment's file is its only record until it is sealed and
+//! journaled: the newest one removed, emptied or zeroed (an operator's
+//! `rm`, a restore that missed it, damage) used to leave nothing that said
+//! it had existed, and start-up, `fsck` and `drain` all said clean while
+//! every entry it held was gone (helper-82 F1). Older ones are caught by a
+//! later file (files are created in id order); the newest has none.
+//!
+//! So the first flush that acknowledges entries of a segment (the newest
+//! one holding any) writes this mark before it returns: the segment's id,
+//! the offset of its first entry and how many of its items that flush made
+//! durable. One `pwrite` and one `fdatasync` per segment, not per flush.
+//! Start-up (`datadir::recover_checking`) then knows that segment held at
+//! least that many acknowledged entries: its file gone, emptied, zeroed or
+//! holding fewer valid items is a loss, reported by number and recorded in
+//! `quarantine/`, never taken for a file that never held an entry.
+//!
+//! Layout (docs/format/data-dir.md): two 64-byte slots, written in turn; a
+//! torn write leaves the other slot valid (the previous mark: the flush
+//! that wrote the torn one had not returned).
+//!
+//! ```text
+//! 0   8  magic "TIXACKD1"
+//! 8   8  seq (u64 LE; the slot is seq % 2; the valid slot with the higher seq wins)
+//! 16  8  segment id
+//! 24  8  offset of the segment's first entry
+//! 32  8  items acknowledged when the mark was written
+//! 40  8  flags (bit 0: a loss of this segment was recorded in quarantine/)
+//! 48  12 zero
+//! 60  4  CRC-32 (crc32fast) of bytes 0..60
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::segment::SegmentId;
+
+/// The mark's file name, in the data directory's root.
+pub const ACKED_FILE: &str = "ACKED_ACTIVE";
+const MAGIC: &[u8; 8] = b"TIXACKD1";
+const SLOT: usize = 64;
+/// Flag: a loss of the marked segment was recorded (in `quarantine/`) by
+/// a start-up; later ones do not report it again.
+pub const FLAG_LOSS_RECORDED: u64 = 1;
+
+/// One decoded mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckedMark {
+    pub seq: u64,
+    pub segment: SegmentId,
+    pub first_offset: u64,
+    pub items: u64,
+    pub flags: u64,
+}
+
+impl AckedMark {
+    pub fn loss_recorded(&self) -> bool {
+        self.flags & FLAG_LOSS_RECORDED != 0
+    }
+
+    fn encode(&self) -> [u8; SLOT] {
+        let mut b = [0u8; SLOT];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.segment.0.to_le_bytes());
+        b[24..32].copy_from_slice(&self.first_offset.to_le_bytes());
+        b[32..40].copy_from_slice(&self.items.to_le_bytes());
+        b[40..48].copy_from_slice(&self.flags.to_le_bytes());
+        let crc = crc32fast::hash(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<AckedMark> {
+        if b.len() != SLOT || &b[0..8] != MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(b[60..64].try_into().ok()?);
+        if crc32fast::hash(&b[..60]) != crc || b[48..60].iter().any(|x| *x != 0) {
+            return None;
+        }
+        let u = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+        Some(AckedMark {
+            seq: u(8),
+            segment: SegmentId(u(16)),
+            first_offset: u(24),
+            items: u(32),
+            flags: u(40),
+        })
+    }
+}
+
+/// What reading the mark found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// No file: no flush has acknowledged an entry here (or a data
+    /// directory from before the mark).
+    None,
+    Mark(AckedMark),
+    /// A file that holds no valid slot: said, not trusted.
+    Damaged(String),
+}
+
+pub fn path(root: &Path) -> PathBuf {
+    root.join(ACKED_FILE)
+}
+
+/// Read the mark (at most two slots: a longer file is damage).
+pub fn read(root: &Path) -> Result<Read> {
+    let p = path(root);
+    let bytes = match crate::durable::read_regular(&p, (2 * SLOT) as u64) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Ok(Read::Damaged(format!("{}: {e}", p.display())));
+        }
+        Err(e) => return Err(Error::io(&p, "read the acknowledged-segment mark", e)),
+    };
+    let best = bytes
+        .chunks(SLOT)
+        .filter_map(AckedMark::decode)
+        .max_by_key(|m| m.seq);
+    Ok(match best {
+        Some(m) => Read::Mark(m),
+        None => Read::Damaged(format!(
+            "{}: {} bytes, no valid slot (damaged, or not written by tierindex)",
+            p.display(),
+            bytes.len()
+        )),
+    })
+}
+
+/// Writes the mark, keeping the sequence. One per writer.
+#[derive(Debug, Default)]
+pub struct MarkWriter {
+    last: Option<AckedMark>,
+    /// The file's name made durable in the root by this process.
+    named: bool,
+}
+
+impl MarkWriter {
+    /// Starts from what is on disk (a damaged file is overwritten slot by
+    /// slot, the sequence starting again above nothing).
+    pub fn new(current: Option<AckedMark>) -> MarkWriter {
+        MarkWriter {
+            last: current,
+            named: false,
+        }
+    }
+
+    /// Whether a flush that acknowledged entries of `segment` must write
+    /// the mark first.
+    pub fn needed(&self, segment: SegmentId) -> bool {
+        match self.last {
+            None => true,
+            Some(m) => segment > m.segment || (segment == m.segment && m.loss_recorded()),
+        }
+    }
+
+    /// Write `mark` (its `seq` is set here) durably: one `pwrite` of its
+    /// slot and an `fdatasync` (the first time in this process, the root
+    /// directory too, for the file's name). A failure is `Poisoned`: a
+    /// failed sync is never retried.
+    pub fn write(&mut self, root: &Path, segment: SegmentId, first_offset: u64, items: u64, flags: u64) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let seq = self.last.map_or(0, |m| m.seq.wrapping_add(1));
+        let mark = AckedMark {
+            seq,
+            segment,
+            first_offset,
+            items,
+            flags,
+        };
+        let p = path(root);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&p)
+            .map_err(|e| Error::io(&p, "open the acknowledged-segment mark", e))?;
+        let meta = f
+            .metadata()
+            .map_err(|e| Error::io(&p, "stat the acknowledged-segment mark", e))?;
+        if !meta.is_file() {
+            return Err(Error::InvalidInput(format!(
+                "{}: not a regular file (tierindex never creates anything else there: move it \
+                 out of the data directory)",
+                p.display()
+            )));
+        }
+        let at = (seq % 2) * SLOT as u64;
+        crate::durable::at("active.mark.write")
+            .write_all_at(&f, &mark.encode(), at, &p)
+            .map_err(|e| {
+                Error::Poisoned(format!("writing the acknowledged-segment mark {} failed: {e}", p.display()))
+            })?;
+        crate::durable::at("active.mark.fsync")
+            .sync_data(&f, &p)
+            .map_err(|e| {
+                Error::Poisoned(format!("fdatasync of the acknowledged-segment mark {} failed: {e}", p.display()))
+            })?;
+        if !self.named {
+            crate::durable::fsync_dir(root)?;
+            self.named = true;
+        }
+        self.last = Some(mark);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_valid_slot_wins_and_a_torn_one_is_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(read(d.path()).unwrap(), Read::None);
+        let mut w = MarkWriter::new(None);
+        w.write(d.path(), SegmentId(3), 100, 5, 0).unwrap();
+        w.write(d.path(), SegmentId(4), 200, 7, 0).unwrap();
+        let Read::Mark(m) = read(d.path()).unwrap() else { panic!() };
+        assert_eq!((m.segment, m.first_offset, m.items, m.seq), (SegmentId(4), 200, 7, 1));
+        // Tear slot 1 (the newer): slot 0's mark stands.
+        let p = path(d.path());
+        let mut b = std::fs::read(&p).unwrap();
+        b[SLOT + 20] ^= 0xff;
+        std::fs::write(&p, &b).unwrap();
+        let Read::Mark(m) = read(d.path()).unwrap() else { panic!() };
+        assert_eq!(m.segment, SegmentId(3));
+        // Both torn: damaged, said so.
+        b[20] ^= 0xff;
+        std::fs::write(&p, &b).unwrap();
+        assert!(matches!(read(d.path()).unwrap(), Read::Damaged(_)));
+        // Longer than two slots: damaged, not read past.
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        assert!(matches!(read(d.path()).unwrap(), Read::Damaged(_)));
+    }
+
+    #[test]
+    fn a_recorded_loss_is_marked_again_by_the_next_flush_of_that_segment() {
+        let mut w = MarkWriter::new(Some(AckedMark {
+            seq: 9,
+            segment: SegmentId(5),
+            first_offset: 0,
+            items: 3,
+            flags: FLAG_LOSS_RECORDED,
+        }));
+        assert!(w.needed(SegmentId(5)));
+        assert!(!w.needed(SegmentId(4)));
+        let d = tempfile::tempdir().unwrap();
+        w.write(d.path(), SegmentId(5), 0, 1, 0).unwrap();
+        assert!(!w.needed(SegmentId(5)));
+        assert!(w.needed(SegmentId(6)));
+        let Read::Mark(m) = read(d.path()).unwrap() else { panic!() };
+        assert_eq!(m.seq, 10);
+    }
+}
