@@ -1453,6 +1453,125 @@ async fn a_first_manifest_beside_a_recent_single_writer_is_refused() {
     assert!(rig.manifest_store().load().await.unwrap().is_some());
 }
 
+/// helper-86 F1: a first take deferred because the store did not answer
+/// at open checked only the objects above the journal's highest id when it
+/// ran. This data directory's own ids, given out meanwhile (1..=4), had
+/// passed the single-writer broker's (1, 2), so none of that broker's
+/// objects was seen and a manifest was started beside it. Now each listed
+/// object is judged by the journal's record of its id and key (read after
+/// the listing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_first_take_beside_a_recent_single_writer_is_refused() {
+    deferred_take_beside_a_single_writer(87, 4, 2).await;
+}
+
+/// helper-86 F2: a deferred take that did see the single-writer broker's
+/// objects (ids 2, 3 above its own 1) retried the refusal as a store
+/// error: segments pending, the run ending with exit 3. It now stops the
+/// run like a fence, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_refusal_beside_a_single_writer_stops_the_run() {
+    deferred_take_beside_a_single_writer(86, 1, 3).await;
+}
+
+/// A default-mode broker's first take, deferred from open, beside a
+/// single-writer broker that uploaded since: refused, and the run stops
+/// like a fenced one: nothing committed, no manifest, local copies kept.
+/// `own` segments sealed by the first, `other` uploaded by the second.
+async fn deferred_take_beside_a_single_writer(seed: u64, own: u64, other: u64) {
+    let rig = Rig::new(seed);
+    // The default-mode broker opens while the store does not answer (its
+    // listing does: no object yet): its take is deferred, and it seals
+    // ids 1..=own.
+    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+    let data = rig.data("b");
+    let mut b = config(data.clone(), "owner-b");
+    b.request_timeout_ms = 300;
+    b.max_attempts = 2;
+    let ti = open(&b, rig.remote(), None)
+        .await
+        .expect("opens with the store down");
+    assert!(ti.status().manifest_pending.is_some());
+    write(&ti, 10_000..(10_000 + ITEMS as u64 * own - 5));
+    ti.roll().unwrap();
+    wait_until("its segments sealed", Duration::from_secs(10), || {
+        journal(&data).len() as u64 == own
+    })
+    .await;
+    // Meanwhile a single-writer broker of the stream, which reaches the
+    // store, uploads ids 1..=other.
+    let direct = RemoteStore::from_parts(rig.fs.inner().clone(), None, PREFIX, "memory://direct");
+    let single = Config {
+        manifest: false,
+        ..config(rig.data("a"), "owner-a")
+    };
+    let a = open(&single, direct, None).await.unwrap();
+    write(&a, 0..(ITEMS as u64 * other));
+    let r = a.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:?}");
+    rig.fs.heal();
+    wait_until("the deferred take settled", Duration::from_secs(40), || {
+        let s = ti.status();
+        s.fenced.is_some() || s.manifest_pending.is_none()
+    })
+    .await;
+    let why = ti
+        .status()
+        .fenced
+        .expect("the deferred take was refused and stopped the run");
+    assert!(why.contains("single-writer mode"), "{why}");
+    assert!(why.contains("owner release"), "{why}");
+    let r = ti.shutdown(Duration::from_secs(3)).await;
+    assert!(r.fenced.is_some(), "{r:#?}");
+    assert!(!r.fully_drained());
+    assert!(
+        rig.manifest_store().load().await.unwrap().is_none(),
+        "no manifest written"
+    );
+    let j = journal(&data);
+    assert!(ids_in(&j, SegmentState::Committed).is_empty(), "{j:?}");
+    for id in j.keys() {
+        assert!(
+            common::sealed_path(&data, *id).exists(),
+            "local copy of {id} kept"
+        );
+    }
+}
+
+/// The other side of the check above: a deferred first take of a new
+/// stream lists the objects this data directory uploaded since open (young,
+/// under ids above its journal's at open) and counts them as its own, by
+/// the journal's record of their id and key: taken, everything committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_first_take_knows_its_own_uploads() {
+    let rig = Rig::new(88);
+    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+    let data = rig.data("a");
+    let mut cfg = config(data.clone(), "owner-a");
+    cfg.request_timeout_ms = 300;
+    cfg.max_attempts = 2;
+    let ti = open(&cfg, rig.remote(), None)
+        .await
+        .expect("opens with the store down");
+    write(&ti, 0..(ITEMS as u64 * 3));
+    ti.roll().unwrap();
+    wait_until("three segments sealed", Duration::from_secs(10), || {
+        journal(&data).len() >= 3
+    })
+    .await;
+    rig.fs.heal();
+    wait_until("the deferred take settled", Duration::from_secs(40), || {
+        let s = ti.status();
+        s.fenced.is_some() || s.manifest_pending.is_none()
+    })
+    .await;
+    assert_eq!(ti.status().fenced, None);
+    let r = ti.shutdown(Duration::from_secs(20)).await;
+    assert!(r.fully_drained(), "{r:#?}");
+    let (m, _) = rig.manifest().await;
+    assert_eq!(m.segment_count, journal(&data).len() as u64);
+}
+
 /// helper-82 F2: a pending segment whose sealed file went missing (and
 /// whose object the store never got) was quarantined with a reason only;
 /// its entries are given by number now, from the journal's record.

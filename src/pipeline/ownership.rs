@@ -40,10 +40,10 @@ pub struct ManifestHandle {
 
 /// A deferred `take_ownership`: the writer and whether creates are
 /// conditional.
-/// Called with the journal's highest segment id at the time of the take.
+/// Called with the data directory's journal, read during the take.
 pub type TakeOwnership = Box<
     dyn Fn(
-            Option<crate::segment::SegmentId>,
+            super::JournalHandle,
         ) -> futures::future::BoxFuture<'static, Result<(ManifestWriter, StoreTrust)>>
         + Send
         + Sync,
@@ -306,7 +306,7 @@ impl Shared {
                         p.last_error
                     )));
                 }
-                Some(p) => (p.take)(self.journal.read().max_segment_id()),
+                Some(p) => (p.take)(self.journal.clone()),
             }
         };
         // Bounded like the attempt at open: the manifest lock is held
@@ -373,7 +373,12 @@ impl Shared {
                 *m.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Ok(())
             }
-            Err(Error::Fenced(why)) => Err(self.note_fenced(why)),
+            // A newer owner, or the take refused beside a single-writer
+            // broker (`tier::open::take_manifest`): not retried.
+            Err(Error::Fenced(why)) => {
+                *m.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Err(self.note_fenced(why))
+            }
             // Waiting cannot fix these (the store cannot fence writers, the
             // owner id or options are invalid): stop like a fenced owner,
             // loudly; nothing more goes to the store, local copies stay.

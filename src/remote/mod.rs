@@ -151,7 +151,17 @@ pub enum MultipartListing {
 /// [`RemoteStore::max_listed_segment_id`]).
 pub const MAX_LISTED_SEGMENT_ID: u64 = (1 << 63) - 1;
 
-/// What [`RemoteStore::listed_segments_above`] found.
+/// One segment object [`RemoteStore::segments_listed_above`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ListedSegment {
+    pub id: SegmentId,
+    /// The checksum its key names.
+    pub sum: KeySum,
+    /// Its last-modified time (the store's clock, ms since the epoch).
+    pub modified_ms: u64,
+}
+
+/// A summary of listed segment objects, for a message.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ListedSegments {
     /// Objects (several seals of one id count each).
@@ -160,6 +170,25 @@ pub(crate) struct ListedSegments {
     pub first_ids: Vec<SegmentId>,
     /// The newest one's last-modified time (ms since the epoch; 0 for none).
     pub newest_ms: u64,
+}
+
+impl ListedSegments {
+    pub fn of(objects: &[ListedSegment]) -> ListedSegments {
+        let mut out = ListedSegments::default();
+        for o in objects {
+            out.count += 1;
+            out.newest_ms = out.newest_ms.max(o.modified_ms);
+            // The lowest few, whatever order the listing gives (a
+            // `file://` store's is not sorted).
+            if let Err(at) = out.first_ids.binary_search(&o.id)
+                && at < 8
+            {
+                out.first_ids.insert(at, o.id);
+                out.first_ids.truncate(8);
+            }
+        }
+        out
+    }
 }
 
 /// Who lists incomplete multipart uploads for a [`RemoteStore`].
@@ -434,34 +463,29 @@ impl RemoteStore {
         from: Option<SegmentId>,
     ) -> Result<Option<SegmentId>> {
         let mut max = from;
-        self.scan_listed_segments(stream, from, |id, _| max = max.max(Some(id)))
+        self.scan_listed_segments(stream, from, |id, _, _| max = max.max(Some(id)))
             .await?;
         Ok(max)
     }
 
     /// The segment objects listed under `stream`'s segments folder whose
-    /// ids are above `above` (all of them with `None`): how many, and
-    /// when the newest was written (the store's clock, ms since the
-    /// epoch). One LIST (paged), no retries: the caller bounds it.
-    pub(crate) async fn listed_segments_above(
+    /// ids are above `above` (all of them with `None`), with the checksum
+    /// their keys name and when each was written (the store's clock). One
+    /// LIST (paged), no retries: the caller bounds it.
+    pub(crate) async fn segments_listed_above(
         &self,
         stream: &str,
         above: Option<SegmentId>,
-    ) -> Result<ListedSegments> {
-        let mut out = ListedSegments::default();
-        self.scan_listed_segments(stream, above, |id, meta| {
+    ) -> Result<Vec<ListedSegment>> {
+        let mut out = Vec::new();
+        self.scan_listed_segments(stream, above, |id, sum, meta| {
             if above.is_none_or(|a| id > a) {
-                out.count += 1;
-                let ms = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
-                out.newest_ms = out.newest_ms.max(ms);
-                // The lowest few, whatever order the listing gives
-                // (a `file://` store's is not sorted).
-                if let Err(at) = out.first_ids.binary_search(&id)
-                    && at < 8
-                {
-                    out.first_ids.insert(at, id);
-                    out.first_ids.truncate(8);
-                }
+                out.push(ListedSegment {
+                    id,
+                    sum,
+                    modified_ms: u64::try_from(meta.last_modified.timestamp_millis())
+                        .unwrap_or(0),
+                });
             }
         })
         .await?;
@@ -476,7 +500,7 @@ impl RemoteStore {
         &self,
         stream: &str,
         from: Option<SegmentId>,
-        mut f: impl FnMut(SegmentId, &object_store::ObjectMeta),
+        mut f: impl FnMut(SegmentId, KeySum, &object_store::ObjectMeta),
     ) -> Result<()> {
         use futures::StreamExt as _;
         let prefix = self.segments_prefix(stream)?;
@@ -489,7 +513,7 @@ impl RemoteStore {
         };
         while let Some(item) = list.next().await {
             let meta = item.map_err(classify)?;
-            if let Some((id, _)) = self.parse_segment_key(&meta.location) {
+            if let Some((id, sum)) = self.parse_segment_key(&meta.location) {
                 if id.0 > MAX_LISTED_SEGMENT_ID {
                     // No epoch numbers this high (2^31 ownership takes):
                     // a stray or forged object. Continuing above it would
@@ -501,7 +525,7 @@ impl RemoteStore {
                     );
                     continue;
                 }
-                f(id, &meta);
+                f(id, sum, &meta);
             }
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! standalone `drain`), and the clean-shutdown marker.
 
 use crate::remote::manifest::HostLeases;
+use crate::remote::{ListedSegment, ListedSegments};
 use super::*;
 
 /// Open the store named by the config.
@@ -34,17 +35,30 @@ pub(super) async fn take_manifest(
     store: &RemoteStore,
     clock: Arc<dyn Clock>,
     committed: usize,
-    journal_max: Option<crate::segment::SegmentId>,
+    check: &SingleWriterCheck<'_>,
     leases: Option<&HostLeases>,
 ) -> Result<(ManifestWriter, crate::pipeline::StoreTrust)> {
     let owner = cfg.effective_owner_id()?;
     // Checked first: the probe writes (and removes) objects of its own.
     let exists = manifest_exists(cfg, store, clock.clone()).await?;
-    // `journal_max`: the journal's highest id when the take runs (objects
-    // above it are not this data directory's: it journals an upload
-    // before making it).
     if !exists {
-        refuse_beside_a_recent_single_writer(cfg, store, clock.as_ref(), journal_max).await?;
+        match refuse_beside_a_recent_single_writer(cfg, store, clock.as_ref(), check).await {
+            // Deferred from open: the broker runs. Waiting does not make
+            // the other broker go (helper-86 F2: retried as a store error,
+            // segments pending, exit 3): stopped like a fenced owner,
+            // loudly; nothing committed or deleted, local copies kept.
+            Err(Error::Claimed(why)) if check.deferred => {
+                tracing::error!(
+                    stream = cfg.stream,
+                    "the stream's manifest cannot be taken: {why}"
+                );
+                return Err(Error::Fenced(format!(
+                    "the stream's manifest cannot be taken by this process: ownership \
+                     refused: {why}"
+                )));
+            }
+            r => r?,
+        }
     }
     if committed > 0 && !exists {
         return Err(Error::InvalidInput(format!(
@@ -130,23 +144,60 @@ pub(super) async fn take_manifest(
     Ok((writer, crate::pipeline::StoreTrust::of(&caps)))
 }
 
+/// What the first take of a stream's manifest checks the stream's
+/// segment objects against (see [`refuse_beside_a_recent_single_writer`]).
+pub(super) struct SingleWriterCheck<'a> {
+    /// The journal's highest id at open: objects at or below it are not
+    /// listed (this data directory's, or not told from them: compaction
+    /// drops the records of released segments).
+    pub above: Option<crate::segment::SegmentId>,
+    /// Keeps the listed objects this data directory's journal, read when
+    /// it is called (after the listing), has no record of under that id
+    /// and key ([`keep_foreign`]).
+    pub foreign: &'a (dyn Fn(&mut Vec<ListedSegment>) + Send + Sync),
+    /// The take was deferred from open (the store did not answer then):
+    /// this data directory has been uploading meanwhile, a refusal stops
+    /// the run like a fence, and a listing past its budget is retried.
+    pub deferred: bool,
+}
+
+/// Keeps the listed segment objects `journal` has no record of under
+/// their id and key (the key names the file's checksum): not this data
+/// directory's. Its own are all recorded: it journals a segment's seal,
+/// with the checksum, before uploading it, and drops a record only once
+/// released, after a manifest commit.
+pub(super) fn keep_foreign(
+    journal: &crate::journal::JournalState,
+    objects: &mut Vec<ListedSegment>,
+) {
+    objects.retain(|o| {
+        journal
+            .get(o.id)
+            .is_none_or(|r| r.meta.key_sum() != o.sum)
+    });
+}
+
 /// The manifest mode's first take of a stream beside a single-writer
 /// broker (helper-81 F1: a default-mode broker started beside a running
 /// `manifest = false` broker of the same stream was not refused; both
 /// exited 0, and the new manifest hid every entry of the other from the
 /// stream's readers). A single-writer broker holds no lease; what it
 /// leaves is segment objects no manifest lists. With no manifest for the
-/// stream, objects above every id this data directory's journal gave out
-/// (all of them for a new one), the newest written within
+/// stream, the objects above the highest id this data directory's journal
+/// held at open (all of them for a new one) that its journal has no
+/// record of under their key, the newest written within
 /// `reconcile_grace_ms` of now, refuse the take; older ones are logged
 /// (a single-writer broker that uploaded nothing for that long is not
-/// seen: single-writer mode's documented risk). One LIST, bounded by the
-/// caller's timeout.
+/// seen: single-writer mode's documented risk). Judged by the journal's
+/// records, not by id: a take deferred from open runs after this data
+/// directory gave out ids of its own, which may pass the other broker's
+/// (helper-86 F1), and the journal is read after the listing, so an
+/// upload made meanwhile is known (helper-86 F6). One LIST, bounded.
 async fn refuse_beside_a_recent_single_writer(
     cfg: &Config,
     store: &RemoteStore,
     clock: &dyn Clock,
-    journal_max: Option<crate::segment::SegmentId>,
+    check: &SingleWriterCheck<'_>,
 ) -> Result<()> {
     let q = crate::remote::url::shell_quoted;
     // The way past, when the operator knows no single-writer broker
@@ -162,6 +213,14 @@ async fn refuse_beside_a_recent_single_writer(
         q(store.display_url()),
         q(&cfg.stream)
     );
+    // At open nothing was written; a deferred take's data directory
+    // uploaded its own segments meanwhile (they stay pending).
+    let written = if check.deferred {
+        "no manifest was written, and this broker's segments stay pending with their local \
+         files"
+    } else {
+        "nothing was written to the store"
+    };
     // Bounded inside the take's own bound: a listing that does not finish
     // in time refuses rather than leaving the take to the background,
     // where it would go on without this check (helper-84 F3: a slow LIST
@@ -172,13 +231,22 @@ async fn refuse_beside_a_recent_single_writer(
         .request_timeout
         .max(Duration::from_secs(1))
         * 2;
-    let listed = match tokio::time::timeout(
+    let mut objects = match tokio::time::timeout(
         budget,
-        store.listed_segments_above(&cfg.stream, journal_max),
+        store.segments_listed_above(&cfg.stream, check.above),
     )
     .await
     {
         Ok(r) => r?,
+        // Deferred: tried again later, with this check (the take waits).
+        Err(_) if check.deferred => {
+            return Err(Error::RemoteRetryable(format!(
+                "stream {:?} has no manifest, and its segment objects could not be listed \
+                 within {} ms to check that no broker in single-writer mode writes it",
+                cfg.stream,
+                budget.as_millis()
+            )));
+        }
         Err(_) => {
             return Err(Error::Claimed(format!(
                 "stream {:?} in {} has no manifest, and its segment objects could not be \
@@ -192,6 +260,9 @@ async fn refuse_beside_a_recent_single_writer(
             )));
         }
     };
+    // Read after the listing: an object listed is recorded by then.
+    (check.foreign)(&mut objects);
+    let listed = ListedSegments::of(&objects);
     if listed.count == 0 {
         return Ok(());
     }
@@ -220,8 +291,7 @@ async fn refuse_beside_a_recent_single_writer(
          Run that broker in the default mode instead (`--manifest true --switch-mode`: it \
          then takes the stream's manifest, and this one is refused while it holds it), or \
          give this broker another stream. If no such broker runs any more: wait until its \
-         newest object is older than reconcile_grace_ms ({} s), or {way_past}; nothing was \
-         written to the store",
+         newest object is older than reconcile_grace_ms ({} s), or {way_past}; {written}",
         cfg.stream,
         store.display_url(),
         listed.count,
@@ -492,6 +562,7 @@ pub(super) async fn open_shared_hosted(
     // it): a stream without a manifest whose objects go above it has
     // another writer (see `refuse_beside_a_recent_single_writer`).
     let journal_max = journal.max_segment_id();
+    let foreign = |objects: &mut Vec<ListedSegment>| keep_foreign(journal.state(), objects);
     let (manifest, trust_create, probed) = if cfg.manifest {
         // Bounded: a store that hangs must not hold the broker's start
         // (with the defaults about 9 s: three manifest requests, each
@@ -508,7 +579,11 @@ pub(super) async fn open_shared_hosted(
                     &store,
                     clock.clone(),
                     committed,
-                    journal_max,
+                    &SingleWriterCheck {
+                        above: journal_max,
+                        foreign: &foreign,
+                        deferred: false,
+                    },
                     leases.as_deref(),
                 ))
                 .await
@@ -525,16 +600,26 @@ pub(super) async fn open_shared_hosted(
                 tracing::warn!(error = %e, "store unreachable at open: starting without manifest ownership; commits wait until it is taken");
                 let (c, st, ck, hl) = (cfg.clone(), store.clone(), clock.clone(), leases.clone());
                 let take = PendingTake {
-                    // Given the journal's highest id when it runs: this
-                    // data directory journals an upload before making it,
-                    // so every object it wrote since the open is at or
-                    // below that id, and the check still sees another
-                    // writer's (helper-84 F3: a deferred take skipped it).
-                    take: Box::new(move |journal_max| {
+                    // Given the journal when it runs: the listing starts
+                    // above the journal's highest id at open, and each
+                    // object listed is this data directory's only if the
+                    // journal, read after the listing, records its id and
+                    // key (it journals a seal before the upload). Its own
+                    // ids given out since may pass another writer's: an id
+                    // alone does not tell (helper-86 F1, F6; helper-84 F3:
+                    // a deferred take skipped the check).
+                    take: Box::new(move |journal| {
                         let (c, st, ck, hl) = (c.clone(), st.clone(), ck.clone(), hl.clone());
                         Box::pin(async move {
-                            take_manifest(&c, &st, ck, committed, journal_max, hl.as_deref())
-                                .await
+                            let foreign = move |objects: &mut Vec<ListedSegment>| {
+                                keep_foreign(journal.read().state(), objects)
+                            };
+                            let check = SingleWriterCheck {
+                                above: journal_max,
+                                foreign: &foreign,
+                                deferred: true,
+                            };
+                            take_manifest(&c, &st, ck, committed, &check, hl.as_deref()).await
                         })
                     }),
                     retry_at: std::time::Instant::now(),
