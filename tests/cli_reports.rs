@@ -314,3 +314,122 @@ fn the_way_past_a_single_writer_refusal_works() {
     let o = at("b", &demo);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// Recursive copy of a `file://` store (a backup taken, or put back).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// helper-81 F6: a store restored from an older backup (objects and
+/// manifest rolled back) under `release_after_commit`: the segments
+/// committed since are gone from the store and from this data directory.
+/// Every command said so (exit 4), but `--accept-loss` refused them (the
+/// restored manifest does not list them), so nothing ever ended the exit 4
+/// and the advice printed named a step that did not work. Now reconcile
+/// names each loss by segment, entry count and offsets and prints the
+/// acceptance that works; `--repair` lists them in the manifest marked
+/// LOST (exit still 4: accepting is the operator's step), and the printed
+/// acceptance ends in exit 0 from every command, nothing deleted.
+#[test]
+fn a_loss_to_a_restored_store_is_named_and_can_be_accepted() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("cfg.toml");
+    std::fs::write(&cfg, "release_after_commit = true\n").unwrap();
+    let c = cfg.to_str().unwrap();
+    let demo = |entries: &str| {
+        let o = run(
+            d.path(),
+            &[
+                "demo",
+                "--config",
+                c,
+                "--segment-items",
+                "200",
+                "--slots",
+                "16",
+                "--entries",
+                entries,
+                "--rate",
+                "1000000",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    };
+    demo("400");
+    let (store, backup) = (d.path().join("store"), d.path().join("backup"));
+    copy_tree(&store, &backup);
+    demo("400");
+    std::fs::remove_dir_all(&store).unwrap();
+    copy_tree(&backup, &store);
+    let objects = || {
+        std::fs::read_dir(store.join("stream-0/segments"))
+            .unwrap()
+            .count()
+    };
+    let before = objects();
+
+    // Every command says 4; reconcile names the loss and the way past it.
+    for args in [&["status", "--remote"][..], &["verify"], &["drain"]] {
+        let o = run(d.path(), &[args, &["--config", c]].concat());
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+    }
+    let o = run(d.path(), &["reconcile", "--config", c]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("its 200 entries, offsets 400..=599"), "{out}");
+    assert!(out.contains("its 200 entries, offsets 600..=799"), "{out}");
+    let next = out
+        .lines()
+        .find(|l| l.starts_with("next: 2 segment(s) LOST"))
+        .unwrap_or_else(|| panic!("no advice: {out}"));
+    let start = next.find("`tierindex reconcile --repair --deep").unwrap() + 1;
+    let cmd = &next[start..start + next[start..].find('`').unwrap()];
+    let ids: Vec<&str> = cmd
+        .split_whitespace()
+        .skip_while(|w| *w != "--accept-loss")
+        .take_while(|w| *w != "--reason")
+        .filter(|w| *w != "--accept-loss")
+        .collect();
+    assert_eq!(ids.len(), 2, "{cmd}");
+
+    // --repair alone lists them marked LOST, and accepts nothing.
+    let o = run(d.path(), &["reconcile", "--repair", "--config", c]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("marked LOST"), "{}", text(&o));
+    let o = run(d.path(), &["status", "--remote", "--config", c]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("| LOST |"), "{}", text(&o));
+
+    // The printed acceptance works.
+    let mut accept: Vec<&str> = cmd.split_whitespace().skip(1).collect();
+    let last = accept.len() - 1;
+    accept[last] = "restored from the backup of the day before";
+    accept.extend(["--config", c]);
+    let o = run(d.path(), &accept);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("2 accepted loss(es)"), "{}", text(&o));
+    for args in [
+        &["status", "--remote"][..],
+        &["verify"],
+        &["reconcile", "--deep"],
+        &["drain"],
+    ] {
+        let o = run(d.path(), &[args, &["--config", c]].concat());
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).to_lowercase().contains("accepted"),
+            "{args:?} names the accepted loss: {}",
+            text(&o)
+        );
+    }
+    assert_eq!(objects(), before, "nothing deleted");
+}

@@ -458,8 +458,10 @@ fn report_text(o: &ReportOut<'_>) -> String {
              listed in the stream's manifest (rolled back or restored in the store, or another \
              store), or listed with another data directory's segment under their id: readers \
              through it miss them. `tierindex reconcile --repair` commits those whose objects \
-             are in place and whose id is free; this data directory's next drain reseals the \
-             others under new ids from their local copies: {:?}",
+             are in place and whose id is free, and lists those whose object and local copy \
+             are both gone (released after commit) marked LOST, naming their entries and how \
+             to accept the loss; this data directory's next drain reseals the others under \
+             new ids from their local copies: {:?}",
             r.unlisted.len(),
             r.unlisted
         ));

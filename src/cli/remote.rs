@@ -474,7 +474,8 @@ pub async fn verify(cli: &Cli) -> Result<i32> {
             "{} segment(s) missing or damaged in the store: stop the broker, then run \
              `tierindex reconcile --deep --repair` (same --data-dir/--store) to re-upload them \
              from their local copies (`--deep` is what reads the bodies, as verify does; a \
-             segment whose local copy was released is reported LOST)",
+             segment whose local copy was released is reported LOST, and that command then \
+             prints how to accept the loss)",
             out.damaged.len()
         ));
     }
@@ -1131,6 +1132,7 @@ pub async fn reconcile(
         accept_reason: accept.reason.clone().unwrap_or_default(),
     };
     let report = reconcile(&cfg, &store, &opts).await?;
+    let manifest_mode = cfg.manifest;
     #[derive(Serialize)]
     struct Out<'a> {
         #[serde(flatten)]
@@ -1198,6 +1200,29 @@ pub async fn reconcile(
             if r.repair { "" } else { " (report only)" },
             o.elapsed_ms
         ));
+        // The way on from a loss, with its ids (helper-81 F6: the advice
+        // printed for a restored store named a step that did not work).
+        let lost: std::collections::BTreeSet<u64> = r
+            .findings
+            .iter()
+            .filter(|f| f.lost && !f.accepted_loss)
+            .filter_map(|f| f.segment)
+            .collect();
+        if !lost.is_empty() && manifest_mode {
+            let ids: Vec<String> = lost
+                .iter()
+                .map(|id| format!("--accept-loss {id}"))
+                .collect();
+            s.push_str(&format!(
+                "\nnext: {} segment(s) LOST: no intact copy in the store or in this data \
+                 directory. Put a copy back if one exists anywhere (another backup, another \
+                 data directory) and run `tierindex reconcile --deep --repair`; else accept the \
+                 loss, an explicit step recorded in the manifest with its reason: `tierindex \
+                 reconcile --repair --deep {} --reason TEXT` (same --data-dir/--store/--config)",
+                lost.len(),
+                ids.join(" ")
+            ));
+        }
         if !r.deep {
             // `verify` reads bodies; without --deep this run did not, so
             // "0 findings" here does not clear what verify found.

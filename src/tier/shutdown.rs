@@ -133,7 +133,8 @@ impl TierIndex {
             tracing::error!(
                 segments = ?unlisted,
                 "segments committed in the journal are not listed in the stream's manifest; \
-                 `tierindex reconcile --repair` commits them"
+                 `tierindex reconcile --repair` commits them (one whose object and local copy \
+                 are both gone is listed marked LOST, for an operator to accept)"
             );
         }
         // Segments the manifest marks damaged in the store: a drain that

@@ -105,8 +105,12 @@ pub(super) async fn repair_object(
         Err(_) => {
             f.lost = true;
             f.action = format!(
-                "LOST: no local copy with the recorded length and CRC at {}; nothing deleted",
-                local.display()
+                "LOST: no local copy with the recorded length and CRC at {}; its {} entries, \
+                 offsets {}..={}, are in no copy this data directory holds; nothing deleted",
+                local.display(),
+                meta.item_count,
+                meta.min_offset,
+                meta.max_offset
             );
             return f;
         }

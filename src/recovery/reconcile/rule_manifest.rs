@@ -11,6 +11,8 @@ impl Run<'_> {
     pub(super) async fn manifest_entries(&mut self) -> Result<()> {
         let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
         let version = self.manifest.as_ref().map_or(0, |m| m.version);
+        // (this finding, rule 1's LOST finding, the record): see `list_lost`.
+        let mut lost: Vec<(usize, usize, SegmentRecord)> = Vec::new();
         for r in self.view.segments().values() {
             if !matches!(r.state, SegmentState::Committed | SegmentState::Released) {
                 continue;
@@ -56,7 +58,21 @@ impl Run<'_> {
                     r.state
                 ),
             );
-            if !self.object_ok(&k, r.meta.file_len) {
+            // Rule 1's LOST finding of this very key: the object is gone
+            // and the journal's local copy too (released after commit; a
+            // store restored from an older backup, helper-81 F6).
+            let lost_at = self
+                .findings
+                .iter()
+                .position(|p| p.key == k && p.lost && p.kind != FindingKind::ManifestLostEntries);
+            if let Some(p) = lost_at {
+                f.detail.push_str(&format!(
+                    "; its object and its local copy are gone: its {} entries, offsets {}..={}, \
+                     are LOST",
+                    r.meta.item_count, r.meta.min_offset, r.meta.max_offset
+                ));
+                lost.push((self.findings.len(), p, r.clone()));
+            } else if !self.object_ok(&k, r.meta.file_len) {
                 f.action = "none: its object is not in place (see above); not committed".into();
             } else if !cfg.manifest {
                 f.action = "none: manifest = false in the config".into();
@@ -68,6 +84,9 @@ impl Run<'_> {
                 self.commit_findings.push(self.findings.len());
             }
             self.findings.push(f);
+        }
+        for (at, lost_at, r) in lost {
+            self.list_lost(at, lost_at, &r)?;
         }
         // `--deep` reads the bodies of the entries rule 1 did not (the
         // journal no longer records them: released and compacted away, or
@@ -268,6 +287,67 @@ impl Run<'_> {
                 self.commit_findings.push(self.findings.len());
             }
             self.findings.push(f);
+        }
+        Ok(())
+    }
+
+    /// Rule 2a for a committed segment the manifest does not list whose
+    /// object and local copy are both gone (rule 1's LOST finding,
+    /// `self.findings[lost_at]`): a manifest restored from an older backup
+    /// with `release_after_commit` (helper-81 F6). Readers through the
+    /// manifest missed its entries silently, and an operator had no way to
+    /// accept the loss (`--accept-loss` takes only listed segments). With
+    /// `repair` it is listed again from the journal's record, marked LOST
+    /// in the same repair (readers then name its offsets as lost), and
+    /// accepted when the operator asked (`accept_loss`); the LOST finding
+    /// stays until then. Nothing is listed while a file under its name may
+    /// hold its bytes, with `store_override` (the journal's commits may be
+    /// another store's), or with `manifest = false`.
+    fn list_lost(&mut self, at: usize, lost_at: usize, r: &SegmentRecord) -> Result<()> {
+        let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
+        let id = r.meta.id;
+        let action = if let Some(local) = local_files_named(&self.seg_dir, id).first() {
+            format!(
+                "not judged: the journal records no local copy, but {} exists; `tierindex \
+                 inspect` it: if it is this segment ({} bytes, checksum {}), put it under the \
+                 key and run `tierindex reconcile --repair`; nothing listed, nothing accepted",
+                local.display(),
+                r.meta.file_len,
+                r.meta.key_sum()
+            )
+        } else if !cfg.manifest {
+            "none: manifest = false in the config".into()
+        } else if cfg.store_override {
+            "none: opened with store_override, so the journal's commits may be another \
+             store's; nothing listed in this one"
+                .into()
+        } else if !opts.repair {
+            format!(
+                "none: LOST (see above); `tierindex reconcile --repair` lists it in the manifest \
+                 marked LOST (readers then report its offsets as lost instead of missing them \
+                 silently), and `tierindex reconcile --repair --deep --accept-loss {} --reason \
+                 TEXT` accepts the loss once no copy exists anywhere",
+                id.0
+            )
+        } else {
+            let e = SegmentEntry::new(store, stream, &r.meta)?;
+            let reason = format!(
+                "committed (journal: {:?}), not in the manifest (rolled back or restored), \
+                 object and local copy gone: {} entries, offsets {}..={}",
+                r.state, r.meta.item_count, r.meta.min_offset, r.meta.max_offset
+            );
+            let note = DamageNote::new(&e, &reason, true, crate::segment::now_ms());
+            if opts.accept_loss.contains(&id) {
+                self.accepts.push((id, e.key.clone()));
+                self.accept_findings.push(lost_at);
+                self.accept_findings.push(at);
+            }
+            self.lost_listings.push((e, note));
+            self.lost_listing_findings.push(at);
+            "listed again from the journal's record, marked LOST".into()
+        };
+        if let Some(f) = self.findings.get_mut(at) {
+            f.action = action;
         }
         Ok(())
     }

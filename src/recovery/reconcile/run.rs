@@ -45,6 +45,11 @@ pub(super) struct Run<'a> {
     /// with the indexes of the findings the acceptance resolves.
     pub(super) accepts: Vec<(SegmentId, String)>,
     pub(super) accept_findings: Vec<usize>,
+    /// Committed segments the manifest lost whose object and local copy
+    /// are gone too (rule 2a, `list_lost`): each committed again with its
+    /// LOST note, with the indexes of the findings the listing resolves.
+    pub(super) lost_listings: Vec<(SegmentEntry, DamageNote)>,
+    pub(super) lost_listing_findings: Vec<usize>,
 }
 
 impl<'a> Run<'a> {
@@ -131,6 +136,8 @@ impl<'a> Run<'a> {
             note_findings: Vec::new(),
             accepts: Vec::new(),
             accept_findings: Vec::new(),
+            lost_listings: Vec::new(),
+            lost_listing_findings: Vec::new(),
         })
     }
 
@@ -186,8 +193,11 @@ impl<'a> Run<'a> {
                     return f;
                 }
                 f.lost = true;
-                f.action =
-                    "LOST: the journal holds no local copy of these bytes; nothing deleted".into();
+                f.action = format!(
+                    "LOST: the journal holds no local copy of these bytes; its {} entries, \
+                     offsets {}..={}, are in no copy this data directory holds; nothing deleted",
+                    e.item_count, e.min_offset, e.max_offset
+                );
                 f
             }
         }
@@ -228,6 +238,39 @@ impl<'a> Run<'a> {
                 for e in std::mem::take(&mut self.to_commit) {
                     self.m_entries.insert(e.id, e);
                 }
+            }
+        }
+        if !self.lost_listings.is_empty() {
+            // Listed first, then marked: a crash between the two leaves an
+            // entry without its object, which the next run marks LOST (a
+            // listed LOST segment without a note), and which readers skip
+            // as damaged meanwhile. Never listed without the note's write
+            // being tried.
+            let (entries, notes): (Vec<SegmentEntry>, Vec<DamageNote>) =
+                std::mem::take(&mut self.lost_listings).into_iter().unzip();
+            let (action, listed, ok) = match access.commit(&entries).await {
+                Ok(listed) => match access.notes(&[], &notes).await {
+                    Ok(marked) => (format!("{listed}; {marked}"), true, true),
+                    Err(why) => (format!("{listed}; {why}"), true, false),
+                },
+                Err(why) => (why, false, false),
+            };
+            for i in &self.lost_listing_findings {
+                if let Some(f) = self.findings.get_mut(*i) {
+                    f.action = format!("{}: {action}", f.action);
+                    f.repaired = ok;
+                }
+            }
+            if listed {
+                manifest_now = true;
+                for e in entries {
+                    self.m_entries.insert(e.id, e);
+                }
+            }
+            if !ok {
+                // Not marked: nothing to accept on.
+                let ids: BTreeSet<SegmentId> = notes.iter().map(|n| n.id).collect();
+                self.accepts.retain(|(id, _)| !ids.contains(id));
             }
         }
         if !self.accepts.is_empty() {
