@@ -218,21 +218,109 @@ impl Error {
 /// Credential values this process was given (`AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), registered when an S3
 /// store is built so that [`scrub`] blanks them wherever a server echoes
-/// them. Bounded: a process builds few stores.
-static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// them. Bounded: a process builds few stores. `true`: an access key id
+/// (see [`register_key_id`]).
+static SECRETS: std::sync::Mutex<Vec<(String, bool)>> = std::sync::Mutex::new(Vec::new());
 const SECRETS_MAX: usize = 64;
 
-/// Registers a credential value for [`scrub`]. Values under 8 characters
-/// are not registered (blanking them would mangle ordinary text; no real
-/// key id, secret or token is that short).
+/// Registers a secret value (a secret access key, a session token) for
+/// [`scrub`], which blanks it wherever it appears. Values under 8
+/// characters are not registered (blanking them would mangle ordinary
+/// text; no real secret or token is that short).
 pub(crate) fn register_secret(value: &str) {
+    register(value, false);
+}
+
+/// Registers an access key id for [`scrub`]. One that looks like a real
+/// key id (a digit in it, as in AWS's `AKIA...`, or no lower-case letter)
+/// is blanked wherever it appears, as a secret is. One that is an
+/// ordinary word (`tierindex`, `minioadmin`: no digit, lower case) is
+/// blanked only where a key id is quoted (see [`blank_key_id`]):
+/// blanked everywhere, it mangled the tool's own text (`tierindex
+/// reconcile ...` became `<redacted> reconcile ...`, helper-81 F7).
+pub(crate) fn register_key_id(value: &str) {
+    register(value, true);
+}
+
+fn register(value: &str, key_id: bool) {
     if value.len() < 8 {
         return;
     }
     let mut s = SECRETS.lock().unwrap_or_else(|p| p.into_inner());
-    if !s.iter().any(|v| v == value) && s.len() < SECRETS_MAX {
-        s.push(value.to_string());
+    if !s.iter().any(|(v, _)| v == value) && s.len() < SECRETS_MAX {
+        s.push((value.to_string(), key_id));
     }
+}
+
+/// An access key id that is an ordinary word: no digit, and a lower-case
+/// letter (generated ones, AWS's `AKIA` + 16 of `A-Z2-7`, MinIO's, Ceph's,
+/// are upper case and digits; one in 28 of AWS's has no digit). Such a key
+/// id is blanked only where a key id is quoted.
+fn word_like_key_id(key_id: &str) -> bool {
+    !key_id.bytes().any(|b| b.is_ascii_digit()) && key_id.bytes().any(|b| b.is_ascii_lowercase())
+}
+
+/// Labels after which a word is a key id (compared lower case, without
+/// `_`, `-` and spaces): `AWSAccessKeyId=`, `access_key_id: `,
+/// `"accessKey": "`, `key id `, `Credential=`.
+const KEY_ID_LABELS: [&str; 4] = ["accesskeyid", "accesskey", "keyid", "credential"];
+
+/// `text` with the access key id `key_id` blanked, ASCII case ignored. A
+/// key id that looks real (see [`register_key_id`]) goes wherever it
+/// appears, and any run of [`PART_RUN`] of its characters. An ordinary
+/// word goes only as a whole token (not inside a longer word or name)
+/// where a key id is quoted: after a key id's label ([`KEY_ID_LABELS`],
+/// then `=`, `:`, quotes, spaces or `[`), before a SigV4 credential scope
+/// (`/` and an 8-digit date), or before `:<redacted>` (user info whose
+/// secret was blanked). Elsewhere it is left: the trade-off is in
+/// docs/cli.md (Credentials).
+pub(crate) fn blank_key_id(text: &str, key_id: &str) -> String {
+    if key_id.len() < 4 {
+        return text.to_string();
+    }
+    if !word_like_key_id(key_id) {
+        let mut out = text.to_string();
+        for form in [key_id.to_string(), percent_encoded(key_id)] {
+            out = replace_ignoring_case(&out, &form);
+        }
+        return blank_parts(&out, key_id);
+    }
+    let (lower, n) = (text.to_ascii_lowercase(), key_id.to_ascii_lowercase());
+    let word = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
+    let mut out = String::with_capacity(text.len());
+    let (mut at, mut from) = (0, 0);
+    while let Some(i) = lower[from..].find(&n).map(|i| from + i) {
+        let end = i + n.len();
+        from = end;
+        let before = lower[..i].chars().next_back();
+        let after = lower[end..].chars().next();
+        if before.is_some_and(word) || after.is_some_and(word) {
+            continue;
+        }
+        let rest = &lower[end..];
+        let scope = rest.strip_prefix('/').is_some_and(|r| {
+            r.len() >= 8 && r.as_bytes()[..8].iter().all(u8::is_ascii_digit)
+        });
+        let user_info = rest.starts_with(":<redacted>");
+        let label: String = lower[..i]
+            .trim_end_matches(|c: char| matches!(c, '=' | ':' | '"' | '\'' | ' ' | '\\' | '['))
+            .chars()
+            .rev()
+            .take(24)
+            .filter(|c| !matches!(c, '_' | '-' | ' '))
+            .collect::<Vec<char>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let labelled = KEY_ID_LABELS.iter().any(|l| label.ends_with(l));
+        if scope || user_info || labelled {
+            out.push_str(&text[at..i]);
+            out.push_str("<redacted>");
+            at = end;
+        }
+    }
+    out.push_str(&text[at..]);
+    out
 }
 
 /// `text` with every ASCII-case-insensitive occurrence of `needle` blanked.
@@ -387,11 +475,16 @@ pub fn scrub(text: &str) -> String {
     let mut out = text.to_string();
     // Each value as given, JSON-escaped (`\/`) and percent-encoded, in any
     // ASCII case (a server may lowercase a key id).
-    for v in SECRETS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    // Secrets first: a key id is then told by a `:<redacted>` after it.
+    let registered = SECRETS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for (v, _) in registered.iter().filter(|(_, key_id)| !key_id) {
         for form in [v.clone(), v.replace('/', "\\/"), percent_encoded(v)] {
             out = replace_ignoring_case(&out, &form);
         }
         out = blank_parts(&out, v);
+    }
+    for (v, _) in registered.iter().filter(|(_, key_id)| *key_id) {
+        out = blank_key_id(&out, v);
     }
     out = blank_signatures(&out);
     for tag in ECHO_TAGS {

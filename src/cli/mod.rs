@@ -518,11 +518,10 @@ fn empty_variable() -> Option<String> {
 pub fn main() -> i32 {
     // Registered before anything can fail: an error about a mistyped URL
     // comes before any store (which registers them too) is built.
-    for var in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-    ] {
+    if let Ok(v) = std::env::var("AWS_ACCESS_KEY_ID") {
+        crate::error::register_key_id(&v);
+    }
+    for var in ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"] {
         if let Ok(v) = std::env::var(var) {
             crate::error::register_secret(&v);
         }

@@ -147,13 +147,12 @@ fn build_s3(
             // control character (a token file edited on Windows leaves a
             // trailing CR) made object_store panic building the request.
             // The value is never shown: it may be a credential.
-            if matches!(
-                key,
-                AmazonS3ConfigKey::AccessKeyId
-                    | AmazonS3ConfigKey::SecretAccessKey
-                    | AmazonS3ConfigKey::Token
-            ) {
-                crate::error::register_secret(v);
+            match key {
+                AmazonS3ConfigKey::AccessKeyId => crate::error::register_key_id(v),
+                AmazonS3ConfigKey::SecretAccessKey | AmazonS3ConfigKey::Token => {
+                    crate::error::register_secret(v)
+                }
+                _ => {}
             }
             // object_store's own error for a bad boolean does not name
             // the variable.

@@ -506,12 +506,15 @@ async fn read_bounded(mut resp: reqwest::Response, limit: usize, what: &str) -> 
 fn scrub(text: &str, cred: Option<&AwsCredential>) -> String {
     let mut out = text.to_string();
     if let Some(c) = cred {
-        let parts = [Some(&c.key_id), Some(&c.secret_key), c.token.as_ref()];
-        for p in parts.into_iter().flatten() {
+        for p in [Some(&c.secret_key), c.token.as_ref()].into_iter().flatten() {
             if p.len() >= 4 {
                 out = out.replace(p.as_str(), "<redacted>");
             }
         }
+        // After the secret: a key id is told by a `:<redacted>` after it.
+        // An ordinary word as key id only where a key id is quoted
+        // (`error::blank_key_id`, helper-81 F7).
+        out = crate::error::blank_key_id(&out, &c.key_id);
     }
     out
 }
