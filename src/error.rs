@@ -303,7 +303,7 @@ pub(crate) fn blank_key_id(text: &str, key_id: &str) -> String {
         });
         let user_info = rest.starts_with(":<redacted>");
         let label: String = lower[..i]
-            .trim_end_matches(|c: char| matches!(c, '=' | ':' | '"' | '\'' | ' ' | '\\' | '['))
+            .trim_end_matches(['=', ':', '"', '\'', ' ', '\\', '['])
             .chars()
             .rev()
             .take(24)
