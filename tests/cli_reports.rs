@@ -196,6 +196,13 @@ fn a_lost_journal_is_named_not_replaced_in_single_writer_mode() {
     assert!(!d.path().join("data/journal/journal.log").exists());
     let o = run(d.path(), &["fsck", "--repair", "--config", c]);
     assert!(matches!(o.status.code(), Some(0 | 3 | 4)), "{}", text(&o));
+    // The segments were released after their commit: the store holds
+    // them, and the acknowledged-segment mark, which the rebuilt journal
+    // cannot account for, does not call the newest one LOST (helper-89 F1).
+    for cmd in ["status", "fsck"] {
+        let o = run(d.path(), &[cmd, "--config", c]);
+        assert!(!text(&o).contains("LOST"), "{cmd}: {}", text(&o));
+    }
     let o = run(d.path(), &["drain", "--config", c]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     // The rebuilt journal is empty (every local copy was released): new

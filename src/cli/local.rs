@@ -774,7 +774,33 @@ fn rebuild_journal_if_damaged(dd: &DataDir) -> Result<Option<journal::RebuildRep
         Err(_) => false,
     };
     if missing || damaged {
-        return journal::rebuild_in(dd.lock()).map(Some);
+        let report = journal::rebuild_in(dd.lock())?;
+        // The rebuilt journal holds only what the local files show: a
+        // segment sealed, committed and released since the mark was
+        // written is in the store, not here, so the mark can no longer be
+        // judged locally (helper-89 F1: `fsck` and `status` called such a
+        // segment LOST).
+        if let Ok(datadir::acked::Read::Mark(m)) = datadir::acked::read(data_dir)
+            && m.judged()
+        {
+            tracing::warn!(
+                segment = m.segment.0,
+                "the journal was rebuilt: the newest segment a flush acknowledged entries of \
+                 ({} entries from offset {}) is no longer judged by its local file; if it was \
+                 released after its commit, the store holds it (`tierindex reconcile` lists \
+                 the stream's objects)",
+                m.items,
+                m.first_offset
+            );
+            datadir::acked::MarkWriter::new(Some(m)).write(
+                data_dir,
+                m.segment,
+                m.first_offset,
+                m.items,
+                m.flags | datadir::acked::FLAG_NOT_JUDGED,
+            )?;
+        }
+        return Ok(Some(report));
     }
     Ok(None)
 }

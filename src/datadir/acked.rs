@@ -44,6 +44,11 @@ const SLOT: usize = 64;
 /// Flag: a loss of the marked segment was recorded (in `quarantine/`) by
 /// a start-up; later ones do not report it again.
 pub const FLAG_LOSS_RECORDED: u64 = 1;
+/// Flag: the journal was rebuilt (`fsck --repair`) after it was lost or
+/// damaged: whether the marked segment was sealed, committed and released
+/// is the store's to say, not the local files' (helper-89 F1: a released
+/// segment was called LOST by `fsck` and `status`). Not judged.
+pub const FLAG_NOT_JUDGED: u64 = 2;
 
 /// One decoded mark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,8 +61,11 @@ pub struct AckedMark {
 }
 
 impl AckedMark {
-    pub fn loss_recorded(&self) -> bool {
-        self.flags & FLAG_LOSS_RECORDED != 0
+    /// Whether a start-up, `fsck` or `status` judges the marked segment's
+    /// file by this mark (not once its loss was recorded, nor after a
+    /// journal rebuild).
+    pub fn judged(&self) -> bool {
+        self.flags & (FLAG_LOSS_RECORDED | FLAG_NOT_JUDGED) == 0
     }
 
     fn encode(&self) -> [u8; SLOT] {
@@ -110,6 +118,28 @@ pub fn path(root: &Path) -> PathBuf {
 /// Read the mark (at most two slots: a longer file is damage).
 pub fn read(root: &Path) -> Result<Read> {
     let p = path(root);
+    // A directory, FIFO, socket, device or symbolic link in its place (an
+    // operator's or a script's mistake): refused here, before anything is
+    // appended, rather than poisoning the writer at its first flush
+    // (helper-89 F2).
+    match std::fs::symlink_metadata(&p) {
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(Error::InvalidInput(format!(
+                "{}: a {}, not a regular file; tierindex keeps its acknowledged-segment mark \
+                 there and never creates anything else: move it out of the data directory and \
+                 start again",
+                p.display(),
+                if m.file_type().is_symlink() {
+                    "symbolic link"
+                } else {
+                    crate::durable::file_kind(&m.file_type())
+                }
+            )));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::None),
+        Err(e) => return Err(Error::io(&p, "stat the acknowledged-segment mark", e)),
+    }
     let bytes = match crate::durable::read_regular(&p, (2 * SLOT) as u64) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::None),
@@ -155,7 +185,7 @@ impl MarkWriter {
     pub fn needed(&self, segment: SegmentId) -> bool {
         match self.last {
             None => true,
-            Some(m) => segment > m.segment || (segment == m.segment && m.loss_recorded()),
+            Some(m) => segment > m.segment || (segment == m.segment && !m.judged()),
         }
     }
 
@@ -191,6 +221,17 @@ impl MarkWriter {
                  out of the data directory)",
                 p.display()
             )));
+        }
+        // Longer than its two slots (damage): cut back, or it would stay
+        // unreadable for ever (helper-89 F3). The fdatasync below covers
+        // the new length.
+        if meta.len() > (2 * SLOT) as u64 {
+            f.set_len((2 * SLOT) as u64).map_err(|e| {
+                Error::Poisoned(format!(
+                    "cutting the acknowledged-segment mark {} back failed: {e}",
+                    p.display()
+                ))
+            })?;
         }
         let at = (seq % 2) * SLOT as u64;
         crate::durable::at("active.mark.write")
@@ -239,6 +280,38 @@ mod tests {
         // Longer than two slots: damaged, not read past.
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
         assert!(matches!(read(d.path()).unwrap(), Read::Damaged(_)));
+    }
+
+    /// helper-89 F3: a file longer than its two slots stayed unreadable
+    /// for ever (the writer rewrote a slot, never the length).
+    #[test]
+    fn a_long_file_is_cut_back_by_the_next_write() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(path(d.path()), vec![7u8; 4096]).unwrap();
+        assert!(matches!(read(d.path()).unwrap(), Read::Damaged(_)));
+        MarkWriter::new(None)
+            .write(d.path(), SegmentId(2), 5, 1, 0)
+            .unwrap();
+        let Read::Mark(m) = read(d.path()).unwrap() else {
+            panic!("still damaged")
+        };
+        assert_eq!(m.segment, SegmentId(2));
+        assert_eq!(std::fs::metadata(path(d.path())).unwrap().len(), 128);
+    }
+
+    /// helper-89 F2: anything but a regular file in its place is refused
+    /// when read (start-up, fsck), not found at the first flush.
+    #[test]
+    fn a_directory_or_symlink_in_its_place_is_refused_when_read() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(path(d.path())).unwrap();
+        let e = read(d.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir(path(d.path())).unwrap();
+        std::fs::write(d.path().join("elsewhere"), [0u8; 128]).unwrap();
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), path(d.path())).unwrap();
+        let e = read(d.path()).unwrap_err().to_string();
+        assert!(e.contains("symbolic link") || e.contains("symlink"), "{e}");
     }
 
     #[test]

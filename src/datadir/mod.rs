@@ -755,8 +755,22 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
     // Read before the listing: a segment marked after it is not judged by
     // a listing that could not see its file.
     let mark = match acked::read(root) {
-        Ok(acked::Read::Mark(m)) if !m.loss_recorded() => Some(m),
-        _ => None,
+        Ok(acked::Read::Mark(m)) if m.judged() => Some(m),
+        Ok(acked::Read::Damaged(why)) => {
+            // Metadata, not entries: the next flush of a newer segment
+            // writes it again.
+            tracing::warn!(
+                "the acknowledged-segment mark is damaged ({why}): a newest active segment \
+                 removed or zeroed since its entries were acknowledged cannot be told from one \
+                 that never held any"
+            );
+            None
+        }
+        Err(e) => {
+            out.unreadable.push(e.to_string());
+            None
+        }
+        Ok(_) => None,
     };
     let mut mark_file = false;
     let dir = root.join(SEGMENTS_DIR);

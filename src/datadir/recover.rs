@@ -237,7 +237,7 @@ pub fn recover_checking(
             None
         }
     };
-    let marked = ack_mark.filter(|m| !m.loss_recorded());
+    let marked = ack_mark.filter(|m| m.judged());
     let marked_id = marked.map(|m| m.segment);
     // Active segments that passed their check (files are sorted so every
     // `.active` is seen before any `.seg.tmp`).

@@ -618,12 +618,17 @@ impl IndexWriter {
         }
         // The newest segment this flush acknowledged entries of: the
         // active one, or (it is empty) the newest frozen one.
+        // Decoded only when a mark is due (once per segment).
         let newest = match self.active.as_ref().filter(|a| !a.is_empty()) {
-            Some(a) => Some((a.id(), a.first_offset(), a.flushed_len())),
+            Some(a) if self.acked.needed(a.id()) => {
+                Some((a.id(), a.first_offset(), a.flushed_len()))
+            }
+            Some(_) => None,
             None => self
                 .frozen
                 .values()
                 .next_back()
+                .filter(|f| self.acked.needed(f.id()))
                 .map(|f| (f.id(), f.first_offset(), f.len())),
         };
         match newest {
@@ -696,6 +701,7 @@ impl IndexWriter {
             return Err(e);
         }
         if sync
+            && self.acked.needed(old.id())
             && let Err(e) = self.mark_acked(old.id(), old.first_offset(), old.flushed_len())
         {
             self.active = Some(old);
