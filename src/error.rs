@@ -247,8 +247,15 @@ fn register(value: &str, key_id: bool) {
         return;
     }
     let mut s = SECRETS.lock().unwrap_or_else(|p| p.into_inner());
-    if !s.iter().any(|(v, _)| v == value) && s.len() < SECRETS_MAX {
-        s.push((value.to_string(), key_id));
+    let full = s.len() >= SECRETS_MAX;
+    match s.iter_mut().find(|(v, _)| v == value) {
+        // Registered as a key id and now as a secret (a secret equal to
+        // its key id, as MinIO's `minioadmin`/`minioadmin`): a secret is
+        // blanked wherever it appears (helper-90 F2: it was left as a
+        // key id, blanked only where a key id is quoted).
+        Some((_, was_key_id)) => *was_key_id &= key_id,
+        None if !full => s.push((value.to_string(), key_id)),
+        None => {}
     }
 }
 
@@ -606,6 +613,24 @@ fn locked_text(path: &Path, holder: &str) -> String {
 #[cfg(test)]
 mod scrub_tests {
     use super::*;
+
+    /// helper-90 F2: a secret equal to its key id (MinIO's default
+    /// `minioadmin`/`minioadmin`), registered as a key id first, stayed a
+    /// word-like key id, blanked only where a key id is quoted.
+    #[test]
+    fn a_secret_equal_to_its_key_id_is_blanked_everywhere() {
+        let v = "samewordsecret";
+        register_key_id(v);
+        register_secret(v);
+        for text in [
+            format!("secret: {v}"),
+            format!("{{\"secretKey\":\"{v}\"}}"),
+            format!("http://{v}:{v}@host:9000/bkt"),
+        ] {
+            let s = scrub(&text);
+            assert!(!s.contains(v), "{text} -> {s}");
+        }
+    }
 
     /// An authorization value quoted outside any header form (a server's
     /// message) still loses its signature.

@@ -1618,3 +1618,57 @@ async fn a_pending_segment_whose_file_is_gone_is_reported_by_number() {
     );
     assert!(why.contains(&want), "{why}");
 }
+
+/// helper-90 F1: a deferred refusal beside a live single-writer broker
+/// stopped that run only; a restart (a supervisor's, after exit 6) listed
+/// only above the journal's highest id (4), which the other broker's
+/// objects (1, 2) are below, and took the manifest beside it. The refusal
+/// is kept in the data directory (`FIRST_TAKE_REFUSED`): the restart's
+/// check lists from where the refusing one did, and refuses too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_a_deferred_refusal_is_refused_too() {
+    let rig = Rig::new(87);
+    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
+    let data = rig.data("b");
+    let mut b = config(data.clone(), "owner-b");
+    b.request_timeout_ms = 300;
+    b.max_attempts = 2;
+    let ti = open(&b, rig.remote(), None)
+        .await
+        .expect("opens with the store down");
+    write(&ti, 10_000..(10_000 + ITEMS as u64 * 4 - 5));
+    ti.roll().unwrap();
+    wait_until("sealed", Duration::from_secs(10), || {
+        journal(&data).len() as u64 == 4
+    })
+    .await;
+    let direct = RemoteStore::from_parts(rig.fs.inner().clone(), None, PREFIX, "memory://direct");
+    let single = Config {
+        manifest: false,
+        ..config(rig.data("a"), "owner-a")
+    };
+    let a = open(&single, direct, None).await.unwrap();
+    write(&a, 0..(ITEMS as u64 * 2));
+    rig.fs.heal();
+    wait_until("settled", Duration::from_secs(40), || {
+        let s = ti.status();
+        s.fenced.is_some() || s.manifest_pending.is_none()
+    })
+    .await;
+    assert!(ti.status().fenced.is_some(), "first run fenced");
+    let r = ti.shutdown(Duration::from_secs(3)).await;
+    assert!(r.fenced.is_some());
+    // The single-writer broker `a` still runs. `b` restarts.
+    let again = open(&b, rig.remote(), None).await;
+    let manifest = rig.manifest_store().load().await.unwrap();
+    assert!(
+        manifest.is_none(),
+        "the restart took the manifest beside a live single-writer broker"
+    );
+    match again {
+        Err(tierindex::Error::Claimed(m)) => assert!(m.contains("single-writer"), "{m}"),
+        Err(e) => panic!("refused, but not as Claimed: {e}"),
+        Ok(_) => panic!("the restart opened beside a live single-writer broker"),
+    }
+    let _ = a.shutdown(Duration::from_secs(5)).await;
+}

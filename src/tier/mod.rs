@@ -78,6 +78,15 @@ pub const CLEAN_SHUTDOWN_MARKER: &str = "CLEAN_SHUTDOWN";
 /// first take succeeds, a store with no manifest.
 pub const MANIFEST_TAKEN_MARKER: &str = "MANIFEST_TAKEN";
 
+/// Written when a deferred first take of the stream's manifest refused
+/// beside a recent single-writer broker (`above=<id>` or `above=none`:
+/// where that check's listing started); removed once a manifest is taken.
+/// The next open's check starts its listing there too, not above the
+/// journal's highest id then: this data directory's own ids, given out
+/// meanwhile, passed the other broker's, and a plain restart after the
+/// refusal took the manifest beside it (helper-90 F1).
+pub const FIRST_TAKE_REFUSED_MARKER: &str = "FIRST_TAKE_REFUSED";
+
 /// An object store for [`TierIndex::open_with`], built by the embedder
 /// (credentials from its own secret source, its own client options, a
 /// wrapper) or from a [`Config`] as [`TierIndex::open`] builds it.

@@ -125,6 +125,15 @@ pub(super) async fn take_manifest(
     // From now on this data directory's committed segments are the
     // manifest's (see `committed` above). Best effort: without the marker
     // the check is only not armed.
+    // A refusal recorded by an earlier deferred take is over.
+    let refused = cfg.data_dir.join(super::FIRST_TAKE_REFUSED_MARKER);
+    if refused.exists()
+        && let Err(e) = crate::durable::unlink(&refused).and_then(|()| {
+            std::fs::File::open(&cfg.data_dir).and_then(|d| d.sync_all())
+        })
+    {
+        tracing::warn!(error = %e, "could not remove the first-take refusal marker");
+    }
     if !cfg.data_dir.join(super::MANIFEST_TAKEN_MARKER).exists()
         && let Err(e) = write_marker(
             &cfg.data_dir,
@@ -282,6 +291,22 @@ async fn refuse_beside_a_recent_single_writer(
             listed.count
         );
         return Ok(());
+    }
+    if check.deferred {
+        // Kept for the next open (a supervisor's restart after this exit):
+        // its check lists from here too (helper-90 F1).
+        let text = match check.above {
+            Some(a) => format!("above={}\n", a.0),
+            None => "above=none\n".to_string(),
+        };
+        if let Err(e) = write_marker(
+            &cfg.data_dir,
+            super::FIRST_TAKE_REFUSED_MARKER,
+            &text,
+            "write first-take refusal marker",
+        ) {
+            tracing::error!(error = %e, "could not record the first-take refusal for the next open");
+        }
     }
     Err(Error::Claimed(format!(
         "stream {:?} in {} has no manifest, but {} segment object(s) this data directory did \
@@ -562,6 +587,9 @@ pub(super) async fn open_shared_hosted(
     // it): a stream without a manifest whose objects go above it has
     // another writer (see `refuse_beside_a_recent_single_writer`).
     let journal_max = journal.max_segment_id();
+    // Where an earlier deferred take's refusing check started its listing
+    // (`FIRST_TAKE_REFUSED_MARKER`): this open's starts there too.
+    let journal_max = journal_max.min(refused_take_above(&cfg.data_dir));
     let foreign = |objects: &mut Vec<ListedSegment>| keep_foreign(journal.state(), objects);
     let (manifest, trust_create, probed) = if cfg.manifest {
         // Bounded: a store that hangs must not hold the broker's start
@@ -1153,6 +1181,33 @@ pub(super) fn write_clean_marker(dir: &Path) -> Result<()> {
         &format!("clean shutdown at {}\n", now_ms()),
         "write clean-shutdown marker",
     )
+}
+
+/// The listing start a refused deferred take recorded, for `min` with the
+/// journal's highest id: no marker gives `Some(SegmentId(u64::MAX))`
+/// (which `min` leaves out); `above=none`, or a marker that cannot be
+/// read or parsed, gives `None`: the whole stream is listed (the safe
+/// side).
+fn refused_take_above(data_dir: &Path) -> Option<crate::segment::SegmentId> {
+    let p = data_dir.join(super::FIRST_TAKE_REFUSED_MARKER);
+    let text = match crate::durable::read_regular(&p, 64) {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Some(crate::segment::SegmentId(u64::MAX));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the first-take refusal marker cannot be read: the whole stream is listed");
+            return None;
+        }
+    };
+    match text.strip_prefix("above=") {
+        Some("none") => None,
+        Some(n) => match n.parse() {
+            Ok(n) => Some(crate::segment::SegmentId(n)),
+            Err(_) => None,
+        },
+        None => None,
+    }
 }
 
 /// Writes the marker file `name` in `dir` durably (the file, then the
