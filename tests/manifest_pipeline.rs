@@ -1649,6 +1649,29 @@ async fn a_restart_after_a_deferred_refusal_is_refused_too() {
     };
     let a = open(&single, direct, None).await.unwrap();
     write(&a, 0..(ITEMS as u64 * 2));
+    // `a` keeps running; its two segments are in the store before the
+    // store answers `b` again (a CI run healed first: nothing to refuse).
+    a.roll().unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        use futures::TryStreamExt as _;
+        let listed: Vec<String> = rig
+            .fs
+            .inner()
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        if listed.iter().filter(|k| k.ends_with(".seg")).count() >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "a's segments not uploaded: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     rig.fs.heal();
     wait_until("settled", Duration::from_secs(40), || {
         let s = ti.status();
