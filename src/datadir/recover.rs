@@ -635,7 +635,7 @@ pub fn recover_checking(
         }
     }
     if let Some(m) = marked {
-        check_acked(dir, mode, &files, &m, journal_knows, &mut out)?;
+        check_acked(dir, mode, &files, &sealed_counts, &m, journal_knows, &mut out)?;
         bump(m.segment, &mut out);
     } else if let Some(m) = ack_mark {
         // Its id is never given out again either.
@@ -798,63 +798,116 @@ fn offset_text(o: u64) -> String {
 
 /// After the files are checked: the segment the acknowledged-segment
 /// mark names has no file at all (and the journal never recorded it), or
-/// its active file kept fewer valid items than a flush acknowledged. Both
-/// are losses of acknowledged entries: reported by number and, in
-/// `Repair` mode, recorded in `quarantine/` (a record with no file: it
-/// keeps `status`, `fsck` and `drain` at exit 4 until an operator moves it
+/// its files account for fewer items than a flush acknowledged. Both are
+/// losses of acknowledged entries: reported by number and, in `Repair`
+/// mode, recorded in `quarantine/` (a record with no file: it keeps
+/// `status`, `fsck` and `drain` at exit 4 until an operator moves it
 /// away), then the mark flagged so that the next start does not record it
-/// again. A loss the checks above already reported for that segment (a
-/// salvage, a quarantined file) flags the mark the same way.
+/// again.
+///
+/// The files account for the most items any one of them holds or
+/// reported: the active file's valid items, a sealed file's count, a loss
+/// note's salvaged plus counted lost items. A loss the checks above
+/// already reported (a torn span, a salvage, a quarantined file) counts
+/// only what it counted: a file both torn and cut short is reported for
+/// both, the shortfall in a note of its own (before, any note for the
+/// segment skipped this check and the cut went uncounted). A durable loss
+/// record of the segment written by this start flags the mark too, since
+/// the next start sees only the items kept.
 fn check_acked(
     dir: &DataDir,
     mode: Mode,
     files: &[(Kind, Arc<Path>)],
+    sealed_counts: &BTreeMap<SegmentId, (u64, Arc<Path>)>,
     m: &acked::AckedMark,
     journal_knows: &dyn Fn(SegmentId) -> bool,
     out: &mut Recovered,
 ) -> Result<()> {
     let n = m.segment;
-    let mut reported = out.report.salvaged.iter().any(|s| s.segment == n.0);
+    let notes: Vec<&LossNote> = out
+        .report
+        .salvaged
+        .iter()
+        .filter(|s| s.segment == n.0)
+        .collect();
+    let recorded = notes
+        .iter()
+        .any(|s| s.is_loss() && s.original_moved_to.is_some());
     let has_file = files
         .iter()
         .any(|(k, _)| matches!(k, Kind::Sealed(i) | Kind::Active(i) if *i == n));
     let path = dir.segments_dir().join(active::active_file_name(n));
     let mut note = None;
-    if !reported && !has_file && !journal_knows(n) {
-        note = Some((
-            acked_loss_note(
-                &path,
-                m,
-                "its file is gone from segments/ (removed, or lost with the disk), and the \
-                 journal never recorded it sealed",
-            ),
-            "the active segment's file is gone",
-        ));
-    } else if !reported
-        && let Some(a) = out.report.actives.iter().find(|a| a.id == n.0)
-        && u64::from(a.valid_items) < m.items
-    {
-        note = Some((
-            LossNote {
-                segment: n.0,
-                file: path.display().to_string(),
-                kind: "active".into(),
-                salvaged_items: u64::from(a.valid_items),
-                lost_items: m.items - u64::from(a.valid_items),
-                lost: Vec::new(),
-                unknown_loss: Some(format!(
-                    "a flush acknowledged {} entries of this segment (ACKED_ACTIVE), but its \
-                     file holds {} valid ones: the file was cut or zeroed after (damage)",
-                    m.items, a.valid_items
-                )),
-                header_rebuilt: false,
-                tail_removed: None,
-                sealed_as: None,
-                original_moved_to: None,
-            },
-            "the active segment holds fewer entries than a flush acknowledged",
-        ));
+    if notes.is_empty() && !has_file {
+        if !journal_knows(n) {
+            note = Some((
+                acked_loss_note(
+                    &path,
+                    m,
+                    "its file is gone from segments/ (removed, or lost with the disk), and the \
+                     journal never recorded it sealed",
+                ),
+                "the active segment's file is gone",
+            ));
+        }
+    } else {
+        let accounted = notes
+            .iter()
+            .map(|s| s.salvaged_items.saturating_add(s.lost_items))
+            .chain(
+                out.report
+                    .actives
+                    .iter()
+                    .filter(|a| a.id == n.0)
+                    .map(|a| u64::from(a.valid_items)),
+            )
+            .chain(sealed_counts.get(&n).map(|(c, _)| *c))
+            .max()
+            .unwrap_or(0);
+        if accounted < m.items {
+            let kept = notes
+                .iter()
+                .map(|s| s.salvaged_items)
+                .chain(
+                    out.report
+                        .actives
+                        .iter()
+                        .filter(|a| a.id == n.0)
+                        .map(|a| u64::from(a.valid_items)),
+                )
+                .chain(sealed_counts.get(&n).map(|(c, _)| *c))
+                .max()
+                .unwrap_or(0);
+            let also = if notes.iter().any(|s| s.is_loss()) {
+                ", beyond the loss reported for it above"
+            } else {
+                ""
+            };
+            note = Some((
+                LossNote {
+                    segment: n.0,
+                    file: path.display().to_string(),
+                    kind: "active".into(),
+                    salvaged_items: kept,
+                    lost_items: m.items - accounted,
+                    lost: Vec::new(),
+                    unknown_loss: Some(format!(
+                        "a flush acknowledged {} entries of this segment (ACKED_ACTIVE), but its \
+                         files account for {accounted}: the file was cut or zeroed after \
+                         (damage), and at least {} are LOST{also}",
+                        m.items,
+                        m.items - accounted
+                    )),
+                    header_rebuilt: false,
+                    tail_removed: None,
+                    sealed_as: None,
+                    original_moved_to: None,
+                },
+                "the active segment holds fewer entries than a flush acknowledged",
+            ));
+        }
     }
+    let mut flag = recorded;
     if let Some((mut note, reason)) = note {
         tracing::error!("acknowledged entries lost: {}", note.line());
         if mode == Mode::Repair {
@@ -875,9 +928,9 @@ fn check_acked(
             )?;
         }
         out.report.salvaged.push(note);
-        reported = true;
+        flag = true;
     }
-    if reported && mode == Mode::Repair {
+    if flag && mode == Mode::Repair {
         acked::MarkWriter::new(Some(*m)).write(
             dir.root(),
             n,
