@@ -143,7 +143,7 @@ impl Shared {
         // Not ours any more: off the host lease's list.
         self.leave_host_lease();
         if self.fenced.set(why.clone()).is_ok() {
-            tracing::error!(reason = %why, "fenced: another owner took the stream; uploads stop");
+            tracing::error!(reason = %why, "fenced: this process may not write the stream (another owner took it, or the take was refused: see reason); uploads stop");
         }
         Error::Fenced(self.fenced.get().cloned().unwrap_or(why))
     }

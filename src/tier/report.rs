@@ -31,7 +31,8 @@ pub struct ShutdownReport {
     pub clean_marker_written: bool,
     /// A failure that ended the shutdown early.
     pub error: Option<String>,
-    /// Set when another owner took the stream's manifest (a newer epoch):
+    /// Set when another owner took the stream's manifest (a newer epoch),
+    /// or this process's take of it was refused (a single-writer broker):
     /// this process stopped writing to the store; segments not in the
     /// manifest stay in the journal (in whatever state they reached:
     /// `Sealed` to `Verified`) with their local files.
