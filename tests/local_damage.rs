@@ -194,6 +194,30 @@ fn files(w: &World) -> (Option<PathBuf>, Vec<PathBuf>) {
     (actives.into_iter().next(), sealed)
 }
 
+/// The oldest active file and its segment id (from its name).
+fn first_active(w: &World) -> (PathBuf, u64) {
+    let active = files(w).0.expect("an active file");
+    let id = active
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("an active file named by its id");
+    (active, id)
+}
+
+/// [`first_active`], with every other active file (the spare prepared
+/// ahead of a roll) removed: the newest file of the directory.
+fn only_active(w: &World) -> (PathBuf, u64) {
+    let (active, id) = first_active(w);
+    for e in std::fs::read_dir(w.data.join("segments")).unwrap() {
+        let p = e.unwrap().path();
+        if p != active && p.to_string_lossy().ends_with(".active") {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    (active, id)
+}
+
 fn xor(path: &Path, at: u64, len: usize, x: u8) {
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -1010,14 +1034,7 @@ async fn a_zeroed_acknowledged_tail_is_reported_lost_by_number() {
 async fn a_zeroed_active_file_below_a_later_one_is_reported_not_removed() {
     let w = World::new();
     let acked = build(&w, 300, 200, false);
-    let (active, _) = files(&w);
-    let active = active.unwrap();
-    let id: u64 = active
-        .file_stem()
-        .unwrap()
-        .to_string_lossy()
-        .parse()
-        .unwrap();
+    let (active, id) = first_active(&w);
     // The spare prepared ahead of the next roll (the writer made one).
     let spare = w.data.join(format!("segments/{:020}.active", id + 1));
     if !spare.exists() {
@@ -1068,21 +1085,8 @@ async fn the_newest_active_file_gone_or_zeroed_is_reported_lost_by_number() {
     for damage in ["removed", "emptied", "zeroed", "items zeroed"] {
         let w = World::new();
         let acked = build(&w, 300, 200, false);
-        let (active, _) = files(&w);
-        let active = active.unwrap();
-        let id: u64 = active
-            .file_stem()
-            .unwrap()
-            .to_string_lossy()
-            .parse()
-            .unwrap();
         // No spare above it: the newest file of the directory.
-        for e in std::fs::read_dir(w.data.join("segments")).unwrap() {
-            let p = e.unwrap().path();
-            if p != active && p.to_string_lossy().ends_with(".active") {
-                std::fs::remove_file(&p).unwrap();
-            }
-        }
+        let (active, id) = only_active(&w);
         let len = std::fs::metadata(&active).unwrap().len();
         match damage {
             "removed" => std::fs::remove_file(&active).unwrap(),
@@ -1168,14 +1172,7 @@ async fn the_newest_active_file_gone_or_zeroed_is_reported_lost_by_number() {
 async fn a_newest_active_file_holed_and_cut_reports_both_losses() {
     let w = World::new();
     let acked = build(&w, 300, 200, false);
-    let (active, _) = files(&w);
-    let active = active.unwrap();
-    for e in std::fs::read_dir(w.data.join("segments")).unwrap() {
-        let p = e.unwrap().path();
-        if p != active && p.to_string_lossy().ends_with(".active") {
-            std::fs::remove_file(&p).unwrap();
-        }
-    }
+    let (active, _) = only_active(&w);
     xor(&active, 16, 4, 0xff);
     let layout = ActiveLayout::new(SLOTS, ITEMS).unwrap();
     let f = std::fs::OpenOptions::new()

@@ -1462,7 +1462,7 @@ async fn a_first_manifest_beside_a_recent_single_writer_is_refused() {
 /// the listing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_first_take_beside_a_recent_single_writer_is_refused() {
-    deferred_take_beside_a_single_writer(87, 4, 2).await;
+    deferred_take_beside_a_single_writer(87, 4, 2, false).await;
 }
 
 /// helper-86 F2: a deferred take that did see the single-writer broker's
@@ -1471,14 +1471,22 @@ async fn a_deferred_first_take_beside_a_recent_single_writer_is_refused() {
 /// run like a fence, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_refusal_beside_a_single_writer_stops_the_run() {
-    deferred_take_beside_a_single_writer(86, 1, 3).await;
+    deferred_take_beside_a_single_writer(86, 1, 3, false).await;
 }
 
 /// A default-mode broker's first take, deferred from open, beside a
 /// single-writer broker that uploaded since: refused, and the run stops
 /// like a fenced one: nothing committed, no manifest, local copies kept.
-/// `own` segments sealed by the first, `other` uploaded by the second.
-async fn deferred_take_beside_a_single_writer(seed: u64, own: u64, other: u64) {
+/// `own` segments sealed by the first, `other` uploaded by the second;
+/// with `keep_a` the single-writer broker keeps running (its segments in
+/// the store before the store answers again) and is handed back, with the
+/// rig and the refused broker's config, for a restart.
+async fn deferred_take_beside_a_single_writer(
+    seed: u64,
+    own: u64,
+    other: u64,
+    keep_a: bool,
+) -> (Rig, Config, Option<TierIndex>) {
     let rig = Rig::new(seed);
     // The default-mode broker opens while the store does not answer (its
     // listing does: no object yet): its take is deferred, and it seals
@@ -1507,8 +1515,36 @@ async fn deferred_take_beside_a_single_writer(seed: u64, own: u64, other: u64) {
     };
     let a = open(&single, direct, None).await.unwrap();
     write(&a, 0..(ITEMS as u64 * other));
-    let r = a.shutdown(Duration::from_secs(20)).await;
-    assert!(r.fully_drained(), "{r:?}");
+    let a = if keep_a {
+        // Its segments are in the store before the store answers `b`
+        // again (a CI run healed first: nothing to refuse).
+        a.roll().unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            use futures::TryStreamExt as _;
+            let listed: Vec<String> = rig
+                .fs
+                .inner()
+                .list(None)
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await
+                .unwrap_or_default();
+            if listed.iter().filter(|k| k.ends_with(".seg")).count() as u64 >= other {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "a's segments not uploaded: {listed:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Some(a)
+    } else {
+        let r = a.shutdown(Duration::from_secs(20)).await;
+        assert!(r.fully_drained(), "{r:?}");
+        None
+    };
     rig.fs.heal();
     wait_until("the deferred take settled", Duration::from_secs(40), || {
         let s = ti.status();
@@ -1536,6 +1572,7 @@ async fn deferred_take_beside_a_single_writer(seed: u64, own: u64, other: u64) {
             "local copy of {id} kept"
         );
     }
+    (rig, b, a)
 }
 
 /// The other side of the check above: a deferred first take of a new
@@ -1627,60 +1664,8 @@ async fn a_pending_segment_whose_file_is_gone_is_reported_by_number() {
 /// check lists from where the refusing one did, and refuses too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_after_a_deferred_refusal_is_refused_too() {
-    let rig = Rig::new(87);
-    rig.fs.set_random(1.0, vec![Fault::Unavailable], &Op::ALL);
-    let data = rig.data("b");
-    let mut b = config(data.clone(), "owner-b");
-    b.request_timeout_ms = 300;
-    b.max_attempts = 2;
-    let ti = open(&b, rig.remote(), None)
-        .await
-        .expect("opens with the store down");
-    write(&ti, 10_000..(10_000 + ITEMS as u64 * 4 - 5));
-    ti.roll().unwrap();
-    wait_until("sealed", Duration::from_secs(10), || {
-        journal(&data).len() as u64 == 4
-    })
-    .await;
-    let direct = RemoteStore::from_parts(rig.fs.inner().clone(), None, PREFIX, "memory://direct");
-    let single = Config {
-        manifest: false,
-        ..config(rig.data("a"), "owner-a")
-    };
-    let a = open(&single, direct, None).await.unwrap();
-    write(&a, 0..(ITEMS as u64 * 2));
-    // `a` keeps running; its two segments are in the store before the
-    // store answers `b` again (a CI run healed first: nothing to refuse).
-    a.roll().unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        use futures::TryStreamExt as _;
-        let listed: Vec<String> = rig
-            .fs
-            .inner()
-            .list(None)
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap_or_default();
-        if listed.iter().filter(|k| k.ends_with(".seg")).count() >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "a's segments not uploaded: {listed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    rig.fs.heal();
-    wait_until("settled", Duration::from_secs(40), || {
-        let s = ti.status();
-        s.fenced.is_some() || s.manifest_pending.is_none()
-    })
-    .await;
-    assert!(ti.status().fenced.is_some(), "first run fenced");
-    let r = ti.shutdown(Duration::from_secs(3)).await;
-    assert!(r.fenced.is_some());
+    let (rig, b, a) = deferred_take_beside_a_single_writer(87, 4, 2, true).await;
+    let a = a.expect("the single-writer broker kept running");
     // The single-writer broker `a` still runs. `b` restarts.
     let again = open(&b, rig.remote(), None).await;
     let manifest = rig.manifest_store().load().await.unwrap();
