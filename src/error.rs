@@ -614,6 +614,56 @@ fn locked_text(path: &Path, holder: &str) -> String {
 mod scrub_tests {
     use super::*;
 
+    /// A word-like key id is blanked where a key id is quoted (after a
+    /// label, before a SigV4 scope, before a blanked secret in user info)
+    /// and nowhere else: not in the tool's own text, not inside a longer
+    /// word or name (helper-81 F7; helper-88: no unit test).
+    #[test]
+    fn a_word_like_key_id_is_blanked_only_where_quoted() {
+        let k = "tierindex";
+        for (text, want) in [
+            (
+                "AWSAccessKeyId=tierindex&x=1",
+                "AWSAccessKeyId=<redacted>&x=1",
+            ),
+            ("access_key_id: TierIndex", "access_key_id: <redacted>"),
+            (
+                "{\"accessKey\": \"tierindex\"}",
+                "{\"accessKey\": \"<redacted>\"}",
+            ),
+            ("key id tierindex", "key id <redacted>"),
+            (
+                "Credential=tierindex/20261207/us-east-1/s3/aws4_request",
+                "Credential=<redacted>/20261207/us-east-1/s3/aws4_request",
+            ),
+            (
+                "http://tierindex:<redacted>@host:9000/b",
+                "http://<redacted>:<redacted>@host:9000/b",
+            ),
+            ("run `tierindex reconcile`", "run `tierindex reconcile`"),
+            ("tierindex-demo/data", "tierindex-demo/data"),
+            ("mytierindex key id", "mytierindex key id"),
+            ("keyid=tierindexes", "keyid=tierindexes"),
+        ] {
+            assert_eq!(blank_key_id(text, k), want, "{text}");
+        }
+    }
+
+    /// A key id that looks real (digits, upper case) goes wherever it
+    /// appears, percent-encoded too, and any run of 12 of its characters.
+    #[test]
+    fn a_real_looking_key_id_is_blanked_everywhere() {
+        let k = "AKIAFAKE2KEY3ID45";
+        let out = blank_key_id(
+            "AKIAFAKE2KEY3ID45 at start, akiafake2key3id45 lower, part FAKE2KEY3ID45 end",
+            k,
+        );
+        assert!(!out.to_ascii_lowercase().contains("fake2key3id"), "{out}");
+        assert!(out.contains("at start") && out.contains("lower"), "{out}");
+        // Shorter than four: never blanked (it would mangle text).
+        assert_eq!(blank_key_id("abc abc", "abc"), "abc abc");
+    }
+
     /// helper-90 F2: a secret equal to its key id (MinIO's default
     /// `minioadmin`/`minioadmin`), registered as a key id first, stayed a
     /// word-like key id, blanked only where a key id is quoted.

@@ -1218,3 +1218,51 @@ fn write_marker(dir: &Path, name: &str, text: &str, what: &'static str) -> Resul
     fsync_path(&p)?;
     fsync_dir(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::record::tests::meta;
+    use crate::journal::{JournalState, Record};
+    use crate::segment::{KeySum, SegmentId};
+
+    fn listed(id: u64, sum: KeySum) -> ListedSegment {
+        ListedSegment {
+            id: SegmentId(id),
+            sum,
+            modified_ms: 0,
+        }
+    }
+
+    /// An object is this data directory's only when its journal records
+    /// that id with the checksum the key names: another broker's object
+    /// under an id this one also gave out is foreign (helper-86 F1), and so
+    /// is one under an id the journal never recorded (helper-87: no unit
+    /// test).
+    #[test]
+    fn keep_foreign_judges_by_id_and_key_checksum() {
+        let mut j = JournalState::default();
+        j.apply(&[Record::Sealed { meta: meta(1) }, Record::Sealed { meta: meta(2) }])
+            .unwrap();
+        let own = meta(1).key_sum();
+        let KeySum::Crc32(c) = meta(2).key_sum() else {
+            panic!("format 1 meta");
+        };
+        let mut objects = vec![
+            listed(1, own),
+            listed(2, KeySum::Crc32(c ^ 1)),
+            listed(2, KeySum::Crc64(u64::from(c))),
+            listed(3, own),
+        ];
+        keep_foreign(&j, &mut objects);
+        let kept: Vec<(u64, KeySum)> = objects.iter().map(|o| (o.id.0, o.sum)).collect();
+        assert_eq!(
+            kept,
+            vec![
+                (2, KeySum::Crc32(c ^ 1)),
+                (2, KeySum::Crc64(u64::from(c))),
+                (3, own)
+            ]
+        );
+    }
+}
