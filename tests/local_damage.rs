@@ -1244,3 +1244,366 @@ async fn an_unacknowledged_or_intact_newest_active_file_is_not_a_loss() {
     assert!(!o.needs_operator(), "{:#?}", o.report);
     assert_eq!(o.found.len() as u64, acked);
 }
+
+// Helpers of helper-92's attacks (session 40), kept with them.
+
+fn mark_bytes(w: &World) -> Vec<u8> {
+    std::fs::read(w.data.join("ACKED_ACTIVE")).unwrap()
+}
+
+fn read_mark(w: &World) -> tierindex::datadir::acked::AckedMark {
+    match tierindex::datadir::acked::read(&w.data).unwrap() {
+        tierindex::datadir::acked::Read::Mark(m) => m,
+        other => panic!("no mark: {other:?}"),
+    }
+}
+
+fn records(w: &World) -> Vec<String> {
+    w.quarantine_files()
+        .into_iter()
+        .filter(|f| f.ends_with(".why.json"))
+        .collect()
+}
+
+fn zero(path: &Path, at: u64, len: usize) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&vec![0u8; len], at).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Both in-file flush marks gone (never written back before a power cut:
+/// "Nothing syncs a mark").
+fn drop_flush_marks(path: &Path) {
+    zero(path, 2048, 16);
+    zero(path, 3072, 16);
+}
+
+fn lost_line_count(out: &str) -> usize {
+    out.lines().filter(|l| l.contains("LOST")).count()
+}
+
+/// helper-92 F1 (a regression of a06c30e): the mark names the last segment, which a drain sealed, uploaded and
+/// committed (its local copy kept: release_after_commit off). Bit rot in
+/// that local copy's footer: the start quarantines it as "the store holds
+/// every entry", no loss. Nothing acknowledged is lost (the store has it
+/// all): no LOST. The journal records the segment and no active file is
+/// left: the journal and the sealed file's checks account for it, not the
+/// mark (a06c30e counted the quarantined copy as 0 items: "300 LOST").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_segment_the_mark_names_damaged_locally_is_not_lost() {
+    let w = World::new();
+    build(&w, 600, 0, true);
+    let (ti, _) = open_ti(&w).await;
+    let r = ti.shutdown(Duration::from_secs(60)).await;
+    assert!(r.fully_drained(), "{r:#?}");
+    let (_, sealed) = files(&w);
+    let m = read_mark(&w);
+    eprintln!("mark: {m:?}; sealed: {sealed:?}");
+    let victim = sealed
+        .iter()
+        .find(|p| id_of(p) == m.segment.0)
+        .expect("the marked segment's sealed file is local")
+        .clone();
+    let (code, out) = cli(&w, &["status"]);
+    eprintln!("status before damage: {code}\n{out}");
+    // Damage the footer (the structural check reads it).
+    let len = std::fs::metadata(&victim).unwrap().len();
+    xor(&victim, len - 20, 4, 0xff);
+    let (fc, fo) = cli(&w, &["fsck"]);
+    eprintln!("fsck (read-only) after damage: {fc}\n{fo}");
+    let o = recover(&w).await;
+    eprintln!("open salvaged: {:#?}", o.open.segments.salvaged);
+    eprintln!("quarantine: {:?}", w.quarantine_files());
+    let (code, out) = cli(&w, &["status"]);
+    eprintln!("status after start: {code}\n{out}");
+    assert_eq!(o.lost_reported(), 0, "false LOST: {:#?}", o.report.lost);
+    assert_ne!(code, 4, "false LOST in status: {out}");
+}
+
+/// helper-92 F2: a crash between the start's durable loss record and its
+/// flag on the mark (emulated: the mark's previous bytes put back, as a
+/// kill -9 before the mark's pwrite leaves them). The next start recorded
+/// the same loss again (status reported it twice); it now counts the
+/// records already in quarantine/ for the segment.
+#[test]
+fn a_crash_between_a_loss_record_and_the_marks_flag_records_it_once() {
+    let w = World::new();
+    build(&w, 300, 200, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    only_active(&w);
+    let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+    // The acknowledged tail zeroed (items 150..200) and the in-file flush
+    // marks absent: in place, 150 items, the mark says 200.
+    zero(
+        &active,
+        l.item_offset(150) as u64,
+        l.item_offset(200) - l.item_offset(150),
+    );
+    drop_flush_marks(&active);
+    let before = mark_bytes(&w);
+    let g = Some(tierindex::segment::salvage::Geometry {
+        slot_count: SLOTS,
+        item_capacity: ITEMS,
+    });
+    {
+        let dd = open_dd(&w.data);
+        let rec = tierindex::datadir::recover_with_geometry(
+            &dd,
+            tierindex::datadir::Mode::Repair,
+            true,
+            g,
+        )
+        .unwrap();
+        eprintln!("first: {:#?}", rec.report.salvaged);
+    }
+    assert_eq!(records(&w).len(), 1, "{:?}", w.quarantine_files());
+    // kill -9 before the flag reached the mark.
+    std::fs::write(w.data.join("ACKED_ACTIVE"), &before).unwrap();
+    {
+        let dd = open_dd(&w.data);
+        let rec = tierindex::datadir::recover_with_geometry(
+            &dd,
+            tierindex::datadir::Mode::Repair,
+            true,
+            g,
+        )
+        .unwrap();
+        eprintln!("second: {:#?}", rec.report.salvaged);
+    }
+    let (code, out) = cli(&w, &["status"]);
+    eprintln!("status: {code}\n{out}");
+    assert_eq!(
+        records(&w).len(),
+        1,
+        "recorded twice: {:?}",
+        w.quarantine_files()
+    );
+}
+
+/// helper-92 F2: the same window after a salvage (a hole below the in-file flush
+/// mark: salvaged into NNN.seg with a record). Crash before the mark's
+/// flag: the next start sees NNN.seg with 199 items, a mark of 200, and
+/// recorded a shortfall of 1 on top of the salvage's record of 1; the
+/// salvage's record now counts.
+#[test]
+fn a_crash_after_a_salvage_before_the_marks_flag_counts_the_hole_once() {
+    let w = World::new();
+    build(&w, 300, 200, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    only_active(&w);
+    let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+    xor(&active, l.item_offset(100) as u64 + 3, 4, 0x5a);
+    let before = mark_bytes(&w);
+    let g = Some(tierindex::segment::salvage::Geometry {
+        slot_count: SLOTS,
+        item_capacity: ITEMS,
+    });
+    {
+        let dd = open_dd(&w.data);
+        let rec = tierindex::datadir::recover_with_geometry(
+            &dd,
+            tierindex::datadir::Mode::Repair,
+            true,
+            g,
+        )
+        .unwrap();
+        eprintln!("first: {:#?}", rec.report.salvaged);
+    }
+    let (_, out1) = cli(&w, &["status"]);
+    std::fs::write(w.data.join("ACKED_ACTIVE"), &before).unwrap();
+    {
+        let dd = open_dd(&w.data);
+        let rec = tierindex::datadir::recover_with_geometry(
+            &dd,
+            tierindex::datadir::Mode::Repair,
+            true,
+            g,
+        )
+        .unwrap();
+        eprintln!("second: {:#?}", rec.report.salvaged);
+    }
+    let (code, out) = cli(&w, &["status"]);
+    eprintln!("status after first: {out1}\nstatus: {code}\n{out}");
+    assert_eq!(
+        lost_line_count(&out),
+        lost_line_count(&out1),
+        "loss counted twice"
+    );
+}
+
+/// helper-92 F3: power cut: the in-file flush marks never reached the disk (not
+/// synced by design), the ACKED_ACTIVE mark did (200). Then bit rot in
+/// item 199, an acknowledged item (below the mark's count). Start-up takes
+/// it for the one item a kill -9 can tear: reported by that start only,
+/// no record, mark not flagged; the writer went on in the same segment and
+/// every later report was clean although acknowledged entry 499 is gone.
+/// A torn span below the mark's count is damage: now recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_acknowledged_item_damaged_after_a_power_cut_stays_reported() {
+    let w = World::new();
+    build(&w, 300, 200, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    only_active(&w);
+    assert_eq!(read_mark(&w).items, 200);
+    let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+    drop_flush_marks(&active);
+    xor(&active, l.item_offset(199) as u64 + 5, 3, 0x77);
+    // The broker's start, then more entries appended and flushed into the
+    // same (in place) segment, then a kill -9.
+    let cfg = w.config().index_config();
+    {
+        let (mut iw, rep) = IndexWriter::open(open_dd(&w.data), cfg, None, None).unwrap();
+        eprintln!("start report: {:#?}", rep);
+        for o in 500..520 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+    }
+    drop(open_dd(&w.data));
+    eprintln!("quarantine: {:?}", w.quarantine_files());
+    for cmd in ["status", "fsck"] {
+        let (code, out) = cli(&w, &[cmd]);
+        eprintln!("{cmd}: {code}\n{out}");
+    }
+    let o = recover(&w).await;
+    let missing: Vec<u64> = (0..520).filter(|x| !o.found.contains(x)).collect();
+    eprintln!("missing: {missing:?}; report lost: {:#?}", o.report.lost);
+    let (code, out) = cli(&w, &["status"]);
+    assert_eq!(missing, vec![499]);
+    assert_eq!(code, 4, "acknowledged entry 499 lost, status says: {out}");
+}
+
+/// helper-92 F7: a kill -9 right after a roll, before the frozen segment's seal
+/// finished: 2.active (300 acknowledged entries, full) and 3.active (10,
+/// the mark names 3). Then 2.active alone is removed (not together with
+/// the newest, which gap 18 lists). The loss was not reported; the
+/// mark's other slot, the segment's own earlier mark, now judges it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_frozen_active_file_removed_alone_is_reported_lost() {
+    let w = World::new();
+    build(&w, 300, 200, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    only_active(&w);
+    let saved = w.data.parent().unwrap().join("2.active.copy");
+    {
+        let (mut iw, _) =
+            IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
+        for o in 500..600 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+        std::fs::copy(&active, &saved).unwrap();
+        for o in 600..610 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+    }
+    drop(open_dd(&w.data));
+    let m = read_mark(&w);
+    eprintln!("mark {m:?}");
+    // The kill -9 state: the seal of 2 had not finished.
+    let seg2 = w.seg(&format!("{:020}.seg", 2));
+    let _ = std::fs::remove_file(&seg2);
+    std::fs::copy(&saved, &active).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(w.data.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    eprintln!("segments: {names:?}");
+    // Sanity: this state alone is an ordinary crash: nothing lost.
+    let (c, out) = cli(&w, &["status"]);
+    eprintln!("status (ordinary crash state) {c}\n{out}");
+    assert_ne!(c, 4, "{out}");
+    // Damage: the older active file removed.
+    std::fs::remove_file(&active).unwrap();
+    let (c, out) = cli(&w, &["status"]);
+    let (fc, fout) = cli(&w, &["fsck"]);
+    eprintln!("status {c}\n{out}\nfsck {fc}\n{fout}");
+    let o = recover(&w).await;
+    let missing: Vec<u64> = (0..610).filter(|x| !o.found.contains(x)).collect();
+    eprintln!(
+        "missing {} (first {:?}), lost reported {}, unknown {}",
+        missing.len(),
+        missing.first(),
+        o.lost_reported(),
+        o.unknown_loss()
+    );
+    let (c2, out2) = cli(&w, &["status"]);
+    eprintln!("status after {c2}\n{out2}");
+    assert!(
+        o.needs_operator() && c == 4 && c2 == 4,
+        "300 acknowledged entries gone without a LOST"
+    );
+}
+
+/// helper-92 F7: the same state, with 2.active swapped for its own older
+/// copy (200 items; the segment's first mark said 200, its later flushes
+/// 100 more). The first flush of segment 3 now brings the other slot up to
+/// all of segment 2's items (300), so the copy is 100 short: reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_frozen_active_file_swapped_for_an_older_copy_is_reported() {
+    let w = World::new();
+    build(&w, 300, 200, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    only_active(&w);
+    let saved = w.data.parent().unwrap().join("2.active.copy");
+    let older = w.data.parent().unwrap().join("2.active.older");
+    std::fs::copy(&active, &older).unwrap();
+    {
+        let (mut iw, _) =
+            IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
+        for o in 500..600 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+        std::fs::copy(&active, &saved).unwrap();
+        for o in 600..610 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+    }
+    drop(open_dd(&w.data));
+    let m = read_mark(&w);
+    eprintln!("mark {m:?}");
+    // The kill -9 state: the seal of 2 had not finished.
+    let seg2 = w.seg(&format!("{:020}.seg", 2));
+    let _ = std::fs::remove_file(&seg2);
+    std::fs::copy(&saved, &active).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(w.data.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    eprintln!("segments: {names:?}");
+    // Sanity: this state alone is an ordinary crash: nothing lost.
+    let (c, out) = cli(&w, &["status"]);
+    eprintln!("status (ordinary crash state) {c}\n{out}");
+    assert_ne!(c, 4, "{out}");
+    // Damage: the older active file replaced by its own older copy (200
+    // items, its own flush marks say 200), as a restore from a backup.
+    std::fs::copy(&older, &active).unwrap();
+    let (c, out) = cli(&w, &["status"]);
+    let (fc, fout) = cli(&w, &["fsck"]);
+    eprintln!("status {c}\n{out}\nfsck {fc}\n{fout}");
+    let o = recover(&w).await;
+    let missing: Vec<u64> = (0..610).filter(|x| !o.found.contains(x)).collect();
+    eprintln!(
+        "missing {} (first {:?}), lost reported {}, unknown {}",
+        missing.len(),
+        missing.first(),
+        o.lost_reported(),
+        o.unknown_loss()
+    );
+    let (c2, out2) = cli(&w, &["status"]);
+    eprintln!("status after {c2}\n{out2}");
+    assert!(
+        o.needs_operator() && c == 4 && c2 == 4,
+        "100 acknowledged entries (500..600) gone without a LOST"
+    );
+}

@@ -117,6 +117,18 @@ pub fn path(root: &Path) -> PathBuf {
 
 /// Read the mark (at most two slots: a longer file is damage).
 pub fn read(root: &Path) -> Result<Read> {
+    read_both(root).map(|(r, _)| r)
+}
+
+/// [`read`], and the mark before it when it names an older segment and
+/// both are judged: the other slot, one sequence below. A flush of the
+/// newest segment writes its mark while the segment before it (frozen at
+/// the roll) may still wait for its seal: that file removed alone, or
+/// swapped for an older copy, is seen only by this older mark (helper-92
+/// F7). Once that segment is sealed and journaled the journal accounts for
+/// it; any later write of the mark (a newer segment's, a flag) overwrites
+/// the slot.
+pub fn read_both(root: &Path) -> Result<(Read, Option<AckedMark>)> {
     let p = path(root);
     // A directory, FIFO, socket, device or symbolic link in its place (an
     // operator's or a script's mistake): refused here, before anything is
@@ -137,28 +149,34 @@ pub fn read(root: &Path) -> Result<Read> {
             )));
         }
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Read::None, None)),
         Err(e) => return Err(Error::io(&p, "stat the acknowledged-segment mark", e)),
     }
     let bytes = match crate::durable::read_regular(&p, (2 * SLOT) as u64) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Read::None, None)),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            return Ok(Read::Damaged(format!("{}: {e}", p.display())));
+            return Ok((Read::Damaged(format!("{}: {e}", p.display())), None));
         }
         Err(e) => return Err(Error::io(&p, "read the acknowledged-segment mark", e)),
     };
-    let best = bytes
-        .chunks(SLOT)
-        .filter_map(AckedMark::decode)
-        .max_by_key(|m| m.seq);
+    let slots: Vec<AckedMark> = bytes.chunks(SLOT).filter_map(AckedMark::decode).collect();
+    let best = slots.iter().copied().max_by_key(|m| m.seq);
+    let older = best.and_then(|b| {
+        slots.iter().copied().find(|o| {
+            o.seq.wrapping_add(1) == b.seq && o.segment < b.segment && o.judged() && b.judged()
+        })
+    });
     Ok(match best {
-        Some(m) => Read::Mark(m),
-        None => Read::Damaged(format!(
-            "{}: {} bytes, no valid slot (damaged, or not written by tierindex)",
-            p.display(),
-            bytes.len()
-        )),
+        Some(m) => (Read::Mark(m), older),
+        None => (
+            Read::Damaged(format!(
+                "{}: {} bytes, no valid slot (damaged, or not written by tierindex)",
+                p.display(),
+                bytes.len()
+            )),
+            None,
+        ),
     })
 }
 
@@ -194,6 +212,31 @@ impl MarkWriter {
     /// directory too, for the file's name). A failure is `Poisoned`: a
     /// failed sync is never retried.
     pub fn write(&mut self, root: &Path, segment: SegmentId, first_offset: u64, items: u64, flags: u64) -> Result<()> {
+        self.write_with_older(root, segment, first_offset, items, flags, None)
+    }
+
+    /// The last segment marked, if any.
+    pub fn last_segment(&self) -> Option<SegmentId> {
+        self.last.map(|m| m.segment)
+    }
+
+    /// [`write`](Self::write), and in the same `pwrite` the other slot
+    /// rewritten as the mark one sequence below for `older` (segment, first
+    /// offset, items): the segment frozen at the last roll, with the count
+    /// this flush made durable of it. Its first mark counted only its first
+    /// flush; a seal that had not finished left it judged by that count
+    /// alone (helper-92 F7: the file swapped for an older copy lost the
+    /// entries of its later flushes without a word). The two slots keep
+    /// their own CRCs: a torn write leaves the previous content of either.
+    pub fn write_with_older(
+        &mut self,
+        root: &Path,
+        segment: SegmentId,
+        first_offset: u64,
+        items: u64,
+        flags: u64,
+        older: Option<(SegmentId, u64, u64)>,
+    ) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let seq = self.last.map_or(0, |m| m.seq.wrapping_add(1));
         let mark = AckedMark {
@@ -203,6 +246,15 @@ impl MarkWriter {
             items,
             flags,
         };
+        let older = older
+            .filter(|(o, _, _)| *o < segment && seq > 0)
+            .map(|(o, first_offset, items)| AckedMark {
+                seq: seq - 1,
+                segment: o,
+                first_offset,
+                items,
+                flags: 0,
+            });
         let p = path(root);
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -233,9 +285,18 @@ impl MarkWriter {
                 ))
             })?;
         }
-        let at = (seq % 2) * SLOT as u64;
+        let (buf, at) = match older {
+            Some(o) => {
+                let mut b = [0u8; 2 * SLOT];
+                let (i, j) = ((seq % 2) as usize * SLOT, (o.seq % 2) as usize * SLOT);
+                b[i..i + SLOT].copy_from_slice(&mark.encode());
+                b[j..j + SLOT].copy_from_slice(&o.encode());
+                (b.to_vec(), 0)
+            }
+            None => (mark.encode().to_vec(), (seq % 2) * SLOT as u64),
+        };
         crate::durable::at("active.mark.write")
-            .write_all_at(&f, &mark.encode(), at, &p)
+            .write_all_at(&f, &buf, at, &p)
             .map_err(|e| {
                 Error::Poisoned(format!("writing the acknowledged-segment mark {} failed: {e}", p.display()))
             })?;

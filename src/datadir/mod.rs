@@ -754,7 +754,11 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
     let mut out = LocalPending::default();
     // Read before the listing: a segment marked after it is not judged by
     // a listing that could not see its file.
-    let mark = match acked::read(root) {
+    let (read, older) = match acked::read_both(root) {
+        Ok((r, o)) => (Ok(r), o),
+        Err(e) => (Err(e), None),
+    };
+    let mark = match read {
         Ok(acked::Read::Mark(m)) if m.judged() => Some(m),
         Ok(acked::Read::Damaged(why)) => {
             // Metadata, not entries: the next flush of a newer segment
@@ -772,7 +776,11 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
         }
         Ok(_) => None,
     };
+    // The mark before it (the segment frozen at the last roll, whose seal
+    // may not have finished: helper-92 F7), judged for a file gone.
+    let older = older.filter(|_| mark.is_some());
     let mut mark_file = false;
+    let mut older_file = false;
     let dir = root.join(SEGMENTS_DIR);
     let rd = match fs::read_dir(&dir) {
         Ok(rd) => rd,
@@ -822,18 +830,22 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                     }
                     Err(_) => 0,
                 };
-                if let Some(m) = mark.filter(|m| m.segment == id) {
-                    mark_file = true;
-                    if read && n < m.items {
-                        let mut note = recover::acked_loss_note(
-                            &path,
-                            &m,
-                            &format!("its file holds {n} valid entries (cut, emptied or zeroed)"),
-                        );
-                        note.salvaged_items = n;
-                        note.lost_items = m.items - n;
-                        out.acked_lost = Some((id, false, note));
-                    }
+                older_file |= older.is_some_and(|m| m.segment == id);
+                mark_file |= mark.is_some_and(|m| m.segment == id);
+                let judged = mark.filter(|m| m.segment == id).or(older.filter(|m| m.segment == id));
+                if let Some(m) = judged
+                    && read
+                    && n < m.items
+                    && out.acked_lost.is_none()
+                {
+                    let mut note = recover::acked_loss_note(
+                        &path,
+                        &m,
+                        &format!("its file holds {n} valid entries (cut, emptied or zeroed)"),
+                    );
+                    note.salvaged_items = n;
+                    note.lost_items = m.items - n;
+                    out.acked_lost = Some((id, false, note));
                 }
                 if n > 0 {
                     out.unsealed_items += n;
@@ -844,6 +856,7 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                 if mark.is_some_and(|m| m.segment == id) {
                     mark_file = true;
                 }
+                older_file |= older.is_some_and(|m| m.segment == id);
                 if !known(id) {
                     let len = fs::metadata(&path).map_or(0, |m| m.len());
                     out.unjournaled_sealed.push((id.0, len));
@@ -862,6 +875,20 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
             &m,
             "its file is gone from segments/ (removed, or lost with the disk), and the journal \
              never recorded it sealed",
+        );
+        out.acked_lost = Some((m.segment, true, note));
+    }
+    if let Some(m) = older
+        && out.acked_lost.is_none()
+        && !older_file
+        && !known(m.segment)
+    {
+        let path = dir.join(active::active_file_name(m.segment));
+        let note = recover::acked_loss_note(
+            &path,
+            &m,
+            "its file is gone from segments/ (removed, or lost with the disk) before its seal \
+             finished, and the journal never recorded it sealed",
         );
         out.acked_lost = Some((m.segment, true, note));
     }

@@ -225,7 +225,8 @@ pub fn recover_checking(
     // gone, emptied, zeroed or short is a loss of acknowledged entries,
     // not a creation a crash cut short (helper-82 F1). Not once a start-up
     // has recorded that loss.
-    let ack_mark = match acked::read(dir.root())? {
+    let (ack_read, older_mark) = acked::read_both(dir.root())?;
+    let ack_mark = match ack_read {
         acked::Read::Mark(m) => Some(m),
         acked::Read::None => None,
         acked::Read::Damaged(why) => {
@@ -238,7 +239,14 @@ pub fn recover_checking(
         }
     };
     let marked = ack_mark.filter(|m| m.judged());
-    let marked_id = marked.map(|m| m.segment);
+    // The mark before it, of the segment frozen at the last roll whose
+    // seal may not have finished (helper-92 F7): judged the same way.
+    let older_mark = older_mark.filter(|_| marked.is_some());
+    let marked_for = |id: SegmentId| {
+        marked
+            .filter(|m| m.segment == id)
+            .or(older_mark.filter(|m| m.segment == id))
+    };
     // Active segments that passed their check (files are sorted so every
     // `.active` is seen before any `.seg.tmp`).
     let mut accepted_actives: Vec<SegmentId> = Vec::new();
@@ -376,7 +384,7 @@ pub fn recover_checking(
                     // creation had finished, the zeros are damage, and it
                     // may have held acknowledged entries (its own sealed
                     // file, when there is one, holds them all: a leftover).
-                    if let Some(m) = marked.filter(|m| m.segment == *id)
+                    if let Some(m) = marked_for(*id)
                         && !sealed_counts.contains_key(id)
                     {
                         let why = "every byte is zero (or the file is empty), but a flush \
@@ -424,7 +432,7 @@ pub fn recover_checking(
                         s
                     }
                     Err(e @ Error::Corrupt { .. })
-                        if marked_id != Some(*id)
+                        if marked_for(*id).is_none()
                             && bytes
                                 .get(crate::segment::format::HEADER_LEN..)
                                 .is_some_and(|rest| rest.iter().all(|b| *b == 0)) =>
@@ -444,7 +452,7 @@ pub fn recover_checking(
                         continue;
                     }
                     Err(e @ Error::Corrupt { .. }) => {
-                        let note = match marked.filter(|m| m.segment == *id) {
+                        let note = match marked_for(*id) {
                             Some(m) => acked_loss_note(path, &m, &e.to_string()),
                             None => whole_file_loss(path, *id, "active", &e.to_string()),
                         };
@@ -635,7 +643,27 @@ pub fn recover_checking(
         }
     }
     if let Some(m) = marked {
-        check_acked(dir, mode, &files, &sealed_counts, &m, journal_knows, &mut out)?;
+        let older = match older_mark {
+            Some(o) => check_acked(dir, mode, &files, &sealed_counts, &o, journal_knows, &mut out)?,
+            None => false,
+        };
+        let newest = check_acked(dir, mode, &files, &sealed_counts, &m, journal_knows, &mut out)?;
+        // Flagged so that the next start does not record the loss again;
+        // any write of the mark also overwrites the older one's slot.
+        if mode == Mode::Repair && (newest || older) {
+            let flags = if newest {
+                m.flags | acked::FLAG_LOSS_RECORDED
+            } else {
+                m.flags
+            };
+            acked::MarkWriter::new(Some(m)).write(
+                dir.root(),
+                m.segment,
+                m.first_offset,
+                m.items,
+                flags,
+            )?;
+        }
         bump(m.segment, &mut out);
     } else if let Some(m) = ack_mark {
         // Its id is never given out again either.
@@ -802,18 +830,24 @@ fn offset_text(o: u64) -> String {
 /// losses of acknowledged entries: reported by number and, in `Repair`
 /// mode, recorded in `quarantine/` (a record with no file: it keeps
 /// `status`, `fsck` and `drain` at exit 4 until an operator moves it
-/// away), then the mark flagged so that the next start does not record it
-/// again.
+/// away). Returns whether the mark is to be flagged (by the caller), so
+/// that the next start does not record it again.
 ///
 /// The files account for the most items any one of them holds or
 /// reported: the active file's valid items, a sealed file's count, a loss
 /// note's salvaged plus counted lost items. A loss the checks above
 /// already reported (a torn span, a salvage, a quarantined file) counts
 /// only what it counted: a file both torn and cut short is reported for
-/// both, the shortfall in a note of its own (before, any note for the
-/// segment skipped this check and the cut went uncounted). A durable loss
-/// record of the segment written by this start flags the mark too, since
-/// the next start sees only the items kept.
+/// both, the shortfall in a note of its own. Loss records an earlier start
+/// wrote for the segment count too (helper-92 F2: a start killed between
+/// its record and the flag recorded the loss twice at the next).
+///
+/// A torn span below the mark's count is acknowledged entries damaged, not
+/// a tear a kill -9 may leave (the flush that wrote the mark made them
+/// durable): its note, reported by this start only, is recorded too
+/// (helper-92 F3). A segment the journal records with no active file left
+/// is the journal's and the sealed file's checks' to account for (a
+/// committed copy quarantined because the store holds it: helper-92 F1).
 fn check_acked(
     dir: &DataDir,
     mode: Mode,
@@ -822,124 +856,163 @@ fn check_acked(
     m: &acked::AckedMark,
     journal_knows: &dyn Fn(SegmentId) -> bool,
     out: &mut Recovered,
-) -> Result<()> {
+) -> Result<bool> {
     let n = m.segment;
-    let notes: Vec<&LossNote> = out
+    let path = dir.segments_dir().join(active::active_file_name(n));
+    let notes: Vec<LossNote> = out
         .report
         .salvaged
         .iter()
         .filter(|s| s.segment == n.0)
+        .cloned()
         .collect();
-    let recorded = notes
-        .iter()
-        .any(|s| s.is_loss() && s.original_moved_to.is_some());
-    let has_file = files
-        .iter()
-        .any(|(k, _)| matches!(k, Kind::Sealed(i) | Kind::Active(i) if *i == n));
-    let path = dir.segments_dir().join(active::active_file_name(n));
-    let mut note = None;
-    if notes.is_empty() && !has_file {
-        if !journal_knows(n) {
-            note = Some((
-                acked_loss_note(
-                    &path,
-                    m,
-                    "its file is gone from segments/ (removed, or lost with the disk), and the \
-                     journal never recorded it sealed",
-                ),
-                "the active segment's file is gone",
-            ));
+    let mut flag = false;
+    for note in &notes {
+        if !note.is_loss() {
+            continue;
         }
-    } else {
-        let accounted = notes
-            .iter()
-            .map(|s| s.salvaged_items.saturating_add(s.lost_items))
-            .chain(
-                out.report
-                    .actives
-                    .iter()
-                    .filter(|a| a.id == n.0)
-                    .map(|a| u64::from(a.valid_items)),
-            )
-            .chain(sealed_counts.get(&n).map(|(c, _)| *c))
-            .max()
-            .unwrap_or(0);
-        if accounted < m.items {
-            let kept = notes
-                .iter()
-                .map(|s| s.salvaged_items)
-                .chain(
-                    out.report
-                        .actives
-                        .iter()
-                        .filter(|a| a.id == n.0)
-                        .map(|a| u64::from(a.valid_items)),
-                )
-                .chain(sealed_counts.get(&n).map(|(c, _)| *c))
-                .max()
-                .unwrap_or(0);
-            let also = if notes.iter().any(|s| s.is_loss()) {
-                ", beyond the loss reported for it above"
-            } else {
-                ""
-            };
-            note = Some((
-                LossNote {
-                    segment: n.0,
-                    file: path.display().to_string(),
-                    kind: "active".into(),
-                    salvaged_items: kept,
-                    lost_items: m.items - accounted,
-                    lost: Vec::new(),
-                    unknown_loss: Some(format!(
-                        "a flush acknowledged {} entries of this segment (ACKED_ACTIVE), but its \
-                         files account for {accounted}: the file was cut or zeroed after \
-                         (damage), and at least {} are LOST{also}",
-                        m.items,
-                        m.items - accounted
-                    )),
-                    header_rebuilt: false,
-                    tail_removed: None,
-                    sealed_as: None,
-                    original_moved_to: None,
-                },
-                "the active segment holds fewer entries than a flush acknowledged",
-            ));
-        }
-    }
-    let mut flag = recorded;
-    if let Some((mut note, reason)) = note {
-        tracing::error!("acknowledged entries lost: {}", note.line());
-        if mode == Mode::Repair {
+        if note.original_moved_to.is_some() {
+            flag = true;
+        } else if mode == Mode::Repair && note.lost.iter().any(|s| u64::from(s.first_index) < m.items) {
             let dst = quarantine_name(dir, &path);
-            note.original_moved_to = None;
             write_record(
                 &dst,
                 &QuarantineRecord {
                     original: path.display().to_string(),
                     moved_to: dst.display().to_string(),
-                    reason: format!(
-                        "{reason} (no file was moved: this record alone keeps the loss \
-                         reported; move it out of quarantine/ once the loss is dealt with)"
-                    ),
+                    reason: "items a flush acknowledged (ACKED_ACTIVE) do not verify: damage, not \
+                             a tear a crash may leave (no file was moved: this record alone keeps \
+                             the loss reported; move it out of quarantine/ once the loss is dealt \
+                             with)"
+                        .into(),
                     at_ms: now_ms(),
                     loss: Some(note.clone()),
                 },
             )?;
+            flag = true;
         }
-        out.report.salvaged.push(note);
-        flag = true;
     }
-    if flag && mode == Mode::Repair {
-        acked::MarkWriter::new(Some(*m)).write(
-            dir.root(),
-            n,
-            m.first_offset,
-            m.items,
-            m.flags | acked::FLAG_LOSS_RECORDED,
+    let has_file = files
+        .iter()
+        .any(|(k, _)| matches!(k, Kind::Sealed(i) | Kind::Active(i) if *i == n));
+    let has_active = files
+        .iter()
+        .any(|(k, _)| matches!(k, Kind::Active(i) if *i == n));
+    let (accounted, kept, why) = if notes.is_empty() && !has_file {
+        if journal_knows(n) {
+            return Ok(flag);
+        }
+        (
+            0,
+            0,
+            "its file is gone from segments/ (removed, or lost with the disk), and the journal \
+             never recorded it sealed",
+        )
+    } else {
+        if !has_active && journal_knows(n) {
+            return Ok(flag);
+        }
+        let actives = || {
+            out.report
+                .actives
+                .iter()
+                .filter(|a| a.id == n.0)
+                .map(|a| u64::from(a.valid_items))
+        };
+        let sealed = sealed_counts.get(&n).map(|(c, _)| *c);
+        let accounted = notes
+            .iter()
+            .map(|s| s.salvaged_items.saturating_add(s.lost_items))
+            .chain(actives())
+            .chain(sealed)
+            .max()
+            .unwrap_or(0);
+        let kept = notes
+            .iter()
+            .map(|s| s.salvaged_items)
+            .chain(actives())
+            .chain(sealed)
+            .max()
+            .unwrap_or(0);
+        (accounted, kept, "")
+    };
+    if accounted >= m.items {
+        return Ok(flag);
+    }
+    // Records an earlier start wrote for this segment (ids are never given
+    // out again: every record naming it is about it): the most items any
+    // kept, plus every item they counted lost.
+    let (prior_kept, prior_lost) = crate::datadir::quarantine_records(dir.root())
+        .into_iter()
+        .filter_map(|(_, r)| r.loss)
+        .filter(|l| l.segment == n.0 && l.is_loss())
+        .fold((0u64, 0u64), |(k, l), note| {
+            (k.max(note.salvaged_items), l.saturating_add(note.lost_items))
+        });
+    let accounted = accounted.max(prior_kept.saturating_add(prior_lost));
+    if accounted >= m.items {
+        tracing::warn!(
+            segment = n.0,
+            "the loss of acknowledged entries of this segment was recorded in quarantine/ by an \
+             earlier start (not recorded again)"
+        );
+        return Ok(true);
+    }
+    let mut note = if has_file || !notes.is_empty() {
+        let also = if notes.iter().any(|s| s.is_loss()) || prior_lost > 0 {
+            ", beyond the loss reported for it above"
+        } else {
+            ""
+        };
+        LossNote {
+            segment: n.0,
+            file: path.display().to_string(),
+            kind: "active".into(),
+            salvaged_items: kept,
+            lost_items: m.items - accounted,
+            lost: Vec::new(),
+            unknown_loss: Some(format!(
+                "a flush acknowledged {} entries of this segment (ACKED_ACTIVE), but its files \
+                 account for {accounted}: the file was cut or zeroed after (damage), and at \
+                 least {} are LOST{also}",
+                m.items,
+                m.items - accounted
+            )),
+            header_rebuilt: false,
+            tail_removed: None,
+            sealed_as: None,
+            original_moved_to: None,
+        }
+    } else {
+        let mut note = acked_loss_note(&path, m, why);
+        note.lost_items = m.items - accounted;
+        note
+    };
+    let reason = if has_file || !notes.is_empty() {
+        "the active segment holds fewer entries than a flush acknowledged"
+    } else {
+        "the active segment's file is gone"
+    };
+    tracing::error!("acknowledged entries lost: {}", note.line());
+    if mode == Mode::Repair {
+        let dst = quarantine_name(dir, &path);
+        note.original_moved_to = None;
+        write_record(
+            &dst,
+            &QuarantineRecord {
+                original: path.display().to_string(),
+                moved_to: dst.display().to_string(),
+                reason: format!(
+                    "{reason} (no file was moved: this record alone keeps the loss reported; \
+                     move it out of quarantine/ once the loss is dealt with)"
+                ),
+                at_ms: now_ms(),
+                loss: Some(note.clone()),
+            },
         )?;
     }
-    Ok(())
+    out.report.salvaged.push(note);
+    Ok(true)
 }
 
 /// Quarantine `path` with its loss note (and its record), and report both.

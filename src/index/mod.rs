@@ -645,8 +645,17 @@ impl IndexWriter {
             return Ok(());
         }
         let root = self.dd.root().to_path_buf();
+        // The segment marked before, frozen at a roll and not sealed yet:
+        // its count brought up to all its items (every one made durable
+        // by this flush's `flush_frozen_all`), in the mark's other slot.
+        let older = self
+            .acked
+            .last_segment()
+            .filter(|o| *o < id)
+            .and_then(|o| self.frozen.get(&o))
+            .map(|f| (f.id(), f.first_offset().unwrap_or(u64::MAX), u64::from(f.len())));
         self.acked
-            .write(&root, id, first.unwrap_or(u64::MAX), u64::from(items), 0)
+            .write_with_older(&root, id, first.unwrap_or(u64::MAX), u64::from(items), 0, older)
             .inspect_err(|e| self.poison.set_err(e))
     }
 
