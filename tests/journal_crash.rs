@@ -60,8 +60,17 @@ struct Model {
 
 impl Model {
     fn without_released(&self) -> Model {
+        // Compaction keeps the newest Released segment (the evidence of
+        // what was committed, helper-88), and drops the others.
         let mut m = self.clone();
-        m.segs.retain(|_, r| r.state != SegmentState::Released);
+        let newest = m
+            .segs
+            .values()
+            .rev()
+            .find(|r| r.state == SegmentState::Released)
+            .map(|r| r.meta.id);
+        m.segs
+            .retain(|_, r| r.state != SegmentState::Released || Some(r.meta.id) == newest);
         m
     }
 

@@ -5,7 +5,8 @@
 //! `docs/format/journal.md`):
 //! 1. write `journal.log.tmp`: header (generation + 1), one `MaxId` and one
 //!    `MaxOffset` frame, one `Snapshot` frame per segment that is not
-//!    Released;
+//!    Released, and one for the newest Released segment (the journal's
+//!    evidence of what was committed, helper-88);
 //!    crash: tmp partial or whole, `journal.log` untouched; open removes tmp.
 //! 2. fsync the tmp, then read it back frame by frame ([`check_written`]):
 //!    it must replay to exactly the state we meant to write (pair
@@ -27,7 +28,7 @@ use std::io;
 use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use super::record::{Frame, JournalState, SegmentState};
+use super::record::{Frame, JournalState};
 use super::replay::{FORMAT_VERSION, FrameReader, encode_frame, encode_header};
 use super::TMP_FILE;
 use crate::error::{Error, Result};
@@ -42,7 +43,7 @@ pub(super) fn remove_tmp(dir: &Path) -> Result<bool> {
     }
 }
 
-/// Writes `state` less its Released segments as a complete, fsynced journal
+/// Writes `state` less its Released segments (but the newest) as a complete, fsynced journal
 /// file at `dir/journal.log.tmp`, checks it by reading it back, and returns
 /// it open read-write with its length and the number of segments written.
 ///
@@ -123,8 +124,9 @@ pub(super) fn snapshot_len(state: &JournalState) -> Result<u64> {
     }
     let mut count = Count(0);
     let mut frames = 0u64;
+    let newest = state.newest_released();
     for r in state.segments().values() {
-        if r.state == SegmentState::Released {
+        if !JournalState::kept_by_compaction(r, newest) {
             continue;
         }
         serde_json::to_writer(&mut count, &SnapshotRef::Snapshot(r))
@@ -137,24 +139,25 @@ pub(super) fn snapshot_len(state: &JournalState) -> Result<u64> {
 
 /// The frames a compaction of `state` writes after the header, in order:
 /// `MaxId`, `MaxOffset`, then one `Snapshot` per segment that is not
-/// Released, by id.
+/// Released and for the newest Released one, by id.
 fn snapshot_frames(state: &JournalState) -> impl Iterator<Item = Frame> + '_ {
     [
         Frame::MaxId(state.max_segment_id()),
         Frame::MaxOffset(state.max_offset()),
     ]
     .into_iter()
-    .chain(
+    .chain({
+        let newest = state.newest_released();
         state
             .segments()
             .values()
-            .filter(|r| r.state != SegmentState::Released)
-            .map(|r| Frame::Snapshot(Box::new(r.clone()))),
-    )
+            .filter(move |r| JournalState::kept_by_compaction(r, newest))
+            .map(|r| Frame::Snapshot(Box::new(r.clone())))
+    })
 }
 
 /// Pair assertion: the file just written must replay to exactly the state
-/// it was written from (less Released segments), to the byte, or it never
+/// it was written from (less Released segments but the newest), to the byte, or it never
 /// replaces the journal. Read back one frame at a time through the decoder
 /// replay uses: the header of `generation` in the current format, exactly
 /// the frames of [`snapshot_frames`] and nothing after them. Replay loads
@@ -222,7 +225,7 @@ fn check_written(
 mod tests {
     use super::*;
     use crate::journal::Journal;
-    use crate::journal::record::Record;
+    use crate::journal::record::{Record, SegmentState};
     use crate::journal::record::tests::{happy_path, meta, uploading};
     use crate::journal::{JournalOptions, journal_dir, log_path};
     use crate::segment::SegmentId;
@@ -261,12 +264,14 @@ mod tests {
         let mut j = open(tmp.path(), u64::MAX);
         fill(&mut j);
         let before_len = j.file_len();
+        // The newest Released segment (20) is kept, the others dropped.
         let live: Vec<_> = j
             .segments()
             .values()
-            .filter(|r| r.state != SegmentState::Released)
+            .filter(|r| r.state != SegmentState::Released || r.meta.id == SegmentId(20))
             .cloned()
             .collect();
+        assert_eq!(live.len(), 4);
         j.compact().unwrap();
         assert!(
             j.file_len() < before_len / 4,
@@ -285,7 +290,7 @@ mod tests {
         drop(j);
         let (j, report) = Journal::open(tmp.path(), JournalOptions::default()).unwrap();
         assert_eq!(j.view(), &in_memory);
-        assert_eq!(report.snapshot_segments, 3);
+        assert_eq!(report.snapshot_segments, 4);
         assert_eq!(report.records_replayed, 1);
         assert_eq!(report.generation, 2);
         assert_eq!(
@@ -298,14 +303,54 @@ mod tests {
     fn compacting_everything_away_keeps_max_id() {
         let tmp = tempfile::tempdir().unwrap();
         let mut j = open(tmp.path(), u64::MAX);
+        j.append(&happy_path(6)).unwrap();
         j.append(&happy_path(7)).unwrap();
         j.compact().unwrap();
         drop(j);
         let (mut j, _) = Journal::open(tmp.path(), JournalOptions::default()).unwrap();
-        assert!(j.segments().is_empty());
+        // Only the newest Released segment is kept (helper-88).
+        assert_eq!(j.segments().keys().copied().collect::<Vec<_>>(), [SegmentId(7)]);
+        assert_eq!(j.segments()[&SegmentId(7)].state, SegmentState::Released);
         assert_eq!(j.max_segment_id(), Some(SegmentId(7)));
         assert!(j.append(&[Record::Sealed { meta: meta(7) }]).is_err());
         j.append(&[Record::Sealed { meta: meta(8) }]).unwrap();
+    }
+
+    /// helper-88: compaction keeps the newest Released segment's record,
+    /// the journal's evidence of what was committed once the older ones
+    /// are dropped, as a snapshot of record version 4 (an older build
+    /// refuses it as newer instead of reading it as damage); a later
+    /// release moves it on, so the journal keeps one such record.
+    #[test]
+    fn compaction_keeps_the_newest_released_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut j = open(tmp.path(), u64::MAX);
+        for id in 1..=3 {
+            j.append(&happy_path(id)).unwrap();
+        }
+        let newest = j.get(SegmentId(3)).unwrap().clone();
+        j.compact().unwrap();
+        assert_eq!(j.segments().values().collect::<Vec<_>>(), [&newest]);
+        assert_eq!(
+            j.view.state.state_counts().get(&SegmentState::Released),
+            Some(&1)
+        );
+        let bytes = std::fs::read(log_path(tmp.path())).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains(r#"{"v":4,"Snapshot":"#), "{text}");
+        assert!(text.contains(r#""state":"Released""#), "{text}");
+        let in_memory = j.view().clone();
+        drop(j);
+        let (mut j, report) = Journal::open(tmp.path(), JournalOptions::default()).unwrap();
+        assert_eq!(j.view(), &in_memory);
+        assert_eq!(report.snapshot_segments, 1);
+        j.append(&happy_path(4)).unwrap();
+        j.compact().unwrap();
+        assert_eq!(j.segments().keys().copied().collect::<Vec<_>>(), [SegmentId(4)]);
+        assert_eq!(j.view.state.live_segments(), 1);
+        drop(j);
+        let (j, _) = Journal::open(tmp.path(), JournalOptions::default()).unwrap();
+        assert_eq!(j.segments().keys().copied().collect::<Vec<_>>(), [SegmentId(4)]);
     }
 
     #[test]
@@ -367,7 +412,8 @@ mod tests {
         assert!(j.maybe_compact().unwrap(), "8 of 10 released");
         let after = j.file_len();
         assert!(after < backlog, "{after} vs {backlog}");
-        assert_eq!(j.segments().len(), 2);
+        // The two pending, and the newest released (8).
+        assert_eq!(j.segments().len(), 3);
         assert!(
             !j.maybe_compact().unwrap(),
             "no rewrite until the file doubles"

@@ -468,10 +468,18 @@ fn rebuild_locked(data_dir: &Path) -> Result<RebuildReport> {
         }
     }
 
+    // As a compaction: the newest Released segment is kept (the evidence
+    // of what was committed, helper-88), the others dropped.
+    let newest = fold
+        .segments
+        .values()
+        .rev()
+        .find(|r| r.state == SegmentState::Released)
+        .map(|r| r.meta.id);
     let state = JournalState::from_parts(
         fold.segments
             .into_iter()
-            .filter(|(_, r)| r.state != SegmentState::Released)
+            .filter(|(_, r)| JournalState::kept_by_compaction(r, newest))
             .collect(),
         fold.max_id,
         fold.max_offset,

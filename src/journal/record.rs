@@ -471,14 +471,11 @@ impl JournalState {
         st
     }
 
-    /// Loads a compaction snapshot of one segment. Only used by replay.
+    /// Loads a compaction snapshot of one segment. Only used by replay. A
+    /// Released one (record version 4) is the newest released segment a
+    /// compaction kept ([`Self::kept_by_compaction`]).
     pub(crate) fn load_snapshot(&mut self, rec: SegmentRecord) -> std::result::Result<(), String> {
         let id = rec.meta.id;
-        if rec.state == SegmentState::Released {
-            return Err(format!(
-                "snapshot of segment {id} is Released; compaction drops those"
-            ));
-        }
         if self.segments.contains_key(&id) {
             return Err(format!("second snapshot of segment {id}"));
         }
@@ -526,7 +523,8 @@ impl JournalState {
         }
     }
 
-    /// Segments a compaction keeps: all but the Released ones.
+    /// Segments a compaction keeps: all but the Released ones, and the
+    /// newest of those ([`Self::kept_by_compaction`]).
     pub fn live_segments(&self) -> u64 {
         let released = self
             .ix
@@ -534,25 +532,59 @@ impl JournalState {
             .get(&SegmentState::Released)
             .copied()
             .unwrap_or(0);
-        (self.segments.len() as u64).saturating_sub(released)
+        (self.segments.len() as u64)
+            .saturating_sub(released)
+            .saturating_add(u64::from(released > 0))
     }
 
-    /// Forgets the Released segments, in place: what a compaction that
-    /// succeeded leaves (the max id and offset are kept). Released segments
-    /// are in no index but the per-state count.
+    /// The highest id in state Released, if any: a walk down from the
+    /// highest id to the first Released one (compaction's cost, which
+    /// walks every segment anyway).
+    pub fn newest_released(&self) -> Option<SegmentId> {
+        if !self.ix.by_state.contains_key(&SegmentState::Released) {
+            return None;
+        }
+        self.segments
+            .values()
+            .rev()
+            .find(|r| r.state == SegmentState::Released)
+            .map(|r| r.meta.id)
+    }
+
+    /// Whether a compaction keeps `r`: every segment that is not Released,
+    /// and the newest Released one (`newest`, from
+    /// [`Self::newest_released`]). That one record is the journal's
+    /// evidence of what was committed (helper-88): a store restored from
+    /// an older backup that lost it (and the segments released before it,
+    /// whose records are gone) is still reported as a loss of committed
+    /// entries after any number of compactions, instead of every command
+    /// saying clean.
+    pub fn kept_by_compaction(r: &SegmentRecord, newest: Option<SegmentId>) -> bool {
+        r.state != SegmentState::Released || Some(r.meta.id) == newest
+    }
+
+    /// Forgets the Released segments but the newest, in place: what a
+    /// compaction that succeeded leaves (the max id and offset are kept).
+    /// Released segments are in no index but the per-state count.
     pub(crate) fn drop_released(&mut self) {
-        self.ix.by_state.remove(&SegmentState::Released);
-        self.segments.retain(|_, r| r.state != SegmentState::Released);
+        let newest = self.newest_released();
+        if newest.is_some() {
+            self.ix.by_state.insert(SegmentState::Released, 1);
+        }
+        self.segments
+            .retain(|_, r| Self::kept_by_compaction(r, newest));
     }
 
-    /// The state a compaction keeps: everything but Released segments.
+    /// The state a compaction keeps: everything but Released segments,
+    /// and the newest of those.
     #[cfg(any(test, feature = "testing"))]
     pub fn without_released(&self) -> JournalState {
+        let newest = self.newest_released();
         let mut st = JournalState {
             segments: self
                 .segments
                 .iter()
-                .filter(|(_, r)| r.state != SegmentState::Released)
+                .filter(|(_, r)| Self::kept_by_compaction(r, newest))
                 .map(|(id, r)| (*id, r.clone()))
                 .collect(),
             max_segment_id: self.max_segment_id,
@@ -1100,10 +1132,11 @@ pub(crate) mod tests {
             rejected(&st, &[Record::Sealed { meta: meta(3) }]),
             "below max"
         );
-        // Forgotten by compaction, still never reused.
+        // Forgotten by compaction (but the newest Released segment, kept:
+        // helper-88), still never reused.
         st.apply(&happy_path(5)[1..]).unwrap();
         let st = st.without_released();
-        assert!(st.segments().is_empty());
+        assert_eq!(st.segments().keys().copied().collect::<Vec<_>>(), [SegmentId(5)]);
         assert_eq!(st.max_segment_id(), Some(SegmentId(5)));
         assert!(rejected(&st, &[Record::Sealed { meta: meta(5) }]));
         assert!(st.stage(&[Record::Sealed { meta: meta(6) }]).is_ok());

@@ -37,13 +37,15 @@ pub const FORMAT_VERSION_MIN: u16 = 1;
 /// The highest record (frame payload) version this build reads and writes
 /// (see [`frame_version`] for which frames get it). A frame of a higher
 /// version is refused, never cut.
-pub const RECORD_VERSION: u16 = 3;
+pub const RECORD_VERSION: u16 = 4;
 
 /// The record version a frame is written with: the lowest that holds it, so
 /// a journal that never held a newer record stays readable by an older
 /// build. Version 2 added [`Record::Requeued`]; version 3 added
 /// [`Record::Resealing`] and [`Record::Resealed`] (and snapshots of segments
-/// in those states, which an older build would take for quarantined).
+/// in those states, which an older build would take for quarantined);
+/// version 4 a snapshot of a Released segment (the newest one, which
+/// compaction keeps: an older build refused it as damage).
 fn frame_version(frame: &Frame) -> u16 {
     use super::record::SegmentState as S;
     let record = |r: &Record| match r {
@@ -53,6 +55,7 @@ fn frame_version(frame: &Frame) -> u16 {
     };
     match frame {
         Frame::Batch(recs) => recs.iter().map(record).max().unwrap_or(1),
+        Frame::Snapshot(r) if r.state == S::Released => 4,
         Frame::Snapshot(r) if matches!(r.state, S::Resealing | S::Resealed) => 3,
         _ => 1,
     }

@@ -563,8 +563,10 @@ fn log_tail(log: &Path, report: &ReplayReport) {
 // Compaction (the file it writes is compact.rs's).
 impl Journal {
     /// Rewrites the journal as a snapshot of the live state: every segment
-    /// except Released ones, plus the max id ever seen. The state visible
-    /// through `get`/`segments` loses only the Released segments.
+    /// except Released ones (but the newest of those, kept as the evidence
+    /// of what was committed), plus the max id and offset ever seen. The
+    /// state visible through `get`/`segments` loses only those Released
+    /// segments.
     pub fn compact(&mut self) -> Result<()> {
         self.check_poisoned()?;
         let generation = self.view.generation + 1;
@@ -1051,7 +1053,8 @@ mod tests {
         j.append(&[Record::Sealed { meta: meta(12) }]).unwrap();
         j.append(&happy_path(12)[1..]).unwrap();
         j.compact().unwrap();
-        assert_eq!(j.segments().len(), 1);
+        // 9, and 12: the newest Released segment is kept.
+        assert_eq!(j.segments().len(), 2);
         assert_eq!(
             Journal::max_segment_id_on_disk(tmp.path()).unwrap(),
             Some(SegmentId(12))
