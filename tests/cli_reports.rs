@@ -440,3 +440,106 @@ fn a_loss_to_a_restored_store_is_named_and_can_be_accepted() {
     }
     assert_eq!(objects(), before, "nothing deleted");
 }
+
+/// helper-88: the loss of the test above, once the journal was compacted
+/// before anyone ran reconcile. Compaction dropped every `Released`
+/// record (all four segments were released), so the journal held nothing
+/// of the segments the restored store lost: `status`, `verify`, `drain`
+/// and `reconcile` all said 0 while 400 committed entries were gone.
+/// Compaction now keeps the newest released segment's record: the loss
+/// is reported (exit 4) by that segment's entries and offsets, with the
+/// offsets below it that the compacted-out segments held (neither the
+/// manifest nor the store holds them), and the acceptance printed works.
+#[test]
+fn a_loss_to_a_restored_store_is_named_after_the_journal_was_compacted() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("cfg.toml");
+    std::fs::write(&cfg, "release_after_commit = true\n").unwrap();
+    let c = cfg.to_str().unwrap();
+    let demo = |entries: &str| {
+        let o = run(
+            d.path(),
+            &[
+                "demo",
+                "--config",
+                c,
+                "--segment-items",
+                "200",
+                "--slots",
+                "16",
+                "--entries",
+                entries,
+                "--rate",
+                "1000000",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    };
+    demo("400");
+    let (store, backup) = (d.path().join("store"), d.path().join("backup"));
+    copy_tree(&store, &backup);
+    demo("400");
+    // The journal compacted (as the broker's committer does once it is
+    // large enough) before the store is restored.
+    {
+        let (mut j, _) =
+            tierindex::journal::Journal::open(&d.path().join("data"), Default::default()).unwrap();
+        let ids: Vec<_> = j.segments().keys().copied().collect();
+        assert_eq!(ids.len(), 4, "{ids:?}");
+        j.compact().unwrap();
+        // Segments 1 to 3 (offsets 0..=599) are gone from the journal
+        // (the old code dropped the fourth too).
+        assert!(ids[..3].iter().all(|id| j.get(*id).is_none()));
+    }
+    std::fs::remove_dir_all(&store).unwrap();
+    copy_tree(&backup, &store);
+    let objects = || {
+        std::fs::read_dir(store.join("stream-0/segments"))
+            .unwrap()
+            .count()
+    };
+    let before = objects();
+
+    for args in [&["status", "--remote"][..], &["verify"], &["drain"]] {
+        let o = run(d.path(), &[args, &["--config", c]].concat());
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+    }
+    let o = run(d.path(), &["reconcile", "--config", c]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("its 200 entries, offsets 600..=799"), "{out}");
+    assert!(out.contains("offsets 400..=599"), "{out}");
+    let next = out
+        .lines()
+        .find(|l| l.starts_with("next: 1 segment(s) LOST"))
+        .unwrap_or_else(|| panic!("no advice: {out}"));
+    let start = next.find("`tierindex reconcile --repair --deep").unwrap() + 1;
+    let cmd = &next[start..start + next[start..].find('`').unwrap()];
+
+    let o = run(d.path(), &["reconcile", "--repair", "--config", c]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("marked LOST"), "{}", text(&o));
+    let o = run(d.path(), &["status", "--remote", "--config", c]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+
+    let mut accept: Vec<&str> = cmd.split_whitespace().skip(1).collect();
+    let last = accept.len() - 1;
+    accept[last] = "restored from the backup of the day before";
+    accept.extend(["--config", c]);
+    let o = run(d.path(), &accept);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for args in [
+        &["status", "--remote"][..],
+        &["verify"],
+        &["reconcile", "--deep"],
+        &["drain"],
+    ] {
+        let o = run(d.path(), &[args, &["--config", c]].concat());
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        // The accepted loss names the offsets below the kept segment too.
+        if args[0] == "reconcile" {
+            assert!(text(&o).contains("400..=599"), "{}", text(&o));
+        }
+    }
+    assert_eq!(objects(), before, "nothing deleted");
+}

@@ -12,7 +12,7 @@ impl Run<'_> {
         let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
         let version = self.manifest.as_ref().map_or(0, |m| m.version);
         // (this finding, rule 1's LOST finding, the record): see `list_lost`.
-        let mut lost: Vec<(usize, usize, SegmentRecord)> = Vec::new();
+        let mut lost: Vec<(usize, usize, SegmentRecord, Option<String>)> = Vec::new();
         for r in self.view.segments().values() {
             if !matches!(r.state, SegmentState::Committed | SegmentState::Released) {
                 continue;
@@ -71,7 +71,11 @@ impl Run<'_> {
                      are LOST",
                     r.meta.item_count, r.meta.min_offset, r.meta.max_offset
                 ));
-                lost.push((self.findings.len(), p, r.clone()));
+                let below = self.compacted_out_below(r);
+                if let Some(b) = &below {
+                    f.detail.push_str(&format!("; {b}"));
+                }
+                lost.push((self.findings.len(), p, r.clone(), below));
             } else if !self.object_ok(&k, r.meta.file_len) {
                 f.action = "none: its object is not in place (see above); not committed".into();
             } else if !cfg.manifest {
@@ -85,8 +89,8 @@ impl Run<'_> {
             }
             self.findings.push(f);
         }
-        for (at, lost_at, r) in lost {
-            self.list_lost(at, lost_at, &r)?;
+        for (at, lost_at, r, below) in lost {
+            self.list_lost(at, lost_at, &r, below.as_deref())?;
         }
         // `--deep` reads the bodies of the entries rule 1 did not (the
         // journal no longer records them: released and compacted away, or
@@ -303,7 +307,13 @@ impl Run<'_> {
     /// stays until then. Nothing is listed while a file under its name may
     /// hold its bytes, with `store_override` (the journal's commits may be
     /// another store's), or with `manifest = false`.
-    fn list_lost(&mut self, at: usize, lost_at: usize, r: &SegmentRecord) -> Result<()> {
+    fn list_lost(
+        &mut self,
+        at: usize,
+        lost_at: usize,
+        r: &SegmentRecord,
+        below: Option<&str>,
+    ) -> Result<()> {
         let (store, stream, cfg, opts) = (self.store, self.stream, self.cfg, self.opts);
         let id = r.meta.id;
         let action = if let Some(local) = local_files_named(&self.seg_dir, id).first() {
@@ -331,11 +341,14 @@ impl Run<'_> {
             )
         } else {
             let e = SegmentEntry::new(store, stream, &r.meta)?;
-            let reason = format!(
+            let mut reason = format!(
                 "committed (journal: {:?}), not in the manifest (rolled back or restored), \
                  object and local copy gone: {} entries, offsets {}..={}",
                 r.state, r.meta.item_count, r.meta.min_offset, r.meta.max_offset
             );
+            if let Some(b) = below {
+                reason.push_str(&format!("; {b}"));
+            }
             let note = DamageNote::new(&e, &reason, true, crate::segment::now_ms());
             if opts.accept_loss.contains(&id) {
                 self.accepts.push((id, e.key.clone()));
@@ -350,6 +363,62 @@ impl Run<'_> {
             f.action = action;
         }
         Ok(())
+    }
+
+    /// For a Released segment `r` that rule 2a found LOST: the segments
+    /// below it that compaction dropped from the journal (it keeps only the
+    /// newest Released record, helper-88), when neither the manifest, the
+    /// journal nor the listing has any of them. The ids between the highest
+    /// one known below `r` (a manifest entry, a journal record or a listed
+    /// object) and `r` are then unaccounted for, and so are the offsets
+    /// between the highest known below `r`'s first offset and it: the
+    /// entries there were committed and released before `r` (its release
+    /// came after their commit) and nothing holds them now. Their count is
+    /// not known (their records are gone), so they are named by offsets.
+    /// `None` when there is no such gap of both ids and offsets (ids skip
+    /// with a reseal or a new owner's id floor; offsets a broker skipped
+    /// were never entries), or when a listed object falls in it (rule 2d
+    /// commits it again; the next run judges what is left).
+    fn compacted_out_below(&self, r: &SegmentRecord) -> Option<String> {
+        let (id, first) = (r.meta.id, r.meta.min_offset);
+        // The highest id known below `r`, and the highest last offset below
+        // its first (one pass, nothing collected).
+        let (mut lo_id, mut lo_off) = (0u64, None::<u64>);
+        let journaled = self.view.segments().range(..id).map(|(i, x)| {
+            (*i, x.meta.item_count, x.meta.max_offset)
+        });
+        let listed = self
+            .m_entries
+            .range(..id)
+            .map(|(i, e)| (*i, e.item_count, e.max_offset));
+        for (i, count, last) in journaled.chain(listed) {
+            lo_id = lo_id.max(i.0);
+            if count > 0 && last < first {
+                lo_off = lo_off.max(Some(last));
+            }
+        }
+        if self.ours.values().any(|o| o.id.0 > lo_id && o.id < id) || lo_id + 1 >= id.0 {
+            return None;
+        }
+        if first == 0 || lo_off.is_some_and(|o| o + 1 >= first) {
+            return None;
+        }
+        let offsets = match lo_off {
+            Some(o) => format!("offsets {}..={}", o + 1, first - 1),
+            None => format!("offsets below {first}"),
+        };
+        let ids = if lo_id == 0 {
+            format!("an id below {}", id.0)
+        } else {
+            format!("an id between {lo_id} and {}", id.0)
+        };
+        Some(format!(
+            "below it, the journal no longer records the segments released before it \
+             (compacted out of it), neither the manifest nor the store lists a segment with \
+             {ids}, and no entry the manifest or the journal records holds {offsets}: the \
+             committed entries there are most likely LOST too (how many is not known: their \
+             records are gone)"
+        ))
     }
 
     /// Rule 3: no manifest. With `manifest = true` and segment objects
