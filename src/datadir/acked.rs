@@ -343,6 +343,30 @@ mod tests {
         assert!(matches!(read(d.path()).unwrap(), Read::Damaged(_)));
     }
 
+    /// The older mark: the other slot, one sequence below, an older
+    /// segment, neither flagged; rewritten with a full count in the same
+    /// write as a newer segment's mark, and gone after any later write.
+    #[test]
+    fn the_older_slot_is_read_and_rewritten_with_the_frozen_count() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = MarkWriter::new(None);
+        w.write(d.path(), SegmentId(2), 100, 200, 0).unwrap();
+        assert_eq!(read_both(d.path()).unwrap().1, None);
+        w.write_with_older(d.path(), SegmentId(3), 400, 10, 0, Some((SegmentId(2), 100, 300)))
+            .unwrap();
+        let (Read::Mark(m), Some(o)) = read_both(d.path()).unwrap() else { panic!() };
+        assert_eq!((m.segment, m.items, m.seq), (SegmentId(3), 10, 1));
+        assert_eq!((o.segment, o.first_offset, o.items, o.seq), (SegmentId(2), 100, 300, 0));
+        // Not an older segment: not handed back.
+        w.write_with_older(d.path(), SegmentId(4), 500, 1, 0, Some((SegmentId(4), 0, 9)))
+            .unwrap();
+        let (Read::Mark(m), o) = read_both(d.path()).unwrap() else { panic!() };
+        assert_eq!((m.segment, o.map(|o| o.segment)), (SegmentId(4), Some(SegmentId(3))));
+        // The newest flagged: nothing older is judged.
+        w.write(d.path(), SegmentId(4), 500, 1, FLAG_LOSS_RECORDED).unwrap();
+        assert_eq!(read_both(d.path()).unwrap().1, None);
+    }
+
     /// helper-89 F3: a file longer than its two slots stayed unreadable
     /// for ever (the writer rewrote a slot, never the length).
     #[test]
