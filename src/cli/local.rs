@@ -71,7 +71,19 @@ pub(crate) fn add_local(
         let journaled = gone
             && crate::journal::Journal::max_segment_id_on_disk(data_dir)
                 .map_or(true, |max| max.is_some_and(|m| id <= m));
-        if !journaled {
+        // Or its file is there after all: a listing that raced a running
+        // broker's seal (the sealed file renamed in, the active one
+        // removed, both where the listing had been or was not yet) saw
+        // neither; the older mark names exactly a segment being sealed.
+        let seg_dir = data_dir.join(datadir::SEGMENTS_DIR);
+        let there = gone
+            && [
+                crate::segment::active::active_file_name(id),
+                crate::segment::sealed::sealed_file_name(id),
+            ]
+            .iter()
+            .any(|n| seg_dir.join(n).exists());
+        if !journaled && !there {
             totals.lost_items += note.lost_items;
             totals.losses.push(note.line());
         }

@@ -873,7 +873,10 @@ fn check_acked(
         }
         if note.original_moved_to.is_some() {
             flag = true;
-        } else if mode == Mode::Repair && note.lost.iter().any(|s| u64::from(s.first_index) < m.items) {
+        } else if mode == Mode::Repair
+            && note.kind == "active"
+            && note.lost.iter().any(|s| u64::from(s.first_index) < m.items)
+        {
             let dst = quarantine_name(dir, &path);
             write_record(
                 &dst,
