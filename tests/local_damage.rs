@@ -1247,8 +1247,25 @@ async fn an_unacknowledged_or_intact_newest_active_file_is_not_a_loss() {
 
 // Helpers of helper-92's attacks (session 40), kept with them.
 
-fn mark_bytes(w: &World) -> Vec<u8> {
-    std::fs::read(w.data.join("ACKED_ACTIVE")).unwrap()
+/// The mark's bytes and its file's mtime (a start judges loss records
+/// by it: those written since the mark was).
+fn mark_bytes(w: &World) -> (Vec<u8>, std::time::SystemTime) {
+    let p = w.data.join("ACKED_ACTIVE");
+    let t = std::fs::metadata(&p).unwrap().modified().unwrap();
+    (std::fs::read(&p).unwrap(), t)
+}
+
+/// What a kill -9 before the start's flag write leaves: the mark as it
+/// was, bytes and mtime.
+fn put_mark_back(w: &World, (bytes, t): &(Vec<u8>, std::time::SystemTime)) {
+    let p = w.data.join("ACKED_ACTIVE");
+    std::fs::write(&p, bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(*t)
+        .unwrap();
 }
 
 fn read_mark(w: &World) -> tierindex::datadir::acked::AckedMark {
@@ -1342,6 +1359,8 @@ fn a_crash_between_a_loss_record_and_the_marks_flag_records_it_once() {
     );
     drop_flush_marks(&active);
     let before = mark_bytes(&w);
+    // A start comes after the mark's last write (a restart between).
+    std::thread::sleep(Duration::from_millis(5));
     let g = Some(tierindex::segment::salvage::Geometry {
         slot_count: SLOTS,
         item_capacity: ITEMS,
@@ -1359,7 +1378,7 @@ fn a_crash_between_a_loss_record_and_the_marks_flag_records_it_once() {
     }
     assert_eq!(records(&w).len(), 1, "{:?}", w.quarantine_files());
     // kill -9 before the flag reached the mark.
-    std::fs::write(w.data.join("ACKED_ACTIVE"), &before).unwrap();
+    put_mark_back(&w, &before);
     {
         let dd = open_dd(&w.data);
         let rec = tierindex::datadir::recover_with_geometry(
@@ -1396,6 +1415,8 @@ fn a_crash_after_a_salvage_before_the_marks_flag_counts_the_hole_once() {
     let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
     xor(&active, l.item_offset(100) as u64 + 3, 4, 0x5a);
     let before = mark_bytes(&w);
+    // A start comes after the mark's last write (a restart between).
+    std::thread::sleep(Duration::from_millis(5));
     let g = Some(tierindex::segment::salvage::Geometry {
         slot_count: SLOTS,
         item_capacity: ITEMS,
@@ -1412,7 +1433,7 @@ fn a_crash_after_a_salvage_before_the_marks_flag_counts_the_hole_once() {
         eprintln!("first: {:#?}", rec.report.salvaged);
     }
     let (_, out1) = cli(&w, &["status"]);
-    std::fs::write(w.data.join("ACKED_ACTIVE"), &before).unwrap();
+    put_mark_back(&w, &before);
     {
         let dd = open_dd(&w.data);
         let rec = tierindex::datadir::recover_with_geometry(
@@ -1605,5 +1626,146 @@ async fn an_older_frozen_active_file_swapped_for_an_older_copy_is_reported() {
     assert!(
         o.needs_operator() && c == 4 && c2 == 4,
         "100 acknowledged entries (500..600) gone without a LOST"
+    );
+}
+
+fn status_lost(w: &World) -> (i32, String, u64) {
+    let (code, out) = cli(w, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(
+        out.lines()
+            .skip_while(|l| !l.starts_with('{'))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .as_str(),
+    )
+    .unwrap_or(serde_json::Value::Null);
+    let lost = v["totals"]["lost_items"].as_u64().unwrap_or(u64::MAX);
+    (code, out, lost)
+}
+
+/// A start of the index writer, `more` appended and flushed, then a
+/// kill -9 (dropped).
+fn start(w: &World, more: std::ops::Range<u64>) {
+    let cfg = w.config().index_config();
+    {
+        let (mut iw, _) = IndexWriter::open(open_dd(&w.data), cfg, None, None).unwrap();
+        if !more.is_empty() {
+            for o in more {
+                iw.append_entry(entry(o)).unwrap();
+            }
+            iw.flush().unwrap();
+        }
+    }
+    drop(open_dd(&w.data));
+}
+
+/// helper-93 F1: the same segment damaged twice. First: the acknowledged tail cut
+/// (200 acknowledged, 100 left): recorded, 100 LOST. The writer goes on in
+/// the segment (100 + 150 = 250 items, the mark rewritten: 250). Then the
+/// file cut again to 50 valid items: 200 more acknowledged entries gone.
+/// The prior record (kept 100 + lost 100 = 200) was credited against the
+/// new mark's 250 as if it were about the same items; only records written
+/// since the mark was (its file's mtime) count now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_loss_in_a_segment_marked_again_is_counted_in_full() {
+    let w = World::new();
+    build(&w, 300, 200, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    only_active(&w);
+    let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+    zero(
+        &active,
+        l.item_offset(100) as u64,
+        l.item_offset(200) - l.item_offset(100),
+    );
+    drop_flush_marks(&active);
+    start(&w, 500..650);
+    let m = read_mark(&w);
+    eprintln!("mark after first start+flush: {m:?}");
+    let (c1, o1, lost1) = status_lost(&w);
+    eprintln!(
+        "status 1: {c1} lost={lost1}\n{o1}\nrecords {:?}",
+        records(&w)
+    );
+    let (now_active, _) = files(&w);
+    eprintln!("active now: {now_active:?}");
+    let now_active = now_active.unwrap();
+    // Second damage: cut to 50 valid items.
+    let len = std::fs::metadata(&now_active).unwrap().len();
+    zero(
+        &now_active,
+        l.item_offset(50) as u64,
+        (l.item_offset(260).min(len as usize)) - l.item_offset(50),
+    );
+    drop_flush_marks(&now_active);
+    start(&w, 0..0);
+    let (c2, o2, lost2) = status_lost(&w);
+    eprintln!(
+        "status 2: {c2} lost={lost2}\n{o2}\nrecords {:?}",
+        records(&w)
+    );
+    let o = recover(&w).await;
+    let acked: Vec<u64> = (0..500).chain(500..650).collect();
+    let missing = acked.iter().filter(|x| !o.found.contains(x)).count() as u64;
+    let (c3, o3, lost3) = status_lost(&w);
+    eprintln!(
+        "missing {missing}; drain report lost {}; status 3: {c3} lost={lost3}\n{o3}",
+        o.lost_reported()
+    );
+    assert!(
+        lost3 >= missing,
+        "{missing} acknowledged entries missing, status counts {lost3} LOST"
+    );
+}
+
+/// helper-93 F2: the F7 kill -9 state (2.active frozen with 300 acknowledged, the
+/// mark's other slot says 300; 3.active newest with 10), then BOTH files
+/// removed. `status` (read-only, before any start) reported one of the two
+/// losses, `fsck` and the start both; now all three report both.
+#[test]
+fn status_counts_both_marked_segments_gone() {
+    let w = World::new();
+    build(&w, 300, 200, false);
+    let (active, _) = files(&w);
+    let active = active.unwrap();
+    only_active(&w);
+    let saved = w.data.parent().unwrap().join("2.active.copy");
+    {
+        let (mut iw, _) =
+            IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
+        for o in 500..600 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+        std::fs::copy(&active, &saved).unwrap();
+        for o in 600..610 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+    }
+    drop(open_dd(&w.data));
+    let seg2 = w.seg(&format!("{:020}.seg", 2));
+    let _ = std::fs::remove_file(&seg2);
+    std::fs::copy(&saved, &active).unwrap();
+    let (c0, o0, l0) = status_lost(&w);
+    assert_ne!(c0, 4, "{o0}");
+    assert_eq!(l0, 0);
+    // Damage: both active files removed.
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(w.data.join("segments")).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".active") {
+            names.push(p.clone());
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    eprintln!("removed {names:?}");
+    let (c, out, lost) = status_lost(&w);
+    let (fc, fout) = cli(&w, &["fsck"]);
+    eprintln!("status {c} lost={lost}\n{out}\nfsck {fc}\n{fout}");
+    assert_eq!(
+        lost, 310,
+        "status: 310 acknowledged entries gone, {lost} reported"
     );
 }

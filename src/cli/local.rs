@@ -65,7 +65,7 @@ pub(crate) fn add_local(
     // The newest segment a flush acknowledged entries of, gone or short
     // (not recorded yet: the next start records it). The journal read
     // again: it may have recorded (and released) the segment since `view`.
-    if let Some((id, gone, note)) = local.acked_lost {
+    for (id, gone, note) in local.acked_lost {
         // A journal that cannot be read cannot say (a lost one is
         // reported as such): not judged then.
         let journaled = gone

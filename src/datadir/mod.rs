@@ -743,8 +743,10 @@ pub struct LocalPending {
     /// items than were acknowledged, before a start-up recorded the loss:
     /// the caller checks the journal once more (it may have recorded the
     /// segment since it was read) and reports it lost.
-    /// `(segment, gone, note)`: `gone` is the file's absence.
-    pub acked_lost: Option<(SegmentId, bool, LossNote)>,
+    /// `(segment, gone, note)`: `gone` is the file's absence. At most two:
+    /// the newest mark's segment and the one frozen before it (helper-93
+    /// F2: one of them was left out).
+    pub acked_lost: Vec<(SegmentId, bool, LossNote)>,
 }
 
 /// Scan `root/segments` for unsealed entries and sealed files the journal
@@ -836,7 +838,6 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                 if let Some(m) = judged
                     && read
                     && n < m.items
-                    && out.acked_lost.is_none()
                 {
                     let mut note = recover::acked_loss_note(
                         &path,
@@ -845,7 +846,7 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                     );
                     note.salvaged_items = n;
                     note.lost_items = m.items - n;
-                    out.acked_lost = Some((id, false, note));
+                    out.acked_lost.push((id, false, note));
                 }
                 if n > 0 {
                     out.unsealed_items += n;
@@ -876,10 +877,9 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
             "its file is gone from segments/ (removed, or lost with the disk), and the journal \
              never recorded it sealed",
         );
-        out.acked_lost = Some((m.segment, true, note));
+        out.acked_lost.push((m.segment, true, note));
     }
     if let Some(m) = older
-        && out.acked_lost.is_none()
         && !older_file
         && !known(m.segment)
     {
@@ -890,7 +890,7 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
             "its file is gone from segments/ (removed, or lost with the disk) before its seal \
              finished, and the journal never recorded it sealed",
         );
-        out.acked_lost = Some((m.segment, true, note));
+        out.acked_lost.push((m.segment, true, note));
     }
     out
 }

@@ -945,8 +945,23 @@ fn check_acked(
     // Records an earlier start wrote for this segment (ids are never given
     // out again: every record naming it is about it): the most items any
     // kept, plus every item they counted lost.
+    // Only records written since the mark was last written (its file's
+    // mtime): one from before the writer marked the segment again (it
+    // was kept as the active one after an earlier loss) was judged
+    // against an older count (helper-93 F1: credited against the new
+    // mark, a second loss was under-counted). Unknown mtime: none
+    // credited (a loss recorded twice, never one hidden). Strictly after,
+    // in ms: a record in the same ms as a mark written again is taken as
+    // older (the same ms as the mark a killed start found cannot happen:
+    // a restart lies between).
+    let since = std::fs::metadata(acked::path(dir.root()))
+        .and_then(|md| md.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(u64::MAX, |d| d.as_millis() as u64);
     let (prior_kept, prior_lost) = crate::datadir::quarantine_records(dir.root())
         .into_iter()
+        .filter(|(_, r)| r.at_ms > since)
         .filter_map(|(_, r)| r.loss)
         .filter(|l| l.segment == n.0 && l.is_loss())
         .fold((0u64, 0u64), |(k, l), note| {
