@@ -1505,41 +1505,7 @@ async fn one_acknowledged_item_damaged_after_a_power_cut_stays_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_frozen_active_file_removed_alone_is_reported_lost() {
     let w = World::new();
-    build(&w, 300, 200, false);
-    let (active, _) = files(&w);
-    let active = active.unwrap();
-    only_active(&w);
-    let saved = w.data.parent().unwrap().join("2.active.copy");
-    {
-        let (mut iw, _) =
-            IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
-        for o in 500..600 {
-            iw.append_entry(entry(o)).unwrap();
-        }
-        iw.flush().unwrap();
-        std::fs::copy(&active, &saved).unwrap();
-        for o in 600..610 {
-            iw.append_entry(entry(o)).unwrap();
-        }
-        iw.flush().unwrap();
-    }
-    drop(open_dd(&w.data));
-    let m = read_mark(&w);
-    eprintln!("mark {m:?}");
-    // The kill -9 state: the seal of 2 had not finished.
-    let seg2 = w.seg(&format!("{:020}.seg", 2));
-    let _ = std::fs::remove_file(&seg2);
-    std::fs::copy(&saved, &active).unwrap();
-    let mut names: Vec<String> = std::fs::read_dir(w.data.join("segments"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    eprintln!("segments: {names:?}");
-    // Sanity: this state alone is an ordinary crash: nothing lost.
-    let (c, out) = cli(&w, &["status"]);
-    eprintln!("status (ordinary crash state) {c}\n{out}");
-    assert_ne!(c, 4, "{out}");
+    let (active, _) = frozen_segment_after_a_roll(&w);
     // Damage: the older active file removed.
     std::fs::remove_file(&active).unwrap();
     let (c, out) = cli(&w, &["status"]);
@@ -1560,6 +1526,8 @@ async fn an_older_frozen_active_file_removed_alone_is_reported_lost() {
         o.needs_operator() && c == 4 && c2 == 4,
         "300 acknowledged entries gone without a LOST"
     );
+    assert_eq!(missing, (300..600).collect::<Vec<u64>>());
+    assert!(o.lost_reported() >= 300, "{:#?}", o.report.lost);
 }
 
 /// helper-92 F7: the same state, with 2.active swapped for its own older
@@ -1569,43 +1537,7 @@ async fn an_older_frozen_active_file_removed_alone_is_reported_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_frozen_active_file_swapped_for_an_older_copy_is_reported() {
     let w = World::new();
-    build(&w, 300, 200, false);
-    let (active, _) = files(&w);
-    let active = active.unwrap();
-    only_active(&w);
-    let saved = w.data.parent().unwrap().join("2.active.copy");
-    let older = w.data.parent().unwrap().join("2.active.older");
-    std::fs::copy(&active, &older).unwrap();
-    {
-        let (mut iw, _) =
-            IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
-        for o in 500..600 {
-            iw.append_entry(entry(o)).unwrap();
-        }
-        iw.flush().unwrap();
-        std::fs::copy(&active, &saved).unwrap();
-        for o in 600..610 {
-            iw.append_entry(entry(o)).unwrap();
-        }
-        iw.flush().unwrap();
-    }
-    drop(open_dd(&w.data));
-    let m = read_mark(&w);
-    eprintln!("mark {m:?}");
-    // The kill -9 state: the seal of 2 had not finished.
-    let seg2 = w.seg(&format!("{:020}.seg", 2));
-    let _ = std::fs::remove_file(&seg2);
-    std::fs::copy(&saved, &active).unwrap();
-    let mut names: Vec<String> = std::fs::read_dir(w.data.join("segments"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    eprintln!("segments: {names:?}");
-    // Sanity: this state alone is an ordinary crash: nothing lost.
-    let (c, out) = cli(&w, &["status"]);
-    eprintln!("status (ordinary crash state) {c}\n{out}");
-    assert_ne!(c, 4, "{out}");
+    let (active, older) = frozen_segment_after_a_roll(&w);
     // Damage: the older active file replaced by its own older copy (200
     // items, its own flush marks say 200), as a restore from a backup.
     std::fs::copy(&older, &active).unwrap();
@@ -1627,6 +1559,8 @@ async fn an_older_frozen_active_file_swapped_for_an_older_copy_is_reported() {
         o.needs_operator() && c == 4 && c2 == 4,
         "100 acknowledged entries (500..600) gone without a LOST"
     );
+    assert_eq!(missing, (500..600).collect::<Vec<u64>>());
+    assert!(o.lost_reported() >= 100, "{:#?}", o.report.lost);
 }
 
 fn status_lost(w: &World) -> (i32, String, u64) {
@@ -1726,31 +1660,7 @@ async fn a_second_loss_in_a_segment_marked_again_is_counted_in_full() {
 #[test]
 fn status_counts_both_marked_segments_gone() {
     let w = World::new();
-    build(&w, 300, 200, false);
-    let (active, _) = files(&w);
-    let active = active.unwrap();
-    only_active(&w);
-    let saved = w.data.parent().unwrap().join("2.active.copy");
-    {
-        let (mut iw, _) =
-            IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
-        for o in 500..600 {
-            iw.append_entry(entry(o)).unwrap();
-        }
-        iw.flush().unwrap();
-        std::fs::copy(&active, &saved).unwrap();
-        for o in 600..610 {
-            iw.append_entry(entry(o)).unwrap();
-        }
-        iw.flush().unwrap();
-    }
-    drop(open_dd(&w.data));
-    let seg2 = w.seg(&format!("{:020}.seg", 2));
-    let _ = std::fs::remove_file(&seg2);
-    std::fs::copy(&saved, &active).unwrap();
-    let (c0, o0, l0) = status_lost(&w);
-    assert_ne!(c0, 4, "{o0}");
-    assert_eq!(l0, 0);
+    frozen_segment_after_a_roll(&w);
     // Damage: both active files removed.
     let mut names = Vec::new();
     for e in std::fs::read_dir(w.data.join("segments")).unwrap() {
@@ -1768,4 +1678,38 @@ fn status_counts_both_marked_segments_gone() {
         lost, 310,
         "status: 310 acknowledged entries gone, {lost} reported"
     );
+}
+
+/// The kill -9 state right after a roll, before the frozen segment's seal
+/// finished: `2.active` full (300 acknowledged entries; its first flush
+/// marked 200, the mark's other slot now says 300) and `3.active` newest
+/// (10, the mark names 3). Returns `2.active` and a copy of it from when
+/// it held its first 200 entries. This state alone is an ordinary crash:
+/// checked to say nothing lost.
+fn frozen_segment_after_a_roll(w: &World) -> (PathBuf, PathBuf) {
+    build(w, 300, 200, false);
+    let (active, _) = only_active(w);
+    let saved = w.data.parent().unwrap().join("2.active.copy");
+    let older = w.data.parent().unwrap().join("2.active.older");
+    std::fs::copy(&active, &older).unwrap();
+    {
+        let (mut iw, _) =
+            IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
+        for o in 500..600 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+        std::fs::copy(&active, &saved).unwrap();
+        for o in 600..610 {
+            iw.append_entry(entry(o)).unwrap();
+        }
+        iw.flush().unwrap();
+    }
+    drop(open_dd(&w.data));
+    assert_eq!(read_mark(w).segment, SegmentId(3));
+    let _ = std::fs::remove_file(w.seg(&format!("{:020}.seg", 2)));
+    std::fs::copy(&saved, &active).unwrap();
+    let (c, out, lost) = status_lost(w);
+    assert!(c != 4 && lost == 0, "an ordinary crash state: {out}");
+    (active, older)
 }
