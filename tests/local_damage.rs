@@ -1245,6 +1245,85 @@ async fn an_unacknowledged_or_intact_newest_active_file_is_not_a_loss() {
     assert_eq!(o.found.len() as u64, acked);
 }
 
+/// helper-92 F4: an active file of the marked id that is not the marked
+/// segment's (a wrong restore, a copy from another data directory) holding
+/// as many verified items hid the loss of every acknowledged entry, and
+/// its entries were uploaded as this stream's. The mark's header time and
+/// first offset tell it apart: it is kept aside whole and the mark's count
+/// reported LOST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_file_of_the_marked_id_from_elsewhere_is_not_taken_for_ours() {
+    // (a) Same entries (offsets 300..550, a replica's), created later:
+    // told by the header's creation time.
+    // (b) Other entries (offsets 20,000..), the mark written by a build
+    // that kept no creation time: told by the first offset.
+    for (case, from) in [("same offsets", 0u64), ("other offsets", 20_000)] {
+        let w = World::new();
+        let acked = build(&w, 300, 200, false);
+        let (active, id) = only_active(&w);
+        let m = read_mark(&w);
+        assert_eq!((m.segment.0, m.first_offset, m.items), (id, 300, 200));
+        assert_ne!(m.created_ms, 0, "the mark keeps the header's creation time");
+        if from != 0 {
+            // As a build before the field wrote it.
+            let mut old = tierindex::datadir::acked::AckedMark { created_ms: 0, ..m };
+            old.seq = 0;
+            std::fs::remove_file(tierindex::datadir::acked::path(&w.data)).unwrap();
+            tierindex::datadir::acked::MarkWriter::new(None)
+                .write(&w.data, old)
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let b = World::new();
+        let cfg = b.config().index_config();
+        {
+            let (mut iw, _) = IndexWriter::open(open_dd(&b.data), cfg.clone(), None, None).unwrap();
+            for o in from..from + 300 {
+                iw.append_entry(entry(o)).unwrap();
+            }
+            iw.flush().unwrap();
+            iw.close(Instant::now() + Duration::from_secs(30)).unwrap();
+        }
+        drop(open_dd(&b.data));
+        {
+            let (mut iw, _) = IndexWriter::open(open_dd(&b.data), cfg, None, None).unwrap();
+            for o in from + 300..from + 550 {
+                iw.append_entry(entry(o)).unwrap();
+            }
+            iw.flush().unwrap();
+        }
+        drop(open_dd(&b.data));
+        let (theirs, _) = first_active(&b);
+        assert_eq!(theirs.file_name(), active.file_name());
+        std::fs::copy(&theirs, &active).unwrap();
+
+        let (c, out) = cli(&w, &["fsck"]);
+        assert_eq!(c, 4, "{case}: fsck\n{out}");
+        assert!(
+            out.contains("not the segment a flush acknowledged"),
+            "{case}: {out}"
+        );
+        let o = recover(&w).await;
+        assert!(o.lost_reported() >= 200, "{case}: {:#?}", o.report);
+        let foreign: Vec<u64> = o.found.iter().copied().filter(|x| *x >= acked).collect();
+        assert!(foreign.is_empty(), "{case}: taken as ours: {foreign:?}");
+        assert_eq!(o.found.len(), 300, "{case}: the sealed entries stay");
+        let kept = w
+            .quarantine_files()
+            .into_iter()
+            .filter(|f| f.starts_with(&format!("{id:020}.active")) && !f.ends_with(".why.json"))
+            .count();
+        assert_eq!(
+            kept,
+            1,
+            "{case}: the file kept aside: {:?}",
+            w.quarantine_files()
+        );
+        let (c, out) = cli(&w, &["status"]);
+        assert_eq!(c, 4, "{case}: status after the start\n{out}");
+    }
+}
+
 // Helpers of helper-92's attacks (session 40), kept with them.
 
 /// The mark's bytes and its file's mtime (a start judges loss records

@@ -806,10 +806,10 @@ fn rebuild_journal_if_damaged(dd: &DataDir) -> Result<Option<journal::RebuildRep
             );
             datadir::acked::MarkWriter::new(Some(m)).write(
                 data_dir,
-                m.segment,
-                m.first_offset,
-                m.items,
-                m.flags | datadir::acked::FLAG_NOT_JUDGED,
+                datadir::acked::AckedMark {
+                    flags: m.flags | datadir::acked::FLAG_NOT_JUDGED,
+                    ..m
+                },
             )?;
         }
         return Ok(Some(report));

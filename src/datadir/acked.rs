@@ -28,9 +28,16 @@
 //! 24  8  offset of the segment's first entry
 //! 32  8  items acknowledged when the mark was written
 //! 40  8  flags (bit 0: a loss of this segment was recorded in quarantine/)
-//! 48  12 zero
+//! 48  8  created_ms of the segment's file header (u64 LE; 0: not known, a
+//!        mark written by a build before this field)
+//! 56  4  zero
 //! 60  4  CRC-32 (crc32fast) of bytes 0..60
 //! ```
+//!
+//! The first offset and the header's creation time tell the marked
+//! segment's own file from another file of the same id (a wrong restore,
+//! a file copied in from another data directory: helper-92 F4): such a
+//! file holding as many items hid the loss of every acknowledged entry.
 
 use std::path::{Path, PathBuf};
 
@@ -56,11 +63,25 @@ pub struct AckedMark {
     pub seq: u64,
     pub segment: SegmentId,
     pub first_offset: u64,
+    /// The segment file's header `created_ms` (0: not known).
+    pub created_ms: u64,
     pub items: u64,
     pub flags: u64,
 }
 
 impl AckedMark {
+    /// A mark to write (its sequence is set by the writer).
+    pub fn of(segment: SegmentId, first_offset: u64, created_ms: u64, items: u64, flags: u64) -> AckedMark {
+        AckedMark {
+            seq: 0,
+            segment,
+            first_offset,
+            created_ms,
+            items,
+            flags,
+        }
+    }
+
     /// Whether a start-up, `fsck` or `status` judges the marked segment's
     /// file by this mark (not once its loss was recorded, nor after a
     /// journal rebuild).
@@ -76,6 +97,7 @@ impl AckedMark {
         b[24..32].copy_from_slice(&self.first_offset.to_le_bytes());
         b[32..40].copy_from_slice(&self.items.to_le_bytes());
         b[40..48].copy_from_slice(&self.flags.to_le_bytes());
+        b[48..56].copy_from_slice(&self.created_ms.to_le_bytes());
         let crc = crc32fast::hash(&b[..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
@@ -86,7 +108,7 @@ impl AckedMark {
             return None;
         }
         let crc = u32::from_le_bytes(b[60..64].try_into().ok()?);
-        if crc32fast::hash(&b[..60]) != crc || b[48..60].iter().any(|x| *x != 0) {
+        if crc32fast::hash(&b[..60]) != crc || b[56..60].iter().any(|x| *x != 0) {
             return None;
         }
         let u = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
@@ -94,6 +116,7 @@ impl AckedMark {
             seq: u(8),
             segment: SegmentId(u(16)),
             first_offset: u(24),
+            created_ms: u(48),
             items: u(32),
             flags: u(40),
         })
@@ -211,8 +234,8 @@ impl MarkWriter {
     /// slot and an `fdatasync` (the first time in this process, the root
     /// directory too, for the file's name). A failure is `Poisoned`: a
     /// failed sync is never retried.
-    pub fn write(&mut self, root: &Path, segment: SegmentId, first_offset: u64, items: u64, flags: u64) -> Result<()> {
-        self.write_with_older(root, segment, first_offset, items, flags, None)
+    pub fn write(&mut self, root: &Path, mark: AckedMark) -> Result<()> {
+        self.write_with_older(root, mark, None)
     }
 
     /// The last segment marked, if any.
@@ -221,39 +244,23 @@ impl MarkWriter {
     }
 
     /// [`write`](Self::write), and in the same `pwrite` the other slot
-    /// rewritten as the mark one sequence below for `older` (segment, first
-    /// offset, items): the segment frozen at the last roll, with the count
-    /// this flush made durable of it. Its first mark counted only its first
-    /// flush; a seal that had not finished left it judged by that count
-    /// alone (helper-92 F7: the file swapped for an older copy lost the
-    /// entries of its later flushes without a word). The two slots keep
-    /// their own CRCs: a torn write leaves the previous content of either.
-    pub fn write_with_older(
-        &mut self,
-        root: &Path,
-        segment: SegmentId,
-        first_offset: u64,
-        items: u64,
-        flags: u64,
-        older: Option<(SegmentId, u64, u64)>,
-    ) -> Result<()> {
+    /// rewritten as the mark one sequence below for `older` (not flagged):
+    /// the segment frozen at the last roll, with the count this flush made
+    /// durable of it. Its first mark counted only its first flush; a seal
+    /// that had not finished left it judged by that count alone (helper-92
+    /// F7: the file swapped for an older copy lost the entries of its later
+    /// flushes without a word). The two slots keep their own CRCs: a torn
+    /// write leaves the previous content of either.
+    pub fn write_with_older(&mut self, root: &Path, mark: AckedMark, older: Option<AckedMark>) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let seq = self.last.map_or(0, |m| m.seq.wrapping_add(1));
-        let mark = AckedMark {
-            seq,
-            segment,
-            first_offset,
-            items,
-            flags,
-        };
+        let mark = AckedMark { seq, ..mark };
         let older = older
-            .filter(|(o, _, _)| *o < segment && seq > 0)
-            .map(|(o, first_offset, items)| AckedMark {
+            .filter(|o| o.segment < mark.segment && seq > 0)
+            .map(|o| AckedMark {
                 seq: seq - 1,
-                segment: o,
-                first_offset,
-                items,
                 flags: 0,
+                ..o
             });
         let p = path(root);
         let f = std::fs::OpenOptions::new()
@@ -323,10 +330,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(read(d.path()).unwrap(), Read::None);
         let mut w = MarkWriter::new(None);
-        w.write(d.path(), SegmentId(3), 100, 5, 0).unwrap();
-        w.write(d.path(), SegmentId(4), 200, 7, 0).unwrap();
+        w.write(d.path(), AckedMark::of(SegmentId(3), 100, 0, 5, 0)).unwrap();
+        w.write(d.path(), AckedMark::of(SegmentId(4), 200, 77, 7, 0)).unwrap();
         let Read::Mark(m) = read(d.path()).unwrap() else { panic!() };
         assert_eq!((m.segment, m.first_offset, m.items, m.seq), (SegmentId(4), 200, 7, 1));
+        assert_eq!(m.created_ms, 77);
         // Tear slot 1 (the newer): slot 0's mark stands.
         let p = path(d.path());
         let mut b = std::fs::read(&p).unwrap();
@@ -350,20 +358,28 @@ mod tests {
     fn the_older_slot_is_read_and_rewritten_with_the_frozen_count() {
         let d = tempfile::tempdir().unwrap();
         let mut w = MarkWriter::new(None);
-        w.write(d.path(), SegmentId(2), 100, 200, 0).unwrap();
+        w.write(d.path(), AckedMark::of(SegmentId(2), 100, 0, 200, 0)).unwrap();
         assert_eq!(read_both(d.path()).unwrap().1, None);
-        w.write_with_older(d.path(), SegmentId(3), 400, 10, 0, Some((SegmentId(2), 100, 300)))
+        w.write_with_older(
+            d.path(),
+            AckedMark::of(SegmentId(3), 400, 0, 10, 0),
+            Some(AckedMark::of(SegmentId(2), 100, 0, 300, 0)),
+        )
             .unwrap();
         let (Read::Mark(m), Some(o)) = read_both(d.path()).unwrap() else { panic!() };
         assert_eq!((m.segment, m.items, m.seq), (SegmentId(3), 10, 1));
         assert_eq!((o.segment, o.first_offset, o.items, o.seq), (SegmentId(2), 100, 300, 0));
         // Not an older segment: not handed back.
-        w.write_with_older(d.path(), SegmentId(4), 500, 1, 0, Some((SegmentId(4), 0, 9)))
+        w.write_with_older(
+            d.path(),
+            AckedMark::of(SegmentId(4), 500, 0, 1, 0),
+            Some(AckedMark::of(SegmentId(4), 0, 0, 9, 0)),
+        )
             .unwrap();
         let (Read::Mark(m), o) = read_both(d.path()).unwrap() else { panic!() };
         assert_eq!((m.segment, o.map(|o| o.segment)), (SegmentId(4), Some(SegmentId(3))));
         // The newest flagged: nothing older is judged.
-        w.write(d.path(), SegmentId(4), 500, 1, FLAG_LOSS_RECORDED).unwrap();
+        w.write(d.path(), AckedMark::of(SegmentId(4), 500, 0, 1, FLAG_LOSS_RECORDED)).unwrap();
         assert_eq!(read_both(d.path()).unwrap().1, None);
     }
 
@@ -375,7 +391,7 @@ mod tests {
         std::fs::write(path(d.path()), vec![7u8; 4096]).unwrap();
         assert!(matches!(read(d.path()).unwrap(), Read::Damaged(_)));
         MarkWriter::new(None)
-            .write(d.path(), SegmentId(2), 5, 1, 0)
+            .write(d.path(), AckedMark::of(SegmentId(2), 5, 0, 1, 0))
             .unwrap();
         let Read::Mark(m) = read(d.path()).unwrap() else {
             panic!("still damaged")
@@ -405,13 +421,14 @@ mod tests {
             seq: 9,
             segment: SegmentId(5),
             first_offset: 0,
+            created_ms: 0,
             items: 3,
             flags: FLAG_LOSS_RECORDED,
         }));
         assert!(w.needed(SegmentId(5)));
         assert!(!w.needed(SegmentId(4)));
         let d = tempfile::tempdir().unwrap();
-        w.write(d.path(), SegmentId(5), 0, 1, 0).unwrap();
+        w.write(d.path(), AckedMark::of(SegmentId(5), 0, 0, 1, 0)).unwrap();
         assert!(!w.needed(SegmentId(5)));
         assert!(w.needed(SegmentId(6)));
         let Read::Mark(m) = read(d.path()).unwrap() else { panic!() };

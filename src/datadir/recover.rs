@@ -462,6 +462,23 @@ pub fn recover_checking(
                     Err(e) => return Err(e),
                 };
                 drop(bytes);
+                // A file of the marked id that is not the marked segment's
+                // (a wrong restore, a copy from another data directory):
+                // its items verify (their CRCs are salted with the id and
+                // the index only), and holding as many it hid the loss of
+                // every acknowledged entry (helper-92 F4). Kept aside
+                // whole, never uploaded as this stream's.
+                if let Some(m) = marked_for(*id)
+                    && let Some(differs) = not_the_marked_file(&m, &scan)
+                {
+                    let why = format!(
+                        "this file is not the segment a flush acknowledged entries of                          (ACKED_ACTIVE): {differs}; a file of the same id from an older copy or                          another data directory; its entries are kept here, not uploaded; if the                          segment's own file is elsewhere (a backup), put it back as {} and start                          again",
+                        path.display()
+                    );
+                    let note = acked_loss_note(path, &m, &why);
+                    quarantine_noted(dir, mode, path, &why, note, &mut out)?;
+                    continue;
+                }
                 let torn_note = (!scan.torn.is_empty()).then(|| LossNote {
                     segment: id.0,
                     file: path.display().to_string(),
@@ -656,13 +673,7 @@ pub fn recover_checking(
             } else {
                 m.flags
             };
-            acked::MarkWriter::new(Some(m)).write(
-                dir.root(),
-                m.segment,
-                m.first_offset,
-                m.items,
-                flags,
-            )?;
+            acked::MarkWriter::new(Some(m)).write(dir.root(), acked::AckedMark { flags, ..m })?;
         }
         bump(m.segment, &mut out);
     } else if let Some(m) = ack_mark {
@@ -813,6 +824,27 @@ pub(crate) fn acked_loss_note(path: &Path, m: &acked::AckedMark, why: &str) -> L
         tail_removed: None,
         sealed_as: None,
         original_moved_to: None,
+    }
+}
+
+/// Why an active file of the marked id is not the file the mark was
+/// written for: its header's creation time or its first entry's offset
+/// differs from the mark's (each compared only when both are known: a
+/// rebuilt header has no time, a damaged first item no offset, a mark from
+/// an older build no time).
+fn not_the_marked_file(m: &acked::AckedMark, scan: &salvage::ActiveScan) -> Option<String> {
+    if let Some(c) = scan.created_ms.filter(|c| m.created_ms != 0 && *c != m.created_ms) {
+        return Some(format!(
+            "its header says it was created at {c} ms (Unix time), the marked segment's at {} ms",
+            m.created_ms
+        ));
+    }
+    match scan.items.first() {
+        Some((0, e)) if m.first_offset != u64::MAX && e.offset != m.first_offset => Some(format!(
+            "its first entry's offset is {}, the marked segment's was {}",
+            e.offset, m.first_offset
+        )),
+        _ => None,
     }
 }
 

@@ -621,7 +621,7 @@ impl IndexWriter {
         // Decoded only when a mark is due (once per segment).
         let newest = match self.active.as_ref().filter(|a| !a.is_empty()) {
             Some(a) if self.acked.needed(a.id()) => {
-                Some((a.id(), a.first_offset(), a.flushed_len()))
+                Some((a.id(), a.first_offset(), a.created_ms(), a.flushed_len()))
             }
             Some(_) => None,
             None => self
@@ -629,10 +629,10 @@ impl IndexWriter {
                 .values()
                 .next_back()
                 .filter(|f| self.acked.needed(f.id()))
-                .map(|f| (f.id(), f.first_offset(), f.len())),
+                .map(|f| (f.id(), f.first_offset(), f.created_ms(), f.len())),
         };
         match newest {
-            Some((id, first, items)) => self.mark_acked(id, first, items),
+            Some((id, first, created, items)) => self.mark_acked(id, first, created, items),
             None => Ok(()),
         }
     }
@@ -640,7 +640,7 @@ impl IndexWriter {
     /// Before a flush returns: the acknowledged-segment mark names the
     /// newest segment holding acknowledged entries (once per segment; see
     /// `datadir::acked`). A failure poisons the writer.
-    fn mark_acked(&mut self, id: SegmentId, first: Option<u64>, items: u32) -> Result<()> {
+    fn mark_acked(&mut self, id: SegmentId, first: Option<u64>, created_ms: u64, items: u32) -> Result<()> {
         if !self.acked.needed(id) {
             return Ok(());
         }
@@ -648,14 +648,19 @@ impl IndexWriter {
         // The segment marked before, frozen at a roll and not sealed yet:
         // its count brought up to all its items (every one made durable
         // by this flush's `flush_frozen_all`), in the mark's other slot.
+        use crate::datadir::acked::AckedMark;
         let older = self
             .acked
             .last_segment()
             .filter(|o| *o < id)
             .and_then(|o| self.frozen.get(&o))
-            .map(|f| (f.id(), f.first_offset().unwrap_or(u64::MAX), u64::from(f.len())));
+            .map(|f| {
+                let first = f.first_offset().unwrap_or(u64::MAX);
+                AckedMark::of(f.id(), first, f.created_ms(), u64::from(f.len()), 0)
+            });
+        let mark = AckedMark::of(id, first.unwrap_or(u64::MAX), created_ms, u64::from(items), 0);
         self.acked
-            .write_with_older(&root, id, first.unwrap_or(u64::MAX), u64::from(items), 0, older)
+            .write_with_older(&root, mark, older)
             .inspect_err(|e| self.poison.set_err(e))
     }
 
@@ -711,7 +716,7 @@ impl IndexWriter {
         }
         if sync
             && self.acked.needed(old.id())
-            && let Err(e) = self.mark_acked(old.id(), old.first_offset(), old.flushed_len())
+            && let Err(e) = self.mark_acked(old.id(), old.first_offset(), old.created_ms(), old.flushed_len())
         {
             self.active = Some(old);
             return Err(e);
