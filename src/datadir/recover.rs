@@ -472,8 +472,14 @@ pub fn recover_checking(
                     && let Some(differs) = not_the_marked_file(&m, &scan)
                 {
                     let why = format!(
-                        "this file is not the segment a flush acknowledged entries of                          (ACKED_ACTIVE): {differs}; a file of the same id from an older copy or                          another data directory; its entries are kept here, not uploaded; if the                          segment's own file is elsewhere (a backup), put it back as {} and start                          again",
-                        path.display()
+                        "this file is not the segment a flush acknowledged entries of \
+                         (ACKED_ACTIVE): {differs}; a file of the same id from an older copy or \
+                         another data directory; its entries are kept here, not uploaded; if the \
+                         segment's own file is elsewhere (a backup), put it back as {p} and start \
+                         again; if this file is this directory's own and ACKED_ACTIVE was copied \
+                         in from elsewhere, move ACKED_ACTIVE out of the data directory, put this \
+                         file back as {p} and start again",
+                        p = path.display()
                     );
                     let note = acked_loss_note(path, &m, &why);
                     quarantine_noted(dir, mode, path, &why, note, &mut out)?;
