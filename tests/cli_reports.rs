@@ -349,34 +349,8 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
 #[test]
 fn a_loss_to_a_restored_store_is_named_and_can_be_accepted() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = d.path().join("cfg.toml");
-    std::fs::write(&cfg, "release_after_commit = true\n").unwrap();
-    let c = cfg.to_str().unwrap();
-    let demo = |entries: &str| {
-        let o = run(
-            d.path(),
-            &[
-                "demo",
-                "--config",
-                c,
-                "--segment-items",
-                "200",
-                "--slots",
-                "16",
-                "--entries",
-                entries,
-                "--rate",
-                "1000000",
-            ],
-        );
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    };
-    demo("400");
-    let (store, backup) = (d.path().join("store"), d.path().join("backup"));
-    copy_tree(&store, &backup);
-    demo("400");
-    std::fs::remove_dir_all(&store).unwrap();
-    copy_tree(&backup, &store);
+    let (c, store) = store_restored_after_a_second_demo(d.path(), || {});
+    let c = c.as_str();
     let objects = || {
         std::fs::read_dir(store.join("stream-0/segments"))
             .unwrap()
@@ -453,46 +427,22 @@ fn a_loss_to_a_restored_store_is_named_and_can_be_accepted() {
 #[test]
 fn a_loss_to_a_restored_store_is_named_after_the_journal_was_compacted() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = d.path().join("cfg.toml");
-    std::fs::write(&cfg, "release_after_commit = true\n").unwrap();
-    let c = cfg.to_str().unwrap();
-    let demo = |entries: &str| {
-        let o = run(
-            d.path(),
-            &[
-                "demo",
-                "--config",
-                c,
-                "--segment-items",
-                "200",
-                "--slots",
-                "16",
-                "--entries",
-                entries,
-                "--rate",
-                "1000000",
-            ],
-        );
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    };
-    demo("400");
-    let (store, backup) = (d.path().join("store"), d.path().join("backup"));
-    copy_tree(&store, &backup);
-    demo("400");
-    // The journal compacted (as the broker's committer does once it is
-    // large enough) before the store is restored.
-    {
-        let (mut j, _) =
-            tierindex::journal::Journal::open(&d.path().join("data"), Default::default()).unwrap();
-        let ids: Vec<_> = j.segments().keys().copied().collect();
-        assert_eq!(ids.len(), 4, "{ids:?}");
-        j.compact().unwrap();
-        // Segments 1 to 3 (offsets 0..=599) are gone from the journal
-        // (the old code dropped the fourth too).
-        assert!(ids[..3].iter().all(|id| j.get(*id).is_none()));
-    }
-    std::fs::remove_dir_all(&store).unwrap();
-    copy_tree(&backup, &store);
+    let (c, store) = store_restored_after_a_second_demo(d.path(), || {
+        // The journal compacted (as the broker's committer does once it is
+        // large enough) before the store is restored.
+        {
+            let (mut j, _) =
+                tierindex::journal::Journal::open(&d.path().join("data"), Default::default())
+                    .unwrap();
+            let ids: Vec<_> = j.segments().keys().copied().collect();
+            assert_eq!(ids.len(), 4, "{ids:?}");
+            j.compact().unwrap();
+            // Segments 1 to 3 (offsets 0..=599) are gone from the journal
+            // (the old code dropped the fourth too).
+            assert!(ids[..3].iter().all(|id| j.get(*id).is_none()));
+        }
+    });
+    let c = c.as_str();
     let objects = || {
         std::fs::read_dir(store.join("stream-0/segments"))
             .unwrap()
@@ -542,4 +492,46 @@ fn a_loss_to_a_restored_store_is_named_after_the_journal_was_compacted() {
         }
     }
     assert_eq!(objects(), before, "nothing deleted");
+}
+
+/// Two demos of 400 entries each under `release_after_commit` (segments of
+/// 200), the store copied aside between them; `between` runs after the
+/// second, then the store is put back as it was after the first: the
+/// second demo's committed (and released) segments are gone from the
+/// store and from the data directory. Returns the config's path and the
+/// store's.
+fn store_restored_after_a_second_demo(
+    dir: &std::path::Path,
+    between: impl FnOnce(),
+) -> (String, std::path::PathBuf) {
+    let cfg = dir.join("cfg.toml");
+    std::fs::write(&cfg, "release_after_commit = true\n").unwrap();
+    let c = cfg.to_str().unwrap();
+    let demo = |entries: &str| {
+        let o = run(
+            dir,
+            &[
+                "demo",
+                "--config",
+                c,
+                "--segment-items",
+                "200",
+                "--slots",
+                "16",
+                "--entries",
+                entries,
+                "--rate",
+                "1000000",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    };
+    demo("400");
+    let (store, backup) = (dir.join("store"), dir.join("backup"));
+    copy_tree(&store, &backup);
+    demo("400");
+    between();
+    std::fs::remove_dir_all(&store).unwrap();
+    copy_tree(&backup, &store);
+    (c.to_string(), store)
 }
