@@ -1792,3 +1792,124 @@ fn frozen_segment_after_a_roll(w: &World) -> (PathBuf, PathBuf) {
     assert!(c != 4 && lost == 0, "an ordinary crash state: {out}");
     (active, older)
 }
+
+/// helper-92 F6 (a6): the marked segment's seal finished (`NNN.seg` holds
+/// all 200 acknowledged entries) and a damaged leftover `NNN.active` sits
+/// beside it (a kill -9 between the seal's rename and the removal of its
+/// source, then damage): zeroed whole, or its last 100 items zeroed. The
+/// start keeps the sealed copy and loses nothing; `status` said "LOST ...
+/// its file holds 0 valid entries", exit 4. A sealed file of the id that
+/// passes its check and holds more than the leftover accounts for the
+/// mark and for the leftover's holes, as at the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_takes_a_complete_seal_beside_a_damaged_leftover_as_no_loss() {
+    for damage in ["zeroed", "tail zeroed"] {
+        let w = World::new();
+        build(&w, 300, 200, false);
+        let (active, id) = only_active(&w);
+        assert_eq!(read_mark(&w).items, 200, "{damage}");
+        let leftover = std::fs::read(&active).unwrap();
+        // The writer's close seals it.
+        {
+            let (mut iw, _) =
+                IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
+            iw.close(Instant::now() + Duration::from_secs(30)).unwrap();
+        }
+        drop(open_dd(&w.data));
+        assert!(w.seg(&format!("{id:020}.seg")).exists() && !active.exists());
+        std::fs::write(&active, &leftover).unwrap();
+        let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+        match damage {
+            "zeroed" => zero(&active, 0, leftover.len()),
+            _ => zero(
+                &active,
+                l.item_offset(100) as u64,
+                l.item_offset(200) - l.item_offset(100),
+            ),
+        }
+        let (code, out, lost) = status_lost(&w);
+        let (fcode, fout) = cli(&w, &["fsck"]);
+        eprintln!("{damage}: status {code} lost={lost}\n{out}\nfsck {fcode}\n{fout}");
+        assert_eq!((code, lost), (3, 0), "{damage}: a false LOST: {out}");
+        assert!(!out.contains("LOST"), "{damage}: {out}");
+        if damage == "zeroed" {
+            // Routine: the leftover is removed.
+            assert_eq!(fcode, 3, "{damage}: {fout}");
+        }
+        let o = recover(&w).await;
+        assert_eq!(o.found.len(), 500, "{damage}");
+        assert_eq!(o.lost_reported(), 0, "{damage}: {:#?}", o.report.lost);
+        let (code, out, lost) = status_lost(&w);
+        assert!(code != 4 && lost == 0, "{damage}: after the start: {out}");
+    }
+}
+
+/// helper-92 F6 (a9): two flushes of the newest segment, so the mark
+/// counts the first (10) and the file's own flush marks both (200); then
+/// damage. An acknowledged tail zeroed (items 150..200) or one item zeroed
+/// between intact ones: the start and `fsck` report them LOST by number
+/// (exit 4), `status` said pending (exit 3). It counts what the file's
+/// flush marks prove now, as they do. A torn item above the flush marks
+/// (what a kill -9 mid-append leaves) is still no LOST in `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_what_the_files_flush_marks_prove_lost() {
+    for damage in ["torn item above the marks", "tail zeroed", "hole"] {
+        let w = World::new();
+        build(&w, 300, 0, false);
+        {
+            let (mut iw, _) =
+                IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
+            for o in 300..310 {
+                iw.append_entry(entry(o)).unwrap();
+            }
+            iw.flush().unwrap();
+            for o in 310..500 {
+                iw.append_entry(entry(o)).unwrap();
+            }
+            iw.flush().unwrap();
+            // Dropped without close: a kill -9.
+        }
+        drop(open_dd(&w.data));
+        let (active, _) = only_active(&w);
+        assert_eq!(read_mark(&w).items, 10, "{damage}");
+        let l = ActiveLayout::new(SLOTS, ITEMS).unwrap();
+        let item = |i: u32| l.item_offset(i) as u64;
+        let want: Vec<u64> = match damage {
+            "tail zeroed" => {
+                zero(&active, item(150), (item(200) - item(150)) as usize);
+                (450..500).collect()
+            }
+            "hole" => {
+                zero(&active, item(50), (item(51) - item(50)) as usize);
+                vec![350]
+            }
+            _ => {
+                xor(&active, item(200), (item(201) - item(200)) as usize, 0x5a);
+                Vec::new()
+            }
+        };
+        let (code, out, lost) = status_lost(&w);
+        let (fcode, fout) = cli(&w, &["fsck"]);
+        eprintln!("{damage}: status {code} lost={lost}\n{out}\nfsck {fcode}\n{fout}");
+        if want.is_empty() {
+            assert!(code == 3 && lost == 0, "{damage}: {out}");
+            assert!(!out.contains("LOST"), "{damage}: {out}");
+            continue;
+        }
+        assert_eq!(fcode, 4, "{damage}: {fout}");
+        assert_eq!(
+            (code, lost),
+            (4, want.len() as u64),
+            "{damage}: status and fsck disagree: {out}"
+        );
+        assert_eq!(lost_line_count(&out), 1, "{damage}: {out}");
+        let o = recover(&w).await;
+        let missing: Vec<u64> = (0..500).filter(|x| !o.found.contains(x)).collect();
+        assert_eq!(missing, want, "{damage}");
+        assert_eq!(o.lost_reported(), want.len() as u64, "{damage}");
+        // Recorded by the start: said once, by the record.
+        let (code, out, lost) = status_lost(&w);
+        assert_eq!((code, lost), (4, want.len() as u64), "{damage}: {out}");
+        assert_eq!(lost_line_count(&out), 1, "{damage}: {out}");
+    }
+}

@@ -738,14 +738,16 @@ pub struct LocalPending {
     /// after an I/O error a report said 0 unsealed entries while 29,600
     /// acknowledged ones sat in active files).
     pub unreadable: Vec<String>,
-    /// The segment a flush last acknowledged entries of (`acked`), whose
-    /// file is gone (and `known` does not know it) or holds fewer valid
-    /// items than were acknowledged, before a start-up recorded the loss:
-    /// the caller checks the journal once more (it may have recorded the
-    /// segment since it was read) and reports it lost.
-    /// `(segment, gone, note)`: `gone` is the file's absence. At most two:
-    /// the newest mark's segment and the one frozen before it (helper-93
-    /// F2: one of them was left out).
+    /// Acknowledged entries lost, before a start-up recorded the loss:
+    /// the segment a flush last acknowledged entries of (`acked`; the
+    /// newest mark's segment and the one frozen before it, helper-93 F2),
+    /// whose file is gone (and `known` does not know it) or whose files
+    /// hold fewer valid items than were acknowledged; and any active file
+    /// whose items below its own flush mark (or the mark's count) do not
+    /// verify (helper-92 F6: the start and `fsck` reported those, `status`
+    /// did not). For a gone one the caller checks the journal once more
+    /// (it may have recorded the segment since it was read) and reports
+    /// it lost. `(segment, gone, note)`: `gone` is the file's absence.
     pub acked_lost: Vec<(SegmentId, bool, LossNote)>,
 }
 
@@ -805,6 +807,16 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
         }
     }
     files.sort();
+    // Sealed files by id: one beside an active file of its id (a seal that
+    // finished before a kill -9 removed the source) may hold what the
+    // active file no longer does.
+    let sealed_paths: BTreeMap<SegmentId, PathBuf> = files
+        .iter()
+        .filter_map(|(k, p)| match k {
+            Kind::Sealed(id) => Some((*id, p.clone())),
+            _ => None,
+        })
+        .collect();
     for (kind, path) in files {
         match kind {
             Kind::Active(id) => {
@@ -816,36 +828,30 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                 // is not there to count; one the system cannot read (EIO,
                 // a permission) is named.
                 let mut read = true;
-                let n = match recover::read_bounded_active(&path, None) {
-                    Ok(b) => salvage::scan_active(&b, id, None).map_or(0, |s| s.items.len() as u64),
+                let scan = match recover::read_bounded_active(&path, None) {
+                    Ok(b) => salvage::scan_active(&b, id, None).ok(),
                     Err(Error::Io { source, .. })
                         if source.kind() != std::io::ErrorKind::NotFound =>
                     {
                         out.unreadable.push(format!("{}: {source}", path.display()));
                         read = false;
-                        0
+                        None
                     }
                     Err(Error::Io { .. }) => {
                         // Gone since the listing: sealed by a running broker.
                         read = false;
-                        0
+                        None
                     }
-                    Err(_) => 0,
+                    Err(_) => None,
                 };
+                let n = scan.as_ref().map_or(0, |s| s.items.len() as u64);
                 older_file |= older.is_some_and(|m| m.segment == id);
                 mark_file |= mark.is_some_and(|m| m.segment == id);
                 let judged = mark.filter(|m| m.segment == id).or(older.filter(|m| m.segment == id));
-                if let Some(m) = judged
-                    && read
-                    && n < m.items
+                if read
+                    && let Some(note) =
+                        active_loss(&path, id, scan.as_ref(), n, judged.as_ref(), &sealed_paths)
                 {
-                    let mut note = recover::acked_loss_note(
-                        &path,
-                        &m,
-                        &format!("its file holds {n} valid entries (cut, emptied or zeroed)"),
-                    );
-                    note.salvaged_items = n;
-                    note.lost_items = m.items - n;
                     out.acked_lost.push((id, false, note));
                 }
                 if n > 0 {
@@ -893,6 +899,113 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
         out.acked_lost.push((m.segment, true, note));
     }
     out
+}
+
+/// What `status` can prove lost of one active file (`scan`, `n` verified
+/// items; `None` when it did not decode) before a start records it, as
+/// the start and `fsck` count it (helper-92 F6: `status` said LOST where
+/// they found nothing lost, and pending where they said 50 LOST):
+///
+/// - items that do not verify below what a flush made durable: below the
+///   file's own flush mark (the scan's `lost` spans, which the start's
+///   salvage reports) or below the count of the acknowledged-segment mark
+///   `judged`. A span above both is not called lost here: a torn tail is
+///   what a kill -9 may leave (the start reports it as possibly lost), and
+///   a hole there can be a read racing a running broker's append (the
+///   flush marks are written after the items they count, and read first);
+/// - the mark's count beyond what the segment's files hold.
+///
+/// A sealed file of the same id that passes the whole-file check and holds
+/// more items than the active file (its seal finished before the damage,
+/// or before a kill -9 let it remove its source) holds every entry the
+/// active file lost: the start keeps it and reports nothing (see
+/// `salvage_active_file` and `check_acked` in `recover.rs`). `None` when
+/// nothing is proven lost.
+fn active_loss(
+    path: &Path,
+    id: SegmentId,
+    scan: Option<&salvage::ActiveScan>,
+    n: u64,
+    judged: Option<&acked::AckedMark>,
+    sealed_paths: &BTreeMap<SegmentId, PathBuf>,
+) -> Option<LossNote> {
+    use crate::segment::format::ACTIVE_ITEM_LEN;
+    let durable = judged
+        .map_or(0, |m| m.items)
+        .max(scan.and_then(|s| s.flush_mark).map_or(0, u64::from));
+    let spans: Vec<LostSpan> = scan
+        .map(|s| {
+            s.lost
+                .iter()
+                .filter(|l| u64::from(l.first_index) < durable)
+                .map(|l| {
+                    let items = u64::from(l.items).min(durable - u64::from(l.first_index));
+                    LostSpan {
+                        first_index: l.first_index,
+                        // At most `l.items`: fits.
+                        items: u32::try_from(items).unwrap_or(l.items),
+                        byte_offset: l.byte_offset,
+                        bytes: items * ACTIVE_ITEM_LEN as u64,
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let lost: u64 = spans.iter().map(|l| u64::from(l.items)).sum();
+    if lost == 0 && judged.is_none_or(|m| n >= m.items) {
+        return None;
+    }
+    // Read only when there is a loss to account for (damage: rare).
+    let sealed = sealed_paths
+        .get(&id)
+        .and_then(|p| match SealedInfo::check(p, true) {
+            Ok(s) if s.id() == id => Some(s.footer().item_count),
+            _ => None,
+        });
+    let (lost, spans) = if sealed.is_some_and(|c| c > n) {
+        (0, Vec::new())
+    } else {
+        (lost, spans)
+    };
+    let accounted = n.saturating_add(lost).max(sealed.unwrap_or(0));
+    let short = judged.map_or(0, |m| m.items.saturating_sub(accounted));
+    if lost == 0 && short == 0 {
+        return None;
+    }
+    let held = match sealed {
+        Some(c) => format!("its files hold {accounted} valid entries (the active file {n}, the sealed one {c})"),
+        None => format!("its file holds {n} valid entries"),
+    };
+    if lost == 0 {
+        let m = judged?;
+        let mut note = recover::acked_loss_note(
+            path,
+            m,
+            &format!("{held} (cut, emptied or zeroed)"),
+        );
+        note.salvaged_items = n;
+        note.lost_items = short;
+        return Some(note);
+    }
+    Some(LossNote {
+        segment: id.0,
+        file: path.display().to_string(),
+        kind: "active".into(),
+        salvaged_items: n,
+        lost_items: lost + short,
+        lost: spans,
+        unknown_loss: judged.filter(|_| short > 0).map(|m| {
+            format!(
+                "a flush acknowledged {} entries of this segment (ACKED_ACTIVE), but {held} and \
+                 {lost} counted lost: at least {short} more are LOST",
+                m.items
+            )
+        }),
+        header_rebuilt: false,
+        tail_removed: None,
+        sealed_as: None,
+        original_moved_to: None,
+    })
 }
 
 /// Every quarantine record (`quarantine/*.why.json`), oldest name first.
