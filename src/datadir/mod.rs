@@ -848,6 +848,20 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                 older_file |= older.is_some_and(|m| m.segment == id);
                 mark_file |= mark.is_some_and(|m| m.segment == id);
                 let judged = mark.filter(|m| m.segment == id).or(older.filter(|m| m.segment == id));
+                // Not the marked segment's file (helper-92 F4): its entries
+                // are not this stream's (a start keeps it aside), and the
+                // acknowledged ones are lost unless our seal holds them.
+                if read
+                    && let (Some(m), Some(s)) = (judged, scan.as_ref())
+                    && let Some(differs) = recover::not_the_marked_file(&m, s)
+                {
+                    if sealed_count(&sealed_paths, id).is_none_or(|c| c < m.items) {
+                        let why = recover::foreign_file_why(&differs, &path);
+                        out.acked_lost
+                            .push((id, false, recover::acked_loss_note(&path, &m, &why)));
+                    }
+                    continue;
+                }
                 if read
                     && let Some(note) =
                         active_loss(&path, id, scan.as_ref(), n, judged.as_ref(), &sealed_paths)
@@ -899,6 +913,18 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
         out.acked_lost.push((m.segment, true, note));
     }
     out
+}
+
+/// The item count of the sealed file of `id`, when it passes the
+/// whole-file check (read in full: only where a loss is to be accounted
+/// for).
+fn sealed_count(sealed_paths: &BTreeMap<SegmentId, PathBuf>, id: SegmentId) -> Option<u64> {
+    sealed_paths
+        .get(&id)
+        .and_then(|p| match SealedInfo::check(p, true) {
+            Ok(s) if s.id() == id => Some(s.footer().item_count),
+            _ => None,
+        })
 }
 
 /// What `status` can prove lost of one active file (`scan`, `n` verified
@@ -956,12 +982,7 @@ fn active_loss(
         return None;
     }
     // Read only when there is a loss to account for (damage: rare).
-    let sealed = sealed_paths
-        .get(&id)
-        .and_then(|p| match SealedInfo::check(p, true) {
-            Ok(s) if s.id() == id => Some(s.footer().item_count),
-            _ => None,
-        });
+    let sealed = sealed_count(sealed_paths, id);
     let (lost, spans) = if sealed.is_some_and(|c| c > n) {
         (0, Vec::new())
     } else {

@@ -471,16 +471,19 @@ pub fn recover_checking(
                 if let Some(m) = marked_for(*id)
                     && let Some(differs) = not_the_marked_file(&m, &scan)
                 {
-                    let why = format!(
-                        "this file is not the segment a flush acknowledged entries of \
-                         (ACKED_ACTIVE): {differs}; a file of the same id from an older copy or \
-                         another data directory; its entries are kept here, not uploaded; if the \
-                         segment's own file is elsewhere (a backup), put it back as {p} and start \
-                         again; if this file is this directory's own and ACKED_ACTIVE was copied \
-                         in from elsewhere, move ACKED_ACTIVE out of the data directory, put this \
-                         file back as {p} and start again",
-                        p = path.display()
-                    );
+                    let why = foreign_file_why(&differs, path);
+                    // Our seal of the segment finished (a kill -9 before it
+                    // removed its source) and holds every acknowledged
+                    // entry: the file beside it is kept aside, nothing lost.
+                    if sealed_counts.get(id).is_some_and(|(c, _)| *c >= m.items) {
+                        let why = format!(
+                            "{why} (the sealed file of this id holds the {} acknowledged entries: \
+                             nothing is lost)",
+                            m.items
+                        );
+                        quarantine(path, why, &mut out)?;
+                        continue;
+                    }
                     let note = acked_loss_note(path, &m, &why);
                     quarantine_noted(dir, mode, path, &why, note, &mut out)?;
                     continue;
@@ -833,12 +836,26 @@ pub(crate) fn acked_loss_note(path: &Path, m: &acked::AckedMark, why: &str) -> L
     }
 }
 
+/// The reason given for an active file of the marked id that is not the
+/// marked segment's (`differs`: [`not_the_marked_file`]).
+pub(crate) fn foreign_file_why(differs: &str, path: &Path) -> String {
+    format!(
+        "this file is not the segment a flush acknowledged entries of (ACKED_ACTIVE): \
+         {differs}; a file of the same id from an older copy or another data directory; its \
+         entries are kept here, not uploaded; if the segment's own file is elsewhere (a \
+         backup), put it back as {p} and start again; if this file is this directory's own \
+         and ACKED_ACTIVE was copied in from elsewhere, move ACKED_ACTIVE out of the data \
+         directory, put this file back as {p} and start again",
+        p = path.display()
+    )
+}
+
 /// Why an active file of the marked id is not the file the mark was
 /// written for: its header's creation time or its first entry's offset
 /// differs from the mark's (each compared only when both are known: a
 /// rebuilt header has no time, a damaged first item no offset, a mark from
 /// an older build no time).
-fn not_the_marked_file(m: &acked::AckedMark, scan: &salvage::ActiveScan) -> Option<String> {
+pub(crate) fn not_the_marked_file(m: &acked::AckedMark, scan: &salvage::ActiveScan) -> Option<String> {
     if let Some(c) = scan.created_ms.filter(|c| m.created_ms != 0 && *c != m.created_ms) {
         return Some(format!(
             "its header says it was created at {c} ms (Unix time), the marked segment's at {} ms",
