@@ -169,22 +169,7 @@ fn a_lost_journal_is_named_not_replaced_in_single_writer_mode() {
     let cfg = d.path().join("cfg.toml");
     std::fs::write(&cfg, "release_after_commit = true\nmanifest = false\n").unwrap();
     let c = cfg.to_str().unwrap();
-    let o = run(
-        d.path(),
-        &[
-            "demo",
-            "--config",
-            c,
-            "--segment-items",
-            "200",
-            "--slots",
-            "16",
-            "--entries",
-            "2000",
-            "--rate",
-            "1000000",
-        ],
-    );
+    let o = small_demo(d.path(), c, "2000");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     std::fs::remove_file(d.path().join("data/journal/journal.log")).unwrap();
     let o = run(d.path(), &["fsck", "--config", c]);
@@ -208,22 +193,7 @@ fn a_lost_journal_is_named_not_replaced_in_single_writer_mode() {
     // The rebuilt journal is empty (every local copy was released): new
     // ids continue above the store's, none is given out twice (helper-84
     // F4: a second object under id 1).
-    let o = run(
-        d.path(),
-        &[
-            "demo",
-            "--config",
-            c,
-            "--segment-items",
-            "200",
-            "--slots",
-            "16",
-            "--entries",
-            "1000",
-            "--rate",
-            "1000000",
-        ],
-    );
+    let o = small_demo(d.path(), c, "1000");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let mut ids: Vec<String> = std::fs::read_dir(d.path().join("store/stream-0/segments"))
         .unwrap()
@@ -320,6 +290,27 @@ fn the_way_past_a_single_writer_refusal_works() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = at("b", &demo);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// `demo` with the config `c`, segments of 200 items, 16 slots, `entries`
+/// entries at up to 1,000,000 a second.
+fn small_demo(dir: &std::path::Path, c: &str, entries: &str) -> Output {
+    run(
+        dir,
+        &[
+            "demo",
+            "--config",
+            c,
+            "--segment-items",
+            "200",
+            "--slots",
+            "16",
+            "--entries",
+            entries,
+            "--rate",
+            "1000000",
+        ],
+    )
 }
 
 /// Recursive copy of a `file://` store (a backup taken, or put back).
@@ -508,22 +499,7 @@ fn store_restored_after_a_second_demo(
     std::fs::write(&cfg, "release_after_commit = true\n").unwrap();
     let c = cfg.to_str().unwrap();
     let demo = |entries: &str| {
-        let o = run(
-            dir,
-            &[
-                "demo",
-                "--config",
-                c,
-                "--segment-items",
-                "200",
-                "--slots",
-                "16",
-                "--entries",
-                entries,
-                "--rate",
-                "1000000",
-            ],
-        );
+        let o = small_demo(dir, c, entries);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     };
     demo("400");
