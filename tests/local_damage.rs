@@ -1876,6 +1876,8 @@ async fn status_takes_a_complete_seal_beside_a_damaged_leftover_as_no_loss() {
             // Routine: the leftover is removed.
             assert_eq!(fcode, 3, "{damage}: {fout}");
         }
+        // Kept aside, said to lose nothing (it said "0 LOST").
+        assert!(!fout.contains("LOST"), "{damage}: {fout}");
         let o = recover(&w).await;
         assert_eq!(o.found.len(), 500, "{damage}");
         assert_eq!(o.lost_reported(), 0, "{damage}: {:#?}", o.report.lost);

@@ -100,8 +100,15 @@ impl LossNote {
                 self.segment, self.kind, self.file, self.salvaged_items
             );
         }
+        // Nothing lost (a sealed copy holds every entry, a header rebuilt
+        // with every item intact): said so, not "0 LOST" (helper-94).
+        let lost = if self.is_loss() {
+            format!("{lost} LOST")
+        } else {
+            "nothing lost".to_string()
+        };
         let mut s = format!(
-            "segment {:020} ({} file {}): {} items salvaged, {lost} LOST",
+            "segment {:020} ({} file {}): {} items salvaged, {lost}",
             self.segment, self.kind, self.file, self.salvaged_items
         );
         if !self.lost.is_empty() {
