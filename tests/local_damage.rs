@@ -1259,10 +1259,13 @@ async fn an_active_file_of_the_marked_id_from_elsewhere_is_not_taken_for_ours() 
     // that kept no creation time: told by the first offset.
     // (c) As (a), beside our own finished seal of the segment (a kill -9
     // before the seal removed its source): kept aside, nothing lost.
+    // (d) As (b), the segment drained (the journal records it committed):
+    // kept aside, nothing lost (helper-95 F2).
     for (case, from, sealed) in [
         ("same offsets", 0u64, false),
         ("other offsets", 20_000, false),
         ("beside our seal", 0, true),
+        ("after a drain", 20_000, true),
     ] {
         let w = World::new();
         let acked = build(&w, 300, 200, false);
@@ -1279,7 +1282,10 @@ async fn an_active_file_of_the_marked_id_from_elsewhere_is_not_taken_for_ours() 
                 .write(&w.data, old)
                 .unwrap();
         }
-        if sealed {
+        if case == "after a drain" {
+            let o = recover(&w).await;
+            assert_eq!(o.found.len() as u64, acked, "{case}");
+        } else if sealed {
             let (mut iw, _) =
                 IndexWriter::open(open_dd(&w.data), w.config().index_config(), None, None).unwrap();
             iw.close(Instant::now() + Duration::from_secs(30)).unwrap();
@@ -1327,7 +1333,7 @@ async fn an_active_file_of_the_marked_id_from_elsewhere_is_not_taken_for_ours() 
             for text in [&sout, &out] {
                 assert!(
                     text.contains(
-                        "a file of the same id from an older copy or another data directory"
+                        "a file of the same id from another data directory or an earlier incarnation"
                     ),
                     "{case}: {text}"
                 );
@@ -1361,6 +1367,19 @@ async fn an_active_file_of_the_marked_id_from_elsewhere_is_not_taken_for_ours() 
         } else {
             assert_eq!((c, lost), (4, 200), "{case}: status after the start\n{out}");
         }
+        // helper-95 F1: put back by a retry, it was sealed and uploaded as
+        // ours and its record, the loss's only trace, was gone.
+        let name = w
+            .quarantine_files()
+            .into_iter()
+            .find(|f| f.starts_with(&format!("{id:020}.active")) && !f.ends_with(".why.json"))
+            .unwrap();
+        let (c, out) = cli(&w, &["quarantine", "retry", &name]);
+        assert_ne!(c, 0, "{case}: retry\n{out}");
+        assert!(out.contains("not this segment's file"), "{case}: {out}");
+        assert!(!active.exists(), "{case}: put back");
+        let (_, out, after) = status_lost(&w);
+        assert_eq!(after, lost, "{case}: after the retry\n{out}");
     }
 }
 

@@ -357,6 +357,20 @@ fn retry_active(
         .into_iter()
         .find(|(p, _)| *p == rec_path)
         .map(|(_, r)| r);
+    if record
+        .as_ref()
+        .is_some_and(|r| r.reason.starts_with(crate::datadir::FOREIGN_ACTIVE))
+    {
+        return refuse(
+            cli,
+            id,
+            "it was quarantined as not this segment's file (from another data directory or an \
+             earlier incarnation of this one: see its record): its entries are not this \
+             stream's to upload, and its record keeps any loss of the segment reported. Read \
+             its entries with `tierindex inspect`; if it is this directory's own after all, \
+             see the record's advice",
+        );
+    }
     let Some(loss) = record.as_ref().and_then(|r| r.loss.as_ref()) else {
         return refuse(
             cli,

@@ -35,9 +35,11 @@
 //! ```
 //!
 //! The first offset and the header's creation time tell the marked
-//! segment's own file from another file of the same id (a wrong restore,
-//! a file copied in from another data directory: helper-92 F4): such a
-//! file holding as many items hid the loss of every acknowledged entry.
+//! segment's own file from another file of the same id (copied in from
+//! another data directory, or from an earlier incarnation of this one:
+//! helper-92 F4): such a file holding as many items hid the loss of every
+//! acknowledged entry. An older copy of the segment's own file has the
+//! same time and first item: only the count tells it.
 
 use std::path::{Path, PathBuf};
 

@@ -855,7 +855,7 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                     && let (Some(m), Some(s)) = (judged, scan.as_ref())
                     && let Some(differs) = recover::not_the_marked_file(&m, s)
                 {
-                    if sealed_count(&sealed_paths, id).is_none_or(|c| c < m.items) {
+                    if !known(id) && sealed_count(&sealed_paths, id).is_none_or(|c| c < m.items) {
                         let why = recover::foreign_file_why(&differs, &path);
                         out.acked_lost
                             .push((id, false, recover::acked_loss_note(&path, &m, &why)));

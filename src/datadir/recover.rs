@@ -463,7 +463,8 @@ pub fn recover_checking(
                 };
                 drop(bytes);
                 // A file of the marked id that is not the marked segment's
-                // (a wrong restore, a copy from another data directory):
+                // (a copy from another data directory or an earlier
+                // incarnation of this one):
                 // its items verify (their CRCs are salted with the id and
                 // the index only), and holding as many it hid the loss of
                 // every acknowledged entry (helper-92 F4). Kept aside
@@ -471,20 +472,33 @@ pub fn recover_checking(
                 if let Some(m) = marked_for(*id)
                     && let Some(differs) = not_the_marked_file(&m, &scan)
                 {
-                    let why = foreign_file_why(&differs, path);
                     // Our seal of the segment finished (a kill -9 before it
                     // removed its source) and holds every acknowledged
-                    // entry: the file beside it is kept aside, nothing lost.
-                    if sealed_counts.get(id).is_some_and(|(c, _)| *c >= m.items) {
-                        let why = format!(
-                            "{why} (the sealed file of this id holds the {} acknowledged entries: \
-                             nothing is lost)",
+                    // entry, or the journal records the segment (its checks
+                    // account for it): the file is kept aside, nothing
+                    // lost here (helper-95 F2).
+                    let safe = if sealed_counts.get(id).is_some_and(|(c, _)| *c >= m.items) {
+                        Some(format!(
+                            "the sealed file of this id holds the {} acknowledged entries",
                             m.items
-                        );
-                        quarantine(path, why, &mut out)?;
+                        ))
+                    } else {
+                        journal_knows(*id).then(|| "the journal records this segment".to_string())
+                    };
+                    if let Some(safe) = safe {
+                        quarantine(
+                            path,
+                            format!(
+                                "{FOREIGN_ACTIVE} (ACKED_ACTIVE): {differs}; {safe}: nothing is \
+                                 lost; this file is kept here, not uploaded"
+                            ),
+                            &mut out,
+                        )?;
                         continue;
                     }
-                    let note = acked_loss_note(path, &m, &why);
+                    let why = foreign_file_why(&differs, path);
+                    // The note says what, the reason also what to do.
+                    let note = acked_loss_note(path, &m, &format!("{FOREIGN_ACTIVE}: {differs}"));
                     quarantine_noted(dir, mode, path, &why, note, &mut out)?;
                     continue;
                 }
@@ -836,16 +850,23 @@ pub(crate) fn acked_loss_note(path: &Path, m: &acked::AckedMark, why: &str) -> L
     }
 }
 
+/// How the reason of a quarantined active file that is not the marked
+/// segment's begins: `quarantine retry` refuses to put such a file back
+/// (its entries are not this stream's; helper-95 F1: put back, it was
+/// sealed and uploaded as ours and the loss record was gone).
+pub const FOREIGN_ACTIVE: &str = "this file is not the segment a flush acknowledged entries of";
+
 /// The reason given for an active file of the marked id that is not the
 /// marked segment's (`differs`: [`not_the_marked_file`]).
 pub(crate) fn foreign_file_why(differs: &str, path: &Path) -> String {
     format!(
-        "this file is not the segment a flush acknowledged entries of (ACKED_ACTIVE): \
-         {differs}; a file of the same id from an older copy or another data directory; its \
-         entries are kept here, not uploaded; if the segment's own file is elsewhere (a \
-         backup), put it back as {p} and start again; if this file is this directory's own \
-         and ACKED_ACTIVE was copied in from elsewhere, move ACKED_ACTIVE out of the data \
-         directory, put this file back as {p} and start again",
+        "{FOREIGN_ACTIVE} (ACKED_ACTIVE): {differs}; a file of the same id from another data \
+         directory or an earlier incarnation of this one (an older copy of this segment's own \
+         file is not told apart so: only by its count); its entries are kept here, not \
+         uploaded; if the segment's own file is elsewhere (a backup), put it back as {p} and \
+         start again; if this file is this directory's own and ACKED_ACTIVE was copied in \
+         from elsewhere, move ACKED_ACTIVE out of the data directory, put this file back as \
+         {p} and start again",
         p = path.display()
     )
 }
