@@ -1974,3 +1974,70 @@ async fn status_reports_what_the_files_flush_marks_prove_lost() {
         assert_eq!(lost_line_count(&out), 1, "{damage}: {out}");
     }
 }
+
+/// helper-96 H96-3: a hostile (CRC-valid) ACKED_ACTIVE whose slots count
+/// u64::MAX items: `status` panicked adding them up (a build with overflow
+/// checks) and `fsck` printed an 18-quintillion LOST. Such a slot is not
+/// one this build wrote: read as damaged.
+#[test]
+fn a_hostile_mark_count_is_damage_not_a_panic() {
+    use tierindex::datadir::acked::{AckedMark, MarkWriter};
+    let w = World::new();
+    build(&w, 300, 200, false);
+    let (_active, id) = only_active(&w);
+    let m = read_mark(&w);
+    std::fs::remove_file(tierindex::datadir::acked::path(&w.data)).unwrap();
+    let mut mw = MarkWriter::new(None);
+    mw.write(
+        &w.data,
+        AckedMark {
+            seq: 0,
+            items: u64::MAX,
+            ..m
+        },
+    )
+    .unwrap();
+    mw.write_with_older(
+        &w.data,
+        AckedMark::of(SegmentId(id + 5), 1_000_000, 0, u64::MAX, 0),
+        Some(AckedMark {
+            items: u64::MAX,
+            ..m
+        }),
+    )
+    .unwrap();
+    assert!(matches!(
+        tierindex::datadir::acked::read(&w.data).unwrap(),
+        tierindex::datadir::acked::Read::Damaged(_)
+    ));
+    for args in [&["status"][..], &["fsck"]] {
+        let (code, out) = cli(&w, args);
+        assert!(code != 101 && !out.contains("panicked"), "{args:?}: {out}");
+        assert!(!out.contains("18446744073709551"), "{args:?}: {out}");
+    }
+}
+
+/// helper-96 H96-5: the marked active file's header damaged, every item
+/// intact, the geometry configured: `fsck` rebuilds the header and the
+/// start finds every entry, but `status` (never given the geometry) said
+/// all 200 LOST, "cut, emptied or zeroed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_a_damaged_header_with_the_configured_geometry() {
+    let w = World::new();
+    let acked = build(&w, 300, 200, false);
+    let (active, _) = only_active(&w);
+    xor(&active, 16, 4, 0xff);
+    let cfg = w.data.parent().unwrap().join("cfg.toml");
+    std::fs::write(
+        &cfg,
+        format!("slot_count = {SLOTS}\nsegment_items = {ITEMS}\nmanifest = false\n"),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (sc, sout) = cli(&w, &["status", "--config", c]);
+    assert!(sc != 4 && !sout.contains("LOST"), "status: {sout}");
+    let (_, fout) = cli(&w, &["fsck", "--config", c]);
+    assert!(!fout.contains(" LOST"), "fsck: {fout}");
+    let o = recover(&w).await;
+    assert_eq!((o.found.len() as u64, o.lost_reported()), (acked, 0));
+}

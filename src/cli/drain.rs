@@ -292,7 +292,7 @@ impl RunTotals {
             Ok(max) => max.is_some_and(|m| id <= m),
             Err(_) => true,
         };
-        let local = crate::datadir::local_pending(data_dir, &known);
+        let local = crate::datadir::local_pending(data_dir, &known, None);
         self.unsealed_entries = local.unsealed_items;
         self.unjournaled_sealed = local.unjournaled_sealed.len() as u64;
         self.losses_recorded = crate::cli::local::recorded_losses(data_dir)

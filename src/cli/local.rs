@@ -27,12 +27,20 @@ struct StatusOut<'a> {
 /// the journal yet (unsealed ones in `.active` files, sealed files it does
 /// not know) are pending, and the loss records in `quarantine/` are losses.
 /// `status` and `status --remote` both count them.
+/// Active files whose header does not decode are read with the configured
+/// geometry, as `fsck` and the start rebuild it (helper-96 H96-5: `status`
+/// called every entry of such a file LOST).
 pub(crate) fn add_local(
     totals: &mut crate::tier::Status,
-    data_dir: &Path,
+    cfg: &crate::config::Config,
     view: &crate::journal::JournalView,
 ) {
-    let local = datadir::local_pending(data_dir, &|id| view.get(id).is_some());
+    let geometry = crate::segment::salvage::Geometry {
+        slot_count: cfg.slot_count,
+        item_capacity: cfg.segment_items,
+    };
+    let data_dir = cfg.data_dir.as_path();
+    let local = datadir::local_pending(data_dir, &|id| view.get(id).is_some(), Some(geometry));
     totals.unsealed_items = local.unsealed_items;
     totals.unreadable_local = local.unreadable.clone();
     totals.pending_segments += local.active_segments.len() as u64;
@@ -58,8 +66,10 @@ pub(crate) fn add_local(
         }
         totals.unjournaled_sealed.push(*id);
     }
+    // Saturating: the counts come from files (a record, the mark) that
+    // may be hostile (helper-96 H96-3: an overflow panic).
     for n in recorded_losses(data_dir) {
-        totals.lost_items += n.lost_items;
+        totals.lost_items = totals.lost_items.saturating_add(n.lost_items);
         totals.losses.push(n.line);
     }
     // The newest segment a flush acknowledged entries of, gone or short
@@ -84,7 +94,7 @@ pub(crate) fn add_local(
             .iter()
             .any(|n| seg_dir.join(n).exists());
         if !journaled && !there {
-            totals.lost_items += note.lost_items;
+            totals.lost_items = totals.lost_items.saturating_add(note.lost_items);
             totals.losses.push(note.line());
         }
     }
@@ -168,7 +178,7 @@ pub fn status(cli: &Cli) -> Result<i32> {
     let cfg = cli.config()?;
     let (view, _rep) = Journal::open_read_only(&cfg.data_dir)?;
     let mut totals = status_from(view.state(), cfg.release_after_commit);
-    add_local(&mut totals, &cfg.data_dir, &view);
+    add_local(&mut totals, &cfg, &view);
     let pending = totals.pending_segments;
     let quarantined = u64::from(totals.needs_operator());
     let out = StatusOut {

@@ -1304,7 +1304,7 @@ pub async fn status_remote(cli: &Cli) -> Result<i32> {
     let mut totals = crate::tier::status_from(view.state(), cfg.release_after_commit);
     // As `status`: what the journal does not know yet is pending, the
     // loss records in quarantine/ are losses.
-    crate::cli::local::add_local(&mut totals, &cfg.data_dir, &view);
+    crate::cli::local::add_local(&mut totals, &cfg, &view);
 
     let ms = ManifestStore::reader(&store, &cfg.stream, cfg.manifest_options())?;
     let manifest = ms.load().await?;

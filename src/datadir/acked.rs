@@ -114,6 +114,12 @@ impl AckedMark {
             return None;
         }
         let u = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+        // More items than any segment holds: not a mark this build wrote
+        // (helper-96 H96-3: a CRC-valid count of u64::MAX overflowed the
+        // totals).
+        if u(32) > u64::from(crate::segment::format::MAX_ITEMS) {
+            return None;
+        }
         Some(AckedMark {
             seq: u(8),
             segment: SegmentId(u(16)),

@@ -754,7 +754,11 @@ pub struct LocalPending {
 /// Scan `root/segments` for unsealed entries and sealed files the journal
 /// does not know (`known` says which ids it knows). Files that cannot be
 /// read are named in [`LocalPending::unreadable`] (fsck says more).
-pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPending {
+pub fn local_pending(
+    root: &Path,
+    known: &dyn Fn(SegmentId) -> bool,
+    geometry: Option<salvage::Geometry>,
+) -> LocalPending {
     let mut out = LocalPending::default();
     // Read before the listing: a segment marked after it is not judged by
     // a listing that could not see its file.
@@ -828,8 +832,8 @@ pub fn local_pending(root: &Path, known: &dyn Fn(SegmentId) -> bool) -> LocalPen
                 // is not there to count; one the system cannot read (EIO,
                 // a permission) is named.
                 let mut read = true;
-                let scan = match recover::read_bounded_active(&path, None) {
-                    Ok(b) => salvage::scan_active(&b, id, None).ok(),
+                let scan = match recover::read_bounded_active(&path, geometry) {
+                    Ok(b) => salvage::scan_active(&b, id, geometry).ok(),
                     Err(Error::Io { source, .. })
                         if source.kind() != std::io::ErrorKind::NotFound =>
                     {
@@ -999,13 +1003,28 @@ fn active_loss(
     };
     if lost == 0 {
         let m = judged?;
-        let mut note = recover::acked_loss_note(
-            path,
-            m,
-            &format!("{held} (cut, emptied or zeroed)"),
-        );
+        // Its own count, not the mark's (helper-96 H96-6: "50 LOST ... so
+        // at least that many [200] are LOST").
+        let why = if scan.is_none() {
+            "its header does not decode with the configured geometry (`fsck` with the geometry \
+             it was written with can say more)"
+        } else {
+            "cut, emptied or zeroed"
+        };
+        let mut note = recover::acked_loss_note(path, m, "");
         note.salvaged_items = n;
         note.lost_items = short;
+        note.unknown_loss = Some(format!(
+            "{held} ({why}), but a flush acknowledged {} of its entries (the first at offset \
+             {}): at least {short} are LOST, and any acknowledged after that flush too (not \
+             counted)",
+            m.items,
+            if m.first_offset == u64::MAX {
+                "unknown".to_string()
+            } else {
+                m.first_offset.to_string()
+            }
+        ));
         return Some(note);
     }
     Some(LossNote {
